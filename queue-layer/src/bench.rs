@@ -1,0 +1,1 @@
+//! Benchmarks of the queue layer (filled in below).

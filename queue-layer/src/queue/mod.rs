@@ -1,0 +1,840 @@
+//! Virtual queues: bounded FIFO and priority queues with explicit overflow policies.
+//!
+//! A [`Queue`] is a handle to one queue; it makes [`Sender`]s and [`Receiver`]s, any number of
+//! each. The queue closes when [`Queue::close`] is called or when its last sender goes away
+//! (is dropped or [`Sender::close`]d); receivers then take what is left and see end-of-stream.
+//! When every receiver has gone, sends fail with [`SendFailure::NoReceivers`]: an item is never
+//! dropped silently.
+//!
+//! Every operation comes blocking, non-blocking (`try_`) and async (`_async`). Waiting parks
+//! the thread or task; an idle queue costs no CPU.
+
+mod config;
+mod stats;
+mod store;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_utils::CachePadded;
+use event_listener::{Event, Listener};
+
+pub use config::{
+    Config, ConfigError, DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CODEC, Kind, Overflow,
+};
+pub use stats::Stats;
+use store::{Rejected, Store};
+
+/// Something a queue can carry: it knows its size in bytes, for the byte capacity and stats.
+pub trait Item: Send + 'static {
+    /// The size counted against the queue's byte capacity.
+    fn size(&self) -> u64;
+}
+
+impl Item for Bytes {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl Item for Vec<u8> {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl Item for String {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl<const N: usize> Item for [u8; N] {
+    fn size(&self) -> u64 {
+        N as u64
+    }
+}
+
+/// An item with the priority it was sent with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<T> {
+    /// The item.
+    pub item: T,
+    /// Its priority (0 unless sent with one; FIFO queues keep but ignore it).
+    pub priority: i64,
+    size: u64,
+}
+
+impl<T: Item> Entry<T> {
+    /// An entry for `item` at `priority`.
+    pub fn new(item: T, priority: i64) -> Entry<T> {
+        let size = item.size();
+        Entry {
+            item,
+            priority,
+            size,
+        }
+    }
+}
+
+/// Why a send failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    /// The queue is full and its overflow policy is `fail` (or a non-blocking send found it full).
+    Full,
+    /// The queue is closed: end-of-stream was signalled.
+    Closed,
+    /// Every receiver has gone; nobody would ever take the item.
+    NoReceivers,
+    /// The item is larger than the queue accepts.
+    TooLarge {
+        /// The item's size in bytes.
+        size: u64,
+        /// The largest size accepted.
+        limit: u64,
+    },
+    /// A send with a deadline found no room in time.
+    Timeout,
+}
+
+impl fmt::Display for SendFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendFailure::Full => f.write_str("queue is full"),
+            SendFailure::Closed => f.write_str("queue is closed"),
+            SendFailure::NoReceivers => f.write_str("queue has no receivers left"),
+            SendFailure::TooLarge { size, limit } => {
+                write!(
+                    f,
+                    "item of {size} bytes is larger than the queue's limit of {limit} bytes"
+                )
+            }
+            SendFailure::Timeout => f.write_str("timed out waiting for room"),
+        }
+    }
+}
+
+/// A failed send: which queue, why, and the item, given back.
+pub struct SendError<T> {
+    /// The queue's name.
+    pub queue: Arc<str>,
+    /// Why the send failed.
+    pub failure: SendFailure,
+    /// The item that was not sent.
+    pub item: T,
+}
+
+impl<T> SendError<T> {
+    /// Drops the item, keeping the description (for error chains that need `'static` data).
+    pub fn without_item(self) -> SendError<()> {
+        SendError {
+            queue: self.queue,
+            failure: self.failure,
+            item: (),
+        }
+    }
+}
+
+impl<T> fmt::Debug for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendError")
+            .field("queue", &self.queue)
+            .field("failure", &self.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> fmt::Display for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "queue '{}': {}", self.queue, self.failure)
+    }
+}
+
+impl<T> std::error::Error for SendError<T> {}
+
+/// Why a receive returned no item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecvFailure {
+    /// Nothing is there now (non-blocking receives only).
+    Empty,
+    /// End-of-stream: the queue is closed and empty.
+    Closed,
+    /// A receive with a deadline found nothing in time.
+    Timeout,
+}
+
+/// A receive that returned no item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("queue '{queue}': {}", match failure {
+    RecvFailure::Empty => "queue is empty",
+    RecvFailure::Closed => "end of stream",
+    RecvFailure::Timeout => "timed out waiting for an item",
+})]
+pub struct RecvError {
+    /// The queue's name.
+    pub queue: Arc<str>,
+    /// Why there was no item.
+    pub failure: RecvFailure,
+}
+
+/// Counters written by producers, on a cache line of their own.
+#[derive(Default)]
+struct ProducerSide {
+    items_in: AtomicU64,
+    bytes_in: AtomicU64,
+}
+
+/// Counters written by consumers, on a cache line of their own.
+#[derive(Default)]
+struct ConsumerSide {
+    items_out: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+struct Shared<T> {
+    name: Arc<str>,
+    config: Config,
+    item_limit: u64,
+    store: Store<T>,
+    producer: CachePadded<ProducerSide>,
+    consumer: CachePadded<ConsumerSide>,
+    high_water: AtomicU64,
+    blocked_nanos: AtomicU64,
+    dropped_items: AtomicU64,
+    dropped_bytes: AtomicU64,
+    rejected: AtomicU64,
+    requeued: AtomicU64,
+    closed: AtomicBool,
+    senders: AtomicUsize,
+    receivers: AtomicUsize,
+    receivers_gone: AtomicBool,
+    /// Notified when an item arrives or the queue closes.
+    not_empty: Event,
+    /// Notified when room is made, the queue closes, or the receivers go.
+    not_full: Event,
+    /// Notified only when the queue closes or its last receiver goes.
+    lifecycle: Event,
+}
+
+/// A handle to a queue. Cloning it gives another handle to the same queue.
+pub struct Queue<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.shared.name)
+            .field("kind", &self.shared.config.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Item> Queue<T> {
+    /// Makes a queue named `name` (the name appears in errors and stats).
+    ///
+    /// # Errors
+    /// The configuration's first inconsistency.
+    pub fn new(name: impl Into<Arc<str>>, config: Config) -> Result<Queue<T>, ConfigError> {
+        config.validate()?;
+        let item_limit = config.item_limit();
+        let shared = Shared {
+            name: name.into(),
+            store: Store::new(&config),
+            config,
+            item_limit,
+            producer: CachePadded::default(),
+            consumer: CachePadded::default(),
+            high_water: AtomicU64::new(0),
+            blocked_nanos: AtomicU64::new(0),
+            dropped_items: AtomicU64::new(0),
+            dropped_bytes: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            requeued: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            senders: AtomicUsize::new(0),
+            receivers: AtomicUsize::new(0),
+            receivers_gone: AtomicBool::new(false),
+            not_empty: Event::new(),
+            not_full: Event::new(),
+            lifecycle: Event::new(),
+        };
+        Ok(Queue {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// A new producer handle.
+    pub fn sender(&self) -> Sender<T> {
+        self.shared.senders.fetch_add(1, Ordering::AcqRel);
+        Sender {
+            shared: self.shared.clone(),
+            open: true,
+        }
+    }
+
+    /// A new consumer handle.
+    pub fn receiver(&self) -> Receiver<T> {
+        if self.shared.receivers.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.shared.receivers_gone.store(false, Ordering::Release);
+        }
+        Receiver {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.shared.name
+    }
+
+    /// The queue's configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Signals end-of-stream: further sends fail; receivers take what is left, then see
+    /// [`RecvFailure::Closed`].
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Whether the queue is closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Items held now.
+    pub fn len(&self) -> usize {
+        self.shared.store.len()
+    }
+
+    /// Whether the queue holds no items now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes and returns every item held now (for teardown and for handing items back).
+    pub fn drain(&self) -> Vec<Entry<T>> {
+        let mut out = Vec::new();
+        while let Some(e) = self.shared.store.pop() {
+            self.shared.popped(e.size);
+            out.push(e);
+        }
+        out
+    }
+
+    /// Puts back items that were received but not consumed (for example by a remote consumer
+    /// that stopped): they are served again, ahead of the capacity limit, and counted as
+    /// requeued rather than as new input.
+    pub fn requeue(&self, entries: impl IntoIterator<Item = Entry<T>>) {
+        let s = &self.shared;
+        for e in entries {
+            let size = e.size;
+            // A store refuses only when it cannot grow; neither does, so this cannot fail.
+            if s.store.requeue(e).is_ok() {
+                s.consumer.items_out.fetch_sub(1, Ordering::AcqRel);
+                s.consumer.bytes_out.fetch_sub(size, Ordering::AcqRel);
+                s.requeued.fetch_add(1, Ordering::Relaxed);
+                s.not_empty.notify_additional(1);
+            }
+        }
+    }
+
+    /// A snapshot of the queue's statistics.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+}
+
+impl<T: Item> Shared<T> {
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.not_empty.notify(usize::MAX);
+            self.not_full.notify(usize::MAX);
+            self.lifecycle.notify(usize::MAX);
+        }
+    }
+
+    #[inline]
+    fn pushed(&self, size: u64) {
+        let items_in = self.producer.items_in.fetch_add(1, Ordering::Relaxed) + 1;
+        self.producer.bytes_in.fetch_add(size, Ordering::Relaxed);
+        let depth = items_in
+            .saturating_sub(self.consumer.items_out.load(Ordering::Relaxed))
+            .saturating_sub(self.dropped_items.load(Ordering::Relaxed));
+        if depth > self.high_water.load(Ordering::Relaxed) {
+            self.high_water.fetch_max(depth, Ordering::Relaxed);
+        }
+        self.not_empty.notify_additional(1);
+    }
+
+    #[inline]
+    fn popped(&self, size: u64) {
+        self.consumer.items_out.fetch_add(1, Ordering::Relaxed);
+        self.consumer.bytes_out.fetch_add(size, Ordering::Relaxed);
+        self.not_full.notify_additional(1);
+    }
+
+    fn fail<U>(&self, failure: SendFailure, item: U) -> SendError<U> {
+        if failure == SendFailure::Full {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        SendError {
+            queue: self.name.clone(),
+            failure,
+            item,
+        }
+    }
+
+    /// One attempt at a send. `Err(Ok(entry))`: full, and the policy is to wait.
+    #[inline]
+    fn attempt(&self, entry: Entry<T>) -> Result<(), Result<Entry<T>, SendError<T>>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Err(self.fail(SendFailure::Closed, entry.item)));
+        }
+        if self.receivers_gone.load(Ordering::Acquire) {
+            return Err(Err(self.fail(SendFailure::NoReceivers, entry.item)));
+        }
+        if entry.size > self.item_limit {
+            let failure = SendFailure::TooLarge {
+                size: entry.size,
+                limit: self.item_limit,
+            };
+            return Err(Err(self.fail(failure, entry.item)));
+        }
+        let size = entry.size;
+        let mut entry = entry;
+        loop {
+            match self.store.push(entry) {
+                Ok(()) => {
+                    self.pushed(size);
+                    return Ok(());
+                }
+                Err(Rejected::Full(back)) => match self.config.overflow {
+                    Overflow::Block => return Err(Ok(back)),
+                    Overflow::Fail => return Err(Err(self.fail(SendFailure::Full, back.item))),
+                    Overflow::DropOldest => {
+                        if let Some(old) = self.store.evict() {
+                            self.dropped_items.fetch_add(1, Ordering::Relaxed);
+                            self.dropped_bytes.fetch_add(old.size, Ordering::Relaxed);
+                            tracing::debug!(queue = %self.name, "drop-oldest evicted an item");
+                        }
+                        entry = back;
+                    }
+                },
+            }
+        }
+    }
+
+    fn record_blocked(&self, since: Option<Instant>) {
+        if let Some(t) = since {
+            let nanos = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.blocked_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+
+    fn send_blocking(
+        &self,
+        entry: Entry<T>,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError<T>> {
+        let mut entry = match self.attempt(entry) {
+            Ok(()) => return Ok(()),
+            Err(Err(e)) => return Err(e),
+            Err(Ok(entry)) => entry,
+        };
+        let since = Instant::now();
+        let result = loop {
+            let listener = self.not_full.listen();
+            entry = match self.attempt(entry) {
+                Ok(()) => break Ok(()),
+                Err(Err(e)) => break Err(e),
+                Err(Ok(entry)) => entry,
+            };
+            match deadline {
+                None => listener.wait(),
+                Some(d) => {
+                    if listener.wait_deadline(d).is_none() {
+                        break Err(SendError {
+                            queue: self.name.clone(),
+                            failure: SendFailure::Timeout,
+                            item: entry.item,
+                        });
+                    }
+                }
+            }
+        };
+        self.record_blocked(Some(since));
+        result
+    }
+
+    async fn send_async(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
+        let mut entry = match self.attempt(entry) {
+            Ok(()) => return Ok(()),
+            Err(Err(e)) => return Err(e),
+            Err(Ok(entry)) => entry,
+        };
+        let since = Instant::now();
+        let result = loop {
+            let listener = self.not_full.listen();
+            entry = match self.attempt(entry) {
+                Ok(()) => break Ok(()),
+                Err(Err(e)) => break Err(e),
+                Err(Ok(entry)) => entry,
+            };
+            listener.await;
+        };
+        self.record_blocked(Some(since));
+        result
+    }
+
+    #[inline]
+    fn try_pop(&self) -> Result<Entry<T>, RecvFailure> {
+        if let Some(e) = self.store.pop() {
+            self.popped(e.size);
+            return Ok(e);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            // Everything sent before the close is visible now: look once more.
+            return match self.store.pop() {
+                Some(e) => {
+                    self.popped(e.size);
+                    Ok(e)
+                }
+                None => Err(RecvFailure::Closed),
+            };
+        }
+        Err(RecvFailure::Empty)
+    }
+
+    fn recv_error(&self, failure: RecvFailure) -> RecvError {
+        RecvError {
+            queue: self.name.clone(),
+            failure,
+        }
+    }
+
+    fn recv_blocking(&self, deadline: Option<Instant>) -> Result<Entry<T>, RecvError> {
+        loop {
+            match self.try_pop() {
+                Ok(e) => return Ok(e),
+                Err(RecvFailure::Empty) => {}
+                Err(f) => return Err(self.recv_error(f)),
+            }
+            let listener = self.not_empty.listen();
+            match self.try_pop() {
+                Ok(e) => return Ok(e),
+                Err(RecvFailure::Empty) => {}
+                Err(f) => return Err(self.recv_error(f)),
+            }
+            match deadline {
+                None => listener.wait(),
+                Some(d) => {
+                    if listener.wait_deadline(d).is_none() {
+                        return Err(self.recv_error(RecvFailure::Timeout));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn recv_async(&self) -> Result<Entry<T>, RecvError> {
+        loop {
+            match self.try_pop() {
+                Ok(e) => return Ok(e),
+                Err(RecvFailure::Empty) => {}
+                Err(f) => return Err(self.recv_error(f)),
+            }
+            let listener = self.not_empty.listen();
+            match self.try_pop() {
+                Ok(e) => return Ok(e),
+                Err(RecvFailure::Empty) => {}
+                Err(f) => return Err(self.recv_error(f)),
+            }
+            listener.await;
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let items_in = self.producer.items_in.load(Ordering::Acquire);
+        let bytes_in = self.producer.bytes_in.load(Ordering::Acquire);
+        let items_out = self.consumer.items_out.load(Ordering::Acquire);
+        let bytes_out = self.consumer.bytes_out.load(Ordering::Acquire);
+        Stats {
+            name: self.name.to_string(),
+            kind: self.config.kind,
+            codec: self.config.codec.clone(),
+            depth: self.store.len() as u64,
+            depth_bytes: self.store.bytes(),
+            high_water: self.high_water.load(Ordering::Relaxed),
+            items_in,
+            bytes_in,
+            items_out,
+            bytes_out,
+            blocked: Duration::from_nanos(self.blocked_nanos.load(Ordering::Relaxed)),
+            dropped_items: self.dropped_items.load(Ordering::Relaxed),
+            dropped_bytes: self.dropped_bytes.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
+            closed: self.closed.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// A producer handle. The queue closes when the last open sender is dropped or closed.
+pub struct Sender<T: Item> {
+    shared: Arc<Shared<T>>,
+    open: bool,
+}
+
+impl<T: Item> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::AcqRel);
+        Sender {
+            shared: self.shared.clone(),
+            open: true,
+        }
+    }
+}
+
+impl<T: Item> Drop for Sender<T> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl<T: Item> fmt::Debug for Sender<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sender")
+            .field("queue", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Item> Sender<T> {
+    fn release(&mut self) {
+        if std::mem::take(&mut self.open) && self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            self.shared.close();
+        }
+    }
+
+    /// This producer is done. When it was the last one, the queue closes.
+    pub fn close(mut self) {
+        self.release();
+    }
+
+    /// The queue's name.
+    pub fn queue_name(&self) -> &Arc<str> {
+        &self.shared.name
+    }
+
+    /// The queue's configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Sends at priority 0, waiting for room when the policy is `block`.
+    ///
+    /// # Errors
+    /// The queue is closed, has no receivers, is full under the `fail` policy, or the item is
+    /// too large. The item comes back in the error.
+    pub fn send(&self, item: T) -> Result<(), SendError<T>> {
+        self.shared.send_blocking(Entry::new(item, 0), None)
+    }
+
+    /// Sends at `priority` (higher is served first by priority queues).
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub fn send_priority(&self, item: T, priority: i64) -> Result<(), SendError<T>> {
+        self.shared.send_blocking(Entry::new(item, priority), None)
+    }
+
+    /// Sends an entry, waiting at most until `deadline` for room.
+    ///
+    /// # Errors
+    /// As [`Sender::send`], or [`SendFailure::Timeout`].
+    pub fn send_deadline(&self, entry: Entry<T>, deadline: Instant) -> Result<(), SendError<T>> {
+        self.shared.send_blocking(entry, Some(deadline))
+    }
+
+    /// Sends without waiting.
+    ///
+    /// # Errors
+    /// As [`Sender::send`], and [`SendFailure::Full`] when there is no room now.
+    pub fn try_send(&self, item: T) -> Result<(), SendError<T>> {
+        self.try_send_entry(Entry::new(item, 0))
+    }
+
+    /// Sends an entry (item and priority) without waiting.
+    ///
+    /// # Errors
+    /// As [`Sender::try_send`].
+    pub fn try_send_entry(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
+        match self.shared.attempt(entry) {
+            Ok(()) => Ok(()),
+            Err(Err(e)) => Err(e),
+            Err(Ok(back)) => Err(self.shared.fail(SendFailure::Full, back.item)),
+        }
+    }
+
+    /// Sends at priority 0 from async code, waiting for room without blocking the thread.
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub async fn send_async(&self, item: T) -> Result<(), SendError<T>> {
+        self.shared.send_async(Entry::new(item, 0)).await
+    }
+
+    /// Sends an entry (item and priority) from async code.
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub async fn send_entry_async(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
+        self.shared.send_async(entry).await
+    }
+}
+
+/// A consumer handle. Several receivers share the items: each item goes to exactly one.
+pub struct Receiver<T: Item> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T: Item> Clone for Receiver<T> {
+    fn clone(&self) -> Self {
+        self.shared.receivers.fetch_add(1, Ordering::AcqRel);
+        Receiver {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T: Item> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        if self.shared.receivers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.receivers_gone.store(true, Ordering::Release);
+            self.shared.not_full.notify(usize::MAX);
+            self.shared.lifecycle.notify(usize::MAX);
+        }
+    }
+}
+
+impl<T: Item> fmt::Debug for Receiver<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver")
+            .field("queue", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Item> Receiver<T> {
+    /// The queue's name.
+    pub fn queue_name(&self) -> &Arc<str> {
+        &self.shared.name
+    }
+
+    /// The queue's configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Takes the next item, waiting for one.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Closed`] at end-of-stream.
+    pub fn recv(&self) -> Result<T, RecvError> {
+        self.shared.recv_blocking(None).map(|e| e.item)
+    }
+
+    /// Takes the next entry (item and priority), waiting at most until `deadline`.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Closed`] at end-of-stream, [`RecvFailure::Timeout`] past the deadline.
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<Entry<T>, RecvError> {
+        self.shared.recv_blocking(Some(deadline))
+    }
+
+    /// Takes the next item if there is one now.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Empty`] or [`RecvFailure::Closed`].
+    pub fn try_recv(&self) -> Result<T, RecvError> {
+        self.try_recv_entry().map(|e| e.item)
+    }
+
+    /// Takes the next entry (item and priority) if there is one now.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Empty`] or [`RecvFailure::Closed`].
+    pub fn try_recv_entry(&self) -> Result<Entry<T>, RecvError> {
+        self.shared.try_pop().map_err(|f| self.shared.recv_error(f))
+    }
+
+    /// Takes the next item from async code.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Closed`] at end-of-stream.
+    pub async fn recv_async(&self) -> Result<T, RecvError> {
+        self.shared.recv_async().await.map(|e| e.item)
+    }
+
+    /// Takes the next entry (item and priority) from async code.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Closed`] at end-of-stream.
+    pub async fn recv_entry_async(&self) -> Result<Entry<T>, RecvError> {
+        self.shared.recv_async().await
+    }
+
+    /// A handle to the queue this receiver takes from.
+    pub fn queue(&self) -> Queue<T> {
+        Queue {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T: Item> Sender<T> {
+    /// A handle to the queue this sender feeds.
+    pub fn queue(&self) -> Queue<T> {
+        Queue {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Whether every receiver has gone (sends would fail with [`SendFailure::NoReceivers`]).
+    pub fn has_no_receivers(&self) -> bool {
+        self.shared.receivers_gone.load(Ordering::Acquire)
+    }
+
+    /// Waits, without polling, until every receiver has gone or the queue is closed.
+    pub async fn receivers_gone(&self) {
+        let s = &self.shared;
+        loop {
+            if s.receivers_gone.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let listener = s.lifecycle.listen();
+            if s.receivers_gone.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
