@@ -1,1 +1,74 @@
-fn main() {}
+//! `mvm`: the command-line front of the Multi-layered Virtual Machine.
+//!
+//! Thin by design: it parses arguments, calls the layer crates, and prints. Exit status: 0 on
+//! success, 1 when a job ran and failed, 2 for bad input or usage, 3 when refused by policy;
+//! errors are one line on stderr that names the file or peer concerned.
+
+mod cmd;
+mod exit;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use exit::Failure;
+
+/// MVM: turns machines spread over research domains into on-demand virtual laboratories.
+#[derive(Debug, Parser)]
+#[command(name = "mvm", version, about, propagate_version = true)]
+struct Cli {
+    /// Output format for commands that print data.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Log filter, as for tracing's EnvFilter (e.g. `info`, `mvm_queue=debug`); MVM_LOG works too.
+    #[arg(long, global = true, env = "MVM_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How data is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// For people.
+    Text,
+    /// One JSON document, for programs.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
+    Bench(cmd::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help and version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(exit::USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Bench(args) => cmd::bench::run(args, cli.output),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("mvm: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}

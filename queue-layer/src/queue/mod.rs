@@ -10,6 +10,8 @@
 //! the thread or task; an idle queue costs no CPU.
 
 mod config;
+mod ring;
+mod signal;
 mod stats;
 mod store;
 
@@ -19,14 +21,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_utils::CachePadded;
-use event_listener::{Event, Listener};
+use crossbeam_utils::Backoff;
 
 pub use config::{
     Config, ConfigError, DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CODEC, Kind, Overflow,
 };
+use signal::Signal;
 pub use stats::Stats;
-use store::{Rejected, Store};
+use store::{Rejected, Seen, Store};
 
 /// Something a queue can carry: it knows its size in bytes, for the byte capacity and stats.
 pub trait Item: Send + 'static {
@@ -180,43 +182,34 @@ pub struct RecvError {
     pub failure: RecvFailure,
 }
 
-/// Counters written by producers, on a cache line of their own.
-#[derive(Default)]
-struct ProducerSide {
-    items_in: AtomicU64,
-    bytes_in: AtomicU64,
-}
-
-/// Counters written by consumers, on a cache line of their own.
-#[derive(Default)]
-struct ConsumerSide {
-    items_out: AtomicU64,
-    bytes_out: AtomicU64,
-}
+/// Sends between two samples of the high-water mark by one handle.
+const HIGH_WATER_SAMPLE: u64 = 32;
 
 struct Shared<T> {
     name: Arc<str>,
     config: Config,
     item_limit: u64,
     store: Store<T>,
-    producer: CachePadded<ProducerSide>,
-    consumer: CachePadded<ConsumerSide>,
     high_water: AtomicU64,
     blocked_nanos: AtomicU64,
     dropped_items: AtomicU64,
     dropped_bytes: AtomicU64,
     rejected: AtomicU64,
     requeued: AtomicU64,
+    requeued_bytes: AtomicU64,
     closed: AtomicBool,
     senders: AtomicUsize,
     receivers: AtomicUsize,
     receivers_gone: AtomicBool,
+    /// Items taken by exporters and not yet acknowledged by their importers: they may come
+    /// back, so end-of-stream waits for them.
+    leases: AtomicU64,
     /// Notified when an item arrives or the queue closes.
-    not_empty: Event,
+    not_empty: Signal,
     /// Notified when room is made, the queue closes, or the receivers go.
-    not_full: Event,
+    not_full: Signal,
     /// Notified only when the queue closes or its last receiver goes.
-    lifecycle: Event,
+    lifecycle: Signal,
 }
 
 /// A handle to a queue. Cloning it gives another handle to the same queue.
@@ -254,21 +247,21 @@ impl<T: Item> Queue<T> {
             store: Store::new(&config),
             config,
             item_limit,
-            producer: CachePadded::default(),
-            consumer: CachePadded::default(),
             high_water: AtomicU64::new(0),
             blocked_nanos: AtomicU64::new(0),
             dropped_items: AtomicU64::new(0),
             dropped_bytes: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             requeued: AtomicU64::new(0),
+            requeued_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             senders: AtomicUsize::new(0),
             receivers: AtomicUsize::new(0),
             receivers_gone: AtomicBool::new(false),
-            not_empty: Event::new(),
-            not_full: Event::new(),
-            lifecycle: Event::new(),
+            leases: AtomicU64::new(0),
+            not_empty: Signal::default(),
+            not_full: Signal::default(),
+            lifecycle: Signal::default(),
         };
         Ok(Queue {
             shared: Arc::new(shared),
@@ -281,6 +274,7 @@ impl<T: Item> Queue<T> {
         Sender {
             shared: self.shared.clone(),
             open: true,
+            seen: Seen::default(),
         }
     }
 
@@ -329,7 +323,7 @@ impl<T: Item> Queue<T> {
     pub fn drain(&self) -> Vec<Entry<T>> {
         let mut out = Vec::new();
         while let Some(e) = self.shared.store.pop() {
-            self.shared.popped(e.size);
+            self.shared.not_full.notify_one();
             out.push(e);
         }
         out
@@ -342,13 +336,10 @@ impl<T: Item> Queue<T> {
         let s = &self.shared;
         for e in entries {
             let size = e.size;
-            // A store refuses only when it cannot grow; neither does, so this cannot fail.
-            if s.store.requeue(e).is_ok() {
-                s.consumer.items_out.fetch_sub(1, Ordering::AcqRel);
-                s.consumer.bytes_out.fetch_sub(size, Ordering::AcqRel);
-                s.requeued.fetch_add(1, Ordering::Relaxed);
-                s.not_empty.notify_additional(1);
-            }
+            s.store.requeue(e);
+            s.requeued.fetch_add(1, Ordering::Relaxed);
+            s.requeued_bytes.fetch_add(size, Ordering::Relaxed);
+            s.not_empty.notify_one();
         }
     }
 
@@ -356,35 +347,41 @@ impl<T: Item> Queue<T> {
     pub fn stats(&self) -> Stats {
         self.shared.stats()
     }
+
+    /// Releases `n` leases taken with [`Receiver::try_recv_leased`] (their items were delivered,
+    /// or put back with [`Queue::requeue`] first).
+    pub fn release_leases(&self, n: u64) {
+        self.shared.release_leases(n);
+    }
 }
 
 impl<T: Item> Shared<T> {
     fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
-            self.not_empty.notify(usize::MAX);
-            self.not_full.notify(usize::MAX);
-            self.lifecycle.notify(usize::MAX);
+            self.not_empty.notify_all();
+            self.not_full.notify_all();
+            self.lifecycle.notify_all();
         }
     }
 
+    /// An entry went in: sample the depth now and then, and wake a receiver.
     #[inline]
-    fn pushed(&self, size: u64) {
-        let items_in = self.producer.items_in.fetch_add(1, Ordering::Relaxed) + 1;
-        self.producer.bytes_in.fetch_add(size, Ordering::Relaxed);
-        let depth = items_in
-            .saturating_sub(self.consumer.items_out.load(Ordering::Relaxed))
-            .saturating_sub(self.dropped_items.load(Ordering::Relaxed));
+    fn pushed(&self, seen: &Seen) {
+        // The high-water mark is sampled: reading the consumers' position on every send would
+        // cost a cache miss per item (more than the rest of the send). Sends that find the
+        // queue full always sample.
+        if seen.count_send() % HIGH_WATER_SAMPLE == 0 {
+            self.sample_depth();
+        }
+        self.not_empty.notify_one();
+    }
+
+    /// Records the depth now in the high-water mark.
+    fn sample_depth(&self) {
+        let depth = self.store.len() as u64;
         if depth > self.high_water.load(Ordering::Relaxed) {
             self.high_water.fetch_max(depth, Ordering::Relaxed);
         }
-        self.not_empty.notify_additional(1);
-    }
-
-    #[inline]
-    fn popped(&self, size: u64) {
-        self.consumer.items_out.fetch_add(1, Ordering::Relaxed);
-        self.consumer.bytes_out.fetch_add(size, Ordering::Relaxed);
-        self.not_full.notify_additional(1);
     }
 
     fn fail<U>(&self, failure: SendFailure, item: U) -> SendError<U> {
@@ -400,7 +397,7 @@ impl<T: Item> Shared<T> {
 
     /// One attempt at a send. `Err(Ok(entry))`: full, and the policy is to wait.
     #[inline]
-    fn attempt(&self, entry: Entry<T>) -> Result<(), Result<Entry<T>, SendError<T>>> {
+    fn attempt(&self, entry: Entry<T>, seen: &Seen) -> Result<(), Result<Entry<T>, SendError<T>>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Err(self.fail(SendFailure::Closed, entry.item)));
         }
@@ -414,26 +411,31 @@ impl<T: Item> Shared<T> {
             };
             return Err(Err(self.fail(failure, entry.item)));
         }
-        let size = entry.size;
         let mut entry = entry;
         loop {
-            match self.store.push(entry) {
+            match self.store.push(entry, seen) {
                 Ok(()) => {
-                    self.pushed(size);
+                    self.pushed(seen);
                     return Ok(());
                 }
-                Err(Rejected::Full(back)) => match self.config.overflow {
-                    Overflow::Block => return Err(Ok(back)),
-                    Overflow::Fail => return Err(Err(self.fail(SendFailure::Full, back.item))),
-                    Overflow::DropOldest => {
-                        if let Some(old) = self.store.evict() {
-                            self.dropped_items.fetch_add(1, Ordering::Relaxed);
-                            self.dropped_bytes.fetch_add(old.size, Ordering::Relaxed);
-                            tracing::debug!(queue = %self.name, "drop-oldest evicted an item");
+                Err(Rejected::Full(back)) => {
+                    // A full queue is when the high-water mark matters: always sample it.
+                    self.sample_depth();
+                    match self.config.overflow {
+                        Overflow::Block => return Err(Ok(back)),
+                        Overflow::Fail => {
+                            return Err(Err(self.fail(SendFailure::Full, back.item)));
                         }
-                        entry = back;
+                        Overflow::DropOldest => {
+                            if let Some(old) = self.store.evict() {
+                                self.dropped_items.fetch_add(1, Ordering::Relaxed);
+                                self.dropped_bytes.fetch_add(old.size, Ordering::Relaxed);
+                                tracing::debug!(queue = %self.name, "drop-oldest evicted an item");
+                            }
+                            entry = back;
+                        }
                     }
-                },
+                }
             }
         }
     }
@@ -449,24 +451,41 @@ impl<T: Item> Shared<T> {
         &self,
         entry: Entry<T>,
         deadline: Option<Instant>,
+        seen: &Seen,
     ) -> Result<(), SendError<T>> {
-        let mut entry = match self.attempt(entry) {
+        let mut entry = match self.attempt(entry, seen) {
             Ok(()) => return Ok(()),
             Err(Err(e)) => return Err(e),
             Err(Ok(entry)) => entry,
         };
         let since = Instant::now();
+        // Spin a little first: a consumer on another core usually makes room within
+        // microseconds, and parking costs more than that.
+        let backoff = Backoff::new();
+        while !backoff.is_completed() {
+            backoff.snooze();
+            entry = match self.attempt(entry, seen) {
+                Ok(()) => {
+                    self.record_blocked(Some(since));
+                    return Ok(());
+                }
+                Err(Err(e)) => return Err(e),
+                Err(Ok(entry)) => entry,
+            };
+        }
         let result = loop {
             let listener = self.not_full.listen();
-            entry = match self.attempt(entry) {
+            entry = match self.attempt(entry, seen) {
                 Ok(()) => break Ok(()),
                 Err(Err(e)) => break Err(e),
                 Err(Ok(entry)) => entry,
             };
             match deadline {
-                None => listener.wait(),
+                None => {
+                    listener.wait(None);
+                }
                 Some(d) => {
-                    if listener.wait_deadline(d).is_none() {
+                    if !listener.wait(Some(d)) {
                         break Err(SendError {
                             queue: self.name.clone(),
                             failure: SendFailure::Timeout,
@@ -480,8 +499,8 @@ impl<T: Item> Shared<T> {
         result
     }
 
-    async fn send_async(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
-        let mut entry = match self.attempt(entry) {
+    async fn send_async(&self, entry: Entry<T>, seen: &Seen) -> Result<(), SendError<T>> {
+        let mut entry = match self.attempt(entry, seen) {
             Ok(()) => return Ok(()),
             Err(Err(e)) => return Err(e),
             Err(Ok(entry)) => entry,
@@ -489,12 +508,12 @@ impl<T: Item> Shared<T> {
         let since = Instant::now();
         let result = loop {
             let listener = self.not_full.listen();
-            entry = match self.attempt(entry) {
+            entry = match self.attempt(entry, seen) {
                 Ok(()) => break Ok(()),
                 Err(Err(e)) => break Err(e),
                 Err(Ok(entry)) => entry,
             };
-            listener.await;
+            listener.wait_async().await;
         };
         self.record_blocked(Some(since));
         result
@@ -502,21 +521,50 @@ impl<T: Item> Shared<T> {
 
     #[inline]
     fn try_pop(&self) -> Result<Entry<T>, RecvFailure> {
+        self.try_pop_holding(0)
+    }
+
+    /// A pop by a caller that itself holds `own` leases (which do not delay its end-of-stream).
+    #[inline]
+    fn try_pop_holding(&self, own: u64) -> Result<Entry<T>, RecvFailure> {
         if let Some(e) = self.store.pop() {
-            self.popped(e.size);
+            self.not_full.notify_one();
             return Ok(e);
         }
-        if self.closed.load(Ordering::Acquire) {
+        if self.closed.load(Ordering::SeqCst) {
             // Everything sent before the close is visible now: look once more.
             return match self.store.pop() {
                 Some(e) => {
-                    self.popped(e.size);
+                    self.not_full.notify_one();
                     Ok(e)
                 }
+                // Leased items may still come back: not the end yet.
+                None if self.leases.load(Ordering::SeqCst) > own => Err(RecvFailure::Empty),
                 None => Err(RecvFailure::Closed),
             };
         }
         Err(RecvFailure::Empty)
+    }
+
+    /// Takes an entry under a lease (see [`Receiver::try_recv_leased`]). The lease is taken
+    /// before the pop, so a consumer that finds the store empty also finds the lease.
+    fn try_pop_leased(&self) -> Result<Entry<T>, RecvFailure> {
+        self.leases.fetch_add(1, Ordering::SeqCst);
+        let got = self.try_pop_holding(1);
+        if got.is_err() {
+            self.release_leases(1);
+        }
+        got
+    }
+
+    fn release_leases(&self, n: u64) {
+        if n > 0
+            && self.leases.fetch_sub(n, Ordering::SeqCst) == n
+            && self.closed.load(Ordering::SeqCst)
+        {
+            // The last lease of a closed queue: waiting consumers may now see end-of-stream.
+            self.not_empty.notify_all();
+        }
     }
 
     fn recv_error(&self, failure: RecvFailure) -> RecvError {
@@ -527,6 +575,15 @@ impl<T: Item> Shared<T> {
     }
 
     fn recv_blocking(&self, deadline: Option<Instant>) -> Result<Entry<T>, RecvError> {
+        // Spin a little first, as in `send_blocking`.
+        let backoff = Backoff::new();
+        while !backoff.is_completed() {
+            match self.try_pop() {
+                Ok(e) => return Ok(e),
+                Err(RecvFailure::Empty) => backoff.snooze(),
+                Err(f) => return Err(self.recv_error(f)),
+            }
+        }
         loop {
             match self.try_pop() {
                 Ok(e) => return Ok(e),
@@ -540,9 +597,11 @@ impl<T: Item> Shared<T> {
                 Err(f) => return Err(self.recv_error(f)),
             }
             match deadline {
-                None => listener.wait(),
+                None => {
+                    listener.wait(None);
+                }
                 Some(d) => {
-                    if listener.wait_deadline(d).is_none() {
+                    if !listener.wait(Some(d)) {
                         return Err(self.recv_error(RecvFailure::Timeout));
                     }
                 }
@@ -563,31 +622,34 @@ impl<T: Item> Shared<T> {
                 Err(RecvFailure::Empty) => {}
                 Err(f) => return Err(self.recv_error(f)),
             }
-            listener.await;
+            listener.wait_async().await;
         }
     }
 
     fn stats(&self) -> Stats {
-        let items_in = self.producer.items_in.load(Ordering::Acquire);
-        let bytes_in = self.producer.bytes_in.load(Ordering::Acquire);
-        let items_out = self.consumer.items_out.load(Ordering::Acquire);
-        let bytes_out = self.consumer.bytes_out.load(Ordering::Acquire);
+        // Store totals count requeued entries in again and evictions out; the stats report
+        // what producers sent and consumers took.
+        let t = self.store.totals();
+        let requeued = self.requeued.load(Ordering::Relaxed);
+        let requeued_bytes = self.requeued_bytes.load(Ordering::Relaxed);
+        let dropped_items = self.dropped_items.load(Ordering::Relaxed);
+        let dropped_bytes = self.dropped_bytes.load(Ordering::Relaxed);
         Stats {
             name: self.name.to_string(),
             kind: self.config.kind,
             codec: self.config.codec.clone(),
-            depth: self.store.len() as u64,
-            depth_bytes: self.store.bytes(),
+            depth: t.items_in.saturating_sub(t.items_out),
+            depth_bytes: t.bytes_in.saturating_sub(t.bytes_out),
             high_water: self.high_water.load(Ordering::Relaxed),
-            items_in,
-            bytes_in,
-            items_out,
-            bytes_out,
+            items_in: t.items_in.saturating_sub(requeued),
+            bytes_in: t.bytes_in.saturating_sub(requeued_bytes),
+            items_out: t.items_out.saturating_sub(dropped_items + requeued),
+            bytes_out: t.bytes_out.saturating_sub(dropped_bytes + requeued_bytes),
             blocked: Duration::from_nanos(self.blocked_nanos.load(Ordering::Relaxed)),
-            dropped_items: self.dropped_items.load(Ordering::Relaxed),
-            dropped_bytes: self.dropped_bytes.load(Ordering::Relaxed),
+            dropped_items,
+            dropped_bytes,
             rejected: self.rejected.load(Ordering::Relaxed),
-            requeued: self.requeued.load(Ordering::Relaxed),
+            requeued,
             closed: self.closed.load(Ordering::Acquire),
         }
     }
@@ -597,6 +659,7 @@ impl<T: Item> Shared<T> {
 pub struct Sender<T: Item> {
     shared: Arc<Shared<T>>,
     open: bool,
+    seen: Seen,
 }
 
 impl<T: Item> Clone for Sender<T> {
@@ -605,6 +668,7 @@ impl<T: Item> Clone for Sender<T> {
         Sender {
             shared: self.shared.clone(),
             open: true,
+            seen: Seen::default(),
         }
     }
 }
@@ -652,7 +716,8 @@ impl<T: Item> Sender<T> {
     /// The queue is closed, has no receivers, is full under the `fail` policy, or the item is
     /// too large. The item comes back in the error.
     pub fn send(&self, item: T) -> Result<(), SendError<T>> {
-        self.shared.send_blocking(Entry::new(item, 0), None)
+        self.shared
+            .send_blocking(Entry::new(item, 0), None, &self.seen)
     }
 
     /// Sends at `priority` (higher is served first by priority queues).
@@ -660,7 +725,8 @@ impl<T: Item> Sender<T> {
     /// # Errors
     /// As [`Sender::send`].
     pub fn send_priority(&self, item: T, priority: i64) -> Result<(), SendError<T>> {
-        self.shared.send_blocking(Entry::new(item, priority), None)
+        self.shared
+            .send_blocking(Entry::new(item, priority), None, &self.seen)
     }
 
     /// Sends an entry, waiting at most until `deadline` for room.
@@ -668,7 +734,7 @@ impl<T: Item> Sender<T> {
     /// # Errors
     /// As [`Sender::send`], or [`SendFailure::Timeout`].
     pub fn send_deadline(&self, entry: Entry<T>, deadline: Instant) -> Result<(), SendError<T>> {
-        self.shared.send_blocking(entry, Some(deadline))
+        self.shared.send_blocking(entry, Some(deadline), &self.seen)
     }
 
     /// Sends without waiting.
@@ -684,7 +750,7 @@ impl<T: Item> Sender<T> {
     /// # Errors
     /// As [`Sender::try_send`].
     pub fn try_send_entry(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
-        match self.shared.attempt(entry) {
+        match self.shared.attempt(entry, &self.seen) {
             Ok(()) => Ok(()),
             Err(Err(e)) => Err(e),
             Err(Ok(back)) => Err(self.shared.fail(SendFailure::Full, back.item)),
@@ -696,7 +762,9 @@ impl<T: Item> Sender<T> {
     /// # Errors
     /// As [`Sender::send`].
     pub async fn send_async(&self, item: T) -> Result<(), SendError<T>> {
-        self.shared.send_async(Entry::new(item, 0)).await
+        self.shared
+            .send_async(Entry::new(item, 0), &self.seen)
+            .await
     }
 
     /// Sends an entry (item and priority) from async code.
@@ -704,7 +772,7 @@ impl<T: Item> Sender<T> {
     /// # Errors
     /// As [`Sender::send`].
     pub async fn send_entry_async(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
-        self.shared.send_async(entry).await
+        self.shared.send_async(entry, &self.seen).await
     }
 }
 
@@ -726,8 +794,8 @@ impl<T: Item> Drop for Receiver<T> {
     fn drop(&mut self) {
         if self.shared.receivers.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.receivers_gone.store(true, Ordering::Release);
-            self.shared.not_full.notify(usize::MAX);
-            self.shared.lifecycle.notify(usize::MAX);
+            self.shared.not_full.notify_all();
+            self.shared.lifecycle.notify_all();
         }
     }
 }
@@ -799,6 +867,38 @@ impl<T: Item> Receiver<T> {
         self.shared.recv_async().await
     }
 
+    /// Takes the next entry under a lease, if there is one now: until the lease is released
+    /// ([`Queue::release_leases`]), the queue does not report end-of-stream, because the item
+    /// may be handed back ([`Queue::requeue`]). Remote exporters take items this way.
+    ///
+    /// # Errors
+    /// [`RecvFailure::Empty`] or [`RecvFailure::Closed`].
+    pub fn try_recv_leased(&self) -> Result<Entry<T>, RecvError> {
+        self.shared
+            .try_pop_leased()
+            .map_err(|f| self.shared.recv_error(f))
+    }
+
+    /// Waits from async code until an item may be there, or the queue has ended (closed, with
+    /// no leases left), without taking anything; follow with [`Receiver::try_recv_leased`].
+    pub async fn ready_async(&self) {
+        let s = &self.shared;
+        let ready = || {
+            !s.store.is_empty()
+                || (s.closed.load(Ordering::SeqCst) && s.leases.load(Ordering::SeqCst) == 0)
+        };
+        loop {
+            if ready() {
+                return;
+            }
+            let listener = s.not_empty.listen();
+            if ready() {
+                return;
+            }
+            listener.wait_async().await;
+        }
+    }
+
     /// A handle to the queue this receiver takes from.
     pub fn queue(&self) -> Queue<T> {
         Queue {
@@ -820,6 +920,22 @@ impl<T: Item> Sender<T> {
         self.shared.receivers_gone.load(Ordering::Acquire)
     }
 
+    /// Waits, without polling, until this queue holds no items (its consumers took them all)
+    /// or every receiver has gone.
+    pub async fn drained(&self) {
+        let s = &self.shared;
+        loop {
+            if s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst) {
+                return;
+            }
+            let listener = s.not_full.listen();
+            if s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst) {
+                return;
+            }
+            listener.wait_async().await;
+        }
+    }
+
     /// Waits, without polling, until every receiver has gone or the queue is closed.
     pub async fn receivers_gone(&self) {
         let s = &self.shared;
@@ -831,7 +947,7 @@ impl<T: Item> Sender<T> {
             if s.receivers_gone.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
                 return;
             }
-            listener.await;
+            listener.wait_async().await;
         }
     }
 }

@@ -19,7 +19,8 @@ pub struct Stats {
     pub depth: u64,
     /// Bytes held now.
     pub depth_bytes: u64,
-    /// The most items it has held at once.
+    /// The most items it has held at once, as sampled: at every 32nd send of each sender and at
+    /// every send that found the queue full (exact per send would cost a cache miss per item).
     pub high_water: u64,
     /// Items sent into it.
     pub items_in: u64,

@@ -1,22 +1,57 @@
-//! Where a queue keeps its items: a lock-free FIFO ring, or an ordered map for priorities.
+//! Where a queue keeps its items, and its counters: a lock-free FIFO ring, or an ordered map
+//! for priorities.
 //!
-//! Both stores enforce the item and byte capacities exactly; neither waits. Waiting, closing
-//! and statistics live one level up, in [`super::Shared`].
+//! Both stores enforce the item and byte capacities exactly and count every item and byte in
+//! and out; neither waits. Waiting, closing and the other statistics live one level up.
+//!
+//! Memory ordering contract with [`super::signal::Signal`]: every change a waiter waits for
+//! ends with a SeqCst read-modify-write (the ring's position CAS and byte counts, the overflow
+//! length) or happens under the lock the waiter's re-check also takes (the priority map), and
+//! every re-check reads those locations with SeqCst or under that lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use super::config::{Config, Kind};
+use super::ring::Ring;
 use super::{Entry, Item};
 
 /// Why an item did not go in.
 pub(crate) enum Rejected<T> {
     /// The queue is full (in items or in bytes); the entry comes back.
     Full(Entry<T>),
+}
+
+/// Everything that ever went in and came out, in items and bytes (requeued entries count in
+/// again; evicted and drained ones count out).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) items_in: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) items_out: u64,
+    pub(crate) bytes_out: u64,
+}
+
+/// A producer handle's last look at the bytes taken out. That count only grows, so a stale look
+/// overestimates what the queue holds: a check against it errs on the side of full, and the real
+/// counter (a cache line the consumers write) is read only when the check fails.
+#[derive(Default)]
+pub(crate) struct Seen {
+    bytes_out: AtomicU64,
+    /// Sends through this handle, for sampling the high-water mark.
+    sends: AtomicU64,
+}
+
+impl Seen {
+    /// Counts a send through this handle; returns the count before it.
+    pub(crate) fn count_send(&self) -> u64 {
+        let n = self.sends.load(Ordering::Relaxed);
+        self.sends.store(n.wrapping_add(1), Ordering::Relaxed);
+        n
+    }
 }
 
 /// One of the two stores.
@@ -39,9 +74,9 @@ impl<T: Item> Store<T> {
 
     /// Adds an entry if it fits.
     #[inline]
-    pub(crate) fn push(&self, entry: Entry<T>) -> Result<(), Rejected<T>> {
+    pub(crate) fn push(&self, entry: Entry<T>, seen: &Seen) -> Result<(), Rejected<T>> {
         match self {
-            Store::Fifo(s) => s.push(entry),
+            Store::Fifo(s) => s.push(entry, seen),
             Store::Priority(s) => s.push(entry),
         }
     }
@@ -51,7 +86,7 @@ impl<T: Item> Store<T> {
     pub(crate) fn pop(&self) -> Option<Entry<T>> {
         match self {
             Store::Fifo(s) => s.pop(),
-            Store::Priority(s) => s.pop(),
+            Store::Priority(s) => s.pop(false),
         }
     }
 
@@ -60,27 +95,16 @@ impl<T: Item> Store<T> {
     pub(crate) fn evict(&self) -> Option<Entry<T>> {
         match self {
             Store::Fifo(s) => s.pop(),
-            Store::Priority(s) => s.pop_last(),
+            Store::Priority(s) => s.pop(true),
         }
     }
 
-    /// Puts an entry back regardless of capacity (items returned by a remote consumer that
-    /// were already counted once). FIFO puts it at the tail; priority by its rank.
-    pub(crate) fn requeue(&self, entry: Entry<T>) -> Result<(), Entry<T>> {
+    /// Puts an entry back regardless of capacity (an item returned by a remote consumer, which
+    /// was already counted once). FIFO serves it before the ring; priority by its rank.
+    pub(crate) fn requeue(&self, entry: Entry<T>) {
         match self {
             Store::Fifo(s) => s.requeue(entry),
-            Store::Priority(s) => {
-                s.insert(entry);
-                Ok(())
-            }
-        }
-    }
-
-    /// Bytes held now.
-    pub(crate) fn bytes(&self) -> u64 {
-        match self {
-            Store::Fifo(s) => s.bytes.load(Ordering::Acquire),
-            Store::Priority(s) => s.inner.lock().bytes,
+            Store::Priority(s) => s.insert(&mut s.inner.lock(), entry),
         }
     }
 
@@ -88,79 +112,128 @@ impl<T: Item> Store<T> {
     pub(crate) fn len(&self) -> usize {
         match self {
             Store::Fifo(s) => {
-                s.ring.len() + usize::try_from(s.overflow_len.load(Ordering::Acquire)).unwrap_or(0)
+                s.ring.len() + usize::try_from(s.extra_len.load(Ordering::SeqCst)).unwrap_or(0)
             }
             Store::Priority(s) => s.inner.lock().map.len(),
         }
     }
+
+    /// Whether the store holds nothing now (SeqCst reads, for re-checks).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything in and out so far.
+    pub(crate) fn totals(&self) -> Totals {
+        match self {
+            Store::Fifo(s) => s.totals(),
+            Store::Priority(s) => {
+                let i = s.inner.lock();
+                i.totals
+            }
+        }
+    }
 }
 
-/// A bounded lock-free ring with an exact byte budget.
+/// A bounded lock-free ring with an exact byte budget, plus a locked side deque for requeued
+/// entries.
 pub(crate) struct Fifo<T> {
-    ring: ArrayQueue<Entry<T>>,
-    /// Bytes reserved by items in the ring (and by pushes under way).
-    bytes: CachePadded<AtomicU64>,
+    ring: Ring<Entry<T>>,
     capacity_bytes: u64,
-    /// Room beyond `ring` for requeued entries; rarely used, so a lock is fine.
-    overflow: Mutex<std::collections::VecDeque<Entry<T>>>,
-    overflow_len: AtomicU64,
+    /// Requeued entries, served before the ring (they were taken earlier than anything in it).
+    extra: Mutex<(VecDeque<Entry<T>>, Totals)>,
+    extra_len: CachePadded<AtomicU64>,
 }
 
 impl<T: Item> Fifo<T> {
     fn new(capacity: usize, capacity_bytes: u64) -> Fifo<T> {
         Fifo {
-            ring: ArrayQueue::new(capacity.max(1)),
-            bytes: CachePadded::new(AtomicU64::new(0)),
+            ring: Ring::new(capacity),
             capacity_bytes,
-            overflow: Mutex::new(std::collections::VecDeque::new()),
-            overflow_len: AtomicU64::new(0),
+            extra: Mutex::new((VecDeque::new(), Totals::default())),
+            extra_len: CachePadded::new(AtomicU64::new(0)),
         }
     }
 
+    /// Reserves `size` bytes of the budget; `false` when they do not fit. Exact among producers
+    /// (compare-and-swap on the producers' byte count) and against consumers (their count only
+    /// grows, so the stale look in `seen` errs on the side of full).
     #[inline]
-    fn push(&self, entry: Entry<T>) -> Result<(), Rejected<T>> {
-        let size = entry.size;
-        // Reserve the bytes first: the budget is exact even with many producers.
-        let before = self.bytes.fetch_add(size, Ordering::AcqRel);
-        if before + size > self.capacity_bytes && before != 0 {
-            self.bytes.fetch_sub(size, Ordering::AcqRel);
-            return Err(Rejected::Full(entry));
-        }
-        match self.ring.push(entry) {
-            Ok(()) => Ok(()),
-            Err(entry) => {
-                self.bytes.fetch_sub(size, Ordering::AcqRel);
-                Err(Rejected::Full(entry))
+    fn reserve(&self, size: u64, seen: &Seen) -> bool {
+        let cap = self.capacity_bytes;
+        let bytes_in = &self.ring.tail.bytes;
+        let mut reserved = bytes_in.load(Ordering::Relaxed);
+        loop {
+            let held = reserved.saturating_sub(seen.bytes_out.load(Ordering::Relaxed));
+            if held != 0 && held + size > cap {
+                let out = self.ring.head.bytes.load(Ordering::SeqCst);
+                seen.bytes_out.store(out, Ordering::Relaxed);
+                let held = reserved.saturating_sub(out);
+                if held != 0 && held + size > cap {
+                    return false;
+                }
+            }
+            match bytes_in.compare_exchange_weak(
+                reserved,
+                reserved + size,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => reserved = now,
             }
         }
     }
 
     #[inline]
+    fn push(&self, entry: Entry<T>, seen: &Seen) -> Result<(), Rejected<T>> {
+        let size = entry.size;
+        if !self.reserve(size, seen) {
+            return Err(Rejected::Full(entry));
+        }
+        self.ring.push(entry).map_err(|back| {
+            self.ring.tail.bytes.fetch_sub(size, Ordering::SeqCst);
+            Rejected::Full(back)
+        })
+    }
+
+    #[inline]
     fn pop(&self) -> Option<Entry<T>> {
-        // Requeued entries were taken earlier than anything in the ring: serve them first.
-        if self.overflow_len.load(Ordering::Acquire) != 0
-            && let Some(e) = self.pop_overflow()
+        if self.extra_len.load(Ordering::SeqCst) != 0
+            && let Some(e) = self.pop_extra()
         {
             return Some(e);
         }
         let entry = self.ring.pop()?;
-        self.bytes.fetch_sub(entry.size, Ordering::AcqRel);
+        self.ring.head.bytes.fetch_add(entry.size, Ordering::SeqCst);
         Some(entry)
     }
 
-    fn pop_overflow(&self) -> Option<Entry<T>> {
-        let mut overflow = self.overflow.lock();
-        let e = overflow.pop_front()?;
-        self.overflow_len.fetch_sub(1, Ordering::AcqRel);
-        self.bytes.fetch_sub(e.size, Ordering::AcqRel);
+    fn pop_extra(&self) -> Option<Entry<T>> {
+        let mut extra = self.extra.lock();
+        let e = extra.0.pop_front()?;
+        extra.1.items_out += 1;
+        extra.1.bytes_out += e.size;
+        self.extra_len.fetch_sub(1, Ordering::SeqCst);
         Some(e)
     }
 
-    fn requeue(&self, entry: Entry<T>) -> Result<(), Entry<T>> {
-        self.bytes.fetch_add(entry.size, Ordering::AcqRel);
-        self.overflow.lock().push_back(entry);
-        self.overflow_len.fetch_add(1, Ordering::AcqRel);
-        Ok(())
+    fn requeue(&self, entry: Entry<T>) {
+        let mut extra = self.extra.lock();
+        extra.1.items_in += 1;
+        extra.1.bytes_in += entry.size;
+        extra.0.push_back(entry);
+        self.extra_len.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn totals(&self) -> Totals {
+        let extra = self.extra.lock().1;
+        Totals {
+            items_in: self.ring.tail.pos.load(Ordering::SeqCst) + extra.items_in,
+            bytes_in: self.ring.tail.bytes.load(Ordering::SeqCst) + extra.bytes_in,
+            items_out: self.ring.head.pos.load(Ordering::SeqCst) + extra.items_out,
+            bytes_out: self.ring.head.bytes.load(Ordering::SeqCst) + extra.bytes_out,
+        }
     }
 }
 
@@ -174,10 +247,11 @@ pub(crate) struct Priority<T> {
 
 struct PriorityInner<T> {
     /// Keyed by (rank, sequence): the largest rank is served first, and among equal ranks the
-    /// smallest sequence (the oldest). The key is stored negated so that `first` is next.
+    /// smallest sequence (the oldest). The rank is stored negated so that `first` is next.
     map: BTreeMap<(i128, u64), Entry<T>>,
     bytes: u64,
     next_seq: u64,
+    totals: Totals,
 }
 
 impl<T: Item> Priority<T> {
@@ -187,6 +261,7 @@ impl<T: Item> Priority<T> {
                 map: BTreeMap::new(),
                 bytes: 0,
                 next_seq: 0,
+                totals: Totals::default(),
             }),
             capacity,
             capacity_bytes,
@@ -213,34 +288,31 @@ impl<T: Item> Priority<T> {
         {
             return Err(Rejected::Full(entry));
         }
-        self.insert_locked(&mut inner, entry);
+        self.insert(&mut inner, entry);
         Ok(())
     }
 
-    fn insert(&self, entry: Entry<T>) {
-        let mut inner = self.inner.lock();
-        self.insert_locked(&mut inner, entry);
-    }
-
-    fn insert_locked(&self, inner: &mut PriorityInner<T>, entry: Entry<T>) {
+    fn insert(&self, inner: &mut PriorityInner<T>, entry: Entry<T>) {
         let seq = inner.next_seq;
         inner.next_seq += 1;
         inner.bytes += entry.size;
+        inner.totals.items_in += 1;
+        inner.totals.bytes_in += entry.size;
         let key = self.key(entry.priority, seq);
         inner.map.insert(key, entry);
     }
 
-    fn pop(&self) -> Option<Entry<T>> {
+    /// The next entry, or with `last` the one that would be served last.
+    fn pop(&self, last: bool) -> Option<Entry<T>> {
         let mut inner = self.inner.lock();
-        let (_, e) = inner.map.pop_first()?;
+        let (_, e) = if last {
+            inner.map.pop_last()?
+        } else {
+            inner.map.pop_first()?
+        };
         inner.bytes -= e.size;
-        Some(e)
-    }
-
-    fn pop_last(&self) -> Option<Entry<T>> {
-        let mut inner = self.inner.lock();
-        let (_, e) = inner.map.pop_last()?;
-        inner.bytes -= e.size;
+        inner.totals.items_out += 1;
+        inner.totals.bytes_out += e.size;
         Some(e)
     }
 }

@@ -23,10 +23,12 @@ use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 
-use crate::queue::{Entry, Receiver, RecvFailure, SendFailure, Sender};
+use crate::queue::{Entry, Queue, Receiver, RecvFailure, SendFailure, Sender};
 use frame::{Frame, FrameReader, FrameWriter, Hello, VERSION};
 
 /// How an endpoint behaves.
@@ -42,6 +44,10 @@ pub struct Options {
     /// How long to wait for the peer's hello.
     #[serde(with = "secs")]
     pub handshake_timeout: Duration,
+    /// Importer: acknowledge an item only once a local consumer has taken it (not when it enters
+    /// the local queue), so an item waiting at a consumer that leaves is never considered
+    /// delivered. For shared queues.
+    pub credit_on_consume: bool,
 }
 
 impl Default for Options {
@@ -51,6 +57,7 @@ impl Default for Options {
             window_bytes: 8 << 20,
             max_item: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
+            credit_on_consume: false,
         }
     }
 }
@@ -61,6 +68,7 @@ impl Options {
     pub fn work_sharing() -> Options {
         Options {
             window_items: 1,
+            credit_on_consume: true,
             ..Options::default()
         }
     }
@@ -164,23 +172,25 @@ async fn handshake<R: AsyncRead + Unpin>(
     }
 }
 
-/// The exporter's view of what is in flight.
+/// The exporter's view of what is in flight, shared by its reading and writing halves.
 struct Flight {
     /// Sent and not yet credited, oldest first.
     outstanding: VecDeque<Entry<Bytes>>,
     outstanding_bytes: u64,
-    /// Taken from the queue, waiting for byte credit.
+    /// Taken from the queue, waiting for credit.
     pending: Option<Entry<Bytes>>,
-    /// Handed back by the importer.
-    returned: Vec<Entry<Bytes>>,
     window_items: usize,
     window_bytes: u64,
+    /// The importer said STOP.
+    stopped: bool,
+    /// END was sent (or is being sent).
+    ended: bool,
     report: Report,
 }
 
 impl Flight {
-    fn can_take(&self) -> bool {
-        self.pending.is_none() && self.outstanding.len() < self.window_items
+    fn has_item_credit(&self) -> bool {
+        self.outstanding.len() < self.window_items
     }
 
     fn fits(&self, size: u64) -> bool {
@@ -205,6 +215,9 @@ impl Flight {
 /// local consumers and with other exporters. Items handed back by the importer, and on failure
 /// the items that might not have arrived, are put back into that queue.
 ///
+/// The exporter reads the stream all the time, also while a write is blocked, so the two sides
+/// can never wait on each other's writes.
+///
 /// # Errors
 /// I/O or protocol failures; [`RemoteError::Broken`] when the stream ends early.
 pub async fn export<R, W>(
@@ -219,137 +232,183 @@ where
 {
     let mut w = FrameWriter::new(writer);
     let mut r = FrameReader::new(reader, 0);
-    w.hello(Hello {
+    // Say hello and hear theirs at once: neither side may wait for the other to read.
+    let ours = Hello {
         version: VERSION,
         window_items: 0,
         window_bytes: 0,
         max_item: options.max_item,
-    })
-    .await?;
-    let peer = handshake(&mut r, options.handshake_timeout).await?;
+    };
+    let ((), peer) = tokio::try_join!(w.hello(ours), handshake(&mut r, options.handshake_timeout))?;
     if peer.window_items == 0 {
         return Err(RemoteError::Protocol(
             "the importer announced an empty window".into(),
         ));
     }
     r.set_max_item(peer.max_item.max(options.max_item));
-    let mut flight = Flight {
+    let flight = Mutex::new(Flight {
         outstanding: VecDeque::new(),
         outstanding_bytes: 0,
         pending: None,
-        returned: Vec::new(),
         window_items: usize::try_from(peer.window_items).unwrap_or(usize::MAX),
         window_bytes: peer.window_bytes,
+        stopped: false,
+        ended: false,
         report: Report::default(),
-    };
-    let result = export_loop(rx, &mut r, &mut w, &mut flight, peer.max_item).await;
+    });
+    let wake = Notify::new();
     let queue = rx.queue();
-    let returned = std::mem::take(&mut flight.returned);
-    queue.requeue(returned);
+    let result = tokio::try_join!(
+        export_reads(&mut r, &flight, &wake, &queue),
+        export_writes(rx, &mut w, &flight, &wake, peer.max_item),
+    );
+    let mut flight = flight.into_inner();
+    // Every item taken is leased until it is acknowledged; what was not, goes back first.
+    let mut back: Vec<Entry<Bytes>> = flight.pending.take().into_iter().collect();
+    if result.is_err() {
+        back.extend(flight.outstanding.drain(..));
+    }
+    let requeued = back.len() as u64;
+    queue.requeue(back);
+    queue.release_leases(requeued);
     match result {
-        Ok(()) => Ok(flight.report),
+        Ok(_) => Ok(flight.report),
         Err(e) => {
-            let mut back: Vec<Entry<Bytes>> = flight.outstanding.drain(..).collect();
-            back.extend(flight.pending.take());
-            let requeued = back.len() as u64;
-            queue.requeue(back);
+            if requeued > 0 {
+                tracing::warn!(queue = %queue.name(), requeued, error = %e, "export failed; items put back");
+            }
             Err(match e {
                 RemoteError::Broken { .. } => RemoteError::Broken { requeued },
-                other => {
-                    if requeued > 0 {
-                        tracing::warn!(queue = %queue.name(), requeued, "export failed; items put back");
-                    }
-                    other
-                }
+                other => other,
             })
         }
     }
 }
 
-async fn export_loop<R, W>(
-    rx: &Receiver<Bytes>,
+/// The exporter's reading half: credits, returns, STOP, and the final END_ACK.
+async fn export_reads<R: AsyncRead + Unpin>(
     r: &mut FrameReader<R>,
-    w: &mut FrameWriter<W>,
-    f: &mut Flight,
-    peer_max: u64,
-) -> Result<(), RemoteError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut ended = false;
+    flight: &Mutex<Flight>,
+    wake: &Notify,
+    queue: &Queue<Bytes>,
+) -> Result<(), RemoteError> {
     loop {
-        // Send what credit allows without waiting.
-        if !ended {
-            loop {
-                let entry = match f.pending.take() {
-                    Some(e) => e,
-                    None if f.outstanding.len() < f.window_items => match rx.try_recv_entry() {
-                        Ok(e) => e,
-                        Err(e) if e.failure == RecvFailure::Closed => {
-                            w.end()?;
-                            ended = true;
-                            break;
-                        }
-                        Err(_) => break,
-                    },
-                    None => break,
-                };
-                let size = entry.item.len() as u64;
-                if size > peer_max {
-                    f.returned.push(entry);
-                    return Err(RemoteError::TooLarge {
-                        size,
-                        limit: peer_max,
-                    });
-                }
-                if !f.fits(size) {
-                    f.pending = Some(entry);
-                    break;
-                }
-                w.data(entry.priority, &entry.item).await?;
-                f.report.items += 1;
-                f.report.bytes += size;
-                f.outstanding_bytes += size;
-                f.outstanding.push_back(entry);
-            }
-            w.flush().await?;
-        }
-        tokio::select! {
-            biased;
-            frame = r.next() => match frame? {
-                None => return Err(RemoteError::Broken { requeued: 0 }),
-                Some(Frame::Credit { items, .. }) => f.credit(items)?,
-                Some(Frame::Return { priority, payload }) => {
-                    f.report.returned += 1;
-                    f.returned.push(Entry::new(payload, priority));
-                }
-                Some(Frame::Stop) => {
-                    f.report.stopped = true;
-                    if !ended {
-                        w.end()?;
-                        w.flush().await?;
-                        ended = true;
-                    }
-                }
-                Some(Frame::EndAck) if ended => {
-                    if !f.outstanding.is_empty() {
-                        return Err(RemoteError::Protocol("END_ACK with items unacknowledged".into()));
-                    }
-                    return Ok(());
-                }
-                Some(other) => return Err(RemoteError::Protocol(format!("unexpected {other:?}"))),
-            },
-            got = rx.recv_entry_async(), if !ended && f.can_take() => match got {
-                Ok(e) => f.pending = Some(e),
-                Err(_) => {
-                    w.end()?;
-                    w.flush().await?;
-                    ended = true;
-                }
-            },
+        let frame = r.next().await?;
+        let done = on_frame(&mut flight.lock(), frame, queue)?;
+        wake.notify_one();
+        if done {
+            return Ok(());
         }
     }
+}
+
+/// Applies one frame from the importer; `true` once the closing handshake is complete.
+fn on_frame(
+    f: &mut Flight,
+    frame: Option<Frame>,
+    queue: &Queue<Bytes>,
+) -> Result<bool, RemoteError> {
+    match frame {
+        None => return Err(RemoteError::Broken { requeued: 0 }),
+        Some(Frame::Credit { items, .. }) => {
+            f.credit(items)?;
+            queue.release_leases(u64::from(items));
+        }
+        Some(Frame::Return { priority, payload }) => {
+            // Back into the queue at once, for the other consumers. If it was still in flight,
+            // its lease ends with the credit that follows.
+            f.report.returned += 1;
+            queue.requeue([Entry::new(payload, priority)]);
+        }
+        Some(Frame::Stop) => f.stopped = true,
+        Some(Frame::EndAck) if f.ended => {
+            if !f.outstanding.is_empty() {
+                return Err(RemoteError::Protocol(
+                    "END_ACK with items unacknowledged".into(),
+                ));
+            }
+            return Ok(true);
+        }
+        Some(other) => return Err(RemoteError::Protocol(format!("unexpected {other:?}"))),
+    }
+    Ok(false)
+}
+
+/// What the exporter's writing half does next.
+enum Step {
+    /// Write this item (it is recorded as outstanding already).
+    Send(Entry<Bytes>),
+    /// Wait for an item from the queue (or for the reader).
+    WaitQueue,
+    /// Wait for credit from the reader.
+    WaitCredit,
+    /// The queue ended or the importer stopped: write END.
+    End,
+}
+
+/// Decides the next step under the lock, taking an item from the queue when there is credit.
+fn next_step(f: &mut Flight, rx: &Receiver<Bytes>, peer_max: u64) -> Result<Step, RemoteError> {
+    if f.stopped {
+        return Ok(Step::End);
+    }
+    let entry = match f.pending.take() {
+        Some(e) => e,
+        None if !f.has_item_credit() => return Ok(Step::WaitCredit),
+        None => match rx.try_recv_leased() {
+            Ok(e) => e,
+            Err(e) if e.failure == RecvFailure::Closed => return Ok(Step::End),
+            Err(_) => return Ok(Step::WaitQueue),
+        },
+    };
+    let size = entry.item.len() as u64;
+    if size > peer_max {
+        f.pending = Some(entry);
+        return Err(RemoteError::TooLarge {
+            size,
+            limit: peer_max,
+        });
+    }
+    if !f.fits(size) {
+        f.pending = Some(entry);
+        return Ok(Step::WaitCredit);
+    }
+    f.report.items += 1;
+    f.report.bytes += size;
+    f.outstanding_bytes += size;
+    f.outstanding.push_back(entry.clone());
+    Ok(Step::Send(entry))
+}
+
+/// The exporter's writing half: items within credit, then END.
+async fn export_writes<W: AsyncWrite + Unpin>(
+    rx: &Receiver<Bytes>,
+    w: &mut FrameWriter<W>,
+    flight: &Mutex<Flight>,
+    wake: &Notify,
+    peer_max: u64,
+) -> Result<(), RemoteError> {
+    loop {
+        let wait = wake.notified();
+        let step = next_step(&mut flight.lock(), rx, peer_max)?;
+        match step {
+            Step::Send(entry) => w.data(entry.priority, &entry.item).await?,
+            Step::WaitCredit => {
+                w.flush().await?;
+                wait.await;
+            }
+            Step::WaitQueue => {
+                w.flush().await?;
+                tokio::select! {
+                    () = rx.ready_async() => {}
+                    () = wait => {}
+                }
+            }
+            Step::End => break,
+        }
+    }
+    flight.lock().ended = true;
+    w.end()?;
+    w.flush().await
 }
 
 /// Receives items from a stream into a local queue until the exporter's end-of-stream, then
@@ -378,14 +437,13 @@ where
     }
     let mut w = FrameWriter::new(writer);
     let mut r = FrameReader::new(reader, options.max_item);
-    w.hello(Hello {
+    let ours = Hello {
         version: VERSION,
         window_items: options.window_items,
         window_bytes: options.window_bytes,
         max_item: options.max_item,
-    })
-    .await?;
-    handshake(&mut r, options.handshake_timeout).await?;
+    };
+    tokio::try_join!(w.hello(ours), handshake(&mut r, options.handshake_timeout))?;
     let every_items = (options.window_items / 4).max(1);
     let every_bytes = (options.window_bytes / 4).max(1);
     let (mut credit_items, mut credit_bytes) = (0u32, 0u64);
@@ -415,7 +473,7 @@ where
                     if report.stopped {
                         report.returned += 1;
                         w.give_back(priority, &payload).await?;
-                    } else if let Err(e) = tx.send_entry_async(Entry::new(payload, priority)).await {
+                    } else if let Err(e) = deliver(&tx, Entry::new(payload, priority), options).await {
                         report.returned += 1;
                         w.give_back(priority, &e.item).await?;
                         match e.failure {
@@ -427,6 +485,11 @@ where
                                 hand_back_all(&tx, &mut w, &mut report).await?;
                             }
                         }
+                    }
+                    if !report.stopped && tx.has_no_receivers() {
+                        // Delivered, but the consumers left before taking it: hand it back
+                        // before acknowledging it, so it is never counted as delivered.
+                        hand_back_all(&tx, &mut w, &mut report).await?;
                     }
                     credit_items += 1;
                     credit_bytes += size;
@@ -447,6 +510,21 @@ where
             },
         }
     }
+}
+
+/// Puts an item into the local queue; with `credit_on_consume`, also waits until a local
+/// consumer has taken it. If the consumers leave instead, the item is still in the local
+/// queue, and the caller hands it back before acknowledging it.
+async fn deliver(
+    tx: &Sender<Bytes>,
+    entry: Entry<Bytes>,
+    options: &Options,
+) -> Result<(), crate::queue::SendError<Bytes>> {
+    tx.send_entry_async(entry).await?;
+    if options.credit_on_consume {
+        tx.drained().await;
+    }
+    Ok(())
 }
 
 /// Stops taking items: everything in the local queue goes back to the exporter, then STOP.

@@ -1,0 +1,3 @@
+//! The queue layer's integration tests, in one binary (faster to build on two cores).
+
+mod remote;
