@@ -88,6 +88,31 @@ fn rate(count: f64, elapsed: Duration) -> f64 {
     count / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// Times one producer thread calling `send(i)` for `i` in `0..items` (stopping early if it
+/// returns `false`) against this thread calling `recv` until it returns `false`. Both the queue
+/// and the reference channel go through this one harness, so they are measured alike.
+fn one_to_one(
+    items: u64,
+    send: impl Fn(u64) -> bool + Send + 'static,
+    recv: impl Fn() -> bool,
+) -> f64 {
+    let start = Instant::now();
+    let producer = thread::spawn(move || {
+        for i in 0..items {
+            if !send(i) {
+                break;
+            }
+        }
+    });
+    let mut n = 0u64;
+    while recv() {
+        n += 1;
+    }
+    let elapsed = start.elapsed();
+    let _ = producer.join();
+    rate(n as f64, elapsed)
+}
+
 /// One producer thread sends `items` 8-byte items through a queue of `config`; one consumer
 /// thread takes them. Returns items per second.
 ///
@@ -96,41 +121,22 @@ fn rate(count: f64, elapsed: Duration) -> f64 {
 pub fn queue_throughput(config: Config, items: u64) -> Result<f64, crate::queue::ConfigError> {
     let q: Queue<[u8; 8]> = Queue::new("bench", config)?;
     let (tx, rx) = (q.sender(), q.receiver());
-    let start = Instant::now();
-    let producer = thread::spawn(move || {
-        for i in 0..items {
-            if tx.send_priority(i.to_le_bytes(), (i % 7) as i64).is_err() {
-                break;
-            }
-        }
-    });
-    let mut n = 0u64;
-    while rx.recv().is_ok() {
-        n += 1;
-    }
-    let elapsed = start.elapsed();
-    let _ = producer.join();
-    Ok(rate(n as f64, elapsed))
+    // The sender moves into the producer thread; its drop there closes the queue.
+    Ok(one_to_one(
+        items,
+        move |i| tx.send_priority(i.to_le_bytes(), (i % 7) as i64).is_ok(),
+        || rx.recv().is_ok(),
+    ))
 }
 
 /// The same with a crossbeam bounded channel. Returns items per second.
 pub fn crossbeam_throughput(capacity: usize, items: u64) -> f64 {
     let (tx, rx) = crossbeam_channel::bounded::<[u8; 8]>(capacity);
-    let start = Instant::now();
-    let producer = thread::spawn(move || {
-        for i in 0..items {
-            if tx.send(i.to_le_bytes()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut n = 0u64;
-    while rx.recv().is_ok() {
-        n += 1;
-    }
-    let elapsed = start.elapsed();
-    let _ = producer.join();
-    rate(n as f64, elapsed)
+    one_to_one(
+        items,
+        move |i| tx.send(i.to_le_bytes()).is_ok(),
+        || rx.recv().is_ok(),
+    )
 }
 
 /// Raw TCP on loopback: one thread writes `total` bytes in `chunk`-sized writes, the other

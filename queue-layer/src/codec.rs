@@ -407,13 +407,10 @@ impl Registry {
                 name: name.to_owned(),
             });
         }
-        let (format, wrappers) = match parts.split_last() {
-            Some(split) => split,
-            None => {
-                return Err(CodecError::BadName {
-                    name: name.to_owned(),
-                });
-            }
+        let Some((format, wrappers)) = parts.split_last() else {
+            return Err(CodecError::BadName {
+                name: name.to_owned(),
+            });
         };
         let base = self
             .formats
@@ -461,7 +458,7 @@ pub enum ItemError {
         /// The queue's name.
         queue: Arc<str>,
         /// The codec's error (it names the codec).
-        source: CodecError,
+        source: Box<CodecError>,
         /// The item as it was in the queue.
         item: Bytes,
     },
@@ -513,7 +510,7 @@ impl crate::queue::Receiver<Bytes> {
         let item = self.recv()?;
         codec.decode(&item).map_err(|source| ItemError::Decode {
             queue: self.queue_name().clone(),
-            source,
+            source: Box::new(source),
             item,
         })
     }

@@ -63,7 +63,7 @@ pub enum ControllerError {
         /// The queue.
         queue: String,
         /// What is wrong.
-        source: CodecError,
+        source: Box<CodecError>,
     },
     /// A queue of that name exists in the job.
     #[error("job '{job}': queue '{queue}' exists already")]
@@ -174,7 +174,11 @@ impl Controller {
         })?;
         let codec = self.codecs.resolve(&config.codec).map_err(|source| {
             let (job, queue) = ctx();
-            ControllerError::Codec { job, queue, source }
+            ControllerError::Codec {
+                job,
+                queue,
+                source: Box::new(source),
+            }
         })?;
         let l = &self.limits;
         if !l.kinds.is_empty() && !l.kinds.contains(&config.kind) {

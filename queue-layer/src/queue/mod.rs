@@ -370,7 +370,7 @@ impl<T: Item> Shared<T> {
         // The high-water mark is sampled: reading the consumers' position on every send would
         // cost a cache miss per item (more than the rest of the send). Sends that find the
         // queue full always sample.
-        if seen.count_send() % HIGH_WATER_SAMPLE == 0 {
+        if seen.count_send().is_multiple_of(HIGH_WATER_SAMPLE) {
             self.sample_depth();
         }
         self.not_empty.notify_one();

@@ -55,6 +55,10 @@ impl Seen {
 }
 
 /// One of the two stores.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one store per queue, inside its Arc; boxing the ring would add a pointer chase to every send"
+)]
 pub(crate) enum Store<T> {
     Fifo(Fifo<T>),
     Priority(Priority<T>),
