@@ -60,7 +60,7 @@ pub(crate) fn run(args: Args, output: Output) -> Result<(), Failure> {
                      fifo       {:>14.0} items/s\n  priority   {:>14.0} items/s\n  \
                      crossbeam  {:>14.0} items/s   (fifo/crossbeam = {:.2}, goal >= 0.5)\n\
                      loopback TCP, {} KiB items\n  remote     {:>10.0} MB/s\n  raw tcp    {:>10.0} MB/s   \
-                     (remote/raw = {:.2}, goal >= 0.7)",
+                     (remote/raw = {:.2} best, {:.2} median of back-to-back pairs; goal >= 0.7)",
                     r.item_bytes,
                     r.capacity,
                     r.fifo_items_per_sec,
@@ -71,6 +71,7 @@ pub(crate) fn run(args: Args, output: Output) -> Result<(), Failure> {
                     r.remote_mb_per_sec,
                     r.raw_tcp_mb_per_sec,
                     r.remote_vs_raw_tcp,
+                    r.remote_vs_raw_tcp_median,
                 )
             })
         }
