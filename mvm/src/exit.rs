@@ -24,6 +24,14 @@ impl Failure {
         }
     }
 
+    /// Exit with `code`, the details already printed.
+    pub(crate) fn quiet(code: u8) -> Failure {
+        Failure {
+            code,
+            error: anyhow::Error::msg(""),
+        }
+    }
+
     /// Something that ran failed: exit 1.
     pub(crate) fn failed(error: impl Into<anyhow::Error>) -> Failure {
         Failure {

@@ -17,9 +17,6 @@ use exit::Failure;
 #[derive(Debug, Parser)]
 #[command(name = "mvm", version, about, propagate_version = true)]
 struct Cli {
-    /// Output format for commands that print data.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Text)]
-    output: Output,
     /// Log filter, as for tracing's EnvFilter (e.g. `info`, `mvm_queue=debug`); MVM_LOG works too.
     #[arg(long, global = true, env = "MVM_LOG", default_value = "warn")]
     log: String,
@@ -36,8 +33,19 @@ pub(crate) enum Output {
     Json,
 }
 
+/// `-o text|json`, on every command that prints data. (Not global: `mvm topology render` uses
+/// `-o` for the file it writes.)
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct OutputArg {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    pub(crate) output: Output,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Check, generate and draw topology graph files (DOT).
+    Topology(cmd::topology::Args),
     /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
     Bench(cmd::bench::Args),
 }
@@ -62,12 +70,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Bench(args) => cmd::bench::run(args, cli.output),
+        Command::Topology(args) => cmd::topology::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("mvm: {error:#}");
+            let message = format!("{error:#}");
+            if !message.is_empty() {
+                eprintln!("mvm: {message}");
+            }
             ExitCode::from(code)
         }
     }

@@ -237,13 +237,9 @@ fn butterfly(n: usize) -> Result<String, GenError> {
         producer = next;
     }
     s.push_str("  node [component=\"sink\"];\n");
-    for i in 0..n {
+    for (i, (vertex, port)) in producer.iter().enumerate() {
         let _ = writeln!(s, "  sink{i} [index=\"{i}\"];");
-        let _ = writeln!(
-            edges,
-            "  {}:{} -> sink{i}:in;",
-            producer[i].0, producer[i].1
-        );
+        let _ = writeln!(edges, "  {vertex}:{port} -> sink{i}:in;");
     }
     s.push_str(&edges);
     s.push_str("}\n");

@@ -2,8 +2,8 @@
 
 use clap::Subcommand;
 
-use crate::Output;
 use crate::exit::Failure;
+use crate::{Output, OutputArg};
 
 /// Arguments of `mvm bench`.
 #[derive(Debug, clap::Args)]
@@ -29,16 +29,19 @@ enum Which {
         /// Runs of each measurement (the best is reported).
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        #[command(flatten)]
+        out: OutputArg,
     },
 }
 
-pub(crate) fn run(args: Args, output: Output) -> Result<(), Failure> {
+pub(crate) fn run(args: Args) -> Result<(), Failure> {
     match args.which {
         Which::Queue {
             items,
             capacity,
             tcp_mib,
             runs,
+            out,
         } => {
             if items == 0 || capacity == 0 || tcp_mib == 0 {
                 return Err(Failure::input(anyhow::anyhow!(
@@ -54,7 +57,7 @@ pub(crate) fn run(args: Args, output: Output) -> Result<(), Failure> {
             };
             let report = mvm_queue::bench::run(params)
                 .map_err(|e| Failure::failed(anyhow::anyhow!("bench queue: {e}")))?;
-            print(&report, output, |r| {
+            print(&report, out.output, |r| {
                 format!(
                     "queue throughput, 1 producer 1 consumer, {} B items, capacity {}\n  \
                      fifo       {:>14.0} items/s\n  priority   {:>14.0} items/s\n  \
@@ -79,7 +82,7 @@ pub(crate) fn run(args: Args, output: Output) -> Result<(), Failure> {
 }
 
 /// Prints a report as JSON or as text.
-fn print<T: serde::Serialize>(
+pub(crate) fn print<T: serde::Serialize>(
     value: &T,
     output: Output,
     text: impl Fn(&T) -> String,
