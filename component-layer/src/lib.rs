@@ -1,6 +1,9 @@
 //! The MVM component layer: jobs bound to queues by topology graphs kept outside their code.
 //!
-//! This part holds the [`topology`] model: DOT graph files read, checked (every problem with its
-//! line) and generated. The WebAssembly runtime that runs a topology's components follows.
+//! - [`topology`]: DOT graph files read, checked (every problem with its line) and generated.
+//! - [`runtime`]: runs a topology's vertices as WebAssembly jobs, compiled at run time and
+//!   cached by content hash, each port bound to a queue, under limits and a policy hook; jobs
+//!   use the host ABI of [`runtime::abi`].
 
+pub mod runtime;
 pub mod topology;

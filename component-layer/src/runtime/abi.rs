@@ -1,0 +1,266 @@
+//! The host ABI: the import module `mvm` a job calls to use its ports and parameters.
+//!
+//! A job never names a peer, rank or address: it sends to and receives from its own named
+//! ports, and the topology decides where they lead. Pointers and lengths are `i32` offsets into
+//! the job's exported `memory`.
+//!
+//! | import | signature | result |
+//! |---|---|---|
+//! | `send(port, port_len, data, data_len)` | `(i32, i32, i32, i32) -> i32` | `0` sent (to every channel of the port); `-1` no such output port; `-2` no receiver is left; `-3` the item is too large; `-5` the queue is full and refuses (policy `fail`) |
+//! | `recv(port, port_len, buf, buf_cap)` | `(i32, i32, i32, i32) -> i64` | waits for an item; `>= 0` its length: copied when it fits in `buf_cap`, otherwise nothing is copied and the item is kept for the next call; `-1` no such input port; `-2` end of stream; `-4` the item did not decode (logged with queue and codec) |
+//! | `try_recv(port, port_len, buf, buf_cap)` | `(i32, i32, i32, i32) -> i64` | as `recv` without waiting; `-3` nothing there now |
+//! | `ports(buf, buf_cap)` | `(i32, i32) -> i32` | writes one line per port, `in NAME` or `out NAME`; returns the length (the same too-small rule) |
+//! | `param(name, name_len, buf, buf_cap)` | `(i32, i32, i32, i32) -> i32` | the parameter's value (vertex attribute, else job parameter); its length (the same rule); `-1` if there is none |
+//! | `log(level, msg, msg_len)` | `(i32, i32, i32) -> ()` | logs through the node: 0 error, 1 warn, 2 info, 3 debug |
+//!
+//! Items arrive in the base format of the channel's codec: transforms such as `zstd` are
+//! applied and removed by the node. WASI preview 1 gives stdout, stderr, args, environment and
+//! clocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mvm_queue::codec::Codec;
+use mvm_queue::queue::{Receiver, RecvFailure, SendFailure, Sender};
+use parking_lot::Mutex;
+use wasmtime::{Caller, Extern, Linker, Memory, StoreLimits};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+/// An input port: the queue it receives from, its codec, and an item kept back for a larger
+/// buffer.
+pub(crate) struct InPort {
+    pub(crate) rx: Receiver<Bytes>,
+    pub(crate) codec: Codec,
+    pub(crate) kept: Mutex<Option<Bytes>>,
+}
+
+/// An output port: every channel it feeds.
+pub(crate) struct OutPort {
+    pub(crate) channels: Vec<(Sender<Bytes>, Codec)>,
+}
+
+/// What a vertex's job can reach.
+pub(crate) struct VertexIo {
+    pub(crate) vertex: String,
+    pub(crate) inputs: HashMap<String, InPort>,
+    pub(crate) outputs: HashMap<String, OutPort>,
+    pub(crate) params: BTreeMap<String, String>,
+    pub(crate) port_list: String,
+}
+
+/// The store data of one vertex.
+pub(crate) struct VertexState {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limits: StoreLimits,
+    pub(crate) io: Arc<VertexIo>,
+}
+
+const NO_PORT: i64 = -1;
+const END: i64 = -2;
+const EMPTY: i64 = -3;
+const BAD_ITEM: i64 = -4;
+
+fn memory(caller: &mut Caller<'_, VertexState>) -> wasmtime::Result<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => Ok(m),
+        _ => wasmtime::bail!("the job exports no memory named 'memory'"),
+    }
+}
+
+fn range(ptr: i32, len: i32, size: usize, what: &str) -> wasmtime::Result<std::ops::Range<usize>> {
+    let (Ok(p), Ok(l)) = (usize::try_from(ptr), usize::try_from(len)) else {
+        wasmtime::bail!("{what}: negative pointer or length ({ptr}, {len})");
+    };
+    match p.checked_add(l) {
+        Some(end) if end <= size => Ok(p..end),
+        _ => {
+            wasmtime::bail!("{what}: {l} bytes at {p} are outside the job's memory of {size} bytes")
+        }
+    }
+}
+
+fn read(
+    caller: &mut Caller<'_, VertexState>,
+    ptr: i32,
+    len: i32,
+    what: &str,
+) -> wasmtime::Result<Vec<u8>> {
+    let mem = memory(caller)?;
+    let data = mem.data(&*caller);
+    let r = range(ptr, len, data.len(), what)?;
+    Ok(data[r].to_vec())
+}
+
+fn read_str(
+    caller: &mut Caller<'_, VertexState>,
+    ptr: i32,
+    len: i32,
+    what: &str,
+) -> wasmtime::Result<String> {
+    let bytes = read(caller, ptr, len, what)?;
+    String::from_utf8(bytes).map_err(|_| wasmtime::format_err!("{what}: the name is not UTF-8"))
+}
+
+/// Copies `bytes` to the job's buffer if they fit; returns the length either way.
+fn give(
+    caller: &mut Caller<'_, VertexState>,
+    buf: i32,
+    cap: i32,
+    bytes: &[u8],
+    what: &str,
+) -> wasmtime::Result<i64> {
+    let mem = memory(caller)?;
+    let data = mem.data_mut(&mut *caller);
+    let r = range(buf, cap, data.len(), what)?;
+    if bytes.len() <= r.len() {
+        data[r.start..r.start + bytes.len()].copy_from_slice(bytes);
+    }
+    Ok(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
+}
+
+/// Delivers a received item to the job, keeping it when the buffer is too small.
+fn deliver(
+    caller: &mut Caller<'_, VertexState>,
+    port: &InPort,
+    item: Bytes,
+    buf: i32,
+    cap: i32,
+) -> wasmtime::Result<i64> {
+    let plain = if port.codec.has_transforms() {
+        match port.codec.unwrap(&item) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(queue = %port.rx.queue_name(), error = %e, "an item did not decode; skipped");
+                return Ok(BAD_ITEM);
+            }
+        }
+    } else {
+        item
+    };
+    let n = give(caller, buf, cap, &plain, "mvm.recv")?;
+    if plain.len() > usize::try_from(cap).unwrap_or(0) {
+        *port.kept.lock() = Some(plain);
+    }
+    Ok(n)
+}
+
+async fn receive(
+    mut caller: Caller<'_, VertexState>,
+    (pp, pl, buf, cap): (i32, i32, i32, i32),
+    wait: bool,
+) -> wasmtime::Result<i64> {
+    let name = read_str(&mut caller, pp, pl, "mvm.recv port")?;
+    let io = caller.data().io.clone();
+    let Some(port) = io.inputs.get(&name) else {
+        return Ok(NO_PORT);
+    };
+    let kept = port.kept.lock().take();
+    if let Some(item) = kept {
+        let n = give(&mut caller, buf, cap, &item, "mvm.recv")?;
+        if item.len() > usize::try_from(cap).unwrap_or(0) {
+            *port.kept.lock() = Some(item);
+        }
+        return Ok(n);
+    }
+    let got = if wait {
+        port.rx.recv_async().await
+    } else {
+        port.rx.try_recv()
+    };
+    match got {
+        Ok(item) => deliver(&mut caller, port, item, buf, cap),
+        Err(e) => Ok(match e.failure {
+            RecvFailure::Closed => END,
+            RecvFailure::Empty | RecvFailure::Timeout => EMPTY,
+        }),
+    }
+}
+
+async fn send(
+    mut caller: Caller<'_, VertexState>,
+    (pp, pl, dp, dl): (i32, i32, i32, i32),
+) -> wasmtime::Result<i32> {
+    let name = read_str(&mut caller, pp, pl, "mvm.send port")?;
+    let data = read(&mut caller, dp, dl, "mvm.send data")?;
+    let io = caller.data().io.clone();
+    let Some(port) = io.outputs.get(&name) else {
+        return Ok(-1);
+    };
+    let plain = Bytes::from(data);
+    for (tx, codec) in &port.channels {
+        let item = if codec.has_transforms() {
+            codec
+                .wrap(plain.to_vec())
+                .map_err(|e| wasmtime::format_err!("mvm.send on '{name}': {e}"))?
+        } else {
+            plain.clone()
+        };
+        if let Err(e) = tx.send_async(item).await {
+            return Ok(match e.failure {
+                SendFailure::NoReceivers | SendFailure::Closed => -2,
+                SendFailure::TooLarge { .. } => -3,
+                SendFailure::Full | SendFailure::Timeout => -5,
+            });
+        }
+    }
+    Ok(0)
+}
+
+/// Adds the `mvm` module and WASI preview 1 to a linker.
+pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p1::add_to_linker_async(linker, |s: &mut VertexState| &mut s.wasi)?;
+    linker.func_wrap_async("mvm", "send", |caller, args: (i32, i32, i32, i32)| {
+        Box::new(send(caller, args))
+    })?;
+    linker.func_wrap_async("mvm", "recv", |caller, args: (i32, i32, i32, i32)| {
+        Box::new(receive(caller, args, true))
+    })?;
+    linker.func_wrap_async("mvm", "try_recv", |caller, args: (i32, i32, i32, i32)| {
+        Box::new(receive(caller, args, false))
+    })?;
+    linker.func_wrap(
+        "mvm",
+        "ports",
+        |mut caller: Caller<'_, VertexState>, buf: i32, cap: i32| {
+            let io = caller.data().io.clone();
+            give(&mut caller, buf, cap, io.port_list.as_bytes(), "mvm.ports")
+                .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
+        },
+    )?;
+    linker.func_wrap(
+        "mvm",
+        "param",
+        |mut caller: Caller<'_, VertexState>,
+         np: i32,
+         nl: i32,
+         buf: i32,
+         cap: i32|
+         -> wasmtime::Result<i32> {
+            let name = read_str(&mut caller, np, nl, "mvm.param name")?;
+            let io = caller.data().io.clone();
+            match io.params.get(&name) {
+                None => Ok(-1),
+                Some(v) => give(&mut caller, buf, cap, v.as_bytes(), "mvm.param")
+                    .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+            }
+        },
+    )?;
+    linker.func_wrap(
+        "mvm",
+        "log",
+        |mut caller: Caller<'_, VertexState>, level: i32, p: i32, l: i32| -> wasmtime::Result<()> {
+            let msg = read(&mut caller, p, l, "mvm.log")?;
+            let msg = String::from_utf8_lossy(&msg);
+            let vertex = caller.data().io.vertex.clone();
+            match level {
+                0 => tracing::error!(%vertex, "{msg}"),
+                1 => tracing::warn!(%vertex, "{msg}"),
+                2 => tracing::info!(%vertex, "{msg}"),
+                _ => tracing::debug!(%vertex, "{msg}"),
+            }
+            Ok(())
+        },
+    )?;
+    Ok(())
+}

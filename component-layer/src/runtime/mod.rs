@@ -1,0 +1,482 @@
+//! Runs a topology's vertices as WebAssembly jobs on this node.
+//!
+//! Modules (`.wasm` or `.wat`) are compiled at run time and cached by content hash ([`cache`]).
+//! Every vertex is an instance in a pooling allocator, run as a tokio task: an epoch ticker
+//! makes each guest yield to the executor every tick, so thousands of vertices share a few
+//! threads. Each input port of a vertex gets a queue from the node's
+//! [`Controller`](mvm_queue::Controller); output ports feed the queues of the ports their
+//! channels lead to; the job reaches them only through the [`abi`] by port name.
+
+pub mod abi;
+pub mod cache;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mvm_queue::Controller;
+use mvm_queue::queue::Stats;
+use parking_lot::Mutex;
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
+    StoreLimitsBuilder, UpdateDeadline,
+};
+use wasmtime_wasi::I32Exit;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+use crate::topology::{Topology, Vertex};
+use abi::{InPort, OutPort, VertexIo, VertexState};
+pub use cache::{ModuleCache, Source};
+
+/// How a node's runtime is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled modules are kept between runs; `None` keeps them in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// The most vertices running at once on this node (pool slots).
+    pub max_instances: u32,
+    /// The largest linear memory one vertex may have.
+    pub max_memory_bytes: usize,
+    /// The epoch tick: how often a running guest yields, and the unit of CPU limits.
+    pub tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cache_dir: None,
+            max_instances: 4096,
+            max_memory_bytes: 64 << 20,
+            tick: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Per-vertex limits of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory per vertex.
+    pub memory_bytes: usize,
+    /// CPU time per vertex (counted in epoch ticks spent running guest code).
+    pub cpu: Option<Duration>,
+    /// Wall time per vertex.
+    pub wall: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 16 << 20,
+            cpu: None,
+            wall: None,
+        }
+    }
+}
+
+/// Decides whether a vertex may be instantiated; called for every vertex before any is.
+pub trait PolicyHook: Send + Sync {
+    /// `Err(reason)` denies.
+    ///
+    /// # Errors
+    /// The reason the policy denies the vertex.
+    fn check(&self, job: &str, vertex: &Vertex) -> Result<(), String>;
+}
+
+/// A policy that allows everything (for a node without policies).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAll;
+
+impl PolicyHook for AllowAll {
+    fn check(&self, _job: &str, _vertex: &Vertex) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A job to run: a topology, a module per component, parameters, limits.
+#[derive(Debug, Clone)]
+pub struct JobSpec<'a> {
+    /// The job's id (queue names are scoped by it).
+    pub id: String,
+    /// The topology.
+    pub topology: &'a Topology,
+    /// The module of each component name.
+    pub modules: HashMap<String, Module>,
+    /// Job parameters (a vertex attribute of the same name overrides one).
+    pub params: BTreeMap<String, String>,
+    /// Limits per vertex.
+    pub limits: Limits,
+}
+
+/// What one vertex did.
+#[derive(Debug, Clone)]
+pub struct VertexReport {
+    /// The vertex.
+    pub vertex: String,
+    /// What it wrote to stdout.
+    pub stdout: Bytes,
+}
+
+/// What a job did.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// Each vertex, in topology order.
+    pub vertices: Vec<VertexReport>,
+    /// The final stats of the job's queues.
+    pub queues: Vec<Stats>,
+    /// Time from the first instantiation to the last vertex's end.
+    pub wall: Duration,
+}
+
+/// A job that failed: the vertex and the cause.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("vertex '{vertex}': {cause}")]
+pub struct JobError {
+    /// The vertex that failed first.
+    pub vertex: String,
+    /// Why.
+    pub cause: String,
+    /// Whether a policy refused it (nothing ran).
+    pub denied: bool,
+}
+
+/// A runtime could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the WebAssembly runtime: {0}")]
+pub struct RuntimeError(String);
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<VertexState>,
+    tick: Duration,
+}
+
+/// A node's WebAssembly runtime.
+pub struct Runtime {
+    inner: Arc<Inner>,
+    cache: ModuleCache,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// The CPU limit was reached.
+#[derive(Debug)]
+struct CpuLimit(Duration);
+
+impl std::fmt::Display for CpuLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CPU limit of {:?} exceeded", self.0)
+    }
+}
+
+impl std::error::Error for CpuLimit {}
+
+impl Runtime {
+    /// Sets up the engine (pooling allocator, epoch interruption), the linker and the cache, and
+    /// starts the epoch ticker.
+    ///
+    /// # Errors
+    /// The engine cannot be configured (e.g. the pool cannot be reserved).
+    pub fn new(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let err = |e: wasmtime::Error| RuntimeError(format!("{e:#}"));
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_core_instances(config.max_instances)
+            .total_memories(config.max_instances)
+            .total_tables(config.max_instances)
+            .total_stacks(config.max_instances)
+            .max_memory_size(config.max_memory_bytes);
+        let mut c = wasmtime::Config::new();
+        c.epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_reservation(config.max_memory_bytes as u64)
+            .memory_guard_size(64 << 10)
+            .async_stack_size(512 << 10)
+            .max_wasm_stack(256 << 10);
+        let engine = Engine::new(&c).map_err(err)?;
+        let mut linker = Linker::new(&engine);
+        abi::add_to_linker(&mut linker).map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (e, s, tick) = (engine.clone(), stop.clone(), config.tick);
+        std::thread::Builder::new()
+            .name("mvm-epoch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    std::thread::sleep(tick);
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| RuntimeError(format!("cannot start the epoch ticker: {e}")))?;
+        let cache = ModuleCache::new(engine.clone(), config.cache_dir.clone());
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                tick: config.tick,
+            }),
+            cache,
+            stop,
+        })
+    }
+
+    /// The module cache.
+    pub fn cache(&self) -> &ModuleCache {
+        &self.cache
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Runs a whole job on this node: checks policy for every vertex, creates the queues,
+    /// instantiates and runs every vertex, and destroys the queues at the end (also on failure).
+    ///
+    /// # Errors
+    /// The first vertex that failed (trap, limit, bad import, non-zero exit), or a refusal; the
+    /// other vertices are cancelled.
+    pub async fn run(
+        &self,
+        job: &JobSpec<'_>,
+        queues: &Controller,
+        policy: &dyn PolicyHook,
+    ) -> Result<JobReport, JobError> {
+        let t = job.topology;
+        for v in &t.vertices {
+            if !job.modules.contains_key(&v.component) {
+                return Err(JobError {
+                    vertex: v.name.clone(),
+                    cause: format!("no module for component '{}'", v.component),
+                    denied: false,
+                });
+            }
+        }
+        for v in &t.vertices {
+            policy.check(&job.id, v).map_err(|reason| JobError {
+                vertex: v.name.clone(),
+                cause: format!("refused by policy: {reason}"),
+                denied: true,
+            })?;
+        }
+        let ios = match wire(job, queues) {
+            Ok(ios) => ios,
+            Err(e) => {
+                queues.destroy_job(&job.id);
+                return Err(e);
+            }
+        };
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, io) in ios.into_iter().enumerate() {
+            let inner = self.inner.clone();
+            let module = job.modules[&t.vertices[i].component].clone();
+            let limits = job.limits;
+            set.spawn(async move { (i, run_vertex(&inner, &module, io, limits).await) });
+        }
+        let mut reports: Vec<Option<VertexReport>> = vec![None; t.vertices.len()];
+        let mut failure = None;
+        while let Some(joined) = set.join_next().await {
+            let (i, result) = match joined {
+                Ok(r) => r,
+                Err(e) => {
+                    failure.get_or_insert(JobError {
+                        vertex: "?".into(),
+                        cause: format!("task failed: {e}"),
+                        denied: false,
+                    });
+                    set.abort_all();
+                    continue;
+                }
+            };
+            match result {
+                Ok(stdout) => {
+                    reports[i] = Some(VertexReport {
+                        vertex: t.vertices[i].name.clone(),
+                        stdout,
+                    })
+                }
+                Err(cause) => {
+                    if failure.is_none() {
+                        failure = Some(JobError {
+                            vertex: t.vertices[i].name.clone(),
+                            cause,
+                            denied: false,
+                        });
+                        set.abort_all();
+                    }
+                }
+            }
+        }
+        let stats = queues.destroy_job(&job.id);
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        Ok(JobReport {
+            vertices: reports.into_iter().flatten().collect(),
+            queues: stats,
+            wall: start.elapsed(),
+        })
+    }
+}
+
+/// Creates the job's queues and every vertex's ports.
+fn wire(job: &JobSpec<'_>, queues: &Controller) -> Result<Vec<VertexIo>, JobError> {
+    let t = job.topology;
+    let qname = |v: usize, port: &str| format!("{}:{port}", t.vertices[v].name);
+    // One queue per input port; every channel into it shares it.
+    let mut handles = HashMap::new();
+    for (v, vertex) in t.vertices.iter().enumerate() {
+        for (port, chans) in t.inputs(v) {
+            let h = queues
+                .create(&job.id, &qname(v, port), &chans[0].queue)
+                .map_err(|e| JobError {
+                    vertex: vertex.name.clone(),
+                    cause: e.to_string(),
+                    denied: false,
+                })?;
+            handles.insert((v, port.to_owned()), h);
+        }
+    }
+    let mut ios = Vec::with_capacity(t.vertices.len());
+    for (v, vertex) in t.vertices.iter().enumerate() {
+        let mut inputs = HashMap::new();
+        let mut outputs = HashMap::new();
+        let mut port_list = String::new();
+        for port in t.inputs(v).keys() {
+            let h = &handles[&(v, (*port).to_owned())];
+            inputs.insert(
+                (*port).to_owned(),
+                InPort {
+                    rx: h.queue.receiver(),
+                    codec: h.codec.clone(),
+                    kept: Mutex::new(None),
+                },
+            );
+            port_list.push_str(&format!("in {port}\n"));
+        }
+        for (port, chans) in t.outputs(v) {
+            let channels = chans
+                .iter()
+                .map(|c| {
+                    let h = &handles[&(c.to.vertex, c.to.port.clone())];
+                    (h.queue.sender(), h.codec.clone())
+                })
+                .collect();
+            outputs.insert(port.to_owned(), OutPort { channels });
+            port_list.push_str(&format!("out {port}\n"));
+        }
+        let mut params = job.params.clone();
+        params.extend(
+            vertex
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        params.insert("vertex".into(), vertex.name.clone());
+        params.insert("component".into(), vertex.component.clone());
+        ios.push(VertexIo {
+            vertex: vertex.name.clone(),
+            inputs,
+            outputs,
+            params,
+            port_list,
+        });
+    }
+    Ok(ios)
+}
+
+/// Runs one vertex to its end; its stdout, or why it failed.
+async fn run_vertex(
+    inner: &Inner,
+    module: &Module,
+    io: VertexIo,
+    limits: Limits,
+) -> Result<Bytes, String> {
+    let stdout = MemoryOutputPipe::new(1 << 20);
+    let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+        .stdout(stdout.clone())
+        .inherit_stderr()
+        .args(&[io.vertex.as_str()])
+        .build_p1();
+    let store_limits = StoreLimitsBuilder::new()
+        .memory_size(limits.memory_bytes)
+        .instances(1)
+        .trap_on_grow_failure(true)
+        .build();
+    let mut store = Store::new(
+        &inner.engine,
+        VertexState {
+            wasi,
+            limits: store_limits,
+            io: Arc::new(io),
+        },
+    );
+    store.limiter(|s| &mut s.limits);
+    let budget = limits
+        .cpu
+        .map(|d| (d.as_nanos() / inner.tick.as_nanos().max(1)).max(1));
+    let mut used: u128 = 0;
+    let cpu = limits.cpu.unwrap_or_default();
+    store.epoch_deadline_callback(move |_| {
+        used += 1;
+        if budget.is_some_and(|b| used > b) {
+            return Err(wasmtime::Error::new(CpuLimit(cpu)));
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store.set_epoch_deadline(1);
+    let instance = inner
+        .linker
+        .instantiate_async(&mut store, module)
+        .await
+        .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+    let entry = instance
+        .get_typed_func::<(), ()>(&mut store, "_start")
+        .or_else(|_| instance.get_typed_func::<(), ()>(&mut store, "run"))
+        .map_err(|_| "the module exports neither '_start' nor 'run'".to_owned())?;
+    let call = entry.call_async(&mut store, ());
+    let result = match limits.wall {
+        Some(w) => match tokio::time::timeout(w, call).await {
+            Ok(r) => r,
+            Err(_) => return Err(format!("wall-time limit of {w:?} exceeded")),
+        },
+        None => call.await,
+    };
+    drop(store); // closes this vertex's output queues
+    match result {
+        Ok(()) => Ok(stdout.contents()),
+        Err(e) => {
+            if let Some(exit) = e.downcast_ref::<I32Exit>() {
+                return if exit.0 == 0 {
+                    Ok(stdout.contents())
+                } else {
+                    Err(format!("exited with status {}", exit.0))
+                };
+            }
+            if let Some(limit) = e.downcast_ref::<CpuLimit>() {
+                return Err(limit.to_string());
+            }
+            if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+                return Err(format!("trapped: {trap}"));
+            }
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

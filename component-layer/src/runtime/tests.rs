@@ -1,0 +1,337 @@
+use std::sync::Arc;
+
+use mvm_queue::codec::Registry;
+use mvm_queue::controller::Limits as QueueLimits;
+use mvm_queue::queue::Config;
+
+use super::*;
+use crate::topology::{Options, Topology, generate::generate};
+
+/// The token ring job: the vertex with parameter `start` sends token 0; every vertex receives a
+/// token, adds one, and forwards it until it reaches the `hops` parameter.
+const TOKEN: &str = r#"(module
+  (import "mvm" "send" (func $send (param i32 i32 i32 i32) (result i32)))
+  (import "mvm" "recv" (func $recv (param i32 i32 i32 i32) (result i64)))
+  (import "mvm" "param" (func $param (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "out")
+  (data (i32.const 8) "in")
+  (data (i32.const 16) "start")
+  (data (i32.const 32) "hops")
+  (func $hops (result i64) (local $n i32) (local $i i32) (local $v i64)
+    (local.set $n (call $param (i32.const 32) (i32.const 4) (i32.const 64) (i32.const 32)))
+    (block $end (loop $digit
+      (br_if $end (i32.ge_s (local.get $i) (local.get $n)))
+      (local.set $v (i64.add (i64.mul (local.get $v) (i64.const 10))
+        (i64.extend_i32_u (i32.sub (i32.load8_u (i32.add (i32.const 64) (local.get $i))) (i32.const 48)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $digit)))
+    (local.get $v))
+  (func (export "_start") (local $limit i64)
+    (local.set $limit (call $hops))
+    (if (i32.ge_s (call $param (i32.const 16) (i32.const 5) (i32.const 64) (i32.const 32)) (i32.const 0))
+      (then (i64.store (i32.const 128) (i64.const 0))
+            (drop (call $send (i32.const 0) (i32.const 3) (i32.const 128) (i32.const 8)))))
+    (block $done (loop $next
+      (br_if $done (i64.lt_s (call $recv (i32.const 8) (i32.const 2) (i32.const 128) (i32.const 8)) (i64.const 0)))
+      (i64.store (i32.const 128) (i64.add (i64.load (i32.const 128)) (i64.const 1)))
+      (br_if $done (i64.ge_u (i64.load (i32.const 128)) (local.get $limit)))
+      (drop (call $send (i32.const 0) (i32.const 3) (i32.const 128) (i32.const 8)))
+      (br $next)))))"#;
+
+fn runtime() -> Runtime {
+    Runtime::new(&RuntimeConfig {
+        max_instances: 1100,
+        max_memory_bytes: 4 << 20,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime")
+}
+
+fn controller() -> Controller {
+    Controller::new(QueueLimits::default(), Arc::new(Registry::new()))
+}
+
+fn topology(src: &str) -> Topology {
+    let reg = Registry::new();
+    Topology::parse(
+        src,
+        &Options {
+            codecs: &reg,
+            queue_defaults: Config::default(),
+        },
+    )
+    .expect("valid topology")
+}
+
+fn spec<'a>(
+    rt: &Runtime,
+    t: &'a Topology,
+    modules: &[(&str, &str)],
+    params: &[(&str, &str)],
+) -> JobSpec<'a> {
+    JobSpec {
+        id: "job".into(),
+        topology: t,
+        modules: modules
+            .iter()
+            .map(|(c, src)| {
+                (
+                    (*c).to_owned(),
+                    rt.cache().load(c, src.as_bytes()).expect("valid module").0,
+                )
+            })
+            .collect(),
+        params: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        limits: Limits {
+            memory_bytes: 1 << 20,
+            cpu: None,
+            wall: Some(Duration::from_secs(60)),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_ring_on_ring_8_moves_exactly_hops_items() {
+    let rt = runtime();
+    let t = topology(&generate("ring", "8").expect("ring"));
+    let q = controller();
+    let report = rt
+        .run(
+            &spec(&rt, &t, &[("token", TOKEN)], &[("hops", "1000")]),
+            &q,
+            &AllowAll,
+        )
+        .await
+        .expect("runs");
+    let moved: u64 = report.queues.iter().map(|s| s.items_in).sum();
+    assert_eq!(moved, 1000);
+    assert_eq!(report.vertices.len(), 8);
+    assert!(q.is_empty(), "queues destroyed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_vertex_ring_runs_on_two_threads() {
+    let rt = runtime();
+    let t = topology(&generate("ring", "1000").expect("ring"));
+    let q = controller();
+    let report = rt
+        .run(
+            &spec(&rt, &t, &[("token", TOKEN)], &[("hops", "3000")]),
+            &q,
+            &AllowAll,
+        )
+        .await
+        .expect("runs");
+    assert_eq!(report.queues.iter().map(|s| s.items_in).sum::<u64>(), 3000);
+    assert_eq!(report.vertices.len(), 1000);
+}
+
+const SINK_FOREVER: &str = r#"(module
+  (import "mvm" "recv" (func $recv (param i32 i32 i32 i32) (result i64)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "in")
+  (func (export "_start") (loop $l (drop (call $recv (i32.const 0) (i32.const 2) (i32.const 64) (i32.const 8))) (br $l))))"#;
+
+fn pair() -> Topology {
+    topology("digraph { a [component=a]; b [component=b]; a -> b; b:back -> a:in2 }")
+}
+
+async fn failure(a: &str, limits: Limits) -> JobError {
+    let rt = runtime();
+    let t = pair();
+    let q = controller();
+    let mut s = spec(&rt, &t, &[("a", a), ("b", SINK_FOREVER)], &[]);
+    s.limits = limits;
+    let e = rt.run(&s, &q, &AllowAll).await.expect_err("fails");
+    assert!(q.is_empty(), "queues destroyed after a failure");
+    e
+}
+
+fn limits() -> Limits {
+    Limits {
+        memory_bytes: 1 << 20,
+        cpu: None,
+        wall: Some(Duration::from_secs(20)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_names_the_vertex_and_cancels_the_others() {
+    let e = failure(
+        r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
+        limits(),
+    )
+    .await;
+    assert_eq!(e.vertex, "a");
+    assert!(
+        e.cause.contains("trapped") && e.cause.contains("unreachable"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cpu_limit_stops_an_endless_loop() {
+    let l = Limits {
+        cpu: Some(Duration::from_millis(50)),
+        ..limits()
+    };
+    let e = failure(
+        r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#,
+        l,
+    )
+    .await;
+    assert_eq!(e.vertex, "a");
+    assert!(e.cause.contains("CPU limit"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wall_limit_stops_a_vertex_that_waits_forever() {
+    let l = Limits {
+        wall: Some(Duration::from_millis(200)),
+        ..limits()
+    };
+    let waits = SINK_FOREVER
+        .replace("\"in\"", "\"in2\"")
+        .replace("i32.const 2) (i32.const 64)", "i32.const 3) (i32.const 64)");
+    let e = failure(&waits, l).await;
+    assert!(e.cause.contains("wall-time limit"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_import_is_refused_at_instantiation() {
+    let bad = r#"(module (import "mvm" "teleport" (func)) (memory (export "memory") 1) (func (export "_start")))"#;
+    let e = failure(bad, limits()).await;
+    assert!(
+        e.cause.contains("cannot instantiate") && e.cause.contains("teleport"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_limit_traps_growth() {
+    let grow = r#"(module (memory (export "memory") 1) (func (export "_start") (drop (memory.grow (i32.const 64)))))"#;
+    let e = failure(grow, limits()).await;
+    assert!(e.cause.to_lowercase().contains("memory"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonzero_exit_fails_the_job() {
+    let exit = r#"(module
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") 1)
+      (func (export "_start") (call $exit (i32.const 3))))"#;
+    let e = failure(exit, limits()).await;
+    assert!(e.cause.contains("exited with status 3"), "{e}");
+}
+
+struct DenyB;
+
+impl PolicyHook for DenyB {
+    fn check(&self, _job: &str, v: &Vertex) -> Result<(), String> {
+        if v.name == "b" {
+            Err("b may not run here".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_denial_instantiates_nothing() {
+    let rt = runtime();
+    let t = pair();
+    let q = controller();
+    let s = spec(&rt, &t, &[("a", SINK_FOREVER), ("b", SINK_FOREVER)], &[]);
+    let e = rt.run(&s, &q, &DenyB).await.expect_err("denied");
+    assert!(
+        e.denied && e.vertex == "b" && e.cause.contains("b may not run here"),
+        "{e}"
+    );
+    assert!(q.is_empty(), "no queue was created");
+}
+
+/// Sends its `msg` parameter on `out`; the sink prints what it receives on stdout.
+const SAY: &str = r#"(module
+  (import "mvm" "send" (func $send (param i32 i32 i32 i32) (result i32)))
+  (import "mvm" "param" (func $param (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "out")
+  (data (i32.const 8) "msg")
+  (func (export "_start") (local $n i32)
+    (local.set $n (call $param (i32.const 8) (i32.const 3) (i32.const 1024) (i32.const 60000)))
+    (drop (call $send (i32.const 0) (i32.const 3) (i32.const 1024) (local.get $n)))))"#;
+
+const PRINT: &str = r#"(module
+  (import "mvm" "recv" (func $recv (param i32 i32 i32 i32) (result i64)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "in")
+  (func (export "_start") (local $n i64)
+    ;; a too-small buffer first: the item is kept, its length returned
+    (local.set $n (call $recv (i32.const 0) (i32.const 2) (i32.const 1024) (i32.const 1)))
+    (local.set $n (call $recv (i32.const 0) (i32.const 2) (i32.const 1024) (i32.const 60000)))
+    (i32.store (i32.const 16) (i32.const 1024))
+    (i32.store (i32.const 20) (i32.wrap_i64 (local.get $n)))
+    (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 32)))))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codec_transforms_are_invisible_to_jobs_and_large_items_are_kept_for_a_bigger_buffer() {
+    let rt = runtime();
+    let msg = "hello, compressed world. ".repeat(48);
+    let t = topology(&format!(
+        r#"digraph {{ s [component=say, msg="{msg}"]; p [component=print]; s -> p [codec="zstd+raw"] }}"#
+    ));
+    let q = controller();
+    let report = rt
+        .run(
+            &spec(&rt, &t, &[("say", SAY), ("print", PRINT)], &[]),
+            &q,
+            &AllowAll,
+        )
+        .await
+        .expect("runs");
+    let out = &report
+        .vertices
+        .iter()
+        .find(|v| v.vertex == "p")
+        .expect("p")
+        .stdout;
+    assert_eq!(&out[..], msg.as_bytes(), "the job saw the plain bytes");
+    let carried = report.queues[0].bytes_in;
+    assert!(
+        carried < msg.len() as u64 / 4,
+        "the queue carried {carried} compressed bytes for {}",
+        msg.len()
+    );
+}
+
+#[test]
+fn the_cache_compiles_once_then_loads_from_memory_and_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = RuntimeConfig {
+        cache_dir: Some(dir.path().join("cache")),
+        max_instances: 4,
+        ..RuntimeConfig::default()
+    };
+    let rt = Runtime::new(&cfg).expect("runtime");
+    let (_, hash, s1) = rt.cache().load("token", TOKEN.as_bytes()).expect("valid");
+    let (_, _, s2) = rt.cache().load("token", TOKEN.as_bytes()).expect("valid");
+    assert_eq!((s1, s2), (Source::Compiled, Source::Memory));
+    assert_eq!(hash, cache::content_hash(TOKEN.as_bytes()));
+    let rt2 = Runtime::new(&cfg).expect("runtime");
+    let (_, _, s3) = rt2.cache().load("token", TOKEN.as_bytes()).expect("valid");
+    assert_eq!(s3, Source::Disk, "a new process skips compilation");
+    let e = rt
+        .cache()
+        .load("junk.wasm", b"\0asm\x01\0\0\0\xff")
+        .expect_err("invalid");
+    assert!(
+        e.to_string()
+            .starts_with("junk.wasm: not a valid WebAssembly module"),
+        "{e}"
+    );
+}
