@@ -52,6 +52,9 @@ pub(crate) enum Frame {
     Stop,
 }
 
+/// How much a reader asks the stream for at once.
+const READ_CHUNK: usize = 1 << 20;
+
 /// Reads frames from a byte stream. Cancel-safe: a `next` future dropped mid-frame loses
 /// nothing, because bytes are kept in the reader's buffer until a whole frame is there.
 pub(crate) struct FrameReader<R> {
@@ -107,6 +110,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return decode(body).map(Some);
                 }
                 self.buf.reserve(4 + len - self.buf.len());
+            }
+            // Read into large buffers: frames are split off as views of them, so a stream of
+            // 64 KiB items costs one allocation and a few reads per megabyte, not per item.
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
             }
             let n = self
                 .io
