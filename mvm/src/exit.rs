@@ -5,7 +5,6 @@ pub(crate) const JOB_FAILED: u8 = 1;
 /// Bad input or usage.
 pub(crate) const USAGE: u8 = 2;
 /// Refused by policy.
-#[allow(dead_code, reason = "used once policies are enforced")]
 pub(crate) const REFUSED: u8 = 3;
 
 /// An error with the exit status it ends the process with.

@@ -44,6 +44,8 @@ pub(crate) struct OutputArg {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole job on this node: check the profile, topology and modules, then run.
+    Run(cmd::run::Args),
     /// Check, generate and draw topology graph files (DOT).
     Topology(cmd::topology::Args),
     /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Run(args) => cmd::run::run(args),
         Command::Topology(args) => cmd::topology::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     };

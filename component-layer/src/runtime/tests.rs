@@ -9,35 +9,7 @@ use crate::topology::{Options, Topology, generate::generate};
 
 /// The token ring job: the vertex with parameter `start` sends token 0; every vertex receives a
 /// token, adds one, and forwards it until it reaches the `hops` parameter.
-const TOKEN: &str = r#"(module
-  (import "mvm" "send" (func $send (param i32 i32 i32 i32) (result i32)))
-  (import "mvm" "recv" (func $recv (param i32 i32 i32 i32) (result i64)))
-  (import "mvm" "param" (func $param (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 0) "out")
-  (data (i32.const 8) "in")
-  (data (i32.const 16) "start")
-  (data (i32.const 32) "hops")
-  (func $hops (result i64) (local $n i32) (local $i i32) (local $v i64)
-    (local.set $n (call $param (i32.const 32) (i32.const 4) (i32.const 64) (i32.const 32)))
-    (block $end (loop $digit
-      (br_if $end (i32.ge_s (local.get $i) (local.get $n)))
-      (local.set $v (i64.add (i64.mul (local.get $v) (i64.const 10))
-        (i64.extend_i32_u (i32.sub (i32.load8_u (i32.add (i32.const 64) (local.get $i))) (i32.const 48)))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $digit)))
-    (local.get $v))
-  (func (export "_start") (local $limit i64)
-    (local.set $limit (call $hops))
-    (if (i32.ge_s (call $param (i32.const 16) (i32.const 5) (i32.const 64) (i32.const 32)) (i32.const 0))
-      (then (i64.store (i32.const 128) (i64.const 0))
-            (drop (call $send (i32.const 0) (i32.const 3) (i32.const 128) (i32.const 8)))))
-    (block $done (loop $next
-      (br_if $done (i64.lt_s (call $recv (i32.const 8) (i32.const 2) (i32.const 128) (i32.const 8)) (i64.const 0)))
-      (i64.store (i32.const 128) (i64.add (i64.load (i32.const 128)) (i64.const 1)))
-      (br_if $done (i64.ge_u (i64.load (i32.const 128)) (local.get $limit)))
-      (drop (call $send (i32.const 0) (i32.const 3) (i32.const 128) (i32.const 8)))
-      (br $next)))))"#;
+const TOKEN: &str = include_str!("../../../jobs/wat/token.wat");
 
 fn runtime() -> Runtime {
     Runtime::new(&RuntimeConfig {

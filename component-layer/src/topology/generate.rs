@@ -7,6 +7,7 @@
 //! | star | N ≥ 1 leaves | `hub` (`hub`), `leaf0..` (`leaf`) | hub `out` (broadcast) → leaf `in`; leaf `out` → hub `in` |
 //! | mesh, torus | R×C or N (N×N) | `c_R_C` (`cell`, `row`, `col`) | `to_e`→`from_w`, `to_w`→`from_e`, `to_s`→`from_n`, `to_n`→`from_s` (torus wraps) |
 //! | hypercube | D in 1..=20 | `h0..` (`node`, `id`) | `out{k}` → `in{k}` along dimension k |
+//! | tree | N ≥ 1 | `t0..` (`reduce`, `value`), binary, heap order: `t{i}` is the parent of `t{2i+1}`, `t{2i+2}` | child `out` → parent `in` (fan-in) |
 //! | butterfly | N = 2^m | `src{i}` (`source`, `index`), `bf{s}_{j}` (`butterfly`, `stage`, `k`, `n`), `sink{i}` (`sink`, `index`) | a radix-2 FFT: butterfly inputs `a`, `b`, outputs `x`, `y` |
 //!
 //! The butterfly is decimation in time: source `src{i}` feeds position `bitrev(i)`; stage `s`
@@ -21,13 +22,14 @@ use std::fmt::Write as _;
 pub struct GenError(String);
 
 /// The shapes `generate` knows.
-pub const SHAPES: [&str; 7] = [
+pub const SHAPES: [&str; 8] = [
     "ring",
     "pipeline",
     "star",
     "mesh",
     "torus",
     "hypercube",
+    "tree",
     "butterfly",
 ];
 
@@ -50,6 +52,7 @@ pub fn generate(shape: &str, size: &str) -> Result<String, GenError> {
         "mesh" => grid(size, false),
         "torus" => grid(size, true),
         "hypercube" => hypercube(n()?),
+        "tree" => tree(n()?),
         "butterfly" => butterfly(n()?),
         _ => Err(GenError(format!(
             "unknown shape '{shape}' (known: {})",
@@ -179,6 +182,20 @@ fn hypercube(d: usize) -> Result<String, GenError> {
         for k in 0..d {
             let _ = writeln!(s, "  h{v}:out{k} -> h{}:in{k};", v ^ (1 << k));
         }
+    }
+    s.push_str("}\n");
+    Ok(s)
+}
+
+fn tree(n: usize) -> Result<String, GenError> {
+    check(
+        (1..=MAX_VERTICES).contains(&n),
+        "tree: SIZE must be from 1 to 10000000",
+    )?;
+    let mut s =
+        format!("digraph tree_{n} {{\n  node [component=\"reduce\", value=\"1\"];\n  t0;\n");
+    for i in 1..n {
+        let _ = writeln!(s, "  t{i}:out -> t{}:in;", (i - 1) / 2);
     }
     s.push_str("}\n");
     Ok(s)

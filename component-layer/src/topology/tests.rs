@@ -191,6 +191,7 @@ fn generated_shapes_are_valid_with_the_right_counts() {
     assert_eq!(count("mesh", "4x4"), (16, 2 * (4 * 3 + 3 * 4)));
     assert_eq!(count("torus", "4x4"), (16, 2 * 2 * 16));
     assert_eq!(count("hypercube", "3"), (8, 24));
+    assert_eq!(count("tree", "7"), (7, 6));
     assert_eq!(count("butterfly", "8"), (8 + 12 + 8, 2 * 12 + 8));
     assert!(generate("ring", "0").is_err());
     assert!(generate("butterfly", "12").is_err());

@@ -31,10 +31,10 @@ enum Which {
     },
     /// Write a topology of a common shape as DOT on standard output.
     Gen {
-        /// ring | pipeline | star | mesh | torus | hypercube | butterfly
+        /// ring | pipeline | star | mesh | torus | hypercube | tree | butterfly
         shape: String,
         /// Vertices (ring, pipeline), leaves (star), ROWSxCOLS or N (mesh, torus), dimension
-        /// (hypercube), points, a power of two (butterfly).
+        /// (hypercube), vertices (tree), points, a power of two (butterfly).
         size: String,
     },
     /// Draw a topology with Graphviz `dot`, ports shown at the ends of the edges.

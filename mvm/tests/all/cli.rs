@@ -19,6 +19,7 @@ fn help_is_printed_for_every_subcommand() {
         &["topology", "check", "--help"],
         &["topology", "gen", "--help"],
         &["topology", "render", "--help"],
+        &["run", "--help"],
     ] {
         let out = mvm(args);
         assert!(out.status.success(), "{args:?}");

@@ -1,4 +1,5 @@
-//! The `mvm` crate's integration tests, in one binary: the workspace layering and the CLI.
+//! The `mvm` crate's integration tests, in one binary: the workspace layering, the CLI, and `mvm run` on the examples.
 
 mod cli;
 mod layering;
+mod run;

@@ -1,0 +1,332 @@
+//! Job profiles: the TOML file a user submits, naming a topology, the module of each
+//! component, parameters, queue defaults, limits and requirements.
+//!
+//! ```toml
+//! name = "fft8"
+//! topology = "../topologies/fft8-butterfly.dot"   # paths are relative to this file
+//!
+//! [components]
+//! source = "../jobs/build/fft_source.wasm"
+//! butterfly = "../jobs/build/fft_butterfly.wasm"
+//! sink = "../jobs/wat/print_complex.wat"
+//!
+//! [parameters]                 # read by jobs with mvm.param; a vertex attribute overrides
+//! input = [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 2.5, 1.0]
+//!
+//! [queue]                      # defaults for channels that set nothing
+//! capacity = 64
+//!
+//! [limits]                     # per vertex
+//! memory = "16MiB"
+//! cpu = "10s"
+//! wall = "60s"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mvm_queue::queue::Config;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::Limits;
+
+/// A job profile as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// The job's name.
+    pub name: String,
+    /// Who submits it (checked by the broker's policy).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The owner's domain.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The topology file.
+    pub topology: PathBuf,
+    /// The module file of each component name.
+    pub components: BTreeMap<String, PathBuf>,
+    /// Parameters for the jobs (strings, numbers, booleans, or lists of them).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+    /// Queue defaults for channels that set nothing.
+    #[serde(default)]
+    pub queue: Config,
+    /// Per-vertex limits.
+    #[serde(default)]
+    pub limits: LimitSpec,
+    /// What a node must offer (read by the broker).
+    #[serde(default)]
+    pub requirements: Requirements,
+}
+
+/// Limits as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    /// Memory per vertex, e.g. `"16MiB"`.
+    pub memory: Option<String>,
+    /// CPU time per vertex, e.g. `"10s"`, `"500ms"`.
+    pub cpu: Option<String>,
+    /// Wall time per vertex.
+    pub wall: Option<String>,
+}
+
+/// What a node must offer (GridWay-style requirements and rank; read by the broker).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Requirements {
+    /// The execution-environment image id.
+    pub image: Option<String>,
+    /// vCPUs per node.
+    pub vcpus: Option<u32>,
+    /// Memory per node, e.g. `"1GiB"`.
+    pub memory: Option<String>,
+    /// CPU architecture, e.g. `"x86_64"`.
+    pub arch: Option<String>,
+    /// A rank expression over node properties; higher is better.
+    pub rank: Option<String>,
+}
+
+/// A profile that cannot be used: the file, the line when known, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ProfileError {
+    /// The profile file.
+    pub file: String,
+    /// The line (1 when the problem is with the file as a whole).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Parses a size such as `65536`, `"64KiB"`, `"16MiB"`, `"1GiB"`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim().parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Parses a duration such as `"10s"`, `"500ms"`, `"2m"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = ["ms", "s", "m", "h"]
+        .iter()
+        .find_map(|u| s.strip_suffix(u).map(|n| (n, *u)))?;
+    let v: f64 = num.trim().parse().ok()?;
+    if !v.is_finite() || v < 0.0 {
+        return None;
+    }
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => v * 3600.0,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// The line of byte `offset` in `src`.
+fn line_of(src: &str, offset: usize) -> usize {
+    1 + src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+}
+
+/// Finds the line where `key = ` is written, for errors found after parsing.
+fn line_of_key(src: &str, key: &str) -> usize {
+    src.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map_or(1, |i| i + 1)
+}
+
+impl Profile {
+    /// Reads a profile file.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not valid TOML, or has unknown or badly typed fields; the
+    /// error names the file and line.
+    pub fn load(path: &Path) -> Result<(Profile, String), ProfileError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ProfileError {
+            file: file.clone(),
+            line: 1,
+            message: format!("cannot read: {e}"),
+        })?;
+        let p: Profile = toml::from_str(&src).map_err(|e| ProfileError {
+            file: file.clone(),
+            line: e.span().map_or(1, |s| line_of(&src, s.start)),
+            message: e.message().to_owned(),
+        })?;
+        Ok((p, src))
+    }
+
+    /// A path of the profile, made relative to the profile's directory.
+    pub fn resolve(profile_path: &Path, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            profile_path
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(p)
+        }
+    }
+
+    /// The parameters as the strings jobs read (lists are comma-separated).
+    pub fn parameter_strings(&self) -> BTreeMap<String, String> {
+        fn text(v: &toml::Value) -> String {
+            match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
+                other => other.to_string(),
+            }
+        }
+        self.parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), text(v)))
+            .collect()
+    }
+
+    /// The limits, checked.
+    ///
+    /// # Errors
+    /// A limit that is not a size or duration, with its line in `src`.
+    pub fn limits(&self, file: &str, src: &str) -> Result<Limits, ProfileError> {
+        let bad = |key: &str, what: &str, v: &str| ProfileError {
+            file: file.to_owned(),
+            line: line_of_key(src, key),
+            message: format!("limits.{key} must be {what}, not '{v}'"),
+        };
+        let mut l = Limits::default();
+        if let Some(m) = &self.limits.memory {
+            let bytes = parse_size(m)
+                .filter(|b| *b >= 64 << 10)
+                .ok_or_else(|| bad("memory", "a size of at least 64KiB (e.g. \"16MiB\")", m))?;
+            l.memory_bytes =
+                usize::try_from(bytes).map_err(|_| bad("memory", "a smaller size", m))?;
+        }
+        if let Some(c) = &self.limits.cpu {
+            l.cpu = Some(
+                parse_duration(c)
+                    .ok_or_else(|| bad("cpu", "a duration (e.g. \"10s\", \"500ms\")", c))?,
+            );
+        }
+        if let Some(w) = &self.limits.wall {
+            l.wall =
+                Some(parse_duration(w).ok_or_else(|| bad("wall", "a duration (e.g. \"60s\")", w))?);
+        }
+        Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn reads_a_full_profile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(
+            dir.path(),
+            "job.toml",
+            r#"name = "fft8"
+topology = "t.dot"
+[components]
+source = "s.wasm"
+[parameters]
+input = [1.0, 2.5, -3]
+label = "x"
+n = 8
+[queue]
+capacity = 64
+kind = "priority"
+[limits]
+memory = "16MiB"
+cpu = "500ms"
+wall = "2m"
+[requirements]
+arch = "x86_64"
+rank = "free_memory"
+"#,
+        );
+        let (prof, src) = Profile::load(&p).expect("valid");
+        assert_eq!(prof.queue.capacity, 64);
+        let params = prof.parameter_strings();
+        assert_eq!(params["input"], "1.0,2.5,-3");
+        assert_eq!(params["n"], "8");
+        let l = prof.limits("job.toml", &src).expect("valid limits");
+        assert_eq!(l.memory_bytes, 16 << 20);
+        assert_eq!(l.cpu, Some(Duration::from_millis(500)));
+        assert_eq!(l.wall, Some(Duration::from_secs(120)));
+        assert_eq!(
+            Profile::resolve(&p, Path::new("t.dot")),
+            dir.path().join("t.dot")
+        );
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(
+            dir.path(),
+            "a.toml",
+            "name = \"x\"\ntopology = \"t.dot\"\n[components]\nsource = \"s\"\nsurprise = 3\n",
+        );
+        let p2 = write(
+            dir.path(),
+            "b.toml",
+            "name = \"x\"\ntopology = \"t.dot\"\ncolour = 1\n[components]\n",
+        );
+        let e = Profile::load(&p2).expect_err("unknown field");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(
+            e.to_string().starts_with(&format!("{}:3:", p2.display())),
+            "{e}"
+        );
+        assert!(e.message.contains("colour"), "{e}");
+        // `surprise = 3` under [components] is a component whose path is not a string.
+        assert!(Profile::load(&p).is_err());
+        let p3 = write(
+            dir.path(),
+            "c.toml",
+            "name = \"x\"\ntopology = \"t.dot\"\n[components]\n[limits]\ncpu = \"fast\"\n",
+        );
+        let (prof, src) = Profile::load(&p3).expect("parses");
+        let e = prof.limits("c.toml", &src).expect_err("bad duration");
+        assert_eq!(e.line, 5);
+        assert!(Profile::load(&dir.path().join("missing.toml")).is_err());
+        let p4 = write(dir.path(), "d.toml", "name = [\n");
+        assert!(Profile::load(&p4).is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("3"), Some(3));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("10"), None);
+    }
+}
