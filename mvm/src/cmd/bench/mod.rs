@@ -1,0 +1,274 @@
+//! `mvm bench`: benchmarks, each beside its reference measured in the same run.
+
+mod mpi;
+
+use clap::Subcommand;
+use mvm_component::bench as jobs;
+use mvm_component::runtime::{Runtime, RuntimeConfig};
+use serde::Serialize;
+
+use crate::exit::Failure;
+use crate::{Output, OutputArg};
+
+/// Arguments of `mvm bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    which: Which,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// One-way latency between two WebAssembly vertices on this node for 8 B, 1 KiB, 64 KiB and
+    /// 1 MiB, beside MPICH over shared memory (when installed).
+    Pingpong {
+        /// Scale the round trips per size (1 = 20000, 10000, 2000, 200).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Time per hop of a 16-vertex token ring on this node beside MPICH's 16-rank ring, and the
+    /// instantiation cost per vertex beside bare wasmtime.
+    Ring {
+        /// Vertices (and MPI ranks).
+        #[arg(long, default_value_t = 16)]
+        vertices: usize,
+        /// Hops of the WebAssembly ring.
+        #[arg(long, default_value_t = 200_000)]
+        hops: u64,
+        /// Laps of the MPI ring (16 busy-polling ranks on 2 cores take about 16 ms a hop).
+        #[arg(long, default_value_t = 10)]
+        mpi_laps: u32,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Queue throughput (FIFO, priority) beside a crossbeam channel, and a remote endpoint over
+    /// loopback TCP beside raw TCP.
+    Queue {
+        /// Items per 1-producer-1-consumer run.
+        #[arg(long, default_value_t = 2_000_000)]
+        items: u64,
+        /// Queue and channel capacity.
+        #[arg(long, default_value_t = 1024)]
+        capacity: usize,
+        /// MiB moved per TCP run.
+        #[arg(long, default_value_t = 512)]
+        tcp_mib: u64,
+        /// Runs of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Serialize)]
+struct PingPongRow {
+    size: usize,
+    mvm_one_way_us: f64,
+    mvm_mb_per_sec: f64,
+    mpich_one_way_us: Option<f64>,
+    /// mvm / mpich (goal for 8 B: at most 1.5).
+    ratio: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct PingPongReport {
+    sizes: Vec<PingPongRow>,
+    mpich: String,
+}
+
+#[derive(Serialize)]
+struct RingReport {
+    vertices: usize,
+    hops: u64,
+    /// Goal: under 5 µs per hop for 16 vertices.
+    mvm_per_hop_us: f64,
+    mpich_per_hop_us: Option<f64>,
+    mpich: String,
+    instantiation: jobs::Instantiation,
+}
+
+fn tokio() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Failure::failed)
+}
+
+fn wasm_runtime() -> Result<Runtime, Failure> {
+    Runtime::new(&RuntimeConfig {
+        max_instances: 1100,
+        ..RuntimeConfig::default()
+    })
+    .map_err(Failure::failed)
+}
+
+pub(crate) fn run(args: Args) -> Result<(), Failure> {
+    match args.which {
+        Which::Pingpong { scale, out } => {
+            if !(scale > 0.0 && scale <= 100.0) {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench pingpong: --scale must be in (0, 100]"
+                )));
+            }
+            let rt = wasm_runtime()?;
+            let tokio = tokio()?;
+            let (mpich, status) = match mpi::pingpong() {
+                Ok(v) => (v, "measured (shared memory)".to_owned()),
+                Err(e) => (Vec::new(), e),
+            };
+            let mut sizes = Vec::new();
+            for (size, iters) in [
+                (8usize, 20_000u64),
+                (1024, 10_000),
+                (65536, 2_000),
+                (1 << 20, 200),
+            ] {
+                let iters = ((iters as f64 * scale) as u64).max(10);
+                let p = tokio
+                    .block_on(jobs::pingpong(&rt, size, iters))
+                    .map_err(|e| Failure::failed(anyhow::anyhow!("bench pingpong: {e}")))?;
+                let m = mpich.iter().find(|(s, _)| *s == size).map(|(_, us)| *us);
+                sizes.push(PingPongRow {
+                    size,
+                    mvm_one_way_us: p.one_way_us,
+                    mvm_mb_per_sec: p.mb_per_sec,
+                    mpich_one_way_us: m,
+                    ratio: m.map(|m| p.one_way_us / m),
+                });
+            }
+            let report = PingPongReport {
+                sizes,
+                mpich: status,
+            };
+            print(&report, out.output, |r| {
+                let mut s = String::from(
+                    "one-way latency between two WebAssembly vertices (us)\n  size       mvm      mpich   mvm/mpich\n",
+                );
+                for row in &r.sizes {
+                    s.push_str(&format!(
+                        "  {:>7}  {:>8.3}  {:>9}  {:>9}\n",
+                        row.size,
+                        row.mvm_one_way_us,
+                        row.mpich_one_way_us
+                            .map_or("-".into(), |v| format!("{v:.3}")),
+                        row.ratio.map_or("-".into(), |v| format!("{v:.2}")),
+                    ));
+                }
+                s.push_str(&format!(
+                    "  MPICH: {} (goal for 8 B: mvm/mpich <= 1.5)",
+                    r.mpich
+                ));
+                s
+            })
+        }
+        Which::Ring {
+            vertices,
+            hops,
+            mpi_laps,
+            out,
+        } => {
+            if !(2..=1000).contains(&vertices) || hops < 10 * vertices as u64 {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench ring: --vertices must be 2..=1000 and --hops at least 10 per vertex"
+                )));
+            }
+            let rt = wasm_runtime()?;
+            let tokio = tokio()?;
+            let per_hop = tokio
+                .block_on(jobs::ring(&rt, vertices, hops))
+                .map_err(|e| Failure::failed(anyhow::anyhow!("bench ring: {e}")))?;
+            let inst = tokio
+                .block_on(jobs::instantiation(&rt, 1000))
+                .map_err(|e| Failure::failed(anyhow::anyhow!("bench ring: {e}")))?;
+            let n = u32::try_from(vertices).unwrap_or(16);
+            let (m, status) = match mpi::ring(n, mpi_laps) {
+                Ok(v) => (Some(v), "measured (shared memory)".to_owned()),
+                Err(e) => (None, e),
+            };
+            let report = RingReport {
+                vertices,
+                hops,
+                mvm_per_hop_us: per_hop,
+                mpich_per_hop_us: m,
+                mpich: status,
+                instantiation: inst,
+            };
+            print(&report, out.output, |r| {
+                format!(
+                    "{}-vertex token ring: mvm {:.3} us per hop, MPICH {} (goal: mvm < 5 us)\n\
+                     instantiation from cache, {} vertices: mvm {:.1} us per vertex, bare wasmtime {:.1} us (ratio {:.2}, goal <= 2)",
+                    r.vertices,
+                    r.mvm_per_hop_us,
+                    r.mpich_per_hop_us
+                        .map_or(r.mpich.clone(), |v| format!("{v:.1} us per hop")),
+                    r.instantiation.vertices,
+                    r.instantiation.mvm_us_per_vertex,
+                    r.instantiation.bare_us_per_vertex,
+                    r.instantiation.ratio,
+                )
+            })
+        }
+        Which::Queue {
+            items,
+            capacity,
+            tcp_mib,
+            runs,
+            out,
+        } => {
+            if items == 0 || capacity == 0 || tcp_mib == 0 {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench queue: --items, --capacity and --tcp-mib must be at least 1"
+                )));
+            }
+            let params = mvm_queue::bench::Params {
+                items,
+                capacity,
+                tcp_bytes: tcp_mib << 20,
+                tcp_item: 64 << 10,
+                runs,
+            };
+            let report = mvm_queue::bench::run(params)
+                .map_err(|e| Failure::failed(anyhow::anyhow!("bench queue: {e}")))?;
+            print(&report, out.output, |r| {
+                format!(
+                    "queue throughput, 1 producer 1 consumer, {} B items, capacity {}\n  \
+                     fifo       {:>14.0} items/s\n  priority   {:>14.0} items/s\n  \
+                     crossbeam  {:>14.0} items/s   (fifo/crossbeam = {:.2}, goal >= 0.5)\n\
+                     loopback TCP, {} KiB items\n  remote     {:>10.0} MB/s\n  raw tcp    {:>10.0} MB/s   \
+                     (remote/raw = {:.2} best, {:.2} median of back-to-back pairs; goal >= 0.7)",
+                    r.item_bytes,
+                    r.capacity,
+                    r.fifo_items_per_sec,
+                    r.priority_items_per_sec,
+                    r.crossbeam_items_per_sec,
+                    r.fifo_vs_crossbeam,
+                    r.tcp_item_bytes / 1024,
+                    r.remote_mb_per_sec,
+                    r.raw_tcp_mb_per_sec,
+                    r.remote_vs_raw_tcp,
+                    r.remote_vs_raw_tcp_median,
+                )
+            })
+        }
+    }
+}
+
+/// Prints a report as JSON or as text.
+pub(crate) fn print<T: serde::Serialize>(
+    value: &T,
+    output: Output,
+    text: impl Fn(&T) -> String,
+) -> Result<(), Failure> {
+    match output {
+        Output::Json => {
+            let s = serde_json::to_string_pretty(value).map_err(Failure::failed)?;
+            println!("{s}");
+        }
+        Output::Text => println!("{}", text(value)),
+    }
+    Ok(())
+}

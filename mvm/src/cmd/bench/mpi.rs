@@ -1,0 +1,74 @@
+//! MPICH reference runs, measured in the same invocation as MVM's figures: the two small MPI
+//! programs beside this file are compiled with `mpicc` into a temporary directory and run with
+//! `mpiexec`. Without MPICH the figures are absent, and the report says why.
+
+use std::path::Path;
+use std::process::Command;
+
+const PINGPONG_C: &str = include_str!("pingpong.c");
+const RING_C: &str = include_str!("ring.c");
+
+fn build(dir: &Path, name: &str, src: &str) -> Result<std::path::PathBuf, String> {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, src).map_err(|e| format!("cannot write {}: {e}", c.display()))?;
+    let exe = dir.join(name);
+    let out = Command::new("mpicc")
+        .args(["-O2", "-o"])
+        .arg(&exe)
+        .arg(&c)
+        .output()
+        .map_err(|e| format!("MPICH is not installed (mpicc: {e}); scripts/setup installs it"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mpicc failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(exe)
+}
+
+fn mpiexec(n: u32, exe: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("mpiexec")
+        .arg("-n")
+        .arg(n.to_string())
+        .arg(exe)
+        .args(args)
+        .output()
+        .map_err(|e| format!("mpiexec: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mpiexec failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// MPICH one-way latency in microseconds per size (8 B, 1 KiB, 64 KiB, 1 MiB), over shared memory.
+pub(crate) fn pingpong() -> Result<Vec<(usize, f64)>, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let exe = build(dir.path(), "pingpong", PINGPONG_C)?;
+    let text = mpiexec(2, &exe, &[])?;
+    text.lines()
+        .map(|l| {
+            let mut f = l.split_whitespace();
+            match (
+                f.next().and_then(|s| s.parse().ok()),
+                f.next().and_then(|s| s.parse().ok()),
+            ) {
+                (Some(size), Some(us)) => Ok((size, us)),
+                _ => Err(format!("unexpected MPI output: {l}")),
+            }
+        })
+        .collect()
+}
+
+/// MPICH token ring of `n` ranks: microseconds per hop.
+pub(crate) fn ring(n: u32, laps: u32) -> Result<f64, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let exe = build(dir.path(), "ring", RING_C)?;
+    let text = mpiexec(n, &exe, &[&laps.to_string()])?;
+    text.trim()
+        .parse()
+        .map_err(|_| format!("unexpected MPI output: {text}"))
+}
