@@ -17,7 +17,7 @@
 //! applied and removed by the node. WASI preview 1 gives stdout, stderr, args, environment and
 //! clocks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +26,7 @@ use mvm_queue::queue::{Receiver, RecvFailure, SendFailure, Sender};
 use parking_lot::Mutex;
 use wasmtime::{Caller, Extern, Linker, Memory, StoreLimits};
 use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 /// An input port: the queue it receives from, its codec, and an item kept back for a larger
 /// buffer.
@@ -43,15 +44,32 @@ pub(crate) struct OutPort {
 /// What a vertex's job can reach.
 pub(crate) struct VertexIo {
     pub(crate) vertex: String,
-    pub(crate) inputs: HashMap<String, InPort>,
-    pub(crate) outputs: HashMap<String, OutPort>,
+    pub(crate) inputs: Ports<InPort>,
+    pub(crate) outputs: Ports<OutPort>,
     pub(crate) params: BTreeMap<String, String>,
     pub(crate) port_list: String,
 }
 
+/// A vertex's ports of one direction, found by name without allocating: jobs have few ports,
+/// so a scan beats hashing, and the name is compared in place in the job's memory.
+pub(crate) struct Ports<T>(pub(crate) Vec<(Box<str>, T)>);
+
+impl<T> Ports<T> {
+    pub(crate) fn find(&self, name: &[u8]) -> Option<&T> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.as_bytes() == name)
+            .map(|(_, p)| p)
+    }
+}
+
 /// The store data of one vertex.
 pub(crate) struct VertexState {
-    pub(crate) wasi: WasiP1Ctx,
+    /// Built on the first WASI call: most vertices only use their ports, and a WASI context
+    /// (descriptor table, streams, random source, clocks) is the largest part of setting one up.
+    pub(crate) wasi: Option<WasiP1Ctx>,
+    /// Where the job's stdout goes.
+    pub(crate) stdout: MemoryOutputPipe,
     pub(crate) limits: StoreLimits,
     pub(crate) io: Arc<VertexIo>,
 }
@@ -90,6 +108,20 @@ fn read(
     let data = mem.data(&*caller);
     let r = range(ptr, len, data.len(), what)?;
     Ok(data[r].to_vec())
+}
+
+/// Looks a port up by the name at `ptr..ptr+len` of the job's memory.
+fn port<'a, T>(
+    caller: &mut Caller<'_, VertexState>,
+    ports: &'a Ports<T>,
+    ptr: i32,
+    len: i32,
+    what: &str,
+) -> wasmtime::Result<Option<&'a T>> {
+    let mem = memory(caller)?;
+    let data = mem.data(&*caller);
+    let r = range(ptr, len, data.len(), what)?;
+    Ok(ports.find(&data[r]))
 }
 
 fn read_str(
@@ -150,9 +182,8 @@ async fn receive(
     (pp, pl, buf, cap): (i32, i32, i32, i32),
     wait: bool,
 ) -> wasmtime::Result<i64> {
-    let name = read_str(&mut caller, pp, pl, "mvm.recv port")?;
     let io = caller.data().io.clone();
-    let Some(port) = io.inputs.get(&name) else {
+    let Some(port) = port(&mut caller, &io.inputs, pp, pl, "mvm.recv port")? else {
         return Ok(NO_PORT);
     };
     let kept = port.kept.lock().take();
@@ -163,6 +194,8 @@ async fn receive(
         }
         return Ok(n);
     }
+    // No spinning before parking: the waking sender's worker runs this task next (tokio's
+    // LIFO slot), so a hand-off between vertices stays on one thread; a spin would block it.
     let got = if wait {
         port.rx.recv_async().await
     } else {
@@ -181,18 +214,21 @@ async fn send(
     mut caller: Caller<'_, VertexState>,
     (pp, pl, dp, dl): (i32, i32, i32, i32),
 ) -> wasmtime::Result<i32> {
-    let name = read_str(&mut caller, pp, pl, "mvm.send port")?;
-    let data = read(&mut caller, dp, dl, "mvm.send data")?;
     let io = caller.data().io.clone();
-    let Some(port) = io.outputs.get(&name) else {
+    let Some(port) = port(&mut caller, &io.outputs, pp, pl, "mvm.send port")? else {
         return Ok(-1);
     };
-    let plain = Bytes::from(data);
+    let plain = {
+        let mem = memory(&mut caller)?;
+        let data = mem.data(&caller);
+        let r = range(dp, dl, data.len(), "mvm.send data")?;
+        Bytes::copy_from_slice(&data[r])
+    };
     for (tx, codec) in &port.channels {
         let item = if codec.has_transforms() {
             codec
                 .wrap(plain.to_vec())
-                .map_err(|e| wasmtime::format_err!("mvm.send on '{name}': {e}"))?
+                .map_err(|e| wasmtime::format_err!("mvm.send: {e}"))?
         } else {
             plain.clone()
         };
@@ -209,7 +245,16 @@ async fn send(
 
 /// Adds the `mvm` module and WASI preview 1 to a linker.
 pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Result<()> {
-    wasmtime_wasi::p1::add_to_linker_async(linker, |s: &mut VertexState| &mut s.wasi)?;
+    wasmtime_wasi::p1::add_to_linker_async(linker, |s: &mut VertexState| {
+        let (stdout, vertex) = (&s.stdout, &s.io.vertex);
+        s.wasi.get_or_insert_with(|| {
+            wasmtime_wasi::WasiCtxBuilder::new()
+                .stdout(stdout.clone())
+                .inherit_stderr()
+                .args(&[vertex.as_str()])
+                .build_p1()
+        })
+    })?;
     linker.func_wrap_async("mvm", "send", |caller, args: (i32, i32, i32, i32)| {
         Box::new(send(caller, args))
     })?;

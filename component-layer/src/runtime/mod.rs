@@ -338,9 +338,10 @@ fn wire(job: &JobSpec<'_>, queues: &Controller) -> Result<Vec<VertexIo>, JobErro
     let t = job.topology;
     let qname = |v: usize, port: &str| format!("{}:{port}", t.vertices[v].name);
     // One queue per input port; every channel into it shares it.
+    let index = t.port_index();
     let mut handles = HashMap::new();
     for (v, vertex) in t.vertices.iter().enumerate() {
-        for (port, chans) in t.inputs(v) {
+        for (port, chans) in &index[v].inputs {
             let h = queues
                 .create(&job.id, &qname(v, port), &chans[0].queue)
                 .map_err(|e| JobError {
@@ -348,35 +349,35 @@ fn wire(job: &JobSpec<'_>, queues: &Controller) -> Result<Vec<VertexIo>, JobErro
                     cause: e.to_string(),
                     denied: false,
                 })?;
-            handles.insert((v, port.to_owned()), h);
+            handles.insert((v, *port), h);
         }
     }
     let mut ios = Vec::with_capacity(t.vertices.len());
     for (v, vertex) in t.vertices.iter().enumerate() {
-        let mut inputs = HashMap::new();
-        let mut outputs = HashMap::new();
+        let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
         let mut port_list = String::new();
-        for port in t.inputs(v).keys() {
-            let h = &handles[&(v, (*port).to_owned())];
-            inputs.insert(
-                (*port).to_owned(),
+        for port in index[v].inputs.keys() {
+            let h = &handles[&(v, *port)];
+            inputs.push((
+                Box::<str>::from(*port),
                 InPort {
                     rx: h.queue.receiver(),
                     codec: h.codec.clone(),
                     kept: Mutex::new(None),
                 },
-            );
+            ));
             port_list.push_str(&format!("in {port}\n"));
         }
-        for (port, chans) in t.outputs(v) {
+        for (port, chans) in &index[v].outputs {
             let channels = chans
                 .iter()
                 .map(|c| {
-                    let h = &handles[&(c.to.vertex, c.to.port.clone())];
+                    let h = &handles[&(c.to.vertex, c.to.port.as_str())];
                     (h.queue.sender(), h.codec.clone())
                 })
                 .collect();
-            outputs.insert(port.to_owned(), OutPort { channels });
+            outputs.push((Box::<str>::from(*port), OutPort { channels }));
             port_list.push_str(&format!("out {port}\n"));
         }
         let mut params = job.params.clone();
@@ -390,8 +391,8 @@ fn wire(job: &JobSpec<'_>, queues: &Controller) -> Result<Vec<VertexIo>, JobErro
         params.insert("component".into(), vertex.component.clone());
         ios.push(VertexIo {
             vertex: vertex.name.clone(),
-            inputs,
-            outputs,
+            inputs: abi::Ports(inputs),
+            outputs: abi::Ports(outputs),
             params,
             port_list,
         });
@@ -407,11 +408,6 @@ async fn run_vertex(
     limits: Limits,
 ) -> Result<Bytes, String> {
     let stdout = MemoryOutputPipe::new(1 << 20);
-    let wasi = wasmtime_wasi::WasiCtxBuilder::new()
-        .stdout(stdout.clone())
-        .inherit_stderr()
-        .args(&[io.vertex.as_str()])
-        .build_p1();
     let store_limits = StoreLimitsBuilder::new()
         .memory_size(limits.memory_bytes)
         .instances(1)
@@ -420,7 +416,8 @@ async fn run_vertex(
     let mut store = Store::new(
         &inner.engine,
         VertexState {
-            wasi,
+            wasi: None,
+            stdout: stdout.clone(),
             limits: store_limits,
             io: Arc::new(io),
         },

@@ -103,6 +103,15 @@ pub struct Channel {
     pub line: u32,
 }
 
+/// One vertex's ports: the channels into each input port and out of each output port.
+#[derive(Debug, Clone, Default)]
+pub struct VertexPorts<'a> {
+    /// Input ports by name.
+    pub inputs: BTreeMap<&'a str, Vec<&'a Channel>>,
+    /// Output ports by name.
+    pub outputs: BTreeMap<&'a str, Vec<&'a Channel>>,
+}
+
 /// A validated topology.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Topology {
@@ -195,6 +204,27 @@ impl Topology {
             m.entry(c.from.port.as_str()).or_default().push(c);
         }
         m
+    }
+
+    /// Every vertex's input and output ports with their channels, built in one pass over the
+    /// channels (calling [`Topology::inputs`] per vertex would be quadratic).
+    pub fn port_index(&self) -> Vec<VertexPorts<'_>> {
+        let mut idx: Vec<VertexPorts<'_>> = (0..self.vertices.len())
+            .map(|_| VertexPorts::default())
+            .collect();
+        for c in &self.channels {
+            idx[c.to.vertex]
+                .inputs
+                .entry(c.to.port.as_str())
+                .or_default()
+                .push(c);
+            idx[c.from.vertex]
+                .outputs
+                .entry(c.from.port.as_str())
+                .or_default()
+                .push(c);
+        }
+        idx
     }
 
     /// The topology as a petgraph graph: node weights are vertex indices, edge weights channel

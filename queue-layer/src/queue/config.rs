@@ -79,7 +79,7 @@ impl fmt::Display for Overflow {
 }
 
 /// Default capacity in items.
-pub const DEFAULT_CAPACITY: usize = 1024;
+pub const DEFAULT_CAPACITY: usize = 64;
 /// Default capacity in bytes (64 MiB).
 pub const DEFAULT_CAPACITY_BYTES: u64 = 64 << 20;
 /// Default codec name.
