@@ -1,1 +1,11 @@
-//! MVM OS layer: guest drivers (Xen through `xl`, and the host), image repository, liveness and probes. Not built yet; it depends on no other layer.
+//! MVM OS layer: the execution environments jobs run in.
+//!
+//! - [`image`]: the repository of execution-environment images with stable ids, verified by
+//!   digest (OpenCCS).
+//! - [`probe`]: properties a node measures about itself at intervals and publishes.
+//!
+//! Guest drivers (Xen through `xl`, and the host) come next. This crate depends on no other
+//! layer.
+
+pub mod image;
+pub mod probe;
