@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_utils::Backoff;
+use crossbeam_utils::{Backoff, CachePadded};
 
 pub use config::{
     Config, ConfigError, DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CODEC, Kind, Overflow,
@@ -205,9 +205,9 @@ struct Shared<T> {
     /// back, so end-of-stream waits for them.
     leases: AtomicU64,
     /// Notified when an item arrives or the queue closes.
-    not_empty: Signal,
+    not_empty: CachePadded<Signal>,
     /// Notified when room is made, the queue closes, or the receivers go.
-    not_full: Signal,
+    not_full: CachePadded<Signal>,
     /// Notified only when the queue closes or its last receiver goes.
     lifecycle: Signal,
 }
@@ -259,8 +259,8 @@ impl<T: Item> Queue<T> {
             receivers: AtomicUsize::new(0),
             receivers_gone: AtomicBool::new(false),
             leases: AtomicU64::new(0),
-            not_empty: Signal::default(),
-            not_full: Signal::default(),
+            not_empty: CachePadded::new(Signal::default()),
+            not_full: CachePadded::new(Signal::default()),
             lifecycle: Signal::default(),
         };
         Ok(Queue {
