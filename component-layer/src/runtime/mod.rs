@@ -281,20 +281,27 @@ impl Runtime {
         };
         let start = Instant::now();
         let mut set = tokio::task::JoinSet::new();
+        let mut tasks = HashMap::new();
         for (i, io) in ios.into_iter().enumerate() {
             let inner = self.inner.clone();
             let module = job.modules[&t.vertices[i].component].clone();
             let limits = job.limits;
-            set.spawn(async move { (i, run_vertex(&inner, &module, io, limits).await) });
+            let handle =
+                set.spawn(async move { (i, run_vertex(&inner, &module, io, limits).await) });
+            tasks.insert(handle.id(), i);
         }
         let mut reports: Vec<Option<VertexReport>> = vec![None; t.vertices.len()];
         let mut failure = None;
-        while let Some(joined) = set.join_next().await {
+        while let Some(joined) = set.join_next_with_id().await {
             let (i, result) = match joined {
-                Ok(r) => r,
+                Ok((_, r)) => r,
                 Err(e) => {
+                    // A task that panicked or was aborted: name its vertex from the task id.
+                    let vertex = tasks
+                        .get(&e.id())
+                        .map_or_else(|| "?".to_owned(), |&i| t.vertices[i].name.clone());
                     failure.get_or_insert(JobError {
-                        vertex: "?".into(),
+                        vertex,
                         cause: format!("task failed: {e}"),
                         denied: false,
                     });
