@@ -30,6 +30,7 @@ use mvm_queue::codec::Registry;
 use mvm_queue::queue::{Config, Kind, Overflow};
 use serde::Serialize;
 
+use crate::profile::parse_size;
 use parse::{Attr, RawGraph};
 
 pub mod generate;
@@ -288,17 +289,6 @@ fn last<'a>(attrs: &'a [Attr], key: &str) -> Option<&'a Attr> {
     attrs.iter().rev().find(|a| a.0 == key)
 }
 
-/// Parses a size: an integer, optionally with a binary suffix (`KiB`, `MiB`, `GiB`).
-fn size(v: &str) -> Option<u64> {
-    let (num, mult) = match v {
-        _ if v.ends_with("GiB") => (&v[..v.len() - 3], 1u64 << 30),
-        _ if v.ends_with("MiB") => (&v[..v.len() - 3], 1 << 20),
-        _ if v.ends_with("KiB") => (&v[..v.len() - 3], 1 << 10),
-        _ => (v, 1),
-    };
-    num.trim().parse::<u64>().ok()?.checked_mul(mult)
-}
-
 /// The queue configuration of an edge, or what is wrong with it.
 fn queue_config(attrs: &[Attr], options: &Options<'_>) -> Result<Config, Diagnostic> {
     let mut c = options.queue_defaults.clone();
@@ -330,12 +320,12 @@ fn queue_config(attrs: &[Attr], options: &Options<'_>) -> Result<Config, Diagnos
                 })?;
             }
             "capacity_bytes" | "capacity-bytes" => {
-                c.capacity_bytes = size(v).filter(|n| *n > 0).ok_or_else(|| {
+                c.capacity_bytes = parse_size(v).filter(|n| *n > 0).ok_or_else(|| {
                     err(a, format!("capacity_bytes must be a size in bytes (e.g. 65536 or 64KiB), not '{v}'"))
                 })?;
             }
             "max_item_bytes" => {
-                c.max_item_bytes = Some(size(v).filter(|n| *n > 0).ok_or_else(|| {
+                c.max_item_bytes = Some(parse_size(v).filter(|n| *n > 0).ok_or_else(|| {
                     err(
                         a,
                         format!("max_item_bytes must be a size in bytes, not '{v}'"),
