@@ -1,5 +1,24 @@
-//! One module per subcommand.
+//! One module per subcommand, and the printing they share.
+
+use crate::Output;
+use crate::exit::Failure;
 
 pub(crate) mod bench;
 pub(crate) mod run;
 pub(crate) mod topology;
+
+/// Prints a report as JSON or as text.
+pub(crate) fn print<T: serde::Serialize>(
+    value: &T,
+    output: Output,
+    text: impl Fn(&T) -> String,
+) -> Result<(), Failure> {
+    match output {
+        Output::Json => {
+            let s = serde_json::to_string_pretty(value).map_err(Failure::failed)?;
+            println!("{s}");
+        }
+        Output::Text => println!("{}", text(value)),
+    }
+    Ok(())
+}

@@ -120,7 +120,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         queues: report.queues,
     };
     match args.out.output {
-        Output::Json => crate::cmd::bench::print(&out, Output::Json, |_| String::new())?,
+        Output::Json => crate::cmd::print(&out, Output::Json, |_| String::new())?,
         Output::Text => {
             for v in &out.vertices {
                 print!("{}", v.stdout);

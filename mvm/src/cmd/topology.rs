@@ -89,9 +89,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
             let failed = results.iter().filter(|r| !r.ok).count();
             match out.output {
-                Output::Json => {
-                    crate::cmd::bench::print(&results, Output::Json, |_| String::new())?
-                }
+                Output::Json => crate::cmd::print(&results, Output::Json, |_| String::new())?,
                 Output::Text => {
                     for r in &results {
                         if r.ok {

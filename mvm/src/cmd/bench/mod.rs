@@ -7,8 +7,9 @@ use mvm_component::bench as jobs;
 use mvm_component::runtime::{Runtime, RuntimeConfig};
 use serde::Serialize;
 
+use super::print;
+use crate::OutputArg;
 use crate::exit::Failure;
-use crate::{Output, OutputArg};
 
 /// Arguments of `mvm bench`.
 #[derive(Debug, clap::Args)]
@@ -255,20 +256,4 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             })
         }
     }
-}
-
-/// Prints a report as JSON or as text.
-pub(crate) fn print<T: serde::Serialize>(
-    value: &T,
-    output: Output,
-    text: impl Fn(&T) -> String,
-) -> Result<(), Failure> {
-    match output {
-        Output::Json => {
-            let s = serde_json::to_string_pretty(value).map_err(Failure::failed)?;
-            println!("{s}");
-        }
-        Output::Text => println!("{}", text(value)),
-    }
-    Ok(())
 }
