@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mvm_queue::Controller;
 use mvm_queue::queue::Stats;
+use mvm_queue::queue::{Receiver, Sender};
 use parking_lot::Mutex;
 use wasmtime::{
     Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
@@ -255,51 +256,176 @@ impl Runtime {
         queues: &Controller,
         policy: &dyn PolicyHook,
     ) -> Result<JobReport, JobError> {
+        let here = vec![0; job.topology.vertices.len()];
+        let prepared = self.prepare(job, queues, policy, &here, 0)?;
+        let result = prepared.run().await;
+        let stats = queues.destroy_job(&job.id);
+        result.map(|report| JobReport {
+            queues: stats,
+            ..report
+        })
+    }
+
+    /// Prepares this node's part of a job placed over several nodes: `placement[v]` is the part
+    /// (node) that runs vertex `v`, and `here` is this node's part.
+    ///
+    /// Checks policy and modules for the local vertices, creates the queue of every local input
+    /// port, and an outbox queue for every remote input port that a local vertex sends to. The
+    /// caller connects the returned [`Prepared::remote_inputs`] and
+    /// [`Prepared::remote_outputs`] to the other parts, then calls [`Prepared::run`]. On error,
+    /// nothing is left in `queues`.
+    ///
+    /// # Errors
+    /// A missing module, a refusal by `policy`, or a queue the controller refuses.
+    pub fn prepare(
+        &self,
+        job: &JobSpec<'_>,
+        queues: &Controller,
+        policy: &dyn PolicyHook,
+        placement: &[usize],
+        here: usize,
+    ) -> Result<Prepared, JobError> {
         let t = job.topology;
-        for v in &t.vertices {
-            if !job.modules.contains_key(&v.component) {
+        if placement.len() != t.vertices.len() {
+            return Err(JobError {
+                vertex: String::new(),
+                cause: format!(
+                    "the placement names {} vertices, the topology has {}",
+                    placement.len(),
+                    t.vertices.len()
+                ),
+                denied: false,
+            });
+        }
+        let local = |v: usize| placement[v] == here;
+        for (v, vertex) in t.vertices.iter().enumerate().filter(|(v, _)| local(*v)) {
+            if !job.modules.contains_key(&vertex.component) {
                 return Err(JobError {
-                    vertex: v.name.clone(),
-                    cause: format!("no module for component '{}'", v.component),
+                    vertex: t.vertices[v].name.clone(),
+                    cause: format!("no module for component '{}'", vertex.component),
                     denied: false,
                 });
             }
         }
-        for v in &t.vertices {
-            policy.check(&job.id, v).map_err(|reason| JobError {
-                vertex: v.name.clone(),
+        for vertex in t.vertices.iter().enumerate().filter(|(v, _)| local(*v)) {
+            policy.check(&job.id, vertex.1).map_err(|reason| JobError {
+                vertex: vertex.1.name.clone(),
                 cause: format!("refused by policy: {reason}"),
                 denied: true,
             })?;
         }
-        let ios = match wire(job, queues) {
-            Ok(ios) => ios,
+        match wire(job, queues, placement, here) {
+            Ok((ios, remote_inputs, remote_outputs)) => {
+                let vertices = ios
+                    .into_iter()
+                    .map(|(v, io)| {
+                        let module = job.modules[&t.vertices[v].component].clone();
+                        (v, io, module)
+                    })
+                    .collect();
+                Ok(Prepared {
+                    inner: self.inner.clone(),
+                    names: t.vertices.iter().map(|v| v.name.clone()).collect(),
+                    vertices,
+                    limits: job.limits,
+                    remote_inputs,
+                    remote_outputs,
+                })
+            }
             Err(e) => {
                 queues.destroy_job(&job.id);
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+}
+
+/// Items that arrive from another part of the job into a local input port.
+#[derive(Debug)]
+pub struct RemoteInput {
+    /// The local vertex.
+    pub vertex: String,
+    /// Its input port.
+    pub port: String,
+    /// The part the items come from.
+    pub from: usize,
+    /// Feeds the port's queue; the queue ends once this and every other sender is dropped.
+    pub sender: Sender<Bytes>,
+}
+
+/// Items that local vertices send to an input port in another part of the job.
+#[derive(Debug)]
+pub struct RemoteOutput {
+    /// The remote vertex.
+    pub vertex: String,
+    /// Its input port.
+    pub port: String,
+    /// The part that runs it.
+    pub to: usize,
+    /// Takes from the outbox queue (already encoded by the port's codec); it ends when every
+    /// local sender has finished.
+    pub receiver: Receiver<Bytes>,
+}
+
+/// A node's part of a job, wired and ready to run.
+pub struct Prepared {
+    inner: Arc<Inner>,
+    names: Vec<String>,
+    vertices: Vec<(usize, VertexIo, Module)>,
+    limits: Limits,
+    /// Ports fed from other parts, one per (local port, source part).
+    pub remote_inputs: Vec<RemoteInput>,
+    /// Outboxes to other parts, one per (remote port, destination part).
+    pub remote_outputs: Vec<RemoteOutput>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("vertices", &self.vertices.len())
+            .field("remote_inputs", &self.remote_inputs)
+            .field("remote_outputs", &self.remote_outputs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prepared {
+    /// The local vertices, in topology order.
+    pub fn vertices(&self) -> impl Iterator<Item = &str> {
+        self.vertices
+            .iter()
+            .map(|(v, _, _)| self.names[*v].as_str())
+    }
+
+    /// Instantiates and runs the local vertices to their end. Take the remote endpoints out
+    /// first: this does not wait for them. The queues are left in the controller (the caller
+    /// destroys them once the remote endpoints are done); [`JobReport::queues`] is empty.
+    ///
+    /// # Errors
+    /// The first vertex that failed; the other local vertices are cancelled.
+    pub async fn run(self) -> Result<JobReport, JobError> {
         let start = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         let mut tasks = HashMap::new();
-        for (i, io) in ios.into_iter().enumerate() {
+        let count = self.vertices.len();
+        for (slot, (v, io, module)) in self.vertices.into_iter().enumerate() {
             let inner = self.inner.clone();
-            let module = job.modules[&t.vertices[i].component].clone();
-            let limits = job.limits;
+            let limits = self.limits;
             let handle =
-                set.spawn(async move { (i, run_vertex(&inner, &module, io, limits).await) });
-            tasks.insert(handle.id(), i);
+                set.spawn(async move { (slot, v, run_vertex(&inner, &module, io, limits).await) });
+            tasks.insert(handle.id(), v);
         }
-        let mut reports: Vec<Option<VertexReport>> = vec![None; t.vertices.len()];
+        let names = &self.names;
+        let mut reports: Vec<Option<VertexReport>> = vec![None; count];
         let mut failure = None;
         while let Some(joined) = set.join_next_with_id().await {
-            let (i, result) = match joined {
+            let (slot, v, result) = match joined {
                 Ok((_, r)) => r,
                 Err(e) => {
                     // A task that panicked or was aborted: name its vertex from the task id.
                     let vertex = tasks
                         .get(&e.id())
-                        .map_or_else(|| "?".to_owned(), |&i| t.vertices[i].name.clone());
+                        .map_or_else(|| "?".to_owned(), |&v| names[v].clone());
                     failure.get_or_insert(JobError {
                         vertex,
                         cause: format!("task failed: {e}"),
@@ -311,15 +437,15 @@ impl Runtime {
             };
             match result {
                 Ok(stdout) => {
-                    reports[i] = Some(VertexReport {
-                        vertex: t.vertices[i].name.clone(),
+                    reports[slot] = Some(VertexReport {
+                        vertex: names[v].clone(),
                         stdout,
-                    })
+                    });
                 }
                 Err(cause) => {
                     if failure.is_none() {
                         failure = Some(JobError {
-                            vertex: t.vertices[i].name.clone(),
+                            vertex: names[v].clone(),
                             cause,
                             denied: false,
                         });
@@ -328,39 +454,77 @@ impl Runtime {
                 }
             }
         }
-        let stats = queues.destroy_job(&job.id);
         if let Some(f) = failure {
             return Err(f);
         }
         Ok(JobReport {
             vertices: reports.into_iter().flatten().collect(),
-            queues: stats,
+            queues: Vec::new(),
             wall: start.elapsed(),
         })
     }
 }
 
-/// Creates the job's queues and every vertex's ports.
-fn wire(job: &JobSpec<'_>, queues: &Controller) -> Result<Vec<VertexIo>, JobError> {
+/// The local vertices' ports, and the endpoints to other parts.
+type Wired = (Vec<(usize, VertexIo)>, Vec<RemoteInput>, Vec<RemoteOutput>);
+
+/// Creates the queues of this part and every local vertex's ports.
+fn wire(
+    job: &JobSpec<'_>,
+    queues: &Controller,
+    placement: &[usize],
+    here: usize,
+) -> Result<Wired, JobError> {
     let t = job.topology;
+    let local = |v: usize| placement[v] == here;
     let qname = |v: usize, port: &str| format!("{}:{port}", t.vertices[v].name);
-    // One queue per input port; every channel into it shares it.
+    let fail = |v: usize, e: mvm_queue::controller::ControllerError| JobError {
+        vertex: t.vertices[v].name.clone(),
+        cause: e.to_string(),
+        denied: false,
+    };
+    // One queue per local input port, every channel into it shares it; one outbox per remote
+    // input port that a local vertex sends to.
     let index = t.port_index();
     let mut handles = HashMap::new();
-    for (v, vertex) in t.vertices.iter().enumerate() {
-        for (port, chans) in &index[v].inputs {
-            let h = queues
-                .create(&job.id, &qname(v, port), &chans[0].queue)
-                .map_err(|e| JobError {
-                    vertex: vertex.name.clone(),
-                    cause: e.to_string(),
-                    denied: false,
-                })?;
-            handles.insert((v, *port), h);
+    let mut remote_inputs = Vec::new();
+    let mut remote_outputs = Vec::new();
+    for (v, ports) in index.iter().enumerate() {
+        for (port, chans) in &ports.inputs {
+            if local(v) {
+                let h = queues
+                    .create(&job.id, &qname(v, port), &chans[0].queue)
+                    .map_err(|e| fail(v, e))?;
+                let mut from: Vec<usize> = chans
+                    .iter()
+                    .map(|c| placement[c.from.vertex])
+                    .filter(|&p| p != here)
+                    .collect();
+                from.sort_unstable();
+                from.dedup();
+                remote_inputs.extend(from.into_iter().map(|from| RemoteInput {
+                    vertex: t.vertices[v].name.clone(),
+                    port: (*port).to_owned(),
+                    from,
+                    sender: h.queue.sender(),
+                }));
+                handles.insert((v, *port), h);
+            } else if chans.iter().any(|c| local(c.from.vertex)) {
+                let h = queues
+                    .create(&job.id, &format!("{}>out", qname(v, port)), &chans[0].queue)
+                    .map_err(|e| fail(v, e))?;
+                remote_outputs.push(RemoteOutput {
+                    vertex: t.vertices[v].name.clone(),
+                    port: (*port).to_owned(),
+                    to: placement[v],
+                    receiver: h.queue.receiver(),
+                });
+                handles.insert((v, *port), h);
+            }
         }
     }
-    let mut ios = Vec::with_capacity(t.vertices.len());
-    for (v, vertex) in t.vertices.iter().enumerate() {
+    let mut ios = Vec::new();
+    for (v, vertex) in t.vertices.iter().enumerate().filter(|(v, _)| local(*v)) {
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
         let mut port_list = String::new();
@@ -396,15 +560,18 @@ fn wire(job: &JobSpec<'_>, queues: &Controller) -> Result<Vec<VertexIo>, JobErro
         );
         params.insert("vertex".into(), vertex.name.clone());
         params.insert("component".into(), vertex.component.clone());
-        ios.push(VertexIo {
-            vertex: vertex.name.clone(),
-            inputs: abi::Ports(inputs),
-            outputs: abi::Ports(outputs),
-            params,
-            port_list,
-        });
+        ios.push((
+            v,
+            VertexIo {
+                vertex: vertex.name.clone(),
+                inputs: abi::Ports(inputs),
+                outputs: abi::Ports(outputs),
+                params,
+                port_list,
+            },
+        ));
     }
-    Ok(ios)
+    Ok((ios, remote_inputs, remote_outputs))
 }
 
 /// Runs one vertex to its end; its stdout, or why it failed.

@@ -307,3 +307,77 @@ fn the_cache_compiles_once_then_loads_from_memory_and_disk() {
         "{e}"
     );
 }
+
+/// A ring split over three parts with their own controllers, joined by the queue layer's remote
+/// endpoints over in-memory byte streams: the token makes every hop, across every cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_split_over_three_parts_runs_through_remote_endpoints() {
+    use mvm_queue::remote::{Options as RemoteOptions, export_stream, import_stream};
+    let rt = runtime();
+    let t = topology(&generate("ring", "9").expect("ring"));
+    let s = spec(&rt, &t, &[("token", TOKEN)], &[("hops", "300")]);
+    let placement: Vec<usize> = (0..9).map(|v| v / 3).collect();
+    let controllers: Vec<Controller> = (0..3).map(|_| controller()).collect();
+    let mut parts: Vec<Prepared> = (0..3)
+        .map(|p| {
+            rt.prepare(&s, &controllers[p], &AllowAll, &placement, p)
+                .expect("prepared")
+        })
+        .collect();
+    // Every part sends to exactly one other part and hears from exactly one.
+    for (p, part) in parts.iter().enumerate() {
+        assert_eq!(part.vertices().count(), 3);
+        assert_eq!(part.remote_outputs.len(), 1, "part {p}");
+        assert_eq!(part.remote_inputs.len(), 1, "part {p}");
+        assert_eq!(part.remote_outputs[0].to, (p + 1) % 3);
+    }
+    let mut links = tokio::task::JoinSet::new();
+    let outputs: Vec<Vec<RemoteOutput>> = parts
+        .iter_mut()
+        .map(|p| std::mem::take(&mut p.remote_outputs))
+        .collect();
+    let mut inputs: Vec<Vec<RemoteInput>> = parts
+        .iter_mut()
+        .map(|p| std::mem::take(&mut p.remote_inputs))
+        .collect();
+    for (p, outs) in outputs.into_iter().enumerate() {
+        for out in outs {
+            let slot = inputs[out.to]
+                .iter()
+                .position(|i| i.from == p && i.vertex == out.vertex && i.port == out.port)
+                .expect("a matching input");
+            let input = inputs[out.to].swap_remove(slot);
+            let (a, b) = tokio::io::duplex(1 << 16);
+            links.spawn(async move {
+                let o = RemoteOptions::default();
+                let (e, i) = tokio::join!(
+                    export_stream(&out.receiver, a, &o),
+                    import_stream(input.sender, b, &o)
+                );
+                (e.expect("export").items, i.expect("import").items)
+            });
+        }
+    }
+    let runs: Vec<_> = parts.into_iter().map(|p| tokio::spawn(p.run())).collect();
+    let mut vertices = 0;
+    for r in runs {
+        let report = r.await.expect("joined").expect("part runs");
+        vertices += report.vertices.len();
+    }
+    let mut crossed = 0;
+    while let Some(r) = links.join_next().await {
+        let (sent, received) = r.expect("link");
+        assert_eq!(sent, received);
+        crossed += sent;
+    }
+    assert_eq!(vertices, 9);
+    // 300 hops on a 9-ring cut into thirds: every third hop crosses a cut.
+    assert_eq!(crossed, 100);
+    let moved: u64 = controllers
+        .iter()
+        .flat_map(|c| c.destroy_job("job"))
+        .filter(|s| !s.name.ends_with(">out"))
+        .map(|s| s.items_in)
+        .sum();
+    assert_eq!(moved, 300);
+}
