@@ -87,6 +87,8 @@ pub struct Requirements {
     pub arch: Option<String>,
     /// A rank expression over node properties; higher is better.
     pub rank: Option<String>,
+    /// The most nodes to spread the vertices over (default: every node that qualifies).
+    pub nodes: Option<u32>,
 }
 
 /// A profile that cannot be used: the file, the line when known, and why.

@@ -82,31 +82,44 @@ impl ModuleCache {
             .map(|d| d.join(format!("{hash}-{engine:016x}.cwasm")))
     }
 
+    /// The compiled module of content hash `hash`, if this cache has it (in memory or on disk),
+    /// so a node can skip fetching bytes it has already compiled.
+    pub fn get(&self, hash: &str) -> Option<Module> {
+        self.lookup(hash).map(|(m, _)| m)
+    }
+
+    fn lookup(&self, hash: &str) -> Option<(Module, Source)> {
+        if let Some(m) = self.memory.lock().get(hash) {
+            return Some((m.clone(), Source::Memory));
+        }
+        let path = self.artifact(hash)?;
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the artifact was written by `Module::serialize` of an engine with the same
+        // compatibility hash (it is in the file name), into a directory this node owns. A
+        // tampered artifact could run arbitrary code, so the cache directory must not be
+        // writable by others (it is created 0700).
+        match unsafe { Module::deserialize_file(&self.engine, &path) } {
+            Ok(m) => {
+                self.memory.lock().insert(hash.to_owned(), m.clone());
+                Some((m, Source::Disk))
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring a bad cached artifact");
+                None
+            }
+        }
+    }
+
     /// The module for `bytes` (WebAssembly binary or text), named `name` in errors.
     ///
     /// # Errors
     /// The bytes are not a valid module.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<(Module, String, Source), CacheError> {
         let hash = content_hash(bytes);
-        if let Some(m) = self.memory.lock().get(&hash) {
-            return Ok((m.clone(), hash, Source::Memory));
-        }
-        if let Some(path) = self.artifact(&hash)
-            && path.exists()
-        {
-            // SAFETY: the artifact was written by `Module::serialize` of an engine with the same
-            // compatibility hash (it is in the file name), into a directory this node owns. A
-            // tampered artifact could run arbitrary code, so the cache directory must not be
-            // writable by others (it is created 0700).
-            match unsafe { Module::deserialize_file(&self.engine, &path) } {
-                Ok(m) => {
-                    self.memory.lock().insert(hash.clone(), m.clone());
-                    return Ok((m, hash, Source::Disk));
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring a bad cached artifact")
-                }
-            }
+        if let Some((m, source)) = self.lookup(&hash) {
+            return Ok((m, hash, source));
         }
         let module = Module::new(&self.engine, bytes).map_err(|e| CacheError::Invalid {
             name: name.to_owned(),

@@ -1,0 +1,170 @@
+use super::*;
+
+fn node(name: &str, slots: u32) -> Candidate {
+    Candidate {
+        name: name.into(),
+        cpus: 2,
+        memory_bytes: 8 << 30,
+        free_memory_bytes: 4 << 30,
+        load: 0.5,
+        arch: "x86_64".into(),
+        images: vec!["debian:12@sha256:00".into()],
+        slots,
+        free_slots: slots,
+    }
+}
+
+fn ring(n: usize) -> Graph {
+    Graph {
+        vertices: n,
+        edges: (0..n).map(|i| (i, (i + 1) % n, 1)).collect(),
+    }
+}
+
+#[test]
+fn filter_names_why_each_node_is_left_out() {
+    let mut small = node("small", 8);
+    small.cpus = 1;
+    let mut arm = node("arm", 8);
+    arm.arch = "aarch64".into();
+    let mut full = node("full", 8);
+    full.free_slots = 0;
+    let nodes = [node("ok", 8), small, arm, full];
+    let req = Requirements {
+        vcpus: Some(2),
+        arch: Some("x86_64".into()),
+        image: Some("debian:12@sha256:00".into()),
+        ..Requirements::default()
+    };
+    let (ok, why) = filter(&nodes, &req);
+    assert_eq!(ok, vec![0]);
+    assert_eq!(why.len(), 3);
+    assert!(
+        why[0].contains("small") && why[0].contains("1 CPUs"),
+        "{why:?}"
+    );
+    assert!(why[1].contains("aarch64"), "{why:?}");
+    assert!(why[2].contains("no free vertex slot"), "{why:?}");
+    let (ok, why) = filter(
+        &nodes[..1],
+        &Requirements {
+            image: Some("other:1".into()),
+            ..Requirements::default()
+        },
+    );
+    assert!(ok.is_empty());
+    assert!(why[0].contains("image 'other:1'"), "{why:?}");
+}
+
+#[test]
+fn rank_expressions_parse_evaluate_and_order() {
+    let mut a = node("a", 4);
+    a.load = 1.5;
+    let mut b = node("b", 16);
+    b.load = 0.1;
+    let r = Rank::parse("free_slots * 2 - load").expect("parses");
+    assert!((r.eval(&a) - 6.5).abs() < 1e-9);
+    assert_eq!(r.order(&[a.clone(), b.clone()], vec![0, 1]), vec![1, 0]);
+    let r = Rank::parse("-(cpus + 1) * (load < 1)").expect("parses");
+    assert!((r.eval(&b) + 3.0).abs() < 1e-9);
+    assert_eq!(r.eval(&a), 0.0);
+    assert_eq!(Rank::parse("memory / 0").expect("parses").eval(&a), 0.0);
+    let e = Rank::parse("cpus + bogus").expect_err("unknown");
+    assert!(e.contains("column 8") && e.contains("bogus"), "{e}");
+    let e = Rank::parse("(cpus").expect_err("unclosed");
+    assert!(e.contains("')'"), "{e}");
+    let e = Rank::parse("cpus cpus").expect_err("trailing");
+    assert!(e.contains("unexpected text"), "{e}");
+    let e = Rank::parse("").expect_err("empty");
+    assert!(e.contains("end"), "{e}");
+}
+
+#[test]
+fn a_ring_is_cut_into_arcs_of_even_size() {
+    let g = ring(12);
+    let p = place(&g, &[100, 100, 100], usize::MAX).expect("placed");
+    let mut sizes = [0; 3];
+    for &x in &p {
+        sizes[x] += 1;
+    }
+    assert_eq!(sizes, [4, 4, 4]);
+    // Three contiguous arcs cut exactly three edges: the minimum for three parts.
+    assert_eq!(cut(&g, &p), 3);
+}
+
+#[test]
+fn capacity_bounds_every_part_and_too_little_is_an_error() {
+    let g = ring(10);
+    let p = place(&g, &[2, 100], usize::MAX).expect("placed");
+    assert_eq!(p.iter().filter(|&&x| x == 0).count(), 2);
+    assert_eq!(cut(&g, &p), 2);
+    let e = place(&g, &[3, 3], usize::MAX).expect_err("too small");
+    assert!(
+        e.contains("10 vertices") && e.contains("6 free slots"),
+        "{e}"
+    );
+    // max_parts keeps the job on the best nodes.
+    let p = place(&g, &[100, 100, 100], 1).expect("placed");
+    assert!(p.iter().all(|&x| x == 0));
+    let e = place(&g, &[5, 100], 1).expect_err("best node too small");
+    assert!(e.contains("best nodes"), "{e}");
+}
+
+#[test]
+fn heavy_edges_stay_on_one_node() {
+    // Four pairs joined by heavy edges, chained by light ones: two nodes get two pairs each
+    // and only light edges are cut.
+    let mut g = Graph {
+        vertices: 8,
+        edges: Vec::new(),
+    };
+    for pair in [(0, 5), (1, 4), (2, 7), (3, 6)] {
+        g.edges.push((pair.0, pair.1, 100));
+    }
+    for v in 0..7 {
+        g.edges.push((v, v + 1, 1));
+    }
+    let p = place(&g, &[4, 4], usize::MAX).expect("placed");
+    for (a, b, w) in &g.edges {
+        if *w == 100 {
+            assert_eq!(p[*a], p[*b], "heavy edge {a}-{b} cut: {p:?}");
+        }
+    }
+    assert!(cut(&g, &p) < 100);
+}
+
+#[test]
+fn an_fft_butterfly_over_three_nodes_uses_all_three() {
+    // sources 0..8, three stages of 4 butterflies, sinks: the demo's shape.
+    let src = mvm_component::topology::generate::generate("butterfly", "8").expect("gen");
+    let reg = mvm_queue::codec::Registry::new();
+    let t = mvm_component::topology::Topology::parse(
+        &src,
+        &mvm_component::topology::Options {
+            codecs: &reg,
+            queue_defaults: mvm_queue::queue::Config::default(),
+        },
+    )
+    .expect("valid");
+    let g = Graph {
+        vertices: t.vertices.len(),
+        edges: t
+            .channels
+            .iter()
+            .map(|c| (c.from.vertex, c.to.vertex, 1))
+            .collect(),
+    };
+    let p = place(&g, &[64, 64, 64], usize::MAX).expect("placed");
+    for part in 0..3 {
+        let n = p.iter().filter(|&&x| x == part).count();
+        assert!((8..=11).contains(&n), "part {part} has {n}: {p:?}");
+    }
+    // Better than a round-robin deal of the vertices.
+    let dealt: Vec<usize> = (0..g.vertices).map(|v| v % 3).collect();
+    assert!(
+        cut(&g, &p) < cut(&g, &dealt),
+        "{} vs {}",
+        cut(&g, &p),
+        cut(&g, &dealt)
+    );
+}
