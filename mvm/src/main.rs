@@ -44,6 +44,18 @@ pub(crate) struct OutputArg {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A local lab on loopback: `up`, `down`, `status`, and `demo` (the main job, verified).
+    Lab(cmd::lab::Args),
+    /// Run a node daemon: register with a super-peer and run the parts of jobs it is given.
+    Node(cmd::daemon::NodeArgs),
+    /// Run a super-peer: its group's broker (takes jobs, places them, collects results).
+    Superpeer(cmd::daemon::SuperpeerArgs),
+    /// Submit a job profile to a super-peer (`--wait` to follow it and print the results).
+    Submit(cmd::job::SubmitArgs),
+    /// Show jobs on a super-peer.
+    Status(cmd::job::StatusArgs),
+    /// Cancel a job.
+    Cancel(cmd::job::CancelArgs),
     /// Run a whole job on this node: check the profile, topology and modules, then run.
     Run(cmd::run::Args),
     /// Check, generate and draw topology graph files (DOT).
@@ -72,6 +84,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Lab(args) => cmd::lab::run(args),
+        Command::Node(args) => cmd::daemon::node(args),
+        Command::Superpeer(args) => cmd::daemon::superpeer(args),
+        Command::Submit(args) => cmd::job::submit(args),
+        Command::Status(args) => cmd::job::status(args),
+        Command::Cancel(args) => cmd::job::cancel(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Topology(args) => cmd::topology::run(args),
         Command::Bench(args) => cmd::bench::run(args),

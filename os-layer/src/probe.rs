@@ -55,12 +55,19 @@ impl Probe for FreeMemory {
     fn sample(&self) -> Result<f64, ProbeError> {
         let text = std::fs::read_to_string("/proc/meminfo")
             .map_err(|e| fail(self.name(), e.to_string()))?;
-        parse_meminfo(&text).ok_or_else(|| fail(self.name(), "no MemAvailable in /proc/meminfo"))
+        parse_meminfo(&text, "MemAvailable:")
+            .ok_or_else(|| fail(self.name(), "no MemAvailable in /proc/meminfo"))
     }
 }
 
-fn parse_meminfo(text: &str) -> Option<f64> {
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+/// Total memory in bytes (`MemTotal` of /proc/meminfo), if readable.
+pub fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text, "MemTotal:").map(|b| b as u64)
+}
+
+fn parse_meminfo(text: &str, key: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024.0)
 }
@@ -221,10 +228,10 @@ mod tests {
         .expect_err("missing");
         assert!(e.to_string().contains("/no/such/dir"), "{e}");
         assert_eq!(
-            parse_meminfo("MemTotal: 10 kB\nMemAvailable:   2 kB\n"),
+            parse_meminfo("MemTotal: 10 kB\nMemAvailable:   2 kB\n", "MemAvailable:"),
             Some(2048.0)
         );
-        assert_eq!(parse_meminfo("nothing"), None);
+        assert_eq!(parse_meminfo("nothing", "MemAvailable:"), None);
     }
 
     #[tokio::test]

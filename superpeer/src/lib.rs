@@ -1,8 +1,20 @@
 //! The super-peer overlay: groups of MVM nodes over libp2p, the broker that places jobs on
 //! them, and the node daemon that runs its part of a job.
 //!
+//! - [`daemon`]: a node, a super-peer, or both, on one swarm.
+//! - [`client`]: what `mvm submit`, `status` and `cancel` use.
+//! - [`net`]: the swarm task and its handle.
 //! - [`proto`]: the control protocol (versioned, size-limited, validated messages).
 //! - [`schedule`]: the pure scheduling decision (filter, rank, partition).
+//! - [`modules`]: module bytes by content hash.
+//! - [`identity`]: keys on disk.
 
+mod broker;
+pub mod client;
+pub mod daemon;
+pub mod identity;
+pub mod modules;
+pub mod net;
+mod node;
 pub mod proto;
 pub mod schedule;

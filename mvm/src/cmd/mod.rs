@@ -4,6 +4,9 @@ use crate::Output;
 use crate::exit::Failure;
 
 pub(crate) mod bench;
+pub(crate) mod daemon;
+pub(crate) mod job;
+pub(crate) mod lab;
 pub(crate) mod run;
 pub(crate) mod topology;
 

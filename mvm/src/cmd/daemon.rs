@@ -1,0 +1,179 @@
+//! `mvm node` and `mvm superpeer`: the daemons.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mvm_superpeer::daemon::{Daemon, DaemonConfig};
+use mvm_superpeer::net::NetConfig;
+
+use crate::exit::Failure;
+
+/// What both daemons take.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Common {
+    /// Its name (default: the host name, or "superpeer").
+    #[arg(long)]
+    name: Option<String>,
+    /// Its group.
+    #[arg(long, default_value = "default")]
+    group: String,
+    /// Its domain.
+    #[arg(long, default_value = "default")]
+    domain: String,
+    /// A multiaddress to listen on (repeatable; default: TCP and QUIC on 127.0.0.1, any port).
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// State directory: its key, and a super-peer's modules (default: ~/.local/state/mvm/NAME).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Write the addresses to dial it at (one per line) to this file once it listens.
+    #[arg(long, value_name = "FILE")]
+    addr_file: Option<PathBuf>,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    heartbeat_ms: u64,
+    /// Silence, in milliseconds, after which a node is lost.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    lost_after_ms: u64,
+    /// Where compiled modules are cached (default: ~/.cache/mvm/modules).
+    #[arg(long, env = "MVM_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+/// Arguments of `mvm node`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct NodeArgs {
+    /// The group's super-peer, as `/ip4/…/tcp/…/p2p/PEER` (repeatable: tried in order).
+    #[arg(long, required = true, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// How many vertices it runs at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    slots: u32,
+    /// Never become super-peer.
+    #[arg(long)]
+    not_eligible: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Arguments of `mvm superpeer`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SuperpeerArgs {
+    /// Vertices it runs itself (0: a pure broker).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65_536))]
+    slots: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn state_dir(name: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(base.join("mvm").join(name))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "node".into())
+}
+
+/// Writes `text` to `path` atomically.
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), Failure> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Failure::input(anyhow::anyhow!("{}: {e}", path.display())))
+}
+
+fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<(), Failure> {
+    let name = c.name.unwrap_or(default_name);
+    let dir = c
+        .dir
+        .or_else(|| state_dir(&name))
+        .ok_or_else(|| Failure::input(anyhow::anyhow!("no --dir and no HOME to put state in")))?;
+    let listen = if c.listen.is_empty() {
+        vec![
+            "/ip4/127.0.0.1/tcp/0".to_owned(),
+            "/ip4/127.0.0.1/udp/0/quic-v1".to_owned(),
+        ]
+    } else {
+        c.listen
+    };
+    let listen = listen
+        .iter()
+        .map(|a| {
+            a.parse()
+                .map_err(|e| Failure::input(anyhow::anyhow!("--listen '{a}': {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = mvm_superpeer::identity::load_or_create(&dir.join("key"))
+        .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
+    config.name = name;
+    config.group = c.group;
+    config.domain = c.domain;
+    config.heartbeat = Duration::from_millis(c.heartbeat_ms);
+    config.lost_after = Duration::from_millis(c.lost_after_ms);
+    config.cache_dir = c.cache_dir.or_else(crate::cmd::run::default_cache_dir);
+    config.module_dir = Some(dir.join("modules"));
+    config.net = NetConfig {
+        listen,
+        ..NetConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Failure::failed)?;
+    rt.block_on(async move {
+        let daemon = Daemon::start(key, config)
+            .await
+            .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
+        let addrs = daemon.dial_addrs().join("\n");
+        println!("{addrs}");
+        if let Some(f) = &c.addr_file {
+            write_atomic(f, &format!("{addrs}\n"))?;
+        }
+        daemon.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+pub(crate) fn node(args: NodeArgs) -> Result<(), Failure> {
+    let config = DaemonConfig {
+        broker: false,
+        bootstrap: args.bootstrap,
+        slots: args.slots,
+        eligible: !args.not_eligible,
+        ..DaemonConfig::default()
+    };
+    serve(args.common, config, host_name())
+}
+
+pub(crate) fn superpeer(args: SuperpeerArgs) -> Result<(), Failure> {
+    let config = DaemonConfig {
+        broker: true,
+        slots: args.slots,
+        ..DaemonConfig::default()
+    };
+    serve(args.common, config, "superpeer".into())
+}

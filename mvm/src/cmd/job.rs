@@ -1,0 +1,284 @@
+//! `mvm submit`, `mvm status`, `mvm cancel`: jobs on a super-peer.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use mvm_superpeer::client::{Client, read_profile};
+use mvm_superpeer::proto::{Failure as WireFailure, FailureKind, JobState, JobStatus};
+use serde::Serialize;
+
+use crate::exit::{Failure, JOB_FAILED, REFUSED, USAGE};
+use crate::{Output, OutputArg};
+
+/// Where to find the super-peer.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct BrokerArg {
+    /// The super-peer, as `/ip4/…/tcp/…/p2p/PEER` (default: the local lab's, from `mvm lab up`).
+    #[arg(long, env = "MVM_BROKER", value_name = "MULTIADDR")]
+    broker: Option<String>,
+}
+
+/// Arguments of `mvm submit`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SubmitArgs {
+    /// The job profile (TOML).
+    profile: PathBuf,
+    /// Wait for the end, showing progress, and print the results.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    broker: BrokerArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// Arguments of `mvm status`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatusArgs {
+    /// A job id (default: every job the super-peer knows).
+    job: Option<String>,
+    #[command(flatten)]
+    broker: BrokerArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// Arguments of `mvm cancel`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CancelArgs {
+    /// The job id.
+    job: String,
+    #[command(flatten)]
+    broker: BrokerArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// Maps a failure on the wire to an exit status.
+pub(crate) fn wire(f: WireFailure) -> Failure {
+    let code = match f.kind {
+        FailureKind::Input | FailureKind::NotFound => USAGE,
+        FailureKind::Refused => REFUSED,
+        FailureKind::Failed | FailureKind::Unavailable => JOB_FAILED,
+    };
+    Failure {
+        code,
+        error: anyhow::anyhow!(f.message),
+    }
+}
+
+/// The super-peer address: the flag, or the local lab's.
+pub(crate) fn broker_addr(arg: &BrokerArg) -> Result<String, Failure> {
+    if let Some(b) = &arg.broker {
+        return Ok(b.clone());
+    }
+    let lab = crate::cmd::lab::default_dir();
+    crate::cmd::lab::read_info(&lab)
+        .map(|info| info.broker)
+        .map_err(|e| {
+            Failure::input(anyhow::anyhow!(
+                "no --broker given and no local lab ({e}); start one with `mvm lab up`"
+            ))
+        })
+}
+
+/// A job's status for printing: outputs as text.
+#[derive(Debug, Serialize)]
+pub(crate) struct StatusOut {
+    job: String,
+    name: String,
+    state: JobState,
+    vertices: u32,
+    vertices_done: u32,
+    wall_ms: u64,
+    error: Option<String>,
+    parts: Vec<mvm_superpeer::proto::PartStatus>,
+    traffic: Vec<mvm_superpeer::proto::Traffic>,
+    pub(crate) outputs: Vec<(String, String)>,
+}
+
+/// Sorts vertex names with their numbers in numeric order (`sink2` before `sink10`).
+fn natural(a: &str, b: &str) -> std::cmp::Ordering {
+    let split = |s: &str| {
+        let i = s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        (s[..i].to_owned(), s[i..].parse::<u64>().unwrap_or(0))
+    };
+    split(a).cmp(&split(b)).then(a.cmp(b))
+}
+
+impl From<&JobStatus> for StatusOut {
+    fn from(s: &JobStatus) -> StatusOut {
+        let mut outputs: Vec<(String, String)> = s
+            .outputs
+            .iter()
+            .map(|(v, b)| (v.clone(), String::from_utf8_lossy(b).into_owned()))
+            .collect();
+        outputs.sort_by(|a, b| natural(&a.0, &b.0));
+        StatusOut {
+            job: s.job.clone(),
+            name: s.name.clone(),
+            state: s.state,
+            vertices: s.vertices,
+            vertices_done: s.vertices_done,
+            wall_ms: s.wall_ms,
+            error: s.error.clone(),
+            parts: s.parts.clone(),
+            traffic: s.traffic.clone(),
+            outputs,
+        }
+    }
+}
+
+/// One line per job.
+fn line(s: &JobStatus) -> String {
+    let state = format!("{:?}", s.state).to_lowercase();
+    let mut l = format!(
+        "{}  {state:<9} {}/{} vertices  {} nodes  {:.3} s",
+        s.job,
+        s.vertices_done,
+        s.vertices,
+        s.parts.len(),
+        s.wall_ms as f64 / 1000.0
+    );
+    if let Some(e) = &s.error {
+        l.push_str(&format!("  {e}"));
+    }
+    l
+}
+
+/// The summary of an ended job: vertices per node, traffic per edge kind, wall time.
+pub(crate) fn summary(s: &JobStatus) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "job {} ({}): {}, {} vertices on {} nodes, {:.3} s\n",
+        s.job,
+        s.name,
+        format!("{:?}", s.state).to_lowercase(),
+        s.vertices,
+        s.parts.len(),
+        s.wall_ms as f64 / 1000.0
+    ));
+    for p in &s.parts {
+        let name = if p.name.is_empty() { &p.node } else { &p.name };
+        out.push_str(&format!("  node {name}: {} vertices\n", p.vertices.len()));
+    }
+    for t in &s.traffic {
+        out.push_str(&format!(
+            "  {} {}/{}: {} items, {} bytes\n",
+            if t.remote { "remote" } else { "local " },
+            t.kind,
+            t.codec,
+            t.items,
+            t.bytes
+        ));
+    }
+    if let Some(e) = &s.error {
+        out.push_str(&format!("  error: {e}\n"));
+    }
+    out
+}
+
+/// Waits for a job's end, drawing progress on stderr when it is a terminal.
+pub(crate) async fn wait(
+    client: &Client,
+    mut s: JobStatus,
+    progress: bool,
+) -> Result<JobStatus, Failure> {
+    let tty = progress && std::io::stderr().is_terminal();
+    while !s.state.is_final() {
+        if tty {
+            eprint!(
+                "\r{} {:<9} {}/{} vertices done",
+                s.job,
+                format!("{:?}", s.state).to_lowercase(),
+                s.vertices_done,
+                s.vertices
+            );
+            let _ = std::io::stderr().flush();
+        }
+        s = client.wait(&s.job, s.version).await.map_err(wire)?;
+    }
+    if tty {
+        eprintln!("\r{:60}", "");
+    }
+    Ok(s)
+}
+
+/// The exit status of an ended job.
+pub(crate) fn outcome(s: &JobStatus) -> Result<(), Failure> {
+    match s.state {
+        JobState::Done => Ok(()),
+        JobState::Refused => Err(Failure {
+            code: REFUSED,
+            error: anyhow::anyhow!(
+                "job {} refused: {}",
+                s.job,
+                s.error.clone().unwrap_or_default()
+            ),
+        }),
+        _ => Err(Failure::failed(anyhow::anyhow!(
+            "job {} {}: {}",
+            s.job,
+            format!("{:?}", s.state).to_lowercase(),
+            s.error.clone().unwrap_or_default()
+        ))),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Failure::failed)
+}
+
+pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
+    let job = read_profile(&args.profile).map_err(wire)?;
+    let addr = broker_addr(&args.broker)?;
+    runtime()?.block_on(async {
+        let client = Client::new(&addr).await.map_err(wire)?;
+        let s = client.submit(&job).await.map_err(wire)?;
+        if !args.wait {
+            return crate::cmd::print(&StatusOut::from(&s), args.out.output, |o| o.job.clone());
+        }
+        let s = wait(&client, s, args.out.output == Output::Text).await?;
+        match args.out.output {
+            Output::Json => {
+                crate::cmd::print(&StatusOut::from(&s), Output::Json, |_| String::new())?
+            }
+            Output::Text => {
+                for (_, text) in StatusOut::from(&s).outputs {
+                    print!("{text}");
+                }
+                eprint!("{}", summary(&s));
+            }
+        }
+        outcome(&s)
+    })
+}
+
+pub(crate) fn status(args: StatusArgs) -> Result<(), Failure> {
+    let addr = broker_addr(&args.broker)?;
+    runtime()?.block_on(async {
+        let client = Client::new(&addr).await.map_err(wire)?;
+        let list = client.status(args.job.as_deref()).await.map_err(wire)?;
+        let out: Vec<StatusOut> = list.iter().map(StatusOut::from).collect();
+        crate::cmd::print(&out, args.out.output, |_| {
+            list.iter().map(line).collect::<Vec<_>>().join("\n")
+        })
+    })
+}
+
+pub(crate) fn cancel(args: CancelArgs) -> Result<(), Failure> {
+    let addr = broker_addr(&args.broker)?;
+    runtime()?.block_on(async {
+        let client = Client::new(&addr).await.map_err(wire)?;
+        client.cancel(&args.job).await.map_err(wire)?;
+        crate::cmd::print(
+            &serde_json::json!({ "job": args.job, "cancelled": true }),
+            args.out.output,
+            |_| format!("{} cancelled", args.job),
+        )
+    })
+}

@@ -1,0 +1,644 @@
+//! `mvm lab`: a local lab of separate daemon processes on loopback, and the demo job on it.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mvm_superpeer::client::{Client, read_profile};
+use serde::{Deserialize, Serialize};
+
+use crate::cmd::job::{self, wire};
+use crate::exit::Failure;
+use crate::{Output, OutputArg};
+
+/// Arguments of `mvm lab`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum LabCommand {
+    /// Start a super-peer and N nodes as background processes; print the super-peer address.
+    Up(UpArgs),
+    /// Stop the lab's processes and remove its directory.
+    Down(DirArg),
+    /// Show the lab's group: nodes, their slots, and whether they answer.
+    Status(StatusArgs),
+    /// Start a lab, run the FFT example on it, check the results against a direct DFT, stop.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DirArg {
+    /// The lab's directory (default: $XDG_RUNTIME_DIR/mvm-lab or /tmp/mvm-lab-UID).
+    #[arg(long, env = "MVM_LAB_DIR")]
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    nodes: u32,
+    #[command(flatten)]
+    dir: DirArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    nodes: u32,
+    /// The job profile (default: examples/fft8.toml of this checkout).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// What `mvm lab up` leaves for `submit`, `status` and `down`: `lab.json` in the lab directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LabInfo {
+    /// The super-peer's address.
+    pub(crate) broker: String,
+    /// The process ids: the super-peer first, then the nodes.
+    pub(crate) pids: Vec<u32>,
+}
+
+/// The default lab directory.
+pub(crate) fn default_dir() -> PathBuf {
+    match std::env::var_os("MVM_LAB_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(r) => PathBuf::from(r).join("mvm-lab"),
+            // SAFETY: getuid has no preconditions and cannot fail.
+            None => std::env::temp_dir().join(format!("mvm-lab-{}", unsafe { libc::getuid() })),
+        },
+    }
+}
+
+/// Reads `lab.json` of a lab directory.
+pub(crate) fn read_info(dir: &Path) -> Result<LabInfo, String> {
+    let p = dir.join("lab.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// Whether `pid` is a live `mvm` process.
+fn is_mvm(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let exe = c.split(|b| *b == 0).next().unwrap_or_default();
+            exe.ends_with(b"mvm")
+        })
+        .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: i32) {
+    if let Ok(p) = i32::try_from(pid) {
+        // SAFETY: kill has no memory-safety preconditions; a stale pid at worst gets ESRCH.
+        unsafe {
+            libc::kill(p, sig);
+        }
+    }
+}
+
+/// Stops processes: SIGTERM, up to 5 s to exit, then SIGKILL.
+fn stop_pids(pids: &[u32]) {
+    let live: Vec<u32> = pids.iter().copied().filter(|&p| is_mvm(p)).collect();
+    for &p in &live {
+        signal(p, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && live.iter().any(|&p| is_mvm(p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for &p in live.iter().filter(|&&p| is_mvm(p)) {
+        signal(p, libc::SIGKILL);
+    }
+}
+
+/// A running lab: its child processes are stopped when it is dropped (unless detached).
+struct Lab {
+    dir: PathBuf,
+    children: Vec<Child>,
+    broker: String,
+    detached: bool,
+}
+
+impl Lab {
+    /// Starts the super-peer and `nodes` nodes, and waits until every node has registered.
+    fn start(dir: &Path, nodes: u32, detached: bool) -> Result<Lab, Failure> {
+        let io = |e: std::io::Error| Failure::failed(anyhow::anyhow!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+        let exe = std::env::current_exe().map_err(Failure::failed)?;
+        let mut lab = Lab {
+            dir: dir.to_owned(),
+            children: Vec::new(),
+            broker: String::new(),
+            detached: false,
+        };
+        let timing = ["--heartbeat-ms", "200", "--lost-after-ms", "1500"];
+        let sp_addr = dir.join("superpeer.addr");
+        let _ = std::fs::remove_file(&sp_addr);
+        lab.spawn(
+            &exe,
+            "superpeer",
+            &["superpeer", "--name", "superpeer"],
+            &timing,
+            detached,
+        )?;
+        let addrs = lab.wait_file(&sp_addr, 0)?;
+        lab.broker = addrs
+            .lines()
+            .find(|l| l.contains("/tcp/"))
+            .or_else(|| addrs.lines().next())
+            .unwrap_or_default()
+            .to_owned();
+        for i in 0..nodes {
+            let name = format!("node{i}");
+            let broker = lab.broker.clone();
+            lab.spawn(
+                &exe,
+                &name,
+                &["node", "--name", &name, "--bootstrap", &broker],
+                &timing,
+                detached,
+            )?;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Failure::failed)?;
+        let broker = lab.broker.clone();
+        let want = nodes as usize;
+        let registered = rt.block_on(async {
+            let client = Client::new(&broker).await.map_err(wire)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let g = client.group().await.map_err(wire)?;
+                let live = g.nodes.iter().filter(|n| !n.lost).count();
+                if live >= want {
+                    return Ok::<_, Failure>(live);
+                }
+                if Instant::now() > deadline {
+                    return Err(Failure::failed(anyhow::anyhow!(
+                        "only {live} of {want} nodes registered within 60 s (logs in {})",
+                        dir.display()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        if let Err(e) = registered {
+            lab.check_children()?;
+            return Err(e);
+        }
+        let info = LabInfo {
+            broker: lab.broker.clone(),
+            pids: lab.children.iter().map(Child::id).collect(),
+        };
+        let text = serde_json::to_string_pretty(&info).map_err(Failure::failed)?;
+        crate::cmd::daemon::write_atomic(&dir.join("lab.json"), &text)?;
+        lab.detached = detached;
+        Ok(lab)
+    }
+
+    fn spawn(
+        &mut self,
+        exe: &Path,
+        name: &str,
+        args: &[&str],
+        timing: &[&str],
+        detached: bool,
+    ) -> Result<(), Failure> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+            .map_err(|e| Failure::failed(anyhow::anyhow!("{}: {e}", self.dir.display())))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .args(timing)
+            .arg("--dir")
+            .arg(self.dir.join(name))
+            .arg("--addr-file")
+            .arg(self.dir.join(format!("{name}.addr")))
+            .env(
+                "MVM_LOG",
+                std::env::var("MVM_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if detached {
+            // Its own process group: a Ctrl-C in this terminal does not reach it.
+            cmd.process_group(0);
+        } else {
+            // SAFETY: prctl is async-signal-safe; the closure only calls it.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // Dies with the `mvm` that started it, even if that one is killed.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot start {}: {e}", exe.display())))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Fails if a child has exited, naming its log.
+    fn check_children(&mut self) -> Result<(), Failure> {
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                let name = if i == 0 {
+                    "superpeer".to_owned()
+                } else {
+                    format!("node{}", i - 1)
+                };
+                let mut log = String::new();
+                let _ = std::fs::File::open(self.dir.join(format!("{name}.log")))
+                    .and_then(|mut f| f.read_to_string(&mut log));
+                let last = log.lines().last().unwrap_or("").to_owned();
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "{name} exited ({status}): {last}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_file(&mut self, path: &Path, _child: usize) -> Result<String, Failure> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path)
+                && !text.trim().is_empty()
+            {
+                return Ok(text);
+            }
+            self.check_children()?;
+            if Instant::now() > deadline {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "{} did not appear within 30 s",
+                    path.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(&mut self) {
+        let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
+        stop_pids(&pids);
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.detached {
+            self.stop();
+        }
+    }
+}
+
+pub(crate) fn run(args: Args) -> Result<(), Failure> {
+    match args.command {
+        LabCommand::Up(a) => up(a),
+        LabCommand::Down(a) => down(&a),
+        LabCommand::Status(a) => status(a),
+        LabCommand::Demo(a) => demo(a),
+    }
+}
+
+fn dir_of(a: &DirArg) -> PathBuf {
+    a.dir.clone().unwrap_or_else(default_dir)
+}
+
+fn up(a: UpArgs) -> Result<(), Failure> {
+    let dir = dir_of(&a.dir);
+    if let Ok(info) = read_info(&dir) {
+        if info.pids.iter().any(|&p| is_mvm(p)) {
+            return Err(Failure::input(anyhow::anyhow!(
+                "a lab is already running in {} (super-peer {}); `mvm lab down` first",
+                dir.display(),
+                info.broker
+            )));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let lab = match Lab::start(&dir, a.nodes, true) {
+        Ok(l) => l,
+        Err(e) => {
+            // A half-started lab is stopped and removed.
+            down(&DirArg { dir: Some(dir) }).ok();
+            return Err(e);
+        }
+    };
+    let info = serde_json::json!({
+        "broker": lab.broker,
+        "dir": lab.dir,
+        "nodes": a.nodes,
+        "pids": lab.children.iter().map(Child::id).collect::<Vec<_>>(),
+    });
+    crate::cmd::print(&info, a.out.output, |_| lab.broker.clone())
+}
+
+fn down(a: &DirArg) -> Result<(), Failure> {
+    let dir = dir_of(a);
+    let info = read_info(&dir);
+    let mut pids: Vec<u32> = info.as_ref().map(|i| i.pids.clone()).unwrap_or_default();
+    // Also any daemon whose log is in the directory but that never made it into lab.json.
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
+                && cmd.windows(needle.len()).any(|w| w == needle.as_slice())
+                && is_mvm(pid)
+                && pid != std::process::id()
+            {
+                pids.push(pid);
+            }
+        }
+    }
+    if info.is_err() && pids.is_empty() && !dir.exists() {
+        return Err(Failure::input(anyhow::anyhow!(
+            "no lab in {}",
+            dir.display()
+        )));
+    }
+    stop_pids(&pids);
+    std::fs::remove_dir_all(&dir)
+        .or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| Failure::failed(anyhow::anyhow!("{}: {e}", dir.display())))?;
+    Ok(())
+}
+
+fn status(a: StatusArgs) -> Result<(), Failure> {
+    let dir = dir_of(&a.dir);
+    let info = read_info(&dir).map_err(|e| Failure::input(anyhow::anyhow!("no lab: {e}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Failure::failed)?;
+    let g = rt.block_on(async {
+        let c = Client::new(&info.broker).await.map_err(wire)?;
+        c.group().await.map_err(wire)
+    })?;
+    crate::cmd::print(&g, a.out.output, |g| {
+        let mut s = format!("super-peer {}\n", info.broker);
+        for n in &g.nodes {
+            s.push_str(&format!(
+                "  {} {} {}/{} slots used{}\n",
+                n.name,
+                n.peer,
+                n.vertices,
+                n.slots,
+                if n.lost { "  LOST" } else { "" }
+            ));
+        }
+        s.trim_end().to_owned()
+    })
+}
+
+/// The default demo profile: `examples/fft8.toml` here, or beside the binary's checkout.
+fn demo_profile() -> PathBuf {
+    let here = PathBuf::from("examples/fft8.toml");
+    if here.exists() {
+        return here;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| {
+            e.ancestors()
+                .map(|a| a.join("examples/fft8.toml"))
+                .find(|p| p.exists())
+        })
+        .unwrap_or(here)
+}
+
+/// The direct DFT of `x`: X[k] = Σ x[n]·e^(−2πikn/N).
+pub(crate) fn dft(re: &[f64], im: &[f64]) -> Vec<(f64, f64)> {
+    let n = re.len();
+    (0..n)
+        .map(|k| {
+            let mut acc = (0.0, 0.0);
+            for j in 0..n {
+                let a = -2.0 * std::f64::consts::PI * ((k * j) % n) as f64 / n as f64;
+                let (s, c) = a.sin_cos();
+                let (xr, xi) = (re[j], im.get(j).copied().unwrap_or(0.0));
+                acc.0 += xr * c - xi * s;
+                acc.1 += xr * s + xi * c;
+            }
+            acc
+        })
+        .collect()
+}
+
+/// Checks sink lines `index re im` against the direct DFT; the problems found.
+pub(crate) fn check_fft(lines: &str, re: &[f64], im: &[f64]) -> Vec<String> {
+    let want = dft(re, im);
+    let mut got = vec![None; want.len()];
+    let mut problems = Vec::new();
+    for l in lines.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let parsed = match f.as_slice() {
+            [k, r, i] => k
+                .parse::<usize>()
+                .ok()
+                .zip(r.parse::<f64>().ok().zip(i.parse::<f64>().ok())),
+            _ => None,
+        };
+        match parsed {
+            Some((k, v)) if k < got.len() => got[k] = Some(v),
+            _ => problems.push(format!("unexpected output line '{l}'")),
+        }
+    }
+    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+        match g {
+            None => problems.push(format!("X[{k}] missing")),
+            Some(g) => {
+                let err = ((g.0 - w.0).powi(2) + (g.1 - w.1).powi(2)).sqrt();
+                if err > 1e-9 * (1.0 + w.0.hypot(w.1)) {
+                    problems.push(format!(
+                        "X[{k}] = {} {} but the direct DFT gives {} {}",
+                        g.0, g.1, w.0, w.1
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
+fn floats(v: Option<&String>) -> Vec<f64> {
+    v.map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct DemoOut {
+    status: job::StatusOut,
+    expected: Vec<(f64, f64)>,
+    problems: Vec<String>,
+    verified: bool,
+}
+
+fn demo(a: DemoArgs) -> Result<(), Failure> {
+    let profile = a.profile.unwrap_or_else(demo_profile);
+    let job = read_profile(&profile).map_err(wire)?;
+    let re = floats(job.submission.parameters.get("input"));
+    let im = floats(job.submission.parameters.get("input_im"));
+    if re.is_empty() {
+        return Err(Failure::input(anyhow::anyhow!(
+            "{}: the demo needs an FFT profile with parameter 'input'",
+            profile.display()
+        )));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("mvm-demo-")
+        .tempdir()
+        .map_err(Failure::failed)?;
+    let text = a.out.output == Output::Text;
+    if text {
+        eprintln!(
+            "starting a lab: 1 super-peer and {} nodes on loopback ({})",
+            a.nodes,
+            tmp.path().display()
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Failure::failed)?;
+    // Ctrl-C from here on: stop the lab and remove its files, then exit 130.
+    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false)?;
+    let broker = lab.broker.clone();
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = async {
+                let client = Client::new(&broker).await.map_err(wire)?;
+                let s = client.submit(&job).await.map_err(wire)?;
+                if text {
+                    eprintln!("submitted {} ({}) to {}", s.job, profile.display(), client.broker());
+                }
+                job::wait(&client, s, text).await
+            } => r.map(Some),
+            () = crate::cmd::daemon::shutdown_signal() => Ok(None),
+        }
+    });
+    lab.stop();
+    drop(lab);
+    drop(tmp);
+    let Some(s) = result? else {
+        eprintln!("mvm: interrupted; the lab is stopped and its files removed");
+        return Err(Failure::quiet(130));
+    };
+    let out = job::StatusOut::from(&s);
+    let lines: String = out.outputs.iter().map(|(_, t)| t.as_str()).collect();
+    let problems = if s.state == mvm_superpeer::proto::JobState::Done {
+        check_fft(&lines, &re, &im)
+    } else {
+        Vec::new()
+    };
+    let verified = s.state == mvm_superpeer::proto::JobState::Done && problems.is_empty();
+    match a.out.output {
+        Output::Json => crate::cmd::print(
+            &DemoOut {
+                status: out,
+                expected: dft(&re, &im),
+                problems: problems.clone(),
+                verified,
+            },
+            Output::Json,
+            |_| String::new(),
+        )?,
+        Output::Text => {
+            println!("{}-point FFT by WebAssembly jobs (index re im):", re.len());
+            print!("{lines}");
+            eprint!("{}", job::summary(&s));
+            for p in &problems {
+                eprintln!("  mismatch: {p}");
+            }
+            if verified {
+                println!(
+                    "verified: all {} values match a direct DFT computed in Rust",
+                    re.len()
+                );
+            }
+        }
+    }
+    job::outcome(&s)?;
+    if !verified {
+        return Err(Failure::failed(anyhow::anyhow!(
+            "the results do not match the direct DFT ({} problems)",
+            problems.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dft_check_accepts_the_right_answer_and_names_wrong_or_missing_values() {
+        let re = [1.0, 2.0, 0.5, -1.0];
+        let im = [0.0, -0.5, 1.0, 0.0];
+        let x = dft(&re, &im);
+        // X[0] is the plain sum.
+        assert!((x[0].0 - 2.5).abs() < 1e-12 && (x[0].1 - 0.5).abs() < 1e-12);
+        let good: String = x
+            .iter()
+            .enumerate()
+            .map(|(k, v)| format!("{k} {:.17e} {:.17e}\n", v.0, v.1))
+            .collect();
+        assert!(check_fft(&good, &re, &im).is_empty());
+        let bad = good.replacen("0 2.5", "0 2.6", 1);
+        assert_ne!(bad, good);
+        let p = check_fft(&bad, &re, &im);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("X[0]"), "{p:?}");
+        let p = check_fft(
+            &good.lines().skip(1).collect::<Vec<_>>().join("\n"),
+            &re,
+            &im,
+        );
+        assert_eq!(p, vec!["X[0] missing".to_owned()]);
+        let p = check_fft(&format!("{good}junk\n"), &re, &im);
+        assert!(p[0].contains("junk"), "{p:?}");
+    }
+}

@@ -1,0 +1,723 @@
+//! The broker role of a super-peer: the group's membership, and jobs from submission to the
+//! broadcast of their termination (the MVM paper's on-demand steps a–g).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::daemon::Shared;
+use crate::modules::ModuleStore;
+use crate::proto::{
+    Failure, FailureKind, GroupInfo, JobState, JobStatus, Member, NodeInfo, NodeLoad, NodeView,
+    PartReport, PartSpec, PartStatus, Request, Response, Submission, Traffic,
+};
+use crate::schedule::{self, Candidate, Graph, Rank};
+
+struct NodeEntry {
+    info: NodeInfo,
+    addrs: Vec<Multiaddr>,
+    last_seen: Instant,
+    lost: bool,
+    /// Vertex slots reserved by jobs placed here and not ended.
+    reserved: u32,
+}
+
+struct Part {
+    peer: PeerId,
+    vertices: Vec<String>,
+    done: bool,
+}
+
+struct Job {
+    status: JobStatus,
+    parts: Vec<Part>,
+    started: Instant,
+    changed: watch::Sender<u64>,
+    traffic: BTreeMap<(String, String, bool), (u64, u64)>,
+}
+
+impl Job {
+    fn bump(&mut self) {
+        self.status.version += 1;
+        self.status.vertices_done = self
+            .parts
+            .iter()
+            .filter(|p| p.done)
+            .map(|p| u32::try_from(p.vertices.len()).unwrap_or(u32::MAX))
+            .sum();
+        self.status.parts = self
+            .parts
+            .iter()
+            .map(|p| PartStatus {
+                node: p.peer.to_string(),
+                name: String::new(),
+                vertices: p.vertices.clone(),
+                done: p.done,
+            })
+            .collect();
+        self.status.traffic = self
+            .traffic
+            .iter()
+            .map(|((kind, codec, remote), (items, bytes))| Traffic {
+                kind: kind.clone(),
+                codec: codec.clone(),
+                remote: *remote,
+                items: *items,
+                bytes: *bytes,
+            })
+            .collect();
+        self.status.wall_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.changed.send_replace(self.status.version);
+    }
+}
+
+/// The broker's state.
+pub(crate) struct Broker {
+    nodes: Mutex<HashMap<PeerId, NodeEntry>>,
+    jobs: Mutex<HashMap<String, Job>>,
+    pub(crate) modules: ModuleStore,
+    seq: std::sync::atomic::AtomicU64,
+    /// Ended jobs kept for `status`, oldest first.
+    ended: Mutex<std::collections::VecDeque<String>>,
+}
+
+/// How many ended jobs the broker remembers.
+const KEEP_ENDED: usize = 10_000;
+
+fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
+    Response::Error(Failure::new(kind, m))
+}
+
+impl Broker {
+    pub(crate) fn new(modules: ModuleStore) -> Broker {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Broker {
+            nodes: Mutex::new(HashMap::new()),
+            jobs: Mutex::new(HashMap::new()),
+            modules,
+            seq: std::sync::atomic::AtomicU64::new(seed << 20),
+            ended: Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let nodes = self.nodes.lock();
+        let mut m: Vec<Member> = nodes
+            .iter()
+            .filter(|(_, n)| !n.lost)
+            .map(|(p, n)| Member {
+                peer: p.to_string(),
+                addrs: n.info.addrs.clone(),
+                eligible: n.info.eligible,
+            })
+            .collect();
+        m.sort_by(|a, b| a.peer.cmp(&b.peer));
+        m
+    }
+
+    pub(crate) fn register(&self, peer: PeerId, info: NodeInfo, heartbeat: Duration) -> Response {
+        let addrs = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        tracing::info!(%peer, name = %info.name, "node registered");
+        self.nodes.lock().insert(
+            peer,
+            NodeEntry {
+                info,
+                addrs,
+                last_seen: Instant::now(),
+                lost: false,
+                reserved: 0,
+            },
+        );
+        Response::Registered {
+            heartbeat_ms: u64::try_from(heartbeat.as_millis()).unwrap_or(1000),
+            members: self.members(),
+        }
+    }
+
+    pub(crate) fn heartbeat(&self, peer: PeerId, load: NodeLoad) -> Response {
+        let known = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(&peer) {
+                Some(n) if !n.lost => {
+                    n.last_seen = Instant::now();
+                    n.info.load = load;
+                    true
+                }
+                _ => false,
+            }
+        };
+        Response::Heartbeat {
+            known,
+            members: self.members(),
+        }
+    }
+
+    pub(crate) fn group(&self, shared: &Shared) -> GroupInfo {
+        let nodes = self.nodes.lock();
+        let mut views: Vec<NodeView> = nodes
+            .iter()
+            .map(|(p, n)| NodeView {
+                peer: p.to_string(),
+                name: n.info.name.clone(),
+                lost: n.lost,
+                vertices: n.reserved,
+                slots: n.info.slots,
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        GroupInfo {
+            group: shared.config.group.clone(),
+            broker: Some(shared.net.peer().to_string()),
+            broker_addrs: shared.net.dial_addrs(),
+            is_broker: true,
+            nodes: views,
+        }
+    }
+
+    /// Marks nodes silent for longer than `lost_after` as lost and fails their jobs.
+    pub(crate) fn sweep(self: &Arc<Self>, shared: &Arc<Shared>, lost_after: Duration) {
+        let lost: Vec<(PeerId, String)> = {
+            let mut nodes = self.nodes.lock();
+            nodes
+                .iter_mut()
+                .filter(|(_, n)| !n.lost && n.last_seen.elapsed() > lost_after)
+                .map(|(p, n)| {
+                    n.lost = true;
+                    (*p, n.info.name.clone())
+                })
+                .collect()
+        };
+        for (peer, name) in lost {
+            tracing::warn!(%peer, %name, "node lost");
+            let jobs: Vec<String> = self
+                .jobs
+                .lock()
+                .iter()
+                .filter(|(_, j)| {
+                    !j.status.state.is_final() && j.parts.iter().any(|p| p.peer == peer && !p.done)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for job in jobs {
+                self.end(
+                    shared,
+                    &job,
+                    JobState::Failed,
+                    Some(format!(
+                        "node {name} ({peer}) stopped answering; its vertices failed"
+                    )),
+                );
+            }
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.net.disconnect(peer).await });
+        }
+    }
+
+    pub(crate) fn missing(&self, hashes: &[String]) -> Response {
+        Response::Missing {
+            hashes: hashes
+                .iter()
+                .filter(|h| !self.modules.has(h))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    pub(crate) fn fetch(&self, hash: &str) -> Response {
+        match self.modules.get(hash) {
+            Some(b) => Response::Module(b),
+            None => fail(FailureKind::NotFound, format!("no module {hash}")),
+        }
+    }
+
+    /// Validates, authorizes and places a job, then drives it on its own task.
+    pub(crate) fn submit(self: &Arc<Self>, shared: &Arc<Shared>, s: Submission) -> Response {
+        for b in &s.modules {
+            self.modules.put(b.clone());
+        }
+        for (component, hash) in &s.components {
+            if !self.modules.has(hash) {
+                return fail(
+                    FailureKind::Input,
+                    format!("module {hash} of component '{component}' was not sent"),
+                );
+            }
+        }
+        let codecs = shared.node.queues.codecs().clone();
+        let topology =
+            match crate::node::parse_topology(&s.topology_file, &s.topology, &s.queue, &codecs) {
+                Ok(t) => t,
+                Err(e) => return fail(FailureKind::Input, e),
+            };
+        if topology.vertices.is_empty() {
+            return fail(
+                FailureKind::Input,
+                format!("{}: no vertices", s.topology_file),
+            );
+        }
+        for v in &topology.vertices {
+            if !s.components.contains_key(&v.component) {
+                return fail(
+                    FailureKind::Input,
+                    format!(
+                        "{}:{}: component '{}' of vertex '{}' has no module in the profile",
+                        s.topology_file, v.line, v.component, v.name
+                    ),
+                );
+            }
+        }
+        if let Err(e) = crate::node::limits(&s.limits) {
+            return fail(FailureKind::Input, e);
+        }
+        let rank = match s.requirements.rank.as_deref() {
+            Some(r) => match Rank::parse(r) {
+                Ok(r) => r,
+                Err(e) => return fail(FailureKind::Input, e),
+            },
+            None => Rank::default_rank(),
+        };
+        // Schedule under the node table's lock, and reserve the slots.
+        let n = topology.vertices.len();
+        let (peers, placement) = {
+            let mut nodes = self.nodes.lock();
+            let mut live: Vec<(&PeerId, &NodeEntry)> =
+                nodes.iter().filter(|(_, e)| !e.lost).collect();
+            live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
+            if live.is_empty() {
+                return fail(
+                    FailureKind::Unavailable,
+                    "no node has registered with this super-peer",
+                );
+            }
+            let cands: Vec<Candidate> = live
+                .iter()
+                .map(|(_, e)| Candidate {
+                    name: e.info.name.clone(),
+                    cpus: e.info.cpus,
+                    memory_bytes: e.info.memory_bytes,
+                    free_memory_bytes: e.info.load.free_memory_bytes,
+                    load: e.info.load.load,
+                    arch: e.info.arch.clone(),
+                    images: e.info.images.clone(),
+                    slots: e.info.slots,
+                    free_slots: e.info.slots.saturating_sub(e.reserved),
+                })
+                .collect();
+            let (ok, why) = schedule::filter(&cands, &s.requirements);
+            if ok.is_empty() {
+                return fail(
+                    FailureKind::Unavailable,
+                    format!("no node meets the job's requirements: {}", why.join("; ")),
+                );
+            }
+            let order = rank.order(&cands, ok);
+            let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
+            let g = Graph {
+                vertices: n,
+                edges: topology
+                    .channels
+                    .iter()
+                    .map(|c| {
+                        let w = c
+                            .attributes
+                            .get("weight")
+                            .and_then(|w| w.parse().ok())
+                            .unwrap_or(1);
+                        (c.from.vertex, c.to.vertex, w)
+                    })
+                    .collect(),
+            };
+            let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
+            let placed = match schedule::place(&g, &caps, max) {
+                Ok(p) => p,
+                Err(e) => return fail(FailureKind::Unavailable, e),
+            };
+            // Parts: the nodes used, in rank order; vertex → part index.
+            let mut used: Vec<usize> = placed.clone();
+            used.sort_unstable();
+            used.dedup();
+            let peers: Vec<PeerId> = used.iter().map(|&r| *live[order[r]].0).collect();
+            let placement: Vec<u32> = placed
+                .iter()
+                .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
+                .collect();
+            drop(live);
+            for (i, p) in peers.iter().enumerate() {
+                let count = placement.iter().filter(|&&x| x as usize == i).count();
+                if let Some(e) = nodes.get_mut(p) {
+                    e.reserved += u32::try_from(count).unwrap_or(u32::MAX);
+                }
+            }
+            (peers, placement)
+        };
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{seq:x}", sanitize(&s.name));
+        let parts: Vec<Part> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Part {
+                peer: *p,
+                vertices: topology
+                    .vertices
+                    .iter()
+                    .zip(&placement)
+                    .filter(|(_, x)| **x as usize == i)
+                    .map(|(v, _)| v.name.clone())
+                    .collect(),
+                done: false,
+            })
+            .collect();
+        let (changed, _) = watch::channel(0);
+        let mut job = Job {
+            status: JobStatus {
+                job: id.clone(),
+                name: s.name.clone(),
+                state: JobState::Preparing,
+                version: 0,
+                vertices: u32::try_from(n).unwrap_or(u32::MAX),
+                vertices_done: 0,
+                parts: Vec::new(),
+                outputs: Vec::new(),
+                traffic: Vec::new(),
+                wall_ms: 0,
+                error: None,
+            },
+            parts,
+            started: Instant::now(),
+            changed,
+            traffic: BTreeMap::new(),
+        };
+        job.bump();
+        let status = self.named(job.status.clone());
+        self.jobs.lock().insert(id.clone(), job);
+        let members: Vec<Member> = {
+            let nodes = self.nodes.lock();
+            peers
+                .iter()
+                .map(|p| Member {
+                    peer: p.to_string(),
+                    addrs: nodes
+                        .get(p)
+                        .map(|e| e.info.addrs.clone())
+                        .unwrap_or_default(),
+                    eligible: false,
+                })
+                .collect()
+        };
+        let specs: Vec<(PeerId, PartSpec)> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let components = topology
+                    .vertices
+                    .iter()
+                    .zip(&placement)
+                    .filter(|(_, x)| **x as usize == i)
+                    .filter_map(|(v, _)| {
+                        s.components
+                            .get(&v.component)
+                            .map(|h| (v.component.clone(), h.clone()))
+                    })
+                    .collect();
+                (
+                    *p,
+                    PartSpec {
+                        job: id.clone(),
+                        topology_file: s.topology_file.clone(),
+                        topology: s.topology.clone(),
+                        queue: s.queue.clone(),
+                        components,
+                        parameters: s.parameters.clone(),
+                        limits: s.limits.clone(),
+                        placement: placement.clone(),
+                        parts: members.clone(),
+                        here: u32::try_from(i).unwrap_or(0),
+                    },
+                )
+            })
+            .collect();
+        let broker = self.clone();
+        let shared = shared.clone();
+        tokio::spawn(async move { broker.drive(&shared, id, specs).await });
+        Response::Submitted(status)
+    }
+
+    /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.
+    async fn drive(
+        self: Arc<Self>,
+        shared: &Arc<Shared>,
+        id: String,
+        specs: Vec<(PeerId, PartSpec)>,
+    ) {
+        let addrs = |p: &PeerId| {
+            self.nodes
+                .lock()
+                .get(p)
+                .map(|e| e.addrs.clone())
+                .unwrap_or_default()
+        };
+        let prepares = specs.into_iter().map(|(peer, spec)| {
+            let a = addrs(&peer);
+            let shared = shared.clone();
+            async move {
+                (
+                    peer,
+                    shared
+                        .call(peer, &a, Request::Prepare(Box::new(spec)))
+                        .await,
+                )
+            }
+        });
+        let results = futures::future::join_all(prepares).await;
+        let peers: Vec<PeerId> = results.iter().map(|(p, _)| *p).collect();
+        if let Some((peer, Err(f))) = results.into_iter().find(|(_, r)| r.is_err()) {
+            let state = if f.kind == FailureKind::Refused {
+                JobState::Refused
+            } else {
+                JobState::Failed
+            };
+            self.end(
+                shared,
+                &id,
+                state,
+                Some(format!("node {peer}: {}", f.message)),
+            );
+            return;
+        }
+        if self.state(&id) != Some(JobState::Preparing) {
+            return; // cancelled meanwhile (end() has terminated the parts)
+        }
+        self.update(&id, |j| j.status.state = JobState::Running);
+        let starts = peers.iter().map(|peer| {
+            let shared = shared.clone();
+            let job = id.clone();
+            let peer = *peer;
+            async move { (peer, shared.call(peer, &[], Request::Start { job }).await) }
+        });
+        for (peer, r) in futures::future::join_all(starts).await {
+            if let Err(f) = r {
+                self.end(
+                    shared,
+                    &id,
+                    JobState::Failed,
+                    Some(format!("node {peer}: {}", f.message)),
+                );
+                return;
+            }
+        }
+    }
+
+    fn state(&self, id: &str) -> Option<JobState> {
+        self.jobs.lock().get(id).map(|j| j.status.state)
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Job)) {
+        if let Some(j) = self.jobs.lock().get_mut(id) {
+            f(j);
+            j.bump();
+        }
+    }
+
+    /// Ends a job (once): sets its final state, releases its slots, and broadcasts termination
+    /// to every part.
+    fn end(&self, shared: &Arc<Shared>, id: &str, state: JobState, error: Option<String>) {
+        let peers = {
+            let mut jobs = self.jobs.lock();
+            let Some(j) = jobs.get_mut(id) else { return };
+            if j.status.state.is_final() {
+                return;
+            }
+            j.status.state = state;
+            j.status.error = error;
+            if state != JobState::Done {
+                j.status.outputs.clear();
+            }
+            j.bump();
+            let mut nodes = self.nodes.lock();
+            for p in &j.parts {
+                if let Some(e) = nodes.get_mut(&p.peer) {
+                    e.reserved = e
+                        .reserved
+                        .saturating_sub(u32::try_from(p.vertices.len()).unwrap_or(u32::MAX));
+                }
+            }
+            j.parts.iter().map(|p| p.peer).collect::<Vec<_>>()
+        };
+        {
+            let mut ended = self.ended.lock();
+            ended.push_back(id.to_owned());
+            if ended.len() > KEEP_ENDED {
+                if let Some(old) = ended.pop_front() {
+                    self.jobs.lock().remove(&old);
+                }
+            }
+        }
+        let reason = format!("{state:?}");
+        for peer in peers {
+            let shared = shared.clone();
+            let job = id.to_owned();
+            let reason = reason.clone();
+            tokio::spawn(async move {
+                if let Err(e) = shared
+                    .call(peer, &[], Request::Terminate { job, reason })
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "terminate not delivered");
+                }
+            });
+        }
+    }
+
+    /// A node's report of its part.
+    pub(crate) fn report(&self, shared: &Arc<Shared>, peer: PeerId, r: PartReport) -> Response {
+        let mut failed = None;
+        let mut all_done = false;
+        {
+            let mut jobs = self.jobs.lock();
+            let Some(j) = jobs.get_mut(&r.job) else {
+                return fail(FailureKind::NotFound, format!("no job {}", r.job));
+            };
+            let Some(part) = j.parts.iter_mut().find(|p| p.peer == peer) else {
+                return fail(
+                    FailureKind::Refused,
+                    format!("{peer} runs no part of {}", r.job),
+                );
+            };
+            if j.status.state.is_final() || part.done {
+                return Response::Ok;
+            }
+            match r.outcome {
+                Ok(res) => {
+                    part.done = true;
+                    j.status.outputs.extend(res.outputs);
+                    for t in res.traffic {
+                        let e = j.traffic.entry((t.kind, t.codec, t.remote)).or_default();
+                        e.0 += t.items;
+                        e.1 += t.bytes;
+                    }
+                    all_done = j.parts.iter().all(|p| p.done);
+                    j.bump();
+                }
+                Err(f) => {
+                    let state = if f.denied {
+                        JobState::Refused
+                    } else {
+                        JobState::Failed
+                    };
+                    let what = if f.vertex.is_empty() {
+                        f.cause
+                    } else {
+                        format!("vertex '{}': {}", f.vertex, f.cause)
+                    };
+                    failed = Some((state, format!("node {peer}: {what}")));
+                }
+            }
+        }
+        if let Some((state, why)) = failed {
+            self.end(shared, &r.job, state, Some(why));
+        } else if all_done {
+            self.end(shared, &r.job, JobState::Done, None);
+        }
+        Response::Ok
+    }
+
+    /// Adds node names to a status.
+    fn named(&self, mut s: JobStatus) -> JobStatus {
+        let nodes = self.nodes.lock();
+        for p in &mut s.parts {
+            if let Some(e) = p.node.parse::<PeerId>().ok().and_then(|id| nodes.get(&id)) {
+                p.name = e.info.name.clone();
+            }
+        }
+        s
+    }
+
+    pub(crate) fn status(&self, job: Option<&str>) -> Response {
+        let list: Vec<JobStatus> = {
+            let jobs = self.jobs.lock();
+            match job {
+                Some(id) => match jobs.get(id) {
+                    Some(j) => vec![j.status.clone()],
+                    None => return fail(FailureKind::NotFound, format!("no job {id}")),
+                },
+                None => {
+                    let mut v: Vec<JobStatus> = jobs.values().map(|j| j.status.clone()).collect();
+                    v.sort_by(|a, b| a.job.cmp(&b.job));
+                    v
+                }
+            }
+        };
+        Response::Status(list.into_iter().map(|s| self.named(s)).collect())
+    }
+
+    /// Waits until the job's version passes `after` (at most `max`), then its status.
+    pub(crate) async fn wait(&self, job: &str, after: u64, max: Duration) -> Response {
+        let rx = match self.jobs.lock().get(job) {
+            Some(j) => j.changed.subscribe(),
+            None => return fail(FailureKind::NotFound, format!("no job {job}")),
+        };
+        let mut rx = rx;
+        let _ = tokio::time::timeout(max, rx.wait_for(|v| *v > after)).await;
+        self.status(Some(job))
+    }
+
+    pub(crate) fn cancel(&self, shared: &Arc<Shared>, job: &str) -> Response {
+        match self.state(job) {
+            None => fail(FailureKind::NotFound, format!("no job {job}")),
+            Some(s) if s.is_final() => fail(
+                FailureKind::Input,
+                format!("job {job} has already ended ({s:?})"),
+            ),
+            Some(_) => {
+                self.end(shared, job, JobState::Cancelled, Some("cancelled".into()));
+                Response::Ok
+            }
+        }
+    }
+
+    /// Dispatches a broker request.
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        peer: PeerId,
+        request: Request,
+    ) -> Response {
+        match request {
+            Request::Missing { hashes } => self.missing(&hashes),
+            Request::Submit(s) => self.submit(shared, *s),
+            Request::Status { job } => self.status(job.as_deref()),
+            Request::Wait { job, after } => self.wait(&job, after, Duration::from_secs(10)).await,
+            Request::Cancel { job } => self.cancel(shared, &job),
+            Request::Register(info) => self.register(peer, info, shared.config.heartbeat),
+            Request::Heartbeat(load) => self.heartbeat(peer, load),
+            Request::Fetch { hash } => self.fetch(&hash),
+            Request::Report(r) => self.report(shared, peer, *r),
+            Request::Group => Response::Group(self.group(shared)),
+            Request::Prepare(_) | Request::Start { .. } | Request::Terminate { .. } => {
+                fail(FailureKind::Input, "not a broker request")
+            }
+        }
+    }
+}
+
+/// A job name made safe for a job id.
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if s.is_empty() { "job".into() } else { s }
+}

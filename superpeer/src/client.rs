@@ -1,0 +1,224 @@
+//! A client of a super-peer: what `mvm submit`, `status` and `cancel` use.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::profile::{Profile, parse_size};
+
+use crate::net::{Net, NetConfig, split_peer};
+use crate::proto::{
+    Failure, FailureKind, GroupInfo, JobStatus, LimitSpec, Request, Requirements, Response,
+    Submission,
+};
+
+/// A job profile read from disk, ready to send: the submission and its modules' bytes.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The submission (without module bytes).
+    pub submission: Submission,
+    /// Hash → bytes of every module.
+    pub modules: BTreeMap<String, Bytes>,
+}
+
+fn input(m: impl Into<String>) -> Failure {
+    Failure::new(FailureKind::Input, m)
+}
+
+/// Reads a profile, its topology and its modules; errors name the file (and line).
+///
+/// # Errors
+/// A file that cannot be read or a profile that is not valid.
+pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
+    let file = path.display().to_string();
+    let (profile, src) = Profile::load(path).map_err(|e| input(e.to_string()))?;
+    let limits = profile
+        .limits(&file, &src)
+        .map_err(|e| input(e.to_string()))?;
+    let topo_path = Profile::resolve(path, &profile.topology);
+    let topology = std::fs::read_to_string(&topo_path)
+        .map_err(|e| input(format!("{}: {e}", topo_path.display())))?;
+    let mut components = BTreeMap::new();
+    let mut modules = BTreeMap::new();
+    for (component, p) in &profile.components {
+        let p = Profile::resolve(path, p);
+        let bytes = std::fs::read(&p).map_err(|e| {
+            input(format!(
+                "{}: {e} (module of component '{component}')",
+                p.display()
+            ))
+        })?;
+        let hash = crate::modules::hash(&bytes);
+        components.insert(component.clone(), hash.clone());
+        modules.insert(hash, Bytes::from(bytes));
+    }
+    let r = &profile.requirements;
+    let memory_bytes = match &r.memory {
+        Some(m) => Some(parse_size(m).ok_or_else(|| {
+            input(format!(
+                "{file}: requirements.memory must be a size, not '{m}'"
+            ))
+        })?),
+        None => None,
+    };
+    if let Some(rank) = &r.rank {
+        crate::schedule::Rank::parse(rank).map_err(|e| input(format!("{file}: {e}")))?;
+    }
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Ok(Prepared {
+        submission: Submission {
+            name: profile.name.clone(),
+            owner: profile.owner.clone(),
+            domain: profile.domain.clone(),
+            topology_file: topo_path.display().to_string(),
+            topology,
+            components,
+            modules: Vec::new(),
+            parameters: profile.parameter_strings(),
+            queue: profile.queue.clone(),
+            limits: LimitSpec {
+                memory_bytes: Some(limits.memory_bytes as u64),
+                cpu_ms: limits.cpu.map(ms),
+                wall_ms: limits.wall.map(ms),
+            },
+            requirements: Requirements {
+                image: r.image.clone(),
+                vcpus: r.vcpus,
+                memory_bytes,
+                arch: r.arch.clone(),
+                rank: r.rank.clone(),
+                nodes: r.nodes,
+            },
+        },
+        modules,
+    })
+}
+
+/// A connection to a super-peer.
+#[derive(Debug, Clone)]
+pub struct Client {
+    net: Net,
+    broker: PeerId,
+    addrs: Vec<Multiaddr>,
+}
+
+impl Client {
+    /// A client of the super-peer at `addr` (`/…/p2p/PEER`), with a fresh identity.
+    ///
+    /// # Errors
+    /// A bad address, or the network cannot be set up.
+    pub async fn new(addr: &str) -> Result<Client, Failure> {
+        let (broker, a) = split_peer(addr).map_err(input)?;
+        let (net, _inbound) = Net::start(Keypair::generate_ed25519(), &NetConfig::default())
+            .await
+            .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+        Ok(Client {
+            net,
+            broker,
+            addrs: vec![a],
+        })
+    }
+
+    /// The super-peer's peer id.
+    pub fn broker(&self) -> PeerId {
+        self.broker
+    }
+
+    async fn call(&self, r: Request) -> Result<Response, Failure> {
+        self.net.call(self.broker, &self.addrs, r).await
+    }
+
+    /// Sends a job: asks which modules the broker lacks, then submits with those.
+    ///
+    /// # Errors
+    /// The broker's refusal, or a failure to reach it.
+    pub async fn submit(&self, job: &Prepared) -> Result<JobStatus, Failure> {
+        let hashes: Vec<String> = job.modules.keys().cloned().collect();
+        let missing = match self.call(Request::Missing { hashes }).await? {
+            Response::Missing { hashes } => hashes,
+            other => return Err(unexpected(&other)),
+        };
+        let mut s = job.submission.clone();
+        s.modules = missing
+            .iter()
+            .filter_map(|h| job.modules.get(h).cloned())
+            .collect();
+        match self.call(Request::Submit(Box::new(s))).await? {
+            Response::Submitted(st) => Ok(st),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The status of one job, or of all.
+    ///
+    /// # Errors
+    /// No such job, or the broker cannot be reached.
+    pub async fn status(&self, job: Option<&str>) -> Result<Vec<JobStatus>, Failure> {
+        match self
+            .call(Request::Status {
+                job: job.map(str::to_owned),
+            })
+            .await?
+        {
+            Response::Status(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The job's status once it changes after version `after` (or after a few seconds).
+    ///
+    /// # Errors
+    /// No such job, or the broker cannot be reached.
+    pub async fn wait(&self, job: &str, after: u64) -> Result<JobStatus, Failure> {
+        match self
+            .call(Request::Wait {
+                job: job.to_owned(),
+                after,
+            })
+            .await?
+        {
+            Response::Status(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Cancels a job.
+    ///
+    /// # Errors
+    /// No such job, it has ended, or the broker cannot be reached.
+    pub async fn cancel(&self, job: &str) -> Result<(), Failure> {
+        match self
+            .call(Request::Cancel {
+                job: job.to_owned(),
+            })
+            .await?
+        {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The group as the super-peer sees it.
+    ///
+    /// # Errors
+    /// The broker cannot be reached.
+    pub async fn group(&self) -> Result<GroupInfo, Failure> {
+        match self.call(Request::Group).await? {
+            Response::Group(g) => Ok(g),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(r: &Response) -> Failure {
+    Failure::new(
+        FailureKind::Failed,
+        format!("unexpected answer from the super-peer: {r:?}")
+            .chars()
+            .take(200)
+            .collect::<String>(),
+    )
+}

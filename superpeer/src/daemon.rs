@@ -1,0 +1,363 @@
+//! An MVM daemon: a node, a super-peer (broker), or both, on one libp2p swarm.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::runtime::{Runtime, RuntimeConfig};
+use mvm_queue::Controller;
+use mvm_queue::codec::Registry;
+use mvm_queue::controller::Limits as QueueLimits;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::mpsc;
+
+use crate::broker::Broker;
+use crate::modules::ModuleStore;
+use crate::net::{Inbound, Net, NetConfig};
+use crate::node::{self, NodeRole};
+use crate::proto::{
+    Failure, FailureKind, GroupInfo, Member, NodeInfo, NodeLoad, Request, Response,
+};
+
+/// How a daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Its name (for people; the peer id is the identity).
+    pub name: String,
+    /// Its group.
+    pub group: String,
+    /// Its domain.
+    pub domain: String,
+    /// Whether it starts as the group's super-peer (broker).
+    pub broker: bool,
+    /// Super-peer addresses (`/…/p2p/PEER`) to register with; ignored by a super-peer.
+    pub bootstrap: Vec<String>,
+    /// Vertex slots (0: runs no vertices, e.g. a pure super-peer).
+    pub slots: u32,
+    /// Whether it may be elected super-peer.
+    pub eligible: bool,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Silence after which a node is lost.
+    pub lost_after: Duration,
+    /// Compiled-module cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Where a super-peer keeps module bytes.
+    pub module_dir: Option<PathBuf>,
+    /// Image ids this node offers.
+    pub images: Vec<String>,
+    /// The network.
+    pub net: NetConfig,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            name: "node".into(),
+            group: "default".into(),
+            domain: "default".into(),
+            broker: false,
+            bootstrap: Vec::new(),
+            slots: 1024,
+            eligible: true,
+            heartbeat: Duration::from_millis(500),
+            lost_after: Duration::from_secs(3),
+            cache_dir: None,
+            module_dir: None,
+            images: vec!["host".into()],
+            net: NetConfig::default(),
+        }
+    }
+}
+
+/// What every part of a daemon shares.
+pub(crate) struct Shared {
+    pub(crate) net: Net,
+    pub(crate) config: DaemonConfig,
+    pub(crate) node: NodeRole,
+    pub(crate) broker: RwLock<Option<Arc<Broker>>>,
+    /// The super-peer this node registers with.
+    pub(crate) superpeer: RwLock<Option<(PeerId, Vec<Multiaddr>)>>,
+    /// The group's members as last heard from the super-peer.
+    pub(crate) members: Mutex<Vec<Member>>,
+}
+
+impl Shared {
+    /// Sends a control request to `peer`, or handles it here when `peer` is this daemon (a
+    /// super-peer that also runs vertices talks to itself without the network).
+    pub(crate) async fn call(
+        self: &Arc<Self>,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        request: Request,
+    ) -> Result<Response, Failure> {
+        if peer == self.net.peer() {
+            match Box::pin(handle(self, peer, request)).await {
+                Response::Error(f) => Err(f),
+                r => Ok(r),
+            }
+        } else {
+            self.net.call(peer, addrs, request).await
+        }
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    inbound: mpsc::Receiver<Inbound>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("peer", &self.shared.net.peer())
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Starts the swarm and the roles; call [`Daemon::run`] to serve.
+    ///
+    /// # Errors
+    /// The network, the runtime, or a bootstrap address cannot be set up.
+    pub async fn start(key: Keypair, config: DaemonConfig) -> Result<Daemon, String> {
+        let superpeer = match (config.broker, config.bootstrap.first()) {
+            (true, _) => None,
+            (false, None) => return Err("a node needs a super-peer address (--bootstrap)".into()),
+            (false, Some(_)) => {
+                let mut first = None;
+                for b in &config.bootstrap {
+                    let (peer, addr) = crate::net::split_peer(b)?;
+                    first.get_or_insert((peer, vec![addr]));
+                }
+                first
+            }
+        };
+        let runtime = if config.slots > 0 {
+            Some(
+                Runtime::new(&RuntimeConfig {
+                    cache_dir: config.cache_dir.clone(),
+                    max_instances: config.slots,
+                    ..RuntimeConfig::default()
+                })
+                .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        let (net, inbound) = Net::start(key, &config.net).await?;
+        let broker = config
+            .broker
+            .then(|| Arc::new(Broker::new(ModuleStore::new(config.module_dir.clone()))));
+        let queues = Controller::new(QueueLimits::default(), Arc::new(Registry::new()));
+        let shared = Arc::new(Shared {
+            net,
+            node: NodeRole::new(runtime, queues),
+            broker: RwLock::new(broker),
+            superpeer: RwLock::new(superpeer),
+            members: Mutex::new(Vec::new()),
+            config,
+        });
+        Ok(Daemon { shared, inbound })
+    }
+
+    /// The daemon's peer id.
+    pub fn peer(&self) -> PeerId {
+        self.shared.net.peer()
+    }
+
+    /// Its addresses with `/p2p/PEER`.
+    pub fn dial_addrs(&self) -> Vec<String> {
+        self.shared.net.dial_addrs()
+    }
+
+    /// Serves until `shutdown` completes, then ends every job held.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let shared = self.shared.clone();
+        if shared.config.broker && shared.config.slots > 0 {
+            // A super-peer that runs vertices registers with itself.
+            *shared.superpeer.write() = Some((shared.net.peer(), Vec::new()));
+        }
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(node::accept_streams(shared.clone()));
+        if shared.config.slots > 0 {
+            background.spawn(membership(shared.clone()));
+        }
+        background.spawn(sweeper(shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                inbound = self.inbound.recv() => match inbound {
+                    Some(i) => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            let response = handle(&shared, i.peer, i.request.clone()).await;
+                            i.reply(response).await;
+                        });
+                    }
+                    None => break,
+                },
+            }
+        }
+        background.abort_all();
+        node::terminate_all(&shared);
+    }
+}
+
+fn unavailable(m: impl Into<String>) -> Response {
+    Response::Error(Failure::new(FailureKind::Unavailable, m))
+}
+
+async fn handle(shared: &Arc<Shared>, peer: PeerId, request: Request) -> Response {
+    match request {
+        Request::Prepare(spec) => {
+            if !from_superpeer(shared, peer) {
+                return refused(peer);
+            }
+            node::prepare(shared, peer, *spec).await
+        }
+        Request::Start { job } => node::start(shared, peer, &job),
+        Request::Terminate { job, reason } => node::terminate(shared, peer, &job, &reason),
+        Request::Group => {
+            let broker = shared.broker.read().clone();
+            match broker {
+                Some(b) => Response::Group(b.group(shared)),
+                None => Response::Group(node_view(shared)),
+            }
+        }
+        other => {
+            let broker = shared.broker.read().clone();
+            match broker {
+                Some(b) => b.handle(shared, peer, other).await,
+                None => {
+                    let sp = shared.superpeer.read().clone();
+                    unavailable(match sp {
+                        Some((p, _)) => format!(
+                            "{} is not the super-peer of group {}; {p} is",
+                            shared.net.peer(),
+                            shared.config.group
+                        ),
+                        None => format!("{} is not a super-peer", shared.net.peer()),
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn refused(peer: PeerId) -> Response {
+    Response::Error(Failure::new(
+        FailureKind::Refused,
+        format!("{peer} is not this node's super-peer"),
+    ))
+}
+
+/// Whether `peer` is the super-peer this node serves (or this daemon itself is the broker).
+fn from_superpeer(shared: &Shared, peer: PeerId) -> bool {
+    peer == shared.net.peer()
+        || shared
+            .superpeer
+            .read()
+            .as_ref()
+            .is_some_and(|(p, _)| *p == peer)
+}
+
+fn node_view(shared: &Shared) -> GroupInfo {
+    let sp = shared.superpeer.read().clone();
+    GroupInfo {
+        group: shared.config.group.clone(),
+        broker: sp.as_ref().map(|(p, _)| p.to_string()),
+        broker_addrs: sp
+            .map(|(p, a)| {
+                a.iter()
+                    .map(|a| crate::net::with_peer(a, p).to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        is_broker: false,
+        nodes: Vec::new(),
+    }
+}
+
+/// This node's properties now.
+fn load(shared: &Shared) -> NodeLoad {
+    use mvm_os::probe::{FreeMemory, Load, Probe};
+    let interval = shared.config.heartbeat;
+    let free = FreeMemory { interval }.sample().unwrap_or(0.0);
+    let load = Load { interval }.sample().unwrap_or(0.0);
+    NodeLoad {
+        free_memory_bytes: free as u64,
+        load,
+        vertices: shared.node.vertices(),
+    }
+}
+
+fn info(shared: &Shared) -> NodeInfo {
+    let c = &shared.config;
+    NodeInfo {
+        name: c.name.clone(),
+        group: c.group.clone(),
+        domain: c.domain.clone(),
+        addrs: shared.net.dial_addrs(),
+        cpus: std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+        memory_bytes: mvm_os::probe::total_memory().unwrap_or(0),
+        arch: std::env::consts::ARCH.to_owned(),
+        images: c.images.clone(),
+        slots: c.slots,
+        eligible: c.eligible,
+        load: load(shared),
+    }
+}
+
+/// Registers with the super-peer and sends heartbeats; registers again when the super-peer
+/// has forgotten this node.
+async fn membership(shared: Arc<Shared>) {
+    let mut registered = false;
+    let mut tick = tokio::time::interval(shared.config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some((sp, addrs)) = shared.superpeer.read().clone() else {
+            continue;
+        };
+        let request = if registered {
+            Request::Heartbeat(load(&shared))
+        } else {
+            Request::Register(info(&shared))
+        };
+        match shared.call(sp, &addrs, request).await {
+            Ok(Response::Registered { members, .. }) => {
+                registered = true;
+                tracing::info!(superpeer = %sp, "registered");
+                *shared.members.lock() = members;
+            }
+            Ok(Response::Heartbeat { known, members }) => {
+                registered = known;
+                *shared.members.lock() = members;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                registered = false;
+                tracing::debug!(superpeer = %sp, error = %e, "super-peer did not answer");
+            }
+        }
+    }
+}
+
+/// The broker's membership sweep.
+async fn sweeper(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat);
+    loop {
+        tick.tick().await;
+        let broker = shared.broker.read().clone();
+        if let Some(b) = broker {
+            b.sweep(&shared, shared.config.lost_after);
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! Module bytes by content hash, as the broker keeps them for nodes to fetch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+
+/// A content-addressed store of module bytes: in memory, and in a directory when given.
+#[derive(Debug, Default)]
+pub struct ModuleStore {
+    dir: Option<PathBuf>,
+    memory: Mutex<HashMap<String, Bytes>>,
+}
+
+/// The content hash of module bytes (SHA-256, lowercase hex; the same as the component
+/// layer's cache key).
+pub fn hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl ModuleStore {
+    /// A store kept in `dir` (created when missing) or only in memory.
+    pub fn new(dir: Option<PathBuf>) -> ModuleStore {
+        ModuleStore {
+            dir,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds module bytes; returns their hash.
+    pub fn put(&self, bytes: Bytes) -> String {
+        let h = hash(&bytes);
+        if let Some(dir) = &self.dir {
+            let path = dir.join(&h);
+            if !path.exists() {
+                let tmp = dir.join(format!("{h}.tmp{}", std::process::id()));
+                let written = std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(&tmp, &bytes))
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = written {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot keep a module on disk");
+                }
+            }
+        }
+        self.memory.lock().insert(h.clone(), bytes);
+        h
+    }
+
+    /// The bytes of `hash`, if held (checked against the hash when read from disk).
+    pub fn get(&self, hash: &str) -> Option<Bytes> {
+        if let Some(b) = self.memory.lock().get(hash) {
+            return Some(b.clone());
+        }
+        let bytes = Bytes::from(std::fs::read(self.dir.as_ref()?.join(hash)).ok()?);
+        if self::hash(&bytes) != hash {
+            tracing::warn!(hash, "a module on disk does not match its hash; ignored");
+            return None;
+        }
+        self.memory.lock().insert(hash.to_owned(), bytes.clone());
+        Some(bytes)
+    }
+
+    /// Whether `hash` is held.
+    pub fn has(&self, hash: &str) -> bool {
+        self.memory.lock().contains_key(hash)
+            || self.dir.as_ref().is_some_and(|d| d.join(hash).exists())
+    }
+}

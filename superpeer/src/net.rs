@@ -1,0 +1,454 @@
+//! The libp2p side of a daemon: one task owns the swarm; everything else talks to it through a
+//! [`Net`] handle (requests out, addresses) and an [`Inbound`] channel (requests in).
+//!
+//! Transports: TCP with noise and yamux, and QUIC. Behaviours: identify, ping, the control
+//! request-response protocol ([`crate::proto`]), and plain streams for queue data
+//! (`libp2p-stream`). Every inbound request is validated before it reaches the daemon; an
+//! invalid one is answered with an input error and never acted on.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::proto::{self, Failure, FailureKind, Request, Response};
+
+/// How a daemon's network is set up.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Addresses to listen on (e.g. `/ip4/127.0.0.1/tcp/0`, `/ip4/127.0.0.1/udp/0/quic-v1`).
+    pub listen: Vec<Multiaddr>,
+    /// How long a control request may take before it fails.
+    pub request_timeout: Duration,
+    /// The largest control message.
+    pub max_frame: usize,
+    /// How long an unused connection stays open.
+    pub idle_timeout: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            listen: Vec::new(),
+            request_timeout: Duration::from_secs(60),
+            max_frame: proto::MAX_FRAME,
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A request that failed on the way (not an error answer from the peer).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("peer {peer}: {message}")]
+pub struct NetError {
+    /// The peer.
+    pub peer: PeerId,
+    /// What went wrong.
+    pub message: String,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    control: request_response::Behaviour<proto::Codec>,
+    stream: libp2p_stream::Behaviour,
+}
+
+enum Command {
+    Request {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel<Response>,
+        response: Response,
+    },
+    Disconnect {
+        peer: PeerId,
+    },
+}
+
+/// A handle on a running swarm; cheap to clone.
+#[derive(Clone)]
+pub struct Net {
+    commands: mpsc::Sender<Command>,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("peer", &self.peer)
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request from a peer; answer it with [`Inbound::reply`] (dropping it answers nothing, and
+/// the peer sees its request fail).
+pub struct Inbound {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// What it asks (already validated).
+    pub request: Request,
+    channel: ResponseChannel<Response>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("peer", &self.peer)
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// Sends the answer.
+    pub async fn reply(self, response: Response) {
+        let _ = self
+            .commands
+            .send(Command::Respond {
+                channel: self.channel,
+                response,
+            })
+            .await;
+    }
+}
+
+/// Adds `/p2p/PEER` to an address that lacks it.
+pub fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
+    if addr
+        .iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+    {
+        addr.clone()
+    } else {
+        addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer))
+    }
+}
+
+/// Splits `/…/p2p/PEER` into the peer and the address.
+///
+/// # Errors
+/// The text is not a multiaddress ending in `/p2p/PEER`.
+pub fn split_peer(text: &str) -> Result<(PeerId, Multiaddr), String> {
+    let addr: Multiaddr = text
+        .parse()
+        .map_err(|e| format!("'{text}' is not a multiaddress: {e}"))?;
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok((peer, base)),
+        _ => Err(format!("'{text}' does not end in /p2p/PEER-ID")),
+    }
+}
+
+impl Net {
+    /// Builds the swarm, starts listening, and runs it on a task; returns once every listener
+    /// has an address. Inbound requests arrive on the returned channel.
+    ///
+    /// # Errors
+    /// A transport cannot be set up or an address cannot be listened on.
+    pub async fn start(
+        key: Keypair,
+        config: &NetConfig,
+    ) -> Result<(Net, mpsc::Receiver<Inbound>), String> {
+        let max_frame = config.max_frame;
+        let timeout = config.request_timeout;
+        let idle = config.idle_timeout;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| format!("cannot set up TCP: {e}"))?
+            .with_quic()
+            .with_behaviour(|key| Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/mvm/1".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                control: request_response::Behaviour::with_codec(
+                    proto::Codec { max_frame },
+                    [(proto::PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(timeout)
+                        .with_max_concurrent_streams(4096),
+                ),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+            .map_err(|e| format!("cannot set up the behaviours: {e}"))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build();
+        let mut pending = Vec::new();
+        for a in &config.listen {
+            pending.push(
+                swarm
+                    .listen_on(a.clone())
+                    .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+            );
+        }
+        let mut addrs = Vec::new();
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        while !pending.is_empty() {
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::NewListenAddr { listener_id, address } => {
+                        pending.retain(|l| *l != listener_id);
+                        addrs.push(address);
+                    }
+                    SwarmEvent::ListenerClosed { reason, .. } => {
+                        return Err(format!("a listener closed: {reason:?}"));
+                    }
+                    SwarmEvent::ListenerError { error, .. } => {
+                        return Err(format!("a listener failed: {error}"));
+                    }
+                    _ => {}
+                },
+                () = &mut deadline => return Err("no listen address after 10 s".into()),
+            }
+        }
+        let streams = swarm.behaviour().stream.new_control();
+        let peer = *swarm.local_peer_id();
+        let (commands, rx) = mpsc::channel(1024);
+        let (inbound_tx, inbound) = mpsc::channel(1024);
+        let actor = Actor {
+            swarm,
+            commands: rx,
+            inbound: inbound_tx,
+            self_commands: commands.clone(),
+            pending: HashMap::new(),
+        };
+        tokio::spawn(actor.run());
+        Ok((
+            Net {
+                commands,
+                peer,
+                addrs,
+                streams,
+            },
+            inbound,
+        ))
+    }
+
+    /// This daemon's peer id.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The addresses it listens on (without `/p2p/`).
+    pub fn addrs(&self) -> &[Multiaddr] {
+        &self.addrs
+    }
+
+    /// The addresses as strings with `/p2p/PEER`, for others to dial.
+    pub fn dial_addrs(&self) -> Vec<String> {
+        self.addrs
+            .iter()
+            .map(|a| with_peer(a, self.peer).to_string())
+            .collect()
+    }
+
+    /// A handle for opening and accepting queue-data streams.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
+    }
+
+    /// Sends `request` to `peer` (dialing `addrs` if not connected) and waits for the answer.
+    /// An error answer from the peer is returned as `Ok(Response::Error(..))`.
+    ///
+    /// # Errors
+    /// The request could not be delivered or answered (dial failure, timeout, closed stream,
+    /// invalid response).
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        request: Request,
+    ) -> Result<Response, NetError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || NetError {
+            peer,
+            message: "the network task has stopped".into(),
+        };
+        self.commands
+            .send(Command::Request {
+                peer,
+                addrs: addrs.to_vec(),
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// As [`Net::request`], turning an error answer into `Err` too.
+    ///
+    /// # Errors
+    /// A failure on the way, or the peer's error answer.
+    pub async fn call(
+        &self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        request: Request,
+    ) -> Result<Response, Failure> {
+        match self.request(peer, addrs, request).await {
+            Ok(Response::Error(f)) => Err(f),
+            Ok(r) => Ok(r),
+            Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+        }
+    }
+
+    /// Closes every connection to `peer` (used when a peer is declared lost).
+    pub async fn disconnect(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::Disconnect { peer }).await;
+    }
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Sender<Inbound>,
+    self_commands: mpsc::Sender<Command>,
+    pending: HashMap<OutboundRequestId, (PeerId, oneshot::Sender<Result<Response, NetError>>)>,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => return,
+                },
+                ev = self.swarm.select_next_some() => self.event(ev),
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Request {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a);
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .control
+                    .send_request(&peer, request);
+                self.pending.insert(id, (peer, reply));
+            }
+            Command::Respond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .control
+                    .send_response(channel, response);
+            }
+            Command::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        let SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) = ev else {
+            return;
+        };
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    if let Err(e) = request.validate() {
+                        let response = Response::Error(Failure::new(
+                            FailureKind::Input,
+                            format!("invalid request from {peer}: {e}"),
+                        ));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_response(channel, response);
+                        return;
+                    }
+                    let inbound = Inbound {
+                        peer,
+                        request,
+                        channel,
+                        commands: self.self_commands.clone(),
+                    };
+                    if let Err(e) = self.inbound.try_send(inbound) {
+                        let inbound = match e {
+                            mpsc::error::TrySendError::Full(i)
+                            | mpsc::error::TrySendError::Closed(i) => i,
+                        };
+                        let response = Response::Error(Failure::new(
+                            FailureKind::Unavailable,
+                            "this daemon is too busy to take the request",
+                        ));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_response(inbound.channel, response);
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((peer, reply)) = self.pending.remove(&request_id) {
+                        let r = response
+                            .validate()
+                            .map(|()| response)
+                            .map_err(|e| NetError {
+                                peer,
+                                message: format!("invalid response: {e}"),
+                            });
+                        let _ = reply.send(r);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError {
+                        peer,
+                        message: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound control request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}

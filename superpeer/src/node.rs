@@ -1,0 +1,563 @@
+//! The node role: holds no job state until the broker wakes it with a part to prepare, then
+//! runs that part (compiling modules it lacks after fetching them from the broker), carries
+//! its remote channels over libp2p streams, reports, and removes everything on termination.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::AsyncWriteExt;
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::runtime::{AllowAll, JobSpec, Limits, Prepared, Runtime};
+use mvm_component::topology::{Diagnostic, Error as TopologyError, Options, Topology};
+use mvm_queue::Controller;
+use mvm_queue::queue::Sender;
+use mvm_queue::remote::{self, Options as RemoteOptions};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+use crate::daemon::Shared;
+use crate::proto::{
+    Failure, FailureKind, LimitSpec, PartReport, PartResult, PartSpec, Request, Response,
+    StreamHeader, Traffic, VertexFailure,
+};
+
+/// How one remote channel ended: `(vertex, port, remote, items, bytes)` or why it failed.
+type LinkResult = Result<(String, String, bool, u64, u64), String>;
+
+struct NodeJob {
+    /// The broker that woke it (only it may start or end the job).
+    broker: PeerId,
+    parts: Vec<(PeerId, Vec<Multiaddr>)>,
+    prepared: Option<Prepared>,
+    /// Remote inputs waiting for their stream: (vertex, port, source peer) → sender.
+    inputs: HashMap<(String, String, PeerId), Sender<Bytes>>,
+    links: mpsc::Sender<LinkResult>,
+    links_rx: Option<mpsc::Receiver<LinkResult>>,
+    expected_links: usize,
+    tasks: Vec<AbortHandle>,
+    vertices: u32,
+}
+
+/// A node's job table, runtime and queues.
+pub(crate) struct NodeRole {
+    runtime: Option<Runtime>,
+    pub(crate) queues: Controller,
+    jobs: Mutex<HashMap<String, NodeJob>>,
+}
+
+impl NodeRole {
+    pub(crate) fn new(runtime: Option<Runtime>, queues: Controller) -> NodeRole {
+        NodeRole {
+            runtime,
+            queues,
+            jobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Vertices of the jobs held now.
+    pub(crate) fn vertices(&self) -> u32 {
+        self.jobs.lock().values().map(|j| j.vertices).sum()
+    }
+}
+
+fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
+    Response::Error(Failure::new(kind, m))
+}
+
+/// Turns the profile's limits into the runtime's.
+pub(crate) fn limits(spec: &LimitSpec) -> Result<Limits, String> {
+    let mut l = Limits::default();
+    if let Some(m) = spec.memory_bytes {
+        if m < 64 << 10 {
+            return Err(format!("a memory limit of {m} bytes is under 64KiB"));
+        }
+        l.memory_bytes = usize::try_from(m).map_err(|_| "the memory limit is too large")?;
+    }
+    l.cpu = spec.cpu_ms.map(std::time::Duration::from_millis);
+    l.wall = spec.wall_ms.map(std::time::Duration::from_millis);
+    Ok(l)
+}
+
+/// Parses a topology sent in a message, with the file name in errors.
+pub(crate) fn parse_topology(
+    file: &str,
+    text: &str,
+    queue: &mvm_queue::queue::Config,
+    codecs: &mvm_queue::codec::Registry,
+) -> Result<Topology, String> {
+    Topology::parse(
+        text,
+        &Options {
+            codecs,
+            queue_defaults: queue.clone(),
+        },
+    )
+    .map_err(|diagnostics: Vec<Diagnostic>| {
+        TopologyError {
+            file: file.to_owned(),
+            diagnostics,
+        }
+        .to_string()
+    })
+}
+
+/// Handles `Prepare`: parse, fetch and compile modules, check, create queues. Nothing runs.
+pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) -> Response {
+    let role = &shared.node;
+    let Some(runtime) = role.runtime.as_ref() else {
+        return fail(FailureKind::Unavailable, "this daemon runs no vertices");
+    };
+    if role.jobs.lock().contains_key(&spec.job) {
+        return fail(
+            FailureKind::Input,
+            format!("job {} is already here", spec.job),
+        );
+    }
+    let codecs = role.queues.codecs().clone();
+    let topology = match parse_topology(&spec.topology_file, &spec.topology, &spec.queue, &codecs) {
+        Ok(t) => t,
+        Err(e) => return fail(FailureKind::Input, e),
+    };
+    if spec.placement.len() != topology.vertices.len() {
+        return fail(
+            FailureKind::Input,
+            format!(
+                "the placement names {} vertices, {} has {}",
+                spec.placement.len(),
+                spec.topology_file,
+                topology.vertices.len()
+            ),
+        );
+    }
+    let limits = match limits(&spec.limits) {
+        Ok(l) => l,
+        Err(e) => return fail(FailureKind::Input, e),
+    };
+    let mut parts = Vec::new();
+    for m in &spec.parts {
+        let peer: PeerId = match m.peer.parse() {
+            Ok(p) => p,
+            Err(_) => return fail(FailureKind::Input, format!("bad peer id '{}'", m.peer)),
+        };
+        let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        parts.push((peer, addrs));
+    }
+    // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
+    let mut modules = HashMap::new();
+    for (component, hash) in &spec.components {
+        let module = match runtime.cache().get(hash) {
+            Some(m) => m,
+            None => {
+                let bytes = match shared
+                    .call(from, &[], Request::Fetch { hash: hash.clone() })
+                    .await
+                {
+                    Ok(Response::Module(b)) => b,
+                    Ok(_) => return fail(FailureKind::Failed, "the broker sent no module"),
+                    Err(e) => {
+                        return fail(
+                            FailureKind::Failed,
+                            format!("cannot fetch module {hash} of '{component}': {e}"),
+                        );
+                    }
+                };
+                if crate::modules::hash(&bytes) != *hash {
+                    return fail(
+                        FailureKind::Failed,
+                        format!("module of '{component}' does not match its hash {hash}"),
+                    );
+                }
+                match runtime.cache().load(component, &bytes) {
+                    Ok((m, _, _)) => m,
+                    Err(e) => return fail(FailureKind::Input, e.to_string()),
+                }
+            }
+        };
+        modules.insert(component.clone(), module);
+    }
+    let job = JobSpec {
+        id: spec.job.clone(),
+        topology: &topology,
+        modules,
+        params: spec.parameters.clone(),
+        limits,
+    };
+    let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
+    let here = spec.here as usize;
+    let mut prepared = match runtime.prepare(&job, &role.queues, &AllowAll, &placement, here) {
+        Ok(p) => p,
+        Err(e) => {
+            let kind = if e.denied {
+                FailureKind::Refused
+            } else {
+                FailureKind::Input
+            };
+            return fail(kind, e.to_string());
+        }
+    };
+    let mut inputs = HashMap::new();
+    for i in std::mem::take(&mut prepared.remote_inputs) {
+        inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
+    }
+    let expected_links = inputs.len() + prepared.remote_outputs.len();
+    let (links, links_rx) = mpsc::channel(expected_links.max(1));
+    let vertices = u32::try_from(prepared.vertices().count()).unwrap_or(u32::MAX);
+    let mut jobs = role.jobs.lock();
+    if jobs.contains_key(&spec.job) {
+        role.queues.destroy_job(&spec.job);
+        return fail(
+            FailureKind::Input,
+            format!("job {} is already here", spec.job),
+        );
+    }
+    jobs.insert(
+        spec.job.clone(),
+        NodeJob {
+            broker: from,
+            parts,
+            prepared: Some(prepared),
+            inputs,
+            links,
+            links_rx: Some(links_rx),
+            expected_links,
+            tasks: Vec::new(),
+            vertices,
+        },
+    );
+    Response::Ok
+}
+
+/// Handles `Start`: opens the outgoing channels and runs the local vertices.
+pub(crate) fn start(shared: &Arc<Shared>, from: PeerId, job: &str) -> Response {
+    let mut jobs = shared.node.jobs.lock();
+    let Some(j) = jobs.get_mut(job) else {
+        return fail(
+            FailureKind::NotFound,
+            format!("job {job} is not prepared here"),
+        );
+    };
+    if j.broker != from {
+        return fail(
+            FailureKind::Refused,
+            format!("job {job} was not placed by {from}"),
+        );
+    }
+    let (Some(mut prepared), Some(links_rx)) = (j.prepared.take(), j.links_rx.take()) else {
+        return fail(FailureKind::Input, format!("job {job} has already started"));
+    };
+    for out in std::mem::take(&mut prepared.remote_outputs) {
+        let (peer, addrs) = j.parts[out.to].clone();
+        let links = j.links.clone();
+        let mut control = shared.net.streams();
+        let net = shared.net.clone();
+        let header = StreamHeader {
+            job: job.to_owned(),
+            vertex: out.vertex.clone(),
+            port: out.port.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let r: LinkResult = async {
+                if !addrs.is_empty() {
+                    // Make the addresses known to the swarm so the stream can dial.
+                    let _ = net.request(peer, &addrs, Request::Group).await;
+                }
+                let s = open_channel(&mut control, peer, &header).await?;
+                let rep =
+                    remote::export_stream(&out.receiver, s.compat(), &RemoteOptions::default())
+                        .await
+                        .map_err(|e| {
+                            format!("channel to {}:{} on {peer}: {e}", out.vertex, out.port)
+                        })?;
+                Ok((out.vertex, out.port, true, rep.items, rep.bytes))
+            }
+            .await;
+            let _ = links.try_send(r);
+        });
+        j.tasks.push(task.abort_handle());
+    }
+    let expected = j.expected_links;
+    let shared2 = shared.clone();
+    let job_id = job.to_owned();
+    let broker = j.broker;
+    let task = tokio::spawn(async move {
+        let outcome = supervise(&shared2, &job_id, prepared, links_rx, expected).await;
+        let report = PartReport {
+            job: job_id.clone(),
+            outcome,
+        };
+        if let Err(e) = shared2
+            .call(broker, &[], Request::Report(Box::new(report)))
+            .await
+        {
+            tracing::warn!(job = %job_id, error = %e, "cannot report to the broker");
+        }
+    });
+    j.tasks.push(task.abort_handle());
+    Response::Ok
+}
+
+/// The acceptor's answer to a stream header: the channel is expected.
+const ACK_OK: u8 = 0;
+/// The acceptor's answer to a stream header: no such channel here.
+const ACK_UNKNOWN: u8 = 1;
+
+/// Opens the stream of one remote channel and waits for the acceptor's acknowledgement.
+///
+/// libp2p-stream drops an inbound stream when its acceptor is busy, so a stream that closes
+/// before the acknowledgement is opened again (a bounded number of times).
+async fn open_channel(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    header: &StreamHeader,
+) -> Result<libp2p::Stream, String> {
+    let mut last = String::new();
+    for attempt in 0..50u64 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2 * attempt)).await;
+        }
+        let mut s = match control
+            .open_stream(peer, crate::proto::QUEUE_PROTOCOL)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("cannot open a stream to {peer}: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = crate::proto::write_frame(&mut s, header, crate::proto::MAX_HEADER).await {
+            last = format!("stream to {peer}: {e}");
+            continue;
+        }
+        let mut ack = [0u8; 1];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::AsyncReadExt::read_exact(&mut s, &mut ack),
+        )
+        .await;
+        match read {
+            Ok(Ok(())) if ack[0] == ACK_OK => return Ok(s),
+            Ok(Ok(())) => {
+                return Err(format!(
+                    "{peer} expects no channel into {}:{} of job {}",
+                    header.vertex, header.port, header.job
+                ));
+            }
+            Ok(Err(e)) => last = format!("stream to {peer}: {e}"),
+            Err(_) => last = format!("stream to {peer}: no acknowledgement within 10 s"),
+        }
+    }
+    Err(last)
+}
+
+/// Runs the local vertices and waits for every remote channel; collects what moved.
+async fn supervise(
+    shared: &Arc<Shared>,
+    job: &str,
+    prepared: Prepared,
+    mut links: mpsc::Receiver<LinkResult>,
+    expected: usize,
+) -> Result<PartResult, VertexFailure> {
+    let start = Instant::now();
+    let run = prepared.run();
+    tokio::pin!(run);
+    let mut report = None;
+    let mut remote: Vec<(String, String, bool, u64, u64)> = Vec::new();
+    let broken = |cause: String| VertexFailure {
+        vertex: String::new(),
+        cause,
+        denied: false,
+    };
+    while report.is_none() || remote.len() < expected {
+        tokio::select! {
+            r = &mut run, if report.is_none() => match r {
+                Ok(r) => report = Some(r),
+                Err(e) => return Err(VertexFailure { vertex: e.vertex, cause: e.cause, denied: e.denied }),
+            },
+            l = links.recv(), if remote.len() < expected => match l {
+                Some(Ok(l)) => remote.push(l),
+                Some(Err(e)) => return Err(broken(e)),
+                None => return Err(broken("the job was ended".into())),
+            },
+        }
+    }
+    let Some(report) = report else {
+        return Err(broken("no report".into()));
+    };
+    // Traffic: local input queues count everything that entered; what came over a stream is
+    // remote, the rest local. Outboxes are counted by their exporters.
+    let queues = &shared.node.queues;
+    let mut traffic: BTreeMap<(String, String, bool), (u64, u64)> = BTreeMap::new();
+    let prefix = format!("{job}/");
+    for s in queues.list(Some(job)) {
+        let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
+        let Some(h) = queues.get(job, name) else {
+            continue;
+        };
+        let kind = h.queue.config().kind.as_str().to_owned();
+        let codec = h.codec.name().to_owned();
+        if name.ends_with(">out") {
+            let e = traffic.entry((kind, codec, true)).or_default();
+            e.0 += s.items_in;
+            e.1 += s.bytes_in;
+        } else {
+            let (ri, rb) = remote_into(&remote, name);
+            let e = traffic.entry((kind, codec, false)).or_default();
+            e.0 += s.items_in.saturating_sub(ri);
+            e.1 += s.bytes_in.saturating_sub(rb);
+        }
+    }
+    Ok(PartResult {
+        outputs: report
+            .vertices
+            .into_iter()
+            .map(|v| (v.vertex, v.stdout))
+            .collect(),
+        traffic: traffic
+            .into_iter()
+            .map(|((kind, codec, remote), (items, bytes))| Traffic {
+                kind,
+                codec,
+                remote,
+                items,
+                bytes,
+            })
+            .collect(),
+        wall_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Items and bytes that reached local queue `name` (`vertex:port`) over streams.
+fn remote_into(links: &[(String, String, bool, u64, u64)], name: &str) -> (u64, u64) {
+    links
+        .iter()
+        .filter(|(v, p, out, _, _)| {
+            !out && name.len() == v.len() + 1 + p.len()
+                && name.starts_with(v.as_str())
+                && name.ends_with(p.as_str())
+        })
+        .fold((0, 0), |(i, b), l| (i + l.3, b + l.4))
+}
+
+/// Handles `Terminate`: stops whatever runs and removes the job's queues.
+pub(crate) fn terminate(shared: &Arc<Shared>, from: PeerId, job: &str, reason: &str) -> Response {
+    let mut jobs = shared.node.jobs.lock();
+    match jobs.get(job) {
+        None => return Response::Ok,
+        Some(j) if j.broker != from => {
+            return fail(
+                FailureKind::Refused,
+                format!("job {job} was not placed by {from}"),
+            );
+        }
+        Some(_) => {}
+    }
+    if let Some(j) = jobs.remove(job) {
+        for t in &j.tasks {
+            t.abort();
+        }
+        drop(j);
+        let left = shared.node.queues.destroy_job(job);
+        tracing::debug!(job, reason, queues = left.len(), "job terminated");
+    }
+    Response::Ok
+}
+
+/// Ends every job held (the daemon is shutting down).
+pub(crate) fn terminate_all(shared: &Arc<Shared>) {
+    let jobs: Vec<(String, NodeJob)> = shared.node.jobs.lock().drain().collect();
+    for (id, j) in jobs {
+        for t in &j.tasks {
+            t.abort();
+        }
+        shared.node.queues.destroy_job(&id);
+    }
+}
+
+/// Accepts queue-data streams: reads the header, checks the sender is the part that feeds
+/// that port, and imports into the local queue.
+pub(crate) async fn accept_streams(shared: Arc<Shared>) {
+    let mut control = shared.net.streams();
+    let Ok(mut incoming) = control.accept(crate::proto::QUEUE_PROTOCOL) else {
+        tracing::error!("the queue protocol is already being accepted");
+        return;
+    };
+    while let Some((peer, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let header = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                crate::proto::read_frame::<StreamHeader, _>(&mut stream, crate::proto::MAX_HEADER),
+            )
+            .await;
+            let header = match header {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "bad queue stream header");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "no queue stream header within 10 s");
+                    return;
+                }
+            };
+            let taken = {
+                let mut jobs = shared.node.jobs.lock();
+                jobs.get_mut(&header.job).and_then(|j| {
+                    let key = (header.vertex.clone(), header.port.clone(), peer);
+                    j.inputs.remove(&key).map(|tx| (tx, j.links.clone()))
+                })
+            };
+            let Some((tx, links)) = taken else {
+                tracing::warn!(%peer, job = %header.job, vertex = %header.vertex, port = %header.port,
+                    "a queue stream for no expected channel; refused");
+                let _ = stream.write_all(&[ACK_UNKNOWN]).await;
+                let _ = stream.close().await;
+                return;
+            };
+            if let Err(e) = async {
+                stream.write_all(&[ACK_OK]).await?;
+                stream.flush().await
+            }
+            .await
+            {
+                // The opener retries; give the sender back for its next attempt.
+                tracing::debug!(%peer, error = %e, "queue stream lost before its acknowledgement");
+                if let Some(j) = shared.node.jobs.lock().get_mut(&header.job) {
+                    j.inputs
+                        .insert((header.vertex.clone(), header.port.clone(), peer), tx);
+                }
+                return;
+            }
+            let job = header.job.clone();
+            let import = tokio::spawn(async move {
+                let r = remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
+                    .await
+                    .map(|rep| {
+                        (
+                            header.vertex.clone(),
+                            header.port.clone(),
+                            false,
+                            rep.items,
+                            rep.bytes,
+                        )
+                    })
+                    .map_err(|e| {
+                        format!(
+                            "channel into {}:{} from {peer}: {e}",
+                            header.vertex, header.port
+                        )
+                    });
+                let _ = links.try_send(r);
+            });
+            match shared.node.jobs.lock().get_mut(&job) {
+                Some(j) => j.tasks.push(import.abort_handle()),
+                None => import.abort(),
+            }
+        });
+    }
+}
