@@ -552,10 +552,10 @@ impl Broker {
         {
             let mut ended = self.ended.lock();
             ended.push_back(id.to_owned());
-            if ended.len() > KEEP_ENDED {
-                if let Some(old) = ended.pop_front() {
-                    self.jobs.lock().remove(&old);
-                }
+            if ended.len() > KEEP_ENDED
+                && let Some(old) = ended.pop_front()
+            {
+                self.jobs.lock().remove(&old);
             }
         }
         let reason = format!("{state:?}");

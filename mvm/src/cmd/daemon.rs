@@ -141,21 +141,37 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
     })
 }
 
+/// SIGINT and SIGTERM, caught from the moment this is created (inside a tokio runtime).
+pub(crate) struct Signals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    /// Starts catching the signals.
+    pub(crate) fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals(
+            signal(SignalKind::interrupt())
+                .and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+                .ok(),
+        )
+    }
+
+    /// Completes once either signal has arrived (also one that arrived before this call).
+    pub(crate) async fn recv(&mut self) {
+        match &mut self.0 {
+            Some((i, t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut i), Ok(mut t)) => {
-            tokio::select! {
-                _ = i.recv() => {}
-                _ = t.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
+    Signals::new().recv().await;
 }
 
 pub(crate) fn node(args: NodeArgs) -> Result<(), Failure> {

@@ -454,10 +454,10 @@ pub(crate) fn dft(re: &[f64], im: &[f64]) -> Vec<(f64, f64)> {
     (0..n)
         .map(|k| {
             let mut acc = (0.0, 0.0);
-            for j in 0..n {
+            for (j, &xr) in re.iter().enumerate() {
                 let a = -2.0 * std::f64::consts::PI * ((k * j) % n) as f64 / n as f64;
                 let (s, c) = a.sin_cos();
-                let (xr, xi) = (re[j], im.get(j).copied().unwrap_or(0.0));
+                let xi = im.get(j).copied().unwrap_or(0.0);
                 acc.0 += xr * c - xi * s;
                 acc.1 += xr * s + xi * c;
             }
@@ -543,7 +543,12 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(Failure::failed)?;
-    // Ctrl-C from here on: stop the lab and remove its files, then exit 130.
+    // Ctrl-C from here on: stop the lab and remove its files, then exit 130. (Caught now, acted
+    // on once the lab has started or failed to.)
+    let mut signals = {
+        let _in_runtime = rt.enter();
+        crate::cmd::daemon::Signals::new()
+    };
     let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false)?;
     let broker = lab.broker.clone();
     let result = rt.block_on(async {
@@ -556,7 +561,7 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
                 }
                 job::wait(&client, s, text).await
             } => r.map(Some),
-            () = crate::cmd::daemon::shutdown_signal() => Ok(None),
+            () = signals.recv() => Ok(None),
         }
     });
     lab.stop();

@@ -1,5 +1,7 @@
-//! The `mvm` crate's integration tests, in one binary: the workspace layering, the CLI, and `mvm run` on the examples.
+//! The `mvm` crate's integration tests, in one binary: the workspace layering, the CLI, `mvm run` on
+//! the examples, and labs of daemon processes on loopback.
 
 mod cli;
+mod lab;
 mod layering;
 mod run;

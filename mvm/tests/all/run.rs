@@ -3,12 +3,12 @@
 use std::process::{Command, Output};
 use std::sync::Once;
 
-fn root() -> std::path::PathBuf {
+pub(crate) fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// Builds the C example jobs once (scripts/build-jobs; needs clang for wasm32-wasi).
-fn build_jobs() {
+pub(crate) fn build_jobs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let s = Command::new("bash")
@@ -33,7 +33,7 @@ fn run(args: &[&str]) -> Output {
         .expect("mvm runs")
 }
 
-fn json(out: &Output) -> serde_json::Value {
+pub(crate) fn json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "exit {:?}: {}",
@@ -53,7 +53,7 @@ fn stdout_of(v: &serde_json::Value) -> String {
 }
 
 /// A direct DFT, independent of the butterfly network.
-fn dft(re: &[f64], im: &[f64]) -> Vec<(f64, f64)> {
+pub(crate) fn dft(re: &[f64], im: &[f64]) -> Vec<(f64, f64)> {
     let n = re.len();
     (0..n)
         .map(|k| {

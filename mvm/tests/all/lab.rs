@@ -1,0 +1,383 @@
+//! Labs of real daemon processes on loopback: a super-peer and nodes talking libp2p, jobs
+//! placed across them, a node killed mid-job, the demo, and its clean-up.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::run::{build_jobs, dft, json, root};
+
+fn mvm(dir: &Path, args: &[&str]) -> Output {
+    build_jobs();
+    Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(args)
+        .env("MVM_LAB_DIR", dir.join("lab"))
+        .env("MVM_CACHE_DIR", dir.join("cache"))
+        .env_remove("MVM_BROKER")
+        .current_dir(root())
+        .output()
+        .expect("mvm runs")
+}
+
+/// A lab in a temporary directory, brought down on drop.
+struct Lab {
+    dir: tempfile::TempDir,
+    pids: Vec<u32>,
+}
+
+impl Lab {
+    fn up(nodes: u32) -> Lab {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v = json(&mvm(
+            dir.path(),
+            &["lab", "up", "--nodes", &nodes.to_string(), "-o", "json"],
+        ));
+        let pids = v["pids"]
+            .as_array()
+            .expect("pids")
+            .iter()
+            .map(|p| u32::try_from(p.as_u64().expect("pid")).expect("pid"))
+            .collect();
+        Lab { dir, pids }
+    }
+
+    fn mvm(&self, args: &[&str]) -> Output {
+        mvm(self.dir.path(), args)
+    }
+
+    /// Writes a profile into the lab's directory, with paths made absolute.
+    fn profile(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        let text = text.replace("ROOT", &root().display().to_string());
+        std::fs::write(&p, text).expect("write profile");
+        p
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.mvm(&["lab", "down"]);
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+fn status(lab: &Lab, job: &str) -> serde_json::Value {
+    let v = json(&lab.mvm(&["status", job, "-o", "json"]));
+    v.as_array().expect("list")[0].clone()
+}
+
+fn wait_state(
+    lab: &Lab,
+    job: &str,
+    pred: impl Fn(&str) -> bool,
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = status(lab, job);
+        if pred(s["state"].as_str().expect("state")) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "job {job} still {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_fft_butterfly_runs_across_three_node_processes_and_matches_a_direct_dft() {
+    let lab = Lab::up(3);
+    let out = lab.mvm(&["submit", "--wait", "examples/fft8.toml", "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(v["state"], "done");
+    let parts = v["parts"].as_array().expect("parts");
+    assert_eq!(parts.len(), 3, "vertices spread over every node: {v}");
+    assert!(
+        parts
+            .iter()
+            .all(|p| !p["vertices"].as_array().expect("v").is_empty())
+    );
+    let traffic = v["traffic"].as_array().expect("traffic");
+    let remote: u64 = traffic
+        .iter()
+        .filter(|t| t["remote"] == true)
+        .map(|t| t["items"].as_u64().expect("items"))
+        .sum();
+    let all: u64 = traffic
+        .iter()
+        .map(|t| t["items"].as_u64().expect("items"))
+        .sum();
+    // 8 sources + 3 stages of 4 butterflies sending 2 items each: 32 items in all.
+    assert_eq!(all, 32, "{traffic:?}");
+    assert!(remote > 0, "some channels cross nodes: {traffic:?}");
+    let re = [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 2.5, 1.0];
+    let im = [0.0, -0.5, 1.0, 0.0, 2.0, 0.0, -1.5, 0.25];
+    let want = dft(&re, &im);
+    let mut seen = 0;
+    for (vertex, text) in v["outputs"].as_array().expect("outputs").iter().map(|o| {
+        (
+            o[0].as_str().expect("vertex").to_owned(),
+            o[1].as_str().expect("text").to_owned(),
+        )
+    }) {
+        if !vertex.starts_with("sink") {
+            continue;
+        }
+        let f: Vec<f64> = text
+            .split_whitespace()
+            .map(|x| x.parse().expect("number"))
+            .collect();
+        let k = f[0] as usize;
+        assert!(
+            (f[1] - want[k].0).abs() < 1e-9 && (f[2] - want[k].1).abs() < 1e-9,
+            "X[{k}] = {f:?}, want {:?}",
+            want[k]
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 8);
+}
+
+#[test]
+fn a_token_ring_crosses_nodes_and_status_and_bad_input_behave() {
+    let lab = Lab::up(3);
+    let p = lab.profile(
+        "ring.toml",
+        r#"name = "ring16"
+topology = "ROOT/topologies/ring-8.dot"
+[components]
+token = "ROOT/jobs/wat/token.wat"
+[parameters]
+hops = 3000
+[limits]
+wall = "60s"
+"#,
+    );
+    let v = json(&lab.mvm(&["submit", "--wait", p.to_str().expect("utf-8"), "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    let items: u64 = v["traffic"]
+        .as_array()
+        .expect("traffic")
+        .iter()
+        .map(|t| t["items"].as_u64().expect("items"))
+        .sum();
+    assert_eq!(items, 3000, "every hop is one item, counted once: {v}");
+    let job = v["job"].as_str().expect("id").to_owned();
+    // status knows it; cancel of an ended job is refused as bad input.
+    assert_eq!(status(&lab, &job)["state"], "done");
+    let out = lab.mvm(&["cancel", &job]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already ended"));
+    let out = lab.mvm(&["status", "no-such-job"]);
+    assert_eq!(out.status.code(), Some(2));
+    // A profile whose topology names a component without a module: exit 2, file named.
+    let bad = lab.profile(
+        "bad.toml",
+        r#"name = "bad"
+topology = "ROOT/topologies/fft8-butterfly.dot"
+[components]
+source = "ROOT/jobs/wat/token.wat"
+"#,
+    );
+    let out = lab.mvm(&["submit", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fft8-butterfly.dot:") && err.contains("butterfly"),
+        "{err}"
+    );
+    // A rank expression that does not parse is refused before anything is sent.
+    let bad = lab.profile(
+        "rank.toml",
+        r#"name = "rank"
+topology = "ROOT/topologies/ring-8.dot"
+[components]
+token = "ROOT/jobs/wat/token.wat"
+[requirements]
+rank = "free_slots +"
+"#,
+    );
+    let out = lab.mvm(&["submit", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rank.toml: rank expression"));
+    // Requirements nobody meets: the broker says why for each node.
+    let bad = lab.profile(
+        "arch.toml",
+        r#"name = "arch"
+topology = "ROOT/topologies/ring-8.dot"
+[components]
+token = "ROOT/jobs/wat/token.wat"
+[requirements]
+arch = "riscv64"
+"#,
+    );
+    let out = lab.mvm(&["submit", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node node0") && err.contains("riscv64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_node_killed_mid_job_fails_the_job_and_the_next_job_runs_on_the_others() {
+    let lab = Lab::up(3);
+    let p = lab.profile(
+        "long.toml",
+        r#"name = "long"
+topology = "ROOT/topologies/ring-8.dot"
+[components]
+token = "ROOT/jobs/wat/token.wat"
+[parameters]
+hops = 1000000000
+[limits]
+wall = "300s"
+"#,
+    );
+    let v = json(&lab.mvm(&["submit", p.to_str().expect("utf-8"), "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    wait_state(&lab, &job, |s| s == "running", Duration::from_secs(30));
+    let victim = lab.pids[2];
+    let killed = Instant::now();
+    // SAFETY-free: kill(1) is enough here.
+    let s = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("kill");
+    assert!(s.success());
+    let s = wait_state(&lab, &job, |s| s != "running", Duration::from_secs(30));
+    assert_eq!(s["state"], "failed", "{s}");
+    let error = s["error"].as_str().expect("error");
+    assert!(error.contains("node"), "{error}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "failed within the heartbeat bound"
+    );
+    // The lost node is marked so, and a new job runs on the two others.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let g = json(&lab.mvm(&["lab", "status", "-o", "json"]));
+        let lost = g["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| n["lost"] == true)
+            .count();
+        let used: u64 = g["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["vertices"].as_u64().expect("n"))
+            .sum();
+        if lost == 1 {
+            assert_eq!(used, 0, "no slot stays reserved by the failed job: {g}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed node is never marked lost: {g}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = json(&lab.mvm(&["submit", "--wait", "examples/ring.toml", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"].as_array().expect("parts").len(), 2);
+}
+
+#[test]
+fn the_demo_verifies_its_results_and_leaves_nothing_behind_also_when_interrupted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = mvm(tmp.path(), &["lab", "demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verified: all 8 values match"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lab_dir = stderr
+        .split(['(', ')'])
+        .find(|s| s.contains("mvm-demo-"))
+        .expect("the demo names its directory")
+        .to_owned();
+    assert!(!Path::new(&lab_dir).exists(), "{lab_dir} removed");
+    assert!(no_process_mentions(&lab_dir), "no daemon of {lab_dir} left");
+    // Interrupted with SIGINT once the lab is up: exit 130, nothing left.
+    build_jobs();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["lab", "demo", "--profile", "examples/fft16.toml"])
+        .env("MVM_CACHE_DIR", tmp.path().join("cache"))
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    // Wait until its daemons are up (they mention its directory), then interrupt.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dir = loop {
+        if let Some(d) = demo_dirs()
+            .into_iter()
+            .find(|d| !no_process_mentions(d) && d != &lab_dir)
+        {
+            break d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo's daemons never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let s = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(s.success());
+    let status = child.wait().expect("wait");
+    // Either interrupted (130) or, on a fast machine, already done (0); never a leftover.
+    assert!(matches!(status.code(), Some(130) | Some(0)), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !no_process_mentions(&dir) {
+        assert!(Instant::now() < deadline, "daemons of {dir} left behind");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!Path::new(&dir).exists(), "{dir} removed");
+}
+
+/// The demo directories in the temporary directory.
+fn demo_dirs() -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("mvm-demo-"))
+                .map(|e| e.path().display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether no live process has `needle` in its command line.
+fn no_process_mentions(needle: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && cmd.windows(needle.len()).any(|w| w == needle.as_bytes())
+            && alive(pid)
+        {
+            return false;
+        }
+    }
+    true
+}
