@@ -122,6 +122,57 @@ impl Client {
         })
     }
 
+    /// A client of the group's current super-peer, found through any of `addrs` (super-peers
+    /// or nodes of the group, tried in order): a node that is not the super-peer names it.
+    ///
+    /// # Errors
+    /// No address leads to a super-peer.
+    pub async fn find(addrs: &[String]) -> Result<Client, Failure> {
+        let (net, _inbound) = Net::start(Keypair::generate_ed25519(), &NetConfig::default())
+            .await
+            .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+        let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
+        for text in addrs {
+            let mut next = Some(text.clone());
+            // At most one redirect: the node's super-peer must answer as one.
+            for _ in 0..2 {
+                let Some(t) = next.take() else { break };
+                let (peer, a) = split_peer(&t).map_err(input)?;
+                let probe = net.call(peer, std::slice::from_ref(&a), Request::Group);
+                match tokio::time::timeout(Duration::from_secs(5), probe).await {
+                    Ok(Ok(Response::Group(g))) if g.is_broker => {
+                        return Ok(Client {
+                            net,
+                            broker: peer,
+                            addrs: vec![a],
+                        });
+                    }
+                    Ok(Ok(Response::Group(g))) => {
+                        last = Failure::new(
+                            FailureKind::Unavailable,
+                            format!("{t} is not a super-peer and knows none that answers"),
+                        );
+                        next = g
+                            .broker_addrs
+                            .iter()
+                            .find(|b| b.contains("/tcp/"))
+                            .or(g.broker_addrs.first())
+                            .cloned();
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => last = e,
+                    Err(_) => {
+                        last = Failure::new(
+                            FailureKind::Unavailable,
+                            format!("{t}: no answer within 5 s"),
+                        );
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
     /// The super-peer's peer id.
     pub fn broker(&self) -> PeerId {
         self.broker

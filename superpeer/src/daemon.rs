@@ -316,11 +316,14 @@ fn info(shared: &Shared) -> NodeInfo {
 }
 
 /// Registers with the super-peer and sends heartbeats; registers again when the super-peer
-/// has forgotten this node.
+/// has forgotten this node. When the super-peer has not answered for `lost_after`, the group
+/// elects a new one (see [`elect`]).
 async fn membership(shared: Arc<Shared>) {
     let mut registered = false;
+    let mut last_answer = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(shared.config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let me = shared.net.peer();
     loop {
         tick.tick().await;
         let Some((sp, addrs)) = shared.superpeer.read().clone() else {
@@ -331,23 +334,93 @@ async fn membership(shared: Arc<Shared>) {
         } else {
             Request::Register(info(&shared))
         };
-        match shared.call(sp, &addrs, request).await {
-            Ok(Response::Registered { members, .. }) => {
+        // Any answer, even a refusal, shows the super-peer is alive; silence does not.
+        let answer = if sp == me {
+            Some(Box::pin(handle(&shared, me, request)).await)
+        } else {
+            tokio::time::timeout(
+                shared.config.lost_after,
+                shared.net.request(sp, &addrs, request),
+            )
+            .await
+            .ok()
+            .and_then(Result::ok)
+        };
+        let answered = answer.is_some();
+        match answer {
+            Some(Response::Registered { members, .. }) => {
                 registered = true;
                 tracing::info!(superpeer = %sp, "registered");
                 *shared.members.lock() = members;
             }
-            Ok(Response::Heartbeat { known, members }) => {
+            Some(Response::Heartbeat { known, members }) => {
                 registered = known;
                 *shared.members.lock() = members;
             }
-            Ok(_) => {}
-            Err(e) => {
+            Some(_) => registered = false,
+            None => {
                 registered = false;
-                tracing::debug!(superpeer = %sp, error = %e, "super-peer did not answer");
+                tracing::debug!(superpeer = %sp, "super-peer did not answer");
+            }
+        }
+        if answered {
+            last_answer = tokio::time::Instant::now();
+        } else if last_answer.elapsed() >= shared.config.lost_after {
+            tracing::warn!(superpeer = %sp, "super-peer lost; electing a new one");
+            if let Some(next) = elect(&shared, sp).await {
+                // Jobs placed by the lost super-peer cannot be collected any more.
+                node::terminate_all(&shared);
+                tracing::info!(superpeer = %next.0, "new super-peer");
+                *shared.superpeer.write() = Some(next);
+                registered = false;
+                last_answer = tokio::time::Instant::now();
             }
         }
     }
+}
+
+/// Elects the group's next super-peer after `lost`: the eligible member with the lowest peer
+/// id that answers. Every node applies the same rule to the same member list, so they agree;
+/// the winner promotes itself when it finds that no member before it answers.
+async fn elect(shared: &Arc<Shared>, lost: PeerId) -> Option<(PeerId, Vec<Multiaddr>)> {
+    let me = shared.net.peer();
+    let lost = lost.to_string();
+    let mut candidates: Vec<Member> = shared
+        .members
+        .lock()
+        .iter()
+        .filter(|m| m.eligible && m.peer != lost)
+        .cloned()
+        .collect();
+    if shared.config.eligible && !candidates.iter().any(|m| m.peer == me.to_string()) {
+        candidates.push(Member {
+            peer: me.to_string(),
+            addrs: shared.net.dial_addrs(),
+            eligible: true,
+        });
+    }
+    candidates.sort_by(|a, b| a.peer.cmp(&b.peer));
+    for c in candidates {
+        let Ok(peer) = c.peer.parse::<PeerId>() else {
+            continue;
+        };
+        if peer == me {
+            let broker = Broker::new(ModuleStore::new(shared.config.module_dir.clone()));
+            *shared.broker.write() = Some(Arc::new(broker));
+            tracing::warn!("this node is now the group's super-peer");
+            return Some((me, Vec::new()));
+        }
+        let addrs: Vec<Multiaddr> = c
+            .addrs
+            .iter()
+            .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
+            .collect();
+        let probe = shared.net.request(peer, &addrs, Request::Group);
+        if let Ok(Ok(_)) = tokio::time::timeout(shared.config.lost_after, probe).await {
+            return Some((peer, addrs));
+        }
+    }
+    None
 }
 
 /// The broker's membership sweep.

@@ -67,19 +67,23 @@ pub(crate) fn wire(f: WireFailure) -> Failure {
     }
 }
 
-/// The super-peer address: the flag, or the local lab's.
-pub(crate) fn broker_addr(arg: &BrokerArg) -> Result<String, Failure> {
-    if let Some(b) = &arg.broker {
-        return Ok(b.clone());
-    }
-    let lab = crate::cmd::lab::default_dir();
-    crate::cmd::lab::read_info(&lab)
-        .map(|info| info.broker)
-        .map_err(|e| {
-            Failure::input(anyhow::anyhow!(
-                "no --broker given and no local lab ({e}); start one with `mvm lab up`"
-            ))
-        })
+/// A client of the group's super-peer: through the flag's address (a super-peer or any node of
+/// its group), or through the local lab's super-peer and nodes, whichever answers first (after
+/// an election the lab's first super-peer may be gone).
+pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
+    let addrs = match &arg.broker {
+        Some(b) => vec![b.clone()],
+        None => {
+            let lab = crate::cmd::lab::default_dir();
+            let info = crate::cmd::lab::read_info(&lab).map_err(|e| {
+                Failure::input(anyhow::anyhow!(
+                    "no --broker given and no local lab ({e}); start one with `mvm lab up`"
+                ))
+            })?;
+            std::iter::once(info.broker).chain(info.members).collect()
+        }
+    };
+    Client::find(&addrs).await.map_err(wire)
 }
 
 /// A job's status for printing: outputs as text.
@@ -235,9 +239,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
     let job = read_profile(&args.profile).map_err(wire)?;
-    let addr = broker_addr(&args.broker)?;
     runtime()?.block_on(async {
-        let client = Client::new(&addr).await.map_err(wire)?;
+        let client = connect(&args.broker).await?;
         let s = client.submit(&job).await.map_err(wire)?;
         if !args.wait {
             return crate::cmd::print(&StatusOut::from(&s), args.out.output, |o| o.job.clone());
@@ -259,9 +262,8 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
 }
 
 pub(crate) fn status(args: StatusArgs) -> Result<(), Failure> {
-    let addr = broker_addr(&args.broker)?;
     runtime()?.block_on(async {
-        let client = Client::new(&addr).await.map_err(wire)?;
+        let client = connect(&args.broker).await?;
         let list = client.status(args.job.as_deref()).await.map_err(wire)?;
         let out: Vec<StatusOut> = list.iter().map(StatusOut::from).collect();
         crate::cmd::print(&out, args.out.output, |_| {
@@ -271,9 +273,8 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), Failure> {
 }
 
 pub(crate) fn cancel(args: CancelArgs) -> Result<(), Failure> {
-    let addr = broker_addr(&args.broker)?;
     runtime()?.block_on(async {
-        let client = Client::new(&addr).await.map_err(wire)?;
+        let client = connect(&args.broker).await?;
         client.cancel(&args.job).await.map_err(wire)?;
         crate::cmd::print(
             &serde_json::json!({ "job": args.job, "cancelled": true }),

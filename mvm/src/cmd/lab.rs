@@ -77,6 +77,10 @@ pub(crate) struct LabInfo {
     pub(crate) broker: String,
     /// The process ids: the super-peer first, then the nodes.
     pub(crate) pids: Vec<u32>,
+    /// The nodes' addresses (any of them leads to the group's super-peer, also after an
+    /// election).
+    #[serde(default)]
+    pub(crate) members: Vec<String>,
 }
 
 /// The default lab directory.
@@ -166,7 +170,7 @@ impl Lab {
             &timing,
             detached,
         )?;
-        let addrs = lab.wait_file(&sp_addr, 0)?;
+        let addrs = lab.wait_file(&sp_addr)?;
         lab.broker = addrs
             .lines()
             .find(|l| l.contains("/tcp/"))
@@ -176,6 +180,7 @@ impl Lab {
         for i in 0..nodes {
             let name = format!("node{i}");
             let broker = lab.broker.clone();
+            let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));
             lab.spawn(
                 &exe,
                 &name,
@@ -183,6 +188,15 @@ impl Lab {
                 &timing,
                 detached,
             )?;
+        }
+        let mut members = Vec::new();
+        for i in 0..nodes {
+            let text = lab.wait_file(&dir.join(format!("node{i}.addr")))?;
+            members.extend(
+                text.lines()
+                    .find(|l| l.contains("/tcp/"))
+                    .map(str::to_owned),
+            );
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -215,6 +229,7 @@ impl Lab {
         let info = LabInfo {
             broker: lab.broker.clone(),
             pids: lab.children.iter().map(Child::id).collect(),
+            members,
         };
         let text = serde_json::to_string_pretty(&info).map_err(Failure::failed)?;
         crate::cmd::daemon::write_atomic(&dir.join("lab.json"), &text)?;
@@ -287,7 +302,7 @@ impl Lab {
         Ok(())
     }
 
-    fn wait_file(&mut self, path: &Path, _child: usize) -> Result<String, Failure> {
+    fn wait_file(&mut self, path: &Path) -> Result<String, Failure> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(path)
@@ -412,12 +427,16 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(Failure::failed)?;
+    let addrs: Vec<String> = std::iter::once(info.broker).chain(info.members).collect();
     let g = rt.block_on(async {
-        let c = Client::new(&info.broker).await.map_err(wire)?;
+        let c = Client::find(&addrs).await.map_err(wire)?;
         c.group().await.map_err(wire)
     })?;
     crate::cmd::print(&g, a.out.output, |g| {
-        let mut s = format!("super-peer {}\n", info.broker);
+        let mut s = format!(
+            "super-peer {}\n",
+            g.broker_addrs.first().map_or("?", String::as_str)
+        );
         for n in &g.nodes {
             s.push_str(&format!(
                 "  {} {} {}/{} slots used{}\n",

@@ -381,3 +381,50 @@ fn no_process_mentions(needle: &str) -> bool {
     }
     true
 }
+
+#[test]
+fn a_killed_super_peer_is_replaced_by_an_elected_node_and_a_new_job_runs() {
+    let lab = Lab::up(3);
+    let before = json(&lab.mvm(&["lab", "status", "-o", "json"]));
+    let old = before["broker"].as_str().expect("broker").to_owned();
+    let s = Command::new("kill")
+        .args(["-9", &lab.pids[0].to_string()])
+        .status()
+        .expect("kill");
+    assert!(s.success());
+    // Within a few heartbeats the nodes agree on a new super-peer and register with it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let group = loop {
+        let out = lab.mvm(&["lab", "status", "-o", "json"]);
+        if out.status.success() {
+            let g: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            let live = g["nodes"]
+                .as_array()
+                .expect("nodes")
+                .iter()
+                .filter(|n| n["lost"] == false)
+                .count();
+            if g["broker"] != old.as_str() && live == 3 {
+                break g;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new super-peer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The rule: the lowest peer id among the eligible nodes.
+    let lowest = group["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["peer"].as_str().expect("peer").to_owned())
+        .min()
+        .expect("a node");
+    assert_eq!(group["broker"], lowest.as_str());
+    let v = json(&lab.mvm(&["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"].as_array().expect("parts").len(), 3);
+}
