@@ -103,6 +103,8 @@ pub struct Client {
     net: Net,
     broker: PeerId,
     addrs: Vec<Multiaddr>,
+    /// Module hashes the broker is known to hold (no need to ask again).
+    known: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Client {
@@ -119,6 +121,7 @@ impl Client {
             net,
             broker,
             addrs: vec![a],
+            known: Default::default(),
         })
     }
 
@@ -145,6 +148,7 @@ impl Client {
                             net,
                             broker: peer,
                             addrs: vec![a],
+                            known: Default::default(),
                         });
                     }
                     Ok(Ok(Response::Group(g))) => {
@@ -182,15 +186,27 @@ impl Client {
         self.net.call(self.broker, &self.addrs, r).await
     }
 
-    /// Sends a job: asks which modules the broker lacks, then submits with those.
+    /// Sends a job: asks which modules the broker lacks (unless it is known to hold them all),
+    /// then submits with those.
     ///
     /// # Errors
     /// The broker's refusal, or a failure to reach it.
     pub async fn submit(&self, job: &Prepared) -> Result<JobStatus, Failure> {
-        let hashes: Vec<String> = job.modules.keys().cloned().collect();
-        let missing = match self.call(Request::Missing { hashes }).await? {
-            Response::Missing { hashes } => hashes,
-            other => return Err(unexpected(&other)),
+        let hashes: Vec<String> = {
+            let known = self.known.lock();
+            job.modules
+                .keys()
+                .filter(|h| !known.contains(*h))
+                .cloned()
+                .collect()
+        };
+        let missing = if hashes.is_empty() {
+            Vec::new()
+        } else {
+            match self.call(Request::Missing { hashes }).await? {
+                Response::Missing { hashes } => hashes,
+                other => return Err(unexpected(&other)),
+            }
         };
         let mut s = job.submission.clone();
         s.modules = missing
@@ -198,7 +214,10 @@ impl Client {
             .filter_map(|h| job.modules.get(h).cloned())
             .collect();
         match self.call(Request::Submit(Box::new(s))).await? {
-            Response::Submitted(st) => Ok(st),
+            Response::Submitted(st) => {
+                self.known.lock().extend(job.modules.keys().cloned());
+                Ok(st)
+            }
             other => Err(unexpected(&other)),
         }
     }

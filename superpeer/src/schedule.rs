@@ -424,13 +424,14 @@ pub fn place(g: &Graph, capacity: &[u32], max_parts: usize) -> Result<Vec<usize>
         }
     }
     // Refinement: move a vertex to the part it is most tied to when that lowers the cut and
-    // that part stays within its bound (target plus a tenth, within capacity); a few passes.
+    // both parts stay within a tenth of their targets (and capacity); a few passes.
     let bound: Vec<usize> = target
         .iter()
         .zip(&used)
-        .map(|(&t, &i)| (t + (t / 10).max(1)).min(capacity[i] as usize))
+        .map(|(&t, &i)| (t + t / 10).min(capacity[i] as usize))
         .collect();
-    let floor: Vec<usize> = target.iter().map(|&t| t - (t / 10).max(1).min(t)).collect();
+    // Parts never empty out: a job spread over k nodes keeps k parts.
+    let floor: Vec<usize> = target.iter().map(|&t| (t - t / 10).max(1)).collect();
     let mut sizes = vec![0usize; k];
     for &p in &part {
         sizes[p] += 1;

@@ -44,6 +44,9 @@ struct UpArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     nodes: u32,
+    /// The transports the daemons listen on.
+    #[arg(long, value_enum, default_value_t = Transport::Both)]
+    transport: Transport,
     #[command(flatten)]
     dir: DirArg,
     #[command(flatten)]
@@ -63,11 +66,26 @@ struct DemoArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     nodes: u32,
+    /// The transports the daemons listen on.
+    #[arg(long, value_enum, default_value_t = Transport::Both)]
+    transport: Transport,
     /// The job profile (default: examples/fft8.toml of this checkout).
     #[arg(long)]
     profile: Option<PathBuf>,
     #[command(flatten)]
     out: OutputArg,
+}
+
+/// Which libp2p transports the lab's daemons listen on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum Transport {
+    /// TCP with noise and yamux.
+    Tcp,
+    /// QUIC.
+    Quic,
+    /// Both (peers dial whichever answers first).
+    #[default]
+    Both,
 }
 
 /// What `mvm lab up` leaves for `submit`, `status` and `down`: `lab.json` in the lab directory.
@@ -137,16 +155,21 @@ fn stop_pids(pids: &[u32]) {
 }
 
 /// A running lab: its child processes are stopped when it is dropped (unless detached).
-struct Lab {
+pub(crate) struct Lab {
     dir: PathBuf,
     children: Vec<Child>,
-    broker: String,
+    pub(crate) broker: String,
     detached: bool,
 }
 
 impl Lab {
     /// Starts the super-peer and `nodes` nodes, and waits until every node has registered.
-    fn start(dir: &Path, nodes: u32, detached: bool) -> Result<Lab, Failure> {
+    pub(crate) fn start(
+        dir: &Path,
+        nodes: u32,
+        detached: bool,
+        transport: Transport,
+    ) -> Result<Lab, Failure> {
         let io = |e: std::io::Error| Failure::failed(anyhow::anyhow!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
         {
@@ -160,7 +183,12 @@ impl Lab {
             broker: String::new(),
             detached: false,
         };
-        let timing = ["--heartbeat-ms", "200", "--lost-after-ms", "1500"];
+        let mut timing = vec!["--heartbeat-ms", "200", "--lost-after-ms", "1500"];
+        match transport {
+            Transport::Tcp => timing.extend(["--listen", "/ip4/127.0.0.1/tcp/0"]),
+            Transport::Quic => timing.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]),
+            Transport::Both => {}
+        }
         let sp_addr = dir.join("superpeer.addr");
         let _ = std::fs::remove_file(&sp_addr);
         lab.spawn(
@@ -321,7 +349,7 @@ impl Lab {
         }
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
         stop_pids(&pids);
         for c in &mut self.children {
@@ -364,7 +392,7 @@ fn up(a: UpArgs) -> Result<(), Failure> {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let lab = match Lab::start(&dir, a.nodes, true) {
+    let lab = match Lab::start(&dir, a.nodes, true, a.transport) {
         Ok(l) => l,
         Err(e) => {
             // A half-started lab is stopped and removed.
@@ -568,7 +596,7 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
         let _in_runtime = rt.enter();
         crate::cmd::daemon::Signals::new()
     };
-    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false)?;
+    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false, a.transport)?;
     let broker = lab.broker.clone();
     let result = rt.block_on(async {
         tokio::select! {

@@ -428,3 +428,15 @@ fn a_killed_super_peer_is_replaced_by_an_elected_node_and_a_new_job_runs() {
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["parts"].as_array().expect("parts").len(), 3);
 }
+
+#[test]
+fn the_demo_runs_over_quic_too() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let v = json(&mvm(
+        tmp.path(),
+        &["lab", "demo", "--transport", "quic", "-o", "json"],
+    ));
+    assert_eq!(v["verified"], true, "{v}");
+    assert!(v["problems"].as_array().expect("problems").is_empty());
+    assert_eq!(v["status"]["parts"].as_array().expect("parts").len(), 3);
+}

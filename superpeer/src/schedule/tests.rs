@@ -168,3 +168,10 @@ fn an_fft_butterfly_over_three_nodes_uses_all_three() {
         cut(&g, &dealt)
     );
 }
+
+#[test]
+fn a_two_vertex_cycle_over_two_nodes_keeps_one_vertex_on_each() {
+    let g = ring(2);
+    let p = place(&g, &[100, 100], usize::MAX).expect("placed");
+    assert_ne!(p[0], p[1], "{p:?}");
+}

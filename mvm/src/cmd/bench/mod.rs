@@ -1,5 +1,6 @@
 //! `mvm bench`: benchmarks, each beside its reference measured in the same run.
 
+mod broker;
 mod mpi;
 
 use clap::Subcommand;
@@ -41,6 +42,22 @@ enum Which {
         /// Laps of the MPI ring (16 busy-polling ranks on 2 cores take about 16 ms a hop).
         #[arg(long, default_value_t = 10)]
         mpi_laps: u32,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// The overlay on a local lab (a super-peer and 4 node processes): trivial jobs per second,
+    /// a 16-vertex ring from submission to completion beside `mpiexec -n 16`, and cross-node
+    /// latency and throughput beside MPICH over TCP and raw TCP.
+    Broker {
+        /// Seconds of trivial-job submissions.
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Concurrent submitting clients.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        clients: u64,
+        /// The libp2p transport between the daemons.
+        #[arg(long, value_enum, default_value_t = crate::cmd::lab::Transport::Tcp)]
+        transport: crate::cmd::lab::Transport,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -212,6 +229,21 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     r.instantiation.ratio,
                 )
             })
+        }
+        Which::Broker {
+            secs,
+            clients,
+            transport,
+            out,
+        } => {
+            if !(secs > 0.0 && secs <= 600.0) {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench broker: --secs must be in (0, 600]"
+                )));
+            }
+            let clients = usize::try_from(clients).unwrap_or(64);
+            let report = broker::run(secs, clients, transport)?;
+            print(&report, out.output, broker::text)
         }
         Which::Queue {
             items,

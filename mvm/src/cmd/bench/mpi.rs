@@ -28,7 +28,12 @@ fn build(dir: &Path, name: &str, src: &str) -> Result<std::path::PathBuf, String
 }
 
 fn mpiexec(n: u32, exe: &Path, args: &[&str]) -> Result<String, String> {
+    mpiexec_env(n, exe, args, &[])
+}
+
+fn mpiexec_env(n: u32, exe: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let out = Command::new("mpiexec")
+        .envs(env.iter().copied())
         .arg("-n")
         .arg(n.to_string())
         .arg(exe)
@@ -46,9 +51,22 @@ fn mpiexec(n: u32, exe: &Path, args: &[&str]) -> Result<String, String> {
 
 /// MPICH one-way latency in microseconds per size (8 B, 1 KiB, 64 KiB, 1 MiB), over shared memory.
 pub(crate) fn pingpong() -> Result<Vec<(usize, f64)>, String> {
+    pingpong_env(&[])
+}
+
+/// As [`pingpong`], with MPICH forced onto TCP over loopback (no shared memory between ranks).
+pub(crate) fn pingpong_tcp() -> Result<Vec<(usize, f64)>, String> {
+    pingpong_env(&[
+        ("MPIR_CVAR_NOLOCAL", "1"),
+        ("UCX_TLS", "tcp,self"),
+        ("UCX_NET_DEVICES", "lo"),
+    ])
+}
+
+fn pingpong_env(env: &[(&str, &str)]) -> Result<Vec<(usize, f64)>, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let exe = build(dir.path(), "pingpong", PINGPONG_C)?;
-    let text = mpiexec(2, &exe, &[])?;
+    let text = mpiexec_env(2, &exe, &[], env)?;
     text.lines()
         .map(|l| {
             let mut f = l.split_whitespace();
@@ -71,4 +89,19 @@ pub(crate) fn ring(n: u32, laps: u32) -> Result<f64, String> {
     text.trim()
         .parse()
         .map_err(|_| format!("unexpected MPI output: {text}"))
+}
+
+/// Wall time in seconds of `mpiexec -n N` running one lap of the ring program, from launch to
+/// exit (the median of `runs`).
+pub(crate) fn ring_wall(n: u32, runs: usize) -> Result<f64, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let exe = build(dir.path(), "ring", RING_C)?;
+    let mut times = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = std::time::Instant::now();
+        mpiexec(n, &exe, &["1"])?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }

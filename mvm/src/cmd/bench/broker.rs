@@ -1,0 +1,309 @@
+//! `mvm bench broker`: the overlay measured on a local lab of real processes (a super-peer and
+//! 4 nodes on loopback), beside MPICH and raw TCP in the same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mvm_superpeer::client::{Client, Prepared, read_profile};
+use mvm_superpeer::proto::JobState;
+use serde::Serialize;
+
+use crate::cmd::bench::mpi;
+use crate::cmd::job::wire;
+use crate::cmd::lab::{Lab, Transport};
+use crate::exit::Failure;
+
+const NOOP_WAT: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+
+/// What `mvm bench broker` reports.
+#[derive(Debug, Serialize)]
+pub(crate) struct BrokerReport {
+    /// Nodes in the lab.
+    pub(crate) nodes: u32,
+    /// The libp2p transport between them.
+    pub(crate) transport: String,
+    /// Trivial one-vertex jobs submitted, placed, run and collected per second.
+    pub(crate) trivial_jobs_per_sec: f64,
+    /// Concurrent clients submitting them.
+    pub(crate) clients: usize,
+    /// Median milliseconds from submission to completion of a 16-vertex token ring (one lap)
+    /// over the 4 nodes.
+    pub(crate) ring16_submit_to_done_ms: f64,
+    /// Median milliseconds of `mpiexec -n 16` running a one-lap MPI ring, launch to exit.
+    pub(crate) mpiexec16_ms: Option<f64>,
+    /// ring16 / mpiexec (goal: at most 0.1).
+    pub(crate) ring_ratio: Option<f64>,
+    /// One-way 8 B latency between vertices on two nodes, microseconds.
+    pub(crate) cross_node_8b_us: f64,
+    /// 1 MiB messages between vertices on two nodes, MB/s.
+    pub(crate) cross_node_1mib_mb_per_sec: f64,
+    /// MPICH over TCP: one-way 8 B latency, microseconds.
+    pub(crate) mpich_tcp_8b_us: Option<f64>,
+    /// MPICH over TCP: 1 MiB messages, MB/s.
+    pub(crate) mpich_tcp_1mib_mb_per_sec: Option<f64>,
+    /// cross-node / MPICH-TCP latency (goal: at most 1.5).
+    pub(crate) latency_ratio: Option<f64>,
+    /// Raw TCP on loopback: one-way 8 B latency, microseconds.
+    pub(crate) raw_tcp_8b_us: f64,
+    /// Raw TCP on loopback: 1 MiB messages, MB/s.
+    pub(crate) raw_tcp_1mib_mb_per_sec: f64,
+    /// How the MPICH figures were obtained, or why they are missing.
+    pub(crate) mpich: String,
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf, Failure> {
+    let p = dir.join(name);
+    std::fs::write(&p, text)
+        .map_err(|e| Failure::failed(anyhow::anyhow!("{}: {e}", p.display())))?;
+    Ok(p)
+}
+
+fn job(dir: &Path, name: &str, profile: &str) -> Result<Prepared, Failure> {
+    read_profile(&write(dir, name, profile)?).map_err(wire)
+}
+
+/// Submits and waits; the job's final status and the elapsed time.
+async fn run_one(
+    client: &Client,
+    job: &Prepared,
+) -> Result<(mvm_superpeer::proto::JobStatus, Duration), Failure> {
+    let t = Instant::now();
+    let s = client.submit(job).await.map_err(wire)?;
+    let s = crate::cmd::job::wait(client, s, false).await?;
+    if s.state != JobState::Done {
+        return Err(Failure::failed(anyhow::anyhow!(
+            "bench job {} ended {:?}: {}",
+            s.job,
+            s.state,
+            s.error.unwrap_or_default()
+        )));
+    }
+    Ok((s, t.elapsed()))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Raw TCP ping-pong on loopback: (one-way 8 B latency in µs, 1 MiB MB/s).
+fn raw_tcp() -> Result<(f64, f64), Failure> {
+    let io = |e: std::io::Error| Failure::failed(anyhow::anyhow!("raw TCP: {e}"));
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let addr = l.local_addr().map_err(io)?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        for size in [8usize, 1 << 20] {
+            let rounds = if size == 8 { 20_000 } else { 100 };
+            for _ in 0..rounds {
+                s.read_exact(&mut buf[..size])?;
+                s.write_all(&buf[..size])?;
+            }
+        }
+        Ok(())
+    });
+    let mut s = TcpStream::connect(addr).map_err(io)?;
+    s.set_nodelay(true).map_err(io)?;
+    let mut buf = vec![1u8; 1 << 20];
+    let mut out = [0.0; 2];
+    for (i, size) in [8usize, 1 << 20].into_iter().enumerate() {
+        let rounds = if size == 8 { 20_000 } else { 100 };
+        let t = Instant::now();
+        for _ in 0..rounds {
+            s.write_all(&buf[..size]).map_err(io)?;
+            s.read_exact(&mut buf[..size]).map_err(io)?;
+        }
+        let one_way = t.elapsed().as_secs_f64() / f64::from(rounds) / 2.0;
+        out[i] = if size == 8 {
+            one_way * 1e6
+        } else {
+            size as f64 / one_way / 1e6
+        };
+    }
+    echo.join()
+        .map_err(|_| Failure::failed(anyhow::anyhow!("raw TCP: the echo thread panicked")))?
+        .map_err(io)?;
+    Ok((out[0], out[1]))
+}
+
+/// Runs the whole benchmark.
+pub(crate) fn run(
+    secs: f64,
+    clients: usize,
+    transport: Transport,
+) -> Result<BrokerReport, Failure> {
+    let tmp = tempfile::Builder::new()
+        .prefix("mvm-bench-broker-")
+        .tempdir()
+        .map_err(Failure::failed)?;
+    let d = tmp.path();
+    let root = d.display().to_string();
+    write(d, "noop.wat", NOOP_WAT)?;
+    write(d, "token.wat", mvm_component::bench::TOKEN_WAT)?;
+    write(d, "pingpong.wat", mvm_component::bench::PINGPONG_WAT)?;
+    write(d, "one.dot", "digraph one { v [component=\"noop\"]; }\n")?;
+    let ring = mvm_component::topology::generate::generate("ring", "16")
+        .map_err(|e| Failure::failed(anyhow::anyhow!("{e}")))?;
+    write(d, "ring16.dot", &ring)?;
+    write(
+        d,
+        "pp.dot",
+        "digraph pp { a [component=pp, lead=\"1\"]; b [component=pp]; a:out -> b:in [capacity=4]; b:out -> a:in [capacity=4]; }\n",
+    )?;
+    let trivial = job(
+        d,
+        "one.toml",
+        &format!(
+            "name = \"noop\"\ntopology = \"{root}/one.dot\"\n[components]\nnoop = \"{root}/noop.wat\"\n"
+        ),
+    )?;
+    let ring16 = job(
+        d,
+        "ring.toml",
+        &format!(
+            "name = \"ring16\"\ntopology = \"{root}/ring16.dot\"\n[components]\ntoken = \"{root}/token.wat\"\n[parameters]\nhops = 16\n[requirements]\nnodes = 4\n"
+        ),
+    )?;
+    let pp = |size: usize, iters: u64| {
+        job(
+            d,
+            &format!("pp{size}.toml"),
+            &format!(
+                "name = \"pp\"\ntopology = \"{root}/pp.dot\"\n[components]\npp = \"{root}/pingpong.wat\"\n[parameters]\nsize = {size}\niters = {iters}\nwarmup = {}\n[limits]\nmemory = \"4MiB\"\n",
+                iters / 10 + 10
+            ),
+        )
+    };
+    let (pp8, pp1m) = (pp(8, 5000)?, pp(1 << 20, 100)?);
+    let nodes = 4;
+    let lab = Lab::start(&d.join("lab"), nodes, false, transport)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Failure::failed)?;
+    let broker = lab.broker.clone();
+    let (jobs_per_sec, ring_ms, lat_us, mbps) = rt.block_on(async {
+        let client = Client::find(std::slice::from_ref(&broker))
+            .await
+            .map_err(wire)?;
+        // Warm up: every module compiled on every node.
+        for _ in 0..4 {
+            run_one(&client, &trivial).await?;
+        }
+        run_one(&client, &ring16).await?;
+        // Throughput of trivial jobs with `clients` submitters.
+        let done = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            let (client, job, done) = (client.clone(), trivial.clone(), done.clone());
+            set.spawn(async move {
+                while Instant::now() < deadline {
+                    run_one(&client, &job).await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<_, Failure>(())
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.map_err(Failure::failed)??;
+        }
+        let jobs_per_sec = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+        let mut ring = Vec::new();
+        for _ in 0..11 {
+            ring.push(run_one(&client, &ring16).await?.1.as_secs_f64() * 1e3);
+        }
+        let ns = |s: &mvm_superpeer::proto::JobStatus| -> Result<f64, Failure> {
+            if s.parts.len() != 2 {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "the ping-pong was placed on {} nodes, not 2",
+                    s.parts.len()
+                )));
+            }
+            s.outputs
+                .iter()
+                .find(|(v, _)| v == "a")
+                .and_then(|(_, b)| String::from_utf8_lossy(b).trim().parse::<f64>().ok())
+                .ok_or_else(|| Failure::failed(anyhow::anyhow!("the ping-pong printed no time")))
+        };
+        let mut lat = Vec::new();
+        let mut tput = Vec::new();
+        for _ in 0..3 {
+            let (s, _) = run_one(&client, &pp8).await?;
+            lat.push(ns(&s)? / 5000.0 / 2.0 / 1e3);
+            let (s, _) = run_one(&client, &pp1m).await?;
+            let one_way = ns(&s)? / 100.0 / 2.0;
+            tput.push((1u64 << 20) as f64 / one_way * 1e3);
+        }
+        Ok::<_, Failure>((jobs_per_sec, median(ring), median(lat), median(tput)))
+    })?;
+    drop(lab);
+    let (raw_lat, raw_tput) = raw_tcp()?;
+    let (mpich_tcp, mut status) = match mpi::pingpong_tcp() {
+        Ok(v) => (
+            v,
+            "measured (TCP over loopback; mpiexec from launch to exit)".to_owned(),
+        ),
+        Err(e) => (Vec::new(), e),
+    };
+    let m8 = mpich_tcp.iter().find(|(s, _)| *s == 8).map(|(_, us)| *us);
+    let m1m = mpich_tcp
+        .iter()
+        .find(|(s, _)| *s == 1 << 20)
+        .map(|(s, us)| *s as f64 / us);
+    let mpiexec = match mpi::ring_wall(16, 3) {
+        Ok(s) => Some(s * 1e3),
+        Err(e) => {
+            status = e;
+            None
+        }
+    };
+    Ok(BrokerReport {
+        nodes,
+        transport: format!("{transport:?}").to_lowercase(),
+        trivial_jobs_per_sec: jobs_per_sec,
+        clients,
+        ring16_submit_to_done_ms: ring_ms,
+        mpiexec16_ms: mpiexec,
+        ring_ratio: mpiexec.map(|m| ring_ms / m),
+        cross_node_8b_us: lat_us,
+        cross_node_1mib_mb_per_sec: mbps,
+        mpich_tcp_8b_us: m8,
+        mpich_tcp_1mib_mb_per_sec: m1m,
+        latency_ratio: m8.map(|m| lat_us / m),
+        raw_tcp_8b_us: raw_lat,
+        raw_tcp_1mib_mb_per_sec: raw_tput,
+        mpich: status,
+    })
+}
+
+/// The report as text.
+pub(crate) fn text(r: &BrokerReport) -> String {
+    let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
+    format!(
+        "broker with {} nodes on loopback ({})\n  trivial jobs/s ({} clients): {:.0} (goal >= 5000)\n  16-vertex ring, submit to done: {:.2} ms; mpiexec -n 16: {} ms; ratio {} (goal <= 0.1)\n  cross-node one-way 8 B: {:.2} us; MPICH TCP {} us; ratio {} (goal <= 1.5); raw TCP {:.2} us\n  cross-node 1 MiB: {:.0} MB/s; MPICH TCP {} MB/s; raw TCP {:.0} MB/s\n  MPICH: {}",
+        r.nodes,
+        r.transport,
+        r.clients,
+        r.trivial_jobs_per_sec,
+        r.ring16_submit_to_done_ms,
+        opt(r.mpiexec16_ms),
+        opt(r.ring_ratio),
+        r.cross_node_8b_us,
+        opt(r.mpich_tcp_8b_us),
+        opt(r.latency_ratio),
+        r.raw_tcp_8b_us,
+        r.cross_node_1mib_mb_per_sec,
+        opt(r.mpich_tcp_1mib_mb_per_sec),
+        r.raw_tcp_1mib_mb_per_sec,
+        r.mpich
+    )
+}
