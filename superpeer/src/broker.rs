@@ -36,7 +36,8 @@ struct Job {
     status: JobStatus,
     parts: Vec<Part>,
     started: Instant,
-    changed: watch::Sender<u64>,
+    /// (version, whether the job has ended): read by waiters without the job table's lock.
+    changed: watch::Sender<(u64, bool)>,
     traffic: BTreeMap<(String, String, bool), (u64, u64)>,
 }
 
@@ -71,7 +72,8 @@ impl Job {
             })
             .collect();
         self.status.wall_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.changed.send_replace(self.status.version);
+        self.changed
+            .send_replace((self.status.version, self.status.state.is_final()));
     }
 }
 
@@ -373,7 +375,7 @@ impl Broker {
                 done: false,
             })
             .collect();
-        let (changed, _) = watch::channel(0);
+        let (changed, _) = watch::channel((0, false));
         let mut job = Job {
             status: JobStatus {
                 job: id.clone(),
@@ -438,6 +440,7 @@ impl Broker {
                         placement: placement.clone(),
                         parts: members.clone(),
                         here: u32::try_from(i).unwrap_or(0),
+                        start: peers.len() == 1,
                     },
                 )
             })
@@ -491,9 +494,12 @@ impl Broker {
             return;
         }
         if self.state(&id) != Some(JobState::Preparing) {
-            return; // cancelled meanwhile (end() has terminated the parts)
+            return; // cancelled or ended meanwhile (end() has terminated the parts)
         }
         self.update(&id, |j| j.status.state = JobState::Running);
+        if peers.len() == 1 {
+            return; // a single part started when it was prepared
+        }
         let starts = peers.iter().map(|peer| {
             let shared = shared.clone();
             let job = id.clone();
@@ -547,7 +553,12 @@ impl Broker {
                         .saturating_sub(u32::try_from(p.vertices.len()).unwrap_or(u32::MAX));
                 }
             }
-            j.parts.iter().map(|p| p.peer).collect::<Vec<_>>()
+            // Parts that reported success have already removed everything.
+            j.parts
+                .iter()
+                .filter(|p| !p.done)
+                .map(|p| p.peer)
+                .collect::<Vec<_>>()
         };
         {
             let mut ended = self.ended.lock();
@@ -656,14 +667,22 @@ impl Broker {
         Response::Status(list.into_iter().map(|s| self.named(s)).collect())
     }
 
-    /// Waits until the job's version passes `after` (at most `max`), then its status.
-    pub(crate) async fn wait(&self, job: &str, after: u64, max: Duration) -> Response {
+    /// Waits until the job's version passes `after` (or, with `until_end`, until it has ended),
+    /// at most `max`, then its status.
+    pub(crate) async fn wait(
+        &self,
+        job: &str,
+        after: u64,
+        until_end: bool,
+        max: Duration,
+    ) -> Response {
         let rx = match self.jobs.lock().get(job) {
             Some(j) => j.changed.subscribe(),
             None => return fail(FailureKind::NotFound, format!("no job {job}")),
         };
         let mut rx = rx;
-        let _ = tokio::time::timeout(max, rx.wait_for(|v| *v > after)).await;
+        let ready = |&(version, ended): &(u64, bool)| version > after && (!until_end || ended);
+        let _ = tokio::time::timeout(max, rx.wait_for(ready)).await;
         self.status(Some(job))
     }
 
@@ -692,7 +711,14 @@ impl Broker {
             Request::Missing { hashes } => self.missing(&hashes),
             Request::Submit(s) => self.submit(shared, *s),
             Request::Status { job } => self.status(job.as_deref()),
-            Request::Wait { job, after } => self.wait(&job, after, Duration::from_secs(10)).await,
+            Request::Wait {
+                job,
+                after,
+                until_end,
+            } => {
+                self.wait(&job, after, until_end, Duration::from_secs(10))
+                    .await
+            }
             Request::Cancel { job } => self.cancel(shared, &job),
             Request::Register(info) => self.register(peer, info, shared.config.heartbeat),
             Request::Heartbeat(load) => self.heartbeat(peer, load),

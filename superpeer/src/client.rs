@@ -238,15 +238,17 @@ impl Client {
         }
     }
 
-    /// The job's status once it changes after version `after` (or after a few seconds).
+    /// The job's status once it changes after version `after` (with `until_end`, once it has
+    /// ended), or after a few seconds.
     ///
     /// # Errors
     /// No such job, or the broker cannot be reached.
-    pub async fn wait(&self, job: &str, after: u64) -> Result<JobStatus, Failure> {
+    pub async fn wait(&self, job: &str, after: u64, until_end: bool) -> Result<JobStatus, Failure> {
         match self
             .call(Request::Wait {
                 job: job.to_owned(),
                 after,
+                until_end,
             })
             .await?
         {

@@ -400,6 +400,10 @@ async fn elect(shared: &Arc<Shared>, lost: PeerId) -> Option<(PeerId, Vec<Multia
         });
     }
     candidates.sort_by(|a, b| a.peer.cmp(&b.peer));
+    tracing::info!(
+        candidates = ?candidates.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>(),
+        "electing"
+    );
     for c in candidates {
         let Ok(peer) = c.peer.parse::<PeerId>() else {
             continue;

@@ -228,6 +228,10 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
             vertices,
         },
     );
+    drop(jobs);
+    if spec.start {
+        return start(shared, from, &spec.job);
+    }
     Response::Ok
 }
 
@@ -285,6 +289,14 @@ pub(crate) fn start(shared: &Arc<Shared>, from: PeerId, job: &str) -> Response {
     let broker = j.broker;
     let task = tokio::spawn(async move {
         let outcome = supervise(&shared2, &job_id, prepared, links_rx, expected).await;
+        if outcome.is_ok() {
+            // Done here: remove everything now; the broker sends no termination to a part
+            // that reported success.
+            if let Some(j) = shared2.node.jobs.lock().remove(&job_id) {
+                drop(j);
+            }
+            shared2.node.queues.destroy_job(&job_id);
+        }
         let report = PartReport {
             job: job_id.clone(),
             outcome,

@@ -52,6 +52,9 @@ pub enum Request {
         job: String,
         /// The last version seen.
         after: u64,
+        /// Answer only once the job has ended (or after a while), not at every change.
+        #[serde(default)]
+        until_end: bool,
     },
     /// Client → broker: cancel a job.
     Cancel {
@@ -318,6 +321,9 @@ pub struct PartSpec {
     pub parts: Vec<Member>,
     /// This node's part.
     pub here: u32,
+    /// Start right after preparing (a job of one part needs no second phase).
+    #[serde(default)]
+    pub start: bool,
 }
 
 /// How a part of a job ended.
@@ -782,6 +788,7 @@ mod tests {
                 2
             ],
             here: 1,
+            start: false,
         };
         let e = Request::Prepare(Box::new(part.clone()))
             .validate()

@@ -200,7 +200,7 @@ pub(crate) async fn wait(
             );
             let _ = std::io::stderr().flush();
         }
-        s = client.wait(&s.job, s.version).await.map_err(wire)?;
+        s = client.wait(&s.job, s.version, !tty).await.map_err(wire)?;
     }
     if tty {
         eprintln!("\r{:60}", "");

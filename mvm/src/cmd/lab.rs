@@ -239,6 +239,9 @@ impl Lab {
                 let g = client.group().await.map_err(wire)?;
                 let live = g.nodes.iter().filter(|n| !n.lost).count();
                 if live >= want {
+                    // One more heartbeat round, so every node has heard the full member list
+                    // (an election uses it).
+                    tokio::time::sleep(Duration::from_millis(450)).await;
                     return Ok::<_, Failure>(live);
                 }
                 if Instant::now() > deadline {
