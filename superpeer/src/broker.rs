@@ -493,10 +493,18 @@ impl Broker {
             );
             return;
         }
-        if self.state(&id) != Some(JobState::Preparing) {
-            return; // cancelled or ended meanwhile (end() has terminated the parts)
+        // Preparing → running, in one step under the lock: a one-part job may already have
+        // reported its end, and a cancel may have come in; a final state is never overwritten.
+        let mut running = false;
+        self.update(&id, |j| {
+            if j.status.state == JobState::Preparing {
+                j.status.state = JobState::Running;
+                running = true;
+            }
+        });
+        if !running {
+            return;
         }
-        self.update(&id, |j| j.status.state = JobState::Running);
         if peers.len() == 1 {
             return; // a single part started when it was prepared
         }
