@@ -4,4 +4,5 @@
 mod cli;
 mod lab;
 mod layering;
+mod netns;
 mod run;

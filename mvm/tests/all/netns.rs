@@ -1,0 +1,249 @@
+//! Daemons on separate hosts: network namespaces joined by veth links to a bridge (root only,
+//! as on the CI machine). A job runs across them; then one node's link is cut mid-job.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::run::{build_jobs, json, root};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip runs");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces `<tag>-br` (a bridge) and one per host, each with a veth to the bridge.
+struct Hosts {
+    tag: String,
+    hosts: Vec<String>,
+    subnet: String,
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Hosts {
+    fn new(n: usize) -> Hosts {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        assert_eq!(uid, 0, "this test needs root (ip netns)");
+        let id = std::process::id() % 10_000;
+        let tag = format!("mvm{id}");
+        let subnet = format!("10.231.{}", id % 250);
+        let mut h = Hosts {
+            tag: tag.clone(),
+            hosts: Vec::new(),
+            subnet: subnet.clone(),
+            children: Vec::new(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let br = format!("{tag}-br");
+        ip(&["netns", "add", &br]);
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &br, "link", "set", "br0", "up"]);
+        for i in 0..n {
+            let ns = format!("{tag}-h{i}");
+            ip(&["netns", "add", &ns]);
+            h.hosts.push(ns.clone());
+            let (a, b) = (format!("{tag}h{i}"), format!("{tag}b{i}"));
+            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+            ip(&["link", "set", &a, "netns", &ns]);
+            ip(&["link", "set", &b, "netns", &br]);
+            ip(&["-n", &br, "link", "set", &b, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{subnet}.{}/24", i + 1),
+                "dev",
+                &a,
+            ]);
+            ip(&["-n", &ns, "link", "set", &a, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        h
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 1)
+    }
+
+    /// Cuts host `i`'s link (its bridge port goes down).
+    fn cut(&self, i: usize) {
+        ip(&[
+            "-n",
+            &format!("{}-br", self.tag),
+            "link",
+            "set",
+            &format!("{}b{i}", self.tag),
+            "down",
+        ]);
+    }
+
+    fn mvm(&self, i: usize, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[i], env!("CARGO_BIN_EXE_mvm")])
+            .args(args)
+            .env("MVM_CACHE_DIR", self.dir.path().join("cache"))
+            .env("MVM_LAB_DIR", self.dir.path().join("lab"))
+            .env_remove("MVM_BROKER")
+            .current_dir(root());
+        c
+    }
+
+    fn run(&self, i: usize, args: &[&str]) -> Output {
+        self.mvm(i, args).output().expect("mvm runs")
+    }
+
+    /// Starts a daemon on host `i`; its dial address (TCP) once it listens.
+    fn daemon(&mut self, i: usize, args: &[&str]) -> String {
+        let name = format!("d{i}");
+        let addr_file = self.dir.path().join(format!("{name}.addr"));
+        let listen = format!("/ip4/{}/tcp/0", self.addr(i));
+        let state: PathBuf = self.dir.path().join(&name);
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
+        let child = self
+            .mvm(i, args)
+            .args([
+                "--name",
+                &name,
+                "--listen",
+                &listen,
+                "--heartbeat-ms",
+                "200",
+                "--lost-after-ms",
+                "1500",
+            ])
+            .arg("--dir")
+            .arg(&state)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("daemon starts");
+        self.children.push(child);
+        wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&addr_file)
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .lines()
+        .next()
+        .expect("an address")
+        .to_owned()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self
+            .hosts
+            .iter()
+            .chain(std::iter::once(&format!("{}-br", self.tag)))
+        {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write_lab(dir: &Path, broker: &str) {
+    std::fs::create_dir_all(dir.join("lab")).expect("lab dir");
+    let info = serde_json::json!({ "broker": broker, "pids": [], "members": [] });
+    std::fs::write(dir.join("lab/lab.json"), info.to_string()).expect("lab.json");
+}
+
+#[test]
+fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
+    build_jobs();
+    let mut h = Hosts::new(4);
+    let broker = h.daemon(0, &["superpeer"]);
+    assert!(broker.contains(&h.addr(0)), "{broker}");
+    for i in 1..4 {
+        h.daemon(i, &["node", "--bootstrap", &broker]);
+    }
+    write_lab(h.dir.path(), &broker);
+    let live = |h: &Hosts| -> Option<serde_json::Value> {
+        let out = h.run(0, &["lab", "status", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("json"))
+    };
+    wait_for(Duration::from_secs(30), || {
+        live(&h).filter(|g| g["nodes"].as_array().is_some_and(|n| n.len() == 3))
+    });
+    // The FFT across three hosts, submitted from the super-peer's host.
+    let v = json(&h.run(0, &["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"].as_array().expect("parts").len(), 3);
+    let remote: u64 = v["traffic"]
+        .as_array()
+        .expect("traffic")
+        .iter()
+        .filter(|t| t["remote"] == true)
+        .map(|t| t["items"].as_u64().expect("items"))
+        .sum();
+    assert!(remote > 0, "{v}");
+    // A long job, then host 3's link is cut: the job fails within the heartbeat bound.
+    let long = h.dir.path().join("long.toml");
+    std::fs::write(
+        &long,
+        format!(
+            "name = \"long\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n[parameters]\nhops = 1000000000\n[limits]\nwall = \"300s\"\n",
+            root().display()
+        ),
+    )
+    .expect("profile");
+    let v = json(&h.run(0, &["submit", long.to_str().expect("utf-8"), "-o", "json"]));
+    let job = v["job"].as_str().expect("job").to_owned();
+    let state = |h: &Hosts| {
+        let v = json(&h.run(0, &["status", &job, "-o", "json"]));
+        v[0].clone()
+    };
+    wait_for(Duration::from_secs(30), || {
+        (state(&h)["state"] == "running").then_some(())
+    });
+    let cut = Instant::now();
+    h.cut(3);
+    let s = wait_for(Duration::from_secs(20), || {
+        let s = state(&h);
+        (s["state"] != "running").then_some(s)
+    });
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        cut.elapsed() < Duration::from_secs(10),
+        "failure took {:?}",
+        cut.elapsed()
+    );
+    // Host 3 is lost; the next job runs on the two others.
+    wait_for(Duration::from_secs(10), || {
+        live(&h).filter(|g| {
+            g["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().filter(|x| x["lost"] == true).count() == 1)
+        })
+    });
+    let v = json(&h.run(0, &["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"].as_array().expect("parts").len(), 2);
+}
