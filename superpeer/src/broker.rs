@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use crate::daemon::Shared;
 use crate::modules::ModuleStore;
 use crate::proto::{
-    Failure, FailureKind, GroupInfo, JobState, JobStatus, Member, NodeInfo, NodeLoad, NodeView,
-    PartReport, PartSpec, PartStatus, Request, Response, Submission, Traffic,
+    Failure, FailureKind, GroupInfo, GroupSummary, JobState, JobStatus, Member, NodeInfo, NodeLoad,
+    NodeView, PartReport, PartSpec, PartStatus, Request, Response, Submission, Traffic,
 };
 use crate::schedule::{self, Candidate, Graph, Rank};
 
@@ -85,7 +85,12 @@ pub(crate) struct Broker {
     seq: std::sync::atomic::AtomicU64,
     /// Ended jobs kept for `status`, oldest first.
     ended: Mutex<std::collections::VecDeque<String>>,
+    /// Other groups' summaries, by super-peer, with when they were heard.
+    groups: Mutex<HashMap<String, (GroupSummary, Instant)>>,
 }
+
+/// How long a group summary stays valid without being heard again.
+const SUMMARY_TTL: Duration = Duration::from_secs(5);
 
 /// How many ended jobs the broker remembers.
 const KEEP_ENDED: usize = 10_000;
@@ -105,7 +110,125 @@ impl Broker {
             modules,
             seq: std::sync::atomic::AtomicU64::new(seed << 20),
             ended: Mutex::new(std::collections::VecDeque::new()),
+            groups: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// This group's summary, for the other super-peers.
+    pub(crate) fn summary(&self, shared: &Shared) -> GroupSummary {
+        let nodes = self.nodes.lock();
+        let live: Vec<&NodeEntry> = nodes.values().filter(|n| !n.lost).collect();
+        let mut images: Vec<String> = live.iter().flat_map(|n| n.info.images.clone()).collect();
+        images.sort();
+        images.dedup();
+        let mut archs: Vec<String> = live.iter().map(|n| n.info.arch.clone()).collect();
+        archs.sort();
+        archs.dedup();
+        GroupSummary {
+            group: shared.config.group.clone(),
+            domain: shared.config.domain.clone(),
+            broker: shared.net.peer().to_string(),
+            addrs: shared.net.dial_addrs(),
+            nodes: u32::try_from(live.len()).unwrap_or(u32::MAX),
+            free_slots: live
+                .iter()
+                .map(|n| n.info.slots.saturating_sub(n.reserved))
+                .sum(),
+            images,
+            archs,
+        }
+    }
+
+    /// Takes another super-peer's summary (already validated).
+    pub(crate) fn learn(&self, shared: &Shared, s: GroupSummary) {
+        if s.broker == shared.net.peer().to_string() {
+            return;
+        }
+        self.groups
+            .lock()
+            .insert(s.broker.clone(), (s, Instant::now()));
+    }
+
+    /// The other groups heard from recently.
+    fn groups(&self, shared: &Shared) -> Vec<GroupSummary> {
+        let mut g = self.groups.lock();
+        g.retain(|_, (_, at)| at.elapsed() < SUMMARY_TTL);
+        let me = shared.net.peer().to_string();
+        let mut v: Vec<GroupSummary> = g
+            .values()
+            .map(|(s, _)| s.clone())
+            .filter(|s| s.broker != me)
+            .collect();
+        v.sort_by(|a, b| a.group.cmp(&b.group));
+        v
+    }
+
+    /// Sends a job this group cannot place to another group's super-peer that can: the same
+    /// domain, or a domain this super-peer trusts; the one with the most free slots first.
+    async fn forward(
+        &self,
+        shared: &Arc<Shared>,
+        mut s: Submission,
+        vertices: usize,
+        why: &str,
+    ) -> Response {
+        let r = &s.requirements;
+        let mut fits: Vec<GroupSummary> = self
+            .groups(shared)
+            .into_iter()
+            .filter(|g| {
+                (g.domain == shared.config.domain
+                    || shared.config.trust_domains.contains(&g.domain))
+                    && g.free_slots as usize >= vertices
+                    && r.image.as_ref().is_none_or(|i| g.images.contains(i))
+                    && r.arch.as_ref().is_none_or(|a| g.archs.contains(a))
+            })
+            .collect();
+        fits.sort_by_key(|g| std::cmp::Reverse(g.free_slots));
+        let mut tried = Vec::new();
+        for g in fits {
+            let Ok(peer) = g.broker.parse::<PeerId>() else {
+                continue;
+            };
+            let addrs: Vec<Multiaddr> = g
+                .addrs
+                .iter()
+                .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
+                .collect();
+            let hashes: Vec<String> = s.components.values().cloned().collect();
+            let Ok(Response::Missing { hashes: missing }) = shared
+                .net
+                .call(peer, &addrs, Request::Missing { hashes })
+                .await
+            else {
+                tried.push(format!("group {} did not answer", g.group));
+                continue;
+            };
+            s.modules = missing.iter().filter_map(|h| self.modules.get(h)).collect();
+            s.hops = s.hops.saturating_add(1);
+            match shared
+                .net
+                .call(peer, &addrs, Request::Submit(Box::new(s.clone())))
+                .await
+            {
+                Ok(Response::Submitted(mut st)) => {
+                    tracing::info!(job = %st.job, group = %g.group, "job forwarded");
+                    if st.broker_addrs.is_empty() {
+                        st.broker_addrs = g.addrs.clone();
+                    }
+                    return Response::Submitted(st);
+                }
+                Ok(_) => tried.push(format!("group {} gave no job", g.group)),
+                Err(f) => tried.push(format!("group {}: {}", g.group, f.message)),
+            }
+            s.hops = s.hops.saturating_sub(1);
+        }
+        let tail = if tried.is_empty() {
+            String::from("; no other group known to this super-peer can take it")
+        } else {
+            format!("; forwarding failed: {}", tried.join("; "))
+        };
+        fail(FailureKind::Unavailable, format!("{why}{tail}"))
     }
 
     fn members(&self) -> Vec<Member> {
@@ -179,6 +302,7 @@ impl Broker {
             broker_addrs: shared.net.dial_addrs(),
             is_broker: true,
             nodes: views,
+            groups: self.groups(shared),
         }
     }
 
@@ -239,48 +363,71 @@ impl Broker {
     }
 
     /// Validates, authorizes and places a job, then drives it on its own task.
-    pub(crate) fn submit(self: &Arc<Self>, shared: &Arc<Shared>, s: Submission) -> Response {
+    pub(crate) async fn submit(self: &Arc<Self>, shared: &Arc<Shared>, s: Submission) -> Response {
+        match self.place(shared, &s) {
+            Placed::Job(r) => r,
+            Placed::Unplaceable { vertices, why } if s.hops == 0 => {
+                self.forward(shared, s, vertices, &why).await
+            }
+            Placed::Unplaceable { why, .. } => fail(FailureKind::Unavailable, why),
+        }
+    }
+
+    /// Validates and places a job here, or says why this group cannot take it.
+    fn place(self: &Arc<Self>, shared: &Arc<Shared>, s: &Submission) -> Placed {
+        let s = s.clone();
+        Placed::Job(match self.place_inner(shared, s) {
+            Ok(r) => r,
+            Err((vertices, why)) => return Placed::Unplaceable { vertices, why },
+        })
+    }
+
+    fn place_inner(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        s: Submission,
+    ) -> Result<Response, (usize, String)> {
         for b in &s.modules {
             self.modules.put(b.clone());
         }
         for (component, hash) in &s.components {
             if !self.modules.has(hash) {
-                return fail(
+                return Ok(fail(
                     FailureKind::Input,
                     format!("module {hash} of component '{component}' was not sent"),
-                );
+                ));
             }
         }
         let codecs = shared.node.queues.codecs().clone();
         let topology =
             match crate::node::parse_topology(&s.topology_file, &s.topology, &s.queue, &codecs) {
                 Ok(t) => t,
-                Err(e) => return fail(FailureKind::Input, e),
+                Err(e) => return Ok(fail(FailureKind::Input, e)),
             };
         if topology.vertices.is_empty() {
-            return fail(
+            return Ok(fail(
                 FailureKind::Input,
                 format!("{}: no vertices", s.topology_file),
-            );
+            ));
         }
         for v in &topology.vertices {
             if !s.components.contains_key(&v.component) {
-                return fail(
+                return Ok(fail(
                     FailureKind::Input,
                     format!(
                         "{}:{}: component '{}' of vertex '{}' has no module in the profile",
                         s.topology_file, v.line, v.component, v.name
                     ),
-                );
+                ));
             }
         }
         if let Err(e) = crate::node::limits(&s.limits) {
-            return fail(FailureKind::Input, e);
+            return Ok(fail(FailureKind::Input, e));
         }
         let rank = match s.requirements.rank.as_deref() {
             Some(r) => match Rank::parse(r) {
                 Ok(r) => r,
-                Err(e) => return fail(FailureKind::Input, e),
+                Err(e) => return Ok(fail(FailureKind::Input, e)),
             },
             None => Rank::default_rank(),
         };
@@ -292,10 +439,10 @@ impl Broker {
                 nodes.iter().filter(|(_, e)| !e.lost).collect();
             live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
             if live.is_empty() {
-                return fail(
+                return Ok(fail(
                     FailureKind::Unavailable,
                     "no node has registered with this super-peer",
-                );
+                ));
             }
             let cands: Vec<Candidate> = live
                 .iter()
@@ -313,10 +460,14 @@ impl Broker {
                 .collect();
             let (ok, why) = schedule::filter(&cands, &s.requirements);
             if ok.is_empty() {
-                return fail(
-                    FailureKind::Unavailable,
-                    format!("no node meets the job's requirements: {}", why.join("; ")),
-                );
+                return Err((
+                    n,
+                    format!(
+                        "no node of group {} meets the job's requirements: {}",
+                        shared.config.group,
+                        why.join("; ")
+                    ),
+                ));
             }
             let order = rank.order(&cands, ok);
             let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
@@ -338,7 +489,7 @@ impl Broker {
             let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
             let placed = match schedule::place(&g, &caps, max) {
                 Ok(p) => p,
-                Err(e) => return fail(FailureKind::Unavailable, e),
+                Err(e) => return Err((n, format!("group {}: {e}", shared.config.group))),
             };
             // Parts: the nodes used, in rank order; vertex → part index.
             let mut used: Vec<usize> = placed.clone();
@@ -389,6 +540,7 @@ impl Broker {
                 traffic: Vec::new(),
                 wall_ms: 0,
                 error: None,
+                broker_addrs: Vec::new(),
             },
             parts,
             started: Instant::now(),
@@ -448,7 +600,7 @@ impl Broker {
         let broker = self.clone();
         let shared = shared.clone();
         tokio::spawn(async move { broker.drive(&shared, id, specs).await });
-        Response::Submitted(status)
+        Ok(Response::Submitted(status))
     }
 
     /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.
@@ -717,7 +869,7 @@ impl Broker {
     ) -> Response {
         match request {
             Request::Missing { hashes } => self.missing(&hashes),
-            Request::Submit(s) => self.submit(shared, *s),
+            Request::Submit(s) => self.submit(shared, *s).await,
             Request::Status { job } => self.status(job.as_deref()),
             Request::Wait {
                 job,
@@ -738,6 +890,12 @@ impl Broker {
             }
         }
     }
+}
+
+/// Whether a job was placed here (or refused for bad input), or cannot be placed here.
+enum Placed {
+    Job(Response),
+    Unplaceable { vertices: usize, why: String },
 }
 
 /// A job name made safe for a job id.

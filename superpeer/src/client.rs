@@ -92,6 +92,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 rank: r.rank.clone(),
                 nodes: r.nodes,
             },
+            hops: 0,
         },
         modules,
     })
@@ -175,6 +176,29 @@ impl Client {
             }
         }
         Err(last)
+    }
+
+    /// A client of the super-peer that holds `job`: this one, or the one of another group the
+    /// job was forwarded to (sharing this client's network).
+    ///
+    /// # Errors
+    /// The status names a super-peer address that cannot be used.
+    pub fn follow(&self, job: &JobStatus) -> Result<Client, Failure> {
+        let Some(addr) = job
+            .broker_addrs
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .or(job.broker_addrs.first())
+        else {
+            return Ok(self.clone());
+        };
+        let (broker, a) = split_peer(addr).map_err(input)?;
+        Ok(Client {
+            net: self.net.clone(),
+            broker,
+            addrs: vec![a],
+            known: Default::default(),
+        })
     }
 
     /// The super-peer's peer id.

@@ -48,6 +48,11 @@ pub struct DaemonConfig {
     pub module_dir: Option<PathBuf>,
     /// Image ids this node offers.
     pub images: Vec<String>,
+    /// Other super-peers to know (`/…/p2p/PEER`): group summaries are exchanged with them.
+    pub peers: Vec<String>,
+    /// Domains besides its own whose groups this super-peer may forward jobs to (until the
+    /// inter-domain policy decides it).
+    pub trust_domains: Vec<String>,
     /// The network.
     pub net: NetConfig,
 }
@@ -67,6 +72,8 @@ impl Default for DaemonConfig {
             cache_dir: None,
             module_dir: None,
             images: vec!["host".into()],
+            peers: Vec::new(),
+            trust_domains: Vec::new(),
             net: NetConfig::default(),
         }
     }
@@ -188,6 +195,7 @@ impl Daemon {
             background.spawn(membership(shared.clone()));
         }
         background.spawn(sweeper(shared.clone()));
+        background.spawn(gossip(shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -281,6 +289,7 @@ fn node_view(shared: &Shared) -> GroupInfo {
             .unwrap_or_default(),
         is_broker: false,
         nodes: Vec::new(),
+        groups: Vec::new(),
     }
 }
 
@@ -425,6 +434,62 @@ async fn elect(shared: &Arc<Shared>, lost: PeerId) -> Option<(PeerId, Vec<Multia
         }
     }
     None
+}
+
+/// Super-peers: keep the configured peers connected, publish this group's summary, and take
+/// the others'.
+async fn gossip(shared: Arc<Shared>) {
+    let Some(mut rx) = shared.net.take_gossip() else {
+        return;
+    };
+    let peers: Vec<(PeerId, Multiaddr)> = shared
+        .config
+        .peers
+        .iter()
+        .filter_map(|p| match crate::net::split_peer(p) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a super-peer address");
+                None
+            }
+        })
+        .collect();
+    let mut tick = tokio::time::interval(shared.config.heartbeat * 2);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let broker = shared.broker.read().clone();
+                let Some(b) = broker else { continue };
+                for (peer, addr) in &peers {
+                    shared.net.dial(*peer, vec![addr.clone()]).await;
+                }
+                let summary = b.summary(&shared);
+                let mut data = Vec::new();
+                if ciborium::into_writer(&summary, &mut data).is_ok() {
+                    shared.net.publish(crate::net::GROUPS_TOPIC, data).await;
+                }
+            }
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return };
+                if msg.topic != crate::net::GROUPS_TOPIC {
+                    continue;
+                }
+                let summary: Result<crate::proto::GroupSummary, _> =
+                    ciborium::from_reader(msg.data.as_slice());
+                match summary {
+                    Ok(s) if s.validate().is_ok()
+                        && msg.source.map(|p| p.to_string()) == Some(s.broker.clone()) =>
+                    {
+                        let broker = shared.broker.read().clone();
+                        if let Some(b) = broker {
+                            b.learn(&shared, s);
+                        }
+                    }
+                    _ => tracing::debug!(source = ?msg.source, "ignoring a bad group summary"),
+                }
+            }
+        }
+    }
 }
 
 /// The broker's membership sweep.

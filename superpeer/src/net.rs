@@ -13,7 +13,9 @@ use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, noise, ping, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, noise, ping, tcp, yamux};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::proto::{self, Failure, FailureKind, Request, Response};
@@ -54,6 +56,7 @@ pub struct NetError {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    gossip: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     control: request_response::Behaviour<proto::Codec>,
@@ -74,7 +77,29 @@ enum Command {
     Disconnect {
         peer: PeerId,
     },
+    Dial {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+    },
 }
+
+/// A gossip message: who published it, and its bytes (not yet validated).
+#[derive(Debug, Clone)]
+pub struct Gossip {
+    /// The publisher.
+    pub source: Option<PeerId>,
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub data: Vec<u8>,
+}
+
+/// The gossip topic of group summaries exchanged by super-peers.
+pub const GROUPS_TOPIC: &str = "/mvm/groups/1";
 
 /// A handle on a running swarm; cheap to clone.
 #[derive(Clone)]
@@ -83,6 +108,7 @@ pub struct Net {
     peer: PeerId,
     addrs: Vec<Multiaddr>,
     streams: libp2p_stream::Control,
+    gossip: Arc<Mutex<Option<mpsc::Receiver<Gossip>>>>,
 }
 
 impl std::fmt::Debug for Net {
@@ -176,20 +202,36 @@ impl Net {
             )
             .map_err(|e| format!("cannot set up TCP: {e}"))?
             .with_quic()
-            .with_behaviour(|key| Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/mvm/1".into(),
-                    key.public(),
-                )),
-                ping: ping::Behaviour::default(),
-                control: request_response::Behaviour::with_codec(
-                    proto::Codec { max_frame },
-                    [(proto::PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default()
-                        .with_request_timeout(timeout)
-                        .with_max_concurrent_streams(4096),
-                ),
-                stream: libp2p_stream::Behaviour::new(),
+            .with_behaviour(|key| {
+                let gossip_config = gossipsub::ConfigBuilder::default()
+                    .heartbeat_interval(Duration::from_millis(500))
+                    .max_transmit_size(256 << 10)
+                    .build()
+                    .map_err(|e| format!("gossipsub configuration: {e}"))?;
+                let mut gossip = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_config,
+                )
+                .map_err(|e| format!("gossipsub: {e}"))?;
+                gossip
+                    .subscribe(&gossipsub::IdentTopic::new(GROUPS_TOPIC))
+                    .map_err(|e| format!("gossipsub subscription: {e}"))?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                    gossip,
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/mvm/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::default(),
+                    control: request_response::Behaviour::with_codec(
+                        proto::Codec { max_frame },
+                        [(proto::PROTOCOL, ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(timeout)
+                            .with_max_concurrent_streams(4096),
+                    ),
+                    stream: libp2p_stream::Behaviour::new(),
+                })
             })
             .map_err(|e| format!("cannot set up the behaviours: {e}"))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
@@ -227,7 +269,9 @@ impl Net {
         let peer = *swarm.local_peer_id();
         let (commands, rx) = mpsc::channel(1024);
         let (inbound_tx, inbound) = mpsc::channel(1024);
+        let (gossip_tx, gossip_rx) = mpsc::channel(256);
         let actor = Actor {
+            gossip: gossip_tx,
             swarm,
             commands: rx,
             inbound: inbound_tx,
@@ -241,6 +285,7 @@ impl Net {
                 peer,
                 addrs,
                 streams,
+                gossip: Arc::new(Mutex::new(Some(gossip_rx))),
             },
             inbound,
         ))
@@ -315,6 +360,27 @@ impl Net {
         }
     }
 
+    /// The gossip messages received (once: later calls get `None`).
+    pub fn take_gossip(&self) -> Option<mpsc::Receiver<Gossip>> {
+        self.gossip.lock().take()
+    }
+
+    /// Publishes on a gossip topic (best effort: nobody may be listening yet).
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) {
+        let _ = self
+            .commands
+            .send(Command::Publish {
+                topic: topic.to_owned(),
+                data,
+            })
+            .await;
+    }
+
+    /// Connects to `peer` if not connected, and keeps it as a direct gossip peer.
+    pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.commands.send(Command::Dial { peer, addrs }).await;
+    }
+
     /// Closes every connection to `peer` (used when a peer is declared lost).
     pub async fn disconnect(&self, peer: PeerId) {
         let _ = self.commands.send(Command::Disconnect { peer }).await;
@@ -322,6 +388,7 @@ impl Net {
 }
 
 struct Actor {
+    gossip: mpsc::Sender<Gossip>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<Inbound>,
@@ -370,10 +437,39 @@ impl Actor {
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Command::Dial { peer, addrs } => {
+                self.swarm.behaviour_mut().gossip.add_explicit_peer(&peer);
+                if !self.swarm.is_connected(&peer) {
+                    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        tracing::debug!(%peer, error = %e, "dial failed");
+                    }
+                }
+            }
+            Command::Publish { topic, data } => {
+                let topic = gossipsub::IdentTopic::new(topic);
+                if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, data) {
+                    tracing::debug!(error = %e, "gossip not published");
+                }
+            }
         }
     }
 
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
+            message,
+            ..
+        })) = ev
+        {
+            let _ = self.gossip.try_send(Gossip {
+                source: message.source,
+                topic: message.topic.to_string(),
+                data: message.data,
+            });
+            return;
+        }
         let SwarmEvent::Behaviour(BehaviourEvent::Control(ev)) = ev else {
             return;
         };

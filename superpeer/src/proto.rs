@@ -189,6 +189,9 @@ pub struct Submission {
     pub limits: LimitSpec,
     /// Requirements and rank.
     pub requirements: Requirements,
+    /// How many super-peers have forwarded it already (a forwarded job is not forwarded again).
+    #[serde(default)]
+    pub hops: u8,
 }
 
 /// Per-vertex limits, as in the profile.
@@ -281,6 +284,45 @@ pub struct GroupInfo {
     pub is_broker: bool,
     /// The registered nodes (the super-peer's view; a node lists what it last heard).
     pub nodes: Vec<NodeView>,
+    /// Other groups, from their super-peers' summaries.
+    #[serde(default)]
+    pub groups: Vec<GroupSummary>,
+}
+
+/// What a super-peer tells the others about its group (gossiped every few heartbeats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    /// The group.
+    pub group: String,
+    /// Its domain.
+    pub domain: String,
+    /// The super-peer's peer id.
+    pub broker: String,
+    /// Its addresses (`/…/p2p/PEER`).
+    pub addrs: Vec<String>,
+    /// Live nodes.
+    pub nodes: u32,
+    /// Free vertex slots over all nodes.
+    pub free_slots: u32,
+    /// Image ids offered by some node.
+    pub images: Vec<String>,
+    /// Architectures of the nodes.
+    pub archs: Vec<String>,
+}
+
+impl GroupSummary {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        check_name("the group", &self.group)?;
+        check_name("the domain", &self.domain)?;
+        check_name("the broker", &self.broker)?;
+        check_len("addresses", self.addrs.len())?;
+        check_len("images", self.images.len())?;
+        check_len("architectures", self.archs.len())
+    }
 }
 
 /// A node as the super-peer sees it.
@@ -422,6 +464,9 @@ pub struct JobStatus {
     pub wall_ms: u64,
     /// Why it failed.
     pub error: Option<String>,
+    /// When another group's super-peer holds the job (it was forwarded there): its addresses.
+    #[serde(default)]
+    pub broker_addrs: Vec<String>,
 }
 
 /// A job's part as the broker sees it.

@@ -38,6 +38,13 @@ pub(crate) struct Common {
     /// Where compiled modules are cached (default: ~/.cache/mvm/modules).
     #[arg(long, env = "MVM_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Another group's super-peer, `/…/p2p/PEER` (repeatable): as super-peer, exchange group
+    /// summaries with it and forward it jobs this group cannot place.
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    peers: Vec<String>,
+    /// A domain besides its own whose groups it may forward jobs to (repeatable).
+    #[arg(long = "trust-domain", value_name = "DOMAIN")]
+    trust_domains: Vec<String>,
 }
 
 /// Arguments of `mvm node`.
@@ -112,6 +119,12 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         .collect::<Result<Vec<_>, _>>()?;
     let key = mvm_superpeer::identity::load_or_create(&dir.join("key"))
         .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
+    for p in &c.peers {
+        mvm_superpeer::net::split_peer(p)
+            .map_err(|e| Failure::input(anyhow::anyhow!("--peer: {e}")))?;
+    }
+    config.peers = c.peers;
+    config.trust_domains = c.trust_domains;
     config.name = name;
     config.group = c.group;
     config.domain = c.domain;

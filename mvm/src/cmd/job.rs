@@ -242,6 +242,8 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
     runtime()?.block_on(async {
         let client = connect(&args.broker).await?;
         let s = client.submit(&job).await.map_err(wire)?;
+        // A job this group could not place may have gone to another group's super-peer.
+        let client = client.follow(&s).map_err(wire)?;
         if !args.wait {
             return crate::cmd::print(&StatusOut::from(&s), args.out.output, |o| o.job.clone());
         }

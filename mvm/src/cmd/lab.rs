@@ -478,6 +478,12 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
                 if n.lost { "  LOST" } else { "" }
             ));
         }
+        for o in &g.groups {
+            s.push_str(&format!(
+                "  group {} (domain {}): {} nodes, {} free slots, super-peer {}\n",
+                o.group, o.domain, o.nodes, o.free_slots, o.broker
+            ));
+        }
         s.trim_end().to_owned()
     })
 }

@@ -102,42 +102,55 @@ impl Hosts {
 
     /// Starts a daemon on host `i`; its dial address (TCP) once it listens.
     fn daemon(&mut self, i: usize, args: &[&str]) -> String {
-        let name = format!("d{i}");
-        let addr_file = self.dir.path().join(format!("{name}.addr"));
+        let mut cmd = self.mvm(i, args);
         let listen = format!("/ip4/{}/tcp/0", self.addr(i));
-        let state: PathBuf = self.dir.path().join(&name);
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).expect("log");
-        let child = self
-            .mvm(i, args)
-            .args([
-                "--name",
-                &name,
-                "--listen",
-                &listen,
-                "--heartbeat-ms",
-                "200",
-                "--lost-after-ms",
-                "1500",
-            ])
-            .arg("--dir")
-            .arg(&state)
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("daemon starts");
+        let (child, addr) = spawn_daemon(&mut cmd, self.dir.path(), &format!("d{i}"), &listen);
         self.children.push(child);
-        wait_for(Duration::from_secs(30), || {
-            std::fs::read_to_string(&addr_file)
-                .ok()
-                .filter(|s| !s.is_empty())
-        })
-        .lines()
-        .next()
-        .expect("an address")
-        .to_owned()
+        addr
     }
+}
+
+/// Starts a daemon (`cmd` is `mvm node …` or `mvm superpeer …`, perhaps behind `ip netns
+/// exec`) named `name` with its state, log and address file in `dir`, listening on `listen`,
+/// with lab timings; the process and its first dial address once it listens.
+pub(crate) fn spawn_daemon(
+    cmd: &mut Command,
+    dir: &Path,
+    name: &str,
+    listen: &str,
+) -> (Child, String) {
+    let addr_file = dir.join(format!("{name}.addr"));
+    let state: PathBuf = dir.join(name);
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
+    let child = cmd
+        .args([
+            "--name",
+            name,
+            "--listen",
+            listen,
+            "--heartbeat-ms",
+            "200",
+            "--lost-after-ms",
+            "1500",
+        ])
+        .arg("--dir")
+        .arg(&state)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("daemon starts");
+    let addr = wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&addr_file)
+            .ok()
+            .filter(|s| !s.is_empty())
+    })
+    .lines()
+    .next()
+    .expect("an address")
+    .to_owned();
+    (child, addr)
 }
 
 impl Drop for Hosts {
@@ -156,7 +169,7 @@ impl Drop for Hosts {
     }
 }
 
-fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
     loop {
         if let Some(v) = f() {
@@ -167,7 +180,7 @@ fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn write_lab(dir: &Path, broker: &str) {
+pub(crate) fn write_lab(dir: &Path, broker: &str) {
     std::fs::create_dir_all(dir.join("lab")).expect("lab dir");
     let info = serde_json::json!({ "broker": broker, "pids": [], "members": [] });
     std::fs::write(dir.join("lab/lab.json"), info.to_string()).expect("lab.json");

@@ -1,0 +1,110 @@
+//! Two groups, each with its super-peer: summaries gossiped between the super-peers, and a job
+//! that one group cannot place forwarded to the other.
+
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use crate::netns::{spawn_daemon, wait_for, write_lab};
+use crate::run::{build_jobs, json, root};
+
+struct Groups {
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Groups {
+    fn mvm(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mvm"));
+        c.args(args)
+            .env("MVM_CACHE_DIR", self.dir.path().join("cache"))
+            .env("MVM_LAB_DIR", self.dir.path().join("lab"))
+            .env_remove("MVM_BROKER")
+            .current_dir(root());
+        c
+    }
+
+    fn daemon(&mut self, name: &str, args: &[&str]) -> String {
+        let mut cmd = self.mvm(args);
+        let (child, addr) = spawn_daemon(&mut cmd, self.dir.path(), name, "/ip4/127.0.0.1/tcp/0");
+        self.children.push(child);
+        addr
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.mvm(args).output().expect("mvm runs")
+    }
+}
+
+impl Drop for Groups {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn part_names(v: &serde_json::Value) -> Vec<String> {
+    v["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .map(|p| p["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+#[test]
+fn a_job_too_big_for_its_group_is_forwarded_to_another_groups_super_peer() {
+    build_jobs();
+    let mut g = Groups {
+        dir: tempfile::tempdir().expect("tempdir"),
+        children: Vec::new(),
+    };
+    let a = g.daemon("spa", &["superpeer", "--group", "a"]);
+    let b = g.daemon("spb", &["superpeer", "--group", "b", "--peer", &a]);
+    g.daemon(
+        "a0",
+        &["node", "--group", "a", "--bootstrap", &a, "--slots", "4"],
+    );
+    g.daemon("b0", &["node", "--group", "b", "--bootstrap", &b]);
+    g.daemon("b1", &["node", "--group", "b", "--bootstrap", &b]);
+    write_lab(g.dir.path(), &a);
+    // A hears B's summary: two nodes, free slots.
+    wait_for(Duration::from_secs(20), || {
+        let out = g.run(&["lab", "status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let ok = v["nodes"].as_array()?.len() == 1
+            && v["groups"]
+                .as_array()?
+                .iter()
+                .any(|x| x["group"] == "b" && x["nodes"] == 2);
+        ok.then_some(())
+    });
+    // 28 vertices do not fit in group a's 4 slots: group b runs them.
+    let v = json(&g.run(&["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    let mut names = part_names(&v);
+    names.sort();
+    assert_eq!(names, ["b0", "b1"], "{v}");
+    // 4 vertices fit at home.
+    let v = json(&g.run(&["submit", "--wait", "examples/pipeline.toml", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(part_names(&v), ["a0"], "{v}");
+    // Requirements no group meets: the refusal says so (exit 1), naming the home group.
+    let p = g.dir.path().join("arm.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"arm\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n[requirements]\narch = \"aarch64\"\n",
+            root().display()
+        ),
+    )
+    .expect("profile");
+    let out = g.run(&["submit", p.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("group a") && err.contains("aarch64") && err.contains("no other group"),
+        "{err}"
+    );
+}
