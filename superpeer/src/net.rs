@@ -234,7 +234,15 @@ impl Net {
                 })
             })
             .map_err(|e| format!("cannot set up the behaviours: {e}"))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .with_swarm_config(|c| {
+                // Optimistic protocol negotiation on outbound streams: a control request or a
+                // queue stream costs no extra round trip to agree on its protocol.
+                c.with_idle_connection_timeout(idle)
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+                    .with_max_negotiating_inbound_streams(1024)
+            })
             .build();
         let mut pending = Vec::new();
         for a in &config.listen {
