@@ -114,6 +114,15 @@ impl GuestSpec {
     /// # Errors
     /// The first problem found.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_resources()?;
+        self.validate_boot()
+    }
+
+    /// Checks what every driver uses: the name, vCPUs, memory and weight.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate_resources(&self) -> Result<(), SpecError> {
         let err = |m: String| {
             Err(SpecError {
                 guest: self.name.clone(),
@@ -141,6 +150,19 @@ impl GuestSpec {
                 self.memory_mib
             ));
         }
+        if self.weight.is_some_and(|w| !(1..=65535).contains(&w)) {
+            return err("weight must be 1 to 65535".into());
+        }
+        Ok(())
+    }
+
+    fn validate_boot(&self) -> Result<(), SpecError> {
+        let err = |m: String| {
+            Err(SpecError {
+                guest: self.name.clone(),
+                message: m,
+            })
+        };
         if self.mode != Mode::Hvm && self.kernel.is_none() {
             return err("a PV or PVH guest needs a kernel".into());
         }
@@ -197,9 +219,6 @@ impl GuestSpec {
                 }
             }
         }
-        if self.weight.is_some_and(|w| !(1..=65535).contains(&w)) {
-            return err("weight must be 1 to 65535".into());
-        }
         Ok(())
     }
 
@@ -234,9 +253,15 @@ impl GuestSpec {
                 .iter()
                 .map(|d| {
                     let access = if d.read_only { "ro" } else { "rw" };
+                    // A block device is served by blkback directly.
+                    let backend = if d.target.starts_with("/dev") {
+                        "backendtype=phy, "
+                    } else {
+                        ""
+                    };
                     // `target=` must come last: everything after it is the path.
                     quote(&format!(
-                        "format={}, vdev={}, access={access}, target={}",
+                        "format={}, vdev={}, access={access}, {backend}target={}",
                         d.format,
                         d.vdev,
                         d.target.display()

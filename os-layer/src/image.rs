@@ -87,9 +87,16 @@ pub struct Metadata {
     pub os: String,
     /// CPU architecture, e.g. `x86_64`.
     pub arch: String,
-    /// The kernel it boots, when the driver loads one (Xen PV/PVH), e.g. `vmlinuz-6.1`.
+    /// The kernel it boots, when the driver loads one (Xen PV/PVH): the id of another image
+    /// in the repository (`name:version@sha256:HEX`), so the kernel is verified like any image.
     #[serde(default)]
     pub kernel: Option<String>,
+    /// The initial ramdisk it boots with, as the id of another image.
+    #[serde(default)]
+    pub ramdisk: Option<String>,
+    /// The kernel command line it needs (e.g. `root=/dev/xvda console=hvc0`).
+    #[serde(default)]
+    pub cmdline: Option<String>,
     /// The drivers that can run it, e.g. `["xen", "host"]`.
     pub drivers: Vec<String>,
     /// How the bytes are stored: `raw`, `qcow2`, or `raw+zstd` (decompressed at deploy).
@@ -443,7 +450,9 @@ mod tests {
         Metadata {
             os: "linux".into(),
             arch: "x86_64".into(),
-            kernel: Some("vmlinuz".into()),
+            kernel: None,
+            ramdisk: None,
+            cmdline: None,
             drivers: vec!["xen".into()],
             format: "raw".into(),
         }

@@ -38,6 +38,39 @@ fn fail(probe: &str, message: impl Into<String>) -> ProbeError {
     }
 }
 
+/// The number of guests alive on a driver (running, blocked or paused).
+pub struct RunningGuests {
+    /// The driver asked.
+    pub driver: std::sync::Arc<dyn crate::driver::Driver>,
+    /// Sampling interval.
+    pub interval: Duration,
+}
+
+impl std::fmt::Debug for RunningGuests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningGuests")
+            .field("driver", &self.driver.kind())
+            .field("interval", &self.interval)
+            .finish()
+    }
+}
+
+impl Probe for RunningGuests {
+    fn name(&self) -> &str {
+        "running_guests"
+    }
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+    fn sample(&self) -> Result<f64, ProbeError> {
+        let guests = self
+            .driver
+            .list()
+            .map_err(|e| fail(self.name(), e.to_string()))?;
+        Ok(guests.iter().filter(|g| !g.state.is_dead()).count() as f64)
+    }
+}
+
 /// Available memory in bytes (`MemAvailable` of /proc/meminfo).
 #[derive(Debug, Clone)]
 pub struct FreeMemory {

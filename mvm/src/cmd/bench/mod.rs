@@ -61,6 +61,27 @@ enum Which {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Inside a Xen dom0: a guest's create-to-running time through MVM's Xen driver beside plain
+    /// `xl create` of the same xl.cfg (scripts/xen-suite runs it under QEMU).
+    Xen {
+        /// The guest kernel (PV).
+        #[arg(long)]
+        kernel: std::path::PathBuf,
+        /// The guest's ramdisk.
+        #[arg(long)]
+        ramdisk: Option<std::path::PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(16..))]
+        memory_mib: u32,
+        /// Creates of each kind.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        runs: u32,
+        /// Where the guests' xl.cfg files are written.
+        #[arg(long, default_value = "/var/lib/mvm/bench-xen")]
+        state_dir: std::path::PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Queue throughput (FIFO, priority) beside a crossbeam channel, and a remote endpoint over
     /// loopback TCP beside raw TCP.
     Queue {
@@ -244,6 +265,39 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let clients = usize::try_from(clients).unwrap_or(64);
             let report = broker::run(secs, clients, transport)?;
             print(&report, out.output, broker::text)
+        }
+        Which::Xen {
+            kernel,
+            ramdisk,
+            memory_mib,
+            runs,
+            state_dir,
+            out,
+        } => {
+            for f in std::iter::once(&kernel).chain(ramdisk.as_ref()) {
+                if !f.is_file() {
+                    return Err(Failure::input(anyhow::anyhow!(
+                        "bench xen: {}: no such file",
+                        f.display()
+                    )));
+                }
+            }
+            let params = mvm_os::bench::Params {
+                kernel,
+                ramdisk,
+                memory_mib,
+                runs,
+                state_dir,
+            };
+            let report = mvm_os::bench::xen(&params)
+                .map_err(|e| Failure::failed(anyhow::anyhow!("bench xen: {e}")))?;
+            print(&report, out.output, |r| {
+                format!(
+                    "guest create-to-running, {} runs each\n  mvm  median {:.2} s  {:?}\n  \
+                     xl   median {:.2} s  {:?}\n  mvm/xl = {:.3} (goal <= 1.05)",
+                    r.runs, r.mvm_median_secs, r.mvm_secs, r.xl_median_secs, r.xl_secs, r.ratio
+                )
+            })
         }
         Which::Queue {
             items,

@@ -1,0 +1,200 @@
+//! The host driver on this machine's real control groups (the tests run as root).
+
+use std::process::{Child, Command};
+
+use super::*;
+use crate::guest::Mode;
+
+fn spec(name: &str) -> GuestSpec {
+    GuestSpec {
+        name: name.into(),
+        mode: Mode::Pv,
+        kernel: None,
+        ramdisk: None,
+        cmdline: None,
+        vcpus: 1,
+        memory_mib: 64,
+        disks: vec![],
+        nics: vec![],
+        weight: None,
+        cap: None,
+    }
+}
+
+/// A driver under a parent group of its own, removed at the end.
+struct Fixture {
+    driver: HostDriver,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let group = format!("mvm-test-{}-{tag}", std::process::id());
+        Fixture {
+            driver: HostDriver::new(&group),
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for g in self.driver.list().unwrap_or_default() {
+            let _ = self.driver.destroy(&g.name);
+        }
+        let parents: Vec<PathBuf> = self
+            .driver
+            .dirs("x")
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_owned))
+            .collect();
+        for p in parents {
+            let _ = fs::remove_dir(p);
+        }
+    }
+}
+
+/// A process that appends a line to `file` every 20 ms.
+fn ticker(file: &Path) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while :; do echo x >> '{}'; sleep 0.02; done",
+            file.display()
+        ))
+        .spawn()
+        .unwrap()
+}
+
+fn size(p: &Path) -> u64 {
+    fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn a_host_guest_is_a_control_group_with_limits_pause_and_teardown() {
+    let f = Fixture::new("a");
+    let d = &f.driver;
+    assert!(
+        !matches!(d.cgroups(), Cgroups::None),
+        "this machine (root) has writable cgroups; the host driver must use them"
+    );
+    let mut s = spec("g1");
+    s.weight = Some(512);
+    s.memory_mib = 96;
+    let info = d.create(&s).unwrap();
+    assert_eq!(info.name, "g1");
+    assert!(matches!(d.create(&s), Err(DriverError::Exists(_))));
+    assert_eq!(
+        d.sched("g1").unwrap(),
+        Sched {
+            weight: 512,
+            cap: 0
+        }
+    );
+    // The limits are in the kernel's files, not only in the driver.
+    match d.cgroups() {
+        Cgroups::V1 { cpu, memory, .. } => {
+            assert_eq!(read(&cpu.join("g1/cpu.shares")).unwrap(), "2048");
+            if let Some(m) = memory {
+                assert_eq!(
+                    read(&m.join("g1/memory.limit_in_bytes")).unwrap(),
+                    (96u64 << 20).to_string()
+                );
+            }
+        }
+        Cgroups::V2 { root } => {
+            assert_eq!(read(&root.join("g1/cpu.weight")).unwrap(), "200");
+            assert_eq!(
+                read(&root.join("g1/memory.max")).unwrap(),
+                (96u64 << 20).to_string()
+            );
+        }
+        Cgroups::None => unreachable!(),
+    }
+    d.set_sched(
+        "g1",
+        Sched {
+            weight: 768,
+            cap: 50,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        d.sched("g1").unwrap(),
+        Sched {
+            weight: 768,
+            cap: 50
+        }
+    );
+    d.set_memory("g1", 128).unwrap();
+    assert_eq!(d.inspect("g1").unwrap().memory_mib, 128);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ticks");
+    let mut child = ticker(&out);
+    d.attach("g1", child.id()).unwrap();
+    assert_eq!(d.processes("g1").unwrap(), vec![child.id()]);
+    assert_eq!(d.inspect("g1").unwrap().state, State::Running);
+
+    d.pause("g1").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(d.inspect("g1").unwrap().state, State::Paused);
+    let a = size(&out);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(size(&out), a, "a paused guest's process does not run");
+    d.unpause("g1").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(size(&out) > a, "an unpaused guest's process runs again");
+
+    assert_eq!(d.list().unwrap().len(), 1);
+    // Destroy kills what runs in the guest (also when paused) and removes the group.
+    d.pause("g1").unwrap();
+    // The node that starts processes in a guest reaps them; so does this test.
+    let reaper = std::thread::spawn(move || child.wait().unwrap());
+    d.destroy("g1").unwrap();
+    let status = reaper.join().unwrap();
+    assert!(!status.success());
+    assert!(matches!(d.inspect("g1"), Err(DriverError::NotFound(_))));
+    assert!(d.dirs("g1").iter().all(|p| !p.exists()));
+    assert!(d.list().unwrap().is_empty());
+    assert!(matches!(d.destroy("g1"), Err(DriverError::NotFound(_))));
+}
+
+#[test]
+fn checkpoints_need_a_hypervisor_and_bad_requests_are_refused() {
+    let f = Fixture::new("b");
+    let d = &f.driver;
+    d.create(&spec("g2")).unwrap();
+    assert!(matches!(
+        d.save("g2", Path::new("/tmp/x")),
+        Err(DriverError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        d.migrate("g2", "elsewhere"),
+        Err(DriverError::Unsupported { .. })
+    ));
+    assert!(matches!(
+        d.set_sched("g2", Sched { weight: 0, cap: 0 }),
+        Err(DriverError::Spec(_))
+    ));
+    let mut bad = spec("../escape");
+    assert!(matches!(d.create(&bad), Err(DriverError::Spec(_))));
+    bad.name = "ok".into();
+    bad.memory_mib = 1;
+    assert!(matches!(d.create(&bad), Err(DriverError::Spec(_))));
+    assert!(matches!(d.pause("nope"), Err(DriverError::NotFound(_))));
+    // A guest with no processes shuts down at once.
+    d.shutdown("g2", Duration::from_secs(1)).unwrap();
+    assert!(d.list().unwrap().is_empty());
+}
+
+#[test]
+fn without_cgroups_guests_are_the_host_itself() {
+    let d = HostDriver::with(Cgroups::None);
+    let mut s = spec("h");
+    s.weight = Some(300);
+    d.create(&s).unwrap();
+    assert_eq!(d.inspect("h").unwrap().state, State::Running);
+    assert_eq!(d.sched("h").unwrap().weight, 300);
+    assert!(matches!(d.pause("h"), Err(DriverError::Unsupported { .. })));
+    d.destroy("h").unwrap();
+    assert!(d.list().unwrap().is_empty());
+}
