@@ -217,9 +217,10 @@ mod tests {
         })
         .expect("runtime");
         let p = pingpong(&rt, 1024, 200).await.expect("pingpong");
-        assert!(p.one_way_us > 0.0 && p.one_way_us < 10_000.0, "{p:?}");
+        // Only that something was measured: speed is for `mvm bench`, not for a loaded test run.
+        assert!(p.one_way_us > 0.0 && p.one_way_us.is_finite(), "{p:?}");
         let per_hop = ring(&rt, 8, 800).await.expect("ring");
-        assert!(per_hop > 0.0 && per_hop < 10_000.0, "{per_hop}");
+        assert!(per_hop > 0.0 && per_hop.is_finite(), "{per_hop}");
         let i = instantiation(&rt, 16).await.expect("instantiation");
         assert!(
             i.mvm_us_per_vertex > 0.0 && i.bare_us_per_vertex > 0.0,

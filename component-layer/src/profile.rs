@@ -89,6 +89,31 @@ pub struct Requirements {
     pub rank: Option<String>,
     /// The most nodes to spread the vertices over (default: every node that qualifies).
     pub nodes: Option<u32>,
+    /// How guests of `image` are used across jobs (GridWay's VM modes).
+    pub vm_mode: Option<VmMode>,
+}
+
+/// How a node's guests of the job's image are used across jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmMode {
+    /// One guest kept running and reused by job after job.
+    Persistent,
+    /// The guest is saved after a job and restored for the next.
+    SaveRestore,
+    /// A fresh guest per job, torn down after it (the default).
+    StopStart,
+}
+
+impl VmMode {
+    /// The name profiles and messages use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmMode::Persistent => "persistent",
+            VmMode::SaveRestore => "save-restore",
+            VmMode::StopStart => "stop-start",
+        }
+    }
 }
 
 /// A profile that cannot be used: the file, the line when known, and why.

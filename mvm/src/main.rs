@@ -60,6 +60,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Check, generate and draw topology graph files (DOT).
     Topology(cmd::topology::Args),
+    /// A node's image repository of execution environments: import, list, verify.
+    Image(cmd::image::Args),
     /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
     Bench(cmd::bench::Args),
 }
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lab(args) => cmd::lab::run(args),
         Command::Node(args) => cmd::daemon::node(args),
+        Command::Image(args) => cmd::image::run(args),
         Command::Superpeer(args) => cmd::daemon::superpeer(args),
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),

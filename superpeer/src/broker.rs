@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use crate::daemon::Shared;
 use crate::modules::ModuleStore;
 use crate::proto::{
-    Failure, FailureKind, GroupInfo, GroupSummary, JobState, JobStatus, Member, NodeInfo, NodeLoad,
-    NodeView, PartReport, PartSpec, PartStatus, Request, Response, Submission, Traffic,
+    EnvSpec, Failure, FailureKind, GroupInfo, GroupSummary, JobState, JobStatus, Member, NodeInfo,
+    NodeLoad, NodeView, PartReport, PartSpec, PartStatus, Request, Response, Submission, Traffic,
 };
 use crate::schedule::{self, Candidate, Graph, Rank};
 
@@ -564,6 +564,20 @@ impl Broker {
                 })
                 .collect()
         };
+        // Each node ensures the profile's image as a guest before its part runs.
+        let r = &s.requirements;
+        let environment = r
+            .image
+            .as_ref()
+            .filter(|i| i.as_str() != "host")
+            .map(|image| EnvSpec {
+                image: image.clone(),
+                vcpus: r.vcpus.unwrap_or(1),
+                memory_mib: r
+                    .memory_bytes
+                    .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
+                mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
+            });
         let specs: Vec<(PeerId, PartSpec)> = peers
             .iter()
             .enumerate()
@@ -593,6 +607,7 @@ impl Broker {
                         parts: members.clone(),
                         here: u32::try_from(i).unwrap_or(0),
                         start: peers.len() == 1,
+                        environment: environment.clone(),
                     },
                 )
             })

@@ -91,6 +91,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 arch: r.arch.clone(),
                 rank: r.rank.clone(),
                 nodes: r.nodes,
+                vm_mode: r.vm_mode.map(|m| m.as_str().to_owned()),
             },
             hops: 0,
         },

@@ -14,6 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
 
 use crate::broker::Broker;
+use crate::environment::{NodeOs, OsConfig};
 use crate::modules::ModuleStore;
 use crate::net::{Inbound, Net, NetConfig};
 use crate::node::{self, NodeRole};
@@ -55,6 +56,9 @@ pub struct DaemonConfig {
     pub trust_domains: Vec<String>,
     /// The network.
     pub net: NetConfig,
+    /// The OS layer: the driver and directory of guests for jobs that name an image (none:
+    /// jobs run on the host as it is, and only the image `host` is offered).
+    pub os: Option<OsConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -75,6 +79,7 @@ impl Default for DaemonConfig {
             peers: Vec::new(),
             trust_domains: Vec::new(),
             net: NetConfig::default(),
+            os: None,
         }
     }
 }
@@ -89,6 +94,8 @@ pub(crate) struct Shared {
     pub(crate) superpeer: RwLock<Option<(PeerId, Vec<Multiaddr>)>>,
     /// The group's members as last heard from the super-peer.
     pub(crate) members: Mutex<Vec<Member>>,
+    /// The OS layer, when configured.
+    pub(crate) os: Option<Arc<NodeOs>>,
 }
 
 impl Shared {
@@ -131,7 +138,15 @@ impl Daemon {
     ///
     /// # Errors
     /// The network, the runtime, or a bootstrap address cannot be set up.
-    pub async fn start(key: Keypair, config: DaemonConfig) -> Result<Daemon, String> {
+    pub async fn start(key: Keypair, mut config: DaemonConfig) -> Result<Daemon, String> {
+        let os = match &config.os {
+            Some(c) if config.slots > 0 => {
+                let os = NodeOs::open(c).map_err(|e| format!("{}: {e}", c.dir.display()))?;
+                config.images.extend(os.images());
+                Some(Arc::new(os))
+            }
+            _ => None,
+        };
         let superpeer = match (config.broker, config.bootstrap.first()) {
             (true, _) => None,
             (false, None) => return Err("a node needs a super-peer address (--bootstrap)".into()),
@@ -167,6 +182,7 @@ impl Daemon {
             broker: RwLock::new(broker),
             superpeer: RwLock::new(superpeer),
             members: Mutex::new(Vec::new()),
+            os,
             config,
         });
         Ok(Daemon { shared, inbound })
@@ -214,6 +230,10 @@ impl Daemon {
         }
         background.abort_all();
         node::terminate_all(&shared);
+        if let Some(os) = shared.os.clone() {
+            // Guests kept between jobs go with the node.
+            let _ = tokio::task::spawn_blocking(move || os.shutdown()).await;
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 mod broker;
 pub mod client;
 pub mod daemon;
+pub mod environment;
 pub mod identity;
 pub mod modules;
 pub mod net;

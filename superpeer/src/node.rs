@@ -20,6 +20,7 @@ use tokio::task::AbortHandle;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::daemon::Shared;
+use crate::environment::EnvLease;
 use crate::proto::{
     Failure, FailureKind, LimitSpec, PartReport, PartResult, PartSpec, Request, Response,
     StreamHeader, Traffic, VertexFailure,
@@ -40,6 +41,8 @@ struct NodeJob {
     expected_links: usize,
     tasks: Vec<AbortHandle>,
     vertices: u32,
+    /// The guest the job runs in: held for its `Drop`, which releases it when the job goes.
+    _env: Option<EnvLease>,
 }
 
 /// A node's job table, runtime and queues.
@@ -179,6 +182,32 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
         };
         modules.insert(component.clone(), module);
     }
+    // The OS layer ensures the job's environment before anything is instantiated.
+    let env = match (&spec.environment, &shared.os) {
+        (None, _) => None,
+        (Some(e), None) => {
+            return fail(
+                FailureKind::Unavailable,
+                format!(
+                    "node {} has no OS layer for image '{}' (start it with --os-dir)",
+                    shared.config.name, e.image
+                ),
+            );
+        }
+        (Some(e), Some(os)) => {
+            let (os, e, job) = (os.clone(), e.clone(), spec.job.clone());
+            match tokio::task::spawn_blocking(move || os.acquire(&job, &e)).await {
+                Ok(Ok(lease)) => Some(lease),
+                Ok(Err(m)) => {
+                    return fail(
+                        FailureKind::Failed,
+                        format!("node {}: environment: {m}", shared.config.name),
+                    );
+                }
+                Err(e) => return fail(FailureKind::Failed, format!("environment: {e}")),
+            }
+        }
+    };
     let job = JobSpec {
         id: spec.job.clone(),
         topology: &topology,
@@ -226,6 +255,7 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
             expected_links,
             tasks: Vec::new(),
             vertices,
+            _env: env,
         },
     );
     drop(jobs);

@@ -220,7 +220,27 @@ pub struct Requirements {
     pub rank: Option<String>,
     /// The most nodes to spread the vertices over.
     pub nodes: Option<u32>,
+    /// How guests of `image` are used across jobs: `persistent`, `save-restore` or
+    /// `stop-start` (the default).
+    #[serde(default)]
+    pub vm_mode: Option<String>,
 }
+
+/// The execution environment a node ensures before its part of a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvSpec {
+    /// The image: `name:version` or `name:version@sha256:HEX`.
+    pub image: String,
+    /// vCPUs of the guest.
+    pub vcpus: u32,
+    /// Memory of the guest, MiB.
+    pub memory_mib: u32,
+    /// `persistent`, `save-restore` or `stop-start`.
+    pub mode: String,
+}
+
+/// The VM modes a profile may name.
+pub const VM_MODES: [&str; 3] = ["persistent", "save-restore", "stop-start"];
 
 /// What a node tells its super-peer when it registers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -366,6 +386,9 @@ pub struct PartSpec {
     /// Start right after preparing (a job of one part needs no second phase).
     #[serde(default)]
     pub start: bool,
+    /// The environment to ensure first (none: the host as it is).
+    #[serde(default)]
+    pub environment: Option<EnvSpec>,
 }
 
 /// How a part of a job ended.
@@ -575,6 +598,11 @@ impl Request {
                 check_name("the topology file name", &s.topology_file)?;
                 check_components(&s.components)?;
                 check_len("modules", s.modules.len())?;
+                if let Some(m) = &s.requirements.vm_mode
+                    && !VM_MODES.contains(&m.as_str())
+                {
+                    return Err(format!("unknown VM mode '{m}'"));
+                }
                 check_params(&s.parameters)
             }
             Request::Status { job } => job.as_deref().map_or(Ok(()), check_job_id),
@@ -620,6 +648,12 @@ impl Request {
                 }
                 if let Some(bad) = p.placement.iter().find(|&&x| x as usize >= p.parts.len()) {
                     return Err(format!("placement names part {bad} of {}", p.parts.len()));
+                }
+                if let Some(e) = &p.environment {
+                    check_len("image id bytes", e.image.len())?;
+                    if !VM_MODES.contains(&e.mode.as_str()) {
+                        return Err(format!("unknown VM mode '{}'", e.mode));
+                    }
                 }
                 Ok(())
             }
@@ -834,6 +868,7 @@ mod tests {
             ],
             here: 1,
             start: false,
+            environment: None,
         };
         let e = Request::Prepare(Box::new(part.clone()))
             .validate()
@@ -842,10 +877,23 @@ mod tests {
         let e = Request::Prepare(Box::new(PartSpec {
             here: 2,
             placement: vec![0],
-            ..part
+            ..part.clone()
         }))
         .validate()
         .expect_err("here out of range");
         assert!(e.contains("does not exist"), "{e}");
+        let e = Request::Prepare(Box::new(PartSpec {
+            placement: vec![0],
+            environment: Some(EnvSpec {
+                image: "env:1".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                mode: "forever".into(),
+            }),
+            ..part
+        }))
+        .validate()
+        .expect_err("bad VM mode");
+        assert!(e.contains("forever"), "{e}");
     }
 }

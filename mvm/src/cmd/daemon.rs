@@ -45,6 +45,26 @@ pub(crate) struct Common {
     /// A domain besides its own whose groups it may forward jobs to (repeatable).
     #[arg(long = "trust-domain", value_name = "DOMAIN")]
     trust_domains: Vec<String>,
+    /// The OS layer's directory: its image repository (`images/`, filled by `mvm image
+    /// import`), guests' storage and checkpoints. With it the node offers its images, and runs
+    /// each job that names one in a guest made from it; without it, only the image `host`.
+    #[arg(long, value_name = "DIR")]
+    os_dir: Option<PathBuf>,
+    /// The guest driver: `host` (control groups of this host) or `xen` (`xl`, in a dom0).
+    #[arg(long, value_enum, default_value_t = DriverArg::Host)]
+    driver: DriverArg,
+    /// The parent control group of the host driver's guests.
+    #[arg(long, default_value = "mvm", value_name = "NAME")]
+    cgroup: String,
+}
+
+/// The guest drivers a node can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DriverArg {
+    /// Control groups of this host (the embedded default).
+    Host,
+    /// Xen guests through the `xl` toolstack.
+    Xen,
 }
 
 /// Arguments of `mvm node`.
@@ -123,6 +143,25 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         mvm_superpeer::net::split_peer(p)
             .map_err(|e| Failure::input(anyhow::anyhow!("--peer: {e}")))?;
     }
+    if !c
+        .cgroup
+        .chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+        || c.cgroup.is_empty()
+        || c.cgroup.starts_with('.')
+    {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--cgroup '{}': a group name is [A-Za-z0-9._-], not starting with '.'",
+            c.cgroup
+        )));
+    }
+    config.os = c.os_dir.map(|dir| mvm_superpeer::environment::OsConfig {
+        driver: match c.driver {
+            DriverArg::Host => mvm_superpeer::environment::DriverKind::Host { cgroup: c.cgroup },
+            DriverArg::Xen => mvm_superpeer::environment::DriverKind::Xen,
+        },
+        dir,
+    });
     config.peers = c.peers;
     config.trust_domains = c.trust_domains;
     config.name = name;

@@ -5,6 +5,7 @@ use crate::exit::Failure;
 
 pub(crate) mod bench;
 pub(crate) mod daemon;
+pub(crate) mod image;
 pub(crate) mod job;
 pub(crate) mod lab;
 pub(crate) mod run;

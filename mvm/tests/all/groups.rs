@@ -7,13 +7,21 @@ use std::time::Duration;
 use crate::netns::{spawn_daemon, wait_for, write_lab};
 use crate::run::{build_jobs, json, root};
 
-struct Groups {
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
+/// Daemons started one by one, each a real `mvm` process, killed at the end.
+pub(crate) struct Groups {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) children: Vec<Child>,
 }
 
 impl Groups {
-    fn mvm(&self, args: &[&str]) -> Command {
+    pub(crate) fn new() -> Groups {
+        Groups {
+            dir: tempfile::tempdir().expect("tempdir"),
+            children: Vec::new(),
+        }
+    }
+
+    pub(crate) fn mvm(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_mvm"));
         c.args(args)
             .env("MVM_CACHE_DIR", self.dir.path().join("cache"))
@@ -23,14 +31,14 @@ impl Groups {
         c
     }
 
-    fn daemon(&mut self, name: &str, args: &[&str]) -> String {
+    pub(crate) fn daemon(&mut self, name: &str, args: &[&str]) -> String {
         let mut cmd = self.mvm(args);
         let (child, addr) = spawn_daemon(&mut cmd, self.dir.path(), name, "/ip4/127.0.0.1/tcp/0");
         self.children.push(child);
         addr
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.mvm(args).output().expect("mvm runs")
     }
 }
@@ -56,10 +64,7 @@ fn part_names(v: &serde_json::Value) -> Vec<String> {
 #[test]
 fn a_job_too_big_for_its_group_is_forwarded_to_another_groups_super_peer() {
     build_jobs();
-    let mut g = Groups {
-        dir: tempfile::tempdir().expect("tempdir"),
-        children: Vec::new(),
-    };
+    let mut g = Groups::new();
     let a = g.daemon("spa", &["superpeer", "--group", "a"]);
     let b = g.daemon("spb", &["superpeer", "--group", "b", "--peer", &a]);
     g.daemon(

@@ -2,6 +2,7 @@
 //! the examples, and labs of daemon processes on loopback.
 
 mod cli;
+mod environment;
 mod groups;
 mod lab;
 mod layering;

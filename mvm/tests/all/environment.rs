@@ -1,0 +1,157 @@
+//! The OS layer on a woken node: a job whose profile names an image runs after its node made a
+//! guest of that image (the host driver: a control group, with the image's disk as storage),
+//! kept between jobs, fresh per job, or torn down with the node, as the profile's VM mode says.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::groups::Groups;
+use crate::netns::{wait_for, write_lab};
+use crate::run::{build_jobs, json, root};
+
+/// The guests (storage directories) node `os` holds now.
+fn guests(os: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(os.join("guests"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The host driver's groups under `/sys/fs/cgroup/cpu/GROUP` (v1) or `/sys/fs/cgroup/GROUP`.
+fn cgroups(group: &str) -> Vec<String> {
+    let base = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup"]
+        .iter()
+        .map(|b| PathBuf::from(b).join(group))
+        .find(|p| p.is_dir());
+    let mut v: Vec<String> = base
+        .and_then(|b| std::fs::read_dir(b).ok())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn profile(dir: &Path, name: &str, requirements: &str) -> String {
+    let p = dir.join(format!("{name}.toml"));
+    let r = root();
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"{name}\"\ntopology = \"{0}/topologies/pipeline-4.dot\"\n\
+             [components]\nsource = \"{0}/jobs/build/pipe_source.wasm\"\n\
+             stage = \"{0}/jobs/build/pipe_stage.wasm\"\nsink = \"{0}/jobs/build/pipe_sink.wasm\"\n\
+             [parameters]\ncount = 10\nfactor = 2\n[requirements]\n{requirements}\n",
+            r.display()
+        ),
+    )
+    .expect("profile");
+    p.display().to_string()
+}
+
+#[test]
+fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_mode() {
+    build_jobs();
+    let mut g = Groups::new();
+    let os = g.dir.path().join("n1os");
+    let group = format!("mvm-envtest-{}", std::process::id());
+    // The image: a 1 MiB disk in n1's repository.
+    let disk = g.dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let out = g.run(&[
+        "image",
+        "import",
+        "--os-dir",
+        os.to_str().expect("utf-8"),
+        "env:1",
+        disk.to_str().expect("utf-8"),
+        "--drivers",
+        "host",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(id.starts_with("env:1@sha256:"), "{id}");
+
+    let sp = g.daemon("sp", &["superpeer"]);
+    let os_arg = os.to_str().expect("utf-8").to_owned();
+    g.daemon(
+        "n1",
+        &[
+            "node",
+            "--bootstrap",
+            &sp,
+            "--os-dir",
+            &os_arg,
+            "--cgroup",
+            &group,
+        ],
+    );
+    g.daemon("n2", &["node", "--bootstrap", &sp]);
+    write_lab(g.dir.path(), &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 2).then_some(())
+    });
+
+    // Persistent: only n1 offers the image; its guest stays after the job and serves the next.
+    let p = profile(
+        g.dir.path(),
+        "keep",
+        "image = \"env:1\"\nvm_mode = \"persistent\"",
+    );
+    let v = json(&g.run(&["submit", "--wait", &p, "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"][0]["name"], "n1", "{v}");
+    let kept = guests(&os);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(std::fs::metadata(os.join("guests").join(&kept[0]).join("disk.raw")).is_ok());
+    assert_eq!(cgroups(&group), kept, "the guest is a control group too");
+    let v = json(&g.run(&["submit", "--wait", &p, "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(guests(&os), kept, "the same guest served the second job");
+
+    // Stop/start, by full id: a fresh guest for the job, gone when it ends.
+    let s = profile(g.dir.path(), "fresh", &format!("image = \"{id}\""));
+    let v = json(&g.run(&["submit", "--wait", &s, "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    wait_for(Duration::from_secs(10), || {
+        (guests(&os) == kept).then_some(())
+    });
+    assert_eq!(cgroups(&group), kept);
+
+    // An image nobody offers: refused, naming it.
+    let m = profile(g.dir.path(), "missing", "image = \"nope:1\"");
+    let out = g.run(&["submit", &m]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope:1"),
+        "{out:?}"
+    );
+
+    // The node stops: the guest it kept goes with it, storage and control group.
+    let n1 = &g.children[1];
+    let _ = std::process::Command::new("kill")
+        .arg(n1.id().to_string())
+        .status();
+    wait_for(Duration::from_secs(20), || {
+        (guests(&os).is_empty() && cgroups(&group).is_empty()).then_some(())
+    });
+    for base in [
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/freezer",
+        "/sys/fs/cgroup/cpuset",
+        "/sys/fs/cgroup",
+    ] {
+        let _ = std::fs::remove_dir(Path::new(base).join(&group));
+    }
+}

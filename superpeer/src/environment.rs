@@ -1,0 +1,196 @@
+//! A node's OS layer: the execution environment a woken node ensures before its vertices run.
+//!
+//! When a job's profile names an image (`requirements.image`), every node placed in the job
+//! acquires a guest of that image from its own repository through its driver (the host's
+//! control groups by default, Xen where configured), in the job's VM mode, before anything is
+//! instantiated; the guest is released (kept, saved, or torn down) when the job's part ends,
+//! however it ends. A job that names no image, or the image `host`, runs on the host as it is.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mvm_os::Driver;
+use mvm_os::host::HostDriver;
+use mvm_os::image::{ImageId, Repository};
+use mvm_os::provision::{Environments, GuestRequest, Lease, Provisioner, VmMode};
+use mvm_os::storage::{Storage, StorageSpec};
+use mvm_os::xen::{XenConfig, XenDriver};
+
+use crate::proto::EnvSpec;
+
+/// Which guest driver a node uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverKind {
+    /// Control groups of this host, under a parent group of this name.
+    Host {
+        /// The parent group, e.g. `mvm`.
+        cgroup: String,
+    },
+    /// Xen guests through `xl` (the node runs in dom0).
+    Xen,
+}
+
+/// A node's OS layer configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OsConfig {
+    /// The driver.
+    pub driver: DriverKind,
+    /// Its directory: `images/` (the repository), `guests/` (storage), `checkpoints/`, `xen/`.
+    pub dir: PathBuf,
+}
+
+/// The node's environments, built from an [`OsConfig`].
+pub(crate) struct NodeOs {
+    envs: Arc<Environments>,
+    repo: Repository,
+}
+
+impl NodeOs {
+    /// Opens the repository and storage and builds the driver.
+    pub(crate) fn open(c: &OsConfig) -> Result<NodeOs, String> {
+        let driver: Arc<dyn Driver> = match &c.driver {
+            DriverKind::Host { cgroup } => Arc::new(HostDriver::new(cgroup)),
+            DriverKind::Xen => Arc::new(
+                XenDriver::new(XenConfig::new(c.dir.join("xen"))).map_err(|e| e.to_string())?,
+            ),
+        };
+        let repo = Repository::open(c.dir.join("images")).map_err(|e| e.to_string())?;
+        let storage = Storage::new(c.dir.join("guests")).map_err(|e| e.to_string())?;
+        let prov = Arc::new(Provisioner::new(driver, repo.clone(), storage));
+        Ok(NodeOs {
+            envs: Arc::new(Environments::new(prov, c.dir.join("checkpoints"))),
+            repo,
+        })
+    }
+
+    /// The image ids this node offers: every image in its repository, as the full id and as
+    /// `name:version`.
+    pub(crate) fn images(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in self.repo.list().unwrap_or_default() {
+            out.push(i.id.to_string());
+            out.push(format!("{}:{}", i.id.name, i.id.version));
+        }
+        out
+    }
+
+    /// Acquires the guest `env` asks for, for job `job`. Blocks: call from `spawn_blocking`.
+    pub(crate) fn acquire(self: &Arc<Self>, job: &str, env: &EnvSpec) -> Result<EnvLease, String> {
+        let image: ImageId = if env.image.contains("@sha256:") {
+            env.image
+                .parse()
+                .map_err(|e: mvm_os::image::ImageError| e.to_string())?
+        } else {
+            let (name, version) = env
+                .image
+                .split_once(':')
+                .ok_or_else(|| format!("'{}' is not an image id", env.image))?;
+            self.repo
+                .resolve(name, version)
+                .map_err(|e| e.to_string())?
+        };
+        let mode = match env.mode.as_str() {
+            "persistent" => VmMode::Persistent,
+            "save-restore" => VmMode::SaveRestore,
+            _ => VmMode::StopStart,
+        };
+        let request = |name: String| GuestRequest {
+            name,
+            storage: StorageSpec {
+                image: image.clone(),
+                disk_mib: None,
+                swap_mib: None,
+            },
+            mode: mvm_os::guest::Mode::Pv,
+            vcpus: env.vcpus.max(1),
+            memory_mib: env.memory_mib.max(16),
+            cmdline: None,
+            weight: None,
+            cap: None,
+        };
+        let lease = match mode {
+            // One guest per job.
+            VmMode::StopStart => self
+                .envs
+                .acquire(&request(format!("mvm-{}", short(job))), mode)
+                .map_err(|e| e.to_string())?,
+            // Guests kept between jobs are named after what they are, so the next job with the
+            // same needs finds them; a second job at once takes the next slot.
+            VmMode::Persistent | VmMode::SaveRestore => {
+                let key = short(&format!(
+                    "{}-{}-{}-{}",
+                    image.digest, env.vcpus, env.memory_mib, env.mode
+                ));
+                let mut last = String::new();
+                let mut got = None;
+                for slot in 0..16 {
+                    match self
+                        .envs
+                        .acquire(&request(format!("mvm-{key}-{slot}")), mode)
+                    {
+                        Ok(l) => {
+                            got = Some(l);
+                            break;
+                        }
+                        Err(mvm_os::provision::ProvisionError::Driver(
+                            mvm_os::DriverError::Exists(_),
+                        )) => {}
+                        Err(e) => {
+                            last = e.to_string();
+                            break;
+                        }
+                    }
+                }
+                got.ok_or_else(|| {
+                    if last.is_empty() {
+                        "every guest slot of this environment is in use".to_owned()
+                    } else {
+                        last
+                    }
+                })?
+            }
+        };
+        tracing::info!(job, guest = %lease.name, fresh = lease.fresh, ?mode, "environment ready");
+        Ok(EnvLease {
+            envs: self.envs.clone(),
+            lease: Some(lease),
+        })
+    }
+
+    /// Tears down every guest held (the node is shutting down).
+    pub(crate) fn shutdown(&self) {
+        self.envs.shutdown();
+    }
+}
+
+/// A short, name-safe digest of `s`.
+fn short(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(s.as_bytes())[..6])
+}
+
+/// A job's hold on its guest; released when dropped (kept, saved or torn down by its mode).
+pub(crate) struct EnvLease {
+    envs: Arc<Environments>,
+    lease: Option<Lease>,
+}
+
+impl Drop for EnvLease {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let envs = self.envs.clone();
+        let release = move || {
+            if let Err(e) = envs.release(&lease) {
+                tracing::warn!(guest = %lease.name, "releasing the environment: {e}");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn_blocking(release);
+            }
+            Err(_) => release(),
+        }
+    }
+}
