@@ -329,10 +329,9 @@ impl HostDriver {
         if matches!(self.cg, Cgroups::None) {
             return Ok(true);
         }
-        // Frozen processes cannot act on a signal.
-        if self.is_frozen(name) {
-            let _ = self.set_frozen(name, false);
-        }
+        // Frozen processes cannot act on a signal. Thaw whatever the state reads: a group
+        // still FREEZING (not yet FROZEN) holds its tasks too.
+        let _ = self.set_frozen(name, false);
         let deadline = Instant::now() + wait;
         loop {
             let pids = self.processes(name)?;

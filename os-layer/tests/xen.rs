@@ -216,6 +216,60 @@ impl Suite {
         Ok(())
     }
 
+    /// A guest in a cpupool scheduled by credit (credit1): the driver finds the pool's
+    /// scheduler and uses `xl sched-credit` there.
+    fn credit1_weight(&mut self) -> Check {
+        let xl = |args: &[&str]| -> Check {
+            let out = std::process::Command::new("xl")
+                .args(args)
+                .output()
+                .map_err(e2s)?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                fail(format!(
+                    "xl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        xl(&["cpupool-cpu-remove", "Pool-0", "1"])?;
+        let made = xl(&[
+            "cpupool-create",
+            "name=\"cp_credit\"",
+            "sched=\"credit\"",
+            "cpus=\"1\"",
+        ]);
+        let r = made.and_then(|()| {
+            xl(&["cpupool-migrate", "g1", "cp_credit"])?;
+            let want = Sched {
+                weight: 512,
+                cap: 25,
+            };
+            self.driver.set_sched("g1", want).map_err(e2s)?;
+            let got = self.driver.sched("g1").map_err(e2s)?;
+            if got != want {
+                return fail(format!("credit pool: set {want:?}, read back {got:?}"));
+            }
+            Ok(())
+        });
+        // Back to the credit2 pool (moving resets the share), whatever happened.
+        let _ = xl(&["cpupool-migrate", "g1", "Pool-0"]);
+        let _ = xl(&["cpupool-destroy", "cp_credit"]);
+        let _ = xl(&["cpupool-cpu-add", "Pool-0", "1"]);
+        r?;
+        self.driver
+            .set_sched(
+                "g1",
+                Sched {
+                    weight: 768,
+                    cap: 50,
+                },
+            )
+            .map_err(e2s)
+    }
+
     fn memory_and_vcpus(&mut self) -> Check {
         self.driver.set_memory("g1", 100).map_err(e2s)?;
         self.driver.set_vcpus("g1", 1).map_err(e2s)?;
@@ -424,12 +478,13 @@ fn main() {
         }
     };
     type Step = (&'static str, fn(&mut Suite) -> Check);
-    let steps: [Step; 12] = [
+    let steps: [Step; 13] = [
         ("repository", Suite::repository),
         ("create_pv_guest_from_image", Suite::create),
         ("guest_is_alive_with_its_disk", Suite::alive),
         ("pause_and_unpause", Suite::pause_unpause),
         ("weight_and_cap_read_back", Suite::weight_and_cap),
+        ("credit1_pool_weight", Suite::credit1_weight),
         ("memory_and_vcpus", Suite::memory_and_vcpus),
         ("save_and_restore_changes_domid", Suite::save_restore),
         ("live_migrate_pvh_guest", Suite::migrate),
