@@ -319,3 +319,80 @@ fn unexpected(r: &Response) -> Failure {
             .collect::<String>(),
     )
 }
+
+/// Fetches image `id` from the node at `addr` (`/…/p2p/PEER`) into `repo`. The bytes are kept
+/// only if they hash to the id's digest; otherwise nothing is kept and the error says so.
+///
+/// # Errors
+/// A bad address or id, the node does not have the image, the transfer broke, or the bytes do
+/// not match the id.
+pub async fn fetch_image(
+    addr: &str,
+    id: &mvm_os::image::ImageId,
+    repo: &mvm_os::image::Repository,
+) -> Result<mvm_os::image::Image, Failure> {
+    use futures::AsyncReadExt;
+    use std::io::Seek;
+
+    let (peer, a) = split_peer(addr).map_err(input)?;
+    let (net, _inbound) = Net::start(Keypair::generate_ed25519(), &NetConfig::default())
+        .await
+        .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+    // Any control request connects (whatever the node answers); a plain dial would also make
+    // it a gossip peer.
+    let _ = net.call(peer, &[a], Request::Group).await;
+    let unavailable = |m: String| Failure::new(FailureKind::Unavailable, m);
+    let mut control = net.streams();
+    // The dial runs in the swarm's task: the stream can be opened once it has connected.
+    let mut tries = 0u32;
+    let mut stream = loop {
+        match control
+            .open_stream(peer, crate::proto::IMAGE_PROTOCOL)
+            .await
+        {
+            Ok(s) => break s,
+            Err(e) if tries >= 100 => {
+                return Err(unavailable(format!("cannot reach {peer}: {e}")));
+            }
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let req = crate::proto::ImageRequest { id: id.to_string() };
+    crate::proto::write_frame(&mut stream, &req, crate::proto::MAX_HEADER)
+        .await
+        .map_err(|e| unavailable(format!("{peer}: {e}")))?;
+    let header: crate::proto::ImageHeader =
+        crate::proto::read_frame(&mut stream, crate::proto::MAX_HEADER)
+            .await
+            .map_err(|e| unavailable(format!("{peer}: {e}")))?;
+    let (metadata, size) = header
+        .image
+        .map_err(|m| Failure::new(FailureKind::Input, format!("{peer}: {m}")))?;
+    // Into a temporary file first; the repository hashes it while taking it in.
+    let mut tmp = tempfile::tempfile().map_err(|e| unavailable(e.to_string()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    let mut body = stream.take(size);
+    while left > 0 {
+        let n = body
+            .read(&mut buf)
+            .await
+            .map_err(|e| unavailable(format!("{peer}: {e}")))?;
+        if n == 0 {
+            return Err(unavailable(format!(
+                "{peer}: the transfer ended {left} bytes short"
+            )));
+        }
+        std::io::Write::write_all(&mut tmp, &buf[..n]).map_err(|e| unavailable(e.to_string()))?;
+        left -= n as u64;
+    }
+    tmp.rewind().map_err(|e| unavailable(e.to_string()))?;
+    let (repo, id) = (repo.clone(), id.clone());
+    tokio::task::spawn_blocking(move || repo.receive(&id, &mut tmp, metadata))
+        .await
+        .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| Failure::new(FailureKind::Failed, e.to_string()))
+}

@@ -207,6 +207,7 @@ impl Daemon {
         }
         let mut background = tokio::task::JoinSet::new();
         background.spawn(node::accept_streams(shared.clone()));
+        background.spawn(crate::environment::serve_images(shared.clone()));
         if shared.config.slots > 0 {
             background.spawn(membership(shared.clone()));
         }

@@ -194,3 +194,64 @@ impl Drop for EnvLease {
         }
     }
 }
+
+/// Serves this node's images to peers that ask (`/mvm/image/1`): the bytes go as they are
+/// stored; the receiver keeps them only if they hash to the id it asked for.
+pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
+    use futures::{AsyncWriteExt, StreamExt};
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+
+    let Some(os) = shared.os.clone() else { return };
+    let mut control = shared.net.streams();
+    let Ok(mut incoming) = control.accept(crate::proto::IMAGE_PROTOCOL) else {
+        tracing::error!("the image protocol is already being accepted");
+        return;
+    };
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let os = os.clone();
+        tokio::spawn(async move {
+            let req = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                crate::proto::read_frame::<crate::proto::ImageRequest, _>(
+                    &mut stream,
+                    crate::proto::MAX_HEADER,
+                ),
+            )
+            .await;
+            let Ok(Ok(req)) = req else {
+                tracing::warn!(%peer, "no image request");
+                return;
+            };
+            let found = req
+                .id
+                .parse::<ImageId>()
+                .map_err(|e| e.to_string())
+                .and_then(|id| os.repo.get(&id).map_err(|e| e.to_string()));
+            let header = crate::proto::ImageHeader {
+                image: found
+                    .as_ref()
+                    .map(|i| (i.metadata.clone(), i.size))
+                    .map_err(Clone::clone),
+            };
+            if crate::proto::write_frame(&mut stream, &header, crate::proto::MAX_HEADER)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Ok(image) = found {
+                let sent = async {
+                    let f = tokio::fs::File::open(&image.path).await?;
+                    futures::io::copy(&mut f.compat(), &mut stream).await?;
+                    stream.close().await
+                }
+                .await;
+                if let Err(e) = sent {
+                    tracing::warn!(%peer, image = %req.id, "sending the image: {e}");
+                } else {
+                    tracing::info!(%peer, image = %req.id, bytes = image.size, "image sent");
+                }
+            }
+        });
+    }
+}

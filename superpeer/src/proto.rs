@@ -22,6 +22,23 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/control/1");
 /// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]).
 pub const QUEUE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/queue/1");
 
+/// Image transfers between nodes: a request frame, a header frame, then the image's bytes.
+pub const IMAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/image/1");
+
+/// Asks a node for an image's bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRequest {
+    /// `name:version@sha256:HEX`.
+    pub id: String,
+}
+
+/// A node's answer: the image's metadata and size (then that many bytes), or why not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageHeader {
+    /// The metadata and byte count, or the reason it is not sent.
+    pub image: Result<(mvm_os::image::Metadata, u64), String>,
+}
+
 /// The largest control frame by default (a submission carries its modules).
 pub const MAX_FRAME: usize = 64 << 20;
 

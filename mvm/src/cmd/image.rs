@@ -63,6 +63,15 @@ enum Which {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Fetch image ID (`name:version@sha256:HEX`) from another node, `/…/p2p/PEER`; the bytes
+    /// are kept only if they hash to the id.
+    Fetch {
+        /// The node to fetch from.
+        #[arg(long, value_name = "MULTIADDR")]
+        from: String,
+        /// The image's full id.
+        id: String,
+    },
     /// Re-hash an image's bytes against its id.
     Verify {
         /// `name:version@sha256:HEX` or `name:version`.
@@ -171,6 +180,19 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     .collect::<Vec<_>>()
                     .join("\n")
             })
+        }
+        Which::Fetch { from, id } => {
+            let id: ImageId = id.parse().map_err(input)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(Failure::failed)?;
+            let image = rt
+                .block_on(mvm_superpeer::client::fetch_image(&from, &id, &repo))
+                .map_err(crate::cmd::job::wire)?;
+            println!("{} ({} B)", image.id, image.size);
+            Ok(())
         }
         Which::Verify { id } => {
             let id = resolve(&repo, &id).map_err(input)?;

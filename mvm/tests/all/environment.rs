@@ -137,6 +137,38 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
         "{out:?}"
     );
 
+    // Another node fetches the image from n1, verified by digest.
+    let n1_addr = std::fs::read_to_string(g.dir.path().join("n1.addr")).expect("n1 address");
+    let n1_addr = n1_addr.lines().next().expect("an address").to_owned();
+    let other = g.dir.path().join("otheros");
+    let other_arg = other.to_str().expect("utf-8").to_owned();
+    let out = g.run(&[
+        "image", "fetch", "--os-dir", &other_arg, "--from", &n1_addr, &id,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = g.run(&["image", "list", "--os-dir", &other_arg, "-o", "json"]);
+    assert_eq!(json(&out)[0]["id"], id.as_str(), "{out:?}");
+    assert!(
+        g.run(&["image", "verify", "--os-dir", &other_arg, &id])
+            .status
+            .success()
+    );
+    // Bytes that do not match the id are refused and nothing is kept.
+    let digest = id.rsplit(':').next().expect("digest");
+    std::fs::write(os.join("images/blobs").join(digest), vec![1u8; 1 << 20]).expect("tamper");
+    let third = g.dir.path().join("thirdos");
+    let third_arg = third.to_str().expect("utf-8").to_owned();
+    let out = g.run(&[
+        "image", "fetch", "--os-dir", &third_arg, "--from", &n1_addr, &id,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupt"),
+        "{out:?}"
+    );
+    let out = g.run(&["image", "list", "--os-dir", &third_arg, "-o", "json"]);
+    assert_eq!(json(&out), serde_json::json!([]), "{out:?}");
+
     // The node stops: the guest it kept goes with it, storage and control group.
     let n1 = &g.children[1];
     let _ = std::process::Command::new("kill")
