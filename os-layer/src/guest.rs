@@ -293,12 +293,12 @@ impl GuestSpec {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pv() -> GuestSpec {
+impl GuestSpec {
+    /// The test-bed's PV guest (1 vCPU, 128 MiB, kernel and ramdisk under `/guest`), named
+    /// `name`: the one spec the tests start from.
+    pub(crate) fn example(name: &str) -> GuestSpec {
         GuestSpec {
-            name: "domu1".into(),
+            name: name.into(),
             mode: Mode::Pv,
             kernel: Some("/guest/vmlinuz".into()),
             ramdisk: Some("/guest/domU-initrd.gz".into()),
@@ -310,6 +310,15 @@ mod tests {
             weight: None,
             cap: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pv() -> GuestSpec {
+        GuestSpec::example("domu1")
     }
 
     #[test]

@@ -280,48 +280,45 @@ impl HostDriver {
     /// Reads weight and cap back from the cgroup files.
     fn read_sched(&self, name: &str) -> Result<Sched, DriverError> {
         let asked = self.records().get(name).map(|r| r.sched);
-        let parse = |p: PathBuf, s: String| -> Result<u64, DriverError> {
+        let number = |p: &Path, s: &str| -> Result<u64, DriverError> {
             s.parse().map_err(|_| DriverError::Parse {
                 command: format!("read {}", p.display()),
                 message: format!("'{s}' is not a number"),
             })
         };
-        let cap_of = |quota: u64| u32::try_from(quota * 100 / PERIOD_US).unwrap_or(u32::MAX);
-        let (weight_file, weight, cap) = match &self.cg {
-            Cgroups::V2 { root } => {
-                let d = root.join(name);
-                let wp = d.join("cpu.weight");
-                let w = parse(wp.clone(), read(&wp)?)?;
-                let max = read(&d.join("cpu.max"))?;
-                let cap = match max.split_whitespace().next() {
-                    Some("max") | None => 0,
-                    Some(q) => cap_of(parse(d.join("cpu.max"), q.to_owned())?),
-                };
-                (w, v2_weight as fn(u32) -> u64, cap)
-            }
-            Cgroups::V1 { cpu, .. } => {
-                let d = cpu.join(name);
-                let sp = d.join("cpu.shares");
-                let w = parse(sp.clone(), read(&sp)?)?;
-                let q = read(&d.join("cpu.cfs_quota_us"))?;
-                let cap = if q.starts_with('-') {
-                    0
-                } else {
-                    cap_of(parse(d.join("cpu.cfs_quota_us"), q)?)
-                };
-                (w, v1_shares as fn(u32) -> u64, cap)
-            }
+        // Each interface: the weight file, Xen weight to its units, and the CPU quota per
+        // period (none when unlimited).
+        let (weight_file, to_units, quota_file): (PathBuf, fn(u32) -> u64, PathBuf) = match &self.cg
+        {
+            Cgroups::V2 { root } => (
+                root.join(name).join("cpu.weight"),
+                v2_weight,
+                root.join(name).join("cpu.max"),
+            ),
+            Cgroups::V1 { cpu, .. } => (
+                cpu.join(name).join("cpu.shares"),
+                v1_shares,
+                cpu.join(name).join("cpu.cfs_quota_us"),
+            ),
             Cgroups::None => {
                 return asked.ok_or_else(|| DriverError::NotFound(name.to_owned()));
             }
         };
+        let units = number(&weight_file, &read(&weight_file)?)?;
+        // v2 writes "max PERIOD" or "QUOTA PERIOD", v1 "-1" or "QUOTA".
+        let quota = read(&quota_file)?;
+        let cap = match quota.split_whitespace().next() {
+            Some("max") | None => 0,
+            Some(q) if q.starts_with('-') => 0,
+            Some(q) => u32::try_from(number(&quota_file, q)? * 100 / PERIOD_US).unwrap_or(u32::MAX),
+        };
         // The file holds the weight scaled to cgroup units; report the weight that was asked
         // for when it is what the file holds, else the file's value scaled back.
-        let w = match asked {
-            Some(a) if weight(a.weight) == weight_file => a.weight,
-            _ => u32::try_from(weight_file * 256 / weight(256).max(1)).unwrap_or(u32::MAX),
+        let weight = match asked {
+            Some(a) if to_units(a.weight) == units => a.weight,
+            _ => u32::try_from(units * 256 / to_units(256).max(1)).unwrap_or(u32::MAX),
         };
-        Ok(Sched { weight: w, cap })
+        Ok(Sched { weight, cap })
     }
 
     /// Kills every process of the guest and waits up to `wait` for the group to empty.

@@ -103,6 +103,22 @@ pub struct Metadata {
     pub format: String,
 }
 
+#[cfg(test)]
+impl Metadata {
+    /// Linux on x86_64 in `format`, for `drivers`: the metadata the tests start from.
+    pub(crate) fn example(format: &str, drivers: &[&str]) -> Metadata {
+        Metadata {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            kernel: None,
+            ramdisk: None,
+            cmdline: None,
+            drivers: drivers.iter().map(|d| (*d).to_owned()).collect(),
+            format: format.into(),
+        }
+    }
+}
+
 /// A manifest on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -447,15 +463,7 @@ mod tests {
     use super::*;
 
     fn meta() -> Metadata {
-        Metadata {
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            kernel: None,
-            ramdisk: None,
-            cmdline: None,
-            drivers: vec!["xen".into()],
-            format: "raw".into(),
-        }
+        Metadata::example("raw", &["xen"])
     }
 
     #[test]

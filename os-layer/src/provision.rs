@@ -8,7 +8,7 @@
 //! stop/start (a fresh guest per job).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -345,19 +345,6 @@ impl Environments {
                 tracing::warn!(guest = %name, "teardown at shutdown: {e}");
             }
         }
-    }
-
-    /// The names of the guests held, and whether each is saved.
-    pub fn held_guests(&self) -> Vec<(String, bool)> {
-        self.held()
-            .iter()
-            .map(|(n, h)| (n.clone(), matches!(h, Held::Saved(_))))
-            .collect()
-    }
-
-    /// The directory checkpoints go to.
-    pub fn checkpoint_dir(&self) -> &Path {
-        &self.checkpoints
     }
 }
 

@@ -391,15 +391,7 @@ mod tests {
     use crate::image::Metadata;
 
     fn meta(format: &str) -> Metadata {
-        Metadata {
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            kernel: None,
-            ramdisk: None,
-            cmdline: None,
-            drivers: vec!["xen".into(), "host".into()],
-            format: format.into(),
-        }
+        Metadata::example(format, &["xen", "host"])
     }
 
     fn setup() -> (tempfile::TempDir, Repository, Storage) {

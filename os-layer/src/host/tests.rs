@@ -3,22 +3,9 @@
 use std::process::{Child, Command};
 
 use super::*;
-use crate::guest::Mode;
 
 fn spec(name: &str) -> GuestSpec {
-    GuestSpec {
-        name: name.into(),
-        mode: Mode::Pv,
-        kernel: None,
-        ramdisk: None,
-        cmdline: None,
-        vcpus: 1,
-        memory_mib: 64,
-        disks: vec![],
-        nics: vec![],
-        weight: None,
-        cap: None,
-    }
+    GuestSpec::example(name)
 }
 
 /// A driver under a parent group of its own, removed at the end.

@@ -34,20 +34,7 @@ fn lab(tag: &str, drivers: &[&str]) -> Lab {
     let img = dir.path().join("img");
     fs::write(&img, vec![5u8; 1 << 20]).unwrap();
     let id = repo
-        .import(
-            "env",
-            "1",
-            &img,
-            Metadata {
-                os: "linux".into(),
-                arch: "x86_64".into(),
-                kernel: None,
-                ramdisk: None,
-                cmdline: None,
-                drivers: drivers.iter().map(|d| (*d).to_owned()).collect(),
-                format: "raw".into(),
-            },
-        )
+        .import("env", "1", &img, Metadata::example("raw", drivers))
         .unwrap();
     let group = format!("mvm-test-{}-{tag}", std::process::id());
     let host = Arc::new(HostDriver::new(&group));

@@ -175,19 +175,7 @@ fn fake_xl(dir: &Path, create_stderr: &str, create_rc: i32) -> PathBuf {
 }
 
 fn pv_spec() -> crate::guest::GuestSpec {
-    crate::guest::GuestSpec {
-        name: "g1".into(),
-        mode: crate::guest::Mode::Pv,
-        kernel: Some("/k".into()),
-        ramdisk: None,
-        cmdline: None,
-        vcpus: 1,
-        memory_mib: 64,
-        disks: vec![],
-        nics: vec![],
-        weight: None,
-        cap: None,
-    }
+    crate::guest::GuestSpec::example("g1")
 }
 
 #[test]
