@@ -68,6 +68,7 @@ async fn run_job(
             cpu: None,
             wall: Some(Duration::from_secs(300)),
         },
+        owner: None,
     };
     let q = Controller::new(QueueLimits::default(), Arc::new(Registry::new()));
     rt.run(&spec, &q, &AllowAll).await.map_err(err)

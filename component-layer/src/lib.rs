@@ -2,12 +2,15 @@
 //!
 //! - [`topology`]: DOT graph files read, checked (every problem with its line) and generated.
 //! - [`bench`]: ping-pong, ring and instantiation benchmarks of jobs on one node.
+//! - [`policy`]: role-based policies in Polar (inter-domain, domain, node level), decided by
+//!   oso behind a caching engine.
 //! - [`profile`]: job profiles (TOML), checked with file and line.
 //! - [`runtime`]: runs a topology's vertices as WebAssembly jobs, compiled at run time and
 //!   cached by content hash, each port bound to a queue, under limits and a policy hook; jobs
 //!   use the host ABI of [`runtime::abi`].
 
 pub mod bench;
+pub mod policy;
 pub mod profile;
 pub mod runtime;
 pub mod topology;

@@ -8,12 +8,14 @@
 //! - [`schedule`]: the pure scheduling decision (filter, rank, partition).
 //! - [`modules`]: module bytes by content hash.
 //! - [`identity`]: keys on disk.
+//! - [`pki`]: domain CAs, node and user certificates, and their checks.
 
 mod broker;
 pub mod client;
 pub mod daemon;
 pub mod environment;
 pub mod identity;
+pub mod pki;
 pub mod modules;
 pub mod net;
 mod node;

@@ -214,6 +214,7 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
         modules,
         params: spec.parameters.clone(),
         limits,
+        owner: None,
     };
     let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
     let here = spec.here as usize;

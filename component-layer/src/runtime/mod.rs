@@ -28,7 +28,7 @@ use wasmtime::{
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
-use crate::topology::{Topology, Vertex};
+use crate::topology::Topology;
 use abi::{InPort, OutPort, VertexIo, VertexState};
 pub use cache::{ModuleCache, Source};
 
@@ -77,21 +77,31 @@ impl Default for Limits {
     }
 }
 
-/// Decides whether a vertex may be instantiated; called for every vertex before any is.
-pub trait PolicyHook: Send + Sync {
-    /// `Err(reason)` denies.
-    ///
-    /// # Errors
-    /// The reason the policy denies the vertex.
-    fn check(&self, job: &str, vertex: &Vertex) -> Result<(), String>;
+/// A policy's refusal of a job's part: the vertex it is about (empty: the whole part) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The vertex, or empty.
+    pub vertex: String,
+    /// Why.
+    pub reason: String,
 }
 
-/// A policy that allows everything (for a node without policies).
+/// Decides whether a job's part may be instantiated on this node; called once with the
+/// vertices that would run here, before anything is created.
+pub trait PolicyHook: Send + Sync {
+    /// `Err` denies the whole part.
+    ///
+    /// # Errors
+    /// The refusal.
+    fn check(&self, job: &JobSpec<'_>, local: &[usize]) -> Result<(), Refusal>;
+}
+
+/// A policy that allows everything (`mvm run` on one's own machine, benchmarks).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AllowAll;
 
 impl PolicyHook for AllowAll {
-    fn check(&self, _job: &str, _vertex: &Vertex) -> Result<(), String> {
+    fn check(&self, _job: &JobSpec<'_>, _local: &[usize]) -> Result<(), Refusal> {
         Ok(())
     }
 }
@@ -109,6 +119,8 @@ pub struct JobSpec<'a> {
     pub params: BTreeMap<String, String>,
     /// Limits per vertex.
     pub limits: Limits,
+    /// Who submitted it, as its certificate says (none: a job run locally).
+    pub owner: Option<crate::policy::Principal>,
 }
 
 /// What one vertex did.
@@ -307,13 +319,14 @@ impl Runtime {
                 });
             }
         }
-        for vertex in t.vertices.iter().enumerate().filter(|(v, _)| local(*v)) {
-            policy.check(&job.id, vertex.1).map_err(|reason| JobError {
-                vertex: vertex.1.name.clone(),
-                cause: format!("refused by policy: {reason}"),
+        let here_vertices: Vec<usize> = (0..t.vertices.len()).filter(|v| local(*v)).collect();
+        policy
+            .check(job, &here_vertices)
+            .map_err(|r| JobError {
+                vertex: r.vertex,
+                cause: format!("refused by policy: {}", r.reason),
                 denied: true,
             })?;
-        }
         match wire(job, queues, placement, here) {
             Ok((ios, remote_inputs, remote_outputs)) => {
                 let vertices = ios

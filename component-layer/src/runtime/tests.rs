@@ -63,6 +63,7 @@ fn spec<'a>(
             cpu: None,
             wall: Some(Duration::from_secs(60)),
         },
+        owner: None,
     }
 }
 
@@ -203,11 +204,13 @@ async fn a_nonzero_exit_fails_the_job() {
 struct DenyB;
 
 impl PolicyHook for DenyB {
-    fn check(&self, _job: &str, v: &Vertex) -> Result<(), String> {
-        if v.name == "b" {
-            Err("b may not run here".into())
-        } else {
-            Ok(())
+    fn check(&self, job: &JobSpec<'_>, local: &[usize]) -> Result<(), Refusal> {
+        match local.iter().find(|v| job.topology.vertices[**v].name == "b") {
+            Some(_) => Err(Refusal {
+                vertex: "b".into(),
+                reason: "b may not run here".into(),
+            }),
+            None => Ok(()),
         }
     }
 }
@@ -381,3 +384,76 @@ async fn a_ring_split_over_three_parts_runs_through_remote_endpoints() {
         .sum();
     assert_eq!(moved, 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_policy_checks_owner_queue_kinds_codecs_and_queue_count_before_anything_runs() {
+    use crate::policy::{Bundle, Cached, Node, NodePolicy, OsoEngine, Principal, PrincipalKind};
+    let rt = runtime();
+    let mut bundle = Bundle::default();
+    bundle.files.insert(
+        "node.polar".into(),
+        "allow(u: User, \"run\", n: Node) if u.domain = n.domain;\n\
+         queue_kind(\"fifo\");\ncodec(\"raw\");\nmax_queues(2);\n"
+            .into(),
+    );
+    let engine = Arc::new(Cached::new(OsoEngine::load(&bundle, 1).expect("loads"), 64));
+    let hook = NodePolicy::new(
+        engine,
+        Node {
+            name: "n1".into(),
+            domain: "physics".into(),
+            roles: Vec::new(),
+            group: "g".into(),
+        },
+    );
+    let alice = Principal {
+        kind: PrincipalKind::User,
+        name: "alice".into(),
+        domain: "physics".into(),
+        roles: vec!["researcher".into()],
+    };
+    let modules = [("a", SINK_FOREVER), ("b", SINK_FOREVER), ("c", SINK_FOREVER)];
+    let cases = [
+        // (topology, owner's domain, the refusal must name)
+        ("digraph { a [component=a]; b [component=b]; a -> b }", "biology", "run jobs"),
+        ("digraph { a [component=a]; b [component=b]; a -> b [queue=priority] }", "physics", "priority"),
+        ("digraph { a [component=a]; b [component=b]; a -> b [codec=json] }", "physics", "codec json"),
+        (
+            "digraph { a [component=a]; b [component=b]; c [component=c]; a -> b; b -> c; c -> a }",
+            "physics",
+            "3 queues",
+        ),
+    ];
+    for (src, domain, why) in cases {
+        let t = topology(src);
+        let q = controller();
+        let mut s = spec(&rt, &t, &modules[..t.vertices.len()], &[]);
+        s.owner = Some(Principal {
+            domain: domain.into(),
+            ..alice.clone()
+        });
+        let e = rt.run(&s, &q, &hook).await.expect_err(src);
+        assert!(e.denied && e.cause.contains(why), "{src}: {e}");
+        assert!(q.is_empty(), "{src}: nothing was created");
+    }
+    // Within the settings, it runs (the sink ends when its sender has ended).
+    let t = topology("digraph { a [component=a]; b [component=b]; a -> b }");
+    let q = controller();
+    let mut s = spec(&rt, &t, &[("a", NOTHING), ("b", DRAIN)], &[]);
+    s.owner = Some(alice.clone());
+    rt.run(&s, &q, &hook).await.expect("allowed");
+    s.owner = None;
+    let e = rt.run(&s, &q, &hook).await.expect_err("no owner");
+    assert!(e.cause.contains("no owner"), "{e}");
+}
+
+/// Ends at once.
+const NOTHING: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+
+/// Receives on `in` until the end of the stream.
+const DRAIN: &str = r#"(module
+  (import "mvm" "recv" (func $recv (param i32 i32 i32 i32) (result i64)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "in")
+  (func (export "_start")
+    (loop $l (br_if $l (i64.ge_s (call $recv (i32.const 0) (i32.const 2) (i32.const 64) (i32.const 8)) (i64.const 0))))))"#;

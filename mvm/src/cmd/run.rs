@@ -89,6 +89,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         modules,
         params: profile.parameter_strings(),
         limits,
+        owner: None,
     };
     let queues = Controller::new(QueueLimits::default(), Arc::new(codecs.clone()));
     let rt = tokio::runtime::Builder::new_multi_thread()

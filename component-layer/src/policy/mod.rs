@@ -1,0 +1,322 @@
+//! Authorization: role-based policies at three levels, written in Polar and decided by oso.
+//!
+//! A policy [`Bundle`] is a set of `.polar` files:
+//! - `inter-domain.polar`: what principals of one domain may do to resources of another
+//!   (consulted only when the two domains differ);
+//! - `DOMAIN/*.polar`: each domain's own rules over its resources (user → role comes from the
+//!   principal's certificate; role → permission is written here), and its resource-sharing
+//!   limits (`limit(actor, "vcpus" | "memory_mib" | "vertices", N)`);
+//! - `node.polar`: node-level defaults: who a node runs jobs for (`allow(actor, "run", node)`),
+//!   and its settings (`queue_kind(K)`, `codec(C)`, `max_queues(N)`).
+//!
+//! Deny is the default at every level. A question goes through the [`Engine`] trait; the
+//! [`Cached`] engine remembers each answer for the life of one loaded policy version, since
+//! oso takes tens of microseconds per question.
+
+mod bundle;
+mod classes;
+mod engine;
+#[cfg(test)]
+mod tests;
+
+pub use bundle::{Bundle, BundleError, Location, MAX_FILE, MAX_FILES, name_ok};
+pub use classes::{Domain, Group, Image, Job, Node, User};
+pub use engine::{NodeSettings, OsoEngine};
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use parking_lot::RwLock;
+
+/// What a certificate says a principal is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Principal {
+    /// A person or a machine.
+    pub kind: PrincipalKind,
+    /// Its name in its domain.
+    pub name: String,
+    /// Its domain.
+    pub domain: String,
+    /// Its roles (sorted, deduplicated).
+    pub roles: Vec<String>,
+}
+
+/// The two kinds of principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    /// A user (Polar class `User`).
+    User,
+    /// A node or super-peer (Polar class `Node`).
+    Node,
+}
+
+impl PrincipalKind {
+    /// `user` or `node`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::User => "user",
+            PrincipalKind::Node => "node",
+        }
+    }
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}@{}", self.kind.as_str(), self.name, self.domain)?;
+        if !self.roles.is_empty() {
+            write!(f, " (roles {})", self.roles.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a question is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Resource {
+    /// A domain as a whole (e.g. `administer`).
+    Domain(Domain),
+    /// A group of nodes.
+    Group(Group),
+    /// A node.
+    Node(Node),
+    /// An image of a node's repository.
+    Image(Image),
+    /// A job.
+    Job(Job),
+}
+
+impl Resource {
+    /// The domain that owns it, whose policy decides.
+    pub fn domain(&self) -> &str {
+        match self {
+            Resource::Domain(d) => &d.name,
+            Resource::Group(g) => &g.domain,
+            Resource::Node(n) => &n.domain,
+            Resource::Image(i) => &i.domain,
+            Resource::Job(j) => &j.domain,
+        }
+    }
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resource::Domain(d) => write!(f, "domain {}", d.name),
+            Resource::Group(g) => write!(f, "group {}@{}", g.name, g.domain),
+            Resource::Node(n) => write!(f, "node {}@{}", n.name, n.domain),
+            Resource::Image(i) => write!(f, "image {}@{}", i.id, i.domain),
+            Resource::Job(j) => write!(f, "job {}@{}", j.name, j.domain),
+        }
+    }
+}
+
+/// The actions the shipped policies speak of (a policy may use others).
+pub const ACTIONS: [&str; 6] = [
+    "submit",
+    "use-image",
+    "read-results",
+    "cancel",
+    "administer",
+    "run",
+];
+
+/// One question: may `actor` do `action` to `resource`?
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Question {
+    /// Who asks.
+    pub actor: Principal,
+    /// What it wants to do.
+    pub action: String,
+    /// To what.
+    pub resource: Resource,
+}
+
+/// An answer, with the reason when it is a denial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed.
+    Allow,
+    /// Denied, and why (names the level and the rule that is missing or exceeded).
+    Deny(String),
+}
+
+impl Decision {
+    /// Whether it allows.
+    pub fn allowed(&self) -> bool {
+        matches!(self, Decision::Allow)
+    }
+
+    /// `Ok(())`, or the reason as an error.
+    ///
+    /// # Errors
+    /// The denial's reason.
+    pub fn into_result(self) -> Result<(), String> {
+        match self {
+            Decision::Allow => Ok(()),
+            Decision::Deny(r) => Err(r),
+        }
+    }
+}
+
+/// Answers questions from one version of the policies.
+pub trait Engine: Send + Sync {
+    /// The answer to `q`.
+    fn decide(&self, q: &Question) -> Decision;
+    /// The node-level settings.
+    fn node_settings(&self) -> &NodeSettings;
+    /// The version of the policies it answers from.
+    fn version(&self) -> u64;
+}
+
+/// An engine that remembers its answers. Answers depend only on the question and the loaded
+/// policy, and a new policy version is a new engine, so an entry is never stale.
+pub struct Cached<E> {
+    inner: E,
+    answers: RwLock<HashMap<Question, Decision>>,
+    capacity: usize,
+}
+
+impl<E: std::fmt::Debug> std::fmt::Debug for Cached<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cached")
+            .field("inner", &self.inner)
+            .field("answers", &self.answers.read().len())
+            .finish()
+    }
+}
+
+impl<E: Engine> Cached<E> {
+    /// Wraps `inner`, remembering up to `capacity` answers (then it starts over).
+    pub fn new(inner: E, capacity: usize) -> Self {
+        Cached {
+            inner,
+            answers: RwLock::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The wrapped engine.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+}
+
+impl<E: Engine> Engine for Cached<E> {
+    fn decide(&self, q: &Question) -> Decision {
+        if let Some(d) = self.answers.read().get(q) {
+            return d.clone();
+        }
+        let d = self.inner.decide(q);
+        let mut answers = self.answers.write();
+        if answers.len() >= self.capacity {
+            answers.clear();
+        }
+        answers.insert(q.clone(), d.clone());
+        d
+    }
+
+    fn node_settings(&self) -> &NodeSettings {
+        self.inner.node_settings()
+    }
+
+    fn version(&self) -> u64 {
+        self.inner.version()
+    }
+}
+
+/// The node-level hook of the component layer: before a job's part is instantiated on this
+/// node, its owner must be allowed to `run` on the node, and its channels must keep to the
+/// node's settings (queue kinds, codecs, most queues).
+pub struct NodePolicy {
+    engine: std::sync::Arc<dyn Engine>,
+    node: Node,
+}
+
+impl std::fmt::Debug for NodePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodePolicy")
+            .field("version", &self.engine.version())
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl NodePolicy {
+    /// The hook of node `node`, deciding with `engine`.
+    pub fn new(engine: std::sync::Arc<dyn Engine>, node: Node) -> Self {
+        NodePolicy { engine, node }
+    }
+}
+
+impl crate::runtime::PolicyHook for NodePolicy {
+    fn check(
+        &self,
+        job: &crate::runtime::JobSpec<'_>,
+        local: &[usize],
+    ) -> Result<(), crate::runtime::Refusal> {
+        use crate::runtime::Refusal;
+        let whole = |reason: String| Refusal {
+            vertex: String::new(),
+            reason,
+        };
+        let Some(owner) = &job.owner else {
+            return Err(whole("the job has no owner to authorize".into()));
+        };
+        self.engine
+            .decide(&Question {
+                actor: owner.clone(),
+                action: "run".into(),
+                resource: Resource::Node(self.node.clone()),
+            })
+            .into_result()
+            .map_err(whole)?;
+        let settings = self.engine.node_settings();
+        let t = job.topology;
+        let is_local = |v: usize| local.contains(&v);
+        let mut queues = 0u64;
+        for c in &t.channels {
+            let (from, to) = (is_local(c.from.vertex), is_local(c.to.vertex));
+            if !from && !to {
+                continue;
+            }
+            // A local input port's queue, or the outbox of a remote one a local vertex feeds.
+            queues += 1;
+            let vertex = t.vertices[if to { c.to.vertex } else { c.from.vertex }]
+                .name
+                .clone();
+            let kind = c.queue.kind.as_str();
+            if let Some(kinds) = &settings.queue_kinds
+                && !kinds.contains(kind)
+            {
+                return Err(Refusal {
+                    vertex,
+                    reason: format!(
+                        "node {} does not allow {kind} queues (line {} of the topology)",
+                        self.node.name, c.line
+                    ),
+                });
+            }
+            if let Some(codecs) = &settings.codecs
+                && !codecs.contains(c.queue.codec.as_str())
+            {
+                return Err(Refusal {
+                    vertex,
+                    reason: format!(
+                        "node {} does not allow the codec {} (line {} of the topology)",
+                        self.node.name, c.queue.codec, c.line
+                    ),
+                });
+            }
+        }
+        if let Some(max) = settings.max_queues
+            && queues > max
+        {
+            return Err(whole(format!(
+                "this part of the job needs {queues} queues on node {}; it allows {max}",
+                self.node.name
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+use super::*;
+
+fn shipped() -> Bundle {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    Bundle::read_dir(&dir).expect("the shipped policies read")
+}
+
+fn user(name: &str, domain: &str, roles: &[&str]) -> Principal {
+    Principal {
+        kind: PrincipalKind::User,
+        name: name.into(),
+        domain: domain.into(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+    }
+}
+
+fn node(name: &str, domain: &str, roles: &[&str]) -> Principal {
+    Principal {
+        kind: PrincipalKind::Node,
+        ..user(name, domain, roles)
+    }
+}
+
+fn job(owner: &Principal, domain: &str, vcpus: i64, vertices: i64) -> Resource {
+    Resource::Job(Job {
+        name: "ring".into(),
+        owner: owner.name.clone(),
+        owner_domain: owner.domain.clone(),
+        domain: domain.into(),
+        vcpus,
+        memory_mib: 512,
+        vertices,
+        image: "host".into(),
+        user_vcpus: vcpus,
+        user_memory_mib: 512,
+        user_vertices: vertices,
+    })
+}
+
+fn image(domain: &str) -> Resource {
+    Resource::Image(Image {
+        id: "sha256:00".into(),
+        domain: domain.into(),
+    })
+}
+
+fn a_node(domain: &str) -> Resource {
+    Resource::Node(Node {
+        name: "n1".into(),
+        domain: domain.into(),
+        roles: Vec::new(),
+        group: "g".into(),
+    })
+}
+
+fn ask(e: &dyn Engine, actor: &Principal, action: &str, resource: Resource) -> Decision {
+    e.decide(&Question {
+        actor: actor.clone(),
+        action: action.into(),
+        resource,
+    })
+}
+
+#[test]
+fn the_shipped_two_domain_lab_decides_its_matrix() {
+    let e = OsoEngine::load(&shipped(), 1).expect("loads");
+    let alice = user("alice", "physics", &["researcher"]);
+    let bob = user("bob", "physics", &["member"]);
+    let pat = user("pat", "physics", &["admin"]);
+    let carol = user("carol", "biology", &["researcher"]);
+    let dave = user("dave", "biology", &["member"]);
+    let eve = user("eve", "chemistry", &["researcher"]);
+    let sp = node("sp", "physics", &["superpeer"]);
+    let plain = node("n2", "physics", &[]);
+    // (actor, action, resource, allowed, words the reason must contain)
+    let cases: Vec<(&Principal, &str, Resource, bool, &str)> = vec![
+        (&alice, "submit", job(&alice, "physics", 2, 4), true, ""),
+        (&bob, "submit", job(&bob, "physics", 1, 1), false, "policy of domain physics"),
+        (&bob, "read-results", job(&alice, "physics", 1, 1), true, ""),
+        (&alice, "submit", job(&alice, "physics", 20, 4), false, "limits"),
+        (&alice, "submit", job(&alice, "physics", 2, 65), false, "64 vertices"),
+        (&pat, "submit", job(&pat, "physics", 100, 1000), true, ""),
+        (&pat, "administer", Resource::Domain(Domain::named("physics")), true, ""),
+        (&alice, "administer", Resource::Domain(Domain::named("physics")), false, "physics"),
+        (&pat, "administer", Resource::Domain(Domain::named("biology")), false, "inter-domain"),
+        (&alice, "submit", job(&alice, "biology", 2, 4), true, ""),
+        (&alice, "submit", job(&alice, "biology", 8, 4), false, "4 vCPUs"),
+        (&bob, "submit", job(&bob, "biology", 1, 1), false, "inter-domain"),
+        (&carol, "submit", job(&carol, "physics", 1, 1), false, "inter-domain"),
+        (&carol, "submit", job(&carol, "biology", 30, 100), true, ""),
+        (&alice, "use-image", image("biology"), true, ""),
+        (&dave, "use-image", image("biology"), false, "biology"),
+        (&dave, "read-results", job(&carol, "biology", 1, 1), true, ""),
+        (&alice, "read-results", job(&alice, "biology", 1, 1), true, ""),
+        (&alice, "read-results", job(&carol, "biology", 1, 1), false, "inter-domain"),
+        (&eve, "submit", job(&eve, "chemistry", 1, 1), false, "no policy"),
+        (&alice, "run", a_node("biology"), true, ""),
+        (&bob, "run", a_node("biology"), false, "node-level"),
+        (&carol, "run", a_node("biology"), true, ""),
+        (&sp, "use-image", image("biology"), true, ""),
+        (&plain, "use-image", image("biology"), false, "inter-domain"),
+        (&plain, "use-image", image("physics"), true, ""),
+    ];
+    for (actor, action, resource, allowed, why) in cases {
+        let what = format!("{actor} {action} {resource}");
+        match ask(&e, actor, action, resource) {
+            Decision::Allow => assert!(allowed, "{what}: allowed, should be denied"),
+            Decision::Deny(reason) => {
+                assert!(!allowed, "{what}: denied ({reason}), should be allowed");
+                assert!(reason.contains(why), "{what}: reason '{reason}' lacks '{why}'");
+            }
+        }
+    }
+    let s = e.node_settings();
+    assert_eq!(s.max_queues, Some(256));
+    assert!(s.queue_kinds.as_ref().is_some_and(|k| k.contains("priority")));
+    assert!(s.codecs.as_ref().is_some_and(|c| c.contains("zstd+cbor")));
+}
+
+#[test]
+fn load_errors_name_the_file_and_line() {
+    let mut b = shipped();
+    b.files.insert(
+        "physics/broken.polar".into(),
+        "# fine\nallow(u: User, \"x\", r) if\n    u.name = ;\n".into(),
+    );
+    let e = OsoEngine::load(&b, 1).expect_err("a syntax error");
+    match &e {
+        BundleError::Polar { at, .. } => {
+            assert_eq!(at.file, "physics/broken.polar");
+            assert_eq!(at.line, 3, "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    let mut b = shipped();
+    b.files
+        .insert("biology/x.polar".into(), "\n\nallow(u: Usr, _a, _r);\n".into());
+    let e = OsoEngine::load(&b, 1).expect_err("an unknown class");
+    assert!(e.to_string().starts_with("biology/x.polar:3"), "{e}");
+    let mut b = shipped();
+    b.files.insert("a/b/c.polar".into(), String::new());
+    let e = OsoEngine::load(&b, 1).expect_err("misplaced");
+    assert!(matches!(e, BundleError::Layout { .. }), "{e}");
+}
+
+#[test]
+fn a_misplaced_file_on_disk_is_refused_and_other_files_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("d/deeper")).expect("mkdir");
+    std::fs::write(dir.path().join("README.md"), "hi").expect("write");
+    std::fs::write(dir.path().join("d/rules.polar"), "allow(_a, _b, _c);").expect("write");
+    std::fs::write(dir.path().join("d/ca.pem"), "x").expect("write");
+    let b = Bundle::read_dir(dir.path()).expect("reads");
+    assert_eq!(b.files.keys().collect::<Vec<_>>(), ["d/rules.polar"]);
+    assert_eq!(b.domains(), ["d"]);
+    std::fs::write(dir.path().join("stray.polar"), "").expect("write");
+    let e = Bundle::read_dir(dir.path()).expect_err("stray");
+    assert!(e.to_string().starts_with("stray.polar:"), "{e}");
+}
+
+#[test]
+fn the_digest_changes_with_any_byte_and_the_cache_answers_like_the_engine() {
+    let b = shipped();
+    let mut c = b.clone();
+    let first = c.files.keys().next().cloned().expect("a file");
+    c.files.entry(first).and_modify(|t| t.push(' '));
+    assert_ne!(b.digest(), c.digest());
+    let engine = Cached::new(OsoEngine::load(&b, 7).expect("loads"), 4);
+    assert_eq!(engine.version(), 7);
+    let alice = user("alice", "physics", &["researcher"]);
+    for round in 0..3 {
+        for vcpus in 1..=10 {
+            let d = ask(&engine, &alice, "submit", job(&alice, "physics", vcpus * 2, 1));
+            assert_eq!(d.allowed(), vcpus * 2 <= 16, "round {round}, {vcpus}");
+        }
+    }
+}
+
+#[test]
+fn no_node_policy_and_no_domain_policy_deny() {
+    let e = OsoEngine::load(&Bundle::default(), 1).expect("empty loads");
+    let alice = user("alice", "physics", &["admin"]);
+    assert!(!ask(&e, &alice, "run", a_node("physics")).allowed());
+    assert!(!ask(&e, &alice, "submit", job(&alice, "physics", 1, 1)).allowed());
+    assert_eq!(e.node_settings(), &NodeSettings::default());
+}

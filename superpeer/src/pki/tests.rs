@@ -1,0 +1,122 @@
+use super::*;
+
+fn subject(kind: PrincipalKind, name: &str, roles: &[&str]) -> Subject {
+    Subject {
+        kind,
+        name: name.into(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("meta").permissions().mode() & 0o777
+}
+
+#[test]
+fn a_ca_issues_identities_that_load_and_never_overwrites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "physics", 30).expect("init");
+    assert_eq!(mode(&ca_dir.join("ca.key")), 0o600);
+    assert_eq!(mode(&ca_dir.join("ca.crt")), 0o644);
+    let again = Ca::init(&ca_dir, "physics", 30).expect_err("exists");
+    assert!(again.0.contains("already exists"), "{again}");
+    let ca2 = Ca::load(&ca_dir).expect("load");
+    assert_eq!(ca2.domain(), "physics");
+    assert_eq!(ca2.cert_pem(), ca.cert_pem());
+
+    let out = dir.path().join("alice");
+    let p = ca2
+        .issue(&subject(PrincipalKind::User, "alice", &["researcher", "member"]), &out, None, 10)
+        .expect("issue");
+    assert_eq!(p.roles, ["member", "researcher"]);
+    assert_eq!(mode(&out.join("key")), 0o600);
+    let c = Credentials::load(&out, &[]).expect("loads");
+    assert_eq!(c.principal, p);
+    assert_eq!(c.principal.domain, "physics");
+    let e = ca2
+        .issue(&subject(PrincipalKind::User, "alice", &[]), &out, None, 10)
+        .expect_err("exists");
+    assert!(e.0.contains("already exists"), "{e}");
+
+    // Certifying an existing key keeps it.
+    let node_dir = dir.path().join("n1");
+    std::fs::create_dir_all(&node_dir).expect("mkdir");
+    let key = crate::identity::load_or_create(&node_dir.join("key")).expect("key");
+    ca2.issue(
+        &subject(PrincipalKind::Node, "n1", &["superpeer"]),
+        &node_dir,
+        Some(&node_dir.join("key")),
+        10,
+    )
+    .expect("issue for an existing key");
+    let c = Credentials::load(&node_dir, &[]).expect("loads");
+    assert_eq!(c.peer(), key.public().to_peer_id());
+    assert_eq!(c.principal.kind, PrincipalKind::Node);
+
+    let bad = ca2
+        .issue(&subject(PrincipalKind::User, "../x", &[]), &dir.path().join("x"), None, 1)
+        .expect_err("bad name");
+    assert!(bad.0.contains("a name is"), "{bad}");
+}
+
+#[test]
+fn every_bad_certificate_is_refused_with_its_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let physics = Ca::init(&dir.path().join("p"), "physics", 30).expect("init");
+    let biology = Ca::init(&dir.path().join("b"), "biology", 30).expect("init");
+    let mut trust = Trust::default();
+    trust.add_pem(physics.cert_pem()).expect("anchor");
+    let key = Keypair::generate_ed25519();
+    let peer = key.public().to_peer_id();
+    let alice = subject(PrincipalKind::User, "alice", &["researcher"]);
+    let der = |pem: String| parse_pem(&pem).expect("pem");
+
+    let good = der(physics.certify(&alice, &key.public(), 1).expect("certify"));
+    let p = trust.verify(&good, &peer).expect("valid");
+    assert_eq!((p.name.as_str(), p.domain.as_str()), ("alice", "physics"));
+
+    let foreign = der(biology.certify(&alice, &key.public(), 1).expect("certify"));
+    let e = trust.verify(&foreign, &peer).expect_err("unknown CA");
+    assert!(e.0.contains("unknown CA"), "{e}");
+
+    let now = time::OffsetDateTime::now_utc();
+    let expired = der(
+        physics
+            .certify_between(
+                &alice,
+                &key.public(),
+                now - time::Duration::days(10),
+                now - time::Duration::days(1),
+            )
+            .expect("certify"),
+    );
+    let e = trust.verify(&expired, &peer).expect_err("expired");
+    assert!(e.0.contains("not valid now"), "{e}");
+
+    let mut tampered = good.clone();
+    // Flip a byte inside the name "alice" in the subject: the signature no longer covers it.
+    let at = tampered
+        .windows(5)
+        .position(|w| w == b"alice")
+        .expect("the name is in the DER");
+    tampered[at] = b'A';
+    let e = trust.verify(&tampered, &peer).expect_err("tampered");
+    assert!(e.0.contains("does not verify"), "{e}");
+
+    let other = Keypair::generate_ed25519().public().to_peer_id();
+    let e = trust.verify(&good, &other).expect_err("not bound");
+    assert!(e.0.contains("bound to peer"), "{e}");
+
+    let e = trust.verify(b"garbage", &peer).expect_err("garbage");
+    assert!(e.0.contains("not an X.509"), "{e}");
+
+    // A CA certificate does not identify a peer, and a non-CA is no anchor.
+    let e = trust
+        .verify(&der(physics.cert_pem().to_owned()), &peer)
+        .expect_err("a CA");
+    assert!(!e.0.is_empty());
+    let leaf_pem = physics.certify(&alice, &key.public(), 1).expect("certify");
+    assert!(Trust::default().add_pem(&leaf_pem).is_err());
+}
