@@ -62,6 +62,10 @@ enum Command {
     Topology(cmd::topology::Args),
     /// A node's image repository of execution environments: import, list, verify.
     Image(cmd::image::Args),
+    /// A domain's certificate authority: create it, issue node and user identities.
+    Ca(cmd::ca::Args),
+    /// Policies: check a directory, ask it a question, reload a super-peer's.
+    Policy(cmd::policy::Args),
     /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
     Bench(cmd::bench::Args),
 }
@@ -89,6 +93,8 @@ fn main() -> ExitCode {
         Command::Lab(args) => cmd::lab::run(args),
         Command::Node(args) => cmd::daemon::node(args),
         Command::Image(args) => cmd::image::run(args),
+        Command::Ca(args) => cmd::ca::run(args),
+        Command::Policy(args) => cmd::policy::run(args),
         Command::Superpeer(args) => cmd::daemon::superpeer(args),
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),

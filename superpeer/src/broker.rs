@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
+use mvm_component::policy::{self as pol, Principal, PrincipalKind, Question, Resource};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -39,6 +40,10 @@ struct Job {
     /// (version, whether the job has ended): read by waiters without the job table's lock.
     changed: watch::Sender<(u64, bool)>,
     traffic: BTreeMap<(String, String, bool), (u64, u64)>,
+    /// Who submitted it.
+    owner: Principal,
+    /// What the policy was asked about it at submission.
+    facts: pol::Job,
 }
 
 impl Job {
@@ -169,6 +174,7 @@ impl Broker {
         &self,
         shared: &Arc<Shared>,
         mut s: Submission,
+        owner: Principal,
         vertices: usize,
         why: &str,
     ) -> Response {
@@ -177,8 +183,7 @@ impl Broker {
             .groups(shared)
             .into_iter()
             .filter(|g| {
-                (g.domain == shared.config.domain
-                    || shared.config.trust_domains.contains(&g.domain))
+                (g.domain == shared.config.domain || inter_domain_allows(shared, &owner, g))
                     && g.free_slots as usize >= vertices
                     && r.image.as_ref().is_none_or(|i| g.images.contains(i))
                     && r.arch.as_ref().is_none_or(|a| g.archs.contains(a))
@@ -206,6 +211,7 @@ impl Broker {
             };
             s.modules = missing.iter().filter_map(|h| self.modules.get(h)).collect();
             s.hops = s.hops.saturating_add(1);
+            s.on_behalf = Some(owner.clone());
             match shared
                 .net
                 .call(peer, &addrs, Request::Submit(Box::new(s.clone())))
@@ -246,7 +252,28 @@ impl Broker {
         m
     }
 
-    pub(crate) fn register(&self, peer: PeerId, info: NodeInfo, heartbeat: Duration) -> Response {
+    pub(crate) fn register(
+        &self,
+        shared: &Shared,
+        peer: PeerId,
+        who: &Principal,
+        info: NodeInfo,
+        heartbeat: Duration,
+    ) -> Response {
+        if who.kind != PrincipalKind::Node
+            || who.domain != shared.config.domain
+            || who.name != info.name
+            || info.domain != who.domain
+        {
+            return fail(
+                FailureKind::Refused,
+                format!(
+                    "{who} cannot join group {} of domain {} as node {}@{}: a node joins with \
+                     a node certificate of its own name and of the group's domain",
+                    shared.config.group, shared.config.domain, info.name, info.domain
+                ),
+            );
+        }
         let addrs = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         tracing::info!(%peer, name = %info.name, "node registered");
         self.nodes.lock().insert(
@@ -363,20 +390,119 @@ impl Broker {
     }
 
     /// Validates, authorizes and places a job, then drives it on its own task.
-    pub(crate) async fn submit(self: &Arc<Self>, shared: &Arc<Shared>, s: Submission) -> Response {
-        match self.place(shared, &s) {
+    pub(crate) async fn submit(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        caller: &Principal,
+        s: Submission,
+    ) -> Response {
+        let owner = match owner_of(caller, &s) {
+            Ok(o) => o,
+            Err(why) => return fail(FailureKind::Refused, format!("job {}: {why}", s.name)),
+        };
+        match self.place(shared, &owner, &s) {
             Placed::Job(r) => r,
             Placed::Unplaceable { vertices, why } if s.hops == 0 => {
-                self.forward(shared, s, vertices, &why).await
+                self.forward(shared, s, owner, vertices, &why).await
             }
             Placed::Unplaceable { why, .. } => fail(FailureKind::Unavailable, why),
         }
     }
 
+    /// What `owner` holds in jobs of this broker that have not ended: vCPUs, MiB, vertices.
+    fn held_by(&self, owner: &Principal) -> (i64, i64, i64) {
+        self.jobs
+            .lock()
+            .values()
+            .filter(|j| !j.status.state.is_final() && j.owner == *owner)
+            .fold((0, 0, 0), |(c, m, v), j| {
+                (
+                    c + j.facts.vcpus,
+                    m + j.facts.memory_mib,
+                    v + j.facts.vertices,
+                )
+            })
+    }
+
+    /// Asks the policy whether `owner` may submit `s` (and use its image) here.
+    fn authorize(
+        &self,
+        shared: &Shared,
+        owner: &Principal,
+        s: &Submission,
+        vertices: usize,
+    ) -> Result<pol::Job, String> {
+        let engine = shared.policies.current().engine.clone();
+        let r = &s.requirements;
+        let domain = shared.config.domain.clone();
+        let vcpus = i64::from(r.vcpus.unwrap_or(1));
+        let memory_mib = i64::try_from(r.memory_bytes.unwrap_or(0) >> 20).unwrap_or(i64::MAX);
+        let vertices = i64::try_from(vertices).unwrap_or(i64::MAX);
+        let (hc, hm, hv) = self.held_by(owner);
+        let image = r.image.clone().unwrap_or_else(|| "host".into());
+        let facts = pol::Job {
+            name: s.name.clone(),
+            owner: owner.name.clone(),
+            owner_domain: owner.domain.clone(),
+            domain: domain.clone(),
+            vcpus,
+            memory_mib,
+            vertices,
+            image: image.clone(),
+            user_vcpus: hc.saturating_add(vcpus),
+            user_memory_mib: hm.saturating_add(memory_mib),
+            user_vertices: hv.saturating_add(vertices),
+        };
+        engine
+            .decide(&Question {
+                actor: owner.clone(),
+                action: "submit".into(),
+                resource: Resource::Job(facts.clone()),
+            })
+            .into_result()?;
+        if image != "host" {
+            engine
+                .decide(&Question {
+                    actor: owner.clone(),
+                    action: "use-image".into(),
+                    resource: Resource::Image(pol::Image { id: image, domain }),
+                })
+                .into_result()?;
+        }
+        Ok(facts)
+    }
+
+    /// The answer refusing `who` to `action` (`read-results`, `cancel`) job `id`, if the
+    /// policy refuses (or there is no such job).
+    fn refusal(
+        &self,
+        shared: &Shared,
+        who: &Principal,
+        action: &str,
+        id: &str,
+    ) -> Option<Response> {
+        let facts = match self.jobs.lock().get(id) {
+            Some(j) => j.facts.clone(),
+            None => return Some(fail(FailureKind::NotFound, format!("no job {id}"))),
+        };
+        shared
+            .policies
+            .current()
+            .engine
+            .decide(&Question {
+                actor: who.clone(),
+                action: action.into(),
+                resource: Resource::Job(facts),
+            })
+            .into_result()
+            .err()
+            .map(|why| fail(FailureKind::Refused, format!("job {id}: {why}")))
+    }
+
     /// Validates and places a job here, or says why this group cannot take it.
-    fn place(self: &Arc<Self>, shared: &Arc<Shared>, s: &Submission) -> Placed {
+    fn place(self: &Arc<Self>, shared: &Arc<Shared>, owner: &Principal, s: &Submission) -> Placed {
         let s = s.clone();
-        Placed::Job(match self.place_inner(shared, s) {
+        Placed::Job(match self.place_inner(shared, owner, s) {
             Ok(r) => r,
             Err((vertices, why)) => return Placed::Unplaceable { vertices, why },
         })
@@ -385,6 +511,7 @@ impl Broker {
     fn place_inner(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
+        owner: &Principal,
         s: Submission,
     ) -> Result<Response, (usize, String)> {
         for b in &s.modules {
@@ -424,6 +551,17 @@ impl Broker {
         if let Err(e) = crate::node::limits(&s.limits) {
             return Ok(fail(FailureKind::Input, e));
         }
+        // The policy enforcement point: nothing is reserved or woken for a denied job.
+        let facts = match self.authorize(shared, owner, &s, topology.vertices.len()) {
+            Ok(f) => f,
+            Err(why) => {
+                tracing::info!(job = %s.name, owner = %owner, %why, "job refused by policy");
+                return Ok(fail(
+                    FailureKind::Refused,
+                    format!("job {}: refused by policy: {why}", s.name),
+                ));
+            }
+        };
         let rank = match s.requirements.rank.as_deref() {
             Some(r) => match Rank::parse(r) {
                 Ok(r) => r,
@@ -546,6 +684,8 @@ impl Broker {
             started: Instant::now(),
             changed,
             traffic: BTreeMap::new(),
+            owner: owner.clone(),
+            facts,
         };
         job.bump();
         let status = self.named(job.status.clone());
@@ -578,6 +718,7 @@ impl Broker {
                     .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
                 mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
             });
+        let policy_digest = shared.policies.current().digest.clone();
         let specs: Vec<(PeerId, PartSpec)> = peers
             .iter()
             .enumerate()
@@ -608,6 +749,8 @@ impl Broker {
                         here: u32::try_from(i).unwrap_or(0),
                         start: peers.len() == 1,
                         environment: environment.clone(),
+                        owner: owner.clone(),
+                        policy_digest: policy_digest.clone(),
                     },
                 )
             })
@@ -824,7 +967,13 @@ impl Broker {
         s
     }
 
-    pub(crate) fn status(&self, job: Option<&str>) -> Response {
+    pub(crate) fn status(&self, shared: &Shared, who: &Principal, job: Option<&str>) -> Response {
+        if let Some(id) = job
+            && let Some(r) = self.refusal(shared, who, "read-results", id)
+        {
+            return r;
+        }
+        let engine = shared.policies.current().engine.clone();
         let list: Vec<JobStatus> = {
             let jobs = self.jobs.lock();
             match job {
@@ -833,7 +982,20 @@ impl Broker {
                     None => return fail(FailureKind::NotFound, format!("no job {id}")),
                 },
                 None => {
-                    let mut v: Vec<JobStatus> = jobs.values().map(|j| j.status.clone()).collect();
+                    // Every job the asker may read.
+                    let mut v: Vec<JobStatus> = jobs
+                        .values()
+                        .filter(|j| {
+                            engine
+                                .decide(&Question {
+                                    actor: who.clone(),
+                                    action: "read-results".into(),
+                                    resource: Resource::Job(j.facts.clone()),
+                                })
+                                .allowed()
+                        })
+                        .map(|j| j.status.clone())
+                        .collect();
                     v.sort_by(|a, b| a.job.cmp(&b.job));
                     v
                 }
@@ -858,7 +1020,11 @@ impl Broker {
         let mut rx = rx;
         let ready = |&(version, ended): &(u64, bool)| version > after && (!until_end || ended);
         let _ = tokio::time::timeout(max, rx.wait_for(ready)).await;
-        self.status(Some(job))
+        let status = self.jobs.lock().get(job).map(|j| j.status.clone());
+        match status {
+            Some(st) => Response::Status(vec![self.named(st)]),
+            None => fail(FailureKind::NotFound, format!("no job {job}")),
+        }
     }
 
     pub(crate) fn cancel(&self, shared: &Arc<Shared>, job: &str) -> Response {
@@ -880,29 +1046,51 @@ impl Broker {
         self: &Arc<Self>,
         shared: &Arc<Shared>,
         peer: PeerId,
+        who: &Principal,
         request: Request,
     ) -> Response {
+        let node_only = matches!(
+            request,
+            Request::Heartbeat(_) | Request::Fetch { .. } | Request::Report(_)
+        );
+        if node_only && (who.kind != PrincipalKind::Node || who.domain != shared.config.domain) {
+            return fail(
+                FailureKind::Refused,
+                format!("{who} is not a node of domain {}", shared.config.domain),
+            );
+        }
         match request {
             Request::Missing { hashes } => self.missing(&hashes),
-            Request::Submit(s) => self.submit(shared, *s).await,
-            Request::Status { job } => self.status(job.as_deref()),
+            Request::Submit(s) => self.submit(shared, who, *s).await,
+            Request::Status { job } => self.status(shared, who, job.as_deref()),
             Request::Wait {
                 job,
                 after,
                 until_end,
             } => {
+                if let Some(r) = self.refusal(shared, who, "read-results", &job) {
+                    return r;
+                }
                 self.wait(&job, after, until_end, Duration::from_secs(10))
                     .await
             }
-            Request::Cancel { job } => self.cancel(shared, &job),
-            Request::Register(info) => self.register(peer, info, shared.config.heartbeat),
+            Request::Cancel { job } => match self.refusal(shared, who, "cancel", &job) {
+                None => self.cancel(shared, &job),
+                Some(r) => r,
+            },
+            Request::Register(info) => {
+                self.register(shared, peer, who, info, shared.config.heartbeat)
+            }
             Request::Heartbeat(load) => self.heartbeat(peer, load),
             Request::Fetch { hash } => self.fetch(&hash),
             Request::Report(r) => self.report(shared, peer, *r),
             Request::Group => Response::Group(self.group(shared)),
-            Request::Prepare(_) | Request::Start { .. } | Request::Terminate { .. } => {
-                fail(FailureKind::Input, "not a broker request")
-            }
+            Request::Prepare(_)
+            | Request::Start { .. }
+            | Request::Terminate { .. }
+            | Request::Hello { .. }
+            | Request::Policy { .. }
+            | Request::PolicyReload => fail(FailureKind::Input, "not a broker request"),
         }
     }
 }
@@ -927,4 +1115,55 @@ fn sanitize(name: &str) -> String {
         .take(64)
         .collect();
     if s.is_empty() { "job".into() } else { s }
+}
+
+/// Who owns a submitted job: the user who sends it, or the user a forwarding super-peer
+/// authenticated. The profile's owner and domain, when given, must be the certificate's.
+fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, String> {
+    match caller.kind {
+        PrincipalKind::User => {
+            if s.on_behalf.is_some() {
+                return Err(format!(
+                    "{caller} is not a super-peer; only super-peers forward jobs"
+                ));
+            }
+            let claims_other = s.owner.as_ref().is_some_and(|o| *o != caller.name)
+                || s.domain.as_ref().is_some_and(|d| *d != caller.domain);
+            if claims_other {
+                return Err(format!(
+                    "the profile names owner {}@{}, but the certificate is {caller}",
+                    s.owner.as_deref().unwrap_or(&caller.name),
+                    s.domain.as_deref().unwrap_or(&caller.domain)
+                ));
+            }
+            Ok(caller.clone())
+        }
+        PrincipalKind::Node => match &s.on_behalf {
+            Some(owner) if s.hops > 0 && caller.roles.iter().any(|r| r == "superpeer") => {
+                Ok(owner.clone())
+            }
+            _ => Err(format!(
+                "{caller} submits no jobs of its own (a super-peer, with role superpeer, \
+                 forwards a user's job)"
+            )),
+        },
+    }
+}
+
+/// Whether the inter-domain policy lets `owner` submit to group `g` of another domain (that
+/// group's super-peer decides by its domain's policy in turn).
+fn inter_domain_allows(shared: &Shared, owner: &Principal, g: &GroupSummary) -> bool {
+    shared
+        .policies
+        .current()
+        .engine
+        .inter_domain(&Question {
+            actor: owner.clone(),
+            action: "submit".into(),
+            resource: Resource::Group(pol::Group {
+                name: g.group.clone(),
+                domain: g.domain.clone(),
+            }),
+        })
+        .allowed()
 }

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::pki::Credentials;
 use bytes::Bytes;
-use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::profile::{Profile, parse_size};
 
@@ -93,6 +93,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 nodes: r.nodes,
                 vm_mode: r.vm_mode.map(|m| m.as_str().to_owned()),
             },
+            on_behalf: None,
             hops: 0,
         },
         modules,
@@ -114,9 +115,9 @@ impl Client {
     ///
     /// # Errors
     /// A bad address, or the network cannot be set up.
-    pub async fn new(addr: &str) -> Result<Client, Failure> {
+    pub async fn new(creds: &Credentials, addr: &str) -> Result<Client, Failure> {
         let (broker, a) = split_peer(addr).map_err(input)?;
-        let (net, _inbound) = Net::start(Keypair::generate_ed25519(), &NetConfig::default())
+        let (net, _inbound) = Net::start(creds, &NetConfig::default())
             .await
             .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
         Ok(Client {
@@ -132,8 +133,8 @@ impl Client {
     ///
     /// # Errors
     /// No address leads to a super-peer.
-    pub async fn find(addrs: &[String]) -> Result<Client, Failure> {
-        let (net, _inbound) = Net::start(Keypair::generate_ed25519(), &NetConfig::default())
+    pub async fn find(creds: &Credentials, addrs: &[String]) -> Result<Client, Failure> {
+        let (net, _inbound) = Net::start(creds, &NetConfig::default())
             .await
             .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
         let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
@@ -298,6 +299,25 @@ impl Client {
         }
     }
 
+    /// Asks the super-peer holding the policies to read them again; the version and digest
+    /// in force after.
+    ///
+    /// # Errors
+    /// Refused (the user may not administer the domain), no policy directory there, or the
+    /// changed files do not load (file and line; the old version stays).
+    pub async fn reload_policies(&self) -> Result<(u64, String), Failure> {
+        match self
+            .net
+            .call(self.broker, &self.addrs, Request::PolicyReload)
+            .await?
+        {
+            Response::Policy {
+                version, digest, ..
+            } => Ok((version, digest)),
+            _ => Err(Failure::new(FailureKind::Failed, "an unexpected answer")),
+        }
+    }
+
     /// The group as the super-peer sees it.
     ///
     /// # Errors
@@ -327,6 +347,7 @@ fn unexpected(r: &Response) -> Failure {
 /// A bad address or id, the node does not have the image, the transfer broke, or the bytes do
 /// not match the id.
 pub async fn fetch_image(
+    creds: &Credentials,
     addr: &str,
     id: &mvm_os::image::ImageId,
     repo: &mvm_os::image::Repository,
@@ -335,12 +356,13 @@ pub async fn fetch_image(
     use std::io::Seek;
 
     let (peer, a) = split_peer(addr).map_err(input)?;
-    let (net, _inbound) = Net::start(Keypair::generate_ed25519(), &NetConfig::default())
+    let (net, _inbound) = Net::start(creds, &NetConfig::default())
         .await
         .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
-    // Any control request connects (whatever the node answers); a plain dial would also make
-    // it a gossip peer.
-    let _ = net.call(peer, &[a], Request::Group).await;
+    // The node drops streams from peers whose certificate has not passed.
+    net.authenticate(peer, &[a])
+        .await
+        .map_err(|e| Failure::new(FailureKind::Refused, e.to_string()))?;
     let unavailable = |m: String| Failure::new(FailureKind::Unavailable, m);
     let mut control = net.streams();
     // The dial runs in the swarm's task: the stream can be opened once it has connected.

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
+use mvm_component::policy::Principal;
 use mvm_component::runtime::{Runtime, RuntimeConfig};
 use mvm_queue::Controller;
 use mvm_queue::codec::Registry;
@@ -18,6 +18,8 @@ use crate::environment::{NodeOs, OsConfig};
 use crate::modules::ModuleStore;
 use crate::net::{Inbound, Net, NetConfig};
 use crate::node::{self, NodeRole};
+use crate::pki::Credentials;
+use crate::policy::{Policies, PolicySource};
 use crate::proto::{
     Failure, FailureKind, GroupInfo, Member, NodeInfo, NodeLoad, Request, Response,
 };
@@ -29,8 +31,10 @@ pub struct DaemonConfig {
     pub name: String,
     /// Its group.
     pub group: String,
-    /// Its domain.
+    /// Its domain (its certificate's; a different one here is an error at start).
     pub domain: String,
+    /// Where its policies come from.
+    pub policies: PolicySource,
     /// Whether it starts as the group's super-peer (broker).
     pub broker: bool,
     /// Super-peer addresses (`/…/p2p/PEER`) to register with; ignored by a super-peer.
@@ -51,9 +55,6 @@ pub struct DaemonConfig {
     pub images: Vec<String>,
     /// Other super-peers to know (`/…/p2p/PEER`): group summaries are exchanged with them.
     pub peers: Vec<String>,
-    /// Domains besides its own whose groups this super-peer may forward jobs to (until the
-    /// inter-domain policy decides it).
-    pub trust_domains: Vec<String>,
     /// The network.
     pub net: NetConfig,
     /// The OS layer: the driver and directory of guests for jobs that name an image (none:
@@ -67,6 +68,7 @@ impl Default for DaemonConfig {
             name: "node".into(),
             group: "default".into(),
             domain: "default".into(),
+            policies: PolicySource::Default,
             broker: false,
             bootstrap: Vec::new(),
             slots: 1024,
@@ -77,7 +79,6 @@ impl Default for DaemonConfig {
             module_dir: None,
             images: vec!["host".into()],
             peers: Vec::new(),
-            trust_domains: Vec::new(),
             net: NetConfig::default(),
             os: None,
         }
@@ -96,6 +97,8 @@ pub(crate) struct Shared {
     pub(crate) members: Mutex<Vec<Member>>,
     /// The OS layer, when configured.
     pub(crate) os: Option<Arc<NodeOs>>,
+    /// The policies in force.
+    pub(crate) policies: Policies,
 }
 
 impl Shared {
@@ -108,7 +111,8 @@ impl Shared {
         request: Request,
     ) -> Result<Response, Failure> {
         if peer == self.net.peer() {
-            match Box::pin(handle(self, peer, request)).await {
+            let me = self.net.principal().clone();
+            match Box::pin(handle(self, peer, &me, request)).await {
                 Response::Error(f) => Err(f),
                 r => Ok(r),
             }
@@ -138,7 +142,14 @@ impl Daemon {
     ///
     /// # Errors
     /// The network, the runtime, or a bootstrap address cannot be set up.
-    pub async fn start(key: Keypair, mut config: DaemonConfig) -> Result<Daemon, String> {
+    pub async fn start(creds: &Credentials, mut config: DaemonConfig) -> Result<Daemon, String> {
+        if creds.principal.domain != config.domain {
+            return Err(format!(
+                "the certificate is of domain {}, not {}",
+                creds.principal.domain, config.domain
+            ));
+        }
+        let policies = Policies::open(config.policies.clone(), &config.domain)?;
         let os = match &config.os {
             Some(c) if config.slots > 0 => {
                 let os = NodeOs::open(c).map_err(|e| format!("{}: {e}", c.dir.display()))?;
@@ -171,7 +182,7 @@ impl Daemon {
         } else {
             None
         };
-        let (net, inbound) = Net::start(key, &config.net).await?;
+        let (net, inbound) = Net::start(creds, &config.net).await?;
         let broker = config
             .broker
             .then(|| Arc::new(Broker::new(ModuleStore::new(config.module_dir.clone()))));
@@ -183,6 +194,7 @@ impl Daemon {
             superpeer: RwLock::new(superpeer),
             members: Mutex::new(Vec::new()),
             os,
+            policies,
             config,
         });
         Ok(Daemon { shared, inbound })
@@ -213,6 +225,7 @@ impl Daemon {
         }
         background.spawn(sweeper(shared.clone()));
         background.spawn(gossip(shared.clone()));
+        background.spawn(crate::policy::sync(shared.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -221,7 +234,8 @@ impl Daemon {
                     Some(i) => {
                         let shared = shared.clone();
                         tokio::spawn(async move {
-                            let response = handle(&shared, i.peer, i.request.clone()).await;
+                            let response =
+                                handle(&shared, i.peer, &i.principal, i.request.clone()).await;
                             i.reply(response).await;
                         });
                     }
@@ -242,7 +256,12 @@ fn unavailable(m: impl Into<String>) -> Response {
     Response::Error(Failure::new(FailureKind::Unavailable, m))
 }
 
-async fn handle(shared: &Arc<Shared>, peer: PeerId, request: Request) -> Response {
+async fn handle(
+    shared: &Arc<Shared>,
+    peer: PeerId,
+    principal: &Principal,
+    request: Request,
+) -> Response {
     match request {
         Request::Prepare(spec) => {
             if !from_superpeer(shared, peer) {
@@ -250,6 +269,8 @@ async fn handle(shared: &Arc<Shared>, peer: PeerId, request: Request) -> Respons
             }
             node::prepare(shared, peer, *spec).await
         }
+        Request::Policy { have } => crate::policy::serve(shared, principal, &have),
+        Request::PolicyReload => crate::policy::reload(shared, principal),
         Request::Start { job } => node::start(shared, peer, &job),
         Request::Terminate { job, reason } => node::terminate(shared, peer, &job, &reason),
         Request::Group => {
@@ -262,7 +283,7 @@ async fn handle(shared: &Arc<Shared>, peer: PeerId, request: Request) -> Respons
         other => {
             let broker = shared.broker.read().clone();
             match broker {
-                Some(b) => b.handle(shared, peer, other).await,
+                Some(b) => b.handle(shared, peer, principal, other).await,
                 None => {
                     let sp = shared.superpeer.read().clone();
                     unavailable(match sp {
@@ -366,7 +387,8 @@ async fn membership(shared: Arc<Shared>) {
         };
         // Any answer, even a refusal, shows the super-peer is alive; silence does not.
         let answer = if sp == me {
-            Some(Box::pin(handle(&shared, me, request)).await)
+            let principal = shared.net.principal().clone();
+            Some(Box::pin(handle(&shared, me, &principal, request)).await)
         } else {
             tokio::time::timeout(
                 shared.config.lost_after,
@@ -483,6 +505,16 @@ async fn gossip(shared: Arc<Shared>) {
                 let Some(b) = broker else { continue };
                 for (peer, addr) in &peers {
                     shared.net.dial(*peer, vec![addr.clone()]).await;
+                    // Summaries count only from super-peers whose certificates have passed.
+                    if shared.net.identity(peer).is_none() {
+                        let net = shared.net.clone();
+                        let (peer, addr) = (*peer, addr.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = net.authenticate(peer, &[addr]).await {
+                                tracing::warn!(%peer, error = %e, "a super-peer is not authenticated");
+                            }
+                        });
+                    }
                 }
                 let summary = b.summary(&shared);
                 let mut data = Vec::new();
@@ -498,8 +530,14 @@ async fn gossip(shared: Arc<Shared>) {
                 let summary: Result<crate::proto::GroupSummary, _> =
                     ciborium::from_reader(msg.data.as_slice());
                 match summary {
+                    // Only from a super-peer whose certificate has passed, about its own
+                    // domain.
                     Ok(s) if s.validate().is_ok()
-                        && msg.source.map(|p| p.to_string()) == Some(s.broker.clone()) =>
+                        && msg.source.map(|p| p.to_string()) == Some(s.broker.clone())
+                        && msg.source.and_then(|p| shared.net.identity(&p)).is_some_and(|id| {
+                            id.kind == mvm_component::policy::PrincipalKind::Node
+                                && id.domain == s.domain
+                        }) =>
                     {
                         let broker = shared.broker.read().clone();
                         if let Some(b) = broker {

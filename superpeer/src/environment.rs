@@ -208,7 +208,12 @@ pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
         return;
     };
     while let Some((peer, mut stream)) = incoming.next().await {
+        let Some(who) = shared.net.identity(&peer) else {
+            tracing::warn!(%peer, "an image request from an unauthenticated peer; dropped");
+            continue;
+        };
         let os = os.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let req = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
@@ -222,11 +227,27 @@ pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
                 tracing::warn!(%peer, "no image request");
                 return;
             };
-            let found = req
-                .id
-                .parse::<ImageId>()
-                .map_err(|e| e.to_string())
-                .and_then(|id| os.repo.get(&id).map_err(|e| e.to_string()));
+            let allowed = shared
+                .policies
+                .current()
+                .engine
+                .decide(&mvm_component::policy::Question {
+                    actor: who.clone(),
+                    action: "use-image".into(),
+                    resource: mvm_component::policy::Resource::Image(
+                        mvm_component::policy::Image {
+                            id: req.id.clone(),
+                            domain: shared.config.domain.clone(),
+                        },
+                    ),
+                })
+                .into_result();
+            let found = allowed.and_then(|()| {
+                req.id
+                    .parse::<ImageId>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|id| os.repo.get(&id).map_err(|e| e.to_string()))
+            });
             let header = crate::proto::ImageHeader {
                 image: found
                     .as_ref()

@@ -9,15 +9,17 @@
 //! - [`modules`]: module bytes by content hash.
 //! - [`identity`]: keys on disk.
 //! - [`pki`]: domain CAs, node and user certificates, and their checks.
+//! - [`policy`]: the policies in force, their source, and their distribution.
 
 mod broker;
 pub mod client;
 pub mod daemon;
 pub mod environment;
 pub mod identity;
-pub mod pki;
 pub mod modules;
 pub mod net;
 mod node;
+pub mod pki;
+pub mod policy;
 pub mod proto;
 pub mod schedule;

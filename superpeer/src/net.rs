@@ -5,6 +5,12 @@
 //! request-response protocol ([`crate::proto`]), and plain streams for queue data
 //! (`libp2p-stream`). Every inbound request is validated before it reaches the daemon; an
 //! invalid one is answered with an input error and never acted on.
+//!
+//! Authentication: the first control request on a connection is a `Hello` with the sender's
+//! certificate, answered by the receiver's; each side checks the other's against its trusted
+//! domain CAs and the connection's peer id ([`crate::pki::Trust::verify`]). Until a peer has
+//! passed, every other request from it is refused unread, and streams from it are dropped;
+//! requests to a peer wait for its `Hello` to pass. A connection's identity ends with it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,6 +24,9 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
+use mvm_component::policy::Principal;
+
+use crate::pki::Credentials;
 use crate::proto::{self, Failure, FailureKind, Request, Response};
 
 /// How a daemon's network is set up.
@@ -81,6 +90,11 @@ enum Command {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
     },
+    Authenticate {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<Principal, NetError>>,
+    },
     Publish {
         topic: String,
         data: Vec<u8>,
@@ -109,7 +123,12 @@ pub struct Net {
     addrs: Vec<Multiaddr>,
     streams: libp2p_stream::Control,
     gossip: Arc<Mutex<Option<mpsc::Receiver<Gossip>>>>,
+    verified: Verified,
+    principal: Principal,
 }
+
+/// The peers whose certificates have passed, with who they are.
+type Verified = Arc<parking_lot::RwLock<HashMap<PeerId, Principal>>>;
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,6 +144,8 @@ impl std::fmt::Debug for Net {
 pub struct Inbound {
     /// Who sent it.
     pub peer: PeerId,
+    /// Who its certificate says it is.
+    pub principal: Principal,
     /// What it asks (already validated).
     pub request: Request,
     channel: ResponseChannel<Response>,
@@ -135,6 +156,7 @@ impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inbound")
             .field("peer", &self.peer)
+            .field("principal", &self.principal)
             .field("request", &self.request)
             .finish_non_exhaustive()
     }
@@ -187,9 +209,10 @@ impl Net {
     /// # Errors
     /// A transport cannot be set up or an address cannot be listened on.
     pub async fn start(
-        key: Keypair,
+        creds: &Credentials,
         config: &NetConfig,
     ) -> Result<(Net, mpsc::Receiver<Inbound>), String> {
+        let key: Keypair = creds.key.clone();
         let max_frame = config.max_frame;
         let timeout = config.request_timeout;
         let idle = config.idle_timeout;
@@ -278,7 +301,12 @@ impl Net {
         let (commands, rx) = mpsc::channel(1024);
         let (inbound_tx, inbound) = mpsc::channel(1024);
         let (gossip_tx, gossip_rx) = mpsc::channel(256);
+        let verified = Verified::default();
         let actor = Actor {
+            creds: Arc::new(creds.clone()),
+            verified: verified.clone(),
+            waiting: HashMap::new(),
+            hellos: HashMap::new(),
             gossip: gossip_tx,
             swarm,
             commands: rx,
@@ -294,6 +322,8 @@ impl Net {
                 addrs,
                 streams,
                 gossip: Arc::new(Mutex::new(Some(gossip_rx))),
+                verified,
+                principal: creds.principal.clone(),
             },
             inbound,
         ))
@@ -317,6 +347,56 @@ impl Net {
             .collect()
     }
 
+    /// Who this daemon is, as its certificate says.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// Who `peer` is, if its certificate has passed on a connection still open.
+    pub fn identity(&self, peer: &PeerId) -> Option<Principal> {
+        self.verified.read().get(peer).cloned()
+    }
+
+    /// Connects to `peer` (dialing `addrs` if needed) and exchanges certificates, unless that
+    /// is done already; returns who the peer is. Call it before opening a stream to a peer
+    /// that may not have heard from this daemon, as streams from strangers are dropped.
+    ///
+    /// # Errors
+    /// The peer cannot be reached, or either side refuses the other's certificate.
+    pub async fn authenticate(
+        &self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+    ) -> Result<Principal, NetError> {
+        if let Some(p) = self.identity(&peer) {
+            return Ok(p);
+        }
+        self.roundtrip(peer, |reply| Command::Authenticate {
+            peer,
+            addrs: addrs.to_vec(),
+            reply,
+        })
+        .await
+    }
+
+    /// Sends the swarm task a command carrying a reply channel, and waits for the reply.
+    async fn roundtrip<T>(
+        &self,
+        peer: PeerId,
+        command: impl FnOnce(oneshot::Sender<Result<T, NetError>>) -> Command,
+    ) -> Result<T, NetError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || NetError {
+            peer,
+            message: "the network task has stopped".into(),
+        };
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     /// A handle for opening and accepting queue-data streams.
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
@@ -334,21 +414,13 @@ impl Net {
         addrs: &[Multiaddr],
         request: Request,
     ) -> Result<Response, NetError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || NetError {
+        self.roundtrip(peer, |reply| Command::Request {
             peer,
-            message: "the network task has stopped".into(),
-        };
-        self.commands
-            .send(Command::Request {
-                peer,
-                addrs: addrs.to_vec(),
-                request,
-                reply,
-            })
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+            addrs: addrs.to_vec(),
+            request,
+            reply,
+        })
+        .await
     }
 
     /// As [`Net::request`], turning an error answer into `Err` too.
@@ -395,7 +467,35 @@ impl Net {
     }
 }
 
+/// What waits for a peer's certificate to pass.
+enum Waiting {
+    Request {
+        request: Request,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    },
+    Auth(oneshot::Sender<Result<Principal, NetError>>),
+}
+
+impl Waiting {
+    fn fail(self, e: NetError) {
+        match self {
+            Waiting::Request { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Waiting::Auth(reply) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
 struct Actor {
+    creds: Arc<Credentials>,
+    verified: Verified,
+    /// Per peer whose `Hello` is in flight, what waits for it.
+    waiting: HashMap<PeerId, Vec<Waiting>>,
+    /// The `Hello` requests in flight.
+    hellos: HashMap<OutboundRequestId, PeerId>,
     gossip: mpsc::Sender<Gossip>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -428,12 +528,23 @@ impl Actor {
                 for a in addrs {
                     self.swarm.add_peer_address(peer, a);
                 }
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .control
-                    .send_request(&peer, request);
-                self.pending.insert(id, (peer, reply));
+                if self.verified.read().contains_key(&peer) {
+                    self.send(peer, request, reply);
+                } else {
+                    self.wait(peer, Waiting::Request { request, reply });
+                }
+            }
+            Command::Authenticate { peer, addrs, reply } => {
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a);
+                }
+                let known = self.verified.read().get(&peer).cloned();
+                match known {
+                    Some(p) => {
+                        let _ = reply.send(Ok(p));
+                    }
+                    None => self.wait(peer, Waiting::Auth(reply)),
+                }
             }
             Command::Respond { channel, response } => {
                 let _ = self
@@ -465,7 +576,110 @@ impl Actor {
         }
     }
 
+    fn send(
+        &mut self,
+        peer: PeerId,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, NetError>>,
+    ) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, request);
+        self.pending.insert(id, (peer, reply));
+    }
+
+    /// Queues `w` behind the peer's `Hello`, sending one if none is in flight.
+    fn wait(&mut self, peer: PeerId, w: Waiting) {
+        let queue = self.waiting.entry(peer).or_default();
+        queue.push(w);
+        if queue.len() == 1 {
+            let hello = Request::Hello {
+                cert: self.creds.cert.clone().into(),
+            };
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .control
+                .send_request(&peer, hello);
+            self.hellos.insert(id, peer);
+        }
+    }
+
+    /// The end of a `Hello` this daemon sent: the peer's certificate, or why not.
+    fn hello_done(&mut self, peer: PeerId, result: Result<Response, String>) {
+        let outcome = match result {
+            Ok(Response::Hello { cert }) => self
+                .creds
+                .trust
+                .verify(&cert, &peer)
+                .map_err(|e| e.to_string()),
+            Ok(Response::Error(f)) => Err(f.message),
+            Ok(_) => Err("it answered a Hello with something else".into()),
+            Err(e) => Err(e),
+        };
+        let waiting = self.waiting.remove(&peer).unwrap_or_default();
+        match outcome {
+            Ok(principal) => {
+                self.verified.write().insert(peer, principal.clone());
+                for w in waiting {
+                    match w {
+                        Waiting::Request { request, reply } => self.send(peer, request, reply),
+                        Waiting::Auth(reply) => {
+                            let _ = reply.send(Ok(principal.clone()));
+                        }
+                    }
+                }
+            }
+            Err(message) => {
+                tracing::warn!(%peer, %message, "authentication failed");
+                for w in waiting {
+                    w.fail(NetError {
+                        peer,
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// An inbound `Hello`: check the peer's certificate, answer with this daemon's.
+    fn hello(&mut self, peer: PeerId, cert: &[u8], channel: ResponseChannel<Response>) {
+        let response = match self.creds.trust.verify(cert, &peer) {
+            Ok(p) => {
+                tracing::debug!(%peer, principal = %p, "peer authenticated");
+                self.verified.write().insert(peer, p);
+                Response::Hello {
+                    cert: self.creds.cert.clone().into(),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "a peer's certificate is refused");
+                Response::Error(Failure::new(
+                    FailureKind::Refused,
+                    format!("{} refuses {peer}'s {e}", self.swarm.local_peer_id()),
+                ))
+            }
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_response(channel, response);
+    }
+
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::ConnectionClosed {
+            peer_id,
+            num_established: 0,
+            ..
+        } = ev
+        {
+            // An identity holds for the connection it was proven on.
+            self.verified.write().remove(&peer_id);
+            return;
+        }
         if let SwarmEvent::Behaviour(BehaviourEvent::Gossip(gossipsub::Event::Message {
             message,
             ..
@@ -486,6 +700,27 @@ impl Actor {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    if let Request::Hello { cert } = &request {
+                        self.hello(peer, cert, channel);
+                        return;
+                    }
+                    let known = self.verified.read().get(&peer).cloned();
+                    let Some(principal) = known else {
+                        let response = Response::Error(Failure::new(
+                            FailureKind::Refused,
+                            format!(
+                                "{} refuses a request from {peer}: unauthenticated (no \
+                                 certificate has passed on this connection)",
+                                self.swarm.local_peer_id()
+                            ),
+                        ));
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .control
+                            .send_response(channel, response);
+                        return;
+                    };
                     if let Err(e) = request.validate() {
                         let response = Response::Error(Failure::new(
                             FailureKind::Input,
@@ -500,6 +735,7 @@ impl Actor {
                     }
                     let inbound = Inbound {
                         peer,
+                        principal,
                         request,
                         channel,
                         commands: self.self_commands.clone(),
@@ -524,7 +760,9 @@ impl Actor {
                     request_id,
                     response,
                 } => {
-                    if let Some((peer, reply)) = self.pending.remove(&request_id) {
+                    if let Some(peer) = self.hellos.remove(&request_id) {
+                        self.hello_done(peer, Ok(response));
+                    } else if let Some((peer, reply)) = self.pending.remove(&request_id) {
                         let r = response
                             .validate()
                             .map(|()| response)
@@ -542,7 +780,9 @@ impl Actor {
                 error,
                 ..
             } => {
-                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                if let Some(peer) = self.hellos.remove(&request_id) {
+                    self.hello_done(peer, Err(error.to_string()));
+                } else if let Some((_, reply)) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(NetError {
                         peer,
                         message: error.to_string(),

@@ -9,7 +9,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::AsyncWriteExt;
 use libp2p::{Multiaddr, PeerId};
-use mvm_component::runtime::{AllowAll, JobSpec, Limits, Prepared, Runtime};
+use mvm_component::policy::NodePolicy;
+use mvm_component::runtime::{JobSpec, Limits, PolicyHook, Prepared, Runtime};
 use mvm_component::topology::{Diagnostic, Error as TopologyError, Options, Topology};
 use mvm_queue::Controller;
 use mvm_queue::queue::Sender;
@@ -108,6 +109,26 @@ pub(crate) fn parse_topology(
     })
 }
 
+/// This node's policy hook, from the policies the broker decided with (fetched from the
+/// super-peer first when this node holds others).
+async fn node_policy(shared: &Arc<Shared>, digest: &str) -> Result<NodePolicy, String> {
+    if shared.policies.current().digest != digest
+        && let Err(e) = crate::policy::fetch_now(shared).await
+    {
+        tracing::warn!(error = %e, "policies not refreshed; deciding with the ones held");
+    }
+    let c = &shared.config;
+    Ok(NodePolicy::new(
+        shared.policies.current().engine.clone(),
+        mvm_component::policy::Node {
+            name: c.name.clone(),
+            domain: c.domain.clone(),
+            roles: shared.net.principal().roles.clone(),
+            group: c.group.clone(),
+        },
+    ))
+}
+
 /// Handles `Prepare`: parse, fetch and compile modules, check, create queues. Nothing runs.
 pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) -> Response {
     let role = &shared.node;
@@ -140,6 +161,34 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
         Ok(l) => l,
         Err(e) => return fail(FailureKind::Input, e),
     };
+    // The node-level policy, before anything is fetched, compiled or provisioned.
+    let hook = match node_policy(shared, &spec.policy_digest).await {
+        Ok(h) => h,
+        Err(e) => return fail(FailureKind::Unavailable, e),
+    };
+    let here_vertices: Vec<usize> = (0..topology.vertices.len())
+        .filter(|&v| spec.placement[v] == spec.here)
+        .collect();
+    let probe = JobSpec {
+        id: spec.job.clone(),
+        topology: &topology,
+        modules: HashMap::new(),
+        params: BTreeMap::new(),
+        limits,
+        owner: Some(spec.owner.clone()),
+    };
+    if let Err(r) = hook.check(&probe, &here_vertices) {
+        let at = if r.vertex.is_empty() {
+            String::new()
+        } else {
+            format!("vertex '{}': ", r.vertex)
+        };
+        tracing::info!(job = %spec.job, owner = %spec.owner, reason = %r.reason, "part refused by node policy");
+        return fail(
+            FailureKind::Refused,
+            format!("{at}refused by the node-level policy: {}", r.reason),
+        );
+    }
     let mut parts = Vec::new();
     for m in &spec.parts {
         let peer: PeerId = match m.peer.parse() {
@@ -214,11 +263,11 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
         modules,
         params: spec.parameters.clone(),
         limits,
-        owner: None,
+        owner: Some(spec.owner.clone()),
     };
     let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
     let here = spec.here as usize;
-    let mut prepared = match runtime.prepare(&job, &role.queues, &AllowAll, &placement, here) {
+    let mut prepared = match runtime.prepare(&job, &role.queues, &hook, &placement, here) {
         Ok(p) => p,
         Err(e) => {
             let kind = if e.denied {
@@ -296,10 +345,11 @@ pub(crate) fn start(shared: &Arc<Shared>, from: PeerId, job: &str) -> Response {
         };
         let task = tokio::spawn(async move {
             let r: LinkResult = async {
-                if !addrs.is_empty() {
-                    // Make the addresses known to the swarm so the stream can dial.
-                    let _ = net.request(peer, &addrs, Request::Group).await;
-                }
+                // Streams from a peer whose certificate has not passed are dropped: exchange
+                // certificates first (this also makes the addresses known to the swarm).
+                net.authenticate(peer, &addrs)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let s = open_channel(&mut control, peer, &header).await?;
                 let rep =
                     remote::export_stream(&out.receiver, s.compat(), &RemoteOptions::default())
@@ -530,6 +580,10 @@ pub(crate) async fn accept_streams(shared: Arc<Shared>) {
         return;
     };
     while let Some((peer, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+        if shared.net.identity(&peer).is_none() {
+            tracing::warn!(%peer, "a queue stream from an unauthenticated peer; dropped");
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let header = tokio::time::timeout(

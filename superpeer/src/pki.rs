@@ -253,7 +253,11 @@ impl Ca {
             Ok(SanType::URI(s.try_into().map_err(|e| err(format!("{e}")))?))
         };
         let mut sans = vec![
-            uri(format!("urn:mvm:{}:{}", subject.kind.as_str(), subject.name))?,
+            uri(format!(
+                "urn:mvm:{}:{}",
+                subject.kind.as_str(),
+                subject.name
+            ))?,
             uri(format!("urn:mvm:peer:{peer}"))?,
         ];
         for r in &subject.roles {
@@ -348,8 +352,8 @@ struct Anchor {
 }
 
 fn parse_pem(text: &str) -> Result<Vec<u8>, String> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(text.as_bytes())
-        .map_err(|e| format!("not PEM: {e}"))?;
+    let (_, p) =
+        x509_parser::pem::parse_x509_pem(text.as_bytes()).map_err(|e| format!("not PEM: {e}"))?;
     if p.label != "CERTIFICATE" {
         return Err(format!("a PEM '{}', not a CERTIFICATE", p.label));
     }

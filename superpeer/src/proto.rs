@@ -13,6 +13,7 @@ use std::io;
 use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+use mvm_component::policy::{Bundle, Principal};
 use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,28 @@ pub struct ImageHeader {
 /// The largest control frame by default (a submission carries its modules).
 pub const MAX_FRAME: usize = 64 << 20;
 
+/// The largest certificate a `Hello` may carry.
+pub const MAX_CERT: usize = 16 << 10;
+
+fn check_digest(d: &str) -> Result<(), String> {
+    if d.is_empty() || (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())) {
+        Ok(())
+    } else {
+        Err("a policy digest is 64 hex digits".into())
+    }
+}
+
+fn check_cert(cert: &[u8]) -> Result<(), String> {
+    if cert.is_empty() || cert.len() > MAX_CERT {
+        Err(format!(
+            "a certificate of {} bytes (1 to {MAX_CERT})",
+            cert.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Longest name, id or port accepted in a message.
 const MAX_NAME: usize = 256;
 /// Most entries of any list or map in a message.
@@ -51,6 +74,11 @@ const MAX_ENTRIES: usize = 1 << 20;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Request {
+    /// Anyone → anyone, first on a connection: the sender's certificate (DER).
+    Hello {
+        /// The certificate.
+        cert: Bytes,
+    },
     /// Client → broker: which of these module hashes the broker lacks.
     Missing {
         /// Content hashes (SHA-256, lowercase hex).
@@ -93,6 +121,13 @@ pub enum Request {
     Report(Box<PartReport>),
     /// Broker → node: prepare a part of a job (compile, check, create queues); nothing runs.
     Prepare(Box<PartSpec>),
+    /// Node or super-peer → super-peer: the policy bundle, unless its digest is `have`.
+    Policy {
+        /// The digest the asker holds (empty: none).
+        have: String,
+    },
+    /// Administrator → the super-peer holding the policies: read them again now.
+    PolicyReload,
     /// Broker → node: start a prepared part.
     Start {
         /// The job id.
@@ -113,6 +148,11 @@ pub enum Request {
 pub enum Response {
     /// Done.
     Ok,
+    /// The answer to a `Hello`: the receiver's certificate (DER).
+    Hello {
+        /// The certificate.
+        cert: Bytes,
+    },
     /// The request failed.
     Error(Failure),
     /// The hashes the broker lacks.
@@ -143,6 +183,15 @@ pub enum Response {
     },
     /// A module's bytes.
     Module(Bytes),
+    /// The policies in force at a super-peer.
+    Policy {
+        /// Its version there.
+        version: u64,
+        /// Its digest.
+        digest: String,
+        /// The files, unless the asker holds them already.
+        bundle: Option<Bundle>,
+    },
 }
 
 /// Why a request failed.
@@ -209,6 +258,9 @@ pub struct Submission {
     /// How many super-peers have forwarded it already (a forwarded job is not forwarded again).
     #[serde(default)]
     pub hops: u8,
+    /// Set by a super-peer that forwards the job: the owner it authenticated.
+    #[serde(default)]
+    pub on_behalf: Option<Principal>,
 }
 
 /// Per-vertex limits, as in the profile.
@@ -406,6 +458,11 @@ pub struct PartSpec {
     /// The environment to ensure first (none: the host as it is).
     #[serde(default)]
     pub environment: Option<EnvSpec>,
+    /// The job's owner, for the node-level policy.
+    pub owner: Principal,
+    /// The digest of the policies the broker decided with; a node that holds other ones
+    /// fetches the broker's before it decides.
+    pub policy_digest: String,
 }
 
 /// How a part of a job ended.
@@ -631,6 +688,9 @@ impl Request {
                 check_len("reason bytes", reason.len())
             }
             Request::Group => Ok(()),
+            Request::Hello { cert } => check_cert(cert),
+            Request::Policy { have } => check_digest(have),
+            Request::PolicyReload => Ok(()),
             Request::Register(n) => {
                 check_name("the node name", &n.name)?;
                 check_name("the group", &n.group)?;
@@ -698,6 +758,13 @@ impl Response {
                 check_len("members", members.len())
             }
             Response::Ok | Response::Error(_) | Response::Group(_) | Response::Module(_) => Ok(()),
+            Response::Hello { cert } => check_cert(cert),
+            Response::Policy { digest, bundle, .. } => {
+                check_digest(digest)?;
+                bundle
+                    .as_ref()
+                    .map_or(Ok(()), |b| b.check_layout().map_err(|e| e.to_string()))
+            }
         }
     }
 }
@@ -886,6 +953,13 @@ mod tests {
             here: 1,
             start: false,
             environment: None,
+            owner: mvm_component::policy::Principal {
+                kind: mvm_component::policy::PrincipalKind::User,
+                name: "alice".into(),
+                domain: "lab".into(),
+                roles: Vec::new(),
+            },
+            policy_digest: String::new(),
         };
         let e = Request::Prepare(Box::new(part.clone()))
             .validate()

@@ -80,7 +80,10 @@ fn load(files: &[(&str, &str)]) -> Result<Kb, BundleError> {
                     .unwrap_or((0, files.first().map_or("", |f| f.0)));
                 let before = &text[start..off.min(text.len())];
                 let line = before.matches('\n').count() + 1;
-                let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+                let column = before
+                    .rfind('\n')
+                    .map_or(before.len(), |i| before.len() - i - 1)
+                    + 1;
                 Location {
                     file: file.to_owned(),
                     line: u32::try_from(line).unwrap_or(u32::MAX),
@@ -88,11 +91,7 @@ fn load(files: &[(&str, &str)]) -> Result<Kb, BundleError> {
                 }
             }
             None => Location {
-                file: files
-                    .iter()
-                    .map(|f| f.0)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                file: files.iter().map(|f| f.0).collect::<Vec<_>>().join(", "),
                 line: 0,
                 column: 0,
             },
@@ -158,17 +157,16 @@ impl Kb {
         rule: &str,
         args: impl oso::ToPolarList,
     ) -> Result<Vec<T>, String> {
-        let query = self
-            .oso
-            .query_rule(rule, args)
-            .map_err(|e| e.to_string())?;
+        let query = self.oso.query_rule(rule, args).map_err(|e| e.to_string())?;
         let mut out = Vec::new();
         for r in query {
-            let r = r.map_err(|e| e.to_string())?;
-            out.push(
-                r.get_typed::<T>("x")
-                    .map_err(|e| format!("{rule}: {e}"))?,
-            );
+            let r = match r {
+                Ok(r) => r,
+                // A policy that states no such rule states no such value.
+                Err(e) if e.to_string().contains("undefined rule") => return Ok(Vec::new()),
+                Err(e) => return Err(e.to_string()),
+            };
+            out.push(r.get_typed::<T>("x").map_err(|e| format!("{rule}: {e}"))?);
         }
         Ok(out)
     }
@@ -227,12 +225,16 @@ impl OsoEngine {
     fn limits(&self, kb: &Kb, q: &Question, job: &super::Job) -> Decision {
         let checks = [
             ("vcpus", "vCPUs", job.user_vcpus, job.vcpus),
-            ("memory_mib", "MiB of memory", job.user_memory_mib, job.memory_mib),
+            (
+                "memory_mib",
+                "MiB of memory",
+                job.user_memory_mib,
+                job.memory_mib,
+            ),
             ("vertices", "vertices", job.user_vertices, job.vertices),
         ];
         for (key, what, total, this) in checks {
-            let bounds = match kb.values::<i64>("limit", (actor_value(&q.actor), key, var()))
-            {
+            let bounds = match kb.values::<i64>("limit", (actor_value(&q.actor), key, var())) {
                 Ok(b) => b,
                 Err(e) => {
                     return Decision::Deny(format!(
@@ -247,7 +249,7 @@ impl OsoEngine {
                 return Decision::Deny(format!(
                     "the policy of domain {} limits {} to {max} {what}; with this job ({this}) \
                      they would hold {total}",
-                    job.domain, q.actor, 
+                    job.domain, q.actor,
                 ));
             }
         }
@@ -268,10 +270,7 @@ fn settings(kb: &Kb) -> Result<NodeSettings, String> {
     Ok(NodeSettings {
         queue_kinds: set("queue_kind")?,
         codecs: set("codec")?,
-        max_queues: max
-            .into_iter()
-            .min()
-            .map(|n| u64::try_from(n).unwrap_or(0)),
+        max_queues: max.into_iter().min().map(|n| u64::try_from(n).unwrap_or(0)),
     })
 }
 
@@ -294,20 +293,8 @@ impl Engine for OsoEngine {
             };
         }
         let domain = q.resource.domain();
-        if q.actor.domain != domain {
-            let allowed = match &self.inter {
-                Some(kb) => match kb.allows(q) {
-                    Ok(a) => a,
-                    Err(e) => return deny_error("inter-domain", e),
-                },
-                None => false,
-            };
-            if !allowed {
-                return Decision::Deny(format!(
-                    "no inter-domain agreement lets {} {} {}",
-                    q.actor, q.action, q.resource
-                ));
-            }
+        if let d @ Decision::Deny(_) = self.inter_domain(q) {
+            return d;
         }
         let Some(kb) = self.domains.get(domain) else {
             return Decision::Deny(format!("domain {domain} has no policy here"));
@@ -325,6 +312,31 @@ impl Engine for OsoEngine {
         match (&q.resource, q.action.as_str()) {
             (Resource::Job(job), "submit") => self.limits(kb, q, job),
             _ => Decision::Allow,
+        }
+    }
+
+    fn inter_domain(&self, q: &Question) -> Decision {
+        if q.actor.domain == q.resource.domain() {
+            return Decision::Allow;
+        }
+        let allowed = match &self.inter {
+            Some(kb) => match kb.allows(q) {
+                Ok(a) => a,
+                Err(e) => {
+                    return Decision::Deny(format!(
+                        "the inter-domain policy cannot be evaluated: {e}"
+                    ));
+                }
+            },
+            None => false,
+        };
+        if allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny(format!(
+                "no inter-domain agreement lets {} {} {}",
+                q.actor, q.action, q.resource
+            ))
         }
     }
 

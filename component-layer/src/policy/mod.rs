@@ -163,6 +163,9 @@ impl Decision {
 pub trait Engine: Send + Sync {
     /// The answer to `q`.
     fn decide(&self, q: &Question) -> Decision;
+    /// The inter-domain level's answer alone (allowed when the domains are the same), for a
+    /// super-peer choosing another domain's group to forward to (that group decides the rest).
+    fn inter_domain(&self, q: &Question) -> Decision;
     /// The node-level settings.
     fn node_settings(&self) -> &NodeSettings;
     /// The version of the policies it answers from.
@@ -214,6 +217,10 @@ impl<E: Engine> Engine for Cached<E> {
         }
         answers.insert(q.clone(), d.clone());
         d
+    }
+
+    fn inter_domain(&self, q: &Question) -> Decision {
+        self.inner.inter_domain(q)
     }
 
     fn node_settings(&self) -> &NodeSettings {

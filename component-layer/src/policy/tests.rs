@@ -75,25 +75,103 @@ fn the_shipped_two_domain_lab_decides_its_matrix() {
     // (actor, action, resource, allowed, words the reason must contain)
     let cases: Vec<(&Principal, &str, Resource, bool, &str)> = vec![
         (&alice, "submit", job(&alice, "physics", 2, 4), true, ""),
-        (&bob, "submit", job(&bob, "physics", 1, 1), false, "policy of domain physics"),
+        (
+            &bob,
+            "submit",
+            job(&bob, "physics", 1, 1),
+            false,
+            "policy of domain physics",
+        ),
         (&bob, "read-results", job(&alice, "physics", 1, 1), true, ""),
-        (&alice, "submit", job(&alice, "physics", 20, 4), false, "limits"),
-        (&alice, "submit", job(&alice, "physics", 2, 65), false, "64 vertices"),
+        (
+            &alice,
+            "submit",
+            job(&alice, "physics", 20, 4),
+            false,
+            "limits",
+        ),
+        (
+            &alice,
+            "submit",
+            job(&alice, "physics", 2, 65),
+            false,
+            "64 vertices",
+        ),
         (&pat, "submit", job(&pat, "physics", 100, 1000), true, ""),
-        (&pat, "administer", Resource::Domain(Domain::named("physics")), true, ""),
-        (&alice, "administer", Resource::Domain(Domain::named("physics")), false, "physics"),
-        (&pat, "administer", Resource::Domain(Domain::named("biology")), false, "inter-domain"),
+        (
+            &pat,
+            "administer",
+            Resource::Domain(Domain::named("physics")),
+            true,
+            "",
+        ),
+        (
+            &alice,
+            "administer",
+            Resource::Domain(Domain::named("physics")),
+            false,
+            "physics",
+        ),
+        (
+            &pat,
+            "administer",
+            Resource::Domain(Domain::named("biology")),
+            false,
+            "inter-domain",
+        ),
         (&alice, "submit", job(&alice, "biology", 2, 4), true, ""),
-        (&alice, "submit", job(&alice, "biology", 8, 4), false, "4 vCPUs"),
-        (&bob, "submit", job(&bob, "biology", 1, 1), false, "inter-domain"),
-        (&carol, "submit", job(&carol, "physics", 1, 1), false, "inter-domain"),
+        (
+            &alice,
+            "submit",
+            job(&alice, "biology", 8, 4),
+            false,
+            "4 vCPUs",
+        ),
+        (
+            &bob,
+            "submit",
+            job(&bob, "biology", 1, 1),
+            false,
+            "inter-domain",
+        ),
+        (
+            &carol,
+            "submit",
+            job(&carol, "physics", 1, 1),
+            false,
+            "inter-domain",
+        ),
         (&carol, "submit", job(&carol, "biology", 30, 100), true, ""),
         (&alice, "use-image", image("biology"), true, ""),
         (&dave, "use-image", image("biology"), false, "biology"),
-        (&dave, "read-results", job(&carol, "biology", 1, 1), true, ""),
-        (&alice, "read-results", job(&alice, "biology", 1, 1), true, ""),
-        (&alice, "read-results", job(&carol, "biology", 1, 1), false, "inter-domain"),
-        (&eve, "submit", job(&eve, "chemistry", 1, 1), false, "no policy"),
+        (
+            &dave,
+            "read-results",
+            job(&carol, "biology", 1, 1),
+            true,
+            "",
+        ),
+        (
+            &alice,
+            "read-results",
+            job(&alice, "biology", 1, 1),
+            true,
+            "",
+        ),
+        (
+            &alice,
+            "read-results",
+            job(&carol, "biology", 1, 1),
+            false,
+            "inter-domain",
+        ),
+        (
+            &eve,
+            "submit",
+            job(&eve, "chemistry", 1, 1),
+            false,
+            "no policy",
+        ),
         (&alice, "run", a_node("biology"), true, ""),
         (&bob, "run", a_node("biology"), false, "node-level"),
         (&carol, "run", a_node("biology"), true, ""),
@@ -107,13 +185,20 @@ fn the_shipped_two_domain_lab_decides_its_matrix() {
             Decision::Allow => assert!(allowed, "{what}: allowed, should be denied"),
             Decision::Deny(reason) => {
                 assert!(!allowed, "{what}: denied ({reason}), should be allowed");
-                assert!(reason.contains(why), "{what}: reason '{reason}' lacks '{why}'");
+                assert!(
+                    reason.contains(why),
+                    "{what}: reason '{reason}' lacks '{why}'"
+                );
             }
         }
     }
     let s = e.node_settings();
     assert_eq!(s.max_queues, Some(256));
-    assert!(s.queue_kinds.as_ref().is_some_and(|k| k.contains("priority")));
+    assert!(
+        s.queue_kinds
+            .as_ref()
+            .is_some_and(|k| k.contains("priority"))
+    );
     assert!(s.codecs.as_ref().is_some_and(|c| c.contains("zstd+cbor")));
 }
 
@@ -133,8 +218,10 @@ fn load_errors_name_the_file_and_line() {
         other => panic!("{other}"),
     }
     let mut b = shipped();
-    b.files
-        .insert("biology/x.polar".into(), "\n\nallow(u: Usr, _a, _r);\n".into());
+    b.files.insert(
+        "biology/x.polar".into(),
+        "\n\nallow(u: Usr, _a, _r);\n".into(),
+    );
     let e = OsoEngine::load(&b, 1).expect_err("an unknown class");
     assert!(e.to_string().starts_with("biology/x.polar:3"), "{e}");
     let mut b = shipped();
@@ -170,7 +257,12 @@ fn the_digest_changes_with_any_byte_and_the_cache_answers_like_the_engine() {
     let alice = user("alice", "physics", &["researcher"]);
     for round in 0..3 {
         for vcpus in 1..=10 {
-            let d = ask(&engine, &alice, "submit", job(&alice, "physics", vcpus * 2, 1));
+            let d = ask(
+                &engine,
+                &alice,
+                "submit",
+                job(&alice, "physics", vcpus * 2, 1),
+            );
             assert_eq!(d.allowed(), vcpus * 2 <= 16, "round {round}, {vcpus}");
         }
     }
@@ -183,4 +275,22 @@ fn no_node_policy_and_no_domain_policy_deny() {
     assert!(!ask(&e, &alice, "run", a_node("physics")).allowed());
     assert!(!ask(&e, &alice, "submit", job(&alice, "physics", 1, 1)).allowed());
     assert_eq!(e.node_settings(), &NodeSettings::default());
+}
+
+#[test]
+fn settings_and_limits_a_policy_does_not_state_do_not_restrict() {
+    let mut b = Bundle::default();
+    b.files.insert(
+        "node.polar".into(),
+        "allow(u: User, \"run\", n: Node) if u.domain = n.domain;".into(),
+    );
+    b.files.insert(
+        "lab/rules.polar".into(),
+        "allow(_u: User, _a: String, _r);".into(),
+    );
+    let e = OsoEngine::load(&b, 1).expect("loads");
+    assert_eq!(e.node_settings(), &NodeSettings::default());
+    let u = user("u", "lab", &[]);
+    assert!(ask(&e, &u, "submit", job(&u, "lab", 1000, 1000)).allowed());
+    assert!(ask(&e, &u, "run", a_node("lab")).allowed());
 }

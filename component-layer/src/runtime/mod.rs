@@ -320,13 +320,11 @@ impl Runtime {
             }
         }
         let here_vertices: Vec<usize> = (0..t.vertices.len()).filter(|v| local(*v)).collect();
-        policy
-            .check(job, &here_vertices)
-            .map_err(|r| JobError {
-                vertex: r.vertex,
-                cause: format!("refused by policy: {}", r.reason),
-                denied: true,
-            })?;
+        policy.check(job, &here_vertices).map_err(|r| JobError {
+            vertex: r.vertex,
+            cause: format!("refused by policy: {}", r.reason),
+            denied: true,
+        })?;
         match wire(job, queues, placement, here) {
             Ok((ios, remote_inputs, remote_outputs)) => {
                 let vertices = ios

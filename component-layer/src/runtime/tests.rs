@@ -205,7 +205,10 @@ struct DenyB;
 
 impl PolicyHook for DenyB {
     fn check(&self, job: &JobSpec<'_>, local: &[usize]) -> Result<(), Refusal> {
-        match local.iter().find(|v| job.topology.vertices[**v].name == "b") {
+        match local
+            .iter()
+            .find(|v| job.topology.vertices[**v].name == "b")
+        {
             Some(_) => Err(Refusal {
                 vertex: "b".into(),
                 reason: "b may not run here".into(),
@@ -412,12 +415,28 @@ async fn the_node_policy_checks_owner_queue_kinds_codecs_and_queue_count_before_
         domain: "physics".into(),
         roles: vec!["researcher".into()],
     };
-    let modules = [("a", SINK_FOREVER), ("b", SINK_FOREVER), ("c", SINK_FOREVER)];
+    let modules = [
+        ("a", SINK_FOREVER),
+        ("b", SINK_FOREVER),
+        ("c", SINK_FOREVER),
+    ];
     let cases = [
         // (topology, owner's domain, the refusal must name)
-        ("digraph { a [component=a]; b [component=b]; a -> b }", "biology", "run jobs"),
-        ("digraph { a [component=a]; b [component=b]; a -> b [queue=priority] }", "physics", "priority"),
-        ("digraph { a [component=a]; b [component=b]; a -> b [codec=json] }", "physics", "codec json"),
+        (
+            "digraph { a [component=a]; b [component=b]; a -> b }",
+            "biology",
+            "run jobs",
+        ),
+        (
+            "digraph { a [component=a]; b [component=b]; a -> b [queue=priority] }",
+            "physics",
+            "priority",
+        ),
+        (
+            "digraph { a [component=a]; b [component=b]; a -> b [codec=json] }",
+            "physics",
+            "codec json",
+        ),
         (
             "digraph { a [component=a]; b [component=b]; c [component=c]; a -> b; b -> c; c -> a }",
             "physics",

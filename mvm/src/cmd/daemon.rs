@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use mvm_superpeer::daemon::{Daemon, DaemonConfig};
 use mvm_superpeer::net::NetConfig;
+use mvm_superpeer::policy::PolicySource;
 
 use crate::exit::Failure;
 
@@ -17,9 +18,25 @@ pub(crate) struct Common {
     /// Its group.
     #[arg(long, default_value = "default")]
     group: String,
-    /// Its domain.
-    #[arg(long, default_value = "default")]
-    domain: String,
+    /// Its domain (default: its certificate's; another one is an error).
+    #[arg(long)]
+    domain: Option<String>,
+    /// Its identity: a directory with `key`, `cert.pem` and `ca.pem`, as `mvm ca issue
+    /// --out` writes it (default: the state directory).
+    #[arg(long, value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// Another domain's CA certificate to trust (repeatable); its own CA (`ca.pem`) always is.
+    #[arg(long = "trust", value_name = "FILE")]
+    trust: Vec<PathBuf>,
+    /// The policy directory this super-peer holds and serves (`inter-domain.polar`,
+    /// `DOMAIN/*.polar`, `node.polar`); re-read when it changes and on `mvm policy reload`.
+    #[arg(long, value_name = "DIR", conflicts_with = "policy_from")]
+    policies: Option<PathBuf>,
+    /// Fetch the policies from this super-peer (`/…/p2p/PEER`), e.g. the domain's top one
+    /// (default: a node fetches its own super-peer's; a super-peer without `--policies` uses the
+    /// embedded default, where the domain's members may do anything in it).
+    #[arg(long, value_name = "MULTIADDR")]
+    policy_from: Option<String>,
     /// A multiaddress to listen on (repeatable; default: TCP and QUIC on 127.0.0.1, any port).
     #[arg(long = "listen", value_name = "MULTIADDR")]
     listen: Vec<String>,
@@ -42,9 +59,6 @@ pub(crate) struct Common {
     /// summaries with it and forward it jobs this group cannot place.
     #[arg(long = "peer", value_name = "MULTIADDR")]
     peers: Vec<String>,
-    /// A domain besides its own whose groups it may forward jobs to (repeatable).
-    #[arg(long = "trust-domain", value_name = "DOMAIN")]
-    trust_domains: Vec<String>,
     /// The OS layer's directory: its image repository (`images/`, filled by `mvm image
     /// import`), guests' storage and checkpoints. With it the node offers its images, and runs
     /// each job that names one in a guest made from it; without it, only the image `host`.
@@ -137,8 +151,28 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
                 .map_err(|e| Failure::input(anyhow::anyhow!("--listen '{a}': {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let key = mvm_superpeer::identity::load_or_create(&dir.join("key"))
+    let identity = c.identity.clone().unwrap_or_else(|| dir.clone());
+    let creds = mvm_superpeer::pki::Credentials::load(&identity, &c.trust)
         .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
+    if let Some(d) = &c.domain
+        && *d != creds.principal.domain
+    {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--domain {d}: the certificate in {} is of domain {}",
+            identity.display(),
+            creds.principal.domain
+        )));
+    }
+    config.policies = match (c.policies, c.policy_from) {
+        (Some(d), _) => PolicySource::Dir(d),
+        (None, Some(a)) => {
+            mvm_superpeer::net::split_peer(&a)
+                .map_err(|e| Failure::input(anyhow::anyhow!("--policy-from: {e}")))?;
+            PolicySource::Fetch(Some(a))
+        }
+        (None, None) if config.broker => PolicySource::Default,
+        (None, None) => PolicySource::Fetch(None),
+    };
     for p in &c.peers {
         mvm_superpeer::net::split_peer(p)
             .map_err(|e| Failure::input(anyhow::anyhow!("--peer: {e}")))?;
@@ -163,10 +197,9 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         dir,
     });
     config.peers = c.peers;
-    config.trust_domains = c.trust_domains;
     config.name = name;
     config.group = c.group;
-    config.domain = c.domain;
+    config.domain = creds.principal.domain.clone();
     config.heartbeat = Duration::from_millis(c.heartbeat_ms);
     config.lost_after = Duration::from_millis(c.lost_after_ms);
     config.cache_dir = c.cache_dir.or_else(crate::cmd::run::default_cache_dir);
@@ -180,7 +213,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         .build()
         .map_err(Failure::failed)?;
     rt.block_on(async move {
-        let daemon = Daemon::start(key, config)
+        let daemon = Daemon::start(&creds, config)
             .await
             .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
         let addrs = daemon.dial_addrs().join("\n");

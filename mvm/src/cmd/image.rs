@@ -71,6 +71,10 @@ enum Which {
         from: String,
         /// The image's full id.
         id: String,
+        /// Whose identity to ask with (a node's state directory, or a user's from `mvm ca
+        /// issue`); the serving node's policy decides `use-image` for it.
+        #[command(flatten)]
+        who: crate::cmd::job::IdentityArg,
     },
     /// Re-hash an image's bytes against its id.
     Verify {
@@ -181,15 +185,18 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     .join("\n")
             })
         }
-        Which::Fetch { from, id } => {
+        Which::Fetch { from, id, who } => {
             let id: ImageId = id.parse().map_err(input)?;
+            let creds = who.credentials()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .map_err(Failure::failed)?;
             let image = rt
-                .block_on(mvm_superpeer::client::fetch_image(&from, &id, &repo))
+                .block_on(mvm_superpeer::client::fetch_image(
+                    &creds, &from, &id, &repo,
+                ))
                 .map_err(crate::cmd::job::wire)?;
             println!("{} ({} B)", image.id, image.size);
             Ok(())

@@ -16,6 +16,48 @@ pub(crate) struct BrokerArg {
     /// The super-peer, as `/ip4/…/tcp/…/p2p/PEER` (default: the local lab's, from `mvm lab up`).
     #[arg(long, env = "MVM_BROKER", value_name = "MULTIADDR")]
     broker: Option<String>,
+    #[command(flatten)]
+    who: IdentityArg,
+}
+
+/// Whose identity a client uses.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct IdentityArg {
+    /// The user's identity: a directory with `key`, `cert.pem` and `ca.pem` from `mvm ca issue`
+    /// (default: the local lab's user).
+    #[arg(long, env = "MVM_IDENTITY", value_name = "DIR")]
+    identity: Option<PathBuf>,
+    /// Another domain's CA certificate to trust (repeatable), to talk to its super-peers.
+    #[arg(long = "trust", value_name = "FILE")]
+    trust: Vec<PathBuf>,
+}
+
+impl IdentityArg {
+    /// The credentials (default: the local lab's user).
+    pub(crate) fn credentials(&self) -> Result<mvm_superpeer::pki::Credentials, Failure> {
+        self.credentials_in(&crate::cmd::lab::default_dir())
+    }
+
+    /// The credentials (default: the user of the lab in `lab`).
+    pub(crate) fn credentials_in(
+        &self,
+        lab: &std::path::Path,
+    ) -> Result<mvm_superpeer::pki::Credentials, Failure> {
+        let dir = match &self.identity {
+            Some(d) => d.clone(),
+            None => lab.join("user"),
+        };
+        mvm_superpeer::pki::Credentials::load(&dir, &self.trust).map_err(|e| {
+            Failure::input(anyhow::anyhow!(
+                "{e}{}",
+                if self.identity.is_none() {
+                    " (no --identity given, and no local lab user)"
+                } else {
+                    ""
+                }
+            ))
+        })
+    }
 }
 
 /// Arguments of `mvm submit`.
@@ -83,7 +125,8 @@ pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
             std::iter::once(info.broker).chain(info.members).collect()
         }
     };
-    Client::find(&addrs).await.map_err(wire)
+    let creds = arg.who.credentials()?;
+    Client::find(&creds, &addrs).await.map_err(wire)
 }
 
 /// A job's status for printing: outputs as text.

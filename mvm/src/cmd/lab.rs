@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mvm_superpeer::client::{Client, read_profile};
+use mvm_superpeer::pki::Credentials;
 use serde::{Deserialize, Serialize};
 
 use crate::cmd::job::{self, wire};
@@ -57,6 +58,8 @@ struct UpArgs {
 struct StatusArgs {
     #[command(flatten)]
     dir: DirArg,
+    #[command(flatten)]
+    who: crate::cmd::job::IdentityArg,
     #[command(flatten)]
     out: OutputArg,
 }
@@ -154,6 +157,61 @@ fn stop_pids(pids: &[u32]) {
     }
 }
 
+/// The lab's domain.
+pub(crate) const LAB_DOMAIN: &str = "lab";
+
+/// The lab's PKI, made once in its directory: a CA of domain `lab` (`ca/`), a node identity
+/// in each daemon's state directory (the super-peer's with role `superpeer`), and a user
+/// (`user/`, role `admin`). What exists already is kept.
+fn ensure_pki(dir: &Path, nodes: u32) -> Result<(), Failure> {
+    use mvm_component::policy::PrincipalKind;
+    use mvm_superpeer::pki::{Ca, Subject};
+    let pki = |e: mvm_superpeer::pki::PkiError| Failure::failed(anyhow::anyhow!(e));
+    let ca_dir = dir.join("ca");
+    let ca = if ca_dir.join("ca.crt").exists() {
+        Ca::load(&ca_dir).map_err(pki)?
+    } else {
+        Ca::init(&ca_dir, LAB_DOMAIN, 3650).map_err(pki)?
+    };
+    let mut who = vec![
+        (
+            "superpeer".to_owned(),
+            PrincipalKind::Node,
+            vec!["superpeer".to_owned()],
+        ),
+        (
+            "user".to_owned(),
+            PrincipalKind::User,
+            vec!["admin".to_owned()],
+        ),
+    ];
+    who.extend((0..nodes).map(|i| (format!("node{i}"), PrincipalKind::Node, Vec::new())));
+    for (name, kind, roles) in who {
+        let out = dir.join(&name);
+        if out.join("cert.pem").exists() {
+            continue;
+        }
+        let key = out.join("key");
+        let existing = key.exists().then_some(key.as_path());
+        let subject = Subject {
+            kind,
+            name: if kind == PrincipalKind::User {
+                "lab".into()
+            } else {
+                name.clone()
+            },
+            roles,
+        };
+        ca.issue(&subject, &out, existing, 3650).map_err(pki)?;
+    }
+    Ok(())
+}
+
+/// The lab user's credentials.
+fn lab_user(dir: &Path) -> Result<Credentials, Failure> {
+    Credentials::load(&dir.join("user"), &[]).map_err(|e| Failure::failed(anyhow::anyhow!(e)))
+}
+
 /// A running lab: its child processes are stopped when it is dropped (unless detached).
 pub(crate) struct Lab {
     dir: PathBuf,
@@ -176,6 +234,7 @@ impl Lab {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
+        ensure_pki(dir, nodes)?;
         let exe = std::env::current_exe().map_err(Failure::failed)?;
         let mut lab = Lab {
             dir: dir.to_owned(),
@@ -233,7 +292,7 @@ impl Lab {
         let broker = lab.broker.clone();
         let want = nodes as usize;
         let registered = rt.block_on(async {
-            let client = Client::new(&broker).await.map_err(wire)?;
+            let client = Client::new(&lab_user(dir)?, &broker).await.map_err(wire)?;
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let g = client.group().await.map_err(wire)?;
@@ -266,6 +325,11 @@ impl Lab {
         crate::cmd::daemon::write_atomic(&dir.join("lab.json"), &text)?;
         lab.detached = detached;
         Ok(lab)
+    }
+
+    /// The lab's user (domain `lab`, role `admin`).
+    pub(crate) fn user(&self) -> Result<Credentials, Failure> {
+        lab_user(&self.dir)
     }
 
     fn spawn(
@@ -460,7 +524,9 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
         .map_err(Failure::failed)?;
     let addrs: Vec<String> = std::iter::once(info.broker).chain(info.members).collect();
     let g = rt.block_on(async {
-        let c = Client::find(&addrs).await.map_err(wire)?;
+        let c = Client::find(&a.who.credentials_in(&dir)?, &addrs)
+            .await
+            .map_err(wire)?;
         c.group().await.map_err(wire)
     })?;
     crate::cmd::print(&g, a.out.output, |g| {
@@ -610,7 +676,7 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let client = Client::new(&broker).await.map_err(wire)?;
+                let client = Client::new(&lab.user()?, &broker).await.map_err(wire)?;
                 let s = client.submit(&job).await.map_err(wire)?;
                 if text {
                     eprintln!("submitted {} ({}) to {}", s.job, profile.display(), client.broker());

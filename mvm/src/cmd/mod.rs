@@ -4,10 +4,12 @@ use crate::Output;
 use crate::exit::Failure;
 
 pub(crate) mod bench;
+pub(crate) mod ca;
 pub(crate) mod daemon;
 pub(crate) mod image;
 pub(crate) mod job;
 pub(crate) mod lab;
+pub(crate) mod policy;
 pub(crate) mod run;
 pub(crate) mod topology;
 

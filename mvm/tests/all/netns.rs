@@ -121,6 +121,8 @@ pub(crate) fn spawn_daemon(
 ) -> (Child, String) {
     let addr_file = dir.join(format!("{name}.addr"));
     let state: PathBuf = dir.join(name);
+    let superpeer = cmd.get_args().any(|a| a == "superpeer");
+    identity(dir, name, superpeer);
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log");
     let child = cmd
         .args([
@@ -166,6 +168,36 @@ impl Drop for Hosts {
         {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+/// The test PKI in `dir`, made once: a CA of domain `lab` (`ca/`) and the user the CLI
+/// uses by default (`lab/user`, role admin, as `mvm lab` makes it); then an identity for
+/// daemon `name` in its state directory `dir/name` (role `superpeer` for a super-peer).
+pub(crate) fn identity(dir: &Path, name: &str, superpeer: bool) {
+    let mvm = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mvm"))
+            .args(args)
+            .output()
+            .expect("mvm runs");
+        assert!(out.status.success(), "mvm {args:?}: {out:?}");
+    };
+    let path = |p: PathBuf| p.to_str().expect("utf-8").to_owned();
+    let ca = path(dir.join("ca"));
+    if !dir.join("ca/ca.crt").exists() {
+        mvm(&["ca", "init", "--domain", "lab", "--dir", &ca]);
+        let user = path(dir.join("lab/user"));
+        mvm(&[
+            "ca", "issue", "--ca", &ca, "--out", &user, "--roles", "admin", "user", "tester",
+        ]);
+    }
+    if !dir.join(name).join("cert.pem").exists() {
+        let out = path(dir.join(name));
+        let mut args = vec!["ca", "issue", "--ca", &ca, "--out", &out, "node", name];
+        if superpeer {
+            args.extend(["--roles", "superpeer"]);
+        }
+        mvm(&args);
     }
 }
 

@@ -28,7 +28,12 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
 
     let out = dir.path().join("alice");
     let p = ca2
-        .issue(&subject(PrincipalKind::User, "alice", &["researcher", "member"]), &out, None, 10)
+        .issue(
+            &subject(PrincipalKind::User, "alice", &["researcher", "member"]),
+            &out,
+            None,
+            10,
+        )
         .expect("issue");
     assert_eq!(p.roles, ["member", "researcher"]);
     assert_eq!(mode(&out.join("key")), 0o600);
@@ -56,7 +61,12 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
     assert_eq!(c.principal.kind, PrincipalKind::Node);
 
     let bad = ca2
-        .issue(&subject(PrincipalKind::User, "../x", &[]), &dir.path().join("x"), None, 1)
+        .issue(
+            &subject(PrincipalKind::User, "../x", &[]),
+            &dir.path().join("x"),
+            None,
+            1,
+        )
         .expect_err("bad name");
     assert!(bad.0.contains("a name is"), "{bad}");
 }
@@ -82,16 +92,14 @@ fn every_bad_certificate_is_refused_with_its_reason() {
     assert!(e.0.contains("unknown CA"), "{e}");
 
     let now = time::OffsetDateTime::now_utc();
-    let expired = der(
-        physics
-            .certify_between(
-                &alice,
-                &key.public(),
-                now - time::Duration::days(10),
-                now - time::Duration::days(1),
-            )
-            .expect("certify"),
-    );
+    let expired = der(physics
+        .certify_between(
+            &alice,
+            &key.public(),
+            now - time::Duration::days(10),
+            now - time::Duration::days(1),
+        )
+        .expect("certify"));
     let e = trust.verify(&expired, &peer).expect_err("expired");
     assert!(e.0.contains("not valid now"), "{e}");
 

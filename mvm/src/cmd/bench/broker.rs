@@ -190,7 +190,7 @@ pub(crate) fn run(
         .map_err(Failure::failed)?;
     let broker = lab.broker.clone();
     let (jobs_per_sec, ring_ms, lat_us, mbps) = rt.block_on(async {
-        let client = Client::find(std::slice::from_ref(&broker))
+        let client = Client::find(&lab.user()?, std::slice::from_ref(&broker))
             .await
             .map_err(wire)?;
         // Warm up: every module compiled on every node.

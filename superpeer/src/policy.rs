@@ -1,0 +1,292 @@
+//! A daemon's policies: where they come from, the version in force, and how a new version
+//! is taken in at run time.
+//!
+//! The top super-peer of a domain holds the files ([`PolicySource::Dir`], re-read on
+//! `mvm policy reload` and when the files change) or the embedded default; other super-peers
+//! and nodes fetch the bundle from a super-peer ([`PolicySource::Fetch`]) by version and
+//! digest, and take a new one without restarting.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mvm_component::policy::{Bundle, Cached, Engine, OsoEngine};
+use parking_lot::{Mutex, RwLock};
+
+/// How many answers a loaded version remembers.
+const CACHE: usize = 1 << 16;
+
+/// Where a daemon's policies come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// The embedded default for the daemon's domain: its certified members may do anything
+    /// to its resources, and nobody else anything.
+    Default,
+    /// A policy directory (`inter-domain.polar`, `DOMAIN/*.polar`, `node.polar`), held here.
+    Dir(PathBuf),
+    /// Fetched from the super-peer at this address (`/…/p2p/PEER`), or from the daemon's own
+    /// super-peer when `None`.
+    Fetch(Option<String>),
+}
+
+/// The embedded default bundle for `domain`.
+pub fn default_bundle(domain: &str) -> Bundle {
+    let mut b = Bundle::default();
+    b.files.insert(
+        format!("{domain}/default.polar"),
+        format!(
+            "# The embedded default of domain {domain}: every certified member of the domain\n\
+             # may do anything to its resources.\n\
+             allow(actor, _action: String, resource) if actor.domain = \"{domain}\" and \
+             resource.domain = \"{domain}\";\n"
+        ),
+    );
+    b.files.insert(
+        "node.polar".into(),
+        "# The embedded default: a node runs jobs for its own domain.\n\
+         allow(actor, \"run\", node: Node) if actor.domain = node.domain;\n"
+            .into(),
+    );
+    b
+}
+
+/// One loaded version.
+pub(crate) struct Loaded {
+    /// Its version (0: none yet; every request is denied).
+    pub(crate) version: u64,
+    /// The bundle's digest.
+    pub(crate) digest: String,
+    /// The files.
+    pub(crate) bundle: Arc<Bundle>,
+    /// The engine answering from it.
+    pub(crate) engine: Arc<dyn Engine>,
+}
+
+impl Loaded {
+    fn load(bundle: Bundle, version: u64) -> Result<Loaded, String> {
+        let engine = OsoEngine::load(&bundle, version).map_err(|e| e.to_string())?;
+        Ok(Loaded {
+            version,
+            digest: bundle.digest(),
+            bundle: Arc::new(bundle),
+            engine: Arc::new(Cached::new(engine, CACHE)),
+        })
+    }
+}
+
+/// The policies in force, and where they come from.
+pub(crate) struct Policies {
+    source: PolicySource,
+    current: RwLock<Arc<Loaded>>,
+    /// The digest of the last directory contents that failed to load (logged once).
+    failed: Mutex<Option<String>>,
+}
+
+impl Policies {
+    /// Loads the policies of `source` (a fetched source starts empty: everything is denied
+    /// until the first bundle arrives).
+    pub(crate) fn open(source: PolicySource, domain: &str) -> Result<Policies, String> {
+        let first = match &source {
+            PolicySource::Default => Loaded::load(default_bundle(domain), 1)?,
+            PolicySource::Dir(d) => {
+                let b = Bundle::read_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
+                Loaded::load(b, 1).map_err(|e| format!("{}: {e}", d.display()))?
+            }
+            PolicySource::Fetch(_) => Loaded::load(Bundle::default(), 0)?,
+        };
+        Ok(Policies {
+            source,
+            current: RwLock::new(Arc::new(first)),
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// The version in force.
+    pub(crate) fn current(&self) -> Arc<Loaded> {
+        self.current.read().clone()
+    }
+
+    /// Where they come from.
+    pub(crate) fn source(&self) -> &PolicySource {
+        &self.source
+    }
+
+    /// Re-reads a policy directory; a change becomes the next version. Returns the version in
+    /// force, and whether it is new.
+    ///
+    /// # Errors
+    /// The files do not load (the version in force stays).
+    pub(crate) fn reload(&self) -> Result<(Arc<Loaded>, bool), String> {
+        let PolicySource::Dir(dir) = &self.source else {
+            return Ok((self.current(), false));
+        };
+        let bundle = Bundle::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cur = self.current();
+        if bundle.digest() == cur.digest {
+            return Ok((cur, false));
+        }
+        let digest = bundle.digest();
+        match Loaded::load(bundle, cur.version + 1) {
+            Ok(l) => {
+                let l = Arc::new(l);
+                *self.current.write() = l.clone();
+                *self.failed.lock() = None;
+                tracing::info!(version = l.version, digest = %l.digest, "policies reloaded");
+                Ok((l, true))
+            }
+            Err(e) => {
+                let mut failed = self.failed.lock();
+                if failed.as_deref() != Some(&digest) {
+                    tracing::error!(error = %e, "the changed policies do not load; keeping version {}", cur.version);
+                    *failed = Some(digest);
+                }
+                Err(format!("{}: {e}", dir.display()))
+            }
+        }
+    }
+
+    /// Takes a bundle fetched from a super-peer, if it is newer and its digest is right.
+    ///
+    /// # Errors
+    /// The digest does not match, or the bundle does not load.
+    pub(crate) fn adopt(&self, version: u64, digest: &str, bundle: Bundle) -> Result<bool, String> {
+        if bundle.digest() != digest {
+            return Err("the fetched policies do not match their digest".into());
+        }
+        let cur = self.current();
+        if cur.digest == digest && cur.version == version {
+            return Ok(false);
+        }
+        let l = Loaded::load(bundle, version)?;
+        tracing::info!(version, %digest, "policies taken from the super-peer");
+        *self.current.write() = Arc::new(l);
+        Ok(true)
+    }
+}
+
+fn refused(m: String) -> crate::proto::Response {
+    crate::proto::Response::Error(crate::proto::Failure::new(
+        crate::proto::FailureKind::Refused,
+        m,
+    ))
+}
+
+/// `Request::Policy`: the bundle in force, to nodes and super-peers (not to users).
+pub(crate) fn serve(
+    shared: &crate::daemon::Shared,
+    asker: &mvm_component::policy::Principal,
+    have: &str,
+) -> crate::proto::Response {
+    if asker.kind != mvm_component::policy::PrincipalKind::Node {
+        return refused(format!("{asker} is not a node; policies go to nodes only"));
+    }
+    let cur = shared.policies.current();
+    crate::proto::Response::Policy {
+        version: cur.version,
+        digest: cur.digest.clone(),
+        bundle: (have != cur.digest).then(|| (*cur.bundle).clone()),
+    }
+}
+
+/// `Request::PolicyReload`, from someone allowed to `administer` the domain.
+pub(crate) fn reload(
+    shared: &crate::daemon::Shared,
+    asker: &mvm_component::policy::Principal,
+) -> crate::proto::Response {
+    use mvm_component::policy::{Domain, Question, Resource};
+    let domain = &shared.config.domain;
+    let cur = shared.policies.current();
+    let q = Question {
+        actor: asker.clone(),
+        action: "administer".into(),
+        resource: Resource::Domain(Domain::named(domain)),
+    };
+    if let mvm_component::policy::Decision::Deny(why) = cur.engine.decide(&q) {
+        return refused(why);
+    }
+    if !matches!(shared.policies.source(), PolicySource::Dir(_)) {
+        return crate::proto::Response::Error(crate::proto::Failure::new(
+            crate::proto::FailureKind::Input,
+            format!(
+                "{} holds no policy directory (its policies: {:?})",
+                shared.net.peer(),
+                shared.policies.source()
+            ),
+        ));
+    }
+    match shared.policies.reload() {
+        Ok((l, _)) => crate::proto::Response::Policy {
+            version: l.version,
+            digest: l.digest.clone(),
+            bundle: None,
+        },
+        Err(e) => crate::proto::Response::Error(crate::proto::Failure::new(
+            crate::proto::FailureKind::Input,
+            e,
+        )),
+    }
+}
+
+/// Fetches the policies from the source super-peer now, if they differ from the ones held.
+/// Returns whether a new version was taken.
+///
+/// # Errors
+/// The super-peer cannot be asked, or what it sends does not load.
+pub(crate) async fn fetch_now(
+    shared: &std::sync::Arc<crate::daemon::Shared>,
+) -> Result<bool, String> {
+    use crate::proto::{Request, Response};
+    let (peer, addrs) = match shared.policies.source() {
+        PolicySource::Fetch(Some(addr)) => {
+            let (p, a) = crate::net::split_peer(addr)?;
+            (p, vec![a])
+        }
+        PolicySource::Fetch(None) => match shared.superpeer.read().clone() {
+            Some((p, a)) => (p, a),
+            None => return Ok(false),
+        },
+        _ => return Ok(false),
+    };
+    if peer == shared.net.peer() {
+        return Ok(false);
+    }
+    let have = shared.policies.current().digest.clone();
+    match shared
+        .net
+        .call(peer, &addrs, Request::Policy { have })
+        .await
+    {
+        Ok(Response::Policy {
+            version,
+            digest,
+            bundle: Some(bundle),
+        }) => shared.policies.adopt(version, &digest, bundle),
+        Ok(Response::Policy { .. }) => Ok(false),
+        Ok(_) => Err(format!(
+            "{peer} answered a policy request with something else"
+        )),
+        Err(f) => Err(format!("policies from {peer}: {}", f.message)),
+    }
+}
+
+/// Keeps the policies current: a holder re-reads its directory, a fetcher asks its source.
+pub(crate) async fn sync(shared: std::sync::Arc<crate::daemon::Shared>) {
+    if *shared.policies.source() == PolicySource::Default {
+        return;
+    }
+    let every = (shared.config.heartbeat * 2).max(std::time::Duration::from_millis(500));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match shared.policies.source() {
+            PolicySource::Dir(_) => {
+                let _ = shared.policies.reload();
+            }
+            _ => {
+                if let Err(e) = fetch_now(&shared).await {
+                    tracing::debug!(error = %e, "policies not fetched");
+                }
+            }
+        }
+    }
+}
