@@ -62,8 +62,8 @@ pub(crate) struct Loaded {
 }
 
 impl Loaded {
-    fn load(bundle: Bundle, version: u64) -> Result<Loaded, String> {
-        let engine = OsoEngine::load(&bundle, version).map_err(|e| e.to_string())?;
+    fn load(bundle: Bundle, version: u64) -> Result<Loaded, mvm_component::policy::BundleError> {
+        let engine = OsoEngine::load(&bundle, version)?;
         Ok(Loaded {
             version,
             digest: bundle.digest(),
@@ -86,12 +86,16 @@ impl Policies {
     /// until the first bundle arrives).
     pub(crate) fn open(source: PolicySource, domain: &str) -> Result<Policies, String> {
         let first = match &source {
-            PolicySource::Default => Loaded::load(default_bundle(domain), 1)?,
-            PolicySource::Dir(d) => {
-                let b = Bundle::read_dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
-                Loaded::load(b, 1).map_err(|e| format!("{}: {e}", d.display()))?
+            PolicySource::Default => {
+                Loaded::load(default_bundle(domain), 1).map_err(|e| e.to_string())?
             }
-            PolicySource::Fetch(_) => Loaded::load(Bundle::default(), 0)?,
+            PolicySource::Dir(d) => {
+                let b = Bundle::read_dir(d).map_err(|e| e.in_dir(d))?;
+                Loaded::load(b, 1).map_err(|e| e.in_dir(d))?
+            }
+            PolicySource::Fetch(_) => {
+                Loaded::load(Bundle::default(), 0).map_err(|e| e.to_string())?
+            }
         };
         Ok(Policies {
             source,
@@ -119,7 +123,7 @@ impl Policies {
         let PolicySource::Dir(dir) = &self.source else {
             return Ok((self.current(), false));
         };
-        let bundle = Bundle::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let bundle = Bundle::read_dir(dir).map_err(|e| e.in_dir(dir))?;
         let cur = self.current();
         if bundle.digest() == cur.digest {
             return Ok((cur, false));
@@ -139,7 +143,7 @@ impl Policies {
                     tracing::error!(error = %e, "the changed policies do not load; keeping version {}", cur.version);
                     *failed = Some(digest);
                 }
-                Err(format!("{}: {e}", dir.display()))
+                Err(e.in_dir(dir))
             }
         }
     }
@@ -156,7 +160,7 @@ impl Policies {
         if cur.digest == digest && cur.version == version {
             return Ok(false);
         }
-        let l = Loaded::load(bundle, version)?;
+        let l = Loaded::load(bundle, version).map_err(|e| e.to_string())?;
         tracing::info!(version, %digest, "policies taken from the super-peer");
         *self.current.write() = Arc::new(l);
         Ok(true)

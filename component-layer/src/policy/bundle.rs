@@ -60,6 +60,16 @@ pub enum BundleError {
     },
 }
 
+impl BundleError {
+    /// The error with the files named under `dir` (the directory the bundle was read from).
+    pub fn in_dir(&self, dir: &Path) -> String {
+        match self {
+            BundleError::Io { .. } => self.to_string(),
+            _ => format!("{}/{self}", dir.display()),
+        }
+    }
+}
+
 /// The scope of one file of a bundle.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Scope {

@@ -13,6 +13,7 @@
 //! [`Cached`] engine remembers each answer for the life of one loaded policy version, since
 //! oso takes tens of microseconds per question.
 
+pub mod bench;
 mod bundle;
 mod classes;
 mod engine;

@@ -131,10 +131,8 @@ fn resource(text: &str, actor: &pol::Principal, q: (i64, i64, i64)) -> Result<Re
 pub(crate) fn run(args: Args) -> Result<(), Failure> {
     match args.which {
         Which::Check { dir, out } => {
-            let bundle =
-                Bundle::read_dir(&dir).map_err(|e| input(format!("{}/{e}", dir.display())))?;
-            let e =
-                OsoEngine::load(&bundle, 1).map_err(|e| input(format!("{}/{e}", dir.display())))?;
+            let bundle = Bundle::read_dir(&dir).map_err(|e| input(e.in_dir(&dir)))?;
+            let e = OsoEngine::load(&bundle, 1).map_err(|e| input(e.in_dir(&dir)))?;
             let s = e.node_settings();
             let report = CheckOut {
                 dir: dir.display().to_string(),
@@ -172,10 +170,8 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 error: anyhow::anyhow!(e),
             })?;
             let resource = resource(&res, &who, (vcpus, memory_mib, vertices)).map_err(input)?;
-            let bundle = Bundle::read_dir(&policies)
-                .map_err(|e| input(format!("{}/{e}", policies.display())))?;
-            let engine = OsoEngine::load(&bundle, 1)
-                .map_err(|e| input(format!("{}/{e}", policies.display())))?;
+            let bundle = Bundle::read_dir(&policies).map_err(|e| input(e.in_dir(&policies)))?;
+            let engine = OsoEngine::load(&bundle, 1).map_err(|e| input(e.in_dir(&policies)))?;
             let d = engine.decide(&Question {
                 actor: who.clone(),
                 action: action.clone(),

@@ -20,6 +20,9 @@ fn help_is_printed_for_every_subcommand() {
         &["topology", "gen", "--help"],
         &["topology", "render", "--help"],
         &["run", "--help"],
+        &["ca", "issue", "--help"],
+        &["policy", "query", "--help"],
+        &["bench", "policy", "--help"],
     ] {
         let out = mvm(args);
         assert!(out.status.success(), "{args:?}");
@@ -194,5 +197,90 @@ fn topology_render_draws_svg_with_ports() {
     assert!(
         text.contains("<svg") && text.contains(">out<") && text.contains(">in<"),
         "ports drawn"
+    );
+}
+
+const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+
+#[test]
+fn ca_and_policy_commands_issue_check_query_and_refuse_overwrites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |x: &str| dir.path().join(x).to_str().expect("utf-8").to_owned();
+    let ok = |args: &[&str]| {
+        let out = mvm(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["ca", "init", "--domain", "physics", "--dir", &p("ca")]);
+    let out = mvm(&["ca", "init", "--domain", "physics", "--dir", &p("ca")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let issued = ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &p("ca"),
+        "--out",
+        &p("alice"),
+        "--roles",
+        "researcher",
+        "user",
+        "alice",
+    ]);
+    assert!(
+        issued.contains("user alice@physics (roles researcher)"),
+        "{issued}"
+    );
+    let cert = p("alice/cert.pem");
+    assert!(ok(&["ca", "show", &cert]).contains("alice@physics"));
+    let query = |action: &str, resource: &str| {
+        mvm(&[
+            "policy",
+            "query",
+            "--policies",
+            POLICIES,
+            "--actor",
+            &cert,
+            "--action",
+            action,
+            "--resource",
+            resource,
+            "--vcpus",
+            "2",
+        ])
+    };
+    let out = query("submit", "job:ring@physics");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "allow");
+    let out = query("administer", "domain:physics");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("deny: "));
+    let out = query("submit", "nonsense");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&mvm(&["policy", "check", POLICIES, "-o", "json"]).stdout)
+            .expect("json");
+    assert_eq!(
+        v["domains"],
+        serde_json::json!(["biology", "physics"]),
+        "{v}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(
+        &mvm(&[
+            "bench",
+            "policy",
+            "--policies",
+            POLICIES,
+            "--rounds",
+            "1",
+            "-o",
+            "json",
+        ])
+        .stdout,
+    )
+    .expect("json");
+    assert!(
+        v["questions"].as_u64() > Some(0) && v["allowed"].as_u64() > Some(0),
+        "{v}"
     );
 }

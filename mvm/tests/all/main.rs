@@ -7,4 +7,5 @@ mod groups;
 mod lab;
 mod layering;
 mod netns;
+mod policy;
 mod run;

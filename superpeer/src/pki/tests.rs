@@ -128,3 +128,110 @@ fn every_bad_certificate_is_refused_with_its_reason() {
     let leaf_pem = physics.certify(&alice, &key.public(), 1).expect("certify");
     assert!(Trust::default().add_pem(&leaf_pem).is_err());
 }
+
+/// Through real sockets: a daemon's swarm refuses every bad certificate before it hands any
+/// request on, and a client refuses a daemon whose CA it does not trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_refuses_bad_certificates_before_any_request() {
+    use crate::net::{Net, NetConfig};
+    use crate::proto::Request;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let physics = Ca::init(&dir.path().join("p"), "physics", 30).expect("init");
+    let biology = Ca::init(&dir.path().join("b"), "biology", 30).expect("init");
+    let node = subject(PrincipalKind::Node, "sp", &["superpeer"]);
+    let alice = subject(PrincipalKind::User, "alice", &["researcher"]);
+    let config = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        ..NetConfig::default()
+    };
+    let server_creds = Credentials::ephemeral(&physics, &node).expect("creds");
+    let (server, mut inbound) = Net::start(&server_creds, &config).await.expect("server");
+    let addrs = server.addrs().to_vec();
+
+    let good = Credentials::ephemeral(&physics, &alice).expect("creds");
+    let der = |pem: String| parse_pem(&pem).expect("pem");
+    let mut expired = good.clone();
+    let now = time::OffsetDateTime::now_utc();
+    expired.cert = der(physics
+        .certify_between(
+            &alice,
+            &good.key.public(),
+            now - time::Duration::days(9),
+            now - time::Duration::days(2),
+        )
+        .expect("certify"));
+    let mut tampered = good.clone();
+    let at = tampered
+        .cert
+        .windows(5)
+        .position(|w| w == b"alice")
+        .expect("name");
+    tampered.cert[at] = b'A';
+    let mut foreign = Credentials::ephemeral(&biology, &alice).expect("creds");
+    foreign
+        .trust
+        .add_pem(physics.cert_pem())
+        .expect("trusts physics");
+    let mut unbound = good.clone();
+    unbound.key = Keypair::generate_ed25519();
+
+    for (what, creds, reason) in [
+        ("expired", &expired, "not valid now"),
+        ("tampered", &tampered, "does not verify"),
+        ("unknown CA", &foreign, "unknown CA"),
+        ("not bound", &unbound, "bound to peer"),
+    ] {
+        let (client, _) = Net::start(creds, &NetConfig::default())
+            .await
+            .expect("client");
+        let e = client
+            .request(server.peer(), &addrs, Request::Group)
+            .await
+            .expect_err(what);
+        assert!(e.message.contains(reason), "{what}: {e}");
+        assert!(server.identity(&client.peer()).is_none(), "{what}");
+    }
+    assert!(
+        inbound.try_recv().is_err(),
+        "no refused request reached the daemon"
+    );
+
+    // A good certificate passes both ways, and the request arrives with who sent it.
+    let (client, _) = Net::start(&good, &NetConfig::default())
+        .await
+        .expect("client");
+    let ask = tokio::spawn({
+        let client = client.clone();
+        let peer = server.peer();
+        async move { client.request(peer, &addrs, Request::Group).await }
+    });
+    let req = tokio::time::timeout(std::time::Duration::from_secs(10), inbound.recv())
+        .await
+        .expect("in time")
+        .expect("a request");
+    assert_eq!(req.principal.name, "alice");
+    assert_eq!(req.principal.domain, "physics");
+    req.reply(crate::proto::Response::Ok).await;
+    assert!(matches!(
+        ask.await.expect("join"),
+        Ok(crate::proto::Response::Ok)
+    ));
+    assert_eq!(
+        client.identity(&server_creds.peer()).map(|p| p.name),
+        Some("sp".to_owned())
+    );
+
+    // A client that does not trust the daemon's CA refuses it (the daemon accepted the
+    // client's certificate, and answered with its own).
+    let mut wary = Credentials::ephemeral(&physics, &alice).expect("creds");
+    wary.trust = Trust::default();
+    wary.trust.add_pem(biology.cert_pem()).expect("anchor");
+    let (client, _) = Net::start(&wary, &NetConfig::default())
+        .await
+        .expect("client");
+    let e = client
+        .request(server_creds.peer(), server.addrs(), Request::Group)
+        .await
+        .expect_err("the daemon's CA is unknown to the client");
+    assert!(e.message.contains("unknown CA"), "{e}");
+}

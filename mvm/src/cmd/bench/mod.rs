@@ -21,6 +21,18 @@ pub(crate) struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Which {
+    /// One policy decision: its latency from oso and from the per-version cache, and
+    /// decisions per second, over every role, action and resource of a policy directory.
+    Policy {
+        /// The policy directory.
+        #[arg(long, default_value = "policies", value_name = "DIR")]
+        policies: std::path::PathBuf,
+        /// Passes over the questions through oso (50 times as many through the cache).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        rounds: u64,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// One-way latency between two WebAssembly vertices on this node for 8 B, 1 KiB, 64 KiB and
     /// 1 MiB, beside MPICH over shared memory (when installed).
     Pingpong {
@@ -296,6 +308,37 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     "guest create-to-running, {} runs each\n  mvm  median {:.2} s  {:?}\n  \
                      xl   median {:.2} s  {:?}\n  mvm/xl = {:.3} (goal <= 1.05)",
                     r.runs, r.mvm_median_secs, r.mvm_secs, r.xl_median_secs, r.xl_secs, r.ratio
+                )
+            })
+        }
+        Which::Policy {
+            policies,
+            rounds,
+            out,
+        } => {
+            let bundle = mvm_component::policy::Bundle::read_dir(&policies)
+                .map_err(|e| Failure::input(anyhow::anyhow!("{}/{e}", policies.display())))?;
+            let r = mvm_component::policy::bench::run(
+                &bundle,
+                usize::try_from(rounds).unwrap_or(usize::MAX),
+            )
+            .map_err(|e| Failure::input(anyhow::anyhow!("{}/{e}", policies.display())))?;
+            print(&r, out.output, |r| {
+                format!(
+                    "policy decisions, {} questions ({} allowed)\n  \
+                     oso     p50 {:>9.2} us  p99 {:>9.2} us  {:>12.0} /s\n  \
+                     cached  p50 {:>9.2} us  p99 {:>9.2} us  {:>12.0} /s  \
+                     ({:.0} /s from 2 threads; goal p50 < {} us)",
+                    r.questions,
+                    r.allowed,
+                    r.oso.p50_us,
+                    r.oso.p99_us,
+                    r.oso.per_sec,
+                    r.cached.p50_us,
+                    r.cached.p99_us,
+                    r.cached.per_sec,
+                    r.cached_per_sec_2_threads,
+                    r.goal_p50_us
                 )
             })
         }

@@ -1,0 +1,221 @@
+//! Identity and policy through the real network path: the shipped two-domain policies held
+//! by a super-peer of domain physics, users of both domains, nodes that fetch the policies.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::groups::Groups;
+use crate::netns::wait_for;
+use crate::run::{build_jobs, json, root};
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn copy_policies(to: &Path) {
+    let from = root().join("policies");
+    for e in walk(&from) {
+        let rel = e.strip_prefix(&from).expect("inside");
+        let dest = to.join(rel);
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&e, &dest).expect("copy");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+/// `mvm submit` as `who` (an identity directory under the test's), extra args appended.
+fn submit(g: &Groups, who: &str, profile: &str, extra: &[&str]) -> std::process::Output {
+    let id = g.dir.path().join(who);
+    let mut args = vec!["submit", profile, "--identity", id.to_str().expect("utf-8")];
+    args.extend(extra);
+    g.run(&args)
+}
+
+#[test]
+fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
+    build_jobs();
+    let mut g = Groups::new();
+    let d = g.dir.path().to_owned();
+    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_owned();
+    let policies = d.join("policies");
+    copy_policies(&policies);
+    // The physics CA (the daemons' identities are issued from DIR/ca) and biology's.
+    ok(&g.run(&["ca", "init", "--domain", "physics", "--dir", &p("ca")]));
+    ok(&g.run(&["ca", "init", "--domain", "biology", "--dir", &p("bca")]));
+    for (ca, who, roles) in [
+        ("ca", "alice", "researcher"),
+        ("ca", "bob", "member"),
+        ("ca", "pat", "admin"),
+        ("bca", "carol", "researcher"),
+    ] {
+        ok(&g.run(&[
+            "ca",
+            "issue",
+            "--ca",
+            &p(ca),
+            "--out",
+            &p(who),
+            "--roles",
+            roles,
+            "user",
+            who,
+        ]));
+    }
+    let sp = g.daemon(
+        "sp",
+        &["superpeer", "--policies", policies.to_str().expect("utf-8")],
+    );
+    g.daemon("n0", &["node", "--bootstrap", &sp]);
+    g.daemon("n1", &["node", "--bootstrap", &sp]);
+    std::fs::create_dir_all(d.join("lab")).expect("lab dir");
+    std::fs::write(
+        d.join("lab/lab.json"),
+        serde_json::json!({ "broker": sp, "pids": [], "members": [] }).to_string(),
+    )
+    .expect("lab.json");
+    let pat = p("pat");
+    wait_for(Duration::from_secs(20), || {
+        let out = g.run(&["lab", "status", "-o", "json", "--identity", &pat]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["nodes"].as_array()?.len() == 2).then_some(())
+    });
+
+    // A researcher's job runs (the nodes took the node-level policy from the super-peer).
+    let v = json(&submit(
+        &g,
+        "alice",
+        "examples/pipeline.toml",
+        &["--wait", "-o", "json"],
+    ));
+    assert_eq!(v["state"], "done", "{v}");
+    let job = v["job"].as_str().expect("job id").to_owned();
+
+    // Refusals at the broker: exit 3 with the reason, nothing placed.
+    let refused = |who: &str, profile: &str, why: &str| {
+        let out = submit(&g, who, profile, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{who}: {err}");
+        assert!(err.contains(why), "{who}: '{err}' lacks '{why}'");
+    };
+    refused("bob", "examples/pipeline.toml", "policy of domain physics");
+    let big = d.join("big.toml");
+    std::fs::write(
+        &big,
+        format!(
+            "name = \"big\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n[requirements]\nvcpus = 20\n",
+            root().display()
+        ),
+    )
+    .expect("profile");
+    refused("alice", big.to_str().expect("utf-8"), "16 vCPUs");
+    let claims = d.join("claims.toml");
+    std::fs::write(
+        &claims,
+        format!(
+            "name = \"claims\"\nowner = \"pat\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n",
+            root().display()
+        ),
+    )
+    .expect("profile");
+    refused(
+        "alice",
+        claims.to_str().expect("utf-8"),
+        "the certificate is user alice",
+    );
+    // Carol's CA is not one physics trusts: refused before any request is read.
+    let carol = p("carol");
+    let trust = p("ca/ca.crt");
+    let out = g.run(&[
+        "submit",
+        "examples/pipeline.toml",
+        "--identity",
+        &carol,
+        "--trust",
+        &trust,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("unknown CA"), "{err}");
+    // Results: a member of physics reads them; the refused jobs were never placed.
+    let out = g.run(&["status", &job, "--identity", &p("bob"), "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&g.run(&["status", "--identity", &p("alice"), "-o", "json"]));
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "one job: {v}");
+
+    // Node level: the super-peer's node.polar allows 1 queue per part; the nodes fetch the
+    // new version before they decide, and the pipeline (3 queues) is refused.
+    let node_polar = policies.join("node.polar");
+    let text = std::fs::read_to_string(&node_polar).expect("node.polar");
+    std::fs::write(
+        &node_polar,
+        text.replace("max_queues(256);", "max_queues(1);"),
+    )
+    .expect("write");
+    // Reloading is for administrators; bob is refused, pat gets the new version.
+    let out = g.run(&["policy", "reload", "--identity", &p("bob")]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v = json(&g.run(&["policy", "reload", "--identity", &pat, "-o", "json"]));
+    assert_eq!(v["version"], 2, "{v}");
+    let out = submit(
+        &g,
+        "alice",
+        "examples/pipeline.toml",
+        &["--wait", "-o", "json"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("node-level policy") && err.contains("allows 1"),
+        "{err}"
+    );
+    // Nothing was left behind on the nodes: the next (small) job runs.
+    let one = d.join("one.toml");
+    std::fs::write(
+        &one,
+        format!(
+            "name = \"one\"\ntopology = \"{0}/topologies/pipeline-4.dot\"\n[components]\nsource = \"{0}/jobs/build/pipe_source.wasm\"\nstage = \"{0}/jobs/build/pipe_stage.wasm\"\nsink = \"{0}/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = 3\nfactor = 1\n[requirements]\nnodes = 2\n",
+            root().display()
+        ),
+    )
+    .expect("profile");
+    std::fs::write(&node_polar, text).expect("restore");
+    let v = json(&g.run(&["policy", "reload", "--identity", &pat, "-o", "json"]));
+    assert_eq!(v["version"], 3, "{v}");
+    let v = json(&submit(
+        &g,
+        "alice",
+        one.to_str().expect("utf-8"),
+        &["--wait", "-o", "json"],
+    ));
+    assert_eq!(v["state"], "done", "{v}");
+    // A broken edit is refused with file and line; the version in force stays.
+    std::fs::write(
+        policies.join("physics/broken.polar"),
+        "allow(x) if\n  x = ;\n",
+    )
+    .expect("write");
+    let out = g.run(&["policy", "reload", "--identity", &pat]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("physics/broken.polar:2"), "{err}");
+    let v = json(&submit(
+        &g,
+        "alice",
+        one.to_str().expect("utf-8"),
+        &["--wait", "-o", "json"],
+    ));
+    assert_eq!(v["state"], "done", "{v}");
+}
