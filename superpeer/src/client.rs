@@ -390,9 +390,14 @@ pub async fn fetch_image(
         crate::proto::read_frame(&mut stream, crate::proto::MAX_HEADER)
             .await
             .map_err(|e| unavailable(format!("{peer}: {e}")))?;
+    let kind = if header.refused {
+        FailureKind::Refused
+    } else {
+        FailureKind::Input
+    };
     let (metadata, size) = header
         .image
-        .map_err(|m| Failure::new(FailureKind::Input, format!("{peer}: {m}")))?;
+        .map_err(|m| Failure::new(kind, format!("{peer}: {m}")))?;
     // Into a temporary file first; the repository hashes it while taking it in.
     let mut tmp = tempfile::tempfile().map_err(|e| unavailable(e.to_string()))?;
     let mut buf = vec![0u8; 1 << 20];

@@ -242,6 +242,7 @@ pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
                     ),
                 })
                 .into_result();
+            let refused = allowed.is_err();
             let found = allowed.and_then(|()| {
                 req.id
                     .parse::<ImageId>()
@@ -253,6 +254,7 @@ pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
                     .as_ref()
                     .map(|i| (i.metadata.clone(), i.size))
                     .map_err(Clone::clone),
+                refused,
             };
             if crate::proto::write_frame(&mut stream, &header, crate::proto::MAX_HEADER)
                 .await

@@ -38,6 +38,9 @@ pub struct ImageRequest {
 pub struct ImageHeader {
     /// The metadata and byte count, or the reason it is not sent.
     pub image: Result<(mvm_os::image::Metadata, u64), String>,
+    /// Whether the reason is the serving node's policy.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 /// The largest control frame by default (a submission carries its modules).
@@ -45,6 +48,15 @@ pub const MAX_FRAME: usize = 64 << 20;
 
 /// The largest certificate a `Hello` may carry.
 pub const MAX_CERT: usize = 16 << 10;
+
+fn check_principal(p: &Principal) -> Result<(), String> {
+    let ok = mvm_component::policy::name_ok;
+    if ok(&p.name) && ok(&p.domain) && p.roles.len() <= 64 && p.roles.iter().all(|r| ok(r)) {
+        Ok(())
+    } else {
+        Err(format!("a principal with a bad name, domain or role: {p}"))
+    }
+}
 
 fn check_digest(d: &str) -> Result<(), String> {
     if d.is_empty() || (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())) {
@@ -663,6 +675,9 @@ impl Request {
             }
             Request::Submit(s) => {
                 check_name("the job name", &s.name)?;
+                if let Some(p) = &s.on_behalf {
+                    check_principal(p)?;
+                }
                 if let Some(o) = &s.owner {
                     check_name("the owner", o)?;
                 }
@@ -711,6 +726,7 @@ impl Request {
             }
             Request::Prepare(p) => {
                 check_job_id(&p.job)?;
+                check_principal(&p.owner)?;
                 check_name("the topology file name", &p.topology_file)?;
                 check_components(&p.components)?;
                 check_params(&p.parameters)?;

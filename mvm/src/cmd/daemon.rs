@@ -12,7 +12,8 @@ use crate::exit::Failure;
 /// What both daemons take.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct Common {
-    /// Its name (default: the host name, or "superpeer").
+    /// Its name: its certificate's (given, it must match; it also names the default state
+    /// directory, where the default is the host name, or "superpeer").
     #[arg(long)]
     name: Option<String>,
     /// Its group.
@@ -131,6 +132,7 @@ pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), Failure> {
 }
 
 fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<(), Failure> {
+    let named = c.name.clone();
     let name = c.name.unwrap_or(default_name);
     let dir = c
         .dir
@@ -154,6 +156,16 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
     let identity = c.identity.clone().unwrap_or_else(|| dir.clone());
     let creds = mvm_superpeer::pki::Credentials::load(&identity, &c.trust)
         .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
+    // The daemon is who its certificate says: its name and domain come from there.
+    if let Some(n) = &named
+        && *n != creds.principal.name
+    {
+        return Err(Failure::input(anyhow::anyhow!(
+            "--name {n}: the certificate in {} names {}",
+            identity.display(),
+            creds.principal.name
+        )));
+    }
     if let Some(d) = &c.domain
         && *d != creds.principal.domain
     {
@@ -197,7 +209,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         dir,
     });
     config.peers = c.peers;
-    config.name = name;
+    config.name = creds.principal.name.clone();
     config.group = c.group;
     config.domain = creds.principal.domain.clone();
     config.heartbeat = Duration::from_millis(c.heartbeat_ms);

@@ -74,24 +74,98 @@ fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
             who,
         ]));
     }
+    // n0 serves an image from its repository.
+    let os = p("n0os");
+    let disk = d.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
+    let id = ok(&g.run(&[
+        "image",
+        "import",
+        "--os-dir",
+        &os,
+        "env:1",
+        disk.to_str().expect("utf-8"),
+    ]))
+    .trim()
+    .to_owned();
     let sp = g.daemon(
         "sp",
         &["superpeer", "--policies", policies.to_str().expect("utf-8")],
     );
-    g.daemon("n0", &["node", "--bootstrap", &sp]);
+    let n0 = g.daemon("n0", &["node", "--bootstrap", &sp, "--os-dir", &os]);
     g.daemon("n1", &["node", "--bootstrap", &sp]);
-    std::fs::create_dir_all(d.join("lab")).expect("lab dir");
-    std::fs::write(
-        d.join("lab/lab.json"),
-        serde_json::json!({ "broker": sp, "pids": [], "members": [] }).to_string(),
-    )
-    .expect("lab.json");
+    // Group b's super-peer takes its policies from sp, and serves them to its node.
+    let spb = g.daemon("spb", &["superpeer", "--group", "b", "--policy-from", &sp]);
+    g.daemon("b0", &["node", "--group", "b", "--bootstrap", &spb]);
     let pat = p("pat");
-    wait_for(Duration::from_secs(20), || {
-        let out = g.run(&["lab", "status", "-o", "json", "--identity", &pat]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        (v["nodes"].as_array()?.len() == 2).then_some(())
-    });
+    for (broker, lab, nodes) in [(&sp, "lab", 2), (&spb, "labb", 1)] {
+        std::fs::create_dir_all(d.join(lab)).expect("lab dir");
+        std::fs::write(
+            d.join(lab).join("lab.json"),
+            serde_json::json!({ "broker": broker, "pids": [], "members": [] }).to_string(),
+        )
+        .expect("lab.json");
+        wait_for(Duration::from_secs(20), || {
+            let out = g.run(&[
+                "lab",
+                "status",
+                "-o",
+                "json",
+                "--identity",
+                &pat,
+                "--dir",
+                &p(lab),
+            ]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["nodes"].as_array()?.len() == nodes).then_some(())
+        });
+    }
+
+    // The image is served to whom n0's policy lets use it: a researcher, not a member.
+    let fetch = |who: &str, into: &str| {
+        g.run(&[
+            "image",
+            "fetch",
+            "--os-dir",
+            &p(into),
+            "--from",
+            &n0,
+            &id,
+            "--identity",
+            &p(who),
+        ])
+    };
+    let out = fetch("bob", "bobos");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("use-image"),
+        "{out:?}"
+    );
+    ok(&fetch("alice", "aliceos"));
+
+    // Group b decides with the policies it fetched from sp.
+    let out = g.run(&[
+        "submit",
+        "examples/pipeline.toml",
+        "--identity",
+        &p("bob"),
+        "--broker",
+        &spb,
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy of domain physics"));
+    let v = json(&g.run(&[
+        "submit",
+        "examples/pipeline.toml",
+        "--identity",
+        &p("alice"),
+        "--broker",
+        &spb,
+        "--wait",
+        "-o",
+        "json",
+    ]));
+    assert_eq!(v["state"], "done", "{v}");
 
     // A researcher's job runs (the nodes took the node-level policy from the super-peer).
     let v = json(&submit(
@@ -150,9 +224,26 @@ fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
     assert_ne!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("unknown CA"), "{err}");
     // Results: a member of physics reads them; the refused jobs were never placed.
-    let out = g.run(&["status", &job, "--identity", &p("bob"), "-o", "json"]);
+    let out = g.run(&[
+        "status",
+        &job,
+        "--identity",
+        &p("bob"),
+        "--broker",
+        &sp,
+        "-o",
+        "json",
+    ]);
     assert!(out.status.success(), "{out:?}");
-    let v = json(&g.run(&["status", "--identity", &p("alice"), "-o", "json"]));
+    let v = json(&g.run(&[
+        "status",
+        "--identity",
+        &p("alice"),
+        "--broker",
+        &sp,
+        "-o",
+        "json",
+    ]));
     assert_eq!(v.as_array().map(Vec::len), Some(1), "one job: {v}");
 
     // Node level: the super-peer's node.polar allows 1 queue per part; the nodes fetch the
