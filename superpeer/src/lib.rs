@@ -7,7 +7,6 @@
 //! - [`proto`]: the control protocol (versioned, size-limited, validated messages).
 //! - [`schedule`]: the pure scheduling decision (filter, rank, partition).
 //! - [`modules`]: module bytes by content hash.
-//! - [`identity`]: keys on disk.
 //! - [`pki`]: domain CAs, node and user certificates, and their checks.
 //! - [`policy`]: the policies in force, their source, and their distribution.
 
@@ -15,7 +14,6 @@ mod broker;
 pub mod client;
 pub mod daemon;
 pub mod environment;
-pub mod identity;
 pub mod modules;
 pub mod net;
 mod node;

@@ -48,7 +48,12 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
     // Certifying an existing key keeps it.
     let node_dir = dir.path().join("n1");
     std::fs::create_dir_all(&node_dir).expect("mkdir");
-    let key = crate::identity::load_or_create(&node_dir.join("key")).expect("key");
+    let key = Keypair::generate_ed25519();
+    std::fs::write(
+        node_dir.join("key"),
+        key.to_protobuf_encoding().expect("encode"),
+    )
+    .expect("key");
     ca2.issue(
         &subject(PrincipalKind::Node, "n1", &["superpeer"]),
         &node_dir,
