@@ -95,6 +95,10 @@ enum Command {
         addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<Principal, NetError>>,
     },
+    /// Send a `Hello` again after a failure on the way.
+    RetryHello {
+        peer: PeerId,
+    },
     Publish {
         topic: String,
         data: Vec<u8>,
@@ -111,6 +115,9 @@ pub struct Gossip {
     /// The payload.
     pub data: Vec<u8>,
 }
+
+/// How many times a `Hello` lost on the way is sent again.
+const HELLO_RETRIES: u32 = 4;
 
 /// The gossip topic of group summaries exchanged by super-peers.
 pub const GROUPS_TOPIC: &str = "/mvm/groups/1";
@@ -307,6 +314,7 @@ impl Net {
             verified: verified.clone(),
             waiting: HashMap::new(),
             hellos: HashMap::new(),
+            hello_tries: HashMap::new(),
             gossip: gossip_tx,
             swarm,
             commands: rx,
@@ -496,6 +504,9 @@ struct Actor {
     waiting: HashMap<PeerId, Vec<Waiting>>,
     /// The `Hello` requests in flight.
     hellos: HashMap<OutboundRequestId, PeerId>,
+    /// Per peer, the `Hello`s lost on the way so far (a connection can drop while two peers
+    /// dial each other at once).
+    hello_tries: HashMap<PeerId, u32>,
     gossip: mpsc::Sender<Gossip>,
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -532,6 +543,11 @@ impl Actor {
                     self.send(peer, request, reply);
                 } else {
                     self.wait(peer, Waiting::Request { request, reply });
+                }
+            }
+            Command::RetryHello { peer } => {
+                if self.waiting.get(&peer).is_some_and(|w| !w.is_empty()) {
+                    self.send_hello(peer);
                 }
             }
             Command::Authenticate { peer, addrs, reply } => {
@@ -595,20 +611,40 @@ impl Actor {
         let queue = self.waiting.entry(peer).or_default();
         queue.push(w);
         if queue.len() == 1 {
-            let hello = Request::Hello {
-                cert: self.creds.cert.clone().into(),
-            };
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .control
-                .send_request(&peer, hello);
-            self.hellos.insert(id, peer);
+            self.send_hello(peer);
         }
+    }
+
+    fn send_hello(&mut self, peer: PeerId) {
+        let hello = Request::Hello {
+            cert: self.creds.cert.clone().into(),
+        };
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_request(&peer, hello);
+        self.hellos.insert(id, peer);
     }
 
     /// The end of a `Hello` this daemon sent: the peer's certificate, or why not.
     fn hello_done(&mut self, peer: PeerId, result: Result<Response, String>) {
+        if let Err(e) = &result {
+            // Lost on the way (not refused): try again a few times, a little later each time.
+            let tries = self.hello_tries.entry(peer).or_insert(0);
+            if *tries < HELLO_RETRIES && self.waiting.contains_key(&peer) {
+                *tries += 1;
+                tracing::debug!(%peer, error = %e, tries = *tries, "hello lost; retrying");
+                let commands = self.self_commands.clone();
+                let delay = Duration::from_millis(50 * u64::from(*tries));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = commands.send(Command::RetryHello { peer }).await;
+                });
+                return;
+            }
+        }
+        self.hello_tries.remove(&peer);
         let outcome = match result {
             Ok(Response::Hello { cert }) => self
                 .creds
