@@ -92,6 +92,24 @@ pub(crate) struct Broker {
     ended: Mutex<std::collections::VecDeque<String>>,
     /// Other groups' summaries, by super-peer, with when they were heard.
     groups: Mutex<HashMap<String, (GroupSummary, Instant)>>,
+    /// What each owner's jobs that have not ended hold here: vCPUs, MiB, vertices.
+    held: Mutex<HashMap<Principal, [i64; 3]>>,
+}
+
+/// An owner's resources counted for a job being placed; given back when dropped, unless the
+/// job took them (then its end gives them back).
+struct Hold {
+    broker: Arc<Broker>,
+    owner: Principal,
+    facts: Option<pol::Job>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Some(f) = self.facts.take() {
+            self.broker.hold(&self.owner, &f, -1);
+        }
+    }
 }
 
 /// How long a group summary stays valid without being heard again.
@@ -116,6 +134,7 @@ impl Broker {
             seq: std::sync::atomic::AtomicU64::new(seed << 20),
             ended: Mutex::new(std::collections::VecDeque::new()),
             groups: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
         }
     }
 
@@ -409,36 +428,37 @@ impl Broker {
         }
     }
 
-    /// What `owner` holds in jobs of this broker that have not ended: vCPUs, MiB, vertices.
-    fn held_by(&self, owner: &Principal) -> (i64, i64, i64) {
-        self.jobs
-            .lock()
-            .values()
-            .filter(|j| !j.status.state.is_final() && j.owner == *owner)
-            .fold((0, 0, 0), |(c, m, v), j| {
-                (
-                    c + j.facts.vcpus,
-                    m + j.facts.memory_mib,
-                    v + j.facts.vertices,
-                )
-            })
+    /// Adds (`sign` 1) or removes (-1) a job's resources to what its owner holds here.
+    fn hold(&self, owner: &Principal, facts: &pol::Job, sign: i64) {
+        let mut held = self.held.lock();
+        let h = held.entry(owner.clone()).or_insert([0; 3]);
+        h[0] = h[0].saturating_add(sign * facts.vcpus);
+        h[1] = h[1].saturating_add(sign * facts.memory_mib);
+        h[2] = h[2].saturating_add(sign * facts.vertices);
+        if *h == [0; 3] {
+            held.remove(owner);
+        }
     }
 
-    /// Asks the policy whether `owner` may submit `s` (and use its image) here.
+    /// Asks the policy whether `owner` may submit `s` (and use its image) here; if so, the
+    /// job's resources count as held by the owner until the returned hold is dropped or
+    /// passed to the job (so two jobs at once cannot both slip under a limit).
     fn authorize(
-        &self,
+        self: &Arc<Self>,
         shared: &Shared,
         owner: &Principal,
         s: &Submission,
         vertices: usize,
-    ) -> Result<pol::Job, String> {
+    ) -> Result<Hold, String> {
         let engine = shared.policies.current().engine.clone();
         let r = &s.requirements;
         let domain = shared.config.domain.clone();
         let vcpus = i64::from(r.vcpus.unwrap_or(1));
         let memory_mib = i64::try_from(r.memory_bytes.unwrap_or(0) >> 20).unwrap_or(i64::MAX);
         let vertices = i64::try_from(vertices).unwrap_or(i64::MAX);
-        let (hc, hm, hv) = self.held_by(owner);
+        // Decided and counted under one lock.
+        let mut held = self.held.lock();
+        let [hc, hm, hv] = held.get(owner).copied().unwrap_or([0; 3]);
         let image = r.image.clone().unwrap_or_else(|| "host".into());
         let facts = pol::Job {
             name: s.name.clone(),
@@ -469,7 +489,16 @@ impl Broker {
                 })
                 .into_result()?;
         }
-        Ok(facts)
+        let h = held.entry(owner.clone()).or_insert([0; 3]);
+        h[0] = h[0].saturating_add(facts.vcpus);
+        h[1] = h[1].saturating_add(facts.memory_mib);
+        h[2] = h[2].saturating_add(facts.vertices);
+        drop(held);
+        Ok(Hold {
+            broker: self.clone(),
+            owner: owner.clone(),
+            facts: Some(facts),
+        })
     }
 
     /// The answer refusing `who` to `action` (`read-results`, `cancel`) job `id`, if the
@@ -552,8 +581,8 @@ impl Broker {
             return Ok(fail(FailureKind::Input, e));
         }
         // The policy enforcement point: nothing is reserved or woken for a denied job.
-        let facts = match self.authorize(shared, owner, &s, topology.vertices.len()) {
-            Ok(f) => f,
+        let mut hold = match self.authorize(shared, owner, &s, topology.vertices.len()) {
+            Ok(h) => h,
             Err(why) => {
                 tracing::info!(job = %s.name, owner = %owner, %why, "job refused by policy");
                 return Ok(fail(
@@ -665,6 +694,13 @@ impl Broker {
             })
             .collect();
         let (changed, _) = watch::channel((0, false));
+        // From here the job holds the owner's resources until it ends.
+        let Some(facts) = hold.facts.take() else {
+            return Ok(fail(
+                FailureKind::Failed,
+                "the job's resources were not held",
+            ));
+        };
         let mut job = Job {
             status: JobStatus {
                 job: id.clone(),
@@ -859,6 +895,7 @@ impl Broker {
             }
             j.status.state = state;
             j.status.error = error;
+            self.hold(&j.owner, &j.facts, -1);
             if state != JobState::Done {
                 j.status.outputs.clear();
             }

@@ -209,6 +209,36 @@ fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
         claims.to_str().expect("utf-8"),
         "the certificate is user alice",
     );
+    // Limits count what the owner holds at once: a running 40-vertex ring, then another is
+    // over the 64 vertices a researcher may hold; once the first is cancelled, it fits.
+    let ring40 = d.join("ring40.dot");
+    let out = ok(&g.run(&["topology", "gen", "ring", "40"]));
+    std::fs::write(&ring40, out).expect("ring40");
+    let long = d.join("long.toml");
+    std::fs::write(
+        &long,
+        format!(
+            "name = \"long\"\ntopology = \"{}\"\n[components]\ntoken = \"{}/jobs/wat/token.wat\"\n[parameters]\nhops = 1000000000\n",
+            ring40.display(),
+            root().display()
+        ),
+    )
+    .expect("profile");
+    let long = long.to_str().expect("utf-8");
+    let v = json(&submit(&g, "alice", long, &["-o", "json"]));
+    let first = v["job"].as_str().expect("job id").to_owned();
+    refused("alice", long, "would hold 80");
+    ok(&g.run(&["cancel", &first, "--identity", &p("alice"), "--broker", &sp]));
+    let v = json(&submit(&g, "alice", long, &["-o", "json"]));
+    let second = v["job"].as_str().expect("job id").to_owned();
+    ok(&g.run(&[
+        "cancel",
+        &second,
+        "--identity",
+        &p("alice"),
+        "--broker",
+        &sp,
+    ]));
     // Carol's CA is not one physics trusts: refused before any request is read.
     let carol = p("carol");
     let trust = p("ca/ca.crt");
@@ -244,7 +274,11 @@ fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
         "-o",
         "json",
     ]));
-    assert_eq!(v.as_array().map(Vec::len), Some(1), "one job: {v}");
+    assert_eq!(
+        v.as_array().map(Vec::len),
+        Some(3),
+        "the pipeline and two cancelled rings: {v}"
+    );
 
     // Node level: the super-peer's node.polar allows 1 queue per part; the nodes fetch the
     // new version before they decide, and the pipeline (3 queues) is refused.
