@@ -111,14 +111,14 @@ pub(crate) fn parse_topology(
 
 /// This node's policy hook, from the policies the broker decided with (fetched from the
 /// super-peer first when this node holds others).
-async fn node_policy(shared: &Arc<Shared>, digest: &str) -> Result<NodePolicy, String> {
+async fn node_policy(shared: &Arc<Shared>, digest: &str) -> NodePolicy {
     if shared.policies.current().digest != digest
         && let Err(e) = crate::policy::fetch_now(shared).await
     {
         tracing::warn!(error = %e, "policies not refreshed; deciding with the ones held");
     }
     let c = &shared.config;
-    Ok(NodePolicy::new(
+    NodePolicy::new(
         shared.policies.current().engine.clone(),
         mvm_component::policy::Node {
             name: c.name.clone(),
@@ -126,7 +126,7 @@ async fn node_policy(shared: &Arc<Shared>, digest: &str) -> Result<NodePolicy, S
             roles: shared.net.principal().roles.clone(),
             group: c.group.clone(),
         },
-    ))
+    )
 }
 
 /// Handles `Prepare`: parse, fetch and compile modules, check, create queues. Nothing runs.
@@ -162,10 +162,7 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
         Err(e) => return fail(FailureKind::Input, e),
     };
     // The node-level policy, before anything is fetched, compiled or provisioned.
-    let hook = match node_policy(shared, &spec.policy_digest).await {
-        Ok(h) => h,
-        Err(e) => return fail(FailureKind::Unavailable, e),
-    };
+    let hook = node_policy(shared, &spec.policy_digest).await;
     let here_vertices: Vec<usize> = (0..topology.vertices.len())
         .filter(|&v| spec.placement[v] == spec.here)
         .collect();

@@ -619,7 +619,8 @@ impl Credentials {
         })
     }
 
-    /// Fresh credentials under a new throw-away CA (tests, and a lab made on the spot).
+    /// Fresh credentials for `subject` with a new key, issued by `ca` and trusting only it,
+    /// kept in memory (for tests and embedding; daemons load theirs from files).
     ///
     /// # Errors
     /// A bad name.
