@@ -22,8 +22,8 @@ use mvm_queue::queue::Stats;
 use mvm_queue::queue::{Receiver, Sender};
 use parking_lot::Mutex;
 use wasmtime::{
-    Engine, InstanceAllocationStrategy, Linker, Module, PoolingAllocationConfig, Store,
-    StoreLimitsBuilder, UpdateDeadline,
+    Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
+    Store, StoreLimitsBuilder, UpdateDeadline,
 };
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -419,17 +419,60 @@ impl Prepared {
         let mut set = tokio::task::JoinSet::new();
         let mut tasks = HashMap::new();
         let count = self.vertices.len();
+        // Imports are resolved once per module, not once per vertex.
+        let mut pres: Vec<(Module, InstancePre<VertexState>)> = Vec::new();
+        let mut slots = vec![0; count];
         for (slot, (v, io, module)) in self.vertices.into_iter().enumerate() {
+            let pre = match pres.iter().find(|(m, _)| Module::same(m, &module)) {
+                Some((_, p)) => p.clone(),
+                None => match self.inner.linker.instantiate_pre(&module) {
+                    Ok(p) => {
+                        pres.push((module, p.clone()));
+                        p
+                    }
+                    Err(e) => {
+                        set.abort_all();
+                        return Err(JobError {
+                            vertex: self.names[v].clone(),
+                            cause: format!("cannot instantiate: {e:#}"),
+                            denied: false,
+                        });
+                    }
+                },
+            };
             let inner = self.inner.clone();
             let limits = self.limits;
             let handle =
-                set.spawn(async move { (slot, v, run_vertex(&inner, &module, io, limits).await) });
+                set.spawn(async move { (slot, v, run_vertex(&inner, &pre, io, limits).await) });
             tasks.insert(handle.id(), v);
+            slots[slot] = v;
         }
         let names = &self.names;
         let mut reports: Vec<Option<VertexReport>> = vec![None; count];
         let mut failure = None;
-        while let Some(joined) = set.join_next_with_id().await {
+        // One deadline for the part's wall-time limit (its vertices start together), not a
+        // timer per vertex.
+        let wall = self.limits.wall;
+        let deadline = tokio::time::sleep(wall.unwrap_or(Duration::from_secs(1 << 40)));
+        tokio::pin!(deadline);
+        loop {
+            let joined = tokio::select! {
+                j = set.join_next_with_id() => j,
+                () = &mut deadline, if wall.is_some() => {
+                    set.abort_all();
+                    let slot = reports.iter().position(Option::is_none).unwrap_or(0);
+                    failure.get_or_insert(JobError {
+                        vertex: names[slots[slot]].clone(),
+                        cause: format!(
+                            "wall-time limit of {:?} exceeded",
+                            wall.unwrap_or_default()
+                        ),
+                        denied: false,
+                    });
+                    break;
+                }
+            };
+            let Some(joined) = joined else { break };
             let (slot, v, result) = match joined {
                 Ok((_, r)) => r,
                 Err(e) => {
@@ -588,7 +631,7 @@ fn wire(
 /// Runs one vertex to its end; its stdout, or why it failed.
 async fn run_vertex(
     inner: &Inner,
-    module: &Module,
+    pre: &InstancePre<VertexState>,
     io: VertexIo,
     limits: Limits,
 ) -> Result<Bytes, String> {
@@ -621,23 +664,16 @@ async fn run_vertex(
         Ok(UpdateDeadline::Yield(1))
     });
     store.set_epoch_deadline(1);
-    let instance = inner
-        .linker
-        .instantiate_async(&mut store, module)
+    let instance = pre
+        .instantiate_async(&mut store)
         .await
         .map_err(|e| format!("cannot instantiate: {e:#}"))?;
     let entry = instance
         .get_typed_func::<(), ()>(&mut store, "_start")
         .or_else(|_| instance.get_typed_func::<(), ()>(&mut store, "run"))
         .map_err(|_| "the module exports neither '_start' nor 'run'".to_owned())?;
-    let call = entry.call_async(&mut store, ());
-    let result = match limits.wall {
-        Some(w) => match tokio::time::timeout(w, call).await {
-            Ok(r) => r,
-            Err(_) => return Err(format!("wall-time limit of {w:?} exceeded")),
-        },
-        None => call.await,
-    };
+    // The wall-time limit is the part's deadline, kept by `Prepared::run`.
+    let result = entry.call_async(&mut store, ()).await;
     drop(store); // closes this vertex's output queues
     match result {
         Ok(()) => Ok(stdout.contents()),
