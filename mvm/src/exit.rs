@@ -39,3 +39,8 @@ impl Failure {
         }
     }
 }
+
+/// Bad input described by a message: exit 2.
+pub(crate) fn input(e: impl std::fmt::Display) -> Failure {
+    Failure::input(anyhow::anyhow!("{e}"))
+}

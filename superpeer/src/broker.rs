@@ -96,6 +96,22 @@ pub(crate) struct Broker {
     held: Mutex<HashMap<Principal, [i64; 3]>>,
 }
 
+/// Adds (`sign` 1) or removes (-1) `facts`' vCPUs, MiB and vertices to what `owner` holds.
+fn add_held(
+    held: &mut HashMap<Principal, [i64; 3]>,
+    owner: &Principal,
+    facts: &pol::Job,
+    sign: i64,
+) {
+    let h = held.entry(owner.clone()).or_insert([0; 3]);
+    h[0] = h[0].saturating_add(sign * facts.vcpus);
+    h[1] = h[1].saturating_add(sign * facts.memory_mib);
+    h[2] = h[2].saturating_add(sign * facts.vertices);
+    if *h == [0; 3] {
+        held.remove(owner);
+    }
+}
+
 /// An owner's resources counted for a job being placed; given back when dropped, unless the
 /// job took them (then its end gives them back).
 struct Hold {
@@ -430,14 +446,7 @@ impl Broker {
 
     /// Adds (`sign` 1) or removes (-1) a job's resources to what its owner holds here.
     fn hold(&self, owner: &Principal, facts: &pol::Job, sign: i64) {
-        let mut held = self.held.lock();
-        let h = held.entry(owner.clone()).or_insert([0; 3]);
-        h[0] = h[0].saturating_add(sign * facts.vcpus);
-        h[1] = h[1].saturating_add(sign * facts.memory_mib);
-        h[2] = h[2].saturating_add(sign * facts.vertices);
-        if *h == [0; 3] {
-            held.remove(owner);
-        }
+        add_held(&mut self.held.lock(), owner, facts, sign);
     }
 
     /// Asks the policy whether `owner` may submit `s` (and use its image) here; if so, the
@@ -489,10 +498,7 @@ impl Broker {
                 })
                 .into_result()?;
         }
-        let h = held.entry(owner.clone()).or_insert([0; 3]);
-        h[0] = h[0].saturating_add(facts.vcpus);
-        h[1] = h[1].saturating_add(facts.memory_mib);
-        h[2] = h[2].saturating_add(facts.vertices);
+        add_held(&mut held, owner, &facts, 1);
         drop(held);
         Ok(Hold {
             broker: self.clone(),

@@ -562,13 +562,7 @@ impl Actor {
                     None => self.wait(peer, Waiting::Auth(reply)),
                 }
             }
-            Command::Respond { channel, response } => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .control
-                    .send_response(channel, response);
-            }
+            Command::Respond { channel, response } => self.respond(channel, response),
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
@@ -590,6 +584,14 @@ impl Actor {
                 }
             }
         }
+    }
+
+    fn respond(&mut self, channel: ResponseChannel<Response>, response: Response) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .control
+            .send_response(channel, response);
     }
 
     fn send(
@@ -698,11 +700,7 @@ impl Actor {
                 ))
             }
         };
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .control
-            .send_response(channel, response);
+        self.respond(channel, response);
     }
 
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -750,11 +748,7 @@ impl Actor {
                                 self.swarm.local_peer_id()
                             ),
                         ));
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .control
-                            .send_response(channel, response);
+                        self.respond(channel, response);
                         return;
                     };
                     if let Err(e) = request.validate() {
@@ -762,11 +756,7 @@ impl Actor {
                             FailureKind::Input,
                             format!("invalid request from {peer}: {e}"),
                         ));
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .control
-                            .send_response(channel, response);
+                        self.respond(channel, response);
                         return;
                     }
                     let inbound = Inbound {
@@ -785,11 +775,7 @@ impl Actor {
                             FailureKind::Unavailable,
                             "this daemon is too busy to take the request",
                         ));
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .control
-                            .send_response(inbound.channel, response);
+                        self.respond(inbound.channel, response);
                     }
                 }
                 request_response::Message::Response {

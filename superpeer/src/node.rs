@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::AsyncWriteExt;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::NodePolicy;
-use mvm_component::runtime::{JobSpec, Limits, PolicyHook, Prepared, Runtime};
+use mvm_component::runtime::{AllowAll, JobSpec, Limits, PolicyHook, Prepared, Runtime};
 use mvm_component::topology::{Diagnostic, Error as TopologyError, Options, Topology};
 use mvm_queue::Controller;
 use mvm_queue::queue::Sender;
@@ -264,7 +264,14 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
     };
     let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
     let here = spec.here as usize;
-    let mut prepared = match runtime.prepare(&job, &role.queues, &hook, &placement, here) {
+    let mut prepared = match runtime.prepare(
+        &job,
+        &role.queues,
+        // The same hook already allowed this part, before anything was fetched.
+        &AllowAll,
+        &placement,
+        here,
+    ) {
         Ok(p) => p,
         Err(e) => {
             let kind = if e.denied {

@@ -99,10 +99,12 @@ fn serial(seed: &[u8]) -> SerialNumber {
 }
 
 /// How long a certificate is valid, from an hour ago (clocks differ) to `days` from now.
-fn validity(p: &mut CertificateParams, days: i64) {
+fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
     let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::days(days);
+    (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(days),
+    )
 }
 
 /// A libp2p ed25519 public key as a certificate's subject key.
@@ -163,7 +165,7 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
         ];
         p.serial_number = Some(serial(key.public_key_raw()));
-        validity(&mut p, days);
+        (p.not_before, p.not_after) = validity(days);
         let cert = p
             .self_signed(&key)
             .map_err(|e| err(format!("cannot sign the CA certificate: {e}")))?;
@@ -217,13 +219,8 @@ impl Ca {
         key: &libp2p::identity::PublicKey,
         days: i64,
     ) -> Result<String, PkiError> {
-        let now = time::OffsetDateTime::now_utc();
-        self.certify_between(
-            subject,
-            key,
-            now - time::Duration::hours(1),
-            now + time::Duration::days(days),
-        )
+        let (from, to) = validity(days);
+        self.certify_between(subject, key, from, to)
     }
 
     /// As [`Ca::certify`], valid between two instants (tests make expired certificates).
@@ -467,11 +464,14 @@ impl Trust {
                 self.domains().join(", ")
             )));
         }
-        let anchor = anchors
+        // Each candidate CA is parsed once: for the signature, then for its own validity.
+        let (anchor, ca) = anchors
             .into_iter()
-            .find(|a| {
-                X509Certificate::from_der(&a.der)
-                    .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+            .find_map(|a| {
+                let (_, ca) = X509Certificate::from_der(&a.der).ok()?;
+                cert.verify_signature(Some(ca.public_key()))
+                    .is_ok()
+                    .then_some((a, ca))
             })
             .ok_or_else(|| {
                 refuse(format!(
@@ -487,9 +487,7 @@ impl Trust {
                 validity.not_before, validity.not_after
             )));
         }
-        if let Ok((_, ca)) = X509Certificate::from_der(&anchor.der)
-            && !ca.validity().is_valid()
-        {
+        if !ca.validity().is_valid() {
             return Err(refuse(format!(
                 "the CA of domain {} has expired",
                 anchor.domain
@@ -536,10 +534,7 @@ impl Trust {
             .filter(|(_, n)| name_ok(n))
             .ok_or_else(|| refuse("it names no MVM user or node".into()))?;
         // The certified key must be the peer's own: that is what the connection proved.
-        let spki = &cert.public_key().subject_public_key.data;
-        let key_peer = libp2p::identity::ed25519::PublicKey::try_from_bytes(spki)
-            .map(|k| libp2p::identity::PublicKey::from(k).to_peer_id())
-            .map_err(|_| refuse("it does not certify an ed25519 key".into()))?;
+        let key_peer = key_peer(&cert).map_err(refuse)?;
         if key_peer != *peer {
             return Err(refuse(format!(
                 "it is bound to peer {key_peer}, not to {peer} (another's certificate)"
@@ -647,6 +642,14 @@ impl Credentials {
     }
 }
 
+/// The peer id of the ed25519 key a certificate certifies.
+fn key_peer(cert: &X509Certificate<'_>) -> Result<PeerId, String> {
+    let spki = &cert.public_key().subject_public_key.data;
+    libp2p::identity::ed25519::PublicKey::try_from_bytes(spki)
+        .map(|k| libp2p::identity::PublicKey::from(k).to_peer_id())
+        .map_err(|_| "it does not certify an ed25519 key".to_owned())
+}
+
 /// The identity a certificate file names, checked against the CA files `trust` (for
 /// `mvm policy query --actor CERT`; the key binding is not checked, as there is no peer).
 ///
@@ -656,10 +659,7 @@ pub fn read_principal(cert: &Path, trust: &Trust) -> Result<Principal, PkiError>
     let text = std::fs::read_to_string(cert).map_err(|e| io_err(cert, e))?;
     let der = parse_pem(&text).map_err(|e| io_err(cert, e))?;
     let (_, x) = X509Certificate::from_der(&der).map_err(|e| io_err(cert, e))?;
-    let spki = &x.public_key().subject_public_key.data;
-    let peer = libp2p::identity::ed25519::PublicKey::try_from_bytes(spki)
-        .map(|k| libp2p::identity::PublicKey::from(k).to_peer_id())
-        .map_err(|_| io_err(cert, "it does not certify an ed25519 key"))?;
+    let peer = key_peer(&x).map_err(|e| io_err(cert, e))?;
     trust.verify(&der, &peer).map_err(|e| io_err(cert, e))
 }
 

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use mvm_component::policy::{Bundle, Cached, Engine, OsoEngine};
 use parking_lot::{Mutex, RwLock};
 
+use crate::proto::{Failure, FailureKind, Request, Response};
+
 /// How many answers a loaded version remembers.
 const CACHE: usize = 1 << 16;
 
@@ -167,11 +169,8 @@ impl Policies {
     }
 }
 
-fn refused(m: String) -> crate::proto::Response {
-    crate::proto::Response::Error(crate::proto::Failure::new(
-        crate::proto::FailureKind::Refused,
-        m,
-    ))
+fn refused(m: String) -> Response {
+    Response::Error(Failure::new(FailureKind::Refused, m))
 }
 
 /// `Request::Policy`: the bundle in force, to nodes and super-peers (not to users).
@@ -179,12 +178,12 @@ pub(crate) fn serve(
     shared: &crate::daemon::Shared,
     asker: &mvm_component::policy::Principal,
     have: &str,
-) -> crate::proto::Response {
+) -> Response {
     if asker.kind != mvm_component::policy::PrincipalKind::Node {
         return refused(format!("{asker} is not a node; policies go to nodes only"));
     }
     let cur = shared.policies.current();
-    crate::proto::Response::Policy {
+    Response::Policy {
         version: cur.version,
         digest: cur.digest.clone(),
         bundle: (have != cur.digest).then(|| (*cur.bundle).clone()),
@@ -195,7 +194,7 @@ pub(crate) fn serve(
 pub(crate) fn reload(
     shared: &crate::daemon::Shared,
     asker: &mvm_component::policy::Principal,
-) -> crate::proto::Response {
+) -> Response {
     use mvm_component::policy::{Domain, Question, Resource};
     let domain = &shared.config.domain;
     let cur = shared.policies.current();
@@ -208,8 +207,8 @@ pub(crate) fn reload(
         return refused(why);
     }
     if !matches!(shared.policies.source(), PolicySource::Dir(_)) {
-        return crate::proto::Response::Error(crate::proto::Failure::new(
-            crate::proto::FailureKind::Input,
+        return Response::Error(Failure::new(
+            FailureKind::Input,
             format!(
                 "{} holds no policy directory (its policies: {:?})",
                 shared.net.peer(),
@@ -218,15 +217,12 @@ pub(crate) fn reload(
         ));
     }
     match shared.policies.reload() {
-        Ok((l, _)) => crate::proto::Response::Policy {
+        Ok((l, _)) => Response::Policy {
             version: l.version,
             digest: l.digest.clone(),
             bundle: None,
         },
-        Err(e) => crate::proto::Response::Error(crate::proto::Failure::new(
-            crate::proto::FailureKind::Input,
-            e,
-        )),
+        Err(e) => Response::Error(Failure::new(FailureKind::Input, e)),
     }
 }
 
@@ -238,7 +234,6 @@ pub(crate) fn reload(
 pub(crate) async fn fetch_now(
     shared: &std::sync::Arc<crate::daemon::Shared>,
 ) -> Result<bool, String> {
-    use crate::proto::{Request, Response};
     let (peer, addrs) = match shared.policies.source() {
         PolicySource::Fetch(Some(addr)) => {
             let (p, a) = crate::net::split_peer(addr)?;

@@ -108,22 +108,12 @@ impl Bundle {
             message: e.to_string(),
         };
         let mut files = BTreeMap::new();
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| io(dir, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| io(dir, e))?;
-        entries.sort_by_key(std::fs::DirEntry::file_name);
-        for e in entries {
+        for e in sorted_entries(dir)? {
             let path = e.path();
             let name = e.file_name().to_string_lossy().into_owned();
             let kind = e.file_type().map_err(|err| io(&path, err))?;
             if kind.is_dir() && name_ok(&name) {
-                let mut inner: Vec<_> = std::fs::read_dir(&path)
-                    .map_err(|err| io(&path, err))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|err| io(&path, err))?;
-                inner.sort_by_key(std::fs::DirEntry::file_name);
-                for f in inner {
+                for f in sorted_entries(&path)? {
                     let fname = f.file_name().to_string_lossy().into_owned();
                     if fname.ends_with(".polar") {
                         let rel = format!("{name}/{fname}");
@@ -209,6 +199,20 @@ impl Bundle {
         d.dedup();
         d
     }
+}
+
+/// The entries of `dir`, by name.
+fn sorted_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>, BundleError> {
+    let io = |e: std::io::Error| BundleError::Io {
+        path: dir.to_owned(),
+        message: e.to_string(),
+    };
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    Ok(entries)
 }
 
 fn read_text(path: &Path) -> Result<String, BundleError> {

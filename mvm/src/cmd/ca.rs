@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use mvm_component::policy::PrincipalKind;
 use mvm_superpeer::pki::{Ca, Subject, Trust};
 
-use crate::exit::Failure;
+use crate::exit::{Failure, input};
 
 /// Arguments of `mvm ca`.
 #[derive(Debug, clap::Args)]
@@ -70,10 +70,6 @@ enum Kind {
     Node,
     /// A person.
     User,
-}
-
-fn input(e: impl std::fmt::Display) -> Failure {
-    Failure::input(anyhow::anyhow!("{e}"))
 }
 
 /// A trust store of `files`, or of `ca.pem` beside `cert` when none is given.

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::print;
 use crate::OutputArg;
-use crate::exit::Failure;
+use crate::exit::{Failure, input};
 
 /// Arguments of `mvm image`.
 #[derive(Debug, clap::Args)]
@@ -91,10 +91,6 @@ struct Row {
     drivers: Vec<String>,
     os: String,
     arch: String,
-}
-
-fn input(e: impl std::fmt::Display) -> Failure {
-    Failure::input(anyhow::anyhow!("{e}"))
 }
 
 fn resolve(repo: &Repository, id: &str) -> Result<ImageId, ImageError> {

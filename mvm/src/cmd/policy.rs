@@ -6,7 +6,7 @@ use mvm_component::policy::{self as pol, Bundle, Decision, Engine, OsoEngine, Qu
 use serde::Serialize;
 
 use crate::OutputArg;
-use crate::exit::{Failure, REFUSED};
+use crate::exit::{Failure, REFUSED, input};
 
 /// Arguments of `mvm policy`.
 #[derive(Debug, clap::Args)]
@@ -63,10 +63,6 @@ enum Which {
         #[command(flatten)]
         out: OutputArg,
     },
-}
-
-fn input(e: impl std::fmt::Display) -> Failure {
-    Failure::input(anyhow::anyhow!("{e}"))
 }
 
 #[derive(Serialize)]

@@ -44,6 +44,13 @@ fn submit(g: &Groups, who: &str, profile: &str, extra: &[&str]) -> std::process:
     g.run(&args)
 }
 
+/// `mvm submit --wait` as `who`, which must end done.
+fn runs_to_done(g: &Groups, who: &str, profile: &Path) {
+    let profile = profile.to_str().expect("utf-8");
+    let v = json(&submit(g, who, profile, &["--wait", "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+}
+
 #[test]
 fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
     build_jobs();
@@ -319,13 +326,7 @@ fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
     std::fs::write(&node_polar, text).expect("restore");
     let v = json(&g.run(&["policy", "reload", "--identity", &pat, "-o", "json"]));
     assert_eq!(v["version"], 3, "{v}");
-    let v = json(&submit(
-        &g,
-        "alice",
-        one.to_str().expect("utf-8"),
-        &["--wait", "-o", "json"],
-    ));
-    assert_eq!(v["state"], "done", "{v}");
+    runs_to_done(&g, "alice", &one);
     // A broken edit is refused with file and line; the version in force stays.
     std::fs::write(
         policies.join("physics/broken.polar"),
@@ -336,11 +337,5 @@ fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("physics/broken.polar:2"), "{err}");
-    let v = json(&submit(
-        &g,
-        "alice",
-        one.to_str().expect("utf-8"),
-        &["--wait", "-o", "json"],
-    ));
-    assert_eq!(v["state"], "done", "{v}");
+    runs_to_done(&g, "alice", &one);
 }
