@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use mvm_queue::codec::Codec;
@@ -34,6 +35,9 @@ pub(crate) struct InPort {
     pub(crate) rx: Receiver<Bytes>,
     pub(crate) codec: Codec,
     pub(crate) kept: Mutex<Option<Bytes>>,
+    /// Every channel into the port comes from a vertex on this node, so an item may come
+    /// within a poll (one from another node takes longer than any poll).
+    pub(crate) local: bool,
 }
 
 /// An output port: every channel it feeds.
@@ -72,6 +76,10 @@ pub(crate) struct VertexState {
     pub(crate) stdout: MemoryOutputPipe,
     pub(crate) limits: StoreLimits,
     pub(crate) io: Arc<VertexIo>,
+    /// The job's exported memory, found once after instantiation.
+    pub(crate) memory: Option<Memory>,
+    /// The most a receive polls before parking, in nanoseconds (0: never; on the shared pool).
+    pub(crate) spin: u32,
 }
 
 const NO_PORT: i64 = -1;
@@ -80,6 +88,9 @@ const EMPTY: i64 = -3;
 const BAD_ITEM: i64 = -4;
 
 fn memory(caller: &mut Caller<'_, VertexState>) -> wasmtime::Result<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
         _ => wasmtime::bail!("the job exports no memory named 'memory'"),
@@ -194,10 +205,16 @@ async fn receive(
         }
         return Ok(n);
     }
-    // No spinning before parking: the waking sender's worker runs this task next (tokio's
-    // LIFO slot), so a hand-off between vertices stays on one thread; a spin would block it.
+    // On the shared pool, no polling before parking: the waking sender's worker runs this task
+    // next (tokio's LIFO slot), so a hand-off stays on one thread, and a poll would block it.
+    // On a dedicated thread, nothing else waits for this core; only items from local vertices
+    // are polled for.
+    let budget = if port.local { caller.data().spin } else { 0 };
     let got = if wait {
-        port.rx.recv_async().await
+        match poll(port, budget) {
+            Some(got) => got,
+            None => port.rx.recv_async().await,
+        }
     } else {
         port.rx.try_recv()
     };
@@ -207,6 +224,30 @@ async fn receive(
             RecvFailure::Closed => END,
             RecvFailure::Empty | RecvFailure::Timeout => EMPTY,
         }),
+    }
+}
+
+/// Polls `port` for up to `budget` ns; `None` if nothing came.
+///
+/// The budget is fixed, not adapted: a budget that shrinks after a poll that found nothing
+/// locks two vertices into parking, because a parked partner's wake-up takes longer than the
+/// shrunken poll.
+fn poll(port: &InPort, budget: u32) -> Option<Result<Bytes, mvm_queue::queue::RecvError>> {
+    if budget == 0 {
+        return None;
+    }
+    let start = Instant::now();
+    let mut n = 0u32;
+    loop {
+        match port.rx.try_recv() {
+            Err(e) if e.failure == RecvFailure::Empty => {}
+            got => return Some(got),
+        }
+        n = n.wrapping_add(1);
+        if n.is_multiple_of(64) && start.elapsed().as_nanos() >= u128::from(budget) {
+            return None;
+        }
+        std::hint::spin_loop();
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod cache;
+mod dedicated;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use crate::topology::Topology;
 use abi::{InPort, OutPort, VertexIo, VertexState};
 pub use cache::{ModuleCache, Source};
+use dedicated::Dedicated;
 
 /// How a node's runtime is set up.
 #[derive(Debug, Clone)]
@@ -43,6 +45,11 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: usize,
     /// The epoch tick: how often a running guest yields, and the unit of CPU limits.
     pub tick: Duration,
+    /// Threads kept for parts whose vertices fit them, one vertex per thread (0: every vertex
+    /// runs on the caller's tokio pool). Defaults to the number of cores.
+    pub dedicated_threads: usize,
+    /// How long a receive on a dedicated thread polls its queue before it parks.
+    pub spin: Duration,
 }
 
 impl Default for RuntimeConfig {
@@ -52,6 +59,8 @@ impl Default for RuntimeConfig {
             max_instances: 4096,
             max_memory_bytes: 64 << 20,
             tick: Duration::from_millis(5),
+            dedicated_threads: std::thread::available_parallelism().map_or(1, usize::from),
+            spin: Duration::from_micros(20),
         }
     }
 }
@@ -164,6 +173,8 @@ struct Inner {
     engine: Engine,
     linker: Linker<VertexState>,
     tick: Duration,
+    dedicated: Dedicated,
+    spin: Duration,
 }
 
 /// A node's WebAssembly runtime.
@@ -240,6 +251,8 @@ impl Runtime {
                 engine,
                 linker,
                 tick: config.tick,
+                dedicated: Dedicated::new(config.dedicated_threads),
+                spin: config.spin,
             }),
             cache,
             stop,
@@ -422,6 +435,18 @@ impl Prepared {
         // Imports are resolved once per module, not once per vertex.
         let mut pres: Vec<(Module, InstancePre<VertexState>)> = Vec::new();
         let mut slots = vec![0; count];
+        // A thread per vertex when the part fits the free dedicated threads and its vertices
+        // pass items among themselves. A part fed only from other nodes stays on the pool: there
+        // a poll cannot win, and the node's network tasks hand items over on the same worker.
+        let passes = self
+            .vertices
+            .iter()
+            .any(|(_, io, _)| io.inputs.0.iter().any(|(_, p)| p.local));
+        let mut threads = if passes {
+            self.inner.dedicated.take(count).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for (slot, (v, io, module)) in self.vertices.into_iter().enumerate() {
             let pre = match pres.iter().find(|(m, _)| Module::same(m, &module)) {
                 Some((_, p)) => p.clone(),
@@ -432,6 +457,7 @@ impl Prepared {
                     }
                     Err(e) => {
                         set.abort_all();
+                        self.inner.dedicated.give_back(threads);
                         return Err(JobError {
                             vertex: self.names[v].clone(),
                             cause: format!("cannot instantiate: {e:#}"),
@@ -442,8 +468,13 @@ impl Prepared {
             };
             let inner = self.inner.clone();
             let limits = self.limits;
-            let handle =
-                set.spawn(async move { (slot, v, run_vertex(&inner, &pre, io, limits).await) });
+            let handle = match threads.pop() {
+                Some(thread) => set.spawn(on_thread(thread, slot, v, inner, pre, io, limits)),
+                None => set.spawn(async move {
+                    let r = run_vertex(&inner, &pre, io, limits, Duration::ZERO).await;
+                    (slot, v, r)
+                }),
+            };
             tasks.insert(handle.id(), v);
             slots[slot] = v;
         }
@@ -582,7 +613,7 @@ fn wire(
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
         let mut port_list = String::new();
-        for port in index[v].inputs.keys() {
+        for (port, chans) in &index[v].inputs {
             let h = &handles[&(v, *port)];
             inputs.push((
                 Box::<str>::from(*port),
@@ -590,6 +621,7 @@ fn wire(
                     rx: h.queue.receiver(),
                     codec: h.codec.clone(),
                     kept: Mutex::new(None),
+                    local: chans.iter().all(|c| local(c.from.vertex)),
                 },
             ));
             port_list.push_str(&format!("in {port}\n"));
@@ -628,12 +660,46 @@ fn wire(
     Ok((ios, remote_inputs, remote_outputs))
 }
 
-/// Runs one vertex to its end; its stdout, or why it failed.
+/// Runs one vertex on a dedicated thread, where its receives may poll before parking; the
+/// vertex is dropped there (its store and queues released) when this future is.
+async fn on_thread(
+    thread: dedicated::Worker,
+    slot: usize,
+    v: usize,
+    inner: Arc<Inner>,
+    pre: InstancePre<VertexState>,
+    io: VertexIo,
+    limits: Limits,
+) -> (usize, usize, Result<Bytes, String>) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let work = Box::pin(async move {
+        let spin = inner.spin;
+        tokio::select! {
+            r = run_vertex(&inner, &pre, io, limits, spin) => {
+                let _ = done_tx.send(r);
+            }
+            _ = cancel_rx => {}
+        }
+    });
+    if thread.run(work).is_err() {
+        return (slot, v, Err("its dedicated thread is gone".into()));
+    }
+    let r = done_rx
+        .await
+        .unwrap_or_else(|_| Err("its dedicated thread ended without a result".into()));
+    drop(cancel_tx);
+    (slot, v, r)
+}
+
+/// Runs one vertex to its end; its stdout, or why it failed. `spin` is how long a receive may
+/// poll before parking (zero on the shared pool).
 async fn run_vertex(
     inner: &Inner,
     pre: &InstancePre<VertexState>,
     io: VertexIo,
     limits: Limits,
+    spin: Duration,
 ) -> Result<Bytes, String> {
     let stdout = MemoryOutputPipe::new(1 << 20);
     let store_limits = StoreLimitsBuilder::new()
@@ -648,6 +714,8 @@ async fn run_vertex(
             stdout: stdout.clone(),
             limits: store_limits,
             io: Arc::new(io),
+            memory: None,
+            spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
         },
     );
     store.limiter(|s| &mut s.limits);
@@ -668,6 +736,7 @@ async fn run_vertex(
         .instantiate_async(&mut store)
         .await
         .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+    store.data_mut().memory = instance.get_memory(&mut store, "memory");
     let entry = instance
         .get_typed_func::<(), ()>(&mut store, "_start")
         .or_else(|_| instance.get_typed_func::<(), ()>(&mut store, "run"))

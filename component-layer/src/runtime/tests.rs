@@ -12,9 +12,15 @@ use crate::topology::{Options, Topology, generate::generate};
 const TOKEN: &str = include_str!("../../../jobs/wat/token.wat");
 
 fn runtime() -> Runtime {
+    runtime_with(2)
+}
+
+/// A runtime with `dedicated` vertex threads (0: every vertex on the caller's pool).
+fn runtime_with(dedicated: usize) -> Runtime {
     Runtime::new(&RuntimeConfig {
         max_instances: 1100,
         max_memory_bytes: 4 << 20,
+        dedicated_threads: dedicated,
         ..RuntimeConfig::default()
     })
     .expect("runtime")
@@ -113,15 +119,38 @@ fn pair() -> Topology {
     topology("digraph { a [component=a]; b [component=b]; a -> b; b:back -> a:in2 }")
 }
 
+/// Runs `a` beside a vertex that waits forever, on dedicated threads and on the shared pool;
+/// the failure must be the same both ways, and the dedicated threads must come back.
 async fn failure(a: &str, limits: Limits) -> JobError {
-    let rt = runtime();
-    let t = pair();
-    let q = controller();
-    let mut s = spec(&rt, &t, &[("a", a), ("b", SINK_FOREVER)], &[]);
-    s.limits = limits;
-    let e = rt.run(&s, &q, &AllowAll).await.expect_err("fails");
-    assert!(q.is_empty(), "queues destroyed after a failure");
-    e
+    let mut errors = Vec::new();
+    for dedicated in [2, 0] {
+        let rt = runtime_with(dedicated);
+        let t = pair();
+        let q = controller();
+        let mut s = spec(&rt, &t, &[("a", a), ("b", SINK_FOREVER)], &[]);
+        s.limits = limits;
+        let e = rt.run(&s, &q, &AllowAll).await.expect_err("fails");
+        assert!(q.is_empty(), "queues destroyed after a failure");
+        if dedicated > 0 {
+            assert_eq!(
+                rt.inner.dedicated.started(),
+                2,
+                "the pair ran on dedicated threads"
+            );
+            // The cancelled vertices end on their threads, which become idle again.
+            let back = (0..400).find_map(|_| {
+                std::thread::sleep(Duration::from_millis(5));
+                rt.inner.dedicated.take(dedicated)
+            });
+            assert!(back.is_some(), "the dedicated threads came back after {e}");
+        }
+        errors.push(e);
+    }
+    assert_eq!(
+        errors[0], errors[1],
+        "dedicated threads and the shared pool agree"
+    );
+    errors.remove(0)
 }
 
 fn limits() -> Limits {

@@ -1,0 +1,161 @@
+//! Dedicated vertex threads: a part whose vertices fit the node's free cores runs each vertex
+//! on a thread of its own, where a receive may poll before it parks (as MPI ranks do).
+//!
+//! On the shared tokio pool a vertex must never spin: the task it just woke sits in its
+//! worker's LIFO slot, which no other worker can steal, so a spin would delay the very reply it
+//! waits for. On a dedicated thread nothing else is scheduled, so a short poll costs only that
+//! core, and a hand-off between two vertices on two cores takes a cache-line transfer instead
+//! of a wake-up through the kernel. Parts larger than the free cores (a 16-vertex ring on 2
+//! cores) stay on the shared pool, where hand-offs between tasks on one worker are cheapest.
+//!
+//! Threads are started on first use, at most one per core, and kept: each runs one vertex at a
+//! time on its own current-thread tokio runtime.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use parking_lot::Mutex;
+
+type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The dedicated threads of one runtime.
+pub(crate) struct Dedicated {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Idle threads.
+    idle: Mutex<Vec<Worker>>,
+    /// Threads started, and the most there may be.
+    started: Mutex<usize>,
+    limit: usize,
+}
+
+/// One idle thread, ready for a vertex.
+pub(crate) struct Worker {
+    tx: mpsc::Sender<(Work, Worker)>,
+}
+
+impl Dedicated {
+    /// At most `limit` threads (0: never dedicate).
+    pub(crate) fn new(limit: usize) -> Dedicated {
+        Dedicated {
+            shared: Arc::new(Shared {
+                idle: Mutex::new(Vec::new()),
+                started: Mutex::new(0),
+                limit,
+            }),
+        }
+    }
+
+    /// `n` threads for the vertices of one part, or `None` when fewer are free (the part then
+    /// runs on the shared pool).
+    pub(crate) fn take(&self, n: usize) -> Option<Vec<Worker>> {
+        if n == 0 {
+            return None;
+        }
+        let mut started = self.shared.started.lock();
+        let mut idle = self.shared.idle.lock();
+        if idle.len() + (self.shared.limit - *started) < n {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match idle.pop() {
+                Some(w) => out.push(w),
+                None => match self.spawn() {
+                    Some(w) => {
+                        *started += 1;
+                        out.push(w);
+                    }
+                    None => {
+                        // The thread could not be started: give back what was taken.
+                        idle.extend(out);
+                        return None;
+                    }
+                },
+            }
+        }
+        Some(out)
+    }
+
+    /// Threads started so far.
+    #[cfg(test)]
+    pub(crate) fn started(&self) -> usize {
+        *self.shared.started.lock()
+    }
+
+    /// Returns threads that were taken but not used.
+    pub(crate) fn give_back(&self, workers: Vec<Worker>) {
+        self.shared.idle.lock().extend(workers);
+    }
+
+    fn spawn(&self) -> Option<Worker> {
+        let (tx, rx) = mpsc::channel::<(Work, Worker)>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        let shared = Arc::downgrade(&self.shared);
+        std::thread::Builder::new()
+            .name("mvm-vertex".into())
+            .spawn(move || {
+                // The thread ends when every handle to it is gone: the idle list's (when the
+                // runtime is dropped) and the one that comes with each piece of work.
+                while let Ok((work, me)) = rx.recv() {
+                    rt.block_on(work);
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    shared.idle.lock().push(me);
+                }
+            })
+            .ok()?;
+        Some(Worker { tx })
+    }
+}
+
+impl Worker {
+    /// Runs `work` on this thread, which becomes idle again after it.
+    ///
+    /// # Errors
+    /// The thread is gone (it panicked); the work is handed back.
+    pub(crate) fn run(self, work: Work) -> Result<(), Work> {
+        let tx = self.tx.clone();
+        tx.send((work, self)).map_err(|e| e.0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_are_taken_up_to_the_limit_and_come_back_when_idle() {
+        let d = Dedicated::new(2);
+        assert!(d.take(3).is_none(), "more than the limit");
+        let two = d.take(2).expect("two threads");
+        assert!(d.take(1).is_none(), "all are taken");
+        let (tx, rx) = mpsc::channel();
+        for w in two {
+            let tx = tx.clone();
+            let name = async move {
+                let _ = tx.send(std::thread::current().name().map(str::to_owned));
+            };
+            assert!(w.run(Box::pin(name)).is_ok());
+        }
+        for _ in 0..2 {
+            let name = rx.recv().expect("ran");
+            assert_eq!(name.as_deref(), Some("mvm-vertex"));
+        }
+        // Both threads return to the idle list after their work.
+        let back = (0..200).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            d.take(2)
+        });
+        assert!(back.is_some(), "the threads came back");
+        assert_eq!(*d.shared.started.lock(), 2, "no new thread was started");
+    }
+}
