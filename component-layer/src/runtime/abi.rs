@@ -212,7 +212,7 @@ async fn receive(
     let budget = if port.local { caller.data().spin } else { 0 };
     let got = if wait {
         match poll(port, budget) {
-            Some(got) => got,
+            Some(item) => Ok(item),
             None => port.rx.recv_async().await,
         }
     } else {
@@ -232,16 +232,18 @@ async fn receive(
 /// The budget is fixed, not adapted: a budget that shrinks after a poll that found nothing
 /// locks two vertices into parking, because a parked partner's wake-up takes longer than the
 /// shrunken poll.
-fn poll(port: &InPort, budget: u32) -> Option<Result<Bytes, mvm_queue::queue::RecvError>> {
+fn poll(port: &InPort, budget: u32) -> Option<Bytes> {
     if budget == 0 {
         return None;
     }
     let start = Instant::now();
     let mut n = 0u32;
     loop {
-        match port.rx.try_recv() {
-            Err(e) if e.failure == RecvFailure::Empty => {}
-            got => return Some(got),
+        match port.rx.poll() {
+            Err(RecvFailure::Empty) => {}
+            Ok(item) => return Some(item),
+            // The end of the stream, as the waiting receive reports it.
+            Err(_) => return None,
         }
         n = n.wrapping_add(1);
         if n.is_multiple_of(64) && start.elapsed().as_nanos() >= u128::from(budget) {
@@ -265,13 +267,19 @@ async fn send(
         let r = range(dp, dl, data.len(), "mvm.send data")?;
         Bytes::copy_from_slice(&data[r])
     };
-    for (tx, codec) in &port.channels {
+    let last = port.channels.len().saturating_sub(1);
+    let mut plain = Some(plain);
+    for (i, (tx, codec)) in port.channels.iter().enumerate() {
+        let Some(p) = plain.as_ref() else { break };
         let item = if codec.has_transforms() {
             codec
-                .wrap(plain.to_vec())
+                .wrap(p.to_vec())
                 .map_err(|e| wasmtime::format_err!("mvm.send: {e}"))?
+        } else if i == last {
+            // The last channel takes the bytes: a clone would allocate a shared header.
+            plain.take().unwrap_or_default()
         } else {
-            plain.clone()
+            p.clone()
         };
         if let Err(e) = tx.send_async(item).await {
             return Ok(match e.failure {

@@ -843,6 +843,16 @@ impl<T: Item> Receiver<T> {
         self.try_recv_entry().map(|e| e.item)
     }
 
+    /// As [`Receiver::try_recv`], for polling loops: the failure alone, without the error's
+    /// queue name (whose reference count is shared with every other handle of the queue).
+    ///
+    /// # Errors
+    /// [`RecvFailure::Empty`] or [`RecvFailure::Closed`].
+    #[inline]
+    pub fn poll(&self) -> Result<T, RecvFailure> {
+        self.shared.try_pop().map(|e| e.item)
+    }
+
     /// Takes the next entry (item and priority) if there is one now.
     ///
     /// # Errors

@@ -41,6 +41,17 @@ fn fifo_keeps_order_and_ends_after_last_sender() {
 }
 
 #[test]
+fn poll_reports_empty_then_the_item_then_the_end() {
+    let q = fifo(4);
+    let (tx, rx) = (q.sender(), q.receiver());
+    assert_eq!(rx.poll(), Err(RecvFailure::Empty));
+    tx.send(item(7)).expect("room");
+    drop(tx);
+    assert_eq!(rx.poll().map(|v| num(&v)), Ok(7));
+    assert_eq!(rx.poll(), Err(RecvFailure::Closed));
+}
+
+#[test]
 fn a_closed_queue_refuses_sends_with_the_item() {
     let q = fifo(2);
     let tx = q.sender();
