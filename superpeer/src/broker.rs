@@ -14,7 +14,8 @@ use crate::daemon::Shared;
 use crate::modules::ModuleStore;
 use crate::proto::{
     EnvSpec, Failure, FailureKind, GroupInfo, GroupSummary, JobState, JobStatus, Member, NodeInfo,
-    NodeLoad, NodeView, PartReport, PartSpec, PartStatus, Request, Response, Submission, Traffic,
+    NodeLoad, NodeView, PartReport, PartSpec, PartStatus, Request, Response, SUBMIT_HOLD,
+    Submission, Traffic,
 };
 use crate::schedule::{self, Candidate, Graph, Rank};
 
@@ -247,6 +248,7 @@ impl Broker {
             s.modules = missing.iter().filter_map(|h| self.modules.get(h)).collect();
             s.hops = s.hops.saturating_add(1);
             s.on_behalf = Some(owner.clone());
+            s.wait = false;
             match shared
                 .net
                 .call(peer, &addrs, Request::Submit(Box::new(s.clone())))
@@ -829,8 +831,19 @@ impl Broker {
                 )
             }
         });
-        let results = futures::future::join_all(prepares).await;
+        let mut results = futures::future::join_all(prepares).await;
         let peers: Vec<PeerId> = results.iter().map(|(p, _)| *p).collect();
+        // Parts that ended within the node's hold answered with their report.
+        let finished: Vec<(PeerId, PartReport)> = results
+            .iter_mut()
+            .filter_map(|(p, r)| match r {
+                Ok(Response::Finished(_)) => match std::mem::replace(r, Ok(Response::Ok)) {
+                    Ok(Response::Finished(rep)) => Some((*p, *rep)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
         if let Some((peer, Err(f))) = results.into_iter().find(|(_, r)| r.is_err()) {
             let state = if f.kind == FailureKind::Refused {
                 JobState::Refused
@@ -854,6 +867,9 @@ impl Broker {
                 running = true;
             }
         });
+        for (peer, report) in finished {
+            self.report(shared, peer, report);
+        }
         if !running {
             return;
         }
@@ -1070,6 +1086,19 @@ impl Broker {
         }
     }
 
+    /// The answer to a waiting submission: the job's status once it has ended, or after
+    /// [`SUBMIT_HOLD`]. A job forwarded to another group is answered at once (the client
+    /// follows it there).
+    async fn held(&self, st: JobStatus) -> Response {
+        if !self.jobs.lock().contains_key(&st.job) {
+            return Response::Submitted(st);
+        }
+        match self.wait(&st.job, 0, true, SUBMIT_HOLD).await {
+            Response::Status(mut v) if v.len() == 1 => Response::Submitted(v.remove(0)),
+            _ => Response::Submitted(st),
+        }
+    }
+
     pub(crate) fn cancel(&self, shared: &Arc<Shared>, job: &str) -> Response {
         match self.state(job) {
             None => fail(FailureKind::NotFound, format!("no job {job}")),
@@ -1104,7 +1133,13 @@ impl Broker {
         }
         match request {
             Request::Missing { hashes } => self.missing(&hashes),
-            Request::Submit(s) => self.submit(shared, who, *s).await,
+            Request::Submit(s) => {
+                let wait = s.wait;
+                match self.submit(shared, who, *s).await {
+                    Response::Submitted(st) if wait && !st.state.is_final() => self.held(st).await,
+                    r => r,
+                }
+            }
             Request::Status { job } => self.status(shared, who, job.as_deref()),
             Request::Wait {
                 job,
@@ -1114,8 +1149,7 @@ impl Broker {
                 if let Some(r) = self.refusal(shared, who, "read-results", &job) {
                     return r;
                 }
-                self.wait(&job, after, until_end, Duration::from_secs(10))
-                    .await
+                self.wait(&job, after, until_end, SUBMIT_HOLD).await
             }
             Request::Cancel { job } => match self.refusal(shared, who, "cancel", &job) {
                 None => self.cancel(shared, &job),

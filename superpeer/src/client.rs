@@ -95,6 +95,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             },
             on_behalf: None,
             hops: 0,
+            wait: false,
         },
         modules,
     })
@@ -213,11 +214,25 @@ impl Client {
     }
 
     /// Sends a job: asks which modules the broker lacks (unless it is known to hold them all),
-    /// then submits with those.
+    /// then submits with those. Answers once the job is placed.
     ///
     /// # Errors
     /// The broker's refusal, or a failure to reach it.
     pub async fn submit(&self, job: &Prepared) -> Result<JobStatus, Failure> {
+        self.send(job, false).await
+    }
+
+    /// As [`Client::submit`], but the broker answers once the job has ended, or after
+    /// [`crate::proto::SUBMIT_HOLD`] with its status so far (then follow it with
+    /// [`Client::wait`]): a short job takes one exchange.
+    ///
+    /// # Errors
+    /// The broker's refusal, or a failure to reach it.
+    pub async fn submit_and_wait(&self, job: &Prepared) -> Result<JobStatus, Failure> {
+        self.send(job, true).await
+    }
+
+    async fn send(&self, job: &Prepared, wait: bool) -> Result<JobStatus, Failure> {
         let hashes: Vec<String> = {
             let known = self.known.lock();
             job.modules
@@ -235,6 +250,7 @@ impl Client {
             }
         };
         let mut s = job.submission.clone();
+        s.wait = wait;
         s.modules = missing
             .iter()
             .filter_map(|h| job.modules.get(h).cloned())

@@ -16,15 +16,15 @@ use mvm_queue::Controller;
 use mvm_queue::queue::Sender;
 use mvm_queue::remote::{self, Options as RemoteOptions};
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use crate::daemon::Shared;
 use crate::environment::EnvLease;
 use crate::proto::{
-    Failure, FailureKind, LimitSpec, PartReport, PartResult, PartSpec, Request, Response,
-    StreamHeader, Traffic, VertexFailure,
+    Failure, FailureKind, LimitSpec, PART_HOLD, PartReport, PartResult, PartSpec, Request,
+    Response, StreamHeader, Traffic, VertexFailure,
 };
 
 /// How one remote channel ended: `(vertex, port, remote, items, bytes)` or why it failed.
@@ -289,38 +289,72 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
     let expected_links = inputs.len() + prepared.remote_outputs.len();
     let (links, links_rx) = mpsc::channel(expected_links.max(1));
     let vertices = u32::try_from(prepared.vertices().count()).unwrap_or(u32::MAX);
-    let mut jobs = role.jobs.lock();
-    if jobs.contains_key(&spec.job) {
-        role.queues.destroy_job(&spec.job);
-        return fail(
-            FailureKind::Input,
-            format!("job {} is already here", spec.job),
+    {
+        let mut jobs = role.jobs.lock();
+        if jobs.contains_key(&spec.job) {
+            role.queues.destroy_job(&spec.job);
+            return fail(
+                FailureKind::Input,
+                format!("job {} is already here", spec.job),
+            );
+        }
+        jobs.insert(
+            spec.job.clone(),
+            NodeJob {
+                broker: from,
+                parts,
+                prepared: Some(prepared),
+                inputs,
+                links,
+                links_rx: Some(links_rx),
+                expected_links,
+                tasks: Vec::new(),
+                vertices,
+                _env: env,
+            },
         );
     }
-    jobs.insert(
-        spec.job.clone(),
-        NodeJob {
-            broker: from,
-            parts,
-            prepared: Some(prepared),
-            inputs,
-            links,
-            links_rx: Some(links_rx),
-            expected_links,
-            tasks: Vec::new(),
-            vertices,
-            _env: env,
-        },
-    );
-    drop(jobs);
     if spec.start {
-        return start(shared, from, &spec.job);
+        return start_and_hold(shared, from, &spec.job).await;
     }
     Response::Ok
 }
 
+/// Where a part's report goes when the answer to its `Prepare` still waits for it.
+type Hand = Arc<Mutex<Option<oneshot::Sender<PartReport>>>>;
+
+/// Starts a part that was prepared alone and holds the answer for up to [`PART_HOLD`]: a part
+/// that ends by then answers with its report ([`Response::Finished`]), saving the broker a
+/// request per short job; a longer one answers `Ok` and reports by itself later.
+async fn start_and_hold(shared: &Arc<Shared>, from: PeerId, job: &str) -> Response {
+    let (tx, mut rx) = oneshot::channel();
+    let hand: Hand = Arc::new(Mutex::new(Some(tx)));
+    let r = start_part(shared, from, job, Some(hand.clone()));
+    if !matches!(r, Response::Ok) {
+        return r;
+    }
+    if let Ok(Ok(report)) = tokio::time::timeout(PART_HOLD, &mut rx).await {
+        return Response::Finished(Box::new(report));
+    }
+    // Taking the hand back makes the part report by itself. If the part took it first, its
+    // report is on the way here.
+    if hand.lock().take().is_some() {
+        return Response::Ok;
+    }
+    match rx.await {
+        Ok(report) => Response::Finished(Box::new(report)),
+        Err(_) => Response::Ok,
+    }
+}
+
 /// Handles `Start`: opens the outgoing channels and runs the local vertices.
 pub(crate) fn start(shared: &Arc<Shared>, from: PeerId, job: &str) -> Response {
+    start_part(shared, from, job, None)
+}
+
+/// Starts a part; its report goes to `hand` while that still holds a sender, otherwise to the
+/// broker in a `Report`.
+fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>) -> Response {
     let mut jobs = shared.node.jobs.lock();
     let Some(j) = jobs.get_mut(job) else {
         return fail(
@@ -385,6 +419,14 @@ pub(crate) fn start(shared: &Arc<Shared>, from: PeerId, job: &str) -> Response {
         let report = PartReport {
             job: job_id.clone(),
             outcome,
+        };
+        let waiting = hand.and_then(|h| h.lock().take());
+        let report = match waiting {
+            Some(tx) => match tx.send(report) {
+                Ok(()) => return,
+                Err(report) => report,
+            },
+            None => report,
         };
         if let Err(e) = shared2
             .call(broker, &[], Request::Report(Box::new(report)))

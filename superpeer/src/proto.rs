@@ -195,6 +195,9 @@ pub enum Response {
     },
     /// A module's bytes.
     Module(Bytes),
+    /// The answer to a `Prepare` that started the part, when the part ended within
+    /// [`PART_HOLD`]: its report, which the node then does not send again.
+    Finished(Box<PartReport>),
     /// The policies in force at a super-peer.
     Policy {
         /// Its version there.
@@ -273,7 +276,19 @@ pub struct Submission {
     /// Set by a super-peer that forwards the job: the owner it authenticated.
     #[serde(default)]
     pub on_behalf: Option<Principal>,
+    /// Answer when the job has ended (or after at most [`SUBMIT_HOLD`]) instead of at once, so
+    /// a short job takes one exchange instead of a submit and a wait.
+    #[serde(default)]
+    pub wait: bool,
 }
+
+/// How long a broker holds a waiting submission, and a `Wait`, before answering with the
+/// job's status so far.
+pub const SUBMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a node holds the answer to a `Prepare` that starts its part at once, for the part's
+/// report to travel in the answer instead of in a request of its own.
+pub const PART_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Per-vertex limits, as in the profile.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -484,6 +499,21 @@ pub struct PartReport {
     pub job: String,
     /// Success (vertex outputs and traffic) or the first failure.
     pub outcome: Result<PartResult, VertexFailure>,
+}
+
+impl PartReport {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        check_job_id(&self.job)?;
+        if let Ok(res) = &self.outcome {
+            check_len("outputs", res.outputs.len())?;
+            check_len("traffic entries", res.traffic.len())?;
+        }
+        Ok(())
+    }
 }
 
 /// A part's results.
@@ -716,14 +746,7 @@ impl Request {
             }
             Request::Heartbeat(_) => Ok(()),
             Request::Fetch { hash } => check_hash(hash),
-            Request::Report(r) => {
-                check_job_id(&r.job)?;
-                if let Ok(res) = &r.outcome {
-                    check_len("outputs", res.outputs.len())?;
-                    check_len("traffic entries", res.traffic.len())?;
-                }
-                Ok(())
-            }
+            Request::Report(r) => r.validate(),
             Request::Prepare(p) => {
                 check_job_id(&p.job)?;
                 check_principal(&p.owner)?;
@@ -766,6 +789,7 @@ impl Response {
                 hashes.iter().try_for_each(|h| check_hash(h))
             }
             Response::Submitted(s) => check_job_id(&s.job),
+            Response::Finished(r) => r.validate(),
             Response::Status(v) => {
                 check_len("jobs", v.len())?;
                 v.iter().try_for_each(|s| check_job_id(&s.job))

@@ -284,7 +284,14 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
     let job = read_profile(&args.profile).map_err(wire)?;
     runtime()?.block_on(async {
         let client = connect(&args.broker).await?;
-        let s = client.submit(&job).await.map_err(wire)?;
+        // Without a progress line to draw, the broker may answer at the job's end.
+        let progress = args.out.output == Output::Text && std::io::stderr().is_terminal();
+        let s = if args.wait && !progress {
+            client.submit_and_wait(&job).await
+        } else {
+            client.submit(&job).await
+        }
+        .map_err(wire)?;
         // A job this group could not place may have gone to another group's super-peer.
         let client = client.follow(&s).map_err(wire)?;
         if !args.wait {

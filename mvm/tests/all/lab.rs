@@ -440,3 +440,68 @@ fn the_demo_runs_over_quic_too() {
     assert!(v["problems"].as_array().expect("problems").is_empty());
     assert_eq!(v["status"]["parts"].as_array().expect("parts").len(), 3);
 }
+
+#[test]
+fn one_part_jobs_end_the_same_within_the_nodes_hold_and_after_it() {
+    // `submit --wait` without a terminal takes one exchange: the broker answers at the job's
+    // end, and a node answers the broker's prepare with the part's report when the part ends
+    // within its hold (50 ms), or reports by itself later. Both ways must give the same result.
+    let lab = Lab::up(2);
+    let ring = |name: &str, hops: u64| {
+        lab.profile(
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\ntopology = \"ROOT/topologies/ring-8.dot\"\n[components]\ntoken = \"ROOT/jobs/wat/token.wat\"\n[parameters]\nhops = {hops}\n[requirements]\nnodes = 1\n[limits]\nwall = \"60s\"\n"
+            ),
+        )
+    };
+    for (name, hops) in [("short", 80), ("long", 400_000)] {
+        let p = ring(name, hops);
+        let v = json(&lab.mvm(&["submit", "--wait", p.to_str().expect("utf-8"), "-o", "json"]));
+        assert_eq!(v["state"], "done", "{name}: {v}");
+        assert_eq!(v["parts"].as_array().map(Vec::len), Some(1), "{name}: {v}");
+        let items: u64 = v["traffic"]
+            .as_array()
+            .expect("traffic")
+            .iter()
+            .map(|t| t["items"].as_u64().expect("items"))
+            .sum();
+        assert_eq!(items, hops, "{name}: every hop is one item: {v}");
+        if name == "long" {
+            assert!(
+                v["wall_ms"].as_u64().is_some_and(|ms| ms > 50),
+                "the long job must outlast the hold to test the later report: {v}"
+            );
+        }
+    }
+    // A part that fails within the hold fails the job, naming the vertex.
+    let dir = lab.dir.path();
+    std::fs::write(
+        dir.join("trap.wat"),
+        r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("one.dot"),
+        "digraph one { lonely [component=\"trap\"]; }\n",
+    )
+    .expect("write");
+    let p = lab.profile(
+        "trap.toml",
+        &format!(
+            "name = \"trap\"\ntopology = \"{}\"\n[components]\ntrap = \"{}\"\n",
+            dir.join("one.dot").display(),
+            dir.join("trap.wat").display()
+        ),
+    );
+    let out = lab.mvm(&["submit", "--wait", p.to_str().expect("utf-8"), "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("lonely") && e.contains("unreachable")),
+        "{v}"
+    );
+}

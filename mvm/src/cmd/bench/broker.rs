@@ -66,13 +66,14 @@ fn job(dir: &Path, name: &str, profile: &str) -> Result<Prepared, Failure> {
     read_profile(&write(dir, name, profile)?).map_err(wire)
 }
 
-/// Submits and waits; the job's final status and the elapsed time.
+/// Submits and waits (one exchange for a short job); the job's final status and the elapsed
+/// time.
 async fn run_one(
     client: &Client,
     job: &Prepared,
 ) -> Result<(mvm_superpeer::proto::JobStatus, Duration), Failure> {
     let t = Instant::now();
-    let s = client.submit(job).await.map_err(wire)?;
+    let s = client.submit_and_wait(job).await.map_err(wire)?;
     let s = crate::cmd::job::wait(client, s, false).await?;
     if s.state != JobState::Done {
         return Err(Failure::failed(anyhow::anyhow!(
