@@ -89,6 +89,16 @@ fn wait_state(
     }
 }
 
+/// Items that moved between the job's vertices, by its status.
+fn items_moved(v: &serde_json::Value) -> u64 {
+    v["traffic"]
+        .as_array()
+        .expect("traffic")
+        .iter()
+        .map(|t| t["items"].as_u64().expect("items"))
+        .sum()
+}
+
 #[test]
 fn an_fft_butterfly_runs_across_three_node_processes_and_matches_a_direct_dft() {
     let lab = Lab::up(3);
@@ -160,12 +170,7 @@ wall = "60s"
     );
     let v = json(&lab.mvm(&["submit", "--wait", p.to_str().expect("utf-8"), "-o", "json"]));
     assert_eq!(v["state"], "done", "{v}");
-    let items: u64 = v["traffic"]
-        .as_array()
-        .expect("traffic")
-        .iter()
-        .map(|t| t["items"].as_u64().expect("items"))
-        .sum();
+    let items = items_moved(&v);
     assert_eq!(items, 3000, "every hop is one item, counted once: {v}");
     let job = v["job"].as_str().expect("id").to_owned();
     // status knows it; cancel of an ended job is refused as bad input.
@@ -460,12 +465,7 @@ fn one_part_jobs_end_the_same_within_the_nodes_hold_and_after_it() {
         let v = json(&lab.mvm(&["submit", "--wait", p.to_str().expect("utf-8"), "-o", "json"]));
         assert_eq!(v["state"], "done", "{name}: {v}");
         assert_eq!(v["parts"].as_array().map(Vec::len), Some(1), "{name}: {v}");
-        let items: u64 = v["traffic"]
-            .as_array()
-            .expect("traffic")
-            .iter()
-            .map(|t| t["items"].as_u64().expect("items"))
-            .sum();
+        let items = items_moved(&v);
         assert_eq!(items, hops, "{name}: every hop is one item: {v}");
         if name == "long" {
             assert!(
