@@ -59,11 +59,14 @@ pub(crate) struct VertexIo {
 pub(crate) struct Ports<T>(pub(crate) Vec<(Box<str>, T)>);
 
 impl<T> Ports<T> {
-    pub(crate) fn find(&self, name: &[u8]) -> Option<&T> {
-        self.0
-            .iter()
-            .find(|(n, _)| n.as_bytes() == name)
-            .map(|(_, p)| p)
+    /// The index of the port of this name.
+    pub(crate) fn position(&self, name: &[u8]) -> Option<usize> {
+        self.0.iter().position(|(n, _)| n.as_bytes() == name)
+    }
+
+    /// The port at an index from [`Ports::position`].
+    pub(crate) fn at(&self, i: usize) -> Option<&T> {
+        self.0.get(i).map(|(_, p)| p)
     }
 }
 
@@ -121,18 +124,18 @@ fn read(
     Ok(data[r].to_vec())
 }
 
-/// Looks a port up by the name at `ptr..ptr+len` of the job's memory.
-fn port<'a, T>(
+/// Finds a port by the name at `ptr..ptr+len` of the job's memory; its index in `which`.
+fn port_index<T>(
     caller: &mut Caller<'_, VertexState>,
-    ports: &'a Ports<T>,
+    which: fn(&VertexIo) -> &Ports<T>,
     ptr: i32,
     len: i32,
     what: &str,
-) -> wasmtime::Result<Option<&'a T>> {
+) -> wasmtime::Result<Option<usize>> {
     let mem = memory(caller)?;
-    let data = mem.data(&*caller);
+    let (data, state) = mem.data_and_store_mut(&mut *caller);
     let r = range(ptr, len, data.len(), what)?;
-    Ok(ports.find(&data[r]))
+    Ok(which(&state.io).position(&data[r]))
 }
 
 fn read_str(
@@ -162,30 +165,41 @@ fn give(
     Ok(i64::try_from(bytes.len()).unwrap_or(i64::MAX))
 }
 
-/// Delivers a received item to the job, keeping it when the buffer is too small.
+/// Delivers a received item to input `i`'s job buffer, keeping it when the buffer is too small.
 fn deliver(
     caller: &mut Caller<'_, VertexState>,
-    port: &InPort,
+    i: usize,
     item: Bytes,
     buf: i32,
     cap: i32,
 ) -> wasmtime::Result<i64> {
-    let plain = if port.codec.has_transforms() {
-        match port.codec.unwrap(&item) {
+    let plain = match caller.data().io.inputs.at(i) {
+        Some(port) if port.codec.has_transforms() => match port.codec.unwrap(&item) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(queue = %port.rx.queue_name(), error = %e, "an item did not decode; skipped");
                 return Ok(BAD_ITEM);
             }
-        }
-    } else {
-        item
+        },
+        _ => item,
     };
     let n = give(caller, buf, cap, &plain, "mvm.recv")?;
-    if plain.len() > usize::try_from(cap).unwrap_or(0) {
+    if plain.len() > usize::try_from(cap).unwrap_or(0)
+        && let Some(port) = caller.data().io.inputs.at(i)
+    {
         *port.kept.lock() = Some(plain);
     }
     Ok(n)
+}
+
+/// What a receive found without waiting.
+enum Found {
+    /// An item kept back for a larger buffer (already decoded).
+    Kept(Bytes),
+    /// An item from the queue, or why there is none.
+    Queue(Result<Bytes, RecvFailure>),
+    /// Nothing yet: wait.
+    Wait,
 }
 
 async fn receive(
@@ -193,37 +207,52 @@ async fn receive(
     (pp, pl, buf, cap): (i32, i32, i32, i32),
     wait: bool,
 ) -> wasmtime::Result<i64> {
-    let io = caller.data().io.clone();
-    let Some(port) = port(&mut caller, &io.inputs, pp, pl, "mvm.recv port")? else {
+    let Some(i) = port_index(&mut caller, |io| &io.inputs, pp, pl, "mvm.recv port")? else {
         return Ok(NO_PORT);
     };
-    let kept = port.kept.lock().take();
-    if let Some(item) = kept {
-        let n = give(&mut caller, buf, cap, &item, "mvm.recv")?;
-        if item.len() > usize::try_from(cap).unwrap_or(0) {
-            *port.kept.lock() = Some(item);
+    // What can be had without waiting, looked up in place: the vertex's ports are shared (and
+    // their reference count touched) only to wait.
+    let found = {
+        let state = caller.data();
+        match state.io.inputs.at(i) {
+            None => return Ok(NO_PORT),
+            Some(port) => match port.kept.lock().take() {
+                Some(item) => Found::Kept(item),
+                // On the shared pool, no polling before parking: the waking sender's worker
+                // runs this task next (tokio's LIFO slot), so a hand-off stays on one thread,
+                // and a poll would block it. On a dedicated thread, nothing else waits for
+                // this core; only items from local vertices are polled for.
+                None if wait => {
+                    let budget = if port.local { state.spin } else { 0 };
+                    poll(port, budget).map_or(Found::Wait, |item| Found::Queue(Ok(item)))
+                }
+                None => Found::Queue(port.rx.try_recv().map_err(|e| e.failure)),
+            },
         }
-        return Ok(n);
-    }
-    // On the shared pool, no polling before parking: the waking sender's worker runs this task
-    // next (tokio's LIFO slot), so a hand-off stays on one thread, and a poll would block it.
-    // On a dedicated thread, nothing else waits for this core; only items from local vertices
-    // are polled for.
-    let budget = if port.local { caller.data().spin } else { 0 };
-    let got = if wait {
-        match poll(port, budget) {
-            Some(item) => Ok(item),
-            None => port.rx.recv_async().await,
+    };
+    let got = match found {
+        Found::Kept(item) => {
+            let n = give(&mut caller, buf, cap, &item, "mvm.recv")?;
+            if item.len() > usize::try_from(cap).unwrap_or(0)
+                && let Some(port) = caller.data().io.inputs.at(i)
+            {
+                *port.kept.lock() = Some(item);
+            }
+            return Ok(n);
         }
-    } else {
-        port.rx.try_recv()
+        Found::Queue(got) => got,
+        Found::Wait => {
+            let io = caller.data().io.clone();
+            match io.inputs.at(i) {
+                Some(port) => port.rx.recv_async().await.map_err(|e| e.failure),
+                None => return Ok(NO_PORT),
+            }
+        }
     };
     match got {
-        Ok(item) => deliver(&mut caller, port, item, buf, cap),
-        Err(e) => Ok(match e.failure {
-            RecvFailure::Closed => END,
-            RecvFailure::Empty | RecvFailure::Timeout => EMPTY,
-        }),
+        Ok(item) => deliver(&mut caller, i, item, buf, cap),
+        Err(RecvFailure::Closed) => Ok(END),
+        Err(RecvFailure::Empty | RecvFailure::Timeout) => Ok(EMPTY),
     }
 }
 
@@ -257,8 +286,7 @@ async fn send(
     mut caller: Caller<'_, VertexState>,
     (pp, pl, dp, dl): (i32, i32, i32, i32),
 ) -> wasmtime::Result<i32> {
-    let io = caller.data().io.clone();
-    let Some(port) = port(&mut caller, &io.outputs, pp, pl, "mvm.send port")? else {
+    let Some(i) = port_index(&mut caller, |io| &io.outputs, pp, pl, "mvm.send port")? else {
         return Ok(-1);
     };
     let plain = {
@@ -267,22 +295,52 @@ async fn send(
         let r = range(dp, dl, data.len(), "mvm.send data")?;
         Bytes::copy_from_slice(&data[r])
     };
-    let last = port.channels.len().saturating_sub(1);
+    let channels = caller
+        .data()
+        .io
+        .outputs
+        .at(i)
+        .map_or(0, |p| p.channels.len());
     let mut plain = Some(plain);
-    for (i, (tx, codec)) in port.channels.iter().enumerate() {
-        let Some(p) = plain.as_ref() else { break };
-        let item = if codec.has_transforms() {
-            codec
-                .wrap(p.to_vec())
-                .map_err(|e| wasmtime::format_err!("mvm.send: {e}"))?
-        } else if i == last {
-            // The last channel takes the bytes: a clone would allocate a shared header.
-            plain.take().unwrap_or_default()
-        } else {
-            p.clone()
+    for c in 0..channels {
+        // One attempt in place; the vertex's ports are shared (and their reference count
+        // touched) only to wait for room.
+        let attempt = {
+            let Some((tx, codec)) = caller
+                .data()
+                .io
+                .outputs
+                .at(i)
+                .and_then(|p| p.channels.get(c))
+            else {
+                break;
+            };
+            let Some(p) = plain.as_ref() else { break };
+            let item = if codec.has_transforms() {
+                codec
+                    .wrap(p.to_vec())
+                    .map_err(|e| wasmtime::format_err!("mvm.send: {e}"))?
+            } else if c + 1 == channels {
+                // The last channel takes the bytes: a clone would allocate a shared header.
+                plain.take().unwrap_or_default()
+            } else {
+                p.clone()
+            };
+            tx.attempt(item)
         };
-        if let Err(e) = tx.send_async(item).await {
-            return Ok(match e.failure {
+        let sent = match attempt {
+            Ok(None) => Ok(()),
+            Ok(Some(item)) => {
+                let io = caller.data().io.clone();
+                match io.outputs.at(i).and_then(|p| p.channels.get(c)) {
+                    Some((tx, _)) => tx.send_async(item).await.map_err(|e| e.failure),
+                    None => Ok(()),
+                }
+            }
+            Err(e) => Err(e.failure),
+        };
+        if let Err(f) = sent {
+            return Ok(match f {
                 SendFailure::NoReceivers | SendFailure::Closed => -2,
                 SendFailure::TooLarge { .. } => -3,
                 SendFailure::Full | SendFailure::Timeout => -5,

@@ -524,6 +524,21 @@ impl<T: Item> Shared<T> {
         self.try_pop_holding(0)
     }
 
+    /// A pop for polling loops: what is ready now, without reading the producers' position
+    /// (an item whose send is still being written counts as not there yet). A closed queue
+    /// gets the full check, so the end of the stream is reported as by `try_pop`.
+    #[inline]
+    fn try_pop_ready(&self) -> Result<Entry<T>, RecvFailure> {
+        if let Some(e) = self.store.pop_ready() {
+            self.not_full.notify_one();
+            return Ok(e);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return self.try_pop();
+        }
+        Err(RecvFailure::Empty)
+    }
+
     /// A pop by a caller that itself holds `own` leases (which do not delay its end-of-stream).
     #[inline]
     fn try_pop_holding(&self, own: u64) -> Result<Entry<T>, RecvFailure> {
@@ -757,6 +772,22 @@ impl<T: Item> Sender<T> {
         }
     }
 
+    /// One attempt at a send at priority 0, as [`Sender::send_async`] makes first:
+    /// `Ok(None)` when sent, `Ok(Some(item))` when the queue is full and its policy is to
+    /// wait (nothing is counted; wait with `send_async`). Lets a caller that would have to give
+    /// something up to wait (a clone, a lock) do so only then.
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    #[inline]
+    pub fn attempt(&self, item: T) -> Result<Option<T>, SendError<T>> {
+        match self.shared.attempt(Entry::new(item, 0), &self.seen) {
+            Ok(()) => Ok(None),
+            Err(Err(e)) => Err(e),
+            Err(Ok(back)) => Ok(Some(back.item)),
+        }
+    }
+
     /// Sends at priority 0 from async code, waiting for room without blocking the thread.
     ///
     /// # Errors
@@ -844,13 +875,16 @@ impl<T: Item> Receiver<T> {
     }
 
     /// As [`Receiver::try_recv`], for polling loops: the failure alone, without the error's
-    /// queue name (whose reference count is shared with every other handle of the queue).
+    /// queue name (whose reference count is shared with every other handle of the queue), and
+    /// without reading the producers' position, so a poll does not pull their cache line away
+    /// from them. An item whose send is under way counts as not there yet (`Empty`): poll
+    /// again, or wait with [`Receiver::recv_async`], which the send's wake-up reaches.
     ///
     /// # Errors
     /// [`RecvFailure::Empty`] or [`RecvFailure::Closed`].
     #[inline]
     pub fn poll(&self) -> Result<T, RecvFailure> {
-        self.shared.try_pop().map(|e| e.item)
+        self.shared.try_pop_ready().map(|e| e.item)
     }
 
     /// Takes the next entry (item and priority) if there is one now.

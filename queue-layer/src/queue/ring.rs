@@ -116,6 +116,18 @@ impl<T> Ring<T> {
 
     /// Pops, or `None` when the ring is empty.
     pub(crate) fn pop(&self) -> Option<T> {
+        self.take(true)
+    }
+
+    /// As [`Ring::pop`], but `None` as soon as the next slot is not written, also when a
+    /// producer has claimed it and is writing: the producers' line is not read, so a consumer
+    /// that polls an empty ring does not take it from the producer at every look.
+    pub(crate) fn pop_ready(&self) -> Option<T> {
+        self.take(false)
+    }
+
+    /// A pop; `claimed`: wait for a claimed slot's write rather than report empty.
+    fn take(&self, claimed: bool) -> Option<T> {
         let backoff = Backoff::new();
         let mut head = self.head.pos.load(Ordering::Relaxed);
         loop {
@@ -142,7 +154,7 @@ impl<T> Ring<T> {
                 }
             } else if stamp == 2 * head {
                 // Not written yet: empty, unless a producer has claimed it and is writing.
-                if self.tail.pos.load(Ordering::SeqCst) > head {
+                if claimed && self.tail.pos.load(Ordering::SeqCst) > head {
                     backoff.spin();
                     head = self.head.pos.load(Ordering::Relaxed);
                     continue;

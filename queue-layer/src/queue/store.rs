@@ -94,6 +94,16 @@ impl<T: Item> Store<T> {
         }
     }
 
+    /// As [`Store::pop`], but a FIFO reports nothing while the next item's send is still
+    /// being written (see [`Ring::pop_ready`]).
+    #[inline]
+    pub(crate) fn pop_ready(&self) -> Option<Entry<T>> {
+        match self {
+            Store::Fifo(s) => s.pop_ready(),
+            Store::Priority(s) => s.pop(false),
+        }
+    }
+
     /// Removes the entry that makes room under the drop-oldest policy: the oldest of a FIFO,
     /// the one that would be served last of a priority queue.
     pub(crate) fn evict(&self) -> Option<Entry<T>> {
@@ -203,12 +213,26 @@ impl<T: Item> Fifo<T> {
 
     #[inline]
     fn pop(&self) -> Option<Entry<T>> {
+        self.take(true)
+    }
+
+    fn pop_ready(&self) -> Option<Entry<T>> {
+        self.take(false)
+    }
+
+    /// Requeued entries first, then the ring (`claimed`: as in [`Ring::pop`], not
+    /// [`Ring::pop_ready`]).
+    fn take(&self, claimed: bool) -> Option<Entry<T>> {
         if self.extra_len.load(Ordering::SeqCst) != 0
             && let Some(e) = self.pop_extra()
         {
             return Some(e);
         }
-        let entry = self.ring.pop()?;
+        let entry = if claimed {
+            self.ring.pop()
+        } else {
+            self.ring.pop_ready()
+        }?;
         self.ring.head.bytes.fetch_add(entry.size, Ordering::SeqCst);
         Some(entry)
     }

@@ -52,6 +52,34 @@ fn poll_reports_empty_then_the_item_then_the_end() {
 }
 
 #[test]
+fn a_polling_consumer_gets_every_item_in_order_before_the_end() {
+    // `poll` does not wait for a send under way; it must still never lose or reorder an item,
+    // and report the end only after the last one.
+    let q = fifo(8);
+    let (tx, rx) = (q.sender(), q.receiver());
+    let n = 100_000u32;
+    let producer = std::thread::spawn(move || {
+        for i in 0..n {
+            tx.send(item(i)).expect("room");
+        }
+    });
+    let mut next = 0;
+    loop {
+        match rx.poll() {
+            Ok(v) => {
+                assert_eq!(num(&v), next);
+                next += 1;
+            }
+            Err(RecvFailure::Empty) => std::hint::spin_loop(),
+            Err(RecvFailure::Closed) => break,
+            Err(f) => panic!("{f:?}"),
+        }
+    }
+    producer.join().expect("producer");
+    assert_eq!(next, n);
+}
+
+#[test]
 fn a_closed_queue_refuses_sends_with_the_item() {
     let q = fifo(2);
     let tx = q.sender();
