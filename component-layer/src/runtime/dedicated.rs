@@ -13,8 +13,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
@@ -33,9 +33,22 @@ struct Shared {
     limit: usize,
 }
 
-/// One idle thread, ready for a vertex.
+/// One idle thread, ready for a vertex. Dropped without work (a part cancelled before its
+/// vertex started), it goes back to the idle list: the thread lives as long as a handle to it.
 pub(crate) struct Worker {
-    tx: mpsc::Sender<(Work, Worker)>,
+    tx: Option<mpsc::Sender<(Work, Worker)>>,
+    pool: Weak<Shared>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let (Some(tx), Some(pool)) = (self.tx.take(), self.pool.upgrade()) {
+            pool.idle.lock().push(Worker {
+                tx: Some(tx),
+                pool: self.pool.clone(),
+            });
+        }
+    }
 }
 
 impl Dedicated {
@@ -113,7 +126,10 @@ impl Dedicated {
                 }
             })
             .ok()?;
-        Some(Worker { tx })
+        Some(Worker {
+            tx: Some(tx),
+            pool: Arc::downgrade(&self.shared),
+        })
     }
 }
 
@@ -123,8 +139,14 @@ impl Worker {
     /// # Errors
     /// The thread is gone (it panicked); the work is handed back.
     pub(crate) fn run(self, work: Work) -> Result<(), Work> {
-        let tx = self.tx.clone();
-        tx.send((work, self)).map_err(|e| e.0.0)
+        let Some(tx) = self.tx.clone() else {
+            return Err(work);
+        };
+        tx.send((work, self)).map_err(|e| {
+            let (work, mut dead) = e.0;
+            dead.tx = None; // its thread is gone: not back to the idle list
+            work
+        })
     }
 }
 
@@ -157,5 +179,21 @@ mod tests {
         });
         assert!(back.is_some(), "the threads came back");
         assert_eq!(*d.shared.started.lock(), 2, "no new thread was started");
+        // Dropped without work (a part cancelled before its vertices started): back at once.
+        drop(back);
+        let again = d.take(2).expect("the dropped threads are idle again");
+        assert_eq!(*d.shared.started.lock(), 2, "and still no new thread");
+        // They still run work.
+        let (tx, rx) = mpsc::channel();
+        for w in again {
+            let tx = tx.clone();
+            assert!(
+                w.run(Box::pin(async move { tx.send(()).expect("send") }))
+                    .is_ok()
+            );
+        }
+        for _ in 0..2 {
+            rx.recv().expect("ran");
+        }
     }
 }
