@@ -14,6 +14,7 @@
 
 use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::{Backoff, CachePadded};
@@ -37,7 +38,9 @@ pub(crate) struct Side {
 pub(crate) struct Ring<T> {
     pub(crate) tail: CachePadded<Side>,
     pub(crate) head: CachePadded<Side>,
-    slots: Box<[Slot<T>]>,
+    /// Made by the first push: a job creates a queue per input port, and many are never used
+    /// (or not yet), so an empty queue holds no slots.
+    slots: OnceLock<Box<[Slot<T>]>>,
     cap: u64,
 }
 
@@ -51,32 +54,38 @@ unsafe impl<T: Send> Sync for Ring<T> {}
 
 impl<T> Ring<T> {
     pub(crate) fn new(cap: usize) -> Ring<T> {
-        let cap = cap.max(1);
-        let slots = (0..cap)
-            .map(|i| Slot {
-                stamp: AtomicU64::new(2 * i as u64),
-                value: UnsafeCell::new(MaybeUninit::uninit()),
-            })
-            .collect();
         Ring {
             tail: CachePadded::default(),
             head: CachePadded::default(),
-            slots,
-            cap: cap as u64,
+            slots: OnceLock::new(),
+            cap: cap.max(1) as u64,
         }
     }
 
-    fn slot(&self, pos: u64) -> &Slot<T> {
-        // `pos % cap` is below `slots.len()`, which fits in usize.
-        &self.slots[(pos % self.cap) as usize]
+    /// The slots, made on first use.
+    fn make_slots(&self) -> &[Slot<T>] {
+        self.slots.get_or_init(|| {
+            (0..self.cap)
+                .map(|i| Slot {
+                    stamp: AtomicU64::new(2 * i),
+                    value: UnsafeCell::new(MaybeUninit::uninit()),
+                })
+                .collect()
+        })
+    }
+
+    fn slot(slots: &[Slot<T>], cap: u64, pos: u64) -> &Slot<T> {
+        // `pos % cap` is below `slots.len()` (which is `cap`), and fits in usize.
+        &slots[(pos % cap) as usize]
     }
 
     /// Pushes, or gives the value back when the ring is full.
     pub(crate) fn push(&self, value: T) -> Result<(), T> {
+        let slots = self.make_slots();
         let backoff = Backoff::new();
         let mut tail = self.tail.pos.load(Ordering::Relaxed);
         loop {
-            let slot = self.slot(tail);
+            let slot = Self::slot(slots, self.cap, tail);
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == 2 * tail {
                 match self.tail.pos.compare_exchange_weak(
@@ -128,10 +137,12 @@ impl<T> Ring<T> {
 
     /// A pop; `claimed`: wait for a claimed slot's write rather than report empty.
     fn take(&self, claimed: bool) -> Option<T> {
+        // No slots: nothing was ever pushed (a producer makes them before it claims a position).
+        let slots = self.slots.get()?;
         let backoff = Backoff::new();
         let mut head = self.head.pos.load(Ordering::Relaxed);
         loop {
-            let slot = self.slot(head);
+            let slot = Self::slot(slots, self.cap, head);
             let stamp = slot.stamp.load(Ordering::Acquire);
             if stamp == 2 * head + 1 {
                 match self.head.pos.compare_exchange_weak(
@@ -180,11 +191,15 @@ impl<T> Drop for Ring<T> {
         // Drop the values still in the ring: positions head..tail are written and unread.
         let head = *self.head.pos.get_mut();
         let tail = *self.tail.pos.get_mut();
+        let cap = self.cap;
+        let Some(slots) = self.slots.get_mut() else {
+            return;
+        };
         for pos in head..tail {
-            let i = (pos % self.cap) as usize;
+            let i = (pos % cap) as usize;
             // SAFETY: `&mut self`: no other thread; positions head..tail hold initialized values
             // that no consumer took.
-            unsafe { self.slots[i].value.get_mut().assume_init_drop() };
+            unsafe { slots[i].value.get_mut().assume_init_drop() };
         }
     }
 }
@@ -209,6 +224,18 @@ mod tests {
             assert_eq!(r.pop(), None);
         }
         assert_eq!(r.tail.pos.load(Ordering::Relaxed), 15);
+    }
+
+    #[test]
+    fn slots_are_made_by_the_first_push() {
+        let r: Ring<u32> = Ring::new(1 << 16);
+        assert!(r.slots.get().is_none(), "an unused ring holds no slots");
+        assert_eq!(r.pop(), None);
+        assert_eq!(r.pop_ready(), None);
+        assert!(r.slots.get().is_none(), "pops make none");
+        r.push(5).expect("room");
+        assert_eq!(r.slots.get().map(|s| s.len()), Some(1 << 16));
+        assert_eq!(r.pop(), Some(5));
     }
 
     #[test]
