@@ -50,8 +50,40 @@ pub(crate) struct VertexIo {
     pub(crate) vertex: String,
     pub(crate) inputs: Ports<InPort>,
     pub(crate) outputs: Ports<OutPort>,
-    pub(crate) params: BTreeMap<String, String>,
-    pub(crate) port_list: String,
+    pub(crate) component: String,
+    /// The vertex's own attributes (they override job parameters).
+    pub(crate) attributes: BTreeMap<String, String>,
+    /// The job's parameters, shared by its vertices.
+    pub(crate) params: Arc<BTreeMap<String, String>>,
+}
+
+impl VertexIo {
+    /// A parameter: `vertex` and `component` name the vertex, then its attributes, then the
+    /// job's parameters.
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
+        match name {
+            "vertex" => Some(&self.vertex),
+            "component" => Some(&self.component),
+            _ => self
+                .attributes
+                .get(name)
+                .or_else(|| self.params.get(name))
+                .map(String::as_str),
+        }
+    }
+
+    /// One line per port, `in NAME` or `out NAME`.
+    pub(crate) fn port_list(&self) -> String {
+        let ins = self.inputs.0.iter().map(|(n, _)| ("in", n));
+        let outs = self.outputs.0.iter().map(|(n, _)| ("out", n));
+        ins.chain(outs).fold(String::new(), |mut s, (dir, n)| {
+            s.push_str(dir);
+            s.push(' ');
+            s.push_str(n);
+            s.push('\n');
+            s
+        })
+    }
 }
 
 /// A vertex's ports of one direction, found by name without allocating: jobs have few ports,
@@ -375,8 +407,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Resul
         "mvm",
         "ports",
         |mut caller: Caller<'_, VertexState>, buf: i32, cap: i32| {
-            let io = caller.data().io.clone();
-            give(&mut caller, buf, cap, io.port_list.as_bytes(), "mvm.ports")
+            let list = caller.data().io.port_list();
+            give(&mut caller, buf, cap, list.as_bytes(), "mvm.ports")
                 .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
         },
     )?;
@@ -391,7 +423,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Resul
          -> wasmtime::Result<i32> {
             let name = read_str(&mut caller, np, nl, "mvm.param name")?;
             let io = caller.data().io.clone();
-            match io.params.get(&name) {
+            match io.param(&name) {
                 None => Ok(-1),
                 Some(v) => give(&mut caller, buf, cap, v.as_bytes(), "mvm.param")
                     .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),

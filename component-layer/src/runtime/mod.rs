@@ -609,10 +609,10 @@ fn wire(
         }
     }
     let mut ios = Vec::new();
+    let params = Arc::new(job.params.clone());
     for (v, vertex) in t.vertices.iter().enumerate().filter(|(v, _)| local(*v)) {
         let mut inputs = Vec::new();
         let mut outputs = Vec::new();
-        let mut port_list = String::new();
         for (port, chans) in &index[v].inputs {
             let h = &handles[&(v, *port)];
             inputs.push((
@@ -624,7 +624,6 @@ fn wire(
                     local: chans.iter().all(|c| local(c.from.vertex)),
                 },
             ));
-            port_list.push_str(&format!("in {port}\n"));
         }
         for (port, chans) in &index[v].outputs {
             let channels = chans
@@ -635,25 +634,16 @@ fn wire(
                 })
                 .collect();
             outputs.push((Box::<str>::from(*port), OutPort { channels }));
-            port_list.push_str(&format!("out {port}\n"));
         }
-        let mut params = job.params.clone();
-        params.extend(
-            vertex
-                .attributes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
-        params.insert("vertex".into(), vertex.name.clone());
-        params.insert("component".into(), vertex.component.clone());
         ios.push((
             v,
             VertexIo {
                 vertex: vertex.name.clone(),
+                component: vertex.component.clone(),
+                attributes: vertex.attributes.clone(),
+                params: params.clone(),
                 inputs: abi::Ports(inputs),
                 outputs: abi::Ports(outputs),
-                params,
-                port_list,
             },
         ));
     }
