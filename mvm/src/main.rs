@@ -13,6 +13,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use exit::Failure;
 
+/// jemalloc: a node allocates small objects on one thread and frees them on another (an item
+/// sent by one vertex is dropped by the next; a part is wired on one thread and its vertices
+/// run on others). Its thread caches take such frees without the lock and consolidation of
+/// glibc's arenas. Measured: trivial jobs per second through the broker and 8 B latency
+/// between vertices both improve with it; mimalloc was faster to instantiate but slower per
+/// item, as it hands every cross-thread free back to the allocating thread's page.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// MVM: turns machines spread over research domains into on-demand virtual laboratories.
 #[derive(Debug, Parser)]
 #[command(name = "mvm", version, about, propagate_version = true)]
