@@ -60,7 +60,7 @@ impl Default for RuntimeConfig {
             max_memory_bytes: 64 << 20,
             tick: Duration::from_millis(5),
             dedicated_threads: std::thread::available_parallelism().map_or(1, usize::from),
-            spin: Duration::from_micros(20),
+            spin: Duration::from_micros(100),
         }
     }
 }
