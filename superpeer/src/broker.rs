@@ -831,20 +831,21 @@ impl Broker {
                 )
             }
         });
-        let mut results = futures::future::join_all(prepares).await;
+        let results = futures::future::join_all(prepares).await;
         let peers: Vec<PeerId> = results.iter().map(|(p, _)| *p).collect();
         // Parts that ended within the node's hold answered with their report.
-        let finished: Vec<(PeerId, PartReport)> = results
-            .iter_mut()
-            .filter_map(|(p, r)| match r {
-                Ok(Response::Finished(_)) => match std::mem::replace(r, Ok(Response::Ok)) {
-                    Ok(Response::Finished(rep)) => Some((*p, *rep)),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect();
-        if let Some((peer, Err(f))) = results.into_iter().find(|(_, r)| r.is_err()) {
+        let mut finished = Vec::new();
+        let mut refused = None;
+        for (peer, r) in results {
+            match r {
+                Ok(Response::Finished(report)) => finished.push((peer, *report)),
+                Ok(_) => {}
+                Err(f) => {
+                    refused.get_or_insert((peer, f));
+                }
+            }
+        }
+        if let Some((peer, f)) = refused {
             let state = if f.kind == FailureKind::Refused {
                 JobState::Refused
             } else {
@@ -1090,9 +1091,7 @@ impl Broker {
     /// [`SUBMIT_HOLD`]. A job forwarded to another group is answered at once (the client
     /// follows it there).
     async fn held(&self, st: JobStatus) -> Response {
-        if !self.jobs.lock().contains_key(&st.job) {
-            return Response::Submitted(st);
-        }
+        // A job not kept here (forwarded) has no status to wait for: `NotFound`, answered as is.
         match self.wait(&st.job, 0, true, SUBMIT_HOLD).await {
             Response::Status(mut v) if v.len() == 1 => Response::Submitted(v.remove(0)),
             _ => Response::Submitted(st),

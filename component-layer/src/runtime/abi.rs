@@ -215,6 +215,18 @@ fn deliver(
         },
         _ => item,
     };
+    give_or_keep(caller, i, plain, buf, cap)
+}
+
+/// Copies a decoded item to the job's buffer, or keeps it at input `i` for the next receive
+/// when the buffer is too small; its length either way.
+fn give_or_keep(
+    caller: &mut Caller<'_, VertexState>,
+    i: usize,
+    plain: Bytes,
+    buf: i32,
+    cap: i32,
+) -> wasmtime::Result<i64> {
     let n = give(caller, buf, cap, &plain, "mvm.recv")?;
     if plain.len() > usize::try_from(cap).unwrap_or(0)
         && let Some(port) = caller.data().io.inputs.at(i)
@@ -263,15 +275,7 @@ async fn receive(
         }
     };
     let got = match found {
-        Found::Kept(item) => {
-            let n = give(&mut caller, buf, cap, &item, "mvm.recv")?;
-            if item.len() > usize::try_from(cap).unwrap_or(0)
-                && let Some(port) = caller.data().io.inputs.at(i)
-            {
-                *port.kept.lock() = Some(item);
-            }
-            return Ok(n);
-        }
+        Found::Kept(item) => return give_or_keep(&mut caller, i, item, buf, cap),
         Found::Queue(got) => got,
         Found::Wait => {
             let io = caller.data().io.clone();

@@ -26,11 +26,16 @@ pub(crate) struct Dedicated {
 }
 
 struct Shared {
-    /// Idle threads.
-    idle: Mutex<Vec<Worker>>,
-    /// Threads started, and the most there may be.
-    started: Mutex<usize>,
+    pool: Mutex<Pool>,
+    /// The most threads there may be.
     limit: usize,
+}
+
+/// The idle threads and how many were started, under one lock.
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Worker>,
+    started: usize,
 }
 
 /// One idle thread, ready for a vertex. Dropped without work (a part cancelled before its
@@ -43,7 +48,7 @@ pub(crate) struct Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if let (Some(tx), Some(pool)) = (self.tx.take(), self.pool.upgrade()) {
-            pool.idle.lock().push(Worker {
+            pool.pool.lock().idle.push(Worker {
                 tx: Some(tx),
                 pool: self.pool.clone(),
             });
@@ -56,8 +61,7 @@ impl Dedicated {
     pub(crate) fn new(limit: usize) -> Dedicated {
         Dedicated {
             shared: Arc::new(Shared {
-                idle: Mutex::new(Vec::new()),
-                started: Mutex::new(0),
+                pool: Mutex::new(Pool::default()),
                 limit,
             }),
         }
@@ -69,23 +73,22 @@ impl Dedicated {
         if n == 0 {
             return None;
         }
-        let mut started = self.shared.started.lock();
-        let mut idle = self.shared.idle.lock();
-        if idle.len() + (self.shared.limit - *started) < n {
+        let mut pool = self.shared.pool.lock();
+        if pool.idle.len() + (self.shared.limit - pool.started) < n {
             return None;
         }
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            match idle.pop() {
+            match pool.idle.pop() {
                 Some(w) => out.push(w),
                 None => match self.spawn() {
                     Some(w) => {
-                        *started += 1;
+                        pool.started += 1;
                         out.push(w);
                     }
                     None => {
                         // The thread could not be started: give back what was taken.
-                        idle.extend(out);
+                        pool.idle.extend(out);
                         return None;
                     }
                 },
@@ -97,12 +100,12 @@ impl Dedicated {
     /// Threads started so far.
     #[cfg(test)]
     pub(crate) fn started(&self) -> usize {
-        *self.shared.started.lock()
+        self.shared.pool.lock().started
     }
 
     /// Returns threads that were taken but not used.
     pub(crate) fn give_back(&self, workers: Vec<Worker>) {
-        self.shared.idle.lock().extend(workers);
+        self.shared.pool.lock().idle.extend(workers);
     }
 
     fn spawn(&self) -> Option<Worker> {
@@ -122,7 +125,7 @@ impl Dedicated {
                     let Some(shared) = shared.upgrade() else {
                         return;
                     };
-                    shared.idle.lock().push(me);
+                    shared.pool.lock().idle.push(me);
                 }
             })
             .ok()?;
@@ -178,11 +181,11 @@ mod tests {
             d.take(2)
         });
         assert!(back.is_some(), "the threads came back");
-        assert_eq!(*d.shared.started.lock(), 2, "no new thread was started");
+        assert_eq!(d.started(), 2, "no new thread was started");
         // Dropped without work (a part cancelled before its vertices started): back at once.
         drop(back);
         let again = d.take(2).expect("the dropped threads are idle again");
-        assert_eq!(*d.shared.started.lock(), 2, "and still no new thread");
+        assert_eq!(d.started(), 2, "and still no new thread");
         // They still run work.
         let (tx, rx) = mpsc::channel();
         for w in again {
