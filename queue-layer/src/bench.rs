@@ -83,6 +83,19 @@ pub struct Report {
     pub remote_vs_raw_tcp_pairs: Vec<f64>,
     /// The median of the pairs.
     pub remote_vs_raw_tcp_median: f64,
+    /// Queue → direct link over loopback TCP → queue, the producer and consumer threads doing
+    /// the socket I/O themselves: MB/s.
+    pub direct_mb_per_sec: f64,
+    /// direct / raw TCP of each pair of runs made back to back.
+    pub direct_vs_raw_tcp_pairs: Vec<f64>,
+    /// The median of the pairs (goal, as for the remote endpoint: at least 0.7).
+    pub direct_vs_raw_tcp_median: f64,
+    /// One-way latency of 8 B items through direct links, two polling threads: microseconds.
+    pub direct_8b_us: f64,
+    /// One-way latency of 8 B over raw loopback TCP, blocking reads: microseconds.
+    pub raw_tcp_8b_us: f64,
+    /// The same with both sides polling non-blocking reads: microseconds.
+    pub raw_tcp_polling_8b_us: f64,
 }
 
 fn best<F: FnMut() -> f64>(runs: u32, mut f: F) -> f64 {
@@ -182,6 +195,32 @@ pub fn raw_tcp(total: u64, chunk: usize) -> std::io::Result<f64> {
     Ok(rate(got as f64 / 1e6, elapsed))
 }
 
+/// A producer thread sends `count` copies of `payload` into `tx`; this thread takes them from
+/// `rx` until its end-of-stream. MB/s since `start`.
+fn stream(
+    tx: crate::queue::Sender<Bytes>,
+    rx: &crate::queue::Receiver<Bytes>,
+    count: u64,
+    payload: &Bytes,
+    start: Instant,
+) -> f64 {
+    let payload = payload.clone();
+    let producer = thread::spawn(move || {
+        for _ in 0..count {
+            if tx.send(payload.clone()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = 0u64;
+    while let Ok(v) = rx.recv() {
+        got += v.len() as u64;
+    }
+    let elapsed = start.elapsed();
+    let _ = producer.join();
+    rate(got as f64 / 1e6, elapsed)
+}
+
 /// A queue extended over loopback TCP: a producer thread fills a local queue, an exporter and
 /// an importer move the items, a consumer thread drains the far queue. Returns MB/s.
 ///
@@ -220,22 +259,171 @@ pub fn remote_tcp(
         let (r, w) = b.into_split();
         remote::import(tx_dst, r, w, &opts).await
     });
-    let producer = thread::spawn(move || {
-        for _ in 0..count {
-            if tx.send(payload.clone()).is_err() {
+    let mb_per_sec = stream(tx, &rx, count, &payload, start);
+    rt.block_on(exporter)??;
+    rt.block_on(importer)??;
+    Ok(mb_per_sec)
+}
+
+/// Two loopback sockets, connected.
+fn socket_pair() -> std::io::Result<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let a = TcpStream::connect(l.local_addr()?)?;
+    let (b, _) = l.accept()?;
+    Ok((a, b))
+}
+
+/// A direct link ([`remote::direct`]) from queue `a` to queue `b` over loopback TCP.
+fn direct_pair(
+    a: &Queue<Bytes>,
+    b: &Queue<Bytes>,
+) -> Result<[remote::direct::Link; 2], Box<dyn std::error::Error + Send + Sync>> {
+    let (s, t) = socket_pair()?;
+    let out = remote::direct::outlet(a.receiver(), s, Box::new(|_| {}))?;
+    let inl = remote::direct::inlet(b.sender(), t, 64 << 20, Box::new(|_| {}))?;
+    Ok([out, inl])
+}
+
+/// The same as [`remote_tcp`] through a direct link: the producer thread writes the socket,
+/// the consumer thread reads it. Returns MB/s.
+///
+/// # Errors
+/// Socket failures.
+pub fn direct_tcp(
+    total: u64,
+    item: usize,
+) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
+    let count = total / item as u64;
+    let src: Queue<Bytes> = Queue::new("src", Config::fifo(64))?;
+    let dst: Queue<Bytes> = Queue::new("dst", Config::fifo(64))?;
+    let links = direct_pair(&src, &dst)?;
+    let (tx, rx) = (src.sender(), dst.receiver());
+    let payload = Bytes::from(vec![0x5au8; item]);
+    let mb_per_sec = stream(tx, &rx, count, &payload, Instant::now());
+    drop(links);
+    Ok(mb_per_sec)
+}
+
+/// One-way latency of 8-byte items through two direct links (a ping-pong between two threads
+/// that poll their queues, as vertices on dedicated threads do), in microseconds.
+///
+/// # Errors
+/// Socket failures.
+pub fn direct_latency(rounds: u32) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
+    let q = |n: &str| Queue::<Bytes>::new(n, Config::fifo(4));
+    let (a_out, b_in, b_out, a_in) = (q("a>")?, q("b<")?, q("b>")?, q("a<")?);
+    let _ab = direct_pair(&a_out, &b_in)?;
+    let _ba = direct_pair(&b_out, &a_in)?;
+    let spin = |rx: &crate::queue::Receiver<Bytes>| loop {
+        match rx.poll() {
+            Ok(v) => return Some(v),
+            Err(crate::queue::RecvFailure::Empty) => std::hint::spin_loop(),
+            Err(_) => return None,
+        }
+    };
+    let (btx, brx) = (b_out.sender(), b_in.receiver());
+    let echo = thread::spawn(move || {
+        while let Some(v) = spin(&brx) {
+            if btx.send(v).is_err() {
                 break;
             }
         }
     });
-    let mut got = 0u64;
-    while let Ok(v) = rx.recv() {
-        got += v.len() as u64;
+    let (atx, arx) = (a_out.sender(), a_in.receiver());
+    let item = Bytes::from_static(&[7u8; 8]);
+    let one = || -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        atx.send(item.clone())?;
+        spin(&arx).ok_or("the echo ended")?;
+        Ok(())
+    };
+    for _ in 0..rounds / 10 {
+        one()?;
     }
-    let elapsed = start.elapsed();
-    let _ = producer.join();
-    rt.block_on(exporter)??;
-    rt.block_on(importer)??;
-    Ok(rate(got as f64 / 1e6, elapsed))
+    let start = Instant::now();
+    for _ in 0..rounds {
+        one()?;
+    }
+    let one_way = start.elapsed().as_secs_f64() / f64::from(rounds.max(1)) / 2.0;
+    drop(atx);
+    let _ = echo.join();
+    Ok(one_way * 1e6)
+}
+
+/// One-way latency of 8 bytes over raw loopback TCP, blocking reads, in microseconds.
+///
+/// # Errors
+/// Socket failures.
+pub fn raw_tcp_latency(rounds: u32) -> std::io::Result<f64> {
+    let (mut a, mut b) = socket_pair()?;
+    a.set_nodelay(true)?;
+    b.set_nodelay(true)?;
+    let echo = thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = [0u8; 8];
+        loop {
+            if let Err(e) = b.read_exact(&mut buf) {
+                return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+            b.write_all(&buf)?;
+        }
+    });
+    let mut buf = [7u8; 8];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        a.write_all(&buf)?;
+        a.read_exact(&mut buf)?;
+    }
+    let one_way = start.elapsed().as_secs_f64() / f64::from(rounds.max(1)) / 2.0;
+    drop(a);
+    echo.join()
+        .map_err(|_| std::io::Error::other("echo panicked"))??;
+    Ok(one_way * 1e6)
+}
+
+/// One-way latency of 8 bytes over raw loopback TCP, both sides polling with non-blocking
+/// reads (as MPICH's TCP channel does), in microseconds: the floor for a direct link.
+///
+/// # Errors
+/// Socket failures.
+pub fn raw_tcp_polling_latency(rounds: u32) -> std::io::Result<f64> {
+    let (mut a, mut b) = socket_pair()?;
+    for s in [&a, &b] {
+        s.set_nodelay(true)?;
+        s.set_nonblocking(true)?;
+    }
+    fn read8(s: &mut TcpStream, buf: &mut [u8; 8]) -> std::io::Result<bool> {
+        let mut got = 0;
+        while got < 8 {
+            match s.read(&mut buf[got..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+    let echo = thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = [0u8; 8];
+        while read8(&mut b, &mut buf)? {
+            b.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut buf = [7u8; 8];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        a.write_all(&buf)?;
+        read8(&mut a, &mut buf)?;
+    }
+    let one_way = start.elapsed().as_secs_f64() / f64::from(rounds.max(1)) / 2.0;
+    drop(a);
+    echo.join()
+        .map_err(|_| std::io::Error::other("echo panicked"))??;
+    Ok(one_way * 1e6)
 }
 
 /// Runs every measurement.
@@ -250,17 +438,14 @@ pub fn run(p: Params) -> Result<Report, Box<dyn std::error::Error + Send + Sync>
         queue_throughput(Config::priority(p.capacity), p.items / 4).unwrap_or(0.0)
     });
     let cb = best(p.runs, || crossbeam_throughput(p.capacity, p.items));
-    let (mut raw, mut remote, mut pairs) = (0.0f64, 0.0f64, Vec::new());
-    for _ in 0..p.runs.max(1) {
-        let r = raw_tcp(p.tcp_bytes, p.tcp_item)?;
-        let q = remote_tcp(p.tcp_bytes, p.tcp_item)?;
-        raw = raw.max(r);
-        remote = remote.max(q);
-        pairs.push(q / r.max(1e-9));
-    }
-    let mut sorted = pairs.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let (raw1, remote, pairs) = beside_raw_tcp(p, remote_tcp)?;
+    let (raw2, direct, direct_pairs) = beside_raw_tcp(p, direct_tcp)?;
+    let raw = raw1.max(raw2);
+    let rounds = u32::try_from(p.items / 100).unwrap_or(u32::MAX).max(100);
+    let direct_8b_us = direct_latency(rounds)?;
+    let raw_tcp_8b_us = raw_tcp_latency(rounds)?;
+    let raw_tcp_polling_8b_us = raw_tcp_polling_latency(rounds)?;
+    let median = median_of(&pairs);
     Ok(Report {
         item_bytes: 8,
         capacity: p.capacity,
@@ -274,7 +459,36 @@ pub fn run(p: Params) -> Result<Report, Box<dyn std::error::Error + Send + Sync>
         remote_vs_raw_tcp: remote / raw.max(1e-9),
         remote_vs_raw_tcp_pairs: pairs,
         remote_vs_raw_tcp_median: median,
+        direct_mb_per_sec: direct,
+        direct_vs_raw_tcp_median: median_of(&direct_pairs),
+        direct_vs_raw_tcp_pairs: direct_pairs,
+        direct_8b_us,
+        raw_tcp_8b_us,
+        raw_tcp_polling_8b_us,
     })
+}
+
+/// Runs `f` and raw TCP back to back `p.runs` times: the best raw TCP, the best of `f`, and
+/// the ratio of each pair.
+fn beside_raw_tcp(
+    p: Params,
+    f: fn(u64, usize) -> Result<f64, Box<dyn std::error::Error + Send + Sync>>,
+) -> Result<(f64, f64, Vec<f64>), Box<dyn std::error::Error + Send + Sync>> {
+    let (mut raw, mut best, mut pairs) = (0.0f64, 0.0f64, Vec::new());
+    for _ in 0..p.runs.max(1) {
+        let r = raw_tcp(p.tcp_bytes, p.tcp_item)?;
+        let q = f(p.tcp_bytes, p.tcp_item)?;
+        raw = raw.max(r);
+        best = best.max(q);
+        pairs.push(q / r.max(1e-9));
+    }
+    Ok((raw, best, pairs))
+}
+
+fn median_of(v: &[f64]) -> f64 {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
 #[cfg(test)]
@@ -286,7 +500,8 @@ mod tests {
         let r = run(Params::quick()).expect("runs");
         assert!(r.fifo_items_per_sec > 0.0 && r.priority_items_per_sec > 0.0);
         assert!(r.crossbeam_items_per_sec > 0.0 && r.raw_tcp_mb_per_sec > 0.0);
-        assert!(r.remote_mb_per_sec > 0.0);
+        assert!(r.remote_mb_per_sec > 0.0 && r.direct_mb_per_sec > 0.0);
+        assert!(r.direct_8b_us > 0.0 && r.raw_tcp_8b_us > 0.0);
         let json = serde_json::to_value(&r).expect("serializes");
         assert!(json.get("fifo_vs_crossbeam").is_some());
     }

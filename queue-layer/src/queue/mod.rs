@@ -16,8 +16,8 @@ mod stats;
 mod store;
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -210,6 +210,21 @@ struct Shared<T> {
     not_full: CachePadded<Signal>,
     /// Notified only when the queue closes or its last receiver goes.
     lifecycle: Signal,
+    /// Takes what producers push (a direct link out of this queue).
+    outlet: OnceLock<Arc<dyn Pump>>,
+    /// Brings items in when consumers find the queue empty (a direct link into it).
+    inlet: OnceLock<Arc<dyn Pump>>,
+}
+
+/// Moves items between a queue and a link on the threads that use the queue (see
+/// [`crate::remote::direct`]): an outlet is pumped after every push and at close, an inlet
+/// whenever a consumer finds the queue empty.
+pub trait Pump: Send + Sync {
+    /// Moves what can be moved now, without blocking.
+    fn pump(&self);
+    /// A user of the queue is about to wait (a consumer for an item, a producer for room): keep
+    /// moving items in the background meanwhile.
+    fn waiting(&self);
 }
 
 /// A handle to a queue. Cloning it gives another handle to the same queue.
@@ -262,6 +277,8 @@ impl<T: Item> Queue<T> {
             not_empty: CachePadded::new(Signal::default()),
             not_full: CachePadded::new(Signal::default()),
             lifecycle: Signal::default(),
+            outlet: OnceLock::new(),
+            inlet: OnceLock::new(),
         };
         Ok(Queue {
             shared: Arc::new(shared),
@@ -348,6 +365,22 @@ impl<T: Item> Queue<T> {
         self.shared.stats()
     }
 
+    /// Attaches a pump that takes what producers push (one per queue; `false` if there is one).
+    pub fn set_outlet(&self, pump: Arc<dyn Pump>) -> bool {
+        self.shared.outlet.set(pump).is_ok()
+    }
+
+    /// Attaches a pump that brings items in when consumers find the queue empty (one per
+    /// queue; `false` if there is one).
+    pub fn set_inlet(&self, pump: Arc<dyn Pump>) -> bool {
+        self.shared.inlet.set(pump).is_ok()
+    }
+
+    /// Whether a pump brings items in (consumers that poll this queue get them over a link).
+    pub fn has_inlet(&self) -> bool {
+        self.shared.inlet.get().is_some()
+    }
+
     /// Releases `n` leases taken with [`Receiver::try_recv_leased`] (their items were delivered,
     /// or put back with [`Queue::requeue`] first).
     pub fn release_leases(&self, n: u64) {
@@ -361,6 +394,37 @@ impl<T: Item> Shared<T> {
             self.not_empty.notify_all();
             self.not_full.notify_all();
             self.lifecycle.notify_all();
+            if let Some(p) = self.outlet.get() {
+                p.pump();
+            }
+        }
+    }
+
+    /// A consumer is about to wait: an inlet keeps bringing items meanwhile.
+    #[inline]
+    fn consumer_waits(&self) {
+        if let Some(p) = self.inlet.get() {
+            p.waiting();
+        }
+    }
+
+    /// A producer is about to wait for room: an outlet keeps taking items meanwhile.
+    #[inline]
+    fn producer_waits(&self) {
+        if let Some(p) = self.outlet.get() {
+            p.waiting();
+        }
+    }
+
+    /// The store was found empty: an inlet brings in what has arrived; `true` if there is one.
+    #[inline]
+    fn refill(&self) -> bool {
+        match self.inlet.get() {
+            Some(p) => {
+                p.pump();
+                true
+            }
+            None => false,
         }
     }
 
@@ -374,6 +438,9 @@ impl<T: Item> Shared<T> {
             self.sample_depth();
         }
         self.not_empty.notify_one();
+        if let Some(p) = self.outlet.get() {
+            p.pump();
+        }
     }
 
     /// Records the depth now in the high-water mark.
@@ -480,6 +547,7 @@ impl<T: Item> Shared<T> {
                 Err(Err(e)) => break Err(e),
                 Err(Ok(entry)) => entry,
             };
+            self.producer_waits();
             match deadline {
                 None => {
                     listener.wait(None);
@@ -513,6 +581,7 @@ impl<T: Item> Shared<T> {
                 Err(Err(e)) => break Err(e),
                 Err(Ok(entry)) => entry,
             };
+            self.producer_waits();
             listener.wait_async().await;
         };
         self.record_blocked(Some(since));
@@ -533,6 +602,12 @@ impl<T: Item> Shared<T> {
             self.not_full.notify_one();
             return Ok(e);
         }
+        if self.refill()
+            && let Some(e) = self.store.pop_ready()
+        {
+            self.not_full.notify_one();
+            return Ok(e);
+        }
         if self.closed.load(Ordering::SeqCst) {
             return self.try_pop();
         }
@@ -543,6 +618,12 @@ impl<T: Item> Shared<T> {
     #[inline]
     fn try_pop_holding(&self, own: u64) -> Result<Entry<T>, RecvFailure> {
         if let Some(e) = self.store.pop() {
+            self.not_full.notify_one();
+            return Ok(e);
+        }
+        if self.refill()
+            && let Some(e) = self.store.pop()
+        {
             self.not_full.notify_one();
             return Ok(e);
         }
@@ -611,6 +692,7 @@ impl<T: Item> Shared<T> {
                 Err(RecvFailure::Empty) => {}
                 Err(f) => return Err(self.recv_error(f)),
             }
+            self.consumer_waits();
             match deadline {
                 None => {
                     listener.wait(None);
@@ -637,6 +719,7 @@ impl<T: Item> Shared<T> {
                 Err(RecvFailure::Empty) => {}
                 Err(f) => return Err(self.recv_error(f)),
             }
+            self.consumer_waits();
             listener.wait_async().await;
         }
     }
@@ -827,6 +910,8 @@ impl<T: Item> Drop for Receiver<T> {
             self.shared.receivers_gone.store(true, Ordering::Release);
             self.shared.not_full.notify_all();
             self.shared.lifecycle.notify_all();
+            // An inlet reads on to the end of its stream, for nobody.
+            self.shared.consumer_waits();
         }
     }
 }
@@ -887,6 +972,15 @@ impl<T: Item> Receiver<T> {
         self.shared.try_pop_ready().map(|e| e.item)
     }
 
+    /// As [`Receiver::try_recv_entry`], with the failure alone (no queue name to share).
+    ///
+    /// # Errors
+    /// [`RecvFailure::Empty`] or [`RecvFailure::Closed`].
+    #[inline]
+    pub fn take(&self) -> Result<Entry<T>, RecvFailure> {
+        self.shared.try_pop()
+    }
+
     /// Takes the next entry (item and priority) if there is one now.
     ///
     /// # Errors
@@ -935,10 +1029,12 @@ impl<T: Item> Receiver<T> {
             if ready() {
                 return;
             }
+            s.refill();
             let listener = s.not_empty.listen();
             if ready() {
                 return;
             }
+            s.consumer_waits();
             listener.wait_async().await;
         }
     }

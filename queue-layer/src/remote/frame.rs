@@ -24,9 +24,9 @@ pub(crate) const ITEM_OVERHEAD: usize = 1 + 8;
 const HELLO_LEN: usize = 1 + 4 + 2 + 4 + 8 + 8;
 
 const HELLO: u8 = 0;
-const DATA: u8 = 1;
+pub(crate) const DATA: u8 = 1;
 const CREDIT: u8 = 2;
-const END: u8 = 3;
+pub(crate) const END: u8 = 3;
 const END_ACK: u8 = 4;
 const RETURN: u8 = 5;
 const STOP: u8 = 6;

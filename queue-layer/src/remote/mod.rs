@@ -16,6 +16,7 @@
 //! So any number of consumers, local to the queue or behind importers on other nodes, can share
 //! one queue, and each item is delivered to exactly one of them ([`Options::work_sharing`]).
 
+pub mod direct;
 mod frame;
 
 use std::collections::VecDeque;
@@ -100,6 +101,9 @@ pub struct Report {
     pub returned: u64,
     /// Whether the importer stopped early because its consumers went away.
     pub stopped: bool,
+    /// Items a direct link received after its queue's consumers had gone (read and dropped, so
+    /// the producer was not left blocked).
+    pub discarded: u64,
 }
 
 /// A remote endpoint failed.

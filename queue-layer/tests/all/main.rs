@@ -1,3 +1,4 @@
 //! The queue layer's integration tests, in one binary (faster to build on two cores).
 
+mod direct;
 mod remote;

@@ -369,7 +369,9 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                      fifo       {:>14.0} items/s\n  priority   {:>14.0} items/s\n  \
                      crossbeam  {:>14.0} items/s   (fifo/crossbeam = {:.2}, goal >= 0.5)\n\
                      loopback TCP, {} KiB items\n  remote     {:>10.0} MB/s\n  raw tcp    {:>10.0} MB/s   \
-                     (remote/raw = {:.2} best, {:.2} median of back-to-back pairs; goal >= 0.7)",
+                     (remote/raw = {:.2} best, {:.2} median of back-to-back pairs; goal >= 0.7)\n  \
+                     direct     {:>10.0} MB/s   (direct/raw = {:.2} median of pairs)\n\
+                     loopback TCP, 8 B one-way\n  direct     {:>10.2} us (polling)\n  raw tcp    {:>10.2} us (blocking reads), {:.2} us (polling)",
                     r.item_bytes,
                     r.capacity,
                     r.fifo_items_per_sec,
@@ -381,6 +383,11 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     r.raw_tcp_mb_per_sec,
                     r.remote_vs_raw_tcp,
                     r.remote_vs_raw_tcp_median,
+                    r.direct_mb_per_sec,
+                    r.direct_vs_raw_tcp_median,
+                    r.direct_8b_us,
+                    r.raw_tcp_8b_us,
+                    r.raw_tcp_polling_8b_us,
                 )
             })
         }

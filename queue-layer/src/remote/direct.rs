@@ -1,0 +1,853 @@
+//! Direct links: a queue extended over a TCP connection that the queue's own users drive.
+//!
+//! A producer that pushes into an [`outlet`]'s queue writes the item to the socket itself, and
+//! a consumer that finds an [`inlet`]'s queue empty reads the socket itself; both without
+//! blocking. No thread or task hands items over on the way, so an item crosses in about the
+//! time of one write and one read, as with MPI over TCP. When a write would block, or a
+//! consumer or producer is about to wait, a helper thread of the link waits for the socket and
+//! carries on; it sleeps otherwise, so it is not woken per item.
+//!
+//! Flow control is TCP's own: an inlet reads only while its queue has room, so a slow consumer
+//! fills its queue, then the socket buffers, then the producer's queue, and then blocks the
+//! producer. Memory stays bounded by the queues' capacities and the socket buffers.
+//!
+//! A link is fail-stop. While the connection holds, items arrive in order, without loss or
+//! duplication, up to the producers' end-of-stream (an END frame). If it breaks, both ends
+//! report an error saying how many items crossed, and what was in flight is not put back: the
+//! job fails. Where items must survive a broken stream or be shared among consumers on several
+//! nodes, use [`super::export`] and [`super::import`] (credits, items handed back).
+//!
+//! The frames are the stream protocol's DATA and END ([`super`]); the link has no handshake of
+//! its own: whoever connects the socket has agreed on the link over another channel.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Weak};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+
+use super::frame::{DATA, END, ITEM_OVERHEAD};
+use super::{RemoteError, Report};
+use crate::queue::{Entry, Pump, Queue, Receiver, RecvFailure, SendFailure, Sender};
+
+/// Called once, from whichever thread ends the link, with how it ended.
+pub type OnDone = Box<dyn FnOnce(Result<Report, RemoteError>) + Send>;
+
+/// How long a helper waits on the socket before it looks at its stop flag, in milliseconds.
+const HELPER_TICK_MS: i32 = 50;
+/// Payloads below this size are copied next to their frame header; larger ones are written
+/// from where they are.
+const COPY_BELOW: usize = 4096;
+/// The most segments in one vectored write.
+const MAX_SEGS: usize = 64;
+/// The room an inlet makes for reads when it runs low.
+const READ_MIN: usize = 64 << 10;
+/// Below this much room, an inlet makes more before it reads.
+const READ_LOW: usize = 4 << 10;
+
+/// A running link. Dropping it stops the link (if it has not ended, it ends with an error and
+/// the connection is shut down); keep it until the link has reported.
+pub struct Link {
+    core: Arc<dyn Stop>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.core.stop();
+    }
+}
+
+trait Stop: Send + Sync {
+    fn stop(&self);
+}
+
+/// A link's end, as its helper and [`Link`] see it.
+trait Ends: Send + Sync {
+    fn finished(&self) -> bool;
+    /// Ends the link with an error (nothing if it has ended).
+    fn end_with(&self, e: RemoteError);
+    fn helper(&self) -> &Helper;
+
+    /// Runs the helper thread ([`Helper::run`]); a failed wait on the socket ends the link.
+    fn drive(&self, sock: &TcpStream, hang_up: impl FnMut(), step: impl FnMut() -> Step)
+    where
+        Self: Sized,
+    {
+        if let Err(e) = self.helper().run(sock, self, hang_up, step) {
+            self.end_with(RemoteError::Io {
+                op: "poll",
+                source: e,
+            });
+        }
+    }
+}
+
+impl<T: Ends> Stop for T {
+    fn stop(&self) {
+        if !self.finished() {
+            self.end_with(RemoteError::Protocol("the link was stopped".into()));
+        }
+        self.helper().stop();
+    }
+}
+
+/// What a pump round left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// Nothing more can be done now (an outlet wrote everything; an inlet read everything).
+    Idle,
+    /// The socket would block (outlet) or the queue is full (inlet).
+    Blocked,
+    /// The link has ended.
+    Done,
+}
+
+/// A thread that carries a link on while its queue's users cannot: asked, it works a round
+/// until what was asked for is done, waiting on the socket between attempts. Between rounds it
+/// watches only for the connection's end, so it is not woken per item.
+struct Helper {
+    /// Rounds asked for so far.
+    asks: AtomicU64,
+    /// Wakes the thread from its wait on the socket (an eventfd).
+    kick: OwnedFd,
+    stop: AtomicBool,
+}
+
+impl Helper {
+    fn new() -> io::Result<Helper> {
+        // SAFETY: eventfd takes no pointers; its result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Helper {
+            asks: AtomicU64::new(0),
+            // SAFETY: `fd` is a new, valid descriptor that nothing else owns.
+            kick: unsafe { OwnedFd::from_raw_fd(fd) },
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    fn ask(&self) {
+        self.asks.fetch_add(1, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer of 8 bytes to the eventfd. A full counter
+        // (EAGAIN) means the thread is woken anyway.
+        let _ = unsafe { libc::write(self.kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Rounds asked for so far.
+    fn asked(&self) -> u64 {
+        self.asks.load(Ordering::SeqCst)
+    }
+
+    /// Runs a link's helper thread until the link finishes or is stopped. Between rounds it
+    /// watches `sock` only for the peer closing its side (then `hang_up`, once); a round,
+    /// asked for with [`Helper::ask`], calls `step` until it says the round is done.
+    fn run(
+        &self,
+        sock: &TcpStream,
+        link: &impl Ends,
+        mut hang_up: impl FnMut(),
+        mut step: impl FnMut() -> Step,
+    ) -> io::Result<()> {
+        let mut served = 0;
+        let mut hung_up = false;
+        loop {
+            if self.stopped() || link.finished() {
+                return Ok(());
+            }
+            let asked = self.asked();
+            if asked == served {
+                if self.wait((!hung_up).then_some(sock), libc::POLLRDHUP)? {
+                    hung_up = true;
+                    hang_up();
+                }
+                continue;
+            }
+            loop {
+                if self.stopped() {
+                    return Ok(());
+                }
+                match step() {
+                    Step::Finished => return Ok(()),
+                    Step::Again => {}
+                    Step::RoundDone => break,
+                    Step::Wait(events) => {
+                        self.wait(Some(sock), events)?;
+                    }
+                }
+            }
+            served = asked;
+        }
+    }
+
+    /// Waits until `sock` is ready for `events` (hang-ups and errors always count; `None`: the
+    /// socket is not watched), the thread is woken, or a tick has passed. Whether the socket
+    /// was ready.
+    fn wait(&self, sock: Option<&TcpStream>, events: libc::c_short) -> io::Result<bool> {
+        let mut fds = [
+            libc::pollfd {
+                fd: sock.map_or(-1, AsRawFd::as_raw_fd),
+                events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of two valid, initialized pollfds, and the count says two.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, HELPER_TICK_MS) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        if fds[1].revents != 0 {
+            let mut count = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live buffer of 8 bytes.
+            let _ = unsafe {
+                libc::read(
+                    self.kick.as_raw_fd(),
+                    count.as_mut_ptr().cast(),
+                    count.len(),
+                )
+            };
+        }
+        Ok(fds[0].revents != 0)
+    }
+}
+
+/// What a helper's round does next.
+enum Step {
+    /// The link has ended.
+    Finished,
+    /// Go on at once.
+    Again,
+    /// What was asked for is done.
+    RoundDone,
+    /// Wait for the socket to be ready for these events.
+    Wait(libc::c_short),
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map(drop)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outlet
+
+/// Sends the items of `rx`'s queue over `sock` until the queue's end-of-stream, then ends the
+/// link with an END frame and shuts down the socket's writing half. `on_done` gets the
+/// report (items and bytes sent) or the error.
+///
+/// Items already in the queue go at once. If the link fails, `rx` is dropped, so producers
+/// of a queue with no other consumer see their sends fail.
+///
+/// # Errors
+/// The socket cannot be made non-blocking, the queue has an outlet already, or the helper
+/// thread cannot start.
+pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Result<Link> {
+    sock.set_nonblocking(true)?;
+    sock.set_nodelay(true)?;
+    let queue = rx.queue();
+    let core = Arc::new(OutCore {
+        sock,
+        state: Mutex::new(OutState {
+            rx: Some(rx),
+            segs: VecDeque::new(),
+            scratch: BytesMut::new(),
+            report: Report::default(),
+            on_done: Some(on_done),
+        }),
+        blocked: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+        queue: queue.clone(),
+        helper: Helper::new()?,
+    });
+    if !queue.set_outlet(Arc::new(OutHook(Arc::downgrade(&core)))) {
+        return Err(io::Error::other(format!(
+            "queue '{}' has an outlet already",
+            queue.name()
+        )));
+    }
+    let helper = core.clone();
+    spawn("mvm-link-out", move || helper.run())?;
+    // What was pushed (or closed) before the link existed.
+    core.pump();
+    Ok(Link { core })
+}
+
+struct OutCore {
+    sock: TcpStream,
+    state: Mutex<OutState>,
+    /// A write would block: the helper waits for the socket, producers leave it alone.
+    blocked: AtomicBool,
+    /// END is queued for writing.
+    ended: AtomicBool,
+    finished: AtomicBool,
+    queue: Queue<Bytes>,
+    helper: Helper,
+}
+
+struct OutState {
+    rx: Option<Receiver<Bytes>>,
+    /// Encoded frames not yet written, oldest first.
+    segs: VecDeque<Bytes>,
+    /// Where small frames are encoded.
+    scratch: BytesMut,
+    report: Report,
+    on_done: Option<OnDone>,
+}
+
+/// The queue's hook: weak, so a queue kept alive by its link's helper does not keep the link.
+struct OutHook(Weak<OutCore>);
+
+impl Pump for OutHook {
+    fn pump(&self) {
+        if let Some(core) = self.0.upgrade() {
+            core.pump();
+        }
+    }
+
+    fn waiting(&self) {
+        if let Some(core) = self.0.upgrade() {
+            core.pump();
+            if !core.finished.load(Ordering::Acquire) {
+                core.helper.ask();
+            }
+        }
+    }
+}
+
+impl OutCore {
+    /// Whether anything is left to take from the queue (items, or its end).
+    fn wants(&self) -> bool {
+        !self.queue.is_empty() || (self.queue.is_closed() && !self.ended.load(Ordering::Acquire))
+    }
+
+    /// Writes what it can without blocking, on the caller's thread.
+    fn pump(&self) {
+        loop {
+            // Pairs with the fence after a holder lets go: either it sees our item, or we see
+            // the lock free (or the socket blocked, and then the helper has the item).
+            fence(Ordering::SeqCst);
+            if self.blocked.load(Ordering::Relaxed) || self.finished.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(mut st) = self.state.try_lock() else {
+                return;
+            };
+            let flow = self.flush(&mut st);
+            drop(st);
+            match flow {
+                Flow::Blocked => {
+                    self.helper.ask();
+                    return;
+                }
+                Flow::Done => return,
+                Flow::Idle => {
+                    fence(Ordering::SeqCst);
+                    if !self.wants() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes items and writes frames until the queue is empty or the socket would block.
+    fn flush(&self, st: &mut OutState) -> Flow {
+        if self.finished.load(Ordering::Acquire) {
+            return Flow::Done;
+        }
+        self.blocked.store(false, Ordering::Relaxed);
+        loop {
+            if let Err(e) = self.take(st) {
+                self.finish(st, Err(e));
+                return Flow::Done;
+            }
+            if st.segs.is_empty() {
+                return Flow::Idle;
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SEGS];
+            let n = st.segs.len().min(MAX_SEGS);
+            for (slot, seg) in slices.iter_mut().zip(st.segs.iter()) {
+                *slot = IoSlice::new(seg);
+            }
+            match (&self.sock).write_vectored(&slices[..n]) {
+                Ok(0) => {
+                    let e = io::Error::from(io::ErrorKind::WriteZero);
+                    self.finish(
+                        st,
+                        Err(RemoteError::Io {
+                            op: "write",
+                            source: e,
+                        }),
+                    );
+                    return Flow::Done;
+                }
+                Ok(mut written) => {
+                    while written > 0 {
+                        let Some(front) = st.segs.front_mut() else {
+                            break;
+                        };
+                        if front.len() <= written {
+                            written -= front.len();
+                            st.segs.pop_front();
+                        } else {
+                            front.advance(written);
+                            written = 0;
+                        }
+                    }
+                    if st.segs.is_empty() && self.ended.load(Ordering::Acquire) {
+                        let _ = self.sock.shutdown(Shutdown::Write);
+                        let report = st.report;
+                        self.finish(st, Ok(report));
+                        return Flow::Done;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked.store(true, Ordering::Relaxed);
+                    return Flow::Blocked;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.finish(
+                        st,
+                        Err(RemoteError::Io {
+                            op: "write",
+                            source: e,
+                        }),
+                    );
+                    return Flow::Done;
+                }
+            }
+        }
+    }
+
+    /// Encodes items from the queue into segments (a bounded number at once), and END after
+    /// the queue's end-of-stream.
+    fn take(&self, st: &mut OutState) -> Result<(), RemoteError> {
+        let Some(rx) = st.rx.as_ref() else {
+            return Ok(());
+        };
+        while st.segs.len() < MAX_SEGS && !self.ended.load(Ordering::Acquire) {
+            match rx.take() {
+                Ok(e) => {
+                    let len = e.item.len();
+                    let frame =
+                        u32::try_from(ITEM_OVERHEAD + len).map_err(|_| RemoteError::TooLarge {
+                            size: len as u64,
+                            limit: u64::from(u32::MAX) - ITEM_OVERHEAD as u64,
+                        })?;
+                    st.report.items += 1;
+                    st.report.bytes += len as u64;
+                    st.scratch.reserve(4 + ITEM_OVERHEAD + len.min(COPY_BELOW));
+                    st.scratch.put_u32_le(frame);
+                    st.scratch.put_u8(DATA);
+                    st.scratch.put_i64_le(e.priority);
+                    if len < COPY_BELOW {
+                        st.scratch.put_slice(&e.item);
+                    } else {
+                        let head = st.scratch.split().freeze();
+                        st.segs.push_back(head);
+                        st.segs.push_back(e.item);
+                    }
+                }
+                Err(RecvFailure::Closed) => {
+                    st.scratch.put_u32_le(1);
+                    st.scratch.put_u8(END);
+                    self.ended.store(true, Ordering::Release);
+                }
+                Err(_) => break,
+            }
+        }
+        if !st.scratch.is_empty() {
+            let seg = st.scratch.split().freeze();
+            st.segs.push_back(seg);
+        }
+        Ok(())
+    }
+
+    fn finish(&self, st: &mut OutState, result: Result<Report, RemoteError>) {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = &result {
+            tracing::debug!(queue = %self.queue.name(), error = %e, "direct link out failed");
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
+        // Producers of a queue nobody else takes from now see their sends fail.
+        st.rx = None;
+        st.segs.clear();
+        self.helper.stop();
+        if let Some(done) = st.on_done.take() {
+            done(result);
+        }
+    }
+
+    /// The helper: rounds of writing while the socket blocks or a producer waits for room;
+    /// between rounds, it watches for the peer closing the connection early.
+    fn run(self: Arc<Self>) {
+        self.drive(
+            &self.sock,
+            // The reading side never writes nor closes first: it went away.
+            || {
+                let mut st = self.state.lock();
+                self.finish(&mut st, Err(RemoteError::Broken { requeued: 0 }));
+            },
+            || match self.flush(&mut self.state.lock()) {
+                Flow::Done => Step::Finished,
+                Flow::Blocked => Step::Wait(libc::POLLOUT),
+                Flow::Idle => {
+                    fence(Ordering::SeqCst);
+                    if self.wants() {
+                        Step::Again
+                    } else {
+                        Step::RoundDone
+                    }
+                }
+            },
+        );
+    }
+}
+
+impl Ends for OutCore {
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    fn end_with(&self, e: RemoteError) {
+        let mut st = self.state.lock();
+        self.finish(&mut st, Err(e));
+    }
+
+    fn helper(&self) -> &Helper {
+        &self.helper
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inlet
+
+/// Receives items from `sock` into `tx`'s queue until the END frame, then drops `tx` (the
+/// queue ends when its last sender does). `on_done` gets the report (items and bytes
+/// received; items discarded because the queue's consumers had gone) or the error.
+///
+/// Frames whose item is larger than `max_item` are a protocol error.
+///
+/// # Errors
+/// The socket cannot be made non-blocking, the queue has an inlet already, or the helper
+/// thread cannot start.
+pub fn inlet(
+    tx: Sender<Bytes>,
+    sock: TcpStream,
+    max_item: u64,
+    on_done: OnDone,
+) -> io::Result<Link> {
+    sock.set_nonblocking(true)?;
+    sock.set_nodelay(true)?;
+    let queue = tx.queue();
+    let core = Arc::new(InCore {
+        sock,
+        state: Mutex::new(InState {
+            tx: Some(tx),
+            buf: BytesMut::new(),
+            pending: None,
+            report: Report::default(),
+            on_done: Some(on_done),
+        }),
+        finished: AtomicBool::new(false),
+        queue: queue.clone(),
+        helper: Helper::new()?,
+        max_frame: usize::try_from(max_item)
+            .unwrap_or(usize::MAX)
+            .saturating_add(ITEM_OVERHEAD),
+    });
+    if !queue.set_inlet(Arc::new(InHook(Arc::downgrade(&core)))) {
+        return Err(io::Error::other(format!(
+            "queue '{}' has an inlet already",
+            queue.name()
+        )));
+    }
+    let helper = core.clone();
+    spawn("mvm-link-in", move || helper.run())?;
+    // A consumer may have started waiting before the link existed.
+    core.helper.ask();
+    Ok(Link { core })
+}
+
+struct InCore {
+    sock: TcpStream,
+    state: Mutex<InState>,
+    finished: AtomicBool,
+    queue: Queue<Bytes>,
+    helper: Helper,
+    max_frame: usize,
+}
+
+struct InState {
+    tx: Option<Sender<Bytes>>,
+    /// Bytes read and not yet decoded.
+    buf: BytesMut,
+    /// A decoded item the queue had no room for.
+    pending: Option<Entry<Bytes>>,
+    report: Report,
+    on_done: Option<OnDone>,
+}
+
+/// The queue's hook: weak, as [`OutHook`].
+struct InHook(Weak<InCore>);
+
+impl Pump for InHook {
+    fn pump(&self) {
+        if let Some(core) = self.0.upgrade()
+            && !core.finished.load(Ordering::Acquire)
+            && let Some(mut st) = core.state.try_lock()
+        {
+            core.pump(&mut st);
+        }
+    }
+
+    fn waiting(&self) {
+        if let Some(core) = self.0.upgrade()
+            && !core.finished.load(Ordering::Acquire)
+        {
+            core.helper.ask();
+        }
+    }
+}
+
+impl InCore {
+    /// Delivers decoded items and reads the socket until it would block or the queue is full.
+    fn pump(&self, st: &mut InState) -> Flow {
+        // A read that left room in the buffer took everything there was: reading again at
+        // once would only cost a system call to hear so.
+        let mut drained = false;
+        loop {
+            if self.finished.load(Ordering::Acquire) {
+                return Flow::Done;
+            }
+            if let Some(entry) = st.pending.take() {
+                let Some(tx) = st.tx.as_ref() else {
+                    return Flow::Done;
+                };
+                let priority = entry.priority;
+                match tx.try_send_entry(entry) {
+                    Ok(()) => {}
+                    Err(e) => match e.failure {
+                        SendFailure::Full => {
+                            st.pending = Some(Entry::new(e.item, priority));
+                            return Flow::Blocked;
+                        }
+                        // The consumers have gone: read on to the end, so the producer is not
+                        // left blocked, and count what nobody took.
+                        SendFailure::NoReceivers | SendFailure::Closed => st.report.discarded += 1,
+                        SendFailure::TooLarge { size, limit } => {
+                            self.finish(st, Err(RemoteError::TooLarge { size, limit }));
+                            return Flow::Done;
+                        }
+                        SendFailure::Timeout => st.pending = Some(Entry::new(e.item, priority)),
+                    },
+                }
+                continue;
+            }
+            match self.decode(st) {
+                Ok(Some(true)) => continue,
+                Ok(Some(false)) => {
+                    let report = st.report;
+                    self.finish(st, Ok(report));
+                    return Flow::Done;
+                }
+                Ok(None) if drained => return Flow::Idle,
+                Ok(None) => {}
+                Err(e) => {
+                    self.finish(st, Err(e));
+                    return Flow::Done;
+                }
+            }
+            match self.read(&mut st.buf, &mut drained) {
+                Ok(0) => {
+                    let cause = if st.buf.is_empty() {
+                        RemoteError::Broken { requeued: 0 }
+                    } else {
+                        RemoteError::Protocol("stream ended in the middle of a frame".into())
+                    };
+                    self.finish(st, Err(cause));
+                    return Flow::Done;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Idle,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.finish(
+                        st,
+                        Err(RemoteError::Io {
+                            op: "read",
+                            source: e,
+                        }),
+                    );
+                    return Flow::Done;
+                }
+            }
+        }
+    }
+
+    /// Decodes one whole frame if there is one: `Some(true)` an item (now pending),
+    /// `Some(false)` END, `None` not a whole frame yet.
+    fn decode(&self, st: &mut InState) -> Result<Option<bool>, RemoteError> {
+        let Some(head) = st.buf.get(..4) else {
+            return Ok(None);
+        };
+        let mut len = [0u8; 4];
+        len.copy_from_slice(head);
+        let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+        if len == 0 || len > self.max_frame {
+            return Err(RemoteError::Protocol(format!(
+                "frame of {len} bytes (largest allowed {})",
+                self.max_frame
+            )));
+        }
+        if st.buf.len() < 4 + len {
+            st.buf.reserve(4 + len - st.buf.len());
+            return Ok(None);
+        }
+        st.buf.advance(4);
+        let mut body = st.buf.split_to(len).freeze();
+        match body.get_u8() {
+            DATA if body.len() >= 8 => {
+                let priority = body.get_i64_le();
+                st.report.items += 1;
+                st.report.bytes += body.len() as u64;
+                st.pending = Some(Entry::new(body, priority));
+                Ok(Some(true))
+            }
+            END if body.is_empty() => Ok(Some(false)),
+            kind => Err(RemoteError::Protocol(format!(
+                "unexpected frame (kind {kind}, {len} bytes) on a direct link"
+            ))),
+        }
+    }
+
+    /// One non-blocking read into the spare room of `buf`; `drained` says whether it left
+    /// room (so the socket had nothing more).
+    fn read(&self, buf: &mut BytesMut, drained: &mut bool) -> io::Result<usize> {
+        if buf.capacity() - buf.len() < READ_LOW {
+            buf.reserve(READ_MIN);
+        }
+        // Ask first whether there is anything: a poll does not lock the socket, so a receive
+        // that polls in a loop does not hold up the packets that the other side delivers.
+        let mut p = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid, initialized pollfd, and the count says one.
+        if unsafe { libc::poll(&raw mut p, 1, 0) } == 0 {
+            *drained = true;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `buf`; recv writes
+        // at most that many bytes into it and returns how many.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        *drained = n < spare.len();
+        // SAFETY: recv initialized the first `n` bytes of the spare room.
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
+
+    fn finish(&self, st: &mut InState, result: Result<Report, RemoteError>) {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = &result {
+            tracing::debug!(queue = %self.queue.name(), error = %e, "direct link in failed");
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
+        // The queue ends when its other senders have too.
+        st.tx = None;
+        st.pending = None;
+        self.helper.stop();
+        if let Some(done) = st.on_done.take() {
+            done(result);
+        }
+    }
+
+    /// The helper: rounds of reading while a consumer waits for an item; between rounds, it
+    /// watches for the connection's end, so a link that breaks while its consumer is busy
+    /// reports at once.
+    fn run(self: Arc<Self>) {
+        self.drive(
+            &self.sock,
+            // The other side is done (or gone): read to the end, as far as the queue takes;
+            // its consumers read the rest.
+            || {
+                self.pump(&mut self.state.lock());
+            },
+            || match self.pump(&mut self.state.lock()) {
+                Flow::Done => Step::Finished,
+                // Full: the consumers have items to take, and they read on themselves.
+                Flow::Blocked => Step::RoundDone,
+                Flow::Idle if !self.queue.is_empty() => Step::RoundDone,
+                Flow::Idle => Step::Wait(libc::POLLIN),
+            },
+        );
+    }
+}
+
+impl Ends for InCore {
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    fn end_with(&self, e: RemoteError) {
+        let mut st = self.state.lock();
+        self.finish(&mut st, Err(e));
+    }
+
+    fn helper(&self) -> &Helper {
+        &self.helper
+    }
+}
