@@ -35,8 +35,9 @@ pub(crate) struct InPort {
     pub(crate) rx: Receiver<Bytes>,
     pub(crate) codec: Codec,
     pub(crate) kept: Mutex<Option<Bytes>>,
-    /// Every channel into the port comes from a vertex on this node, so an item may come
-    /// within a poll (one from another node takes longer than any poll).
+    /// An item may come within a poll: every channel into the port comes from a vertex on
+    /// this node, or over a direct link that the polling receive reads itself (one through a
+    /// node's network tasks takes longer than any poll).
     pub(crate) local: bool,
 }
 

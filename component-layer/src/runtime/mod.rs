@@ -421,6 +421,18 @@ impl Prepared {
             .map(|(v, _, _)| self.names[*v].as_str())
     }
 
+    /// Says that items from other parts arrive over direct links, which a receive that polls
+    /// reads itself ([`mvm_queue::remote::direct`]): receives poll every input port, and the
+    /// part runs on dedicated threads when they are free, as a part whose vertices pass items
+    /// among themselves does.
+    pub fn poll_remote_inputs(&mut self) {
+        for (_, io, _) in &mut self.vertices {
+            for (_, port) in &mut io.inputs.0 {
+                port.local = true;
+            }
+        }
+    }
+
     /// Instantiates and runs the local vertices to their end. Take the remote endpoints out
     /// first: this does not wait for them. The queues are left in the controller (the caller
     /// destroys them once the remote endpoints are done); [`JobReport::queues`] is empty.
