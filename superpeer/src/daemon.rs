@@ -60,6 +60,10 @@ pub struct DaemonConfig {
     /// The OS layer: the driver and directory of guests for jobs that name an image (none:
     /// jobs run on the host as it is, and only the image `host` is offered).
     pub os: Option<OsConfig>,
+    /// Carry remote channels over direct links (plain TCP read and written by the vertices,
+    /// agreed over libp2p with a one-time token; see [`crate::links`]) when the other node
+    /// does too; otherwise over libp2p streams (encrypted). For trusted networks.
+    pub direct_links: bool,
 }
 
 impl Default for DaemonConfig {
@@ -81,6 +85,7 @@ impl Default for DaemonConfig {
             peers: Vec::new(),
             net: NetConfig::default(),
             os: None,
+            direct_links: false,
         }
     }
 }
@@ -99,6 +104,8 @@ pub(crate) struct Shared {
     pub(crate) os: Option<Arc<NodeOs>>,
     /// The policies in force.
     pub(crate) policies: Policies,
+    /// The direct-link listener, when direct links are on.
+    pub(crate) links: Option<Arc<crate::links::Listener>>,
 }
 
 impl Shared {
@@ -187,7 +194,18 @@ impl Daemon {
             .broker
             .then(|| Arc::new(Broker::new(ModuleStore::new(config.module_dir.clone()))));
         let queues = Controller::new(QueueLimits::default(), Arc::new(Registry::new()));
+        let links = if config.direct_links && config.slots > 0 {
+            let ip = crate::links::listen_ip(&config.net.listen);
+            Some(
+                crate::links::Listener::start(ip)
+                    .await
+                    .map_err(|e| format!("cannot listen for direct links on {ip}: {e}"))?,
+            )
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
+            links,
             net,
             node: NodeRole::new(runtime, queues),
             broker: RwLock::new(broker),

@@ -4,6 +4,7 @@
 //! - [`daemon`]: a node, a super-peer, or both, on one swarm.
 //! - [`client`]: what `mvm submit`, `status` and `cancel` use.
 //! - [`net`]: the swarm task and its handle.
+//! - `links`: direct links, remote channels over plain TCP agreed over libp2p.
 //! - [`proto`]: the control protocol (versioned, size-limited, validated messages).
 //! - [`schedule`]: the pure scheduling decision (filter, rank, partition).
 //! - [`modules`]: module bytes by content hash.
@@ -14,6 +15,7 @@ mod broker;
 pub mod client;
 pub mod daemon;
 pub mod environment;
+mod links;
 pub mod modules;
 pub mod net;
 mod node;

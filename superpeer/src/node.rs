@@ -14,7 +14,7 @@ use mvm_component::runtime::{AllowAll, JobSpec, Limits, PolicyHook, Prepared, Ru
 use mvm_component::topology::{Diagnostic, Error as TopologyError, Options, Topology};
 use mvm_queue::Controller;
 use mvm_queue::queue::Sender;
-use mvm_queue::remote::{self, Options as RemoteOptions};
+use mvm_queue::remote::{self, Options as RemoteOptions, direct};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -23,8 +23,8 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use crate::daemon::Shared;
 use crate::environment::EnvLease;
 use crate::proto::{
-    Failure, FailureKind, LimitSpec, PART_HOLD, PartReport, PartResult, PartSpec, Request,
-    Response, StreamHeader, Traffic, VertexFailure,
+    ACK_DIRECT, ACK_OK, ACK_UNKNOWN, Failure, FailureKind, LimitSpec, PART_HOLD, PartReport,
+    PartResult, PartSpec, Request, Response, StreamHeader, Traffic, VertexFailure,
 };
 
 /// How one remote channel ended: `(vertex, port, remote, items, bytes)` or why it failed.
@@ -282,6 +282,9 @@ pub(crate) async fn prepare(shared: &Arc<Shared>, from: PeerId, spec: PartSpec) 
             return fail(kind, e.to_string());
         }
     };
+    if shared.links.is_some() {
+        prepared.poll_remote_inputs();
+    }
     let mut inputs = HashMap::new();
     for i in std::mem::take(&mut prepared.remote_inputs) {
         inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
@@ -380,6 +383,7 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
             job: job.to_owned(),
             vertex: out.vertex.clone(),
             port: out.port.clone(),
+            direct: shared.links.is_some(),
         };
         let task = tokio::spawn(async move {
             let r: LinkResult = async {
@@ -388,13 +392,32 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
                 net.authenticate(peer, &addrs)
                     .await
                     .map_err(|e| e.to_string())?;
-                let s = open_channel(&mut control, peer, &header).await?;
-                let rep =
-                    remote::export_stream(&out.receiver, s.compat(), &RemoteOptions::default())
-                        .await
-                        .map_err(|e| {
-                            format!("channel to {}:{} on {peer}: {e}", out.vertex, out.port)
-                        })?;
+                let what = |e: &dyn std::fmt::Display| {
+                    format!("channel to {}:{} on {peer}: {e}", out.vertex, out.port)
+                };
+                let rep = match open_channel(&mut control, peer, &header).await? {
+                    Channel::Stream(s) => {
+                        remote::export_stream(&out.receiver, s.compat(), &RemoteOptions::default())
+                            .await
+                            .map_err(|e| what(&e))?
+                    }
+                    Channel::Direct { port, token } => {
+                        let sock = crate::links::connect(&addrs, port, &token)
+                            .await
+                            .map_err(|e| what(&e))?;
+                        let (tx, rx) = oneshot::channel();
+                        let on_done: direct::OnDone = Box::new(move |r| {
+                            let _ = tx.send(r);
+                        });
+                        // Held while the link runs; dropped (stopping it) if this task is
+                        // aborted.
+                        let _link =
+                            direct::outlet(out.receiver, sock, on_done).map_err(|e| what(&e))?;
+                        rx.await
+                            .map_err(|_| what(&"the link ended without a report"))?
+                            .map_err(|e| what(&e))?
+                    }
+                };
                 Ok((out.vertex, out.port, true, rep.items, rep.bytes))
             }
             .await;
@@ -439,10 +462,16 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
     Response::Ok
 }
 
-/// The acceptor's answer to a stream header: the channel is expected.
-const ACK_OK: u8 = 0;
-/// The acceptor's answer to a stream header: no such channel here.
-const ACK_UNKNOWN: u8 = 1;
+/// How a remote channel's items go, as its acceptor answered.
+enum Channel {
+    /// On this libp2p stream.
+    Stream(libp2p::Stream),
+    /// Over a direct link to this port, presenting this token.
+    Direct {
+        port: u16,
+        token: crate::links::Token,
+    },
+}
 
 /// Opens the stream of one remote channel and waits for the acceptor's acknowledgement.
 ///
@@ -452,7 +481,7 @@ async fn open_channel(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
     header: &StreamHeader,
-) -> Result<libp2p::Stream, String> {
+) -> Result<Channel, String> {
     let mut last = String::new();
     for attempt in 0..50u64 {
         if attempt > 0 {
@@ -479,7 +508,20 @@ async fn open_channel(
         )
         .await;
         match read {
-            Ok(Ok(())) if ack[0] == ACK_OK => return Ok(s),
+            Ok(Ok(())) if ack[0] == ACK_OK => return Ok(Channel::Stream(s)),
+            Ok(Ok(())) if ack[0] == ACK_DIRECT && header.direct => {
+                let mut rest = [0u8; 2 + crate::links::TOKEN_LEN];
+                match futures::AsyncReadExt::read_exact(&mut s, &mut rest).await {
+                    Ok(()) => {
+                        let port = u16::from_le_bytes([rest[0], rest[1]]);
+                        let mut token = [0u8; crate::links::TOKEN_LEN];
+                        token.copy_from_slice(&rest[2..]);
+                        let _ = s.close().await;
+                        return Ok(Channel::Direct { port, token });
+                    }
+                    Err(e) => last = format!("stream to {peer}: {e}"),
+                }
+            }
             Ok(Ok(())) => {
                 return Err(format!(
                     "{peer} expects no channel into {}:{} of job {}",
@@ -662,8 +704,25 @@ pub(crate) async fn accept_streams(shared: Arc<Shared>) {
                 let _ = stream.close().await;
                 return;
             };
+            // A direct link when both sides want one: the answer carries where and how to
+            // connect, and the items go there.
+            let direct = match &shared.links {
+                Some(l) if header.direct => match l.expect() {
+                    Ok((token, conn)) => Some((l.port(), token, conn)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot make a link token; using the stream");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let mut answer = vec![if direct.is_some() { ACK_DIRECT } else { ACK_OK }];
+            if let Some((port, token, _)) = &direct {
+                answer.extend_from_slice(&port.to_le_bytes());
+                answer.extend_from_slice(token);
+            }
             if let Err(e) = async {
-                stream.write_all(&[ACK_OK]).await?;
+                stream.write_all(&answer).await?;
                 stream.flush().await
             }
             .await
@@ -678,8 +737,16 @@ pub(crate) async fn accept_streams(shared: Arc<Shared>) {
             }
             let job = header.job.clone();
             let import = tokio::spawn(async move {
-                let r = remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
-                    .await
+                let r = match direct {
+                    None => remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Some((_, _, conn)) => {
+                        let _ = stream.close().await;
+                        accept_link(tx, conn).await
+                    }
+                };
+                let r = r
                     .map(|rep| {
                         (
                             header.vertex.clone(),
@@ -703,4 +770,30 @@ pub(crate) async fn accept_streams(shared: Arc<Shared>) {
             }
         });
     }
+}
+
+/// Waits for the connection of a direct link into `tx`'s queue and runs the link to its end.
+async fn accept_link(
+    tx: Sender<Bytes>,
+    conn: oneshot::Receiver<std::net::TcpStream>,
+) -> Result<remote::Report, String> {
+    let sock = tokio::time::timeout(crate::links::TOKEN_LIFETIME, conn)
+        .await
+        .map_err(|_| {
+            format!(
+                "the direct link was not connected within {:?}",
+                crate::links::TOKEN_LIFETIME
+            )
+        })?
+        .map_err(|_| "the direct link listener went away".to_owned())?;
+    let (done, rx) = oneshot::channel();
+    let on_done: direct::OnDone = Box::new(move |r| {
+        let _ = done.send(r);
+    });
+    // Held while the link runs; dropped (stopping it) if this task is aborted.
+    let _link = direct::inlet(tx, sock, RemoteOptions::default().max_item, on_done)
+        .map_err(|e| e.to_string())?;
+    rx.await
+        .map_err(|_| "the link ended without a report".to_owned())?
+        .map_err(|e| e.to_string())
 }

@@ -630,7 +630,20 @@ pub struct StreamHeader {
     pub vertex: String,
     /// Its input port.
     pub port: String,
+    /// The opener asks for a direct link ([`ACK_DIRECT`]) instead of data on this stream.
+    #[serde(default)]
+    pub direct: bool,
 }
+
+/// The acceptor's answer to a stream header: the channel is expected; its items follow on
+/// this stream.
+pub const ACK_OK: u8 = 0;
+/// The acceptor's answer to a stream header: no such channel here.
+pub const ACK_UNKNOWN: u8 = 1;
+/// The acceptor's answer to a stream header that asked for a direct link: the channel is
+/// expected, on a direct link. Followed by the link listener's port (`u16le`) and a one-time
+/// 32-byte token to present there; the stream then ends.
+pub const ACK_DIRECT: u8 = 2;
 
 /// The largest stream header.
 pub const MAX_HEADER: usize = 4 << 10;

@@ -71,6 +71,11 @@ pub(crate) struct Common {
     /// The parent control group of the host driver's guests.
     #[arg(long, default_value = "mvm", value_name = "NAME")]
     cgroup: String,
+    /// Carry remote channels over direct links when the other node does too: plain TCP that
+    /// the vertices read and write themselves (lowest latency), agreed over libp2p with a
+    /// one-time token. Not encrypted: for trusted networks. Without it, over libp2p streams.
+    #[arg(long)]
+    direct_links: bool,
 }
 
 /// The guest drivers a node can use.
@@ -209,6 +214,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         dir,
     });
     config.peers = c.peers;
+    config.direct_links = c.direct_links;
     config.name = creds.principal.name.clone();
     config.group = c.group;
     config.domain = creds.principal.domain.clone();

@@ -45,13 +45,25 @@ struct UpArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     nodes: u32,
-    /// The transports the daemons listen on.
-    #[arg(long, value_enum, default_value_t = Transport::Both)]
-    transport: Transport,
+    #[command(flatten)]
+    net: NetArgs,
     #[command(flatten)]
     dir: DirArg,
     #[command(flatten)]
     out: OutputArg,
+}
+
+/// How a lab's daemons talk.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct NetArgs {
+    /// The transports the daemons listen on.
+    #[arg(long, value_enum, default_value_t = Transport::Both)]
+    pub(crate) transport: Transport,
+    /// Carry remote channels over libp2p streams only (encrypted), not over direct links
+    /// (plain TCP on loopback, read and written by the vertices themselves; the default in a
+    /// lab, whose processes all run on this machine).
+    #[arg(long)]
+    pub(crate) secure_links: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,9 +81,8 @@ struct DemoArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     nodes: u32,
-    /// The transports the daemons listen on.
-    #[arg(long, value_enum, default_value_t = Transport::Both)]
-    transport: Transport,
+    #[command(flatten)]
+    net: NetArgs,
     /// The job profile (default: examples/fft8.toml of this checkout).
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -226,7 +237,7 @@ impl Lab {
         dir: &Path,
         nodes: u32,
         detached: bool,
-        transport: Transport,
+        net: NetArgs,
     ) -> Result<Lab, Failure> {
         let io = |e: std::io::Error| Failure::failed(anyhow::anyhow!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
@@ -243,7 +254,7 @@ impl Lab {
             detached: false,
         };
         let mut timing = vec!["--heartbeat-ms", "200", "--lost-after-ms", "1500"];
-        match transport {
+        match net.transport {
             Transport::Tcp => timing.extend(["--listen", "/ip4/127.0.0.1/tcp/0"]),
             Transport::Quic => timing.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]),
             Transport::Both => {}
@@ -264,6 +275,9 @@ impl Lab {
             .or_else(|| addrs.lines().next())
             .unwrap_or_default()
             .to_owned();
+        if !net.secure_links {
+            timing.push("--direct-links");
+        }
         for i in 0..nodes {
             let name = format!("node{i}");
             let broker = lab.broker.clone();
@@ -459,7 +473,7 @@ fn up(a: UpArgs) -> Result<(), Failure> {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let lab = match Lab::start(&dir, a.nodes, true, a.transport) {
+    let lab = match Lab::start(&dir, a.nodes, true, a.net) {
         Ok(l) => l,
         Err(e) => {
             // A half-started lab is stopped and removed.
@@ -671,7 +685,7 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
         let _in_runtime = rt.enter();
         crate::cmd::daemon::Signals::new()
     };
-    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false, a.transport)?;
+    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false, a.net)?;
     let broker = lab.broker.clone();
     let result = rt.block_on(async {
         tokio::select! {

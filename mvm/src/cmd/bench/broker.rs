@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::cmd::bench::mpi;
 use crate::cmd::job::wire;
-use crate::cmd::lab::{Lab, Transport};
+use crate::cmd::lab::{Lab, NetArgs, Transport};
 use crate::exit::Failure;
 
 const NOOP_WAT: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
@@ -37,10 +37,15 @@ pub(crate) struct BrokerReport {
     pub(crate) mpiexec16_ms: Option<f64>,
     /// ring16 / mpiexec (goal: at most 0.1).
     pub(crate) ring_ratio: Option<f64>,
-    /// One-way 8 B latency between vertices on two nodes, microseconds.
+    /// One-way 8 B latency between vertices on two nodes over direct links (the lab's
+    /// default), microseconds.
     pub(crate) cross_node_8b_us: f64,
-    /// 1 MiB messages between vertices on two nodes, MB/s.
+    /// 1 MiB messages between vertices on two nodes over direct links, MB/s.
     pub(crate) cross_node_1mib_mb_per_sec: f64,
+    /// The same 8 B latency over libp2p streams (noise, yamux; a lab with `--secure-links`).
+    pub(crate) cross_node_secure_8b_us: f64,
+    /// The same 1 MiB throughput over libp2p streams, MB/s.
+    pub(crate) cross_node_secure_1mib_mb_per_sec: f64,
     /// MPICH over TCP: one-way 8 B latency, microseconds.
     pub(crate) mpich_tcp_8b_us: Option<f64>,
     /// MPICH over TCP: 1 MiB messages, MB/s.
@@ -89,6 +94,34 @@ async fn run_one(
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median one-way 8 B latency (µs) and 1 MiB throughput (MB/s) of three runs each of the
+/// two-vertex ping-pong jobs, whose vertices the broker places on two nodes.
+async fn pingpong(client: &Client, pp8: &Prepared, pp1m: &Prepared) -> Result<(f64, f64), Failure> {
+    let ns = |s: &mvm_superpeer::proto::JobStatus| -> Result<f64, Failure> {
+        if s.parts.len() != 2 {
+            return Err(Failure::failed(anyhow::anyhow!(
+                "the ping-pong was placed on {} nodes, not 2",
+                s.parts.len()
+            )));
+        }
+        s.outputs
+            .iter()
+            .find(|(v, _)| v == "a")
+            .and_then(|(_, b)| String::from_utf8_lossy(b).trim().parse::<f64>().ok())
+            .ok_or_else(|| Failure::failed(anyhow::anyhow!("the ping-pong printed no time")))
+    };
+    let mut lat = Vec::new();
+    let mut tput = Vec::new();
+    for _ in 0..3 {
+        let (s, _) = run_one(client, pp8).await?;
+        lat.push(ns(&s)? / 5000.0 / 2.0 / 1e3);
+        let (s, _) = run_one(client, pp1m).await?;
+        let one_way = ns(&s)? / 100.0 / 2.0;
+        tput.push((1u64 << 20) as f64 / one_way * 1e3);
+    }
+    Ok((median(lat), median(tput)))
 }
 
 /// Raw TCP ping-pong on loopback: (one-way 8 B latency in µs, 1 MiB MB/s).
@@ -183,7 +216,11 @@ pub(crate) fn run(
     };
     let (pp8, pp1m) = (pp(8, 5000)?, pp(1 << 20, 100)?);
     let nodes = 4;
-    let lab = Lab::start(&d.join("lab"), nodes, false, transport)?;
+    let net = NetArgs {
+        transport,
+        secure_links: false,
+    };
+    let lab = Lab::start(&d.join("lab"), nodes, false, net)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -222,31 +259,28 @@ pub(crate) fn run(
         for _ in 0..11 {
             ring.push(run_one(&client, &ring16).await?.1.as_secs_f64() * 1e3);
         }
-        let ns = |s: &mvm_superpeer::proto::JobStatus| -> Result<f64, Failure> {
-            if s.parts.len() != 2 {
-                return Err(Failure::failed(anyhow::anyhow!(
-                    "the ping-pong was placed on {} nodes, not 2",
-                    s.parts.len()
-                )));
-            }
-            s.outputs
-                .iter()
-                .find(|(v, _)| v == "a")
-                .and_then(|(_, b)| String::from_utf8_lossy(b).trim().parse::<f64>().ok())
-                .ok_or_else(|| Failure::failed(anyhow::anyhow!("the ping-pong printed no time")))
-        };
-        let mut lat = Vec::new();
-        let mut tput = Vec::new();
-        for _ in 0..3 {
-            let (s, _) = run_one(&client, &pp8).await?;
-            lat.push(ns(&s)? / 5000.0 / 2.0 / 1e3);
-            let (s, _) = run_one(&client, &pp1m).await?;
-            let one_way = ns(&s)? / 100.0 / 2.0;
-            tput.push((1u64 << 20) as f64 / one_way * 1e3);
-        }
-        Ok::<_, Failure>((jobs_per_sec, median(ring), median(lat), median(tput)))
+        let (lat, tput) = pingpong(&client, &pp8, &pp1m).await?;
+        Ok::<_, Failure>((jobs_per_sec, median(ring), lat, tput))
     })?;
     drop(lab);
+    // The same ping-pong over libp2p streams, in a lab of two nodes without direct links.
+    let secure = Lab::start(
+        &d.join("lab-secure"),
+        2,
+        false,
+        NetArgs {
+            transport,
+            secure_links: true,
+        },
+    )?;
+    let broker = secure.broker.clone();
+    let (secure_lat, secure_tput) = rt.block_on(async {
+        let client = Client::find(&secure.user()?, std::slice::from_ref(&broker))
+            .await
+            .map_err(wire)?;
+        pingpong(&client, &pp8, &pp1m).await
+    })?;
+    drop(secure);
     let (raw_lat, raw_tput) = raw_tcp()?;
     let (mpich_tcp, mut status) = match mpi::pingpong_tcp() {
         Ok(v) => (
@@ -277,6 +311,8 @@ pub(crate) fn run(
         ring_ratio: mpiexec.map(|m| ring_ms / m),
         cross_node_8b_us: lat_us,
         cross_node_1mib_mb_per_sec: mbps,
+        cross_node_secure_8b_us: secure_lat,
+        cross_node_secure_1mib_mb_per_sec: secure_tput,
         mpich_tcp_8b_us: m8,
         mpich_tcp_1mib_mb_per_sec: m1m,
         latency_ratio: m8.map(|m| lat_us / m),
@@ -290,7 +326,7 @@ pub(crate) fn run(
 pub(crate) fn text(r: &BrokerReport) -> String {
     let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
     format!(
-        "broker with {} nodes on loopback ({})\n  trivial jobs/s ({} clients): {:.0} (goal >= 5000)\n  16-vertex ring, submit to done: {:.2} ms; mpiexec -n 16: {} ms; ratio {} (goal <= 0.1)\n  cross-node one-way 8 B: {:.2} us; MPICH TCP {} us; ratio {} (goal <= 1.5); raw TCP {:.2} us\n  cross-node 1 MiB: {:.0} MB/s; MPICH TCP {} MB/s; raw TCP {:.0} MB/s\n  MPICH: {}",
+        "broker with {} nodes on loopback ({})\n  trivial jobs/s ({} clients): {:.0} (goal >= 5000)\n  16-vertex ring, submit to done: {:.2} ms; mpiexec -n 16: {} ms; ratio {} (goal <= 0.1)\n  cross-node one-way 8 B: {:.2} us (direct links); MPICH TCP {} us; ratio {} (goal <= 1.5); raw TCP {:.2} us; libp2p streams {:.2} us\n  cross-node 1 MiB: {:.0} MB/s (direct links); MPICH TCP {} MB/s; raw TCP {:.0} MB/s; libp2p streams {:.0} MB/s\n  MPICH: {}",
         r.nodes,
         r.transport,
         r.clients,
@@ -302,9 +338,11 @@ pub(crate) fn text(r: &BrokerReport) -> String {
         opt(r.mpich_tcp_8b_us),
         opt(r.latency_ratio),
         r.raw_tcp_8b_us,
+        r.cross_node_secure_8b_us,
         r.cross_node_1mib_mb_per_sec,
         opt(r.mpich_tcp_1mib_mb_per_sec),
         r.raw_tcp_1mib_mb_per_sec,
+        r.cross_node_secure_1mib_mb_per_sec,
         r.mpich
     )
 }
