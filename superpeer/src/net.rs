@@ -122,6 +122,18 @@ pub struct Gossip {
 /// second.
 const HELLO_RETRIES: u32 = 6;
 
+/// How long to wait before the `tries`-th retry of a `Hello` from `me` to `peer`: longer each
+/// time, and different on the two sides. Two nodes that dial each other at the same moment
+/// from their listening ports (libp2p's TCP default) make one connection by simultaneous open,
+/// on which both act as dialer and the handshake fails for both; retries at the same moments
+/// would meet the same way, so each side adds its own 0–63 ms, fixed by the pair's peer ids.
+fn hello_backoff(me: &PeerId, peer: &PeerId, tries: u32) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (me, peer, tries).hash(&mut h);
+    Duration::from_millis(50 * u64::from(tries) + h.finish() % 64)
+}
+
 /// The gossip topic of group summaries exchanged by super-peers.
 pub const GROUPS_TOPIC: &str = "/mvm/groups/1";
 
@@ -641,7 +653,7 @@ impl Actor {
                 *tries += 1;
                 tracing::debug!(%peer, error = %e, tries = *tries, "hello lost; retrying");
                 let commands = self.self_commands.clone();
-                let delay = Duration::from_millis(50 * u64::from(*tries));
+                let delay = hello_backoff(self.swarm.local_peer_id(), &peer, *tries);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let _ = commands.send(Command::RetryHello { peer }).await;
@@ -818,6 +830,31 @@ impl Actor {
                 tracing::debug!(%peer, %error, "inbound control request failed");
             }
             request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_two_sides_of_a_pair_retry_hellos_at_different_moments() {
+        for _ in 0..20 {
+            let (a, b) = (PeerId::random(), PeerId::random());
+            let ab: Vec<Duration> = (1..=HELLO_RETRIES)
+                .map(|t| hello_backoff(&a, &b, t))
+                .collect();
+            let ba: Vec<Duration> = (1..=HELLO_RETRIES)
+                .map(|t| hello_backoff(&b, &a, t))
+                .collect();
+            assert_ne!(ab, ba, "the two sides would meet again");
+            for (t, d) in ab.iter().enumerate() {
+                let base = Duration::from_millis(50 * (t as u64 + 1));
+                assert!(*d >= base && *d < base + Duration::from_millis(64));
+            }
+            // The same pair waits the same on the same side: reproducible.
+            assert_eq!(hello_backoff(&a, &b, 3), hello_backoff(&a, &b, 3));
         }
     }
 }
