@@ -40,7 +40,7 @@ struct Job {
     started: Instant,
     /// (version, whether the job has ended): read by waiters without the job table's lock.
     changed: watch::Sender<(u64, bool)>,
-    traffic: BTreeMap<(String, String, bool), (u64, u64)>,
+    traffic: BTreeMap<(String, String, bool, bool), (u64, u64)>,
     /// Who submitted it.
     owner: Principal,
     /// What the policy was asked about it at submission.
@@ -69,10 +69,11 @@ impl Job {
         self.status.traffic = self
             .traffic
             .iter()
-            .map(|((kind, codec, remote), (items, bytes))| Traffic {
+            .map(|((kind, codec, remote, direct), (items, bytes))| Traffic {
                 kind: kind.clone(),
                 codec: codec.clone(),
                 remote: *remote,
+                direct: *direct,
                 items: *items,
                 bytes: *bytes,
             })
@@ -986,7 +987,8 @@ impl Broker {
                     part.done = true;
                     j.status.outputs.extend(res.outputs);
                     for t in res.traffic {
-                        let e = j.traffic.entry((t.kind, t.codec, t.remote)).or_default();
+                        let key = (t.kind, t.codec, t.remote, t.direct);
+                        let e = j.traffic.entry(key).or_default();
                         e.0 += t.items;
                         e.1 += t.bytes;
                     }

@@ -28,7 +28,29 @@ use crate::proto::{
 };
 
 /// How one remote channel ended: `(vertex, port, remote, items, bytes)` or why it failed.
-type LinkResult = Result<(String, String, bool, u64, u64), String>;
+type LinkResult = Result<LinkDone, String>;
+
+/// A remote channel that ended well.
+struct LinkDone {
+    /// The destination vertex and its input port.
+    vertex: String,
+    port: String,
+    /// Whether this node sent (its outbox) rather than received.
+    out: bool,
+    /// Whether it went over a direct link rather than a libp2p stream.
+    direct: bool,
+    items: u64,
+    bytes: u64,
+}
+
+impl LinkDone {
+    /// Whether it is the channel into queue `name` (`vertex:port`).
+    fn feeds(&self, name: &str) -> bool {
+        name.len() == self.vertex.len() + 1 + self.port.len()
+            && name.starts_with(self.vertex.as_str())
+            && name.ends_with(self.port.as_str())
+    }
+}
 
 struct NodeJob {
     /// The broker that woke it (only it may start or end the job).
@@ -395,7 +417,9 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
                 let what = |e: &dyn std::fmt::Display| {
                     format!("channel to {}:{} on {peer}: {e}", out.vertex, out.port)
                 };
-                let rep = match open_channel(&mut control, peer, &header).await? {
+                let channel = open_channel(&mut control, peer, &header).await?;
+                let direct = matches!(channel, Channel::Direct { .. });
+                let rep = match channel {
                     Channel::Stream(s) => {
                         remote::export_stream(&out.receiver, s.compat(), &RemoteOptions::default())
                             .await
@@ -418,7 +442,14 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
                             .map_err(|e| what(&e))?
                     }
                 };
-                Ok((out.vertex, out.port, true, rep.items, rep.bytes))
+                Ok(LinkDone {
+                    vertex: out.vertex,
+                    port: out.port,
+                    out: true,
+                    direct,
+                    items: rep.items,
+                    bytes: rep.bytes,
+                })
             }
             .await;
             let _ = links.try_send(r);
@@ -547,7 +578,7 @@ async fn supervise(
     let run = prepared.run();
     tokio::pin!(run);
     let mut report = None;
-    let mut remote: Vec<(String, String, bool, u64, u64)> = Vec::new();
+    let mut remote: Vec<LinkDone> = Vec::new();
     let broken = |cause: String| VertexFailure {
         vertex: String::new(),
         cause,
@@ -569,10 +600,10 @@ async fn supervise(
     let Some(report) = report else {
         return Err(broken("no report".into()));
     };
-    // Traffic: local input queues count everything that entered; what came over a stream is
-    // remote, the rest local. Outboxes are counted by their exporters.
+    // Traffic: local input queues count everything that entered; what came from another node
+    // is remote, the rest local. Outboxes count what this node sent to others.
     let queues = &shared.node.queues;
-    let mut traffic: BTreeMap<(String, String, bool), (u64, u64)> = BTreeMap::new();
+    let mut traffic: BTreeMap<(String, String, bool, bool), (u64, u64)> = BTreeMap::new();
     let prefix = format!("{job}/");
     for s in queues.list(Some(job)) {
         let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
@@ -581,13 +612,14 @@ async fn supervise(
         };
         let kind = h.queue.config().kind.as_str().to_owned();
         let codec = h.codec.name().to_owned();
-        if name.ends_with(">out") {
-            let e = traffic.entry((kind, codec, true)).or_default();
+        if let Some(into) = name.strip_suffix(">out") {
+            let direct = remote.iter().any(|l| l.out && l.direct && l.feeds(into));
+            let e = traffic.entry((kind, codec, true, direct)).or_default();
             e.0 += s.items_in;
             e.1 += s.bytes_in;
         } else {
             let (ri, rb) = remote_into(&remote, name);
-            let e = traffic.entry((kind, codec, false)).or_default();
+            let e = traffic.entry((kind, codec, false, false)).or_default();
             e.0 += s.items_in.saturating_sub(ri);
             e.1 += s.bytes_in.saturating_sub(rb);
         }
@@ -600,10 +632,11 @@ async fn supervise(
             .collect(),
         traffic: traffic
             .into_iter()
-            .map(|((kind, codec, remote), (items, bytes))| Traffic {
+            .map(|((kind, codec, remote, direct), (items, bytes))| Traffic {
                 kind,
                 codec,
                 remote,
+                direct,
                 items,
                 bytes,
             })
@@ -612,16 +645,12 @@ async fn supervise(
     })
 }
 
-/// Items and bytes that reached local queue `name` (`vertex:port`) over streams.
-fn remote_into(links: &[(String, String, bool, u64, u64)], name: &str) -> (u64, u64) {
+/// Items and bytes that reached local queue `name` (`vertex:port`) from other nodes.
+fn remote_into(links: &[LinkDone], name: &str) -> (u64, u64) {
     links
         .iter()
-        .filter(|(v, p, out, _, _)| {
-            !out && name.len() == v.len() + 1 + p.len()
-                && name.starts_with(v.as_str())
-                && name.ends_with(p.as_str())
-        })
-        .fold((0, 0), |(i, b), l| (i + l.3, b + l.4))
+        .filter(|l| !l.out && l.feeds(name))
+        .fold((0, 0), |(i, b), l| (i + l.items, b + l.bytes))
 }
 
 /// Handles `Terminate`: stops whatever runs and removes the job's queues.
@@ -737,6 +766,7 @@ pub(crate) async fn accept_streams(shared: Arc<Shared>) {
             }
             let job = header.job.clone();
             let import = tokio::spawn(async move {
+                let is_direct = direct.is_some();
                 let r = match direct {
                     None => remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
                         .await
@@ -747,14 +777,13 @@ pub(crate) async fn accept_streams(shared: Arc<Shared>) {
                     }
                 };
                 let r = r
-                    .map(|rep| {
-                        (
-                            header.vertex.clone(),
-                            header.port.clone(),
-                            false,
-                            rep.items,
-                            rep.bytes,
-                        )
+                    .map(|rep| LinkDone {
+                        vertex: header.vertex.clone(),
+                        port: header.port.clone(),
+                        out: false,
+                        direct: is_direct,
+                        items: rep.items,
+                        bytes: rep.bytes,
                     })
                     .map_err(|e| {
                         format!(

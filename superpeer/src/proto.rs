@@ -536,6 +536,9 @@ pub struct Traffic {
     pub codec: String,
     /// Whether the edge crosses nodes.
     pub remote: bool,
+    /// Whether those remote items went over direct links (not libp2p streams).
+    #[serde(default)]
+    pub direct: bool,
     /// Items.
     pub items: u64,
     /// Bytes (encoded).

@@ -212,7 +212,11 @@ pub(crate) fn summary(s: &JobStatus) -> String {
     for t in &s.traffic {
         out.push_str(&format!(
             "  {} {}/{}: {} items, {} bytes\n",
-            if t.remote { "remote" } else { "local " },
+            match (t.remote, t.direct) {
+                (true, true) => "remote (direct link)",
+                (true, false) => "remote",
+                (false, _) => "local ",
+            },
             t.kind,
             t.codec,
             t.items,

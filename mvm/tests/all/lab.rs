@@ -125,6 +125,14 @@ fn an_fft_butterfly_runs_across_three_node_processes_and_matches_a_direct_dft() 
     // 8 sources + 3 stages of 4 butterflies sending 2 items each: 32 items in all.
     assert_eq!(all, 32, "{traffic:?}");
     assert!(remote > 0, "some channels cross nodes: {traffic:?}");
+    // A lab's nodes link directly: every remote item went over a direct link.
+    assert!(
+        traffic
+            .iter()
+            .filter(|t| t["remote"] == true)
+            .all(|t| t["direct"] == true),
+        "{traffic:?}"
+    );
     let re = [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 2.5, 1.0];
     let im = [0.0, -0.5, 1.0, 0.0, 2.0, 0.0, -1.5, 0.25];
     let want = dft(&re, &im);
@@ -435,15 +443,27 @@ fn a_killed_super_peer_is_replaced_by_an_elected_node_and_a_new_job_runs() {
 }
 
 #[test]
-fn the_demo_runs_over_quic_too() {
+fn the_demo_runs_over_quic_and_secure_links_too() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let v = json(&mvm(
         tmp.path(),
-        &["lab", "demo", "--transport", "quic", "-o", "json"],
+        &[
+            "lab",
+            "demo",
+            "--transport",
+            "quic",
+            "--secure-links",
+            "-o",
+            "json",
+        ],
     ));
     assert_eq!(v["verified"], true, "{v}");
     assert!(v["problems"].as_array().expect("problems").is_empty());
     assert_eq!(v["status"]["parts"].as_array().expect("parts").len(), 3);
+    // Every remote item went over a libp2p stream (QUIC here), none over a direct link.
+    let traffic = v["status"]["traffic"].as_array().expect("traffic");
+    assert!(traffic.iter().any(|t| t["remote"] == true), "{v}");
+    assert!(traffic.iter().all(|t| t["direct"] != true), "{v}");
 }
 
 #[test]

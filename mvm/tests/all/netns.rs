@@ -224,8 +224,14 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
     let mut h = Hosts::new(4);
     let broker = h.daemon(0, &["superpeer"]);
     assert!(broker.contains(&h.addr(0)), "{broker}");
+    // Hosts 1 and 2 link directly (plain TCP across the veths, agreed over libp2p); host 3
+    // does not, so its channels with them fall back to libp2p streams.
     for i in 1..4 {
-        h.daemon(i, &["node", "--bootstrap", &broker]);
+        let mut args = vec!["node", "--bootstrap", &broker];
+        if i < 3 {
+            args.push("--direct-links");
+        }
+        h.daemon(i, &args);
     }
     write_lab(h.dir.path(), &broker);
     let live = |h: &Hosts| -> Option<serde_json::Value> {
@@ -237,18 +243,22 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
     wait_for(Duration::from_secs(30), || {
         live(&h).filter(|g| g["nodes"].as_array().is_some_and(|n| n.len() == 3))
     });
-    // The FFT across three hosts, submitted from the super-peer's host.
+    // The FFT across three hosts, submitted from the super-peer's host: direct links and
+    // streams in one job.
     let v = json(&h.run(0, &["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["parts"].as_array().expect("parts").len(), 3);
-    let remote: u64 = v["traffic"]
-        .as_array()
-        .expect("traffic")
-        .iter()
-        .filter(|t| t["remote"] == true)
-        .map(|t| t["items"].as_u64().expect("items"))
-        .sum();
-    assert!(remote > 0, "{v}");
+    let remote = |direct: bool| -> u64 {
+        v["traffic"]
+            .as_array()
+            .expect("traffic")
+            .iter()
+            .filter(|t| t["remote"] == true && t["direct"] == direct)
+            .map(|t| t["items"].as_u64().expect("items"))
+            .sum()
+    };
+    assert!(remote(true) > 0, "hosts 1 and 2 linked directly: {v}");
+    assert!(remote(false) > 0, "host 3 used libp2p streams: {v}");
     // A long job, then host 3's link is cut: the job fails within the heartbeat bound.
     let long = h.dir.path().join("long.toml");
     std::fs::write(
