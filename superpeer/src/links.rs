@@ -47,8 +47,14 @@ impl Listener {
         let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
             loop {
-                let Ok((sock, from)) = l.accept().await else {
-                    continue;
+                let (sock, from) = match l.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // E.g. out of descriptors: do not spin on it.
+                        tracing::warn!(error = %e, "cannot accept a link connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                 };
                 let Some(me) = weak.upgrade() else { return };
                 tokio::spawn(async move { me.admit(sock, from).await });

@@ -37,7 +37,8 @@ use crate::queue::{Entry, Pump, Queue, Receiver, RecvFailure, SendFailure, Sende
 /// Called once, from whichever thread ends the link, with how it ended.
 pub type OnDone = Box<dyn FnOnce(Result<Report, RemoteError>) + Send>;
 
-/// How long a helper waits on the socket before it looks at its stop flag, in milliseconds.
+/// The longest a helper waits on the socket before it looks at its flags again, in
+/// milliseconds (asking or stopping it wakes it at once).
 const HELPER_TICK_MS: i32 = 50;
 /// Payloads below this size are copied next to their frame header; larger ones are written
 /// from where they are.
