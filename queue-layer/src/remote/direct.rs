@@ -794,9 +794,34 @@ impl InCore {
         };
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
         *drained = n < spare.len();
+        if n > 0 {
+            self.delay_acks();
+        }
+
         // SAFETY: recv initialized the first `n` bytes of the spare room.
         unsafe { buf.set_len(buf.len() + n) };
         Ok(n)
+    }
+
+    /// Lets the kernel delay the acknowledgement of what was just read. Nothing ever goes back
+    /// on this connection to carry it, so by default (quick-ack mode) every small item costs
+    /// a pure ACK sent on the reading side before it can act on the item, about 0.4 µs of a
+    /// 4.7 µs one-way on loopback. Quick-ack mode comes back on its own (after a delayed ACK
+    /// fires), so this is said after every read; bulk transfers are still acknowledged every
+    /// two full segments.
+    fn delay_acks(&self) {
+        let off: libc::c_int = 0;
+        // SAFETY: passes a live c_int and its size, as TCP_QUICKACK takes; the result is
+        // ignored (an ACK sent early is only slower).
+        let _ = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&raw const off).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 
     fn finish(&self, st: &mut InState, result: Result<Report, RemoteError>) {
