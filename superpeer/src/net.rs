@@ -719,6 +719,16 @@ impl Actor {
     }
 
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::OutgoingConnectionError {
+            peer_id: Some(peer),
+            error,
+            ..
+        } = &ev
+        {
+            // Requests to the peer fail with only "Failed to dial"; the cause is here.
+            tracing::info!(%peer, %error, "dial failed");
+            return;
+        }
         if let SwarmEvent::ConnectionClosed {
             peer_id,
             num_established: 0,
