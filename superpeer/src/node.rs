@@ -27,7 +27,7 @@ use crate::proto::{
     PartResult, PartSpec, Request, Response, StreamHeader, Traffic, VertexFailure,
 };
 
-/// How one remote channel ended: `(vertex, port, remote, items, bytes)` or why it failed.
+/// How one remote channel ended, or why it failed.
 type LinkResult = Result<LinkDone, String>;
 
 /// A remote channel that ended well.
@@ -429,16 +429,8 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
                         let sock = crate::links::connect(&addrs, port, &token)
                             .await
                             .map_err(|e| what(&e))?;
-                        let (tx, rx) = oneshot::channel();
-                        let on_done: direct::OnDone = Box::new(move |r| {
-                            let _ = tx.send(r);
-                        });
-                        // Held while the link runs; dropped (stopping it) if this task is
-                        // aborted.
-                        let _link =
-                            direct::outlet(out.receiver, sock, on_done).map_err(|e| what(&e))?;
-                        rx.await
-                            .map_err(|_| what(&"the link ended without a report"))?
+                        run_link(|done| direct::outlet(out.receiver, sock, done))
+                            .await
                             .map_err(|e| what(&e))?
                     }
                 };
@@ -815,13 +807,19 @@ async fn accept_link(
             )
         })?
         .map_err(|_| "the direct link listener went away".to_owned())?;
+    run_link(|done| direct::inlet(tx, sock, RemoteOptions::default().max_item, done)).await
+}
+
+/// Starts one side of a direct link and waits for its report. The link is held meanwhile, so
+/// aborting the waiting task drops (and stops) it.
+async fn run_link(
+    start: impl FnOnce(direct::OnDone) -> std::io::Result<direct::Link>,
+) -> Result<remote::Report, String> {
     let (done, rx) = oneshot::channel();
-    let on_done: direct::OnDone = Box::new(move |r| {
+    let _link = start(Box::new(move |r| {
         let _ = done.send(r);
-    });
-    // Held while the link runs; dropped (stopping it) if this task is aborted.
-    let _link = direct::inlet(tx, sock, RemoteOptions::default().max_item, on_done)
-        .map_err(|e| e.to_string())?;
+    }))
+    .map_err(|e| e.to_string())?;
     rx.await
         .map_err(|_| "the link ended without a report".to_owned())?
         .map_err(|e| e.to_string())

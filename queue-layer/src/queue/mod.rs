@@ -376,11 +376,6 @@ impl<T: Item> Queue<T> {
         self.shared.inlet.set(pump).is_ok()
     }
 
-    /// Whether a pump brings items in (consumers that poll this queue get them over a link).
-    pub fn has_inlet(&self) -> bool {
-        self.shared.inlet.get().is_some()
-    }
-
     /// Releases `n` leases taken with [`Receiver::try_recv_leased`] (their items were delivered,
     /// or put back with [`Queue::requeue`] first).
     pub fn release_leases(&self, n: u64) {

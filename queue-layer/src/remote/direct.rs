@@ -53,7 +53,7 @@ const READ_LOW: usize = 4 << 10;
 /// A running link. Dropping it stops the link (if it has not ended, it ends with an error and
 /// the connection is shut down); keep it until the link has reported.
 pub struct Link {
-    core: Arc<dyn Stop>,
+    core: Arc<dyn Ends>,
 }
 
 impl std::fmt::Debug for Link {
@@ -68,38 +68,82 @@ impl Drop for Link {
     }
 }
 
-trait Stop: Send + Sync {
-    fn stop(&self);
-}
-
-/// A link's end, as its helper and [`Link`] see it.
+/// One side of a link (outlet or inlet), as its helper and [`Link`] see it.
 trait Ends: Send + Sync {
-    fn finished(&self) -> bool;
+    fn end(&self) -> &End;
     /// Ends the link with an error (nothing if it has ended).
     fn end_with(&self, e: RemoteError);
-    fn helper(&self) -> &Helper;
 
     /// Runs the helper thread ([`Helper::run`]); a failed wait on the socket ends the link.
-    fn drive(&self, sock: &TcpStream, hang_up: impl FnMut(), step: impl FnMut() -> Step)
+    fn drive(&self, hang_up: impl FnMut(), step: impl FnMut() -> Step)
     where
         Self: Sized,
     {
-        if let Err(e) = self.helper().run(sock, self, hang_up, step) {
+        let end = self.end();
+        if let Err(e) = end.helper.run(&end.sock, &end.finished, hang_up, step) {
             self.end_with(RemoteError::Io {
                 op: "poll",
                 source: e,
             });
         }
     }
-}
 
-impl<T: Ends> Stop for T {
+    /// Stops the link: an error if it has not ended, and the helper goes.
     fn stop(&self) {
-        if !self.finished() {
+        if !self.end().finished() {
             self.end_with(RemoteError::Protocol("the link was stopped".into()));
         }
-        self.helper().stop();
+        self.end().helper.stop();
     }
+}
+
+/// What both sides of a link hold: the connection, the queue, the helper, and whether the link
+/// has ended.
+struct End {
+    sock: TcpStream,
+    queue: Queue<Bytes>,
+    helper: Helper,
+    finished: AtomicBool,
+}
+
+impl End {
+    fn new(sock: TcpStream, queue: Queue<Bytes>) -> io::Result<End> {
+        sock.set_nonblocking(true)?;
+        sock.set_nodelay(true)?;
+        Ok(End {
+            sock,
+            queue,
+            helper: Helper::new()?,
+            finished: AtomicBool::new(false),
+        })
+    }
+
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Marks the link ended, once (`false` if it had already). An error is logged and shuts
+    /// the connection down; the helper stops either way.
+    fn close(&self, result: &Result<Report, RemoteError>, side: &'static str) -> bool {
+        if self.finished.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        if let Err(e) = result {
+            tracing::debug!(queue = %self.queue.name(), side, error = %e, "direct link failed");
+            let _ = self.sock.shutdown(Shutdown::Both);
+        }
+        self.helper.stop();
+        true
+    }
+}
+
+/// Starts a side's helper thread; the side is kept alive by it and by the returned [`Link`].
+fn start<T: Ends + 'static>(core: Arc<T>, name: &str, run: fn(Arc<T>)) -> io::Result<Link> {
+    let helper = core.clone();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || run(helper))?;
+    Ok(Link { core })
 }
 
 /// What a pump round left behind.
@@ -171,14 +215,14 @@ impl Helper {
     fn run(
         &self,
         sock: &TcpStream,
-        link: &impl Ends,
+        finished: &AtomicBool,
         mut hang_up: impl FnMut(),
         mut step: impl FnMut() -> Step,
     ) -> io::Result<()> {
         let mut served = 0;
         let mut hung_up = false;
         loop {
-            if self.stopped() || link.finished() {
+            if self.stopped() || finished.load(Ordering::Acquire) {
                 return Ok(());
             }
             let asked = self.asked();
@@ -259,13 +303,6 @@ enum Step {
     Wait(libc::c_short),
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(f)
-        .map(drop)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Outlet
 
@@ -280,11 +317,9 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
 /// The socket cannot be made non-blocking, the queue has an outlet already, or the helper
 /// thread cannot start.
 pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Result<Link> {
-    sock.set_nonblocking(true)?;
-    sock.set_nodelay(true)?;
     let queue = rx.queue();
     let core = Arc::new(OutCore {
-        sock,
+        end: End::new(sock, queue.clone())?,
         state: Mutex::new(OutState {
             rx: Some(rx),
             segs: VecDeque::new(),
@@ -294,9 +329,6 @@ pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Resu
         }),
         blocked: AtomicBool::new(false),
         ended: AtomicBool::new(false),
-        finished: AtomicBool::new(false),
-        queue: queue.clone(),
-        helper: Helper::new()?,
     });
     if !queue.set_outlet(Arc::new(OutHook(Arc::downgrade(&core)))) {
         return Err(io::Error::other(format!(
@@ -304,23 +336,18 @@ pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Resu
             queue.name()
         )));
     }
-    let helper = core.clone();
-    spawn("mvm-link-out", move || helper.run())?;
     // What was pushed (or closed) before the link existed.
     core.pump();
-    Ok(Link { core })
+    start(core, "mvm-link-out", OutCore::run)
 }
 
 struct OutCore {
-    sock: TcpStream,
+    end: End,
     state: Mutex<OutState>,
     /// A write would block: the helper waits for the socket, producers leave it alone.
     blocked: AtomicBool,
     /// END is queued for writing.
     ended: AtomicBool,
-    finished: AtomicBool,
-    queue: Queue<Bytes>,
-    helper: Helper,
 }
 
 struct OutState {
@@ -346,8 +373,8 @@ impl Pump for OutHook {
     fn waiting(&self) {
         if let Some(core) = self.0.upgrade() {
             core.pump();
-            if !core.finished.load(Ordering::Acquire) {
-                core.helper.ask();
+            if !core.end.finished() {
+                core.end.helper.ask();
             }
         }
     }
@@ -356,7 +383,8 @@ impl Pump for OutHook {
 impl OutCore {
     /// Whether anything is left to take from the queue (items, or its end).
     fn wants(&self) -> bool {
-        !self.queue.is_empty() || (self.queue.is_closed() && !self.ended.load(Ordering::Acquire))
+        !self.end.queue.is_empty()
+            || (self.end.queue.is_closed() && !self.ended.load(Ordering::Acquire))
     }
 
     /// Writes what it can without blocking, on the caller's thread.
@@ -365,7 +393,7 @@ impl OutCore {
             // Pairs with the fence after a holder lets go: either it sees our item, or we see
             // the lock free (or the socket blocked, and then the helper has the item).
             fence(Ordering::SeqCst);
-            if self.blocked.load(Ordering::Relaxed) || self.finished.load(Ordering::Acquire) {
+            if self.blocked.load(Ordering::Relaxed) || self.end.finished() {
                 return;
             }
             let Some(mut st) = self.state.try_lock() else {
@@ -375,7 +403,7 @@ impl OutCore {
             drop(st);
             match flow {
                 Flow::Blocked => {
-                    self.helper.ask();
+                    self.end.helper.ask();
                     return;
                 }
                 Flow::Done => return,
@@ -391,7 +419,7 @@ impl OutCore {
 
     /// Takes items and writes frames until the queue is empty or the socket would block.
     fn flush(&self, st: &mut OutState) -> Flow {
-        if self.finished.load(Ordering::Acquire) {
+        if self.end.finished() {
             return Flow::Done;
         }
         self.blocked.store(false, Ordering::Relaxed);
@@ -408,7 +436,7 @@ impl OutCore {
             for (slot, seg) in slices.iter_mut().zip(st.segs.iter()) {
                 *slot = IoSlice::new(seg);
             }
-            match (&self.sock).write_vectored(&slices[..n]) {
+            match (&self.end.sock).write_vectored(&slices[..n]) {
                 Ok(0) => {
                     let e = io::Error::from(io::ErrorKind::WriteZero);
                     self.finish(
@@ -434,7 +462,7 @@ impl OutCore {
                         }
                     }
                     if st.segs.is_empty() && self.ended.load(Ordering::Acquire) {
-                        let _ = self.sock.shutdown(Shutdown::Write);
+                        let _ = self.end.sock.shutdown(Shutdown::Write);
                         let report = st.report;
                         self.finish(st, Ok(report));
                         return Flow::Done;
@@ -504,17 +532,12 @@ impl OutCore {
     }
 
     fn finish(&self, st: &mut OutState, result: Result<Report, RemoteError>) {
-        if self.finished.swap(true, Ordering::AcqRel) {
+        if !self.end.close(&result, "out") {
             return;
-        }
-        if let Err(e) = &result {
-            tracing::debug!(queue = %self.queue.name(), error = %e, "direct link out failed");
-            let _ = self.sock.shutdown(Shutdown::Both);
         }
         // Producers of a queue nobody else takes from now see their sends fail.
         st.rx = None;
         st.segs.clear();
-        self.helper.stop();
         if let Some(done) = st.on_done.take() {
             done(result);
         }
@@ -524,7 +547,6 @@ impl OutCore {
     /// between rounds, it watches for the peer closing the connection early.
     fn run(self: Arc<Self>) {
         self.drive(
-            &self.sock,
             // The reading side never writes nor closes first: it went away.
             || {
                 let mut st = self.state.lock();
@@ -547,17 +569,13 @@ impl OutCore {
 }
 
 impl Ends for OutCore {
-    fn finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
+    fn end(&self) -> &End {
+        &self.end
     }
 
     fn end_with(&self, e: RemoteError) {
         let mut st = self.state.lock();
         self.finish(&mut st, Err(e));
-    }
-
-    fn helper(&self) -> &Helper {
-        &self.helper
     }
 }
 
@@ -579,11 +597,9 @@ pub fn inlet(
     max_item: u64,
     on_done: OnDone,
 ) -> io::Result<Link> {
-    sock.set_nonblocking(true)?;
-    sock.set_nodelay(true)?;
     let queue = tx.queue();
     let core = Arc::new(InCore {
-        sock,
+        end: End::new(sock, queue.clone())?,
         state: Mutex::new(InState {
             tx: Some(tx),
             buf: BytesMut::new(),
@@ -591,9 +607,6 @@ pub fn inlet(
             report: Report::default(),
             on_done: Some(on_done),
         }),
-        finished: AtomicBool::new(false),
-        queue: queue.clone(),
-        helper: Helper::new()?,
         max_frame: usize::try_from(max_item)
             .unwrap_or(usize::MAX)
             .saturating_add(ITEM_OVERHEAD),
@@ -604,19 +617,14 @@ pub fn inlet(
             queue.name()
         )));
     }
-    let helper = core.clone();
-    spawn("mvm-link-in", move || helper.run())?;
     // A consumer may have started waiting before the link existed.
-    core.helper.ask();
-    Ok(Link { core })
+    core.end.helper.ask();
+    start(core, "mvm-link-in", InCore::run)
 }
 
 struct InCore {
-    sock: TcpStream,
+    end: End,
     state: Mutex<InState>,
-    finished: AtomicBool,
-    queue: Queue<Bytes>,
-    helper: Helper,
     max_frame: usize,
 }
 
@@ -636,7 +644,7 @@ struct InHook(Weak<InCore>);
 impl Pump for InHook {
     fn pump(&self) {
         if let Some(core) = self.0.upgrade()
-            && !core.finished.load(Ordering::Acquire)
+            && !core.end.finished()
             && let Some(mut st) = core.state.try_lock()
         {
             core.pump(&mut st);
@@ -645,9 +653,9 @@ impl Pump for InHook {
 
     fn waiting(&self) {
         if let Some(core) = self.0.upgrade()
-            && !core.finished.load(Ordering::Acquire)
+            && !core.end.finished()
         {
-            core.helper.ask();
+            core.end.helper.ask();
         }
     }
 }
@@ -659,7 +667,7 @@ impl InCore {
         // once would only cost a system call to hear so.
         let mut drained = false;
         loop {
-            if self.finished.load(Ordering::Acquire) {
+            if self.end.finished() {
                 return Flow::Done;
             }
             if let Some(entry) = st.pending.take() {
@@ -772,7 +780,7 @@ impl InCore {
         // Ask first whether there is anything: a poll does not lock the socket, so a receive
         // that polls in a loop does not hold up the packets that the other side delivers.
         let mut p = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
+            fd: self.end.sock.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
@@ -786,7 +794,7 @@ impl InCore {
         // at most that many bytes into it and returns how many.
         let n = unsafe {
             libc::recv(
-                self.sock.as_raw_fd(),
+                self.end.sock.as_raw_fd(),
                 spare.as_mut_ptr().cast(),
                 spare.len(),
                 libc::MSG_DONTWAIT,
@@ -815,7 +823,7 @@ impl InCore {
         // ignored (an ACK sent early is only slower).
         let _ = unsafe {
             libc::setsockopt(
-                self.sock.as_raw_fd(),
+                self.end.sock.as_raw_fd(),
                 libc::IPPROTO_TCP,
                 libc::TCP_QUICKACK,
                 (&raw const off).cast(),
@@ -825,17 +833,12 @@ impl InCore {
     }
 
     fn finish(&self, st: &mut InState, result: Result<Report, RemoteError>) {
-        if self.finished.swap(true, Ordering::AcqRel) {
+        if !self.end.close(&result, "in") {
             return;
-        }
-        if let Err(e) = &result {
-            tracing::debug!(queue = %self.queue.name(), error = %e, "direct link in failed");
-            let _ = self.sock.shutdown(Shutdown::Both);
         }
         // The queue ends when its other senders have too.
         st.tx = None;
         st.pending = None;
-        self.helper.stop();
         if let Some(done) = st.on_done.take() {
             done(result);
         }
@@ -846,7 +849,6 @@ impl InCore {
     /// reports at once.
     fn run(self: Arc<Self>) {
         self.drive(
-            &self.sock,
             // The other side is done (or gone): read to the end, as far as the queue takes;
             // its consumers read the rest.
             || {
@@ -856,7 +858,7 @@ impl InCore {
                 Flow::Done => Step::Finished,
                 // Full: the consumers have items to take, and they read on themselves.
                 Flow::Blocked => Step::RoundDone,
-                Flow::Idle if !self.queue.is_empty() => Step::RoundDone,
+                Flow::Idle if !self.end.queue.is_empty() => Step::RoundDone,
                 Flow::Idle => Step::Wait(libc::POLLIN),
             },
         );
@@ -864,16 +866,12 @@ impl InCore {
 }
 
 impl Ends for InCore {
-    fn finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
+    fn end(&self) -> &End {
+        &self.end
     }
 
     fn end_with(&self, e: RemoteError) {
         let mut st = self.state.lock();
         self.finish(&mut st, Err(e));
-    }
-
-    fn helper(&self) -> &Helper {
-        &self.helper
     }
 }
