@@ -124,19 +124,16 @@ impl<T> Ring<T> {
     }
 
     /// Pops, or `None` when the ring is empty.
-    pub(crate) fn pop(&self) -> Option<T> {
-        self.take(true)
-    }
-
-    /// As [`Ring::pop`], but `None` as soon as the next slot is not written, also when a
-    /// producer has claimed it and is writing: the producers' line is not read, so a consumer
-    /// that polls an empty ring does not take it from the producer at every look.
-    pub(crate) fn pop_ready(&self) -> Option<T> {
-        self.take(false)
-    }
-
-    /// A pop; `claimed`: wait for a claimed slot's write rather than report empty.
-    fn take(&self, claimed: bool) -> Option<T> {
+    ///
+    /// `claimed`: when a producer has claimed the next slot and is still writing it, wait for
+    /// the write (`true`), or report empty at once (`false`: the producers' line is not read,
+    /// so a consumer that polls an empty ring does not take it from them at every look).
+    ///
+    /// `taken` sees the value before its slot is freed: an atomic read-modify-write there (the
+    /// store's byte count) finds the store buffer empty, where after the freeing store it would
+    /// wait for that store to reach the slot's line, which the producers hold. Measured with
+    /// the byte count after the freeing store: 0.45× a crossbeam channel; before it: 0.6–0.7×.
+    pub(crate) fn take(&self, claimed: bool, taken: impl FnOnce(&T)) -> Option<T> {
         // No slots: nothing was ever pushed (a producer makes them before it claims a position).
         let slots = self.slots.get()?;
         let backoff = Backoff::new();
@@ -155,6 +152,7 @@ impl<T> Ring<T> {
                         // SAFETY: the CAS made this consumer the only owner of position `head`,
                         // and the stamp says its producer finished writing.
                         let value = unsafe { (*slot.value.get()).assume_init_read() };
+                        taken(&value);
                         slot.stamp.store(2 * (head + self.cap), Ordering::Release);
                         return Some(value);
                     }
@@ -208,6 +206,16 @@ impl<T> Drop for Ring<T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    impl<T> Ring<T> {
+        fn pop(&self) -> Option<T> {
+            self.take(true, |_| {})
+        }
+
+        fn pop_ready(&self) -> Option<T> {
+            self.take(false, |_| {})
+        }
+    }
 
     #[test]
     fn fills_empties_and_wraps() {

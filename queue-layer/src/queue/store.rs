@@ -7,7 +7,9 @@
 //! Memory ordering contract with [`super::signal::Signal`]: every change a waiter waits for
 //! ends with a SeqCst read-modify-write (the ring's position CAS and byte counts, the overflow
 //! length) or happens under the lock the waiter's re-check also takes (the priority map), and
-//! every re-check reads those locations with SeqCst or under that lock.
+//! every re-check reads those locations with SeqCst or under that lock. (A pop frees its slot
+//! with a plain release store after its SeqCst counts; a producer whose re-check sees the
+//! consumers' position moved waits for that store, so the room it was told of is there.)
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,13 +230,13 @@ impl<T: Item> Fifo<T> {
         {
             return Some(e);
         }
-        let entry = if claimed {
-            self.ring.pop()
-        } else {
-            self.ring.pop_ready()
-        }?;
-        self.ring.head.bytes.fetch_add(entry.size, Ordering::SeqCst);
-        Some(entry)
+        // The bytes count out before the slot is freed (see `Ring::take`). A producer that
+        // sees them gone may find the slot not yet free; the ring then waits for it, as for
+        // any pop under way.
+        let bytes_out = &self.ring.head.bytes;
+        self.ring.take(claimed, |e| {
+            bytes_out.fetch_add(e.size, Ordering::SeqCst);
+        })
     }
 
     fn pop_extra(&self) -> Option<Entry<T>> {
