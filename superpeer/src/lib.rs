@@ -5,6 +5,7 @@
 //! - [`client`]: what `mvm submit`, `status` and `cancel` use.
 //! - [`net`]: the swarm task and its handle.
 //! - `links`: direct links, remote channels over plain TCP agreed over libp2p.
+//! - `rpc`: control streams, many requests and answers on one stream per peer.
 //! - [`proto`]: the control protocol (versioned, size-limited, validated messages).
 //! - [`schedule`]: the pure scheduling decision (filter, rank, partition).
 //! - [`modules`]: module bytes by content hash.
@@ -22,4 +23,5 @@ mod node;
 pub mod pki;
 pub mod policy;
 pub mod proto;
+mod rpc;
 pub mod schedule;

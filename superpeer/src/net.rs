@@ -2,9 +2,11 @@
 //! [`Net`] handle (requests out, addresses) and an [`Inbound`] channel (requests in).
 //!
 //! Transports: TCP with noise and yamux, and QUIC. Behaviours: identify, ping, the control
-//! request-response protocol ([`crate::proto`]), and plain streams for queue data
-//! (`libp2p-stream`). Every inbound request is validated before it reaches the daemon; an
-//! invalid one is answered with an input error and never acted on.
+//! request-response protocol ([`crate::proto`]), and plain streams for queue data and for
+//! control streams (`libp2p-stream`; a peer that has passed gets every request after the first
+//! on one long-lived control stream, see the `rpc` module). Every inbound request is validated
+//! before it reaches the daemon; an invalid one is answered with an input error and never acted
+//! on.
 //!
 //! Authentication: the first control request on a connection is a `Hello` with the sender's
 //! certificate, answered by the receiver's; each side checks the other's against its trusted
@@ -28,6 +30,7 @@ use mvm_component::policy::Principal;
 
 use crate::pki::Credentials;
 use crate::proto::{self, Failure, FailureKind, Request, Response};
+use crate::rpc::{self, Links, Sent};
 
 /// How a daemon's network is set up.
 #[derive(Debug, Clone)]
@@ -72,7 +75,7 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
 }
 
-enum Command {
+pub(crate) enum Command {
     Request {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -147,6 +150,8 @@ pub struct Net {
     gossip: Arc<Mutex<Option<mpsc::Receiver<Gossip>>>>,
     verified: Verified,
     principal: Principal,
+    /// Control streams to peers, for requests after the first.
+    links: Arc<Links>,
 }
 
 /// The peers whose certificates have passed, with who they are.
@@ -170,8 +175,23 @@ pub struct Inbound {
     pub principal: Principal,
     /// What it asks (already validated).
     pub request: Request,
-    channel: ResponseChannel<Response>,
-    commands: mpsc::Sender<Command>,
+    /// `None` once answered.
+    reply: Option<Reply>,
+}
+
+/// Where the answer to an inbound request goes.
+pub(crate) enum Reply {
+    /// Back on its request-response stream, through the swarm task.
+    Swarm {
+        channel: ResponseChannel<Response>,
+        commands: mpsc::Sender<Command>,
+    },
+    /// On the control stream it came on, as the frame of its id.
+    Stream {
+        id: u64,
+        frames: mpsc::Sender<Vec<u8>>,
+        max_frame: usize,
+    },
 }
 
 impl std::fmt::Debug for Inbound {
@@ -185,15 +205,49 @@ impl std::fmt::Debug for Inbound {
 }
 
 impl Inbound {
+    pub(crate) fn new(peer: PeerId, principal: Principal, request: Request, reply: Reply) -> Self {
+        Inbound {
+            peer,
+            principal,
+            request,
+            reply: Some(reply),
+        }
+    }
+
     /// Sends the answer.
-    pub async fn reply(self, response: Response) {
-        let _ = self
-            .commands
-            .send(Command::Respond {
-                channel: self.channel,
-                response,
-            })
-            .await;
+    pub async fn reply(mut self, response: Response) {
+        match self.reply.take() {
+            Some(Reply::Swarm { channel, commands }) => {
+                let _ = commands.send(Command::Respond { channel, response }).await;
+            }
+            Some(Reply::Stream {
+                id,
+                frames,
+                max_frame,
+            }) => {
+                let _ = frames
+                    .send(rpc::encode_answer(id, &response, max_frame))
+                    .await;
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for Inbound {
+    /// A request dropped unanswered fails at once for its sender, as request-response does
+    /// when its response channel is dropped, rather than when its sender gives up waiting.
+    fn drop(&mut self) {
+        if let Some(Reply::Stream {
+            id,
+            frames,
+            max_frame,
+        }) = self.reply.take()
+        {
+            let f = Failure::new(FailureKind::Failed, "the request was dropped unanswered");
+            // Cannot wait here: if the stream's queue is full, the sender waits out its timeout.
+            let _ = frames.try_send(rpc::encode_answer(id, &Response::Error(f), max_frame));
+        }
     }
 }
 
@@ -322,6 +376,7 @@ impl Net {
         let peer = *swarm.local_peer_id();
         let (commands, rx) = mpsc::channel(1024);
         let (inbound_tx, inbound) = mpsc::channel(1024);
+        let inbound_tx_rpc = inbound_tx.clone();
         let (gossip_tx, gossip_rx) = mpsc::channel(256);
         let verified = Verified::default();
         let actor = Actor {
@@ -338,6 +393,12 @@ impl Net {
             pending: HashMap::new(),
         };
         tokio::spawn(actor.run());
+        tokio::spawn(rpc::accept(
+            streams.clone(),
+            verified.clone(),
+            inbound_tx_rpc,
+            max_frame,
+        ));
         Ok((
             Net {
                 commands,
@@ -347,6 +408,7 @@ impl Net {
                 gossip: Arc::new(Mutex::new(Some(gossip_rx))),
                 verified,
                 principal: creds.principal.clone(),
+                links: Links::new(max_frame, timeout),
             },
             inbound,
         ))
@@ -373,6 +435,12 @@ impl Net {
     /// Who this daemon is, as its certificate says.
     pub fn principal(&self) -> &Principal {
         &self.principal
+    }
+
+    /// How many requests this daemon has sent on control streams (the rest went by
+    /// request-response: the first to each peer, and those sent while its stream opened).
+    pub fn stream_requests(&self) -> u64 {
+        self.links.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Who `peer` is, if its certificate has passed on a connection still open.
@@ -437,6 +505,21 @@ impl Net {
         addrs: &[Multiaddr],
         request: Request,
     ) -> Result<Response, NetError> {
+        // A peer that has passed gets its requests on a control stream; the first request to
+        // it goes by request-response (with the `Hello` before it) and opens the stream.
+        let request = if matches!(request, Request::Hello { .. }) {
+            request
+        } else {
+            let known = self.verified.read().contains_key(&peer);
+            match self
+                .links
+                .request(peer, request, known, &self.streams)
+                .await
+            {
+                Sent::Done(r) => return r,
+                Sent::NotSent(r) => r,
+            }
+        };
         self.roundtrip(peer, |reply| Command::Request {
             peer,
             addrs: addrs.to_vec(),
@@ -486,6 +569,7 @@ impl Net {
 
     /// Closes every connection to `peer` (used when a peer is declared lost).
     pub async fn disconnect(&self, peer: PeerId) {
+        self.links.close(&peer);
         let _ = self.commands.send(Command::Disconnect { peer }).await;
     }
 }
@@ -784,15 +868,13 @@ impl Actor {
                         self.respond(channel, response);
                         return;
                     }
-                    let inbound = Inbound {
-                        peer,
-                        principal,
-                        request,
+                    let reply = Reply::Swarm {
                         channel,
                         commands: self.self_commands.clone(),
                     };
+                    let inbound = Inbound::new(peer, principal, request, reply);
                     if let Err(e) = self.inbound.try_send(inbound) {
-                        let inbound = match e {
+                        let mut inbound = match e {
                             mpsc::error::TrySendError::Full(i)
                             | mpsc::error::TrySendError::Closed(i) => i,
                         };
@@ -800,7 +882,9 @@ impl Actor {
                             FailureKind::Unavailable,
                             "this daemon is too busy to take the request",
                         ));
-                        self.respond(inbound.channel, response);
+                        if let Some(Reply::Swarm { channel, .. }) = inbound.reply.take() {
+                            self.respond(channel, response);
+                        }
                     }
                 }
                 request_response::Message::Response {

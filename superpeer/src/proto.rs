@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 /// The control protocol's id (and version).
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/control/1");
 
+/// Control streams: requests and answers between peers that have passed each other's `Hello`,
+/// many on one stream (see the `rpc` module); the same messages as [`PROTOCOL`].
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/1");
+
 /// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]).
 pub const QUEUE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/queue/1");
 
@@ -858,19 +862,29 @@ where
     T: Serialize,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 4];
+    let mut buf = encode_after(4, msg, max)?;
+    let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    io.write_all(&buf).await?;
+    io.flush().await
+}
+
+/// `head` zero bytes (for the caller's header), then `msg` in CBOR.
+///
+/// # Errors
+/// The message does not encode, or is over `max` bytes.
+pub(crate) fn encode_after<T: Serialize>(head: usize, msg: &T, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; head];
     ciborium::into_writer(msg, &mut buf)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-    let len = buf.len() - 4;
+    let len = buf.len() - head;
     if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("a message of {len} bytes is over the limit of {max}"),
         ));
     }
-    buf[..4].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-    io.write_all(&buf).await?;
-    io.flush().await
+    Ok(buf)
 }
 
 /// The request-response codec: CBOR frames with a size limit.

@@ -1,0 +1,611 @@
+//! Control streams: one long-lived libp2p stream from a daemon to each authenticated peer it
+//! sends requests to, carrying many requests and their answers at once.
+//!
+//! libp2p's request-response protocol opens a yamux stream per request: the stream's opening,
+//! its protocol, the request and its close, then the answer and its close, most of them a yamux
+//! frame, a noise message and a `send` of their own, and two timers on the global timer thread
+//! (one for the stream's negotiation, one for the request) on each side, each waking that
+//! thread when made and again when dropped. A control stream carries a request as one frame and
+//! its answer as one frame, and frames that are ready together go out in one write.
+//!
+//! The first request to a peer still goes by request-response: it is where the peer's `Hello`
+//! (its certificate) passes, and a control stream is opened only to a peer that has passed. Its
+//! acceptor takes it only from a peer that has passed too, on the same connection: the stream
+//! dies with the connection, and so does the identity. Answers come back on the stream of
+//! their request, matched by id.
+//!
+//! Frame: `len` (u32, big-endian; of what follows), `id` (u64, big-endian), the CBOR message.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use libp2p::{PeerId, Stream};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot};
+
+use mvm_component::policy::Principal;
+
+use crate::net::{Inbound, NetError, Reply};
+use crate::proto::{self, Failure, FailureKind, Request, Response};
+
+/// Bytes of frames written in one go at most (more wait for the next write).
+const BATCH: usize = 256 << 10;
+
+/// Frames waiting for a stream's writer at most; more wait to be queued.
+const QUEUED: usize = 1024;
+
+/// Encodes one frame.
+fn encode<T: Serialize>(id: u64, msg: &T, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = proto::encode_after(12, msg, max)?;
+    let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf[4..12].copy_from_slice(&id.to_be_bytes());
+    Ok(buf)
+}
+
+/// Reads one frame; `None` at a clean end between frames.
+async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> io::Result<Option<(u64, T)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if !(8..=max.saturating_add(8)).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (the limit is {} plus 8)", max),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    let (id, body) = buf.split_at(8);
+    let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
+    let msg = ciborium::from_reader(body)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))?;
+    Ok(Some((id, msg)))
+}
+
+/// Writes the frames handed to it, those that are ready together in one write, until every
+/// sender is gone or a write fails.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    while let Some(first) = frames.recv().await {
+        let mut buf = first;
+        while buf.len() < BATCH {
+            match frames.try_recv() {
+                Ok(f) => buf.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        w.write_all(&buf).await?;
+        w.flush().await?;
+    }
+    w.close().await
+}
+
+/// The answers awaited on one outbound stream; `None` once the stream has failed.
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, String>>>>>;
+
+/// One outbound control stream.
+struct Link {
+    frames: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+}
+
+impl Link {
+    /// Ends the link: every awaited answer fails with `why`.
+    fn fail(&self, why: &str) {
+        let pending = self.pending.lock().take();
+        for (_, tx) in pending.into_iter().flatten() {
+            let _ = tx.send(Err(why.to_owned()));
+        }
+    }
+}
+
+/// What became of a request offered to a control stream.
+pub(crate) enum Sent {
+    /// It went: the answer, or why none came.
+    Done(Result<Response, NetError>),
+    /// There is no usable stream to the peer: send it another way.
+    NotSent(Request),
+}
+
+enum Slot {
+    Opening,
+    Open(Arc<Link>),
+    /// Refused or failed to open: not tried again before then.
+    Failed(Instant),
+}
+
+/// How long after a failed opening a stream to the same peer is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// How long an acceptor waits for the opener's `Hello` to pass (the stream can arrive just
+/// before the swarm task has taken in the answer to that `Hello`).
+const PASS_WAIT: Duration = Duration::from_secs(2);
+
+/// The outbound control streams of a daemon, by peer.
+pub(crate) struct Links {
+    slots: Mutex<HashMap<PeerId, Slot>>,
+    next_id: AtomicU64,
+    /// Requests sent on control streams so far.
+    pub(crate) sent: AtomicU64,
+    max_frame: usize,
+    timeout: Duration,
+}
+
+impl Links {
+    pub(crate) fn new(max_frame: usize, timeout: Duration) -> Arc<Links> {
+        Arc::new(Links {
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            sent: AtomicU64::new(0),
+            max_frame,
+            timeout,
+        })
+    }
+
+    /// Sends `request` on the stream to `peer` if there is one; if there is none, starts
+    /// opening one (when `can_open`: the peer has passed) for later requests.
+    pub(crate) async fn request(
+        self: &Arc<Self>,
+        peer: PeerId,
+        request: Request,
+        can_open: bool,
+        control: &libp2p_stream::Control,
+    ) -> Sent {
+        let link = {
+            let mut slots = self.slots.lock();
+            match slots.get(&peer) {
+                Some(Slot::Open(l)) => Some(l.clone()),
+                Some(Slot::Opening) => None,
+                Some(Slot::Failed(until)) if Instant::now() < *until => None,
+                _ => {
+                    if can_open {
+                        slots.insert(peer, Slot::Opening);
+                        let (links, control) = (self.clone(), control.clone());
+                        tokio::spawn(async move { links.open(peer, control).await });
+                    }
+                    None
+                }
+            }
+        };
+        let Some(link) = link else {
+            return Sent::NotSent(request);
+        };
+        let error = |message: String| NetError { peer, message };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = match encode(id, &request, self.max_frame) {
+            Ok(f) => f,
+            Err(e) => return Sent::Done(Err(error(e.to_string()))),
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = link.pending.lock();
+            let Some(p) = pending.as_mut() else {
+                return Sent::NotSent(request);
+            };
+            p.insert(id, tx);
+        }
+        if link.frames.send(frame).await.is_err() {
+            if let Some(p) = link.pending.lock().as_mut() {
+                p.remove(&id);
+            }
+            return Sent::NotSent(request);
+        }
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let answer = match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(Ok(r))) => r
+                .validate()
+                .map(|()| r)
+                .map_err(|e| error(format!("invalid response: {e}"))),
+            Ok(Ok(Err(why))) => Err(error(why)),
+            Ok(Err(_)) => Err(error("the control stream closed".into())),
+            Err(_) => {
+                if let Some(p) = link.pending.lock().as_mut() {
+                    p.remove(&id);
+                }
+                Err(error(format!(
+                    "no answer within {} s",
+                    self.timeout.as_secs_f64()
+                )))
+            }
+        };
+        Sent::Done(answer)
+    }
+
+    /// Opens the stream to `peer` and serves it until it fails. Requests go on it only once
+    /// the acceptor has said it took it (an `Ok` of id 0); until then they go by
+    /// request-response, and a stream that is refused or fails to open is tried again only
+    /// after [`RETRY_AFTER`].
+    async fn open(self: Arc<Self>, peer: PeerId, mut control: libp2p_stream::Control) {
+        let opened = tokio::time::timeout(self.timeout, async {
+            let stream = control
+                .open_stream(peer, proto::RPC_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (r, w) = stream.split();
+            let mut r = BufReader::new(r);
+            match read::<Response, _>(&mut r, self.max_frame).await {
+                Ok(Some((0, Response::Ok))) => Ok((r, w)),
+                Ok(Some(_)) => Err("the acceptor's first frame is not its Ok".to_owned()),
+                Ok(None) => Err("the acceptor closed it".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()));
+        let (mut r, w) = match opened {
+            Ok(halves) => halves,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no control stream");
+                self.slots
+                    .lock()
+                    .insert(peer, Slot::Failed(Instant::now() + RETRY_AFTER));
+                return;
+            }
+        };
+        let (frames, rx) = mpsc::channel(QUEUED);
+        let link = Arc::new(Link {
+            frames,
+            pending: Mutex::new(Some(HashMap::new())),
+        });
+        self.slots.lock().insert(peer, Slot::Open(link.clone()));
+        let mut writer = tokio::spawn(write_frames(w, rx));
+        let reader = async {
+            loop {
+                match read::<Response, _>(&mut r, self.max_frame).await {
+                    Ok(Some((id, response))) => {
+                        let tx = link.pending.lock().as_mut().and_then(|p| p.remove(&id));
+                        if let Some(tx) = tx {
+                            let _ = tx.send(Ok(response));
+                        }
+                    }
+                    Ok(None) => return "the control stream closed".to_owned(),
+                    Err(e) => return format!("the control stream failed: {e}"),
+                }
+            }
+        };
+        let why = tokio::select! {
+            why = reader => why,
+            w = &mut writer => match w {
+                Ok(Err(e)) => format!("the control stream failed: {e}"),
+                _ => "the control stream closed".to_owned(),
+            },
+        };
+        tracing::debug!(%peer, %why, "control stream ended");
+        {
+            let mut slots = self.slots.lock();
+            if matches!(slots.get(&peer), Some(Slot::Open(l)) if Arc::ptr_eq(l, &link)) {
+                slots.remove(&peer);
+            }
+        }
+        link.fail(&why);
+        writer.abort();
+    }
+
+    /// Ends the stream to `peer`, if any (the peer is lost).
+    pub(crate) fn close(&self, peer: &PeerId) {
+        if let Some(Slot::Open(l)) = self.slots.lock().remove(peer) {
+            l.fail("the peer is gone");
+        }
+    }
+}
+
+/// Accepts control streams from peers that have passed, and hands their requests to the
+/// daemon as [`Inbound`]s, whose answers go back on the same stream.
+pub(crate) async fn accept(
+    mut control: libp2p_stream::Control,
+    verified: Arc<RwLock<HashMap<PeerId, Principal>>>,
+    inbound: mpsc::Sender<Inbound>,
+    max_frame: usize,
+) {
+    let Ok(mut incoming) = control.accept(proto::RPC_PROTOCOL) else {
+        tracing::error!("the control stream protocol is already being accepted");
+        return;
+    };
+    while let Some((peer, stream)) = futures::StreamExt::next(&mut incoming).await {
+        let (verified, inbound) = (verified.clone(), inbound.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + PASS_WAIT;
+            let principal = loop {
+                if let Some(p) = verified.read().get(&peer).cloned() {
+                    break p;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(%peer, "a control stream from an unauthenticated peer; dropped");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            serve(peer, principal, stream, inbound, max_frame).await;
+        });
+    }
+}
+
+/// Serves one inbound control stream.
+async fn serve(
+    peer: PeerId,
+    principal: Principal,
+    stream: Stream,
+    inbound: mpsc::Sender<Inbound>,
+    max_frame: usize,
+) {
+    let (r, w) = stream.split();
+    let (frames, rx) = mpsc::channel(QUEUED);
+    let writer = tokio::spawn(write_frames(w, rx));
+    let answer = async |id: u64, response: Response| {
+        let _ = frames.send(encode_answer(id, &response, max_frame)).await;
+    };
+    // Taken: the opener may send requests now.
+    answer(0, Response::Ok).await;
+    let mut r = BufReader::new(r);
+    loop {
+        let (id, request) = match read::<Request, _>(&mut r, max_frame).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "inbound control stream failed");
+                break;
+            }
+        };
+        if matches!(request, Request::Hello { .. }) {
+            let f = Failure::new(FailureKind::Input, "a Hello goes by request-response");
+            answer(id, Response::Error(f)).await;
+            continue;
+        }
+        if let Err(e) = request.validate() {
+            let f = Failure::new(
+                FailureKind::Input,
+                format!("invalid request from {peer}: {e}"),
+            );
+            answer(id, Response::Error(f)).await;
+            continue;
+        }
+        let i = Inbound::new(
+            peer,
+            principal.clone(),
+            request,
+            Reply::Stream {
+                id,
+                frames: frames.clone(),
+                max_frame,
+            },
+        );
+        if let Err(e) = inbound.try_send(i) {
+            let f = match e {
+                mpsc::error::TrySendError::Full(_) => Failure::new(
+                    FailureKind::Unavailable,
+                    "this daemon is too busy to take the request",
+                ),
+                mpsc::error::TrySendError::Closed(_) => {
+                    Failure::new(FailureKind::Unavailable, "this daemon is stopping")
+                }
+            };
+            answer(id, Response::Error(f)).await;
+        }
+    }
+    // Answers still being made hold frame senders: the writer ends after the last one.
+    drop(frames);
+    let _ = writer.await;
+}
+
+/// Encodes an answer; one over the size limit becomes an error answer that says so.
+pub(crate) fn encode_answer(id: u64, response: &Response, max_frame: usize) -> Vec<u8> {
+    encode(id, response, max_frame).unwrap_or_else(|e| {
+        let f = Failure::new(
+            FailureKind::Failed,
+            format!("the answer cannot be sent: {e}"),
+        );
+        encode(id, &Response::Error(f), max_frame).unwrap_or_default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_frames_are_errors() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let a = encode(7, &Response::Ok, 1024).expect("encodes");
+            let b = encode(u64::MAX, &Response::Ok, 1024).expect("encodes");
+            let mut both = futures::io::Cursor::new([a.clone(), b].concat());
+            let m = read::<Response, _>(&mut both, 1024).await.expect("reads");
+            assert!(matches!(m, Some((7, Response::Ok))));
+            let m = read::<Response, _>(&mut both, 1024).await.expect("reads");
+            assert!(matches!(m, Some((u64::MAX, Response::Ok))));
+            assert!(
+                read::<Response, _>(&mut both, 1024)
+                    .await
+                    .expect("end")
+                    .is_none()
+            );
+            // Cut short inside a frame: an error, not a clean end.
+            let mut cut = futures::io::Cursor::new(a[..a.len() - 1].to_vec());
+            assert!(read::<Response, _>(&mut cut, 1024).await.is_err());
+            // A length over the limit is refused before anything is read into memory.
+            let mut big = futures::io::Cursor::new(u32::MAX.to_be_bytes().to_vec());
+            let e = read::<Response, _>(&mut big, 1024)
+                .await
+                .expect_err("too big");
+            assert!(e.to_string().contains("limit"), "{e}");
+            // Garbage in a well-formed frame.
+            let mut junk = 9u32.to_be_bytes().to_vec();
+            junk.extend_from_slice(&[0; 8]);
+            junk.push(0xff);
+            let mut junk = futures::io::Cursor::new(junk);
+            assert!(read::<Response, _>(&mut junk, 1024).await.is_err());
+        });
+        assert!(
+            encode(1, &"x".repeat(2000), 1024).is_err(),
+            "over the limit"
+        );
+        // An answer over the limit goes as an error answer that fits.
+        let big = Response::Error(Failure::new(FailureKind::Failed, "y".repeat(5000)));
+        let f = encode_answer(3, &big, 1024);
+        assert!(f.len() < 1024 + 12 && f.len() > 12);
+    }
+}
+
+/// Through real sockets: requests after the first go on a control stream, answers find their
+/// requests whatever their order, a request dropped unanswered fails at once, and a control
+/// stream from a peer that has not passed is refused.
+#[cfg(test)]
+mod network_tests {
+    use std::time::Duration;
+
+    use futures::io::AsyncReadExt;
+
+    use crate::net::{Net, NetConfig};
+    use crate::pki::{Ca, Credentials, Subject};
+    use crate::proto::{self, Request, Response};
+    use mvm_component::policy::PrincipalKind;
+
+    fn subject(kind: PrincipalKind, name: &str) -> Subject {
+        Subject {
+            kind,
+            name: name.into(),
+            roles: vec!["researcher".into()],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_after_the_first_go_on_a_control_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+        let config = NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NetConfig::default()
+        };
+        let server_creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::Node, "n")).expect("creds");
+        let (server, mut inbound) = Net::start(&server_creds, &config).await.expect("server");
+        let addrs = server.addrs().to_vec();
+        // The server answers a fetch of hash H with H's bytes, holding every answer back until
+        // eight have come in and then answering them in reverse, and drops a fetch of all 'e's
+        // unanswered.
+        let dropped = "e".repeat(64);
+        let server_task = tokio::spawn({
+            let dropped = dropped.clone();
+            async move {
+                let mut held = Vec::new();
+                while let Some(i) = inbound.recv().await {
+                    let Request::Fetch { hash } = &i.request else {
+                        i.reply(Response::Ok).await;
+                        continue;
+                    };
+                    if *hash == dropped {
+                        drop(i);
+                        continue;
+                    }
+                    held.push(i);
+                    if held.len() == 8 {
+                        while let Some(i) = held.pop() {
+                            let Request::Fetch { hash } = &i.request else {
+                                continue;
+                            };
+                            let bytes = hash.clone().into_bytes().into();
+                            i.reply(Response::Module(bytes)).await;
+                        }
+                    }
+                }
+            }
+        });
+        let client_creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::User, "alice")).expect("creds");
+        let (client, _) = Net::start(&client_creds, &NetConfig::default())
+            .await
+            .expect("client");
+        let peer = server.peer();
+        let fetch = |n: u32| Request::Fetch {
+            hash: format!("{n:064x}"),
+        };
+        // Rounds of eight concurrent requests. The first round goes by request-response, after
+        // the `Hello`; the second opens the stream, and goes that way while it opens.
+        let mut settled = 0;
+        for round in 0..20u32 {
+            if round == 4 {
+                settled = client.stream_requests();
+            }
+            let mut asks = Vec::new();
+            for k in 0..8 {
+                let (client, addrs) = (client.clone(), addrs.clone());
+                let n = round * 8 + k;
+                asks.push(tokio::spawn(async move {
+                    (n, client.request(peer, &addrs, fetch(n)).await)
+                }));
+            }
+            for a in asks {
+                let (n, r) = a.await.expect("join");
+                match r {
+                    Ok(Response::Module(b)) => {
+                        assert_eq!(&b[..], format!("{n:064x}").as_bytes(), "answer to {n}");
+                    }
+                    other => panic!("request {n}: {other:?}"),
+                }
+            }
+        }
+        let on_streams = client.stream_requests();
+        assert_eq!(
+            on_streams - settled,
+            16 * 8,
+            "the last 16 rounds went on the control stream"
+        );
+        // Dropped unanswered: an error at once, not after the request timeout.
+        let t = std::time::Instant::now();
+        let e = client
+            .request(peer, &addrs, Request::Fetch { hash: dropped })
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(&e, Response::Error(f) if f.message.contains("unanswered")),
+            "{e:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(client.stream_requests(), on_streams + 1);
+
+        // A peer that has not passed: its control stream is dropped, and nothing reaches the
+        // daemon.
+        let stranger_creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::User, "eve")).expect("creds");
+        let (stranger, _) = Net::start(&stranger_creds, &NetConfig::default())
+            .await
+            .expect("stranger");
+        stranger.dial(peer, addrs.clone()).await;
+        let mut control = stranger.streams();
+        let mut s = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match control.open_stream(peer, proto::RPC_PROTOCOL).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await
+        .expect("a stream opens");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the acceptor gives up within its wait")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the acceptor said something to a stranger");
+        server_task.abort();
+    }
+}
