@@ -367,7 +367,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 format!(
                     "queue throughput, 1 producer 1 consumer, {} B items, capacity {}\n  \
                      fifo       {:>14.0} items/s\n  priority   {:>14.0} items/s\n  \
-                     crossbeam  {:>14.0} items/s   (fifo/crossbeam = {:.2}, goal >= 0.5)\n\
+                     crossbeam  {:>14.0} items/s   (fifo/crossbeam = {:.2} best, {:.2} median of back-to-back pairs; goal >= 0.5)\n\
                      loopback TCP, {} KiB items\n  remote     {:>10.0} MB/s\n  raw tcp    {:>10.0} MB/s   \
                      (remote/raw = {:.2} best, {:.2} median of back-to-back pairs; goal >= 0.7)\n  \
                      direct     {:>10.0} MB/s   (direct/raw = {:.2} median of pairs)\n\
@@ -378,6 +378,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     r.priority_items_per_sec,
                     r.crossbeam_items_per_sec,
                     r.fifo_vs_crossbeam,
+                    r.fifo_vs_crossbeam_median,
                     r.tcp_item_bytes / 1024,
                     r.remote_mb_per_sec,
                     r.raw_tcp_mb_per_sec,
