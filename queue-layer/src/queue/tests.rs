@@ -463,28 +463,32 @@ proptest! {
         let mut dropped = 0u64;
         for op in ops {
             match op {
-                Op::Send(v, _) => {
-                    let r = tx.try_send(vec![v]);
+                // A FIFO serves in order, and keeps the priorities it was sent (it does not
+                // serve by them).
+                Op::Send(v, p) => {
+                    let r = tx.try_send_entry(Entry::new(vec![v], i64::from(p)));
                     if model.len() == cap {
                         if drop_oldest {
                             model.pop_front();
                             dropped += 1;
                             prop_assert!(r.is_ok());
-                            model.push_back(v);
+                            model.push_back((v, i64::from(p)));
                         } else {
                             prop_assert_eq!(r.expect_err("full").failure, SendFailure::Full);
                         }
                     } else {
                         prop_assert!(r.is_ok());
-                        model.push_back(v);
+                        model.push_back((v, i64::from(p)));
                     }
                 }
                 Op::Recv => {
-                    let got = rx.try_recv().ok().map(|v| v[0]);
+                    let got = rx.try_recv_entry().ok().map(|e| (e.item[0], e.priority));
                     prop_assert_eq!(got, model.pop_front());
                 }
             }
             prop_assert_eq!(q.len(), model.len());
+            // One byte an item, in and out.
+            prop_assert_eq!(q.stats().depth_bytes, model.len() as u64);
         }
         prop_assert_eq!(q.stats().dropped_items, dropped);
     }
