@@ -123,8 +123,11 @@ pub(crate) enum Sent {
     NotSent(Request),
 }
 
+/// Where a daemon stands with its control stream to one peer.
 enum Slot {
+    /// Being opened: requests go by request-response meanwhile.
     Opening,
+    /// Open, and taken by the acceptor.
     Open(Arc<Link>),
     /// Refused or failed to open: not tried again before then.
     Failed(Instant),
@@ -148,6 +151,7 @@ pub(crate) struct Links {
 }
 
 impl Links {
+    /// No streams yet; frames of at most `max_frame` bytes, answers awaited for `timeout`.
     pub(crate) fn new(max_frame: usize, timeout: Duration) -> Arc<Links> {
         Arc::new(Links {
             slots: Mutex::new(HashMap::new()),
