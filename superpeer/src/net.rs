@@ -251,6 +251,24 @@ impl Drop for Inbound {
     }
 }
 
+/// Why an inbound request from `peer` is refused unread as invalid, if it is.
+pub(crate) fn invalid(peer: &PeerId, request: &Request) -> Option<Failure> {
+    request.validate().err().map(|e| {
+        Failure::new(
+            FailureKind::Input,
+            format!("invalid request from {peer}: {e}"),
+        )
+    })
+}
+
+/// The answer to a request that finds the daemon's inbound queue full.
+pub(crate) fn busy() -> Failure {
+    Failure::new(
+        FailureKind::Unavailable,
+        "this daemon is too busy to take the request",
+    )
+}
+
 /// Adds `/p2p/PEER` to an address that lacks it.
 pub fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
     if addr
@@ -510,7 +528,7 @@ impl Net {
         let request = if matches!(request, Request::Hello { .. }) {
             request
         } else {
-            let known = self.verified.read().contains_key(&peer);
+            let known = || self.verified.read().contains_key(&peer);
             match self
                 .links
                 .request(peer, request, known, &self.streams)
@@ -860,12 +878,8 @@ impl Actor {
                         self.respond(channel, response);
                         return;
                     };
-                    if let Err(e) = request.validate() {
-                        let response = Response::Error(Failure::new(
-                            FailureKind::Input,
-                            format!("invalid request from {peer}: {e}"),
-                        ));
-                        self.respond(channel, response);
+                    if let Some(f) = invalid(&peer, &request) {
+                        self.respond(channel, Response::Error(f));
                         return;
                     }
                     let reply = Reply::Swarm {
@@ -878,12 +892,8 @@ impl Actor {
                             mpsc::error::TrySendError::Full(i)
                             | mpsc::error::TrySendError::Closed(i) => i,
                         };
-                        let response = Response::Error(Failure::new(
-                            FailureKind::Unavailable,
-                            "this daemon is too busy to take the request",
-                        ));
                         if let Some(Reply::Swarm { channel, .. }) = inbound.reply.take() {
-                            self.respond(channel, response);
+                            self.respond(channel, Response::Error(busy()));
                         }
                     }
                 }

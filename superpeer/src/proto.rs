@@ -849,7 +849,15 @@ where
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    ciborium::from_reader(buf.as_slice())
+    decode(&buf)
+}
+
+/// Decodes one CBOR message.
+///
+/// # Errors
+/// The bytes do not decode as `T`.
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+    ciborium::from_reader(bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))
 }
 

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use mvm_component::policy::Principal;
 
-use crate::net::{Inbound, NetError, Reply};
+use crate::net::{self, Inbound, NetError, Reply};
 use crate::proto::{self, Failure, FailureKind, Request, Response};
 
 /// Bytes of frames written in one go at most (more wait for the next write).
@@ -71,9 +71,7 @@ async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r.read_exact(&mut buf).await?;
     let (id, body) = buf.split_at(8);
     let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
-    let msg = ciborium::from_reader(body)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))?;
-    Ok(Some((id, msg)))
+    Ok(Some((id, proto::decode(body)?)))
 }
 
 /// Writes the frames handed to it, those that are ready together in one write, until every
@@ -163,12 +161,12 @@ impl Links {
     }
 
     /// Sends `request` on the stream to `peer` if there is one; if there is none, starts
-    /// opening one (when `can_open`: the peer has passed) for later requests.
+    /// opening one (when `can_open` says the peer has passed) for later requests.
     pub(crate) async fn request(
         self: &Arc<Self>,
         peer: PeerId,
         request: Request,
-        can_open: bool,
+        can_open: impl FnOnce() -> bool,
         control: &libp2p_stream::Control,
     ) -> Sent {
         let link = {
@@ -178,7 +176,7 @@ impl Links {
                 Some(Slot::Opening) => None,
                 Some(Slot::Failed(until)) if Instant::now() < *until => None,
                 _ => {
-                    if can_open {
+                    if can_open() {
                         slots.insert(peer, Slot::Opening);
                         let (links, control) = (self.clone(), control.clone());
                         tokio::spawn(async move { links.open(peer, control).await });
@@ -371,11 +369,7 @@ async fn serve(
             answer(id, Response::Error(f)).await;
             continue;
         }
-        if let Err(e) = request.validate() {
-            let f = Failure::new(
-                FailureKind::Input,
-                format!("invalid request from {peer}: {e}"),
-            );
+        if let Some(f) = net::invalid(&peer, &request) {
             answer(id, Response::Error(f)).await;
             continue;
         }
@@ -391,10 +385,7 @@ async fn serve(
         );
         if let Err(e) = inbound.try_send(i) {
             let f = match e {
-                mpsc::error::TrySendError::Full(_) => Failure::new(
-                    FailureKind::Unavailable,
-                    "this daemon is too busy to take the request",
-                ),
+                mpsc::error::TrySendError::Full(_) => net::busy(),
                 mpsc::error::TrySendError::Closed(_) => {
                     Failure::new(FailureKind::Unavailable, "this daemon is stopping")
                 }
