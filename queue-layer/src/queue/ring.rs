@@ -123,6 +123,43 @@ impl<T> Ring<T> {
         }
     }
 
+    /// Whether the ring is full now: the slot of the next position still holds the item of
+    /// the position one lap back and no consumer has claimed it. The consumers' position is read
+    /// only when the slot says full, so a producer that polls a ring with room does not touch
+    /// the consumers' line.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        let Some(slots) = self.slots.get() else {
+            return false;
+        };
+        let tail = self.tail.pos.load(Ordering::Relaxed);
+        let stamp = Self::slot(slots, self.cap, tail)
+            .stamp
+            .load(Ordering::Acquire);
+        stamp < 2 * tail && self.head.pos.load(Ordering::SeqCst) + self.cap <= tail
+    }
+
+    /// Whether the next `k` positions look free (`k` at least 1 and at most the capacity):
+    /// the slot of the `k`-th is free for it, so the consumers are done with everything before
+    /// it (exactly with one consumer; closely with several). Reads that slot only, not the
+    /// consumers' position, which they write at every pop.
+    #[inline]
+    pub(crate) fn has_room(&self, k: u64) -> bool {
+        let Some(slots) = self.slots.get() else {
+            return true;
+        };
+        let pos = self.tail.pos.load(Ordering::Relaxed) + k.clamp(1, self.cap) - 1;
+        Self::slot(slots, self.cap, pos)
+            .stamp
+            .load(Ordering::Acquire)
+            >= 2 * pos
+    }
+
+    /// The number of slots.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.cap
+    }
+
     /// Pops, or `None` when the ring is empty.
     ///
     /// `claimed`: when a producer has claimed the next slot and is still writing it, wait for

@@ -23,8 +23,9 @@ use super::{Entry, Item};
 
 /// Why an item did not go in.
 pub(crate) enum Rejected<T> {
-    /// The queue is full (in items or in bytes); the entry comes back.
-    Full(Entry<T>),
+    /// The queue is full (in items or in bytes); the entry comes back, with the depth when the
+    /// store knows it without another look at the consumers' side.
+    Full(Entry<T>, Option<u64>),
 }
 
 /// Everything that ever went in and came out, in items and bytes (requeued entries count in
@@ -124,6 +125,16 @@ impl<T: Item> Store<T> {
         }
     }
 
+    /// Whether `k` more items look like they fit, as far as the item capacity goes (see
+    /// [`Ring::has_room`]; always for a priority store, which cannot tell without its lock).
+    #[inline]
+    pub(crate) fn has_room(&self, k: u64) -> bool {
+        match self {
+            Store::Fifo(s) => s.ring.has_room(k),
+            Store::Priority(_) => true,
+        }
+    }
+
     /// Items held now.
     pub(crate) fn len(&self) -> usize {
         match self {
@@ -203,14 +214,25 @@ impl<T: Item> Fifo<T> {
 
     #[inline]
     fn push(&self, entry: Entry<T>, seen: &Seen) -> Result<(), Rejected<T>> {
+        // A producer retrying a full ring looks at the slot it waits for first, without
+        // reserving bytes: a reservation and its undoing are two more atomic writes per retry,
+        // and its head reads would take the consumers' line from them at every retry.
+        if self.ring.is_full() {
+            return Err(Rejected::Full(entry, Some(self.full_depth())));
+        }
         let size = entry.size;
         if !self.reserve(size, seen) {
-            return Err(Rejected::Full(entry));
+            return Err(Rejected::Full(entry, None));
         }
         self.ring.push(entry).map_err(|back| {
             self.ring.tail.bytes.fetch_sub(size, Ordering::SeqCst);
-            Rejected::Full(back)
+            Rejected::Full(back, Some(self.full_depth()))
         })
+    }
+
+    /// The depth when the ring is full: every slot, plus the requeued entries.
+    fn full_depth(&self) -> u64 {
+        self.ring.capacity() + self.extra_len.load(Ordering::Relaxed)
     }
 
     #[inline]
@@ -316,7 +338,8 @@ impl<T: Item> Priority<T> {
         if inner.map.len() >= self.capacity
             || (inner.bytes + entry.size > self.capacity_bytes && inner.bytes != 0)
         {
-            return Err(Rejected::Full(entry));
+            let depth = inner.map.len() as u64;
+            return Err(Rejected::Full(entry, Some(depth)));
         }
         self.insert(&mut inner, entry);
         Ok(())

@@ -180,6 +180,46 @@ fn drop_oldest_on_priority_evicts_what_would_be_served_last() {
 }
 
 #[test]
+fn a_blocked_producer_takes_a_single_freed_slot() {
+    // While it spins, a blocked producer waits for several free slots (so that it does not
+    // write next to the consumer); it must still go in when only one ever frees.
+    for (cap, pause) in [(1, 0), (2, 0), (64, 0), (1024, 0), (64, 50), (1024, 50)] {
+        let q = fifo(cap);
+        let (tx, rx) = (q.sender(), q.receiver());
+        for i in 0..cap as u32 {
+            tx.send(item(i)).expect("room");
+        }
+        let full = tx.try_send(item(99)).expect_err("full");
+        assert_eq!(full.failure, SendFailure::Full);
+        assert_eq!(
+            q.stats().high_water,
+            cap as u64,
+            "a full FIFO records its depth"
+        );
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let h = thread::spawn(move || {
+            let sent = tx.send(item(cap as u32));
+            let _ = done_tx.send(sent.is_ok());
+            tx
+        });
+        // At once (likely inside the producer's spin) or once it sleeps, and then never again
+        // until it is done.
+        thread::sleep(Duration::from_millis(pause));
+        assert_eq!(num(&rx.recv().expect("item")), 0);
+        assert_eq!(
+            done_rx.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "capacity {cap}: the send went in"
+        );
+        drop(h.join().expect("no panic"));
+        let rest: Vec<u32> = std::iter::from_fn(|| rx.recv().ok())
+            .map(|v| num(&v))
+            .collect();
+        assert_eq!(rest, (1..=cap as u32).collect::<Vec<_>>(), "capacity {cap}");
+    }
+}
+
+#[test]
 fn byte_capacity_blocks_until_room() {
     let cfg = Config {
         capacity_bytes: 10,
