@@ -189,6 +189,20 @@ const HIGH_WATER_SAMPLE: u64 = 32;
 /// capacity, up to this).
 const SLIP_MAX: u64 = 64;
 
+/// How long a blocked producer sleeps at most waiting for `slip` free slots before it takes any
+/// room there is.
+const SOFT_WAIT: Duration = Duration::from_micros(100);
+
+/// The signals of room in a queue, on one cache line: a consumer looks at both after each pop.
+#[derive(Default)]
+struct Room {
+    /// Notified when room is made.
+    any: Signal,
+    /// Notified when `slip` slots are free, for a producer that waits for that much room (see
+    /// [`Shared::send_blocked`]).
+    slip: Signal,
+}
+
 struct Shared<T> {
     name: Arc<str>,
     config: Config,
@@ -213,7 +227,7 @@ struct Shared<T> {
     /// Notified when an item arrives or the queue closes.
     not_empty: CachePadded<Signal>,
     /// Notified when room is made, the queue closes, or the receivers go.
-    not_full: CachePadded<Signal>,
+    not_full: CachePadded<Room>,
     /// Notified only when the queue closes or its last receiver goes.
     lifecycle: Signal,
     /// Takes what producers push (a direct link out of this queue).
@@ -283,7 +297,7 @@ impl<T: Item> Queue<T> {
             receivers_gone: AtomicBool::new(false),
             leases: AtomicU64::new(0),
             not_empty: CachePadded::new(Signal::default()),
-            not_full: CachePadded::new(Signal::default()),
+            not_full: CachePadded::default(),
             lifecycle: Signal::default(),
             outlet: OnceLock::new(),
             inlet: OnceLock::new(),
@@ -348,7 +362,7 @@ impl<T: Item> Queue<T> {
     pub fn drain(&self) -> Vec<Entry<T>> {
         let mut out = Vec::new();
         while let Some(e) = self.shared.store.pop() {
-            self.shared.not_full.notify_one();
+            self.shared.made_room();
             out.push(e);
         }
         out
@@ -395,7 +409,8 @@ impl<T: Item> Shared<T> {
     fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
             self.not_empty.notify_all();
-            self.not_full.notify_all();
+            self.not_full.any.notify_all();
+            self.not_full.slip.notify_all();
             self.lifecycle.notify_all();
             if let Some(p) = self.outlet.get() {
                 p.pump();
@@ -456,6 +471,16 @@ impl<T: Item> Shared<T> {
     fn record_depth(&self, depth: u64) {
         if depth > self.high_water.load(Ordering::Relaxed) {
             self.high_water.fetch_max(depth, Ordering::Relaxed);
+        }
+    }
+
+    /// An entry came out: wake a producer waiting for room, and one waiting for `slip` slots
+    /// once there are that many.
+    #[inline]
+    fn made_room(&self) {
+        self.not_full.any.notify_one();
+        if self.not_full.slip.is_awaited() && self.store.has_room(self.slip) {
+            self.not_full.slip.notify_one();
         }
     }
 
@@ -571,8 +596,21 @@ impl<T: Item> Shared<T> {
                 Err(Ok(entry)) => entry,
             };
         }
+        // Then sleep until `slip` slots are free, for at most SOFT_WAIT: the consumers wake
+        // such a sleeper only when there is that much room, so a producer that keeps a queue
+        // full is woken once per `slip` items, not at every item (a wake-up on another core
+        // costs microseconds, more on a virtual machine). The deadline bounds the wait when the
+        // consumers stop with less freed.
+        if slip > 1 {
+            let listener = self.not_full.slip.listen();
+            if !self.store.has_room(slip) && !self.closed.load(Ordering::SeqCst) {
+                self.producer_waits();
+                let soft = Instant::now() + SOFT_WAIT;
+                listener.wait(Some(deadline.map_or(soft, |d| d.min(soft))));
+            }
+        }
         let result = loop {
-            let listener = self.not_full.listen();
+            let listener = self.not_full.any.listen();
             entry = match self.attempt(entry, seen) {
                 Ok(()) => break Ok(()),
                 Err(Err(e)) => break Err(e),
@@ -606,7 +644,7 @@ impl<T: Item> Shared<T> {
         };
         let since = Instant::now();
         let result = loop {
-            let listener = self.not_full.listen();
+            let listener = self.not_full.any.listen();
             entry = match self.attempt(entry, seen) {
                 Ok(()) => break Ok(()),
                 Err(Err(e)) => break Err(e),
@@ -630,13 +668,13 @@ impl<T: Item> Shared<T> {
     #[inline]
     fn try_pop_ready(&self) -> Result<Entry<T>, RecvFailure> {
         if let Some(e) = self.store.pop_ready() {
-            self.not_full.notify_one();
+            self.made_room();
             return Ok(e);
         }
         if self.refill()
             && let Some(e) = self.store.pop_ready()
         {
-            self.not_full.notify_one();
+            self.made_room();
             return Ok(e);
         }
         if self.closed.load(Ordering::SeqCst) {
@@ -649,20 +687,20 @@ impl<T: Item> Shared<T> {
     #[inline]
     fn try_pop_holding(&self, own: u64) -> Result<Entry<T>, RecvFailure> {
         if let Some(e) = self.store.pop() {
-            self.not_full.notify_one();
+            self.made_room();
             return Ok(e);
         }
         if self.refill()
             && let Some(e) = self.store.pop()
         {
-            self.not_full.notify_one();
+            self.made_room();
             return Ok(e);
         }
         if self.closed.load(Ordering::SeqCst) {
             // Everything sent before the close is visible now: look once more.
             return match self.store.pop() {
                 Some(e) => {
-                    self.not_full.notify_one();
+                    self.made_room();
                     Ok(e)
                 }
                 // Leased items may still come back: not the end yet.
@@ -939,7 +977,8 @@ impl<T: Item> Drop for Receiver<T> {
     fn drop(&mut self) {
         if self.shared.receivers.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.receivers_gone.store(true, Ordering::Release);
-            self.shared.not_full.notify_all();
+            self.shared.not_full.any.notify_all();
+            self.shared.not_full.slip.notify_all();
             self.shared.lifecycle.notify_all();
             // An inlet reads on to the end of its stream, for nobody.
             self.shared.consumer_waits();
@@ -1099,7 +1138,7 @@ impl<T: Item> Sender<T> {
             if s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst) {
                 return;
             }
-            let listener = s.not_full.listen();
+            let listener = s.not_full.any.listen();
             if s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst) {
                 return;
             }

@@ -52,6 +52,12 @@ impl Signal {
         }
     }
 
+    /// Whether a waiter has announced itself.
+    #[inline]
+    pub(crate) fn is_awaited(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) != 0
+    }
+
     /// Wakes every waiter.
     pub(crate) fn notify_all(&self) {
         fence(Ordering::SeqCst);
