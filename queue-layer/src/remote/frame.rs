@@ -63,6 +63,8 @@ pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     max_frame: usize,
+    /// The length of the last frame read (with its length prefix), the guess for the next.
+    last: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -74,6 +76,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::with_capacity(64 * 1024),
             max_frame: max_frame.max(HELLO_LEN),
+            last: 0,
         }
     }
 
@@ -99,11 +102,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame, or `None` at a clean end of the stream between frames.
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, RemoteError> {
         loop {
-            // How much to ask for: the rest of the frame when its length is known, and at least
-            // a small chunk. Never the whole spare capacity: a reader that cannot take
-            // uninitialized memory (e.g. a futures stream behind tokio-util's compat) zeroes
-            // all it is offered on every read, which cost ~100 µs per item at 1 MiB.
-            let mut want = READ_MIN;
+            // How much to ask for: the rest of the frame when its length is known, else as much
+            // as the last frame (streams tend to carry items of one size: one read per item,
+            // not one for its head and another for the rest), and at least a small chunk.
+            // Never the whole spare capacity: a reader that cannot take uninitialized memory
+            // (e.g. a futures stream behind tokio-util's compat) zeroes all it is offered on
+            // every read, which cost ~100 µs per item at 1 MiB.
+            let mut want = READ_MIN.max(self.last.min(READ_CHUNK));
             if let Some(len) = self.frame_len() {
                 if len == 0 || len > self.max_frame {
                     return Err(RemoteError::Protocol(format!(
@@ -112,6 +117,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     )));
                 }
                 if self.buf.len() >= 4 + len {
+                    self.last = 4 + len;
                     self.buf.advance(4);
                     let body = self.buf.split_to(len).freeze();
                     return decode(body).map(Some);
@@ -261,11 +267,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.head(kind, 8 + payload.len())?;
         self.buf.put_i64_le(priority);
         if payload.len() >= DIRECT {
-            self.write_buf().await?;
+            // What is buffered and the payload in one vectored write: a small write of its own
+            // would go out as a packet of its own (the streams are no-delay).
+            let mut out = Buf::chain(&self.buf[..], payload);
             self.io
-                .write_all(payload)
+                .write_all_buf(&mut out)
                 .await
                 .map_err(RemoteError::io("write"))?;
+            self.buf.clear();
         } else {
             self.buf.put_slice(payload);
             if self.buf.len() >= FLUSH_AT {
