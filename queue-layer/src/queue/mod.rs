@@ -203,11 +203,19 @@ struct Room {
     slip: Signal,
 }
 
+impl Room {
+    /// Wakes every waiter of both kinds (the queue closed, or its receivers went).
+    fn notify_all(&self) {
+        self.any.notify_all();
+        self.slip.notify_all();
+    }
+}
+
 struct Shared<T> {
     name: Arc<str>,
     config: Config,
     item_limit: u64,
-    /// Free slots a blocked producer waits for while it spins (see [`Shared::send_blocking`]).
+    /// Free slots a blocked producer waits for while it spins (see [`Shared::send_blocked`]).
     slip: u64,
     store: Store<T>,
     high_water: AtomicU64,
@@ -409,8 +417,7 @@ impl<T: Item> Shared<T> {
     fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
             self.not_empty.notify_all();
-            self.not_full.any.notify_all();
-            self.not_full.slip.notify_all();
+            self.not_full.notify_all();
             self.lifecycle.notify_all();
             if let Some(p) = self.outlet.get() {
                 p.pump();
@@ -451,7 +458,7 @@ impl<T: Item> Shared<T> {
     fn pushed(&self, seen: &Seen) {
         // The high-water mark is sampled: reading the consumers' position on every send would
         // cost a cache miss per item (more than the rest of the send). Sends that find the
-        // queue full always sample.
+        // queue full always record the depth.
         if seen.count_send().is_multiple_of(HIGH_WATER_SAMPLE) {
             self.sample_depth();
         }
@@ -977,8 +984,7 @@ impl<T: Item> Drop for Receiver<T> {
     fn drop(&mut self) {
         if self.shared.receivers.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.shared.receivers_gone.store(true, Ordering::Release);
-            self.shared.not_full.any.notify_all();
-            self.shared.not_full.slip.notify_all();
+            self.shared.not_full.notify_all();
             self.shared.lifecycle.notify_all();
             // An inlet reads on to the end of its stream, for nobody.
             self.shared.consumer_waits();
