@@ -24,8 +24,9 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/control/1");
 /// many on one stream (see the `rpc` module); the same messages as [`PROTOCOL`].
 pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/1");
 
-/// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]).
-pub const QUEUE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/queue/1");
+/// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]); its number
+/// follows the queue layer's frame version.
+pub const QUEUE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/queue/2");
 
 /// Image transfers between nodes: a request frame, a header frame, then the image's bytes.
 pub const IMAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/image/1");

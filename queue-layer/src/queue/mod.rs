@@ -356,6 +356,22 @@ impl<T: Item> Queue<T> {
         self.shared.closed.load(Ordering::Acquire)
     }
 
+    /// Waits, without polling, until the queue is closed (its last sender has gone or
+    /// [`Queue::close`] was called); items may still be in it.
+    pub async fn closed_async(&self) {
+        let s = &self.shared;
+        loop {
+            if s.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let listener = s.lifecycle.listen();
+            if s.closed.load(Ordering::Acquire) {
+                return;
+            }
+            listener.wait_async().await;
+        }
+    }
+
     /// Items held now.
     pub fn len(&self) -> usize {
         self.shared.store.len()

@@ -418,6 +418,26 @@ async fn receivers_gone_future_completes() {
     assert!(waiter.await.expect("no panic"));
 }
 
+#[tokio::test]
+async fn closed_future_completes_when_the_last_sender_goes() {
+    let q = fifo(2);
+    let (a, b) = (q.sender(), q.sender());
+    a.send(item(1)).expect("room");
+    let waiter = {
+        let q = q.clone();
+        tokio::spawn(async move { q.closed_async().await })
+    };
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(!waiter.is_finished(), "one sender is left");
+    drop(b);
+    tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        .await
+        .expect("completes at the close")
+        .expect("no panic");
+    assert_eq!(q.len(), 1, "the item is still there");
+}
+
 #[test]
 fn requeue_serves_returned_items_again() {
     let q = fifo(2);

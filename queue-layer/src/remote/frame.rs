@@ -9,7 +9,11 @@
 //! END_ACK =                                  (receiver -> sender: everything is processed)
 //! RETURN  = priority:i64le payload           (receiver -> sender: an item it cannot deliver)
 //! STOP    =                                  (receiver -> sender: it takes nothing more)
+//! WANT    =                                  (sender -> receiver: credit what you processed now)
 //! ```
+//!
+//! A receiver credits a quarter of its window at a time; a sender that cannot go on without
+//! the rest (its window is used up, or its queue has ended) asks for it with WANT.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::RemoteError;
 
 /// The protocol version this build speaks.
-pub(crate) const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 2;
 const MAGIC: &[u8; 4] = b"MVMQ";
 /// Bytes before a DATA or RETURN payload: kind and priority.
 pub(crate) const ITEM_OVERHEAD: usize = 1 + 8;
@@ -30,6 +34,7 @@ pub(crate) const END: u8 = 3;
 const END_ACK: u8 = 4;
 const RETURN: u8 = 5;
 const STOP: u8 = 6;
+const WANT: u8 = 7;
 
 /// The handshake each side sends first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,7 @@ pub(crate) enum Frame {
     EndAck,
     Return { priority: i64, payload: Bytes },
     Stop,
+    Want,
 }
 
 /// How much a reader asks the stream for at once.
@@ -220,6 +226,10 @@ fn decode(mut body: Bytes) -> Result<Frame, RemoteError> {
             exact(&body, 0, "STOP")?;
             Frame::Stop
         }
+        WANT => {
+            exact(&body, 0, "WANT")?;
+            Frame::Want
+        }
         other => return Err(RemoteError::Protocol(format!("unknown frame kind {other}"))),
     })
 }
@@ -315,6 +325,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.head(STOP, 0)
     }
 
+    pub(crate) fn want(&mut self) -> Result<(), RemoteError> {
+        self.head(WANT, 0)
+    }
+
     async fn write_buf(&mut self) -> Result<(), RemoteError> {
         if !self.buf.is_empty() {
             self.io
@@ -364,6 +378,7 @@ mod tests {
         w.end().expect("write");
         w.end_ack().expect("write");
         w.stop().expect("write");
+        w.want().expect("write");
         w.shutdown().await.expect("shutdown");
         let mut r = FrameReader::new(b, 100_000);
         assert_eq!(r.next().await.expect("ok"), Some(Frame::Hello(hello)));
@@ -394,6 +409,7 @@ mod tests {
         assert_eq!(r.next().await.expect("ok"), Some(Frame::End));
         assert_eq!(r.next().await.expect("ok"), Some(Frame::EndAck));
         assert_eq!(r.next().await.expect("ok"), Some(Frame::Stop));
+        assert_eq!(r.next().await.expect("ok"), Some(Frame::Want));
         assert_eq!(r.next().await.expect("ok"), None);
     }
 

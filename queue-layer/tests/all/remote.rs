@@ -87,6 +87,118 @@ async fn pipe_with_tiny_windows() {
     pipe(a, b, 500, 100, opts, 1).await;
 }
 
+/// An `AsyncWrite` that counts the bytes written through it.
+struct Counting<W> {
+    inner: W,
+    written: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counting<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            self.written
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Moves `sizes` over loopback TCP with `opts`, within 20 s; returns how many bytes the
+/// importer wrote back (hello, credits, end acknowledgement).
+async fn importer_writes(sizes: &[usize], opts: Options) -> usize {
+    let (a, b) = tcp_pair().await;
+    let src = queue("src", 64);
+    let dst = queue("dst", 64);
+    let (tx, rx_src) = (src.sender(), src.receiver());
+    let (tx_dst, rx) = (dst.sender(), dst.receiver());
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = written.clone();
+    let e = tokio::spawn(async move { remote::export_stream(&rx_src, a, &opts).await });
+    let i = tokio::spawn(async move {
+        let (r, w) = b.into_split();
+        let w = Counting {
+            inner: w,
+            written: counter,
+        };
+        remote::import(tx_dst, r, w, &opts).await
+    });
+    let feed: Vec<Bytes> = sizes
+        .iter()
+        .enumerate()
+        .map(|(n, &len)| item(n as u32, len))
+        .collect();
+    let p = tokio::spawn(async move {
+        for v in feed {
+            tx.send_async(v).await.expect("sink alive");
+        }
+    });
+    let n = sizes.len() as u32;
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut next = 0;
+        while let Ok(v) = rx.recv_async().await {
+            assert_eq!(num(&v), next, "in order");
+            next += 1;
+        }
+        next
+    })
+    .await
+    .expect("the stream does not stall");
+    assert_eq!(got, n, "nothing lost");
+    p.await.expect("no panic");
+    e.await.expect("no panic").expect("export ok");
+    i.await.expect("no panic").expect("import ok");
+    written.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_goes_back_in_batches() {
+    // 64 KiB items arrive one per read, so the importer is idle after each: credit must still
+    // go back a quarter of the window at a time, not one frame per item. (The end, where the
+    // exporter asks for the rest, also needs every item credited: the import would not finish.)
+    const CREDIT_FRAME: usize = 4 + 1 + 12;
+    let n = 2000;
+    let written = importer_writes(&vec![64 << 10; n], Options::default()).await;
+    let credits = written / CREDIT_FRAME;
+    assert!(
+        credits < n / 8,
+        "{credits} credit frames for {n} items: not batched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_too_large_for_the_rest_of_the_window_still_gets_credit() {
+    // A window of 1000 bytes: after a 100-byte item, a 950-byte one does not fit until the
+    // 100 bytes are credited, and 100 bytes are less than the quarter of the window that is
+    // credited at once. The exporter must ask for them, and get them.
+    let sizes: Vec<usize> = (0..400)
+        .map(|k| if k % 2 == 0 { 100 } else { 950 })
+        .collect();
+    let opts = Options {
+        window_bytes: 1000,
+        ..Options::default()
+    };
+    importer_writes(&sizes, opts).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_crosses_the_wire() {
     // A consumer that takes nothing: the producer must block once the sink queue, the window
