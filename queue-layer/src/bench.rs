@@ -26,7 +26,8 @@ pub struct Params {
     pub tcp_bytes: u64,
     /// Item size for the TCP runs.
     pub tcp_item: usize,
-    /// Runs of each measurement; the best is reported.
+    /// Runs per measurement: throughputs alternate with their reference in `2 * runs - 1`
+    /// back-to-back pairs; the best of each and the median of the pairs are reported.
     pub runs: u32,
 }
 
@@ -443,7 +444,7 @@ pub fn raw_tcp_polling_latency(rounds: u32) -> std::io::Result<f64> {
 pub fn run(p: Params) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
     // FIFO and crossbeam alternate, in an odd number of back-to-back pairs.
     let (mut fifo, mut cb, mut fifo_pairs) = (0.0f64, 0.0f64, Vec::new());
-    for _ in 0..2 * p.runs.max(1) - 1 {
+    for _ in 0..pair_count(p.runs) {
         let f = queue_throughput(Config::fifo(p.capacity), p.items)?;
         let c = crossbeam_throughput(p.capacity, p.items);
         fifo = fifo.max(f);
@@ -485,14 +486,14 @@ pub fn run(p: Params) -> Result<Report, Box<dyn std::error::Error + Send + Sync>
     })
 }
 
-/// Runs `f` and raw TCP back to back `p.runs` times: the best raw TCP, the best of `f`, and
-/// the ratio of each pair.
+/// Runs `f` and raw TCP back to back in `2 * p.runs - 1` pairs: the best raw TCP, the best of
+/// `f`, and the ratio of each pair.
 fn beside_raw_tcp(
     p: Params,
     f: fn(u64, usize) -> Result<f64, Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<(f64, f64, Vec<f64>), Box<dyn std::error::Error + Send + Sync>> {
     let (mut raw, mut best, mut pairs) = (0.0f64, 0.0f64, Vec::new());
-    for _ in 0..p.runs.max(1) {
+    for _ in 0..pair_count(p.runs) {
         let r = raw_tcp(p.tcp_bytes, p.tcp_item)?;
         let q = f(p.tcp_bytes, p.tcp_item)?;
         raw = raw.max(r);
@@ -500,6 +501,11 @@ fn beside_raw_tcp(
         pairs.push(q / r.max(1e-9));
     }
     Ok((raw, best, pairs))
+}
+
+/// How many back-to-back pairs `runs` asks for: an odd number, so the median is one of them.
+fn pair_count(runs: u32) -> u32 {
+    runs.max(1).saturating_mul(2) - 1
 }
 
 fn median_of(v: &[f64]) -> f64 {

@@ -106,8 +106,9 @@ enum Which {
         /// MiB moved per TCP run.
         #[arg(long, default_value_t = 512)]
         tcp_mib: u64,
-        /// Runs of each measurement (the best is reported).
-        #[arg(long, default_value_t = 3)]
+        /// Runs per measurement: each throughput alternates with its reference in 2×RUNS−1
+        /// back-to-back pairs (the best of each and the median of the pairs are reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
         runs: u32,
         #[command(flatten)]
         out: OutputArg,
