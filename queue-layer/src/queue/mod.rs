@@ -360,16 +360,8 @@ impl<T: Item> Queue<T> {
     /// [`Queue::close`] was called); items may still be in it.
     pub async fn closed_async(&self) {
         let s = &self.shared;
-        loop {
-            if s.closed.load(Ordering::Acquire) {
-                return;
-            }
-            let listener = s.lifecycle.listen();
-            if s.closed.load(Ordering::Acquire) {
-                return;
-            }
-            listener.wait_async().await;
-        }
+        s.until(&s.lifecycle, || s.closed.load(Ordering::Acquire))
+            .await;
     }
 
     /// Items held now.
@@ -430,6 +422,21 @@ impl<T: Item> Queue<T> {
 }
 
 impl<T: Item> Shared<T> {
+    /// Waits from async code, without polling, until `done` holds; `signal` is notified
+    /// whenever it may have come to hold.
+    async fn until(&self, signal: &Signal, done: impl Fn() -> bool) {
+        loop {
+            if done() {
+                return;
+            }
+            let listener = signal.listen();
+            if done() {
+                return;
+            }
+            listener.wait_async().await;
+        }
+    }
+
     fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) {
             self.not_empty.notify_all();
@@ -1156,31 +1163,19 @@ impl<T: Item> Sender<T> {
     /// or every receiver has gone.
     pub async fn drained(&self) {
         let s = &self.shared;
-        loop {
-            if s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst) {
-                return;
-            }
-            let listener = s.not_full.any.listen();
-            if s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst) {
-                return;
-            }
-            listener.wait_async().await;
-        }
+        s.until(&s.not_full.any, || {
+            s.store.is_empty() || s.receivers_gone.load(Ordering::SeqCst)
+        })
+        .await;
     }
 
     /// Waits, without polling, until every receiver has gone or the queue is closed.
     pub async fn receivers_gone(&self) {
         let s = &self.shared;
-        loop {
-            if s.receivers_gone.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
-                return;
-            }
-            let listener = s.lifecycle.listen();
-            if s.receivers_gone.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
-                return;
-            }
-            listener.wait_async().await;
-        }
+        s.until(&s.lifecycle, || {
+            s.receivers_gone.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire)
+        })
+        .await;
     }
 }
 

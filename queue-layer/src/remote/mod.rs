@@ -488,7 +488,7 @@ where
     tokio::try_join!(w.hello(ours), handshake(&mut r, options.handshake_timeout))?;
     let every_items = (options.window_items / 4).max(1);
     let every_bytes = (options.window_bytes / 4).max(1);
-    let (mut credit_items, mut credit_bytes) = (0u32, 0u64);
+    let mut owed = Owed::default();
     let mut report = Report::default();
     let mut refused: Option<crate::queue::SendError<()>> = None;
     // Credit goes out a quarter of the window at a time, and what is left when the exporter
@@ -496,9 +496,8 @@ where
     // whenever idle cost a frame, a write and a wake-up of the exporter per item.
     loop {
         let idle = !r.has_frame();
-        if credit_items >= every_items || credit_bytes >= every_bytes {
-            w.credit(credit_items, credit_bytes)?;
-            (credit_items, credit_bytes) = (0, 0);
+        if owed.items >= every_items || owed.bytes >= every_bytes {
+            owed.grant(&mut w)?;
         }
         if idle {
             w.flush().await?;
@@ -535,22 +534,17 @@ where
                         // before acknowledging it, so it is never counted as delivered.
                         hand_back_all(&tx, &mut w, &mut report).await?;
                     }
-                    credit_items += 1;
-                    credit_bytes += size;
+                    owed.items += 1;
+                    owed.bytes += size;
                 }
                 Some(Frame::Want) => {
                     // Every DATA frame sent before the WANT has been processed (the stream is
                     // in order), so this credit is all the exporter waits for.
-                    if credit_items > 0 {
-                        w.credit(credit_items, credit_bytes)?;
-                        (credit_items, credit_bytes) = (0, 0);
-                    }
+                    owed.grant(&mut w)?;
                     w.flush().await?;
                 }
                 Some(Frame::End) => {
-                    if credit_items > 0 {
-                        w.credit(credit_items, credit_bytes)?;
-                    }
+                    owed.grant(&mut w)?;
                     w.end_ack()?;
                     w.shutdown().await?;
                     drop(tx);
@@ -562,6 +556,24 @@ where
                 Some(other) => return Err(RemoteError::Protocol(format!("unexpected {other:?}"))),
             },
         }
+    }
+}
+
+/// What an importer has processed and not yet credited.
+#[derive(Default)]
+struct Owed {
+    items: u32,
+    bytes: u64,
+}
+
+impl Owed {
+    /// Writes a credit for everything owed (if anything is), and owes nothing more.
+    fn grant<W: AsyncWrite + Unpin>(&mut self, w: &mut FrameWriter<W>) -> Result<(), RemoteError> {
+        if self.items > 0 {
+            w.credit(self.items, self.bytes)?;
+            *self = Owed::default();
+        }
+        Ok(())
     }
 }
 
