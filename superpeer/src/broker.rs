@@ -1166,6 +1166,7 @@ impl Broker {
             Request::Prepare(_)
             | Request::Start { .. }
             | Request::Terminate { .. }
+            | Request::Raft(_)
             | Request::Hello { .. }
             | Request::Policy { .. }
             | Request::PolicyReload => fail(FailureKind::Input, "not a broker request"),

@@ -291,6 +291,10 @@ async fn handle(
         Request::PolicyReload => crate::policy::reload(shared, principal),
         Request::Start { job } => node::start(shared, peer, &job),
         Request::Terminate { job, reason } => node::terminate(shared, peer, &job, &reason),
+        Request::Raft(_) => unavailable(format!(
+            "{} keeps no replica of a job log",
+            shared.net.peer()
+        )),
         Request::Group => {
             let broker = shared.broker.read().clone();
             match broker {

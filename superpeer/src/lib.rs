@@ -4,6 +4,7 @@
 //! - [`daemon`]: a node, a super-peer, or both, on one swarm.
 //! - [`client`]: what `mvm submit`, `status` and `cancel` use.
 //! - [`net`]: the swarm task and its handle.
+//! - [`joblog`]: a group's control state, replicated over its super-peer candidates (Raft).
 //! - `links`: direct links, remote channels over plain TCP agreed over libp2p.
 //! - `rpc`: control streams, many requests and answers on one stream per peer.
 //! - [`proto`]: the control protocol (versioned, size-limited, validated messages).
@@ -16,6 +17,7 @@ mod broker;
 pub mod client;
 pub mod daemon;
 pub mod environment;
+pub mod joblog;
 mod links;
 pub mod modules;
 pub mod net;

@@ -157,6 +157,21 @@ pub enum Request {
         /// Why, for the node's log.
         reason: String,
     },
+    /// Super-peer ↔ super-peer: a message of the group's replicated job log.
+    Raft(RaftRpc),
+}
+
+/// A message between the replicas of a group's job log: openraft's request, CBOR-encoded
+/// (decoded, and so checked, by the job log itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RaftRpc {
+    /// Entries to append (or a heartbeat).
+    Append(Bytes),
+    /// A request for a vote.
+    Vote(Bytes),
+    /// A snapshot, or a chunk of one.
+    Snapshot(Bytes),
 }
 
 /// A response on the control protocol.
@@ -203,6 +218,8 @@ pub enum Response {
     /// The answer to a `Prepare` that started the part, when the part ended within
     /// [`PART_HOLD`]: its report, which the node then does not send again.
     Finished(Box<PartReport>),
+    /// The answer to a [`Request::Raft`]: openraft's result, CBOR-encoded.
+    Raft(Bytes),
     /// The policies in force at a super-peer.
     Policy {
         /// Its version there.
@@ -251,7 +268,7 @@ impl Failure {
 }
 
 /// A job profile as sent to the broker: everything resolved, files inlined, modules by hash.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Submission {
     /// The job's name.
     pub name: String,
@@ -565,6 +582,8 @@ pub struct VertexFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum JobState {
+    /// Admitted, waiting for room (in the job log's queue).
+    Pending,
     /// Placed; nodes are preparing.
     Preparing,
     /// Running.
@@ -582,7 +601,10 @@ pub enum JobState {
 impl JobState {
     /// Whether the job has ended.
     pub fn is_final(self) -> bool {
-        !matches!(self, JobState::Preparing | JobState::Running)
+        !matches!(
+            self,
+            JobState::Pending | JobState::Preparing | JobState::Running
+        )
     }
 }
 
@@ -753,7 +775,7 @@ impl Request {
                 check_job_id(job)?;
                 check_len("reason bytes", reason.len())
             }
-            Request::Group => Ok(()),
+            Request::Group | Request::Raft(_) => Ok(()),
             Request::Hello { cert } => check_cert(cert),
             Request::Policy { have } => check_digest(have),
             Request::PolicyReload => Ok(()),
@@ -818,7 +840,11 @@ impl Response {
             Response::Registered { members, .. } | Response::Heartbeat { members, .. } => {
                 check_len("members", members.len())
             }
-            Response::Ok | Response::Error(_) | Response::Group(_) | Response::Module(_) => Ok(()),
+            Response::Ok
+            | Response::Error(_)
+            | Response::Group(_)
+            | Response::Module(_)
+            | Response::Raft(_) => Ok(()),
             Response::Hello { cert } => check_cert(cert),
             Response::Policy { digest, bundle, .. } => {
                 check_digest(digest)?;

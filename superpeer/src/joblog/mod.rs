@@ -1,0 +1,389 @@
+//! A group's job log: its control state ([`state::ControlState`]: jobs and their transitions,
+//! where parts run, what owners and nodes hold, the pending queue, the history) kept as a log
+//! of [`Command`]s replicated over the group's super-peer candidates by Raft (openraft), each
+//! replica's log and snapshot stored in an embedded database (redb).
+//!
+//! The replica that leads the log is the group's broker: only it proposes commands, and a
+//! command counts once a majority of the replicas has stored it. A leader that dies or is cut
+//! off is replaced by another replica within an election timeout, with every committed job; a
+//! minority cut off from the others cannot commit anything, so a partition never has two
+//! brokers accepting jobs. A group of one replica works too (it commits alone).
+//!
+//! ```text
+//!   broker (leader)  --propose(Command)-->  openraft  --Request::Raft over libp2p-->  replicas
+//!                                              |                                         |
+//!                                           redb log, snapshot                  redb log, snapshot
+//!                                              v                                         v
+//!                                        ControlState::apply                    ControlState::apply
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::policy::{Principal, PrincipalKind};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Raft, SnapshotPolicy};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::watch;
+
+use crate::net::Net;
+use crate::proto::{Failure, FailureKind, RaftRpc, Response};
+
+mod network;
+pub mod state;
+mod store;
+
+pub use state::{Applied, Command, ControlState};
+
+/// A replica's id in the log: the first eight bytes of the SHA-256 of its peer id.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The job log's types for openraft.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = NodeId,
+        Node = Replica,
+);
+
+/// A replica of the log: a super-peer candidate and where to reach it.
+///
+/// Kept as text because openraft needs a `Default` node, which a peer id has not; built only by
+/// [`Replica::new`], and read back by [`Replica::peer_id`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// Its peer id.
+    pub peer: String,
+    /// Its addresses (without `/p2p/`).
+    pub addrs: Vec<String>,
+}
+
+impl Replica {
+    /// The replica at `peer`, reached at `addrs`.
+    pub fn new(peer: PeerId, addrs: &[Multiaddr]) -> Replica {
+        Replica {
+            peer: peer.to_string(),
+            addrs: addrs.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Its peer id.
+    ///
+    /// # Errors
+    /// The record holds no peer id (it was not made by [`Replica::new`]).
+    pub fn peer_id(&self) -> Result<PeerId, LogError> {
+        self.peer
+            .parse()
+            .map_err(|_| LogError::Replica(format!("'{}' is not a peer id", self.peer)))
+    }
+
+    /// Its addresses that parse.
+    pub fn multiaddrs(&self) -> Vec<Multiaddr> {
+        self.addrs.iter().filter_map(|a| a.parse().ok()).collect()
+    }
+}
+
+/// The log id of a peer.
+pub fn node_id(peer: &PeerId) -> NodeId {
+    let digest = sha2::Sha256::digest(peer.to_bytes());
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(id)
+}
+
+/// How the log runs.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// How often the leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time between these two stands for election.
+    pub election_timeout: (Duration, Duration),
+    /// Entries after which a snapshot is taken (and the log before it purged).
+    pub snapshot_every: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            heartbeat: Duration::from_millis(150),
+            election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
+            snapshot_every: 20_000,
+        }
+    }
+}
+
+/// What can go wrong with the job log.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The database cannot be opened or read.
+    #[error("the job log at {path}: {message}")]
+    Open {
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// This replica does not lead: commands go to the leader.
+    #[error("this super-peer does not lead the group's job log{}", match leader {
+        Some(l) => format!("; {l} does"),
+        None => "; no replica leads it now (an election is under way, or too few replicas \
+                 are reachable)".into(),
+    })]
+    NotLeader {
+        /// The leader, when known.
+        leader: Option<PeerId>,
+    },
+    /// A replica record that does not name a peer.
+    #[error("a job-log replica: {0}")]
+    Replica(String),
+    /// Raft itself failed (storage, shutdown, a bad configuration).
+    #[error("the job log: {0}")]
+    Raft(String),
+}
+
+/// One replica of a group's job log; cheap to clone.
+#[derive(Clone)]
+pub struct JobLog {
+    raft: Raft<TypeConfig>,
+    state: Arc<RwLock<ControlState>>,
+    changed: watch::Receiver<u64>,
+    me: PeerId,
+    /// The replicas this one was asked to start the log with, until its membership says.
+    expected: Arc<RwLock<BTreeSet<NodeId>>>,
+}
+
+impl std::fmt::Debug for JobLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobLog")
+            .field("me", &self.me)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JobLog {
+    /// Opens this daemon's replica of the log in `dir` (created if need be), from what it
+    /// stored before, and joins the replicas it knew; messages go out over `net`.
+    ///
+    /// # Errors
+    /// The directory or its database cannot be opened, or openraft refuses the configuration.
+    pub async fn open(dir: &Path, net: Net, config: &LogConfig) -> Result<JobLog, LogError> {
+        let path = dir.join("joblog.redb");
+        let open_error = |message: String| LogError::Open {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
+        let db = store::open(&path).map_err(|e| open_error(e.to_string()))?;
+        let machine = store::Machine::open(db.clone()).map_err(|e| open_error(e.to_string()))?;
+        let (state, changed) = (machine.state.clone(), machine.changed.subscribe());
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let raft_config = openraft::Config {
+            cluster_name: "mvm-joblog".into(),
+            heartbeat_interval: ms(config.heartbeat),
+            election_timeout_min: ms(config.election_timeout.0),
+            election_timeout_max: ms(config.election_timeout.1),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| LogError::Raft(e.to_string()))?;
+        let me = net.peer();
+        let raft = Raft::new(
+            node_id(&me),
+            Arc::new(raft_config),
+            network::Network { net },
+            store::LogStore { db },
+            machine,
+        )
+        .await
+        .map_err(|e| LogError::Raft(e.to_string()))?;
+        Ok(JobLog {
+            raft,
+            state,
+            changed,
+            me,
+            expected: Arc::default(),
+        })
+    }
+
+    /// Makes a new log whose replicas are `replicas` (this one among them). Every replica may
+    /// call it with the same list: the first to win an election starts the log with it. A
+    /// replica that has a log already keeps it (not an error).
+    ///
+    /// # Errors
+    /// This replica is not in the list, or Raft fails.
+    pub async fn initialize(&self, replicas: &[Replica]) -> Result<(), LogError> {
+        let mut members = BTreeMap::new();
+        for r in replicas {
+            members.insert(node_id(&r.peer_id()?), r.clone());
+        }
+        if !members.contains_key(&node_id(&self.me)) {
+            return Err(LogError::Replica(format!(
+                "{} is not among the replicas it was asked to start the log with",
+                self.me
+            )));
+        }
+        self.expected.write().extend(members.keys().copied());
+        match self.raft.initialize(members).await {
+            Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
+                Ok(())
+            }
+            Err(e) => Err(LogError::Raft(e.to_string())),
+        }
+    }
+
+    /// Proposes a command; returns what applying it gave once a majority has stored it.
+    ///
+    /// # Errors
+    /// This replica does not lead ([`LogError::NotLeader`], with the leader when known), or
+    /// Raft fails.
+    pub async fn propose(&self, command: Command) -> Result<Applied, LogError> {
+        match self.raft.client_write(command).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(LogError::NotLeader {
+                    leader: f.leader_node.and_then(|n| n.peer_id().ok()),
+                })
+            }
+            Err(e) => Err(LogError::Raft(e.to_string())),
+        }
+    }
+
+    /// Reads the control state as this replica has applied it.
+    pub fn read<R>(&self, f: impl FnOnce(&ControlState) -> R) -> R {
+        f(&self.state.read())
+    }
+
+    /// The index of the last entry applied here; changes wake [`JobLog::changed`].
+    pub fn applied(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
+    /// Waits until an entry after `after` has been applied here.
+    pub async fn changed(&self, after: u64) {
+        let mut rx = self.changed.clone();
+        let _ = rx.wait_for(|i| *i > after).await;
+    }
+
+    /// The replica that leads now, as this one knows it.
+    pub fn leader(&self) -> Option<PeerId> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .and_then(|n| n.peer_id().ok())
+    }
+
+    /// Whether this replica leads now.
+    pub fn is_leader(&self) -> bool {
+        self.leader() == Some(self.me)
+    }
+
+    /// Waits until some replica leads, at most `max`; returns it.
+    pub async fn wait_for_leader(&self, max: Duration) -> Option<PeerId> {
+        let mut metrics = self.raft.metrics();
+        let found = tokio::time::timeout(max, async {
+            loop {
+                if metrics.borrow().current_leader.is_some() {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        found.ok().and_then(|()| self.leader())
+    }
+
+    /// The replicas of the log, as its membership says.
+    pub fn replicas(&self) -> Vec<Replica> {
+        let m = self.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.clone())
+            .collect()
+    }
+
+    /// Answers a message from another replica. Only a node certificate of this daemon's domain
+    /// that is a replica of this log (as its membership says, or the list it was initialized
+    /// with) may send one; a replica that has neither yet takes no message.
+    pub async fn serve(
+        &self,
+        from: PeerId,
+        who: &Principal,
+        domain: &str,
+        rpc: RaftRpc,
+    ) -> Response {
+        if who.kind != PrincipalKind::Node || who.domain != domain {
+            return refused(format!("{who} is not a super-peer of domain {domain}"));
+        }
+        let mut members = self.expected.read().clone();
+        {
+            let m = self.raft.metrics().borrow().clone();
+            members.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
+        }
+        if !members.contains(&node_id(&from)) {
+            return refused(format!("{from} is not a replica of this group's job log"));
+        }
+        let answer = match rpc {
+            RaftRpc::Append(b) => match decode(&b) {
+                Ok(req) => encode(&self.raft.append_entries(req).await),
+                Err(f) => return Response::Error(f),
+            },
+            RaftRpc::Vote(b) => match decode(&b) {
+                Ok(req) => encode(&self.raft.vote(req).await),
+                Err(f) => return Response::Error(f),
+            },
+            RaftRpc::Snapshot(b) => match decode(&b) {
+                Ok(req) => encode(&self.raft.install_snapshot(req).await),
+                Err(f) => return Response::Error(f),
+            },
+        };
+        match answer {
+            Ok(b) => Response::Raft(b),
+            Err(f) => Response::Error(f),
+        }
+    }
+
+    /// Stops this replica (its store stays for the next start).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::debug!(error = %e, "job log shut down with an error");
+        }
+    }
+}
+
+fn refused(message: String) -> Response {
+    Response::Error(Failure::new(FailureKind::Refused, message))
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Result<T, Failure> {
+    ciborium::from_reader(b).map_err(|e| {
+        Failure::new(
+            FailureKind::Input,
+            format!("a job-log message that does not decode: {e}"),
+        )
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Bytes, Failure> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out)
+        .map_err(|e| Failure::new(FailureKind::Failed, format!("encoding an answer: {e}")))?;
+    Ok(out.into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,126 @@
+//! The job log's messages between replicas, over the daemon's one control transport: each is a
+//! [`Request::Raft`] on the certificate-authenticated libp2p connection between two
+//! super-peers, answered with openraft's result.
+
+use bytes::Bytes;
+use libp2p::{Multiaddr, PeerId};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{NodeId, Replica, TypeConfig};
+use crate::net::Net;
+use crate::proto::{RaftRpc, Request, Response};
+
+/// Opens connections to replicas.
+pub(crate) struct Network {
+    pub(crate) net: Net,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &Replica) -> Connection {
+        Connection {
+            net: self.net.clone(),
+            target,
+            peer: node.peer_id().map_err(|e| e.to_string()),
+            addrs: node.multiaddrs(),
+        }
+    }
+}
+
+/// A replica to send to.
+pub(crate) struct Connection {
+    net: Net,
+    target: NodeId,
+    peer: Result<PeerId, String>,
+    addrs: Vec<Multiaddr>,
+}
+
+/// Why a message did not reach its replica or was not answered by it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Undelivered(String);
+
+fn encode<T: Serialize>(v: &T) -> Result<Bytes, Undelivered> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).map_err(|e| Undelivered(e.to_string()))?;
+    Ok(out.into())
+}
+
+impl Connection {
+    /// Sends one message and decodes openraft's result from the answer.
+    async fn call<R, E>(
+        &self,
+        rpc: impl FnOnce(Bytes) -> RaftRpc,
+        body: Result<Bytes, Undelivered>,
+        option: &RPCOption,
+    ) -> Result<R, RPCError<NodeId, Replica, E>>
+    where
+        R: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let network = |e: Undelivered| RPCError::Network(NetworkError::new(&e));
+        let peer = self.peer.clone().map_err(|e| network(Undelivered(e)))?;
+        let request = Request::Raft(rpc(body.map_err(network)?));
+        let answer =
+            tokio::time::timeout(option.hard_ttl(), self.net.call(peer, &self.addrs, request))
+                .await;
+        let bytes = match answer {
+            Err(_) => {
+                let e = Undelivered(format!("{peer} did not answer in time"));
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+            Ok(Err(f)) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&Undelivered(
+                    f.message,
+                ))));
+            }
+            Ok(Ok(Response::Raft(b))) => b,
+            Ok(Ok(other)) => {
+                let e = Undelivered(format!("{peer} answered a job-log message with {other:?}"));
+                return Err(network(e));
+            }
+        };
+        let result: Result<R, E> = ciborium::from_reader(bytes.as_ref())
+            .map_err(|e| network(Undelivered(format!("{peer}'s answer: {e}"))))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Replica, RaftError<NodeId>>> {
+        self.call(RaftRpc::Append, encode(&req), &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        req: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Replica, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(RaftRpc::Snapshot, encode(&req), &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        req: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Replica, RaftError<NodeId>>> {
+        self.call(RaftRpc::Vote, encode(&req), &option).await
+    }
+}

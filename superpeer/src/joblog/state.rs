@@ -1,0 +1,382 @@
+//! The group's control state and the commands that change it: a pure state machine, applied in
+//! log order on every replica, so that any replica that has applied the same entries holds the
+//! same jobs.
+//!
+//! Nothing here reads a clock or the network: every time is a field of the command that the
+//! leader proposed, and a command that does not fit the state (a job already ended, a part it
+//! does not have) is refused by [`ControlState::apply`] without any change.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use libp2p::PeerId;
+use mvm_component::policy::Principal;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{JobState, Submission, Traffic};
+
+/// How many ended jobs the log remembers; the oldest are forgotten first.
+pub const KEEP_ENDED: usize = 10_000;
+
+/// What a job asks of the group, as admission counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// vCPUs.
+    pub vcpus: i64,
+    /// Memory, MiB.
+    pub memory_mib: i64,
+    /// Vertices.
+    pub vertices: i64,
+}
+
+impl Resources {
+    fn add(&mut self, other: Resources, sign: i64) {
+        self.vcpus = self.vcpus.saturating_add(sign * other.vcpus);
+        self.memory_mib = self.memory_mib.saturating_add(sign * other.memory_mib);
+        self.vertices = self.vertices.saturating_add(sign * other.vertices);
+    }
+}
+
+/// One node's share of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    /// The node.
+    pub node: PeerId,
+    /// Its vertices.
+    pub vertices: Vec<String>,
+    /// Whether it has reported a good end.
+    pub done: bool,
+}
+
+/// Why a job ended other than well.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    /// When, milliseconds since the Unix epoch (the leader's clock).
+    pub at_ms: u64,
+    /// Why, for people (none when it is done).
+    pub error: Option<String>,
+}
+
+/// A job as the log knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its id, unique in the group.
+    pub id: String,
+    /// The profile's name.
+    pub name: String,
+    /// Who owns it.
+    pub owner: Principal,
+    /// What it holds while it has not ended.
+    pub resources: Resources,
+    /// Higher is placed first among pending jobs.
+    pub priority: i32,
+    /// When it was submitted, milliseconds since the Unix epoch (the leader's clock).
+    pub submitted_ms: u64,
+    /// Where it stands.
+    pub state: JobState,
+    /// Whether a pending job is held back from placement.
+    pub held: bool,
+    /// Its parts, once placed.
+    pub parts: Vec<PartRecord>,
+    /// Vertex outputs reported so far.
+    pub outputs: Vec<(String, bytes::Bytes)>,
+    /// Traffic reported so far, summed by edge kind.
+    pub traffic: Vec<Traffic>,
+    /// How it ended.
+    pub ended: Option<Ended>,
+    /// The submission, kept while the job waits, so that whichever replica leads can place it.
+    pub submission: Option<Box<Submission>>,
+}
+
+impl JobRecord {
+    /// How many vertices each node holds for this job.
+    fn slots(&self) -> impl Iterator<Item = (PeerId, u32)> + '_ {
+        self.parts
+            .iter()
+            .map(|p| (p.node, u32::try_from(p.vertices.len()).unwrap_or(u32::MAX)))
+    }
+}
+
+/// A change to the control state: one entry of the job log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A job passed admission: it waits (`Pending`, no parts) or is placed (`Preparing`).
+    Submit(Box<JobRecord>),
+    /// A pending job is placed.
+    Place {
+        /// The job.
+        job: String,
+        /// Where.
+        parts: Vec<PartRecord>,
+    },
+    /// Every part is prepared: the job runs.
+    Start {
+        /// The job.
+        job: String,
+    },
+    /// A part ended well.
+    PartDone {
+        /// The job.
+        job: String,
+        /// The node.
+        node: PeerId,
+        /// Its vertices' outputs.
+        outputs: Vec<(String, bytes::Bytes)>,
+        /// Its traffic.
+        traffic: Vec<Traffic>,
+    },
+    /// The job ended (`Done`, `Failed`, `Refused`, `Cancelled`).
+    End {
+        /// The job.
+        job: String,
+        /// Its final state.
+        state: JobState,
+        /// When and why.
+        ended: Ended,
+    },
+    /// A pending job is held back from placement (`true`) or released (`false`).
+    Hold {
+        /// The job.
+        job: String,
+        /// Held or released.
+        held: bool,
+    },
+}
+
+/// What applying a command gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// The state changed.
+    Done,
+    /// Nothing changed, and why.
+    Refused(String),
+}
+
+/// The group's control state: jobs, where their parts run, what owners and nodes hold, the
+/// pending queue and the history of ended jobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ControlState {
+    jobs: BTreeMap<String, JobRecord>,
+    /// Pending jobs in placement order: higher priority first, then earlier submission.
+    pending: BTreeSet<(std::cmp::Reverse<i32>, u64, String)>,
+    /// What each owner's jobs that have not ended hold, by `name@domain`.
+    held: BTreeMap<String, Resources>,
+    /// Vertex slots reserved on each node by jobs that have not ended.
+    reserved: BTreeMap<PeerId, u32>,
+    /// Ended jobs, oldest first.
+    ended: VecDeque<String>,
+}
+
+/// The key of an owner in [`ControlState`]'s tallies.
+fn owner_key(p: &Principal) -> String {
+    format!("{}@{}", p.name, p.domain)
+}
+
+impl ControlState {
+    /// A job.
+    pub fn job(&self, id: &str) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// Every job remembered, by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs.values()
+    }
+
+    /// Pending jobs that are not held, in placement order.
+    pub fn pending(&self) -> impl Iterator<Item = &JobRecord> {
+        self.pending
+            .iter()
+            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .filter(|j| !j.held)
+    }
+
+    /// What `owner`'s jobs that have not ended hold.
+    pub fn held(&self, owner: &Principal) -> Resources {
+        self.held
+            .get(&owner_key(owner))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Vertex slots that jobs not ended hold on `node`.
+    pub fn reserved(&self, node: &PeerId) -> u32 {
+        self.reserved.get(node).copied().unwrap_or(0)
+    }
+
+    /// Applies one command.
+    pub fn apply(&mut self, command: Command) -> Applied {
+        match self.try_apply(command) {
+            Ok(()) => Applied::Done,
+            Err(why) => Applied::Refused(why),
+        }
+    }
+
+    fn live(&mut self, id: &str) -> Result<&mut JobRecord, String> {
+        match self.jobs.get_mut(id) {
+            None => Err(format!("no job {id}")),
+            Some(j) if j.state.is_final() => Err(format!("job {id} has ended ({:?})", j.state)),
+            Some(j) => Ok(j),
+        }
+    }
+
+    fn try_apply(&mut self, command: Command) -> Result<(), String> {
+        match command {
+            Command::Submit(job) => self.submit(*job),
+            Command::Place { job, parts } => {
+                let j = self.live(&job)?;
+                if j.state != JobState::Pending {
+                    return Err(format!("job {job} is not pending"));
+                }
+                if parts.is_empty() {
+                    return Err(format!("job {job}: a placement needs a part"));
+                }
+                j.state = JobState::Preparing;
+                j.parts = parts;
+                j.submission = None;
+                let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
+                let slots: Vec<(PeerId, u32)> = j.slots().collect();
+                self.pending.remove(&key);
+                self.reserve(&slots, true);
+                Ok(())
+            }
+            Command::Start { job } => {
+                let j = self.live(&job)?;
+                if j.state != JobState::Preparing {
+                    return Err(format!("job {job} is not preparing"));
+                }
+                j.state = JobState::Running;
+                Ok(())
+            }
+            Command::PartDone {
+                job,
+                node,
+                outputs,
+                traffic,
+            } => {
+                let j = self.live(&job)?;
+                let Some(part) = j.parts.iter_mut().find(|p| p.node == node) else {
+                    return Err(format!("{node} runs no part of job {job}"));
+                };
+                if part.done {
+                    return Err(format!("{node} has already reported its part of job {job}"));
+                }
+                part.done = true;
+                j.outputs.extend(outputs);
+                for t in traffic {
+                    match j.traffic.iter_mut().find(|x| {
+                        (&x.kind, &x.codec, x.remote, x.direct)
+                            == (&t.kind, &t.codec, t.remote, t.direct)
+                    }) {
+                        Some(x) => {
+                            x.items += t.items;
+                            x.bytes += t.bytes;
+                        }
+                        None => j.traffic.push(t),
+                    }
+                }
+                j.traffic.sort();
+                Ok(())
+            }
+            Command::End { job, state, ended } => self.end(&job, state, ended),
+            Command::Hold { job, held } => {
+                let j = self.live(&job)?;
+                if j.state != JobState::Pending {
+                    return Err(format!(
+                        "job {job} is {:?}: only a pending job can be held or released",
+                        j.state
+                    ));
+                }
+                if j.held == held {
+                    let is = if held { "held" } else { "not held" };
+                    return Err(format!("job {job} is already {is}"));
+                }
+                j.held = held;
+                Ok(())
+            }
+        }
+    }
+
+    fn submit(&mut self, job: JobRecord) -> Result<(), String> {
+        if self.jobs.contains_key(&job.id) {
+            return Err(format!("job {} exists already", job.id));
+        }
+        match job.state {
+            JobState::Pending if job.parts.is_empty() && job.submission.is_some() => {
+                self.pending.insert((
+                    std::cmp::Reverse(job.priority),
+                    job.submitted_ms,
+                    job.id.clone(),
+                ));
+            }
+            JobState::Preparing if !job.parts.is_empty() => {
+                let slots: Vec<(PeerId, u32)> = job.slots().collect();
+                self.reserve(&slots, true);
+            }
+            s => {
+                return Err(format!(
+                    "job {}: a job is submitted pending (with its submission) or preparing \
+                     (with its parts), not {s:?}",
+                    job.id
+                ));
+            }
+        }
+        self.held
+            .entry(owner_key(&job.owner))
+            .or_default()
+            .add(job.resources, 1);
+        self.jobs.insert(job.id.clone(), job);
+        Ok(())
+    }
+
+    fn end(&mut self, id: &str, state: JobState, ended: Ended) -> Result<(), String> {
+        if !state.is_final() {
+            return Err(format!("job {id}: {state:?} is not an end"));
+        }
+        let j = self.live(id)?;
+        let was = j.state;
+        j.state = state;
+        j.ended = Some(ended);
+        j.submission = None;
+        if state != JobState::Done {
+            j.outputs.clear();
+        }
+        let key = (std::cmp::Reverse(j.priority), j.submitted_ms, id.to_owned());
+        let slots: Vec<(PeerId, u32)> = j.slots().collect();
+        let (owner, resources) = (owner_key(&j.owner), j.resources);
+        if was == JobState::Pending {
+            self.pending.remove(&key);
+        }
+        self.reserve(&slots, false);
+        if let Some(h) = self.held.get_mut(&owner) {
+            h.add(resources, -1);
+            if *h == Resources::default() {
+                self.held.remove(&owner);
+            }
+        }
+        self.ended.push_back(id.to_owned());
+        while self.ended.len() > KEEP_ENDED {
+            if let Some(old) = self.ended.pop_front() {
+                self.jobs.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve(&mut self, slots: &[(PeerId, u32)], take: bool) {
+        for (node, n) in slots {
+            let r = self.reserved.entry(*node).or_insert(0);
+            *r = if take {
+                r.saturating_add(*n)
+            } else {
+                r.saturating_sub(*n)
+            };
+            if *r == 0 {
+                self.reserved.remove(node);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

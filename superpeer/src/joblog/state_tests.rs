@@ -1,0 +1,269 @@
+use mvm_component::policy::PrincipalKind;
+
+use super::*;
+
+fn alice() -> Principal {
+    Principal {
+        kind: PrincipalKind::User,
+        name: "alice".into(),
+        domain: "physics".into(),
+        roles: vec!["researcher".into()],
+    }
+}
+
+fn submission() -> Box<Submission> {
+    Box::new(Submission {
+        name: "j".into(),
+        ..Submission::default()
+    })
+}
+
+fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
+    let pending = parts.is_empty();
+    JobRecord {
+        id: id.into(),
+        name: "j".into(),
+        owner: alice(),
+        resources: Resources {
+            vcpus: 1,
+            memory_mib: 64,
+            vertices: 2,
+        },
+        priority,
+        submitted_ms: at,
+        state: if pending {
+            JobState::Pending
+        } else {
+            JobState::Preparing
+        },
+        held: false,
+        parts,
+        outputs: Vec::new(),
+        traffic: Vec::new(),
+        ended: None,
+        submission: pending.then(submission),
+    }
+}
+
+fn part(node: PeerId, n: usize) -> PartRecord {
+    PartRecord {
+        node,
+        vertices: (0..n).map(|i| format!("v{i}")).collect(),
+        done: false,
+    }
+}
+
+fn end(state: JobState) -> Ended {
+    Ended {
+        at_ms: 9,
+        error: (state != JobState::Done).then(|| "why".into()),
+    }
+}
+
+#[test]
+fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
+    let (a, b) = (PeerId::random(), PeerId::random());
+    let mut s = ControlState::default();
+    let j = job("j-1", 0, 1, vec![part(a, 3), part(b, 1)]);
+    assert_eq!(s.apply(Command::Submit(Box::new(j))), Applied::Done);
+    assert_eq!((s.reserved(&a), s.reserved(&b)), (3, 1));
+    assert_eq!(s.held(&alice()).vertices, 2);
+    assert_eq!(s.apply(Command::Start { job: "j-1".into() }), Applied::Done);
+    let done = |node| Command::PartDone {
+        job: "j-1".into(),
+        node,
+        outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
+        traffic: vec![Traffic {
+            kind: "fifo".into(),
+            codec: "raw".into(),
+            remote: true,
+            direct: false,
+            items: 5,
+            bytes: 40,
+        }],
+    };
+    assert_eq!(s.apply(done(a)), Applied::Done);
+    assert!(matches!(s.apply(done(a)), Applied::Refused(w) if w.contains("already reported")));
+    assert_eq!(s.apply(done(b)), Applied::Done);
+    let j = s.job("j-1").expect("job");
+    assert_eq!(j.traffic.len(), 1);
+    assert_eq!((j.traffic[0].items, j.traffic[0].bytes), (10, 80));
+    assert_eq!(
+        s.apply(Command::End {
+            job: "j-1".into(),
+            state: JobState::Done,
+            ended: end(JobState::Done)
+        }),
+        Applied::Done
+    );
+    assert_eq!((s.reserved(&a), s.reserved(&b)), (0, 0));
+    assert_eq!(s.held(&alice()), Resources::default());
+    assert_eq!(s.job("j-1").expect("kept").outputs.len(), 2);
+    // An ended job changes no more.
+    let again = s.apply(Command::End {
+        job: "j-1".into(),
+        state: JobState::Failed,
+        ended: end(JobState::Failed),
+    });
+    assert!(matches!(again, Applied::Refused(w) if w.contains("has ended")));
+    assert_eq!(s.job("j-1").expect("kept").state, JobState::Done);
+}
+
+#[test]
+fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait() {
+    let mut s = ControlState::default();
+    for (id, prio, at) in [
+        ("low", 0, 1),
+        ("high-late", 5, 3),
+        ("high", 5, 2),
+        ("mid", 1, 0),
+    ] {
+        assert_eq!(
+            s.apply(Command::Submit(Box::new(job(id, prio, at, Vec::new())))),
+            Applied::Done
+        );
+    }
+    let order = |s: &ControlState| s.pending().map(|j| j.id.clone()).collect::<Vec<_>>();
+    assert_eq!(order(&s), ["high", "high-late", "mid", "low"]);
+    assert_eq!(
+        s.apply(Command::Hold {
+            job: "high".into(),
+            held: true
+        }),
+        Applied::Done
+    );
+    assert_eq!(order(&s), ["high-late", "mid", "low"]);
+    assert!(matches!(
+        s.apply(Command::Hold { job: "high".into(), held: true }),
+        Applied::Refused(w) if w.contains("already held")
+    ));
+    assert_eq!(
+        s.apply(Command::Hold {
+            job: "high".into(),
+            held: false
+        }),
+        Applied::Done
+    );
+    assert_eq!(order(&s)[0], "high");
+    // Placing takes a job off the queue and reserves its slots; a placed job cannot be held.
+    let n = PeerId::random();
+    let place = Command::Place {
+        job: "high".into(),
+        parts: vec![part(n, 2)],
+    };
+    assert_eq!(s.apply(place.clone()), Applied::Done);
+    assert_eq!(order(&s), ["high-late", "mid", "low"]);
+    assert_eq!(s.reserved(&n), 2);
+    assert!(s.job("high").expect("job").submission.is_none());
+    assert!(matches!(s.apply(place), Applied::Refused(w) if w.contains("not pending")));
+    assert!(matches!(
+        s.apply(Command::Hold { job: "high".into(), held: true }),
+        Applied::Refused(w) if w.contains("only a pending job")
+    ));
+    // A pending job cancelled leaves the queue and gives its resources back.
+    assert_eq!(s.held(&alice()).vertices, 8);
+    let cancel = Command::End {
+        job: "low".into(),
+        state: JobState::Cancelled,
+        ended: end(JobState::Cancelled),
+    };
+    assert_eq!(s.apply(cancel), Applied::Done);
+    assert_eq!(order(&s), ["high-late", "mid"]);
+    assert_eq!(s.held(&alice()).vertices, 6);
+}
+
+#[test]
+fn commands_that_do_not_fit_change_nothing() {
+    let n = PeerId::random();
+    let mut s = ControlState::default();
+    let before = format!("{s:?}");
+    for c in [
+        Command::Start { job: "nope".into() },
+        Command::Place {
+            job: "nope".into(),
+            parts: vec![part(n, 1)],
+        },
+        Command::Submit(Box::new(JobRecord {
+            state: JobState::Running,
+            ..job("x", 0, 0, vec![part(n, 1)])
+        })),
+        Command::Submit(Box::new(JobRecord {
+            submission: None,
+            ..job("y", 0, 0, Vec::new())
+        })),
+    ] {
+        assert!(matches!(s.apply(c), Applied::Refused(_)));
+    }
+    assert_eq!(format!("{s:?}"), before);
+    assert_eq!(
+        s.apply(Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
+        Applied::Done
+    );
+    assert!(matches!(
+        s.apply(Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
+        Applied::Refused(w) if w.contains("exists already")
+    ));
+    assert!(matches!(
+        s.apply(Command::PartDone {
+            job: "z".into(),
+            node: PeerId::random(),
+            outputs: Vec::new(),
+            traffic: Vec::new(),
+        }),
+        Applied::Refused(w) if w.contains("runs no part")
+    ));
+    assert!(matches!(
+        s.apply(Command::End {
+            job: "z".into(),
+            state: JobState::Running,
+            ended: end(JobState::Failed),
+        }),
+        Applied::Refused(w) if w.contains("not an end")
+    ));
+    assert_eq!(s.reserved(&n), 1);
+}
+
+#[test]
+fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
+    let n = PeerId::random();
+    let mut s = ControlState::default();
+    for i in 0..KEEP_ENDED + 3 {
+        let id = format!("j-{i}");
+        let mut j = job(&id, 0, 0, vec![part(n, 1)]);
+        j.outputs = vec![("v".into(), bytes::Bytes::from_static(b"x"))];
+        assert_eq!(s.apply(Command::Submit(Box::new(j))), Applied::Done);
+        let state = if i % 2 == 0 {
+            JobState::Done
+        } else {
+            JobState::Failed
+        };
+        let ended = end(state);
+        assert_eq!(
+            s.apply(Command::End {
+                job: id,
+                state,
+                ended
+            }),
+            Applied::Done
+        );
+    }
+    assert_eq!(s.jobs().count(), KEEP_ENDED);
+    assert!(s.job("j-2").is_none() && s.job("j-3").is_some());
+    assert_eq!(s.job("j-4").expect("done").outputs.len(), 1);
+    assert!(s.job("j-5").expect("failed").outputs.is_empty());
+    assert_eq!(s.reserved(&n), 0);
+}
+
+#[test]
+fn the_state_survives_a_snapshot_round_trip() {
+    let n = PeerId::random();
+    let mut s = ControlState::default();
+    s.apply(Command::Submit(Box::new(job("a", 0, 0, vec![part(n, 2)]))));
+    s.apply(Command::Submit(Box::new(job("b", 3, 1, Vec::new()))));
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&s, &mut bytes).expect("encode");
+    let back: ControlState = ciborium::from_reader(bytes.as_slice()).expect("decode");
+    assert_eq!(format!("{back:?}"), format!("{s:?}"));
+    assert_eq!(back.reserved(&n), 2);
+    assert_eq!(back.pending().count(), 1);
+}
