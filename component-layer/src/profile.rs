@@ -43,6 +43,9 @@ pub struct Profile {
     /// The owner's domain.
     #[serde(default)]
     pub domain: Option<String>,
+    /// Among this group's jobs that wait for room, higher is placed first (then earlier).
+    #[serde(default)]
+    pub priority: i32,
     /// The topology file.
     pub topology: PathBuf,
     /// The module file of each component name.

@@ -61,10 +61,14 @@ enum Command {
     Superpeer(cmd::daemon::SuperpeerArgs),
     /// Submit a job profile to a super-peer (`--wait` to follow it and print the results).
     Submit(cmd::job::SubmitArgs),
-    /// Show jobs on a super-peer.
+    /// Show jobs on a super-peer (pending ones with why they wait).
     Status(cmd::job::StatusArgs),
     /// Cancel a job.
     Cancel(cmd::job::CancelArgs),
+    /// Hold a pending job back from placement.
+    Hold(cmd::job::CancelArgs),
+    /// Release a held job: it is placed when there is room.
+    Release(cmd::job::CancelArgs),
     /// Run a whole job on this node: check the profile, topology and modules, then run.
     Run(cmd::run::Args),
     /// Check, generate and draw topology graph files (DOT).
@@ -108,6 +112,8 @@ fn main() -> ExitCode {
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),
         Command::Cancel(args) => cmd::job::cancel(args),
+        Command::Hold(args) => cmd::job::hold(args, true),
+        Command::Release(args) => cmd::job::hold(args, false),
         Command::Run(args) => cmd::run::run(args),
         Command::Topology(args) => cmd::topology::run(args),
         Command::Bench(args) => cmd::bench::run(args),

@@ -96,6 +96,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             on_behalf: None,
             hops: 0,
             wait: false,
+            priority: profile.priority,
         },
         modules,
     })
@@ -307,6 +308,24 @@ impl Client {
         match self
             .call(Request::Cancel {
                 job: job.to_owned(),
+            })
+            .await?
+        {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Holds a pending job back from placement (`held`), or releases it.
+    ///
+    /// # Errors
+    /// No such job, it is not pending, it is already so, the policy refuses (who may cancel a
+    /// job may hold it), or the broker cannot be reached.
+    pub async fn hold(&self, job: &str, held: bool) -> Result<(), Failure> {
+        match self
+            .call(Request::Hold {
+                job: job.to_owned(),
+                held,
             })
             .await?
         {

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::Broker;
 use crate::environment::{NodeOs, OsConfig};
+use crate::joblog::{JobLog, LogConfig, Replica};
 use crate::modules::ModuleStore;
 use crate::net::{Inbound, Net, NetConfig};
 use crate::node::{self, NodeRole};
@@ -37,12 +38,11 @@ pub struct DaemonConfig {
     pub policies: PolicySource,
     /// Whether it starts as the group's super-peer (broker).
     pub broker: bool,
-    /// Super-peer addresses (`/…/p2p/PEER`) to register with; ignored by a super-peer.
+    /// Super-peer addresses (`/…/p2p/PEER`) to register with, the group's candidates (any of
+    /// them leads to the one that leads); ignored by a super-peer.
     pub bootstrap: Vec<String>,
     /// Vertex slots (0: runs no vertices, e.g. a pure super-peer).
     pub slots: u32,
-    /// Whether it may be elected super-peer.
-    pub eligible: bool,
     /// Heartbeat interval.
     pub heartbeat: Duration,
     /// Silence after which a node is lost.
@@ -60,6 +60,12 @@ pub struct DaemonConfig {
     /// The OS layer: the driver and directory of guests for jobs that name an image (none:
     /// jobs run on the host as it is, and only the image `host` is offered).
     pub os: Option<OsConfig>,
+    /// Where a super-peer keeps its replica of the group's job log (none: a temporary
+    /// directory, gone with the daemon).
+    pub state_dir: Option<PathBuf>,
+    /// The group's other super-peer candidates (`/…/p2p/PEER`): with this one, the replicas of
+    /// the group's job log, one of which leads it and is the broker. None: a group of one.
+    pub replicas: Vec<String>,
     /// Carry remote channels over direct links (plain TCP read and written by the vertices,
     /// agreed over libp2p with a one-time token; see [`crate::links`]) when the other node
     /// does too; otherwise over libp2p streams (encrypted). For trusted networks.
@@ -76,7 +82,6 @@ impl Default for DaemonConfig {
             broker: false,
             bootstrap: Vec::new(),
             slots: 1024,
-            eligible: true,
             heartbeat: Duration::from_millis(500),
             lost_after: Duration::from_secs(3),
             cache_dir: None,
@@ -85,6 +90,8 @@ impl Default for DaemonConfig {
             peers: Vec::new(),
             net: NetConfig::default(),
             os: None,
+            state_dir: None,
+            replicas: Vec::new(),
             direct_links: false,
         }
     }
@@ -95,7 +102,8 @@ pub(crate) struct Shared {
     pub(crate) net: Net,
     pub(crate) config: DaemonConfig,
     pub(crate) node: NodeRole,
-    pub(crate) broker: RwLock<Option<Arc<Broker>>>,
+    /// The broker, on a super-peer (it acts while its replica leads the job log).
+    pub(crate) broker: Option<Arc<Broker>>,
     /// The super-peer this node registers with.
     pub(crate) superpeer: RwLock<Option<(PeerId, Vec<Multiaddr>)>>,
     /// The group's members as last heard from the super-peer.
@@ -106,6 +114,8 @@ pub(crate) struct Shared {
     pub(crate) policies: Policies,
     /// The direct-link listener, when direct links are on.
     pub(crate) links: Option<Arc<crate::links::Listener>>,
+    /// The job log's directory when none was given (removed with the daemon).
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Shared {
@@ -190,9 +200,34 @@ impl Daemon {
             None
         };
         let (net, inbound) = Net::start(creds, &config.net).await?;
-        let broker = config
-            .broker
-            .then(|| Arc::new(Broker::new(ModuleStore::new(config.module_dir.clone()))));
+        let mut scratch = None;
+        let broker = if config.broker {
+            let dir = match &config.state_dir {
+                Some(d) => d.join("joblog"),
+                None => {
+                    let t = tempfile::tempdir()
+                        .map_err(|e| format!("a directory for the job log: {e}"))?;
+                    let d = t.path().to_owned();
+                    scratch = Some(t);
+                    d
+                }
+            };
+            let log = JobLog::open(&dir, net.clone(), &LogConfig::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut replicas = vec![Replica::new(net.peer(), net.addrs())];
+            for r in &config.replicas {
+                let (peer, addr) = crate::net::split_peer(r)?;
+                if peer != net.peer() {
+                    replicas.push(Replica::new(peer, &[addr]));
+                }
+            }
+            log.initialize(&replicas).await.map_err(|e| e.to_string())?;
+            let modules = ModuleStore::new(config.module_dir.clone());
+            Some(Arc::new(Broker::new(log, modules)))
+        } else {
+            None
+        };
         let queues = Controller::new(QueueLimits::default(), Arc::new(Registry::new()));
         let links = if config.direct_links && config.slots > 0 {
             let ip = crate::links::listen_ip(&config.net.listen);
@@ -208,7 +243,8 @@ impl Daemon {
             links,
             net,
             node: NodeRole::new(runtime, queues),
-            broker: RwLock::new(broker),
+            broker,
+            _scratch: scratch,
             superpeer: RwLock::new(superpeer),
             members: Mutex::new(Vec::new()),
             os,
@@ -263,6 +299,10 @@ impl Daemon {
         }
         background.abort_all();
         node::terminate_all(&shared);
+        if let Some(b) = &shared.broker {
+            b.shutdown();
+            b.log.shutdown().await;
+        }
         if let Some(os) = shared.os.clone() {
             // Guests kept between jobs go with the node.
             let _ = tokio::task::spawn_blocking(move || os.shutdown()).await;
@@ -291,34 +331,35 @@ async fn handle(
         Request::PolicyReload => crate::policy::reload(shared, principal),
         Request::Start { job } => node::start(shared, peer, &job),
         Request::Terminate { job, reason } => node::terminate(shared, peer, &job, &reason),
-        Request::Raft(_) => unavailable(format!(
-            "{} keeps no replica of a job log",
-            shared.net.peer()
-        )),
-        Request::Group => {
-            let broker = shared.broker.read().clone();
-            match broker {
-                Some(b) => Response::Group(b.group(shared)),
-                None => Response::Group(node_view(shared)),
+        Request::Raft(rpc) => match &shared.broker {
+            Some(b) => {
+                b.log
+                    .serve(peer, principal, &shared.config.domain, rpc)
+                    .await
             }
-        }
-        other => {
-            let broker = shared.broker.read().clone();
-            match broker {
-                Some(b) => b.handle(shared, peer, principal, other).await,
-                None => {
-                    let sp = shared.superpeer.read().clone();
-                    unavailable(match sp {
-                        Some((p, _)) => format!(
-                            "{} is not the super-peer of group {}; {p} is",
-                            shared.net.peer(),
-                            shared.config.group
-                        ),
-                        None => format!("{} is not a super-peer", shared.net.peer()),
-                    })
-                }
+            None => unavailable(format!(
+                "{} keeps no replica of a job log",
+                shared.net.peer()
+            )),
+        },
+        Request::Group => match &shared.broker {
+            Some(b) => Response::Group(b.group(shared)),
+            None => Response::Group(node_view(shared)),
+        },
+        other => match &shared.broker {
+            Some(b) => b.handle(shared, peer, principal, other).await,
+            None => {
+                let sp = shared.superpeer.read().clone();
+                unavailable(match sp {
+                    Some((p, _)) => format!(
+                        "{} is not the super-peer of group {}; {p} is",
+                        shared.net.peer(),
+                        shared.config.group
+                    ),
+                    None => format!("{} is not a super-peer", shared.net.peer()),
+                })
             }
-        }
+        },
     }
 }
 
@@ -329,14 +370,20 @@ fn refused(peer: PeerId) -> Response {
     ))
 }
 
-/// Whether `peer` is the super-peer this node serves (or this daemon itself is the broker).
-fn from_superpeer(shared: &Shared, peer: PeerId) -> bool {
+/// Whether `peer` is a super-peer of this node's group: the one it serves, another replica of
+/// the group's job log it has heard of (the leader may have changed since), or this daemon.
+pub(crate) fn from_superpeer(shared: &Shared, peer: PeerId) -> bool {
     peer == shared.net.peer()
         || shared
             .superpeer
             .read()
             .as_ref()
             .is_some_and(|(p, _)| *p == peer)
+        || shared
+            .members
+            .lock()
+            .iter()
+            .any(|m| m.peer == peer.to_string())
 }
 
 fn node_view(shared: &Shared) -> GroupInfo {
@@ -383,14 +430,15 @@ fn info(shared: &Shared) -> NodeInfo {
         arch: std::env::consts::ARCH.to_owned(),
         images: c.images.clone(),
         slots: c.slots,
-        eligible: c.eligible,
+        eligible: c.broker,
         load: load(shared),
     }
 }
 
 /// Registers with the super-peer and sends heartbeats; registers again when the super-peer
-/// has forgotten this node. When the super-peer has not answered for `lost_after`, the group
-/// elects a new one (see [`elect`]).
+/// has forgotten this node. When the super-peer does not lead the group's job log (it says so)
+/// or has not answered for `lost_after`, the node looks for the replica that leads now (see
+/// [`find_leader`]) and registers there; the parts it runs go on.
 async fn membership(shared: Arc<Shared>) {
     let mut registered = false;
     let mut last_answer = tokio::time::Instant::now();
@@ -421,6 +469,7 @@ async fn membership(shared: Arc<Shared>) {
             .and_then(Result::ok)
         };
         let answered = answer.is_some();
+        let mut elsewhere = false;
         match answer {
             Some(Response::Registered { members, .. }) => {
                 registered = true;
@@ -429,7 +478,13 @@ async fn membership(shared: Arc<Shared>) {
             }
             Some(Response::Heartbeat { known, members }) => {
                 registered = known;
+                // A replica that does not lead lists the leader first.
+                elsewhere = !known && members.first().is_some_and(|m| m.peer != sp.to_string());
                 *shared.members.lock() = members;
+            }
+            Some(Response::Error(f)) if f.kind == FailureKind::Unavailable => {
+                registered = false;
+                elsewhere = true;
             }
             Some(_) => registered = false,
             None => {
@@ -439,12 +494,15 @@ async fn membership(shared: Arc<Shared>) {
         }
         if answered {
             last_answer = tokio::time::Instant::now();
-        } else if last_answer.elapsed() >= shared.config.lost_after {
-            tracing::warn!(superpeer = %sp, "super-peer lost; electing a new one");
-            if let Some(next) = elect(&shared, sp).await {
-                // Jobs placed by the lost super-peer cannot be collected any more.
-                node::terminate_all(&shared);
-                tracing::info!(superpeer = %next.0, "new super-peer");
+        }
+        if elsewhere || last_answer.elapsed() >= shared.config.lost_after {
+            if !elsewhere {
+                tracing::warn!(superpeer = %sp, "super-peer lost; looking for the group's leader");
+            }
+            if let Some(next) = find_leader(&shared).await
+                && next.0 != sp
+            {
+                tracing::info!(superpeer = %next.0, "following the group's leader");
                 *shared.superpeer.write() = Some(next);
                 registered = false;
                 last_answer = tokio::time::Instant::now();
@@ -453,49 +511,51 @@ async fn membership(shared: Arc<Shared>) {
     }
 }
 
-/// Elects the group's next super-peer after `lost`: the eligible member with the lowest peer
-/// id that answers. Every node applies the same rule to the same member list, so they agree;
-/// the winner promotes itself when it finds that no member before it answers.
-async fn elect(shared: &Arc<Shared>, lost: PeerId) -> Option<(PeerId, Vec<Multiaddr>)> {
+/// The replica of the group's job log that leads now, as the replicas this node knows of (from
+/// the last answers of its super-peer, then its bootstrap addresses) say: the first that
+/// answers as broker, or names one.
+async fn find_leader(shared: &Arc<Shared>) -> Option<(PeerId, Vec<Multiaddr>)> {
     let me = shared.net.peer();
-    let lost = lost.to_string();
-    let mut candidates: Vec<Member> = shared
+    let mut known: Vec<String> = shared
         .members
         .lock()
         .iter()
-        .filter(|m| m.eligible && m.peer != lost)
-        .cloned()
+        .flat_map(|m| m.addrs.clone())
         .collect();
-    if shared.config.eligible && !candidates.iter().any(|m| m.peer == me.to_string()) {
-        candidates.push(Member {
-            peer: me.to_string(),
-            addrs: shared.net.dial_addrs(),
-            eligible: true,
-        });
-    }
-    candidates.sort_by(|a, b| a.peer.cmp(&b.peer));
-    tracing::info!(
-        candidates = ?candidates.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>(),
-        "electing"
-    );
-    for c in candidates {
-        let Ok(peer) = c.peer.parse::<PeerId>() else {
+    known.extend(shared.config.bootstrap.iter().cloned());
+    let mut tried = std::collections::HashSet::new();
+    for a in known {
+        let Ok((peer, addr)) = crate::net::split_peer(&a) else {
             continue;
         };
-        if peer == me {
-            let broker = Broker::new(ModuleStore::new(shared.config.module_dir.clone()));
-            *shared.broker.write() = Some(Arc::new(broker));
-            tracing::warn!("this node is now the group's super-peer");
-            return Some((me, Vec::new()));
+        if !tried.insert(peer) {
+            continue;
         }
-        let addrs: Vec<Multiaddr> = c
-            .addrs
+        let group = if peer == me {
+            let principal = shared.net.principal().clone();
+            Some(Box::pin(handle(shared, me, &principal, Request::Group)).await)
+        } else {
+            let at = [addr.clone()];
+            let probe = shared.net.request(peer, &at, Request::Group);
+            tokio::time::timeout(shared.config.lost_after, probe)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        let Some(Response::Group(g)) = group else {
+            continue;
+        };
+        if g.is_broker {
+            return Some((peer, vec![addr]));
+        }
+        let leader = g
+            .broker_addrs
             .iter()
-            .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
-            .collect();
-        let probe = shared.net.request(peer, &addrs, Request::Group);
-        if let Ok(Ok(_)) = tokio::time::timeout(shared.config.lost_after, probe).await {
-            return Some((peer, addrs));
+            .find_map(|a| crate::net::split_peer(a).ok());
+        if let Some((l, la)) = leader
+            && g.broker.as_deref() == Some(l.to_string().as_str())
+        {
+            return Some((l, vec![la]));
         }
     }
     None
@@ -523,8 +583,10 @@ async fn gossip(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let broker = shared.broker.read().clone();
-                let Some(b) = broker else { continue };
+                // Only the leader speaks for the group.
+                let Some(b) = shared.broker.as_ref().filter(|b| b.log.is_leader()) else {
+                    continue;
+                };
                 for (peer, addr) in &peers {
                     shared.net.dial(*peer, vec![addr.clone()]).await;
                     // Summaries count only from super-peers whose certificates have passed.
@@ -561,8 +623,7 @@ async fn gossip(shared: Arc<Shared>) {
                                 && id.domain == s.domain
                         }) =>
                     {
-                        let broker = shared.broker.read().clone();
-                        if let Some(b) = broker {
+                        if let Some(b) = &shared.broker {
                             b.learn(&shared, s);
                         }
                     }
@@ -573,14 +634,14 @@ async fn gossip(shared: Arc<Shared>) {
     }
 }
 
-/// The broker's membership sweep.
+/// The broker's tick: a change of leader, and the membership sweep.
 async fn sweeper(shared: Arc<Shared>) {
+    let Some(b) = shared.broker.clone() else {
+        return;
+    };
     let mut tick = tokio::time::interval(shared.config.heartbeat);
     loop {
         tick.tick().await;
-        let broker = shared.broker.read().clone();
-        if let Some(b) = broker {
-            b.sweep(&shared, shared.config.lost_after);
-        }
+        b.tick(&shared, shared.config.lost_after).await;
     }
 }

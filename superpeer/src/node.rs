@@ -387,7 +387,7 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
             format!("job {job} is not prepared here"),
         );
     };
-    if j.broker != from {
+    if j.broker != from && !crate::daemon::from_superpeer(shared, from) {
         return fail(
             FailureKind::Refused,
             format!("job {job} was not placed by {from}"),
@@ -474,15 +474,41 @@ fn start_part(shared: &Arc<Shared>, from: PeerId, job: &str, hand: Option<Hand>)
             },
             None => report,
         };
-        if let Err(e) = shared2
-            .call(broker, &[], Request::Report(Box::new(report)))
-            .await
-        {
-            tracing::warn!(job = %job_id, error = %e, "cannot report to the broker");
-        }
+        report_to_leader(&shared2, broker, report).await;
     });
     j.tasks.push(task.abort_handle());
     Response::Ok
+}
+
+/// Sends a part's report to the group's broker: the super-peer this node follows now, which is
+/// `placed_by` unless the group's leader has changed. A report not taken (the super-peer is
+/// lost, or no longer leads) is sent again to whichever this node follows next, for a while.
+async fn report_to_leader(shared: &Arc<Shared>, placed_by: PeerId, report: PartReport) {
+    let job = report.job.clone();
+    let request = Request::Report(Box::new(report));
+    let give_up = tokio::time::Instant::now() + shared.config.lost_after * 10;
+    loop {
+        let to = shared
+            .superpeer
+            .read()
+            .as_ref()
+            .map_or(placed_by, |(p, _)| *p);
+        match shared.call(to, &[], request.clone()).await {
+            Ok(_) => return,
+            Err(f) if f.kind != FailureKind::Unavailable && to == placed_by => {
+                tracing::warn!(%job, error = %f, "the broker refused the report");
+                return;
+            }
+            Err(f) if tokio::time::Instant::now() >= give_up => {
+                tracing::warn!(%job, error = %f, "cannot report to the broker");
+                return;
+            }
+            Err(f) => {
+                tracing::debug!(%job, error = %f, "report not taken; sending it again");
+                tokio::time::sleep(shared.config.heartbeat).await;
+            }
+        }
+    }
 }
 
 /// How a remote channel's items go, as its acceptor answered.
@@ -650,7 +676,7 @@ pub(crate) fn terminate(shared: &Arc<Shared>, from: PeerId, job: &str, reason: &
     let mut jobs = shared.node.jobs.lock();
     match jobs.get(job) {
         None => return Response::Ok,
-        Some(j) if j.broker != from => {
+        Some(j) if j.broker != from && !crate::daemon::from_superpeer(shared, from) => {
             return fail(
                 FailureKind::Refused,
                 format!("job {job} was not placed by {from}"),

@@ -118,6 +118,13 @@ pub enum Request {
         #[serde(default)]
         until_end: bool,
     },
+    /// Client → broker: hold a pending job back from placement (`true`), or release it.
+    Hold {
+        /// The job id.
+        job: String,
+        /// Hold or release.
+        held: bool,
+    },
     /// Client → broker: cancel a job.
     Cancel {
         /// The job id.
@@ -302,6 +309,9 @@ pub struct Submission {
     /// a short job takes one exchange instead of a submit and a wait.
     #[serde(default)]
     pub wait: bool,
+    /// Among jobs waiting for room, higher is placed first (then earlier).
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// How long a broker holds a waiting submission, and a `Wait`, before answering with the
@@ -381,7 +391,7 @@ pub struct NodeInfo {
     pub images: Vec<String>,
     /// The most vertices it runs at once.
     pub slots: u32,
-    /// Whether it may be elected super-peer.
+    /// Whether it is a super-peer candidate (a replica of the group's job log).
     pub eligible: bool,
     /// Its current load.
     pub load: NodeLoad,
@@ -405,7 +415,7 @@ pub struct Member {
     pub peer: String,
     /// Addresses.
     pub addrs: Vec<String>,
-    /// Whether it may be elected super-peer.
+    /// Whether it is a super-peer candidate (a replica of the group's job log).
     pub eligible: bool,
 }
 
@@ -633,6 +643,12 @@ pub struct JobStatus {
     pub wall_ms: u64,
     /// Why it failed.
     pub error: Option<String>,
+    /// Why a pending job waits: what each node lacks, or that it is held.
+    #[serde(default)]
+    pub waiting: Option<String>,
+    /// Who owns it (`name@domain`).
+    #[serde(default)]
+    pub owner: String,
     /// When another group's super-peer holds the job (it was forwarded there): its addresses.
     #[serde(default)]
     pub broker_addrs: Vec<String>,
@@ -768,9 +784,10 @@ impl Request {
                 check_params(&s.parameters)
             }
             Request::Status { job } => job.as_deref().map_or(Ok(()), check_job_id),
-            Request::Wait { job, .. } | Request::Cancel { job } | Request::Start { job } => {
-                check_job_id(job)
-            }
+            Request::Wait { job, .. }
+            | Request::Cancel { job }
+            | Request::Hold { job, .. }
+            | Request::Start { job } => check_job_id(job),
             Request::Terminate { job, reason } => {
                 check_job_id(job)?;
                 check_len("reason bytes", reason.len())

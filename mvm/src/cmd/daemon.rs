@@ -41,7 +41,8 @@ pub(crate) struct Common {
     /// A multiaddress to listen on (repeatable; default: TCP and QUIC on 127.0.0.1, any port).
     #[arg(long = "listen", value_name = "MULTIADDR")]
     listen: Vec<String>,
-    /// State directory: its key, and a super-peer's modules (default: ~/.local/state/mvm/NAME).
+    /// State directory: its key, and a super-peer's modules and replica of the group's job log
+    /// (default: ~/.local/state/mvm/NAME).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Write the addresses to dial it at (one per line) to this file once it listens.
@@ -96,9 +97,6 @@ pub(crate) struct NodeArgs {
     /// How many vertices it runs at once.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     slots: u32,
-    /// Never become super-peer.
-    #[arg(long)]
-    not_eligible: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -109,6 +107,12 @@ pub(crate) struct SuperpeerArgs {
     /// Vertices it runs itself (0: a pure broker).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=65_536))]
     slots: u32,
+    /// Another super-peer candidate of the group, `/…/p2p/PEER` (repeatable): the candidates
+    /// keep the group's job log together (Raft), and the one that leads it is the broker. Give
+    /// each candidate the same others, at addresses that stay the same across restarts. None:
+    /// a group of one super-peer.
+    #[arg(long = "replica", value_name = "MULTIADDR")]
+    replicas: Vec<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -222,6 +226,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
     config.lost_after = Duration::from_millis(c.lost_after_ms);
     config.cache_dir = c.cache_dir.or_else(crate::cmd::run::default_cache_dir);
     config.module_dir = Some(dir.join("modules"));
+    config.state_dir = Some(dir.clone());
     config.net = NetConfig {
         listen,
         ..NetConfig::default()
@@ -282,16 +287,20 @@ pub(crate) fn node(args: NodeArgs) -> Result<(), Failure> {
         broker: false,
         bootstrap: args.bootstrap,
         slots: args.slots,
-        eligible: !args.not_eligible,
         ..DaemonConfig::default()
     };
     serve(args.common, config, host_name())
 }
 
 pub(crate) fn superpeer(args: SuperpeerArgs) -> Result<(), Failure> {
+    for r in &args.replicas {
+        mvm_superpeer::net::split_peer(r)
+            .map_err(|e| Failure::input(anyhow::anyhow!("--replica: {e}")))?;
+    }
     let config = DaemonConfig {
         broker: true,
         slots: args.slots,
+        replicas: args.replicas,
         ..DaemonConfig::default()
     };
     serve(args.common, config, "superpeer".into())

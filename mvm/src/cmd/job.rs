@@ -79,13 +79,19 @@ pub(crate) struct SubmitArgs {
 pub(crate) struct StatusArgs {
     /// A job id (default: every job the super-peer knows).
     job: Option<String>,
+    /// Only jobs in this state.
+    #[arg(long, value_parser = ["pending", "preparing", "running", "done", "failed", "refused", "cancelled"])]
+    state: Option<String>,
+    /// Only jobs of this owner (`NAME` or `NAME@DOMAIN`).
+    #[arg(long, value_name = "USER")]
+    owner: Option<String>,
     #[command(flatten)]
     broker: BrokerArg,
     #[command(flatten)]
     out: OutputArg,
 }
 
-/// Arguments of `mvm cancel`.
+/// Arguments of `mvm cancel`, `hold` and `release`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct CancelArgs {
     /// The job id.
@@ -110,8 +116,8 @@ pub(crate) fn wire(f: WireFailure) -> Failure {
 }
 
 /// A client of the group's super-peer: through the flag's address (a super-peer or any node of
-/// its group), or through the local lab's super-peer and nodes, whichever answers first (after
-/// an election the lab's first super-peer may be gone).
+/// its group), or through the local lab's super-peers and nodes, whichever answers first (the
+/// super-peer that led when the lab started may be gone, or lead no more).
 pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
     let addrs = match &arg.broker {
         Some(b) => vec![b.clone()],
@@ -122,7 +128,10 @@ pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
                     "no --broker given and no local lab ({e}); start one with `mvm lab up`"
                 ))
             })?;
-            std::iter::once(info.broker).chain(info.members).collect()
+            std::iter::once(info.broker)
+                .chain(info.superpeers)
+                .chain(info.members)
+                .collect()
         }
     };
     let creds = arg.who.credentials()?;
@@ -139,6 +148,9 @@ pub(crate) struct StatusOut {
     vertices_done: u32,
     wall_ms: u64,
     error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting: Option<String>,
+    owner: String,
     parts: Vec<mvm_superpeer::proto::PartStatus>,
     traffic: Vec<mvm_superpeer::proto::Traffic>,
     pub(crate) outputs: Vec<(String, String)>,
@@ -169,6 +181,8 @@ impl From<&JobStatus> for StatusOut {
             vertices_done: s.vertices_done,
             wall_ms: s.wall_ms,
             error: s.error.clone(),
+            waiting: s.waiting.clone(),
+            owner: s.owner.clone(),
             parts: s.parts.clone(),
             traffic: s.traffic.clone(),
             outputs,
@@ -177,8 +191,13 @@ impl From<&JobStatus> for StatusOut {
 }
 
 /// One line per job.
+/// A job state as users write it (`pending`, `running`, …).
+fn state_name(s: JobState) -> String {
+    format!("{s:?}").to_lowercase()
+}
+
 fn line(s: &JobStatus) -> String {
-    let state = format!("{:?}", s.state).to_lowercase();
+    let state = state_name(s.state);
     let mut l = format!(
         "{}  {state:<9} {}/{} vertices  {} nodes  {:.3} s",
         s.job,
@@ -187,7 +206,7 @@ fn line(s: &JobStatus) -> String {
         s.parts.len(),
         s.wall_ms as f64 / 1000.0
     );
-    if let Some(e) = &s.error {
+    if let Some(e) = s.error.as_ref().or(s.waiting.as_ref()) {
         l.push_str(&format!("  {e}"));
     }
     l
@@ -320,11 +339,32 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
 pub(crate) fn status(args: StatusArgs) -> Result<(), Failure> {
     runtime()?.block_on(async {
         let client = connect(&args.broker).await?;
-        let list = client.status(args.job.as_deref()).await.map_err(wire)?;
+        let mut list = client.status(args.job.as_deref()).await.map_err(wire)?;
+        list.retain(|s| {
+            args.state
+                .as_ref()
+                .is_none_or(|st| *st == state_name(s.state))
+                && args
+                    .owner
+                    .as_ref()
+                    .is_none_or(|o| s.owner == *o || s.owner.split('@').next() == Some(o.as_str()))
+        });
         let out: Vec<StatusOut> = list.iter().map(StatusOut::from).collect();
         crate::cmd::print(&out, args.out.output, |_| {
             list.iter().map(line).collect::<Vec<_>>().join("\n")
         })
+    })
+}
+
+pub(crate) fn hold(args: CancelArgs, held: bool) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        let client = connect(&args.broker).await?;
+        client.hold(&args.job, held).await.map_err(wire)?;
+        crate::cmd::print(
+            &serde_json::json!({ "job": args.job, "held": held }),
+            args.out.output,
+            |_| format!("{} {}", args.job, if held { "held" } else { "released" }),
+        )
     })
 }
 

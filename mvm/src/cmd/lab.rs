@@ -23,7 +23,8 @@ pub(crate) struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum LabCommand {
-    /// Start a super-peer and N nodes as background processes; print the super-peer address.
+    /// Start super-peers (3: the replicas of the group's job log) and N nodes as background
+    /// processes; print the leading super-peer's address.
     Up(UpArgs),
     /// Stop the lab's processes and remove its directory.
     Down(DirArg),
@@ -45,6 +46,10 @@ struct UpArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     nodes: u32,
+    /// How many super-peers: the replicas of the group's job log, one of which leads it and is
+    /// the broker (a leader killed is replaced while a majority is left).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=7))]
+    superpeers: u32,
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
@@ -81,6 +86,9 @@ struct DemoArgs {
     /// How many nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
     nodes: u32,
+    /// How many super-peers (replicas of the group's job log).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
+    superpeers: u32,
     #[command(flatten)]
     net: NetArgs,
     /// The job profile (default: examples/fft8.toml of this checkout).
@@ -105,10 +113,16 @@ pub(crate) enum Transport {
 /// What `mvm lab up` leaves for `submit`, `status` and `down`: `lab.json` in the lab directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LabInfo {
-    /// The super-peer's address.
+    /// The address of the super-peer that led when the lab started.
     pub(crate) broker: String,
-    /// The process ids: the super-peer first, then the nodes.
+    /// The process ids: the super-peers first, then the nodes.
     pub(crate) pids: Vec<u32>,
+    /// Every super-peer's address, in the order of `pids`.
+    #[serde(default)]
+    pub(crate) superpeers: Vec<String>,
+    /// Each daemon's name and peer id, in the order of `pids`.
+    #[serde(default)]
+    pub(crate) daemons: Vec<(String, String)>,
     /// The nodes' addresses (any of them leads to the group's super-peer, also after an
     /// election).
     #[serde(default)]
@@ -174,7 +188,7 @@ pub(crate) const LAB_DOMAIN: &str = "lab";
 /// The lab's PKI, made once in its directory: a CA of domain `lab` (`ca/`), a node identity
 /// in each daemon's state directory (the super-peer's with role `superpeer`), and a user
 /// (`user/`, role `admin`). What exists already is kept.
-fn ensure_pki(dir: &Path, nodes: u32) -> Result<(), Failure> {
+fn ensure_pki(dir: &Path, nodes: u32, superpeers: u32) -> Result<(), Failure> {
     use mvm_component::policy::PrincipalKind;
     use mvm_superpeer::pki::{Ca, Subject};
     let pki = |e: mvm_superpeer::pki::PkiError| Failure::failed(anyhow::anyhow!(e));
@@ -184,18 +198,20 @@ fn ensure_pki(dir: &Path, nodes: u32) -> Result<(), Failure> {
     } else {
         Ca::init(&ca_dir, LAB_DOMAIN, 3650).map_err(pki)?
     };
-    let mut who = vec![
-        (
-            "superpeer".to_owned(),
-            PrincipalKind::Node,
-            vec!["superpeer".to_owned()],
-        ),
-        (
-            "user".to_owned(),
-            PrincipalKind::User,
-            vec!["admin".to_owned()],
-        ),
-    ];
+    let mut who: Vec<(String, PrincipalKind, Vec<String>)> = (0..superpeers)
+        .map(|i| {
+            (
+                superpeer_name(i),
+                PrincipalKind::Node,
+                vec!["superpeer".to_owned()],
+            )
+        })
+        .collect();
+    who.push((
+        "user".to_owned(),
+        PrincipalKind::User,
+        vec!["admin".to_owned()],
+    ));
     who.extend((0..nodes).map(|i| (format!("node{i}"), PrincipalKind::Node, Vec::new())));
     for (name, kind, roles) in who {
         let out = dir.join(&name);
@@ -218,6 +234,25 @@ fn ensure_pki(dir: &Path, nodes: u32) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The name of the lab's `i`-th super-peer.
+fn superpeer_name(i: u32) -> String {
+    if i == 0 {
+        "superpeer".to_owned()
+    } else {
+        format!("superpeer{i}")
+    }
+}
+
+/// A free port on loopback for `transport` (TCP, or UDP for QUIC), as the kernel gives one now.
+fn free_port(quic: bool) -> Result<u16, Failure> {
+    let port = if quic {
+        std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr())
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr())
+    };
+    port.map(|a| a.port()).map_err(Failure::failed)
+}
+
 /// The lab user's credentials.
 fn lab_user(dir: &Path) -> Result<Credentials, Failure> {
     Credentials::load(&dir.join("user"), &[]).map_err(|e| Failure::failed(anyhow::anyhow!(e)))
@@ -227,7 +262,12 @@ fn lab_user(dir: &Path) -> Result<Credentials, Failure> {
 pub(crate) struct Lab {
     dir: PathBuf,
     children: Vec<Child>,
+    /// Each child's name (its log is `NAME.log`).
+    names: Vec<String>,
+    /// The address of the super-peer that led when the lab started.
     pub(crate) broker: String,
+    /// Every super-peer's address.
+    pub(crate) superpeers: Vec<String>,
     detached: bool,
 }
 
@@ -236,6 +276,7 @@ impl Lab {
     pub(crate) fn start(
         dir: &Path,
         nodes: u32,
+        superpeers: u32,
         detached: bool,
         net: NetArgs,
     ) -> Result<Lab, Failure> {
@@ -245,12 +286,14 @@ impl Lab {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
-        ensure_pki(dir, nodes)?;
+        ensure_pki(dir, nodes, superpeers)?;
         let exe = std::env::current_exe().map_err(Failure::failed)?;
         let mut lab = Lab {
             dir: dir.to_owned(),
             children: Vec::new(),
+            names: Vec::new(),
             broker: String::new(),
+            superpeers: Vec::new(),
             detached: false,
         };
         let mut timing = vec!["--heartbeat-ms", "200", "--lost-after-ms", "1500"];
@@ -259,36 +302,71 @@ impl Lab {
             Transport::Quic => timing.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]),
             Transport::Both => {}
         }
-        let sp_addr = dir.join("superpeer.addr");
-        let _ = std::fs::remove_file(&sp_addr);
-        lab.spawn(
-            &exe,
-            "superpeer",
-            &["superpeer", "--name", "superpeer"],
-            &timing,
-            detached,
-        )?;
-        let addrs = lab.wait_file(&sp_addr)?;
-        lab.broker = addrs
-            .lines()
-            .find(|l| l.contains("/tcp/"))
-            .or_else(|| addrs.lines().next())
-            .unwrap_or_default()
-            .to_owned();
+        // The super-peers listen at ports chosen now, so that each can be told the others'
+        // addresses (the replicas of the job log) before any starts.
+        let quic = net.transport == Transport::Quic;
+        let mut replicas = Vec::new();
+        let mut daemons = Vec::new();
+        for i in 0..superpeers {
+            let name = superpeer_name(i);
+            let creds = Credentials::load(&dir.join(&name), &[])
+                .map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;
+            let port = free_port(quic)?;
+            let listen = if quic {
+                format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+            } else {
+                format!("/ip4/127.0.0.1/tcp/{port}")
+            };
+            replicas.push((name.clone(), listen.clone(), creds.peer()));
+            daemons.push((name, creds.peer().to_string()));
+        }
+        for (name, listen, _) in &replicas {
+            let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));
+            let mut args = vec!["superpeer", "--name", name, "--listen", listen];
+            if net.transport == Transport::Both {
+                args.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
+            }
+            let others: Vec<String> = replicas
+                .iter()
+                .filter(|(n, _, _)| n != name)
+                .map(|(_, l, p)| format!("{l}/p2p/{p}"))
+                .collect();
+            for o in &others {
+                args.extend(["--replica", o.as_str()]);
+            }
+            let timing: Vec<&str> = timing
+                .iter()
+                .copied()
+                .filter(|a| !a.starts_with('/') && *a != "--listen")
+                .collect();
+            lab.spawn(&exe, name, &args, &timing, detached)?;
+        }
+        let mut sp_addrs = Vec::new();
+        for (name, _, _) in &replicas {
+            let addrs = lab.wait_file(&dir.join(format!("{name}.addr")))?;
+            sp_addrs.push(
+                addrs
+                    .lines()
+                    .find(|l| l.contains("/tcp/"))
+                    .or_else(|| addrs.lines().next())
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
         if !net.secure_links {
             timing.push("--direct-links");
         }
         for i in 0..nodes {
             let name = format!("node{i}");
-            let broker = lab.broker.clone();
             let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));
-            lab.spawn(
-                &exe,
-                &name,
-                &["node", "--name", &name, "--bootstrap", &broker],
-                &timing,
-                detached,
-            )?;
+            let mut args = vec!["node", "--name", name.as_str()];
+            for a in &sp_addrs {
+                args.extend(["--bootstrap", a.as_str()]);
+            }
+            lab.spawn(&exe, &name, &args, &timing, detached)?;
+            let creds = Credentials::load(&dir.join(&name), &[])
+                .map_err(|e| Failure::failed(anyhow::anyhow!(e)))?;
+            daemons.push((name, creds.peer().to_string()));
         }
         let mut members = Vec::new();
         for i in 0..nodes {
@@ -303,11 +381,23 @@ impl Lab {
             .enable_all()
             .build()
             .map_err(Failure::failed)?;
-        let broker = lab.broker.clone();
         let want = nodes as usize;
         let registered = rt.block_on(async {
-            let client = Client::new(&lab_user(dir)?, &broker).await.map_err(wire)?;
             let deadline = Instant::now() + Duration::from_secs(60);
+            // The super-peers elect a leader of the job log; the client finds it.
+            let client = loop {
+                match Client::find(&lab_user(dir)?, &sp_addrs).await {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() > deadline => return Err(wire(e)),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            let leader = client.broker().to_string();
+            lab.broker = sp_addrs
+                .iter()
+                .find(|a| a.ends_with(&leader))
+                .cloned()
+                .unwrap_or_default();
             loop {
                 let g = client.group().await.map_err(wire)?;
                 let live = g.nodes.iter().filter(|n| !n.lost).count();
@@ -330,9 +420,12 @@ impl Lab {
             lab.check_children()?;
             return Err(e);
         }
+        lab.superpeers.clone_from(&sp_addrs);
         let info = LabInfo {
             broker: lab.broker.clone(),
             pids: lab.children.iter().map(Child::id).collect(),
+            superpeers: sp_addrs,
+            daemons,
             members,
         };
         let text = serde_json::to_string_pretty(&info).map_err(Failure::failed)?;
@@ -387,18 +480,14 @@ impl Lab {
             .spawn()
             .map_err(|e| Failure::failed(anyhow::anyhow!("cannot start {}: {e}", exe.display())))?;
         self.children.push(child);
+        self.names.push(name.to_owned());
         Ok(())
     }
 
     /// Fails if a child has exited, naming its log.
     fn check_children(&mut self) -> Result<(), Failure> {
-        for (i, c) in self.children.iter_mut().enumerate() {
+        for (c, name) in self.children.iter_mut().zip(&self.names) {
             if let Ok(Some(status)) = c.try_wait() {
-                let name = if i == 0 {
-                    "superpeer".to_owned()
-                } else {
-                    format!("node{}", i - 1)
-                };
                 let mut log = String::new();
                 let _ = std::fs::File::open(self.dir.join(format!("{name}.log")))
                     .and_then(|mut f| f.read_to_string(&mut log));
@@ -427,6 +516,18 @@ impl Lab {
                 )));
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills (SIGKILL) the super-peer listening at `addr`, one of [`Lab::superpeers`].
+    pub(crate) fn kill_superpeer(&mut self, addr: &str) {
+        let Some(i) = self.superpeers.iter().position(|a| a == addr) else {
+            return;
+        };
+        // The super-peers were started first, in the order of their addresses.
+        if let Some(c) = self.children.get_mut(i) {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -473,7 +574,7 @@ fn up(a: UpArgs) -> Result<(), Failure> {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let lab = match Lab::start(&dir, a.nodes, true, a.net) {
+    let lab = match Lab::start(&dir, a.nodes, a.superpeers, true, a.net) {
         Ok(l) => l,
         Err(e) => {
             // A half-started lab is stopped and removed.
@@ -485,6 +586,7 @@ fn up(a: UpArgs) -> Result<(), Failure> {
         "broker": lab.broker,
         "dir": lab.dir,
         "nodes": a.nodes,
+        "superpeers": a.superpeers,
         "pids": lab.children.iter().map(Child::id).collect::<Vec<_>>(),
     });
     crate::cmd::print(&info, a.out.output, |_| lab.broker.clone())
@@ -536,18 +638,49 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(Failure::failed)?;
-    let addrs: Vec<String> = std::iter::once(info.broker).chain(info.members).collect();
+    let addrs: Vec<String> = std::iter::once(info.broker.clone())
+        .chain(info.superpeers.clone())
+        .chain(info.members.clone())
+        .collect();
     let g = rt.block_on(async {
         let c = Client::find(&a.who.credentials_in(&dir)?, &addrs)
             .await
             .map_err(wire)?;
         c.group().await.map_err(wire)
     })?;
-    crate::cmd::print(&g, a.out.output, |g| {
+    // Each daemon of the lab with its role: the super-peer that leads the job log (the
+    // broker), the other replicas, and the nodes.
+    let daemons: Vec<serde_json::Value> = info
+        .daemons
+        .iter()
+        .zip(&info.pids)
+        .map(|((name, peer), pid)| {
+            let role = if g.broker.as_deref() == Some(peer.as_str()) {
+                "leader"
+            } else if name.starts_with("superpeer") {
+                "replica"
+            } else {
+                "node"
+            };
+            serde_json::json!({"name": name, "peer": peer, "pid": pid, "role": role})
+        })
+        .collect();
+    let mut v = serde_json::to_value(&g).map_err(Failure::failed)?;
+    v["daemons"] = serde_json::Value::Array(daemons);
+    crate::cmd::print(&v, a.out.output, |_| {
         let mut s = format!(
-            "super-peer {}\n",
+            "super-peer {} leads\n",
             g.broker_addrs.first().map_or("?", String::as_str)
         );
+        for d in v["daemons"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "  {} {} pid {} ({})\n",
+                d["name"].as_str().unwrap_or("?"),
+                d["peer"].as_str().unwrap_or("?"),
+                d["pid"],
+                d["role"].as_str().unwrap_or("?")
+            ));
+        }
         for n in &g.nodes {
             s.push_str(&format!(
                 "  {} {} {}/{} slots used{}\n",
@@ -669,7 +802,8 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
     let text = a.out.output == Output::Text;
     if text {
         eprintln!(
-            "starting a lab: 1 super-peer and {} nodes on loopback ({})",
+            "starting a lab: {} super-peer(s) and {} nodes on loopback ({})",
+            a.superpeers,
             a.nodes,
             tmp.path().display()
         );
@@ -685,7 +819,7 @@ fn demo(a: DemoArgs) -> Result<(), Failure> {
         let _in_runtime = rt.enter();
         crate::cmd::daemon::Signals::new()
     };
-    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, false, a.net)?;
+    let mut lab = Lab::start(&tmp.path().join("lab"), a.nodes, a.superpeers, false, a.net)?;
     let broker = lab.broker.clone();
     let result = rt.block_on(async {
         tokio::select! {

@@ -113,3 +113,102 @@ fn a_job_too_big_for_its_group_is_forwarded_to_another_groups_super_peer() {
         "{err}"
     );
 }
+
+/// Writes a ring profile of `hops` hops into `dir`.
+fn ring(dir: &std::path::Path, name: &str, hops: u64, extra: &str) -> String {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"{name}\"\n{extra}topology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n[parameters]\nhops = {hops}\n[limits]\nwall = \"120s\"\n",
+            root().display()
+        ),
+    )
+    .expect("profile");
+    p.display().to_string()
+}
+
+fn state_of(g: &Groups, job: &str) -> serde_json::Value {
+    json(&g.run(&["status", job, "-o", "json"]))[0].clone()
+}
+
+#[test]
+fn a_job_that_does_not_fit_now_waits_in_order_and_hold_and_release_steer_it() {
+    build_jobs();
+    let mut g = Groups::new();
+    let sp = g.daemon("sp", &["superpeer"]);
+    g.daemon("n0", &["node", "--bootstrap", &sp, "--slots", "8"]);
+    write_lab(g.dir.path(), &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&g.run(&["lab", "status", "-o", "json"]).stdout).ok()?;
+        (v["nodes"].as_array()?.len() == 1).then_some(())
+    });
+    let dir = g.dir.path();
+    // The ring takes the node's 8 slots for as long as it runs.
+    let long = json(&g.run(&[
+        "submit",
+        &ring(dir, "long", 2_000_000_000, ""),
+        "-o",
+        "json",
+    ]));
+    let long = long["job"].as_str().expect("job").to_owned();
+    // Two more: they fit the group, not now; they wait, the higher priority first.
+    let low = json(&g.run(&["submit", &ring(dir, "low", 800, ""), "-o", "json"]));
+    let high = json(&g.run(&[
+        "submit",
+        &ring(dir, "high", 1_000_000, "priority = 5\n"),
+        "-o",
+        "json",
+    ]));
+    for v in [&low, &high] {
+        assert_eq!(v["state"], "pending", "{v}");
+    }
+    let (low, high) = (
+        low["job"].as_str().expect("job").to_owned(),
+        high["job"].as_str().expect("job").to_owned(),
+    );
+    let why = state_of(&g, &low);
+    assert!(
+        why["waiting"]
+            .as_str()
+            .is_some_and(|w| w.contains("n0") && w.contains("slot")),
+        "a pending job says what each node lacks: {why}"
+    );
+    let pending = json(&g.run(&["status", "--state", "pending", "-o", "json"]));
+    assert_eq!(
+        pending.as_array().map(Vec::len),
+        Some(2),
+        "pending: {pending}"
+    );
+    let out = g.run(&["hold", &long]);
+    assert_eq!(out.status.code(), Some(2), "a running job cannot be held");
+    // Room: the higher priority goes first, though submitted later.
+    json(&g.run(&["cancel", &long, "-o", "json"]));
+    wait_for(Duration::from_secs(30), || {
+        (state_of(&g, &high)["state"] == "running").then_some(())
+    });
+    assert_eq!(state_of(&g, &low)["state"], "pending");
+    // Held, the low one waits even when there is room again; released, it runs.
+    json(&g.run(&["hold", &low, "-o", "json"]));
+    assert!(
+        state_of(&g, &low)["waiting"]
+            .as_str()
+            .is_some_and(|w| w.contains("held"))
+    );
+    wait_for(Duration::from_secs(60), || {
+        (state_of(&g, &high)["state"] == "done").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(state_of(&g, &low)["state"], "pending");
+    json(&g.run(&["release", &low, "-o", "json"]));
+    wait_for(Duration::from_secs(30), || {
+        (state_of(&g, &low)["state"] == "done").then_some(())
+    });
+    let v = state_of(&g, &low);
+    assert_eq!(crate::lab::items_moved(&v), 800, "{v}");
+    // A job that no node could hold even if all were free is not queued: refused at once.
+    let out = g.run(&["submit", "examples/fft8.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no other group"));
+}

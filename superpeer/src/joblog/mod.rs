@@ -158,6 +158,7 @@ pub struct JobLog {
     me: PeerId,
     /// The replicas this one was asked to start the log with, until its membership says.
     expected: Arc<RwLock<BTreeSet<NodeId>>>,
+    watchers: store::Watchers,
 }
 
 impl std::fmt::Debug for JobLog {
@@ -184,6 +185,7 @@ impl JobLog {
         let db = store::open(&path).map_err(|e| open_error(e.to_string()))?;
         let machine = store::Machine::open(db.clone()).map_err(|e| open_error(e.to_string()))?;
         let (state, changed) = (machine.state.clone(), machine.changed.subscribe());
+        let watchers = machine.watchers.clone();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let raft_config = openraft::Config {
             cluster_name: "mvm-joblog".into(),
@@ -212,6 +214,7 @@ impl JobLog {
             changed,
             me,
             expected: Arc::default(),
+            watchers,
         })
     }
 
@@ -274,6 +277,25 @@ impl JobLog {
         let _ = rx.wait_for(|i| *i > after).await;
     }
 
+    /// Watches one job: the receiver sees the index of each entry applied here that changes
+    /// it. Subscribe before reading the job, and no change is missed.
+    pub fn watch(&self, job: &str) -> watch::Receiver<u64> {
+        let mut w = self.watchers.lock();
+        match w.get(job) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(0);
+                w.insert(job.to_owned(), tx);
+                rx
+            }
+        }
+    }
+
+    /// This replica's peer id.
+    pub fn peer(&self) -> PeerId {
+        self.me
+    }
+
     /// The replica that leads now, as this one knows it.
     pub fn leader(&self) -> Option<PeerId> {
         let m = self.raft.metrics().borrow().clone();
@@ -282,6 +304,11 @@ impl JobLog {
             .membership()
             .get_node(&id)
             .and_then(|n| n.peer_id().ok())
+    }
+
+    /// The current Raft term as this replica knows it: one leader at most per term.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
     }
 
     /// Whether this replica leads now.

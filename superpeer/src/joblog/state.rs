@@ -67,6 +67,9 @@ pub struct JobRecord {
     pub owner: Principal,
     /// What it holds while it has not ended.
     pub resources: Resources,
+    /// The image its guests are made from (`host`: none).
+    #[serde(default)]
+    pub image: String,
     /// Higher is placed first among pending jobs.
     pub priority: i32,
     /// When it was submitted, milliseconds since the Unix epoch (the leader's clock).
@@ -85,6 +88,9 @@ pub struct JobRecord {
     pub ended: Option<Ended>,
     /// The submission, kept while the job waits, so that whichever replica leads can place it.
     pub submission: Option<Box<Submission>>,
+    /// The index of the log entry that last changed it (set by [`ControlState::apply`]).
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl JobRecord {
@@ -113,7 +119,7 @@ pub enum Command {
         /// The job.
         job: String,
     },
-    /// A part ended well.
+    /// A part ended well (of a job preparing or running); the last one ends the job `Done`.
     PartDone {
         /// The job.
         job: String,
@@ -123,6 +129,8 @@ pub enum Command {
         outputs: Vec<(String, bytes::Bytes)>,
         /// Its traffic.
         traffic: Vec<Traffic>,
+        /// When, milliseconds since the Unix epoch (the leader's clock).
+        at_ms: u64,
     },
     /// The job ended (`Done`, `Failed`, `Refused`, `Cancelled`).
     End {
@@ -140,6 +148,20 @@ pub enum Command {
         /// Held or released.
         held: bool,
     },
+}
+
+impl Command {
+    /// The job it is about.
+    pub fn job(&self) -> &str {
+        match self {
+            Command::Submit(j) => &j.id,
+            Command::Place { job, .. }
+            | Command::Start { job }
+            | Command::PartDone { job, .. }
+            | Command::End { job, .. }
+            | Command::Hold { job, .. } => job,
+        }
+    }
 }
 
 /// What applying a command gave.
@@ -203,10 +225,16 @@ impl ControlState {
         self.reserved.get(node).copied().unwrap_or(0)
     }
 
-    /// Applies one command.
-    pub fn apply(&mut self, command: Command) -> Applied {
+    /// Applies one command, the log's entry `index`.
+    pub fn apply(&mut self, index: u64, command: Command) -> Applied {
+        let job = command.job().to_owned();
         match self.try_apply(command) {
-            Ok(()) => Applied::Done,
+            Ok(()) => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.version = index;
+                }
+                Applied::Done
+            }
             Err(why) => Applied::Refused(why),
         }
     }
@@ -252,8 +280,12 @@ impl ControlState {
                 node,
                 outputs,
                 traffic,
+                at_ms,
             } => {
                 let j = self.live(&job)?;
+                if j.state == JobState::Pending {
+                    return Err(format!("job {job} is pending: it has no parts yet"));
+                }
                 let Some(part) = j.parts.iter_mut().find(|p| p.node == node) else {
                     return Err(format!("{node} runs no part of job {job}"));
                 };
@@ -275,6 +307,10 @@ impl ControlState {
                     }
                 }
                 j.traffic.sort();
+                if j.parts.iter().all(|p| p.done) {
+                    let ended = Ended { at_ms, error: None };
+                    return self.end(&job, JobState::Done, ended);
+                }
                 Ok(())
             }
             Command::End { job, state, ended } => self.end(&job, state, ended),

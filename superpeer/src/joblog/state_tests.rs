@@ -29,6 +29,7 @@ fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
             memory_mib: 64,
             vertices: 2,
         },
+        image: "host".into(),
         priority,
         submitted_ms: at,
         state: if pending {
@@ -42,6 +43,7 @@ fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
         traffic: Vec::new(),
         ended: None,
         submission: pending.then(submission),
+        version: 0,
     }
 }
 
@@ -65,10 +67,13 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     let (a, b) = (PeerId::random(), PeerId::random());
     let mut s = ControlState::default();
     let j = job("j-1", 0, 1, vec![part(a, 3), part(b, 1)]);
-    assert_eq!(s.apply(Command::Submit(Box::new(j))), Applied::Done);
+    assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
     assert_eq!((s.reserved(&a), s.reserved(&b)), (3, 1));
     assert_eq!(s.held(&alice()).vertices, 2);
-    assert_eq!(s.apply(Command::Start { job: "j-1".into() }), Applied::Done);
+    assert_eq!(
+        s.apply(1, Command::Start { job: "j-1".into() }),
+        Applied::Done
+    );
     let done = |node| Command::PartDone {
         job: "j-1".into(),
         node,
@@ -81,30 +86,36 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
             items: 5,
             bytes: 40,
         }],
+        at_ms: 7,
     };
-    assert_eq!(s.apply(done(a)), Applied::Done);
-    assert!(matches!(s.apply(done(a)), Applied::Refused(w) if w.contains("already reported")));
-    assert_eq!(s.apply(done(b)), Applied::Done);
+    assert_eq!(s.apply(1, done(a)), Applied::Done);
+    assert!(matches!(s.apply(2, done(a)), Applied::Refused(w) if w.contains("already reported")));
+    assert_eq!(s.job("j-1").expect("job").state, JobState::Running);
+    // The last part's report ends the job, at the entry that carried it.
+    assert_eq!(s.apply(3, done(b)), Applied::Done);
     let j = s.job("j-1").expect("job");
     assert_eq!(j.traffic.len(), 1);
     assert_eq!((j.traffic[0].items, j.traffic[0].bytes), (10, 80));
+    assert_eq!((j.state, j.version), (JobState::Done, 3));
     assert_eq!(
-        s.apply(Command::End {
-            job: "j-1".into(),
-            state: JobState::Done,
-            ended: end(JobState::Done)
-        }),
-        Applied::Done
+        j.ended,
+        Some(Ended {
+            at_ms: 7,
+            error: None
+        })
     );
     assert_eq!((s.reserved(&a), s.reserved(&b)), (0, 0));
     assert_eq!(s.held(&alice()), Resources::default());
     assert_eq!(s.job("j-1").expect("kept").outputs.len(), 2);
     // An ended job changes no more.
-    let again = s.apply(Command::End {
-        job: "j-1".into(),
-        state: JobState::Failed,
-        ended: end(JobState::Failed),
-    });
+    let again = s.apply(
+        1,
+        Command::End {
+            job: "j-1".into(),
+            state: JobState::Failed,
+            ended: end(JobState::Failed),
+        },
+    );
     assert!(matches!(again, Applied::Refused(w) if w.contains("has ended")));
     assert_eq!(s.job("j-1").expect("kept").state, JobState::Done);
 }
@@ -119,29 +130,35 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
         ("mid", 1, 0),
     ] {
         assert_eq!(
-            s.apply(Command::Submit(Box::new(job(id, prio, at, Vec::new())))),
+            s.apply(1, Command::Submit(Box::new(job(id, prio, at, Vec::new())))),
             Applied::Done
         );
     }
     let order = |s: &ControlState| s.pending().map(|j| j.id.clone()).collect::<Vec<_>>();
     assert_eq!(order(&s), ["high", "high-late", "mid", "low"]);
     assert_eq!(
-        s.apply(Command::Hold {
-            job: "high".into(),
-            held: true
-        }),
+        s.apply(
+            1,
+            Command::Hold {
+                job: "high".into(),
+                held: true
+            }
+        ),
         Applied::Done
     );
     assert_eq!(order(&s), ["high-late", "mid", "low"]);
     assert!(matches!(
-        s.apply(Command::Hold { job: "high".into(), held: true }),
+        s.apply(1, Command::Hold { job: "high".into(), held: true }),
         Applied::Refused(w) if w.contains("already held")
     ));
     assert_eq!(
-        s.apply(Command::Hold {
-            job: "high".into(),
-            held: false
-        }),
+        s.apply(
+            1,
+            Command::Hold {
+                job: "high".into(),
+                held: false
+            }
+        ),
         Applied::Done
     );
     assert_eq!(order(&s)[0], "high");
@@ -151,13 +168,13 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
         job: "high".into(),
         parts: vec![part(n, 2)],
     };
-    assert_eq!(s.apply(place.clone()), Applied::Done);
+    assert_eq!(s.apply(1, place.clone()), Applied::Done);
     assert_eq!(order(&s), ["high-late", "mid", "low"]);
     assert_eq!(s.reserved(&n), 2);
     assert!(s.job("high").expect("job").submission.is_none());
-    assert!(matches!(s.apply(place), Applied::Refused(w) if w.contains("not pending")));
+    assert!(matches!(s.apply(1, place), Applied::Refused(w) if w.contains("not pending")));
     assert!(matches!(
-        s.apply(Command::Hold { job: "high".into(), held: true }),
+        s.apply(1, Command::Hold { job: "high".into(), held: true }),
         Applied::Refused(w) if w.contains("only a pending job")
     ));
     // A pending job cancelled leaves the queue and gives its resources back.
@@ -167,7 +184,7 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
         state: JobState::Cancelled,
         ended: end(JobState::Cancelled),
     };
-    assert_eq!(s.apply(cancel), Applied::Done);
+    assert_eq!(s.apply(1, cancel), Applied::Done);
     assert_eq!(order(&s), ["high-late", "mid"]);
     assert_eq!(s.held(&alice()).vertices, 6);
 }
@@ -192,28 +209,32 @@ fn commands_that_do_not_fit_change_nothing() {
             ..job("y", 0, 0, Vec::new())
         })),
     ] {
-        assert!(matches!(s.apply(c), Applied::Refused(_)));
+        assert!(matches!(s.apply(1, c), Applied::Refused(_)));
     }
     assert_eq!(format!("{s:?}"), before);
     assert_eq!(
-        s.apply(Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
+        s.apply(
+            1,
+            Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))
+        ),
         Applied::Done
     );
     assert!(matches!(
-        s.apply(Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
+        s.apply(1, Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
         Applied::Refused(w) if w.contains("exists already")
     ));
     assert!(matches!(
-        s.apply(Command::PartDone {
+        s.apply(1, Command::PartDone {
             job: "z".into(),
             node: PeerId::random(),
             outputs: Vec::new(),
             traffic: Vec::new(),
+            at_ms: 0,
         }),
         Applied::Refused(w) if w.contains("runs no part")
     ));
     assert!(matches!(
-        s.apply(Command::End {
+        s.apply(1, Command::End {
             job: "z".into(),
             state: JobState::Running,
             ended: end(JobState::Failed),
@@ -231,7 +252,7 @@ fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
         let id = format!("j-{i}");
         let mut j = job(&id, 0, 0, vec![part(n, 1)]);
         j.outputs = vec![("v".into(), bytes::Bytes::from_static(b"x"))];
-        assert_eq!(s.apply(Command::Submit(Box::new(j))), Applied::Done);
+        assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
         let state = if i % 2 == 0 {
             JobState::Done
         } else {
@@ -239,11 +260,14 @@ fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
         };
         let ended = end(state);
         assert_eq!(
-            s.apply(Command::End {
-                job: id,
-                state,
-                ended
-            }),
+            s.apply(
+                1,
+                Command::End {
+                    job: id,
+                    state,
+                    ended
+                }
+            ),
             Applied::Done
         );
     }
@@ -258,8 +282,11 @@ fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
 fn the_state_survives_a_snapshot_round_trip() {
     let n = PeerId::random();
     let mut s = ControlState::default();
-    s.apply(Command::Submit(Box::new(job("a", 0, 0, vec![part(n, 2)]))));
-    s.apply(Command::Submit(Box::new(job("b", 3, 1, Vec::new()))));
+    s.apply(
+        1,
+        Command::Submit(Box::new(job("a", 0, 0, vec![part(n, 2)]))),
+    );
+    s.apply(1, Command::Submit(Box::new(job("b", 3, 1, Vec::new()))));
     let mut bytes = Vec::new();
     ciborium::into_writer(&s, &mut bytes).expect("encode");
     let back: ControlState = ciborium::from_reader(bytes.as_slice()).expect("decode");

@@ -261,7 +261,13 @@ pub(crate) struct Machine {
     membership: StoredMembership<NodeId, Replica>,
     /// The index of the last entry applied, for readers that wait for a change.
     pub(crate) changed: Arc<watch::Sender<u64>>,
+    /// Per job someone waits on, the index of the entry that last changed it.
+    pub(crate) watchers: Watchers,
 }
+
+/// Per job, the sender of its changes (while someone listens).
+pub(crate) type Watchers =
+    Arc<parking_lot::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>>;
 
 impl Machine {
     /// The state machine of `db`, from its snapshot if it has one.
@@ -272,6 +278,7 @@ impl Machine {
             applied: None,
             membership: StoredMembership::default(),
             changed: Arc::new(watch::channel(0).0),
+            watchers: Watchers::default(),
         };
         if let Some(s) = meta_get::<StoredSnapshot>(&m.db, "snapshot")? {
             m.load(&s)?;
@@ -333,13 +340,17 @@ impl RaftStateMachine<TypeConfig> for Machine {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        let mut touched = Vec::new();
         {
             let mut state = self.state.write();
             for e in entries {
                 self.applied = Some(e.log_id);
                 out.push(match e.payload {
                     EntryPayload::Blank => Applied::Done,
-                    EntryPayload::Normal(c) => state.apply(c),
+                    EntryPayload::Normal(c) => {
+                        touched.push((c.job().to_owned(), e.log_id.index));
+                        state.apply(e.log_id.index, c)
+                    }
                     EntryPayload::Membership(m) => {
                         self.membership = StoredMembership::new(Some(e.log_id), m);
                         Applied::Done
@@ -349,6 +360,20 @@ impl RaftStateMachine<TypeConfig> for Machine {
         }
         self.changed
             .send_replace(self.applied.map_or(0, |l| l.index));
+        if !touched.is_empty() {
+            let mut w = self.watchers.lock();
+            if !w.is_empty() {
+                for (job, index) in touched {
+                    if let Some(tx) = w.get(&job) {
+                        if tx.receiver_count() == 0 {
+                            w.remove(&job);
+                        } else {
+                            tx.send_replace(index);
+                        }
+                    }
+                }
+            }
+        }
         Ok(out)
     }
 

@@ -126,6 +126,7 @@ fn submit(id: &str) -> Command {
             memory_mib: 0,
             vertices: 1,
         },
+        image: "host".into(),
         priority: 0,
         submitted_ms: 1,
         state: JobState::Preparing,
@@ -139,6 +140,7 @@ fn submit(id: &str) -> Command {
         traffic: Vec::new(),
         ended: None,
         submission: None,
+        version: 0,
     }))
 }
 

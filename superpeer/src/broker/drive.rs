@@ -1,0 +1,212 @@
+//! Driving a placed job's parts: prepare everywhere, start everywhere, take the nodes' reports,
+//! and end it (in the log first, then by telling every part still running).
+
+use std::sync::Arc;
+
+use libp2p::PeerId;
+
+use super::{Broker, fail, now_ms};
+use crate::daemon::Shared;
+use crate::joblog::Command;
+use crate::joblog::state::Ended;
+use crate::proto::{Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response};
+
+impl Broker {
+    /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.
+    pub(super) async fn drive(
+        self: Arc<Self>,
+        shared: &Arc<Shared>,
+        id: String,
+        specs: Vec<(PeerId, PartSpec)>,
+    ) {
+        self.drive_parts(shared, &id, specs).await;
+        self.driving.lock().remove(&id);
+    }
+
+    async fn drive_parts(&self, shared: &Arc<Shared>, id: &str, specs: Vec<(PeerId, PartSpec)>) {
+        let prepares = specs.into_iter().map(|(peer, spec)| {
+            let addrs = self.addrs(&peer);
+            let shared = shared.clone();
+            async move {
+                let r = shared
+                    .call(peer, &addrs, Request::Prepare(Box::new(spec)))
+                    .await;
+                (peer, r)
+            }
+        });
+        let results = futures::future::join_all(prepares).await;
+        let peers: Vec<PeerId> = results.iter().map(|(p, _)| *p).collect();
+        // Parts that ended within the node's hold answered with their report.
+        let mut finished = Vec::new();
+        let mut refused = None;
+        for (peer, r) in results {
+            match r {
+                Ok(Response::Finished(report)) => finished.push((peer, *report)),
+                Ok(_) => {}
+                Err(f) => {
+                    refused.get_or_insert((peer, f));
+                }
+            }
+        }
+        if let Some((peer, f)) = refused {
+            let state = if f.kind == FailureKind::Refused {
+                JobState::Refused
+            } else {
+                JobState::Failed
+            };
+            let why = format!("node {peer}: {}", f.message);
+            self.end(shared, id, state, Some(why)).await;
+            return;
+        }
+        for (peer, report) in finished {
+            self.report(shared, peer, report).await;
+        }
+        // Preparing → running; a part's early report or a cancel may have ended it meanwhile
+        // (then nothing is started; the log would refuse the start too).
+        if self
+            .log
+            .read(|s| s.job(id).is_none_or(|j| j.state != JobState::Preparing))
+        {
+            return;
+        }
+        let start = Command::Start { job: id.to_owned() };
+        if !matches!(
+            self.log.propose(start).await,
+            Ok(crate::joblog::Applied::Done)
+        ) {
+            return;
+        }
+        if peers.len() == 1 {
+            return; // a single part started when it was prepared
+        }
+        let starts = peers.iter().map(|peer| {
+            let shared = shared.clone();
+            let job = id.to_owned();
+            let peer = *peer;
+            async move { (peer, shared.call(peer, &[], Request::Start { job }).await) }
+        });
+        for (peer, r) in futures::future::join_all(starts).await {
+            if let Err(f) = r {
+                let why = format!("node {peer}: {}", f.message);
+                self.end(shared, id, JobState::Failed, Some(why)).await;
+                return;
+            }
+        }
+    }
+
+    /// Ends a job (once): records its final state, then tells every part that has not
+    /// reported a good end to stop and remove what it made.
+    pub(super) async fn end(
+        &self,
+        shared: &Arc<Shared>,
+        id: &str,
+        state: JobState,
+        error: Option<String>,
+    ) {
+        let command = Command::End {
+            job: id.to_owned(),
+            state,
+            ended: Ended {
+                at_ms: now_ms(),
+                error,
+            },
+        };
+        match self.log.propose(command).await {
+            Ok(crate::joblog::Applied::Done) => {}
+            Ok(crate::joblog::Applied::Refused(why)) => {
+                tracing::debug!(job = id, %why, "end not recorded");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "end not recorded");
+                return;
+            }
+        }
+        let peers: Vec<PeerId> = self.log.read(|s| {
+            s.job(id)
+                .map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node).collect())
+                .unwrap_or_default()
+        });
+        self.terminate(shared, id, &format!("{state:?}"), peers);
+    }
+
+    /// Tells `peers` to stop their part of `id`, without waiting.
+    pub(super) fn terminate(
+        &self,
+        shared: &Arc<Shared>,
+        id: &str,
+        reason: &str,
+        peers: Vec<PeerId>,
+    ) {
+        for peer in peers {
+            let shared = shared.clone();
+            let job = id.to_owned();
+            let reason = reason.to_owned();
+            let addrs = self.addrs(&peer);
+            self.tasks.lock().spawn(async move {
+                if let Err(e) = shared
+                    .call(peer, &addrs, Request::Terminate { job, reason })
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "terminate not delivered");
+                }
+            });
+        }
+    }
+
+    /// A node's report of its part.
+    pub(super) async fn report(
+        &self,
+        shared: &Arc<Shared>,
+        peer: PeerId,
+        r: PartReport,
+    ) -> Response {
+        let known = self.log.read(|s| match s.job(&r.job) {
+            None => Err(Failure::new(
+                FailureKind::NotFound,
+                format!("no job {}", r.job),
+            )),
+            Some(j) => match j.parts.iter().find(|p| p.node == peer) {
+                None => Err(Failure::new(
+                    FailureKind::Refused,
+                    format!("{peer} runs no part of {}", r.job),
+                )),
+                Some(p) => Ok(j.state.is_final() || p.done),
+            },
+        });
+        match known {
+            Err(f) => return Response::Error(f),
+            Ok(true) => return Response::Ok, // already ended, or reported before
+            Ok(false) => {}
+        }
+        match r.outcome {
+            Ok(res) => {
+                let command = Command::PartDone {
+                    job: r.job.clone(),
+                    node: peer,
+                    outputs: res.outputs,
+                    traffic: res.traffic,
+                    at_ms: now_ms(),
+                };
+                if let Err(e) = self.log.propose(command).await {
+                    return fail(FailureKind::Unavailable, e.to_string());
+                }
+            }
+            Err(f) => {
+                let state = if f.denied {
+                    JobState::Refused
+                } else {
+                    JobState::Failed
+                };
+                let what = if f.vertex.is_empty() {
+                    f.cause
+                } else {
+                    format!("vertex '{}': {}", f.vertex, f.cause)
+                };
+                self.end(shared, &r.job, state, Some(format!("node {peer}: {what}")))
+                    .await;
+            }
+        }
+        Response::Ok
+    }
+}

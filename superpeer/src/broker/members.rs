@@ -1,0 +1,247 @@
+//! The group's members as the leading broker hears them: registrations and heartbeats (soft
+//! state, not in the job log), lost nodes, and the summaries exchanged with other groups.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::policy::{Principal, PrincipalKind};
+
+use super::{Broker, fail};
+use crate::daemon::Shared;
+use crate::proto::{
+    FailureKind, GroupInfo, GroupSummary, Member, NodeInfo, NodeLoad, NodeView, Response,
+};
+
+/// A registered node.
+pub(super) struct NodeEntry {
+    pub(super) info: NodeInfo,
+    pub(super) addrs: Vec<Multiaddr>,
+    pub(super) last_seen: Instant,
+    pub(super) lost: bool,
+}
+
+/// How long a group summary stays valid without being heard again.
+const SUMMARY_TTL: Duration = Duration::from_secs(5);
+
+impl Broker {
+    /// Vertex slots free on `node` now: its slots less what the log and placements under way
+    /// hold there.
+    pub(super) fn free_slots(&self, peer: &PeerId, slots: u32) -> u32 {
+        let logged = self.log.read(|s| s.reserved(peer));
+        let inflight = self.inflight.lock().slots.get(peer).copied().unwrap_or(0);
+        slots.saturating_sub(logged).saturating_sub(inflight)
+    }
+
+    /// This group's summary, for the other super-peers.
+    pub(crate) fn summary(&self, shared: &Shared) -> GroupSummary {
+        let nodes = self.nodes.lock();
+        let live: Vec<(&PeerId, &NodeEntry)> = nodes.iter().filter(|(_, n)| !n.lost).collect();
+        let mut images: Vec<String> = live
+            .iter()
+            .flat_map(|(_, n)| n.info.images.clone())
+            .collect();
+        images.sort();
+        images.dedup();
+        let mut archs: Vec<String> = live.iter().map(|(_, n)| n.info.arch.clone()).collect();
+        archs.sort();
+        archs.dedup();
+        GroupSummary {
+            group: shared.config.group.clone(),
+            domain: shared.config.domain.clone(),
+            broker: shared.net.peer().to_string(),
+            addrs: shared.net.dial_addrs(),
+            nodes: u32::try_from(live.len()).unwrap_or(u32::MAX),
+            free_slots: live
+                .iter()
+                .map(|(p, n)| self.free_slots(p, n.info.slots))
+                .sum(),
+            images,
+            archs,
+        }
+    }
+
+    /// Takes another super-peer's summary (already validated).
+    pub(crate) fn learn(&self, shared: &Shared, s: GroupSummary) {
+        if s.broker == shared.net.peer().to_string() {
+            return;
+        }
+        self.groups
+            .lock()
+            .insert(s.broker.clone(), (s, Instant::now()));
+    }
+
+    /// The other groups heard from recently.
+    pub(super) fn groups(&self, shared: &Shared) -> Vec<GroupSummary> {
+        let mut g = self.groups.lock();
+        g.retain(|_, (_, at)| at.elapsed() < SUMMARY_TTL);
+        let me = shared.net.peer().to_string();
+        let mut v: Vec<GroupSummary> = g
+            .values()
+            .map(|(s, _)| s.clone())
+            .filter(|s| s.broker != me)
+            .collect();
+        v.sort_by(|a, b| a.group.cmp(&b.group));
+        v
+    }
+
+    /// The log's replicas, the leader first: where a node looks for the broker when it loses
+    /// this one.
+    pub(super) fn replicas(&self) -> Vec<Member> {
+        let leader = self.log.leader().map(|p| p.to_string());
+        let mut m: Vec<Member> = self
+            .log
+            .replicas()
+            .into_iter()
+            .map(|r| {
+                let addrs = r
+                    .multiaddrs()
+                    .iter()
+                    .filter_map(|a| r.peer_id().ok().map(|p| crate::net::with_peer(a, p)))
+                    .map(|a| a.to_string())
+                    .collect();
+                Member {
+                    peer: r.peer,
+                    addrs,
+                    eligible: true,
+                }
+            })
+            .collect();
+        m.sort_by_key(|x| Some(&x.peer) != leader.as_ref());
+        m
+    }
+
+    pub(super) fn register(
+        &self,
+        shared: &Shared,
+        peer: PeerId,
+        who: &Principal,
+        info: NodeInfo,
+    ) -> Response {
+        if who.kind != PrincipalKind::Node
+            || who.domain != shared.config.domain
+            || who.name != info.name
+            || info.domain != who.domain
+        {
+            return fail(
+                FailureKind::Refused,
+                format!(
+                    "{who} cannot join group {} of domain {} as node {}@{}: a node joins with \
+                     a node certificate of its own name and of the group's domain",
+                    shared.config.group, shared.config.domain, info.name, info.domain
+                ),
+            );
+        }
+        let addrs = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        tracing::info!(%peer, name = %info.name, "node registered");
+        self.expected.lock().remove(&peer);
+        self.nodes.lock().insert(
+            peer,
+            NodeEntry {
+                info,
+                addrs,
+                last_seen: Instant::now(),
+                lost: false,
+            },
+        );
+        Response::Registered {
+            heartbeat_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(1000),
+            members: self.replicas(),
+        }
+    }
+
+    pub(super) fn heartbeat(&self, peer: PeerId, load: NodeLoad) -> Response {
+        let known = {
+            let mut nodes = self.nodes.lock();
+            match nodes.get_mut(&peer) {
+                Some(n) if !n.lost => {
+                    n.last_seen = Instant::now();
+                    n.info.load = load;
+                    true
+                }
+                _ => false,
+            }
+        };
+        Response::Heartbeat {
+            known,
+            members: self.replicas(),
+        }
+    }
+
+    pub(crate) fn group(&self, shared: &Shared) -> GroupInfo {
+        let nodes = self.nodes.lock();
+        let mut views: Vec<NodeView> = nodes
+            .iter()
+            .map(|(p, n)| NodeView {
+                peer: p.to_string(),
+                name: n.info.name.clone(),
+                lost: n.lost,
+                vertices: self.log.read(|s| s.reserved(p)),
+                slots: n.info.slots,
+            })
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        let leader = self.log.leader();
+        GroupInfo {
+            group: shared.config.group.clone(),
+            broker: leader.map(|p| p.to_string()),
+            broker_addrs: if leader == Some(shared.net.peer()) {
+                shared.net.dial_addrs()
+            } else {
+                self.replicas()
+                    .into_iter()
+                    .find(|m| Some(&m.peer) == leader.map(|l| l.to_string()).as_ref())
+                    .map(|m| m.addrs)
+                    .unwrap_or_default()
+            },
+            is_broker: leader == Some(shared.net.peer()),
+            nodes: views,
+            groups: self.groups(shared),
+        }
+    }
+
+    /// Nodes silent for longer than `lost_after`: marked lost, and the parts they held failed.
+    /// A node that the log names as holding a part but that has not registered with this
+    /// leader since it took over counts as silent from the takeover.
+    pub(super) fn lost_nodes(&self, lost_after: Duration) -> Vec<(PeerId, String)> {
+        let mut lost: Vec<(PeerId, String)> = {
+            let mut nodes = self.nodes.lock();
+            nodes
+                .iter_mut()
+                .filter(|(_, n)| !n.lost && n.last_seen.elapsed() > lost_after)
+                .map(|(p, n)| {
+                    n.lost = true;
+                    (*p, n.info.name.clone())
+                })
+                .collect()
+        };
+        let mut expected = self.expected.lock();
+        expected.retain(|p, since| {
+            if since.elapsed() > lost_after {
+                lost.push((*p, String::from("(not registered since the takeover)")));
+                false
+            } else {
+                true
+            }
+        });
+        lost
+    }
+
+    /// Node names by peer, for statuses.
+    pub(super) fn names(&self) -> HashMap<PeerId, String> {
+        self.nodes
+            .lock()
+            .iter()
+            .map(|(p, n)| (*p, n.info.name.clone()))
+            .collect()
+    }
+
+    /// A registered node's addresses.
+    pub(super) fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.nodes
+            .lock()
+            .get(peer)
+            .map(|e| e.addrs.clone())
+            .unwrap_or_default()
+    }
+}
