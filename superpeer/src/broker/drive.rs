@@ -113,8 +113,8 @@ impl Broker {
         };
         match self.log.propose(command).await {
             Ok(crate::joblog::Applied::Done) => {}
-            Ok(crate::joblog::Applied::Refused(why)) => {
-                tracing::debug!(job = id, %why, "end not recorded");
+            Ok(other) => {
+                tracing::debug!(job = id, outcome = ?other, "end not recorded");
                 return;
             }
             Err(e) => {

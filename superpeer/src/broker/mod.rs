@@ -259,6 +259,10 @@ impl Broker {
         match self.log.propose(command).await {
             Ok(crate::joblog::Applied::Done) => Ok(()),
             Ok(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
+            Ok(crate::joblog::Applied::Batch(_)) => Err(fail(
+                FailureKind::Failed,
+                "one command gave a batch's outcome",
+            )),
             Err(e) => Err(fail(FailureKind::Unavailable, e.to_string())),
         }
     }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::{Principal, PrincipalKind};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{Raft, SnapshotPolicy};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,7 @@ use crate::net::Net;
 use crate::proto::{Failure, FailureKind, RaftRpc, Response};
 
 mod network;
+mod propose;
 pub mod state;
 mod store;
 
@@ -159,6 +160,11 @@ pub struct JobLog {
     /// The replicas this one was asked to start the log with, until its membership says.
     expected: Arc<RwLock<BTreeSet<NodeId>>>,
     watchers: store::Watchers,
+    /// The log's store, to stop its writer at shutdown.
+    store: store::LogStore,
+    /// To the proposer, which sends concurrent proposals as one entry.
+    proposals: tokio::sync::mpsc::Sender<(Command, propose::Reply)>,
+    proposer: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for JobLog {
@@ -199,15 +205,17 @@ impl JobLog {
         .validate()
         .map_err(|e| LogError::Raft(e.to_string()))?;
         let me = net.peer();
+        let store = store::LogStore::open(db.clone()).map_err(|e| open_error(e.to_string()))?;
         let raft = Raft::new(
             node_id(&me),
             Arc::new(raft_config),
             network::Network { net },
-            store::LogStore { db },
+            store.clone(),
             machine,
         )
         .await
         .map_err(|e| LogError::Raft(e.to_string()))?;
+        let (proposals, proposer) = propose::start(raft.clone());
         Ok(JobLog {
             raft,
             state,
@@ -215,6 +223,9 @@ impl JobLog {
             me,
             expected: Arc::default(),
             watchers,
+            store,
+            proposals,
+            proposer: Arc::new(parking_lot::Mutex::new(Some(proposer))),
         })
     }
 
@@ -250,15 +261,13 @@ impl JobLog {
     /// This replica does not lead ([`LogError::NotLeader`], with the leader when known), or
     /// Raft fails.
     pub async fn propose(&self, command: Command) -> Result<Applied, LogError> {
-        match self.raft.client_write(command).await {
-            Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(LogError::NotLeader {
-                    leader: f.leader_node.and_then(|n| n.peer_id().ok()),
-                })
-            }
-            Err(e) => Err(LogError::Raft(e.to_string())),
-        }
+        let stopped = || LogError::Raft("the job log has stopped".into());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send((command, tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Reads the control state as this replica has applied it.
@@ -386,9 +395,13 @@ impl JobLog {
 
     /// Stops this replica (its store stays for the next start).
     pub async fn shutdown(&self) {
+        if let Some(p) = self.proposer.lock().take() {
+            p.abort();
+        }
         if let Err(e) = self.raft.shutdown().await {
             tracing::debug!(error = %e, "job log shut down with an error");
         }
+        self.store.stop().await;
     }
 }
 

@@ -148,18 +148,21 @@ pub enum Command {
         /// Held or released.
         held: bool,
     },
+    /// Commands proposed at once, applied in order as one entry (each as it would be alone).
+    Batch(Vec<Command>),
 }
 
 impl Command {
-    /// The job it is about.
-    pub fn job(&self) -> &str {
+    /// The jobs it is about.
+    pub fn jobs(&self) -> Vec<&str> {
         match self {
-            Command::Submit(j) => &j.id,
+            Command::Submit(j) => vec![&j.id],
             Command::Place { job, .. }
             | Command::Start { job }
             | Command::PartDone { job, .. }
             | Command::End { job, .. }
-            | Command::Hold { job, .. } => job,
+            | Command::Hold { job, .. } => vec![job],
+            Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
         }
     }
 }
@@ -171,6 +174,8 @@ pub enum Applied {
     Done,
     /// Nothing changed, and why.
     Refused(String),
+    /// What each command of a batch gave, in order.
+    Batch(Vec<Applied>),
 }
 
 /// The group's control state: jobs, where their parts run, what owners and nodes hold, the
@@ -227,7 +232,17 @@ impl ControlState {
 
     /// Applies one command, the log's entry `index`.
     pub fn apply(&mut self, index: u64, command: Command) -> Applied {
-        let job = command.job().to_owned();
+        let command = match command {
+            Command::Batch(v) => {
+                return Applied::Batch(v.into_iter().map(|c| self.apply(index, c)).collect());
+            }
+            c => c,
+        };
+        let job = command
+            .jobs()
+            .first()
+            .map(|j| (*j).to_owned())
+            .unwrap_or_default();
         match self.try_apply(command) {
             Ok(()) => {
                 if let Some(j) = self.jobs.get_mut(&job) {
@@ -314,6 +329,7 @@ impl ControlState {
                 Ok(())
             }
             Command::End { job, state, ended } => self.end(&job, state, ended),
+            Command::Batch(_) => Err("a batch inside a batch".into()),
             Command::Hold { job, held } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Pending {

@@ -294,3 +294,37 @@ fn the_state_survives_a_snapshot_round_trip() {
     assert_eq!(back.reserved(&n), 2);
     assert_eq!(back.pending().count(), 1);
 }
+
+#[test]
+fn a_batch_applies_each_command_as_alone_in_order_and_says_what_each_gave() {
+    let n = PeerId::random();
+    let mut s = ControlState::default();
+    let batch = Command::Batch(vec![
+        Command::Submit(Box::new(job("a", 0, 0, vec![part(n, 2)]))),
+        Command::Start { job: "a".into() },
+        Command::Start { job: "a".into() },
+        Command::Submit(Box::new(job("b", 0, 0, vec![part(n, 1)]))),
+    ]);
+    let Applied::Batch(out) = s.apply(7, batch) else {
+        panic!("a batch gives a batch");
+    };
+    assert_eq!(out.len(), 4);
+    assert_eq!(
+        (&out[0], &out[1], &out[3]),
+        (&Applied::Done, &Applied::Done, &Applied::Done)
+    );
+    assert!(matches!(&out[2], Applied::Refused(w) if w.contains("not preparing")));
+    assert_eq!(s.job("a").expect("a").state, JobState::Running);
+    assert_eq!(
+        (
+            s.job("a").expect("a").version,
+            s.job("b").expect("b").version
+        ),
+        (7, 7)
+    );
+    assert_eq!(s.reserved(&n), 3);
+    let nested = s.apply(8, Command::Batch(vec![Command::Batch(Vec::new())]));
+    assert!(
+        matches!(nested, Applied::Batch(v) if matches!(&v[0], Applied::Batch(x) if x.is_empty()))
+    );
+}

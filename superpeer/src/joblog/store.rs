@@ -4,7 +4,7 @@
 
 use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::{Bound, RangeBounds};
+use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -88,9 +88,172 @@ fn meta_put<T: Serialize>(
 }
 
 /// Raft's log and vote.
+///
+/// Readers see every entry appended and not purged from memory at once; the disk follows on
+/// a writer thread of its own, which takes every write queued since its last commit into one
+/// redb transaction (one fsync) and only then tells openraft the entries are stored. Appends
+/// from many jobs at once thus cost one commit, not one each, and the Raft core never waits
+/// on the disk.
 #[derive(Clone)]
 pub(crate) struct LogStore {
-    pub(crate) db: Arc<Database>,
+    inner: Arc<LogInner>,
+}
+
+struct LogInner {
+    /// Every entry not purged, by index.
+    entries: parking_lot::Mutex<std::collections::BTreeMap<u64, Entry<TypeConfig>>>,
+    /// The last entry purged.
+    purged: parking_lot::Mutex<Option<LogId<NodeId>>>,
+    /// The vote, as last stored.
+    vote: parking_lot::Mutex<Option<Vote<NodeId>>>,
+    /// The commit point stored by the last run (read once, at start).
+    committed: Option<LogId<NodeId>>,
+    /// To the writer thread, in order.
+    writes: std::sync::mpsc::SyncSender<Write>,
+    /// The writer thread, until stopped.
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A change for the writer thread to make on disk.
+enum Write {
+    Append(Vec<(u64, Vec<u8>)>, LogFlushed<TypeConfig>),
+    /// Remove entries from this index on.
+    Truncate(u64),
+    /// Remove entries up to this one, and record it as purged.
+    Purge(LogId<NodeId>),
+    /// Store a record of Raft's own (vote, commit point), and say when it is on disk.
+    Meta(
+        &'static str,
+        Vec<u8>,
+        tokio::sync::oneshot::Sender<std::io::Result<()>>,
+    ),
+    /// Write what came before, then end (and close the database).
+    Stop,
+}
+
+/// Writes queued before the writer blocks the Raft core (backpressure on a slow disk).
+const WRITE_QUEUE: usize = 1 << 14;
+
+impl LogStore {
+    /// The log stored in `db`, read into memory, with its writer thread started.
+    pub(crate) fn open(db: Arc<Database>) -> std::result::Result<LogStore, std::io::Error> {
+        let purged: Option<LogId<NodeId>> =
+            meta_get::<Option<LogId<NodeId>>>(&db, "purged")?.flatten();
+        let committed = meta_get::<Option<LogId<NodeId>>>(&db, "committed")?.flatten();
+        let vote = meta_get::<Vote<NodeId>>(&db, "vote")?;
+        let mut entries = std::collections::BTreeMap::new();
+        {
+            let tx = db.begin_read().map_err(io)?;
+            let t = tx.open_table(LOG).map_err(io)?;
+            for item in t.iter().map_err(io)? {
+                let (k, v) = item.map_err(io)?;
+                entries.insert(k.value(), decode::<Entry<TypeConfig>>(v.value())?);
+            }
+        }
+        let (writes, queue) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("mvm-joblog-writer".into())
+            .spawn(move || writer(&db, &queue))?;
+        Ok(LogStore {
+            inner: Arc::new(LogInner {
+                entries: parking_lot::Mutex::new(entries),
+                purged: parking_lot::Mutex::new(purged),
+                vote: parking_lot::Mutex::new(vote),
+                committed,
+                writes,
+                thread: parking_lot::Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Writes what is queued, stops the writer and closes its hold on the database.
+    pub(crate) async fn stop(&self) {
+        let thread = self.inner.thread.lock().take();
+        if let Some(t) = thread {
+            let _ = self.queue(Write::Stop);
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    fn queue(&self, w: Write) -> std::result::Result<(), std::io::Error> {
+        self.inner
+            .writes
+            .send(w)
+            .map_err(|_| std::io::Error::other("the job log's writer has stopped"))
+    }
+
+    /// Stores a record of Raft's own; the receiver hears when it is on disk.
+    fn put_meta<T: Serialize>(
+        &self,
+        key: &'static str,
+        v: &T,
+    ) -> std::result::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>, std::io::Error>
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue(Write::Meta(key, encode(v)?, tx))?;
+        Ok(rx)
+    }
+}
+
+/// The writer thread: takes every write queued, makes them in one transaction, then reports.
+/// Ends when the store is dropped.
+fn writer(db: &Database, queue: &std::sync::mpsc::Receiver<Write>) {
+    let mut stop = false;
+    while !stop && let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match queue.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let result = (|| -> std::result::Result<(), std::io::Error> {
+            let tx = db.begin_write().map_err(io)?;
+            {
+                let mut log = tx.open_table(LOG).map_err(io)?;
+                let mut meta = tx.open_table(META).map_err(io)?;
+                for w in &batch {
+                    match w {
+                        Write::Append(entries, _) => {
+                            for (i, b) in entries {
+                                log.insert(*i, b.as_slice()).map_err(io)?;
+                            }
+                        }
+                        Write::Truncate(from) => {
+                            log.retain_in(*from.., |_, _| false).map_err(io)?;
+                        }
+                        Write::Purge(upto) => {
+                            let bytes = encode(&Some(*upto))?;
+                            meta.insert("purged", bytes.as_slice()).map_err(io)?;
+                            log.retain_in(..=upto.index, |_, _| false).map_err(io)?;
+                        }
+                        Write::Meta(key, bytes, _) => {
+                            meta.insert(*key, bytes.as_slice()).map_err(io)?;
+                        }
+                        Write::Stop => {}
+                    }
+                }
+            }
+            tx.commit().map_err(io)
+        })();
+        for w in batch {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            match w {
+                Write::Append(_, callback) => callback.log_io_completed(r),
+                Write::Meta(_, _, done) => {
+                    let _ = done.send(r);
+                }
+                Write::Truncate(_) | Write::Purge(_) => {}
+                Write::Stop => stop = true,
+            }
+        }
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the job log cannot write to its database");
+        }
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -98,29 +261,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>> {
-        let start = match range.start_bound() {
-            Bound::Included(x) => *x,
-            Bound::Excluded(x) => x.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(x) => Bound::Included(*x),
-            Bound::Excluded(x) => Bound::Excluded(*x),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let db = self.db.clone();
-        blocking(move || {
-            let tx = db.begin_read().map_err(io)?;
-            let t = tx.open_table(LOG).map_err(io)?;
-            let mut out = Vec::new();
-            for item in t.range((Bound::Included(start), end)).map_err(io)? {
-                let (_, v) = item.map_err(io)?;
-                out.push(decode::<Entry<TypeConfig>>(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| StorageIOError::read_logs(&e).into())
+        let entries = self.inner.entries.lock();
+        Ok(entries.range(range).map(|(_, e)| e.clone()).collect())
     }
 }
 
@@ -128,50 +270,46 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
-        let db = self.db.clone();
-        blocking(move || {
-            let purged: Option<LogId<NodeId>> = meta_get(&db, "purged")?;
-            let tx = db.begin_read().map_err(io)?;
-            let t = tx.open_table(LOG).map_err(io)?;
-            let last = match t.last().map_err(io)? {
-                Some((_, v)) => Some(decode::<Entry<TypeConfig>>(v.value())?.log_id),
-                None => purged,
-            };
-            Ok(LogState {
-                last_purged_log_id: purged,
-                last_log_id: last,
-            })
+        let purged = *self.inner.purged.lock();
+        let last = self
+            .inner
+            .entries
+            .lock()
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(purged);
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
         })
-        .await
-        .map_err(|e| StorageIOError::read_logs(&e).into())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
-        let db = self.db.clone();
-        blocking(move || meta_put(&db, "committed", &committed))
-            .await
+        // Only a hint for the next start (entries up to it are applied at once): not waited
+        // for. Without it a restarted group applies them when its new leader commits.
+        self.put_meta("committed", &committed)
+            .map(drop)
             .map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
-        let db = self.db.clone();
-        blocking(move || Ok(meta_get::<Option<LogId<NodeId>>>(&db, "committed")?.flatten()))
-            .await
-            .map_err(|e| StorageIOError::read(&e).into())
+        Ok(self.inner.committed)
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
-        let (db, vote) = (self.db.clone(), *vote);
-        blocking(move || meta_put(&db, "vote", &vote))
-            .await
-            .map_err(|e| StorageIOError::write_vote(&e).into())
+        // A vote counts only once it is on disk: Raft's safety rests on it.
+        let stored = async {
+            self.put_meta("vote", vote)?
+                .await
+                .map_err(|_| std::io::Error::other("the job log's writer has stopped"))?
+        };
+        stored.await.map_err(|e| StorageIOError::write_vote(&e))?;
+        *self.inner.vote.lock() = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>> {
-        let db = self.db.clone();
-        blocking(move || meta_get(&db, "vote"))
-            .await
-            .map_err(|e| StorageIOError::read_vote(&e).into())
+        Ok(*self.inner.vote.lock())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
@@ -180,64 +318,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
-        for e in entries {
-            let bytes = encode(&e).map_err(|e| StorageIOError::write_logs(&e))?;
-            encoded.push((e.log_id.index, bytes));
-        }
-        let db = self.db.clone();
-        let written = blocking(move || {
-            let tx = db.begin_write().map_err(io)?;
-            {
-                let mut t = tx.open_table(LOG).map_err(io)?;
-                for (i, b) in &encoded {
-                    t.insert(*i, b.as_slice()).map_err(io)?;
-                }
-            }
-            tx.commit().map_err(io)
-        })
-        .await;
-        match written {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                let err = StorageIOError::write_logs(&e);
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(err.into())
+        {
+            let mut mem = self.inner.entries.lock();
+            for e in entries {
+                let bytes = encode(&e).map_err(|e| StorageIOError::write_logs(&e))?;
+                encoded.push((e.log_id.index, bytes));
+                mem.insert(e.log_id.index, e);
             }
         }
+        self.queue(Write::Append(encoded, callback))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        let db = self.db.clone();
-        blocking(move || {
-            let tx = db.begin_write().map_err(io)?;
-            {
-                let mut t = tx.open_table(LOG).map_err(io)?;
-                t.retain_in(log_id.index.., |_, _| false).map_err(io)?;
-            }
-            tx.commit().map_err(io)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(&e).into())
+        drop(self.inner.entries.lock().split_off(&log_id.index));
+        self.queue(Write::Truncate(log_id.index))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        let db = self.db.clone();
-        blocking(move || {
-            let bytes = encode(&Some(log_id))?;
-            let tx = db.begin_write().map_err(io)?;
-            {
-                let mut m = tx.open_table(META).map_err(io)?;
-                m.insert("purged", bytes.as_slice()).map_err(io)?;
-                let mut t = tx.open_table(LOG).map_err(io)?;
-                t.retain_in(..=log_id.index, |_, _| false).map_err(io)?;
-            }
-            tx.commit().map_err(io)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(&e).into())
+        {
+            let mut mem = self.inner.entries.lock();
+            let keep = mem.split_off(&(log_id.index + 1));
+            *mem = keep;
+        }
+        *self.inner.purged.lock() = Some(log_id);
+        self.queue(Write::Purge(log_id))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -348,8 +455,9 @@ impl RaftStateMachine<TypeConfig> for Machine {
                 out.push(match e.payload {
                     EntryPayload::Blank => Applied::Done,
                     EntryPayload::Normal(c) => {
-                        touched.push((c.job().to_owned(), e.log_id.index));
-                        state.apply(e.log_id.index, c)
+                        let index = e.log_id.index;
+                        touched.extend(c.jobs().into_iter().map(|j| (j.to_owned(), index)));
+                        state.apply(index, c)
                     }
                     EntryPayload::Membership(m) => {
                         self.membership = StoredMembership::new(Some(e.log_id), m);

@@ -387,3 +387,32 @@ async fn only_replicas_of_the_domain_may_send_log_messages() {
         "{r:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement"]
+async fn measure_propose_throughput() {
+    for n in [1usize, 3] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let members = group(n, dir.path()).await;
+        let l = leader(&members.iter().collect::<Vec<_>>()).await;
+        let log = members[l].log.clone();
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..64 {
+            let log = log.clone();
+            set.spawn(async move {
+                for i in 0..100 {
+                    log.propose(submit(&format!("c{c}-{i}")))
+                        .await
+                        .expect("propose");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        let t = start.elapsed();
+        eprintln!(
+            "{n} replicas: 6400 proposals in {t:?}: {:.0}/s",
+            6400.0 / t.as_secs_f64()
+        );
+    }
+}
