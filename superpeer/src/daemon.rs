@@ -456,20 +456,29 @@ async fn membership(shared: Arc<Shared>) {
             Request::Register(info(&shared))
         };
         // Any answer, even a refusal, shows the super-peer is alive; silence does not.
+        // A request that fails at once (the connection is refused or closed: the process is
+        // gone) sends the node looking for the leader now, not after `lost_after`.
+        let mut refused = false;
         let answer = if sp == me {
             let principal = shared.net.principal().clone();
             Some(Box::pin(handle(&shared, me, &principal, request)).await)
         } else {
-            tokio::time::timeout(
+            match tokio::time::timeout(
                 shared.config.lost_after,
                 shared.net.request(sp, &addrs, request),
             )
             .await
-            .ok()
-            .and_then(Result::ok)
+            {
+                Ok(Ok(r)) => Some(r),
+                Ok(Err(_)) => {
+                    refused = true;
+                    None
+                }
+                Err(_) => None,
+            }
         };
         let answered = answer.is_some();
-        let mut elsewhere = false;
+        let mut elsewhere = refused && shared.members.lock().len() > 1;
         match answer {
             Some(Response::Registered { members, .. }) => {
                 registered = true;
@@ -506,6 +515,7 @@ async fn membership(shared: Arc<Shared>) {
                 *shared.superpeer.write() = Some(next);
                 registered = false;
                 last_answer = tokio::time::Instant::now();
+                tick.reset_immediately(); // register there now
             }
         }
     }
