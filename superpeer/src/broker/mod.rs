@@ -34,6 +34,11 @@ mod forward;
 mod members;
 mod place;
 
+#[cfg(test)]
+mod harness;
+#[cfg(test)]
+mod tests;
+
 use place::Placed;
 
 /// The broker's state beside the log.

@@ -1,0 +1,173 @@
+//! A job's lifecycle through real daemons in one process ([`super::harness`]).
+
+use super::harness::{Lab, items, ring, until};
+use crate::proto::{FailureKind, JobState};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_over_two_nodes_is_placed_run_and_kept_in_the_history() {
+    let lab = Lab::start(1, &[16, 16]).await;
+    let c = lab.client().await;
+    let s = c
+        .submit_and_wait(&ring("r", 500, Some(2), 0))
+        .await
+        .expect("submit");
+    let s = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!(s.state, JobState::Done, "{s:?}");
+    assert_eq!(s.parts.len(), 2, "spread over both nodes: {s:?}");
+    assert_eq!(items(&s), 500, "every hop one item: {s:?}");
+    assert_eq!(s.owner, "alice@default");
+    let all = c.status(None).await.expect("status");
+    assert!(all.iter().any(|j| j.job == s.job));
+    // Its slots are free again.
+    let g = c.group().await.expect("group");
+    assert!(g.nodes.iter().all(|n| n.vertices == 0), "{g:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_ends_and_frees_its_slots_and_cannot_be_cancelled_twice() {
+    let lab = Lab::start(1, &[16]).await;
+    let c = lab.client().await;
+    let s = c
+        .submit(&ring("long", 2_000_000_000, None, 0))
+        .await
+        .expect("submit");
+    until(&c, &s.job, |st| st == JobState::Running).await;
+    assert_eq!(c.group().await.expect("group").nodes[0].vertices, 8);
+    c.cancel(&s.job).await.expect("cancel");
+    let s = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!(s.state, JobState::Cancelled);
+    assert_eq!(c.group().await.expect("group").nodes[0].vertices, 0);
+    let e = c.cancel(&s.job).await.expect_err("twice");
+    assert_eq!(e.kind, FailureKind::Input, "{e:?}");
+    assert!(e.message.contains("already ended"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_for_room_and_is_placed_when_it_frees() {
+    let lab = Lab::start(1, &[8]).await;
+    let c = lab.client().await;
+    let long = c
+        .submit(&ring("long", 2_000_000_000, None, 0))
+        .await
+        .expect("submit");
+    until(&c, &long.job, |st| st == JobState::Running).await;
+    let next = c.submit(&ring("next", 300, None, 0)).await.expect("submit");
+    assert_eq!(next.state, JobState::Pending, "{next:?}");
+    assert!(
+        next.waiting
+            .as_deref()
+            .is_some_and(|w| w.contains("n0") && w.contains("no free vertex slot")),
+        "{next:?}"
+    );
+    // Held, it is not placed; it cannot be held twice.
+    c.hold(&next.job, true).await.expect("hold");
+    let e = c.hold(&next.job, true).await.expect_err("twice");
+    assert!(e.message.contains("already held"), "{e:?}");
+    c.cancel(&long.job).await.expect("cancel");
+    until(&c, &long.job, JobState::is_final).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(
+        c.status(Some(&next.job)).await.expect("status")[0].state,
+        JobState::Pending
+    );
+    c.hold(&next.job, false).await.expect("release");
+    let s = until(&c, &next.job, JobState::is_final).await;
+    assert_eq!((s.state, items(&s)), (JobState::Done, 300), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_mid_job_fails_the_job_with_its_name() {
+    let mut lab = Lab::start(1, &[8, 8]).await;
+    let c = lab.client().await;
+    let s = c
+        .submit(&ring("long", 2_000_000_000, Some(2), 0))
+        .await
+        .expect("submit");
+    until(&c, &s.job, |st| st == JobState::Running).await;
+    lab.nodes[1].stop().await;
+    let s = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!(s.state, JobState::Failed, "{s:?}");
+    assert!(
+        s.error.as_deref().is_some_and(|e| e.contains("node")),
+        "{s:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_mid_job_is_replaced_and_the_job_completes_with_the_history() {
+    let mut lab = Lab::start(3, &[8, 8]).await;
+    let c = lab.client().await;
+    let first = c
+        .submit_and_wait(&ring("first", 100, None, 0))
+        .await
+        .expect("submit");
+    let first = until(&c, &first.job, JobState::is_final).await;
+    assert_eq!(first.state, JobState::Done);
+    let hops = 300_000;
+    let s = c
+        .submit(&ring("long", hops, Some(2), 0))
+        .await
+        .expect("submit");
+    until(&c, &s.job, |st| st == JobState::Running).await;
+    let l = lab.leader().await;
+    lab.superpeers[l].stop().await;
+    let c = lab.client().await;
+    assert_ne!(lab.leader().await, l);
+    let end = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!((end.state, items(&end)), (JobState::Done, hops), "{end:?}");
+    let all = c.status(None).await.expect("status");
+    assert!(all.iter().any(|j| j.job == first.job), "the history stays");
+    let again = c
+        .submit_and_wait(&ring("after", 100, None, 0))
+        .await
+        .expect("submit");
+    assert_eq!(
+        until(&c, &again.job, JobState::is_final).await.state,
+        JobState::Done
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_takes_no_job_and_names_the_leader() {
+    let lab = Lab::start(3, &[8]).await;
+    let l = lab.leader().await;
+    let f = (l + 1) % 3;
+    let leader = lab.superpeers[l]
+        .addr
+        .rsplit('/')
+        .next()
+        .expect("peer")
+        .to_owned();
+    let fc = crate::client::Client::new(&lab.user(), &lab.superpeers[f].addr)
+        .await
+        .expect("client");
+    // A follower knows the leader from its first heartbeat.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fc.group().await.expect("group").broker.as_deref() != Some(leader.as_str()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower never heard the leader"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let e = fc
+        .submit(&ring("x", 10, None, 0))
+        .await
+        .expect_err("a follower takes no job");
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e:?}");
+    assert!(e.message.contains(&leader), "{e:?}");
+    let g = fc.group().await.expect("group");
+    assert!(
+        !g.is_broker && g.broker.as_deref() == Some(leader.as_str()),
+        "{g:?}"
+    );
+    // Nothing was recorded: the leader knows no job.
+    assert!(
+        lab.client()
+            .await
+            .status(None)
+            .await
+            .expect("status")
+            .is_empty()
+    );
+}
