@@ -20,6 +20,9 @@ use crate::proto::{JobState, JobStatus, LimitSpec, Requirements, Submission};
 pub(crate) struct Running {
     /// Its `/…/p2p/PEER` address.
     pub(crate) addr: String,
+    /// How it was started, to start it again.
+    creds: Credentials,
+    config: DaemonConfig,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -29,8 +32,14 @@ impl Running {
     pub(crate) async fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+            let _ = (&mut self.task).await;
         }
-        let _ = (&mut self.task).await;
+    }
+
+    /// Starts it again as it was (identity, address, state directory).
+    pub(crate) async fn restart(&mut self) {
+        self.stop().await;
+        *self = run(&self.creds, self.config.clone()).await;
     }
 }
 
@@ -64,7 +73,9 @@ fn fast(config: DaemonConfig) -> DaemonConfig {
 }
 
 async fn run(creds: &Credentials, config: DaemonConfig) -> Running {
-    let daemon = Daemon::start(creds, config).await.expect("daemon starts");
+    let daemon = Daemon::start(creds, config.clone())
+        .await
+        .expect("daemon starts");
     let addr = daemon.dial_addrs()[0].clone();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(daemon.run(async move {
@@ -72,6 +83,8 @@ async fn run(creds: &Credentials, config: DaemonConfig) -> Running {
     }));
     Running {
         addr,
+        creds: creds.clone(),
+        config,
         stop: Some(tx),
         task,
     }
@@ -106,6 +119,7 @@ impl Lab {
             let mut config = fast(DaemonConfig {
                 name: format!("sp{i}"),
                 broker: true,
+                state_dir: Some(lab._dir.path().join(format!("sp{i}"))),
                 slots: 0,
                 replicas: sps
                     .iter()

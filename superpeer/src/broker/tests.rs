@@ -171,3 +171,49 @@ async fn a_follower_takes_no_job_and_names_the_leader() {
             .is_empty()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_super_peers_all_restart_keeps_its_history_and_takes_jobs() {
+    let mut lab = Lab::start(3, &[8]).await;
+    let c = lab.client().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let s = c
+            .submit_and_wait(&ring(&format!("j{i}"), 50, None, 0))
+            .await
+            .expect("submit");
+        assert_eq!(
+            until(&c, &s.job, JobState::is_final).await.state,
+            JobState::Done
+        );
+        ids.push(s.job);
+    }
+    for sp in &mut lab.superpeers {
+        sp.stop().await;
+    }
+    let user = lab.user();
+    let addrs: Vec<String> = lab.superpeers.iter().map(|s| s.addr.clone()).collect();
+    assert!(
+        crate::client::Client::find(&user, &addrs).await.is_err(),
+        "every super-peer is down"
+    );
+    for sp in &mut lab.superpeers {
+        sp.restart().await;
+    }
+    lab.registered(1).await;
+    let c = lab.client().await;
+    let all = c.status(None).await.expect("status");
+    for id in &ids {
+        let j = all.iter().find(|j| j.job == *id).expect("kept");
+        assert_eq!(j.state, JobState::Done, "{j:?}");
+    }
+    let s = c
+        .submit_and_wait(&ring("after", 50, None, 0))
+        .await
+        .expect("submit");
+    assert_eq!(
+        until(&c, &s.job, JobState::is_final).await.state,
+        JobState::Done
+    );
+    assert!(!ids.contains(&s.job), "a new id after the restart");
+}
