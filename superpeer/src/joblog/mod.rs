@@ -305,19 +305,27 @@ impl JobLog {
         self.me
     }
 
+    /// Reads Raft's metrics (who leads, the term, the membership) without copying them.
+    fn metrics<R>(&self, f: impl FnOnce(&openraft::RaftMetrics<NodeId, Replica>) -> R) -> R {
+        let rx = self.raft.metrics();
+        let m = rx.borrow();
+        f(&m)
+    }
+
     /// The replica that leads now, as this one knows it.
     pub fn leader(&self) -> Option<PeerId> {
-        let m = self.raft.metrics().borrow().clone();
-        let id = m.current_leader?;
-        m.membership_config
-            .membership()
-            .get_node(&id)
-            .and_then(|n| n.peer_id().ok())
+        self.metrics(|m| {
+            let id = m.current_leader?;
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .and_then(|n| n.peer_id().ok())
+        })
     }
 
     /// The current Raft term as this replica knows it: one leader at most per term.
     pub fn term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
+        self.metrics(|m| m.current_term)
     }
 
     /// Whether this replica leads now.
@@ -325,31 +333,15 @@ impl JobLog {
         self.leader() == Some(self.me)
     }
 
-    /// Waits until some replica leads, at most `max`; returns it.
-    pub async fn wait_for_leader(&self, max: Duration) -> Option<PeerId> {
-        let mut metrics = self.raft.metrics();
-        let found = tokio::time::timeout(max, async {
-            loop {
-                if metrics.borrow().current_leader.is_some() {
-                    return;
-                }
-                if metrics.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await;
-        found.ok().and_then(|()| self.leader())
-    }
-
     /// The replicas of the log, as its membership says.
     pub fn replicas(&self) -> Vec<Replica> {
-        let m = self.raft.metrics().borrow().clone();
-        m.membership_config
-            .membership()
-            .nodes()
-            .map(|(_, n)| n.clone())
-            .collect()
+        self.metrics(|m| {
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(_, n)| n.clone())
+                .collect()
+        })
     }
 
     /// Answers a message from another replica. Only a node certificate of this daemon's domain
@@ -365,12 +357,10 @@ impl JobLog {
         if who.kind != PrincipalKind::Node || who.domain != domain {
             return refused(format!("{who} is not a super-peer of domain {domain}"));
         }
-        let mut members = self.expected.read().clone();
-        {
-            let m = self.raft.metrics().borrow().clone();
-            members.extend(m.membership_config.membership().nodes().map(|(id, _)| *id));
-        }
-        if !members.contains(&node_id(&from)) {
+        let id = node_id(&from);
+        let member = self.expected.read().contains(&id)
+            || self.metrics(|m| m.membership_config.membership().get_node(&id).is_some());
+        if !member {
             return refused(format!("{from} is not a replica of this group's job log"));
         }
         let answer = match rpc {
