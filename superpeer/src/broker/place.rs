@@ -171,8 +171,16 @@ impl Broker {
         let plan = match self.plan(shared, &s, &c, &mut reservation) {
             Ok(p) => p,
             Err(why) if self.fits_when_free(&s, &c) => {
-                // Admitted, but not now: it waits, and holds what it asks for meanwhile.
+                // Admitted, but not now: it waits, and holds what it asks for meanwhile. Its
+                // modules wait in the log with it, so that whichever replica leads when there
+                // is room has them (they leave the log when it is placed).
                 record.state = JobState::Pending;
+                let mut s = s;
+                s.modules = s
+                    .components
+                    .values()
+                    .filter_map(|h| self.modules.get(h))
+                    .collect();
                 record.submission = Some(Box::new(s));
                 self.waiting.lock().insert(id.clone(), why);
                 if let Err(r) = self.record(Command::Submit(Box::new(record))).await {
@@ -218,6 +226,11 @@ impl Broker {
         for (id, owner, s) in waiting {
             if self.driving.lock().contains(&id) {
                 continue;
+            }
+            if s.components.values().any(|h| !self.modules.has(h)) {
+                for b in &s.modules {
+                    self.modules.put(b.clone());
+                }
             }
             let c = match self.check(shared, &s) {
                 Ok(c) => c,

@@ -217,3 +217,89 @@ async fn a_group_whose_super_peers_all_restart_keeps_its_history_and_takes_jobs(
     );
     assert!(!ids.contains(&s.job), "a new id after the restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_job_is_placed_by_the_next_leader_with_its_modules() {
+    let mut lab = Lab::start(3, &[8]).await;
+    let c = lab.client().await;
+    let long = c
+        .submit(&ring("long", 2_000_000_000, None, 0))
+        .await
+        .expect("submit");
+    until(&c, &long.job, |st| st == JobState::Running).await;
+    let next = c.submit(&ring("next", 200, None, 0)).await.expect("submit");
+    assert_eq!(next.state, JobState::Pending);
+    let l = lab.leader().await;
+    lab.superpeers[l].stop().await;
+    // The next leader has the pending job, and its module (only the old leader was sent it).
+    let c = lab.client().await;
+    c.cancel(&long.job).await.expect("cancel");
+    let s = until(&c, &next.job, JobState::is_final).await;
+    assert_eq!((s.state, items(&s)), (JobState::Done, 200), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_jobs_go_by_priority_then_by_submission() {
+    let lab = Lab::start(1, &[8]).await;
+    let c = lab.client().await;
+    let long = c
+        .submit(&ring("long", 2_000_000_000, None, 0))
+        .await
+        .expect("submit");
+    until(&c, &long.job, |st| st == JobState::Running).await;
+    let mut ids = Vec::new();
+    for (name, priority) in [("a", 0), ("b", 3), ("c", 3), ("d", 1)] {
+        let s = c
+            .submit(&ring(name, 2_000_000_000, None, priority))
+            .await
+            .expect("submit");
+        assert_eq!(s.state, JobState::Pending);
+        ids.push(s.job);
+    }
+    // One at a time fits: each one placed is cancelled, and the next in order follows.
+    c.cancel(&long.job).await.expect("cancel");
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let running = loop {
+            let all = c.status(None).await.expect("status");
+            if let Some(j) = all.iter().find(|j| j.state == JobState::Running) {
+                break j.name.clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let id = ids
+            .iter()
+            .find(|i| i.starts_with(&format!("{running}-")))
+            .expect("one of them")
+            .clone();
+        c.cancel(&id).await.expect("cancel");
+        until(&c, &id, JobState::is_final).await;
+        order.push(running);
+    }
+    assert_eq!(order, ["b", "c", "d", "a"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submissions_are_refused_and_nothing_is_recorded() {
+    let lab = Lab::start(1, &[4]).await;
+    let c = lab.client().await;
+    // A topology that does not parse: the file and line.
+    let mut bad = ring("bad", 1, None, 0);
+    bad.submission.topology = "digraph g {\n  a -> ;\n}\n".into();
+    let e = c.submit(&bad).await.expect_err("refused");
+    assert_eq!(e.kind, FailureKind::Input, "{e:?}");
+    assert!(e.message.contains("ring-8.dot:2"), "{e:?}");
+    // A component without a module.
+    let mut bad = ring("bad", 1, None, 0);
+    bad.submission.components.clear();
+    let e = c.submit(&bad).await.expect_err("refused");
+    assert!(e.message.contains("has no module"), "{e:?}");
+    // More vertices than the group could ever hold: refused at once, not queued.
+    let e = c
+        .submit(&ring("big", 1, None, 0))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e:?}");
+    assert!(e.message.contains("no other group"), "{e:?}");
+    assert!(c.status(None).await.expect("status").is_empty());
+}
