@@ -214,8 +214,9 @@ pub(super) fn sanitize(name: &str) -> String {
     if s.is_empty() { "job".into() } else { s }
 }
 
-/// Who owns a submitted job: the user who sends it, or the user a forwarding super-peer
-/// authenticated. The profile's owner and domain, when given, must be the certificate's.
+/// Who owns a submitted job: the user who sends it, or the user of its own domain that a
+/// forwarding super-peer authenticated. The profile's owner and domain, when given, must be
+/// the certificate's.
 pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, String> {
     match caller.kind {
         PrincipalKind::User => {
@@ -236,6 +237,12 @@ pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, 
             Ok(caller.clone())
         }
         PrincipalKind::Node => match &s.on_behalf {
+            // A super-peer speaks only for the users it authenticated: its own domain's. (The
+            // owner's use of this domain is then the inter-domain policy's to decide.)
+            Some(owner) if owner.domain != caller.domain => Err(format!(
+                "{caller} cannot forward a job on behalf of {owner}: a super-peer forwards only \
+                 jobs of users of its own domain"
+            )),
             Some(owner) if s.hops > 0 && caller.roles.iter().any(|r| r == "superpeer") => {
                 Ok(owner.clone())
             }
@@ -263,4 +270,50 @@ pub(super) fn inter_domain_allows(shared: &Shared, owner: &Principal, g: &GroupS
             }),
         })
         .allowed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(kind: PrincipalKind, name: &str, domain: &str, roles: &[&str]) -> Principal {
+        Principal {
+            kind,
+            name: name.into(),
+            domain: domain.into(),
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_job_is_owned_by_its_user_or_by_the_user_its_own_super_peer_forwards() {
+        let alice = who(PrincipalKind::User, "alice", "physics", &["researcher"]);
+        let sp = who(PrincipalKind::Node, "sp", "physics", &["superpeer"]);
+        let bio_sp = who(PrincipalKind::Node, "sp", "biology", &["superpeer"]);
+        let node = who(PrincipalKind::Node, "n0", "physics", &[]);
+        let plain = Submission::default();
+        assert_eq!(owner_of(&alice, &plain), Ok(alice.clone()));
+        let claims = Submission {
+            owner: Some("bob".into()),
+            ..Submission::default()
+        };
+        assert!(owner_of(&alice, &claims).is_err_and(|e| e.contains("names owner bob")));
+        let forwarded = Submission {
+            on_behalf: Some(alice.clone()),
+            hops: 1,
+            ..Submission::default()
+        };
+        assert_eq!(owner_of(&sp, &forwarded), Ok(alice.clone()));
+        // Not for another domain's user, not without the role, not by a user, not unforwarded.
+        let e = owner_of(&bio_sp, &forwarded).expect_err("another domain's user");
+        assert!(e.contains("its own domain"), "{e}");
+        assert!(owner_of(&node, &forwarded).is_err());
+        assert!(owner_of(&alice, &forwarded).is_err_and(|e| e.contains("not a super-peer")));
+        let unforwarded = Submission {
+            hops: 0,
+            ..forwarded
+        };
+        assert!(owner_of(&sp, &unforwarded).is_err());
+        assert!(owner_of(&sp, &plain).is_err());
+    }
 }
