@@ -159,7 +159,7 @@ impl Daemon {
     ///
     /// # Errors
     /// The network, the runtime, or a bootstrap address cannot be set up.
-    pub async fn start(creds: &Credentials, mut config: DaemonConfig) -> Result<Daemon, String> {
+    pub async fn start(creds: &Credentials, config: DaemonConfig) -> Result<Daemon, String> {
         if creds.principal.domain != config.domain {
             return Err(format!(
                 "the certificate is of domain {}, not {}",
@@ -170,7 +170,6 @@ impl Daemon {
         let os = match &config.os {
             Some(c) if config.slots > 0 => {
                 let os = NodeOs::open(c).map_err(|e| format!("{}: {e}", c.dir.display()))?;
-                config.images.extend(os.images());
                 Some(Arc::new(os))
             }
             _ => None,
@@ -414,7 +413,18 @@ fn load(shared: &Shared) -> NodeLoad {
         free_memory_bytes: free as u64,
         load,
         vertices: shared.node.vertices(),
+        images: images(shared),
     }
+}
+
+/// The image ids this node offers now: the configured ones and its repository's (read again
+/// each time, so that an image imported while the node runs is offered).
+fn images(shared: &Shared) -> Vec<String> {
+    let mut v = shared.config.images.clone();
+    if let Some(os) = &shared.os {
+        v.extend(os.images());
+    }
+    v
 }
 
 fn info(shared: &Shared) -> NodeInfo {
@@ -428,7 +438,7 @@ fn info(shared: &Shared) -> NodeInfo {
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
         memory_bytes: mvm_os::probe::total_memory().unwrap_or(0),
         arch: std::env::consts::ARCH.to_owned(),
-        images: c.images.clone(),
+        images: images(shared),
         slots: c.slots,
         eligible: c.broker,
         load: load(shared),

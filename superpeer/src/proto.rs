@@ -406,6 +406,10 @@ pub struct NodeLoad {
     pub load: f64,
     /// Vertices running now.
     pub vertices: u32,
+    /// Image ids it offers now (images imported while it runs are offered from the next
+    /// heartbeat on).
+    #[serde(default)]
+    pub images: Vec<String>,
 }
 
 /// A member of a group, as the super-peer lists them.
@@ -804,7 +808,7 @@ impl Request {
                 check_len("images", n.images.len())?;
                 check_name("the architecture", &n.arch)
             }
-            Request::Heartbeat(_) => Ok(()),
+            Request::Heartbeat(l) => check_len("images", l.images.len()),
             Request::Fetch { hash } => check_hash(hash),
             Request::Report(r) => r.validate(),
             Request::Prepare(p) => {

@@ -137,6 +137,29 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
         "{out:?}"
     );
 
+    // An image imported while the node runs is offered from its next heartbeat on.
+    let out = g.run(&[
+        "image",
+        "import",
+        "--os-dir",
+        os.to_str().expect("utf-8"),
+        "env:2",
+        disk.to_str().expect("utf-8"),
+        "--drivers",
+        "host",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let late = profile(g.dir.path(), "late", "image = \"env:2\"");
+    let v = wait_for(Duration::from_secs(10), || {
+        let out = g.run(&["submit", "--wait", &late, "-o", "json"]);
+        out.status.success().then(|| json(&out))
+    });
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"][0]["name"], "n1", "{v}");
+    wait_for(Duration::from_secs(10), || {
+        (guests(&os) == kept).then_some(())
+    });
+
     // Another node fetches the image from n1, verified by digest.
     let n1_addr = std::fs::read_to_string(g.dir.path().join("n1.addr")).expect("n1 address");
     let n1_addr = n1_addr.lines().next().expect("an address").to_owned();

@@ -156,6 +156,9 @@ impl Broker {
             match nodes.get_mut(&peer) {
                 Some(n) if !n.lost => {
                     n.last_seen = Instant::now();
+                    if !load.images.is_empty() {
+                        n.info.images.clone_from(&load.images);
+                    }
                     n.info.load = load;
                     true
                 }
