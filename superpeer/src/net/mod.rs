@@ -613,7 +613,7 @@ impl Net {
 /// What waits for a peer's certificate to pass.
 enum Waiting {
     Request {
-        request: Request,
+        request: Box<Request>,
         reply: oneshot::Sender<Result<Response, NetError>>,
     },
     Auth(oneshot::Sender<Result<Principal, NetError>>),
@@ -680,6 +680,7 @@ impl Actor {
                 if self.verified.read().contains_key(&peer) {
                     self.send(peer, request, reply);
                 } else {
+                    let request = Box::new(request);
                     self.wait(peer, Waiting::Request { request, reply });
                 }
             }
@@ -804,7 +805,7 @@ impl Actor {
                 self.verified.write().insert(peer, principal.clone());
                 for w in waiting {
                     match w {
-                        Waiting::Request { request, reply } => self.send(peer, request, reply),
+                        Waiting::Request { request, reply } => self.send(peer, *request, reply),
                         Waiting::Auth(reply) => {
                             let _ = reply.send(Ok(principal.clone()));
                         }
