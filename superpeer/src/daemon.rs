@@ -221,9 +221,19 @@ impl Daemon {
                     replicas.push(Replica::new(peer, &[addr]));
                 }
             }
-            log.initialize(&replicas).await.map_err(|e| e.to_string())?;
+            log.expect(&replicas).map_err(|e| e.to_string())?;
+            // One replica starts a new log (the lowest peer id), so that the others do not all
+            // stand for election at once; the others start it themselves only if it has not
+            // reached them after a while (it may be down). A log that exists is kept.
+            let founder = replicas.iter().filter_map(|r| r.peer_id().ok()).min();
+            let founders = if founder == Some(net.peer()) {
+                log.initialize(&replicas).await.map_err(|e| e.to_string())?;
+                None
+            } else {
+                Some(replicas)
+            };
             let modules = ModuleStore::new(config.module_dir.clone());
-            Some(Arc::new(Broker::new(log, modules)))
+            Some(Arc::new(Broker::new(log, modules, founders)))
         } else {
             None
         };

@@ -20,8 +20,8 @@ use mvm_component::policy::{Principal, PrincipalKind, Question, Resource};
 use parking_lot::Mutex;
 
 use crate::daemon::Shared;
-use crate::joblog::JobLog;
 use crate::joblog::state::JobRecord;
+use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
     Failure, FailureKind, GroupSummary, JobState, JobStatus, PartStatus, Request, Response,
@@ -62,7 +62,14 @@ pub(crate) struct Broker {
     leading: AtomicBool,
     /// Messages to nodes under way (terminations), ended with the broker.
     tasks: Mutex<tokio::task::JoinSet<()>>,
+    /// The replicas to start the job log with, and since when, if no other replica has started
+    /// it by [`FOUNDING_WAIT`].
+    founders: Mutex<Option<(Vec<Replica>, Instant)>>,
 }
+
+/// How long a replica waits for the founding replica to start a new job log before it starts
+/// the log itself.
+const FOUNDING_WAIT: Duration = Duration::from_secs(5);
 
 pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
@@ -76,7 +83,7 @@ pub(super) fn now_ms() -> u64 {
 }
 
 impl Broker {
-    pub(crate) fn new(log: JobLog, modules: ModuleStore) -> Broker {
+    pub(crate) fn new(log: JobLog, modules: ModuleStore, founders: Option<Vec<Replica>>) -> Broker {
         Broker {
             log,
             modules,
@@ -89,6 +96,7 @@ impl Broker {
             waiting: Mutex::default(),
             leading: AtomicBool::new(false),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
+            founders: Mutex::new(founders.map(|r| (r, Instant::now()))),
         }
     }
 
@@ -148,6 +156,7 @@ impl Broker {
     /// fails their parts.
     pub(crate) async fn tick(self: &Arc<Self>, shared: &Arc<Shared>, lost_after: Duration) {
         while self.tasks.lock().try_join_next().is_some() {}
+        self.found().await;
         let leading = self.log.is_leader();
         let was = self
             .leading
@@ -184,6 +193,27 @@ impl Broker {
             self.waiting.lock().retain(|id, _| pending.contains(id));
         }
         self.place_pending(shared).await;
+    }
+
+    /// Starts the job log with the founding replicas if none has started it in time.
+    async fn found(&self) {
+        let due = {
+            let mut f = self.founders.lock();
+            match &*f {
+                Some(_) if !self.log.replicas().is_empty() => {
+                    *f = None;
+                    None
+                }
+                Some((_, since)) if since.elapsed() > FOUNDING_WAIT => f.take().map(|(r, _)| r),
+                _ => None,
+            }
+        };
+        if let Some(replicas) = due {
+            tracing::warn!("no replica started the group's job log; this one does");
+            if let Err(e) = self.log.initialize(&replicas).await {
+                tracing::warn!(error = %e, "cannot start the job log");
+            }
+        }
     }
 
     /// This broker has just taken the lead: the jobs that the last leader was preparing cannot

@@ -182,10 +182,8 @@ async fn a_group_whose_super_peers_all_restart_keeps_its_history_and_takes_jobs(
             .submit_and_wait(&ring(&format!("j{i}"), 50, None, 0))
             .await
             .expect("submit");
-        assert_eq!(
-            until(&c, &s.job, JobState::is_final).await.state,
-            JobState::Done
-        );
+        let end = until(&c, &s.job, JobState::is_final).await;
+        assert_eq!(end.state, JobState::Done, "{end:?}");
         ids.push(s.job);
     }
     for sp in &mut lab.superpeers {

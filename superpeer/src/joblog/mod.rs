@@ -236,6 +236,21 @@ impl JobLog {
     /// # Errors
     /// This replica is not in the list, or Raft fails.
     pub async fn initialize(&self, replicas: &[Replica]) -> Result<(), LogError> {
+        let members = self.expect(replicas)?;
+        match self.raft.initialize(members).await {
+            Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
+                Ok(())
+            }
+            Err(e) => Err(LogError::Raft(e.to_string())),
+        }
+    }
+
+    /// Takes messages from `replicas` (this one among them) before this replica has a log of
+    /// its own: the one that starts the log ([`JobLog::initialize`]) sends them.
+    ///
+    /// # Errors
+    /// This replica is not in the list, or an entry names no peer.
+    pub fn expect(&self, replicas: &[Replica]) -> Result<BTreeMap<NodeId, Replica>, LogError> {
         let mut members = BTreeMap::new();
         for r in replicas {
             members.insert(node_id(&r.peer_id()?), r.clone());
@@ -247,12 +262,7 @@ impl JobLog {
             )));
         }
         self.expected.write().extend(members.keys().copied());
-        match self.raft.initialize(members).await {
-            Ok(()) | Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {
-                Ok(())
-            }
-            Err(e) => Err(LogError::Raft(e.to_string())),
-        }
+        Ok(members)
     }
 
     /// Proposes a command; returns what applying it gave once a majority has stored it.
