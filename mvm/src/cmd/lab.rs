@@ -123,8 +123,8 @@ pub(crate) struct LabInfo {
     /// Each daemon's name and peer id, in the order of `pids`.
     #[serde(default)]
     pub(crate) daemons: Vec<(String, String)>,
-    /// The nodes' addresses (any of them leads to the group's super-peer, also after an
-    /// election).
+    /// The nodes' addresses (any of them leads to the group's leading super-peer, also after
+    /// the leader changed).
     #[serde(default)]
     pub(crate) members: Vec<String>,
 }
@@ -402,8 +402,8 @@ impl Lab {
                 let g = client.group().await.map_err(wire)?;
                 let live = g.nodes.iter().filter(|n| !n.lost).count();
                 if live >= want {
-                    // One more heartbeat round, so every node has heard the full member list
-                    // (an election uses it).
+                    // One more heartbeat round, so every node has heard the list of the job
+                    // log's replicas (where it looks for a new leader).
                     tokio::time::sleep(Duration::from_millis(450)).await;
                     return Ok::<_, Failure>(live);
                 }

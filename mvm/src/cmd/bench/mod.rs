@@ -57,10 +57,14 @@ enum Which {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// The overlay on a local lab (a super-peer and 4 node processes): trivial jobs per second,
-    /// a 16-vertex ring from submission to completion beside `mpiexec -n 16`, and cross-node
-    /// latency and throughput beside MPICH over TCP and raw TCP.
+    /// The overlay on a local lab (3 super-peers and 4 node processes): trivial jobs per
+    /// second, a 16-vertex ring from submission to completion beside `mpiexec -n 16`,
+    /// cross-node latency and throughput beside MPICH over TCP and raw TCP, and the time from
+    /// killing the leading super-peer to the next job accepted.
     Broker {
+        /// Super-peers (replicas of the job log); with one, no failover is measured.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=7))]
+        superpeers: u32,
         /// Seconds of trivial-job submissions.
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
@@ -265,6 +269,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             })
         }
         Which::Broker {
+            superpeers,
             secs,
             clients,
             transport,
@@ -276,7 +281,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 )));
             }
             let clients = usize::try_from(clients).unwrap_or(64);
-            let report = broker::run(secs, clients, transport)?;
+            let report = broker::run(superpeers, secs, clients, transport)?;
             print(&report, out.output, broker::text)
         }
         Which::Xen {
