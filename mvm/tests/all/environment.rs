@@ -41,6 +41,22 @@ fn cgroups(group: &str) -> Vec<String> {
     v
 }
 
+/// Imports `disk` as image `name` (for the host driver) into the repository in `os`; its id.
+fn import(g: &Groups, os: &Path, name: &str, disk: &Path) -> String {
+    let out = g.run(&[
+        "image",
+        "import",
+        "--os-dir",
+        os.to_str().expect("utf-8"),
+        name,
+        disk.to_str().expect("utf-8"),
+        "--drivers",
+        "host",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn profile(dir: &Path, name: &str, requirements: &str) -> String {
     let p = dir.join(format!("{name}.toml"));
     let r = root();
@@ -67,18 +83,7 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
     // The image: a 1 MiB disk in n1's repository.
     let disk = g.dir.path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let out = g.run(&[
-        "image",
-        "import",
-        "--os-dir",
-        os.to_str().expect("utf-8"),
-        "env:1",
-        disk.to_str().expect("utf-8"),
-        "--drivers",
-        "host",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let id = import(&g, &os, "env:1", &disk);
     assert!(id.starts_with("env:1@sha256:"), "{id}");
 
     let sp = g.daemon("sp", &["superpeer"]);
@@ -138,17 +143,7 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
     );
 
     // An image imported while the node runs is offered from its next heartbeat on.
-    let out = g.run(&[
-        "image",
-        "import",
-        "--os-dir",
-        os.to_str().expect("utf-8"),
-        "env:2",
-        disk.to_str().expect("utf-8"),
-        "--drivers",
-        "host",
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    import(&g, &os, "env:2", &disk);
     let late = profile(g.dir.path(), "late", "image = \"env:2\"");
     let v = wait_for(Duration::from_secs(10), || {
         let out = g.run(&["submit", "--wait", &late, "-o", "json"]);

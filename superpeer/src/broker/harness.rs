@@ -226,6 +226,15 @@ pub(crate) fn ring(name: &str, hops: u64, nodes: Option<u32>, priority: i32) -> 
     }
 }
 
+/// A ring that runs until cancelled (on at most `nodes` nodes), once it runs.
+pub(crate) async fn running(c: &Client, nodes: Option<u32>) -> JobStatus {
+    let s = c
+        .submit(&ring("long", 2_000_000_000, nodes, 0))
+        .await
+        .expect("submit");
+    until(c, &s.job, |st| st == JobState::Running).await
+}
+
 /// Waits until `job`'s state passes `pred`.
 pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool) -> JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -101,8 +101,9 @@ impl Broker {
     }
 
     /// A job's status as clients see it.
-    pub(super) fn status_of(&self, j: &JobRecord) -> JobStatus {
-        let names = self.names();
+    /// A job's status as clients see it, with `names` (from [`Broker::names`], taken before
+    /// the log's state is read: the node table is locked before the state elsewhere).
+    pub(super) fn status_of(&self, j: &JobRecord, names: &HashMap<PeerId, String>) -> JobStatus {
         let count = |v: &Vec<String>| u32::try_from(v.len()).unwrap_or(u32::MAX);
         let vertices = if j.parts.is_empty() {
             u32::try_from(j.resources.vertices).unwrap_or(0)
@@ -310,8 +311,13 @@ impl Broker {
         }
         let engine = shared.policies.current().engine.clone();
         let domain = &shared.config.domain;
+        let names = self.names();
         let list: Vec<JobStatus> = self.log.read(|s| match job {
-            Some(id) => s.job(id).map(|j| self.status_of(j)).into_iter().collect(),
+            Some(id) => s
+                .job(id)
+                .map(|j| self.status_of(j, &names))
+                .into_iter()
+                .collect(),
             // Every job the asker may read, by id.
             None => s
                 .jobs()
@@ -324,7 +330,7 @@ impl Broker {
                         })
                         .allowed()
                 })
-                .map(|j| self.status_of(j))
+                .map(|j| self.status_of(j, &names))
                 .collect(),
         });
         Response::Status(list)
@@ -336,7 +342,10 @@ impl Broker {
         let mut rx = self.log.watch(job);
         let deadline = tokio::time::Instant::now() + max;
         loop {
-            let st = self.log.read(|s| s.job(job).map(|j| self.status_of(j)));
+            let names = self.names();
+            let st = self
+                .log
+                .read(|s| s.job(job).map(|j| self.status_of(j, &names)));
             let Some(st) = st else {
                 return fail(FailureKind::NotFound, format!("no job {job}"));
             };

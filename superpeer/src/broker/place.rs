@@ -188,7 +188,10 @@ impl Broker {
                 }
                 drop(reservation);
                 tracing::info!(job = %id, "job pending");
-                let status = self.log.read(|st| st.job(&id).map(|j| self.status_of(j)));
+                let names = self.names();
+                let status = self
+                    .log
+                    .read(|st| st.job(&id).map(|j| self.status_of(j, &names)));
                 return Placed::Job(Box::new(match status {
                     Some(st) => Response::Submitted(st),
                     None => fail(FailureKind::Failed, "the job left the log at once"),
@@ -204,7 +207,10 @@ impl Broker {
         }
         drop(reservation); // the log holds the job's resources and slots from here
         self.launch(shared, &id, owner, &s, &c, &plan);
-        let status = self.log.read(|st| st.job(&id).map(|j| self.status_of(j)));
+        let names = self.names();
+        let status = self
+            .log
+            .read(|st| st.job(&id).map(|j| self.status_of(j, &names)));
         match status {
             Some(st) => Placed::Job(Box::new(Response::Submitted(st))),
             None => Placed::Job(Box::new(fail(

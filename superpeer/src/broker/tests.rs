@@ -1,6 +1,6 @@
 //! A job's lifecycle through real daemons in one process ([`super::harness`]).
 
-use super::harness::{Lab, items, ring, until};
+use super::harness::{Lab, items, ring, running, until};
 use crate::proto::{FailureKind, JobState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,11 +27,7 @@ async fn a_ring_over_two_nodes_is_placed_run_and_kept_in_the_history() {
 async fn a_cancelled_job_ends_and_frees_its_slots_and_cannot_be_cancelled_twice() {
     let lab = Lab::start(1, &[16]).await;
     let c = lab.client().await;
-    let s = c
-        .submit(&ring("long", 2_000_000_000, None, 0))
-        .await
-        .expect("submit");
-    until(&c, &s.job, |st| st == JobState::Running).await;
+    let s = running(&c, None).await;
     assert_eq!(c.group().await.expect("group").nodes[0].vertices, 8);
     c.cancel(&s.job).await.expect("cancel");
     let s = until(&c, &s.job, JobState::is_final).await;
@@ -46,11 +42,7 @@ async fn a_cancelled_job_ends_and_frees_its_slots_and_cannot_be_cancelled_twice(
 async fn a_job_waits_for_room_and_is_placed_when_it_frees() {
     let lab = Lab::start(1, &[8]).await;
     let c = lab.client().await;
-    let long = c
-        .submit(&ring("long", 2_000_000_000, None, 0))
-        .await
-        .expect("submit");
-    until(&c, &long.job, |st| st == JobState::Running).await;
+    let long = running(&c, None).await;
     let next = c.submit(&ring("next", 300, None, 0)).await.expect("submit");
     assert_eq!(next.state, JobState::Pending, "{next:?}");
     assert!(
@@ -79,11 +71,7 @@ async fn a_job_waits_for_room_and_is_placed_when_it_frees() {
 async fn a_node_lost_mid_job_fails_the_job_with_its_name() {
     let mut lab = Lab::start(1, &[8, 8]).await;
     let c = lab.client().await;
-    let s = c
-        .submit(&ring("long", 2_000_000_000, Some(2), 0))
-        .await
-        .expect("submit");
-    until(&c, &s.job, |st| st == JobState::Running).await;
+    let s = running(&c, Some(2)).await;
     lab.nodes[1].stop().await;
     let s = until(&c, &s.job, JobState::is_final).await;
     assert_eq!(s.state, JobState::Failed, "{s:?}");
@@ -220,11 +208,7 @@ async fn a_group_whose_super_peers_all_restart_keeps_its_history_and_takes_jobs(
 async fn a_pending_job_is_placed_by_the_next_leader_with_its_modules() {
     let mut lab = Lab::start(3, &[8]).await;
     let c = lab.client().await;
-    let long = c
-        .submit(&ring("long", 2_000_000_000, None, 0))
-        .await
-        .expect("submit");
-    until(&c, &long.job, |st| st == JobState::Running).await;
+    let long = running(&c, None).await;
     let next = c.submit(&ring("next", 200, None, 0)).await.expect("submit");
     assert_eq!(next.state, JobState::Pending);
     let l = lab.leader().await;
@@ -240,11 +224,7 @@ async fn a_pending_job_is_placed_by_the_next_leader_with_its_modules() {
 async fn pending_jobs_go_by_priority_then_by_submission() {
     let lab = Lab::start(1, &[8]).await;
     let c = lab.client().await;
-    let long = c
-        .submit(&ring("long", 2_000_000_000, None, 0))
-        .await
-        .expect("submit");
-    until(&c, &long.job, |st| st == JobState::Running).await;
+    let long = running(&c, None).await;
     let mut ids = Vec::new();
     for (name, priority) in [("a", 0), ("b", 3), ("c", 3), ("d", 1)] {
         let s = c
