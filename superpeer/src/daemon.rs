@@ -542,9 +542,11 @@ async fn membership(shared: Arc<Shared>) {
 }
 
 /// The replica of the group's job log that leads now, as the replicas this node knows of (from
-/// the last answers of its super-peer, then its bootstrap addresses) say: the first that
-/// answers as broker, or names one.
+/// the last answers of its super-peer, then its bootstrap addresses) say: the first answer
+/// that comes as broker, or names one. All are asked at once, so a replica that is gone and
+/// does not refuse the connection costs no more than one `lost_after`.
 async fn find_leader(shared: &Arc<Shared>) -> Option<(PeerId, Vec<Multiaddr>)> {
+    use futures::StreamExt as _;
     let me = shared.net.peer();
     let mut known: Vec<String> = shared
         .members
@@ -554,6 +556,7 @@ async fn find_leader(shared: &Arc<Shared>) -> Option<(PeerId, Vec<Multiaddr>)> {
         .collect();
     known.extend(shared.config.bootstrap.iter().cloned());
     let mut tried = std::collections::HashSet::new();
+    let mut probes = futures::stream::FuturesUnordered::new();
     for a in known {
         let Ok((peer, addr)) = crate::net::split_peer(&a) else {
             continue;
@@ -561,31 +564,34 @@ async fn find_leader(shared: &Arc<Shared>) -> Option<(PeerId, Vec<Multiaddr>)> {
         if !tried.insert(peer) {
             continue;
         }
-        let group = if peer == me {
-            let principal = shared.net.principal().clone();
-            Some(Box::pin(handle(shared, me, &principal, Request::Group)).await)
-        } else {
-            let at = [addr.clone()];
-            let probe = shared.net.request(peer, &at, Request::Group);
-            tokio::time::timeout(shared.config.lost_after, probe)
-                .await
-                .ok()
-                .and_then(Result::ok)
-        };
-        let Some(Response::Group(g)) = group else {
-            continue;
-        };
-        if g.is_broker {
-            return Some((peer, vec![addr]));
-        }
-        let leader = g
-            .broker_addrs
-            .iter()
-            .find_map(|a| crate::net::split_peer(a).ok());
-        if let Some((l, la)) = leader
-            && g.broker.as_deref() == Some(l.to_string().as_str())
-        {
-            return Some((l, vec![la]));
+        probes.push(async move {
+            let group = if peer == me {
+                let principal = shared.net.principal().clone();
+                Some(Box::pin(handle(shared, me, &principal, Request::Group)).await)
+            } else {
+                let at = [addr.clone()];
+                let probe = shared.net.request(peer, &at, Request::Group);
+                tokio::time::timeout(shared.config.lost_after, probe)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            };
+            let Some(Response::Group(g)) = group else {
+                return None;
+            };
+            if g.is_broker {
+                return Some((peer, vec![addr]));
+            }
+            let (l, la) = g
+                .broker_addrs
+                .iter()
+                .find_map(|a| crate::net::split_peer(a).ok())?;
+            (g.broker.as_deref() == Some(l.to_string().as_str())).then(|| (l, vec![la]))
+        });
+    }
+    while let Some(answer) = probes.next().await {
+        if answer.is_some() {
+            return answer;
         }
     }
     None

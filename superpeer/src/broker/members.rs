@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::{Principal, PrincipalKind};
 
-use super::{Broker, fail};
+use super::{Broker, TAKEOVER_GRACE, fail};
 use crate::daemon::Shared;
 use crate::proto::{
     FailureKind, GroupInfo, GroupSummary, Member, NodeInfo, NodeLoad, NodeView, Response,
@@ -205,7 +205,10 @@ impl Broker {
 
     /// Nodes silent for longer than `lost_after`: marked lost, and the parts they held failed.
     /// A node that the log names as holding a part but that has not registered with this
-    /// leader since it took over counts as silent from the takeover.
+    /// leader since it took over is given [`TAKEOVER_GRACE`] times as long: before it can
+    /// register it must notice its super-peer is gone and find the new leader, which may not
+    /// have been elected yet when it first looks (Nomad's `failover_heartbeat_ttl` serves the
+    /// same end).
     pub(super) fn lost_nodes(&self, lost_after: Duration) -> Vec<(PeerId, String)> {
         let mut lost: Vec<(PeerId, String)> = {
             let mut nodes = self.nodes.lock();
@@ -220,7 +223,7 @@ impl Broker {
         };
         let mut expected = self.expected.lock();
         expected.retain(|p, since| {
-            if since.elapsed() > lost_after {
+            if since.elapsed() > lost_after * TAKEOVER_GRACE {
                 lost.push((*p, String::from("(not registered since the takeover)")));
                 false
             } else {

@@ -71,6 +71,10 @@ pub(crate) struct Broker {
 /// the log itself.
 const FOUNDING_WAIT: Duration = Duration::from_secs(5);
 
+/// How many times `lost_after` a new leader waits for a node that holds parts to register
+/// (see `Broker::lost_nodes`).
+const TAKEOVER_GRACE: u32 = 4;
+
 pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
 }
