@@ -105,7 +105,10 @@ pub fn node_id(peer: &PeerId) -> NodeId {
 pub struct LogConfig {
     /// How often the leader sends heartbeats.
     pub heartbeat: Duration,
-    /// A follower that hears no leader for a random time between these two stands for election.
+    /// The election timeout's bounds. A follower that has heard from a leader stands for
+    /// election after the leader's lease (the upper bound) and a random time between the two
+    /// without hearing from it again (openraft's rule): a leader that is lost is replaced
+    /// between 1.5 and 2 upper bounds after its last heartbeat, and one vote round.
     pub election_timeout: (Duration, Duration),
     /// Entries after which a snapshot is taken (and the log before it purged).
     pub snapshot_every: u64,
@@ -114,8 +117,8 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            heartbeat: Duration::from_millis(150),
-            election_timeout: (Duration::from_millis(600), Duration::from_millis(1200)),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             snapshot_every: 20_000,
         }
     }

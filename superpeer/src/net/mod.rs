@@ -768,13 +768,16 @@ impl Actor {
         self.hellos.insert(id, peer);
     }
 
-    /// The end of a `Hello` this daemon sent: the peer's certificate, or why not.
-    fn hello_done(&mut self, peer: PeerId, result: Result<Response, String>) {
-        if let Err(e) = &result {
+    /// The end of a `Hello` this daemon sent: the peer's certificate, or why not. A `Hello`
+    /// lost on a connection that was made is tried again; one whose dial failed is not (the
+    /// peer is not there: a refused connection is the answer, and whoever asked looks
+    /// elsewhere at once).
+    fn hello_done(&mut self, peer: PeerId, result: Result<Response, (String, bool)>) {
+        if let Err((e, retry)) = &result {
             // Lost on the way (not refused): try again a few times, a little later each time.
             self.hellos_lost.fetch_add(1, Ordering::Relaxed);
             let tries = self.hello_tries.entry(peer).or_insert(0);
-            if *tries < HELLO_RETRIES && self.waiting.contains_key(&peer) {
+            if *retry && *tries < HELLO_RETRIES && self.waiting.contains_key(&peer) {
                 *tries += 1;
                 tracing::debug!(%peer, error = %e, tries = *tries, "hello lost; retrying");
                 let commands = self.self_commands.clone();
@@ -797,7 +800,7 @@ impl Actor {
                 .map_err(|e| e.to_string()),
             Ok(Response::Error(f)) => Err(f.message),
             Ok(_) => Err("it answered a Hello with something else".into()),
-            Err(e) => Err(e),
+            Err((e, _)) => Err(e),
         };
         let waiting = self.waiting.remove(&peer).unwrap_or_default();
         match outcome {
@@ -947,7 +950,8 @@ impl Actor {
                 ..
             } => {
                 if let Some(peer) = self.hellos.remove(&request_id) {
-                    self.hello_done(peer, Err(error.to_string()));
+                    let retry = !matches!(error, request_response::OutboundFailure::DialFailure);
+                    self.hello_done(peer, Err((error.to_string(), retry)));
                 } else if let Some((_, reply)) = self.pending.remove(&request_id) {
                     let _ = reply.send(Err(NetError {
                         peer,

@@ -77,3 +77,24 @@ async fn two_daemons_dialing_each_other_at_once_always_connect() {
         );
     }
 }
+
+/// A request to a peer whose process is gone (its port closed) fails at once: the refused
+/// connection is the answer, not a timeout. Clients and nodes look for the next leader on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_to_a_closed_port_fails_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+    let a = answering(&ca, "a").await;
+    let gone = answering(&ca, "gone").await;
+    let (peer, addrs) = (gone.peer(), gone.addrs().to_vec());
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    let r = a.request(peer, &addrs, Request::Group).await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "took {:?}",
+        t.elapsed()
+    );
+}
