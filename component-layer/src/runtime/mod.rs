@@ -34,6 +34,10 @@ use abi::{InPort, OutPort, VertexIo, VertexState};
 pub use cache::{ModuleCache, Source};
 use dedicated::Dedicated;
 
+/// How long a vertex waits for an instance slot of the pool before it fails: slots free as the
+/// vertices of ended jobs stop.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
 /// How a node's runtime is set up.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -704,40 +708,60 @@ async fn run_vertex(
     spin: Duration,
 ) -> Result<Bytes, String> {
     let stdout = MemoryOutputPipe::new(1 << 20);
-    let store_limits = StoreLimitsBuilder::new()
-        .memory_size(limits.memory_bytes)
-        .instances(1)
-        .trap_on_grow_failure(true)
-        .build();
-    let mut store = Store::new(
-        &inner.engine,
-        VertexState {
-            wasi: None,
-            stdout: stdout.clone(),
-            limits: store_limits,
-            io: Arc::new(io),
-            memory: None,
-            spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
-        },
-    );
-    store.limiter(|s| &mut s.limits);
     let budget = limits
         .cpu
         .map(|d| (d.as_nanos() / inner.tick.as_nanos().max(1)).max(1));
-    let mut used: u128 = 0;
     let cpu = limits.cpu.unwrap_or_default();
-    store.epoch_deadline_callback(move |_| {
-        used += 1;
-        if budget.is_some_and(|b| used > b) {
-            return Err(wasmtime::Error::new(CpuLimit(cpu)));
+    let io = Arc::new(io);
+    let new_store = |io: Arc<VertexIo>| {
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes)
+            .instances(1)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(
+            &inner.engine,
+            VertexState {
+                wasi: None,
+                stdout: stdout.clone(),
+                limits: store_limits,
+                io,
+                memory: None,
+                spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let mut used: u128 = 0;
+        store.epoch_deadline_callback(move |_| {
+            used += 1;
+            if budget.is_some_and(|b| used > b) {
+                return Err(wasmtime::Error::new(CpuLimit(cpu)));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store.set_epoch_deadline(1);
+        store
+    };
+    // The pool has a slot per vertex the node offers; a job being torn down may still hold
+    // some (its vertices stop at their next epoch tick), so a new one waits for them a while,
+    // in a fresh store each try (a failed instantiation counts against the store's limit).
+    let waited = Instant::now();
+    let (mut store, instance) = loop {
+        let mut store = new_store(io.clone());
+        match pre.instantiate_async(&mut store).await {
+            Ok(i) => break (store, i),
+            Err(e)
+                if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                    .is_some()
+                    && waited.elapsed() < POOL_WAIT =>
+            {
+                drop(store);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(e) => return Err(format!("cannot instantiate: {e:#}")),
         }
-        Ok(UpdateDeadline::Yield(1))
-    });
-    store.set_epoch_deadline(1);
-    let instance = pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(|e| format!("cannot instantiate: {e:#}"))?;
+    };
+    drop(io); // the store holds the vertex's queues alone: dropping it closes them
     store.data_mut().memory = instance.get_memory(&mut store, "memory");
     let entry = instance
         .get_typed_func::<(), ()>(&mut store, "_start")

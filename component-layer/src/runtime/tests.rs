@@ -505,3 +505,32 @@ const DRAIN: &str = r#"(module
   (data (i32.const 0) "in")
   (func (export "_start")
     (loop $l (br_if $l (i64.ge_s (call $recv (i32.const 0) (i32.const 2) (i32.const 64) (i32.const 8)) (i64.const 0))))))"#;
+
+/// Two jobs whose vertices together exceed the instance pool run one after the other: a
+/// vertex waits for a slot that an ending job frees instead of failing (a node's new part
+/// is often placed while the vertices of a cancelled one are still stopping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vertex_waits_for_a_pool_slot_that_another_job_frees() {
+    let rt = Runtime::new(&RuntimeConfig {
+        max_instances: 4,
+        max_memory_bytes: 4 << 20,
+        dedicated_threads: 0,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let t = topology(&generate("ring", "4").expect("ring"));
+    let (qa, qb) = (controller(), controller());
+    let (sa, mut sb) = (
+        spec(&rt, &t, &[("token", TOKEN)], &[("hops", "20000")]),
+        spec(&rt, &t, &[("token", TOKEN)], &[("hops", "100")]),
+    );
+    sb.id = "job-b".into();
+    let (a, b) = tokio::join!(rt.run(&sa, &qa, &AllowAll), async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        rt.run(&sb, &qb, &AllowAll).await
+    });
+    let a = a.expect("the first job runs");
+    let b = b.expect("the second waits for the first's slots, then runs");
+    assert_eq!(a.queues.iter().map(|s| s.items_in).sum::<u64>(), 20000);
+    assert_eq!(b.queues.iter().map(|s| s.items_in).sum::<u64>(), 100);
+}
