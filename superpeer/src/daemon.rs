@@ -424,6 +424,7 @@ fn load(shared: &Shared) -> NodeLoad {
         load,
         vertices: shared.node.vertices(),
         images: images(shared),
+        jobs: shared.node.job_ids(),
     }
 }
 
@@ -505,8 +506,16 @@ async fn membership(shared: Arc<Shared>) {
                 tracing::info!(superpeer = %sp, "registered");
                 *shared.members.lock() = members;
             }
-            Some(Response::Heartbeat { known, members }) => {
+            Some(Response::Heartbeat {
+                known,
+                members,
+                stop,
+            }) => {
                 registered = known;
+                for job in stop {
+                    tracing::warn!(%job, "the leader has no such job running; stopping its part");
+                    node::terminate(&shared, sp, &job, "unknown to the leader");
+                }
                 // A replica that does not lead lists the leader first.
                 elsewhere = !known && members.first().is_some_and(|m| m.peer != sp.to_string());
                 *shared.members.lock() = members;

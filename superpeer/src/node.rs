@@ -88,6 +88,11 @@ impl NodeRole {
     pub(crate) fn vertices(&self) -> u32 {
         self.jobs.lock().values().map(|j| j.vertices).sum()
     }
+
+    /// The jobs whose parts are held now.
+    pub(crate) fn job_ids(&self) -> Vec<String> {
+        self.jobs.lock().keys().cloned().collect()
+    }
 }
 
 fn fail(kind: FailureKind, m: impl Into<String>) -> Response {

@@ -219,6 +219,11 @@ pub enum Response {
         known: bool,
         /// The group's members.
         members: Vec<Member>,
+        /// Jobs of the heartbeat's list that the log has ended or never recorded: their parts
+        /// must stop (their `Terminate` did not arrive, or their leader was lost before it
+        /// recorded them).
+        #[serde(default)]
+        stop: Vec<String>,
     },
     /// A module's bytes.
     Module(Bytes),
@@ -410,6 +415,9 @@ pub struct NodeLoad {
     /// heartbeat on).
     #[serde(default)]
     pub images: Vec<String>,
+    /// The jobs it runs parts of now (the leader answers which of them it must stop).
+    #[serde(default)]
+    pub jobs: Vec<String>,
 }
 
 /// A member of a group, as the super-peer lists them.
@@ -488,6 +496,9 @@ pub struct NodeView {
     pub lost: bool,
     /// Vertices placed on it by running jobs.
     pub vertices: u32,
+    /// Vertices it said it runs at its last heartbeat.
+    #[serde(default)]
+    pub running: u32,
     /// Its slots.
     pub slots: u32,
 }
@@ -808,7 +819,11 @@ impl Request {
                 check_len("images", n.images.len())?;
                 check_name("the architecture", &n.arch)
             }
-            Request::Heartbeat(l) => check_len("images", l.images.len()),
+            Request::Heartbeat(l) => {
+                check_len("images", l.images.len())?;
+                check_len("jobs", l.jobs.len())?;
+                l.jobs.iter().try_for_each(|j| check_job_id(j))
+            }
             Request::Fetch { hash } => check_hash(hash),
             Request::Report(r) => r.validate(),
             Request::Prepare(p) => {
@@ -858,8 +873,11 @@ impl Response {
                 check_len("jobs", v.len())?;
                 v.iter().try_for_each(|s| check_job_id(&s.job))
             }
-            Response::Registered { members, .. } | Response::Heartbeat { members, .. } => {
-                check_len("members", members.len())
+            Response::Registered { members, .. } => check_len("members", members.len()),
+            Response::Heartbeat { members, stop, .. } => {
+                check_len("members", members.len())?;
+                check_len("jobs", stop.len())?;
+                stop.iter().try_for_each(|j| check_job_id(j))
             }
             Response::Ok
             | Response::Error(_)

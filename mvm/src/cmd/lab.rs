@@ -683,11 +683,12 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
         }
         for n in &g.nodes {
             s.push_str(&format!(
-                "  {} {} {}/{} slots used{}\n",
+                "  {} {} {}/{} slots used, {} vertices running{}\n",
                 n.name,
                 n.peer,
                 n.vertices,
                 n.slots,
+                n.running,
                 if n.lost { "  LOST" } else { "" }
             ));
         }

@@ -41,6 +41,14 @@ impl Running {
         self.stop().await;
         *self = run(&self.creds, self.config.clone()).await;
     }
+
+    /// Starts it again with an empty state directory, as after its disk was replaced.
+    pub(crate) async fn restart_without_state(&mut self) {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.state_dir = config.state_dir.map(|d| d.with_extension("replaced"));
+        *self = run(&self.creds, config).await;
+    }
 }
 
 /// Super-peers and nodes of one group.

@@ -151,6 +151,19 @@ impl Broker {
     }
 
     pub(super) fn heartbeat(&self, peer: PeerId, load: NodeLoad) -> Response {
+        // Jobs being recorded first, then the log: a job leaves `driving` only once the log
+        // holds it, so none is taken for unknown on its way in.
+        let stop: Vec<String> = {
+            let driving = self.driving.lock().clone();
+            self.log.read(|s| {
+                load.jobs
+                    .iter()
+                    .filter(|j| !driving.contains(*j))
+                    .filter(|j| s.job(j).is_none_or(|r| r.state.is_final()))
+                    .cloned()
+                    .collect()
+            })
+        };
         let known = {
             let mut nodes = self.nodes.lock();
             match nodes.get_mut(&peer) {
@@ -168,6 +181,7 @@ impl Broker {
         Response::Heartbeat {
             known,
             members: self.replicas(),
+            stop,
         }
     }
 
@@ -180,6 +194,7 @@ impl Broker {
                 name: n.info.name.clone(),
                 lost: n.lost,
                 vertices: self.log.read(|s| s.reserved(p)),
+                running: n.info.load.vertices,
                 slots: n.info.slots,
             })
             .collect();

@@ -417,6 +417,7 @@ impl Broker {
                 Request::Heartbeat(_) => Response::Heartbeat {
                     known: false,
                     members: self.replicas(),
+                    stop: Vec::new(),
                 },
                 _ => self.not_leader(shared),
             };

@@ -238,11 +238,16 @@ async fn pending_jobs_go_by_priority_then_by_submission() {
     c.cancel(&long.job).await.expect("cancel");
     let mut order = Vec::new();
     for _ in 0..4 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let running = loop {
             let all = c.status(None).await.expect("status");
             if let Some(j) = all.iter().find(|j| j.state == JobState::Running) {
                 break j.name.clone();
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "none placed after {order:?}: {all:#?}"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         };
         let id = ids
@@ -280,4 +285,39 @@ async fn bad_submissions_are_refused_and_nothing_is_recorded() {
     assert_eq!(e.kind, FailureKind::Unavailable, "{e:?}");
     assert!(e.message.contains("no other group"), "{e:?}");
     assert!(c.status(None).await.expect("status").is_empty());
+}
+
+/// A super-peer whose state is gone (its disk replaced) knows none of the jobs its node still
+/// runs: the node stops those parts at its next heartbeat, and says so in the next ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_the_leader_has_no_record_of_is_stopped_at_the_next_heartbeat() {
+    let mut lab = Lab::start(1, &[8]).await;
+    let c = lab.client().await;
+    let s = running(&c, None).await;
+    let ran = |g: crate::proto::GroupInfo| g.nodes.first().map(|n| n.running);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ran(c.group().await.expect("group")) != Some(8) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never said it runs 8"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    lab.superpeers[0].restart_without_state().await;
+    lab.registered(1).await;
+    let c = lab.client().await;
+    let e = c.status(Some(&s.job)).await.map(|v| v.len());
+    assert!(
+        matches!(e, Err(_) | Ok(0)),
+        "the new log knows {}: {e:?}",
+        s.job
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ran(c.group().await.expect("group")) != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan part still runs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
