@@ -7,11 +7,82 @@ use libp2p::PeerId;
 
 use super::{Broker, fail, now_ms};
 use crate::daemon::Shared;
-use crate::joblog::Command;
-use crate::joblog::state::Ended;
+use crate::joblog::state::{Ended, JobRecord};
+use crate::joblog::{Applied, Command};
 use crate::proto::{Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response};
 
 impl Broker {
+    /// Runs a just-placed job of one part and records it once its node has answered: one
+    /// entry holds the job and, when the part ended within the node's hold (a short job), its
+    /// end too, so that a short job costs one replication round instead of two. Until then the
+    /// job is in no log; were this leader lost meanwhile, the submitter gets an error instead of
+    /// a job id, and the part is told to stop (a node that does not hear it finds, at its next
+    /// heartbeat, that the leader does not know the job). A job of several parts is recorded
+    /// before they are woken: the log must know them to notice a node lost before the start.
+    pub(super) async fn run_alone(
+        &self,
+        shared: &Arc<Shared>,
+        mut record: JobRecord,
+        peer: PeerId,
+        spec: PartSpec,
+    ) -> Response {
+        let id = record.id.clone();
+        self.driving.lock().insert(id.clone());
+        let addrs = self.addrs(&peer);
+        let answer = shared
+            .call(peer, &addrs, Request::Prepare(Box::new(spec)))
+            .await;
+        // A part prepared alone has started; one refused never ran.
+        record.state = JobState::Running;
+        let (end, running) = match answer {
+            Ok(Response::Finished(report)) => (Some(part_end(peer, *report)), false),
+            Ok(_) => (None, true),
+            Err(f) => {
+                record.state = JobState::Preparing;
+                let (state, why) = refusal_end(peer, &f);
+                let ended = Ended {
+                    at_ms: now_ms(),
+                    error: Some(why),
+                };
+                let end = Command::End {
+                    job: id.clone(),
+                    state,
+                    ended,
+                };
+                (Some(end), false)
+            }
+        };
+        let command = match end {
+            Some(end) => Command::Batch(vec![Command::Submit(Box::new(record)), end]),
+            None => Command::Submit(Box::new(record)),
+        };
+        let outcome = self.log.propose(command).await;
+        self.driving.lock().remove(&id);
+        let recorded = match outcome {
+            Ok(Applied::Done) => Ok(()),
+            Ok(Applied::Batch(v)) => match v.first() {
+                Some(Applied::Done) => Ok(()),
+                Some(Applied::Refused(why)) => Err(fail(FailureKind::Input, why.clone())),
+                _ => Err(fail(FailureKind::Failed, "a batch gave no outcome")),
+            },
+            Ok(Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
+            Err(e) => Err(fail(FailureKind::Unavailable, e.to_string())),
+        };
+        if let Err(r) = recorded {
+            if running {
+                self.terminate(shared, &id, "not recorded", vec![peer]);
+            }
+            return r;
+        }
+        let names = self.names();
+        self.log
+            .read(|st| st.job(&id).map(|j| self.status_of(j, &names)))
+            .map_or_else(
+                || fail(FailureKind::Failed, "the job left the log at once"),
+                Response::Submitted,
+            )
+    }
+
     /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.
     pub(super) async fn drive(
         self: Arc<Self>,
@@ -49,12 +120,7 @@ impl Broker {
             }
         }
         if let Some((peer, f)) = refused {
-            let state = if f.kind == FailureKind::Refused {
-                JobState::Refused
-            } else {
-                JobState::Failed
-            };
-            let why = format!("node {peer}: {}", f.message);
+            let (state, why) = refusal_end(peer, &f);
             self.end(shared, id, state, Some(why)).await;
             return;
         }
@@ -161,6 +227,9 @@ impl Broker {
         peer: PeerId,
         r: PartReport,
     ) -> Response {
+        if self.driving.lock().contains(&r.job) {
+            self.recorded(&r.job).await;
+        }
         let known = self.log.read(|s| match s.job(&r.job) {
             None => Err(Failure::new(
                 FailureKind::NotFound,
@@ -179,34 +248,76 @@ impl Broker {
             Ok(true) => return Response::Ok, // already ended, or reported before
             Ok(false) => {}
         }
-        match r.outcome {
-            Ok(res) => {
-                let command = Command::PartDone {
-                    job: r.job.clone(),
-                    node: peer,
-                    outputs: res.outputs,
-                    traffic: res.traffic,
-                    at_ms: now_ms(),
-                };
+        let job = r.job.clone();
+        match part_end(peer, r) {
+            command @ Command::PartDone { .. } => {
                 if let Err(e) = self.log.propose(command).await {
                     return fail(FailureKind::Unavailable, e.to_string());
                 }
             }
-            Err(f) => {
-                let state = if f.denied {
-                    JobState::Refused
-                } else {
-                    JobState::Failed
-                };
-                let what = if f.vertex.is_empty() {
-                    f.cause
-                } else {
-                    format!("vertex '{}': {}", f.vertex, f.cause)
-                };
-                self.end(shared, &r.job, state, Some(format!("node {peer}: {what}")))
-                    .await;
+            Command::End { state, ended, .. } => {
+                self.end(shared, &job, state, ended.error).await;
             }
+            _ => {}
         }
         Response::Ok
     }
+
+    /// Waits (a bounded time) until a job being driven is in the log: a part's report may
+    /// come before the job it belongs to has been recorded ([`Broker::run_alone`]).
+    async fn recorded(&self, job: &str) {
+        let wait = async {
+            loop {
+                let applied = self.log.applied();
+                if self.log.read(|s| s.job(job).is_some()) || !self.driving.lock().contains(job) {
+                    return;
+                }
+                self.log.changed(applied).await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), wait).await;
+    }
+}
+
+/// The command a part's report leads to: the part done, or the job ended with its failure.
+fn part_end(peer: PeerId, r: PartReport) -> Command {
+    match r.outcome {
+        Ok(res) => Command::PartDone {
+            job: r.job,
+            node: peer,
+            outputs: res.outputs,
+            traffic: res.traffic,
+            at_ms: now_ms(),
+        },
+        Err(f) => {
+            let state = if f.denied {
+                JobState::Refused
+            } else {
+                JobState::Failed
+            };
+            let what = if f.vertex.is_empty() {
+                f.cause
+            } else {
+                format!("vertex '{}': {}", f.vertex, f.cause)
+            };
+            Command::End {
+                job: r.job,
+                state,
+                ended: Ended {
+                    at_ms: now_ms(),
+                    error: Some(format!("node {peer}: {what}")),
+                },
+            }
+        }
+    }
+}
+
+/// How a job ends when a node refuses or fails to prepare its part.
+fn refusal_end(peer: PeerId, f: &Failure) -> (JobState, String) {
+    let state = if f.kind == FailureKind::Refused {
+        JobState::Refused
+    } else {
+        JobState::Failed
+    };
+    (state, format!("node {peer}: {}", f.message))
 }

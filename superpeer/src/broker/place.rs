@@ -182,10 +182,11 @@ impl Broker {
                     .filter_map(|h| self.modules.get(h))
                     .collect();
                 record.submission = Some(Box::new(s));
-                self.waiting.lock().insert(id.clone(), why);
                 if let Err(r) = self.record(Command::Submit(Box::new(record))).await {
                     return Placed::Job(Box::new(r));
                 }
+                // Once recorded: a tick meanwhile drops the reasons of jobs not pending.
+                self.waiting.lock().insert(id.clone(), why);
                 drop(reservation);
                 tracing::info!(job = %id, "job pending");
                 let names = self.names();
@@ -200,6 +201,17 @@ impl Broker {
             Err(why) => return Placed::Unplaceable { vertices: n, why },
         };
         record.parts = plan.parts(&c.topology);
+        if let [alone] = &plan.peers[..] {
+            // One part: recorded once its node has answered (see `Broker::run_alone`).
+            let peer = *alone;
+            let spec = self.specs(shared, &id, owner, &s, &c, &plan).pop();
+            let Some((_, spec)) = spec else {
+                return Placed::Job(Box::new(fail(FailureKind::Failed, "a part without a spec")));
+            };
+            let r = self.run_alone(shared, record, peer, spec).await;
+            drop(reservation); // held until the log holds the job, or not
+            return Placed::Job(Box::new(r));
+        }
         self.driving.lock().insert(id.clone());
         if let Err(r) = self.record(Command::Submit(Box::new(record))).await {
             self.driving.lock().remove(&id);
@@ -307,6 +319,20 @@ impl Broker {
         c: &Checked,
         plan: &Plan,
     ) {
+        let specs = self.specs(shared, id, owner, s, c, plan);
+        self.spawn_drive(shared, id.to_owned(), specs);
+    }
+
+    /// What each node of a placed job is sent to prepare its part.
+    fn specs(
+        &self,
+        shared: &Shared,
+        id: &str,
+        owner: &Principal,
+        s: &Submission,
+        c: &Checked,
+        plan: &Plan,
+    ) -> Vec<(PeerId, PartSpec)> {
         let members: Vec<Member> = plan
             .peers
             .iter()
@@ -331,8 +357,7 @@ impl Broker {
                 mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
             });
         let policy_digest = shared.policies.current().digest.clone();
-        let specs: Vec<(PeerId, PartSpec)> = plan
-            .peers
+        plan.peers
             .iter()
             .enumerate()
             .map(|(i, p)| {
@@ -362,8 +387,7 @@ impl Broker {
                 };
                 (*p, spec)
             })
-            .collect();
-        self.spawn_drive(shared, id.to_owned(), specs);
+            .collect()
     }
 
     /// Drives the parts on a task of their own (from a plain function, so that the future of

@@ -105,7 +105,8 @@ impl JobRecord {
 /// A change to the control state: one entry of the job log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// A job passed admission: it waits (`Pending`, no parts) or is placed (`Preparing`).
+    /// A job passed admission: it waits (`Pending`, no parts) or is placed (`Preparing`, or
+    /// `Running` when its one part started as it was prepared).
     Submit(Box<JobRecord>),
     /// A pending job is placed.
     Place {
@@ -360,14 +361,14 @@ impl ControlState {
                     job.id.clone(),
                 ));
             }
-            JobState::Preparing if !job.parts.is_empty() => {
+            JobState::Preparing | JobState::Running if !job.parts.is_empty() => {
                 let slots: Vec<(PeerId, u32)> = job.slots().collect();
                 self.reserve(&slots, true);
             }
             s => {
                 return Err(format!(
-                    "job {}: a job is submitted pending (with its submission) or preparing \
-                     (with its parts), not {s:?}",
+                    "job {}: a job is submitted pending (with its submission), or preparing \
+                     or running (with its parts), not {s:?}",
                     job.id
                 ));
             }

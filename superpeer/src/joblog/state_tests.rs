@@ -201,7 +201,7 @@ fn commands_that_do_not_fit_change_nothing() {
             parts: vec![part(n, 1)],
         },
         Command::Submit(Box::new(JobRecord {
-            state: JobState::Running,
+            state: JobState::Done,
             ..job("x", 0, 0, vec![part(n, 1)])
         })),
         Command::Submit(Box::new(JobRecord {
@@ -327,4 +327,40 @@ fn a_batch_applies_each_command_as_alone_in_order_and_says_what_each_gave() {
     assert!(
         matches!(nested, Applied::Batch(v) if matches!(&v[0], Applied::Batch(x) if x.is_empty()))
     );
+}
+
+#[test]
+fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
+    let n = PeerId::random();
+    let mut s = ControlState::default();
+    let running = JobRecord {
+        state: JobState::Running,
+        ..job("a", 0, 0, vec![part(n, 2)])
+    };
+    let done = Command::PartDone {
+        job: "a".into(),
+        node: n,
+        outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
+        traffic: Vec::new(),
+        at_ms: 5,
+    };
+    let out = s.apply(
+        3,
+        Command::Batch(vec![Command::Submit(Box::new(running)), done]),
+    );
+    assert_eq!(out, Applied::Batch(vec![Applied::Done, Applied::Done]));
+    let a = s.job("a").expect("a");
+    assert_eq!(
+        (a.state, a.version, a.outputs.len()),
+        (JobState::Done, 3, 1)
+    );
+    assert_eq!(s.reserved(&n), 0, "its slots are free again");
+    assert_eq!(s.held(&alice()), Resources::default());
+    // Recorded while it runs, it holds its slots.
+    let b = JobRecord {
+        state: JobState::Running,
+        ..job("b", 0, 0, vec![part(n, 2)])
+    };
+    assert_eq!(s.apply(4, Command::Submit(Box::new(b))), Applied::Done);
+    assert_eq!(s.reserved(&n), 2);
 }
