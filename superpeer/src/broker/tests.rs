@@ -287,6 +287,23 @@ async fn bad_submissions_are_refused_and_nothing_is_recorded() {
     assert!(c.status(None).await.expect("status").is_empty());
 }
 
+/// Waits until the group's first node says it runs `n` vertices.
+async fn node_runs(c: &crate::client::Client, n: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let g = c.group().await.expect("group");
+        let running = g.nodes.first().map(|x| x.running);
+        if running == Some(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runs {running:?}, not {n}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A super-peer whose state is gone (its disk replaced) knows none of the jobs its node still
 /// runs: the node stops those parts at its next heartbeat, and says so in the next ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,15 +311,7 @@ async fn a_part_the_leader_has_no_record_of_is_stopped_at_the_next_heartbeat() {
     let mut lab = Lab::start(1, &[8]).await;
     let c = lab.client().await;
     let s = running(&c, None).await;
-    let ran = |g: crate::proto::GroupInfo| g.nodes.first().map(|n| n.running);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ran(c.group().await.expect("group")) != Some(8) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the node never said it runs 8"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    node_runs(&c, 8).await;
     lab.superpeers[0].restart_without_state().await;
     lab.registered(1).await;
     let c = lab.client().await;
@@ -312,12 +321,5 @@ async fn a_part_the_leader_has_no_record_of_is_stopped_at_the_next_heartbeat() {
         "the new log knows {}: {e:?}",
         s.job
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while ran(c.group().await.expect("group")) != Some(0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the orphan part still runs"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    node_runs(&c, 0).await;
 }
