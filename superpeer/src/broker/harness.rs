@@ -57,6 +57,8 @@ pub(crate) struct Lab {
     ca: Ca,
     pub(crate) superpeers: Vec<Running>,
     pub(crate) nodes: Vec<Running>,
+    /// The super-peers' addresses, for nodes to register.
+    bootstrap: Vec<String>,
 }
 
 fn creds(ca: &Ca, kind: PrincipalKind, name: &str, roles: &[&str]) -> Credentials {
@@ -122,6 +124,7 @@ impl Lab {
             ca,
             superpeers: Vec::new(),
             nodes: Vec::new(),
+            bootstrap: Vec::new(),
         };
         for (i, sp) in sps.iter().enumerate() {
             let mut config = fast(DaemonConfig {
@@ -143,20 +146,25 @@ impl Lab {
             ];
             lab.superpeers.push(run(&sp.0, config).await);
         }
-        let bootstrap: Vec<String> = sps.iter().map(addr).collect();
-        for (i, s) in slots.iter().enumerate() {
-            let name = format!("n{i}");
-            let c = creds(&lab.ca, PrincipalKind::Node, &name, &[]);
-            let config = fast(DaemonConfig {
-                name,
-                slots: *s,
-                bootstrap: bootstrap.clone(),
-                ..DaemonConfig::default()
-            });
-            lab.nodes.push(run(&c, config).await);
+        lab.bootstrap = sps.iter().map(addr).collect();
+        for s in slots {
+            lab.add_node(*s).await;
         }
         lab.registered(slots.len()).await;
         lab
+    }
+
+    /// Starts one more node, with `slots` vertex slots, named `n` and its index.
+    pub(crate) async fn add_node(&mut self, slots: u32) {
+        let name = format!("n{}", self.nodes.len());
+        let c = creds(&self.ca, PrincipalKind::Node, &name, &[]);
+        let config = fast(DaemonConfig {
+            name,
+            slots,
+            bootstrap: self.bootstrap.clone(),
+            ..DaemonConfig::default()
+        });
+        self.nodes.push(run(&c, config).await);
     }
 
     /// A user of the group's domain, with role `researcher`.
@@ -255,6 +263,22 @@ pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool
         }
         assert!(Instant::now() < deadline, "job {job} never got there");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A job of one vertex running `wat` (a module exporting `run`).
+pub(crate) fn one(name: &str, wat: &'static str) -> Prepared {
+    let module = Bytes::from_static(wat.as_bytes());
+    let hash = crate::modules::hash(&module);
+    Prepared {
+        submission: Submission {
+            name: name.into(),
+            topology_file: "one.dot".into(),
+            topology: "digraph one { v [component=\"c\"]; }\n".into(),
+            components: BTreeMap::from([("c".to_owned(), hash.clone())]),
+            ..Submission::default()
+        },
+        modules: BTreeMap::from([(hash, module)]),
     }
 }
 

@@ -1,6 +1,6 @@
 //! A job's lifecycle through real daemons in one process ([`super::harness`]).
 
-use super::harness::{Lab, items, ring, running, until};
+use super::harness::{Lab, items, one, ring, running, until};
 use crate::proto::{FailureKind, JobState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,4 +322,79 @@ async fn a_part_the_leader_has_no_record_of_is_stopped_at_the_next_heartbeat() {
         s.job
     );
     node_runs(&c, 0).await;
+}
+
+/// A vertex that traps fails its job, with the vertex and the cause, in the submitter's answer
+/// (a job of one part is recorded with its end), and frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vertex_that_traps_fails_its_job_with_the_vertex_and_the_cause() {
+    let lab = Lab::start(1, &[4]).await;
+    let c = lab.client().await;
+    let trap = one("trap", "(module (func (export \"run\") unreachable))");
+    let s = c.submit_and_wait(&trap).await.expect("submit");
+    let s = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!(s.state, JobState::Failed, "{s:?}");
+    let e = s.error.as_deref().unwrap_or_default();
+    assert!(e.contains("vertex 'v'") && e.contains("unreachable"), "{e}");
+    assert!(s.outputs.is_empty());
+    assert_eq!(c.group().await.expect("group").nodes[0].vertices, 0);
+    // The node goes on taking jobs.
+    let ok = one("ok", "(module (func (export \"run\")))");
+    let s = c.submit_and_wait(&ok).await.expect("submit");
+    assert_eq!(
+        until(&c, &s.job, JobState::is_final).await.state,
+        JobState::Done
+    );
+}
+
+/// A pending job can be cancelled: it ends without ever running and the queue goes on; a job
+/// that runs cannot be held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_job_is_cancelled_without_running_and_a_running_one_is_not_held() {
+    let lab = Lab::start(1, &[8]).await;
+    let c = lab.client().await;
+    let long = running(&c, None).await;
+    let e = c.hold(&long.job, true).await.expect_err("running");
+    assert!(e.message.contains("only a pending job"), "{e:?}");
+    let next = c.submit(&ring("next", 100, None, 0)).await.expect("submit");
+    assert_eq!(next.state, JobState::Pending);
+    c.cancel(&next.job).await.expect("cancel");
+    let next = until(&c, &next.job, JobState::is_final).await;
+    assert_eq!(next.state, JobState::Cancelled, "{next:?}");
+    assert!(next.parts.is_empty(), "it never ran: {next:?}");
+    let after = c
+        .submit(&ring("after", 100, None, 0))
+        .await
+        .expect("submit");
+    assert_eq!(after.state, JobState::Pending);
+    c.cancel(&long.job).await.expect("cancel");
+    let after = until(&c, &after.job, JobState::is_final).await;
+    assert_eq!(
+        (after.state, items(&after)),
+        (JobState::Done, 100),
+        "{after:?}"
+    );
+}
+
+/// A job waiting for room is placed on a node that joins the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_job_is_placed_on_a_node_that_joins() {
+    let mut lab = Lab::start(1, &[8]).await;
+    let c = lab.client().await;
+    let long = running(&c, None).await;
+    let next = c.submit(&ring("next", 200, None, 0)).await.expect("submit");
+    assert_eq!(next.state, JobState::Pending);
+    lab.add_node(8).await;
+    let next = until(&c, &next.job, JobState::is_final).await;
+    assert_eq!(
+        (next.state, items(&next)),
+        (JobState::Done, 200),
+        "{next:?}"
+    );
+    assert_eq!(next.parts.len(), 1);
+    assert_eq!(next.parts[0].name, "n1", "{next:?}");
+    assert_eq!(
+        c.status(Some(&long.job)).await.expect("status")[0].state,
+        JobState::Running
+    );
 }
