@@ -13,10 +13,16 @@ use crate::proto::{
     FailureKind, GroupInfo, GroupSummary, Member, NodeInfo, NodeLoad, NodeView, Response,
 };
 
+/// Registered nodes' peer ids as text, and names.
+pub(super) type Names = HashMap<PeerId, (String, String)>;
+
 /// A registered node.
 pub(super) struct NodeEntry {
     pub(super) info: NodeInfo,
     pub(super) addrs: Vec<Multiaddr>,
+    /// How the parts of a job name it to each other (its peer id and addresses as text, made
+    /// once: base58 and address formatting cost more than the rest of a small job's spec).
+    pub(super) member: Member,
     pub(super) last_seen: Instant,
     pub(super) lost: bool,
 }
@@ -132,14 +138,20 @@ impl Broker {
                 ),
             );
         }
-        let addrs = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         tracing::info!(%peer, name = %info.name, "node registered");
         self.expected.lock().remove(&peer);
+        let member = Member {
+            peer: peer.to_string(),
+            addrs: addrs.iter().map(ToString::to_string).collect(),
+            eligible: false,
+        };
         self.nodes.lock().insert(
             peer,
             NodeEntry {
                 info,
                 addrs,
+                member,
                 last_seen: Instant::now(),
                 lost: false,
             },
@@ -248,13 +260,25 @@ impl Broker {
         lost
     }
 
-    /// Node names by peer, for statuses.
-    pub(super) fn names(&self) -> HashMap<PeerId, String> {
+    /// Registered nodes' peer ids as text and names, for statuses.
+    pub(super) fn names(&self) -> Names {
         self.nodes
             .lock()
             .iter()
-            .map(|(p, n)| (*p, n.info.name.clone()))
+            .map(|(p, n)| (*p, (n.member.peer.clone(), n.info.name.clone())))
             .collect()
+    }
+
+    /// A registered node as the parts of a job name it (see [`NodeEntry::member`]).
+    pub(super) fn member(&self, peer: &PeerId) -> Member {
+        self.nodes.lock().get(peer).map_or_else(
+            || Member {
+                peer: peer.to_string(),
+                addrs: Vec::new(),
+                eligible: false,
+            },
+            |e| e.member.clone(),
+        )
     }
 
     /// A registered node's addresses.

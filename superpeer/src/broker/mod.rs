@@ -104,10 +104,9 @@ impl Broker {
         }
     }
 
-    /// A job's status as clients see it.
     /// A job's status as clients see it, with `names` (from [`Broker::names`], taken before
     /// the log's state is read: the node table is locked before the state elsewhere).
-    pub(super) fn status_of(&self, j: &JobRecord, names: &HashMap<PeerId, String>) -> JobStatus {
+    pub(super) fn status_of(&self, j: &JobRecord, names: &members::Names) -> JobStatus {
         let count = |v: &Vec<String>| u32::try_from(v.len()).unwrap_or(u32::MAX);
         let vertices = if j.parts.is_empty() {
             u32::try_from(j.resources.vertices).unwrap_or(0)
@@ -130,11 +129,17 @@ impl Broker {
             parts: j
                 .parts
                 .iter()
-                .map(|p| PartStatus {
-                    node: p.node.to_string(),
-                    name: names.get(&p.node).cloned().unwrap_or_default(),
-                    vertices: p.vertices.clone(),
-                    done: p.done,
+                .map(|p| {
+                    let (node, name) = names
+                        .get(&p.node)
+                        .cloned()
+                        .unwrap_or_else(|| (p.node.to_string(), String::new()));
+                    PartStatus {
+                        node,
+                        name,
+                        vertices: p.vertices.clone(),
+                        done: p.done,
+                    }
                 })
                 .collect(),
             outputs: j.outputs.clone(),

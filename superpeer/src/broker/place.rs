@@ -333,15 +333,7 @@ impl Broker {
         c: &Checked,
         plan: &Plan,
     ) -> Vec<(PeerId, PartSpec)> {
-        let members: Vec<Member> = plan
-            .peers
-            .iter()
-            .map(|p| Member {
-                peer: p.to_string(),
-                addrs: self.addrs(p).iter().map(ToString::to_string).collect(),
-                eligible: false,
-            })
-            .collect();
+        let members: Vec<Member> = plan.peers.iter().map(|p| self.member(p)).collect();
         // Each node ensures the profile's image as a guest before its part runs.
         let r = &s.requirements;
         let environment = r
