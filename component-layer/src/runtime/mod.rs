@@ -496,26 +496,40 @@ impl Prepared {
         }
         let names = &self.names;
         let mut reports: Vec<Option<VertexReport>> = vec![None; count];
-        let mut failure = None;
+        let mut failure: Option<(Instant, JobError)> = None;
+        // Once a vertex failed: when the others are stopped (see `SETTLE`).
+        let mut settle: Option<tokio::time::Instant> = None;
+        let mut stopped = false;
         // One deadline for the part's wall-time limit (its vertices start together), not a
         // timer per vertex.
         let wall = self.limits.wall;
         let deadline = tokio::time::sleep(wall.unwrap_or(Duration::from_secs(1 << 40)));
         tokio::pin!(deadline);
         loop {
+            let settled = async {
+                match settle {
+                    Some(t) if !stopped => tokio::time::sleep_until(t).await,
+                    _ => std::future::pending().await,
+                }
+            };
             let joined = tokio::select! {
                 j = set.join_next_with_id() => j,
+                () = settled => {
+                    set.abort_all();
+                    stopped = true;
+                    continue;
+                }
                 () = &mut deadline, if wall.is_some() => {
                     set.abort_all();
                     let slot = reports.iter().position(Option::is_none).unwrap_or(0);
-                    failure.get_or_insert(JobError {
+                    failure.get_or_insert((Instant::now(), JobError {
                         vertex: names[slots[slot]].clone(),
                         cause: format!(
                             "wall-time limit of {:?} exceeded",
                             wall.unwrap_or_default()
                         ),
                         denied: false,
-                    });
+                    }));
                     break;
                 }
             };
@@ -527,12 +541,15 @@ impl Prepared {
                     let vertex = tasks
                         .get(&e.id())
                         .map_or_else(|| "?".to_owned(), |&v| names[v].clone());
-                    failure.get_or_insert(JobError {
-                        vertex,
-                        cause: format!("task failed: {e}"),
-                        denied: false,
-                    });
-                    set.abort_all();
+                    failure.get_or_insert((
+                        Instant::now(),
+                        JobError {
+                            vertex,
+                            cause: format!("task failed: {e}"),
+                            denied: false,
+                        },
+                    ));
+                    settle.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
                     continue;
                 }
             };
@@ -543,19 +560,20 @@ impl Prepared {
                         stdout,
                     });
                 }
-                Err(cause) => {
-                    if failure.is_none() {
-                        failure = Some(JobError {
+                Err(f) => {
+                    if failure.as_ref().is_none_or(|(at, _)| f.at < *at) {
+                        let e = JobError {
                             vertex: names[v].clone(),
-                            cause,
+                            cause: f.cause,
                             denied: false,
-                        });
-                        set.abort_all();
+                        };
+                        failure = Some((f.at, e));
                     }
+                    settle.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
                 }
             }
         }
-        if let Some(f) = failure {
+        if let Some((_, f)) = failure {
             return Err(f);
         }
         Ok(JobReport {
@@ -676,7 +694,7 @@ async fn on_thread(
     pre: InstancePre<VertexState>,
     io: VertexIo,
     limits: Limits,
-) -> (usize, usize, Result<Bytes, String>) {
+) -> (usize, usize, Result<Bytes, Failed>) {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let work = Box::pin(async move {
@@ -689,14 +707,34 @@ async fn on_thread(
         }
     });
     if thread.run(work).is_err() {
-        return (slot, v, Err("its dedicated thread is gone".into()));
+        return (slot, v, Err(Failed::now("its dedicated thread is gone")));
     }
     let r = done_rx
         .await
-        .unwrap_or_else(|_| Err("its dedicated thread ended without a result".into()));
+        .unwrap_or_else(|_| Err(Failed::now("its dedicated thread ended without a result")));
     drop(cancel_tx);
     (slot, v, r)
 }
+
+/// Why a vertex failed, and when (its code stopped, before its queues closed): the vertex
+/// that failed first is the one a job's error names, not one that failed because of it.
+struct Failed {
+    at: Instant,
+    cause: String,
+}
+
+impl Failed {
+    fn now(cause: impl Into<String>) -> Failed {
+        Failed {
+            at: Instant::now(),
+            cause: cause.into(),
+        }
+    }
+}
+
+/// How long a part waits, after a vertex failed, for failures that happened before it but
+/// arrive after (a vertex whose queue peer failed may report first), before it stops the rest.
+const SETTLE: Duration = Duration::from_millis(20);
 
 /// Runs one vertex to its end; its stdout, or why it failed. `spin` is how long a receive may
 /// poll before parking (zero on the shared pool).
@@ -706,6 +744,24 @@ async fn run_vertex(
     io: VertexIo,
     limits: Limits,
     spin: Duration,
+) -> Result<Bytes, Failed> {
+    let mut stopped = None;
+    run_vertex_until(inner, pre, io, limits, spin, &mut stopped)
+        .await
+        .map_err(|cause| Failed {
+            at: stopped.unwrap_or_else(Instant::now),
+            cause,
+        })
+}
+
+/// As [`run_vertex`], saying in `stopped` when the vertex's code returned.
+async fn run_vertex_until(
+    inner: &Inner,
+    pre: &InstancePre<VertexState>,
+    io: VertexIo,
+    limits: Limits,
+    spin: Duration,
+    stopped: &mut Option<Instant>,
 ) -> Result<Bytes, String> {
     let stdout = MemoryOutputPipe::new(1 << 20);
     let budget = limits
@@ -769,6 +825,7 @@ async fn run_vertex(
         .map_err(|_| "the module exports neither '_start' nor 'run'".to_owned())?;
     // The wall-time limit is the part's deadline, kept by `Prepared::run`.
     let result = entry.call_async(&mut store, ()).await;
+    *stopped = Some(Instant::now());
     drop(store); // closes this vertex's output queues
     match result {
         Ok(()) => Ok(stdout.contents()),
