@@ -12,7 +12,7 @@ use crate::joblog::{Applied, Command};
 use crate::proto::{Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response};
 
 impl Broker {
-    /// Runs a just-placed job of one part and records it once its node has answered: one
+    /// Runs a just-placed job of one part on the host and records it once its node has answered: one
     /// entry holds the job and, when the part ended within the node's hold (a short job), its
     /// end too, so that a short job costs one replication round instead of two. Until then the
     /// job is in no log; were this leader lost meanwhile, the submitter gets an error instead of

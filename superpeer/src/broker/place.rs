@@ -201,8 +201,12 @@ impl Broker {
             Err(why) => return Placed::Unplaceable { vertices: n, why },
         };
         record.parts = plan.parts(&c.topology);
-        if let [alone] = &plan.peers[..] {
-            // One part: recorded once its node has answered (see `Broker::run_alone`).
+        if let [alone] = &plan.peers[..]
+            && record.image == "host"
+        {
+            // One part on the host: recorded once its node has answered (see
+            // `Broker::run_alone`). A part that needs a guest is recorded first: its prepare
+            // may take a guest's boot, and the job is seen `preparing` meanwhile.
             let peer = *alone;
             let spec = self.specs(shared, &id, owner, &s, &c, &plan).pop();
             let Some((_, spec)) = spec else {
