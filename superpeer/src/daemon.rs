@@ -440,6 +440,7 @@ fn images(shared: &Shared) -> Vec<String> {
 
 fn info(shared: &Shared) -> NodeInfo {
     let c = &shared.config;
+    let load = load(shared);
     NodeInfo {
         name: c.name.clone(),
         group: c.group.clone(),
@@ -449,10 +450,10 @@ fn info(shared: &Shared) -> NodeInfo {
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
         memory_bytes: mvm_os::probe::total_memory().unwrap_or(0),
         arch: std::env::consts::ARCH.to_owned(),
-        images: images(shared),
+        images: load.images.clone(),
         slots: c.slots,
         eligible: c.broker,
-        load: load(shared),
+        load,
     }
 }
 

@@ -7,8 +7,8 @@ use libp2p::PeerId;
 
 use super::{Broker, fail, now_ms};
 use crate::daemon::Shared;
+use crate::joblog::Command;
 use crate::joblog::state::{Ended, JobRecord};
-use crate::joblog::{Applied, Command};
 use crate::proto::{Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response};
 
 impl Broker {
@@ -56,31 +56,15 @@ impl Broker {
             Some(end) => Command::Batch(vec![Command::Submit(Box::new(record)), end]),
             None => Command::Submit(Box::new(record)),
         };
-        let outcome = self.log.propose(command).await;
+        let recorded = self.record(command).await;
         self.driving.lock().remove(&id);
-        let recorded = match outcome {
-            Ok(Applied::Done) => Ok(()),
-            Ok(Applied::Batch(v)) => match v.first() {
-                Some(Applied::Done) => Ok(()),
-                Some(Applied::Refused(why)) => Err(fail(FailureKind::Input, why.clone())),
-                _ => Err(fail(FailureKind::Failed, "a batch gave no outcome")),
-            },
-            Ok(Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
-            Err(e) => Err(fail(FailureKind::Unavailable, e.to_string())),
-        };
         if let Err(r) = recorded {
             if running {
                 self.terminate(shared, &id, "not recorded", vec![peer]);
             }
             return r;
         }
-        let names = self.names();
-        self.log
-            .read(|st| st.job(&id).map(|j| self.status_of(j, &names)))
-            .map_or_else(
-                || fail(FailureKind::Failed, "the job left the log at once"),
-                Response::Submitted,
-            )
+        self.submitted(&id)
     }
 
     /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.

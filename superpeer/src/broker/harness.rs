@@ -251,6 +251,12 @@ pub(crate) async fn running(c: &Client, nodes: Option<u32>) -> JobStatus {
     until(c, &s.job, |st| st == JobState::Running).await
 }
 
+/// Submits `job`, waiting for its end, and gives its final status.
+pub(crate) async fn finished(c: &Client, job: &Prepared) -> JobStatus {
+    let s = c.submit_and_wait(job).await.expect("submit");
+    until(c, &s.job, JobState::is_final).await
+}
+
 /// Waits until `job`'s state passes `pred`.
 pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool) -> JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -166,11 +166,13 @@ impl Broker {
         // Jobs being recorded first, then the log: a job leaves `driving` only once the log
         // holds it, so none is taken for unknown on its way in.
         let stop: Vec<String> = {
-            let driving = self.driving.lock().clone();
+            let settled: Vec<&String> = {
+                let driving = self.driving.lock();
+                load.jobs.iter().filter(|j| !driving.contains(*j)).collect()
+            };
             self.log.read(|s| {
-                load.jobs
-                    .iter()
-                    .filter(|j| !driving.contains(*j))
+                settled
+                    .into_iter()
                     .filter(|j| s.job(j).is_none_or(|r| r.state.is_final()))
                     .cloned()
                     .collect()

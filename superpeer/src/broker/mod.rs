@@ -299,15 +299,28 @@ impl Broker {
         }
     }
 
+    /// The answer to a submission once its job is in the log: the job's status.
+    fn submitted(&self, id: &str) -> Response {
+        let names = self.names();
+        self.log
+            .read(|st| st.job(id).map(|j| self.status_of(j, &names)))
+            .map_or_else(
+                || fail(FailureKind::Failed, "the job left the log at once"),
+                Response::Submitted,
+            )
+    }
+
     /// Records `command`; the answer to give when it is not recorded.
     async fn record(&self, command: crate::joblog::Command) -> Result<(), Response> {
         match self.log.propose(command).await {
             Ok(crate::joblog::Applied::Done) => Ok(()),
             Ok(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
-            Ok(crate::joblog::Applied::Batch(_)) => Err(fail(
-                FailureKind::Failed,
-                "one command gave a batch's outcome",
-            )),
+            // A batch stands or falls with its first command (the others follow from it).
+            Ok(crate::joblog::Applied::Batch(v)) => match v.into_iter().next() {
+                Some(crate::joblog::Applied::Done) => Ok(()),
+                Some(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
+                _ => Err(fail(FailureKind::Failed, "a batch gave no outcome")),
+            },
             Err(e) => Err(fail(FailureKind::Unavailable, e.to_string())),
         }
     }

@@ -189,14 +189,7 @@ impl Broker {
                 self.waiting.lock().insert(id.clone(), why);
                 drop(reservation);
                 tracing::info!(job = %id, "job pending");
-                let names = self.names();
-                let status = self
-                    .log
-                    .read(|st| st.job(&id).map(|j| self.status_of(j, &names)));
-                return Placed::Job(Box::new(match status {
-                    Some(st) => Response::Submitted(st),
-                    None => fail(FailureKind::Failed, "the job left the log at once"),
-                }));
+                return Placed::Job(Box::new(self.submitted(&id)));
             }
             Err(why) => return Placed::Unplaceable { vertices: n, why },
         };
@@ -223,17 +216,7 @@ impl Broker {
         }
         drop(reservation); // the log holds the job's resources and slots from here
         self.launch(shared, &id, owner, &s, &c, &plan);
-        let names = self.names();
-        let status = self
-            .log
-            .read(|st| st.job(&id).map(|j| self.status_of(j, &names)));
-        match status {
-            Some(st) => Placed::Job(Box::new(Response::Submitted(st))),
-            None => Placed::Job(Box::new(fail(
-                FailureKind::Failed,
-                "the job left the log at once",
-            ))),
-        }
+        Placed::Job(Box::new(self.submitted(&id)))
     }
 
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit

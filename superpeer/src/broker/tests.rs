@@ -1,17 +1,13 @@
 //! A job's lifecycle through real daemons in one process ([`super::harness`]).
 
-use super::harness::{Lab, items, one, ring, running, until};
+use super::harness::{Lab, finished, items, one, ring, running, until};
 use crate::proto::{FailureKind, JobState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_over_two_nodes_is_placed_run_and_kept_in_the_history() {
     let lab = Lab::start(1, &[16, 16]).await;
     let c = lab.client().await;
-    let s = c
-        .submit_and_wait(&ring("r", 500, Some(2), 0))
-        .await
-        .expect("submit");
-    let s = until(&c, &s.job, JobState::is_final).await;
+    let s = finished(&c, &ring("r", 500, Some(2), 0)).await;
     assert_eq!(s.state, JobState::Done, "{s:?}");
     assert_eq!(s.parts.len(), 2, "spread over both nodes: {s:?}");
     assert_eq!(items(&s), 500, "every hop one item: {s:?}");
@@ -85,11 +81,7 @@ async fn a_node_lost_mid_job_fails_the_job_with_its_name() {
 async fn a_leader_stopped_mid_job_is_replaced_and_the_job_completes_with_the_history() {
     let mut lab = Lab::start(3, &[8, 8]).await;
     let c = lab.client().await;
-    let first = c
-        .submit_and_wait(&ring("first", 100, None, 0))
-        .await
-        .expect("submit");
-    let first = until(&c, &first.job, JobState::is_final).await;
+    let first = finished(&c, &ring("first", 100, None, 0)).await;
     assert_eq!(first.state, JobState::Done);
     let hops = 300_000;
     let s = c
@@ -105,12 +97,8 @@ async fn a_leader_stopped_mid_job_is_replaced_and_the_job_completes_with_the_his
     assert_eq!((end.state, items(&end)), (JobState::Done, hops), "{end:?}");
     let all = c.status(None).await.expect("status");
     assert!(all.iter().any(|j| j.job == first.job), "the history stays");
-    let again = c
-        .submit_and_wait(&ring("after", 100, None, 0))
-        .await
-        .expect("submit");
     assert_eq!(
-        until(&c, &again.job, JobState::is_final).await.state,
+        finished(&c, &ring("after", 100, None, 0)).await.state,
         JobState::Done
     );
 }
@@ -166,13 +154,9 @@ async fn a_group_whose_super_peers_all_restart_keeps_its_history_and_takes_jobs(
     let c = lab.client().await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let s = c
-            .submit_and_wait(&ring(&format!("j{i}"), 50, None, 0))
-            .await
-            .expect("submit");
-        let end = until(&c, &s.job, JobState::is_final).await;
+        let end = finished(&c, &ring(&format!("j{i}"), 50, None, 0)).await;
         assert_eq!(end.state, JobState::Done, "{end:?}");
-        ids.push(s.job);
+        ids.push(end.job);
     }
     for sp in &mut lab.superpeers {
         sp.stop().await;
@@ -193,14 +177,8 @@ async fn a_group_whose_super_peers_all_restart_keeps_its_history_and_takes_jobs(
         let j = all.iter().find(|j| j.job == *id).expect("kept");
         assert_eq!(j.state, JobState::Done, "{j:?}");
     }
-    let s = c
-        .submit_and_wait(&ring("after", 50, None, 0))
-        .await
-        .expect("submit");
-    assert_eq!(
-        until(&c, &s.job, JobState::is_final).await.state,
-        JobState::Done
-    );
+    let s = finished(&c, &ring("after", 50, None, 0)).await;
+    assert_eq!(s.state, JobState::Done);
     assert!(!ids.contains(&s.job), "a new id after the restart");
 }
 
@@ -331,8 +309,7 @@ async fn a_vertex_that_traps_fails_its_job_with_the_vertex_and_the_cause() {
     let lab = Lab::start(1, &[4]).await;
     let c = lab.client().await;
     let trap = one("trap", "(module (func (export \"run\") unreachable))");
-    let s = c.submit_and_wait(&trap).await.expect("submit");
-    let s = until(&c, &s.job, JobState::is_final).await;
+    let s = finished(&c, &trap).await;
     assert_eq!(s.state, JobState::Failed, "{s:?}");
     let e = s.error.as_deref().unwrap_or_default();
     assert!(e.contains("vertex 'v'") && e.contains("unreachable"), "{e}");
@@ -340,11 +317,7 @@ async fn a_vertex_that_traps_fails_its_job_with_the_vertex_and_the_cause() {
     assert_eq!(c.group().await.expect("group").nodes[0].vertices, 0);
     // The node goes on taking jobs.
     let ok = one("ok", "(module (func (export \"run\")))");
-    let s = c.submit_and_wait(&ok).await.expect("submit");
-    assert_eq!(
-        until(&c, &s.job, JobState::is_final).await.state,
-        JobState::Done
-    );
+    assert_eq!(finished(&c, &ok).await.state, JobState::Done);
 }
 
 /// A pending job can be cancelled: it ends without ever running and the queue goes on; a job
