@@ -197,23 +197,22 @@ impl Drop for EnvLease {
 
 /// Serves this node's images to peers that ask (`/mvm/image/1`): the bytes go as they are
 /// stored; the receiver keeps them only if they hash to the id it asked for.
-pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
+pub(crate) async fn serve_images(site: Arc<crate::site::Site>, os: Arc<NodeOs>) {
     use futures::{AsyncWriteExt, StreamExt};
     use tokio_util::compat::TokioAsyncReadCompatExt;
 
-    let Some(os) = shared.os.clone() else { return };
-    let mut control = shared.net.streams();
+    let mut control = site.net.streams();
     let Ok(mut incoming) = control.accept(crate::proto::IMAGE_PROTOCOL) else {
         tracing::error!("the image protocol is already being accepted");
         return;
     };
     while let Some((peer, mut stream)) = incoming.next().await {
-        let Some(who) = shared.net.identity(&peer) else {
+        let Some(who) = site.net.identity(&peer) else {
             tracing::warn!(%peer, "an image request from an unauthenticated peer; dropped");
             continue;
         };
         let os = os.clone();
-        let shared = shared.clone();
+        let site = site.clone();
         tokio::spawn(async move {
             let req = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
@@ -227,7 +226,7 @@ pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
                 tracing::warn!(%peer, "no image request");
                 return;
             };
-            let allowed = shared
+            let allowed = site
                 .policies
                 .current()
                 .engine
@@ -237,7 +236,7 @@ pub(crate) async fn serve_images(shared: Arc<crate::daemon::Shared>) {
                     resource: mvm_component::policy::Resource::Image(
                         mvm_component::policy::Image {
                             id: req.id.clone(),
-                            domain: shared.config.domain.clone(),
+                            domain: site.domain.clone(),
                         },
                     ),
                 })

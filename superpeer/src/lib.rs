@@ -12,6 +12,7 @@
 //! - [`modules`]: module bytes by content hash.
 //! - [`pki`]: domain CAs, node and user certificates, and their checks.
 //! - [`policy`]: the policies in force, their source, and their distribution.
+//! - `site`: what a daemon's roles share, and requests from one role to another.
 
 mod broker;
 pub mod client;
@@ -27,3 +28,4 @@ pub mod policy;
 pub mod proto;
 mod rpc;
 pub mod schedule;
+mod site;

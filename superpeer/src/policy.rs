@@ -175,14 +175,14 @@ fn refused(m: String) -> Response {
 
 /// `Request::Policy`: the bundle in force, to nodes and super-peers (not to users).
 pub(crate) fn serve(
-    shared: &crate::daemon::Shared,
+    site: &crate::site::Site,
     asker: &mvm_component::policy::Principal,
     have: &str,
 ) -> Response {
     if asker.kind != mvm_component::policy::PrincipalKind::Node {
         return refused(format!("{asker} is not a node; policies go to nodes only"));
     }
-    let cur = shared.policies.current();
+    let cur = site.policies.current();
     Response::Policy {
         version: cur.version,
         digest: cur.digest.clone(),
@@ -192,12 +192,12 @@ pub(crate) fn serve(
 
 /// `Request::PolicyReload`, from someone allowed to `administer` the domain.
 pub(crate) fn reload(
-    shared: &crate::daemon::Shared,
+    site: &crate::site::Site,
     asker: &mvm_component::policy::Principal,
 ) -> Response {
     use mvm_component::policy::{Domain, Question, Resource};
-    let domain = &shared.config.domain;
-    let cur = shared.policies.current();
+    let domain = &site.domain;
+    let cur = site.policies.current();
     let q = Question {
         actor: asker.clone(),
         action: "administer".into(),
@@ -206,17 +206,17 @@ pub(crate) fn reload(
     if let mvm_component::policy::Decision::Deny(why) = cur.engine.decide(&q) {
         return refused(why);
     }
-    if !matches!(shared.policies.source(), PolicySource::Dir(_)) {
+    if !matches!(site.policies.source(), PolicySource::Dir(_)) {
         return Response::Error(Failure::new(
             FailureKind::Input,
             format!(
                 "{} holds no policy directory (its policies: {:?})",
-                shared.net.peer(),
-                shared.policies.source()
+                site.peer(),
+                site.policies.source()
             ),
         ));
     }
-    match shared.policies.reload() {
+    match site.policies.reload() {
         Ok((l, _)) => Response::Policy {
             version: l.version,
             digest: l.digest.clone(),
@@ -226,39 +226,37 @@ pub(crate) fn reload(
     }
 }
 
-/// Fetches the policies from the source super-peer now, if they differ from the ones held.
-/// Returns whether a new version was taken.
+/// Fetches the policies from the source super-peer now (the one configured, or else
+/// `superpeer`, the one this node follows), if they differ from the ones held. Returns whether
+/// a new version was taken.
 ///
 /// # Errors
 /// The super-peer cannot be asked, or what it sends does not load.
 pub(crate) async fn fetch_now(
-    shared: &std::sync::Arc<crate::daemon::Shared>,
+    site: &crate::site::Site,
+    superpeer: Option<(libp2p::PeerId, Vec<libp2p::Multiaddr>)>,
 ) -> Result<bool, String> {
-    let (peer, addrs) = match shared.policies.source() {
+    let (peer, addrs) = match site.policies.source() {
         PolicySource::Fetch(Some(addr)) => {
             let (p, a) = crate::net::split_peer(addr)?;
             (p, vec![a])
         }
-        PolicySource::Fetch(None) => match shared.superpeer.read().clone() {
+        PolicySource::Fetch(None) => match superpeer {
             Some((p, a)) => (p, a),
             None => return Ok(false),
         },
         _ => return Ok(false),
     };
-    if peer == shared.net.peer() {
+    if peer == site.peer() {
         return Ok(false);
     }
-    let have = shared.policies.current().digest.clone();
-    match shared
-        .net
-        .call(peer, &addrs, Request::Policy { have })
-        .await
-    {
+    let have = site.policies.current().digest.clone();
+    match site.net.call(peer, &addrs, Request::Policy { have }).await {
         Ok(Response::Policy {
             version,
             digest,
             bundle: Some(bundle),
-        }) => shared.policies.adopt(version, &digest, bundle),
+        }) => site.policies.adopt(version, &digest, bundle),
         Ok(Response::Policy { .. }) => Ok(false),
         Ok(_) => Err(format!(
             "{peer} answered a policy request with something else"
@@ -267,22 +265,26 @@ pub(crate) async fn fetch_now(
     }
 }
 
-/// Keeps the policies current: a holder re-reads its directory, a fetcher asks its source.
-pub(crate) async fn sync(shared: std::sync::Arc<crate::daemon::Shared>) {
-    if *shared.policies.source() == PolicySource::Default {
+/// Keeps the policies current: a holder re-reads its directory, a fetcher asks its source (or
+/// the super-peer that `superpeer` gives). Runs until the task is aborted.
+pub(crate) async fn sync(
+    site: std::sync::Arc<crate::site::Site>,
+    superpeer: impl Fn() -> Option<(libp2p::PeerId, Vec<libp2p::Multiaddr>)>,
+) {
+    if *site.policies.source() == PolicySource::Default {
         return;
     }
-    let every = (shared.config.heartbeat * 2).max(std::time::Duration::from_millis(500));
+    let every = (site.heartbeat * 2).max(std::time::Duration::from_millis(500));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match shared.policies.source() {
+        match site.policies.source() {
             PolicySource::Dir(_) => {
-                let _ = shared.policies.reload();
+                let _ = site.policies.reload();
             }
             _ => {
-                if let Err(e) = fetch_now(&shared).await {
+                if let Err(e) = fetch_now(&site, superpeer()).await {
                     tracing::debug!(error = %e, "policies not fetched");
                 }
             }

@@ -338,6 +338,25 @@ pub struct LimitSpec {
     pub wall_ms: Option<u64>,
 }
 
+impl LimitSpec {
+    /// The runtime's limits.
+    ///
+    /// # Errors
+    /// A memory limit under 64 KiB, or over what this machine can address.
+    pub fn limits(&self) -> Result<mvm_component::runtime::Limits, String> {
+        let mut l = mvm_component::runtime::Limits::default();
+        if let Some(m) = self.memory_bytes {
+            if m < 64 << 10 {
+                return Err(format!("a memory limit of {m} bytes is under 64KiB"));
+            }
+            l.memory_bytes = usize::try_from(m).map_err(|_| "the memory limit is too large")?;
+        }
+        l.cpu = self.cpu_ms.map(std::time::Duration::from_millis);
+        l.wall = self.wall_ms.map(std::time::Duration::from_millis);
+        Ok(l)
+    }
+}
+
 /// What a job needs from a node, and how to rank the nodes that have it (GridWay).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requirements {

@@ -169,6 +169,18 @@ impl Topology {
         Topology::parse(&src, options).map_err(|diagnostics| Error { file, diagnostics })
     }
 
+    /// Parses and checks the DOT source of `file` (a name for errors: the source may come
+    /// from a message rather than a file).
+    ///
+    /// # Errors
+    /// Every problem found, each with the file and its line.
+    pub fn parse_named(file: &str, src: &str, options: &Options<'_>) -> Result<Topology, Error> {
+        Topology::parse(src, options).map_err(|diagnostics| Error {
+            file: file.to_owned(),
+            diagnostics,
+        })
+    }
+
     /// Parses and checks DOT source.
     ///
     /// # Errors

@@ -8,9 +8,9 @@ use libp2p::PeerId;
 use mvm_component::policy::{self as pol, Principal, PrincipalKind, Question, Resource};
 
 use super::Broker;
-use crate::daemon::Shared;
 use crate::joblog::state::Resources;
 use crate::proto::{GroupSummary, Response, Submission};
+use crate::site::Site;
 
 /// What placements under way hold before the log has their jobs.
 #[derive(Debug, Default)]
@@ -81,14 +81,13 @@ impl Broker {
     /// count as held until the returned reservation is dropped.
     pub(super) fn authorize(
         self: &Arc<Self>,
-        shared: &Shared,
         owner: &Principal,
         s: &Submission,
         vertices: usize,
     ) -> Result<(Reservation, pol::Job), String> {
-        let engine = shared.policies.current().engine.clone();
+        let engine = self.site.policies.current().engine.clone();
         let r = &s.requirements;
-        let domain = shared.config.domain.clone();
+        let domain = self.site.domain.clone();
         let asked = Resources {
             vcpus: i64::from(r.vcpus.unwrap_or(1)),
             memory_mib: i64::try_from(r.memory_bytes.unwrap_or(0) >> 20).unwrap_or(i64::MAX),
@@ -145,23 +144,17 @@ impl Broker {
 
     /// The answer refusing `who` to `action` (`read-results`, `cancel`) job `id`, if the
     /// policy refuses (or there is no such job).
-    pub(super) fn refusal(
-        &self,
-        shared: &Shared,
-        who: &Principal,
-        action: &str,
-        id: &str,
-    ) -> Option<Response> {
+    pub(super) fn refusal(&self, who: &Principal, action: &str, id: &str) -> Option<Response> {
         let Some(facts) = self
             .log
-            .read(|s| s.job(id).map(|j| facts_of(&shared.config.domain, j)))
+            .read(|s| s.job(id).map(|j| facts_of(&self.site.domain, j)))
         else {
             return Some(super::fail(
                 crate::proto::FailureKind::NotFound,
                 format!("no job {id}"),
             ));
         };
-        shared
+        self.site
             .policies
             .current()
             .engine
@@ -256,9 +249,8 @@ pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, 
 
 /// Whether the inter-domain policy lets `owner` submit to group `g` of another domain (that
 /// group's super-peer decides by its domain's policy in turn).
-pub(super) fn inter_domain_allows(shared: &Shared, owner: &Principal, g: &GroupSummary) -> bool {
-    shared
-        .policies
+pub(super) fn inter_domain_allows(site: &Site, owner: &Principal, g: &GroupSummary) -> bool {
+    site.policies
         .current()
         .engine
         .inter_domain(&Question {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use libp2p::PeerId;
 
 use super::{Broker, fail, now_ms};
-use crate::daemon::Shared;
 use crate::joblog::Command;
 use crate::joblog::state::{Ended, JobRecord};
 use crate::proto::{Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response};
@@ -21,7 +20,6 @@ impl Broker {
     /// before they are woken: the log must know them to notice a node lost before the start.
     pub(super) async fn run_alone(
         &self,
-        shared: &Arc<Shared>,
         mut record: JobRecord,
         peer: PeerId,
         spec: PartSpec,
@@ -29,7 +27,8 @@ impl Broker {
         let id = record.id.clone();
         self.driving.lock().insert(id.clone());
         let addrs = self.addrs(&peer);
-        let answer = shared
+        let answer = self
+            .site
             .call(peer, &addrs, Request::Prepare(Box::new(spec)))
             .await;
         // A part prepared alone has started; one refused never ran.
@@ -60,7 +59,7 @@ impl Broker {
         self.driving.lock().remove(&id);
         if let Err(r) = recorded {
             if running {
-                self.terminate(shared, &id, "not recorded", vec![peer]);
+                self.terminate(&id, "not recorded", vec![peer]);
             }
             return r;
         }
@@ -68,22 +67,17 @@ impl Broker {
     }
 
     /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.
-    pub(super) async fn drive(
-        self: Arc<Self>,
-        shared: &Arc<Shared>,
-        id: String,
-        specs: Vec<(PeerId, PartSpec)>,
-    ) {
-        self.drive_parts(shared, &id, specs).await;
+    pub(super) async fn drive(self: Arc<Self>, id: String, specs: Vec<(PeerId, PartSpec)>) {
+        self.drive_parts(&id, specs).await;
         self.driving.lock().remove(&id);
     }
 
-    async fn drive_parts(&self, shared: &Arc<Shared>, id: &str, specs: Vec<(PeerId, PartSpec)>) {
+    async fn drive_parts(&self, id: &str, specs: Vec<(PeerId, PartSpec)>) {
         let prepares = specs.into_iter().map(|(peer, spec)| {
             let addrs = self.addrs(&peer);
-            let shared = shared.clone();
+            let site = self.site.clone();
             async move {
-                let r = shared
+                let r = site
                     .call(peer, &addrs, Request::Prepare(Box::new(spec)))
                     .await;
                 (peer, r)
@@ -105,11 +99,11 @@ impl Broker {
         }
         if let Some((peer, f)) = refused {
             let (state, why) = refusal_end(peer, &f);
-            self.end(shared, id, state, Some(why)).await;
+            self.end(id, state, Some(why)).await;
             return;
         }
         for (peer, report) in finished {
-            self.report(shared, peer, report).await;
+            self.report(peer, report).await;
         }
         // Preparing → running; a part's early report or a cancel may have ended it meanwhile
         // (then nothing is started; the log would refuse the start too).
@@ -130,15 +124,19 @@ impl Broker {
             return; // a single part started when it was prepared
         }
         let starts = peers.iter().map(|peer| {
-            let shared = shared.clone();
             let job = id.to_owned();
             let peer = *peer;
-            async move { (peer, shared.call(peer, &[], Request::Start { job }).await) }
+            async move {
+                (
+                    peer,
+                    self.site.call(peer, &[], Request::Start { job }).await,
+                )
+            }
         });
         for (peer, r) in futures::future::join_all(starts).await {
             if let Err(f) = r {
                 let why = format!("node {peer}: {}", f.message);
-                self.end(shared, id, JobState::Failed, Some(why)).await;
+                self.end(id, JobState::Failed, Some(why)).await;
                 return;
             }
         }
@@ -146,13 +144,7 @@ impl Broker {
 
     /// Ends a job (once): records its final state, then tells every part that has not
     /// reported a good end to stop and remove what it made.
-    pub(super) async fn end(
-        &self,
-        shared: &Arc<Shared>,
-        id: &str,
-        state: JobState,
-        error: Option<String>,
-    ) {
+    pub(super) async fn end(&self, id: &str, state: JobState, error: Option<String>) {
         let command = Command::End {
             job: id.to_owned(),
             state,
@@ -177,24 +169,18 @@ impl Broker {
                 .map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node).collect())
                 .unwrap_or_default()
         });
-        self.terminate(shared, id, &format!("{state:?}"), peers);
+        self.terminate(id, &format!("{state:?}"), peers);
     }
 
     /// Tells `peers` to stop their part of `id`, without waiting.
-    pub(super) fn terminate(
-        &self,
-        shared: &Arc<Shared>,
-        id: &str,
-        reason: &str,
-        peers: Vec<PeerId>,
-    ) {
+    pub(super) fn terminate(&self, id: &str, reason: &str, peers: Vec<PeerId>) {
         for peer in peers {
-            let shared = shared.clone();
+            let site = self.site.clone();
             let job = id.to_owned();
             let reason = reason.to_owned();
             let addrs = self.addrs(&peer);
             self.tasks.lock().spawn(async move {
-                if let Err(e) = shared
+                if let Err(e) = site
                     .call(peer, &addrs, Request::Terminate { job, reason })
                     .await
                 {
@@ -205,12 +191,7 @@ impl Broker {
     }
 
     /// A node's report of its part.
-    pub(super) async fn report(
-        &self,
-        shared: &Arc<Shared>,
-        peer: PeerId,
-        r: PartReport,
-    ) -> Response {
+    pub(super) async fn report(&self, peer: PeerId, r: PartReport) -> Response {
         if self.driving.lock().contains(&r.job) {
             self.recorded(&r.job).await;
         }
@@ -240,7 +221,7 @@ impl Broker {
                 }
             }
             Command::End { state, ended, .. } => {
-                self.end(shared, &job, state, ended.error).await;
+                self.end(&job, state, ended.error).await;
             }
             _ => {}
         }

@@ -1,13 +1,10 @@
 //! Forwarding: a job this group cannot place goes to another group's super-peer that can.
 
-use std::sync::Arc;
-
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 
 use super::admit::inter_domain_allows;
 use super::{Broker, fail};
-use crate::daemon::Shared;
 use crate::proto::{FailureKind, GroupSummary, Request, Response, Submission};
 
 impl Broker {
@@ -15,7 +12,6 @@ impl Broker {
     /// domain, or a domain this super-peer trusts; the one with the most free slots first.
     pub(super) async fn forward(
         &self,
-        shared: &Arc<Shared>,
         mut s: Submission,
         owner: Principal,
         vertices: usize,
@@ -23,10 +19,10 @@ impl Broker {
     ) -> Response {
         let r = &s.requirements;
         let mut fits: Vec<GroupSummary> = self
-            .groups(shared)
+            .groups()
             .into_iter()
             .filter(|g| {
-                (g.domain == shared.config.domain || inter_domain_allows(shared, &owner, g))
+                (g.domain == self.site.domain || inter_domain_allows(&self.site, &owner, g))
                     && g.free_slots as usize >= vertices
                     && r.image.as_ref().is_none_or(|i| g.images.contains(i))
                     && r.arch.as_ref().is_none_or(|a| g.archs.contains(a))
@@ -44,7 +40,8 @@ impl Broker {
                 .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
                 .collect();
             let hashes: Vec<String> = s.components.values().cloned().collect();
-            let Ok(Response::Missing { hashes: missing }) = shared
+            let Ok(Response::Missing { hashes: missing }) = self
+                .site
                 .net
                 .call(peer, &addrs, Request::Missing { hashes })
                 .await
@@ -56,7 +53,8 @@ impl Broker {
             s.hops = s.hops.saturating_add(1);
             s.on_behalf = Some(owner.clone());
             s.wait = false;
-            match shared
+            match self
+                .site
                 .net
                 .call(peer, &addrs, Request::Submit(Box::new(s.clone())))
                 .await

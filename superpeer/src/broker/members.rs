@@ -8,7 +8,6 @@ use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::{Principal, PrincipalKind};
 
 use super::{Broker, TAKEOVER_GRACE, fail};
-use crate::daemon::Shared;
 use crate::proto::{
     FailureKind, GroupInfo, GroupSummary, Member, NodeInfo, NodeLoad, NodeView, Response,
 };
@@ -40,7 +39,7 @@ impl Broker {
     }
 
     /// This group's summary, for the other super-peers.
-    pub(crate) fn summary(&self, shared: &Shared) -> GroupSummary {
+    pub(crate) fn summary(&self) -> GroupSummary {
         let nodes = self.nodes.lock();
         let live: Vec<(&PeerId, &NodeEntry)> = nodes.iter().filter(|(_, n)| !n.lost).collect();
         let mut images: Vec<String> = live
@@ -53,10 +52,10 @@ impl Broker {
         archs.sort();
         archs.dedup();
         GroupSummary {
-            group: shared.config.group.clone(),
-            domain: shared.config.domain.clone(),
-            broker: shared.net.peer().to_string(),
-            addrs: shared.net.dial_addrs(),
+            group: self.site.group.clone(),
+            domain: self.site.domain.clone(),
+            broker: self.site.net.peer().to_string(),
+            addrs: self.site.net.dial_addrs(),
             nodes: u32::try_from(live.len()).unwrap_or(u32::MAX),
             free_slots: live
                 .iter()
@@ -68,8 +67,8 @@ impl Broker {
     }
 
     /// Takes another super-peer's summary (already validated).
-    pub(crate) fn learn(&self, shared: &Shared, s: GroupSummary) {
-        if s.broker == shared.net.peer().to_string() {
+    pub(crate) fn learn(&self, s: GroupSummary) {
+        if s.broker == self.site.net.peer().to_string() {
             return;
         }
         self.groups
@@ -78,10 +77,10 @@ impl Broker {
     }
 
     /// The other groups heard from recently.
-    pub(super) fn groups(&self, shared: &Shared) -> Vec<GroupSummary> {
+    pub(super) fn groups(&self) -> Vec<GroupSummary> {
         let mut g = self.groups.lock();
         g.retain(|_, (_, at)| at.elapsed() < SUMMARY_TTL);
-        let me = shared.net.peer().to_string();
+        let me = self.site.net.peer().to_string();
         let mut v: Vec<GroupSummary> = g
             .values()
             .map(|(s, _)| s.clone())
@@ -117,15 +116,9 @@ impl Broker {
         m
     }
 
-    pub(super) fn register(
-        &self,
-        shared: &Shared,
-        peer: PeerId,
-        who: &Principal,
-        info: NodeInfo,
-    ) -> Response {
+    pub(super) fn register(&self, peer: PeerId, who: &Principal, info: NodeInfo) -> Response {
         if who.kind != PrincipalKind::Node
-            || who.domain != shared.config.domain
+            || who.domain != self.site.domain
             || who.name != info.name
             || info.domain != who.domain
         {
@@ -134,7 +127,7 @@ impl Broker {
                 format!(
                     "{who} cannot join group {} of domain {} as node {}@{}: a node joins with \
                      a node certificate of its own name and of the group's domain",
-                    shared.config.group, shared.config.domain, info.name, info.domain
+                    self.site.group, self.site.domain, info.name, info.domain
                 ),
             );
         }
@@ -157,7 +150,7 @@ impl Broker {
             },
         );
         Response::Registered {
-            heartbeat_ms: u64::try_from(shared.config.heartbeat.as_millis()).unwrap_or(1000),
+            heartbeat_ms: u64::try_from(self.site.heartbeat.as_millis()).unwrap_or(1000),
             members: self.replicas(),
         }
     }
@@ -199,7 +192,7 @@ impl Broker {
         }
     }
 
-    pub(crate) fn group(&self, shared: &Shared) -> GroupInfo {
+    pub(crate) fn group(&self) -> GroupInfo {
         let nodes = self.nodes.lock();
         let mut views: Vec<NodeView> = nodes
             .iter()
@@ -215,10 +208,10 @@ impl Broker {
         views.sort_by(|a, b| a.name.cmp(&b.name));
         let leader = self.log.leader();
         GroupInfo {
-            group: shared.config.group.clone(),
+            group: self.site.group.clone(),
             broker: leader.map(|p| p.to_string()),
-            broker_addrs: if leader == Some(shared.net.peer()) {
-                shared.net.dial_addrs()
+            broker_addrs: if leader == Some(self.site.net.peer()) {
+                self.site.net.dial_addrs()
             } else {
                 self.replicas()
                     .into_iter()
@@ -226,9 +219,9 @@ impl Broker {
                     .map(|m| m.addrs)
                     .unwrap_or_default()
             },
-            is_broker: leader == Some(shared.net.peer()),
+            is_broker: leader == Some(self.site.net.peer()),
             nodes: views,
-            groups: self.groups(shared),
+            groups: self.groups(),
         }
     }
 

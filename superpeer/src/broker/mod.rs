@@ -9,6 +9,8 @@
 //! - `place`: checking, scheduling and recording a job.
 //! - `drive`: prepare, start, reports and the end.
 //! - `forward`: jobs for other groups.
+//! - `status`: what clients read of jobs, and waiting for a job to change.
+//! - `run`: the broker's loop (its tick, and the summaries of other groups).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,23 +18,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use mvm_component::policy::{Principal, PrincipalKind, Question, Resource};
+use mvm_component::policy::{Principal, PrincipalKind};
 use parking_lot::Mutex;
 
-use crate::daemon::Shared;
 use crate::joblog::state::JobRecord;
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    Failure, FailureKind, GroupSummary, JobState, JobStatus, PartStatus, Request, Response,
-    SUBMIT_HOLD, Submission,
+    Failure, FailureKind, GroupSummary, JobState, Request, Response, SUBMIT_HOLD, Submission,
 };
+use crate::site::Site;
+use mvm_queue::codec::Registry;
 
 mod admit;
 mod drive;
 mod forward;
 mod members;
 mod place;
+mod run;
+mod status;
 
 #[cfg(test)]
 mod harness;
@@ -43,6 +47,10 @@ use place::Placed;
 
 /// The broker's state beside the log.
 pub(crate) struct Broker {
+    /// The daemon it runs in.
+    site: Arc<Site>,
+    /// The codecs a topology may name.
+    codecs: Arc<Registry>,
     /// The group's job log (this super-peer's replica).
     pub(crate) log: JobLog,
     pub(crate) modules: ModuleStore,
@@ -87,8 +95,16 @@ pub(super) fn now_ms() -> u64 {
 }
 
 impl Broker {
-    pub(crate) fn new(log: JobLog, modules: ModuleStore, founders: Option<Vec<Replica>>) -> Broker {
+    pub(crate) fn new(
+        site: Arc<Site>,
+        codecs: Arc<Registry>,
+        log: JobLog,
+        modules: ModuleStore,
+        founders: Option<Vec<Replica>>,
+    ) -> Broker {
         Broker {
+            site,
+            codecs,
             log,
             modules,
             nodes: Mutex::new(HashMap::new()),
@@ -104,67 +120,10 @@ impl Broker {
         }
     }
 
-    /// A job's status as clients see it, with `names` (from [`Broker::names`], taken before
-    /// the log's state is read: the node table is locked before the state elsewhere).
-    pub(super) fn status_of(&self, j: &JobRecord, names: &members::Names) -> JobStatus {
-        let count = |v: &Vec<String>| u32::try_from(v.len()).unwrap_or(u32::MAX);
-        let vertices = if j.parts.is_empty() {
-            u32::try_from(j.resources.vertices).unwrap_or(0)
-        } else {
-            j.parts.iter().map(|p| count(&p.vertices)).sum()
-        };
-        let end = j.ended.as_ref().map_or_else(now_ms, |e| e.at_ms);
-        JobStatus {
-            job: j.id.clone(),
-            name: j.name.clone(),
-            state: j.state,
-            version: j.version,
-            vertices,
-            vertices_done: j
-                .parts
-                .iter()
-                .filter(|p| p.done)
-                .map(|p| count(&p.vertices))
-                .sum(),
-            parts: j
-                .parts
-                .iter()
-                .map(|p| {
-                    let (node, name) = names
-                        .get(&p.node)
-                        .cloned()
-                        .unwrap_or_else(|| (p.node.to_string(), String::new()));
-                    PartStatus {
-                        node,
-                        name,
-                        vertices: p.vertices.clone(),
-                        done: p.done,
-                    }
-                })
-                .collect(),
-            outputs: j.outputs.clone(),
-            traffic: j.traffic.clone(),
-            wall_ms: end.saturating_sub(j.submitted_ms),
-            error: j.ended.as_ref().and_then(|e| e.error.clone()),
-            waiting: match (j.state, j.held) {
-                (JobState::Pending, true) => Some("held (mvm release lets it go)".into()),
-                (JobState::Pending, false) => Some(
-                    self.waiting
-                        .lock()
-                        .get(&j.id)
-                        .cloned()
-                        .unwrap_or_else(|| "waiting for room".into()),
-                ),
-                _ => None,
-            },
-            owner: format!("{}@{}", j.owner.name, j.owner.domain),
-            broker_addrs: Vec::new(),
-        }
-    }
-
     /// Runs on every membership tick: notices a change of leader, marks silent nodes lost and
     /// fails their parts.
-    pub(crate) async fn tick(self: &Arc<Self>, shared: &Arc<Shared>, lost_after: Duration) {
+    async fn tick(self: &Arc<Self>) {
+        let lost_after = self.site.lost_after;
         while self.tasks.lock().try_join_next().is_some() {}
         self.found().await;
         let leading = self.log.is_leader();
@@ -175,7 +134,7 @@ impl Broker {
             return;
         }
         if !was {
-            self.take_over(shared).await;
+            self.take_over().await;
         }
         for (peer, name) in self.lost_nodes(lost_after) {
             tracing::warn!(%peer, %name, "node lost");
@@ -189,12 +148,12 @@ impl Broker {
             });
             for job in jobs {
                 let why = format!("node {name} ({peer}) stopped answering; its vertices failed");
-                self.end(shared, &job, JobState::Failed, Some(why)).await;
+                self.end(&job, JobState::Failed, Some(why)).await;
             }
-            let shared = shared.clone();
+            let net = self.site.net.clone();
             self.tasks
                 .lock()
-                .spawn(async move { shared.net.disconnect(peer).await });
+                .spawn(async move { net.disconnect(peer).await });
         }
         {
             let pending: HashSet<String> = self
@@ -202,7 +161,7 @@ impl Broker {
                 .read(|s| s.pending().map(|j| j.id.clone()).collect());
             self.waiting.lock().retain(|id, _| pending.contains(id));
         }
-        self.place_pending(shared).await;
+        self.place_pending().await;
     }
 
     /// Starts the job log with the founding replicas if none has started it in time.
@@ -229,7 +188,7 @@ impl Broker {
     /// This broker has just taken the lead: the jobs that the last leader was preparing cannot
     /// be started (their preparation died with it) and fail; running jobs go on, and the nodes
     /// that run them count as lost unless they register within the usual time.
-    async fn take_over(self: &Arc<Self>, shared: &Arc<Shared>) {
+    async fn take_over(self: &Arc<Self>) {
         let (preparing, nodes): (Vec<String>, HashSet<PeerId>) = self.log.read(|s| {
             let driving = self.driving.lock();
             let live: Vec<&JobRecord> = s.jobs().filter(|j| !j.state.is_final()).collect();
@@ -259,12 +218,12 @@ impl Broker {
         }
         for job in preparing {
             let why = "its super-peer was lost while it was being prepared".to_owned();
-            self.end(shared, &job, JobState::Failed, Some(why)).await;
+            self.end(&job, JobState::Failed, Some(why)).await;
         }
     }
 
     /// The answer of a replica that does not lead.
-    fn not_leader(&self, shared: &Shared) -> Response {
+    fn not_leader(&self) -> Response {
         let why = crate::joblog::LogError::NotLeader {
             leader: self.log.leader(),
         };
@@ -272,42 +231,26 @@ impl Broker {
             FailureKind::Unavailable,
             format!(
                 "{} of group {}: {why}",
-                shared.net.peer(),
-                shared.config.group
+                self.site.net.peer(),
+                self.site.group
             ),
         )
     }
 
     /// Validates, authorizes and places a job, then drives it on its own task.
-    async fn submit(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
-        caller: &Principal,
-        s: Submission,
-    ) -> Response {
+    async fn submit(self: &Arc<Self>, caller: &Principal, s: Submission) -> Response {
         let owner = match admit::owner_of(caller, &s) {
             Ok(o) => o,
             Err(why) => return fail(FailureKind::Refused, format!("job {}: {why}", s.name)),
         };
         let hops = s.hops;
-        match self.place(shared, &owner, s.clone()).await {
+        match self.place(&owner, s.clone()).await {
             Placed::Job(r) => *r,
             Placed::Unplaceable { vertices, why } if hops == 0 => {
-                self.forward(shared, s, owner, vertices, &why).await
+                self.forward(s, owner, vertices, &why).await
             }
             Placed::Unplaceable { why, .. } => fail(FailureKind::Unavailable, why),
         }
-    }
-
-    /// The answer to a submission once its job is in the log: the job's status.
-    fn submitted(&self, id: &str) -> Response {
-        let names = self.names();
-        self.log
-            .read(|st| st.job(id).map(|j| self.status_of(j, &names)))
-            .map_or_else(
-                || fail(FailureKind::Failed, "the job left the log at once"),
-                Response::Submitted,
-            )
     }
 
     /// Records `command`; the answer to give when it is not recorded.
@@ -325,75 +268,7 @@ impl Broker {
         }
     }
 
-    fn status(&self, shared: &Shared, who: &Principal, job: Option<&str>) -> Response {
-        if let Some(id) = job
-            && let Some(r) = self.refusal(shared, who, "read-results", id)
-        {
-            return r;
-        }
-        let engine = shared.policies.current().engine.clone();
-        let domain = &shared.config.domain;
-        let names = self.names();
-        let list: Vec<JobStatus> = self.log.read(|s| match job {
-            Some(id) => s
-                .job(id)
-                .map(|j| self.status_of(j, &names))
-                .into_iter()
-                .collect(),
-            // Every job the asker may read, by id.
-            None => s
-                .jobs()
-                .filter(|j| {
-                    engine
-                        .decide(&Question {
-                            actor: who.clone(),
-                            action: "read-results".into(),
-                            resource: Resource::Job(admit::facts_of(domain, j)),
-                        })
-                        .allowed()
-                })
-                .map(|j| self.status_of(j, &names))
-                .collect(),
-        });
-        Response::Status(list)
-    }
-
-    /// Waits until the job's version passes `after` (or, with `until_end`, until it has ended),
-    /// at most `max`, then its status.
-    async fn wait(&self, job: &str, after: u64, until_end: bool, max: Duration) -> Response {
-        let mut rx = self.log.watch(job);
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            let names = self.names();
-            let st = self
-                .log
-                .read(|s| s.job(job).map(|j| self.status_of(j, &names)));
-            let Some(st) = st else {
-                return fail(FailureKind::NotFound, format!("no job {job}"));
-            };
-            let ready = st.version > after && (!until_end || st.state.is_final());
-            if ready || tokio::time::Instant::now() >= deadline {
-                return Response::Status(vec![st]);
-            }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                continue; // the deadline: answer with what there is
-            }
-        }
-    }
-
-    /// The answer to a waiting submission: the job's status once it has ended, or after
-    /// [`SUBMIT_HOLD`].
-    async fn held(&self, st: JobStatus) -> Response {
-        match self.wait(&st.job, 0, true, SUBMIT_HOLD).await {
-            Response::Status(mut v) if v.len() == 1 => Response::Submitted(v.remove(0)),
-            _ => Response::Submitted(st),
-        }
-    }
-
-    async fn cancel(&self, shared: &Arc<Shared>, job: &str) -> Response {
+    async fn cancel(&self, job: &str) -> Response {
         match self.log.read(|s| s.job(job).map(|j| j.state)) {
             None => fail(FailureKind::NotFound, format!("no job {job}")),
             Some(s) if s.is_final() => fail(
@@ -401,7 +276,7 @@ impl Broker {
                 format!("job {job} has already ended ({s:?})"),
             ),
             Some(_) => {
-                self.end(shared, job, JobState::Cancelled, Some("cancelled".into()))
+                self.end(job, JobState::Cancelled, Some("cancelled".into()))
                     .await;
                 Response::Ok
             }
@@ -411,7 +286,6 @@ impl Broker {
     /// Dispatches a broker request.
     pub(crate) async fn handle(
         self: &Arc<Self>,
-        shared: &Arc<Shared>,
         peer: PeerId,
         who: &Principal,
         request: Request,
@@ -420,10 +294,10 @@ impl Broker {
             request,
             Request::Heartbeat(_) | Request::Fetch { .. } | Request::Report(_)
         );
-        if node_only && (who.kind != PrincipalKind::Node || who.domain != shared.config.domain) {
+        if node_only && (who.kind != PrincipalKind::Node || who.domain != self.site.domain) {
             return fail(
                 FailureKind::Refused,
-                format!("{who} is not a node of domain {}", shared.config.domain),
+                format!("{who} is not a node of domain {}", self.site.domain),
             );
         }
         // Modules are served by any replica that has them; the rest by the leader only.
@@ -437,7 +311,7 @@ impl Broker {
                     members: self.replicas(),
                     stop: Vec::new(),
                 },
-                _ => self.not_leader(shared),
+                _ => self.not_leader(),
             };
         }
         match request {
@@ -450,28 +324,28 @@ impl Broker {
             },
             Request::Submit(s) => {
                 let wait = s.wait;
-                match self.submit(shared, who, *s).await {
+                match self.submit(who, *s).await {
                     Response::Submitted(st) if wait && !st.state.is_final() => self.held(st).await,
                     r => r,
                 }
             }
-            Request::Status { job } => self.status(shared, who, job.as_deref()),
+            Request::Status { job } => self.status(who, job.as_deref()),
             Request::Wait {
                 job,
                 after,
                 until_end,
             } => {
-                if let Some(r) = self.refusal(shared, who, "read-results", &job) {
+                if let Some(r) = self.refusal(who, "read-results", &job) {
                     return r;
                 }
                 self.wait(&job, after, until_end, SUBMIT_HOLD).await
             }
-            Request::Cancel { job } => match self.refusal(shared, who, "cancel", &job) {
-                None => self.cancel(shared, &job).await,
+            Request::Cancel { job } => match self.refusal(who, "cancel", &job) {
+                None => self.cancel(&job).await,
                 Some(r) => r,
             },
             // Who may cancel a job may hold it back.
-            Request::Hold { job, held } => match self.refusal(shared, who, "cancel", &job) {
+            Request::Hold { job, held } => match self.refusal(who, "cancel", &job) {
                 None => match self
                     .record(crate::joblog::Command::Hold { job, held })
                     .await
@@ -481,14 +355,14 @@ impl Broker {
                 },
                 Some(r) => r,
             },
-            Request::Register(info) => self.register(shared, peer, who, info),
+            Request::Register(info) => self.register(peer, who, info),
             Request::Heartbeat(load) => self.heartbeat(peer, load),
             Request::Fetch { hash } => match self.modules.get(&hash) {
                 Some(b) => Response::Module(b),
                 None => fail(FailureKind::NotFound, format!("no module {hash}")),
             },
-            Request::Report(r) => self.report(shared, peer, *r).await,
-            Request::Group => Response::Group(self.group(shared)),
+            Request::Report(r) => self.report(peer, *r).await,
+            Request::Group => Response::Group(self.group()),
             Request::Prepare(_)
             | Request::Start { .. }
             | Request::Terminate { .. }

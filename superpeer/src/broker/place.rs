@@ -6,11 +6,10 @@ use std::sync::atomic::Ordering;
 
 use libp2p::PeerId;
 use mvm_component::policy::Principal;
-use mvm_component::topology::{Topology, Vertex};
+use mvm_component::topology::{Options, Topology, Vertex};
 
 use super::admit::{Reservation, sanitize};
 use super::{Broker, fail, now_ms};
-use crate::daemon::Shared;
 use crate::joblog::Command;
 use crate::joblog::state::{JobRecord, PartRecord};
 use crate::proto::{
@@ -65,7 +64,7 @@ pub(super) struct Checked {
 impl Broker {
     /// Checks what a submission names: its modules are here, its topology parses and names
     /// only components it has, its limits and rank are valid.
-    pub(super) fn check(&self, shared: &Shared, s: &Submission) -> Result<Checked, Failure> {
+    pub(super) fn check(&self, s: &Submission) -> Result<Checked, Failure> {
         for (component, hash) in &s.components {
             if !self.modules.has(hash) {
                 return Err(Failure::new(
@@ -74,10 +73,16 @@ impl Broker {
                 ));
             }
         }
-        let codecs = shared.node.queues.codecs().clone();
-        let topology =
-            crate::node::parse_topology(&s.topology_file, &s.topology, &s.queue, &codecs)
-                .map_err(|e| Failure::new(FailureKind::Input, e))?;
+        let codecs = self.codecs.clone();
+        let topology = Topology::parse_named(
+            &s.topology_file,
+            &s.topology,
+            &Options {
+                codecs: &codecs,
+                queue_defaults: s.queue.clone(),
+            },
+        )
+        .map_err(|e| Failure::new(FailureKind::Input, e.to_string()))?;
         if topology.vertices.is_empty() {
             let why = format!("{}: no vertices", s.topology_file);
             return Err(Failure::new(FailureKind::Input, why));
@@ -93,7 +98,9 @@ impl Broker {
                 ));
             }
         }
-        crate::node::limits(&s.limits).map_err(|e| Failure::new(FailureKind::Input, e))?;
+        s.limits
+            .limits()
+            .map_err(|e| Failure::new(FailureKind::Input, e))?;
         let rank = match s.requirements.rank.as_deref() {
             Some(r) => Rank::parse(r).map_err(|e| Failure::new(FailureKind::Input, e))?,
             None => Rank::default_rank(),
@@ -122,22 +129,17 @@ impl Broker {
 
     /// Validates, admits and places a job here; a job that fits this group but not now waits
     /// in the log's queue; otherwise says why this group cannot take it.
-    pub(super) async fn place(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
-        owner: &Principal,
-        mut s: Submission,
-    ) -> Placed {
+    pub(super) async fn place(self: &Arc<Self>, owner: &Principal, mut s: Submission) -> Placed {
         for b in std::mem::take(&mut s.modules) {
             self.modules.put(b);
         }
-        let c = match self.check(shared, &s) {
+        let c = match self.check(&s) {
             Ok(c) => c,
             Err(f) => return Placed::Job(Box::new(Response::Error(f))),
         };
         // The policy enforcement point: nothing is reserved or woken for a denied job.
         let n = c.topology.vertices.len();
-        let (mut reservation, _) = match self.authorize(shared, owner, &s, n) {
+        let (mut reservation, _) = match self.authorize(owner, &s, n) {
             Ok(r) => r,
             Err(why) => {
                 tracing::info!(job = %s.name, owner = %owner, %why, "job refused by policy");
@@ -168,7 +170,7 @@ impl Broker {
             submission: None,
             version: 0,
         };
-        let plan = match self.plan(shared, &s, &c, &mut reservation) {
+        let plan = match self.plan(&s, &c, &mut reservation) {
             Ok(p) => p,
             Err(why) if self.fits_when_free(&s, &c) => {
                 // Admitted, but not now: it waits, and holds what it asks for meanwhile. Its
@@ -201,11 +203,11 @@ impl Broker {
             // `Broker::run_alone`). A part that needs a guest is recorded first: its prepare
             // may take a guest's boot, and the job is seen `preparing` meanwhile.
             let peer = *alone;
-            let spec = self.specs(shared, &id, owner, &s, &c, &plan).pop();
+            let spec = self.specs(&id, owner, &s, &c, &plan).pop();
             let Some((_, spec)) = spec else {
                 return Placed::Job(Box::new(fail(FailureKind::Failed, "a part without a spec")));
             };
-            let r = self.run_alone(shared, record, peer, spec).await;
+            let r = self.run_alone(record, peer, spec).await;
             drop(reservation); // held until the log holds the job, or not
             return Placed::Job(Box::new(r));
         }
@@ -215,13 +217,13 @@ impl Broker {
             return Placed::Job(Box::new(r));
         }
         drop(reservation); // the log holds the job's resources and slots from here
-        self.launch(shared, &id, owner, &s, &c, &plan);
+        self.launch(&id, owner, &s, &c, &plan);
         Placed::Job(Box::new(self.submitted(&id)))
     }
 
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit
     /// lets later ones that do go first).
-    pub(super) async fn place_pending(self: &Arc<Self>, shared: &Arc<Shared>) {
+    pub(super) async fn place_pending(self: &Arc<Self>) {
         let waiting: Vec<(String, Principal, Box<Submission>)> = self.log.read(|st| {
             st.pending()
                 .filter_map(|j| Some((j.id.clone(), j.owner.clone(), j.submission.clone()?)))
@@ -237,16 +239,15 @@ impl Broker {
                     self.modules.put(b.clone());
                 }
             }
-            let c = match self.check(shared, &s) {
+            let c = match self.check(&s) {
                 Ok(c) => c,
                 Err(f) => {
-                    self.end(shared, &id, JobState::Failed, Some(f.message))
-                        .await;
+                    self.end(&id, JobState::Failed, Some(f.message)).await;
                     continue;
                 }
             };
             let mut reservation = Reservation::slots_only(self);
-            let plan = match self.plan(shared, &s, &c, &mut reservation) {
+            let plan = match self.plan(&s, &c, &mut reservation) {
                 Ok(p) => p,
                 Err(why) => {
                     self.waiting.lock().insert(id, why);
@@ -268,7 +269,7 @@ impl Broker {
             drop(reservation);
             self.waiting.lock().remove(&id);
             tracing::info!(job = %id, "pending job placed");
-            self.launch(shared, &id, &owner, &s, &c, &plan);
+            self.launch(&id, &owner, &s, &c, &plan);
         }
     }
 
@@ -299,21 +300,19 @@ impl Broker {
     /// Prepares and starts a recorded job's parts.
     fn launch(
         self: &Arc<Self>,
-        shared: &Arc<Shared>,
         id: &str,
         owner: &Principal,
         s: &Submission,
         c: &Checked,
         plan: &Plan,
     ) {
-        let specs = self.specs(shared, id, owner, s, c, plan);
-        self.spawn_drive(shared, id.to_owned(), specs);
+        let specs = self.specs(id, owner, s, c, plan);
+        self.spawn_drive(id.to_owned(), specs);
     }
 
     /// What each node of a placed job is sent to prepare its part.
     fn specs(
         &self,
-        shared: &Shared,
         id: &str,
         owner: &Principal,
         s: &Submission,
@@ -335,7 +334,7 @@ impl Broker {
                     .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
                 mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
             });
-        let policy_digest = shared.policies.current().digest.clone();
+        let policy_digest = self.site.policies.current().digest.clone();
         plan.peers
             .iter()
             .enumerate()
@@ -372,22 +371,15 @@ impl Broker {
     /// Drives the parts on a task of their own (from a plain function, so that the future of
     /// [`Broker::place`] does not hold the one of [`Broker::drive`], which may call back into
     /// this daemon).
-    fn spawn_drive(
-        self: &Arc<Self>,
-        shared: &Arc<Shared>,
-        id: String,
-        specs: Vec<(PeerId, PartSpec)>,
-    ) {
+    fn spawn_drive(self: &Arc<Self>, id: String, specs: Vec<(PeerId, PartSpec)>) {
         let broker = self.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move { broker.drive(&shared, id, specs).await });
+        tokio::spawn(async move { broker.drive(id, specs).await });
     }
 
     /// Chooses the job's nodes among the registered ones by their free slots now, and holds
     /// those slots in `reservation`.
     fn plan(
         &self,
-        shared: &Shared,
         s: &Submission,
         c: &Checked,
         reservation: &mut Reservation,
@@ -402,7 +394,7 @@ impl Broker {
         if live.is_empty() {
             return Err(format!(
                 "no node has registered with the super-peer of group {}",
-                shared.config.group
+                self.site.group
             ));
         }
         let cands: Vec<Candidate> = live
@@ -427,7 +419,7 @@ impl Broker {
         if ok.is_empty() {
             return Err(format!(
                 "no node of group {} meets the job's requirements: {}",
-                shared.config.group,
+                self.site.group,
                 why.join("; ")
             ));
         }
@@ -435,7 +427,7 @@ impl Broker {
         let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
         let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
         let placed = schedule::place(&c.graph, &caps, max)
-            .map_err(|e| format!("group {}: {e}", shared.config.group))?;
+            .map_err(|e| format!("group {}: {e}", self.site.group))?;
         // Parts: the nodes used, in rank order; vertex → part index.
         let mut used: Vec<usize> = placed.clone();
         used.sort_unstable();

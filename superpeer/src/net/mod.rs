@@ -60,6 +60,19 @@ impl Default for NetConfig {
     }
 }
 
+/// What a request came to, with an error answer as `Err` too (a failure on the way is
+/// `Unavailable`).
+///
+/// # Errors
+/// The peer's error answer, or the failure on the way.
+pub(crate) fn answer(r: Result<Response, NetError>) -> Result<Response, Failure> {
+    match r {
+        Ok(Response::Error(f)) => Err(f),
+        Ok(r) => Ok(r),
+        Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+    }
+}
+
 /// A request that failed on the way (not an error answer from the peer).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("peer {peer}: {message}")]
@@ -575,11 +588,7 @@ impl Net {
         addrs: &[Multiaddr],
         request: Request,
     ) -> Result<Response, Failure> {
-        match self.request(peer, addrs, request).await {
-            Ok(Response::Error(f)) => Err(f),
-            Ok(r) => Ok(r),
-            Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
-        }
+        answer(self.request(peer, addrs, request).await)
     }
 
     /// The gossip messages received (once: later calls get `None`).

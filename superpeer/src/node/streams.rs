@@ -1,0 +1,241 @@
+//! Remote channels: opening one towards the node that consumes it, accepting the ones this
+//! node consumes, and direct links.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::AsyncWriteExt;
+use libp2p::PeerId;
+use mvm_queue::queue::Sender;
+use mvm_queue::remote::{self, Options as RemoteOptions, direct};
+use tokio::sync::oneshot;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+use super::{LinkDone, Node};
+use crate::proto::{ACK_DIRECT, ACK_OK, ACK_UNKNOWN, StreamHeader};
+
+/// How a remote channel's items go, as its acceptor answered.
+pub(super) enum Channel {
+    /// On this libp2p stream.
+    Stream(libp2p::Stream),
+    /// Over a direct link to this port, presenting this token.
+    Direct {
+        port: u16,
+        token: crate::links::Token,
+    },
+}
+
+/// Opens the stream of one remote channel and waits for the acceptor's acknowledgement.
+///
+/// libp2p-stream drops an inbound stream when its acceptor is busy, so a stream that closes
+/// before the acknowledgement is opened again (a bounded number of times).
+pub(super) async fn open_channel(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    header: &StreamHeader,
+) -> Result<Channel, String> {
+    let mut last = String::new();
+    for attempt in 0..50u64 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2 * attempt)).await;
+        }
+        let mut s = match control
+            .open_stream(peer, crate::proto::QUEUE_PROTOCOL)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                last = format!("cannot open a stream to {peer}: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = crate::proto::write_frame(&mut s, header, crate::proto::MAX_HEADER).await {
+            last = format!("stream to {peer}: {e}");
+            continue;
+        }
+        let mut ack = [0u8; 1];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::AsyncReadExt::read_exact(&mut s, &mut ack),
+        )
+        .await;
+        match read {
+            Ok(Ok(())) if ack[0] == ACK_OK => return Ok(Channel::Stream(s)),
+            Ok(Ok(())) if ack[0] == ACK_DIRECT && header.direct => {
+                let mut rest = [0u8; 2 + crate::links::TOKEN_LEN];
+                match futures::AsyncReadExt::read_exact(&mut s, &mut rest).await {
+                    Ok(()) => {
+                        let port = u16::from_le_bytes([rest[0], rest[1]]);
+                        let mut token = [0u8; crate::links::TOKEN_LEN];
+                        token.copy_from_slice(&rest[2..]);
+                        let _ = s.close().await;
+                        return Ok(Channel::Direct { port, token });
+                    }
+                    Err(e) => last = format!("stream to {peer}: {e}"),
+                }
+            }
+            Ok(Ok(())) => {
+                return Err(format!(
+                    "{peer} expects no channel into {}:{} of job {}",
+                    header.vertex, header.port, header.job
+                ));
+            }
+            Ok(Err(e)) => last = format!("stream to {peer}: {e}"),
+            Err(_) => last = format!("stream to {peer}: no acknowledgement within 10 s"),
+        }
+    }
+    Err(last)
+}
+
+impl Node {
+    /// Accepts queue-data streams: reads the header, checks the sender is the part that feeds
+    /// that port, and imports into the local queue.
+    pub(crate) async fn accept_streams(self: Arc<Self>) {
+        let node = self;
+        let mut control = node.site.net.streams();
+        let Ok(mut incoming) = control.accept(crate::proto::QUEUE_PROTOCOL) else {
+            tracing::error!("the queue protocol is already being accepted");
+            return;
+        };
+        while let Some((peer, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+            if node.site.net.identity(&peer).is_none() {
+                tracing::warn!(%peer, "a queue stream from an unauthenticated peer; dropped");
+                continue;
+            }
+            let node = node.clone();
+            tokio::spawn(async move {
+                let header = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    crate::proto::read_frame::<StreamHeader, _>(
+                        &mut stream,
+                        crate::proto::MAX_HEADER,
+                    ),
+                )
+                .await;
+                let header = match header {
+                    Ok(Ok(h)) => h,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "bad queue stream header");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "no queue stream header within 10 s");
+                        return;
+                    }
+                };
+                let taken = {
+                    let mut jobs = node.jobs.lock();
+                    jobs.get_mut(&header.job).and_then(|j| {
+                        let key = (header.vertex.clone(), header.port.clone(), peer);
+                        j.inputs.remove(&key).map(|tx| (tx, j.links.clone()))
+                    })
+                };
+                let Some((tx, links)) = taken else {
+                    tracing::warn!(%peer, job = %header.job, vertex = %header.vertex, port = %header.port,
+                        "a queue stream for no expected channel; refused");
+                    let _ = stream.write_all(&[ACK_UNKNOWN]).await;
+                    let _ = stream.close().await;
+                    return;
+                };
+                // A direct link when both sides want one: the answer carries where and how to
+                // connect, and the items go there.
+                let direct = match &node.links {
+                    Some(l) if header.direct => match l.expect() {
+                        Ok((token, conn)) => Some((l.port(), token, conn)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot make a link token; using the stream");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let mut answer = vec![if direct.is_some() { ACK_DIRECT } else { ACK_OK }];
+                if let Some((port, token, _)) = &direct {
+                    answer.extend_from_slice(&port.to_le_bytes());
+                    answer.extend_from_slice(token);
+                }
+                if let Err(e) = async {
+                    stream.write_all(&answer).await?;
+                    stream.flush().await
+                }
+                .await
+                {
+                    // The opener retries; give the sender back for its next attempt.
+                    tracing::debug!(%peer, error = %e, "queue stream lost before its acknowledgement");
+                    if let Some(j) = node.jobs.lock().get_mut(&header.job) {
+                        j.inputs
+                            .insert((header.vertex.clone(), header.port.clone(), peer), tx);
+                    }
+                    return;
+                }
+                let job = header.job.clone();
+                let import = tokio::spawn(async move {
+                    let is_direct = direct.is_some();
+                    let r = match direct {
+                        None => {
+                            remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        Some((_, _, conn)) => {
+                            let _ = stream.close().await;
+                            accept_link(tx, conn).await
+                        }
+                    };
+                    let r = r
+                        .map(|rep| LinkDone {
+                            vertex: header.vertex.clone(),
+                            port: header.port.clone(),
+                            out: false,
+                            direct: is_direct,
+                            items: rep.items,
+                            bytes: rep.bytes,
+                        })
+                        .map_err(|e| {
+                            format!(
+                                "channel into {}:{} from {peer}: {e}",
+                                header.vertex, header.port
+                            )
+                        });
+                    let _ = links.try_send(r);
+                });
+                match node.jobs.lock().get_mut(&job) {
+                    Some(j) => j.tasks.push(import.abort_handle()),
+                    None => import.abort(),
+                }
+            });
+        }
+    }
+}
+
+/// Waits for the connection of a direct link into `tx`'s queue and runs the link to its end.
+async fn accept_link(
+    tx: Sender<Bytes>,
+    conn: oneshot::Receiver<std::net::TcpStream>,
+) -> Result<remote::Report, String> {
+    let sock = tokio::time::timeout(crate::links::TOKEN_LIFETIME, conn)
+        .await
+        .map_err(|_| {
+            format!(
+                "the direct link was not connected within {:?}",
+                crate::links::TOKEN_LIFETIME
+            )
+        })?
+        .map_err(|_| "the direct link listener went away".to_owned())?;
+    run_link(|done| direct::inlet(tx, sock, RemoteOptions::default().max_item, done)).await
+}
+
+/// Starts one side of a direct link and waits for its report. The link is held meanwhile, so
+/// aborting the waiting task drops (and stops) it.
+pub(super) async fn run_link(
+    start: impl FnOnce(direct::OnDone) -> std::io::Result<direct::Link>,
+) -> Result<remote::Report, String> {
+    let (done, rx) = oneshot::channel();
+    let _link = start(Box::new(move |r| {
+        let _ = done.send(r);
+    }))
+    .map_err(|e| e.to_string())?;
+    rx.await
+        .map_err(|_| "the link ended without a report".to_owned())?
+        .map_err(|e| e.to_string())
+}
