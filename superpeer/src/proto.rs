@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use mvm_component::policy::{Bundle, Principal};
+pub use mvm_component::runtime::ErrorKind;
 use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
@@ -616,10 +617,10 @@ pub struct Traffic {
 pub struct VertexFailure {
     /// The vertex (empty when no single vertex is to blame, e.g. a broken stream).
     pub vertex: String,
-    /// Why.
+    /// Why, for people.
     pub cause: String,
-    /// Whether a policy refused it.
-    pub denied: bool,
+    /// What kind of failure it was.
+    pub kind: ErrorKind,
 }
 
 /// A job's state.
@@ -677,6 +678,9 @@ pub struct JobStatus {
     pub wall_ms: u64,
     /// Why it failed.
     pub error: Option<String>,
+    /// What kind of failure it was (none when it did not fail, or was cancelled).
+    #[serde(default)]
+    pub error_kind: Option<ErrorKind>,
     /// Why a pending job waits: what each node lacks, or that it is held.
     #[serde(default)]
     pub waiting: Option<String>,

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use mvm_queue::codec::Codec;
 use mvm_queue::queue::{Receiver, RecvFailure, SendFailure, Sender};
 use parking_lot::Mutex;
-use wasmtime::{Caller, Extern, Linker, Memory, StoreLimits};
+use wasmtime::{Caller, Extern, Linker, Memory};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
@@ -110,7 +110,7 @@ pub(crate) struct VertexState {
     pub(crate) wasi: Option<WasiP1Ctx>,
     /// Where the job's stdout goes.
     pub(crate) stdout: MemoryOutputPipe,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: super::Limiter,
     pub(crate) io: Arc<VertexIo>,
     /// The job's exported memory, found once after instantiation.
     pub(crate) memory: Option<Memory>,

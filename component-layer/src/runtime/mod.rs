@@ -24,7 +24,7 @@ use mvm_queue::queue::{Receiver, Sender};
 use parking_lot::Mutex;
 use wasmtime::{
     Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
-    Store, StoreLimitsBuilder, UpdateDeadline,
+    Store, UpdateDeadline,
 };
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -156,16 +156,65 @@ pub struct JobReport {
     pub wall: Duration,
 }
 
-/// A job that failed: the vertex and the cause.
+/// A job that failed: the vertex, the kind of failure and the cause.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("vertex '{vertex}': {cause}")]
 pub struct JobError {
     /// The vertex that failed first.
     pub vertex: String,
-    /// Why.
+    /// Why, for people.
     pub cause: String,
+    /// What kind of failure it was.
+    pub kind: ErrorKind,
+}
+
+impl JobError {
     /// Whether a policy refused it (nothing ran).
-    pub denied: bool,
+    pub fn denied(&self) -> bool {
+        self.kind == ErrorKind::Refused
+    }
+}
+
+/// What kind of failure ended a job, or kept it from running: what a user or a retry policy
+/// decides by (a trap is the job's own fault and fails again; a lost node is not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The vertex's code trapped (a WebAssembly trap: unreachable, out of bounds, …).
+    Trap,
+    /// It exited with a non-zero status.
+    Exit(i32),
+    /// It used up its CPU-time limit.
+    CpuLimit,
+    /// The part ran past its wall-time limit.
+    WallLimit,
+    /// It tried to grow its linear memory past its limit.
+    Memory,
+    /// A policy refused it; nothing ran.
+    Refused,
+    /// It could not be set up: a module that does not instantiate or export an entry point, a
+    /// queue the controller refused, a bad placement.
+    Setup,
+    /// A node that held a part of it stopped answering.
+    Lost,
+    /// Anything else: a broken remote channel, a failed task.
+    Other,
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ErrorKind::Trap => f.write_str("trap"),
+            ErrorKind::Exit(status) => write!(f, "exit {status}"),
+            ErrorKind::CpuLimit => f.write_str("cpu-limit"),
+            ErrorKind::WallLimit => f.write_str("wall-limit"),
+            ErrorKind::Memory => f.write_str("memory"),
+            ErrorKind::Refused => f.write_str("refused"),
+            ErrorKind::Setup => f.write_str("setup"),
+            ErrorKind::Lost => f.write_str("lost"),
+            ErrorKind::Other => f.write_str("other"),
+        }
+    }
 }
 
 /// A runtime could not be set up.
@@ -213,6 +262,61 @@ impl std::fmt::Display for CpuLimit {
 }
 
 impl std::error::Error for CpuLimit {}
+
+/// The memory limit was reached.
+#[derive(Debug)]
+struct MemoryLimit {
+    limit: usize,
+    desired: usize,
+}
+
+impl std::fmt::Display for MemoryLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "memory limit of {} bytes reached (growing to {} bytes)",
+            self.limit, self.desired
+        )
+    }
+}
+
+impl std::error::Error for MemoryLimit {}
+
+/// A vertex store's resource limiter: one instance, linear memory up to the vertex's limit
+/// (growing past it fails the vertex with [`MemoryLimit`]).
+pub(crate) struct Limiter {
+    memory: usize,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            return Err(wasmtime::Error::new(MemoryLimit {
+                limit: self.memory,
+                desired,
+            }));
+        }
+        Ok(maximum.is_none_or(|m| desired <= m))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|m| desired <= m))
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+}
 
 impl Runtime {
     /// Sets up the engine (pooling allocator, epoch interruption), the linker and the cache, and
@@ -323,7 +427,7 @@ impl Runtime {
                     placement.len(),
                     t.vertices.len()
                 ),
-                denied: false,
+                kind: ErrorKind::Setup,
             });
         }
         let local = |v: usize| placement[v] == here;
@@ -332,7 +436,7 @@ impl Runtime {
                 return Err(JobError {
                     vertex: t.vertices[v].name.clone(),
                     cause: format!("no module for component '{}'", vertex.component),
-                    denied: false,
+                    kind: ErrorKind::Setup,
                 });
             }
         }
@@ -340,7 +444,7 @@ impl Runtime {
         policy.check(job, &here_vertices).map_err(|r| JobError {
             vertex: r.vertex,
             cause: format!("refused by policy: {}", r.reason),
-            denied: true,
+            kind: ErrorKind::Refused,
         })?;
         match wire(job, queues, placement, here) {
             Ok((ios, remote_inputs, remote_outputs)) => {
@@ -477,7 +581,7 @@ impl Prepared {
                         return Err(JobError {
                             vertex: self.names[v].clone(),
                             cause: format!("cannot instantiate: {e:#}"),
-                            denied: false,
+                            kind: ErrorKind::Setup,
                         });
                     }
                 },
@@ -528,7 +632,7 @@ impl Prepared {
                             "wall-time limit of {:?} exceeded",
                             wall.unwrap_or_default()
                         ),
-                        denied: false,
+                        kind: ErrorKind::WallLimit,
                     }));
                     break;
                 }
@@ -546,7 +650,7 @@ impl Prepared {
                         JobError {
                             vertex,
                             cause: format!("task failed: {e}"),
-                            denied: false,
+                            kind: ErrorKind::Other,
                         },
                     ));
                     settle.get_or_insert_with(|| tokio::time::Instant::now() + SETTLE);
@@ -565,7 +669,7 @@ impl Prepared {
                         let e = JobError {
                             vertex: names[v].clone(),
                             cause: f.cause,
-                            denied: false,
+                            kind: f.kind,
                         };
                         failure = Some((f.at, e));
                     }
@@ -600,7 +704,7 @@ fn wire(
     let fail = |v: usize, e: mvm_queue::controller::ControllerError| JobError {
         vertex: t.vertices[v].name.clone(),
         cause: e.to_string(),
-        denied: false,
+        kind: ErrorKind::Setup,
     };
     // One queue per local input port, every channel into it shares it; one outbox per remote
     // input port that a local vertex sends to.
@@ -721,6 +825,7 @@ async fn on_thread(
 struct Failed {
     at: Instant,
     cause: String,
+    kind: ErrorKind,
 }
 
 impl Failed {
@@ -728,6 +833,7 @@ impl Failed {
         Failed {
             at: Instant::now(),
             cause: cause.into(),
+            kind: ErrorKind::Other,
         }
     }
 }
@@ -748,9 +854,10 @@ async fn run_vertex(
     let mut stopped = None;
     run_vertex_until(inner, pre, io, limits, spin, &mut stopped)
         .await
-        .map_err(|cause| Failed {
+        .map_err(|(kind, cause)| Failed {
             at: stopped.unwrap_or_else(Instant::now),
             cause,
+            kind,
         })
 }
 
@@ -762,7 +869,7 @@ async fn run_vertex_until(
     limits: Limits,
     spin: Duration,
     stopped: &mut Option<Instant>,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, (ErrorKind, String)> {
     let stdout = MemoryOutputPipe::new(1 << 20);
     let budget = limits
         .cpu
@@ -770,11 +877,9 @@ async fn run_vertex_until(
     let cpu = limits.cpu.unwrap_or_default();
     let io = Arc::new(io);
     let new_store = |io: Arc<VertexIo>| {
-        let store_limits = StoreLimitsBuilder::new()
-            .memory_size(limits.memory_bytes)
-            .instances(1)
-            .trap_on_grow_failure(true)
-            .build();
+        let store_limits = Limiter {
+            memory: limits.memory_bytes,
+        };
         let mut store = Store::new(
             &inner.engine,
             VertexState {
@@ -814,7 +919,14 @@ async fn run_vertex_until(
                 drop(store);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            Err(e) => return Err(format!("cannot instantiate: {e:#}")),
+            Err(e) => {
+                let kind = if e.downcast_ref::<MemoryLimit>().is_some() {
+                    ErrorKind::Memory
+                } else {
+                    ErrorKind::Setup
+                };
+                return Err((kind, format!("cannot instantiate: {e:#}")));
+            }
         }
     };
     drop(io); // the store holds the vertex's queues alone: dropping it closes them
@@ -822,7 +934,10 @@ async fn run_vertex_until(
     let entry = instance
         .get_typed_func::<(), ()>(&mut store, "_start")
         .or_else(|_| instance.get_typed_func::<(), ()>(&mut store, "run"))
-        .map_err(|_| "the module exports neither '_start' nor 'run'".to_owned())?;
+        .map_err(|_| {
+            let why = "the module exports neither '_start' nor 'run'";
+            (ErrorKind::Setup, why.to_owned())
+        })?;
     // The wall-time limit is the part's deadline, kept by `Prepared::run`.
     let result = entry.call_async(&mut store, ()).await;
     *stopped = Some(Instant::now());
@@ -834,16 +949,22 @@ async fn run_vertex_until(
                 return if exit.0 == 0 {
                     Ok(stdout.contents())
                 } else {
-                    Err(format!("exited with status {}", exit.0))
+                    Err((
+                        ErrorKind::Exit(exit.0),
+                        format!("exited with status {}", exit.0),
+                    ))
                 };
             }
             if let Some(limit) = e.downcast_ref::<CpuLimit>() {
-                return Err(limit.to_string());
+                return Err((ErrorKind::CpuLimit, limit.to_string()));
+            }
+            if let Some(limit) = e.downcast_ref::<MemoryLimit>() {
+                return Err((ErrorKind::Memory, limit.to_string()));
             }
             if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
-                return Err(format!("trapped: {trap}"));
+                return Err((ErrorKind::Trap, format!("trapped: {trap}")));
             }
-            Err(format!("{e:#}"))
+            Err((ErrorKind::Other, format!("{e:#}")))
         }
     }
 }

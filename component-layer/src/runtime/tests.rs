@@ -169,6 +169,7 @@ async fn a_trap_names_the_vertex_and_cancels_the_others() {
     )
     .await;
     assert_eq!(e.vertex, "a");
+    assert_eq!(e.kind, ErrorKind::Trap, "{e}");
     assert!(
         e.cause.contains("trapped") && e.cause.contains("unreachable"),
         "{e}"
@@ -188,6 +189,7 @@ async fn the_cpu_limit_stops_an_endless_loop() {
     .await;
     assert_eq!(e.vertex, "a");
     assert!(e.cause.contains("CPU limit"), "{e}");
+    assert_eq!(e.kind, ErrorKind::CpuLimit, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,6 +203,7 @@ async fn the_wall_limit_stops_a_vertex_that_waits_forever() {
         .replace("i32.const 2) (i32.const 64)", "i32.const 3) (i32.const 64)");
     let e = failure(&waits, l).await;
     assert!(e.cause.contains("wall-time limit"), "{e}");
+    assert_eq!(e.kind, ErrorKind::WallLimit, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,13 +214,15 @@ async fn a_bad_import_is_refused_at_instantiation() {
         e.cause.contains("cannot instantiate") && e.cause.contains("teleport"),
         "{e}"
     );
+    assert_eq!(e.kind, ErrorKind::Setup, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_limit_traps_growth() {
     let grow = r#"(module (memory (export "memory") 1) (func (export "_start") (drop (memory.grow (i32.const 64)))))"#;
     let e = failure(grow, limits()).await;
-    assert!(e.cause.to_lowercase().contains("memory"), "{e}");
+    assert!(e.cause.contains("memory limit of"), "{e}");
+    assert_eq!(e.kind, ErrorKind::Memory, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,6 +233,7 @@ async fn a_nonzero_exit_fails_the_job() {
       (func (export "_start") (call $exit (i32.const 3))))"#;
     let e = failure(exit, limits()).await;
     assert!(e.cause.contains("exited with status 3"), "{e}");
+    assert_eq!(e.kind, ErrorKind::Exit(3), "{e}");
 }
 
 struct DenyB;
@@ -255,7 +261,7 @@ async fn a_policy_denial_instantiates_nothing() {
     let s = spec(&rt, &t, &[("a", SINK_FOREVER), ("b", SINK_FOREVER)], &[]);
     let e = rt.run(&s, &q, &DenyB).await.expect_err("denied");
     assert!(
-        e.denied && e.vertex == "b" && e.cause.contains("b may not run here"),
+        e.denied() && e.vertex == "b" && e.cause.contains("b may not run here"),
         "{e}"
     );
     assert!(q.is_empty(), "no queue was created");
@@ -481,7 +487,7 @@ async fn the_node_policy_checks_owner_queue_kinds_codecs_and_queue_count_before_
             ..alice.clone()
         });
         let e = rt.run(&s, &q, &hook).await.expect_err(src);
-        assert!(e.denied && e.cause.contains(why), "{src}: {e}");
+        assert!(e.denied() && e.cause.contains(why), "{src}: {e}");
         assert!(q.is_empty(), "{src}: nothing was created");
     }
     // Within the settings, it runs (the sink ends when its sender has ended).

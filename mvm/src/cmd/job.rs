@@ -148,6 +148,10 @@ pub(crate) struct StatusOut {
     vertices_done: u32,
     wall_ms: u64,
     error: Option<String>,
+    /// What kind of failure (`trap`, `{"exit": 3}`, `cpu-limit`, `wall-limit`, `memory`,
+    /// `refused`, `setup`, `lost`, `other`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_kind: Option<mvm_superpeer::proto::ErrorKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     waiting: Option<String>,
     owner: String,
@@ -181,6 +185,7 @@ impl From<&JobStatus> for StatusOut {
             vertices_done: s.vertices_done,
             wall_ms: s.wall_ms,
             error: s.error.clone(),
+            error_kind: s.error_kind,
             waiting: s.waiting.clone(),
             owner: s.owner.clone(),
             parts: s.parts.clone(),
@@ -206,6 +211,9 @@ fn line(s: &JobStatus) -> String {
         s.parts.len(),
         s.wall_ms as f64 / 1000.0
     );
+    if let Some(k) = s.error_kind {
+        l.push_str(&format!("  [{k}]"));
+    }
     if let Some(e) = s.error.as_ref().or(s.waiting.as_ref()) {
         l.push_str(&format!("  {e}"));
     }
@@ -242,8 +250,10 @@ pub(crate) fn summary(s: &JobStatus) -> String {
             t.bytes
         ));
     }
-    if let Some(e) = &s.error {
-        out.push_str(&format!("  error: {e}\n"));
+    match (&s.error, s.error_kind) {
+        (Some(e), Some(k)) => out.push_str(&format!("  error ({k}): {e}\n")),
+        (Some(e), None) => out.push_str(&format!("  error: {e}\n")),
+        _ => {}
     }
     out
 }

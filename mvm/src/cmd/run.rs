@@ -99,7 +99,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
     let report = rt
         .block_on(runtime.run(&spec, &queues, &AllowAll))
         .map_err(|e| {
-            let denied = e.denied;
+            let denied = e.denied();
             let f = Failure::failed(anyhow::anyhow!("job '{}': {e}", profile.name));
             if denied {
                 Failure { code: REFUSED, ..f }

@@ -8,7 +8,9 @@ use libp2p::PeerId;
 use super::{Broker, fail, now_ms};
 use crate::joblog::Command;
 use crate::joblog::state::{Ended, JobRecord};
-use crate::proto::{Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response};
+use crate::proto::{
+    ErrorKind, Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response,
+};
 
 impl Broker {
     /// Runs a just-placed job of one part on the host and records it once its node has answered: one
@@ -38,11 +40,7 @@ impl Broker {
             Ok(_) => (None, true),
             Err(f) => {
                 record.state = JobState::Preparing;
-                let (state, why) = refusal_end(peer, &f);
-                let ended = Ended {
-                    at_ms: now_ms(),
-                    error: Some(why),
-                };
+                let (state, ended) = refusal_end(peer, &f);
                 let end = Command::End {
                     job: id.clone(),
                     state,
@@ -98,8 +96,8 @@ impl Broker {
             }
         }
         if let Some((peer, f)) = refused {
-            let (state, why) = refusal_end(peer, &f);
-            self.end(id, state, Some(why)).await;
+            let (state, ended) = refusal_end(peer, &f);
+            self.end(id, state, ended).await;
             return;
         }
         for (peer, report) in finished {
@@ -136,7 +134,8 @@ impl Broker {
         for (peer, r) in futures::future::join_all(starts).await {
             if let Err(f) = r {
                 let why = format!("node {peer}: {}", f.message);
-                self.end(id, JobState::Failed, Some(why)).await;
+                let ended = Ended::failed(ErrorKind::Setup, why);
+                self.end(id, JobState::Failed, ended).await;
                 return;
             }
         }
@@ -144,14 +143,11 @@ impl Broker {
 
     /// Ends a job (once): records its final state, then tells every part that has not
     /// reported a good end to stop and remove what it made.
-    pub(super) async fn end(&self, id: &str, state: JobState, error: Option<String>) {
+    pub(super) async fn end(&self, id: &str, state: JobState, ended: Ended) {
         let command = Command::End {
             job: id.to_owned(),
             state,
-            ended: Ended {
-                at_ms: now_ms(),
-                error,
-            },
+            ended,
         };
         match self.log.propose(command).await {
             Ok(crate::joblog::Applied::Done) => {}
@@ -221,7 +217,7 @@ impl Broker {
                 }
             }
             Command::End { state, ended, .. } => {
-                self.end(&job, state, ended.error).await;
+                self.end(&job, state, ended).await;
             }
             _ => {}
         }
@@ -255,7 +251,7 @@ fn part_end(peer: PeerId, r: PartReport) -> Command {
             at_ms: now_ms(),
         },
         Err(f) => {
-            let state = if f.denied {
+            let state = if f.kind == ErrorKind::Refused {
                 JobState::Refused
             } else {
                 JobState::Failed
@@ -268,21 +264,20 @@ fn part_end(peer: PeerId, r: PartReport) -> Command {
             Command::End {
                 job: r.job,
                 state,
-                ended: Ended {
-                    at_ms: now_ms(),
-                    error: Some(format!("node {peer}: {what}")),
-                },
+                ended: Ended::failed(f.kind, format!("node {peer}: {what}")),
             }
         }
     }
 }
 
 /// How a job ends when a node refuses or fails to prepare its part.
-fn refusal_end(peer: PeerId, f: &Failure) -> (JobState, String) {
-    let state = if f.kind == FailureKind::Refused {
-        JobState::Refused
-    } else {
-        JobState::Failed
+fn refusal_end(peer: PeerId, f: &Failure) -> (JobState, Ended) {
+    let (state, kind) = match f.kind {
+        FailureKind::Refused => (JobState::Refused, ErrorKind::Refused),
+        _ => (JobState::Failed, ErrorKind::Setup),
     };
-    (state, format!("node {peer}: {}", f.message))
+    (
+        state,
+        Ended::failed(kind, format!("node {peer}: {}", f.message)),
+    )
 }

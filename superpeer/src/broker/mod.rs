@@ -21,13 +21,14 @@ use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
 use parking_lot::Mutex;
 
-use crate::joblog::state::JobRecord;
+use crate::joblog::state::{Ended, JobRecord};
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
     Failure, FailureKind, GroupSummary, JobState, Request, Response, SUBMIT_HOLD, Submission,
 };
 use crate::site::Site;
+use mvm_component::runtime::ErrorKind;
 use mvm_queue::codec::Registry;
 
 mod admit;
@@ -87,12 +88,7 @@ pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
 }
 
-/// Milliseconds since the Unix epoch.
-pub(super) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub(super) use crate::joblog::state::now_ms;
 
 impl Broker {
     pub(crate) fn new(
@@ -148,7 +144,8 @@ impl Broker {
             });
             for job in jobs {
                 let why = format!("node {name} ({peer}) stopped answering; its vertices failed");
-                self.end(&job, JobState::Failed, Some(why)).await;
+                self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
+                    .await;
             }
             let net = self.site.net.clone();
             self.tasks
@@ -218,7 +215,8 @@ impl Broker {
         }
         for job in preparing {
             let why = "its super-peer was lost while it was being prepared".to_owned();
-            self.end(&job, JobState::Failed, Some(why)).await;
+            self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
+                .await;
         }
     }
 
@@ -276,8 +274,7 @@ impl Broker {
                 format!("job {job} has already ended ({s:?})"),
             ),
             Some(_) => {
-                self.end(job, JobState::Cancelled, Some("cancelled".into()))
-                    .await;
+                self.end(job, JobState::Cancelled, Ended::cancelled()).await;
                 Response::Ok
             }
         }

@@ -11,7 +11,8 @@ use mvm_component::topology::{Options, Topology, Vertex};
 use super::admit::{Reservation, sanitize};
 use super::{Broker, fail, now_ms};
 use crate::joblog::Command;
-use crate::joblog::state::{JobRecord, PartRecord};
+use crate::joblog::state::{Ended, JobRecord, PartRecord};
+use crate::proto::ErrorKind;
 use crate::proto::{
     EnvSpec, Failure, FailureKind, JobState, Member, PartSpec, Response, Submission,
 };
@@ -242,7 +243,8 @@ impl Broker {
             let c = match self.check(&s) {
                 Ok(c) => c,
                 Err(f) => {
-                    self.end(&id, JobState::Failed, Some(f.message)).await;
+                    let ended = Ended::failed(ErrorKind::Setup, f.message);
+                    self.end(&id, JobState::Failed, ended).await;
                     continue;
                 }
             };

@@ -51,6 +51,7 @@ impl Broker {
             traffic: j.traffic.clone(),
             wall_ms: end.saturating_sub(j.submitted_ms),
             error: j.ended.as_ref().and_then(|e| e.error.clone()),
+            error_kind: j.ended.as_ref().and_then(|e| e.kind),
             waiting: match (j.state, j.held) {
                 (JobState::Pending, true) => Some("held (mvm release lets it go)".into()),
                 (JobState::Pending, false) => Some(

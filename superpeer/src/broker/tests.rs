@@ -71,6 +71,7 @@ async fn a_node_lost_mid_job_fails_the_job_with_its_name() {
     lab.nodes[1].stop().await;
     let s = until(&c, &s.job, JobState::is_final).await;
     assert_eq!(s.state, JobState::Failed, "{s:?}");
+    assert_eq!(s.error_kind, Some(crate::proto::ErrorKind::Lost), "{s:?}");
     assert!(
         s.error.as_deref().is_some_and(|e| e.contains("node")),
         "{s:?}"
@@ -313,6 +314,7 @@ async fn a_vertex_that_traps_fails_its_job_with_the_vertex_and_the_cause() {
     assert_eq!(s.state, JobState::Failed, "{s:?}");
     let e = s.error.as_deref().unwrap_or_default();
     assert!(e.contains("vertex 'v'") && e.contains("unreachable"), "{e}");
+    assert_eq!(s.error_kind, Some(crate::proto::ErrorKind::Trap), "{s:?}");
     assert!(s.outputs.is_empty());
     assert_eq!(c.group().await.expect("group").nodes[0].vertices, 0);
     // The node goes on taking jobs.

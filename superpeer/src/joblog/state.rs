@@ -12,7 +12,7 @@ use libp2p::PeerId;
 use mvm_component::policy::Principal;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{JobState, Submission, Traffic};
+use crate::proto::{ErrorKind, JobState, Submission, Traffic};
 
 /// How many ended jobs the log remembers; the oldest are forgotten first.
 pub const KEEP_ENDED: usize = 10_000;
@@ -54,6 +54,36 @@ pub struct Ended {
     pub at_ms: u64,
     /// Why, for people (none when it is done).
     pub error: Option<String>,
+    /// What kind of failure it was (none when it is done or was cancelled).
+    #[serde(default)]
+    pub kind: Option<ErrorKind>,
+}
+
+impl Ended {
+    /// Now, failed with `kind`.
+    pub fn failed(kind: ErrorKind, error: String) -> Ended {
+        Ended {
+            at_ms: now_ms(),
+            error: Some(error),
+            kind: Some(kind),
+        }
+    }
+
+    /// Now, cancelled.
+    pub fn cancelled() -> Ended {
+        Ended {
+            at_ms: now_ms(),
+            error: Some("cancelled".into()),
+            kind: None,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A job as the log knows it.
@@ -324,7 +354,11 @@ impl ControlState {
                 }
                 j.traffic.sort();
                 if j.parts.iter().all(|p| p.done) {
-                    let ended = Ended { at_ms, error: None };
+                    let ended = Ended {
+                        at_ms,
+                        error: None,
+                        kind: None,
+                    };
                     return self.end(&job, JobState::Done, ended);
                 }
                 Ok(())

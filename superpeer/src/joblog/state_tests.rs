@@ -59,6 +59,7 @@ fn end(state: JobState) -> Ended {
     Ended {
         at_ms: 9,
         error: (state != JobState::Done).then(|| "why".into()),
+        kind: (state == JobState::Failed).then_some(crate::proto::ErrorKind::Trap),
     }
 }
 
@@ -101,7 +102,8 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
         j.ended,
         Some(Ended {
             at_ms: 7,
-            error: None
+            error: None,
+            kind: None,
         })
     );
     assert_eq!((s.reserved(&a), s.reserved(&b)), (0, 0));

@@ -315,7 +315,7 @@ impl Node {
         ) {
             Ok(p) => p,
             Err(e) => {
-                let kind = if e.denied {
+                let kind = if e.denied() {
                     FailureKind::Refused
                 } else {
                     FailureKind::Input

@@ -15,8 +15,8 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use super::streams::{Channel, open_channel, run_link};
 use super::{LinkDone, LinkResult, Node, NodeJob, fail};
 use crate::proto::{
-    FailureKind, PART_HOLD, PartReport, PartResult, Request, Response, StreamHeader, Traffic,
-    VertexFailure,
+    ErrorKind, FailureKind, PART_HOLD, PartReport, PartResult, Request, Response, StreamHeader,
+    Traffic, VertexFailure,
 };
 
 /// Where a part's report goes when the answer to its `Prepare` still waits for it.
@@ -204,13 +204,13 @@ impl Node {
         let broken = |cause: String| VertexFailure {
             vertex: String::new(),
             cause,
-            denied: false,
+            kind: ErrorKind::Other,
         };
         while report.is_none() || remote.len() < expected {
             tokio::select! {
                 r = &mut run, if report.is_none() => match r {
                     Ok(r) => report = Some(r),
-                    Err(e) => return Err(VertexFailure { vertex: e.vertex, cause: e.cause, denied: e.denied }),
+                    Err(e) => return Err(VertexFailure { vertex: e.vertex, cause: e.cause, kind: e.kind }),
                 },
                 l = links.recv(), if remote.len() < expected => match l {
                     Some(Ok(l)) => remote.push(l),
