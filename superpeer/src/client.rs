@@ -1,5 +1,6 @@
 //! A client of a super-peer: what `mvm submit`, `status` and `cancel` use.
 
+use crate::proto::ClientRequest;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -210,8 +211,8 @@ impl Client {
         self.broker
     }
 
-    async fn call(&self, r: Request) -> Result<Response, Failure> {
-        self.net.call(self.broker, &self.addrs, r).await
+    async fn call(&self, r: ClientRequest) -> Result<Response, Failure> {
+        self.net.call(self.broker, &self.addrs, r.into()).await
     }
 
     /// Sends a job: asks which modules the broker lacks (unless it is known to hold them all),
@@ -245,7 +246,7 @@ impl Client {
         let missing = if hashes.is_empty() {
             Vec::new()
         } else {
-            match self.call(Request::Missing { hashes }).await? {
+            match self.call(ClientRequest::Missing { hashes }).await? {
                 Response::Missing { hashes } => hashes,
                 other => return Err(unexpected(&other)),
             }
@@ -256,7 +257,7 @@ impl Client {
             .iter()
             .filter_map(|h| job.modules.get(h).cloned())
             .collect();
-        match self.call(Request::Submit(Box::new(s))).await? {
+        match self.call(ClientRequest::Submit(Box::new(s))).await? {
             Response::Submitted(st) => {
                 self.known.lock().extend(job.modules.keys().cloned());
                 Ok(st)
@@ -271,7 +272,7 @@ impl Client {
     /// No such job, or the broker cannot be reached.
     pub async fn status(&self, job: Option<&str>) -> Result<Vec<JobStatus>, Failure> {
         match self
-            .call(Request::Status {
+            .call(ClientRequest::Status {
                 job: job.map(str::to_owned),
             })
             .await?
@@ -288,7 +289,7 @@ impl Client {
     /// No such job, or the broker cannot be reached.
     pub async fn wait(&self, job: &str, after: u64, until_end: bool) -> Result<JobStatus, Failure> {
         match self
-            .call(Request::Wait {
+            .call(ClientRequest::Wait {
                 job: job.to_owned(),
                 after,
                 until_end,
@@ -306,7 +307,7 @@ impl Client {
     /// No such job, it has ended, or the broker cannot be reached.
     pub async fn cancel(&self, job: &str) -> Result<(), Failure> {
         match self
-            .call(Request::Cancel {
+            .call(ClientRequest::Cancel {
                 job: job.to_owned(),
             })
             .await?
@@ -323,7 +324,7 @@ impl Client {
     /// job may hold it), or the broker cannot be reached.
     pub async fn hold(&self, job: &str, held: bool) -> Result<(), Failure> {
         match self
-            .call(Request::Hold {
+            .call(ClientRequest::Hold {
                 job: job.to_owned(),
                 held,
             })
@@ -343,7 +344,11 @@ impl Client {
     pub async fn reload_policies(&self) -> Result<(u64, String), Failure> {
         match self
             .net
-            .call(self.broker, &self.addrs, Request::PolicyReload)
+            .call(
+                self.broker,
+                &self.addrs,
+                Request::Client(ClientRequest::PolicyReload),
+            )
             .await?
         {
             Response::Policy {
@@ -358,7 +363,11 @@ impl Client {
     /// # Errors
     /// The broker cannot be reached.
     pub async fn group(&self) -> Result<GroupInfo, Failure> {
-        match self.call(Request::Group).await? {
+        match self
+            .net
+            .call(self.broker, &self.addrs, Request::Group)
+            .await?
+        {
             Response::Group(g) => Ok(g),
             other => Err(unexpected(&other)),
         }

@@ -21,7 +21,7 @@ use crate::net::{Inbound, Net, NetConfig};
 use crate::node::{Node, NodeConfig};
 use crate::pki::Credentials;
 use crate::policy::{Policies, PolicySource};
-use crate::proto::{Failure, FailureKind, Request, Response};
+use crate::proto::{ClientRequest, Failure, FailureKind, PeerRequest, Request, Response};
 use crate::site::{Local, Site};
 
 /// How a daemon runs.
@@ -346,20 +346,10 @@ impl Router {
     async fn route(&self, peer: PeerId, who: &Principal, request: Request) -> Response {
         let site = &self.site;
         match request {
-            Request::Prepare(spec) => {
-                if !self.node.is_superpeer(peer) {
-                    return Response::Error(Failure::new(
-                        FailureKind::Refused,
-                        format!("{peer} is not this node's super-peer"),
-                    ));
-                }
-                self.node.prepare(peer, *spec).await
-            }
-            Request::Start { job } => self.node.start(peer, &job),
-            Request::Terminate { job, reason } => self.node.terminate(peer, &job, &reason),
-            Request::Policy { have } => crate::policy::serve(site, who, &have),
-            Request::PolicyReload => crate::policy::reload(site, who),
-            Request::Raft(rpc) => match &self.broker {
+            Request::Broker(r) => self.node.handle(peer, r).await,
+            Request::Peer(PeerRequest::Policy { have }) => crate::policy::serve(site, who, &have),
+            Request::Client(ClientRequest::PolicyReload) => crate::policy::reload(site, who),
+            Request::Peer(PeerRequest::Raft(rpc)) => match &self.broker {
                 Some(b) => b.log.serve(peer, who, &site.domain, rpc).await,
                 None => unavailable(format!("{} keeps no replica of a job log", site.peer())),
             },
@@ -367,17 +357,32 @@ impl Router {
                 Some(b) => Response::Group(b.group()),
                 None => Response::Group(self.node.view()),
             },
-            other => match &self.broker {
-                Some(b) => b.handle(peer, who, other).await,
-                None => unavailable(match self.node.superpeer() {
-                    Some((p, _)) => format!(
-                        "{} is not the super-peer of group {}; {p} is",
-                        site.peer(),
-                        site.group
-                    ),
-                    None => format!("{} is not a super-peer", site.peer()),
-                }),
+            Request::Client(r) => match &self.broker {
+                Some(b) => b.client(who, r).await,
+                None => self.not_a_broker(),
             },
+            Request::Node(r) => match &self.broker {
+                Some(b) => b.node(peer, who, r).await,
+                None => self.not_a_broker(),
+            },
+            // Answered by the network layer before a request reaches a role.
+            Request::Hello { .. } => Response::Error(Failure::new(
+                FailureKind::Input,
+                "a Hello is answered by the network layer",
+            )),
         }
+    }
+
+    /// The answer to a broker's request on a daemon that is not one: where the broker is.
+    fn not_a_broker(&self) -> Response {
+        let site = &self.site;
+        unavailable(match self.node.superpeer() {
+            Some((p, _)) => format!(
+                "{} is not the super-peer of group {}; {p} is",
+                site.peer(),
+                site.group
+            ),
+            None => format!("{} is not a super-peer", site.peer()),
+        })
     }
 }

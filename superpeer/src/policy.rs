@@ -6,6 +6,7 @@
 //! and nodes fetch the bundle from a super-peer ([`PolicySource::Fetch`]) by version and
 //! digest, and take a new one without restarting.
 
+use crate::proto::PeerRequest;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -173,7 +174,7 @@ fn refused(m: String) -> Response {
     Response::Error(Failure::new(FailureKind::Refused, m))
 }
 
-/// `Request::Policy`: the bundle in force, to nodes and super-peers (not to users).
+/// `PeerRequest::Policy`: the bundle in force, to nodes and super-peers (not to users).
 pub(crate) fn serve(
     site: &crate::site::Site,
     asker: &mvm_component::policy::Principal,
@@ -190,7 +191,7 @@ pub(crate) fn serve(
     }
 }
 
-/// `Request::PolicyReload`, from someone allowed to `administer` the domain.
+/// `ClientRequest::PolicyReload`, from someone allowed to `administer` the domain.
 pub(crate) fn reload(
     site: &crate::site::Site,
     asker: &mvm_component::policy::Principal,
@@ -251,7 +252,11 @@ pub(crate) async fn fetch_now(
         return Ok(false);
     }
     let have = site.policies.current().digest.clone();
-    match site.net.call(peer, &addrs, Request::Policy { have }).await {
+    match site
+        .net
+        .call(peer, &addrs, Request::Peer(PeerRequest::Policy { have }))
+        .await
+    {
         Ok(Response::Policy {
             version,
             digest,

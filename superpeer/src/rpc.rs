@@ -470,6 +470,7 @@ mod network_tests {
 
     use crate::net::{Net, NetConfig};
     use crate::pki::{Ca, Credentials, Subject};
+    use crate::proto::NodeRequest;
     use crate::proto::{self, Request, Response};
     use mvm_component::policy::PrincipalKind;
 
@@ -502,7 +503,7 @@ mod network_tests {
             async move {
                 let mut held = Vec::new();
                 while let Some(i) = inbound.recv().await {
-                    let Request::Fetch { hash } = &i.request else {
+                    let Request::Node(NodeRequest::Fetch { hash }) = &i.request else {
                         i.reply(Response::Ok).await;
                         continue;
                     };
@@ -513,7 +514,7 @@ mod network_tests {
                     held.push(i);
                     if held.len() == 8 {
                         while let Some(i) = held.pop() {
-                            let Request::Fetch { hash } = &i.request else {
+                            let Request::Node(NodeRequest::Fetch { hash }) = &i.request else {
                                 continue;
                             };
                             let bytes = hash.clone().into_bytes().into();
@@ -529,7 +530,7 @@ mod network_tests {
             .await
             .expect("client");
         let peer = server.peer();
-        let fetch = |n: u32| Request::Fetch {
+        let fetch = |n: u32| NodeRequest::Fetch {
             hash: format!("{n:064x}"),
         };
         // Rounds of eight concurrent requests. The first round goes by request-response, after
@@ -544,7 +545,7 @@ mod network_tests {
                 let (client, addrs) = (client.clone(), addrs.clone());
                 let n = round * 8 + k;
                 asks.push(tokio::spawn(async move {
-                    (n, client.request(peer, &addrs, fetch(n)).await)
+                    (n, client.request(peer, &addrs, fetch(n).into()).await)
                 }));
             }
             for a in asks {
@@ -566,7 +567,11 @@ mod network_tests {
         // Dropped unanswered: an error at once, not after the request timeout.
         let t = std::time::Instant::now();
         let e = client
-            .request(peer, &addrs, Request::Fetch { hash: dropped })
+            .request(
+                peer,
+                &addrs,
+                Request::Node(NodeRequest::Fetch { hash: dropped }),
+            )
             .await
             .expect("an answer");
         assert!(

@@ -195,7 +195,7 @@ pub enum ErrorKind {
     /// It could not be set up: a module that does not instantiate or export an entry point, a
     /// queue the controller refused, a bad placement.
     Setup,
-    /// A node that held a part of it stopped answering.
+    /// A node that held a part of it stopped answering, or a channel between two nodes broke.
     Lost,
     /// Anything else: a broken remote channel, a failed task.
     Other,

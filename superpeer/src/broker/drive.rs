@@ -1,6 +1,7 @@
 //! Driving a placed job's parts: prepare everywhere, start everywhere, take the nodes' reports,
 //! and end it (in the log first, then by telling every part still running).
 
+use crate::proto::BrokerRequest;
 use std::sync::Arc;
 
 use libp2p::PeerId;
@@ -31,7 +32,11 @@ impl Broker {
         let addrs = self.addrs(&peer);
         let answer = self
             .site
-            .call(peer, &addrs, Request::Prepare(Box::new(spec)))
+            .call(
+                peer,
+                &addrs,
+                Request::Broker(BrokerRequest::Prepare(Box::new(spec))),
+            )
             .await;
         // A part prepared alone has started; one refused never ran.
         record.state = JobState::Running;
@@ -76,7 +81,11 @@ impl Broker {
             let site = self.site.clone();
             async move {
                 let r = site
-                    .call(peer, &addrs, Request::Prepare(Box::new(spec)))
+                    .call(
+                        peer,
+                        &addrs,
+                        Request::Broker(BrokerRequest::Prepare(Box::new(spec))),
+                    )
                     .await;
                 (peer, r)
             }
@@ -127,7 +136,9 @@ impl Broker {
             async move {
                 (
                     peer,
-                    self.site.call(peer, &[], Request::Start { job }).await,
+                    self.site
+                        .call(peer, &[], Request::Broker(BrokerRequest::Start { job }))
+                        .await,
                 )
             }
         });
@@ -177,7 +188,11 @@ impl Broker {
             let addrs = self.addrs(&peer);
             self.tasks.lock().spawn(async move {
                 if let Err(e) = site
-                    .call(peer, &addrs, Request::Terminate { job, reason })
+                    .call(
+                        peer,
+                        &addrs,
+                        Request::Broker(BrokerRequest::Terminate { job, reason }),
+                    )
                     .await
                 {
                     tracing::debug!(%peer, error = %e, "terminate not delivered");

@@ -1,5 +1,6 @@
 //! Forwarding: a job this group cannot place goes to another group's super-peer that can.
 
+use crate::proto::ClientRequest;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 
@@ -43,7 +44,11 @@ impl Broker {
             let Ok(Response::Missing { hashes: missing }) = self
                 .site
                 .net
-                .call(peer, &addrs, Request::Missing { hashes })
+                .call(
+                    peer,
+                    &addrs,
+                    Request::Client(ClientRequest::Missing { hashes }),
+                )
                 .await
             else {
                 tried.push(format!("group {} did not answer", g.group));
@@ -56,7 +61,11 @@ impl Broker {
             match self
                 .site
                 .net
-                .call(peer, &addrs, Request::Submit(Box::new(s.clone())))
+                .call(
+                    peer,
+                    &addrs,
+                    Request::Client(ClientRequest::Submit(Box::new(s.clone()))),
+                )
                 .await
             {
                 Ok(Response::Submitted(mut st)) => {

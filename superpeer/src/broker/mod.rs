@@ -25,7 +25,8 @@ use crate::joblog::state::{Ended, JobRecord};
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    Failure, FailureKind, GroupSummary, JobState, Request, Response, SUBMIT_HOLD, Submission,
+    ClientRequest, Failure, FailureKind, GroupSummary, JobState, NodeRequest, Response,
+    SUBMIT_HOLD, Submission,
 };
 use crate::site::Site;
 use mvm_component::runtime::ErrorKind;
@@ -280,54 +281,33 @@ impl Broker {
         }
     }
 
-    /// Dispatches a broker request.
-    pub(crate) async fn handle(
+    /// Answers a client (a user, or a super-peer forwarding a job). Only the leader answers,
+    /// except for which modules it lacks (any replica that has them can serve them).
+    pub(crate) async fn client(
         self: &Arc<Self>,
-        peer: PeerId,
         who: &Principal,
-        request: Request,
+        request: ClientRequest,
     ) -> Response {
-        let node_only = matches!(
-            request,
-            Request::Heartbeat(_) | Request::Fetch { .. } | Request::Report(_)
-        );
-        if node_only && (who.kind != PrincipalKind::Node || who.domain != self.site.domain) {
-            return fail(
-                FailureKind::Refused,
-                format!("{who} is not a node of domain {}", self.site.domain),
-            );
-        }
-        // Modules are served by any replica that has them; the rest by the leader only.
-        if !matches!(request, Request::Fetch { .. } | Request::Missing { .. })
-            && !self.log.is_leader()
-        {
-            return match request {
-                // A node of a replica that does not lead learns where the leader is.
-                Request::Heartbeat(_) => Response::Heartbeat {
-                    known: false,
-                    members: self.replicas(),
-                    stop: Vec::new(),
-                },
-                _ => self.not_leader(),
-            };
+        if !matches!(request, ClientRequest::Missing { .. }) && !self.log.is_leader() {
+            return self.not_leader();
         }
         match request {
-            Request::Missing { hashes } => Response::Missing {
+            ClientRequest::Missing { hashes } => Response::Missing {
                 hashes: hashes
                     .iter()
                     .filter(|h| !self.modules.has(h))
                     .cloned()
                     .collect(),
             },
-            Request::Submit(s) => {
+            ClientRequest::Submit(s) => {
                 let wait = s.wait;
                 match self.submit(who, *s).await {
                     Response::Submitted(st) if wait && !st.state.is_final() => self.held(st).await,
                     r => r,
                 }
             }
-            Request::Status { job } => self.status(who, job.as_deref()),
-            Request::Wait {
+            ClientRequest::Status { job } => self.status(who, job.as_deref()),
+            ClientRequest::Wait {
                 job,
                 after,
                 until_end,
@@ -337,12 +317,12 @@ impl Broker {
                 }
                 self.wait(&job, after, until_end, SUBMIT_HOLD).await
             }
-            Request::Cancel { job } => match self.refusal(who, "cancel", &job) {
+            ClientRequest::Cancel { job } => match self.refusal(who, "cancel", &job) {
                 None => self.cancel(&job).await,
                 Some(r) => r,
             },
             // Who may cancel a job may hold it back.
-            Request::Hold { job, held } => match self.refusal(who, "cancel", &job) {
+            ClientRequest::Hold { job, held } => match self.refusal(who, "cancel", &job) {
                 None => match self
                     .record(crate::joblog::Command::Hold { job, held })
                     .await
@@ -352,21 +332,42 @@ impl Broker {
                 },
                 Some(r) => r,
             },
-            Request::Register(info) => self.register(peer, who, info),
-            Request::Heartbeat(load) => self.heartbeat(peer, load),
-            Request::Fetch { hash } => match self.modules.get(&hash) {
+            ClientRequest::PolicyReload => crate::policy::reload(&self.site, who),
+        }
+    }
+
+    /// Answers a node of this group's domain. Only the leader answers, except for module
+    /// bytes; a replica that does not lead answers a heartbeat with the replicas, leader first.
+    pub(crate) async fn node(
+        self: &Arc<Self>,
+        peer: PeerId,
+        who: &Principal,
+        request: NodeRequest,
+    ) -> Response {
+        if who.kind != PrincipalKind::Node || who.domain != self.site.domain {
+            return fail(
+                FailureKind::Refused,
+                format!("{who} is not a node of domain {}", self.site.domain),
+            );
+        }
+        if !matches!(request, NodeRequest::Fetch { .. }) && !self.log.is_leader() {
+            return match request {
+                NodeRequest::Heartbeat(_) => Response::Heartbeat {
+                    known: false,
+                    members: self.replicas(),
+                    stop: Vec::new(),
+                },
+                _ => self.not_leader(),
+            };
+        }
+        match request {
+            NodeRequest::Register(info) => self.register(peer, who, info),
+            NodeRequest::Heartbeat(load) => self.heartbeat(peer, load),
+            NodeRequest::Fetch { hash } => match self.modules.get(&hash) {
                 Some(b) => Response::Module(b),
                 None => fail(FailureKind::NotFound, format!("no module {hash}")),
             },
-            Request::Report(r) => self.report(peer, *r).await,
-            Request::Group => Response::Group(self.group()),
-            Request::Prepare(_)
-            | Request::Start { .. }
-            | Request::Terminate { .. }
-            | Request::Hello { .. }
-            | Request::Policy { .. }
-            | Request::PolicyReload
-            | Request::Raft(_) => fail(FailureKind::Input, "not a broker request"),
+            NodeRequest::Report(r) => self.report(peer, *r).await,
         }
     }
 

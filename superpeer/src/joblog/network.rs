@@ -2,6 +2,7 @@
 //! [`Request::Raft`] on the certificate-authenticated libp2p connection between two
 //! super-peers, answered with openraft's result.
 
+use crate::proto::PeerRequest;
 use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use openraft::error::{
@@ -70,7 +71,7 @@ impl Connection {
     {
         let network = |e: Undelivered| RPCError::Network(NetworkError::new(&e));
         let peer = self.peer.clone().map_err(|e| network(Undelivered(e)))?;
-        let request = Request::Raft(rpc(body.map_err(network)?));
+        let request = Request::Peer(PeerRequest::Raft(rpc(body.map_err(network)?)));
         let answer =
             tokio::time::timeout(option.hard_ttl(), self.net.call(peer, &self.addrs, request))
                 .await;

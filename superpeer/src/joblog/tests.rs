@@ -2,6 +2,7 @@
 //! in one process: election, replication, a killed leader, a leader cut off from the others,
 //! and a whole group restarted from its stores.
 
+use crate::proto::PeerRequest;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ async fn start(creds: Credentials, listen: Multiaddr, dir: PathBuf) -> Member {
         let (log, cut) = (log.clone(), cut.clone());
         async move {
             while let Some(i) = inbound.recv().await {
-                let Request::Raft(rpc) = i.request.clone() else {
+                let Request::Peer(PeerRequest::Raft(rpc)) = i.request.clone() else {
                     continue;
                 };
                 if cut.lock().contains(&i.peer) {

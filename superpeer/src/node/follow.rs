@@ -1,6 +1,7 @@
 //! Following the group's super-peer: registration, heartbeats with this node's load, and
 //! finding the replica of the group's job log that leads when the one followed is lost.
 
+use crate::proto::NodeRequest;
 use std::sync::Arc;
 
 use libp2p::{Multiaddr, PeerId};
@@ -105,9 +106,9 @@ impl Node {
                 continue;
             };
             let request = if registered {
-                Request::Heartbeat(self.load())
+                Request::Node(NodeRequest::Heartbeat(self.load()))
             } else {
-                Request::Register(self.info())
+                Request::Node(NodeRequest::Register(self.info()))
             };
             // Any answer, even a refusal, shows the super-peer is alive; silence does not.
             // A request that fails at once (the connection is refused or closed: the process

@@ -2,6 +2,7 @@
 //! runs that part (compiling modules it lacks after fetching them from the broker), carries
 //! its remote channels over libp2p streams, reports, and removes everything on termination.
 
+use crate::proto::NodeRequest;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::environment::{EnvLease, NodeOs};
-use crate::proto::{Failure, FailureKind, Member, PartSpec, Request, Response};
+use crate::proto::{BrokerRequest, Failure, FailureKind, Member, PartSpec, Request, Response};
 use crate::site::Site;
 
 mod follow;
@@ -136,6 +137,23 @@ impl Node {
         self.superpeer.read().clone()
     }
 
+    /// Answers the group's broker.
+    pub(crate) async fn handle(self: &Arc<Self>, from: PeerId, request: BrokerRequest) -> Response {
+        match request {
+            BrokerRequest::Prepare(spec) => {
+                if !self.is_superpeer(from) {
+                    return fail(
+                        FailureKind::Refused,
+                        format!("{from} is not this node's super-peer"),
+                    );
+                }
+                self.prepare(from, *spec).await
+            }
+            BrokerRequest::Start { job } => self.start(from, &job),
+            BrokerRequest::Terminate { job, reason } => self.terminate(from, &job, &reason),
+        }
+    }
+
     /// Whether it has vertex slots (a super-peer may have none).
     pub(crate) fn runs_vertices(&self) -> bool {
         self.config.slots > 0
@@ -167,7 +185,7 @@ impl Node {
     }
 
     /// Handles `Prepare`: parse, fetch and compile modules, check, create queues. Nothing runs.
-    pub(crate) async fn prepare(self: &Arc<Self>, from: PeerId, spec: PartSpec) -> Response {
+    async fn prepare(self: &Arc<Self>, from: PeerId, spec: PartSpec) -> Response {
         let Some(runtime) = self.runtime.as_ref() else {
             return fail(FailureKind::Unavailable, "this daemon runs no vertices");
         };
@@ -243,7 +261,11 @@ impl Node {
                 None => {
                     let bytes = match self
                         .site
-                        .call(from, &[], Request::Fetch { hash: hash.clone() })
+                        .call(
+                            from,
+                            &[],
+                            Request::Node(NodeRequest::Fetch { hash: hash.clone() }),
+                        )
                         .await
                     {
                         Ok(Response::Module(b)) => b,

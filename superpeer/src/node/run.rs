@@ -1,6 +1,7 @@
 //! Running a prepared part: its outgoing channels, its vertices, its report to the group's
 //! leader, and its end.
 
+use crate::proto::NodeRequest;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -162,7 +163,7 @@ impl Node {
     /// lost, or no longer leads) is sent again to whichever this node follows next, for a while.
     async fn report_to_leader(self: &Arc<Self>, placed_by: PeerId, report: PartReport) {
         let job = report.job.clone();
-        let request = Request::Report(Box::new(report));
+        let request = Request::Node(NodeRequest::Report(Box::new(report)));
         let give_up = tokio::time::Instant::now() + self.site.lost_after * 10;
         loop {
             let to = self
@@ -201,10 +202,10 @@ impl Node {
         tokio::pin!(run);
         let mut report = None;
         let mut remote: Vec<LinkDone> = Vec::new();
-        let broken = |cause: String| VertexFailure {
+        let broken = |kind: ErrorKind, cause: String| VertexFailure {
             vertex: String::new(),
             cause,
-            kind: ErrorKind::Other,
+            kind,
         };
         while report.is_none() || remote.len() < expected {
             tokio::select! {
@@ -214,13 +215,14 @@ impl Node {
                 },
                 l = links.recv(), if remote.len() < expected => match l {
                     Some(Ok(l)) => remote.push(l),
-                    Some(Err(e)) => return Err(broken(e)),
-                    None => return Err(broken("the job was ended".into())),
+                    // A remote channel broke: the node at its other end, or the way there, is lost.
+                    Some(Err(e)) => return Err(broken(ErrorKind::Lost, e)),
+                    None => return Err(broken(ErrorKind::Other, "the job was ended".into())),
                 },
             }
         }
         let Some(report) = report else {
-            return Err(broken("no report".into()));
+            return Err(broken(ErrorKind::Other, "no report".into()));
         };
         // Traffic: local input queues count everything that entered; what came from another node
         // is remote, the rest local. Outboxes count what this node sent to others.

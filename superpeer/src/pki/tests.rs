@@ -1,4 +1,5 @@
 use super::*;
+use crate::proto::ClientRequest;
 
 fn subject(kind: PrincipalKind, name: &str, roles: &[&str]) -> Subject {
     Subject {
@@ -281,9 +282,10 @@ async fn a_request_without_a_hello_is_refused_unread() {
     for a in server.addrs() {
         swarm.add_peer_address(server.peer(), a.clone());
     }
-    swarm
-        .behaviour_mut()
-        .send_request(&server.peer(), Request::Status { job: None });
+    swarm.behaviour_mut().send_request(
+        &server.peer(),
+        Request::Client(ClientRequest::Status { job: None }),
+    );
     let answer = tokio::time::timeout(std::time::Duration::from_secs(20), async {
         loop {
             if let SwarmEvent::Behaviour(request_response::Event::Message {

@@ -1,0 +1,133 @@
+//! Nodes, members and groups.
+
+use serde::{Deserialize, Serialize};
+
+use super::check::{check_len, check_name};
+
+/// What a node tells its super-peer when it registers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its name (for people).
+    pub name: String,
+    /// Its group.
+    pub group: String,
+    /// Its domain.
+    pub domain: String,
+    /// Addresses it listens on.
+    pub addrs: Vec<String>,
+    /// CPUs.
+    pub cpus: u32,
+    /// Total memory, bytes.
+    pub memory_bytes: u64,
+    /// Architecture.
+    pub arch: String,
+    /// Image ids it can run.
+    pub images: Vec<String>,
+    /// The most vertices it runs at once.
+    pub slots: u32,
+    /// Whether it is a super-peer candidate (a replica of the group's job log).
+    pub eligible: bool,
+    /// Its current load.
+    pub load: NodeLoad,
+}
+
+/// A node's changing properties.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeLoad {
+    /// Free memory, bytes.
+    pub free_memory_bytes: u64,
+    /// 1-minute load average.
+    pub load: f64,
+    /// Vertices running now.
+    pub vertices: u32,
+    /// Image ids it offers now (images imported while it runs are offered from the next
+    /// heartbeat on).
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// The jobs it runs parts of now (the leader answers which of them it must stop).
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+/// A member of a group, as the super-peer lists them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Peer id.
+    pub peer: String,
+    /// Addresses.
+    pub addrs: Vec<String>,
+    /// Whether it is a super-peer candidate (a replica of the group's job log).
+    pub eligible: bool,
+}
+
+/// A group as a daemon sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// The group's name.
+    pub group: String,
+    /// The super-peer's peer id, when known.
+    pub broker: Option<String>,
+    /// Its addresses.
+    pub broker_addrs: Vec<String>,
+    /// Whether the answering daemon is the super-peer.
+    pub is_broker: bool,
+    /// The registered nodes (the super-peer's view; a node lists what it last heard).
+    pub nodes: Vec<NodeView>,
+    /// Other groups, from their super-peers' summaries.
+    #[serde(default)]
+    pub groups: Vec<GroupSummary>,
+}
+
+/// What a super-peer tells the others about its group (gossiped every few heartbeats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    /// The group.
+    pub group: String,
+    /// Its domain.
+    pub domain: String,
+    /// The super-peer's peer id.
+    pub broker: String,
+    /// Its addresses (`/…/p2p/PEER`).
+    pub addrs: Vec<String>,
+    /// Live nodes.
+    pub nodes: u32,
+    /// Free vertex slots over all nodes.
+    pub free_slots: u32,
+    /// Image ids offered by some node.
+    pub images: Vec<String>,
+    /// Architectures of the nodes.
+    pub archs: Vec<String>,
+}
+
+impl GroupSummary {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        check_name("the group", &self.group)?;
+        check_name("the domain", &self.domain)?;
+        check_name("the broker", &self.broker)?;
+        check_len("addresses", self.addrs.len())?;
+        check_len("images", self.images.len())?;
+        check_len("architectures", self.archs.len())
+    }
+}
+
+/// A node as the super-peer sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Peer id.
+    pub peer: String,
+    /// Name.
+    pub name: String,
+    /// Whether it stopped answering.
+    pub lost: bool,
+    /// Vertices placed on it by running jobs.
+    pub vertices: u32,
+    /// Vertices it said it runs at its last heartbeat.
+    #[serde(default)]
+    pub running: u32,
+    /// Its slots.
+    pub slots: u32,
+}

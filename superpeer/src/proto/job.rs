@@ -1,0 +1,300 @@
+//! Jobs as submitted, placed, reported and seen.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use mvm_component::policy::Principal;
+use mvm_queue::queue::Config as QueueConfig;
+use serde::{Deserialize, Serialize};
+
+use super::check::{check_job_id, check_len};
+use super::{ErrorKind, Member};
+
+/// A job profile as sent to the broker: everything resolved, files inlined, modules by hash.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    /// The job's name.
+    pub name: String,
+    /// Who submits it.
+    pub owner: Option<String>,
+    /// Its domain.
+    pub domain: Option<String>,
+    /// The topology file's name (for error messages).
+    pub topology_file: String,
+    /// The topology file's text.
+    pub topology: String,
+    /// Component name → module content hash.
+    pub components: BTreeMap<String, String>,
+    /// Module bytes the broker said it lacks.
+    pub modules: Vec<Bytes>,
+    /// Job parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// Queue defaults for the topology's channels.
+    pub queue: QueueConfig,
+    /// Per-vertex limits.
+    pub limits: LimitSpec,
+    /// Requirements and rank.
+    pub requirements: Requirements,
+    /// How many super-peers have forwarded it already (a forwarded job is not forwarded again).
+    #[serde(default)]
+    pub hops: u8,
+    /// Set by a super-peer that forwards the job: the owner it authenticated.
+    #[serde(default)]
+    pub on_behalf: Option<Principal>,
+    /// Answer when the job has ended (or after at most [`SUBMIT_HOLD`]) instead of at once, so
+    /// a short job takes one exchange instead of a submit and a wait.
+    #[serde(default)]
+    pub wait: bool,
+    /// Among jobs waiting for room, higher is placed first (then earlier).
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// Per-vertex limits, as in the profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitSpec {
+    /// Linear memory per vertex, bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU time per vertex, milliseconds.
+    pub cpu_ms: Option<u64>,
+    /// Wall time per vertex, milliseconds.
+    pub wall_ms: Option<u64>,
+}
+
+impl LimitSpec {
+    /// The runtime's limits.
+    ///
+    /// # Errors
+    /// A memory limit under 64 KiB, or over what this machine can address.
+    pub fn limits(&self) -> Result<mvm_component::runtime::Limits, String> {
+        let mut l = mvm_component::runtime::Limits::default();
+        if let Some(m) = self.memory_bytes {
+            if m < 64 << 10 {
+                return Err(format!("a memory limit of {m} bytes is under 64KiB"));
+            }
+            l.memory_bytes = usize::try_from(m).map_err(|_| "the memory limit is too large")?;
+        }
+        l.cpu = self.cpu_ms.map(std::time::Duration::from_millis);
+        l.wall = self.wall_ms.map(std::time::Duration::from_millis);
+        Ok(l)
+    }
+}
+
+/// What a job needs from a node, and how to rank the nodes that have it (GridWay).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirements {
+    /// An image id the node must offer.
+    pub image: Option<String>,
+    /// Least CPUs.
+    pub vcpus: Option<u32>,
+    /// Least free memory, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Architecture (as `std::env::consts::ARCH`).
+    pub arch: Option<String>,
+    /// A rank expression over node properties; higher is better.
+    pub rank: Option<String>,
+    /// The most nodes to spread the vertices over.
+    pub nodes: Option<u32>,
+    /// How guests of `image` are used across jobs: `persistent`, `save-restore` or
+    /// `stop-start` (the default).
+    #[serde(default)]
+    pub vm_mode: Option<String>,
+}
+
+/// The execution environment a node ensures before its part of a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvSpec {
+    /// The image: `name:version` or `name:version@sha256:HEX`.
+    pub image: String,
+    /// vCPUs of the guest.
+    pub vcpus: u32,
+    /// Memory of the guest, MiB.
+    pub memory_mib: u32,
+    /// `persistent`, `save-restore` or `stop-start`.
+    pub mode: String,
+}
+
+/// The VM modes a profile may name.
+pub const VM_MODES: [&str; 3] = ["persistent", "save-restore", "stop-start"];
+
+/// A node's part of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartSpec {
+    /// The job id.
+    pub job: String,
+    /// The topology's file name and text (the whole graph; the node runs its part).
+    pub topology_file: String,
+    /// The topology.
+    pub topology: String,
+    /// Queue defaults.
+    pub queue: QueueConfig,
+    /// Component name → module hash (only components of this part's vertices).
+    pub components: BTreeMap<String, String>,
+    /// Job parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// Limits.
+    pub limits: LimitSpec,
+    /// Part index of every vertex, in topology order.
+    pub placement: Vec<u32>,
+    /// The peer id and addresses of every part.
+    pub parts: Vec<Member>,
+    /// This node's part.
+    pub here: u32,
+    /// Start right after preparing (a job of one part needs no second phase).
+    #[serde(default)]
+    pub start: bool,
+    /// The environment to ensure first (none: the host as it is).
+    #[serde(default)]
+    pub environment: Option<EnvSpec>,
+    /// The job's owner, for the node-level policy.
+    pub owner: Principal,
+    /// The digest of the policies the broker decided with; a node that holds other ones
+    /// fetches the broker's before it decides.
+    pub policy_digest: String,
+}
+
+/// How a part of a job ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartReport {
+    /// The job id.
+    pub job: String,
+    /// Success (vertex outputs and traffic) or the first failure.
+    pub outcome: Result<PartResult, VertexFailure>,
+}
+
+impl PartReport {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// The first bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        check_job_id(&self.job)?;
+        if let Ok(res) = &self.outcome {
+            check_len("outputs", res.outputs.len())?;
+            check_len("traffic entries", res.traffic.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// A part's results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PartResult {
+    /// Each local vertex's stdout.
+    pub outputs: Vec<(String, Bytes)>,
+    /// Traffic by edge kind.
+    pub traffic: Vec<Traffic>,
+    /// Wall time of the part, milliseconds.
+    pub wall_ms: u64,
+}
+
+/// Items and bytes moved through one kind of edge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Queue kind (`fifo`, `priority`).
+    pub kind: String,
+    /// Codec.
+    pub codec: String,
+    /// Whether the edge crosses nodes.
+    pub remote: bool,
+    /// Whether those remote items went over direct links (not libp2p streams).
+    #[serde(default)]
+    pub direct: bool,
+    /// Items.
+    pub items: u64,
+    /// Bytes (encoded).
+    pub bytes: u64,
+}
+
+/// The first failure of a part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VertexFailure {
+    /// The vertex (empty when no single vertex is to blame, e.g. a broken stream).
+    pub vertex: String,
+    /// Why, for people.
+    pub cause: String,
+    /// What kind of failure it was.
+    pub kind: ErrorKind,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Admitted, waiting for room (in the job log's queue).
+    Pending,
+    /// Placed; nodes are preparing.
+    Preparing,
+    /// Running.
+    Running,
+    /// Every part ended well.
+    Done,
+    /// A part failed.
+    Failed,
+    /// Refused by a node's policy.
+    Refused,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(
+            self,
+            JobState::Pending | JobState::Preparing | JobState::Running
+        )
+    }
+}
+
+/// A job as the broker sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job id.
+    pub job: String,
+    /// The profile's name.
+    pub name: String,
+    /// The state.
+    pub state: JobState,
+    /// Bumped on every change (for [`Request::Wait`]).
+    pub version: u64,
+    /// Vertices in the topology.
+    pub vertices: u32,
+    /// Vertices whose part has ended.
+    pub vertices_done: u32,
+    /// Each part: node peer id, node name, vertices, whether it ended.
+    pub parts: Vec<PartStatus>,
+    /// Vertex stdout, once done.
+    pub outputs: Vec<(String, Bytes)>,
+    /// Traffic by edge kind, summed over parts.
+    pub traffic: Vec<Traffic>,
+    /// Milliseconds from submission to the end (or to now).
+    pub wall_ms: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// What kind of failure it was (none when it did not fail, or was cancelled).
+    #[serde(default)]
+    pub error_kind: Option<ErrorKind>,
+    /// Why a pending job waits: what each node lacks, or that it is held.
+    #[serde(default)]
+    pub waiting: Option<String>,
+    /// Who owns it (`name@domain`).
+    #[serde(default)]
+    pub owner: String,
+    /// When another group's super-peer holds the job (it was forwarded there): its addresses.
+    #[serde(default)]
+    pub broker_addrs: Vec<String>,
+}
+
+/// A job's part as the broker sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartStatus {
+    /// The node's peer id.
+    pub node: String,
+    /// Its name.
+    pub name: String,
+    /// The part's vertices.
+    pub vertices: Vec<String>,
+    /// Whether the part has ended.
+    pub done: bool,
+}

@@ -1,0 +1,301 @@
+//! The control protocol: requests and responses between clients, super-peers and nodes.
+//!
+//! One request-response protocol, [`PROTOCOL`], carries every control message. Messages are
+//! CBOR in a frame of a 4-byte big-endian length; a frame larger than the reader's limit is
+//! refused before it is read. The protocol id carries the version: a peer speaking another
+//! version fails negotiation instead of misreading messages. Every message is checked by
+//! [`Request::validate`] / [`Response::validate`] before it is acted on: bounded strings and
+//! lists, well-formed ids and hashes. A request says by its kind who sends it to whom
+//! ([`ClientRequest`], [`NodeRequest`], [`BrokerRequest`], [`PeerRequest`]).
+//!
+//! - `job`: jobs as submitted, placed, reported and seen.
+//! - `group`: nodes, members and groups.
+//! - `frame`: frames, the request-response codec, and the stream headers.
+//! - `check`: the checks of every message.
+
+use bytes::Bytes;
+use libp2p::StreamProtocol;
+use mvm_component::policy::Bundle;
+pub use mvm_component::runtime::ErrorKind;
+use serde::{Deserialize, Serialize};
+
+mod check;
+mod frame;
+mod group;
+mod job;
+
+pub use check::{check_hash, check_job_id};
+pub use frame::*;
+pub use group::*;
+pub use job::*;
+
+/// The control protocol's id (and version).
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/control/2");
+
+/// Control streams: requests and answers between peers that have passed each other's `Hello`,
+/// many on one stream (see the `rpc` module); the same messages as [`PROTOCOL`].
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/2");
+
+/// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]); its number
+/// follows the queue layer's frame version.
+pub const QUEUE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/queue/2");
+
+/// Image transfers between nodes: a request frame, a header frame, then the image's bytes.
+pub const IMAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/image/1");
+
+/// A request on the control protocol, by who sends it to whom: each role handles its own
+/// kind, and no message reaches a role that does not serve it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Request {
+    /// Anyone → anyone, first on a connection: the sender's certificate (DER).
+    Hello {
+        /// The certificate.
+        cert: Bytes,
+    },
+    /// Anyone → any daemon: the group as this daemon sees it.
+    Group,
+    /// A user, or a super-peer forwarding for one → a group's broker.
+    Client(ClientRequest),
+    /// A node → its group's broker.
+    Node(NodeRequest),
+    /// A broker → a node of its group.
+    Broker(BrokerRequest),
+    /// A node or super-peer → a super-peer: policies and the group's replicated job log.
+    Peer(PeerRequest),
+}
+
+/// What a user (or a super-peer forwarding a job) asks a broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientRequest {
+    /// Which of these module hashes the broker lacks.
+    Missing {
+        /// Content hashes (SHA-256, lowercase hex).
+        hashes: Vec<String>,
+    },
+    /// Run a job.
+    Submit(Box<Submission>),
+    /// The status of one job, or of all.
+    Status {
+        /// A job id, or every job when `None`.
+        job: Option<String>,
+    },
+    /// The job's status once its version passes `after` (or after a while).
+    Wait {
+        /// The job id.
+        job: String,
+        /// The last version seen.
+        after: u64,
+        /// Answer only once the job has ended (or after a while), not at every change.
+        #[serde(default)]
+        until_end: bool,
+    },
+    /// Hold a pending job back from placement (`true`), or release it.
+    Hold {
+        /// The job id.
+        job: String,
+        /// Hold or release.
+        held: bool,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job id.
+        job: String,
+    },
+    /// An administrator → the super-peer holding the policies: read them again now.
+    PolicyReload,
+}
+
+/// What a node tells or asks its group's broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRequest {
+    /// Join the group.
+    Register(NodeInfo),
+    /// Still alive, with its current load.
+    Heartbeat(NodeLoad),
+    /// The bytes of a module.
+    Fetch {
+        /// Its content hash.
+        hash: String,
+    },
+    /// The end of its part of a job.
+    Report(Box<PartReport>),
+}
+
+/// What a broker tells a node of its group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerRequest {
+    /// Prepare a part of a job (compile, check, create queues); nothing runs.
+    Prepare(Box<PartSpec>),
+    /// Start a prepared part.
+    Start {
+        /// The job id.
+        job: String,
+    },
+    /// Stop a job's part (if any) and remove everything created for it.
+    Terminate {
+        /// The job id.
+        job: String,
+        /// Why, for the node's log.
+        reason: String,
+    },
+}
+
+/// What a node or super-peer asks a super-peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerRequest {
+    /// The policy bundle, unless its digest is `have`.
+    Policy {
+        /// The digest the asker holds (empty: none).
+        have: String,
+    },
+    /// A message of the group's replicated job log (super-peer ↔ super-peer).
+    Raft(RaftRpc),
+}
+
+impl From<ClientRequest> for Request {
+    fn from(r: ClientRequest) -> Request {
+        Request::Client(r)
+    }
+}
+
+impl From<NodeRequest> for Request {
+    fn from(r: NodeRequest) -> Request {
+        Request::Node(r)
+    }
+}
+
+impl From<BrokerRequest> for Request {
+    fn from(r: BrokerRequest) -> Request {
+        Request::Broker(r)
+    }
+}
+
+impl From<PeerRequest> for Request {
+    fn from(r: PeerRequest) -> Request {
+        Request::Peer(r)
+    }
+}
+
+/// A message between the replicas of a group's job log: openraft's request, CBOR-encoded
+/// (decoded, and so checked, by the job log itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RaftRpc {
+    /// Entries to append (or a heartbeat).
+    Append(Bytes),
+    /// A request for a vote.
+    Vote(Bytes),
+    /// A snapshot, or a chunk of one.
+    Snapshot(Bytes),
+}
+
+/// A response on the control protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// The answer to a `Hello`: the receiver's certificate (DER).
+    Hello {
+        /// The certificate.
+        cert: Bytes,
+    },
+    /// The request failed.
+    Error(Failure),
+    /// The hashes the broker lacks.
+    Missing {
+        /// Content hashes.
+        hashes: Vec<String>,
+    },
+    /// A job was accepted and placed.
+    Submitted(JobStatus),
+    /// Job statuses.
+    Status(Vec<JobStatus>),
+    /// The group.
+    Group(GroupInfo),
+    /// A registration was accepted.
+    Registered {
+        /// How often to send heartbeats, in milliseconds.
+        heartbeat_ms: u64,
+        /// The group's members, for electing a new super-peer.
+        members: Vec<Member>,
+    },
+    /// A heartbeat was taken; `known` is false when the broker does not know the node (it must
+    /// register again, e.g. with a newly elected super-peer).
+    Heartbeat {
+        /// Whether the node is registered.
+        known: bool,
+        /// The group's members.
+        members: Vec<Member>,
+        /// Jobs of the heartbeat's list that the log has ended or never recorded: their parts
+        /// must stop (their `Terminate` did not arrive, or their leader was lost before it
+        /// recorded them).
+        #[serde(default)]
+        stop: Vec<String>,
+    },
+    /// A module's bytes.
+    Module(Bytes),
+    /// The answer to a `Prepare` that started the part, when the part ended within
+    /// [`PART_HOLD`]: its report, which the node then does not send again.
+    Finished(Box<PartReport>),
+    /// The answer to a [`Request::Raft`]: openraft's result, CBOR-encoded.
+    Raft(Bytes),
+    /// The policies in force at a super-peer.
+    Policy {
+        /// Its version there.
+        version: u64,
+        /// Its digest.
+        digest: String,
+        /// The files, unless the asker holds them already.
+        bundle: Option<Bundle>,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// The class of failure.
+    pub kind: FailureKind,
+    /// A one-line message naming the file, vertex or peer concerned.
+    pub message: String,
+}
+
+/// Classes of failure; they map to the CLI's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// Bad input: profile, topology, module, message.
+    Input,
+    /// Refused by policy.
+    Refused,
+    /// It ran (or tried to) and failed.
+    Failed,
+    /// No such job, module or node.
+    NotFound,
+    /// Not possible now: no node fits, not the broker, shutting down.
+    Unavailable,
+}
+
+impl Failure {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// How long a broker holds a waiting submission, and a `Wait`, before answering with the
+/// job's status so far.
+pub const SUBMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a node holds the answer to a `Prepare` that starts its part at once, for the part's
+/// report to travel in the answer instead of in a request of its own.
+pub const PART_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
