@@ -146,7 +146,7 @@ impl Broker {
     }
 
     /// The answer to a waiting submission: the job's status once it has ended, or after
-    /// [`SUBMIT_HOLD`].
+    /// [`SUBMIT_HOLD`](crate::proto::SUBMIT_HOLD).
     pub(super) async fn held(&self, st: JobStatus) -> Response {
         match self.wait(&st.job, 0, true, SUBMIT_HOLD).await {
             Response::Status(mut v) if v.len() == 1 => Response::Submitted(v.remove(0)),

@@ -10,7 +10,7 @@
 //! brokers accepting jobs. A group of one replica works too (it commits alone).
 //!
 //! ```text
-//!   broker (leader)  --propose(Command)-->  openraft  --Request::Raft over libp2p-->  replicas
+//!   broker (leader)  --propose(Command)-->  openraft  --PeerRequest::Raft over libp2p-->  replicas
 //!                                              |                                         |
 //!                                           redb log, snapshot                  redb log, snapshot
 //!                                              v                                         v
@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use crate::net::Net;
 use crate::proto::{Failure, FailureKind, RaftRpc, Response};
 
+mod machine;
 mod network;
 mod propose;
 pub mod state;
@@ -162,7 +163,7 @@ pub struct JobLog {
     me: PeerId,
     /// The replicas this one was asked to start the log with, until its membership says.
     expected: Arc<RwLock<BTreeSet<NodeId>>>,
-    watchers: store::Watchers,
+    watchers: machine::Watchers,
     /// The log's store, to stop its writer at shutdown.
     store: store::LogStore,
     /// To the proposer, which sends concurrent proposals as one entry.
@@ -192,7 +193,7 @@ impl JobLog {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
         let db = store::open(&path).map_err(|e| open_error(e.to_string()))?;
-        let machine = store::Machine::open(db.clone()).map_err(|e| open_error(e.to_string()))?;
+        let machine = machine::Machine::open(db.clone()).map_err(|e| open_error(e.to_string()))?;
         let (state, changed) = (machine.state.clone(), machine.changed.subscribe());
         let watchers = machine.watchers.clone();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

@@ -1,5 +1,5 @@
 //! The job log's messages between replicas, over the daemon's one control transport: each is a
-//! [`Request::Raft`] on the certificate-authenticated libp2p connection between two
+//! [`PeerRequest::Raft`](crate::proto::PeerRequest::Raft) on the certificate-authenticated libp2p connection between two
 //! super-peers, answered with openraft's result.
 
 use crate::proto::PeerRequest;

@@ -41,7 +41,7 @@ pub struct Submission {
     /// Set by a super-peer that forwards the job: the owner it authenticated.
     #[serde(default)]
     pub on_behalf: Option<Principal>,
-    /// Answer when the job has ended (or after at most [`SUBMIT_HOLD`]) instead of at once, so
+    /// Answer when the job has ended (or after at most [`SUBMIT_HOLD`](super::SUBMIT_HOLD)) instead of at once, so
     /// a short job takes one exchange instead of a submit and a wait.
     #[serde(default)]
     pub wait: bool,
@@ -256,7 +256,7 @@ pub struct JobStatus {
     pub name: String,
     /// The state.
     pub state: JobState,
-    /// Bumped on every change (for [`Request::Wait`]).
+    /// Bumped on every change (for [`ClientRequest::Wait`](super::ClientRequest::Wait)).
     pub version: u64,
     /// Vertices in the topology.
     pub vertices: u32,

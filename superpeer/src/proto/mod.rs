@@ -243,7 +243,7 @@ pub enum Response {
     /// The answer to a `Prepare` that started the part, when the part ended within
     /// [`PART_HOLD`]: its report, which the node then does not send again.
     Finished(Box<PartReport>),
-    /// The answer to a [`Request::Raft`]: openraft's result, CBOR-encoded.
+    /// The answer to a [`PeerRequest::Raft`]: openraft's result, CBOR-encoded.
     Raft(Bytes),
     /// The policies in force at a super-peer.
     Policy {

@@ -1,0 +1,202 @@
+//! Tests of control streams.
+
+/// Frames and their encoding.
+mod frames {
+    use crate::rpc::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_frames_are_errors() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let a = encode(7, &Response::Ok, 1024).expect("encodes");
+            let b = encode(u64::MAX, &Response::Ok, 1024).expect("encodes");
+            let mut both = futures::io::Cursor::new([a.clone(), b].concat());
+            let m = read::<Response, _>(&mut both, 1024).await.expect("reads");
+            assert!(matches!(m, Some((7, Response::Ok))));
+            let m = read::<Response, _>(&mut both, 1024).await.expect("reads");
+            assert!(matches!(m, Some((u64::MAX, Response::Ok))));
+            assert!(
+                read::<Response, _>(&mut both, 1024)
+                    .await
+                    .expect("end")
+                    .is_none()
+            );
+            // Cut short inside a frame: an error, not a clean end.
+            let mut cut = futures::io::Cursor::new(a[..a.len() - 1].to_vec());
+            assert!(read::<Response, _>(&mut cut, 1024).await.is_err());
+            // A length over the limit is refused before anything is read into memory.
+            let mut big = futures::io::Cursor::new(u32::MAX.to_be_bytes().to_vec());
+            let e = read::<Response, _>(&mut big, 1024)
+                .await
+                .expect_err("too big");
+            assert!(e.to_string().contains("limit"), "{e}");
+            // Garbage in a well-formed frame.
+            let mut junk = 9u32.to_be_bytes().to_vec();
+            junk.extend_from_slice(&[0; 8]);
+            junk.push(0xff);
+            let mut junk = futures::io::Cursor::new(junk);
+            assert!(read::<Response, _>(&mut junk, 1024).await.is_err());
+        });
+        assert!(
+            encode(1, &"x".repeat(2000), 1024).is_err(),
+            "over the limit"
+        );
+        // An answer over the limit goes as an error answer that fits.
+        let big = Response::Error(Failure::new(FailureKind::Failed, "y".repeat(5000)));
+        let f = encode_answer(3, &big, 1024);
+        assert!(f.len() < 1024 + 12 && f.len() > 12);
+    }
+}
+
+/// Through real sockets: requests after the first go on a control stream, answers find their
+/// requests whatever their order, a request dropped unanswered fails at once, and a control
+/// stream from a peer that has not passed is refused.
+/// Control streams between real swarms.
+mod network {
+    use std::time::Duration;
+
+    use futures::io::AsyncReadExt;
+
+    use crate::net::{Net, NetConfig};
+    use crate::pki::{Ca, Credentials, Subject};
+    use crate::proto::NodeRequest;
+    use crate::proto::{self, Request, Response};
+    use mvm_component::policy::PrincipalKind;
+
+    fn subject(kind: PrincipalKind, name: &str) -> Subject {
+        Subject {
+            kind,
+            name: name.into(),
+            roles: vec!["researcher".into()],
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_after_the_first_go_on_a_control_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+        let config = NetConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+            ..NetConfig::default()
+        };
+        let server_creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::Node, "n")).expect("creds");
+        let (server, mut inbound) = Net::start(&server_creds, &config).await.expect("server");
+        let addrs = server.addrs().to_vec();
+        // The server answers a fetch of hash H with H's bytes, holding every answer back until
+        // eight have come in and then answering them in reverse, and drops a fetch of all 'e's
+        // unanswered.
+        let dropped = "e".repeat(64);
+        let server_task = tokio::spawn({
+            let dropped = dropped.clone();
+            async move {
+                let mut held = Vec::new();
+                while let Some(i) = inbound.recv().await {
+                    let Request::Node(NodeRequest::Fetch { hash }) = &i.request else {
+                        i.reply(Response::Ok).await;
+                        continue;
+                    };
+                    if *hash == dropped {
+                        drop(i);
+                        continue;
+                    }
+                    held.push(i);
+                    if held.len() == 8 {
+                        while let Some(i) = held.pop() {
+                            let Request::Node(NodeRequest::Fetch { hash }) = &i.request else {
+                                continue;
+                            };
+                            let bytes = hash.clone().into_bytes().into();
+                            i.reply(Response::Module(bytes)).await;
+                        }
+                    }
+                }
+            }
+        });
+        let client_creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::User, "alice")).expect("creds");
+        let (client, _) = Net::start(&client_creds, &NetConfig::default())
+            .await
+            .expect("client");
+        let peer = server.peer();
+        let fetch = |n: u32| NodeRequest::Fetch {
+            hash: format!("{n:064x}"),
+        };
+        // Rounds of eight concurrent requests. The first round goes by request-response, after
+        // the `Hello`; the second opens the stream, and goes that way while it opens.
+        let mut settled = 0;
+        for round in 0..20u32 {
+            if round == 4 {
+                settled = client.stream_requests();
+            }
+            let mut asks = Vec::new();
+            for k in 0..8 {
+                let (client, addrs) = (client.clone(), addrs.clone());
+                let n = round * 8 + k;
+                asks.push(tokio::spawn(async move {
+                    (n, client.request(peer, &addrs, fetch(n).into()).await)
+                }));
+            }
+            for a in asks {
+                let (n, r) = a.await.expect("join");
+                match r {
+                    Ok(Response::Module(b)) => {
+                        assert_eq!(&b[..], format!("{n:064x}").as_bytes(), "answer to {n}");
+                    }
+                    other => panic!("request {n}: {other:?}"),
+                }
+            }
+        }
+        let on_streams = client.stream_requests();
+        assert_eq!(
+            on_streams - settled,
+            16 * 8,
+            "the last 16 rounds went on the control stream"
+        );
+        // Dropped unanswered: an error at once, not after the request timeout.
+        let t = std::time::Instant::now();
+        let e = client
+            .request(
+                peer,
+                &addrs,
+                Request::Node(NodeRequest::Fetch { hash: dropped }),
+            )
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(&e, Response::Error(f) if f.message.contains("unanswered")),
+            "{e:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+        assert_eq!(client.stream_requests(), on_streams + 1);
+
+        // A peer that has not passed: its control stream is dropped, and nothing reaches the
+        // daemon.
+        let stranger_creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::User, "eve")).expect("creds");
+        let (stranger, _) = Net::start(&stranger_creds, &NetConfig::default())
+            .await
+            .expect("stranger");
+        stranger.dial(peer, addrs.clone()).await;
+        let mut control = stranger.streams();
+        let mut s = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match control.open_stream(peer, proto::RPC_PROTOCOL).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await
+        .expect("a stream opens");
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the acceptor gives up within its wait")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the acceptor said something to a stranger");
+        server_task.abort();
+    }
+}
