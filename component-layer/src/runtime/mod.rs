@@ -10,11 +10,11 @@
 pub mod abi;
 pub mod cache;
 mod dedicated;
+mod ticker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -234,7 +234,6 @@ struct Inner {
 pub struct Runtime {
     inner: Arc<Inner>,
     cache: ModuleCache,
-    stop: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -242,12 +241,6 @@ impl std::fmt::Debug for Runtime {
         f.debug_struct("Runtime")
             .field("cache", &self.cache)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
     }
 }
 
@@ -342,29 +335,17 @@ impl Runtime {
         let engine = Engine::new(&c).map_err(err)?;
         let mut linker = Linker::new(&engine);
         abi::add_to_linker(&mut linker).map_err(err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (e, s, tick) = (engine.clone(), stop.clone(), config.tick);
-        std::thread::Builder::new()
-            .name("mvm-epoch".into())
-            .spawn(move || {
-                while !s.load(Ordering::Acquire) {
-                    std::thread::sleep(tick);
-                    e.increment_epoch();
-                }
-            })
-            .map_err(|e| RuntimeError(format!("cannot start the epoch ticker: {e}")))?;
         let cache = ModuleCache::new(engine.clone(), config.cache_dir.clone());
-        Ok(Runtime {
-            inner: Arc::new(Inner {
-                engine,
-                linker,
-                tick: config.tick,
-                dedicated: Dedicated::new(config.dedicated_threads),
-                spin: config.spin,
-            }),
-            cache,
-            stop,
-        })
+        let inner = Arc::new(Inner {
+            engine,
+            linker,
+            tick: config.tick,
+            dedicated: Dedicated::new(config.dedicated_threads),
+            spin: config.spin,
+        });
+        ticker::tick(Arc::downgrade(&inner), config.tick)
+            .map_err(|e| RuntimeError(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Runtime { inner, cache })
     }
 
     /// The module cache.
