@@ -273,6 +273,12 @@ impl Daemon {
         self.shared.net.dial_addrs()
     }
 
+    /// Its network handle. A handle kept after [`Daemon::run`] has ended keeps the swarm (and
+    /// its sockets) open: drop it with the daemon.
+    pub fn net(&self) -> Net {
+        self.shared.net.clone()
+    }
+
     /// Serves until `shutdown` completes, then ends every job held.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let shared = self.shared.clone();
