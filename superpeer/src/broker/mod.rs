@@ -38,6 +38,8 @@ mod place;
 mod harness;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_run;
 
 use place::Placed;
 
