@@ -41,6 +41,8 @@ mod tests;
 #[cfg(test)]
 mod tests_faults;
 #[cfg(test)]
+mod tests_policy;
+#[cfg(test)]
 mod tests_queue;
 #[cfg(test)]
 mod tests_run;
