@@ -477,7 +477,7 @@ impl Lab {
         self.cut.push((a, b));
     }
 
-    /// Ends every cut made by [`Lab::partition`].
+    /// Ends every cut made by [`Lab::partition`] and [`Lab::cut`].
     pub(crate) async fn heal(&mut self) {
         for (a, b) in std::mem::take(&mut self.cut) {
             self.block(a, b, false).await;

@@ -28,6 +28,7 @@ limit(user: User, "vertices", 12) if "researcher" in user.roles and not "admin" 
 /// Nodes run the jobs of their own domain.
 const NODES: &str = "allow(user: User, \"run\", node: Node) if user.domain = node.domain;\n";
 
+/// A group of one super-peer and a node per entry of `slots`, under [`RBAC`] and [`NODES`].
 async fn rbac_lab(slots: &[u32]) -> Lab {
     let files = [("default/rbac.polar", RBAC), ("node.polar", NODES)];
     Setup::new(1, slots).policies(&files).start().await
@@ -164,8 +165,7 @@ async fn each_node_applies_its_own_policy_to_the_part_it_is_given() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_no_node_of_its_group_could_ever_hold_is_forwarded_to_a_group_of_the_domain_that_can()
-{
+async fn a_job_its_group_could_never_hold_is_forwarded_to_a_group_of_the_domain_that_can() {
     let mut small = Setup::new(1, &[4]).group("small");
     let mut big = Setup::beside(&small, "big", 1, &[16]);
     Setup::link(&mut small, &mut big);

@@ -167,8 +167,7 @@ async fn a_wait_answers_at_the_job_s_next_change_or_at_its_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_one_vertex_job_goes_to_the_node_with_the_most_free_slots_unless_its_rank_says_otherwise()
-{
+async fn a_one_vertex_job_goes_to_the_freest_node_unless_its_rank_says_otherwise() {
     let lab = Lab::start(1, &[4, 16]).await;
     let c = lab.client().await;
     let s = finished(&c, &sleeping("roomy", 0)).await;

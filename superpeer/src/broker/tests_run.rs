@@ -79,8 +79,7 @@ async fn a_vertex_over_its_cpu_limit_fails_its_job_saying_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vertex_growing_its_memory_over_the_limit_fails_its_job_and_a_limit_under_64_kib_is_refused()
- {
+async fn a_vertex_growing_its_memory_over_its_limit_fails_and_a_limit_under_64_kib_is_refused() {
     let lab = Lab::start(1, &[4]).await;
     // One page (64 KiB) fits the limit of 128 KiB; sixteen more do not.
     let grow = "(module (memory (export \"memory\") 1) \
