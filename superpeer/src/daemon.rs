@@ -267,6 +267,12 @@ impl Daemon {
         self.router.site.net.dial_addrs()
     }
 
+    /// Its network handle. A handle kept after [`Daemon::run`] has ended keeps the swarm (and
+    /// its sockets) open: drop it with the daemon.
+    pub fn net(&self) -> Net {
+        self.router.site.net.clone()
+    }
+
     /// Serves until `shutdown` completes, then ends every job held.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let router = self.router.clone();

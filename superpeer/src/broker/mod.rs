@@ -44,6 +44,14 @@ mod status;
 mod harness;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_faults;
+#[cfg(test)]
+mod tests_policy;
+#[cfg(test)]
+mod tests_queue;
+#[cfg(test)]
+mod tests_run;
 
 use place::Placed;
 

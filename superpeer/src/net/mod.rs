@@ -22,7 +22,9 @@ use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, noise, ping, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, allow_block_list, gossipsub, identify, noise, ping, tcp, yamux,
+};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +87,8 @@ pub struct NetError {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// First, so that a blocked peer is refused before any other behaviour sees it.
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     gossip: gossipsub::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -105,6 +109,11 @@ pub(crate) enum Command {
     },
     Disconnect {
         peer: PeerId,
+    },
+    /// Refuse every connection with the peer (closing those open), or no longer.
+    Block {
+        peer: PeerId,
+        blocked: bool,
     },
     Dial {
         peer: PeerId,
@@ -356,6 +365,7 @@ impl Net {
                     .subscribe(&gossipsub::IdentTopic::new(GROUPS_TOPIC))
                     .map_err(|e| format!("gossipsub subscription: {e}"))?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                    blocked: allow_block_list::Behaviour::default(),
                     gossip,
                     identify: identify::Behaviour::new(identify::Config::new(
                         "/mvm/1".into(),
@@ -617,6 +627,20 @@ impl Net {
         self.links.close(&peer);
         let _ = self.commands.send(Command::Disconnect { peer }).await;
     }
+
+    /// Refuses every connection with `peer`, either way and on every transport, closing those
+    /// open, until [`Net::unblock`]: requests to it fail as a refused dial does.
+    pub async fn block(&self, peer: PeerId) {
+        self.links.close(&peer);
+        let blocked = true;
+        let _ = self.commands.send(Command::Block { peer, blocked }).await;
+    }
+
+    /// Takes connections with `peer` again (see [`Net::block`]).
+    pub async fn unblock(&self, peer: PeerId) {
+        let blocked = false;
+        let _ = self.commands.send(Command::Block { peer, blocked }).await;
+    }
 }
 
 /// What waits for a peer's certificate to pass.
@@ -713,6 +737,14 @@ impl Actor {
             Command::Respond { channel, response } => self.respond(channel, response),
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::Block { peer, blocked } => {
+                let list = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    list.block_peer(peer);
+                } else {
+                    list.unblock_peer(peer);
+                }
             }
             Command::Dial { peer, addrs } => {
                 self.swarm.behaviour_mut().gossip.add_explicit_peer(&peer);

@@ -98,3 +98,34 @@ async fn a_request_to_a_closed_port_fails_at_once() {
         t.elapsed()
     );
 }
+
+/// A blocked peer is cut off both ways: the open connection closes, requests either way fail
+/// (as a refused dial does, at once), and after the unblock they are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_peer_is_refused_both_ways_until_unblocked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+    let (a, b) = tokio::join!(answering(&ca, "a"), answering(&ca, "b"));
+    let ok = |r: &Result<Response, NetError>| matches!(r, Ok(Response::Ok));
+    // Two requests: the second goes on the control stream, which the block must end too.
+    for _ in 0..2 {
+        assert!(ok(&a.request(b.peer(), b.addrs(), Request::Group).await));
+    }
+    assert!(b.identity(&a.peer()).is_some());
+    a.block(b.peer()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while b.identity(&a.peer()).is_some() || a.identity(&b.peer()).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ab = a.request(b.peer(), b.addrs(), Request::Group).await;
+    assert!(ab.is_err(), "{ab:?}");
+    let ba = b.request(a.peer(), a.addrs(), Request::Group).await;
+    assert!(ba.is_err(), "{ba:?}");
+    a.unblock(b.peer()).await;
+    assert!(ok(&b.request(a.peer(), a.addrs(), Request::Group).await));
+    assert!(ok(&a.request(b.peer(), b.addrs(), Request::Group).await));
+}

@@ -283,9 +283,20 @@ impl Node {
                             format!("module of '{component}' does not match its hash {hash}"),
                         );
                     }
-                    match runtime.cache().load(component, &bytes) {
-                        Ok((m, _, _)) => m,
-                        Err(e) => return fail(FailureKind::Input, e.to_string()),
+                    // Compiling may take seconds: on a blocking thread, so that the node's
+                    // other tasks (its heartbeats, its swarm) go on meanwhile.
+                    let compile = {
+                        let (node, component) = (self.clone(), component.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let runtime = node.runtime.as_ref()?;
+                            Some(runtime.cache().load(&component, &bytes).map(|(m, _, _)| m))
+                        })
+                    };
+                    match compile.await {
+                        Ok(Some(Ok(m))) => m,
+                        Ok(Some(Err(e))) => return fail(FailureKind::Input, e.to_string()),
+                        Ok(None) => return fail(FailureKind::Unavailable, "no runtime"),
+                        Err(e) => return fail(FailureKind::Failed, format!("compiling: {e}")),
                     }
                 }
             };

@@ -1,0 +1,292 @@
+//! Policies at the three levels and forwarding between groups: who may submit, read, cancel
+//! and hold, sharing limits, nodes that refuse a part, jobs forwarded to another group of the
+//! domain or of a domain with an agreement, and refused when no group can take them, through
+//! real daemons in one process ([`super::harness`]).
+
+use super::harness::{Lab, Setup, finished, group_until, items, ring, running, sleeping, until};
+use crate::policy::PolicySource;
+use crate::proto::{FailureKind, JobState};
+
+/// Domain `default`: members read their own jobs, researchers also submit and cancel theirs,
+/// admins do anything; a researcher holds at most 12 vertices at once.
+const RBAC: &str = r#"
+permission("member", "read-results");
+permission("researcher", "read-results");
+permission("researcher", "submit");
+permission("researcher", "cancel");
+
+allow(user: User, action: String, job: Job) if
+    user.domain = job.domain and job.owner = user.name and job.owner_domain = user.domain and
+    role in user.roles and permission(role, action);
+
+allow(user: User, _action: String, resource) if
+    user.domain = resource.domain and "admin" in user.roles;
+
+limit(user: User, "vertices", 12) if "researcher" in user.roles and not "admin" in user.roles;
+"#;
+
+/// Nodes run the jobs of their own domain.
+const NODES: &str = "allow(user: User, \"run\", node: Node) if user.domain = node.domain;\n";
+
+/// A group of one super-peer and a node per entry of `slots`, under [`RBAC`] and [`NODES`].
+async fn rbac_lab(slots: &[u32]) -> Lab {
+    let files = [("default/rbac.polar", RBAC), ("node.polar", NODES)];
+    Setup::new(1, slots).policies(&files).start().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_whose_roles_do_not_allow_submitting_is_refused_and_nothing_is_recorded() {
+    let lab = rbac_lab(&[8]).await;
+    let carol = lab.client_as(&lab.user_as("carol", &["member"])).await;
+    let e = carol
+        .submit(&sleeping("nap", 0))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+    assert!(
+        e.message.contains("refused by policy")
+            && e.message
+                .contains("does not let user carol@default (roles member) submit"),
+        "{e:?}"
+    );
+    let admin = lab.client_as(&lab.user_as("root", &["admin"])).await;
+    assert!(admin.status(None).await.expect("status").is_empty());
+    // A researcher may.
+    let c = lab.client().await;
+    assert_eq!(
+        finished(&c, &sleeping("nap", 0)).await.state,
+        JobState::Done
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_or_an_admin_reads_cancels_or_holds_a_job_and_sees_it_listed() {
+    let lab = rbac_lab(&[8]).await;
+    let alice = lab.client().await;
+    let long = running(&alice, None).await;
+    let next = alice.submit(&sleeping("next", 0)).await.expect("submit");
+    assert_eq!(next.state, JobState::Pending);
+    let bob = lab.client_as(&lab.user_as("bob", &["researcher"])).await;
+    for e in [
+        bob.status(Some(&long.job)).await.expect_err("read"),
+        bob.wait(&long.job, 0, false).await.expect_err("wait"),
+        bob.cancel(&long.job).await.expect_err("cancel"),
+        bob.hold(&next.job, true).await.expect_err("hold"),
+    ] {
+        assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+        assert!(e.message.contains("does not let user bob@default"), "{e:?}");
+    }
+    assert!(
+        bob.status(None).await.expect("status").is_empty(),
+        "sees none"
+    );
+    // The owner reads and holds hers; an admin sees every job and cancels any.
+    let mine = alice.status(Some(&long.job)).await.expect("status");
+    assert_eq!(mine[0].state, JobState::Running);
+    alice.hold(&next.job, true).await.expect("hold");
+    let admin = lab.client_as(&lab.user_as("root", &["admin"])).await;
+    assert_eq!(admin.status(None).await.expect("status").len(), 2);
+    admin.cancel(&long.job).await.expect("cancel");
+    let end = until(&alice, &long.job, JobState::is_final).await;
+    assert_eq!(end.state, JobState::Cancelled, "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_the_domain_s_vertex_limit_is_refused_until_their_running_job_ends() {
+    let lab = rbac_lab(&[16]).await;
+    let c = lab.client().await;
+    let long = running(&c, None).await;
+    let e = c
+        .submit(&ring("more", 100, None, 0))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+    assert!(
+        e.message
+            .contains("limits user alice@default (roles researcher) to 12 vertices")
+            && e.message.contains("they would hold 16"),
+        "{e:?}"
+    );
+    // Another user is not counted with her.
+    let bob = lab.client_as(&lab.user_as("bob", &["researcher"])).await;
+    let s = finished(&bob, &ring("bobs", 100, None, 0)).await;
+    assert_eq!(s.state, JobState::Done, "{s:?}");
+    c.cancel(&long.job).await.expect("cancel");
+    until(&c, &long.job, JobState::is_final).await;
+    let s = finished(&c, &ring("more", 100, None, 0)).await;
+    assert_eq!((s.state, items(&s)), (JobState::Done, 100), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_applies_its_own_policy_to_the_part_it_is_given() {
+    let mut lab = Lab::start(1, &[]).await;
+    // n0 runs only admins' jobs; n1 anyone's of the domain, with priority queues only.
+    let admins = "allow(user: User, \"run\", node: Node) if \
+                  user.domain = node.domain and \"admin\" in user.roles;\n";
+    let n0 = lab.policy_dir("n0", &[("node.polar", admins)]);
+    let priority = format!("{NODES}queue_kind(\"priority\");\n");
+    let n1 = lab.policy_dir("n1", &[("node.polar", &priority)]);
+    lab.add_node_with(4, |c| c.policies = PolicySource::Dir(n0))
+        .await;
+    lab.add_node_with(8, |c| c.policies = PolicySource::Dir(n1))
+        .await;
+    lab.registered(2).await;
+    let c = lab.client().await;
+    // Only n1 holds a ring of 8 in one part; its channels are fifo.
+    let s = finished(&c, &ring("fifo", 100, Some(1), 0)).await;
+    assert_eq!(s.state, JobState::Refused, "{s:?}");
+    let e = s.error.as_deref().unwrap_or_default();
+    assert!(
+        e.contains(&lab.node_peer(1))
+            && e.contains("vertex 'v1': refused by the node-level policy")
+            && e.contains("node n1 does not allow fifo queues"),
+        "{e}"
+    );
+    // The node with the fewest free slots is n0.
+    let mut job = sleeping("nap", 0);
+    job.submission.requirements.rank = Some("-free_slots".into());
+    let s = finished(&c, &job).await;
+    assert_eq!(s.state, JobState::Refused, "{s:?}");
+    let e = s.error.as_deref().unwrap_or_default();
+    assert!(
+        e.contains(&lab.node_peer(0))
+            && e.contains("does not let user alice@default (roles researcher) run jobs on node n0"),
+        "{e}"
+    );
+    let root = lab.client_as(&lab.user_as("root", &["admin"])).await;
+    let s = finished(&root, &job).await;
+    assert_eq!(
+        (s.state, s.parts[0].name.as_str()),
+        (JobState::Done, "n0"),
+        "{s:?}"
+    );
+    let g = c.group().await.expect("group");
+    assert!(g.nodes.iter().all(|n| n.vertices == 0), "{g:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_its_group_could_never_hold_is_forwarded_to_a_group_of_the_domain_that_can() {
+    let mut small = Setup::new(1, &[4]).group("small");
+    let mut big = Setup::beside(&small, "big", 1, &[16]);
+    Setup::link(&mut small, &mut big);
+    let (small, big) = (small.start().await, big.start().await);
+    let c = small.client().await;
+    group_until(&c, "the big group's summary", |g| {
+        g.groups
+            .iter()
+            .any(|s| s.group == "big" && s.free_slots >= 8)
+    })
+    .await;
+    let s = c
+        .submit(&ring("far", 300, None, 0))
+        .await
+        .expect("forwarded");
+    assert!(
+        !s.broker_addrs.is_empty(),
+        "names the group that holds it: {s:?}"
+    );
+    let there = c.follow(&s).expect("follow");
+    let end = until(&there, &s.job, JobState::is_final).await;
+    assert_eq!((end.state, items(&end)), (JobState::Done, 300), "{end:?}");
+    assert_eq!(end.owner, "alice@default", "its owner is the user: {end:?}");
+    assert!(end.parts.iter().all(|p| p.name == "n0"), "{end:?}");
+    // The small group recorded nothing; the big one holds the job.
+    assert!(c.status(None).await.expect("status").is_empty());
+    let b = big.client().await.status(None).await.expect("status");
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].job, s.job);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_no_group_can_hold_is_refused_and_recorded_nowhere() {
+    let mut a = Setup::new(1, &[4]).group("a");
+    let mut b = Setup::beside(&a, "b", 1, &[4]);
+    Setup::link(&mut a, &mut b);
+    let (a, b) = (a.start().await, b.start().await);
+    let c = a.client().await;
+    group_until(&c, "group b's summary", |g| {
+        g.groups.iter().any(|s| s.group == "b" && s.free_slots == 4)
+    })
+    .await;
+    let e = c
+        .submit(&ring("big", 100, None, 0))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e:?}");
+    assert!(
+        e.message
+            .contains("group a: 8 vertices do not fit in the 4 free slots")
+            && e.message
+                .contains("no other group known to this super-peer can take it"),
+        "{e:?}"
+    );
+    assert!(c.status(None).await.expect("status").is_empty());
+    let bc = b.client().await;
+    assert!(bc.status(None).await.expect("status").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_physics_researcher_s_job_is_forwarded_to_biology_and_read_there_by_its_owner_only() {
+    let mut phy = Setup::in_domain("physics", 1, &[4])
+        .group("phy")
+        .example_policies();
+    let mut bio = Setup::in_domain("biology", 1, &[16])
+        .group("bio")
+        .example_policies();
+    Setup::link(&mut phy, &mut bio);
+    let (phy, _bio) = (phy.start().await, bio.start().await);
+    let c = phy.client().await;
+    group_until(&c, "biology's summary", |g| {
+        g.groups
+            .iter()
+            .any(|s| s.domain == "biology" && s.free_slots >= 8)
+    })
+    .await;
+    let s = c
+        .submit(&ring("guest", 300, None, 0))
+        .await
+        .expect("forwarded");
+    let there = c.follow(&s).expect("follow");
+    let end = until(&there, &s.job, JobState::is_final).await;
+    assert_eq!((end.state, items(&end)), (JobState::Done, 300), "{end:?}");
+    assert_eq!(end.owner, "alice@physics", "{end:?}");
+    // Another physics researcher may run jobs there, not read hers.
+    let bob = phy.client_as(&phy.user_as("bob", &["researcher"])).await;
+    let bob_there = bob.follow(&s).expect("follow");
+    let e = bob_there.status(Some(&s.job)).await.expect_err("not his");
+    assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+    assert!(e.message.contains("bob@physics"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_not_forwarded_to_a_domain_without_an_agreement_that_lets_its_owner() {
+    // The agreement lets physics use biology, not the other way round.
+    let mut bio = Setup::in_domain("biology", 1, &[4])
+        .group("bio")
+        .example_policies();
+    let mut phy = Setup::in_domain("physics", 1, &[16])
+        .group("phy")
+        .example_policies();
+    Setup::link(&mut bio, &mut phy);
+    let (bio, phy) = (bio.start().await, phy.start().await);
+    let c = bio.client().await;
+    group_until(&c, "physics' summary", |g| {
+        g.groups
+            .iter()
+            .any(|s| s.domain == "physics" && s.free_slots >= 8)
+    })
+    .await;
+    let e = c
+        .submit(&ring("guest", 100, None, 0))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e:?}");
+    assert!(
+        e.message
+            .contains("no other group known to this super-peer can take it"),
+        "{e:?}"
+    );
+    assert!(c.status(None).await.expect("status").is_empty());
+    let pc = phy.client().await;
+    assert!(pc.status(None).await.expect("status").is_empty());
+}
