@@ -9,7 +9,7 @@ use mvm_component::policy::{Principal, PrincipalKind};
 
 use super::{Broker, TAKEOVER_GRACE, fail};
 use crate::proto::{
-    FailureKind, GroupInfo, GroupSummary, Member, NodeInfo, NodeLoad, NodeView, Response,
+    FailureKind, GroupInfo, GroupSummary, JobState, Member, NodeInfo, NodeLoad, NodeView, Response,
 };
 
 /// Registered nodes' peer ids as text, and names.
@@ -24,6 +24,9 @@ pub(super) struct NodeEntry {
     pub(super) member: Member,
     pub(super) last_seen: Instant,
     pub(super) lost: bool,
+    /// Running jobs the log places here that the node did not list at its heartbeats, and
+    /// since when (see [`Broker::vanished`]).
+    pub(super) missing: HashMap<String, Instant>,
 }
 
 /// How long a group summary stays valid without being heard again.
@@ -147,6 +150,7 @@ impl Broker {
                 member,
                 last_seen: Instant::now(),
                 lost: false,
+                missing: HashMap::new(),
             },
         );
         Response::Registered {
@@ -171,11 +175,16 @@ impl Broker {
                     .collect()
             })
         };
+        let missing = self.unlisted(peer, &load.jobs);
         let known = {
             let mut nodes = self.nodes.lock();
             match nodes.get_mut(&peer) {
                 Some(n) if !n.lost => {
                     n.last_seen = Instant::now();
+                    n.missing.retain(|j, _| missing.contains(j));
+                    for j in missing {
+                        n.missing.entry(j).or_insert_with(Instant::now);
+                    }
                     if !load.images.is_empty() {
                         n.info.images.clone_from(&load.images);
                     }
@@ -190,6 +199,47 @@ impl Broker {
             members: self.replicas(),
             stop,
         }
+    }
+
+    /// The running jobs the log places on `peer` that are not in `listed` (the jobs the node
+    /// says it holds), leaving out those being prepared.
+    fn unlisted(&self, peer: PeerId, listed: &[String]) -> Vec<String> {
+        let placed: Vec<String> = self.log.read(|s| {
+            s.placed_on(&peer)
+                .filter(|j| {
+                    j.state == JobState::Running
+                        && j.parts.iter().any(|p| p.node == peer && !p.done)
+                        && !listed.contains(&j.id)
+                })
+                .map(|j| j.id.clone())
+                .collect()
+        });
+        if placed.is_empty() {
+            return placed;
+        }
+        let driving = self.driving.lock();
+        placed
+            .into_iter()
+            .filter(|j| !driving.contains(j))
+            .collect()
+    }
+
+    /// Parts gone from their nodes: running jobs that a node has not listed at its heartbeats
+    /// for `lost_after` (a node restarted within `lost_after` registers again, alive, without
+    /// the parts it ran; a part that ended is reported well within it). With the node's id and
+    /// name.
+    pub(super) fn vanished(&self, lost_after: Duration) -> Vec<(String, PeerId, String)> {
+        let mut gone = Vec::new();
+        for (peer, n) in self.nodes.lock().iter_mut().filter(|(_, n)| !n.lost) {
+            n.missing.retain(|job, since| {
+                let out = since.elapsed() > lost_after;
+                if out {
+                    gone.push((job.clone(), *peer, n.info.name.clone()));
+                }
+                !out
+            });
+        }
+        gone
     }
 
     pub(crate) fn group(&self) -> GroupInfo {

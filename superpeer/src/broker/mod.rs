@@ -161,6 +161,12 @@ impl Broker {
                 .lock()
                 .spawn(async move { net.disconnect(peer).await });
         }
+        for (job, peer, name) in self.vanished(lost_after) {
+            let why = format!("node {name} ({peer}) no longer runs its part (it restarted?)");
+            tracing::warn!(%job, %peer, %name, "a part is gone from its node");
+            self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
+                .await;
+        }
         {
             let pending: HashSet<String> = self
                 .log

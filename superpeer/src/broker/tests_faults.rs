@@ -86,10 +86,6 @@ async fn a_leader_cut_off_from_the_other_replicas_takes_no_job_and_the_majority_
 /// A leader that no longer reaches a majority cannot commit: it should say so, so that clients
 /// and nodes look for the leader elsewhere, and refuse jobs instead of holding them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a leader cut off from the majority goes on saying it leads (JobLog::is_leader \
-            reads openraft's current_leader, which stays itself: openraft 0.9 does not step \
-            down without a quorum); it holds a submission unanswered until the heal or the \
-            client's timeout (60 s), and Client::find may pick it"]
 async fn a_leader_cut_off_from_the_majority_stops_saying_it_leads_and_refuses_jobs_at_once() {
     let mut lab = Lab::start(3, &[8]).await;
     let old = lab.leader().await;
@@ -185,9 +181,6 @@ async fn a_ring_whose_nodes_cannot_reach_each_other_fails_naming_the_other_node(
 /// A node that restarts (its process, with its identity) loses the parts it ran; back before
 /// it counts as lost, it registers again and says it runs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a node restarted within lost_after registers again and its parts are never \
-            missed: the job stays running for ever, its slot reserved (the broker never \
-            compares the parts the log places on a node with the jobs the node says it runs)"]
 async fn a_node_restarted_mid_job_fails_its_job_and_takes_the_next_one() {
     let mut lab = Lab::start(1, &[4]).await;
     let c = lab.client().await;
@@ -202,6 +195,12 @@ async fn a_node_restarted_mid_job_fails_its_job_and_takes_the_next_one() {
     assert_eq!(end.state, JobState::Failed, "{end:?}");
     let e = end.error.as_deref().unwrap_or_default();
     assert!(e.contains(&lab.node_peer(0)), "names the node: {e}");
+    assert!(e.contains("no longer runs its part"), "{e}");
+    assert_eq!(
+        end.error_kind,
+        Some(crate::proto::ErrorKind::Lost),
+        "{end:?}"
+    );
     let next = finished(&c, &sleeping("next", 0)).await;
     assert_eq!(next.state, JobState::Done, "{next:?}");
 }

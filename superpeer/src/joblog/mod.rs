@@ -169,6 +169,9 @@ pub struct JobLog {
     /// To the proposer, which sends concurrent proposals as one entry.
     proposals: tokio::sync::mpsc::Sender<(Command, propose::Reply)>,
     proposer: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// How long a leader that has not heard from a majority still counts as leading, in
+    /// milliseconds: until the earliest time the others may have elected another.
+    lease_ms: u64,
 }
 
 impl std::fmt::Debug for JobLog {
@@ -230,6 +233,7 @@ impl JobLog {
             store,
             proposals,
             proposer: Arc::new(parking_lot::Mutex::new(Some(proposer))),
+            lease_ms: ms(config.election_timeout.0 + config.election_timeout.1),
         })
     }
 
@@ -327,9 +331,20 @@ impl JobLog {
     }
 
     /// The replica that leads now, as this one knows it.
+    ///
+    /// A leader cut off from the majority does not step down in openraft 0.9 (it just commits
+    /// nothing): this replica stops counting itself as leading once a majority has not
+    /// acknowledged it within its lease, so that it refuses jobs at once instead of holding them
+    /// until the partition heals, and its clients look for the leader elsewhere.
     pub fn leader(&self) -> Option<PeerId> {
         self.metrics(|m| {
             let id = m.current_leader?;
+            if id == m.id
+                && m.millis_since_quorum_ack
+                    .is_none_or(|ms| ms > self.lease_ms)
+            {
+                return None;
+            }
             m.membership_config
                 .membership()
                 .get_node(&id)

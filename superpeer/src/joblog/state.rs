@@ -220,6 +220,9 @@ pub struct ControlState {
     held: BTreeMap<String, Resources>,
     /// Vertex slots reserved on each node by jobs that have not ended.
     reserved: BTreeMap<PeerId, u32>,
+    /// The jobs not ended with a part on each node (empty in a snapshot older than it).
+    #[serde(default)]
+    placed: BTreeMap<PeerId, BTreeSet<String>>,
     /// Ended jobs, oldest first.
     ended: VecDeque<String>,
 }
@@ -254,6 +257,15 @@ impl ControlState {
             .get(&owner_key(owner))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// The jobs not ended with a part on `node`.
+    pub fn placed_on(&self, node: &PeerId) -> impl Iterator<Item = &JobRecord> {
+        self.placed
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
     }
 
     /// Vertex slots that jobs not ended hold on `node`.
@@ -310,7 +322,7 @@ impl ControlState {
                 let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
                 let slots: Vec<(PeerId, u32)> = j.slots().collect();
                 self.pending.remove(&key);
-                self.reserve(&slots, true);
+                self.reserve(&job, &slots, true);
                 Ok(())
             }
             Command::Start { job } => {
@@ -397,7 +409,7 @@ impl ControlState {
             }
             JobState::Preparing | JobState::Running if !job.parts.is_empty() => {
                 let slots: Vec<(PeerId, u32)> = job.slots().collect();
-                self.reserve(&slots, true);
+                self.reserve(&job.id, &slots, true);
             }
             s => {
                 return Err(format!(
@@ -433,7 +445,7 @@ impl ControlState {
         if was == JobState::Pending {
             self.pending.remove(&key);
         }
-        self.reserve(&slots, false);
+        self.reserve(id, &slots, false);
         if let Some(h) = self.held.get_mut(&owner) {
             h.add(resources, -1);
             if *h == Resources::default() {
@@ -449,8 +461,16 @@ impl ControlState {
         Ok(())
     }
 
-    fn reserve(&mut self, slots: &[(PeerId, u32)], take: bool) {
+    fn reserve(&mut self, job: &str, slots: &[(PeerId, u32)], take: bool) {
         for (node, n) in slots {
+            if take {
+                self.placed.entry(*node).or_default().insert(job.to_owned());
+            } else if let Some(jobs) = self.placed.get_mut(node) {
+                jobs.remove(job);
+                if jobs.is_empty() {
+                    self.placed.remove(node);
+                }
+            }
             let r = self.reserved.entry(*node).or_insert(0);
             *r = if take {
                 r.saturating_add(*n)

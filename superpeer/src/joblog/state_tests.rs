@@ -70,6 +70,11 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     let j = job("j-1", 0, 1, vec![part(a, 3), part(b, 1)]);
     assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
     assert_eq!((s.reserved(&a), s.reserved(&b)), (3, 1));
+    let on = |s: &ControlState, n| s.placed_on(n).map(|j| j.id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        (on(&s, &a), on(&s, &b)),
+        (vec!["j-1".to_owned()], vec!["j-1".to_owned()])
+    );
     assert_eq!(s.held(&alice()).vertices, 2);
     assert_eq!(
         s.apply(1, Command::Start { job: "j-1".into() }),
@@ -107,6 +112,11 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
         })
     );
     assert_eq!((s.reserved(&a), s.reserved(&b)), (0, 0));
+    assert_eq!(
+        on(&s, &a).len() + on(&s, &b).len(),
+        0,
+        "an ended job is placed nowhere"
+    );
     assert_eq!(s.held(&alice()), Resources::default());
     assert_eq!(s.job("j-1").expect("kept").outputs.len(), 2);
     // An ended job changes no more.
