@@ -150,6 +150,8 @@ pub(crate) struct Setup {
     peers: Vec<String>,
     sps: Vec<(Credentials, u16)>,
     slots: Vec<u32>,
+    /// Super-peers configured but not started.
+    absent: Vec<usize>,
 }
 
 impl Setup {
@@ -197,7 +199,17 @@ impl Setup {
             peers: Vec::new(),
             sps,
             slots: slots.to_vec(),
+            absent: Vec::new(),
         }
+    }
+
+    /// Leaves out the founding replica (the one of the lowest peer id, which starts a new job
+    /// log): the others know it, but it does not start with them ([`Running::restart`] starts
+    /// it).
+    pub(crate) fn without_founder(mut self) -> Setup {
+        let founder = (0..self.sps.len()).min_by_key(|&i| self.sps[i].0.peer());
+        self.absent.extend(founder);
+        self
     }
 
     /// Names the group.
@@ -279,6 +291,18 @@ impl Setup {
                 ..DaemonConfig::default()
             });
             config.net.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
+            if self.absent.contains(&i) {
+                lab.superpeers.push(Running {
+                    addr: bootstrap[i].clone(),
+                    peer: c.peer(),
+                    creds: c.clone(),
+                    config,
+                    net: None,
+                    stop: None,
+                    task: tokio::spawn(async {}),
+                });
+                continue;
+            }
             lab.superpeers.push(run(c, config).await);
         }
         for s in &self.slots {

@@ -373,3 +373,42 @@ async fn a_pending_job_is_placed_on_a_node_that_joins() {
         JobState::Running
     );
 }
+
+/// A group whose founding replica (the one that starts a new job log) does not come up is
+/// founded by another after the founding wait; the founder, started later, follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_founding_replica_never_starts_is_founded_by_another() {
+    let mut lab = crate::broker::harness::Setup::new(3, &[4])
+        .without_founder()
+        .start()
+        .await;
+    let founder = (0..3)
+        .find(|&i| !lab.superpeers[i].is_up())
+        .expect("the founder is down");
+    let c = lab.client().await;
+    let led = lab.superpeer_of(&c);
+    assert_ne!(led, founder);
+    let s = finished(&c, &one("first", "(module (func (export \"run\")))")).await;
+    assert_eq!(s.state, JobState::Done, "{s:?}");
+    // The founder comes up with an empty log of its own making, and takes the group's.
+    lab.superpeers[founder].restart().await;
+    let c = lab.client_of(founder).await;
+    let seen = crate::broker::harness::eventually("the founder follows the group", async || {
+        let g = c.group().await.ok()?;
+        (!g.is_broker && g.broker.is_some()).then_some(g)
+    })
+    .await;
+    assert_ne!(
+        seen.broker.as_deref(),
+        Some(lab.superpeers[founder].peer.to_string().as_str())
+    );
+    let c = lab.client().await;
+    let again = c.status(Some(&s.job)).await.expect("status");
+    assert_eq!(
+        again.first().map(|j| j.state),
+        Some(JobState::Done),
+        "{again:?}"
+    );
+    let next = finished(&c, &one("second", "(module (func (export \"run\")))")).await;
+    assert_eq!(next.state, JobState::Done, "{next:?}");
+}
