@@ -206,14 +206,17 @@ pub(crate) async fn serve_images(site: Arc<crate::site::Site>, os: Arc<NodeOs>) 
         tracing::error!("the image protocol is already being accepted");
         return;
     };
+    // Transfers under way: ended with this task.
+    let mut sending = tokio::task::JoinSet::new();
     while let Some((peer, mut stream)) = incoming.next().await {
+        while sending.try_join_next().is_some() {}
         let Some(who) = site.net.identity(&peer) else {
             tracing::warn!(%peer, "an image request from an unauthenticated peer; dropped");
             continue;
         };
         let os = os.clone();
         let site = site.clone();
-        tokio::spawn(async move {
+        sending.spawn(async move {
             let req = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
                 crate::proto::read_frame::<crate::proto::ImageRequest, _>(

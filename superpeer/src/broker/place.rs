@@ -370,12 +370,14 @@ impl Broker {
             .collect()
     }
 
-    /// Drives the parts on a task of their own (from a plain function, so that the future of
-    /// [`Broker::place`] does not hold the one of [`Broker::drive`], which may call back into
-    /// this daemon).
+    /// Drives the parts on a task of their own, among the broker's tasks that its shutdown
+    /// ends (from a plain function, so that the future of [`Broker::place`] does not hold the
+    /// one of [`Broker::drive`], which may call back into this daemon).
     fn spawn_drive(self: &Arc<Self>, id: String, specs: Vec<(PeerId, PartSpec)>) {
         let broker = self.clone();
-        tokio::spawn(async move { broker.drive(id, specs).await });
+        self.tasks
+            .lock()
+            .spawn(async move { broker.drive(id, specs).await });
     }
 
     /// Chooses the job's nodes among the registered ones by their free slots now, and holds

@@ -97,13 +97,20 @@ impl Node {
             tracing::error!("the queue protocol is already being accepted");
             return;
         };
+        // Streams whose header is being read: ended with this task, and bounded.
+        let mut opening = tokio::task::JoinSet::new();
         while let Some((peer, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+            while opening.try_join_next().is_some() {}
             if node.site.net.identity(&peer).is_none() {
                 tracing::warn!(%peer, "a queue stream from an unauthenticated peer; dropped");
                 continue;
             }
+            if opening.len() >= MAX_OPENING {
+                tracing::warn!(%peer, "too many queue streams opening at once; dropped");
+                continue;
+            }
             let node = node.clone();
-            tokio::spawn(async move {
+            opening.spawn(async move {
                 let header = tokio::time::timeout(
                     std::time::Duration::from_secs(10),
                     crate::proto::read_frame::<StreamHeader, _>(
@@ -207,6 +214,9 @@ impl Node {
         }
     }
 }
+
+/// Queue streams whose headers may be read at once (the opener of one dropped opens it again).
+const MAX_OPENING: usize = 1024;
 
 /// Waits for the connection of a direct link into `tx`'s queue and runs the link to its end.
 async fn accept_link(
