@@ -102,6 +102,19 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if !matches!(
+        cli.command,
+        Command::Lab(_) | Command::Node(_) | Command::Superpeer(_)
+    ) {
+        // A command whose output is piped into one that stops reading (`mvm status -o json |
+        // head`) ends quietly, as Unix tools do, instead of panicking on the closed pipe. Not
+        // for daemons and the lab, which outlive their readers; sockets are not affected
+        // (their writes do not raise the signal).
+        // SAFETY: sets a signal's disposition before any thread of this program starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Lab(args) => cmd::lab::run(args),
         Command::Node(args) => cmd::daemon::node(args),

@@ -284,3 +284,29 @@ fn ca_and_policy_commands_issue_check_query_and_refuse_overwrites() {
         "{v}"
     );
 }
+
+/// Output piped into a reader that stops early ends the command quietly, as with any Unix
+/// tool, not with a panic about a broken pipe.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mvm"))
+        .args(["topology", "gen", "ring", "200000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mvm runs");
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("some output");
+    // The read end is closed here, with most of the output unread.
+    let out = child.wait_with_output().expect("mvm ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}
