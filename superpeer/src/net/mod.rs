@@ -833,6 +833,8 @@ impl Actor {
             }
         }
         self.hello_tries.remove(&peer);
+        // An answer that does not pass is a refusal; no answer is not.
+        let refused = result.is_ok();
         let outcome = match result {
             Ok(Response::Hello { cert }) => self
                 .creds
@@ -841,7 +843,12 @@ impl Actor {
                 .map_err(|e| e.to_string()),
             Ok(Response::Error(f)) => Err(f.message),
             Ok(_) => Err("it answered a Hello with something else".into()),
-            Err((e, _)) => Err(e),
+            Err((e, _)) => {
+                // Not a refusal: the peer could not be reached (a killed super-peer, while its
+                // clients and nodes look for the next leader); whoever waits hears of it.
+                tracing::debug!(%peer, error = %e, "a Hello did not get through");
+                Err(e)
+            }
         };
         let waiting = self.waiting.remove(&peer).unwrap_or_default();
         match outcome {
@@ -857,7 +864,9 @@ impl Actor {
                 }
             }
             Err(message) => {
-                tracing::warn!(%peer, %message, "authentication failed");
+                if refused {
+                    tracing::warn!(%peer, %message, "authentication failed");
+                }
                 for w in waiting {
                     w.fail(NetError {
                         peer,
