@@ -41,11 +41,13 @@ impl Broker {
         // A part prepared alone has started; one refused never ran.
         record.state = JobState::Running;
         let (end, running) = match answer {
-            Ok(Response::Finished(report)) => (Some(part_end(peer, *report)), false),
+            Ok(Response::Finished(report)) => {
+                (Some(part_end(|| self.label(&peer), peer, *report)), false)
+            }
             Ok(_) => (None, true),
             Err(f) => {
                 record.state = JobState::Preparing;
-                let (state, ended) = refusal_end(peer, &f);
+                let (state, ended) = refusal_end(&self.label(&peer), &f);
                 let end = Command::End {
                     job: id.clone(),
                     state,
@@ -105,7 +107,7 @@ impl Broker {
             }
         }
         if let Some((peer, f)) = refused {
-            let (state, ended) = refusal_end(peer, &f);
+            let (state, ended) = refusal_end(&self.label(&peer), &f);
             self.end(id, state, ended).await;
             return;
         }
@@ -144,7 +146,7 @@ impl Broker {
         });
         for (peer, r) in futures::future::join_all(starts).await {
             if let Err(f) = r {
-                let why = format!("node {peer}: {}", f.message);
+                let why = format!("node {}: {}", self.label(&peer), f.message);
                 let ended = Ended::failed(ErrorKind::Setup, why);
                 self.end(id, JobState::Failed, ended).await;
                 return;
@@ -225,7 +227,7 @@ impl Broker {
             Ok(false) => {}
         }
         let job = r.job.clone();
-        match part_end(peer, r) {
+        match part_end(|| self.label(&peer), peer, r) {
             command @ Command::PartDone { .. } => {
                 if let Err(e) = self.log.propose(command).await {
                     return fail(FailureKind::Unavailable, e.to_string());
@@ -255,8 +257,9 @@ impl Broker {
     }
 }
 
-/// The command a part's report leads to: the part done, or the job ended with its failure.
-fn part_end(peer: PeerId, r: PartReport) -> Command {
+/// The command a part's report leads to: the part done, or the job ended with its failure
+/// (naming the node as `label` gives it).
+fn part_end(label: impl FnOnce() -> String, peer: PeerId, r: PartReport) -> Command {
     match r.outcome {
         Ok(res) => Command::PartDone {
             job: r.job,
@@ -279,20 +282,20 @@ fn part_end(peer: PeerId, r: PartReport) -> Command {
             Command::End {
                 job: r.job,
                 state,
-                ended: Ended::failed(f.kind, format!("node {peer}: {what}")),
+                ended: Ended::failed(f.kind, format!("node {}: {what}", label())),
             }
         }
     }
 }
 
 /// How a job ends when a node refuses or fails to prepare its part.
-fn refusal_end(peer: PeerId, f: &Failure) -> (JobState, Ended) {
+fn refusal_end(label: &str, f: &Failure) -> (JobState, Ended) {
     let (state, kind) = match f.kind {
         FailureKind::Refused => (JobState::Refused, ErrorKind::Refused),
         _ => (JobState::Failed, ErrorKind::Setup),
     };
     (
         state,
-        Ended::failed(kind, format!("node {peer}: {}", f.message)),
+        Ended::failed(kind, format!("node {label}: {}", f.message)),
     )
 }

@@ -326,6 +326,15 @@ impl Broker {
         )
     }
 
+    /// A node as errors name it: its name and peer id (`n0 (12D3…)`), or its peer id alone
+    /// when it has not registered.
+    pub(super) fn label(&self, peer: &PeerId) -> String {
+        match self.nodes.lock().get(peer) {
+            Some(n) => format!("{} ({peer})", n.info.name),
+            None => peer.to_string(),
+        }
+    }
+
     /// A registered node's addresses.
     pub(super) fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.nodes
