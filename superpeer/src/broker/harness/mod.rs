@@ -10,22 +10,28 @@
 //! (plain TCP between nodes) are off, so a cut leaves no data path. Everything waits on state
 //! polled against a deadline, never on a fixed sleep.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use libp2p::PeerId;
 use mvm_component::policy::PrincipalKind;
 use tokio::sync::oneshot;
 
-use crate::client::{Client, Prepared};
+use crate::client::Client;
 use crate::daemon::{Daemon, DaemonConfig};
 use crate::net::{Net, NetConfig};
 use crate::pki::{Ca, Credentials, Subject};
 use crate::policy::PolicySource;
-use crate::proto::{GroupInfo, JobState, JobStatus, LimitSpec, Requirements, Submission};
+use crate::proto::GroupInfo;
+
+mod jobs;
+mod setup;
+
+use setup::write_policies;
+
+pub(crate) use jobs::*;
+pub(crate) use setup::Setup;
 
 /// How long any wait of the lab lasts at most before the test fails.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -136,194 +142,6 @@ async fn run(creds: &Credentials, config: DaemonConfig) -> Running {
         stop: Some(tx),
         task,
     }
-}
-
-/// A lab before it starts: its CA and its super-peers' identities and ports are chosen, so
-/// that labs can be told about each other ([`Setup::link`]) before any of them runs.
-pub(crate) struct Setup {
-    dir: tempfile::TempDir,
-    ca: Arc<Ca>,
-    domain: String,
-    group: String,
-    trust: Vec<String>,
-    policies: Option<PathBuf>,
-    peers: Vec<String>,
-    sps: Vec<(Credentials, u16)>,
-    slots: Vec<u32>,
-    /// Super-peers configured but not started.
-    absent: Vec<usize>,
-}
-
-impl Setup {
-    /// `superpeers` replicas of group `default` of domain `default`, and a node per entry of
-    /// `slots`, with the embedded default policies.
-    pub(crate) fn new(superpeers: usize, slots: &[u32]) -> Setup {
-        Setup::in_domain("default", superpeers, slots)
-    }
-
-    /// As [`Setup::new`], in a domain of its own (a CA of its own).
-    pub(crate) fn in_domain(domain: &str, superpeers: usize, slots: &[u32]) -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = Ca::init(&dir.path().join("ca"), domain, 30).expect("ca");
-        Setup::with_ca(dir, Arc::new(ca), superpeers, slots)
-    }
-
-    /// Another group of `other`'s domain (its CA), named `group`.
-    pub(crate) fn beside(other: &Setup, group: &str, superpeers: usize, slots: &[u32]) -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = Setup::with_ca(dir, other.ca.clone(), superpeers, slots);
-        s.group = group.into();
-        s
-    }
-
-    fn with_ca(dir: tempfile::TempDir, ca: Arc<Ca>, superpeers: usize, slots: &[u32]) -> Setup {
-        // Ports chosen first, so that each replica is told the others' addresses.
-        let sps = (0..superpeers)
-            .map(|i| {
-                let name = format!("sp{i}");
-                let c = creds(&ca, &[], PrincipalKind::Node, &name, &["superpeer"]);
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .expect("a free port")
-                    .port();
-                (c, port)
-            })
-            .collect();
-        Setup {
-            dir,
-            domain: ca.domain().to_owned(),
-            ca,
-            group: "default".into(),
-            trust: Vec::new(),
-            policies: None,
-            peers: Vec::new(),
-            sps,
-            slots: slots.to_vec(),
-            absent: Vec::new(),
-        }
-    }
-
-    /// Leaves out the founding replica (the one of the lowest peer id, which starts a new job
-    /// log): the others know it, but it does not start with them ([`Running::restart`] starts
-    /// it).
-    pub(crate) fn without_founder(mut self) -> Setup {
-        let founder = (0..self.sps.len()).min_by_key(|&i| self.sps[i].0.peer());
-        self.absent.extend(founder);
-        self
-    }
-
-    /// Names the group.
-    pub(crate) fn group(mut self, name: &str) -> Setup {
-        self.group = name.into();
-        self
-    }
-
-    /// Policy files (`inter-domain.polar`, `DOMAIN/NAME.polar`, `node.polar` and their text),
-    /// written into the lab's directory: its super-peers hold them, its nodes fetch them.
-    pub(crate) fn policies(mut self, files: &[(&str, &str)]) -> Setup {
-        let dir = write_policies(self.dir.path(), "policies", files);
-        self.policies = Some(dir);
-        self
-    }
-
-    /// The repository's example policies (domains `physics` and `biology`).
-    pub(crate) fn example_policies(mut self) -> Setup {
-        self.policies = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies"));
-        self
-    }
-
-    /// The super-peers of `a` and `b` know each other (they exchange group summaries) and
-    /// every daemon and user of each trusts the other's CA.
-    pub(crate) fn link(a: &mut Setup, b: &mut Setup) {
-        let (a_pem, b_pem) = (a.ca.cert_pem().to_owned(), b.ca.cert_pem().to_owned());
-        a.trust.push(b_pem.clone());
-        b.trust.push(a_pem.clone());
-        for (c, _) in &mut a.sps {
-            c.trust.add_pem(&b_pem).expect("a CA certificate");
-        }
-        for (c, _) in &mut b.sps {
-            c.trust.add_pem(&a_pem).expect("a CA certificate");
-        }
-        a.peers.extend(b.addrs());
-        b.peers.extend(a.addrs());
-    }
-
-    fn addrs(&self) -> Vec<String> {
-        self.sps
-            .iter()
-            .map(|(c, port)| format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", c.peer()))
-            .collect()
-    }
-
-    /// Starts the super-peers, then the nodes, and waits until every node has registered.
-    pub(crate) async fn start(self) -> Lab {
-        let bootstrap = self.addrs();
-        let mut lab = Lab {
-            ca: self.ca,
-            domain: self.domain,
-            group: self.group,
-            trust: self.trust,
-            policies: self.policies,
-            superpeers: Vec::new(),
-            nodes: Vec::new(),
-            bootstrap: bootstrap.clone(),
-            cut: Vec::new(),
-            dir: self.dir,
-        };
-        for (i, (c, port)) in self.sps.iter().enumerate() {
-            let mut config = fast(DaemonConfig {
-                name: format!("sp{i}"),
-                group: lab.group.clone(),
-                domain: lab.domain.clone(),
-                policies: lab
-                    .policies
-                    .clone()
-                    .map_or(PolicySource::Default, PolicySource::Dir),
-                broker: true,
-                state_dir: Some(lab.dir.path().join(format!("sp{i}"))),
-                slots: 0,
-                replicas: bootstrap
-                    .iter()
-                    .filter(|a| **a != bootstrap[i])
-                    .cloned()
-                    .collect(),
-                peers: self.peers.clone(),
-                ..DaemonConfig::default()
-            });
-            config.net.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
-            if self.absent.contains(&i) {
-                lab.superpeers.push(Running {
-                    addr: bootstrap[i].clone(),
-                    peer: c.peer(),
-                    creds: c.clone(),
-                    config,
-                    net: None,
-                    stop: None,
-                    task: tokio::spawn(async {}),
-                });
-                continue;
-            }
-            lab.superpeers.push(run(c, config).await);
-        }
-        for s in &self.slots {
-            lab.add_node(*s).await;
-        }
-        lab.registered(self.slots.len()).await;
-        lab
-    }
-}
-
-/// Writes policy `files` into `DIR/name`, and gives that directory.
-fn write_policies(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
-    let root = dir.join(name);
-    for (file, text) in files {
-        let path = root.join(file);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).expect("a policy directory");
-        }
-        std::fs::write(&path, text).expect("a policy file");
-    }
-    root
 }
 
 /// Super-peers and nodes of one group.
@@ -542,94 +360,4 @@ pub(crate) async fn group_until(
     pred: impl Fn(&GroupInfo) -> bool,
 ) -> GroupInfo {
     eventually(what, async || c.group().await.ok().filter(|g| pred(g))).await
-}
-
-/// A token ring of 8 vertices passing `hops` tokens, on at most `nodes` nodes.
-pub(crate) fn ring(name: &str, hops: u64, nodes: Option<u32>, priority: i32) -> Prepared {
-    let token = Bytes::from_static(include_bytes!("../../../jobs/wat/token.wat"));
-    let hash = crate::modules::hash(&token);
-    Prepared {
-        submission: Submission {
-            name: name.into(),
-            topology_file: "ring-8.dot".into(),
-            topology: include_str!("../../../topologies/ring-8.dot").into(),
-            components: BTreeMap::from([("token".to_owned(), hash.clone())]),
-            parameters: BTreeMap::from([("hops".to_owned(), hops.to_string())]),
-            limits: LimitSpec {
-                wall_ms: Some(120_000),
-                ..LimitSpec::default()
-            },
-            requirements: Requirements {
-                nodes,
-                ..Requirements::default()
-            },
-            priority,
-            ..Submission::default()
-        },
-        modules: BTreeMap::from([(hash, token)]),
-    }
-}
-
-/// A ring that runs until cancelled (on at most `nodes` nodes), once it runs.
-pub(crate) async fn running(c: &Client, nodes: Option<u32>) -> JobStatus {
-    let s = c
-        .submit(&ring("long", 2_000_000_000, nodes, 0))
-        .await
-        .expect("submit");
-    until(c, &s.job, |st| st == JobState::Running).await
-}
-
-/// Submits `job`, waiting for its end, and gives its final status.
-pub(crate) async fn finished(c: &Client, job: &Prepared) -> JobStatus {
-    let s = c.submit_and_wait(job).await.expect("submit");
-    until(c, &s.job, JobState::is_final).await
-}
-
-/// Waits until `job`'s state passes `pred`.
-pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool) -> JobStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(mut v) = c.status(Some(job)).await
-            && let Some(s) = v.pop()
-            && pred(s.state)
-        {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "job {job} never got there");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A job of one vertex running `wat` (a module exporting `run`).
-pub(crate) fn one(name: &str, wat: &'static str) -> Prepared {
-    one_of(name, Bytes::from_static(wat.as_bytes()))
-}
-
-/// A job of one vertex running `module` (WAT or binary, exporting `run` or `_start`).
-pub(crate) fn one_of(name: &str, module: Bytes) -> Prepared {
-    let hash = crate::modules::hash(&module);
-    Prepared {
-        submission: Submission {
-            name: name.into(),
-            topology_file: "one.dot".into(),
-            topology: "digraph one { v [component=\"c\"]; }\n".into(),
-            components: BTreeMap::from([("c".to_owned(), hash.clone())]),
-            ..Submission::default()
-        },
-        modules: BTreeMap::from([(hash, module)]),
-    }
-}
-
-/// A job of one vertex that sleeps `ms` milliseconds without using the CPU, then prints
-/// `slept` and ends.
-pub(crate) fn sleeping(name: &str, ms: u64) -> Prepared {
-    let module = Bytes::from_static(include_bytes!("../../../jobs/wat/sleep.wat"));
-    let mut job = one_of(name, module);
-    job.submission.parameters = BTreeMap::from([("ms".to_owned(), ms.to_string())]);
-    job
-}
-
-/// Items moved between a job's vertices.
-pub(crate) fn items(s: &JobStatus) -> u64 {
-    s.traffic.iter().map(|t| t.items).sum()
 }
