@@ -2,8 +2,9 @@ use std::time::Duration;
 
 use mvm_component::policy::PrincipalKind;
 
+use super::actor::{HELLO_RETRIES, hello_backoff};
 use super::*;
-use crate::pki::{Ca, Subject};
+use crate::pki::{Ca, Credentials, Subject};
 
 #[test]
 fn the_two_sides_of_a_pair_retry_hellos_at_different_moments() {

@@ -1,0 +1,167 @@
+//! Building the swarm: transports, behaviours, listeners; then its task is started.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::Transport as _;
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{allow_block_list, gossipsub, identify, noise, ping, tcp, yamux};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::actor::{Actor, Behaviour};
+use super::{GROUPS_TOPIC, Inbound, Net, NetConfig, Verified, ports};
+use crate::pki::Credentials;
+use crate::proto;
+use crate::rpc::{self, Links};
+
+impl Net {
+    /// Builds the swarm, starts listening, and runs it on a task; returns once every listener
+    /// has an address. Inbound requests arrive on the returned channel.
+    ///
+    /// # Errors
+    /// A transport cannot be set up or an address cannot be listened on.
+    pub async fn start(
+        creds: &Credentials,
+        config: &NetConfig,
+    ) -> Result<(Net, mpsc::Receiver<Inbound>), String> {
+        let key: Keypair = creds.key.clone();
+        let max_frame = config.max_frame;
+        let timeout = config.request_timeout;
+        let idle = config.idle_timeout;
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_quic()
+            .with_other_transport(|key| {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    ports::NewPorts(tcp::tokio::Transport::new(
+                        tcp::Config::default().nodelay(true),
+                    ))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux::Config::default()),
+                )
+            })
+            .map_err(|e| format!("cannot set up TCP: {e}"))?
+            .with_behaviour(|key| {
+                let gossip_config = gossipsub::ConfigBuilder::default()
+                    .heartbeat_interval(Duration::from_millis(500))
+                    .max_transmit_size(256 << 10)
+                    .build()
+                    .map_err(|e| format!("gossipsub configuration: {e}"))?;
+                let mut gossip = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_config,
+                )
+                .map_err(|e| format!("gossipsub: {e}"))?;
+                gossip
+                    .subscribe(&gossipsub::IdentTopic::new(GROUPS_TOPIC))
+                    .map_err(|e| format!("gossipsub subscription: {e}"))?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                    blocked: allow_block_list::Behaviour::default(),
+                    gossip,
+                    identify: identify::Behaviour::new(identify::Config::new(
+                        "/mvm/1".into(),
+                        key.public(),
+                    )),
+                    ping: ping::Behaviour::default(),
+                    control: request_response::Behaviour::with_codec(
+                        proto::Codec { max_frame },
+                        [(proto::PROTOCOL, ProtocolSupport::Full)],
+                        request_response::Config::default()
+                            .with_request_timeout(timeout)
+                            .with_max_concurrent_streams(4096),
+                    ),
+                    stream: libp2p_stream::Behaviour::new(),
+                })
+            })
+            .map_err(|e| format!("cannot set up the behaviours: {e}"))?
+            .with_swarm_config(|c| {
+                // Optimistic protocol negotiation on outbound streams: a control request or a
+                // queue stream costs no extra round trip to agree on its protocol.
+                c.with_idle_connection_timeout(idle)
+                    .with_substream_upgrade_protocol_override(
+                        libp2p::core::upgrade::Version::V1Lazy,
+                    )
+                    .with_max_negotiating_inbound_streams(1024)
+            })
+            .build();
+        let mut pending = Vec::new();
+        for a in &config.listen {
+            pending.push(
+                swarm
+                    .listen_on(a.clone())
+                    .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+            );
+        }
+        let mut addrs = Vec::new();
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        while !pending.is_empty() {
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::NewListenAddr { listener_id, address } => {
+                        pending.retain(|l| *l != listener_id);
+                        addrs.push(address);
+                    }
+                    SwarmEvent::ListenerClosed { reason, .. } => {
+                        return Err(format!("a listener closed: {reason:?}"));
+                    }
+                    SwarmEvent::ListenerError { error, .. } => {
+                        return Err(format!("a listener failed: {error}"));
+                    }
+                    _ => {}
+                },
+                () = &mut deadline => return Err("no listen address after 10 s".into()),
+            }
+        }
+        let streams = swarm.behaviour().stream.new_control();
+        let peer = *swarm.local_peer_id();
+        let (commands, rx) = mpsc::channel(1024);
+        let (inbound_tx, inbound) = mpsc::channel(1024);
+        let inbound_tx_rpc = inbound_tx.clone();
+        let (gossip_tx, gossip_rx) = mpsc::channel(256);
+        let verified = Verified::default();
+        let hellos_lost = Arc::new(AtomicU64::new(0));
+        let actor = Actor {
+            creds: Arc::new(creds.clone()),
+            verified: verified.clone(),
+            waiting: HashMap::new(),
+            hellos: HashMap::new(),
+            hello_tries: HashMap::new(),
+            hellos_lost: hellos_lost.clone(),
+            gossip: gossip_tx,
+            swarm,
+            commands: rx,
+            inbound: inbound_tx,
+            self_commands: commands.downgrade(),
+            pending: HashMap::new(),
+        };
+        tokio::spawn(actor.run());
+        tokio::spawn(rpc::accept(
+            streams.clone(),
+            verified.clone(),
+            inbound_tx_rpc,
+            max_frame,
+        ));
+        Ok((
+            Net {
+                commands,
+                peer,
+                addrs,
+                streams,
+                gossip: Arc::new(Mutex::new(Some(gossip_rx))),
+                verified,
+                principal: creds.principal.clone(),
+                links: Links::new(max_frame, timeout),
+                hellos_lost,
+            },
+            inbound,
+        ))
+    }
+}
