@@ -23,6 +23,7 @@ fn help_is_printed_for_every_subcommand() {
         &["ca", "issue", "--help"],
         &["policy", "query", "--help"],
         &["bench", "policy", "--help"],
+        &["bench", "scale", "--help"],
     ] {
         let out = mvm(args);
         assert!(out.status.success(), "{args:?}");
@@ -73,6 +74,40 @@ fn bench_queue_prints_one_json_object() {
         let x = v[key].as_f64().unwrap_or(0.0);
         assert!(x > 0.0, "{key} = {x}");
     }
+}
+
+#[test]
+fn bench_scale_holds_a_small_group_and_prints_one_json_object() {
+    let out = mvm(&["bench", "scale", "--secs", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = mvm(&[
+        "bench",
+        "scale",
+        "--nodes",
+        "6",
+        "--superpeers",
+        "1",
+        "--secs",
+        "0.5",
+        "--clients",
+        "4",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["nodes"], 6, "{v}");
+    assert_eq!(v["live_nodes_min"], 6, "every node stayed live: {v}");
+    assert_eq!(v["lost_nodes_max"], 0, "{v}");
+    assert!(v["registered_secs"].as_f64() > Some(0.0), "{v}");
+    assert!(v["jobs_done"].as_u64() > Some(0), "{v}");
+    assert_eq!(v["jobs_failed"], 0, "{v}");
+    assert!(v["heartbeats_per_sec"].as_f64() > Some(0.0), "{v}");
 }
 
 fn workspace() -> std::path::PathBuf {

@@ -18,7 +18,9 @@ use crate::cmd::job::wire;
 use crate::cmd::lab::{Lab, NetArgs, Transport};
 use crate::exit::Failure;
 
-const NOOP_WAT: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
+/// A module that does nothing: the one vertex of a trivial job.
+pub(super) const NOOP_WAT: &str =
+    r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
 
 /// What `mvm bench broker` reports.
 #[derive(Debug, Serialize)]
@@ -66,20 +68,22 @@ pub(crate) struct BrokerReport {
     pub(crate) failover_ms: Option<f64>,
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf, Failure> {
+/// Writes `text` to `dir/name`; gives the path.
+pub(super) fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf, Failure> {
     let p = dir.join(name);
     std::fs::write(&p, text)
         .map_err(|e| Failure::failed(anyhow::anyhow!("{}: {e}", p.display())))?;
     Ok(p)
 }
 
-fn job(dir: &Path, name: &str, profile: &str) -> Result<Prepared, Failure> {
+/// Writes a job profile to `dir/name` and reads it as a client would.
+pub(super) fn job(dir: &Path, name: &str, profile: &str) -> Result<Prepared, Failure> {
     read_profile(&write(dir, name, profile)?).map_err(wire)
 }
 
 /// Submits and waits (one exchange for a short job); the job's final status and the elapsed
 /// time.
-async fn run_one(
+pub(super) async fn run_one(
     client: &Client,
     job: &Prepared,
 ) -> Result<(mvm_superpeer::proto::JobStatus, Duration), Failure> {

@@ -2,6 +2,7 @@
 
 mod broker;
 mod mpi;
+mod scale;
 
 use clap::Subcommand;
 use mvm_component::bench as jobs;
@@ -74,6 +75,26 @@ enum Which {
         /// The libp2p transport between the daemons.
         #[arg(long, value_enum, default_value_t = crate::cmd::lab::Transport::Tcp)]
         transport: crate::cmd::lab::Transport,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// One group of many nodes in this process (on one tokio runtime of 2 workers, loopback
+    /// TCP, the default heartbeat of 500 ms and loss after 3 s): the time until the leader
+    /// lists every node live, whether it keeps hearing them all (alone and under load), and
+    /// trivial jobs per second placed among them; peak memory, threads and open files.
+    Scale {
+        /// Node daemons (2 vertex slots each).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        nodes: u32,
+        /// Super-peers (replicas of the job log).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=7))]
+        superpeers: u32,
+        /// Seconds of trivial-job submissions.
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Concurrent submitting clients.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        clients: u64,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -283,6 +304,22 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let clients = usize::try_from(clients).unwrap_or(64);
             let report = broker::run(superpeers, secs, clients, transport)?;
             print(&report, out.output, broker::text)
+        }
+        Which::Scale {
+            nodes,
+            superpeers,
+            secs,
+            clients,
+            out,
+        } => {
+            if !(secs > 0.0 && secs <= 600.0) {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench scale: --secs must be in (0, 600]"
+                )));
+            }
+            let clients = usize::try_from(clients).unwrap_or(64);
+            let report = scale::run(nodes, superpeers, secs, clients)?;
+            print(&report, out.output, scale::text)
         }
         Which::Xen {
             kernel,
