@@ -29,6 +29,9 @@ pub(super) struct NodeEntry {
     pub(super) missing: HashMap<String, Instant>,
 }
 
+/// The replicas as members, with the leader and membership index they were made for.
+pub(super) type ReplicaList = ((Option<PeerId>, Option<u64>), Vec<Member>);
+
 /// How long a group summary stays valid without being heard again.
 const SUMMARY_TTL: Duration = Duration::from_secs(5);
 
@@ -95,8 +98,16 @@ impl Broker {
 
     /// The log's replicas, the leader first: where a node looks for the broker when it loses
     /// this one.
+    /// Kept while the leader and the membership stay the same: every heartbeat's answer
+    /// carries it, and making it parses and prints every replica's peer id and addresses.
     pub(super) fn replicas(&self) -> Vec<Member> {
-        let leader = self.log.leader().map(|p| p.to_string());
+        let key = (self.log.leader(), self.log.membership_index());
+        if let Some((k, m)) = &*self.replicas_made.lock()
+            && *k == key
+        {
+            return m.clone();
+        }
+        let leader = key.0.map(|p| p.to_string());
         let mut m: Vec<Member> = self
             .log
             .replicas()
@@ -116,6 +127,7 @@ impl Broker {
             })
             .collect();
         m.sort_by_key(|x| Some(&x.peer) != leader.as_ref());
+        *self.replicas_made.lock() = Some((key, m.clone()));
         m
     }
 

@@ -76,6 +76,9 @@ pub(crate) struct Broker {
     driving: Mutex<HashSet<String>>,
     /// Why each pending job waits, as the last try to place it found.
     waiting: Mutex<HashMap<String, String>>,
+    /// The replicas as members, leader first, for the leader and membership index they were
+    /// made for (see [`Broker::replicas`]).
+    replicas_made: Mutex<Option<members::ReplicaList>>,
     /// Whether this broker led the log at its last look.
     leading: AtomicBool,
     /// Messages to nodes under way (terminations), ended with the broker.
@@ -119,6 +122,7 @@ impl Broker {
             inflight: Mutex::default(),
             driving: Mutex::default(),
             waiting: Mutex::default(),
+            replicas_made: Mutex::new(None),
             leading: AtomicBool::new(false),
             tasks: Mutex::new(tokio::task::JoinSet::new()),
             founders: Mutex::new(founders.map(|r| (r, Instant::now()))),

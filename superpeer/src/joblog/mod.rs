@@ -362,6 +362,11 @@ impl JobLog {
         self.leader() == Some(self.me)
     }
 
+    /// The log index of the membership in force (it changes when the replicas do).
+    pub fn membership_index(&self) -> Option<u64> {
+        self.metrics(|m| m.membership_config.log_id().map(|l| l.index))
+    }
+
     /// The replicas of the log, as its membership says.
     pub fn replicas(&self) -> Vec<Replica> {
         self.metrics(|m| {
