@@ -147,7 +147,7 @@ impl Client {
             for _ in 0..2 {
                 let Some(t) = next.take() else { break };
                 let (peer, a) = split_peer(&t).map_err(input)?;
-                let probe = net.call(peer, std::slice::from_ref(&a), Request::Group);
+                let probe = net.call(peer, std::slice::from_ref(&a), Request::Leader);
                 match tokio::time::timeout(Duration::from_secs(5), probe).await {
                     Ok(Ok(Response::Group(g))) if g.is_broker => {
                         return Ok(Client {

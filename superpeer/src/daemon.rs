@@ -363,6 +363,10 @@ impl Router {
                 Some(b) => Response::Group(b.group()),
                 None => Response::Group(self.node.view()),
             },
+            Request::Leader => match &self.broker {
+                Some(b) => Response::Group(b.leader_view()),
+                None => Response::Group(self.node.view()),
+            },
             Request::Client(r) => match &self.broker {
                 Some(b) => b.client(who, r).await,
                 None => self.not_a_broker(),

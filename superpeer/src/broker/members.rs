@@ -254,36 +254,52 @@ impl Broker {
         gone
     }
 
+    /// The group as this replica sees it: the leader, every node, the other groups.
     pub(crate) fn group(&self) -> GroupInfo {
-        let nodes = self.nodes.lock();
-        let mut views: Vec<NodeView> = nodes
-            .iter()
-            .map(|(p, n)| NodeView {
-                peer: p.to_string(),
-                name: n.info.name.clone(),
-                lost: n.lost,
-                vertices: self.log.read(|s| s.reserved(p)),
-                running: n.info.load.vertices,
-                slots: n.info.slots,
+        let mut views: Vec<NodeView> = {
+            let nodes = self.nodes.lock();
+            self.log.read(|s| {
+                nodes
+                    .iter()
+                    .map(|(p, n)| NodeView {
+                        peer: p.to_string(),
+                        name: n.info.name.clone(),
+                        lost: n.lost,
+                        vertices: s.reserved(p),
+                        running: n.info.load.vertices,
+                        slots: n.info.slots,
+                    })
+                    .collect()
             })
-            .collect();
+        };
         views.sort_by(|a, b| a.name.cmp(&b.name));
+        GroupInfo {
+            nodes: views,
+            groups: self.groups(),
+            ..self.leader_view()
+        }
+    }
+
+    /// Which replica leads, as this one knows it, and where it is; no nodes, no groups.
+    pub(crate) fn leader_view(&self) -> GroupInfo {
         let leader = self.log.leader();
+        let me = self.site.net.peer();
         GroupInfo {
             group: self.site.group.clone(),
             broker: leader.map(|p| p.to_string()),
-            broker_addrs: if leader == Some(self.site.net.peer()) {
+            broker_addrs: if leader == Some(me) {
                 self.site.net.dial_addrs()
             } else {
+                let leader = leader.map(|l| l.to_string());
                 self.replicas()
                     .into_iter()
-                    .find(|m| Some(&m.peer) == leader.map(|l| l.to_string()).as_ref())
+                    .find(|m| Some(&m.peer) == leader.as_ref())
                     .map(|m| m.addrs)
                     .unwrap_or_default()
             },
-            is_broker: leader == Some(self.site.net.peer()),
-            nodes: views,
-            groups: self.groups(),
+            is_broker: leader == Some(me),
+            nodes: Vec::new(),
+            groups: Vec::new(),
         }
     }
 

@@ -412,3 +412,41 @@ async fn a_group_whose_founding_replica_never_starts_is_founded_by_another() {
     let next = finished(&c, &one("second", "(module (func (export \"run\")))")).await;
     assert_eq!(next.state, JobState::Done, "{next:?}");
 }
+
+/// Looking for the leader (what every node and client does at once after a failover) costs no
+/// node list: `Leader` says who leads and where, from the leader or a follower; `Group` lists
+/// the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_probe_names_the_leader_without_the_node_list() {
+    use crate::proto::{Request, Response};
+    let lab = Lab::start(3, &[2, 2]).await;
+    let l = lab.leader().await;
+    let follower = (0..3).find(|&i| i != l).expect("a follower");
+    let net = lab.nodes[0].net().expect("n0 runs");
+    let ask = async |i: usize, request: Request| {
+        let sp = &lab.superpeers[i];
+        let (peer, addr) = crate::net::split_peer(&sp.addr).expect("an address");
+        match net.request(peer, &[addr], request).await {
+            Ok(Response::Group(g)) => g,
+            other => panic!("{other:?}"),
+        }
+    };
+    let led = ask(l, Request::Leader).await;
+    assert!(
+        led.is_broker && led.nodes.is_empty() && led.groups.is_empty(),
+        "{led:?}"
+    );
+    let told = ask(follower, Request::Leader).await;
+    assert!(!told.is_broker, "{told:?}");
+    assert_eq!(
+        told.broker.as_deref(),
+        Some(lab.superpeers[l].peer.to_string().as_str())
+    );
+    assert!(
+        told.broker_addrs
+            .iter()
+            .any(|a| a.ends_with(&lab.superpeers[l].peer.to_string()))
+    );
+    let all = ask(l, Request::Group).await;
+    assert_eq!(all.nodes.len(), 2, "{all:?}");
+}

@@ -203,7 +203,7 @@ impl Node {
             }
             probes.push(async move {
                 let at = [addr.clone()];
-                let probe = self.site.request(peer, &at, Request::Group);
+                let probe = self.site.request(peer, &at, Request::Leader);
                 let group = tokio::time::timeout(self.site.lost_after, probe)
                     .await
                     .ok()

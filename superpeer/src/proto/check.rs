@@ -106,7 +106,7 @@ impl Request {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Request::Hello { cert } => check_cert(cert),
-            Request::Group => Ok(()),
+            Request::Group | Request::Leader => Ok(()),
             Request::Client(r) => r.validate(),
             Request::Node(r) => r.validate(),
             Request::Broker(r) => r.validate(),

@@ -55,6 +55,10 @@ pub enum Request {
     },
     /// Anyone → any daemon: the group as this daemon sees it.
     Group,
+    /// Anyone → any daemon: which super-peer leads the group, as this daemon knows it; the
+    /// answer is a [`Response::Group`] without its nodes and other groups (what nodes and
+    /// clients looking for the leader ask, all at once after a failover).
+    Leader,
     /// A user, or a super-peer forwarding for one → a group's broker.
     Client(ClientRequest),
     /// A node → its group's broker.

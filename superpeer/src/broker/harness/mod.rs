@@ -75,6 +75,11 @@ impl Running {
         *self = run(&self.creds, config).await;
     }
 
+    /// Its network handle, while it runs.
+    pub(crate) fn net(&self) -> Option<&Net> {
+        self.net.as_ref()
+    }
+
     /// Whether it runs.
     pub(crate) fn is_up(&self) -> bool {
         self.stop.is_some()
