@@ -201,19 +201,17 @@ pub(crate) async fn serve_images(site: Arc<crate::site::Site>, os: Arc<NodeOs>) 
     use futures::{AsyncWriteExt, StreamExt};
     use tokio_util::compat::TokioAsyncReadCompatExt;
 
-    let mut control = site.net.streams();
-    let Ok(mut incoming) = control.accept(crate::proto::IMAGE_PROTOCOL) else {
-        tracing::error!("the image protocol is already being accepted");
-        return;
+    let mut incoming = match site.net.accept(crate::proto::IMAGE_PROTOCOL) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "image requests are not accepted");
+            return;
+        }
     };
     // Transfers under way: ended with this task.
     let mut sending = tokio::task::JoinSet::new();
-    while let Some((peer, mut stream)) = incoming.next().await {
+    while let Some((peer, who, mut stream)) = incoming.next().await {
         while sending.try_join_next().is_some() {}
-        let Some(who) = site.net.identity(&peer) else {
-            tracing::warn!(%peer, "an image request from an unauthenticated peer; dropped");
-            continue;
-        };
         let os = os.clone();
         let site = site.clone();
         sending.spawn(async move {

@@ -374,9 +374,41 @@ impl Net {
         rx.await.map_err(|_| gone())?
     }
 
-    /// A handle for opening and accepting queue-data streams.
+    /// A handle for opening queue-data and image streams (they are accepted with
+    /// [`Net::accept`]).
     pub fn streams(&self) -> libp2p_stream::Control {
         self.streams.clone()
+    }
+
+    /// The inbound streams of `protocol` from peers whose certificate has passed, each with its
+    /// peer's identity. A stream from any other peer is dropped here, unread (its opener finds
+    /// it closed): this is the one place that checks who opened a stream, for every acceptor.
+    ///
+    /// # Errors
+    /// The protocol is being accepted already.
+    pub fn accept(
+        &self,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<
+        impl futures::Stream<Item = (PeerId, Principal, libp2p::Stream)> + Send + Unpin + use<>,
+        String,
+    > {
+        let incoming = self
+            .streams
+            .clone()
+            .accept(protocol.clone())
+            .map_err(|e| format!("{protocol}: {e}"))?;
+        let verified = self.verified.clone();
+        Ok(futures::StreamExt::filter_map(
+            incoming,
+            move |(peer, stream)| {
+                let who = verified.read().get(&peer).cloned();
+                if who.is_none() {
+                    tracing::warn!(%peer, %protocol, "a stream from an unauthenticated peer; dropped");
+                }
+                futures::future::ready(who.map(|w| (peer, w, stream)))
+            },
+        ))
     }
 
     /// Sends `request` to `peer` (dialing `addrs` if not connected) and waits for the answer.

@@ -130,3 +130,63 @@ async fn a_blocked_peer_is_refused_both_ways_until_unblocked() {
     assert!(ok(&b.request(a.peer(), a.addrs(), Request::Group).await));
     assert!(ok(&a.request(b.peer(), b.addrs(), Request::Group).await));
 }
+
+/// A stream from a peer that has not passed its `Hello` is dropped unread by `Net::accept`
+/// (its opener finds it closed); once the peer has passed, its streams come through, with
+/// who it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_accepted_only_from_peers_that_have_passed() {
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+    let (a, b) = tokio::join!(answering(&ca, "a"), answering(&ca, "b"));
+    let mut incoming = a.accept(crate::proto::QUEUE_PROTOCOL).expect("accepting");
+    assert!(
+        a.accept(crate::proto::QUEUE_PROTOCOL).is_err(),
+        "accepted once only"
+    );
+    // The acceptor takes every stream that passes, as a daemon does.
+    let (tx, mut accepted) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Some((peer, who, s)) = incoming.next().await {
+            let _ = tx.send((peer, who, s)).await;
+        }
+    });
+    // Connected, without a `Hello`.
+    b.dial(a.peer(), a.addrs().to_vec()).await;
+    assert!(a.identity(&b.peer()).is_none(), "b has not passed");
+    let mut opened = None;
+    for _ in 0..100 {
+        if let Ok(s) = b
+            .streams()
+            .open_stream(a.peer(), crate::proto::QUEUE_PROTOCOL)
+            .await
+        {
+            opened = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut s = opened.expect("a stream opens");
+    let _ = s.write_all(b"x").await;
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the stream was dropped: {read:?}"
+    );
+    assert!(accepted.try_recv().is_err(), "nothing was accepted");
+    // Passed: the next stream comes through, with b's identity.
+    b.authenticate(a.peer(), a.addrs()).await.expect("b passes");
+    let mut s = b
+        .streams()
+        .open_stream(a.peer(), crate::proto::QUEUE_PROTOCOL)
+        .await
+        .expect("a stream");
+    s.write_all(b"x").await.expect("written");
+    let (peer, who, _) = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .expect("in time")
+        .expect("a stream");
+    assert_eq!((peer, who.name.as_str()), (b.peer(), "b"));
+}

@@ -92,19 +92,17 @@ impl Node {
     /// that port, and imports into the local queue.
     pub(crate) async fn accept_streams(self: Arc<Self>) {
         let node = self;
-        let mut control = node.site.net.streams();
-        let Ok(mut incoming) = control.accept(crate::proto::QUEUE_PROTOCOL) else {
-            tracing::error!("the queue protocol is already being accepted");
-            return;
+        let mut incoming = match node.site.net.accept(crate::proto::QUEUE_PROTOCOL) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "queue streams are not accepted");
+                return;
+            }
         };
         // Streams whose header is being read: ended with this task, and bounded.
         let mut opening = tokio::task::JoinSet::new();
-        while let Some((peer, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+        while let Some((peer, _, mut stream)) = futures::StreamExt::next(&mut incoming).await {
             while opening.try_join_next().is_some() {}
-            if node.site.net.identity(&peer).is_none() {
-                tracing::warn!(%peer, "a queue stream from an unauthenticated peer; dropped");
-                continue;
-            }
             if opening.len() >= MAX_OPENING {
                 tracing::warn!(%peer, "too many queue streams opening at once; dropped");
                 continue;
