@@ -9,6 +9,17 @@ fn mvm(args: &[&str]) -> Output {
         .expect("mvm runs")
 }
 
+/// What `mvm ARGS` prints, which must succeed and print one JSON document.
+fn json(args: &[&str]) -> serde_json::Value {
+    let out = mvm(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
+}
+
 #[test]
 fn help_is_printed_for_every_subcommand() {
     for args in [
@@ -45,7 +56,7 @@ fn usage_errors_exit_2_with_one_line() {
 
 #[test]
 fn bench_queue_prints_one_json_object() {
-    let out = mvm(&[
+    let v = json(&[
         "bench",
         "queue",
         "--items",
@@ -57,13 +68,6 @@ fn bench_queue_prints_one_json_object() {
         "-o",
         "json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     for key in [
         "fifo_items_per_sec",
         "priority_items_per_sec",
@@ -80,7 +84,7 @@ fn bench_queue_prints_one_json_object() {
 fn bench_scale_holds_a_small_group_and_prints_one_json_object() {
     let out = mvm(&["bench", "scale", "--secs", "0"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let out = mvm(&[
+    let v = json(&[
         "bench",
         "scale",
         "--nodes",
@@ -94,13 +98,6 @@ fn bench_scale_holds_a_small_group_and_prints_one_json_object() {
         "-o",
         "json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     assert_eq!(v["nodes"], 6, "{v}");
     assert_eq!(v["live_nodes_min"], 6, "every node stayed live: {v}");
     assert_eq!(v["lost_nodes_max"], 0, "{v}");
