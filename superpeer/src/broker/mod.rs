@@ -3,8 +3,8 @@
 //! ([`crate::joblog`]). Every replica of the log runs a broker; only the one that leads the log
 //! acts, and the others answer with where the leader is.
 //!
-//! - `members`: registrations and heartbeats (soft state of the leader), lost nodes, group
-//!   summaries.
+//! - `members`: the membership machine (registrations, heartbeats, lost nodes, other groups'
+//!   summaries: soft state of the leader); `group`: the broker's side of it.
 //! - `admit`: owners, policy and what placements under way hold.
 //! - `place`: checking, scheduling and recording a job.
 //! - `drive`: prepare, start, reports and the end.
@@ -25,8 +25,7 @@ use crate::joblog::state::{Ended, JobRecord};
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    ClientRequest, Failure, FailureKind, GroupSummary, JobState, NodeRequest, Response,
-    SUBMIT_HOLD, Submission,
+    ClientRequest, Failure, FailureKind, JobState, NodeRequest, Response, SUBMIT_HOLD, Submission,
 };
 use crate::site::Site;
 use mvm_component::runtime::ErrorKind;
@@ -35,6 +34,7 @@ use mvm_queue::codec::Registry;
 mod admit;
 mod drive;
 mod forward;
+mod group;
 mod members;
 mod place;
 mod run;
@@ -64,13 +64,9 @@ pub(crate) struct Broker {
     /// The group's job log (this super-peer's replica).
     pub(crate) log: JobLog,
     pub(crate) modules: ModuleStore,
-    nodes: Mutex<HashMap<PeerId, members::NodeEntry>>,
-    /// Nodes the log names as holding parts that have not registered since this broker took
-    /// the lead, and since when it waits for them.
-    expected: Mutex<HashMap<PeerId, Instant>>,
+    /// The group's nodes and the other groups, as this broker hears them.
+    members: Mutex<members::Members>,
     seq: AtomicU64,
-    /// Other groups' summaries, by super-peer, with when they were heard.
-    groups: Mutex<HashMap<String, (GroupSummary, Instant)>>,
     inflight: Mutex<admit::Inflight>,
     /// Jobs whose parts this broker is preparing now.
     driving: Mutex<HashSet<String>>,
@@ -78,7 +74,7 @@ pub(crate) struct Broker {
     waiting: Mutex<HashMap<String, String>>,
     /// The replicas as members, leader first, for the leader and membership index they were
     /// made for (see [`Broker::replicas`]).
-    replicas_made: Mutex<Option<members::ReplicaList>>,
+    replicas_made: Mutex<Option<group::ReplicaList>>,
     /// Whether this broker led the log at its last look.
     leading: AtomicBool,
     /// Messages to nodes under way (terminations), ended with the broker.
@@ -91,10 +87,6 @@ pub(crate) struct Broker {
 /// How long a replica waits for the founding replica to start a new job log before it starts
 /// the log itself.
 const FOUNDING_WAIT: Duration = Duration::from_secs(5);
-
-/// How many times `lost_after` a new leader waits for a node that holds parts to register
-/// (see `Broker::lost_nodes`).
-const TAKEOVER_GRACE: u32 = 4;
 
 pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
@@ -111,14 +103,12 @@ impl Broker {
         founders: Option<Vec<Replica>>,
     ) -> Broker {
         Broker {
+            members: Mutex::new(members::Members::new(site.lost_after)),
             site,
             codecs,
             log,
             modules,
-            nodes: Mutex::new(HashMap::new()),
-            expected: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
-            groups: Mutex::new(HashMap::new()),
             inflight: Mutex::default(),
             driving: Mutex::default(),
             waiting: Mutex::default(),
@@ -132,7 +122,6 @@ impl Broker {
     /// Runs on every membership tick: notices a change of leader, marks silent nodes lost and
     /// fails their parts.
     async fn tick(self: &Arc<Self>) {
-        let lost_after = self.site.lost_after;
         while self.tasks.lock().try_join_next().is_some() {}
         self.found().await;
         let leading = self.log.is_leader();
@@ -145,31 +134,18 @@ impl Broker {
         if !was {
             self.take_over().await;
         }
-        for (peer, name) in self.lost_nodes(lost_after) {
-            tracing::warn!(%peer, %name, "node lost");
-            let jobs: Vec<String> = self.log.read(|s| {
-                s.jobs()
-                    .filter(|j| {
-                        !j.state.is_final() && j.parts.iter().any(|p| p.node == peer && !p.done)
-                    })
-                    .map(|j| j.id.clone())
-                    .collect()
-            });
-            for job in jobs {
-                let why = format!("node {name} ({peer}) stopped answering; its vertices failed");
-                self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
-                    .await;
+        for effect in self.members_on(members::Input::Tick) {
+            match effect {
+                members::Effect::Lost { peer, name } => self.lost(peer, name).await,
+                members::Effect::Vanished { job, peer, name } => {
+                    let why =
+                        format!("node {name} ({peer}) no longer runs its part (it restarted?)");
+                    tracing::warn!(%job, %peer, %name, "a part is gone from its node");
+                    self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
+                        .await;
+                }
+                members::Effect::Unknown(_) => {}
             }
-            let net = self.site.net.clone();
-            self.tasks
-                .lock()
-                .spawn(async move { net.disconnect(peer).await });
-        }
-        for (job, peer, name) in self.vanished(lost_after) {
-            let why = format!("node {name} ({peer}) no longer runs its part (it restarted?)");
-            tracing::warn!(%job, %peer, %name, "a part is gone from its node");
-            self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
-                .await;
         }
         {
             let pending: HashSet<String> = self
@@ -178,6 +154,29 @@ impl Broker {
             self.waiting.lock().retain(|id, _| pending.contains(id));
         }
         self.place_pending().await;
+    }
+
+    /// A node lost: the parts it holds fail, and its connections close.
+    async fn lost(&self, peer: PeerId, name: Option<String>) {
+        let name = name.unwrap_or_else(|| "(not registered since the takeover)".into());
+        tracing::warn!(%peer, %name, "node lost");
+        let jobs: Vec<String> = self.log.read(|s| {
+            s.placed_on(&peer)
+                .filter(|j| {
+                    !j.state.is_final() && j.parts.iter().any(|p| p.node == peer && !p.done)
+                })
+                .map(|j| j.id.clone())
+                .collect()
+        });
+        for job in jobs {
+            let why = format!("node {name} ({peer}) stopped answering; its vertices failed");
+            self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
+                .await;
+        }
+        let net = self.site.net.clone();
+        self.tasks
+            .lock()
+            .spawn(async move { net.disconnect(peer).await });
     }
 
     /// Starts the job log with the founding replicas if none has started it in time.
@@ -223,15 +222,9 @@ impl Broker {
             nodes = nodes.len(),
             "this super-peer now leads the group's job log"
         );
-        {
-            let registered = self.nodes.lock();
-            let mut expected = self.expected.lock();
-            for n in nodes {
-                if !registered.contains_key(&n) {
-                    expected.insert(n, Instant::now());
-                }
-            }
-        }
+        self.members_on(members::Input::TookOver {
+            holding: nodes.into_iter().collect(),
+        });
         for job in preparing {
             let why = "its super-peer was lost while it was being prepared".to_owned();
             self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))

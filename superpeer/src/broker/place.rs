@@ -277,11 +277,10 @@ impl Broker {
 
     /// Whether the job would fit this group's registered nodes were they all free.
     fn fits_when_free(&self, s: &Submission, c: &Checked) -> bool {
-        let nodes = self.nodes.lock();
-        let cands: Vec<Candidate> = nodes
-            .values()
-            .filter(|e| !e.lost)
-            .map(|e| Candidate {
+        let members = self.members.lock();
+        let cands: Vec<Candidate> = members
+            .live()
+            .map(|(_, e)| Candidate {
                 name: e.info.name.clone(),
                 cpus: e.info.cpus,
                 memory_bytes: e.info.memory_bytes,
@@ -390,10 +389,9 @@ impl Broker {
     ) -> Result<Plan, String> {
         // Scheduled under the inflight lock, so that two placements never count the same
         // free slot.
-        let nodes = self.nodes.lock();
+        let members = self.members.lock();
         let mut inflight = self.inflight.lock();
-        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> =
-            nodes.iter().filter(|(_, e)| !e.lost).collect();
+        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = members.live().collect();
         live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
         if live.is_empty() {
             return Err(format!(
