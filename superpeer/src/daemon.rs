@@ -315,7 +315,6 @@ impl Daemon {
         background.abort_all();
         node.terminate_all();
         if let Some(b) = &router.broker {
-            b.shutdown();
             b.log.shutdown().await;
         }
         if let Some(os) = node.os().cloned() {
@@ -360,7 +359,7 @@ impl Router {
                 None => unavailable(format!("{} keeps no replica of a job log", site.peer())),
             },
             Request::Group => match &self.broker {
-                Some(b) => Response::Group(b.group()),
+                Some(b) => Response::Group(b.group().await),
                 None => Response::Group(self.node.view()),
             },
             Request::Leader => match &self.broker {

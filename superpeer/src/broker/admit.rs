@@ -1,69 +1,97 @@
 //! Admission: who owns a submitted job, whether the policy lets them run it here, and what it
-//! holds (resources of its owner, slots of nodes) while its placement is on the way to the log.
+//! holds (resources of its owner, slots of nodes) while its placement is on its way to the log
+//! (the [`Ledger`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use libp2p::PeerId;
 use mvm_component::policy::{self as pol, Principal, PrincipalKind, Question, Resource};
 
-use super::Broker;
+use super::core::Core;
+use crate::joblog::JobLog;
 use crate::joblog::state::Resources;
 use crate::proto::{GroupSummary, Response, Submission};
 use crate::site::Site;
 
-/// What placements under way hold before the log has their jobs.
+/// What placements under way hold before the log has their jobs: per job, its owner's
+/// resources and its nodes' slots, until the job's entry has been applied (or refused).
 #[derive(Debug, Default)]
-pub(super) struct Inflight {
+pub(super) struct Ledger {
     /// Vertex slots, per node.
-    pub(super) slots: HashMap<PeerId, u32>,
+    slots: HashMap<PeerId, u32>,
     /// Resources, per owner (`name@domain`).
-    pub(super) held: HashMap<String, Resources>,
+    held: HashMap<String, Resources>,
+    /// What each job holds.
+    jobs: HashMap<String, Held>,
 }
 
-/// A placement's hold on its owner's resources and its nodes' slots; given back when dropped
-/// (by then the log holds them, or the job was not recorded).
-pub(super) struct Reservation {
-    broker: Arc<Broker>,
+/// What one job holds.
+#[derive(Debug, Default)]
+struct Held {
+    /// Its owner's key (empty when the log holds its resources already).
     owner: String,
-    pub(super) resources: Resources,
+    resources: Resources,
+    /// Slots, per node.
     slots: Vec<(PeerId, u32)>,
 }
 
-impl Reservation {
-    /// A reservation of slots only (for a job whose resources the log holds already).
-    pub(super) fn slots_only(broker: &Arc<Broker>) -> Reservation {
-        Reservation {
-            broker: broker.clone(),
-            owner: String::new(),
-            resources: Resources::default(),
+impl Ledger {
+    /// Slots of `node` held.
+    pub(super) fn slots(&self, node: &PeerId) -> u32 {
+        self.slots.get(node).copied().unwrap_or(0)
+    }
+
+    /// Resources of `owner` held.
+    fn held(&self, owner: &str) -> Resources {
+        self.held.get(owner).copied().unwrap_or_default()
+    }
+
+    /// `job` holds `resources` of `owner`.
+    fn hold(&mut self, job: &str, owner: String, resources: Resources) {
+        let h = self.held.entry(owner.clone()).or_default();
+        h.vcpus += resources.vcpus;
+        h.memory_mib += resources.memory_mib;
+        h.vertices += resources.vertices;
+        self.jobs.entry(job.to_owned()).or_insert(Held {
+            owner,
+            resources,
             slots: Vec::new(),
-        }
+        });
     }
 
-    /// Takes `n` more slots of `node` (the caller holds the broker's inflight lock).
-    pub(super) fn take_slots(&mut self, inflight: &mut Inflight, node: PeerId, n: u32) {
-        *inflight.slots.entry(node).or_insert(0) += n;
-        self.slots.push((node, n));
+    /// `job` holds `n` more slots of `node`.
+    pub(super) fn hold_slots(&mut self, job: &str, node: PeerId, n: u32) {
+        *self.slots.entry(node).or_insert(0) += n;
+        self.jobs
+            .entry(job.to_owned())
+            .or_default()
+            .slots
+            .push((node, n));
     }
-}
 
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut inflight = self.broker.inflight.lock();
-        if let Some(h) = inflight.held.get_mut(&self.owner) {
-            h.vcpus -= self.resources.vcpus;
-            h.memory_mib -= self.resources.memory_mib;
-            h.vertices -= self.resources.vertices;
+    /// Gives back what `job` holds (the log holds it now, or the job was not recorded).
+    pub(super) fn release(&mut self, job: &str) {
+        let Some(Held {
+            owner,
+            resources: r,
+            slots,
+        }) = self.jobs.remove(job)
+        else {
+            return;
+        };
+        if let Some(h) = self.held.get_mut(&owner) {
+            h.vcpus -= r.vcpus;
+            h.memory_mib -= r.memory_mib;
+            h.vertices -= r.vertices;
             if *h == Resources::default() {
-                inflight.held.remove(&self.owner);
+                self.held.remove(&owner);
             }
         }
-        for (node, n) in &self.slots {
-            if let Some(s) = inflight.slots.get_mut(node) {
-                *s = s.saturating_sub(*n);
+        for (node, n) in slots {
+            if let Some(s) = self.slots.get_mut(&node) {
+                *s = s.saturating_sub(n);
                 if *s == 0 {
-                    inflight.slots.remove(node);
+                    self.slots.remove(&node);
                 }
             }
         }
@@ -75,16 +103,17 @@ pub(super) fn owner_key(p: &Principal) -> String {
     format!("{}@{}", p.name, p.domain)
 }
 
-impl Broker {
-    /// Asks the policy whether `owner` may submit `s` (and use its image) here, counting what
-    /// the owner's jobs in the log and placements under way hold; if so, the job's resources
-    /// count as held until the returned reservation is dropped.
+impl Core {
+    /// Asks the policy whether `owner` may submit `s` (and use its image) here as `job`,
+    /// counting what the owner's jobs in the log and placements under way hold; if so, the
+    /// job's resources are held in the ledger until it is released.
     pub(super) fn authorize(
-        self: &Arc<Self>,
+        &mut self,
+        job: &str,
         owner: &Principal,
         s: &Submission,
         vertices: usize,
-    ) -> Result<(Reservation, pol::Job), String> {
+    ) -> Result<Resources, String> {
         let engine = self.site.policies.current().engine.clone();
         let r = &s.requirements;
         let domain = self.site.domain.clone();
@@ -94,10 +123,8 @@ impl Broker {
             vertices: i64::try_from(vertices).unwrap_or(i64::MAX),
         };
         let key = owner_key(owner);
-        // Decided and counted under one lock: two jobs at once cannot both slip under a limit.
-        let mut inflight = self.inflight.lock();
         let logged = self.log.read(|st| st.held(owner));
-        let pending = inflight.held.get(&key).copied().unwrap_or_default();
+        let pending = self.ledger.held(&key);
         let image = r.image.clone().unwrap_or_else(|| "host".into());
         let facts = pol::Job {
             name: s.name.clone(),
@@ -116,7 +143,7 @@ impl Broker {
             .decide(&Question {
                 actor: owner.clone(),
                 action: "submit".into(),
-                resource: Resource::Job(facts.clone()),
+                resource: Resource::Job(facts),
             })
             .into_result()?;
         if image != "host" {
@@ -128,50 +155,42 @@ impl Broker {
                 })
                 .into_result()?;
         }
-        let h = inflight.held.entry(key.clone()).or_default();
-        h.vcpus += asked.vcpus;
-        h.memory_mib += asked.memory_mib;
-        h.vertices += asked.vertices;
-        drop(inflight);
-        let reservation = Reservation {
-            broker: self.clone(),
-            owner: key,
-            resources: asked,
-            slots: Vec::new(),
-        };
-        Ok((reservation, facts))
+        self.ledger.hold(job, key, asked);
+        Ok(asked)
     }
+}
 
-    /// The answer refusing `who` to `action` (`read-results`, `cancel`) job `id`, if the
-    /// policy refuses (or there is no such job).
-    pub(super) fn refusal(&self, who: &Principal, action: &str, id: &str) -> Option<Response> {
-        let Some(facts) = self
-            .log
-            .read(|s| s.job(id).map(|j| facts_of(&self.site.domain, j)))
-        else {
-            return Some(super::fail(
-                crate::proto::FailureKind::NotFound,
-                format!("no job {id}"),
-            ));
-        };
-        self.site
-            .policies
-            .current()
-            .engine
-            .decide(&Question {
-                actor: who.clone(),
-                action: action.into(),
-                resource: Resource::Job(facts),
-            })
-            .into_result()
-            .err()
-            .map(|why| {
-                super::fail(
-                    crate::proto::FailureKind::Refused,
-                    format!("job {id}: {why}"),
-                )
-            })
-    }
+/// The answer refusing `who` to `action` (`read-results`, `cancel`) job `id`, if the policy
+/// refuses (or there is no such job).
+pub(super) fn refusal(
+    site: &Site,
+    log: &JobLog,
+    who: &Principal,
+    action: &str,
+    id: &str,
+) -> Option<Response> {
+    let Some(facts) = log.read(|s| s.job(id).map(|j| facts_of(&site.domain, j))) else {
+        return Some(super::fail(
+            crate::proto::FailureKind::NotFound,
+            format!("no job {id}"),
+        ));
+    };
+    site.policies
+        .current()
+        .engine
+        .decide(&Question {
+            actor: who.clone(),
+            action: action.into(),
+            resource: Resource::Job(facts),
+        })
+        .into_result()
+        .err()
+        .map(|why| {
+            super::fail(
+                crate::proto::FailureKind::Refused,
+                format!("job {id}: {why}"),
+            )
+        })
 }
 
 /// What the policy is told of a job in the log (for reading and cancelling it).

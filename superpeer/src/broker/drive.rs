@@ -1,53 +1,44 @@
 //! Driving a placed job's parts: prepare everywhere, start everywhere, take the nodes' reports,
-//! and end it (in the log first, then by telling every part still running).
-
-use crate::proto::BrokerRequest;
-use std::sync::Arc;
+//! and end it (in the log first, then by telling every part still running). Each step is an
+//! effect of the broker's machine, and each answer or outcome an input ([`super::core`]).
 
 use libp2p::PeerId;
 
-use super::{Broker, fail, now_ms};
-use crate::joblog::Command;
+use super::core::{Core, Effect, Phase, Reply, Then, first};
+use super::{fail, now_ms};
 use crate::joblog::state::{Ended, JobRecord};
+use crate::joblog::{Applied, Command};
 use crate::proto::{
-    ErrorKind, Failure, FailureKind, JobState, PartReport, PartSpec, Request, Response,
+    BrokerRequest, ErrorKind, Failure, FailureKind, JobState, PartReport, PartSpec, Response,
 };
 
-impl Broker {
-    /// Runs a just-placed job of one part on the host and records it once its node has answered: one
-    /// entry holds the job and, when the part ended within the node's hold (a short job), its
-    /// end too, so that a short job costs one replication round instead of two. Until then the
-    /// job is in no log; were this leader lost meanwhile, the submitter gets an error instead of
-    /// a job id, and the part is told to stop (a node that does not hear it finds, at its next
-    /// heartbeat, that the leader does not know the job). A job of several parts is recorded
-    /// before they are woken: the log must know them to notice a node lost before the start.
-    pub(super) async fn run_alone(
-        &self,
+impl Core {
+    /// A job of one part on the host, once its node has answered the prepare: one entry holds
+    /// the job and, when the part ended within the node's hold (a short job), its end too, so
+    /// that a short job costs one replication round instead of two. Until then the job is in
+    /// no log; were this leader lost meanwhile, the submitter gets an error instead of a job
+    /// id, and the part is told to stop (a node that does not hear it finds, at its next
+    /// heartbeat, that the leader does not know the job).
+    pub(super) fn alone_prepared(
+        &mut self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
         mut record: JobRecord,
         peer: PeerId,
-        spec: PartSpec,
-    ) -> Response {
+        answer: Result<Response, Failure>,
+    ) {
         let id = record.id.clone();
-        self.driving.lock().insert(id.clone());
-        let addrs = self.addrs(&peer);
-        let answer = self
-            .site
-            .call(
-                peer,
-                &addrs,
-                Request::Broker(BrokerRequest::Prepare(Box::new(spec))),
-            )
-            .await;
         // A part prepared alone has started; one refused never ran.
         record.state = JobState::Running;
         let (end, running) = match answer {
-            Ok(Response::Finished(report)) => {
-                (Some(part_end(|| self.label(&peer), peer, *report)), false)
-            }
+            Ok(Response::Finished(report)) => (
+                Some(part_end(|| self.members.label(&peer), peer, *report)),
+                false,
+            ),
             Ok(_) => (None, true),
             Err(f) => {
                 record.state = JobState::Preparing;
-                let (state, ended) = refusal_end(&self.label(&peer), &f);
+                let (state, ended) = refusal_end(&self.members.label(&peer), &f);
                 let end = Command::End {
                     job: id.clone(),
                     state,
@@ -60,153 +51,279 @@ impl Broker {
             Some(end) => Command::Batch(vec![Command::Submit(Box::new(record)), end]),
             None => Command::Submit(Box::new(record)),
         };
-        let recorded = self.record(command).await;
-        self.driving.lock().remove(&id);
-        if let Err(r) = recorded {
-            if running {
-                self.terminate(&id, "not recorded", vec![peer]);
-            }
-            return r;
-        }
-        self.submitted(&id)
-    }
-
-    /// Wakes the parts: prepare everywhere (concurrently), then start everywhere.
-    pub(super) async fn drive(self: Arc<Self>, id: String, specs: Vec<(PeerId, PartSpec)>) {
-        self.drive_parts(&id, specs).await;
-        self.driving.lock().remove(&id);
-    }
-
-    async fn drive_parts(&self, id: &str, specs: Vec<(PeerId, PartSpec)>) {
-        let prepares = specs.into_iter().map(|(peer, spec)| {
-            let addrs = self.addrs(&peer);
-            let site = self.site.clone();
-            async move {
-                let r = site
-                    .call(
-                        peer,
-                        &addrs,
-                        Request::Broker(BrokerRequest::Prepare(Box::new(spec))),
-                    )
-                    .await;
-                (peer, r)
-            }
+        out.push(Effect::Record {
+            command,
+            then: Then::AloneRecorded {
+                reply,
+                job: id,
+                peer,
+                running,
+            },
         });
-        let results = futures::future::join_all(prepares).await;
-        let peers: Vec<PeerId> = results.iter().map(|(p, _)| *p).collect();
-        // Parts that ended within the node's hold answered with their report.
-        let mut finished = Vec::new();
-        let mut refused = None;
-        for (peer, r) in results {
-            match r {
-                Ok(Response::Finished(report)) => finished.push((peer, *report)),
-                Ok(_) => {}
-                Err(f) => {
-                    refused.get_or_insert((peer, f));
+    }
+
+    /// That job's entry was applied (or not): the submitter's answer, and the reports that
+    /// came meanwhile.
+    pub(super) fn alone_recorded(
+        &mut self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
+        job: &str,
+        peer: PeerId,
+        running: bool,
+        outcome: Result<Applied, String>,
+    ) {
+        self.ledger.release(job);
+        let recorded = first(outcome);
+        let drive = self.drives.remove(job);
+        let r = match recorded {
+            Ok(()) => self.submitted(job),
+            Err(f) => {
+                if running {
+                    self.terminate(out, job, "not recorded", vec![peer]);
                 }
+                Response::Error(f)
+            }
+        };
+        out.push(Effect::Reply(reply, r));
+        for (peer, report, reply) in drive.map(|d| d.early).unwrap_or_default() {
+            self.report(out, peer, report, Some(reply));
+        }
+    }
+
+    /// A placed job's entry (its submission, or the placement of a pending job) was applied (or
+    /// not): the submitter's answer, and the prepares of its parts.
+    pub(super) fn placed(
+        &mut self,
+        out: &mut Vec<Effect>,
+        reply: Option<Reply>,
+        job: &str,
+        specs: Vec<(PeerId, PartSpec)>,
+        outcome: Result<Applied, String>,
+    ) {
+        self.ledger.release(job);
+        if let Err(f) = first(outcome) {
+            let early = self.drives.remove(job).map(|d| d.early).unwrap_or_default();
+            if let Some(reply) = reply {
+                out.push(Effect::Reply(reply, Response::Error(f)));
+            }
+            for (_, report, reply) in early {
+                let f = fail(FailureKind::NotFound, format!("no job {}", report.job));
+                out.push(Effect::Reply(reply, f));
+            }
+            return;
+        }
+        if let Some(reply) = reply {
+            out.push(Effect::Reply(reply, self.submitted(job)));
+        }
+        let peers: Vec<PeerId> = specs.iter().map(|(p, _)| *p).collect();
+        let early = match self.drives.get_mut(job) {
+            Some(d) => {
+                d.phase = Phase::Preparing {
+                    awaited: peers.len(),
+                    peers,
+                    finished: Vec::new(),
+                    refused: None,
+                };
+                std::mem::take(&mut d.early)
+            }
+            None => Vec::new(),
+        };
+        for (peer, spec) in specs {
+            out.push(Effect::Send {
+                peer,
+                addrs: self.members.addrs(&peer),
+                request: BrokerRequest::Prepare(Box::new(spec)),
+                then: Then::Prepared {
+                    job: job.to_owned(),
+                },
+            });
+        }
+        for (peer, report, reply) in early {
+            self.report(out, peer, report, Some(reply));
+        }
+    }
+
+    /// A part answered its prepare. Once every part has: the job ends if one refused;
+    /// otherwise the parts that ended within their prepare are recorded with the job's start,
+    /// and the other parts are started.
+    pub(super) fn prepared(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &str,
+        peer: PeerId,
+        answer: Result<Response, Failure>,
+    ) {
+        let Some(Phase::Preparing {
+            awaited,
+            finished,
+            refused,
+            ..
+        }) = self.drives.get_mut(job).map(|d| &mut d.phase)
+        else {
+            return;
+        };
+        match answer {
+            Ok(Response::Finished(report)) => finished.push((peer, *report)),
+            Ok(_) => {}
+            Err(f) => {
+                refused.get_or_insert((peer, f));
             }
         }
+        *awaited = awaited.saturating_sub(1);
+        if *awaited > 0 {
+            return;
+        }
+        let Some(drive) = self.drives.remove(job) else {
+            return;
+        };
+        let Phase::Preparing {
+            peers,
+            finished,
+            refused,
+            ..
+        } = drive.phase
+        else {
+            return;
+        };
         if let Some((peer, f)) = refused {
-            let (state, ended) = refusal_end(&self.label(&peer), &f);
-            self.end(id, state, ended).await;
+            let (state, ended) = refusal_end(&self.members.label(&peer), &f);
+            self.end(out, job, state, ended);
             return;
         }
-        for (peer, report) in finished {
-            self.report(peer, report).await;
-        }
-        // Preparing → running; a part's early report or a cancel may have ended it meanwhile
-        // (then nothing is started; the log would refuse the start too).
-        if self
-            .log
-            .read(|s| s.job(id).is_none_or(|j| j.state != JobState::Preparing))
-        {
-            return;
-        }
-        let start = Command::Start { job: id.to_owned() };
-        if !matches!(
-            self.log.propose(start).await,
-            Ok(crate::joblog::Applied::Done)
-        ) {
-            return;
-        }
-        if peers.len() == 1 {
-            return; // a single part started when it was prepared
-        }
-        let starts = peers.iter().map(|peer| {
-            let job = id.to_owned();
-            let peer = *peer;
-            async move {
-                (
-                    peer,
-                    self.site
-                        .call(peer, &[], Request::Broker(BrokerRequest::Start { job }))
-                        .await,
-                )
-            }
+        // Preparing → running, after the parts that ended already; a cancel may have ended
+        // the job meanwhile (then the log refuses the start, and nothing is started).
+        let mut batch: Vec<Command> = finished
+            .into_iter()
+            .map(|(peer, report)| part_end(|| self.members.label(&peer), peer, report))
+            .collect();
+        batch.push(Command::Start {
+            job: job.to_owned(),
         });
-        for (peer, r) in futures::future::join_all(starts).await {
-            if let Err(f) = r {
-                let why = format!("node {}: {}", self.label(&peer), f.message);
-                let ended = Ended::failed(ErrorKind::Setup, why);
-                self.end(id, JobState::Failed, ended).await;
-                return;
-            }
+        out.push(Effect::Record {
+            command: Command::Batch(batch),
+            then: Then::StartRecorded {
+                job: job.to_owned(),
+                peers,
+            },
+        });
+    }
+
+    /// The start of a job was recorded: its parts are told to start (a single part started
+    /// when it was prepared).
+    pub(super) fn start_recorded(&mut self, out: &mut Vec<Effect>, job: &str, peers: Vec<PeerId>) {
+        let running = self
+            .log
+            .read(|s| s.job(job).is_some_and(|j| j.state == JobState::Running));
+        if !running || peers.len() == 1 {
+            return;
+        }
+        for peer in peers {
+            out.push(Effect::Send {
+                peer,
+                addrs: Vec::new(),
+                request: BrokerRequest::Start {
+                    job: job.to_owned(),
+                },
+                then: Then::Started {
+                    job: job.to_owned(),
+                },
+            });
         }
     }
 
     /// Ends a job (once): records its final state, then tells every part that has not
     /// reported a good end to stop and remove what it made.
-    pub(super) async fn end(&self, id: &str, state: JobState, ended: Ended) {
-        let command = Command::End {
-            job: id.to_owned(),
-            state,
-            ended,
-        };
-        match self.log.propose(command).await {
-            Ok(crate::joblog::Applied::Done) => {}
+    pub(super) fn end(&mut self, out: &mut Vec<Effect>, job: &str, state: JobState, ended: Ended) {
+        self.end_then(out, job, state, ended, None);
+    }
+
+    /// As [`Core::end`], answering `reply` once the end is recorded.
+    pub(super) fn end_then(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &str,
+        state: JobState,
+        ended: Ended,
+        reply: Option<Reply>,
+    ) {
+        out.push(Effect::Record {
+            command: Command::End {
+                job: job.to_owned(),
+                state,
+                ended,
+            },
+            then: Then::EndRecorded {
+                job: job.to_owned(),
+                state,
+                reply,
+            },
+        });
+    }
+
+    /// A job's end was recorded: the parts still running are told to stop.
+    pub(super) fn end_recorded(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &str,
+        state: JobState,
+        outcome: Result<Applied, String>,
+    ) {
+        match outcome {
+            Ok(Applied::Done) => {}
             Ok(other) => {
-                tracing::debug!(job = id, outcome = ?other, "end not recorded");
+                tracing::debug!(job, outcome = ?other, "end not recorded");
                 return;
             }
             Err(e) => {
-                tracing::warn!(job = id, error = %e, "end not recorded");
+                tracing::warn!(job, error = %e, "end not recorded");
                 return;
             }
         }
         let peers: Vec<PeerId> = self.log.read(|s| {
-            s.job(id)
+            s.job(job)
                 .map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node).collect())
                 .unwrap_or_default()
         });
-        self.terminate(id, &format!("{state:?}"), peers);
+        self.terminate(out, job, &format!("{state:?}"), peers);
     }
 
-    /// Tells `peers` to stop their part of `id`, without waiting.
-    pub(super) fn terminate(&self, id: &str, reason: &str, peers: Vec<PeerId>) {
+    /// Tells `peers` to stop their part of `job`, without waiting for their answers.
+    pub(super) fn terminate(
+        &self,
+        out: &mut Vec<Effect>,
+        job: &str,
+        reason: &str,
+        peers: Vec<PeerId>,
+    ) {
         for peer in peers {
-            let site = self.site.clone();
-            let job = id.to_owned();
-            let reason = reason.to_owned();
-            let addrs = self.addrs(&peer);
-            self.tasks.lock().spawn(async move {
-                if let Err(e) = site
-                    .call(
-                        peer,
-                        &addrs,
-                        Request::Broker(BrokerRequest::Terminate { job, reason }),
-                    )
-                    .await
-                {
-                    tracing::debug!(%peer, error = %e, "terminate not delivered");
-                }
+            out.push(Effect::Send {
+                peer,
+                addrs: self.members.addrs(&peer),
+                request: BrokerRequest::Terminate {
+                    job: job.to_owned(),
+                    reason: reason.to_owned(),
+                },
+                then: Then::Nothing,
             });
         }
     }
 
-    /// A node's report of its part.
-    pub(super) async fn report(&self, peer: PeerId, r: PartReport) -> Response {
-        if self.driving.lock().contains(&r.job) {
-            self.recorded(&r.job).await;
+    /// A node's report of its part (answered at `reply`, if any). A report of a job not yet
+    /// in the log waits for it.
+    pub(super) fn report(
+        &mut self,
+        out: &mut Vec<Effect>,
+        peer: PeerId,
+        r: PartReport,
+        reply: Option<Reply>,
+    ) {
+        if let Some(d) = self.drives.get_mut(&r.job)
+            && matches!(d.phase, Phase::Recording)
+            && let Some(reply) = reply
+        {
+            d.early.push((peer, r, reply));
+            return;
         }
         let known = self.log.read(|s| match s.job(&r.job) {
             None => Err(Failure::new(
@@ -221,44 +338,41 @@ impl Broker {
                 Some(p) => Ok(j.state.is_final() || p.done),
             },
         });
-        match known {
-            Err(f) => return Response::Error(f),
-            Ok(true) => return Response::Ok, // already ended, or reported before
-            Ok(false) => {}
+        let early_answer = match known {
+            Err(f) => Some(Response::Error(f)),
+            Ok(true) => Some(Response::Ok), // already ended, or reported before
+            Ok(false) => None,
+        };
+        if let Some(r) = early_answer {
+            if let Some(reply) = reply {
+                out.push(Effect::Reply(reply, r));
+            }
+            return;
         }
         let job = r.job.clone();
-        match part_end(|| self.label(&peer), peer, r) {
-            command @ Command::PartDone { .. } => {
-                if let Err(e) = self.log.propose(command).await {
-                    return fail(FailureKind::Unavailable, e.to_string());
+        match part_end(|| self.members.label(&peer), peer, r) {
+            command @ Command::PartDone { .. } => match reply {
+                Some(reply) => out.push(Effect::Record {
+                    command,
+                    then: Then::Answer { reply },
+                }),
+                None => out.push(Effect::Record {
+                    command,
+                    then: Then::Nothing,
+                }),
+            },
+            Command::End { state, ended, .. } => self.end_then(out, &job, state, ended, reply),
+            _ => {
+                if let Some(reply) = reply {
+                    out.push(Effect::Reply(reply, Response::Ok));
                 }
             }
-            Command::End { state, ended, .. } => {
-                self.end(&job, state, ended).await;
-            }
-            _ => {}
         }
-        Response::Ok
-    }
-
-    /// Waits (a bounded time) until a job being driven is in the log: a part's report may
-    /// come before the job it belongs to has been recorded ([`Broker::run_alone`]).
-    async fn recorded(&self, job: &str) {
-        let wait = async {
-            loop {
-                let applied = self.log.applied();
-                if self.log.read(|s| s.job(job).is_some()) || !self.driving.lock().contains(job) {
-                    return;
-                }
-                self.log.changed(applied).await;
-            }
-        };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), wait).await;
     }
 }
 
 /// The command a part's report leads to: the part done, or the job ended with its failure
-/// (naming the node as `label` gives it).
+/// (naming the node as `label` gives it, made only then).
 fn part_end(label: impl FnOnce() -> String, peer: PeerId, r: PartReport) -> Command {
     match r.outcome {
         Ok(res) => Command::PartDone {

@@ -4,37 +4,77 @@
 
 use std::time::Instant;
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
+use parking_lot::Mutex;
 
-use super::members::{Effect, Input, Names};
-use super::{Broker, fail};
+use super::core::Core;
+use super::fail;
+use super::members::{Effect, Input};
+use crate::joblog::JobLog;
 use crate::proto::{
     FailureKind, GroupInfo, GroupSummary, JobState, Member, NodeInfo, NodeLoad, NodeView, Response,
 };
 
-/// The replicas as members, with the leader and membership index they were made for.
-pub(super) type ReplicaList = ((Option<PeerId>, Option<u64>), Vec<Member>);
+/// The replicas as members, leader first, kept while the leader and the membership stay the
+/// same: every heartbeat's answer carries it, and making it parses and prints every
+/// replica's peer id and addresses.
+#[derive(Default)]
+pub(super) struct Replicas {
+    made: Mutex<Option<(MadeFor, Vec<Member>)>>,
+}
 
-impl Broker {
-    /// Gives `input` to the membership machine, now.
-    pub(super) fn members_on(&self, input: Input) -> Vec<Effect> {
-        self.members.lock().on(Instant::now(), input)
+/// The leader and the membership index a list of replicas was made for.
+type MadeFor = (Option<PeerId>, Option<u64>);
+
+impl Replicas {
+    /// The log's replicas, the leader first: where a node looks for the broker when it loses
+    /// this one.
+    pub(super) fn get(&self, log: &JobLog) -> Vec<Member> {
+        let key = (log.leader(), log.membership_index());
+        if let Some((k, m)) = &*self.made.lock()
+            && *k == key
+        {
+            return m.clone();
+        }
+        let leader = key.0.map(|p| p.to_string());
+        let mut m: Vec<Member> = log
+            .replicas()
+            .into_iter()
+            .map(|r| {
+                let addrs = r
+                    .multiaddrs()
+                    .iter()
+                    .filter_map(|a| r.peer_id().ok().map(|p| crate::net::with_peer(a, p)))
+                    .map(|a| a.to_string())
+                    .collect();
+                Member {
+                    peer: r.peer,
+                    addrs,
+                    eligible: true,
+                }
+            })
+            .collect();
+        m.sort_by_key(|x| Some(&x.peer) != leader.as_ref());
+        *self.made.lock() = Some((key, m.clone()));
+        m
     }
+}
 
+impl Core {
     /// Vertex slots free on `node` now: its slots less what the log and placements under way
     /// hold there.
-    pub(super) fn free_slots(&self, peer: &PeerId, slots: u32) -> u32 {
+    fn free_slots(&self, peer: &PeerId, slots: u32) -> u32 {
         let logged = self.log.read(|s| s.reserved(peer));
-        let inflight = self.inflight.lock().slots.get(peer).copied().unwrap_or(0);
-        slots.saturating_sub(logged).saturating_sub(inflight)
+        slots
+            .saturating_sub(logged)
+            .saturating_sub(self.ledger.slots(peer))
     }
 
     /// This group's summary, for the other super-peers.
-    pub(crate) fn summary(&self) -> GroupSummary {
+    pub(super) fn summary(&self) -> GroupSummary {
         let live: Vec<(PeerId, u32, Vec<String>, String)> = self
             .members
-            .lock()
             .live()
             .map(|(p, n)| (*p, n.info.slots, n.info.images.clone(), n.info.arch.clone()))
             .collect();
@@ -56,57 +96,15 @@ impl Broker {
         }
     }
 
-    /// Takes another super-peer's summary (already validated).
-    pub(crate) fn learn(&self, s: GroupSummary) {
-        if s.broker != self.site.net.peer().to_string() {
-            self.members_on(Input::Heard(s));
-        }
-    }
-
-    /// The other groups heard from recently.
-    pub(super) fn groups(&self) -> Vec<GroupSummary> {
-        let me = self.site.net.peer().to_string();
-        self.members.lock().groups(Instant::now(), &me)
-    }
-
-    /// The log's replicas, the leader first: where a node looks for the broker when it loses
-    /// this one.
-    /// Kept while the leader and the membership stay the same: every heartbeat's answer
-    /// carries it, and making it parses and prints every replica's peer id and addresses.
-    pub(super) fn replicas(&self) -> Vec<Member> {
-        let key = (self.log.leader(), self.log.membership_index());
-        if let Some((k, m)) = &*self.replicas_made.lock()
-            && *k == key
-        {
-            return m.clone();
-        }
-        let leader = key.0.map(|p| p.to_string());
-        let mut m: Vec<Member> = self
-            .log
-            .replicas()
-            .into_iter()
-            .map(|r| {
-                let addrs = r
-                    .multiaddrs()
-                    .iter()
-                    .filter_map(|a| r.peer_id().ok().map(|p| crate::net::with_peer(a, p)))
-                    .map(|a| a.to_string())
-                    .collect();
-                Member {
-                    peer: r.peer,
-                    addrs,
-                    eligible: true,
-                }
-            })
-            .collect();
-        m.sort_by_key(|x| Some(&x.peer) != leader.as_ref());
-        *self.replicas_made.lock() = Some((key, m.clone()));
-        m
-    }
-
     /// A node's registration: only with a node certificate of its own name and of the group's
     /// domain.
-    pub(super) fn register(&self, peer: PeerId, who: &Principal, info: NodeInfo) -> Response {
+    pub(super) fn register(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        who: &Principal,
+        info: NodeInfo,
+    ) -> Response {
         if who.kind != PrincipalKind::Node
             || who.domain != self.site.domain
             || who.name != info.name
@@ -122,7 +120,11 @@ impl Broker {
             );
         }
         tracing::info!(%peer, name = %info.name, "node registered");
-        self.members_on(Input::Register { peer, info });
+        self.view
+            .names
+            .lock()
+            .insert(peer, (peer.to_string(), info.name.clone()));
+        self.members.on(now, Input::Register { peer, info });
         Response::Registered {
             heartbeat_ms: u64::try_from(self.site.heartbeat.as_millis()).unwrap_or(1000),
             members: self.replicas(),
@@ -131,28 +133,26 @@ impl Broker {
 
     /// A node's heartbeat: its load, and the jobs it runs parts of. The answer names those of
     /// them that the log has ended or never recorded, for the node to stop.
-    pub(super) fn heartbeat(&self, peer: PeerId, load: NodeLoad) -> Response {
-        // Jobs being recorded first, then the log: a job leaves `driving` only once the log
-        // holds it, so none is taken for unknown on its way in.
-        let stop: Vec<String> = {
-            let settled: Vec<&String> = {
-                let driving = self.driving.lock();
-                load.jobs.iter().filter(|j| !driving.contains(*j)).collect()
-            };
-            self.log.read(|s| {
-                settled
-                    .into_iter()
-                    .filter(|j| s.job(j).is_none_or(|r| r.state.is_final()))
-                    .cloned()
-                    .collect()
-            })
-        };
-        let unlisted = self.unlisted(peer, &load.jobs);
-        let effects = self.members_on(Input::Heartbeat {
-            peer,
-            load,
-            unlisted,
+    pub(super) fn heartbeat(&mut self, now: Instant, peer: PeerId, load: NodeLoad) -> Response {
+        // A job being driven is not yet (or only just) in the log: none is taken for unknown on
+        // its way in.
+        let stop: Vec<String> = self.log.read(|s| {
+            load.jobs
+                .iter()
+                .filter(|j| !self.drives.contains_key(*j))
+                .filter(|j| s.job(j).is_none_or(|r| r.state.is_final()))
+                .cloned()
+                .collect()
         });
+        let unlisted = self.unlisted(peer, &load.jobs);
+        let effects = self.members.on(
+            now,
+            Input::Heartbeat {
+                peer,
+                load,
+                unlisted,
+            },
+        );
         Response::Heartbeat {
             known: !effects.contains(&Effect::Unknown(peer)),
             members: self.replicas(),
@@ -163,32 +163,24 @@ impl Broker {
     /// The running jobs the log places on `peer` that are not in `listed` (the jobs the node
     /// says it holds), leaving out those being prepared.
     fn unlisted(&self, peer: PeerId, listed: &[String]) -> Vec<String> {
-        let placed: Vec<String> = self.log.read(|s| {
+        self.log.read(|s| {
             s.placed_on(&peer)
                 .filter(|j| {
                     j.state == JobState::Running
                         && j.parts.iter().any(|p| p.node == peer && !p.done)
                         && !listed.contains(&j.id)
+                        && !self.drives.contains_key(&j.id)
                 })
                 .map(|j| j.id.clone())
                 .collect()
-        });
-        if placed.is_empty() {
-            return placed;
-        }
-        let driving = self.driving.lock();
-        placed
-            .into_iter()
-            .filter(|j| !driving.contains(j))
-            .collect()
+        })
     }
 
     /// The group as this replica sees it: the leader, every node, the other groups.
-    pub(crate) fn group(&self) -> GroupInfo {
+    pub(super) fn group(&self, now: Instant) -> GroupInfo {
         let mut views: Vec<NodeView> = {
-            let members = self.members.lock();
             self.log.read(|s| {
-                members
+                self.members
                     .all()
                     .map(|(p, n)| NodeView {
                         peer: p.to_string(),
@@ -202,53 +194,11 @@ impl Broker {
             })
         };
         views.sort_by(|a, b| a.name.cmp(&b.name));
+        let me = self.site.net.peer().to_string();
         GroupInfo {
             nodes: views,
-            groups: self.groups(),
-            ..self.leader_view()
+            groups: self.members.groups(now, &me),
+            ..super::leader_view(&self.site, &self.log, &self.view.replicas)
         }
-    }
-
-    /// Which replica leads, as this one knows it, and where it is; no nodes, no groups.
-    pub(crate) fn leader_view(&self) -> GroupInfo {
-        let leader = self.log.leader();
-        let me = self.site.net.peer();
-        GroupInfo {
-            group: self.site.group.clone(),
-            broker: leader.map(|p| p.to_string()),
-            broker_addrs: if leader == Some(me) {
-                self.site.net.dial_addrs()
-            } else {
-                let leader = leader.map(|l| l.to_string());
-                self.replicas()
-                    .into_iter()
-                    .find(|m| Some(&m.peer) == leader.as_ref())
-                    .map(|m| m.addrs)
-                    .unwrap_or_default()
-            },
-            is_broker: leader == Some(me),
-            nodes: Vec::new(),
-            groups: Vec::new(),
-        }
-    }
-
-    /// Registered nodes' peer ids as text and names, for statuses.
-    pub(super) fn names(&self) -> Names {
-        self.members.lock().names()
-    }
-
-    /// A registered node as the parts of a job name it.
-    pub(super) fn member(&self, peer: &PeerId) -> Member {
-        self.members.lock().member(peer)
-    }
-
-    /// A node as errors name it: `n0 (12D3…)`, or its peer id alone when not registered.
-    pub(super) fn label(&self, peer: &PeerId) -> String {
-        self.members.lock().label(peer)
-    }
-
-    /// A registered node's addresses.
-    pub(super) fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
-        self.members.lock().addrs(peer)
     }
 }

@@ -231,14 +231,6 @@ impl Members {
         v
     }
 
-    /// Registered nodes' peer ids as text and names, for statuses.
-    pub(super) fn names(&self) -> Names {
-        self.nodes
-            .iter()
-            .map(|(p, n)| (*p, (n.member.peer.clone(), n.info.name.clone())))
-            .collect()
-    }
-
     /// A registered node as the parts of a job name it (see [`NodeEntry::member`]).
     pub(super) fn member(&self, peer: &PeerId) -> Member {
         self.nodes.get(peer).map_or_else(

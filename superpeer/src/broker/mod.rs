@@ -3,42 +3,51 @@
 //! ([`crate::joblog`]). Every replica of the log runs a broker; only the one that leads the log
 //! acts, and the others answer with where the leader is.
 //!
+//! The broker is a state machine ([`core::Core`]) owned by one event loop (`run`), the only
+//! place that does its I/O and spawns its tasks. A request that changes something becomes an
+//! input of the machine and is answered by one of its effects; reads (statuses, waits, module
+//! bytes) are answered from the log on the request's own task.
+//!
+//! - `core`: the machine: its inputs, effects and state; `tick`: the machine over time (a
+//!   change of leader, lost nodes, pending jobs placed).
 //! - `members`: the membership machine (registrations, heartbeats, lost nodes, other groups'
 //!   summaries: soft state of the leader); `group`: the broker's side of it.
-//! - `admit`: owners, policy and what placements under way hold.
-//! - `place`: checking, scheduling and recording a job.
+//! - `admit`: owners, policy and what placements under way hold (the ledger).
+//! - `place`: checking, admitting and recording a job, and the queue of pending jobs; `plan`:
+//!   choosing its nodes.
 //! - `drive`: prepare, start, reports and the end.
 //! - `forward`: jobs for other groups.
 //! - `status`: what clients read of jobs, and waiting for a job to change.
-//! - `run`: the broker's loop (its tick, and the summaries of other groups).
+//! - `run`: the event loop.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
 use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::joblog::state::{Ended, JobRecord};
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    ClientRequest, Failure, FailureKind, JobState, NodeRequest, Response, SUBMIT_HOLD, Submission,
+    ClientRequest, Failure, FailureKind, GroupInfo, NodeRequest, Response, SUBMIT_HOLD,
 };
 use crate::site::Site;
-use mvm_component::runtime::ErrorKind;
 use mvm_queue::codec::Registry;
 
 mod admit;
+mod core;
 mod drive;
 mod forward;
 mod group;
 mod members;
 mod place;
+mod plan;
 mod run;
 mod status;
+mod tick;
 
 #[cfg(test)]
 mod harness;
@@ -53,9 +62,16 @@ mod tests_queue;
 #[cfg(test)]
 mod tests_run;
 
-use place::Placed;
+use self::core::{Core, Input};
 
-/// The broker's state beside the log.
+/// The inputs queued for the broker's loop at most; more wait (backpressure on requests).
+const INPUTS: usize = 4096;
+
+/// How long a replica waits for the founding replica to start a new job log before it starts
+/// the log itself.
+const FOUNDING_WAIT: Duration = Duration::from_secs(5);
+
+/// A broker: the handle its daemon's requests reach it by.
 pub(crate) struct Broker {
     /// The daemon it runs in.
     site: Arc<Site>,
@@ -63,30 +79,25 @@ pub(crate) struct Broker {
     codecs: Arc<Registry>,
     /// The group's job log (this super-peer's replica).
     pub(crate) log: JobLog,
-    pub(crate) modules: ModuleStore,
-    /// The group's nodes and the other groups, as this broker hears them.
-    members: Mutex<members::Members>,
-    seq: AtomicU64,
-    inflight: Mutex<admit::Inflight>,
-    /// Jobs whose parts this broker is preparing now.
-    driving: Mutex<HashSet<String>>,
-    /// Why each pending job waits, as the last try to place it found.
-    waiting: Mutex<HashMap<String, String>>,
-    /// The replicas as members, leader first, for the leader and membership index they were
-    /// made for (see [`Broker::replicas`]).
-    replicas_made: Mutex<Option<group::ReplicaList>>,
-    /// Whether this broker led the log at its last look.
-    leading: AtomicBool,
-    /// Messages to nodes under way (terminations), ended with the broker.
-    tasks: Mutex<tokio::task::JoinSet<()>>,
-    /// The replicas to start the job log with, and since when, if no other replica has started
-    /// it by [`FOUNDING_WAIT`].
-    founders: Mutex<Option<(Vec<Replica>, Instant)>>,
+    pub(crate) modules: Arc<ModuleStore>,
+    /// What the loop publishes for readers.
+    view: Arc<View>,
+    /// To the loop.
+    inputs: mpsc::Sender<Input>,
+    /// The machine and the loop's end of `inputs`, until the loop takes them.
+    parked: Mutex<Option<(Core, mpsc::Receiver<Input>)>>,
 }
 
-/// How long a replica waits for the founding replica to start a new job log before it starts
-/// the log itself.
-const FOUNDING_WAIT: Duration = Duration::from_secs(5);
+/// What the broker's loop publishes for the readers on requests' tasks.
+#[derive(Default)]
+pub(super) struct View {
+    /// Registered nodes' peer ids as text and names, for statuses.
+    names: Mutex<members::Names>,
+    /// Why each pending job waits, as the last try to place it found.
+    waiting: Mutex<HashMap<String, String>>,
+    /// The replicas, leader first.
+    replicas: group::Replicas,
+}
 
 pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
@@ -94,7 +105,32 @@ pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
 
 pub(super) use crate::joblog::state::now_ms;
 
+/// Which replica leads, as this one knows it, and where it is; no nodes, no groups.
+fn leader_view(site: &Site, log: &JobLog, replicas: &group::Replicas) -> GroupInfo {
+    let leader = log.leader();
+    let me = site.net.peer();
+    GroupInfo {
+        group: site.group.clone(),
+        broker: leader.map(|p| p.to_string()),
+        broker_addrs: if leader == Some(me) {
+            site.net.dial_addrs()
+        } else {
+            let leader = leader.map(|l| l.to_string());
+            replicas
+                .get(log)
+                .into_iter()
+                .find(|m| Some(&m.peer) == leader.as_ref())
+                .map(|m| m.addrs)
+                .unwrap_or_default()
+        },
+        is_broker: leader == Some(me),
+        nodes: Vec::new(),
+        groups: Vec::new(),
+    }
+}
+
 impl Broker {
+    /// A broker over `log`; it acts once [`Broker::run`] runs its loop.
     pub(crate) fn new(
         site: Arc<Site>,
         codecs: Arc<Registry>,
@@ -102,134 +138,40 @@ impl Broker {
         modules: ModuleStore,
         founders: Option<Vec<Replica>>,
     ) -> Broker {
+        let view = Arc::new(View::default());
+        let modules = Arc::new(modules);
+        let core = Core::new(
+            site.clone(),
+            log.clone(),
+            modules.clone(),
+            codecs.clone(),
+            view.clone(),
+            founders,
+        );
+        let (inputs, rx) = mpsc::channel(INPUTS);
         Broker {
-            members: Mutex::new(members::Members::new(site.lost_after)),
             site,
             codecs,
             log,
             modules,
-            seq: AtomicU64::new(0),
-            inflight: Mutex::default(),
-            driving: Mutex::default(),
-            waiting: Mutex::default(),
-            replicas_made: Mutex::new(None),
-            leading: AtomicBool::new(false),
-            tasks: Mutex::new(tokio::task::JoinSet::new()),
-            founders: Mutex::new(founders.map(|r| (r, Instant::now()))),
+            view,
+            inputs,
+            parked: Mutex::new(Some((core, rx))),
         }
     }
 
-    /// Runs on every membership tick: notices a change of leader, marks silent nodes lost and
-    /// fails their parts.
-    async fn tick(self: &Arc<Self>) {
-        while self.tasks.lock().try_join_next().is_some() {}
-        self.found().await;
-        let leading = self.log.is_leader();
-        let was = self
-            .leading
-            .swap(leading, std::sync::atomic::Ordering::Relaxed);
-        if !leading {
-            return;
+    /// Gives the loop an input made with the reply channel, and waits for the answer.
+    async fn ask(&self, input: impl FnOnce(core::Reply) -> Input) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if self.inputs.send(input(tx)).await.is_err() {
+            return fail(FailureKind::Unavailable, "the broker is stopping");
         }
-        if !was {
-            self.take_over().await;
-        }
-        for effect in self.members_on(members::Input::Tick) {
-            match effect {
-                members::Effect::Lost { peer, name } => self.lost(peer, name).await,
-                members::Effect::Vanished { job, peer, name } => {
-                    let why =
-                        format!("node {name} ({peer}) no longer runs its part (it restarted?)");
-                    tracing::warn!(%job, %peer, %name, "a part is gone from its node");
-                    self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
-                        .await;
-                }
-                members::Effect::Unknown(_) => {}
-            }
-        }
-        {
-            let pending: HashSet<String> = self
-                .log
-                .read(|s| s.pending().map(|j| j.id.clone()).collect());
-            self.waiting.lock().retain(|id, _| pending.contains(id));
-        }
-        self.place_pending().await;
-    }
-
-    /// A node lost: the parts it holds fail, and its connections close.
-    async fn lost(&self, peer: PeerId, name: Option<String>) {
-        let name = name.unwrap_or_else(|| "(not registered since the takeover)".into());
-        tracing::warn!(%peer, %name, "node lost");
-        let jobs: Vec<String> = self.log.read(|s| {
-            s.placed_on(&peer)
-                .filter(|j| {
-                    !j.state.is_final() && j.parts.iter().any(|p| p.node == peer && !p.done)
-                })
-                .map(|j| j.id.clone())
-                .collect()
-        });
-        for job in jobs {
-            let why = format!("node {name} ({peer}) stopped answering; its vertices failed");
-            self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
-                .await;
-        }
-        let net = self.site.net.clone();
-        self.tasks
-            .lock()
-            .spawn(async move { net.disconnect(peer).await });
-    }
-
-    /// Starts the job log with the founding replicas if none has started it in time.
-    async fn found(&self) {
-        let due = {
-            let mut f = self.founders.lock();
-            match &*f {
-                Some(_) if !self.log.replicas().is_empty() => {
-                    *f = None;
-                    None
-                }
-                Some((_, since)) if since.elapsed() > FOUNDING_WAIT => f.take().map(|(r, _)| r),
-                _ => None,
-            }
-        };
-        if let Some(replicas) = due {
-            tracing::warn!("no replica started the group's job log; this one does");
-            if let Err(e) = self.log.initialize(&replicas).await {
-                tracing::warn!(error = %e, "cannot start the job log");
-            }
-        }
-    }
-
-    /// This broker has just taken the lead: the jobs that the last leader was preparing cannot
-    /// be started (their preparation died with it) and fail; running jobs go on, and the nodes
-    /// that run them count as lost unless they register within the usual time.
-    async fn take_over(self: &Arc<Self>) {
-        let (preparing, nodes): (Vec<String>, HashSet<PeerId>) = self.log.read(|s| {
-            let driving = self.driving.lock();
-            let live: Vec<&JobRecord> = s.jobs().filter(|j| !j.state.is_final()).collect();
-            (
-                live.iter()
-                    .filter(|j| j.state == JobState::Preparing && !driving.contains(&j.id))
-                    .map(|j| j.id.clone())
-                    .collect(),
-                live.iter()
-                    .flat_map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node))
-                    .collect(),
+        rx.await.unwrap_or_else(|_| {
+            fail(
+                FailureKind::Unavailable,
+                "the broker stopped before it answered",
             )
-        });
-        tracing::warn!(
-            preparing = preparing.len(),
-            nodes = nodes.len(),
-            "this super-peer now leads the group's job log"
-        );
-        self.members_on(members::Input::TookOver {
-            holding: nodes.into_iter().collect(),
-        });
-        for job in preparing {
-            let why = "its super-peer was lost while it was being prepared".to_owned();
-            self.end(&job, JobState::Failed, Ended::failed(ErrorKind::Lost, why))
-                .await;
-        }
+        })
     }
 
     /// The answer of a replica that does not lead.
@@ -247,58 +189,9 @@ impl Broker {
         )
     }
 
-    /// Validates, authorizes and places a job, then drives it on its own task.
-    async fn submit(self: &Arc<Self>, caller: &Principal, s: Submission) -> Response {
-        let owner = match admit::owner_of(caller, &s) {
-            Ok(o) => o,
-            Err(why) => return fail(FailureKind::Refused, format!("job {}: {why}", s.name)),
-        };
-        let hops = s.hops;
-        match self.place(&owner, s.clone()).await {
-            Placed::Job(r) => *r,
-            Placed::Unplaceable { vertices, why } if hops == 0 => {
-                self.forward(s, owner, vertices, &why).await
-            }
-            Placed::Unplaceable { why, .. } => fail(FailureKind::Unavailable, why),
-        }
-    }
-
-    /// Records `command`; the answer to give when it is not recorded.
-    async fn record(&self, command: crate::joblog::Command) -> Result<(), Response> {
-        match self.log.propose(command).await {
-            Ok(crate::joblog::Applied::Done) => Ok(()),
-            Ok(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
-            // A batch stands or falls with its first command (the others follow from it).
-            Ok(crate::joblog::Applied::Batch(v)) => match v.into_iter().next() {
-                Some(crate::joblog::Applied::Done) => Ok(()),
-                Some(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
-                _ => Err(fail(FailureKind::Failed, "a batch gave no outcome")),
-            },
-            Err(e) => Err(fail(FailureKind::Unavailable, e.to_string())),
-        }
-    }
-
-    async fn cancel(&self, job: &str) -> Response {
-        match self.log.read(|s| s.job(job).map(|j| j.state)) {
-            None => fail(FailureKind::NotFound, format!("no job {job}")),
-            Some(s) if s.is_final() => fail(
-                FailureKind::Input,
-                format!("job {job} has already ended ({s:?})"),
-            ),
-            Some(_) => {
-                self.end(job, JobState::Cancelled, Ended::cancelled()).await;
-                Response::Ok
-            }
-        }
-    }
-
     /// Answers a client (a user, or a super-peer forwarding a job). Only the leader answers,
     /// except for which modules it lacks (any replica that has them can serve them).
-    pub(crate) async fn client(
-        self: &Arc<Self>,
-        who: &Principal,
-        request: ClientRequest,
-    ) -> Response {
+    pub(crate) async fn client(&self, who: &Principal, request: ClientRequest) -> Response {
         if !matches!(request, ClientRequest::Missing { .. }) && !self.log.is_leader() {
             return self.not_leader();
         }
@@ -310,9 +203,25 @@ impl Broker {
                     .cloned()
                     .collect(),
             },
-            ClientRequest::Submit(s) => {
+            ClientRequest::Submit(mut s) => {
+                for b in std::mem::take(&mut s.modules) {
+                    self.modules.put(b);
+                }
+                let checked = match place::check(&self.modules, &self.codecs, &s) {
+                    Ok(c) => c,
+                    Err(f) => return Response::Error(f),
+                };
                 let wait = s.wait;
-                match self.submit(who, *s).await {
+                let who = who.clone();
+                let r = self
+                    .ask(|reply| Input::Submit {
+                        reply,
+                        who,
+                        submission: s,
+                        checked: Box::new(checked),
+                    })
+                    .await;
+                match r {
                     Response::Submitted(st) if wait && !st.state.is_final() => self.held(st).await,
                     r => r,
                 }
@@ -323,26 +232,24 @@ impl Broker {
                 after,
                 until_end,
             } => {
-                if let Some(r) = self.refusal(who, "read-results", &job) {
+                if let Some(r) = admit::refusal(&self.site, &self.log, who, "read-results", &job) {
                     return r;
                 }
                 self.wait(&job, after, until_end, SUBMIT_HOLD).await
             }
-            ClientRequest::Cancel { job } => match self.refusal(who, "cancel", &job) {
-                None => self.cancel(&job).await,
-                Some(r) => r,
-            },
+            ClientRequest::Cancel { job } => {
+                match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
+                    None => self.ask(|reply| Input::Cancel { reply, job }).await,
+                    Some(r) => r,
+                }
+            }
             // Who may cancel a job may hold it back.
-            ClientRequest::Hold { job, held } => match self.refusal(who, "cancel", &job) {
-                None => match self
-                    .record(crate::joblog::Command::Hold { job, held })
-                    .await
-                {
-                    Ok(()) => Response::Ok,
-                    Err(r) => r,
-                },
-                Some(r) => r,
-            },
+            ClientRequest::Hold { job, held } => {
+                match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
+                    None => self.ask(|reply| Input::Hold { reply, job, held }).await,
+                    Some(r) => r,
+                }
+            }
             ClientRequest::PolicyReload => crate::policy::reload(&self.site, who),
         }
     }
@@ -350,7 +257,7 @@ impl Broker {
     /// Answers a node of this group's domain. Only the leader answers, except for module
     /// bytes; a replica that does not lead answers a heartbeat with the replicas, leader first.
     pub(crate) async fn node(
-        self: &Arc<Self>,
+        &self,
         peer: PeerId,
         who: &Principal,
         request: NodeRequest,
@@ -365,25 +272,52 @@ impl Broker {
             return match request {
                 NodeRequest::Heartbeat(_) => Response::Heartbeat {
                     known: false,
-                    members: self.replicas(),
+                    members: self.view.replicas.get(&self.log),
                     stop: Vec::new(),
                 },
                 _ => self.not_leader(),
             };
         }
         match request {
-            NodeRequest::Register(info) => self.register(peer, who, info),
-            NodeRequest::Heartbeat(load) => self.heartbeat(peer, load),
+            NodeRequest::Register(info) => {
+                let who = who.clone();
+                self.ask(|reply| Input::Register {
+                    reply,
+                    peer,
+                    who,
+                    info,
+                })
+                .await
+            }
+            NodeRequest::Heartbeat(load) => {
+                self.ask(|reply| Input::Heartbeat { reply, peer, load })
+                    .await
+            }
             NodeRequest::Fetch { hash } => match self.modules.get(&hash) {
                 Some(b) => Response::Module(b),
                 None => fail(FailureKind::NotFound, format!("no module {hash}")),
             },
-            NodeRequest::Report(r) => self.report(peer, *r).await,
+            NodeRequest::Report(report) => {
+                self.ask(|reply| Input::Report {
+                    reply,
+                    peer,
+                    report,
+                })
+                .await
+            }
         }
     }
 
-    /// Stops the broker's messages under way.
-    pub(crate) fn shutdown(&self) {
-        self.tasks.lock().abort_all();
+    /// The group as this replica sees it: the leader, every node, the other groups.
+    pub(crate) async fn group(&self) -> GroupInfo {
+        match self.ask(|reply| Input::Group { reply }).await {
+            Response::Group(g) => g,
+            _ => self.leader_view(),
+        }
+    }
+
+    /// Which replica leads, as this one knows it, and where it is; no nodes, no groups.
+    pub(crate) fn leader_view(&self) -> GroupInfo {
+        leader_view(&self.site, &self.log, &self.view.replicas)
     }
 }

@@ -1,85 +1,52 @@
 //! Placing a submitted job: check it, admit it, choose its nodes ([`crate::schedule`]), and
-//! record it in the job log; then the parts are driven ([`super::drive`]).
+//! record it in the job log, or keep it waiting there; then the parts are driven
+//! ([`super::drive`]).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use libp2p::PeerId;
 use mvm_component::policy::Principal;
-use mvm_component::topology::{Options, Topology, Vertex};
+use mvm_component::topology::{Options, Topology};
+use mvm_queue::codec::Registry;
 
-use super::admit::{Reservation, sanitize};
-use super::{Broker, fail, now_ms};
+use super::admit::{inter_domain_allows, owner_of, sanitize};
+use super::core::{Core, Drive, Effect, Reply, Then};
+use super::{fail, now_ms};
 use crate::joblog::Command;
-use crate::joblog::state::{Ended, JobRecord, PartRecord};
+use crate::joblog::state::{Ended, JobRecord};
+use crate::modules::ModuleStore;
 use crate::proto::ErrorKind;
-use crate::proto::{
-    EnvSpec, Failure, FailureKind, JobState, Member, PartSpec, Response, Submission,
-};
-use crate::schedule::{self, Candidate, Graph, Rank};
-
-/// Whether a job was placed here (or refused for bad input), or cannot be placed here.
-pub(super) enum Placed {
-    Job(Box<Response>),
-    Unplaceable { vertices: usize, why: String },
-}
-
-/// A placement decided, before it is recorded.
-struct Plan {
-    peers: Vec<PeerId>,
-    /// Vertex → part index.
-    placement: Vec<u32>,
-}
-
-impl Plan {
-    /// The vertices of part `i`.
-    fn vertices<'a>(&'a self, t: &'a Topology, i: usize) -> impl Iterator<Item = &'a Vertex> + 'a {
-        t.vertices
-            .iter()
-            .zip(&self.placement)
-            .filter(move |(_, x)| **x as usize == i)
-            .map(|(v, _)| v)
-    }
-
-    /// The parts as the log records them.
-    fn parts(&self, t: &Topology) -> Vec<PartRecord> {
-        self.peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| PartRecord {
-                node: *p,
-                vertices: self.vertices(t, i).map(|v| v.name.clone()).collect(),
-                done: false,
-            })
-            .collect()
-    }
-}
+use crate::proto::{BrokerRequest, Failure, FailureKind, GroupSummary, JobState, Submission};
+use crate::schedule::{Graph, Rank};
 
 /// A submission checked: its topology, rank and placement graph.
 pub(super) struct Checked {
-    topology: Topology,
-    rank: Rank,
-    graph: Graph,
+    pub(super) topology: Topology,
+    pub(super) rank: Rank,
+    pub(super) graph: Graph,
 }
 
-impl Broker {
-    /// Checks what a submission names: its modules are here, its topology parses and names
-    /// only components it has, its limits and rank are valid.
-    pub(super) fn check(&self, s: &Submission) -> Result<Checked, Failure> {
+/// Checks what a submission names: its modules are here, its topology parses and names only
+/// components it has, its limits and rank are valid. Needs no state of the broker's: it runs
+/// on the request's task, before the job reaches the broker's loop.
+pub(super) fn check(
+    modules: &ModuleStore,
+    codecs: &Arc<Registry>,
+    s: &Submission,
+) -> Result<Checked, Failure> {
+    {
         for (component, hash) in &s.components {
-            if !self.modules.has(hash) {
+            if !modules.has(hash) {
                 return Err(Failure::new(
                     FailureKind::Input,
                     format!("module {hash} of component '{component}' was not sent"),
                 ));
             }
         }
-        let codecs = self.codecs.clone();
         let topology = Topology::parse_named(
             &s.topology_file,
             &s.topology,
             &Options {
-                codecs: &codecs,
+                codecs,
                 queue_defaults: s.queue.clone(),
             },
         )
@@ -127,38 +94,51 @@ impl Broker {
             graph,
         })
     }
+}
 
-    /// Validates, admits and places a job here; a job that fits this group but not now waits
-    /// in the log's queue; otherwise says why this group cannot take it.
-    pub(super) async fn place(self: &Arc<Self>, owner: &Principal, mut s: Submission) -> Placed {
-        for b in std::mem::take(&mut s.modules) {
-            self.modules.put(b);
-        }
-        let c = match self.check(&s) {
-            Ok(c) => c,
-            Err(f) => return Placed::Job(Box::new(Response::Error(f))),
-        };
-        // The policy enforcement point: nothing is reserved or woken for a denied job.
-        let n = c.topology.vertices.len();
-        let (mut reservation, _) = match self.authorize(owner, &s, n) {
-            Ok(r) => r,
+impl Core {
+    /// Admits and places a checked job here: it runs now, or, when it fits this group but not
+    /// now, waits in the log's queue; a job this group cannot take goes to another group (if
+    /// it has not been forwarded already).
+    pub(super) fn submit(
+        &mut self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
+        who: &Principal,
+        mut s: Submission,
+        c: Checked,
+    ) {
+        let owner = match owner_of(who, &s) {
+            Ok(o) => o,
             Err(why) => {
-                tracing::info!(job = %s.name, owner = %owner, %why, "job refused by policy");
-                return Placed::Job(Box::new(fail(
-                    FailureKind::Refused,
-                    format!("job {}: refused by policy: {why}", s.name),
-                )));
+                let r = fail(FailureKind::Refused, format!("job {}: {why}", s.name));
+                out.push(Effect::Reply(reply, r));
+                return;
             }
         };
         // Unique across leaders: at most one leads in a term.
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{:x}-{seq:x}", sanitize(&s.name), self.log.term());
+        let id = format!("{}-{:x}-{:x}", sanitize(&s.name), self.log.term(), self.seq);
+        self.seq += 1;
+        // The policy enforcement point: nothing is held or woken for a denied job.
+        let n = c.topology.vertices.len();
+        let resources = match self.authorize(&id, &owner, &s, n) {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::info!(job = %s.name, owner = %owner, %why, "job refused by policy");
+                let r = fail(
+                    FailureKind::Refused,
+                    format!("job {}: refused by policy: {why}", s.name),
+                );
+                out.push(Effect::Reply(reply, r));
+                return;
+            }
+        };
         let r = &s.requirements;
         let mut record = JobRecord {
             id: id.clone(),
             name: s.name.clone(),
             owner: owner.clone(),
-            resources: reservation.resources,
+            resources,
             image: r.image.clone().unwrap_or_else(|| "host".into()),
             priority: s.priority,
             submitted_ms: now_ms(),
@@ -171,278 +151,148 @@ impl Broker {
             submission: None,
             version: 0,
         };
-        let plan = match self.plan(&s, &c, &mut reservation) {
+        let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,
             Err(why) if self.fits_when_free(&s, &c) => {
                 // Admitted, but not now: it waits, and holds what it asks for meanwhile. Its
                 // modules wait in the log with it, so that whichever replica leads when there
                 // is room has them (they leave the log when it is placed).
                 record.state = JobState::Pending;
-                let mut s = s;
                 s.modules = s
                     .components
                     .values()
                     .filter_map(|h| self.modules.get(h))
                     .collect();
                 record.submission = Some(Box::new(s));
-                if let Err(r) = self.record(Command::Submit(Box::new(record))).await {
-                    return Placed::Job(Box::new(r));
-                }
-                // Once recorded: a tick meanwhile drops the reasons of jobs not pending.
-                self.waiting.lock().insert(id.clone(), why);
-                drop(reservation);
-                tracing::info!(job = %id, "job pending");
-                return Placed::Job(Box::new(self.submitted(&id)));
+                out.push(Effect::Record {
+                    command: Command::Submit(Box::new(record)),
+                    then: Then::PendingRecorded {
+                        reply,
+                        job: id,
+                        why,
+                    },
+                });
+                return;
             }
-            Err(why) => return Placed::Unplaceable { vertices: n, why },
+            Err(why) => {
+                self.ledger.release(&id);
+                if s.hops > 0 {
+                    out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));
+                    return;
+                }
+                let to = self.forward_to(&s, &owner, n);
+                out.push(Effect::Forward {
+                    reply,
+                    submission: Box::new(s),
+                    owner,
+                    to,
+                    why,
+                });
+                return;
+            }
         };
         record.parts = plan.parts(&c.topology);
-        if let [alone] = &plan.peers[..]
+        let mut specs = self.specs(&id, &owner, &s, &c, &plan);
+        self.drives.insert(id.clone(), Drive::recording());
+        if let [(peer, _)] = &specs[..]
             && record.image == "host"
         {
             // One part on the host: recorded once its node has answered (see
-            // `Broker::run_alone`). A part that needs a guest is recorded first: its prepare
-            // may take a guest's boot, and the job is seen `preparing` meanwhile.
-            let peer = *alone;
-            let spec = self.specs(&id, owner, &s, &c, &plan).pop();
-            let Some((_, spec)) = spec else {
-                return Placed::Job(Box::new(fail(FailureKind::Failed, "a part without a spec")));
+            // `Core::alone_prepared`). A part that needs a guest is recorded first: its
+            // prepare may take a guest's boot, and the job is seen `preparing` meanwhile.
+            let peer = *peer;
+            let Some((_, spec)) = specs.pop() else {
+                return;
             };
-            let r = self.run_alone(record, peer, spec).await;
-            drop(reservation); // held until the log holds the job, or not
-            return Placed::Job(Box::new(r));
+            out.push(Effect::Send {
+                peer,
+                addrs: self.members.addrs(&peer),
+                request: BrokerRequest::Prepare(Box::new(spec)),
+                then: Then::AlonePrepared {
+                    reply,
+                    record: Box::new(record),
+                },
+            });
+            return;
         }
-        self.driving.lock().insert(id.clone());
-        if let Err(r) = self.record(Command::Submit(Box::new(record))).await {
-            self.driving.lock().remove(&id);
-            return Placed::Job(Box::new(r));
-        }
-        drop(reservation); // the log holds the job's resources and slots from here
-        self.launch(&id, owner, &s, &c, &plan);
-        Placed::Job(Box::new(self.submitted(&id)))
+        out.push(Effect::Record {
+            command: Command::Submit(Box::new(record)),
+            then: Then::Placed {
+                reply: Some(reply),
+                job: id,
+                specs,
+            },
+        });
+    }
+
+    /// The other groups that could take a job this group cannot: the same domain, or a domain
+    /// the inter-domain policy lets its owner use; with room and the image and architecture it
+    /// asks for; the one with the most free slots first.
+    fn forward_to(&self, s: &Submission, owner: &Principal, vertices: usize) -> Vec<GroupSummary> {
+        let r = &s.requirements;
+        let me = self.site.net.peer().to_string();
+        let mut fits: Vec<GroupSummary> = self
+            .members
+            .groups(std::time::Instant::now(), &me)
+            .into_iter()
+            .filter(|g| {
+                (g.domain == self.site.domain || inter_domain_allows(&self.site, owner, g))
+                    && g.free_slots as usize >= vertices
+                    && r.image.as_ref().is_none_or(|i| g.images.contains(i))
+                    && r.arch.as_ref().is_none_or(|a| g.archs.contains(a))
+            })
+            .collect();
+        fits.sort_by_key(|g| std::cmp::Reverse(g.free_slots));
+        fits
     }
 
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit
     /// lets later ones that do go first).
-    pub(super) async fn place_pending(self: &Arc<Self>) {
+    pub(super) fn place_pending(&mut self, out: &mut Vec<Effect>) {
         let waiting: Vec<(String, Principal, Box<Submission>)> = self.log.read(|st| {
             st.pending()
+                .filter(|j| !self.drives.contains_key(&j.id))
                 .filter_map(|j| Some((j.id.clone(), j.owner.clone(), j.submission.clone()?)))
                 .take(256)
                 .collect()
         });
         for (id, owner, s) in waiting {
-            if self.driving.lock().contains(&id) {
-                continue;
-            }
             if s.components.values().any(|h| !self.modules.has(h)) {
                 for b in &s.modules {
                     self.modules.put(b.clone());
                 }
             }
-            let c = match self.check(&s) {
+            let c = match check(&self.modules, &self.codecs, &s) {
                 Ok(c) => c,
                 Err(f) => {
                     let ended = Ended::failed(ErrorKind::Setup, f.message);
-                    self.end(&id, JobState::Failed, ended).await;
+                    self.end(out, &id, JobState::Failed, ended);
                     continue;
                 }
             };
-            let mut reservation = Reservation::slots_only(self);
-            let plan = match self.plan(&s, &c, &mut reservation) {
+            let plan = match self.plan(&id, &s, &c) {
                 Ok(p) => p,
                 Err(why) => {
-                    self.waiting.lock().insert(id, why);
+                    self.ledger.release(&id);
+                    self.view.waiting.lock().insert(id, why);
                     continue;
                 }
             };
-            self.driving.lock().insert(id.clone());
-            let place = Command::Place {
-                job: id.clone(),
-                parts: plan.parts(&c.topology),
-            };
-            if !matches!(
-                self.log.propose(place).await,
-                Ok(crate::joblog::Applied::Done)
-            ) {
-                self.driving.lock().remove(&id);
-                continue;
-            }
-            drop(reservation);
-            self.waiting.lock().remove(&id);
+            self.view.waiting.lock().remove(&id);
             tracing::info!(job = %id, "pending job placed");
-            self.launch(&id, &owner, &s, &c, &plan);
-        }
-    }
-
-    /// Whether the job would fit this group's registered nodes were they all free.
-    fn fits_when_free(&self, s: &Submission, c: &Checked) -> bool {
-        let members = self.members.lock();
-        let cands: Vec<Candidate> = members
-            .live()
-            .map(|(_, e)| Candidate {
-                name: e.info.name.clone(),
-                cpus: e.info.cpus,
-                memory_bytes: e.info.memory_bytes,
-                free_memory_bytes: e.info.memory_bytes,
-                load: 0.0,
-                arch: e.info.arch.clone(),
-                images: e.info.images.clone(),
-                slots: e.info.slots,
-                free_slots: e.info.slots,
-            })
-            .collect();
-        let (ok, _) = schedule::filter(&cands, &s.requirements);
-        let caps: Vec<u32> = ok.iter().map(|&i| cands[i].free_slots).collect();
-        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
-        !ok.is_empty() && schedule::place(&c.graph, &caps, max).is_ok()
-    }
-
-    /// Prepares and starts a recorded job's parts.
-    fn launch(
-        self: &Arc<Self>,
-        id: &str,
-        owner: &Principal,
-        s: &Submission,
-        c: &Checked,
-        plan: &Plan,
-    ) {
-        let specs = self.specs(id, owner, s, c, plan);
-        self.spawn_drive(id.to_owned(), specs);
-    }
-
-    /// What each node of a placed job is sent to prepare its part.
-    fn specs(
-        &self,
-        id: &str,
-        owner: &Principal,
-        s: &Submission,
-        c: &Checked,
-        plan: &Plan,
-    ) -> Vec<(PeerId, PartSpec)> {
-        let members: Vec<Member> = plan.peers.iter().map(|p| self.member(p)).collect();
-        // Each node ensures the profile's image as a guest before its part runs.
-        let r = &s.requirements;
-        let environment = r
-            .image
-            .as_ref()
-            .filter(|i| i.as_str() != "host")
-            .map(|image| EnvSpec {
-                image: image.clone(),
-                vcpus: r.vcpus.unwrap_or(1),
-                memory_mib: r
-                    .memory_bytes
-                    .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
-                mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
+            let specs = self.specs(&id, &owner, &s, &c, &plan);
+            self.drives.insert(id.clone(), Drive::recording());
+            out.push(Effect::Record {
+                command: Command::Place {
+                    job: id.clone(),
+                    parts: plan.parts(&c.topology),
+                },
+                then: Then::Placed {
+                    reply: None,
+                    job: id,
+                    specs,
+                },
             });
-        let policy_digest = self.site.policies.current().digest.clone();
-        plan.peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let components = plan
-                    .vertices(&c.topology, i)
-                    .filter_map(|v| {
-                        s.components
-                            .get(&v.component)
-                            .map(|h| (v.component.clone(), h.clone()))
-                    })
-                    .collect();
-                let spec = PartSpec {
-                    job: id.to_owned(),
-                    topology_file: s.topology_file.clone(),
-                    topology: s.topology.clone(),
-                    queue: s.queue.clone(),
-                    components,
-                    parameters: s.parameters.clone(),
-                    limits: s.limits.clone(),
-                    placement: plan.placement.clone(),
-                    parts: members.clone(),
-                    here: u32::try_from(i).unwrap_or(0),
-                    start: plan.peers.len() == 1,
-                    environment: environment.clone(),
-                    owner: owner.clone(),
-                    policy_digest: policy_digest.clone(),
-                };
-                (*p, spec)
-            })
-            .collect()
-    }
-
-    /// Drives the parts on a task of their own, among the broker's tasks that its shutdown
-    /// ends (from a plain function, so that the future of [`Broker::place`] does not hold the
-    /// one of [`Broker::drive`], which may call back into this daemon).
-    fn spawn_drive(self: &Arc<Self>, id: String, specs: Vec<(PeerId, PartSpec)>) {
-        let broker = self.clone();
-        self.tasks
-            .lock()
-            .spawn(async move { broker.drive(id, specs).await });
-    }
-
-    /// Chooses the job's nodes among the registered ones by their free slots now, and holds
-    /// those slots in `reservation`.
-    fn plan(
-        &self,
-        s: &Submission,
-        c: &Checked,
-        reservation: &mut Reservation,
-    ) -> Result<Plan, String> {
-        // Scheduled under the inflight lock, so that two placements never count the same
-        // free slot.
-        let members = self.members.lock();
-        let mut inflight = self.inflight.lock();
-        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = members.live().collect();
-        live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
-        if live.is_empty() {
-            return Err(format!(
-                "no node has registered with the super-peer of group {}",
-                self.site.group
-            ));
         }
-        let cands: Vec<Candidate> = live
-            .iter()
-            .map(|(p, e)| {
-                let logged = self.log.read(|st| st.reserved(p));
-                let held = inflight.slots.get(*p).copied().unwrap_or(0);
-                Candidate {
-                    name: e.info.name.clone(),
-                    cpus: e.info.cpus,
-                    memory_bytes: e.info.memory_bytes,
-                    free_memory_bytes: e.info.load.free_memory_bytes,
-                    load: e.info.load.load,
-                    arch: e.info.arch.clone(),
-                    images: e.info.images.clone(),
-                    slots: e.info.slots,
-                    free_slots: e.info.slots.saturating_sub(logged).saturating_sub(held),
-                }
-            })
-            .collect();
-        let (ok, why) = schedule::filter(&cands, &s.requirements);
-        if ok.is_empty() {
-            return Err(format!(
-                "no node of group {} meets the job's requirements: {}",
-                self.site.group,
-                why.join("; ")
-            ));
-        }
-        let order = c.rank.order(&cands, ok);
-        let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
-        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
-        let placed = schedule::place(&c.graph, &caps, max)
-            .map_err(|e| format!("group {}: {e}", self.site.group))?;
-        // Parts: the nodes used, in rank order; vertex → part index.
-        let mut used: Vec<usize> = placed.clone();
-        used.sort_unstable();
-        used.dedup();
-        let peers: Vec<PeerId> = used.iter().map(|&r| *live[order[r]].0).collect();
-        let placement: Vec<u32> = placed
-            .iter()
-            .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
-            .collect();
-        for (i, p) in peers.iter().enumerate() {
-            let count = placement.iter().filter(|&&x| x as usize == i).count();
-            reservation.take_slots(&mut inflight, *p, u32::try_from(count).unwrap_or(u32::MAX));
-        }
-        Ok(Plan { peers, placement })
     }
 }

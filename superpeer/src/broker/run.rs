@@ -1,19 +1,29 @@
-//! The broker's own loop: its tick (a change of leader, lost nodes, pending jobs) and the group
-//! summaries it exchanges with other groups' super-peers.
+//! The broker's event loop: the one owner of its machine ([`Core`]), and the one place that
+//! carries out its effects and spawns its tasks. Inputs come from requests (through the
+//! broker's channel), from the tick, from the gossip of other groups' summaries, and from the
+//! loop's own tasks (nodes' answers, log outcomes). Its tasks end with it.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use libp2p::{Multiaddr, PeerId};
+use tokio::task::JoinSet;
 
 use super::Broker;
+use super::core::{Core, Effect, Input};
 use crate::net::{GROUPS_TOPIC, Gossip};
-use crate::proto::GroupSummary;
+use crate::proto::{GroupSummary, Request};
 
 impl Broker {
     /// Runs the broker until the task is aborted: ticks every heartbeat; every second one, the
     /// leader publishes its group's summary and dials `peers` (other groups' super-peers,
-    /// `/…/p2p/PEER`), and every summary heard from them is taken.
+    /// `/…/p2p/PEER`), and every summary heard from them is taken. Runs once: a second call
+    /// returns at once.
     pub(crate) async fn run(self: Arc<Self>, peers: Vec<String>) {
+        let Some((mut core, mut inputs)) = self.parked.lock().take() else {
+            tracing::error!("the broker's loop is already running");
+            return;
+        };
         let peers: Vec<(PeerId, Multiaddr)> = peers
             .iter()
             .filter_map(|p| match crate::net::split_peer(p) {
@@ -27,57 +37,138 @@ impl Broker {
         let mut gossip = self.site.net.take_gossip();
         let mut tick = tokio::time::interval(self.site.heartbeat);
         let mut round = 0u64;
+        let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
         loop {
-            tokio::select! {
+            let input = tokio::select! {
+                Some(input) = inputs.recv() => input,
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
+                    Ok(Some(input)) => input,
+                    _ => continue,
+                },
                 _ = tick.tick() => {
-                    self.tick().await;
                     round += 1;
                     if round.is_multiple_of(2) && self.log.is_leader() {
-                        self.publish(&peers).await;
+                        self.publish(&mut tasks, &core, &peers);
                     }
+                    Input::Tick
                 }
                 msg = async { gossip.as_mut()?.recv().await }, if gossip.is_some() => match msg {
-                    Some(msg) => self.heard(&msg),
-                    None => gossip = None,
+                    Some(msg) => match self.heard(&msg) {
+                        Some(s) => Input::Heard(s),
+                        None => continue,
+                    },
+                    None => {
+                        gossip = None;
+                        continue;
+                    }
                 },
+            };
+            for effect in core.on(Instant::now(), input) {
+                self.carry_out(&mut tasks, effect);
+            }
+        }
+    }
+
+    /// Carries out one effect of the machine; what comes of it is an input on `tasks`.
+    fn carry_out(&self, tasks: &mut JoinSet<Option<Input>>, effect: Effect) {
+        match effect {
+            Effect::Reply(reply, response) => {
+                let _ = reply.send(response); // the asker may have gone
+            }
+            Effect::Send {
+                peer,
+                addrs,
+                request,
+                then,
+            } => {
+                let site = self.site.clone();
+                tasks.spawn(async move {
+                    let answer = site.call(peer, &addrs, Request::Broker(request)).await;
+                    Some(Input::Answered { then, peer, answer })
+                });
+            }
+            Effect::Record { command, then } => {
+                let log = self.log.clone();
+                tasks.spawn(async move {
+                    let outcome = log.propose(command).await.map_err(|e| e.to_string());
+                    Some(Input::Recorded { then, outcome })
+                });
+            }
+            Effect::Disconnect(peer) => {
+                let net = self.site.net.clone();
+                tasks.spawn(async move {
+                    net.disconnect(peer).await;
+                    None
+                });
+            }
+            Effect::Forward {
+                reply,
+                submission,
+                owner,
+                to,
+                why,
+            } => {
+                let (site, modules) = (self.site.clone(), self.modules.clone());
+                tasks.spawn(async move {
+                    let r = super::forward::forward(&site, &modules, *submission, owner, to, &why)
+                        .await;
+                    let _ = reply.send(r);
+                    None
+                });
+            }
+            Effect::Found(replicas) => {
+                let log = self.log.clone();
+                tasks.spawn(async move {
+                    if let Err(e) = log.initialize(&replicas).await {
+                        tracing::warn!(error = %e, "cannot start the job log");
+                    }
+                    None
+                });
             }
         }
     }
 
     /// Keeps the other groups' super-peers connected and tells them this group's summary (only
     /// the leader speaks for the group).
-    async fn publish(&self, peers: &[(PeerId, Multiaddr)]) {
-        let net = &self.site.net;
-        for (peer, addr) in peers {
-            net.dial(*peer, vec![addr.clone()]).await;
-            // Summaries count only from super-peers whose certificates have passed.
-            if net.identity(peer).is_none() {
-                let net = net.clone();
-                let (peer, addr) = (*peer, addr.clone());
-                self.tasks.lock().spawn(async move {
-                    if let Err(e) = net.authenticate(peer, &[addr]).await {
-                        tracing::warn!(%peer, error = %e, "a super-peer is not authenticated");
-                    }
-                });
-            }
-        }
+    fn publish(
+        &self,
+        tasks: &mut JoinSet<Option<Input>>,
+        core: &Core,
+        peers: &[(PeerId, Multiaddr)],
+    ) {
         let mut data = Vec::new();
-        if ciborium::into_writer(&self.summary(), &mut data).is_ok() {
-            net.publish(GROUPS_TOPIC, data).await;
+        if ciborium::into_writer(&core.summary(), &mut data).is_err() {
+            return;
         }
+        let net = self.site.net.clone();
+        let peers = peers.to_vec();
+        tasks.spawn(async move {
+            for (peer, addr) in peers {
+                net.dial(peer, vec![addr.clone()]).await;
+                // Summaries count only from super-peers whose certificates have passed.
+                if net.identity(&peer).is_none()
+                    && let Err(e) = net.authenticate(peer, &[addr]).await
+                {
+                    tracing::warn!(%peer, error = %e, "a super-peer is not authenticated");
+                }
+            }
+            net.publish(GROUPS_TOPIC, data).await;
+            None
+        });
     }
 
-    /// Takes a group summary heard on the gossip topic: only from a super-peer whose
-    /// certificate has passed, about its own domain.
-    fn heard(&self, msg: &Gossip) {
+    /// A group summary heard on the gossip topic, if it counts: only from a super-peer whose
+    /// certificate has passed, about its own domain, and not this one's own.
+    fn heard(&self, msg: &Gossip) -> Option<GroupSummary> {
         if msg.topic != GROUPS_TOPIC {
-            return;
+            return None;
         }
         let summary: Result<GroupSummary, _> = ciborium::from_reader(msg.data.as_slice());
         match summary {
             Ok(s)
                 if s.validate().is_ok()
                     && msg.source.map(|p| p.to_string()) == Some(s.broker.clone())
+                    && s.broker != self.site.net.peer().to_string()
                     && msg
                         .source
                         .and_then(|p| self.site.net.identity(&p))
@@ -86,9 +177,12 @@ impl Broker {
                                 && id.domain == s.domain
                         }) =>
             {
-                self.learn(s);
+                Some(s)
             }
-            _ => tracing::debug!(source = ?msg.source, "ignoring a bad group summary"),
+            _ => {
+                tracing::debug!(source = ?msg.source, "ignoring a bad group summary");
+                None
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ use crate::pki::{Ca, Credentials, Subject};
 use crate::policy::PolicySource;
 use crate::proto::GroupInfo;
 
-mod jobs;
+pub(super) mod jobs;
 mod setup;
 
 use setup::write_policies;
@@ -95,7 +95,7 @@ pub(crate) enum Who {
     Node(usize),
 }
 
-fn creds(
+pub(super) fn creds(
     ca: &Ca,
     trust: &[String],
     kind: PrincipalKind,

@@ -1,0 +1,386 @@
+//! The broker as a state machine: [`Core::on`] takes an [`Input`] (a request that changes
+//! something, a node's answer, a log entry's outcome, the tick) and gives the [`Effect`]s to
+//! carry out (answers, requests to nodes, entries to propose). It does no I/O and spawns
+//! nothing; the broker's event loop ([`super::run`]) owns it, carries out its effects, and
+//! feeds what comes of them back in as inputs, each tagged with what it was for ([`Then`]).
+//!
+//! It reads the job log (the group's replicated state) and the policies in force; everything
+//! else it knows is its own: the members ([`super::members`]), what placements under way hold
+//! ([`super::admit::Ledger`]), and the jobs being driven ([`Drive`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::policy::Principal;
+use mvm_queue::codec::Registry;
+use tokio::sync::oneshot;
+
+use super::View;
+use super::admit::Ledger;
+use super::members::{self, Members};
+use super::place::Checked;
+use crate::joblog::state::{Ended, JobRecord};
+use crate::joblog::{Applied, Command, JobLog, Replica};
+use crate::modules::ModuleStore;
+use crate::proto::{
+    BrokerRequest, ErrorKind, Failure, FailureKind, GroupSummary, JobState, Member, NodeInfo,
+    NodeLoad, PartReport, PartSpec, Response, Submission,
+};
+use crate::site::Site;
+
+/// Where an answer goes.
+pub(super) type Reply = oneshot::Sender<Response>;
+
+/// What happens to the broker.
+pub(super) enum Input {
+    /// A submission from `who`, already checked ([`super::place::check`]).
+    Submit {
+        reply: Reply,
+        who: Principal,
+        submission: Box<Submission>,
+        checked: Box<Checked>,
+    },
+    /// A client cancels a job (the policy has let it).
+    Cancel { reply: Reply, job: String },
+    /// A client holds back or releases a pending job (the policy has let it).
+    Hold {
+        reply: Reply,
+        job: String,
+        held: bool,
+    },
+    /// A node registers.
+    Register {
+        reply: Reply,
+        peer: PeerId,
+        who: Principal,
+        info: NodeInfo,
+    },
+    /// A node's heartbeat.
+    Heartbeat {
+        reply: Reply,
+        peer: PeerId,
+        load: NodeLoad,
+    },
+    /// A node's report of its part.
+    Report {
+        reply: Reply,
+        peer: PeerId,
+        report: Box<PartReport>,
+    },
+    /// Someone asks what the group looks like.
+    Group { reply: Reply },
+    /// Another group's summary, heard from its super-peer (already checked).
+    Heard(GroupSummary),
+    /// A node answered a request sent for `then`.
+    Answered {
+        then: Then,
+        peer: PeerId,
+        answer: Result<Response, Failure>,
+    },
+    /// An entry proposed for `then` was applied (or not).
+    Recorded {
+        then: Then,
+        outcome: Result<Applied, String>,
+    },
+    /// Time has passed (every heartbeat interval).
+    Tick,
+}
+
+/// What the event loop must do.
+pub(super) enum Effect {
+    /// Answer a request.
+    Reply(Reply, Response),
+    /// Send a request to a node; its answer comes back as [`Input::Answered`].
+    Send {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: BrokerRequest,
+        then: Then,
+    },
+    /// Propose an entry to the job log; its outcome comes back as [`Input::Recorded`].
+    Record { command: Command, then: Then },
+    /// Close the connections to a lost node.
+    Disconnect(PeerId),
+    /// Offer a job this group cannot place to the groups in `to`, in order; the answer goes to
+    /// `reply`.
+    Forward {
+        reply: Reply,
+        submission: Box<Submission>,
+        owner: Principal,
+        to: Vec<GroupSummary>,
+        why: String,
+    },
+    /// Start the job log with these replicas (none has started it in time).
+    Found(Vec<Replica>),
+}
+
+/// What an answer or an outcome is for.
+pub(super) enum Then {
+    /// A job of one part on the host: its node answered the prepare; record the job.
+    AlonePrepared {
+        reply: Reply,
+        record: Box<JobRecord>,
+    },
+    /// That job's entry: answer the submitter; `running` if its part runs on `peer`.
+    AloneRecorded {
+        reply: Reply,
+        job: String,
+        peer: PeerId,
+        running: bool,
+    },
+    /// A job that waits for room was recorded.
+    PendingRecorded {
+        reply: Reply,
+        job: String,
+        why: String,
+    },
+    /// A placed job was recorded (submitted, or a pending job placed): wake its parts.
+    Placed {
+        reply: Option<Reply>,
+        job: String,
+        specs: Vec<(PeerId, PartSpec)>,
+    },
+    /// A part answered its prepare.
+    Prepared { job: String },
+    /// The start of a job (with the parts that ended in their prepare) was recorded.
+    StartRecorded { job: String, peers: Vec<PeerId> },
+    /// A part answered its start.
+    Started { job: String },
+    /// A job's end was recorded: tell its parts.
+    EndRecorded {
+        job: String,
+        state: JobState,
+        reply: Option<Reply>,
+    },
+    /// A part's end, or a hold, was recorded: answer.
+    Answer { reply: Reply },
+    /// Nothing follows (terminations, summaries).
+    Nothing,
+}
+
+/// A job being driven: from its placement until its start is recorded.
+pub(super) struct Drive {
+    pub(super) phase: Phase,
+    /// Reports that came before the job was in the log, taken once it is.
+    pub(super) early: Vec<(PeerId, PartReport, Reply)>,
+}
+
+impl Drive {
+    /// A job whose entry (or, alone, whose part's prepare) is on its way.
+    pub(super) fn recording() -> Drive {
+        Drive {
+            phase: Phase::Recording,
+            early: Vec::new(),
+        }
+    }
+}
+
+/// Where a driven job is.
+pub(super) enum Phase {
+    /// Its entry is on its way to the log, or (a job of one part) its part is being prepared.
+    Recording,
+    /// Its parts are being prepared: how many answers are awaited, the reports of parts that
+    /// ended within their prepare, and the first refusal.
+    Preparing {
+        peers: Vec<PeerId>,
+        awaited: usize,
+        finished: Vec<(PeerId, PartReport)>,
+        refused: Option<(PeerId, Failure)>,
+    },
+}
+
+/// The broker's state beside the log.
+pub(super) struct Core {
+    pub(super) site: Arc<Site>,
+    pub(super) log: JobLog,
+    pub(super) modules: Arc<ModuleStore>,
+    pub(super) codecs: Arc<Registry>,
+    /// What readers outside the loop see (statuses).
+    pub(super) view: Arc<View>,
+    pub(super) members: Members,
+    pub(super) ledger: Ledger,
+    /// The jobs being driven.
+    pub(super) drives: HashMap<String, Drive>,
+    /// Jobs placed by this broker (the last part of a job id).
+    pub(super) seq: u64,
+    /// Whether this broker led the log at its last tick.
+    pub(super) leading: bool,
+    /// The replicas to start the job log with, and since when, if no other replica has
+    /// started it by [`super::FOUNDING_WAIT`].
+    pub(super) founders: Option<(Vec<Replica>, Instant)>,
+}
+
+impl Core {
+    /// A broker that leads nothing yet.
+    pub(super) fn new(
+        site: Arc<Site>,
+        log: JobLog,
+        modules: Arc<ModuleStore>,
+        codecs: Arc<Registry>,
+        view: Arc<View>,
+        founders: Option<Vec<Replica>>,
+    ) -> Core {
+        Core {
+            members: Members::new(site.lost_after),
+            site,
+            log,
+            modules,
+            codecs,
+            view,
+            ledger: Ledger::default(),
+            drives: HashMap::new(),
+            seq: 0,
+            leading: false,
+            founders: founders.map(|r| (r, Instant::now())),
+        }
+    }
+
+    /// Takes `input` at `now`; what to do about it.
+    pub(super) fn on(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match input {
+            Input::Submit {
+                reply,
+                who,
+                submission,
+                checked,
+            } => self.submit(&mut out, reply, &who, *submission, *checked),
+            Input::Cancel { reply, job } => self.cancel(&mut out, reply, &job),
+            Input::Hold { reply, job, held } => out.push(Effect::Record {
+                command: Command::Hold { job, held },
+                then: Then::Answer { reply },
+            }),
+            Input::Register {
+                reply,
+                peer,
+                who,
+                info,
+            } => {
+                let r = self.register(now, peer, &who, info);
+                out.push(Effect::Reply(reply, r));
+            }
+            Input::Heartbeat { reply, peer, load } => {
+                let r = self.heartbeat(now, peer, load);
+                out.push(Effect::Reply(reply, r));
+            }
+            Input::Report {
+                reply,
+                peer,
+                report,
+            } => self.report(&mut out, peer, *report, Some(reply)),
+            Input::Group { reply } => {
+                let g = self.group(now);
+                out.push(Effect::Reply(reply, Response::Group(g)));
+            }
+            Input::Heard(s) => {
+                self.members.on(now, members::Input::Heard(s));
+            }
+            Input::Answered { then, peer, answer } => self.answered(&mut out, then, peer, answer),
+            Input::Recorded { then, outcome } => self.recorded(&mut out, then, outcome),
+            Input::Tick => self.tick(&mut out, now),
+        }
+        out
+    }
+
+    /// What the log's entry for `then` gave.
+    fn recorded(&mut self, out: &mut Vec<Effect>, then: Then, outcome: Result<Applied, String>) {
+        match then {
+            Then::AloneRecorded {
+                reply,
+                job,
+                peer,
+                running,
+            } => self.alone_recorded(out, reply, &job, peer, running, outcome),
+            Then::PendingRecorded { reply, job, why } => {
+                self.ledger.release(&job);
+                let r = match first(outcome) {
+                    Ok(()) => {
+                        self.view.waiting.lock().insert(job.clone(), why);
+                        tracing::info!(%job, "job pending");
+                        self.submitted(&job)
+                    }
+                    Err(f) => Response::Error(f),
+                };
+                out.push(Effect::Reply(reply, r));
+            }
+            Then::Placed { reply, job, specs } => self.placed(out, reply, &job, specs, outcome),
+            Then::StartRecorded { job, peers } => self.start_recorded(out, &job, peers),
+            Then::EndRecorded { job, state, reply } => {
+                self.end_recorded(out, &job, state, outcome);
+                if let Some(reply) = reply {
+                    out.push(Effect::Reply(reply, Response::Ok));
+                }
+            }
+            Then::Answer { reply } => {
+                let r = match first(outcome) {
+                    Ok(()) => Response::Ok,
+                    Err(f) => Response::Error(f),
+                };
+                out.push(Effect::Reply(reply, r));
+            }
+            Then::AlonePrepared { .. }
+            | Then::Prepared { .. }
+            | Then::Started { .. }
+            | Then::Nothing => {}
+        }
+    }
+
+    /// What a node's answer for `then` gave.
+    fn answered(
+        &mut self,
+        out: &mut Vec<Effect>,
+        then: Then,
+        peer: PeerId,
+        answer: Result<Response, Failure>,
+    ) {
+        match then {
+            Then::AlonePrepared { reply, record } => {
+                self.alone_prepared(out, reply, *record, peer, answer);
+            }
+            Then::Prepared { job } => self.prepared(out, &job, peer, answer),
+            Then::Started { job } => {
+                if let Err(f) = answer {
+                    let why = format!("node {}: {}", self.members.label(&peer), f.message);
+                    self.end(
+                        out,
+                        &job,
+                        JobState::Failed,
+                        Ended::failed(ErrorKind::Setup, why),
+                    );
+                }
+            }
+            Then::Nothing => {
+                if let Err(f) = answer {
+                    tracing::debug!(%peer, error = %f.message, "terminate not delivered");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The replicas, leader first (see [`super::group::Replicas`]).
+    pub(super) fn replicas(&self) -> Vec<Member> {
+        self.view.replicas.get(&self.log)
+    }
+}
+
+/// The outcome of an entry: `Ok` if its (first) command was applied. A batch stands or falls
+/// with its first command (the others follow from it).
+pub(super) fn first(outcome: Result<Applied, String>) -> Result<(), Failure> {
+    match outcome {
+        Ok(Applied::Done) => Ok(()),
+        Ok(Applied::Refused(why)) => Err(Failure::new(FailureKind::Input, why)),
+        Ok(Applied::Batch(v)) => match v.into_iter().next() {
+            Some(Applied::Done) => Ok(()),
+            Some(Applied::Refused(why)) => Err(Failure::new(FailureKind::Input, why)),
+            _ => Err(Failure::new(FailureKind::Failed, "a batch gave no outcome")),
+        },
+        Err(e) => Err(Failure::new(FailureKind::Unavailable, e)),
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

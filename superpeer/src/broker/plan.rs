@@ -1,0 +1,198 @@
+//! Choosing a job's nodes: the candidates as the members and the log give them, the pure
+//! [`crate::schedule`] over them, and what each chosen node is sent.
+
+use libp2p::PeerId;
+use mvm_component::policy::Principal;
+use mvm_component::topology::{Topology, Vertex};
+
+use super::core::Core;
+use super::place::Checked;
+use crate::joblog::state::PartRecord;
+use crate::proto::{EnvSpec, Member, PartSpec, Submission};
+use crate::schedule::{self, Candidate};
+
+/// A placement decided, before it is recorded.
+pub(super) struct Plan {
+    pub(super) peers: Vec<PeerId>,
+    /// Vertex → part index.
+    pub(super) placement: Vec<u32>,
+}
+
+impl Plan {
+    /// The vertices of part `i`.
+    fn vertices<'a>(&'a self, t: &'a Topology, i: usize) -> impl Iterator<Item = &'a Vertex> + 'a {
+        t.vertices
+            .iter()
+            .zip(&self.placement)
+            .filter(move |(_, x)| **x as usize == i)
+            .map(|(v, _)| v)
+    }
+
+    /// The parts as the log records them.
+    pub(super) fn parts(&self, t: &Topology) -> Vec<PartRecord> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PartRecord {
+                node: *p,
+                vertices: self.vertices(t, i).map(|v| v.name.clone()).collect(),
+                done: false,
+            })
+            .collect()
+    }
+}
+
+impl Core {
+    /// Whether the job would fit this group's registered nodes were they all free.
+    pub(super) fn fits_when_free(&self, s: &Submission, c: &Checked) -> bool {
+        let cands: Vec<Candidate> = self
+            .members
+            .live()
+            .map(|(_, e)| Candidate {
+                name: e.info.name.clone(),
+                cpus: e.info.cpus,
+                memory_bytes: e.info.memory_bytes,
+                free_memory_bytes: e.info.memory_bytes,
+                load: 0.0,
+                arch: e.info.arch.clone(),
+                images: e.info.images.clone(),
+                slots: e.info.slots,
+                free_slots: e.info.slots,
+            })
+            .collect();
+        let (ok, _) = schedule::filter(&cands, &s.requirements);
+        // The roomiest first: `place` fills the first `nodes` it is given.
+        let mut caps: Vec<u32> = ok.iter().map(|&i| cands[i].free_slots).collect();
+        caps.sort_unstable_by(|a, b| b.cmp(a));
+        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
+        !ok.is_empty() && schedule::place(&c.graph, &caps, max).is_ok()
+    }
+
+    /// What each node of a placed job is sent to prepare its part.
+    pub(super) fn specs(
+        &self,
+        id: &str,
+        owner: &Principal,
+        s: &Submission,
+        c: &Checked,
+        plan: &Plan,
+    ) -> Vec<(PeerId, PartSpec)> {
+        let members: Vec<Member> = plan.peers.iter().map(|p| self.members.member(p)).collect();
+        // Each node ensures the profile's image as a guest before its part runs.
+        let r = &s.requirements;
+        let environment = r
+            .image
+            .as_ref()
+            .filter(|i| i.as_str() != "host")
+            .map(|image| EnvSpec {
+                image: image.clone(),
+                vcpus: r.vcpus.unwrap_or(1),
+                memory_mib: r
+                    .memory_bytes
+                    .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
+                mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
+            });
+        let policy_digest = self.site.policies.current().digest.clone();
+        plan.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let components = plan
+                    .vertices(&c.topology, i)
+                    .filter_map(|v| {
+                        s.components
+                            .get(&v.component)
+                            .map(|h| (v.component.clone(), h.clone()))
+                    })
+                    .collect();
+                let spec = PartSpec {
+                    job: id.to_owned(),
+                    topology_file: s.topology_file.clone(),
+                    topology: s.topology.clone(),
+                    queue: s.queue.clone(),
+                    components,
+                    parameters: s.parameters.clone(),
+                    limits: s.limits.clone(),
+                    placement: plan.placement.clone(),
+                    parts: members.clone(),
+                    here: u32::try_from(i).unwrap_or(0),
+                    start: plan.peers.len() == 1,
+                    environment: environment.clone(),
+                    owner: owner.clone(),
+                    policy_digest: policy_digest.clone(),
+                };
+                (*p, spec)
+            })
+            .collect()
+    }
+
+    /// Chooses the job's nodes among the registered ones by their free slots now, and holds
+    /// those slots for `job` in the ledger.
+    pub(super) fn plan(&mut self, job: &str, s: &Submission, c: &Checked) -> Result<Plan, String> {
+        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = self.members.live().collect();
+        live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
+        if live.is_empty() {
+            return Err(format!(
+                "no node has registered with the super-peer of group {}",
+                self.site.group
+            ));
+        }
+        let cands: Vec<Candidate> = live
+            .iter()
+            .map(|(p, e)| {
+                let logged = self.log.read(|st| st.reserved(p));
+                let held = self.ledger.slots(p);
+                Candidate {
+                    name: e.info.name.clone(),
+                    cpus: e.info.cpus,
+                    memory_bytes: e.info.memory_bytes,
+                    free_memory_bytes: e.info.load.free_memory_bytes,
+                    load: e.info.load.load,
+                    arch: e.info.arch.clone(),
+                    images: e.info.images.clone(),
+                    slots: e.info.slots,
+                    free_slots: e.info.slots.saturating_sub(logged).saturating_sub(held),
+                }
+            })
+            .collect();
+        let (ok, why) = schedule::filter(&cands, &s.requirements);
+        if ok.is_empty() {
+            return Err(format!(
+                "no node of group {} meets the job's requirements: {}",
+                self.site.group,
+                why.join("; ")
+            ));
+        }
+        let mut order = c.rank.order(&cands, ok);
+        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
+        // `place` fills the first `max` nodes of the order it is given. When the best ranked
+        // of them have too little room and others have more, the roomiest go first (in rank
+        // order among equals), so that a job that fits is not kept waiting behind rank.
+        let room: u64 = order
+            .iter()
+            .take(max)
+            .map(|&i| u64::from(cands[i].free_slots))
+            .sum();
+        if room < c.graph.vertices as u64 {
+            order.sort_by_key(|&i| std::cmp::Reverse(cands[i].free_slots));
+        }
+        let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
+        let placed = schedule::place(&c.graph, &caps, max)
+            .map_err(|e| format!("group {}: {e}", self.site.group))?;
+        // Parts: the nodes used, in rank order; vertex → part index.
+        let mut used: Vec<usize> = placed.clone();
+        used.sort_unstable();
+        used.dedup();
+        let peers: Vec<PeerId> = used.iter().map(|&r| *live[order[r]].0).collect();
+        let placement: Vec<u32> = placed
+            .iter()
+            .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
+            .collect();
+        for (i, p) in peers.iter().enumerate() {
+            let count = placement.iter().filter(|&&x| x as usize == i).count();
+            self.ledger
+                .hold_slots(job, *p, u32::try_from(count).unwrap_or(u32::MAX));
+        }
+        Ok(Plan { peers, placement })
+    }
+}
