@@ -1,13 +1,174 @@
 //! Following the group's super-peer: registration, heartbeats with this node's load, and
-//! finding the replica of the group's job log that leads when the one followed is lost.
+//! finding the replica of the group's job log that leads when the one followed is lost. What
+//! to do is the [`Follow`] machine's to decide (no clock, no I/O); `Node::follow` carries it
+//! out.
 
-use crate::proto::NodeRequest;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 
 use super::Node;
-use crate::proto::{FailureKind, GroupInfo, NodeInfo, NodeLoad, Request, Response};
+use crate::proto::{
+    FailureKind, GroupInfo, Member, NodeInfo, NodeLoad, NodeRequest, Request, Response,
+};
+
+/// What came of a request to the super-peer.
+#[derive(Debug)]
+pub(super) enum Heard {
+    /// An answer (any answer, even a refusal, shows it is alive).
+    Answer(Box<Response>),
+    /// The request failed at once: the connection was refused or closed (the process is gone).
+    Refused,
+    /// No answer within `lost_after`.
+    Silent,
+}
+
+/// What happens to a node following its super-peer.
+#[derive(Debug)]
+pub(super) enum Input {
+    /// A heartbeat interval has passed.
+    Tick,
+    /// What came of the request to `from`.
+    Heard { from: PeerId, heard: Heard },
+    /// The leader looked for, if found.
+    Found(Option<(PeerId, Vec<Multiaddr>)>),
+}
+
+/// What the node must do.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Effect {
+    /// Send `to` a registration, or a heartbeat.
+    Send {
+        to: PeerId,
+        addrs: Vec<Multiaddr>,
+        register: bool,
+    },
+    /// Stop this node's part of `job`, which the leader `from` does not know running.
+    Stop { from: PeerId, job: String },
+    /// The group's replicas, as the super-peer listed them (leader first).
+    Members(Vec<Member>),
+    /// Look for the leader among these addresses (and the bootstrap ones).
+    Look { known: Vec<String> },
+    /// Follow this super-peer from now on.
+    Follow((PeerId, Vec<Multiaddr>)),
+}
+
+/// A node's view of the super-peer it follows.
+pub(super) struct Follow {
+    superpeer: Option<(PeerId, Vec<Multiaddr>)>,
+    /// The group's replicas, as last heard.
+    members: Vec<Member>,
+    registered: bool,
+    last_answer: Instant,
+    lost_after: Duration,
+}
+
+impl Follow {
+    /// Following `superpeer` (none: nothing to do), unregistered, at `now`.
+    pub(super) fn new(
+        superpeer: Option<(PeerId, Vec<Multiaddr>)>,
+        lost_after: Duration,
+        now: Instant,
+    ) -> Follow {
+        Follow {
+            superpeer,
+            members: Vec::new(),
+            registered: false,
+            last_answer: now,
+            lost_after,
+        }
+    }
+
+    /// Takes `input` at `now`.
+    pub(super) fn on(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        match input {
+            Input::Tick => self.send().into_iter().collect(),
+            Input::Heard { from, heard } => self.heard(now, from, heard),
+            Input::Found(next) => match next {
+                Some(next) if self.superpeer.as_ref().is_none_or(|(p, _)| *p != next.0) => {
+                    self.superpeer = Some(next.clone());
+                    self.registered = false;
+                    self.last_answer = now;
+                    // Register there now, not at the next tick.
+                    let mut out = vec![Effect::Follow(next)];
+                    out.extend(self.send());
+                    out
+                }
+                _ => Vec::new(),
+            },
+        }
+    }
+
+    /// The request due to the super-peer followed: a registration until it has taken one.
+    fn send(&self) -> Option<Effect> {
+        self.superpeer.as_ref().map(|(to, addrs)| Effect::Send {
+            to: *to,
+            addrs: addrs.clone(),
+            register: !self.registered,
+        })
+    }
+
+    /// The super-peer's answer, or silence: registered or not, jobs to stop, and whether to
+    /// look for the leader (the super-peer says another leads, refuses the connection while
+    /// other replicas are known, or has been silent for `lost_after`).
+    fn heard(&mut self, now: Instant, from: PeerId, heard: Heard) -> Vec<Effect> {
+        let Some((sp, _)) = &self.superpeer else {
+            return Vec::new();
+        };
+        let sp = *sp;
+        if from != sp {
+            return Vec::new(); // an answer of one no longer followed
+        }
+        let mut out = Vec::new();
+        let mut elsewhere = matches!(heard, Heard::Refused) && self.members.len() > 1;
+        if matches!(heard, Heard::Answer(_)) {
+            self.last_answer = now;
+        }
+        let answer = match heard {
+            Heard::Answer(r) => Some(*r),
+            Heard::Refused => None,
+            Heard::Silent => {
+                tracing::debug!(superpeer = %sp, "super-peer did not answer");
+                None
+            }
+        };
+        match answer {
+            Some(Response::Registered { members, .. }) => {
+                tracing::info!(superpeer = %sp, "registered");
+                self.registered = true;
+                self.members.clone_from(&members);
+                out.push(Effect::Members(members));
+            }
+            Some(Response::Heartbeat {
+                known,
+                members,
+                stop,
+            }) => {
+                self.registered = known;
+                out.extend(stop.into_iter().map(|job| Effect::Stop { from: sp, job }));
+                // A replica that does not lead lists the leader first.
+                let me = sp.to_string();
+                elsewhere = !known && members.first().is_some_and(|m| m.peer != me);
+                self.members.clone_from(&members);
+                out.push(Effect::Members(members));
+            }
+            Some(Response::Error(f)) if f.kind == FailureKind::Unavailable => {
+                self.registered = false;
+                elsewhere = true;
+            }
+            Some(_) | None => self.registered = false,
+        }
+        if elsewhere || now.saturating_duration_since(self.last_answer) >= self.lost_after {
+            if !elsewhere {
+                tracing::warn!(superpeer = %sp, "super-peer lost; looking for the group's leader");
+            }
+            let known = self.members.iter().flat_map(|m| m.addrs.clone()).collect();
+            out.push(Effect::Look { known });
+        }
+        out
+    }
+}
 
 impl Node {
     /// Whether `peer` is a super-peer of this node's group: the one it follows, another
@@ -89,108 +250,74 @@ impl Node {
         }
     }
 
-    /// Registers with the super-peer and sends heartbeats; registers again when the
-    /// super-peer has forgotten this node. When the super-peer does not lead the group's job
-    /// log (it says so) or has not answered for `lost_after`, the node looks for the replica
-    /// that leads now (see [`Node::find_leader`]) and registers there; the parts it runs go
-    /// on. Runs until the task is aborted.
+    /// Registers with the super-peer and sends heartbeats, as the [`Follow`] machine decides:
+    /// one request each heartbeat, its answer (or silence within `lost_after`) given back to
+    /// the machine, and the leader looked for when the machine says so. Runs until the task is
+    /// aborted.
     pub(crate) async fn follow(self: Arc<Self>) {
-        let mut registered = false;
-        let mut last_answer = tokio::time::Instant::now();
+        let mut machine = Follow::new(self.superpeer(), self.site.lost_after, Instant::now());
         let mut tick = tokio::time::interval(self.site.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let lost_after = self.site.lost_after;
+        let mut effects = Vec::new();
         loop {
-            tick.tick().await;
-            let Some((sp, addrs)) = self.superpeer() else {
-                continue;
-            };
-            let request = if registered {
-                Request::Node(NodeRequest::Heartbeat(self.load()))
-            } else {
-                Request::Node(NodeRequest::Register(self.info()))
-            };
-            // Any answer, even a refusal, shows the super-peer is alive; silence does not.
-            // A request that fails at once (the connection is refused or closed: the process
-            // is gone) sends the node looking for the leader now, not after `lost_after`.
-            let mut refused = false;
-            let answer = match tokio::time::timeout(
-                lost_after,
-                self.site.request(sp, &addrs, request),
-            )
-            .await
-            {
-                Ok(Ok(r)) => Some(r),
-                Ok(Err(_)) => {
-                    refused = true;
-                    None
-                }
-                Err(_) => None,
-            };
-            let answered = answer.is_some();
-            let mut elsewhere = refused && self.members.lock().len() > 1;
-            match answer {
-                Some(Response::Registered { members, .. }) => {
-                    registered = true;
-                    tracing::info!(superpeer = %sp, "registered");
-                    *self.members.lock() = members;
-                }
-                Some(Response::Heartbeat {
-                    known,
-                    members,
-                    stop,
-                }) => {
-                    registered = known;
-                    for job in stop {
-                        tracing::warn!(%job, "the leader has no such job running; stopping its part");
-                        self.terminate(sp, &job, "unknown to the leader");
+            if effects.is_empty() {
+                tick.tick().await;
+                effects = machine.on(Instant::now(), Input::Tick);
+            }
+            let mut next = Vec::new();
+            for effect in std::mem::take(&mut effects) {
+                let input = match effect {
+                    Effect::Send {
+                        to,
+                        addrs,
+                        register,
+                    } => {
+                        let request = if register {
+                            Request::Node(NodeRequest::Register(self.info()))
+                        } else {
+                            Request::Node(NodeRequest::Heartbeat(self.load()))
+                        };
+                        let heard = match tokio::time::timeout(
+                            self.site.lost_after,
+                            self.site.request(to, &addrs, request),
+                        )
+                        .await
+                        {
+                            Ok(Ok(r)) => Heard::Answer(Box::new(r)),
+                            // It fails at once: the connection is refused or closed.
+                            Ok(Err(_)) => Heard::Refused,
+                            Err(_) => Heard::Silent,
+                        };
+                        Input::Heard { from: to, heard }
                     }
-                    // A replica that does not lead lists the leader first.
-                    elsewhere = !known && members.first().is_some_and(|m| m.peer != sp.to_string());
-                    *self.members.lock() = members;
-                }
-                Some(Response::Error(f)) if f.kind == FailureKind::Unavailable => {
-                    registered = false;
-                    elsewhere = true;
-                }
-                Some(_) => registered = false,
-                None => {
-                    registered = false;
-                    tracing::debug!(superpeer = %sp, "super-peer did not answer");
-                }
+                    Effect::Look { known } => Input::Found(self.find_leader(known).await),
+                    Effect::Stop { from, job } => {
+                        tracing::warn!(%job, "the leader has no such job running; stopping its part");
+                        self.terminate(from, &job, "unknown to the leader");
+                        continue;
+                    }
+                    Effect::Members(members) => {
+                        *self.members.lock() = members;
+                        continue;
+                    }
+                    Effect::Follow(to) => {
+                        tracing::info!(superpeer = %to.0, "following the group's leader");
+                        *self.superpeer.write() = Some(to);
+                        continue;
+                    }
+                };
+                next.extend(machine.on(Instant::now(), input));
             }
-            if answered {
-                last_answer = tokio::time::Instant::now();
-            }
-            if elsewhere || last_answer.elapsed() >= lost_after {
-                if !elsewhere {
-                    tracing::warn!(superpeer = %sp, "super-peer lost; looking for the group's leader");
-                }
-                if let Some(next) = self.find_leader().await
-                    && next.0 != sp
-                {
-                    tracing::info!(superpeer = %next.0, "following the group's leader");
-                    *self.superpeer.write() = Some(next);
-                    registered = false;
-                    last_answer = tokio::time::Instant::now();
-                    tick.reset_immediately(); // register there now
-                }
-            }
+            effects = next;
         }
     }
 
     /// The replica of the group's job log that leads now, as the replicas this node knows of
-    /// (from the last answers of its super-peer, then its bootstrap addresses) say: the first
+    /// (`known`, from the last answers of its super-peer, then its bootstrap addresses) say: the first
     /// answer that comes as broker, or names one. All are asked at once, so a replica that is
     /// gone and does not refuse the connection costs no more than one `lost_after`.
-    async fn find_leader(&self) -> Option<(PeerId, Vec<Multiaddr>)> {
+    async fn find_leader(&self, mut known: Vec<String>) -> Option<(PeerId, Vec<Multiaddr>)> {
         use futures::StreamExt as _;
-        let mut known: Vec<String> = self
-            .members
-            .lock()
-            .iter()
-            .flat_map(|m| m.addrs.clone())
-            .collect();
         known.extend(self.config.bootstrap.iter().cloned());
         let mut tried = std::collections::HashSet::new();
         let mut probes = futures::stream::FuturesUnordered::new();
@@ -229,3 +356,7 @@ impl Node {
         None
     }
 }
+
+#[cfg(test)]
+#[path = "follow_tests.rs"]
+mod tests;
