@@ -1,0 +1,65 @@
+//! Why a request failed: [`Failure`], and the one place where the errors of every module
+//! that can reach the wire say which [`FailureKind`] they are.
+//!
+//! A caller turns such an error into a failure with `Failure::from(e)` and never picks a kind
+//! by hand.
+
+use serde::{Deserialize, Serialize};
+
+use super::{CheckError, LimitError};
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// The class of failure.
+    pub kind: FailureKind,
+    /// A one-line message naming the file, vertex or peer concerned.
+    pub message: String,
+}
+
+/// Classes of failure; they map to the CLI's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// Bad input: profile, topology, module, message.
+    Input,
+    /// Refused by policy.
+    Refused,
+    /// It ran (or tried to) and failed.
+    Failed,
+    /// No such job, module or node.
+    NotFound,
+    /// Not possible now: no node fits, not the broker, shutting down.
+    Unavailable,
+}
+
+impl Failure {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// `From<E> for Failure` for each error type `E`, with the failure kind it is.
+macro_rules! kinds {
+    ($($(#[$doc:meta])* $error:ty => $kind:expr;)*) => {$(
+        $(#[$doc])*
+        impl From<$error> for Failure {
+            fn from(e: $error) -> Failure {
+                let kind: fn(&$error) -> FailureKind = $kind;
+                Failure::new(kind(&e), e.to_string())
+            }
+        }
+    )*};
+}
+
+kinds! {
+    /// A message with a bad field is bad input.
+    CheckError => |_| FailureKind::Input;
+    /// Limits that cannot be enforced are bad input (the profile's).
+    LimitError => |_| FailureKind::Input;
+}
