@@ -101,7 +101,7 @@ impl Broker {
         }
         s.limits.limits().map_err(Failure::from)?;
         let rank = match s.requirements.rank.as_deref() {
-            Some(r) => Rank::parse(r).map_err(|e| Failure::new(FailureKind::Input, e))?,
+            Some(r) => Rank::parse(r).map_err(Failure::from)?,
             None => Rank::default_rank(),
         };
         let graph = Graph {

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{CheckError, LimitError};
+use crate::schedule::ScheduleError;
 
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -62,4 +63,13 @@ kinds! {
     CheckError => |_| FailureKind::Input;
     /// Limits that cannot be enforced are bad input (the profile's).
     LimitError => |_| FailureKind::Input;
+    /// A rank expression that does not parse is bad input; a job that does not fit the free
+    /// slots cannot be placed now.
+    ScheduleError => |e| {
+        if e.is_rank() {
+            FailureKind::Input
+        } else {
+            FailureKind::Unavailable
+        }
+    };
 }
