@@ -274,11 +274,11 @@ impl Broker {
     async fn record(&self, command: crate::joblog::Command) -> Result<(), Response> {
         match self.log.propose(command).await {
             Ok(crate::joblog::Applied::Done) => Ok(()),
-            Ok(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
+            Ok(crate::joblog::Applied::Refused(why)) => Err(Response::Error(why.into())),
             // A batch stands or falls with its first command (the others follow from it).
             Ok(crate::joblog::Applied::Batch(v)) => match v.into_iter().next() {
                 Some(crate::joblog::Applied::Done) => Ok(()),
-                Some(crate::joblog::Applied::Refused(why)) => Err(fail(FailureKind::Input, why)),
+                Some(crate::joblog::Applied::Refused(why)) => Err(Response::Error(why.into())),
                 _ => Err(fail(FailureKind::Failed, "a batch gave no outcome")),
             },
             Err(e) => Err(fail(FailureKind::Unavailable, e.to_string())),

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{CheckError, LimitError};
+use crate::joblog::CommandError;
 use crate::schedule::ScheduleError;
 
 /// Why a request failed.
@@ -72,4 +73,6 @@ kinds! {
             FailureKind::Unavailable
         }
     };
+    /// A command the job log refuses asks what the job's state does not allow: bad input.
+    CommandError => |_| FailureKind::Input;
 }
