@@ -24,7 +24,7 @@ mod ca;
 mod trust;
 
 pub use ca::{Ca, ca_files};
-pub use trust::{AuthError, Trust};
+pub use trust::{AuthError, Trust, TrustError};
 use trust::{key_peer, parse_pem};
 
 /// Why a certificate or a CA cannot be made, read or trusted.
@@ -177,9 +177,11 @@ impl Credentials {
     pub fn ephemeral(ca: &Ca, subject: &Subject) -> Result<Credentials, PkiError> {
         let key = Keypair::generate_ed25519();
         let pem = ca.certify(subject, &key.public(), 365)?;
-        let cert = parse_pem(&pem).map_err(err)?;
+        let cert = parse_pem(&pem).map_err(|e| err(e.to_string()))?;
         let mut trust = Trust::default();
-        trust.add_pem(ca.cert_pem()).map_err(err)?;
+        trust
+            .add_pem(ca.cert_pem())
+            .map_err(|e| err(e.to_string()))?;
         let principal = trust
             .verify(&cert, &key.public().to_peer_id())
             .map_err(|e| err(e.to_string()))?;

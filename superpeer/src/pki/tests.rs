@@ -95,7 +95,11 @@ fn every_bad_certificate_is_refused_with_its_reason() {
 
     let foreign = der(biology.certify(&alice, &key.public(), 1).expect("certify"));
     let e = trust.verify(&foreign, &peer).expect_err("unknown CA");
-    assert!(e.0.contains("unknown CA"), "{e}");
+    assert!(
+        matches!(&e, AuthError::UnknownCa { trusted, .. } if trusted == &["physics"]),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("unknown CA"), "{e}");
 
     let now = time::OffsetDateTime::now_utc();
     let expired = der(physics
@@ -107,7 +111,8 @@ fn every_bad_certificate_is_refused_with_its_reason() {
         )
         .expect("certify"));
     let e = trust.verify(&expired, &peer).expect_err("expired");
-    assert!(e.0.contains("not valid now"), "{e}");
+    assert!(matches!(e, AuthError::Validity { .. }), "{e:?}");
+    assert!(e.to_string().contains("not valid now"), "{e}");
 
     let mut tampered = good.clone();
     // Flip a byte inside the name "alice" in the subject: the signature no longer covers it.
@@ -117,22 +122,34 @@ fn every_bad_certificate_is_refused_with_its_reason() {
         .expect("the name is in the DER");
     tampered[at] = b'A';
     let e = trust.verify(&tampered, &peer).expect_err("tampered");
-    assert!(e.0.contains("does not verify"), "{e}");
+    assert_eq!(e, AuthError::Signature("physics".into()));
+    assert!(e.to_string().contains("does not verify"), "{e}");
 
     let other = Keypair::generate_ed25519().public().to_peer_id();
     let e = trust.verify(&good, &other).expect_err("not bound");
-    assert!(e.0.contains("bound to peer"), "{e}");
+    assert_eq!(
+        e,
+        AuthError::OtherPeer {
+            bound: Box::new(peer),
+            peer: Box::new(other)
+        }
+    );
+    assert!(e.to_string().contains("bound to peer"), "{e}");
 
     let e = trust.verify(b"garbage", &peer).expect_err("garbage");
-    assert!(e.0.contains("not an X.509"), "{e}");
+    assert!(matches!(e, AuthError::Der(_)), "{e:?}");
+    assert!(e.to_string().contains("not an X.509"), "{e}");
 
     // A CA certificate does not identify a peer, and a non-CA is no anchor.
     let e = trust
         .verify(&der(physics.cert_pem().to_owned()), &peer)
         .expect_err("a CA");
-    assert!(!e.0.is_empty());
+    assert_eq!(e, AuthError::Ca);
     let leaf_pem = physics.certify(&alice, &key.public(), 1).expect("certify");
-    assert!(Trust::default().add_pem(&leaf_pem).is_err());
+    assert_eq!(
+        Trust::default().add_pem(&leaf_pem),
+        Err(crate::pki::TrustError::NotCa)
+    );
 }
 
 /// Through real sockets: a daemon's swarm refuses every bad certificate before it hands any

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckError, LimitError};
 use crate::joblog::CommandError;
+use crate::pki::AuthError;
 use crate::schedule::ScheduleError;
 
 /// Why a request failed.
@@ -75,4 +76,6 @@ kinds! {
     };
     /// A command the job log refuses asks what the job's state does not allow: bad input.
     CommandError => |_| FailureKind::Input;
+    /// A refused certificate is a refusal.
+    AuthError => |_| FailureKind::Refused;
 }
