@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{CheckError, LimitError};
+use crate::environment::EnvError;
 use crate::joblog::CommandError;
 use crate::pki::AuthError;
 use crate::schedule::ScheduleError;
@@ -78,4 +79,6 @@ kinds! {
     CommandError => |_| FailureKind::Input;
     /// A refused certificate is a refusal.
     AuthError => |_| FailureKind::Refused;
+    /// An environment that cannot be made is a failure of the node.
+    EnvError => |_| FailureKind::Failed;
 }
