@@ -10,6 +10,7 @@ use super::{CheckError, LimitError};
 use crate::environment::EnvError;
 use crate::joblog::CommandError;
 use crate::pki::AuthError;
+use crate::policy::PolicyError;
 use crate::schedule::ScheduleError;
 
 /// Why a request failed.
@@ -77,8 +78,41 @@ kinds! {
     };
     /// A command the job log refuses asks what the job's state does not allow: bad input.
     CommandError => |_| FailureKind::Input;
+    /// Policies that do not load, or cannot be fetched, are bad input (the administrator's
+    /// files).
+    PolicyError => |_| FailureKind::Input;
     /// A refused certificate is a refusal.
     AuthError => |_| FailureKind::Refused;
     /// An environment that cannot be made is a failure of the node.
     EnvError => |_| FailureKind::Failed;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{Graph, Rank, place};
+
+    #[test]
+    fn each_error_says_its_kind() {
+        let rank = Rank::parse("cpus +").expect_err("no operand");
+        assert_eq!(Failure::from(rank).kind, FailureKind::Input);
+        let g = Graph {
+            vertices: 3,
+            edges: Vec::new(),
+        };
+        let full = place(&g, &[1], 1).expect_err("too few slots");
+        let f = Failure::from(full);
+        assert_eq!(f.kind, FailureKind::Unavailable);
+        assert_eq!(
+            f.message,
+            "3 vertices do not fit in the 1 free slots of 1 nodes"
+        );
+        let ended = CommandError::NoJob("j-1".into());
+        assert_eq!(
+            Failure::from(ended),
+            Failure::new(FailureKind::Input, "no job j-1")
+        );
+        assert_eq!(Failure::from(AuthError::Ca).kind, FailureKind::Refused);
+        assert_eq!(Failure::from(EnvError::InUse).kind, FailureKind::Failed);
+    }
 }
