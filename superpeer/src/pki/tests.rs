@@ -22,7 +22,11 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
     assert_eq!(mode(&ca_dir.join("ca.key")), 0o600);
     assert_eq!(mode(&ca_dir.join("ca.crt")), 0o644);
     let again = Ca::init(&ca_dir, "physics", 30).expect_err("exists");
-    assert!(again.0.contains("already exists"), "{again}");
+    assert!(
+        matches!(&again, PkiError::Exists(p) if p.ends_with("ca.crt")),
+        "{again:?}"
+    );
+    assert!(again.to_string().contains("already exists"), "{again}");
     let ca2 = Ca::load(&ca_dir).expect("load");
     assert_eq!(ca2.domain(), "physics");
     assert_eq!(ca2.cert_pem(), ca.cert_pem());
@@ -44,7 +48,11 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
     let e = ca2
         .issue(&subject(PrincipalKind::User, "alice", &[]), &out, None, 10)
         .expect_err("exists");
-    assert!(e.0.contains("already exists"), "{e}");
+    assert!(
+        matches!(&e, PkiError::Exists(p) if p.ends_with("cert.pem")),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("already exists"), "{e}");
 
     // Certifying an existing key keeps it.
     let node_dir = dir.path().join("n1");
@@ -74,7 +82,11 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
             1,
         )
         .expect_err("bad name");
-    assert!(bad.0.contains("a name is"), "{bad}");
+    assert!(
+        matches!(&bad, PkiError::Name { field: "the name", value } if value == "../x"),
+        "{bad:?}"
+    );
+    assert!(bad.to_string().contains("a name is"), "{bad}");
 }
 
 #[test]
@@ -327,4 +339,38 @@ async fn a_request_without_a_hello_is_refused_unread() {
         inbound.try_recv().is_err(),
         "the request never reached the daemon"
     );
+}
+
+#[test]
+fn a_bad_file_is_named_with_what_is_wrong_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "physics", 30).expect("init");
+    let out = dir.path().join("alice");
+    ca.issue(&subject(PrincipalKind::User, "alice", &[]), &out, None, 1)
+        .expect("issue");
+    std::fs::write(out.join("key"), b"not a key").expect("write");
+    let e = Credentials::load(&out, &[]).expect_err("bad key");
+    assert!(
+        matches!(&e, PkiError::File { path, error: FileError::Key(_) } if *path == out.join("key")),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("key: not a libp2p key"), "{e}");
+    // Another CA's key next to this CA's certificate.
+    let other = dir.path().join("other");
+    Ca::init(&other, "physics", 30).expect("init");
+    std::fs::copy(other.join("ca.key"), ca_dir.join("ca.key")).expect("copy");
+    let e = Ca::load(&ca_dir).expect_err("mismatch");
+    assert!(
+        matches!(
+            &e,
+            PkiError::File {
+                error: FileError::KeyMismatch,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = Credentials::load(&dir.path().join("nobody"), &[]).expect_err("none");
+    assert!(matches!(e, PkiError::NoCertificate { .. }), "{e:?}");
 }

@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use super::{PkiError, io_err, name_ok};
+use super::{PkiError, name_ok};
 
 /// A trusted domain CA.
 #[derive(Debug, Clone)]
@@ -175,8 +175,8 @@ impl Trust {
     /// # Errors
     /// The file cannot be read, or is not a valid CA certificate.
     pub fn add_file(&mut self, path: &Path) -> Result<(), PkiError> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-        self.add_pem(&text).map_err(|e| io_err(path, e))
+        let text = std::fs::read_to_string(path).map_err(PkiError::at(path))?;
+        self.add_pem(&text).map_err(PkiError::at(path))
     }
 
     /// Adds a CA certificate (PEM); one already trusted is not added twice.
