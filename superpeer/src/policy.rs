@@ -10,10 +10,10 @@ use crate::proto::PeerRequest;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mvm_component::policy::{Bundle, BundleError, Cached, Engine, OsoEngine};
+use mvm_component::policy::{Bundle, BundleError, Cached, Engine, OsoEngine, Principal};
 use parking_lot::{Mutex, RwLock};
 
-use crate::proto::{Failure, FailureKind, Request, Response};
+use crate::proto::{Failure, Request, Response};
 
 /// How many answers a loaded version remembers.
 const CACHE: usize = 1 << 16;
@@ -48,6 +48,20 @@ pub enum PolicyError {
         peer: libp2p::PeerId,
         /// Its failure.
         failure: Failure,
+    },
+    /// Policies asked for by someone other than a node.
+    #[error("{0} is not a node; policies go to nodes only")]
+    NotANode(Box<Principal>),
+    /// A reload asked for by someone the policies do not let administer the domain.
+    #[error("{0}")]
+    Denied(String),
+    /// A reload asked of a daemon that holds no policy directory.
+    #[error("{peer} holds no policy directory (its policies: {policies:?})")]
+    NoDirectory {
+        /// The daemon.
+        peer: libp2p::PeerId,
+        /// Where its policies come from.
+        policies: PolicySource,
     },
 }
 
@@ -213,18 +227,10 @@ impl Policies {
     }
 }
 
-fn refused(m: String) -> Response {
-    Response::Error(Failure::new(FailureKind::Refused, m))
-}
-
 /// `PeerRequest::Policy`: the bundle in force, to nodes and super-peers (not to users).
-pub(crate) fn serve(
-    site: &crate::site::Site,
-    asker: &mvm_component::policy::Principal,
-    have: &str,
-) -> Response {
+pub(crate) fn serve(site: &crate::site::Site, asker: &Principal, have: &str) -> Response {
     if asker.kind != mvm_component::policy::PrincipalKind::Node {
-        return refused(format!("{asker} is not a node; policies go to nodes only"));
+        return Response::Error(PolicyError::NotANode(Box::new(asker.clone())).into());
     }
     let cur = site.policies.current();
     Response::Policy {
@@ -235,10 +241,7 @@ pub(crate) fn serve(
 }
 
 /// `ClientRequest::PolicyReload`, from someone allowed to `administer` the domain.
-pub(crate) fn reload(
-    site: &crate::site::Site,
-    asker: &mvm_component::policy::Principal,
-) -> Response {
+pub(crate) fn reload(site: &crate::site::Site, asker: &Principal) -> Response {
     use mvm_component::policy::{Domain, Question, Resource};
     let domain = &site.domain;
     let cur = site.policies.current();
@@ -248,17 +251,14 @@ pub(crate) fn reload(
         resource: Resource::Domain(Domain::named(domain)),
     };
     if let mvm_component::policy::Decision::Deny(why) = cur.engine.decide(&q) {
-        return refused(why);
+        return Response::Error(PolicyError::Denied(why).into());
     }
     if !matches!(site.policies.source(), PolicySource::Dir(_)) {
-        return Response::Error(Failure::new(
-            FailureKind::Input,
-            format!(
-                "{} holds no policy directory (its policies: {:?})",
-                site.peer(),
-                site.policies.source()
-            ),
-        ));
+        let e = PolicyError::NoDirectory {
+            peer: site.peer(),
+            policies: site.policies.source().clone(),
+        };
+        return Response::Error(e.into());
     }
     match site.policies.reload() {
         Ok((l, _)) => Response::Policy {

@@ -142,13 +142,6 @@ pub enum ScheduleError {
     },
 }
 
-impl ScheduleError {
-    /// Whether it is a rank expression's error (rather than a placement's).
-    pub fn is_rank(&self) -> bool {
-        matches!(self, ScheduleError::Rank { .. })
-    }
-}
-
 /// What is wrong at a place of a rank expression.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RankProblem {

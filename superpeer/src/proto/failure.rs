@@ -69,18 +69,26 @@ kinds! {
     LimitError => |_| FailureKind::Input;
     /// A rank expression that does not parse is bad input; a job that does not fit the free
     /// slots cannot be placed now.
-    ScheduleError => |e| {
-        if e.is_rank() {
-            FailureKind::Input
-        } else {
+    ScheduleError => |e| match e {
+        ScheduleError::Rank { .. } => FailureKind::Input,
+        ScheduleError::TooFewSlots { .. } | ScheduleError::TooFewSlotsOnBest { .. } => {
             FailureKind::Unavailable
         }
     };
     /// A command the job log refuses asks what the job's state does not allow: bad input.
     CommandError => |_| FailureKind::Input;
-    /// Policies that do not load, or cannot be fetched, are bad input (the administrator's
-    /// files).
-    PolicyError => |_| FailureKind::Input;
+    /// Asking for policies without the right is a refusal; policies that do not load, a bad
+    /// source and a daemon without policy files are bad input (the administrator's); a fetch
+    /// fails as its source did, and a bundle that arrives wrong is a failure.
+    PolicyError => |e| match e {
+        PolicyError::NotANode(_) | PolicyError::Denied(_) => FailureKind::Refused,
+        PolicyError::Bundle(_)
+        | PolicyError::Dir { .. }
+        | PolicyError::Source(_)
+        | PolicyError::NoDirectory { .. } => FailureKind::Input,
+        PolicyError::Fetch { failure, .. } => failure.kind,
+        PolicyError::Digest | PolicyError::Answer(_) => FailureKind::Failed,
+    };
     /// A refused certificate is a refusal.
     AuthError => |_| FailureKind::Refused;
     /// An environment that cannot be made is a failure of the node.
@@ -107,6 +115,8 @@ mod tests {
             f.message,
             "3 vertices do not fit in the 1 free slots of 1 nodes"
         );
+        let denied = PolicyError::Denied("no".into());
+        assert_eq!(Failure::from(denied).kind, FailureKind::Refused);
         let ended = CommandError::NoJob("j-1".into());
         assert_eq!(
             Failure::from(ended),
