@@ -394,3 +394,31 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
     assert_eq!(s.apply(4, Command::Submit(Box::new(b))), Applied::Done);
     assert_eq!(s.reserved(&n), 2);
 }
+
+#[test]
+fn a_refusal_keeps_its_data_through_the_log_encoding() {
+    // Applied is openraft's response type: it must encode and decode as it is.
+    let node = libp2p::PeerId::random();
+    let a = Applied::Batch(vec![
+        Applied::Done,
+        Applied::Refused(CommandError::NotAPart {
+            job: "j-1".into(),
+            node,
+        }),
+        Applied::Refused(CommandError::AlreadyHeld {
+            job: "j-2".into(),
+            held: false,
+        }),
+    ]);
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&a, &mut bytes).expect("encodes");
+    let back: Applied = ciborium::from_reader(bytes.as_slice()).expect("decodes");
+    assert_eq!(back, a);
+    let Applied::Batch(v) = back else {
+        unreachable!("a batch")
+    };
+    let Applied::Refused(why) = &v[2] else {
+        unreachable!("a refusal")
+    };
+    assert_eq!(why.to_string(), "job j-2 is already not held");
+}
