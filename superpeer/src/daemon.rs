@@ -7,20 +7,20 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use mvm_component::policy::Principal;
-use mvm_component::runtime::{Runtime, RuntimeConfig};
+use mvm_component::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use mvm_queue::Controller;
 use mvm_queue::codec::Registry;
 use mvm_queue::controller::Limits as QueueLimits;
 use tokio::sync::mpsc;
 
 use crate::broker::Broker;
-use crate::environment::{NodeOs, OsConfig};
-use crate::joblog::{JobLog, LogConfig, Replica};
+use crate::environment::{EnvError, NodeOs, OsConfig};
+use crate::joblog::{JobLog, LogConfig, LogError, Replica};
 use crate::modules::ModuleStore;
 use crate::net::{Inbound, Net, NetConfig};
 use crate::node::{Node, NodeConfig};
 use crate::pki::Credentials;
-use crate::policy::{Policies, PolicySource};
+use crate::policy::{Policies, PolicyError, PolicySource};
 use crate::proto::{ClientRequest, Failure, FailureKind, PeerRequest, Request, Response};
 use crate::site::{Local, Site};
 
@@ -96,6 +96,56 @@ impl Default for DaemonConfig {
     }
 }
 
+/// Why a daemon does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The certificate is of another domain than the one configured.
+    #[error("the certificate is of domain {cert}, not {config}")]
+    Domain {
+        /// The certificate's domain.
+        cert: String,
+        /// The configured domain.
+        config: String,
+    },
+    /// The policies do not load.
+    #[error(transparent)]
+    Policies(#[from] PolicyError),
+    /// The OS layer's directory cannot be opened.
+    #[error("{}: {error}", .dir.display())]
+    Os {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        error: EnvError,
+    },
+    /// A node without a super-peer to join.
+    #[error("a node needs a super-peer address (--bootstrap)")]
+    NoBootstrap,
+    /// A bootstrap or replica address that is not a peer's.
+    #[error("{0}")]
+    Address(String),
+    /// The WebAssembly runtime cannot be made.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The network cannot be started.
+    #[error("{0}")]
+    Net(String),
+    /// No directory can be made for the job log.
+    #[error("a directory for the job log: {0}")]
+    Scratch(std::io::Error),
+    /// The job log cannot be opened or started.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The direct-link listener cannot be bound.
+    #[error("cannot listen for direct links on {ip}: {error}")]
+    Links {
+        /// The address.
+        ip: std::net::IpAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
 /// A running daemon.
 pub struct Daemon {
     router: Arc<Router>,
@@ -121,46 +171,48 @@ impl Daemon {
     ///
     /// # Errors
     /// The network, the runtime, or a bootstrap address cannot be set up.
-    pub async fn start(creds: &Credentials, config: DaemonConfig) -> Result<Daemon, String> {
+    pub async fn start(creds: &Credentials, config: DaemonConfig) -> Result<Daemon, DaemonError> {
         if creds.principal.domain != config.domain {
-            return Err(format!(
-                "the certificate is of domain {}, not {}",
-                creds.principal.domain, config.domain
-            ));
+            return Err(DaemonError::Domain {
+                cert: creds.principal.domain.clone(),
+                config: config.domain.clone(),
+            });
         }
         let policies = Policies::open(config.policies.clone(), &config.domain)?;
         let os = match &config.os {
             Some(c) if config.slots > 0 => {
-                let os = NodeOs::open(c).map_err(|e| format!("{}: {e}", c.dir.display()))?;
+                let os = NodeOs::open(c).map_err(|error| DaemonError::Os {
+                    dir: c.dir.clone(),
+                    error,
+                })?;
                 Some(Arc::new(os))
             }
             _ => None,
         };
         let superpeer = match (config.broker, config.bootstrap.first()) {
             (true, _) => None,
-            (false, None) => return Err("a node needs a super-peer address (--bootstrap)".into()),
+            (false, None) => return Err(DaemonError::NoBootstrap),
             (false, Some(_)) => {
                 let mut first = None;
                 for b in &config.bootstrap {
-                    let (peer, addr) = crate::net::split_peer(b)?;
+                    let (peer, addr) = crate::net::split_peer(b).map_err(DaemonError::Address)?;
                     first.get_or_insert((peer, vec![addr]));
                 }
                 first
             }
         };
         let runtime = if config.slots > 0 {
-            Some(
-                Runtime::new(&RuntimeConfig {
-                    cache_dir: config.cache_dir.clone(),
-                    max_instances: config.slots,
-                    ..RuntimeConfig::default()
-                })
-                .map_err(|e| e.to_string())?,
-            )
+            Some(Runtime::new(&RuntimeConfig {
+                cache_dir: config.cache_dir.clone(),
+                max_instances: config.slots,
+                ..RuntimeConfig::default()
+            })?)
         } else {
             None
         };
-        let (net, inbound) = Net::start(creds, &config.net).await?;
+        let (net, inbound) = Net::start(creds, &config.net)
+            .await
+            .map_err(DaemonError::Net)?;
         let site = Arc::new(Site::new(
             net.clone(),
             policies,
@@ -176,30 +228,27 @@ impl Daemon {
             let dir = match &config.state_dir {
                 Some(d) => d.join("joblog"),
                 None => {
-                    let t = tempfile::tempdir()
-                        .map_err(|e| format!("a directory for the job log: {e}"))?;
+                    let t = tempfile::tempdir().map_err(DaemonError::Scratch)?;
                     let d = t.path().to_owned();
                     scratch = Some(t);
                     d
                 }
             };
-            let log = JobLog::open(&dir, net.clone(), &LogConfig::default())
-                .await
-                .map_err(|e| e.to_string())?;
+            let log = JobLog::open(&dir, net.clone(), &LogConfig::default()).await?;
             let mut replicas = vec![Replica::new(net.peer(), net.addrs())];
             for r in &config.replicas {
-                let (peer, addr) = crate::net::split_peer(r)?;
+                let (peer, addr) = crate::net::split_peer(r).map_err(DaemonError::Address)?;
                 if peer != net.peer() {
                     replicas.push(Replica::new(peer, &[addr]));
                 }
             }
-            log.expect(&replicas).map_err(|e| e.to_string())?;
+            log.expect(&replicas)?;
             // One replica starts a new log (the lowest peer id), so that the others do not all
             // stand for election at once; the others start it themselves only if it has not
             // reached them after a while (it may be down). A log that exists is kept.
             let founder = replicas.iter().filter_map(|r| r.peer_id().ok()).min();
             let founders = if founder == Some(net.peer()) {
-                log.initialize(&replicas).await.map_err(|e| e.to_string())?;
+                log.initialize(&replicas).await?;
                 None
             } else {
                 Some(replicas)
@@ -221,7 +270,7 @@ impl Daemon {
             Some(
                 crate::links::Listener::start(ip)
                     .await
-                    .map_err(|e| format!("cannot listen for direct links on {ip}: {e}"))?,
+                    .map_err(|error| DaemonError::Links { ip, error })?,
             )
         } else {
             None

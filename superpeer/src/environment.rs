@@ -9,14 +9,37 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mvm_os::Driver;
 use mvm_os::host::HostDriver;
-use mvm_os::image::{ImageId, Repository};
-use mvm_os::provision::{Environments, GuestRequest, Lease, Provisioner, VmMode};
-use mvm_os::storage::{Storage, StorageSpec};
+use mvm_os::image::{ImageError, ImageId, Repository};
+use mvm_os::provision::{Environments, GuestRequest, Lease, ProvisionError, Provisioner, VmMode};
+use mvm_os::storage::{Storage, StorageError, StorageSpec};
 use mvm_os::xen::{XenConfig, XenDriver};
+use mvm_os::{Driver, DriverError};
 
 use crate::proto::EnvSpec;
+
+/// Why a node's OS layer cannot be opened, or a job's environment acquired.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    /// The guest driver cannot be set up.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// The image repository cannot be opened, or has no such image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The guests' storage cannot be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// An image named neither `name:version` nor `name:version@sha256:HEX`.
+    #[error("'{0}' is not an image id")]
+    NotAnId(String),
+    /// No guest could be provisioned.
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// Every guest kept for this environment serves another job.
+    #[error("every guest slot of this environment is in use")]
+    InUse,
+}
 
 /// Which guest driver a node uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,15 +70,13 @@ pub(crate) struct NodeOs {
 
 impl NodeOs {
     /// Opens the repository and storage and builds the driver.
-    pub(crate) fn open(c: &OsConfig) -> Result<NodeOs, String> {
+    pub(crate) fn open(c: &OsConfig) -> Result<NodeOs, EnvError> {
         let driver: Arc<dyn Driver> = match &c.driver {
             DriverKind::Host { cgroup } => Arc::new(HostDriver::new(cgroup)),
-            DriverKind::Xen => Arc::new(
-                XenDriver::new(XenConfig::new(c.dir.join("xen"))).map_err(|e| e.to_string())?,
-            ),
+            DriverKind::Xen => Arc::new(XenDriver::new(XenConfig::new(c.dir.join("xen")))?),
         };
-        let repo = Repository::open(c.dir.join("images")).map_err(|e| e.to_string())?;
-        let storage = Storage::new(c.dir.join("guests")).map_err(|e| e.to_string())?;
+        let repo = Repository::open(c.dir.join("images"))?;
+        let storage = Storage::new(c.dir.join("guests"))?;
         let prov = Arc::new(Provisioner::new(driver, repo.clone(), storage));
         Ok(NodeOs {
             envs: Arc::new(Environments::new(prov, c.dir.join("checkpoints"))),
@@ -75,19 +96,19 @@ impl NodeOs {
     }
 
     /// Acquires the guest `env` asks for, for job `job`. Blocks: call from `spawn_blocking`.
-    pub(crate) fn acquire(self: &Arc<Self>, job: &str, env: &EnvSpec) -> Result<EnvLease, String> {
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+        job: &str,
+        env: &EnvSpec,
+    ) -> Result<EnvLease, EnvError> {
         let image: ImageId = if env.image.contains("@sha256:") {
-            env.image
-                .parse()
-                .map_err(|e: mvm_os::image::ImageError| e.to_string())?
+            env.image.parse()?
         } else {
             let (name, version) = env
                 .image
                 .split_once(':')
-                .ok_or_else(|| format!("'{}' is not an image id", env.image))?;
-            self.repo
-                .resolve(name, version)
-                .map_err(|e| e.to_string())?
+                .ok_or_else(|| EnvError::NotAnId(env.image.clone()))?;
+            self.repo.resolve(name, version)?
         };
         let mode = match env.mode.as_str() {
             "persistent" => VmMode::Persistent,
@@ -112,8 +133,7 @@ impl NodeOs {
             // One guest per job.
             VmMode::StopStart => self
                 .envs
-                .acquire(&request(format!("mvm-{}", short(job))), mode)
-                .map_err(|e| e.to_string())?,
+                .acquire(&request(format!("mvm-{}", short(job))), mode)?,
             // Guests kept between jobs are named after what they are, so the next job with the
             // same needs finds them; a second job at once takes the next slot.
             VmMode::Persistent | VmMode::SaveRestore => {
@@ -121,33 +141,20 @@ impl NodeOs {
                     "{}-{}-{}-{}",
                     image.digest, env.vcpus, env.memory_mib, env.mode
                 ));
-                let mut last = String::new();
-                let mut got = None;
+                let mut got = Err(EnvError::InUse);
                 for slot in 0..16 {
                     match self
                         .envs
                         .acquire(&request(format!("mvm-{key}-{slot}")), mode)
                     {
-                        Ok(l) => {
-                            got = Some(l);
-                            break;
-                        }
-                        Err(mvm_os::provision::ProvisionError::Driver(
-                            mvm_os::DriverError::Exists(_),
-                        )) => {}
-                        Err(e) => {
-                            last = e.to_string();
+                        Err(ProvisionError::Driver(DriverError::Exists(_))) => {}
+                        other => {
+                            got = other.map_err(EnvError::from);
                             break;
                         }
                     }
                 }
-                got.ok_or_else(|| {
-                    if last.is_empty() {
-                        "every guest slot of this environment is in use".to_owned()
-                    } else {
-                        last
-                    }
-                })?
+                got?
             }
         };
         tracing::info!(job, guest = %lease.name, fresh = lease.fresh, ?mode, "environment ready");

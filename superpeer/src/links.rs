@@ -26,6 +26,28 @@ pub(crate) const TOKEN_LEN: usize = 32;
 /// How long a token waits for its connection.
 pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 
+/// Why a direct link cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    /// None of the peer's addresses is an IP address.
+    #[error("the peer has no IP address to link to")]
+    NoIp,
+    /// The peer's listener did not accept in time.
+    #[error("link to {to}: no connection within {TOKEN_LIFETIME:?}")]
+    Timeout {
+        /// The listener's address.
+        to: SocketAddr,
+    },
+    /// Connecting, or presenting the token, failed.
+    #[error("link to {to}: {error}")]
+    Io {
+        /// The listener's address.
+        to: SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
 /// A one-time secret that names a pending link.
 pub(crate) type Token = [u8; TOKEN_LEN];
 
@@ -129,22 +151,21 @@ pub(crate) async fn connect(
     addrs: &[Multiaddr],
     port: u16,
     token: &Token,
-) -> Result<std::net::TcpStream, String> {
+) -> Result<std::net::TcpStream, LinkError> {
     use tokio::io::AsyncWriteExt;
     let ip = addrs
         .iter()
         .filter_map(ip_of)
         .find(|ip| !ip.is_unspecified())
-        .ok_or_else(|| "the peer has no IP address to link to".to_owned())?;
+        .ok_or(LinkError::NoIp)?;
     let to = SocketAddr::new(ip, port);
+    let io = |error| LinkError::Io { to, error };
     let mut s = tokio::time::timeout(TOKEN_LIFETIME, tokio::net::TcpStream::connect(to))
         .await
-        .map_err(|_| format!("link to {to}: no connection within {TOKEN_LIFETIME:?}"))?
-        .map_err(|e| format!("link to {to}: {e}"))?;
-    s.write_all(token)
-        .await
-        .map_err(|e| format!("link to {to}: {e}"))?;
-    s.into_std().map_err(|e| format!("link to {to}: {e}"))
+        .map_err(|_| LinkError::Timeout { to })?
+        .map_err(io)?;
+    s.write_all(token).await.map_err(io)?;
+    s.into_std().map_err(io)
 }
 
 #[cfg(test)]
@@ -185,6 +206,32 @@ mod tests {
                 .await
                 .is_err(),
             "a used token admits nothing"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_link_error_names_the_address() {
+        let dns: Multiaddr = "/dns4/example.org/tcp/1".parse().expect("addr");
+        let e = connect(&[dns], 1, &[0; TOKEN_LEN])
+            .await
+            .expect_err("no IP");
+        assert!(matches!(e, LinkError::NoIp), "{e:?}");
+        // A port nobody listens on: refused, and the message says where.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let ip: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("addr");
+        let e = connect(&[ip], port, &[0; TOKEN_LEN])
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&e, LinkError::Io { to, .. } if to.port() == port),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("link to 127.0.0.1:{port}: ")),
+            "{e}"
         );
     }
 

@@ -10,13 +10,69 @@ use crate::proto::PeerRequest;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use mvm_component::policy::{Bundle, Cached, Engine, OsoEngine};
+use mvm_component::policy::{Bundle, BundleError, Cached, Engine, OsoEngine, Principal};
 use parking_lot::{Mutex, RwLock};
 
-use crate::proto::{Failure, FailureKind, Request, Response};
+use crate::proto::{Failure, Request, Response};
 
 /// How many answers a loaded version remembers.
 const CACHE: usize = 1 << 16;
+
+/// Why policies cannot be loaded, read again or fetched.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// A bundle (the embedded default, or one fetched) does not load.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The files of a policy directory cannot be read, or do not load.
+    #[error("{}", .error.in_dir(.dir))]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why, naming the file and place.
+        error: BundleError,
+    },
+    /// A fetched bundle whose digest is not the one it came with.
+    #[error("the fetched policies do not match their digest")]
+    Digest,
+    /// The configured source is not the address of a super-peer.
+    #[error("the policy source: {0}")]
+    Source(String),
+    /// The source answered with something other than policies.
+    #[error("{0} answered a policy request with something else")]
+    Answer(libp2p::PeerId),
+    /// The source could not be asked, or refused.
+    #[error("policies from {peer}: {}", .failure.message)]
+    Fetch {
+        /// The source.
+        peer: libp2p::PeerId,
+        /// Its failure.
+        failure: Failure,
+    },
+    /// Policies asked for by someone other than a node.
+    #[error("{0} is not a node; policies go to nodes only")]
+    NotANode(Box<Principal>),
+    /// A reload asked for by someone the policies do not let administer the domain.
+    #[error("{0}")]
+    Denied(String),
+    /// A reload asked of a daemon that holds no policy directory.
+    #[error("{peer} holds no policy directory (its policies: {policies:?})")]
+    NoDirectory {
+        /// The daemon.
+        peer: libp2p::PeerId,
+        /// Where its policies come from.
+        policies: PolicySource,
+    },
+}
+
+impl PolicyError {
+    fn in_dir(dir: &std::path::Path) -> impl FnOnce(BundleError) -> PolicyError + '_ {
+        move |error| PolicyError::Dir {
+            dir: dir.to_owned(),
+            error,
+        }
+    }
+}
 
 /// Where a daemon's policies come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,18 +143,14 @@ pub(crate) struct Policies {
 impl Policies {
     /// Loads the policies of `source` (a fetched source starts empty: everything is denied
     /// until the first bundle arrives).
-    pub(crate) fn open(source: PolicySource, domain: &str) -> Result<Policies, String> {
+    pub(crate) fn open(source: PolicySource, domain: &str) -> Result<Policies, PolicyError> {
         let first = match &source {
-            PolicySource::Default => {
-                Loaded::load(default_bundle(domain), 1).map_err(|e| e.to_string())?
-            }
+            PolicySource::Default => Loaded::load(default_bundle(domain), 1)?,
             PolicySource::Dir(d) => {
-                let b = Bundle::read_dir(d).map_err(|e| e.in_dir(d))?;
-                Loaded::load(b, 1).map_err(|e| e.in_dir(d))?
+                let b = Bundle::read_dir(d).map_err(PolicyError::in_dir(d))?;
+                Loaded::load(b, 1).map_err(PolicyError::in_dir(d))?
             }
-            PolicySource::Fetch(_) => {
-                Loaded::load(Bundle::default(), 0).map_err(|e| e.to_string())?
-            }
+            PolicySource::Fetch(_) => Loaded::load(Bundle::default(), 0)?,
         };
         Ok(Policies {
             source,
@@ -122,11 +174,11 @@ impl Policies {
     ///
     /// # Errors
     /// The files do not load (the version in force stays).
-    pub(crate) fn reload(&self) -> Result<(Arc<Loaded>, bool), String> {
+    pub(crate) fn reload(&self) -> Result<(Arc<Loaded>, bool), PolicyError> {
         let PolicySource::Dir(dir) = &self.source else {
             return Ok((self.current(), false));
         };
-        let bundle = Bundle::read_dir(dir).map_err(|e| e.in_dir(dir))?;
+        let bundle = Bundle::read_dir(dir).map_err(PolicyError::in_dir(dir))?;
         let cur = self.current();
         if bundle.digest() == cur.digest {
             return Ok((cur, false));
@@ -146,7 +198,7 @@ impl Policies {
                     tracing::error!(error = %e, "the changed policies do not load; keeping version {}", cur.version);
                     *failed = Some(digest);
                 }
-                Err(e.in_dir(dir))
+                Err(PolicyError::in_dir(dir)(e))
             }
         }
     }
@@ -155,33 +207,30 @@ impl Policies {
     ///
     /// # Errors
     /// The digest does not match, or the bundle does not load.
-    pub(crate) fn adopt(&self, version: u64, digest: &str, bundle: Bundle) -> Result<bool, String> {
+    pub(crate) fn adopt(
+        &self,
+        version: u64,
+        digest: &str,
+        bundle: Bundle,
+    ) -> Result<bool, PolicyError> {
         if bundle.digest() != digest {
-            return Err("the fetched policies do not match their digest".into());
+            return Err(PolicyError::Digest);
         }
         let cur = self.current();
         if cur.digest == digest && cur.version == version {
             return Ok(false);
         }
-        let l = Loaded::load(bundle, version).map_err(|e| e.to_string())?;
+        let l = Loaded::load(bundle, version)?;
         tracing::info!(version, %digest, "policies taken from the super-peer");
         *self.current.write() = Arc::new(l);
         Ok(true)
     }
 }
 
-fn refused(m: String) -> Response {
-    Response::Error(Failure::new(FailureKind::Refused, m))
-}
-
 /// `PeerRequest::Policy`: the bundle in force, to nodes and super-peers (not to users).
-pub(crate) fn serve(
-    site: &crate::site::Site,
-    asker: &mvm_component::policy::Principal,
-    have: &str,
-) -> Response {
+pub(crate) fn serve(site: &crate::site::Site, asker: &Principal, have: &str) -> Response {
     if asker.kind != mvm_component::policy::PrincipalKind::Node {
-        return refused(format!("{asker} is not a node; policies go to nodes only"));
+        return Response::Error(PolicyError::NotANode(Box::new(asker.clone())).into());
     }
     let cur = site.policies.current();
     Response::Policy {
@@ -192,10 +241,7 @@ pub(crate) fn serve(
 }
 
 /// `ClientRequest::PolicyReload`, from someone allowed to `administer` the domain.
-pub(crate) fn reload(
-    site: &crate::site::Site,
-    asker: &mvm_component::policy::Principal,
-) -> Response {
+pub(crate) fn reload(site: &crate::site::Site, asker: &Principal) -> Response {
     use mvm_component::policy::{Domain, Question, Resource};
     let domain = &site.domain;
     let cur = site.policies.current();
@@ -205,17 +251,14 @@ pub(crate) fn reload(
         resource: Resource::Domain(Domain::named(domain)),
     };
     if let mvm_component::policy::Decision::Deny(why) = cur.engine.decide(&q) {
-        return refused(why);
+        return Response::Error(PolicyError::Denied(why).into());
     }
     if !matches!(site.policies.source(), PolicySource::Dir(_)) {
-        return Response::Error(Failure::new(
-            FailureKind::Input,
-            format!(
-                "{} holds no policy directory (its policies: {:?})",
-                site.peer(),
-                site.policies.source()
-            ),
-        ));
+        let e = PolicyError::NoDirectory {
+            peer: site.peer(),
+            policies: site.policies.source().clone(),
+        };
+        return Response::Error(e.into());
     }
     match site.policies.reload() {
         Ok((l, _)) => Response::Policy {
@@ -223,7 +266,7 @@ pub(crate) fn reload(
             digest: l.digest.clone(),
             bundle: None,
         },
-        Err(e) => Response::Error(Failure::new(FailureKind::Input, e)),
+        Err(e) => Response::Error(e.into()),
     }
 }
 
@@ -236,10 +279,10 @@ pub(crate) fn reload(
 pub(crate) async fn fetch_now(
     site: &crate::site::Site,
     superpeer: Option<(libp2p::PeerId, Vec<libp2p::Multiaddr>)>,
-) -> Result<bool, String> {
+) -> Result<bool, PolicyError> {
     let (peer, addrs) = match site.policies.source() {
         PolicySource::Fetch(Some(addr)) => {
-            let (p, a) = crate::net::split_peer(addr)?;
+            let (p, a) = crate::net::split_peer(addr).map_err(PolicyError::Source)?;
             (p, vec![a])
         }
         PolicySource::Fetch(None) => match superpeer {
@@ -263,10 +306,8 @@ pub(crate) async fn fetch_now(
             bundle: Some(bundle),
         }) => site.policies.adopt(version, &digest, bundle),
         Ok(Response::Policy { .. }) => Ok(false),
-        Ok(_) => Err(format!(
-            "{peer} answered a policy request with something else"
-        )),
-        Err(f) => Err(format!("policies from {peer}: {}", f.message)),
+        Ok(_) => Err(PolicyError::Answer(peer)),
+        Err(failure) => Err(PolicyError::Fetch { peer, failure }),
     }
 }
 

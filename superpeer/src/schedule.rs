@@ -109,6 +109,62 @@ enum Op {
 /// The names a rank expression may use.
 pub const RANK_PROPERTIES: &str = "cpus, memory, free_memory, load, slots, free_slots";
 
+/// Why a rank expression does not parse, or a job cannot be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// A rank expression does not parse at `column` (1-based, in bytes).
+    #[error("rank expression, column {column}: {problem}")]
+    Rank {
+        /// Where.
+        column: usize,
+        /// What is wrong there.
+        problem: RankProblem,
+    },
+    /// More vertices than all the nodes' free slots.
+    #[error("{vertices} vertices do not fit in the {slots} free slots of {nodes} nodes")]
+    TooFewSlots {
+        /// The job's vertices.
+        vertices: usize,
+        /// The free slots of all the nodes.
+        slots: u64,
+        /// The nodes.
+        nodes: usize,
+    },
+    /// More vertices than the free slots of the nodes the job may use.
+    #[error("{vertices} vertices do not fit in the {slots} free slots of the {nodes} best nodes")]
+    TooFewSlotsOnBest {
+        /// The job's vertices.
+        vertices: usize,
+        /// The free slots of the best nodes.
+        slots: u64,
+        /// How many nodes the job may use.
+        nodes: usize,
+    },
+}
+
+/// What is wrong at a place of a rank expression.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RankProblem {
+    /// An opening parenthesis is not closed.
+    #[error("expected ')'")]
+    Unclosed,
+    /// Digits and dots that are not a number.
+    #[error("bad number '{0}'")]
+    Number(String),
+    /// A name that is not a property.
+    #[error("unknown property '{0}' (known: {RANK_PROPERTIES})")]
+    Property(String),
+    /// Something else where an operand belongs.
+    #[error("expected a number, a property or '('")]
+    Operand,
+    /// The expression ends where an operand belongs.
+    #[error("unexpected end")]
+    End,
+    /// Text after a whole expression.
+    #[error("unexpected text")]
+    Trailing,
+}
+
 struct Parser<'a> {
     s: &'a [u8],
     pos: usize,
@@ -121,8 +177,11 @@ impl Parser<'_> {
         }
     }
 
-    fn err<T>(&self, what: &str) -> Result<T, String> {
-        Err(format!("rank expression, column {}: {what}", self.pos + 1))
+    fn err<T>(&self, problem: RankProblem) -> Result<T, ScheduleError> {
+        Err(ScheduleError::Rank {
+            column: self.pos + 1,
+            problem,
+        })
     }
 
     fn eat(&mut self, tok: &str) -> bool {
@@ -135,7 +194,7 @@ impl Parser<'_> {
         }
     }
 
-    fn compare(&mut self) -> Result<Expr, String> {
+    fn compare(&mut self) -> Result<Expr, ScheduleError> {
         let lhs = self.sum()?;
         for (tok, op) in [
             ("<=", Op::Le),
@@ -153,7 +212,7 @@ impl Parser<'_> {
         Ok(lhs)
     }
 
-    fn sum(&mut self) -> Result<Expr, String> {
+    fn sum(&mut self) -> Result<Expr, ScheduleError> {
         let mut e = self.product()?;
         loop {
             let op = if self.eat("+") {
@@ -167,7 +226,7 @@ impl Parser<'_> {
         }
     }
 
-    fn product(&mut self) -> Result<Expr, String> {
+    fn product(&mut self) -> Result<Expr, ScheduleError> {
         let mut e = self.unary()?;
         loop {
             let op = if self.eat("*") {
@@ -181,14 +240,14 @@ impl Parser<'_> {
         }
     }
 
-    fn unary(&mut self) -> Result<Expr, String> {
+    fn unary(&mut self) -> Result<Expr, ScheduleError> {
         if self.eat("-") {
             return Ok(Expr::Neg(Box::new(self.unary()?)));
         }
         if self.eat("(") {
             let e = self.compare()?;
             if !self.eat(")") {
-                return self.err("expected ')'");
+                return self.err(RankProblem::Unclosed);
             }
             return Ok(e);
         }
@@ -208,7 +267,7 @@ impl Parser<'_> {
                     Ok(n) => Ok(Expr::Num(n)),
                     Err(_) => {
                         self.pos = start;
-                        self.err(&format!("bad number '{text}'"))
+                        self.err(RankProblem::Number(text.into_owned()))
                     }
                 }
             }
@@ -229,15 +288,13 @@ impl Parser<'_> {
                     "free_slots" => Var::FreeSlots,
                     _ => {
                         self.pos = start;
-                        return self.err(&format!(
-                            "unknown property '{name}' (known: {RANK_PROPERTIES})"
-                        ));
+                        return self.err(RankProblem::Property(name.into_owned()));
                     }
                 };
                 Ok(Expr::Var(var))
             }
-            Some(_) => self.err("expected a number, a property or '('"),
-            None => self.err("unexpected end"),
+            Some(_) => self.err(RankProblem::Operand),
+            None => self.err(RankProblem::End),
         }
     }
 }
@@ -247,7 +304,7 @@ impl Rank {
     ///
     /// # Errors
     /// Where and why it does not parse.
-    pub fn parse(src: &str) -> Result<Rank, String> {
+    pub fn parse(src: &str) -> Result<Rank, ScheduleError> {
         let mut p = Parser {
             s: src.as_bytes(),
             pos: 0,
@@ -255,7 +312,7 @@ impl Rank {
         let e = p.compare()?;
         p.ws();
         if p.pos != src.len() {
-            return p.err("unexpected text");
+            return p.err(RankProblem::Trailing);
         }
         Ok(Rank(e))
     }
@@ -336,14 +393,15 @@ pub struct Graph {
 ///
 /// # Errors
 /// The capacities cannot hold every vertex.
-pub fn place(g: &Graph, capacity: &[u32], max_parts: usize) -> Result<Vec<usize>, String> {
+pub fn place(g: &Graph, capacity: &[u32], max_parts: usize) -> Result<Vec<usize>, ScheduleError> {
     let n = g.vertices;
     let total: u64 = capacity.iter().map(|&c| u64::from(c)).sum();
     if (n as u64) > total {
-        return Err(format!(
-            "{n} vertices do not fit in the {total} free slots of {} nodes",
-            capacity.len()
-        ));
+        return Err(ScheduleError::TooFewSlots {
+            vertices: n,
+            slots: total,
+            nodes: capacity.len(),
+        });
     }
     if n == 0 {
         return Ok(Vec::new());
@@ -353,9 +411,11 @@ pub fn place(g: &Graph, capacity: &[u32], max_parts: usize) -> Result<Vec<usize>
     let used: Vec<usize> = (0..k).collect();
     let cap_sum: u64 = used.iter().map(|&i| u64::from(capacity[i])).sum();
     if (n as u64) > cap_sum {
-        return Err(format!(
-            "{n} vertices do not fit in the {cap_sum} free slots of the {k} best nodes"
-        ));
+        return Err(ScheduleError::TooFewSlotsOnBest {
+            vertices: n,
+            slots: cap_sum,
+            nodes: k,
+        });
     }
     // Targets: an even share, bounded by capacity, the rest spread over nodes with room.
     let mut target: Vec<usize> = used

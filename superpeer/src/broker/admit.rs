@@ -98,6 +98,61 @@ impl Ledger {
     }
 }
 
+/// Why a job is not admitted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum AdmitError {
+    /// A user's job names another owner on behalf of whom it is sent.
+    #[error("{caller} is not a super-peer; only super-peers forward jobs")]
+    NotASuperPeer {
+        /// Who sent it.
+        caller: Box<Principal>,
+    },
+    /// The profile names an owner or domain other than the certificate's.
+    #[error("the profile names owner {owner}@{domain}, but the certificate is {caller}")]
+    ClaimsOther {
+        /// Who sent it.
+        caller: Box<Principal>,
+        /// The owner the profile names.
+        owner: String,
+        /// The domain the profile names.
+        domain: String,
+    },
+    /// A super-peer forwards a job of another domain's user.
+    #[error(
+        "{caller} cannot forward a job on behalf of {owner}: a super-peer forwards only jobs \
+         of users of its own domain"
+    )]
+    ForeignOwner {
+        /// The forwarding super-peer.
+        caller: Box<Principal>,
+        /// The owner it names.
+        owner: Box<Principal>,
+    },
+    /// A node (or a super-peer not forwarding) submits a job of its own.
+    #[error(
+        "{caller} submits no jobs of its own (a super-peer, with role superpeer, forwards a \
+         user's job)"
+    )]
+    NoOwnJobs {
+        /// Who sent it.
+        caller: Box<Principal>,
+    },
+    /// The policy refuses it.
+    #[error("refused by policy: {0}")]
+    Policy(String),
+}
+
+/// A job not admitted, by name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("job {job}: {error}")]
+pub(crate) struct Refusal {
+    /// The job's name.
+    pub(crate) job: String,
+    /// Why.
+    #[source]
+    pub(crate) error: AdmitError,
+}
+
 /// The key of an owner in the tallies.
 pub(super) fn owner_key(p: &Principal) -> String {
     format!("{}@{}", p.name, p.domain)
@@ -113,7 +168,7 @@ impl Core {
         owner: &Principal,
         s: &Submission,
         vertices: usize,
-    ) -> Result<Resources, String> {
+    ) -> Result<Resources, AdmitError> {
         let engine = self.site.policies.current().engine.clone();
         let r = &s.requirements;
         let domain = self.site.domain.clone();
@@ -145,7 +200,8 @@ impl Core {
                 action: "submit".into(),
                 resource: Resource::Job(facts),
             })
-            .into_result()?;
+            .into_result()
+            .map_err(AdmitError::Policy)?;
         if image != "host" {
             engine
                 .decide(&Question {
@@ -153,7 +209,8 @@ impl Core {
                     action: "use-image".into(),
                     resource: Resource::Image(pol::Image { id: image, domain }),
                 })
-                .into_result()?;
+                .into_result()
+                .map_err(AdmitError::Policy)?;
         }
         self.ledger.hold(job, key, asked);
         Ok(asked)
@@ -229,39 +286,38 @@ pub(super) fn sanitize(name: &str) -> String {
 /// Who owns a submitted job: the user who sends it, or the user of its own domain that a
 /// forwarding super-peer authenticated. The profile's owner and domain, when given, must be
 /// the certificate's.
-pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, String> {
+pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, AdmitError> {
     match caller.kind {
         PrincipalKind::User => {
             if s.on_behalf.is_some() {
-                return Err(format!(
-                    "{caller} is not a super-peer; only super-peers forward jobs"
-                ));
+                return Err(AdmitError::NotASuperPeer {
+                    caller: Box::new(caller.clone()),
+                });
             }
             let claims_other = s.owner.as_ref().is_some_and(|o| *o != caller.name)
                 || s.domain.as_ref().is_some_and(|d| *d != caller.domain);
             if claims_other {
-                return Err(format!(
-                    "the profile names owner {}@{}, but the certificate is {caller}",
-                    s.owner.as_deref().unwrap_or(&caller.name),
-                    s.domain.as_deref().unwrap_or(&caller.domain)
-                ));
+                return Err(AdmitError::ClaimsOther {
+                    caller: Box::new(caller.clone()),
+                    owner: s.owner.clone().unwrap_or_else(|| caller.name.clone()),
+                    domain: s.domain.clone().unwrap_or_else(|| caller.domain.clone()),
+                });
             }
             Ok(caller.clone())
         }
         PrincipalKind::Node => match &s.on_behalf {
             // A super-peer speaks only for the users it authenticated: its own domain's. (The
             // owner's use of this domain is then the inter-domain policy's to decide.)
-            Some(owner) if owner.domain != caller.domain => Err(format!(
-                "{caller} cannot forward a job on behalf of {owner}: a super-peer forwards only \
-                 jobs of users of its own domain"
-            )),
+            Some(owner) if owner.domain != caller.domain => Err(AdmitError::ForeignOwner {
+                caller: Box::new(caller.clone()),
+                owner: Box::new(owner.clone()),
+            }),
             Some(owner) if s.hops > 0 && caller.roles.iter().any(|r| r == "superpeer") => {
                 Ok(owner.clone())
             }
-            _ => Err(format!(
-                "{caller} submits no jobs of its own (a super-peer, with role superpeer, \
-                 forwards a user's job)"
-            )),
+            _ => Err(AdmitError::NoOwnJobs {
+                caller: Box::new(caller.clone()),
+            }),
         },
     }
 }
@@ -308,7 +364,12 @@ mod tests {
             owner: Some("bob".into()),
             ..Submission::default()
         };
-        assert!(owner_of(&alice, &claims).is_err_and(|e| e.contains("names owner bob")));
+        let e = owner_of(&alice, &claims).expect_err("another owner");
+        assert!(
+            matches!(&e, AdmitError::ClaimsOther { owner, domain, .. } if owner == "bob" && domain == "physics"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("names owner bob@physics"), "{e}");
         let forwarded = Submission {
             on_behalf: Some(alice.clone()),
             hops: 1,
@@ -317,14 +378,21 @@ mod tests {
         assert_eq!(owner_of(&sp, &forwarded), Ok(alice.clone()));
         // Not for another domain's user, not without the role, not by a user, not unforwarded.
         let e = owner_of(&bio_sp, &forwarded).expect_err("another domain's user");
-        assert!(e.contains("its own domain"), "{e}");
+        assert!(matches!(&e, AdmitError::ForeignOwner { owner, .. } if **owner == alice));
+        assert!(e.to_string().contains("its own domain"), "{e}");
         assert!(owner_of(&node, &forwarded).is_err());
-        assert!(owner_of(&alice, &forwarded).is_err_and(|e| e.contains("not a super-peer")));
+        assert!(matches!(
+            owner_of(&alice, &forwarded),
+            Err(AdmitError::NotASuperPeer { .. })
+        ));
         let unforwarded = Submission {
             hops: 0,
             ..forwarded
         };
         assert!(owner_of(&sp, &unforwarded).is_err());
-        assert!(owner_of(&sp, &plain).is_err());
+        assert!(matches!(
+            owner_of(&sp, &plain),
+            Err(AdmitError::NoOwnJobs { .. })
+        ));
     }
 }

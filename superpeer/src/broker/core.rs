@@ -21,8 +21,9 @@ use super::View;
 use super::admit::Ledger;
 use super::members::{self, Members};
 use super::place::Checked;
+use super::plan::PlaceError;
 use crate::joblog::state::{Ended, JobRecord};
-use crate::joblog::{Applied, Command, JobLog, Replica};
+use crate::joblog::{Applied, Command, JobLog, LogError, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
     BrokerRequest, ErrorKind, Failure, FailureKind, GroupSummary, JobState, Member, NodeInfo,
@@ -82,7 +83,7 @@ pub(super) enum Input {
     /// An entry proposed for `then` was applied (or not).
     Recorded {
         then: Then,
-        outcome: Result<Applied, String>,
+        outcome: Result<Applied, LogError>,
     },
     /// Time has passed (every heartbeat interval).
     Tick,
@@ -110,7 +111,7 @@ pub(super) enum Effect {
         submission: Box<Submission>,
         owner: Principal,
         to: Vec<GroupSummary>,
-        why: String,
+        why: PlaceError,
     },
     /// Start the job log with these replicas (none has started it in time).
     Found(Vec<Replica>),
@@ -134,7 +135,7 @@ pub(super) enum Then {
     PendingRecorded {
         reply: Reply,
         job: String,
-        why: String,
+        why: PlaceError,
     },
     /// A placed job was recorded (submitted, or a pending job placed): wake its parts.
     Placed {
@@ -285,7 +286,7 @@ impl Core {
     }
 
     /// What the log's entry for `then` gave.
-    fn recorded(&mut self, out: &mut Vec<Effect>, then: Then, outcome: Result<Applied, String>) {
+    fn recorded(&mut self, out: &mut Vec<Effect>, then: Then, outcome: Result<Applied, LogError>) {
         match then {
             Then::AloneRecorded {
                 reply,
@@ -297,7 +298,10 @@ impl Core {
                 self.ledger.release(&job);
                 let r = match first(outcome) {
                     Ok(()) => {
-                        self.view.waiting.lock().insert(job.clone(), why);
+                        self.view
+                            .waiting
+                            .lock()
+                            .insert(job.clone(), why.to_string());
                         tracing::info!(%job, "job pending");
                         self.submitted(&job)
                     }
@@ -368,16 +372,16 @@ impl Core {
 
 /// The outcome of an entry: `Ok` if its (first) command was applied. A batch stands or falls
 /// with its first command (the others follow from it).
-pub(super) fn first(outcome: Result<Applied, String>) -> Result<(), Failure> {
+pub(super) fn first(outcome: Result<Applied, LogError>) -> Result<(), Failure> {
     match outcome {
         Ok(Applied::Done) => Ok(()),
-        Ok(Applied::Refused(why)) => Err(Failure::new(FailureKind::Input, why)),
+        Ok(Applied::Refused(why)) => Err(why.into()),
         Ok(Applied::Batch(v)) => match v.into_iter().next() {
             Some(Applied::Done) => Ok(()),
-            Some(Applied::Refused(why)) => Err(Failure::new(FailureKind::Input, why)),
+            Some(Applied::Refused(why)) => Err(why.into()),
             _ => Err(Failure::new(FailureKind::Failed, "a batch gave no outcome")),
         },
-        Err(e) => Err(Failure::new(FailureKind::Unavailable, e)),
+        Err(e) => Err(e.into()),
     }
 }
 

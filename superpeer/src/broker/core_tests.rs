@@ -97,7 +97,7 @@ impl Bench {
         while let Some(e) = queue.pop_front() {
             match e {
                 Effect::Record { command, then } => {
-                    let outcome = self.log.propose(command).await.map_err(|e| e.to_string());
+                    let outcome = self.log.propose(command).await;
                     queue.extend(self.on(Input::Recorded { then, outcome }));
                 }
                 other => rest.push(other),
@@ -341,7 +341,7 @@ async fn a_job_that_does_not_fit_now_waits_holding_nothing_and_is_placed_when_a_
         panic!("a job no node here can take is offered to other groups");
     };
     assert!(to.is_empty(), "no other group is known");
-    assert!(why.contains("default"), "{why}");
+    assert!(why.to_string().contains("default"), "{why}");
     assert_eq!(
         b.core.ledger.slots(&n0),
         0,

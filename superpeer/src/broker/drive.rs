@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use super::core::{Core, Effect, Phase, Reply, Then, first};
 use super::{fail, now_ms};
 use crate::joblog::state::{Ended, JobRecord};
-use crate::joblog::{Applied, Command};
+use crate::joblog::{Applied, Command, LogError};
 use crate::proto::{
     BrokerRequest, ErrorKind, Failure, FailureKind, JobState, PartReport, PartSpec, Response,
 };
@@ -71,7 +71,7 @@ impl Core {
         job: &str,
         peer: PeerId,
         running: bool,
-        outcome: Result<Applied, String>,
+        outcome: Result<Applied, LogError>,
     ) {
         self.ledger.release(job);
         let recorded = first(outcome);
@@ -99,7 +99,7 @@ impl Core {
         reply: Option<Reply>,
         job: &str,
         specs: Vec<(PeerId, PartSpec)>,
-        outcome: Result<Applied, String>,
+        outcome: Result<Applied, LogError>,
     ) {
         self.ledger.release(job);
         if let Err(f) = first(outcome) {
@@ -267,7 +267,7 @@ impl Core {
         out: &mut Vec<Effect>,
         job: &str,
         state: JobState,
-        outcome: Result<Applied, String>,
+        outcome: Result<Applied, LogError>,
     ) {
         match outcome {
             Ok(Applied::Done) => {}

@@ -4,6 +4,7 @@ use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 
 use super::fail;
+use super::plan::PlaceError;
 use crate::modules::ModuleStore;
 use crate::proto::{ClientRequest, FailureKind, GroupSummary, Request, Response, Submission};
 use crate::site::Site;
@@ -17,7 +18,7 @@ pub(super) async fn forward(
     mut s: Submission,
     owner: Principal,
     to: Vec<GroupSummary>,
-    why: &str,
+    why: &PlaceError,
 ) -> Response {
     let mut tried = Vec::new();
     for g in to {

@@ -62,7 +62,9 @@ mod tests_queue;
 #[cfg(test)]
 mod tests_run;
 
+pub(crate) use self::admit::Refusal;
 use self::core::{Core, Input};
+pub(crate) use self::plan::PlaceError;
 
 /// The inputs queued for the broker's loop at most; more wait (backpressure on requests).
 const INPUTS: usize = 4096;

@@ -8,14 +8,16 @@ use mvm_component::policy::Principal;
 use mvm_component::topology::{Options, Topology};
 use mvm_queue::codec::Registry;
 
-use super::admit::{inter_domain_allows, owner_of, sanitize};
+use super::admit::{Refusal, inter_domain_allows, owner_of, sanitize};
 use super::core::{Core, Drive, Effect, Reply, Then};
-use super::{fail, now_ms};
+use super::now_ms;
 use crate::joblog::Command;
 use crate::joblog::state::{Ended, JobRecord};
 use crate::modules::ModuleStore;
 use crate::proto::ErrorKind;
-use crate::proto::{BrokerRequest, Failure, FailureKind, GroupSummary, JobState, Submission};
+use crate::proto::{
+    BrokerRequest, Failure, FailureKind, GroupSummary, JobState, Response, Submission,
+};
 use crate::schedule::{Graph, Rank};
 
 /// A submission checked: its topology, rank and placement graph.
@@ -66,11 +68,9 @@ pub(super) fn check(
                 ));
             }
         }
-        s.limits
-            .limits()
-            .map_err(|e| Failure::new(FailureKind::Input, e))?;
+        s.limits.limits().map_err(Failure::from)?;
         let rank = match s.requirements.rank.as_deref() {
-            Some(r) => Rank::parse(r).map_err(|e| Failure::new(FailureKind::Input, e))?,
+            Some(r) => Rank::parse(r).map_err(Failure::from)?,
             None => Rank::default_rank(),
         };
         let graph = Graph {
@@ -108,11 +108,16 @@ impl Core {
         mut s: Submission,
         c: Checked,
     ) {
+        let refused = |error| {
+            Response::Error(Failure::from(Refusal {
+                job: s.name.clone(),
+                error,
+            }))
+        };
         let owner = match owner_of(who, &s) {
             Ok(o) => o,
-            Err(why) => {
-                let r = fail(FailureKind::Refused, format!("job {}: {why}", s.name));
-                out.push(Effect::Reply(reply, r));
+            Err(error) => {
+                out.push(Effect::Reply(reply, refused(error)));
                 return;
             }
         };
@@ -123,13 +128,9 @@ impl Core {
         let n = c.topology.vertices.len();
         let resources = match self.authorize(&id, &owner, &s, n) {
             Ok(r) => r,
-            Err(why) => {
-                tracing::info!(job = %s.name, owner = %owner, %why, "job refused by policy");
-                let r = fail(
-                    FailureKind::Refused,
-                    format!("job {}: refused by policy: {why}", s.name),
-                );
-                out.push(Effect::Reply(reply, r));
+            Err(error) => {
+                tracing::info!(job = %s.name, owner = %owner, %error, "job refused by policy");
+                out.push(Effect::Reply(reply, refused(error)));
                 return;
             }
         };
@@ -177,7 +178,7 @@ impl Core {
             Err(why) => {
                 self.ledger.release(&id);
                 if s.hops > 0 {
-                    out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));
+                    out.push(Effect::Reply(reply, Response::Error(why.into())));
                     return;
                 }
                 let to = self.forward_to(&s, &owner, n);
@@ -274,7 +275,7 @@ impl Core {
                 Ok(p) => p,
                 Err(why) => {
                     self.ledger.release(&id);
-                    self.view.waiting.lock().insert(id, why);
+                    self.view.waiting.lock().insert(id, why.to_string());
                     continue;
                 }
             };

@@ -9,7 +9,35 @@ use super::core::Core;
 use super::place::Checked;
 use crate::joblog::state::PartRecord;
 use crate::proto::{EnvSpec, Member, PartSpec, Submission};
-use crate::schedule::{self, Candidate};
+use crate::schedule::{self, Candidate, ScheduleError};
+
+/// Why a job cannot be placed in this group now.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum PlaceError {
+    /// No node has registered.
+    #[error("no node has registered with the super-peer of group {group}")]
+    NoNodes {
+        /// The group.
+        group: String,
+    },
+    /// No node meets the requirements; why not, node by node.
+    #[error("no node of group {group} meets the job's requirements: {}", why.join("; "))]
+    NoneMeets {
+        /// The group.
+        group: String,
+        /// Why each node does not.
+        why: Vec<String>,
+    },
+    /// The nodes that meet them have too little room.
+    #[error("group {group}: {error}")]
+    Schedule {
+        /// The group.
+        group: String,
+        /// What the schedule found.
+        #[source]
+        error: ScheduleError,
+    },
+}
 
 /// A placement decided, before it is recorded.
 pub(super) struct Plan {
@@ -128,14 +156,18 @@ impl Core {
 
     /// Chooses the job's nodes among the registered ones by their free slots now, and holds
     /// those slots for `job` in the ledger.
-    pub(super) fn plan(&mut self, job: &str, s: &Submission, c: &Checked) -> Result<Plan, String> {
+    pub(super) fn plan(
+        &mut self,
+        job: &str,
+        s: &Submission,
+        c: &Checked,
+    ) -> Result<Plan, PlaceError> {
         let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = self.members.live().collect();
         live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
         if live.is_empty() {
-            return Err(format!(
-                "no node has registered with the super-peer of group {}",
-                self.site.group
-            ));
+            return Err(PlaceError::NoNodes {
+                group: self.site.group.clone(),
+            });
         }
         let cands: Vec<Candidate> = live
             .iter()
@@ -157,11 +189,10 @@ impl Core {
             .collect();
         let (ok, why) = schedule::filter(&cands, &s.requirements);
         if ok.is_empty() {
-            return Err(format!(
-                "no node of group {} meets the job's requirements: {}",
-                self.site.group,
-                why.join("; ")
-            ));
+            return Err(PlaceError::NoneMeets {
+                group: self.site.group.clone(),
+                why,
+            });
         }
         let mut order = c.rank.order(&cands, ok);
         let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
@@ -177,8 +208,11 @@ impl Core {
             order.sort_by_key(|&i| std::cmp::Reverse(cands[i].free_slots));
         }
         let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
-        let placed = schedule::place(&c.graph, &caps, max)
-            .map_err(|e| format!("group {}: {e}", self.site.group))?;
+        let placed =
+            schedule::place(&c.graph, &caps, max).map_err(|error| PlaceError::Schedule {
+                group: self.site.group.clone(),
+                error,
+            })?;
         // Parts: the nodes used, in rank order; vertex → part index.
         let mut used: Vec<usize> = placed.clone();
         used.sort_unstable();

@@ -90,7 +90,7 @@ impl Broker {
             Effect::Record { command, then } => {
                 let log = self.log.clone();
                 tasks.spawn(async move {
-                    let outcome = log.propose(command).await.map_err(|e| e.to_string());
+                    let outcome = log.propose(command).await;
                     Some(Input::Recorded { then, outcome })
                 });
             }

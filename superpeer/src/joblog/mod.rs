@@ -42,7 +42,7 @@ mod propose;
 pub mod state;
 mod store;
 
-pub use state::{Applied, Command, ControlState};
+pub use state::{Applied, Command, CommandError, ControlState};
 
 /// A replica's id in the log: the first eight bytes of the SHA-256 of its peer id.
 pub type NodeId = u64;

@@ -204,9 +204,94 @@ pub enum Applied {
     /// The state changed.
     Done,
     /// Nothing changed, and why.
-    Refused(String),
+    Refused(CommandError),
     /// What each command of a batch gave, in order.
     Batch(Vec<Applied>),
+}
+
+/// Why the log refuses a command: it does not fit the state of its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    /// The log holds no such job (never submitted, or forgotten long after it ended).
+    #[error("no job {0}")]
+    NoJob(String),
+    /// The job has ended already.
+    #[error("job {job} has ended ({state:?})")]
+    Ended {
+        /// The job.
+        job: String,
+        /// How it ended.
+        state: JobState,
+    },
+    /// A job is submitted again.
+    #[error("job {0} exists already")]
+    Exists(String),
+    /// A job is submitted in a state it cannot start in.
+    #[error(
+        "job {job}: a job is submitted pending (with its submission), or preparing or running \
+         (with its parts), not {state:?}"
+    )]
+    Submitted {
+        /// The job.
+        job: String,
+        /// The state it came in.
+        state: JobState,
+    },
+    /// A placement of a job that is not pending.
+    #[error("job {0} is not pending")]
+    NotPending(String),
+    /// A start of a job that is not preparing.
+    #[error("job {0} is not preparing")]
+    NotPreparing(String),
+    /// A placement without parts.
+    #[error("job {0}: a placement needs a part")]
+    NoParts(String),
+    /// A part's report for a job that has no parts yet.
+    #[error("job {0} is pending: it has no parts yet")]
+    NoPartsYet(String),
+    /// A report from a node that runs no part of the job.
+    #[error("{node} runs no part of job {job}")]
+    NotAPart {
+        /// The job.
+        job: String,
+        /// The node.
+        node: PeerId,
+    },
+    /// A second report of one part.
+    #[error("{node} has already reported its part of job {job}")]
+    Reported {
+        /// The job.
+        job: String,
+        /// The node.
+        node: PeerId,
+    },
+    /// A hold or release of a job that is not pending.
+    #[error("job {job} is {state:?}: only a pending job can be held or released")]
+    HoldNotPending {
+        /// The job.
+        job: String,
+        /// Its state.
+        state: JobState,
+    },
+    /// A hold of a held job, or a release of one not held.
+    #[error("job {job} is already {}", if *held { "held" } else { "not held" })]
+    AlreadyHeld {
+        /// The job.
+        job: String,
+        /// Whether it is held.
+        held: bool,
+    },
+    /// An end in a state that is not final.
+    #[error("job {job}: {state:?} is not an end")]
+    NotAnEnd {
+        /// The job.
+        job: String,
+        /// The state asked for.
+        state: JobState,
+    },
+    /// A batch inside a batch.
+    #[error("a batch inside a batch")]
+    NestedBatch,
 }
 
 /// The group's control state: jobs, where their parts run, what owners and nodes hold, the
@@ -297,24 +382,27 @@ impl ControlState {
         }
     }
 
-    fn live(&mut self, id: &str) -> Result<&mut JobRecord, String> {
+    fn live(&mut self, id: &str) -> Result<&mut JobRecord, CommandError> {
         match self.jobs.get_mut(id) {
-            None => Err(format!("no job {id}")),
-            Some(j) if j.state.is_final() => Err(format!("job {id} has ended ({:?})", j.state)),
+            None => Err(CommandError::NoJob(id.to_owned())),
+            Some(j) if j.state.is_final() => Err(CommandError::Ended {
+                job: id.to_owned(),
+                state: j.state,
+            }),
             Some(j) => Ok(j),
         }
     }
 
-    fn try_apply(&mut self, command: Command) -> Result<(), String> {
+    fn try_apply(&mut self, command: Command) -> Result<(), CommandError> {
         match command {
             Command::Submit(job) => self.submit(*job),
             Command::Place { job, parts } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Pending {
-                    return Err(format!("job {job} is not pending"));
+                    return Err(CommandError::NotPending(job));
                 }
                 if parts.is_empty() {
-                    return Err(format!("job {job}: a placement needs a part"));
+                    return Err(CommandError::NoParts(job));
                 }
                 j.state = JobState::Preparing;
                 j.parts = parts;
@@ -328,7 +416,7 @@ impl ControlState {
             Command::Start { job } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Preparing {
-                    return Err(format!("job {job} is not preparing"));
+                    return Err(CommandError::NotPreparing(job));
                 }
                 j.state = JobState::Running;
                 Ok(())
@@ -342,13 +430,13 @@ impl ControlState {
             } => {
                 let j = self.live(&job)?;
                 if j.state == JobState::Pending {
-                    return Err(format!("job {job} is pending: it has no parts yet"));
+                    return Err(CommandError::NoPartsYet(job));
                 }
                 let Some(part) = j.parts.iter_mut().find(|p| p.node == node) else {
-                    return Err(format!("{node} runs no part of job {job}"));
+                    return Err(CommandError::NotAPart { job, node });
                 };
                 if part.done {
-                    return Err(format!("{node} has already reported its part of job {job}"));
+                    return Err(CommandError::Reported { job, node });
                 }
                 part.done = true;
                 j.outputs.extend(outputs);
@@ -376,18 +464,15 @@ impl ControlState {
                 Ok(())
             }
             Command::End { job, state, ended } => self.end(&job, state, ended),
-            Command::Batch(_) => Err("a batch inside a batch".into()),
+            Command::Batch(_) => Err(CommandError::NestedBatch),
             Command::Hold { job, held } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Pending {
-                    return Err(format!(
-                        "job {job} is {:?}: only a pending job can be held or released",
-                        j.state
-                    ));
+                    let state = j.state;
+                    return Err(CommandError::HoldNotPending { job, state });
                 }
                 if j.held == held {
-                    let is = if held { "held" } else { "not held" };
-                    return Err(format!("job {job} is already {is}"));
+                    return Err(CommandError::AlreadyHeld { job, held });
                 }
                 j.held = held;
                 Ok(())
@@ -395,9 +480,9 @@ impl ControlState {
         }
     }
 
-    fn submit(&mut self, job: JobRecord) -> Result<(), String> {
+    fn submit(&mut self, job: JobRecord) -> Result<(), CommandError> {
         if self.jobs.contains_key(&job.id) {
-            return Err(format!("job {} exists already", job.id));
+            return Err(CommandError::Exists(job.id));
         }
         match job.state {
             JobState::Pending if job.parts.is_empty() && job.submission.is_some() => {
@@ -411,12 +496,8 @@ impl ControlState {
                 let slots: Vec<(PeerId, u32)> = job.slots().collect();
                 self.reserve(&job.id, &slots, true);
             }
-            s => {
-                return Err(format!(
-                    "job {}: a job is submitted pending (with its submission), or preparing \
-                     or running (with its parts), not {s:?}",
-                    job.id
-                ));
+            state => {
+                return Err(CommandError::Submitted { job: job.id, state });
             }
         }
         self.held
@@ -427,9 +508,12 @@ impl ControlState {
         Ok(())
     }
 
-    fn end(&mut self, id: &str, state: JobState, ended: Ended) -> Result<(), String> {
+    fn end(&mut self, id: &str, state: JobState, ended: Ended) -> Result<(), CommandError> {
         if !state.is_final() {
-            return Err(format!("job {id}: {state:?} is not an end"));
+            return Err(CommandError::NotAnEnd {
+                job: id.to_owned(),
+                state,
+            });
         }
         let j = self.live(id)?;
         let was = j.state;

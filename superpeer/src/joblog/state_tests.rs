@@ -95,7 +95,13 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
         at_ms: 7,
     };
     assert_eq!(s.apply(1, done(a)), Applied::Done);
-    assert!(matches!(s.apply(2, done(a)), Applied::Refused(w) if w.contains("already reported")));
+    assert_eq!(
+        s.apply(2, done(a)),
+        Applied::Refused(CommandError::Reported {
+            job: "j-1".into(),
+            node: a
+        })
+    );
     assert_eq!(s.job("j-1").expect("job").state, JobState::Running);
     // The last part's report ends the job, at the entry that carried it.
     assert_eq!(s.apply(3, done(b)), Applied::Done);
@@ -128,7 +134,17 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
             ended: end(JobState::Failed),
         },
     );
-    assert!(matches!(again, Applied::Refused(w) if w.contains("has ended")));
+    assert_eq!(
+        again,
+        Applied::Refused(CommandError::Ended {
+            job: "j-1".into(),
+            state: JobState::Done
+        })
+    );
+    let Applied::Refused(why) = again else {
+        unreachable!("refused above")
+    };
+    assert_eq!(why.to_string(), "job j-1 has ended (Done)");
     assert_eq!(s.job("j-1").expect("kept").state, JobState::Done);
 }
 
@@ -161,7 +177,7 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
     assert_eq!(order(&s), ["high-late", "mid", "low"]);
     assert!(matches!(
         s.apply(1, Command::Hold { job: "high".into(), held: true }),
-        Applied::Refused(w) if w.contains("already held")
+        Applied::Refused(w) if w.to_string().contains("already held")
     ));
     assert_eq!(
         s.apply(
@@ -184,10 +200,12 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
     assert_eq!(order(&s), ["high-late", "mid", "low"]);
     assert_eq!(s.reserved(&n), 2);
     assert!(s.job("high").expect("job").submission.is_none());
-    assert!(matches!(s.apply(1, place), Applied::Refused(w) if w.contains("not pending")));
+    assert!(
+        matches!(s.apply(1, place), Applied::Refused(w) if w.to_string().contains("not pending"))
+    );
     assert!(matches!(
         s.apply(1, Command::Hold { job: "high".into(), held: true }),
-        Applied::Refused(w) if w.contains("only a pending job")
+        Applied::Refused(w) if w.to_string().contains("only a pending job")
     ));
     // A pending job cancelled leaves the queue and gives its resources back.
     assert_eq!(s.held(&alice()).vertices, 8);
@@ -233,7 +251,7 @@ fn commands_that_do_not_fit_change_nothing() {
     );
     assert!(matches!(
         s.apply(1, Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
-        Applied::Refused(w) if w.contains("exists already")
+        Applied::Refused(w) if w.to_string().contains("exists already")
     ));
     assert!(matches!(
         s.apply(1, Command::PartDone {
@@ -243,7 +261,7 @@ fn commands_that_do_not_fit_change_nothing() {
             traffic: Vec::new(),
             at_ms: 0,
         }),
-        Applied::Refused(w) if w.contains("runs no part")
+        Applied::Refused(w) if w.to_string().contains("runs no part")
     ));
     assert!(matches!(
         s.apply(1, Command::End {
@@ -251,7 +269,7 @@ fn commands_that_do_not_fit_change_nothing() {
             state: JobState::Running,
             ended: end(JobState::Failed),
         }),
-        Applied::Refused(w) if w.contains("not an end")
+        Applied::Refused(w) if w.to_string().contains("not an end")
     ));
     assert_eq!(s.reserved(&n), 1);
 }
@@ -325,7 +343,7 @@ fn a_batch_applies_each_command_as_alone_in_order_and_says_what_each_gave() {
         (&out[0], &out[1], &out[3]),
         (&Applied::Done, &Applied::Done, &Applied::Done)
     );
-    assert!(matches!(&out[2], Applied::Refused(w) if w.contains("not preparing")));
+    assert!(matches!(&out[2], Applied::Refused(w) if w.to_string().contains("not preparing")));
     assert_eq!(s.job("a").expect("a").state, JobState::Running);
     assert_eq!(
         (
@@ -375,4 +393,32 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
     };
     assert_eq!(s.apply(4, Command::Submit(Box::new(b))), Applied::Done);
     assert_eq!(s.reserved(&n), 2);
+}
+
+#[test]
+fn a_refusal_keeps_its_data_through_the_log_encoding() {
+    // Applied is openraft's response type: it must encode and decode as it is.
+    let node = libp2p::PeerId::random();
+    let a = Applied::Batch(vec![
+        Applied::Done,
+        Applied::Refused(CommandError::NotAPart {
+            job: "j-1".into(),
+            node,
+        }),
+        Applied::Refused(CommandError::AlreadyHeld {
+            job: "j-2".into(),
+            held: false,
+        }),
+    ]);
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&a, &mut bytes).expect("encodes");
+    let back: Applied = ciborium::from_reader(bytes.as_slice()).expect("decodes");
+    assert_eq!(back, a);
+    let Applied::Batch(v) = back else {
+        unreachable!("a batch")
+    };
+    let Applied::Refused(why) = &v[2] else {
+        unreachable!("a refusal")
+    };
+    assert_eq!(why.to_string(), "job j-2 is already not held");
 }

@@ -191,7 +191,7 @@ async fn three_replicas_elect_one_leader_and_apply_the_same_commands() {
         .propose(submit("j-0"))
         .await
         .expect("propose");
-    assert!(matches!(again, Applied::Refused(w) if w.contains("exists already")));
+    assert!(matches!(again, Applied::Refused(w) if w.to_string().contains("exists already")));
     let index = members[l].log.applied();
     for m in &members {
         caught_up(m, index).await;

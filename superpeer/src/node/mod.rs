@@ -217,7 +217,7 @@ impl Node {
         }
         let limits = match spec.limits.limits() {
             Ok(l) => l,
-            Err(e) => return fail(FailureKind::Input, e),
+            Err(e) => return Response::Error(e.into()),
         };
         // The node-level policy, before anything is fetched, compiled or provisioned.
         let hook = self.node_policy(&spec.policy_digest).await;

@@ -10,7 +10,7 @@ use rcgen::{
 };
 
 use super::trust::Anchor;
-use super::{PkiError, Subject, check_name, err, io_err, refuse_existing, write_new};
+use super::{FileError, PkiError, Subject, check_name, refuse_existing, write_new};
 
 fn serial(seed: &[u8]) -> SerialNumber {
     use sha2::Digest;
@@ -80,9 +80,9 @@ impl Ca {
         check_name("the domain", domain)?;
         let (crt, key_path) = ca_files(dir);
         refuse_existing(&[&crt, &key_path])?;
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)
-            .map_err(|e| err(format!("cannot make a key: {e}")))?;
+        std::fs::create_dir_all(dir).map_err(PkiError::at(dir))?;
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(PkiError::make("make a key"))?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name
@@ -99,7 +99,7 @@ impl Ca {
         (p.not_before, p.not_after) = validity(days);
         let cert = p
             .self_signed(&key)
-            .map_err(|e| err(format!("cannot sign the CA certificate: {e}")))?;
+            .map_err(PkiError::make("sign the CA certificate"))?;
         write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_new(&crt, cert.pem().as_bytes(), 0o644)?;
         Ok(Ca {
@@ -115,14 +115,14 @@ impl Ca {
     /// A missing or unreadable file, or a certificate that is not a CA's.
     pub fn load(dir: &Path) -> Result<Ca, PkiError> {
         let (crt, key_path) = ca_files(dir);
-        let cert_pem = std::fs::read_to_string(&crt).map_err(|e| io_err(&crt, e))?;
-        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| io_err(&key_path, e))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| io_err(&key_path, e))?;
-        let anchor = Anchor::from_pem(&cert_pem).map_err(|e| io_err(&crt, e))?;
+        let cert_pem = std::fs::read_to_string(&crt).map_err(PkiError::at(&crt))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(PkiError::at(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(PkiError::at(&key_path))?;
+        let anchor = Anchor::from_pem(&cert_pem).map_err(PkiError::at(&crt))?;
         if anchor.spki_raw != key.public_key_raw() {
-            return Err(io_err(&key_path, "not the key of ca.crt"));
+            return Err(PkiError::at(&key_path)(FileError::KeyMismatch));
         }
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| io_err(&crt, e))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(PkiError::at(&crt))?;
         Ok(Ca {
             domain: anchor.domain,
             cert_pem,
@@ -169,7 +169,7 @@ impl Ca {
         let ed = key
             .clone()
             .try_into_ed25519()
-            .map_err(|_| err("only ed25519 keys can be certified"))?;
+            .map_err(|_| PkiError::NotEd25519)?;
         let peer = key.to_peer_id();
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
@@ -178,7 +178,9 @@ impl Ca {
         p.distinguished_name
             .push(DnType::OrganizationName, self.domain.clone());
         let uri = |s: String| -> Result<SanType, PkiError> {
-            Ok(SanType::URI(s.try_into().map_err(|e| err(format!("{e}")))?))
+            Ok(SanType::URI(
+                s.try_into().map_err(PkiError::make("name the subject"))?,
+            ))
         };
         let mut sans = vec![
             uri(format!(
@@ -199,7 +201,7 @@ impl Ca {
         p.not_after = not_after;
         let cert = p
             .signed_by(&Ed25519Public(ed.to_bytes().to_vec()), &self.issuer)
-            .map_err(|e| err(format!("cannot sign: {e}")))?;
+            .map_err(PkiError::make("sign"))?;
         Ok(cert.pem())
     }
 
@@ -225,18 +227,15 @@ impl Ca {
         }
         let key = match existing {
             Some(p) => {
-                let bytes = std::fs::read(p).map_err(|e| io_err(p, e))?;
-                Keypair::from_protobuf_encoding(&bytes)
-                    .map_err(|e| io_err(p, format!("not a libp2p key: {e}")))?
+                let bytes = std::fs::read(p).map_err(PkiError::at(p))?;
+                Keypair::from_protobuf_encoding(&bytes).map_err(PkiError::at(p))?
             }
             None => Keypair::generate_ed25519(),
         };
         let pem = self.certify(subject, &key.public(), days)?;
-        std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+        std::fs::create_dir_all(out).map_err(PkiError::at(out))?;
         if new_key {
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| err(format!("cannot encode the key: {e}")))?;
+            let bytes = key.to_protobuf_encoding().map_err(PkiError::Encode)?;
             write_new(&key_path, &bytes, 0o600)?;
         }
         write_new(&cert_path, pem.as_bytes(), 0o644)?;

@@ -16,7 +16,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use libp2p::PeerId;
-use libp2p::identity::Keypair;
+use libp2p::identity::{DecodingError, Keypair};
 use mvm_component::policy::{Principal, PrincipalKind};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -24,31 +24,112 @@ mod ca;
 mod trust;
 
 pub use ca::{Ca, ca_files};
-pub use trust::{AuthError, Trust};
+pub use trust::{AuthError, Trust, TrustError};
 use trust::{key_peer, parse_pem};
 
 /// Why a certificate or a CA cannot be made, read or trusted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct PkiError(pub String);
-
-fn err(m: impl Into<String>) -> PkiError {
-    PkiError(m.into())
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file that cannot be read, written or used.
+    #[error("{}: {error}", .path.display())]
+    File {
+        /// The file (or directory).
+        path: PathBuf,
+        /// Why.
+        error: FileError,
+    },
+    /// A file that would be overwritten.
+    #[error("{}: already exists; not overwriting it (remove it first)", .0.display())]
+    Exists(PathBuf),
+    /// A domain, name or role that is not a valid name.
+    #[error("{field} '{value}': a name is 1–64 of [A-Za-z0-9._-], not starting with '.' or '-'")]
+    Name {
+        /// Which, e.g. `the domain`.
+        field: &'static str,
+        /// The name given.
+        value: String,
+    },
+    /// An identity directory without a certificate.
+    #[error(
+        "{}: no certificate; issue one with `mvm ca issue --ca CA-DIR --out {} node|user NAME`",
+        .cert.display(),
+        .dir.display()
+    )]
+    NoCertificate {
+        /// The certificate file looked for.
+        cert: PathBuf,
+        /// The identity directory.
+        dir: PathBuf,
+    },
+    /// A key that is not ed25519.
+    #[error("only ed25519 keys can be certified")]
+    NotEd25519,
+    /// Making a key, a name or a signature failed.
+    #[error("cannot {doing}: {error}")]
+    Make {
+        /// What, e.g. `sign the CA certificate`.
+        doing: &'static str,
+        /// Why.
+        error: rcgen::Error,
+    },
+    /// A key cannot be encoded.
+    #[error("cannot encode the key: {0}")]
+    Encode(DecodingError),
+    /// A certificate made in memory is not PEM of a certificate, or its CA's is not a CA's.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// A certificate made in memory is refused.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> PkiError {
-    err(format!("{}: {e}", path.display()))
+/// What is wrong with a file of an identity or a CA.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// It cannot be read or written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// It is not a libp2p key.
+    #[error("not a libp2p key: {0}")]
+    Key(#[from] DecodingError),
+    /// It is not PEM of a certificate, or of a CA's.
+    #[error(transparent)]
+    Certificate(#[from] TrustError),
+    /// Its certificate would be refused by a peer.
+    #[error(transparent)]
+    Refused(#[from] AuthError),
+    /// A CA's file that cannot be used to sign.
+    #[error(transparent)]
+    Ca(#[from] rcgen::Error),
+    /// A CA's key file that does not hold the key of its certificate.
+    #[error("not the key of ca.crt")]
+    KeyMismatch,
+}
+
+impl PkiError {
+    /// `error` about the file `path`.
+    fn at<E: Into<FileError>>(path: &Path) -> impl FnOnce(E) -> PkiError + '_ {
+        move |error| PkiError::File {
+            path: path.to_owned(),
+            error: error.into(),
+        }
+    }
+
+    fn make(doing: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+        move |error| PkiError::Make { doing, error }
+    }
 }
 
 pub use mvm_component::policy::name_ok;
 
-fn check_name(what: &str, s: &str) -> Result<(), PkiError> {
-    if name_ok(s) {
+fn check_name(field: &'static str, value: &str) -> Result<(), PkiError> {
+    if name_ok(value) {
         Ok(())
     } else {
-        Err(err(format!(
-            "{what} '{s}': a name is 1–64 of [A-Za-z0-9._-], not starting with '.' or '-'"
-        )))
+        Err(PkiError::Name {
+            field,
+            value: value.to_owned(),
+        })
     }
 }
 
@@ -61,27 +142,19 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                err(format!(
-                    "{}: already exists; not overwriting it (remove it first)",
-                    path.display()
-                ))
+                PkiError::Exists(path.to_owned())
             } else {
-                io_err(path, e)
+                PkiError::at(path)(e)
             }
         })?;
-    f.write_all(bytes).map_err(|e| io_err(path, e))
+    f.write_all(bytes).map_err(PkiError::at(path))
 }
 
 fn refuse_existing(paths: &[&Path]) -> Result<(), PkiError> {
-    for p in paths {
-        if p.exists() {
-            return Err(err(format!(
-                "{}: already exists; not overwriting it (remove it first)",
-                p.display()
-            )));
-        }
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) => Err(PkiError::Exists((*p).to_owned())),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Who a certificate is for.
@@ -142,17 +215,15 @@ impl Credentials {
         let cert_path = dir.join("cert.pem");
         let ca_path = dir.join("ca.pem");
         if !cert_path.exists() {
-            return Err(err(format!(
-                "{}: no certificate; issue one with `mvm ca issue --ca CA-DIR --out {} node|user NAME`",
-                cert_path.display(),
-                dir.display()
-            )));
+            return Err(PkiError::NoCertificate {
+                cert: cert_path,
+                dir: dir.to_owned(),
+            });
         }
-        let bytes = std::fs::read(&key_path).map_err(|e| io_err(&key_path, e))?;
-        let key = Keypair::from_protobuf_encoding(&bytes)
-            .map_err(|e| io_err(&key_path, format!("not a libp2p key: {e}")))?;
-        let text = std::fs::read_to_string(&cert_path).map_err(|e| io_err(&cert_path, e))?;
-        let cert = parse_pem(&text).map_err(|e| io_err(&cert_path, e))?;
+        let bytes = std::fs::read(&key_path).map_err(PkiError::at(&key_path))?;
+        let key = Keypair::from_protobuf_encoding(&bytes).map_err(PkiError::at(&key_path))?;
+        let text = std::fs::read_to_string(&cert_path).map_err(PkiError::at(&cert_path))?;
+        let cert = parse_pem(&text).map_err(PkiError::at(&cert_path))?;
         let mut t = Trust::default();
         t.add_file(&ca_path)?;
         for p in trust {
@@ -160,7 +231,7 @@ impl Credentials {
         }
         let principal = t
             .verify(&cert, &key.public().to_peer_id())
-            .map_err(|e| io_err(&cert_path, e))?;
+            .map_err(PkiError::at(&cert_path))?;
         Ok(Credentials {
             key,
             cert,
@@ -177,12 +248,10 @@ impl Credentials {
     pub fn ephemeral(ca: &Ca, subject: &Subject) -> Result<Credentials, PkiError> {
         let key = Keypair::generate_ed25519();
         let pem = ca.certify(subject, &key.public(), 365)?;
-        let cert = parse_pem(&pem).map_err(err)?;
+        let cert = parse_pem(&pem)?;
         let mut trust = Trust::default();
-        trust.add_pem(ca.cert_pem()).map_err(err)?;
-        let principal = trust
-            .verify(&cert, &key.public().to_peer_id())
-            .map_err(|e| err(e.to_string()))?;
+        trust.add_pem(ca.cert_pem())?;
+        let principal = trust.verify(&cert, &key.public().to_peer_id())?;
         Ok(Credentials {
             key,
             cert,
@@ -203,11 +272,12 @@ impl Credentials {
 /// # Errors
 /// The file cannot be read, or the certificate is refused.
 pub fn read_principal(cert: &Path, trust: &Trust) -> Result<Principal, PkiError> {
-    let text = std::fs::read_to_string(cert).map_err(|e| io_err(cert, e))?;
-    let der = parse_pem(&text).map_err(|e| io_err(cert, e))?;
-    let (_, x) = X509Certificate::from_der(&der).map_err(|e| io_err(cert, e))?;
-    let peer = key_peer(&x).map_err(|e| io_err(cert, e))?;
-    trust.verify(&der, &peer).map_err(|e| io_err(cert, e))
+    let text = std::fs::read_to_string(cert).map_err(PkiError::at(cert))?;
+    let der = parse_pem(&text).map_err(PkiError::at(cert))?;
+    let (_, x) = X509Certificate::from_der(&der)
+        .map_err(|e| PkiError::at(cert)(TrustError::Der(e.to_string())))?;
+    let peer = key_peer(&x).map_err(PkiError::at(cert))?;
+    trust.verify(&der, &peer).map_err(PkiError::at(cert))
 }
 
 #[cfg(test)]

@@ -22,7 +22,11 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
     assert_eq!(mode(&ca_dir.join("ca.key")), 0o600);
     assert_eq!(mode(&ca_dir.join("ca.crt")), 0o644);
     let again = Ca::init(&ca_dir, "physics", 30).expect_err("exists");
-    assert!(again.0.contains("already exists"), "{again}");
+    assert!(
+        matches!(&again, PkiError::Exists(p) if p.ends_with("ca.crt")),
+        "{again:?}"
+    );
+    assert!(again.to_string().contains("already exists"), "{again}");
     let ca2 = Ca::load(&ca_dir).expect("load");
     assert_eq!(ca2.domain(), "physics");
     assert_eq!(ca2.cert_pem(), ca.cert_pem());
@@ -44,7 +48,11 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
     let e = ca2
         .issue(&subject(PrincipalKind::User, "alice", &[]), &out, None, 10)
         .expect_err("exists");
-    assert!(e.0.contains("already exists"), "{e}");
+    assert!(
+        matches!(&e, PkiError::Exists(p) if p.ends_with("cert.pem")),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("already exists"), "{e}");
 
     // Certifying an existing key keeps it.
     let node_dir = dir.path().join("n1");
@@ -74,7 +82,11 @@ fn a_ca_issues_identities_that_load_and_never_overwrites() {
             1,
         )
         .expect_err("bad name");
-    assert!(bad.0.contains("a name is"), "{bad}");
+    assert!(
+        matches!(&bad, PkiError::Name { field: "the name", value } if value == "../x"),
+        "{bad:?}"
+    );
+    assert!(bad.to_string().contains("a name is"), "{bad}");
 }
 
 #[test]
@@ -95,7 +107,11 @@ fn every_bad_certificate_is_refused_with_its_reason() {
 
     let foreign = der(biology.certify(&alice, &key.public(), 1).expect("certify"));
     let e = trust.verify(&foreign, &peer).expect_err("unknown CA");
-    assert!(e.0.contains("unknown CA"), "{e}");
+    assert!(
+        matches!(&e, AuthError::UnknownCa { trusted, .. } if trusted == &["physics"]),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("unknown CA"), "{e}");
 
     let now = time::OffsetDateTime::now_utc();
     let expired = der(physics
@@ -107,7 +123,8 @@ fn every_bad_certificate_is_refused_with_its_reason() {
         )
         .expect("certify"));
     let e = trust.verify(&expired, &peer).expect_err("expired");
-    assert!(e.0.contains("not valid now"), "{e}");
+    assert!(matches!(e, AuthError::Validity { .. }), "{e:?}");
+    assert!(e.to_string().contains("not valid now"), "{e}");
 
     let mut tampered = good.clone();
     // Flip a byte inside the name "alice" in the subject: the signature no longer covers it.
@@ -117,22 +134,34 @@ fn every_bad_certificate_is_refused_with_its_reason() {
         .expect("the name is in the DER");
     tampered[at] = b'A';
     let e = trust.verify(&tampered, &peer).expect_err("tampered");
-    assert!(e.0.contains("does not verify"), "{e}");
+    assert_eq!(e, AuthError::Signature("physics".into()));
+    assert!(e.to_string().contains("does not verify"), "{e}");
 
     let other = Keypair::generate_ed25519().public().to_peer_id();
     let e = trust.verify(&good, &other).expect_err("not bound");
-    assert!(e.0.contains("bound to peer"), "{e}");
+    assert_eq!(
+        e,
+        AuthError::OtherPeer {
+            bound: Box::new(peer),
+            peer: Box::new(other)
+        }
+    );
+    assert!(e.to_string().contains("bound to peer"), "{e}");
 
     let e = trust.verify(b"garbage", &peer).expect_err("garbage");
-    assert!(e.0.contains("not an X.509"), "{e}");
+    assert!(matches!(e, AuthError::Der(_)), "{e:?}");
+    assert!(e.to_string().contains("not an X.509"), "{e}");
 
     // A CA certificate does not identify a peer, and a non-CA is no anchor.
     let e = trust
         .verify(&der(physics.cert_pem().to_owned()), &peer)
         .expect_err("a CA");
-    assert!(!e.0.is_empty());
+    assert_eq!(e, AuthError::Ca);
     let leaf_pem = physics.certify(&alice, &key.public(), 1).expect("certify");
-    assert!(Trust::default().add_pem(&leaf_pem).is_err());
+    assert_eq!(
+        Trust::default().add_pem(&leaf_pem),
+        Err(crate::pki::TrustError::NotCa)
+    );
 }
 
 /// Through real sockets: a daemon's swarm refuses every bad certificate before it hands any
@@ -310,4 +339,38 @@ async fn a_request_without_a_hello_is_refused_unread() {
         inbound.try_recv().is_err(),
         "the request never reached the daemon"
     );
+}
+
+#[test]
+fn a_bad_file_is_named_with_what_is_wrong_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "physics", 30).expect("init");
+    let out = dir.path().join("alice");
+    ca.issue(&subject(PrincipalKind::User, "alice", &[]), &out, None, 1)
+        .expect("issue");
+    std::fs::write(out.join("key"), b"not a key").expect("write");
+    let e = Credentials::load(&out, &[]).expect_err("bad key");
+    assert!(
+        matches!(&e, PkiError::File { path, error: FileError::Key(_) } if *path == out.join("key")),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("key: not a libp2p key"), "{e}");
+    // Another CA's key next to this CA's certificate.
+    let other = dir.path().join("other");
+    Ca::init(&other, "physics", 30).expect("init");
+    std::fs::copy(other.join("ca.key"), ca_dir.join("ca.key")).expect("copy");
+    let e = Ca::load(&ca_dir).expect_err("mismatch");
+    assert!(
+        matches!(
+            &e,
+            PkiError::File {
+                error: FileError::KeyMismatch,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = Credentials::load(&dir.path().join("nobody"), &[]).expect_err("none");
+    assert!(matches!(e, PkiError::NoCertificate { .. }), "{e:?}");
 }

@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use super::{PkiError, io_err, name_ok};
+use super::{PkiError, name_ok};
 
 /// A trusted domain CA.
 #[derive(Debug, Clone)]
@@ -18,11 +18,37 @@ pub(super) struct Anchor {
     pub(super) spki_raw: Vec<u8>,
 }
 
-pub(super) fn parse_pem(text: &str) -> Result<Vec<u8>, String> {
-    let (_, p) =
-        x509_parser::pem::parse_x509_pem(text.as_bytes()).map_err(|e| format!("not PEM: {e}"))?;
+/// Why a CA certificate cannot be trusted, or a PEM file read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// Not PEM.
+    #[error("not PEM: {0}")]
+    Pem(String),
+    /// PEM of something else.
+    #[error("a PEM '{0}', not a CERTIFICATE")]
+    Label(String),
+    /// Not an X.509 certificate.
+    #[error("not a certificate: {0}")]
+    Der(String),
+    /// A certificate that is not a CA's.
+    #[error("not a CA certificate")]
+    NotCa,
+    /// A CA certificate whose self-signature fails.
+    #[error("its self-signature does not verify: {0}")]
+    SelfSignature(String),
+    /// A CA certificate that names no domain.
+    #[error("it names no domain (O=)")]
+    NoDomain,
+    /// A CA certificate whose domain is not a valid name.
+    #[error("its domain '{0}' is not a valid name")]
+    Domain(String),
+}
+
+pub(super) fn parse_pem(text: &str) -> Result<Vec<u8>, TrustError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(text.as_bytes())
+        .map_err(|e| TrustError::Pem(e.to_string()))?;
     if p.label != "CERTIFICATE" {
-        return Err(format!("a PEM '{}', not a CERTIFICATE", p.label));
+        return Err(TrustError::Label(p.label));
     }
     Ok(p.contents)
 }
@@ -36,26 +62,26 @@ pub(super) fn org(cert: &X509Certificate<'_>) -> Option<String> {
 }
 
 impl Anchor {
-    pub(super) fn from_pem(text: &str) -> Result<Anchor, String> {
+    pub(super) fn from_pem(text: &str) -> Result<Anchor, TrustError> {
         Anchor::from_der(parse_pem(text)?)
     }
 
-    fn from_der(der: Vec<u8>) -> Result<Anchor, String> {
+    fn from_der(der: Vec<u8>) -> Result<Anchor, TrustError> {
         let (_, cert) =
-            X509Certificate::from_der(&der).map_err(|e| format!("not a certificate: {e}"))?;
+            X509Certificate::from_der(&der).map_err(|e| TrustError::Der(e.to_string()))?;
         let is_ca = cert
             .basic_constraints()
             .ok()
             .flatten()
             .is_some_and(|b| b.value.ca);
         if !is_ca {
-            return Err("not a CA certificate".into());
+            return Err(TrustError::NotCa);
         }
         cert.verify_signature(None)
-            .map_err(|e| format!("its self-signature does not verify: {e}"))?;
-        let domain = org(&cert).ok_or("it names no domain (O=)")?;
+            .map_err(|e| TrustError::SelfSignature(e.to_string()))?;
+        let domain = org(&cert).ok_or(TrustError::NoDomain)?;
         if !name_ok(&domain) {
-            return Err(format!("its domain '{domain}' is not a valid name"));
+            return Err(TrustError::Domain(domain));
         }
         let subject_raw = cert.subject().as_raw().to_vec();
         let spki_raw = cert.public_key().subject_public_key.data.to_vec();
@@ -76,8 +102,72 @@ pub struct Trust {
 
 /// Why a peer's certificate is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("certificate refused: {0}")]
-pub struct AuthError(pub String);
+pub enum AuthError {
+    /// Not an X.509 certificate.
+    #[error("certificate refused: not an X.509 certificate: {0}")]
+    Der(String),
+    /// Bytes after the certificate.
+    #[error("certificate refused: trailing bytes after the certificate")]
+    Trailing,
+    /// Issued by a CA that is not trusted.
+    #[error("certificate refused: issued by an unknown CA ({issuer}); trusted: {}", .trusted.join(", "))]
+    UnknownCa {
+        /// The issuer's name.
+        issuer: String,
+        /// The trusted domains.
+        trusted: Vec<String>,
+    },
+    /// A signature that no trusted CA of that name made.
+    #[error(
+        "certificate refused: its signature does not verify against the CA of domain {0} \
+         (tampered, or signed by another key)"
+    )]
+    Signature(String),
+    /// Not valid now.
+    #[error("certificate refused: not valid now (valid from {from} to {to})")]
+    Validity {
+        /// Valid from.
+        from: String,
+        /// Valid to.
+        to: String,
+    },
+    /// The issuing CA has expired.
+    #[error("certificate refused: the CA of domain {0} has expired")]
+    CaExpired(String),
+    /// A CA's certificate offered as a peer's.
+    #[error("certificate refused: a CA certificate cannot identify a peer")]
+    Ca,
+    /// It claims a domain other than its CA's.
+    #[error(
+        "certificate refused: it claims domain {claimed} but was issued by the CA of domain \
+         {issuer}"
+    )]
+    Domain {
+        /// The domain it claims (empty: none).
+        claimed: String,
+        /// Its CA's domain.
+        issuer: String,
+    },
+    /// It names no user or node.
+    #[error("certificate refused: it names no MVM user or node")]
+    NoName,
+    /// It certifies a key that is not ed25519.
+    #[error("certificate refused: it does not certify an ed25519 key")]
+    Key,
+    /// It certifies another peer's key.
+    #[error(
+        "certificate refused: it is bound to peer {bound}, not to {peer} (another's certificate)"
+    )]
+    OtherPeer {
+        /// The peer whose key it certifies.
+        bound: Box<PeerId>,
+        /// The peer that offered it.
+        peer: Box<PeerId>,
+    },
+    /// Its peer id name is not that of its key.
+    #[error("certificate refused: its peer id does not match its key")]
+    PeerId,
+}
 
 impl Trust {
     /// Adds the CA certificate in `path` (PEM).
@@ -85,15 +175,15 @@ impl Trust {
     /// # Errors
     /// The file cannot be read, or is not a valid CA certificate.
     pub fn add_file(&mut self, path: &Path) -> Result<(), PkiError> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-        self.add_pem(&text).map_err(|e| io_err(path, e))
+        let text = std::fs::read_to_string(path).map_err(PkiError::at(path))?;
+        self.add_pem(&text).map_err(PkiError::at(path))
     }
 
     /// Adds a CA certificate (PEM); one already trusted is not added twice.
     ///
     /// # Errors
     /// Not a valid CA certificate.
-    pub fn add_pem(&mut self, text: &str) -> Result<(), String> {
+    pub fn add_pem(&mut self, text: &str) -> Result<(), TrustError> {
         let a = Anchor::from_pem(text)?;
         if !self.anchors.iter().any(|b| b.der == a.der) {
             self.anchors.push(a);
@@ -115,11 +205,10 @@ impl Trust {
     /// # Errors
     /// Why it is refused.
     pub fn verify(&self, der: &[u8], peer: &PeerId) -> Result<Principal, AuthError> {
-        let refuse = |m: String| AuthError(m);
-        let (rest, cert) = X509Certificate::from_der(der)
-            .map_err(|e| refuse(format!("not an X.509 certificate: {e}")))?;
+        let (rest, cert) =
+            X509Certificate::from_der(der).map_err(|e| AuthError::Der(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(refuse("trailing bytes after the certificate".into()));
+            return Err(AuthError::Trailing);
         }
         let issuer_raw = cert.issuer().as_raw();
         let anchors: Vec<&Anchor> = self
@@ -128,11 +217,10 @@ impl Trust {
             .filter(|a| a.subject_raw == issuer_raw)
             .collect();
         if anchors.is_empty() {
-            return Err(refuse(format!(
-                "issued by an unknown CA ({}); trusted: {}",
-                cert.issuer(),
-                self.domains().join(", ")
-            )));
+            return Err(AuthError::UnknownCa {
+                issuer: cert.issuer().to_string(),
+                trusted: self.domains(),
+            });
         }
         // Each candidate CA is parsed once: for the signature, then for its own validity.
         let (anchor, ca) = anchors
@@ -143,25 +231,16 @@ impl Trust {
                     .is_ok()
                     .then_some((a, ca))
             })
-            .ok_or_else(|| {
-                refuse(format!(
-                    "its signature does not verify against the CA of domain {} (tampered, or \
-                     signed by another key)",
-                    org(&cert).unwrap_or_default()
-                ))
-            })?;
+            .ok_or_else(|| AuthError::Signature(org(&cert).unwrap_or_default()))?;
         let validity = cert.validity();
         if !validity.is_valid() {
-            return Err(refuse(format!(
-                "not valid now (valid from {} to {})",
-                validity.not_before, validity.not_after
-            )));
+            return Err(AuthError::Validity {
+                from: validity.not_before.to_string(),
+                to: validity.not_after.to_string(),
+            });
         }
         if !ca.validity().is_valid() {
-            return Err(refuse(format!(
-                "the CA of domain {} has expired",
-                anchor.domain
-            )));
+            return Err(AuthError::CaExpired(anchor.domain.clone()));
         }
         if cert
             .basic_constraints()
@@ -169,16 +248,15 @@ impl Trust {
             .flatten()
             .is_some_and(|b| b.value.ca)
         {
-            return Err(refuse("a CA certificate cannot identify a peer".into()));
+            return Err(AuthError::Ca);
         }
         match org(&cert) {
             Some(d) if d == anchor.domain => {}
             other => {
-                return Err(refuse(format!(
-                    "it claims domain {} but was issued by the CA of domain {}",
-                    other.unwrap_or_default(),
-                    anchor.domain
-                )));
+                return Err(AuthError::Domain {
+                    claimed: other.unwrap_or_default(),
+                    issuer: anchor.domain.clone(),
+                });
             }
         }
         let mut kind_name = None;
@@ -202,16 +280,17 @@ impl Trust {
         }
         let (kind, name) = kind_name
             .filter(|(_, n)| name_ok(n))
-            .ok_or_else(|| refuse("it names no MVM user or node".into()))?;
+            .ok_or(AuthError::NoName)?;
         // The certified key must be the peer's own: that is what the connection proved.
-        let key_peer = key_peer(&cert).map_err(refuse)?;
+        let key_peer = key_peer(&cert)?;
         if key_peer != *peer {
-            return Err(refuse(format!(
-                "it is bound to peer {key_peer}, not to {peer} (another's certificate)"
-            )));
+            return Err(AuthError::OtherPeer {
+                bound: Box::new(key_peer),
+                peer: Box::new(*peer),
+            });
         }
         if bound.as_deref().is_some_and(|b| b != peer.to_string()) {
-            return Err(refuse("its peer id does not match its key".into()));
+            return Err(AuthError::PeerId);
         }
         roles.sort();
         roles.dedup();
@@ -225,9 +304,9 @@ impl Trust {
 }
 
 /// The peer id of the ed25519 key a certificate certifies.
-pub(super) fn key_peer(cert: &X509Certificate<'_>) -> Result<PeerId, String> {
+pub(super) fn key_peer(cert: &X509Certificate<'_>) -> Result<PeerId, AuthError> {
     let spki = &cert.public_key().subject_public_key.data;
     libp2p::identity::ed25519::PublicKey::try_from_bytes(spki)
         .map(|k| libp2p::identity::PublicKey::from(k).to_peer_id())
-        .map_err(|_| "it does not certify an ed25519 key".to_owned())
+        .map_err(|_| AuthError::Key)
 }

@@ -2,35 +2,88 @@
 
 use std::collections::BTreeMap;
 
-use mvm_component::policy::Principal;
+use mvm_component::policy::{BundleError, Principal};
 
 use super::{
     BrokerRequest, ClientRequest, MAX_CERT, NodeRequest, PeerRequest, Request, Response, VM_MODES,
 };
 
-pub(super) fn check_principal(p: &Principal) -> Result<(), String> {
+/// Why a message is refused: its first bad field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// A principal's name, domain or a role is not a valid name, or it has too many roles.
+    #[error("a principal with a bad name, domain or role: {0}")]
+    Principal(Box<Principal>),
+    /// A policy digest that is neither empty nor 64 hex digits.
+    #[error("a policy digest is 64 hex digits, not '{}'", .0.escape_default())]
+    Digest(String),
+    /// A certificate that is empty or too large.
+    #[error("a certificate of {0} bytes (1 to {MAX_CERT})")]
+    CertSize(usize),
+    /// A name, id or port that is empty, too long, or has control characters.
+    #[error("{field} must be 1 to {MAX_NAME} printable characters")]
+    Name {
+        /// Which field, e.g. `the job name`.
+        field: &'static str,
+    },
+    /// Not a job id.
+    #[error("bad job id '{}'", .0.escape_default())]
+    JobId(String),
+    /// Not a content hash.
+    #[error("bad module hash '{}'", .0.escape_default())]
+    Hash(String),
+    /// A list, map or string with more entries than any message may carry.
+    #[error("too many {field} ({count})")]
+    TooMany {
+        /// What is counted, e.g. `hashes`.
+        field: &'static str,
+        /// How many there are.
+        count: usize,
+    },
+    /// A VM mode not in [`VM_MODES`].
+    #[error("unknown VM mode '{0}'")]
+    VmMode(String),
+    /// A part spec for a part that is not in its list of parts.
+    #[error("part {here} does not exist ({parts} parts)")]
+    NoSuchPart {
+        /// The part the spec is for.
+        here: u32,
+        /// How many parts there are.
+        parts: usize,
+    },
+    /// A placement that puts a vertex on a part that does not exist.
+    #[error("placement names part {part} of {parts}")]
+    PlacementPart {
+        /// The part named.
+        part: u32,
+        /// How many parts there are.
+        parts: usize,
+    },
+    /// A policy bundle whose files do not fit the layout.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+}
+
+pub(super) fn check_principal(p: &Principal) -> Result<(), CheckError> {
     let ok = mvm_component::policy::name_ok;
     if ok(&p.name) && ok(&p.domain) && p.roles.len() <= 64 && p.roles.iter().all(|r| ok(r)) {
         Ok(())
     } else {
-        Err(format!("a principal with a bad name, domain or role: {p}"))
+        Err(CheckError::Principal(Box::new(p.clone())))
     }
 }
 
-pub(super) fn check_digest(d: &str) -> Result<(), String> {
+pub(super) fn check_digest(d: &str) -> Result<(), CheckError> {
     if d.is_empty() || (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())) {
         Ok(())
     } else {
-        Err("a policy digest is 64 hex digits".into())
+        Err(CheckError::Digest(d.to_owned()))
     }
 }
 
-pub(super) fn check_cert(cert: &[u8]) -> Result<(), String> {
+pub(super) fn check_cert(cert: &[u8]) -> Result<(), CheckError> {
     if cert.is_empty() || cert.len() > MAX_CERT {
-        Err(format!(
-            "a certificate of {} bytes (1 to {MAX_CERT})",
-            cert.len()
-        ))
+        Err(CheckError::CertSize(cert.len()))
     } else {
         Ok(())
     }
@@ -41,11 +94,9 @@ const MAX_NAME: usize = 256;
 /// Most entries of any list or map in a message.
 const MAX_ENTRIES: usize = 1 << 20;
 
-pub(super) fn check_name(what: &str, s: &str) -> Result<(), String> {
+pub(super) fn check_name(field: &'static str, s: &str) -> Result<(), CheckError> {
     if s.is_empty() || s.len() > MAX_NAME || s.chars().any(char::is_control) {
-        return Err(format!(
-            "{what} must be 1 to {MAX_NAME} printable characters"
-        ));
+        return Err(CheckError::Name { field });
     }
     Ok(())
 }
@@ -53,15 +104,15 @@ pub(super) fn check_name(what: &str, s: &str) -> Result<(), String> {
 /// Checks a job id: 1–128 characters of `[A-Za-z0-9._-]`.
 ///
 /// # Errors
-/// Why it is not one.
-pub fn check_job_id(s: &str) -> Result<(), String> {
+/// [`CheckError::JobId`] when it is not one.
+pub fn check_job_id(s: &str) -> Result<(), CheckError> {
     if s.is_empty()
         || s.len() > 128
         || !s
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
-        return Err(format!("bad job id '{}'", s.escape_default()));
+        return Err(CheckError::JobId(s.to_owned()));
     }
     Ok(())
 }
@@ -69,27 +120,35 @@ pub fn check_job_id(s: &str) -> Result<(), String> {
 /// Checks a content hash: 64 lowercase hex digits.
 ///
 /// # Errors
-/// Why it is not one.
-pub fn check_hash(s: &str) -> Result<(), String> {
+/// [`CheckError::Hash`] when it is not one.
+pub fn check_hash(s: &str) -> Result<(), CheckError> {
     if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(format!("bad module hash '{}'", s.escape_default()));
+        return Err(CheckError::Hash(s.to_owned()));
     }
     Ok(())
 }
 
-pub(super) fn check_len(what: &str, n: usize) -> Result<(), String> {
-    if n > MAX_ENTRIES {
-        return Err(format!("too many {what} ({n})"));
+pub(super) fn check_len(field: &'static str, count: usize) -> Result<(), CheckError> {
+    if count > MAX_ENTRIES {
+        return Err(CheckError::TooMany { field, count });
     }
     Ok(())
 }
 
-pub(super) fn check_params(p: &BTreeMap<String, String>) -> Result<(), String> {
+fn check_mode(mode: &str) -> Result<(), CheckError> {
+    if VM_MODES.contains(&mode) {
+        Ok(())
+    } else {
+        Err(CheckError::VmMode(mode.to_owned()))
+    }
+}
+
+pub(super) fn check_params(p: &BTreeMap<String, String>) -> Result<(), CheckError> {
     check_len("parameters", p.len())?;
     p.keys().try_for_each(|k| check_name("a parameter name", k))
 }
 
-pub(super) fn check_components(c: &BTreeMap<String, String>) -> Result<(), String> {
+pub(super) fn check_components(c: &BTreeMap<String, String>) -> Result<(), CheckError> {
     check_len("components", c.len())?;
     for (name, hash) in c {
         check_name("a component name", name)?;
@@ -103,7 +162,7 @@ impl Request {
     ///
     /// # Errors
     /// The first bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CheckError> {
         match self {
             Request::Hello { cert } => check_cert(cert),
             Request::Group | Request::Leader => Ok(()),
@@ -117,7 +176,7 @@ impl Request {
 }
 
 impl ClientRequest {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), CheckError> {
         match self {
             ClientRequest::Missing { hashes } => {
                 check_len("hashes", hashes.len())?;
@@ -137,10 +196,8 @@ impl ClientRequest {
                 check_name("the topology file name", &s.topology_file)?;
                 check_components(&s.components)?;
                 check_len("modules", s.modules.len())?;
-                if let Some(m) = &s.requirements.vm_mode
-                    && !VM_MODES.contains(&m.as_str())
-                {
-                    return Err(format!("unknown VM mode '{m}'"));
+                if let Some(m) = &s.requirements.vm_mode {
+                    check_mode(m)?;
                 }
                 check_params(&s.parameters)
             }
@@ -154,7 +211,7 @@ impl ClientRequest {
 }
 
 impl NodeRequest {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), CheckError> {
         match self {
             NodeRequest::Register(n) => {
                 check_name("the node name", &n.name)?;
@@ -176,7 +233,7 @@ impl NodeRequest {
 }
 
 impl BrokerRequest {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), CheckError> {
         match self {
             BrokerRequest::Start { job } => check_job_id(job),
             BrokerRequest::Terminate { job, reason } => {
@@ -192,20 +249,20 @@ impl BrokerRequest {
                 check_len("placement entries", p.placement.len())?;
                 check_len("parts", p.parts.len())?;
                 if p.here as usize >= p.parts.len() {
-                    return Err(format!(
-                        "part {} does not exist ({} parts)",
-                        p.here,
-                        p.parts.len()
-                    ));
+                    return Err(CheckError::NoSuchPart {
+                        here: p.here,
+                        parts: p.parts.len(),
+                    });
                 }
-                if let Some(bad) = p.placement.iter().find(|&&x| x as usize >= p.parts.len()) {
-                    return Err(format!("placement names part {bad} of {}", p.parts.len()));
+                if let Some(&part) = p.placement.iter().find(|&&x| x as usize >= p.parts.len()) {
+                    return Err(CheckError::PlacementPart {
+                        part,
+                        parts: p.parts.len(),
+                    });
                 }
                 if let Some(e) = &p.environment {
                     check_len("image id bytes", e.image.len())?;
-                    if !VM_MODES.contains(&e.mode.as_str()) {
-                        return Err(format!("unknown VM mode '{}'", e.mode));
-                    }
+                    check_mode(&e.mode)?;
                 }
                 Ok(())
             }
@@ -218,7 +275,7 @@ impl Response {
     ///
     /// # Errors
     /// The first bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CheckError> {
         match self {
             Response::Missing { hashes } => {
                 check_len("hashes", hashes.len())?;
@@ -244,9 +301,7 @@ impl Response {
             Response::Hello { cert } => check_cert(cert),
             Response::Policy { digest, bundle, .. } => {
                 check_digest(digest)?;
-                bundle
-                    .as_ref()
-                    .map_or(Ok(()), |b| b.check_layout().map_err(|e| e.to_string()))
+                bundle.as_ref().map_or(Ok(()), |b| Ok(b.check_layout()?))
             }
         }
     }
@@ -326,7 +381,8 @@ mod tests {
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()
             .expect_err("part 2 of 2");
-        assert!(e.contains("part 2"), "{e}");
+        assert_eq!(e, CheckError::PlacementPart { part: 2, parts: 2 });
+        assert!(e.to_string().contains("part 2"), "{e}");
         let e = BrokerRequest::Prepare(Box::new(PartSpec {
             here: 2,
             placement: vec![0],
@@ -334,7 +390,8 @@ mod tests {
         }))
         .validate()
         .expect_err("here out of range");
-        assert!(e.contains("does not exist"), "{e}");
+        assert_eq!(e, CheckError::NoSuchPart { here: 2, parts: 2 });
+        assert!(e.to_string().contains("does not exist"), "{e}");
         let e = BrokerRequest::Prepare(Box::new(PartSpec {
             placement: vec![0],
             environment: Some(EnvSpec {
@@ -347,6 +404,56 @@ mod tests {
         }))
         .validate()
         .expect_err("bad VM mode");
-        assert!(e.contains("forever"), "{e}");
+        assert_eq!(e, CheckError::VmMode("forever".into()));
+        assert!(e.to_string().contains("forever"), "{e}");
+    }
+
+    #[test]
+    fn a_check_error_names_the_field_and_the_value() {
+        let e = NodeRequest::Register(crate::proto::NodeInfo {
+            name: "n1".into(),
+            group: "g\n".into(),
+            domain: "lab".into(),
+            addrs: Vec::new(),
+            cpus: 1,
+            memory_bytes: 1 << 30,
+            arch: "x86_64".into(),
+            images: Vec::new(),
+            slots: 1,
+            eligible: false,
+            load: crate::proto::NodeLoad::default(),
+        })
+        .validate()
+        .expect_err("a control character");
+        assert_eq!(e, CheckError::Name { field: "the group" });
+        assert!(e.to_string().starts_with("the group must be"), "{e}");
+        let e = ClientRequest::Status {
+            job: Some("a b".into()),
+        }
+        .validate()
+        .expect_err("a space");
+        assert_eq!(e, CheckError::JobId("a b".into()));
+        let e = check_len("hashes", MAX_ENTRIES + 1).expect_err("too many");
+        assert_eq!(
+            e.to_string(),
+            format!("too many hashes ({})", MAX_ENTRIES + 1)
+        );
+        let e = Request::Hello {
+            cert: bytes::Bytes::new(),
+        }
+        .validate()
+        .expect_err("empty");
+        assert_eq!(e, CheckError::CertSize(0));
+        let e = Request::Peer(PeerRequest::Policy { have: "xy".into() })
+            .validate()
+            .expect_err("short");
+        assert_eq!(e, CheckError::Digest("xy".into()));
+    }
+
+    #[test]
+    fn a_check_error_is_a_failure_of_bad_input() {
+        let f = crate::proto::Failure::from(CheckError::Hash("zz".into()));
+        assert_eq!(f.kind, crate::proto::FailureKind::Input);
+        assert_eq!(f.message, "bad module hash 'zz'");
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::check::{check_len, check_name};
+use super::check::{CheckError, check_len, check_name};
 
 /// What a node tells its super-peer when it registers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,7 +104,7 @@ impl GroupSummary {
     ///
     /// # Errors
     /// The first bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CheckError> {
         check_name("the group", &self.group)?;
         check_name("the domain", &self.domain)?;
         check_name("the broker", &self.broker)?;

@@ -7,7 +7,7 @@ use mvm_component::policy::Principal;
 use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
-use super::check::{check_job_id, check_len};
+use super::check::{CheckError, check_job_id, check_len};
 use super::{ErrorKind, Member};
 
 /// A job profile as sent to the broker: everything resolved, files inlined, modules by hash.
@@ -66,18 +66,32 @@ impl LimitSpec {
     ///
     /// # Errors
     /// A memory limit under 64 KiB, or over what this machine can address.
-    pub fn limits(&self) -> Result<mvm_component::runtime::Limits, String> {
+    pub fn limits(&self) -> Result<mvm_component::runtime::Limits, LimitError> {
         let mut l = mvm_component::runtime::Limits::default();
         if let Some(m) = self.memory_bytes {
-            if m < 64 << 10 {
-                return Err(format!("a memory limit of {m} bytes is under 64KiB"));
+            if m < MIN_MEMORY {
+                return Err(LimitError::MemoryUnder(m));
             }
-            l.memory_bytes = usize::try_from(m).map_err(|_| "the memory limit is too large")?;
+            l.memory_bytes = usize::try_from(m).map_err(|_| LimitError::MemoryOver(m))?;
         }
         l.cpu = self.cpu_ms.map(std::time::Duration::from_millis);
         l.wall = self.wall_ms.map(std::time::Duration::from_millis);
         Ok(l)
     }
+}
+
+/// The smallest memory limit: one WebAssembly page.
+const MIN_MEMORY: u64 = 64 << 10;
+
+/// Why a job's limits cannot be enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// A memory limit under one WebAssembly page.
+    #[error("a memory limit of {0} bytes is under 64KiB")]
+    MemoryUnder(u64),
+    /// A memory limit this machine cannot address.
+    #[error("a memory limit of {0} bytes is too large for this machine")]
+    MemoryOver(u64),
 }
 
 /// What a job needs from a node, and how to rank the nodes that have it (GridWay).
@@ -167,7 +181,7 @@ impl PartReport {
     ///
     /// # Errors
     /// The first bad field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CheckError> {
         check_job_id(&self.job)?;
         if let Ok(res) = &self.outcome {
             check_len("outputs", res.outputs.len())?;

@@ -12,6 +12,8 @@
 //! - `group`: nodes, members and groups.
 //! - `frame`: frames, the request-response codec, and the stream headers.
 //! - `check`: the checks of every message.
+//! - `failure`: why a request failed, and the class of failure of every error that can reach
+//!   the wire.
 
 use bytes::Bytes;
 use libp2p::StreamProtocol;
@@ -20,11 +22,13 @@ pub use mvm_component::runtime::ErrorKind;
 use serde::{Deserialize, Serialize};
 
 mod check;
+mod failure;
 mod frame;
 mod group;
 mod job;
 
-pub use check::{check_hash, check_job_id};
+pub use check::{CheckError, check_hash, check_job_id};
+pub use failure::{Failure, FailureKind};
 pub use frame::*;
 pub use group::*;
 pub use job::*;
@@ -258,42 +262,6 @@ pub enum Response {
         /// The files, unless the asker holds them already.
         bundle: Option<Bundle>,
     },
-}
-
-/// Why a request failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{message}")]
-pub struct Failure {
-    /// The class of failure.
-    pub kind: FailureKind,
-    /// A one-line message naming the file, vertex or peer concerned.
-    pub message: String,
-}
-
-/// Classes of failure; they map to the CLI's exit codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FailureKind {
-    /// Bad input: profile, topology, module, message.
-    Input,
-    /// Refused by policy.
-    Refused,
-    /// It ran (or tried to) and failed.
-    Failed,
-    /// No such job, module or node.
-    NotFound,
-    /// Not possible now: no node fits, not the broker, shutting down.
-    Unavailable,
-}
-
-impl Failure {
-    /// A failure of `kind`.
-    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
-        Failure {
-            kind,
-            message: message.into(),
-        }
-    }
 }
 
 /// How long a broker holds a waiting submission, and a `Wait`, before answering with the

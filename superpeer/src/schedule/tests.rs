@@ -70,13 +70,56 @@ fn rank_expressions_parse_evaluate_and_order() {
     assert_eq!(r.eval(&a), 0.0);
     assert_eq!(Rank::parse("memory / 0").expect("parses").eval(&a), 0.0);
     let e = Rank::parse("cpus + bogus").expect_err("unknown");
-    assert!(e.contains("column 8") && e.contains("bogus"), "{e}");
+    assert_eq!(
+        e,
+        ScheduleError::Rank {
+            column: 8,
+            problem: RankProblem::Property("bogus".into())
+        }
+    );
+    let m = e.to_string();
+    assert!(m.contains("column 8") && m.contains("bogus"), "{m}");
     let e = Rank::parse("(cpus").expect_err("unclosed");
-    assert!(e.contains("')'"), "{e}");
+    assert_eq!(
+        e,
+        ScheduleError::Rank {
+            column: 6,
+            problem: RankProblem::Unclosed
+        }
+    );
+    assert!(e.to_string().contains("')'"), "{e}");
     let e = Rank::parse("cpus cpus").expect_err("trailing");
-    assert!(e.contains("unexpected text"), "{e}");
+    assert_eq!(
+        e,
+        ScheduleError::Rank {
+            column: 6,
+            problem: RankProblem::Trailing
+        }
+    );
     let e = Rank::parse("").expect_err("empty");
-    assert!(e.contains("end"), "{e}");
+    assert_eq!(
+        e,
+        ScheduleError::Rank {
+            column: 1,
+            problem: RankProblem::End
+        }
+    );
+    let e = Rank::parse("1.2.3 + cpus").expect_err("bad number");
+    assert_eq!(
+        e,
+        ScheduleError::Rank {
+            column: 1,
+            problem: RankProblem::Number("1.2.3".into())
+        }
+    );
+    let e = Rank::parse("cpus * ?").expect_err("no operand");
+    assert_eq!(
+        e,
+        ScheduleError::Rank {
+            column: 8,
+            problem: RankProblem::Operand
+        }
+    );
 }
 
 #[test]
@@ -99,15 +142,32 @@ fn capacity_bounds_every_part_and_too_little_is_an_error() {
     assert_eq!(p.iter().filter(|&&x| x == 0).count(), 2);
     assert_eq!(cut(&g, &p), 2);
     let e = place(&g, &[3, 3], usize::MAX).expect_err("too small");
+    assert_eq!(
+        e,
+        ScheduleError::TooFewSlots {
+            vertices: 10,
+            slots: 6,
+            nodes: 2
+        }
+    );
+    let m = e.to_string();
     assert!(
-        e.contains("10 vertices") && e.contains("6 free slots"),
-        "{e}"
+        m.contains("10 vertices") && m.contains("6 free slots"),
+        "{m}"
     );
     // max_parts keeps the job on the best nodes.
     let p = place(&g, &[100, 100, 100], 1).expect("placed");
     assert!(p.iter().all(|&x| x == 0));
     let e = place(&g, &[5, 100], 1).expect_err("best node too small");
-    assert!(e.contains("best nodes"), "{e}");
+    assert_eq!(
+        e,
+        ScheduleError::TooFewSlotsOnBest {
+            vertices: 10,
+            slots: 5,
+            nodes: 1
+        }
+    );
+    assert!(e.to_string().contains("best nodes"), "{e}");
 }
 
 #[test]
