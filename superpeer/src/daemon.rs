@@ -327,6 +327,7 @@ impl Daemon {
         let router = self.router.clone();
         let (site, node) = (router.site.clone(), router.node.clone());
         let mut background = tokio::task::JoinSet::new();
+        background.spawn(node.clone().run());
         background.spawn(node.clone().accept_streams());
         if let Some(os) = node.os() {
             background.spawn(crate::environment::serve_images(site.clone(), os.clone()));

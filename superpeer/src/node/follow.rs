@@ -293,7 +293,8 @@ impl Node {
                     Effect::Look { known } => Input::Found(self.find_leader(known).await),
                     Effect::Stop { from, job } => {
                         tracing::warn!(%job, "the leader has no such job running; stopping its part");
-                        self.terminate(from, &job, "unknown to the leader");
+                        self.terminate(from, true, job, "unknown to the leader".into())
+                            .await;
                         continue;
                     }
                     Effect::Members(members) => {

@@ -1,29 +1,45 @@
 //! The node role: holds no job state until the broker wakes it with a part to prepare, then
 //! runs that part (compiling modules it lacks after fetching them from the broker), carries
 //! its remote channels over libp2p streams, reports, and removes everything on termination.
+//!
+//! Its parts are a state machine ([`parts::Parts`]) owned by one loop (`Node::run`, in `run`),
+//! the only place that starts their work; the broker's requests become its inputs.
+//!
+//! - `parts`: the machine; `prepare`: preparing a part; `run`: the loop, running a part and
+//!   reporting it.
+//! - `follow`: following the group's super-peer (a machine of its own).
+//! - `streams`: remote channels.
 
-use crate::proto::NodeRequest;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::NodePolicy;
-use mvm_component::runtime::{AllowAll, JobSpec, PolicyHook, Prepared, Runtime};
-use mvm_component::topology::{Options, Topology};
+use mvm_component::runtime::Runtime;
 use mvm_queue::Controller;
-use mvm_queue::queue::Sender;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
-use crate::environment::{EnvLease, NodeOs};
-use crate::proto::{BrokerRequest, Failure, FailureKind, Member, PartSpec, Request, Response};
+use crate::environment::NodeOs;
+use crate::proto::{BrokerRequest, Failure, FailureKind, Member, Response};
 use crate::site::Site;
 
 mod follow;
+mod parts;
+mod prepare;
 mod run;
 mod streams;
+
+/// What the node's loop takes.
+enum Msg {
+    /// An input of its parts.
+    Input(parts::Input),
+    /// A task of `job`'s (a queue stream's import), ended with it.
+    Attach(String, AbortHandle),
+}
+
+/// The inputs queued for the node's loop at most; more wait (backpressure on requests).
+const INPUTS: usize = 4096;
 
 /// How one remote channel ended, or why it failed.
 type LinkResult = Result<LinkDone, String>;
@@ -50,22 +66,6 @@ impl LinkDone {
     }
 }
 
-struct NodeJob {
-    /// The broker that woke it (only it may start or end the job).
-    broker: PeerId,
-    parts: Vec<(PeerId, Vec<Multiaddr>)>,
-    prepared: Option<Prepared>,
-    /// Remote inputs waiting for their stream: (vertex, port, source peer) → sender.
-    inputs: HashMap<(String, String, PeerId), Sender<Bytes>>,
-    links: mpsc::Sender<LinkResult>,
-    links_rx: Option<mpsc::Receiver<LinkResult>>,
-    expected_links: usize,
-    tasks: Vec<AbortHandle>,
-    vertices: u32,
-    /// The guest the job runs in: held for its `Drop`, which releases it when the job goes.
-    _env: Option<EnvLease>,
-}
-
 /// A node's part of the daemon: its jobs, its runtime and queues, its guests, and the
 /// super-peer it follows.
 pub(crate) struct Node {
@@ -74,7 +74,12 @@ pub(crate) struct Node {
     /// None on a daemon that runs no vertices.
     runtime: Option<Runtime>,
     pub(crate) queues: Controller,
-    jobs: Mutex<HashMap<String, NodeJob>>,
+    /// The parts held, as the rest of the node sees them.
+    held: Arc<parts::Held>,
+    /// To the node's loop, which owns its parts.
+    inputs: mpsc::Sender<Msg>,
+    /// The parts and the loop's end of `inputs`, until the loop takes them.
+    parked: Mutex<Option<(parts::Parts, mpsc::Receiver<Msg>)>>,
     /// The OS layer, when configured.
     os: Option<Arc<NodeOs>>,
     /// The direct-link listener, when direct links are on.
@@ -109,12 +114,16 @@ impl Node {
         links: Option<Arc<crate::links::Listener>>,
         superpeer: Option<(PeerId, Vec<Multiaddr>)>,
     ) -> Node {
+        let held = Arc::new(parts::Held::default());
+        let (inputs, rx) = mpsc::channel(INPUTS);
         Node {
             site,
             config,
             runtime,
             queues,
-            jobs: Mutex::new(HashMap::new()),
+            parked: Mutex::new(Some((parts::Parts::new(held.clone()), rx))),
+            held,
+            inputs,
             os,
             links,
             superpeer: RwLock::new(superpeer),
@@ -124,12 +133,26 @@ impl Node {
 
     /// Vertices of the jobs held now.
     pub(crate) fn vertices(&self) -> u32 {
-        self.jobs.lock().values().map(|j| j.vertices).sum()
+        self.held.vertices()
     }
 
     /// The jobs whose parts are held now.
     pub(crate) fn job_ids(&self) -> Vec<String> {
-        self.jobs.lock().keys().cloned().collect()
+        self.held.jobs()
+    }
+
+    /// Gives the node's loop an input made with the reply channel, and waits for the answer.
+    async fn ask(&self, input: impl FnOnce(parts::Reply) -> parts::Input) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if self.inputs.send(Msg::Input(input(tx))).await.is_err() {
+            return fail(FailureKind::Unavailable, "this node is stopping");
+        }
+        rx.await.unwrap_or_else(|_| {
+            fail(
+                FailureKind::Unavailable,
+                "the node stopped before it answered",
+            )
+        })
     }
 
     /// The super-peer this node follows now.
@@ -147,11 +170,45 @@ impl Node {
                         format!("{from} is not this node's super-peer"),
                     );
                 }
-                self.prepare(from, *spec).await
+                if self.runtime.is_none() {
+                    return fail(FailureKind::Unavailable, "this daemon runs no vertices");
+                }
+                self.ask(|reply| parts::Input::Prepare { from, spec, reply })
+                    .await
             }
-            BrokerRequest::Start { job } => self.start(from, &job),
-            BrokerRequest::Terminate { job, reason } => self.terminate(from, &job, &reason),
+            BrokerRequest::Start { job } => {
+                let superpeer = self.is_superpeer(from);
+                self.ask(|reply| parts::Input::Start {
+                    from,
+                    superpeer,
+                    job,
+                    reply,
+                })
+                .await
+            }
+            BrokerRequest::Terminate { job, reason } => {
+                let superpeer = self.is_superpeer(from);
+                self.terminate(from, superpeer, job, reason).await
+            }
         }
+    }
+
+    /// Ends this node's part of `job` for `from` (a super-peer of the group, if `superpeer`).
+    pub(crate) async fn terminate(
+        &self,
+        from: PeerId,
+        superpeer: bool,
+        job: String,
+        reason: String,
+    ) -> Response {
+        self.ask(|reply| parts::Input::Terminate {
+            from,
+            superpeer,
+            job,
+            reason,
+            reply,
+        })
+        .await
     }
 
     /// Whether it has vertex slots (a super-peer may have none).
@@ -182,219 +239,6 @@ impl Node {
                 group: c.group.clone(),
             },
         )
-    }
-
-    /// Handles `Prepare`: parse, fetch and compile modules, check, create queues. Nothing runs.
-    async fn prepare(self: &Arc<Self>, from: PeerId, spec: PartSpec) -> Response {
-        let Some(runtime) = self.runtime.as_ref() else {
-            return fail(FailureKind::Unavailable, "this daemon runs no vertices");
-        };
-        if self.jobs.lock().contains_key(&spec.job) {
-            return fail(
-                FailureKind::Input,
-                format!("job {} is already here", spec.job),
-            );
-        }
-        let codecs = self.queues.codecs().clone();
-        let options = Options {
-            codecs: &codecs,
-            queue_defaults: spec.queue.clone(),
-        };
-        let topology = match Topology::parse_named(&spec.topology_file, &spec.topology, &options) {
-            Ok(t) => t,
-            Err(e) => return fail(FailureKind::Input, e.to_string()),
-        };
-        if spec.placement.len() != topology.vertices.len() {
-            return fail(
-                FailureKind::Input,
-                format!(
-                    "the placement names {} vertices, {} has {}",
-                    spec.placement.len(),
-                    spec.topology_file,
-                    topology.vertices.len()
-                ),
-            );
-        }
-        let limits = match spec.limits.limits() {
-            Ok(l) => l,
-            Err(e) => return Response::Error(e.into()),
-        };
-        // The node-level policy, before anything is fetched, compiled or provisioned.
-        let hook = self.node_policy(&spec.policy_digest).await;
-        let here_vertices: Vec<usize> = (0..topology.vertices.len())
-            .filter(|&v| spec.placement[v] == spec.here)
-            .collect();
-        let probe = JobSpec {
-            id: spec.job.clone(),
-            topology: &topology,
-            modules: HashMap::new(),
-            params: BTreeMap::new(),
-            limits,
-            owner: Some(spec.owner.clone()),
-        };
-        if let Err(r) = hook.check(&probe, &here_vertices) {
-            let at = if r.vertex.is_empty() {
-                String::new()
-            } else {
-                format!("vertex '{}': ", r.vertex)
-            };
-            tracing::info!(job = %spec.job, owner = %spec.owner, reason = %r.reason, "part refused by node policy");
-            return fail(
-                FailureKind::Refused,
-                format!("{at}refused by the node-level policy: {}", r.reason),
-            );
-        }
-        let mut parts = Vec::new();
-        for m in &spec.parts {
-            let peer: PeerId = match m.peer.parse() {
-                Ok(p) => p,
-                Err(_) => return fail(FailureKind::Input, format!("bad peer id '{}'", m.peer)),
-            };
-            let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            parts.push((peer, addrs));
-        }
-        // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
-        let mut modules = HashMap::new();
-        for (component, hash) in &spec.components {
-            let module = match runtime.cache().get(hash) {
-                Some(m) => m,
-                None => {
-                    let bytes = match self
-                        .site
-                        .call(
-                            from,
-                            &[],
-                            Request::Node(NodeRequest::Fetch { hash: hash.clone() }),
-                        )
-                        .await
-                    {
-                        Ok(Response::Module(b)) => b,
-                        Ok(_) => return fail(FailureKind::Failed, "the broker sent no module"),
-                        Err(e) => {
-                            return fail(
-                                FailureKind::Failed,
-                                format!("cannot fetch module {hash} of '{component}': {e}"),
-                            );
-                        }
-                    };
-                    if crate::modules::hash(&bytes) != *hash {
-                        return fail(
-                            FailureKind::Failed,
-                            format!("module of '{component}' does not match its hash {hash}"),
-                        );
-                    }
-                    // Compiling may take seconds: on a blocking thread, so that the node's
-                    // other tasks (its heartbeats, its swarm) go on meanwhile.
-                    let compile = {
-                        let (node, component) = (self.clone(), component.clone());
-                        tokio::task::spawn_blocking(move || {
-                            let runtime = node.runtime.as_ref()?;
-                            Some(runtime.cache().load(&component, &bytes).map(|(m, _, _)| m))
-                        })
-                    };
-                    match compile.await {
-                        Ok(Some(Ok(m))) => m,
-                        Ok(Some(Err(e))) => return fail(FailureKind::Input, e.to_string()),
-                        Ok(None) => return fail(FailureKind::Unavailable, "no runtime"),
-                        Err(e) => return fail(FailureKind::Failed, format!("compiling: {e}")),
-                    }
-                }
-            };
-            modules.insert(component.clone(), module);
-        }
-        // The OS layer ensures the job's environment before anything is instantiated.
-        let env = match (&spec.environment, &self.os) {
-            (None, _) => None,
-            (Some(e), None) => {
-                return fail(
-                    FailureKind::Unavailable,
-                    format!(
-                        "node {} has no OS layer for image '{}' (start it with --os-dir)",
-                        self.site.name, e.image
-                    ),
-                );
-            }
-            (Some(e), Some(os)) => {
-                let (os, e, job) = (os.clone(), e.clone(), spec.job.clone());
-                match tokio::task::spawn_blocking(move || os.acquire(&job, &e)).await {
-                    Ok(Ok(lease)) => Some(lease),
-                    Ok(Err(m)) => {
-                        return fail(
-                            FailureKind::Failed,
-                            format!("node {}: environment: {m}", self.site.name),
-                        );
-                    }
-                    Err(e) => return fail(FailureKind::Failed, format!("environment: {e}")),
-                }
-            }
-        };
-        let job = JobSpec {
-            id: spec.job.clone(),
-            topology: &topology,
-            modules,
-            params: spec.parameters.clone(),
-            limits,
-            owner: Some(spec.owner.clone()),
-        };
-        let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
-        let here = spec.here as usize;
-        let mut prepared = match runtime.prepare(
-            &job,
-            &self.queues,
-            // The same hook already allowed this part, before anything was fetched.
-            &AllowAll,
-            &placement,
-            here,
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                let kind = if e.denied() {
-                    FailureKind::Refused
-                } else {
-                    FailureKind::Input
-                };
-                return fail(kind, e.to_string());
-            }
-        };
-        if self.links.is_some() {
-            prepared.poll_remote_inputs();
-        }
-        let mut inputs = HashMap::new();
-        for i in std::mem::take(&mut prepared.remote_inputs) {
-            inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
-        }
-        let expected_links = inputs.len() + prepared.remote_outputs.len();
-        let (links, links_rx) = mpsc::channel(expected_links.max(1));
-        let vertices = u32::try_from(prepared.vertices().count()).unwrap_or(u32::MAX);
-        {
-            let mut jobs = self.jobs.lock();
-            if jobs.contains_key(&spec.job) {
-                self.queues.destroy_job(&spec.job);
-                return fail(
-                    FailureKind::Input,
-                    format!("job {} is already here", spec.job),
-                );
-            }
-            jobs.insert(
-                spec.job.clone(),
-                NodeJob {
-                    broker: from,
-                    parts,
-                    prepared: Some(prepared),
-                    inputs,
-                    links,
-                    links_rx: Some(links_rx),
-                    expected_links,
-                    tasks: Vec::new(),
-                    vertices,
-                    _env: env,
-                },
-            );
-        }
-        if spec.start {
-            return self.start_and_hold(from, &spec.job).await;
-        }
-        Response::Ok
     }
 }
 

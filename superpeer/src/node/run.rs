@@ -1,89 +1,129 @@
-//! Running a prepared part: its outgoing channels, its vertices, its report to the group's
-//! leader, and its end.
+//! The node's loop, and running a prepared part: its outgoing channels, its vertices, its
+//! report to the group's leader, and its end.
 
-use crate::proto::NodeRequest;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use libp2p::PeerId;
 use mvm_component::runtime::Prepared;
 use mvm_queue::remote::{self, Options as RemoteOptions, direct};
-use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
+use super::parts::{Effect, Input, Launch};
 use super::streams::{Channel, open_channel, run_link};
-use super::{LinkDone, LinkResult, Node, NodeJob, fail};
+use super::{LinkDone, LinkResult, Msg, Node};
 use crate::proto::{
-    ErrorKind, FailureKind, PART_HOLD, PartReport, PartResult, Request, Response, StreamHeader,
+    ErrorKind, FailureKind, NodeRequest, PART_HOLD, PartReport, PartResult, Request, StreamHeader,
     Traffic, VertexFailure,
 };
 
-/// Where a part's report goes when the answer to its `Prepare` still waits for it.
-type Hand = Arc<Mutex<Option<oneshot::Sender<PartReport>>>>;
-
 impl Node {
-    /// Starts a part that was prepared alone and holds the answer for up to [`PART_HOLD`]: a part
-    /// that ends by then answers with its report ([`Response::Finished`]), saving the broker a
-    /// request per short job; a longer one answers `Ok` and reports by itself later.
-    pub(super) async fn start_and_hold(self: &Arc<Self>, from: PeerId, job: &str) -> Response {
-        let (tx, mut rx) = oneshot::channel();
-        let hand: Hand = Arc::new(Mutex::new(Some(tx)));
-        let r = self.start_part(from, job, Some(hand.clone()));
-        if !matches!(r, Response::Ok) {
-            return r;
-        }
-        if let Ok(Ok(report)) = tokio::time::timeout(PART_HOLD, &mut rx).await {
-            return Response::Finished(Box::new(report));
-        }
-        // Taking the hand back makes the part report by itself. If the part took it first, its
-        // report is on the way here.
-        if hand.lock().take().is_some() {
-            return Response::Ok;
-        }
-        match rx.await {
-            Ok(report) => Response::Finished(Box::new(report)),
-            Err(_) => Response::Ok,
+    /// Runs the node's parts until the task is aborted: the one owner of its [`Parts`], and
+    /// the one place that carries out their effects. Runs once: a second call returns at once.
+    pub(crate) async fn run(self: Arc<Self>) {
+        let Some((mut parts, mut inputs)) = self.parked.lock().take() else {
+            tracing::error!("the node's loop is already running");
+            return;
+        };
+        let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
+        // The tasks of each part, aborted when it goes.
+        let mut running: HashMap<String, Vec<AbortHandle>> = HashMap::new();
+        loop {
+            let input = tokio::select! {
+                msg = inputs.recv() => match msg {
+                    Some(Msg::Input(input)) => input,
+                    Some(Msg::Attach(job, task)) => {
+                        match running.get_mut(&job) {
+                            Some(v) if parts.has(&job) => v.push(task),
+                            _ => task.abort(),
+                        }
+                        continue;
+                    }
+                    None => return,
+                },
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
+                    Ok(Some(input)) => input,
+                    _ => continue,
+                },
+            };
+            for effect in parts.on(input) {
+                self.carry_out(&mut tasks, &mut running, effect);
+            }
         }
     }
 
-    /// Handles `Start`: opens the outgoing channels and runs the local vertices.
-    pub(crate) fn start(self: &Arc<Self>, from: PeerId, job: &str) -> Response {
-        self.start_part(from, job, None)
+    /// Carries out one effect of the parts; what comes of it is an input on `tasks`.
+    fn carry_out(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Option<Input>>,
+        running: &mut HashMap<String, Vec<AbortHandle>>,
+        effect: Effect,
+    ) {
+        match effect {
+            Effect::Reply(reply, response) => {
+                let _ = reply.send(response); // the asker may have gone
+            }
+            Effect::Prepare { from, spec } => {
+                let node = self.clone();
+                tasks.spawn(async move {
+                    let ready = node.prepare_part(from, &spec).await;
+                    Some(Input::Prepared {
+                        job: spec.job,
+                        ready,
+                    })
+                });
+            }
+            Effect::Run { job, launch } => {
+                let handles = self.launch(tasks, job.clone(), *launch);
+                running.insert(job, handles);
+            }
+            Effect::Hold { job } => {
+                tasks.spawn(async move {
+                    tokio::time::sleep(PART_HOLD).await;
+                    Some(Input::HoldOver { job })
+                });
+            }
+            Effect::Stop { job, reason } => {
+                for t in running.remove(&job).unwrap_or_default() {
+                    t.abort();
+                }
+                let left = self.queues.destroy_job(&job);
+                tracing::debug!(%job, %reason, queues = left.len(), "part removed");
+            }
+            Effect::Report { broker, report } => {
+                let node = self.clone();
+                tasks.spawn(async move {
+                    node.report_to_leader(broker, *report).await;
+                    None
+                });
+            }
+        }
     }
 
-    /// Starts a part; its report goes to `hand` while that still holds a sender, otherwise to the
-    /// broker in a `Report`.
-    fn start_part(self: &Arc<Self>, from: PeerId, job: &str, hand: Option<Hand>) -> Response {
-        let mut jobs = self.jobs.lock();
-        let Some(j) = jobs.get_mut(job) else {
-            return fail(
-                FailureKind::NotFound,
-                format!("job {job} is not prepared here"),
-            );
-        };
-        if j.broker != from && !self.is_superpeer(from) {
-            return fail(
-                FailureKind::Refused,
-                format!("job {job} was not placed by {from}"),
-            );
-        }
-        let (Some(mut prepared), Some(links_rx)) = (j.prepared.take(), j.links_rx.take()) else {
-            return fail(FailureKind::Input, format!("job {job} has already started"));
-        };
-        for out in std::mem::take(&mut prepared.remote_outputs) {
-            let (peer, addrs) = j.parts[out.to].clone();
-            let links = j.links.clone();
+    /// Starts a part: its outgoing channels, and its vertices under a supervisor whose end is
+    /// the part's report. The handles of its tasks.
+    fn launch(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Option<Input>>,
+        job: String,
+        mut launch: Launch,
+    ) -> Vec<AbortHandle> {
+        let mut handles = Vec::new();
+        for out in std::mem::take(&mut launch.prepared.remote_outputs) {
+            let (peer, addrs) = launch.parts[out.to].clone();
+            let links = launch.links.clone();
             let mut control = self.site.net.streams();
             let net = self.site.net.clone();
             let header = StreamHeader {
-                job: job.to_owned(),
+                job: job.clone(),
                 vertex: out.vertex.clone(),
                 port: out.port.clone(),
                 direct: self.links.is_some(),
             };
-            let task = tokio::spawn(async move {
+            let task = tasks.spawn(async move {
                 let r: LinkResult = async {
                     // Streams from a peer whose certificate has not passed are dropped: exchange
                     // certificates first (this also makes the addresses known to the swarm).
@@ -123,39 +163,34 @@ impl Node {
                 }
                 .await;
                 let _ = links.try_send(r);
+                None
             });
-            j.tasks.push(task.abort_handle());
+            handles.push(task);
         }
-        let expected = j.expected_links;
         let node = self.clone();
-        let job_id = job.to_owned();
-        let broker = j.broker;
-        let task = tokio::spawn(async move {
-            let outcome = node.supervise(&job_id, prepared, links_rx, expected).await;
-            if outcome.is_ok() {
-                // Done here: remove everything now; the broker sends no termination to a part
-                // that reported success.
-                if let Some(j) = node.jobs.lock().remove(&job_id) {
-                    drop(j);
-                }
-                node.queues.destroy_job(&job_id);
-            }
-            let report = PartReport {
-                job: job_id.clone(),
-                outcome,
-            };
-            let waiting = hand.and_then(|h| h.lock().take());
-            let report = match waiting {
-                Some(tx) => match tx.send(report) {
-                    Ok(()) => return,
-                    Err(report) => report,
-                },
-                None => report,
-            };
-            node.report_to_leader(broker, report).await;
-        });
-        j.tasks.push(task.abort_handle());
-        Response::Ok
+        let Launch {
+            prepared,
+            links_rx,
+            expected_links,
+            ..
+        } = launch;
+        handles.push(tasks.spawn(async move {
+            let outcome = node
+                .supervise(&job, prepared, links_rx, expected_links)
+                .await;
+            Some(Input::Ended {
+                report: PartReport { job, outcome },
+            })
+        }));
+        handles
+    }
+
+    /// Ends every part held (the daemon is shutting down; the loop, and with it every task of
+    /// every part, has ended).
+    pub(crate) fn terminate_all(&self) {
+        for job in self.held.jobs() {
+            self.queues.destroy_job(&job);
+        }
     }
 
     /// Sends a part's report to the group's broker: the super-peer this node follows now, which is
@@ -267,41 +302,6 @@ impl Node {
                 .collect(),
             wall_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
-    }
-
-    /// Handles `Terminate`: stops whatever runs and removes the job's queues.
-    pub(crate) fn terminate(self: &Arc<Self>, from: PeerId, job: &str, reason: &str) -> Response {
-        let mut jobs = self.jobs.lock();
-        match jobs.get(job) {
-            None => return Response::Ok,
-            Some(j) if j.broker != from && !self.is_superpeer(from) => {
-                return fail(
-                    FailureKind::Refused,
-                    format!("job {job} was not placed by {from}"),
-                );
-            }
-            Some(_) => {}
-        }
-        if let Some(j) = jobs.remove(job) {
-            for t in &j.tasks {
-                t.abort();
-            }
-            drop(j);
-            let left = self.queues.destroy_job(job);
-            tracing::debug!(job, reason, queues = left.len(), "job terminated");
-        }
-        Response::Ok
-    }
-
-    /// Ends every job held (the daemon is shutting down).
-    pub(crate) fn terminate_all(self: &Arc<Self>) {
-        let jobs: Vec<(String, NodeJob)> = self.jobs.lock().drain().collect();
-        for (id, j) in jobs {
-            for t in &j.tasks {
-                t.abort();
-            }
-            self.queues.destroy_job(&id);
-        }
     }
 }
 

@@ -11,7 +11,8 @@ use mvm_queue::remote::{self, Options as RemoteOptions, direct};
 use tokio::sync::oneshot;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
-use super::{LinkDone, Node};
+use super::parts::Input;
+use super::{LinkDone, Msg, Node};
 use crate::proto::{ACK_DIRECT, ACK_OK, ACK_UNKNOWN, StreamHeader};
 
 /// How a remote channel's items go, as its acceptor answered.
@@ -128,12 +129,16 @@ impl Node {
                         return;
                     }
                 };
-                let taken = {
-                    let mut jobs = node.jobs.lock();
-                    jobs.get_mut(&header.job).and_then(|j| {
-                        let key = (header.vertex.clone(), header.port.clone(), peer);
-                        j.inputs.remove(&key).map(|tx| (tx, j.links.clone()))
-                    })
+                let key = (header.vertex.clone(), header.port.clone(), peer);
+                let (reply, answer) = oneshot::channel();
+                let ask = Msg::Input(Input::Inbound {
+                    job: header.job.clone(),
+                    key: key.clone(),
+                    reply,
+                });
+                let taken = match node.inputs.send(ask).await {
+                    Ok(()) => answer.await.ok().flatten(),
+                    Err(_) => None,
                 };
                 let Some((tx, links)) = taken else {
                     tracing::warn!(%peer, job = %header.job, vertex = %header.vertex, port = %header.port,
@@ -167,10 +172,12 @@ impl Node {
                 {
                     // The opener retries; give the sender back for its next attempt.
                     tracing::debug!(%peer, error = %e, "queue stream lost before its acknowledgement");
-                    if let Some(j) = node.jobs.lock().get_mut(&header.job) {
-                        j.inputs
-                            .insert((header.vertex.clone(), header.port.clone(), peer), tx);
-                    }
+                    let back = Input::GiveBack {
+                        job: header.job.clone(),
+                        key,
+                        sender: tx,
+                    };
+                    let _ = node.inputs.send(Msg::Input(back)).await;
                     return;
                 }
                 let job = header.job.clone();
@@ -204,9 +211,13 @@ impl Node {
                         });
                     let _ = links.try_send(r);
                 });
-                match node.jobs.lock().get_mut(&job) {
-                    Some(j) => j.tasks.push(import.abort_handle()),
-                    None => import.abort(),
+                if node
+                    .inputs
+                    .send(Msg::Attach(job, import.abort_handle()))
+                    .await
+                    .is_err()
+                {
+                    import.abort();
                 }
             });
         }

@@ -1,0 +1,435 @@
+//! The parts a node holds, as a state machine: the broker's requests (prepare, start,
+//! terminate), what comes of the work they start (a part prepared or not, a part ended, the
+//! hold of a prepare's answer over) and the queue streams that arrive go in ([`Input`]); the
+//! answers and the work to do come out ([`Effect`]). It does no I/O and spawns nothing: the
+//! node's loop ([`super::Node::run`]) carries its effects out and gives it what comes of them.
+//!
+//! A part is `Preparing` (its modules fetched and compiled, its guest provisioned, off the
+//! loop), `Prepared` (waiting for its start), or `Running`. The broker that placed it, or a
+//! super-peer of the group, may start or end it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::runtime::Prepared;
+use mvm_queue::queue::Sender;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::LinkResult;
+use crate::environment::EnvLease;
+use crate::proto::{Failure, FailureKind, PartReport, PartSpec, Response};
+
+/// Where an answer goes.
+pub(super) type Reply = oneshot::Sender<Response>;
+
+/// A remote input of a part: its vertex, its port, and the peer that feeds it.
+pub(super) type InputKey = (String, String, PeerId);
+
+/// A part prepared off the loop: everything it needs to run.
+pub(super) struct Ready {
+    pub(super) prepared: Prepared,
+    /// Every part of the job: where it runs.
+    pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Remote inputs waiting for their streams.
+    pub(super) inputs: HashMap<InputKey, Sender<Bytes>>,
+    /// How many remote channels it has (in and out).
+    pub(super) expected_links: usize,
+    pub(super) vertices: u32,
+    /// The guest it runs in: held for its `Drop`, which releases it when the part goes.
+    pub(super) env: Option<EnvLease>,
+}
+
+/// What a part needs to start, given to the loop to run it.
+pub(super) struct Launch {
+    pub(super) prepared: Prepared,
+    pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Where its remote channels report their ends.
+    pub(super) links: mpsc::Sender<LinkResult>,
+    pub(super) links_rx: mpsc::Receiver<LinkResult>,
+    pub(super) expected_links: usize,
+}
+
+/// What happens to the node's parts.
+pub(super) enum Input {
+    /// The broker `from` (a super-peer of the group: checked) wakes a part.
+    Prepare {
+        from: PeerId,
+        spec: Box<PartSpec>,
+        reply: Reply,
+    },
+    /// A part's preparation ended.
+    Prepared {
+        job: String,
+        ready: Result<Box<Ready>, Failure>,
+    },
+    /// `from` starts a prepared part; `superpeer`: whether `from` is a super-peer of the
+    /// group.
+    Start {
+        from: PeerId,
+        superpeer: bool,
+        job: String,
+        reply: Reply,
+    },
+    /// `from` ends a part (whatever it is doing).
+    Terminate {
+        from: PeerId,
+        superpeer: bool,
+        job: String,
+        reason: String,
+        reply: Reply,
+    },
+    /// A running part ended.
+    Ended { report: PartReport },
+    /// The hold of the answer to a part's prepare (which started it) is over.
+    HoldOver { job: String },
+    /// A queue stream from `key.2` into a remote input of `job` asks for its queue.
+    Inbound {
+        job: String,
+        key: InputKey,
+        reply: oneshot::Sender<Option<(Sender<Bytes>, mpsc::Sender<LinkResult>)>>,
+    },
+    /// A queue stream lost before its acknowledgement gives its queue back (its opener tries
+    /// again).
+    GiveBack {
+        job: String,
+        key: InputKey,
+        sender: Sender<Bytes>,
+    },
+}
+
+/// What the node's loop must do.
+pub(super) enum Effect {
+    /// Answer a request.
+    Reply(Reply, Response),
+    /// Prepare a part off the loop; what comes of it is [`Input::Prepared`].
+    Prepare { from: PeerId, spec: Box<PartSpec> },
+    /// Run a part: its outgoing channels and its vertices; its end is [`Input::Ended`].
+    Run { job: String, launch: Box<Launch> },
+    /// Hold the answer to a prepare that started its part; then [`Input::HoldOver`].
+    Hold { job: String },
+    /// Stop what runs for `job` and remove its queues.
+    Stop { job: String, reason: String },
+    /// Send a part's report to the group's leader (the part was placed by `broker`).
+    Report {
+        broker: PeerId,
+        report: Box<PartReport>,
+    },
+}
+
+/// One part.
+struct Part {
+    /// The broker that placed it.
+    broker: PeerId,
+    /// Remote inputs waiting for their streams.
+    inputs: HashMap<InputKey, Sender<Bytes>>,
+    /// Where remote channels report their ends (kept for inbound streams yet to come).
+    links: Option<mpsc::Sender<LinkResult>>,
+    vertices: u32,
+    stage: Stage,
+    /// Its guest, released when the part goes.
+    _env: Option<EnvLease>,
+}
+
+enum Stage {
+    /// Off the loop; the prepare is answered when it ends.
+    Preparing { reply: Reply, start: bool },
+    /// Prepared, waiting for `Start`.
+    Prepared(Box<Launch>),
+    /// Running; `hold` is the answer to a prepare that started it, while it is held.
+    Running { hold: Option<Reply> },
+}
+
+/// What the rest of the node sees of its parts: each part's vertices, by job.
+#[derive(Default)]
+pub(super) struct Held {
+    jobs: Mutex<HashMap<String, u32>>,
+}
+
+impl Held {
+    /// Vertices of the parts held now.
+    pub(super) fn vertices(&self) -> u32 {
+        self.jobs.lock().values().sum()
+    }
+
+    /// The jobs whose parts are held now.
+    pub(super) fn jobs(&self) -> Vec<String> {
+        self.jobs.lock().keys().cloned().collect()
+    }
+}
+
+/// The parts of a node.
+pub(super) struct Parts {
+    parts: HashMap<String, Part>,
+    /// Published for the rest of the node.
+    held: Arc<Held>,
+}
+
+fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
+    Response::Error(Failure::new(kind, m))
+}
+
+impl Parts {
+    /// No parts; `held` tells the rest of the node which are held.
+    pub(super) fn new(held: Arc<Held>) -> Parts {
+        Parts {
+            parts: HashMap::new(),
+            held,
+        }
+    }
+
+    /// Whether a part of `job` is held.
+    pub(super) fn has(&self, job: &str) -> bool {
+        self.parts.contains_key(job)
+    }
+
+    fn insert(&mut self, job: String, part: Part) {
+        self.held.jobs.lock().insert(job.clone(), part.vertices);
+        self.parts.insert(job, part);
+    }
+
+    fn remove(&mut self, job: &str) -> Option<Part> {
+        self.held.jobs.lock().remove(job);
+        self.parts.remove(job)
+    }
+
+    /// Takes `input`; what to do about it.
+    pub(super) fn on(&mut self, input: Input) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match input {
+            Input::Prepare { from, spec, reply } => {
+                if self.parts.contains_key(&spec.job) {
+                    let why = format!("job {} is already here", spec.job);
+                    out.push(Effect::Reply(reply, fail(FailureKind::Input, why)));
+                } else {
+                    let part = Part {
+                        broker: from,
+                        inputs: HashMap::new(),
+                        links: None,
+                        vertices: 0,
+                        stage: Stage::Preparing {
+                            reply,
+                            start: spec.start,
+                        },
+                        _env: None,
+                    };
+                    self.insert(spec.job.clone(), part);
+                    out.push(Effect::Prepare { from, spec });
+                }
+            }
+            Input::Prepared { job, ready } => self.prepared(&mut out, job, ready),
+            Input::Start {
+                from,
+                superpeer,
+                job,
+                reply,
+            } => {
+                let r = self.start(&mut out, from, superpeer, &job, None);
+                out.push(Effect::Reply(reply, r));
+            }
+            Input::Terminate {
+                from,
+                superpeer,
+                job,
+                reason,
+                reply,
+            } => {
+                let r = match self.parts.get(&job) {
+                    None => Response::Ok,
+                    Some(p) if p.broker != from && !superpeer => fail(
+                        FailureKind::Refused,
+                        format!("job {job} was not placed by {from}"),
+                    ),
+                    Some(_) => {
+                        if let Some(Part {
+                            stage:
+                                Stage::Preparing { reply, .. } | Stage::Running { hold: Some(reply) },
+                            ..
+                        }) = self.remove(&job)
+                        {
+                            let why = format!("job {job} was ended: {reason}");
+                            out.push(Effect::Reply(reply, fail(FailureKind::Failed, why)));
+                        }
+                        out.push(Effect::Stop { job, reason });
+                        Response::Ok
+                    }
+                };
+                out.push(Effect::Reply(reply, r));
+            }
+            Input::Ended { report } => self.ended(&mut out, report),
+            Input::HoldOver { job } => {
+                if let Some(Part {
+                    stage: Stage::Running { hold },
+                    ..
+                }) = self.parts.get_mut(&job)
+                    && let Some(reply) = hold.take()
+                {
+                    // Still running: it reports by itself when it ends.
+                    out.push(Effect::Reply(reply, Response::Ok));
+                }
+            }
+            Input::Inbound { job, key, reply } => {
+                let taken = self.parts.get_mut(&job).and_then(|p| {
+                    let links = p.links.clone()?;
+                    p.inputs.remove(&key).map(|tx| (tx, links))
+                });
+                let _ = reply.send(taken);
+            }
+            Input::GiveBack { job, key, sender } => {
+                if let Some(p) = self.parts.get_mut(&job) {
+                    p.inputs.insert(key, sender);
+                }
+            }
+        }
+        out
+    }
+
+    /// A part's preparation ended: it waits for its start, or starts now holding the answer
+    /// to its prepare ([`Effect::Hold`]), or (refused, failed, or ended meanwhile) goes.
+    fn prepared(&mut self, out: &mut Vec<Effect>, job: String, ready: Result<Box<Ready>, Failure>) {
+        let Some(part) = self.parts.get_mut(&job) else {
+            // Ended while it was being prepared: what was made goes.
+            out.push(Effect::Stop {
+                job,
+                reason: "ended while being prepared".into(),
+            });
+            return;
+        };
+        let Stage::Preparing { .. } = part.stage else {
+            return;
+        };
+        let ready = match ready {
+            Ok(r) => r,
+            Err(f) => {
+                if let Some(Part {
+                    stage: Stage::Preparing { reply, .. },
+                    ..
+                }) = self.remove(&job)
+                {
+                    out.push(Effect::Reply(reply, Response::Error(f)));
+                }
+                out.push(Effect::Stop {
+                    job,
+                    reason: "not prepared".into(),
+                });
+                return;
+            }
+        };
+        let Ready {
+            prepared,
+            parts,
+            inputs,
+            expected_links,
+            vertices,
+            env,
+        } = *ready;
+        let (links, links_rx) = mpsc::channel(expected_links.max(1));
+        part.inputs = inputs;
+        part.links = Some(links.clone());
+        part.vertices = vertices;
+        part._env = env;
+        let launch = Box::new(Launch {
+            prepared,
+            parts,
+            links,
+            links_rx,
+            expected_links,
+        });
+        let Stage::Preparing { reply, start } =
+            std::mem::replace(&mut part.stage, Stage::Prepared(launch))
+        else {
+            return;
+        };
+        self.held.jobs.lock().insert(job.clone(), vertices);
+        if start {
+            let broker = part.broker;
+            let r = self.start(out, broker, true, &job, Some(reply));
+            if let Response::Error(_) = r {
+                tracing::warn!(%job, "a part prepared to start at once did not start");
+            }
+        } else {
+            out.push(Effect::Reply(reply, Response::Ok));
+        }
+    }
+
+    /// Starts a prepared part for `from`; a prepare's answer in `hold` is held until the part
+    /// ends or [`Effect::Hold`] is over.
+    fn start(
+        &mut self,
+        out: &mut Vec<Effect>,
+        from: PeerId,
+        superpeer: bool,
+        job: &str,
+        hold: Option<Reply>,
+    ) -> Response {
+        let Some(part) = self.parts.get_mut(job) else {
+            return fail(
+                FailureKind::NotFound,
+                format!("job {job} is not prepared here"),
+            );
+        };
+        if part.broker != from && !superpeer {
+            return fail(
+                FailureKind::Refused,
+                format!("job {job} was not placed by {from}"),
+            );
+        }
+        if !matches!(part.stage, Stage::Prepared(_)) {
+            let already = || fail(FailureKind::Input, format!("job {job} has already started"));
+            if let Some(reply) = hold {
+                out.push(Effect::Reply(reply, already()));
+            }
+            return already();
+        }
+        let held = hold.is_some();
+        let Stage::Prepared(launch) = std::mem::replace(&mut part.stage, Stage::Running { hold })
+        else {
+            return Response::Ok; // it was prepared: checked above
+        };
+        out.push(Effect::Run {
+            job: job.to_owned(),
+            launch,
+        });
+        if held {
+            out.push(Effect::Hold {
+                job: job.to_owned(),
+            });
+        }
+        Response::Ok
+    }
+
+    /// A running part ended: its report goes in the held answer to its prepare, or to the
+    /// leader. A part that ended well goes at once (the broker sends no termination to it); a
+    /// failed one stays until the broker ends the job.
+    fn ended(&mut self, out: &mut Vec<Effect>, report: PartReport) {
+        let job = report.job.clone();
+        let Some(part) = self.parts.get_mut(&job) else {
+            return; // ended meanwhile: nobody wants its report
+        };
+        let broker = part.broker;
+        let hold = match &mut part.stage {
+            Stage::Running { hold } => hold.take(),
+            _ => None,
+        };
+        if report.outcome.is_ok() {
+            self.remove(&job);
+            out.push(Effect::Stop {
+                job,
+                reason: "done".into(),
+            });
+        }
+        match hold {
+            Some(reply) => out.push(Effect::Reply(reply, Response::Finished(Box::new(report)))),
+            None => out.push(Effect::Report {
+                broker,
+                report: Box::new(report),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "parts_tests.rs"]
+mod tests;

@@ -1,0 +1,323 @@
+//! The parts machine on its own: requests and outcomes given by hand, effects looked at. A
+//! part is prepared by a real runtime (one vertex that returns at once), but nothing runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use mvm_component::policy::{Principal, PrincipalKind};
+use mvm_component::runtime::{AllowAll, JobSpec, Limits, Runtime, RuntimeConfig};
+use mvm_component::topology::{Options, Topology};
+use mvm_queue::Controller;
+use mvm_queue::codec::Registry;
+use mvm_queue::controller::Limits as QueueLimits;
+use tokio::sync::oneshot;
+
+use super::{Effect, Held, Input, Parts, Ready, Reply};
+use crate::proto::{
+    Failure, FailureKind, PartReport, PartResult, PartSpec, Response, VertexFailure,
+};
+
+struct Bench {
+    parts: Parts,
+    held: Arc<Held>,
+    runtime: Runtime,
+    queues: Controller,
+}
+
+fn bench() -> Bench {
+    let held = Arc::new(Held::default());
+    Bench {
+        parts: Parts::new(held.clone()),
+        held,
+        runtime: Runtime::new(&RuntimeConfig::default()).expect("runtime"),
+        queues: Controller::new(QueueLimits::default(), Arc::new(Registry::new())),
+    }
+}
+
+fn spec(job: &str, start: bool) -> Box<PartSpec> {
+    Box::new(PartSpec {
+        job: job.into(),
+        topology_file: "one.dot".into(),
+        topology: "digraph one { v [component=\"c\"]; }\n".into(),
+        queue: Default::default(),
+        components: BTreeMap::new(),
+        parameters: BTreeMap::new(),
+        limits: Default::default(),
+        placement: vec![0],
+        parts: Vec::new(),
+        here: 0,
+        start,
+        environment: None,
+        owner: Principal {
+            kind: PrincipalKind::User,
+            name: "alice".into(),
+            domain: "default".into(),
+            roles: Vec::new(),
+        },
+        policy_digest: String::new(),
+    })
+}
+
+fn asked() -> (Reply, oneshot::Receiver<Response>) {
+    oneshot::channel()
+}
+
+impl Bench {
+    /// A part of `job` prepared: one vertex whose module returns at once.
+    fn ready(&self, job: &str) -> Box<Ready> {
+        let topology = Topology::parse_named(
+            "one.dot",
+            "digraph one { v [component=\"c\"]; }\n",
+            &Options {
+                codecs: self.queues.codecs(),
+                queue_defaults: Default::default(),
+            },
+        )
+        .expect("topology");
+        let (module, _, _) = self
+            .runtime
+            .cache()
+            .load("c", br#"(module (func (export "run")))"#)
+            .expect("module");
+        let spec = JobSpec {
+            id: job.into(),
+            topology: &topology,
+            modules: HashMap::from([("c".to_owned(), module)]),
+            params: BTreeMap::new(),
+            limits: Limits::default(),
+            owner: None,
+        };
+        let prepared = self
+            .runtime
+            .prepare(&spec, &self.queues, &AllowAll, &[0], 0)
+            .expect("prepared");
+        Box::new(Ready {
+            prepared,
+            parts: vec![(PeerId::random(), Vec::new())],
+            inputs: HashMap::new(),
+            expected_links: 0,
+            vertices: 1,
+            env: None,
+        })
+    }
+
+    /// Prepares `job` for `from`; the answer's receiver.
+    fn prepare(&mut self, from: PeerId, job: &str, start: bool) -> oneshot::Receiver<Response> {
+        let (reply, rx) = asked();
+        let out = self.parts.on(Input::Prepare {
+            from,
+            spec: spec(job, start),
+            reply,
+        });
+        assert!(
+            matches!(&out[..], [Effect::Prepare { spec, .. }] if spec.job == job),
+            "the preparation goes off the loop"
+        );
+        rx
+    }
+}
+
+/// What `out` does, in short.
+fn kinds(out: &[Effect]) -> Vec<&'static str> {
+    out.iter()
+        .map(|e| match e {
+            Effect::Reply(..) => "reply",
+            Effect::Prepare { .. } => "prepare",
+            Effect::Run { .. } => "run",
+            Effect::Hold { .. } => "hold",
+            Effect::Stop { .. } => "stop",
+            Effect::Report { .. } => "report",
+        })
+        .collect()
+}
+
+/// Sends the answers among `out`.
+fn answer(out: Vec<Effect>) {
+    for e in out {
+        if let Effect::Reply(reply, r) = e {
+            let _ = reply.send(r);
+        }
+    }
+}
+
+fn report(job: &str, ok: bool) -> PartReport {
+    PartReport {
+        job: job.into(),
+        outcome: if ok {
+            Ok(PartResult::default())
+        } else {
+            Err(VertexFailure {
+                vertex: "v".into(),
+                cause: "trap".into(),
+                kind: mvm_component::runtime::ErrorKind::Trap,
+            })
+        },
+    }
+}
+
+#[test]
+fn a_part_started_with_its_prepare_answers_with_its_report_within_the_hold() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    let mut rx = b.prepare(broker, "j", true);
+    assert_eq!(b.held.jobs(), ["j"], "held from its prepare on");
+    let ready = b.ready("j");
+    let out = b.parts.on(Input::Prepared {
+        job: "j".into(),
+        ready: Ok(ready),
+    });
+    assert_eq!(kinds(&out), ["run", "hold"], "no answer before the hold");
+    assert_eq!(b.held.vertices(), 1);
+    let out = b.parts.on(Input::Ended {
+        report: report("j", true),
+    });
+    assert_eq!(kinds(&out), ["stop", "reply"], "a part done goes at once");
+    answer(out);
+    assert!(matches!(rx.try_recv(), Ok(Response::Finished(r)) if r.job == "j"));
+    assert!(b.held.jobs().is_empty());
+    // The hold's end finds nothing left to answer.
+    assert!(b.parts.on(Input::HoldOver { job: "j".into() }).is_empty());
+}
+
+#[test]
+fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one_stays() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    let mut rx = b.prepare(broker, "j", true);
+    let ready = b.ready("j");
+    b.parts.on(Input::Prepared {
+        job: "j".into(),
+        ready: Ok(ready),
+    });
+    let out = b.parts.on(Input::HoldOver { job: "j".into() });
+    assert_eq!(kinds(&out), ["reply"]);
+    answer(out);
+    assert!(matches!(rx.try_recv(), Ok(Response::Ok)));
+    let out = b.parts.on(Input::Ended {
+        report: report("j", false),
+    });
+    let [Effect::Report { broker: to, report }] = &out[..] else {
+        panic!("the report goes to the leader: {:?}", kinds(&out));
+    };
+    assert_eq!(*to, broker);
+    assert!(report.outcome.is_err());
+    assert_eq!(
+        b.held.jobs(),
+        ["j"],
+        "a failed part waits for the broker's end"
+    );
+    // Only its broker, or a super-peer of the group, may end it.
+    let stranger = PeerId::random();
+    let (reply, mut rx) = asked();
+    answer(b.parts.on(Input::Terminate {
+        from: stranger,
+        superpeer: false,
+        job: "j".into(),
+        reason: "cancel".into(),
+        reply,
+    }));
+    assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f.kind == FailureKind::Refused));
+    let (reply, mut rx) = asked();
+    let out = b.parts.on(Input::Terminate {
+        from: stranger,
+        superpeer: true,
+        job: "j".into(),
+        reason: "cancel".into(),
+        reply,
+    });
+    assert_eq!(kinds(&out), ["stop", "reply"]);
+    answer(out);
+    assert!(matches!(rx.try_recv(), Ok(Response::Ok)));
+    assert!(b.held.jobs().is_empty());
+}
+
+#[test]
+fn a_part_ended_while_being_prepared_is_answered_and_what_its_preparation_made_goes() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    let mut prepare = b.prepare(broker, "j", false);
+    // A second prepare of the same job is refused while the first is under way.
+    let (reply, mut again) = asked();
+    answer(b.parts.on(Input::Prepare {
+        from: broker,
+        spec: spec("j", false),
+        reply,
+    }));
+    assert!(
+        matches!(again.try_recv(), Ok(Response::Error(f)) if f.message.contains("already here"))
+    );
+    let (reply, mut ended) = asked();
+    let out = b.parts.on(Input::Terminate {
+        from: broker,
+        superpeer: false,
+        job: "j".into(),
+        reason: "cancelled".into(),
+        reply,
+    });
+    assert_eq!(kinds(&out), ["reply", "stop", "reply"]);
+    answer(out);
+    assert!(
+        matches!(prepare.try_recv(), Ok(Response::Error(f)) if f.message.contains("cancelled"))
+    );
+    assert!(matches!(ended.try_recv(), Ok(Response::Ok)));
+    // Its preparation ends after all: what it made goes (its queues; its guest with it), and
+    // nothing starts.
+    let ready = b.ready("j");
+    let out = b.parts.on(Input::Prepared {
+        job: "j".into(),
+        ready: Ok(ready),
+    });
+    assert_eq!(kinds(&out), ["stop"]);
+}
+
+#[test]
+fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_part() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    let mut rx = b.prepare(broker, "j", false);
+    let refusal = Failure::new(FailureKind::Refused, "refused by the node-level policy");
+    let out = b.parts.on(Input::Prepared {
+        job: "j".into(),
+        ready: Err(refusal.clone()),
+    });
+    assert_eq!(kinds(&out), ["reply", "stop"]);
+    answer(out);
+    assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f == refusal));
+    let (reply, mut rx) = asked();
+    answer(b.parts.on(Input::Start {
+        from: broker,
+        superpeer: true,
+        job: "j".into(),
+        reply,
+    }));
+    assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f.kind == FailureKind::NotFound));
+    // Prepared without a start: a start by another runs it, once.
+    drop(b.prepare(broker, "k", false));
+    let ready = b.ready("k");
+    let out = b.parts.on(Input::Prepared {
+        job: "k".into(),
+        ready: Ok(ready),
+    });
+    assert_eq!(kinds(&out), ["reply"]);
+    let start = |b: &mut Bench, from: PeerId, superpeer: bool| {
+        let (reply, mut rx) = asked();
+        let out = b.parts.on(Input::Start {
+            from,
+            superpeer,
+            job: "k".into(),
+            reply,
+        });
+        let kinds = kinds(&out);
+        answer(out);
+        (kinds, rx.try_recv())
+    };
+    let (k, r) = start(&mut b, PeerId::random(), false);
+    assert_eq!(k, ["reply"]);
+    assert!(matches!(r, Ok(Response::Error(f)) if f.kind == FailureKind::Refused));
+    let (k, r) = start(&mut b, broker, false);
+    assert_eq!(k, ["run", "reply"]);
+    assert!(matches!(r, Ok(Response::Ok)));
+    let (_, r) = start(&mut b, broker, false);
+    assert!(matches!(r, Ok(Response::Error(f)) if f.message.contains("already started")));
+}

@@ -1,0 +1,232 @@
+//! Preparing a part, off the node's loop: its topology parsed, the node's policy asked, its
+//! modules fetched and compiled, its guest ensured, its queues created. Nothing runs yet.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use mvm_component::runtime::{AllowAll, JobSpec, PolicyHook};
+use mvm_component::topology::{Options, Topology};
+
+use super::Node;
+use super::parts::Ready;
+use crate::proto::{Failure, FailureKind, NodeRequest, PartSpec, Request, Response};
+
+impl Node {
+    /// Prepares a part: parses its topology, checks it against the node's policy, fetches and
+    /// compiles the modules it lacks, ensures its guest, and creates its queues. Nothing runs.
+    pub(super) async fn prepare_part(
+        self: &Arc<Self>,
+        from: PeerId,
+        spec: &PartSpec,
+    ) -> Result<Box<Ready>, Failure> {
+        let Some(runtime) = self.runtime.as_ref() else {
+            return Err(Failure::new(
+                FailureKind::Unavailable,
+                "this daemon runs no vertices",
+            ));
+        };
+        let codecs = self.queues.codecs().clone();
+        let options = Options {
+            codecs: &codecs,
+            queue_defaults: spec.queue.clone(),
+        };
+        let topology = match Topology::parse_named(&spec.topology_file, &spec.topology, &options) {
+            Ok(t) => t,
+            Err(e) => return Err(Failure::new(FailureKind::Input, e.to_string())),
+        };
+        if spec.placement.len() != topology.vertices.len() {
+            return Err(Failure::new(
+                FailureKind::Input,
+                format!(
+                    "the placement names {} vertices, {} has {}",
+                    spec.placement.len(),
+                    spec.topology_file,
+                    topology.vertices.len()
+                ),
+            ));
+        }
+        let limits = match spec.limits.limits() {
+            Ok(l) => l,
+            Err(e) => return Err(e.into()),
+        };
+        // The node-level policy, before anything is fetched, compiled or provisioned.
+        let hook = self.node_policy(&spec.policy_digest).await;
+        let here_vertices: Vec<usize> = (0..topology.vertices.len())
+            .filter(|&v| spec.placement[v] == spec.here)
+            .collect();
+        let probe = JobSpec {
+            id: spec.job.clone(),
+            topology: &topology,
+            modules: HashMap::new(),
+            params: BTreeMap::new(),
+            limits,
+            owner: Some(spec.owner.clone()),
+        };
+        if let Err(r) = hook.check(&probe, &here_vertices) {
+            let at = if r.vertex.is_empty() {
+                String::new()
+            } else {
+                format!("vertex '{}': ", r.vertex)
+            };
+            tracing::info!(job = %spec.job, owner = %spec.owner, reason = %r.reason, "part refused by node policy");
+            return Err(Failure::new(
+                FailureKind::Refused,
+                format!("{at}refused by the node-level policy: {}", r.reason),
+            ));
+        }
+        let mut parts = Vec::new();
+        for m in &spec.parts {
+            let peer: PeerId = match m.peer.parse() {
+                Ok(p) => p,
+                Err(_) => {
+                    return Err(Failure::new(
+                        FailureKind::Input,
+                        format!("bad peer id '{}'", m.peer),
+                    ));
+                }
+            };
+            let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            parts.push((peer, addrs));
+        }
+        // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
+        let mut modules = HashMap::new();
+        for (component, hash) in &spec.components {
+            let module = match runtime.cache().get(hash) {
+                Some(m) => m,
+                None => {
+                    let bytes = match self
+                        .site
+                        .call(
+                            from,
+                            &[],
+                            Request::Node(NodeRequest::Fetch { hash: hash.clone() }),
+                        )
+                        .await
+                    {
+                        Ok(Response::Module(b)) => b,
+                        Ok(_) => {
+                            return Err(Failure::new(
+                                FailureKind::Failed,
+                                "the broker sent no module",
+                            ));
+                        }
+                        Err(e) => {
+                            return Err(Failure::new(
+                                FailureKind::Failed,
+                                format!("cannot fetch module {hash} of '{component}': {e}"),
+                            ));
+                        }
+                    };
+                    if crate::modules::hash(&bytes) != *hash {
+                        return Err(Failure::new(
+                            FailureKind::Failed,
+                            format!("module of '{component}' does not match its hash {hash}"),
+                        ));
+                    }
+                    // Compiling may take seconds: on a blocking thread, so that the node's
+                    // other tasks (its heartbeats, its swarm) go on meanwhile.
+                    let compile = {
+                        let (node, component) = (self.clone(), component.clone());
+                        tokio::task::spawn_blocking(move || {
+                            let runtime = node.runtime.as_ref()?;
+                            Some(runtime.cache().load(&component, &bytes).map(|(m, _, _)| m))
+                        })
+                    };
+                    match compile.await {
+                        Ok(Some(Ok(m))) => m,
+                        Ok(Some(Err(e))) => {
+                            return Err(Failure::new(FailureKind::Input, e.to_string()));
+                        }
+                        Ok(None) => {
+                            return Err(Failure::new(FailureKind::Unavailable, "no runtime"));
+                        }
+                        Err(e) => {
+                            return Err(Failure::new(
+                                FailureKind::Failed,
+                                format!("compiling: {e}"),
+                            ));
+                        }
+                    }
+                }
+            };
+            modules.insert(component.clone(), module);
+        }
+        // The OS layer ensures the job's environment before anything is instantiated.
+        let env = match (&spec.environment, &self.os) {
+            (None, _) => None,
+            (Some(e), None) => {
+                return Err(Failure::new(
+                    FailureKind::Unavailable,
+                    format!(
+                        "node {} has no OS layer for image '{}' (start it with --os-dir)",
+                        self.site.name, e.image
+                    ),
+                ));
+            }
+            (Some(e), Some(os)) => {
+                let (os, e, job) = (os.clone(), e.clone(), spec.job.clone());
+                match tokio::task::spawn_blocking(move || os.acquire(&job, &e)).await {
+                    Ok(Ok(lease)) => Some(lease),
+                    Ok(Err(m)) => {
+                        return Err(Failure::new(
+                            FailureKind::Failed,
+                            format!("node {}: environment: {m}", self.site.name),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(Failure::new(
+                            FailureKind::Failed,
+                            format!("environment: {e}"),
+                        ));
+                    }
+                }
+            }
+        };
+        let job = JobSpec {
+            id: spec.job.clone(),
+            topology: &topology,
+            modules,
+            params: spec.parameters.clone(),
+            limits,
+            owner: Some(spec.owner.clone()),
+        };
+        let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
+        let here = spec.here as usize;
+        let mut prepared = match runtime.prepare(
+            &job,
+            &self.queues,
+            // The same hook already allowed this part, before anything was fetched.
+            &AllowAll,
+            &placement,
+            here,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                let kind = if e.denied() {
+                    FailureKind::Refused
+                } else {
+                    FailureKind::Input
+                };
+                return Err(Failure::new(kind, e.to_string()));
+            }
+        };
+        if self.links.is_some() {
+            prepared.poll_remote_inputs();
+        }
+        let mut inputs = HashMap::new();
+        for i in std::mem::take(&mut prepared.remote_inputs) {
+            inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
+        }
+        let expected_links = inputs.len() + prepared.remote_outputs.len();
+        let vertices = u32::try_from(prepared.vertices().count()).unwrap_or(u32::MAX);
+        Ok(Box::new(Ready {
+            prepared,
+            parts,
+            inputs,
+            expected_links,
+            vertices,
+            env,
+        }))
+    }
+}
