@@ -17,6 +17,7 @@ use mvm_component::runtime::Prepared;
 use mvm_queue::queue::Sender;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 
 use super::LinkResult;
 use crate::environment::EnvLease;
@@ -91,6 +92,12 @@ pub(super) enum Input {
         key: InputKey,
         reply: oneshot::Sender<Option<(Sender<Bytes>, mpsc::Sender<LinkResult>)>>,
     },
+    /// Tasks of `job`'s (its running part's, or a queue stream's import, which may come before
+    /// its part runs): ended with the part.
+    Attach {
+        job: String,
+        tasks: Vec<AbortHandle>,
+    },
     /// A queue stream lost before its acknowledgement gives its queue back (its opener tries
     /// again).
     GiveBack {
@@ -110,8 +117,14 @@ pub(super) enum Effect {
     Run { job: String, launch: Box<Launch> },
     /// Hold the answer to a prepare that started its part; then [`Input::HoldOver`].
     Hold { job: String },
-    /// Stop what runs for `job` and remove its queues.
-    Stop { job: String, reason: String },
+    /// Stop `tasks` (what runs for `job`) and remove its queues.
+    Stop {
+        job: String,
+        reason: String,
+        tasks: Vec<AbortHandle>,
+    },
+    /// Stop tasks of a part that is gone.
+    Abort(Vec<AbortHandle>),
     /// Send a part's report to the group's leader (the part was placed by `broker`).
     Report {
         broker: PeerId,
@@ -129,6 +142,8 @@ struct Part {
     links: Option<mpsc::Sender<LinkResult>>,
     vertices: u32,
     stage: Stage,
+    /// Its tasks, ended with it.
+    tasks: Vec<AbortHandle>,
     /// Its guest, released when the part goes.
     _env: Option<EnvLease>,
 }
@@ -180,11 +195,6 @@ impl Parts {
         }
     }
 
-    /// Whether a part of `job` is held.
-    pub(super) fn has(&self, job: &str) -> bool {
-        self.parts.contains_key(job)
-    }
-
     fn insert(&mut self, job: String, part: Part) {
         self.held.jobs.lock().insert(job.clone(), part.vertices);
         self.parts.insert(job, part);
@@ -213,6 +223,7 @@ impl Parts {
                             reply,
                             start: spec.start,
                         },
+                        tasks: Vec::new(),
                         _env: None,
                     };
                     self.insert(spec.job.clone(), part);
@@ -243,16 +254,24 @@ impl Parts {
                         format!("job {job} was not placed by {from}"),
                     ),
                     Some(_) => {
-                        if let Some(Part {
-                            stage:
-                                Stage::Preparing { reply, .. } | Stage::Running { hold: Some(reply) },
-                            ..
-                        }) = self.remove(&job)
-                        {
-                            let why = format!("job {job} was ended: {reason}");
-                            out.push(Effect::Reply(reply, fail(FailureKind::Failed, why)));
-                        }
-                        out.push(Effect::Stop { job, reason });
+                        let tasks = match self.remove(&job) {
+                            Some(Part {
+                                stage:
+                                    Stage::Preparing { reply, .. }
+                                    | Stage::Running {
+                                        hold: Some(reply), ..
+                                    },
+                                tasks,
+                                ..
+                            }) => {
+                                let why = format!("job {job} was ended: {reason}");
+                                out.push(Effect::Reply(reply, fail(FailureKind::Failed, why)));
+                                tasks
+                            }
+                            Some(p) => p.tasks,
+                            None => Vec::new(),
+                        };
+                        out.push(Effect::Stop { job, reason, tasks });
                         Response::Ok
                     }
                 };
@@ -277,6 +296,10 @@ impl Parts {
                 });
                 let _ = reply.send(taken);
             }
+            Input::Attach { job, tasks } => match self.parts.get_mut(&job) {
+                Some(p) => p.tasks.extend(tasks),
+                None => out.push(Effect::Abort(tasks)),
+            },
             Input::GiveBack { job, key, sender } => {
                 if let Some(p) = self.parts.get_mut(&job) {
                     p.inputs.insert(key, sender);
@@ -294,6 +317,7 @@ impl Parts {
             out.push(Effect::Stop {
                 job,
                 reason: "ended while being prepared".into(),
+                tasks: Vec::new(),
             });
             return;
         };
@@ -303,16 +327,20 @@ impl Parts {
         let ready = match ready {
             Ok(r) => r,
             Err(f) => {
+                let mut tasks = Vec::new();
                 if let Some(Part {
                     stage: Stage::Preparing { reply, .. },
+                    tasks: t,
                     ..
                 }) = self.remove(&job)
                 {
                     out.push(Effect::Reply(reply, Response::Error(f)));
+                    tasks = t;
                 }
                 out.push(Effect::Stop {
                     job,
                     reason: "not prepared".into(),
+                    tasks,
                 });
                 return;
             }
@@ -414,10 +442,11 @@ impl Parts {
             _ => None,
         };
         if report.outcome.is_ok() {
-            self.remove(&job);
+            let tasks = self.remove(&job).map(|p| p.tasks).unwrap_or_default();
             out.push(Effect::Stop {
                 job,
                 reason: "done".into(),
+                tasks,
             });
         }
         match hold {

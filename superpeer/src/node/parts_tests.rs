@@ -127,6 +127,7 @@ fn kinds(out: &[Effect]) -> Vec<&'static str> {
             Effect::Run { .. } => "run",
             Effect::Hold { .. } => "hold",
             Effect::Stop { .. } => "stop",
+            Effect::Abort(_) => "abort",
             Effect::Report { .. } => "report",
         })
         .collect()
@@ -320,4 +321,45 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
     assert!(matches!(r, Ok(Response::Ok)));
     let (_, r) = start(&mut b, broker, false);
     assert!(matches!(r, Ok(Response::Error(f)) if f.message.contains("already started")));
+}
+
+#[tokio::test]
+async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_part() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    drop(b.prepare(broker, "j", false));
+    let ready = b.ready("j");
+    b.parts.on(Input::Prepared {
+        job: "j".into(),
+        ready: Ok(ready),
+    });
+    // Prepared, not started: the part feeding it on another node started first, and its
+    // stream's import begins here.
+    let import = tokio::spawn(std::future::pending::<()>());
+    let out = b.parts.on(Input::Attach {
+        job: "j".into(),
+        tasks: vec![import.abort_handle()],
+    });
+    assert!(out.is_empty(), "kept with its part: {:?}", kinds(&out));
+    let (reply, _rx) = asked();
+    let out = b.parts.on(Input::Terminate {
+        from: broker,
+        superpeer: false,
+        job: "j".into(),
+        reason: "cancelled".into(),
+        reply,
+    });
+    let Some(Effect::Stop { tasks, .. }) =
+        out.into_iter().find(|e| matches!(e, Effect::Stop { .. }))
+    else {
+        panic!("no stop");
+    };
+    assert_eq!(tasks.len(), 1, "the import ends with its part");
+    // One for a part that is gone is stopped at once.
+    let late = tokio::spawn(std::future::pending::<()>());
+    let out = b.parts.on(Input::Attach {
+        job: "j".into(),
+        tasks: vec![late.abort_handle()],
+    });
+    assert_eq!(kinds(&out), ["abort"]);
 }

@@ -1,7 +1,7 @@
 //! The node's loop, and running a prepared part: its outgoing channels, its vertices, its
 //! report to the group's leader, and its end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,19 +29,14 @@ impl Node {
             return;
         };
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
-        // The tasks of each part, aborted when it goes.
-        let mut running: HashMap<String, Vec<AbortHandle>> = HashMap::new();
         loop {
             let input = tokio::select! {
                 msg = inputs.recv() => match msg {
                     Some(Msg::Input(input)) => input,
-                    Some(Msg::Attach(job, task)) => {
-                        match running.get_mut(&job) {
-                            Some(v) if parts.has(&job) => v.push(task),
-                            _ => task.abort(),
-                        }
-                        continue;
-                    }
+                    Some(Msg::Attach(job, task)) => Input::Attach {
+                        job,
+                        tasks: vec![task],
+                    },
                     None => return,
                 },
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
@@ -49,19 +44,24 @@ impl Node {
                     _ => continue,
                 },
             };
-            for effect in parts.on(input) {
-                self.carry_out(&mut tasks, &mut running, effect);
+            let mut effects = parts.on(input);
+            while !effects.is_empty() {
+                let mut next = Vec::new();
+                for effect in effects {
+                    next.extend(self.carry_out(&mut tasks, effect));
+                }
+                effects = next.into_iter().flat_map(|i| parts.on(i)).collect();
             }
         }
     }
 
-    /// Carries out one effect of the parts; what comes of it is an input on `tasks`.
+    /// Carries out one effect of the parts; what comes of it is an input on `tasks`, or (the
+    /// handles of a part's tasks) an input at once.
     fn carry_out(
         self: &Arc<Self>,
         tasks: &mut JoinSet<Option<Input>>,
-        running: &mut HashMap<String, Vec<AbortHandle>>,
         effect: Effect,
-    ) {
+    ) -> Option<Input> {
         match effect {
             Effect::Reply(reply, response) => {
                 let _ = reply.send(response); // the asker may have gone
@@ -78,7 +78,10 @@ impl Node {
             }
             Effect::Run { job, launch } => {
                 let handles = self.launch(tasks, job.clone(), *launch);
-                running.insert(job, handles);
+                return Some(Input::Attach {
+                    job,
+                    tasks: handles,
+                });
             }
             Effect::Hold { job } => {
                 tasks.spawn(async move {
@@ -86,12 +89,17 @@ impl Node {
                     Some(Input::HoldOver { job })
                 });
             }
-            Effect::Stop { job, reason } => {
-                for t in running.remove(&job).unwrap_or_default() {
+            Effect::Stop { job, reason, tasks } => {
+                for t in tasks {
                     t.abort();
                 }
                 let left = self.queues.destroy_job(&job);
                 tracing::debug!(%job, %reason, queues = left.len(), "part removed");
+            }
+            Effect::Abort(tasks) => {
+                for t in tasks {
+                    t.abort();
+                }
             }
             Effect::Report { broker, report } => {
                 let node = self.clone();
@@ -101,6 +109,7 @@ impl Node {
                 });
             }
         }
+        None
     }
 
     /// Starts a part: its outgoing channels, and its vertices under a supervisor whose end is
