@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use mvm_component::policy::Principal;
 
 use super::{
-    BrokerRequest, ClientRequest, MAX_CERT, NodeRequest, PeerRequest, Request, Response, VM_MODES,
+    BrokerRequest, ClientRequest, Hello, MAX_CERT, MAX_REASON, NodeRequest, PeerRequest, Request,
+    Response, VM_MODES, Verdict,
 };
 
 pub(super) fn check_principal(p: &Principal) -> Result<(), String> {
@@ -25,6 +26,7 @@ pub(super) fn check_digest(d: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a certificate's size (its content is checked by [`crate::pki::Trust::verify`]).
 pub(super) fn check_cert(cert: &[u8]) -> Result<(), String> {
     if cert.is_empty() || cert.len() > MAX_CERT {
         Err(format!(
@@ -98,6 +100,32 @@ pub(super) fn check_components(c: &BTreeMap<String, String>) -> Result<(), Strin
     Ok(())
 }
 
+impl Hello {
+    /// Checks the certificate's size.
+    ///
+    /// # Errors
+    /// It is empty or too large.
+    pub fn validate(&self) -> Result<(), String> {
+        check_cert(&self.cert)
+    }
+}
+
+impl Verdict {
+    /// Checks the reason's length.
+    ///
+    /// # Errors
+    /// The reason is too long.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Verdict::Refused(why) if why.len() > MAX_REASON => Err(format!(
+                "a reason of {} bytes (at most {MAX_REASON})",
+                why.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Request {
     /// Checks every field.
     ///
@@ -105,7 +133,6 @@ impl Request {
     /// The first bad field.
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            Request::Hello { cert } => check_cert(cert),
             Request::Group | Request::Leader => Ok(()),
             Request::Client(r) => r.validate(),
             Request::Node(r) => r.validate(),
@@ -241,7 +268,6 @@ impl Response {
             | Response::Group(_)
             | Response::Module(_)
             | Response::Raft(_) => Ok(()),
-            Response::Hello { cert } => check_cert(cert),
             Response::Policy { digest, bundle, .. } => {
                 check_digest(digest)?;
                 bundle
