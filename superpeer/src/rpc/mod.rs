@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use futures::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use libp2p::{PeerId, Stream};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -130,6 +132,12 @@ enum Slot {
     /// Open, and taken by the acceptor.
     Open(Arc<Link>),
 }
+
+/// How many times a control stream that the acceptor dropped unread is opened again (20 ms
+/// later, then twice as long each time: 1.3 s in all). An acceptor drops the streams that
+/// arrive while it is taking one in (libp2p-stream queues none): a burst of nodes at a
+/// super-peer.
+const OPEN_RETRIES: u32 = 6;
 
 /// The outbound control streams of a daemon, by peer.
 pub(crate) struct Links {
@@ -246,22 +254,20 @@ impl Links {
     /// the acceptor has said it took it (an `Ok` of id 0): one that does not take it has read
     /// no request. Whoever waits for the opening hears how it went.
     async fn run(self: Arc<Self>, peer: PeerId, mut control: libp2p_stream::Control) {
-        let opened = tokio::time::timeout(self.timeout, async {
-            let stream = control
-                .open_stream(peer, proto::RPC_PROTOCOL)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (r, w) = stream.split();
-            let mut r = BufReader::new(r);
-            match read::<Response, _>(&mut r, self.max_frame).await {
-                Ok(Some((0, Response::Ok))) => Ok((r, w)),
-                Ok(Some(_)) => Err("the acceptor's first frame is not its Ok".to_owned()),
-                Ok(None) => Err("the acceptor closed it".to_owned()),
-                Err(e) => Err(e.to_string()),
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut tries = 0;
+        let opened = loop {
+            let taken = tokio::time::timeout_at(deadline, self.take(peer, &mut control)).await;
+            match taken {
+                Ok(Err((e, true))) if tries < OPEN_RETRIES => {
+                    tracing::debug!(%peer, error = %e, tries, "control stream not taken; again");
+                    tokio::time::sleep(Duration::from_millis(20 << tries)).await;
+                    tries += 1;
+                }
+                Ok(r) => break r.map_err(|(e, _)| e),
+                Err(_) => break Err("timed out".to_owned()),
             }
-        })
-        .await
-        .unwrap_or_else(|_| Err("timed out".to_owned()));
+        };
         let (mut r, w) = match opened {
             Ok(halves) => halves,
             Err(e) => {
@@ -311,6 +317,27 @@ impl Links {
         self.forget(&peer, &link);
         link.fail(&why);
         writer.abort();
+    }
+
+    /// Opens a stream to `peer` and waits for the acceptor's `Ok`; an error says whether the
+    /// stream was dropped before anything was read from it (it may be opened again).
+    async fn take(
+        &self,
+        peer: PeerId,
+        control: &mut libp2p_stream::Control,
+    ) -> Result<(BufReader<ReadHalf<Stream>>, WriteHalf<Stream>), (String, bool)> {
+        let stream = control
+            .open_stream(peer, proto::RPC_PROTOCOL)
+            .await
+            .map_err(|e| (e.to_string(), false))?;
+        let (r, w) = stream.split();
+        let mut r = BufReader::new(r);
+        match read::<Response, _>(&mut r, self.max_frame).await {
+            Ok(Some((0, Response::Ok))) => Ok((r, w)),
+            Ok(Some(_)) => Err(("the acceptor's first frame is not its Ok".to_owned(), false)),
+            Ok(None) => Err(("the acceptor dropped it".to_owned(), true)),
+            Err(e) => Err((e.to_string(), e.kind() != io::ErrorKind::InvalidData)),
+        }
     }
 
     /// Ends the stream to `peer`, if any (the peer is lost).

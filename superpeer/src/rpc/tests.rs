@@ -180,4 +180,35 @@ mod network {
         );
         server_task.abort();
     }
+
+    /// Many daemons sending their first request to one daemon at the same moment are all
+    /// answered: the control streams its acceptor drops in the burst (libp2p-stream queues
+    /// none while it takes one in) are opened again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_first_requests_is_all_answered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+        let server = crate::net::testing::answering(&ca, "sp").await;
+        let mut clients = Vec::new();
+        for n in 0..200 {
+            let (c, _) =
+                crate::net::testing::daemon(&ca, &format!("n{n}"), NetConfig::default()).await;
+            clients.push(c);
+        }
+        // Connected and passed first, so that the streams open together.
+        let (peer, addrs) = (server.peer(), server.addrs().to_vec());
+        for c in &clients {
+            c.authenticate(peer, &addrs).await.expect("passes");
+        }
+        let asks = clients
+            .iter()
+            .map(|c| c.request(peer, &addrs, Request::Group));
+        for (n, r) in futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert!(matches!(r, Ok(Response::Ok)), "client {n}: {r:?}");
+        }
+    }
 }
