@@ -14,6 +14,7 @@ use libp2p::{PeerId, Swarm, allow_block_list, gossipsub, identify, ping};
 use mvm_component::policy::Principal;
 use tokio::sync::{mpsc, oneshot};
 
+use super::gate::Gated;
 use super::hello::{self, Known};
 use super::{Command, Gossip, NetError};
 
@@ -23,7 +24,8 @@ pub(super) struct Behaviour {
     pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     /// The certificate exchange on every connection.
     pub(super) hello: hello::Behaviour,
-    pub(super) gossip: gossipsub::Behaviour,
+    /// Gossip, read only from connections that have passed.
+    pub(super) gossip: Gated<gossipsub::Behaviour>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
     pub(super) stream: libp2p_stream::Behaviour,
@@ -114,7 +116,8 @@ impl Actor {
                 }
             }
             Command::Dial { peer, addrs } => {
-                self.swarm.behaviour_mut().gossip.add_explicit_peer(&peer);
+                let gossip = self.swarm.behaviour_mut().gossip.inner();
+                gossip.add_explicit_peer(&peer);
                 if !self.swarm.is_connected(&peer) {
                     let opts = DialOpts::peer_id(peer).addresses(addrs).build();
                     if let Err(e) = self.swarm.dial(opts) {
@@ -124,7 +127,13 @@ impl Actor {
             }
             Command::Publish { topic, data } => {
                 let topic = gossipsub::IdentTopic::new(topic);
-                if let Err(e) = self.swarm.behaviour_mut().gossip.publish(topic, data) {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .inner()
+                    .publish(topic, data)
+                {
                     tracing::debug!(error = %e, "gossip not published");
                 }
             }
@@ -182,9 +191,11 @@ impl Actor {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Hello(hello::Event::Passed {
                 peer,
+                connection,
                 principal,
             })) => {
                 tracing::debug!(%peer, %principal, "a connection passed");
+                self.swarm.behaviour_mut().gossip.pass(peer, connection);
                 self.hello_tries.remove(&peer);
                 for w in self.waiting.remove(&peer).unwrap_or_default() {
                     let _ = w.send(Ok(principal.clone()));

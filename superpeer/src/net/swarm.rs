@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::actor::{Actor, Behaviour};
+use super::gate::Gated;
 use super::hello::{self, Known};
 use super::{GROUPS_TOPIC, Inbound, Net, NetConfig, ports};
 use crate::pki::Credentials;
@@ -71,7 +72,7 @@ impl Net {
                         config.hello_timeout,
                         known.clone(),
                     ),
-                    gossip,
+                    gossip: Gated::new(gossip),
                     identify: identify::Behaviour::new(identify::Config::new(
                         "/mvm/1".into(),
                         key.public(),

@@ -54,6 +54,8 @@ pub(crate) enum Seen {
     Opened,
     /// A connection closed.
     Closed,
+    /// The daemon opened its `Hello` stream (so it has the connection).
+    Hello,
 }
 
 /// A bare peer connected to a daemon.
@@ -82,12 +84,15 @@ impl Bare {
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build();
         let mut control = swarm.behaviour().new_control();
+        let (tx, mut seen) = mpsc::channel(16);
         // The daemon's `Hello` streams are taken, and held unanswered.
         let mut hellos = control.accept(HELLO_PROTOCOL).expect("accepting hellos");
+        let said = tx.clone();
         tokio::spawn(async move {
             let mut held: Vec<Stream> = Vec::new();
             while let Some((_, s)) = hellos.next().await {
                 held.push(s);
+                let _ = said.send(Seen::Hello).await;
             }
         });
         let peer = *swarm.local_peer_id();
@@ -95,7 +100,6 @@ impl Bare {
         swarm
             .dial(super::with_peer(&addr, to.peer()))
             .expect("dial");
-        let (tx, mut seen) = mpsc::channel(16);
         tokio::spawn(async move {
             loop {
                 let s = match swarm.select_next_some().await {
@@ -123,6 +127,20 @@ impl Bare {
             .open_stream(to, protocol)
             .await
             .expect("a stream opens")
+    }
+
+    /// Waits up to 10 s for the daemon's `Hello` stream.
+    pub(crate) async fn hello(&mut self) {
+        let heard = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(s) = self.seen.recv().await {
+                if matches!(s, Seen::Hello) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(matches!(heard, Ok(true)), "no Hello stream from the daemon");
     }
 
     /// Waits up to `within` for the connection to close; how long it took.

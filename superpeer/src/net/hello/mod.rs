@@ -56,6 +56,8 @@ pub(crate) enum Event {
     Passed {
         /// The peer.
         peer: PeerId,
+        /// The connection.
+        connection: ConnectionId,
         /// Who it is.
         principal: Principal,
     },
@@ -199,8 +201,11 @@ impl Behaviour {
         };
         let principal = principal.clone();
         self.refresh(peer);
-        self.events
-            .push_back(ToSwarm::GenerateEvent(Event::Passed { peer, principal }));
+        self.events.push_back(ToSwarm::GenerateEvent(Event::Passed {
+            peer,
+            connection,
+            principal,
+        }));
     }
 }
 

@@ -74,6 +74,9 @@ async fn a_peer_without_a_certificate_is_disconnected_after_the_deadline() {
     let (server, mut inbound) = daemon(&ca(&dir, "physics"), "sp", config).await;
     let key = libp2p::identity::Keypair::generate_ed25519();
     let mut bare = Bare::connect(key, &server).await;
+    // The daemon has the connection (a request to a peer it has no address of and is not
+    // connected to fails at once).
+    bare.hello().await;
     let ask = tokio::spawn({
         let (server, peer) = (server.clone(), bare.peer);
         async move { server.request(peer, &[], Request::Group).await }
