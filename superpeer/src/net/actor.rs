@@ -18,6 +18,7 @@ use super::gate::Gated;
 use super::hello::{self, Known};
 use super::{Command, Gossip, NetError};
 
+/// The swarm's behaviours.
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
     /// First, so that a blocked peer is refused before any other behaviour sees it.
@@ -26,8 +27,11 @@ pub(super) struct Behaviour {
     pub(super) hello: hello::Behaviour,
     /// Gossip, read only from connections that have passed.
     pub(super) gossip: Gated<gossipsub::Behaviour>,
+    /// Who the peer says it is at the libp2p level (addresses, protocols).
     pub(super) identify: identify::Behaviour,
+    /// Liveness.
     pub(super) ping: ping::Behaviour,
+    /// Control, queue-data and image streams.
     pub(super) stream: libp2p_stream::Behaviour,
 }
 
@@ -50,7 +54,9 @@ pub(super) fn hello_backoff(me: &PeerId, peer: &PeerId, tries: u32) -> Duration 
 /// Whoever waits for a peer to pass.
 type Waiter = oneshot::Sender<Result<Principal, NetError>>;
 
+/// The swarm task's state.
 pub(super) struct Actor {
+    /// The peers that have passed, shared with the handles.
     pub(super) known: Known,
     /// Per peer that has not passed yet, who waits for it.
     pub(super) waiting: HashMap<PeerId, Vec<Waiter>>,
@@ -58,8 +64,11 @@ pub(super) struct Actor {
     pub(super) hello_tries: HashMap<PeerId, u32>,
     /// Every connection lost before passing, with a request waiting, since the start.
     pub(super) hellos_lost: Arc<AtomicU64>,
+    /// Where gossip messages go.
     pub(super) gossip: mpsc::Sender<Gossip>,
+    /// The swarm.
     pub(super) swarm: Swarm<Behaviour>,
+    /// The handles' commands.
     pub(super) commands: mpsc::Receiver<Command>,
     /// For retries to come back to the swarm task; weak, so that the task ends (and closes
     /// its sockets) once every [`Net`](super::Net) handle is gone.
@@ -67,6 +76,7 @@ pub(super) struct Actor {
 }
 
 impl Actor {
+    /// Runs until every handle is gone.
     pub(super) async fn run(mut self) {
         loop {
             tokio::select! {
@@ -79,6 +89,7 @@ impl Actor {
         }
     }
 
+    /// Carries out a handle's command.
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Authenticate { peer, addrs, reply } => {
@@ -187,6 +198,7 @@ impl Actor {
         });
     }
 
+    /// Takes in a swarm event.
     fn event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Hello(hello::Event::Passed {

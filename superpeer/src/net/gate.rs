@@ -24,6 +24,7 @@ const HELD: usize = 4;
 
 /// `B`, behind the gate.
 pub(crate) struct Gated<B> {
+    /// The behaviour behind the gate.
     inner: B,
     /// Connections to open the gate of, at the next poll.
     passed: Vec<(PeerId, ConnectionId)>,
@@ -143,12 +144,16 @@ type Held<H> = FullyNegotiatedInbound<
 
 /// `H`, behind the gate.
 pub(crate) struct Handler<H: ConnectionHandler> {
+    /// The handler behind the gate.
     inner: H,
+    /// Whether the connection has passed.
     open: bool,
+    /// The peer's streams until then.
     held: Vec<Held<H>>,
 }
 
 impl<H: ConnectionHandler> Handler<H> {
+    /// `inner`, its gate shut.
     fn new(inner: H) -> Self {
         Handler {
             inner,

@@ -74,6 +74,7 @@ pub(crate) struct Handler {
     answering: Option<(Io<()>, Option<String>)>,
     /// The peer's certificate passed, and the peer took this daemon's.
     passed: (bool, bool),
+    /// What to tell the behaviour, in order.
     events: VecDeque<ToBehaviour>,
 }
 

@@ -93,11 +93,17 @@ struct Conn {
 
 /// The certificate exchange on every connection.
 pub(crate) struct Behaviour {
+    /// This daemon's credentials: its certificate, and the CAs it trusts.
     creds: Arc<Credentials>,
+    /// Its certificate, as sent.
     cert: Bytes,
+    /// How long a connection's exchange may take.
     deadline: Duration,
+    /// The peers that have passed, shared.
     known: Known,
+    /// Every open connection's standing, by peer.
     conns: HashMap<PeerId, HashMap<ConnectionId, Conn>>,
+    /// Events for the swarm and verdicts for handlers, in order.
     events: VecDeque<ToSwarm<Event, Verdict>>,
     /// The addresses requests gave for peers ([`libp2p::Swarm::add_peer_address`]), for the
     /// swarm task's dials.
@@ -125,6 +131,7 @@ impl Behaviour {
         }
     }
 
+    /// The handler of a new connection, whose standing starts blank.
     fn handler(&mut self, peer: PeerId, connection: ConnectionId) -> Handler {
         self.conns
             .entry(peer)
@@ -186,6 +193,7 @@ impl Behaviour {
         });
     }
 
+    /// A connection's standing, while it is open.
     fn conn(&mut self, peer: PeerId, connection: ConnectionId) -> Option<&mut Conn> {
         self.conns.get_mut(&peer)?.get_mut(&connection)
     }
