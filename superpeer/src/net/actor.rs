@@ -27,10 +27,11 @@ pub(super) struct Behaviour {
     pub(super) hello: hello::Behaviour,
     /// Gossip, read only from connections that have passed.
     pub(super) gossip: Gated<gossipsub::Behaviour>,
-    /// Who the peer says it is at the libp2p level (addresses, protocols).
-    pub(super) identify: identify::Behaviour,
-    /// Liveness.
-    pub(super) ping: ping::Behaviour,
+    /// Who the peer says it is at the libp2p level (addresses, protocols), read only from
+    /// connections that have passed.
+    pub(super) identify: Gated<identify::Behaviour>,
+    /// Liveness, answered only on connections that have passed.
+    pub(super) ping: Gated<ping::Behaviour>,
     /// Control, queue-data and image streams.
     pub(super) stream: libp2p_stream::Behaviour,
 }
@@ -207,7 +208,10 @@ impl Actor {
                 principal,
             })) => {
                 tracing::debug!(%peer, %principal, "a connection passed");
-                self.swarm.behaviour_mut().gossip.pass(peer, connection);
+                let b = self.swarm.behaviour_mut();
+                b.gossip.pass(peer, connection);
+                b.identify.pass(peer, connection);
+                b.ping.pass(peer, connection);
                 self.hello_tries.remove(&peer);
                 for w in self.waiting.remove(&peer).unwrap_or_default() {
                     let _ = w.send(Ok(principal.clone()));

@@ -2,10 +2,11 @@
 //! both certificates have passed on their connection ([`Gated::pass`]), and dropped with the
 //! connection if they never do. Everything else goes through unchanged.
 //!
-//! For gossipsub, whose messages (up to its transmit limit) would otherwise be read from any
-//! peer that connects. Holding, not refusing: a refused protocol is one gossipsub's handler
-//! never tries again on that connection, and a peer's first stream often comes before the
-//! exchange ends.
+//! In front of gossipsub, whose messages (up to its transmit limit, 256 KiB) would otherwise be
+//! read from any peer that connects, and of identify and ping, so that no protocol but the
+//! certificate exchange reads from a peer before it has passed. Holding, not refusing: a
+//! refused protocol is one such handlers never try again on that connection, and a peer's first
+//! streams often come before the exchange ends.
 
 use std::task::{Context, Poll};
 

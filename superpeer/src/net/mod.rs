@@ -12,16 +12,18 @@
 //! [`crate::proto::MAX_HELLO`] bytes) and the other checks it against its trusted domain CAs
 //! and the connection's peer id ([`crate::pki::Trust::verify`]). A connection whose exchange
 //! fails, or has not ended within [`NetConfig::hello_timeout`], is closed by the swarm task
-//! with a log line saying why. Streams of every protocol are taken only through
-//! [`Net::accept`], which drops unread those of a peer that has not passed, and gossip streams
-//! are held unread until their connection has passed (`gate`); requests to a peer
-//! wait (woken by the exchange's event, not by polling) until both certificates have passed on
-//! a connection. A peer's identity ends with the last connection it passed on.
+//! with a log line saying why. Nothing else is read from a peer before it has passed: its
+//! control, queue and image streams are taken only through [`Net::accept`], which drops unread
+//! those of a peer that has not passed, and its gossip, identify and ping streams are held
+//! unread until their connection has passed (`gate`). Requests to a peer wait (woken by the
+//! exchange's event, not by polling) until both certificates have passed on a connection. A
+//! peer's identity ends with the last connection it passed on.
 //!
 //! - `swarm`: building the swarm and starting its task ([`Net::start`]).
 //! - `actor`: that task: commands, swarm events, the closing of connections that fail.
 //! - `hello`: the certificate exchange (a behaviour and its connection handler).
-//! - `gate`: holds the gossip streams of a connection, unread, until it has passed.
+//! - `gate`: holds a connection's gossip, identify and ping streams, unread, until it has
+//!   passed.
 //! - `ports`: choosing listen ports.
 
 use std::sync::Arc;

@@ -73,11 +73,11 @@ impl Net {
                         known.clone(),
                     ),
                     gossip: Gated::new(gossip),
-                    identify: identify::Behaviour::new(identify::Config::new(
+                    identify: Gated::new(identify::Behaviour::new(identify::Config::new(
                         "/mvm/1".into(),
                         key.public(),
-                    )),
-                    ping: ping::Behaviour::default(),
+                    ))),
+                    ping: Gated::new(ping::Behaviour::default()),
                     stream: libp2p_stream::Behaviour::new(),
                 })
             })
