@@ -424,11 +424,6 @@ impl Router {
                 Some(b) => b.node(peer, who, r).await,
                 None => self.not_a_broker(),
             },
-            // Answered by the network layer before a request reaches a role.
-            Request::Hello { .. } => Response::Error(Failure::new(
-                FailureKind::Input,
-                "a Hello is answered by the network layer",
-            )),
         }
     }
 

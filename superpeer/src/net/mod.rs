@@ -1,29 +1,35 @@
 //! The libp2p side of a daemon: one task owns the swarm; everything else talks to it through a
 //! [`Net`] handle (requests out, addresses) and an [`Inbound`] channel (requests in).
 //!
-//! Transports: TCP with noise and yamux, and QUIC. Behaviours: identify, ping, the control
-//! request-response protocol ([`crate::proto`]), and plain streams for queue data and for
-//! control streams (`libp2p-stream`; a peer that has passed gets every request after the first
-//! on one long-lived control stream, see the `rpc` module). Every inbound request is validated
-//! before it reaches the daemon; an invalid one is answered with an input error and never acted
-//! on.
+//! Transports: TCP with noise and yamux, and QUIC. Behaviours: the certificate exchange
+//! (`hello`), identify, ping, gossipsub, and plain streams (`libp2p-stream`) for control
+//! requests, queue data and images. Every control request goes on a long-lived control stream
+//! to its peer (see the `rpc` module); every inbound request is validated before it reaches the
+//! daemon, and an invalid one is answered with an input error and never acted on.
 //!
-//! Authentication: the first control request on a connection is a `Hello` with the sender's
-//! certificate, answered by the receiver's; each side checks the other's against its trusted
-//! domain CAs and the connection's peer id ([`crate::pki::Trust::verify`]). Until a peer has
-//! passed, every other request from it is refused unread, and streams from it are dropped;
-//! requests to a peer wait for its `Hello` to pass. A connection's identity ends with it.
+//! Authentication is a property of the connection: on every new connection each side sends
+//! its certificate on [`crate::proto::HELLO_PROTOCOL`] (one frame of at most
+//! [`crate::proto::MAX_HELLO`] bytes) and the other checks it against its trusted domain CAs
+//! and the connection's peer id ([`crate::pki::Trust::verify`]). A connection whose exchange
+//! fails, or has not ended within [`NetConfig::hello_timeout`], is closed by the swarm task
+//! with a log line saying why. Nothing else is read from a peer before it has passed: its
+//! control, queue and image streams are taken only through [`Net::accept`], which drops unread
+//! those of a peer that has not passed, and its gossip, identify and ping streams are held
+//! unread until their connection has passed (`gate`). Requests to a peer wait (woken by the
+//! exchange's event, not by polling) until both certificates have passed on a connection. A
+//! peer's identity ends with the last connection it passed on.
 //!
 //! - `swarm`: building the swarm and starting its task ([`Net::start`]).
-//! - `actor`: that task: commands, swarm events, `Hello`s.
+//! - `actor`: that task: commands, swarm events, the closing of connections that fail.
+//! - `hello`: the certificate exchange (a behaviour and its connection handler).
+//! - `gate`: holds a connection's gossip, identify and ping streams, unread, until it has
+//!   passed.
 //! - `ports`: choosing listen ports.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 use parking_lot::Mutex;
@@ -31,8 +37,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::proto::{self, Failure, FailureKind, Request, Response};
 use crate::rpc::{self, Links, Sent};
+use hello::Known;
 
 mod actor;
+mod gate;
+mod hello;
 mod ports;
 mod swarm;
 
@@ -47,6 +56,8 @@ pub struct NetConfig {
     pub max_frame: usize,
     /// How long an unused connection stays open.
     pub idle_timeout: Duration,
+    /// How long a new connection may take to exchange certificates before it is closed.
+    pub hello_timeout: Duration,
 }
 
 impl Default for NetConfig {
@@ -56,6 +67,7 @@ impl Default for NetConfig {
             request_timeout: Duration::from_secs(60),
             max_frame: proto::MAX_FRAME,
             idle_timeout: Duration::from_secs(120),
+            hello_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -83,42 +95,25 @@ pub struct NetError {
     pub message: String,
 }
 
+/// What the [`Net`] handles ask of the swarm task.
 pub(crate) enum Command {
-    Request {
-        peer: PeerId,
-        addrs: Vec<Multiaddr>,
-        request: Request,
-        reply: oneshot::Sender<Result<Response, NetError>>,
-    },
-    Respond {
-        channel: ResponseChannel<Response>,
-        response: Response,
-    },
-    Disconnect {
-        peer: PeerId,
-    },
+    /// Close every connection with the peer.
+    Disconnect { peer: PeerId },
     /// Refuse every connection with the peer (closing those open), or no longer.
-    Block {
-        peer: PeerId,
-        blocked: bool,
-    },
-    Dial {
-        peer: PeerId,
-        addrs: Vec<Multiaddr>,
-    },
+    Block { peer: PeerId, blocked: bool },
+    /// Connect to the peer if not connected, and keep it as a direct gossip peer.
+    Dial { peer: PeerId, addrs: Vec<Multiaddr> },
+    /// Answer once both certificates have passed on a connection with the peer (dialing it if
+    /// needed), or why they cannot.
     Authenticate {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<Result<Principal, NetError>>,
     },
-    /// Send a `Hello` again after a failure on the way.
-    RetryHello {
-        peer: PeerId,
-    },
-    Publish {
-        topic: String,
-        data: Vec<u8>,
-    },
+    /// Connect again to a peer whose connection was lost before passing.
+    Redial { peer: PeerId },
+    /// Publish on a gossip topic.
+    Publish { topic: String, data: Vec<u8> },
 }
 
 /// A gossip message: who published it, and its bytes (not yet validated).
@@ -143,16 +138,15 @@ pub struct Net {
     addrs: Vec<Multiaddr>,
     streams: libp2p_stream::Control,
     gossip: Arc<Mutex<Option<mpsc::Receiver<Gossip>>>>,
-    verified: Verified,
+    known: Known,
     principal: Principal,
-    /// Control streams to peers, for requests after the first.
+    /// Control streams to peers, for every request.
     links: Arc<Links>,
-    /// `Hello`s lost on the way (and sent again) since the start.
+    /// Connections lost before passing (and made again) since the start.
     hellos_lost: Arc<AtomicU64>,
+    /// How long a request may wait for its peer to pass and its control stream to open.
+    timeout: Duration,
 }
-
-/// The peers whose certificates have passed, with who they are.
-type Verified = Arc<parking_lot::RwLock<HashMap<PeerId, Principal>>>;
 
 impl std::fmt::Debug for Net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,19 +170,15 @@ pub struct Inbound {
     reply: Option<Reply>,
 }
 
-/// Where the answer to an inbound request goes.
-pub(crate) enum Reply {
-    /// Back on its request-response stream, through the swarm task.
-    Swarm {
-        channel: ResponseChannel<Response>,
-        commands: mpsc::Sender<Command>,
-    },
-    /// On the control stream it came on, as the frame of its id.
-    Stream {
-        id: u64,
-        frames: mpsc::Sender<Vec<u8>>,
-        max_frame: usize,
-    },
+/// Where the answer to an inbound request goes: on the control stream it came on, as the
+/// frame of its id.
+pub(crate) struct Reply {
+    /// The request's id on its stream.
+    pub(crate) id: u64,
+    /// The stream's writer.
+    pub(crate) frames: mpsc::Sender<Vec<u8>>,
+    /// The largest frame.
+    pub(crate) max_frame: usize,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -202,6 +192,7 @@ impl std::fmt::Debug for Inbound {
 }
 
 impl Inbound {
+    /// A request from `peer`, who is `principal`, to be answered through `reply`.
     pub(crate) fn new(peer: PeerId, principal: Principal, request: Request, reply: Reply) -> Self {
         Inbound {
             peer,
@@ -213,29 +204,24 @@ impl Inbound {
 
     /// Sends the answer.
     pub async fn reply(mut self, response: Response) {
-        match self.reply.take() {
-            Some(Reply::Swarm { channel, commands }) => {
-                let _ = commands.send(Command::Respond { channel, response }).await;
-            }
-            Some(Reply::Stream {
-                id,
-                frames,
-                max_frame,
-            }) => {
-                let _ = frames
-                    .send(rpc::encode_answer(id, &response, max_frame))
-                    .await;
-            }
-            None => {}
+        if let Some(Reply {
+            id,
+            frames,
+            max_frame,
+        }) = self.reply.take()
+        {
+            let _ = frames
+                .send(rpc::encode_answer(id, &response, max_frame))
+                .await;
         }
     }
 }
 
 impl Drop for Inbound {
-    /// A request dropped unanswered fails at once for its sender, as request-response does
-    /// when its response channel is dropped, rather than when its sender gives up waiting.
+    /// A request dropped unanswered fails at once for its sender, rather than when its sender
+    /// gives up waiting.
     fn drop(&mut self) {
-        if let Some(Reply::Stream {
+        if let Some(Reply {
             id,
             frames,
             max_frame,
@@ -299,8 +285,9 @@ impl Net {
         self.peer
     }
 
-    /// How many `Hello`s this daemon sent were lost on the way (and sent again) since it
-    /// started: connections that failed while being set up.
+    /// How many connections this daemon waited on were lost before their certificates were
+    /// exchanged (and made again) since it started: connections that failed while being set
+    /// up.
     pub fn hellos_lost(&self) -> u64 {
         self.hellos_lost.load(Ordering::Relaxed)
     }
@@ -323,55 +310,43 @@ impl Net {
         &self.principal
     }
 
-    /// How many requests this daemon has sent on control streams (the rest went by
-    /// request-response: the first to each peer, and those sent while its stream opened).
+    /// How many requests this daemon has sent (every one goes on a control stream).
     pub fn stream_requests(&self) -> u64 {
         self.links.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Who `peer` is, if its certificate has passed on a connection still open.
     pub fn identity(&self, peer: &PeerId) -> Option<Principal> {
-        self.verified.read().get(peer).cloned()
+        self.known.read().get(peer).map(|p| p.principal.clone())
     }
 
-    /// Connects to `peer` (dialing `addrs` if needed) and exchanges certificates, unless that
-    /// is done already; returns who the peer is. Call it before opening a stream to a peer
-    /// that may not have heard from this daemon, as streams from strangers are dropped.
+    /// Waits until both certificates have passed on a connection with `peer` (dialing `addrs`
+    /// if not connected), unless they have already; returns who the peer is. Call it before
+    /// opening a stream to a peer, as streams from peers that have not passed are dropped.
     ///
     /// # Errors
-    /// The peer cannot be reached, or either side refuses the other's certificate.
+    /// The peer cannot be reached in time, or either side refuses the other's certificate.
     pub async fn authenticate(
         &self,
         peer: PeerId,
         addrs: &[Multiaddr],
     ) -> Result<Principal, NetError> {
-        if let Some(p) = self.identity(&peer) {
-            return Ok(p);
+        if let Some(p) = self.known.read().get(&peer).filter(|p| p.mutual) {
+            return Ok(p.principal.clone());
         }
-        self.roundtrip(peer, |reply| Command::Authenticate {
-            peer,
-            addrs: addrs.to_vec(),
-            reply,
-        })
-        .await
-    }
-
-    /// Sends the swarm task a command carrying a reply channel, and waits for the reply.
-    async fn roundtrip<T>(
-        &self,
-        peer: PeerId,
-        command: impl FnOnce(oneshot::Sender<Result<T, NetError>>) -> Command,
-    ) -> Result<T, NetError> {
+        let error = |message: String| NetError { peer, message };
+        let gone = || error("the network task has stopped".into());
         let (reply, rx) = oneshot::channel();
-        let gone = || NetError {
-            peer,
-            message: "the network task has stopped".into(),
-        };
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        let addrs = addrs.to_vec();
+        let command = Command::Authenticate { peer, addrs, reply };
+        self.commands.send(command).await.map_err(|_| gone())?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(r) => r.map_err(|_| gone())?,
+            Err(_) => Err(error(format!(
+                "not authenticated within {} s",
+                self.timeout.as_secs_f64()
+            ))),
+        }
     }
 
     /// A handle for opening queue-data and image streams (they are accepted with
@@ -382,7 +357,8 @@ impl Net {
 
     /// The inbound streams of `protocol` from peers whose certificate has passed, each with its
     /// peer's identity. A stream from any other peer is dropped here, unread (its opener finds
-    /// it closed): this is the one place that checks who opened a stream, for every acceptor.
+    /// it closed): this is the one place that checks who opened a stream, for every acceptor
+    /// (control streams, queue data, images).
     ///
     /// # Errors
     /// The protocol is being accepted already.
@@ -398,11 +374,11 @@ impl Net {
             .clone()
             .accept(protocol.clone())
             .map_err(|e| format!("{protocol}: {e}"))?;
-        let verified = self.verified.clone();
+        let known = self.known.clone();
         Ok(futures::StreamExt::filter_map(
             incoming,
             move |(peer, stream)| {
-                let who = verified.read().get(&peer).cloned();
+                let who = known.read().get(&peer).map(|p| p.principal.clone());
                 if who.is_none() {
                     tracing::warn!(%peer, %protocol, "a stream from an unauthenticated peer; dropped");
                 }
@@ -411,40 +387,42 @@ impl Net {
         ))
     }
 
-    /// Sends `request` to `peer` (dialing `addrs` if not connected) and waits for the answer.
-    /// An error answer from the peer is returned as `Ok(Response::Error(..))`.
+    /// Sends `request` to `peer` on its control stream and waits for the answer; without a
+    /// stream, first connects (dialing `addrs` if needed), waits for both certificates to pass
+    /// and opens the stream. An error answer from the peer is returned as
+    /// `Ok(Response::Error(..))`.
     ///
     /// # Errors
-    /// The request could not be delivered or answered (dial failure, timeout, closed stream,
-    /// invalid response).
+    /// The request could not be delivered or answered (dial failure, a refused certificate,
+    /// timeout, closed stream, invalid response).
     pub async fn request(
         &self,
         peer: PeerId,
         addrs: &[Multiaddr],
         request: Request,
     ) -> Result<Response, NetError> {
-        // A peer that has passed gets its requests on a control stream; the first request to
-        // it goes by request-response (with the `Hello` before it) and opens the stream.
-        let request = if matches!(request, Request::Hello { .. }) {
-            request
-        } else {
-            let known = || self.verified.read().contains_key(&peer);
-            match self
-                .links
-                .request(peer, request, known, &self.streams)
-                .await
-            {
+        let mut request = request;
+        // A stream found closed before the request went on it is opened again, once.
+        for _ in 0..2 {
+            let link = match self.links.get(&peer) {
+                Some(link) => link,
+                None => {
+                    self.authenticate(peer, addrs).await?;
+                    self.links.open(peer, &self.streams).await?
+                }
+            };
+            match self.links.send(peer, &link, request).await {
                 Sent::Done(r) => return r,
-                Sent::NotSent(r) => r,
+                Sent::NotSent(r) => {
+                    self.links.forget(&peer, &link);
+                    request = r;
+                }
             }
-        };
-        self.roundtrip(peer, |reply| Command::Request {
+        }
+        Err(NetError {
             peer,
-            addrs: addrs.to_vec(),
-            request,
-            reply,
+            message: "its control stream keeps closing".into(),
         })
-        .await
     }
 
     /// As [`Net::request`], turning an error answer into `Err` too.
@@ -502,5 +480,7 @@ impl Net {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;

@@ -1,11 +1,11 @@
 //! A TCP transport that dials from a fresh port every time.
 //!
 //! libp2p's TCP transport dials from the port it listens on (`PortUse::Reuse`, the default of
-//! every dial a behaviour starts: request-response, streams, gossipsub). Two daemons that dial
+//! every dial a behaviour starts: the swarm task's, streams, gossipsub). Two daemons that dial
 //! each other at the same moment then send SYNs between the same two ports, and the kernel
 //! joins them into one connection by TCP simultaneous open, on which both sides act as the
-//! dialer: the security handshake fails for both, and a request waiting on it fails with
-//! "Failed to dial the requested peer". Nothing here needs the listening port on outbound
+//! dialer: the security handshake fails for both, and a request waiting on it failed (with
+//! "Failed to dial the requested peer", in the days of request-response). Nothing here needs the listening port on outbound
 //! connections (no hole punching, no NAT to keep open), so every dial takes a new ephemeral
 //! port, and two dials between the same daemons are always two connections of their own.
 

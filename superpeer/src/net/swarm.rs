@@ -8,14 +8,15 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::core::Transport as _;
 use libp2p::identity::Keypair;
-use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{allow_block_list, gossipsub, identify, noise, ping, tcp, yamux};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::actor::{Actor, Behaviour};
-use super::{GROUPS_TOPIC, Inbound, Net, NetConfig, Verified, ports};
+use super::gate::Gated;
+use super::hello::{self, Known};
+use super::{GROUPS_TOPIC, Inbound, Net, NetConfig, ports};
 use crate::pki::Credentials;
 use crate::proto;
 use crate::rpc::{self, Links};
@@ -34,6 +35,8 @@ impl Net {
         let max_frame = config.max_frame;
         let timeout = config.request_timeout;
         let idle = config.idle_timeout;
+        let creds = Arc::new(creds.clone());
+        let known = Known::default();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_quic()
@@ -64,25 +67,23 @@ impl Net {
                     .map_err(|e| format!("gossipsub subscription: {e}"))?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                     blocked: allow_block_list::Behaviour::default(),
-                    gossip,
-                    identify: identify::Behaviour::new(identify::Config::new(
+                    hello: hello::Behaviour::new(
+                        creds.clone(),
+                        config.hello_timeout,
+                        known.clone(),
+                    ),
+                    gossip: Gated::new(gossip),
+                    identify: Gated::new(identify::Behaviour::new(identify::Config::new(
                         "/mvm/1".into(),
                         key.public(),
-                    )),
-                    ping: ping::Behaviour::default(),
-                    control: request_response::Behaviour::with_codec(
-                        proto::Codec { max_frame },
-                        [(proto::PROTOCOL, ProtocolSupport::Full)],
-                        request_response::Config::default()
-                            .with_request_timeout(timeout)
-                            .with_max_concurrent_streams(4096),
-                    ),
+                    ))),
+                    ping: Gated::new(ping::Behaviour::default()),
                     stream: libp2p_stream::Behaviour::new(),
                 })
             })
             .map_err(|e| format!("cannot set up the behaviours: {e}"))?
             .with_swarm_config(|c| {
-                // Optimistic protocol negotiation on outbound streams: a control request or a
+                // Optimistic protocol negotiation on outbound streams: a hello, control or
                 // queue stream costs no extra round trip to agree on its protocol.
                 c.with_idle_connection_timeout(idle)
                     .with_substream_upgrade_protocol_override(
@@ -124,44 +125,34 @@ impl Net {
         let peer = *swarm.local_peer_id();
         let (commands, rx) = mpsc::channel(1024);
         let (inbound_tx, inbound) = mpsc::channel(1024);
-        let inbound_tx_rpc = inbound_tx.clone();
         let (gossip_tx, gossip_rx) = mpsc::channel(256);
-        let verified = Verified::default();
         let hellos_lost = Arc::new(AtomicU64::new(0));
         let actor = Actor {
-            creds: Arc::new(creds.clone()),
-            verified: verified.clone(),
+            known: known.clone(),
             waiting: HashMap::new(),
-            hellos: HashMap::new(),
             hello_tries: HashMap::new(),
             hellos_lost: hellos_lost.clone(),
             gossip: gossip_tx,
             swarm,
             commands: rx,
-            inbound: inbound_tx,
             self_commands: commands.downgrade(),
-            pending: HashMap::new(),
         };
+        let net = Net {
+            commands,
+            peer,
+            addrs,
+            streams,
+            gossip: Arc::new(Mutex::new(Some(gossip_rx))),
+            known,
+            principal: creds.principal.clone(),
+            links: Links::new(max_frame, timeout),
+            hellos_lost,
+            timeout,
+        };
+        // Control streams come through the one acceptor that checks who opened them.
+        let incoming = net.accept(proto::RPC_PROTOCOL)?;
         tokio::spawn(actor.run());
-        tokio::spawn(rpc::accept(
-            streams.clone(),
-            verified.clone(),
-            inbound_tx_rpc,
-            max_frame,
-        ));
-        Ok((
-            Net {
-                commands,
-                peer,
-                addrs,
-                streams,
-                gossip: Arc::new(Mutex::new(Some(gossip_rx))),
-                verified,
-                principal: creds.principal.clone(),
-                links: Links::new(max_frame, timeout),
-                hellos_lost,
-            },
-            inbound,
-        ))
+        tokio::spawn(rpc::accept(incoming, inbound_tx, max_frame));
+        Ok((net, inbound))
     }
 }

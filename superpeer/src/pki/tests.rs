@@ -1,5 +1,4 @@
 use super::*;
-use crate::proto::ClientRequest;
 
 fn subject(kind: PrincipalKind, name: &str, roles: &[&str]) -> Subject {
     Subject {
@@ -269,76 +268,6 @@ async fn the_network_refuses_bad_certificates_before_any_request() {
         .await
         .expect_err("the daemon's CA is unknown to the client");
     assert!(e.message.contains("unknown CA"), "{e}");
-}
-
-/// A peer that skips the `Hello` (a plain libp2p client speaking the control protocol) has
-/// its request refused unread.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_without_a_hello_is_refused_unread() {
-    use futures::StreamExt;
-    use libp2p::request_response::{self, ProtocolSupport};
-    use libp2p::swarm::SwarmEvent;
-
-    use crate::net::{Net, NetConfig};
-    use crate::proto::{Codec, FailureKind, PROTOCOL, Request, Response};
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = Ca::init(&dir.path().join("p"), "physics", 30).expect("init");
-    let creds =
-        Credentials::ephemeral(&ca, &subject(PrincipalKind::Node, "sp", &[])).expect("creds");
-    let config = NetConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
-        ..NetConfig::default()
-    };
-    let (server, mut inbound) = Net::start(&creds, &config).await.expect("server");
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                Codec::default(),
-                [(PROTOCOL, ProtocolSupport::Full)],
-                request_response::Config::default(),
-            )
-        })
-        .expect("behaviour")
-        .build();
-    for a in server.addrs() {
-        swarm.add_peer_address(server.peer(), a.clone());
-    }
-    swarm.behaviour_mut().send_request(
-        &server.peer(),
-        Request::Client(ClientRequest::Status { job: None }),
-    );
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        loop {
-            if let SwarmEvent::Behaviour(request_response::Event::Message {
-                message: request_response::Message::Response { response, .. },
-                ..
-            }) = swarm.select_next_some().await
-            {
-                return response;
-            }
-        }
-    })
-    .await
-    .expect("an answer in time");
-    match answer {
-        Response::Error(f) => {
-            assert_eq!(f.kind, FailureKind::Refused, "{f:?}");
-            assert!(f.message.contains("unauthenticated"), "{f:?}");
-        }
-        other => panic!("answered {other:?}"),
-    }
-    assert!(
-        inbound.try_recv().is_err(),
-        "the request never reached the daemon"
-    );
 }
 
 #[test]

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use mvm_component::policy::{BundleError, Principal};
 
 use super::{
-    BrokerRequest, ClientRequest, MAX_CERT, NodeRequest, PeerRequest, Request, Response, VM_MODES,
+    BrokerRequest, ClientRequest, Hello, MAX_CERT, MAX_REASON, NodeRequest, PeerRequest, Request,
+    Response, VM_MODES, Verdict,
 };
 
 /// Why a message is refused: its first bad field.
@@ -20,6 +21,9 @@ pub enum CheckError {
     /// A certificate that is empty or too large.
     #[error("a certificate of {0} bytes (1 to {MAX_CERT})")]
     CertSize(usize),
+    /// A refusal's reason that is too long.
+    #[error("a reason of {0} bytes (at most {MAX_REASON})")]
+    ReasonSize(usize),
     /// A name, id or port that is empty, too long, or has control characters.
     #[error("{field} must be 1 to {MAX_NAME} printable characters")]
     Name {
@@ -81,6 +85,7 @@ pub(super) fn check_digest(d: &str) -> Result<(), CheckError> {
     }
 }
 
+/// Checks a certificate's size (its content is checked by [`crate::pki::Trust::verify`]).
 pub(super) fn check_cert(cert: &[u8]) -> Result<(), CheckError> {
     if cert.is_empty() || cert.len() > MAX_CERT {
         Err(CheckError::CertSize(cert.len()))
@@ -157,6 +162,31 @@ pub(super) fn check_components(c: &BTreeMap<String, String>) -> Result<(), Check
     Ok(())
 }
 
+impl Hello {
+    /// Checks the certificate's size.
+    ///
+    /// # Errors
+    /// It is empty or too large.
+    pub fn validate(&self) -> Result<(), CheckError> {
+        check_cert(&self.cert)
+    }
+}
+
+impl Verdict {
+    /// Checks the reason's length.
+    ///
+    /// # Errors
+    /// The reason is too long.
+    pub fn validate(&self) -> Result<(), CheckError> {
+        match self {
+            Verdict::Refused(why) if why.len() > MAX_REASON => {
+                Err(CheckError::ReasonSize(why.len()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Request {
     /// Checks every field.
     ///
@@ -164,7 +194,6 @@ impl Request {
     /// The first bad field.
     pub fn validate(&self) -> Result<(), CheckError> {
         match self {
-            Request::Hello { cert } => check_cert(cert),
             Request::Group | Request::Leader => Ok(()),
             Request::Client(r) => r.validate(),
             Request::Node(r) => r.validate(),
@@ -298,7 +327,6 @@ impl Response {
             | Response::Group(_)
             | Response::Module(_)
             | Response::Raft(_) => Ok(()),
-            Response::Hello { cert } => check_cert(cert),
             Response::Policy { digest, bundle, .. } => {
                 check_digest(digest)?;
                 bundle.as_ref().map_or(Ok(()), |b| Ok(b.check_layout()?))
@@ -438,12 +466,16 @@ mod tests {
             e.to_string(),
             format!("too many hashes ({})", MAX_ENTRIES + 1)
         );
-        let e = Request::Hello {
+        let e = Hello {
             cert: bytes::Bytes::new(),
         }
         .validate()
         .expect_err("empty");
         assert_eq!(e, CheckError::CertSize(0));
+        let e = Verdict::Refused("x".repeat(MAX_REASON + 1))
+            .validate()
+            .expect_err("too long");
+        assert_eq!(e, CheckError::ReasonSize(MAX_REASON + 1));
         let e = Request::Peer(PeerRequest::Policy { have: "xy".into() })
             .validate()
             .expect_err("short");

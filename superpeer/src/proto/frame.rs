@@ -1,13 +1,10 @@
-//! Frames: CBOR messages behind a 4-byte big-endian length, the request-response codec, and
-//! the headers of queue-data and image streams.
+//! Frames: CBOR messages behind a 4-byte big-endian length, the messages of the certificate
+//! exchange, and the headers of queue-data and image streams.
 
 use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
-
-use super::{Request, Response};
 
 /// Asks a node for an image's bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,8 +26,32 @@ pub struct ImageHeader {
 /// The largest control frame by default (a submission carries its modules).
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// The largest certificate a `Hello` may carry.
+/// The largest certificate a [`Hello`] may carry.
 pub const MAX_CERT: usize = 16 << 10;
+
+/// The largest frame of the certificate exchange: all that is read from a peer before its
+/// certificate has passed.
+pub const MAX_HELLO: usize = 64 << 10;
+
+/// The longest reason a [`Verdict`] may give.
+pub const MAX_REASON: usize = 4 << 10;
+
+/// What each side of a new connection sends on the stream it opens ([`super::HELLO_PROTOCOL`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's certificate (DER).
+    pub cert: bytes::Bytes,
+}
+
+/// The answer to a [`Hello`]: whether the receiver takes the certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// It passed: the receiver now serves the sender's streams.
+    Passed,
+    /// It is refused, and why; the receiver closes the connection.
+    Refused(String),
+}
 
 /// The first bytes of a queue-data stream: which remote channel it carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,69 +146,10 @@ pub(crate) fn encode_after<T: Serialize>(head: usize, msg: &T, max: usize) -> io
     Ok(buf)
 }
 
-/// The request-response codec: CBOR frames with a size limit.
-#[derive(Debug, Clone, Copy)]
-pub struct Codec {
-    /// The largest frame read or written.
-    pub max_frame: usize,
-}
-
-impl Default for Codec {
-    fn default() -> Self {
-        Codec {
-            max_frame: MAX_FRAME,
-        }
-    }
-}
-
-impl libp2p::request_response::Codec for Codec {
-    type Protocol = StreamProtocol;
-    type Request = Request;
-    type Response = Response;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Request>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io, self.max_frame).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io, self.max_frame).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Request,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &req, self.max_frame).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Response,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &res, self.max_frame).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::BrokerRequest;
+    use crate::proto::{BrokerRequest, Request};
 
     #[test]
     fn frames_round_trip_and_oversized_or_garbage_frames_are_errors() {

@@ -1,7 +1,8 @@
 //! The control protocol: requests and responses between clients, super-peers and nodes.
 //!
-//! One request-response protocol, [`PROTOCOL`], carries every control message. Messages are
-//! CBOR in a frame of a 4-byte big-endian length; a frame larger than the reader's limit is
+//! Control streams, [`RPC_PROTOCOL`], carry every control message between peers whose
+//! certificates have passed on [`HELLO_PROTOCOL`] (see the `net` and `rpc` modules). Messages
+//! are CBOR in a frame with its length first; a frame larger than the reader's limit is
 //! refused before it is read. The protocol id carries the version: a peer speaking another
 //! version fails negotiation instead of misreading messages. Every message is checked by
 //! [`Request::validate`] / [`Response::validate`] before it is acted on: bounded strings and
@@ -10,7 +11,7 @@
 //!
 //! - `job`: jobs as submitted, placed, reported and seen.
 //! - `group`: nodes, members and groups.
-//! - `frame`: frames, the request-response codec, and the stream headers.
+//! - `frame`: frames, the hello messages, and the stream headers.
 //! - `check`: the checks of every message.
 //! - `failure`: why a request failed, and the class of failure of every error that can reach
 //!   the wire.
@@ -33,12 +34,13 @@ pub use frame::*;
 pub use group::*;
 pub use job::*;
 
-/// The control protocol's id (and version).
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/control/2");
+/// The certificate exchange on every new connection: each side opens one stream, sends a
+/// [`Hello`] and reads the other's [`Verdict`] on it (see the `net` module).
+pub const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/hello/1");
 
-/// Control streams: requests and answers between peers that have passed each other's `Hello`,
-/// many on one stream (see the `rpc` module); the same messages as [`PROTOCOL`].
-pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/2");
+/// Control streams: every request and answer between peers whose certificates have passed,
+/// many on one stream (see the `rpc` module).
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/3");
 
 /// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]); its number
 /// follows the queue layer's frame version.
@@ -52,11 +54,6 @@ pub const IMAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/image/1");
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Request {
-    /// Anyone → anyone, first on a connection: the sender's certificate (DER).
-    Hello {
-        /// The certificate.
-        cert: Bytes,
-    },
     /// Anyone → any daemon: the group as this daemon sees it.
     Group,
     /// Anyone → any daemon: which super-peer leads the group, as this daemon knows it; the
@@ -208,11 +205,6 @@ pub enum RaftRpc {
 pub enum Response {
     /// Done.
     Ok,
-    /// The answer to a `Hello`: the receiver's certificate (DER).
-    Hello {
-        /// The certificate.
-        cert: Bytes,
-    },
     /// The request failed.
     Error(Failure),
     /// The hashes the broker lacks.

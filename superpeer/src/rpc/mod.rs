@@ -1,18 +1,17 @@
 //! Control streams: one long-lived libp2p stream from a daemon to each authenticated peer it
-//! sends requests to, carrying many requests and their answers at once.
+//! sends requests to, carrying every request to that peer and its answer, many at once.
 //!
-//! libp2p's request-response protocol opens a yamux stream per request: the stream's opening,
-//! its protocol, the request and its close, then the answer and its close, most of them a yamux
-//! frame, a noise message and a `send` of their own, and two timers on the global timer thread
-//! (one for the stream's negotiation, one for the request) on each side, each waking that
-//! thread when made and again when dropped. A control stream carries a request as one frame and
-//! its answer as one frame, and frames that are ready together go out in one write.
+//! The one control transport. (libp2p's request-response protocol, used before, opened a yamux
+//! stream per request: the stream's opening, its protocol, the request and its close, then the
+//! answer and its close, most of them a yamux frame, a noise message and a `send` of their
+//! own, and two timers on each side.) A control stream carries a request as one frame and its
+//! answer as one frame, and frames that are ready together go out in one write.
 //!
-//! The first request to a peer still goes by request-response: it is where the peer's `Hello`
-//! (its certificate) passes, and a control stream is opened only to a peer that has passed. Its
-//! acceptor takes it only from a peer that has passed too, on the same connection: the stream
-//! dies with the connection, and so does the identity. Answers come back on the stream of
-//! their request, matched by id.
+//! A stream is opened only to a peer with which both certificates have passed on a connection
+//! (see the `net` module), by the first request to it; requests made meanwhile wait for that
+//! opening. Its acceptor gets it through [`crate::net::Net::accept`], which drops unread the
+//! streams of peers that have not passed: the stream dies with the connection, and so does the
+//! identity. Answers come back on the stream of their request, matched by id.
 //!
 //! Frame: `len` (u32, big-endian; of what follows), `id` (u64, big-endian), the CBOR message.
 
@@ -20,11 +19,13 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use futures::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use libp2p::{PeerId, Stream};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
@@ -41,7 +42,7 @@ const BATCH: usize = 256 << 10;
 const QUEUED: usize = 1024;
 
 /// Encodes one frame.
-fn encode<T: Serialize>(id: u64, msg: &T, max: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn encode<T: Serialize>(id: u64, msg: &T, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = proto::encode_after(12, msg, max)?;
     let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
     buf[..4].copy_from_slice(&len.to_be_bytes());
@@ -98,7 +99,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, String>>>>>;
 
 /// One outbound control stream.
-struct Link {
+pub(crate) struct Link {
     frames: mpsc::Sender<Vec<u8>>,
     pending: Pending,
 }
@@ -117,26 +118,26 @@ impl Link {
 pub(crate) enum Sent {
     /// It went: the answer, or why none came.
     Done(Result<Response, NetError>),
-    /// There is no usable stream to the peer: send it another way.
+    /// The stream had closed before the request went on it: it may go on a new one.
     NotSent(Request),
 }
 
+/// Whoever waits for a control stream being opened.
+type Opener = oneshot::Sender<Result<Arc<Link>, String>>;
+
 /// Where a daemon stands with its control stream to one peer.
 enum Slot {
-    /// Being opened: requests go by request-response meanwhile.
-    Opening,
+    /// Being opened, with the requests that wait for it.
+    Opening(Vec<Opener>),
     /// Open, and taken by the acceptor.
     Open(Arc<Link>),
-    /// Refused or failed to open: not tried again before then.
-    Failed(Instant),
 }
 
-/// How long after a failed opening a stream to the same peer is tried again.
-const RETRY_AFTER: Duration = Duration::from_secs(10);
-
-/// How long an acceptor waits for the opener's `Hello` to pass (the stream can arrive just
-/// before the swarm task has taken in the answer to that `Hello`).
-const PASS_WAIT: Duration = Duration::from_secs(2);
+/// How many times a control stream that the acceptor dropped unread is opened again (20 ms
+/// later, then twice as long each time: 1.3 s in all). An acceptor drops the streams that
+/// arrive while it is taking one in (libp2p-stream queues none): a burst of nodes at a
+/// super-peer.
+const OPEN_RETRIES: u32 = 6;
 
 /// The outbound control streams of a daemon, by peer.
 pub(crate) struct Links {
@@ -160,34 +161,54 @@ impl Links {
         })
     }
 
-    /// Sends `request` on the stream to `peer` if there is one; if there is none, starts
-    /// opening one (when `can_open` says the peer has passed) for later requests.
-    pub(crate) async fn request(
+    /// The open stream to `peer`, if there is one.
+    pub(crate) fn get(&self, peer: &PeerId) -> Option<Arc<Link>> {
+        match self.slots.lock().get(peer) {
+            Some(Slot::Open(l)) => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    /// The stream to `peer` (which must have passed), opening it unless it is open or being
+    /// opened already.
+    ///
+    /// # Errors
+    /// The stream cannot be opened, or the peer's acceptor does not take it.
+    pub(crate) async fn open(
         self: &Arc<Self>,
         peer: PeerId,
-        request: Request,
-        can_open: impl FnOnce() -> bool,
         control: &libp2p_stream::Control,
-    ) -> Sent {
-        let link = {
+    ) -> Result<Arc<Link>, NetError> {
+        let (tx, rx) = oneshot::channel();
+        {
             let mut slots = self.slots.lock();
-            match slots.get(&peer) {
-                Some(Slot::Open(l)) => Some(l.clone()),
-                Some(Slot::Opening) => None,
-                Some(Slot::Failed(until)) if Instant::now() < *until => None,
-                _ => {
-                    if can_open() {
-                        slots.insert(peer, Slot::Opening);
-                        let (links, control) = (self.clone(), control.clone());
-                        tokio::spawn(async move { links.open(peer, control).await });
-                    }
-                    None
+            match slots.get_mut(&peer) {
+                Some(Slot::Open(l)) => return Ok(l.clone()),
+                Some(Slot::Opening(waiting)) => waiting.push(tx),
+                None => {
+                    slots.insert(peer, Slot::Opening(vec![tx]));
+                    let (links, control) = (self.clone(), control.clone());
+                    tokio::spawn(async move { links.run(peer, control).await });
                 }
             }
-        };
-        let Some(link) = link else {
-            return Sent::NotSent(request);
-        };
+        }
+        let error = |message: String| NetError { peer, message };
+        match rx.await {
+            Ok(r) => r.map_err(|e| error(format!("no control stream: {e}"))),
+            Err(_) => Err(error("no control stream: its opening was abandoned".into())),
+        }
+    }
+
+    /// Forgets `link` as the stream to `peer` (it has closed).
+    pub(crate) fn forget(&self, peer: &PeerId, link: &Arc<Link>) {
+        let mut slots = self.slots.lock();
+        if matches!(slots.get(peer), Some(Slot::Open(l)) if Arc::ptr_eq(l, link)) {
+            slots.remove(peer);
+        }
+    }
+
+    /// Sends `request` on `link`, the stream to `peer`, and waits for the answer.
+    pub(crate) async fn send(&self, peer: PeerId, link: &Arc<Link>, request: Request) -> Sent {
         let error = |message: String| NetError { peer, message };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = match encode(id, &request, self.max_frame) {
@@ -230,33 +251,32 @@ impl Links {
     }
 
     /// Opens the stream to `peer` and serves it until it fails. Requests go on it only once
-    /// the acceptor has said it took it (an `Ok` of id 0); until then they go by
-    /// request-response, and a stream that is refused or fails to open is tried again only
-    /// after [`RETRY_AFTER`].
-    async fn open(self: Arc<Self>, peer: PeerId, mut control: libp2p_stream::Control) {
-        let opened = tokio::time::timeout(self.timeout, async {
-            let stream = control
-                .open_stream(peer, proto::RPC_PROTOCOL)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (r, w) = stream.split();
-            let mut r = BufReader::new(r);
-            match read::<Response, _>(&mut r, self.max_frame).await {
-                Ok(Some((0, Response::Ok))) => Ok((r, w)),
-                Ok(Some(_)) => Err("the acceptor's first frame is not its Ok".to_owned()),
-                Ok(None) => Err("the acceptor closed it".to_owned()),
-                Err(e) => Err(e.to_string()),
+    /// the acceptor has said it took it (an `Ok` of id 0): one that does not take it has read
+    /// no request. Whoever waits for the opening hears how it went.
+    async fn run(self: Arc<Self>, peer: PeerId, mut control: libp2p_stream::Control) {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut tries = 0;
+        let opened = loop {
+            let taken = tokio::time::timeout_at(deadline, self.take(peer, &mut control)).await;
+            match taken {
+                Ok(Err((e, true))) if tries < OPEN_RETRIES => {
+                    tracing::debug!(%peer, error = %e, tries, "control stream not taken; again");
+                    tokio::time::sleep(Duration::from_millis(20 << tries)).await;
+                    tries += 1;
+                }
+                Ok(r) => break r.map_err(|(e, _)| e),
+                Err(_) => break Err("timed out".to_owned()),
             }
-        })
-        .await
-        .unwrap_or_else(|_| Err("timed out".to_owned()));
+        };
         let (mut r, w) = match opened {
             Ok(halves) => halves,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no control stream");
-                self.slots
-                    .lock()
-                    .insert(peer, Slot::Failed(Instant::now() + RETRY_AFTER));
+                if let Some(Slot::Opening(waiting)) = self.slots.lock().remove(&peer) {
+                    for tx in waiting {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
                 return;
             }
         };
@@ -265,7 +285,12 @@ impl Links {
             frames,
             pending: Mutex::new(Some(HashMap::new())),
         });
-        self.slots.lock().insert(peer, Slot::Open(link.clone()));
+        let waiting = self.slots.lock().insert(peer, Slot::Open(link.clone()));
+        if let Some(Slot::Opening(waiting)) = waiting {
+            for tx in waiting {
+                let _ = tx.send(Ok(link.clone()));
+            }
+        }
         let mut writer = tokio::spawn(write_frames(w, rx));
         let reader = async {
             loop {
@@ -289,14 +314,30 @@ impl Links {
             },
         };
         tracing::debug!(%peer, %why, "control stream ended");
-        {
-            let mut slots = self.slots.lock();
-            if matches!(slots.get(&peer), Some(Slot::Open(l)) if Arc::ptr_eq(l, &link)) {
-                slots.remove(&peer);
-            }
-        }
+        self.forget(&peer, &link);
         link.fail(&why);
         writer.abort();
+    }
+
+    /// Opens a stream to `peer` and waits for the acceptor's `Ok`; an error says whether the
+    /// stream was dropped before anything was read from it (it may be opened again).
+    async fn take(
+        &self,
+        peer: PeerId,
+        control: &mut libp2p_stream::Control,
+    ) -> Result<(BufReader<ReadHalf<Stream>>, WriteHalf<Stream>), (String, bool)> {
+        let stream = control
+            .open_stream(peer, proto::RPC_PROTOCOL)
+            .await
+            .map_err(|e| (e.to_string(), false))?;
+        let (r, w) = stream.split();
+        let mut r = BufReader::new(r);
+        match read::<Response, _>(&mut r, self.max_frame).await {
+            Ok(Some((0, Response::Ok))) => Ok((r, w)),
+            Ok(Some(_)) => Err(("the acceptor's first frame is not its Ok".to_owned(), false)),
+            Ok(None) => Err(("the acceptor dropped it".to_owned(), true)),
+            Err(e) => Err((e.to_string(), e.kind() != io::ErrorKind::InvalidData)),
+        }
     }
 
     /// Ends the stream to `peer`, if any (the peer is lost).
@@ -307,34 +348,17 @@ impl Links {
     }
 }
 
-/// Accepts control streams from peers that have passed, and hands their requests to the
-/// daemon as [`Inbound`]s, whose answers go back on the same stream.
+/// Serves the control streams `incoming` gives (those of peers that have passed, from
+/// [`crate::net::Net::accept`]), handing their requests to the daemon as [`Inbound`]s, whose
+/// answers go back on the same stream.
 pub(crate) async fn accept(
-    mut control: libp2p_stream::Control,
-    verified: Arc<RwLock<HashMap<PeerId, Principal>>>,
+    mut incoming: impl futures::Stream<Item = (PeerId, Principal, Stream)> + Unpin,
     inbound: mpsc::Sender<Inbound>,
     max_frame: usize,
 ) {
-    let Ok(mut incoming) = control.accept(proto::RPC_PROTOCOL) else {
-        tracing::error!("the control stream protocol is already being accepted");
-        return;
-    };
-    while let Some((peer, stream)) = futures::StreamExt::next(&mut incoming).await {
-        let (verified, inbound) = (verified.clone(), inbound.clone());
-        tokio::spawn(async move {
-            let deadline = Instant::now() + PASS_WAIT;
-            let principal = loop {
-                if let Some(p) = verified.read().get(&peer).cloned() {
-                    break p;
-                }
-                if Instant::now() >= deadline {
-                    tracing::warn!(%peer, "a control stream from an unauthenticated peer; dropped");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            };
-            serve(peer, principal, stream, inbound, max_frame).await;
-        });
+    while let Some((peer, principal, stream)) = futures::StreamExt::next(&mut incoming).await {
+        let inbound = inbound.clone();
+        tokio::spawn(serve(peer, principal, stream, inbound, max_frame));
     }
 }
 
@@ -364,11 +388,6 @@ async fn serve(
                 break;
             }
         };
-        if matches!(request, Request::Hello { .. }) {
-            let f = Failure::new(FailureKind::Input, "a Hello goes by request-response");
-            answer(id, Response::Error(f)).await;
-            continue;
-        }
         if let Some(f) = net::invalid(&peer, &request) {
             answer(id, Response::Error(f)).await;
             continue;
@@ -377,7 +396,7 @@ async fn serve(
             peer,
             principal.clone(),
             request,
-            Reply::Stream {
+            Reply {
                 id,
                 frames: frames.clone(),
                 max_frame,

@@ -27,8 +27,8 @@ use crate::exit::Failure;
 const START_AT_ONCE: usize = 50;
 /// Vertex slots of each node.
 const SLOTS: u32 = 2;
-/// How long after the last node has started the hold begins: longer than a node waits before
-/// it opens a refused control stream again (10 s).
+/// How long after the last node has started the hold begins: for every node's heartbeats to
+/// settle (a control stream dropped in a burst is opened again within about a second).
 const SETTLE: Duration = Duration::from_secs(11);
 /// How often the monitor asks the leader for the group.
 const POLL: Duration = Duration::from_millis(500);
@@ -442,9 +442,9 @@ async fn lab(
     let watcher = tokio::spawn(monitor(client.clone(), stop_rx));
     // Heartbeats alone, for as long as a silent node takes to be lost.
     let node_daemons = &daemons[superpeers as usize..];
-    // A node whose control stream the leader dropped (a burst of them arrives faster than it
-    // takes them in) sends by request-response, which is not counted, and tries again after
-    // 10 s: the hold starts once every node has had the chance.
+    // Heartbeats settle first: a node whose control stream the leader dropped (a burst of them
+    // arrives faster than it takes them in) opens it again within about a second, and nodes
+    // that registered late catch up: the hold starts once every node has had the chance.
     tokio::time::sleep_until((t0 + Duration::from_secs_f64(started_secs) + SETTLE).into()).await;
     let (cpu, requests, t) = (cpu_secs(), node_requests(node_daemons), Instant::now());
     tokio::time::sleep(defaults.lost_after).await;
