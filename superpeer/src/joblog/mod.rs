@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use crate::net::Net;
 use crate::proto::{Failure, FailureKind, RaftRpc, Response};
 
+mod command;
 mod machine;
 mod network;
 mod propose;

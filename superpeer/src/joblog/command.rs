@@ -1,0 +1,170 @@
+//! The commands that change the control state (one entry of the job log each), what applying
+//! one gives, and why one is refused.
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use super::state::{Ended, JobRecord, PartRecord};
+use crate::proto::{JobState, Traffic};
+
+/// A change to the control state: one entry of the job log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A job passed admission: it waits (`Pending`, no parts) or is placed (`Preparing`, or
+    /// `Running` when its one part started as it was prepared).
+    Submit(Box<JobRecord>),
+    /// A pending job is placed.
+    Place {
+        /// The job.
+        job: String,
+        /// Where.
+        parts: Vec<PartRecord>,
+    },
+    /// Every part is prepared: the job runs.
+    Start {
+        /// The job.
+        job: String,
+    },
+    /// A part ended well (of a job preparing or running); the last one ends the job `Done`.
+    PartDone {
+        /// The job.
+        job: String,
+        /// The node.
+        node: PeerId,
+        /// Its vertices' outputs.
+        outputs: Vec<(String, bytes::Bytes)>,
+        /// Its traffic.
+        traffic: Vec<Traffic>,
+        /// When, milliseconds since the Unix epoch (the leader's clock).
+        at_ms: u64,
+    },
+    /// The job ended (`Done`, `Failed`, `Refused`, `Cancelled`).
+    End {
+        /// The job.
+        job: String,
+        /// Its final state.
+        state: JobState,
+        /// When and why.
+        ended: Ended,
+    },
+    /// A pending job is held back from placement (`true`) or released (`false`).
+    Hold {
+        /// The job.
+        job: String,
+        /// Held or released.
+        held: bool,
+    },
+    /// Commands proposed at once, applied in order as one entry (each as it would be alone).
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// The jobs it is about.
+    pub fn jobs(&self) -> Vec<&str> {
+        match self {
+            Command::Submit(j) => vec![&j.id],
+            Command::Place { job, .. }
+            | Command::Start { job }
+            | Command::PartDone { job, .. }
+            | Command::End { job, .. }
+            | Command::Hold { job, .. } => vec![job],
+            Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
+        }
+    }
+}
+
+/// What applying a command gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// The state changed.
+    Done,
+    /// Nothing changed, and why.
+    Refused(CommandError),
+    /// What each command of a batch gave, in order.
+    Batch(Vec<Applied>),
+}
+
+/// Why the log refuses a command: it does not fit the state of its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    /// The log holds no such job (never submitted, or forgotten long after it ended).
+    #[error("no job {0}")]
+    NoJob(String),
+    /// The job has ended already.
+    #[error("job {job} has ended ({state:?})")]
+    Ended {
+        /// The job.
+        job: String,
+        /// How it ended.
+        state: JobState,
+    },
+    /// A job is submitted again.
+    #[error("job {0} exists already")]
+    Exists(String),
+    /// A job is submitted in a state it cannot start in.
+    #[error(
+        "job {job}: a job is submitted pending (with its submission), or preparing or running \
+         (with its parts), not {state:?}"
+    )]
+    Submitted {
+        /// The job.
+        job: String,
+        /// The state it came in.
+        state: JobState,
+    },
+    /// A placement of a job that is not pending.
+    #[error("job {0} is not pending")]
+    NotPending(String),
+    /// A start of a job that is not preparing.
+    #[error("job {0} is not preparing")]
+    NotPreparing(String),
+    /// A placement without parts.
+    #[error("job {0}: a placement needs a part")]
+    NoParts(String),
+    /// A part's report for a job that has no parts yet.
+    #[error("job {0} is pending: it has no parts yet")]
+    NoPartsYet(String),
+    /// A report from a node that runs no part of the job.
+    #[error("{node} runs no part of job {job}")]
+    NotAPart {
+        /// The job.
+        job: String,
+        /// The node.
+        node: PeerId,
+    },
+    /// A second report of one part.
+    #[error("{node} has already reported its part of job {job}")]
+    Reported {
+        /// The job.
+        job: String,
+        /// The node.
+        node: PeerId,
+    },
+    /// A hold or release of a job that is not pending.
+    #[error("job {job} is {state:?}: only a pending job can be held or released")]
+    HoldNotPending {
+        /// The job.
+        job: String,
+        /// Its state.
+        state: JobState,
+    },
+    /// A hold of a held job, or a release of one not held.
+    #[error("job {job} is already {}", if *held { "held" } else { "not held" })]
+    AlreadyHeld {
+        /// The job.
+        job: String,
+        /// Whether it is held.
+        held: bool,
+    },
+    /// An end in a state that is not final.
+    #[error("job {job}: {state:?} is not an end")]
+    NotAnEnd {
+        /// The job.
+        job: String,
+        /// The state asked for.
+        state: JobState,
+    },
+    /// A batch inside a batch.
+    #[error("a batch inside a batch")]
+    NestedBatch,
+}
