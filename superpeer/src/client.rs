@@ -1,6 +1,6 @@
 //! A client of a super-peer: what `mvm submit`, `status` and `cancel` use.
 
-use crate::proto::ClientRequest;
+use crate::proto::{ClientRequest, VmMode};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -92,7 +92,11 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 arch: r.arch.clone(),
                 rank: r.rank.clone(),
                 nodes: r.nodes,
-                vm_mode: r.vm_mode.map(|m| m.as_str().to_owned()),
+                vm_mode: r.vm_mode.map(|m| match m {
+                    mvm_component::profile::VmMode::Persistent => VmMode::Persistent,
+                    mvm_component::profile::VmMode::SaveRestore => VmMode::SaveRestore,
+                    mvm_component::profile::VmMode::StopStart => VmMode::StopStart,
+                }),
             },
             on_behalf: None,
             hops: 0,

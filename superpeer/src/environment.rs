@@ -110,11 +110,7 @@ impl NodeOs {
                 .ok_or_else(|| EnvError::NotAnId(env.image.clone()))?;
             self.repo.resolve(name, version)?
         };
-        let mode = match env.mode.as_str() {
-            "persistent" => VmMode::Persistent,
-            "save-restore" => VmMode::SaveRestore,
-            _ => VmMode::StopStart,
-        };
+        let mode = env.mode;
         let request = |name: String| GuestRequest {
             name,
             storage: StorageSpec {
@@ -139,7 +135,10 @@ impl NodeOs {
             VmMode::Persistent | VmMode::SaveRestore => {
                 let key = short(&format!(
                     "{}-{}-{}-{}",
-                    image.digest, env.vcpus, env.memory_mib, env.mode
+                    image.digest,
+                    env.vcpus,
+                    env.memory_mib,
+                    env.mode.as_str()
                 ));
                 let mut got = Err(EnvError::InUse);
                 for slot in 0..16 {

@@ -8,7 +8,7 @@ use mvm_component::topology::{Topology, Vertex};
 use super::core::Core;
 use super::place::Checked;
 use crate::joblog::state::PartRecord;
-use crate::proto::{EnvSpec, Member, PartSpec, Submission};
+use crate::proto::{EnvSpec, Member, PartSpec, Submission, VmMode};
 use crate::schedule::{self, Candidate, ScheduleError};
 
 /// Why a job cannot be placed in this group now.
@@ -118,7 +118,7 @@ impl Core {
                 memory_mib: r
                     .memory_bytes
                     .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
-                mode: r.vm_mode.clone().unwrap_or_else(|| "stop-start".into()),
+                mode: r.vm_mode.unwrap_or(VmMode::StopStart),
             });
         let policy_digest = self.site.policies.current().digest.clone();
         plan.peers

@@ -6,7 +6,7 @@ use mvm_component::policy::{BundleError, Principal};
 
 use super::{
     BrokerRequest, ClientRequest, Hello, MAX_CERT, MAX_REASON, NodeRequest, PeerRequest, Request,
-    Response, VM_MODES, Verdict,
+    Response, Verdict,
 };
 
 /// Why a message is refused: its first bad field.
@@ -44,9 +44,6 @@ pub enum CheckError {
         /// How many there are.
         count: usize,
     },
-    /// A VM mode not in [`VM_MODES`].
-    #[error("unknown VM mode '{0}'")]
-    VmMode(String),
     /// A part spec for a part that is not in its list of parts.
     #[error("part {here} does not exist ({parts} parts)")]
     NoSuchPart {
@@ -140,14 +137,6 @@ pub(super) fn check_len(field: &'static str, count: usize) -> Result<(), CheckEr
     Ok(())
 }
 
-fn check_mode(mode: &str) -> Result<(), CheckError> {
-    if VM_MODES.contains(&mode) {
-        Ok(())
-    } else {
-        Err(CheckError::VmMode(mode.to_owned()))
-    }
-}
-
 pub(super) fn check_params(p: &BTreeMap<String, String>) -> Result<(), CheckError> {
     check_len("parameters", p.len())?;
     p.keys().try_for_each(|k| check_name("a parameter name", k))
@@ -225,9 +214,6 @@ impl ClientRequest {
                 check_name("the topology file name", &s.topology_file)?;
                 check_components(&s.components)?;
                 check_len("modules", s.modules.len())?;
-                if let Some(m) = &s.requirements.vm_mode {
-                    check_mode(m)?;
-                }
                 check_params(&s.parameters)
             }
             ClientRequest::Status { job } => job.as_deref().map_or(Ok(()), check_job_id),
@@ -291,7 +277,6 @@ impl BrokerRequest {
                 }
                 if let Some(e) = &p.environment {
                     check_len("image id bytes", e.image.len())?;
-                    check_mode(&e.mode)?;
                 }
                 Ok(())
             }
@@ -420,20 +405,14 @@ mod tests {
         .expect_err("here out of range");
         assert_eq!(e, CheckError::NoSuchPart { here: 2, parts: 2 });
         assert!(e.to_string().contains("does not exist"), "{e}");
-        let e = BrokerRequest::Prepare(Box::new(PartSpec {
-            placement: vec![0],
-            environment: Some(EnvSpec {
-                image: "env:1".into(),
-                vcpus: 1,
-                memory_mib: 64,
-                mode: "forever".into(),
-            }),
-            ..part
-        }))
-        .validate()
-        .expect_err("bad VM mode");
-        assert_eq!(e, CheckError::VmMode("forever".into()));
+        // A VM mode is one of three, or the message does not parse.
+        let env = |mode: &str| {
+            format!(r#"{{"image":"env:1","vcpus":1,"memory_mib":64,"mode":"{mode}"}}"#)
+        };
+        let e = serde_json::from_str::<EnvSpec>(&env("forever")).expect_err("bad VM mode");
         assert!(e.to_string().contains("forever"), "{e}");
+        let ok: EnvSpec = serde_json::from_str(&env("save-restore")).expect("a VM mode");
+        assert_eq!(ok.mode, crate::proto::VmMode::SaveRestore);
     }
 
     #[test]

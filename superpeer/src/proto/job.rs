@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use mvm_component::policy::Principal;
+pub use mvm_os::provision::VmMode;
 use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
@@ -109,10 +110,9 @@ pub struct Requirements {
     pub rank: Option<String>,
     /// The most nodes to spread the vertices over.
     pub nodes: Option<u32>,
-    /// How guests of `image` are used across jobs: `persistent`, `save-restore` or
-    /// `stop-start` (the default).
+    /// How guests of `image` are used across jobs (`stop-start` when not given).
     #[serde(default)]
-    pub vm_mode: Option<String>,
+    pub vm_mode: Option<VmMode>,
 }
 
 /// The execution environment a node ensures before its part of a job runs.
@@ -124,12 +124,9 @@ pub struct EnvSpec {
     pub vcpus: u32,
     /// Memory of the guest, MiB.
     pub memory_mib: u32,
-    /// `persistent`, `save-restore` or `stop-start`.
-    pub mode: String,
+    /// How the guest is used across jobs.
+    pub mode: VmMode,
 }
-
-/// The VM modes a profile may name.
-pub const VM_MODES: [&str; 3] = ["persistent", "save-restore", "stop-start"];
 
 /// A node's part of a job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
