@@ -190,6 +190,9 @@ pub(super) enum Phase {
         finished: Vec<(PeerId, PartReport)>,
         refused: Option<(PeerId, Failure)>,
     },
+    /// Every part is prepared; its start (with the ends of parts that ended within their
+    /// prepare) is on its way to the log.
+    Starting,
 }
 
 /// The broker's state beside the log.
@@ -206,7 +209,7 @@ pub(super) struct Core {
     pub(super) drives: HashMap<String, Drive>,
     /// Jobs placed by this broker (the last part of a job id).
     pub(super) seq: u64,
-    /// Whether this broker led the log at its last tick.
+    /// Whether this broker led the log at its last input.
     pub(super) leading: bool,
     /// The replicas to start the job log with, and since when, if no other replica has
     /// started it by [`super::FOUNDING_WAIT`].
@@ -241,6 +244,9 @@ impl Core {
     /// Takes `input` at `now`; what to do about it.
     pub(super) fn on(&mut self, now: Instant, input: Input) -> Vec<Effect> {
         let mut out = Vec::new();
+        // A replica that has just come to lead takes over before it acts on anything: a
+        // request may reach it before its next tick does.
+        self.lead(&mut out, now);
         match input {
             Input::Submit {
                 reply,

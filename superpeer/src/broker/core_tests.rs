@@ -397,3 +397,50 @@ async fn a_job_that_does_not_fit_now_waits_holding_nothing_and_is_placed_when_a_
     assert_eq!(placed_on, vec![n2]);
     assert_eq!(b.state(&st.job).map(|s| s.0), Some(JobState::Preparing));
 }
+
+#[tokio::test]
+async fn a_takeover_noticed_late_leaves_alone_a_job_whose_start_is_on_its_way() {
+    let mut b = bench().await;
+    b.node("n0", 4);
+    b.node("n1", 4);
+    let (effects, mut rx) = b.submit(&jobs::ring("two", 1, Some(2), 0));
+    let effects = reply_now(b.settle(effects).await);
+    let job = submitted(&mut rx).job;
+    // Every part answers its prepare: the start goes to the log.
+    let mut start = Vec::new();
+    for (peer, _, then) in sends(effects) {
+        start.extend(b.on(Input::Answered {
+            then,
+            peer,
+            answer: Ok(Response::Ok),
+        }));
+    }
+    assert!(
+        matches!(
+            &start[..],
+            [Effect::Record {
+                then: Then::StartRecorded { .. },
+                ..
+            }]
+        ),
+        "the start is recorded once every part is prepared"
+    );
+    // Before that entry is applied, this replica notices (late) that it leads: the job is
+    // still `preparing` in the log, but it is this broker's own, not one a lost leader left.
+    b.core.leading = false;
+    let tick = b.on(Input::Tick);
+    assert!(
+        !tick.iter().any(|e| matches!(
+            e,
+            Effect::Record {
+                command: Command::End { .. },
+                ..
+            }
+        )),
+        "the job is not ended"
+    );
+    let effects = b.settle(start).await;
+    let starts = sends(effects);
+    assert_eq!(starts.len(), 2, "both parts are started");
+    assert_eq!(b.state(&job).map(|s| s.0), Some(JobState::Running));
+}

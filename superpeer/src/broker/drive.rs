@@ -174,7 +174,9 @@ impl Core {
         if *awaited > 0 {
             return;
         }
-        let Some(drive) = self.drives.remove(job) else {
+        // The job stays driven until its start is recorded: a takeover meanwhile must not
+        // take it for one the last leader left half-prepared.
+        let Some(drive) = self.drives.get_mut(job) else {
             return;
         };
         let Phase::Preparing {
@@ -182,11 +184,12 @@ impl Core {
             finished,
             refused,
             ..
-        } = drive.phase
+        } = std::mem::replace(&mut drive.phase, Phase::Starting)
         else {
             return;
         };
         if let Some((peer, f)) = refused {
+            self.drives.remove(job);
             let (state, ended) = refusal_end(&self.members.label(&peer), &f);
             self.end(out, job, state, ended);
             return;
@@ -212,6 +215,7 @@ impl Core {
     /// The start of a job was recorded: its parts are told to start (a single part started
     /// when it was prepared).
     pub(super) fn start_recorded(&mut self, out: &mut Vec<Effect>, job: &str, peers: Vec<PeerId>) {
+        self.drives.remove(job);
         let running = self
             .log
             .read(|s| s.job(job).is_some_and(|j| j.state == JobState::Running));

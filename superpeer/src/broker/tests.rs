@@ -83,7 +83,7 @@ async fn a_leader_stopped_mid_job_is_replaced_and_the_job_completes_with_the_his
     let mut lab = Lab::start(3, &[8, 8]).await;
     let c = lab.client().await;
     let first = finished(&c, &ring("first", 100, None, 0)).await;
-    assert_eq!(first.state, JobState::Done);
+    assert_eq!(first.state, JobState::Done, "{first:?}");
     let hops = 300_000;
     let s = c
         .submit(&ring("long", hops, Some(2), 0))

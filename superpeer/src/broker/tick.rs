@@ -15,13 +15,8 @@ impl Core {
     /// parts gone from their nodes, and places pending jobs that fit now.
     pub(super) fn tick(&mut self, out: &mut Vec<Effect>, now: Instant) {
         self.found(out, now);
-        let leading = self.log.is_leader();
-        let was = std::mem::replace(&mut self.leading, leading);
-        if !leading {
+        if !self.leading {
             return;
-        }
-        if !was {
-            self.take_over(out, now);
         }
         for effect in self.members.on(now, members::Input::Tick) {
             match effect {
@@ -48,6 +43,16 @@ impl Core {
             .lock()
             .retain(|id, _| pending.contains(id));
         self.place_pending(out);
+    }
+
+    /// Notices whether this replica leads the log now; one that has just come to lead takes
+    /// over.
+    pub(super) fn lead(&mut self, out: &mut Vec<Effect>, now: Instant) {
+        let leading = self.log.is_leader();
+        let was = std::mem::replace(&mut self.leading, leading);
+        if leading && !was {
+            self.take_over(out, now);
+        }
     }
 
     /// A node lost: the parts it holds fail, and its connections close.

@@ -52,14 +52,20 @@ pub(crate) async fn finished(c: &Client, job: &Prepared) -> JobStatus {
 /// Waits until `job`'s state passes `pred`.
 pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool) -> JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
     loop {
         if let Ok(mut v) = c.status(Some(job)).await
             && let Some(s) = v.pop()
-            && pred(s.state)
         {
-            return s;
+            if pred(s.state) {
+                return s;
+            }
+            last = Some(s);
         }
-        assert!(Instant::now() < deadline, "job {job} never got there");
+        assert!(
+            Instant::now() < deadline,
+            "job {job} never got there; last seen: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
