@@ -196,17 +196,6 @@ pub enum VmMode {
     StopStart,
 }
 
-impl VmMode {
-    /// The name profiles and messages use (`persistent`, `save-restore`, `stop-start`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmMode::Persistent => "persistent",
-            VmMode::SaveRestore => "save-restore",
-            VmMode::StopStart => "stop-start",
-        }
-    }
-}
-
 #[derive(Debug)]
 enum Held {
     /// Running; `busy` while a job has it.

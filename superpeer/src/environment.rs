@@ -134,11 +134,8 @@ impl NodeOs {
             // same needs finds them; a second job at once takes the next slot.
             VmMode::Persistent | VmMode::SaveRestore => {
                 let key = short(&format!(
-                    "{}-{}-{}-{}",
-                    image.digest,
-                    env.vcpus,
-                    env.memory_mib,
-                    env.mode.as_str()
+                    "{}-{}-{}-{:?}",
+                    image.digest, env.vcpus, env.memory_mib, env.mode
                 ));
                 let mut got = Err(EnvError::InUse);
                 for slot in 0..16 {
