@@ -42,7 +42,56 @@ enum Msg {
 const INPUTS: usize = 4096;
 
 /// How one remote channel ended, or why it failed.
-type LinkResult = Result<LinkDone, String>;
+type LinkResult = Result<LinkDone, ChannelError>;
+
+/// Why a remote channel failed: the channel (its vertex and port, and the peer at its other
+/// end) and what went wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("channel {} {vertex}:{port} {} {peer}: {problem}", if *out { "to" } else { "into" }, if *out { "on" } else { "from" })]
+pub(crate) struct ChannelError {
+    /// The destination vertex.
+    vertex: String,
+    /// Its input port.
+    port: String,
+    /// The peer at the other end.
+    peer: PeerId,
+    /// Whether this node sends (rather than receives) on it.
+    out: bool,
+    /// What went wrong.
+    problem: LinkProblem,
+}
+
+/// What went wrong on a remote channel.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkProblem {
+    /// The peer's certificate did not pass.
+    #[error("{0}")]
+    Authenticate(crate::net::NetError),
+    /// No stream could be opened (after retries).
+    #[error("cannot open a stream: {0}")]
+    Open(String),
+    /// The stream broke before the acceptor's acknowledgement.
+    #[error("the stream broke before it was acknowledged: {0}")]
+    Handshake(std::io::Error),
+    /// No acknowledgement came in time.
+    #[error("no acknowledgement within {0:?}")]
+    NoAck(std::time::Duration),
+    /// The acceptor expects no such channel.
+    #[error("the other node expects no such channel in job {job}")]
+    Unexpected {
+        /// The job.
+        job: String,
+    },
+    /// The direct link did not connect in time.
+    #[error("the direct link was not connected within {0:?}")]
+    NotConnected(std::time::Duration),
+    /// The direct-link listener went away.
+    #[error("the direct link listener went away")]
+    ListenerGone,
+    /// Items did not get through.
+    #[error("{0}")]
+    Transfer(String),
+}
 
 /// A remote channel that ended well.
 struct LinkDone {

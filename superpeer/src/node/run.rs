@@ -14,7 +14,7 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::parts::{Effect, Input, Launch};
 use super::streams::{Channel, open_channel, run_link};
-use super::{LinkDone, LinkResult, Msg, Node};
+use super::{ChannelError, LinkDone, LinkProblem, LinkResult, Msg, Node};
 use crate::proto::{
     ErrorKind, FailureKind, NodeRequest, PART_HOLD, PartReport, PartResult, Request, StreamHeader,
     Traffic, VertexFailure,
@@ -133,15 +133,13 @@ impl Node {
                 direct: self.links.is_some(),
             };
             let task = tasks.spawn(async move {
-                let r: LinkResult = async {
+                let (vertex, port) = (out.vertex.clone(), out.port.clone());
+                let r: Result<(bool, remote::Report), LinkProblem> = async {
                     // Streams from a peer whose certificate has not passed are dropped: exchange
                     // certificates first (this also makes the addresses known to the swarm).
                     net.authenticate(peer, &addrs)
                         .await
-                        .map_err(|e| e.to_string())?;
-                    let what = |e: &dyn std::fmt::Display| {
-                        format!("channel to {}:{} on {peer}: {e}", out.vertex, out.port)
-                    };
+                        .map_err(LinkProblem::Authenticate)?;
                     let channel = open_channel(&mut control, peer, &header).await?;
                     let direct = matches!(channel, Channel::Direct { .. });
                     let rep = match channel {
@@ -151,26 +149,34 @@ impl Node {
                             &RemoteOptions::default(),
                         )
                         .await
-                        .map_err(|e| what(&e))?,
+                        .map_err(|e| LinkProblem::Transfer(e.to_string()))?,
                         Channel::Direct { port, token } => {
                             let sock = crate::links::connect(&addrs, port, &token)
                                 .await
-                                .map_err(|e| what(&e))?;
-                            run_link(|done| direct::outlet(out.receiver, sock, done))
-                                .await
-                                .map_err(|e| what(&e))?
+                                .map_err(|e| LinkProblem::Transfer(e.to_string()))?;
+                            run_link(|done| direct::outlet(out.receiver, sock, done)).await?
                         }
                     };
-                    Ok(LinkDone {
-                        vertex: out.vertex,
-                        port: out.port,
+                    Ok((direct, rep))
+                }
+                .await;
+                let r: LinkResult = match r {
+                    Ok((direct, rep)) => Ok(LinkDone {
+                        vertex,
+                        port,
                         out: true,
                         direct,
                         items: rep.items,
                         bytes: rep.bytes,
-                    })
-                }
-                .await;
+                    }),
+                    Err(problem) => Err(ChannelError {
+                        vertex,
+                        port,
+                        peer,
+                        out: true,
+                        problem,
+                    }),
+                };
                 let _ = links.try_send(r);
                 None
             });
@@ -260,7 +266,7 @@ impl Node {
                 l = links.recv(), if remote.len() < expected => match l {
                     Some(Ok(l)) => remote.push(l),
                     // A remote channel broke: the node at its other end, or the way there, is lost.
-                    Some(Err(e)) => return Err(broken(ErrorKind::Lost, e)),
+                    Some(Err(e)) => return Err(broken(ErrorKind::Lost, e.to_string())),
                     None => return Err(broken(ErrorKind::Other, "the job was ended".into())),
                 },
             }

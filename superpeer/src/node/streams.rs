@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::parts::Input;
-use super::{LinkDone, Msg, Node};
+use super::{ChannelError, LinkDone, LinkProblem, Msg, Node};
 use crate::proto::{ACK_DIRECT, ACK_OK, ACK_UNKNOWN, StreamHeader};
 
 /// How a remote channel's items go, as its acceptor answered.
@@ -34,8 +34,8 @@ pub(super) async fn open_channel(
     control: &mut libp2p_stream::Control,
     peer: PeerId,
     header: &StreamHeader,
-) -> Result<Channel, String> {
-    let mut last = String::new();
+) -> Result<Channel, LinkProblem> {
+    let mut last = LinkProblem::Open(String::from("no attempt"));
     for attempt in 0..50u64 {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(2 * attempt)).await;
@@ -46,17 +46,17 @@ pub(super) async fn open_channel(
         {
             Ok(s) => s,
             Err(e) => {
-                last = format!("cannot open a stream to {peer}: {e}");
+                last = LinkProblem::Open(e.to_string());
                 continue;
             }
         };
         if let Err(e) = crate::proto::write_frame(&mut s, header, crate::proto::MAX_HEADER).await {
-            last = format!("stream to {peer}: {e}");
+            last = LinkProblem::Handshake(e);
             continue;
         }
         let mut ack = [0u8; 1];
         let read = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
+            ACK_WAIT,
             futures::AsyncReadExt::read_exact(&mut s, &mut ack),
         )
         .await;
@@ -72,21 +72,23 @@ pub(super) async fn open_channel(
                         let _ = s.close().await;
                         return Ok(Channel::Direct { port, token });
                     }
-                    Err(e) => last = format!("stream to {peer}: {e}"),
+                    Err(e) => last = LinkProblem::Handshake(e),
                 }
             }
             Ok(Ok(())) => {
-                return Err(format!(
-                    "{peer} expects no channel into {}:{} of job {}",
-                    header.vertex, header.port, header.job
-                ));
+                return Err(LinkProblem::Unexpected {
+                    job: header.job.clone(),
+                });
             }
-            Ok(Err(e)) => last = format!("stream to {peer}: {e}"),
-            Err(_) => last = format!("stream to {peer}: no acknowledgement within 10 s"),
+            Ok(Err(e)) => last = LinkProblem::Handshake(e),
+            Err(_) => last = LinkProblem::NoAck(ACK_WAIT),
         }
     }
     Err(last)
 }
+
+/// How long the opener of a remote channel waits for its acknowledgement.
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Node {
     /// Accepts queue-data streams: reads the header, checks the sender is the part that feeds
@@ -187,7 +189,7 @@ impl Node {
                         None => {
                             remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
                                 .await
-                                .map_err(|e| e.to_string())
+                                .map_err(|e| LinkProblem::Transfer(e.to_string()))
                         }
                         Some((_, _, conn)) => {
                             let _ = stream.close().await;
@@ -203,11 +205,12 @@ impl Node {
                             items: rep.items,
                             bytes: rep.bytes,
                         })
-                        .map_err(|e| {
-                            format!(
-                                "channel into {}:{} from {peer}: {e}",
-                                header.vertex, header.port
-                            )
+                        .map_err(|problem| ChannelError {
+                            vertex: header.vertex.clone(),
+                            port: header.port.clone(),
+                            peer,
+                            out: false,
+                            problem,
                         });
                     let _ = links.try_send(r);
                 });
@@ -231,16 +234,11 @@ const MAX_OPENING: usize = 1024;
 async fn accept_link(
     tx: Sender<Bytes>,
     conn: oneshot::Receiver<std::net::TcpStream>,
-) -> Result<remote::Report, String> {
+) -> Result<remote::Report, LinkProblem> {
     let sock = tokio::time::timeout(crate::links::TOKEN_LIFETIME, conn)
         .await
-        .map_err(|_| {
-            format!(
-                "the direct link was not connected within {:?}",
-                crate::links::TOKEN_LIFETIME
-            )
-        })?
-        .map_err(|_| "the direct link listener went away".to_owned())?;
+        .map_err(|_| LinkProblem::NotConnected(crate::links::TOKEN_LIFETIME))?
+        .map_err(|_| LinkProblem::ListenerGone)?;
     run_link(|done| direct::inlet(tx, sock, RemoteOptions::default().max_item, done)).await
 }
 
@@ -248,13 +246,13 @@ async fn accept_link(
 /// aborting the waiting task drops (and stops) it.
 pub(super) async fn run_link(
     start: impl FnOnce(direct::OnDone) -> std::io::Result<direct::Link>,
-) -> Result<remote::Report, String> {
+) -> Result<remote::Report, LinkProblem> {
     let (done, rx) = oneshot::channel();
     let _link = start(Box::new(move |r| {
         let _ = done.send(r);
     }))
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| LinkProblem::Transfer(e.to_string()))?;
     rx.await
-        .map_err(|_| "the link ended without a report".to_owned())?
-        .map_err(|e| e.to_string())
+        .map_err(|_| LinkProblem::Transfer("the link ended without a report".into()))?
+        .map_err(|e| LinkProblem::Transfer(e.to_string()))
 }
