@@ -276,7 +276,7 @@ impl Core {
                 reply,
                 peer,
                 report,
-            } => self.report(&mut out, peer, *report, Some(reply)),
+            } => self.report(&mut out, peer, *report, reply),
             Input::Group { reply } => {
                 let g = self.group(now);
                 out.push(Effect::Reply(reply, Response::Group(g)));

@@ -87,7 +87,7 @@ impl Core {
         };
         out.push(Effect::Reply(reply, r));
         for (peer, report, reply) in drive.map(|d| d.early).unwrap_or_default() {
-            self.report(out, peer, report, Some(reply));
+            self.report(out, peer, report, reply);
         }
     }
 
@@ -140,7 +140,7 @@ impl Core {
             });
         }
         for (peer, report, reply) in early {
-            self.report(out, peer, report, Some(reply));
+            self.report(out, peer, report, reply);
         }
     }
 
@@ -313,18 +313,17 @@ impl Core {
         }
     }
 
-    /// A node's report of its part (answered at `reply`, if any). A report of a job not yet
-    /// in the log waits for it.
+    /// A node's report of its part, answered at `reply`. A report of a job not yet in the log
+    /// waits for it.
     pub(super) fn report(
         &mut self,
         out: &mut Vec<Effect>,
         peer: PeerId,
         r: PartReport,
-        reply: Option<Reply>,
+        reply: Reply,
     ) {
         if let Some(d) = self.drives.get_mut(&r.job)
             && matches!(d.phase, Phase::Recording)
-            && let Some(reply) = reply
         {
             d.early.push((peer, r, reply));
             return;
@@ -342,35 +341,21 @@ impl Core {
                 Some(p) => Ok(j.state.is_final() || p.done),
             },
         });
-        let early_answer = match known {
-            Err(f) => Some(Response::Error(f)),
-            Ok(true) => Some(Response::Ok), // already ended, or reported before
-            Ok(false) => None,
-        };
-        if let Some(r) = early_answer {
-            if let Some(reply) = reply {
-                out.push(Effect::Reply(reply, r));
-            }
-            return;
+        match known {
+            Err(f) => return out.push(Effect::Reply(reply, Response::Error(f))),
+            // Already ended, or reported before.
+            Ok(true) => return out.push(Effect::Reply(reply, Response::Ok)),
+            Ok(false) => {}
         }
         let job = r.job.clone();
         match part_end(|| self.members.label(&peer), peer, r) {
-            command @ Command::PartDone { .. } => match reply {
-                Some(reply) => out.push(Effect::Record {
-                    command,
-                    then: Then::Answer { reply },
-                }),
-                None => out.push(Effect::Record {
-                    command,
-                    then: Then::Nothing,
-                }),
-            },
-            Command::End { state, ended, .. } => self.end_then(out, &job, state, ended, reply),
-            _ => {
-                if let Some(reply) = reply {
-                    out.push(Effect::Reply(reply, Response::Ok));
-                }
+            Command::End { state, ended, .. } => {
+                self.end_then(out, &job, state, ended, Some(reply));
             }
+            command => out.push(Effect::Record {
+                command,
+                then: Then::Answer { reply },
+            }),
         }
     }
 }

@@ -358,9 +358,15 @@ impl JobLog {
         self.metrics(|m| m.current_term)
     }
 
-    /// Whether this replica leads now.
+    /// Whether this replica leads now (as [`JobLog::leader`] counts it, lease included). It
+    /// is asked on every request and every input of the broker: it compares Raft ids, where
+    /// `leader` looks the leader's peer id up and parses it.
     pub fn is_leader(&self) -> bool {
-        self.leader() == Some(self.me)
+        self.metrics(|m| {
+            m.current_leader == Some(m.id)
+                && m.millis_since_quorum_ack
+                    .is_some_and(|ms| ms <= self.lease_ms)
+        })
     }
 
     /// The log index of the membership in force (it changes when the replicas do).

@@ -102,6 +102,15 @@ impl Bench {
         })
     }
 
+    /// The preparation of `job` ends with a real part ready.
+    fn prepared(&mut self, job: &str) -> Vec<Effect> {
+        let ready = self.ready(job);
+        self.parts.on(Input::Prepared {
+            job: job.into(),
+            ready: Ok(ready),
+        })
+    }
+
     /// Prepares `job` for `from`; the answer's receiver.
     fn prepare(&mut self, from: PeerId, job: &str, start: bool) -> oneshot::Receiver<Response> {
         let (reply, rx) = asked();
@@ -115,6 +124,17 @@ impl Bench {
             "the preparation goes off the loop"
         );
         rx
+    }
+}
+
+/// `from` (a super-peer of the group, if `superpeer`) ends job `j` for `reason`.
+fn terminate(from: PeerId, superpeer: bool, reason: &str, reply: Reply) -> Input {
+    Input::Terminate {
+        from,
+        superpeer,
+        job: "j".into(),
+        reason: reason.into(),
+        reply,
     }
 }
 
@@ -163,11 +183,7 @@ fn a_part_started_with_its_prepare_answers_with_its_report_within_the_hold() {
     let broker = PeerId::random();
     let mut rx = b.prepare(broker, "j", true);
     assert_eq!(b.held.jobs(), ["j"], "held from its prepare on");
-    let ready = b.ready("j");
-    let out = b.parts.on(Input::Prepared {
-        job: "j".into(),
-        ready: Ok(ready),
-    });
+    let out = b.prepared("j");
     assert_eq!(kinds(&out), ["run", "hold"], "no answer before the hold");
     assert_eq!(b.held.vertices(), 1);
     let out = b.parts.on(Input::Ended {
@@ -186,11 +202,7 @@ fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one
     let mut b = bench();
     let broker = PeerId::random();
     let mut rx = b.prepare(broker, "j", true);
-    let ready = b.ready("j");
-    b.parts.on(Input::Prepared {
-        job: "j".into(),
-        ready: Ok(ready),
-    });
+    b.prepared("j");
     let out = b.parts.on(Input::HoldOver { job: "j".into() });
     assert_eq!(kinds(&out), ["reply"]);
     answer(out);
@@ -211,22 +223,10 @@ fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one
     // Only its broker, or a super-peer of the group, may end it.
     let stranger = PeerId::random();
     let (reply, mut rx) = asked();
-    answer(b.parts.on(Input::Terminate {
-        from: stranger,
-        superpeer: false,
-        job: "j".into(),
-        reason: "cancel".into(),
-        reply,
-    }));
+    answer(b.parts.on(terminate(stranger, false, "cancel", reply)));
     assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f.kind == FailureKind::Refused));
     let (reply, mut rx) = asked();
-    let out = b.parts.on(Input::Terminate {
-        from: stranger,
-        superpeer: true,
-        job: "j".into(),
-        reason: "cancel".into(),
-        reply,
-    });
+    let out = b.parts.on(terminate(stranger, true, "cancel", reply));
     assert_eq!(kinds(&out), ["stop", "reply"]);
     answer(out);
     assert!(matches!(rx.try_recv(), Ok(Response::Ok)));
@@ -249,13 +249,7 @@ fn a_part_ended_while_being_prepared_is_answered_and_what_its_preparation_made_g
         matches!(again.try_recv(), Ok(Response::Error(f)) if f.message.contains("already here"))
     );
     let (reply, mut ended) = asked();
-    let out = b.parts.on(Input::Terminate {
-        from: broker,
-        superpeer: false,
-        job: "j".into(),
-        reason: "cancelled".into(),
-        reply,
-    });
+    let out = b.parts.on(terminate(broker, false, "cancelled", reply));
     assert_eq!(kinds(&out), ["reply", "stop", "reply"]);
     answer(out);
     assert!(
@@ -264,11 +258,7 @@ fn a_part_ended_while_being_prepared_is_answered_and_what_its_preparation_made_g
     assert!(matches!(ended.try_recv(), Ok(Response::Ok)));
     // Its preparation ends after all: what it made goes (its queues; its guest with it), and
     // nothing starts.
-    let ready = b.ready("j");
-    let out = b.parts.on(Input::Prepared {
-        job: "j".into(),
-        ready: Ok(ready),
-    });
+    let out = b.prepared("j");
     assert_eq!(kinds(&out), ["stop"]);
 }
 
@@ -295,11 +285,7 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
     assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f.kind == FailureKind::NotFound));
     // Prepared without a start: a start by another runs it, once.
     drop(b.prepare(broker, "k", false));
-    let ready = b.ready("k");
-    let out = b.parts.on(Input::Prepared {
-        job: "k".into(),
-        ready: Ok(ready),
-    });
+    let out = b.prepared("k");
     assert_eq!(kinds(&out), ["reply"]);
     let start = |b: &mut Bench, from: PeerId, superpeer: bool| {
         let (reply, mut rx) = asked();
@@ -328,11 +314,7 @@ async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_pa
     let mut b = bench();
     let broker = PeerId::random();
     drop(b.prepare(broker, "j", false));
-    let ready = b.ready("j");
-    b.parts.on(Input::Prepared {
-        job: "j".into(),
-        ready: Ok(ready),
-    });
+    b.prepared("j");
     // Prepared, not started: the part feeding it on another node started first, and its
     // stream's import begins here.
     let import = tokio::spawn(std::future::pending::<()>());
@@ -342,13 +324,7 @@ async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_pa
     });
     assert!(out.is_empty(), "kept with its part: {:?}", kinds(&out));
     let (reply, _rx) = asked();
-    let out = b.parts.on(Input::Terminate {
-        from: broker,
-        superpeer: false,
-        job: "j".into(),
-        reason: "cancelled".into(),
-        reply,
-    });
+    let out = b.parts.on(terminate(broker, false, "cancelled", reply));
     let Some(Effect::Stop { tasks, .. }) =
         out.into_iter().find(|e| matches!(e, Effect::Stop { .. }))
     else {
