@@ -20,6 +20,10 @@
 //! memory = "16MiB"
 //! cpu = "10s"
 //! wall = "60s"
+//!
+//! [checkpoint]                 # save the running job every interval (none unless asked)
+//! interval = "5s"
+//! keep = 2                     # stored checkpoints kept (the newest)
 //! ```
 
 use std::collections::BTreeMap;
@@ -62,6 +66,38 @@ pub struct Profile {
     /// What a node must offer (read by the broker).
     #[serde(default)]
     pub requirements: Requirements,
+    /// Checkpoints of the running job; none unless asked for.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointSpec>,
+    /// How many times a job that lost a node is run again from its start when it has no
+    /// checkpoint to go on from (default [`DEFAULT_RETRIES`]).
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+/// Runs from the start after a lost node, unless a profile says otherwise.
+pub const DEFAULT_RETRIES: u32 = 2;
+
+/// The shortest checkpoint interval a profile may ask for.
+pub const MIN_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Checkpoints as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// How often, e.g. `"5s"`.
+    pub interval: String,
+    /// How many stored checkpoints to keep, the newest (default 2).
+    pub keep: Option<u32>,
+}
+
+/// Checkpoints asked for, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoints {
+    /// How often one is taken.
+    pub interval: Duration,
+    /// How many stored ones are kept.
+    pub keep: u32,
 }
 
 /// Limits as written.
@@ -262,11 +298,97 @@ impl Profile {
         }
         Ok(l)
     }
+
+    /// The checkpoints asked for, checked (`None`: none asked for).
+    ///
+    /// # Errors
+    /// An interval that is not a duration of at least [`MIN_CHECKPOINT_INTERVAL`], or a `keep`
+    /// of 0, with its line in `src`.
+    pub fn checkpoints(&self, file: &str, src: &str) -> Result<Option<Checkpoints>, ProfileError> {
+        let Some(c) = &self.checkpoint else {
+            return Ok(None);
+        };
+        let bad = |key: &str, message: String| ProfileError {
+            file: file.to_owned(),
+            line: line_of_key(src, key),
+            message,
+        };
+        let interval = parse_duration(&c.interval)
+            .filter(|d| *d >= MIN_CHECKPOINT_INTERVAL)
+            .ok_or_else(|| {
+                bad(
+                    "interval",
+                    format!(
+                        "checkpoint.interval must be a duration of at least {}ms (e.g. \"5s\"), not '{}'",
+                        MIN_CHECKPOINT_INTERVAL.as_millis(),
+                        c.interval
+                    ),
+                )
+            })?;
+        let keep = c.keep.unwrap_or(2);
+        if keep == 0 {
+            return Err(bad("keep", "checkpoint.keep must be at least 1".to_owned()));
+        }
+        Ok(Some(Checkpoints { interval, keep }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_are_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "name = \"x\"\ntopology = \"t.dot\"\nretries = 5\n[components]\n";
+        let p = write(
+            dir.path(),
+            "a.toml",
+            &format!("{base}[checkpoint]\ninterval = \"1.5s\"\n"),
+        );
+        let (prof, src) = Profile::load(&p).expect("valid");
+        assert_eq!(prof.retries, Some(5));
+        assert_eq!(
+            prof.checkpoints("a.toml", &src).expect("valid"),
+            Some(Checkpoints {
+                interval: Duration::from_millis(1500),
+                keep: 2
+            })
+        );
+        let p = write(
+            dir.path(),
+            "b.toml",
+            &format!("{base}[checkpoint]\ninterval = \"10ms\"\n"),
+        );
+        let (prof, src) = Profile::load(&p).expect("parses");
+        let e = prof.checkpoints("b.toml", &src).expect_err("too often");
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("at least 100ms"), "{e}");
+        let p = write(
+            dir.path(),
+            "c.toml",
+            &format!("{base}[checkpoint]\ninterval = \"5s\"\nkeep = 0\n"),
+        );
+        let (prof, src) = Profile::load(&p).expect("parses");
+        assert_eq!(
+            prof.checkpoints("c.toml", &src).expect_err("keep 0").line,
+            7
+        );
+        let p = write(dir.path(), "d.toml", base);
+        let (prof, src) = Profile::load(&p).expect("valid");
+        assert_eq!(prof.checkpoints("d.toml", &src).expect("none"), None);
+        let p = write(
+            dir.path(),
+            "e.toml",
+            &format!("{base}[checkpoint]\nevery = \"5s\"\n"),
+        );
+        assert!(
+            Profile::load(&p)
+                .expect_err("unknown key")
+                .message
+                .contains("every")
+        );
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
