@@ -268,13 +268,32 @@ enum Found {
     Wait,
 }
 
-async fn receive(
+/// What a wait in a pausable vertex watches: its part's pause control and the last pause it
+/// took part in (`None` for a plain vertex).
+fn waiting_pause<const PAUSABLE: bool>(
+    state: &VertexState,
+) -> Option<(std::sync::Arc<checkpoint::pause::PauseCtl>, u64)> {
+    if !PAUSABLE {
+        return None;
+    }
+    state.pausing.as_ref().map(|p| (p.ctl.clone(), p.seen))
+}
+
+// `PAUSABLE`: the vertex's module was made checkpointable, and a receive or send is a pause
+// point. Plain vertices get the `false` instances, with no pause path at all. The pause paths
+// are boxed where they are awaited: they call into the instance, and their futures would
+// otherwise make every `recv` and `send` future (boxed per call by the linker) larger.
+async fn receive<const PAUSABLE: bool>(
     mut caller: Caller<'_, VertexState>,
     (pp, pl, buf, cap): (i32, i32, i32, i32),
     wait: bool,
 ) -> wasmtime::Result<i64> {
     // A pause point (`recv`; `try_recv` is not one): nothing is taken before this.
-    if wait && caller.data().pausing.is_some() && checkpoint::pause_point(&mut caller).await? {
+    if PAUSABLE
+        && wait
+        && checkpoint::at_pause_point(caller.data())
+        && Box::pin(checkpoint::pause_point(&mut caller)).await?
+    {
         return Ok(0);
     }
     let Some(i) = port_index(&mut caller, |io| &io.inputs, pp, pl, "mvm.recv port")? else {
@@ -308,22 +327,21 @@ async fn receive(
             let Some(port) = io.inputs.at(i) else {
                 return Ok(NO_PORT);
             };
-            match caller
-                .data()
-                .pausing
-                .as_ref()
-                .map(|p| (p.ctl.clone(), p.seen))
-            {
+            let pause = waiting_pause::<PAUSABLE>(caller.data());
+            match pause {
                 None => port.rx.recv_async().await.map_err(|e| e.failure),
-                // A pause asked for while waiting: the wait is given up (nothing was taken),
-                // and the receive is made again once the vertex is rewound.
-                Some((ctl, seen)) => tokio::select! {
-                    got = port.rx.recv_async() => got.map_err(|e| e.failure),
-                    () = ctl.wanted_after(seen) => {
-                        checkpoint::begin_unwind(&mut caller).await?;
-                        return Ok(0);
+                // A pause asked for while waiting (the pause wakes the part's queues): the
+                // wait is given up (nothing was taken), and the receive is made again once the
+                // vertex is rewound.
+                Some((ctl, seen)) => {
+                    match Box::pin(port.rx.recv_async_unless(move || ctl.wanted(seen))).await {
+                        Some(got) => got.map_err(|e| e.failure),
+                        None => {
+                            Box::pin(checkpoint::begin_unwind(&mut caller)).await?;
+                            return Ok(0);
+                        }
                     }
-                },
+                }
             }
         }
     };
@@ -360,11 +378,14 @@ fn poll(port: &InPort, budget: u32) -> Option<Bytes> {
     }
 }
 
-async fn send(
+async fn send<const PAUSABLE: bool>(
     mut caller: Caller<'_, VertexState>,
     (pp, pl, dp, dl): (i32, i32, i32, i32),
 ) -> wasmtime::Result<i32> {
-    if caller.data().pausing.is_some() && checkpoint::pause_point(&mut caller).await? {
+    if PAUSABLE
+        && checkpoint::at_pause_point(caller.data())
+        && Box::pin(checkpoint::pause_point(&mut caller)).await?
+    {
         return Ok(0);
     }
     let Some(i) = port_index(&mut caller, |io| &io.outputs, pp, pl, "mvm.send port")? else {
@@ -372,11 +393,11 @@ async fn send(
     };
     // A send that paused part way goes on at the first channel that did not have the item.
     let first = match caller.data_mut().pausing.as_mut() {
-        Some(p) => match p.sending.take() {
+        Some(p) if PAUSABLE => match p.sending.take() {
             Some((port, done)) if port == i => done,
             _ => 0,
         },
-        None => 0,
+        _ => 0,
     };
     let plain = {
         let mem = memory(&mut caller)?;
@@ -421,25 +442,24 @@ async fn send(
             Ok(None) => Ok(()),
             Ok(Some(item)) => {
                 let io = caller.data().io.clone();
-                let pause = caller
-                    .data()
-                    .pausing
-                    .as_ref()
-                    .map(|p| (p.ctl.clone(), p.seen));
+                let pause = waiting_pause::<PAUSABLE>(caller.data());
                 match (io.outputs.at(i).and_then(|p| p.channels.get(c)), pause) {
                     (Some((tx, _)), None) => tx.send_async(item).await.map_err(|e| e.failure),
                     // A pause asked for while waiting for room: this channel did not take the
                     // item; the send goes on from it once the vertex is rewound.
-                    (Some((tx, _)), Some((ctl, seen))) => tokio::select! {
-                        sent = tx.send_async(item) => sent.map_err(|e| e.failure),
-                        () = ctl.wanted_after(seen) => {
-                            if let Some(p) = caller.data_mut().pausing.as_mut() {
-                                p.sending = Some((i, c));
+                    (Some((tx, _)), Some((ctl, seen))) => {
+                        match Box::pin(tx.send_async_unless(item, move || ctl.wanted(seen))).await {
+                            Ok(None) => Ok(()),
+                            Ok(Some(_)) => {
+                                if let Some(p) = caller.data_mut().pausing.as_mut() {
+                                    p.sending = Some((i, c));
+                                }
+                                Box::pin(checkpoint::begin_unwind(&mut caller)).await?;
+                                return Ok(0);
                             }
-                            checkpoint::begin_unwind(&mut caller).await?;
-                            return Ok(0);
+                            Err(e) => Err(e.failure),
                         }
-                    },
+                    }
                     (None, _) => Ok(()),
                 }
             }
@@ -456,8 +476,12 @@ async fn send(
     Ok(0)
 }
 
-/// Adds the `mvm` module and WASI preview 1 to a linker.
-pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Result<()> {
+/// Adds the `mvm` module and WASI preview 1 to a linker: for checkpointable modules when
+/// `pausable` (their `recv`, `send` and `yield` are pause points), for plain ones otherwise.
+pub(crate) fn add_to_linker(
+    linker: &mut Linker<VertexState>,
+    pausable: bool,
+) -> wasmtime::Result<()> {
     wasmtime_wasi::p1::add_to_linker_async(linker, |s: &mut VertexState| {
         let (stdout, vertex) = (&s.stdout, &s.io.vertex);
         s.wasi.get_or_insert_with(|| {
@@ -468,27 +492,36 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Resul
                 .build_p1()
         })
     })?;
-    linker.func_wrap_async("mvm", "send", |caller, args: (i32, i32, i32, i32)| {
-        Box::new(send(caller, args))
-    })?;
-    linker.func_wrap_async("mvm", "recv", |caller, args: (i32, i32, i32, i32)| {
-        Box::new(receive(caller, args, true))
-    })?;
+    if pausable {
+        linker.func_wrap_async("mvm", "send", |caller, args: (i32, i32, i32, i32)| {
+            Box::new(send::<true>(caller, args))
+        })?;
+        linker.func_wrap_async("mvm", "recv", |caller, args: (i32, i32, i32, i32)| {
+            Box::new(receive::<true>(caller, args, true))
+        })?;
+    } else {
+        linker.func_wrap_async("mvm", "send", |caller, args: (i32, i32, i32, i32)| {
+            Box::new(send::<false>(caller, args))
+        })?;
+        linker.func_wrap_async("mvm", "recv", |caller, args: (i32, i32, i32, i32)| {
+            Box::new(receive::<false>(caller, args, true))
+        })?;
+    }
     // A pause point for compute loops; otherwise nothing (the epoch tick already yields).
     linker.func_wrap_async(
         "mvm",
         "yield",
         |mut caller: Caller<'_, VertexState>, (): ()| {
             Box::new(async move {
-                if caller.data().pausing.is_some() {
-                    checkpoint::pause_point(&mut caller).await?;
+                if checkpoint::at_pause_point(caller.data()) {
+                    Box::pin(checkpoint::pause_point(&mut caller)).await?;
                 }
                 Ok(())
             })
         },
     )?;
     linker.func_wrap_async("mvm", "try_recv", |caller, args: (i32, i32, i32, i32)| {
-        Box::new(receive(caller, args, false))
+        Box::new(receive::<false>(caller, args, false))
     })?;
     linker.func_wrap(
         "mvm",

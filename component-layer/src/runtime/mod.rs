@@ -228,6 +228,8 @@ pub struct RuntimeError(String);
 struct Inner {
     engine: Engine,
     linker: Linker<VertexState>,
+    /// The linker of checkpointable modules, whose `recv`, `send` and `yield` can pause.
+    pausable_linker: Linker<VertexState>,
     tick: Duration,
     dedicated: Dedicated,
     spin: Duration,
@@ -337,11 +339,14 @@ impl Runtime {
             .max_wasm_stack(256 << 10);
         let engine = Engine::new(&c).map_err(err)?;
         let mut linker = Linker::new(&engine);
-        abi::add_to_linker(&mut linker).map_err(err)?;
+        abi::add_to_linker(&mut linker, false).map_err(err)?;
+        let mut pausable_linker = Linker::new(&engine);
+        abi::add_to_linker(&mut pausable_linker, true).map_err(err)?;
         let cache = ModuleCache::new(engine.clone(), config.cache_dir.clone());
         let inner = Arc::new(Inner {
             engine,
             linker,
+            pausable_linker,
             tick: config.tick,
             dedicated: Dedicated::new(config.dedicated_threads),
             spin: config.spin,
@@ -682,7 +687,13 @@ impl Prepared {
             let pausing = ctl.as_ref().map(|ctl| (ctl.clone(), slot));
             let pre = match pres.iter().find(|(m, _)| Module::same(m, &module)) {
                 Some((_, p)) => p.clone(),
-                None => match self.inner.linker.instantiate_pre(&module) {
+                None => match if ctl.is_some() {
+                    &self.inner.pausable_linker
+                } else {
+                    &self.inner.linker
+                }
+                .instantiate_pre(&module)
+                {
                     Ok(p) => {
                         pres.push((module, p.clone()));
                         p

@@ -374,6 +374,14 @@ impl<T: Item> Queue<T> {
         self.len() == 0
     }
 
+    /// Wakes every receiver and sender waiting on this queue, so that the waits of
+    /// [`Receiver::recv_async_unless`] and [`Sender::send_async_unless`] read their `stop`
+    /// again (the others just wait again).
+    pub fn wake(&self) {
+        self.shared.not_empty.notify_all();
+        self.shared.not_full.notify_all();
+    }
+
     /// Removes and returns every item held now (for teardown and for handing items back).
     pub fn drain(&self) -> Vec<Entry<T>> {
         let mut out = Vec::new();
@@ -667,8 +675,24 @@ impl<T: Item> Shared<T> {
     }
 
     async fn send_async(&self, entry: Entry<T>, seen: &Seen) -> Result<(), SendError<T>> {
+        match self.send_async_unless(entry, seen, || false).await {
+            Ok(None) => Ok(()),
+            // Never stopped.
+            Ok(Some(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// As `send_async`, but gives the entry back (`Ok(Some)`) instead of waiting on once
+    /// `stop()` holds; `stop` is read after each wake-up ([`Queue::wake`]).
+    async fn send_async_unless(
+        &self,
+        entry: Entry<T>,
+        seen: &Seen,
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<Entry<T>>, SendError<T>> {
         let mut entry = match self.attempt(entry, seen) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(None),
             Err(Err(e)) => return Err(e),
             Err(Ok(entry)) => entry,
         };
@@ -676,10 +700,13 @@ impl<T: Item> Shared<T> {
         let result = loop {
             let listener = self.not_full.any.listen();
             entry = match self.attempt(entry, seen) {
-                Ok(()) => break Ok(()),
+                Ok(()) => break Ok(None),
                 Err(Err(e)) => break Err(e),
                 Err(Ok(entry)) => entry,
             };
+            if stop() {
+                break Ok(Some(entry));
+            }
             self.producer_waits();
             listener.wait_async().await;
         };
@@ -807,16 +834,32 @@ impl<T: Item> Shared<T> {
 
     async fn recv_async(&self) -> Result<Entry<T>, RecvError> {
         loop {
+            if let Some(r) = self.recv_async_unless(|| false).await {
+                return r;
+            }
+        }
+    }
+
+    /// As `recv_async`, but `None` instead of waiting on once `stop()` holds; `stop` is read
+    /// after each wake-up ([`Queue::wake`]).
+    async fn recv_async_unless(
+        &self,
+        stop: impl Fn() -> bool,
+    ) -> Option<Result<Entry<T>, RecvError>> {
+        loop {
             match self.try_pop() {
-                Ok(e) => return Ok(e),
+                Ok(e) => return Some(Ok(e)),
                 Err(RecvFailure::Empty) => {}
-                Err(f) => return Err(self.recv_error(f)),
+                Err(f) => return Some(Err(self.recv_error(f))),
             }
             let listener = self.not_empty.listen();
             match self.try_pop() {
-                Ok(e) => return Ok(e),
+                Ok(e) => return Some(Ok(e)),
                 Err(RecvFailure::Empty) => {}
-                Err(f) => return Err(self.recv_error(f)),
+                Err(f) => return Some(Err(self.recv_error(f))),
+            }
+            if stop() {
+                return None;
             }
             self.consumer_waits();
             listener.wait_async().await;
@@ -987,6 +1030,24 @@ impl<T: Item> Sender<T> {
     pub async fn send_entry_async(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
         self.shared.send_async(entry, &self.seen).await
     }
+
+    /// As [`Sender::send_async`], but while waiting for room gives the item back
+    /// (`Ok(Some(item))`, not sent) once `stop()` holds. `stop` is read after every wake-up:
+    /// whoever makes it hold must then call [`Queue::wake`], and must make it hold with a
+    /// `SeqCst` write for `stop`'s `SeqCst` read to see it.
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub async fn send_async_unless(
+        &self,
+        item: T,
+        stop: impl Fn() -> bool,
+    ) -> Result<Option<T>, SendError<T>> {
+        self.shared
+            .send_async_unless(Entry::new(item, 0), &self.seen, stop)
+            .await
+            .map(|back| back.map(|e| e.item))
+    }
 }
 
 /// A consumer handle. Several receivers share the items: each item goes to exactly one.
@@ -1102,6 +1163,16 @@ impl<T: Item> Receiver<T> {
     /// [`RecvFailure::Closed`] at end-of-stream.
     pub async fn recv_entry_async(&self) -> Result<Entry<T>, RecvError> {
         self.shared.recv_async().await
+    }
+
+    /// As [`Receiver::recv_async`], but `None` (nothing taken) instead of waiting on once
+    /// `stop()` holds. `stop` is read after every wake-up: whoever makes it hold must then call
+    /// [`Queue::wake`], with a `SeqCst` write for `stop`'s `SeqCst` read to see it.
+    pub async fn recv_async_unless(&self, stop: impl Fn() -> bool) -> Option<Result<T, RecvError>> {
+        self.shared
+            .recv_async_unless(stop)
+            .await
+            .map(|r| r.map(|e| e.item))
     }
 
     /// Takes the next entry under a lease, if there is one now: until the lease is released

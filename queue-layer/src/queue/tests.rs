@@ -595,3 +595,60 @@ proptest! {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_that_may_stop_give_up_when_woken_with_stop_set_and_lose_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let q = fifo(2);
+    let (tx, rx) = (q.sender(), q.receiver());
+    let stop = Arc::new(AtomicBool::new(false));
+    // A receiver waiting on an empty queue gives up, taking nothing.
+    let waiting = {
+        let (rx, stop) = (rx.clone(), stop.clone());
+        tokio::spawn(async move { rx.recv_async_unless(|| stop.load(Ordering::SeqCst)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiting.is_finished(), "it waits while stop does not hold");
+    stop.store(true, Ordering::SeqCst);
+    q.wake();
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken")
+        .expect("joined");
+    assert!(got.is_none(), "gave up: {got:?}");
+    // A sender waiting for room on a full queue gives its item back, unsent.
+    stop.store(false, Ordering::SeqCst);
+    tx.send(item(1)).expect("room");
+    tx.send(item(2)).expect("room");
+    let sending = {
+        let (tx, stop) = (tx.clone(), stop.clone());
+        tokio::spawn(async move {
+            tx.send_async_unless(item(3), || stop.load(Ordering::SeqCst))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!sending.is_finished(), "it waits for room");
+    stop.store(true, Ordering::SeqCst);
+    q.wake();
+    let back = tokio::time::timeout(Duration::from_secs(5), sending)
+        .await
+        .expect("woken")
+        .expect("joined")
+        .expect("not refused");
+    assert_eq!(back.as_deref().map(num), Some(3));
+    assert_eq!(q.len(), 2);
+    // Without stop, both waits complete as plain ones do.
+    stop.store(false, Ordering::SeqCst);
+    assert_eq!(
+        rx.recv_async_unless(|| stop.load(Ordering::SeqCst))
+            .await
+            .map(|r| num(&r.expect("an item"))),
+        Some(1)
+    );
+    let sent = tx.send_async_unless(item(4), || stop.load(Ordering::SeqCst));
+    assert!(sent.await.expect("room").is_none());
+    let rest: Vec<u32> = q.drain().iter().map(|e| num(&e.item)).collect();
+    assert_eq!(rest, vec![2, 4]);
+}

@@ -258,6 +258,16 @@ pub(crate) async fn restore(
         .map_err(|e| format!("cannot start rewinding it: {e:#}"))
 }
 
+/// Whether a pause point has something to do: a rewind ends here, or a pause is wanted. The
+/// cheap test made on every `recv`, `send` and `yield`.
+#[inline]
+pub(crate) fn at_pause_point(state: &VertexState) -> bool {
+    state
+        .pausing
+        .as_ref()
+        .is_some_and(|p| p.rewinding || p.ctl.wanted(p.seen))
+}
+
 /// At a pause point: ends a rewind that arrived here, or begins an unwind when a pause is
 /// wanted. `Ok(true)`: the call must return at once (its stack is unwinding; the value it
 /// returns is never seen).
@@ -274,7 +284,7 @@ pub(crate) async fn pause_point(
         }
         return Ok(false);
     }
-    if p.wanted() {
+    if p.ctl.wanted(p.seen) {
         begin_unwind(caller).await?;
         return Ok(true);
     }

@@ -45,13 +45,6 @@ pub(crate) struct Pausing {
     pub(crate) sending: Option<(usize, usize)>,
 }
 
-impl Pausing {
-    /// Whether a pause was asked for that this vertex has not taken part in.
-    pub(crate) fn wanted(&self) -> bool {
-        self.ctl.requested.load(Ordering::Acquire) > self.seen
-    }
-}
-
 /// Where one vertex is, as its part's control sees it.
 enum Slot {
     Running,
@@ -62,9 +55,9 @@ enum Slot {
 
 /// Shared by a part's control and its vertices.
 pub(crate) struct PauseCtl {
+    /// The last pause asked for. Written and read `SeqCst`: a vertex waiting in a receive or a
+    /// send reads it after each wake-up, and a pause writes it before waking the part's queues.
     requested: AtomicU64,
-    /// Wakes vertices waiting in a receive or a send when a pause is asked for.
-    wake: Notify,
     resumed: watch::Sender<u64>,
     slots: Mutex<Vec<Slot>>,
     /// A slot changed.
@@ -75,29 +68,21 @@ impl PauseCtl {
     pub(crate) fn new(vertices: usize) -> Arc<PauseCtl> {
         Arc::new(PauseCtl {
             requested: AtomicU64::new(0),
-            wake: Notify::new(),
             resumed: watch::Sender::new(0),
             slots: Mutex::new((0..vertices).map(|_| Slot::Running).collect()),
             changed: Notify::new(),
         })
     }
 
-    /// Returns once a pause after `seen` is asked for.
-    pub(crate) async fn wanted_after(&self, seen: u64) {
-        loop {
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.requested.load(Ordering::Acquire) > seen {
-                return;
-            }
-            notified.await;
-        }
+    /// Whether a pause after `seen` was asked for.
+    #[inline]
+    pub(crate) fn wanted(&self, seen: u64) -> bool {
+        self.requested.load(Ordering::SeqCst) > seen
     }
 
     /// The pause a vertex is to take part in now.
     pub(crate) fn current(&self) -> u64 {
-        self.requested.load(Ordering::Acquire)
+        self.requested.load(Ordering::SeqCst)
     }
 
     /// A vertex paused for pause `n`.
@@ -194,8 +179,11 @@ impl PartControl {
     /// A vertex that reached no pause point in time (the others are resumed), or one that
     /// failed.
     pub async fn pause(&self, timeout: Duration) -> Result<Paused<'_>, PauseError> {
-        let n = self.ctl.requested.fetch_add(1, Ordering::AcqRel) + 1;
-        self.ctl.wake.notify_waiters();
+        let n = self.ctl.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        // Vertices waiting in a receive or a send read `requested` again when woken.
+        for (_, q) in &self.queues {
+            q.wake();
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.ctl.changed.notified();

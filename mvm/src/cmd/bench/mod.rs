@@ -1,6 +1,7 @@
 //! `mvm bench`: benchmarks, each beside its reference measured in the same run.
 
 mod broker;
+mod checkpoint;
 mod mpi;
 mod scale;
 
@@ -119,6 +120,28 @@ enum Which {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// What checkpoints cost jobs on this node: a 16-vertex token ring and the C pipeline run
+    /// with plain modules, with pausable ones, and paused and saved every interval, side by
+    /// side; each checkpoint's pause, capture and size; and a blob's time to running again.
+    Checkpoint {
+        /// Hops of the ring.
+        #[arg(long, default_value_t = 3_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+        hops: u64,
+        /// Items through the pipeline.
+        #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+        items: u64,
+        /// Time between checkpoints, e.g. `1s`, `500ms`.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// Rounds of each run (the median is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+        runs: u32,
+        /// Where the C jobs are built (`scripts/build-jobs`).
+        #[arg(long, default_value = "jobs/build", value_name = "DIR")]
+        jobs: std::path::PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Queue throughput (FIFO, priority) beside a crossbeam channel, and a remote endpoint over
     /// loopback TCP beside raw TCP.
     Queue {
@@ -165,6 +188,13 @@ struct RingReport {
     mpich_per_hop_us: Option<f64>,
     mpich: String,
     instantiation: jobs::Instantiation,
+}
+
+/// A checkpoint interval: a duration of at least 100 ms.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    mvm_component::profile::parse_duration(s)
+        .filter(|d| *d >= mvm_component::profile::MIN_CHECKPOINT_INTERVAL)
+        .ok_or_else(|| format!("'{s}' is not a duration of at least 100ms (e.g. \"1s\")"))
 }
 
 fn tokio() -> Result<tokio::runtime::Runtime, Failure> {
@@ -288,6 +318,18 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                     r.instantiation.ratio,
                 )
             })
+        }
+        Which::Checkpoint {
+            hops,
+            items,
+            interval,
+            runs,
+            jobs,
+            out,
+        } => {
+            let runs = usize::try_from(runs).unwrap_or(3);
+            let report = checkpoint::run(hops, items, interval, runs, &jobs)?;
+            print(&report, out.output, checkpoint::text)
         }
         Which::Broker {
             superpeers,

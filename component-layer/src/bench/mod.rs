@@ -1,4 +1,7 @@
-//! Benchmarks of jobs on one node, run by `mvm bench pingpong` and `mvm bench ring`.
+//! Benchmarks of jobs on one node, run by `mvm bench pingpong`, `mvm bench ring` and
+//! `mvm bench checkpoint`.
+
+pub mod checkpoint;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,9 +19,9 @@ use crate::topology::generate::generate;
 use crate::topology::{Options, Topology};
 
 /// The ping-pong job (`jobs/wat/pingpong.wat`).
-pub const PINGPONG_WAT: &str = include_str!("../../jobs/wat/pingpong.wat");
+pub const PINGPONG_WAT: &str = include_str!("../../../jobs/wat/pingpong.wat");
 /// The token ring job (`jobs/wat/token.wat`).
-pub const TOKEN_WAT: &str = include_str!("../../jobs/wat/token.wat");
+pub const TOKEN_WAT: &str = include_str!("../../../jobs/wat/token.wat");
 const NOOP_WAT: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
 
 /// A benchmark could not run.
@@ -26,11 +29,11 @@ const NOOP_WAT: &str = r#"(module (memory (export "memory") 1) (func (export "_s
 #[error("{0}")]
 pub struct BenchError(String);
 
-fn err(e: impl std::fmt::Display) -> BenchError {
+pub(crate) fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(e.to_string())
 }
 
-fn topology(src: &str, queue: Config) -> Result<Topology, BenchError> {
+pub(crate) fn topology(src: &str, queue: Config) -> Result<Topology, BenchError> {
     let reg = Registry::new();
     Topology::parse(
         src,

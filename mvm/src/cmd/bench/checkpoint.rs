@@ -1,0 +1,106 @@
+//! `mvm bench checkpoint`: what checkpoints cost jobs on this node.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mvm_component::bench::checkpoint::{CheckpointFigures, Workload, checkpoint};
+use mvm_component::topology::generate::generate;
+use serde::Serialize;
+
+use crate::exit::Failure;
+
+/// The figures of every workload.
+#[derive(Debug, Serialize)]
+pub(crate) struct CheckpointReport {
+    /// One per workload.
+    pub(crate) workloads: Vec<CheckpointFigures>,
+}
+
+fn failed(e: impl std::fmt::Display) -> Failure {
+    Failure::failed(anyhow::anyhow!("bench checkpoint: {e}"))
+}
+
+/// Measures a 16-vertex token ring of `hops` hops and the C pipeline of `jobs` (source, two
+/// stages, sink) over `items` items.
+pub(crate) fn run(
+    hops: u64,
+    items: u64,
+    interval: Duration,
+    runs: usize,
+    jobs: &Path,
+) -> Result<CheckpointReport, Failure> {
+    let read = |name: &str| {
+        let path = jobs.join(format!("{name}.wasm"));
+        std::fs::read(&path).map_err(|e| {
+            Failure::input(anyhow::anyhow!(
+                "bench checkpoint: {}: {e} (scripts/build-jobs builds it)",
+                path.display()
+            ))
+        })
+    };
+    let ring = Workload {
+        name: "ring-16".into(),
+        topology: generate("ring", "16").map_err(failed)?,
+        modules: vec![(
+            "token".into(),
+            mvm_component::bench::TOKEN_WAT.as_bytes().to_vec(),
+        )],
+        params: vec![("hops".into(), hops.to_string())],
+    };
+    let pipeline = Workload {
+        name: "pipeline-4".into(),
+        topology: generate("pipeline", "4").map_err(failed)?,
+        modules: vec![
+            ("source".into(), read("pipe_source")?),
+            ("stage".into(), read("pipe_stage")?),
+            ("sink".into(), read("pipe_sink")?),
+        ],
+        params: vec![
+            ("count".into(), items.to_string()),
+            ("factor".into(), "3".into()),
+        ],
+    };
+    let rt = super::wasm_runtime()?;
+    let tokio = super::tokio()?;
+    let mut workloads = Vec::new();
+    for w in [ring, pipeline] {
+        workloads.push(
+            tokio
+                .block_on(checkpoint(&rt, &w, interval, runs))
+                .map_err(failed)?,
+        );
+    }
+    Ok(CheckpointReport { workloads })
+}
+
+/// The report for people.
+pub(crate) fn text(r: &CheckpointReport) -> String {
+    let mut s = String::from("checkpoints of jobs on this node (medians)\n");
+    for w in &r.workloads {
+        s.push_str(&format!(
+            "  {} ({} vertices; modules {} B, pausable {} B)\n    \
+             plain {:.3} s, pausable {:.3} s ({:+.1} %), checkpoint every {:.1} s {:.3} s \
+             (slowdown {:+.1} %, goal <= 10 %)\n    \
+             {} checkpoints: pause {:.2} ms, capture and encode {:.2} ms, {} B ({} B per vertex); \
+             blob to running again {:.2} ms\n",
+            w.workload,
+            w.vertices,
+            w.module_bytes.0,
+            w.module_bytes.1,
+            w.plain_s,
+            w.instrumented_s,
+            w.pausable_cost_pct,
+            w.interval_s,
+            w.checkpointed_s,
+            w.slowdown_pct,
+            w.checkpoints,
+            w.pause_ms,
+            w.capture_ms,
+            w.blob_bytes,
+            w.bytes_per_vertex,
+            w.restore_ms,
+        ));
+    }
+    s.pop();
+    s
+}
