@@ -12,7 +12,7 @@ use mvm_component::profile::{Profile, parse_size};
 
 use crate::net::{Net, NetConfig, split_peer};
 use crate::proto::{
-    Failure, FailureKind, GroupInfo, JobStatus, LimitSpec, Request, Requirements, Response,
+    Failure, FailureKind, GroupInfo, JobId, JobStatus, LimitSpec, Request, Requirements, Response,
     Submission,
 };
 
@@ -274,11 +274,9 @@ impl Client {
     ///
     /// # Errors
     /// No such job, or the broker cannot be reached.
-    pub async fn status(&self, job: Option<&str>) -> Result<Vec<JobStatus>, Failure> {
+    pub async fn status(&self, job: Option<&JobId>) -> Result<Vec<JobStatus>, Failure> {
         match self
-            .call(ClientRequest::Status {
-                job: job.map(str::to_owned),
-            })
+            .call(ClientRequest::Status { job: job.cloned() })
             .await?
         {
             Response::Status(v) => Ok(v),
@@ -291,10 +289,15 @@ impl Client {
     ///
     /// # Errors
     /// No such job, or the broker cannot be reached.
-    pub async fn wait(&self, job: &str, after: u64, until_end: bool) -> Result<JobStatus, Failure> {
+    pub async fn wait(
+        &self,
+        job: &JobId,
+        after: u64,
+        until_end: bool,
+    ) -> Result<JobStatus, Failure> {
         match self
             .call(ClientRequest::Wait {
-                job: job.to_owned(),
+                job: job.clone(),
                 after,
                 until_end,
             })
@@ -309,11 +312,9 @@ impl Client {
     ///
     /// # Errors
     /// No such job, it has ended, or the broker cannot be reached.
-    pub async fn cancel(&self, job: &str) -> Result<(), Failure> {
+    pub async fn cancel(&self, job: &JobId) -> Result<(), Failure> {
         match self
-            .call(ClientRequest::Cancel {
-                job: job.to_owned(),
-            })
+            .call(ClientRequest::Cancel { job: job.clone() })
             .await?
         {
             Response::Ok => Ok(()),
@@ -326,10 +327,10 @@ impl Client {
     /// # Errors
     /// No such job, it is not pending, it is already so, the policy refuses (who may cancel a
     /// job may hold it), or the broker cannot be reached.
-    pub async fn hold(&self, job: &str, held: bool) -> Result<(), Failure> {
+    pub async fn hold(&self, job: &JobId, held: bool) -> Result<(), Failure> {
         match self
             .call(ClientRequest::Hold {
-                job: job.to_owned(),
+                job: job.clone(),
                 held,
             })
             .await?

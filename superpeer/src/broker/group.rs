@@ -13,7 +13,8 @@ use super::fail;
 use super::members::{Effect, Input};
 use crate::joblog::JobLog;
 use crate::proto::{
-    FailureKind, GroupInfo, GroupSummary, JobState, Member, NodeInfo, NodeLoad, NodeView, Response,
+    FailureKind, GroupInfo, GroupSummary, JobId, JobState, Member, NodeInfo, NodeLoad, NodeView,
+    Response,
 };
 
 /// The replicas as members, leader first, kept while the leader and the membership stay the
@@ -136,7 +137,7 @@ impl Core {
     pub(super) fn heartbeat(&mut self, now: Instant, peer: PeerId, load: NodeLoad) -> Response {
         // A job being driven is not yet (or only just) in the log: none is taken for unknown on
         // its way in.
-        let stop: Vec<String> = self.log.read(|s| {
+        let stop: Vec<JobId> = self.log.read(|s| {
             load.jobs
                 .iter()
                 .filter(|j| !self.drives.contains_key(*j))
@@ -162,7 +163,7 @@ impl Core {
 
     /// The running jobs the log places on `peer` that are not in `listed` (the jobs the node
     /// says it holds), leaving out those being prepared.
-    fn unlisted(&self, peer: PeerId, listed: &[String]) -> Vec<String> {
+    fn unlisted(&self, peer: PeerId, listed: &[JobId]) -> Vec<JobId> {
         self.log.read(|s| {
             s.placed_on(&peer)
                 .filter(|j| {

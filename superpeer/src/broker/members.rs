@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 
-use crate::proto::{GroupSummary, Member, NodeInfo, NodeLoad};
+use crate::proto::{GroupSummary, JobId, Member, NodeInfo, NodeLoad};
 
 /// How many times `lost_after` a new leader waits for a node that holds parts to register.
 /// Before it can register, such a node must notice that its super-peer is gone and find the new
@@ -35,7 +35,7 @@ pub(super) struct NodeEntry {
     last_seen: Instant,
     pub(super) lost: bool,
     /// Running jobs placed here that the node did not list at its heartbeats, and since when.
-    missing: HashMap<String, Instant>,
+    missing: HashMap<JobId, Instant>,
 }
 
 /// What happens to the membership.
@@ -48,7 +48,7 @@ pub(super) enum Input {
     Heartbeat {
         peer: PeerId,
         load: NodeLoad,
-        unlisted: Vec<String>,
+        unlisted: Vec<JobId>,
     },
     /// This broker has taken the lead; the log names `holding` as the nodes that hold parts.
     TookOver { holding: Vec<PeerId> },
@@ -71,7 +71,7 @@ pub(super) enum Effect {
     /// restarted within `lost_after` registers again, alive, without the parts it ran): its
     /// job fails.
     Vanished {
-        job: String,
+        job: JobId,
         peer: PeerId,
         name: String,
     },
@@ -151,7 +151,7 @@ impl Members {
         now: Instant,
         peer: PeerId,
         load: NodeLoad,
-        unlisted: Vec<String>,
+        unlisted: Vec<JobId>,
     ) -> Vec<Effect> {
         let Some(n) = self.nodes.get_mut(&peer).filter(|n| !n.lost) else {
             return vec![Effect::Unknown(peer)];

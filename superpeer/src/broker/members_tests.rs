@@ -29,7 +29,7 @@ fn beat(peer: PeerId, unlisted: &[&str]) -> Input {
     Input::Heartbeat {
         peer,
         load: NodeLoad::default(),
-        unlisted: unlisted.iter().map(|j| (*j).to_owned()).collect(),
+        unlisted: unlisted.iter().map(|j| (*j).into()).collect(),
     }
 }
 
@@ -142,16 +142,16 @@ fn a_part_unlisted_for_lost_after_has_vanished_and_one_listed_again_has_not() {
             info: info("n"),
         },
     );
-    m.on(t0, beat(n, &["j1", "j2"]));
+    m.on(t0, beat(n, &["j1-1-1", "j2-1-1"]));
     let at = t0 + Duration::from_secs(2);
-    m.on(at, beat(n, &["j1"])); // j2 is listed again
+    m.on(at, beat(n, &["j1-1-1"])); // j2 is listed again
     assert!(m.on(at, Input::Tick).is_empty());
     let later = t0 + LOST + Duration::from_millis(1);
-    m.on(later, beat(n, &["j1", "j2"])); // j2 unlisted anew: its clock starts now
+    m.on(later, beat(n, &["j1-1-1", "j2-1-1"])); // j2 unlisted anew: its clock starts now
     assert_eq!(
         m.on(later, Input::Tick),
         vec![Effect::Vanished {
-            job: "j1".into(),
+            job: "j1-1-1".into(),
             peer: n,
             name: "n".into()
         }]

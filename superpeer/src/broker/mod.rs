@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    ClientRequest, Failure, FailureKind, GroupInfo, NodeRequest, Response, SUBMIT_HOLD,
+    ClientRequest, Failure, FailureKind, GroupInfo, JobId, NodeRequest, Response, SUBMIT_HOLD,
 };
 use crate::site::Site;
 use mvm_queue::codec::Registry;
@@ -96,7 +96,7 @@ pub(super) struct View {
     /// Registered nodes' peer ids as text and names, for statuses.
     names: Mutex<members::Names>,
     /// Why each pending job waits, as the last try to place it found.
-    waiting: Mutex<HashMap<String, String>>,
+    waiting: Mutex<HashMap<JobId, String>>,
     /// The replicas, leader first.
     replicas: group::Replicas,
 }
@@ -228,7 +228,7 @@ impl Broker {
                     r => r,
                 }
             }
-            ClientRequest::Status { job } => self.status(who, job.as_deref()),
+            ClientRequest::Status { job } => self.status(who, job.as_ref()),
             ClientRequest::Wait {
                 job,
                 after,

@@ -8,7 +8,7 @@ use mvm_component::topology::{Topology, Vertex};
 use super::core::Core;
 use super::place::Checked;
 use crate::joblog::state::PartRecord;
-use crate::proto::{EnvSpec, Member, PartSpec, Submission, VmMode};
+use crate::proto::{EnvSpec, JobId, Member, PartSpec, Submission, VmMode};
 use crate::schedule::{self, Candidate, ScheduleError};
 
 /// Why a job cannot be placed in this group now.
@@ -99,7 +99,7 @@ impl Core {
     /// What each node of a placed job is sent to prepare its part.
     pub(super) fn specs(
         &self,
-        id: &str,
+        id: &JobId,
         owner: &Principal,
         s: &Submission,
         c: &Checked,
@@ -158,7 +158,7 @@ impl Core {
     /// those slots for `job` in the ledger.
     pub(super) fn plan(
         &mut self,
-        job: &str,
+        job: &JobId,
         s: &Submission,
         c: &Checked,
     ) -> Result<Plan, PlaceError> {

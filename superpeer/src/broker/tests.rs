@@ -231,7 +231,7 @@ async fn pending_jobs_go_by_priority_then_by_submission() {
         };
         let id = ids
             .iter()
-            .find(|i| i.starts_with(&format!("{running}-")))
+            .find(|i| i.as_str().starts_with(&format!("{running}-")))
             .expect("one of them")
             .clone();
         c.cancel(&id).await.expect("cancel");

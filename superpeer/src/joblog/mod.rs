@@ -34,7 +34,7 @@ use sha2::Digest;
 use tokio::sync::watch;
 
 use crate::net::Net;
-use crate::proto::{Failure, FailureKind, RaftRpc, Response};
+use crate::proto::{Failure, FailureKind, JobId, RaftRpc, Response};
 
 mod command;
 mod machine;
@@ -307,13 +307,13 @@ impl JobLog {
 
     /// Watches one job: the receiver sees the index of each entry applied here that changes
     /// it. Subscribe before reading the job, and no change is missed.
-    pub fn watch(&self, job: &str) -> watch::Receiver<u64> {
+    pub fn watch(&self, job: &JobId) -> watch::Receiver<u64> {
         let mut w = self.watchers.lock();
         match w.get(job) {
             Some(tx) => tx.subscribe(),
             None => {
                 let (tx, rx) = watch::channel(0);
-                w.insert(job.to_owned(), tx);
+                w.insert(job.clone(), tx);
                 rx
             }
         }

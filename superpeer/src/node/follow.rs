@@ -10,7 +10,7 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::Node;
 use crate::proto::{
-    FailureKind, GroupInfo, Member, NodeInfo, NodeLoad, NodeRequest, Request, Response,
+    FailureKind, GroupInfo, JobId, Member, NodeInfo, NodeLoad, NodeRequest, Request, Response,
 };
 
 /// What came of a request to the super-peer.
@@ -45,7 +45,7 @@ pub(super) enum Effect {
         register: bool,
     },
     /// Stop this node's part of `job`, which the leader `from` does not know running.
-    Stop { from: PeerId, job: String },
+    Stop { from: PeerId, job: JobId },
     /// The group's replicas, as the super-peer listed them (leader first).
     Members(Vec<Member>),
     /// Look for the leader among these addresses (and the bootstrap ones).

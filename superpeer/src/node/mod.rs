@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::environment::NodeOs;
-use crate::proto::{BrokerRequest, Failure, FailureKind, Member, Response};
+use crate::proto::{BrokerRequest, Failure, FailureKind, JobId, Member, Response};
 use crate::site::Site;
 
 mod follow;
@@ -35,7 +35,7 @@ enum Msg {
     /// An input of its parts.
     Input(parts::Input),
     /// A task of `job`'s (a queue stream's import), ended with it.
-    Attach(String, AbortHandle),
+    Attach(JobId, AbortHandle),
 }
 
 /// The inputs queued for the node's loop at most; more wait (backpressure on requests).
@@ -80,7 +80,7 @@ pub(crate) enum LinkProblem {
     #[error("the other node expects no such channel in job {job}")]
     Unexpected {
         /// The job.
-        job: String,
+        job: JobId,
     },
     /// The direct link did not connect in time.
     #[error("the direct link was not connected within {0:?}")]
@@ -186,7 +186,7 @@ impl Node {
     }
 
     /// The jobs whose parts are held now.
-    pub(crate) fn job_ids(&self) -> Vec<String> {
+    pub(crate) fn job_ids(&self) -> Vec<JobId> {
         self.held.jobs()
     }
 
@@ -247,7 +247,7 @@ impl Node {
         &self,
         from: PeerId,
         superpeer: bool,
-        job: String,
+        job: JobId,
         reason: String,
     ) -> Response {
         self.ask(|reply| parts::Input::Terminate {

@@ -56,7 +56,7 @@ impl Node {
             .filter(|&v| spec.placement[v] == spec.here)
             .collect();
         let probe = JobSpec {
-            id: spec.job.clone(),
+            id: spec.job.to_string(),
             topology: &topology,
             modules: HashMap::new(),
             params: BTreeMap::new(),
@@ -184,7 +184,7 @@ impl Node {
             }
         };
         let job = JobSpec {
-            id: spec.job.clone(),
+            id: spec.job.to_string(),
             topology: &topology,
             modules,
             params: spec.parameters.clone(),

@@ -30,9 +30,6 @@ pub enum CheckError {
         /// Which field, e.g. `the job name`.
         field: &'static str,
     },
-    /// Not a job id.
-    #[error("bad job id '{}'", .0.escape_default())]
-    JobId(String),
     /// Not a content hash.
     #[error("bad module hash '{}'", .0.escape_default())]
     Hash(String),
@@ -99,22 +96,6 @@ const MAX_ENTRIES: usize = 1 << 20;
 pub(super) fn check_name(field: &'static str, s: &str) -> Result<(), CheckError> {
     if s.is_empty() || s.len() > MAX_NAME || s.chars().any(char::is_control) {
         return Err(CheckError::Name { field });
-    }
-    Ok(())
-}
-
-/// Checks a job id: 1–128 characters of `[A-Za-z0-9._-]`.
-///
-/// # Errors
-/// [`CheckError::JobId`] when it is not one.
-pub fn check_job_id(s: &str) -> Result<(), CheckError> {
-    if s.is_empty()
-        || s.len() > 128
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(CheckError::JobId(s.to_owned()));
     }
     Ok(())
 }
@@ -216,11 +197,11 @@ impl ClientRequest {
                 check_len("modules", s.modules.len())?;
                 check_params(&s.parameters)
             }
-            ClientRequest::Status { job } => job.as_deref().map_or(Ok(()), check_job_id),
-            ClientRequest::Wait { job, .. }
-            | ClientRequest::Cancel { job }
-            | ClientRequest::Hold { job, .. } => check_job_id(job),
-            ClientRequest::PolicyReload => Ok(()),
+            ClientRequest::Status { .. }
+            | ClientRequest::Wait { .. }
+            | ClientRequest::Cancel { .. }
+            | ClientRequest::Hold { .. }
+            | ClientRequest::PolicyReload => Ok(()),
         }
     }
 }
@@ -238,8 +219,7 @@ impl NodeRequest {
             }
             NodeRequest::Heartbeat(l) => {
                 check_len("images", l.images.len())?;
-                check_len("jobs", l.jobs.len())?;
-                l.jobs.iter().try_for_each(|j| check_job_id(j))
+                check_len("jobs", l.jobs.len())
             }
             NodeRequest::Fetch { hash } => check_hash(hash),
             NodeRequest::Report(r) => r.validate(),
@@ -250,13 +230,9 @@ impl NodeRequest {
 impl BrokerRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
-            BrokerRequest::Start { job } => check_job_id(job),
-            BrokerRequest::Terminate { job, reason } => {
-                check_job_id(job)?;
-                check_len("reason bytes", reason.len())
-            }
+            BrokerRequest::Start { .. } => Ok(()),
+            BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
             BrokerRequest::Prepare(p) => {
-                check_job_id(&p.job)?;
                 check_principal(&p.owner)?;
                 check_name("the topology file name", &p.topology_file)?;
                 check_components(&p.components)?;
@@ -295,19 +271,15 @@ impl Response {
                 check_len("hashes", hashes.len())?;
                 hashes.iter().try_for_each(|h| check_hash(h))
             }
-            Response::Submitted(s) => check_job_id(&s.job),
             Response::Finished(r) => r.validate(),
-            Response::Status(v) => {
-                check_len("jobs", v.len())?;
-                v.iter().try_for_each(|s| check_job_id(&s.job))
-            }
+            Response::Status(v) => check_len("jobs", v.len()),
             Response::Registered { members, .. } => check_len("members", members.len()),
             Response::Heartbeat { members, stop, .. } => {
                 check_len("members", members.len())?;
-                check_len("jobs", stop.len())?;
-                stop.iter().try_for_each(|j| check_job_id(j))
+                check_len("jobs", stop.len())
             }
             Response::Ok
+            | Response::Submitted(_)
             | Response::Error(_)
             | Response::Group(_)
             | Response::Module(_)
@@ -330,24 +302,31 @@ mod tests {
     use crate::proto::{EnvSpec, LimitSpec, Member, PartSpec};
 
     #[test]
-    fn validation_refuses_bad_ids_hashes_and_parts() {
+    fn a_message_with_a_malformed_job_id_does_not_decode() {
+        let cancel = |job: &str| {
+            let mut buf = Vec::new();
+            // The same message as `ClientRequest::Cancel`, with any text for its id.
+            let msg = BTreeMap::from([(
+                "client",
+                BTreeMap::from([("cancel", BTreeMap::from([("job", job)]))]),
+            )]);
+            ciborium::into_writer(&msg, &mut buf).expect("encodes");
+            crate::proto::decode::<Request>(&buf)
+        };
+        for bad in ["a/b", "", "j-1", "ok-1.x_y"] {
+            let e = cancel(bad).expect_err(bad);
+            assert!(e.to_string().contains("job id"), "{e}");
+        }
+        let e = cancel("a b-1-1").expect_err("a space");
+        assert!(e.to_string().contains("job id `a b-1-1`: expected"), "{e}");
+        let ok = cancel("ok.x_y-1-a").expect("a job id");
         assert!(
-            ClientRequest::Cancel { job: "a/b".into() }
-                .validate()
-                .is_err()
+            matches!(ok, Request::Client(ClientRequest::Cancel { job }) if job.as_str() == "ok.x_y-1-a")
         );
-        assert!(
-            ClientRequest::Cancel { job: String::new() }
-                .validate()
-                .is_err()
-        );
-        assert!(
-            ClientRequest::Cancel {
-                job: "ok-1.x_y".into()
-            }
-            .validate()
-            .is_ok()
-        );
+    }
+
+    #[test]
+    fn validation_refuses_bad_hashes_and_parts() {
         assert!(NodeRequest::Fetch { hash: "ab".into() }.validate().is_err());
         assert!(
             NodeRequest::Fetch {
@@ -364,7 +343,7 @@ mod tests {
             .is_ok()
         );
         let part = PartSpec {
-            job: "j".into(),
+            job: "j-1-1".parse().expect("a job id"),
             topology_file: "t.dot".into(),
             topology: String::new(),
             queue: QueueConfig::default(),
@@ -434,12 +413,6 @@ mod tests {
         .expect_err("a control character");
         assert_eq!(e, CheckError::Name { field: "the group" });
         assert!(e.to_string().starts_with("the group must be"), "{e}");
-        let e = ClientRequest::Status {
-            job: Some("a b".into()),
-        }
-        .validate()
-        .expect_err("a space");
-        assert_eq!(e, CheckError::JobId("a b".into()));
         let e = check_len("hashes", MAX_ENTRIES + 1).expect_err("too many");
         assert_eq!(
             e.to_string(),

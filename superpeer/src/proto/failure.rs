@@ -127,10 +127,10 @@ mod tests {
         );
         let denied = PolicyError::Denied("no".into());
         assert_eq!(Failure::from(denied).kind, FailureKind::Refused);
-        let ended = CommandError::NoJob("j-1".into());
+        let ended = CommandError::NoJob("j-1-1".into());
         assert_eq!(
             Failure::from(ended),
-            Failure::new(FailureKind::Input, "no job j-1")
+            Failure::new(FailureKind::Input, "no job j-1-1")
         );
         assert_eq!(Failure::from(AuthError::Ca).kind, FailureKind::Refused);
         assert_eq!(Failure::from(EnvError::InUse).kind, FailureKind::Failed);

@@ -46,7 +46,7 @@ pub struct NodeLoad {
     pub images: Vec<String>,
     /// The jobs it runs parts of now (the leader answers which of them it must stop).
     #[serde(default)]
-    pub jobs: Vec<String>,
+    pub jobs: Vec<super::JobId>,
 }
 
 /// A member of a group, as the super-peer lists them.

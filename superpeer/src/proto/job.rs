@@ -8,8 +8,8 @@ pub use mvm_os::provision::VmMode;
 use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
-use super::check::{CheckError, check_job_id, check_len};
-use super::{ErrorKind, Member};
+use super::check::{CheckError, check_len};
+use super::{ErrorKind, JobId, Member};
 
 /// A job profile as sent to the broker: everything resolved, files inlined, modules by hash.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -132,7 +132,7 @@ pub struct EnvSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartSpec {
     /// The job id.
-    pub job: String,
+    pub job: JobId,
     /// The topology's file name and text (the whole graph; the node runs its part).
     pub topology_file: String,
     /// The topology.
@@ -168,7 +168,7 @@ pub struct PartSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartReport {
     /// The job id.
-    pub job: String,
+    pub job: JobId,
     /// Success (vertex outputs and traffic) or the first failure.
     pub outcome: Result<PartResult, VertexFailure>,
 }
@@ -179,7 +179,6 @@ impl PartReport {
     /// # Errors
     /// The first bad field.
     pub fn validate(&self) -> Result<(), CheckError> {
-        check_job_id(&self.job)?;
         if let Ok(res) = &self.outcome {
             check_len("outputs", res.outputs.len())?;
             check_len("traffic entries", res.traffic.len())?;
@@ -262,7 +261,7 @@ impl JobState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobStatus {
     /// The job id.
-    pub job: String,
+    pub job: JobId,
     /// The profile's name.
     pub name: String,
     /// The state.

@@ -26,12 +26,14 @@ mod check;
 mod failure;
 mod frame;
 mod group;
+mod id;
 mod job;
 
-pub use check::{CheckError, check_hash, check_job_id};
+pub use check::{CheckError, check_hash};
 pub use failure::{Failure, FailureKind};
 pub use frame::*;
 pub use group::*;
+pub use id::{Hash, IdError, JobId};
 pub use job::*;
 
 /// The certificate exchange on every new connection: each side opens one stream, sends a
@@ -84,12 +86,12 @@ pub enum ClientRequest {
     /// The status of one job, or of all.
     Status {
         /// A job id, or every job when `None`.
-        job: Option<String>,
+        job: Option<JobId>,
     },
     /// The job's status once its version passes `after` (or after a while).
     Wait {
         /// The job id.
-        job: String,
+        job: JobId,
         /// The last version seen.
         after: u64,
         /// Answer only once the job has ended (or after a while), not at every change.
@@ -99,14 +101,14 @@ pub enum ClientRequest {
     /// Hold a pending job back from placement (`true`), or release it.
     Hold {
         /// The job id.
-        job: String,
+        job: JobId,
         /// Hold or release.
         held: bool,
     },
     /// Cancel a job.
     Cancel {
         /// The job id.
-        job: String,
+        job: JobId,
     },
     /// An administrator → the super-peer holding the policies: read them again now.
     PolicyReload,
@@ -138,12 +140,12 @@ pub enum BrokerRequest {
     /// Start a prepared part.
     Start {
         /// The job id.
-        job: String,
+        job: JobId,
     },
     /// Stop a job's part (if any) and remove everything created for it.
     Terminate {
         /// The job id.
-        job: String,
+        job: JobId,
         /// Why, for the node's log.
         reason: String,
     },
@@ -236,7 +238,7 @@ pub enum Response {
         /// must stop (their `Terminate` did not arrive, or their leader was lost before it
         /// recorded them).
         #[serde(default)]
-        stop: Vec<String>,
+        stop: Vec<JobId>,
     },
     /// A module's bytes.
     Module(Bytes),

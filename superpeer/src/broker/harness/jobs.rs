@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::client::{Client, Prepared};
-use crate::proto::{JobState, JobStatus, LimitSpec, Requirements, Submission};
+use crate::proto::{JobId, JobState, JobStatus, LimitSpec, Requirements, Submission};
 
 /// A token ring of 8 vertices passing `hops` tokens, on at most `nodes` nodes.
 pub(crate) fn ring(name: &str, hops: u64, nodes: Option<u32>, priority: i32) -> Prepared {
@@ -50,7 +50,7 @@ pub(crate) async fn finished(c: &Client, job: &Prepared) -> JobStatus {
 }
 
 /// Waits until `job`'s state passes `pred`.
-pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool) -> JobStatus {
+pub(crate) async fn until(c: &Client, job: &JobId, pred: impl Fn(JobState) -> bool) -> JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     loop {
