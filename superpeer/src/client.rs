@@ -12,8 +12,8 @@ use mvm_component::profile::{Profile, parse_size};
 
 use crate::net::{Net, NetConfig, split_peer};
 use crate::proto::{
-    Failure, FailureKind, GroupInfo, JobId, JobStatus, LimitSpec, Request, Requirements, Response,
-    Submission,
+    Failure, FailureKind, GroupInfo, Hash, JobId, JobStatus, LimitSpec, Request, Requirements,
+    Response, Submission,
 };
 
 /// A job profile read from disk, ready to send: the submission and its modules' bytes.
@@ -22,7 +22,7 @@ pub struct Prepared {
     /// The submission (without module bytes).
     pub submission: Submission,
     /// Hash → bytes of every module.
-    pub modules: BTreeMap<String, Bytes>,
+    pub modules: BTreeMap<Hash, Bytes>,
 }
 
 fn input(m: impl Into<String>) -> Failure {
@@ -52,8 +52,8 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 p.display()
             ))
         })?;
-        let hash = crate::modules::hash(&bytes);
-        components.insert(component.clone(), hash.clone());
+        let hash = Hash::of(&bytes);
+        components.insert(component.clone(), hash);
         modules.insert(hash, Bytes::from(bytes));
     }
     let r = &profile.requirements;
@@ -114,7 +114,7 @@ pub struct Client {
     broker: PeerId,
     addrs: Vec<Multiaddr>,
     /// Module hashes the broker is known to hold (no need to ask again).
-    known: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+    known: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<Hash>>>,
 }
 
 impl Client {
@@ -239,7 +239,7 @@ impl Client {
     }
 
     async fn send(&self, job: &Prepared, wait: bool) -> Result<JobStatus, Failure> {
-        let hashes: Vec<String> = {
+        let hashes: Vec<Hash> = {
             let known = self.known.lock();
             job.modules
                 .keys()
@@ -346,7 +346,7 @@ impl Client {
     /// # Errors
     /// Refused (the user may not administer the domain), no policy directory there, or the
     /// changed files do not load (file and line; the old version stays).
-    pub async fn reload_policies(&self) -> Result<(u64, String), Failure> {
+    pub async fn reload_policies(&self) -> Result<(u64, Hash), Failure> {
         match self
             .net
             .call(

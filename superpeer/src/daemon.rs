@@ -402,7 +402,9 @@ impl Router {
         let site = &self.site;
         match request {
             Request::Broker(r) => self.node.handle(peer, r).await,
-            Request::Peer(PeerRequest::Policy { have }) => crate::policy::serve(site, who, &have),
+            Request::Peer(PeerRequest::Policy { have }) => {
+                crate::policy::serve(site, who, have.as_ref())
+            }
             Request::Client(ClientRequest::PolicyReload) => crate::policy::reload(site, who),
             Request::Peer(PeerRequest::Raft(rpc)) => match &self.broker {
                 Some(b) => b.log.serve(peer, who, &site.domain, rpc).await,

@@ -205,7 +205,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             #[derive(Serialize)]
             struct Reloaded {
                 version: u64,
-                digest: String,
+                digest: mvm_superpeer::proto::Hash,
             }
             crate::cmd::print(&Reloaded { version, digest }, out.output, |r| {
                 format!("policy version {} ({})", r.version, r.digest)

@@ -6,7 +6,7 @@ use mvm_component::policy::Principal;
 use super::fail;
 use super::plan::PlaceError;
 use crate::modules::ModuleStore;
-use crate::proto::{ClientRequest, FailureKind, GroupSummary, Request, Response, Submission};
+use crate::proto::{ClientRequest, FailureKind, GroupSummary, Hash, Request, Response, Submission};
 use crate::site::Site;
 
 /// Offers a job this group cannot place to the super-peers of the groups in `to` (see
@@ -30,7 +30,7 @@ pub(super) async fn forward(
             .iter()
             .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
             .collect();
-        let hashes: Vec<String> = s.components.values().cloned().collect();
+        let hashes: Vec<Hash> = s.components.values().copied().collect();
         let Ok(Response::Missing { hashes: missing }) = site
             .net
             .call(

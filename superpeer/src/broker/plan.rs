@@ -120,7 +120,7 @@ impl Core {
                     .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
                 mode: r.vm_mode.unwrap_or(VmMode::StopStart),
             });
-        let policy_digest = self.site.policies.current().digest.clone();
+        let policy_digest = self.site.policies.current().digest;
         plan.peers
             .iter()
             .enumerate()
@@ -130,7 +130,7 @@ impl Core {
                     .filter_map(|v| {
                         s.components
                             .get(&v.component)
-                            .map(|h| (v.component.clone(), h.clone()))
+                            .map(|h| (v.component.clone(), *h))
                     })
                     .collect();
                 let spec = PartSpec {
@@ -147,7 +147,7 @@ impl Core {
                     start: plan.peers.len() == 1,
                     environment: environment.clone(),
                     owner: owner.clone(),
-                    policy_digest: policy_digest.clone(),
+                    policy_digest,
                 };
                 (*p, spec)
             })

@@ -243,10 +243,8 @@ fn heavy_ring(name: &str) -> crate::client::Prepared {
     wat.push_str(")\n");
     let mut job = ring(name, 100, Some(2), 0);
     let module = bytes::Bytes::from(wat.into_bytes());
-    let hash = crate::modules::hash(&module);
-    job.submission
-        .components
-        .insert("token".into(), hash.clone());
+    let hash = crate::proto::Hash::of(&module);
+    job.submission.components.insert("token".into(), hash);
     job.modules = std::collections::BTreeMap::from([(hash, module)]);
     job
 }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::environment::NodeOs;
-use crate::proto::{BrokerRequest, Failure, FailureKind, JobId, Member, Response};
+use crate::proto::{BrokerRequest, Failure, FailureKind, Hash, JobId, Member, Response};
 use crate::site::Site;
 
 mod follow;
@@ -272,8 +272,8 @@ impl Node {
 
     /// This node's policy hook, from the policies the broker decided with (fetched from the
     /// super-peer first when this node holds others).
-    async fn node_policy(self: &Arc<Self>, digest: &str) -> NodePolicy {
-        if self.site.policies.current().digest != digest
+    async fn node_policy(self: &Arc<Self>, digest: &Hash) -> NodePolicy {
+        if self.site.policies.current().digest != *digest
             && let Err(e) = crate::policy::fetch_now(&self.site, self.superpeer()).await
         {
             tracing::warn!(error = %e, "policies not refreshed; deciding with the ones held");

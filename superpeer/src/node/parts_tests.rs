@@ -55,7 +55,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
             domain: "default".into(),
             roles: Vec::new(),
         },
-        policy_digest: String::new(),
+        policy_digest: crate::proto::Hash::of(b""),
     })
 }
 

@@ -10,7 +10,7 @@ use mvm_component::topology::{Options, Topology};
 
 use super::Node;
 use super::parts::Ready;
-use crate::proto::{Failure, FailureKind, NodeRequest, PartSpec, Request, Response};
+use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
 
 impl Node {
     /// Prepares a part: parses its topology, checks it against the node's policy, fetches and
@@ -92,16 +92,12 @@ impl Node {
         // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
         let mut modules = HashMap::new();
         for (component, hash) in &spec.components {
-            let module = match runtime.cache().get(hash) {
+            let module = match runtime.cache().get(&hash.to_string()) {
                 Some(m) => m,
                 None => {
                     let bytes = match self
                         .site
-                        .call(
-                            from,
-                            &[],
-                            Request::Node(NodeRequest::Fetch { hash: hash.clone() }),
-                        )
+                        .call(from, &[], Request::Node(NodeRequest::Fetch { hash: *hash }))
                         .await
                     {
                         Ok(Response::Module(b)) => b,
@@ -118,7 +114,7 @@ impl Node {
                             ));
                         }
                     };
-                    if crate::modules::hash(&bytes) != *hash {
+                    if Hash::of(&bytes) != *hash {
                         return Err(Failure::new(
                             FailureKind::Failed,
                             format!("module of '{component}' does not match its hash {hash}"),

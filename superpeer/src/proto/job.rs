@@ -9,7 +9,7 @@ use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
 use super::check::{CheckError, check_len};
-use super::{ErrorKind, JobId, Member};
+use super::{ErrorKind, Hash, JobId, Member};
 
 /// A job profile as sent to the broker: everything resolved, files inlined, modules by hash.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,7 +25,7 @@ pub struct Submission {
     /// The topology file's text.
     pub topology: String,
     /// Component name → module content hash.
-    pub components: BTreeMap<String, String>,
+    pub components: BTreeMap<String, Hash>,
     /// Module bytes the broker said it lacks.
     pub modules: Vec<Bytes>,
     /// Job parameters.
@@ -140,7 +140,7 @@ pub struct PartSpec {
     /// Queue defaults.
     pub queue: QueueConfig,
     /// Component name → module hash (only components of this part's vertices).
-    pub components: BTreeMap<String, String>,
+    pub components: BTreeMap<String, Hash>,
     /// Job parameters.
     pub parameters: BTreeMap<String, String>,
     /// Limits.
@@ -161,7 +161,7 @@ pub struct PartSpec {
     pub owner: Principal,
     /// The digest of the policies the broker decided with; a node that holds other ones
     /// fetches the broker's before it decides.
-    pub policy_digest: String,
+    pub policy_digest: Hash,
 }
 
 /// How a part of a job ended.

@@ -4,13 +4,15 @@
 //! certificates have passed on [`HELLO_PROTOCOL`] (see the `net` and `rpc` modules). Messages
 //! are CBOR in a frame with its length first; a frame larger than the reader's limit is
 //! refused before it is read. The protocol id carries the version: a peer speaking another
-//! version fails negotiation instead of misreading messages. Every message is checked by
-//! [`Request::validate`] / [`Response::validate`] before it is acted on: bounded strings and
-//! lists, well-formed ids and hashes. A request says by its kind who sends it to whom
+//! version fails negotiation instead of misreading messages. Ids and hashes are typed
+//! ([`JobId`], [`Hash`]): a message with a malformed one does not decode. Every message is then
+//! checked by [`Request::validate`] / [`Response::validate`] before it is acted on: bounded
+//! strings and lists, names, parts. A request says by its kind who sends it to whom
 //! ([`ClientRequest`], [`NodeRequest`], [`BrokerRequest`], [`PeerRequest`]).
 //!
 //! - `job`: jobs as submitted, placed, reported and seen.
 //! - `group`: nodes, members and groups.
+//! - `id`: job ids and content hashes.
 //! - `frame`: frames, the hello messages, and the stream headers.
 //! - `check`: the checks of every message.
 //! - `failure`: why a request failed, and the class of failure of every error that can reach
@@ -29,7 +31,7 @@ mod group;
 mod id;
 mod job;
 
-pub use check::{CheckError, check_hash};
+pub use check::CheckError;
 pub use failure::{Failure, FailureKind};
 pub use frame::*;
 pub use group::*;
@@ -78,8 +80,8 @@ pub enum Request {
 pub enum ClientRequest {
     /// Which of these module hashes the broker lacks.
     Missing {
-        /// Content hashes (SHA-256, lowercase hex).
-        hashes: Vec<String>,
+        /// Content hashes.
+        hashes: Vec<Hash>,
     },
     /// Run a job.
     Submit(Box<Submission>),
@@ -125,7 +127,7 @@ pub enum NodeRequest {
     /// The bytes of a module.
     Fetch {
         /// Its content hash.
-        hash: String,
+        hash: Hash,
     },
     /// The end of its part of a job.
     Report(Box<PartReport>),
@@ -157,8 +159,8 @@ pub enum BrokerRequest {
 pub enum PeerRequest {
     /// The policy bundle, unless its digest is `have`.
     Policy {
-        /// The digest the asker holds (empty: none).
-        have: String,
+        /// The digest of the policies the asker holds, if any.
+        have: Option<Hash>,
     },
     /// A message of the group's replicated job log (super-peer ↔ super-peer).
     Raft(RaftRpc),
@@ -212,7 +214,7 @@ pub enum Response {
     /// The hashes the broker lacks.
     Missing {
         /// Content hashes.
-        hashes: Vec<String>,
+        hashes: Vec<Hash>,
     },
     /// A job was accepted and placed.
     Submitted(JobStatus),
@@ -252,7 +254,7 @@ pub enum Response {
         /// Its version there.
         version: u64,
         /// Its digest.
-        digest: String,
+        digest: Hash,
         /// The files, unless the asker holds them already.
         bundle: Option<Bundle>,
     },

@@ -62,7 +62,7 @@ mod network {
     use crate::net::{Net, NetConfig};
     use crate::pki::{Ca, Credentials, Subject};
     use crate::proto::NodeRequest;
-    use crate::proto::{self, Request, Response};
+    use crate::proto::{self, Hash, Request, Response};
     use mvm_component::policy::PrincipalKind;
 
     fn subject(kind: PrincipalKind, name: &str) -> Subject {
@@ -88,9 +88,8 @@ mod network {
         // The server answers a fetch of hash H with H's bytes, holding every answer back until
         // eight have come in and then answering them in reverse, and drops a fetch of all 'e's
         // unanswered.
-        let dropped = "e".repeat(64);
+        let dropped: Hash = "e".repeat(64).parse().expect("a hash");
         let server_task = tokio::spawn({
-            let dropped = dropped.clone();
             async move {
                 let mut held = Vec::new();
                 while let Some(i) = inbound.recv().await {
@@ -108,7 +107,7 @@ mod network {
                             let Request::Node(NodeRequest::Fetch { hash }) = &i.request else {
                                 continue;
                             };
-                            let bytes = hash.clone().into_bytes().into();
+                            let bytes = hash.to_string().into_bytes().into();
                             i.reply(Response::Module(bytes)).await;
                         }
                     }
@@ -122,7 +121,7 @@ mod network {
             .expect("client");
         let peer = server.peer();
         let fetch = |n: u32| NodeRequest::Fetch {
-            hash: format!("{n:064x}"),
+            hash: format!("{n:064x}").parse().expect("a hash"),
         };
         // Rounds of eight concurrent requests; the first eight wait together for the peer to
         // pass and for the one stream to open.
