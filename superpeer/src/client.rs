@@ -146,11 +146,11 @@ impl Client {
             .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
         let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
         for text in addrs {
-            let mut next = Some(text.clone());
+            let mut next = Some(split_peer(text).map_err(input)?);
             // At most one redirect: the node's super-peer must answer as one.
             for _ in 0..2 {
-                let Some(t) = next.take() else { break };
-                let (peer, a) = split_peer(&t).map_err(input)?;
+                let Some((peer, a)) = next.take() else { break };
+                let t = crate::net::with_peer(&a, peer);
                 let probe = net.call(peer, std::slice::from_ref(&a), Request::Leader);
                 match tokio::time::timeout(Duration::from_secs(5), probe).await {
                     Ok(Ok(Response::Group(g))) if g.is_broker => {
@@ -166,12 +166,7 @@ impl Client {
                             FailureKind::Unavailable,
                             format!("{t} is not a super-peer and knows none that answers"),
                         );
-                        next = g
-                            .broker_addrs
-                            .iter()
-                            .find(|b| b.contains("/tcp/"))
-                            .or(g.broker_addrs.first())
-                            .cloned();
+                        next = preferred(&g.broker_addrs).and_then(crate::net::split_addr);
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => last = e,
@@ -193,15 +188,11 @@ impl Client {
     /// # Errors
     /// The status names a super-peer address that cannot be used.
     pub fn follow(&self, job: &JobStatus) -> Result<Client, Failure> {
-        let Some(addr) = job
-            .broker_addrs
-            .iter()
-            .find(|a| a.contains("/tcp/"))
-            .or(job.broker_addrs.first())
-        else {
+        let Some(addr) = preferred(&job.broker_addrs) else {
             return Ok(self.clone());
         };
-        let (broker, a) = split_peer(addr).map_err(input)?;
+        let (broker, a) = crate::net::split_addr(addr)
+            .ok_or_else(|| input(format!("the job's super-peer address {addr} names no peer")))?;
         Ok(Client {
             net: self.net.clone(),
             broker,
@@ -377,6 +368,15 @@ impl Client {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+/// The address to reach a super-peer at among `addrs`: the first over TCP, or else the first.
+fn preferred(addrs: &[Multiaddr]) -> Option<&Multiaddr> {
+    let tcp = |a: &&Multiaddr| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+    };
+    addrs.iter().find(tcp).or(addrs.first())
 }
 
 fn unexpected(r: &Response) -> Failure {

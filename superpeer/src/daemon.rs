@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 use mvm_component::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use mvm_queue::Controller;
@@ -189,17 +189,15 @@ impl Daemon {
             }
             _ => None,
         };
-        let superpeer = match (config.broker, config.bootstrap.first()) {
+        let bootstrap = config
+            .bootstrap
+            .iter()
+            .map(|b| crate::net::split_peer(b).map_err(DaemonError::Address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let superpeer = match (config.broker, bootstrap.first()) {
             (true, _) => None,
             (false, None) => return Err(DaemonError::NoBootstrap),
-            (false, Some(_)) => {
-                let mut first = None;
-                for b in &config.bootstrap {
-                    let (peer, addr) = crate::net::split_peer(b).map_err(DaemonError::Address)?;
-                    first.get_or_insert((peer, vec![addr]));
-                }
-                first
-            }
+            (false, Some((peer, addr))) => Some((*peer, vec![addr.clone()])),
         };
         let runtime = if config.slots > 0 {
             Some(Runtime::new(&RuntimeConfig {
@@ -287,7 +285,7 @@ impl Daemon {
                 slots: config.slots,
                 eligible: config.broker,
                 images: config.images.clone(),
-                bootstrap: config.bootstrap.clone(),
+                bootstrap,
             },
             runtime,
             queues,
@@ -312,7 +310,7 @@ impl Daemon {
     }
 
     /// Its addresses with `/p2p/PEER`.
-    pub fn dial_addrs(&self) -> Vec<String> {
+    pub fn dial_addrs(&self) -> Vec<Multiaddr> {
         self.router.site.net.dial_addrs()
     }
 

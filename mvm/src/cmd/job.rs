@@ -233,7 +233,11 @@ pub(crate) fn summary(s: &JobStatus) -> String {
         s.wall_ms as f64 / 1000.0
     ));
     for p in &s.parts {
-        let name = if p.name.is_empty() { &p.node } else { &p.name };
+        let name = if p.name.is_empty() {
+            p.node.to_string()
+        } else {
+            p.name.clone()
+        };
         out.push_str(&format!("  node {name}: {} vertices\n", p.vertices.len()));
     }
     for t in &s.traffic {

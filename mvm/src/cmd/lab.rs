@@ -655,7 +655,7 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
         .iter()
         .zip(&info.pids)
         .map(|((name, peer), pid)| {
-            let role = if g.broker.as_deref() == Some(peer.as_str()) {
+            let role = if g.broker.is_some_and(|b| b.to_string() == *peer) {
                 "leader"
             } else if name.starts_with("superpeer") {
                 "replica"
@@ -670,7 +670,9 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
     crate::cmd::print(&v, a.out.output, |_| {
         let mut s = format!(
             "super-peer {} leads\n",
-            g.broker_addrs.first().map_or("?", String::as_str)
+            g.broker_addrs
+                .first()
+                .map_or_else(|| "?".to_owned(), ToString::to_string)
         );
         for d in v["daemons"].as_array().into_iter().flatten() {
             s.push_str(&format!(

@@ -1,6 +1,6 @@
 //! Forwarding: a job this group cannot place goes to another group's super-peer that can.
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 use mvm_component::policy::Principal;
 
 use super::fail;
@@ -22,13 +22,11 @@ pub(super) async fn forward(
 ) -> Response {
     let mut tried = Vec::new();
     for g in to {
-        let Ok(peer) = g.broker.parse::<PeerId>() else {
-            continue;
-        };
+        let peer = g.broker;
         let addrs: Vec<Multiaddr> = g
             .addrs
             .iter()
-            .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
+            .filter_map(|a| crate::net::split_addr(a).map(|(_, a)| a))
             .collect();
         let hashes: Vec<Hash> = s.components.values().copied().collect();
         let Ok(Response::Missing { hashes: missing }) = site

@@ -22,8 +22,8 @@ pub(super) const TAKEOVER_GRACE: u32 = 4;
 /// How long a group summary stays valid without being heard again.
 pub(super) const SUMMARY_TTL: Duration = Duration::from_secs(5);
 
-/// Registered nodes' peer ids as text, and names.
-pub(super) type Names = HashMap<PeerId, (String, String)>;
+/// Registered nodes' names.
+pub(super) type Names = HashMap<PeerId, String>;
 
 /// A registered node.
 pub(super) struct NodeEntry {
@@ -84,7 +84,7 @@ pub(super) struct Members {
     /// since when it waits for them.
     expected: HashMap<PeerId, Instant>,
     /// Other groups' summaries, by super-peer, with when they were heard.
-    groups: HashMap<String, (GroupSummary, Instant)>,
+    groups: HashMap<PeerId, (GroupSummary, Instant)>,
     lost_after: Duration,
 }
 
@@ -120,7 +120,7 @@ impl Members {
                 Vec::new()
             }
             Input::Heard(s) => {
-                self.groups.insert(s.broker.clone(), (s, now));
+                self.groups.insert(s.broker, (s, now));
                 Vec::new()
             }
             Input::Tick => self.tick(now),
@@ -128,11 +128,11 @@ impl Members {
     }
 
     fn register(&mut self, now: Instant, peer: PeerId, info: NodeInfo) {
-        let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let addrs = info.addrs.clone();
         self.expected.remove(&peer);
         let member = Member {
-            peer: peer.to_string(),
-            addrs: addrs.iter().map(ToString::to_string).collect(),
+            peer,
+            addrs: addrs.clone(),
             eligible: false,
         };
         let entry = NodeEntry {
@@ -220,11 +220,11 @@ impl Members {
     }
 
     /// The other groups heard from within [`SUMMARY_TTL`] of `now`, but not `me`, by name.
-    pub(super) fn groups(&self, now: Instant, me: &str) -> Vec<GroupSummary> {
+    pub(super) fn groups(&self, now: Instant, me: &PeerId) -> Vec<GroupSummary> {
         let mut v: Vec<GroupSummary> = self
             .groups
             .values()
-            .filter(|(s, at)| s.broker != me && now.saturating_duration_since(*at) < SUMMARY_TTL)
+            .filter(|(s, at)| s.broker != *me && now.saturating_duration_since(*at) < SUMMARY_TTL)
             .map(|(s, _)| s.clone())
             .collect();
         v.sort_by(|a, b| a.group.cmp(&b.group));
@@ -235,7 +235,7 @@ impl Members {
     pub(super) fn member(&self, peer: &PeerId) -> Member {
         self.nodes.get(peer).map_or_else(
             || Member {
-                peer: peer.to_string(),
+                peer: *peer,
                 addrs: Vec::new(),
                 eligible: false,
             },

@@ -93,7 +93,7 @@ pub(crate) struct Broker {
 /// What the broker's loop publishes for the readers on requests' tasks.
 #[derive(Default)]
 pub(super) struct View {
-    /// Registered nodes' peer ids as text and names, for statuses.
+    /// Registered nodes' names, for statuses.
     names: Mutex<members::Names>,
     /// Why each pending job waits, as the last try to place it found.
     waiting: Mutex<HashMap<JobId, String>>,
@@ -113,15 +113,14 @@ fn leader_view(site: &Site, log: &JobLog, replicas: &group::Replicas) -> GroupIn
     let me = site.net.peer();
     GroupInfo {
         group: site.group.clone(),
-        broker: leader.map(|p| p.to_string()),
+        broker: leader,
         broker_addrs: if leader == Some(me) {
             site.net.dial_addrs()
         } else {
-            let leader = leader.map(|l| l.to_string());
             replicas
                 .get(log)
                 .into_iter()
-                .find(|m| Some(&m.peer) == leader.as_ref())
+                .find(|m| Some(m.peer) == leader)
                 .map(|m| m.addrs)
                 .unwrap_or_default()
         },

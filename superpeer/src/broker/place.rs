@@ -231,10 +231,9 @@ impl Core {
     /// asks for; the one with the most free slots first.
     fn forward_to(&self, s: &Submission, owner: &Principal, vertices: usize) -> Vec<GroupSummary> {
         let r = &s.requirements;
-        let me = self.site.net.peer().to_string();
         let mut fits: Vec<GroupSummary> = self
             .members
-            .groups(std::time::Instant::now(), &me)
+            .groups(std::time::Instant::now(), &self.site.net.peer())
             .into_iter()
             .filter(|g| {
                 (g.domain == self.site.domain || inter_domain_allows(&self.site, owner, g))

@@ -35,17 +35,11 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         parts: j
             .parts
             .iter()
-            .map(|p| {
-                let (node, name) = names
-                    .get(&p.node)
-                    .cloned()
-                    .unwrap_or_else(|| (p.node.to_string(), String::new()));
-                PartStatus {
-                    node,
-                    name,
-                    vertices: p.vertices.clone(),
-                    done: p.done,
-                }
+            .map(|p| PartStatus {
+                node: p.node,
+                name: names.get(&p.node).cloned().unwrap_or_default(),
+                vertices: p.vertices.clone(),
+                done: p.done,
             })
             .collect(),
         outputs: j.outputs.clone(),

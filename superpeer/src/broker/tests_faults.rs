@@ -37,10 +37,7 @@ async fn one_leader(lab: &Lab) -> usize {
         }
         leaders.dedup();
         let [leader] = &leaders[..] else { return None };
-        let i = lab
-            .superpeers
-            .iter()
-            .position(|s| s.peer.to_string() == *leader)?;
+        let i = lab.superpeers.iter().position(|s| s.peer == *leader)?;
         (brokers == 1).then_some(i)
     })
     .await

@@ -128,7 +128,7 @@ pub struct Gossip {
 }
 
 /// The gossip topic of group summaries exchanged by super-peers.
-pub const GROUPS_TOPIC: &str = "/mvm/groups/1";
+pub const GROUPS_TOPIC: &str = "/mvm/groups/2";
 
 /// A handle on a running swarm; cheap to clone.
 #[derive(Clone)]
@@ -264,6 +264,15 @@ pub fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
     }
 }
 
+/// Splits an address ending in `/p2p/PEER` into the peer and the address before it.
+pub fn split_addr(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some((peer, base)),
+        _ => None,
+    }
+}
+
 /// Splits `/…/p2p/PEER` into the peer and the address.
 ///
 /// # Errors
@@ -297,12 +306,9 @@ impl Net {
         &self.addrs
     }
 
-    /// The addresses as strings with `/p2p/PEER`, for others to dial.
-    pub fn dial_addrs(&self) -> Vec<String> {
-        self.addrs
-            .iter()
-            .map(|a| with_peer(a, self.peer).to_string())
-            .collect()
+    /// The addresses with `/p2p/PEER`, for others to dial.
+    pub fn dial_addrs(&self) -> Vec<Multiaddr> {
+        self.addrs.iter().map(|a| with_peer(a, self.peer)).collect()
     }
 
     /// Who this daemon is, as its certificate says.

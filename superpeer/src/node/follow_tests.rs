@@ -15,8 +15,12 @@ fn addr(port: u16) -> Multiaddr {
 
 fn member(peer: PeerId, port: u16) -> Member {
     Member {
-        peer: peer.to_string(),
-        addrs: vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")],
+        peer,
+        addrs: vec![
+            format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")
+                .parse()
+                .expect("an address"),
+        ],
         eligible: true,
     }
 }

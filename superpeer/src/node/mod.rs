@@ -148,8 +148,8 @@ pub(crate) struct NodeConfig {
     pub(crate) eligible: bool,
     /// The image ids offered besides its repository's.
     pub(crate) images: Vec<String>,
-    /// Super-peer addresses to register with (`/…/p2p/PEER`).
-    pub(crate) bootstrap: Vec<String>,
+    /// Super-peers to register with, and their addresses.
+    pub(crate) bootstrap: Vec<(PeerId, Multiaddr)>,
 }
 
 impl Node {

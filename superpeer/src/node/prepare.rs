@@ -75,20 +75,11 @@ impl Node {
                 format!("{at}refused by the node-level policy: {}", r.reason),
             ));
         }
-        let mut parts = Vec::new();
-        for m in &spec.parts {
-            let peer: PeerId = match m.peer.parse() {
-                Ok(p) => p,
-                Err(_) => {
-                    return Err(Failure::new(
-                        FailureKind::Input,
-                        format!("bad peer id '{}'", m.peer),
-                    ));
-                }
-            };
-            let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            parts.push((peer, addrs));
-        }
+        let parts: Vec<_> = spec
+            .parts
+            .iter()
+            .map(|m| (m.peer, m.addrs.clone()))
+            .collect();
         // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
         let mut modules = HashMap::new();
         for (component, hash) in &spec.components {

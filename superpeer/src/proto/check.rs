@@ -320,7 +320,7 @@ mod tests {
             placement: vec![0, 2],
             parts: vec![
                 Member {
-                    peer: "p".into(),
+                    peer: libp2p::PeerId::random(),
                     addrs: vec![],
                     eligible: true
                 };

@@ -293,14 +293,14 @@ pub struct JobStatus {
     pub owner: String,
     /// When another group's super-peer holds the job (it was forwarded there): its addresses.
     #[serde(default)]
-    pub broker_addrs: Vec<String>,
+    pub broker_addrs: Vec<libp2p::Multiaddr>,
 }
 
 /// A job's part as the broker sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartStatus {
     /// The node's peer id.
-    pub node: String,
+    pub node: libp2p::PeerId,
     /// Its name.
     pub name: String,
     /// The part's vertices.

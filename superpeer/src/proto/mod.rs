@@ -44,7 +44,7 @@ pub const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/hello/1");
 
 /// Control streams: every request and answer between peers whose certificates have passed,
 /// many on one stream (see the `rpc` module).
-pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/3");
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/4");
 
 /// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]); its number
 /// follows the queue layer's frame version.
