@@ -431,7 +431,7 @@ pub async fn fetch_image(
             }
         }
     };
-    let req = crate::proto::ImageRequest { id: id.to_string() };
+    let req = crate::proto::ImageRequest { id: id.clone() };
     crate::proto::write_frame(&mut stream, &req, crate::proto::MAX_HEADER)
         .await
         .map_err(|e| unavailable(format!("{peer}: {e}")))?;

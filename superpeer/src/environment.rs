@@ -239,19 +239,14 @@ pub(crate) async fn serve_images(site: Arc<crate::site::Site>, os: Arc<NodeOs>) 
                     action: "use-image".into(),
                     resource: mvm_component::policy::Resource::Image(
                         mvm_component::policy::Image {
-                            id: req.id.clone(),
+                            id: req.id.to_string(),
                             domain: site.domain.clone(),
                         },
                     ),
                 })
                 .into_result();
             let refused = allowed.is_err();
-            let found = allowed.and_then(|()| {
-                req.id
-                    .parse::<ImageId>()
-                    .map_err(|e| e.to_string())
-                    .and_then(|id| os.repo.get(&id).map_err(|e| e.to_string()))
-            });
+            let found = allowed.and_then(|()| os.repo.get(&req.id).map_err(|e| e.to_string()));
             let header = crate::proto::ImageHeader {
                 image: found
                     .as_ref()

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Asks a node for an image's bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageRequest {
-    /// `name:version@sha256:HEX`.
-    pub id: String,
+    /// The image (`name:version@sha256:HEX` on the wire).
+    pub id: mvm_os::image::ImageId,
 }
 
 /// A node's answer: the image's metadata and size (then that many bytes), or why not.
