@@ -123,7 +123,7 @@ impl Client {
     /// # Errors
     /// A bad address, or the network cannot be set up.
     pub async fn new(creds: &Credentials, addr: &str) -> Result<Client, Failure> {
-        let (broker, a) = split_peer(addr).map_err(input)?;
+        let (broker, a) = split_peer(addr)?;
         let (net, _inbound) = Net::start(creds, &NetConfig::default())
             .await
             .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
@@ -146,7 +146,7 @@ impl Client {
             .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
         let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
         for text in addrs {
-            let mut next = Some(split_peer(text).map_err(input)?);
+            let mut next = Some(split_peer(text)?);
             // At most one redirect: the node's super-peer must answer as one.
             for _ in 0..2 {
                 let Some((peer, a)) = next.take() else { break };
@@ -404,7 +404,7 @@ pub async fn fetch_image(
     use futures::AsyncReadExt;
     use std::io::Seek;
 
-    let (peer, a) = split_peer(addr).map_err(input)?;
+    let (peer, a) = split_peer(addr)?;
     let (net, _inbound) = Net::start(creds, &NetConfig::default())
         .await
         .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;

@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::environment::{EnvError, NodeOs, OsConfig};
 use crate::joblog::{JobLog, LogConfig, LogError, Replica};
 use crate::modules::ModuleStore;
-use crate::net::{Inbound, Net, NetConfig};
+use crate::net::{AddrError, Inbound, Net, NetConfig};
 use crate::node::{Node, NodeConfig};
 use crate::pki::Credentials;
 use crate::policy::{Policies, PolicyError, PolicySource};
@@ -122,8 +122,8 @@ pub enum DaemonError {
     #[error("a node needs a super-peer address (--bootstrap)")]
     NoBootstrap,
     /// A bootstrap or replica address that is not a peer's.
-    #[error("{0}")]
-    Address(String),
+    #[error(transparent)]
+    Address(#[from] AddrError),
     /// The WebAssembly runtime cannot be made.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),

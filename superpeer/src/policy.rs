@@ -37,7 +37,7 @@ pub enum PolicyError {
     Digest,
     /// The configured source is not the address of a super-peer.
     #[error("the policy source: {0}")]
-    Source(String),
+    Source(crate::net::AddrError),
     /// The source answered with something other than policies.
     #[error("{0} answered a policy request with something else")]
     Answer(libp2p::PeerId),

@@ -19,6 +19,7 @@
 //! exchange's event, not by polling) until both certificates have passed on a connection. A
 //! peer's identity ends with the last connection it passed on.
 //!
+//! - `addr`: peers' addresses (`/…/p2p/PEER`).
 //! - `swarm`: building the swarm and starting its task ([`Net::start`]).
 //! - `actor`: that task: commands, swarm events, the closing of connections that fail.
 //! - `hello`: the certificate exchange (a behaviour and its connection handler).
@@ -40,10 +41,13 @@ use crate::rpc::{self, Links, Sent};
 use hello::Known;
 
 mod actor;
+mod addr;
 mod gate;
 mod hello;
 mod ports;
 mod swarm;
+
+pub use addr::{AddrError, split_addr, split_peer, with_peer};
 
 /// How a daemon's network is set up.
 #[derive(Debug, Clone)]
@@ -250,42 +254,6 @@ pub(crate) fn busy() -> Failure {
         FailureKind::Unavailable,
         "this daemon is too busy to take the request",
     )
-}
-
-/// Adds `/p2p/PEER` to an address that lacks it.
-pub fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
-    if addr
-        .iter()
-        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
-    {
-        addr.clone()
-    } else {
-        addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer))
-    }
-}
-
-/// Splits an address ending in `/p2p/PEER` into the peer and the address before it.
-pub fn split_addr(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
-    let mut base = addr.clone();
-    match base.pop() {
-        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some((peer, base)),
-        _ => None,
-    }
-}
-
-/// Splits `/…/p2p/PEER` into the peer and the address.
-///
-/// # Errors
-/// The text is not a multiaddress ending in `/p2p/PEER`.
-pub fn split_peer(text: &str) -> Result<(PeerId, Multiaddr), String> {
-    let addr: Multiaddr = text
-        .parse()
-        .map_err(|e| format!("'{text}' is not a multiaddress: {e}"))?;
-    let mut base = addr.clone();
-    match base.pop() {
-        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok((peer, base)),
-        _ => Err(format!("'{text}' does not end in /p2p/PEER-ID")),
-    }
 }
 
 impl Net {

@@ -10,6 +10,7 @@ use super::{CheckError, LimitError};
 use crate::broker::{PlaceError, Refusal};
 use crate::environment::EnvError;
 use crate::joblog::{CommandError, LogError};
+use crate::net::AddrError;
 use crate::pki::AuthError;
 use crate::policy::PolicyError;
 use crate::schedule::ScheduleError;
@@ -103,6 +104,8 @@ kinds! {
     };
     /// An environment that cannot be made is a failure of the node.
     EnvError => |_| FailureKind::Failed;
+    /// An address that names no peer is bad input.
+    AddrError => |_| FailureKind::Input;
 }
 
 #[cfg(test)]
@@ -134,5 +137,7 @@ mod tests {
         );
         assert_eq!(Failure::from(AuthError::Ca).kind, FailureKind::Refused);
         assert_eq!(Failure::from(EnvError::InUse).kind, FailureKind::Failed);
+        let nowhere = crate::net::split_peer("nowhere").expect_err("no address");
+        assert_eq!(Failure::from(nowhere).kind, FailureKind::Input);
     }
 }
