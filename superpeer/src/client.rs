@@ -124,9 +124,7 @@ impl Client {
     /// A bad address, or the network cannot be set up.
     pub async fn new(creds: &Credentials, addr: &str) -> Result<Client, Failure> {
         let (broker, a) = split_peer(addr)?;
-        let (net, _inbound) = Net::start(creds, &NetConfig::default())
-            .await
-            .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+        let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
         Ok(Client {
             net,
             broker,
@@ -141,9 +139,7 @@ impl Client {
     /// # Errors
     /// No address leads to a super-peer.
     pub async fn find(creds: &Credentials, addrs: &[String]) -> Result<Client, Failure> {
-        let (net, _inbound) = Net::start(creds, &NetConfig::default())
-            .await
-            .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+        let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
         let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
         for text in addrs {
             let mut next = Some(split_peer(text)?);
@@ -405,9 +401,7 @@ pub async fn fetch_image(
     use std::io::Seek;
 
     let (peer, a) = split_peer(addr)?;
-    let (net, _inbound) = Net::start(creds, &NetConfig::default())
-        .await
-        .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+    let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
     // The node drops streams from peers whose certificate has not passed.
     net.authenticate(peer, &[a])
         .await

@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::environment::{EnvError, NodeOs, OsConfig};
 use crate::joblog::{JobLog, LogConfig, LogError, Replica};
 use crate::modules::ModuleStore;
-use crate::net::{AddrError, Inbound, Net, NetConfig};
+use crate::net::{AddrError, Inbound, Net, NetConfig, StartError};
 use crate::node::{Node, NodeConfig};
 use crate::pki::Credentials;
 use crate::policy::{Policies, PolicyError, PolicySource};
@@ -128,8 +128,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// The network cannot be started.
-    #[error("{0}")]
-    Net(String),
+    #[error(transparent)]
+    Net(#[from] StartError),
     /// No directory can be made for the job log.
     #[error("a directory for the job log: {0}")]
     Scratch(std::io::Error),

@@ -48,6 +48,7 @@ mod ports;
 mod swarm;
 
 pub use addr::{AddrError, split_addr, split_peer, with_peer};
+pub use swarm::StartError;
 
 /// How a daemon's network is set up.
 #[derive(Debug, Clone)]
@@ -88,6 +89,11 @@ pub(crate) fn answer(r: Result<Response, NetError>) -> Result<Response, Failure>
         Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
     }
 }
+
+/// A protocol whose inbound streams are taken already (by another [`Net::accept`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the streams of {0} are accepted already")]
+pub struct AlreadyAccepted(pub libp2p::StreamProtocol);
 
 /// A request that failed on the way (not an error answer from the peer).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -341,13 +347,13 @@ impl Net {
         protocol: libp2p::StreamProtocol,
     ) -> Result<
         impl futures::Stream<Item = (PeerId, Principal, libp2p::Stream)> + Send + Unpin + use<>,
-        String,
+        AlreadyAccepted,
     > {
         let incoming = self
             .streams
             .clone()
             .accept(protocol.clone())
-            .map_err(|e| format!("{protocol}: {e}"))?;
+            .map_err(|_| AlreadyAccepted(protocol.clone()))?;
         let known = self.known.clone();
         Ok(futures::StreamExt::filter_map(
             incoming,

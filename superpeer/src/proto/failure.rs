@@ -10,7 +10,7 @@ use super::{CheckError, LimitError};
 use crate::broker::{PlaceError, Refusal};
 use crate::environment::EnvError;
 use crate::joblog::{CommandError, LogError};
-use crate::net::AddrError;
+use crate::net::{AddrError, StartError};
 use crate::pki::AuthError;
 use crate::policy::PolicyError;
 use crate::schedule::ScheduleError;
@@ -106,6 +106,8 @@ kinds! {
     EnvError => |_| FailureKind::Failed;
     /// An address that names no peer is bad input.
     AddrError => |_| FailureKind::Input;
+    /// A network that does not start leaves nothing to ask with now.
+    StartError => |_| FailureKind::Unavailable;
 }
 
 #[cfg(test)]
