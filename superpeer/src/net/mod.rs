@@ -47,6 +47,7 @@ mod hello;
 mod ports;
 mod swarm;
 
+pub use crate::rpc::StreamError;
 pub use addr::{AddrError, split_addr, split_peer, with_peer};
 pub use swarm::StartError;
 
@@ -77,8 +78,7 @@ impl Default for NetConfig {
     }
 }
 
-/// What a request came to, with an error answer as `Err` too (a failure on the way is
-/// `Unavailable`).
+/// What a request came to, with an error answer as `Err` too.
 ///
 /// # Errors
 /// The peer's error answer, or the failure on the way.
@@ -86,7 +86,7 @@ pub(crate) fn answer(r: Result<Response, NetError>) -> Result<Response, Failure>
     match r {
         Ok(Response::Error(f)) => Err(f),
         Ok(r) => Ok(r),
-        Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -95,14 +95,60 @@ pub(crate) fn answer(r: Result<Response, NetError>) -> Result<Response, Failure>
 #[error("the streams of {0} are accepted already")]
 pub struct AlreadyAccepted(pub libp2p::StreamProtocol);
 
-/// A request that failed on the way (not an error answer from the peer).
+/// A request that failed on the way (not an error answer from the peer): to whom, and what
+/// went wrong.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("peer {peer}: {message}")]
+#[error("peer {peer}: {problem}")]
 pub struct NetError {
     /// The peer.
     pub peer: PeerId,
     /// What went wrong.
-    pub message: String,
+    pub problem: NetProblem,
+}
+
+impl NetError {
+    /// `problem` on the way to `peer`.
+    pub(crate) fn new(peer: PeerId, problem: NetProblem) -> NetError {
+        NetError { peer, problem }
+    }
+}
+
+/// What went wrong on the way to a peer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetProblem {
+    /// This daemon's network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+    /// This daemon is shutting down (a request to itself).
+    #[error("this daemon is shutting down")]
+    ShuttingDown,
+    /// The peer cannot be dialed (libp2p's reason).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The certificate exchange failed, or a certificate was refused (the reason given).
+    #[error("{0}")]
+    Hello(String),
+    /// Every connection made closed before the certificates were exchanged (the last cause).
+    #[error("the connection closed before certificates were exchanged: {0}")]
+    Lost(String),
+    /// Both certificates had not passed in time.
+    #[error("not authenticated within {} s", .0.as_secs_f64())]
+    NotAuthenticated(Duration),
+    /// The control stream is not there, or stopped.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The request does not encode within the frame limit.
+    #[error("the request cannot be sent: {0}")]
+    Encode(Arc<std::io::Error>),
+    /// The answer does not pass the checks of its message.
+    #[error("invalid response: {0}")]
+    Invalid(proto::CheckError),
+    /// No answer came in time.
+    #[error("no answer within {} s", .0.as_secs_f64())]
+    NoAnswer(Duration),
+    /// The control stream closed each time before the request went on it.
+    #[error("its control stream keeps closing")]
+    KeepsClosing,
 }
 
 /// What the [`Net`] handles ask of the swarm task.
@@ -314,18 +360,15 @@ impl Net {
         if let Some(p) = self.known.read().get(&peer).filter(|p| p.mutual) {
             return Ok(p.principal.clone());
         }
-        let error = |message: String| NetError { peer, message };
-        let gone = || error("the network task has stopped".into());
+        let error = |problem| NetError::new(peer, problem);
+        let gone = || error(NetProblem::Stopped);
         let (reply, rx) = oneshot::channel();
         let addrs = addrs.to_vec();
         let command = Command::Authenticate { peer, addrs, reply };
         self.commands.send(command).await.map_err(|_| gone())?;
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(r) => r.map_err(|_| gone())?,
-            Err(_) => Err(error(format!(
-                "not authenticated within {} s",
-                self.timeout.as_secs_f64()
-            ))),
+            Err(_) => Err(error(NetProblem::NotAuthenticated(self.timeout))),
         }
     }
 
@@ -399,10 +442,7 @@ impl Net {
                 }
             }
         }
-        Err(NetError {
-            peer,
-            message: "its control stream keeps closing".into(),
-        })
+        Err(NetError::new(peer, NetProblem::KeepsClosing))
     }
 
     /// As [`Net::request`], turning an error answer into `Err` too.

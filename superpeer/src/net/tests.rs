@@ -70,7 +70,10 @@ async fn a_request_to_a_closed_port_fails_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = std::time::Instant::now();
     let r = a.request(peer, &addrs, Request::Group).await;
-    assert!(r.is_err(), "{r:?}");
+    assert!(
+        matches!(&r, Err(e) if e.peer == peer && matches!(e.problem, NetProblem::Connect(_))),
+        "{r:?}"
+    );
     assert!(
         t.elapsed() < Duration::from_millis(300),
         "took {:?}",

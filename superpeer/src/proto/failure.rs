@@ -10,7 +10,7 @@ use super::{CheckError, LimitError};
 use crate::broker::{PlaceError, Refusal};
 use crate::environment::EnvError;
 use crate::joblog::{CommandError, LogError};
-use crate::net::{AddrError, StartError};
+use crate::net::{AddrError, NetError, StartError};
 use crate::pki::AuthError;
 use crate::policy::PolicyError;
 use crate::schedule::ScheduleError;
@@ -108,6 +108,8 @@ kinds! {
     AddrError => |_| FailureKind::Input;
     /// A network that does not start leaves nothing to ask with now.
     StartError => |_| FailureKind::Unavailable;
+    /// A request that failed on the way: the peer cannot be reached or answered now.
+    NetError => |_| FailureKind::Unavailable;
 }
 
 #[cfg(test)]

@@ -5,6 +5,36 @@ mod frames {
     use crate::rpc::*;
 
     #[test]
+    fn a_failed_link_tells_every_awaited_answer_why_and_takes_no_more() {
+        let (frames, _rx) = mpsc::channel(1);
+        let link = Link {
+            frames,
+            pending: Mutex::new(Some(HashMap::new())),
+        };
+        let mut waiting = Vec::new();
+        for id in 0..3 {
+            let (tx, rx) = oneshot::channel();
+            link.pending.lock().as_mut().expect("open").insert(id, tx);
+            waiting.push(rx);
+        }
+        link.fail(&StreamError::PeerGone);
+        for mut rx in waiting {
+            let why = rx.try_recv().expect("an answer").expect_err("a failure");
+            assert!(matches!(why, StreamError::PeerGone), "{why}");
+        }
+        assert!(
+            link.pending.lock().is_none(),
+            "a failed link takes no request"
+        );
+        let e = NetError::new(PeerId::random(), StreamError::Closed.into());
+        assert!(
+            e.to_string().ends_with(": the control stream closed"),
+            "{e}"
+        );
+        assert_eq!(Failure::from(e).kind, FailureKind::Unavailable);
+    }
+
+    #[test]
     fn frames_round_trip_and_bad_frames_are_errors() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
