@@ -85,7 +85,7 @@ impl Replica {
     pub fn peer_id(&self) -> Result<PeerId, LogError> {
         self.peer
             .parse()
-            .map_err(|_| LogError::Replica(format!("'{}' is not a peer id", self.peer)))
+            .map_err(|_| LogError::NotAPeer(self.peer.clone()))
     }
 
     /// Its addresses that parse.
@@ -147,9 +147,12 @@ pub enum LogError {
         /// The leader, when known.
         leader: Option<PeerId>,
     },
-    /// A replica record that does not name a peer.
-    #[error("a job-log replica: {0}")]
-    Replica(String),
+    /// A replica record whose peer is not a peer id.
+    #[error("a job-log replica: '{0}' is not a peer id")]
+    NotAPeer(String),
+    /// This replica is not among those it was asked to start the log with.
+    #[error("a job-log replica: {0} is not among the replicas it was asked to start the log with")]
+    NotAmong(PeerId),
     /// Raft itself failed (storage, shutdown, a bad configuration).
     #[error("the job log: {0}")]
     Raft(String),
@@ -265,10 +268,7 @@ impl JobLog {
             members.insert(node_id(&r.peer_id()?), r.clone());
         }
         if !members.contains_key(&node_id(&self.me)) {
-            return Err(LogError::Replica(format!(
-                "{} is not among the replicas it was asked to start the log with",
-                self.me
-            )));
+            return Err(LogError::NotAmong(self.me));
         }
         self.expected.write().extend(members.keys().copied());
         Ok(members)

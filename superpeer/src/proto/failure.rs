@@ -99,7 +99,7 @@ kinds! {
     /// for errors of its set-up.
     LogError => |e| match e {
         LogError::Open { .. } => FailureKind::Failed,
-        LogError::Replica(_) => FailureKind::Input,
+        LogError::NotAPeer(_) | LogError::NotAmong(_) => FailureKind::Input,
         LogError::NotLeader { .. } | LogError::Raft(_) => FailureKind::Unavailable,
     };
     /// An environment that cannot be made is a failure of the node.
@@ -143,5 +143,14 @@ mod tests {
         assert_eq!(Failure::from(EnvError::InUse).kind, FailureKind::Failed);
         let nowhere = crate::net::split_peer("nowhere").expect_err("no address");
         assert_eq!(Failure::from(nowhere).kind, FailureKind::Input);
+        let record = crate::joblog::Replica {
+            peer: "x".into(),
+            addrs: Vec::new(),
+        };
+        let e = record.peer_id().expect_err("no peer id");
+        assert_eq!(
+            Failure::from(e),
+            Failure::new(FailureKind::Input, "a job-log replica: 'x' is not a peer id")
+        );
     }
 }
