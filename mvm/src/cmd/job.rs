@@ -125,7 +125,7 @@ pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
             let lab = crate::cmd::lab::default_dir();
             let info = crate::cmd::lab::read_info(&lab).map_err(|e| {
                 Failure::input(anyhow::anyhow!(
-                    "no --broker given and no local lab ({e}); start one with `mvm lab up`"
+                    "no --broker given and no local lab ({e:#}); start one with `mvm lab up`"
                 ))
             })?;
             std::iter::once(info.broker)

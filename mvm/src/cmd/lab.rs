@@ -142,10 +142,11 @@ pub(crate) fn default_dir() -> PathBuf {
 }
 
 /// Reads `lab.json` of a lab directory.
-pub(crate) fn read_info(dir: &Path) -> Result<LabInfo, String> {
+pub(crate) fn read_info(dir: &Path) -> anyhow::Result<LabInfo> {
+    use anyhow::Context;
     let p = dir.join("lab.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+    let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| p.display().to_string())
 }
 
 /// Whether `pid` is a live `mvm` process.
@@ -633,7 +634,7 @@ fn down(a: &DirArg) -> Result<(), Failure> {
 
 fn status(a: StatusArgs) -> Result<(), Failure> {
     let dir = dir_of(&a.dir);
-    let info = read_info(&dir).map_err(|e| Failure::input(anyhow::anyhow!("no lab: {e}")))?;
+    let info = read_info(&dir).map_err(|e| Failure::input(e.context("no lab")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

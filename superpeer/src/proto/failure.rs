@@ -150,7 +150,10 @@ mod tests {
         let e = record.peer_id().expect_err("no peer id");
         assert_eq!(
             Failure::from(e),
-            Failure::new(FailureKind::Input, "a job-log replica: 'x' is not a peer id")
+            Failure::new(
+                FailureKind::Input,
+                "a job-log replica: 'x' is not a peer id"
+            )
         );
     }
 }
