@@ -1,7 +1,7 @@
 //! The checks of every message: bounded strings and lists, names, principals and parts.
 //!
-//! Ids and hashes need none: they are typed ([`super::JobId`], [`super::Hash`]), and a message
-//! with a malformed one does not decode.
+//! Ids and hashes need none: they are typed ([`super::JobId`], [`Hash`](struct@super::Hash)),
+//! and a message with a malformed one does not decode.
 
 use std::collections::BTreeMap;
 

@@ -5,9 +5,9 @@
 //! are CBOR in a frame with its length first; a frame larger than the reader's limit is
 //! refused before it is read. The protocol id carries the version: a peer speaking another
 //! version fails negotiation instead of misreading messages. Ids and hashes are typed
-//! ([`JobId`], [`Hash`]): a message with a malformed one does not decode. Every message is then
-//! checked by [`Request::validate`] / [`Response::validate`] before it is acted on: bounded
-//! strings and lists, names, parts. A request says by its kind who sends it to whom
+//! ([`JobId`], [`Hash`](struct@Hash)): a message with a malformed one does not decode. Every
+//! message is then checked by [`Request::validate`] / [`Response::validate`] before it is acted
+//! on: bounded strings and lists, names, parts. A request says by its kind who sends it to whom
 //! ([`ClientRequest`], [`NodeRequest`], [`BrokerRequest`], [`PeerRequest`]).
 //!
 //! - `job`: jobs as submitted, placed, reported and seen.
