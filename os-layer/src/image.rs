@@ -22,8 +22,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// A stable image id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A stable image id; in serde, its text (parsed, so a bad one does not decode).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ImageId {
     /// The image's name (`[a-z0-9._-]`, starting with a letter or digit).
     pub name: String,
@@ -76,6 +77,20 @@ impl FromStr for ImageId {
             version: version.into(),
             digest: digest.into(),
         })
+    }
+}
+
+impl TryFrom<String> for ImageId {
+    type Error = ImageError;
+
+    fn try_from(s: String) -> Result<ImageId, ImageError> {
+        s.parse()
+    }
+}
+
+impl From<ImageId> for String {
+    fn from(id: ImageId) -> String {
+        id.to_string()
     }
 }
 
@@ -486,6 +501,12 @@ mod tests {
         ] {
             assert!(bad.parse::<ImageId>().is_err(), "{bad}");
         }
+        // In serde it is its text, and a bad one does not decode.
+        let json = serde_json::to_string(&id).expect("encodes");
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<ImageId>(&json).expect("decodes"), id);
+        let e = serde_json::from_str::<ImageId>("\"debian:1\"").expect_err("not pinned");
+        assert!(e.to_string().contains("is not an image id"), "{e}");
     }
 
     #[test]

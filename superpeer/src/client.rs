@@ -12,8 +12,8 @@ use mvm_component::profile::{Profile, parse_size};
 
 use crate::net::{Net, NetConfig, split_peer};
 use crate::proto::{
-    Failure, FailureKind, GroupInfo, JobStatus, LimitSpec, Request, Requirements, Response,
-    Submission,
+    Failure, FailureKind, GroupInfo, Hash, JobId, JobStatus, LimitSpec, Request, Requirements,
+    Response, Submission,
 };
 
 /// A job profile read from disk, ready to send: the submission and its modules' bytes.
@@ -22,7 +22,7 @@ pub struct Prepared {
     /// The submission (without module bytes).
     pub submission: Submission,
     /// Hash → bytes of every module.
-    pub modules: BTreeMap<String, Bytes>,
+    pub modules: BTreeMap<Hash, Bytes>,
 }
 
 fn input(m: impl Into<String>) -> Failure {
@@ -52,8 +52,8 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 p.display()
             ))
         })?;
-        let hash = crate::modules::hash(&bytes);
-        components.insert(component.clone(), hash.clone());
+        let hash = Hash::of(&bytes);
+        components.insert(component.clone(), hash);
         modules.insert(hash, Bytes::from(bytes));
     }
     let r = &profile.requirements;
@@ -114,7 +114,7 @@ pub struct Client {
     broker: PeerId,
     addrs: Vec<Multiaddr>,
     /// Module hashes the broker is known to hold (no need to ask again).
-    known: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+    known: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<Hash>>>,
 }
 
 impl Client {
@@ -123,10 +123,8 @@ impl Client {
     /// # Errors
     /// A bad address, or the network cannot be set up.
     pub async fn new(creds: &Credentials, addr: &str) -> Result<Client, Failure> {
-        let (broker, a) = split_peer(addr).map_err(input)?;
-        let (net, _inbound) = Net::start(creds, &NetConfig::default())
-            .await
-            .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+        let (broker, a) = split_peer(addr)?;
+        let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
         Ok(Client {
             net,
             broker,
@@ -141,16 +139,14 @@ impl Client {
     /// # Errors
     /// No address leads to a super-peer.
     pub async fn find(creds: &Credentials, addrs: &[String]) -> Result<Client, Failure> {
-        let (net, _inbound) = Net::start(creds, &NetConfig::default())
-            .await
-            .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+        let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
         let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
         for text in addrs {
-            let mut next = Some(text.clone());
+            let mut next = Some(split_peer(text)?);
             // At most one redirect: the node's super-peer must answer as one.
             for _ in 0..2 {
-                let Some(t) = next.take() else { break };
-                let (peer, a) = split_peer(&t).map_err(input)?;
+                let Some((peer, a)) = next.take() else { break };
+                let t = crate::net::with_peer(&a, peer);
                 let probe = net.call(peer, std::slice::from_ref(&a), Request::Leader);
                 match tokio::time::timeout(Duration::from_secs(5), probe).await {
                     Ok(Ok(Response::Group(g))) if g.is_broker => {
@@ -166,12 +162,7 @@ impl Client {
                             FailureKind::Unavailable,
                             format!("{t} is not a super-peer and knows none that answers"),
                         );
-                        next = g
-                            .broker_addrs
-                            .iter()
-                            .find(|b| b.contains("/tcp/"))
-                            .or(g.broker_addrs.first())
-                            .cloned();
+                        next = preferred(&g.broker_addrs).and_then(crate::net::split_addr);
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => last = e,
@@ -193,15 +184,11 @@ impl Client {
     /// # Errors
     /// The status names a super-peer address that cannot be used.
     pub fn follow(&self, job: &JobStatus) -> Result<Client, Failure> {
-        let Some(addr) = job
-            .broker_addrs
-            .iter()
-            .find(|a| a.contains("/tcp/"))
-            .or(job.broker_addrs.first())
-        else {
+        let Some(addr) = preferred(&job.broker_addrs) else {
             return Ok(self.clone());
         };
-        let (broker, a) = split_peer(addr).map_err(input)?;
+        let (broker, a) = crate::net::split_addr(addr)
+            .ok_or_else(|| input(format!("the job's super-peer address {addr} names no peer")))?;
         Ok(Client {
             net: self.net.clone(),
             broker,
@@ -239,7 +226,7 @@ impl Client {
     }
 
     async fn send(&self, job: &Prepared, wait: bool) -> Result<JobStatus, Failure> {
-        let hashes: Vec<String> = {
+        let hashes: Vec<Hash> = {
             let known = self.known.lock();
             job.modules
                 .keys()
@@ -274,11 +261,9 @@ impl Client {
     ///
     /// # Errors
     /// No such job, or the broker cannot be reached.
-    pub async fn status(&self, job: Option<&str>) -> Result<Vec<JobStatus>, Failure> {
+    pub async fn status(&self, job: Option<&JobId>) -> Result<Vec<JobStatus>, Failure> {
         match self
-            .call(ClientRequest::Status {
-                job: job.map(str::to_owned),
-            })
+            .call(ClientRequest::Status { job: job.cloned() })
             .await?
         {
             Response::Status(v) => Ok(v),
@@ -291,10 +276,15 @@ impl Client {
     ///
     /// # Errors
     /// No such job, or the broker cannot be reached.
-    pub async fn wait(&self, job: &str, after: u64, until_end: bool) -> Result<JobStatus, Failure> {
+    pub async fn wait(
+        &self,
+        job: &JobId,
+        after: u64,
+        until_end: bool,
+    ) -> Result<JobStatus, Failure> {
         match self
             .call(ClientRequest::Wait {
-                job: job.to_owned(),
+                job: job.clone(),
                 after,
                 until_end,
             })
@@ -309,11 +299,9 @@ impl Client {
     ///
     /// # Errors
     /// No such job, it has ended, or the broker cannot be reached.
-    pub async fn cancel(&self, job: &str) -> Result<(), Failure> {
+    pub async fn cancel(&self, job: &JobId) -> Result<(), Failure> {
         match self
-            .call(ClientRequest::Cancel {
-                job: job.to_owned(),
-            })
+            .call(ClientRequest::Cancel { job: job.clone() })
             .await?
         {
             Response::Ok => Ok(()),
@@ -326,10 +314,10 @@ impl Client {
     /// # Errors
     /// No such job, it is not pending, it is already so, the policy refuses (who may cancel a
     /// job may hold it), or the broker cannot be reached.
-    pub async fn hold(&self, job: &str, held: bool) -> Result<(), Failure> {
+    pub async fn hold(&self, job: &JobId, held: bool) -> Result<(), Failure> {
         match self
             .call(ClientRequest::Hold {
-                job: job.to_owned(),
+                job: job.clone(),
                 held,
             })
             .await?
@@ -345,7 +333,7 @@ impl Client {
     /// # Errors
     /// Refused (the user may not administer the domain), no policy directory there, or the
     /// changed files do not load (file and line; the old version stays).
-    pub async fn reload_policies(&self) -> Result<(u64, String), Failure> {
+    pub async fn reload_policies(&self) -> Result<(u64, Hash), Failure> {
         match self
             .net
             .call(
@@ -378,6 +366,15 @@ impl Client {
     }
 }
 
+/// The address to reach a super-peer at among `addrs`: the first over TCP, or else the first.
+fn preferred(addrs: &[Multiaddr]) -> Option<&Multiaddr> {
+    let tcp = |a: &&Multiaddr| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+    };
+    addrs.iter().find(tcp).or(addrs.first())
+}
+
 fn unexpected(r: &Response) -> Failure {
     Failure::new(
         FailureKind::Failed,
@@ -403,10 +400,8 @@ pub async fn fetch_image(
     use futures::AsyncReadExt;
     use std::io::Seek;
 
-    let (peer, a) = split_peer(addr).map_err(input)?;
-    let (net, _inbound) = Net::start(creds, &NetConfig::default())
-        .await
-        .map_err(|e| Failure::new(FailureKind::Unavailable, e))?;
+    let (peer, a) = split_peer(addr)?;
+    let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
     // The node drops streams from peers whose certificate has not passed.
     net.authenticate(peer, &[a])
         .await
@@ -430,7 +425,7 @@ pub async fn fetch_image(
             }
         }
     };
-    let req = crate::proto::ImageRequest { id: id.to_string() };
+    let req = crate::proto::ImageRequest { id: id.clone() };
     crate::proto::write_frame(&mut stream, &req, crate::proto::MAX_HEADER)
         .await
         .map_err(|e| unavailable(format!("{peer}: {e}")))?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 use mvm_component::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use mvm_queue::Controller;
@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::environment::{EnvError, NodeOs, OsConfig};
 use crate::joblog::{JobLog, LogConfig, LogError, Replica};
 use crate::modules::ModuleStore;
-use crate::net::{Inbound, Net, NetConfig};
+use crate::net::{AddrError, Inbound, Net, NetConfig, StartError};
 use crate::node::{Node, NodeConfig};
 use crate::pki::Credentials;
 use crate::policy::{Policies, PolicyError, PolicySource};
@@ -122,14 +122,14 @@ pub enum DaemonError {
     #[error("a node needs a super-peer address (--bootstrap)")]
     NoBootstrap,
     /// A bootstrap or replica address that is not a peer's.
-    #[error("{0}")]
-    Address(String),
+    #[error(transparent)]
+    Address(#[from] AddrError),
     /// The WebAssembly runtime cannot be made.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// The network cannot be started.
-    #[error("{0}")]
-    Net(String),
+    #[error(transparent)]
+    Net(#[from] StartError),
     /// No directory can be made for the job log.
     #[error("a directory for the job log: {0}")]
     Scratch(std::io::Error),
@@ -189,17 +189,15 @@ impl Daemon {
             }
             _ => None,
         };
-        let superpeer = match (config.broker, config.bootstrap.first()) {
+        let bootstrap = config
+            .bootstrap
+            .iter()
+            .map(|b| crate::net::split_peer(b).map_err(DaemonError::Address))
+            .collect::<Result<Vec<_>, _>>()?;
+        let superpeer = match (config.broker, bootstrap.first()) {
             (true, _) => None,
             (false, None) => return Err(DaemonError::NoBootstrap),
-            (false, Some(_)) => {
-                let mut first = None;
-                for b in &config.bootstrap {
-                    let (peer, addr) = crate::net::split_peer(b).map_err(DaemonError::Address)?;
-                    first.get_or_insert((peer, vec![addr]));
-                }
-                first
-            }
+            (false, Some((peer, addr))) => Some((*peer, vec![addr.clone()])),
         };
         let runtime = if config.slots > 0 {
             Some(Runtime::new(&RuntimeConfig {
@@ -287,7 +285,7 @@ impl Daemon {
                 slots: config.slots,
                 eligible: config.broker,
                 images: config.images.clone(),
-                bootstrap: config.bootstrap.clone(),
+                bootstrap,
             },
             runtime,
             queues,
@@ -312,7 +310,7 @@ impl Daemon {
     }
 
     /// Its addresses with `/p2p/PEER`.
-    pub fn dial_addrs(&self) -> Vec<String> {
+    pub fn dial_addrs(&self) -> Vec<Multiaddr> {
         self.router.site.net.dial_addrs()
     }
 
@@ -402,7 +400,9 @@ impl Router {
         let site = &self.site;
         match request {
             Request::Broker(r) => self.node.handle(peer, r).await,
-            Request::Peer(PeerRequest::Policy { have }) => crate::policy::serve(site, who, &have),
+            Request::Peer(PeerRequest::Policy { have }) => {
+                crate::policy::serve(site, who, have.as_ref())
+            }
             Request::Client(ClientRequest::PolicyReload) => crate::policy::reload(site, who),
             Request::Peer(PeerRequest::Raft(rpc)) => match &self.broker {
                 Some(b) => b.log.serve(peer, who, &site.domain, rpc).await,

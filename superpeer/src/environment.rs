@@ -16,7 +16,7 @@ use mvm_os::storage::{Storage, StorageError, StorageSpec};
 use mvm_os::xen::{XenConfig, XenDriver};
 use mvm_os::{Driver, DriverError};
 
-use crate::proto::EnvSpec;
+use crate::proto::{EnvSpec, JobId};
 
 /// Why a node's OS layer cannot be opened, or a job's environment acquired.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,7 @@ impl NodeOs {
     /// Acquires the guest `env` asks for, for job `job`. Blocks: call from `spawn_blocking`.
     pub(crate) fn acquire(
         self: &Arc<Self>,
-        job: &str,
+        job: &JobId,
         env: &EnvSpec,
     ) -> Result<EnvLease, EnvError> {
         let image: ImageId = if env.image.contains("@sha256:") {
@@ -129,7 +129,7 @@ impl NodeOs {
             // One guest per job.
             VmMode::StopStart => self
                 .envs
-                .acquire(&request(format!("mvm-{}", short(job))), mode)?,
+                .acquire(&request(format!("mvm-{}", short(job.as_str()))), mode)?,
             // Guests kept between jobs are named after what they are, so the next job with the
             // same needs finds them; a second job at once takes the next slot.
             VmMode::Persistent | VmMode::SaveRestore => {
@@ -153,7 +153,7 @@ impl NodeOs {
                 got?
             }
         };
-        tracing::info!(job, guest = %lease.name, fresh = lease.fresh, ?mode, "environment ready");
+        tracing::info!(%job, guest = %lease.name, fresh = lease.fresh, ?mode, "environment ready");
         Ok(EnvLease {
             envs: self.envs.clone(),
             lease: Some(lease),
@@ -239,19 +239,14 @@ pub(crate) async fn serve_images(site: Arc<crate::site::Site>, os: Arc<NodeOs>) 
                     action: "use-image".into(),
                     resource: mvm_component::policy::Resource::Image(
                         mvm_component::policy::Image {
-                            id: req.id.clone(),
+                            id: req.id.to_string(),
                             domain: site.domain.clone(),
                         },
                     ),
                 })
                 .into_result();
             let refused = allowed.is_err();
-            let found = allowed.and_then(|()| {
-                req.id
-                    .parse::<ImageId>()
-                    .map_err(|e| e.to_string())
-                    .and_then(|id| os.repo.get(&id).map_err(|e| e.to_string()))
-            });
+            let found = allowed.and_then(|()| os.repo.get(&req.id).map_err(|e| e.to_string()));
             let header = crate::proto::ImageHeader {
                 image: found
                     .as_ref()

@@ -5,19 +5,14 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use sha2::{Digest, Sha256};
+
+use crate::proto::Hash;
 
 /// A content-addressed store of module bytes: in memory, and in a directory when given.
 #[derive(Debug, Default)]
 pub struct ModuleStore {
     dir: Option<PathBuf>,
-    memory: Mutex<HashMap<String, Bytes>>,
-}
-
-/// The content hash of module bytes (SHA-256, lowercase hex; the same as the component
-/// layer's cache key).
-pub fn hash(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    memory: Mutex<HashMap<Hash, Bytes>>,
 }
 
 impl ModuleStore {
@@ -30,10 +25,10 @@ impl ModuleStore {
     }
 
     /// Adds module bytes; returns their hash.
-    pub fn put(&self, bytes: Bytes) -> String {
-        let h = hash(&bytes);
+    pub fn put(&self, bytes: Bytes) -> Hash {
+        let h = Hash::of(&bytes);
         if let Some(dir) = &self.dir {
-            let path = dir.join(&h);
+            let path = dir.join(h.to_string());
             if !path.exists() {
                 let tmp = dir.join(format!("{h}.tmp{}", std::process::id()));
                 let written = std::fs::create_dir_all(dir)
@@ -44,27 +39,31 @@ impl ModuleStore {
                 }
             }
         }
-        self.memory.lock().insert(h.clone(), bytes);
+        self.memory.lock().insert(h, bytes);
         h
     }
 
     /// The bytes of `hash`, if held (checked against the hash when read from disk).
-    pub fn get(&self, hash: &str) -> Option<Bytes> {
+    pub fn get(&self, hash: &Hash) -> Option<Bytes> {
         if let Some(b) = self.memory.lock().get(hash) {
             return Some(b.clone());
         }
-        let bytes = Bytes::from(std::fs::read(self.dir.as_ref()?.join(hash)).ok()?);
-        if self::hash(&bytes) != hash {
-            tracing::warn!(hash, "a module on disk does not match its hash; ignored");
+        let path = self.dir.as_ref()?.join(hash.to_string());
+        let bytes = Bytes::from(std::fs::read(path).ok()?);
+        if Hash::of(&bytes) != *hash {
+            tracing::warn!(%hash, "a module on disk does not match its hash; ignored");
             return None;
         }
-        self.memory.lock().insert(hash.to_owned(), bytes.clone());
+        self.memory.lock().insert(*hash, bytes.clone());
         Some(bytes)
     }
 
     /// Whether `hash` is held.
-    pub fn has(&self, hash: &str) -> bool {
+    pub fn has(&self, hash: &Hash) -> bool {
         self.memory.lock().contains_key(hash)
-            || self.dir.as_ref().is_some_and(|d| d.join(hash).exists())
+            || self
+                .dir
+                .as_ref()
+                .is_some_and(|d| d.join(hash.to_string()).exists())
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use mvm_component::policy::{Bundle, BundleError, Cached, Engine, OsoEngine, Principal};
 use parking_lot::{Mutex, RwLock};
 
-use crate::proto::{Failure, Request, Response};
+use crate::proto::{Failure, Hash, Request, Response};
 
 /// How many answers a loaded version remembers.
 const CACHE: usize = 1 << 16;
@@ -37,7 +37,7 @@ pub enum PolicyError {
     Digest,
     /// The configured source is not the address of a super-peer.
     #[error("the policy source: {0}")]
-    Source(String),
+    Source(crate::net::AddrError),
     /// The source answered with something other than policies.
     #[error("{0} answered a policy request with something else")]
     Answer(libp2p::PeerId),
@@ -113,7 +113,7 @@ pub(crate) struct Loaded {
     /// Its version (0: none yet; every request is denied).
     pub(crate) version: u64,
     /// The bundle's digest.
-    pub(crate) digest: String,
+    pub(crate) digest: Hash,
     /// The files.
     pub(crate) bundle: Arc<Bundle>,
     /// The engine answering from it.
@@ -125,7 +125,7 @@ impl Loaded {
         let engine = OsoEngine::load(&bundle, version)?;
         Ok(Loaded {
             version,
-            digest: bundle.digest(),
+            digest: Hash::from(bundle.sha256()),
             bundle: Arc::new(bundle),
             engine: Arc::new(Cached::new(engine, CACHE)),
         })
@@ -137,7 +137,7 @@ pub(crate) struct Policies {
     source: PolicySource,
     current: RwLock<Arc<Loaded>>,
     /// The digest of the last directory contents that failed to load (logged once).
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<Hash>>,
 }
 
 impl Policies {
@@ -180,10 +180,10 @@ impl Policies {
         };
         let bundle = Bundle::read_dir(dir).map_err(PolicyError::in_dir(dir))?;
         let cur = self.current();
-        if bundle.digest() == cur.digest {
+        let digest = Hash::from(bundle.sha256());
+        if digest == cur.digest {
             return Ok((cur, false));
         }
-        let digest = bundle.digest();
         match Loaded::load(bundle, cur.version + 1) {
             Ok(l) => {
                 let l = Arc::new(l);
@@ -194,7 +194,7 @@ impl Policies {
             }
             Err(e) => {
                 let mut failed = self.failed.lock();
-                if failed.as_deref() != Some(&digest) {
+                if *failed != Some(digest) {
                     tracing::error!(error = %e, "the changed policies do not load; keeping version {}", cur.version);
                     *failed = Some(digest);
                 }
@@ -210,14 +210,14 @@ impl Policies {
     pub(crate) fn adopt(
         &self,
         version: u64,
-        digest: &str,
+        digest: &Hash,
         bundle: Bundle,
     ) -> Result<bool, PolicyError> {
-        if bundle.digest() != digest {
+        if Hash::from(bundle.sha256()) != *digest {
             return Err(PolicyError::Digest);
         }
         let cur = self.current();
-        if cur.digest == digest && cur.version == version {
+        if cur.digest == *digest && cur.version == version {
             return Ok(false);
         }
         let l = Loaded::load(bundle, version)?;
@@ -228,15 +228,15 @@ impl Policies {
 }
 
 /// `PeerRequest::Policy`: the bundle in force, to nodes and super-peers (not to users).
-pub(crate) fn serve(site: &crate::site::Site, asker: &Principal, have: &str) -> Response {
+pub(crate) fn serve(site: &crate::site::Site, asker: &Principal, have: Option<&Hash>) -> Response {
     if asker.kind != mvm_component::policy::PrincipalKind::Node {
         return Response::Error(PolicyError::NotANode(Box::new(asker.clone())).into());
     }
     let cur = site.policies.current();
     Response::Policy {
         version: cur.version,
-        digest: cur.digest.clone(),
-        bundle: (have != cur.digest).then(|| (*cur.bundle).clone()),
+        digest: cur.digest,
+        bundle: (have != Some(&cur.digest)).then(|| (*cur.bundle).clone()),
     }
 }
 
@@ -263,7 +263,7 @@ pub(crate) fn reload(site: &crate::site::Site, asker: &Principal) -> Response {
     match site.policies.reload() {
         Ok((l, _)) => Response::Policy {
             version: l.version,
-            digest: l.digest.clone(),
+            digest: l.digest,
             bundle: None,
         },
         Err(e) => Response::Error(e.into()),
@@ -294,7 +294,7 @@ pub(crate) async fn fetch_now(
     if peer == site.peer() {
         return Ok(false);
     }
-    let have = site.policies.current().digest.clone();
+    let have = Some(site.policies.current().digest);
     match site
         .net
         .call(peer, &addrs, Request::Peer(PeerRequest::Policy { have }))

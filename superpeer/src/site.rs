@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::policy::Principal;
 
-use crate::net::{Net, NetError};
+use crate::net::{Net, NetError, NetProblem};
 use crate::policy::Policies;
 use crate::proto::{Failure, Request, Response};
 
@@ -97,10 +97,7 @@ impl Site {
             .local
             .get()
             .and_then(Weak::upgrade)
-            .ok_or_else(|| NetError {
-                peer,
-                message: "this daemon is shutting down".into(),
-            })?;
+            .ok_or_else(|| NetError::new(peer, NetProblem::ShuttingDown))?;
         let me = self.net.principal().clone();
         Ok(local.handle(peer, &me, request).await)
     }

@@ -176,6 +176,11 @@ impl Bundle {
 
     /// The SHA-256 of the bundle (paths and texts, in order), in hex.
     pub fn digest(&self) -> String {
+        hex::encode(self.sha256())
+    }
+
+    /// The SHA-256 of the bundle (paths and texts, in order).
+    pub fn sha256(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         for (path, text) in &self.files {
             h.update((path.len() as u64).to_le_bytes());
@@ -183,7 +188,7 @@ impl Bundle {
             h.update((text.len() as u64).to_le_bytes());
             h.update(text.as_bytes());
         }
-        hex::encode(h.finalize())
+        h.finalize().into()
     }
 
     /// The domains that have a policy in it.

@@ -239,7 +239,12 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         let daemon = Daemon::start(&creds, config)
             .await
             .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
-        let addrs = daemon.dial_addrs().join("\n");
+        let addrs: Vec<String> = daemon
+            .dial_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let addrs = addrs.join("\n");
         println!("{addrs}");
         if let Some(f) = &c.addr_file {
             write_atomic(f, &format!("{addrs}\n"))?;

@@ -4,7 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use mvm_superpeer::client::{Client, read_profile};
-use mvm_superpeer::proto::{Failure as WireFailure, FailureKind, JobState, JobStatus};
+use mvm_superpeer::proto::{Failure as WireFailure, FailureKind, JobId, JobState, JobStatus};
 use serde::Serialize;
 
 use crate::exit::{Failure, JOB_FAILED, REFUSED, USAGE};
@@ -78,7 +78,7 @@ pub(crate) struct SubmitArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct StatusArgs {
     /// A job id (default: every job the super-peer knows).
-    job: Option<String>,
+    job: Option<JobId>,
     /// Only jobs in this state.
     #[arg(long, value_parser = ["pending", "preparing", "running", "done", "failed", "refused", "cancelled"])]
     state: Option<String>,
@@ -95,7 +95,7 @@ pub(crate) struct StatusArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct CancelArgs {
     /// The job id.
-    job: String,
+    job: JobId,
     #[command(flatten)]
     broker: BrokerArg,
     #[command(flatten)]
@@ -125,7 +125,7 @@ pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
             let lab = crate::cmd::lab::default_dir();
             let info = crate::cmd::lab::read_info(&lab).map_err(|e| {
                 Failure::input(anyhow::anyhow!(
-                    "no --broker given and no local lab ({e}); start one with `mvm lab up`"
+                    "no --broker given and no local lab ({e:#}); start one with `mvm lab up`"
                 ))
             })?;
             std::iter::once(info.broker)
@@ -141,7 +141,7 @@ pub(crate) async fn connect(arg: &BrokerArg) -> Result<Client, Failure> {
 /// A job's status for printing: outputs as text.
 #[derive(Debug, Serialize)]
 pub(crate) struct StatusOut {
-    job: String,
+    job: JobId,
     name: String,
     state: JobState,
     vertices: u32,
@@ -233,7 +233,11 @@ pub(crate) fn summary(s: &JobStatus) -> String {
         s.wall_ms as f64 / 1000.0
     ));
     for p in &s.parts {
-        let name = if p.name.is_empty() { &p.node } else { &p.name };
+        let name = if p.name.is_empty() {
+            p.node.to_string()
+        } else {
+            p.name.clone()
+        };
         out.push_str(&format!("  node {name}: {} vertices\n", p.vertices.len()));
     }
     for t in &s.traffic {
@@ -328,7 +332,7 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
         // A job this group could not place may have gone to another group's super-peer.
         let client = client.follow(&s).map_err(wire)?;
         if !args.wait {
-            return crate::cmd::print(&StatusOut::from(&s), args.out.output, |o| o.job.clone());
+            return crate::cmd::print(&StatusOut::from(&s), args.out.output, |o| o.job.to_string());
         }
         let s = wait(&client, s, args.out.output == Output::Text).await?;
         match args.out.output {
@@ -349,7 +353,7 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
 pub(crate) fn status(args: StatusArgs) -> Result<(), Failure> {
     runtime()?.block_on(async {
         let client = connect(&args.broker).await?;
-        let mut list = client.status(args.job.as_deref()).await.map_err(wire)?;
+        let mut list = client.status(args.job.as_ref()).await.map_err(wire)?;
         list.retain(|s| {
             args.state
                 .as_ref()

@@ -142,10 +142,11 @@ pub(crate) fn default_dir() -> PathBuf {
 }
 
 /// Reads `lab.json` of a lab directory.
-pub(crate) fn read_info(dir: &Path) -> Result<LabInfo, String> {
+pub(crate) fn read_info(dir: &Path) -> anyhow::Result<LabInfo> {
+    use anyhow::Context;
     let p = dir.join("lab.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+    let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
+    serde_json::from_str(&text).with_context(|| p.display().to_string())
 }
 
 /// Whether `pid` is a live `mvm` process.
@@ -633,7 +634,7 @@ fn down(a: &DirArg) -> Result<(), Failure> {
 
 fn status(a: StatusArgs) -> Result<(), Failure> {
     let dir = dir_of(&a.dir);
-    let info = read_info(&dir).map_err(|e| Failure::input(anyhow::anyhow!("no lab: {e}")))?;
+    let info = read_info(&dir).map_err(|e| Failure::input(e.context("no lab")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -655,7 +656,7 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
         .iter()
         .zip(&info.pids)
         .map(|((name, peer), pid)| {
-            let role = if g.broker.as_deref() == Some(peer.as_str()) {
+            let role = if g.broker.is_some_and(|b| b.to_string() == *peer) {
                 "leader"
             } else if name.starts_with("superpeer") {
                 "replica"
@@ -670,7 +671,9 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
     crate::cmd::print(&v, a.out.output, |_| {
         let mut s = format!(
             "super-peer {} leads\n",
-            g.broker_addrs.first().map_or("?", String::as_str)
+            g.broker_addrs
+                .first()
+                .map_or_else(|| "?".to_owned(), ToString::to_string)
         );
         for d in v["daemons"].as_array().into_iter().flatten() {
             s.push_str(&format!(

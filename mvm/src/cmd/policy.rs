@@ -86,9 +86,9 @@ struct QueryOut {
 }
 
 /// Parses `KIND:NAME@DOMAIN`.
-fn resource(text: &str, actor: &pol::Principal, q: (i64, i64, i64)) -> Result<Resource, String> {
+fn resource(text: &str, actor: &pol::Principal, q: (i64, i64, i64)) -> anyhow::Result<Resource> {
     let bad = || {
-        format!(
+        anyhow::anyhow!(
             "--resource '{text}': expected KIND:NAME@DOMAIN (job, image, node, group) or domain:NAME"
         )
     };
@@ -165,7 +165,8 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 code: REFUSED,
                 error: anyhow::anyhow!(e),
             })?;
-            let resource = resource(&res, &who, (vcpus, memory_mib, vertices)).map_err(input)?;
+            let resource =
+                resource(&res, &who, (vcpus, memory_mib, vertices)).map_err(Failure::input)?;
             let bundle = Bundle::read_dir(&policies).map_err(|e| input(e.in_dir(&policies)))?;
             let engine = OsoEngine::load(&bundle, 1).map_err(|e| input(e.in_dir(&policies)))?;
             let d = engine.decide(&Question {
@@ -205,7 +206,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             #[derive(Serialize)]
             struct Reloaded {
                 version: u64,
-                digest: String,
+                digest: mvm_superpeer::proto::Hash,
             }
             crate::cmd::print(&Reloaded { version, digest }, out.output, |r| {
                 format!("policy version {} ({})", r.version, r.digest)

@@ -55,6 +55,20 @@ fn usage_errors_exit_2_with_one_line() {
 }
 
 #[test]
+fn a_bad_job_id_is_a_usage_error_that_names_it() {
+    for cmd in ["cancel", "hold", "release", "status"] {
+        // Refused while parsing: no super-peer is asked.
+        let out = mvm(&[cmd, "x7", "--broker", "/ip4/127.0.0.1/udp/9/quic-v1"]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("job id `x7`: expected NAME-TERM-SEQ"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+#[test]
 fn bench_queue_prints_one_json_object() {
     let v = json(&[
         "bench",

@@ -10,7 +10,7 @@ use mvm_component::policy::{self as pol, Principal, PrincipalKind, Question, Res
 use super::core::Core;
 use crate::joblog::JobLog;
 use crate::joblog::state::Resources;
-use crate::proto::{GroupSummary, Response, Submission};
+use crate::proto::{GroupSummary, JobId, Response, Submission};
 use crate::site::Site;
 
 /// What placements under way hold before the log has their jobs: per job, its owner's
@@ -22,7 +22,7 @@ pub(super) struct Ledger {
     /// Resources, per owner (`name@domain`).
     held: HashMap<String, Resources>,
     /// What each job holds.
-    jobs: HashMap<String, Held>,
+    jobs: HashMap<JobId, Held>,
 }
 
 /// What one job holds.
@@ -47,7 +47,7 @@ impl Ledger {
     }
 
     /// `job` holds `resources` of `owner`.
-    fn hold(&mut self, job: &str, owner: String, resources: Resources) {
+    fn hold(&mut self, job: &JobId, owner: String, resources: Resources) {
         let h = self.held.entry(owner.clone()).or_default();
         h.vcpus += resources.vcpus;
         h.memory_mib += resources.memory_mib;
@@ -60,7 +60,7 @@ impl Ledger {
     }
 
     /// `job` holds `n` more slots of `node`.
-    pub(super) fn hold_slots(&mut self, job: &str, node: PeerId, n: u32) {
+    pub(super) fn hold_slots(&mut self, job: &JobId, node: PeerId, n: u32) {
         *self.slots.entry(node).or_insert(0) += n;
         self.jobs
             .entry(job.to_owned())
@@ -70,7 +70,7 @@ impl Ledger {
     }
 
     /// Gives back what `job` holds (the log holds it now, or the job was not recorded).
-    pub(super) fn release(&mut self, job: &str) {
+    pub(super) fn release(&mut self, job: &JobId) {
         let Some(Held {
             owner,
             resources: r,
@@ -164,7 +164,7 @@ impl Core {
     /// job's resources are held in the ledger until it is released.
     pub(super) fn authorize(
         &mut self,
-        job: &str,
+        job: &JobId,
         owner: &Principal,
         s: &Submission,
         vertices: usize,
@@ -224,7 +224,7 @@ pub(super) fn refusal(
     log: &JobLog,
     who: &Principal,
     action: &str,
-    id: &str,
+    id: &JobId,
 ) -> Option<Response> {
     let Some(facts) = log.read(|s| s.job(id).map(|j| facts_of(&site.domain, j))) else {
         return Some(super::fail(
@@ -265,22 +265,6 @@ pub(super) fn facts_of(domain: &str, j: &crate::joblog::state::JobRecord) -> pol
         user_memory_mib: j.resources.memory_mib,
         user_vertices: j.resources.vertices,
     }
-}
-
-/// A job name made safe for a job id.
-pub(super) fn sanitize(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if s.is_empty() { "job".into() } else { s }
 }
 
 /// Who owns a submitted job: the user who sends it, or the user of its own domain that a

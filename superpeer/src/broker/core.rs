@@ -26,8 +26,8 @@ use crate::joblog::state::{Ended, JobRecord};
 use crate::joblog::{Applied, Command, JobLog, LogError, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    BrokerRequest, ErrorKind, Failure, FailureKind, GroupSummary, JobState, Member, NodeInfo,
-    NodeLoad, PartReport, PartSpec, Response, Submission,
+    BrokerRequest, ErrorKind, Failure, FailureKind, GroupSummary, JobId, JobState, Member,
+    NodeInfo, NodeLoad, PartReport, PartSpec, Response, Submission,
 };
 use crate::site::Site;
 
@@ -44,11 +44,11 @@ pub(super) enum Input {
         checked: Box<Checked>,
     },
     /// A client cancels a job (the policy has let it).
-    Cancel { reply: Reply, job: String },
+    Cancel { reply: Reply, job: JobId },
     /// A client holds back or releases a pending job (the policy has let it).
     Hold {
         reply: Reply,
-        job: String,
+        job: JobId,
         held: bool,
     },
     /// A node registers.
@@ -127,31 +127,31 @@ pub(super) enum Then {
     /// That job's entry: answer the submitter; `running` if its part runs on `peer`.
     AloneRecorded {
         reply: Reply,
-        job: String,
+        job: JobId,
         peer: PeerId,
         running: bool,
     },
     /// A job that waits for room was recorded.
     PendingRecorded {
         reply: Reply,
-        job: String,
+        job: JobId,
         why: PlaceError,
     },
     /// A placed job was recorded (submitted, or a pending job placed): wake its parts.
     Placed {
         reply: Option<Reply>,
-        job: String,
+        job: JobId,
         specs: Vec<(PeerId, PartSpec)>,
     },
     /// A part answered its prepare.
-    Prepared { job: String },
+    Prepared { job: JobId },
     /// The start of a job (with the parts that ended in their prepare) was recorded.
-    StartRecorded { job: String, peers: Vec<PeerId> },
+    StartRecorded { job: JobId, peers: Vec<PeerId> },
     /// A part answered its start.
-    Started { job: String },
+    Started { job: JobId },
     /// A job's end was recorded: tell its parts.
     EndRecorded {
-        job: String,
+        job: JobId,
         state: JobState,
         reply: Option<Reply>,
     },
@@ -206,7 +206,7 @@ pub(super) struct Core {
     pub(super) members: Members,
     pub(super) ledger: Ledger,
     /// The jobs being driven.
-    pub(super) drives: HashMap<String, Drive>,
+    pub(super) drives: HashMap<JobId, Drive>,
     /// Jobs placed by this broker (the last part of a job id).
     pub(super) seq: u64,
     /// Whether this broker led the log at its last input.

@@ -21,8 +21,8 @@ use crate::net::{Inbound, Net, NetConfig};
 use crate::pki::Ca;
 use crate::policy::{Policies, PolicySource};
 use crate::proto::{
-    BrokerRequest, Failure, FailureKind, JobState, NodeInfo, NodeLoad, PartReport, PartResult,
-    Response,
+    BrokerRequest, Failure, FailureKind, JobId, JobState, NodeInfo, NodeLoad, PartReport,
+    PartResult, Response,
 };
 use crate::site::Site;
 
@@ -166,7 +166,7 @@ impl Bench {
         (effects, rx)
     }
 
-    fn state(&self, job: &str) -> Option<(JobState, Option<String>)> {
+    fn state(&self, job: &JobId) -> Option<(JobState, Option<String>)> {
         self.log.read(|s| {
             s.job(job)
                 .map(|j| (j.state, j.ended.as_ref().and_then(|e| e.error.clone())))

@@ -9,7 +9,7 @@ use super::{fail, now_ms};
 use crate::joblog::state::{Ended, JobRecord};
 use crate::joblog::{Applied, Command, LogError};
 use crate::proto::{
-    BrokerRequest, ErrorKind, Failure, FailureKind, JobState, PartReport, PartSpec, Response,
+    BrokerRequest, ErrorKind, Failure, FailureKind, JobId, JobState, PartReport, PartSpec, Response,
 };
 
 impl Core {
@@ -68,7 +68,7 @@ impl Core {
         &mut self,
         out: &mut Vec<Effect>,
         reply: Reply,
-        job: &str,
+        job: &JobId,
         peer: PeerId,
         running: bool,
         outcome: Result<Applied, LogError>,
@@ -97,7 +97,7 @@ impl Core {
         &mut self,
         out: &mut Vec<Effect>,
         reply: Option<Reply>,
-        job: &str,
+        job: &JobId,
         specs: Vec<(PeerId, PartSpec)>,
         outcome: Result<Applied, LogError>,
     ) {
@@ -150,7 +150,7 @@ impl Core {
     pub(super) fn prepared(
         &mut self,
         out: &mut Vec<Effect>,
-        job: &str,
+        job: &JobId,
         peer: PeerId,
         answer: Result<Response, Failure>,
     ) {
@@ -214,7 +214,12 @@ impl Core {
 
     /// The start of a job was recorded: its parts are told to start (a single part started
     /// when it was prepared).
-    pub(super) fn start_recorded(&mut self, out: &mut Vec<Effect>, job: &str, peers: Vec<PeerId>) {
+    pub(super) fn start_recorded(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        peers: Vec<PeerId>,
+    ) {
         self.drives.remove(job);
         let running = self
             .log
@@ -238,7 +243,13 @@ impl Core {
 
     /// Ends a job (once): records its final state, then tells every part that has not
     /// reported a good end to stop and remove what it made.
-    pub(super) fn end(&mut self, out: &mut Vec<Effect>, job: &str, state: JobState, ended: Ended) {
+    pub(super) fn end(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        state: JobState,
+        ended: Ended,
+    ) {
         self.end_then(out, job, state, ended, None);
     }
 
@@ -246,7 +257,7 @@ impl Core {
     pub(super) fn end_then(
         &mut self,
         out: &mut Vec<Effect>,
-        job: &str,
+        job: &JobId,
         state: JobState,
         ended: Ended,
         reply: Option<Reply>,
@@ -269,18 +280,18 @@ impl Core {
     pub(super) fn end_recorded(
         &mut self,
         out: &mut Vec<Effect>,
-        job: &str,
+        job: &JobId,
         state: JobState,
         outcome: Result<Applied, LogError>,
     ) {
         match outcome {
             Ok(Applied::Done) => {}
             Ok(other) => {
-                tracing::debug!(job, outcome = ?other, "end not recorded");
+                tracing::debug!(%job, outcome = ?other, "end not recorded");
                 return;
             }
             Err(e) => {
-                tracing::warn!(job, error = %e, "end not recorded");
+                tracing::warn!(%job, error = %e, "end not recorded");
                 return;
             }
         }
@@ -296,7 +307,7 @@ impl Core {
     pub(super) fn terminate(
         &self,
         out: &mut Vec<Effect>,
-        job: &str,
+        job: &JobId,
         reason: &str,
         peers: Vec<PeerId>,
     ) {

@@ -1,12 +1,12 @@
 //! Forwarding: a job this group cannot place goes to another group's super-peer that can.
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 use mvm_component::policy::Principal;
 
 use super::fail;
 use super::plan::PlaceError;
 use crate::modules::ModuleStore;
-use crate::proto::{ClientRequest, FailureKind, GroupSummary, Request, Response, Submission};
+use crate::proto::{ClientRequest, FailureKind, GroupSummary, Hash, Request, Response, Submission};
 use crate::site::Site;
 
 /// Offers a job this group cannot place to the super-peers of the groups in `to` (see
@@ -22,15 +22,13 @@ pub(super) async fn forward(
 ) -> Response {
     let mut tried = Vec::new();
     for g in to {
-        let Ok(peer) = g.broker.parse::<PeerId>() else {
-            continue;
-        };
+        let peer = g.broker;
         let addrs: Vec<Multiaddr> = g
             .addrs
             .iter()
-            .filter_map(|a| crate::net::split_peer(a).ok().map(|(_, a)| a))
+            .filter_map(|a| crate::net::split_addr(a).map(|(_, a)| a))
             .collect();
-        let hashes: Vec<String> = s.components.values().cloned().collect();
+        let hashes: Vec<Hash> = s.components.values().copied().collect();
         let Ok(Response::Missing { hashes: missing }) = site
             .net
             .call(

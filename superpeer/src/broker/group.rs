@@ -13,7 +13,8 @@ use super::fail;
 use super::members::{Effect, Input};
 use crate::joblog::JobLog;
 use crate::proto::{
-    FailureKind, GroupInfo, GroupSummary, JobState, Member, NodeInfo, NodeLoad, NodeView, Response,
+    FailureKind, GroupInfo, GroupSummary, JobId, JobState, Member, NodeInfo, NodeLoad, NodeView,
+    Response,
 };
 
 /// The replicas as members, leader first, kept while the leader and the membership stay the
@@ -37,25 +38,24 @@ impl Replicas {
         {
             return m.clone();
         }
-        let leader = key.0.map(|p| p.to_string());
         let mut m: Vec<Member> = log
             .replicas()
             .into_iter()
-            .map(|r| {
+            .filter_map(|r| {
+                let peer = r.peer_id().ok()?;
                 let addrs = r
                     .multiaddrs()
                     .iter()
-                    .filter_map(|a| r.peer_id().ok().map(|p| crate::net::with_peer(a, p)))
-                    .map(|a| a.to_string())
+                    .map(|a| crate::net::with_peer(a, peer))
                     .collect();
-                Member {
-                    peer: r.peer,
+                Some(Member {
+                    peer,
                     addrs,
                     eligible: true,
-                }
+                })
             })
             .collect();
-        m.sort_by_key(|x| Some(&x.peer) != leader.as_ref());
+        m.sort_by_key(|x| Some(x.peer) != key.0);
         *self.made.lock() = Some((key, m.clone()));
         m
     }
@@ -87,7 +87,7 @@ impl Core {
         GroupSummary {
             group: self.site.group.clone(),
             domain: self.site.domain.clone(),
-            broker: self.site.net.peer().to_string(),
+            broker: self.site.net.peer(),
             addrs: self.site.net.dial_addrs(),
             nodes: u32::try_from(live.len()).unwrap_or(u32::MAX),
             free_slots: live.iter().map(|n| self.free_slots(&n.0, n.1)).sum(),
@@ -120,10 +120,7 @@ impl Core {
             );
         }
         tracing::info!(%peer, name = %info.name, "node registered");
-        self.view
-            .names
-            .lock()
-            .insert(peer, (peer.to_string(), info.name.clone()));
+        self.view.names.lock().insert(peer, info.name.clone());
         self.members.on(now, Input::Register { peer, info });
         Response::Registered {
             heartbeat_ms: u64::try_from(self.site.heartbeat.as_millis()).unwrap_or(1000),
@@ -136,7 +133,7 @@ impl Core {
     pub(super) fn heartbeat(&mut self, now: Instant, peer: PeerId, load: NodeLoad) -> Response {
         // A job being driven is not yet (or only just) in the log: none is taken for unknown on
         // its way in.
-        let stop: Vec<String> = self.log.read(|s| {
+        let stop: Vec<JobId> = self.log.read(|s| {
             load.jobs
                 .iter()
                 .filter(|j| !self.drives.contains_key(*j))
@@ -162,7 +159,7 @@ impl Core {
 
     /// The running jobs the log places on `peer` that are not in `listed` (the jobs the node
     /// says it holds), leaving out those being prepared.
-    fn unlisted(&self, peer: PeerId, listed: &[String]) -> Vec<String> {
+    fn unlisted(&self, peer: PeerId, listed: &[JobId]) -> Vec<JobId> {
         self.log.read(|s| {
             s.placed_on(&peer)
                 .filter(|j| {
@@ -183,7 +180,7 @@ impl Core {
                 self.members
                     .all()
                     .map(|(p, n)| NodeView {
-                        peer: p.to_string(),
+                        peer: *p,
                         name: n.info.name.clone(),
                         lost: n.lost,
                         vertices: s.reserved(p),
@@ -194,10 +191,9 @@ impl Core {
             })
         };
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        let me = self.site.net.peer().to_string();
         GroupInfo {
             nodes: views,
-            groups: self.members.groups(now, &me),
+            groups: self.members.groups(now, &self.site.net.peer()),
             ..super::leader_view(&self.site, &self.log, &self.view.replicas)
         }
     }

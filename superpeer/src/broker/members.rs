@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 
-use crate::proto::{GroupSummary, Member, NodeInfo, NodeLoad};
+use crate::proto::{GroupSummary, JobId, Member, NodeInfo, NodeLoad};
 
 /// How many times `lost_after` a new leader waits for a node that holds parts to register.
 /// Before it can register, such a node must notice that its super-peer is gone and find the new
@@ -22,8 +22,8 @@ pub(super) const TAKEOVER_GRACE: u32 = 4;
 /// How long a group summary stays valid without being heard again.
 pub(super) const SUMMARY_TTL: Duration = Duration::from_secs(5);
 
-/// Registered nodes' peer ids as text, and names.
-pub(super) type Names = HashMap<PeerId, (String, String)>;
+/// Registered nodes' names.
+pub(super) type Names = HashMap<PeerId, String>;
 
 /// A registered node.
 pub(super) struct NodeEntry {
@@ -35,7 +35,7 @@ pub(super) struct NodeEntry {
     last_seen: Instant,
     pub(super) lost: bool,
     /// Running jobs placed here that the node did not list at its heartbeats, and since when.
-    missing: HashMap<String, Instant>,
+    missing: HashMap<JobId, Instant>,
 }
 
 /// What happens to the membership.
@@ -48,7 +48,7 @@ pub(super) enum Input {
     Heartbeat {
         peer: PeerId,
         load: NodeLoad,
-        unlisted: Vec<String>,
+        unlisted: Vec<JobId>,
     },
     /// This broker has taken the lead; the log names `holding` as the nodes that hold parts.
     TookOver { holding: Vec<PeerId> },
@@ -71,7 +71,7 @@ pub(super) enum Effect {
     /// restarted within `lost_after` registers again, alive, without the parts it ran): its
     /// job fails.
     Vanished {
-        job: String,
+        job: JobId,
         peer: PeerId,
         name: String,
     },
@@ -84,7 +84,7 @@ pub(super) struct Members {
     /// since when it waits for them.
     expected: HashMap<PeerId, Instant>,
     /// Other groups' summaries, by super-peer, with when they were heard.
-    groups: HashMap<String, (GroupSummary, Instant)>,
+    groups: HashMap<PeerId, (GroupSummary, Instant)>,
     lost_after: Duration,
 }
 
@@ -120,7 +120,7 @@ impl Members {
                 Vec::new()
             }
             Input::Heard(s) => {
-                self.groups.insert(s.broker.clone(), (s, now));
+                self.groups.insert(s.broker, (s, now));
                 Vec::new()
             }
             Input::Tick => self.tick(now),
@@ -128,11 +128,11 @@ impl Members {
     }
 
     fn register(&mut self, now: Instant, peer: PeerId, info: NodeInfo) {
-        let addrs: Vec<Multiaddr> = info.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let addrs = info.addrs.clone();
         self.expected.remove(&peer);
         let member = Member {
-            peer: peer.to_string(),
-            addrs: addrs.iter().map(ToString::to_string).collect(),
+            peer,
+            addrs: addrs.clone(),
             eligible: false,
         };
         let entry = NodeEntry {
@@ -151,7 +151,7 @@ impl Members {
         now: Instant,
         peer: PeerId,
         load: NodeLoad,
-        unlisted: Vec<String>,
+        unlisted: Vec<JobId>,
     ) -> Vec<Effect> {
         let Some(n) = self.nodes.get_mut(&peer).filter(|n| !n.lost) else {
             return vec![Effect::Unknown(peer)];
@@ -220,11 +220,11 @@ impl Members {
     }
 
     /// The other groups heard from within [`SUMMARY_TTL`] of `now`, but not `me`, by name.
-    pub(super) fn groups(&self, now: Instant, me: &str) -> Vec<GroupSummary> {
+    pub(super) fn groups(&self, now: Instant, me: &PeerId) -> Vec<GroupSummary> {
         let mut v: Vec<GroupSummary> = self
             .groups
             .values()
-            .filter(|(s, at)| s.broker != me && now.saturating_duration_since(*at) < SUMMARY_TTL)
+            .filter(|(s, at)| s.broker != *me && now.saturating_duration_since(*at) < SUMMARY_TTL)
             .map(|(s, _)| s.clone())
             .collect();
         v.sort_by(|a, b| a.group.cmp(&b.group));
@@ -235,7 +235,7 @@ impl Members {
     pub(super) fn member(&self, peer: &PeerId) -> Member {
         self.nodes.get(peer).map_or_else(
             || Member {
-                peer: peer.to_string(),
+                peer: *peer,
                 addrs: Vec::new(),
                 eligible: false,
             },

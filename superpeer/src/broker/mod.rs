@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::joblog::{JobLog, Replica};
 use crate::modules::ModuleStore;
 use crate::proto::{
-    ClientRequest, Failure, FailureKind, GroupInfo, NodeRequest, Response, SUBMIT_HOLD,
+    ClientRequest, Failure, FailureKind, GroupInfo, JobId, NodeRequest, Response, SUBMIT_HOLD,
 };
 use crate::site::Site;
 use mvm_queue::codec::Registry;
@@ -93,10 +93,10 @@ pub(crate) struct Broker {
 /// What the broker's loop publishes for the readers on requests' tasks.
 #[derive(Default)]
 pub(super) struct View {
-    /// Registered nodes' peer ids as text and names, for statuses.
+    /// Registered nodes' names, for statuses.
     names: Mutex<members::Names>,
     /// Why each pending job waits, as the last try to place it found.
-    waiting: Mutex<HashMap<String, String>>,
+    waiting: Mutex<HashMap<JobId, String>>,
     /// The replicas, leader first.
     replicas: group::Replicas,
 }
@@ -113,15 +113,14 @@ fn leader_view(site: &Site, log: &JobLog, replicas: &group::Replicas) -> GroupIn
     let me = site.net.peer();
     GroupInfo {
         group: site.group.clone(),
-        broker: leader.map(|p| p.to_string()),
+        broker: leader,
         broker_addrs: if leader == Some(me) {
             site.net.dial_addrs()
         } else {
-            let leader = leader.map(|l| l.to_string());
             replicas
                 .get(log)
                 .into_iter()
-                .find(|m| Some(&m.peer) == leader.as_ref())
+                .find(|m| Some(m.peer) == leader)
                 .map(|m| m.addrs)
                 .unwrap_or_default()
         },
@@ -228,7 +227,7 @@ impl Broker {
                     r => r,
                 }
             }
-            ClientRequest::Status { job } => self.status(who, job.as_deref()),
+            ClientRequest::Status { job } => self.status(who, job.as_ref()),
             ClientRequest::Wait {
                 job,
                 after,

@@ -8,7 +8,7 @@ use mvm_component::policy::Principal;
 use mvm_component::topology::{Options, Topology};
 use mvm_queue::codec::Registry;
 
-use super::admit::{Refusal, inter_domain_allows, owner_of, sanitize};
+use super::admit::{Refusal, inter_domain_allows, owner_of};
 use super::core::{Core, Drive, Effect, Reply, Then};
 use super::now_ms;
 use crate::joblog::Command;
@@ -16,7 +16,7 @@ use crate::joblog::state::{Ended, JobRecord};
 use crate::modules::ModuleStore;
 use crate::proto::ErrorKind;
 use crate::proto::{
-    BrokerRequest, Failure, FailureKind, GroupSummary, JobState, Response, Submission,
+    BrokerRequest, Failure, FailureKind, GroupSummary, JobId, JobState, Response, Submission,
 };
 use crate::schedule::{Graph, Rank};
 
@@ -122,7 +122,7 @@ impl Core {
             }
         };
         // Unique across leaders: at most one leads in a term.
-        let id = format!("{}-{:x}-{:x}", sanitize(&s.name), self.log.term(), self.seq);
+        let id = JobId::new(&s.name, self.log.term(), self.seq);
         self.seq += 1;
         // The policy enforcement point: nothing is held or woken for a denied job.
         let n = c.topology.vertices.len();
@@ -231,10 +231,9 @@ impl Core {
     /// asks for; the one with the most free slots first.
     fn forward_to(&self, s: &Submission, owner: &Principal, vertices: usize) -> Vec<GroupSummary> {
         let r = &s.requirements;
-        let me = self.site.net.peer().to_string();
         let mut fits: Vec<GroupSummary> = self
             .members
-            .groups(std::time::Instant::now(), &me)
+            .groups(std::time::Instant::now(), &self.site.net.peer())
             .into_iter()
             .filter(|g| {
                 (g.domain == self.site.domain || inter_domain_allows(&self.site, owner, g))
@@ -250,7 +249,7 @@ impl Core {
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit
     /// lets later ones that do go first).
     pub(super) fn place_pending(&mut self, out: &mut Vec<Effect>) {
-        let waiting: Vec<(String, Principal, Box<Submission>)> = self.log.read(|st| {
+        let waiting: Vec<(JobId, Principal, Box<Submission>)> = self.log.read(|st| {
             st.pending()
                 .filter(|j| !self.drives.contains_key(&j.id))
                 .filter_map(|j| Some((j.id.clone(), j.owner.clone(), j.submission.clone()?)))

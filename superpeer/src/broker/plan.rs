@@ -8,7 +8,7 @@ use mvm_component::topology::{Topology, Vertex};
 use super::core::Core;
 use super::place::Checked;
 use crate::joblog::state::PartRecord;
-use crate::proto::{EnvSpec, Member, PartSpec, Submission, VmMode};
+use crate::proto::{EnvSpec, JobId, Member, PartSpec, Submission, VmMode};
 use crate::schedule::{self, Candidate, ScheduleError};
 
 /// Why a job cannot be placed in this group now.
@@ -99,7 +99,7 @@ impl Core {
     /// What each node of a placed job is sent to prepare its part.
     pub(super) fn specs(
         &self,
-        id: &str,
+        id: &JobId,
         owner: &Principal,
         s: &Submission,
         c: &Checked,
@@ -120,7 +120,7 @@ impl Core {
                     .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
                 mode: r.vm_mode.unwrap_or(VmMode::StopStart),
             });
-        let policy_digest = self.site.policies.current().digest.clone();
+        let policy_digest = self.site.policies.current().digest;
         plan.peers
             .iter()
             .enumerate()
@@ -130,7 +130,7 @@ impl Core {
                     .filter_map(|v| {
                         s.components
                             .get(&v.component)
-                            .map(|h| (v.component.clone(), h.clone()))
+                            .map(|h| (v.component.clone(), *h))
                     })
                     .collect();
                 let spec = PartSpec {
@@ -147,7 +147,7 @@ impl Core {
                     start: plan.peers.len() == 1,
                     environment: environment.clone(),
                     owner: owner.clone(),
-                    policy_digest: policy_digest.clone(),
+                    policy_digest,
                 };
                 (*p, spec)
             })
@@ -158,7 +158,7 @@ impl Core {
     /// those slots for `job` in the ledger.
     pub(super) fn plan(
         &mut self,
-        job: &str,
+        job: &JobId,
         s: &Submission,
         c: &Checked,
     ) -> Result<Plan, PlaceError> {

@@ -167,8 +167,8 @@ impl Broker {
         match summary {
             Ok(s)
                 if s.validate().is_ok()
-                    && msg.source.map(|p| p.to_string()) == Some(s.broker.clone())
-                    && s.broker != self.site.net.peer().to_string()
+                    && msg.source == Some(s.broker)
+                    && s.broker != self.site.net.peer()
                     && msg
                         .source
                         .and_then(|p| self.site.net.identity(&p))

@@ -9,14 +9,10 @@ use super::core::Core;
 use super::{Broker, View, admit, fail, members, now_ms};
 use crate::joblog::JobLog;
 use crate::joblog::state::JobRecord;
-use crate::proto::{FailureKind, JobState, JobStatus, PartStatus, Response, SUBMIT_HOLD};
+use crate::proto::{FailureKind, JobId, JobState, JobStatus, PartStatus, Response, SUBMIT_HOLD};
 
 /// A job's status as clients see it, with the nodes' `names` and why pending jobs wait.
-fn status_of(
-    j: &JobRecord,
-    names: &members::Names,
-    waiting: &HashMap<String, String>,
-) -> JobStatus {
+fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, String>) -> JobStatus {
     let count = |v: &Vec<String>| u32::try_from(v.len()).unwrap_or(u32::MAX);
     let vertices = if j.parts.is_empty() {
         u32::try_from(j.resources.vertices).unwrap_or(0)
@@ -39,17 +35,11 @@ fn status_of(
         parts: j
             .parts
             .iter()
-            .map(|p| {
-                let (node, name) = names
-                    .get(&p.node)
-                    .cloned()
-                    .unwrap_or_else(|| (p.node.to_string(), String::new()));
-                PartStatus {
-                    node,
-                    name,
-                    vertices: p.vertices.clone(),
-                    done: p.done,
-                }
+            .map(|p| PartStatus {
+                node: p.node,
+                name: names.get(&p.node).cloned().unwrap_or_default(),
+                vertices: p.vertices.clone(),
+                done: p.done,
             })
             .collect(),
         outputs: j.outputs.clone(),
@@ -75,7 +65,7 @@ fn status_of(
 impl View {
     /// The status of job `id` in `log`, if it is there. (The names are locked before the
     /// log's state is read, and the reasons of waiting jobs after, as everywhere.)
-    fn status(&self, log: &JobLog, id: &str) -> Option<JobStatus> {
+    fn status(&self, log: &JobLog, id: &JobId) -> Option<JobStatus> {
         let names = self.names.lock();
         log.read(|st| {
             st.job(id)
@@ -86,7 +76,7 @@ impl View {
 
 impl Core {
     /// The answer to a submission once its job is in the log: the job's status.
-    pub(super) fn submitted(&self, id: &str) -> Response {
+    pub(super) fn submitted(&self, id: &JobId) -> Response {
         self.view.status(&self.log, id).map_or_else(
             || fail(FailureKind::Failed, "the job left the log at once"),
             Response::Submitted,
@@ -96,7 +86,7 @@ impl Core {
 
 impl Broker {
     /// The status of `job`, or of every job `who` may read.
-    pub(super) fn status(&self, who: &Principal, job: Option<&str>) -> Response {
+    pub(super) fn status(&self, who: &Principal, job: Option<&JobId>) -> Response {
         if let Some(id) = job
             && let Some(r) = admit::refusal(&self.site, &self.log, who, "read-results", id)
         {
@@ -133,7 +123,7 @@ impl Broker {
     /// at most `max`, then its status.
     pub(super) async fn wait(
         &self,
-        job: &str,
+        job: &JobId,
         after: u64,
         until_end: bool,
         max: Duration,

@@ -37,10 +37,7 @@ async fn one_leader(lab: &Lab) -> usize {
         }
         leaders.dedup();
         let [leader] = &leaders[..] else { return None };
-        let i = lab
-            .superpeers
-            .iter()
-            .position(|s| s.peer.to_string() == *leader)?;
+        let i = lab.superpeers.iter().position(|s| s.peer == *leader)?;
         (brokers == 1).then_some(i)
     })
     .await
@@ -243,10 +240,8 @@ fn heavy_ring(name: &str) -> crate::client::Prepared {
     wat.push_str(")\n");
     let mut job = ring(name, 100, Some(2), 0);
     let module = bytes::Bytes::from(wat.into_bytes());
-    let hash = crate::modules::hash(&module);
-    job.submission
-        .components
-        .insert("token".into(), hash.clone());
+    let hash = crate::proto::Hash::of(&module);
+    job.submission.components.insert("token".into(), hash);
     job.modules = std::collections::BTreeMap::from([(hash, module)]);
     job
 }

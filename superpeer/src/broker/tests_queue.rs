@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::harness::{Lab, finished, items, one, ring, running, sleeping, until};
-use crate::proto::{FailureKind, JobState, JobStatus};
+use crate::proto::{FailureKind, JobId, JobState, JobStatus};
 
 /// Items that crossed between nodes, and items that did not.
 fn remote_and_local(s: &JobStatus) -> (u64, u64) {
@@ -66,7 +66,7 @@ async fn hold_release_cancel_and_status_say_why_for_a_job_not_there_not_held_or_
     let e = c.hold(&next.job, false).await.expect_err("not held");
     assert_eq!(e.kind, FailureKind::Input, "{e:?}");
     assert!(e.message.contains("already not held"), "{e:?}");
-    let nowhere = "nowhere-1-0";
+    let nowhere = &JobId::new("nowhere", 1, 0);
     for e in [
         c.hold(nowhere, true).await.expect_err("no such job"),
         c.cancel(nowhere).await.expect_err("no such job"),
@@ -74,7 +74,7 @@ async fn hold_release_cancel_and_status_say_why_for_a_job_not_there_not_held_or_
         c.wait(nowhere, 0, true).await.expect_err("no such job"),
     ] {
         assert_eq!(e.kind, FailureKind::NotFound, "{e:?}");
-        assert!(e.message.contains(nowhere), "{e:?}");
+        assert!(e.message.contains(nowhere.as_str()), "{e:?}");
     }
     c.cancel(&long.job).await.expect("cancel");
     let done = until(&c, &next.job, JobState::is_final).await;
@@ -122,7 +122,7 @@ async fn the_job_list_gives_every_job_with_its_state_and_owner() {
         .await
         .expect("submit");
     assert_eq!(pending.state, JobState::Pending);
-    let all: BTreeMap<String, (JobState, String)> = c
+    let all: BTreeMap<JobId, (JobState, String)> = c
         .status(None)
         .await
         .expect("status")

@@ -8,7 +8,7 @@ use libp2p::PeerId;
 use super::core::{Core, Effect, Reply};
 use super::{fail, members};
 use crate::joblog::state::{Ended, JobRecord};
-use crate::proto::{ErrorKind, FailureKind, JobState};
+use crate::proto::{ErrorKind, FailureKind, JobId, JobState};
 
 impl Core {
     /// Runs on every tick: notices a change of leader, fails the parts of lost nodes and the
@@ -35,7 +35,7 @@ impl Core {
                 members::Effect::Unknown(_) => {}
             }
         }
-        let pending: std::collections::HashSet<String> = self
+        let pending: std::collections::HashSet<JobId> = self
             .log
             .read(|s| s.pending().map(|j| j.id.clone()).collect());
         self.view
@@ -59,7 +59,7 @@ impl Core {
     fn lost(&mut self, out: &mut Vec<Effect>, peer: PeerId, name: Option<String>) {
         let name = name.unwrap_or_else(|| "(not registered since the takeover)".into());
         tracing::warn!(%peer, %name, "node lost");
-        let jobs: Vec<String> = self.log.read(|s| {
+        let jobs: Vec<JobId> = self.log.read(|s| {
             s.placed_on(&peer)
                 .filter(|j| {
                     !j.state.is_final() && j.parts.iter().any(|p| p.node == peer && !p.done)
@@ -97,7 +97,7 @@ impl Core {
     /// be started (their preparation died with it) and fail; running jobs go on, and the nodes
     /// that run them count as lost unless they register in time.
     fn take_over(&mut self, out: &mut Vec<Effect>, now: Instant) {
-        let (preparing, holding): (Vec<String>, Vec<PeerId>) = self.log.read(|s| {
+        let (preparing, holding): (Vec<JobId>, Vec<PeerId>) = self.log.read(|s| {
             let live: Vec<&JobRecord> = s.jobs().filter(|j| !j.state.is_final()).collect();
             let mut holding: Vec<PeerId> = live
                 .iter()
@@ -130,7 +130,7 @@ impl Core {
     }
 
     /// Cancels a job that has not ended.
-    pub(super) fn cancel(&mut self, out: &mut Vec<Effect>, reply: Reply, job: &str) {
+    pub(super) fn cancel(&mut self, out: &mut Vec<Effect>, reply: Reply, job: &JobId) {
         match self.log.read(|s| s.job(job).map(|j| j.state)) {
             None => out.push(Effect::Reply(
                 reply,

@@ -5,7 +5,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::state::{Ended, JobRecord, PartRecord};
-use crate::proto::{JobState, Traffic};
+use crate::proto::{JobId, JobState, Traffic};
 
 /// A change to the control state: one entry of the job log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,19 +16,19 @@ pub enum Command {
     /// A pending job is placed.
     Place {
         /// The job.
-        job: String,
+        job: JobId,
         /// Where.
         parts: Vec<PartRecord>,
     },
     /// Every part is prepared: the job runs.
     Start {
         /// The job.
-        job: String,
+        job: JobId,
     },
     /// A part ended well (of a job preparing or running); the last one ends the job `Done`.
     PartDone {
         /// The job.
-        job: String,
+        job: JobId,
         /// The node.
         node: PeerId,
         /// Its vertices' outputs.
@@ -41,7 +41,7 @@ pub enum Command {
     /// The job ended (`Done`, `Failed`, `Refused`, `Cancelled`).
     End {
         /// The job.
-        job: String,
+        job: JobId,
         /// Its final state.
         state: JobState,
         /// When and why.
@@ -50,7 +50,7 @@ pub enum Command {
     /// A pending job is held back from placement (`true`) or released (`false`).
     Hold {
         /// The job.
-        job: String,
+        job: JobId,
         /// Held or released.
         held: bool,
     },
@@ -60,7 +60,7 @@ pub enum Command {
 
 impl Command {
     /// The jobs it is about.
-    pub fn jobs(&self) -> Vec<&str> {
+    pub fn jobs(&self) -> Vec<&JobId> {
         match self {
             Command::Submit(j) => vec![&j.id],
             Command::Place { job, .. }
@@ -89,18 +89,18 @@ pub enum Applied {
 pub enum CommandError {
     /// The log holds no such job (never submitted, or forgotten long after it ended).
     #[error("no job {0}")]
-    NoJob(String),
+    NoJob(JobId),
     /// The job has ended already.
     #[error("job {job} has ended ({state:?})")]
     Ended {
         /// The job.
-        job: String,
+        job: JobId,
         /// How it ended.
         state: JobState,
     },
     /// A job is submitted again.
     #[error("job {0} exists already")]
-    Exists(String),
+    Exists(JobId),
     /// A job is submitted in a state it cannot start in.
     #[error(
         "job {job}: a job is submitted pending (with its submission), or preparing or running \
@@ -108,27 +108,27 @@ pub enum CommandError {
     )]
     Submitted {
         /// The job.
-        job: String,
+        job: JobId,
         /// The state it came in.
         state: JobState,
     },
     /// A placement of a job that is not pending.
     #[error("job {0} is not pending")]
-    NotPending(String),
+    NotPending(JobId),
     /// A start of a job that is not preparing.
     #[error("job {0} is not preparing")]
-    NotPreparing(String),
+    NotPreparing(JobId),
     /// A placement without parts.
     #[error("job {0}: a placement needs a part")]
-    NoParts(String),
+    NoParts(JobId),
     /// A part's report for a job that has no parts yet.
     #[error("job {0} is pending: it has no parts yet")]
-    NoPartsYet(String),
+    NoPartsYet(JobId),
     /// A report from a node that runs no part of the job.
     #[error("{node} runs no part of job {job}")]
     NotAPart {
         /// The job.
-        job: String,
+        job: JobId,
         /// The node.
         node: PeerId,
     },
@@ -136,7 +136,7 @@ pub enum CommandError {
     #[error("{node} has already reported its part of job {job}")]
     Reported {
         /// The job.
-        job: String,
+        job: JobId,
         /// The node.
         node: PeerId,
     },
@@ -144,7 +144,7 @@ pub enum CommandError {
     #[error("job {job} is {state:?}: only a pending job can be held or released")]
     HoldNotPending {
         /// The job.
-        job: String,
+        job: JobId,
         /// Its state.
         state: JobState,
     },
@@ -152,7 +152,7 @@ pub enum CommandError {
     #[error("job {job} is already {}", if *held { "held" } else { "not held" })]
     AlreadyHeld {
         /// The job.
-        job: String,
+        job: JobId,
         /// Whether it is held.
         held: bool,
     },
@@ -160,7 +160,7 @@ pub enum CommandError {
     #[error("job {job}: {state:?} is not an end")]
     NotAnEnd {
         /// The job.
-        job: String,
+        job: JobId,
         /// The state asked for.
         state: JobState,
     },

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use super::state::{Applied, ControlState};
 use super::store::{Result, blocking, decode, encode, meta_get, meta_put};
 use super::{NodeId, Replica, TypeConfig};
+use crate::proto::JobId;
 
 /// A snapshot as kept on disk.
 #[derive(Serialize, Deserialize)]
@@ -40,7 +41,7 @@ pub(crate) struct Machine {
 
 /// Per job, the sender of its changes (while someone listens).
 pub(crate) type Watchers =
-    Arc<parking_lot::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>>;
+    Arc<parking_lot::Mutex<std::collections::HashMap<JobId, watch::Sender<u64>>>>;
 
 impl Machine {
     /// The state machine of `db`, from its snapshot if it has one.

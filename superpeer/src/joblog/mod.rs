@@ -34,7 +34,7 @@ use sha2::Digest;
 use tokio::sync::watch;
 
 use crate::net::Net;
-use crate::proto::{Failure, FailureKind, RaftRpc, Response};
+use crate::proto::{Failure, FailureKind, JobId, RaftRpc, Response};
 
 mod command;
 mod machine;
@@ -85,7 +85,7 @@ impl Replica {
     pub fn peer_id(&self) -> Result<PeerId, LogError> {
         self.peer
             .parse()
-            .map_err(|_| LogError::Replica(format!("'{}' is not a peer id", self.peer)))
+            .map_err(|_| LogError::NotAPeer(self.peer.clone()))
     }
 
     /// Its addresses that parse.
@@ -147,9 +147,12 @@ pub enum LogError {
         /// The leader, when known.
         leader: Option<PeerId>,
     },
-    /// A replica record that does not name a peer.
-    #[error("a job-log replica: {0}")]
-    Replica(String),
+    /// A replica record whose peer is not a peer id.
+    #[error("a job-log replica: '{0}' is not a peer id")]
+    NotAPeer(String),
+    /// This replica is not among those it was asked to start the log with.
+    #[error("a job-log replica: {0} is not among the replicas it was asked to start the log with")]
+    NotAmong(PeerId),
     /// Raft itself failed (storage, shutdown, a bad configuration).
     #[error("the job log: {0}")]
     Raft(String),
@@ -265,10 +268,7 @@ impl JobLog {
             members.insert(node_id(&r.peer_id()?), r.clone());
         }
         if !members.contains_key(&node_id(&self.me)) {
-            return Err(LogError::Replica(format!(
-                "{} is not among the replicas it was asked to start the log with",
-                self.me
-            )));
+            return Err(LogError::NotAmong(self.me));
         }
         self.expected.write().extend(members.keys().copied());
         Ok(members)
@@ -307,13 +307,13 @@ impl JobLog {
 
     /// Watches one job: the receiver sees the index of each entry applied here that changes
     /// it. Subscribe before reading the job, and no change is missed.
-    pub fn watch(&self, job: &str) -> watch::Receiver<u64> {
+    pub fn watch(&self, job: &JobId) -> watch::Receiver<u64> {
         let mut w = self.watchers.lock();
         match w.get(job) {
             Some(tx) => tx.subscribe(),
             None => {
                 let (tx, rx) = watch::channel(0);
-                w.insert(job.to_owned(), tx);
+                w.insert(job.clone(), tx);
                 rx
             }
         }

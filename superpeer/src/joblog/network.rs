@@ -16,9 +16,9 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{NodeId, Replica, TypeConfig};
+use super::{LogError, NodeId, Replica, TypeConfig};
 use crate::net::Net;
-use crate::proto::{RaftRpc, Request, Response};
+use crate::proto::{Failure, RaftRpc, Request, Response};
 
 /// Opens connections to replicas.
 pub(crate) struct Network {
@@ -32,7 +32,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Connection {
             net: self.net.clone(),
             target,
-            peer: node.peer_id().map_err(|e| e.to_string()),
+            peer: node.peer_id(),
             addrs: node.multiaddrs(),
         }
     }
@@ -42,18 +42,47 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub(crate) struct Connection {
     net: Net,
     target: NodeId,
-    peer: Result<PeerId, String>,
+    /// Its peer, or why its record names none.
+    peer: Result<PeerId, LogError>,
     addrs: Vec<Multiaddr>,
 }
 
 /// Why a message did not reach its replica or was not answered by it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Undelivered(String);
+enum Undelivered {
+    /// The replica's record names no peer.
+    #[error(transparent)]
+    Replica(LogError),
+    /// The message does not encode.
+    #[error("a job-log message that does not encode: {0}")]
+    Encode(ciborium::ser::Error<std::io::Error>),
+    /// The replica did not answer in time.
+    #[error("{0} did not answer in time")]
+    Timeout(PeerId),
+    /// The request failed on the way, or the replica answered with an error.
+    #[error("{0}")]
+    Failed(Failure),
+    /// The replica answered with something other than openraft's result.
+    #[error("{peer} answered a job-log message with {answer:?}")]
+    Unexpected {
+        /// The replica.
+        peer: PeerId,
+        /// Its answer.
+        answer: Box<Response>,
+    },
+    /// openraft's result does not decode.
+    #[error("{peer}'s answer: {error}")]
+    Decode {
+        /// The replica.
+        peer: PeerId,
+        /// Why.
+        error: ciborium::de::Error<std::io::Error>,
+    },
+}
 
 fn encode<T: Serialize>(v: &T) -> Result<Bytes, Undelivered> {
     let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).map_err(|e| Undelivered(e.to_string()))?;
+    ciborium::into_writer(v, &mut out).map_err(Undelivered::Encode)?;
     Ok(out.into())
 }
 
@@ -70,29 +99,31 @@ impl Connection {
         E: std::error::Error + DeserializeOwned,
     {
         let network = |e: Undelivered| RPCError::Network(NetworkError::new(&e));
-        let peer = self.peer.clone().map_err(|e| network(Undelivered(e)))?;
+        let peer = self
+            .peer
+            .clone()
+            .map_err(|e| network(Undelivered::Replica(e)))?;
         let request = Request::Peer(PeerRequest::Raft(rpc(body.map_err(network)?)));
         let answer =
             tokio::time::timeout(option.hard_ttl(), self.net.call(peer, &self.addrs, request))
                 .await;
         let bytes = match answer {
             Err(_) => {
-                let e = Undelivered(format!("{peer} did not answer in time"));
+                let e = Undelivered::Timeout(peer);
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
             Ok(Err(f)) => {
-                return Err(RPCError::Unreachable(Unreachable::new(&Undelivered(
-                    f.message,
-                ))));
+                let e = Undelivered::Failed(f);
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
             Ok(Ok(Response::Raft(b))) => b,
             Ok(Ok(other)) => {
-                let e = Undelivered(format!("{peer} answered a job-log message with {other:?}"));
-                return Err(network(e));
+                let answer = Box::new(other);
+                return Err(network(Undelivered::Unexpected { peer, answer }));
             }
         };
         let result: Result<R, E> = ciborium::from_reader(bytes.as_ref())
-            .map_err(|e| network(Undelivered(format!("{peer}'s answer: {e}"))))?;
+            .map_err(|error| network(Undelivered::Decode { peer, error }))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

@@ -12,7 +12,7 @@ use libp2p::PeerId;
 use mvm_component::policy::Principal;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{ErrorKind, JobState, Submission, Traffic};
+use crate::proto::{ErrorKind, JobId, JobState, Submission, Traffic};
 
 pub use super::command::{Applied, Command, CommandError};
 
@@ -92,7 +92,7 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// Its id, unique in the group.
-    pub id: String,
+    pub id: JobId,
     /// The profile's name.
     pub name: String,
     /// Who owns it.
@@ -138,18 +138,18 @@ impl JobRecord {
 /// pending queue and the history of ended jobs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ControlState {
-    jobs: BTreeMap<String, JobRecord>,
+    jobs: BTreeMap<JobId, JobRecord>,
     /// Pending jobs in placement order: higher priority first, then earlier submission.
-    pending: BTreeSet<(std::cmp::Reverse<i32>, u64, String)>,
+    pending: BTreeSet<(std::cmp::Reverse<i32>, u64, JobId)>,
     /// What each owner's jobs that have not ended hold, by `name@domain`.
     held: BTreeMap<String, Resources>,
     /// Vertex slots reserved on each node by jobs that have not ended.
     reserved: BTreeMap<PeerId, u32>,
     /// The jobs not ended with a part on each node (empty in a snapshot older than it).
     #[serde(default)]
-    placed: BTreeMap<PeerId, BTreeSet<String>>,
+    placed: BTreeMap<PeerId, BTreeSet<JobId>>,
     /// Ended jobs, oldest first.
-    ended: VecDeque<String>,
+    ended: VecDeque<JobId>,
 }
 
 /// The key of an owner in [`ControlState`]'s tallies.
@@ -159,7 +159,7 @@ fn owner_key(p: &Principal) -> String {
 
 impl ControlState {
     /// A job.
-    pub fn job(&self, id: &str) -> Option<&JobRecord> {
+    pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
     }
 
@@ -206,14 +206,10 @@ impl ControlState {
             }
             c => c,
         };
-        let job = command
-            .jobs()
-            .first()
-            .map(|j| (*j).to_owned())
-            .unwrap_or_default();
+        let job = command.jobs().first().map(|j| (*j).clone());
         match self.try_apply(command) {
             Ok(()) => {
-                if let Some(j) = self.jobs.get_mut(&job) {
+                if let Some(j) = job.and_then(|id| self.jobs.get_mut(&id)) {
                     j.version = index;
                 }
                 Applied::Done
@@ -222,11 +218,11 @@ impl ControlState {
         }
     }
 
-    fn live(&mut self, id: &str) -> Result<&mut JobRecord, CommandError> {
+    fn live(&mut self, id: &JobId) -> Result<&mut JobRecord, CommandError> {
         match self.jobs.get_mut(id) {
-            None => Err(CommandError::NoJob(id.to_owned())),
+            None => Err(CommandError::NoJob(id.clone())),
             Some(j) if j.state.is_final() => Err(CommandError::Ended {
-                job: id.to_owned(),
+                job: id.clone(),
                 state: j.state,
             }),
             Some(j) => Ok(j),
@@ -348,10 +344,10 @@ impl ControlState {
         Ok(())
     }
 
-    fn end(&mut self, id: &str, state: JobState, ended: Ended) -> Result<(), CommandError> {
+    fn end(&mut self, id: &JobId, state: JobState, ended: Ended) -> Result<(), CommandError> {
         if !state.is_final() {
             return Err(CommandError::NotAnEnd {
-                job: id.to_owned(),
+                job: id.clone(),
                 state,
             });
         }
@@ -363,7 +359,7 @@ impl ControlState {
         if state != JobState::Done {
             j.outputs.clear();
         }
-        let key = (std::cmp::Reverse(j.priority), j.submitted_ms, id.to_owned());
+        let key = (std::cmp::Reverse(j.priority), j.submitted_ms, id.clone());
         let slots: Vec<(PeerId, u32)> = j.slots().collect();
         let (owner, resources) = (owner_key(&j.owner), j.resources);
         if was == JobState::Pending {
@@ -376,7 +372,7 @@ impl ControlState {
                 self.held.remove(&owner);
             }
         }
-        self.ended.push_back(id.to_owned());
+        self.ended.push_back(id.clone());
         while self.ended.len() > KEEP_ENDED {
             if let Some(old) = self.ended.pop_front() {
                 self.jobs.remove(&old);
@@ -385,10 +381,10 @@ impl ControlState {
         Ok(())
     }
 
-    fn reserve(&mut self, job: &str, slots: &[(PeerId, u32)], take: bool) {
+    fn reserve(&mut self, job: &JobId, slots: &[(PeerId, u32)], take: bool) {
         for (node, n) in slots {
             if take {
-                self.placed.entry(*node).or_default().insert(job.to_owned());
+                self.placed.entry(*node).or_default().insert(job.clone());
             } else if let Some(jobs) = self.placed.get_mut(node) {
                 jobs.remove(job);
                 if jobs.is_empty() {

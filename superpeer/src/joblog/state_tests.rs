@@ -67,21 +67,26 @@ fn end(state: JobState) -> Ended {
 fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     let (a, b) = (PeerId::random(), PeerId::random());
     let mut s = ControlState::default();
-    let j = job("j-1", 0, 1, vec![part(a, 3), part(b, 1)]);
+    let j = job("j-1-1", 0, 1, vec![part(a, 3), part(b, 1)]);
     assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
     assert_eq!((s.reserved(&a), s.reserved(&b)), (3, 1));
     let on = |s: &ControlState, n| s.placed_on(n).map(|j| j.id.clone()).collect::<Vec<_>>();
     assert_eq!(
         (on(&s, &a), on(&s, &b)),
-        (vec!["j-1".to_owned()], vec!["j-1".to_owned()])
+        (vec!["j-1-1".into()], vec!["j-1-1".into()])
     );
     assert_eq!(s.held(&alice()).vertices, 2);
     assert_eq!(
-        s.apply(1, Command::Start { job: "j-1".into() }),
+        s.apply(
+            1,
+            Command::Start {
+                job: "j-1-1".into()
+            }
+        ),
         Applied::Done
     );
     let done = |node| Command::PartDone {
-        job: "j-1".into(),
+        job: "j-1-1".into(),
         node,
         outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
         traffic: vec![Traffic {
@@ -98,14 +103,17 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     assert_eq!(
         s.apply(2, done(a)),
         Applied::Refused(CommandError::Reported {
-            job: "j-1".into(),
+            job: "j-1-1".into(),
             node: a
         })
     );
-    assert_eq!(s.job("j-1").expect("job").state, JobState::Running);
+    assert_eq!(
+        s.job(&"j-1-1".into()).expect("job").state,
+        JobState::Running
+    );
     // The last part's report ends the job, at the entry that carried it.
     assert_eq!(s.apply(3, done(b)), Applied::Done);
-    let j = s.job("j-1").expect("job");
+    let j = s.job(&"j-1-1".into()).expect("job");
     assert_eq!(j.traffic.len(), 1);
     assert_eq!((j.traffic[0].items, j.traffic[0].bytes), (10, 80));
     assert_eq!((j.state, j.version), (JobState::Done, 3));
@@ -124,12 +132,12 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
         "an ended job is placed nowhere"
     );
     assert_eq!(s.held(&alice()), Resources::default());
-    assert_eq!(s.job("j-1").expect("kept").outputs.len(), 2);
+    assert_eq!(s.job(&"j-1-1".into()).expect("kept").outputs.len(), 2);
     // An ended job changes no more.
     let again = s.apply(
         1,
         Command::End {
-            job: "j-1".into(),
+            job: "j-1-1".into(),
             state: JobState::Failed,
             ended: end(JobState::Failed),
         },
@@ -137,25 +145,25 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     assert_eq!(
         again,
         Applied::Refused(CommandError::Ended {
-            job: "j-1".into(),
+            job: "j-1-1".into(),
             state: JobState::Done
         })
     );
     let Applied::Refused(why) = again else {
         unreachable!("refused above")
     };
-    assert_eq!(why.to_string(), "job j-1 has ended (Done)");
-    assert_eq!(s.job("j-1").expect("kept").state, JobState::Done);
+    assert_eq!(why.to_string(), "job j-1-1 has ended (Done)");
+    assert_eq!(s.job(&"j-1-1".into()).expect("kept").state, JobState::Done);
 }
 
 #[test]
 fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait() {
     let mut s = ControlState::default();
     for (id, prio, at) in [
-        ("low", 0, 1),
-        ("high-late", 5, 3),
-        ("high", 5, 2),
-        ("mid", 1, 0),
+        ("low-1-0", 0, 1),
+        ("high-late-1-0", 5, 3),
+        ("high-1-0", 5, 2),
+        ("mid-1-0", 1, 0),
     ] {
         assert_eq!(
             s.apply(1, Command::Submit(Box::new(job(id, prio, at, Vec::new())))),
@@ -163,59 +171,62 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
         );
     }
     let order = |s: &ControlState| s.pending().map(|j| j.id.clone()).collect::<Vec<_>>();
-    assert_eq!(order(&s), ["high", "high-late", "mid", "low"]);
+    assert_eq!(
+        order(&s),
+        ["high-1-0", "high-late-1-0", "mid-1-0", "low-1-0"]
+    );
     assert_eq!(
         s.apply(
             1,
             Command::Hold {
-                job: "high".into(),
+                job: "high-1-0".into(),
                 held: true
             }
         ),
         Applied::Done
     );
-    assert_eq!(order(&s), ["high-late", "mid", "low"]);
+    assert_eq!(order(&s), ["high-late-1-0", "mid-1-0", "low-1-0"]);
     assert!(matches!(
-        s.apply(1, Command::Hold { job: "high".into(), held: true }),
+        s.apply(1, Command::Hold { job: "high-1-0".into(), held: true }),
         Applied::Refused(w) if w.to_string().contains("already held")
     ));
     assert_eq!(
         s.apply(
             1,
             Command::Hold {
-                job: "high".into(),
+                job: "high-1-0".into(),
                 held: false
             }
         ),
         Applied::Done
     );
-    assert_eq!(order(&s)[0], "high");
+    assert_eq!(order(&s)[0], "high-1-0");
     // Placing takes a job off the queue and reserves its slots; a placed job cannot be held.
     let n = PeerId::random();
     let place = Command::Place {
-        job: "high".into(),
+        job: "high-1-0".into(),
         parts: vec![part(n, 2)],
     };
     assert_eq!(s.apply(1, place.clone()), Applied::Done);
-    assert_eq!(order(&s), ["high-late", "mid", "low"]);
+    assert_eq!(order(&s), ["high-late-1-0", "mid-1-0", "low-1-0"]);
     assert_eq!(s.reserved(&n), 2);
-    assert!(s.job("high").expect("job").submission.is_none());
+    assert!(s.job(&"high-1-0".into()).expect("job").submission.is_none());
     assert!(
         matches!(s.apply(1, place), Applied::Refused(w) if w.to_string().contains("not pending"))
     );
     assert!(matches!(
-        s.apply(1, Command::Hold { job: "high".into(), held: true }),
+        s.apply(1, Command::Hold { job: "high-1-0".into(), held: true }),
         Applied::Refused(w) if w.to_string().contains("only a pending job")
     ));
     // A pending job cancelled leaves the queue and gives its resources back.
     assert_eq!(s.held(&alice()).vertices, 8);
     let cancel = Command::End {
-        job: "low".into(),
+        job: "low-1-0".into(),
         state: JobState::Cancelled,
         ended: end(JobState::Cancelled),
     };
     assert_eq!(s.apply(1, cancel), Applied::Done);
-    assert_eq!(order(&s), ["high-late", "mid"]);
+    assert_eq!(order(&s), ["high-late-1-0", "mid-1-0"]);
     assert_eq!(s.held(&alice()).vertices, 6);
 }
 
@@ -225,18 +236,20 @@ fn commands_that_do_not_fit_change_nothing() {
     let mut s = ControlState::default();
     let before = format!("{s:?}");
     for c in [
-        Command::Start { job: "nope".into() },
+        Command::Start {
+            job: "nope-1-0".into(),
+        },
         Command::Place {
-            job: "nope".into(),
+            job: "nope-1-0".into(),
             parts: vec![part(n, 1)],
         },
         Command::Submit(Box::new(JobRecord {
             state: JobState::Done,
-            ..job("x", 0, 0, vec![part(n, 1)])
+            ..job("x-1-0", 0, 0, vec![part(n, 1)])
         })),
         Command::Submit(Box::new(JobRecord {
             submission: None,
-            ..job("y", 0, 0, Vec::new())
+            ..job("y-1-0", 0, 0, Vec::new())
         })),
     ] {
         assert!(matches!(s.apply(1, c), Applied::Refused(_)));
@@ -245,17 +258,17 @@ fn commands_that_do_not_fit_change_nothing() {
     assert_eq!(
         s.apply(
             1,
-            Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))
+            Command::Submit(Box::new(job("z-1-0", 0, 0, vec![part(n, 1)])))
         ),
         Applied::Done
     );
     assert!(matches!(
-        s.apply(1, Command::Submit(Box::new(job("z", 0, 0, vec![part(n, 1)])))),
+        s.apply(1, Command::Submit(Box::new(job("z-1-0", 0, 0, vec![part(n, 1)])))),
         Applied::Refused(w) if w.to_string().contains("exists already")
     ));
     assert!(matches!(
         s.apply(1, Command::PartDone {
-            job: "z".into(),
+            job: "z-1-0".into(),
             node: PeerId::random(),
             outputs: Vec::new(),
             traffic: Vec::new(),
@@ -265,7 +278,7 @@ fn commands_that_do_not_fit_change_nothing() {
     ));
     assert!(matches!(
         s.apply(1, Command::End {
-            job: "z".into(),
+            job: "z-1-0".into(),
             state: JobState::Running,
             ended: end(JobState::Failed),
         }),
@@ -279,7 +292,7 @@ fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
     let n = PeerId::random();
     let mut s = ControlState::default();
     for i in 0..KEEP_ENDED + 3 {
-        let id = format!("j-{i}");
+        let id = format!("j-1-{i:x}");
         let mut j = job(&id, 0, 0, vec![part(n, 1)]);
         j.outputs = vec![("v".into(), bytes::Bytes::from_static(b"x"))];
         assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
@@ -293,7 +306,7 @@ fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
             s.apply(
                 1,
                 Command::End {
-                    job: id,
+                    job: id.as_str().into(),
                     state,
                     ended
                 }
@@ -302,9 +315,9 @@ fn the_history_keeps_the_newest_ended_jobs_and_a_failed_job_no_outputs() {
         );
     }
     assert_eq!(s.jobs().count(), KEEP_ENDED);
-    assert!(s.job("j-2").is_none() && s.job("j-3").is_some());
-    assert_eq!(s.job("j-4").expect("done").outputs.len(), 1);
-    assert!(s.job("j-5").expect("failed").outputs.is_empty());
+    assert!(s.job(&"j-1-2".into()).is_none() && s.job(&"j-1-3".into()).is_some());
+    assert_eq!(s.job(&"j-1-4".into()).expect("done").outputs.len(), 1);
+    assert!(s.job(&"j-1-5".into()).expect("failed").outputs.is_empty());
     assert_eq!(s.reserved(&n), 0);
 }
 
@@ -314,9 +327,9 @@ fn the_state_survives_a_snapshot_round_trip() {
     let mut s = ControlState::default();
     s.apply(
         1,
-        Command::Submit(Box::new(job("a", 0, 0, vec![part(n, 2)]))),
+        Command::Submit(Box::new(job("a-1-0", 0, 0, vec![part(n, 2)]))),
     );
-    s.apply(1, Command::Submit(Box::new(job("b", 3, 1, Vec::new()))));
+    s.apply(1, Command::Submit(Box::new(job("b-1-0", 3, 1, Vec::new()))));
     let mut bytes = Vec::new();
     ciborium::into_writer(&s, &mut bytes).expect("encode");
     let back: ControlState = ciborium::from_reader(bytes.as_slice()).expect("decode");
@@ -330,10 +343,14 @@ fn a_batch_applies_each_command_as_alone_in_order_and_says_what_each_gave() {
     let n = PeerId::random();
     let mut s = ControlState::default();
     let batch = Command::Batch(vec![
-        Command::Submit(Box::new(job("a", 0, 0, vec![part(n, 2)]))),
-        Command::Start { job: "a".into() },
-        Command::Start { job: "a".into() },
-        Command::Submit(Box::new(job("b", 0, 0, vec![part(n, 1)]))),
+        Command::Submit(Box::new(job("a-1-0", 0, 0, vec![part(n, 2)]))),
+        Command::Start {
+            job: "a-1-0".into(),
+        },
+        Command::Start {
+            job: "a-1-0".into(),
+        },
+        Command::Submit(Box::new(job("b-1-0", 0, 0, vec![part(n, 1)]))),
     ]);
     let Applied::Batch(out) = s.apply(7, batch) else {
         panic!("a batch gives a batch");
@@ -344,11 +361,14 @@ fn a_batch_applies_each_command_as_alone_in_order_and_says_what_each_gave() {
         (&Applied::Done, &Applied::Done, &Applied::Done)
     );
     assert!(matches!(&out[2], Applied::Refused(w) if w.to_string().contains("not preparing")));
-    assert_eq!(s.job("a").expect("a").state, JobState::Running);
+    assert_eq!(
+        s.job(&"a-1-0".into()).expect("a-1-0").state,
+        JobState::Running
+    );
     assert_eq!(
         (
-            s.job("a").expect("a").version,
-            s.job("b").expect("b").version
+            s.job(&"a-1-0".into()).expect("a-1-0").version,
+            s.job(&"b-1-0".into()).expect("b-1-0").version
         ),
         (7, 7)
     );
@@ -365,10 +385,10 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
     let mut s = ControlState::default();
     let running = JobRecord {
         state: JobState::Running,
-        ..job("a", 0, 0, vec![part(n, 2)])
+        ..job("a-1-0", 0, 0, vec![part(n, 2)])
     };
     let done = Command::PartDone {
-        job: "a".into(),
+        job: "a-1-0".into(),
         node: n,
         outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
         traffic: Vec::new(),
@@ -379,7 +399,7 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
         Command::Batch(vec![Command::Submit(Box::new(running)), done]),
     );
     assert_eq!(out, Applied::Batch(vec![Applied::Done, Applied::Done]));
-    let a = s.job("a").expect("a");
+    let a = s.job(&"a-1-0".into()).expect("a-1-0");
     assert_eq!(
         (a.state, a.version, a.outputs.len()),
         (JobState::Done, 3, 1)
@@ -389,7 +409,7 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
     // Recorded while it runs, it holds its slots.
     let b = JobRecord {
         state: JobState::Running,
-        ..job("b", 0, 0, vec![part(n, 2)])
+        ..job("b-1-0", 0, 0, vec![part(n, 2)])
     };
     assert_eq!(s.apply(4, Command::Submit(Box::new(b))), Applied::Done);
     assert_eq!(s.reserved(&n), 2);
@@ -402,11 +422,11 @@ fn a_refusal_keeps_its_data_through_the_log_encoding() {
     let a = Applied::Batch(vec![
         Applied::Done,
         Applied::Refused(CommandError::NotAPart {
-            job: "j-1".into(),
+            job: "j-1-1".into(),
             node,
         }),
         Applied::Refused(CommandError::AlreadyHeld {
-            job: "j-2".into(),
+            job: "j-1-2".into(),
             held: false,
         }),
     ]);
@@ -420,5 +440,5 @@ fn a_refusal_keeps_its_data_through_the_log_encoding() {
     let Applied::Refused(why) = &v[2] else {
         unreachable!("a refusal")
     };
-    assert_eq!(why.to_string(), "job j-2 is already not held");
+    assert_eq!(why.to_string(), "job j-1-2 is already not held");
 }

@@ -14,7 +14,7 @@ use super::state::{JobRecord, PartRecord, Resources};
 use super::*;
 use crate::net::NetConfig;
 use crate::pki::{Ca, Credentials, Subject};
-use crate::proto::{JobState, Request};
+use crate::proto::{JobId, JobState, Request};
 
 /// One replica: its daemon's network, its log, and the task that hands it messages.
 struct Member {
@@ -112,9 +112,10 @@ async fn group(n: usize, dir: &Path) -> Vec<Member> {
     members
 }
 
-fn submit(id: &str) -> Command {
+/// A job of its own id, named `name`.
+fn submit(name: &str) -> Command {
     Command::Submit(Box::new(JobRecord {
-        id: id.into(),
+        id: JobId::new(name, 1, 0),
         name: "j".into(),
         owner: Principal {
             kind: PrincipalKind::User,
@@ -171,7 +172,7 @@ async fn caught_up(m: &Member, index: u64) {
     .expect("the replica catches up");
 }
 
-fn jobs(m: &Member) -> Vec<String> {
+fn jobs(m: &Member) -> Vec<JobId> {
     m.log.read(|s| s.jobs().map(|j| j.id.clone()).collect())
 }
 
@@ -240,7 +241,7 @@ async fn a_killed_leader_is_replaced_with_every_committed_job_and_catches_up_on_
     let index = members[n].log.applied();
     caught_up(&back, index).await;
     assert_eq!(jobs(&back).len(), 81);
-    assert!(jobs(&back).contains(&"after".to_owned()));
+    assert!(jobs(&back).contains(&JobId::new("after", 1, 0)));
     assert_ne!(back.log.leader(), Some(back.net.peer()));
 }
 
@@ -292,8 +293,8 @@ async fn a_leader_cut_off_from_the_others_commits_nothing_while_they_go_on() {
     let index = rest[n].log.applied();
     caught_up(&members[l], index).await;
     let seen = jobs(&members[l]);
-    assert!(seen.contains(&"majority".to_owned()), "{seen:?}");
-    assert!(!seen.contains(&"lonely".to_owned()), "{seen:?}");
+    assert!(seen.contains(&JobId::new("majority", 1, 0)), "{seen:?}");
+    assert!(!seen.contains(&JobId::new("lonely", 1, 0)), "{seen:?}");
     let all: Vec<&Member> = members.iter().collect();
     assert_ne!(members[leader(&all).await].net.peer(), old);
 }
@@ -349,7 +350,7 @@ async fn a_group_of_one_commits_alone() {
             .expect("propose"),
         Applied::Done
     );
-    assert_eq!(jobs(&members[0]), ["solo"]);
+    assert_eq!(jobs(&members[0]), ["solo-1-0"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

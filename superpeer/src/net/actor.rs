@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::gate::Gated;
 use super::hello::{self, Known};
-use super::{Command, Gossip, NetError};
+use super::{Command, Gossip, NetError, NetProblem};
 
 /// The swarm's behaviours.
 #[derive(NetworkBehaviour)]
@@ -163,16 +163,15 @@ impl Actor {
             .build();
         match self.swarm.dial(opts) {
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
-            Err(e) => self.fail(peer, &format!("cannot connect: {e}")),
+            Err(e) => self.fail(peer, &NetProblem::Connect(e.to_string())),
         }
     }
 
     /// Fails whoever waits for `peer`.
-    fn fail(&mut self, peer: PeerId, message: &str) {
+    fn fail(&mut self, peer: PeerId, problem: &NetProblem) {
         self.hello_tries.remove(&peer);
         for w in self.waiting.remove(&peer).unwrap_or_default() {
-            let message = message.to_owned();
-            let _ = w.send(Err(NetError { peer, message }));
+            let _ = w.send(Err(NetError::new(peer, problem.clone())));
         }
     }
 
@@ -182,9 +181,7 @@ impl Actor {
         self.hellos_lost.fetch_add(1, Ordering::Relaxed);
         let tries = self.hello_tries.entry(peer).or_insert(0);
         if *tries >= HELLO_RETRIES {
-            let message =
-                format!("the connection closed before certificates were exchanged: {cause}");
-            self.fail(peer, &message);
+            self.fail(peer, &NetProblem::Lost(cause.to_owned()));
             return;
         }
         *tries += 1;
@@ -222,7 +219,7 @@ impl Actor {
                 reason,
             })) => {
                 tracing::warn!(%peer, %reason, "a peer's certificate is refused");
-                self.fail(peer, &reason);
+                self.fail(peer, &NetProblem::Hello(reason));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Hello(hello::Event::Failed {
                 peer,
@@ -234,7 +231,7 @@ impl Actor {
                 self.swarm.close_connection(connection);
                 // Not fatal (the connection broke): its closing decides whether to try again.
                 if fatal {
-                    self.fail(peer, &reason);
+                    self.fail(peer, &NetProblem::Hello(reason));
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -245,7 +242,7 @@ impl Actor {
                 // A refused connection is the answer: whoever waits looks elsewhere at once.
                 tracing::info!(%peer, %error, "dial failed");
                 if !self.swarm.is_connected(&peer) {
-                    self.fail(peer, &format!("cannot connect: {error}"));
+                    self.fail(peer, &NetProblem::Connect(error.to_string()));
                 }
             }
             SwarmEvent::ConnectionClosed {

@@ -19,6 +19,8 @@
 //! exchange's event, not by polling) until both certificates have passed on a connection. A
 //! peer's identity ends with the last connection it passed on.
 //!
+//! - `addr`: peers' addresses (`/…/p2p/PEER`).
+//! - `error`: why a request did not get through.
 //! - `swarm`: building the swarm and starting its task ([`Net::start`]).
 //! - `actor`: that task: commands, swarm events, the closing of connections that fail.
 //! - `hello`: the certificate exchange (a behaviour and its connection handler).
@@ -40,10 +42,17 @@ use crate::rpc::{self, Links, Sent};
 use hello::Known;
 
 mod actor;
+mod addr;
+mod error;
 mod gate;
 mod hello;
 mod ports;
 mod swarm;
+
+pub use crate::rpc::StreamError;
+pub use addr::{AddrError, split_addr, split_peer, with_peer};
+pub use error::{AlreadyAccepted, NetError, NetProblem};
+pub use swarm::StartError;
 
 /// How a daemon's network is set up.
 #[derive(Debug, Clone)]
@@ -72,8 +81,7 @@ impl Default for NetConfig {
     }
 }
 
-/// What a request came to, with an error answer as `Err` too (a failure on the way is
-/// `Unavailable`).
+/// What a request came to, with an error answer as `Err` too.
 ///
 /// # Errors
 /// The peer's error answer, or the failure on the way.
@@ -81,18 +89,8 @@ pub(crate) fn answer(r: Result<Response, NetError>) -> Result<Response, Failure>
     match r {
         Ok(Response::Error(f)) => Err(f),
         Ok(r) => Ok(r),
-        Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+        Err(e) => Err(e.into()),
     }
-}
-
-/// A request that failed on the way (not an error answer from the peer).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("peer {peer}: {message}")]
-pub struct NetError {
-    /// The peer.
-    pub peer: PeerId,
-    /// What went wrong.
-    pub message: String,
 }
 
 /// What the [`Net`] handles ask of the swarm task.
@@ -128,7 +126,7 @@ pub struct Gossip {
 }
 
 /// The gossip topic of group summaries exchanged by super-peers.
-pub const GROUPS_TOPIC: &str = "/mvm/groups/1";
+pub const GROUPS_TOPIC: &str = "/mvm/groups/2";
 
 /// A handle on a running swarm; cheap to clone.
 #[derive(Clone)]
@@ -252,33 +250,6 @@ pub(crate) fn busy() -> Failure {
     )
 }
 
-/// Adds `/p2p/PEER` to an address that lacks it.
-pub fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
-    if addr
-        .iter()
-        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
-    {
-        addr.clone()
-    } else {
-        addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer))
-    }
-}
-
-/// Splits `/…/p2p/PEER` into the peer and the address.
-///
-/// # Errors
-/// The text is not a multiaddress ending in `/p2p/PEER`.
-pub fn split_peer(text: &str) -> Result<(PeerId, Multiaddr), String> {
-    let addr: Multiaddr = text
-        .parse()
-        .map_err(|e| format!("'{text}' is not a multiaddress: {e}"))?;
-    let mut base = addr.clone();
-    match base.pop() {
-        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Ok((peer, base)),
-        _ => Err(format!("'{text}' does not end in /p2p/PEER-ID")),
-    }
-}
-
 impl Net {
     /// This daemon's peer id.
     pub fn peer(&self) -> PeerId {
@@ -297,12 +268,9 @@ impl Net {
         &self.addrs
     }
 
-    /// The addresses as strings with `/p2p/PEER`, for others to dial.
-    pub fn dial_addrs(&self) -> Vec<String> {
-        self.addrs
-            .iter()
-            .map(|a| with_peer(a, self.peer).to_string())
-            .collect()
+    /// The addresses with `/p2p/PEER`, for others to dial.
+    pub fn dial_addrs(&self) -> Vec<Multiaddr> {
+        self.addrs.iter().map(|a| with_peer(a, self.peer)).collect()
     }
 
     /// Who this daemon is, as its certificate says.
@@ -334,18 +302,15 @@ impl Net {
         if let Some(p) = self.known.read().get(&peer).filter(|p| p.mutual) {
             return Ok(p.principal.clone());
         }
-        let error = |message: String| NetError { peer, message };
-        let gone = || error("the network task has stopped".into());
+        let error = |problem| NetError::new(peer, problem);
+        let gone = || error(NetProblem::Stopped);
         let (reply, rx) = oneshot::channel();
         let addrs = addrs.to_vec();
         let command = Command::Authenticate { peer, addrs, reply };
         self.commands.send(command).await.map_err(|_| gone())?;
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(r) => r.map_err(|_| gone())?,
-            Err(_) => Err(error(format!(
-                "not authenticated within {} s",
-                self.timeout.as_secs_f64()
-            ))),
+            Err(_) => Err(error(NetProblem::NotAuthenticated(self.timeout))),
         }
     }
 
@@ -367,13 +332,13 @@ impl Net {
         protocol: libp2p::StreamProtocol,
     ) -> Result<
         impl futures::Stream<Item = (PeerId, Principal, libp2p::Stream)> + Send + Unpin + use<>,
-        String,
+        AlreadyAccepted,
     > {
         let incoming = self
             .streams
             .clone()
             .accept(protocol.clone())
-            .map_err(|e| format!("{protocol}: {e}"))?;
+            .map_err(|_| AlreadyAccepted(protocol.clone()))?;
         let known = self.known.clone();
         Ok(futures::StreamExt::filter_map(
             incoming,
@@ -419,10 +384,7 @@ impl Net {
                 }
             }
         }
-        Err(NetError {
-            peer,
-            message: "its control stream keeps closing".into(),
-        })
+        Err(NetError::new(peer, NetProblem::KeepsClosing))
     }
 
     /// As [`Net::request`], turning an error answer into `Err` too.

@@ -16,10 +16,48 @@ use tokio::sync::mpsc;
 use super::actor::{Actor, Behaviour};
 use super::gate::Gated;
 use super::hello::{self, Known};
-use super::{GROUPS_TOPIC, Inbound, Net, NetConfig, ports};
+use super::{AlreadyAccepted, GROUPS_TOPIC, Inbound, Net, NetConfig, ports};
 use crate::pki::Credentials;
 use crate::proto;
 use crate::rpc::{self, Links};
+
+/// An error of the swarm builder's steps.
+type BuildError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a daemon's network does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TCP transport (with noise and yamux) cannot be set up.
+    #[error("cannot set up TCP: {0}")]
+    Tcp(#[source] BuildError),
+    /// The behaviours (gossipsub, identify, ping, the certificate exchange) cannot be set up.
+    #[error("cannot set up the behaviours: {0}")]
+    Behaviours(#[source] BuildError),
+    /// An address cannot be listened on.
+    #[error("cannot listen on {addr}: {error}")]
+    Listen {
+        /// The address.
+        addr: libp2p::Multiaddr,
+        /// Why.
+        #[source]
+        error: libp2p::TransportError<std::io::Error>,
+    },
+    /// A listener closed before it had an address.
+    #[error("a listener closed before it had an address{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    ListenerClosed(#[source] Option<std::io::Error>),
+    /// A listener failed before it had an address.
+    #[error("a listener failed: {0}")]
+    ListenerFailed(#[source] std::io::Error),
+    /// Some listener had no address in time.
+    #[error("no listen address after {0:?}")]
+    NoAddress(Duration),
+    /// Control streams are accepted already.
+    #[error(transparent)]
+    Accept(#[from] AlreadyAccepted),
+}
+
+/// How long the listeners may take to have their addresses.
+const LISTEN_WAIT: Duration = Duration::from_secs(10);
 
 impl Net {
     /// Builds the swarm, starts listening, and runs it on a task; returns once every listener
@@ -30,7 +68,7 @@ impl Net {
     pub async fn start(
         creds: &Credentials,
         config: &NetConfig,
-    ) -> Result<(Net, mpsc::Receiver<Inbound>), String> {
+    ) -> Result<(Net, mpsc::Receiver<Inbound>), StartError> {
         let key: Keypair = creds.key.clone();
         let max_frame = config.max_frame;
         let timeout = config.request_timeout;
@@ -50,7 +88,7 @@ impl Net {
                     .multiplex(yamux::Config::default()),
                 )
             })
-            .map_err(|e| format!("cannot set up TCP: {e}"))?
+            .map_err(|e| StartError::Tcp(e.into()))?
             .with_behaviour(|key| {
                 let gossip_config = gossipsub::ConfigBuilder::default()
                     .heartbeat_interval(Duration::from_millis(500))
@@ -81,7 +119,7 @@ impl Net {
                     stream: libp2p_stream::Behaviour::new(),
                 })
             })
-            .map_err(|e| format!("cannot set up the behaviours: {e}"))?
+            .map_err(|e| StartError::Behaviours(e.into()))?
             .with_swarm_config(|c| {
                 // Optimistic protocol negotiation on outbound streams: a hello, control or
                 // queue stream costs no extra round trip to agree on its protocol.
@@ -97,11 +135,14 @@ impl Net {
             pending.push(
                 swarm
                     .listen_on(a.clone())
-                    .map_err(|e| format!("cannot listen on {a}: {e}"))?,
+                    .map_err(|error| StartError::Listen {
+                        addr: a.clone(),
+                        error,
+                    })?,
             );
         }
         let mut addrs = Vec::new();
-        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        let deadline = tokio::time::sleep(LISTEN_WAIT);
         tokio::pin!(deadline);
         while !pending.is_empty() {
             tokio::select! {
@@ -111,14 +152,14 @@ impl Net {
                         addrs.push(address);
                     }
                     SwarmEvent::ListenerClosed { reason, .. } => {
-                        return Err(format!("a listener closed: {reason:?}"));
+                        return Err(StartError::ListenerClosed(reason.err()));
                     }
                     SwarmEvent::ListenerError { error, .. } => {
-                        return Err(format!("a listener failed: {error}"));
+                        return Err(StartError::ListenerFailed(error));
                     }
                     _ => {}
                 },
-                () = &mut deadline => return Err("no listen address after 10 s".into()),
+                () = &mut deadline => return Err(StartError::NoAddress(LISTEN_WAIT)),
             }
         }
         let streams = swarm.behaviour().stream.new_control();

@@ -70,7 +70,10 @@ async fn a_request_to_a_closed_port_fails_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = std::time::Instant::now();
     let r = a.request(peer, &addrs, Request::Group).await;
-    assert!(r.is_err(), "{r:?}");
+    assert!(
+        matches!(&r, Err(e) if e.peer == peer && matches!(e.problem, NetProblem::Connect(_))),
+        "{r:?}"
+    );
     assert!(
         t.elapsed() < Duration::from_millis(300),
         "took {:?}",
@@ -150,4 +153,31 @@ async fn streams_are_accepted_only_from_peers_that_have_passed() {
         .expect("in time")
         .expect("a stream");
     assert_eq!((peer, who.name.as_str()), (b.peer(), "b"));
+}
+
+/// An address no transport listens on stops the start, with the address and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_that_cannot_listen_does_not_start_and_says_where() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+    let subject = crate::pki::Subject {
+        kind: mvm_component::policy::PrincipalKind::Node,
+        name: "n".into(),
+        roles: Vec::new(),
+    };
+    let creds = crate::pki::Credentials::ephemeral(&ca, &subject).expect("creds");
+    let config = NetConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0".parse().expect("addr")],
+        ..NetConfig::default()
+    };
+    let Err(e) = Net::start(&creds, &config).await else {
+        panic!("plain UDP is no transport of ours");
+    };
+    assert!(matches!(e, StartError::Listen { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .starts_with("cannot listen on /ip4/127.0.0.1/udp/0: "),
+        "{e}"
+    );
+    assert_eq!(Failure::from(e).kind, FailureKind::Unavailable);
 }

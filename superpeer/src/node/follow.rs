@@ -10,7 +10,7 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::Node;
 use crate::proto::{
-    FailureKind, GroupInfo, Member, NodeInfo, NodeLoad, NodeRequest, Request, Response,
+    FailureKind, GroupInfo, JobId, Member, NodeInfo, NodeLoad, NodeRequest, Request, Response,
 };
 
 /// What came of a request to the super-peer.
@@ -45,11 +45,11 @@ pub(super) enum Effect {
         register: bool,
     },
     /// Stop this node's part of `job`, which the leader `from` does not know running.
-    Stop { from: PeerId, job: String },
+    Stop { from: PeerId, job: JobId },
     /// The group's replicas, as the super-peer listed them (leader first).
     Members(Vec<Member>),
     /// Look for the leader among these addresses (and the bootstrap ones).
-    Look { known: Vec<String> },
+    Look { known: Vec<Multiaddr> },
     /// Follow this super-peer from now on.
     Follow((PeerId, Vec<Multiaddr>)),
 }
@@ -148,8 +148,7 @@ impl Follow {
                 self.registered = known;
                 out.extend(stop.into_iter().map(|job| Effect::Stop { from: sp, job }));
                 // A replica that does not lead lists the leader first.
-                let me = sp.to_string();
-                elsewhere = !known && members.first().is_some_and(|m| m.peer != me);
+                elsewhere = !known && members.first().is_some_and(|m| m.peer != sp);
                 self.members.clone_from(&members);
                 out.push(Effect::Members(members));
             }
@@ -181,11 +180,7 @@ impl Node {
                 .read()
                 .as_ref()
                 .is_some_and(|(p, _)| *p == peer)
-            || self
-                .members
-                .lock()
-                .iter()
-                .any(|m| m.peer == peer.to_string())
+            || self.members.lock().iter().any(|m| m.peer == peer)
     }
 
     /// The group as this node knows it: which super-peer it follows.
@@ -193,13 +188,9 @@ impl Node {
         let sp = self.superpeer();
         GroupInfo {
             group: self.site.group.clone(),
-            broker: sp.as_ref().map(|(p, _)| p.to_string()),
+            broker: sp.as_ref().map(|(p, _)| *p),
             broker_addrs: sp
-                .map(|(p, a)| {
-                    a.iter()
-                        .map(|a| crate::net::with_peer(a, p).to_string())
-                        .collect()
-                })
+                .map(|(p, a)| a.iter().map(|a| crate::net::with_peer(a, p)).collect())
                 .unwrap_or_default(),
             is_broker: false,
             nodes: Vec::new(),
@@ -317,15 +308,16 @@ impl Node {
     /// (`known`, from the last answers of its super-peer, then its bootstrap addresses) say: the first
     /// answer that comes as broker, or names one. All are asked at once, so a replica that is
     /// gone and does not refuse the connection costs no more than one `lost_after`.
-    async fn find_leader(&self, mut known: Vec<String>) -> Option<(PeerId, Vec<Multiaddr>)> {
+    async fn find_leader(&self, known: Vec<Multiaddr>) -> Option<(PeerId, Vec<Multiaddr>)> {
         use futures::StreamExt as _;
-        known.extend(self.config.bootstrap.iter().cloned());
         let mut tried = std::collections::HashSet::new();
         let mut probes = futures::stream::FuturesUnordered::new();
-        for a in known {
-            let Ok((peer, addr)) = crate::net::split_peer(&a) else {
-                continue;
-            };
+        let bootstrap = self.config.bootstrap.iter().cloned();
+        for (peer, addr) in known
+            .iter()
+            .filter_map(crate::net::split_addr)
+            .chain(bootstrap)
+        {
             if !tried.insert(peer) {
                 continue;
             }
@@ -342,11 +334,8 @@ impl Node {
                 if g.is_broker {
                     return Some((peer, vec![addr]));
                 }
-                let (l, la) = g
-                    .broker_addrs
-                    .iter()
-                    .find_map(|a| crate::net::split_peer(a).ok())?;
-                (g.broker.as_deref() == Some(l.to_string().as_str())).then(|| (l, vec![la]))
+                let (l, la) = g.broker_addrs.iter().find_map(crate::net::split_addr)?;
+                (g.broker == Some(l)).then(|| (l, vec![la]))
             });
         }
         while let Some(answer) = probes.next().await {

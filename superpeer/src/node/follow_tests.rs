@@ -15,8 +15,12 @@ fn addr(port: u16) -> Multiaddr {
 
 fn member(peer: PeerId, port: u16) -> Member {
     Member {
-        peer: peer.to_string(),
-        addrs: vec![format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")],
+        peer,
+        addrs: vec![
+            format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}")
+                .parse()
+                .expect("an address"),
+        ],
         eligible: true,
     }
 }
@@ -25,7 +29,7 @@ fn beat(known: bool, members: Vec<Member>, stop: &[&str]) -> Heard {
     Heard::Answer(Box::new(Response::Heartbeat {
         known,
         members,
-        stop: stop.iter().map(|s| (*s).to_owned()).collect(),
+        stop: stop.iter().map(|s| (*s).into()).collect(),
     }))
 }
 
@@ -68,12 +72,12 @@ fn a_node_registers_then_beats_and_registers_again_when_forgotten() {
         t0,
         Input::Heard {
             from: sp,
-            heard: beat(false, vec![member(sp, 1)], &["j"]),
+            heard: beat(false, vec![member(sp, 1)], &["j-1-1"]),
         },
     );
     assert!(out.contains(&Effect::Stop {
         from: sp,
-        job: "j".into()
+        job: "j-1-1".into()
     }));
     assert!(!looks(&out), "it still leads: it lists itself first");
     assert_eq!(f.on(t0, Input::Tick), vec![send(sp, 1, true)]);

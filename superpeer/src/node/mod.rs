@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::environment::NodeOs;
-use crate::proto::{BrokerRequest, Failure, FailureKind, Member, Response};
+use crate::proto::{BrokerRequest, Failure, FailureKind, Hash, JobId, Member, Response};
 use crate::site::Site;
 
 mod follow;
@@ -35,7 +35,7 @@ enum Msg {
     /// An input of its parts.
     Input(parts::Input),
     /// A task of `job`'s (a queue stream's import), ended with it.
-    Attach(String, AbortHandle),
+    Attach(JobId, AbortHandle),
 }
 
 /// The inputs queued for the node's loop at most; more wait (backpressure on requests).
@@ -80,7 +80,7 @@ pub(crate) enum LinkProblem {
     #[error("the other node expects no such channel in job {job}")]
     Unexpected {
         /// The job.
-        job: String,
+        job: JobId,
     },
     /// The direct link did not connect in time.
     #[error("the direct link was not connected within {0:?}")]
@@ -148,8 +148,8 @@ pub(crate) struct NodeConfig {
     pub(crate) eligible: bool,
     /// The image ids offered besides its repository's.
     pub(crate) images: Vec<String>,
-    /// Super-peer addresses to register with (`/…/p2p/PEER`).
-    pub(crate) bootstrap: Vec<String>,
+    /// Super-peers to register with, and their addresses.
+    pub(crate) bootstrap: Vec<(PeerId, Multiaddr)>,
 }
 
 impl Node {
@@ -186,7 +186,7 @@ impl Node {
     }
 
     /// The jobs whose parts are held now.
-    pub(crate) fn job_ids(&self) -> Vec<String> {
+    pub(crate) fn job_ids(&self) -> Vec<JobId> {
         self.held.jobs()
     }
 
@@ -247,7 +247,7 @@ impl Node {
         &self,
         from: PeerId,
         superpeer: bool,
-        job: String,
+        job: JobId,
         reason: String,
     ) -> Response {
         self.ask(|reply| parts::Input::Terminate {
@@ -272,8 +272,8 @@ impl Node {
 
     /// This node's policy hook, from the policies the broker decided with (fetched from the
     /// super-peer first when this node holds others).
-    async fn node_policy(self: &Arc<Self>, digest: &str) -> NodePolicy {
-        if self.site.policies.current().digest != digest
+    async fn node_policy(self: &Arc<Self>, digest: &Hash) -> NodePolicy {
+        if self.site.policies.current().digest != *digest
             && let Err(e) = crate::policy::fetch_now(&self.site, self.superpeer()).await
         {
             tracing::warn!(error = %e, "policies not refreshed; deciding with the ones held");

@@ -21,7 +21,7 @@ use tokio::task::AbortHandle;
 
 use super::LinkResult;
 use crate::environment::EnvLease;
-use crate::proto::{Failure, FailureKind, PartReport, PartSpec, Response};
+use crate::proto::{Failure, FailureKind, JobId, PartReport, PartSpec, Response};
 
 /// Where an answer goes.
 pub(super) type Reply = oneshot::Sender<Response>;
@@ -63,7 +63,7 @@ pub(super) enum Input {
     },
     /// A part's preparation ended.
     Prepared {
-        job: String,
+        job: JobId,
         ready: Result<Box<Ready>, Failure>,
     },
     /// `from` starts a prepared part; `superpeer`: whether `from` is a super-peer of the
@@ -71,37 +71,34 @@ pub(super) enum Input {
     Start {
         from: PeerId,
         superpeer: bool,
-        job: String,
+        job: JobId,
         reply: Reply,
     },
     /// `from` ends a part (whatever it is doing).
     Terminate {
         from: PeerId,
         superpeer: bool,
-        job: String,
+        job: JobId,
         reason: String,
         reply: Reply,
     },
     /// A running part ended.
     Ended { report: PartReport },
     /// The hold of the answer to a part's prepare (which started it) is over.
-    HoldOver { job: String },
+    HoldOver { job: JobId },
     /// A queue stream from `key.2` into a remote input of `job` asks for its queue.
     Inbound {
-        job: String,
+        job: JobId,
         key: InputKey,
         reply: oneshot::Sender<Option<(Sender<Bytes>, mpsc::Sender<LinkResult>)>>,
     },
     /// Tasks of `job`'s (its running part's, or a queue stream's import, which may come before
     /// its part runs): ended with the part.
-    Attach {
-        job: String,
-        tasks: Vec<AbortHandle>,
-    },
+    Attach { job: JobId, tasks: Vec<AbortHandle> },
     /// A queue stream lost before its acknowledgement gives its queue back (its opener tries
     /// again).
     GiveBack {
-        job: String,
+        job: JobId,
         key: InputKey,
         sender: Sender<Bytes>,
     },
@@ -114,12 +111,12 @@ pub(super) enum Effect {
     /// Prepare a part off the loop; what comes of it is [`Input::Prepared`].
     Prepare { from: PeerId, spec: Box<PartSpec> },
     /// Run a part: its outgoing channels and its vertices; its end is [`Input::Ended`].
-    Run { job: String, launch: Box<Launch> },
+    Run { job: JobId, launch: Box<Launch> },
     /// Hold the answer to a prepare that started its part; then [`Input::HoldOver`].
-    Hold { job: String },
+    Hold { job: JobId },
     /// Stop `tasks` (what runs for `job`) and remove its queues.
     Stop {
-        job: String,
+        job: JobId,
         reason: String,
         tasks: Vec<AbortHandle>,
     },
@@ -160,7 +157,7 @@ enum Stage {
 /// What the rest of the node sees of its parts: each part's vertices, by job.
 #[derive(Default)]
 pub(super) struct Held {
-    jobs: Mutex<HashMap<String, u32>>,
+    jobs: Mutex<HashMap<JobId, u32>>,
 }
 
 impl Held {
@@ -170,14 +167,14 @@ impl Held {
     }
 
     /// The jobs whose parts are held now.
-    pub(super) fn jobs(&self) -> Vec<String> {
+    pub(super) fn jobs(&self) -> Vec<JobId> {
         self.jobs.lock().keys().cloned().collect()
     }
 }
 
 /// The parts of a node.
 pub(super) struct Parts {
-    parts: HashMap<String, Part>,
+    parts: HashMap<JobId, Part>,
     /// Published for the rest of the node.
     held: Arc<Held>,
 }
@@ -195,12 +192,12 @@ impl Parts {
         }
     }
 
-    fn insert(&mut self, job: String, part: Part) {
+    fn insert(&mut self, job: JobId, part: Part) {
         self.held.jobs.lock().insert(job.clone(), part.vertices);
         self.parts.insert(job, part);
     }
 
-    fn remove(&mut self, job: &str) -> Option<Part> {
+    fn remove(&mut self, job: &JobId) -> Option<Part> {
         self.held.jobs.lock().remove(job);
         self.parts.remove(job)
     }
@@ -311,7 +308,7 @@ impl Parts {
 
     /// A part's preparation ended: it waits for its start, or starts now holding the answer
     /// to its prepare ([`Effect::Hold`]), or (refused, failed, or ended meanwhile) goes.
-    fn prepared(&mut self, out: &mut Vec<Effect>, job: String, ready: Result<Box<Ready>, Failure>) {
+    fn prepared(&mut self, out: &mut Vec<Effect>, job: JobId, ready: Result<Box<Ready>, Failure>) {
         let Some(part) = self.parts.get_mut(&job) else {
             // Ended while it was being prepared: what was made goes.
             out.push(Effect::Stop {
@@ -389,7 +386,7 @@ impl Parts {
         out: &mut Vec<Effect>,
         from: PeerId,
         superpeer: bool,
-        job: &str,
+        job: &JobId,
         hold: Option<Reply>,
     ) -> Response {
         let Some(part) = self.parts.get_mut(job) else {

@@ -55,7 +55,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
             domain: "default".into(),
             roles: Vec::new(),
         },
-        policy_digest: String::new(),
+        policy_digest: crate::proto::Hash::of(b""),
     })
 }
 
@@ -132,7 +132,7 @@ fn terminate(from: PeerId, superpeer: bool, reason: &str, reply: Reply) -> Input
     Input::Terminate {
         from,
         superpeer,
-        job: "j".into(),
+        job: "j-1-1".into(),
         reason: reason.into(),
         reply,
     }
@@ -181,34 +181,42 @@ fn report(job: &str, ok: bool) -> PartReport {
 fn a_part_started_with_its_prepare_answers_with_its_report_within_the_hold() {
     let mut b = bench();
     let broker = PeerId::random();
-    let mut rx = b.prepare(broker, "j", true);
-    assert_eq!(b.held.jobs(), ["j"], "held from its prepare on");
-    let out = b.prepared("j");
+    let mut rx = b.prepare(broker, "j-1-1", true);
+    assert_eq!(b.held.jobs(), ["j-1-1"], "held from its prepare on");
+    let out = b.prepared("j-1-1");
     assert_eq!(kinds(&out), ["run", "hold"], "no answer before the hold");
     assert_eq!(b.held.vertices(), 1);
     let out = b.parts.on(Input::Ended {
-        report: report("j", true),
+        report: report("j-1-1", true),
     });
     assert_eq!(kinds(&out), ["stop", "reply"], "a part done goes at once");
     answer(out);
-    assert!(matches!(rx.try_recv(), Ok(Response::Finished(r)) if r.job == "j"));
+    assert!(matches!(rx.try_recv(), Ok(Response::Finished(r)) if r.job == "j-1-1"));
     assert!(b.held.jobs().is_empty());
     // The hold's end finds nothing left to answer.
-    assert!(b.parts.on(Input::HoldOver { job: "j".into() }).is_empty());
+    assert!(
+        b.parts
+            .on(Input::HoldOver {
+                job: "j-1-1".into()
+            })
+            .is_empty()
+    );
 }
 
 #[test]
 fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one_stays() {
     let mut b = bench();
     let broker = PeerId::random();
-    let mut rx = b.prepare(broker, "j", true);
-    b.prepared("j");
-    let out = b.parts.on(Input::HoldOver { job: "j".into() });
+    let mut rx = b.prepare(broker, "j-1-1", true);
+    b.prepared("j-1-1");
+    let out = b.parts.on(Input::HoldOver {
+        job: "j-1-1".into(),
+    });
     assert_eq!(kinds(&out), ["reply"]);
     answer(out);
     assert!(matches!(rx.try_recv(), Ok(Response::Ok)));
     let out = b.parts.on(Input::Ended {
-        report: report("j", false),
+        report: report("j-1-1", false),
     });
     let [Effect::Report { broker: to, report }] = &out[..] else {
         panic!("the report goes to the leader: {:?}", kinds(&out));
@@ -217,7 +225,7 @@ fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one
     assert!(report.outcome.is_err());
     assert_eq!(
         b.held.jobs(),
-        ["j"],
+        ["j-1-1"],
         "a failed part waits for the broker's end"
     );
     // Only its broker, or a super-peer of the group, may end it.
@@ -237,12 +245,12 @@ fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one
 fn a_part_ended_while_being_prepared_is_answered_and_what_its_preparation_made_goes() {
     let mut b = bench();
     let broker = PeerId::random();
-    let mut prepare = b.prepare(broker, "j", false);
+    let mut prepare = b.prepare(broker, "j-1-1", false);
     // A second prepare of the same job is refused while the first is under way.
     let (reply, mut again) = asked();
     answer(b.parts.on(Input::Prepare {
         from: broker,
-        spec: spec("j", false),
+        spec: spec("j-1-1", false),
         reply,
     }));
     assert!(
@@ -258,7 +266,7 @@ fn a_part_ended_while_being_prepared_is_answered_and_what_its_preparation_made_g
     assert!(matches!(ended.try_recv(), Ok(Response::Ok)));
     // Its preparation ends after all: what it made goes (its queues; its guest with it), and
     // nothing starts.
-    let out = b.prepared("j");
+    let out = b.prepared("j-1-1");
     assert_eq!(kinds(&out), ["stop"]);
 }
 
@@ -266,10 +274,10 @@ fn a_part_ended_while_being_prepared_is_answered_and_what_its_preparation_made_g
 fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_part() {
     let mut b = bench();
     let broker = PeerId::random();
-    let mut rx = b.prepare(broker, "j", false);
+    let mut rx = b.prepare(broker, "j-1-1", false);
     let refusal = Failure::new(FailureKind::Refused, "refused by the node-level policy");
     let out = b.parts.on(Input::Prepared {
-        job: "j".into(),
+        job: "j-1-1".into(),
         ready: Err(refusal.clone()),
     });
     assert_eq!(kinds(&out), ["reply", "stop"]);
@@ -279,20 +287,20 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
     answer(b.parts.on(Input::Start {
         from: broker,
         superpeer: true,
-        job: "j".into(),
+        job: "j-1-1".into(),
         reply,
     }));
     assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f.kind == FailureKind::NotFound));
     // Prepared without a start: a start by another runs it, once.
-    drop(b.prepare(broker, "k", false));
-    let out = b.prepared("k");
+    drop(b.prepare(broker, "k-1-1", false));
+    let out = b.prepared("k-1-1");
     assert_eq!(kinds(&out), ["reply"]);
     let start = |b: &mut Bench, from: PeerId, superpeer: bool| {
         let (reply, mut rx) = asked();
         let out = b.parts.on(Input::Start {
             from,
             superpeer,
-            job: "k".into(),
+            job: "k-1-1".into(),
             reply,
         });
         let kinds = kinds(&out);
@@ -313,13 +321,13 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
 async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_part() {
     let mut b = bench();
     let broker = PeerId::random();
-    drop(b.prepare(broker, "j", false));
-    b.prepared("j");
+    drop(b.prepare(broker, "j-1-1", false));
+    b.prepared("j-1-1");
     // Prepared, not started: the part feeding it on another node started first, and its
     // stream's import begins here.
     let import = tokio::spawn(std::future::pending::<()>());
     let out = b.parts.on(Input::Attach {
-        job: "j".into(),
+        job: "j-1-1".into(),
         tasks: vec![import.abort_handle()],
     });
     assert!(out.is_empty(), "kept with its part: {:?}", kinds(&out));
@@ -334,7 +342,7 @@ async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_pa
     // One for a part that is gone is stopped at once.
     let late = tokio::spawn(std::future::pending::<()>());
     let out = b.parts.on(Input::Attach {
-        job: "j".into(),
+        job: "j-1-1".into(),
         tasks: vec![late.abort_handle()],
     });
     assert_eq!(kinds(&out), ["abort"]);

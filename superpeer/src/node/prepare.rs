@@ -10,7 +10,7 @@ use mvm_component::topology::{Options, Topology};
 
 use super::Node;
 use super::parts::Ready;
-use crate::proto::{Failure, FailureKind, NodeRequest, PartSpec, Request, Response};
+use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
 
 impl Node {
     /// Prepares a part: parses its topology, checks it against the node's policy, fetches and
@@ -56,7 +56,7 @@ impl Node {
             .filter(|&v| spec.placement[v] == spec.here)
             .collect();
         let probe = JobSpec {
-            id: spec.job.clone(),
+            id: spec.job.to_string(),
             topology: &topology,
             modules: HashMap::new(),
             params: BTreeMap::new(),
@@ -75,33 +75,20 @@ impl Node {
                 format!("{at}refused by the node-level policy: {}", r.reason),
             ));
         }
-        let mut parts = Vec::new();
-        for m in &spec.parts {
-            let peer: PeerId = match m.peer.parse() {
-                Ok(p) => p,
-                Err(_) => {
-                    return Err(Failure::new(
-                        FailureKind::Input,
-                        format!("bad peer id '{}'", m.peer),
-                    ));
-                }
-            };
-            let addrs = m.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            parts.push((peer, addrs));
-        }
+        let parts: Vec<_> = spec
+            .parts
+            .iter()
+            .map(|m| (m.peer, m.addrs.clone()))
+            .collect();
         // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
         let mut modules = HashMap::new();
         for (component, hash) in &spec.components {
-            let module = match runtime.cache().get(hash) {
+            let module = match runtime.cache().get(&hash.to_string()) {
                 Some(m) => m,
                 None => {
                     let bytes = match self
                         .site
-                        .call(
-                            from,
-                            &[],
-                            Request::Node(NodeRequest::Fetch { hash: hash.clone() }),
-                        )
+                        .call(from, &[], Request::Node(NodeRequest::Fetch { hash: *hash }))
                         .await
                     {
                         Ok(Response::Module(b)) => b,
@@ -118,7 +105,7 @@ impl Node {
                             ));
                         }
                     };
-                    if crate::modules::hash(&bytes) != *hash {
+                    if Hash::of(&bytes) != *hash {
                         return Err(Failure::new(
                             FailureKind::Failed,
                             format!("module of '{component}' does not match its hash {hash}"),
@@ -184,7 +171,7 @@ impl Node {
             }
         };
         let job = JobSpec {
-            id: spec.job.clone(),
+            id: spec.job.to_string(),
             topology: &topology,
             modules,
             params: spec.parameters.clone(),

@@ -16,8 +16,8 @@ use super::parts::{Effect, Input, Launch};
 use super::streams::{Channel, open_channel, run_link};
 use super::{ChannelError, LinkDone, LinkProblem, LinkResult, Msg, Node};
 use crate::proto::{
-    ErrorKind, FailureKind, NodeRequest, PART_HOLD, PartReport, PartResult, Request, StreamHeader,
-    Traffic, VertexFailure,
+    ErrorKind, FailureKind, JobId, NodeRequest, PART_HOLD, PartReport, PartResult, Request,
+    StreamHeader, Traffic, VertexFailure,
 };
 
 impl Node {
@@ -93,7 +93,7 @@ impl Node {
                 for t in tasks {
                     t.abort();
                 }
-                let left = self.queues.destroy_job(&job);
+                let left = self.queues.destroy_job(job.as_str());
                 tracing::debug!(%job, %reason, queues = left.len(), "part removed");
             }
             Effect::Abort(tasks) => {
@@ -117,7 +117,7 @@ impl Node {
     fn launch(
         self: &Arc<Self>,
         tasks: &mut JoinSet<Option<Input>>,
-        job: String,
+        job: JobId,
         mut launch: Launch,
     ) -> Vec<AbortHandle> {
         let mut handles = Vec::new();
@@ -204,7 +204,7 @@ impl Node {
     /// every part, has ended).
     pub(crate) fn terminate_all(&self) {
         for job in self.held.jobs() {
-            self.queues.destroy_job(&job);
+            self.queues.destroy_job(job.as_str());
         }
     }
 
@@ -242,7 +242,7 @@ impl Node {
     /// Runs the local vertices and waits for every remote channel; collects what moved.
     async fn supervise(
         self: &Arc<Self>,
-        job: &str,
+        job: &JobId,
         prepared: Prepared,
         mut links: mpsc::Receiver<LinkResult>,
         expected: usize,
@@ -279,9 +279,9 @@ impl Node {
         let queues = &self.queues;
         let mut traffic: BTreeMap<(String, String, bool, bool), (u64, u64)> = BTreeMap::new();
         let prefix = format!("{job}/");
-        for s in queues.list(Some(job)) {
+        for s in queues.list(Some(job.as_str())) {
             let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
-            let Some(h) = queues.get(job, name) else {
+            let Some(h) = queues.get(job.as_str(), name) else {
                 continue;
             };
             let kind = h.queue.config().kind.as_str().to_owned();

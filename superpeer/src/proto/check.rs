@@ -1,12 +1,15 @@
-//! The checks of every message: bounded strings and lists, well-formed ids and hashes.
+//! The checks of every message: bounded strings and lists, names, principals and parts.
+//!
+//! Ids and hashes need none: they are typed ([`super::JobId`], [`Hash`](struct@super::Hash)),
+//! and a message with a malformed one does not decode.
 
 use std::collections::BTreeMap;
 
 use mvm_component::policy::{BundleError, Principal};
 
 use super::{
-    BrokerRequest, ClientRequest, Hello, MAX_CERT, MAX_REASON, NodeRequest, PeerRequest, Request,
-    Response, Verdict,
+    BrokerRequest, ClientRequest, Hash, Hello, MAX_CERT, MAX_REASON, NodeRequest, PeerRequest,
+    Request, Response, Verdict,
 };
 
 /// Why a message is refused: its first bad field.
@@ -15,9 +18,6 @@ pub enum CheckError {
     /// A principal's name, domain or a role is not a valid name, or it has too many roles.
     #[error("a principal with a bad name, domain or role: {0}")]
     Principal(Box<Principal>),
-    /// A policy digest that is neither empty nor 64 hex digits.
-    #[error("a policy digest is 64 hex digits, not '{}'", .0.escape_default())]
-    Digest(String),
     /// A certificate that is empty or too large.
     #[error("a certificate of {0} bytes (1 to {MAX_CERT})")]
     CertSize(usize),
@@ -30,12 +30,6 @@ pub enum CheckError {
         /// Which field, e.g. `the job name`.
         field: &'static str,
     },
-    /// Not a job id.
-    #[error("bad job id '{}'", .0.escape_default())]
-    JobId(String),
-    /// Not a content hash.
-    #[error("bad module hash '{}'", .0.escape_default())]
-    Hash(String),
     /// A list, map or string with more entries than any message may carry.
     #[error("too many {field} ({count})")]
     TooMany {
@@ -74,14 +68,6 @@ pub(super) fn check_principal(p: &Principal) -> Result<(), CheckError> {
     }
 }
 
-pub(super) fn check_digest(d: &str) -> Result<(), CheckError> {
-    if d.is_empty() || (d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit())) {
-        Ok(())
-    } else {
-        Err(CheckError::Digest(d.to_owned()))
-    }
-}
-
 /// Checks a certificate's size (its content is checked by [`crate::pki::Trust::verify`]).
 pub(super) fn check_cert(cert: &[u8]) -> Result<(), CheckError> {
     if cert.is_empty() || cert.len() > MAX_CERT {
@@ -103,33 +89,6 @@ pub(super) fn check_name(field: &'static str, s: &str) -> Result<(), CheckError>
     Ok(())
 }
 
-/// Checks a job id: 1–128 characters of `[A-Za-z0-9._-]`.
-///
-/// # Errors
-/// [`CheckError::JobId`] when it is not one.
-pub fn check_job_id(s: &str) -> Result<(), CheckError> {
-    if s.is_empty()
-        || s.len() > 128
-        || !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(CheckError::JobId(s.to_owned()));
-    }
-    Ok(())
-}
-
-/// Checks a content hash: 64 lowercase hex digits.
-///
-/// # Errors
-/// [`CheckError::Hash`] when it is not one.
-pub fn check_hash(s: &str) -> Result<(), CheckError> {
-    if s.len() != 64 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(CheckError::Hash(s.to_owned()));
-    }
-    Ok(())
-}
-
 pub(super) fn check_len(field: &'static str, count: usize) -> Result<(), CheckError> {
     if count > MAX_ENTRIES {
         return Err(CheckError::TooMany { field, count });
@@ -142,13 +101,10 @@ pub(super) fn check_params(p: &BTreeMap<String, String>) -> Result<(), CheckErro
     p.keys().try_for_each(|k| check_name("a parameter name", k))
 }
 
-pub(super) fn check_components(c: &BTreeMap<String, String>) -> Result<(), CheckError> {
+pub(super) fn check_components(c: &BTreeMap<String, Hash>) -> Result<(), CheckError> {
     check_len("components", c.len())?;
-    for (name, hash) in c {
-        check_name("a component name", name)?;
-        check_hash(hash)?;
-    }
-    Ok(())
+    c.keys()
+        .try_for_each(|name| check_name("a component name", name))
 }
 
 impl Hello {
@@ -187,8 +143,7 @@ impl Request {
             Request::Client(r) => r.validate(),
             Request::Node(r) => r.validate(),
             Request::Broker(r) => r.validate(),
-            Request::Peer(PeerRequest::Policy { have }) => check_digest(have),
-            Request::Peer(PeerRequest::Raft(_)) => Ok(()),
+            Request::Peer(PeerRequest::Policy { .. } | PeerRequest::Raft(_)) => Ok(()),
         }
     }
 }
@@ -196,10 +151,7 @@ impl Request {
 impl ClientRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
-            ClientRequest::Missing { hashes } => {
-                check_len("hashes", hashes.len())?;
-                hashes.iter().try_for_each(|h| check_hash(h))
-            }
+            ClientRequest::Missing { hashes } => check_len("hashes", hashes.len()),
             ClientRequest::Submit(s) => {
                 check_name("the job name", &s.name)?;
                 if let Some(p) = &s.on_behalf {
@@ -216,11 +168,11 @@ impl ClientRequest {
                 check_len("modules", s.modules.len())?;
                 check_params(&s.parameters)
             }
-            ClientRequest::Status { job } => job.as_deref().map_or(Ok(()), check_job_id),
-            ClientRequest::Wait { job, .. }
-            | ClientRequest::Cancel { job }
-            | ClientRequest::Hold { job, .. } => check_job_id(job),
-            ClientRequest::PolicyReload => Ok(()),
+            ClientRequest::Status { .. }
+            | ClientRequest::Wait { .. }
+            | ClientRequest::Cancel { .. }
+            | ClientRequest::Hold { .. }
+            | ClientRequest::PolicyReload => Ok(()),
         }
     }
 }
@@ -238,10 +190,9 @@ impl NodeRequest {
             }
             NodeRequest::Heartbeat(l) => {
                 check_len("images", l.images.len())?;
-                check_len("jobs", l.jobs.len())?;
-                l.jobs.iter().try_for_each(|j| check_job_id(j))
+                check_len("jobs", l.jobs.len())
             }
-            NodeRequest::Fetch { hash } => check_hash(hash),
+            NodeRequest::Fetch { .. } => Ok(()),
             NodeRequest::Report(r) => r.validate(),
         }
     }
@@ -250,13 +201,9 @@ impl NodeRequest {
 impl BrokerRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
-            BrokerRequest::Start { job } => check_job_id(job),
-            BrokerRequest::Terminate { job, reason } => {
-                check_job_id(job)?;
-                check_len("reason bytes", reason.len())
-            }
+            BrokerRequest::Start { .. } => Ok(()),
+            BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
             BrokerRequest::Prepare(p) => {
-                check_job_id(&p.job)?;
                 check_principal(&p.owner)?;
                 check_name("the topology file name", &p.topology_file)?;
                 check_components(&p.components)?;
@@ -291,29 +238,21 @@ impl Response {
     /// The first bad field.
     pub fn validate(&self) -> Result<(), CheckError> {
         match self {
-            Response::Missing { hashes } => {
-                check_len("hashes", hashes.len())?;
-                hashes.iter().try_for_each(|h| check_hash(h))
-            }
-            Response::Submitted(s) => check_job_id(&s.job),
+            Response::Missing { hashes } => check_len("hashes", hashes.len()),
             Response::Finished(r) => r.validate(),
-            Response::Status(v) => {
-                check_len("jobs", v.len())?;
-                v.iter().try_for_each(|s| check_job_id(&s.job))
-            }
+            Response::Status(v) => check_len("jobs", v.len()),
             Response::Registered { members, .. } => check_len("members", members.len()),
             Response::Heartbeat { members, stop, .. } => {
                 check_len("members", members.len())?;
-                check_len("jobs", stop.len())?;
-                stop.iter().try_for_each(|j| check_job_id(j))
+                check_len("jobs", stop.len())
             }
             Response::Ok
+            | Response::Submitted(_)
             | Response::Error(_)
             | Response::Group(_)
             | Response::Module(_)
             | Response::Raft(_) => Ok(()),
-            Response::Policy { digest, bundle, .. } => {
-                check_digest(digest)?;
+            Response::Policy { bundle, .. } => {
                 bundle.as_ref().map_or(Ok(()), |b| Ok(b.check_layout()?))
             }
         }
@@ -329,42 +268,49 @@ mod tests {
     use super::*;
     use crate::proto::{EnvSpec, LimitSpec, Member, PartSpec};
 
+    /// A request `{role: {kind: {field: value}}}`, as a peer could send it with any text in
+    /// the field, decoded.
+    fn request(role: &str, kind: &str, field: &str, value: &str) -> std::io::Result<Request> {
+        let msg = BTreeMap::from([(
+            role,
+            BTreeMap::from([(kind, BTreeMap::from([(field, value)]))]),
+        )]);
+        let mut buf = Vec::new();
+        ciborium::into_writer(&msg, &mut buf).expect("encodes");
+        crate::proto::decode::<Request>(&buf)
+    }
+
     #[test]
-    fn validation_refuses_bad_ids_hashes_and_parts() {
+    fn a_message_with_a_malformed_job_id_or_hash_does_not_decode() {
+        let cancel = |job: &str| request("client", "cancel", "job", job);
+        for bad in ["a/b", "", "j-1", "ok-1.x_y"] {
+            let e = cancel(bad).expect_err(bad);
+            assert!(e.to_string().contains("job id"), "{e}");
+        }
+        let e = cancel("a b-1-1").expect_err("a space");
+        assert!(e.to_string().contains("job id `a b-1-1`: expected"), "{e}");
+        let ok = cancel("ok.x_y-1-a").expect("a job id");
         assert!(
-            ClientRequest::Cancel { job: "a/b".into() }
-                .validate()
-                .is_err()
+            matches!(ok, Request::Client(ClientRequest::Cancel { job }) if job == "ok.x_y-1-a")
         );
-        assert!(
-            ClientRequest::Cancel { job: String::new() }
-                .validate()
-                .is_err()
-        );
-        assert!(
-            ClientRequest::Cancel {
-                job: "ok-1.x_y".into()
-            }
-            .validate()
-            .is_ok()
-        );
-        assert!(NodeRequest::Fetch { hash: "ab".into() }.validate().is_err());
-        assert!(
-            NodeRequest::Fetch {
-                hash: "A".repeat(64)
-            }
-            .validate()
-            .is_err()
-        );
-        assert!(
-            NodeRequest::Fetch {
-                hash: "a".repeat(64)
-            }
-            .validate()
-            .is_ok()
-        );
+        let fetch = |hash: &str| request("node", "fetch", "hash", hash);
+        for bad in ["ab".to_owned(), "A".repeat(64), "a".repeat(63)] {
+            let e = fetch(&bad).expect_err(&bad);
+            assert!(
+                e.to_string()
+                    .contains(&format!("hash `{bad}`: expected 64")),
+                "{e}"
+            );
+        }
+        let h = Hash::of(b"module");
+        let ok = fetch(&h.to_string()).expect("a hash");
+        assert!(matches!(ok, Request::Node(NodeRequest::Fetch { hash }) if hash == h));
+    }
+
+    #[test]
+    fn validation_refuses_parts_that_do_not_exist() {
         let part = PartSpec {
-            job: "j".into(),
+            job: "j-1-1".parse().expect("a job id"),
             topology_file: "t.dot".into(),
             topology: String::new(),
             queue: QueueConfig::default(),
@@ -374,7 +320,7 @@ mod tests {
             placement: vec![0, 2],
             parts: vec![
                 Member {
-                    peer: "p".into(),
+                    peer: libp2p::PeerId::random(),
                     addrs: vec![],
                     eligible: true
                 };
@@ -389,7 +335,7 @@ mod tests {
                 domain: "lab".into(),
                 roles: Vec::new(),
             },
-            policy_digest: String::new(),
+            policy_digest: Hash::of(b""),
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()
@@ -434,12 +380,6 @@ mod tests {
         .expect_err("a control character");
         assert_eq!(e, CheckError::Name { field: "the group" });
         assert!(e.to_string().starts_with("the group must be"), "{e}");
-        let e = ClientRequest::Status {
-            job: Some("a b".into()),
-        }
-        .validate()
-        .expect_err("a space");
-        assert_eq!(e, CheckError::JobId("a b".into()));
         let e = check_len("hashes", MAX_ENTRIES + 1).expect_err("too many");
         assert_eq!(
             e.to_string(),
@@ -455,16 +395,17 @@ mod tests {
             .validate()
             .expect_err("too long");
         assert_eq!(e, CheckError::ReasonSize(MAX_REASON + 1));
-        let e = Request::Peer(PeerRequest::Policy { have: "xy".into() })
-            .validate()
-            .expect_err("short");
-        assert_eq!(e, CheckError::Digest("xy".into()));
     }
 
     #[test]
     fn a_check_error_is_a_failure_of_bad_input() {
-        let f = crate::proto::Failure::from(CheckError::Hash("zz".into()));
+        let f = crate::proto::Failure::from(CheckError::Name {
+            field: "the job name",
+        });
         assert_eq!(f.kind, crate::proto::FailureKind::Input);
-        assert_eq!(f.message, "bad module hash 'zz'");
+        assert_eq!(
+            f.message,
+            "the job name must be 1 to 256 printable characters"
+        );
     }
 }

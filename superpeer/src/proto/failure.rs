@@ -10,6 +10,7 @@ use super::{CheckError, LimitError};
 use crate::broker::{PlaceError, Refusal};
 use crate::environment::EnvError;
 use crate::joblog::{CommandError, LogError};
+use crate::net::{AddrError, NetError, StartError};
 use crate::pki::AuthError;
 use crate::policy::PolicyError;
 use crate::schedule::ScheduleError;
@@ -98,11 +99,17 @@ kinds! {
     /// for errors of its set-up.
     LogError => |e| match e {
         LogError::Open { .. } => FailureKind::Failed,
-        LogError::Replica(_) => FailureKind::Input,
+        LogError::NotAPeer(_) | LogError::NotAmong(_) => FailureKind::Input,
         LogError::NotLeader { .. } | LogError::Raft(_) => FailureKind::Unavailable,
     };
     /// An environment that cannot be made is a failure of the node.
     EnvError => |_| FailureKind::Failed;
+    /// An address that names no peer is bad input.
+    AddrError => |_| FailureKind::Input;
+    /// A network that does not start leaves nothing to ask with now.
+    StartError => |_| FailureKind::Unavailable;
+    /// A request that failed on the way: the peer cannot be reached or answered now.
+    NetError => |_| FailureKind::Unavailable;
 }
 
 #[cfg(test)]
@@ -127,12 +134,26 @@ mod tests {
         );
         let denied = PolicyError::Denied("no".into());
         assert_eq!(Failure::from(denied).kind, FailureKind::Refused);
-        let ended = CommandError::NoJob("j-1".into());
+        let ended = CommandError::NoJob("j-1-1".into());
         assert_eq!(
             Failure::from(ended),
-            Failure::new(FailureKind::Input, "no job j-1")
+            Failure::new(FailureKind::Input, "no job j-1-1")
         );
         assert_eq!(Failure::from(AuthError::Ca).kind, FailureKind::Refused);
         assert_eq!(Failure::from(EnvError::InUse).kind, FailureKind::Failed);
+        let nowhere = crate::net::split_peer("nowhere").expect_err("no address");
+        assert_eq!(Failure::from(nowhere).kind, FailureKind::Input);
+        let record = crate::joblog::Replica {
+            peer: "x".into(),
+            addrs: Vec::new(),
+        };
+        let e = record.peer_id().expect_err("no peer id");
+        assert_eq!(
+            Failure::from(e),
+            Failure::new(
+                FailureKind::Input,
+                "a job-log replica: 'x' is not a peer id"
+            )
+        );
     }
 }

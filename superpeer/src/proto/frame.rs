@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Asks a node for an image's bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageRequest {
-    /// `name:version@sha256:HEX`.
-    pub id: String,
+    /// The image (`name:version@sha256:HEX` on the wire).
+    pub id: mvm_os::image::ImageId,
 }
 
 /// A node's answer: the image's metadata and size (then that many bytes), or why not.
@@ -57,7 +57,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHeader {
     /// The job id.
-    pub job: String,
+    pub job: super::JobId,
     /// The destination vertex.
     pub vertex: String,
     /// Its input port.
@@ -155,14 +155,14 @@ mod tests {
     fn frames_round_trip_and_oversized_or_garbage_frames_are_errors() {
         futures::executor::block_on(async {
             let req = Request::Broker(BrokerRequest::Terminate {
-                job: "fft8-1".into(),
+                job: "fft8-1-1".parse().expect("a job id"),
                 reason: "done".into(),
             });
             let mut buf = Vec::new();
             write_frame(&mut buf, &req, 1024).await.expect("written");
             let back: Request = read_frame(&mut buf.as_slice(), 1024).await.expect("read");
             assert!(
-                matches!(back, Request::Broker(BrokerRequest::Terminate { job, .. }) if job == "fft8-1")
+                matches!(back, Request::Broker(BrokerRequest::Terminate { job, .. }) if job.as_str() == "fft8-1-1")
             );
             let e = read_frame::<Request, _>(&mut buf.as_slice(), 4)
                 .await

@@ -1,5 +1,6 @@
 //! Nodes, members and groups.
 
+use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
 use super::check::{CheckError, check_len, check_name};
@@ -14,7 +15,7 @@ pub struct NodeInfo {
     /// Its domain.
     pub domain: String,
     /// Addresses it listens on.
-    pub addrs: Vec<String>,
+    pub addrs: Vec<Multiaddr>,
     /// CPUs.
     pub cpus: u32,
     /// Total memory, bytes.
@@ -46,16 +47,16 @@ pub struct NodeLoad {
     pub images: Vec<String>,
     /// The jobs it runs parts of now (the leader answers which of them it must stop).
     #[serde(default)]
-    pub jobs: Vec<String>,
+    pub jobs: Vec<super::JobId>,
 }
 
 /// A member of a group, as the super-peer lists them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// Peer id.
-    pub peer: String,
+    pub peer: PeerId,
     /// Addresses.
-    pub addrs: Vec<String>,
+    pub addrs: Vec<Multiaddr>,
     /// Whether it is a super-peer candidate (a replica of the group's job log).
     pub eligible: bool,
 }
@@ -66,9 +67,9 @@ pub struct GroupInfo {
     /// The group's name.
     pub group: String,
     /// The super-peer's peer id, when known.
-    pub broker: Option<String>,
+    pub broker: Option<PeerId>,
     /// Its addresses.
-    pub broker_addrs: Vec<String>,
+    pub broker_addrs: Vec<Multiaddr>,
     /// Whether the answering daemon is the super-peer.
     pub is_broker: bool,
     /// The registered nodes (the super-peer's view; a node lists what it last heard).
@@ -86,9 +87,9 @@ pub struct GroupSummary {
     /// Its domain.
     pub domain: String,
     /// The super-peer's peer id.
-    pub broker: String,
+    pub broker: PeerId,
     /// Its addresses (`/…/p2p/PEER`).
-    pub addrs: Vec<String>,
+    pub addrs: Vec<Multiaddr>,
     /// Live nodes.
     pub nodes: u32,
     /// Free vertex slots over all nodes.
@@ -107,7 +108,6 @@ impl GroupSummary {
     pub fn validate(&self) -> Result<(), CheckError> {
         check_name("the group", &self.group)?;
         check_name("the domain", &self.domain)?;
-        check_name("the broker", &self.broker)?;
         check_len("addresses", self.addrs.len())?;
         check_len("images", self.images.len())?;
         check_len("architectures", self.archs.len())
@@ -118,7 +118,7 @@ impl GroupSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeView {
     /// Peer id.
-    pub peer: String,
+    pub peer: PeerId,
     /// Name.
     pub name: String,
     /// Whether it stopped answering.
@@ -130,4 +130,41 @@ pub struct NodeView {
     pub running: u32,
     /// Its slots.
     pub slots: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_round_trips_and_one_with_a_bad_peer_id_does_not_decode() {
+        let peer = PeerId::random();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/4001/p2p/{peer}")
+            .parse()
+            .expect("an address");
+        let m = Member {
+            peer,
+            addrs: vec![addr],
+            eligible: true,
+        };
+        let mut buf = Vec::new();
+        ciborium::into_writer(&m, &mut buf).expect("encodes");
+        assert_eq!(crate::proto::decode::<Member>(&buf).expect("decodes"), m);
+        // The same member with bytes that are no peer id.
+        let bad = ciborium::Value::Map(vec![
+            (
+                "peer".into(),
+                ciborium::Value::Bytes(b"not a peer".to_vec()),
+            ),
+            ("addrs".into(), ciborium::Value::Array(Vec::new())),
+            ("eligible".into(), true.into()),
+        ]);
+        let mut buf = Vec::new();
+        ciborium::into_writer(&bad, &mut buf).expect("encodes");
+        let e = crate::proto::decode::<Member>(&buf).expect_err("no peer id");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        // JSON (the CLI's output) keeps them as text.
+        let json = serde_json::to_value(&m).expect("json");
+        assert_eq!(json["peer"], peer.to_string());
+    }
 }

@@ -8,8 +8,8 @@ pub use mvm_os::provision::VmMode;
 use mvm_queue::queue::Config as QueueConfig;
 use serde::{Deserialize, Serialize};
 
-use super::check::{CheckError, check_job_id, check_len};
-use super::{ErrorKind, Member};
+use super::check::{CheckError, check_len};
+use super::{ErrorKind, Hash, JobId, Member};
 
 /// A job profile as sent to the broker: everything resolved, files inlined, modules by hash.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,7 +25,7 @@ pub struct Submission {
     /// The topology file's text.
     pub topology: String,
     /// Component name → module content hash.
-    pub components: BTreeMap<String, String>,
+    pub components: BTreeMap<String, Hash>,
     /// Module bytes the broker said it lacks.
     pub modules: Vec<Bytes>,
     /// Job parameters.
@@ -132,7 +132,7 @@ pub struct EnvSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartSpec {
     /// The job id.
-    pub job: String,
+    pub job: JobId,
     /// The topology's file name and text (the whole graph; the node runs its part).
     pub topology_file: String,
     /// The topology.
@@ -140,7 +140,7 @@ pub struct PartSpec {
     /// Queue defaults.
     pub queue: QueueConfig,
     /// Component name → module hash (only components of this part's vertices).
-    pub components: BTreeMap<String, String>,
+    pub components: BTreeMap<String, Hash>,
     /// Job parameters.
     pub parameters: BTreeMap<String, String>,
     /// Limits.
@@ -161,14 +161,14 @@ pub struct PartSpec {
     pub owner: Principal,
     /// The digest of the policies the broker decided with; a node that holds other ones
     /// fetches the broker's before it decides.
-    pub policy_digest: String,
+    pub policy_digest: Hash,
 }
 
 /// How a part of a job ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartReport {
     /// The job id.
-    pub job: String,
+    pub job: JobId,
     /// Success (vertex outputs and traffic) or the first failure.
     pub outcome: Result<PartResult, VertexFailure>,
 }
@@ -179,7 +179,6 @@ impl PartReport {
     /// # Errors
     /// The first bad field.
     pub fn validate(&self) -> Result<(), CheckError> {
-        check_job_id(&self.job)?;
         if let Ok(res) = &self.outcome {
             check_len("outputs", res.outputs.len())?;
             check_len("traffic entries", res.traffic.len())?;
@@ -262,7 +261,7 @@ impl JobState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobStatus {
     /// The job id.
-    pub job: String,
+    pub job: JobId,
     /// The profile's name.
     pub name: String,
     /// The state.
@@ -294,14 +293,14 @@ pub struct JobStatus {
     pub owner: String,
     /// When another group's super-peer holds the job (it was forwarded there): its addresses.
     #[serde(default)]
-    pub broker_addrs: Vec<String>,
+    pub broker_addrs: Vec<libp2p::Multiaddr>,
 }
 
 /// A job's part as the broker sees it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartStatus {
     /// The node's peer id.
-    pub node: String,
+    pub node: libp2p::PeerId,
     /// Its name.
     pub name: String,
     /// The part's vertices.

@@ -4,13 +4,15 @@
 //! certificates have passed on [`HELLO_PROTOCOL`] (see the `net` and `rpc` modules). Messages
 //! are CBOR in a frame with its length first; a frame larger than the reader's limit is
 //! refused before it is read. The protocol id carries the version: a peer speaking another
-//! version fails negotiation instead of misreading messages. Every message is checked by
-//! [`Request::validate`] / [`Response::validate`] before it is acted on: bounded strings and
-//! lists, well-formed ids and hashes. A request says by its kind who sends it to whom
+//! version fails negotiation instead of misreading messages. Ids and hashes are typed
+//! ([`JobId`], [`Hash`](struct@Hash)): a message with a malformed one does not decode. Every
+//! message is then checked by [`Request::validate`] / [`Response::validate`] before it is acted
+//! on: bounded strings and lists, names, parts. A request says by its kind who sends it to whom
 //! ([`ClientRequest`], [`NodeRequest`], [`BrokerRequest`], [`PeerRequest`]).
 //!
 //! - `job`: jobs as submitted, placed, reported and seen.
 //! - `group`: nodes, members and groups.
+//! - `id`: job ids and content hashes.
 //! - `frame`: frames, the hello messages, and the stream headers.
 //! - `check`: the checks of every message.
 //! - `failure`: why a request failed, and the class of failure of every error that can reach
@@ -26,12 +28,14 @@ mod check;
 mod failure;
 mod frame;
 mod group;
+mod id;
 mod job;
 
-pub use check::{CheckError, check_hash, check_job_id};
+pub use check::CheckError;
 pub use failure::{Failure, FailureKind};
 pub use frame::*;
 pub use group::*;
+pub use id::{Hash, IdError, JobId};
 pub use job::*;
 
 /// The certificate exchange on every new connection: each side opens one stream, sends a
@@ -40,7 +44,7 @@ pub const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/hello/1");
 
 /// Control streams: every request and answer between peers whose certificates have passed,
 /// many on one stream (see the `rpc` module).
-pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/3");
+pub const RPC_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/rpc/4");
 
 /// The queue-data protocol: a stream per remote channel (see [`StreamHeader`]); its number
 /// follows the queue layer's frame version.
@@ -76,20 +80,20 @@ pub enum Request {
 pub enum ClientRequest {
     /// Which of these module hashes the broker lacks.
     Missing {
-        /// Content hashes (SHA-256, lowercase hex).
-        hashes: Vec<String>,
+        /// Content hashes.
+        hashes: Vec<Hash>,
     },
     /// Run a job.
     Submit(Box<Submission>),
     /// The status of one job, or of all.
     Status {
         /// A job id, or every job when `None`.
-        job: Option<String>,
+        job: Option<JobId>,
     },
     /// The job's status once its version passes `after` (or after a while).
     Wait {
         /// The job id.
-        job: String,
+        job: JobId,
         /// The last version seen.
         after: u64,
         /// Answer only once the job has ended (or after a while), not at every change.
@@ -99,14 +103,14 @@ pub enum ClientRequest {
     /// Hold a pending job back from placement (`true`), or release it.
     Hold {
         /// The job id.
-        job: String,
+        job: JobId,
         /// Hold or release.
         held: bool,
     },
     /// Cancel a job.
     Cancel {
         /// The job id.
-        job: String,
+        job: JobId,
     },
     /// An administrator → the super-peer holding the policies: read them again now.
     PolicyReload,
@@ -123,7 +127,7 @@ pub enum NodeRequest {
     /// The bytes of a module.
     Fetch {
         /// Its content hash.
-        hash: String,
+        hash: Hash,
     },
     /// The end of its part of a job.
     Report(Box<PartReport>),
@@ -138,12 +142,12 @@ pub enum BrokerRequest {
     /// Start a prepared part.
     Start {
         /// The job id.
-        job: String,
+        job: JobId,
     },
     /// Stop a job's part (if any) and remove everything created for it.
     Terminate {
         /// The job id.
-        job: String,
+        job: JobId,
         /// Why, for the node's log.
         reason: String,
     },
@@ -155,8 +159,8 @@ pub enum BrokerRequest {
 pub enum PeerRequest {
     /// The policy bundle, unless its digest is `have`.
     Policy {
-        /// The digest the asker holds (empty: none).
-        have: String,
+        /// The digest of the policies the asker holds, if any.
+        have: Option<Hash>,
     },
     /// A message of the group's replicated job log (super-peer ↔ super-peer).
     Raft(RaftRpc),
@@ -210,7 +214,7 @@ pub enum Response {
     /// The hashes the broker lacks.
     Missing {
         /// Content hashes.
-        hashes: Vec<String>,
+        hashes: Vec<Hash>,
     },
     /// A job was accepted and placed.
     Submitted(JobStatus),
@@ -236,7 +240,7 @@ pub enum Response {
         /// must stop (their `Terminate` did not arrive, or their leader was lost before it
         /// recorded them).
         #[serde(default)]
-        stop: Vec<String>,
+        stop: Vec<JobId>,
     },
     /// A module's bytes.
     Module(Bytes),
@@ -250,7 +254,7 @@ pub enum Response {
         /// Its version there.
         version: u64,
         /// Its digest.
-        digest: String,
+        digest: Hash,
         /// The files, unless the asker holds them already.
         bundle: Option<Bundle>,
     },

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use mvm_component::policy::Principal;
 
-use crate::net::{self, Inbound, NetError, Reply};
+use crate::net::{self, Inbound, NetError, NetProblem, Reply};
 use crate::proto::{self, Failure, FailureKind, Request, Response};
 
 /// Bytes of frames written in one go at most (more wait for the next write).
@@ -95,8 +95,37 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     w.close().await
 }
 
+/// Why a control stream is not there to carry a request, or stopped carrying answers.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StreamError {
+    /// The stream could not be opened.
+    #[error("cannot open a control stream: {0}")]
+    Open(Arc<libp2p_stream::OpenStreamError>),
+    /// The acceptor's first frame was not the `Ok` that says it took the stream.
+    #[error("the acceptor's first frame on the control stream is not its Ok")]
+    NotTaken,
+    /// The acceptor dropped the stream unread, every time it was opened.
+    #[error("the acceptor dropped the control stream unread")]
+    Dropped,
+    /// The stream was not taken in time.
+    #[error("no control stream within {} s", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// Whoever opened the stream stopped before saying how it went.
+    #[error("the opening of the control stream was abandoned")]
+    Abandoned,
+    /// The stream closed.
+    #[error("the control stream closed")]
+    Closed,
+    /// Reading or writing the stream failed.
+    #[error("the control stream failed: {0}")]
+    Failed(Arc<io::Error>),
+    /// The peer was declared lost.
+    #[error("the peer is gone")]
+    PeerGone,
+}
+
 /// The answers awaited on one outbound stream; `None` once the stream has failed.
-type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, String>>>>>;
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, StreamError>>>>>;
 
 /// One outbound control stream.
 pub(crate) struct Link {
@@ -106,10 +135,10 @@ pub(crate) struct Link {
 
 impl Link {
     /// Ends the link: every awaited answer fails with `why`.
-    fn fail(&self, why: &str) {
+    fn fail(&self, why: &StreamError) {
         let pending = self.pending.lock().take();
         for (_, tx) in pending.into_iter().flatten() {
-            let _ = tx.send(Err(why.to_owned()));
+            let _ = tx.send(Err(why.clone()));
         }
     }
 }
@@ -123,7 +152,7 @@ pub(crate) enum Sent {
 }
 
 /// Whoever waits for a control stream being opened.
-type Opener = oneshot::Sender<Result<Arc<Link>, String>>;
+type Opener = oneshot::Sender<Result<Arc<Link>, StreamError>>;
 
 /// Where a daemon stands with its control stream to one peer.
 enum Slot {
@@ -192,10 +221,10 @@ impl Links {
                 }
             }
         }
-        let error = |message: String| NetError { peer, message };
+        let error = |e: StreamError| NetError::new(peer, NetProblem::Stream(e));
         match rx.await {
-            Ok(r) => r.map_err(|e| error(format!("no control stream: {e}"))),
-            Err(_) => Err(error("no control stream: its opening was abandoned".into())),
+            Ok(r) => r.map_err(error),
+            Err(_) => Err(error(StreamError::Abandoned)),
         }
     }
 
@@ -209,11 +238,11 @@ impl Links {
 
     /// Sends `request` on `link`, the stream to `peer`, and waits for the answer.
     pub(crate) async fn send(&self, peer: PeerId, link: &Arc<Link>, request: Request) -> Sent {
-        let error = |message: String| NetError { peer, message };
+        let error = |problem: NetProblem| NetError::new(peer, problem);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = match encode(id, &request, self.max_frame) {
             Ok(f) => f,
-            Err(e) => return Sent::Done(Err(error(e.to_string()))),
+            Err(e) => return Sent::Done(Err(error(NetProblem::Encode(Arc::new(e))))),
         };
         let (tx, rx) = oneshot::channel();
         {
@@ -234,17 +263,14 @@ impl Links {
             Ok(Ok(Ok(r))) => r
                 .validate()
                 .map(|()| r)
-                .map_err(|e| error(format!("invalid response: {e}"))),
-            Ok(Ok(Err(why))) => Err(error(why)),
-            Ok(Err(_)) => Err(error("the control stream closed".into())),
+                .map_err(|e| error(NetProblem::Invalid(e))),
+            Ok(Ok(Err(why))) => Err(error(NetProblem::Stream(why))),
+            Ok(Err(_)) => Err(error(NetProblem::Stream(StreamError::Closed))),
             Err(_) => {
                 if let Some(p) = link.pending.lock().as_mut() {
                     p.remove(&id);
                 }
-                Err(error(format!(
-                    "no answer within {} s",
-                    self.timeout.as_secs_f64()
-                )))
+                Err(error(NetProblem::NoAnswer(self.timeout)))
             }
         };
         Sent::Done(answer)
@@ -265,7 +291,7 @@ impl Links {
                     tries += 1;
                 }
                 Ok(r) => break r.map_err(|(e, _)| e),
-                Err(_) => break Err("timed out".to_owned()),
+                Err(_) => break Err(StreamError::Timeout(self.timeout)),
             }
         };
         let (mut r, w) = match opened {
@@ -301,16 +327,16 @@ impl Links {
                             let _ = tx.send(Ok(response));
                         }
                     }
-                    Ok(None) => return "the control stream closed".to_owned(),
-                    Err(e) => return format!("the control stream failed: {e}"),
+                    Ok(None) => return StreamError::Closed,
+                    Err(e) => return StreamError::Failed(Arc::new(e)),
                 }
             }
         };
         let why = tokio::select! {
             why = reader => why,
             w = &mut writer => match w {
-                Ok(Err(e)) => format!("the control stream failed: {e}"),
-                _ => "the control stream closed".to_owned(),
+                Ok(Err(e)) => StreamError::Failed(Arc::new(e)),
+                _ => StreamError::Closed,
             },
         };
         tracing::debug!(%peer, %why, "control stream ended");
@@ -325,25 +351,28 @@ impl Links {
         &self,
         peer: PeerId,
         control: &mut libp2p_stream::Control,
-    ) -> Result<(BufReader<ReadHalf<Stream>>, WriteHalf<Stream>), (String, bool)> {
+    ) -> Result<(BufReader<ReadHalf<Stream>>, WriteHalf<Stream>), (StreamError, bool)> {
         let stream = control
             .open_stream(peer, proto::RPC_PROTOCOL)
             .await
-            .map_err(|e| (e.to_string(), false))?;
+            .map_err(|e| (StreamError::Open(Arc::new(e)), false))?;
         let (r, w) = stream.split();
         let mut r = BufReader::new(r);
         match read::<Response, _>(&mut r, self.max_frame).await {
             Ok(Some((0, Response::Ok))) => Ok((r, w)),
-            Ok(Some(_)) => Err(("the acceptor's first frame is not its Ok".to_owned(), false)),
-            Ok(None) => Err(("the acceptor dropped it".to_owned(), true)),
-            Err(e) => Err((e.to_string(), e.kind() != io::ErrorKind::InvalidData)),
+            Ok(Some(_)) => Err((StreamError::NotTaken, false)),
+            Ok(None) => Err((StreamError::Dropped, true)),
+            Err(e) => {
+                let again = e.kind() != io::ErrorKind::InvalidData;
+                Err((StreamError::Failed(Arc::new(e)), again))
+            }
         }
     }
 
     /// Ends the stream to `peer`, if any (the peer is lost).
     pub(crate) fn close(&self, peer: &PeerId) {
         if let Some(Slot::Open(l)) = self.slots.lock().remove(peer) {
-            l.fail("the peer is gone");
+            l.fail(&StreamError::PeerGone);
         }
     }
 }

@@ -5,6 +5,36 @@ mod frames {
     use crate::rpc::*;
 
     #[test]
+    fn a_failed_link_tells_every_awaited_answer_why_and_takes_no_more() {
+        let (frames, _rx) = mpsc::channel(1);
+        let link = Link {
+            frames,
+            pending: Mutex::new(Some(HashMap::new())),
+        };
+        let mut waiting = Vec::new();
+        for id in 0..3 {
+            let (tx, rx) = oneshot::channel();
+            link.pending.lock().as_mut().expect("open").insert(id, tx);
+            waiting.push(rx);
+        }
+        link.fail(&StreamError::PeerGone);
+        for mut rx in waiting {
+            let why = rx.try_recv().expect("an answer").expect_err("a failure");
+            assert!(matches!(why, StreamError::PeerGone), "{why}");
+        }
+        assert!(
+            link.pending.lock().is_none(),
+            "a failed link takes no request"
+        );
+        let e = NetError::new(PeerId::random(), StreamError::Closed.into());
+        assert!(
+            e.to_string().ends_with(": the control stream closed"),
+            "{e}"
+        );
+        assert_eq!(Failure::from(e).kind, FailureKind::Unavailable);
+    }
+
+    #[test]
     fn frames_round_trip_and_bad_frames_are_errors() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -62,7 +92,7 @@ mod network {
     use crate::net::{Net, NetConfig};
     use crate::pki::{Ca, Credentials, Subject};
     use crate::proto::NodeRequest;
-    use crate::proto::{self, Request, Response};
+    use crate::proto::{self, Hash, Request, Response};
     use mvm_component::policy::PrincipalKind;
 
     fn subject(kind: PrincipalKind, name: &str) -> Subject {
@@ -88,9 +118,8 @@ mod network {
         // The server answers a fetch of hash H with H's bytes, holding every answer back until
         // eight have come in and then answering them in reverse, and drops a fetch of all 'e's
         // unanswered.
-        let dropped = "e".repeat(64);
+        let dropped: Hash = "e".repeat(64).parse().expect("a hash");
         let server_task = tokio::spawn({
-            let dropped = dropped.clone();
             async move {
                 let mut held = Vec::new();
                 while let Some(i) = inbound.recv().await {
@@ -108,7 +137,7 @@ mod network {
                             let Request::Node(NodeRequest::Fetch { hash }) = &i.request else {
                                 continue;
                             };
-                            let bytes = hash.clone().into_bytes().into();
+                            let bytes = hash.to_string().into_bytes().into();
                             i.reply(Response::Module(bytes)).await;
                         }
                     }
@@ -122,7 +151,7 @@ mod network {
             .expect("client");
         let peer = server.peer();
         let fetch = |n: u32| NodeRequest::Fetch {
-            hash: format!("{n:064x}"),
+            hash: format!("{n:064x}").parse().expect("a hash"),
         };
         // Rounds of eight concurrent requests; the first eight wait together for the peer to
         // pass and for the one stream to open.

@@ -308,7 +308,7 @@ pub(crate) fn run(
             v,
             "measured (TCP over loopback; mpiexec from launch to exit)".to_owned(),
         ),
-        Err(e) => (Vec::new(), e),
+        Err(e) => (Vec::new(), format!("{e:#}")),
     };
     let m8 = mpich_tcp.iter().find(|(s, _)| *s == 8).map(|(_, us)| *us);
     let m1m = mpich_tcp
@@ -318,7 +318,7 @@ pub(crate) fn run(
     let mpiexec = match mpi::ring_wall(16, 3) {
         Ok(s) => Some(s * 1e3),
         Err(e) => {
-            status = e;
+            status = format!("{e:#}");
             None
         }
     };

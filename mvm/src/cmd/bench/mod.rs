@@ -225,7 +225,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let tokio = tokio()?;
             let (mpich, status) = match mpi::pingpong() {
                 Ok(v) => (v, "measured (shared memory)".to_owned()),
-                Err(e) => (Vec::new(), e),
+                Err(e) => (Vec::new(), format!("{e:#}")),
             };
             let mut sizes = Vec::new();
             for (size, iters) in [
@@ -294,7 +294,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let n = u32::try_from(vertices).unwrap_or(16);
             let (m, status) = match mpi::ring(n, mpi_laps) {
                 Ok(v) => (Some(v), "measured (shared memory)".to_owned()),
-                Err(e) => (None, e),
+                Err(e) => (None, format!("{e:#}")),
             };
             let report = RingReport {
                 vertices,

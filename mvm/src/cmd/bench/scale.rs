@@ -290,7 +290,7 @@ async fn submit(client: &Client, job: &Prepared, clients: usize, secs: f64, tall
                     Ok((s, _)) => {
                         tally.done.fetch_add(1, Ordering::Relaxed);
                         let mut used = tally.used.lock().unwrap_or_else(PoisonError::into_inner);
-                        used.extend(s.parts.into_iter().map(|p| p.node));
+                        used.extend(s.parts.into_iter().map(|p| p.node.to_string()));
                     }
                     Err(e) => {
                         tally.failed.fetch_add(1, Ordering::Relaxed);

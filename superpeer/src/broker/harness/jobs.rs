@@ -6,18 +6,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::client::{Client, Prepared};
-use crate::proto::{JobState, JobStatus, LimitSpec, Requirements, Submission};
+use crate::proto::{Hash, JobId, JobState, JobStatus, LimitSpec, Requirements, Submission};
 
 /// A token ring of 8 vertices passing `hops` tokens, on at most `nodes` nodes.
 pub(crate) fn ring(name: &str, hops: u64, nodes: Option<u32>, priority: i32) -> Prepared {
     let token = Bytes::from_static(include_bytes!("../../../../jobs/wat/token.wat"));
-    let hash = crate::modules::hash(&token);
+    let hash = Hash::of(&token);
     Prepared {
         submission: Submission {
             name: name.into(),
             topology_file: "ring-8.dot".into(),
             topology: include_str!("../../../../topologies/ring-8.dot").into(),
-            components: BTreeMap::from([("token".to_owned(), hash.clone())]),
+            components: BTreeMap::from([("token".to_owned(), hash)]),
             parameters: BTreeMap::from([("hops".to_owned(), hops.to_string())]),
             limits: LimitSpec {
                 wall_ms: Some(120_000),
@@ -50,7 +50,7 @@ pub(crate) async fn finished(c: &Client, job: &Prepared) -> JobStatus {
 }
 
 /// Waits until `job`'s state passes `pred`.
-pub(crate) async fn until(c: &Client, job: &str, pred: impl Fn(JobState) -> bool) -> JobStatus {
+pub(crate) async fn until(c: &Client, job: &JobId, pred: impl Fn(JobState) -> bool) -> JobStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     loop {
@@ -77,13 +77,13 @@ pub(crate) fn one(name: &str, wat: &'static str) -> Prepared {
 
 /// A job of one vertex running `module` (WAT or binary, exporting `run` or `_start`).
 pub(crate) fn one_of(name: &str, module: Bytes) -> Prepared {
-    let hash = crate::modules::hash(&module);
+    let hash = Hash::of(&module);
     Prepared {
         submission: Submission {
             name: name.into(),
             topology_file: "one.dot".into(),
             topology: "digraph one { v [component=\"c\"]; }\n".into(),
-            components: BTreeMap::from([("c".to_owned(), hash.clone())]),
+            components: BTreeMap::from([("c".to_owned(), hash)]),
             ..Submission::default()
         },
         modules: BTreeMap::from([(hash, module)]),

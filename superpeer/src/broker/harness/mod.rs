@@ -132,7 +132,7 @@ async fn run(creds: &Credentials, config: DaemonConfig) -> Running {
     let daemon = Daemon::start(creds, config.clone())
         .await
         .expect("daemon starts");
-    let addr = daemon.dial_addrs()[0].clone();
+    let addr = daemon.dial_addrs()[0].to_string();
     let net = daemon.net();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(daemon.run(async move {
