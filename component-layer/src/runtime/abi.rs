@@ -12,6 +12,7 @@
 //! | `ports(buf, buf_cap)` | `(i32, i32) -> i32` | writes one line per port, `in NAME` or `out NAME`; returns the length (the same too-small rule) |
 //! | `param(name, name_len, buf, buf_cap)` | `(i32, i32, i32, i32) -> i32` | the parameter's value (vertex attribute, else job parameter); its length (the same rule); `-1` if there is none |
 //! | `log(level, msg, msg_len)` | `(i32, i32, i32) -> ()` | logs through the node: 0 error, 1 warn, 2 info, 3 debug |
+//! | `yield()` | `() -> ()` | nothing, except in a job that asked for checkpoints: there a compute loop that calls it can be paused (see [`super::checkpoint`]) |
 //!
 //! Items arrive in the base format of the channel's codec: transforms such as `zstd` are
 //! applied and removed by the node. WASI preview 1 gives stdout, stderr, args, environment and
@@ -28,6 +29,8 @@ use parking_lot::Mutex;
 use wasmtime::{Caller, Extern, Linker, Memory};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+use super::checkpoint;
 
 /// An input port: the queue it receives from, its codec, and an item kept back for a larger
 /// buffer.
@@ -116,6 +119,24 @@ pub(crate) struct VertexState {
     pub(crate) memory: Option<Memory>,
     /// The most a receive polls before parking, in nanoseconds (0: never; on the shared pool).
     pub(crate) spin: u32,
+    /// What it wrote to stdout before the checkpoint it was restored from.
+    pub(crate) stdout_before: Bytes,
+    /// How it pauses, when it is checkpointable.
+    pub(crate) pausing: Option<super::checkpoint::pause::Pausing>,
+}
+
+impl VertexState {
+    /// All it wrote to stdout: before its checkpoint, then since.
+    pub(crate) fn output(&self) -> Bytes {
+        let since = self.stdout.contents();
+        if self.stdout_before.is_empty() {
+            return since;
+        }
+        let mut all = Vec::with_capacity(self.stdout_before.len() + since.len());
+        all.extend_from_slice(&self.stdout_before);
+        all.extend_from_slice(&since);
+        Bytes::from(all)
+    }
 }
 
 const NO_PORT: i64 = -1;
@@ -252,6 +273,10 @@ async fn receive(
     (pp, pl, buf, cap): (i32, i32, i32, i32),
     wait: bool,
 ) -> wasmtime::Result<i64> {
+    // A pause point (`recv`; `try_recv` is not one): nothing is taken before this.
+    if wait && caller.data().pausing.is_some() && checkpoint::pause_point(&mut caller).await? {
+        return Ok(0);
+    }
     let Some(i) = port_index(&mut caller, |io| &io.inputs, pp, pl, "mvm.recv port")? else {
         return Ok(NO_PORT);
     };
@@ -280,9 +305,25 @@ async fn receive(
         Found::Queue(got) => got,
         Found::Wait => {
             let io = caller.data().io.clone();
-            match io.inputs.at(i) {
-                Some(port) => port.rx.recv_async().await.map_err(|e| e.failure),
-                None => return Ok(NO_PORT),
+            let Some(port) = io.inputs.at(i) else {
+                return Ok(NO_PORT);
+            };
+            match caller
+                .data()
+                .pausing
+                .as_ref()
+                .map(|p| (p.ctl.clone(), p.seen))
+            {
+                None => port.rx.recv_async().await.map_err(|e| e.failure),
+                // A pause asked for while waiting: the wait is given up (nothing was taken),
+                // and the receive is made again once the vertex is rewound.
+                Some((ctl, seen)) => tokio::select! {
+                    got = port.rx.recv_async() => got.map_err(|e| e.failure),
+                    () = ctl.wanted_after(seen) => {
+                        checkpoint::begin_unwind(&mut caller).await?;
+                        return Ok(0);
+                    }
+                },
             }
         }
     };
@@ -323,8 +364,19 @@ async fn send(
     mut caller: Caller<'_, VertexState>,
     (pp, pl, dp, dl): (i32, i32, i32, i32),
 ) -> wasmtime::Result<i32> {
+    if caller.data().pausing.is_some() && checkpoint::pause_point(&mut caller).await? {
+        return Ok(0);
+    }
     let Some(i) = port_index(&mut caller, |io| &io.outputs, pp, pl, "mvm.send port")? else {
         return Ok(-1);
+    };
+    // A send that paused part way goes on at the first channel that did not have the item.
+    let first = match caller.data_mut().pausing.as_mut() {
+        Some(p) => match p.sending.take() {
+            Some((port, done)) if port == i => done,
+            _ => 0,
+        },
+        None => 0,
     };
     let plain = {
         let mem = memory(&mut caller)?;
@@ -339,7 +391,7 @@ async fn send(
         .at(i)
         .map_or(0, |p| p.channels.len());
     let mut plain = Some(plain);
-    for c in 0..channels {
+    for c in first..channels {
         // One attempt in place; the vertex's ports are shared (and their reference count
         // touched) only to wait for room.
         let attempt = {
@@ -369,9 +421,26 @@ async fn send(
             Ok(None) => Ok(()),
             Ok(Some(item)) => {
                 let io = caller.data().io.clone();
-                match io.outputs.at(i).and_then(|p| p.channels.get(c)) {
-                    Some((tx, _)) => tx.send_async(item).await.map_err(|e| e.failure),
-                    None => Ok(()),
+                let pause = caller
+                    .data()
+                    .pausing
+                    .as_ref()
+                    .map(|p| (p.ctl.clone(), p.seen));
+                match (io.outputs.at(i).and_then(|p| p.channels.get(c)), pause) {
+                    (Some((tx, _)), None) => tx.send_async(item).await.map_err(|e| e.failure),
+                    // A pause asked for while waiting for room: this channel did not take the
+                    // item; the send goes on from it once the vertex is rewound.
+                    (Some((tx, _)), Some((ctl, seen))) => tokio::select! {
+                        sent = tx.send_async(item) => sent.map_err(|e| e.failure),
+                        () = ctl.wanted_after(seen) => {
+                            if let Some(p) = caller.data_mut().pausing.as_mut() {
+                                p.sending = Some((i, c));
+                            }
+                            checkpoint::begin_unwind(&mut caller).await?;
+                            return Ok(0);
+                        }
+                    },
+                    (None, _) => Ok(()),
                 }
             }
             Err(e) => Err(e.failure),
@@ -405,6 +474,19 @@ pub(crate) fn add_to_linker(linker: &mut Linker<VertexState>) -> wasmtime::Resul
     linker.func_wrap_async("mvm", "recv", |caller, args: (i32, i32, i32, i32)| {
         Box::new(receive(caller, args, true))
     })?;
+    // A pause point for compute loops; otherwise nothing (the epoch tick already yields).
+    linker.func_wrap_async(
+        "mvm",
+        "yield",
+        |mut caller: Caller<'_, VertexState>, (): ()| {
+            Box::new(async move {
+                if caller.data().pausing.is_some() {
+                    checkpoint::pause_point(&mut caller).await?;
+                }
+                Ok(())
+            })
+        },
+    )?;
     linker.func_wrap_async("mvm", "try_recv", |caller, args: (i32, i32, i32, i32)| {
         Box::new(receive(caller, args, false))
     })?;

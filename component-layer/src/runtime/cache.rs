@@ -36,6 +36,14 @@ pub enum CacheError {
         /// What the compiler said.
         reason: String,
     },
+    /// The module cannot be made checkpointable.
+    #[error("{name}: cannot be checkpointed: {source}")]
+    Checkpoint {
+        /// The module's name (usually its file).
+        name: String,
+        /// Why.
+        source: super::checkpoint::RewriteError,
+    },
     /// The module file could not be read.
     #[error("{name}: cannot read: {source}")]
     Read {
@@ -121,16 +129,48 @@ impl ModuleCache {
         if let Some((m, source)) = self.lookup(&hash) {
             return Ok((m, hash, source));
         }
+        let module = self.compile(name, &hash, bytes)?;
+        Ok((module, hash, Source::Compiled))
+    }
+
+    /// Compiles `bytes` and keeps the module under `key`, in memory and on disk.
+    fn compile(&self, name: &str, key: &str, bytes: &[u8]) -> Result<Module, CacheError> {
         let module = Module::new(&self.engine, bytes).map_err(|e| CacheError::Invalid {
             name: name.to_owned(),
             reason: format!("{e:#}"),
         })?;
-        if let Some(path) = self.artifact(&hash)
+        if let Some(path) = self.artifact(key)
             && let Err(e) = write_artifact(&path, &module)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache a compiled module");
         }
-        self.memory.lock().insert(hash.clone(), module.clone());
+        self.memory.lock().insert(key.to_owned(), module.clone());
+        Ok(module)
+    }
+
+    /// The module for `bytes` made checkpointable ([`super::checkpoint::instrument`]): rewritten
+    /// once, then cached as any module, under the source's hash with a `+ckpt` mark. Returns the
+    /// source's hash.
+    ///
+    /// # Errors
+    /// The bytes are not a valid module, or it cannot be made checkpointable (no memory or
+    /// entry point exported, no `wasm-opt`).
+    pub fn load_checkpointable(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(Module, String, Source), CacheError> {
+        let hash = content_hash(bytes);
+        let key = format!("{hash}+ckpt");
+        if let Some((m, source)) = self.lookup(&key) {
+            return Ok((m, hash, source));
+        }
+        let rewritten =
+            super::checkpoint::instrument(bytes).map_err(|source| CacheError::Checkpoint {
+                name: name.to_owned(),
+                source,
+            })?;
+        let module = self.compile(name, &key, &rewritten)?;
         Ok((module, hash, Source::Compiled))
     }
 

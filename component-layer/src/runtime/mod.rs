@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod cache;
+pub mod checkpoint;
 mod dedicated;
 mod ticker;
 
@@ -32,6 +33,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use crate::topology::Topology;
 use abi::{InPort, OutPort, VertexIo, VertexState};
 pub use cache::{ModuleCache, Source};
+use checkpoint::pause::{PauseCtl, Pausing};
+use checkpoint::{PartControl, PartImage, VertexImage, VertexPhase};
 use dedicated::Dedicated;
 
 /// How long a vertex waits for an instance slot of the pool before it fails: slots free as the
@@ -428,14 +431,33 @@ impl Runtime {
             kind: ErrorKind::Refused,
         })?;
         match wire(job, queues, placement, here) {
-            Ok((ios, remote_inputs, remote_outputs)) => {
-                let vertices = ios
+            Ok((ios, remote_inputs, remote_outputs, part_queues)) => {
+                let vertices: Vec<Local> = ios
                     .into_iter()
                     .map(|(v, io)| {
                         let module = job.modules[&t.vertices[v].component].clone();
-                        (v, io, module)
+                        Local {
+                            v,
+                            io,
+                            module,
+                            from: None,
+                        }
                     })
                     .collect();
+                // A part whose every module was made checkpointable can be paused.
+                let control = (!vertices.is_empty()
+                    && vertices
+                        .iter()
+                        .all(|l| checkpoint::is_instrumented(&l.module)))
+                .then(|| PartControl {
+                    ctl: PauseCtl::new(vertices.len()),
+                    job: job.id.clone(),
+                    names: vertices
+                        .iter()
+                        .map(|l| t.vertices[l.v].name.clone())
+                        .collect(),
+                    queues: part_queues,
+                });
                 Ok(Prepared {
                     inner: self.inner.clone(),
                     names: t.vertices.iter().map(|v| v.name.clone()).collect(),
@@ -443,6 +465,7 @@ impl Runtime {
                     limits: job.limits,
                     remote_inputs,
                     remote_outputs,
+                    control,
                 })
             }
             Err(e) => {
@@ -480,12 +503,23 @@ pub struct RemoteOutput {
     pub receiver: Receiver<Bytes>,
 }
 
+/// A local vertex of a part: its place in the topology, its ports, its module, and the state
+/// it is restored from.
+struct Local {
+    v: usize,
+    io: VertexIo,
+    module: Module,
+    from: Option<VertexImage>,
+}
+
 /// A node's part of a job, wired and ready to run.
 pub struct Prepared {
     inner: Arc<Inner>,
     names: Vec<String>,
-    vertices: Vec<(usize, VertexIo, Module)>,
+    vertices: Vec<Local>,
     limits: Limits,
+    /// Pauses it, when every module of it was made checkpointable.
+    control: Option<PartControl>,
     /// Ports fed from other parts, one per (local port, source part).
     pub remote_inputs: Vec<RemoteInput>,
     /// Outboxes to other parts, one per (remote port, destination part).
@@ -505,9 +539,82 @@ impl std::fmt::Debug for Prepared {
 impl Prepared {
     /// The local vertices, in topology order.
     pub fn vertices(&self) -> impl Iterator<Item = &str> {
-        self.vertices
-            .iter()
-            .map(|(v, _, _)| self.names[*v].as_str())
+        self.vertices.iter().map(|l| self.names[l.v].as_str())
+    }
+
+    /// What pauses this part and reads its state, when every module of it was made
+    /// checkpointable ([`ModuleCache::load_checkpointable`]).
+    pub fn control(&self) -> Option<PartControl> {
+        self.control.clone()
+    }
+
+    /// Makes this part start from `image` instead of from the beginning: each vertex from its
+    /// saved state (a vertex that had ended stays ended, with its output), each queue with its
+    /// saved items. Call before [`Prepared::run`], with the queues still empty.
+    ///
+    /// # Errors
+    /// The part is not checkpointable, or the image is not of this part (another job, a
+    /// vertex or queue it does not have, or one of its vertices missing).
+    pub fn restore(&mut self, image: &PartImage) -> Result<(), JobError> {
+        let setup = |vertex: &str, cause: String| JobError {
+            vertex: vertex.to_owned(),
+            cause,
+            kind: ErrorKind::Setup,
+        };
+        let Some(control) = &self.control else {
+            return Err(setup(
+                "",
+                "this part's modules were not made checkpointable".into(),
+            ));
+        };
+        if image.job != control.job {
+            return Err(setup(
+                "",
+                format!(
+                    "the checkpoint is of job {}, not {}",
+                    image.job, control.job
+                ),
+            ));
+        }
+        for vi in &image.vertices {
+            if !self.vertices.iter().any(|l| self.names[l.v] == vi.vertex) {
+                return Err(setup(
+                    &vi.vertex,
+                    "the checkpoint has a vertex this part does not run".into(),
+                ));
+            }
+        }
+        let mut queues = Vec::new();
+        for qi in &image.queues {
+            let Some((_, q)) = control.queues.iter().find(|(n, _)| *n == qi.name) else {
+                return Err(setup(
+                    "",
+                    format!(
+                        "the checkpoint has a queue '{}' this part does not",
+                        qi.name
+                    ),
+                ));
+            };
+            queues.push((q, qi));
+        }
+        for l in &mut self.vertices {
+            let name = &self.names[l.v];
+            let Some(vi) = image.vertices.iter().find(|vi| vi.vertex == *name) else {
+                return Err(setup(
+                    name,
+                    "the checkpoint does not have this vertex".into(),
+                ));
+            };
+            l.from = Some(vi.clone());
+        }
+        for (q, qi) in queues {
+            q.requeue(
+                qi.items
+                    .iter()
+                    .map(|(item, priority)| mvm_queue::queue::Entry::new(item.clone(), *priority)),
+            );
+        }
+        Ok(())
     }
 
     /// Says that items from other parts arrive over direct links, which a receive that polls
@@ -515,8 +622,8 @@ impl Prepared {
     /// part runs on dedicated threads when they are free, as a part whose vertices pass items
     /// among themselves does.
     pub fn poll_remote_inputs(&mut self) {
-        for (_, io, _) in &mut self.vertices {
-            for (_, port) in &mut io.inputs.0 {
+        for l in &mut self.vertices {
+            for (_, port) in &mut l.io.inputs.0 {
                 port.local = true;
             }
         }
@@ -542,13 +649,37 @@ impl Prepared {
         let passes = self
             .vertices
             .iter()
-            .any(|(_, io, _)| io.inputs.0.iter().any(|(_, p)| p.local));
+            .any(|l| l.io.inputs.0.iter().any(|(_, p)| p.local));
         let mut threads = if passes {
             self.inner.dedicated.take(count).unwrap_or_default()
         } else {
             Vec::new()
         };
-        for (slot, (v, io, module)) in self.vertices.into_iter().enumerate() {
+        let ctl = self.control.as_ref().map(|c| c.ctl.clone());
+        let mut ended = Vec::new();
+        for (slot, local) in self.vertices.into_iter().enumerate() {
+            let Local {
+                v,
+                io,
+                module,
+                from,
+            } = local;
+            slots[slot] = v;
+            // A vertex that had ended at the checkpoint does not run again: its output is
+            // kept, and its ports close now.
+            if let Some(VertexImage {
+                phase: VertexPhase::Ended,
+                stdout,
+                ..
+            }) = from
+            {
+                if let Some(ctl) = &ctl {
+                    ctl.ended(slot, stdout.clone());
+                }
+                ended.push((slot, v, stdout));
+                continue;
+            }
+            let pausing = ctl.as_ref().map(|ctl| (ctl.clone(), slot));
             let pre = match pres.iter().find(|(m, _)| Module::same(m, &module)) {
                 Some((_, p)) => p.clone(),
                 None => match self.inner.linker.instantiate_pre(&module) {
@@ -569,18 +700,27 @@ impl Prepared {
             };
             let inner = self.inner.clone();
             let limits = self.limits;
+            let start = Start { pausing, from };
             let handle = match threads.pop() {
-                Some(thread) => set.spawn(on_thread(thread, slot, v, inner, pre, io, limits)),
+                Some(thread) => {
+                    set.spawn(on_thread(thread, slot, v, inner, pre, io, limits, start))
+                }
                 None => set.spawn(async move {
-                    let r = run_vertex(&inner, &pre, io, limits, Duration::ZERO).await;
+                    let r = run_vertex(&inner, &pre, io, limits, Duration::ZERO, start).await;
                     (slot, v, r)
                 }),
             };
             tasks.insert(handle.id(), v);
-            slots[slot] = v;
         }
+        self.inner.dedicated.give_back(threads);
         let names = &self.names;
         let mut reports: Vec<Option<VertexReport>> = vec![None; count];
+        for (slot, v, stdout) in ended {
+            reports[slot] = Some(VertexReport {
+                vertex: names[v].clone(),
+                stdout,
+            });
+        }
         let mut failure: Option<(Instant, JobError)> = None;
         // Once a vertex failed: when the others are stopped (see `SETTLE`).
         let mut settle: Option<tokio::time::Instant> = None;
@@ -669,8 +809,13 @@ impl Prepared {
     }
 }
 
-/// The local vertices' ports, and the endpoints to other parts.
-type Wired = (Vec<(usize, VertexIo)>, Vec<RemoteInput>, Vec<RemoteOutput>);
+/// The local vertices' ports, the endpoints to other parts, and the part's queues by name.
+type Wired = (
+    Vec<(usize, VertexIo)>,
+    Vec<RemoteInput>,
+    Vec<RemoteOutput>,
+    Vec<(String, mvm_queue::queue::Queue<Bytes>)>,
+);
 
 /// Creates the queues of this part and every local vertex's ports.
 fn wire(
@@ -766,11 +911,20 @@ fn wire(
             },
         ));
     }
-    Ok((ios, remote_inputs, remote_outputs))
+    let mut part_queues: Vec<(String, mvm_queue::queue::Queue<Bytes>)> = handles
+        .values()
+        .map(|h| (h.queue.name().to_string(), h.queue.clone()))
+        .collect();
+    part_queues.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((ios, remote_inputs, remote_outputs, part_queues))
 }
 
 /// Runs one vertex on a dedicated thread, where its receives may poll before parking; the
 /// vertex is dropped there (its store and queues released) when this future is.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "what a vertex task owns, moved in whole"
+)]
 async fn on_thread(
     thread: dedicated::Worker,
     slot: usize,
@@ -779,13 +933,14 @@ async fn on_thread(
     pre: InstancePre<VertexState>,
     io: VertexIo,
     limits: Limits,
+    start: Start,
 ) -> (usize, usize, Result<Bytes, Failed>) {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let work = Box::pin(async move {
         let spin = inner.spin;
         tokio::select! {
-            r = run_vertex(&inner, &pre, io, limits, spin) => {
+            r = run_vertex(&inner, &pre, io, limits, spin, start) => {
                 let _ = done_tx.send(r);
             }
             _ = cancel_rx => {}
@@ -823,6 +978,13 @@ impl Failed {
 /// arrive after (a vertex whose queue peer failed may report first), before it stops the rest.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// How a vertex starts: the part's pause control and its slot there (a checkpointable part),
+/// and the state it is restored from.
+struct Start {
+    pausing: Option<(Arc<PauseCtl>, usize)>,
+    from: Option<VertexImage>,
+}
+
 /// Runs one vertex to its end; its stdout, or why it failed. `spin` is how long a receive may
 /// poll before parking (zero on the shared pool).
 async fn run_vertex(
@@ -831,15 +993,24 @@ async fn run_vertex(
     io: VertexIo,
     limits: Limits,
     spin: Duration,
+    start: Start,
 ) -> Result<Bytes, Failed> {
     let mut stopped = None;
-    run_vertex_until(inner, pre, io, limits, spin, &mut stopped)
+    let ctl = start.pausing.clone();
+    let r = run_vertex_until(inner, pre, io, limits, spin, start, &mut stopped)
         .await
         .map_err(|(kind, cause)| Failed {
             at: stopped.unwrap_or_else(Instant::now),
             cause,
             kind,
-        })
+        });
+    if let Some((ctl, slot)) = ctl {
+        match &r {
+            Ok(stdout) => ctl.ended(slot, stdout.clone()),
+            Err(_) => ctl.failed(slot),
+        }
+    }
+    r
 }
 
 /// As [`run_vertex`], saying in `stopped` when the vertex's code returned.
@@ -849,6 +1020,7 @@ async fn run_vertex_until(
     io: VertexIo,
     limits: Limits,
     spin: Duration,
+    start: Start,
     stopped: &mut Option<Instant>,
 ) -> Result<Bytes, (ErrorKind, String)> {
     let stdout = MemoryOutputPipe::new(1 << 20);
@@ -870,6 +1042,17 @@ async fn run_vertex_until(
                 io,
                 memory: None,
                 spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
+                stdout_before: Bytes::new(),
+                pausing: start.pausing.as_ref().map(|(ctl, slot)| Pausing {
+                    ctl: ctl.clone(),
+                    slot: *slot,
+                    seen: 0,
+                    data: 0,
+                    funcs: None,
+                    rewinding: false,
+                    unwinding: false,
+                    sending: None,
+                }),
             },
         );
         store.limiter(|s| &mut s.limits);
@@ -919,16 +1102,39 @@ async fn run_vertex_until(
             let why = "the module exports neither '_start' nor 'run'";
             (ErrorKind::Setup, why.to_owned())
         })?;
+    if store.data().pausing.is_some() {
+        checkpoint::attach(&mut store, &instance).map_err(|e| (ErrorKind::Setup, e))?;
+        if let Some(image) = &start.from {
+            checkpoint::restore(&mut store, &instance, image)
+                .await
+                .map_err(|e| {
+                    (
+                        ErrorKind::Setup,
+                        format!("cannot restore its checkpoint: {e}"),
+                    )
+                })?;
+        }
+    }
     // The wall-time limit is the part's deadline, kept by `Prepared::run`.
-    let result = entry.call_async(&mut store, ()).await;
+    let mut result = entry.call_async(&mut store, ()).await;
+    // A return while a pause point unwinds is a pause: the vertex is saved, waits for its part
+    // to resume, and is rewound into the call it paused in.
+    while result.is_ok() && store.data().pausing.as_ref().is_some_and(|p| p.unwinding) {
+        let out = store.data().output();
+        result = match checkpoint::pause_here(&mut store, &instance, out).await {
+            Ok(()) => entry.call_async(&mut store, ()).await,
+            Err(e) => Err(e),
+        };
+    }
     *stopped = Some(Instant::now());
+    let output = store.data().output();
     drop(store); // closes this vertex's output queues
     match result {
-        Ok(()) => Ok(stdout.contents()),
+        Ok(()) => Ok(output),
         Err(e) => {
             if let Some(exit) = e.downcast_ref::<I32Exit>() {
                 return if exit.0 == 0 {
-                    Ok(stdout.contents())
+                    Ok(output)
                 } else {
                     Err((
                         ErrorKind::Exit(exit.0),

@@ -16,7 +16,7 @@ fn runtime() -> Runtime {
 }
 
 /// A runtime with `dedicated` vertex threads (0: every vertex on the caller's pool).
-fn runtime_with(dedicated: usize) -> Runtime {
+pub(crate) fn runtime_with(dedicated: usize) -> Runtime {
     Runtime::new(&RuntimeConfig {
         max_instances: 1100,
         max_memory_bytes: 4 << 20,
@@ -26,11 +26,11 @@ fn runtime_with(dedicated: usize) -> Runtime {
     .expect("runtime")
 }
 
-fn controller() -> Controller {
+pub(crate) fn controller() -> Controller {
     Controller::new(QueueLimits::default(), Arc::new(Registry::new()))
 }
 
-fn topology(src: &str) -> Topology {
+pub(crate) fn topology(src: &str) -> Topology {
     let reg = Registry::new();
     Topology::parse(
         src,
@@ -48,16 +48,31 @@ fn spec<'a>(
     modules: &[(&str, &str)],
     params: &[(&str, &str)],
 ) -> JobSpec<'a> {
+    let modules: Vec<(&str, &[u8])> = modules.iter().map(|(c, m)| (*c, m.as_bytes())).collect();
+    spec_of(rt, t, &modules, params, false)
+}
+
+/// A job of `modules` (made checkpointable when `checkpointable`) with 1 MiB of memory per
+/// vertex and a minute of wall time.
+pub(crate) fn spec_of<'a>(
+    rt: &Runtime,
+    t: &'a Topology,
+    modules: &[(&str, &[u8])],
+    params: &[(&str, &str)],
+    checkpointable: bool,
+) -> JobSpec<'a> {
     JobSpec {
         id: "job".into(),
         topology: t,
         modules: modules
             .iter()
             .map(|(c, src)| {
-                (
-                    (*c).to_owned(),
-                    rt.cache().load(c, src.as_bytes()).expect("valid module").0,
-                )
+                let m = if checkpointable {
+                    rt.cache().load_checkpointable(c, src)
+                } else {
+                    rt.cache().load(c, src)
+                };
+                ((*c).to_owned(), m.expect("valid module").0)
             })
             .collect(),
         params: params
