@@ -667,21 +667,45 @@ impl<T: Item> Shared<T> {
     }
 
     async fn send_async(&self, entry: Entry<T>, seen: &Seen) -> Result<(), SendError<T>> {
+        match self
+            .send_async_until(entry, seen, std::future::pending())
+            .await
+        {
+            Ok(None) => Ok(()),
+            // `pending` never completes, so the entry never comes back.
+            Ok(Some(back)) => Err(self.fail(SendFailure::Timeout, back.item)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends from async code, waiting for room until `stop` completes: `Ok(Some(entry))` gives
+    /// the entry back unsent.
+    async fn send_async_until(
+        &self,
+        entry: Entry<T>,
+        seen: &Seen,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Entry<T>>, SendError<T>> {
         let mut entry = match self.attempt(entry, seen) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(None),
             Err(Err(e)) => return Err(e),
             Err(Ok(entry)) => entry,
         };
         let since = Instant::now();
+        let mut stop = std::pin::pin!(stop);
         let result = loop {
             let listener = self.not_full.any.listen();
             entry = match self.attempt(entry, seen) {
-                Ok(()) => break Ok(()),
+                Ok(()) => break Ok(None),
                 Err(Err(e)) => break Err(e),
                 Err(Ok(entry)) => entry,
             };
             self.producer_waits();
-            listener.wait_async().await;
+            tokio::select! {
+                biased;
+                () = listener.wait_async() => {}
+                () = &mut stop => break Ok(Some(entry)),
+            }
         };
         self.record_blocked(Some(since));
         result
@@ -986,6 +1010,19 @@ impl<T: Item> Sender<T> {
     /// As [`Sender::send`].
     pub async fn send_entry_async(&self, entry: Entry<T>) -> Result<(), SendError<T>> {
         self.shared.send_async(entry, &self.seen).await
+    }
+
+    /// Sends an entry from async code, waiting for room only until `stop` completes:
+    /// `Ok(None)` when sent, `Ok(Some(entry))` when `stop` came first (nothing is sent).
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub async fn send_entry_until(
+        &self,
+        entry: Entry<T>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Entry<T>>, SendError<T>> {
+        self.shared.send_async_until(entry, &self.seen, stop).await
     }
 }
 
