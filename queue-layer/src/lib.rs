@@ -20,7 +20,8 @@
 //!
 //! Glossary: an *item* is one message; an *entry* is an item with its priority; a *codec* turns
 //! values into items and back; *credit* is how many items and bytes a remote receiver still has
-//! room for.
+//! room for; a *mark* is where a checkpoint cuts a link, so that nothing is in flight
+//! ([`remote::mark`]).
 
 pub mod bench;
 pub mod codec;

@@ -714,6 +714,39 @@ impl<T: Item> Shared<T> {
         result
     }
 
+    /// Sends from async code, waiting for room until `stop` completes: `Ok(Some(entry))` gives
+    /// the entry back unsent.
+    async fn send_async_until(
+        &self,
+        entry: Entry<T>,
+        seen: &Seen,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Entry<T>>, SendError<T>> {
+        let mut entry = match self.attempt(entry, seen) {
+            Ok(()) => return Ok(None),
+            Err(Err(e)) => return Err(e),
+            Err(Ok(entry)) => entry,
+        };
+        let since = Instant::now();
+        let mut stop = std::pin::pin!(stop);
+        let result = loop {
+            let listener = self.not_full.any.listen();
+            entry = match self.attempt(entry, seen) {
+                Ok(()) => break Ok(None),
+                Err(Err(e)) => break Err(e),
+                Err(Ok(entry)) => entry,
+            };
+            self.producer_waits();
+            tokio::select! {
+                biased;
+                () = listener.wait_async() => {}
+                () = &mut stop => break Ok(Some(entry)),
+            }
+        };
+        self.record_blocked(Some(since));
+        result
+    }
+
     #[inline]
     fn try_pop(&self) -> Result<Entry<T>, RecvFailure> {
         self.try_pop_holding(0)
@@ -1047,6 +1080,19 @@ impl<T: Item> Sender<T> {
             .send_async_unless(Entry::new(item, 0), &self.seen, stop)
             .await
             .map(|back| back.map(|e| e.item))
+    }
+
+    /// Sends an entry from async code, waiting for room only until `stop` completes:
+    /// `Ok(None)` when sent, `Ok(Some(entry))` when `stop` came first (nothing is sent).
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub async fn send_entry_until(
+        &self,
+        entry: Entry<T>,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Entry<T>>, SendError<T>> {
+        self.shared.send_async_until(entry, &self.seen, stop).await
     }
 }
 

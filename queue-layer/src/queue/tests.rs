@@ -405,6 +405,32 @@ async fn async_send_and_receive_wait_without_threads() {
 }
 
 #[tokio::test]
+async fn a_send_until_gives_the_entry_back_when_stopped() {
+    let q = fifo(1);
+    let (tx, rx) = (q.sender(), q.receiver());
+    let sent = tx.send_entry_until(Entry::new(item(1), 3), std::future::pending());
+    assert_eq!(sent.await.expect("room").map(|e| e.item), None);
+    // Full: the stop comes first, and the entry comes back whole, not sent.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let waiting = tx.send_entry_until(Entry::new(item(2), 5), async {
+        let _ = stopped.await;
+    });
+    let (back, ()) = tokio::join!(waiting, async {
+        tokio::task::yield_now().await;
+        let _ = stop.send(());
+    });
+    let back = back.expect("no failure").expect("given back");
+    assert_eq!((num(&back.item), back.priority), (2, 5));
+    assert_eq!(q.len(), 1, "nothing more went in");
+    // Room made while it waits: it is sent.
+    let waiting = tx.send_entry_until(back, std::future::pending());
+    let (sent, got) = tokio::join!(waiting, async { rx.recv_async().await });
+    assert_eq!(sent.expect("room").map(|e| e.item), None);
+    assert_eq!(got.map(|v| num(&v)), Ok(1));
+    assert_eq!(rx.try_recv().map(|v| num(&v)), Ok(2));
+}
+
+#[tokio::test]
 async fn receivers_gone_future_completes() {
     let q = fifo(2);
     let tx = q.sender();

@@ -17,8 +17,15 @@
 //! job fails. Where items must survive a broken stream or be shared among consumers on several
 //! nodes, use [`super::export`] and [`super::import`] (credits, items handed back).
 //!
-//! The frames are the stream protocol's DATA and END ([`super`]); the link has no handshake of
-//! its own: whoever connects the socket has agreed on the link over another channel.
+//! The frames are the stream protocol's DATA, END and MARK ([`super`]); the link has no
+//! handshake of its own: whoever connects the socket has agreed on the link over another
+//! channel.
+//!
+//! Checkpoints ([`super::mark`]): [`outlet_with`] and [`inlet_with`] take a [`Hold`] and a
+//! [`Drain`]. A held outlet writes nothing but its MARK (its helper writes it when the socket
+//! has room: a draining inlet makes room). A drained inlet's helper reads the socket to the
+//! MARK without a consumer, keeping what its queue has no room for; released, those items are
+//! delivered first, as its consumers make room.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -30,8 +37,9 @@ use std::sync::{Arc, Weak};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 
-use super::frame::{DATA, END, ITEM_OVERHEAD};
-use super::{RemoteError, Report};
+use super::frame::{DATA, END, ITEM_OVERHEAD, MARK, MARK_LEN};
+use super::mark::{Control, Phase};
+use super::{Drain, Hold, RemoteError, Report};
 use crate::queue::{Entry, Pump, Queue, Receiver, RecvFailure, SendFailure, Sender};
 
 /// Called once, from whichever thread ends the link, with how it ended.
@@ -134,6 +142,25 @@ impl End {
         }
         self.helper.stop();
         true
+    }
+}
+
+/// Ties a side's control to it: asking for a mark or releasing one wakes its helper.
+fn attach<T: Ends + 'static>(core: &Arc<T>, control: &Control) -> io::Result<()> {
+    let side = Arc::downgrade(core);
+    let kick = move || {
+        if let Some(side) = side.upgrade()
+            && !side.end().finished()
+        {
+            side.end().helper.ask();
+        }
+    };
+    if control.attach(Some(Box::new(kick))) {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            "the link control is given to another link end already",
+        ))
     }
 }
 
@@ -317,6 +344,20 @@ enum Step {
 /// The socket cannot be made non-blocking, the queue has an outlet already, or the helper
 /// thread cannot start.
 pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Result<Link> {
+    outlet_with(rx, sock, &Hold::new(), on_done)
+}
+
+/// [`outlet`], held at marks for checkpoints with `hold`. Held, it takes nothing from the
+/// queue (nor sees its end) and writes only its MARK after what it took before.
+///
+/// # Errors
+/// As [`outlet`], and `hold` controls another link end already.
+pub fn outlet_with(
+    rx: Receiver<Bytes>,
+    sock: TcpStream,
+    hold: &Hold,
+    on_done: OnDone,
+) -> io::Result<Link> {
     let queue = rx.queue();
     let core = Arc::new(OutCore {
         end: End::new(sock, queue.clone())?,
@@ -324,12 +365,15 @@ pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Resu
             rx: Some(rx),
             segs: VecDeque::new(),
             scratch: BytesMut::new(),
+            mark: None,
             report: Report::default(),
             on_done: Some(on_done),
         }),
         blocked: AtomicBool::new(false),
         ended: AtomicBool::new(false),
+        control: hold.0.clone(),
     });
+    attach(&core, &hold.0)?;
     if !queue.set_outlet(Arc::new(OutHook(Arc::downgrade(&core)))) {
         return Err(io::Error::other(format!(
             "queue '{}' has an outlet already",
@@ -348,6 +392,7 @@ struct OutCore {
     blocked: AtomicBool,
     /// END is queued for writing.
     ended: AtomicBool,
+    control: Arc<Control>,
 }
 
 struct OutState {
@@ -356,6 +401,8 @@ struct OutState {
     segs: VecDeque<Bytes>,
     /// Where small frames are encoded.
     scratch: BytesMut,
+    /// A MARK among `segs`, not yet all written.
+    mark: Option<u64>,
     report: Report,
     on_done: Option<OnDone>,
 }
@@ -381,10 +428,12 @@ impl Pump for OutHook {
 }
 
 impl OutCore {
-    /// Whether anything is left to take from the queue (items, or its end).
+    /// Whether anything is left to take from the queue (items, or its end), and the outlet
+    /// may take it (it is not held).
     fn wants(&self) -> bool {
-        !self.end.queue.is_empty()
-            || (self.end.queue.is_closed() && !self.ended.load(Ordering::Acquire))
+        (!self.end.queue.is_empty()
+            || (self.end.queue.is_closed() && !self.ended.load(Ordering::Acquire)))
+            && !self.control.busy()
     }
 
     /// Writes what it can without blocking, on the caller's thread.
@@ -423,12 +472,22 @@ impl OutCore {
             return Flow::Done;
         }
         self.blocked.store(false, Ordering::Relaxed);
+        let held = self.control.busy();
         loop {
-            if let Err(e) = self.take(st) {
+            let taken = if held {
+                self.take_mark(st);
+                Ok(())
+            } else {
+                self.take(st)
+            };
+            if let Err(e) = taken {
                 self.finish(st, Err(e));
                 return Flow::Done;
             }
             if st.segs.is_empty() {
+                if let Some(n) = st.mark.take() {
+                    self.control.wrote_mark(n);
+                }
                 return Flow::Idle;
             }
             let mut slices = [IoSlice::new(&[]); MAX_SEGS];
@@ -531,10 +590,30 @@ impl OutCore {
         Ok(())
     }
 
+    /// Held: encodes the MARK asked for (once), unless END is out or going (then the link
+    /// ends instead, and the hold completes with that).
+    fn take_mark(&self, st: &mut OutState) {
+        if self.ended.load(Ordering::Acquire) {
+            return;
+        }
+        if let Phase::Seek(n) = self.control.phase()
+            && st.mark != Some(n)
+        {
+            let len = u32::try_from(MARK_LEN).unwrap_or(u32::MAX);
+            st.scratch.put_u32_le(len);
+            st.scratch.put_u8(MARK);
+            st.scratch.put_u64_le(n);
+            let seg = st.scratch.split().freeze();
+            st.segs.push_back(seg);
+            st.mark = Some(n);
+        }
+    }
+
     fn finish(&self, st: &mut OutState, result: Result<Report, RemoteError>) {
         if !self.end.close(&result, "out") {
             return;
         }
+        self.control.over(result.is_ok());
         // Producers of a queue nobody else takes from now see their sends fail.
         st.rx = None;
         st.segs.clear();
@@ -597,6 +676,24 @@ pub fn inlet(
     max_item: u64,
     on_done: OnDone,
 ) -> io::Result<Link> {
+    inlet_with(tx, sock, max_item, &Drain::new(), on_done)
+}
+
+/// [`inlet`], drained to marks for checkpoints with `drain`. Drained, its helper reads the
+/// socket to the MARK whether or not a consumer waits, and keeps what the queue has no room
+/// for; released, those go into the queue first. An END read while items are kept ends the
+/// link only once they are delivered. If the link fails, the kept items stay with `drain`
+/// only (the link is fail-stop).
+///
+/// # Errors
+/// As [`inlet`], and `drain` controls another link end already.
+pub fn inlet_with(
+    tx: Sender<Bytes>,
+    sock: TcpStream,
+    max_item: u64,
+    drain: &Drain,
+    on_done: OnDone,
+) -> io::Result<Link> {
     let queue = tx.queue();
     let core = Arc::new(InCore {
         end: End::new(sock, queue.clone())?,
@@ -604,13 +701,16 @@ pub fn inlet(
             tx: Some(tx),
             buf: BytesMut::new(),
             pending: None,
+            end_read: false,
             report: Report::default(),
             on_done: Some(on_done),
         }),
         max_frame: usize::try_from(max_item)
             .unwrap_or(usize::MAX)
             .saturating_add(ITEM_OVERHEAD),
+        control: drain.0.clone(),
     });
+    attach(&core, &drain.0)?;
     if !queue.set_inlet(Arc::new(InHook(Arc::downgrade(&core)))) {
         return Err(io::Error::other(format!(
             "queue '{}' has an inlet already",
@@ -626,6 +726,7 @@ struct InCore {
     end: End,
     state: Mutex<InState>,
     max_frame: usize,
+    control: Arc<Control>,
 }
 
 struct InState {
@@ -634,6 +735,8 @@ struct InState {
     buf: BytesMut,
     /// A decoded item the queue had no room for.
     pending: Option<Entry<Bytes>>,
+    /// END was read while a drain kept items: the link ends once they are delivered.
+    end_read: bool,
     report: Report,
     on_done: Option<OnDone>,
 }
@@ -660,9 +763,44 @@ impl Pump for InHook {
     }
 }
 
+/// What [`InCore::decode`] found.
+enum Decoded {
+    /// An item, now pending.
+    Item,
+    End,
+    Mark(u64),
+}
+
+/// Puts an entry into the queue: `Ok(None)` when done (delivered, or counted in `discarded`
+/// because the consumers have gone: the inlet reads on to the end so the producer is not left
+/// blocked), `Ok(Some(entry))` when there is no room.
+#[inline]
+fn offer(
+    tx: &Sender<Bytes>,
+    entry: Entry<Bytes>,
+    discarded: &mut u64,
+) -> Result<Option<Entry<Bytes>>, RemoteError> {
+    let priority = entry.priority;
+    match tx.try_send_entry(entry) {
+        Ok(()) => Ok(None),
+        Err(e) => match e.failure {
+            SendFailure::Full | SendFailure::Timeout => Ok(Some(Entry::new(e.item, priority))),
+            SendFailure::NoReceivers | SendFailure::Closed => {
+                *discarded += 1;
+                Ok(None)
+            }
+            SendFailure::TooLarge { size, limit } => Err(RemoteError::TooLarge { size, limit }),
+        },
+    }
+}
+
 impl InCore {
     /// Delivers decoded items and reads the socket until it would block or the queue is full.
+    ///
+    /// Drained for a checkpoint, it reads on to the mark past a full queue, keeping what does
+    /// not fit, then reads nothing until released; released, it delivers what it kept first.
     fn pump(&self, st: &mut InState) -> Flow {
+        let held = self.control.busy();
         // A read that left room in the buffer took everything there was: reading again at
         // once would only cost a system call to hear so.
         let mut drained = false;
@@ -670,33 +808,48 @@ impl InCore {
             if self.end.finished() {
                 return Flow::Done;
             }
+            if held && let Some(flow) = self.held_step(st) {
+                return flow;
+            }
             if let Some(entry) = st.pending.take() {
                 let Some(tx) = st.tx.as_ref() else {
                     return Flow::Done;
                 };
-                let priority = entry.priority;
-                match tx.try_send_entry(entry) {
-                    Ok(()) => {}
-                    Err(e) => match e.failure {
-                        SendFailure::Full => {
-                            st.pending = Some(Entry::new(e.item, priority));
-                            return Flow::Blocked;
-                        }
-                        // The consumers have gone: read on to the end, so the producer is not
-                        // left blocked, and count what nobody took.
-                        SendFailure::NoReceivers | SendFailure::Closed => st.report.discarded += 1,
-                        SendFailure::TooLarge { size, limit } => {
-                            self.finish(st, Err(RemoteError::TooLarge { size, limit }));
-                            return Flow::Done;
-                        }
-                        SendFailure::Timeout => st.pending = Some(Entry::new(e.item, priority)),
-                    },
+                // Drained, nothing overtakes what was kept.
+                let offered = if held && self.control.keeps() {
+                    Ok(Some(entry))
+                } else {
+                    offer(tx, entry, &mut st.report.discarded)
+                };
+                match offered {
+                    Ok(None) => {}
+                    Ok(Some(entry)) if held => self.control.keep(entry),
+                    Ok(Some(entry)) => {
+                        st.pending = Some(entry);
+                        return Flow::Blocked;
+                    }
+                    Err(e) => {
+                        self.finish(st, Err(e));
+                        return Flow::Done;
+                    }
                 }
                 continue;
             }
             match self.decode(st) {
-                Ok(Some(true)) => continue,
-                Ok(Some(false)) => {
+                Ok(Some(Decoded::Item)) => continue,
+                Ok(Some(Decoded::Mark(n))) => {
+                    if self.control.read_mark(n) {
+                        return Flow::Blocked;
+                    }
+                    continue;
+                }
+                Ok(Some(Decoded::End)) if held && self.control.keeps() => {
+                    // The kept items go first; the link ends after them.
+                    st.end_read = true;
+                    self.control.over(true);
+                    return Flow::Blocked;
+                }
+                Ok(Some(Decoded::End)) => {
                     let report = st.report;
                     self.finish(st, Ok(report));
                     return Flow::Done;
@@ -735,9 +888,42 @@ impl InCore {
         }
     }
 
-    /// Decodes one whole frame if there is one: `Some(true)` an item (now pending),
-    /// `Some(false)` END, `None` not a whole frame yet.
-    fn decode(&self, st: &mut InState) -> Result<Option<bool>, RemoteError> {
+    /// What a drained or released inlet does before it reads on: `Some(flow)` to stop here.
+    fn held_step(&self, st: &mut InState) -> Option<Flow> {
+        match self.control.phase() {
+            Phase::Seek(_) => None,
+            // At the mark: nothing more until released.
+            Phase::Wait => Some(Flow::Blocked),
+            // Released: what was kept goes first, as the queue makes room.
+            Phase::Run => {
+                while let Some(entry) = self.control.take_kept() {
+                    let Some(tx) = st.tx.as_ref() else {
+                        return Some(Flow::Done);
+                    };
+                    match offer(tx, entry, &mut st.report.discarded) {
+                        Ok(None) => {}
+                        Ok(Some(entry)) => {
+                            self.control.put_back(entry);
+                            return Some(Flow::Blocked);
+                        }
+                        Err(e) => {
+                            self.finish(st, Err(e));
+                            return Some(Flow::Done);
+                        }
+                    }
+                }
+                if st.end_read {
+                    let report = st.report;
+                    self.finish(st, Ok(report));
+                    return Some(Flow::Done);
+                }
+                None
+            }
+        }
+    }
+
+    /// Decodes one whole frame if there is one (`None`: not a whole frame yet).
+    fn decode(&self, st: &mut InState) -> Result<Option<Decoded>, RemoteError> {
         let Some(head) = st.buf.get(..4) else {
             return Ok(None);
         };
@@ -762,9 +948,10 @@ impl InCore {
                 st.report.items += 1;
                 st.report.bytes += body.len() as u64;
                 st.pending = Some(Entry::new(body, priority));
-                Ok(Some(true))
+                Ok(Some(Decoded::Item))
             }
-            END if body.is_empty() => Ok(Some(false)),
+            END if body.is_empty() => Ok(Some(Decoded::End)),
+            MARK if body.len() == 8 => Ok(Some(Decoded::Mark(body.get_u64_le()))),
             kind => Err(RemoteError::Protocol(format!(
                 "unexpected frame (kind {kind}, {len} bytes) on a direct link"
             ))),
@@ -836,6 +1023,7 @@ impl InCore {
         if !self.end.close(&result, "in") {
             return;
         }
+        self.control.over(result.is_ok());
         // The queue ends when its other senders have too.
         st.tx = None;
         st.pending = None;
@@ -856,9 +1044,11 @@ impl InCore {
             },
             || match self.pump(&mut self.state.lock()) {
                 Flow::Done => Step::Finished,
-                // Full: the consumers have items to take, and they read on themselves.
+                // Full (the consumers have items to take, and they read on themselves), or at
+                // a checkpoint's mark.
                 Flow::Blocked => Step::RoundDone,
-                Flow::Idle if !self.end.queue.is_empty() => Step::RoundDone,
+                // Drained, the mark is still to come, whether or not a consumer waits.
+                Flow::Idle if !self.end.queue.is_empty() && !self.control.busy() => Step::RoundDone,
                 Flow::Idle => Step::Wait(libc::POLLIN),
             },
         );

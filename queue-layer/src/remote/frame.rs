@@ -10,10 +10,15 @@
 //! RETURN  = priority:i64le payload           (receiver -> sender: an item it cannot deliver)
 //! STOP    =                                  (receiver -> sender: it takes nothing more)
 //! WANT    =                                  (sender -> receiver: credit what you processed now)
+//! MARK    = number:u64le                     (sender -> receiver: a checkpoint's cut is here)
 //! ```
 //!
 //! A receiver credits a quarter of its window at a time; a sender that cannot go on without
 //! the rest (its window is used up, or its queue has ended) asks for it with WANT.
+//!
+//! A sender writes MARK only when its end is held for a checkpoint ([`super::Hold`]): every
+//! DATA frame before it belongs to the cut, none after it. A receiver that was not asked to
+//! drain ([`super::Drain`]) records the number and reads on. Version 3 added MARK.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::RemoteError;
 
 /// The protocol version this build speaks.
-pub(crate) const VERSION: u16 = 2;
+pub(crate) const VERSION: u16 = 3;
 const MAGIC: &[u8; 4] = b"MVMQ";
 /// Bytes before a DATA or RETURN payload: kind and priority.
 pub(crate) const ITEM_OVERHEAD: usize = 1 + 8;
@@ -35,6 +40,9 @@ const END_ACK: u8 = 4;
 const RETURN: u8 = 5;
 const STOP: u8 = 6;
 const WANT: u8 = 7;
+pub(crate) const MARK: u8 = 8;
+/// The length of a MARK frame's body (its kind and number).
+pub(crate) const MARK_LEN: usize = 1 + 8;
 
 /// The handshake each side sends first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +64,7 @@ pub(crate) enum Frame {
     Return { priority: i64, payload: Bytes },
     Stop,
     Want,
+    Mark(u64),
 }
 
 /// How much a reader asks the stream for at once.
@@ -230,6 +239,10 @@ fn decode(mut body: Bytes) -> Result<Frame, RemoteError> {
             exact(&body, 0, "WANT")?;
             Frame::Want
         }
+        MARK => {
+            exact(&body, MARK_LEN - 1, "MARK")?;
+            Frame::Mark(body.get_u64_le())
+        }
         other => return Err(RemoteError::Protocol(format!("unknown frame kind {other}"))),
     })
 }
@@ -329,6 +342,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.head(WANT, 0)
     }
 
+    pub(crate) fn mark(&mut self, number: u64) -> Result<(), RemoteError> {
+        self.head(MARK, MARK_LEN - 1)?;
+        self.buf.put_u64_le(number);
+        Ok(())
+    }
+
     async fn write_buf(&mut self) -> Result<(), RemoteError> {
         if !self.buf.is_empty() {
             self.io
@@ -379,6 +398,7 @@ mod tests {
         w.end_ack().expect("write");
         w.stop().expect("write");
         w.want().expect("write");
+        w.mark(u64::MAX - 1).expect("write");
         w.shutdown().await.expect("shutdown");
         let mut r = FrameReader::new(b, 100_000);
         assert_eq!(r.next().await.expect("ok"), Some(Frame::Hello(hello)));
@@ -410,6 +430,7 @@ mod tests {
         assert_eq!(r.next().await.expect("ok"), Some(Frame::EndAck));
         assert_eq!(r.next().await.expect("ok"), Some(Frame::Stop));
         assert_eq!(r.next().await.expect("ok"), Some(Frame::Want));
+        assert_eq!(r.next().await.expect("ok"), Some(Frame::Mark(u64::MAX - 1)));
         assert_eq!(r.next().await.expect("ok"), None);
     }
 
@@ -429,6 +450,8 @@ mod tests {
         );
         let mut r = FrameReader::new(&[3, 0, 0, 0, 2, 1, 2][..], 1000);
         assert!(matches!(r.next().await, Err(RemoteError::Protocol(m)) if m.contains("CREDIT")));
+        let mut r = FrameReader::new(&[5, 0, 0, 0, 8, 1, 2, 3, 4][..], 1000);
+        assert!(matches!(r.next().await, Err(RemoteError::Protocol(m)) if m.contains("MARK")));
     }
 
     proptest::proptest! {

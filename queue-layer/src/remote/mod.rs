@@ -17,9 +17,13 @@
 //! item it holds and stops; the exporter puts them back into its queue for the other consumers.
 //! So any number of consumers, local to the queue or behind importers on other nodes, can share
 //! one queue, and each item is delivered to exactly one of them ([`Options::work_sharing`]).
+//!
+//! Checkpoints: [`export_with`] and [`import_with`] take a [`Hold`] and a [`Drain`], with which
+//! a checkpoint stops the link at a MARK frame so that nothing is in flight ([`mark`]).
 
 pub mod direct;
 mod frame;
+pub mod mark;
 
 use std::collections::VecDeque;
 use std::io;
@@ -30,9 +34,12 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
-use crate::queue::{Entry, Queue, Receiver, RecvFailure, SendFailure, Sender};
+use crate::queue::{Entry, Queue, Receiver, RecvFailure, SendError, SendFailure, Sender};
 use frame::{Frame, FrameReader, FrameWriter, Hello, VERSION};
+use mark::{Control, Phase};
+pub use mark::{Drain, Hold, MarkError, Marked};
 
 /// How an endpoint behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,7 +111,8 @@ pub struct Report {
     /// Whether the importer stopped early because its consumers went away.
     pub stopped: bool,
     /// Items a direct link received after its queue's consumers had gone (read and dropped, so
-    /// the producer was not left blocked).
+    /// the producer was not left blocked), and items an importer kept for a checkpoint that
+    /// nobody took after the stream's end.
     pub discarded: u64,
 }
 
@@ -151,6 +159,9 @@ pub enum RemoteError {
         /// The peer's limit.
         limit: u64,
     },
+    /// The [`Hold`] or [`Drain`] given controls another link end already.
+    #[error("the link control is given to another link end already")]
+    ControlInUse,
 }
 
 impl RemoteError {
@@ -238,6 +249,48 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    export_with(rx, reader, writer, options, &Hold::new()).await
+}
+
+/// [`export`], held at marks for checkpoints with `hold` ([`mark`]). Held, the exporter takes
+/// nothing from the queue; an item it took before (waiting for credit) goes out before the
+/// MARK. Items sent stay outstanding until credited, as always. The queue's end is seen (and
+/// END written) only once released.
+///
+/// # Errors
+/// As [`export`]; [`RemoteError::ControlInUse`] when `hold` was given to another end.
+pub async fn export_with<R, W>(
+    rx: &Receiver<Bytes>,
+    reader: R,
+    writer: W,
+    options: &Options,
+    hold: &Hold,
+) -> Result<Report, RemoteError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let control = &hold.0;
+    if !control.attach(None) {
+        return Err(RemoteError::ControlInUse);
+    }
+    let result = export_to_end(rx, reader, writer, options, control).await;
+    control.over(result.is_ok());
+    result
+}
+
+/// The exporter until the closing handshake or a failure.
+async fn export_to_end<R, W>(
+    rx: &Receiver<Bytes>,
+    reader: R,
+    writer: W,
+    options: &Options,
+    control: &Control,
+) -> Result<Report, RemoteError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut w = FrameWriter::new(writer);
     let mut r = FrameReader::new(reader, 0);
     // Say hello and hear theirs at once: neither side may wait for the other to read.
@@ -269,7 +322,7 @@ where
     let queue = rx.queue();
     let result = tokio::try_join!(
         export_reads(&mut r, &flight, &wake, &queue),
-        export_writes(rx, &queue, &mut w, &flight, &wake, peer.max_item),
+        export_writes(rx, &queue, &mut w, &flight, &wake, peer.max_item, control),
     );
     let mut flight = flight.into_inner();
     // Every item taken is leased until it is acknowledged; what was not, goes back first.
@@ -355,6 +408,8 @@ enum Step {
     WaitCredit { ask: bool },
     /// The queue ended or the importer stopped: write END.
     End,
+    /// The end is held for a checkpoint: write MARK, or wait for release.
+    Hold,
 }
 
 /// Decides the next step under the lock, taking an item from the queue when there is credit.
@@ -362,11 +417,13 @@ enum Step {
 /// The exporter asks for credit (once per credit received) when it cannot go on without it:
 /// its window is used up, or its queue is closed and only its own unacknowledged items keep the
 /// queue from ending.
+/// Held (`held`), it takes nothing from the queue.
 fn next_step(
     f: &mut Flight,
     rx: &Receiver<Bytes>,
     queue: &Queue<Bytes>,
     peer_max: u64,
+    held: bool,
 ) -> Result<Step, RemoteError> {
     if f.stopped {
         return Ok(Step::End);
@@ -378,6 +435,7 @@ fn next_step(
     };
     let entry = match f.pending.take() {
         Some(e) => e,
+        None if held => return Ok(Step::Hold),
         None if !f.has_item_credit() => return Ok(Step::WaitCredit { ask: ask(f, true) }),
         None => match rx.try_recv_leased() {
             Ok(e) => e,
@@ -411,7 +469,7 @@ fn next_step(
     Ok(Step::Send(entry))
 }
 
-/// The exporter's writing half: items within credit, then END.
+/// The exporter's writing half: items within credit (and MARKs when held), then END.
 async fn export_writes<W: AsyncWrite + Unpin>(
     rx: &Receiver<Bytes>,
     queue: &Queue<Bytes>,
@@ -419,18 +477,43 @@ async fn export_writes<W: AsyncWrite + Unpin>(
     flight: &Mutex<Flight>,
     wake: &Notify,
     peer_max: u64,
+    control: &Control,
 ) -> Result<(), RemoteError> {
     loop {
         let wait = wake.notified();
-        let step = next_step(&mut flight.lock(), rx, queue, peer_max)?;
+        let held = control.busy();
+        let step = next_step(&mut flight.lock(), rx, queue, peer_max, held)?;
         match step {
             Step::Send(entry) => w.data(entry.priority, &entry.item).await?,
+            Step::Hold => {
+                let changed = control.changed();
+                match control.phase() {
+                    Phase::Seek(n) => {
+                        w.mark(n)?;
+                        w.flush().await?;
+                        control.wrote_mark(n);
+                    }
+                    Phase::Wait => {
+                        w.flush().await?;
+                        // Released, or a STOP from the importer.
+                        tokio::select! {
+                            () = changed => {}
+                            () = wait => {}
+                        }
+                    }
+                    Phase::Run => {}
+                }
+            }
             Step::WaitCredit { ask } => {
                 if ask {
                     w.want()?;
                 }
                 w.flush().await?;
-                wait.await;
+                // Held with an item taken, it waits for credit to send it before the MARK.
+                tokio::select! {
+                    () = wait => {}
+                    () = control.asked(), if !held => {}
+                }
             }
             Step::WaitQueue { ask, closed } => {
                 if ask {
@@ -443,6 +526,7 @@ async fn export_writes<W: AsyncWrite + Unpin>(
                     () = rx.ready_async() => {}
                     () = wait => {}
                     () = queue.closed_async(), if !closed => {}
+                    () = control.asked() => {}
                 }
             }
             Step::End => break,
@@ -472,6 +556,63 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    import_with(tx, reader, writer, options, &Drain::new()).await
+}
+
+/// [`import`], drained to marks for checkpoints with `drain` ([`mark`]).
+///
+/// Drained, the importer reads on even when its queue is full: what does not fit is kept
+/// ([`Drain::held`]) and credited at once, as processed (it is part of the node's state once
+/// checkpointed), so the exporter's outstanding items are all credited when the MARK is read.
+/// With `credit_on_consume` an item waiting in the queue for a consumer is credited then too:
+/// a paused consumer takes nothing, so waiting for it would hold the MARK back; if the
+/// consumers go away afterwards, the item is still handed back (its exporter requeues any item
+/// handed back, credited or not). Released, the importer delivers what it kept first.
+///
+/// If the exporter ends (END) while items are kept, the importer acknowledges the end, waits
+/// to be released, delivers them, and only then closes the queue. If the stream fails, the
+/// kept items are delivered the same way before the error is returned: they were credited, so
+/// the exporter does not put them back.
+///
+/// # Errors
+/// As [`import`]; [`RemoteError::ControlInUse`] when `drain` was given to another end.
+pub async fn import_with<R, W>(
+    tx: Sender<Bytes>,
+    reader: R,
+    writer: W,
+    options: &Options,
+    drain: &Drain,
+) -> Result<Report, RemoteError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let control = &drain.0;
+    if !control.attach(None) {
+        return Err(RemoteError::ControlInUse);
+    }
+    let mut result = import_to_end(&tx, reader, writer, options, control).await;
+    control.over(result.is_ok());
+    let discarded = deliver_kept(&tx, control).await;
+    if let Ok(report) = &mut result {
+        report.discarded += discarded;
+    }
+    drop(tx);
+    result
+}
+
+/// The importer until END or a failure (the caller closes the queue).
+async fn import_to_end<R, W>(
+    tx: &Sender<Bytes>,
+    reader: R,
+    writer: W,
+    options: &Options,
+    control: &Control,
+) -> Result<Report, RemoteError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     if options.window_items == 0 {
         return Err(RemoteError::Protocol(
             "an importer needs a window of at least one item".into(),
@@ -489,8 +630,10 @@ where
     let every_items = (options.window_items / 4).max(1);
     let every_bytes = (options.window_bytes / 4).max(1);
     let mut owed = Owed::default();
-    let mut report = Report::default();
-    let mut refused: Option<crate::queue::SendError<()>> = None;
+    let mut back = Back {
+        report: Report::default(),
+        refused: None,
+    };
     // Credit goes out a quarter of the window at a time, and what is left when the exporter
     // asks (WANT): in a fast stream the importer is idle after nearly every item, and crediting
     // whenever idle cost a frame, a write and a wake-up of the exporter per item.
@@ -502,37 +645,66 @@ where
         if idle {
             w.flush().await?;
         }
+        // Held for a checkpoint: read on to the mark (kept items are credited like delivered
+        // ones), then read nothing until released; released, deliver what was kept first.
+        let held = control.busy();
+        let mut change: Option<Notified<'_>> = None;
+        let mut reading = true;
+        if held {
+            let changed = control.changed();
+            match control.phase() {
+                Phase::Run => {
+                    if let Some(e) = control.take_kept() {
+                        let priority = e.priority;
+                        match tx.send_entry_until(e, control.asked()).await {
+                            Ok(None) => {}
+                            Ok(Some(e)) => control.put_back(e),
+                            Err(e) => back.refuse(e, priority, tx, &mut w, control).await?,
+                        }
+                    }
+                    continue;
+                }
+                Phase::Seek(_) => change = Some(changed),
+                Phase::Wait => {
+                    change = Some(changed);
+                    reading = false;
+                }
+            }
+        }
+        let watching = change.is_some();
         tokio::select! {
             biased;
-            () = tx.receivers_gone(), if !report.stopped => {
-                hand_back_all(&tx, &mut w, &mut report).await?;
+            () = tx.receivers_gone(), if !back.report.stopped => {
+                hand_back_all(tx, &mut w, &mut back.report, control).await?;
             }
-            frame = r.next() => match frame? {
+            // Released (or a mark reached) meanwhile: look again.
+            () = async move { if let Some(c) = change { c.await } }, if watching => {}
+            frame = r.next(), if reading => match frame? {
                 None => return Err(RemoteError::Broken { requeued: 0 }),
                 Some(Frame::Data { priority, payload }) => {
                     let size = payload.len() as u64;
-                    report.items += 1;
-                    report.bytes += size;
-                    if report.stopped {
-                        report.returned += 1;
-                        w.give_back(priority, &payload).await?;
-                    } else if let Err(e) = deliver(&tx, Entry::new(payload, priority), options).await {
-                        report.returned += 1;
-                        w.give_back(priority, &e.item).await?;
-                        match e.failure {
-                            SendFailure::NoReceivers | SendFailure::Closed => {
-                                hand_back_all(&tx, &mut w, &mut report).await?;
-                            }
-                            _ => {
-                                refused.get_or_insert(e.without_item());
-                                hand_back_all(&tx, &mut w, &mut report).await?;
-                            }
+                    back.report.items += 1;
+                    back.report.bytes += size;
+                    let entry = Entry::new(payload, priority);
+                    if back.report.stopped {
+                        back.report.returned += 1;
+                        w.give_back(priority, &entry.item).await?;
+                    } else {
+                        let sent = if held {
+                            keep_or_send(tx, entry, control)
+                        } else {
+                            deliver(tx, entry, options, control).await
+                        };
+                        match sent {
+                            Ok(None) => {}
+                            Ok(Some(e)) => control.keep(e),
+                            Err(e) => back.refuse(e, priority, tx, &mut w, control).await?,
                         }
                     }
-                    if !report.stopped && tx.has_no_receivers() {
+                    if !back.report.stopped && tx.has_no_receivers() {
                         // Delivered, but the consumers left before taking it: hand it back
                         // before acknowledging it, so it is never counted as delivered.
-                        hand_back_all(&tx, &mut w, &mut report).await?;
+                        hand_back_all(tx, &mut w, &mut back.report, control).await?;
                     }
                     owed.items += 1;
                     owed.bytes += size;
@@ -543,18 +715,75 @@ where
                     owed.grant(&mut w)?;
                     w.flush().await?;
                 }
+                Some(Frame::Mark(n)) => {
+                    // Everything before the MARK is processed (delivered or kept): credit it
+                    // all, so nothing of this link stays outstanding at the exporter, before
+                    // the drain completes.
+                    owed.grant(&mut w)?;
+                    w.flush().await?;
+                    control.read_mark(n);
+                }
                 Some(Frame::End) => {
                     owed.grant(&mut w)?;
                     w.end_ack()?;
                     w.shutdown().await?;
-                    drop(tx);
-                    return match refused {
+                    return match back.refused {
                         Some(e) => Err(RemoteError::Refused(e)),
-                        None => Ok(report),
+                        None => Ok(back.report),
                     };
                 }
                 Some(other) => return Err(RemoteError::Protocol(format!("unexpected {other:?}"))),
             },
+        }
+    }
+}
+
+/// What an importer reports, and the first refusal of its queue.
+struct Back {
+    report: Report,
+    refused: Option<SendError<()>>,
+}
+
+impl Back {
+    /// The local queue did not take an item: hand it back, and everything else with it.
+    async fn refuse<W: AsyncWrite + Unpin>(
+        &mut self,
+        e: SendError<Bytes>,
+        priority: i64,
+        tx: &Sender<Bytes>,
+        w: &mut FrameWriter<W>,
+        control: &Control,
+    ) -> Result<(), RemoteError> {
+        self.report.returned += 1;
+        w.give_back(priority, &e.item).await?;
+        if !matches!(e.failure, SendFailure::NoReceivers | SendFailure::Closed) {
+            self.refused.get_or_insert(e.without_item());
+        }
+        hand_back_all(tx, w, &mut self.report, control).await
+    }
+}
+
+/// Delivers the items kept at the end of a drained importer, each once the end is released
+/// (and not held again); `tx` closes after them. The items that nobody takes any more (the
+/// consumers have gone) are counted.
+async fn deliver_kept(tx: &Sender<Bytes>, control: &Control) -> u64 {
+    let mut discarded = 0;
+    loop {
+        let changed = control.changed();
+        if !control.keeps() {
+            return discarded;
+        }
+        if control.phase() != Phase::Run {
+            changed.await;
+            continue;
+        }
+        let Some(e) = control.take_kept() else {
+            return discarded;
+        };
+        match tx.send_entry_until(e, control.asked()).await {
+            Ok(None) => {}
+            Ok(Some(e)) => control.put_back(e),
+            Err(_) => discarded += 1,
         }
     }
 }
@@ -579,30 +808,62 @@ impl Owed {
 
 /// Puts an item into the local queue; with `credit_on_consume`, also waits until a local
 /// consumer has taken it. If the consumers leave instead, the item is still in the local
-/// queue, and the caller hands it back before acknowledging it.
+/// queue, and the caller hands it back before acknowledging it. A mark asked for meanwhile
+/// ends the wait: `Ok(Some(entry))` when the item did not go in (the caller keeps it).
 async fn deliver(
     tx: &Sender<Bytes>,
     entry: Entry<Bytes>,
     options: &Options,
-) -> Result<(), crate::queue::SendError<Bytes>> {
-    tx.send_entry_async(entry).await?;
-    if options.credit_on_consume {
-        tx.drained().await;
+    control: &Control,
+) -> Result<Option<Entry<Bytes>>, SendError<Bytes>> {
+    if let Some(back) = tx.send_entry_until(entry, control.asked()).await? {
+        return Ok(Some(back));
     }
-    Ok(())
+    if options.credit_on_consume {
+        tokio::select! {
+            () = tx.drained() => {}
+            () = control.asked() => {}
+        }
+    }
+    Ok(None)
 }
 
-/// Stops taking items: everything in the local queue goes back to the exporter, then STOP.
+/// A drained importer's delivery: into the queue if it has room and nothing is kept before
+/// the item, else kept (`Ok(Some(entry))`).
+fn keep_or_send(
+    tx: &Sender<Bytes>,
+    entry: Entry<Bytes>,
+    control: &Control,
+) -> Result<Option<Entry<Bytes>>, SendError<Bytes>> {
+    if control.keeps() {
+        return Ok(Some(entry));
+    }
+    let priority = entry.priority;
+    match tx.try_send_entry(entry) {
+        Ok(()) => Ok(None),
+        Err(e) if e.failure == SendFailure::Full => Ok(Some(Entry::new(e.item, priority))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Stops taking items: everything in the local queue goes back to the exporter, then what
+/// a drain kept, then STOP.
 async fn hand_back_all<W: AsyncWrite + Unpin>(
     tx: &Sender<Bytes>,
     w: &mut FrameWriter<W>,
     report: &mut Report,
+    control: &Control,
 ) -> Result<(), RemoteError> {
     if report.stopped {
         return Ok(());
     }
     report.stopped = true;
-    for e in tx.queue().drain() {
+    for e in tx
+        .queue()
+        .drain()
+        .into_iter()
+        .chain(control.take_all_kept())
+    {
         report.returned += 1;
         w.give_back(e.priority, &e.item).await?;
     }
@@ -622,8 +883,24 @@ pub async fn export_stream<S>(
 where
     S: AsyncRead + AsyncWrite,
 {
+    export_stream_with(rx, stream, options, &Hold::new()).await
+}
+
+/// [`export_with`] over one stream that reads and writes.
+///
+/// # Errors
+/// As [`export_with`].
+pub async fn export_stream_with<S>(
+    rx: &Receiver<Bytes>,
+    stream: S,
+    options: &Options,
+    hold: &Hold,
+) -> Result<Report, RemoteError>
+where
+    S: AsyncRead + AsyncWrite,
+{
     let (r, w) = tokio::io::split(stream);
-    export(rx, r, w, options).await
+    export_with(rx, r, w, options, hold).await
 }
 
 /// [`import`] over one stream that reads and writes.
@@ -638,6 +915,22 @@ pub async fn import_stream<S>(
 where
     S: AsyncRead + AsyncWrite,
 {
+    import_stream_with(tx, stream, options, &Drain::new()).await
+}
+
+/// [`import_with`] over one stream that reads and writes.
+///
+/// # Errors
+/// As [`import_with`].
+pub async fn import_stream_with<S>(
+    tx: Sender<Bytes>,
+    stream: S,
+    options: &Options,
+    drain: &Drain,
+) -> Result<Report, RemoteError>
+where
+    S: AsyncRead + AsyncWrite,
+{
     let (r, w) = tokio::io::split(stream);
-    import(tx, r, w, options).await
+    import_with(tx, r, w, options, drain).await
 }
