@@ -17,6 +17,9 @@ MVM_IMPORT("try_recv") int64_t mvm_try_recv(const char *port, int32_t port_len, 
 MVM_IMPORT("ports") int32_t mvm_ports(char *buf, int32_t cap);
 MVM_IMPORT("param") int32_t mvm_param(const char *name, int32_t name_len, char *buf, int32_t cap);
 MVM_IMPORT("log") void mvm_log(int32_t level, const char *msg, int32_t len);
+/* Nothing, unless the job asked for checkpoints: then a compute loop that calls it can be
+ * paused there (recv and send are such points already). */
+MVM_IMPORT("yield") void mvm_yield(void);
 
 enum { MVM_NO_PORT = -1, MVM_END = -2, MVM_EMPTY = -3, MVM_BAD_ITEM = -4, MVM_FULL = -5 };
 
