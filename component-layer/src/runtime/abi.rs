@@ -59,6 +59,8 @@ pub(crate) struct VertexIo {
     pub(crate) attributes: BTreeMap<String, String>,
     /// The job's parameters, shared by its vertices.
     pub(crate) params: Arc<BTreeMap<String, String>>,
+    /// Its part's pause control, when the part is checkpointable.
+    pub(crate) pause: Option<Arc<super::checkpoint::pause::PauseCtl>>,
 }
 
 impl VertexIo {
@@ -268,15 +270,14 @@ enum Found {
     Wait,
 }
 
-/// What a wait in a pausable vertex watches: its part's pause control and the last pause it
-/// took part in (`None` for a plain vertex).
-fn waiting_pause<const PAUSABLE: bool>(
-    state: &VertexState,
-) -> Option<(std::sync::Arc<checkpoint::pause::PauseCtl>, u64)> {
+/// What a wait in a pausable vertex watches: the last pause it took part in (`None` for a
+/// plain vertex). The part's pause control is reached through the vertex's ports
+/// ([`VertexIo::pause`]), which a wait holds anyway: no shared count is touched per wait.
+fn waiting_since<const PAUSABLE: bool>(state: &VertexState) -> Option<u64> {
     if !PAUSABLE {
         return None;
     }
-    state.pausing.as_ref().map(|p| (p.ctl.clone(), p.seen))
+    state.pausing.as_ref().map(|p| p.seen)
 }
 
 // `PAUSABLE`: the vertex's module was made checkpointable, and a receive or send is a pause
@@ -327,14 +328,12 @@ async fn receive<const PAUSABLE: bool>(
             let Some(port) = io.inputs.at(i) else {
                 return Ok(NO_PORT);
             };
-            let pause = waiting_pause::<PAUSABLE>(caller.data());
-            match pause {
-                None => port.rx.recv_async().await.map_err(|e| e.failure),
+            match (waiting_since::<PAUSABLE>(caller.data()), io.pause.as_ref()) {
                 // A pause asked for while waiting (the pause wakes the part's queues): the
                 // wait is given up (nothing was taken), and the receive is made again once the
                 // vertex is rewound.
-                Some((ctl, seen)) => {
-                    match Box::pin(port.rx.recv_async_unless(move || ctl.wanted(seen))).await {
+                (Some(seen), Some(ctl)) => {
+                    match port.rx.recv_async_unless(|| ctl.wanted(seen)).await {
                         Some(got) => got.map_err(|e| e.failure),
                         None => {
                             Box::pin(checkpoint::begin_unwind(&mut caller)).await?;
@@ -342,6 +341,7 @@ async fn receive<const PAUSABLE: bool>(
                         }
                     }
                 }
+                _ => port.rx.recv_async().await.map_err(|e| e.failure),
             }
         }
     };
@@ -442,13 +442,13 @@ async fn send<const PAUSABLE: bool>(
             Ok(None) => Ok(()),
             Ok(Some(item)) => {
                 let io = caller.data().io.clone();
-                let pause = waiting_pause::<PAUSABLE>(caller.data());
+                let pause = waiting_since::<PAUSABLE>(caller.data()).zip(io.pause.as_ref());
                 match (io.outputs.at(i).and_then(|p| p.channels.get(c)), pause) {
                     (Some((tx, _)), None) => tx.send_async(item).await.map_err(|e| e.failure),
                     // A pause asked for while waiting for room: this channel did not take the
                     // item; the send goes on from it once the vertex is rewound.
-                    (Some((tx, _)), Some((ctl, seen))) => {
-                        match Box::pin(tx.send_async_unless(item, move || ctl.wanted(seen))).await {
+                    (Some((tx, _)), Some((seen, ctl))) => {
+                        match tx.send_async_unless(item, || ctl.wanted(seen)).await {
                             Ok(None) => Ok(()),
                             Ok(Some(_)) => {
                                 if let Some(p) = caller.data_mut().pausing.as_mut() {

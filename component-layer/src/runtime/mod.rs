@@ -463,6 +463,12 @@ impl Runtime {
                         .collect(),
                     queues: part_queues,
                 });
+                let mut vertices = vertices;
+                if let Some(c) = &control {
+                    for l in &mut vertices {
+                        l.io.pause = Some(c.ctl.clone());
+                    }
+                }
                 Ok(Prepared {
                     inner: self.inner.clone(),
                     names: t.vertices.iter().map(|v| v.name.clone()).collect(),
@@ -919,6 +925,7 @@ fn wire(
                 params: params.clone(),
                 inputs: abi::Ports(inputs),
                 outputs: abi::Ports(outputs),
+                pause: None,
             },
         ));
     }
