@@ -166,6 +166,19 @@ impl PartImage {
         postcard::from_bytes(body).map_err(|e| ImageError::Decode(e.to_string()))
     }
 
+    /// Adds items after those of the queue named `queue`: what a link's receiving end kept when
+    /// it was drained to its mark comes after the items its queue held. `false` if the part
+    /// has no such queue.
+    pub fn append(&mut self, queue: &str, items: impl IntoIterator<Item = (Bytes, i64)>) -> bool {
+        match self.queues.iter_mut().find(|q| q.name == queue) {
+            Some(q) => {
+                q.items.extend(items);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The content hash of an encoded blob (what stores and logs name it by).
     pub fn blob_hash(blob: &[u8]) -> String {
         hex::encode(Sha256::digest(blob))

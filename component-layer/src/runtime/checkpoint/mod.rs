@@ -337,3 +337,5 @@ pub(crate) async fn pause_here(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_cut;

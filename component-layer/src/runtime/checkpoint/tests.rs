@@ -6,7 +6,7 @@ use crate::runtime::{AllowAll, JobSpec, Runtime};
 
 /// A C job built by `scripts/build-jobs` (read at run time: a clean checkout has none until
 /// then, and lints build the tests before it runs).
-fn built(name: &str) -> &'static [u8] {
+pub(super) fn built(name: &str) -> &'static [u8] {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../jobs/build")
         .join(format!("{name}.wasm"));
