@@ -121,8 +121,10 @@ impl Hold {
     /// taken; completes when the MARK is written (or the link has ended or failed). The end
     /// stays held until [`Hold::release`], also if this future is dropped.
     ///
-    /// Items the stream protocol has sent and not yet seen credited stay outstanding, and are
-    /// credited as usual (a draining receiver credits what it holds).
+    /// On the stream protocol it completes only once every item sent before the MARK is
+    /// credited (a draining receiver credits all it read at the MARK; the sender asks for it):
+    /// a held sending end then owes nothing, and may be dropped, or its link replaced, without
+    /// an item put back twice.
     ///
     /// # Errors
     /// [`MarkError::Busy`] when held for another mark, [`MarkError::Stale`] when `mark` is not

@@ -490,8 +490,33 @@ async fn export_writes<W: AsyncWrite + Unpin>(
                 match control.phase() {
                     Phase::Seek(n) => {
                         w.mark(n)?;
+                        // The hold completes once everything sent before the mark is
+                        // acknowledged (the drained importer credits all it read at the mark):
+                        // a held end then owes nothing, and can be dropped, or its link
+                        // replaced when a part moves, without an item put back twice.
+                        let mut asked = false;
+                        loop {
+                            let credited = wake.notified();
+                            let released = control.changed();
+                            if flight.lock().outstanding.is_empty()
+                                || control.phase() != Phase::Seek(n)
+                            {
+                                break;
+                            }
+                            if !asked {
+                                w.want()?;
+                                asked = true;
+                            }
+                            w.flush().await?;
+                            tokio::select! {
+                                () = credited => {}
+                                () = released => {}
+                            }
+                        }
                         w.flush().await?;
-                        control.wrote_mark(n);
+                        if control.phase() == Phase::Seek(n) {
+                            control.wrote_mark(n);
+                        }
                     }
                     Phase::Wait => {
                         w.flush().await?;

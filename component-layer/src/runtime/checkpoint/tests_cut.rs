@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use mvm_queue::Controller;
+use mvm_queue::queue::{Receiver, Sender};
 use mvm_queue::remote::{Drain, Hold, Options, export_with, import_with};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -19,19 +21,26 @@ const PIPELINE: &str = include_str!("../../../../topologies/pipeline-4.dot");
 /// Source and first stage on part 0, second stage and sink on part 1.
 const PLACEMENT: [usize; 4] = [0, 0, 1, 1];
 
-/// The link between the parts: its two controls and its two ends' tasks.
+/// The link between the parts: its two controls, its two ends' tasks, and part 0's outbox
+/// (to link it again when part 1 moves).
 struct Link {
     hold: Hold,
     drain: Drain,
     ends: Vec<JoinHandle<()>>,
+    outbox: Receiver<Bytes>,
 }
 
-/// Joins part 0's outbox to part 1's remote input over a fresh loopback TCP connection, with
-/// the stream protocol.
+/// Joins part 0's outbox to part 1's remote input.
 async fn connect(from: &mut Prepared, to: &mut Prepared) -> Link {
     let out = from.remote_outputs.pop().expect("part 0 sends to part 1");
     let input = to.remote_inputs.pop().expect("part 1 hears from part 0");
     assert_eq!((out.vertex.as_str(), out.port.as_str()), ("p2", "in"));
+    link(out.receiver, input.sender).await
+}
+
+/// Links an outbox to a remote input over a fresh loopback TCP connection, with the stream
+/// protocol.
+async fn link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>) -> Link {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let addr = listener.local_addr().expect("address");
     let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -39,21 +48,22 @@ async fn connect(from: &mut Prepared, to: &mut Prepared) -> Link {
     let (br, bw) = b.expect("accept").0.into_split();
     let (hold, drain) = (Hold::new(), Drain::new());
     let exporter = {
-        let hold = hold.clone();
+        let (hold, rx) = (hold.clone(), outbox.clone());
         tokio::spawn(async move {
-            let _ = export_with(&out.receiver, ar, aw, &Options::default(), &hold).await;
+            let _ = export_with(&rx, ar, aw, &Options::default(), &hold).await;
         })
     };
     let importer = {
         let drain = drain.clone();
         tokio::spawn(async move {
-            let _ = import_with(input.sender, br, bw, &Options::default(), &drain).await;
+            let _ = import_with(inbox, br, bw, &Options::default(), &drain).await;
         })
     };
     Link {
         hold,
         drain,
         ends: vec![exporter, importer],
+        outbox,
     }
 }
 
@@ -74,25 +84,41 @@ fn sink(report: &JobReport) -> String {
     String::from_utf8_lossy(&v.stdout).into_owned()
 }
 
+/// The pipeline's parameters: 200,000 items.
+const PARAMS: [(&str, &str); 2] = [("count", "200000"), ("factor", "3")];
+
+fn modules() -> [(&'static str, &'static [u8]); 3] {
+    [
+        ("source", built("pipe_source")),
+        ("stage", built("pipe_stage")),
+        ("sink", built("pipe_sink")),
+    ]
+}
+
+/// The sink's output in an undisturbed run of plain modules on one part.
+async fn undisturbed(
+    rt: &Runtime,
+    t: &crate::topology::Topology,
+    modules: &[(&str, &[u8])],
+) -> String {
+    let q = controller();
+    let plain = rt
+        .run(&spec_of(rt, t, modules, &PARAMS, false), &q, &AllowAll)
+        .await
+        .expect("runs");
+    let out = sink(&plain);
+    assert!(out.starts_with("items 200000 "), "{out}");
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output() {
     let rt = runtime_with(0);
     let t = topology(PIPELINE);
-    let params = [("count", "200000"), ("factor", "3")];
-    let modules: [(&str, &[u8]); 3] = [
-        ("source", built("pipe_source")),
-        ("stage", built("pipe_stage")),
-        ("sink", built("pipe_sink")),
-    ];
-    let q = controller();
-    let plain = rt
-        .run(&spec_of(&rt, &t, &modules, &params, false), &q, &AllowAll)
-        .await
-        .expect("runs");
-    let expected = sink(&plain);
-    assert!(expected.starts_with("items 200000 "), "{expected}");
+    let modules = modules();
+    let expected = undisturbed(&rt, &t, &modules).await;
 
-    let job = spec_of(&rt, &t, &modules, &params, true);
+    let job = spec_of(&rt, &t, &modules, &PARAMS, true);
     for ms in [2, 10, 40] {
         // The job runs, over two parts and a link.
         let queues = [controller(), controller()];
@@ -160,5 +186,68 @@ async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output()
         for q in &queues {
             q.destroy_job("job");
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_moved_to_another_node_while_the_job_runs_gives_the_undisturbed_output() {
+    let rt = runtime_with(0);
+    let t = topology(PIPELINE);
+    let modules = modules();
+    let expected = undisturbed(&rt, &t, &modules).await;
+
+    let job = spec_of(&rt, &t, &modules, &PARAMS, true);
+    let queues = [controller(), controller()];
+    let [mut p0, mut p1] = prepare(&rt, &job, &queues);
+    let old = connect(&mut p0, &mut p1).await;
+    let controls = [
+        p0.control().expect("pausable"),
+        p1.control().expect("pausable"),
+    ];
+    let run0 = tokio::spawn(p0.run());
+    let run1 = tokio::spawn(p1.run());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Part 1 moves: the job paused at a cut, part 1 saved and its old node's run and link
+    // ends stopped, part 1 restored on a new node and linked to part 0, which goes on as it
+    // was (never restored).
+    let wait = Duration::from_secs(10);
+    let (a, b) = tokio::join!(controls[0].pause(wait), controls[1].pause(wait));
+    let (a, b) = (a.expect("part 0 paused"), b.expect("part 1 paused"));
+    let (held, drained) = tokio::join!(old.hold.hold(1), old.drain.drain(1));
+    held.expect("held at mark 1, everything before it acknowledged");
+    drained.expect("drained to mark 1");
+    let mut image = b.image();
+    let inbox = image
+        .queues
+        .iter()
+        .find(|q| q.name.ends_with("p2:in"))
+        .map(|q| q.name.clone())
+        .expect("part 1 has p2's input queue");
+    let kept = old.drain.held();
+    assert!(image.append(&inbox, kept.into_iter().map(|e| (e.item, e.priority))));
+    run1.abort();
+    for end in &old.ends {
+        end.abort();
+    }
+    let _ = run1.await;
+    drop(b);
+    queues[1].destroy_job("job");
+    let new_node = controller();
+    let mut moved = rt
+        .prepare(&job, &new_node, &AllowAll, &PLACEMENT, 1)
+        .expect("prepared on the new node");
+    moved.restore(&image).expect("restored");
+    let input = moved.remote_inputs.pop().expect("part 1 hears from part 0");
+    let _new = link(old.outbox.clone(), input.sender).await;
+    let run1 = tokio::spawn(moved.run());
+    a.resume();
+    run0.await.expect("joined").expect("part 0 runs to its end");
+    let report = run1
+        .await
+        .expect("joined")
+        .expect("the moved part runs to its end");
+    assert_eq!(sink(&report), expected);
+    for q in [&queues[0], &new_node] {
+        q.destroy_job("job");
     }
 }
