@@ -65,6 +65,36 @@ pub struct CheckpointFigures {
     pub restore_ms: f64,
 }
 
+/// The workload as a job of plain modules and as one of pausable modules.
+fn jobs<'a>(
+    rt: &Runtime,
+    w: &Workload,
+    t: &'a crate::topology::Topology,
+) -> Result<(JobSpec<'a>, JobSpec<'a>), BenchError> {
+    let mut plain = std::collections::HashMap::new();
+    let mut pausable = std::collections::HashMap::new();
+    for (name, bytes) in &w.modules {
+        plain.insert(name.clone(), rt.cache().load(name, bytes).map_err(err)?.0);
+        pausable.insert(
+            name.clone(),
+            rt.cache().load_checkpointable(name, bytes).map_err(err)?.0,
+        );
+    }
+    let spec = |modules| JobSpec {
+        id: "bench".into(),
+        topology: t,
+        modules,
+        params: w.params.iter().cloned().collect(),
+        limits: Limits {
+            memory_bytes: 4 << 20,
+            cpu: None,
+            wall: Some(Duration::from_secs(600)),
+        },
+        owner: None,
+    };
+    Ok((spec(plain), spec(pausable)))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -86,33 +116,14 @@ pub async fn checkpoint(
     runs: usize,
 ) -> Result<CheckpointFigures, BenchError> {
     let t = topology(&w.topology, Config::default())?;
-    let mut plain = std::collections::HashMap::new();
-    let mut pausable = std::collections::HashMap::new();
     let (mut plain_bytes, mut pausable_bytes) = (0, 0);
-    for (name, bytes) in &w.modules {
-        plain.insert(name.clone(), rt.cache().load(name, bytes).map_err(err)?.0);
-        pausable.insert(
-            name.clone(),
-            rt.cache().load_checkpointable(name, bytes).map_err(err)?.0,
-        );
+    for (_, bytes) in &w.modules {
         plain_bytes += wat::parse_bytes(bytes).map_err(err)?.len();
         pausable_bytes += crate::runtime::checkpoint::instrument(bytes)
             .map_err(err)?
             .len();
     }
-    let spec = |modules: &std::collections::HashMap<String, wasmtime::Module>| JobSpec {
-        id: "bench".into(),
-        topology: &t,
-        modules: modules.clone(),
-        params: w.params.iter().cloned().collect(),
-        limits: Limits {
-            memory_bytes: 4 << 20,
-            cpu: None,
-            wall: Some(Duration::from_secs(600)),
-        },
-        owner: None,
-    };
-    let (plain_job, pausable_job) = (spec(&plain), spec(&pausable));
+    let (plain_job, pausable_job) = jobs(rt, w, &t)?;
     let here = vec![0; t.vertices.len()];
     let (mut plains, mut pausables, mut saved) = (Vec::new(), Vec::new(), Vec::new());
     let (mut pauses, mut captures, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
@@ -207,5 +218,177 @@ pub async fn checkpoint(
         blob_bytes: blob as usize,
         bytes_per_vertex: (blob / vertices.max(1) as f64) as usize,
         restore_ms: median(restores),
+    })
+}
+
+/// What moving a part of a running job to another node costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveFigures {
+    /// The workload (its last half of vertices is the part that moves).
+    pub workload: String,
+    /// Moves measured.
+    pub moves: usize,
+    /// Median time the job stood still: from asking both parts to pause to the first part
+    /// resumed and the moved part running on its new node (restored, linked, every vertex
+    /// instantiated), in milliseconds.
+    pub downtime_ms: f64,
+    /// The longest.
+    pub downtime_max_ms: f64,
+    /// Whether every moved run's output equalled the undisturbed run's.
+    pub identical: bool,
+}
+
+/// A link between two parts over loopback TCP (the stream protocol), with its controls.
+struct Link {
+    hold: mvm_queue::remote::Hold,
+    drain: mvm_queue::remote::Drain,
+    ends: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn link(
+    outbox: mvm_queue::queue::Receiver<bytes::Bytes>,
+    inbox: mvm_queue::queue::Sender<bytes::Bytes>,
+) -> Result<Link, BenchError> {
+    use mvm_queue::remote::{Drain, Hold, Options, export_with, import_with};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(err)?;
+    let addr = listener.local_addr().map_err(err)?;
+    let (a, b) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (ar, aw) = a.map_err(err)?.into_split();
+    let (br, bw) = b.map_err(err)?.0.into_split();
+    let (hold, drain) = (Hold::new(), Drain::new());
+    let exporter = {
+        let hold = hold.clone();
+        tokio::spawn(async move {
+            let _ = export_with(&outbox, ar, aw, &Options::default(), &hold).await;
+        })
+    };
+    let importer = {
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let _ = import_with(inbox, br, bw, &Options::default(), &drain).await;
+        })
+    };
+    Ok(Link {
+        hold,
+        drain,
+        ends: vec![exporter, importer],
+    })
+}
+
+fn output(report: &crate::runtime::JobReport) -> Vec<bytes::Bytes> {
+    report.vertices.iter().map(|v| v.stdout.clone()).collect()
+}
+
+/// Runs a two-part workload (its vertices split in half, one link between the halves) `runs`
+/// times, moving the second part to a fresh node after `after` each time; compares each
+/// output with an undisturbed run.
+///
+/// # Errors
+/// A workload that is not split by exactly one link, or a run, pause or restore that fails.
+pub async fn move_part(
+    rt: &Runtime,
+    w: &Workload,
+    after: Duration,
+    runs: usize,
+) -> Result<MoveFigures, BenchError> {
+    let t = topology(&w.topology, Config::default())?;
+    let n = t.vertices.len();
+    let placement: Vec<usize> = (0..n).map(|v| usize::from(v >= n / 2)).collect();
+    let (plain, job) = jobs(rt, w, &t)?;
+    let expected = {
+        let q = queue_controller();
+        output(&rt.run(&plain, &q, &AllowAll).await.map_err(err)?)
+    };
+    let one = |what: &str| BenchError(format!("{}: {what}", w.name));
+    let (mut downtimes, mut identical) = (Vec::new(), true);
+    for _ in 0..runs {
+        let nodes = [queue_controller(), queue_controller()];
+        let mut p0 = rt
+            .prepare(&job, &nodes[0], &AllowAll, &placement, 0)
+            .map_err(err)?;
+        let mut p1 = rt
+            .prepare(&job, &nodes[1], &AllowAll, &placement, 1)
+            .map_err(err)?;
+        if p0.remote_outputs.len() != 1
+            || p1.remote_inputs.len() != 1
+            || !p0.remote_inputs.is_empty()
+        {
+            return Err(one(
+                "its halves must be joined by exactly one link, first to second",
+            ));
+        }
+        let (Some(out), Some(input)) = (p0.remote_outputs.pop(), p1.remote_inputs.pop()) else {
+            return Err(one("no link"));
+        };
+        let outbox = out.receiver.clone();
+        let old = link(out.receiver, input.sender).await?;
+        let (Some(c0), Some(c1)) = (p0.control(), p1.control()) else {
+            return Err(one("not checkpointable"));
+        };
+        let run0 = tokio::spawn(p0.run());
+        let run1 = tokio::spawn(p1.run());
+        tokio::time::sleep(after).await;
+        let start = Instant::now();
+        let wait = Duration::from_secs(10);
+        let (a, b) = tokio::join!(c0.pause(wait), c1.pause(wait));
+        let (a, b) = (a.map_err(err)?, b.map_err(err)?);
+        let (held, drained) = tokio::join!(old.hold.hold(1), old.drain.drain(1));
+        held.map_err(err)?;
+        drained.map_err(err)?;
+        let mut image = b.image();
+        let inbox = image
+            .queues
+            .iter()
+            .find(|q| {
+                q.name
+                    .ends_with(&format!("{}:{}", input.vertex, input.port))
+            })
+            .map(|q| q.name.clone())
+            .ok_or_else(|| one("the moved part has no queue for its link"))?;
+        image.append(
+            &inbox,
+            old.drain.held().into_iter().map(|e| (e.item, e.priority)),
+        );
+        run1.abort();
+        for end in &old.ends {
+            end.abort();
+        }
+        let _ = run1.await;
+        drop(b);
+        nodes[1].destroy_job("bench");
+        let new_node = queue_controller();
+        let mut moved = rt
+            .prepare(&job, &new_node, &AllowAll, &placement, 1)
+            .map_err(err)?;
+        moved.restore(&image).map_err(err)?;
+        let input = moved.remote_inputs.pop().ok_or_else(|| one("no link"))?;
+        let _new = link(outbox, input.sender).await?;
+        let control = moved.control().ok_or_else(|| one("not checkpointable"))?;
+        let run1 = tokio::spawn(moved.run());
+        a.resume();
+        // Running again: every moved vertex instantiated, rewound and at a pause point once.
+        drop(control.pause(wait).await.map_err(err)?);
+        downtimes.push(start.elapsed().as_secs_f64() * 1e3);
+        let r0 = run0.await.map_err(err)?.map_err(err)?;
+        let r1 = run1.await.map_err(err)?.map_err(err)?;
+        let mut got = output(&r0);
+        got.extend(output(&r1));
+        let mut want = expected.clone();
+        want.sort();
+        got.sort();
+        identical &= got == want;
+        for q in [&nodes[0], &new_node] {
+            q.destroy_job("bench");
+        }
+    }
+    let max = downtimes.iter().copied().fold(0.0, f64::max);
+    Ok(MoveFigures {
+        workload: w.name.clone(),
+        moves: downtimes.len(),
+        downtime_ms: median(downtimes),
+        downtime_max_ms: max,
+        identical,
     })
 }

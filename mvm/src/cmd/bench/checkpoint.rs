@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use mvm_component::bench::checkpoint::{CheckpointFigures, Workload, checkpoint};
+use mvm_component::bench::checkpoint::{
+    CheckpointFigures, MoveFigures, Workload, checkpoint, move_part,
+};
 use mvm_component::topology::generate::generate;
 use serde::Serialize;
 
@@ -14,6 +16,9 @@ use crate::exit::Failure;
 pub(crate) struct CheckpointReport {
     /// One per workload.
     pub(crate) workloads: Vec<CheckpointFigures>,
+    /// The pipeline over two parts joined by a link on loopback TCP, its second part moved to
+    /// another node while it runs (goal: downtime ≤ 50 ms).
+    pub(crate) moves: MoveFigures,
 }
 
 fn failed(e: impl std::fmt::Display) -> Failure {
@@ -63,14 +68,22 @@ pub(crate) fn run(
     let rt = super::wasm_runtime()?;
     let tokio = super::tokio()?;
     let mut workloads = Vec::new();
-    for w in [ring, pipeline] {
+    for w in [&ring, &pipeline] {
         workloads.push(
             tokio
-                .block_on(checkpoint(&rt, &w, interval, runs))
+                .block_on(checkpoint(&rt, w, interval, runs))
                 .map_err(failed)?,
         );
     }
-    Ok(CheckpointReport { workloads })
+    let moves = tokio
+        .block_on(move_part(&rt, &pipeline, Duration::from_millis(50), runs))
+        .map_err(failed)?;
+    if !moves.identical {
+        return Err(failed(
+            "a run whose part was moved gave another output than the undisturbed run",
+        ));
+    }
+    Ok(CheckpointReport { workloads, moves })
 }
 
 /// The report for people.
@@ -101,6 +114,19 @@ pub(crate) fn text(r: &CheckpointReport) -> String {
             w.restore_ms,
         ));
     }
-    s.pop();
+    let m = &r.moves;
+    s.push_str(&format!(
+        "  {} over two parts on loopback TCP, the second moved to another node while it runs: \
+         downtime {:.2} ms (longest {:.2} ms; goal <= 50 ms) over {} moves; output {}",
+        m.workload,
+        m.downtime_ms,
+        m.downtime_max_ms,
+        m.moves,
+        if m.identical {
+            "identical"
+        } else {
+            "DIFFERENT"
+        },
+    ));
     s
 }
