@@ -1,13 +1,13 @@
-//! A job of two parts joined by a link over loopback TCP: a checkpoint as a consistent cut
-//! (both parts paused, the link held and drained to a mark), and the job restored from it into
-//! fresh parts and a new link.
+//! A job of two parts joined by a link over loopback TCP (the stream protocol, and a direct
+//! link): a checkpoint as a consistent cut (both parts paused, the link held and drained to a
+//! mark), the job restored from it into fresh parts and a new link, and a part moved.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use mvm_queue::Controller;
 use mvm_queue::queue::{Receiver, Sender};
-use mvm_queue::remote::{Drain, Hold, Options, export_with, import_with};
+use mvm_queue::remote::{Drain, Hold, Options, direct, export_with, import_with};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -21,26 +21,74 @@ const PIPELINE: &str = include_str!("../../../../topologies/pipeline-4.dot");
 /// Source and first stage on part 0, second stage and sink on part 1.
 const PLACEMENT: [usize; 4] = [0, 0, 1, 1];
 
-/// The link between the parts: its two controls, its two ends' tasks, and part 0's outbox
-/// (to link it again when part 1 moves).
+/// How the parts are linked.
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    /// The credit-based stream protocol (as over libp2p streams).
+    Stream,
+    /// A direct link driven by the vertices themselves.
+    Direct,
+}
+
+/// The link between the parts: its two controls, its two ends (tasks, or direct links that
+/// stop when dropped), and part 0's outbox (to link it again when part 1 moves).
 struct Link {
     hold: Hold,
     drain: Drain,
     ends: Vec<JoinHandle<()>>,
+    direct: Vec<direct::Link>,
     outbox: Receiver<Bytes>,
 }
 
+impl Link {
+    /// Stops both ends, as when their nodes are lost.
+    fn stop(&mut self) {
+        for end in &self.ends {
+            end.abort();
+        }
+        self.direct.clear();
+    }
+}
+
 /// Joins part 0's outbox to part 1's remote input.
-async fn connect(from: &mut Prepared, to: &mut Prepared) -> Link {
+async fn connect(from: &mut Prepared, to: &mut Prepared, how: Transport) -> Link {
     let out = from.remote_outputs.pop().expect("part 0 sends to part 1");
     let input = to.remote_inputs.pop().expect("part 1 hears from part 0");
     assert_eq!((out.vertex.as_str(), out.port.as_str()), ("p2", "in"));
-    link(out.receiver, input.sender).await
+    if let Transport::Direct = how {
+        // A receive that finds its queue empty reads the direct link itself.
+        to.poll_remote_inputs();
+    }
+    link(out.receiver, input.sender, how).await
 }
 
-/// Links an outbox to a remote input over a fresh loopback TCP connection, with the stream
-/// protocol.
-async fn link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>) -> Link {
+/// Links an outbox to a remote input over a fresh loopback TCP connection.
+async fn link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>, how: Transport) -> Link {
+    match how {
+        Transport::Stream => stream_link(outbox, inbox).await,
+        Transport::Direct => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+            let a = std::net::TcpStream::connect(listener.local_addr().expect("address"))
+                .expect("connect");
+            let b = listener.accept().expect("accept").0;
+            let (hold, drain) = (Hold::new(), Drain::new());
+            let outlet =
+                direct::outlet_with(outbox.clone(), a, &hold, Box::new(|_| {})).expect("outlet");
+            let inlet =
+                direct::inlet_with(inbox, b, 64 << 20, &drain, Box::new(|_| {})).expect("inlet");
+            Link {
+                hold,
+                drain,
+                ends: Vec::new(),
+                direct: vec![outlet, inlet],
+                outbox,
+            }
+        }
+    }
+}
+
+/// Links an outbox to a remote input with the stream protocol.
+async fn stream_link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>) -> Link {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
     let addr = listener.local_addr().expect("address");
     let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -63,6 +111,7 @@ async fn link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>) -> Link {
         hold,
         drain,
         ends: vec![exporter, importer],
+        direct: Vec::new(),
         outbox,
     }
 }
@@ -112,7 +161,17 @@ async fn undisturbed(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output() {
+async fn a_job_over_two_parts_and_a_stream_link_restored_from_a_cut_gives_the_undisturbed_output() {
+    cut_and_restore(Transport::Stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_two_parts_and_a_direct_link_restored_from_a_cut_gives_the_undisturbed_output() {
+    cut_and_restore(Transport::Direct).await;
+}
+
+/// Cuts the job after 2, 10 and 40 ms, loses it, and restores it from the cut.
+async fn cut_and_restore(how: Transport) {
     let rt = runtime_with(0);
     let t = topology(PIPELINE);
     let modules = modules();
@@ -123,7 +182,7 @@ async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output()
         // The job runs, over two parts and a link.
         let queues = [controller(), controller()];
         let [mut p0, mut p1] = prepare(&rt, &job, &queues);
-        let link = connect(&mut p0, &mut p1).await;
+        let mut link = connect(&mut p0, &mut p1, how).await;
         let controls = [
             p0.control().expect("pausable"),
             p1.control().expect("pausable"),
@@ -138,8 +197,10 @@ async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output()
             let (held, drained) = tokio::join!(link.hold.hold(1), link.drain.drain(1));
             held.expect("held at mark 1");
             drained.expect("drained to mark 1");
-            // What the link's receiving end read past its full queue (here, at every cut, some
-            // hundred items: without them the restored sink counts fewer).
+            // What the link's receiving end read past its full queue: over the stream link some
+            // hundred items at every cut here (without them the restored sink counts fewer);
+            // over the direct link none, as its consumer keeps up (the queue layer's marks
+            // tests drain a direct link past a full queue).
             let kept = link.drain.held();
             let mut image1 = b.image();
             let name = image1
@@ -153,9 +214,7 @@ async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output()
             for r in &runs {
                 r.abort();
             }
-            for end in &link.ends {
-                end.abort();
-            }
+            link.stop();
             [
                 a.image().encode().expect("encoded"),
                 image1.encode().expect("encoded"),
@@ -174,14 +233,14 @@ async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output()
             .expect("part 0 restored");
         p1.restore(&PartImage::decode(&blobs[1]).expect("decoded"))
             .expect("part 1 restored");
-        let _link = connect(&mut p0, &mut p1).await;
+        let _link = connect(&mut p0, &mut p1, how).await;
         let (r0, r1) = tokio::join!(p0.run(), p1.run());
         r0.expect("part 0 runs to its end");
         let report = r1.expect("part 1 runs to its end");
         assert_eq!(
             sink(&report),
             expected,
-            "restored from the cut after {ms} ms"
+            "{how:?}: restored from the cut after {ms} ms"
         );
         for q in &queues {
             q.destroy_job("job");
@@ -190,7 +249,14 @@ async fn a_job_over_two_parts_restored_from_a_cut_gives_the_undisturbed_output()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_part_moved_to_another_node_while_the_job_runs_gives_the_undisturbed_output() {
+async fn a_part_moved_over_a_stream_link_while_the_job_runs_gives_the_undisturbed_output() {
+    move_part(Transport::Stream).await;
+}
+
+/// Moves part 1 to another node 10 ms into the job, while part 0 goes on. (Over a stream
+/// link only: a queue takes one direct outlet for its life, so part 0's outbox cannot yet be
+/// given a new direct link.)
+async fn move_part(how: Transport) {
     let rt = runtime_with(0);
     let t = topology(PIPELINE);
     let modules = modules();
@@ -199,7 +265,7 @@ async fn a_part_moved_to_another_node_while_the_job_runs_gives_the_undisturbed_o
     let job = spec_of(&rt, &t, &modules, &PARAMS, true);
     let queues = [controller(), controller()];
     let [mut p0, mut p1] = prepare(&rt, &job, &queues);
-    let old = connect(&mut p0, &mut p1).await;
+    let mut old = connect(&mut p0, &mut p1, how).await;
     let controls = [
         p0.control().expect("pausable"),
         p1.control().expect("pausable"),
@@ -226,9 +292,7 @@ async fn a_part_moved_to_another_node_while_the_job_runs_gives_the_undisturbed_o
     let kept = old.drain.held();
     assert!(image.append(&inbox, kept.into_iter().map(|e| (e.item, e.priority))));
     run1.abort();
-    for end in &old.ends {
-        end.abort();
-    }
+    old.stop();
     let _ = run1.await;
     drop(b);
     queues[1].destroy_job("job");
@@ -237,8 +301,11 @@ async fn a_part_moved_to_another_node_while_the_job_runs_gives_the_undisturbed_o
         .prepare(&job, &new_node, &AllowAll, &PLACEMENT, 1)
         .expect("prepared on the new node");
     moved.restore(&image).expect("restored");
+    if let Transport::Direct = how {
+        moved.poll_remote_inputs();
+    }
     let input = moved.remote_inputs.pop().expect("part 1 hears from part 0");
-    let _new = link(old.outbox.clone(), input.sender).await;
+    let _new = link(old.outbox.clone(), input.sender, how).await;
     let run1 = tokio::spawn(moved.run());
     a.resume();
     run0.await.expect("joined").expect("part 0 runs to its end");
