@@ -238,14 +238,16 @@ pub struct MoveFigures {
     pub identical: bool,
 }
 
-/// A link between two parts over loopback TCP (the stream protocol), with its controls.
-struct Link {
-    hold: mvm_queue::remote::Hold,
-    drain: mvm_queue::remote::Drain,
-    ends: Vec<tokio::task::JoinHandle<()>>,
+/// A link between two parts over loopback TCP (the stream protocol), with its controls and
+/// its two ends' tasks.
+pub(crate) struct Link {
+    pub(crate) hold: mvm_queue::remote::Hold,
+    pub(crate) drain: mvm_queue::remote::Drain,
+    pub(crate) ends: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn link(
+/// Links an outbox to a remote input over a fresh loopback TCP connection.
+pub(crate) async fn link(
     outbox: mvm_queue::queue::Receiver<bytes::Bytes>,
     inbox: mvm_queue::queue::Sender<bytes::Bytes>,
 ) -> Result<Link, BenchError> {

@@ -1061,8 +1061,7 @@ async fn run_vertex_until(
                 memory: None,
                 spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
                 stdout_before: Bytes::new(),
-                pausing: start.pausing.as_ref().map(|(ctl, slot)| Pausing {
-                    ctl: ctl.clone(),
+                pausing: start.pausing.as_ref().map(|(_, slot)| Pausing {
                     slot: *slot,
                     seen: 0,
                     data: 0,

@@ -265,7 +265,12 @@ pub(crate) fn at_pause_point(state: &VertexState) -> bool {
     state
         .pausing
         .as_ref()
-        .is_some_and(|p| p.rewinding || p.ctl.wanted(p.seen))
+        .is_some_and(|p| p.rewinding || wanted(state, p.seen))
+}
+
+/// Whether the vertex's part asked for a pause after `seen`.
+fn wanted(state: &VertexState, seen: u64) -> bool {
+    state.io.pause.as_ref().is_some_and(|c| c.wanted(seen))
 }
 
 /// At a pause point: ends a rewind that arrived here, or begins an unwind when a pause is
@@ -274,7 +279,12 @@ pub(crate) fn at_pause_point(state: &VertexState) -> bool {
 pub(crate) async fn pause_point(
     caller: &mut wasmtime::Caller<'_, VertexState>,
 ) -> wasmtime::Result<bool> {
-    let Some(p) = caller.data_mut().pausing.as_mut() else {
+    let state = caller.data_mut();
+    let wanted = state
+        .pausing
+        .as_ref()
+        .is_some_and(|p| wanted(state, p.seen));
+    let Some(p) = state.pausing.as_mut() else {
         return Ok(false);
     };
     if p.rewinding {
@@ -284,7 +294,7 @@ pub(crate) async fn pause_point(
         }
         return Ok(false);
     }
-    if p.ctl.wanted(p.seen) {
+    if wanted {
         begin_unwind(caller).await?;
         return Ok(true);
     }
@@ -313,11 +323,15 @@ pub(crate) async fn pause_here(
     instance: &Instance,
     stdout: Bytes,
 ) -> wasmtime::Result<()> {
-    let Some(p) = store.data_mut().pausing.as_mut() else {
+    let state = store.data_mut();
+    let Some(ctl) = state.io.pause.clone() else {
+        wasmtime::bail!("the vertex is not checkpointable");
+    };
+    let Some(p) = state.pausing.as_mut() else {
         wasmtime::bail!("the vertex is not checkpointable");
     };
     p.unwinding = false;
-    let (ctl, slot) = (p.ctl.clone(), p.slot);
+    let slot = p.slot;
     let Some(funcs) = p.funcs.clone() else {
         wasmtime::bail!("the vertex was not attached for checkpoints");
     };

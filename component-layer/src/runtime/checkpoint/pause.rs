@@ -29,8 +29,8 @@ pub(crate) struct Asyncify {
 
 /// A checkpointable vertex's side of pausing, kept in its store.
 pub(crate) struct Pausing {
-    pub(crate) ctl: Arc<PauseCtl>,
-    /// The vertex's place in its part.
+    /// The vertex's place in its part (its control is reached through its ports:
+    /// [`crate::runtime::abi::VertexIo::pause`]).
     pub(crate) slot: usize,
     /// The last pause it took part in.
     pub(crate) seen: u64,

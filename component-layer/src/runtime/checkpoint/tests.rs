@@ -84,6 +84,23 @@ fn sink_output(report: &crate::runtime::JobReport, vertex: &str) -> String {
     String::from_utf8_lossy(&v.stdout).into_owned()
 }
 
+/// Prepares the job as one part on `q` at `placement` and runs it; its control and its run.
+fn start(
+    rt: &Runtime,
+    job: &JobSpec<'_>,
+    q: &mvm_queue::Controller,
+    placement: &[usize],
+) -> (
+    PartControl,
+    tokio::task::JoinHandle<Result<crate::runtime::JobReport, crate::runtime::JobError>>,
+) {
+    let prepared = rt
+        .prepare(job, q, &AllowAll, placement, 0)
+        .expect("prepared");
+    let control = prepared.control().expect("checkpointable");
+    (control, tokio::spawn(prepared.run()))
+}
+
 #[test]
 fn a_module_that_exports_no_memory_cannot_be_checkpointed() {
     let e = instrument(br#"(module (func (export "_start")))"#).expect_err("no memory");
@@ -145,11 +162,7 @@ async fn paused_and_resumed(dedicated: usize) {
 
     let job = spec(&rt, &t, &pipeline_modules(), &params, true);
     let q = controller();
-    let prepared = rt
-        .prepare(&job, &q, &AllowAll, &[0; 4], 0)
-        .expect("prepared");
-    let control = prepared.control().expect("checkpointable");
-    let run = tokio::spawn(prepared.run());
+    let (control, run) = start(&rt, &job, &q, &[0; 4]);
     let mut pauses = 0;
     let mut held = 0;
     while !run.is_finished() {
@@ -185,11 +198,7 @@ async fn restored_run(
     after: Duration,
 ) -> (crate::runtime::JobReport, PartImage) {
     let q = controller();
-    let prepared = rt
-        .prepare(job, &q, &AllowAll, &vec![0; vertices], 0)
-        .expect("prepared");
-    let control = prepared.control().expect("checkpointable");
-    let run = tokio::spawn(prepared.run());
+    let (control, run) = start(rt, job, &q, &vec![0; vertices]);
     tokio::time::sleep(after).await;
     let blob = {
         let p = control.pause(Duration::from_secs(5)).await.expect("paused");
@@ -264,9 +273,7 @@ async fn a_loop_that_never_reaches_a_pause_point_times_out_and_the_rest_goes_on(
     let mut job = spec(&rt, &t, &[("spin", SPIN.as_bytes())], &[], true);
     job.limits.wall = Some(Duration::from_millis(600));
     let q = controller();
-    let prepared = rt.prepare(&job, &q, &AllowAll, &[0], 0).expect("prepared");
-    let control = prepared.control().expect("checkpointable");
-    let run = tokio::spawn(prepared.run());
+    let (control, run) = start(&rt, &job, &q, &[0]);
     let e = control
         .pause(Duration::from_millis(100))
         .await
@@ -292,11 +299,7 @@ async fn a_corrupt_or_truncated_checkpoint_is_refused() {
     let t = topology(PIPELINE);
     let job = spec(&rt, &t, &pipeline_modules(), &[("count", "100000")], true);
     let q = controller();
-    let prepared = rt
-        .prepare(&job, &q, &AllowAll, &[0; 4], 0)
-        .expect("prepared");
-    let control = prepared.control().expect("checkpointable");
-    let run = tokio::spawn(prepared.run());
+    let (control, run) = start(&rt, &job, &q, &[0; 4]);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let blob = control
         .pause(Duration::from_secs(5))

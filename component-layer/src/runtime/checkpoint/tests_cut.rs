@@ -7,8 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use mvm_queue::Controller;
 use mvm_queue::queue::{Receiver, Sender};
-use mvm_queue::remote::{Drain, Hold, Options, direct, export_with, import_with};
-use tokio::net::{TcpListener, TcpStream};
+use mvm_queue::remote::{Drain, Hold, direct};
 use tokio::task::JoinHandle;
 
 use super::super::tests::{controller, runtime_with, spec_of, topology};
@@ -89,28 +88,13 @@ async fn link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>, how: Transport) -> 
 
 /// Links an outbox to a remote input with the stream protocol.
 async fn stream_link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>) -> Link {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("listen");
-    let addr = listener.local_addr().expect("address");
-    let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let (ar, aw) = a.expect("connect").into_split();
-    let (br, bw) = b.expect("accept").0.into_split();
-    let (hold, drain) = (Hold::new(), Drain::new());
-    let exporter = {
-        let (hold, rx) = (hold.clone(), outbox.clone());
-        tokio::spawn(async move {
-            let _ = export_with(&rx, ar, aw, &Options::default(), &hold).await;
-        })
-    };
-    let importer = {
-        let drain = drain.clone();
-        tokio::spawn(async move {
-            let _ = import_with(inbox, br, bw, &Options::default(), &drain).await;
-        })
-    };
+    let l = crate::bench::checkpoint::link(outbox.clone(), inbox)
+        .await
+        .expect("a loopback link");
     Link {
-        hold,
-        drain,
-        ends: vec![exporter, importer],
+        hold: l.hold,
+        drain: l.drain,
+        ends: l.ends,
         direct: Vec::new(),
         outbox,
     }
