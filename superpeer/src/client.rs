@@ -102,6 +102,9 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             hops: 0,
             wait: false,
             priority: profile.priority,
+            retries: profile
+                .retries
+                .unwrap_or(mvm_component::profile::DEFAULT_RETRIES),
         },
         modules,
     })

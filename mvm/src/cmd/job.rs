@@ -155,6 +155,12 @@ pub(crate) struct StatusOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     waiting: Option<String>,
     owner: String,
+    /// The run of the job (0: its first).
+    attempt: u32,
+    /// The runs given up because a node was lost, each with how long the job took to run
+    /// again (`running_ms - at_ms`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    restarts: Vec<mvm_superpeer::proto::Restart>,
     parts: Vec<mvm_superpeer::proto::PartStatus>,
     traffic: Vec<mvm_superpeer::proto::Traffic>,
     pub(crate) outputs: Vec<(String, String)>,
@@ -188,6 +194,8 @@ impl From<&JobStatus> for StatusOut {
             error_kind: s.error_kind,
             waiting: s.waiting.clone(),
             owner: s.owner.clone(),
+            attempt: s.attempt,
+            restarts: s.restarts.clone(),
             parts: s.parts.clone(),
             traffic: s.traffic.clone(),
             outputs,
@@ -214,10 +222,36 @@ fn line(s: &JobStatus) -> String {
     if let Some(k) = s.error_kind {
         l.push_str(&format!("  [{k}]"));
     }
+    if s.attempt > 0 {
+        l.push_str(&format!("  (run {})", s.attempt + 1));
+    }
     if let Some(e) = s.error.as_ref().or(s.waiting.as_ref()) {
         l.push_str(&format!("  {e}"));
     }
+    let r = restarts(s);
+    if !r.is_empty() {
+        l.push('\n');
+        l.push_str(r.trim_end());
+    }
     l
+}
+
+/// One line per run of a job given up because a node was lost: why, and how long the job took
+/// to run again.
+fn restarts(s: &JobStatus) -> String {
+    let mut out = String::new();
+    for r in &s.restarts {
+        let again = match r.recovery_ms() {
+            Some(ms) => format!("running again after {:.3} s", ms as f64 / 1000.0),
+            None => "not running again yet".to_owned(),
+        };
+        out.push_str(&format!(
+            "  run {} restarted from the start ({again}): {}\n",
+            r.attempt + 1,
+            r.why
+        ));
+    }
+    out
 }
 
 /// The summary of an ended job: vertices per node, traffic per edge kind, wall time.
@@ -254,6 +288,7 @@ pub(crate) fn summary(s: &JobStatus) -> String {
             t.bytes
         ));
     }
+    out.push_str(&restarts(s));
     match (&s.error, s.error_kind) {
         (Some(e), Some(k)) => out.push_str(&format!("  error ({k}): {e}\n")),
         (Some(e), None) => out.push_str(&format!("  error: {e}\n")),

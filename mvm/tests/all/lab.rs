@@ -232,6 +232,7 @@ arch = "riscv64"
     );
 }
 
+/// Without retries (`retries = 0`), a node killed mid-job fails the job, naming it.
 #[test]
 fn a_node_killed_mid_job_fails_the_job_and_the_next_job_runs_on_the_others() {
     let lab = Lab::up(3);
@@ -239,6 +240,7 @@ fn a_node_killed_mid_job_fails_the_job_and_the_next_job_runs_on_the_others() {
         "long.toml",
         r#"name = "long"
 topology = "ROOT/topologies/ring-8.dot"
+retries = 0
 [components]
 token = "ROOT/jobs/wat/token.wat"
 [parameters]
@@ -303,6 +305,71 @@ wall = "300s"
     let v = json(&lab.mvm(&["submit", "--wait", "examples/ring.toml", "-o", "json"]));
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["parts"].as_array().expect("parts").len(), 2);
+}
+
+/// With the default retries, a node killed (`SIGKILL`) mid-job has the job run again from its
+/// start on the nodes left: it ends with the output and traffic of an undisturbed run, and
+/// its status says what was restarted.
+#[test]
+fn a_node_killed_mid_job_has_its_job_run_again_on_the_others_with_an_undisturbed_output() {
+    let lab = Lab::up(3);
+    let hops = 300_000u64;
+    let p = lab.profile(
+        "again.toml",
+        &format!(
+            "name = \"again\"\ntopology = \"ROOT/topologies/ring-8.dot\"\n[components]\ntoken = \"ROOT/jobs/wat/token.wat\"\n[parameters]\nhops = {hops}\n[requirements]\nnodes = 2\n[limits]\nwall = \"120s\"\n"
+        ),
+    );
+    let path = p.to_str().expect("utf-8");
+    let v = json(&lab.mvm(&["submit", path, "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    let s = wait_state(&lab, &job, |s| s == "running", Duration::from_secs(30));
+    let victim = s["parts"][0]["name"]
+        .as_str()
+        .expect("a part's node")
+        .to_owned();
+    let st = json(&lab.mvm(&["lab", "status", "-o", "json"]));
+    let pid = st["daemons"]
+        .as_array()
+        .expect("daemons")
+        .iter()
+        .find(|d| d["name"] == victim.as_str())
+        .and_then(|d| d["pid"].as_u64())
+        .unwrap_or_else(|| panic!("{victim}'s pid in {st}"));
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let end = wait_state(
+        &lab,
+        &job,
+        |s| s == "done" || s == "failed",
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        (&end["state"], &end["attempt"]),
+        (&"done".into(), &1.into()),
+        "{end}"
+    );
+    assert_eq!(end["restarts"].as_array().map(Vec::len), Some(1), "{end}");
+    assert!(
+        end["parts"]
+            .as_array()
+            .expect("parts")
+            .iter()
+            .all(|p| p["name"] != victim.as_str()),
+        "{end}"
+    );
+    assert_eq!(items_moved(&end), hops, "every hop is one item: {end}");
+    let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
+    assert!(text.contains("(run 2)"), "{text}");
+    // The same job undisturbed gives the same outputs.
+    let quiet = json(&lab.mvm(&["submit", "--wait", path, "-o", "json"]));
+    assert_eq!(quiet["state"], "done", "{quiet}");
+    assert_eq!(end["outputs"], quiet["outputs"]);
 }
 
 #[test]

@@ -143,12 +143,20 @@ pub(super) enum Then {
         job: JobId,
         specs: Vec<(PeerId, PartSpec)>,
     },
-    /// A part answered its prepare.
-    Prepared { job: JobId },
+    /// A part of run `attempt` answered its prepare.
+    Prepared { job: JobId, attempt: u32 },
     /// The start of a job (with the parts that ended in their prepare) was recorded.
     StartRecorded { job: JobId, peers: Vec<PeerId> },
-    /// A part answered its start.
-    Started { job: JobId },
+    /// A part of run `attempt` answered its start.
+    Started { job: JobId, attempt: u32 },
+    /// A run given up (a node was lost) was recorded: its parts on `peers` are told to stop,
+    /// and the job is placed again.
+    Requeued {
+        job: JobId,
+        attempt: u32,
+        peers: Vec<PeerId>,
+        reply: Option<Reply>,
+    },
     /// A job's end was recorded: tell its parts.
     EndRecorded {
         job: JobId,
@@ -163,15 +171,18 @@ pub(super) enum Then {
 
 /// A job being driven: from its placement until its start is recorded.
 pub(super) struct Drive {
+    /// The run of the job driven: answers about another are ignored.
+    pub(super) attempt: u32,
     pub(super) phase: Phase,
     /// Reports that came before the job was in the log, taken once it is.
     pub(super) early: Vec<(PeerId, PartReport, Reply)>,
 }
 
 impl Drive {
-    /// A job whose entry (or, alone, whose part's prepare) is on its way.
-    pub(super) fn recording() -> Drive {
+    /// Run `attempt` of a job whose entry (or, alone, whose part's prepare) is on its way.
+    pub(super) fn recording(attempt: u32) -> Drive {
         Drive {
+            attempt,
             phase: Phase::Recording,
             early: Vec::new(),
         }
@@ -211,6 +222,12 @@ pub(super) struct Core {
     pub(super) seq: u64,
     /// Whether this broker led the log at its last input.
     pub(super) leading: bool,
+    /// The jobs whose run this broker gave up (a node was lost), and when: a job's next run
+    /// goes only to nodes heard from since, so that it does not go back to the node that
+    /// was lost before the loss is noticed.
+    pub(super) given_up: HashMap<JobId, Instant>,
+    /// When the input being taken came.
+    pub(super) now: Instant,
     /// The replicas to start the job log with, and since when, if no other replica has
     /// started it by [`super::FOUNDING_WAIT`].
     pub(super) founders: Option<(Vec<Replica>, Instant)>,
@@ -237,6 +254,8 @@ impl Core {
             drives: HashMap::new(),
             seq: 0,
             leading: false,
+            given_up: HashMap::new(),
+            now: Instant::now(),
             founders: founders.map(|r| (r, Instant::now())),
         }
     }
@@ -244,6 +263,7 @@ impl Core {
     /// Takes `input` at `now`; what to do about it.
     pub(super) fn on(&mut self, now: Instant, input: Input) -> Vec<Effect> {
         let mut out = Vec::new();
+        self.now = now;
         // A replica that has just come to lead takes over before it acts on anything: a
         // request may reach it before its next tick does.
         self.lead(&mut out, now);
@@ -317,6 +337,12 @@ impl Core {
             }
             Then::Placed { reply, job, specs } => self.placed(out, reply, &job, specs, outcome),
             Then::StartRecorded { job, peers } => self.start_recorded(out, &job, peers),
+            Then::Requeued {
+                job,
+                attempt,
+                peers,
+                reply,
+            } => self.requeued(out, &job, attempt, peers, reply, outcome),
             Then::EndRecorded { job, state, reply } => {
                 self.end_recorded(out, &job, state, outcome);
                 if let Some(reply) = reply {
@@ -349,9 +375,12 @@ impl Core {
             Then::AlonePrepared { reply, record } => {
                 self.alone_prepared(out, reply, *record, peer, answer);
             }
-            Then::Prepared { job } => self.prepared(out, &job, peer, answer),
-            Then::Started { job } => {
-                if let Err(f) = answer {
+            Then::Prepared { job, attempt } => self.prepared(out, &job, attempt, peer, answer),
+            Then::Started { job, attempt } => {
+                let current = self.log.read(|s| s.job(&job).map(|j| j.attempt));
+                if let Err(f) = answer
+                    && current == Some(attempt)
+                {
                     let why = format!("node {}: {}", self.members.label(&peer), f.message);
                     self.end(
                         out,

@@ -299,6 +299,7 @@ async fn a_report_that_comes_before_its_jobs_entry_waits_for_it() {
     let (reply, mut report_rx) = oneshot::channel();
     let report = PartReport {
         job: job.clone(),
+        attempt: 0,
         outcome: Ok(PartResult {
             outputs: vec![("v".into(), bytes::Bytes::from_static(b"slept\n"))],
             traffic: Vec::new(),

@@ -113,10 +113,12 @@ impl Core {
             }
             return;
         }
+        self.given_up.remove(job);
         if let Some(reply) = reply {
             out.push(Effect::Reply(reply, self.submitted(job)));
         }
         let peers: Vec<PeerId> = specs.iter().map(|(p, _)| *p).collect();
+        let attempt = specs.first().map_or(0, |(_, s)| s.attempt);
         let early = match self.drives.get_mut(job) {
             Some(d) => {
                 d.phase = Phase::Preparing {
@@ -136,6 +138,7 @@ impl Core {
                 request: BrokerRequest::Prepare(Box::new(spec)),
                 then: Then::Prepared {
                     job: job.to_owned(),
+                    attempt,
                 },
             });
         }
@@ -151,15 +154,21 @@ impl Core {
         &mut self,
         out: &mut Vec<Effect>,
         job: &JobId,
+        attempt: u32,
         peer: PeerId,
         answer: Result<Response, Failure>,
     ) {
+        // An answer of a run given up meanwhile is nobody's.
         let Some(Phase::Preparing {
             awaited,
             finished,
             refused,
             ..
-        }) = self.drives.get_mut(job).map(|d| &mut d.phase)
+        }) = self
+            .drives
+            .get_mut(job)
+            .filter(|d| d.attempt == attempt)
+            .map(|d| &mut d.phase)
         else {
             return;
         };
@@ -202,6 +211,7 @@ impl Core {
             .collect();
         batch.push(Command::Start {
             job: job.to_owned(),
+            at_ms: now_ms(),
         });
         out.push(Effect::Record {
             command: Command::Batch(batch),
@@ -221,10 +231,15 @@ impl Core {
         peers: Vec<PeerId>,
     ) {
         self.drives.remove(job);
-        let running = self
-            .log
-            .read(|s| s.job(job).is_some_and(|j| j.state == JobState::Running));
-        if !running || peers.len() == 1 {
+        let running = self.log.read(|s| {
+            s.job(job)
+                .filter(|j| j.state == JobState::Running)
+                .map(|j| j.attempt)
+        });
+        let Some(attempt) = running else {
+            return;
+        };
+        if peers.len() == 1 {
             return;
         }
         for peer in peers {
@@ -233,9 +248,11 @@ impl Core {
                 addrs: Vec::new(),
                 request: BrokerRequest::Start {
                     job: job.to_owned(),
+                    attempt,
                 },
                 then: Then::Started {
                     job: job.to_owned(),
+                    attempt,
                 },
             });
         }
@@ -253,7 +270,9 @@ impl Core {
         self.end_then(out, job, state, ended, None);
     }
 
-    /// As [`Core::end`], answering `reply` once the end is recorded.
+    /// As [`Core::end`], answering `reply` once the end is recorded. A job failed because a
+    /// node was lost ([`ErrorKind::Lost`]) with retries left runs again instead, from its
+    /// start ([`Core::requeued`]).
     pub(super) fn end_then(
         &mut self,
         out: &mut Vec<Effect>,
@@ -262,6 +281,39 @@ impl Core {
         ended: Ended,
         reply: Option<Reply>,
     ) {
+        if state == JobState::Failed
+            && ended.kind == Some(ErrorKind::Lost)
+            && let Some((attempt, peers)) = self.log.read(|s| {
+                s.job(job)
+                    .filter(|j| {
+                        matches!(j.state, JobState::Preparing | JobState::Running)
+                            && j.attempt < j.retries
+                            && j.submission.is_some()
+                    })
+                    .map(|j| {
+                        let peers = j.parts.iter().filter(|p| !p.done).map(|p| p.node);
+                        (j.attempt, peers.collect::<Vec<PeerId>>())
+                    })
+            })
+        {
+            let why = ended.error.unwrap_or_else(|| "a node was lost".into());
+            tracing::warn!(%job, attempt = attempt + 1, %why, "job runs again");
+            out.push(Effect::Record {
+                command: Command::Requeue {
+                    job: job.to_owned(),
+                    attempt: attempt + 1,
+                    at_ms: ended.at_ms,
+                    why,
+                },
+                then: Then::Requeued {
+                    job: job.to_owned(),
+                    attempt,
+                    peers,
+                    reply,
+                },
+            });
+            return;
+        }
         out.push(Effect::Record {
             command: Command::End {
                 job: job.to_owned(),
@@ -284,6 +336,7 @@ impl Core {
         state: JobState,
         outcome: Result<Applied, LogError>,
     ) {
+        self.given_up.remove(job);
         match outcome {
             Ok(Applied::Done) => {}
             Ok(other) => {
@@ -303,11 +356,58 @@ impl Core {
         self.terminate(out, job, &format!("{state:?}"), peers);
     }
 
+    /// A run of `job` given up was recorded (or not): the parts of run `attempt` still on
+    /// `peers` are told to stop, and the job, pending again, is placed when there is room.
+    pub(super) fn requeued(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        attempt: u32,
+        peers: Vec<PeerId>,
+        reply: Option<Reply>,
+        outcome: Result<Applied, LogError>,
+    ) {
+        if let Some(reply) = reply {
+            out.push(Effect::Reply(reply, Response::Ok));
+        }
+        if let Err(f) = first(outcome) {
+            // Ended meanwhile, or given up already by another report of the same loss.
+            tracing::debug!(%job, error = %f.message, "run not given up");
+            return;
+        }
+        if self.drives.get(job).is_some_and(|d| d.attempt == attempt) {
+            self.drives.remove(job);
+        }
+        self.given_up.insert(job.to_owned(), self.now);
+        self.terminate_run(
+            out,
+            job,
+            attempt,
+            "its run was given up: a node was lost",
+            peers,
+        );
+        self.place_pending(out);
+    }
+
     /// Tells `peers` to stop their part of `job`, without waiting for their answers.
     pub(super) fn terminate(
         &self,
         out: &mut Vec<Effect>,
         job: &JobId,
+        reason: &str,
+        peers: Vec<PeerId>,
+    ) {
+        let attempt = self.log.read(|s| s.job(job).map_or(0, |j| j.attempt));
+        self.terminate_run(out, job, attempt, reason, peers);
+    }
+
+    /// Tells `peers` to stop their part of run `attempt` of `job` (or an earlier run), without
+    /// waiting for their answers.
+    fn terminate_run(
+        &self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        attempt: u32,
         reason: &str,
         peers: Vec<PeerId>,
     ) {
@@ -317,6 +417,7 @@ impl Core {
                 addrs: self.members.addrs(&peer),
                 request: BrokerRequest::Terminate {
                     job: job.to_owned(),
+                    attempt,
                     reason: reason.to_owned(),
                 },
                 then: Then::Nothing,
@@ -344,6 +445,8 @@ impl Core {
                 FailureKind::NotFound,
                 format!("no job {}", r.job),
             )),
+            // A report of a run given up: taken, and nothing comes of it.
+            Some(j) if j.attempt != r.attempt => Ok(true),
             Some(j) => match j.parts.iter().find(|p| p.node == peer) {
                 None => Err(Failure::new(
                     FailureKind::Refused,
@@ -378,6 +481,7 @@ fn part_end(label: impl FnOnce() -> String, peer: PeerId, r: PartReport) -> Comm
         Ok(res) => Command::PartDone {
             job: r.job,
             node: peer,
+            attempt: r.attempt,
             outputs: res.outputs,
             traffic: res.traffic,
             at_ms: now_ms(),

@@ -129,16 +129,23 @@ impl Core {
     }
 
     /// A node's heartbeat: its load, and the jobs it runs parts of. The answer names those of
-    /// them that the log has ended or never recorded, for the node to stop.
+    /// them that the log has ended or never recorded, for the node to stop, and those whose
+    /// run now has no part on the node (it holds a run given up), for it to stop that run.
     pub(super) fn heartbeat(&mut self, now: Instant, peer: PeerId, load: NodeLoad) -> Response {
         // A job being driven is not yet (or only just) in the log: none is taken for unknown on
         // its way in.
-        let stop: Vec<JobId> = self.log.read(|s| {
+        let stop: Vec<(JobId, u32)> = self.log.read(|s| {
             load.jobs
                 .iter()
                 .filter(|j| !self.drives.contains_key(*j))
-                .filter(|j| s.job(j).is_none_or(|r| r.state.is_final()))
-                .cloned()
+                .filter_map(|j| match s.job(j) {
+                    None => Some((j.clone(), u32::MAX)),
+                    Some(r) if r.state.is_final() => Some((j.clone(), u32::MAX)),
+                    Some(r) if r.attempt > 0 && !r.parts.iter().any(|p| p.node == peer) => {
+                        Some((j.clone(), r.attempt - 1))
+                    }
+                    Some(_) => None,
+                })
                 .collect()
         });
         let unlisted = self.unlisted(peer, &load.jobs);

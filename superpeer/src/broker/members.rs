@@ -32,7 +32,8 @@ pub(super) struct NodeEntry {
     /// How the parts of a job name it to each other (its peer id and addresses as text, made
     /// once: base58 and address formatting cost more than the rest of a small job's spec).
     pub(super) member: Member,
-    last_seen: Instant,
+    /// Its last registration or heartbeat.
+    pub(super) last_seen: Instant,
     pub(super) lost: bool,
     /// Running jobs placed here that the node did not list at its heartbeats, and since when.
     missing: HashMap<JobId, Instant>,

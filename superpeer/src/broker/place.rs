@@ -151,6 +151,9 @@ impl Core {
             ended: None,
             submission: None,
             version: 0,
+            retries: s.retries,
+            attempt: 0,
+            restarts: Vec::new(),
         };
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,
@@ -193,8 +196,13 @@ impl Core {
             }
         };
         record.parts = plan.parts(&c.topology);
-        let mut specs = self.specs(&id, &owner, &s, &c, &plan);
-        self.drives.insert(id.clone(), Drive::recording());
+        let mut specs = self.specs(&id, &owner, &s, &c, &plan, 0);
+        if s.retries > 0 {
+            // Kept to run it again should a node it runs on be lost (its modules, taken out on
+            // arrival, are the broker's, by hash).
+            record.submission = Some(Box::new(s));
+        }
+        self.drives.insert(id.clone(), Drive::recording(0));
         if let [(peer, _)] = &specs[..]
             && record.image == "host"
         {
@@ -249,14 +257,18 @@ impl Core {
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit
     /// lets later ones that do go first).
     pub(super) fn place_pending(&mut self, out: &mut Vec<Effect>) {
-        let waiting: Vec<(JobId, Principal, Box<Submission>)> = self.log.read(|st| {
+        type Waiting = (JobId, Principal, Box<Submission>, u32);
+        let waiting: Vec<Waiting> = self.log.read(|st| {
             st.pending()
                 .filter(|j| !self.drives.contains_key(&j.id))
-                .filter_map(|j| Some((j.id.clone(), j.owner.clone(), j.submission.clone()?)))
+                .filter_map(|j| {
+                    let s = j.submission.clone()?;
+                    Some((j.id.clone(), j.owner.clone(), s, j.attempt))
+                })
                 .take(256)
                 .collect()
         });
-        for (id, owner, s) in waiting {
+        for (id, owner, s, attempt) in waiting {
             if s.components.values().any(|h| !self.modules.has(h)) {
                 for b in &s.modules {
                     self.modules.put(b.clone());
@@ -280,8 +292,8 @@ impl Core {
             };
             self.view.waiting.lock().remove(&id);
             tracing::info!(job = %id, "pending job placed");
-            let specs = self.specs(&id, &owner, &s, &c, &plan);
-            self.drives.insert(id.clone(), Drive::recording());
+            let specs = self.specs(&id, &owner, &s, &c, &plan, attempt);
+            self.drives.insert(id.clone(), Drive::recording(attempt));
             out.push(Effect::Record {
                 command: Command::Place {
                     job: id.clone(),

@@ -96,7 +96,7 @@ impl Core {
         !ok.is_empty() && schedule::place(&c.graph, &caps, max).is_ok()
     }
 
-    /// What each node of a placed job is sent to prepare its part.
+    /// What each node of a placed job is sent to prepare its part of run `attempt`.
     pub(super) fn specs(
         &self,
         id: &JobId,
@@ -104,6 +104,7 @@ impl Core {
         s: &Submission,
         c: &Checked,
         plan: &Plan,
+        attempt: u32,
     ) -> Vec<(PeerId, PartSpec)> {
         let members: Vec<Member> = plan.peers.iter().map(|p| self.members.member(p)).collect();
         // Each node ensures the profile's image as a guest before its part runs.
@@ -148,6 +149,7 @@ impl Core {
                     environment: environment.clone(),
                     owner: owner.clone(),
                     policy_digest,
+                    attempt,
                 };
                 (*p, spec)
             })
@@ -162,7 +164,13 @@ impl Core {
         s: &Submission,
         c: &Checked,
     ) -> Result<Plan, PlaceError> {
-        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = self.members.live().collect();
+        // A job whose run was given up goes to nodes heard from since.
+        let since = self.given_up.get(job).copied();
+        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = self
+            .members
+            .live()
+            .filter(|(_, e)| since.is_none_or(|t| e.last_seen > t))
+            .collect();
         live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
         if live.is_empty() {
             return Err(PlaceError::NoNodes {

@@ -59,6 +59,8 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         },
         owner: format!("{}@{}", j.owner.name, j.owner.domain),
         broker_addrs: Vec::new(),
+        attempt: j.attempt,
+        restarts: j.restarts.clone(),
     }
 }
 

@@ -275,3 +275,91 @@ async fn a_job_cancelled_while_its_parts_prepare_never_starts_and_frees_its_node
     let s = until(&c, &s.job, JobState::is_final).await;
     assert_eq!(s.state, JobState::Cancelled, "{s:?}");
 }
+
+/// A lab node that runs a part of `s`, other than those of `but`.
+fn node_of(lab: &Lab, s: &JobStatus, but: &[usize]) -> usize {
+    (0..lab.nodes.len())
+        .filter(|i| !but.contains(i))
+        .find(|&i| {
+            s.parts
+                .iter()
+                .any(|p| p.node.to_string() == lab.node_peer(i))
+        })
+        .unwrap_or_else(|| panic!("no node of the job: {s:?}"))
+}
+
+/// Three nodes, and a ring of `hops` on two of them with one retry, running.
+async fn retried(name: &str, hops: u64) -> (Lab, crate::client::Client, JobStatus) {
+    let lab = Lab::start(1, &[8, 8, 8]).await;
+    let c = lab.client().await;
+    let mut job = ring(name, hops, Some(2), 0);
+    job.submission.retries = 1;
+    let s = c.submit(&job).await.expect("submit");
+    let s = until(&c, &s.job, |st| st == JobState::Running).await;
+    (lab, c, s)
+}
+
+/// Sorted vertex outputs, for comparing runs.
+fn outputs(s: &JobStatus) -> Vec<(String, bytes::Bytes)> {
+    let mut v = s.outputs.clone();
+    v.sort();
+    v
+}
+
+/// A node stopped mid-job (its connections close at once): the job runs again from its start
+/// on nodes that are still heard from, ends as an undisturbed run does, and says what was
+/// restarted and how long that took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_mid_job_has_its_job_run_again_on_the_others_with_the_same_output() {
+    let (mut lab, c, s) = retried("again", 200_000).await;
+    let victim = node_of(&lab, &s, &[]);
+    lab.nodes[victim].stop().await;
+    let end = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!((end.state, end.attempt), (JobState::Done, 1), "{end:?}");
+    let [restart] = &end.restarts[..] else {
+        panic!("one restart: {end:?}");
+    };
+    assert_eq!(restart.attempt, 1);
+    assert!(restart.recovery_ms().is_some(), "{restart:?}");
+    assert!(
+        end.parts
+            .iter()
+            .all(|p| p.node.to_string() != lab.node_peer(victim)),
+        "the second run avoids the stopped node: {end:?}"
+    );
+    // The same job undisturbed: the same outputs, as many items moved.
+    let quiet = finished(&c, &ring("again", 200_000, Some(2), 0)).await;
+    assert_eq!(quiet.state, JobState::Done, "{quiet:?}");
+    assert_eq!(outputs(&end), outputs(&quiet));
+    assert_eq!(items(&end), items(&quiet));
+}
+
+/// Without retries (`retries = 0`), or once they are used up, a lost node fails the job,
+/// naming the node; never silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_retries_are_used_up_fails_when_a_node_is_lost_again() {
+    let (mut lab, c, s) = retried("twice", 2_000_000_000).await;
+    let mut stopped = Vec::new();
+    for attempt in 0..2 {
+        let s = until(&c, &s.job, |st| st == JobState::Running).await;
+        assert_eq!(s.attempt, attempt, "{s:?}");
+        let victim = node_of(&lab, &s, &stopped);
+        lab.nodes[victim].stop().await;
+        stopped.push(victim);
+        if attempt == 0 {
+            eventually("the job runs again", async || {
+                let v = c.status(Some(&s.job)).await.ok()?;
+                v.into_iter().find(|j| j.attempt == 1)
+            })
+            .await;
+        }
+    }
+    let end = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!((end.state, end.attempt), (JobState::Failed, 1), "{end:?}");
+    assert_eq!(
+        end.error_kind,
+        Some(crate::proto::ErrorKind::Lost),
+        "{end:?}"
+    );
+    assert_eq!(end.restarts.len(), 1, "{end:?}");
+}

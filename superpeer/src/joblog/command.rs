@@ -24,6 +24,9 @@ pub enum Command {
     Start {
         /// The job.
         job: JobId,
+        /// When, milliseconds since the Unix epoch (the leader's clock).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// A part ended well (of a job preparing or running); the last one ends the job `Done`.
     PartDone {
@@ -31,6 +34,9 @@ pub enum Command {
         job: JobId,
         /// The node.
         node: PeerId,
+        /// The run of the job the part belongs to: a report of an earlier run is refused.
+        #[serde(default)]
+        attempt: u32,
         /// Its vertices' outputs.
         outputs: Vec<(String, bytes::Bytes)>,
         /// Its traffic.
@@ -46,6 +52,18 @@ pub enum Command {
         state: JobState,
         /// When and why.
         ended: Ended,
+    },
+    /// A run of a preparing or running job is given up because a node it ran on was lost: the
+    /// job waits again (`Pending`, no parts), to run once more from its start.
+    Requeue {
+        /// The job.
+        job: JobId,
+        /// The run that begins: the job's run so far plus one, at most its retries.
+        attempt: u32,
+        /// When, milliseconds since the Unix epoch (the leader's clock).
+        at_ms: u64,
+        /// Why, for people.
+        why: String,
     },
     /// A pending job is held back from placement (`true`) or released (`false`).
     Hold {
@@ -64,8 +82,9 @@ impl Command {
         match self {
             Command::Submit(j) => vec![&j.id],
             Command::Place { job, .. }
-            | Command::Start { job }
+            | Command::Start { job, .. }
             | Command::PartDone { job, .. }
+            | Command::Requeue { job, .. }
             | Command::End { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
@@ -163,6 +182,27 @@ pub enum CommandError {
         job: JobId,
         /// The state asked for.
         state: JobState,
+    },
+    /// A report of a part of another run of the job than its current one.
+    #[error("job {job} is in run {current}, not {attempt}")]
+    OtherRun {
+        /// The job.
+        job: JobId,
+        /// The run the command is about.
+        attempt: u32,
+        /// The job's run.
+        current: u32,
+    },
+    /// A run given up that cannot be retried: not preparing or running, not the next run, past
+    /// the job's retries, or without the submission to run it from.
+    #[error("job {job} cannot run again as run {attempt}: {why}")]
+    NoRetry {
+        /// The job.
+        job: JobId,
+        /// The run asked for.
+        attempt: u32,
+        /// Why not.
+        why: String,
     },
     /// A batch inside a batch.
     #[error("a batch inside a batch")]

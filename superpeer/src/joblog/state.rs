@@ -12,7 +12,7 @@ use libp2p::PeerId;
 use mvm_component::policy::Principal;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{ErrorKind, JobId, JobState, Submission, Traffic};
+use crate::proto::{ErrorKind, JobId, JobState, Restart, Submission, Traffic};
 
 pub use super::command::{Applied, Command, CommandError};
 
@@ -118,8 +118,18 @@ pub struct JobRecord {
     pub traffic: Vec<Traffic>,
     /// How it ended.
     pub ended: Option<Ended>,
-    /// The submission, kept while the job waits, so that whichever replica leads can place it.
+    /// The submission, kept while the job waits, so that whichever replica leads can place it,
+    /// and while it may be run again ([`JobRecord::retries`]; without its modules then).
     pub submission: Option<Box<Submission>>,
+    /// How many times it may run again after a lost node.
+    #[serde(default)]
+    pub retries: u32,
+    /// Its run now (0: the first).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The runs given up, and how the next went.
+    #[serde(default)]
+    pub restarts: Vec<Restart>,
     /// The index of the log entry that last changed it (set by [`ControlState::apply`]).
     #[serde(default)]
     pub version: u64,
@@ -242,24 +252,42 @@ impl ControlState {
                 }
                 j.state = JobState::Preparing;
                 j.parts = parts;
-                j.submission = None;
+                if j.attempt >= j.retries {
+                    j.submission = None;
+                } else if let Some(s) = j.submission.as_mut() {
+                    // Kept to run again; its modules are the broker's, by hash.
+                    s.modules.clear();
+                }
                 let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
                 let slots: Vec<(PeerId, u32)> = j.slots().collect();
                 self.pending.remove(&key);
                 self.reserve(&job, &slots, true);
                 Ok(())
             }
-            Command::Start { job } => {
+            Command::Start { job, at_ms } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Preparing {
                     return Err(CommandError::NotPreparing(job));
                 }
                 j.state = JobState::Running;
+                if let Some(r) = j.restarts.last_mut()
+                    && r.attempt == j.attempt
+                    && r.running_ms.is_none()
+                {
+                    r.running_ms = Some(at_ms);
+                }
                 Ok(())
             }
+            Command::Requeue {
+                job,
+                attempt,
+                at_ms,
+                why,
+            } => self.requeue(job, attempt, at_ms, why),
             Command::PartDone {
                 job,
                 node,
+                attempt,
                 outputs,
                 traffic,
                 at_ms,
@@ -267,6 +295,14 @@ impl ControlState {
                 let j = self.live(&job)?;
                 if j.state == JobState::Pending {
                     return Err(CommandError::NoPartsYet(job));
+                }
+                if j.attempt != attempt {
+                    let current = j.attempt;
+                    return Err(CommandError::OtherRun {
+                        job,
+                        attempt,
+                        current,
+                    });
                 }
                 let Some(part) = j.parts.iter_mut().find(|p| p.node == node) else {
                     return Err(CommandError::NotAPart { job, node });
@@ -341,6 +377,53 @@ impl ControlState {
             .or_default()
             .add(job.resources, 1);
         self.jobs.insert(job.id.clone(), job);
+        Ok(())
+    }
+
+    /// Gives up a run of a preparing or running job: it waits again, in its old place in the
+    /// queue, its slots freed (what its owner holds stays held).
+    fn requeue(
+        &mut self,
+        job: JobId,
+        attempt: u32,
+        at_ms: u64,
+        why: String,
+    ) -> Result<(), CommandError> {
+        let j = self.live(&job)?;
+        let no = |why: &str| {
+            Err(CommandError::NoRetry {
+                job: job.clone(),
+                attempt,
+                why: why.to_owned(),
+            })
+        };
+        if !matches!(j.state, JobState::Preparing | JobState::Running) {
+            return no("it is not preparing or running");
+        }
+        if attempt != j.attempt.saturating_add(1) {
+            return no("it is not the next run");
+        }
+        if attempt > j.retries {
+            return no("its retries are used up");
+        }
+        if j.submission.is_none() {
+            return no("its submission was not kept");
+        }
+        let slots: Vec<(PeerId, u32)> = j.slots().collect();
+        j.state = JobState::Pending;
+        j.attempt = attempt;
+        j.parts.clear();
+        j.outputs.clear();
+        j.traffic.clear();
+        j.restarts.push(Restart {
+            attempt,
+            at_ms,
+            why,
+            running_ms: None,
+        });
+        let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
+        self.reserve(&job, &slots, false);
+        self.pending.insert(key);
         Ok(())
     }
 

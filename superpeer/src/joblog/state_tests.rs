@@ -43,6 +43,9 @@ fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
         traffic: Vec::new(),
         ended: None,
         submission: pending.then(submission),
+        retries: 0,
+        attempt: 0,
+        restarts: Vec::new(),
         version: 0,
     }
 }
@@ -80,7 +83,8 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
         s.apply(
             1,
             Command::Start {
-                job: "j-1-1".into()
+                job: "j-1-1".into(),
+                at_ms: 0,
             }
         ),
         Applied::Done
@@ -88,6 +92,7 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     let done = |node| Command::PartDone {
         job: "j-1-1".into(),
         node,
+        attempt: 0,
         outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
         traffic: vec![Traffic {
             kind: "fifo".into(),
@@ -238,6 +243,7 @@ fn commands_that_do_not_fit_change_nothing() {
     for c in [
         Command::Start {
             job: "nope-1-0".into(),
+            at_ms: 0,
         },
         Command::Place {
             job: "nope-1-0".into(),
@@ -270,6 +276,7 @@ fn commands_that_do_not_fit_change_nothing() {
         s.apply(1, Command::PartDone {
             job: "z-1-0".into(),
             node: PeerId::random(),
+            attempt: 0,
             outputs: Vec::new(),
             traffic: Vec::new(),
             at_ms: 0,
@@ -346,9 +353,11 @@ fn a_batch_applies_each_command_as_alone_in_order_and_says_what_each_gave() {
         Command::Submit(Box::new(job("a-1-0", 0, 0, vec![part(n, 2)]))),
         Command::Start {
             job: "a-1-0".into(),
+            at_ms: 0,
         },
         Command::Start {
             job: "a-1-0".into(),
+            at_ms: 0,
         },
         Command::Submit(Box::new(job("b-1-0", 0, 0, vec![part(n, 1)]))),
     ]);
@@ -390,6 +399,7 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
     let done = Command::PartDone {
         job: "a-1-0".into(),
         node: n,
+        attempt: 0,
         outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
         traffic: Vec::new(),
         at_ms: 5,
@@ -441,4 +451,107 @@ fn a_refusal_keeps_its_data_through_the_log_encoding() {
         unreachable!("a refusal")
     };
     assert_eq!(why.to_string(), "job j-1-2 is already not held");
+}
+
+#[test]
+fn a_run_given_up_waits_again_in_its_place_frees_its_slots_and_its_reports_are_refused() {
+    let (a, b) = (PeerId::random(), PeerId::random());
+    let order = |s: &ControlState| s.pending().map(|j| j.id.clone()).collect::<Vec<_>>();
+    let mut s = ControlState::default();
+    let mut running = job("r-1-0", 0, 10, vec![part(a, 2), part(b, 1)]);
+    running.retries = 1;
+    running.submission = Some(submission());
+    assert_eq!(
+        s.apply(1, Command::Submit(Box::new(running))),
+        Applied::Done
+    );
+    let start = |at_ms| Command::Start {
+        job: "r-1-0".into(),
+        at_ms,
+    };
+    assert_eq!(s.apply(2, start(20)), Applied::Done);
+    let done = |node, attempt| Command::PartDone {
+        job: "r-1-0".into(),
+        node,
+        attempt,
+        outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
+        traffic: Vec::new(),
+        at_ms: 30,
+    };
+    assert_eq!(s.apply(3, done(a, 0)), Applied::Done);
+    // A later job waits behind it.
+    assert_eq!(
+        s.apply(
+            4,
+            Command::Submit(Box::new(job("later-1-0", 0, 50, Vec::new())))
+        ),
+        Applied::Done
+    );
+    let requeue = |attempt| Command::Requeue {
+        job: "r-1-0".into(),
+        attempt,
+        at_ms: 40,
+        why: "node b lost".into(),
+    };
+    assert!(matches!(
+        s.apply(5, requeue(2)),
+        Applied::Refused(CommandError::NoRetry { .. })
+    ));
+    assert_eq!(s.apply(5, requeue(1)), Applied::Done);
+    let j = s.job(&"r-1-0".into()).expect("kept").clone();
+    assert_eq!((j.state, j.attempt), (JobState::Pending, 1));
+    assert!(j.parts.is_empty() && j.outputs.is_empty(), "{j:?}");
+    assert_eq!(
+        (s.reserved(&a), s.reserved(&b)),
+        (0, 0),
+        "its slots are free"
+    );
+    assert_eq!(s.held(&alice()).vertices, 4, "its owner still holds it");
+    assert_eq!(order(&s), ["r-1-0", "later-1-0"], "it keeps its place");
+    // A report of the run given up changes nothing, and its retries are used up.
+    assert!(matches!(
+        s.apply(6, done(b, 0)),
+        Applied::Refused(CommandError::NoPartsYet(_))
+    ));
+    assert!(matches!(
+        s.apply(6, requeue(2)),
+        Applied::Refused(CommandError::NoRetry { .. })
+    ));
+    // Placed and started again: the restart says when it ran again.
+    let place = Command::Place {
+        job: "r-1-0".into(),
+        parts: vec![part(a, 3)],
+    };
+    assert_eq!(s.apply(7, place), Applied::Done);
+    assert!(
+        s.job(&"r-1-0".into())
+            .is_some_and(|j| j.submission.is_none()),
+        "no retry left: the submission goes"
+    );
+    assert_eq!(s.apply(8, start(45)), Applied::Done);
+    assert!(matches!(
+        s.apply(9, done(a, 0)),
+        Applied::Refused(CommandError::OtherRun { current: 1, .. })
+    ));
+    assert_eq!(s.apply(9, done(a, 1)), Applied::Done);
+    let j = s.job(&"r-1-0".into()).expect("kept");
+    assert_eq!(j.state, JobState::Done);
+    assert_eq!(j.restarts.len(), 1);
+    assert_eq!(j.restarts[0].recovery_ms(), Some(5));
+    // A run given up needs retries: a job without any fails instead.
+    let mut other = job("o-1-0", 0, 60, vec![part(a, 1)]);
+    other.submission = Some(submission());
+    assert_eq!(s.apply(10, Command::Submit(Box::new(other))), Applied::Done);
+    assert!(matches!(
+        s.apply(
+            11,
+            Command::Requeue {
+                job: "o-1-0".into(),
+                attempt: 1,
+                at_ms: 70,
+                why: "lost".into(),
+            }
+        ),
+        Applied::Refused(CommandError::NoRetry { .. })
+    ));
 }

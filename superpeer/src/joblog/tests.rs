@@ -143,6 +143,9 @@ fn submit(name: &str) -> Command {
         ended: None,
         submission: None,
         version: 0,
+        retries: 0,
+        attempt: 0,
+        restarts: Vec::new(),
     }))
 }
 

@@ -44,8 +44,9 @@ pub(super) enum Effect {
         addrs: Vec<Multiaddr>,
         register: bool,
     },
-    /// Stop this node's part of `job`, which the leader `from` does not know running.
-    Stop { from: PeerId, job: JobId },
+    /// Stop this node's part of `job`, of run `upto` or before, which the leader `from` does
+    /// not know running.
+    Stop { from: PeerId, job: JobId, upto: u32 },
     /// The group's replicas, as the super-peer listed them (leader first).
     Members(Vec<Member>),
     /// Look for the leader among these addresses (and the bootstrap ones).
@@ -146,7 +147,11 @@ impl Follow {
                 stop,
             }) => {
                 self.registered = known;
-                out.extend(stop.into_iter().map(|job| Effect::Stop { from: sp, job }));
+                out.extend(stop.into_iter().map(|(job, upto)| Effect::Stop {
+                    from: sp,
+                    job,
+                    upto,
+                }));
                 // A replica that does not lead lists the leader first.
                 elsewhere = !known && members.first().is_some_and(|m| m.peer != sp);
                 self.members.clone_from(&members);
@@ -282,9 +287,9 @@ impl Node {
                         Input::Heard { from: to, heard }
                     }
                     Effect::Look { known } => Input::Found(self.find_leader(known).await),
-                    Effect::Stop { from, job } => {
+                    Effect::Stop { from, job, upto } => {
                         tracing::warn!(%job, "the leader has no such job running; stopping its part");
-                        self.terminate(from, true, job, "unknown to the leader".into())
+                        self.terminate(from, true, job, upto, "unknown to the leader".into())
                             .await;
                         continue;
                     }

@@ -29,7 +29,7 @@ fn beat(known: bool, members: Vec<Member>, stop: &[&str]) -> Heard {
     Heard::Answer(Box::new(Response::Heartbeat {
         known,
         members,
-        stop: stop.iter().map(|s| (*s).into()).collect(),
+        stop: stop.iter().map(|s| ((*s).into(), u32::MAX)).collect(),
     }))
 }
 
@@ -77,7 +77,8 @@ fn a_node_registers_then_beats_and_registers_again_when_forgotten() {
     );
     assert!(out.contains(&Effect::Stop {
         from: sp,
-        job: "j-1-1".into()
+        job: "j-1-1".into(),
+        upto: u32::MAX,
     }));
     assert!(!looks(&out), "it still leads: it lists itself first");
     assert_eq!(f.on(t0, Input::Tick), vec![send(sp, 1, true)]);

@@ -225,35 +225,43 @@ impl Node {
                 self.ask(|reply| parts::Input::Prepare { from, spec, reply })
                     .await
             }
-            BrokerRequest::Start { job } => {
+            BrokerRequest::Start { job, attempt } => {
                 let superpeer = self.is_superpeer(from);
                 self.ask(|reply| parts::Input::Start {
                     from,
                     superpeer,
                     job,
+                    attempt,
                     reply,
                 })
                 .await
             }
-            BrokerRequest::Terminate { job, reason } => {
+            BrokerRequest::Terminate {
+                job,
+                attempt,
+                reason,
+            } => {
                 let superpeer = self.is_superpeer(from);
-                self.terminate(from, superpeer, job, reason).await
+                self.terminate(from, superpeer, job, attempt, reason).await
             }
         }
     }
 
-    /// Ends this node's part of `job` for `from` (a super-peer of the group, if `superpeer`).
+    /// Ends this node's part of `job`, of run `attempt` or before, for `from` (a super-peer of
+    /// the group, if `superpeer`).
     pub(crate) async fn terminate(
         &self,
         from: PeerId,
         superpeer: bool,
         job: JobId,
+        attempt: u32,
         reason: String,
     ) -> Response {
         self.ask(|reply| parts::Input::Terminate {
             from,
             superpeer,
             job,
+            attempt,
             reason,
             reply,
         })
@@ -288,6 +296,16 @@ impl Node {
                 group: c.group.clone(),
             },
         )
+    }
+}
+
+/// The queue namespace of run `attempt` of `job` on this node: the job id for its first run,
+/// `JOB~N` for run N, so that a run's queues never meet another's.
+pub(crate) fn space(job: &JobId, attempt: u32) -> String {
+    if attempt == 0 {
+        job.to_string()
+    } else {
+        format!("{job}~{attempt}")
     }
 }
 

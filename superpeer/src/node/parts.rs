@@ -7,6 +7,11 @@
 //! A part is `Preparing` (its modules fetched and compiled, its guest provisioned, off the
 //! loop), `Prepared` (waiting for its start), or `Running`. The broker that placed it, or a
 //! super-peer of the group, may start or end it.
+//!
+//! A node holds one run of a job ([`PartSpec::attempt`]): the part of a later run (the job is
+//! run again after a node was lost) replaces an earlier one, and whatever comes about another
+//! run than the one held (its preparation, its end, a stream into it, its termination) is
+//! ignored. Each run's queues have their own namespace ([`super::space`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,34 +66,39 @@ pub(super) enum Input {
         spec: Box<PartSpec>,
         reply: Reply,
     },
-    /// A part's preparation ended.
+    /// The preparation of run `attempt` of a job's part ended.
     Prepared {
         job: JobId,
+        attempt: u32,
         ready: Result<Box<Ready>, Failure>,
     },
-    /// `from` starts a prepared part; `superpeer`: whether `from` is a super-peer of the
-    /// group.
+    /// `from` starts a prepared part of run `attempt`; `superpeer`: whether `from` is a
+    /// super-peer of the group.
     Start {
         from: PeerId,
         superpeer: bool,
         job: JobId,
+        attempt: u32,
         reply: Reply,
     },
-    /// `from` ends a part (whatever it is doing).
+    /// `from` ends a part of run `attempt` or before (whatever it is doing).
     Terminate {
         from: PeerId,
         superpeer: bool,
         job: JobId,
+        attempt: u32,
         reason: String,
         reply: Reply,
     },
     /// A running part ended.
     Ended { report: PartReport },
     /// The hold of the answer to a part's prepare (which started it) is over.
-    HoldOver { job: JobId },
-    /// A queue stream from `key.2` into a remote input of `job` asks for its queue.
+    HoldOver { job: JobId, attempt: u32 },
+    /// A queue stream from `key.2` into a remote input of run `attempt` of `job` asks for
+    /// its queue.
     Inbound {
         job: JobId,
+        attempt: u32,
         key: InputKey,
         reply: oneshot::Sender<Option<(Sender<Bytes>, mpsc::Sender<LinkResult>)>>,
     },
@@ -99,6 +109,7 @@ pub(super) enum Input {
     /// again).
     GiveBack {
         job: JobId,
+        attempt: u32,
         key: InputKey,
         sender: Sender<Bytes>,
     },
@@ -111,12 +122,17 @@ pub(super) enum Effect {
     /// Prepare a part off the loop; what comes of it is [`Input::Prepared`].
     Prepare { from: PeerId, spec: Box<PartSpec> },
     /// Run a part: its outgoing channels and its vertices; its end is [`Input::Ended`].
-    Run { job: JobId, launch: Box<Launch> },
+    Run {
+        job: JobId,
+        attempt: u32,
+        launch: Box<Launch>,
+    },
     /// Hold the answer to a prepare that started its part; then [`Input::HoldOver`].
-    Hold { job: JobId },
-    /// Stop `tasks` (what runs for `job`) and remove its queues.
+    Hold { job: JobId, attempt: u32 },
+    /// Stop `tasks` (what runs for run `attempt` of `job`) and remove its queues.
     Stop {
         job: JobId,
+        attempt: u32,
         reason: String,
         tasks: Vec<AbortHandle>,
     },
@@ -133,6 +149,8 @@ pub(super) enum Effect {
 struct Part {
     /// The broker that placed it.
     broker: PeerId,
+    /// The run of the job it belongs to.
+    attempt: u32,
     /// Remote inputs waiting for their streams.
     inputs: HashMap<InputKey, Sender<Bytes>>,
     /// Where remote channels report their ends (kept for inbound streams yet to come).
@@ -154,21 +172,29 @@ enum Stage {
     Running { hold: Option<Reply> },
 }
 
-/// What the rest of the node sees of its parts: each part's vertices, by job.
+/// What the rest of the node sees of its parts: each part's vertices and run, by job.
 #[derive(Default)]
 pub(super) struct Held {
-    jobs: Mutex<HashMap<JobId, u32>>,
+    jobs: Mutex<HashMap<JobId, (u32, u32)>>,
 }
 
 impl Held {
     /// Vertices of the parts held now.
     pub(super) fn vertices(&self) -> u32 {
-        self.jobs.lock().values().sum()
+        self.jobs.lock().values().map(|(v, _)| v).sum()
     }
 
     /// The jobs whose parts are held now.
     pub(super) fn jobs(&self) -> Vec<JobId> {
         self.jobs.lock().keys().cloned().collect()
+    }
+
+    /// The queue namespaces of the parts held now ([`super::space`]).
+    pub(super) fn spaces(&self) -> Vec<String> {
+        let jobs = self.jobs.lock();
+        jobs.iter()
+            .map(|(job, (_, attempt))| super::space(job, *attempt))
+            .collect()
     }
 }
 
@@ -193,8 +219,14 @@ impl Parts {
     }
 
     fn insert(&mut self, job: JobId, part: Part) {
-        self.held.jobs.lock().insert(job.clone(), part.vertices);
+        let held = (part.vertices, part.attempt);
+        self.held.jobs.lock().insert(job.clone(), held);
         self.parts.insert(job, part);
+    }
+
+    /// The part of `job` if it is of run `attempt`.
+    fn run_mut(&mut self, job: &JobId, attempt: u32) -> Option<&mut Part> {
+        self.parts.get_mut(job).filter(|p| p.attempt == attempt)
     }
 
     fn remove(&mut self, job: &JobId) -> Option<Part> {
@@ -207,12 +239,19 @@ impl Parts {
         let mut out = Vec::new();
         match input {
             Input::Prepare { from, spec, reply } => {
-                if self.parts.contains_key(&spec.job) {
+                let held = self.parts.get(&spec.job).map(|p| p.attempt);
+                if held.is_some_and(|a| a >= spec.attempt) {
                     let why = format!("job {} is already here", spec.job);
                     out.push(Effect::Reply(reply, fail(FailureKind::Input, why)));
                 } else {
+                    if let Some(old) = held {
+                        // A later run of the job: the earlier one goes first.
+                        let why = format!("run {} of the job replaces it", spec.attempt);
+                        self.stop(&mut out, &spec.job, old, &why);
+                    }
                     let part = Part {
                         broker: from,
+                        attempt: spec.attempt,
                         inputs: HashMap::new(),
                         links: None,
                         vertices: 0,
@@ -227,67 +266,64 @@ impl Parts {
                     out.push(Effect::Prepare { from, spec });
                 }
             }
-            Input::Prepared { job, ready } => self.prepared(&mut out, job, ready),
+            Input::Prepared {
+                job,
+                attempt,
+                ready,
+            } => self.prepared(&mut out, job, attempt, ready),
             Input::Start {
                 from,
                 superpeer,
                 job,
+                attempt,
                 reply,
             } => {
-                let r = self.start(&mut out, from, superpeer, &job, None);
+                let r = self.start(&mut out, from, superpeer, &job, attempt, None);
                 out.push(Effect::Reply(reply, r));
             }
             Input::Terminate {
                 from,
                 superpeer,
                 job,
+                attempt,
                 reason,
                 reply,
             } => {
                 let r = match self.parts.get(&job) {
+                    // Not here, or a later run (which its broker placed after this end).
                     None => Response::Ok,
+                    Some(p) if p.attempt > attempt => Response::Ok,
                     Some(p) if p.broker != from && !superpeer => fail(
                         FailureKind::Refused,
                         format!("job {job} was not placed by {from}"),
                     ),
-                    Some(_) => {
-                        let tasks = match self.remove(&job) {
-                            Some(Part {
-                                stage:
-                                    Stage::Preparing { reply, .. }
-                                    | Stage::Running {
-                                        hold: Some(reply), ..
-                                    },
-                                tasks,
-                                ..
-                            }) => {
-                                let why = format!("job {job} was ended: {reason}");
-                                out.push(Effect::Reply(reply, fail(FailureKind::Failed, why)));
-                                tasks
-                            }
-                            Some(p) => p.tasks,
-                            None => Vec::new(),
-                        };
-                        out.push(Effect::Stop { job, reason, tasks });
+                    Some(p) => {
+                        let held = p.attempt;
+                        self.stop(&mut out, &job, held, &reason);
                         Response::Ok
                     }
                 };
                 out.push(Effect::Reply(reply, r));
             }
             Input::Ended { report } => self.ended(&mut out, report),
-            Input::HoldOver { job } => {
+            Input::HoldOver { job, attempt } => {
                 if let Some(Part {
                     stage: Stage::Running { hold },
                     ..
-                }) = self.parts.get_mut(&job)
+                }) = self.run_mut(&job, attempt)
                     && let Some(reply) = hold.take()
                 {
                     // Still running: it reports by itself when it ends.
                     out.push(Effect::Reply(reply, Response::Ok));
                 }
             }
-            Input::Inbound { job, key, reply } => {
-                let taken = self.parts.get_mut(&job).and_then(|p| {
+            Input::Inbound {
+                job,
+                attempt,
+                key,
+                reply,
+            } => {
+                let taken = self.run_mut(&job, attempt).and_then(|p| {
                     let links = p.links.clone()?;
                     p.inputs.remove(&key).map(|tx| (tx, links))
                 });
@@ -297,8 +333,13 @@ impl Parts {
                 Some(p) => p.tasks.extend(tasks),
                 None => out.push(Effect::Abort(tasks)),
             },
-            Input::GiveBack { job, key, sender } => {
-                if let Some(p) = self.parts.get_mut(&job) {
+            Input::GiveBack {
+                job,
+                attempt,
+                key,
+                sender,
+            } => {
+                if let Some(p) = self.run_mut(&job, attempt) {
                     p.inputs.insert(key, sender);
                 }
             }
@@ -306,13 +347,49 @@ impl Parts {
         out
     }
 
+    /// Removes the part of `job` (of run `attempt`): an answer still owed to its prepare gets
+    /// the reason, and its tasks and queues go.
+    fn stop(&mut self, out: &mut Vec<Effect>, job: &JobId, attempt: u32, reason: &str) {
+        let tasks = match self.remove(job) {
+            Some(Part {
+                stage:
+                    Stage::Preparing { reply, .. }
+                    | Stage::Running {
+                        hold: Some(reply), ..
+                    },
+                tasks,
+                ..
+            }) => {
+                let why = format!("job {job} was ended: {reason}");
+                out.push(Effect::Reply(reply, fail(FailureKind::Failed, why)));
+                tasks
+            }
+            Some(p) => p.tasks,
+            None => Vec::new(),
+        };
+        out.push(Effect::Stop {
+            job: job.to_owned(),
+            attempt,
+            reason: reason.to_owned(),
+            tasks,
+        });
+    }
+
     /// A part's preparation ended: it waits for its start, or starts now holding the answer
     /// to its prepare ([`Effect::Hold`]), or (refused, failed, or ended meanwhile) goes.
-    fn prepared(&mut self, out: &mut Vec<Effect>, job: JobId, ready: Result<Box<Ready>, Failure>) {
-        let Some(part) = self.parts.get_mut(&job) else {
-            // Ended while it was being prepared: what was made goes.
+    fn prepared(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: JobId,
+        attempt: u32,
+        ready: Result<Box<Ready>, Failure>,
+    ) {
+        let Some(part) = self.parts.get_mut(&job).filter(|p| p.attempt == attempt) else {
+            // Ended (or replaced by a later run) while it was being prepared: what was made
+            // goes.
             out.push(Effect::Stop {
                 job,
+                attempt,
                 reason: "ended while being prepared".into(),
                 tasks: Vec::new(),
             });
@@ -336,6 +413,7 @@ impl Parts {
                 }
                 out.push(Effect::Stop {
                     job,
+                    attempt,
                     reason: "not prepared".into(),
                     tasks,
                 });
@@ -367,10 +445,13 @@ impl Parts {
         else {
             return;
         };
-        self.held.jobs.lock().insert(job.clone(), vertices);
+        self.held
+            .jobs
+            .lock()
+            .insert(job.clone(), (vertices, attempt));
         if start {
             let broker = part.broker;
-            let r = self.start(out, broker, true, &job, Some(reply));
+            let r = self.start(out, broker, true, &job, attempt, Some(reply));
             if let Response::Error(_) = r {
                 tracing::warn!(%job, "a part prepared to start at once did not start");
             }
@@ -387,12 +468,13 @@ impl Parts {
         from: PeerId,
         superpeer: bool,
         job: &JobId,
+        attempt: u32,
         hold: Option<Reply>,
     ) -> Response {
-        let Some(part) = self.parts.get_mut(job) else {
+        let Some(part) = self.run_mut(job, attempt) else {
             return fail(
                 FailureKind::NotFound,
-                format!("job {job} is not prepared here"),
+                format!("run {attempt} of job {job} is not prepared here"),
             );
         };
         if part.broker != from && !superpeer {
@@ -415,11 +497,13 @@ impl Parts {
         };
         out.push(Effect::Run {
             job: job.to_owned(),
+            attempt,
             launch,
         });
         if held {
             out.push(Effect::Hold {
                 job: job.to_owned(),
+                attempt,
             });
         }
         Response::Ok
@@ -430,8 +514,8 @@ impl Parts {
     /// failed one stays until the broker ends the job.
     fn ended(&mut self, out: &mut Vec<Effect>, report: PartReport) {
         let job = report.job.clone();
-        let Some(part) = self.parts.get_mut(&job) else {
-            return; // ended meanwhile: nobody wants its report
+        let Some(part) = self.run_mut(&job, report.attempt) else {
+            return; // ended (or replaced) meanwhile: nobody wants its report
         };
         let broker = part.broker;
         let hold = match &mut part.stage {
@@ -442,6 +526,7 @@ impl Parts {
             let tasks = self.remove(&job).map(|p| p.tasks).unwrap_or_default();
             out.push(Effect::Stop {
                 job,
+                attempt: report.attempt,
                 reason: "done".into(),
                 tasks,
             });

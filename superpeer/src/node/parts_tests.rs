@@ -56,6 +56,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
             roles: Vec::new(),
         },
         policy_digest: crate::proto::Hash::of(b""),
+        attempt: 0,
     })
 }
 
@@ -107,6 +108,7 @@ impl Bench {
         let ready = self.ready(job);
         self.parts.on(Input::Prepared {
             job: job.into(),
+            attempt: 0,
             ready: Ok(ready),
         })
     }
@@ -133,6 +135,7 @@ fn terminate(from: PeerId, superpeer: bool, reason: &str, reply: Reply) -> Input
         from,
         superpeer,
         job: "j-1-1".into(),
+        attempt: 0,
         reason: reason.into(),
         reply,
     }
@@ -165,6 +168,7 @@ fn answer(out: Vec<Effect>) {
 fn report(job: &str, ok: bool) -> PartReport {
     PartReport {
         job: job.into(),
+        attempt: 0,
         outcome: if ok {
             Ok(PartResult::default())
         } else {
@@ -197,7 +201,8 @@ fn a_part_started_with_its_prepare_answers_with_its_report_within_the_hold() {
     assert!(
         b.parts
             .on(Input::HoldOver {
-                job: "j-1-1".into()
+                job: "j-1-1".into(),
+                attempt: 0,
             })
             .is_empty()
     );
@@ -211,6 +216,7 @@ fn a_part_still_running_when_the_hold_is_over_reports_by_itself_and_a_failed_one
     b.prepared("j-1-1");
     let out = b.parts.on(Input::HoldOver {
         job: "j-1-1".into(),
+        attempt: 0,
     });
     assert_eq!(kinds(&out), ["reply"]);
     answer(out);
@@ -278,6 +284,7 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
     let refusal = Failure::new(FailureKind::Refused, "refused by the node-level policy");
     let out = b.parts.on(Input::Prepared {
         job: "j-1-1".into(),
+        attempt: 0,
         ready: Err(refusal.clone()),
     });
     assert_eq!(kinds(&out), ["reply", "stop"]);
@@ -288,6 +295,7 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
         from: broker,
         superpeer: true,
         job: "j-1-1".into(),
+        attempt: 0,
         reply,
     }));
     assert!(matches!(rx.try_recv(), Ok(Response::Error(f)) if f.kind == FailureKind::NotFound));
@@ -301,6 +309,7 @@ fn a_refused_preparation_answers_with_the_refusal_and_a_start_needs_a_prepared_p
             from,
             superpeer,
             job: "k-1-1".into(),
+            attempt: 0,
             reply,
         });
         let kinds = kinds(&out);
@@ -346,4 +355,90 @@ async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_pa
         tasks: vec![late.abort_handle()],
     });
     assert_eq!(kinds(&out), ["abort"]);
+}
+
+#[test]
+fn a_later_run_of_a_job_replaces_the_earlier_and_what_comes_of_the_earlier_is_ignored() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    let job = "j-1-1";
+    drop(b.prepare(broker, job, false));
+    assert_eq!(kinds(&b.prepared(job)), ["reply"]);
+    // Run 1 of the job (run 0 was given up): run 0 goes first, in its own namespace.
+    let run = |attempt, start| {
+        let mut s = spec(job, start);
+        s.attempt = attempt;
+        s
+    };
+    let (reply, _first) = asked();
+    let out = b.parts.on(Input::Prepare {
+        from: broker,
+        spec: run(1, false),
+        reply,
+    });
+    assert_eq!(kinds(&out), ["stop", "prepare"]);
+    assert!(matches!(&out[0], Effect::Stop { attempt: 0, .. }));
+    // Run 0 again, or a second run 1, is refused.
+    for attempt in [0, 1] {
+        let (reply, mut rx) = asked();
+        answer(b.parts.on(Input::Prepare {
+            from: broker,
+            spec: run(attempt, false),
+            reply,
+        }));
+        assert!(
+            matches!(rx.try_recv(), Ok(Response::Error(f)) if f.message.contains("already here"))
+        );
+    }
+    // Run 0's end, termination and preparation are not run 1's.
+    let mut old = report(job, false);
+    old.attempt = 0;
+    assert!(b.parts.on(Input::Ended { report: old }).is_empty());
+    let (reply, mut rx) = asked();
+    let out = b.parts.on(terminate(broker, false, "run given up", reply));
+    assert_eq!(kinds(&out), ["reply"], "run 1 stays");
+    answer(out);
+    assert!(matches!(rx.try_recv(), Ok(Response::Ok)));
+    assert_eq!(b.held.jobs(), [job]);
+    let stale = b.ready(job);
+    let out = b.parts.on(Input::Prepared {
+        job: job.into(),
+        attempt: 0,
+        ready: Ok(stale),
+    });
+    assert!(
+        matches!(&out[..], [Effect::Stop { attempt: 0, .. }]),
+        "what run 0's preparation made goes: {:?}",
+        kinds(&out)
+    );
+    // Run 1 prepared: only a start of run 1 runs it.
+    let ready = b.ready(&crate::node::space(&job.into(), 1));
+    let out = b.parts.on(Input::Prepared {
+        job: job.into(),
+        attempt: 1,
+        ready: Ok(ready),
+    });
+    assert_eq!(kinds(&out), ["reply"]);
+    let start = |b: &mut Bench, attempt| {
+        let (reply, mut rx) = asked();
+        let out = b.parts.on(Input::Start {
+            from: broker,
+            superpeer: false,
+            job: job.into(),
+            attempt,
+            reply,
+        });
+        let k = kinds(&out);
+        answer(out);
+        (k, rx.try_recv())
+    };
+    let (k, r) = start(&mut b, 0);
+    assert!(
+        k == ["reply"] && matches!(r, Ok(Response::Error(f)) if f.kind == FailureKind::NotFound)
+    );
+    let (k, r) = start(&mut b, 1);
+    assert!(
+        k == ["run", "reply"] && matches!(r, Ok(Response::Ok)),
+        "{k:?}"
+    );
 }

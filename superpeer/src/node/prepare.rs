@@ -56,7 +56,7 @@ impl Node {
             .filter(|&v| spec.placement[v] == spec.here)
             .collect();
         let probe = JobSpec {
-            id: spec.job.to_string(),
+            id: super::space(&spec.job, spec.attempt),
             topology: &topology,
             modules: HashMap::new(),
             params: BTreeMap::new(),
@@ -171,7 +171,7 @@ impl Node {
             }
         };
         let job = JobSpec {
-            id: spec.job.to_string(),
+            id: super::space(&spec.job, spec.attempt),
             topology: &topology,
             modules,
             params: spec.parameters.clone(),

@@ -72,29 +72,39 @@ impl Node {
                     let ready = node.prepare_part(from, &spec).await;
                     Some(Input::Prepared {
                         job: spec.job,
+                        attempt: spec.attempt,
                         ready,
                     })
                 });
             }
-            Effect::Run { job, launch } => {
-                let handles = self.launch(tasks, job.clone(), *launch);
+            Effect::Run {
+                job,
+                attempt,
+                launch,
+            } => {
+                let handles = self.launch(tasks, job.clone(), attempt, *launch);
                 return Some(Input::Attach {
                     job,
                     tasks: handles,
                 });
             }
-            Effect::Hold { job } => {
+            Effect::Hold { job, attempt } => {
                 tasks.spawn(async move {
                     tokio::time::sleep(PART_HOLD).await;
-                    Some(Input::HoldOver { job })
+                    Some(Input::HoldOver { job, attempt })
                 });
             }
-            Effect::Stop { job, reason, tasks } => {
+            Effect::Stop {
+                job,
+                attempt,
+                reason,
+                tasks,
+            } => {
                 for t in tasks {
                     t.abort();
                 }
-                let left = self.queues.destroy_job(job.as_str());
-                tracing::debug!(%job, %reason, queues = left.len(), "part removed");
+                let left = self.queues.destroy_job(&super::space(&job, attempt));
+                tracing::debug!(%job, attempt, %reason, queues = left.len(), "part removed");
             }
             Effect::Abort(tasks) => {
                 for t in tasks {
@@ -118,6 +128,7 @@ impl Node {
         self: &Arc<Self>,
         tasks: &mut JoinSet<Option<Input>>,
         job: JobId,
+        attempt: u32,
         mut launch: Launch,
     ) -> Vec<AbortHandle> {
         let mut handles = Vec::new();
@@ -131,6 +142,7 @@ impl Node {
                 vertex: out.vertex.clone(),
                 port: out.port.clone(),
                 direct: self.links.is_some(),
+                attempt,
             };
             let task = tasks.spawn(async move {
                 let (vertex, port) = (out.vertex.clone(), out.port.clone());
@@ -190,11 +202,16 @@ impl Node {
             ..
         } = launch;
         handles.push(tasks.spawn(async move {
+            let space = super::space(&job, attempt);
             let outcome = node
-                .supervise(&job, prepared, links_rx, expected_links)
+                .supervise(&space, prepared, links_rx, expected_links)
                 .await;
             Some(Input::Ended {
-                report: PartReport { job, outcome },
+                report: PartReport {
+                    job,
+                    attempt,
+                    outcome,
+                },
             })
         }));
         handles
@@ -203,8 +220,8 @@ impl Node {
     /// Ends every part held (the daemon is shutting down; the loop, and with it every task of
     /// every part, has ended).
     pub(crate) fn terminate_all(&self) {
-        for job in self.held.jobs() {
-            self.queues.destroy_job(job.as_str());
+        for space in self.held.spaces() {
+            self.queues.destroy_job(&space);
         }
     }
 
@@ -239,10 +256,11 @@ impl Node {
         }
     }
 
-    /// Runs the local vertices and waits for every remote channel; collects what moved.
+    /// Runs the local vertices and waits for every remote channel; collects what moved (in
+    /// the queues of namespace `job`, [`super::space`]).
     async fn supervise(
         self: &Arc<Self>,
-        job: &JobId,
+        job: &str,
         prepared: Prepared,
         mut links: mpsc::Receiver<LinkResult>,
         expected: usize,
@@ -279,9 +297,9 @@ impl Node {
         let queues = &self.queues;
         let mut traffic: BTreeMap<(String, String, bool, bool), (u64, u64)> = BTreeMap::new();
         let prefix = format!("{job}/");
-        for s in queues.list(Some(job.as_str())) {
+        for s in queues.list(Some(job)) {
             let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
-            let Some(h) = queues.get(job.as_str(), name) else {
+            let Some(h) = queues.get(job, name) else {
                 continue;
             };
             let kind = h.queue.config().kind.as_str().to_owned();

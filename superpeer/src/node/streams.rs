@@ -135,6 +135,7 @@ impl Node {
                 let (reply, answer) = oneshot::channel();
                 let ask = Msg::Input(Input::Inbound {
                     job: header.job.clone(),
+                    attempt: header.attempt,
                     key: key.clone(),
                     reply,
                 });
@@ -176,6 +177,7 @@ impl Node {
                     tracing::debug!(%peer, error = %e, "queue stream lost before its acknowledgement");
                     let back = Input::GiveBack {
                         job: header.job.clone(),
+                        attempt: header.attempt,
                         key,
                         sender: tx,
                     };

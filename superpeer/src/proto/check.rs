@@ -336,6 +336,7 @@ mod tests {
                 roles: Vec::new(),
             },
             policy_digest: Hash::of(b""),
+            attempt: 0,
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()

@@ -65,6 +65,9 @@ pub struct StreamHeader {
     /// The opener asks for a direct link ([`ACK_DIRECT`]) instead of data on this stream.
     #[serde(default)]
     pub direct: bool,
+    /// The run of the job the opener's part belongs to: a stream from another run is refused.
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// The acceptor's answer to a stream header: the channel is expected; its items follow on
@@ -156,6 +159,7 @@ mod tests {
         futures::executor::block_on(async {
             let req = Request::Broker(BrokerRequest::Terminate {
                 job: "fft8-1-1".parse().expect("a job id"),
+                attempt: 0,
                 reason: "done".into(),
             });
             let mut buf = Vec::new();

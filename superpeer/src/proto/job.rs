@@ -49,6 +49,11 @@ pub struct Submission {
     /// Among jobs waiting for room, higher is placed first (then earlier).
     #[serde(default)]
     pub priority: i32,
+    /// How many times the job is run again from its start when a node it runs on is lost (the
+    /// profile's `retries`; the CLI's default is 2). Failures of the job's own making (a trap,
+    /// an exit status, a limit) are never retried.
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// Per-vertex limits, as in the profile.
@@ -162,6 +167,10 @@ pub struct PartSpec {
     /// The digest of the policies the broker decided with; a node that holds other ones
     /// fetches the broker's before it decides.
     pub policy_digest: Hash,
+    /// Which run of the job this part belongs to (0 first; each re-run after a lost node
+    /// counts one more). A node holds one run of a job: a later one replaces an earlier one.
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// How a part of a job ended.
@@ -169,6 +178,9 @@ pub struct PartSpec {
 pub struct PartReport {
     /// The job id.
     pub job: JobId,
+    /// The run of the job the part belongs to ([`PartSpec::attempt`]).
+    #[serde(default)]
+    pub attempt: u32,
     /// Success (vertex outputs and traffic) or the first failure.
     pub outcome: Result<PartResult, VertexFailure>,
 }
@@ -294,6 +306,34 @@ pub struct JobStatus {
     /// When another group's super-peer holds the job (it was forwarded there): its addresses.
     #[serde(default)]
     pub broker_addrs: Vec<libp2p::Multiaddr>,
+    /// The run of the job now (0: its first; see [`Submission::retries`]).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The runs that ended because a node was lost, and what came after each.
+    #[serde(default)]
+    pub restarts: Vec<Restart>,
+}
+
+/// A run of a job given up because a node it ran on was lost; the job runs again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restart {
+    /// The run that begins (1 for the first re-run).
+    pub attempt: u32,
+    /// When the run before was given up, milliseconds since the Unix epoch (the leader's clock).
+    pub at_ms: u64,
+    /// Why, for people.
+    pub why: String,
+    /// Every part of the new run started, milliseconds since the Unix epoch; none yet.
+    #[serde(default)]
+    pub running_ms: Option<u64>,
+}
+
+impl Restart {
+    /// How long the job took to run again, once it has: from the run given up to every part of
+    /// the next one started.
+    pub fn recovery_ms(&self) -> Option<u64> {
+        self.running_ms.map(|r| r.saturating_sub(self.at_ms))
+    }
 }
 
 /// A job's part as the broker sees it.

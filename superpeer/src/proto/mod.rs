@@ -143,11 +143,17 @@ pub enum BrokerRequest {
     Start {
         /// The job id.
         job: JobId,
+        /// The run of the job ([`PartSpec::attempt`]): a node holding another one refuses.
+        #[serde(default)]
+        attempt: u32,
     },
     /// Stop a job's part (if any) and remove everything created for it.
     Terminate {
         /// The job id.
         job: JobId,
+        /// The run of the job to stop: a node holding a later one keeps it.
+        #[serde(default)]
+        attempt: u32,
         /// Why, for the node's log.
         reason: String,
     },
@@ -236,11 +242,12 @@ pub enum Response {
         known: bool,
         /// The group's members.
         members: Vec<Member>,
-        /// Jobs of the heartbeat's list that the log has ended or never recorded: their parts
-        /// must stop (their `Terminate` did not arrive, or their leader was lost before it
+        /// Jobs of the heartbeat's list whose parts on the node must stop, each with the last
+        /// run of it to stop (`u32::MAX`: any): jobs the log has ended or never recorded, and
+        /// runs given up (their `Terminate` did not arrive, or their leader was lost before it
         /// recorded them).
         #[serde(default)]
-        stop: Vec<JobId>,
+        stop: Vec<(JobId, u32)>,
     },
     /// A module's bytes.
     Module(Bytes),
