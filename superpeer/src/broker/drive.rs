@@ -48,7 +48,11 @@ impl Core {
             }
         };
         let command = match end {
-            Some(end) => Command::Batch(vec![Command::Submit(Box::new(record)), end]),
+            Some(end) => {
+                // Ended already: nothing to run again, and a short job's entry stays small.
+                record.submission = None;
+                Command::Batch(vec![Command::Submit(Box::new(record)), end])
+            }
             None => Command::Submit(Box::new(record)),
         };
         out.push(Effect::Record {
