@@ -65,6 +65,8 @@ enum Command {
     Status(cmd::job::StatusArgs),
     /// Cancel a job.
     Cancel(cmd::job::CancelArgs),
+    /// Take a checkpoint of a running job now (its profile must ask for checkpoints).
+    Checkpoint(cmd::job::CancelArgs),
     /// Hold a pending job back from placement.
     Hold(cmd::job::CancelArgs),
     /// Release a held job: it is placed when there is room.
@@ -125,6 +127,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),
         Command::Cancel(args) => cmd::job::cancel(args),
+        Command::Checkpoint(args) => cmd::job::checkpoint(args),
         Command::Hold(args) => cmd::job::hold(args, true),
         Command::Release(args) => cmd::job::hold(args, false),
         Command::Run(args) => cmd::run::run(args),

@@ -1,6 +1,6 @@
 //! A client of a super-peer: what `mvm submit`, `status` and `cancel` use.
 
-use crate::proto::{ClientRequest, VmMode};
+use crate::proto::{CheckpointPolicy, ClientRequest, VmMode};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -39,6 +39,13 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
     let limits = profile
         .limits(&file, &src)
         .map_err(|e| input(e.to_string()))?;
+    let checkpoint = profile
+        .checkpoints(&file, &src)
+        .map_err(|e| input(e.to_string()))?
+        .map(|c| CheckpointPolicy {
+            interval_ms: u64::try_from(c.interval.as_millis()).unwrap_or(u64::MAX),
+            keep: c.keep.min(100),
+        });
     let topo_path = Profile::resolve(path, &profile.topology);
     let topology = std::fs::read_to_string(&topo_path)
         .map_err(|e| input(format!("{}: {e}", topo_path.display())))?;
@@ -105,6 +112,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             retries: profile
                 .retries
                 .unwrap_or(mvm_component::profile::DEFAULT_RETRIES),
+            checkpoint,
         },
         modules,
     })
@@ -254,7 +262,7 @@ impl Client {
         match self.call(ClientRequest::Submit(Box::new(s))).await? {
             Response::Submitted(st) => {
                 self.known.lock().extend(job.modules.keys().cloned());
-                Ok(st)
+                Ok(*st)
             }
             other => Err(unexpected(&other)),
         }
@@ -305,6 +313,22 @@ impl Client {
     pub async fn cancel(&self, job: &JobId) -> Result<(), Failure> {
         match self
             .call(ClientRequest::Cancel { job: job.clone() })
+            .await?
+        {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Takes a checkpoint of a running job now; returns once it is stored and recorded.
+    ///
+    /// # Errors
+    /// No such job, a job that did not ask for checkpoints or is not running, a checkpoint
+    /// given up (a vertex that reached no pause point in time, a node that failed), or the
+    /// broker's refusal.
+    pub async fn checkpoint(&self, job: &JobId) -> Result<(), Failure> {
+        match self
+            .call(ClientRequest::Checkpoint { job: job.clone() })
             .await?
         {
             Response::Ok => Ok(()),

@@ -252,11 +252,17 @@ impl Daemon {
                 Some(replicas)
             };
             let modules = ModuleStore::new(config.module_dir.clone());
+            let blobs = ModuleStore::new(
+                config
+                    .module_dir
+                    .as_ref()
+                    .map(|d| d.with_file_name("checkpoints")),
+            );
             Some(Arc::new(Broker::new(
                 site.clone(),
                 codecs.clone(),
                 log,
-                modules,
+                [modules, blobs],
                 founders,
             )))
         } else {

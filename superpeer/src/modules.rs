@@ -1,4 +1,5 @@
-//! Module bytes by content hash, as the broker keeps them for nodes to fetch.
+//! Bytes by content hash, as the broker keeps them for nodes to fetch: modules, and the blobs
+//! of checkpoints.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,6 +57,14 @@ impl ModuleStore {
         }
         self.memory.lock().insert(*hash, bytes.clone());
         Some(bytes)
+    }
+
+    /// Forgets `hash` (in memory and on disk).
+    pub fn remove(&self, hash: &Hash) {
+        self.memory.lock().remove(hash);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_file(dir.join(hash.to_string()));
+        }
     }
 
     /// Whether `hash` is held.

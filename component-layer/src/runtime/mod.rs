@@ -929,9 +929,16 @@ fn wire(
             },
         ));
     }
+    // Named within the job (`vertex:port`, `vertex:port>out`): an image of the part fits the
+    // same part prepared under another namespace (another run of the job).
+    let prefix = format!("{}/", job.id);
     let mut part_queues: Vec<(String, mvm_queue::queue::Queue<Bytes>)> = handles
         .values()
-        .map(|h| (h.queue.name().to_string(), h.queue.clone()))
+        .map(|h| {
+            let name = h.queue.name();
+            let name = name.strip_prefix(prefix.as_str()).unwrap_or(name);
+            (name.to_owned(), h.queue.clone())
+        })
         .collect();
     part_queues.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((ios, remote_inputs, remote_outputs, part_queues))

@@ -161,6 +161,9 @@ pub(crate) struct StatusOut {
     /// again (`running_ms - at_ms`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     restarts: Vec<mvm_superpeer::proto::Restart>,
+    /// The checkpoints kept, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    checkpoints: Vec<mvm_superpeer::proto::CheckpointInfo>,
     parts: Vec<mvm_superpeer::proto::PartStatus>,
     traffic: Vec<mvm_superpeer::proto::Traffic>,
     pub(crate) outputs: Vec<(String, String)>,
@@ -196,6 +199,7 @@ impl From<&JobStatus> for StatusOut {
             owner: s.owner.clone(),
             attempt: s.attempt,
             restarts: s.restarts.clone(),
+            checkpoints: s.checkpoints.clone(),
             parts: s.parts.clone(),
             traffic: s.traffic.clone(),
             outputs,
@@ -236,8 +240,8 @@ fn line(s: &JobStatus) -> String {
     l
 }
 
-/// One line per run of a job given up because a node was lost: why, and how long the job took
-/// to run again.
+/// One line per run of a job given up because a node was lost (why, from where it ran again,
+/// and how long that took), and one per checkpoint kept.
 fn restarts(s: &JobStatus) -> String {
     let mut out = String::new();
     for r in &s.restarts {
@@ -245,10 +249,23 @@ fn restarts(s: &JobStatus) -> String {
             Some(ms) => format!("running again after {:.3} s", ms as f64 / 1000.0),
             None => "not running again yet".to_owned(),
         };
+        let from = match r.from_cut {
+            Some(cut) => format!("from checkpoint {cut}"),
+            None => "from the start".to_owned(),
+        };
         out.push_str(&format!(
-            "  run {} restarted from the start ({again}): {}\n",
+            "  run {} restarted {from} ({again}): {}\n",
             r.attempt + 1,
             r.why
+        ));
+    }
+    for c in &s.checkpoints {
+        out.push_str(&format!(
+            "  checkpoint {} (run {}): {} parts, {} bytes\n",
+            c.cut,
+            c.attempt + 1,
+            c.parts.len(),
+            c.bytes()
         ));
     }
     out
@@ -413,6 +430,33 @@ pub(crate) fn hold(args: CancelArgs, held: bool) -> Result<(), Failure> {
             &serde_json::json!({ "job": args.job, "held": held }),
             args.out.output,
             |_| format!("{} {}", args.job, if held { "held" } else { "released" }),
+        )
+    })
+}
+
+pub(crate) fn checkpoint(args: CancelArgs) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        let client = connect(&args.broker).await?;
+        client.checkpoint(&args.job).await.map_err(wire)?;
+        let s = client
+            .status(Some(&args.job))
+            .await
+            .map_err(wire)?
+            .pop()
+            .and_then(|s| s.checkpoints.last().cloned());
+        crate::cmd::print(
+            &serde_json::json!({ "job": args.job, "checkpoint": s }),
+            args.out.output,
+            |_| match &s {
+                Some(c) => format!(
+                    "{} checkpoint {} stored: {} parts, {} bytes",
+                    args.job,
+                    c.cut,
+                    c.parts.len(),
+                    c.bytes()
+                ),
+                None => format!("{} checkpoint stored", args.job),
+            },
         )
     })
 }

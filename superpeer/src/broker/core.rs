@@ -45,6 +45,8 @@ pub(super) enum Input {
     },
     /// A client cancels a job (the policy has let it).
     Cancel { reply: Reply, job: JobId },
+    /// A client asks for a checkpoint of a running job now (the policy has let it).
+    Checkpoint { reply: Reply, job: JobId },
     /// A client holds back or releases a pending job (the policy has let it).
     Hold {
         reply: Reply,
@@ -149,6 +151,15 @@ pub(super) enum Then {
     StartRecorded { job: JobId, peers: Vec<PeerId> },
     /// A part of run `attempt` answered its start.
     Started { job: JobId, attempt: u32 },
+    /// A node answered for part `part` of checkpoint `cut` of `job`.
+    CutTaken { job: JobId, cut: u64, part: usize },
+    /// A checkpoint was recorded: the blobs of `before` it no longer keeps go, and the
+    /// clients that asked for it are answered.
+    CutRecorded {
+        job: JobId,
+        before: Vec<crate::proto::Hash>,
+        replies: Vec<Reply>,
+    },
     /// A run given up (a node was lost) was recorded: its parts on `peers` are told to stop,
     /// and the job is placed again.
     Requeued {
@@ -228,6 +239,12 @@ pub(super) struct Core {
     pub(super) given_up: HashMap<JobId, Instant>,
     /// When the input being taken came.
     pub(super) now: Instant,
+    /// The blobs of the checkpoints kept.
+    pub(super) blobs: Arc<ModuleStore>,
+    /// The checkpoints under way, by job.
+    pub(super) cuts: HashMap<JobId, super::recover::Cut>,
+    /// When each running job that asked for checkpoints had its last one started.
+    pub(super) last_cut: super::recover::LastCuts,
     /// The replicas to start the job log with, and since when, if no other replica has
     /// started it by [`super::FOUNDING_WAIT`].
     pub(super) founders: Option<(Vec<Replica>, Instant)>,
@@ -238,11 +255,12 @@ impl Core {
     pub(super) fn new(
         site: Arc<Site>,
         log: JobLog,
-        modules: Arc<ModuleStore>,
+        stores: [Arc<ModuleStore>; 2],
         codecs: Arc<Registry>,
         view: Arc<View>,
         founders: Option<Vec<Replica>>,
     ) -> Core {
+        let [modules, blobs] = stores;
         Core {
             members: Members::new(site.lost_after),
             site,
@@ -256,6 +274,9 @@ impl Core {
             leading: false,
             given_up: HashMap::new(),
             now: Instant::now(),
+            blobs,
+            cuts: HashMap::new(),
+            last_cut: HashMap::new(),
             founders: founders.map(|r| (r, Instant::now())),
         }
     }
@@ -275,6 +296,7 @@ impl Core {
                 checked,
             } => self.submit(&mut out, reply, &who, *submission, *checked),
             Input::Cancel { reply, job } => self.cancel(&mut out, reply, &job),
+            Input::Checkpoint { reply, job } => self.start_cut(&mut out, &job, Some(reply)),
             Input::Hold { reply, job, held } => out.push(Effect::Record {
                 command: Command::Hold { job, held },
                 then: Then::Answer { reply },
@@ -343,6 +365,11 @@ impl Core {
                 peers,
                 reply,
             } => self.requeued(out, &job, attempt, peers, reply, outcome),
+            Then::CutRecorded {
+                job,
+                before,
+                replies,
+            } => self.cut_recorded(out, &job, before, replies, outcome),
             Then::EndRecorded { job, state, reply } => {
                 self.end_recorded(out, &job, state, outcome);
                 if let Some(reply) = reply {
@@ -359,6 +386,7 @@ impl Core {
             Then::AlonePrepared { .. }
             | Then::Prepared { .. }
             | Then::Started { .. }
+            | Then::CutTaken { .. }
             | Then::Nothing => {}
         }
     }
@@ -376,6 +404,7 @@ impl Core {
                 self.alone_prepared(out, reply, *record, peer, answer);
             }
             Then::Prepared { job, attempt } => self.prepared(out, &job, attempt, peer, answer),
+            Then::CutTaken { job, cut, part } => self.cut_taken(out, &job, cut, part, answer),
             Then::Started { job, attempt } => {
                 let current = self.log.read(|s| s.job(&job).map(|j| j.attempt));
                 if let Err(f) = answer

@@ -71,7 +71,10 @@ async fn bench() -> Bench {
     let core = Core::new(
         site,
         log.clone(),
-        Arc::new(ModuleStore::new(None)),
+        [
+            Arc::new(ModuleStore::new(None)),
+            Arc::new(ModuleStore::new(None)),
+        ],
         Arc::new(Registry::new()),
         Arc::new(View::default()),
         None,
@@ -206,7 +209,7 @@ fn sends(effects: Vec<Effect>) -> Vec<(PeerId, BrokerRequest, Then)> {
 
 fn submitted(rx: &mut oneshot::Receiver<Response>) -> crate::proto::JobStatus {
     match rx.try_recv() {
-        Ok(Response::Submitted(st)) => st,
+        Ok(Response::Submitted(st)) => *st,
         other => panic!("not submitted: {other:?}"),
     }
 }

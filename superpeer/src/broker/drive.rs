@@ -275,8 +275,7 @@ impl Core {
     }
 
     /// As [`Core::end`], answering `reply` once the end is recorded. A job failed because a
-    /// node was lost ([`ErrorKind::Lost`]) with retries left runs again instead, from its
-    /// start ([`Core::requeued`]).
+    /// node was lost with retries left runs again instead ([`Core::retry`]).
     pub(super) fn end_then(
         &mut self,
         out: &mut Vec<Effect>,
@@ -285,39 +284,9 @@ impl Core {
         ended: Ended,
         reply: Option<Reply>,
     ) {
-        if state == JobState::Failed
-            && ended.kind == Some(ErrorKind::Lost)
-            && let Some((attempt, peers)) = self.log.read(|s| {
-                s.job(job)
-                    .filter(|j| {
-                        matches!(j.state, JobState::Preparing | JobState::Running)
-                            && j.attempt < j.retries
-                            && j.submission.is_some()
-                    })
-                    .map(|j| {
-                        let peers = j.parts.iter().filter(|p| !p.done).map(|p| p.node);
-                        (j.attempt, peers.collect::<Vec<PeerId>>())
-                    })
-            })
-        {
-            let why = ended.error.unwrap_or_else(|| "a node was lost".into());
-            tracing::warn!(%job, attempt = attempt + 1, %why, "job runs again");
-            out.push(Effect::Record {
-                command: Command::Requeue {
-                    job: job.to_owned(),
-                    attempt: attempt + 1,
-                    at_ms: ended.at_ms,
-                    why,
-                },
-                then: Then::Requeued {
-                    job: job.to_owned(),
-                    attempt,
-                    peers,
-                    reply,
-                },
-            });
+        let Some(reply) = self.retry(out, job, state, &ended, reply) else {
             return;
-        }
+        };
         out.push(Effect::Record {
             command: Command::End {
                 job: job.to_owned(),
@@ -352,45 +321,13 @@ impl Core {
                 return;
             }
         }
+        self.forget_cuts(out, job);
         let peers: Vec<PeerId> = self.log.read(|s| {
             s.job(job)
                 .map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node).collect())
                 .unwrap_or_default()
         });
         self.terminate(out, job, &format!("{state:?}"), peers);
-    }
-
-    /// A run of `job` given up was recorded (or not): the parts of run `attempt` still on
-    /// `peers` are told to stop, and the job, pending again, is placed when there is room.
-    pub(super) fn requeued(
-        &mut self,
-        out: &mut Vec<Effect>,
-        job: &JobId,
-        attempt: u32,
-        peers: Vec<PeerId>,
-        reply: Option<Reply>,
-        outcome: Result<Applied, LogError>,
-    ) {
-        if let Some(reply) = reply {
-            out.push(Effect::Reply(reply, Response::Ok));
-        }
-        if let Err(f) = first(outcome) {
-            // Ended meanwhile, or given up already by another report of the same loss.
-            tracing::debug!(%job, error = %f.message, "run not given up");
-            return;
-        }
-        if self.drives.get(job).is_some_and(|d| d.attempt == attempt) {
-            self.drives.remove(job);
-        }
-        self.given_up.insert(job.to_owned(), self.now);
-        self.terminate_run(
-            out,
-            job,
-            attempt,
-            "its run was given up: a node was lost",
-            peers,
-        );
-        self.place_pending(out);
     }
 
     /// Tells `peers` to stop their part of `job`, without waiting for their answers.
@@ -407,7 +344,7 @@ impl Core {
 
     /// Tells `peers` to stop their part of run `attempt` of `job` (or an earlier run), without
     /// waiting for their answers.
-    fn terminate_run(
+    pub(super) fn terminate_run(
         &self,
         out: &mut Vec<Effect>,
         job: &JobId,

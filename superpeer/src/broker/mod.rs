@@ -45,6 +45,7 @@ mod group;
 mod members;
 mod place;
 mod plan;
+mod recover;
 mod run;
 mod status;
 mod tick;
@@ -82,6 +83,8 @@ pub(crate) struct Broker {
     /// The group's job log (this super-peer's replica).
     pub(crate) log: JobLog,
     pub(crate) modules: Arc<ModuleStore>,
+    /// The blobs of the checkpoints kept.
+    blobs: Arc<ModuleStore>,
     /// What the loop publishes for readers.
     view: Arc<View>,
     /// To the loop.
@@ -131,20 +134,21 @@ fn leader_view(site: &Site, log: &JobLog, replicas: &group::Replicas) -> GroupIn
 }
 
 impl Broker {
-    /// A broker over `log`; it acts once [`Broker::run`] runs its loop.
+    /// A broker over `log`, keeping modules and checkpoint blobs in `stores`; it acts once
+    /// [`Broker::run`] runs its loop.
     pub(crate) fn new(
         site: Arc<Site>,
         codecs: Arc<Registry>,
         log: JobLog,
-        modules: ModuleStore,
+        stores: [ModuleStore; 2],
         founders: Option<Vec<Replica>>,
     ) -> Broker {
         let view = Arc::new(View::default());
-        let modules = Arc::new(modules);
+        let [modules, blobs] = stores.map(Arc::new);
         let core = Core::new(
             site.clone(),
             log.clone(),
-            modules.clone(),
+            [modules.clone(), blobs.clone()],
             codecs.clone(),
             view.clone(),
             founders,
@@ -155,6 +159,7 @@ impl Broker {
             codecs,
             log,
             modules,
+            blobs,
             view,
             inputs,
             parked: Mutex::new(Some((core, rx))),
@@ -244,6 +249,13 @@ impl Broker {
                     Some(r) => r,
                 }
             }
+            // Who may cancel a job may have it checkpointed.
+            ClientRequest::Checkpoint { job } => {
+                match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
+                    None => self.ask(|reply| Input::Checkpoint { reply, job }).await,
+                    Some(r) => r,
+                }
+            }
             // Who may cancel a job may hold it back.
             ClientRequest::Hold { job, held } => {
                 match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
@@ -269,7 +281,11 @@ impl Broker {
                 format!("{who} is not a node of domain {}", self.site.domain),
             );
         }
-        if !matches!(request, NodeRequest::Fetch { .. }) && !self.log.is_leader() {
+        if !matches!(
+            request,
+            NodeRequest::Fetch { .. } | NodeRequest::FetchCheckpoint { .. }
+        ) && !self.log.is_leader()
+        {
             return match request {
                 NodeRequest::Heartbeat(_) => Response::Heartbeat {
                     known: false,
@@ -297,6 +313,10 @@ impl Broker {
             NodeRequest::Fetch { hash } => match self.modules.get(&hash) {
                 Some(b) => Response::Module(b),
                 None => fail(FailureKind::NotFound, format!("no module {hash}")),
+            },
+            NodeRequest::FetchCheckpoint { hash } => match self.blobs.get(&hash) {
+                Some(blob) => Response::Checkpoint { hash, blob },
+                None => fail(FailureKind::NotFound, format!("no checkpoint blob {hash}")),
             },
             NodeRequest::Report(report) => {
                 self.ask(|reply| Input::Report {

@@ -16,7 +16,8 @@ use crate::joblog::state::{Ended, JobRecord};
 use crate::modules::ModuleStore;
 use crate::proto::ErrorKind;
 use crate::proto::{
-    BrokerRequest, Failure, FailureKind, GroupSummary, JobId, JobState, Response, Submission,
+    BrokerRequest, CheckpointInfo, Failure, FailureKind, GroupSummary, JobId, JobState, Response,
+    Submission,
 };
 use crate::schedule::{Graph, Rank};
 
@@ -42,6 +43,20 @@ pub(super) fn check(
                     FailureKind::Input,
                     format!("module {hash} of component '{component}' was not sent"),
                 ));
+            }
+        }
+        // A job that asks for checkpoints needs modules that can be paused.
+        if s.checkpoint.is_some() {
+            for (component, hash) in &s.components {
+                let bytes = modules.get(hash).unwrap_or_default();
+                if let Err(e) = mvm_component::runtime::checkpoint::check_checkpointable(&bytes) {
+                    return Err(Failure::new(
+                        FailureKind::Input,
+                        format!(
+                            "the job asks for checkpoints, and the module of component '{component}' cannot be checkpointed: {e}"
+                        ),
+                    ));
+                }
             }
         }
         let topology = Topology::parse_named(
@@ -154,6 +169,8 @@ impl Core {
             retries: s.retries,
             attempt: 0,
             restarts: Vec::new(),
+            checkpoint: s.checkpoint,
+            checkpoints: Vec::new(),
         };
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,
@@ -257,18 +274,26 @@ impl Core {
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit
     /// lets later ones that do go first).
     pub(super) fn place_pending(&mut self, out: &mut Vec<Effect>) {
-        type Waiting = (JobId, Principal, Box<Submission>, u32);
+        // A job run again starts from its newest checkpoint, if it has one.
+        type Waiting = (
+            JobId,
+            Principal,
+            Box<Submission>,
+            u32,
+            Option<CheckpointInfo>,
+        );
         let waiting: Vec<Waiting> = self.log.read(|st| {
             st.pending()
                 .filter(|j| !self.drives.contains_key(&j.id))
                 .filter_map(|j| {
                     let s = j.submission.clone()?;
-                    Some((j.id.clone(), j.owner.clone(), s, j.attempt))
+                    let from = j.checkpoints.last().cloned();
+                    Some((j.id.clone(), j.owner.clone(), s, j.attempt, from))
                 })
                 .take(256)
                 .collect()
         });
-        for (id, owner, s, attempt) in waiting {
+        for (id, owner, s, attempt, from) in waiting {
             if s.components.values().any(|h| !self.modules.has(h)) {
                 for b in &s.modules {
                     self.modules.put(b.clone());
@@ -282,7 +307,16 @@ impl Core {
                     continue;
                 }
             };
-            let plan = match self.plan(&id, &s, &c) {
+            let planned = match &from {
+                Some(from) => {
+                    let names: Vec<String> =
+                        c.topology.vertices.iter().map(|v| v.name.clone()).collect();
+                    self.plan_restore(&id, &s, &names, from)
+                        .map(|(p, blobs)| (p, Some(blobs)))
+                }
+                None => self.plan(&id, &s, &c).map(|p| (p, None)),
+            };
+            let (plan, blobs) = match planned {
                 Ok(p) => p,
                 Err(why) => {
                     self.ledger.release(&id);
@@ -291,8 +325,11 @@ impl Core {
                 }
             };
             self.view.waiting.lock().remove(&id);
-            tracing::info!(job = %id, "pending job placed");
-            let specs = self.specs(&id, &owner, &s, &c, &plan, attempt);
+            tracing::info!(job = %id, from = ?from.as_ref().map(|f| f.cut), "pending job placed");
+            let mut specs = self.specs(&id, &owner, &s, &c, &plan, attempt);
+            for ((_, spec), blob) in specs.iter_mut().zip(blobs.into_iter().flatten()) {
+                spec.restore = Some(blob);
+            }
             self.drives.insert(id.clone(), Drive::recording(attempt));
             out.push(Effect::Record {
                 command: Command::Place {

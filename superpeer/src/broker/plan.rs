@@ -37,6 +37,28 @@ pub(crate) enum PlaceError {
         #[source]
         error: ScheduleError,
     },
+    /// A run from a checkpoint needs a node of its own with room for each of its parts.
+    #[error(
+        "group {group}: the checkpoint's {parts} parts each need a node with room, and {fit} fit"
+    )]
+    Restore {
+        /// The group.
+        group: String,
+        /// The checkpoint's parts.
+        parts: usize,
+        /// How many found a node.
+        fit: usize,
+    },
+}
+
+/// The nodes a job may go to now ([`Core::candidates`]).
+pub(super) struct Candidates {
+    /// Their peer ids, by name.
+    pub(super) peers: Vec<PeerId>,
+    /// What the schedule knows of each.
+    pub(super) cands: Vec<Candidate>,
+    /// The indices of those that meet the job's requirements.
+    pub(super) ok: Vec<usize>,
 }
 
 /// A placement decided, before it is recorded.
@@ -150,6 +172,8 @@ impl Core {
                     owner: owner.clone(),
                     policy_digest,
                     attempt,
+                    checkpoint: s.checkpoint.is_some(),
+                    restore: None,
                 };
                 (*p, spec)
             })
@@ -164,7 +188,60 @@ impl Core {
         s: &Submission,
         c: &Checked,
     ) -> Result<Plan, PlaceError> {
-        // A job whose run was given up goes to nodes heard from since.
+        let Candidates {
+            peers: live,
+            cands,
+            ok,
+        } = self.candidates(job, s)?;
+        let mut order = c.rank.order(&cands, ok);
+        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
+        // `place` fills the first `max` nodes of the order it is given. When the best ranked
+        // of them have too little room and others have more, the roomiest go first (in rank
+        // order among equals), so that a job that fits is not kept waiting behind rank.
+        let room: u64 = order
+            .iter()
+            .take(max)
+            .map(|&i| u64::from(cands[i].free_slots))
+            .sum();
+        if room < c.graph.vertices as u64 {
+            order.sort_by_key(|&i| std::cmp::Reverse(cands[i].free_slots));
+        }
+        let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
+        let placed =
+            schedule::place(&c.graph, &caps, max).map_err(|error| PlaceError::Schedule {
+                group: self.site.group.clone(),
+                error,
+            })?;
+        // Parts: the nodes used, in rank order; vertex → part index.
+        let mut used: Vec<usize> = placed.clone();
+        used.sort_unstable();
+        used.dedup();
+        let peers: Vec<PeerId> = used.iter().map(|&r| live[order[r]]).collect();
+        let placement: Vec<u32> = placed
+            .iter()
+            .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
+            .collect();
+        let plan = Plan { peers, placement };
+        self.hold(job, &plan);
+        Ok(plan)
+    }
+
+    /// Holds the slots of `plan` for `job` in the ledger.
+    pub(super) fn hold(&mut self, job: &JobId, plan: &Plan) {
+        for (i, p) in plan.peers.iter().enumerate() {
+            let count = plan.placement.iter().filter(|&&x| x as usize == i).count();
+            self.ledger
+                .hold_slots(job, *p, u32::try_from(count).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// The nodes `job` may go to now, by name: their peer ids, what the schedule knows of
+    /// each, and the indices of those that meet the job's requirements. A job whose run was
+    /// given up goes only to nodes heard from since.
+    ///
+    /// # Errors
+    /// No node, or none that meets the requirements.
+    pub(super) fn candidates(&self, job: &JobId, s: &Submission) -> Result<Candidates, PlaceError> {
         let since = self.given_up.get(job).copied();
         let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = self
             .members
@@ -202,39 +279,10 @@ impl Core {
                 why,
             });
         }
-        let mut order = c.rank.order(&cands, ok);
-        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
-        // `place` fills the first `max` nodes of the order it is given. When the best ranked
-        // of them have too little room and others have more, the roomiest go first (in rank
-        // order among equals), so that a job that fits is not kept waiting behind rank.
-        let room: u64 = order
-            .iter()
-            .take(max)
-            .map(|&i| u64::from(cands[i].free_slots))
-            .sum();
-        if room < c.graph.vertices as u64 {
-            order.sort_by_key(|&i| std::cmp::Reverse(cands[i].free_slots));
-        }
-        let caps: Vec<u32> = order.iter().map(|&i| cands[i].free_slots).collect();
-        let placed =
-            schedule::place(&c.graph, &caps, max).map_err(|error| PlaceError::Schedule {
-                group: self.site.group.clone(),
-                error,
-            })?;
-        // Parts: the nodes used, in rank order; vertex → part index.
-        let mut used: Vec<usize> = placed.clone();
-        used.sort_unstable();
-        used.dedup();
-        let peers: Vec<PeerId> = used.iter().map(|&r| *live[order[r]].0).collect();
-        let placement: Vec<u32> = placed
-            .iter()
-            .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
-            .collect();
-        for (i, p) in peers.iter().enumerate() {
-            let count = placement.iter().filter(|&&x| x as usize == i).count();
-            self.ledger
-                .hold_slots(job, *p, u32::try_from(count).unwrap_or(u32::MAX));
-        }
-        Ok(Plan { peers, placement })
+        Ok(Candidates {
+            peers: live.into_iter().map(|(p, _)| *p).collect(),
+            cands,
+            ok,
+        })
     }
 }

@@ -61,6 +61,7 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         broker_addrs: Vec::new(),
         attempt: j.attempt,
         restarts: j.restarts.clone(),
+        checkpoints: j.checkpoints.clone(),
     }
 }
 
@@ -81,7 +82,7 @@ impl Core {
     pub(super) fn submitted(&self, id: &JobId) -> Response {
         self.view.status(&self.log, id).map_or_else(
             || fail(FailureKind::Failed, "the job left the log at once"),
-            Response::Submitted,
+            |st| Response::Submitted(Box::new(st)),
         )
     }
 }
@@ -151,9 +152,9 @@ impl Broker {
 
     /// The answer to a waiting submission: the job's status once it has ended, or after
     /// [`SUBMIT_HOLD`](crate::proto::SUBMIT_HOLD).
-    pub(super) async fn held(&self, st: JobStatus) -> Response {
+    pub(super) async fn held(&self, st: Box<JobStatus>) -> Response {
         match self.wait(&st.job, 0, true, SUBMIT_HOLD).await {
-            Response::Status(mut v) if v.len() == 1 => Response::Submitted(v.remove(0)),
+            Response::Status(mut v) if v.len() == 1 => Response::Submitted(Box::new(v.remove(0))),
             _ => Response::Submitted(st),
         }
     }

@@ -3,7 +3,7 @@
 //! one process ([`super::harness`]).
 
 use super::harness::{
-    Lab, Who, eventually, finished, group_until, items, ring, running, sleeping, until,
+    Lab, Who, eventually, finished, group_until, items, pipeline, ring, running, sleeping, until,
 };
 use crate::proto::{FailureKind, JobState, JobStatus};
 
@@ -299,6 +299,21 @@ async fn retried(name: &str, hops: u64) -> (Lab, crate::client::Client, JobStatu
     (lab, c, s)
 }
 
+/// Stops a node of running job `s` and waits for the job's end: done in its second run,
+/// after one restart. The job's end, and the node stopped.
+async fn lose_a_node(
+    lab: &mut Lab,
+    c: &crate::client::Client,
+    s: &JobStatus,
+) -> (JobStatus, usize) {
+    let victim = node_of(lab, s, &[]);
+    lab.nodes[victim].stop().await;
+    let end = until(c, &s.job, JobState::is_final).await;
+    assert_eq!((end.state, end.attempt), (JobState::Done, 1), "{end:?}");
+    assert_eq!(end.restarts.len(), 1, "one restart: {end:?}");
+    (end, victim)
+}
+
 /// Sorted vertex outputs, for comparing runs.
 fn outputs(s: &JobStatus) -> Vec<(String, bytes::Bytes)> {
     let mut v = s.outputs.clone();
@@ -312,13 +327,8 @@ fn outputs(s: &JobStatus) -> Vec<(String, bytes::Bytes)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_mid_job_has_its_job_run_again_on_the_others_with_the_same_output() {
     let (mut lab, c, s) = retried("again", 200_000).await;
-    let victim = node_of(&lab, &s, &[]);
-    lab.nodes[victim].stop().await;
-    let end = until(&c, &s.job, JobState::is_final).await;
-    assert_eq!((end.state, end.attempt), (JobState::Done, 1), "{end:?}");
-    let [restart] = &end.restarts[..] else {
-        panic!("one restart: {end:?}");
-    };
+    let (end, victim) = lose_a_node(&mut lab, &c, &s).await;
+    let restart = &end.restarts[0];
     assert_eq!(restart.attempt, 1);
     assert!(restart.recovery_ms().is_some(), "{restart:?}");
     assert!(
@@ -362,4 +372,55 @@ async fn a_job_whose_retries_are_used_up_fails_when_a_node_is_lost_again() {
         "{end:?}"
     );
     assert_eq!(end.restarts.len(), 1, "{end:?}");
+}
+
+/// A job that asks for checkpoints, with a node stopped after one was taken: the job runs
+/// again from that checkpoint on nodes still heard from, and ends with the output of an
+/// undisturbed run. A checkpoint can also be asked for at once, and only of such a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_after_a_checkpoint_has_its_job_restored_from_it_with_the_same_output() {
+    let mut lab = Lab::start(1, &[8, 8, 8]).await;
+    let c = lab.client().await;
+    let mut job = pipeline("saved", 400_000, Some(2));
+    job.submission.retries = 1;
+    job.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
+        interval_ms: 300,
+        keep: 2,
+    });
+    let s = c.submit(&job).await.expect("submit");
+    let s = until(&c, &s.job, |st| st == JobState::Running).await;
+    c.checkpoint(&s.job).await.expect("a checkpoint now");
+    let s = until(&c, &s.job, |_| true).await;
+    assert_eq!(s.state, JobState::Running, "still running: {s:?}");
+    let last = s.checkpoints.last().expect("the checkpoint is listed").cut;
+    let (end, victim) = lose_a_node(&mut lab, &c, &s).await;
+    let restart = &end.restarts[0];
+    assert!(
+        end.parts
+            .iter()
+            .all(|p| p.node.to_string() != lab.node_peer(victim)),
+        "{end:?}"
+    );
+    assert!(
+        restart.from_cut.is_some_and(|cut| cut >= last),
+        "from the checkpoint: {restart:?}"
+    );
+    let quiet = finished(&c, &pipeline("saved", 400_000, Some(2))).await;
+    assert_eq!(quiet.state, JobState::Done, "{quiet:?}");
+    assert_eq!(outputs(&end), outputs(&quiet));
+    // The run from the checkpoint moved only what was left (a job's traffic counts its last
+    // run only).
+    assert!(items(&end) < items(&quiet), "{end:?}");
+    // Only a job that asked for checkpoints gets one, and only a job whose modules can be
+    // paused may ask: one that exports no memory is refused at submission.
+    let e = c.checkpoint(&quiet.job).await.expect_err("refused");
+    assert!(e.message.contains("did not ask"), "{e}");
+    let mut bare = super::harness::one("bare", r#"(module (func (export "run")))"#);
+    bare.submission.checkpoint = job.submission.checkpoint;
+    let e = c.submit(&bare).await.expect_err("refused");
+    assert!(
+        e.message.contains("component 'c' cannot be checkpointed")
+            && e.message.contains("no memory"),
+        "{e}"
+    );
 }

@@ -43,6 +43,7 @@ impl Core {
             .lock()
             .retain(|id, _| pending.contains(id));
         self.place_pending(out);
+        self.cuts_due(out);
     }
 
     /// Notices whether this replica leads the log now; one that has just come to lead takes

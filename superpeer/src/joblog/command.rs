@@ -5,7 +5,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::state::{Ended, JobRecord, PartRecord};
-use crate::proto::{JobId, JobState, Traffic};
+use crate::proto::{CheckpointInfo, JobId, JobState, Traffic};
 
 /// A change to the control state: one entry of the job log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +65,14 @@ pub enum Command {
         /// Why, for people.
         why: String,
     },
+    /// A checkpoint of a running job was stored: it is kept, and the oldest beyond the job's
+    /// `keep` are forgotten.
+    Checkpoint {
+        /// The job.
+        job: JobId,
+        /// The checkpoint.
+        info: CheckpointInfo,
+    },
     /// A pending job is held back from placement (`true`) or released (`false`).
     Hold {
         /// The job.
@@ -85,6 +93,7 @@ impl Command {
             | Command::Start { job, .. }
             | Command::PartDone { job, .. }
             | Command::Requeue { job, .. }
+            | Command::Checkpoint { job, .. }
             | Command::End { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
@@ -201,6 +210,16 @@ pub enum CommandError {
         job: JobId,
         /// The run asked for.
         attempt: u32,
+        /// Why not.
+        why: String,
+    },
+    /// A checkpoint of a job that is not running in that run, or not newer than the last.
+    #[error("job {job}: checkpoint {cut} does not fit: {why}")]
+    Checkpoint {
+        /// The job.
+        job: JobId,
+        /// Its number.
+        cut: u64,
         /// Why not.
         why: String,
     },

@@ -12,7 +12,9 @@ use libp2p::PeerId;
 use mvm_component::policy::Principal;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{ErrorKind, JobId, JobState, Restart, Submission, Traffic};
+use crate::proto::{
+    CheckpointInfo, CheckpointPolicy, ErrorKind, JobId, JobState, Restart, Submission, Traffic,
+};
 
 pub use super::command::{Applied, Command, CommandError};
 
@@ -130,6 +132,12 @@ pub struct JobRecord {
     /// The runs given up, and how the next went.
     #[serde(default)]
     pub restarts: Vec<Restart>,
+    /// How it is checkpointed, if it is.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointPolicy>,
+    /// The checkpoints kept, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointInfo>,
     /// The index of the log entry that last changed it (set by [`ControlState::apply`]).
     #[serde(default)]
     pub version: u64,
@@ -284,6 +292,25 @@ impl ControlState {
                 at_ms,
                 why,
             } => self.requeue(job, attempt, at_ms, why),
+            Command::Checkpoint { job, info } => {
+                let j = self.live(&job)?;
+                let no = |why: &str| CommandError::Checkpoint {
+                    job: job.clone(),
+                    cut: info.cut,
+                    why: why.to_owned(),
+                };
+                if j.state != JobState::Running || j.attempt != info.attempt {
+                    return Err(no("the job is not running in that run"));
+                }
+                if j.checkpoints.last().is_some_and(|c| c.cut >= info.cut) {
+                    return Err(no("it is not newer than the last one"));
+                }
+                let keep = j.checkpoint.map_or(1, |c| c.keep.max(1)) as usize;
+                j.checkpoints.push(info);
+                let over = j.checkpoints.len().saturating_sub(keep);
+                j.checkpoints.drain(..over);
+                Ok(())
+            }
             Command::PartDone {
                 job,
                 node,
@@ -419,6 +446,7 @@ impl ControlState {
             attempt,
             at_ms,
             why,
+            from_cut: j.checkpoints.last().map(|c| c.cut),
             running_ms: None,
         });
         let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());

@@ -46,6 +46,8 @@ fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
         retries: 0,
         attempt: 0,
         restarts: Vec::new(),
+        checkpoint: None,
+        checkpoints: Vec::new(),
         version: 0,
     }
 }

@@ -146,6 +146,8 @@ fn submit(name: &str) -> Command {
         retries: 0,
         attempt: 0,
         restarts: Vec::new(),
+        checkpoint: None,
+        checkpoints: Vec::new(),
     }))
 }
 

@@ -6,7 +6,7 @@
 //! the only place that starts their work; the broker's requests become its inputs.
 //!
 //! - `parts`: the machine; `prepare`: preparing a part; `run`: the loop, running a part and
-//!   reporting it.
+//!   reporting it; `checkpoint`: a running part's checkpoint.
 //! - `follow`: following the group's super-peer (a machine of its own).
 //! - `streams`: remote channels.
 
@@ -24,7 +24,9 @@ use crate::environment::NodeOs;
 use crate::proto::{BrokerRequest, Failure, FailureKind, Hash, JobId, Member, Response};
 use crate::site::Site;
 
+mod checkpoint;
 mod follow;
+mod part;
 mod parts;
 mod prepare;
 mod run;
@@ -232,6 +234,21 @@ impl Node {
                     superpeer,
                     job,
                     attempt,
+                    reply,
+                })
+                .await
+            }
+            BrokerRequest::Checkpoint { job, attempt, cut } => {
+                if !self.is_superpeer(from) {
+                    return fail(
+                        FailureKind::Refused,
+                        format!("{from} is not this node's super-peer"),
+                    );
+                }
+                self.ask(|reply| parts::Input::Checkpoint {
+                    job,
+                    attempt,
+                    cut,
                     reply,
                 })
                 .await

@@ -16,187 +16,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use libp2p::{Multiaddr, PeerId};
-use mvm_component::runtime::Prepared;
-use mvm_queue::queue::Sender;
-use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::AbortHandle;
+use libp2p::PeerId;
+use tokio::sync::mpsc;
 
-use super::LinkResult;
-use crate::environment::EnvLease;
-use crate::proto::{Failure, FailureKind, JobId, PartReport, PartSpec, Response};
-
-/// Where an answer goes.
-pub(super) type Reply = oneshot::Sender<Response>;
-
-/// A remote input of a part: its vertex, its port, and the peer that feeds it.
-pub(super) type InputKey = (String, String, PeerId);
-
-/// A part prepared off the loop: everything it needs to run.
-pub(super) struct Ready {
-    pub(super) prepared: Prepared,
-    /// Every part of the job: where it runs.
-    pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
-    /// Remote inputs waiting for their streams.
-    pub(super) inputs: HashMap<InputKey, Sender<Bytes>>,
-    /// How many remote channels it has (in and out).
-    pub(super) expected_links: usize,
-    pub(super) vertices: u32,
-    /// The guest it runs in: held for its `Drop`, which releases it when the part goes.
-    pub(super) env: Option<EnvLease>,
-}
-
-/// What a part needs to start, given to the loop to run it.
-pub(super) struct Launch {
-    pub(super) prepared: Prepared,
-    pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
-    /// Where its remote channels report their ends.
-    pub(super) links: mpsc::Sender<LinkResult>,
-    pub(super) links_rx: mpsc::Receiver<LinkResult>,
-    pub(super) expected_links: usize,
-}
-
-/// What happens to the node's parts.
-pub(super) enum Input {
-    /// The broker `from` (a super-peer of the group: checked) wakes a part.
-    Prepare {
-        from: PeerId,
-        spec: Box<PartSpec>,
-        reply: Reply,
-    },
-    /// The preparation of run `attempt` of a job's part ended.
-    Prepared {
-        job: JobId,
-        attempt: u32,
-        ready: Result<Box<Ready>, Failure>,
-    },
-    /// `from` starts a prepared part of run `attempt`; `superpeer`: whether `from` is a
-    /// super-peer of the group.
-    Start {
-        from: PeerId,
-        superpeer: bool,
-        job: JobId,
-        attempt: u32,
-        reply: Reply,
-    },
-    /// `from` ends a part of run `attempt` or before (whatever it is doing).
-    Terminate {
-        from: PeerId,
-        superpeer: bool,
-        job: JobId,
-        attempt: u32,
-        reason: String,
-        reply: Reply,
-    },
-    /// A running part ended.
-    Ended { report: PartReport },
-    /// The hold of the answer to a part's prepare (which started it) is over.
-    HoldOver { job: JobId, attempt: u32 },
-    /// A queue stream from `key.2` into a remote input of run `attempt` of `job` asks for
-    /// its queue.
-    Inbound {
-        job: JobId,
-        attempt: u32,
-        key: InputKey,
-        reply: oneshot::Sender<Option<(Sender<Bytes>, mpsc::Sender<LinkResult>)>>,
-    },
-    /// Tasks of `job`'s (its running part's, or a queue stream's import, which may come before
-    /// its part runs): ended with the part.
-    Attach { job: JobId, tasks: Vec<AbortHandle> },
-    /// A queue stream lost before its acknowledgement gives its queue back (its opener tries
-    /// again).
-    GiveBack {
-        job: JobId,
-        attempt: u32,
-        key: InputKey,
-        sender: Sender<Bytes>,
-    },
-}
-
-/// What the node's loop must do.
-pub(super) enum Effect {
-    /// Answer a request.
-    Reply(Reply, Response),
-    /// Prepare a part off the loop; what comes of it is [`Input::Prepared`].
-    Prepare { from: PeerId, spec: Box<PartSpec> },
-    /// Run a part: its outgoing channels and its vertices; its end is [`Input::Ended`].
-    Run {
-        job: JobId,
-        attempt: u32,
-        launch: Box<Launch>,
-    },
-    /// Hold the answer to a prepare that started its part; then [`Input::HoldOver`].
-    Hold { job: JobId, attempt: u32 },
-    /// Stop `tasks` (what runs for run `attempt` of `job`) and remove its queues.
-    Stop {
-        job: JobId,
-        attempt: u32,
-        reason: String,
-        tasks: Vec<AbortHandle>,
-    },
-    /// Stop tasks of a part that is gone.
-    Abort(Vec<AbortHandle>),
-    /// Send a part's report to the group's leader (the part was placed by `broker`).
-    Report {
-        broker: PeerId,
-        report: Box<PartReport>,
-    },
-}
-
-/// One part.
-struct Part {
-    /// The broker that placed it.
-    broker: PeerId,
-    /// The run of the job it belongs to.
-    attempt: u32,
-    /// Remote inputs waiting for their streams.
-    inputs: HashMap<InputKey, Sender<Bytes>>,
-    /// Where remote channels report their ends (kept for inbound streams yet to come).
-    links: Option<mpsc::Sender<LinkResult>>,
-    vertices: u32,
-    stage: Stage,
-    /// Its tasks, ended with it.
-    tasks: Vec<AbortHandle>,
-    /// Its guest, released when the part goes.
-    _env: Option<EnvLease>,
-}
-
-enum Stage {
-    /// Off the loop; the prepare is answered when it ends.
-    Preparing { reply: Reply, start: bool },
-    /// Prepared, waiting for `Start`.
-    Prepared(Box<Launch>),
-    /// Running; `hold` is the answer to a prepare that started it, while it is held.
-    Running { hold: Option<Reply> },
-}
-
-/// What the rest of the node sees of its parts: each part's vertices and run, by job.
-#[derive(Default)]
-pub(super) struct Held {
-    jobs: Mutex<HashMap<JobId, (u32, u32)>>,
-}
-
-impl Held {
-    /// Vertices of the parts held now.
-    pub(super) fn vertices(&self) -> u32 {
-        self.jobs.lock().values().map(|(v, _)| v).sum()
-    }
-
-    /// The jobs whose parts are held now.
-    pub(super) fn jobs(&self) -> Vec<JobId> {
-        self.jobs.lock().keys().cloned().collect()
-    }
-
-    /// The queue namespaces of the parts held now ([`super::space`]).
-    pub(super) fn spaces(&self) -> Vec<String> {
-        let jobs = self.jobs.lock();
-        jobs.iter()
-            .map(|(job, (_, attempt))| super::space(job, *attempt))
-            .collect()
-    }
-}
+pub(super) use super::part::{Effect, Held, Input, Launch, Marks, Part, Ready, Reply, Stage};
+use crate::proto::{Failure, FailureKind, JobId, PartReport, Response};
 
 /// The parts of a node.
 pub(super) struct Parts {
@@ -261,6 +85,7 @@ impl Parts {
                         },
                         tasks: Vec::new(),
                         _env: None,
+                        marks: None,
                     };
                     self.insert(spec.job.clone(), part);
                     out.push(Effect::Prepare { from, spec });
@@ -325,9 +150,40 @@ impl Parts {
             } => {
                 let taken = self.run_mut(&job, attempt).and_then(|p| {
                     let links = p.links.clone()?;
-                    p.inputs.remove(&key).map(|tx| (tx, links))
+                    let drain = p.marks.as_ref().map(|m| m.drain(&key)).unwrap_or_default();
+                    p.inputs.remove(&key).map(|tx| (tx, links, drain))
                 });
                 let _ = reply.send(taken);
+            }
+            Input::Checkpoint {
+                job,
+                attempt,
+                cut,
+                reply,
+            } => {
+                let r = match self.run_mut(&job, attempt) {
+                    None => Err(fail(
+                        FailureKind::NotFound,
+                        format!("run {attempt} of job {job} is not here"),
+                    )),
+                    Some(Part { marks: None, .. }) => Err(fail(
+                        FailureKind::Input,
+                        format!("job {job}'s part was not prepared for checkpoints"),
+                    )),
+                    Some(Part {
+                        stage: Stage::Running { .. },
+                        marks: Some(m),
+                        ..
+                    }) => Ok(Box::new(m.clone())),
+                    Some(_) => Err(fail(
+                        FailureKind::Unavailable,
+                        format!("job {job}'s part is not running yet"),
+                    )),
+                };
+                match r {
+                    Ok(marks) => out.push(Effect::Checkpoint { marks, cut, reply }),
+                    Err(e) => out.push(Effect::Reply(reply, e)),
+                }
             }
             Input::Attach { job, tasks } => match self.parts.get_mut(&job) {
                 Some(p) => p.tasks.extend(tasks),
@@ -427,18 +283,22 @@ impl Parts {
             expected_links,
             vertices,
             env,
+            marks,
         } = *ready;
         let (links, links_rx) = mpsc::channel(expected_links.max(1));
         part.inputs = inputs;
         part.links = Some(links.clone());
         part.vertices = vertices;
         part._env = env;
+        let holds = marks.as_ref().map(|m| m.holds.clone()).unwrap_or_default();
+        part.marks = marks;
         let launch = Box::new(Launch {
             prepared,
             parts,
             links,
             links_rx,
             expected_links,
+            holds,
         });
         let Stage::Preparing { reply, start } =
             std::mem::replace(&mut part.stage, Stage::Prepared(launch))

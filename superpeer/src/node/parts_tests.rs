@@ -57,6 +57,8 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
         },
         policy_digest: crate::proto::Hash::of(b""),
         attempt: 0,
+        checkpoint: false,
+        restore: None,
     })
 }
 
@@ -100,6 +102,7 @@ impl Bench {
             expected_links: 0,
             vertices: 1,
             env: None,
+            marks: None,
         })
     }
 
@@ -152,6 +155,7 @@ fn kinds(out: &[Effect]) -> Vec<&'static str> {
             Effect::Stop { .. } => "stop",
             Effect::Abort(_) => "abort",
             Effect::Report { .. } => "report",
+            Effect::Checkpoint { .. } => "checkpoint",
         })
         .collect()
 }

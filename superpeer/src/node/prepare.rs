@@ -8,8 +8,11 @@ use libp2p::PeerId;
 use mvm_component::runtime::{AllowAll, JobSpec, PolicyHook};
 use mvm_component::topology::{Options, Topology};
 
+use mvm_component::runtime::checkpoint::PartImage;
+use mvm_queue::remote::{Drain, Hold};
+
 use super::Node;
-use super::parts::Ready;
+use super::parts::{Marks, Ready};
 use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
 
 impl Node {
@@ -80,10 +83,18 @@ impl Node {
             .iter()
             .map(|m| (m.peer, m.addrs.clone()))
             .collect();
-        // Modules: compiled ones from the cache, the rest fetched from the broker by hash.
+        // Modules: compiled ones from the cache, the rest fetched from the broker by hash; made
+        // pausable (and cached so) when the job asked for checkpoints.
         let mut modules = HashMap::new();
+        let key = |hash: &Hash| {
+            if spec.checkpoint {
+                format!("{hash}+ckpt")
+            } else {
+                hash.to_string()
+            }
+        };
         for (component, hash) in &spec.components {
-            let module = match runtime.cache().get(&hash.to_string()) {
+            let module = match runtime.cache().get(&key(hash)) {
                 Some(m) => m,
                 None => {
                     let bytes = match self
@@ -115,9 +126,15 @@ impl Node {
                     // other tasks (its heartbeats, its swarm) go on meanwhile.
                     let compile = {
                         let (node, component) = (self.clone(), component.clone());
+                        let pausable = spec.checkpoint;
                         tokio::task::spawn_blocking(move || {
-                            let runtime = node.runtime.as_ref()?;
-                            Some(runtime.cache().load(&component, &bytes).map(|(m, _, _)| m))
+                            let cache = node.runtime.as_ref()?.cache();
+                            let loaded = if pausable {
+                                cache.load_checkpointable(&component, &bytes)
+                            } else {
+                                cache.load(&component, &bytes)
+                            };
+                            Some(loaded.map(|(m, _, _)| m))
                         })
                     };
                     match compile.await {
@@ -198,12 +215,30 @@ impl Node {
                 return Err(Failure::new(kind, e.to_string()));
             }
         };
+        if let Some(blob) = &spec.restore {
+            self.restore(from, spec, &mut prepared, blob).await?;
+        }
         if self.links.is_some() {
             prepared.poll_remote_inputs();
         }
         let mut inputs = HashMap::new();
         for i in std::mem::take(&mut prepared.remote_inputs) {
             inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
+        }
+        let marks = prepared.control().map(|control| Marks {
+            control,
+            holds: prepared
+                .remote_outputs
+                .iter()
+                .map(|_| Hold::new())
+                .collect(),
+            drains: inputs.keys().map(|k| (k.clone(), Drain::new())).collect(),
+        });
+        if spec.checkpoint && marks.is_none() {
+            return Err(Failure::new(
+                FailureKind::Input,
+                "the job asked for checkpoints, but its part cannot be paused",
+            ));
         }
         let expected_links = inputs.len() + prepared.remote_outputs.len();
         let vertices = u32::try_from(prepared.vertices().count()).unwrap_or(u32::MAX);
@@ -214,6 +249,36 @@ impl Node {
             expected_links,
             vertices,
             env,
+            marks,
         }))
+    }
+
+    /// Makes `prepared` start from the checkpoint blob `hash`, fetched from the broker `from`.
+    async fn restore(
+        &self,
+        from: PeerId,
+        spec: &PartSpec,
+        prepared: &mut mvm_component::runtime::Prepared,
+        hash: &Hash,
+    ) -> Result<(), Failure> {
+        let failed = |m: String| {
+            Failure::new(
+                FailureKind::Failed,
+                format!("checkpoint {hash} of job {}: {m}", spec.job),
+            )
+        };
+        let request = Request::Node(NodeRequest::FetchCheckpoint { hash: *hash });
+        let blob = match self.site.call(from, &[], request).await {
+            Ok(Response::Checkpoint { blob, .. }) => blob,
+            Ok(_) => return Err(failed("the broker sent no checkpoint".into())),
+            Err(e) => return Err(failed(format!("cannot fetch it: {e}"))),
+        };
+        if Hash::of(&blob) != *hash {
+            return Err(failed("it does not match its hash".into()));
+        }
+        let mut image = PartImage::decode(&blob).map_err(|e| failed(e.to_string()))?;
+        // The image is of this part in another run (its own queue namespace).
+        image.job = super::space(&spec.job, spec.attempt);
+        prepared.restore(&image).map_err(|e| failed(e.to_string()))
     }
 }

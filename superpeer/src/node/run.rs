@@ -17,7 +17,7 @@ use super::streams::{Channel, open_channel, run_link};
 use super::{ChannelError, LinkDone, LinkProblem, LinkResult, Msg, Node};
 use crate::proto::{
     ErrorKind, FailureKind, JobId, NodeRequest, PART_HOLD, PartReport, PartResult, Request,
-    StreamHeader, Traffic, VertexFailure,
+    Response, StreamHeader, Traffic, VertexFailure,
 };
 
 impl Node {
@@ -111,6 +111,16 @@ impl Node {
                     t.abort();
                 }
             }
+            Effect::Checkpoint { marks, cut, reply } => {
+                tasks.spawn(async move {
+                    let r = match super::checkpoint::take(&marks, cut).await {
+                        Ok((hash, blob)) => Response::Checkpoint { hash, blob },
+                        Err(f) => Response::Error(f),
+                    };
+                    let _ = reply.send(r);
+                    None
+                });
+            }
             Effect::Report { broker, report } => {
                 let node = self.clone();
                 tasks.spawn(async move {
@@ -132,7 +142,9 @@ impl Node {
         mut launch: Launch,
     ) -> Vec<AbortHandle> {
         let mut handles = Vec::new();
-        for out in std::mem::take(&mut launch.prepared.remote_outputs) {
+        let outputs = std::mem::take(&mut launch.prepared.remote_outputs);
+        for (i, out) in outputs.into_iter().enumerate() {
+            let hold = launch.holds.get(i).cloned().unwrap_or_default();
             let (peer, addrs) = launch.parts[out.to].clone();
             let links = launch.links.clone();
             let mut control = self.site.net.streams();
@@ -155,10 +167,11 @@ impl Node {
                     let channel = open_channel(&mut control, peer, &header).await?;
                     let direct = matches!(channel, Channel::Direct { .. });
                     let rep = match channel {
-                        Channel::Stream(s) => remote::export_stream(
+                        Channel::Stream(s) => remote::export_stream_with(
                             &out.receiver,
                             s.compat(),
                             &RemoteOptions::default(),
+                            &hold,
                         )
                         .await
                         .map_err(|e| LinkProblem::Transfer(e.to_string()))?,
@@ -166,7 +179,8 @@ impl Node {
                             let sock = crate::links::connect(&addrs, port, &token)
                                 .await
                                 .map_err(|e| LinkProblem::Transfer(e.to_string()))?;
-                            run_link(|done| direct::outlet(out.receiver, sock, done)).await?
+                            run_link(|done| direct::outlet_with(out.receiver, sock, &hold, done))
+                                .await?
                         }
                     };
                     Ok((direct, rep))

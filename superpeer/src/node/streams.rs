@@ -143,7 +143,7 @@ impl Node {
                     Ok(()) => answer.await.ok().flatten(),
                     Err(_) => None,
                 };
-                let Some((tx, links)) = taken else {
+                let Some((tx, links, drain)) = taken else {
                     tracing::warn!(%peer, job = %header.job, vertex = %header.vertex, port = %header.port,
                         "a queue stream for no expected channel; refused");
                     let _ = stream.write_all(&[ACK_UNKNOWN]).await;
@@ -188,14 +188,17 @@ impl Node {
                 let import = tokio::spawn(async move {
                     let is_direct = direct.is_some();
                     let r = match direct {
-                        None => {
-                            remote::import_stream(tx, stream.compat(), &RemoteOptions::default())
-                                .await
-                                .map_err(|e| LinkProblem::Transfer(e.to_string()))
-                        }
+                        None => remote::import_stream_with(
+                            tx,
+                            stream.compat(),
+                            &RemoteOptions::default(),
+                            &drain,
+                        )
+                        .await
+                        .map_err(|e| LinkProblem::Transfer(e.to_string())),
                         Some((_, _, conn)) => {
                             let _ = stream.close().await;
-                            accept_link(tx, conn).await
+                            accept_link(tx, conn, &drain).await
                         }
                     };
                     let r = r
@@ -236,12 +239,14 @@ const MAX_OPENING: usize = 1024;
 async fn accept_link(
     tx: Sender<Bytes>,
     conn: oneshot::Receiver<std::net::TcpStream>,
+    drain: &mvm_queue::remote::Drain,
 ) -> Result<remote::Report, LinkProblem> {
     let sock = tokio::time::timeout(crate::links::TOKEN_LIFETIME, conn)
         .await
         .map_err(|_| LinkProblem::NotConnected(crate::links::TOKEN_LIFETIME))?
         .map_err(|_| LinkProblem::ListenerGone)?;
-    run_link(|done| direct::inlet(tx, sock, RemoteOptions::default().max_item, done)).await
+    run_link(|done| direct::inlet_with(tx, sock, RemoteOptions::default().max_item, drain, done))
+        .await
 }
 
 /// Starts one side of a direct link and waits for its report. The link is held meanwhile, so

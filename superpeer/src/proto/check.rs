@@ -12,6 +12,11 @@ use super::{
     Request, Response, Verdict,
 };
 
+/// The shortest checkpoint interval a submission may ask for (as a profile).
+const MIN_INTERVAL_MS: u64 = 100;
+/// The most checkpoints a job may keep.
+const MAX_KEEP: u32 = 100;
+
 /// Why a message is refused: its first bad field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckError {
@@ -53,6 +58,14 @@ pub enum CheckError {
         part: u32,
         /// How many parts there are.
         parts: usize,
+    },
+    /// Checkpoints asked for more often than a node can take them, or none kept.
+    #[error("checkpoints every {interval_ms} ms keeping {keep} (at least every {min} ms, keeping 1 to {MAX_KEEP})", min = MIN_INTERVAL_MS)]
+    Checkpoint {
+        /// The interval asked for.
+        interval_ms: u64,
+        /// How many to keep.
+        keep: u32,
     },
     /// A policy bundle whose files do not fit the layout.
     #[error(transparent)]
@@ -166,10 +179,19 @@ impl ClientRequest {
                 check_name("the topology file name", &s.topology_file)?;
                 check_components(&s.components)?;
                 check_len("modules", s.modules.len())?;
+                if let Some(c) = s.checkpoint
+                    && (c.interval_ms < MIN_INTERVAL_MS || !(1..=MAX_KEEP).contains(&c.keep))
+                {
+                    return Err(CheckError::Checkpoint {
+                        interval_ms: c.interval_ms,
+                        keep: c.keep,
+                    });
+                }
                 check_params(&s.parameters)
             }
             ClientRequest::Status { .. }
             | ClientRequest::Wait { .. }
+            | ClientRequest::Checkpoint { .. }
             | ClientRequest::Cancel { .. }
             | ClientRequest::Hold { .. }
             | ClientRequest::PolicyReload => Ok(()),
@@ -192,7 +214,7 @@ impl NodeRequest {
                 check_len("images", l.images.len())?;
                 check_len("jobs", l.jobs.len())
             }
-            NodeRequest::Fetch { .. } => Ok(()),
+            NodeRequest::Fetch { .. } | NodeRequest::FetchCheckpoint { .. } => Ok(()),
             NodeRequest::Report(r) => r.validate(),
         }
     }
@@ -201,7 +223,7 @@ impl NodeRequest {
 impl BrokerRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
-            BrokerRequest::Start { .. } => Ok(()),
+            BrokerRequest::Start { .. } | BrokerRequest::Checkpoint { .. } => Ok(()),
             BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
             BrokerRequest::Prepare(p) => {
                 check_principal(&p.owner)?;
@@ -251,6 +273,7 @@ impl Response {
             | Response::Error(_)
             | Response::Group(_)
             | Response::Module(_)
+            | Response::Checkpoint { .. }
             | Response::Raft(_) => Ok(()),
             Response::Policy { bundle, .. } => {
                 bundle.as_ref().map_or(Ok(()), |b| Ok(b.check_layout()?))
@@ -337,6 +360,8 @@ mod tests {
             },
             policy_digest: Hash::of(b""),
             attempt: 0,
+            checkpoint: false,
+            restore: None,
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()

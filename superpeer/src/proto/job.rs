@@ -51,9 +51,53 @@ pub struct Submission {
     pub priority: i32,
     /// How many times the job is run again from its start when a node it runs on is lost (the
     /// profile's `retries`; the CLI's default is 2). Failures of the job's own making (a trap,
-    /// an exit status, a limit) are never retried.
+    /// an exit status, a limit) are never retried. A job with a checkpoint runs again from
+    /// its newest one instead.
     #[serde(default)]
     pub retries: u32,
+    /// Checkpoints of the running job, when the profile asks for them.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointPolicy>,
+}
+
+/// How often a running job is checkpointed, and how many checkpoints are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointPolicy {
+    /// Milliseconds between checkpoints.
+    pub interval_ms: u64,
+    /// How many stored checkpoints to keep (the newest).
+    pub keep: u32,
+}
+
+/// A checkpoint of a job, as stored and recorded: a consistent cut of every part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Its number within the job.
+    pub cut: u64,
+    /// The run it was taken in.
+    pub attempt: u32,
+    /// When it was recorded, milliseconds since the Unix epoch (the leader's clock).
+    pub at_ms: u64,
+    /// Each part: its vertices and its blob.
+    pub parts: Vec<CutPart>,
+}
+
+impl CheckpointInfo {
+    /// The bytes of all its blobs.
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+}
+
+/// One part of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutPart {
+    /// The part's vertices (a run restored from the checkpoint keeps them together).
+    pub vertices: Vec<String>,
+    /// Its blob's content hash.
+    pub blob: Hash,
+    /// Its blob's size in bytes.
+    pub bytes: u64,
 }
 
 /// Per-vertex limits, as in the profile.
@@ -171,6 +215,13 @@ pub struct PartSpec {
     /// counts one more). A node holds one run of a job: a later one replaces an earlier one.
     #[serde(default)]
     pub attempt: u32,
+    /// Make the part's modules pausable, for checkpoints.
+    #[serde(default)]
+    pub checkpoint: bool,
+    /// Start the part from this checkpoint blob (fetched from the broker) instead of from the
+    /// beginning.
+    #[serde(default)]
+    pub restore: Option<Hash>,
 }
 
 /// How a part of a job ended.
@@ -312,6 +363,9 @@ pub struct JobStatus {
     /// The runs that ended because a node was lost, and what came after each.
     #[serde(default)]
     pub restarts: Vec<Restart>,
+    /// The checkpoints kept, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointInfo>,
 }
 
 /// A run of a job given up because a node it ran on was lost; the job runs again.
@@ -323,6 +377,9 @@ pub struct Restart {
     pub at_ms: u64,
     /// Why, for people.
     pub why: String,
+    /// The checkpoint the new run starts from (none: from the job's start).
+    #[serde(default)]
+    pub from_cut: Option<u64>,
     /// Every part of the new run started, milliseconds since the Unix epoch; none yet.
     #[serde(default)]
     pub running_ms: Option<u64>,

@@ -112,6 +112,12 @@ pub enum ClientRequest {
         /// The job id.
         job: JobId,
     },
+    /// Take a checkpoint of a running job that asked for checkpoints, now; answered once it
+    /// is stored and recorded.
+    Checkpoint {
+        /// The job id.
+        job: JobId,
+    },
     /// An administrator → the super-peer holding the policies: read them again now.
     PolicyReload,
 }
@@ -131,6 +137,11 @@ pub enum NodeRequest {
     },
     /// The end of its part of a job.
     Report(Box<PartReport>),
+    /// The blob of a part's checkpoint, to restore the part from.
+    FetchCheckpoint {
+        /// Its content hash.
+        hash: Hash,
+    },
 }
 
 /// What a broker tells a node of its group.
@@ -146,6 +157,17 @@ pub enum BrokerRequest {
         /// The run of the job ([`PartSpec::attempt`]): a node holding another one refuses.
         #[serde(default)]
         attempt: u32,
+    },
+    /// Pause a running part (of a job that asked for checkpoints) at cut `cut`, save it with
+    /// its links drained to the cut's mark, let it go on, and answer with the blob
+    /// ([`Response::Checkpoint`]).
+    Checkpoint {
+        /// The job id.
+        job: JobId,
+        /// The run of the job.
+        attempt: u32,
+        /// The cut's number within the job (each larger than the one before).
+        cut: u64,
     },
     /// Stop a job's part (if any) and remove everything created for it.
     Terminate {
@@ -223,7 +245,7 @@ pub enum Response {
         hashes: Vec<Hash>,
     },
     /// A job was accepted and placed.
-    Submitted(JobStatus),
+    Submitted(Box<JobStatus>),
     /// Job statuses.
     Status(Vec<JobStatus>),
     /// The group.
@@ -251,6 +273,13 @@ pub enum Response {
     },
     /// A module's bytes.
     Module(Bytes),
+    /// A part's checkpoint: its blob and the blob's content hash.
+    Checkpoint {
+        /// `Hash::of(blob)`.
+        hash: Hash,
+        /// The encoded part image.
+        blob: Bytes,
+    },
     /// The answer to a `Prepare` that started the part, when the part ended within
     /// [`PART_HOLD`]: its report, which the node then does not send again.
     Finished(Box<PartReport>),

@@ -25,7 +25,7 @@ pub use image::{
     GlobalValue, ImageError, MemoryImage, PartImage, QueueImage, VertexImage, VertexPhase,
 };
 pub use pause::{PartControl, PauseError, Paused};
-pub use rewrite::{PAUSE_POINTS, RewriteError, instrument};
+pub use rewrite::{PAUSE_POINTS, RewriteError, check as check_checkpointable, instrument};
 
 use super::abi::VertexState;
 use pause::Asyncify;

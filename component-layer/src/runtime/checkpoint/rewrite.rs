@@ -80,6 +80,16 @@ pub fn instrument(bytes: &[u8]) -> Result<Vec<u8>, RewriteError> {
     Ok(out)
 }
 
+/// Checks, without rewriting it, that `bytes` (a module, binary or text) can be made
+/// checkpointable: it is valid and exports its memory and an entry point.
+///
+/// # Errors
+/// As [`instrument`], but for `wasm-opt`.
+pub fn check(bytes: &[u8]) -> Result<(), RewriteError> {
+    let wasm = wat::parse_bytes(bytes).map_err(|e| RewriteError::Invalid(e.to_string()))?;
+    export_mutable_globals(&wasm).map(|_| ())
+}
+
 /// The names a module exports.
 fn export_names(wasm: &[u8]) -> Result<Vec<String>, RewriteError> {
     let invalid = |e: wasmparser::BinaryReaderError| RewriteError::Invalid(e.to_string());

@@ -19,18 +19,28 @@ pub(crate) fn ring(name: &str, hops: u64, nodes: Option<u32>, priority: i32) -> 
             topology: include_str!("../../../../topologies/ring-8.dot").into(),
             components: BTreeMap::from([("token".to_owned(), hash)]),
             parameters: BTreeMap::from([("hops".to_owned(), hops.to_string())]),
-            limits: LimitSpec {
-                wall_ms: Some(120_000),
-                ..LimitSpec::default()
-            },
-            requirements: Requirements {
-                nodes,
-                ..Requirements::default()
-            },
+            limits: two_minutes(),
+            requirements: on_at_most(nodes),
             priority,
             ..Submission::default()
         },
         modules: BTreeMap::from([(hash, token)]),
+    }
+}
+
+/// A wall-time limit of two minutes.
+fn two_minutes() -> LimitSpec {
+    LimitSpec {
+        wall_ms: Some(120_000),
+        ..LimitSpec::default()
+    }
+}
+
+/// Requirements of at most `nodes` nodes.
+fn on_at_most(nodes: Option<u32>) -> Requirements {
+    Requirements {
+        nodes,
+        ..Requirements::default()
     }
 }
 
@@ -102,4 +112,45 @@ pub(crate) fn sleeping(name: &str, ms: u64) -> Prepared {
 /// Items moved between a job's vertices.
 pub(crate) fn items(s: &JobStatus) -> u64 {
     s.traffic.iter().map(|t| t.items).sum()
+}
+
+/// The C pipeline of `topologies/pipeline-4.dot` (source, two stages, sink; modules built by
+/// `scripts/build-jobs`) passing `count` items, on at most `nodes` nodes. Its sink prints the
+/// items' count and sum.
+pub(crate) fn pipeline(name: &str, count: u64, nodes: Option<u32>) -> Prepared {
+    let built = |job: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../jobs/build")
+            .join(format!("{job}.wasm"));
+        let bytes = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-jobs)", path.display()));
+        Bytes::from(bytes)
+    };
+    let modules: Vec<(&str, Bytes)> = vec![
+        ("source", built("pipe_source")),
+        ("stage", built("pipe_stage")),
+        ("sink", built("pipe_sink")),
+    ];
+    Prepared {
+        submission: Submission {
+            name: name.into(),
+            topology_file: "pipeline-4.dot".into(),
+            topology: include_str!("../../../../topologies/pipeline-4.dot").into(),
+            components: modules
+                .iter()
+                .map(|(c, m)| ((*c).to_owned(), Hash::of(m)))
+                .collect(),
+            parameters: BTreeMap::from([
+                ("count".to_owned(), count.to_string()),
+                ("factor".to_owned(), "3".to_owned()),
+            ]),
+            limits: two_minutes(),
+            requirements: on_at_most(nodes),
+            ..Submission::default()
+        },
+        modules: modules
+            .into_iter()
+            .map(|(_, m)| (Hash::of(&m), m))
+            .collect(),
+    }
 }

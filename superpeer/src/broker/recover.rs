@@ -1,0 +1,463 @@
+//! Jobs that outlive their nodes: a run given up when a node is lost (the job waits again and
+//! runs anew, from its start or from its newest checkpoint), and checkpoints: consistent cuts
+//! of every part of a running job, taken at its interval or when a client asks, stored here by
+//! content hash and recorded in the job log.
+//!
+//! A cut is asked of every part's node at once ([`BrokerRequest::Checkpoint`]); each node
+//! pauses its part, drains its links to the cut's mark, and answers with its part's blob (see
+//! the node's `checkpoint` module). The cut counts once every blob is stored and the cut is
+//! recorded; a part that does not answer in time, or fails, gives the cut up, and the job goes
+//! on (the next interval tries again).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use mvm_component::runtime::checkpoint::{PartImage, VertexImage, VertexPhase};
+
+use super::core::{Core, Effect, Reply, Then, first};
+use super::plan::{PlaceError, Plan};
+use super::{fail, now_ms};
+use crate::joblog::state::Ended;
+use crate::joblog::{Applied, Command, LogError};
+use crate::proto::{
+    BrokerRequest, CheckpointInfo, CutPart, ErrorKind, Failure, FailureKind, Hash, JobId, JobState,
+    Response, Submission,
+};
+
+/// A cut under way.
+pub(super) struct Cut {
+    /// Its number within the job.
+    cut: u64,
+    /// The run it is of.
+    attempt: u32,
+    /// Each part's node and vertices, in the job's order of parts.
+    parts: Vec<(PeerId, Vec<String>)>,
+    /// Each part's blob, once its node has answered.
+    blobs: Vec<Option<(Hash, Bytes)>>,
+    /// Clients waiting for it.
+    replies: Vec<Reply>,
+}
+
+impl Core {
+    /// A job failed because a node was lost, with retries left: its run is given up, and it
+    /// waits to run again (recorded first; [`Core::requeued`]). Gives `reply` back when the
+    /// job is not run again.
+    pub(super) fn retry(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        state: JobState,
+        ended: &Ended,
+        reply: Option<Reply>,
+    ) -> Option<Option<Reply>> {
+        if state != JobState::Failed || ended.kind != Some(ErrorKind::Lost) {
+            return Some(reply);
+        }
+        let run = self.log.read(|s| {
+            s.job(job)
+                .filter(|j| {
+                    matches!(j.state, JobState::Preparing | JobState::Running)
+                        && j.attempt < j.retries
+                        && j.submission.is_some()
+                })
+                .map(|j| {
+                    let peers = j.parts.iter().filter(|p| !p.done).map(|p| p.node);
+                    (j.attempt, peers.collect::<Vec<PeerId>>())
+                })
+        });
+        let Some((attempt, peers)) = run else {
+            return Some(reply);
+        };
+        let why = ended
+            .error
+            .clone()
+            .unwrap_or_else(|| "a node was lost".into());
+        tracing::warn!(%job, attempt = attempt + 1, %why, "job runs again");
+        out.push(Effect::Record {
+            command: Command::Requeue {
+                job: job.to_owned(),
+                attempt: attempt + 1,
+                at_ms: ended.at_ms,
+                why,
+            },
+            then: Then::Requeued {
+                job: job.to_owned(),
+                attempt,
+                peers,
+                reply,
+            },
+        });
+        None
+    }
+
+    /// A run of `job` given up was recorded (or not): the parts of run `attempt` still on
+    /// `peers` are told to stop, and the job, pending again, is placed when there is room.
+    pub(super) fn requeued(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        attempt: u32,
+        peers: Vec<PeerId>,
+        reply: Option<Reply>,
+        outcome: Result<Applied, LogError>,
+    ) {
+        if let Some(reply) = reply {
+            out.push(Effect::Reply(reply, Response::Ok));
+        }
+        if let Err(f) = first(outcome) {
+            // Ended meanwhile, or given up already by another report of the same loss.
+            tracing::debug!(%job, error = %f.message, "run not given up");
+            return;
+        }
+        if self.drives.get(job).is_some_and(|d| d.attempt == attempt) {
+            self.drives.remove(job);
+        }
+        if let Some(c) = self.cuts.remove(job) {
+            give_up_cut(out, c, "its run was given up");
+        }
+        self.given_up.insert(job.to_owned(), self.now);
+        self.terminate_run(
+            out,
+            job,
+            attempt,
+            "its run was given up: a node was lost",
+            peers,
+        );
+        self.place_pending(out);
+    }
+
+    /// Where a job that runs again from checkpoint `from` goes: each part of the cut, whole, to
+    /// a node of its own that is heard from since the run was given up and has room for it.
+    /// The parts' blobs, in the plan's order.
+    ///
+    /// # Errors
+    /// Too few nodes with room now (the job waits).
+    pub(super) fn plan_restore(
+        &mut self,
+        job: &JobId,
+        s: &Submission,
+        vertices: &[String],
+        from: &CheckpointInfo,
+    ) -> Result<(Plan, Vec<Hash>), PlaceError> {
+        let super::plan::Candidates {
+            peers: live,
+            cands,
+            ok,
+        } = self.candidates(job, s)?;
+        // The largest part first, each to the roomiest node left.
+        let mut order: Vec<usize> = (0..from.parts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(from.parts[i].vertices.len()));
+        let mut free: Vec<(usize, u32)> = ok.iter().map(|&i| (i, cands[i].free_slots)).collect();
+        let mut node_of = vec![0usize; from.parts.len()];
+        for (fit, i) in order.into_iter().enumerate() {
+            free.sort_by_key(|&(_, f)| std::cmp::Reverse(f));
+            let need = u32::try_from(from.parts[i].vertices.len()).unwrap_or(u32::MAX);
+            match free.first() {
+                Some(&(c, f)) if f >= need => {
+                    node_of[i] = c;
+                    free.remove(0);
+                }
+                _ => {
+                    return Err(PlaceError::Restore {
+                        group: self.site.group.clone(),
+                        parts: from.parts.len(),
+                        fit,
+                    });
+                }
+            }
+        }
+        let placement: Vec<u32> = vertices
+            .iter()
+            .map(|v| {
+                let part = from.parts.iter().position(|p| p.vertices.contains(v));
+                u32::try_from(part.unwrap_or(0)).unwrap_or(0)
+            })
+            .collect();
+        let plan = Plan {
+            peers: node_of.iter().map(|&c| live[c]).collect(),
+            placement,
+        };
+        self.hold(job, &plan);
+        Ok((plan, from.parts.iter().map(|p| p.blob).collect()))
+    }
+
+    /// Starts a checkpoint of a running job that asked for them, unless one is under way
+    /// (then `reply` waits for that one).
+    pub(super) fn start_cut(&mut self, out: &mut Vec<Effect>, job: &JobId, reply: Option<Reply>) {
+        if let Some(c) = self.cuts.get_mut(job) {
+            c.replies.extend(reply);
+            return;
+        }
+        // A part that has ended well is in the cut as its vertices' outputs, which the log
+        // holds: it is not asked.
+        let found = self.log.read(|s| {
+            let j = s.job(job)?;
+            Some((
+                j.state,
+                j.checkpoint.is_some(),
+                j.attempt,
+                j.checkpoints.last().map_or(0, |c| c.cut),
+                j.parts
+                    .iter()
+                    .map(|p| {
+                        let ended = p.done.then(|| ended_part(job, &p.vertices, &j.outputs));
+                        (p.node, p.vertices.clone(), ended)
+                    })
+                    .collect::<Vec<_>>(),
+            ))
+        });
+        let refusal = match &found {
+            None => Some((FailureKind::NotFound, format!("no job {job}"))),
+            Some((_, false, ..)) => Some((
+                FailureKind::Input,
+                format!("job {job} did not ask for checkpoints ([checkpoint] in its profile)"),
+            )),
+            Some((state, ..)) if *state != JobState::Running => Some((
+                FailureKind::Input,
+                format!("job {job} is {state:?}, not running"),
+            )),
+            Some(_) => None,
+        };
+        let (Some((_, _, attempt, last, parts)), None) = (found, refusal.as_ref()) else {
+            if let (Some(reply), Some((kind, why))) = (reply, refusal) {
+                out.push(Effect::Reply(reply, fail(kind, why)));
+            }
+            return;
+        };
+        let cut = last + 1;
+        self.last_cut.insert(job.to_owned(), self.now);
+        let mut blobs = Vec::with_capacity(parts.len());
+        for (i, (peer, _, ended)) in parts.iter().enumerate() {
+            if let Some(blob) = ended {
+                blobs.push(Some((Hash::of(blob), blob.clone())));
+                continue;
+            }
+            blobs.push(None);
+            out.push(Effect::Send {
+                peer: *peer,
+                addrs: self.members.addrs(peer),
+                request: BrokerRequest::Checkpoint {
+                    job: job.to_owned(),
+                    attempt,
+                    cut,
+                },
+                then: Then::CutTaken {
+                    job: job.to_owned(),
+                    cut,
+                    part: i,
+                },
+            });
+        }
+        if blobs.iter().all(Option::is_some) {
+            // Every part has ended: the job is ending, and there is nothing to save.
+            if let Some(reply) = reply {
+                let why = format!("job {job} is ending: every part has ended");
+                out.push(Effect::Reply(reply, fail(FailureKind::Input, why)));
+            }
+            return;
+        }
+        self.cuts.insert(
+            job.to_owned(),
+            Cut {
+                cut,
+                attempt,
+                parts: parts.into_iter().map(|(p, v, _)| (p, v)).collect(),
+                blobs,
+                replies: reply.into_iter().collect(),
+            },
+        );
+    }
+
+    /// Starts the checkpoints that are due: running jobs that asked for them, an interval
+    /// after their last one (or after this broker first saw them running).
+    pub(super) fn cuts_due(&mut self, out: &mut Vec<Effect>) {
+        let running: Vec<(JobId, u64)> = self.log.read(|s| {
+            s.jobs()
+                .filter(|j| j.state == JobState::Running)
+                .filter_map(|j| Some((j.id.clone(), j.checkpoint?.interval_ms)))
+                .collect()
+        });
+        let now = self.now;
+        self.last_cut
+            .retain(|job, _| running.iter().any(|(j, _)| j == job));
+        for (job, interval_ms) in running {
+            let since = *self.last_cut.entry(job.clone()).or_insert(now);
+            let due = now.saturating_duration_since(since).as_millis() >= u128::from(interval_ms);
+            if due && !self.cuts.contains_key(&job) {
+                self.start_cut(out, &job, None);
+            }
+        }
+    }
+
+    /// A node answered for part `part` of cut `cut`: its blob, or why not (the cut is given
+    /// up). Once every part's blob is here, they are stored and the cut recorded.
+    pub(super) fn cut_taken(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        cut: u64,
+        part: usize,
+        answer: Result<Response, Failure>,
+    ) {
+        let Some(c) = self.cuts.get_mut(job).filter(|c| c.cut == cut) else {
+            return;
+        };
+        let why = match answer {
+            Ok(Response::Checkpoint { hash, blob }) if Hash::of(&blob) == hash => {
+                if let Some(slot) = c.blobs.get_mut(part) {
+                    *slot = Some((hash, blob));
+                }
+                None
+            }
+            Ok(Response::Checkpoint { .. }) => Some("a blob does not match its hash".to_owned()),
+            Ok(_) => Some("a node answered with no blob".to_owned()),
+            Err(f) => Some(format!(
+                "node {}: {}",
+                self.members.label(&c.parts[part.min(c.parts.len() - 1)].0),
+                f.message
+            )),
+        };
+        if let Some(why) = why {
+            if let Some(c) = self.cuts.remove(job) {
+                tracing::warn!(%job, cut, %why, "checkpoint given up");
+                give_up_cut(out, c, &why);
+            }
+            return;
+        }
+        if c.blobs.iter().any(Option::is_none) {
+            return;
+        }
+        let Some(c) = self.cuts.remove(job) else {
+            return;
+        };
+        let mut parts = Vec::with_capacity(c.parts.len());
+        for ((_, vertices), blob) in c.parts.into_iter().zip(c.blobs) {
+            let Some((hash, blob)) = blob else { return };
+            let bytes = blob.len() as u64;
+            self.blobs.put(blob);
+            parts.push(CutPart {
+                vertices,
+                blob: hash,
+                bytes,
+            });
+        }
+        let before = self.kept_blobs(job);
+        out.push(Effect::Record {
+            command: Command::Checkpoint {
+                job: job.to_owned(),
+                info: CheckpointInfo {
+                    cut,
+                    attempt: c.attempt,
+                    at_ms: now_ms(),
+                    parts: parts.clone(),
+                },
+            },
+            then: Then::CutRecorded {
+                job: job.to_owned(),
+                before: before
+                    .into_iter()
+                    .chain(parts.iter().map(|p| p.blob))
+                    .collect(),
+                replies: c.replies,
+            },
+        });
+    }
+
+    /// A cut was recorded (or not): the blobs of `before` that the job no longer keeps go, and
+    /// the clients that asked for it are answered.
+    pub(super) fn cut_recorded(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        before: Vec<Hash>,
+        replies: Vec<Reply>,
+        outcome: Result<Applied, LogError>,
+    ) {
+        let r = match first(outcome) {
+            Ok(()) => Response::Ok,
+            Err(f) => Response::Error(f),
+        };
+        self.drop_blobs(job, before);
+        for reply in replies {
+            out.push(Effect::Reply(reply, r.clone()));
+        }
+    }
+
+    /// Forgets the blobs of `blobs` that no checkpoint `job` keeps refers to.
+    pub(super) fn drop_blobs(&self, job: &JobId, blobs: Vec<Hash>) {
+        let kept = self.kept_blobs(job);
+        for h in blobs.into_iter().filter(|h| !kept.contains(h)) {
+            self.blobs.remove(&h);
+        }
+    }
+
+    /// The blobs of the checkpoints `job` keeps (none once it has ended).
+    pub(super) fn kept_blobs(&self, job: &JobId) -> Vec<Hash> {
+        self.blobs_of(job, false)
+    }
+
+    /// The blobs of the checkpoints `job`'s record lists; none if it has ended, unless
+    /// `ended`.
+    fn blobs_of(&self, job: &JobId, ended: bool) -> Vec<Hash> {
+        self.log.read(|s| {
+            s.job(job)
+                .filter(|j| ended || !j.state.is_final())
+                .map(|j| {
+                    j.checkpoints
+                        .iter()
+                        .flat_map(|c| c.parts.iter().map(|p| p.blob))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    /// A job ended: its cut under way is given up and its checkpoints' blobs go.
+    pub(super) fn forget_cuts(&mut self, out: &mut Vec<Effect>, job: &JobId) {
+        if let Some(c) = self.cuts.remove(job) {
+            give_up_cut(out, c, "the job ended");
+        }
+        self.last_cut.remove(job);
+        self.drop_blobs(job, self.blobs_of(job, true));
+    }
+}
+
+/// The blob of a part of `job` that has ended well: each of its vertices ended, with its output
+/// as the log holds it. Restored, it runs nothing, and its links end at once.
+fn ended_part(job: &JobId, vertices: &[String], outputs: &[(String, Bytes)]) -> Bytes {
+    let image = PartImage {
+        job: job.to_string(),
+        number: 0,
+        vertices: vertices
+            .iter()
+            .map(|v| VertexImage {
+                vertex: v.clone(),
+                stdout: outputs
+                    .iter()
+                    .find(|(name, _)| name == v)
+                    .map(|(_, out)| out.clone())
+                    .unwrap_or_default(),
+                phase: VertexPhase::Ended,
+            })
+            .collect(),
+        queues: Vec::new(),
+    };
+    // An image of names and outputs always encodes; an empty blob would be refused at restore.
+    image.encode().map(Bytes::from).unwrap_or_default()
+}
+
+/// Answers the clients waiting for a cut given up.
+fn give_up_cut(out: &mut Vec<Effect>, c: Cut, why: &str) {
+    for reply in c.replies {
+        let f = fail(
+            FailureKind::Failed,
+            format!("checkpoint {} given up: {why}", c.cut),
+        );
+        out.push(Effect::Reply(reply, f));
+    }
+}
+
+/// When each running job that asked for checkpoints had its last one started.
+pub(super) type LastCuts = HashMap<JobId, Instant>;

@@ -1,0 +1,233 @@
+//! What the node's parts machine ([`super::parts::Parts`]) takes, gives and holds: its inputs
+//! and effects, a part and its stages, what a prepared part brings, and what the rest of the
+//! node sees.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use libp2p::{Multiaddr, PeerId};
+use mvm_component::runtime::Prepared;
+use mvm_component::runtime::checkpoint::PartControl;
+use mvm_queue::queue::Sender;
+use mvm_queue::remote::{Drain, Hold};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use super::LinkResult;
+use crate::environment::EnvLease;
+use crate::proto::{Failure, JobId, PartReport, PartSpec, Response};
+
+pub(super) type Reply = oneshot::Sender<Response>;
+
+/// A remote input of a part: its vertex, its port, and the peer that feeds it.
+pub(super) type InputKey = (String, String, PeerId);
+
+/// A part prepared off the loop: everything it needs to run.
+pub(super) struct Ready {
+    pub(super) prepared: Prepared,
+    /// Every part of the job: where it runs.
+    pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Remote inputs waiting for their streams.
+    pub(super) inputs: HashMap<InputKey, Sender<Bytes>>,
+    /// How many remote channels it has (in and out).
+    pub(super) expected_links: usize,
+    pub(super) vertices: u32,
+    /// The guest it runs in: held for its `Drop`, which releases it when the part goes.
+    pub(super) env: Option<EnvLease>,
+    /// What checkpoints it, when its job asked for checkpoints.
+    pub(super) marks: Option<Marks>,
+}
+
+/// What takes a checkpoint of a running part: its pause control, and the ends of its links,
+/// to hold and drain to the cut's mark. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Marks {
+    pub(super) control: PartControl,
+    /// One per remote output, in [`Prepared::remote_outputs`]'s order.
+    pub(super) holds: Vec<Hold>,
+    /// One per remote input.
+    pub(super) drains: Vec<(InputKey, Drain)>,
+}
+
+impl Marks {
+    /// The drain of the remote input `key` (a fresh one, never asked to drain, if none).
+    pub(super) fn drain(&self, key: &InputKey) -> Drain {
+        self.drains
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// What a part needs to start, given to the loop to run it.
+pub(super) struct Launch {
+    pub(super) prepared: Prepared,
+    pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Where its remote channels report their ends.
+    pub(super) links: mpsc::Sender<LinkResult>,
+    pub(super) links_rx: mpsc::Receiver<LinkResult>,
+    pub(super) expected_links: usize,
+    /// The holds of its remote outputs, in order (none: never held).
+    pub(super) holds: Vec<Hold>,
+}
+
+/// What happens to the node's parts.
+pub(super) enum Input {
+    /// The broker `from` (a super-peer of the group: checked) wakes a part.
+    Prepare {
+        from: PeerId,
+        spec: Box<PartSpec>,
+        reply: Reply,
+    },
+    /// The preparation of run `attempt` of a job's part ended.
+    Prepared {
+        job: JobId,
+        attempt: u32,
+        ready: Result<Box<Ready>, Failure>,
+    },
+    /// `from` starts a prepared part of run `attempt`; `superpeer`: whether `from` is a
+    /// super-peer of the group.
+    Start {
+        from: PeerId,
+        superpeer: bool,
+        job: JobId,
+        attempt: u32,
+        reply: Reply,
+    },
+    /// `from` ends a part of run `attempt` or before (whatever it is doing).
+    Terminate {
+        from: PeerId,
+        superpeer: bool,
+        job: JobId,
+        attempt: u32,
+        reason: String,
+        reply: Reply,
+    },
+    /// A running part ended.
+    Ended { report: PartReport },
+    /// The hold of the answer to a part's prepare (which started it) is over.
+    HoldOver { job: JobId, attempt: u32 },
+    /// A queue stream from `key.2` into a remote input of run `attempt` of `job` asks for
+    /// its queue.
+    Inbound {
+        job: JobId,
+        attempt: u32,
+        key: InputKey,
+        reply: oneshot::Sender<Option<Inbound>>,
+    },
+    /// A checkpoint of the running part of run `attempt` of `job`, at cut `cut`.
+    Checkpoint {
+        job: JobId,
+        attempt: u32,
+        cut: u64,
+        reply: Reply,
+    },
+    /// Tasks of `job`'s (its running part's, or a queue stream's import, which may come before
+    /// its part runs): ended with the part.
+    Attach { job: JobId, tasks: Vec<AbortHandle> },
+    /// A queue stream lost before its acknowledgement gives its queue back (its opener tries
+    /// again).
+    GiveBack {
+        job: JobId,
+        attempt: u32,
+        key: InputKey,
+        sender: Sender<Bytes>,
+    },
+}
+
+/// What a queue stream into a remote input is given: the input's queue, where the link reports
+/// its end, and the drain of its receiving end.
+pub(super) type Inbound = (Sender<Bytes>, mpsc::Sender<LinkResult>, Drain);
+
+/// What the node's loop must do.
+pub(super) enum Effect {
+    /// Answer a request.
+    Reply(Reply, Response),
+    /// Prepare a part off the loop; what comes of it is [`Input::Prepared`].
+    Prepare { from: PeerId, spec: Box<PartSpec> },
+    /// Run a part: its outgoing channels and its vertices; its end is [`Input::Ended`].
+    Run {
+        job: JobId,
+        attempt: u32,
+        launch: Box<Launch>,
+    },
+    /// Hold the answer to a prepare that started its part; then [`Input::HoldOver`].
+    Hold { job: JobId, attempt: u32 },
+    /// Stop `tasks` (what runs for run `attempt` of `job`) and remove its queues.
+    Stop {
+        job: JobId,
+        attempt: u32,
+        reason: String,
+        tasks: Vec<AbortHandle>,
+    },
+    /// Stop tasks of a part that is gone.
+    Abort(Vec<AbortHandle>),
+    /// Take a checkpoint of a running part at cut `cut` and answer with its blob.
+    Checkpoint {
+        marks: Box<Marks>,
+        cut: u64,
+        reply: Reply,
+    },
+    /// Send a part's report to the group's leader (the part was placed by `broker`).
+    Report {
+        broker: PeerId,
+        report: Box<PartReport>,
+    },
+}
+
+/// One part.
+pub(super) struct Part {
+    /// The broker that placed it.
+    pub(super) broker: PeerId,
+    /// The run of the job it belongs to.
+    pub(super) attempt: u32,
+    /// Remote inputs waiting for their streams.
+    pub(super) inputs: HashMap<InputKey, Sender<Bytes>>,
+    /// Where remote channels report their ends (kept for inbound streams yet to come).
+    pub(super) links: Option<mpsc::Sender<LinkResult>>,
+    pub(super) vertices: u32,
+    pub(super) stage: Stage,
+    /// Its tasks, ended with it.
+    pub(super) tasks: Vec<AbortHandle>,
+    /// Its guest, released when the part goes.
+    pub(super) _env: Option<EnvLease>,
+    /// What checkpoints it, when its job asked for checkpoints.
+    pub(super) marks: Option<Marks>,
+}
+
+pub(super) enum Stage {
+    /// Off the loop; the prepare is answered when it ends.
+    Preparing { reply: Reply, start: bool },
+    /// Prepared, waiting for `Start`.
+    Prepared(Box<Launch>),
+    /// Running; `hold` is the answer to a prepare that started it, while it is held.
+    Running { hold: Option<Reply> },
+}
+
+/// What the rest of the node sees of its parts: each part's vertices and run, by job.
+#[derive(Default)]
+pub(super) struct Held {
+    pub(super) jobs: Mutex<HashMap<JobId, (u32, u32)>>,
+}
+
+impl Held {
+    /// Vertices of the parts held now.
+    pub(super) fn vertices(&self) -> u32 {
+        self.jobs.lock().values().map(|(v, _)| v).sum()
+    }
+
+    /// The jobs whose parts are held now.
+    pub(super) fn jobs(&self) -> Vec<JobId> {
+        self.jobs.lock().keys().cloned().collect()
+    }
+
+    /// The queue namespaces of the parts held now ([`super::space`]).
+    pub(super) fn spaces(&self) -> Vec<String> {
+        let jobs = self.jobs.lock();
+        jobs.iter()
+            .map(|(job, (_, attempt))| super::space(job, *attempt))
+            .collect()
+    }
+}
