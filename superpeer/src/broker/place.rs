@@ -274,7 +274,8 @@ impl Core {
     /// Places the pending jobs that fit now, in the queue's order (a job that does not fit
     /// lets later ones that do go first).
     pub(super) fn place_pending(&mut self, out: &mut Vec<Effect>) {
-        // A job run again starts from its newest checkpoint, if it has one.
+        // A job run again starts from its newest checkpoint whose blobs are all here and sound
+        // (a blob missing, or corrupt on disk, makes the one before it used), if any.
         type Waiting = (
             JobId,
             Principal,
@@ -287,8 +288,12 @@ impl Core {
                 .filter(|j| !self.drives.contains_key(&j.id))
                 .filter_map(|j| {
                     let s = j.submission.clone()?;
-                    let from = j.checkpoints.last().cloned();
-                    Some((j.id.clone(), j.owner.clone(), s, j.attempt, from))
+                    let from = j
+                        .checkpoints
+                        .iter()
+                        .rev()
+                        .find(|c| c.parts.iter().all(|p| self.blobs.get(&p.blob).is_some()));
+                    Some((j.id.clone(), j.owner.clone(), s, j.attempt, from.cloned()))
                 })
                 .take(256)
                 .collect()
@@ -335,6 +340,7 @@ impl Core {
                 command: Command::Place {
                     job: id.clone(),
                     parts: plan.parts(&c.topology),
+                    from_cut: from.as_ref().map(|f| f.cut),
                 },
                 then: Then::Placed {
                     reply: None,

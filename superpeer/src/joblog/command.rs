@@ -19,6 +19,9 @@ pub enum Command {
         job: JobId,
         /// Where.
         parts: Vec<PartRecord>,
+        /// The checkpoint a run given up goes on from (none: from the start).
+        #[serde(default)]
+        from_cut: Option<u64>,
     },
     /// Every part is prepared: the job runs.
     Start {

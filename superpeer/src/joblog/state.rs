@@ -250,7 +250,11 @@ impl ControlState {
     fn try_apply(&mut self, command: Command) -> Result<(), CommandError> {
         match command {
             Command::Submit(job) => self.submit(*job),
-            Command::Place { job, parts } => {
+            Command::Place {
+                job,
+                parts,
+                from_cut,
+            } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Pending {
                     return Err(CommandError::NotPending(job));
@@ -260,6 +264,11 @@ impl ControlState {
                 }
                 j.state = JobState::Preparing;
                 j.parts = parts;
+                if let Some(r) = j.restarts.last_mut()
+                    && r.attempt == j.attempt
+                {
+                    r.from_cut = from_cut;
+                }
                 if j.attempt >= j.retries {
                     j.submission = None;
                 } else if let Some(s) = j.submission.as_mut() {
@@ -446,7 +455,7 @@ impl ControlState {
             attempt,
             at_ms,
             why,
-            from_cut: j.checkpoints.last().map(|c| c.cut),
+            from_cut: None,
             running_ms: None,
         });
         let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());

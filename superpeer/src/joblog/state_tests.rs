@@ -213,6 +213,7 @@ fn pending_jobs_are_placed_by_priority_then_submission_time_and_held_ones_wait()
     let place = Command::Place {
         job: "high-1-0".into(),
         parts: vec![part(n, 2)],
+        from_cut: None,
     };
     assert_eq!(s.apply(1, place.clone()), Applied::Done);
     assert_eq!(order(&s), ["high-late-1-0", "mid-1-0", "low-1-0"]);
@@ -250,6 +251,7 @@ fn commands_that_do_not_fit_change_nothing() {
         Command::Place {
             job: "nope-1-0".into(),
             parts: vec![part(n, 1)],
+            from_cut: None,
         },
         Command::Submit(Box::new(JobRecord {
             state: JobState::Done,
@@ -523,6 +525,7 @@ fn a_run_given_up_waits_again_in_its_place_frees_its_slots_and_its_reports_are_r
     let place = Command::Place {
         job: "r-1-0".into(),
         parts: vec![part(a, 3)],
+        from_cut: None,
     };
     assert_eq!(s.apply(7, place), Applied::Done);
     assert!(

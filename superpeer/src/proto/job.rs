@@ -377,7 +377,7 @@ pub struct Restart {
     pub at_ms: u64,
     /// Why, for people.
     pub why: String,
-    /// The checkpoint the new run starts from (none: from the job's start).
+    /// The checkpoint the new run started from, once placed (none: from the job's start).
     #[serde(default)]
     pub from_cut: Option<u64>,
     /// Every part of the new run started, milliseconds since the Unix epoch; none yet.
