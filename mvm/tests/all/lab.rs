@@ -324,25 +324,7 @@ fn a_node_killed_mid_job_has_its_job_run_again_on_the_others_with_an_undisturbed
     let v = json(&lab.mvm(&["submit", path, "-o", "json"]));
     let job = v["job"].as_str().expect("id").to_owned();
     let s = wait_state(&lab, &job, |s| s == "running", Duration::from_secs(30));
-    let victim = s["parts"][0]["name"]
-        .as_str()
-        .expect("a part's node")
-        .to_owned();
-    let st = json(&lab.mvm(&["lab", "status", "-o", "json"]));
-    let pid = st["daemons"]
-        .as_array()
-        .expect("daemons")
-        .iter()
-        .find(|d| d["name"] == victim.as_str())
-        .and_then(|d| d["pid"].as_u64())
-        .unwrap_or_else(|| panic!("{victim}'s pid in {st}"));
-    assert!(
-        Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    let victim = kill_a_node_of(&lab, &s);
     let end = wait_state(
         &lab,
         &job,
@@ -370,6 +352,98 @@ fn a_node_killed_mid_job_has_its_job_run_again_on_the_others_with_an_undisturbed
     let quiet = json(&lab.mvm(&["submit", "--wait", path, "-o", "json"]));
     assert_eq!(quiet["state"], "done", "{quiet}");
     assert_eq!(end["outputs"], quiet["outputs"]);
+}
+
+/// Kills (`SIGKILL`) the node of the first part of job `s`, by the lab's account of its
+/// daemons; its name.
+fn kill_a_node_of(lab: &Lab, s: &serde_json::Value) -> String {
+    let victim = s["parts"][0]["name"]
+        .as_str()
+        .expect("a part's node")
+        .to_owned();
+    let st = json(&lab.mvm(&["lab", "status", "-o", "json"]));
+    let pid = st["daemons"]
+        .as_array()
+        .expect("daemons")
+        .iter()
+        .find(|d| d["name"] == victim.as_str())
+        .and_then(|d| d["pid"].as_u64())
+        .unwrap_or_else(|| panic!("{victim}'s pid in {st}"));
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    victim
+}
+
+/// A pipeline that asks for checkpoints: `mvm checkpoint` takes one at once, a node killed
+/// (`SIGKILL`) after it has the job restored from its newest checkpoint on the nodes left, and
+/// the job ends with an undisturbed run's output; `mvm status` lists the restart and the
+/// checkpoints.
+#[test]
+fn a_node_killed_after_a_checkpoint_has_its_job_restored_from_it_with_an_undisturbed_output() {
+    build_jobs();
+    let lab = Lab::up(3);
+    let profile = |name: &str, checkpoint: &str| {
+        lab.profile(
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\ntopology = \"ROOT/topologies/pipeline-4.dot\"\n[components]\nsource = \"ROOT/jobs/build/pipe_source.wasm\"\nstage = \"ROOT/jobs/build/pipe_stage.wasm\"\nsink = \"ROOT/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = 400000\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"120s\"\n{checkpoint}"
+            ),
+        )
+    };
+    let saved = profile("saved", "[checkpoint]\ninterval = \"1s\"\nkeep = 2\n");
+    let v = json(&lab.mvm(&["submit", saved.to_str().expect("utf-8"), "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    wait_state(&lab, &job, |s| s == "running", Duration::from_secs(30));
+    let out = lab.mvm(&["checkpoint", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("stored"), "{said}");
+    let s = status(&lab, &job);
+    assert_eq!(s["state"], "running", "{s}");
+    let cut = s["checkpoints"]
+        .as_array()
+        .and_then(|c| c.last())
+        .and_then(|c| c["cut"].as_u64())
+        .unwrap_or_else(|| panic!("a checkpoint listed: {s}"));
+    kill_a_node_of(&lab, &s);
+    let end = wait_state(
+        &lab,
+        &job,
+        |s| s == "done" || s == "failed",
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        (&end["state"], &end["attempt"]),
+        (&"done".into(), &1.into()),
+        "{end}"
+    );
+    let from = end["restarts"][0]["from_cut"].as_u64();
+    assert!(from.is_some_and(|f| f >= cut), "{end}");
+    let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
+    assert!(text.contains("restarted from checkpoint"), "{text}");
+    let plain = profile("plain", "");
+    let quiet = json(&lab.mvm(&[
+        "submit",
+        "--wait",
+        plain.to_str().expect("utf-8"),
+        "-o",
+        "json",
+    ]));
+    assert_eq!(quiet["state"], "done", "{quiet}");
+    assert_eq!(end["outputs"], quiet["outputs"]);
+    // A job that did not ask for checkpoints gets none.
+    let out = lab.mvm(&["checkpoint", quiet["job"].as_str().expect("id")]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not ask"));
 }
 
 #[test]
