@@ -325,17 +325,7 @@ fn a_node_killed_mid_job_has_its_job_run_again_on_the_others_with_an_undisturbed
     let job = v["job"].as_str().expect("id").to_owned();
     let s = wait_state(&lab, &job, |s| s == "running", Duration::from_secs(30));
     let victim = kill_a_node_of(&lab, &s);
-    let end = wait_state(
-        &lab,
-        &job,
-        |s| s == "done" || s == "failed",
-        Duration::from_secs(90),
-    );
-    assert_eq!(
-        (&end["state"], &end["attempt"]),
-        (&"done".into(), &1.into()),
-        "{end}"
-    );
+    let end = done_in_its_second_run(&lab, &job);
     assert_eq!(end["restarts"].as_array().map(Vec::len), Some(1), "{end}");
     assert!(
         end["parts"]
@@ -352,6 +342,22 @@ fn a_node_killed_mid_job_has_its_job_run_again_on_the_others_with_an_undisturbed
     let quiet = json(&lab.mvm(&["submit", "--wait", path, "-o", "json"]));
     assert_eq!(quiet["state"], "done", "{quiet}");
     assert_eq!(end["outputs"], quiet["outputs"]);
+}
+
+/// Waits for `job`'s end: done, in its second run; its status.
+fn done_in_its_second_run(lab: &Lab, job: &str) -> serde_json::Value {
+    let end = wait_state(
+        lab,
+        job,
+        |s| s == "done" || s == "failed",
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        (&end["state"], &end["attempt"]),
+        (&"done".into(), &1.into()),
+        "{end}"
+    );
+    end
 }
 
 /// Kills (`SIGKILL`) the node of the first part of job `s`, by the lab's account of its
@@ -415,17 +421,7 @@ fn a_node_killed_after_a_checkpoint_has_its_job_restored_from_it_with_an_undistu
         .and_then(|c| c["cut"].as_u64())
         .unwrap_or_else(|| panic!("a checkpoint listed: {s}"));
     kill_a_node_of(&lab, &s);
-    let end = wait_state(
-        &lab,
-        &job,
-        |s| s == "done" || s == "failed",
-        Duration::from_secs(90),
-    );
-    assert_eq!(
-        (&end["state"], &end["attempt"]),
-        (&"done".into(), &1.into()),
-        "{end}"
-    );
+    let end = done_in_its_second_run(&lab, &job);
     let from = end["restarts"][0]["from_cut"].as_u64();
     assert!(from.is_some_and(|f| f >= cut), "{end}");
     let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
