@@ -4,7 +4,7 @@
 //! ```toml
 //! name = "fft8"
 //! topology = "../topologies/fft8-butterfly.dot"   # paths are relative to this file
-//! retries = 2                  # runs again from its start when a node it runs on is lost
+//! retries = 2                  # runs again (from its newest checkpoint) when a node is lost
 //!
 //! [components]
 //! source = "../jobs/build/fft_source.wasm"
@@ -22,7 +22,7 @@
 //! cpu = "10s"
 //! wall = "60s"
 //!
-//! [checkpoint]                 # save the running job every interval (read, not acted on yet)
+//! [checkpoint]                 # save the running job every interval (none unless asked)
 //! interval = "5s"
 //! keep = 2                     # stored checkpoints kept (the newest)
 //! ```
@@ -70,8 +70,8 @@ pub struct Profile {
     /// Checkpoints of the running job; none unless asked for.
     #[serde(default)]
     pub checkpoint: Option<CheckpointSpec>,
-    /// How many times a job that lost a node is run again from its start (default
-    /// [`DEFAULT_RETRIES`]); checkpoints, once the broker takes them, are not used for it yet.
+    /// How many times a job that lost a node is run again, from its newest checkpoint or from
+    /// its start (default [`DEFAULT_RETRIES`]).
     #[serde(default)]
     pub retries: Option<u32>,
 }
