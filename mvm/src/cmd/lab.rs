@@ -532,6 +532,18 @@ impl Lab {
         }
     }
 
+    /// Kills (SIGKILL) the daemon named `name`; whether there is one.
+    pub(crate) fn kill_daemon(&mut self, name: &str) -> bool {
+        let Some(i) = self.names.iter().position(|n| n == name) else {
+            return false;
+        };
+        if let Some(c) = self.children.get_mut(i) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        true
+    }
+
     pub(crate) fn stop(&mut self) {
         let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
         stop_pids(&pids);

@@ -19,6 +19,9 @@ pub(crate) struct CheckpointReport {
     /// The pipeline over two parts joined by a link on loopback TCP, its second part moved to
     /// another node while it runs (goal: downtime ≤ 50 ms).
     pub(crate) moves: MoveFigures,
+    /// The pipeline with checkpoints in a lab of node processes: a checkpoint through the
+    /// broker, and the recovery from a node killed.
+    pub(crate) recovery: super::recovery::RecoveryFigures,
 }
 
 fn failed(e: impl std::fmt::Display) -> Failure {
@@ -83,7 +86,21 @@ pub(crate) fn run(
             "a run whose part was moved gave another output than the undisturbed run",
         ));
     }
-    Ok(CheckpointReport { workloads, moves })
+    let tmp = tempfile::Builder::new()
+        .prefix("mvm-bench-recovery-")
+        .tempdir()
+        .map_err(failed)?;
+    let recovery = super::recovery::run(tmp.path(), jobs, items, 5)?;
+    if !recovery.identical {
+        return Err(failed(
+            "a job restored from its checkpoint gave another output than the undisturbed run",
+        ));
+    }
+    Ok(CheckpointReport {
+        workloads,
+        moves,
+        recovery,
+    })
 }
 
 /// The report for people.
@@ -123,6 +140,24 @@ pub(crate) fn text(r: &CheckpointReport) -> String {
         m.downtime_max_ms,
         m.moves,
         if m.identical {
+            "identical"
+        } else {
+            "DIFFERENT"
+        },
+    ));
+    let r = &r.recovery;
+    s.push_str(&format!(
+        "\n  {} with checkpoints: mvm checkpoint {:.1} ms ({} taken; {} B); a node killed: \
+         noticed after {:.0} ms, running again from checkpoint {} after {:.0} ms more \
+         (goal <= 2000 ms); output {}",
+        r.workload,
+        r.checkpoint_ms,
+        r.checkpoints,
+        r.checkpoint_bytes,
+        r.detected_ms,
+        r.from_cut.map_or("-".to_owned(), |c| c.to_string()),
+        r.running_again_ms,
+        if r.identical {
             "identical"
         } else {
             "DIFFERENT"

@@ -3,6 +3,7 @@
 mod broker;
 mod checkpoint;
 mod mpi;
+mod recovery;
 mod scale;
 
 use clap::Subcommand;
@@ -122,7 +123,9 @@ enum Which {
     },
     /// What checkpoints cost jobs on this node: a 16-vertex token ring and the C pipeline run
     /// with plain modules, with pausable ones, and paused and saved every interval, side by
-    /// side; each checkpoint's pause, capture and size; and a blob's time to running again.
+    /// side; each checkpoint's pause, capture and size; a blob's time to running again; a
+    /// part's move to another node; and, in a lab of 3 node processes, `mvm checkpoint` on the
+    /// pipeline over 2 of them and its recovery after one is killed (SIGKILL).
     Checkpoint {
         /// Hops of the ring.
         #[arg(long, default_value_t = 3_000_000, value_parser = clap::value_parser!(u64).range(1000..))]

@@ -1,0 +1,188 @@
+//! The part of `mvm bench checkpoint` that needs a lab: a job's checkpoint through the broker
+//! and its nodes, and its recovery when one of its nodes is killed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mvm_superpeer::client::Client;
+use mvm_superpeer::proto::{JobState, JobStatus};
+use serde::Serialize;
+
+use super::broker::{job, write};
+use crate::cmd::job::wire;
+use crate::cmd::lab::{Lab, NetArgs, Transport};
+use crate::exit::Failure;
+
+/// A job's checkpoints through the broker, and its recovery from a node killed (`SIGKILL`).
+#[derive(Debug, Serialize)]
+pub(crate) struct RecoveryFigures {
+    /// The workload: the C pipeline over two of the lab's three nodes.
+    pub(crate) workload: String,
+    /// Median milliseconds of `mvm checkpoint` on the running job: every part paused, its
+    /// links drained to the cut's mark, imaged and sent, the blobs stored and the cut recorded
+    /// in the job log.
+    pub(crate) checkpoint_ms: f64,
+    /// Checkpoints taken for the median.
+    pub(crate) checkpoints: usize,
+    /// The bytes of the last one (every part's blob).
+    pub(crate) checkpoint_bytes: u64,
+    /// Milliseconds from the kill to the run given up (the loss noticed: a link to the killed
+    /// node broke, or its heartbeats stopped).
+    pub(crate) detected_ms: f64,
+    /// Milliseconds from the run given up to every part of the next run started, restored
+    /// from the checkpoint (goal: at most 2000).
+    pub(crate) running_again_ms: f64,
+    /// The checkpoint the job went on from.
+    pub(crate) from_cut: Option<u64>,
+    /// Whether the job ended with the output of an undisturbed run.
+    pub(crate) identical: bool,
+}
+
+fn failed(e: impl std::fmt::Display) -> Failure {
+    Failure::failed(anyhow::anyhow!("bench checkpoint (recovery): {e}"))
+}
+
+/// Runs the pipeline of `jobs` (`items` items) with checkpoints over two nodes of a lab of
+/// three, takes `checkpoints` checkpoints, kills the node of its first part and waits for it
+/// to end; then runs it undisturbed to compare.
+pub(crate) fn run(
+    dir: &Path,
+    jobs: &Path,
+    items: u64,
+    checkpoints: usize,
+) -> Result<RecoveryFigures, Failure> {
+    let jobs =
+        std::fs::canonicalize(jobs).map_err(|e| failed(format!("{}: {e}", jobs.display())))?;
+    let topology = mvm_component::topology::generate::generate("pipeline", "4").map_err(failed)?;
+    write(dir, "pipeline.dot", &topology)?;
+    let profile = |name: &str, extra: &str| {
+        job(
+            dir,
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\ntopology = \"{d}/pipeline.dot\"\n[components]\nsource = \"{j}/pipe_source.wasm\"\nstage = \"{j}/pipe_stage.wasm\"\nsink = \"{j}/pipe_sink.wasm\"\n[parameters]\ncount = {items}\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"600s\"\n{extra}",
+                d = dir.display(),
+                j = jobs.display(),
+            ),
+        )
+    };
+    let saved = profile("saved", "[checkpoint]\ninterval = \"60s\"\nkeep = 2\n")?;
+    let plain = profile("plain", "")?;
+    let net = NetArgs {
+        transport: Transport::Tcp,
+        secure_links: false,
+    };
+    let mut lab = Lab::start(&dir.join("lab"), 3, 1, false, net)?;
+    let rt = super::tokio()?;
+    let user = lab.user()?;
+    let broker = lab.broker.clone();
+    let client = rt.block_on(async {
+        Client::find(&user, std::slice::from_ref(&broker))
+            .await
+            .map_err(wire)
+    })?;
+    let (mut taken, job) = rt.block_on(async {
+        let s = client.submit(&saved).await.map_err(wire)?;
+        let s = until(&client, &s, |st| {
+            st != JobState::Preparing && st != JobState::Pending
+        })
+        .await?;
+        if s.state != JobState::Running {
+            return Err(failed(format!("the job did not run: {s:?}")));
+        }
+        let mut taken = Vec::new();
+        for _ in 0..checkpoints {
+            let t = Instant::now();
+            client.checkpoint(&s.job).await.map_err(wire)?;
+            taken.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let s = status(&client, &s).await?;
+        if s.state != JobState::Running {
+            return Err(failed(format!(
+                "the job ended before a node could be killed ({} items is too few)",
+                items
+            )));
+        }
+        Ok((taken, s))
+    })?;
+    let bytes = job.checkpoints.last().map_or(0, |c| c.bytes());
+    let victim = job
+        .parts
+        .first()
+        .map(|p| p.name.clone())
+        .ok_or_else(|| failed("the job has no parts"))?;
+    let killed_ms = now_ms();
+    if !lab.kill_daemon(&victim) {
+        return Err(failed(format!("{victim} is not a daemon of the lab")));
+    }
+    let (end, quiet) = rt.block_on(async {
+        let end = until(&client, &job, JobState::is_final).await?;
+        let quiet = client.submit_and_wait(&plain).await.map_err(wire)?;
+        let quiet = until(&client, &quiet, JobState::is_final).await?;
+        Ok::<_, Failure>((end, quiet))
+    })?;
+    drop(lab);
+    let Some(restart) = end.restarts.first() else {
+        return Err(failed(format!("the job did not run again: {end:?}")));
+    };
+    if end.state != JobState::Done || quiet.state != JobState::Done {
+        return Err(failed(format!(
+            "the job ended {:?} (undisturbed: {:?}): {}",
+            end.state,
+            quiet.state,
+            end.error.unwrap_or_default()
+        )));
+    }
+    let sorted = |s: &JobStatus| {
+        let mut v = s.outputs.clone();
+        v.sort();
+        v
+    };
+    let identical = sorted(&end) == sorted(&quiet);
+    taken.sort_by(f64::total_cmp);
+    Ok(RecoveryFigures {
+        workload: format!("pipeline-4 ({items} items) over 2 of 3 node processes"),
+        checkpoint_ms: taken.get(taken.len() / 2).copied().unwrap_or(0.0),
+        checkpoints: taken.len(),
+        checkpoint_bytes: bytes,
+        detected_ms: restart.at_ms.saturating_sub(killed_ms) as f64,
+        running_again_ms: restart.recovery_ms().unwrap_or(u64::MAX) as f64,
+        from_cut: restart.from_cut,
+        identical,
+    })
+}
+
+/// The job's status now.
+async fn status(c: &Client, s: &JobStatus) -> Result<JobStatus, Failure> {
+    c.status(Some(&s.job))
+        .await
+        .map_err(wire)?
+        .pop()
+        .ok_or_else(|| failed(format!("job {} is gone", s.job)))
+}
+
+/// Waits (up to 10 minutes) until the job's state passes `pred`.
+async fn until(
+    c: &Client,
+    s: &JobStatus,
+    pred: impl Fn(JobState) -> bool,
+) -> Result<JobStatus, Failure> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let now = status(c, s).await?;
+        if pred(now.state) {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            return Err(failed(format!("job {} is still {:?}", s.job, now.state)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Milliseconds since the Unix epoch (the clock the job log's times are read on).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
