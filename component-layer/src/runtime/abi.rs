@@ -123,8 +123,8 @@ pub(crate) struct VertexState {
     pub(crate) spin: u32,
     /// What it wrote to stdout before the checkpoint it was restored from.
     pub(crate) stdout_before: Bytes,
-    /// How it pauses, when it is checkpointable (boxed: plain vertices keep a small store).
-    pub(crate) pausing: Option<Box<super::checkpoint::pause::Pausing>>,
+    /// How it pauses, when it is checkpointable.
+    pub(crate) pausing: Option<super::checkpoint::pause::Pausing>,
 }
 
 impl VertexState {
@@ -270,17 +270,20 @@ enum Found {
     Wait,
 }
 
-/// What a wait in a pausable vertex watches: the last pause it took part in. The part's pause
-/// control is reached through the vertex's ports ([`VertexIo::pause`]), which a wait holds
-/// anyway: no shared count is touched per wait.
-fn waiting_since(state: &VertexState) -> Option<u64> {
+/// What a wait in a pausable vertex watches: the last pause it took part in (`None` for a
+/// plain vertex). The part's pause control is reached through the vertex's ports
+/// ([`VertexIo::pause`]), which a wait holds anyway: no shared count is touched per wait.
+fn waiting_since<const PAUSABLE: bool>(state: &VertexState) -> Option<u64> {
+    if !PAUSABLE {
+        return None;
+    }
     state.pausing.as_ref().map(|p| p.seen)
 }
 
 // `PAUSABLE`: the vertex's module was made checkpointable, and a receive or send is a pause
 // point. Plain vertices get the `false` instances, with no pause path at all. The pause paths
-// are boxed where they are awaited: their futures would otherwise make every `recv` and `send`
-// future (boxed per call by the linker) larger, and a plain ping-pong measurably slower.
+// are boxed where they are awaited: they call into the instance, and their futures would
+// otherwise make every `recv` and `send` future (boxed per call by the linker) larger.
 async fn receive<const PAUSABLE: bool>(
     mut caller: Caller<'_, VertexState>,
     (pp, pl, buf, cap): (i32, i32, i32, i32),
@@ -320,17 +323,25 @@ async fn receive<const PAUSABLE: bool>(
     let got = match found {
         Found::Kept(item) => return give_or_keep(&mut caller, i, item, buf, cap),
         Found::Queue(got) => got,
-        // The pausable wait is boxed: its future would otherwise make every plain `recv`
-        // future (boxed per call by the linker) larger.
-        Found::Wait if PAUSABLE => match Box::pin(wait_pausable(&mut caller, i)).await? {
-            Some(got) => got,
-            None => return Ok(0),
-        },
         Found::Wait => {
             let io = caller.data().io.clone();
-            match io.inputs.at(i) {
-                Some(port) => port.rx.recv_async().await.map_err(|e| e.failure),
-                None => return Ok(NO_PORT),
+            let Some(port) = io.inputs.at(i) else {
+                return Ok(NO_PORT);
+            };
+            match (waiting_since::<PAUSABLE>(caller.data()), io.pause.as_ref()) {
+                // A pause asked for while waiting (the pause wakes the part's queues): the
+                // wait is given up (nothing was taken), and the receive is made again once the
+                // vertex is rewound.
+                (Some(seen), Some(ctl)) => {
+                    match port.rx.recv_async_unless(|| ctl.wanted(seen)).await {
+                        Some(got) => got.map_err(|e| e.failure),
+                        None => {
+                            Box::pin(checkpoint::begin_unwind(&mut caller)).await?;
+                            return Ok(0);
+                        }
+                    }
+                }
+                _ => port.rx.recv_async().await.map_err(|e| e.failure),
             }
         }
     };
@@ -338,30 +349,6 @@ async fn receive<const PAUSABLE: bool>(
         Ok(item) => deliver(&mut caller, i, item, buf, cap),
         Err(RecvFailure::Closed) => Ok(END),
         Err(RecvFailure::Empty | RecvFailure::Timeout) => Ok(EMPTY),
-    }
-}
-
-/// A pausable vertex's wait for an item on input `i`: `None` when a pause asked for while
-/// waiting (the pause wakes the part's queues) gave the wait up, nothing taken, and the vertex
-/// began to unwind; the receive is made again once it is rewound.
-async fn wait_pausable(
-    caller: &mut Caller<'_, VertexState>,
-    i: usize,
-) -> wasmtime::Result<Option<Result<Bytes, RecvFailure>>> {
-    let io = caller.data().io.clone();
-    // `i` was found by the receive: the port is there.
-    let Some(port) = io.inputs.at(i) else {
-        return Ok(Some(Err(RecvFailure::Closed)));
-    };
-    let (Some(seen), Some(ctl)) = (waiting_since(caller.data()), io.pause.as_ref()) else {
-        return Ok(Some(port.rx.recv_async().await.map_err(|e| e.failure)));
-    };
-    match port.rx.recv_async_unless(|| ctl.wanted(seen)).await {
-        Some(got) => Ok(Some(got.map_err(|e| e.failure))),
-        None => {
-            Box::pin(checkpoint::begin_unwind(caller)).await?;
-            Ok(None)
-        }
     }
 }
 
@@ -453,18 +440,27 @@ async fn send<const PAUSABLE: bool>(
         };
         let sent = match attempt {
             Ok(None) => Ok(()),
-            // The pausable wait is boxed, as in `receive`.
-            Ok(Some(item)) if PAUSABLE => {
-                match Box::pin(send_pausable(&mut caller, i, c, item)).await? {
-                    Some(sent) => sent,
-                    None => return Ok(0),
-                }
-            }
             Ok(Some(item)) => {
                 let io = caller.data().io.clone();
-                match io.outputs.at(i).and_then(|p| p.channels.get(c)) {
-                    Some((tx, _)) => tx.send_async(item).await.map_err(|e| e.failure),
-                    None => Ok(()),
+                let pause = waiting_since::<PAUSABLE>(caller.data()).zip(io.pause.as_ref());
+                match (io.outputs.at(i).and_then(|p| p.channels.get(c)), pause) {
+                    (Some((tx, _)), None) => tx.send_async(item).await.map_err(|e| e.failure),
+                    // A pause asked for while waiting for room: this channel did not take the
+                    // item; the send goes on from it once the vertex is rewound.
+                    (Some((tx, _)), Some((seen, ctl))) => {
+                        match tx.send_async_unless(item, || ctl.wanted(seen)).await {
+                            Ok(None) => Ok(()),
+                            Ok(Some(_)) => {
+                                if let Some(p) = caller.data_mut().pausing.as_mut() {
+                                    p.sending = Some((i, c));
+                                }
+                                Box::pin(checkpoint::begin_unwind(&mut caller)).await?;
+                                return Ok(0);
+                            }
+                            Err(e) => Err(e.failure),
+                        }
+                    }
+                    (None, _) => Ok(()),
                 }
             }
             Err(e) => Err(e.failure),
@@ -478,35 +474,6 @@ async fn send<const PAUSABLE: bool>(
         }
     }
     Ok(0)
-}
-
-/// A pausable vertex's wait for room on channel `c` of output `i`: `None` when a pause asked
-/// for while waiting gave it up (this channel did not take the item) and the vertex began to
-/// unwind; the send goes on from this channel once it is rewound.
-async fn send_pausable(
-    caller: &mut Caller<'_, VertexState>,
-    i: usize,
-    c: usize,
-    item: Bytes,
-) -> wasmtime::Result<Option<Result<(), SendFailure>>> {
-    let io = caller.data().io.clone();
-    let Some((tx, _)) = io.outputs.at(i).and_then(|p| p.channels.get(c)) else {
-        return Ok(Some(Ok(())));
-    };
-    let (Some(seen), Some(ctl)) = (waiting_since(caller.data()), io.pause.as_ref()) else {
-        return Ok(Some(tx.send_async(item).await.map_err(|e| e.failure)));
-    };
-    match tx.send_async_unless(item, || ctl.wanted(seen)).await {
-        Ok(None) => Ok(Some(Ok(()))),
-        Ok(Some(_)) => {
-            if let Some(p) = caller.data_mut().pausing.as_mut() {
-                p.sending = Some((i, c));
-            }
-            Box::pin(checkpoint::begin_unwind(caller)).await?;
-            Ok(None)
-        }
-        Err(e) => Ok(Some(Err(e.failure))),
-    }
 }
 
 /// Adds the `mvm` module and WASI preview 1 to a linker: for checkpointable modules when

@@ -1068,16 +1068,14 @@ async fn run_vertex_until(
                 memory: None,
                 spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
                 stdout_before: Bytes::new(),
-                pausing: start.pausing.as_ref().map(|(_, slot)| {
-                    Box::new(Pausing {
-                        slot: *slot,
-                        seen: 0,
-                        data: 0,
-                        funcs: None,
-                        rewinding: false,
-                        unwinding: false,
-                        sending: None,
-                    })
+                pausing: start.pausing.as_ref().map(|(_, slot)| Pausing {
+                    slot: *slot,
+                    seen: 0,
+                    data: 0,
+                    funcs: None,
+                    rewinding: false,
+                    unwinding: false,
+                    sending: None,
                 }),
             },
         );
