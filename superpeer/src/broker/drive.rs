@@ -39,10 +39,20 @@ impl Core {
             Err(f) => {
                 record.state = JobState::Preparing;
                 let (state, ended) = refusal_end(&self.members.label(&peer), &f);
-                let end = Command::End {
-                    job: id.clone(),
-                    state,
-                    ended,
+                // A node lost before the part ran: the job, recorded, waits to run again.
+                let end = if ended.kind == Some(ErrorKind::Lost) && record.retries > 0 {
+                    Command::Requeue {
+                        job: id.clone(),
+                        attempt: 1,
+                        at_ms: ended.at_ms,
+                        why: ended.error.unwrap_or_default(),
+                    }
+                } else {
+                    Command::End {
+                        job: id.clone(),
+                        state,
+                        ended,
+                    }
                 };
                 (Some(end), false)
             }
@@ -50,7 +60,9 @@ impl Core {
         let command = match end {
             Some(end) => {
                 // Ended already: nothing to run again, and a short job's entry stays small.
-                record.submission = None;
+                if !matches!(end, Command::Requeue { .. }) {
+                    record.submission = None;
+                }
                 Command::Batch(vec![Command::Submit(Box::new(record)), end])
             }
             None => Command::Submit(Box::new(record)),
@@ -92,6 +104,14 @@ impl Core {
         out.push(Effect::Reply(reply, r));
         for (peer, report, reply) in drive.map(|d| d.early).unwrap_or_default() {
             self.report(out, peer, report, reply);
+        }
+        // Its node was lost before the part ran: it runs again on nodes heard from since.
+        if self
+            .log
+            .read(|s| s.job(job).is_some_and(|j| j.state == JobState::Pending))
+        {
+            self.given_up.insert(job.to_owned(), self.now);
+            self.place_pending(out);
         }
     }
 
@@ -447,10 +467,13 @@ fn part_end(label: impl FnOnce() -> String, peer: PeerId, r: PartReport) -> Comm
     }
 }
 
-/// How a job ends when a node refuses or fails to prepare its part.
+/// How a job ends when a node refuses or fails to prepare its part. A node that cannot be
+/// reached (or is stopping) is lost to the job, which then runs again if it may
+/// ([`Core::retry`]).
 fn refusal_end(label: &str, f: &Failure) -> (JobState, Ended) {
     let (state, kind) = match f.kind {
         FailureKind::Refused => (JobState::Refused, ErrorKind::Refused),
+        FailureKind::Unavailable => (JobState::Failed, ErrorKind::Lost),
         _ => (JobState::Failed, ErrorKind::Setup),
     };
     (

@@ -424,3 +424,27 @@ async fn a_node_stopped_after_a_checkpoint_has_its_job_restored_from_it_with_the
         "{e}"
     );
 }
+
+/// A node stopped just before a job is placed on it (its loss not yet noticed): the prepare
+/// cannot reach it, and the job, which may run again, runs on a node heard from since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_placed_on_a_node_lost_but_not_yet_noticed_runs_on_another() {
+    // The roomier node ranks first.
+    let mut lab = Lab::start(1, &[16, 4]).await;
+    let c = lab.client().await;
+    lab.nodes[0].stop().await;
+    let mut job = sleeping("after", 0);
+    job.submission.retries = 1;
+    let s = finished(&c, &job).await;
+    assert_eq!((s.state, s.attempt), (JobState::Done, 1), "{s:?}");
+    assert!(
+        s.restarts[0].why.contains(&lab.node_peer(0)),
+        "names the node it could not reach: {s:?}"
+    );
+    assert!(
+        s.parts
+            .iter()
+            .all(|p| p.node.to_string() == lab.node_peer(1)),
+        "{s:?}"
+    );
+}

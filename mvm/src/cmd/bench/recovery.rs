@@ -127,10 +127,11 @@ pub(crate) fn run(
     };
     if end.state != JobState::Done || quiet.state != JobState::Done {
         return Err(failed(format!(
-            "the job ended {:?} (undisturbed: {:?}): {}",
+            "the job ended {:?} ({}); undisturbed, {:?} ({})",
             end.state,
+            end.error.unwrap_or_default(),
             quiet.state,
-            end.error.unwrap_or_default()
+            quiet.error.unwrap_or_default()
         )));
     }
     let sorted = |s: &JobStatus| {
