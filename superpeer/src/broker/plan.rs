@@ -20,6 +20,12 @@ pub(crate) enum PlaceError {
         /// The group.
         group: String,
     },
+    /// A job whose run was given up waits for a node heard from since.
+    #[error("no node of group {group} has been heard from since the job's last run was given up")]
+    NoneHeardSince {
+        /// The group.
+        group: String,
+    },
     /// No node meets the requirements; why not, node by node.
     #[error("no node of group {group} meets the job's requirements: {}", why.join("; "))]
     NoneMeets {
@@ -250,8 +256,10 @@ impl Core {
             .collect();
         live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
         if live.is_empty() {
-            return Err(PlaceError::NoNodes {
-                group: self.site.group.clone(),
+            let group = self.site.group.clone();
+            return Err(match since {
+                Some(_) => PlaceError::NoneHeardSince { group },
+                None => PlaceError::NoNodes { group },
             });
         }
         let cands: Vec<Candidate> = live
