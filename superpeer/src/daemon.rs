@@ -410,6 +410,10 @@ impl Router {
                 crate::policy::serve(site, who, have.as_ref())
             }
             Request::Client(ClientRequest::PolicyReload) => crate::policy::reload(site, who),
+            Request::Peer(PeerRequest::Blobs { put, forget }) => match &self.broker {
+                Some(b) => b.keep_blobs(peer, put, &forget),
+                None => unavailable(format!("{} keeps no replica of a job log", site.peer())),
+            },
             Request::Peer(PeerRequest::Raft(rpc)) => match &self.broker {
                 Some(b) => b.log.serve(peer, who, &site.domain, rpc).await,
                 None => unavailable(format!("{} keeps no replica of a job log", site.peer())),

@@ -117,6 +117,12 @@ pub(super) enum Effect {
     },
     /// Start the job log with these replicas (none has started it in time).
     Found(Vec<Replica>),
+    /// Give the other replicas checkpoint blobs to keep, and tell them which to forget
+    /// (without waiting for their answers).
+    Blobs {
+        put: Vec<bytes::Bytes>,
+        forget: Vec<crate::proto::Hash>,
+    },
 }
 
 /// What an answer or an outcome is for.

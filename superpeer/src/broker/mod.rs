@@ -329,6 +329,34 @@ impl Broker {
         }
     }
 
+    /// Keeps checkpoint blobs sent by `peer`, which must be a replica of this group's job log,
+    /// and forgets those it says no checkpoint refers to any more: so that whichever replica
+    /// leads next can restore a job from its checkpoints.
+    pub(crate) fn keep_blobs(
+        &self,
+        peer: PeerId,
+        put: Vec<bytes::Bytes>,
+        forget: &[crate::proto::Hash],
+    ) -> Response {
+        let me = peer.to_string();
+        if !self.log.replicas().iter().any(|r| r.peer == me) {
+            return fail(
+                FailureKind::Refused,
+                format!(
+                    "{peer} is not a replica of group {}'s job log",
+                    self.site.group
+                ),
+            );
+        }
+        for blob in put {
+            self.blobs.put(blob);
+        }
+        for h in forget {
+            self.blobs.remove(h);
+        }
+        Response::Ok
+    }
+
     /// The group as this replica sees it: the leader, every node, the other groups.
     pub(crate) async fn group(&self) -> GroupInfo {
         match self.ask(|reply| Input::Group { reply }).await {

@@ -215,8 +215,13 @@ impl Core {
         record.parts = plan.parts(&c.topology);
         let mut specs = self.specs(&id, &owner, &s, &c, &plan, 0);
         if s.retries > 0 {
-            // Kept to run it again should a node it runs on be lost (its modules, taken out on
-            // arrival, are the broker's, by hash).
+            // Kept to run it again should a node it runs on be lost, with its modules, so that
+            // whichever replica leads then has them.
+            s.modules = s
+                .components
+                .values()
+                .filter_map(|h| self.modules.get(h))
+                .collect();
             record.submission = Some(Box::new(s));
         }
         self.drives.insert(id.clone(), Drive::recording(0));

@@ -333,16 +333,23 @@ impl Core {
             return;
         };
         let mut parts = Vec::with_capacity(c.parts.len());
+        let mut put = Vec::with_capacity(c.parts.len());
         for ((_, vertices), blob) in c.parts.into_iter().zip(c.blobs) {
             let Some((hash, blob)) = blob else { return };
             let bytes = blob.len() as u64;
-            self.blobs.put(blob);
+            self.blobs.put(blob.clone());
+            put.push(blob);
             parts.push(CutPart {
                 vertices,
                 blob: hash,
                 bytes,
             });
         }
+        // The other replicas keep them too, so that whichever leads next can restore the job.
+        out.push(Effect::Blobs {
+            put,
+            forget: Vec::new(),
+        });
         let before = self.kept_blobs(job);
         out.push(Effect::Record {
             command: Command::Checkpoint {
@@ -379,18 +386,27 @@ impl Core {
             Ok(()) => Response::Ok,
             Err(f) => Response::Error(f),
         };
-        self.drop_blobs(job, before);
+        self.drop_blobs(out, job, before);
         for reply in replies {
             out.push(Effect::Reply(reply, r.clone()));
         }
     }
 
-    /// Forgets the blobs of `blobs` that no checkpoint `job` keeps refers to.
-    pub(super) fn drop_blobs(&self, job: &JobId, blobs: Vec<Hash>) {
+    /// Forgets, here and on the other replicas, the blobs of `blobs` that no checkpoint `job`
+    /// keeps refers to.
+    pub(super) fn drop_blobs(&self, out: &mut Vec<Effect>, job: &JobId, blobs: Vec<Hash>) {
         let kept = self.kept_blobs(job);
-        for h in blobs.into_iter().filter(|h| !kept.contains(h)) {
-            self.blobs.remove(&h);
+        let forget: Vec<Hash> = blobs.into_iter().filter(|h| !kept.contains(h)).collect();
+        if forget.is_empty() {
+            return;
         }
+        for h in &forget {
+            self.blobs.remove(h);
+        }
+        out.push(Effect::Blobs {
+            put: Vec::new(),
+            forget,
+        });
     }
 
     /// The blobs of the checkpoints `job` keeps (none once it has ended).
@@ -420,7 +436,7 @@ impl Core {
             give_up_cut(out, c, "the job ended");
         }
         self.last_cut.remove(job);
-        self.drop_blobs(job, self.blobs_of(job, true));
+        self.drop_blobs(out, job, self.blobs_of(job, true));
     }
 }
 

@@ -125,6 +125,30 @@ impl Broker {
                     None
                 });
             }
+            Effect::Blobs { put, forget } => {
+                let me = self.site.net.peer();
+                for r in self.log.replicas() {
+                    let Ok(peer) = r.peer.parse::<PeerId>() else {
+                        continue;
+                    };
+                    if peer == me {
+                        continue;
+                    }
+                    let addrs: Vec<libp2p::Multiaddr> =
+                        r.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    let request = Request::Peer(crate::proto::PeerRequest::Blobs {
+                        put: put.clone(),
+                        forget: forget.clone(),
+                    });
+                    let site = self.site.clone();
+                    tasks.spawn(async move {
+                        if let Err(f) = site.call(peer, &addrs, request).await {
+                            tracing::warn!(%peer, error = %f.message, "checkpoint blobs not replicated");
+                        }
+                        None
+                    });
+                }
+            }
         }
     }
 

@@ -314,6 +314,25 @@ async fn lose_a_node(
     (end, victim)
 }
 
+/// The pipeline of 400,000 items on 2 nodes, with one retry and a checkpoint every
+/// `interval_ms`, running, and a checkpoint taken at once: the job, and its status.
+async fn checkpointed(
+    c: &crate::client::Client,
+    name: &str,
+    interval_ms: u64,
+) -> (crate::client::Prepared, JobStatus) {
+    let mut job = pipeline(name, 400_000, Some(2));
+    job.submission.retries = 1;
+    job.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
+        interval_ms,
+        keep: 2,
+    });
+    let s = c.submit(&job).await.expect("submit");
+    let s = until(c, &s.job, |st| st == JobState::Running).await;
+    c.checkpoint(&s.job).await.expect("a checkpoint now");
+    (job, s)
+}
+
 /// Sorted vertex outputs, for comparing runs.
 fn outputs(s: &JobStatus) -> Vec<(String, bytes::Bytes)> {
     let mut v = s.outputs.clone();
@@ -381,15 +400,7 @@ async fn a_job_whose_retries_are_used_up_fails_when_a_node_is_lost_again() {
 async fn a_node_stopped_after_a_checkpoint_has_its_job_restored_from_it_with_the_same_output() {
     let mut lab = Lab::start(1, &[8, 8, 8]).await;
     let c = lab.client().await;
-    let mut job = pipeline("saved", 400_000, Some(2));
-    job.submission.retries = 1;
-    job.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
-        interval_ms: 300,
-        keep: 2,
-    });
-    let s = c.submit(&job).await.expect("submit");
-    let s = until(&c, &s.job, |st| st == JobState::Running).await;
-    c.checkpoint(&s.job).await.expect("a checkpoint now");
+    let (job, s) = checkpointed(&c, "saved", 300).await;
     let s = until(&c, &s.job, |_| true).await;
     assert_eq!(s.state, JobState::Running, "still running: {s:?}");
     let last = s.checkpoints.last().expect("the checkpoint is listed").cut;
@@ -447,4 +458,26 @@ async fn a_job_placed_on_a_node_lost_but_not_yet_noticed_runs_on_another() {
             .all(|p| p.node.to_string() == lab.node_peer(1)),
         "{s:?}"
     );
+}
+
+/// The replicas keep a job's checkpoint blobs too: with the leader stopped after a checkpoint,
+/// and then a node of the job, the new leader restores the job from that checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_restores_a_job_from_the_checkpoint_its_old_leader_took() {
+    let mut lab = Lab::start(3, &[8, 8, 8]).await;
+    let c = lab.client().await;
+    let (_, s) = checkpointed(&c, "kept", 600_000).await;
+    let old = lab.leader().await;
+    lab.superpeers[old].stop().await;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let c = lab.client_among(&lab.user(), &rest).await;
+    let s = until(&c, &s.job, |_| true).await;
+    assert_eq!(s.state, JobState::Running, "{s:?}");
+    let (end, _) = lose_a_node(&mut lab, &c, &s).await;
+    assert!(
+        end.restarts[0].from_cut.is_some(),
+        "restored from the checkpoint: {end:?}"
+    );
+    let quiet = finished(&c, &pipeline("kept", 400_000, Some(2))).await;
+    assert_eq!(outputs(&end), outputs(&quiet));
 }

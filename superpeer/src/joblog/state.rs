@@ -120,8 +120,8 @@ pub struct JobRecord {
     pub traffic: Vec<Traffic>,
     /// How it ended.
     pub ended: Option<Ended>,
-    /// The submission, kept while the job waits, so that whichever replica leads can place it,
-    /// and while it may be run again ([`JobRecord::retries`]; without its modules then).
+    /// The submission with its modules, kept while the job waits, so that whichever replica
+    /// leads can place it, and while it may be run again ([`JobRecord::retries`]).
     pub submission: Option<Box<Submission>>,
     /// How many times it may run again after a lost node.
     #[serde(default)]
@@ -271,9 +271,6 @@ impl ControlState {
                 }
                 if j.attempt >= j.retries {
                     j.submission = None;
-                } else if let Some(s) = j.submission.as_mut() {
-                    // Kept to run again; its modules are the broker's, by hash.
-                    s.modules.clear();
                 }
                 let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
                 let slots: Vec<(PeerId, u32)> = j.slots().collect();

@@ -293,7 +293,10 @@ impl Node {
             tokio::select! {
                 r = &mut run, if report.is_none() => match r {
                     Ok(r) => report = Some(r),
-                    Err(e) => return Err(VertexFailure { vertex: e.vertex, cause: e.cause, kind: e.kind }),
+                    Err(e) => {
+                        let failed = VertexFailure { vertex: e.vertex, cause: e.cause, kind: e.kind };
+                        return Err(link_lost(&mut links, remote.len() < expected, failed).await);
+                    }
                 },
                 l = links.recv(), if remote.len() < expected => match l {
                     Some(Ok(l)) => remote.push(l),
@@ -350,6 +353,39 @@ impl Node {
             wall_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
     }
+}
+
+/// How long a vertex's failure waits for a link's: a vertex whose channel to a lost node
+/// closed (a send that finds no receiver) often fails a moment before the link reports why.
+const LINK_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The failure a part reports when vertex failure `failed` ended it: a remote link that failed
+/// meanwhile (or within [`LINK_GRACE`]) is the cause, and the node at its other end is lost to
+/// the job; otherwise the vertex's own failure. `open`: whether links were still running.
+async fn link_lost(
+    links: &mut mpsc::Receiver<LinkResult>,
+    open: bool,
+    failed: VertexFailure,
+) -> VertexFailure {
+    if !open {
+        return failed;
+    }
+    let deadline = tokio::time::Instant::now() + LINK_GRACE;
+    while let Ok(Some(l)) = tokio::time::timeout_at(deadline, links.recv()).await {
+        if let Err(e) = l {
+            let vertex = if failed.vertex.is_empty() {
+                String::new()
+            } else {
+                format!(" (then vertex '{}': {})", failed.vertex, failed.cause)
+            };
+            return VertexFailure {
+                vertex: String::new(),
+                cause: format!("{e}{vertex}"),
+                kind: ErrorKind::Lost,
+            };
+        }
+    }
+    failed
 }
 
 /// Items and bytes that reached local queue `name` (`vertex:port`) from other nodes.

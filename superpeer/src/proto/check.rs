@@ -157,6 +157,10 @@ impl Request {
             Request::Node(r) => r.validate(),
             Request::Broker(r) => r.validate(),
             Request::Peer(PeerRequest::Policy { .. } | PeerRequest::Raft(_)) => Ok(()),
+            Request::Peer(PeerRequest::Blobs { put, forget }) => {
+                check_len("blobs", put.len())?;
+                check_len("hashes", forget.len())
+            }
         }
     }
 }

@@ -192,6 +192,14 @@ pub enum PeerRequest {
     },
     /// A message of the group's replicated job log (super-peer ↔ super-peer).
     Raft(RaftRpc),
+    /// The leading super-peer → the other replicas of its job log: checkpoint blobs to keep
+    /// (by content hash), and ones no checkpoint refers to any more.
+    Blobs {
+        /// Blobs to keep.
+        put: Vec<Bytes>,
+        /// Blobs to forget.
+        forget: Vec<Hash>,
+    },
 }
 
 impl From<ClientRequest> for Request {
