@@ -315,7 +315,10 @@ impl Core {
             Ok(_) => Some("a node answered with no blob".to_owned()),
             Err(f) => Some(format!(
                 "node {}: {}",
-                self.members.label(&c.parts[part.min(c.parts.len() - 1)].0),
+                c.parts
+                    .get(part)
+                    .map(|(peer, _)| self.members.label(peer))
+                    .unwrap_or_default(),
                 f.message
             )),
         };
