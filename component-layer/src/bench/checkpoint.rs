@@ -340,19 +340,11 @@ pub async fn move_part(
         held.map_err(err)?;
         drained.map_err(err)?;
         let mut image = b.image();
-        let inbox = image
-            .queues
-            .iter()
-            .find(|q| {
-                q.name
-                    .ends_with(&format!("{}:{}", input.vertex, input.port))
-            })
-            .map(|q| q.name.clone())
-            .ok_or_else(|| one("the moved part has no queue for its link"))?;
-        image.append(
-            &inbox,
-            old.drain.held().into_iter().map(|e| (e.item, e.priority)),
-        );
+        // Queues are named within the job: the link's is `vertex:port`.
+        let inbox = format!("{}:{}", input.vertex, input.port);
+        if !image.append(&inbox, old.drain.held()) {
+            return Err(one("the moved part has no queue for its link"));
+        }
         run1.abort();
         for end in &old.ends {
             end.abort();

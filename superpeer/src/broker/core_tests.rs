@@ -411,14 +411,7 @@ async fn a_takeover_noticed_late_leaves_alone_a_job_whose_start_is_on_its_way() 
     let effects = reply_now(b.settle(effects).await);
     let job = submitted(&mut rx).job;
     // Every part answers its prepare: the start goes to the log.
-    let mut start = Vec::new();
-    for (peer, _, then) in sends(effects) {
-        start.extend(b.on(Input::Answered {
-            then,
-            peer,
-            answer: Ok(Response::Ok),
-        }));
-    }
+    let start = all_prepared(&mut b, effects);
     assert!(
         matches!(
             &start[..],
@@ -449,6 +442,19 @@ async fn a_takeover_noticed_late_leaves_alone_a_job_whose_start_is_on_its_way() 
     assert_eq!(b.state(&job).map(|s| s.0), Some(JobState::Running));
 }
 
+/// Every prepare among `effects` answered well; what the broker does then.
+fn all_prepared(b: &mut Bench, effects: Vec<Effect>) -> Vec<Effect> {
+    let mut then_effects = Vec::new();
+    for (peer, _, then) in sends(effects) {
+        then_effects.extend(b.on(Input::Answered {
+            then,
+            peer,
+            answer: Ok(Response::Ok),
+        }));
+    }
+    then_effects
+}
+
 /// Heartbeats of `peers`, as the broker takes them.
 fn beat(b: &mut Bench, peers: &[PeerId]) {
     for &peer in peers {
@@ -476,14 +482,7 @@ async fn a_run_given_up_goes_on_from_the_newest_checkpoint_whose_blobs_are_here_
     let (effects, mut rx) = b.submit(&job);
     let effects = reply_now(b.settle(effects).await);
     let id = submitted(&mut rx).job;
-    let mut started = Vec::new();
-    for (peer, _, then) in sends(effects) {
-        started.extend(b.on(Input::Answered {
-            then,
-            peer,
-            answer: Ok(Response::Ok),
-        }));
-    }
+    let started = all_prepared(&mut b, effects);
     let _ = b.settle(started).await;
     assert_eq!(b.state(&id).map(|s| s.0), Some(JobState::Running));
     let (parts, on): (Vec<Vec<String>>, Vec<PeerId>) = b.log.read(|s| {

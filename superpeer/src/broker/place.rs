@@ -120,7 +120,7 @@ impl Core {
         out: &mut Vec<Effect>,
         reply: Reply,
         who: &Principal,
-        mut s: Submission,
+        s: Submission,
         c: Checked,
     ) {
         let refused = |error| {
@@ -175,16 +175,9 @@ impl Core {
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,
             Err(why) if self.fits_when_free(&s, &c) => {
-                // Admitted, but not now: it waits, and holds what it asks for meanwhile. Its
-                // modules wait in the log with it, so that whichever replica leads when there
-                // is room has them (they leave the log when it is placed).
+                // Admitted, but not now: it waits, and holds what it asks for meanwhile.
                 record.state = JobState::Pending;
-                s.modules = s
-                    .components
-                    .values()
-                    .filter_map(|h| self.modules.get(h))
-                    .collect();
-                record.submission = Some(Box::new(s));
+                record.submission = Some(self.with_modules(s));
                 out.push(Effect::Record {
                     command: Command::Submit(Box::new(record)),
                     then: Then::PendingRecorded {
@@ -215,14 +208,8 @@ impl Core {
         record.parts = plan.parts(&c.topology);
         let mut specs = self.specs(&id, &owner, &s, &c, &plan, 0);
         if s.retries > 0 {
-            // Kept to run it again should a node it runs on be lost, with its modules, so that
-            // whichever replica leads then has them.
-            s.modules = s
-                .components
-                .values()
-                .filter_map(|h| self.modules.get(h))
-                .collect();
-            record.submission = Some(Box::new(s));
+            // Kept to run it again should a node it runs on be lost.
+            record.submission = Some(self.with_modules(s));
         }
         self.drives.insert(id.clone(), Drive::recording(0));
         if let [(peer, _)] = &specs[..]
@@ -254,6 +241,17 @@ impl Core {
                 specs,
             },
         });
+    }
+
+    /// `s` with its modules, as the job log keeps a submission (while its job waits, or may run
+    /// again), so that whichever replica leads when it is placed has them.
+    fn with_modules(&self, mut s: Submission) -> Box<Submission> {
+        s.modules = s
+            .components
+            .values()
+            .filter_map(|h| self.modules.get(h))
+            .collect();
+        Box::new(s)
     }
 
     /// The other groups that could take a job this group cannot: the same domain, or a domain

@@ -193,38 +193,36 @@ impl Core {
         // A part that has ended well is in the cut as its vertices' outputs, which the log
         // holds: it is not asked.
         let found = self.log.read(|s| {
-            let j = s.job(job)?;
-            Some((
-                j.state,
-                j.checkpoint.is_some(),
-                j.attempt,
-                j.checkpoints.last().map_or(0, |c| c.cut),
-                j.parts
-                    .iter()
-                    .map(|p| {
-                        let ended = p.done.then(|| ended_part(job, &p.vertices, &j.outputs));
-                        (p.node, p.vertices.clone(), ended)
-                    })
-                    .collect::<Vec<_>>(),
-            ))
-        });
-        let refusal = match &found {
-            None => Some((FailureKind::NotFound, format!("no job {job}"))),
-            Some((_, false, ..)) => Some((
-                FailureKind::Input,
-                format!("job {job} did not ask for checkpoints ([checkpoint] in its profile)"),
-            )),
-            Some((state, ..)) if *state != JobState::Running => Some((
-                FailureKind::Input,
-                format!("job {job} is {state:?}, not running"),
-            )),
-            Some(_) => None,
-        };
-        let (Some((_, _, attempt, last, parts)), None) = (found, refusal.as_ref()) else {
-            if let (Some(reply), Some((kind, why))) = (reply, refusal) {
-                out.push(Effect::Reply(reply, fail(kind, why)));
+            let Some(j) = s.job(job) else {
+                return Err((FailureKind::NotFound, format!("no job {job}")));
+            };
+            if j.checkpoint.is_none() {
+                let why =
+                    format!("job {job} did not ask for checkpoints ([checkpoint] in its profile)");
+                return Err((FailureKind::Input, why));
             }
-            return;
+            if j.state != JobState::Running {
+                let why = format!("job {job} is {:?}, not running", j.state);
+                return Err((FailureKind::Input, why));
+            }
+            let parts: Vec<_> = j
+                .parts
+                .iter()
+                .map(|p| {
+                    let ended = p.done.then(|| ended_part(job, &p.vertices, &j.outputs));
+                    (p.node, p.vertices.clone(), ended)
+                })
+                .collect();
+            Ok((j.attempt, j.checkpoints.last().map_or(0, |c| c.cut), parts))
+        });
+        let (attempt, last, parts) = match found {
+            Ok(found) => found,
+            Err((kind, why)) => {
+                if let Some(reply) = reply {
+                    out.push(Effect::Reply(reply, fail(kind, why)));
+                }
+                return;
+            }
         };
         let cut = last + 1;
         self.last_cut.insert(job.to_owned(), self.now);

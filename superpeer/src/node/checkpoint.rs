@@ -64,8 +64,7 @@ pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failu
     for ((vertex, port, _), d) in &marks.drains {
         let queue = format!("{vertex}:{port}");
         let held = d.held();
-        if !held.is_empty() && !image.append(&queue, held.into_iter().map(|e| (e.item, e.priority)))
-        {
+        if !held.is_empty() && !image.append(&queue, held) {
             release();
             return Err(failed(format!("the part has no queue {queue}")));
         }

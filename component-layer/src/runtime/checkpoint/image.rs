@@ -166,21 +166,21 @@ impl PartImage {
         postcard::from_bytes(body).map_err(|e| ImageError::Decode(e.to_string()))
     }
 
-    /// Adds items after those of the queue named `queue`: what a link's receiving end kept when
-    /// it was drained to its mark comes after the items its queue held. `false` if the part
-    /// has no such queue.
-    pub fn append(&mut self, queue: &str, items: impl IntoIterator<Item = (Bytes, i64)>) -> bool {
+    /// Adds entries after the items of the queue named `queue`: what a link's receiving end
+    /// kept when it was drained to its mark ([`mvm_queue::remote::Drain::held`]) comes after
+    /// the items its queue held. `false` if the part has no such queue.
+    pub fn append(
+        &mut self,
+        queue: &str,
+        entries: impl IntoIterator<Item = mvm_queue::queue::Entry<Bytes>>,
+    ) -> bool {
         match self.queues.iter_mut().find(|q| q.name == queue) {
             Some(q) => {
-                q.items.extend(items);
+                q.items
+                    .extend(entries.into_iter().map(|e| (e.item, e.priority)));
                 true
             }
             None => false,
         }
-    }
-
-    /// The content hash of an encoded blob (what stores and logs name it by).
-    pub fn blob_hash(blob: &[u8]) -> String {
-        hex::encode(Sha256::digest(blob))
     }
 }

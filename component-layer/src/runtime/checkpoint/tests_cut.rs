@@ -193,7 +193,7 @@ async fn cut_and_restore(how: Transport) {
                 .find(|q| q.name.ends_with("p2:in"))
                 .map(|q| q.name.clone())
                 .expect("part 1 has p2's input queue");
-            assert!(image1.append(&name, kept.into_iter().map(|e| (e.item, e.priority))));
+            assert!(image1.append(&name, kept));
             // The job is lost while paused, as nodes killed after their checkpoint was stored.
             for r in &runs {
                 r.abort();
@@ -274,7 +274,7 @@ async fn move_part(how: Transport) {
         .map(|q| q.name.clone())
         .expect("part 1 has p2's input queue");
     let kept = old.drain.held();
-    assert!(image.append(&inbox, kept.into_iter().map(|e| (e.item, e.priority))));
+    assert!(image.append(&inbox, kept));
     run1.abort();
     old.stop();
     let _ = run1.await;
