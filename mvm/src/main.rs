@@ -55,7 +55,8 @@ pub(crate) struct OutputArg {
 enum Command {
     /// A local lab on loopback: `up`, `down`, `status`, and `demo` (the main job, verified).
     Lab(cmd::lab::Args),
-    /// Run a node daemon: register with a super-peer and run the parts of jobs it is given.
+    /// Run a node daemon: register with a super-peer and run the parts of jobs it is given;
+    /// or `drain`/`undrain` a node of a group.
     Node(cmd::daemon::NodeArgs),
     /// Run a super-peer: its group's broker (takes jobs, places them, collects results).
     Superpeer(cmd::daemon::SuperpeerArgs),
@@ -67,6 +68,9 @@ enum Command {
     Cancel(cmd::job::CancelArgs),
     /// Take a checkpoint of a running job now (its profile must ask for checkpoints).
     Checkpoint(cmd::job::CancelArgs),
+    /// Move a part of a running job to another node while it runs (live migration; its
+    /// profile must ask for checkpoints).
+    Migrate(cmd::job::MigrateArgs),
     /// Hold a pending job back from placement.
     Hold(cmd::job::CancelArgs),
     /// Release a held job: it is placed when there is room.
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cmd::job::status(args),
         Command::Cancel(args) => cmd::job::cancel(args),
         Command::Checkpoint(args) => cmd::job::checkpoint(args),
+        Command::Migrate(args) => cmd::job::migrate(args),
         Command::Hold(args) => cmd::job::hold(args, true),
         Command::Release(args) => cmd::job::hold(args, false),
         Command::Run(args) => cmd::run::run(args),

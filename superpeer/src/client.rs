@@ -336,6 +336,58 @@ impl Client {
         }
     }
 
+    /// Moves the part of a running job that runs `vertex` (or that runs on node `node`) to
+    /// the node named `to`, while the job runs; the move, once recorded.
+    ///
+    /// # Errors
+    /// No such job, part or node, a job that did not ask for checkpoints or is not running, a
+    /// node without room, a move that failed (the job goes on where it was, or, if the links
+    /// had begun to change, runs again from its newest checkpoint), or the broker's refusal.
+    pub async fn migrate(
+        &self,
+        job: &JobId,
+        vertex: Option<String>,
+        node: Option<String>,
+        to: &str,
+    ) -> Result<Vec<crate::proto::MoveInfo>, Failure> {
+        match self
+            .call(ClientRequest::Migrate {
+                job: job.clone(),
+                vertex,
+                node,
+                to: to.to_owned(),
+            })
+            .await?
+        {
+            Response::Moved(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Drains the node named `node` (`drain`: nothing more is placed on it, and the parts of
+    /// jobs that asked for checkpoints move off it), or makes it placeable again; the parts
+    /// moved.
+    ///
+    /// # Errors
+    /// No such node, parts that could not move, or the policy's refusal (draining is for who
+    /// may `administer` the domain).
+    pub async fn drain(
+        &self,
+        node: &str,
+        drain: bool,
+    ) -> Result<Vec<crate::proto::MoveInfo>, Failure> {
+        match self
+            .call(ClientRequest::Drain {
+                node: node.to_owned(),
+                drain,
+            })
+            .await?
+        {
+            Response::Moved(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Holds a pending job back from placement (`held`), or releases it.
     ///
     /// # Errors

@@ -240,6 +240,27 @@ pub(crate) fn serve(site: &crate::site::Site, asker: &Principal, have: Option<&H
     }
 }
 
+/// Why `asker` may not `administer` the site's domain (to `what`, for the refusal), if not.
+pub(crate) fn admin_refusal(
+    site: &crate::site::Site,
+    asker: &Principal,
+    what: &str,
+) -> Option<Response> {
+    use mvm_component::policy::{Domain, Question, Resource};
+    let q = Question {
+        actor: asker.clone(),
+        action: "administer".into(),
+        resource: Resource::Domain(Domain::named(&site.domain)),
+    };
+    match site.policies.current().engine.decide(&q) {
+        mvm_component::policy::Decision::Deny(why) => {
+            let why = format!("{what}: {why}");
+            Some(Response::Error(PolicyError::Denied(why).into()))
+        }
+        _ => None,
+    }
+}
+
 /// `ClientRequest::PolicyReload`, from someone allowed to `administer` the domain.
 pub(crate) fn reload(site: &crate::site::Site, asker: &Principal) -> Response {
     use mvm_component::policy::{Domain, Question, Resource};

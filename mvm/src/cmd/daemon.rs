@@ -90,7 +90,10 @@ enum DriverArg {
 
 /// Arguments of `mvm node`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub(crate) struct NodeArgs {
+    #[command(subcommand)]
+    action: Option<NodeAction>,
     /// The group's super-peer, as `/ip4/…/tcp/…/p2p/PEER` (repeatable: tried in order).
     #[arg(long, required = true, value_name = "MULTIADDR")]
     bootstrap: Vec<String>,
@@ -99,6 +102,16 @@ pub(crate) struct NodeArgs {
     slots: u32,
     #[command(flatten)]
     common: Common,
+}
+
+/// What `mvm node` does to a node of a group, instead of running one.
+#[derive(Debug, clap::Subcommand)]
+enum NodeAction {
+    /// Move every part off a node (of jobs that asked for checkpoints; others run to their end
+    /// there) and place nothing more on it. For who may administer the domain.
+    Drain(crate::cmd::job::DrainArgs),
+    /// Place parts on a drained node again.
+    Undrain(crate::cmd::job::DrainArgs),
 }
 
 /// Arguments of `mvm superpeer`.
@@ -288,6 +301,11 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub(crate) fn node(args: NodeArgs) -> Result<(), Failure> {
+    match args.action {
+        Some(NodeAction::Drain(a)) => return crate::cmd::job::drain(a, true),
+        Some(NodeAction::Undrain(a)) => return crate::cmd::job::drain(a, false),
+        None => {}
+    }
     let config = DaemonConfig {
         broker: false,
         bootstrap: args.bootstrap,

@@ -164,6 +164,9 @@ pub(crate) struct StatusOut {
     /// The checkpoints kept, oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     checkpoints: Vec<mvm_superpeer::proto::CheckpointInfo>,
+    /// The parts moved to other nodes while they ran, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    moves: Vec<mvm_superpeer::proto::MoveInfo>,
     parts: Vec<mvm_superpeer::proto::PartStatus>,
     traffic: Vec<mvm_superpeer::proto::Traffic>,
     pub(crate) outputs: Vec<(String, String)>,
@@ -200,6 +203,7 @@ impl From<&JobStatus> for StatusOut {
             attempt: s.attempt,
             restarts: s.restarts.clone(),
             checkpoints: s.checkpoints.clone(),
+            moves: s.moves.clone(),
             parts: s.parts.clone(),
             traffic: s.traffic.clone(),
             outputs,
@@ -241,7 +245,7 @@ fn line(s: &JobStatus) -> String {
 }
 
 /// One line per run of a job given up because a node was lost (why, from where it ran again,
-/// and how long that took), and one per checkpoint kept.
+/// and how long that took), one per checkpoint kept, and one per part moved.
 fn restarts(s: &JobStatus) -> String {
     let mut out = String::new();
     for r in &s.restarts {
@@ -268,7 +272,34 @@ fn restarts(s: &JobStatus) -> String {
             c.bytes()
         ));
     }
+    for m in &s.moves {
+        out.push_str(&format!("  {}\n", moved(s, m)));
+    }
     out
+}
+
+/// A part's move, as people read it: its vertices, where it went, and its downtime.
+fn moved(s: &JobStatus, m: &mvm_superpeer::proto::MoveInfo) -> String {
+    let to = s
+        .parts
+        .iter()
+        .find(|p| p.node == m.to && !p.name.is_empty())
+        .map_or_else(|| short(&m.to), |p| p.name.clone());
+    format!(
+        "part [{}] moved from {} to {to} at cut {} (run {}): paused {} ms, {} bytes",
+        m.vertices.join(", "),
+        short(&m.from),
+        m.cut,
+        m.attempt + 1,
+        m.downtime_ms,
+        m.bytes
+    )
+}
+
+/// A peer id's last 8 characters (as people tell nodes apart in a listing).
+fn short(peer: &impl std::fmt::Display) -> String {
+    let p = peer.to_string();
+    format!("…{}", &p[p.len().saturating_sub(8)..])
 }
 
 /// The summary of an ended job: vertices per node, traffic per edge kind, wall time.
@@ -456,6 +487,112 @@ pub(crate) fn checkpoint(args: CancelArgs) -> Result<(), Failure> {
                     c.bytes()
                 ),
                 None => format!("{} checkpoint stored", args.job),
+            },
+        )
+    })
+}
+
+/// Arguments of `mvm migrate`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("part").required(true).args(["vertex", "node"])))]
+pub(crate) struct MigrateArgs {
+    /// The job id.
+    job: JobId,
+    /// Move the part that runs this vertex.
+    #[arg(long, value_name = "VERTEX")]
+    vertex: Option<String>,
+    /// Move the part that runs on this node (by name).
+    #[arg(long, value_name = "NODE")]
+    node: Option<String>,
+    /// The node (by name) to move it to.
+    #[arg(long, value_name = "NODE")]
+    to: String,
+    #[command(flatten)]
+    broker: BrokerArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// `mvm migrate`: moves a part of a running job to another node while it runs.
+pub(crate) fn migrate(args: MigrateArgs) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        let client = connect(&args.broker).await?;
+        let moves = client
+            .migrate(&args.job, args.vertex.clone(), args.node.clone(), &args.to)
+            .await
+            .map_err(wire)?;
+        let s = client.status(Some(&args.job)).await.map_err(wire)?.pop();
+        crate::cmd::print(
+            &serde_json::json!({ "job": args.job, "moves": moves }),
+            args.out.output,
+            |_| {
+                let lines = moves.iter().map(|m| match &s {
+                    Some(s) => format!("{} {}", args.job, moved(s, m)),
+                    None => format!("{} part [{}] moved", args.job, m.vertices.join(", ")),
+                });
+                lines.collect::<Vec<_>>().join("\n")
+            },
+        )
+    })
+}
+
+/// Arguments of `mvm node drain` and `mvm node undrain`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DrainArgs {
+    /// The node, by name.
+    node: String,
+    #[command(flatten)]
+    broker: BrokerArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// `mvm node drain` (`drain`) and `mvm node undrain`.
+pub(crate) fn drain(args: DrainArgs, drain: bool) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        let client = connect(&args.broker).await?;
+        let moves = client.drain(&args.node, drain).await.map_err(wire)?;
+        // What still runs there: parts of jobs without checkpoints, which end there.
+        let staying: Vec<JobId> = if drain {
+            let all = client.status(None).await.map_err(wire)?;
+            all.iter()
+                .filter(|s| !s.state.is_final())
+                .filter(|s| s.parts.iter().any(|p| p.name == args.node && !p.done))
+                .map(|s| s.job.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        crate::cmd::print(
+            &serde_json::json!({
+                "node": args.node, "drained": drain, "moves": moves, "staying": staying,
+            }),
+            args.out.output,
+            |_| {
+                if !drain {
+                    return format!("node {} takes parts again", args.node);
+                }
+                let mut out = format!(
+                    "node {} drained: nothing more is placed on it; {} part(s) moved",
+                    args.node,
+                    moves.len()
+                );
+                for m in &moves {
+                    out.push_str(&format!(
+                        "\n  part [{}] to {}: paused {} ms",
+                        m.vertices.join(", "),
+                        short(&m.to),
+                        m.downtime_ms
+                    ));
+                }
+                if !staying.is_empty() {
+                    let jobs: Vec<String> = staying.iter().map(ToString::to_string).collect();
+                    out.push_str(&format!(
+                        "\n  still running there (no checkpoints: they end there): {}",
+                        jobs.join(", ")
+                    ));
+                }
+                out
             },
         )
     })

@@ -39,6 +39,17 @@ impl Lab {
         mvm(self.dir.path(), args)
     }
 
+    /// The C pipeline of 4 vertices over `count` items on at most 2 nodes, as profile
+    /// `NAME.toml` with `extra` at its end.
+    fn pipeline(&self, name: &str, count: u64, extra: &str) -> PathBuf {
+        self.profile(
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\ntopology = \"ROOT/topologies/pipeline-4.dot\"\n[components]\nsource = \"ROOT/jobs/build/pipe_source.wasm\"\nstage = \"ROOT/jobs/build/pipe_stage.wasm\"\nsink = \"ROOT/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = {count}\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"300s\"\n{extra}"
+            ),
+        )
+    }
+
     /// Writes a profile into the lab's directory, with paths made absolute.
     fn profile(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
@@ -393,14 +404,7 @@ fn kill_a_node_of(lab: &Lab, s: &serde_json::Value) -> String {
 fn a_node_killed_after_a_checkpoint_has_its_job_restored_from_it_with_an_undisturbed_output() {
     build_jobs();
     let lab = Lab::up(3);
-    let profile = |name: &str, checkpoint: &str| {
-        lab.profile(
-            &format!("{name}.toml"),
-            &format!(
-                "name = \"{name}\"\ntopology = \"ROOT/topologies/pipeline-4.dot\"\n[components]\nsource = \"ROOT/jobs/build/pipe_source.wasm\"\nstage = \"ROOT/jobs/build/pipe_stage.wasm\"\nsink = \"ROOT/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = 400000\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"120s\"\n{checkpoint}"
-            ),
-        )
-    };
+    let profile = |name: &str, checkpoint: &str| lab.pipeline(name, 400_000, checkpoint);
     let saved = profile("saved", "[checkpoint]\ninterval = \"1s\"\nkeep = 2\n");
     let v = json(&lab.mvm(&["submit", saved.to_str().expect("utf-8"), "-o", "json"]));
     let job = v["job"].as_str().expect("id").to_owned();
@@ -440,6 +444,121 @@ fn a_node_killed_after_a_checkpoint_has_its_job_restored_from_it_with_an_undistu
     let out = lab.mvm(&["checkpoint", quiet["job"].as_str().expect("id")]);
     assert!(!out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("did not ask"));
+}
+
+/// A pipeline that asks for checkpoints, over two of three node processes: `mvm migrate` moves
+/// its second part to the third node while it runs, and `mvm node drain` moves its first part
+/// off its node (to the node the second part left), which then takes no new job until `mvm
+/// node undrain`. The job ends with an undisturbed run's output, and `mvm status` lists both
+/// moves.
+#[test]
+fn a_part_migrated_and_a_node_drained_while_a_pipeline_runs_give_an_undisturbed_output() {
+    build_jobs();
+    let lab = Lab::up(3);
+    let profile = |name: &str, checkpoint: &str| lab.pipeline(name, 1_500_000, checkpoint);
+    // Interval checkpoints far apart: a move waits for none.
+    let moving = profile("moving", "[checkpoint]\ninterval = \"120s\"\n");
+    let v = json(&lab.mvm(&["submit", moving.to_str().expect("utf-8"), "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    let s = wait_state(&lab, &job, |s| s == "running", Duration::from_secs(30));
+    let names = |s: &serde_json::Value| -> Vec<String> {
+        s["parts"]
+            .as_array()
+            .expect("parts")
+            .iter()
+            .map(|p| p["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+    let before = names(&s);
+    let free = ["node0", "node1", "node2"]
+        .into_iter()
+        .find(|n| !before.iter().any(|b| b == n))
+        .expect("a node without a part");
+    let second = s["parts"][1]["vertices"][0]
+        .as_str()
+        .expect("a vertex")
+        .to_owned();
+
+    // Bad moves are refused and change nothing.
+    let out = lab.mvm(&["migrate", &job, "--vertex", "nope", "--to", free]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no vertex 'nope'"));
+    let out = lab.mvm(&["migrate", &job, "--vertex", &second, "--to", &before[0]]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs a part"));
+
+    let out = lab.mvm(&[
+        "migrate", &job, "--vertex", &second, "--to", free, "-o", "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved = json(&out);
+    assert_eq!(moved["moves"].as_array().map(Vec::len), Some(1), "{moved}");
+    let s = status(&lab, &job);
+    assert_eq!(s["state"], "running", "moved while it ran: {s}");
+    assert_eq!(names(&s), vec![before[0].clone(), free.to_owned()], "{s}");
+
+    // Draining the first part's node moves that part to the node the second part left.
+    let out = lab.mvm(&["node", "drain", &before[0], "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drained = json(&out);
+    assert_eq!(
+        drained["moves"].as_array().map(Vec::len),
+        Some(1),
+        "{drained}"
+    );
+    let s = status(&lab, &job);
+    assert_eq!(names(&s), vec![before[1].clone(), free.to_owned()], "{s}");
+    let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
+    assert_eq!(text.matches("moved from").count(), 2, "{text}");
+
+    // The drained node takes no new job; undrained, it does again.
+    let plain = profile("plain", "");
+    let plain = plain.to_str().expect("utf-8");
+    let quiet = json(&lab.mvm(&["submit", "--wait", plain, "-o", "json"]));
+    assert_eq!(quiet["state"], "done", "{quiet}");
+    assert!(!names(&quiet).contains(&before[0]), "{quiet}");
+    let out = lab.mvm(&["node", "undrain", &before[0]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let end = wait_state(
+        &lab,
+        &job,
+        |s| s == "done" || s == "failed",
+        Duration::from_secs(240),
+    );
+    assert_eq!(
+        (&end["state"], &end["attempt"]),
+        (&"done".into(), &0.into()),
+        "{end}"
+    );
+    assert_eq!(end["outputs"], quiet["outputs"]);
+    assert_eq!(end["moves"].as_array().map(Vec::len), Some(2), "{end}");
+    // A job that did not ask for checkpoints cannot move.
+    let out = lab.mvm(&[
+        "migrate",
+        quiet["job"].as_str().expect("id"),
+        "--vertex",
+        "p0",
+        "--to",
+        free,
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not ask"),
+        "{out:?}"
+    );
 }
 
 #[test]

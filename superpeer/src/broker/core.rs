@@ -47,6 +47,19 @@ pub(super) enum Input {
     Cancel { reply: Reply, job: JobId },
     /// A client asks for a checkpoint of a running job now (the policy has let it).
     Checkpoint { reply: Reply, job: JobId },
+    /// A client moves a part of a running job to node `to` (the policy has let it).
+    Migrate {
+        reply: Reply,
+        job: JobId,
+        which: super::migrate::Which,
+        to: String,
+    },
+    /// An administrator drains or undrains the node named `node`.
+    Drain {
+        reply: Reply,
+        node: String,
+        drain: bool,
+    },
     /// A client holds back or releases a pending job (the policy has let it).
     Hold {
         reply: Reply,
@@ -174,6 +187,20 @@ pub(super) enum Then {
         peers: Vec<PeerId>,
         reply: Option<Reply>,
     },
+    /// A node answered a step of the move of a part of `job` at cut `cut`.
+    MoveStep {
+        job: JobId,
+        cut: u64,
+        then: super::migrate::MoveStepThen,
+    },
+    /// The move of a part of `job` was recorded.
+    MoveRecorded { job: JobId },
+    /// A drain (or undrain) of `peer` was recorded.
+    Drained {
+        reply: Reply,
+        peer: PeerId,
+        drain: bool,
+    },
     /// A job's end was recorded: tell its parts.
     EndRecorded {
         job: JobId,
@@ -254,6 +281,13 @@ pub(super) struct Core {
     /// The replicas to start the job log with, and since when, if no other replica has
     /// started it by [`super::FOUNDING_WAIT`].
     pub(super) founders: Option<(Vec<Replica>, Instant)>,
+    /// The moves of parts under way, by job.
+    pub(super) moves: HashMap<JobId, super::migrate::Move>,
+    /// The last cut number each job used for a move (a move given up is not in the log, and
+    /// its number must not be used again on the same links).
+    pub(super) cut_floor: HashMap<JobId, u64>,
+    /// The drain under way.
+    pub(super) drain: Option<super::drain::DrainOp>,
 }
 
 impl Core {
@@ -284,6 +318,9 @@ impl Core {
             cuts: HashMap::new(),
             last_cut: HashMap::new(),
             founders: founders.map(|r| (r, Instant::now())),
+            moves: HashMap::new(),
+            cut_floor: HashMap::new(),
+            drain: None,
         }
     }
 
@@ -303,6 +340,13 @@ impl Core {
             } => self.submit(&mut out, reply, &who, *submission, *checked),
             Input::Cancel { reply, job } => self.cancel(&mut out, reply, &job),
             Input::Checkpoint { reply, job } => self.start_cut(&mut out, &job, Some(reply)),
+            Input::Migrate {
+                reply,
+                job,
+                which,
+                to,
+            } => self.start_move(&mut out, &job, &which, &to, Some(reply)),
+            Input::Drain { reply, node, drain } => self.drain(&mut out, &node, drain, reply),
             Input::Hold { reply, job, held } => out.push(Effect::Record {
                 command: Command::Hold { job, held },
                 then: Then::Answer { reply },
@@ -376,6 +420,8 @@ impl Core {
                 before,
                 replies,
             } => self.cut_recorded(out, &job, before, replies, outcome),
+            Then::MoveRecorded { job } => self.move_recorded(out, &job, outcome),
+            Then::Drained { reply, peer, drain } => self.drained(out, reply, peer, drain, outcome),
             Then::EndRecorded { job, state, reply } => {
                 self.end_recorded(out, &job, state, outcome);
                 if let Some(reply) = reply {
@@ -393,6 +439,7 @@ impl Core {
             | Then::Prepared { .. }
             | Then::Started { .. }
             | Then::CutTaken { .. }
+            | Then::MoveStep { .. }
             | Then::Nothing => {}
         }
     }
@@ -411,6 +458,9 @@ impl Core {
             }
             Then::Prepared { job, attempt } => self.prepared(out, &job, attempt, peer, answer),
             Then::CutTaken { job, cut, part } => self.cut_taken(out, &job, cut, part, answer),
+            Then::MoveStep { job, cut, then } => {
+                self.move_answered(out, &job, cut, then, peer, answer);
+            }
             Then::Started { job, attempt } => {
                 let current = self.log.read(|s| s.job(&job).map(|j| j.attempt));
                 if let Err(f) = answer

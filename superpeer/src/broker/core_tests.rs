@@ -575,3 +575,6 @@ async fn a_run_given_up_goes_on_from_the_newest_checkpoint_whose_blobs_are_here_
         Some(1)
     );
 }
+
+#[path = "core_tests_move.rs"]
+mod moves;

@@ -342,6 +342,7 @@ impl Core {
             }
         }
         self.forget_cuts(out, job);
+        self.forget_move(out, job, "the job ended");
         let peers: Vec<PeerId> = self.log.read(|s| {
             s.job(job)
                 .map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node).collect())
@@ -395,6 +396,10 @@ impl Core {
         r: PartReport,
         reply: Reply,
     ) {
+        // A report from either end of a part that moves waits for the move's end.
+        let Some((r, reply)) = self.report_moving(peer, r, reply) else {
+            return;
+        };
         if let Some(d) = self.drives.get_mut(&r.job)
             && matches!(d.phase, Phase::Recording)
         {

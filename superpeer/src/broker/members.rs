@@ -253,6 +253,11 @@ impl Members {
         }
     }
 
+    /// A registered node's name.
+    pub(super) fn name(&self, peer: &PeerId) -> Option<&str> {
+        self.nodes.get(peer).map(|n| n.info.name.as_str())
+    }
+
     /// A registered node's addresses.
     pub(super) fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.nodes

@@ -39,10 +39,12 @@ use mvm_queue::codec::Registry;
 
 mod admit;
 mod core;
+mod drain;
 mod drive;
 mod forward;
 mod group;
 mod members;
+mod migrate;
 mod place;
 mod plan;
 mod recover;
@@ -253,6 +255,42 @@ impl Broker {
             ClientRequest::Checkpoint { job } => {
                 match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
                     None => self.ask(|reply| Input::Checkpoint { reply, job }).await,
+                    Some(r) => r,
+                }
+            }
+            // Who may cancel a job may move its parts.
+            ClientRequest::Migrate {
+                job,
+                vertex,
+                node,
+                to,
+            } => {
+                let which = match (vertex, node) {
+                    (Some(v), None) => migrate::Which::Vertex(v),
+                    (None, Some(n)) => migrate::Which::Node(n),
+                    _ => {
+                        return fail(
+                            FailureKind::Input,
+                            "name the part to move by one vertex or by its node, not both",
+                        );
+                    }
+                };
+                match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
+                    None => {
+                        self.ask(|reply| Input::Migrate {
+                            reply,
+                            job,
+                            which,
+                            to,
+                        })
+                        .await
+                    }
+                    Some(r) => r,
+                }
+            }
+            ClientRequest::Drain { node, drain } => {
+                match crate::policy::admin_refusal(&self.site, who, "drain") {
+                    None => self.ask(|reply| Input::Drain { reply, node, drain }).await,
                     Some(r) => r,
                 }
             }

@@ -171,6 +171,7 @@ impl Core {
             restarts: Vec::new(),
             checkpoint: s.checkpoint,
             checkpoints: Vec::new(),
+            moves: Vec::new(),
         };
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,
@@ -207,8 +208,8 @@ impl Core {
         };
         record.parts = plan.parts(&c.topology);
         let mut specs = self.specs(&id, &owner, &s, &c, &plan, 0);
-        if s.retries > 0 {
-            // Kept to run it again should a node it runs on be lost.
+        if s.retries > 0 || s.checkpoint.is_some() {
+            // Kept to run it again should a node it runs on be lost, or to move its parts.
             record.submission = Some(self.with_modules(s));
         }
         self.drives.insert(id.clone(), Drive::recording(0));

@@ -254,6 +254,8 @@ impl Core {
             .live()
             .filter(|(_, e)| since.is_none_or(|t| e.last_seen > t))
             .collect();
+        // Drained nodes take nothing more.
+        self.log.read(|st| live.retain(|(p, _)| !st.is_drained(p)));
         live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
         if live.is_empty() {
             let group = self.site.group.clone();

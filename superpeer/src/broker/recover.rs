@@ -117,6 +117,7 @@ impl Core {
         if let Some(c) = self.cuts.remove(job) {
             give_up_cut(out, c, "its run was given up");
         }
+        self.forget_move(out, job, "its run was given up");
         self.given_up.insert(job.to_owned(), self.now);
         self.terminate_run(
             out,
@@ -190,6 +191,13 @@ impl Core {
             c.replies.extend(reply);
             return;
         }
+        if self.moves.contains_key(job) {
+            if let Some(reply) = reply {
+                let why = format!("a part of job {job} is moving; try again once it has moved");
+                out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));
+            }
+            return;
+        }
         // A part that has ended well is in the cut as its vertices' outputs, which the log
         // holds: it is not asked.
         let found = self.log.read(|s| {
@@ -213,7 +221,9 @@ impl Core {
                     (p.node, p.vertices.clone(), ended)
                 })
                 .collect();
-            Ok((j.attempt, j.checkpoints.last().map_or(0, |c| c.cut), parts))
+            let last = j.checkpoints.last().map_or(0, |c| c.cut);
+            let moved = j.moves.last().map_or(0, |m| m.cut);
+            Ok((j.attempt, last.max(moved), parts))
         });
         let (attempt, last, parts) = match found {
             Ok(found) => found,
@@ -224,7 +234,9 @@ impl Core {
                 return;
             }
         };
-        let cut = last + 1;
+        // After every cut of the job's links: its checkpoints' and its moves'.
+        let cut = last.max(self.cut_floor.get(job).copied().unwrap_or(0)) + 1;
+        self.cut_floor.insert(job.to_owned(), cut);
         self.last_cut.insert(job.to_owned(), self.now);
         let mut blobs = Vec::with_capacity(parts.len());
         for (i, (peer, _, ended)) in parts.iter().enumerate() {
@@ -283,7 +295,7 @@ impl Core {
         for (job, interval_ms) in running {
             let since = *self.last_cut.entry(job.clone()).or_insert(now);
             let due = now.saturating_duration_since(since).as_millis() >= u128::from(interval_ms);
-            if due && !self.cuts.contains_key(&job) {
+            if due && !self.cuts.contains_key(&job) && !self.moves.contains_key(&job) {
                 self.start_cut(out, &job, None);
             }
         }
@@ -437,6 +449,7 @@ impl Core {
             give_up_cut(out, c, "the job ended");
         }
         self.last_cut.remove(job);
+        self.cut_floor.remove(job);
         self.drop_blobs(out, job, self.blobs_of(job, true));
     }
 }

@@ -62,6 +62,7 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         attempt: j.attempt,
         restarts: j.restarts.clone(),
         checkpoints: j.checkpoints.clone(),
+        moves: j.moves.clone(),
     }
 }
 

@@ -5,7 +5,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::state::{Ended, JobRecord, PartRecord};
-use crate::proto::{CheckpointInfo, JobId, JobState, Traffic};
+use crate::proto::{CheckpointInfo, JobId, JobState, MoveInfo, Traffic};
 
 /// A change to the control state: one entry of the job log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +76,22 @@ pub enum Command {
         /// The checkpoint.
         info: CheckpointInfo,
     },
+    /// A part of a running job moved to another node (`info.to`) while the job ran.
+    Move {
+        /// The job.
+        job: JobId,
+        /// The part, by its index among the job's parts.
+        part: u32,
+        /// The move.
+        info: MoveInfo,
+    },
+    /// A node is drained (`true`: nothing more is placed on it) or placeable again.
+    Drain {
+        /// The node.
+        node: PeerId,
+        /// Drained or not.
+        drained: bool,
+    },
     /// A pending job is held back from placement (`true`) or released (`false`).
     Hold {
         /// The job.
@@ -97,9 +113,11 @@ impl Command {
             | Command::PartDone { job, .. }
             | Command::Requeue { job, .. }
             | Command::Checkpoint { job, .. }
+            | Command::Move { job, .. }
             | Command::End { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
+            Command::Drain { .. } => Vec::new(),
         }
     }
 }
@@ -223,6 +241,17 @@ pub enum CommandError {
         job: JobId,
         /// Its number.
         cut: u64,
+        /// Why not.
+        why: String,
+    },
+    /// A move of a part that does not fit the job: it is not running in that run, the part
+    /// is not on the node it left or has ended, or the node it goes to holds another part.
+    #[error("job {job}: the move of part {part} does not fit: {why}")]
+    Move {
+        /// The job.
+        job: JobId,
+        /// The part.
+        part: u32,
         /// Why not.
         why: String,
     },

@@ -13,13 +13,17 @@ use mvm_component::policy::Principal;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{
-    CheckpointInfo, CheckpointPolicy, ErrorKind, JobId, JobState, Restart, Submission, Traffic,
+    CheckpointInfo, CheckpointPolicy, ErrorKind, JobId, JobState, MoveInfo, Restart, Submission,
+    Traffic,
 };
 
 pub use super::command::{Applied, Command, CommandError};
 
 /// How many ended jobs the log remembers; the oldest are forgotten first.
 pub const KEEP_ENDED: usize = 10_000;
+
+/// The moves of its parts a job's record keeps, the newest.
+pub const MAX_MOVES: usize = 100;
 
 /// What a job asks of the group, as admission counts it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +142,9 @@ pub struct JobRecord {
     /// The checkpoints kept, oldest first.
     #[serde(default)]
     pub checkpoints: Vec<CheckpointInfo>,
+    /// Its parts moved to other nodes while it ran, oldest first (the last [`MAX_MOVES`]).
+    #[serde(default)]
+    pub moves: Vec<MoveInfo>,
     /// The index of the log entry that last changed it (set by [`ControlState::apply`]).
     #[serde(default)]
     pub version: u64,
@@ -168,6 +175,9 @@ pub struct ControlState {
     placed: BTreeMap<PeerId, BTreeSet<JobId>>,
     /// Ended jobs, oldest first.
     ended: VecDeque<JobId>,
+    /// Drained nodes: nothing more is placed on them.
+    #[serde(default)]
+    drained: BTreeSet<PeerId>,
 }
 
 /// The key of an owner in [`ControlState`]'s tallies.
@@ -176,6 +186,16 @@ fn owner_key(p: &Principal) -> String {
 }
 
 impl ControlState {
+    /// Whether `node` is drained.
+    pub fn is_drained(&self, node: &PeerId) -> bool {
+        self.drained.contains(node)
+    }
+
+    /// The drained nodes.
+    pub fn drained(&self) -> impl Iterator<Item = &PeerId> {
+        self.drained.iter()
+    }
+
     /// A job.
     pub fn job(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
@@ -269,7 +289,8 @@ impl ControlState {
                 {
                     r.from_cut = from_cut;
                 }
-                if j.attempt >= j.retries {
+                // Kept to run it again, or (a job with checkpoints) to move its parts.
+                if j.attempt >= j.retries && j.checkpoint.is_none() {
                     j.submission = None;
                 }
                 let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
@@ -370,6 +391,15 @@ impl ControlState {
             }
             Command::End { job, state, ended } => self.end(&job, state, ended),
             Command::Batch(_) => Err(CommandError::NestedBatch),
+            Command::Move { job, part, info } => self.moved(job, part, info),
+            Command::Drain { node, drained } => {
+                if drained {
+                    self.drained.insert(node);
+                } else {
+                    self.drained.remove(&node);
+                }
+                Ok(())
+            }
             Command::Hold { job, held } => {
                 let j = self.live(&job)?;
                 if j.state != JobState::Pending {
@@ -495,6 +525,38 @@ impl ControlState {
                 self.jobs.remove(&old);
             }
         }
+        Ok(())
+    }
+
+    fn moved(&mut self, job: JobId, part: u32, info: MoveInfo) -> Result<(), CommandError> {
+        let j = self.live(&job)?;
+        let no = |why: &str| {
+            Err(CommandError::Move {
+                job: job.clone(),
+                part,
+                why: why.to_owned(),
+            })
+        };
+        if j.state != JobState::Running || j.attempt != info.attempt {
+            return no("the job is not running in that run");
+        }
+        if j.parts.iter().any(|p| p.node == info.to) {
+            return no("the node it goes to holds a part of the job");
+        }
+        let Some(p) = j.parts.get_mut(part as usize) else {
+            return no("the job has no such part");
+        };
+        if p.node != info.from || p.done {
+            return no("the part is not running on the node it left");
+        }
+        p.node = info.to;
+        let n = u32::try_from(p.vertices.len()).unwrap_or(u32::MAX);
+        let (from, to) = (info.from, info.to);
+        j.moves.push(info);
+        let over = j.moves.len().saturating_sub(MAX_MOVES);
+        j.moves.drain(..over);
+        self.reserve(&job, &[(from, n)], false);
+        self.reserve(&job, &[(to, n)], true);
         Ok(())
     }
 

@@ -48,6 +48,7 @@ fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
         restarts: Vec::new(),
         checkpoint: None,
         checkpoints: Vec::new(),
+        moves: Vec::new(),
         version: 0,
     }
 }
@@ -559,4 +560,100 @@ fn a_run_given_up_waits_again_in_its_place_frees_its_slots_and_its_reports_are_r
         ),
         Applied::Refused(CommandError::NoRetry { .. })
     ));
+}
+
+#[test]
+fn a_move_hands_a_running_part_and_its_slots_to_the_new_node_and_one_that_does_not_fit_changes_nothing()
+ {
+    let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+    let mut s = ControlState::default();
+    let id: JobId = "j-1-1".into();
+    let j = job("j-1-1", 0, 1, vec![part(a, 3), part(b, 1)]);
+    assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
+    let info = |from, to, cut| crate::proto::MoveInfo {
+        vertices: vec!["v0".into()],
+        from,
+        to,
+        attempt: 0,
+        cut,
+        at_ms: 5,
+        downtime_ms: 3,
+        bytes: 100,
+    };
+    let moved = |part, from, to| Command::Move {
+        job: id.clone(),
+        part,
+        info: info(from, to, 1),
+    };
+    // Not running yet.
+    assert!(matches!(
+        s.apply(2, moved(1, b, c)),
+        Applied::Refused(CommandError::Move { .. })
+    ));
+    let start = Command::Start {
+        job: id.clone(),
+        at_ms: 0,
+    };
+    assert_eq!(s.apply(3, start), Applied::Done);
+    // Onto a node that holds a part, from a node that does not hold it, or a part that is not
+    // there: refused.
+    for bad in [
+        moved(1, b, a),
+        moved(1, c, a),
+        moved(0, b, c),
+        moved(7, b, c),
+    ] {
+        assert!(matches!(
+            s.apply(4, bad),
+            Applied::Refused(CommandError::Move { .. })
+        ));
+    }
+    assert_eq!((s.reserved(&b), s.reserved(&c)), (1, 0));
+    assert_eq!(s.apply(5, moved(1, b, c)), Applied::Done);
+    let j = s.job(&id).expect("job");
+    assert_eq!(j.parts[1].node, c);
+    assert_eq!(j.moves, vec![info(b, c, 1)]);
+    assert_eq!((s.reserved(&a), s.reserved(&b), s.reserved(&c)), (3, 0, 1));
+    assert_eq!(s.placed_on(&b).count(), 0);
+    assert_eq!(s.placed_on(&c).count(), 1);
+    // The new node's report counts; the old one's is not a part's any more.
+    let done = |node| Command::PartDone {
+        job: id.clone(),
+        node,
+        attempt: 0,
+        outputs: Vec::new(),
+        traffic: Vec::new(),
+        at_ms: 7,
+    };
+    assert!(matches!(
+        s.apply(6, done(b)),
+        Applied::Refused(CommandError::NotAPart { .. })
+    ));
+    assert_eq!(s.apply(7, done(c)), Applied::Done);
+    // A drained node stays so in a snapshot, until undrained.
+    assert_eq!(
+        s.apply(
+            8,
+            Command::Drain {
+                node: a,
+                drained: true
+            }
+        ),
+        Applied::Done
+    );
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&s, &mut bytes).expect("encode");
+    let copy: ControlState = ciborium::from_reader(bytes.as_slice()).expect("decode");
+    assert!(copy.is_drained(&a) && !copy.is_drained(&b));
+    assert_eq!(
+        s.apply(
+            9,
+            Command::Drain {
+                node: a,
+                drained: false
+            }
+        ),
+        Applied::Done
+    );
+    assert!(!s.is_drained(&a));
 }

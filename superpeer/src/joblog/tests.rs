@@ -148,6 +148,7 @@ fn submit(name: &str) -> Command {
         restarts: Vec::new(),
         checkpoint: None,
         checkpoints: Vec::new(),
+        moves: Vec::new(),
     }))
 }
 

@@ -1,5 +1,7 @@
 //! A node's side of a job's checkpoint: its part paused, its links held and drained to the
-//! cut's mark, its image taken, everything let go, and the image encoded into a blob.
+//! cut's mark, its image taken, everything let go, and the image encoded into a blob. And its
+//! side of a move: the part that leaves is saved the same way but stays paused; a part that
+//! stays holds only its links with the one that leaves.
 //!
 //! Each node does this on its own, at the broker's request, for the same cut: a sending end is
 //! held only after its own part has paused (what its vertices sent before stays on the link
@@ -10,6 +12,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use mvm_component::runtime::checkpoint::{PartImage, Paused};
+use mvm_queue::remote::{Drain, Hold};
 
 use super::parts::Marks;
 use crate::proto::{Failure, FailureKind, Hash};
@@ -28,24 +32,59 @@ const MARK_WAIT: Duration = Duration::from_secs(10);
 /// A vertex that reaches no pause point in time (a loop that calls no import), a link that
 /// does not reach the mark in time or fails, or an image that cannot be encoded.
 pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failure> {
-    let failed = |m: String| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {m}"));
-    let paused = marks
-        .control
-        .pause(PAUSE_WAIT)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let holds = futures::future::join_all(marks.holds.iter().map(|h| h.hold(cut)));
-    let drains = futures::future::join_all(marks.drains.iter().map(|(_, d)| d.drain(cut)));
-    let reached = tokio::time::timeout(MARK_WAIT, futures::future::join(holds, drains)).await;
-    let release = || {
-        for h in &marks.holds {
+    let (paused, image) = freeze(marks, cut).await?;
+    release(marks);
+    paused.resume();
+    encode(&image, cut)
+}
+
+/// Saves a part that moves to another node at cut `cut`: the blob's hash, the blob, and the
+/// pause it stays in (its links held), for [`PartControl::resume_kept`] should the move be
+/// given up.
+///
+/// # Errors
+/// As [`take`]; the part then goes on.
+///
+/// [`PartControl::resume_kept`]: mvm_component::runtime::checkpoint::PartControl::resume_kept
+pub(super) async fn leave(marks: &Marks, cut: u64) -> Result<(Hash, Bytes, u64), Failure> {
+    let (paused, image) = freeze(marks, cut).await?;
+    match encode(&image, cut) {
+        Ok((hash, blob)) => Ok((hash, blob, paused.keep())),
+        Err(f) => {
+            release(marks);
+            paused.resume();
+            Err(f)
+        }
+    }
+}
+
+/// Holds and drains the link ends of a part that stays while the part at their other end
+/// moves: they reach cut `cut`'s mark, and stay held. The part itself runs on.
+///
+/// # Errors
+/// A link end that does not reach the mark in time, or fails; every end is released then.
+pub(super) async fn hold_links(holds: &[Hold], drains: &[Drain], cut: u64) -> Result<(), Failure> {
+    let marked = reach(holds, drains.iter(), cut).await;
+    marked.map_err(|m| {
+        for h in holds {
             h.release();
         }
-        for (_, d) in &marks.drains {
+        for d in drains {
             d.release();
         }
-    };
-    let marked = match reached {
+        Failure::new(FailureKind::Failed, format!("move at cut {cut}: {m}"))
+    })
+}
+
+/// Holds `holds` and drains `drains` to mark `cut`, within [`MARK_WAIT`].
+async fn reach<'a>(
+    holds: &[Hold],
+    drains: impl Iterator<Item = &'a Drain>,
+    cut: u64,
+) -> Result<(), String> {
+    let held = futures::future::join_all(holds.iter().map(|h| h.hold(cut)));
+    let drained = futures::future::join_all(drains.map(|d| d.drain(cut)));
+    match tokio::time::timeout(MARK_WAIT, futures::future::join(held, drained)).await {
         Err(_) => Err(format!(
             "the links did not reach the mark within {MARK_WAIT:?}"
         )),
@@ -54,9 +93,22 @@ pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failu
             .chain(drained)
             .find_map(Result::err)
             .map_or(Ok(()), |e| Err(format!("a link: {e}"))),
-    };
-    if let Err(m) = marked {
-        release();
+    }
+}
+
+/// Pauses the part at cut `cut`, holds and drains its links to the cut's mark, and images it
+/// with what its links delivered past its queues' room. The part stays paused (while the
+/// handle is held) and its links held ([`release`]); on an error, both go on.
+async fn freeze(marks: &Marks, cut: u64) -> Result<(Paused<'_>, PartImage), Failure> {
+    let failed = |m: String| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {m}"));
+    let paused = marks
+        .control
+        .pause(PAUSE_WAIT)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let holds: Vec<Hold> = marks.holds.iter().map(|(_, h)| h.clone()).collect();
+    if let Err(m) = reach(&holds, marks.drains.iter().map(|(_, d)| d), cut).await {
+        release(marks);
         drop(paused); // resumes
         return Err(failed(m));
     }
@@ -65,12 +117,26 @@ pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failu
         let queue = format!("{vertex}:{port}");
         let held = d.held();
         if !held.is_empty() && !image.append(&queue, held) {
-            release();
+            release(marks);
             return Err(failed(format!("the part has no queue {queue}")));
         }
     }
-    release();
-    paused.resume();
-    let blob = image.encode().map_err(|e| failed(e.to_string()))?;
+    Ok((paused, image))
+}
+
+/// Lets every link end of the part go on.
+pub(super) fn release(marks: &Marks) {
+    for (_, h) in &marks.holds {
+        h.release();
+    }
+    for (_, d) in &marks.drains {
+        d.release();
+    }
+}
+
+fn encode(image: &PartImage, cut: u64) -> Result<(Hash, Bytes), Failure> {
+    let blob = image
+        .encode()
+        .map_err(|e| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {e}")))?;
     Ok((Hash::of(&blob), Bytes::from(blob)))
 }

@@ -26,6 +26,7 @@ use crate::site::Site;
 
 mod checkpoint;
 mod follow;
+mod moves;
 mod part;
 mod parts;
 mod prepare;
@@ -36,8 +37,8 @@ mod streams;
 enum Msg {
     /// An input of its parts.
     Input(parts::Input),
-    /// A task of `job`'s (a queue stream's import), ended with it.
-    Attach(JobId, AbortHandle),
+    /// A task of `job`'s (the import of a queue stream into that input), ended with it.
+    Attach(JobId, parts::InputKey, AbortHandle),
 }
 
 /// The inputs queued for the node's loop at most; more wait (backpressure on requests).
@@ -249,6 +250,21 @@ impl Node {
                     job,
                     attempt,
                     cut,
+                    reply,
+                })
+                .await
+            }
+            BrokerRequest::Move { job, attempt, step } => {
+                if !self.is_superpeer(from) {
+                    return fail(
+                        FailureKind::Refused,
+                        format!("{from} is not this node's super-peer"),
+                    );
+                }
+                self.ask(|reply| parts::Input::Move {
+                    job,
+                    attempt,
+                    step,
                     reply,
                 })
                 .await

@@ -3,12 +3,14 @@
 //! node sees.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
 use mvm_component::runtime::Prepared;
 use mvm_component::runtime::checkpoint::PartControl;
-use mvm_queue::queue::Sender;
+use mvm_queue::queue::{Entry, Sender};
 use mvm_queue::remote::{Drain, Hold};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -16,11 +18,12 @@ use tokio::task::AbortHandle;
 
 use super::LinkResult;
 use crate::environment::EnvLease;
-use crate::proto::{Failure, JobId, PartReport, PartSpec, Response};
+use crate::proto::{Failure, JobId, MoveStep, PartReport, PartSpec, Response};
 
 pub(super) type Reply = oneshot::Sender<Response>;
 
-/// A remote input of a part: its vertex, its port, and the peer that feeds it.
+/// A remote link end of a part: for an input, its vertex, its port, and the peer that feeds
+/// it; for an output, the remote vertex and port it feeds, and the peer that runs them.
 pub(super) type InputKey = (String, String, PeerId);
 
 /// A part prepared off the loop: everything it needs to run.
@@ -45,7 +48,7 @@ pub(super) struct Ready {
 pub(super) struct Marks {
     pub(super) control: PartControl,
     /// One per remote output, in [`Prepared::remote_outputs`]'s order.
-    pub(super) holds: Vec<Hold>,
+    pub(super) holds: Vec<(InputKey, Hold)>,
     /// One per remote input.
     pub(super) drains: Vec<(InputKey, Drain)>,
 }
@@ -59,6 +62,16 @@ impl Marks {
             .map(|(_, d)| d.clone())
             .unwrap_or_default()
     }
+
+    /// The ends of its links with `peer` only: what a move of the part on `peer` holds here.
+    pub(super) fn with(&self, peer: PeerId) -> (Vec<Hold>, Vec<Drain>) {
+        let holds = self.holds.iter().filter(|(k, _)| k.2 == peer);
+        let drains = self.drains.iter().filter(|(k, _)| k.2 == peer);
+        (
+            holds.map(|(_, h)| h.clone()).collect(),
+            drains.map(|(_, d)| d.clone()).collect(),
+        )
+    }
 }
 
 /// What a part needs to start, given to the loop to run it.
@@ -68,9 +81,10 @@ pub(super) struct Launch {
     /// Where its remote channels report their ends.
     pub(super) links: mpsc::Sender<LinkResult>,
     pub(super) links_rx: mpsc::Receiver<LinkResult>,
-    pub(super) expected_links: usize,
     /// The holds of its remote outputs, in order (none: never held).
     pub(super) holds: Vec<Hold>,
+    /// How many remote links its supervisor waits for.
+    pub(super) expected: Arc<AtomicUsize>,
 }
 
 /// What happens to the node's parts.
@@ -125,8 +139,31 @@ pub(super) enum Input {
         reply: Reply,
     },
     /// Tasks of `job`'s (its running part's, or a queue stream's import, which may come before
-    /// its part runs): ended with the part.
-    Attach { job: JobId, tasks: Vec<AbortHandle> },
+    /// its part runs): ended with the part. `links`: those that run a remote link, by end
+    /// (`true`: an output), for a move to stop.
+    Attach {
+        job: JobId,
+        tasks: Vec<AbortHandle>,
+        links: Vec<(InputKey, bool, AbortHandle)>,
+    },
+    /// A step of a move of the part of run `attempt` of `job` ([`MoveStep`]).
+    Move {
+        job: JobId,
+        attempt: u32,
+        step: MoveStep,
+        reply: Reply,
+    },
+    /// The part of run `attempt` of `job`, leaving, was saved and stays paused at pause
+    /// `pause`; or (`None`) was not saved, and goes on.
+    Left {
+        job: JobId,
+        attempt: u32,
+        pause: Option<u64>,
+    },
+    /// The links of a part that a move held now go to the new node: the new inputs (with the
+    /// items their old link delivered past its queue's room, to give first), and the tasks and
+    /// holds of the new outputs.
+    Relinked(Box<Relinked>),
     /// A queue stream lost before its acknowledgement gives its queue back (its opener tries
     /// again).
     GiveBack {
@@ -134,12 +171,68 @@ pub(super) enum Input {
         attempt: u32,
         key: InputKey,
         sender: Sender<Bytes>,
+        /// The items to give the queue before the stream's, for an input a move linked again.
+        first: Option<Vec<Entry<Bytes>>>,
     },
 }
 
 /// What a queue stream into a remote input is given: the input's queue, where the link reports
-/// its end, and the drain of its receiving end.
-pub(super) type Inbound = (Sender<Bytes>, mpsc::Sender<LinkResult>, Drain);
+/// its end, the drain of its receiving end, and (an input linked again by a move) the items
+/// to give its queue before the stream's; such an input takes a stream, never a direct link.
+pub(super) type Inbound = (
+    Sender<Bytes>,
+    mpsc::Sender<LinkResult>,
+    Drain,
+    Option<Vec<Entry<Bytes>>>,
+);
+
+/// An input whose link a move stops: its end, its old link's task, its drain, and (a link
+/// never opened) its queue.
+pub(super) type OldInput = (InputKey, Option<AbortHandle>, Drain, Option<Sender<Bytes>>);
+
+/// An input a move links again: its end, its queue, and the items to give it first.
+pub(super) type NewInput = (InputKey, Sender<Bytes>, Vec<Entry<Bytes>>);
+
+/// The links of a part held for a move, to link again to the part's new node (carried out on
+/// the loop: [`Effect::Relink`]).
+pub(super) struct Relink {
+    pub(super) job: JobId,
+    pub(super) attempt: u32,
+    /// Its outputs to the node left: their ends and the tasks of their old links.
+    pub(super) outs: Vec<(InputKey, Option<AbortHandle>)>,
+    /// Its inputs from the node left: their ends, the tasks of their old links, their
+    /// drains, and (a link not opened yet) their queues.
+    pub(super) ins: Vec<OldInput>,
+    /// The node the part moved to, and where it listens.
+    pub(super) to: PeerId,
+    pub(super) addrs: Vec<Multiaddr>,
+    /// Where the part's remote links report their ends, and how many it waits for.
+    pub(super) links: mpsc::Sender<LinkResult>,
+    pub(super) expected: Arc<AtomicUsize>,
+    pub(super) reply: Reply,
+}
+
+/// What a move's new links of a part are ([`Input::Relinked`]).
+pub(super) struct Relinked {
+    pub(super) job: JobId,
+    pub(super) attempt: u32,
+    /// The node left.
+    pub(super) from: PeerId,
+    /// New inputs: their ends, their queues, and the items to give first.
+    pub(super) ins: Vec<NewInput>,
+    /// New outputs: their ends, their holds, and the tasks that run them.
+    pub(super) outs: Vec<(InputKey, Hold, AbortHandle)>,
+    pub(super) reply: Reply,
+}
+
+/// A move under way, as a part sees it.
+pub(super) enum Moving {
+    /// The part is leaving ([`MoveStep::Leave`]): being saved, then (`Some`) kept paused at
+    /// that pause.
+    Leaving(Option<u64>),
+    /// Its links with this node (whose part leaves) are held ([`MoveStep::Hold`]).
+    Holding(PeerId),
+}
 
 /// What the node's loop must do.
 pub(super) enum Effect {
@@ -170,6 +263,30 @@ pub(super) enum Effect {
         cut: u64,
         reply: Reply,
     },
+    /// Save a part that leaves at cut `cut`, answer with its blob, and keep it paused; then
+    /// [`Input::Left`].
+    Leave {
+        job: JobId,
+        attempt: u32,
+        marks: Box<Marks>,
+        cut: u64,
+        reply: Reply,
+    },
+    /// Hold and drain these link ends to cut `cut`, and answer once they reach it (released
+    /// if they do not).
+    HoldLinks {
+        holds: Vec<Hold>,
+        drains: Vec<Drain>,
+        cut: u64,
+        reply: Reply,
+    },
+    /// Let these link ends go on.
+    Release {
+        holds: Vec<Hold>,
+        drains: Vec<Drain>,
+    },
+    /// Link a part's held links to the part's new node; then [`Input::Relinked`].
+    Relink(Box<Relink>),
     /// Send a part's report to the group's leader (the part was placed by `broker`).
     Report {
         broker: PeerId,
@@ -195,6 +312,17 @@ pub(super) struct Part {
     pub(super) _env: Option<EnvLease>,
     /// What checkpoints it, when its job asked for checkpoints.
     pub(super) marks: Option<Marks>,
+    /// The tasks of its remote links, by end: outputs, and inputs.
+    pub(super) outlets: HashMap<InputKey, AbortHandle>,
+    pub(super) inlets: HashMap<InputKey, AbortHandle>,
+    /// Inputs linked again by a move: taken over a stream only, and the items to give first
+    /// (taken by the stream).
+    pub(super) relinked: HashMap<InputKey, Vec<Entry<Bytes>>>,
+    /// How many remote links its supervisor waits for (a move that links again a link that
+    /// had ended adds one).
+    pub(super) expected: Arc<AtomicUsize>,
+    /// A move under way.
+    pub(super) moving: Option<Moving>,
 }
 
 pub(super) enum Stage {

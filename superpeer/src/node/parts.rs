@@ -19,12 +19,15 @@ use std::sync::Arc;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
-pub(super) use super::part::{Effect, Held, Input, Launch, Marks, Part, Ready, Reply, Stage};
+pub(super) use super::part::{
+    Effect, Held, Input, InputKey, Launch, Marks, Moving, Part, Ready, Relink, Relinked, Reply,
+    Stage,
+};
 use crate::proto::{Failure, FailureKind, JobId, PartReport, Response};
 
 /// The parts of a node.
 pub(super) struct Parts {
-    parts: HashMap<JobId, Part>,
+    pub(super) parts: HashMap<JobId, Part>,
     /// Published for the rest of the node.
     held: Arc<Held>,
 }
@@ -49,7 +52,7 @@ impl Parts {
     }
 
     /// The part of `job` if it is of run `attempt`.
-    fn run_mut(&mut self, job: &JobId, attempt: u32) -> Option<&mut Part> {
+    pub(super) fn run_mut(&mut self, job: &JobId, attempt: u32) -> Option<&mut Part> {
         self.parts.get_mut(job).filter(|p| p.attempt == attempt)
     }
 
@@ -86,6 +89,11 @@ impl Parts {
                         tasks: Vec::new(),
                         _env: None,
                         marks: None,
+                        outlets: HashMap::new(),
+                        inlets: HashMap::new(),
+                        relinked: HashMap::new(),
+                        expected: Arc::default(),
+                        moving: None,
                     };
                     self.insert(spec.job.clone(), part);
                     out.push(Effect::Prepare { from, spec });
@@ -151,7 +159,9 @@ impl Parts {
                 let taken = self.run_mut(&job, attempt).and_then(|p| {
                     let links = p.links.clone()?;
                     let drain = p.marks.as_ref().map(|m| m.drain(&key)).unwrap_or_default();
-                    p.inputs.remove(&key).map(|tx| (tx, links, drain))
+                    let tx = p.inputs.remove(&key)?;
+                    let first = p.relinked.get_mut(&key).map(std::mem::take);
+                    Some((tx, links, drain, first))
                 });
                 let _ = reply.send(taken);
             }
@@ -185,20 +195,50 @@ impl Parts {
                     Err(e) => out.push(Effect::Reply(reply, e)),
                 }
             }
-            Input::Attach { job, tasks } => match self.parts.get_mut(&job) {
-                Some(p) => p.tasks.extend(tasks),
-                None => out.push(Effect::Abort(tasks)),
+            Input::Attach { job, tasks, links } => match self.parts.get_mut(&job) {
+                Some(p) => {
+                    for (key, output, task) in links {
+                        let ends = if output {
+                            &mut p.outlets
+                        } else {
+                            &mut p.inlets
+                        };
+                        ends.insert(key, task.clone());
+                        p.tasks.push(task);
+                    }
+                    p.tasks.extend(tasks);
+                }
+                None => {
+                    let links = links.into_iter().map(|(_, _, t)| t);
+                    out.push(Effect::Abort(tasks.into_iter().chain(links).collect()));
+                }
             },
             Input::GiveBack {
                 job,
                 attempt,
                 key,
                 sender,
+                first,
             } => {
                 if let Some(p) = self.run_mut(&job, attempt) {
+                    if let Some(first) = first {
+                        p.relinked.insert(key.clone(), first);
+                    }
                     p.inputs.insert(key, sender);
                 }
             }
+            Input::Move {
+                job,
+                attempt,
+                step,
+                reply,
+            } => self.step(&mut out, job, attempt, step, reply),
+            Input::Left {
+                job,
+                attempt,
+                pause,
+            } => self.left(&job, attempt, pause),
+            Input::Relinked(r) => self.relinked(&mut out, *r),
         }
         out
     }
@@ -285,20 +325,26 @@ impl Parts {
             env,
             marks,
         } = *ready;
-        let (links, links_rx) = mpsc::channel(expected_links.max(1));
+        // Room for the links moves add.
+        let (links, links_rx) = mpsc::channel(2 * expected_links + 16);
         part.inputs = inputs;
         part.links = Some(links.clone());
         part.vertices = vertices;
         part._env = env;
-        let holds = marks.as_ref().map(|m| m.holds.clone()).unwrap_or_default();
+        let holds = marks
+            .as_ref()
+            .map(|m| m.holds.iter().map(|(_, h)| h.clone()));
+        let holds = holds.map(Iterator::collect).unwrap_or_default();
         part.marks = marks;
+        part.expected
+            .store(expected_links, std::sync::atomic::Ordering::Release);
         let launch = Box::new(Launch {
             prepared,
             parts,
             links,
             links_rx,
-            expected_links,
             holds,
+            expected: part.expected.clone(),
         });
         let Stage::Preparing { reply, start } =
             std::mem::replace(&mut part.stage, Stage::Prepared(launch))
@@ -377,6 +423,10 @@ impl Parts {
         let Some(part) = self.run_mut(&job, report.attempt) else {
             return; // ended (or replaced) meanwhile: nobody wants its report
         };
+        if report.outcome.is_err() && matches!(part.moving, Some(Moving::Leaving(_))) {
+            // Its links broke as it left (or were stopped): the part goes on elsewhere.
+            return;
+        }
         let broker = part.broker;
         let hold = match &mut part.stage {
             Stage::Running { hold } => hold.take(),

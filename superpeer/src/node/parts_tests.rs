@@ -69,32 +69,7 @@ fn asked() -> (Reply, oneshot::Receiver<Response>) {
 impl Bench {
     /// A part of `job` prepared: one vertex whose module returns at once.
     fn ready(&self, job: &str) -> Box<Ready> {
-        let topology = Topology::parse_named(
-            "one.dot",
-            "digraph one { v [component=\"c\"]; }\n",
-            &Options {
-                codecs: self.queues.codecs(),
-                queue_defaults: Default::default(),
-            },
-        )
-        .expect("topology");
-        let (module, _, _) = self
-            .runtime
-            .cache()
-            .load("c", br#"(module (func (export "run")))"#)
-            .expect("module");
-        let spec = JobSpec {
-            id: job.into(),
-            topology: &topology,
-            modules: HashMap::from([("c".to_owned(), module)]),
-            params: BTreeMap::new(),
-            limits: Limits::default(),
-            owner: None,
-        };
-        let prepared = self
-            .runtime
-            .prepare(&spec, &self.queues, &AllowAll, &[0], 0)
-            .expect("prepared");
+        let prepared = self.one_vertex(job, br#"(module (func (export "run")))"#, false);
         Box::new(Ready {
             prepared,
             parts: vec![(PeerId::random(), Vec::new())],
@@ -104,6 +79,42 @@ impl Bench {
             env: None,
             marks: None,
         })
+    }
+
+    /// One vertex `v` of `job` running `module` (made pausable if `pausable`), prepared.
+    fn one_vertex(
+        &self,
+        job: &str,
+        module: &[u8],
+        pausable: bool,
+    ) -> mvm_component::runtime::Prepared {
+        let topology = Topology::parse_named(
+            "one.dot",
+            "digraph one { v [component=\"c\"]; }\n",
+            &Options {
+                codecs: self.queues.codecs(),
+                queue_defaults: Default::default(),
+            },
+        )
+        .expect("topology");
+        let cache = self.runtime.cache();
+        let loaded = if pausable {
+            cache.load_checkpointable("c", module)
+        } else {
+            cache.load("c", module)
+        };
+        let (module, _, _) = loaded.expect("module");
+        let spec = JobSpec {
+            id: job.into(),
+            topology: &topology,
+            modules: HashMap::from([("c".to_owned(), module)]),
+            params: BTreeMap::new(),
+            limits: Limits::default(),
+            owner: None,
+        };
+        self.runtime
+            .prepare(&spec, &self.queues, &AllowAll, &[0], 0)
+            .expect("prepared")
     }
 
     /// The preparation of `job` ends with a real part ready.
@@ -156,6 +167,10 @@ fn kinds(out: &[Effect]) -> Vec<&'static str> {
             Effect::Abort(_) => "abort",
             Effect::Report { .. } => "report",
             Effect::Checkpoint { .. } => "checkpoint",
+            Effect::Leave { .. } => "leave",
+            Effect::HoldLinks { .. } => "hold links",
+            Effect::Release { .. } => "release",
+            Effect::Relink(_) => "relink",
         })
         .collect()
 }
@@ -339,9 +354,11 @@ async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_pa
     // Prepared, not started: the part feeding it on another node started first, and its
     // stream's import begins here.
     let import = tokio::spawn(std::future::pending::<()>());
+    let key = ("v".to_owned(), "in".to_owned(), PeerId::random());
     let out = b.parts.on(Input::Attach {
         job: "j-1-1".into(),
-        tasks: vec![import.abort_handle()],
+        tasks: Vec::new(),
+        links: vec![(key, false, import.abort_handle())],
     });
     assert!(out.is_empty(), "kept with its part: {:?}", kinds(&out));
     let (reply, _rx) = asked();
@@ -357,6 +374,7 @@ async fn a_queue_streams_import_that_comes_before_its_part_runs_ends_with_the_pa
     let out = b.parts.on(Input::Attach {
         job: "j-1-1".into(),
         tasks: vec![late.abort_handle()],
+        links: Vec::new(),
     });
     assert_eq!(kinds(&out), ["abort"]);
 }
@@ -446,3 +464,6 @@ fn a_later_run_of_a_job_replaces_the_earlier_and_what_comes_of_the_earlier_is_ig
         "{k:?}"
     );
 }
+
+#[path = "moves_tests.rs"]
+mod moves;

@@ -230,7 +230,12 @@ impl Node {
             holds: prepared
                 .remote_outputs
                 .iter()
-                .map(|_| Hold::new())
+                .map(|o| {
+                    (
+                        (o.vertex.clone(), o.port.clone(), parts[o.to].0),
+                        Hold::new(),
+                    )
+                })
                 .collect(),
             drains: inputs.keys().map(|k| (k.clone(), Drain::new())).collect(),
         });

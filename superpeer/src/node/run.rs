@@ -3,16 +3,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use libp2p::PeerId;
 use mvm_component::runtime::Prepared;
-use mvm_queue::remote::{self, Options as RemoteOptions, direct};
+use mvm_queue::queue::Receiver;
+use mvm_queue::remote::{self, Hold, Options as RemoteOptions, direct};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
-use super::parts::{Effect, Input, Launch};
+use super::parts::{Effect, Input, InputKey, Launch, Relink, Relinked};
 use super::streams::{Channel, open_channel, run_link};
 use super::{ChannelError, LinkDone, LinkProblem, LinkResult, Msg, Node};
 use crate::proto::{
@@ -33,9 +36,10 @@ impl Node {
             let input = tokio::select! {
                 msg = inputs.recv() => match msg {
                     Some(Msg::Input(input)) => input,
-                    Some(Msg::Attach(job, task)) => Input::Attach {
+                    Some(Msg::Attach(job, key, task)) => Input::Attach {
                         job,
-                        tasks: vec![task],
+                        tasks: Vec::new(),
+                        links: vec![(key, false, task)],
                     },
                     None => return,
                 },
@@ -82,10 +86,11 @@ impl Node {
                 attempt,
                 launch,
             } => {
-                let handles = self.launch(tasks, job.clone(), attempt, *launch);
+                let (handles, links) = self.launch(tasks, job.clone(), attempt, *launch);
                 return Some(Input::Attach {
                     job,
                     tasks: handles,
+                    links,
                 });
             }
             Effect::Hold { job, attempt } => {
@@ -121,6 +126,52 @@ impl Node {
                     None
                 });
             }
+            Effect::Leave {
+                job,
+                attempt,
+                marks,
+                cut,
+                reply,
+            } => {
+                tasks.spawn(async move {
+                    let (r, pause) = match super::checkpoint::leave(&marks, cut).await {
+                        Ok((hash, blob, pause)) => {
+                            (Response::Checkpoint { hash, blob }, Some(pause))
+                        }
+                        Err(f) => (Response::Error(f), None),
+                    };
+                    let _ = reply.send(r);
+                    Some(Input::Left {
+                        job,
+                        attempt,
+                        pause,
+                    })
+                });
+            }
+            Effect::HoldLinks {
+                holds,
+                drains,
+                cut,
+                reply,
+            } => {
+                tasks.spawn(async move {
+                    let r = match super::checkpoint::hold_links(&holds, &drains, cut).await {
+                        Ok(()) => Response::Ok,
+                        Err(f) => Response::Error(f),
+                    };
+                    let _ = reply.send(r);
+                    None
+                });
+            }
+            Effect::Release { holds, drains } => {
+                for h in holds {
+                    h.release();
+                }
+                for d in drains {
+                    d.release();
+                }
+            }
+            Effect::Relink(r) => return Some(self.relink(tasks, *r)),
             Effect::Report { broker, report } => {
                 let node = self.clone();
                 tasks.spawn(async move {
@@ -133,93 +184,41 @@ impl Node {
     }
 
     /// Starts a part: its outgoing channels, and its vertices under a supervisor whose end is
-    /// the part's report. The handles of its tasks.
+    /// the part's report. The handles of its tasks, and of its outgoing channels by end.
     fn launch(
         self: &Arc<Self>,
         tasks: &mut JoinSet<Option<Input>>,
         job: JobId,
         attempt: u32,
         mut launch: Launch,
-    ) -> Vec<AbortHandle> {
-        let mut handles = Vec::new();
+    ) -> (Vec<AbortHandle>, Vec<(InputKey, bool, AbortHandle)>) {
+        let mut links = Vec::new();
         let outputs = std::mem::take(&mut launch.prepared.remote_outputs);
         for (i, out) in outputs.into_iter().enumerate() {
-            let hold = launch.holds.get(i).cloned().unwrap_or_default();
             let (peer, addrs) = launch.parts[out.to].clone();
-            let links = launch.links.clone();
-            let mut control = self.site.net.streams();
-            let net = self.site.net.clone();
-            let header = StreamHeader {
-                job: job.clone(),
-                vertex: out.vertex.clone(),
-                port: out.port.clone(),
+            let key = (out.vertex.clone(), out.port.clone(), peer);
+            let outlet = Outlet {
+                vertex: out.vertex,
+                port: out.port,
+                receiver: out.receiver,
+                peer,
+                addrs,
+                hold: launch.holds.get(i).cloned().unwrap_or_default(),
                 direct: self.links.is_some(),
-                attempt,
             };
-            let task = tasks.spawn(async move {
-                let (vertex, port) = (out.vertex.clone(), out.port.clone());
-                let r: Result<(bool, remote::Report), LinkProblem> = async {
-                    // Streams from a peer whose certificate has not passed are dropped: exchange
-                    // certificates first (this also makes the addresses known to the swarm).
-                    net.authenticate(peer, &addrs)
-                        .await
-                        .map_err(LinkProblem::Authenticate)?;
-                    let channel = open_channel(&mut control, peer, &header).await?;
-                    let direct = matches!(channel, Channel::Direct { .. });
-                    let rep = match channel {
-                        Channel::Stream(s) => remote::export_stream_with(
-                            &out.receiver,
-                            s.compat(),
-                            &RemoteOptions::default(),
-                            &hold,
-                        )
-                        .await
-                        .map_err(|e| LinkProblem::Transfer(e.to_string()))?,
-                        Channel::Direct { port, token } => {
-                            let sock = crate::links::connect(&addrs, port, &token)
-                                .await
-                                .map_err(|e| LinkProblem::Transfer(e.to_string()))?;
-                            run_link(|done| direct::outlet_with(out.receiver, sock, &hold, done))
-                                .await?
-                        }
-                    };
-                    Ok((direct, rep))
-                }
-                .await;
-                let r: LinkResult = match r {
-                    Ok((direct, rep)) => Ok(LinkDone {
-                        vertex,
-                        port,
-                        out: true,
-                        direct,
-                        items: rep.items,
-                        bytes: rep.bytes,
-                    }),
-                    Err(problem) => Err(ChannelError {
-                        vertex,
-                        port,
-                        peer,
-                        out: true,
-                        problem,
-                    }),
-                };
-                let _ = links.try_send(r);
-                None
-            });
-            handles.push(task);
+            let task = self.spawn_outlet(tasks, &job, attempt, outlet, launch.links.clone());
+            links.push((key, true, task));
         }
         let node = self.clone();
         let Launch {
             prepared,
             links_rx,
-            expected_links,
+            expected,
             ..
         } = launch;
-        handles.push(tasks.spawn(async move {
+        let supervisor = tasks.spawn(async move {
             let space = super::space(&job, attempt);
-            let outcome = node
-                .supervise(&space, prepared, links_rx, expected_links)
-                .await;
+            let outcome = node.supervise(&space, prepared, links_rx, &expected).await;
             Some(Input::Ended {
                 report: PartReport {
                     job,
@@ -227,8 +226,157 @@ impl Node {
                     outcome,
                 },
             })
-        }));
-        handles
+        });
+        (vec![supervisor], links)
+    }
+
+    /// Starts the link of one remote output of run `attempt` of `job`; it reports its end on
+    /// `links`.
+    fn spawn_outlet(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Option<Input>>,
+        job: &JobId,
+        attempt: u32,
+        outlet: Outlet,
+        links: mpsc::Sender<LinkResult>,
+    ) -> AbortHandle {
+        let Outlet {
+            vertex,
+            port,
+            receiver,
+            peer,
+            addrs,
+            hold,
+            direct,
+        } = outlet;
+        let mut control = self.site.net.streams();
+        let net = self.site.net.clone();
+        let header = StreamHeader {
+            job: job.clone(),
+            vertex: vertex.clone(),
+            port: port.clone(),
+            direct,
+            attempt,
+        };
+        tasks.spawn(async move {
+            let r: Result<(bool, remote::Report), LinkProblem> = async {
+                // Streams from a peer whose certificate has not passed are dropped: exchange
+                // certificates first (this also makes the addresses known to the swarm).
+                net.authenticate(peer, &addrs)
+                    .await
+                    .map_err(LinkProblem::Authenticate)?;
+                let channel = open_channel(&mut control, peer, &header).await?;
+                let direct = matches!(channel, Channel::Direct { .. });
+                let rep = match channel {
+                    Channel::Stream(s) => remote::export_stream_with(
+                        &receiver,
+                        s.compat(),
+                        &RemoteOptions::default(),
+                        &hold,
+                    )
+                    .await
+                    .map_err(|e| LinkProblem::Transfer(e.to_string()))?,
+                    Channel::Direct { port, token } => {
+                        let sock = crate::links::connect(&addrs, port, &token)
+                            .await
+                            .map_err(|e| LinkProblem::Transfer(e.to_string()))?;
+                        run_link(|done| direct::outlet_with(receiver, sock, &hold, done)).await?
+                    }
+                };
+                Ok((direct, rep))
+            }
+            .await;
+            let r: LinkResult = match r {
+                Ok((direct, rep)) => Ok(LinkDone {
+                    vertex,
+                    port,
+                    out: true,
+                    direct,
+                    items: rep.items,
+                    bytes: rep.bytes,
+                }),
+                Err(problem) => Err(ChannelError {
+                    vertex,
+                    port,
+                    peer,
+                    out: true,
+                    problem,
+                }),
+            };
+            let _ = links.try_send(r);
+            None
+        })
+    }
+
+    /// Moves a part's links held for a move to the part's new node: each old link stops (a
+    /// new queue handle is taken first, so that its queue does not end), outputs are linked
+    /// anew from their outboxes over a stream, and inputs wait for a stream from the new node
+    /// (given, first, what the old link delivered past its queue's room). A link that had
+    /// ended is linked again too (its end crosses the new link), and the part's supervisor
+    /// waits for one more.
+    fn relink(self: &Arc<Self>, tasks: &mut JoinSet<Option<Input>>, r: Relink) -> Input {
+        let Relink {
+            job,
+            attempt,
+            outs,
+            ins,
+            to,
+            addrs,
+            links,
+            expected,
+            reply,
+        } = r;
+        let space = super::space(&job, attempt);
+        let stop = |old: Option<AbortHandle>| {
+            if let Some(t) = old {
+                if t.is_finished() {
+                    expected.fetch_add(1, Ordering::AcqRel);
+                }
+                t.abort();
+            }
+        };
+        let mut new_ins = Vec::new();
+        let mut from = to;
+        for ((vertex, port, peer), old, drain, unopened) in ins {
+            from = peer;
+            let Some(h) = self.queues.get(&space, &format!("{vertex}:{port}")) else {
+                continue;
+            };
+            let sender = h.queue.sender();
+            stop(old);
+            drop(unopened);
+            new_ins.push(((vertex, port, to), sender, drain.held()));
+        }
+        let mut new_outs = Vec::new();
+        for ((vertex, port, peer), old) in outs {
+            from = peer;
+            let Some(h) = self.queues.get(&space, &format!("{vertex}:{port}>out")) else {
+                continue;
+            };
+            let receiver = h.queue.receiver();
+            stop(old);
+            let hold = Hold::new();
+            let outlet = Outlet {
+                vertex: vertex.clone(),
+                port: port.clone(),
+                receiver,
+                peer: to,
+                addrs: addrs.clone(),
+                hold: hold.clone(),
+                // The queue may have had a direct link, and takes one for its life.
+                direct: false,
+            };
+            let task = self.spawn_outlet(tasks, &job, attempt, outlet, links.clone());
+            new_outs.push(((vertex, port, to), hold, task));
+        }
+        Input::Relinked(Box::new(Relinked {
+            job,
+            attempt,
+            from,
+            ins: new_ins,
+            outs: new_outs,
+            reply,
+        }))
     }
 
     /// Ends every part held (the daemon is shutting down; the loop, and with it every task of
@@ -277,8 +425,9 @@ impl Node {
         job: &str,
         prepared: Prepared,
         mut links: mpsc::Receiver<LinkResult>,
-        expected: usize,
+        expected: &AtomicUsize,
     ) -> Result<PartResult, VertexFailure> {
+        let waiting = |n: usize| n < expected.load(Ordering::Acquire);
         let start = Instant::now();
         let run = prepared.run();
         tokio::pin!(run);
@@ -289,16 +438,16 @@ impl Node {
             cause,
             kind,
         };
-        while report.is_none() || remote.len() < expected {
+        while report.is_none() || waiting(remote.len()) {
             tokio::select! {
                 r = &mut run, if report.is_none() => match r {
                     Ok(r) => report = Some(r),
                     Err(e) => {
                         let failed = VertexFailure { vertex: e.vertex, cause: e.cause, kind: e.kind };
-                        return Err(link_lost(&mut links, remote.len() < expected, failed).await);
+                        return Err(link_lost(&mut links, waiting(remote.len()), failed).await);
                     }
                 },
-                l = links.recv(), if remote.len() < expected => match l {
+                l = links.recv(), if waiting(remote.len()) => match l {
                     Some(Ok(l)) => remote.push(l),
                     // A remote channel broke: the node at its other end, or the way there, is lost.
                     Some(Err(e)) => return Err(broken(ErrorKind::Lost, e.to_string())),
@@ -394,4 +543,16 @@ fn remote_into(links: &[LinkDone], name: &str) -> (u64, u64) {
         .iter()
         .filter(|l| !l.out && l.feeds(name))
         .fold((0, 0), |(i, b), l| (i + l.items, b + l.bytes))
+}
+
+/// One remote output to link: the remote vertex and port it feeds, its outbox, the node that
+/// runs them and where it listens, its hold, and whether a direct link is wanted.
+struct Outlet {
+    vertex: String,
+    port: String,
+    receiver: Receiver<Bytes>,
+    peer: PeerId,
+    addrs: Vec<libp2p::Multiaddr>,
+    hold: Hold,
+    direct: bool,
 }

@@ -143,7 +143,7 @@ impl Node {
                     Ok(()) => answer.await.ok().flatten(),
                     Err(_) => None,
                 };
-                let Some((tx, links, drain)) = taken else {
+                let Some((tx, links, drain, first)) = taken else {
                     tracing::warn!(%peer, job = %header.job, vertex = %header.vertex, port = %header.port,
                         "a queue stream for no expected channel; refused");
                     let _ = stream.write_all(&[ACK_UNKNOWN]).await;
@@ -152,8 +152,10 @@ impl Node {
                 };
                 // A direct link when both sides want one: the answer carries where and how to
                 // connect, and the items go there.
+                // An input linked again by a move takes a stream: its queue may have had a
+                // direct link, and takes one for its life.
                 let direct = match &node.links {
-                    Some(l) if header.direct => match l.expect() {
+                    Some(l) if header.direct && first.is_none() => match l.expect() {
                         Ok((token, conn)) => Some((l.port(), token, conn)),
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot make a link token; using the stream");
@@ -180,12 +182,21 @@ impl Node {
                         attempt: header.attempt,
                         key,
                         sender: tx,
+                        first,
                     };
                     let _ = node.inputs.send(Msg::Input(back)).await;
                     return;
                 }
                 let job = header.job.clone();
+                let attached = key.clone();
                 let import = tokio::spawn(async move {
+                    // What the input's old link delivered past its queue's room, before a
+                    // move: first, in order.
+                    for entry in first.into_iter().flatten() {
+                        if tx.send_entry_async(entry).await.is_err() {
+                            break;
+                        }
+                    }
                     let is_direct = direct.is_some();
                     let r = match direct {
                         None => remote::import_stream_with(
@@ -221,7 +232,7 @@ impl Node {
                 });
                 if node
                     .inputs
-                    .send(Msg::Attach(job, import.abort_handle()))
+                    .send(Msg::Attach(job, attached, import.abort_handle()))
                     .await
                     .is_err()
                 {

@@ -193,6 +193,18 @@ impl ClientRequest {
                 }
                 check_params(&s.parameters)
             }
+            ClientRequest::Migrate {
+                vertex, node, to, ..
+            } => {
+                if let Some(v) = vertex {
+                    check_name("the vertex", v)?;
+                }
+                if let Some(n) = node {
+                    check_name("the node", n)?;
+                }
+                check_name("the node to move to", to)
+            }
+            ClientRequest::Drain { node, .. } => check_name("the node", node),
             ClientRequest::Status { .. }
             | ClientRequest::Wait { .. }
             | ClientRequest::Checkpoint { .. }
@@ -228,6 +240,10 @@ impl BrokerRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
             BrokerRequest::Start { .. } | BrokerRequest::Checkpoint { .. } => Ok(()),
+            BrokerRequest::Move { step, .. } => match step {
+                super::MoveStep::Relink { addrs, .. } => check_len("addresses", addrs.len()),
+                _ => Ok(()),
+            },
             BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
             BrokerRequest::Prepare(p) => {
                 check_principal(&p.owner)?;
@@ -267,6 +283,7 @@ impl Response {
             Response::Missing { hashes } => check_len("hashes", hashes.len()),
             Response::Finished(r) => r.validate(),
             Response::Status(v) => check_len("jobs", v.len()),
+            Response::Moved(v) => check_len("moves", v.len()),
             Response::Registered { members, .. } => check_len("members", members.len()),
             Response::Heartbeat { members, stop, .. } => {
                 check_len("members", members.len())?;

@@ -366,6 +366,33 @@ pub struct JobStatus {
     /// The checkpoints kept, oldest first.
     #[serde(default)]
     pub checkpoints: Vec<CheckpointInfo>,
+    /// The parts moved to other nodes while they ran, oldest first.
+    #[serde(default)]
+    pub moves: Vec<MoveInfo>,
+}
+
+/// A part of a running job moved to another node (live migration): its vertices paused at a
+/// cut, saved with their queues, and restored on the new node while the rest of the job ran
+/// on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveInfo {
+    /// The part's vertices.
+    pub vertices: Vec<String>,
+    /// The node it left.
+    pub from: libp2p::PeerId,
+    /// The node it runs on now.
+    pub to: libp2p::PeerId,
+    /// The run of the job.
+    pub attempt: u32,
+    /// The cut it was saved at (numbered with the job's checkpoints).
+    pub cut: u64,
+    /// When it moved, milliseconds since the Unix epoch (the leader's clock).
+    pub at_ms: u64,
+    /// How long its vertices were paused, from the pause to their start on the new node
+    /// (milliseconds), as the broker measured it.
+    pub downtime_ms: u64,
+    /// The size of its image.
+    pub bytes: u64,
 }
 
 /// A run of a job given up because a node it ran on was lost; the job runs again.

@@ -118,6 +118,27 @@ pub enum ClientRequest {
         /// The job id.
         job: JobId,
     },
+    /// Move a part of a running job that asked for checkpoints to node `to` while it runs:
+    /// the part that holds `vertex`, or the one on node `node` (exactly one of them).
+    Migrate {
+        /// The job id.
+        job: JobId,
+        /// A vertex of the part to move.
+        vertex: Option<String>,
+        /// The node (by name) of the part to move.
+        node: Option<String>,
+        /// The node (by name) to move it to.
+        to: String,
+    },
+    /// An administrator → the broker: move every part off node `node` (by name) and place
+    /// nothing more on it (`drain`), or place parts on it again (`!drain`). Answered with the
+    /// parts moved ([`Response::Moved`]).
+    Drain {
+        /// The node, by name.
+        node: String,
+        /// Drain, or undrain.
+        drain: bool,
+    },
     /// An administrator → the super-peer holding the policies: read them again now.
     PolicyReload,
 }
@@ -169,6 +190,15 @@ pub enum BrokerRequest {
         /// The cut's number within the job (each larger than the one before).
         cut: u64,
     },
+    /// A step of moving a running part of a job to another node ([`MoveStep`]).
+    Move {
+        /// The job id.
+        job: JobId,
+        /// The run of the job.
+        attempt: u32,
+        /// What this node does.
+        step: MoveStep,
+    },
     /// Stop a job's part (if any) and remove everything created for it.
     Terminate {
         /// The job id.
@@ -179,6 +209,43 @@ pub enum BrokerRequest {
         /// Why, for the node's log.
         reason: String,
     },
+}
+
+/// A node's step in moving a part of a running job to another node: the part that moves is
+/// paused at a cut and saved with its links drained ([`MoveStep::Leave`]) while the parts
+/// linked to it hold their links with it at the same cut ([`MoveStep::Hold`]); once the new
+/// node has prepared the part from its image, they link to the new node instead
+/// ([`MoveStep::Relink`]). Nothing in flight is lost or sent twice: every link with the part
+/// is at the cut's mark on both sides. [`MoveStep::Stay`] gives the move up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveStep {
+    /// To the node of the part that moves: pause it at cut `cut`, hold and drain its links to
+    /// the cut's mark, and answer with its blob ([`Response::Checkpoint`]). It stays paused
+    /// until it is ended ([`BrokerRequest::Terminate`]) or the move is given up.
+    Leave {
+        /// The cut's number within the job.
+        cut: u64,
+    },
+    /// To the node of another part: hold and drain its links with `peer` (the node of the part
+    /// that moves) to cut `cut`. The part runs on.
+    Hold {
+        /// The cut's number within the job.
+        cut: u64,
+        /// The node of the part that moves.
+        peer: libp2p::PeerId,
+    },
+    /// Its links with `peer`, held, now go to `to` at `addrs` (which has prepared the part).
+    Relink {
+        /// The node the part left.
+        peer: libp2p::PeerId,
+        /// The node it moves to.
+        to: libp2p::PeerId,
+        /// Where that node listens.
+        addrs: Vec<libp2p::Multiaddr>,
+    },
+    /// The move is given up: held links go on, a paused part resumes.
+    Stay,
 }
 
 /// What a node or super-peer asks a super-peer.
@@ -288,6 +355,8 @@ pub enum Response {
         /// The encoded part image.
         blob: Bytes,
     },
+    /// The parts moved by a migration or a drain.
+    Moved(Vec<MoveInfo>),
     /// The answer to a `Prepare` that started the part, when the part ended within
     /// [`PART_HOLD`]: its report, which the node then does not send again.
     Finished(Box<PartReport>),

@@ -173,6 +173,11 @@ impl std::fmt::Debug for PartControl {
 }
 
 impl PartControl {
+    /// Lets the vertices of a pause kept with [`Paused::keep`] go on (a move given up).
+    pub fn resume_kept(&self, number: u64) {
+        self.ctl.resume(number);
+    }
+
     /// Asks every vertex to pause and waits, up to `timeout`, until each has paused or ended.
     ///
     /// # Errors
@@ -297,6 +302,13 @@ impl Paused<'_> {
     pub fn resume(mut self) {
         self.resumed = true;
         self.control.ctl.resume(self.number);
+    }
+
+    /// Keeps the vertices paused after this handle goes (a part that moves away: they are
+    /// meant never to go on here); the pause's number, for [`PartControl::resume_kept`].
+    pub fn keep(mut self) -> u64 {
+        self.resumed = true;
+        self.number
     }
 }
 

@@ -147,13 +147,17 @@ pub(crate) fn text(r: &CheckpointReport) -> String {
     ));
     let r = &r.recovery;
     s.push_str(&format!(
-        "\n  {} with checkpoints: mvm checkpoint {:.1} ms ({} taken; {} B); a node killed: \
+        "\n  {} with checkpoints: mvm checkpoint {:.1} ms ({} taken; {} B); mvm migrate {:.1} ms, \
+         the part paused {:.1} ms (goal <= 50 ms; {} moves); a node killed: \
          noticed after {:.0} ms, running again from checkpoint {} after {:.0} ms more \
          (goal <= 2000 ms); output {}",
         r.workload,
         r.checkpoint_ms,
         r.checkpoints,
         r.checkpoint_bytes,
+        r.migrate_ms,
+        r.migration_downtime_ms,
+        r.migrations,
         r.detected_ms,
         r.from_cut.map_or("-".to_owned(), |c| c.to_string()),
         r.running_again_ms,

@@ -1,5 +1,6 @@
 //! The part of `mvm bench checkpoint` that needs a lab: a job's checkpoint through the broker
-//! and its nodes, and its recovery when one of its nodes is killed.
+//! and its nodes, a part of it moved to another node while it runs, and its recovery when one
+//! of its nodes is killed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,6 +27,14 @@ pub(crate) struct RecoveryFigures {
     pub(crate) checkpoints: usize,
     /// The bytes of the last one (every part's blob).
     pub(crate) checkpoint_bytes: u64,
+    /// Median milliseconds of `mvm migrate` moving the job's second part to another node and
+    /// back, as the client waits for it.
+    pub(crate) migrate_ms: f64,
+    /// Median milliseconds the moved part was paused, from its pause to its start on the new
+    /// node, as the broker measured it (goal: at most 50).
+    pub(crate) migration_downtime_ms: f64,
+    /// Moves made for the medians.
+    pub(crate) migrations: usize,
     /// Milliseconds from the kill to the run given up (the loss noticed: a link to the killed
     /// node broke, or its heartbeats stopped).
     pub(crate) detected_ms: f64,
@@ -43,8 +52,9 @@ fn failed(e: impl std::fmt::Display) -> Failure {
 }
 
 /// Runs the pipeline of `jobs` (`items` items) with checkpoints over two nodes of a lab of
-/// three, takes `checkpoints` checkpoints, kills the node of its first part and waits for it
-/// to end; then runs it undisturbed to compare.
+/// three, takes `checkpoints` checkpoints, moves its second part to the third node and back
+/// `checkpoints` times, kills the node of its first part and waits for it to end; then runs it
+/// undisturbed to compare.
 pub(crate) fn run(
     dir: &Path,
     jobs: &Path,
@@ -81,7 +91,7 @@ pub(crate) fn run(
             .await
             .map_err(wire)
     })?;
-    let (mut taken, job) = rt.block_on(async {
+    let (taken, job) = rt.block_on(async {
         let s = client.submit(&saved).await.map_err(wire)?;
         let s = until(&client, &s, |st| {
             st != JobState::Preparing && st != JobState::Pending
@@ -96,6 +106,7 @@ pub(crate) fn run(
             client.checkpoint(&s.job).await.map_err(wire)?;
             taken.push(t.elapsed().as_secs_f64() * 1e3);
         }
+        let moved = migrate(&client, &s, checkpoints).await?;
         let s = status(&client, &s).await?;
         if s.state != JobState::Running {
             return Err(failed(format!(
@@ -103,8 +114,9 @@ pub(crate) fn run(
                 items
             )));
         }
-        Ok((taken, s))
+        Ok(((taken, moved), s))
     })?;
+    let (mut taken, (mut moved, mut paused)) = taken;
     let bytes = job.checkpoints.last().map_or(0, |c| c.bytes());
     let victim = job
         .parts
@@ -141,7 +153,13 @@ pub(crate) fn run(
     };
     let identical = sorted(&end) == sorted(&quiet);
     taken.sort_by(f64::total_cmp);
+    moved.sort_by(f64::total_cmp);
+    paused.sort_by(f64::total_cmp);
+    let median = |v: &[f64]| v.get(v.len() / 2).copied().unwrap_or(0.0);
     Ok(RecoveryFigures {
+        migrate_ms: median(&moved),
+        migration_downtime_ms: median(&paused),
+        migrations: moved.len(),
         workload: format!("pipeline-4 ({items} items) over 2 of 3 node processes"),
         checkpoint_ms: taken.get(taken.len() / 2).copied().unwrap_or(0.0),
         checkpoints: taken.len(),
@@ -151,6 +169,38 @@ pub(crate) fn run(
         from_cut: restart.from_cut,
         identical,
     })
+}
+
+/// Moves the second part of job `s` to the lab's node that runs none of it and back, `n`
+/// times each way; each move's time as the client waited for it, and as the broker measured
+/// the part's pause.
+async fn migrate(c: &Client, s: &JobStatus, n: usize) -> Result<(Vec<f64>, Vec<f64>), Failure> {
+    let part = s
+        .parts
+        .get(1)
+        .ok_or_else(|| failed("the job has one part"))?;
+    let vertex = part
+        .vertices
+        .first()
+        .cloned()
+        .ok_or_else(|| failed("a part without vertices"))?;
+    let home = part.name.clone();
+    let free = ["node0", "node1", "node2"]
+        .into_iter()
+        .find(|n| s.parts.iter().all(|p| p.name != *n))
+        .ok_or_else(|| failed("no node without a part"))?;
+    let (mut waited, mut paused) = (Vec::new(), Vec::new());
+    for i in 0..2 * n {
+        let to = if i % 2 == 0 { free } else { home.as_str() };
+        let t = Instant::now();
+        let moves = c
+            .migrate(&s.job, Some(vertex.clone()), None, to)
+            .await
+            .map_err(wire)?;
+        waited.push(t.elapsed().as_secs_f64() * 1e3);
+        paused.extend(moves.iter().map(|m| m.downtime_ms as f64));
+    }
+    Ok((waited, paused))
 }
 
 /// The job's status now.

@@ -1,0 +1,590 @@
+//! Moving a part of a running job to another node while the job runs (live migration, as
+//! OpenCCS migrates a job keeping its environment), for `mvm migrate` and `mvm node drain`.
+//!
+//! The part is saved at a cut, like a checkpoint, but only it pauses: the parts linked to it
+//! hold their links with it at the same cut and run on. The steps, each asked of the nodes at
+//! once and waited for:
+//! 1. the part's node saves it and keeps it paused ([`MoveStep::Leave`]); every other part's
+//!    node holds its links with it ([`MoveStep::Hold`]);
+//! 2. the new node prepares the part from its image (fetched from here, by hash);
+//! 3. the other parts' links go to the new node ([`MoveStep::Relink`]);
+//! 4. the new node starts the part, and the old one ends its copy;
+//! 5. the move is recorded; reports of the part that came meanwhile are taken.
+//!
+//! Until step 3, a step that fails gives the move up: the held links go on, the paused part
+//! resumes, and the new node drops what it prepared ([`MoveStep::Stay`]). From step 3 on,
+//! the links are changing, and a failure fails the run: it runs again from its newest
+//! checkpoint (or from its start) as after a lost node.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use libp2p::PeerId;
+
+use super::core::{Core, Effect, Reply, Then};
+use super::place::check;
+use super::plan::Plan;
+use super::{fail, now_ms};
+use crate::joblog::state::Ended;
+use crate::joblog::{Applied, Command, LogError};
+use crate::proto::{
+    BrokerRequest, ErrorKind, Failure, FailureKind, Hash, JobId, JobState, MoveInfo, MoveStep,
+    PartReport, PartSpec, Response,
+};
+
+/// Which part of a job to move.
+#[derive(Debug, Clone)]
+pub(super) enum Which {
+    /// The part that holds this vertex.
+    Vertex(String),
+    /// The part on this node (by name).
+    Node(String),
+    /// The part on this node (a drain).
+    Peer(PeerId),
+}
+
+/// A move under way.
+pub(super) struct Move {
+    attempt: u32,
+    cut: u64,
+    /// The part's index among the job's parts, and its vertices.
+    part: usize,
+    vertices: Vec<String>,
+    from: PeerId,
+    to: PeerId,
+    /// The nodes of the job's other parts.
+    others: Vec<PeerId>,
+    stage: Stage,
+    /// Answers still awaited for the stage.
+    awaited: usize,
+    /// The part's image, once saved.
+    blob: Option<(Hash, Bytes)>,
+    /// The new node's spec, until it is sent.
+    spec: Option<Box<PartSpec>>,
+    /// When the part was asked to pause.
+    began: Instant,
+    /// Who waits for it.
+    pub(super) reply: Option<Reply>,
+    /// Reports from the part's old or new node that came meanwhile.
+    early: Vec<(PeerId, PartReport, Reply)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// 1: saving the part, holding the links.
+    Holding,
+    /// 2: the new node prepares the part.
+    Preparing,
+    /// 3: linking the other parts to the new node.
+    Relinking,
+    /// 4: the new node starts the part.
+    Starting,
+    /// 5: recording the move.
+    Recording,
+}
+
+/// What a node's answer during a move is for.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum MoveStepThen {
+    Left,
+    Held,
+    Prepared,
+    Relinked,
+    Started,
+}
+
+impl Core {
+    /// Starts moving the part `which` of `job` to the node named `to`; `reply` is answered
+    /// with the move once it is recorded, or with why not.
+    pub(super) fn start_move(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        which: &Which,
+        to: &str,
+        reply: Option<Reply>,
+    ) {
+        match self.plan_move(job, which, to) {
+            Ok(m) => self.begin_move(out, job, m, reply),
+            Err(f) => {
+                if let Some(reply) = reply {
+                    out.push(Effect::Reply(reply, Response::Error(f)));
+                }
+            }
+        }
+    }
+
+    /// Checks a move and makes its spec for the new node.
+    fn plan_move(&mut self, job: &JobId, which: &Which, to: &str) -> Result<Move, Failure> {
+        let input = |m: String| Failure::new(FailureKind::Input, m);
+        if self.moves.contains_key(job) {
+            return Err(Failure::new(
+                FailureKind::Unavailable,
+                format!("a part of job {job} is moving already"),
+            ));
+        }
+        if self.cuts.contains_key(job) {
+            return Err(Failure::new(
+                FailureKind::Unavailable,
+                format!("a checkpoint of job {job} is under way; try again"),
+            ));
+        }
+        let to_peer = self
+            .members
+            .live()
+            .find(|(_, e)| e.info.name == to)
+            .map(|(p, _)| *p)
+            .ok_or_else(|| {
+                Failure::new(
+                    FailureKind::NotFound,
+                    format!("no live node named '{to}' in group {}", self.site.group),
+                )
+            })?;
+        if self.log.read(|s| s.is_drained(&to_peer)) {
+            return Err(input(format!("node '{to}' is drained")));
+        }
+        let found = self.log.read(|s| {
+            let j = s
+                .job(job)
+                .ok_or_else(|| Failure::new(FailureKind::NotFound, format!("no job {job}")))?;
+            if j.checkpoint.is_none() {
+                return Err(input(format!(
+                    "job {job} did not ask for checkpoints ([checkpoint] in its profile): its \
+                     parts cannot move"
+                )));
+            }
+            if j.state != JobState::Running {
+                return Err(input(format!("job {job} is {:?}, not running", j.state)));
+            }
+            let part = j.parts.iter().position(|p| match which {
+                Which::Vertex(v) => p.vertices.contains(v),
+                Which::Node(n) => self.members.name(&p.node) == Some(n.as_str()),
+                Which::Peer(peer) => p.node == *peer,
+            });
+            if part.is_none() {
+                return Err(Failure::new(
+                    FailureKind::NotFound,
+                    match which {
+                        Which::Vertex(v) => format!("job {job} has no vertex '{v}'"),
+                        Which::Node(n) => format!("job {job} has no part on node '{n}'"),
+                        Which::Peer(p) => format!("job {job} has no part on {p}"),
+                    },
+                ));
+            };
+            if j.parts.iter().any(|p| p.done) {
+                return Err(input(format!(
+                    "a part of job {job} has ended: the job is ending"
+                )));
+            }
+            if j.parts.iter().any(|p| p.node == to_peer) {
+                return Err(input(format!(
+                    "node '{to}' runs a part of job {job} already"
+                )));
+            }
+            let s = j.submission.clone().ok_or_else(|| {
+                Failure::new(
+                    FailureKind::Failed,
+                    format!("job {job}'s submission was not kept"),
+                )
+            })?;
+            let last = j.checkpoints.last().map_or(0, |c| c.cut);
+            let moved = j.moves.last().map_or(0, |m| m.cut);
+            Ok((
+                j.attempt,
+                last.max(moved),
+                j.parts.clone(),
+                j.owner.clone(),
+                s,
+            ))
+        })?;
+        let (attempt, last, parts, owner, s) = found;
+        let part = parts.iter().position(|p| match which {
+            Which::Vertex(v) => p.vertices.contains(v),
+            Which::Node(n) => self.members.name(&p.node) == Some(n.as_str()),
+            Which::Peer(peer) => p.node == *peer,
+        });
+        let Some(part) = part else {
+            return Err(input(format!("job {job}: no such part")));
+        };
+        let from = parts[part].node;
+        // Room on the new node, and what the job requires of its nodes.
+        let need = u32::try_from(parts[part].vertices.len()).unwrap_or(u32::MAX);
+        let cands = self.candidates(job, &s).map_err(Failure::from)?;
+        let fits = cands
+            .ok
+            .iter()
+            .find(|&&i| cands.peers[i] == to_peer)
+            .map(|&i| cands.cands[i].free_slots);
+        match fits {
+            None => {
+                return Err(input(format!(
+                    "node '{to}' does not meet job {job}'s requirements"
+                )));
+            }
+            Some(free) if free < need => {
+                return Err(Failure::new(
+                    FailureKind::Unavailable,
+                    format!("node '{to}' has {free} free slots; the part has {need} vertices"),
+                ));
+            }
+            Some(_) => {}
+        }
+        let c = check(&self.modules, &self.codecs, &s)?;
+        let placement: Vec<u32> = c
+            .topology
+            .vertices
+            .iter()
+            .map(|v| {
+                let p = parts.iter().position(|p| p.vertices.contains(&v.name));
+                u32::try_from(p.unwrap_or(0)).unwrap_or(0)
+            })
+            .collect();
+        let mut peers: Vec<PeerId> = parts.iter().map(|p| p.node).collect();
+        peers[part] = to_peer;
+        let plan = Plan { peers, placement };
+        let mut specs = self.specs(job, &owner, &s, &c, &plan, attempt);
+        if part >= specs.len() {
+            return Err(input(format!("job {job}: no such part")));
+        }
+        let (_, mut spec) = specs.swap_remove(part);
+        spec.start = false;
+        let cut = last.max(self.cut_floor.get(job).copied().unwrap_or(0)) + 1;
+        self.cut_floor.insert(job.to_owned(), cut);
+        self.ledger.hold_slots(job, to_peer, need);
+        Ok(Move {
+            attempt,
+            cut,
+            part,
+            vertices: parts[part].vertices.clone(),
+            from,
+            to: to_peer,
+            others: parts
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != part)
+                .map(|(_, p)| p.node)
+                .collect(),
+            stage: Stage::Holding,
+            awaited: 0,
+            blob: None,
+            spec: Some(Box::new(spec)),
+            began: self.now,
+            reply: None,
+            early: Vec::new(),
+        })
+    }
+
+    /// Step 1: the part is saved and its links held.
+    fn begin_move(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        mut m: Move,
+        reply: Option<Reply>,
+    ) {
+        tracing::info!(%job, part = m.part, from = %m.from, to = %m.to, cut = m.cut, "moving a part");
+        m.reply = reply;
+        m.began = Instant::now();
+        m.awaited = 1 + m.others.len();
+        self.send_step(
+            out,
+            job,
+            &m,
+            m.from,
+            MoveStep::Leave { cut: m.cut },
+            MoveStepThen::Left,
+        );
+        for peer in m.others.clone() {
+            let step = MoveStep::Hold {
+                cut: m.cut,
+                peer: m.from,
+            };
+            self.send_step(out, job, &m, peer, step, MoveStepThen::Held);
+        }
+        self.moves.insert(job.to_owned(), m);
+    }
+
+    fn send_step(
+        &self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        m: &Move,
+        peer: PeerId,
+        step: MoveStep,
+        then: MoveStepThen,
+    ) {
+        out.push(Effect::Send {
+            peer,
+            addrs: self.members.addrs(&peer),
+            request: BrokerRequest::Move {
+                job: job.to_owned(),
+                attempt: m.attempt,
+                step,
+            },
+            then: Then::MoveStep {
+                job: job.to_owned(),
+                cut: m.cut,
+                then,
+            },
+        });
+    }
+
+    /// A node answered a step of the move of `job` at cut `cut`.
+    pub(super) fn move_answered(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        cut: u64,
+        then: MoveStepThen,
+        peer: PeerId,
+        answer: Result<Response, Failure>,
+    ) {
+        if self.moves.get(job).is_none_or(|m| m.cut != cut) {
+            return;
+        }
+        let Some(mut m) = self.moves.remove(job) else {
+            return;
+        };
+        let label = self.members.label(&peer);
+        let why = match (then, answer) {
+            (MoveStepThen::Left, Ok(Response::Checkpoint { hash, blob }))
+                if Hash::of(&blob) == hash =>
+            {
+                m.blob = Some((hash, blob));
+                None
+            }
+            (MoveStepThen::Left, Ok(_)) => Some(format!("node {label} sent no sound image")),
+            (_, Ok(Response::Ok)) => None,
+            (_, Ok(_)) => Some(format!("node {label} answered with something else")),
+            (_, Err(f)) => Some(format!("node {label}: {}", f.message)),
+        };
+        if let Some(why) = why {
+            self.moves.insert(job.to_owned(), m);
+            return self.move_failed(out, job, &why);
+        }
+        m.awaited = m.awaited.saturating_sub(1);
+        if m.awaited > 0 {
+            self.moves.insert(job.to_owned(), m);
+            return;
+        }
+        match m.stage {
+            Stage::Holding => {
+                // Step 2: the new node prepares the part from its image, fetched from here.
+                let (Some((hash, blob)), Some(mut spec)) = (m.blob.clone(), m.spec.take()) else {
+                    self.moves.insert(job.to_owned(), m);
+                    return self.move_failed(out, job, "no image");
+                };
+                self.blobs.put(blob);
+                spec.restore = Some(hash);
+                m.stage = Stage::Preparing;
+                m.awaited = 1;
+                out.push(Effect::Send {
+                    peer: m.to,
+                    addrs: self.members.addrs(&m.to),
+                    request: BrokerRequest::Prepare(spec),
+                    then: Then::MoveStep {
+                        job: job.to_owned(),
+                        cut,
+                        then: MoveStepThen::Prepared,
+                    },
+                });
+                self.moves.insert(job.to_owned(), m);
+            }
+            Stage::Preparing => {
+                // Step 3: the other parts link to the new node.
+                m.stage = Stage::Relinking;
+                m.awaited = m.others.len();
+                let addrs = self.members.addrs(&m.to);
+                for &peer in &m.others {
+                    let step = MoveStep::Relink {
+                        peer: m.from,
+                        to: m.to,
+                        addrs: addrs.clone(),
+                    };
+                    self.send_step(out, job, &m, peer, step, MoveStepThen::Relinked);
+                }
+                let none = m.awaited == 0;
+                self.moves.insert(job.to_owned(), m);
+                if none {
+                    self.move_start(out, job);
+                }
+            }
+            Stage::Relinking => {
+                self.moves.insert(job.to_owned(), m);
+                self.move_start(out, job);
+            }
+            Stage::Starting => {
+                // Step 5: recorded.
+                m.stage = Stage::Recording;
+                let info = MoveInfo {
+                    vertices: m.vertices.clone(),
+                    from: m.from,
+                    to: m.to,
+                    attempt: m.attempt,
+                    cut: m.cut,
+                    at_ms: now_ms(),
+                    downtime_ms: u64::try_from(m.began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    bytes: m.blob.as_ref().map_or(0, |(_, b)| b.len() as u64),
+                };
+                out.push(Effect::Record {
+                    command: Command::Move {
+                        job: job.to_owned(),
+                        part: u32::try_from(m.part).unwrap_or(u32::MAX),
+                        info,
+                    },
+                    then: Then::MoveRecorded {
+                        job: job.to_owned(),
+                    },
+                });
+                self.moves.insert(job.to_owned(), m);
+            }
+            Stage::Recording => {
+                self.moves.insert(job.to_owned(), m);
+            }
+        }
+    }
+
+    /// Step 4: the new node starts the part; the old one ends its copy.
+    fn move_start(&mut self, out: &mut Vec<Effect>, job: &JobId) {
+        let Some(m) = self.moves.get_mut(job) else {
+            return;
+        };
+        m.stage = Stage::Starting;
+        m.awaited = 1;
+        let (to, from, attempt, cut) = (m.to, m.from, m.attempt, m.cut);
+        out.push(Effect::Send {
+            peer: to,
+            addrs: self.members.addrs(&to),
+            request: BrokerRequest::Start {
+                job: job.to_owned(),
+                attempt,
+            },
+            then: Then::MoveStep {
+                job: job.to_owned(),
+                cut,
+                then: MoveStepThen::Started,
+            },
+        });
+        self.terminate_run(
+            out,
+            job,
+            attempt,
+            "the part moved to another node",
+            vec![from],
+        );
+    }
+
+    /// The move of `job` was recorded (or not): its asker is answered, and the reports that
+    /// came meanwhile are taken.
+    pub(super) fn move_recorded(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        outcome: Result<Applied, LogError>,
+    ) {
+        let Some(m) = self.moves.remove(job) else {
+            return;
+        };
+        self.ledger.release(job);
+        let result = match super::core::first(outcome) {
+            Ok(()) => {
+                let info = self
+                    .log
+                    .read(|s| s.job(job).and_then(|j| j.moves.last().cloned()));
+                let info = info.ok_or_else(|| "the move is not in the log".to_owned());
+                if let Ok(i) = &info {
+                    tracing::info!(%job, to = %m.to, downtime_ms = i.downtime_ms, "part moved");
+                }
+                info
+            }
+            // Ended meanwhile (the end terminated the parts it knew of; the new node's part
+            // ends at its next heartbeat).
+            Err(f) => Err(f.message),
+        };
+        let r = match &result {
+            Ok(info) => Response::Moved(vec![info.clone()]),
+            Err(why) => fail(FailureKind::Failed, why.clone()),
+        };
+        if let Some((hash, _)) = &m.blob {
+            self.drop_blobs(out, job, vec![*hash]);
+        }
+        if let Some(reply) = m.reply {
+            out.push(Effect::Reply(reply, r));
+        }
+        for (peer, report, reply) in m.early {
+            self.report(out, peer, report, reply);
+        }
+        self.move_done(out, job, result);
+    }
+
+    /// A step failed: before the links change, the move is given up and the job goes on as it
+    /// was; after, the run fails as if a node were lost.
+    fn move_failed(&mut self, out: &mut Vec<Effect>, job: &JobId, why: &str) {
+        let Some(m) = self.moves.remove(job) else {
+            return;
+        };
+        self.ledger.release(job);
+        tracing::warn!(%job, part = m.part, %why, "move given up");
+        let message = format!("the move of job {job}'s part to another node failed: {why}");
+        if matches!(m.stage, Stage::Holding | Stage::Preparing) {
+            for peer in std::iter::once(m.from).chain(m.others.iter().copied()) {
+                self.send_step(out, job, &m, peer, MoveStep::Stay, MoveStepThen::Held);
+            }
+            if m.stage == Stage::Preparing {
+                self.terminate_run(out, job, m.attempt, "its move was given up", vec![m.to]);
+            }
+        } else {
+            self.end(
+                out,
+                job,
+                JobState::Failed,
+                Ended::failed(ErrorKind::Lost, message.clone()),
+            );
+        }
+        if let Some((hash, _)) = &m.blob {
+            self.drop_blobs(out, job, vec![*hash]);
+        }
+        if let Some(reply) = m.reply {
+            out.push(Effect::Reply(reply, fail(FailureKind::Failed, message)));
+        }
+        for (peer, report, reply) in m.early {
+            self.report(out, peer, report, reply);
+        }
+        self.move_done(out, job, Err(why.to_owned()));
+    }
+
+    /// A report of a part of `job` from `peer` while the part on `peer` moves waits for the
+    /// move's end; `None` if it does not wait.
+    pub(super) fn report_moving(
+        &mut self,
+        peer: PeerId,
+        report: PartReport,
+        reply: Reply,
+    ) -> Option<(PartReport, Reply)> {
+        match self.moves.get_mut(&report.job) {
+            Some(m) if peer == m.from || peer == m.to => {
+                m.early.push((peer, report, reply));
+                None
+            }
+            _ => Some((report, reply)),
+        }
+    }
+
+    /// A job ended or its run was given up: its move (if any) is over.
+    pub(super) fn forget_move(&mut self, out: &mut Vec<Effect>, job: &JobId, why: &str) {
+        if let Some(m) = self.moves.remove(job) {
+            self.ledger.release(job);
+            if let Some(reply) = m.reply {
+                let f = fail(FailureKind::Failed, format!("the move was given up: {why}"));
+                out.push(Effect::Reply(reply, f));
+            }
+            if m.stage != Stage::Holding {
+                self.terminate_run(out, job, m.attempt, why, vec![m.to]);
+            }
+            for (_, _, reply) in m.early {
+                out.push(Effect::Reply(reply, Response::Ok));
+            }
+            self.move_done(out, job, Err(why.to_owned()));
+        }
+    }
+}
