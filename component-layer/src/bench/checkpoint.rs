@@ -234,8 +234,11 @@ pub struct MoveFigures {
     pub downtime_ms: f64,
     /// The longest.
     pub downtime_max_ms: f64,
-    /// Whether every moved run's output equalled the undisturbed run's.
+    /// Whether every moved run that ended gave the undisturbed run's output.
     pub identical: bool,
+    /// Moved runs that did not end within two minutes (given up and not compared): a stall
+    /// seen now and then on this machine, not yet understood.
+    pub stalled: usize,
 }
 
 /// A link between two parts over loopback TCP (the stream protocol), with its controls and
@@ -304,7 +307,7 @@ pub async fn move_part(
         output(&rt.run(&plain, &q, &AllowAll).await.map_err(err)?)
     };
     let one = |what: &str| BenchError(format!("{}: {what}", w.name));
-    let (mut downtimes, mut identical) = (Vec::new(), true);
+    let (mut downtimes, mut identical, mut stalled) = (Vec::new(), true, 0);
     for _ in 0..runs {
         let nodes = [queue_controller(), queue_controller()];
         let mut p0 = rt
@@ -365,8 +368,23 @@ pub async fn move_part(
         // Running again: every moved vertex instantiated, rewound and at a pause point once.
         drop(control.pause(wait).await.map_err(err)?);
         downtimes.push(start.elapsed().as_secs_f64() * 1e3);
-        let r0 = run0.await.map_err(err)?.map_err(err)?;
-        let r1 = run1.await.map_err(err)?.map_err(err)?;
+        let (abort0, abort1) = (run0.abort_handle(), run1.abort_handle());
+        let ended = tokio::time::timeout(Duration::from_secs(120), async {
+            let r0 = run0.await.map_err(err)?.map_err(err)?;
+            let r1 = run1.await.map_err(err)?.map_err(err)?;
+            Ok::<_, BenchError>((r0, r1))
+        })
+        .await;
+        let Ok(ended) = ended else {
+            abort0.abort();
+            abort1.abort();
+            stalled += 1;
+            for q in [&nodes[0], &new_node] {
+                q.destroy_job("bench");
+            }
+            continue;
+        };
+        let (r0, r1) = ended?;
         let mut got = output(&r0);
         got.extend(output(&r1));
         let mut want = expected.clone();
@@ -384,5 +402,6 @@ pub async fn move_part(
         downtime_ms: median(downtimes),
         downtime_max_ms: max,
         identical,
+        stalled,
     })
 }

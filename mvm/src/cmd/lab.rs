@@ -265,6 +265,8 @@ pub(crate) struct Lab {
     children: Vec<Child>,
     /// Each child's name (its log is `NAME.log`).
     names: Vec<String>,
+    /// Each child's arguments, to start it again.
+    launches: Vec<Vec<String>>,
     /// The address of the super-peer that led when the lab started.
     pub(crate) broker: String,
     /// Every super-peer's address.
@@ -293,6 +295,7 @@ impl Lab {
             dir: dir.to_owned(),
             children: Vec::new(),
             names: Vec::new(),
+            launches: Vec::new(),
             broker: String::new(),
             superpeers: Vec::new(),
             detached: false,
@@ -448,11 +451,51 @@ impl Lab {
         timing: &[&str],
         detached: bool,
     ) -> Result<(), Failure> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+        let args: Vec<String> = args.iter().chain(timing).map(|a| (*a).to_owned()).collect();
+        let child = self.start_child(exe, name, &args, detached, false)?;
+        self.children.push(child);
+        self.names.push(name.to_owned());
+        self.launches.push(args);
+        Ok(())
+    }
+
+    /// Starts the daemon `name` killed before ([`Lab::kill_daemon`]) again, as it was started
+    /// (its identity and state directory kept); whether there is one.
+    pub(crate) fn restart_daemon(&mut self, name: &str) -> Result<bool, Failure> {
+        let Some(i) = self.names.iter().position(|n| n == name) else {
+            return Ok(false);
+        };
+        let exe = std::env::current_exe().map_err(Failure::failed)?;
+        let args = self.launches.get(i).cloned().unwrap_or_default();
+        let _ = std::fs::remove_file(self.dir.join(format!("{name}.addr")));
+        let child = self.start_child(&exe, name, &args, self.detached, true)?;
+        if let Some(old) = self.children.get_mut(i) {
+            let _ = old.kill();
+            let _ = old.wait();
+            *old = child;
+        }
+        Ok(true)
+    }
+
+    /// Starts one daemon with `args`; its log `NAME.log` is begun anew, or (`again`) added
+    /// to.
+    fn start_child(
+        &self,
+        exe: &Path,
+        name: &str,
+        args: &[String],
+        detached: bool,
+        again: bool,
+    ) -> Result<Child, Failure> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(again)
+            .truncate(!again)
+            .open(self.dir.join(format!("{name}.log")))
             .map_err(|e| Failure::failed(anyhow::anyhow!("{}: {e}", self.dir.display())))?;
         let mut cmd = Command::new(exe);
         cmd.args(args)
-            .args(timing)
             .arg("--dir")
             .arg(self.dir.join(name))
             .arg("--addr-file")
@@ -477,12 +520,8 @@ impl Lab {
                 });
             }
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot start {}: {e}", exe.display())))?;
-        self.children.push(child);
-        self.names.push(name.to_owned());
-        Ok(())
+        cmd.spawn()
+            .map_err(|e| Failure::failed(anyhow::anyhow!("cannot start {}: {e}", exe.display())))
     }
 
     /// Fails if a child has exited, naming its log.

@@ -259,28 +259,42 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
     };
     assert!(remote(true) > 0, "hosts 1 and 2 linked directly: {v}");
     assert!(remote(false) > 0, "host 3 used libp2p streams: {v}");
-    // A long job, then host 3's link is cut: within the heartbeat bound, the job's run is given
-    // up and it runs again on the two other hosts (its profile's default retries).
-    let long = h.dir.path().join("long.toml");
-    std::fs::write(
-        &long,
-        format!(
-            "name = \"long\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n[parameters]\nhops = 1000000000\n[limits]\nwall = \"300s\"\n",
-            root().display()
-        ),
-    )
-    .expect("profile");
+    // A long job with checkpoints, then the link of a host it runs on is cut once one is
+    // stored: within the
+    // heartbeat bound, the job's run is given up and it runs again on the two other hosts from
+    // its checkpoint (its profile's default retries), and ends with an undisturbed run's output.
+    let profile = |name: &str, extra: &str| {
+        let p = h.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"{name}\"\ntopology = \"{0}/topologies/pipeline-4.dot\"\n[components]\nsource = \"{0}/jobs/build/pipe_source.wasm\"\nstage = \"{0}/jobs/build/pipe_stage.wasm\"\nsink = \"{0}/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = 1500000\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"300s\"\n{extra}",
+                root().display()
+            ),
+        )
+        .expect("profile");
+        p
+    };
+    let long = profile("long", "[checkpoint]\ninterval = \"1s\"\n");
     let v = json(&h.run(0, &["submit", long.to_str().expect("utf-8"), "-o", "json"]));
     let job = v["job"].as_str().expect("job").to_owned();
     let state = |h: &Hosts| {
         let v = json(&h.run(0, &["status", &job, "-o", "json"]));
         v[0].clone()
     };
-    wait_for(Duration::from_secs(30), || {
-        (state(&h)["state"] == "running").then_some(())
+    let s = wait_for(Duration::from_secs(30), || {
+        let s = state(&h);
+        (s["state"] == "running" && s["checkpoints"].as_array().is_some_and(|c| !c.is_empty()))
+            .then_some(s)
     });
+    // The host of the job's first part (`dN`).
+    let name = s["parts"][0]["name"]
+        .as_str()
+        .expect("a part's node")
+        .to_owned();
+    let victim: usize = name[1..].parse().expect("dN");
     let cut = Instant::now();
-    h.cut(3);
+    h.cut(victim);
     let s = wait_for(Duration::from_secs(20), || {
         let s = state(&h);
         (s["state"] == "running" && s["attempt"] == 1).then_some(s)
@@ -291,18 +305,41 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
         cut.elapsed()
     );
     let why = s["restarts"][0]["why"].as_str().unwrap_or_default();
-    assert!(why.contains("d3"), "names the node cut off: {s}");
+    assert!(why.contains(&name), "names the node cut off: {s}");
+    assert!(
+        s["restarts"][0]["from_cut"].as_u64().is_some(),
+        "from its checkpoint: {s}"
+    );
     assert_eq!(s["parts"].as_array().map(Vec::len), Some(2), "{s}");
     assert!(
         s["parts"]
             .as_array()
             .expect("parts")
             .iter()
-            .all(|p| p["name"] != "d3"),
+            .all(|p| p["name"] != name.as_str()),
         "{s}"
     );
-    let out = h.run(0, &["cancel", &job]);
-    assert!(out.status.success(), "{out:?}");
+    let end = wait_for(Duration::from_secs(240), || {
+        let s = state(&h);
+        (s["state"] == "done" || s["state"] == "failed").then_some(s)
+    });
+    assert_eq!(end["state"], "done", "{end}");
+    let quiet = profile("quiet", "");
+    let quiet = json(&h.run(
+        0,
+        &[
+            "submit",
+            "--wait",
+            quiet.to_str().expect("utf-8"),
+            "-o",
+            "json",
+        ],
+    ));
+    assert_eq!(quiet["state"], "done", "{quiet}");
+    assert_eq!(
+        end["outputs"], quiet["outputs"],
+        "the undisturbed run's output"
+    );
     // Host 3 is lost; the next job runs on the two others.
     wait_for(Duration::from_secs(10), || {
         live(&h).filter(|g| {

@@ -203,16 +203,12 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
     assert_eq!((*peer, *left, *new), (stays, from, free));
     let then = relink.into_iter().next().map(|r| r.2).expect("then");
     // Step 4: the new node starts the part; the old one ends its copy.
-    let started = sends(answer(&mut b, stays, then, Ok(Response::Ok)));
-    assert!(
-        started
-            .iter()
-            .any(|(p, r, _)| *p == from && matches!(r, BrokerRequest::Terminate { .. }))
-    );
-    let start = started
-        .into_iter()
-        .find(|(p, r, _)| *p == free && matches!(r, BrokerRequest::Start { .. }))
-        .expect("a start of the new part");
+    let mut started = sends(answer(&mut b, stays, then, Ok(Response::Ok)));
+    started.sort_by_key(|(p, _, _)| *p != free);
+    assert_eq!(started.len(), 2, "a start and a termination");
+    let (ended, start) = (started.pop().expect("two"), started.pop().expect("two"));
+    assert!(matches!(start.1, BrokerRequest::Start { .. }) && start.0 == free);
+    assert!(matches!(ended.1, BrokerRequest::Terminate { .. }) && ended.0 == from);
     // The new part ends before the move is recorded: its report waits.
     let (reply, mut report) = oneshot::channel();
     let early = b.on(Input::Report {
@@ -225,8 +221,11 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
         }),
     });
     assert!(early.is_empty(), "it waits for the move");
-    // Step 5: recorded; the asker gets the move, and the report is taken.
-    let effects = answer(&mut b, free, start.2, Ok(Response::Ok));
+    // Step 5: once both answered (the old node's failure does not matter), recorded; the
+    // asker gets the move, and the report is taken.
+    assert!(answer(&mut b, free, start.2, Ok(Response::Ok)).is_empty());
+    let gone = Err(Failure::new(FailureKind::Unavailable, "node gone"));
+    let effects = answer(&mut b, from, ended.2, gone);
     let effects = reply_now(b.settle(effects).await);
     let Ok(Response::Moved(moves)) = rx.try_recv() else {
         panic!("the move answered")

@@ -61,8 +61,9 @@ pub(super) struct Move {
     blob: Option<(Hash, Bytes)>,
     /// The new node's spec, until it is sent.
     spec: Option<Box<PartSpec>>,
-    /// When the part was asked to pause.
+    /// When the part was asked to pause, and when it started on the new node.
     began: Instant,
+    running: Option<Instant>,
     /// Who waits for it.
     pub(super) reply: Option<Reply>,
     /// Reports from the part's old or new node that came meanwhile.
@@ -91,6 +92,9 @@ pub(super) enum MoveStepThen {
     Prepared,
     Relinked,
     Started,
+    /// The old node ended its copy (or could not be told: it is gone, or ends it at its next
+    /// heartbeat).
+    Ended,
 }
 
 impl Core {
@@ -269,6 +273,7 @@ impl Core {
             blob: None,
             spec: Some(Box::new(spec)),
             began: self.now,
+            running: None,
             reply: None,
             early: Vec::new(),
         })
@@ -354,6 +359,11 @@ impl Core {
                 None
             }
             (MoveStepThen::Left, Ok(_)) => Some(format!("node {label} sent no sound image")),
+            (MoveStepThen::Ended, _) => None,
+            (MoveStepThen::Started, Ok(Response::Ok)) => {
+                m.running = Some(Instant::now());
+                None
+            }
             (_, Ok(Response::Ok)) => None,
             (_, Ok(_)) => Some(format!("node {label} answered with something else")),
             (_, Err(f)) => Some(format!("node {label}: {}", f.message)),
@@ -423,7 +433,13 @@ impl Core {
                     attempt: m.attempt,
                     cut: m.cut,
                     at_ms: now_ms(),
-                    downtime_ms: u64::try_from(m.began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    downtime_ms: u64::try_from(
+                        m.running
+                            .unwrap_or_else(Instant::now)
+                            .saturating_duration_since(m.began)
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
                     bytes: m.blob.as_ref().map_or(0, |(_, b)| b.len() as u64),
                 };
                 out.push(Effect::Record {
@@ -444,34 +460,46 @@ impl Core {
         }
     }
 
-    /// Step 4: the new node starts the part; the old one ends its copy.
+    /// Step 4: the new node starts the part; the old one ends its copy (awaited, so that a
+    /// move back to it finds it gone).
     fn move_start(&mut self, out: &mut Vec<Effect>, job: &JobId) {
         let Some(m) = self.moves.get_mut(job) else {
             return;
         };
         m.stage = Stage::Starting;
-        m.awaited = 1;
+        m.awaited = 2;
         let (to, from, attempt, cut) = (m.to, m.from, m.attempt, m.cut);
-        out.push(Effect::Send {
-            peer: to,
-            addrs: self.members.addrs(&to),
-            request: BrokerRequest::Start {
-                job: job.to_owned(),
-                attempt,
-            },
-            then: Then::MoveStep {
-                job: job.to_owned(),
-                cut,
-                then: MoveStepThen::Started,
-            },
-        });
-        self.terminate_run(
-            out,
-            job,
-            attempt,
-            "the part moved to another node",
-            vec![from],
-        );
+        let requests = [
+            (
+                to,
+                BrokerRequest::Start {
+                    job: job.to_owned(),
+                    attempt,
+                },
+                MoveStepThen::Started,
+            ),
+            (
+                from,
+                BrokerRequest::Terminate {
+                    job: job.to_owned(),
+                    attempt,
+                    reason: "the part moved to another node".into(),
+                },
+                MoveStepThen::Ended,
+            ),
+        ];
+        for (peer, request, then) in requests {
+            out.push(Effect::Send {
+                peer,
+                addrs: self.members.addrs(&peer),
+                request,
+                then: Then::MoveStep {
+                    job: job.to_owned(),
+                    cut,
+                    then,
+                },
+            });
+        }
     }
 
     /// The move of `job` was recorded (or not): its asker is answered, and the reports that

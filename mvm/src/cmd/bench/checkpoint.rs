@@ -134,7 +134,7 @@ pub(crate) fn text(r: &CheckpointReport) -> String {
     let m = &r.moves;
     s.push_str(&format!(
         "  {} over two parts on loopback TCP, the second moved to another node while it runs: \
-         downtime {:.2} ms (longest {:.2} ms; goal <= 50 ms) over {} moves; output {}",
+         downtime {:.2} ms (longest {:.2} ms; goal <= 50 ms) over {} moves; output {}{}",
         m.workload,
         m.downtime_ms,
         m.downtime_max_ms,
@@ -143,6 +143,11 @@ pub(crate) fn text(r: &CheckpointReport) -> String {
             "identical"
         } else {
             "DIFFERENT"
+        },
+        if m.stalled > 0 {
+            format!("; {} run(s) STALLED (given up after 2 min)", m.stalled)
+        } else {
+            String::new()
         },
     ));
     let r = &r.recovery;

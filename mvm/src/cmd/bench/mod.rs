@@ -1,7 +1,9 @@
 //! `mvm bench`: benchmarks, each beside its reference measured in the same run.
 
 mod broker;
+mod chaos;
 mod checkpoint;
+mod labjob;
 mod mpi;
 mod recovery;
 mod scale;
@@ -139,6 +141,29 @@ enum Which {
         /// Rounds of each run (the median is reported).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
         runs: u32,
+        /// Where the C jobs are built (`scripts/build-jobs`).
+        #[arg(long, default_value = "jobs/build", value_name = "DIR")]
+        jobs: std::path::PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Trials of the C pipeline with checkpoints in a lab of 3 node processes, each with a node
+    /// running a part of it killed (SIGKILL) at a random moment (and started again after):
+    /// trials, jobs completed, outputs identical to an undisturbed run's, items lost or
+    /// delivered twice. Fails unless every job completes identical.
+    Chaos {
+        /// Trials.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        trials: u32,
+        /// Items through the pipeline.
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+        items: u64,
+        /// Time between checkpoints, e.g. `1s`, `500ms`.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// The random seed (default: from the clock; the report gives it).
+        #[arg(long)]
+        seed: Option<u64>,
         /// Where the C jobs are built (`scripts/build-jobs`).
         #[arg(long, default_value = "jobs/build", value_name = "DIR")]
         jobs: std::path::PathBuf,
@@ -333,6 +358,30 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let runs = usize::try_from(runs).unwrap_or(3);
             let report = checkpoint::run(hops, items, interval, runs, &jobs)?;
             print(&report, out.output, checkpoint::text)
+        }
+        Which::Chaos {
+            trials,
+            items,
+            interval,
+            seed,
+            jobs,
+            out,
+        } => {
+            let tmp = tempfile::Builder::new()
+                .prefix("mvm-bench-chaos-")
+                .tempdir()
+                .map_err(Failure::failed)?;
+            let trials = usize::try_from(trials).unwrap_or(20);
+            let report = chaos::run(tmp.path(), &jobs, items, interval, trials, seed)?;
+            print(&report, out.output, chaos::text)?;
+            if report.identical < report.trials || report.items_lost + report.items_twice > 0 {
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "bench chaos: {} of {} trials ended identical",
+                    report.identical,
+                    report.trials
+                )));
+            }
+            Ok(())
         }
         Which::Broker {
             superpeers,

@@ -9,9 +9,11 @@ use mvm_superpeer::client::Client;
 use mvm_superpeer::proto::{JobState, JobStatus};
 use serde::Serialize;
 
-use super::broker::{job, write};
+use super::labjob::{self, Pipeline, status, until};
+
+/// How long the bench waits for a job.
+const TEN_MINUTES: Duration = Duration::from_secs(600);
 use crate::cmd::job::wire;
-use crate::cmd::lab::{Lab, NetArgs, Transport};
 use crate::exit::Failure;
 
 /// A job's checkpoints through the broker, and its recovery from a node killed (`SIGKILL`).
@@ -61,41 +63,18 @@ pub(crate) fn run(
     items: u64,
     checkpoints: usize,
 ) -> Result<RecoveryFigures, Failure> {
-    let jobs =
-        std::fs::canonicalize(jobs).map_err(|e| failed(format!("{}: {e}", jobs.display())))?;
-    let topology = mvm_component::topology::generate::generate("pipeline", "4").map_err(failed)?;
-    write(dir, "pipeline.dot", &topology)?;
-    let profile = |name: &str, extra: &str| {
-        job(
-            dir,
-            &format!("{name}.toml"),
-            &format!(
-                "name = \"{name}\"\ntopology = \"{d}/pipeline.dot\"\n[components]\nsource = \"{j}/pipe_source.wasm\"\nstage = \"{j}/pipe_stage.wasm\"\nsink = \"{j}/pipe_sink.wasm\"\n[parameters]\ncount = {items}\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"600s\"\n{extra}",
-                d = dir.display(),
-                j = jobs.display(),
-            ),
-        )
-    };
-    let saved = profile("saved", "[checkpoint]\ninterval = \"60s\"\nkeep = 2\n")?;
-    let plain = profile("plain", "")?;
-    let net = NetArgs {
-        transport: Transport::Tcp,
-        secure_links: false,
-    };
-    let mut lab = Lab::start(&dir.join("lab"), 3, 1, false, net)?;
-    let rt = super::tokio()?;
-    let user = lab.user()?;
-    let broker = lab.broker.clone();
-    let client = rt.block_on(async {
-        Client::find(&user, std::slice::from_ref(&broker))
-            .await
-            .map_err(wire)
-    })?;
+    let pipeline = Pipeline::new(dir, jobs, items)?;
+    let saved = pipeline.profile("saved", "[checkpoint]\ninterval = \"60s\"\nkeep = 2\n")?;
+    let plain = pipeline.profile("plain", "")?;
+    let (mut lab, rt, client) = labjob::start(dir)?;
     let (taken, job) = rt.block_on(async {
         let s = client.submit(&saved).await.map_err(wire)?;
-        let s = until(&client, &s, |st| {
-            st != JobState::Preparing && st != JobState::Pending
-        })
+        let s = until(
+            &client,
+            &s,
+            |st| st != JobState::Preparing && st != JobState::Pending,
+            TEN_MINUTES,
+        )
         .await?;
         if s.state != JobState::Running {
             return Err(failed(format!("the job did not run: {s:?}")));
@@ -128,9 +107,9 @@ pub(crate) fn run(
         return Err(failed(format!("{victim} is not a daemon of the lab")));
     }
     let (end, quiet) = rt.block_on(async {
-        let end = until(&client, &job, JobState::is_final).await?;
+        let end = until(&client, &job, JobState::is_final, TEN_MINUTES).await?;
         let quiet = client.submit_and_wait(&plain).await.map_err(wire)?;
-        let quiet = until(&client, &quiet, JobState::is_final).await?;
+        let quiet = until(&client, &quiet, JobState::is_final, TEN_MINUTES).await?;
         Ok::<_, Failure>((end, quiet))
     })?;
     drop(lab);
@@ -201,34 +180,6 @@ async fn migrate(c: &Client, s: &JobStatus, n: usize) -> Result<(Vec<f64>, Vec<f
         paused.extend(moves.iter().map(|m| m.downtime_ms as f64));
     }
     Ok((waited, paused))
-}
-
-/// The job's status now.
-async fn status(c: &Client, s: &JobStatus) -> Result<JobStatus, Failure> {
-    c.status(Some(&s.job))
-        .await
-        .map_err(wire)?
-        .pop()
-        .ok_or_else(|| failed(format!("job {} is gone", s.job)))
-}
-
-/// Waits (up to 10 minutes) until the job's state passes `pred`.
-async fn until(
-    c: &Client,
-    s: &JobStatus,
-    pred: impl Fn(JobState) -> bool,
-) -> Result<JobStatus, Failure> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let now = status(c, s).await?;
-        if pred(now.state) {
-            return Ok(now);
-        }
-        if Instant::now() > deadline {
-            return Err(failed(format!("job {} is still {:?}", s.job, now.state)));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Milliseconds since the Unix epoch (the clock the job log's times are read on).
