@@ -79,6 +79,9 @@ pub struct Profile {
 /// Runs from the start after a lost node, unless a profile says otherwise.
 pub const DEFAULT_RETRIES: u32 = 2;
 
+/// How many stored checkpoints a job keeps when its profile does not say.
+pub const DEFAULT_KEEP: u32 = 2;
+
 /// The shortest checkpoint interval a profile may ask for.
 pub const MIN_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -326,7 +329,7 @@ impl Profile {
                     ),
                 )
             })?;
-        let keep = c.keep.unwrap_or(2);
+        let keep = c.keep.unwrap_or(DEFAULT_KEEP);
         if keep == 0 {
             return Err(bad("keep", "checkpoint.keep must be at least 1".to_owned()));
         }

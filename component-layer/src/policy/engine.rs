@@ -275,6 +275,31 @@ fn settings(kb: &Kb) -> Result<NodeSettings, String> {
 }
 
 impl Engine for OsoEngine {
+    fn checkpoint_rules(
+        &self,
+        actor: &Principal,
+        domain: &str,
+    ) -> Result<super::CheckpointRules, String> {
+        let Some(kb) = self.domains.get(domain) else {
+            return Ok(super::CheckpointRules::default());
+        };
+        let ms = |rule: &str| -> Result<Vec<u64>, String> {
+            let v: Vec<i64> = kb.values(rule, (actor_value(actor), var()))?;
+            v.into_iter()
+                .map(|n| {
+                    u64::try_from(n)
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| format!("{rule}: {n} is not a number of milliseconds"))
+                })
+                .collect()
+        };
+        Ok(super::CheckpointRules {
+            default_ms: ms("checkpoint_interval")?.into_iter().min(),
+            min_interval_ms: ms("min_checkpoint_interval")?.into_iter().max(),
+        })
+    }
+
     fn decide(&self, q: &Question) -> Decision {
         let deny_error = |level: &str, e: String| {
             Decision::Deny(format!("the {level} policy cannot be evaluated: {e}"))

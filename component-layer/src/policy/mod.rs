@@ -171,6 +171,28 @@ pub trait Engine: Send + Sync {
     fn node_settings(&self) -> &NodeSettings;
     /// The version of the policies it answers from.
     fn version(&self) -> u64;
+    /// What the policy of `domain` says of checkpoints for `actor`'s jobs (nothing, unless the
+    /// engine reads policies that say it).
+    ///
+    /// # Errors
+    /// A rule that cannot be evaluated.
+    fn checkpoint_rules(&self, actor: &Principal, domain: &str) -> Result<CheckpointRules, String> {
+        let _ = (actor, domain);
+        Ok(CheckpointRules::default())
+    }
+}
+
+/// What a domain's policy says of checkpoints for an actor's jobs, as the MVM paper's
+/// checkpoint policy does: how often a job that asks for none is checkpointed, and how often
+/// one may ask to be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointRules {
+    /// The interval of a job whose profile asks for no checkpoints, in milliseconds
+    /// (`checkpoint_interval(actor, MS)`; the smallest that holds).
+    pub default_ms: Option<u64>,
+    /// The shortest interval a job may ask for, in milliseconds
+    /// (`min_checkpoint_interval(actor, MS)`; the largest that holds).
+    pub min_interval_ms: Option<u64>,
 }
 
 /// An engine that remembers its answers. Answers depend only on the question and the loaded
@@ -230,6 +252,10 @@ impl<E: Engine> Engine for Cached<E> {
 
     fn version(&self) -> u64 {
         self.inner.version()
+    }
+
+    fn checkpoint_rules(&self, actor: &Principal, domain: &str) -> Result<CheckpointRules, String> {
+        self.inner.checkpoint_rules(actor, domain)
     }
 }
 

@@ -294,3 +294,65 @@ fn settings_and_limits_a_policy_does_not_state_do_not_restrict() {
     assert!(ask(&e, &u, "submit", job(&u, "lab", 1000, 1000)).allowed());
     assert!(ask(&e, &u, "run", a_node("lab")).allowed());
 }
+
+#[test]
+fn a_domain_s_checkpoint_rules_give_the_shortest_default_and_the_longest_bound() {
+    let files = [(
+        "physics/checkpoints.polar",
+        "checkpoint_interval(user: User, 60000) if \"researcher\" in user.roles;\n\
+         checkpoint_interval(_user: User, 300000);\n\
+         min_checkpoint_interval(_user: User, 1000);\n\
+         min_checkpoint_interval(user: User, 5000) if \"student\" in user.roles;\n",
+    )];
+    let bundle = Bundle {
+        files: files
+            .iter()
+            .map(|(p, t)| ((*p).to_owned(), (*t).to_owned()))
+            .collect(),
+    };
+    let engine = OsoEngine::load(&bundle, 1).expect("loads");
+    let who = |roles: &[&str]| Principal {
+        kind: PrincipalKind::User,
+        name: "ann".into(),
+        domain: "physics".into(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+    };
+    let rules = |roles: &[&str], domain: &str| {
+        engine
+            .checkpoint_rules(&who(roles), domain)
+            .expect("evaluated")
+    };
+    assert_eq!(
+        rules(&["researcher"], "physics"),
+        CheckpointRules {
+            default_ms: Some(60_000),
+            min_interval_ms: Some(1000),
+        }
+    );
+    assert_eq!(
+        rules(&["student"], "physics"),
+        CheckpointRules {
+            default_ms: Some(300_000),
+            min_interval_ms: Some(5000),
+        }
+    );
+    // A domain whose policy says nothing of checkpoints.
+    assert_eq!(
+        rules(&["researcher"], "biology"),
+        CheckpointRules::default()
+    );
+    // A rule with a number that is no interval is an error, not a silent default.
+    let bad = Bundle {
+        files: [(
+            "physics/bad.polar".to_owned(),
+            "checkpoint_interval(_user: User, -5);\n".to_owned(),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let engine = OsoEngine::load(&bad, 1).expect("loads");
+    let e = engine
+        .checkpoint_rules(&who(&[]), "physics")
+        .expect_err("a negative interval");
+    assert!(e.contains("-5"), "{e}");
+}

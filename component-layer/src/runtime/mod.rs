@@ -328,7 +328,9 @@ impl Runtime {
         pool.total_core_instances(config.max_instances)
             .total_memories(config.max_instances)
             .total_tables(config.max_instances)
-            .total_stacks(config.max_instances)
+            // A pausable vertex pausing calls Asyncify's `start_unwind` from inside its import:
+            // a second fiber while its own is live. Stacks are reserved, not committed.
+            .total_stacks(config.max_instances.saturating_mul(2))
             .max_memory_size(config.max_memory_bytes);
         let mut c = wasmtime::Config::new();
         c.epoch_interruption(true)

@@ -8,7 +8,7 @@ use mvm_component::policy::Principal;
 use mvm_component::topology::{Options, Topology};
 use mvm_queue::codec::Registry;
 
-use super::admit::{Refusal, inter_domain_allows, owner_of};
+use super::admit::{AdmitError, Refusal, inter_domain_allows, owner_of};
 use super::core::{Core, Drive, Effect, Reply, Then};
 use super::now_ms;
 use crate::joblog::Command;
@@ -16,8 +16,8 @@ use crate::joblog::state::{Ended, JobRecord};
 use crate::modules::ModuleStore;
 use crate::proto::ErrorKind;
 use crate::proto::{
-    BrokerRequest, CheckpointInfo, Failure, FailureKind, GroupSummary, JobId, JobState, Response,
-    Submission,
+    BrokerRequest, CheckpointInfo, CheckpointPolicy, Failure, FailureKind, GroupSummary, JobId,
+    JobState, Response, Submission,
 };
 use crate::schedule::{Graph, Rank};
 
@@ -120,12 +120,13 @@ impl Core {
         out: &mut Vec<Effect>,
         reply: Reply,
         who: &Principal,
-        s: Submission,
+        mut s: Submission,
         c: Checked,
     ) {
+        let name = s.name.clone();
         let refused = |error| {
             Response::Error(Failure::from(Refusal {
-                job: s.name.clone(),
+                job: name.clone(),
                 error,
             }))
         };
@@ -149,6 +150,12 @@ impl Core {
                 return;
             }
         };
+        if let Err(error) = self.checkpoint_policy(&owner, &mut s) {
+            self.ledger.release(&id);
+            tracing::info!(job = %s.name, owner = %owner, %error, "job refused by policy");
+            out.push(Effect::Reply(reply, refused(error)));
+            return;
+        }
         let r = &s.requirements;
         let mut record = JobRecord {
             id: id.clone(),
@@ -242,6 +249,43 @@ impl Core {
                 specs,
             },
         });
+    }
+
+    /// Applies the domain policy's checkpoint rules to `s`, a job of `owner`: a job that asks
+    /// for checkpoints more often than the policy lets it is refused; one that asks for none
+    /// is given the policy's default interval when its modules can be paused (otherwise it
+    /// runs without, as it asked).
+    fn checkpoint_policy(&self, owner: &Principal, s: &mut Submission) -> Result<(), AdmitError> {
+        let engine = self.site.policies.current().engine.clone();
+        let rules = engine
+            .checkpoint_rules(owner, &self.site.domain)
+            .map_err(|e| AdmitError::Policy(format!("checkpoint rules: {e}")))?;
+        let min = rules.min_interval_ms.unwrap_or(0);
+        match &mut s.checkpoint {
+            Some(c) if c.interval_ms < min => Err(AdmitError::Policy(format!(
+                "the policy of domain {} lets {owner} checkpoint a job at most every {min} ms; \
+                 the profile asks for every {} ms",
+                self.site.domain, c.interval_ms
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                let Some(every) = rules.default_ms else {
+                    return Ok(());
+                };
+                let pausable = s.components.values().all(|h| {
+                    self.modules.get(h).is_some_and(|b| {
+                        mvm_component::runtime::checkpoint::check_checkpointable(&b).is_ok()
+                    })
+                });
+                if pausable {
+                    s.checkpoint = Some(CheckpointPolicy {
+                        interval_ms: every.max(min),
+                        keep: mvm_component::profile::DEFAULT_KEEP,
+                    });
+                }
+                Ok(())
+            }
+        }
     }
 
     /// `s` with its modules, as the job log keeps a submission (while its job waits, or may run

@@ -290,3 +290,50 @@ async fn a_job_is_not_forwarded_to_a_domain_without_an_agreement_that_lets_its_o
     let pc = phy.client().await;
     assert!(pc.status(None).await.expect("status").is_empty());
 }
+
+/// The domain's checkpoint policy (the MVM paper's): researchers' jobs that ask for no
+/// checkpoints get one every 10 minutes, and no job may ask for more than one a second.
+const CHECKPOINTS: &str = r#"
+checkpoint_interval(user: User, 600000) if "researcher" in user.roles;
+min_checkpoint_interval(_user: User, 1000);
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_domain_policy_checkpoints_jobs_that_ask_for_none_and_bounds_how_often_one_may_ask() {
+    let files = [
+        ("default/rbac.polar", RBAC),
+        ("default/checkpoints.polar", CHECKPOINTS),
+        ("node.polar", NODES),
+    ];
+    let lab = Setup::new(1, &[8]).policies(&files).start().await;
+    let c = lab.client().await;
+    // A ring whose profile asks for no checkpoints is checkpointed: one is taken on demand.
+    let long = running(&c, None).await;
+    // (Every slot of the node is taken: pausing needs no more.)
+    c.checkpoint(&long.job)
+        .await
+        .expect("checkpointable by the domain's policy");
+    let s = c.status(Some(&long.job)).await.expect("status").remove(0);
+    assert_eq!(s.checkpoints.len(), 1, "{s:?}");
+    c.cancel(&long.job).await.expect("cancel");
+    until(&c, &long.job, JobState::is_final).await;
+    // Asking for checkpoints more often than the policy lets is refused, saying why.
+    let mut often = ring("often", 100, None, 0);
+    often.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
+        interval_ms: 500,
+        keep: 2,
+    });
+    let e = c.submit(&often).await.expect_err("too often");
+    assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+    assert!(
+        e.message.contains("at most every 1000 ms") && e.message.contains("every 500 ms"),
+        "{e:?}"
+    );
+    // As often as it lets is fine.
+    often.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
+        interval_ms: 1000,
+        keep: 2,
+    });
+    let s = finished(&c, &often).await;
+    assert_eq!(s.state, JobState::Done, "{s:?}");
+}
