@@ -8,15 +8,24 @@
 //! there instead (`Relink`): the old link tasks stop, outputs are linked anew from their
 //! outboxes (whatever the held link did not take is still there), and inputs take a stream
 //! from the new node, first giving their queue what the old link delivered past its room.
-//! A move given up (`Stay`) lets the held links go on, and the leaving part resume.
+//! A move given up (`Stay`) lets the held links go on, and the leaving part resume. A part
+//! left paused, or holding its links, for [`MOVE_WAIT`] (its broker was lost in the middle of
+//! the move) reports itself lost, and its job runs again from its newest checkpoint: a move
+//! that does not finish never leaves a job standing still.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use libp2p::PeerId;
 
 use super::part::{InputKey, Moving, Relink, Relinked};
 use super::parts::{Effect, Parts, Reply, Stage};
-use crate::proto::{Failure, FailureKind, JobId, MoveStep, Response};
+use crate::proto::{
+    ErrorKind, Failure, FailureKind, JobId, MoveStep, PartReport, Response, VertexFailure,
+};
+
+/// How long a part stays paused, or holds its links, for a move that does not go on.
+pub(super) const MOVE_WAIT: Duration = Duration::from_secs(60);
 
 fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
@@ -74,6 +83,7 @@ impl Parts {
                     cut,
                     reply,
                 });
+                out.push(Effect::MoveWait { job, attempt });
             }
             MoveStep::Relink { peer, to, addrs } => {
                 if !matches!(part.moving, Some(Moving::Holding(p)) if p == peer) {
@@ -126,12 +136,24 @@ impl Parts {
 
     /// The part of run `attempt` of `job`, leaving, was saved and kept paused at `pause`, or
     /// (`None`) was not saved. A move given up meanwhile lets it go on.
-    pub(super) fn left(&mut self, job: &JobId, attempt: u32, pause: Option<u64>) {
+    pub(super) fn left(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        attempt: u32,
+        pause: Option<u64>,
+    ) {
         let Some(part) = self.run_mut(job, attempt) else {
             return; // ended meanwhile
         };
         match (pause, &part.moving) {
-            (Some(n), Some(Moving::Leaving(None))) => part.moving = Some(Moving::Leaving(Some(n))),
+            (Some(n), Some(Moving::Leaving(None))) => {
+                part.moving = Some(Moving::Leaving(Some(n)));
+                out.push(Effect::MoveWait {
+                    job: job.to_owned(),
+                    attempt,
+                });
+            }
             (Some(n), _) => {
                 // Given up while it was being saved.
                 if let Some(marks) = &part.marks {
@@ -142,6 +164,40 @@ impl Parts {
             (None, Some(Moving::Leaving(_))) => part.moving = None,
             (None, _) => {}
         }
+    }
+
+    /// The wait of a move is over: a part still left paused, or still holding its links, for
+    /// it reports itself lost (its broker will run the job again) and goes.
+    pub(super) fn move_over(&mut self, out: &mut Vec<Effect>, job: &JobId, attempt: u32) {
+        let Some(part) = self.run_mut(job, attempt) else {
+            return;
+        };
+        let what = match part.moving {
+            Some(Moving::Leaving(Some(_))) => "paused to move",
+            Some(Moving::Holding(_)) => "holding its links for a move",
+            _ => return,
+        };
+        let cause = format!(
+            "the part was left {what} for {} s: the move did not go on",
+            MOVE_WAIT.as_secs()
+        );
+        tracing::warn!(%job, attempt, %cause, "move abandoned");
+        part.moving = None;
+        let broker = part.broker;
+        let report = PartReport {
+            job: job.to_owned(),
+            attempt,
+            outcome: Err(VertexFailure {
+                vertex: String::new(),
+                cause: cause.clone(),
+                kind: ErrorKind::Lost,
+            }),
+        };
+        self.stop_part(out, job, attempt, &cause);
+        out.push(Effect::Report {
+            broker,
+            report: Box::new(report),
+        });
     }
 
     /// A part's links held for a move now go to the new node: its marks, inputs and link

@@ -100,6 +100,7 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
         Effect::HoldLinks {
             holds, drains, cut, ..
         },
+        Effect::MoveWait { .. },
     ] = &out[..]
     else {
         panic!("{:?}", kinds(&out))
@@ -174,14 +175,36 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
     let (_, _, _, first) = taken.await.expect("answered").expect("taken");
     assert_eq!(first.map(|f| f.len()), Some(1));
 
+    // Moved: the move's wait running out changes nothing.
+    let over = |b: &mut Bench| {
+        b.parts.on(Input::MoveOver {
+            job: job.into(),
+            attempt: 0,
+        })
+    };
+    assert!(over(&mut b).is_empty());
     // A move given up lets the held ends go.
     let (out, _rx) = step(&mut b, hold(other));
-    assert_eq!(kinds(&out), ["hold links"]);
+    assert_eq!(kinds(&out), ["hold links", "move wait"]);
     let (out, rx) = step(&mut b, MoveStep::Stay);
     assert_eq!(kinds(&out), ["release", "reply"]);
     assert!(matches!(said(out, rx), Response::Ok));
     let (out, rx) = step(&mut b, MoveStep::Stay);
     assert_eq!(kinds(&out), ["reply"], "nothing to give up");
     drop(rx);
+    // A move whose broker goes quiet while the links are held: when the wait runs out, the
+    // part reports itself lost (its job runs again) and goes.
+    let (out, _rx) = step(&mut b, hold(other));
+    assert_eq!(kinds(&out), ["hold links", "move wait"]);
+    let out = over(&mut b);
+    assert_eq!(kinds(&out), ["stop", "report"]);
+    let Some(Effect::Report { report, .. }) = out.into_iter().nth(1) else {
+        unreachable!()
+    };
+    assert!(
+        matches!(&report.outcome, Err(f) if f.kind == crate::proto::ErrorKind::Lost),
+        "{report:?}"
+    );
+    assert!(b.parts.parts.is_empty());
     task.abort();
 }

@@ -160,6 +160,8 @@ pub(super) enum Input {
         attempt: u32,
         pause: Option<u64>,
     },
+    /// The wait of a move of the part of run `attempt` of `job` is over ([`Effect::MoveWait`]).
+    MoveOver { job: JobId, attempt: u32 },
     /// The links of a part that a move held now go to the new node: the new inputs (with the
     /// items their old link delivered past its queue's room, to give first), and the tasks and
     /// holds of the new outputs.
@@ -280,6 +282,9 @@ pub(super) enum Effect {
         cut: u64,
         reply: Reply,
     },
+    /// Wait [`super::moves::MOVE_WAIT`] for the move of run `attempt` of `job` to go on; then
+    /// [`Input::MoveOver`].
+    MoveWait { job: JobId, attempt: u32 },
     /// Let these link ends go on.
     Release {
         holds: Vec<Hold>,

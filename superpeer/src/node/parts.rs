@@ -237,10 +237,22 @@ impl Parts {
                 job,
                 attempt,
                 pause,
-            } => self.left(&job, attempt, pause),
+            } => self.left(&mut out, &job, attempt, pause),
+            Input::MoveOver { job, attempt } => self.move_over(&mut out, &job, attempt),
             Input::Relinked(r) => self.relinked(&mut out, *r),
         }
         out
+    }
+
+    /// Removes the part of `job` (of run `attempt`), as its termination does.
+    pub(super) fn stop_part(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        attempt: u32,
+        reason: &str,
+    ) {
+        self.stop(out, job, attempt, reason);
     }
 
     /// Removes the part of `job` (of run `attempt`): an answer still owed to its prepare gets

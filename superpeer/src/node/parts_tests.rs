@@ -171,6 +171,7 @@ fn kinds(out: &[Effect]) -> Vec<&'static str> {
             Effect::HoldLinks { .. } => "hold links",
             Effect::Release { .. } => "release",
             Effect::Relink(_) => "relink",
+            Effect::MoveWait { .. } => "move wait",
         })
         .collect()
 }

@@ -172,6 +172,12 @@ impl Node {
                 }
             }
             Effect::Relink(r) => return Some(self.relink(tasks, *r)),
+            Effect::MoveWait { job, attempt } => {
+                tasks.spawn(async move {
+                    tokio::time::sleep(super::moves::MOVE_WAIT).await;
+                    Some(Input::MoveOver { job, attempt })
+                });
+            }
             Effect::Report { broker, report } => {
                 let node = self.clone();
                 tasks.spawn(async move {
