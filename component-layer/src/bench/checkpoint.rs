@@ -236,8 +236,9 @@ pub struct MoveFigures {
     pub downtime_max_ms: f64,
     /// Whether every moved run that ended gave the undisturbed run's output.
     pub identical: bool,
-    /// Moved runs that did not end within two minutes (given up and not compared): a stall
-    /// seen now and then on this machine, not yet understood.
+    /// Moved runs that did not end within two minutes (given up and not compared; each queue's
+    /// depth is logged): a stall seen often with millions of items, not yet understood (the
+    /// staying part's outbox full, the new link carrying nothing more).
     pub stalled: usize,
 }
 
@@ -376,6 +377,12 @@ pub async fn move_part(
         })
         .await;
         let Ok(ended) = ended else {
+            for (node, q) in [("first", &nodes[0]), ("new", &new_node)] {
+                for s in q.list(Some("bench")) {
+                    tracing::warn!(node, queue = %s.name, depth = s.depth, items_in = s.items_in,
+                        items_out = s.items_out, "a moved run stalled");
+                }
+            }
             abort0.abort();
             abort1.abort();
             stalled += 1;
