@@ -116,6 +116,7 @@ async fn freeze(marks: &Marks, cut: u64) -> Result<(Paused<'_>, PartImage), Fail
     for ((vertex, port, _), d) in &marks.drains {
         let queue = format!("{vertex}:{port}");
         let held = d.held();
+        tracing::debug!(cut, %queue, held = held.len(), "drained past the queue's room");
         if !held.is_empty() && !image.append(&queue, held) {
             release(marks);
             return Err(failed(format!("the part has no queue {queue}")));
