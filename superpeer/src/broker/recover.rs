@@ -10,7 +10,7 @@
 //! on (the next interval tries again).
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use libp2p::PeerId;
@@ -38,7 +38,14 @@ pub(super) struct Cut {
     blobs: Vec<Option<(Hash, Bytes)>>,
     /// Clients waiting for it.
     replies: Vec<Reply>,
+    /// When it was asked for.
+    started: Instant,
 }
+
+/// How long a cut may take, from its request to its last blob; a later one is given up. Less
+/// than a node holds its sending ends for it ([`crate::node`]'s `RELEASE_WAIT`), so that no
+/// part of a cut recorded has let its links go early.
+const CUT_LIMIT: Duration = Duration::from_secs(20);
 
 impl Core {
     /// A job failed because a node was lost, with retries left: its run is given up, and it
@@ -244,6 +251,7 @@ impl Core {
                 blobs.push(Some((Hash::of(blob), blob.clone())));
                 continue;
             }
+
             blobs.push(None);
             out.push(Effect::Send {
                 peer: *peer,
@@ -276,6 +284,7 @@ impl Core {
                 parts: parts.into_iter().map(|(p, v, _)| (p, v)).collect(),
                 blobs,
                 replies: reply.into_iter().collect(),
+                started: self.now,
             },
         );
     }
@@ -314,7 +323,9 @@ impl Core {
         let Some(c) = self.cuts.get_mut(job).filter(|c| c.cut == cut) else {
             return;
         };
+        let late = self.now.saturating_duration_since(c.started) > CUT_LIMIT;
         let why = match answer {
+            _ if late => Some(format!("not every part answered within {CUT_LIMIT:?}")),
             Ok(Response::Checkpoint { hash, blob }) if Hash::of(&blob) == hash => {
                 if let Some(slot) = c.blobs.get_mut(part) {
                     *slot = Some((hash, blob));
@@ -335,6 +346,7 @@ impl Core {
         if let Some(why) = why {
             if let Some(c) = self.cuts.remove(job) {
                 tracing::warn!(%job, cut, %why, "checkpoint given up");
+                self.release_cut(out, job, &c);
                 give_up_cut(out, c, &why);
             }
             return;
@@ -345,6 +357,8 @@ impl Core {
         let Some(c) = self.cuts.remove(job) else {
             return;
         };
+        // Every part is saved: their sending ends may go on.
+        self.release_cut(out, job, &c);
         let mut parts = Vec::with_capacity(c.parts.len());
         let mut put = Vec::with_capacity(c.parts.len());
         for ((_, vertices), blob) in c.parts.into_iter().zip(c.blobs) {
@@ -383,6 +397,23 @@ impl Core {
                 replies: c.replies,
             },
         });
+    }
+
+    /// Tells the nodes of cut `c` of `job` that every part of it is saved (or that it was given
+    /// up): their sending ends, held since they saved their part, go on.
+    fn release_cut(&self, out: &mut Vec<Effect>, job: &JobId, c: &Cut) {
+        for (peer, _) in &c.parts {
+            out.push(Effect::Send {
+                peer: *peer,
+                addrs: self.members.addrs(peer),
+                request: BrokerRequest::ReleaseCut {
+                    job: job.to_owned(),
+                    attempt: c.attempt,
+                    cut: c.cut,
+                },
+                then: Then::Nothing,
+            });
+        }
     }
 
     /// A cut was recorded (or not): the blobs of `before` that the job no longer keeps go, and

@@ -25,17 +25,40 @@ const PAUSE_WAIT: Duration = Duration::from_secs(5);
 /// nodes of the job pause meanwhile, and their marks arrive.
 const MARK_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a part's sending ends stay held after its image is taken, waiting for the broker
+/// to say every part of the cut is saved ([`crate::proto::BrokerRequest::ReleaseCut`]). Longer
+/// than the broker takes to give a cut up ([`crate::broker`]'s limit), so that a cut it records
+/// never has a part that let its links go early.
+pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
 /// Takes the checkpoint `cut` of a running part: the blob's hash and the blob. The part goes
-/// on whatever happens.
+/// on whatever happens, and its receiving ends too; its sending ends stay held until
+/// [`let_go`], so that no item after the cut's mark reaches a part of the job whose image is
+/// not taken yet (its node may be asked later than this one, and would read on past a mark it
+/// was not yet asked to drain to).
 ///
 /// # Errors
 /// A vertex that reaches no pause point in time (a loop that calls no import), a link that
-/// does not reach the mark in time or fails, or an image that cannot be encoded.
+/// does not reach the mark in time or fails, or an image that cannot be encoded; every end is
+/// let go then.
 pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failure> {
     let (paused, image) = freeze(marks, cut).await?;
-    release(marks);
+    for (_, d) in &marks.drains {
+        d.release();
+    }
     paused.resume();
-    encode(&image, cut)
+    let blob = encode(&image, cut);
+    if blob.is_err() {
+        let_go(marks);
+    }
+    blob
+}
+
+/// Lets the sending ends of a part held since its checkpoint go on.
+pub(super) fn let_go(marks: &Marks) {
+    for (_, h) in &marks.holds {
+        h.release();
+    }
 }
 
 /// Saves a part that moves to another node at cut `cut`: the blob's hash, the blob, and the

@@ -254,6 +254,21 @@ impl Node {
                 })
                 .await
             }
+            BrokerRequest::ReleaseCut { job, attempt, cut } => {
+                if !self.is_superpeer(from) {
+                    return fail(
+                        FailureKind::Refused,
+                        format!("{from} is not this node's super-peer"),
+                    );
+                }
+                self.ask(|reply| parts::Input::ReleaseCut {
+                    job,
+                    attempt,
+                    cut,
+                    reply,
+                })
+                .await
+            }
             BrokerRequest::Move { job, attempt, step } => {
                 if !self.is_superpeer(from) {
                     return fail(

@@ -53,6 +53,14 @@ impl Parts {
             let why = format!("job {job}'s part is not running");
             return out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));
         }
+        if matches!(step, MoveStep::Leave { .. } | MoveStep::Hold { .. })
+            && let Some((_, go)) = part.cut_release.take()
+        {
+            // The broker moves a part only once every part of its last cut is saved: that
+            // cut's sending ends go on now, before the move holds them again.
+            drop(go);
+            super::checkpoint::let_go(&marks);
+        }
         let busy = |reply: Reply, out: &mut Vec<Effect>| {
             let why = format!("a move of job {job} is under way here");
             out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));

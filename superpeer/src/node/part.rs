@@ -138,6 +138,14 @@ pub(super) enum Input {
         cut: u64,
         reply: Reply,
     },
+    /// Every part of cut `cut` of run `attempt` of `job` has its image: the part's sending
+    /// ends go on.
+    ReleaseCut {
+        job: JobId,
+        attempt: u32,
+        cut: u64,
+        reply: Reply,
+    },
     /// Tasks of `job`'s (its running part's, or a queue stream's import, which may come before
     /// its part runs): ended with the part. `links`: those that run a remote link, by end
     /// (`true`: an output), for a move to stop.
@@ -259,11 +267,13 @@ pub(super) enum Effect {
     },
     /// Stop tasks of a part that is gone.
     Abort(Vec<AbortHandle>),
-    /// Take a checkpoint of a running part at cut `cut` and answer with its blob.
+    /// Take a checkpoint of a running part at cut `cut` and answer with its blob; its sending
+    /// ends stay held until `release` fires (or [`super::checkpoint::RELEASE_WAIT`] passes).
     Checkpoint {
         marks: Box<Marks>,
         cut: u64,
         reply: Reply,
+        release: oneshot::Receiver<()>,
     },
     /// Save a part that leaves at cut `cut`, answer with its blob, and keep it paused; then
     /// [`Input::Left`].
@@ -328,6 +338,8 @@ pub(super) struct Part {
     pub(super) expected: Arc<AtomicUsize>,
     /// A move under way.
     pub(super) moving: Option<Moving>,
+    /// The cut whose image is taken and whose sending ends wait to be let go.
+    pub(super) cut_release: Option<(u64, oneshot::Sender<()>)>,
 }
 
 pub(super) enum Stage {

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 pub(super) use super::part::{
     Effect, Held, Input, InputKey, Launch, Marks, Moving, Part, Ready, Relink, Relinked, Reply,
@@ -94,6 +94,7 @@ impl Parts {
                         relinked: HashMap::new(),
                         expected: Arc::default(),
                         moving: None,
+                        cut_release: None,
                     };
                     self.insert(spec.job.clone(), part);
                     out.push(Effect::Prepare { from, spec });
@@ -191,9 +192,35 @@ impl Parts {
                     )),
                 };
                 match r {
-                    Ok(marks) => out.push(Effect::Checkpoint { marks, cut, reply }),
+                    Ok(marks) => {
+                        let (tx, release) = oneshot::channel();
+                        if let Some(p) = self.run_mut(&job, attempt) {
+                            // A cut before this one not let go yet: it goes now.
+                            p.cut_release = Some((cut, tx));
+                        }
+                        out.push(Effect::Checkpoint {
+                            marks,
+                            cut,
+                            reply,
+                            release,
+                        });
+                    }
                     Err(e) => out.push(Effect::Reply(reply, e)),
                 }
+            }
+            Input::ReleaseCut {
+                job,
+                attempt,
+                cut,
+                reply,
+            } => {
+                if let Some(p) = self.run_mut(&job, attempt)
+                    && p.cut_release.as_ref().is_some_and(|(c, _)| *c == cut)
+                    && let Some((_, go)) = p.cut_release.take()
+                {
+                    let _ = go.send(());
+                }
+                out.push(Effect::Reply(reply, Response::Ok));
             }
             Input::Attach { job, tasks, links } => match self.parts.get_mut(&job) {
                 Some(p) => {

@@ -116,13 +116,27 @@ impl Node {
                     t.abort();
                 }
             }
-            Effect::Checkpoint { marks, cut, reply } => {
+            Effect::Checkpoint {
+                marks,
+                cut,
+                reply,
+                release,
+            } => {
                 tasks.spawn(async move {
-                    let r = match super::checkpoint::take(&marks, cut).await {
-                        Ok((hash, blob)) => Response::Checkpoint { hash, blob },
-                        Err(f) => Response::Error(f),
-                    };
-                    let _ = reply.send(r);
+                    match super::checkpoint::take(&marks, cut).await {
+                        Ok((hash, blob)) => {
+                            let _ = reply.send(Response::Checkpoint { hash, blob });
+                            // The sending ends go on once every part of the cut is saved (or
+                            // after a while); not if the part went, or a move let them go.
+                            let wait = super::checkpoint::RELEASE_WAIT;
+                            if !matches!(tokio::time::timeout(wait, release).await, Ok(Err(_))) {
+                                super::checkpoint::let_go(&marks);
+                            }
+                        }
+                        Err(f) => {
+                            let _ = reply.send(Response::Error(f));
+                        }
+                    }
                     None
                 });
             }

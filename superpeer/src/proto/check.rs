@@ -239,7 +239,9 @@ impl NodeRequest {
 impl BrokerRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
-            BrokerRequest::Start { .. } | BrokerRequest::Checkpoint { .. } => Ok(()),
+            BrokerRequest::Start { .. }
+            | BrokerRequest::Checkpoint { .. }
+            | BrokerRequest::ReleaseCut { .. } => Ok(()),
             BrokerRequest::Move { step, .. } => match step {
                 super::MoveStep::Relink { addrs, .. } => check_len("addresses", addrs.len()),
                 _ => Ok(()),

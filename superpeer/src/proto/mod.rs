@@ -181,7 +181,7 @@ pub enum BrokerRequest {
     },
     /// Pause a running part (of a job that asked for checkpoints) at cut `cut`, save it with
     /// its links drained to the cut's mark, let it go on, and answer with the blob
-    /// ([`Response::Checkpoint`]).
+    /// ([`Response::Checkpoint`]); its sending ends stay held until [`BrokerRequest::ReleaseCut`].
     Checkpoint {
         /// The job id.
         job: JobId,
@@ -198,6 +198,17 @@ pub enum BrokerRequest {
         attempt: u32,
         /// What this node does.
         step: MoveStep,
+    },
+    /// Let the sending ends of a part's links go on after checkpoint `cut`: every part of the
+    /// cut has its image (or the cut was given up). Until then they stay held, so that no item
+    /// after the cut's mark reaches a part not yet saved.
+    ReleaseCut {
+        /// The job id.
+        job: JobId,
+        /// The run of the job.
+        attempt: u32,
+        /// The cut.
+        cut: u64,
     },
     /// Stop a job's part (if any) and remove everything created for it.
     Terminate {
