@@ -165,7 +165,7 @@ impl Core {
                 Which::Node(n) => self.members.name(&p.node) == Some(n.as_str()),
                 Which::Peer(peer) => p.node == *peer,
             });
-            if part.is_none() {
+            let Some(part) = part else {
                 return Err(Failure::new(
                     FailureKind::NotFound,
                     match which {
@@ -197,19 +197,12 @@ impl Core {
                 j.attempt,
                 last.max(moved),
                 j.parts.clone(),
+                part,
                 j.owner.clone(),
                 s,
             ))
         })?;
-        let (attempt, last, parts, owner, s) = found;
-        let part = parts.iter().position(|p| match which {
-            Which::Vertex(v) => p.vertices.contains(v),
-            Which::Node(n) => self.members.name(&p.node) == Some(n.as_str()),
-            Which::Peer(peer) => p.node == *peer,
-        });
-        let Some(part) = part else {
-            return Err(input(format!("job {job}: no such part")));
-        };
+        let (attempt, last, parts, part, owner, s) = found;
         let from = parts[part].node;
         // Room on the new node, and what the job requires of its nodes.
         let need = u32::try_from(parts[part].vertices.len()).unwrap_or(u32::MAX);

@@ -214,14 +214,20 @@ impl Node {
 
     /// Answers the group's broker.
     pub(crate) async fn handle(self: &Arc<Self>, from: PeerId, request: BrokerRequest) -> Response {
+        // Only a super-peer of the group prepares, saves or moves a part; a start or an end is
+        // checked by the part itself (the broker that placed it may also ask).
+        let placer_only = !matches!(
+            request,
+            BrokerRequest::Start { .. } | BrokerRequest::Terminate { .. }
+        );
+        if placer_only && !self.is_superpeer(from) {
+            return fail(
+                FailureKind::Refused,
+                format!("{from} is not this node's super-peer"),
+            );
+        }
         match request {
             BrokerRequest::Prepare(spec) => {
-                if !self.is_superpeer(from) {
-                    return fail(
-                        FailureKind::Refused,
-                        format!("{from} is not this node's super-peer"),
-                    );
-                }
                 if self.runtime.is_none() {
                     return fail(FailureKind::Unavailable, "this daemon runs no vertices");
                 }
@@ -240,12 +246,6 @@ impl Node {
                 .await
             }
             BrokerRequest::Checkpoint { job, attempt, cut } => {
-                if !self.is_superpeer(from) {
-                    return fail(
-                        FailureKind::Refused,
-                        format!("{from} is not this node's super-peer"),
-                    );
-                }
                 self.ask(|reply| parts::Input::Checkpoint {
                     job,
                     attempt,
@@ -255,12 +255,6 @@ impl Node {
                 .await
             }
             BrokerRequest::ReleaseCut { job, attempt, cut } => {
-                if !self.is_superpeer(from) {
-                    return fail(
-                        FailureKind::Refused,
-                        format!("{from} is not this node's super-peer"),
-                    );
-                }
                 self.ask(|reply| parts::Input::ReleaseCut {
                     job,
                     attempt,
@@ -270,12 +264,6 @@ impl Node {
                 .await
             }
             BrokerRequest::Move { job, attempt, step } => {
-                if !self.is_superpeer(from) {
-                    return fail(
-                        FailureKind::Refused,
-                        format!("{from} is not this node's super-peer"),
-                    );
-                }
                 self.ask(|reply| parts::Input::Move {
                     job,
                     attempt,

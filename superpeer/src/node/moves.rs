@@ -201,7 +201,7 @@ impl Parts {
                 kind: ErrorKind::Lost,
             }),
         };
-        self.stop_part(out, job, attempt, &cause);
+        self.stop(out, job, attempt, &cause);
         out.push(Effect::Report {
             broker,
             report: Box::new(report),

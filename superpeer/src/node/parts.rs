@@ -271,20 +271,9 @@ impl Parts {
         out
     }
 
-    /// Removes the part of `job` (of run `attempt`), as its termination does.
-    pub(super) fn stop_part(
-        &mut self,
-        out: &mut Vec<Effect>,
-        job: &JobId,
-        attempt: u32,
-        reason: &str,
-    ) {
-        self.stop(out, job, attempt, reason);
-    }
-
     /// Removes the part of `job` (of run `attempt`): an answer still owed to its prepare gets
     /// the reason, and its tasks and queues go.
-    fn stop(&mut self, out: &mut Vec<Effect>, job: &JobId, attempt: u32, reason: &str) {
+    pub(super) fn stop(&mut self, out: &mut Vec<Effect>, job: &JobId, attempt: u32, reason: &str) {
         let tasks = match self.remove(job) {
             Some(Part {
                 stage:
