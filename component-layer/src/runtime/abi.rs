@@ -31,6 +31,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use super::checkpoint;
+use super::checkpoint::image::{Count, VertexCounts};
 
 /// An input port: the queue it receives from, its codec, and an item kept back for a larger
 /// buffer.
@@ -44,9 +45,12 @@ pub(crate) struct InPort {
     pub(crate) local: bool,
 }
 
-/// An output port: every channel it feeds.
+/// An output port: every channel it feeds, and where each goes (`vertex:port`).
 pub(crate) struct OutPort {
     pub(crate) channels: Vec<(Sender<Bytes>, Codec)>,
+    pub(crate) to: Vec<Box<str>>,
+    /// Where its channels' counts start in [`VertexState::counts`].
+    pub(crate) first: usize,
 }
 
 /// What a vertex's job can reach.
@@ -125,9 +129,54 @@ pub(crate) struct VertexState {
     pub(crate) stdout_before: Bytes,
     /// How it pauses, when it is checkpointable.
     pub(crate) pausing: Option<super::checkpoint::pause::Pausing>,
+    /// What it took from each input port (by index), then what it put on each output
+    /// channel (from [`OutPort::first`]); restored with it from a checkpoint.
+    pub(crate) counts: Vec<Count>,
 }
 
 impl VertexState {
+    /// Its counts by port and edge.
+    pub(crate) fn traffic(&self) -> VertexCounts {
+        let io = &self.io;
+        let at = |i: usize| self.counts.get(i).copied().unwrap_or_default();
+        VertexCounts {
+            received: (io.inputs.0.iter().enumerate())
+                .map(|(i, (port, _))| (port.to_string(), at(i)))
+                .collect(),
+            sent: (io.outputs.0.iter())
+                .flat_map(|(port, p)| {
+                    (p.to.iter().enumerate())
+                        .map(move |(c, to)| (port.to_string(), to.to_string(), at(p.first + c)))
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes the counts of `saved` (a vertex restored from a checkpoint).
+    ///
+    /// # Errors
+    /// A port or an edge this vertex does not have.
+    pub(crate) fn set_traffic(&mut self, saved: &VertexCounts) -> Result<(), String> {
+        for (port, c) in &saved.received {
+            let i = self.io.inputs.position(port.as_bytes());
+            let slot = i.and_then(|i| self.counts.get_mut(i));
+            *slot.ok_or_else(|| {
+                format!("the checkpoint counts items into no input port '{port}'")
+            })? = *c;
+        }
+        for (port, to, c) in &saved.sent {
+            let io = &self.io;
+            let i = io
+                .outputs
+                .position(port.as_bytes())
+                .and_then(|i| io.outputs.at(i));
+            let at = i.and_then(|p| Some(p.first + p.to.iter().position(|t| **t == **to)?));
+            let slot = at.and_then(|i| self.counts.get_mut(i));
+            *slot.ok_or_else(|| format!("the checkpoint counts items from '{port}' to '{to}', an edge this vertex does not have"))? = *c;
+        }
+        Ok(())
+    }
+
     /// All it wrote to stdout: before its checkpoint, then since.
     pub(crate) fn output(&self) -> Bytes {
         let since = self.stdout.contents();
@@ -229,6 +278,9 @@ fn deliver(
     buf: i32,
     cap: i32,
 ) -> wasmtime::Result<i64> {
+    if let Some(c) = caller.data_mut().counts.get_mut(i) {
+        c.add(item.len());
+    }
     let plain = match caller.data().io.inputs.at(i) {
         Some(port) if port.codec.has_transforms() => match port.codec.unwrap(&item) {
             Ok(p) => p,
@@ -436,8 +488,10 @@ async fn send<const PAUSABLE: bool>(
             } else {
                 p.clone()
             };
-            tx.attempt(item)
+            let len = item.len();
+            (tx.attempt(item), len)
         };
+        let (attempt, len) = attempt;
         let sent = match attempt {
             Ok(None) => Ok(()),
             Ok(Some(item)) => {
@@ -471,6 +525,11 @@ async fn send<const PAUSABLE: bool>(
                 SendFailure::TooLarge { .. } => -3,
                 SendFailure::Full | SendFailure::Timeout => -5,
             });
+        }
+        let state = caller.data_mut();
+        let at = state.io.outputs.at(i).map_or(usize::MAX, |p| p.first + c);
+        if let Some(count) = state.counts.get_mut(at) {
+            count.add(len);
         }
     }
     Ok(0)

@@ -34,7 +34,7 @@ use crate::topology::Topology;
 use abi::{InPort, OutPort, VertexIo, VertexState};
 pub use cache::{ModuleCache, Source};
 use checkpoint::pause::{PauseCtl, Pausing};
-use checkpoint::{PartControl, PartImage, VertexImage, VertexPhase};
+use checkpoint::{Count, PartControl, PartImage, VertexImage, VertexPhase};
 use dedicated::Dedicated;
 
 /// How long a vertex waits for an instance slot of the pool before it fails: slots free as the
@@ -146,6 +146,9 @@ pub struct VertexReport {
     pub vertex: String,
     /// What it wrote to stdout.
     pub stdout: Bytes,
+    /// What it moved on each edge out of it and took from each input port, over its whole
+    /// life (a restored vertex counts on from its checkpoint).
+    pub counts: checkpoint::VertexCounts,
 }
 
 /// What a job did.
@@ -683,13 +686,14 @@ impl Prepared {
             if let Some(VertexImage {
                 phase: VertexPhase::Ended,
                 stdout,
+                counts,
                 ..
             }) = from
             {
                 if let Some(ctl) = &ctl {
-                    ctl.ended(slot, stdout.clone());
+                    ctl.ended(slot, stdout.clone(), counts.clone());
                 }
-                ended.push((slot, v, stdout));
+                ended.push((slot, v, stdout, counts));
                 continue;
             }
             let pausing = ctl.as_ref().map(|ctl| (ctl.clone(), slot));
@@ -734,10 +738,11 @@ impl Prepared {
         self.inner.dedicated.give_back(threads);
         let names = &self.names;
         let mut reports: Vec<Option<VertexReport>> = vec![None; count];
-        for (slot, v, stdout) in ended {
+        for (slot, v, stdout, counts) in ended {
             reports[slot] = Some(VertexReport {
                 vertex: names[v].clone(),
                 stdout,
+                counts,
             });
         }
         let mut failure: Option<(Instant, JobError)> = None;
@@ -798,10 +803,11 @@ impl Prepared {
                 }
             };
             match result {
-                Ok(stdout) => {
+                Ok((stdout, counts)) => {
                     reports[slot] = Some(VertexReport {
                         vertex: names[v].clone(),
                         stdout,
+                        counts,
                     });
                 }
                 Err(f) => {
@@ -908,6 +914,8 @@ fn wire(
                 },
             ));
         }
+        // Counts: one per input port, then one per output channel.
+        let mut first = inputs.len();
         for (port, chans) in &index[v].outputs {
             let channels = chans
                 .iter()
@@ -916,7 +924,19 @@ fn wire(
                     (h.queue.sender(), h.codec.clone())
                 })
                 .collect();
-            outputs.push((Box::<str>::from(*port), OutPort { channels }));
+            let to = chans
+                .iter()
+                .map(|c| format!("{}:{}", t.vertices[c.to.vertex].name, c.to.port).into())
+                .collect();
+            outputs.push((
+                Box::<str>::from(*port),
+                OutPort {
+                    channels,
+                    to,
+                    first,
+                },
+            ));
+            first += chans.len();
         }
         ios.push((
             v,
@@ -961,7 +981,7 @@ async fn on_thread(
     io: VertexIo,
     limits: Limits,
     start: Start,
-) -> (usize, usize, Result<Bytes, Failed>) {
+) -> (usize, usize, Result<Output, Failed>) {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let work = Box::pin(async move {
@@ -1005,6 +1025,9 @@ impl Failed {
 /// arrive after (a vertex whose queue peer failed may report first), before it stops the rest.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// What a vertex that ended leaves: its stdout and its counts.
+type Output = (Bytes, checkpoint::VertexCounts);
+
 /// How a vertex starts: the part's pause control and its slot there (a checkpointable part),
 /// and the state it is restored from.
 struct Start {
@@ -1021,7 +1044,7 @@ async fn run_vertex(
     limits: Limits,
     spin: Duration,
     start: Start,
-) -> Result<Bytes, Failed> {
+) -> Result<Output, Failed> {
     let mut stopped = None;
     let ctl = start.pausing.clone();
     let r = run_vertex_until(inner, pre, io, limits, spin, start, &mut stopped)
@@ -1033,7 +1056,7 @@ async fn run_vertex(
         });
     if let Some((ctl, slot)) = ctl {
         match &r {
-            Ok(stdout) => ctl.ended(slot, stdout.clone()),
+            Ok((stdout, counts)) => ctl.ended(slot, stdout.clone(), counts.clone()),
             Err(_) => ctl.failed(slot),
         }
     }
@@ -1049,12 +1072,13 @@ async fn run_vertex_until(
     spin: Duration,
     start: Start,
     stopped: &mut Option<Instant>,
-) -> Result<Bytes, (ErrorKind, String)> {
+) -> Result<Output, (ErrorKind, String)> {
     let stdout = MemoryOutputPipe::new(1 << 20);
     let budget = limits
         .cpu
         .map(|d| (d.as_nanos() / inner.tick.as_nanos().max(1)).max(1));
     let cpu = limits.cpu.unwrap_or_default();
+    let counts = io.inputs.0.len() + io.outputs.0.iter().map(|(_, p)| p.to.len()).sum::<usize>();
     let io = Arc::new(io);
     let new_store = |io: Arc<VertexIo>| {
         let store_limits = Limiter {
@@ -1070,6 +1094,7 @@ async fn run_vertex_until(
                 memory: None,
                 spin: u32::try_from(spin.as_nanos()).unwrap_or(u32::MAX),
                 stdout_before: Bytes::new(),
+                counts: vec![Count::default(); counts],
                 pausing: start.pausing.as_ref().map(|(_, slot)| Pausing {
                     slot: *slot,
                     seen: 0,
@@ -1153,7 +1178,7 @@ async fn run_vertex_until(
         };
     }
     *stopped = Some(Instant::now());
-    let output = store.data().output();
+    let output = (store.data().output(), store.data().traffic());
     drop(store); // closes this vertex's output queues
     match result {
         Ok(()) => Ok(output),

@@ -169,6 +169,12 @@ pub(crate) struct StatusOut {
     moves: Vec<mvm_superpeer::proto::MoveInfo>,
     parts: Vec<mvm_superpeer::proto::PartStatus>,
     traffic: Vec<mvm_superpeer::proto::Traffic>,
+    /// What each edge carried, as its sending vertex counted it over its whole life.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    edges: Vec<mvm_superpeer::proto::EdgeTraffic>,
+    /// What each input port took.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    received: Vec<mvm_superpeer::proto::PortTraffic>,
     pub(crate) outputs: Vec<(String, String)>,
 }
 
@@ -206,6 +212,8 @@ impl From<&JobStatus> for StatusOut {
             moves: s.moves.clone(),
             parts: s.parts.clone(),
             traffic: s.traffic.clone(),
+            edges: s.edges.clone(),
+            received: s.received.clone(),
             outputs,
         }
     }
@@ -336,11 +344,30 @@ pub(crate) fn summary(s: &JobStatus) -> String {
             t.bytes
         ));
     }
+    out.push_str(&edges(s));
     out.push_str(&restarts(s));
     match (&s.error, s.error_kind) {
         (Some(e), Some(k)) => out.push_str(&format!("  error ({k}): {e}\n")),
         (Some(e), None) => out.push_str(&format!("  error: {e}\n")),
         _ => {}
+    }
+    out
+}
+
+/// The most edges a summary lists one by one (`-o json` lists them all).
+const EDGES_LISTED: usize = 16;
+
+/// What the job's edges carried: each edge when there are few, else the sum.
+fn edges(s: &JobStatus) -> String {
+    if s.edges.is_empty() {
+        return String::new();
+    }
+    let items: u64 = s.edges.iter().map(|e| e.items).sum();
+    let mut out = format!("  {} edges carried {items} items\n", s.edges.len());
+    if s.edges.len() <= EDGES_LISTED {
+        for e in &s.edges {
+            out.push_str(&format!("    {} -> {}: {} items\n", e.from, e.to, e.items));
+        }
     }
     out
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::run::{build_jobs, dft, json, root};
+use crate::run::{build_jobs, dft, json, root, same_traffic};
 
 fn mvm(dir: &Path, args: &[&str]) -> Output {
     build_jobs();
@@ -39,15 +39,23 @@ impl Lab {
         mvm(self.dir.path(), args)
     }
 
-    /// The C pipeline of 4 vertices over `count` items on at most 2 nodes, as profile
+    /// The C pipeline of 4 vertices over `count` items on `nodes` nodes, as profile
     /// `NAME.toml` with `extra` at its end.
-    fn pipeline(&self, name: &str, count: u64, extra: &str) -> PathBuf {
+    fn pipeline(&self, name: &str, count: u64, nodes: u32, extra: &str) -> PathBuf {
         self.profile(
             &format!("{name}.toml"),
             &format!(
-                "name = \"{name}\"\ntopology = \"ROOT/topologies/pipeline-4.dot\"\n[components]\nsource = \"ROOT/jobs/build/pipe_source.wasm\"\nstage = \"ROOT/jobs/build/pipe_stage.wasm\"\nsink = \"ROOT/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = {count}\nfactor = 3\n[requirements]\nnodes = 2\n[limits]\nwall = \"300s\"\n{extra}"
+                "name = \"{name}\"\ntopology = \"ROOT/topologies/pipeline-4.dot\"\n[components]\nsource = \"ROOT/jobs/build/pipe_source.wasm\"\nstage = \"ROOT/jobs/build/pipe_stage.wasm\"\nsink = \"ROOT/jobs/build/pipe_sink.wasm\"\n[parameters]\ncount = {count}\nfactor = 3\n[requirements]\nnodes = {nodes}\n[limits]\nwall = \"300s\"\n{extra}"
             ),
         )
+    }
+
+    /// Submits `profile` and waits for its end: done; its status.
+    fn finished(&self, profile: &Path) -> serde_json::Value {
+        let p = profile.to_str().expect("utf-8");
+        let v = json(&self.mvm(&["submit", "--wait", p, "-o", "json"]));
+        assert_eq!(v["state"], "done", "{v}");
+        v
     }
 
     /// Writes a profile into the lab's directory, with paths made absolute.
@@ -350,9 +358,9 @@ fn a_node_killed_mid_job_has_its_job_run_again_on_the_others_with_an_undisturbed
     let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
     assert!(text.contains("(run 2)"), "{text}");
     // The same job undisturbed gives the same outputs.
-    let quiet = json(&lab.mvm(&["submit", "--wait", path, "-o", "json"]));
-    assert_eq!(quiet["state"], "done", "{quiet}");
+    let quiet = lab.finished(Path::new(path));
     assert_eq!(end["outputs"], quiet["outputs"]);
+    same_traffic(&end, &quiet);
 }
 
 /// Waits for `job`'s end: done, in its second run; its status.
@@ -404,7 +412,7 @@ fn kill_a_node_of(lab: &Lab, s: &serde_json::Value) -> String {
 fn a_node_killed_after_a_checkpoint_has_its_job_restored_from_it_with_an_undisturbed_output() {
     build_jobs();
     let lab = Lab::up(3);
-    let profile = |name: &str, checkpoint: &str| lab.pipeline(name, 400_000, checkpoint);
+    let profile = |name: &str, checkpoint: &str| lab.pipeline(name, 400_000, 2, checkpoint);
     let saved = profile("saved", "[checkpoint]\ninterval = \"1s\"\nkeep = 2\n");
     let v = json(&lab.mvm(&["submit", saved.to_str().expect("utf-8"), "-o", "json"]));
     let job = v["job"].as_str().expect("id").to_owned();
@@ -431,31 +439,109 @@ fn a_node_killed_after_a_checkpoint_has_its_job_restored_from_it_with_an_undistu
     let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
     assert!(text.contains("restarted from checkpoint"), "{text}");
     let plain = profile("plain", "");
-    let quiet = json(&lab.mvm(&[
-        "submit",
-        "--wait",
-        plain.to_str().expect("utf-8"),
-        "-o",
-        "json",
-    ]));
-    assert_eq!(quiet["state"], "done", "{quiet}");
+    let quiet = lab.finished(&plain);
     assert_eq!(end["outputs"], quiet["outputs"]);
+    same_traffic(&end, &quiet);
     // A job that did not ask for checkpoints gets none.
     let out = lab.mvm(&["checkpoint", quiet["job"].as_str().expect("id")]);
     assert!(!out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("did not ask"));
 }
 
-/// A pipeline that asks for checkpoints, over two of three node processes: `mvm migrate` moves
-/// its second part to the third node while it runs, and `mvm node drain` moves its first part
-/// off its node (to the node the second part left), which then takes no new job until `mvm
-/// node undrain`. The job ends with an undisturbed run's output, and `mvm status` lists both
-/// moves.
+/// Runs a job (`body`: its profile without name and checkpoints, over 3 nodes) with checkpoints
+/// in a lab of 4 node processes, and disturbs it: when `migrate`, moves its second part to the
+/// free node while it runs; takes a checkpoint with `mvm checkpoint`; kills (`SIGKILL`) the
+/// node of its first part. The job ends in its second run, restored from that checkpoint or a
+/// later one, with the output of an undisturbed run of the same job without checkpoints and
+/// the same items on every edge and port.
+fn disturbed_run_ends_as_an_undisturbed_one(lab: &Lab, body: &str, migrate: bool) {
+    let profile = |name: &str, extra: &str| {
+        lab.profile(
+            &format!("{name}.toml"),
+            &format!("name = \"{name}\"\n{body}\n[limits]\nwall = \"300s\"\n{extra}"),
+        )
+    };
+    let saved = profile("saved", "[checkpoint]\ninterval = \"1s\"\n");
+    let plain = profile("plain", "");
+    let v = json(&lab.mvm(&["submit", saved.to_str().expect("utf-8"), "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    let s = wait_state(lab, &job, |s| s == "running", Duration::from_secs(30));
+    if migrate {
+        let on: Vec<&str> = (s["parts"].as_array().expect("parts").iter())
+            .map(|p| p["name"].as_str().expect("name"))
+            .collect();
+        let free = ["node0", "node1", "node2", "node3"]
+            .into_iter()
+            .find(|n| !on.contains(n))
+            .expect("a node without a part");
+        let vertex = s["parts"][1]["vertices"][0].as_str().expect("a vertex");
+        let out = lab.mvm(&["migrate", &job, "--vertex", vertex, "--to", free]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = status(lab, &job);
+        assert_eq!(s["state"], "running", "moved while it ran: {s}");
+        assert_eq!(s["parts"][1]["name"], free, "{s}");
+    }
+    let out = lab.mvm(&["checkpoint", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(lab, &job);
+    assert_eq!(
+        s["state"], "running",
+        "the job outlived its checkpoint: {s}"
+    );
+    let cut = (s["checkpoints"].as_array().and_then(|c| c.last()))
+        .and_then(|c| c["cut"].as_u64())
+        .unwrap_or_else(|| panic!("a checkpoint listed: {s}"));
+    kill_a_node_of(lab, &s);
+    let end = done_in_its_second_run(lab, &job);
+    let from = end["restarts"][0]["from_cut"].as_u64();
+    assert!(
+        from.is_some_and(|f| f >= cut),
+        "restored from a checkpoint: {end}"
+    );
+    let quiet = lab.finished(&plain);
+    assert_eq!(end["outputs"], quiet["outputs"]);
+    same_traffic(&end, &quiet);
+}
+
+/// A streaming FFT (the 8-point butterfly network over 40,000 frames) over 3 of 4 node
+/// processes, with checkpoints: a node killed (`SIGKILL`) after a checkpoint has the job
+/// restored from it on the nodes left, and it ends as an undisturbed run does, edge by edge.
+#[test]
+fn a_streaming_fft_killed_after_a_checkpoint_ends_as_an_undisturbed_run_edge_by_edge() {
+    build_jobs();
+    let lab = Lab::up(4);
+    let body = "topology = \"ROOT/topologies/fft8-butterfly.dot\"\n[components]\nsource = \"ROOT/jobs/build/fft_source.wasm\"\nbutterfly = \"ROOT/jobs/build/fft_butterfly.wasm\"\nsink = \"ROOT/jobs/build/fft_sink.wasm\"\n[parameters]\ninput = [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 2.5, 1.0]\ninput_im = [0.0, -0.5, 1.0, 0.0, 2.0, 0.0, -1.5, 0.25]\nframes = 40000\n[requirements]\nnodes = 3";
+    disturbed_run_ends_as_an_undisturbed_one(&lab, body, false);
+}
+
+/// A ring of 8 vertices passing a token 100,000 hops over 3 of 4 node processes, with
+/// checkpoints: its second part migrated to the free node while it runs, then a node killed
+/// (`SIGKILL`) after a checkpoint. It ends as an undisturbed run does, edge by edge.
+#[test]
+fn a_ring_migrated_then_killed_after_a_checkpoint_ends_as_an_undisturbed_run_edge_by_edge() {
+    let lab = Lab::up(4);
+    let body = "topology = \"ROOT/topologies/ring-8.dot\"\n[components]\ntoken = \"ROOT/jobs/wat/token.wat\"\n[parameters]\nhops = 100000\n[requirements]\nnodes = 3";
+    disturbed_run_ends_as_an_undisturbed_one(&lab, body, true);
+}
+
+/// A pipeline that asks for checkpoints, in three parts over three of four node processes:
+/// `mvm migrate` moves its second part to the fourth node while it runs, and `mvm node drain`
+/// moves its first part off its node (to the node the second part left), which then takes no
+/// new job until `mvm node undrain`. The job ends with an undisturbed run's output and
+/// traffic, edge by edge, and `mvm status` lists both moves.
 #[test]
 fn a_part_migrated_and_a_node_drained_while_a_pipeline_runs_give_an_undisturbed_output() {
     build_jobs();
-    let lab = Lab::up(3);
-    let profile = |name: &str, checkpoint: &str| lab.pipeline(name, 1_500_000, checkpoint);
+    let lab = Lab::up(4);
+    let profile = |name: &str, checkpoint: &str| lab.pipeline(name, 1_500_000, 3, checkpoint);
     // Interval checkpoints far apart: a move waits for none.
     let moving = profile("moving", "[checkpoint]\ninterval = \"120s\"\n");
     let v = json(&lab.mvm(&["submit", moving.to_str().expect("utf-8"), "-o", "json"]));
@@ -470,7 +556,7 @@ fn a_part_migrated_and_a_node_drained_while_a_pipeline_runs_give_an_undisturbed_
             .collect()
     };
     let before = names(&s);
-    let free = ["node0", "node1", "node2"]
+    let free = ["node0", "node1", "node2", "node3"]
         .into_iter()
         .find(|n| !before.iter().any(|b| b == n))
         .expect("a node without a part");
@@ -499,7 +585,8 @@ fn a_part_migrated_and_a_node_drained_while_a_pipeline_runs_give_an_undisturbed_
     assert_eq!(moved["moves"].as_array().map(Vec::len), Some(1), "{moved}");
     let s = status(&lab, &job);
     assert_eq!(s["state"], "running", "moved while it ran: {s}");
-    assert_eq!(names(&s), vec![before[0].clone(), free.to_owned()], "{s}");
+    let after = |a: &str| vec![a.to_owned(), free.to_owned(), before[2].clone()];
+    assert_eq!(names(&s), after(&before[0]), "{s}");
 
     // Draining the first part's node moves that part to the node the second part left.
     let out = lab.mvm(&["node", "drain", &before[0], "-o", "json"]);
@@ -515,15 +602,14 @@ fn a_part_migrated_and_a_node_drained_while_a_pipeline_runs_give_an_undisturbed_
         "{drained}"
     );
     let s = status(&lab, &job);
-    assert_eq!(names(&s), vec![before[1].clone(), free.to_owned()], "{s}");
+    assert_eq!(names(&s), after(&before[1]), "{s}");
     let text = String::from_utf8_lossy(&lab.mvm(&["status", &job]).stdout).into_owned();
     assert_eq!(text.matches("moved from").count(), 2, "{text}");
 
     // The drained node takes no new job; undrained, it does again.
     let plain = profile("plain", "");
     let plain = plain.to_str().expect("utf-8");
-    let quiet = json(&lab.mvm(&["submit", "--wait", plain, "-o", "json"]));
-    assert_eq!(quiet["state"], "done", "{quiet}");
+    let quiet = lab.finished(Path::new(plain));
     assert!(!names(&quiet).contains(&before[0]), "{quiet}");
     let out = lab.mvm(&["node", "undrain", &before[0]]);
     assert!(
@@ -544,6 +630,7 @@ fn a_part_migrated_and_a_node_drained_while_a_pipeline_runs_give_an_undisturbed_
         "{end}"
     );
     assert_eq!(end["outputs"], quiet["outputs"]);
+    same_traffic(&end, &quiet);
     assert_eq!(end["moves"].as_array().map(Vec::len), Some(2), "{end}");
     // A job that did not ask for checkpoints cannot move.
     let out = lab.mvm(&[

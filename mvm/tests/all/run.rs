@@ -186,3 +186,15 @@ fn bad_profiles_exit_2_naming_file_and_line_and_failed_jobs_exit_1() {
         "{err}"
     );
 }
+
+/// Asserts that `end` moved what `quiet`, an undisturbed run, did: every edge and every input
+/// port the same items and bytes, and something on each.
+pub(crate) fn same_traffic(end: &serde_json::Value, quiet: &serde_json::Value) {
+    let edges = quiet["edges"].as_array().expect("edges");
+    assert!(
+        !edges.is_empty() && edges.iter().all(|e| e["items"].as_u64() > Some(0)),
+        "{quiet}"
+    );
+    assert_eq!(end["edges"], quiet["edges"], "edge by edge");
+    assert_eq!(end["received"], quiet["received"], "port by port");
+}

@@ -275,9 +275,9 @@ pub(super) struct Core {
     /// The blobs of the checkpoints kept.
     pub(super) blobs: Arc<ModuleStore>,
     /// The checkpoints under way, by job.
-    pub(super) cuts: HashMap<JobId, super::recover::Cut>,
+    pub(super) cuts: HashMap<JobId, super::cut::Cut>,
     /// When each running job that asked for checkpoints had its last one started.
-    pub(super) last_cut: super::recover::LastCuts,
+    pub(super) last_cut: super::cut::LastCuts,
     /// The replicas to start the job log with, and since when, if no other replica has
     /// started it by [`super::FOUNDING_WAIT`].
     pub(super) founders: Option<(Vec<Replica>, Instant)>,

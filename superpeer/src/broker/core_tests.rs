@@ -306,6 +306,8 @@ async fn a_report_that_comes_before_its_jobs_entry_waits_for_it() {
         outcome: Ok(PartResult {
             outputs: vec![("v".into(), bytes::Bytes::from_static(b"slept\n"))],
             traffic: Vec::new(),
+            edges: Vec::new(),
+            received: Vec::new(),
             wall_ms: 1,
         }),
     };

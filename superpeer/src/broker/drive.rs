@@ -450,6 +450,8 @@ fn part_end(label: impl FnOnce() -> String, peer: PeerId, r: PartReport) -> Comm
             attempt: r.attempt,
             outputs: res.outputs,
             traffic: res.traffic,
+            edges: res.edges,
+            received: res.received,
             at_ms: now_ms(),
         },
         Err(f) => {

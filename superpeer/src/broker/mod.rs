@@ -39,6 +39,7 @@ use mvm_queue::codec::Registry;
 
 mod admit;
 mod core;
+mod cut;
 mod drain;
 mod drive;
 mod forward;

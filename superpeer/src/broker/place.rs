@@ -170,6 +170,8 @@ impl Core {
             parts: Vec::new(),
             outputs: Vec::new(),
             traffic: Vec::new(),
+            edges: Vec::new(),
+            received: Vec::new(),
             ended: None,
             submission: None,
             version: 0,

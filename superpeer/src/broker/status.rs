@@ -44,6 +44,8 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
             .collect(),
         outputs: j.outputs.clone(),
         traffic: j.traffic.clone(),
+        edges: j.edges.clone(),
+        received: j.received.clone(),
         wall_ms: end.saturating_sub(j.submitted_ms),
         error: j.ended.as_ref().and_then(|e| e.error.clone()),
         error_kind: j.ended.as_ref().and_then(|e| e.kind),

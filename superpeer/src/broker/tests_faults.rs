@@ -419,9 +419,14 @@ async fn a_node_stopped_after_a_checkpoint_has_its_job_restored_from_it_with_the
     let quiet = finished(&c, &pipeline("saved", 400_000, Some(2))).await;
     assert_eq!(quiet.state, JobState::Done, "{quiet:?}");
     assert_eq!(outputs(&end), outputs(&quiet));
-    // The run from the checkpoint moved only what was left (a job's traffic counts its last
-    // run only).
+    // Its traffic by kind counts the run from the checkpoint, which moved only what was left;
+    // edge by edge and port by port, each vertex counts its whole life, as undisturbed.
     assert!(items(&end) < items(&quiet), "{end:?}");
+    assert!(
+        !quiet.edges.is_empty() && quiet.edges.iter().all(|e| e.items > 0),
+        "{quiet:?}"
+    );
+    assert_eq!((&end.edges, &end.received), (&quiet.edges, &quiet.received));
     // Only a job that asked for checkpoints gets one, and only a job whose modules can be
     // paused may ask: one that exports no memory is refused at submission.
     let e = c.checkpoint(&quiet.job).await.expect_err("refused");

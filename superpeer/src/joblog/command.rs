@@ -5,7 +5,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::state::{Ended, JobRecord, PartRecord};
-use crate::proto::{CheckpointInfo, JobId, JobState, MoveInfo, Traffic};
+use crate::proto::{CheckpointInfo, EdgeTraffic, JobId, JobState, MoveInfo, PortTraffic, Traffic};
 
 /// A change to the control state: one entry of the job log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,12 @@ pub enum Command {
         outputs: Vec<(String, bytes::Bytes)>,
         /// Its traffic.
         traffic: Vec<Traffic>,
+        /// What each edge out of its vertices carried.
+        #[serde(default)]
+        edges: Vec<EdgeTraffic>,
+        /// What each input port of its vertices took.
+        #[serde(default)]
+        received: Vec<PortTraffic>,
         /// When, milliseconds since the Unix epoch (the leader's clock).
         at_ms: u64,
     },

@@ -13,8 +13,8 @@ use mvm_component::policy::Principal;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{
-    CheckpointInfo, CheckpointPolicy, ErrorKind, JobId, JobState, MoveInfo, Restart, Submission,
-    Traffic,
+    CheckpointInfo, CheckpointPolicy, EdgeTraffic, ErrorKind, JobId, JobState, MoveInfo,
+    PortTraffic, Restart, Submission, Traffic,
 };
 
 pub use super::command::{Applied, Command, CommandError};
@@ -122,6 +122,13 @@ pub struct JobRecord {
     pub outputs: Vec<(String, bytes::Bytes)>,
     /// Traffic reported so far, summed by edge kind.
     pub traffic: Vec<Traffic>,
+    /// What each edge carried, as the parts reported so far counted it (their vertices'
+    /// whole lives: a restored vertex counts on from its checkpoint).
+    #[serde(default)]
+    pub edges: Vec<EdgeTraffic>,
+    /// What each input port took, as the parts reported so far counted it.
+    #[serde(default)]
+    pub received: Vec<PortTraffic>,
     /// How it ended.
     pub ended: Option<Ended>,
     /// The submission with its modules, kept while the job waits, so that whichever replica
@@ -344,6 +351,8 @@ impl ControlState {
                 attempt,
                 outputs,
                 traffic,
+                edges,
+                received,
                 at_ms,
             } => {
                 let j = self.live(&job)?;
@@ -379,6 +388,10 @@ impl ControlState {
                     }
                 }
                 j.traffic.sort();
+                j.edges.extend(edges);
+                j.edges.sort();
+                j.received.extend(received);
+                j.received.sort();
                 if j.parts.iter().all(|p| p.done) {
                     let ended = Ended {
                         at_ms,
@@ -478,6 +491,8 @@ impl ControlState {
         j.parts.clear();
         j.outputs.clear();
         j.traffic.clear();
+        j.edges.clear();
+        j.received.clear();
         j.restarts.push(Restart {
             attempt,
             at_ms,

@@ -41,6 +41,8 @@ fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
         parts,
         outputs: Vec::new(),
         traffic: Vec::new(),
+        edges: Vec::new(),
+        received: Vec::new(),
         ended: None,
         submission: pending.then(submission),
         retries: 0,
@@ -105,6 +107,13 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
             items: 5,
             bytes: 40,
         }],
+        edges: vec![EdgeTraffic {
+            from: format!("{node}:out"),
+            to: "v0:in".into(),
+            items: 5,
+            bytes: 40,
+        }],
+        received: Vec::new(),
         at_ms: 7,
     };
     assert_eq!(s.apply(1, done(a)), Applied::Done);
@@ -124,6 +133,10 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
     let j = s.job(&"j-1-1".into()).expect("job");
     assert_eq!(j.traffic.len(), 1);
     assert_eq!((j.traffic[0].items, j.traffic[0].bytes), (10, 80));
+    // Edges are kept one by one, each part's own.
+    let edges: Vec<(&str, u64)> = j.edges.iter().map(|e| (e.from.as_str(), e.items)).collect();
+    assert_eq!(edges.len(), 2, "{edges:?}");
+    assert!(edges.iter().all(|&(_, n)| n == 5), "{edges:?}");
     assert_eq!((j.state, j.version), (JobState::Done, 3));
     assert_eq!(
         j.ended,
@@ -284,6 +297,8 @@ fn commands_that_do_not_fit_change_nothing() {
             attempt: 0,
             outputs: Vec::new(),
             traffic: Vec::new(),
+            edges: Vec::new(),
+            received: Vec::new(),
             at_ms: 0,
         }),
         Applied::Refused(w) if w.to_string().contains("runs no part")
@@ -407,6 +422,8 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
         attempt: 0,
         outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
         traffic: Vec::new(),
+        edges: Vec::new(),
+        received: Vec::new(),
         at_ms: 5,
     };
     let out = s.apply(
@@ -481,6 +498,12 @@ fn a_run_given_up_waits_again_in_its_place_frees_its_slots_and_its_reports_are_r
         attempt,
         outputs: vec![("v0".into(), bytes::Bytes::from_static(b"out"))],
         traffic: Vec::new(),
+        edges: Vec::new(),
+        received: vec![PortTraffic {
+            port: "v0:in".into(),
+            items: 3,
+            bytes: 3,
+        }],
         at_ms: 30,
     };
     assert_eq!(s.apply(3, done(a, 0)), Applied::Done);
@@ -506,6 +529,10 @@ fn a_run_given_up_waits_again_in_its_place_frees_its_slots_and_its_reports_are_r
     let j = s.job(&"r-1-0".into()).expect("kept").clone();
     assert_eq!((j.state, j.attempt), (JobState::Pending, 1));
     assert!(j.parts.is_empty() && j.outputs.is_empty(), "{j:?}");
+    assert!(
+        j.received.is_empty(),
+        "the run given up counts nothing: {j:?}"
+    );
     assert_eq!(
         (s.reserved(&a), s.reserved(&b)),
         (0, 0),
@@ -623,6 +650,8 @@ fn a_move_hands_a_running_part_and_its_slots_to_the_new_node_and_one_that_does_n
         attempt: 0,
         outputs: Vec::new(),
         traffic: Vec::new(),
+        edges: Vec::new(),
+        received: Vec::new(),
         at_ms: 7,
     };
     assert!(matches!(

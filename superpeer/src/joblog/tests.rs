@@ -140,6 +140,8 @@ fn submit(name: &str) -> Command {
         }],
         outputs: Vec::new(),
         traffic: Vec::new(),
+        edges: Vec::new(),
+        received: Vec::new(),
         ended: None,
         submission: None,
         version: 0,

@@ -19,8 +19,8 @@ use super::parts::{Effect, Input, InputKey, Launch, Relink, Relinked};
 use super::streams::{Channel, open_channel, run_link};
 use super::{ChannelError, LinkDone, LinkProblem, LinkResult, Msg, Node};
 use crate::proto::{
-    ErrorKind, FailureKind, JobId, NodeRequest, PART_HOLD, PartReport, PartResult, Request,
-    Response, StreamHeader, Traffic, VertexFailure,
+    EdgeTraffic, ErrorKind, FailureKind, JobId, NodeRequest, PART_HOLD, PartReport, PartResult,
+    PortTraffic, Request, Response, StreamHeader, Traffic, VertexFailure,
 };
 
 impl Node {
@@ -502,7 +502,25 @@ impl Node {
                 e.1 += s.bytes_in.saturating_sub(rb);
             }
         }
+        let mut edges = Vec::new();
+        let mut received = Vec::new();
+        for v in &report.vertices {
+            let counts = &v.counts;
+            edges.extend(counts.sent.iter().map(|(port, to, c)| EdgeTraffic {
+                from: format!("{}:{port}", v.vertex),
+                to: to.clone(),
+                items: c.items,
+                bytes: c.bytes,
+            }));
+            received.extend(counts.received.iter().map(|(port, c)| PortTraffic {
+                port: format!("{}:{port}", v.vertex),
+                items: c.items,
+                bytes: c.bytes,
+            }));
+        }
         Ok(PartResult {
+            edges,
+            received,
             outputs: report
                 .vertices
                 .into_iter()

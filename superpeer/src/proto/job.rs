@@ -245,6 +245,8 @@ impl PartReport {
         if let Ok(res) = &self.outcome {
             check_len("outputs", res.outputs.len())?;
             check_len("traffic entries", res.traffic.len())?;
+            check_len("edges", res.edges.len())?;
+            check_len("ports", res.received.len())?;
         }
         Ok(())
     }
@@ -257,8 +259,41 @@ pub struct PartResult {
     pub outputs: Vec<(String, Bytes)>,
     /// Traffic by edge kind.
     pub traffic: Vec<Traffic>,
+    /// What each edge out of a local vertex carried, over the vertex's whole life.
+    #[serde(default)]
+    pub edges: Vec<EdgeTraffic>,
+    /// What each input port of a local vertex took, over the vertex's whole life.
+    #[serde(default)]
+    pub received: Vec<PortTraffic>,
     /// Wall time of the part, milliseconds.
     pub wall_ms: u64,
+}
+
+/// What one edge of a job's topology carried, as its sending vertex counted it: the items its
+/// channel took. A vertex restored from a checkpoint counts on from the checkpoint's figures,
+/// so a job restored or moved counts every item once, as an undisturbed run does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EdgeTraffic {
+    /// The sending end, `vertex:port`.
+    pub from: String,
+    /// The receiving end, `vertex:port`.
+    pub to: String,
+    /// Items.
+    pub items: u64,
+    /// Bytes, as queued (encoded by the edge's codec).
+    pub bytes: u64,
+}
+
+/// What one input port took from its queue (every edge into it), counted as
+/// [`EdgeTraffic`] is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortTraffic {
+    /// The port, `vertex:port`.
+    pub port: String,
+    /// Items.
+    pub items: u64,
+    /// Bytes, as queued.
+    pub bytes: u64,
 }
 
 /// Items and bytes moved through one kind of edge.
@@ -339,8 +374,14 @@ pub struct JobStatus {
     pub parts: Vec<PartStatus>,
     /// Vertex stdout, once done.
     pub outputs: Vec<(String, Bytes)>,
-    /// Traffic by edge kind, summed over parts.
+    /// Traffic by edge kind, summed over the parts of the last run.
     pub traffic: Vec<Traffic>,
+    /// What each edge carried (once every part has ended).
+    #[serde(default)]
+    pub edges: Vec<EdgeTraffic>,
+    /// What each input port took (once every part has ended).
+    #[serde(default)]
+    pub received: Vec<PortTraffic>,
     /// Milliseconds from submission to the end (or to now).
     pub wall_ms: u64,
     /// Why it failed.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The first bytes of an encoded part image.
-const MAGIC: &[u8; 8] = b"MVMCKPT1";
+const MAGIC: &[u8; 8] = b"MVMCKPT2";
 
 /// Memory is saved in blocks of this size; blocks of zeros are left out.
 pub(crate) const BLOCK: usize = 4096;
@@ -76,6 +76,34 @@ pub enum VertexPhase {
     Ended,
 }
 
+/// Items, and their bytes as queued (encoded by the channel's codec), that passed one way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Count {
+    /// Items.
+    pub items: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Count {
+    /// Counts one item of `len` bytes.
+    pub(crate) fn add(&mut self, len: usize) {
+        self.items += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// What one vertex moved over its life, across its checkpoints and restores: each edge it
+/// sends on counts the items that edge's channel took, each input port the items the vertex
+/// took from its queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VertexCounts {
+    /// `(output port, "vertex:port" it goes to, count)`, per edge out of the vertex.
+    pub sent: Vec<(String, String, Count)>,
+    /// `(input port, count)`, per input port.
+    pub received: Vec<(String, Count)>,
+}
+
 /// One vertex's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VertexImage {
@@ -83,6 +111,8 @@ pub struct VertexImage {
     pub vertex: String,
     /// What it wrote to stdout so far.
     pub stdout: Bytes,
+    /// What it moved so far.
+    pub counts: VertexCounts,
     /// Where it was.
     pub phase: VertexPhase,
 }

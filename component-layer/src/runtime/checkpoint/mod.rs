@@ -22,7 +22,8 @@ use bytes::Bytes;
 use wasmtime::{Instance, Store, Val};
 
 pub use image::{
-    GlobalValue, ImageError, MemoryImage, PartImage, QueueImage, VertexImage, VertexPhase,
+    Count, GlobalValue, ImageError, MemoryImage, PartImage, QueueImage, VertexCounts, VertexImage,
+    VertexPhase,
 };
 pub use pause::{PartControl, PauseError, Paused};
 pub use rewrite::{PAUSE_POINTS, RewriteError, check as check_checkpointable, instrument};
@@ -153,6 +154,7 @@ pub(crate) fn capture(
     Ok(VertexImage {
         vertex: io.vertex.clone(),
         stdout,
+        counts: state.traffic(),
         phase: VertexPhase::Paused {
             memory: saved,
             globals,
@@ -222,6 +224,7 @@ pub(crate) async fn restore(
     }
     let state = store.data_mut();
     state.stdout_before = image.stdout.clone();
+    state.set_traffic(&image.counts)?;
     for (port, item) in kept {
         let Some(p) = state.io.inputs.0.iter().find(|(n, _)| **n == **port) else {
             return Err(format!(

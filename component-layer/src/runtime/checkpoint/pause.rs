@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use wasmtime::TypedFunc;
 
-use super::image::{PartImage, QueueImage, VertexImage, VertexPhase};
+use super::image::{PartImage, QueueImage, VertexCounts, VertexImage, VertexPhase};
 
 /// The Asyncify functions of one instance.
 #[derive(Clone)]
@@ -49,7 +49,7 @@ pub(crate) struct Pausing {
 enum Slot {
     Running,
     Paused(u64, Box<VertexImage>),
-    Ended(Bytes),
+    Ended(Bytes, VertexCounts),
     Failed,
 }
 
@@ -90,9 +90,9 @@ impl PauseCtl {
         self.set(slot, Slot::Paused(n, Box::new(image)));
     }
 
-    /// A vertex's code returned, with this output.
-    pub(crate) fn ended(&self, slot: usize, stdout: Bytes) {
-        self.set(slot, Slot::Ended(stdout));
+    /// A vertex's code returned, with this output and these counts.
+    pub(crate) fn ended(&self, slot: usize, stdout: Bytes, counts: VertexCounts) {
+        self.set(slot, Slot::Ended(stdout, counts));
     }
 
     /// A vertex failed: its part fails, and pauses do not wait for it.
@@ -205,7 +205,7 @@ impl PartControl {
                     .filter(|&i| match &slots[i] {
                         Slot::Running => true,
                         Slot::Paused(m, _) => *m != n,
-                        Slot::Ended(_) | Slot::Failed => false,
+                        Slot::Ended(..) | Slot::Failed => false,
                     })
                     .collect();
                 if waiting.is_empty() {
@@ -214,12 +214,16 @@ impl PartControl {
                         .enumerate()
                         .map(|(i, s)| match s {
                             Slot::Paused(_, image) => (**image).clone(),
+                            Slot::Ended(stdout, counts) => VertexImage {
+                                vertex: self.name(i),
+                                stdout: stdout.clone(),
+                                counts: counts.clone(),
+                                phase: VertexPhase::Ended,
+                            },
                             _ => VertexImage {
                                 vertex: self.name(i),
-                                stdout: match s {
-                                    Slot::Ended(out) => out.clone(),
-                                    _ => Bytes::new(),
-                                },
+                                stdout: Bytes::new(),
+                                counts: VertexCounts::default(),
                                 phase: VertexPhase::Ended,
                             },
                         })

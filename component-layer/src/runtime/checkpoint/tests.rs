@@ -75,6 +75,23 @@ fn pipeline_modules() -> [(&'static str, &'static [u8]); 3] {
     ]
 }
 
+/// Every vertex's counts in the reports of a job's parts, by vertex.
+pub(super) fn counts_of(
+    reports: &[&crate::runtime::JobReport],
+) -> std::collections::BTreeMap<String, VertexCounts> {
+    let counts: std::collections::BTreeMap<_, _> = (reports.iter())
+        .flat_map(|r| r.vertices.iter())
+        .map(|v| (v.vertex.clone(), v.counts.clone()))
+        .collect();
+    assert!(
+        counts
+            .values()
+            .any(|c| c.sent.iter().any(|e| e.2.items > 0)),
+        "something was counted: {counts:?}"
+    );
+    counts
+}
+
 fn sink_output(report: &crate::runtime::JobReport, vertex: &str) -> String {
     let v = report
         .vertices
@@ -224,6 +241,11 @@ async fn a_c_pipeline_restored_from_a_checkpoint_gives_the_undisturbed_output() 
     let t = topology(PIPELINE);
     let params = [("count", "50000"), ("factor", "3")];
     let expected = undisturbed(&rt, &t, &pipeline_modules(), &params, "p3").await;
+    let plain = {
+        let plain = spec(&rt, &t, &pipeline_modules(), &params, false);
+        let q = controller();
+        counts_of(&[&rt.run(&plain, &q, &AllowAll).await.expect("runs")])
+    };
     let job = spec(&rt, &t, &pipeline_modules(), &params, true);
     let mut mid = 0;
     for ms in [1, 5, 20] {
@@ -233,6 +255,8 @@ async fn a_c_pipeline_restored_from_a_checkpoint_gives_the_undisturbed_output() 
             expected,
             "restored after {ms} ms"
         );
+        // Each edge and port counts every item once, from before the checkpoint and after.
+        assert_eq!(counts_of(&[&report]), plain, "restored after {ms} ms");
         if image
             .vertices
             .iter()

@@ -11,7 +11,7 @@ use mvm_queue::remote::{Drain, Hold, direct};
 use tokio::task::JoinHandle;
 
 use super::super::tests::{controller, runtime_with, spec_of, topology};
-use super::tests::built;
+use super::tests::{built, counts_of};
 use super::*;
 use crate::runtime::{AllowAll, JobReport, JobSpec, Prepared, Runtime};
 
@@ -128,12 +128,13 @@ fn modules() -> [(&'static str, &'static [u8]); 3] {
     ]
 }
 
-/// The sink's output in an undisturbed run of plain modules on one part.
+/// What an undisturbed run of plain modules on one part gives: the sink's output, every
+/// vertex's counts.
 async fn undisturbed(
     rt: &Runtime,
     t: &crate::topology::Topology,
     modules: &[(&str, &[u8])],
-) -> String {
+) -> (String, std::collections::BTreeMap<String, VertexCounts>) {
     let q = controller();
     let plain = rt
         .run(&spec_of(rt, t, modules, &PARAMS, false), &q, &AllowAll)
@@ -141,7 +142,7 @@ async fn undisturbed(
         .expect("runs");
     let out = sink(&plain);
     assert!(out.starts_with("items 200000 "), "{out}");
-    out
+    (out, counts_of(&[&plain]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +160,7 @@ async fn cut_and_restore(how: Transport) {
     let rt = runtime_with(0);
     let t = topology(PIPELINE);
     let modules = modules();
-    let expected = undisturbed(&rt, &t, &modules).await;
+    let (expected, counts) = undisturbed(&rt, &t, &modules).await;
 
     let job = spec_of(&rt, &t, &modules, &PARAMS, true);
     for ms in [2, 10, 40] {
@@ -219,11 +220,16 @@ async fn cut_and_restore(how: Transport) {
             .expect("part 1 restored");
         let _link = connect(&mut p0, &mut p1, how).await;
         let (r0, r1) = tokio::join!(p0.run(), p1.run());
-        r0.expect("part 0 runs to its end");
+        let r0 = r0.expect("part 0 runs to its end");
         let report = r1.expect("part 1 runs to its end");
         assert_eq!(
             sink(&report),
             expected,
+            "{how:?}: restored from the cut after {ms} ms"
+        );
+        assert_eq!(
+            counts_of(&[&r0, &report]),
+            counts,
             "{how:?}: restored from the cut after {ms} ms"
         );
         for q in &queues {
@@ -244,7 +250,7 @@ async fn move_part(how: Transport) {
     let rt = runtime_with(0);
     let t = topology(PIPELINE);
     let modules = modules();
-    let expected = undisturbed(&rt, &t, &modules).await;
+    let (expected, counts) = undisturbed(&rt, &t, &modules).await;
 
     let job = spec_of(&rt, &t, &modules, &PARAMS, true);
     let queues = [controller(), controller()];
@@ -292,12 +298,13 @@ async fn move_part(how: Transport) {
     let _new = link(old.outbox.clone(), input.sender, how).await;
     let run1 = tokio::spawn(moved.run());
     a.resume();
-    run0.await.expect("joined").expect("part 0 runs to its end");
+    let r0 = run0.await.expect("joined").expect("part 0 runs to its end");
     let report = run1
         .await
         .expect("joined")
         .expect("the moved part runs to its end");
     assert_eq!(sink(&report), expected);
+    assert_eq!(counts_of(&[&r0, &report]), counts);
     for q in [&queues[0], &new_node] {
         q.destroy_job("job");
     }
