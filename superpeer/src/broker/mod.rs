@@ -58,6 +58,8 @@ mod harness;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_checkpoint;
+#[cfg(test)]
 mod tests_faults;
 #[cfg(test)]
 mod tests_policy;

@@ -3,7 +3,7 @@
 //! one process ([`super::harness`]).
 
 use super::harness::{
-    Lab, Who, eventually, finished, group_until, items, pipeline, ring, running, sleeping, until,
+    Lab, Who, eventually, finished, group_until, items, ring, running, sleeping, until,
 };
 use crate::proto::{FailureKind, JobState, JobStatus};
 
@@ -277,7 +277,7 @@ async fn a_job_cancelled_while_its_parts_prepare_never_starts_and_frees_its_node
 }
 
 /// A lab node that runs a part of `s`, other than those of `but`.
-fn node_of(lab: &Lab, s: &JobStatus, but: &[usize]) -> usize {
+pub(super) fn node_of(lab: &Lab, s: &JobStatus, but: &[usize]) -> usize {
     (0..lab.nodes.len())
         .filter(|i| !but.contains(i))
         .find(|&i| {
@@ -301,7 +301,7 @@ async fn retried(name: &str, hops: u64) -> (Lab, crate::client::Client, JobStatu
 
 /// Stops a node of running job `s` and waits for the job's end: done in its second run,
 /// after one restart. The job's end, and the node stopped.
-async fn lose_a_node(
+pub(super) async fn lose_a_node(
     lab: &mut Lab,
     c: &crate::client::Client,
     s: &JobStatus,
@@ -314,27 +314,8 @@ async fn lose_a_node(
     (end, victim)
 }
 
-/// The pipeline of 400,000 items on 2 nodes, with one retry and a checkpoint every
-/// `interval_ms`, running, and a checkpoint taken at once: the job, and its status.
-async fn checkpointed(
-    c: &crate::client::Client,
-    name: &str,
-    interval_ms: u64,
-) -> (crate::client::Prepared, JobStatus) {
-    let mut job = pipeline(name, 400_000, Some(2));
-    job.submission.retries = 1;
-    job.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
-        interval_ms,
-        keep: 2,
-    });
-    let s = c.submit(&job).await.expect("submit");
-    let s = until(c, &s.job, |st| st == JobState::Running).await;
-    c.checkpoint(&s.job).await.expect("a checkpoint now");
-    (job, s)
-}
-
 /// Sorted vertex outputs, for comparing runs.
-fn outputs(s: &JobStatus) -> Vec<(String, bytes::Bytes)> {
+pub(super) fn outputs(s: &JobStatus) -> Vec<(String, bytes::Bytes)> {
     let mut v = s.outputs.clone();
     v.sort();
     v
@@ -393,54 +374,6 @@ async fn a_job_whose_retries_are_used_up_fails_when_a_node_is_lost_again() {
     assert_eq!(end.restarts.len(), 1, "{end:?}");
 }
 
-/// A job that asks for checkpoints, with a node stopped after one was taken: the job runs
-/// again from that checkpoint on nodes still heard from, and ends with the output of an
-/// undisturbed run. A checkpoint can also be asked for at once, and only of such a job.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_stopped_after_a_checkpoint_has_its_job_restored_from_it_with_the_same_output() {
-    let mut lab = Lab::start(1, &[8, 8, 8]).await;
-    let c = lab.client().await;
-    let (job, s) = checkpointed(&c, "saved", 300).await;
-    let s = until(&c, &s.job, |_| true).await;
-    assert_eq!(s.state, JobState::Running, "still running: {s:?}");
-    let last = s.checkpoints.last().expect("the checkpoint is listed").cut;
-    let (end, victim) = lose_a_node(&mut lab, &c, &s).await;
-    let restart = &end.restarts[0];
-    assert!(
-        end.parts
-            .iter()
-            .all(|p| p.node.to_string() != lab.node_peer(victim)),
-        "{end:?}"
-    );
-    assert!(
-        restart.from_cut.is_some_and(|cut| cut >= last),
-        "from the checkpoint: {restart:?}"
-    );
-    let quiet = finished(&c, &pipeline("saved", 400_000, Some(2))).await;
-    assert_eq!(quiet.state, JobState::Done, "{quiet:?}");
-    assert_eq!(outputs(&end), outputs(&quiet));
-    // Its traffic by kind counts the run from the checkpoint, which moved only what was left;
-    // edge by edge and port by port, each vertex counts its whole life, as undisturbed.
-    assert!(items(&end) < items(&quiet), "{end:?}");
-    assert!(
-        !quiet.edges.is_empty() && quiet.edges.iter().all(|e| e.items > 0),
-        "{quiet:?}"
-    );
-    assert_eq!((&end.edges, &end.received), (&quiet.edges, &quiet.received));
-    // Only a job that asked for checkpoints gets one, and only a job whose modules can be
-    // paused may ask: one that exports no memory is refused at submission.
-    let e = c.checkpoint(&quiet.job).await.expect_err("refused");
-    assert!(e.message.contains("did not ask"), "{e}");
-    let mut bare = super::harness::one("bare", r#"(module (func (export "run")))"#);
-    bare.submission.checkpoint = job.submission.checkpoint;
-    let e = c.submit(&bare).await.expect_err("refused");
-    assert!(
-        e.message.contains("component 'c' cannot be checkpointed")
-            && e.message.contains("no memory"),
-        "{e}"
-    );
-}
-
 /// A node stopped just before a job is placed on it (its loss not yet noticed): the prepare
 /// cannot reach it, and the job, which may run again, runs on a node heard from since.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,26 +396,4 @@ async fn a_job_placed_on_a_node_lost_but_not_yet_noticed_runs_on_another() {
             .all(|p| p.node.to_string() == lab.node_peer(1)),
         "{s:?}"
     );
-}
-
-/// The replicas keep a job's checkpoint blobs too: with the leader stopped after a checkpoint,
-/// and then a node of the job, the new leader restores the job from that checkpoint.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_leader_restores_a_job_from_the_checkpoint_its_old_leader_took() {
-    let mut lab = Lab::start(3, &[8, 8, 8]).await;
-    let c = lab.client().await;
-    let (_, s) = checkpointed(&c, "kept", 600_000).await;
-    let old = lab.leader().await;
-    lab.superpeers[old].stop().await;
-    let rest: Vec<usize> = (0..3).filter(|&i| i != old).collect();
-    let c = lab.client_among(&lab.user(), &rest).await;
-    let s = until(&c, &s.job, |_| true).await;
-    assert_eq!(s.state, JobState::Running, "{s:?}");
-    let (end, _) = lose_a_node(&mut lab, &c, &s).await;
-    assert!(
-        end.restarts[0].from_cut.is_some(),
-        "restored from the checkpoint: {end:?}"
-    );
-    let quiet = finished(&c, &pipeline("kept", 400_000, Some(2))).await;
-    assert_eq!(outputs(&end), outputs(&quiet));
 }
