@@ -237,8 +237,9 @@ pub struct MoveFigures {
     /// Whether every moved run that ended gave the undisturbed run's output.
     pub identical: bool,
     /// Moved runs that did not end within two minutes (given up and not compared; each queue's
-    /// depth is logged): a stall seen often with millions of items, not yet understood (the
-    /// staying part's outbox full, the new link carrying nothing more).
+    /// depth is logged). Once common with millions of items: the staying part ran on dedicated
+    /// threads and fed its stream link a tenth as fast as from the shared pool (a part with
+    /// stream links now stays on the pool; `Prepared::direct_remote_links`).
     pub stalled: usize,
 }
 

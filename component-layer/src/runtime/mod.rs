@@ -479,6 +479,7 @@ impl Runtime {
                     names: t.vertices.iter().map(|v| v.name.clone()).collect(),
                     vertices,
                     limits: job.limits,
+                    stream_links: !remote_inputs.is_empty() || !remote_outputs.is_empty(),
                     remote_inputs,
                     remote_outputs,
                     control,
@@ -540,6 +541,8 @@ pub struct Prepared {
     pub remote_inputs: Vec<RemoteInput>,
     /// Outboxes to other parts, one per (remote port, destination part).
     pub remote_outputs: Vec<RemoteOutput>,
+    /// It has links with other parts, and they are not known to be direct.
+    stream_links: bool,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -633,11 +636,19 @@ impl Prepared {
         Ok(())
     }
 
-    /// Says that items from other parts arrive over direct links, which a receive that polls
-    /// reads itself ([`mvm_queue::remote::direct`]): receives poll every input port, and the
-    /// part runs on dedicated threads when they are free, as a part whose vertices pass items
-    /// among themselves does.
-    pub fn poll_remote_inputs(&mut self) {
+    /// Says that this part's links with other parts are direct links, which its vertices
+    /// drive themselves ([`mvm_queue::remote::direct`]): a receive that polls reads a link's
+    /// items itself, so receives poll every input port, and the part runs on dedicated threads
+    /// when they are free, as a part whose vertices pass items among themselves does.
+    ///
+    /// Without this, a part linked to others stays on the shared pool: its links are streams,
+    /// whose exporter and importer are tasks on the pool, and vertices on dedicated threads
+    /// hand items to and from such tasks through a wake-up across threads each time. Measured
+    /// (a pipeline of two parts of two vertices over a loopback stream, 100,000 items, 2 cores):
+    /// 7.0 s with the sending part on dedicated threads, 1.4 s with the receiving one, 0.68 s
+    /// with both on the pool.
+    pub fn direct_remote_links(&mut self) {
+        self.stream_links = false;
         for l in &mut self.vertices {
             for (_, port) in &mut l.io.inputs.0 {
                 port.local = true;
@@ -662,10 +673,12 @@ impl Prepared {
         // A thread per vertex when the part fits the free dedicated threads and its vertices
         // pass items among themselves. A part fed only from other nodes stays on the pool: there
         // a poll cannot win, and the node's network tasks hand items over on the same worker.
-        let passes = self
-            .vertices
-            .iter()
-            .any(|l| l.io.inputs.0.iter().any(|(_, p)| p.local));
+        // So does a part with a stream link ([`Prepared::direct_remote_links`]).
+        let passes = !self.stream_links
+            && self
+                .vertices
+                .iter()
+                .any(|l| l.io.inputs.0.iter().any(|(_, p)| p.local));
         let mut threads = if passes {
             self.inner.dedicated.take(count).unwrap_or_default()
         } else {

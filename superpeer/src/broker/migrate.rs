@@ -379,6 +379,8 @@ impl Core {
                 };
                 self.blobs.put(blob);
                 spec.restore = Some(hash);
+                // Its links to the parts that stay will be streams.
+                spec.streams = true;
                 m.stage = Stage::Preparing;
                 m.awaited = 1;
                 out.push(Effect::Send {

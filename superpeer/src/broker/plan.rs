@@ -180,6 +180,7 @@ impl Core {
                     attempt,
                     checkpoint: s.checkpoint.is_some(),
                     restore: None,
+                    streams: false,
                 };
                 (*p, spec)
             })

@@ -218,8 +218,8 @@ impl Node {
         if let Some(blob) = &spec.restore {
             self.restore(from, spec, &mut prepared, blob).await?;
         }
-        if self.links.is_some() {
-            prepared.poll_remote_inputs();
+        if self.links.is_some() && !spec.streams {
+            prepared.direct_remote_links();
         }
         let mut inputs = HashMap::new();
         for i in std::mem::take(&mut prepared.remote_inputs) {

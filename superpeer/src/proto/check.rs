@@ -385,6 +385,7 @@ mod tests {
             attempt: 0,
             checkpoint: false,
             restore: None,
+            streams: false,
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()

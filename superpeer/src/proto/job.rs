@@ -222,6 +222,11 @@ pub struct PartSpec {
     /// beginning.
     #[serde(default)]
     pub restore: Option<Hash>,
+    /// The part's links will be libp2p streams even where the node offers direct links (a
+    /// part moved in): it runs on the shared pool, never on dedicated threads (see
+    /// `Prepared::direct_remote_links` in the component layer).
+    #[serde(default)]
+    pub streams: bool,
 }
 
 /// How a part of a job ended.

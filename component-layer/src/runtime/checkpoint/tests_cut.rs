@@ -56,7 +56,7 @@ async fn connect(from: &mut Prepared, to: &mut Prepared, how: Transport) -> Link
     assert_eq!((out.vertex.as_str(), out.port.as_str()), ("p2", "in"));
     if let Transport::Direct = how {
         // A receive that finds its queue empty reads the direct link itself.
-        to.poll_remote_inputs();
+        to.direct_remote_links();
     }
     link(out.receiver, input.sender, how).await
 }
@@ -292,7 +292,7 @@ async fn move_part(how: Transport) {
         .expect("prepared on the new node");
     moved.restore(&image).expect("restored");
     if let Transport::Direct = how {
-        moved.poll_remote_inputs();
+        moved.direct_remote_links();
     }
     let input = moved.remote_inputs.pop().expect("part 1 hears from part 0");
     let _new = link(old.outbox.clone(), input.sender, how).await;
