@@ -40,6 +40,7 @@ mod command;
 mod machine;
 mod network;
 mod propose;
+mod record;
 pub mod state;
 mod store;
 

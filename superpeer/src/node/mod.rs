@@ -32,6 +32,7 @@ mod parts;
 mod prepare;
 mod run;
 mod streams;
+mod supervise;
 
 /// What the node's loop takes.
 enum Msg {

@@ -1,0 +1,114 @@
+//! Job profiles read from disk, with their topology and modules, ready to send.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mvm_component::profile::{Profile, parse_size};
+
+use crate::proto::{
+    CheckpointPolicy, Failure, FailureKind, Hash, LimitSpec, Requirements, Submission, VmMode,
+};
+
+/// A job profile read from disk, ready to send: the submission and its modules' bytes.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The submission (without module bytes).
+    pub submission: Submission,
+    /// Hash → bytes of every module.
+    pub modules: BTreeMap<Hash, Bytes>,
+}
+
+fn input(m: impl Into<String>) -> Failure {
+    Failure::new(FailureKind::Input, m)
+}
+
+/// Reads a profile, its topology and its modules; errors name the file (and line).
+///
+/// # Errors
+/// A file that cannot be read or a profile that is not valid.
+pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
+    let file = path.display().to_string();
+    let (profile, src) = Profile::load(path).map_err(|e| input(e.to_string()))?;
+    let limits = profile
+        .limits(&file, &src)
+        .map_err(|e| input(e.to_string()))?;
+    let checkpoint = profile
+        .checkpoints(&file, &src)
+        .map_err(|e| input(e.to_string()))?
+        .map(|c| CheckpointPolicy {
+            interval_ms: u64::try_from(c.interval.as_millis()).unwrap_or(u64::MAX),
+            keep: c.keep.min(100),
+        });
+    let topo_path = Profile::resolve(path, &profile.topology);
+    let topology = std::fs::read_to_string(&topo_path)
+        .map_err(|e| input(format!("{}: {e}", topo_path.display())))?;
+    let mut components = BTreeMap::new();
+    let mut modules = BTreeMap::new();
+    for (component, p) in &profile.components {
+        let p = Profile::resolve(path, p);
+        let bytes = std::fs::read(&p).map_err(|e| {
+            input(format!(
+                "{}: {e} (module of component '{component}')",
+                p.display()
+            ))
+        })?;
+        let hash = Hash::of(&bytes);
+        components.insert(component.clone(), hash);
+        modules.insert(hash, Bytes::from(bytes));
+    }
+    let r = &profile.requirements;
+    let memory_bytes = match &r.memory {
+        Some(m) => Some(parse_size(m).ok_or_else(|| {
+            input(format!(
+                "{file}: requirements.memory must be a size, not '{m}'"
+            ))
+        })?),
+        None => None,
+    };
+    if let Some(rank) = &r.rank {
+        crate::schedule::Rank::parse(rank).map_err(|e| input(format!("{file}: {e}")))?;
+    }
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Ok(Prepared {
+        submission: Submission {
+            name: profile.name.clone(),
+            owner: profile.owner.clone(),
+            domain: profile.domain.clone(),
+            topology_file: topo_path.display().to_string(),
+            topology,
+            components,
+            modules: Vec::new(),
+            parameters: profile.parameter_strings(),
+            queue: profile.queue.clone(),
+            limits: LimitSpec {
+                memory_bytes: Some(limits.memory_bytes as u64),
+                cpu_ms: limits.cpu.map(ms),
+                wall_ms: limits.wall.map(ms),
+            },
+            requirements: Requirements {
+                image: r.image.clone(),
+                vcpus: r.vcpus,
+                memory_bytes,
+                arch: r.arch.clone(),
+                rank: r.rank.clone(),
+                nodes: r.nodes,
+                vm_mode: r.vm_mode.map(|m| match m {
+                    mvm_component::profile::VmMode::Persistent => VmMode::Persistent,
+                    mvm_component::profile::VmMode::SaveRestore => VmMode::SaveRestore,
+                    mvm_component::profile::VmMode::StopStart => VmMode::StopStart,
+                }),
+            },
+            on_behalf: None,
+            hops: 0,
+            wait: false,
+            priority: profile.priority,
+            retries: profile
+                .retries
+                .unwrap_or(mvm_component::profile::DEFAULT_RETRIES),
+            checkpoint,
+        },
+        modules,
+    })
+}

@@ -1,0 +1,152 @@
+//! What the job log records of each job: its record, its parts, how it ended, and what it
+//! holds.
+
+use libp2p::PeerId;
+use mvm_component::policy::Principal;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{
+    CheckpointInfo, CheckpointPolicy, EdgeTraffic, ErrorKind, JobId, JobState, MoveInfo,
+    PortTraffic, Restart, Submission, Traffic,
+};
+
+/// What a job asks of the group, as admission counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// vCPUs.
+    pub vcpus: i64,
+    /// Memory, MiB.
+    pub memory_mib: i64,
+    /// Vertices.
+    pub vertices: i64,
+}
+
+impl Resources {
+    pub(super) fn add(&mut self, other: Resources, sign: i64) {
+        self.vcpus = self.vcpus.saturating_add(sign * other.vcpus);
+        self.memory_mib = self.memory_mib.saturating_add(sign * other.memory_mib);
+        self.vertices = self.vertices.saturating_add(sign * other.vertices);
+    }
+}
+
+/// One node's share of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    /// The node.
+    pub node: PeerId,
+    /// Its vertices.
+    pub vertices: Vec<String>,
+    /// Whether it has reported a good end.
+    pub done: bool,
+}
+
+/// Why a job ended other than well.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    /// When, milliseconds since the Unix epoch (the leader's clock).
+    pub at_ms: u64,
+    /// Why, for people (none when it is done).
+    pub error: Option<String>,
+    /// What kind of failure it was (none when it is done or was cancelled).
+    #[serde(default)]
+    pub kind: Option<ErrorKind>,
+}
+
+impl Ended {
+    /// Now, failed with `kind`.
+    pub fn failed(kind: ErrorKind, error: String) -> Ended {
+        Ended {
+            at_ms: now_ms(),
+            error: Some(error),
+            kind: Some(kind),
+        }
+    }
+
+    /// Now, cancelled.
+    pub fn cancelled() -> Ended {
+        Ended {
+            at_ms: now_ms(),
+            error: Some("cancelled".into()),
+            kind: None,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A job as the log knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Its id, unique in the group.
+    pub id: JobId,
+    /// The profile's name.
+    pub name: String,
+    /// Who owns it.
+    pub owner: Principal,
+    /// What it holds while it has not ended.
+    pub resources: Resources,
+    /// The image its guests are made from (`host`: none).
+    #[serde(default)]
+    pub image: String,
+    /// Higher is placed first among pending jobs.
+    pub priority: i32,
+    /// When it was submitted, milliseconds since the Unix epoch (the leader's clock).
+    pub submitted_ms: u64,
+    /// Where it stands.
+    pub state: JobState,
+    /// Whether a pending job is held back from placement.
+    pub held: bool,
+    /// Its parts, once placed.
+    pub parts: Vec<PartRecord>,
+    /// Vertex outputs reported so far.
+    pub outputs: Vec<(String, bytes::Bytes)>,
+    /// Traffic reported so far, summed by edge kind.
+    pub traffic: Vec<Traffic>,
+    /// What each edge carried, as the parts reported so far counted it (their vertices'
+    /// whole lives: a restored vertex counts on from its checkpoint).
+    #[serde(default)]
+    pub edges: Vec<EdgeTraffic>,
+    /// What each input port took, as the parts reported so far counted it.
+    #[serde(default)]
+    pub received: Vec<PortTraffic>,
+    /// How it ended.
+    pub ended: Option<Ended>,
+    /// The submission with its modules, kept while the job waits, so that whichever replica
+    /// leads can place it, and while it may be run again ([`JobRecord::retries`]).
+    pub submission: Option<Box<Submission>>,
+    /// How many times it may run again after a lost node.
+    #[serde(default)]
+    pub retries: u32,
+    /// Its run now (0: the first).
+    #[serde(default)]
+    pub attempt: u32,
+    /// The runs given up, and how the next went.
+    #[serde(default)]
+    pub restarts: Vec<Restart>,
+    /// How it is checkpointed, if it is.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointPolicy>,
+    /// The checkpoints kept, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// Its parts moved to other nodes while it ran, oldest first (the last [`MAX_MOVES`]).
+    #[serde(default)]
+    pub moves: Vec<MoveInfo>,
+    /// The index of the log entry that last changed it (set by [`ControlState::apply`]).
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl JobRecord {
+    /// How many vertices each node holds for this job.
+    pub(super) fn slots(&self) -> impl Iterator<Item = (PeerId, u32)> + '_ {
+        self.parts
+            .iter()
+            .map(|p| (p.node, u32::try_from(p.vertices.len()).unwrap_or(u32::MAX)))
+    }
+}

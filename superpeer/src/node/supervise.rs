@@ -1,0 +1,159 @@
+//! A running part's supervision: its vertices run while every remote channel is awaited, and
+//! what moved is counted for its report.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use mvm_component::runtime::Prepared;
+use tokio::sync::mpsc;
+
+use super::{LinkDone, LinkResult, Node};
+use crate::proto::{EdgeTraffic, ErrorKind, PartResult, PortTraffic, Traffic, VertexFailure};
+
+impl Node {
+    /// Runs the local vertices and waits for every remote channel; collects what moved (in
+    /// the queues of namespace `job`, [`super::space`]).
+    pub(super) async fn supervise(
+        self: &Arc<Self>,
+        job: &str,
+        prepared: Prepared,
+        mut links: mpsc::Receiver<LinkResult>,
+        expected: &AtomicUsize,
+    ) -> Result<PartResult, VertexFailure> {
+        let waiting = |n: usize| n < expected.load(Ordering::Acquire);
+        let start = Instant::now();
+        let run = prepared.run();
+        tokio::pin!(run);
+        let mut report = None;
+        let mut remote: Vec<LinkDone> = Vec::new();
+        let broken = |kind: ErrorKind, cause: String| VertexFailure {
+            vertex: String::new(),
+            cause,
+            kind,
+        };
+        while report.is_none() || waiting(remote.len()) {
+            tokio::select! {
+                r = &mut run, if report.is_none() => match r {
+                    Ok(r) => report = Some(r),
+                    Err(e) => {
+                        let failed = VertexFailure { vertex: e.vertex, cause: e.cause, kind: e.kind };
+                        return Err(link_lost(&mut links, waiting(remote.len()), failed).await);
+                    }
+                },
+                l = links.recv(), if waiting(remote.len()) => match l {
+                    Some(Ok(l)) => remote.push(l),
+                    // A remote channel broke: the node at its other end, or the way there, is lost.
+                    Some(Err(e)) => return Err(broken(ErrorKind::Lost, e.to_string())),
+                    None => return Err(broken(ErrorKind::Other, "the job was ended".into())),
+                },
+            }
+        }
+        let Some(report) = report else {
+            return Err(broken(ErrorKind::Other, "no report".into()));
+        };
+        // Traffic: local input queues count everything that entered; what came from another node
+        // is remote, the rest local. Outboxes count what this node sent to others.
+        let queues = &self.queues;
+        let mut traffic: BTreeMap<(String, String, bool, bool), (u64, u64)> = BTreeMap::new();
+        let prefix = format!("{job}/");
+        for s in queues.list(Some(job)) {
+            let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
+            let Some(h) = queues.get(job, name) else {
+                continue;
+            };
+            let kind = h.queue.config().kind.as_str().to_owned();
+            let codec = h.codec.name().to_owned();
+            if let Some(into) = name.strip_suffix(">out") {
+                let direct = remote.iter().any(|l| l.out && l.direct && l.feeds(into));
+                let e = traffic.entry((kind, codec, true, direct)).or_default();
+                e.0 += s.items_in;
+                e.1 += s.bytes_in;
+            } else {
+                let (ri, rb) = remote_into(&remote, name);
+                let e = traffic.entry((kind, codec, false, false)).or_default();
+                e.0 += s.items_in.saturating_sub(ri);
+                e.1 += s.bytes_in.saturating_sub(rb);
+            }
+        }
+        let mut edges = Vec::new();
+        let mut received = Vec::new();
+        for v in &report.vertices {
+            let counts = &v.counts;
+            edges.extend(counts.sent.iter().map(|(port, to, c)| EdgeTraffic {
+                from: format!("{}:{port}", v.vertex),
+                to: to.clone(),
+                items: c.items,
+                bytes: c.bytes,
+            }));
+            received.extend(counts.received.iter().map(|(port, c)| PortTraffic {
+                port: format!("{}:{port}", v.vertex),
+                items: c.items,
+                bytes: c.bytes,
+            }));
+        }
+        Ok(PartResult {
+            edges,
+            received,
+            outputs: report
+                .vertices
+                .into_iter()
+                .map(|v| (v.vertex, v.stdout))
+                .collect(),
+            traffic: traffic
+                .into_iter()
+                .map(|((kind, codec, remote, direct), (items, bytes))| Traffic {
+                    kind,
+                    codec,
+                    remote,
+                    direct,
+                    items,
+                    bytes,
+                })
+                .collect(),
+            wall_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// How long a vertex's failure waits for a link's: a vertex whose channel to a lost node
+/// closed (a send that finds no receiver) often fails a moment before the link reports why.
+const LINK_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The failure a part reports when vertex failure `failed` ended it: a remote link that failed
+/// meanwhile (or within [`LINK_GRACE`]) is the cause, and the node at its other end is lost to
+/// the job; otherwise the vertex's own failure. `open`: whether links were still running.
+async fn link_lost(
+    links: &mut mpsc::Receiver<LinkResult>,
+    open: bool,
+    failed: VertexFailure,
+) -> VertexFailure {
+    if !open {
+        return failed;
+    }
+    let deadline = tokio::time::Instant::now() + LINK_GRACE;
+    while let Ok(Some(l)) = tokio::time::timeout_at(deadline, links.recv()).await {
+        if let Err(e) = l {
+            let vertex = if failed.vertex.is_empty() {
+                String::new()
+            } else {
+                format!(" (then vertex '{}': {})", failed.vertex, failed.cause)
+            };
+            return VertexFailure {
+                vertex: String::new(),
+                cause: format!("{e}{vertex}"),
+                kind: ErrorKind::Lost,
+            };
+        }
+    }
+    failed
+}
+
+/// Items and bytes that reached local queue `name` (`vertex:port`) from other nodes.
+fn remote_into(links: &[LinkDone], name: &str) -> (u64, u64) {
+    links
+        .iter()
+        .filter(|l| !l.out && l.feeds(name))
+        .fold((0, 0), |(i, b), l| (i + l.items, b + l.bytes))
+}
