@@ -200,6 +200,10 @@ pub struct CheckpointRules {
 pub struct Cached<E> {
     inner: E,
     answers: RwLock<HashMap<Question, Decision>>,
+    /// The checkpoint rules of each actor and domain, as for answers (a broker asks for them
+    /// at every submission: two oso queries, about 56 µs, where the rest of its decision
+    /// comes from the cache).
+    rules: RwLock<HashMap<(Principal, String), CheckpointRules>>,
     capacity: usize,
 }
 
@@ -218,6 +222,7 @@ impl<E: Engine> Cached<E> {
         Cached {
             inner,
             answers: RwLock::new(HashMap::new()),
+            rules: RwLock::new(HashMap::new()),
             capacity: capacity.max(1),
         }
     }
@@ -255,7 +260,18 @@ impl<E: Engine> Engine for Cached<E> {
     }
 
     fn checkpoint_rules(&self, actor: &Principal, domain: &str) -> Result<CheckpointRules, String> {
-        self.inner.checkpoint_rules(actor, domain)
+        let key = (actor.clone(), domain.to_owned());
+        if let Some(r) = self.rules.read().get(&key) {
+            return Ok(*r);
+        }
+        // A rule that cannot be evaluated is asked again next time, as its error says.
+        let r = self.inner.checkpoint_rules(actor, domain)?;
+        let mut rules = self.rules.write();
+        if rules.len() >= self.capacity {
+            rules.clear();
+        }
+        rules.insert(key, r);
+        Ok(r)
     }
 }
 

@@ -341,6 +341,14 @@ fn a_domain_s_checkpoint_rules_give_the_shortest_default_and_the_longest_bound()
         rules(&["researcher"], "biology"),
         CheckpointRules::default()
     );
+    // The cache remembers them per actor and domain, and gives the same answers.
+    let cached = Cached::new(OsoEngine::load(&bundle, 1).expect("loads"), 8);
+    for _ in 0..2 {
+        for (roles, domain) in [(["researcher"], "physics"), (["student"], "physics")] {
+            let got = cached.checkpoint_rules(&who(&roles), domain);
+            assert_eq!(got, Ok(rules(&roles, domain)), "{roles:?}");
+        }
+    }
     // A rule with a number that is no interval is an error, not a silent default.
     let bad = Bundle {
         files: [(
