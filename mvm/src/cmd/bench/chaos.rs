@@ -24,7 +24,7 @@ pub(crate) struct ChaosReport {
     pub(crate) trials: usize,
     /// Jobs that ended `done`.
     pub(crate) completed: usize,
-    /// Jobs that ended with the undisturbed run's output.
+    /// Jobs that ended with the undisturbed run's output and items on every edge and port.
     pub(crate) identical: usize,
     /// Items the sink of a completed job did not get, summed over the trials.
     pub(crate) items_lost: u64,
@@ -53,7 +53,8 @@ pub(crate) struct Trial {
     pub(crate) recovery_ms: Option<u64>,
     /// Items its sink got.
     pub(crate) items: Option<u64>,
-    /// Whether its output is the undisturbed run's.
+    /// Whether its output is the undisturbed run's, and every edge and input port of it
+    /// carried the same items.
     pub(crate) identical: bool,
     /// Why it failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,7 +117,7 @@ pub(crate) fn run(
             quiet.state
         )));
     }
-    let expected = sorted(&quiet);
+    let expected = (sorted(&quiet), quiet.edges.clone(), quiet.received.clone());
     let mut runs = Vec::with_capacity(trials);
     for _ in 0..trials {
         let trial = rt.block_on(async {
@@ -173,7 +174,8 @@ pub(crate) fn run(
             from_cut: last.and_then(|r| r.from_cut),
             recovery_ms: last.and_then(mvm_superpeer::proto::Restart::recovery_ms),
             items: sink_items(&end),
-            identical: end.state == JobState::Done && sorted(&end) == expected,
+            identical: end.state == JobState::Done
+                && (sorted(&end), end.edges.clone(), end.received.clone()) == expected,
             error: end.error.clone(),
         });
     }
