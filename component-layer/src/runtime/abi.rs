@@ -45,12 +45,21 @@ pub(crate) struct InPort {
     pub(crate) local: bool,
 }
 
-/// An output port: every channel it feeds, and where each goes (`vertex:port`).
+/// An output port: every channel it feeds.
 pub(crate) struct OutPort {
     pub(crate) channels: Vec<(Sender<Bytes>, Codec)>,
-    pub(crate) to: Vec<Box<str>>,
     /// Where its channels' counts start in [`VertexState::counts`].
     pub(crate) first: usize,
+}
+
+impl OutPort {
+    /// Where channel `c` goes, `vertex:port`, from its queue's name (`JOB/vertex:port`, or
+    /// `JOB/vertex:port>out` for an outbox), whose job prefix is `prefix` bytes long.
+    fn to(&self, c: usize, prefix: usize) -> Option<&str> {
+        let name = self.channels.get(c)?.0.queue_name();
+        let name = name.get(prefix..)?;
+        Some(name.strip_suffix(">out").unwrap_or(name))
+    }
 }
 
 /// What a vertex's job can reach.
@@ -65,6 +74,8 @@ pub(crate) struct VertexIo {
     pub(crate) params: Arc<BTreeMap<String, String>>,
     /// Its part's pause control, when the part is checkpointable.
     pub(crate) pause: Option<Arc<super::checkpoint::pause::PauseCtl>>,
+    /// The length of the job's prefix (`JOB/`) in its queues' names.
+    pub(crate) prefix: usize,
 }
 
 impl VertexIo {
@@ -145,8 +156,10 @@ impl VertexState {
                 .collect(),
             sent: (io.outputs.0.iter())
                 .flat_map(|(port, p)| {
-                    (p.to.iter().enumerate())
-                        .map(move |(c, to)| (port.to_string(), to.to_string(), at(p.first + c)))
+                    (0..p.channels.len()).map(move |c| {
+                        let to = p.to(c, io.prefix).unwrap_or_default().to_owned();
+                        (port.to_string(), to, at(p.first + c))
+                    })
                 })
                 .collect(),
         }
@@ -170,7 +183,10 @@ impl VertexState {
                 .outputs
                 .position(port.as_bytes())
                 .and_then(|i| io.outputs.at(i));
-            let at = i.and_then(|p| Some(p.first + p.to.iter().position(|t| **t == **to)?));
+            let at = i.and_then(|p| {
+                let c = (0..p.channels.len()).find(|&c| p.to(c, io.prefix) == Some(to.as_str()))?;
+                Some(p.first + c)
+            });
             let slot = at.and_then(|i| self.counts.get_mut(i));
             *slot.ok_or_else(|| format!("the checkpoint counts items from '{port}' to '{to}', an edge this vertex does not have"))? = *c;
         }
@@ -457,12 +473,12 @@ async fn send<const PAUSABLE: bool>(
         let r = range(dp, dl, data.len(), "mvm.send data")?;
         Bytes::copy_from_slice(&data[r])
     };
-    let channels = caller
+    let (channels, counted) = caller
         .data()
         .io
         .outputs
         .at(i)
-        .map_or(0, |p| p.channels.len());
+        .map_or((0, 0), |p| (p.channels.len(), p.first));
     let mut plain = Some(plain);
     for c in first..channels {
         // One attempt in place; the vertex's ports are shared (and their reference count
@@ -526,9 +542,7 @@ async fn send<const PAUSABLE: bool>(
                 SendFailure::Full | SendFailure::Timeout => -5,
             });
         }
-        let state = caller.data_mut();
-        let at = state.io.outputs.at(i).map_or(usize::MAX, |p| p.first + c);
-        if let Some(count) = state.counts.get_mut(at) {
+        if let Some(count) = caller.data_mut().counts.get_mut(counted + c) {
             count.add(len);
         }
     }

@@ -937,18 +937,7 @@ fn wire(
                     (h.queue.sender(), h.codec.clone())
                 })
                 .collect();
-            let to = chans
-                .iter()
-                .map(|c| format!("{}:{}", t.vertices[c.to.vertex].name, c.to.port).into())
-                .collect();
-            outputs.push((
-                Box::<str>::from(*port),
-                OutPort {
-                    channels,
-                    to,
-                    first,
-                },
-            ));
+            outputs.push((Box::<str>::from(*port), OutPort { channels, first }));
             first += chans.len();
         }
         ios.push((
@@ -961,6 +950,7 @@ fn wire(
                 inputs: abi::Ports(inputs),
                 outputs: abi::Ports(outputs),
                 pause: None,
+                prefix: job.id.len() + 1,
             },
         ));
     }
@@ -1091,7 +1081,10 @@ async fn run_vertex_until(
         .cpu
         .map(|d| (d.as_nanos() / inner.tick.as_nanos().max(1)).max(1));
     let cpu = limits.cpu.unwrap_or_default();
-    let counts = io.inputs.0.len() + io.outputs.0.iter().map(|(_, p)| p.to.len()).sum::<usize>();
+    let counts = io.inputs.0.len()
+        + (io.outputs.0.iter())
+            .map(|(_, p)| p.channels.len())
+            .sum::<usize>();
     let io = Arc::new(io);
     let new_store = |io: Arc<VertexIo>| {
         let store_limits = Limiter {

@@ -89,6 +89,17 @@ pub(super) fn counts_of(
             .any(|c| c.sent.iter().any(|e| e.2.items > 0)),
         "something was counted: {counts:?}"
     );
+    // Each edge names the vertex and port it goes to, and that vertex takes what it counts.
+    for (v, c) in &counts {
+        for (_, to, _) in &c.sent {
+            let (vertex, port) = to.split_once(':').expect("vertex:port");
+            let into = counts.get(vertex).map(|c| &c.received);
+            assert!(
+                into.is_some_and(|r| r.iter().any(|(p, _)| p == port)),
+                "{v} sends to {to}, which is no input port: {counts:?}"
+            );
+        }
+    }
     counts
 }
 
