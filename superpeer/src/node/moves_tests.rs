@@ -208,3 +208,55 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
     assert!(b.parts.parts.is_empty());
     task.abort();
 }
+
+/// A cut asked of a part prepared but not started yet (the broker sent its `Start` first, but
+/// the two crossed on the way) waits for the `Start`, and is taken as the part starts; a later
+/// cut overtakes an earlier one that waits.
+#[test]
+fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
+    let mut b = bench();
+    let broker = PeerId::random();
+    let job = "c-1-0";
+    drop(b.prepare(broker, job, false));
+    let ready = b.pausable(job, PeerId::random(), PeerId::random());
+    let out = b.parts.on(Input::Prepared {
+        job: job.into(),
+        attempt: 0,
+        ready: Ok(ready),
+    });
+    assert_eq!(kinds(&out), ["reply"]);
+    answer(out);
+    let cut = |b: &mut Bench, cut: u64| {
+        let (reply, rx) = asked();
+        let out = b.parts.on(Input::Checkpoint {
+            job: job.into(),
+            attempt: 0,
+            cut,
+            reply,
+        });
+        (out, rx)
+    };
+    let (out, mut first) = cut(&mut b, 1);
+    assert!(out.is_empty(), "it waits for the start");
+    let (out, _second) = cut(&mut b, 2);
+    assert_eq!(kinds(&out), ["reply"]);
+    answer(out);
+    assert!(
+        matches!(first.try_recv(), Ok(Response::Error(f)) if f.message.contains("overtaken")),
+        "the first is given up"
+    );
+    let (reply, _started) = asked();
+    let out = b.parts.on(Input::Start {
+        from: broker,
+        superpeer: true,
+        job: job.into(),
+        attempt: 0,
+        reply,
+    });
+    assert_eq!(kinds(&out), ["run", "checkpoint", "reply"]);
+    assert!(
+        out.iter()
+            .any(|e| matches!(e, Effect::Checkpoint { cut: 2, .. })),
+        "the waiting cut is taken"
+    );
+}

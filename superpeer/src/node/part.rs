@@ -340,6 +340,9 @@ pub(super) struct Part {
     pub(super) moving: Option<Moving>,
     /// The cut whose image is taken and whose sending ends wait to be let go.
     pub(super) cut_release: Option<(u64, oneshot::Sender<()>)>,
+    /// A cut asked of the part before its `Start` came: the broker sends `Start` before it
+    /// cuts a running job, but the two requests may cross on the way. Taken when it starts.
+    pub(super) early_cut: Option<(u64, Reply)>,
 }
 
 pub(super) enum Stage {

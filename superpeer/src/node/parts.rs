@@ -95,6 +95,7 @@ impl Parts {
                         expected: Arc::default(),
                         moving: None,
                         cut_release: None,
+                        early_cut: None,
                     };
                     self.insert(spec.job.clone(), part);
                     out.push(Effect::Prepare { from, spec });
@@ -171,43 +172,7 @@ impl Parts {
                 attempt,
                 cut,
                 reply,
-            } => {
-                let r = match self.run_mut(&job, attempt) {
-                    None => Err(fail(
-                        FailureKind::NotFound,
-                        format!("run {attempt} of job {job} is not here"),
-                    )),
-                    Some(Part { marks: None, .. }) => Err(fail(
-                        FailureKind::Input,
-                        format!("job {job}'s part was not prepared for checkpoints"),
-                    )),
-                    Some(Part {
-                        stage: Stage::Running { .. },
-                        marks: Some(m),
-                        ..
-                    }) => Ok(Box::new(m.clone())),
-                    Some(_) => Err(fail(
-                        FailureKind::Unavailable,
-                        format!("job {job}'s part is not running yet"),
-                    )),
-                };
-                match r {
-                    Ok(marks) => {
-                        let (tx, release) = oneshot::channel();
-                        if let Some(p) = self.run_mut(&job, attempt) {
-                            // A cut before this one not let go yet: it goes now.
-                            p.cut_release = Some((cut, tx));
-                        }
-                        out.push(Effect::Checkpoint {
-                            marks,
-                            cut,
-                            reply,
-                            release,
-                        });
-                    }
-                    Err(e) => out.push(Effect::Reply(reply, e)),
-                }
-            }
+            } => self.checkpoint(&mut out, &job, attempt, cut, reply),
             Input::ReleaseCut {
                 job,
                 attempt,
@@ -394,6 +359,65 @@ impl Parts {
         }
     }
 
+    /// A cut asked of run `attempt` of `job`'s part: its image is taken (an effect), or, for a
+    /// part prepared but not started yet, the cut waits for its `Start`.
+    fn checkpoint(
+        &mut self,
+        out: &mut Vec<Effect>,
+        job: &JobId,
+        attempt: u32,
+        cut: u64,
+        reply: Reply,
+    ) {
+        if let Some(p) = self.run_mut(job, attempt)
+            && p.marks.is_some()
+            && matches!(p.stage, Stage::Prepared(_))
+        {
+            if let Some((older, r)) = p.early_cut.replace((cut, reply)) {
+                let why =
+                    format!("checkpoint {older} of job {job} was overtaken by checkpoint {cut}");
+                out.push(Effect::Reply(r, fail(FailureKind::Unavailable, why)));
+            }
+            return;
+        }
+        let job = job.clone();
+        let r = match self.run_mut(&job, attempt) {
+            None => Err(fail(
+                FailureKind::NotFound,
+                format!("run {attempt} of job {job} is not here"),
+            )),
+            Some(Part { marks: None, .. }) => Err(fail(
+                FailureKind::Input,
+                format!("job {job}'s part was not prepared for checkpoints"),
+            )),
+            Some(Part {
+                stage: Stage::Running { .. },
+                marks: Some(m),
+                ..
+            }) => Ok(Box::new(m.clone())),
+            Some(_) => Err(fail(
+                FailureKind::Unavailable,
+                format!("job {job}'s part is not running yet"),
+            )),
+        };
+        match r {
+            Ok(marks) => {
+                let (tx, release) = oneshot::channel();
+                if let Some(p) = self.run_mut(&job, attempt) {
+                    // A cut before this one not let go yet: it goes now.
+                    p.cut_release = Some((cut, tx));
+                }
+                out.push(Effect::Checkpoint {
+                    marks,
+                    cut,
+                    reply,
+                    release,
+                });
+            }
+            Err(e) => out.push(Effect::Reply(reply, e)),
+        }
+    }
+
     /// Starts a prepared part for `from`; a prepare's answer in `hold` is held until the part
     /// ends or [`Effect::Hold`] is over.
     fn start(
@@ -429,11 +453,15 @@ impl Parts {
         else {
             return Response::Ok; // it was prepared: checked above
         };
+        let early = part.early_cut.take();
         out.push(Effect::Run {
             job: job.to_owned(),
             attempt,
             launch,
         });
+        if let Some((cut, reply)) = early {
+            self.checkpoint(out, job, attempt, cut, reply);
+        }
         if held {
             out.push(Effect::Hold {
                 job: job.to_owned(),
