@@ -17,6 +17,19 @@ const YIELDING: &[u8] = br#"(module
   (func (export "_start") (loop $l (call $yield) (br $l))))"#;
 
 impl Bench {
+    /// Starts run 0 of `job`, as its broker asks; what the parts machine does (its answer's
+    /// receiver is dropped).
+    fn start(&mut self, broker: PeerId, job: &str) -> Vec<Effect> {
+        let (reply, _rx) = asked();
+        self.parts.on(Input::Start {
+            from: broker,
+            superpeer: true,
+            job: job.into(),
+            attempt: 0,
+            reply,
+        })
+    }
+
     /// A part of `job` prepared to pause: one vertex, an output to `left` and inputs from
     /// `left` and `other` (link ends only: nothing runs).
     fn pausable(&self, job: &str, left: PeerId, other: PeerId) -> Box<Ready> {
@@ -76,14 +89,7 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
     // Not running yet: no step.
     let (out, rx) = step(&mut b, hold(left));
     assert!(matches!(said(out, rx), Response::Error(f) if f.kind == FailureKind::Unavailable));
-    let (reply, _rx) = asked();
-    let out = b.parts.on(Input::Start {
-        from: broker,
-        superpeer: true,
-        job: job.into(),
-        attempt: 0,
-        reply,
-    });
+    let out = b.start(broker, job);
     assert!(kinds(&out).contains(&"run"));
 
     // Links are handed over only once held.
@@ -245,14 +251,7 @@ fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
         matches!(first.try_recv(), Ok(Response::Error(f)) if f.message.contains("overtaken")),
         "the first is given up"
     );
-    let (reply, _started) = asked();
-    let out = b.parts.on(Input::Start {
-        from: broker,
-        superpeer: true,
-        job: job.into(),
-        attempt: 0,
-        reply,
-    });
+    let out = b.start(broker, job);
     assert_eq!(kinds(&out), ["run", "checkpoint", "reply"]);
     assert!(
         out.iter()
