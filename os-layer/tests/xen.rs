@@ -49,6 +49,10 @@ fn console(name: &str) -> String {
         .collect()
 }
 
+/// How many times a PVH guest that dies before its first tick is booted in all (see
+/// `boot_ticking`).
+const BOOTS: u32 = 4;
+
 /// The guest's highest tick on its console.
 fn ticks(name: &str) -> Option<u64> {
     console(name)
@@ -316,10 +320,11 @@ impl Suite {
     /// Live migration needs log-dirty tracking of the guest's memory, which Debian's Xen
     /// (built without shadow paging) offers only with hardware paging: a PVH guest.
     /// Starts `req` and waits until it ticks. Under QEMU's TCG a PVH guest now and then
-    /// triple-faults in early boot (seen once in ~20 suite runs, Xen dumping the vcpu); a
-    /// guest that dies before its first tick is started once more, saying so.
+    /// triple-faults in early boot (seen once in ~20 suite runs, Xen dumping the vcpu; once
+    /// twice in a row); a guest that dies before its first tick is started again, up to
+    /// [`BOOTS`] times in all, saying so.
     fn boot_ticking(&mut self, req: &GuestRequest) -> Check {
-        for attempt in 0..2 {
+        for attempt in 1..=BOOTS {
             self.prov.provision(req).map_err(e2s)?;
             let end = Instant::now() + Duration::from_secs(300);
             let mut dead = false;
@@ -336,11 +341,11 @@ impl Suite {
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
-            if !dead || attempt == 1 {
+            if !dead || attempt == BOOTS {
                 break;
             }
             println!(
-                "xen: {} died before its first tick; starting it once more",
+                "xen: {} died before its first tick (boot {attempt} of {BOOTS}); starting it again",
                 req.name
             );
             let _ = self.prov.teardown(&req.name);
