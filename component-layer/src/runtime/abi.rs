@@ -187,8 +187,13 @@ impl VertexState {
                 let c = (0..p.channels.len()).find(|&c| p.to(c, io.prefix) == Some(to.as_str()))?;
                 Some(p.first + c)
             });
-            let slot = at.and_then(|i| self.counts.get_mut(i));
-            *slot.ok_or_else(|| format!("the checkpoint counts items from '{port}' to '{to}', an edge this vertex does not have"))? = *c;
+            let Some(slot) = at.and_then(|i| self.counts.get_mut(i)) else {
+                return Err(format!(
+                    "the checkpoint counts items from '{port}' to '{to}', an edge this vertex \
+                     does not have"
+                ));
+            };
+            *slot = *c;
         }
         Ok(())
     }

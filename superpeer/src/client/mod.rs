@@ -14,6 +14,7 @@ mod profile;
 
 pub use profile::{Prepared, read_profile};
 
+/// A failure of the client's input (a profile, an address).
 fn input(m: impl Into<String>) -> Failure {
     Failure::new(FailureKind::Input, m)
 }

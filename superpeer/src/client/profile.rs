@@ -7,9 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use mvm_component::profile::{Profile, parse_size};
 
-use crate::proto::{
-    CheckpointPolicy, Failure, FailureKind, Hash, LimitSpec, Requirements, Submission, VmMode,
-};
+use super::input;
+use crate::proto::{CheckpointPolicy, Failure, Hash, LimitSpec, Requirements, Submission, VmMode};
 
 /// A job profile read from disk, ready to send: the submission and its modules' bytes.
 #[derive(Debug, Clone)]
@@ -18,10 +17,6 @@ pub struct Prepared {
     pub submission: Submission,
     /// Hash → bytes of every module.
     pub modules: BTreeMap<Hash, Bytes>,
-}
-
-fn input(m: impl Into<String>) -> Failure {
-    Failure::new(FailureKind::Input, m)
 }
 
 /// Reads a profile, its topology and its modules; errors name the file (and line).
