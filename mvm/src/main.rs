@@ -87,6 +87,10 @@ enum Command {
     Policy(cmd::policy::Args),
     /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
     Bench(cmd::bench::Args),
+    /// Run one part of a job inside its guest, for the node that started this process (its
+    /// job on stdin, its end on stdout); not for people.
+    #[command(hide = true)]
+    Worker,
 }
 
 fn main() -> ExitCode {
@@ -110,7 +114,7 @@ fn main() -> ExitCode {
         .init();
     if !matches!(
         cli.command,
-        Command::Lab(_) | Command::Node(_) | Command::Superpeer(_)
+        Command::Lab(_) | Command::Node(_) | Command::Superpeer(_) | Command::Worker
     ) {
         // A command whose output is piped into one that stops reading (`mvm status -o json |
         // head`) ends quietly, as Unix tools do, instead of panicking on the closed pipe. Not
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd::run::run(args),
         Command::Topology(args) => cmd::topology::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Worker => cmd::daemon::worker(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

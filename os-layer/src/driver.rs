@@ -238,4 +238,22 @@ pub trait Driver: Send + Sync {
     /// # Errors
     /// [`DriverError::NotFound`], or the toolstack failed.
     fn sched(&self, name: &str) -> Result<Sched, DriverError>;
+
+    /// Where a process of this host joins guest `name`: the `cgroup.procs` file of each of its
+    /// control groups, for a driver whose guests are groups of the host's own processes; `None`
+    /// for a driver whose guests are machines of their own (Xen).
+    ///
+    /// # Errors
+    /// [`DriverError::NotFound`].
+    fn join_files(&self, name: &str) -> Result<Option<Vec<std::path::PathBuf>>, DriverError> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// How many processes of guest `name` the kernel has killed for its memory limit so far,
+    /// where the driver can tell.
+    fn oom_kills(&self, name: &str) -> Option<u64> {
+        let _ = name;
+        None
+    }
 }

@@ -48,6 +48,44 @@ struct Record {
     paused: bool,
 }
 
+/// Makes the process `cmd` starts join the control groups whose `cgroup.procs` files are
+/// `files` (see [`Driver::join_files`]) between its fork and its exec, so that nothing it runs
+/// runs outside them: the files are opened now, and the child writes `0` (itself) to each.
+///
+/// # Errors
+/// A file cannot be opened for writing; the spawn fails if the child cannot join.
+pub fn join_on_exec(cmd: &mut std::process::Command, files: &[PathBuf]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+
+    let open = files
+        .iter()
+        .map(|f| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", f.display())))
+        })
+        .collect::<io::Result<Vec<fs::File>>>()?;
+    let hook = move || -> io::Result<()> {
+        for f in &open {
+            // SAFETY: `write` is async-signal-safe, `f` is an open descriptor owned by the
+            // closure (inherited by the child), and the buffer is a static byte.
+            let n = unsafe { libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1) };
+            if n != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only calls `write(2)`, which is async-signal-safe, allocates nothing
+    // and takes no lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+    Ok(())
+}
+
 /// Guests as control groups of this host.
 #[derive(Debug)]
 pub struct HostDriver {
@@ -171,6 +209,33 @@ impl HostDriver {
             .collect())
     }
 
+    /// The `cgroup.procs` file of each of guest `name`'s control groups (none without writable
+    /// cgroups: the guest is the host itself).
+    fn procs_files(&self, name: &str) -> Result<Vec<PathBuf>, DriverError> {
+        self.need(name)?;
+        Ok(self
+            .dirs(name)
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect())
+    }
+
+    /// The `oom_kill` count of guest `name`'s memory group (v2 `memory.events`, v1
+    /// `memory.oom_control`).
+    fn oom_kill_count(&self, name: &str) -> Option<u64> {
+        let file = match &self.cg {
+            Cgroups::V2 { root } => root.join(name).join("memory.events"),
+            Cgroups::V1 {
+                memory: Some(m), ..
+            } => m.join(name).join("memory.oom_control"),
+            _ => return None,
+        };
+        read(&file).ok()?.lines().find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse().ok())
+        })
+    }
+
     fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), DriverError> {
         self.need(name)?;
         match &self.cg {
@@ -242,10 +307,37 @@ impl HostDriver {
     fn apply_memory(&self, name: &str, mib: u64) -> Result<(), DriverError> {
         let bytes = (mib << 20).to_string();
         match &self.cg {
-            Cgroups::V2 { root } => write(&root.join(name).join("memory.max"), &bytes),
+            Cgroups::V2 { root } => {
+                write(&root.join(name).join("memory.max"), &bytes)?;
+                // No swap: the limit binds instead of swapping.
+                let swap = root.join(name).join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                Ok(())
+            }
             Cgroups::V1 {
                 memory: Some(m), ..
-            } => write(&m.join(name).join("memory.limit_in_bytes"), &bytes),
+            } => {
+                let d = m.join(name);
+                let (mem, memsw) = (
+                    d.join("memory.limit_in_bytes"),
+                    d.join("memory.memsw.limit_in_bytes"),
+                );
+                if !memsw.exists() {
+                    return write(&mem, &bytes);
+                }
+                // Memory and swap together, so the limit binds instead of swapping; the
+                // kernel keeps memory+swap at least memory, so the order depends on the way.
+                let now: u64 = read(&mem)?.parse().unwrap_or(u64::MAX);
+                if mib << 20 > now {
+                    write(&memsw, &bytes)?;
+                    write(&mem, &bytes)
+                } else {
+                    write(&mem, &bytes)?;
+                    write(&memsw, &bytes)
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -608,6 +700,14 @@ impl Driver for HostDriver {
     fn sched(&self, name: &str) -> Result<Sched, DriverError> {
         self.need(name)?;
         self.read_sched(name)
+    }
+
+    fn join_files(&self, name: &str) -> Result<Option<Vec<PathBuf>>, DriverError> {
+        self.procs_files(name).map(Some)
+    }
+
+    fn oom_kills(&self, name: &str) -> Option<u64> {
+        self.oom_kill_count(name)
     }
 }
 

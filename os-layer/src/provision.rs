@@ -239,6 +239,11 @@ impl Environments {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The driver the guests are made with.
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        self.prov.driver()
+    }
+
     /// The checkpoint file of guest `name`.
     pub fn checkpoint(&self, name: &str) -> PathBuf {
         self.checkpoints.join(format!("{name}.chk"))

@@ -17,6 +17,7 @@ use mvm_os::xen::{XenConfig, XenDriver};
 use mvm_os::{Driver, DriverError};
 
 use crate::proto::{EnvSpec, JobId};
+use crate::worker::WorkerCommand;
 
 /// Why a node's OS layer cannot be opened, or a job's environment acquired.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +61,17 @@ pub struct OsConfig {
     pub driver: DriverKind,
     /// Its directory: `images/` (the repository), `guests/` (storage), `checkpoints/`, `xen/`.
     pub dir: PathBuf,
+    /// How a part whose guest is a group of this host's processes (the host driver) is run in
+    /// a process of its own inside the guest (`mvm worker`); none: in the node's own process,
+    /// where the guest's limits do not bind it.
+    pub worker: Option<WorkerCommand>,
 }
 
 /// The node's environments, built from an [`OsConfig`].
 pub(crate) struct NodeOs {
     envs: Arc<Environments>,
     repo: Repository,
+    worker: Option<WorkerCommand>,
 }
 
 impl NodeOs {
@@ -81,7 +87,13 @@ impl NodeOs {
         Ok(NodeOs {
             envs: Arc::new(Environments::new(prov, c.dir.join("checkpoints"))),
             repo,
+            worker: c.worker.clone(),
         })
+    }
+
+    /// How parts run in workers inside their guests, if they do.
+    pub(crate) fn worker(&self) -> Option<&WorkerCommand> {
+        self.worker.as_ref()
     }
 
     /// The image ids this node offers: every image in its repository, as the full id and as
@@ -176,6 +188,52 @@ fn short(s: &str) -> String {
 pub(crate) struct EnvLease {
     envs: Arc<Environments>,
     lease: Option<Lease>,
+}
+
+impl EnvLease {
+    /// The guest, to name it and ask about it while the lease is held elsewhere.
+    pub(crate) fn guest(&self) -> GuestRef {
+        GuestRef {
+            envs: self.envs.clone(),
+            name: self
+                .lease
+                .as_ref()
+                .map(|l| l.name.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Where a process joins the guest, when the guest is a group of this host's processes
+    /// (the host driver): the `cgroup.procs` file of each of its control groups.
+    pub(crate) fn join_files(&self) -> Option<Vec<PathBuf>> {
+        let name = &self.lease.as_ref()?.name;
+        match self.envs.driver().join_files(name) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(guest = %name, error = %e, "cannot tell how to join the guest");
+                None
+            }
+        }
+    }
+}
+
+/// A guest held by a lease, by name.
+#[derive(Clone)]
+pub(crate) struct GuestRef {
+    envs: Arc<Environments>,
+    name: String,
+}
+
+impl GuestRef {
+    /// Its name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its count of processes killed for its memory limit, where the driver tells.
+    pub(crate) fn oom_kills(&self) -> Option<u64> {
+        self.envs.driver().oom_kills(&self.name)
+    }
 }
 
 impl Drop for EnvLease {

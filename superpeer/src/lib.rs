@@ -13,6 +13,7 @@
 //! - [`pki`]: domain CAs, node and user certificates, and their checks.
 //! - [`policy`]: the policies in force, their source, and their distribution.
 //! - `site`: what a daemon's roles share, and requests from one role to another.
+//! - [`worker`]: a part run in a process of its own inside its guest (`mvm worker`).
 
 mod broker;
 pub mod client;
@@ -29,3 +30,4 @@ pub mod proto;
 mod rpc;
 pub mod schedule;
 mod site;
+pub mod worker;

@@ -24,8 +24,8 @@ use mvm_queue::queue::Stats;
 use mvm_queue::queue::{Receiver, Sender};
 use parking_lot::Mutex;
 use wasmtime::{
-    Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, PoolingAllocationConfig,
-    Store, UpdateDeadline,
+    Engine, InstanceAllocationStrategy, InstancePre, Linker, PoolingAllocationConfig, Store,
+    UpdateDeadline,
 };
 use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -36,6 +36,8 @@ pub use cache::{ModuleCache, Source};
 use checkpoint::pause::{PauseCtl, Pausing};
 use checkpoint::{Count, PartControl, PartImage, VertexImage, VertexPhase};
 use dedicated::Dedicated;
+/// A compiled module (wasmtime's).
+pub use wasmtime::Module;
 
 /// How long a vertex waits for an instance slot of the pool before it fails: slots free as the
 /// vertices of ended jobs stop.
@@ -236,6 +238,8 @@ struct Inner {
     tick: Duration,
     dedicated: Dedicated,
     spin: Duration,
+    /// The largest linear memory a vertex may have (the engine's memory reservation).
+    max_memory: usize,
 }
 
 /// A node's WebAssembly runtime.
@@ -355,6 +359,7 @@ impl Runtime {
             tick: config.tick,
             dedicated: Dedicated::new(config.dedicated_threads),
             spin: config.spin,
+            max_memory: config.max_memory_bytes,
         });
         ticker::tick(Arc::downgrade(&inner), config.tick)
             .map_err(|e| RuntimeError(format!("cannot start the epoch ticker: {e}")))?;
@@ -369,6 +374,29 @@ impl Runtime {
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// The largest linear memory a vertex may have ([`RuntimeConfig::max_memory_bytes`]).
+    pub fn max_memory_bytes(&self) -> usize {
+        self.inner.max_memory
+    }
+
+    /// A module compiled by another runtime of this program with the same
+    /// [`RuntimeConfig::max_memory_bytes`], from the bytes of its `Module::serialize` (a node
+    /// hands its compiled modules to the worker that runs a part in a guest).
+    ///
+    /// # Safety
+    /// `bytes` must be what `Module::serialize` gave in this same program, handed over by a
+    /// trusted party (the node that started this process, over its pipe): compiled code is
+    /// run as it is.
+    ///
+    /// # Errors
+    /// The bytes are not a compiled module, or were compiled with other engine settings.
+    pub unsafe fn compiled(&self, bytes: &[u8]) -> Result<Module, RuntimeError> {
+        // SAFETY: the caller vouches for the bytes (see above); wasmtime checks that they were
+        // compiled by a compatible engine.
+        unsafe { Module::deserialize(&self.inner.engine, bytes) }
+            .map_err(|e| RuntimeError(format!("a compiled module that does not load: {e:#}")))
     }
 
     /// Runs a whole job on this node: checks policy for every vertex, creates the queues,

@@ -223,7 +223,17 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
             c.cgroup
         )));
     }
+    // A part in a guest of the host driver runs in a worker: this program, `mvm worker`.
+    let worker = std::env::current_exe()
+        .map(|program| mvm_superpeer::worker::WorkerCommand {
+            program,
+            args: vec!["worker".into()],
+        })
+        .map_err(|e| {
+            Failure::failed(anyhow::anyhow!("cannot find this program for workers: {e}"))
+        })?;
     config.os = c.os_dir.map(|dir| mvm_superpeer::environment::OsConfig {
+        worker: Some(worker),
         driver: match c.driver {
             DriverArg::Host => mvm_superpeer::environment::DriverKind::Host { cgroup: c.cgroup },
             DriverArg::Xen => mvm_superpeer::environment::DriverKind::Xen,
@@ -265,6 +275,32 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         daemon.run(shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// `mvm worker`: runs one part of a job for the node that started this process, inside the
+/// part's guest (see `mvm_superpeer::worker`): its job on stdin, its end on stdout.
+pub(crate) fn worker() -> Result<(), Failure> {
+    use std::os::fd::FromRawFd;
+
+    // The end goes to the node on the stdout it gave; anything else this process prints goes
+    // to stderr, so that nothing can be mistaken for the end.
+    // SAFETY: duplicates this process's own standard descriptors before any thread starts.
+    let out = unsafe { libc::dup(1) };
+    // SAFETY: as above.
+    if out < 0 || unsafe { libc::dup2(2, 1) } < 0 {
+        return Err(Failure::failed(anyhow::anyhow!(
+            "the worker's standard output: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `out` is a fresh descriptor that nothing else owns.
+    let out = unsafe { std::fs::File::from_raw_fd(out) };
+    match mvm_superpeer::worker::serve(std::io::stdin(), out, true) {
+        0 => Ok(()),
+        _ => Err(Failure::failed(anyhow::anyhow!(
+            "the worker could not give its end to its node"
+        ))),
+    }
 }
 
 /// SIGINT and SIGTERM, caught from the moment this is created (inside a tokio runtime).

@@ -41,6 +41,31 @@ fn cgroups(group: &str) -> Vec<String> {
     v
 }
 
+/// The host driver's parent group `0` of a test, removed (in every hierarchy) when dropped,
+/// also when the test fails: declared before the daemons, it is dropped after them.
+struct ParentGroup(String);
+
+impl Drop for ParentGroup {
+    fn drop(&mut self) {
+        for base in [
+            "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/freezer",
+            "/sys/fs/cgroup/cpuset",
+            "/sys/fs/cgroup",
+        ] {
+            let parent = Path::new(base).join(&self.0);
+            // Guests a killed node left behind (their processes gone), then the parent.
+            for d in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if d.path().is_dir() {
+                    let _ = std::fs::remove_dir(d.path());
+                }
+            }
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
 /// Imports `disk` as image `name` (for the host driver) into the repository in `os`; its id.
 fn import(g: &Groups, os: &Path, name: &str, disk: &Path) -> String {
     let out = g.run(&[
@@ -55,6 +80,30 @@ fn import(g: &Groups, os: &Path, name: &str, disk: &Path) -> String {
     ]);
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A super-peer `sp` and a node `n1` whose repository in `os` holds image `env:1` (a 1 MiB
+/// disk, for the host driver) and whose guests are groups under `group`: the super-peer's
+/// address and the image's id.
+fn with_image_node(g: &mut Groups, os: &Path, group: &str) -> (String, String) {
+    let disk = g.dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let id = import(g, os, "env:1", &disk);
+    let sp = g.daemon("sp", &["superpeer"]);
+    let os_arg = os.to_str().expect("utf-8").to_owned();
+    g.daemon(
+        "n1",
+        &[
+            "node",
+            "--bootstrap",
+            &sp,
+            "--os-dir",
+            &os_arg,
+            "--cgroup",
+            group,
+        ],
+    );
+    (sp, id)
 }
 
 fn profile(dir: &Path, name: &str, requirements: &str) -> String {
@@ -77,29 +126,13 @@ fn profile(dir: &Path, name: &str, requirements: &str) -> String {
 #[test]
 fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_mode() {
     build_jobs();
+    let group = format!("mvm-envtest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
     let mut g = Groups::new();
     let os = g.dir.path().join("n1os");
-    let group = format!("mvm-envtest-{}", std::process::id());
-    // The image: a 1 MiB disk in n1's repository.
     let disk = g.dir.path().join("disk.raw");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
-    let id = import(&g, &os, "env:1", &disk);
+    let (sp, id) = with_image_node(&mut g, &os, &group);
     assert!(id.starts_with("env:1@sha256:"), "{id}");
-
-    let sp = g.daemon("sp", &["superpeer"]);
-    let os_arg = os.to_str().expect("utf-8").to_owned();
-    g.daemon(
-        "n1",
-        &[
-            "node",
-            "--bootstrap",
-            &sp,
-            "--os-dir",
-            &os_arg,
-            "--cgroup",
-            &group,
-        ],
-    );
     g.daemon("n2", &["node", "--bootstrap", &sp]);
     write_lab(g.dir.path(), &sp);
     wait_for(Duration::from_secs(20), || {
@@ -195,13 +228,180 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
     wait_for(Duration::from_secs(20), || {
         (guests(&os).is_empty() && cgroups(&group).is_empty()).then_some(())
     });
-    for base in [
-        "/sys/fs/cgroup/cpu",
-        "/sys/fs/cgroup/memory",
-        "/sys/fs/cgroup/freezer",
-        "/sys/fs/cgroup/cpuset",
-        "/sys/fs/cgroup",
-    ] {
-        let _ = std::fs::remove_dir(Path::new(base).join(&group));
+}
+
+/// Counts to 1.5 billion (about a second), then prints "spun".
+const SPIN: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "spun")
+  (func (export "_start") (local $i i64)
+    (loop $l
+      (local.set $i (i64.add (local.get $i) (i64.const 1)))
+      (br_if $l (i64.lt_u (local.get $i) (i64.const 1500000000))))
+    (i32.store (i32.const 16) (i32.const 100))
+    (i32.store (i32.const 20) (i32.const 4))
+    (drop (call $write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 32)))))"#;
+
+/// Grows its memory to 60 MiB and writes every page of it.
+const HOG: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (local $p i32)
+    (drop (memory.grow (i32.const 959)))
+    (loop $l
+      (i32.store (local.get $p) (i32.const 1))
+      (local.set $p (i32.add (local.get $p) (i32.const 4096)))
+      (br_if $l (i32.lt_u (local.get $p) (i32.const 62914560))))))"#;
+
+/// Spins until stopped.
+const FOREVER: &str = r#"(module (func (export "_start") (loop $l (br $l))))"#;
+
+/// A one-vertex job of module `wat` in a guest of image `env:1`, with `extra` profile lines.
+fn one_vertex(dir: &Path, name: &str, wat: &str, extra: &str) -> String {
+    std::fs::write(dir.join(format!("{name}.wat")), wat).expect("module");
+    std::fs::write(
+        dir.join(format!("{name}.dot")),
+        format!("digraph {name} {{ v [component=\"{name}\"]; }}\n"),
+    )
+    .expect("topology");
+    let p = dir.join(format!("{name}.toml"));
+    let d = dir.display();
+    std::fs::write(
+        &p,
+        format!(
+            "name = \"{name}\"\ntopology = \"{d}/{name}.dot\"\n[components]\n{name} = \"{d}/{name}.wat\"\n{extra}"
+        ),
+    )
+    .expect("profile");
+    p.display().to_string()
+}
+
+/// The processes in guest `guest` of parent group `group`, in every hierarchy it has.
+fn guest_procs(group: &str, guest: &str) -> Vec<(PathBuf, Vec<u32>)> {
+    ["cpu", "memory", "cpuset", "freezer", ""]
+        .iter()
+        .map(|c| Path::new("/sys/fs/cgroup").join(c).join(group).join(guest))
+        .filter(|d| d.join("cgroup.procs").is_file())
+        .map(|d| {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            (d, procs)
+        })
+        .collect()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .is_some_and(|st| !st.trim_start().starts_with('Z'))
+    })
+}
+
+/// A process's parent and command line.
+fn parent_and_args(pid: u32) -> Option<(u32, Vec<String>)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let args = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args = args
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some((ppid, args))
+}
+
+#[test]
+fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_limit_binds() {
+    let group = format!("mvm-worktest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let mut g = Groups::new();
+    let os = g.dir.path().join("n1os");
+    let (sp, _) = with_image_node(&mut g, &os, &group);
+    let node_pid = g.children[1].id();
+    write_lab(g.dir.path(), &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 1).then_some(())
+    });
+
+    // While the job runs, its guest's groups hold one process: a worker the node started.
+    let spin = one_vertex(
+        g.dir.path(),
+        "spin",
+        SPIN,
+        "[requirements]\nimage = \"env:1\"\n",
+    );
+    let submit = g.mvm(&["submit", "--wait", &spin, "-o", "json"]);
+    let waiter = std::thread::spawn(move || {
+        let mut submit = submit;
+        submit.output().expect("mvm runs")
+    });
+    // (A process is in them from before its exec: wait for the exec.)
+    let (guest, worker, ppid) = wait_for(Duration::from_secs(20), || {
+        let guest = cgroups(&group).into_iter().next()?;
+        let procs = guest_procs(&group, &guest);
+        let (_, pids) = procs.first()?;
+        let pid = *pids.first()?;
+        let (ppid, args) = parent_and_args(pid)?;
+        (args.get(1).map(String::as_str) == Some("worker")).then_some((guest, pid, ppid))
+    });
+    assert_eq!(ppid, node_pid, "the node started it");
+    for (dir, pids) in guest_procs(&group, &guest) {
+        assert_eq!(pids, vec![worker], "{}", dir.display());
     }
+    let v = json(&waiter.join().expect("submitter"));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["outputs"], serde_json::json!([["v", "spun"]]), "{v}");
+    assert!(!alive(worker), "the worker is gone");
+
+    // A job over its guest's memory limit: its worker is killed, the part fails saying so,
+    // and the node goes on.
+    let hog = one_vertex(
+        g.dir.path(),
+        "hog",
+        HOG,
+        "[requirements]\nimage = \"env:1\"\nmemory = \"24MiB\"\n[limits]\nmemory = \"64MiB\"\n",
+    );
+    let out = g.run(&["submit", "--wait", &hog, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    assert_eq!(v["state"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("memory limit") && error.contains("worker"),
+        "{v}"
+    );
+    let v = json(&g.run(&["submit", "--wait", &spin, "-o", "json"]));
+    assert_eq!(v["state"], "done", "the node runs the next job: {v}");
+
+    // A node killed mid-job takes its worker with it (the worker sees its pipe close).
+    let forever = one_vertex(
+        g.dir.path(),
+        "forever",
+        FOREVER,
+        "[requirements]\nimage = \"env:1\"\n",
+    );
+    let out = g.run(&["submit", &forever]);
+    assert!(out.status.success(), "{out:?}");
+    let worker = wait_for(Duration::from_secs(20), || {
+        let guest = cgroups(&group).into_iter().next()?;
+        let procs = guest_procs(&group, &guest);
+        let pid = *procs.first()?.1.first()?;
+        let (_, args) = parent_and_args(pid)?;
+        (args.get(1).map(String::as_str) == Some("worker")).then_some(pid)
+    });
+    let node = &mut g.children[1];
+    node.kill().expect("kill the node");
+    node.wait().expect("reap the node");
+    wait_for(Duration::from_secs(5), || (!alive(worker)).then_some(()));
 }

@@ -174,6 +174,47 @@ fn checkpoints_need_a_hypervisor_and_bad_requests_are_refused() {
 }
 
 #[test]
+fn a_process_started_into_a_guest_is_in_it_from_its_first_instruction_and_its_memory_limit_binds() {
+    let f = Fixture::new("c");
+    let d = &f.driver;
+    let mut s = spec("g3");
+    s.memory_mib = 16;
+    d.create(&s).unwrap();
+    let files = d
+        .join_files("g3")
+        .unwrap()
+        .expect("host guests are joined by processes");
+    assert!(!files.is_empty());
+    // The process prints the groups it is in before it does anything else.
+    let mut cmd = Command::new("cat");
+    cmd.arg("/proc/self/cgroup");
+    join_on_exec(&mut cmd, &files).unwrap();
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let groups = String::from_utf8_lossy(&out.stdout);
+    let at = format!("/mvm-test-{}-c/g3", std::process::id());
+    let lines = groups.lines().filter(|l| l.ends_with(&at)).count();
+    assert_eq!(
+        lines,
+        files.len(),
+        "one line per hierarchy joined:\n{groups}"
+    );
+    // Over the limit: the kernel kills it, and the guest counts the kill.
+    let before = d.oom_kills("g3").expect("a memory group");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("head -c 100000000 /dev/zero | tail > /dev/null");
+    join_on_exec(&mut cmd, &files).unwrap();
+    let status = cmd.status().unwrap();
+    assert!(!status.success());
+    assert!(d.oom_kills("g3").expect("a memory group") > before);
+    // A group that cannot be joined fails the spawn, not the child's first instruction.
+    let mut cmd = Command::new("true");
+    assert!(join_on_exec(&mut cmd, &[PathBuf::from("/nonexistent/cgroup.procs")]).is_err());
+    d.destroy("g3").unwrap();
+}
+
+#[test]
 fn without_cgroups_guests_are_the_host_itself() {
     let d = HostDriver::with(Cgroups::None);
     let mut s = spec("h");

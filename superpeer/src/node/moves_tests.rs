@@ -37,7 +37,7 @@ impl Bench {
         let control = prepared.control().expect("pausable");
         let key = |port: &str, peer| ("w".to_owned(), port.to_owned(), peer);
         Box::new(Ready {
-            prepared,
+            prepared: crate::node::parts::Body::Here(prepared),
             parts: vec![(PeerId::random(), Vec::new())],
             inputs: HashMap::new(),
             expected_links: 3,

@@ -3,6 +3,7 @@
 //! node sees.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -17,8 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use super::LinkResult;
-use crate::environment::EnvLease;
+use crate::environment::{EnvLease, GuestRef};
 use crate::proto::{Failure, JobId, MoveStep, PartReport, PartSpec, Response};
+use crate::worker::{WorkerCommand, WorkerJob};
 
 pub(super) type Reply = oneshot::Sender<Response>;
 
@@ -26,9 +28,33 @@ pub(super) type Reply = oneshot::Sender<Response>;
 /// it; for an output, the remote vertex and port it feeds, and the peer that runs them.
 pub(super) type InputKey = (String, String, PeerId);
 
+/// How a prepared part runs.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the common case (`Here`) is not boxed; a part is itself boxed in `Ready` and `Launch`"
+)]
+pub(super) enum Body {
+    /// In the node's own process.
+    Here(Prepared),
+    /// In a worker process inside its guest ([`crate::worker`]).
+    Worker(Box<InGuest>),
+}
+
+/// A part to run in a worker inside its guest.
+pub(super) struct InGuest {
+    /// What the worker runs.
+    pub(super) job: WorkerJob,
+    /// How it is started.
+    pub(super) command: WorkerCommand,
+    /// The guest.
+    pub(super) guest: GuestRef,
+    /// The `cgroup.procs` files the worker joins before it runs anything.
+    pub(super) join: Vec<PathBuf>,
+}
+
 /// A part prepared off the loop: everything it needs to run.
 pub(super) struct Ready {
-    pub(super) prepared: Prepared,
+    pub(super) prepared: Body,
     /// Every part of the job: where it runs.
     pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
     /// Remote inputs waiting for their streams.
@@ -76,7 +102,7 @@ impl Marks {
 
 /// What a part needs to start, given to the loop to run it.
 pub(super) struct Launch {
-    pub(super) prepared: Prepared,
+    pub(super) prepared: Body,
     pub(super) parts: Vec<(PeerId, Vec<Multiaddr>)>,
     /// Where its remote channels report their ends.
     pub(super) links: mpsc::Sender<LinkResult>,

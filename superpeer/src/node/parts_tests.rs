@@ -72,7 +72,7 @@ impl Bench {
     fn ready(&self, job: &str) -> Box<Ready> {
         let prepared = self.one_vertex(job, br#"(module (func (export "run")))"#, false);
         Box::new(Ready {
-            prepared,
+            prepared: super::Body::Here(prepared),
             parts: vec![(PeerId::random(), Vec::new())],
             inputs: HashMap::new(),
             expected_links: 0,

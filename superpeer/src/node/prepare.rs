@@ -12,8 +12,10 @@ use mvm_component::runtime::checkpoint::PartImage;
 use mvm_queue::remote::{Drain, Hold};
 
 use super::Node;
-use super::parts::{Marks, Ready};
+use super::parts::{Body, InGuest, Marks, Ready};
+use crate::environment::EnvLease;
 use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
+use crate::worker::WorkerJob;
 
 impl Node {
     /// Prepares a part: parses its topology, checks it against the node's policy, fetches and
@@ -187,6 +189,18 @@ impl Node {
                 }
             }
         };
+        if let Some(body) = self.in_guest(spec, env.as_ref(), &modules)? {
+            let vertices = spec.placement.iter().filter(|&&p| p == spec.here).count();
+            return Ok(Box::new(Ready {
+                prepared: body,
+                parts,
+                inputs: HashMap::new(),
+                expected_links: 0,
+                vertices: u32::try_from(vertices).unwrap_or(u32::MAX),
+                env,
+                marks: None,
+            }));
+        }
         let job = JobSpec {
             id: super::space(&spec.job, spec.attempt),
             topology: &topology,
@@ -248,7 +262,7 @@ impl Node {
         let expected_links = inputs.len() + prepared.remote_outputs.len();
         let vertices = u32::try_from(prepared.vertices().count()).unwrap_or(u32::MAX);
         Ok(Box::new(Ready {
-            prepared,
+            prepared: Body::Here(prepared),
             parts,
             inputs,
             expected_links,
@@ -256,6 +270,60 @@ impl Node {
             env,
             marks,
         }))
+    }
+
+    /// The part as a worker runs it inside its guest, when it runs in one: its guest is a group
+    /// of this host's processes, the node starts workers, and the part is one a worker runs
+    /// (the whole job, without checkpoints; the rest runs in the node's process, where the
+    /// guest's limits do not bind it).
+    fn in_guest(
+        &self,
+        spec: &PartSpec,
+        env: Option<&EnvLease>,
+        modules: &HashMap<String, mvm_component::runtime::Module>,
+    ) -> Result<Option<Body>, Failure> {
+        let (Some(env), Some(command)) = (env, self.os.as_ref().and_then(|o| o.worker())) else {
+            return Ok(None);
+        };
+        let whole = spec.placement.iter().all(|&p| p == spec.here);
+        if !whole || spec.checkpoint || spec.restore.is_some() {
+            tracing::info!(job = %spec.job, guest = %env.guest().name(), "a part with links to other parts or with checkpoints runs in the node's process, not in its guest");
+            return Ok(None);
+        }
+        let Some(join) = env.join_files() else {
+            return Ok(None);
+        };
+        let mut compiled = Vec::with_capacity(modules.len());
+        for (component, module) in modules {
+            let bytes = module.serialize().map_err(|e| {
+                Failure::new(
+                    FailureKind::Failed,
+                    format!("component '{component}' for its worker: {e}"),
+                )
+            })?;
+            compiled.push((component.clone(), bytes::Bytes::from(bytes)));
+        }
+        let max_memory_bytes = self.runtime.as_ref().map_or(0, |r| {
+            u64::try_from(r.max_memory_bytes()).unwrap_or(u64::MAX)
+        });
+        Ok(Some(Body::Worker(Box::new(InGuest {
+            job: WorkerJob {
+                space: super::space(&spec.job, spec.attempt),
+                topology_file: spec.topology_file.clone(),
+                topology: spec.topology.clone(),
+                queue: spec.queue.clone(),
+                modules: compiled,
+                parameters: spec.parameters.clone(),
+                limits: spec.limits.clone(),
+                placement: spec.placement.clone(),
+                here: spec.here,
+                owner: spec.owner.clone(),
+                max_memory_bytes,
+            },
+            command: command.clone(),
+            guest: env.guest(),
+            join,
+        }))))
     }
 
     /// Makes `prepared` start from the checkpoint blob `hash`, fetched from the broker `from`.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
-use super::parts::{Effect, Input, InputKey, Launch, Relink, Relinked};
+use super::parts::{Body, Effect, Input, InputKey, Launch, Relink, Relinked};
 use super::streams::{Channel, open_channel, run_link};
 use super::{ChannelError, LinkDone, LinkProblem, LinkResult, Msg, Node};
 use crate::proto::{
@@ -209,7 +209,10 @@ impl Node {
         mut launch: Launch,
     ) -> (Vec<AbortHandle>, Vec<(InputKey, bool, AbortHandle)>) {
         let mut links = Vec::new();
-        let outputs = std::mem::take(&mut launch.prepared.remote_outputs);
+        let outputs = match &mut launch.prepared {
+            Body::Here(p) => std::mem::take(&mut p.remote_outputs),
+            Body::Worker(_) => Vec::new(),
+        };
         for (i, out) in outputs.into_iter().enumerate() {
             let (peer, addrs) = launch.parts[out.to].clone();
             let key = (out.vertex.clone(), out.port.clone(), peer);

@@ -6,25 +6,55 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use mvm_component::runtime::Prepared;
+use bytes::Bytes;
+use mvm_component::runtime::JobReport;
+use mvm_component::runtime::checkpoint::VertexCounts;
 use tokio::sync::mpsc;
 
+use super::parts::{Body, InGuest};
 use super::{LinkDone, LinkResult, Node};
 use crate::proto::{EdgeTraffic, ErrorKind, PartResult, PortTraffic, Traffic, VertexFailure};
+use crate::worker::{self, QueueCount, WorkerReport};
 
 impl Node {
-    /// Runs the local vertices and waits for every remote channel; collects what moved (in
-    /// the queues of namespace `job`, [`super::space`]).
+    /// Runs the local vertices (here, or in a worker inside their guest) and waits for every
+    /// remote channel; collects what moved (in the queues of namespace `job`,
+    /// [`super::space`], or as the worker counted it).
     pub(super) async fn supervise(
         self: &Arc<Self>,
         job: &str,
-        prepared: Prepared,
+        body: Body,
         mut links: mpsc::Receiver<LinkResult>,
         expected: &AtomicUsize,
     ) -> Result<PartResult, VertexFailure> {
         let waiting = |n: usize| n < expected.load(Ordering::Acquire);
         let start = Instant::now();
-        let run = prepared.run();
+        let run = async move {
+            match body {
+                Body::Here(prepared) => {
+                    prepared
+                        .run()
+                        .await
+                        .map(Ran::here)
+                        .map_err(|e| VertexFailure {
+                            vertex: e.vertex,
+                            cause: e.cause,
+                            kind: e.kind,
+                        })
+                }
+                Body::Worker(w) => {
+                    let InGuest {
+                        job,
+                        command,
+                        guest,
+                        join,
+                    } = *w;
+                    let r = worker::run(&command, &job, &guest, &join).await?;
+                    tracing::debug!(job = %job.space, guest = %guest.name(), pid = r.pid, "the part ran in its worker");
+                    Ok(Ran::worker(r))
+                }
+            }
+        };
         tokio::pin!(run);
         let mut report = None;
         let mut remote: Vec<LinkDone> = Vec::new();
@@ -37,8 +67,7 @@ impl Node {
             tokio::select! {
                 r = &mut run, if report.is_none() => match r {
                     Ok(r) => report = Some(r),
-                    Err(e) => {
-                        let failed = VertexFailure { vertex: e.vertex, cause: e.cause, kind: e.kind };
+                    Err(failed) => {
                         return Err(link_lost(&mut links, waiting(remote.len()), failed).await);
                     }
                 },
@@ -55,40 +84,36 @@ impl Node {
         };
         // Traffic: local input queues count everything that entered; what came from another node
         // is remote, the rest local. Outboxes count what this node sent to others.
-        let queues = &self.queues;
+        let queues = match report.queues {
+            Some(q) => q,
+            None => self.queue_counts(job),
+        };
         let mut traffic: BTreeMap<(String, String, bool, bool), (u64, u64)> = BTreeMap::new();
-        let prefix = format!("{job}/");
-        for s in queues.list(Some(job)) {
-            let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
-            let Some(h) = queues.get(job, name) else {
-                continue;
-            };
-            let kind = h.queue.config().kind.as_str().to_owned();
-            let codec = h.codec.name().to_owned();
+        for s in queues {
+            let name = s.name.as_str();
             if let Some(into) = name.strip_suffix(">out") {
                 let direct = remote.iter().any(|l| l.out && l.direct && l.feeds(into));
-                let e = traffic.entry((kind, codec, true, direct)).or_default();
+                let e = traffic.entry((s.kind, s.codec, true, direct)).or_default();
                 e.0 += s.items_in;
                 e.1 += s.bytes_in;
             } else {
                 let (ri, rb) = remote_into(&remote, name);
-                let e = traffic.entry((kind, codec, false, false)).or_default();
+                let e = traffic.entry((s.kind, s.codec, false, false)).or_default();
                 e.0 += s.items_in.saturating_sub(ri);
                 e.1 += s.bytes_in.saturating_sub(rb);
             }
         }
         let mut edges = Vec::new();
         let mut received = Vec::new();
-        for v in &report.vertices {
-            let counts = &v.counts;
+        for (vertex, _, counts) in &report.vertices {
             edges.extend(counts.sent.iter().map(|(port, to, c)| EdgeTraffic {
-                from: format!("{}:{port}", v.vertex),
+                from: format!("{vertex}:{port}"),
                 to: to.clone(),
                 items: c.items,
                 bytes: c.bytes,
             }));
             received.extend(counts.received.iter().map(|(port, c)| PortTraffic {
-                port: format!("{}:{port}", v.vertex),
+                port: format!("{vertex}:{port}"),
                 items: c.items,
                 bytes: c.bytes,
             }));
@@ -99,7 +124,7 @@ impl Node {
             outputs: report
                 .vertices
                 .into_iter()
-                .map(|v| (v.vertex, v.stdout))
+                .map(|(vertex, stdout, _)| (vertex, stdout))
                 .collect(),
             traffic: traffic
                 .into_iter()
@@ -114,6 +139,60 @@ impl Node {
                 .collect(),
             wall_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
         })
+    }
+}
+
+/// What a part's vertices did, wherever they ran.
+struct Ran {
+    /// Each vertex: its name, its output, what it moved.
+    vertices: Vec<(String, Bytes, VertexCounts)>,
+    /// What entered each queue, as a worker counted it (none: the node's own queues).
+    queues: Option<Vec<QueueCount>>,
+}
+
+impl Ran {
+    fn here(r: JobReport) -> Ran {
+        Ran {
+            vertices: r
+                .vertices
+                .into_iter()
+                .map(|v| (v.vertex, v.stdout, v.counts))
+                .collect(),
+            queues: None,
+        }
+    }
+
+    fn worker(r: WorkerReport) -> Ran {
+        Ran {
+            vertices: r
+                .vertices
+                .into_iter()
+                .map(|v| (v.vertex, v.stdout, v.counts))
+                .collect(),
+            queues: Some(r.queues),
+        }
+    }
+}
+
+impl Node {
+    /// What entered each of the node's queues of namespace `job`.
+    fn queue_counts(&self, job: &str) -> Vec<QueueCount> {
+        let prefix = format!("{job}/");
+        let mut out = Vec::new();
+        for s in self.queues.list(Some(job)) {
+            let name = s.name.strip_prefix(&prefix).unwrap_or(&s.name);
+            let Some(h) = self.queues.get(job, name) else {
+                continue;
+            };
+            out.push(QueueCount {
+                name: name.to_owned(),
+                kind: h.queue.config().kind.as_str().to_owned(),
+                codec: h.codec.name().to_owned(),
+                items_in: s.items_in,
+                bytes_in: s.bytes_in,
+            });
+        }
+        out
     }
 }
 

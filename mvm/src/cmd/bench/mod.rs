@@ -7,6 +7,7 @@ mod labjob;
 mod mpi;
 mod recovery;
 mod scale;
+mod shares;
 
 use clap::Subcommand;
 use mvm_component::bench as jobs;
@@ -99,6 +100,19 @@ enum Which {
         /// Concurrent submitting clients.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         clients: u64,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Whether a guest's CPU weight binds the job part in it: one host-driver guest per weight,
+    /// all on CPU 0, each running a worker whose vertex spins; each worker's share of the CPU
+    /// time against what the weights ask for; and what starting a worker costs (as root).
+    Shares {
+        /// The guests' weights, e.g. `1,3`.
+        #[arg(long, value_delimiter = ',', default_value = "1,3", value_parser = clap::value_parser!(u32).range(1..=255))]
+        weights: Vec<u32>,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 4.0)]
+        secs: f64,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -414,6 +428,15 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let clients = usize::try_from(clients).unwrap_or(64);
             let report = scale::run(nodes, superpeers, secs, clients)?;
             print(&report, out.output, scale::text)
+        }
+        Which::Shares { weights, secs, out } => {
+            if !(secs > 0.0 && secs <= 600.0) || weights.len() < 2 {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench shares: --secs must be in (0, 600] and --weights name at least 2"
+                )));
+            }
+            let report = shares::run(&weights, secs)?;
+            print(&report, out.output, shares::text)
         }
         Which::Xen {
             kernel,
