@@ -384,6 +384,71 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     let v = json(&g.run(&["submit", "--wait", &spin, "-o", "json"]));
     assert_eq!(v["state"], "done", "the node runs the next job: {v}");
 
+    // A job over two nodes, each part in a worker in its node's guest: the links between the
+    // parts go worker to node, node to node, node to worker. (n2's guests are in a group of
+    // their own: on one host, two nodes would name a job's guests alike.)
+    build_jobs();
+    let group2 = format!("{group}-n2");
+    let _parent2 = ParentGroup(group2.clone());
+    let os2 = g.dir.path().join("n2os");
+    import(&g, &os2, "env:1", &g.dir.path().join("disk.raw"));
+    let os2_arg = os2.to_str().expect("utf-8").to_owned();
+    g.daemon(
+        "n2",
+        &[
+            "node",
+            "--bootstrap",
+            &sp,
+            "--os-dir",
+            &os2_arg,
+            "--cgroup",
+            &group2,
+        ],
+    );
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 2).then_some(())
+    });
+    let count = "count = 300000";
+    let on_host = profile(g.dir.path(), "two-host", "nodes = 2");
+    let in_guests = profile(g.dir.path(), "two", "nodes = 2\nimage = \"env:1\"");
+    for p in [&on_host, &in_guests] {
+        let text = std::fs::read_to_string(p).expect("profile");
+        std::fs::write(p, text.replace("count = 10", count)).expect("profile");
+    }
+    let submit = g.mvm(&["submit", "--wait", &in_guests, "-o", "json"]);
+    let waiter = std::thread::spawn(move || {
+        let mut submit = submit;
+        submit.output().expect("mvm runs")
+    });
+    let node2_pid = g.children[2].id();
+    wait_for(Duration::from_secs(20), || {
+        let seen = [(&group, node_pid), (&group2, node2_pid)]
+            .iter()
+            .all(|(grp, node)| {
+                cgroups(grp).iter().any(|guest| {
+                    guest_procs(grp, guest).first().is_some_and(|(_, pids)| {
+                        pids.iter().any(|&p| {
+                            parent_and_args(p).is_some_and(|(pp, a)| {
+                                pp == *node && a.get(1).map(String::as_str) == Some("worker")
+                            })
+                        })
+                    })
+                })
+            });
+        seen.then_some(())
+    });
+    let v = json(&waiter.join().expect("submitter"));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["parts"].as_array().map(Vec::len), Some(2), "{v}");
+    let host = json(&g.run(&["submit", "--wait", &on_host, "-o", "json"]));
+    assert_eq!(host["state"], "done", "{host}");
+    assert_eq!(
+        v["outputs"], host["outputs"],
+        "the same results in guests as on the host"
+    );
+    assert_eq!(v["edges"], host["edges"], "the same per-edge counts");
+
     // A node killed mid-job takes its worker with it (the worker sees its pipe close).
     let forever = one_vertex(
         g.dir.path(),

@@ -3,14 +3,13 @@
 //! node sees.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
-use mvm_component::runtime::Prepared;
 use mvm_component::runtime::checkpoint::PartControl;
+use mvm_component::runtime::{Prepared, RemoteOutput};
 use mvm_queue::queue::{Entry, Sender};
 use mvm_queue::remote::{Drain, Hold};
 use parking_lot::Mutex;
@@ -18,9 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use super::LinkResult;
-use crate::environment::{EnvLease, GuestRef};
+use crate::environment::EnvLease;
 use crate::proto::{Failure, JobId, MoveStep, PartReport, PartSpec, Response};
-use crate::worker::{WorkerCommand, WorkerJob};
+use crate::worker::Started;
 
 pub(super) type Reply = oneshot::Sender<Response>;
 
@@ -40,16 +39,12 @@ pub(super) enum Body {
     Worker(Box<InGuest>),
 }
 
-/// A part to run in a worker inside its guest.
+/// A part prepared in a worker inside its guest.
 pub(super) struct InGuest {
-    /// What the worker runs.
-    pub(super) job: WorkerJob,
-    /// How it is started.
-    pub(super) command: WorkerCommand,
-    /// The guest.
-    pub(super) guest: GuestRef,
-    /// The `cgroup.procs` files the worker joins before it runs anything.
-    pub(super) join: Vec<PathBuf>,
+    /// The worker, waiting for the part's start.
+    pub(super) started: Started,
+    /// The part's remote outputs (the node's ends, which it carries to the other parts).
+    pub(super) remote_outputs: Vec<RemoteOutput>,
 }
 
 /// A part prepared off the loop: everything it needs to run.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use libp2p::PeerId;
-use mvm_component::runtime::{AllowAll, JobSpec, PolicyHook};
+use mvm_component::runtime::{AllowAll, JobSpec, PolicyHook, RemoteInput};
 use mvm_component::topology::{Options, Topology};
 
 use mvm_component::runtime::checkpoint::PartImage;
@@ -14,8 +14,9 @@ use mvm_queue::remote::{Drain, Hold};
 use super::Node;
 use super::parts::{Body, InGuest, Marks, Ready};
 use crate::environment::EnvLease;
+use crate::proto::ErrorKind;
 use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
-use crate::worker::WorkerJob;
+use crate::worker::{Started, WorkerJob};
 
 impl Node {
     /// Prepares a part: parses its topology, checks it against the node's policy, fetches and
@@ -189,13 +190,21 @@ impl Node {
                 }
             }
         };
-        if let Some(body) = self.in_guest(spec, env.as_ref(), &modules)? {
+        if let Some((body, remote_inputs)) = self.in_guest(spec, env.as_ref(), &modules).await? {
             let vertices = spec.placement.iter().filter(|&&p| p == spec.here).count();
+            let outputs = match &body {
+                Body::Worker(w) => w.remote_outputs.len(),
+                Body::Here(_) => 0,
+            };
+            let mut inputs = HashMap::new();
+            for i in remote_inputs {
+                inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
+            }
             return Ok(Box::new(Ready {
                 prepared: body,
                 parts,
-                inputs: HashMap::new(),
-                expected_links: 0,
+                expected_links: inputs.len() + outputs,
+                inputs,
                 vertices: u32::try_from(vertices).unwrap_or(u32::MAX),
                 env,
                 marks: None,
@@ -272,22 +281,21 @@ impl Node {
         }))
     }
 
-    /// The part as a worker runs it inside its guest, when it runs in one: its guest is a group
-    /// of this host's processes, the node starts workers, and the part is one a worker runs
-    /// (the whole job, without checkpoints; the rest runs in the node's process, where the
-    /// guest's limits do not bind it).
-    fn in_guest(
+    /// The part prepared in a worker inside its guest, when it runs in one: its guest is a
+    /// group of this host's processes, the node starts workers, and the job takes no
+    /// checkpoints (such a part runs in the node's process, where the guest's limits do not
+    /// bind it). The worker is started now, so that its start is part of the preparation.
+    async fn in_guest(
         &self,
         spec: &PartSpec,
         env: Option<&EnvLease>,
         modules: &HashMap<String, mvm_component::runtime::Module>,
-    ) -> Result<Option<Body>, Failure> {
+    ) -> Result<Option<(Body, Vec<RemoteInput>)>, Failure> {
         let (Some(env), Some(command)) = (env, self.os.as_ref().and_then(|o| o.worker())) else {
             return Ok(None);
         };
-        let whole = spec.placement.iter().all(|&p| p == spec.here);
-        if !whole || spec.checkpoint || spec.restore.is_some() {
-            tracing::info!(job = %spec.job, guest = %env.guest().name(), "a part with links to other parts or with checkpoints runs in the node's process, not in its guest");
+        if spec.checkpoint || spec.restore.is_some() {
+            tracing::info!(job = %spec.job, guest = %env.guest().name(), "a part of a job with checkpoints runs in the node's process, not in its guest");
             return Ok(None);
         }
         let Some(join) = env.join_files() else {
@@ -306,24 +314,34 @@ impl Node {
         let max_memory_bytes = self.runtime.as_ref().map_or(0, |r| {
             u64::try_from(r.max_memory_bytes()).unwrap_or(u64::MAX)
         });
-        Ok(Some(Body::Worker(Box::new(InGuest {
-            job: WorkerJob {
-                space: super::space(&spec.job, spec.attempt),
-                topology_file: spec.topology_file.clone(),
-                topology: spec.topology.clone(),
-                queue: spec.queue.clone(),
-                modules: compiled,
-                parameters: spec.parameters.clone(),
-                limits: spec.limits.clone(),
-                placement: spec.placement.clone(),
-                here: spec.here,
-                owner: spec.owner.clone(),
-                max_memory_bytes,
-            },
-            command: command.clone(),
-            guest: env.guest(),
-            join,
-        }))))
+        let job = WorkerJob {
+            space: super::space(&spec.job, spec.attempt),
+            topology_file: spec.topology_file.clone(),
+            topology: spec.topology.clone(),
+            queue: spec.queue.clone(),
+            modules: compiled,
+            parameters: spec.parameters.clone(),
+            limits: spec.limits.clone(),
+            placement: spec.placement.clone(),
+            here: spec.here,
+            owner: spec.owner.clone(),
+            max_memory_bytes,
+        };
+        let (started, (inputs, outputs)) = Started::start(command, &job, env.guest(), &join)
+            .await
+            .map_err(|f| {
+                let kind = match f.kind {
+                    ErrorKind::Refused => FailureKind::Refused,
+                    ErrorKind::Setup => FailureKind::Input,
+                    _ => FailureKind::Failed,
+                };
+                Failure::new(kind, f.cause)
+            })?;
+        let body = Body::Worker(Box::new(InGuest {
+            started,
+            remote_outputs: outputs,
+        }));
+        Ok(Some((body, inputs)))
     }
 
     /// Makes `prepared` start from the checkpoint blob `hash`, fetched from the broker `from`.

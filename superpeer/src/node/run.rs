@@ -211,7 +211,7 @@ impl Node {
         let mut links = Vec::new();
         let outputs = match &mut launch.prepared {
             Body::Here(p) => std::mem::take(&mut p.remote_outputs),
-            Body::Worker(_) => Vec::new(),
+            Body::Worker(w) => std::mem::take(&mut w.remote_outputs),
         };
         for (i, out) in outputs.into_iter().enumerate() {
             let (peer, addrs) = launch.parts[out.to].clone();

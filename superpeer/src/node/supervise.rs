@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::parts::{Body, InGuest};
 use super::{LinkDone, LinkResult, Node};
 use crate::proto::{EdgeTraffic, ErrorKind, PartResult, PortTraffic, Traffic, VertexFailure};
-use crate::worker::{self, QueueCount, WorkerReport};
+use crate::worker::{QueueCount, WorkerReport};
 
 impl Node {
     /// Runs the local vertices (here, or in a worker inside their guest) and waits for every
@@ -43,14 +43,9 @@ impl Node {
                         })
                 }
                 Body::Worker(w) => {
-                    let InGuest {
-                        job,
-                        command,
-                        guest,
-                        join,
-                    } = *w;
-                    let r = worker::run(&command, &job, &guest, &join).await?;
-                    tracing::debug!(job = %job.space, guest = %guest.name(), pid = r.pid, "the part ran in its worker");
+                    let InGuest { started, .. } = *w;
+                    let r = started.run().await?;
+                    tracing::debug!(pid = r.pid, "the part ran in its worker");
                     Ok(Ran::worker(r))
                 }
             }

@@ -4,8 +4,10 @@
 use std::io::Cursor;
 
 use mvm_component::policy::PrincipalKind;
+use mvm_component::runtime::{Runtime, RuntimeConfig};
 
 use super::*;
+use crate::proto::ErrorKind;
 
 /// Sends its `msg` parameter on `out`; the sink prints what it receives on stdout.
 const SAY: &str = r#"(module
@@ -67,19 +69,51 @@ fn job(modules: &[(&str, &str)], msg: &str) -> WorkerJob {
     }
 }
 
+/// What a worker writes, kept for the test.
+#[derive(Clone, Default)]
+struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Shared {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves `input` as a worker would; every message it wrote, the end last.
+fn serve_all(input: Vec<u8>) -> Vec<FromWorker> {
+    let out = Shared::default();
+    assert_eq!(serve(Cursor::new(input), out.clone(), false), 0);
+    let bytes = out.0.lock().expect("lock").clone();
+    let mut r = Cursor::new(bytes);
+    let mut msgs = Vec::new();
+    while (r.position() as usize) < r.get_ref().len() {
+        msgs.push(read_frame::<FromWorker>(&mut r, MAX_END).expect("a message"));
+    }
+    assert!(matches!(msgs.last(), Some(FromWorker::End(_))), "{msgs:?}");
+    msgs
+}
+
 /// Serves `input` as a worker would; the end it wrote.
 fn serve_bytes(input: Vec<u8>) -> WorkerEnd {
-    let mut out = Vec::new();
-    assert_eq!(serve(Cursor::new(input), &mut out, false), 0);
-    let len = u32::from_be_bytes(out[..4].try_into().expect("a length")) as usize;
-    assert_eq!(out.len(), 4 + len, "one frame");
-    crate::proto::decode(&out[4..]).expect("an end")
+    match serve_all(input).pop() {
+        Some(FromWorker::End(end)) => end,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn msg(m: &ToWorker) -> Vec<u8> {
+    frame(m, MAX_JOB).expect("frame")
 }
 
 #[test]
 fn a_worker_runs_its_part_and_reports_outputs_counts_and_queues() {
     let j = job(&[("say", SAY), ("print", PRINT)], "hello from a guest");
-    let end = serve_bytes(frame(&j, MAX_JOB).expect("frame"));
+    let end = serve_bytes(job_frames(&j).expect("frames"));
     let WorkerEnd::Done(r) = end else {
         panic!("{end:?}");
     };
@@ -98,9 +132,59 @@ fn a_worker_runs_its_part_and_reports_outputs_counts_and_queues() {
 }
 
 #[test]
+fn a_worker_carries_its_parts_links_over_its_pipes() {
+    // The worker runs s; p runs in part 1: one remote output.
+    let mut j = job(&[("say", SAY)], "to the other part");
+    j.placement = vec![0, 1];
+    let msgs = serve_all(job_frames(&j).expect("frames"));
+    assert!(
+        matches!(&msgs[0], FromWorker::Links { inputs, outputs }
+            if inputs.is_empty() && outputs == &[("p".to_owned(), "in".to_owned(), 1)]),
+        "{msgs:?}"
+    );
+    assert!(
+        matches!(&msgs[1], FromWorker::Item { link: 0, bytes } if &bytes[..] == b"to the other part"),
+        "{msgs:?}"
+    );
+    assert!(
+        matches!(&msgs[2], FromWorker::Closed { link: 0 }),
+        "{msgs:?}"
+    );
+    assert!(
+        matches!(&msgs[3], FromWorker::End(WorkerEnd::Done(_))),
+        "{msgs:?}"
+    );
+    // The worker runs p; s runs in part 1: one remote input, fed by the node.
+    let mut j = job(&[("print", PRINT)], "");
+    j.placement = vec![1, 0];
+    let mut input = job_frames(&j).expect("frames");
+    input.extend(msg(&ToWorker::Item {
+        link: 0,
+        bytes: Bytes::from_static(b"from the other part"),
+    }));
+    input.extend(msg(&ToWorker::Closed { link: 0 }));
+    let msgs = serve_all(input);
+    assert!(
+        matches!(&msgs[0], FromWorker::Links { inputs, outputs }
+            if outputs.is_empty() && inputs == &[("p".to_owned(), "in".to_owned(), 1)]),
+        "{msgs:?}"
+    );
+    let Some(FromWorker::End(WorkerEnd::Done(r))) = msgs.last() else {
+        panic!("{msgs:?}");
+    };
+    assert_eq!(&r.vertices[0].stdout[..], b"from the other part");
+    // A worker not started ends without running anything.
+    let input = frame(&j, MAX_JOB).expect("frame");
+    match serve_bytes(input) {
+        WorkerEnd::Failed(f) => assert!(f.cause.contains("did not start"), "{f:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_failing_vertex_and_a_bad_job_are_reported_not_panicked() {
     let j = job(&[("say", TRAP), ("print", PRINT)], "x");
-    match serve_bytes(frame(&j, MAX_JOB).expect("frame")) {
+    match serve_bytes(job_frames(&j).expect("frames")) {
         WorkerEnd::Failed(f) => {
             assert_eq!((f.vertex.as_str(), f.kind), ("s", ErrorKind::Trap), "{f:?}");
         }
@@ -109,7 +193,7 @@ fn a_failing_vertex_and_a_bad_job_are_reported_not_panicked() {
     // A module compiled for another engine (here: not compiled at all) is refused.
     let mut j = job(&[("say", SAY), ("print", PRINT)], "x");
     j.modules[0].1 = Bytes::from_static(b"\0asm\x01\0\0\0");
-    match serve_bytes(frame(&j, MAX_JOB).expect("frame")) {
+    match serve_bytes(job_frames(&j).expect("frames")) {
         WorkerEnd::Failed(f) => {
             assert_eq!(f.kind, ErrorKind::Setup, "{f:?}");
             assert!(f.cause.contains("does not load"), "{f:?}");
@@ -138,7 +222,7 @@ fn a_worker_that_dies_says_how_and_a_memory_kill_is_a_memory_failure() {
 
     let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
     let killed = std::process::ExitStatus::from_raw(9);
-    let f = died(42, "mvm-g", Ok(killed), true, &eof);
+    let f = node::died(42, "mvm-g", Ok(killed), true, &eof);
     assert_eq!(f.kind, ErrorKind::Memory);
     assert!(
         f.cause.contains("pid 42") && f.cause.contains("mvm-g"),
@@ -148,10 +232,10 @@ fn a_worker_that_dies_says_how_and_a_memory_kill_is_a_memory_failure() {
         f.cause.contains("SIGKILL") && f.cause.contains("memory limit"),
         "{f:?}"
     );
-    let f = died(42, "mvm-g", Ok(killed), false, &eof);
+    let f = node::died(42, "mvm-g", Ok(killed), false, &eof);
     assert_eq!(f.kind, ErrorKind::Other);
     assert!(!f.cause.contains("memory limit"), "{f:?}");
-    let f = died(
+    let f = node::died(
         7,
         "g",
         Ok(std::process::ExitStatus::from_raw(3 << 8)),

@@ -15,7 +15,7 @@ use mvm_os::Driver;
 use mvm_os::guest::GuestSpec;
 use mvm_os::host::{Cgroups, HostDriver, join_on_exec};
 use mvm_superpeer::proto::LimitSpec;
-use mvm_superpeer::worker::{WorkerEnd, WorkerJob, job_frame, read_end};
+use mvm_superpeer::worker::{WorkerEnd, WorkerJob, job_frames, read_end};
 use serde::Serialize;
 
 use crate::exit::Failure;
@@ -143,7 +143,7 @@ pub(crate) fn run(weights: &[u32], secs: f64) -> Result<SharesReport, Failure> {
             .load("c", wat.as_bytes())
             .map_err(|e| failed("module", e))?;
         let bytes = m.serialize().map_err(|e| failed("module", e))?;
-        job_frame(&WorkerJob {
+        job_frames(&WorkerJob {
             space: "bench".into(),
             topology_file: "one.dot".into(),
             topology: "digraph one { v [component=c]; }".into(),

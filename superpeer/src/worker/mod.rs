@@ -1,0 +1,241 @@
+//! Workers: a part of a job whose guest is a group of this host's processes (the host
+//! driver's control groups) runs in a process of its own, started by the node inside the
+//! guest before any job code runs (HTCondor's starter and Nomad's executor are the models).
+//! The guest's CPU weight and cap, memory limit and CPUs then bind the part's vertices, and a
+//! worker that crashes or is killed by its guest's memory limit fails its part only.
+//!
+//! The node prepares the part as for itself (policy, modules fetched and compiled, guest
+//! ensured), then starts the worker (`mvm worker`) with its stdin and stdout as pipes. The
+//! exchange, each message a frame (a `u32` big-endian length and a CBOR message):
+//!
+//! 1. node → worker: a [`WorkerJob`] (the topology, the compiled modules, the parameters and
+//!    limits); the worker prepares the part in a wasmtime runtime and queues of its own;
+//! 2. worker → node: [`FromWorker::Links`], the part's links with other parts (or its end, when
+//!    it cannot be prepared);
+//! 3. node → worker: [`ToWorker::Start`], when the broker starts the job; the vertices run;
+//! 4. both ways, while they run: the items of the links ([`ToWorker::Item`],
+//!    [`FromWorker::Item`]) and their ends. The node carries them over its own channels to
+//!    the other parts (libp2p streams or direct links): the worker needs no network;
+//! 5. worker → node: [`FromWorker::End`], the vertices' outputs and counts and the queues'
+//!    traffic, or the first failure.
+//!
+//! A worker that ends without its end failed; the node says how (its exit status or signal,
+//! and whether its guest's memory limit killed it). A part that is stopped kills its worker,
+//! and a worker whose node is gone (its stdin closes) ends.
+//!
+//! A part of a job that takes checkpoints runs in the node's process (see the README).
+
+mod node;
+mod part;
+
+pub(crate) use node::Started;
+pub use part::serve;
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use mvm_component::policy::Principal;
+use mvm_component::runtime::checkpoint::VertexCounts;
+use mvm_queue::queue::Config as QueueConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{LimitSpec, VertexFailure};
+
+/// The largest frame to a worker (the job, with its compiled modules; an item).
+pub const MAX_JOB: usize = 1 << 30;
+
+/// The largest frame from a worker (vertex outputs are capped at 1 MiB each).
+pub const MAX_END: usize = 1 << 30;
+
+/// A watching worker's exit status when its node closed the pipe before the part ended.
+pub const ORPHANED: i32 = 3;
+
+/// How a node starts a worker: a program and its arguments (`mvm worker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerCommand {
+    /// The program.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+/// One part of one job, as a worker runs it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerJob {
+    /// The job's queue namespace (the job id and run).
+    pub space: String,
+    /// The topology's file name, for errors.
+    pub topology_file: String,
+    /// The topology's text (the whole graph; the worker runs part `here` of it).
+    pub topology: String,
+    /// Queue defaults.
+    pub queue: QueueConfig,
+    /// Component name → the module compiled by the node (`Module::serialize`).
+    pub modules: Vec<(String, Bytes)>,
+    /// Job parameters.
+    pub parameters: BTreeMap<String, String>,
+    /// Per-vertex limits.
+    pub limits: LimitSpec,
+    /// Part index of every vertex, in topology order.
+    pub placement: Vec<u32>,
+    /// The part the worker runs.
+    pub here: u32,
+    /// The job's owner.
+    pub owner: Principal,
+    /// The node runtime's largest linear memory (the modules were compiled for it).
+    pub max_memory_bytes: u64,
+}
+
+/// What the node tells a worker after its job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Run the vertices.
+    Start,
+    /// An item for a remote input of the part: `link` indexes [`FromWorker::Links`]' inputs.
+    Item {
+        /// The link.
+        link: u32,
+        /// The item, encoded by its port's codec.
+        bytes: Bytes,
+    },
+    /// A remote input's link ended.
+    Closed {
+        /// The link.
+        link: u32,
+    },
+}
+
+/// What a worker tells the node after its job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// The part is prepared: its remote inputs (`vertex`, `port`, the part that feeds it) and
+    /// remote outputs (the remote `vertex`, `port`, and the part that runs it), in order.
+    Links {
+        /// Remote inputs.
+        inputs: Vec<(String, String, u32)>,
+        /// Remote outputs.
+        outputs: Vec<(String, String, u32)>,
+    },
+    /// An item a local vertex sent on remote output `link`.
+    Item {
+        /// The link.
+        link: u32,
+        /// The item, encoded by its port's codec.
+        bytes: Bytes,
+    },
+    /// Remote output `link` ended (every local sender on it finished).
+    Closed {
+        /// The link.
+        link: u32,
+    },
+    /// The part ended.
+    End(WorkerEnd),
+}
+
+/// How a worker's part ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WorkerEnd {
+    /// Every vertex ended well.
+    Done(WorkerReport),
+    /// The first failure.
+    Failed(VertexFailure),
+}
+
+/// What a worker's part did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// Each local vertex, in topology order.
+    pub vertices: Vec<WorkerVertex>,
+    /// What entered each of the part's queues.
+    pub queues: Vec<QueueCount>,
+    /// The worker's process id.
+    pub pid: u32,
+}
+
+/// One vertex: its output and what it moved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerVertex {
+    /// The vertex.
+    pub vertex: String,
+    /// What it wrote to stdout.
+    pub stdout: Bytes,
+    /// What it moved on each edge out of it and took from each input port.
+    pub counts: VertexCounts,
+}
+
+/// What entered one queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueCount {
+    /// The queue (`vertex:port`, or `vertex:port>out` for an outbox).
+    pub name: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its codec.
+    pub codec: String,
+    /// Items sent into it.
+    pub items_in: u64,
+    /// Bytes sent into it.
+    pub bytes_in: u64,
+}
+
+fn frame<T: Serialize>(msg: &T, max: usize) -> io::Result<Vec<u8>> {
+    let mut buf = crate::proto::encode_after(4, msg, max)?;
+    let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(buf)
+}
+
+/// The frames that hand `job` to a worker (its stdin) and start it at once: for a part
+/// without links to other parts.
+///
+/// # Errors
+/// The job does not encode, or is over [`MAX_JOB`].
+pub fn job_frames(job: &WorkerJob) -> io::Result<Vec<u8>> {
+    let mut f = frame(job, MAX_JOB)?;
+    f.extend_from_slice(&frame(&ToWorker::Start, MAX_JOB)?);
+    Ok(f)
+}
+
+/// Reads a worker's end frame from `output` (its stdout).
+///
+/// # Errors
+/// I/O (the worker ended without its frame), or a frame that is not an end.
+pub fn read_end(output: &mut impl Read) -> io::Result<WorkerEnd> {
+    loop {
+        match read_frame(output, MAX_END)? {
+            FromWorker::End(end) => return Ok(end),
+            FromWorker::Links { .. } => {}
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a part without links sent {other:?}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Reads one frame of at most `max` bytes.
+fn read_frame<T: serde::de::DeserializeOwned>(r: &mut impl Read, max: usize) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(too_long(len, max));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    crate::proto::decode(&buf)
+}
+
+fn too_long(len: usize, max: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("a frame of {len} bytes is over the limit of {max}"),
+    )
+}
+
+#[cfg(test)]
+mod tests;
