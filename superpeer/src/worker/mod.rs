@@ -93,12 +93,12 @@ pub struct WorkerJob {
 pub enum ToWorker {
     /// Run the vertices.
     Start,
-    /// An item for a remote input of the part: `link` indexes [`FromWorker::Links`]' inputs.
-    Item {
+    /// Items for a remote input of the part: `link` indexes [`FromWorker::Links`]' inputs.
+    Items {
         /// The link.
         link: u32,
-        /// The item, encoded by its port's codec.
-        bytes: Bytes,
+        /// The items, encoded by their port's codec, in order.
+        items: Vec<Bytes>,
     },
     /// A remote input's link ended.
     Closed {
@@ -118,12 +118,12 @@ pub enum FromWorker {
         /// Remote outputs.
         outputs: Vec<(String, String, u32)>,
     },
-    /// An item a local vertex sent on remote output `link`.
-    Item {
+    /// Items local vertices sent on remote output `link`, in order.
+    Items {
         /// The link.
         link: u32,
-        /// The item, encoded by its port's codec.
-        bytes: Bytes,
+        /// The items, encoded by their port's codec.
+        items: Vec<Bytes>,
     },
     /// Remote output `link` ended (every local sender on it finished).
     Closed {
@@ -180,11 +180,106 @@ pub struct QueueCount {
     pub bytes_in: u64,
 }
 
+/// The first byte of a frame of items: never the first byte of a CBOR message (it is CBOR's
+/// "break"), so items skip CBOR: `0xFF`, the link (`u32` big-endian), then each item's length
+/// (`u32` big-endian) and bytes.
+const ITEMS: u8 = 0xFF;
+
+/// The most items a frame of items carries.
+pub(crate) const BATCH: usize = 256;
+
+/// A message that carries items, on one of the pipe's two ways.
+trait Carries: Serialize + serde::de::DeserializeOwned {
+    /// The items, if the message is items.
+    fn items(&self) -> Option<(u32, &[Bytes])>;
+    /// The message of items.
+    fn of_items(link: u32, items: Vec<Bytes>) -> Self;
+}
+
+impl Carries for ToWorker {
+    fn items(&self) -> Option<(u32, &[Bytes])> {
+        match self {
+            ToWorker::Items { link, items } => Some((*link, items)),
+            _ => None,
+        }
+    }
+
+    fn of_items(link: u32, items: Vec<Bytes>) -> Self {
+        ToWorker::Items { link, items }
+    }
+}
+
+impl Carries for FromWorker {
+    fn items(&self) -> Option<(u32, &[Bytes])> {
+        match self {
+            FromWorker::Items { link, items } => Some((*link, items)),
+            _ => None,
+        }
+    }
+
+    fn of_items(link: u32, items: Vec<Bytes>) -> Self {
+        FromWorker::Items { link, items }
+    }
+}
+
 fn frame<T: Serialize>(msg: &T, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = crate::proto::encode_after(4, msg, max)?;
     let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
     buf[..4].copy_from_slice(&len.to_be_bytes());
     Ok(buf)
+}
+
+/// Appends `msg`'s frame to `buf`: items as raw bytes, anything else in CBOR.
+fn put<T: Carries>(buf: &mut Vec<u8>, msg: &T, max: usize) -> io::Result<()> {
+    let Some((link, items)) = msg.items() else {
+        buf.extend_from_slice(&frame(msg, max)?);
+        return Ok(());
+    };
+    let len = 5 + items.iter().map(|i| 4 + i.len()).sum::<usize>();
+    let (Ok(len32), true) = (u32::try_from(len), len <= max) else {
+        return Err(too_long(len, max));
+    };
+    buf.reserve(4 + len);
+    buf.extend_from_slice(&len32.to_be_bytes());
+    buf.push(ITEMS);
+    buf.extend_from_slice(&link.to_be_bytes());
+    for i in items {
+        buf.extend_from_slice(&u32::try_from(i.len()).unwrap_or(u32::MAX).to_be_bytes());
+        buf.extend_from_slice(i);
+    }
+    Ok(())
+}
+
+/// The message in a frame's body (see [`put`]).
+fn parse<T: Carries>(body: Vec<u8>) -> io::Result<T> {
+    if body.first() != Some(&ITEMS) {
+        return crate::proto::decode(&body);
+    }
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of items {what}"),
+        )
+    };
+    let u32_at = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .and_then(|l| <[u8; 4]>::try_from(l).ok())
+            .map(u32::from_be_bytes)
+    };
+    let link = u32_at(&body, 1).ok_or_else(|| bad("without its link"))?;
+    let body = Bytes::from(body);
+    let mut items = Vec::new();
+    let mut at = 5;
+    while at < body.len() {
+        let len = u32_at(&body, at).ok_or_else(|| bad("with a truncated length"))? as usize;
+        let end = at + 4 + len;
+        if end > body.len() {
+            return Err(bad("with an item past its end"));
+        }
+        items.push(body.slice(at + 4..end));
+        at = end;
+    }
+    Ok(T::of_items(link, items))
 }
 
 /// The frames that hand `job` to a worker (its stdin) and start it at once: for a part
@@ -218,12 +313,25 @@ pub fn read_end(output: &mut impl Read) -> io::Result<WorkerEnd> {
 }
 
 /// Reads one frame of at most `max` bytes.
-fn read_frame<T: serde::de::DeserializeOwned>(r: &mut impl Read, max: usize) -> io::Result<T> {
+fn read_frame<T: Carries>(r: &mut impl Read, max: usize) -> io::Result<T> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
         return Err(too_long(len, max));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    parse(buf)
+}
+
+/// Reads the first frame, the job (CBOR).
+fn read_job(r: &mut impl Read) -> io::Result<WorkerJob> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_JOB {
+        return Err(too_long(len, MAX_JOB));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf)?;

@@ -14,8 +14,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 
 use super::{
-    FromWorker, MAX_END, MAX_JOB, ToWorker, WorkerCommand, WorkerEnd, WorkerJob, WorkerReport,
-    frame, too_long,
+    BATCH, Carries, FromWorker, MAX_END, MAX_JOB, ToWorker, WorkerCommand, WorkerEnd, WorkerJob,
+    WorkerReport, frame, parse, put, too_long,
 };
 use crate::environment::GuestRef;
 use crate::proto::{ErrorKind, VertexFailure};
@@ -39,7 +39,7 @@ pub(crate) type Links = (Vec<RemoteInput>, Vec<RemoteOutput>);
 
 async fn read_msg<T, R>(r: &mut R, max: usize) -> io::Result<T>
 where
-    T: serde::de::DeserializeOwned,
+    T: Carries,
     R: AsyncRead + Unpin,
 {
     let mut len = [0u8; 4];
@@ -50,7 +50,7 @@ where
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
-    crate::proto::decode(&buf)
+    parse(buf)
 }
 
 fn queue(name: String) -> Result<Queue<Bytes>, VertexFailure> {
@@ -183,8 +183,15 @@ impl Started {
             let tx = tx.clone();
             let link = u32::try_from(link).unwrap_or(u32::MAX);
             feeds.spawn(async move {
-                while let Ok(bytes) = r.recv_async().await {
-                    if tx.send(ToWorker::Item { link, bytes }).await.is_err() {
+                while let Ok(first) = r.recv_async().await {
+                    let mut items = vec![first];
+                    while items.len() < BATCH {
+                        match r.try_recv() {
+                            Ok(i) => items.push(i),
+                            Err(_) => break,
+                        }
+                    }
+                    if tx.send(ToWorker::Items { link, items }).await.is_err() {
                         return;
                     }
                 }
@@ -196,10 +203,11 @@ impl Started {
         // last, until the part ends (its end tells the worker that its node is gone).
         let write = async {
             while let Some(first) = rx.recv().await {
-                let mut buf = frame(&first, MAX_JOB)?;
+                let mut buf = Vec::new();
+                put(&mut buf, &first, MAX_JOB)?;
                 while buf.len() < 256 << 10 {
                     match rx.try_recv() {
-                        Ok(m) => buf.extend_from_slice(&frame(&m, MAX_JOB)?),
+                        Ok(m) => put(&mut buf, &m, MAX_JOB)?,
                         Err(_) => break,
                     }
                 }
@@ -212,10 +220,12 @@ impl Started {
         let read = async {
             loop {
                 match read_msg::<FromWorker, _>(&mut stdout, MAX_END).await? {
-                    FromWorker::Item { link, bytes } => {
+                    FromWorker::Items { link, items } => {
                         if let Some(Some(s)) = carries.get(link as usize) {
-                            // A link that ended: its items have nowhere to go.
-                            let _ = s.send_async(bytes).await;
+                            for bytes in items {
+                                // A link that ended: its items have nowhere to go.
+                                let _ = s.send_async(bytes).await;
+                            }
                         }
                     }
                     FromWorker::Closed { link } => {

@@ -13,8 +13,8 @@ use mvm_queue::controller::Limits as QueueLimits;
 use tokio::sync::mpsc;
 
 use super::{
-    FromWorker, MAX_END, MAX_JOB, ORPHANED, QueueCount, ToWorker, WorkerEnd, WorkerJob,
-    WorkerReport, WorkerVertex, frame, read_frame,
+    BATCH, FromWorker, MAX_END, MAX_JOB, ORPHANED, QueueCount, ToWorker, WorkerEnd, WorkerJob,
+    WorkerReport, WorkerVertex, put, read_frame, read_job,
 };
 use crate::proto::{ErrorKind, VertexFailure};
 
@@ -31,7 +31,7 @@ where
     W: Write + Send + 'static,
 {
     let (out, writer) = writer(output);
-    let job = read_frame::<WorkerJob>(&mut input, MAX_JOB);
+    let job = read_job(&mut input);
     let end = match job {
         Ok(job) => {
             let (tx, rx) = mpsc::channel(64);
@@ -89,10 +89,11 @@ fn writer<W: Write + Send + 'static>(
     let (tx, mut rx) = mpsc::channel::<FromWorker>(QUEUED);
     let thread = std::thread::spawn(move || {
         while let Some(first) = rx.blocking_recv() {
-            let mut buf = frame(&first, MAX_END)?;
+            let mut buf = Vec::new();
+            put(&mut buf, &first, MAX_END)?;
             while buf.len() < 256 << 10 {
                 match rx.try_recv() {
-                    Ok(m) => buf.extend_from_slice(&frame(&m, MAX_END)?),
+                    Ok(m) => put(&mut buf, &m, MAX_END)?,
                     Err(_) => break,
                 }
             }
@@ -205,12 +206,14 @@ async fn run_part(
     let feed = tokio::spawn(async move {
         while let Some(m) = from.recv().await {
             match m {
-                ToWorker::Item { link, bytes } => {
+                ToWorker::Items { link, items } => {
                     let Some(Some(s)) = senders.get(link as usize) else {
                         continue;
                     };
-                    // A queue closed under it: its vertex is gone, and the part ends anyway.
-                    let _ = s.send_async(bytes).await;
+                    for bytes in items {
+                        // A queue closed under it: its vertex is gone, and the part ends anyway.
+                        let _ = s.send_async(bytes).await;
+                    }
                 }
                 ToWorker::Closed { link } => {
                     if let Some(s) = senders.get_mut(link as usize) {
@@ -227,8 +230,15 @@ async fn run_part(
         let to = to.clone();
         let link = part(link);
         drains.spawn(async move {
-            while let Ok(bytes) = o.receiver.recv_async().await {
-                if to.send(FromWorker::Item { link, bytes }).await.is_err() {
+            while let Ok(first) = o.receiver.recv_async().await {
+                let mut items = vec![first];
+                while items.len() < BATCH {
+                    match o.receiver.try_recv() {
+                        Ok(i) => items.push(i),
+                        Err(_) => break,
+                    }
+                }
+                if to.send(FromWorker::Items { link, items }).await.is_err() {
                     return;
                 }
             }

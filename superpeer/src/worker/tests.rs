@@ -107,7 +107,9 @@ fn serve_bytes(input: Vec<u8>) -> WorkerEnd {
 }
 
 fn msg(m: &ToWorker) -> Vec<u8> {
-    frame(m, MAX_JOB).expect("frame")
+    let mut b = Vec::new();
+    put(&mut b, m, MAX_JOB).expect("frame");
+    b
 }
 
 #[test]
@@ -143,7 +145,7 @@ fn a_worker_carries_its_parts_links_over_its_pipes() {
         "{msgs:?}"
     );
     assert!(
-        matches!(&msgs[1], FromWorker::Item { link: 0, bytes } if &bytes[..] == b"to the other part"),
+        matches!(&msgs[1], FromWorker::Items { link: 0, items } if items.len() == 1 && &items[0][..] == b"to the other part"),
         "{msgs:?}"
     );
     assert!(
@@ -158,9 +160,9 @@ fn a_worker_carries_its_parts_links_over_its_pipes() {
     let mut j = job(&[("print", PRINT)], "");
     j.placement = vec![1, 0];
     let mut input = job_frames(&j).expect("frames");
-    input.extend(msg(&ToWorker::Item {
+    input.extend(msg(&ToWorker::Items {
         link: 0,
-        bytes: Bytes::from_static(b"from the other part"),
+        items: vec![Bytes::from_static(b"from the other part")],
     }));
     input.extend(msg(&ToWorker::Closed { link: 0 }));
     let msgs = serve_all(input);
@@ -243,4 +245,46 @@ fn a_worker_that_dies_says_how_and_a_memory_kill_is_a_memory_failure() {
         &eof,
     );
     assert!(f.cause.contains("exited with status 3"), "{f:?}");
+}
+
+#[test]
+fn items_cross_the_pipe_in_frames_of_their_own_and_a_broken_one_is_refused() {
+    let items = vec![
+        Bytes::from_static(b"one"),
+        Bytes::new(),
+        Bytes::from(vec![7u8; 70_000]),
+    ];
+    let mut buf = Vec::new();
+    put(
+        &mut buf,
+        &FromWorker::Items {
+            link: 9,
+            items: items.clone(),
+        },
+        MAX_END,
+    )
+    .expect("put");
+    put(&mut buf, &FromWorker::Closed { link: 9 }, MAX_END).expect("put");
+    let mut r = Cursor::new(buf.clone());
+    match read_frame::<FromWorker>(&mut r, MAX_END).expect("items") {
+        FromWorker::Items {
+            link: 9,
+            items: got,
+        } => assert_eq!(got, items),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        read_frame::<FromWorker>(&mut r, MAX_END),
+        Ok(FromWorker::Closed { link: 9 })
+    ));
+    // An item's length past the frame's end, a length cut short, a frame over the limit.
+    let body = &buf[4..];
+    let mut past = body.to_vec();
+    past[5..9].copy_from_slice(&4u32.to_be_bytes());
+    past.truncate(12);
+    assert!(parse::<FromWorker>(past).is_err());
+    assert!(parse::<FromWorker>(body[..7].to_vec()).is_err());
+    assert!(parse::<FromWorker>(vec![0xFF, 0, 0]).is_err());
+    let mut small = Vec::new();
+    assert!(put(&mut small, &FromWorker::Items { link: 0, items }, 1000).is_err());
 }
