@@ -335,6 +335,9 @@ impl Daemon {
         background.spawn(node.clone().accept_streams());
         if let Some(os) = node.os() {
             background.spawn(crate::environment::serve_images(site.clone(), os.clone()));
+            if let Some(deaths) = os.deaths() {
+                background.spawn(node.clone().watch_guests(deaths));
+            }
         }
         if node.runs_vertices() {
             background.spawn(node.clone().follow());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use mvm_os::host::HostDriver;
 use mvm_os::image::{ImageError, ImageId, Repository};
+use mvm_os::liveness::{Died, Monitor};
 use mvm_os::provision::{Environments, GuestRequest, Lease, ProvisionError, Provisioner, VmMode};
 use mvm_os::storage::{Storage, StorageError, StorageSpec};
 use mvm_os::xen::{XenConfig, XenDriver};
@@ -72,7 +73,14 @@ pub(crate) struct NodeOs {
     envs: Arc<Environments>,
     repo: Repository,
     worker: Option<WorkerCommand>,
+    /// Watches every guest a job holds (SmartDomains' liveness monitor).
+    monitor: Arc<Monitor>,
+    /// The guests that died behind the node's back, until the node takes them.
+    deaths: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Died>>>,
 }
+
+/// How often the node's liveness monitor looks at the guests jobs hold.
+const LIVENESS: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl NodeOs {
     /// Opens the repository and storage and builds the driver.
@@ -84,11 +92,19 @@ impl NodeOs {
         let repo = Repository::open(c.dir.join("images"))?;
         let storage = Storage::new(c.dir.join("guests"))?;
         let prov = Arc::new(Provisioner::new(driver, repo.clone(), storage));
+        let (monitor, deaths) = Monitor::start(prov.clone(), LIVENESS);
         Ok(NodeOs {
             envs: Arc::new(Environments::new(prov, c.dir.join("checkpoints"))),
             repo,
             worker: c.worker.clone(),
+            monitor: Arc::new(monitor),
+            deaths: parking_lot::Mutex::new(Some(deaths)),
         })
+    }
+
+    /// The guests held by jobs that die behind the node's back, each once (to be taken once).
+    pub(crate) fn deaths(&self) -> Option<tokio::sync::mpsc::Receiver<Died>> {
+        self.deaths.lock().take()
     }
 
     /// How parts run in workers inside their guests, if they do.
@@ -166,8 +182,10 @@ impl NodeOs {
             }
         };
         tracing::info!(%job, guest = %lease.name, fresh = lease.fresh, ?mode, "environment ready");
+        self.monitor.watch(&lease.name);
         Ok(EnvLease {
             envs: self.envs.clone(),
+            monitor: self.monitor.clone(),
             lease: Some(lease),
         })
     }
@@ -187,6 +205,7 @@ fn short(s: &str) -> String {
 /// A job's hold on its guest; released when dropped (kept, saved or torn down by its mode).
 pub(crate) struct EnvLease {
     envs: Arc<Environments>,
+    monitor: Arc<Monitor>,
     lease: Option<Lease>,
 }
 
@@ -241,6 +260,8 @@ impl Drop for EnvLease {
         let Some(lease) = self.lease.take() else {
             return;
         };
+        // Its end (kept, saved or torn down) is not a death.
+        self.monitor.unwatch(&lease.name);
         let envs = self.envs.clone();
         let release = move || {
             if let Err(e) = envs.release(&lease) {

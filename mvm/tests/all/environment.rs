@@ -449,6 +449,53 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     );
     assert_eq!(v["edges"], host["edges"], "the same per-edge counts");
 
+    // A guest destroyed behind the node's back mid-job (a part of a job with checkpoints,
+    // which runs in the node's process: its guest's groups hold no process and can be
+    // removed): the node's liveness monitor sees it and the part fails at once.
+    let watched = one_vertex(
+        g.dir.path(),
+        "watched",
+        r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#,
+        "[requirements]\nimage = \"env:1\"\n[checkpoint]\ninterval = \"120s\"\n",
+    );
+    let text = std::fs::read_to_string(&watched).expect("profile");
+    std::fs::write(
+        &watched,
+        text.replace("[components]", "retries = 0\n[components]"),
+    )
+    .expect("profile");
+    let submit = g.mvm(&["submit", "--wait", &watched, "-o", "json"]);
+    let waiter = std::thread::spawn(move || {
+        let mut submit = submit;
+        submit.output().expect("mvm runs")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let guest = loop {
+        if let Some(guest) = cgroups(&group).into_iter().next() {
+            break guest;
+        }
+        if waiter.is_finished() || std::time::Instant::now() > deadline {
+            let out = waiter.join().expect("submitter");
+            panic!("the job ended (or hung) before its guest was seen: {out:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // (Past the part's start, which follows its guest's making at once.)
+    std::thread::sleep(Duration::from_secs(1));
+    for (dir, pids) in guest_procs(&group, &guest) {
+        assert!(pids.is_empty(), "{}: {pids:?}", dir.display());
+        std::fs::remove_dir(&dir).expect("remove the guest's group");
+    }
+    wait_for(Duration::from_secs(20), || {
+        waiter.is_finished().then_some(())
+    });
+    let out = waiter.join().expect("submitter");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json status");
+    assert_eq!(v["state"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("died behind the node's back"), "{v}");
+
     // A node killed mid-job takes its worker with it (the worker sees its pipe close).
     let forever = one_vertex(
         g.dir.path(),

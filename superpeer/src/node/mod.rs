@@ -26,6 +26,7 @@ use crate::site::Site;
 
 mod checkpoint;
 mod follow;
+mod guests;
 mod moves;
 mod part;
 mod parts;

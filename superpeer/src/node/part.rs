@@ -144,6 +144,8 @@ pub(super) enum Input {
     Ended { report: PartReport },
     /// The hold of the answer to a part's prepare (which started it) is over.
     HoldOver { job: JobId, attempt: u32 },
+    /// The guest `guest` died behind the node's back (the liveness monitor saw it), `why`.
+    GuestDied { guest: String, why: String },
     /// A queue stream from `key.2` into a remote input of run `attempt` of `job` asks for
     /// its queue.
     Inbound {

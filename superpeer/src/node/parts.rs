@@ -141,6 +141,7 @@ impl Parts {
                 out.push(Effect::Reply(reply, r));
             }
             Input::Ended { report } => self.ended(&mut out, report),
+            Input::GuestDied { guest, why } => self.guest_died(&mut out, &guest, why),
             Input::HoldOver { job, attempt } => {
                 if let Some(Part {
                     stage: Stage::Running { hold },
@@ -474,7 +475,7 @@ impl Parts {
     /// A running part ended: its report goes in the held answer to its prepare, or to the
     /// leader. A part that ended well goes at once (the broker sends no termination to it); a
     /// failed one stays until the broker ends the job.
-    fn ended(&mut self, out: &mut Vec<Effect>, report: PartReport) {
+    pub(super) fn ended(&mut self, out: &mut Vec<Effect>, report: PartReport) {
         let job = report.job.clone();
         let Some(part) = self.run_mut(&job, report.attempt) else {
             return; // ended (or replaced) meanwhile: nobody wants its report
