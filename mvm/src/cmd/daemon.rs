@@ -280,7 +280,14 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
 /// `mvm worker`: runs one part of a job for the node that started this process, inside the
 /// part's guest (see `mvm_superpeer::worker`): its job on stdin, its end on stdout.
 pub(crate) fn worker() -> Result<(), Failure> {
+    use std::io::IsTerminal;
     use std::os::fd::FromRawFd;
+
+    if std::io::stdin().is_terminal() {
+        return Err(Failure::input(anyhow::anyhow!(
+            "`mvm worker` is started by a node, which hands it a job on its stdin"
+        )));
+    }
 
     // The end goes to the node on the stdout it gave; anything else this process prints goes
     // to stderr, so that nothing can be mistaken for the end.

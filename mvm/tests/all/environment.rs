@@ -253,6 +253,14 @@ const HOG: &str = r#"(module
       (local.set $p (i32.add (local.get $p) (i32.const 4096)))
       (br_if $l (i32.lt_u (local.get $p) (i32.const 62914560))))))"#;
 
+/// Counts to 20 billion (about 10 s; it has a memory, so that it can be checkpointed).
+const WATCHED: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (local $i i64)
+    (loop $l
+      (local.set $i (i64.add (local.get $i) (i64.const 1)))
+      (br_if $l (i64.lt_u (local.get $i) (i64.const 20000000000))))))"#;
+
 /// Spins until stopped.
 const FOREVER: &str = r#"(module (func (export "_start") (loop $l (br $l))))"#;
 
@@ -291,6 +299,19 @@ fn guest_procs(group: &str, guest: &str) -> Vec<(PathBuf, Vec<u32>)> {
             (d, procs)
         })
         .collect()
+}
+
+/// A guest under `group` that holds a worker of node `node`, and the worker (a process is in
+/// its guest from before its exec: one that has not exec'd yet does not count).
+fn worker_in(group: &str, node: u32) -> Option<(String, u32)> {
+    cgroups(group).into_iter().find_map(|guest| {
+        let procs = guest_procs(group, &guest);
+        let pid = procs.first()?.1.iter().copied().find(|&p| {
+            parent_and_args(p)
+                .is_some_and(|(pp, a)| pp == node && a.get(1).map(String::as_str) == Some("worker"))
+        })?;
+        Some((guest, pid))
+    })
 }
 
 /// Whether process `pid` exists and is not a zombie.
@@ -346,16 +367,7 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
         let mut submit = submit;
         submit.output().expect("mvm runs")
     });
-    // (A process is in them from before its exec: wait for the exec.)
-    let (guest, worker, ppid) = wait_for(Duration::from_secs(20), || {
-        let guest = cgroups(&group).into_iter().next()?;
-        let procs = guest_procs(&group, &guest);
-        let (_, pids) = procs.first()?;
-        let pid = *pids.first()?;
-        let (ppid, args) = parent_and_args(pid)?;
-        (args.get(1).map(String::as_str) == Some("worker")).then_some((guest, pid, ppid))
-    });
-    assert_eq!(ppid, node_pid, "the node started it");
+    let (guest, worker) = wait_for(Duration::from_secs(20), || worker_in(&group, node_pid));
     for (dir, pids) in guest_procs(&group, &guest) {
         assert_eq!(pids, vec![worker], "{}", dir.display());
     }
@@ -423,19 +435,7 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     });
     let node2_pid = g.children[2].id();
     wait_for(Duration::from_secs(20), || {
-        let seen = [(&group, node_pid), (&group2, node2_pid)]
-            .iter()
-            .all(|(grp, node)| {
-                cgroups(grp).iter().any(|guest| {
-                    guest_procs(grp, guest).first().is_some_and(|(_, pids)| {
-                        pids.iter().any(|&p| {
-                            parent_and_args(p).is_some_and(|(pp, a)| {
-                                pp == *node && a.get(1).map(String::as_str) == Some("worker")
-                            })
-                        })
-                    })
-                })
-            });
+        let seen = worker_in(&group, node_pid).is_some() && worker_in(&group2, node2_pid).is_some();
         seen.then_some(())
     });
     let v = json(&waiter.join().expect("submitter"));
@@ -455,7 +455,7 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     let watched = one_vertex(
         g.dir.path(),
         "watched",
-        r#"(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))"#,
+        WATCHED,
         "[requirements]\nimage = \"env:1\"\n[checkpoint]\ninterval = \"120s\"\n",
     );
     let text = std::fs::read_to_string(&watched).expect("profile");
@@ -505,13 +505,7 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     );
     let out = g.run(&["submit", &forever]);
     assert!(out.status.success(), "{out:?}");
-    let worker = wait_for(Duration::from_secs(20), || {
-        let guest = cgroups(&group).into_iter().next()?;
-        let procs = guest_procs(&group, &guest);
-        let pid = *procs.first()?.1.first()?;
-        let (_, args) = parent_and_args(pid)?;
-        (args.get(1).map(String::as_str) == Some("worker")).then_some(pid)
-    });
+    let (_, worker) = wait_for(Duration::from_secs(20), || worker_in(&group, node_pid));
     let node = &mut g.children[1];
     node.kill().expect("kill the node");
     node.wait().expect("reap the node");
