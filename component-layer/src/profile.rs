@@ -134,6 +134,12 @@ pub struct Requirements {
     pub nodes: Option<u32>,
     /// How guests of `image` are used across jobs (GridWay's VM modes).
     pub vm_mode: Option<VmMode>,
+    /// The CPU weight of the job's guests (Xen's credit weight, 1–65535, 256 by default; the
+    /// host driver's cgroup CPU weight): a guest's share of a busy CPU is its weight over the
+    /// sum of the weights of the guests on it.
+    pub cpu_weight: Option<u32>,
+    /// The CPU cap of the job's guests, in percent of one CPU (none: uncapped).
+    pub cpu_cap: Option<u32>,
 }
 
 /// How a node's guests of the job's image are used across jobs.

@@ -150,8 +150,8 @@ impl NodeOs {
             vcpus: env.vcpus.max(1),
             memory_mib: env.memory_mib.max(16),
             cmdline: None,
-            weight: None,
-            cap: None,
+            weight: env.weight,
+            cap: env.cap,
         };
         let lease = match mode {
             // One guest per job.
@@ -162,8 +162,8 @@ impl NodeOs {
             // same needs finds them; a second job at once takes the next slot.
             VmMode::Persistent | VmMode::SaveRestore => {
                 let key = short(&format!(
-                    "{}-{}-{}-{:?}",
-                    image.digest, env.vcpus, env.memory_mib, env.mode
+                    "{}-{}-{}-{:?}-{:?}-{:?}",
+                    image.digest, env.vcpus, env.memory_mib, env.mode, env.weight, env.cap
                 ));
                 let mut got = Err(EnvError::InUse);
                 for slot in 0..16 {

@@ -356,11 +356,25 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     });
 
     // While the job runs, its guest's groups hold one process: a worker the node started.
+    // A guest's weight out of range, or a weight without a guest: refused, naming the file.
+    for (name, req) in [
+        ("w0", "[requirements]\nimage = \"env:1\"\ncpu_weight = 0\n"),
+        ("nog", "[requirements]\ncpu_cap = 50\n"),
+    ] {
+        let bad = one_vertex(g.dir.path(), name, SPIN, req);
+        let out = g.run(&["submit", &bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            err.contains(&format!("{name}.toml")) && err.contains("requirements.cpu_"),
+            "{err}"
+        );
+    }
     let spin = one_vertex(
         g.dir.path(),
         "spin",
         SPIN,
-        "[requirements]\nimage = \"env:1\"\n",
+        "[requirements]\nimage = \"env:1\"\ncpu_weight = 768\n",
     );
     let submit = g.mvm(&["submit", "--wait", &spin, "-o", "json"]);
     let waiter = std::thread::spawn(move || {
@@ -368,6 +382,19 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
         submit.output().expect("mvm runs")
     });
     let (guest, worker) = wait_for(Duration::from_secs(20), || worker_in(&group, node_pid));
+    // The profile's CPU weight is the guest's (Xen's 768: v1 shares 3072, v2 weight 300).
+    let v1 = Path::new("/sys/fs/cgroup/cpu")
+        .join(&group)
+        .join(&guest)
+        .join("cpu.shares");
+    let v2 = Path::new("/sys/fs/cgroup")
+        .join(&group)
+        .join(&guest)
+        .join("cpu.weight");
+    let weight = std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .expect("the guest's CPU weight");
+    assert!(["3072", "300"].contains(&weight.trim()), "{weight}");
     for (dir, pids) in guest_procs(&group, &guest) {
         assert_eq!(pids, vec![worker], "{}", dir.display());
     }

@@ -148,6 +148,8 @@ impl Core {
                     .memory_bytes
                     .map_or(128, |b| u32::try_from(b >> 20).unwrap_or(u32::MAX).max(16)),
                 mode: r.vm_mode.unwrap_or(VmMode::StopStart),
+                weight: r.cpu_weight,
+                cap: r.cpu_cap,
             });
         let policy_digest = self.site.policies.current().digest;
         plan.peers

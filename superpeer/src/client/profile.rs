@@ -62,6 +62,28 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
         })?),
         None => None,
     };
+    if (r.cpu_weight.is_some() || r.cpu_cap.is_some())
+        && r.image.as_deref().is_none_or(|i| i == "host")
+    {
+        return Err(input(format!(
+            "{file}: requirements.cpu_weight and cpu_cap set a guest's share: they need \
+             requirements.image"
+        )));
+    }
+    if let Some(w) = r.cpu_weight
+        && !(1..=65535).contains(&w)
+    {
+        return Err(input(format!(
+            "{file}: requirements.cpu_weight must be 1 to 65535, not {w}"
+        )));
+    }
+    if let Some(c) = r.cpu_cap
+        && c > 6400
+    {
+        return Err(input(format!(
+            "{file}: requirements.cpu_cap is a percent of one CPU (at most 6400), not {c}"
+        )));
+    }
     if let Some(rank) = &r.rank {
         crate::schedule::Rank::parse(rank).map_err(|e| input(format!("{file}: {e}")))?;
     }
@@ -94,6 +116,8 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                     mvm_component::profile::VmMode::SaveRestore => VmMode::SaveRestore,
                     mvm_component::profile::VmMode::StopStart => VmMode::StopStart,
                 }),
+                cpu_weight: r.cpu_weight,
+                cpu_cap: r.cpu_cap,
             },
             on_behalf: None,
             hops: 0,

@@ -162,6 +162,12 @@ pub struct Requirements {
     /// How guests of `image` are used across jobs (`stop-start` when not given).
     #[serde(default)]
     pub vm_mode: Option<VmMode>,
+    /// The CPU weight of the job's guests (1–65535; 256 when not given).
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// The CPU cap of the job's guests, percent of one CPU (none: uncapped).
+    #[serde(default)]
+    pub cpu_cap: Option<u32>,
 }
 
 /// The execution environment a node ensures before its part of a job runs.
@@ -175,6 +181,12 @@ pub struct EnvSpec {
     pub memory_mib: u32,
     /// How the guest is used across jobs.
     pub mode: VmMode,
+    /// Its CPU weight (none: the driver's default).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Its CPU cap, percent of one CPU (none: uncapped).
+    #[serde(default)]
+    pub cap: Option<u32>,
 }
 
 /// A node's part of a job.
