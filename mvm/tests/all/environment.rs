@@ -491,15 +491,23 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
         text.replace("[components]", "retries = 0\n[components]"),
     )
     .expect("profile");
+    // (The guests of the jobs before are gone first: the first guest seen is this job's.)
+    wait_for(Duration::from_secs(20), || {
+        (cgroups(&group).is_empty() && cgroups(&group2).is_empty()).then_some(())
+    });
     let submit = g.mvm(&["submit", "--wait", &watched, "-o", "json"]);
     let waiter = std::thread::spawn(move || {
         let mut submit = submit;
         submit.output().expect("mvm runs")
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let guest = loop {
-        if let Some(guest) = cgroups(&group).into_iter().next() {
-            break guest;
+    // (Either node may run it: both offer the image.)
+    let (grp, guest) = loop {
+        let found = [&group, &group2]
+            .into_iter()
+            .find_map(|grp| Some((grp.clone(), cgroups(grp).into_iter().next()?)));
+        if let Some(found) = found {
+            break found;
         }
         if waiter.is_finished() || std::time::Instant::now() > deadline {
             let out = waiter.join().expect("submitter");
@@ -509,7 +517,7 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     };
     // (Past the part's start, which follows its guest's making at once.)
     std::thread::sleep(Duration::from_secs(1));
-    for (dir, pids) in guest_procs(&group, &guest) {
+    for (dir, pids) in guest_procs(&grp, &guest) {
         assert!(pids.is_empty(), "{}: {pids:?}", dir.display());
         std::fs::remove_dir(&dir).expect("remove the guest's group");
     }
@@ -532,8 +540,11 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     );
     let out = g.run(&["submit", &forever]);
     assert!(out.status.success(), "{out:?}");
-    let (_, worker) = wait_for(Duration::from_secs(20), || worker_in(&group, node_pid));
-    let node = &mut g.children[1];
+    let (at, worker) = wait_for(Duration::from_secs(20), || {
+        let on = |grp: &str, node, at| worker_in(grp, node).map(|(_, w)| (at, w));
+        on(&group, node_pid, 1).or_else(|| on(&group2, node2_pid, 2))
+    });
+    let node = &mut g.children[at];
     node.kill().expect("kill the node");
     node.wait().expect("reap the node");
     wait_for(Duration::from_secs(5), || (!alive(worker)).then_some(()));
