@@ -209,33 +209,6 @@ impl HostDriver {
             .collect())
     }
 
-    /// The `cgroup.procs` file of each of guest `name`'s control groups (none without writable
-    /// cgroups: the guest is the host itself).
-    fn procs_files(&self, name: &str) -> Result<Vec<PathBuf>, DriverError> {
-        self.need(name)?;
-        Ok(self
-            .dirs(name)
-            .into_iter()
-            .map(|d| d.join("cgroup.procs"))
-            .collect())
-    }
-
-    /// The `oom_kill` count of guest `name`'s memory group (v2 `memory.events`, v1
-    /// `memory.oom_control`).
-    fn oom_kill_count(&self, name: &str) -> Option<u64> {
-        let file = match &self.cg {
-            Cgroups::V2 { root } => root.join(name).join("memory.events"),
-            Cgroups::V1 {
-                memory: Some(m), ..
-            } => m.join(name).join("memory.oom_control"),
-            _ => return None,
-        };
-        read(&file).ok()?.lines().find_map(|l| {
-            l.strip_prefix("oom_kill ")
-                .and_then(|n| n.trim().parse().ok())
-        })
-    }
-
     fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), DriverError> {
         self.need(name)?;
         match &self.cg {
@@ -702,12 +675,28 @@ impl Driver for HostDriver {
         self.read_sched(name)
     }
 
+    /// The `cgroup.procs` file of each of the guest's control groups (none without writable
+    /// cgroups: the guest is the host itself).
     fn join_files(&self, name: &str) -> Result<Option<Vec<PathBuf>>, DriverError> {
-        self.procs_files(name).map(Some)
+        self.need(name)?;
+        let files = self.dirs(name).into_iter().map(|d| d.join("cgroup.procs"));
+        Ok(Some(files.collect()))
     }
 
+    /// The `oom_kill` count of the guest's memory group (v2 `memory.events`, v1
+    /// `memory.oom_control`).
     fn oom_kills(&self, name: &str) -> Option<u64> {
-        self.oom_kill_count(name)
+        let file = match &self.cg {
+            Cgroups::V2 { root } => root.join(name).join("memory.events"),
+            Cgroups::V1 {
+                memory: Some(m), ..
+            } => m.join(name).join("memory.oom_control"),
+            _ => return None,
+        };
+        read(&file).ok()?.lines().find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse().ok())
+        })
     }
 }
 

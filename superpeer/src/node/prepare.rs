@@ -12,7 +12,7 @@ use mvm_component::runtime::checkpoint::PartImage;
 use mvm_queue::remote::{Drain, Hold};
 
 use super::Node;
-use super::parts::{Body, InGuest, Marks, Ready};
+use super::parts::{Body, InGuest, InputKey, Marks, Ready};
 use crate::environment::EnvLease;
 use crate::proto::ErrorKind;
 use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
@@ -190,18 +190,12 @@ impl Node {
                 }
             }
         };
-        if let Some((body, remote_inputs)) = self.in_guest(spec, env.as_ref(), &modules).await? {
+        if let Some((w, remote_inputs)) = self.in_guest(spec, env.as_ref(), &modules).await? {
             let vertices = spec.placement.iter().filter(|&&p| p == spec.here).count();
-            let outputs = match &body {
-                Body::Worker(w) => w.remote_outputs.len(),
-                Body::Here(_) => 0,
-            };
-            let mut inputs = HashMap::new();
-            for i in remote_inputs {
-                inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
-            }
+            let outputs = w.remote_outputs.len();
+            let inputs = by_key(remote_inputs, &parts);
             return Ok(Box::new(Ready {
-                prepared: body,
+                prepared: Body::Worker(Box::new(w)),
                 parts,
                 expected_links: inputs.len() + outputs,
                 inputs,
@@ -244,10 +238,7 @@ impl Node {
         if self.links.is_some() && !spec.streams {
             prepared.direct_remote_links();
         }
-        let mut inputs = HashMap::new();
-        for i in std::mem::take(&mut prepared.remote_inputs) {
-            inputs.insert((i.vertex, i.port, parts[i.from].0), i.sender);
-        }
+        let inputs = by_key(std::mem::take(&mut prepared.remote_inputs), &parts);
         let marks = prepared.control().map(|control| Marks {
             control,
             holds: prepared
@@ -290,7 +281,7 @@ impl Node {
         spec: &PartSpec,
         env: Option<&EnvLease>,
         modules: &HashMap<String, mvm_component::runtime::Module>,
-    ) -> Result<Option<(Body, Vec<RemoteInput>)>, Failure> {
+    ) -> Result<Option<(InGuest, Vec<RemoteInput>)>, Failure> {
         let (Some(env), Some(command)) = (env, self.os.as_ref().and_then(|o| o.worker())) else {
             return Ok(None);
         };
@@ -337,11 +328,11 @@ impl Node {
                 };
                 Failure::new(kind, f.cause)
             })?;
-        let body = Body::Worker(Box::new(InGuest {
+        let w = InGuest {
             started,
             remote_outputs: outputs,
-        }));
-        Ok(Some((body, inputs)))
+        };
+        Ok(Some((w, inputs)))
     }
 
     /// Makes `prepared` start from the checkpoint blob `hash`, fetched from the broker `from`.
@@ -372,4 +363,16 @@ impl Node {
         image.job = super::space(&spec.job, spec.attempt);
         prepared.restore(&image).map_err(|e| failed(e.to_string()))
     }
+}
+
+/// A part's remote inputs by their key: the local vertex and port, and the peer of the part
+/// that feeds it.
+fn by_key(
+    remote_inputs: Vec<RemoteInput>,
+    parts: &[(PeerId, Vec<libp2p::Multiaddr>)],
+) -> HashMap<InputKey, mvm_queue::queue::Sender<bytes::Bytes>> {
+    remote_inputs
+        .into_iter()
+        .map(|i| ((i.vertex, i.port, parts[i.from].0), i.sender))
+        .collect()
 }

@@ -250,6 +250,24 @@ fn put<T: Carries>(buf: &mut Vec<u8>, msg: &T, max: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// The frames of `first` and of the messages `next` has ready, up to a write's worth (256
+/// KiB): what goes to the pipe in one write.
+fn batch<T: Carries>(
+    first: &T,
+    mut next: impl FnMut() -> Option<T>,
+    max: usize,
+) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    put(&mut buf, first, max)?;
+    while buf.len() < 256 << 10 {
+        match next() {
+            Some(m) => put(&mut buf, &m, max)?,
+            None => break,
+        }
+    }
+    Ok(buf)
+}
+
 /// The message in a frame's body (see [`put`]).
 fn parse<T: Carries>(body: Vec<u8>) -> io::Result<T> {
     if body.first() != Some(&ITEMS) {
@@ -312,8 +330,8 @@ pub fn read_end(output: &mut impl Read) -> io::Result<WorkerEnd> {
     }
 }
 
-/// Reads one frame of at most `max` bytes.
-fn read_frame<T: Carries>(r: &mut impl Read, max: usize) -> io::Result<T> {
+/// Reads one frame's body, of at most `max` bytes.
+fn read_body(r: &mut impl Read, max: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_be_bytes(len) as usize;
@@ -322,20 +340,17 @@ fn read_frame<T: Carries>(r: &mut impl Read, max: usize) -> io::Result<T> {
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf)?;
-    parse(buf)
+    Ok(buf)
+}
+
+/// Reads one message of at most `max` bytes.
+fn read_frame<T: Carries>(r: &mut impl Read, max: usize) -> io::Result<T> {
+    parse(read_body(r, max)?)
 }
 
 /// Reads the first frame, the job (CBOR).
 fn read_job(r: &mut impl Read) -> io::Result<WorkerJob> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_JOB {
-        return Err(too_long(len, MAX_JOB));
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    crate::proto::decode(&buf)
+    crate::proto::decode(&read_body(r, MAX_JOB)?)
 }
 
 fn too_long(len: usize, max: usize) -> io::Error {

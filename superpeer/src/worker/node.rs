@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{
     BATCH, Carries, FromWorker, MAX_END, MAX_JOB, ToWorker, WorkerCommand, WorkerEnd, WorkerJob,
-    WorkerReport, frame, parse, put, too_long,
+    WorkerReport, batch, frame, parse, too_long,
 };
 use crate::environment::GuestRef;
 use crate::proto::{ErrorKind, VertexFailure};
@@ -203,14 +203,7 @@ impl Started {
         // last, until the part ends (its end tells the worker that its node is gone).
         let write = async {
             while let Some(first) = rx.recv().await {
-                let mut buf = Vec::new();
-                put(&mut buf, &first, MAX_JOB)?;
-                while buf.len() < 256 << 10 {
-                    match rx.try_recv() {
-                        Ok(m) => put(&mut buf, &m, MAX_JOB)?,
-                        Err(_) => break,
-                    }
-                }
+                let buf = batch(&first, || rx.try_recv().ok(), MAX_JOB)?;
                 stdin.write_all(&buf).await?;
                 stdin.flush().await?;
             }

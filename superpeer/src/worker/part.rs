@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{
     BATCH, FromWorker, MAX_END, MAX_JOB, ORPHANED, QueueCount, ToWorker, WorkerEnd, WorkerJob,
-    WorkerReport, WorkerVertex, put, read_frame, read_job,
+    WorkerReport, WorkerVertex, batch, read_frame, read_job,
 };
 use crate::proto::{ErrorKind, VertexFailure};
 
@@ -89,14 +89,7 @@ fn writer<W: Write + Send + 'static>(
     let (tx, mut rx) = mpsc::channel::<FromWorker>(QUEUED);
     let thread = std::thread::spawn(move || {
         while let Some(first) = rx.blocking_recv() {
-            let mut buf = Vec::new();
-            put(&mut buf, &first, MAX_END)?;
-            while buf.len() < 256 << 10 {
-                match rx.try_recv() {
-                    Ok(m) => put(&mut buf, &m, MAX_END)?,
-                    Err(_) => break,
-                }
-            }
+            let buf = batch(&first, || rx.try_recv().ok(), MAX_END)?;
             output.write_all(&buf)?;
             output.flush()?;
         }
