@@ -156,8 +156,12 @@ type Opener = oneshot::Sender<Result<Arc<Link>, StreamError>>;
 
 /// Where a daemon stands with its control stream to one peer.
 enum Slot {
-    /// Being opened, with the requests that wait for it.
-    Opening(Vec<Opener>),
+    /// Being opened (by the task of opening number `n`), with the requests that wait for it.
+    Opening {
+        n: u64,
+        task: tokio::task::AbortHandle,
+        waiting: Vec<Opener>,
+    },
     /// Open, and taken by the acceptor.
     Open(Arc<Link>),
 }
@@ -168,10 +172,17 @@ enum Slot {
 /// super-peer.
 const OPEN_RETRIES: u32 = 6;
 
+/// How long one try at opening a control stream may take before it is given up and made
+/// again (within the request timeout). A stream opened on a connection that has died without
+/// its closing being seen yet (a cut link) hangs; the next try may be made on a live one.
+const OPEN_TRY: Duration = Duration::from_secs(5);
+
 /// The outbound control streams of a daemon, by peer.
 pub(crate) struct Links {
     slots: Mutex<HashMap<PeerId, Slot>>,
     next_id: AtomicU64,
+    /// Openings started so far (numbers them).
+    openings: AtomicU64,
     /// Requests sent on control streams so far.
     pub(crate) sent: AtomicU64,
     max_frame: usize,
@@ -184,6 +195,7 @@ impl Links {
         Arc::new(Links {
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            openings: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             max_frame,
             timeout,
@@ -213,11 +225,14 @@ impl Links {
             let mut slots = self.slots.lock();
             match slots.get_mut(&peer) {
                 Some(Slot::Open(l)) => return Ok(l.clone()),
-                Some(Slot::Opening(waiting)) => waiting.push(tx),
+                Some(Slot::Opening { waiting, .. }) => waiting.push(tx),
                 None => {
-                    slots.insert(peer, Slot::Opening(vec![tx]));
+                    let n = self.openings.fetch_add(1, Ordering::Relaxed);
                     let (links, control) = (self.clone(), control.clone());
-                    tokio::spawn(async move { links.run(peer, control).await });
+                    let task = tokio::spawn(async move { links.run(peer, n, control).await });
+                    let task = task.abort_handle();
+                    let waiting = vec![tx];
+                    slots.insert(peer, Slot::Opening { n, task, waiting });
                 }
             }
         }
@@ -276,14 +291,32 @@ impl Links {
         Sent::Done(answer)
     }
 
-    /// Opens the stream to `peer` and serves it until it fails. Requests go on it only once
-    /// the acceptor has said it took it (an `Ok` of id 0): one that does not take it has read
-    /// no request. Whoever waits for the opening hears how it went.
-    async fn run(self: Arc<Self>, peer: PeerId, mut control: libp2p_stream::Control) {
+    /// Takes out of the slots opening number `n` to `peer` (unless it was closed meanwhile),
+    /// with the requests that wait for it.
+    fn opened(slots: &mut HashMap<PeerId, Slot>, peer: &PeerId, n: u64) -> Option<Vec<Opener>> {
+        match slots.remove(peer) {
+            Some(Slot::Opening { n: m, waiting, .. }) if m == n => Some(waiting),
+            Some(other) => {
+                slots.insert(*peer, other);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Opens the stream to `peer` (opening number `n`) and serves it until it fails. Requests
+    /// go on it only once the acceptor has said it took it (an `Ok` of id 0): one that does not
+    /// take it has read no request. Whoever waits for the opening hears how it went.
+    async fn run(self: Arc<Self>, peer: PeerId, n: u64, mut control: libp2p_stream::Control) {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut tries = 0;
         let opened = loop {
-            let taken = tokio::time::timeout_at(deadline, self.take(peer, &mut control)).await;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                break Err(StreamError::Timeout(self.timeout));
+            }
+            let this_try = (now + OPEN_TRY).min(deadline);
+            let taken = tokio::time::timeout_at(this_try, self.take(peer, &mut control)).await;
             match taken {
                 Ok(Err((e, true))) if tries < OPEN_RETRIES => {
                     tracing::debug!(%peer, error = %e, tries, "control stream not taken; again");
@@ -291,17 +324,18 @@ impl Links {
                     tries += 1;
                 }
                 Ok(r) => break r.map_err(|(e, _)| e),
-                Err(_) => break Err(StreamError::Timeout(self.timeout)),
+                Err(_) => {
+                    tracing::info!(%peer, "a control stream not taken within {OPEN_TRY:?}; again");
+                }
             }
         };
         let (mut r, w) = match opened {
             Ok(halves) => halves,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "no control stream");
-                if let Some(Slot::Opening(waiting)) = self.slots.lock().remove(&peer) {
-                    for tx in waiting {
-                        let _ = tx.send(Err(e.clone()));
-                    }
+                let waiting = Self::opened(&mut self.slots.lock(), &peer, n);
+                for tx in waiting.into_iter().flatten() {
+                    let _ = tx.send(Err(e.clone()));
                 }
                 return;
             }
@@ -311,11 +345,18 @@ impl Links {
             frames,
             pending: Mutex::new(Some(HashMap::new())),
         });
-        let waiting = self.slots.lock().insert(peer, Slot::Open(link.clone()));
-        if let Some(Slot::Opening(waiting)) = waiting {
-            for tx in waiting {
-                let _ = tx.send(Ok(link.clone()));
+        let waiting = {
+            let mut slots = self.slots.lock();
+            let waiting = Self::opened(&mut slots, &peer, n);
+            if waiting.is_some() {
+                slots.insert(peer, Slot::Open(link.clone()));
             }
+            waiting
+        };
+        // Closed while it was being opened: the peer is gone.
+        let Some(waiting) = waiting else { return };
+        for tx in waiting {
+            let _ = tx.send(Ok(link.clone()));
         }
         let mut writer = tokio::spawn(write_frames(w, rx));
         let reader = async {
@@ -369,10 +410,18 @@ impl Links {
         }
     }
 
-    /// Ends the stream to `peer`, if any (the peer is lost).
+    /// Ends the stream to `peer`, or its opening, if any (the peer is lost): a request made
+    /// after the peer is back opens a stream of its own, on a connection of the time.
     pub(crate) fn close(&self, peer: &PeerId) {
-        if let Some(Slot::Open(l)) = self.slots.lock().remove(peer) {
-            l.fail(&StreamError::PeerGone);
+        match self.slots.lock().remove(peer) {
+            Some(Slot::Open(l)) => l.fail(&StreamError::PeerGone),
+            Some(Slot::Opening { task, waiting, .. }) => {
+                task.abort();
+                for tx in waiting {
+                    let _ = tx.send(Err(StreamError::PeerGone));
+                }
+            }
+            None => {}
         }
     }
 }

@@ -240,4 +240,95 @@ mod network {
             assert!(matches!(r, Ok(Response::Ok)), "client {n}: {r:?}");
         }
     }
+
+    /// An opening whose stream hangs untaken (opened on a connection that died unseen) is
+    /// tried again within seconds, not left to the request timeout; and a peer declared lost
+    /// takes its opening with it, so that a request made once it is back opens a stream of its
+    /// own instead of waiting on the stale one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_opening_is_tried_again_and_a_lost_peer_ends_its_opening() {
+        use futures::StreamExt;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use crate::rpc::{Links, OPEN_TRY, StreamError};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+        // The bare peer never answers the certificate exchange: its connection is kept anyway.
+        let config = NetConfig {
+            hello_timeout: Duration::from_secs(120),
+            ..NetConfig::default()
+        };
+        let (daemon, _inbound) = testing::daemon(&ca, "n", config).await;
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let bare = Bare::connect(key, &daemon).await;
+        // The bare peer's acceptor takes the first stream and says nothing on it; it takes
+        // the second with the acceptor's Ok, and says nothing on any later one.
+        let mut incoming = bare
+            .control
+            .clone()
+            .accept(proto::RPC_PROTOCOL)
+            .expect("accepting");
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        let acceptor = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some((_, mut s)) = incoming.next().await {
+                if count.fetch_add(1, Ordering::SeqCst) == 1 {
+                    let ok = crate::rpc::encode(0, &Response::Ok, 1024).expect("encodes");
+                    s.write_all(&ok).await.expect("writes");
+                    s.flush().await.expect("flushes");
+                }
+                held.push(s);
+            }
+        });
+        let timeout = Duration::from_secs(60);
+        let links = Links::new(1 << 20, timeout);
+        let t = std::time::Instant::now();
+        links
+            .open(bare.peer, &daemon.streams())
+            .await
+            .expect("opened on the second try");
+        assert!(
+            t.elapsed() >= OPEN_TRY && t.elapsed() < OPEN_TRY * 2,
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        // Lost while being opened (the third stream is never taken): the request waiting for
+        // the opening fails at once with the peer gone, and the next opening is a new one.
+        links.close(&bare.peer);
+        let opening = tokio::spawn({
+            let (links, control) = (links.clone(), daemon.streams());
+            async move { links.open(bare.peer, &control).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+        let t = std::time::Instant::now();
+        links.close(&bare.peer);
+        let Err(e) = opening.await.expect("join") else {
+            panic!("opened to a peer declared lost");
+        };
+        assert!(
+            matches!(
+                &e.problem,
+                crate::net::NetProblem::Stream(StreamError::PeerGone)
+            ),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+        let again = tokio::spawn({
+            let (links, control) = (links.clone(), daemon.streams());
+            async move { links.open(bare.peer, &control).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            4,
+            "a new opening, not the stale one"
+        );
+        again.abort();
+        acceptor.abort();
+    }
 }
