@@ -140,6 +140,10 @@ pub struct Requirements {
     pub cpu_weight: Option<u32>,
     /// The CPU cap of the job's guests, in percent of one CPU (none: uncapped).
     pub cpu_cap: Option<u32>,
+    /// A guest template file (`environments/NAME.toml`, relative to the profile) that gives
+    /// the image, vCPUs, memory, CPU weight and cap, and the guest's disk, swap and network:
+    /// those fields are then not written here.
+    pub environment: Option<String>,
 }
 
 /// How a node's guests of the job's image are used across jobs.

@@ -81,6 +81,8 @@ enum Command {
     Topology(cmd::topology::Args),
     /// A node's image repository of execution environments: import, list, verify.
     Image(cmd::image::Args),
+    /// Guest templates (`environments/*.toml`) and warm pool files: check them.
+    Env(cmd::env::Args),
     /// A domain's certificate authority: create it, issue node and user identities.
     Ca(cmd::ca::Args),
     /// Policies: check a directory, ask it a question, reload a super-peer's.
@@ -129,6 +131,7 @@ fn main() -> ExitCode {
         Command::Lab(args) => cmd::lab::run(args),
         Command::Node(args) => cmd::daemon::node(args),
         Command::Image(args) => cmd::image::run(args),
+        Command::Env(args) => cmd::env::run(args),
         Command::Ca(args) => cmd::ca::run(args),
         Command::Policy(args) => cmd::policy::run(args),
         Command::Superpeer(args) => cmd::daemon::superpeer(args),

@@ -41,6 +41,38 @@ fn raw() -> String {
     "raw".into()
 }
 
+impl Nic {
+    /// Checks the bridge's name and the MAC address.
+    ///
+    /// # Errors
+    /// What is wrong, in words.
+    pub fn validate(&self) -> Result<(), String> {
+        let name_ok = self.bridge.len() <= 15
+            && plain(&self.bridge)
+            && self
+                .bridge
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !name_ok {
+            return Err(format!(
+                "bridge name '{}' is not a network interface name",
+                self.bridge
+            ));
+        }
+        if let Some(mac) = &self.mac {
+            let parts: Vec<&str> = mac.split(':').collect();
+            if parts.len() != 6
+                || !parts
+                    .iter()
+                    .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                return Err(format!("'{mac}' is not a MAC address"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A network interface of the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -197,27 +229,7 @@ impl GuestSpec {
             }
         }
         for n in &self.nics {
-            if !plain(&n.bridge)
-                || !n
-                    .bridge
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-            {
-                return err(format!(
-                    "bridge name '{}' is not a network interface name",
-                    n.bridge
-                ));
-            }
-            if let Some(mac) = &n.mac {
-                let parts: Vec<&str> = mac.split(':').collect();
-                if parts.len() != 6
-                    || !parts
-                        .iter()
-                        .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
-                {
-                    return err(format!("'{mac}' is not a MAC address"));
-                }
-            }
+            n.validate().or_else(err)?;
         }
         Ok(())
     }

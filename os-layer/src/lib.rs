@@ -7,6 +7,7 @@
 //!   digest (OpenCCS).
 //! - [`storage`]: a guest's disk, swap and boot files made from an image, and removed whole.
 //! - [`provision`]: whole guests (storage plus domain) and the three VM modes (GridWay).
+//! - [`template`]: guests described in files, one extending another, and warm pools of them.
 //! - [`liveness`]: a monitor that notices guests dying behind MVM's back and cleans up.
 //! - [`probe`]: properties a node measures about itself at intervals and publishes.
 //! - [`bench`]: guest create-to-running through MVM beside plain `xl create`.
@@ -23,6 +24,7 @@ pub mod loopdev;
 pub mod probe;
 pub mod provision;
 pub mod storage;
+pub mod template;
 pub mod xen;
 
 pub use driver::{Driver, DriverError, GuestInfo, Sched, State};

@@ -42,6 +42,9 @@ pub struct GuestRequest {
     /// CPU cap, percent of one CPU.
     #[serde(default)]
     pub cap: Option<u32>,
+    /// Network interfaces (Xen; the host driver's guests share the host's network).
+    #[serde(default)]
+    pub nics: Vec<crate::guest::Nic>,
 }
 
 fn pv() -> Mode {
@@ -153,7 +156,7 @@ impl Provisioner {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
             disks,
-            nics: vec![],
+            nics: req.nics.clone(),
             weight: req.weight,
             cap: req.cap,
         };

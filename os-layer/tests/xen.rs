@@ -99,6 +99,7 @@ impl Suite {
             cmdline: None,
             weight: None,
             cap: None,
+            nics: Vec::new(),
         })
     }
 

@@ -335,6 +335,7 @@ impl Daemon {
         background.spawn(node.clone().accept_streams());
         if let Some(os) = node.os() {
             background.spawn(crate::environment::serve_images(site.clone(), os.clone()));
+            background.spawn(crate::environment::keep_warm(os.clone()));
             if let Some(deaths) = os.deaths() {
                 background.spawn(node.clone().watch_guests(deaths));
             }

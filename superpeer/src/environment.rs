@@ -14,6 +14,7 @@ use mvm_os::image::{ImageError, ImageId, Repository};
 use mvm_os::liveness::{Died, Monitor};
 use mvm_os::provision::{Environments, GuestRequest, Lease, ProvisionError, Provisioner, VmMode};
 use mvm_os::storage::{Storage, StorageError, StorageSpec};
+use mvm_os::template::{Pool, Shape, Template};
 use mvm_os::xen::{XenConfig, XenDriver};
 use mvm_os::{Driver, DriverError};
 
@@ -66,6 +67,8 @@ pub struct OsConfig {
     /// a process of its own inside the guest (`mvm worker`); none: in the node's own process,
     /// where the guest's limits do not bind it.
     pub worker: Option<WorkerCommand>,
+    /// Guests kept warm, per template (`mvm node --pool FILE`).
+    pub pools: Vec<Pool>,
 }
 
 /// The node's environments, built from an [`OsConfig`].
@@ -77,7 +80,40 @@ pub(crate) struct NodeOs {
     monitor: Arc<Monitor>,
     /// The guests that died behind the node's back, until the node takes them.
     deaths: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Died>>>,
+    /// Guests made ahead of the jobs that name their template.
+    warm: Arc<Warm>,
 }
+
+/// A node's warm guests: per template, guests made and left idle until a job that names the
+/// template takes one (OpenNebula's and Kubernetes' warm pools); another is made at once. A
+/// job in `stop-start` mode keeps the one it took (it is torn down after the job); in
+/// `persistent` mode it gives it back after the job, to be the next one taken, and the pool's
+/// oldest free guest beyond its size goes. A `save-restore` job keeps saved guests of its own
+/// and takes none.
+struct Warm {
+    pools: parking_lot::Mutex<Vec<WarmPool>>,
+    /// Wakes the task that keeps the pools full ([`keep_warm`]).
+    wake: tokio::sync::Notify,
+}
+
+/// The warm guests of one template.
+struct WarmPool {
+    template: Template,
+    /// The template's shape key.
+    key: String,
+    /// How many are kept free.
+    want: u32,
+    /// The free ones, by guest name.
+    free: Vec<String>,
+    /// Guests made so far (numbers their names).
+    made: u64,
+    /// Why the last guest could not be made, if it could not.
+    failing: Option<String>,
+}
+
+/// How often the warm pools are looked at when nothing wakes their keeper (a free guest may
+/// have died).
+const WARM_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often the node's liveness monitor looks at the guests jobs hold.
 const LIVENESS: std::time::Duration = std::time::Duration::from_millis(500);
@@ -93,13 +129,127 @@ impl NodeOs {
         let storage = Storage::new(c.dir.join("guests"))?;
         let prov = Arc::new(Provisioner::new(driver, repo.clone(), storage));
         let (monitor, deaths) = Monitor::start(prov.clone(), LIVENESS);
+        let pools = c
+            .pools
+            .iter()
+            .map(|p| WarmPool {
+                key: p.template.key(),
+                template: p.template.clone(),
+                want: p.guests,
+                free: Vec::new(),
+                made: 0,
+                failing: None,
+            })
+            .collect();
         Ok(NodeOs {
             envs: Arc::new(Environments::new(prov, c.dir.join("checkpoints"))),
             repo,
             worker: c.worker.clone(),
             monitor: Arc::new(monitor),
             deaths: parking_lot::Mutex::new(Some(deaths)),
+            warm: Arc::new(Warm {
+                pools: parking_lot::Mutex::new(pools),
+                wake: tokio::sync::Notify::new(),
+            }),
         })
+    }
+
+    /// The warm guests free now: template shape key → how many.
+    pub(crate) fn warm(&self) -> std::collections::BTreeMap<String, u32> {
+        self.warm
+            .pools
+            .lock()
+            .iter()
+            .map(|p| {
+                (
+                    p.key.clone(),
+                    u32::try_from(p.free.len()).unwrap_or(u32::MAX),
+                )
+            })
+            .collect()
+    }
+
+    /// Makes the warm guests missing from the pools, after dropping the free ones that died.
+    /// Blocks: call from `spawn_blocking`.
+    fn fill(&self) {
+        let dead = |name: &str| {
+            self.envs
+                .driver()
+                .inspect(name)
+                .is_ok_and(|g| g.state.is_dead())
+        };
+        // What is missing, worked out under the lock; the guests made outside it.
+        let mut make: Vec<(usize, String, GuestRequest)> = Vec::new();
+        let mut gone: Vec<String> = Vec::new();
+        {
+            let mut pools = self.warm.pools.lock();
+            for (i, p) in pools.iter_mut().enumerate() {
+                p.free.retain(|name| {
+                    let d = dead(name);
+                    if d {
+                        gone.push(name.clone());
+                    }
+                    !d
+                });
+                while p.free.len() + make.iter().filter(|(j, ..)| *j == i).count() < p.want as usize
+                {
+                    let name = format!("mvm-w{}-{}", p.key, p.made);
+                    p.made += 1;
+                    match self.request(&name, &p.template.shape) {
+                        Ok(req) => {
+                            p.failing = None;
+                            make.push((i, name, req));
+                        }
+                        Err(e) => {
+                            // Said once, not at every look.
+                            let e = e.to_string();
+                            if p.failing.as_ref() != Some(&e) {
+                                tracing::warn!(template = %p.template.name, "no warm guest: {e}");
+                                p.failing = Some(e);
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        for name in gone {
+            tracing::warn!(guest = %name, "a warm guest died; another is made");
+            drop_guest(&self.envs, &name);
+        }
+        for (i, name, req) in make {
+            let made = self
+                .envs
+                .acquire(&req, VmMode::Persistent)
+                .and_then(|lease| self.envs.release(&lease));
+            match made {
+                Ok(()) => {
+                    tracing::info!(guest = %name, "a warm guest is ready");
+                    if let Some(p) = self.warm.pools.lock().get_mut(i) {
+                        p.free.push(name);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(guest = %name, "making a warm guest: {e}");
+                    drop_guest(&self.envs, &name);
+                }
+            }
+        }
+    }
+
+    /// A free warm guest of shape `key`, taken out of its pool (its keeper is woken to make
+    /// another).
+    fn take_warm(&self, key: &str) -> Option<String> {
+        let name = self
+            .warm
+            .pools
+            .lock()
+            .iter_mut()
+            .find(|p| p.key == key)?
+            .free
+            .pop()?;
+        self.warm.wake.notify_one();
+        Some(name)
     }
 
     /// The guests held by jobs that die behind the node's back, each once (to be taken once).
@@ -123,54 +273,96 @@ impl NodeOs {
         out
     }
 
-    /// Acquires the guest `env` asks for, for job `job`. Blocks: call from `spawn_blocking`.
+    /// The guest request for a guest named `name` of shape `shape`, its image resolved in
+    /// this node's repository.
+    fn request(&self, name: &str, shape: &Shape) -> Result<GuestRequest, EnvError> {
+        let image: ImageId = if shape.image.contains("@sha256:") {
+            shape.image.parse()?
+        } else {
+            let (name, version) = shape
+                .image
+                .split_once(':')
+                .ok_or_else(|| EnvError::NotAnId(shape.image.clone()))?;
+            self.repo.resolve(name, version)?
+        };
+        Ok(GuestRequest {
+            name: name.to_owned(),
+            storage: StorageSpec {
+                image,
+                disk_mib: shape.disk_mib,
+                swap_mib: shape.swap_mib,
+            },
+            mode: shape.mode,
+            vcpus: shape.vcpus.max(1),
+            memory_mib: shape.memory_mib.max(16),
+            cmdline: shape.cmdline.clone(),
+            weight: shape.weight,
+            cap: shape.cap,
+            nics: shape.network.clone(),
+        })
+    }
+
+    /// Acquires the guest `env` asks for, for job `job`: a warm guest of its template when
+    /// there is one free, else one made for it. Blocks: call from `spawn_blocking`.
     pub(crate) fn acquire(
         self: &Arc<Self>,
         job: &JobId,
         env: &EnvSpec,
     ) -> Result<EnvLease, EnvError> {
-        let image: ImageId = if env.image.contains("@sha256:") {
-            env.image.parse()?
-        } else {
-            let (name, version) = env
-                .image
-                .split_once(':')
-                .ok_or_else(|| EnvError::NotAnId(env.image.clone()))?;
-            self.repo.resolve(name, version)?
-        };
-        let mode = env.mode;
-        let request = |name: String| GuestRequest {
-            name,
-            storage: StorageSpec {
-                image: image.clone(),
+        let shape = env.template.as_ref().map_or_else(
+            || Shape {
+                image: env.image.clone(),
+                vcpus: env.vcpus.max(1),
+                memory_mib: env.memory_mib.max(16),
                 disk_mib: None,
                 swap_mib: None,
+                mode: mvm_os::guest::Mode::Pv,
+                cmdline: None,
+                weight: env.weight,
+                cap: env.cap,
+                network: Vec::new(),
             },
-            mode: mvm_os::guest::Mode::Pv,
-            vcpus: env.vcpus.max(1),
-            memory_mib: env.memory_mib.max(16),
-            cmdline: None,
-            weight: env.weight,
-            cap: env.cap,
-        };
-        let lease = match mode {
+            |t| t.shape.clone(),
+        );
+        let mode = env.mode;
+        let key = shape.key();
+        // A warm guest, unless the job keeps saved guests of its own.
+        let mut warm = None;
+        if env.template.is_some()
+            && mode != VmMode::SaveRestore
+            && let Some(name) = self.take_warm(&key)
+        {
+            let got = self
+                .request(&name, &shape)
+                .and_then(|r| self.envs.acquire(&r, mode).map_err(EnvError::from));
+            match got {
+                Ok(lease) => warm = Some(lease),
+                Err(e) => {
+                    tracing::warn!(guest = %name, "a warm guest cannot be taken: {e}");
+                    drop_guest(&self.envs, &name);
+                }
+            }
+        }
+        let from_pool = warm.is_some();
+        let lease = match (warm, mode) {
+            (Some(lease), _) => lease,
             // One guest per job.
-            VmMode::StopStart => self
-                .envs
-                .acquire(&request(format!("mvm-{}", short(job.as_str()))), mode)?,
+            (None, VmMode::StopStart) => {
+                let req = self.request(&format!("mvm-{}", short(job.as_str())), &shape)?;
+                self.envs.acquire(&req, mode)?
+            }
             // Guests kept between jobs are named after what they are, so the next job with the
             // same needs finds them; a second job at once takes the next slot.
-            VmMode::Persistent | VmMode::SaveRestore => {
-                let key = short(&format!(
-                    "{}-{}-{}-{:?}-{:?}-{:?}",
-                    image.digest, env.vcpus, env.memory_mib, env.mode, env.weight, env.cap
-                ));
+            (None, VmMode::Persistent | VmMode::SaveRestore) => {
+                let probe = self.request("mvm-probe", &shape)?;
+                let kept = short(&format!("{}-{key}-{mode:?}", probe.storage.image.digest));
                 let mut got = Err(EnvError::InUse);
                 for slot in 0..16 {
-                    match self
-                        .envs
-                        .acquire(&request(format!("mvm-{key}-{slot}")), mode)
-                    {
+                    let req = GuestRequest {
+                        name: format!("mvm-{kept}-{slot}"),
+                        ..probe.clone()
+                    };
+                    match self.envs.acquire(&req, mode) {
                         Err(ProvisionError::Driver(DriverError::Exists(_))) => {}
                         other => {
                             got = other.map_err(EnvError::from);
@@ -181,11 +373,12 @@ impl NodeOs {
                 got?
             }
         };
-        tracing::info!(%job, guest = %lease.name, fresh = lease.fresh, ?mode, "environment ready");
+        tracing::info!(%job, guest = %lease.name, fresh = lease.fresh, from_pool, ?mode, "environment ready");
         self.monitor.watch(&lease.name);
         Ok(EnvLease {
             envs: self.envs.clone(),
             monitor: self.monitor.clone(),
+            warm: from_pool.then(|| (self.warm.clone(), key)),
             lease: Some(lease),
         })
     }
@@ -193,6 +386,36 @@ impl NodeOs {
     /// Tears down every guest held (the node is shutting down).
     pub(crate) fn shutdown(&self) {
         self.envs.shutdown();
+    }
+}
+
+/// Tears a guest down, whatever it was (a warm guest not needed any more).
+fn drop_guest(envs: &Environments, name: &str) {
+    let lease = Lease {
+        name: name.to_owned(),
+        mode: VmMode::StopStart,
+        fresh: false,
+    };
+    if let Err(e) = envs.release(&lease) {
+        tracing::warn!(guest = %name, "tearing down: {e}");
+    }
+}
+
+/// Keeps the node's warm pools full: at start, whenever a warm guest is taken, and every few
+/// seconds (a free one may have died). Ends with the node.
+pub(crate) async fn keep_warm(os: Arc<NodeOs>) {
+    if os.warm.pools.lock().is_empty() {
+        return;
+    }
+    loop {
+        let o = os.clone();
+        if tokio::task::spawn_blocking(move || o.fill()).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            () = os.warm.wake.notified() => {}
+            () = tokio::time::sleep(WARM_CHECK) => {}
+        }
     }
 }
 
@@ -206,6 +429,8 @@ fn short(s: &str) -> String {
 pub(crate) struct EnvLease {
     envs: Arc<Environments>,
     monitor: Arc<Monitor>,
+    /// The pool the guest came from, and its template's key, when it was a warm guest.
+    warm: Option<(Arc<Warm>, String)>,
     lease: Option<Lease>,
 }
 
@@ -263,10 +488,31 @@ impl Drop for EnvLease {
         // Its end (kept, saved or torn down) is not a death.
         self.monitor.unwatch(&lease.name);
         let envs = self.envs.clone();
+        let warm = self.warm.take();
         let release = move || {
             if let Err(e) = envs.release(&lease) {
                 tracing::warn!(guest = %lease.name, "releasing the environment: {e}");
             }
+            let Some((warm, key)) = warm else { return };
+            // A persistent guest goes back to its pool, to be the next one taken (it keeps
+            // what the job left in it); the pool's oldest free guests beyond its size go.
+            if lease.mode == VmMode::Persistent {
+                let extra = {
+                    let mut pools = warm.pools.lock();
+                    match pools.iter_mut().find(|p| p.key == key) {
+                        Some(p) => {
+                            p.free.push(lease.name.clone());
+                            let over = p.free.len().saturating_sub(p.want as usize);
+                            p.free.drain(..over).collect()
+                        }
+                        None => vec![lease.name.clone()],
+                    }
+                };
+                for name in extra {
+                    drop_guest(&envs, &name);
+                }
+            }
+            warm.wake.notify_one();
         };
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {

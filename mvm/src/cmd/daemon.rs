@@ -72,6 +72,12 @@ pub(crate) struct Common {
     /// The parent control group of the host driver's guests.
     #[arg(long, default_value = "mvm", value_name = "NAME")]
     cgroup: String,
+    /// Keep guests of templates warm, as a pool file says (`[[warm]]` tables of `template =
+    /// "environments/NAME.toml"` and `guests = N`; check it with `mvm env check --pool`): a
+    /// job that names one of the templates takes a warm guest instead of waiting for one to be
+    /// made, and the broker sends such jobs to nodes that have one first. Needs `--os-dir`.
+    #[arg(long, value_name = "FILE", requires = "os_dir")]
+    pool: Option<PathBuf>,
     /// Carry remote channels over direct links when the other node does too: plain TCP that
     /// the vertices read and write themselves (lowest latency), agreed over libp2p with a
     /// one-time token. Not encrypted: for trusted networks. Without it, over libp2p streams.
@@ -175,6 +181,11 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
                 .map_err(|e| Failure::input(anyhow::anyhow!("--listen '{a}': {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The files it is given are checked before anything is started.
+    let pools = match &c.pool {
+        Some(f) => mvm_os::template::load_pool(f).map_err(Failure::input)?,
+        None => Vec::new(),
+    };
     let identity = c.identity.clone().unwrap_or_else(|| dir.clone());
     let creds = mvm_superpeer::pki::Credentials::load(&identity, &c.trust)
         .map_err(|e| Failure::input(anyhow::anyhow!(e)))?;
@@ -233,6 +244,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
             Failure::failed(anyhow::anyhow!("cannot find this program for workers: {e}"))
         })?;
     config.os = c.os_dir.map(|dir| mvm_superpeer::environment::OsConfig {
+        pools,
         worker: Some(worker),
         driver: match c.driver {
             DriverArg::Host => mvm_superpeer::environment::DriverKind::Host { cgroup: c.cgroup },

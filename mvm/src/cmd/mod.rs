@@ -6,6 +6,7 @@ use crate::exit::Failure;
 pub(crate) mod bench;
 pub(crate) mod ca;
 pub(crate) mod daemon;
+pub(crate) mod env;
 pub(crate) mod image;
 pub(crate) mod job;
 pub(crate) mod lab;

@@ -356,3 +356,47 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
 }
+
+#[test]
+fn shipped_guest_templates_and_pool_check_and_a_broken_one_names_its_line() {
+    let dir = workspace().join("environments");
+    let file = |n: &str| dir.join(n).display().to_string();
+    let out = mvm(&[
+        "env",
+        "check",
+        &file("base.toml"),
+        &file("compute.toml"),
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // `compute` takes its image and vCPUs from `base`, and differs from it.
+    assert_eq!(
+        v[1]["template"]["shape"]["image"],
+        v[0]["template"]["shape"]["image"]
+    );
+    assert_eq!(v[1]["template"]["shape"]["memory_mib"], 256, "{v}");
+    assert_ne!(v[0]["key"], v[1]["key"]);
+    let out = mvm(&["env", "check", "--pool", &file("pool.toml"), "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        p[0]["key"], v[1]["key"],
+        "the pool keeps compute guests warm"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("extends = \"{}\"\n\ncpu_cap = 9000\n", file("base.toml")),
+    )
+    .expect("write");
+    let out = mvm(&["env", "check", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml:3: cpu_cap (percent of one CPU) must be 1 to 6400"),
+        "{err}"
+    );
+}

@@ -549,3 +549,213 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     node.wait().expect("reap the node");
     wait_for(Duration::from_secs(5), || (!alive(worker)).then_some(()));
 }
+
+/// Writes `text` to `dir/name`; the path as a string.
+fn file(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p.display().to_string()
+}
+
+#[test]
+fn a_node_keeps_guests_of_a_template_warm_and_jobs_that_name_it_go_there_and_take_one() {
+    let group = format!("mvm-warmtest-{}", std::process::id());
+    let group2 = format!("{group}-n2");
+    let (_parent, _parent2) = (ParentGroup(group.clone()), ParentGroup(group2.clone()));
+    let mut g = Groups::new();
+    let d = g.dir.path().to_owned();
+    file(&d, "base.toml", "image = \"env:1\"\nmemory = \"64MiB\"\n");
+    let warm = file(&d, "warm.toml", "extends = \"base\"\ncpu_weight = 512\n");
+    let pool = file(
+        &d,
+        "pool.toml",
+        "[[warm]]\ntemplate = \"warm.toml\"\nguests = 2\n",
+    );
+    let checked = json(&g.run(&["env", "check", "--pool", &pool, "-o", "json"]));
+    let key = checked[0]["key"].as_str().expect("a key").to_owned();
+    assert_eq!(checked[0]["template"]["shape"]["weight"], 512, "{checked}");
+    // A pool file with a bad count: the node refuses to start, naming the file and line.
+    let bad_pool = file(
+        &d,
+        "bad-pool.toml",
+        "[[warm]]\ntemplate = \"warm.toml\"\nguests = 0\n",
+    );
+    let out = g.run(&[
+        "node",
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/1",
+        "--os-dir",
+        "/nonexistent",
+        "--pool",
+        &bad_pool,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad-pool.toml:3"),
+        "{out:?}"
+    );
+
+    // n1 has more free slots (the default rank's first) and no pool; n2 keeps two warm guests.
+    let os = d.join("n1os");
+    let disk = d.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    import(&g, &os, "env:1", &disk);
+    let os2 = d.join("n2os");
+    import(&g, &os2, "env:1", &disk);
+    let sp = g.daemon("sp", &["superpeer"]);
+    let (os_arg, os2_arg) = (os.display().to_string(), os2.display().to_string());
+    g.daemon(
+        "n1",
+        &[
+            "node",
+            "--bootstrap",
+            &sp,
+            "--os-dir",
+            &os_arg,
+            "--cgroup",
+            &group,
+            "--slots",
+            "4096",
+        ],
+    );
+    g.daemon(
+        "n2",
+        &[
+            "node",
+            "--bootstrap",
+            &sp,
+            "--os-dir",
+            &os2_arg,
+            "--cgroup",
+            &group2,
+            "--pool",
+            &pool,
+        ],
+    );
+    let n2_pid = g.children[2].id();
+    write_lab(&d, &sp);
+    // The pool is full before any job: two guests of the template's shape, with its weight,
+    // and the super-peer hears of them.
+    let made = wait_for(Duration::from_secs(30), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        let n2 = v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "n2")?
+            .clone();
+        let warm = cgroups(&group2);
+        (n2["warm"][&key] == 2 && warm.len() == 2).then_some(warm)
+    });
+    for guest in &made {
+        assert!(guest.starts_with(&format!("mvm-w{key}-")), "{made:?}");
+        let shares = std::fs::read_to_string(
+            Path::new("/sys/fs/cgroup/cpu")
+                .join(&group2)
+                .join(guest)
+                .join("cpu.shares"),
+        )
+        .or_else(|_| {
+            std::fs::read_to_string(
+                Path::new("/sys/fs/cgroup")
+                    .join(&group2)
+                    .join(guest)
+                    .join("cpu.weight"),
+            )
+        })
+        .expect("the guest's CPU weight");
+        // Xen's 512: v1 shares 2048, v2 weight 200.
+        assert!(["2048", "200"].contains(&shares.trim()), "{shares}");
+    }
+    assert!(cgroups(&group).is_empty(), "n1 keeps none");
+
+    // A profile that names the template and an image as well: refused, naming the line.
+    let both = one_vertex(
+        &d,
+        "both",
+        FOREVER,
+        &format!("[requirements]\nenvironment = \"{warm}\"\nimage = \"env:1\"\n"),
+    );
+    let out = g.run(&["submit", &both]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("both.toml:7: requirements.image"),
+        "{out:?}"
+    );
+
+    // A job that names the template goes to n2 and runs in one of its warm guests; another is
+    // made at once to keep two free.
+    let spin = one_vertex(
+        &d,
+        "spin",
+        FOREVER,
+        &format!("[requirements]\nenvironment = \"{warm}\"\n"),
+    );
+    let v = json(&g.run(&["submit", &spin, "-o", "json"]));
+    let job = v["job"].as_str().expect("job").to_owned();
+    let (guest, _) = wait_for(Duration::from_secs(20), || worker_in(&group2, n2_pid));
+    assert!(made.contains(&guest), "{guest} is not one of {made:?}");
+    let refilled = wait_for(Duration::from_secs(20), || {
+        let now = cgroups(&group2);
+        (now.len() == 3).then_some(now)
+    });
+    assert!(
+        refilled
+            .iter()
+            .all(|g| g.starts_with(&format!("mvm-w{key}-"))),
+        "{refilled:?}"
+    );
+    let s = json(&g.run(&["status", &job, "-o", "json"]));
+    assert_eq!(s[0]["parts"][0]["name"], "n2", "{s}");
+    // Stop-start: its guest goes with it.
+    let out = g.run(&["cancel", &job]);
+    assert!(out.status.success(), "{out:?}");
+    let after = wait_for(Duration::from_secs(20), || {
+        let now = cgroups(&group2);
+        (now.len() == 2 && !now.contains(&guest)).then_some(now)
+    });
+
+    // Persistent: the job gives its warm guest back, to be the next one taken (the oldest
+    // free one goes instead: the pool keeps two).
+    let keep = one_vertex(
+        &d,
+        "keep",
+        FOREVER,
+        &format!("[requirements]\nenvironment = \"{warm}\"\nvm_mode = \"persistent\"\n"),
+    );
+    let mut used = None;
+    for round in 0..2 {
+        let v = json(&g.run(&["submit", &keep, "-o", "json"]));
+        let job = v["job"].as_str().expect("job").to_owned();
+        let (guest, _) = wait_for(Duration::from_secs(20), || worker_in(&group2, n2_pid));
+        match &used {
+            None => assert!(after.contains(&guest), "{guest} is not one of {after:?}"),
+            Some(u) => assert_eq!(&guest, u, "round {round}: the guest given back"),
+        }
+        used = Some(guest.clone());
+        assert!(g.run(&["cancel", &job]).status.success());
+        let now = wait_for(Duration::from_secs(20), || {
+            let now = cgroups(&group2);
+            let idle = guest_procs(&group2, &guest)
+                .iter()
+                .all(|(_, p)| p.is_empty());
+            (now.len() == 2 && now.contains(&guest) && idle).then_some(now)
+        });
+        assert!(
+            now.iter().all(|g| g.starts_with(&format!("mvm-w{key}-"))),
+            "{now:?}"
+        );
+    }
+    wait_for(Duration::from_secs(10), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        let n2 = v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == "n2")?
+            .clone();
+        (n2["warm"][&key] == 2).then_some(())
+    });
+    // A job that names an image only runs where the default rank puts it: n1.
+    let plain = one_vertex(&d, "plain", SPIN, "[requirements]\nimage = \"env:1\"\n");
+    let v = json(&g.run(&["submit", "--wait", &plain, "-o", "json"]));
+    assert_eq!(v["parts"][0]["name"], "n1", "{v}");
+}

@@ -53,6 +53,7 @@ fn lab(tag: &str, drivers: &[&str]) -> Lab {
         cmdline: None,
         weight: Some(512),
         cap: None,
+        nics: Vec::new(),
     };
     Lab {
         _dir: dir,

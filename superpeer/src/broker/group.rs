@@ -193,6 +193,7 @@ impl Core {
                         vertices: s.reserved(p),
                         running: n.info.load.vertices,
                         slots: n.info.slots,
+                        warm: n.info.load.warm.clone(),
                     })
                     .collect()
             })

@@ -258,6 +258,14 @@ impl Members {
         self.nodes.get(peer).map(|n| n.info.name.as_str())
     }
 
+    /// A registered node's warm guests of shape `key` free at its last heartbeat.
+    pub(super) fn warm(&self, peer: &PeerId, key: &str) -> u32 {
+        self.nodes
+            .get(peer)
+            .and_then(|n| n.info.load.warm.get(key).copied())
+            .unwrap_or(0)
+    }
+
     /// A registered node's addresses.
     pub(super) fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.nodes

@@ -150,6 +150,7 @@ impl Core {
                 mode: r.vm_mode.unwrap_or(VmMode::StopStart),
                 weight: r.cpu_weight,
                 cap: r.cpu_cap,
+                template: r.template.clone(),
             });
         let policy_digest = self.site.policies.current().digest;
         plan.peers
@@ -203,6 +204,12 @@ impl Core {
             ok,
         } = self.candidates(job, s)?;
         let mut order = c.rank.order(&cands, ok);
+        // A job that names a guest template goes first to the nodes that keep a guest of it
+        // warm (in rank order among them): its part starts without making one.
+        if let Some(t) = &s.requirements.template {
+            let key = t.shape.key();
+            order.sort_by_key(|&i| self.members.warm(&live[i], &key) == 0);
+        }
         let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
         // `place` fills the first `max` nodes of the order it is given. When the best ranked
         // of them have too little room and others have more, the roomiest go first (in rank

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use mvm_component::profile::{Profile, parse_size};
 
 use super::input;
-use crate::proto::{CheckpointPolicy, Failure, Hash, LimitSpec, Requirements, Submission, VmMode};
+use crate::proto::{
+    CheckpointPolicy, Failure, Hash, LimitSpec, Requirements, Submission, TemplateSpec, VmMode,
+};
 
 /// A job profile read from disk, ready to send: the submission and its modules' bytes.
 #[derive(Debug, Clone)]
@@ -54,6 +56,10 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
         modules.insert(hash, Bytes::from(bytes));
     }
     let r = &profile.requirements;
+    let template = match &r.environment {
+        Some(t) => Some(template(path, &file, &src, r, t)?),
+        None => None,
+    };
     let memory_bytes = match &r.memory {
         Some(m) => Some(parse_size(m).ok_or_else(|| {
             input(format!(
@@ -118,7 +124,9 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 }),
                 cpu_weight: r.cpu_weight,
                 cpu_cap: r.cpu_cap,
-            },
+                template: None,
+            }
+            .with_template(template),
             on_behalf: None,
             hops: 0,
             wait: false,
@@ -130,4 +138,65 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
         },
         modules,
     })
+}
+
+/// The guest template a profile names (`requirements.environment`), read relative to the
+/// profile; the profile may then not give the fields the template gives.
+fn template(
+    path: &Path,
+    file: &str,
+    src: &str,
+    r: &mvm_component::profile::Requirements,
+    named: &str,
+) -> Result<(mvm_os::template::Template, Option<VmMode>), Failure> {
+    let given = [
+        ("image", r.image.is_some()),
+        ("vcpus", r.vcpus.is_some()),
+        ("memory", r.memory.is_some()),
+        ("cpu_weight", r.cpu_weight.is_some()),
+        ("cpu_cap", r.cpu_cap.is_some()),
+    ];
+    if let Some((key, _)) = given.iter().find(|(_, g)| *g) {
+        let line = src
+            .lines()
+            .position(|l| {
+                l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with('='))
+            })
+            .map_or(1, |i| i + 1);
+        return Err(input(format!(
+            "{file}:{line}: requirements.{key} is given by the guest template \
+             (requirements.environment = \"{named}\"): write it there"
+        )));
+    }
+    let t = mvm_os::template::load(&Profile::resolve(path, Path::new(named)))
+        .map_err(|e| input(format!("{e} (the guest template of {file})")))?;
+    let mode = t.vm_mode;
+    Ok((t, mode))
+}
+
+impl Requirements {
+    /// These requirements with the guest template's fields, when one is named: its image,
+    /// vCPUs, memory, weight and cap, and its VM mode unless the profile gives one.
+    fn with_template(
+        mut self,
+        template: Option<(mvm_os::template::Template, Option<VmMode>)>,
+    ) -> Requirements {
+        let Some((t, mode)) = template else {
+            return self;
+        };
+        let s = &t.shape;
+        self.image = Some(s.image.clone());
+        self.vcpus = Some(s.vcpus);
+        self.memory_bytes = Some(u64::from(s.memory_mib) << 20);
+        self.cpu_weight = s.weight;
+        self.cpu_cap = s.cap;
+        self.vm_mode = self.vm_mode.or(mode);
+        self.template = Some(TemplateSpec {
+            name: t.name.clone(),
+            shape: t.shape,
+        });
+        self
+    }
 }

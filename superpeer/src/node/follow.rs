@@ -215,6 +215,7 @@ impl Node {
             vertices: self.vertices(),
             images: self.images(),
             jobs: self.job_ids(),
+            warm: self.os.as_ref().map(|os| os.warm()).unwrap_or_default(),
         }
     }
 

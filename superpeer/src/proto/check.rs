@@ -51,6 +51,14 @@ pub enum CheckError {
         /// How many parts there are.
         parts: usize,
     },
+    /// A guest template with a value out of range.
+    #[error("guest template '{name}': {problem}")]
+    Template {
+        /// The template's name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A placement that puts a vertex on a part that does not exist.
     #[error("placement names part {part} of {parts}")]
     PlacementPart {
@@ -118,6 +126,23 @@ pub(super) fn check_components(c: &BTreeMap<String, Hash>) -> Result<(), CheckEr
     check_len("components", c.len())?;
     c.keys()
         .try_for_each(|name| check_name("a component name", name))
+}
+
+/// Checks a node's warm guests: a bounded map of names.
+fn check_warm(warm: &BTreeMap<String, u32>) -> Result<(), CheckError> {
+    check_len("warm templates", warm.len())?;
+    warm.keys()
+        .try_for_each(|k| check_name("a warm template's key", k))
+}
+
+/// Checks a template's name and shape.
+fn check_template(t: Option<&super::TemplateSpec>) -> Result<(), CheckError> {
+    let Some(t) = t else { return Ok(()) };
+    check_name("the template name", &t.name)?;
+    t.shape.validate().map_err(|problem| CheckError::Template {
+        name: t.name.clone(),
+        problem,
+    })
 }
 
 impl Hello {
@@ -191,7 +216,8 @@ impl ClientRequest {
                         keep: c.keep,
                     });
                 }
-                check_params(&s.parameters)
+                check_params(&s.parameters)?;
+                check_template(s.requirements.template.as_ref())
             }
             ClientRequest::Migrate {
                 vertex, node, to, ..
@@ -224,10 +250,12 @@ impl NodeRequest {
                 check_name("the domain", &n.domain)?;
                 check_len("addresses", n.addrs.len())?;
                 check_len("images", n.images.len())?;
+                check_warm(&n.load.warm)?;
                 check_name("the architecture", &n.arch)
             }
             NodeRequest::Heartbeat(l) => {
                 check_len("images", l.images.len())?;
+                check_warm(&l.warm)?;
                 check_len("jobs", l.jobs.len())
             }
             NodeRequest::Fetch { .. } | NodeRequest::FetchCheckpoint { .. } => Ok(()),
@@ -268,6 +296,7 @@ impl BrokerRequest {
                 }
                 if let Some(e) = &p.environment {
                     check_len("image id bytes", e.image.len())?;
+                    check_template(e.template.as_ref())?;
                 }
                 Ok(())
             }

@@ -48,6 +48,9 @@ pub struct NodeLoad {
     /// The jobs it runs parts of now (the leader answers which of them it must stop).
     #[serde(default)]
     pub jobs: Vec<super::JobId>,
+    /// Its warm guests free now: template shape key → how many.
+    #[serde(default)]
+    pub warm: std::collections::BTreeMap<String, u32>,
 }
 
 /// A member of a group, as the super-peer lists them.
@@ -130,6 +133,9 @@ pub struct NodeView {
     pub running: u32,
     /// Its slots.
     pub slots: u32,
+    /// Its warm guests free at its last heartbeat: template shape key → how many.
+    #[serde(default)]
+    pub warm: std::collections::BTreeMap<String, u32>,
 }
 
 #[cfg(test)]

@@ -168,6 +168,20 @@ pub struct Requirements {
     /// The CPU cap of the job's guests, percent of one CPU (none: uncapped).
     #[serde(default)]
     pub cpu_cap: Option<u32>,
+    /// The guest template the job names (its image, vCPUs, memory, weight and cap are the
+    /// fields above as well).
+    #[serde(default)]
+    pub template: Option<TemplateSpec>,
+}
+
+/// A guest template a job names: its name, for people, and the guest it describes (a node's
+/// warm guests of the same shape serve it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSpec {
+    /// The template's name.
+    pub name: String,
+    /// The guest.
+    pub shape: mvm_os::template::Shape,
 }
 
 /// The execution environment a node ensures before its part of a job runs.
@@ -187,6 +201,10 @@ pub struct EnvSpec {
     /// Its CPU cap, percent of one CPU (none: uncapped).
     #[serde(default)]
     pub cap: Option<u32>,
+    /// The template the job named, whose shape the guest has (disk, swap, network and boot
+    /// as well).
+    #[serde(default)]
+    pub template: Option<TemplateSpec>,
 }
 
 /// A node's part of a job.

@@ -262,7 +262,9 @@ mod network {
         };
         let (daemon, _inbound) = testing::daemon(&ca, "n", config).await;
         let key = libp2p::identity::Keypair::generate_ed25519();
-        let bare = Bare::connect(key, &daemon).await;
+        let mut bare = Bare::connect(key, &daemon).await;
+        // The daemon has the connection once it opens its certificate exchange on it.
+        bare.hello().await;
         // The bare peer's acceptor takes the first stream and says nothing on it; it takes
         // the second with the acceptor's Ok, and says nothing on any later one.
         let mut incoming = bare
