@@ -476,9 +476,9 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     );
     assert_eq!(v["edges"], host["edges"], "the same per-edge counts");
 
-    // A guest destroyed behind the node's back mid-job (a part of a job with checkpoints,
-    // which runs in the node's process: its guest's groups hold no process and can be
-    // removed): the node's liveness monitor sees it and the part fails at once.
+    // A guest destroyed behind the node's back mid-job (its worker moved out of its groups
+    // first, so that they can be removed; the worker runs on): the node's liveness monitor
+    // sees it, the part fails at once, and the worker goes with it.
     let watched = one_vertex(
         g.dir.path(),
         "watched",
@@ -517,8 +517,12 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     };
     // (Past the part's start, which follows its guest's making at once.)
     std::thread::sleep(Duration::from_secs(1));
+    let mut moved = Vec::new();
     for (dir, pids) in guest_procs(&grp, &guest) {
-        assert!(pids.is_empty(), "{}: {pids:?}", dir.display());
+        assert_eq!(pids.len(), 1, "{}: one worker", dir.display());
+        let parent = dir.parent().expect("the parent group").join("cgroup.procs");
+        std::fs::write(&parent, pids[0].to_string()).expect("move the worker out");
+        moved.extend(pids);
         std::fs::remove_dir(&dir).expect("remove the guest's group");
     }
     wait_for(Duration::from_secs(20), || {
@@ -530,6 +534,9 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     assert_eq!(v["state"], "failed", "{v}");
     let error = v["error"].as_str().unwrap_or_default();
     assert!(error.contains("died behind the node's back"), "{v}");
+    for pid in moved {
+        wait_for(Duration::from_secs(5), || (!alive(pid)).then_some(()));
+    }
 
     // A node killed mid-job takes its worker with it (the worker sees its pipe close).
     let forever = one_vertex(
@@ -758,4 +765,133 @@ fn a_node_keeps_guests_of_a_template_warm_and_jobs_that_name_it_go_there_and_tak
     let plain = one_vertex(&d, "plain", SPIN, "[requirements]\nimage = \"env:1\"\n");
     let v = json(&g.run(&["submit", "--wait", &plain, "-o", "json"]));
     assert_eq!(v["parts"][0]["name"], "n1", "{v}");
+}
+
+/// A ring of 8 vertices passing a token 100,000 hops over 3 of 4 nodes, each part in a worker
+/// inside its node's guest, with checkpoints: its second part migrated to the free node while
+/// it runs, a checkpoint taken, then the node of its first part killed (`SIGKILL`, its worker
+/// with it). It ends in its second run, restored from a checkpoint in new workers, as an
+/// undisturbed run ends, edge by edge.
+#[test]
+fn a_ring_in_workers_checkpointed_migrated_and_killed_ends_as_an_undisturbed_run() {
+    let tag = format!("mvm-ringtest-{}", std::process::id());
+    let groups: Vec<String> = (0..4).map(|i| format!("{tag}-n{i}")).collect();
+    let _parents: Vec<ParentGroup> = groups.iter().cloned().map(ParentGroup).collect();
+    let mut g = Groups::new();
+    let d = g.dir.path().to_owned();
+    let disk = d.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let sp = g.daemon("sp", &["superpeer"]);
+    let mut pids = Vec::new();
+    for (i, group) in groups.iter().enumerate() {
+        let os = d.join(format!("n{i}os"));
+        import(&g, &os, "env:1", &disk);
+        let os = os.display().to_string();
+        g.daemon(
+            &format!("n{i}"),
+            &[
+                "node",
+                "--bootstrap",
+                &sp,
+                "--os-dir",
+                &os,
+                "--cgroup",
+                group,
+            ],
+        );
+        pids.push(g.children.last().expect("a node").id());
+    }
+    write_lab(&d, &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 4).then_some(())
+    });
+    let profile = |name: &str, extra: &str| {
+        let p = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"{name}\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\ntoken = \"{0}/jobs/wat/token.wat\"\n[parameters]\nhops = 100000\n[requirements]\nnodes = 3\nimage = \"env:1\"\n[limits]\nwall = \"300s\"\n{extra}",
+                root().display()
+            ),
+        )
+        .expect("profile");
+        p.display().to_string()
+    };
+    let saved = profile("saved", "[checkpoint]\ninterval = \"1s\"\n");
+    let plain = profile("plain", "");
+    let status = |job: &str| json(&g.run(&["status", job, "-o", "json"]))[0].clone();
+    let v = json(&g.run(&["submit", &saved, "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    let s = wait_for(Duration::from_secs(30), || {
+        let s = status(&job);
+        (s["state"] == "running").then_some(s)
+    });
+    let on: Vec<String> = (s["parts"].as_array().expect("parts").iter())
+        .map(|p| p["name"].as_str().expect("name").to_owned())
+        .collect();
+    assert_eq!(on.len(), 3, "{s}");
+    // Every part runs in a worker inside its node's guest.
+    let index = |name: &str| name[1..].parse::<usize>().expect("nN");
+    for n in &on {
+        let i = index(n);
+        wait_for(Duration::from_secs(10), || worker_in(&groups[i], pids[i]));
+    }
+    // The second part moves to the free node, into a worker there.
+    let free = (0..4)
+        .map(|i| format!("n{i}"))
+        .find(|n| !on.contains(n))
+        .expect("a free node");
+    let vertex = s["parts"][1]["vertices"][0].as_str().expect("a vertex");
+    let out = g.run(&["migrate", &job, "--vertex", vertex, "--to", &free]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&job);
+    assert_eq!(s["state"], "running", "moved while it ran: {s}");
+    assert_eq!(s["parts"][1]["name"], free.as_str(), "{s}");
+    let f = index(&free);
+    wait_for(Duration::from_secs(10), || worker_in(&groups[f], pids[f]));
+    // A checkpoint now, then the first part's node killed.
+    let out = g.run(&["checkpoint", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&job);
+    assert_eq!(
+        s["state"], "running",
+        "the job outlived its checkpoint: {s}"
+    );
+    let cut = (s["checkpoints"].as_array().and_then(|c| c.last()))
+        .and_then(|c| c["cut"].as_u64())
+        .unwrap_or_else(|| panic!("a checkpoint listed: {s}"));
+    let victim = index(s["parts"][0]["name"].as_str().expect("a node"));
+    let (_, worker) = worker_in(&groups[victim], pids[victim]).expect("the victim's worker");
+    let node = &mut g.children[1 + victim];
+    node.kill().expect("kill the node");
+    node.wait().expect("reap the node");
+    wait_for(Duration::from_secs(5), || (!alive(worker)).then_some(()));
+    let status = |job: &str| json(&g.run(&["status", job, "-o", "json"]))[0].clone();
+    let end = wait_for(Duration::from_secs(120), || {
+        let s = status(&job);
+        (s["state"] == "done" || s["state"] == "failed").then_some(s)
+    });
+    assert_eq!(
+        (&end["state"], &end["attempt"]),
+        (&"done".into(), &1.into()),
+        "{end}"
+    );
+    let from = end["restarts"][0]["from_cut"].as_u64();
+    assert!(
+        from.is_some_and(|f| f >= cut),
+        "restored from a checkpoint: {end}"
+    );
+    let quiet = json(&g.run(&["submit", "--wait", &plain, "-o", "json"]));
+    assert_eq!(quiet["state"], "done", "{quiet}");
+    assert_eq!(end["outputs"], quiet["outputs"]);
+    crate::run::same_traffic(&end, &quiet);
 }

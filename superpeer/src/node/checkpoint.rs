@@ -12,11 +12,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use mvm_component::runtime::checkpoint::{PartImage, Paused};
+use mvm_component::runtime::checkpoint::{PartControl, PartImage, Paused};
 use mvm_queue::remote::{Drain, Hold};
 
-use super::parts::Marks;
+use super::parts::{Control, Marks};
 use crate::proto::{Failure, FailureKind, Hash};
+use crate::worker::Control as WorkerControl;
 
 /// How long a part's vertices have to reach a pause point.
 const PAUSE_WAIT: Duration = Duration::from_secs(5);
@@ -42,7 +43,18 @@ pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// does not reach the mark in time or fails, or an image that cannot be encoded; every end is
 /// let go then.
 pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failure> {
-    let (paused, image) = freeze(marks, cut).await?;
+    let control = match &marks.control {
+        Control::Here(c) => c,
+        Control::Worker(w) => {
+            let blob = freeze_worker(w, marks, cut).await?;
+            for (_, d) in &marks.drains {
+                d.release();
+            }
+            w.resume();
+            return Ok((Hash::of(&blob), blob));
+        }
+    };
+    let (paused, image) = freeze(control, marks, cut).await?;
     for (_, d) in &marks.drains {
         d.release();
     }
@@ -70,7 +82,15 @@ pub(super) fn let_go(marks: &Marks) {
 ///
 /// [`PartControl::resume_kept`]: mvm_component::runtime::checkpoint::PartControl::resume_kept
 pub(super) async fn leave(marks: &Marks, cut: u64) -> Result<(Hash, Bytes, u64), Failure> {
-    let (paused, image) = freeze(marks, cut).await?;
+    let control = match &marks.control {
+        Control::Here(c) => c,
+        // The worker stays paused, its feeds stopped, until it is stopped or resumed.
+        Control::Worker(w) => {
+            let blob = freeze_worker(w, marks, cut).await?;
+            return Ok((Hash::of(&blob), blob, 0));
+        }
+    };
+    let (paused, image) = freeze(control, marks, cut).await?;
     match encode(&image, cut) {
         Ok((hash, blob)) => Ok((hash, blob, paused.keep())),
         Err(f) => {
@@ -105,7 +125,20 @@ async fn reach<'a>(
     drains: impl Iterator<Item = &'a Drain>,
     cut: u64,
 ) -> Result<(), String> {
-    let held = futures::future::join_all(holds.iter().map(|h| h.hold(cut)));
+    reach_after(holds, drains, cut, std::future::ready(())).await
+}
+
+/// As [`reach`], the holds asked for only once `ready` completes (the drains at once).
+async fn reach_after<'a>(
+    holds: &[Hold],
+    drains: impl Iterator<Item = &'a Drain>,
+    cut: u64,
+    ready: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let held = async {
+        ready.await;
+        futures::future::join_all(holds.iter().map(|h| h.hold(cut))).await
+    };
     let drained = futures::future::join_all(drains.map(|d| d.drain(cut)));
     match tokio::time::timeout(MARK_WAIT, futures::future::join(held, drained)).await {
         Err(_) => Err(format!(
@@ -122,10 +155,13 @@ async fn reach<'a>(
 /// Pauses the part at cut `cut`, holds and drains its links to the cut's mark, and images it
 /// with what its links delivered past its queues' room. The part stays paused (while the
 /// handle is held) and its links held ([`release`]); on an error, both go on.
-async fn freeze(marks: &Marks, cut: u64) -> Result<(Paused<'_>, PartImage), Failure> {
+async fn freeze<'a>(
+    control: &'a PartControl,
+    marks: &Marks,
+    cut: u64,
+) -> Result<(Paused<'a>, PartImage), Failure> {
     let failed = |m: String| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {m}"));
-    let paused = marks
-        .control
+    let paused = control
         .pause(PAUSE_WAIT)
         .await
         .map_err(|e| failed(e.to_string()))?;
@@ -146,6 +182,44 @@ async fn freeze(marks: &Marks, cut: u64) -> Result<(Paused<'_>, PartImage), Fail
         }
     }
     Ok((paused, image))
+}
+
+/// How long a worker has to image its paused part.
+const IMAGE_WAIT: Duration = Duration::from_secs(30);
+
+/// As [`freeze`], for a part in a worker (see the module `worker`): the worker pauses the part
+/// and sends what its remote outputs hold; the drains start at once, and the holds once the
+/// node's queues of the outputs are empty (what the part sent before its pause goes before the
+/// mark); then the worker images the part, with what the node's feeds and drained ends hold.
+/// The worker stays paused, and the links held; on an error, both go on.
+async fn freeze_worker(w: &WorkerControl, marks: &Marks, cut: u64) -> Result<Bytes, Failure> {
+    let failed = |m: String| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {m}"));
+    w.pause(cut, PAUSE_WAIT + Duration::from_secs(10))
+        .await
+        .map_err(failed)?;
+    let holds: Vec<Hold> = marks.holds.iter().map(|(_, h)| h.clone()).collect();
+    let drains = marks.drains.iter().map(|(_, d)| d);
+    if let Err(m) = reach_after(&holds, drains, cut, w.outboxes_empty()).await {
+        release(marks);
+        w.resume();
+        return Err(failed(m));
+    }
+    let kept = |vertex: &str, port: &str| {
+        marks
+            .drains
+            .iter()
+            .find(|((v, p, _), _)| v == vertex && p == port)
+            .map(|(_, d)| d.held())
+            .unwrap_or_default()
+    };
+    match w.image(cut, kept, IMAGE_WAIT).await {
+        Ok(blob) => Ok(blob),
+        Err(m) => {
+            release(marks);
+            w.resume();
+            Err(failed(m))
+        }
+    }
 }
 
 /// Lets every link end of the part go on.

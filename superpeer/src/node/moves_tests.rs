@@ -44,7 +44,7 @@ impl Bench {
             vertices: 1,
             env: None,
             marks: Some(Marks {
-                control,
+                control: crate::node::part::Control::Here(control),
                 holds: vec![(key("in", left), Hold::new())],
                 drains: vec![
                     (key("a", left), Drain::new()),

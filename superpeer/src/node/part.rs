@@ -63,11 +63,30 @@ pub(super) struct Ready {
     pub(super) marks: Option<Marks>,
 }
 
+/// What pauses and images a part: in the node's process, or through its worker.
+#[derive(Clone)]
+pub(super) enum Control {
+    /// The part runs here.
+    Here(PartControl),
+    /// The part runs in a worker.
+    Worker(Arc<crate::worker::Control>),
+}
+
+impl Control {
+    /// Lets a part kept paused after it was saved to move away go on (the move was given up).
+    pub(super) fn resume_kept(&self, n: u64) {
+        match self {
+            Control::Here(c) => c.resume_kept(n),
+            Control::Worker(w) => w.resume(),
+        }
+    }
+}
+
 /// What takes a checkpoint of a running part: its pause control, and the ends of its links,
 /// to hold and drain to the cut's mark. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct Marks {
-    pub(super) control: PartControl,
+    pub(super) control: Control,
     /// One per remote output, in [`Prepared::remote_outputs`]'s order.
     pub(super) holds: Vec<(InputKey, Hold)>,
     /// One per remote input.

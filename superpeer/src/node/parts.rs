@@ -20,8 +20,8 @@ use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
 
 pub(super) use super::part::{
-    Body, Effect, Held, InGuest, Input, InputKey, Launch, Marks, Moving, Part, Ready, Relink,
-    Relinked, Reply, Stage,
+    Body, Control, Effect, Held, InGuest, Input, InputKey, Launch, Marks, Moving, Part, Ready,
+    Relink, Relinked, Reply, Stage,
 };
 use crate::proto::{Failure, FailureKind, JobId, PartReport, Response};
 

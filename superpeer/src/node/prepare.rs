@@ -12,7 +12,7 @@ use mvm_component::runtime::checkpoint::PartImage;
 use mvm_queue::remote::{Drain, Hold};
 
 use super::Node;
-use super::parts::{Body, InGuest, InputKey, Marks, Ready};
+use super::parts::{Body, Control, InGuest, InputKey, Marks, Ready};
 use crate::environment::EnvLease;
 use crate::proto::ErrorKind;
 use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
@@ -190,10 +190,15 @@ impl Node {
                 }
             }
         };
-        if let Some((w, remote_inputs)) = self.in_guest(spec, env.as_ref(), &modules).await? {
+        if let Some((w, remote_inputs)) = self.in_guest(from, spec, env.as_ref(), &modules).await? {
             let vertices = spec.placement.iter().filter(|&&p| p == spec.here).count();
             let outputs = w.remote_outputs.len();
             let inputs = by_key(remote_inputs, &parts);
+            let marks = spec.checkpoint.then(|| Marks {
+                control: Control::Worker(w.started.control()),
+                holds: holds(&w.remote_outputs, &parts),
+                drains: inputs.keys().map(|k| (k.clone(), Drain::new())).collect(),
+            });
             return Ok(Box::new(Ready {
                 prepared: Body::Worker(Box::new(w)),
                 parts,
@@ -201,7 +206,7 @@ impl Node {
                 inputs,
                 vertices: u32::try_from(vertices).unwrap_or(u32::MAX),
                 env,
-                marks: None,
+                marks,
             }));
         }
         let job = JobSpec {
@@ -232,25 +237,28 @@ impl Node {
                 return Err(Failure::new(kind, e.to_string()));
             }
         };
-        if let Some(blob) = &spec.restore {
-            self.restore(from, spec, &mut prepared, blob).await?;
+        if let Some(hash) = &spec.restore {
+            let blob = self.fetch_checkpoint(from, spec, hash).await?;
+            let failed = |m: String| {
+                Failure::new(
+                    FailureKind::Failed,
+                    format!("checkpoint {hash} of job {}: {m}", spec.job),
+                )
+            };
+            let mut image = PartImage::decode(&blob).map_err(|e| failed(e.to_string()))?;
+            // The image is of this part in another run (its own queue namespace).
+            image.job = super::space(&spec.job, spec.attempt);
+            prepared
+                .restore(&image)
+                .map_err(|e| failed(e.to_string()))?;
         }
         if self.links.is_some() && !spec.streams {
             prepared.direct_remote_links();
         }
         let inputs = by_key(std::mem::take(&mut prepared.remote_inputs), &parts);
         let marks = prepared.control().map(|control| Marks {
-            control,
-            holds: prepared
-                .remote_outputs
-                .iter()
-                .map(|o| {
-                    (
-                        (o.vertex.clone(), o.port.clone(), parts[o.to].0),
-                        Hold::new(),
-                    )
-                })
-                .collect(),
+            control: Control::Here(control),
+            holds: holds(&prepared.remote_outputs, &parts),
             drains: inputs.keys().map(|k| (k.clone(), Drain::new())).collect(),
         });
         if spec.checkpoint && marks.is_none() {
@@ -273,11 +281,12 @@ impl Node {
     }
 
     /// The part prepared in a worker inside its guest, when it runs in one: its guest is a
-    /// group of this host's processes, the node starts workers, and the job takes no
-    /// checkpoints (such a part runs in the node's process, where the guest's limits do not
-    /// bind it). The worker is started now, so that its start is part of the preparation.
+    /// group of this host's processes, and the node starts workers. The worker is started
+    /// now, so that its start is part of the preparation; a part run again from a checkpoint
+    /// gets the checkpoint's blob (fetched from the broker `from`) with its job.
     async fn in_guest(
         &self,
+        from: PeerId,
         spec: &PartSpec,
         env: Option<&EnvLease>,
         modules: &HashMap<String, mvm_component::runtime::Module>,
@@ -285,12 +294,12 @@ impl Node {
         let (Some(env), Some(command)) = (env, self.os.as_ref().and_then(|o| o.worker())) else {
             return Ok(None);
         };
-        if spec.checkpoint || spec.restore.is_some() {
-            tracing::info!(job = %spec.job, guest = %env.guest().name(), "a part of a job with checkpoints runs in the node's process, not in its guest");
-            return Ok(None);
-        }
         let Some(join) = env.join_files() else {
             return Ok(None);
+        };
+        let restore = match &spec.restore {
+            Some(hash) => Some(self.fetch_checkpoint(from, spec, hash).await?),
+            None => None,
         };
         let mut compiled = Vec::with_capacity(modules.len());
         for (component, module) in modules {
@@ -317,17 +326,19 @@ impl Node {
             here: spec.here,
             owner: spec.owner.clone(),
             max_memory_bytes,
+            restore,
         };
-        let (started, (inputs, outputs)) = Started::start(command, &job, env.guest(), &join)
-            .await
-            .map_err(|f| {
-                let kind = match f.kind {
-                    ErrorKind::Refused => FailureKind::Refused,
-                    ErrorKind::Setup => FailureKind::Input,
-                    _ => FailureKind::Failed,
-                };
-                Failure::new(kind, f.cause)
-            })?;
+        let (started, (inputs, outputs)) =
+            Started::start(command, &job, env.guest(), &join, &self.queues)
+                .await
+                .map_err(|f| {
+                    let kind = match f.kind {
+                        ErrorKind::Refused => FailureKind::Refused,
+                        ErrorKind::Setup => FailureKind::Input,
+                        _ => FailureKind::Failed,
+                    };
+                    Failure::new(kind, f.cause)
+                })?;
         let w = InGuest {
             started,
             remote_outputs: outputs,
@@ -335,14 +346,13 @@ impl Node {
         Ok(Some((w, inputs)))
     }
 
-    /// Makes `prepared` start from the checkpoint blob `hash`, fetched from the broker `from`.
-    async fn restore(
+    /// The checkpoint blob `hash`, fetched from the broker `from`, checked against its hash.
+    async fn fetch_checkpoint(
         &self,
         from: PeerId,
         spec: &PartSpec,
-        prepared: &mut mvm_component::runtime::Prepared,
         hash: &Hash,
-    ) -> Result<(), Failure> {
+    ) -> Result<bytes::Bytes, Failure> {
         let failed = |m: String| {
             Failure::new(
                 FailureKind::Failed,
@@ -358,11 +368,25 @@ impl Node {
         if Hash::of(&blob) != *hash {
             return Err(failed("it does not match its hash".into()));
         }
-        let mut image = PartImage::decode(&blob).map_err(|e| failed(e.to_string()))?;
-        // The image is of this part in another run (its own queue namespace).
-        image.job = super::space(&spec.job, spec.attempt);
-        prepared.restore(&image).map_err(|e| failed(e.to_string()))
+        Ok(blob)
     }
+}
+
+/// A hold for each of a part's remote outputs, keyed by its vertex, port and the peer of the
+/// part it goes to.
+fn holds(
+    outputs: &[mvm_component::runtime::RemoteOutput],
+    parts: &[(PeerId, Vec<libp2p::Multiaddr>)],
+) -> Vec<(InputKey, Hold)> {
+    outputs
+        .iter()
+        .map(|o| {
+            (
+                (o.vertex.clone(), o.port.clone(), parts[o.to].0),
+                Hold::new(),
+            )
+        })
+        .collect()
 }
 
 /// A part's remote inputs by their key: the local vertex and port, and the peer of the part

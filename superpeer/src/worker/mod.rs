@@ -23,12 +23,27 @@
 //! and whether its guest's memory limit killed it). A part that is stopped kills its worker,
 //! and a worker whose node is gone (its stdin closes) ends.
 //!
-//! A part of a job that takes checkpoints runs in the node's process (see the README).
+//! A part of a job that takes checkpoints is checkpointed through its worker (the node's side
+//! is in `node::checkpoint`), the cut kept consistent across the pipe:
+//!
+//! 1. node → worker: [`ToWorker::Pause`]. The worker pauses its vertices, sends what its
+//!    remote outputs still hold (nothing more enters them), and answers
+//!    [`FromWorker::Paused`] after those items;
+//! 2. the node drains its ends of the part's remote inputs to the cut's mark, and holds its
+//!    ends of the remote outputs once its queues of them are empty (everything sent before
+//!    the pause goes before the mark);
+//! 3. node → worker: [`ToWorker::Image`], after every item its input queues held, with what
+//!    the drained ends kept past their queues' room. The worker images the part with what it
+//!    has received and not yet delivered, then those kept items, and answers
+//!    [`FromWorker::Imaged`] with the blob;
+//! 4. node → worker: [`ToWorker::Resume`] (or not, while the part moves away).
+//!
+//! A part restored from a checkpoint gets the blob with its job ([`WorkerJob::restore`]).
 
 mod node;
 mod part;
 
-pub(crate) use node::Started;
+pub(crate) use node::{Control, Started};
 pub use part::serve;
 
 use std::collections::BTreeMap;
@@ -86,6 +101,9 @@ pub struct WorkerJob {
     pub owner: Principal,
     /// The node runtime's largest linear memory (the modules were compiled for it).
     pub max_memory_bytes: u64,
+    /// The checkpoint blob the part starts from (checked against its hash by the node).
+    #[serde(default)]
+    pub restore: Option<Bytes>,
 }
 
 /// What the node tells a worker after its job.
@@ -105,6 +123,23 @@ pub enum ToWorker {
         /// The link.
         link: u32,
     },
+    /// Pause the vertices for checkpoint `cut` and send what the remote outputs hold; answered
+    /// by [`FromWorker::Paused`].
+    Pause {
+        /// The cut.
+        cut: u64,
+    },
+    /// Image the paused part, adding after each remote input's items `extra`'s entries for
+    /// its link (item and priority): what the node's end of it kept past its queue's room.
+    /// Answered by [`FromWorker::Imaged`].
+    Image {
+        /// The cut.
+        cut: u64,
+        /// Link → entries.
+        extra: Vec<(u32, Vec<(Bytes, i64)>)>,
+    },
+    /// Let the paused part go on.
+    Resume,
 }
 
 /// What a worker tells the node after its job.
@@ -130,6 +165,19 @@ pub enum FromWorker {
         /// The link.
         link: u32,
     },
+    /// Remote input `link` delivered `items` more of the node's items into its queue: the
+    /// node may send as many more (it sends at most [`WINDOW`] not yet credited).
+    Credit {
+        /// The link.
+        link: u32,
+        /// How many.
+        items: u32,
+    },
+    /// The part is paused for the cut (every item of its remote outputs sent before this),
+    /// or why it cannot be.
+    Paused(Result<u64, String>),
+    /// The paused part's checkpoint blob, or why it could not be taken.
+    Imaged(Result<Bytes, String>),
     /// The part ended.
     End(WorkerEnd),
 }
@@ -187,6 +235,11 @@ const ITEMS: u8 = 0xFF;
 
 /// The most items a frame of items carries.
 pub(crate) const BATCH: usize = 256;
+
+/// The most items of one remote input the node sends its worker before the worker says it
+/// delivered them ([`FromWorker::Credit`]): a queue the part does not read holds up no other
+/// link, nor the node's messages, and the worker holds little.
+pub(crate) const WINDOW: usize = 1024;
 
 /// A message that carries items, on one of the pipe's two ways.
 trait Carries: Serialize + serde::de::DeserializeOwned {

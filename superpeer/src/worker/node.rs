@@ -14,11 +14,22 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
 
 use super::{
-    BATCH, Carries, FromWorker, MAX_END, MAX_JOB, ToWorker, WorkerCommand, WorkerEnd, WorkerJob,
-    WorkerReport, batch, frame, parse, too_long,
+    BATCH, Carries, FromWorker, MAX_END, MAX_JOB, ToWorker, WINDOW, WorkerCommand, WorkerEnd,
+    WorkerJob, WorkerReport, batch, frame, parse, too_long,
 };
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::environment::GuestRef;
 use crate::proto::{ErrorKind, VertexFailure};
+use mvm_queue::Controller;
+use mvm_queue::queue::Entry;
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, oneshot};
+
+/// Messages waiting for the writer to the worker at most.
+const QUEUED: usize = 1024;
 
 /// A worker started and its part prepared, waiting for the part's start.
 pub(crate) struct Started {
@@ -28,10 +39,126 @@ pub(crate) struct Started {
     pid: u32,
     guest: GuestRef,
     oom_before: Option<u64>,
-    /// The node's ends of the part's remote inputs: what enters them goes to the worker.
-    inputs: Vec<Receiver<Bytes>>,
+    /// The node's ends of the part's remote inputs: what enters them goes to the worker, each
+    /// with its feed's controls and credit.
+    inputs: Vec<(Receiver<Bytes>, mpsc::Receiver<FeedCmd>, Arc<Semaphore>)>,
     /// The node's ends of the part's remote outputs: what the worker sends goes into them.
     outputs: Vec<Sender<Bytes>>,
+    /// The messages to the worker.
+    rx: mpsc::Receiver<ToWorker>,
+    control: Arc<Control>,
+}
+
+/// What a feed of a remote input is told during a checkpoint.
+enum FeedCmd {
+    /// Send nothing more to the worker; say what was taken from the queue and not sent, and
+    /// take the rest of the queue too (it is sent first once thawed).
+    Freeze(oneshot::Sender<Vec<Bytes>>),
+    /// Send again.
+    Thaw,
+}
+
+/// The answers a checkpoint waits for from the worker.
+#[derive(Default)]
+struct Answers {
+    paused: Option<oneshot::Sender<Result<u64, String>>>,
+    imaged: Option<oneshot::Sender<Result<Bytes, String>>>,
+}
+
+/// The node's hand on a worker's part for its checkpoints (see the module `worker`): pause,
+/// image, resume.
+pub(crate) struct Control {
+    tx: mpsc::Sender<ToWorker>,
+    /// One per remote input, in link order.
+    feeds: Vec<mpsc::Sender<FeedCmd>>,
+    /// The remote inputs' vertex and port, in link order.
+    inputs: Vec<(String, String)>,
+    /// The node's queues of the remote outputs.
+    outboxes: Vec<Queue<Bytes>>,
+    answers: Mutex<Answers>,
+}
+
+impl Control {
+    /// Pauses the part for cut `cut`; done when every item its remote outputs held is in the
+    /// node's queues of them.
+    ///
+    /// # Errors
+    /// The vertices reach no pause point, or the worker does not answer within `within`.
+    pub(crate) async fn pause(&self, cut: u64, within: Duration) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.answers.lock().paused = Some(tx);
+        self.tx
+            .send(ToWorker::Pause { cut })
+            .await
+            .map_err(|_| "the worker is gone".to_owned())?;
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(r)) => r.map(|_| ()),
+            Ok(Err(_)) => Err("the worker ended".into()),
+            Err(_) => Err(format!("the worker did not pause within {within:?}")),
+        }
+    }
+
+    /// Waits until the node's queues of the part's remote outputs are empty: everything the
+    /// paused part sent is on its way.
+    pub(crate) async fn outboxes_empty(&self) {
+        while self.outboxes.iter().any(|q| !q.is_empty()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The paused part's checkpoint blob: the node's feeds stop, and what they hold, then
+    /// what `kept` gives for a remote input (its end's items kept past its queue's room), go
+    /// into the image after what the worker has.
+    ///
+    /// # Errors
+    /// The worker cannot image the part, or does not answer within `within`.
+    pub(crate) async fn image(
+        &self,
+        cut: u64,
+        kept: impl Fn(&str, &str) -> Vec<Entry<Bytes>>,
+        within: Duration,
+    ) -> Result<Bytes, String> {
+        let mut extra = Vec::with_capacity(self.feeds.len());
+        for (link, (feed, (vertex, port))) in self.feeds.iter().zip(&self.inputs).enumerate() {
+            let (tx, rx) = oneshot::channel();
+            let stash = match feed.send(FeedCmd::Freeze(tx)).await {
+                Ok(()) => rx.await.unwrap_or_default(),
+                Err(_) => Vec::new(), // the link ended: its feed sent everything
+            };
+            let entries: Vec<(Bytes, i64)> = stash
+                .into_iter()
+                .map(|b| (b, 0))
+                .chain(kept(vertex, port).into_iter().map(|e| (e.item, e.priority)))
+                .collect();
+            if !entries.is_empty() {
+                extra.push((u32::try_from(link).unwrap_or(u32::MAX), entries));
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.answers.lock().imaged = Some(tx);
+        self.tx
+            .send(ToWorker::Image { cut, extra })
+            .await
+            .map_err(|_| "the worker is gone".to_owned())?;
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the worker ended".into()),
+            Err(_) => Err(format!(
+                "the worker did not image the part within {within:?}"
+            )),
+        }
+    }
+
+    /// Lets the paused part go on, and the node's feeds with it.
+    pub(crate) fn resume(&self) {
+        let (feeds, tx) = (self.feeds.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            for f in &feeds {
+                let _ = f.send(FeedCmd::Thaw).await;
+            }
+            let _ = tx.send(ToWorker::Resume).await;
+        });
+    }
 }
 
 /// The part's links as the node sees them: remote inputs to feed, remote outputs to carry.
@@ -53,22 +180,30 @@ where
     parse(buf)
 }
 
-fn queue(name: String) -> Result<Queue<Bytes>, VertexFailure> {
-    Queue::new(name, QueueConfig::default()).map_err(|e| VertexFailure {
-        vertex: String::new(),
-        cause: format!("a queue for a worker's link: {e}"),
-        kind: ErrorKind::Setup,
-    })
+/// The node's queue `name` of job space `space` for a worker's link: named as the part's own
+/// queue would be were it here (`vertex:port`, `vertex:port>out`), so that a move relinks it
+/// and the part's end removes it, as for a part here.
+fn queue(queues: &Controller, space: &str, name: &str) -> Result<Queue<Bytes>, VertexFailure> {
+    queues
+        .create(space, name, &QueueConfig::default())
+        .map(|h| h.queue)
+        .map_err(|e| VertexFailure {
+            vertex: String::new(),
+            cause: format!("a queue for a worker's link: {e}"),
+            kind: ErrorKind::Setup,
+        })
 }
 
 impl Started {
     /// Starts a worker by `command` inside `guest`, whose `cgroup.procs` files are `join`, hands
-    /// it `job`, and waits for its part to be prepared: the worker and the part's links.
+    /// it `job`, and waits for its part to be prepared: the worker and the part's links, which
+    /// end in queues of the node's `queues`.
     pub(crate) async fn start(
         command: &WorkerCommand,
         job: &WorkerJob,
         guest: GuestRef,
         join: &[PathBuf],
+        queues: &Controller,
     ) -> Result<(Started, Links), VertexFailure> {
         let name = guest.name().to_owned();
         let setup = |cause: String| VertexFailure {
@@ -128,9 +263,14 @@ impl Started {
         let space = &job.space;
         let mut ins = Vec::new();
         let mut feeds = Vec::new();
+        let mut controls = Vec::new();
+        let mut names = Vec::new();
         for (vertex, port, from) in inputs {
-            let q = queue(format!("{space}/{vertex}:{port}<{from}"))?;
-            feeds.push(q.receiver());
+            let q = queue(queues, space, &format!("{vertex}:{port}"))?;
+            let (ctl, ctl_rx) = mpsc::channel(4);
+            controls.push(ctl);
+            feeds.push((q.receiver(), ctl_rx, Arc::new(Semaphore::new(WINDOW))));
+            names.push((vertex.clone(), port.clone()));
             ins.push(RemoteInput {
                 vertex,
                 port,
@@ -140,9 +280,11 @@ impl Started {
         }
         let mut outs = Vec::new();
         let mut carries = Vec::new();
+        let mut outboxes = Vec::new();
         for (vertex, port, to) in outputs {
-            let q = queue(format!("{space}/{vertex}:{port}>{to}"))?;
+            let q = queue(queues, space, &format!("{vertex}:{port}>out"))?;
             carries.push(q.sender());
+            outboxes.push(q.clone());
             outs.push(RemoteOutput {
                 vertex,
                 port,
@@ -150,6 +292,15 @@ impl Started {
                 receiver: q.receiver(),
             });
         }
+        // Bounded by the credit of each remote input (its items) and by the checkpoint steps.
+        let (tx, rx) = mpsc::channel(QUEUED);
+        let control = Arc::new(Control {
+            tx,
+            feeds: controls,
+            inputs: names,
+            outboxes,
+            answers: Mutex::new(Answers::default()),
+        });
         let started = Started {
             child,
             stdin,
@@ -159,8 +310,15 @@ impl Started {
             oom_before,
             inputs: feeds,
             outputs: carries,
+            rx,
+            control,
         };
         Ok((started, (ins, outs)))
+    }
+
+    /// The node's hand on the part for its checkpoints.
+    pub(crate) fn control(&self) -> Arc<Control> {
+        self.control.clone()
     }
 
     /// Starts the part and carries its links' items until it ends: its report, or why it
@@ -175,28 +333,17 @@ impl Started {
             oom_before,
             inputs,
             outputs,
+            mut rx,
+            control,
         } = self;
-        let (tx, mut rx) = mpsc::channel::<ToWorker>(1024);
+        let tx = control.tx.clone();
         let _ = tx.send(ToWorker::Start).await;
         let mut feeds = tokio::task::JoinSet::new();
-        for (link, r) in inputs.into_iter().enumerate() {
-            let tx = tx.clone();
+        let mut credits = Vec::with_capacity(inputs.len());
+        for (link, (r, ctl, credit)) in inputs.into_iter().enumerate() {
             let link = u32::try_from(link).unwrap_or(u32::MAX);
-            feeds.spawn(async move {
-                while let Ok(first) = r.recv_async().await {
-                    let mut items = vec![first];
-                    while items.len() < BATCH {
-                        match r.try_recv() {
-                            Ok(i) => items.push(i),
-                            Err(_) => break,
-                        }
-                    }
-                    if tx.send(ToWorker::Items { link, items }).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send(ToWorker::Closed { link }).await;
-            });
+            credits.push(credit.clone());
+            feeds.spawn(feed(link, r, ctl, credit, tx.clone()));
         }
         drop(tx);
         // To the worker, messages ready together in one write; the pipe stays open after the
@@ -226,6 +373,21 @@ impl Started {
                             *s = None;
                         }
                     }
+                    FromWorker::Credit { link, items } => {
+                        if let Some(c) = credits.get(link as usize) {
+                            c.add_permits((items as usize).min(WINDOW));
+                        }
+                    }
+                    FromWorker::Paused(r) => {
+                        if let Some(a) = control.answers.lock().paused.take() {
+                            let _ = a.send(r);
+                        }
+                    }
+                    FromWorker::Imaged(r) => {
+                        if let Some(a) = control.answers.lock().imaged.take() {
+                            let _ = a.send(r);
+                        }
+                    }
                     FromWorker::Links { .. } => {}
                     FromWorker::End(end) => return Ok::<_, io::Error>(end),
                 }
@@ -244,6 +406,78 @@ impl Started {
             Err(e) => {
                 let oom = matches!((oom_before, guest.oom_kills()), (Some(a), Some(b)) if b > a);
                 Err(died(pid, guest.name(), status, oom, &e))
+            }
+        }
+    }
+}
+
+/// Feeds remote input `link`'s items from the node's queue `r` to the worker, as its credit
+/// allows, until the link ends; stops and goes on as `ctl` says.
+async fn feed(
+    link: u32,
+    r: Receiver<Bytes>,
+    mut ctl: mpsc::Receiver<FeedCmd>,
+    credit: Arc<Semaphore>,
+    tx: mpsc::Sender<ToWorker>,
+) {
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let (mut frozen, mut ended) = (false, false);
+    let on = |c: Option<FeedCmd>, pending: &mut VecDeque<Bytes>, frozen: &mut bool| match c {
+        Some(FeedCmd::Freeze(ack)) => {
+            while let Ok(i) = r.try_recv() {
+                pending.push_back(i);
+            }
+            let _ = ack.send(pending.iter().cloned().collect());
+            *frozen = true;
+            true
+        }
+        Some(FeedCmd::Thaw) => {
+            *frozen = false;
+            true
+        }
+        None => false,
+    };
+    loop {
+        if frozen {
+            if !on(ctl.recv().await, &mut pending, &mut frozen) {
+                return;
+            }
+            continue;
+        }
+        if pending.is_empty() {
+            if ended {
+                let _ = tx.send(ToWorker::Closed { link }).await;
+                return;
+            }
+            tokio::select! {
+                biased;
+                c = ctl.recv() => if !on(c, &mut pending, &mut frozen) { return },
+                i = r.recv_async() => match i {
+                    Ok(i) => {
+                        pending.push_back(i);
+                        while pending.len() < BATCH {
+                            match r.try_recv() {
+                                Ok(i) => pending.push_back(i),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(_) => ended = true,
+                },
+            }
+            continue;
+        }
+        let n = pending.len().min(BATCH);
+        tokio::select! {
+            biased;
+            c = ctl.recv() => if !on(c, &mut pending, &mut frozen) { return },
+            p = credit.acquire_many(u32::try_from(n).unwrap_or(u32::MAX)) => {
+                let Ok(p) = p else { return };
+                p.forget();
+                let items = pending.drain(..n).collect();
+                if tx.send(ToWorker::Items { link, items }).await.is_err() {
+                    return;
+                }
             }
         }
     }

@@ -5,16 +5,21 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use mvm_component::runtime::checkpoint::{PartControl, PartImage, Paused};
 use mvm_component::runtime::{AllowAll, JobSpec, Runtime, RuntimeConfig};
 use mvm_component::topology::{Options, Topology};
 use mvm_queue::Controller;
 use mvm_queue::codec::Registry;
 use mvm_queue::controller::Limits as QueueLimits;
-use tokio::sync::mpsc;
+use mvm_queue::queue::Entry;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    BATCH, FromWorker, MAX_END, MAX_JOB, ORPHANED, QueueCount, ToWorker, WorkerEnd, WorkerJob,
-    WorkerReport, WorkerVertex, batch, read_frame, read_job,
+    BATCH, FromWorker, MAX_END, MAX_JOB, ORPHANED, QueueCount, ToWorker, WINDOW, WorkerEnd,
+    WorkerJob, WorkerReport, WorkerVertex, batch, read_frame, read_job,
 };
 use crate::proto::{ErrorKind, VertexFailure};
 
@@ -171,6 +176,20 @@ async fn run_part(
             Ok(p) => p,
             Err(e) => return failed(e),
         };
+    if let Some(blob) = &job.restore {
+        let restored = PartImage::decode(blob)
+            .map_err(|e| e.to_string())
+            .and_then(|mut image| {
+                // The image is of this part in another run (its own queue namespace).
+                image.job = job.space.clone();
+                prepared.restore(&image).map_err(|e| e.to_string())
+            });
+        if let Err(e) = restored {
+            queues.destroy_job(&job.space);
+            return setup(format!("the part's checkpoint: {e}"));
+        }
+    }
+    let control = prepared.control();
     let part = |p: usize| u32::try_from(p).unwrap_or(u32::MAX);
     let inputs = std::mem::take(&mut prepared.remote_inputs);
     let outputs = std::mem::take(&mut prepared.remote_outputs);
@@ -194,36 +213,52 @@ async fn run_part(
             return setup(format!("the node did not start the part ({other:?})"));
         }
     }
-    // Items from the node into the remote inputs, until every link has ended.
-    let mut senders: Vec<_> = inputs.into_iter().map(|i| Some(i.sender)).collect();
-    let feed = tokio::spawn(async move {
-        while let Some(m) = from.recv().await {
-            match m {
-                ToWorker::Items { link, items } => {
-                    let Some(Some(s)) = senders.get(link as usize) else {
-                        continue;
-                    };
-                    for bytes in items {
-                        // A queue closed under it: its vertex is gone, and the part ends anyway.
-                        let _ = s.send_async(bytes).await;
-                    }
-                }
-                ToWorker::Closed { link } => {
-                    if let Some(s) = senders.get_mut(link as usize) {
-                        *s = None;
-                    }
-                }
-                ToWorker::Start => {}
-            }
-        }
-    });
-    // Items of the remote outputs to the node.
+    // Each remote input delivers what the node sends it, on its own (a full queue holds up
+    // no other link), and gives the node credit for what it delivered.
+    let names: Vec<String> = inputs
+        .iter()
+        .map(|i| format!("{}:{}", i.vertex, i.port))
+        .collect();
+    let ins: Vec<Inbound> = inputs
+        .into_iter()
+        .enumerate()
+        .map(|(link, i)| Inbound::start(part(link), i.sender, to.clone()))
+        .collect();
+    // Each remote output sends what its vertices put in it, and all of it when asked (the
+    // part paused).
     let mut drains = tokio::task::JoinSet::new();
+    let mut flushes = Vec::new();
     for (link, o) in outputs.into_iter().enumerate() {
+        let (flush, mut asked) = mpsc::channel::<oneshot::Sender<()>>(1);
+        flushes.push(flush);
         let to = to.clone();
         let link = part(link);
         drains.spawn(async move {
-            while let Ok(first) = o.receiver.recv_async().await {
+            let send = async |items: Vec<Bytes>| to.send(FromWorker::Items { link, items }).await;
+            loop {
+                let first = tokio::select! {
+                    biased;
+                    Some(ack) = asked.recv() => {
+                        let mut items = Vec::new();
+                        while let Ok(i) = o.receiver.try_recv() {
+                            items.push(i);
+                            if items.len() == BATCH
+                                && send(std::mem::take(&mut items)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        if !items.is_empty() && send(items).await.is_err() {
+                            return;
+                        }
+                        let _ = ack.send(());
+                        continue;
+                    }
+                    r = o.receiver.recv_async() => match r {
+                        Ok(i) => i,
+                        Err(_) => break,
+                    },
+                };
                 let mut items = vec![first];
                 while items.len() < BATCH {
                     match o.receiver.try_recv() {
@@ -231,13 +266,14 @@ async fn run_part(
                         Err(_) => break,
                     }
                 }
-                if to.send(FromWorker::Items { link, items }).await.is_err() {
+                if send(items).await.is_err() {
                     return;
                 }
             }
             let _ = to.send(FromWorker::Closed { link }).await;
         });
     }
+    let feed = tokio::spawn(feed(from, to.clone(), control, ins, names, flushes));
     let result = prepared.run().await;
     while drains.join_next().await.is_some() {}
     feed.abort();
@@ -269,4 +305,227 @@ async fn run_part(
             .collect(),
         pid: std::process::id(),
     })
+}
+
+/// How long the vertices have to reach a pause point (as in the node's process).
+const PAUSE_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the remote outputs have to hand their items to the pipe once paused.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// Carries out the node's messages while the part runs: items and ends of the remote inputs,
+/// and the pause, image and resume of a checkpoint.
+async fn feed(
+    mut from: mpsc::Receiver<ToWorker>,
+    to: mpsc::Sender<FromWorker>,
+    control: Option<PartControl>,
+    ins: Vec<Inbound>,
+    names: Vec<String>,
+    flushes: Vec<mpsc::Sender<oneshot::Sender<()>>>,
+) {
+    let mut paused: Option<Paused<'_>> = None;
+    while let Some(m) = from.recv().await {
+        match m {
+            ToWorker::Items { link, items } => {
+                if let Some(i) = ins.get(link as usize) {
+                    i.send(Cmd::Items(items)).await;
+                }
+            }
+            ToWorker::Closed { link } => {
+                if let Some(i) = ins.get(link as usize) {
+                    i.send(Cmd::Close).await;
+                }
+            }
+            ToWorker::Pause { cut } => {
+                let answer = if paused.is_some() {
+                    Err("the part is paused already".to_owned())
+                } else if let Some(c) = &control {
+                    match c.pause(PAUSE_WAIT).await {
+                        Err(e) => Err(e.to_string()),
+                        Ok(p) => {
+                            paused = Some(p);
+                            flush(&flushes).await.map(|()| cut)
+                        }
+                    }
+                } else {
+                    Err("the part cannot be paused".to_owned())
+                };
+                if answer.is_err()
+                    && let Some(p) = paused.take()
+                {
+                    p.resume();
+                }
+                let _ = to.send(FromWorker::Paused(answer)).await;
+            }
+            ToWorker::Image { cut, extra } => {
+                let blob = match &paused {
+                    None => Err(format!("checkpoint {cut}: the part is not paused")),
+                    Some(p) => image(p, &ins, &names, extra).await,
+                };
+                let _ = to.send(FromWorker::Imaged(blob)).await;
+            }
+            ToWorker::Resume => {
+                for i in &ins {
+                    i.send(Cmd::Thaw).await;
+                }
+                if let Some(p) = paused.take() {
+                    p.resume();
+                }
+            }
+            ToWorker::Start => {}
+        }
+    }
+}
+
+/// Has every remote output send what it holds; done when all have.
+async fn flush(flushes: &[mpsc::Sender<oneshot::Sender<()>>]) -> Result<(), String> {
+    let mut acks = Vec::with_capacity(flushes.len());
+    for f in flushes {
+        let (tx, rx) = oneshot::channel();
+        if f.send(tx).await.is_ok() {
+            acks.push(rx);
+        }
+    }
+    match tokio::time::timeout(FLUSH_WAIT, futures::future::join_all(acks)).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!(
+            "the remote outputs were not sent within {FLUSH_WAIT:?}"
+        )),
+    }
+}
+
+/// The paused part's image: its queues, then what each remote input has received and not
+/// delivered, then `extra` (what the node kept). The remote inputs stop delivering (until
+/// resumed), so that nothing moves between the two.
+async fn image(
+    paused: &Paused<'_>,
+    ins: &[Inbound],
+    names: &[String],
+    extra: Vec<(u32, Vec<(Bytes, i64)>)>,
+) -> Result<Bytes, String> {
+    let mut held = Vec::with_capacity(ins.len());
+    for i in ins {
+        let (tx, rx) = oneshot::channel();
+        i.send(Cmd::Freeze(tx)).await;
+        held.push(rx.await.unwrap_or_default());
+    }
+    let mut image = paused.image();
+    let entries = |items: Vec<Bytes>| items.into_iter().map(|b| Entry::new(b, 0));
+    for (name, items) in names.iter().zip(held) {
+        if !items.is_empty() && !image.append(name, entries(items)) {
+            return Err(format!("the part has no queue {name}"));
+        }
+    }
+    for (link, items) in extra {
+        let Some(name) = names.get(link as usize) else {
+            return Err(format!(
+                "the node named remote input {link}, which the part has not"
+            ));
+        };
+        let items = items.into_iter().map(|(b, p)| Entry::new(b, p));
+        if !image.append(name, items) {
+            return Err(format!("the part has no queue {name}"));
+        }
+    }
+    image.encode().map(Bytes::from).map_err(|e| e.to_string())
+}
+
+/// What a remote input's delivery is told.
+enum Cmd {
+    /// Items from the node.
+    Items(Vec<Bytes>),
+    /// The link ended: what is left is delivered, then the queue's sender goes.
+    Close,
+    /// Stop delivering and say what is undelivered.
+    Freeze(oneshot::Sender<Vec<Bytes>>),
+    /// Deliver again.
+    Thaw,
+}
+
+/// A remote input's delivery into its queue.
+struct Inbound(mpsc::Sender<Cmd>);
+
+/// Where a remote input's delivery stands.
+#[derive(Default)]
+struct Delivery {
+    /// Received, not yet in the queue.
+    pending: VecDeque<Bytes>,
+    frozen: bool,
+    closed: bool,
+    /// Items delivered and not yet credited to the node.
+    owed: usize,
+}
+
+impl Delivery {
+    fn on(&mut self, c: Cmd) {
+        match c {
+            Cmd::Items(items) => self.pending.extend(items),
+            Cmd::Close => self.closed = true,
+            Cmd::Freeze(tx) => {
+                self.frozen = true;
+                let _ = tx.send(self.pending.iter().cloned().collect());
+            }
+            Cmd::Thaw => self.frozen = false,
+        }
+    }
+}
+
+/// Credit given back to the node once this many items are delivered (or none wait).
+const CREDIT_EVERY: usize = 64;
+
+impl Inbound {
+    /// Starts delivering link `link`'s items into `sender`; credit goes to the node on `to`.
+    fn start(
+        link: u32,
+        sender: mvm_queue::queue::Sender<Bytes>,
+        to: mpsc::Sender<FromWorker>,
+    ) -> Inbound {
+        // Bounded by the node's credit (its items) and the checkpoint steps.
+        let (tx, mut cmds) = mpsc::channel(WINDOW + 8);
+        tokio::spawn(async move {
+            let mut s = Delivery::default();
+            loop {
+                if s.owed > 0 && (s.owed >= CREDIT_EVERY || s.pending.is_empty()) {
+                    let n = u32::try_from(std::mem::take(&mut s.owed)).unwrap_or(u32::MAX);
+                    if to
+                        .send(FromWorker::Credit { link, items: n })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if s.closed && s.pending.is_empty() {
+                    return; // the sender goes: the vertex sees the end
+                }
+                let Some(front) = s.pending.front().cloned().filter(|_| !s.frozen) else {
+                    match cmds.recv().await {
+                        Some(c) => s.on(c),
+                        None => return,
+                    }
+                    continue;
+                };
+                // Once the node's messages end, what was received is still delivered.
+                let open = !cmds.is_closed() || !cmds.is_empty();
+                tokio::select! {
+                    biased;
+                    Some(c) = cmds.recv(), if open => s.on(c),
+                    r = sender.send_async(front) => {
+                        s.pending.pop_front();
+                        s.owed += 1;
+                        // A queue closed under it: its vertex is gone, and the part ends.
+                        if r.is_err() {
+                            s.owed += s.pending.len();
+                            s.pending.clear();
+                        }
+                    }
+                }
+            }
+        });
+        Inbound(tx)
+    }
+
+    async fn send(&self, c: Cmd) {
+        let _ = self.0.send(c).await;
+    }
 }

@@ -66,6 +66,7 @@ fn job(modules: &[(&str, &str)], msg: &str) -> WorkerJob {
             roles: Vec::new(),
         },
         max_memory_bytes: node.max_memory_bytes() as u64,
+        restore: None,
     }
 }
 

@@ -160,6 +160,7 @@ pub(crate) fn run(weights: &[u32], secs: f64) -> Result<SharesReport, Failure> {
                 roles: Vec::new(),
             },
             max_memory_bytes: rt.max_memory_bytes() as u64,
+            restore: None,
         })
         .map_err(|e| failed("job", e))
     };
