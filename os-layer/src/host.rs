@@ -40,12 +40,19 @@ pub enum Cgroups {
     None,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Record {
     vcpus: u32,
     memory_mib: u64,
     sched: Sched,
     paused: bool,
+}
+
+/// A host guest as [`HostDriver::save`] writes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedGuest {
+    name: String,
+    record: Record,
 }
 
 /// Makes the process `cmd` starts join the control groups whose `cgroup.procs` files are
@@ -594,18 +601,63 @@ impl Driver for HostDriver {
         self.set_frozen(name, false)
     }
 
-    fn save(&self, _: &str, _: &Path) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported {
-            driver: "host",
-            op: "save a checkpoint (it needs a hypervisor)",
-        })
+    /// A group of host processes keeps no memory image of its processes: it is saved once
+    /// they have ended (after its job), as what it is (its name, vCPUs, memory, weight and
+    /// cap, written to `to`), and removed; its storage is the caller's to keep.
+    fn save(&self, name: &str, to: &Path) -> Result<(), DriverError> {
+        if !self.processes(name)?.is_empty() {
+            return Err(DriverError::Unsupported {
+                driver: "host",
+                op: "save a guest whose processes run (it keeps no memory image of them: \
+                     it is saved once its job's processes have ended)",
+            });
+        }
+        let record = self
+            .records()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DriverError::NotFound(name.to_owned()))?;
+        let saved = SavedGuest {
+            name: name.to_owned(),
+            record,
+        };
+        let json = serde_json::to_vec(&saved).map_err(|e| DriverError::Parse {
+            command: format!("save {name}"),
+            message: e.to_string(),
+        })?;
+        let tmp = to.with_extension("tmp");
+        fs::write(&tmp, json)
+            .and_then(|()| fs::rename(&tmp, to))
+            .map_err(DriverError::io(to))?;
+        self.remove(name)
     }
 
-    fn restore(&self, _: &str, _: &Path) -> Result<GuestInfo, DriverError> {
-        Err(DriverError::Unsupported {
-            driver: "host",
-            op: "restore a checkpoint (it needs a hypervisor)",
-        })
+    /// Makes the group saved in `from` again, as it was.
+    fn restore(&self, name: &str, from: &Path) -> Result<GuestInfo, DriverError> {
+        let bytes = fs::read(from).map_err(DriverError::io(from))?;
+        let bad = |message: String| DriverError::Parse {
+            command: format!("restore {name} from {}", from.display()),
+            message,
+        };
+        let saved: SavedGuest = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if saved.name != name {
+            return Err(bad(format!("it saved guest '{}'", saved.name)));
+        }
+        let r = saved.record;
+        let spec = GuestSpec {
+            name: name.to_owned(),
+            mode: crate::guest::Mode::Pv,
+            kernel: None,
+            ramdisk: None,
+            cmdline: None,
+            vcpus: r.vcpus,
+            memory_mib: u32::try_from(r.memory_mib).map_err(|_| bad("memory".into()))?,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            weight: Some(r.sched.weight),
+            cap: Some(r.sched.cap).filter(|&c| c > 0),
+        };
+        self.create(&spec)
     }
 
     fn migrate(&self, _: &str, _: &str) -> Result<(), DriverError> {

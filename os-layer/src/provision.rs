@@ -323,7 +323,10 @@ impl Environments {
             }
             VmMode::SaveRestore => {
                 let ck = self.checkpoint(name);
-                match self.prov.driver().save(name, &ck) {
+                let saved = std::fs::create_dir_all(&self.checkpoints)
+                    .map_err(DriverError::io(&self.checkpoints))
+                    .and_then(|()| self.prov.driver().save(name, &ck));
+                match saved {
                     Ok(()) => {
                         self.held().insert(name.clone(), Held::Saved(ck));
                         Ok(())

@@ -166,6 +166,42 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
     });
     assert_eq!(cgroups(&group), kept);
 
+    // Save/restore with the host driver: after the job its group goes and its storage stays
+    // (with its checkpoint: what the guest was); the next job gets the same guest back.
+    let sr = profile(
+        g.dir.path(),
+        "saved",
+        "image = \"env:1\"\nvm_mode = \"save-restore\"",
+    );
+    let v = json(&g.run(&["submit", "--wait", &sr, "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    let saved = wait_for(Duration::from_secs(10), || {
+        let now = guests(&os);
+        (now.len() == kept.len() + 1 && cgroups(&group) == kept).then_some(now)
+    });
+    let guest = saved
+        .iter()
+        .find(|g| !kept.contains(g))
+        .expect("the saved guest")
+        .clone();
+    assert!(
+        os.join("checkpoints")
+            .join(format!("{guest}.chk"))
+            .is_file()
+    );
+    let disk_before = std::fs::metadata(os.join("guests").join(&guest).join("disk.raw"))
+        .and_then(|m| m.modified())
+        .expect("the saved guest's disk");
+    let v = json(&g.run(&["submit", "--wait", &sr, "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    wait_for(Duration::from_secs(10), || {
+        (guests(&os) == saved && cgroups(&group) == kept).then_some(())
+    });
+    let disk_after = std::fs::metadata(os.join("guests").join(&guest).join("disk.raw"))
+        .and_then(|m| m.modified())
+        .expect("the restored guest's disk");
+    assert_eq!(disk_before, disk_after, "the same storage, not a new copy");
+
     // An image nobody offers: refused, naming it.
     let m = profile(g.dir.path(), "missing", "image = \"nope:1\"");
     let out = g.run(&["submit", &m]);
@@ -185,7 +221,7 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["parts"][0]["name"], "n1", "{v}");
     wait_for(Duration::from_secs(10), || {
-        (guests(&os) == kept).then_some(())
+        (guests(&os) == saved).then_some(())
     });
 
     // Another node fetches the image from n1, verified by digest.

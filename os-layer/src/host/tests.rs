@@ -146,14 +146,56 @@ fn a_host_guest_is_a_control_group_with_limits_pause_and_teardown() {
 }
 
 #[test]
-fn checkpoints_need_a_hypervisor_and_bad_requests_are_refused() {
+fn a_guest_is_saved_once_its_processes_end_and_bad_requests_are_refused() {
     let f = Fixture::new("b");
     let d = &f.driver;
-    d.create(&spec("g2")).unwrap();
+    let mut s = spec("g2");
+    s.weight = Some(512);
+    s.cap = Some(40);
+    d.create(&s).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("g2.chk");
+    // Running processes have no image to save: refused, and the guest stays.
+    let mut child = ticker(&dir.path().join("ticks"));
+    d.attach("g2", child.id()).unwrap();
     assert!(matches!(
-        d.save("g2", Path::new("/tmp/x")),
+        d.save("g2", &ck),
         Err(DriverError::Unsupported { .. })
     ));
+    assert!(d.inspect("g2").is_ok() && !ck.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    while !d.processes("g2").unwrap().is_empty() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Idle: saved as what it is, and gone; restored as it was, under its own name only.
+    d.save("g2", &ck).unwrap();
+    assert!(matches!(d.inspect("g2"), Err(DriverError::NotFound(_))));
+    assert!(d.dirs("g2").iter().all(|p| !p.exists()));
+    assert!(matches!(
+        d.restore("other", &ck),
+        Err(DriverError::Parse { .. })
+    ));
+    let back = d.restore("g2", &ck).unwrap();
+    assert_eq!(
+        (back.vcpus, back.memory_mib),
+        (s.vcpus, u64::from(s.memory_mib))
+    );
+    assert_eq!(
+        d.sched("g2").unwrap(),
+        Sched {
+            weight: 512,
+            cap: 40
+        }
+    );
+    std::fs::write(&ck, b"{not json").unwrap();
+    d.destroy("g2").unwrap();
+    assert!(matches!(
+        d.restore("g2", &ck),
+        Err(DriverError::Parse { .. })
+    ));
+    assert!(matches!(d.inspect("g2"), Err(DriverError::NotFound(_))));
+    d.create(&spec("g2")).unwrap();
     assert!(matches!(
         d.migrate("g2", "elsewhere"),
         Err(DriverError::Unsupported { .. })

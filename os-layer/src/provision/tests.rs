@@ -128,12 +128,21 @@ fn persistent_guests_are_reused_and_stop_start_guests_are_fresh() {
     assert!(l.host.list().unwrap().is_empty());
     assert!(!l.prov.storage().exists("env1"));
 
-    // Save/restore needs a hypervisor: the host driver says so and leaves nothing.
+    // Save/restore: the group goes after the job, its storage stays, and the next job gets
+    // the guest back with that storage.
     let d = env.acquire(&l.req, VmMode::SaveRestore).unwrap();
-    assert!(matches!(
-        env.release(&d),
-        Err(ProvisionError::Driver(DriverError::Unsupported { .. }))
-    ));
+    assert!(d.fresh);
+    let marker = l.prov.storage().dir("env1").join("kept");
+    std::fs::write(&marker, b"state").unwrap();
+    env.release(&d).unwrap();
+    assert!(l.host.list().unwrap().is_empty(), "no group while saved");
+    assert!(l.prov.storage().exists("env1"));
+    let e = env.acquire(&l.req, VmMode::SaveRestore).unwrap();
+    assert!(e.fresh, "restored");
+    assert_eq!(l.host.list().unwrap().len(), 1);
+    assert_eq!(std::fs::read(&marker).unwrap(), b"state");
+    env.release(&e).unwrap();
+    env.shutdown();
     assert!(l.host.list().unwrap().is_empty());
     assert!(!l.prov.storage().exists("env1"));
 }
