@@ -37,9 +37,12 @@ where
 {
     let (out, writer) = writer(output);
     let job = read_job(&mut input);
+    // Once the part has ended, the node closing the pipe is no news.
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let end = match job {
         Ok(job) => {
             let (tx, rx) = mpsc::channel(64);
+            let over = ended.clone();
             std::thread::spawn(move || {
                 loop {
                     match read_frame::<ToWorker>(&mut input, MAX_JOB) {
@@ -49,7 +52,7 @@ where
                             }
                         }
                         Err(e) => {
-                            if watch {
+                            if watch && !over.load(std::sync::atomic::Ordering::SeqCst) {
                                 tracing::warn!(error = %e, "the worker's node is gone");
                                 std::process::exit(ORPHANED);
                             }
@@ -68,6 +71,7 @@ where
         }
         Err(e) => setup(format!("the worker's job: {e}")),
     };
+    ended.store(true, std::sync::atomic::Ordering::SeqCst);
     let sent = out.blocking_send(FromWorker::End(end)).is_ok();
     drop(out);
     match writer.join() {
