@@ -474,6 +474,18 @@ impl GuestRef {
         &self.name
     }
 
+    /// Who it is now: its name, the hypervisor's id for it, its driver, and the worker that
+    /// ran a part in it (`worker`).
+    pub(crate) fn identity(&self, worker: Option<u32>) -> crate::proto::GuestIdentity {
+        let driver = self.envs.driver();
+        crate::proto::GuestIdentity {
+            name: self.name.clone(),
+            id: driver.inspect(&self.name).ok().and_then(|g| g.id),
+            driver: driver.kind().to_owned(),
+            worker,
+        }
+    }
+
     /// Its count of processes killed for its memory limit, where the driver tells.
     pub(crate) fn oom_kills(&self) -> Option<u64> {
         self.envs.driver().oom_kills(&self.name)

@@ -328,7 +328,17 @@ pub(crate) fn summary(s: &JobStatus) -> String {
         } else {
             p.name.clone()
         };
-        out.push_str(&format!("  node {name}: {} vertices\n", p.vertices.len()));
+        let guest = p.guest.as_ref().map_or_else(String::new, |g| {
+            let id = g.id.map_or_else(String::new, |i| format!(" (id {i})"));
+            let worker = g
+                .worker
+                .map_or_else(String::new, |w| format!(", worker pid {w}"));
+            format!(", in {} guest {}{id}{worker}", g.driver, g.name)
+        });
+        out.push_str(&format!(
+            "  node {name}: {} vertices{guest}\n",
+            p.vertices.len()
+        ));
     }
     for t in &s.traffic {
         out.push_str(&format!(

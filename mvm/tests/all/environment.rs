@@ -438,6 +438,17 @@ fn a_part_in_a_guest_runs_in_a_worker_inside_its_control_groups_and_its_memory_l
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["outputs"], serde_json::json!([["v", "spun"]]), "{v}");
     assert!(!alive(worker), "the worker is gone");
+    // The part's report names its guest and worker: the group and process seen above.
+    let g0 = &v["parts"][0]["guest"];
+    assert_eq!(
+        (
+            g0["name"].as_str(),
+            g0["driver"].as_str(),
+            g0["worker"].as_u64()
+        ),
+        (Some(guest.as_str()), Some("host"), Some(u64::from(worker))),
+        "{v}"
+    );
 
     // A job over its guest's memory limit: its worker is killed, the part fails saying so,
     // and the node goes on.

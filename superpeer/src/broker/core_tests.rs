@@ -304,6 +304,7 @@ async fn a_report_that_comes_before_its_jobs_entry_waits_for_it() {
         job: job.clone(),
         attempt: 0,
         outcome: Ok(PartResult {
+            guest: None,
             outputs: vec![("v".into(), bytes::Bytes::from_static(b"slept\n"))],
             traffic: Vec::new(),
             edges: Vec::new(),

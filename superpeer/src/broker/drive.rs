@@ -452,6 +452,7 @@ fn part_end(label: impl FnOnce() -> String, peer: PeerId, r: PartReport) -> Comm
             traffic: res.traffic,
             edges: res.edges,
             received: res.received,
+            guest: res.guest,
             at_ms: now_ms(),
         },
         Err(f) => {

@@ -90,6 +90,7 @@ impl Plan {
             .iter()
             .enumerate()
             .map(|(i, p)| PartRecord {
+                guest: None,
                 node: *p,
                 vertices: self.vertices(t, i).map(|v| v.name.clone()).collect(),
                 done: false,

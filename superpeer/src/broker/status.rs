@@ -40,6 +40,7 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
                 name: names.get(&p.node).cloned().unwrap_or_default(),
                 vertices: p.vertices.clone(),
                 done: p.done,
+                guest: p.guest.clone(),
             })
             .collect(),
         outputs: j.outputs.clone(),

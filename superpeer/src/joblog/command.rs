@@ -50,6 +50,9 @@ pub enum Command {
         /// What each input port of its vertices took.
         #[serde(default)]
         received: Vec<PortTraffic>,
+        /// The guest it ran in.
+        #[serde(default)]
+        guest: Option<crate::proto::GuestIdentity>,
         /// When, milliseconds since the Unix epoch (the leader's clock).
         at_ms: u64,
     },

@@ -38,6 +38,9 @@ pub struct PartRecord {
     pub vertices: Vec<String>,
     /// Whether it has reported a good end.
     pub done: bool,
+    /// The guest it ran in, as its report said.
+    #[serde(default)]
+    pub guest: Option<crate::proto::GuestIdentity>,
 }
 
 /// Why a job ended other than well.

@@ -210,6 +210,7 @@ impl ControlState {
                 traffic,
                 edges,
                 received,
+                guest,
                 at_ms,
             } => {
                 let j = self.live(&job)?;
@@ -231,6 +232,7 @@ impl ControlState {
                     return Err(CommandError::Reported { job, node });
                 }
                 part.done = true;
+                part.guest = guest;
                 j.outputs.extend(outputs);
                 for t in traffic {
                     match j.traffic.iter_mut().find(|x| {

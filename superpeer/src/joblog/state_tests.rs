@@ -58,6 +58,7 @@ pub(super) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
 
 pub(super) fn part(node: PeerId, n: usize) -> PartRecord {
     PartRecord {
+        guest: None,
         node,
         vertices: (0..n).map(|i| format!("v{i}")).collect(),
         done: false,
@@ -96,6 +97,7 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
         Applied::Done
     );
     let done = |node| Command::PartDone {
+        guest: None,
         job: "j-1-1".into(),
         node,
         attempt: 0,
@@ -293,6 +295,7 @@ fn commands_that_do_not_fit_change_nothing() {
     ));
     assert!(matches!(
         s.apply(1, Command::PartDone {
+            guest: None,
             job: "z-1-0".into(),
             node: PeerId::random(),
             attempt: 0,
@@ -418,6 +421,7 @@ fn a_job_of_one_part_is_recorded_running_and_ended_in_one_entry() {
         ..job("a-1-0", 0, 0, vec![part(n, 2)])
     };
     let done = Command::PartDone {
+        guest: None,
         job: "a-1-0".into(),
         node: n,
         attempt: 0,

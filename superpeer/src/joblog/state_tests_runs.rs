@@ -20,6 +20,7 @@ fn a_run_given_up_waits_again_in_its_place_frees_its_slots_and_its_reports_are_r
     };
     assert_eq!(s.apply(2, start(20)), Applied::Done);
     let done = |node, attempt| Command::PartDone {
+        guest: None,
         job: "r-1-0".into(),
         node,
         attempt,
@@ -172,6 +173,7 @@ fn a_move_hands_a_running_part_and_its_slots_to_the_new_node_and_one_that_does_n
     assert_eq!(s.placed_on(&c).count(), 1);
     // The new node's report counts; the old one's is not a part's any more.
     let done = |node| Command::PartDone {
+        guest: None,
         job: id.clone(),
         node,
         attempt: 0,

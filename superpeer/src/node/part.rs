@@ -125,6 +125,8 @@ pub(super) struct Launch {
     pub(super) holds: Vec<Hold>,
     /// How many remote links its supervisor waits for.
     pub(super) expected: Arc<AtomicUsize>,
+    /// The guest it runs in, if any.
+    pub(super) guest: Option<crate::environment::GuestRef>,
 }
 
 /// What happens to the node's parts.

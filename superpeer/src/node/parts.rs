@@ -324,6 +324,7 @@ impl Parts {
         part.inputs = inputs;
         part.links = Some(links.clone());
         part.vertices = vertices;
+        let guest = env.as_ref().map(crate::environment::EnvLease::guest);
         part._env = env;
         let holds = marks
             .as_ref()
@@ -339,6 +340,7 @@ impl Parts {
             links_rx,
             holds,
             expected: part.expected.clone(),
+            guest,
         });
         let Stage::Preparing { reply, start } =
             std::mem::replace(&mut part.stage, Stage::Prepared(launch))

@@ -233,11 +233,14 @@ impl Node {
             prepared,
             links_rx,
             expected,
+            guest,
             ..
         } = launch;
         let supervisor = tasks.spawn(async move {
             let space = super::space(&job, attempt);
-            let outcome = node.supervise(&space, prepared, links_rx, &expected).await;
+            let outcome = node
+                .supervise(&space, prepared, links_rx, &expected, guest)
+                .await;
             Some(Input::Ended {
                 report: PartReport {
                     job,

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::parts::{Body, InGuest};
 use super::{LinkDone, LinkResult, Node};
+use crate::environment::GuestRef;
 use crate::proto::{EdgeTraffic, ErrorKind, PartResult, PortTraffic, Traffic, VertexFailure};
 use crate::worker::{QueueCount, WorkerReport};
 
@@ -26,6 +27,7 @@ impl Node {
         body: Body,
         mut links: mpsc::Receiver<LinkResult>,
         expected: &AtomicUsize,
+        guest: Option<GuestRef>,
     ) -> Result<PartResult, VertexFailure> {
         let waiting = |n: usize| n < expected.load(Ordering::Acquire);
         let start = Instant::now();
@@ -113,7 +115,9 @@ impl Node {
                 bytes: c.bytes,
             }));
         }
+        let guest = guest.map(|g| g.identity(report.worker));
         Ok(PartResult {
+            guest,
             edges,
             received,
             outputs: report
@@ -143,6 +147,8 @@ struct Ran {
     vertices: Vec<(String, Bytes, VertexCounts)>,
     /// What entered each queue, as a worker counted it (none: the node's own queues).
     queues: Option<Vec<QueueCount>>,
+    /// The worker's process id, when it ran in one.
+    worker: Option<u32>,
 }
 
 impl Ran {
@@ -154,6 +160,7 @@ impl Ran {
                 .map(|v| (v.vertex, v.stdout, v.counts))
                 .collect(),
             queues: None,
+            worker: None,
         }
     }
 
@@ -165,6 +172,7 @@ impl Ran {
                 .map(|v| (v.vertex, v.stdout, v.counts))
                 .collect(),
             queues: Some(r.queues),
+            worker: Some(r.pid),
         }
     }
 }

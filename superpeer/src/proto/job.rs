@@ -282,6 +282,10 @@ impl PartReport {
             check_len("traffic entries", res.traffic.len())?;
             check_len("edges", res.edges.len())?;
             check_len("ports", res.received.len())?;
+            if let Some(g) = &res.guest {
+                super::check::check_name("the guest's name", &g.name)?;
+                super::check::check_name("the guest's driver", &g.driver)?;
+            }
         }
         Ok(())
     }
@@ -302,6 +306,22 @@ pub struct PartResult {
     pub received: Vec<PortTraffic>,
     /// Wall time of the part, milliseconds.
     pub wall_ms: u64,
+    /// The guest it ran in, when its job named an image.
+    #[serde(default)]
+    pub guest: Option<GuestIdentity>,
+}
+
+/// The guest a part ran in, as its node knew it at the part's end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestIdentity {
+    /// The guest's name: the domain's with Xen, the control group's with the host driver.
+    pub name: String,
+    /// The hypervisor's id for it then (Xen's domid), where there is one.
+    pub id: Option<u32>,
+    /// The driver: `host` or `xen`.
+    pub driver: String,
+    /// The process id of the part's worker, when it ran in one.
+    pub worker: Option<u32>,
 }
 
 /// What one edge of a job's topology carried, as its sending vertex counted it: the items its
@@ -507,4 +527,7 @@ pub struct PartStatus {
     pub vertices: Vec<String>,
     /// Whether the part has ended.
     pub done: bool,
+    /// The guest it ran in (known once it has ended well), when its job named an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestIdentity>,
 }
