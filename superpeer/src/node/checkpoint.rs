@@ -50,7 +50,7 @@ pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failu
             for (_, d) in &marks.drains {
                 d.release();
             }
-            w.resume();
+            w.resume_now().await;
             return Ok((Hash::of(&blob), blob));
         }
     };
@@ -201,7 +201,7 @@ async fn freeze_worker(w: &WorkerControl, marks: &Marks, cut: u64) -> Result<Byt
     let drains = marks.drains.iter().map(|(_, d)| d);
     if let Err(m) = reach_after(&holds, drains, cut, w.outboxes_empty()).await {
         release(marks);
-        w.resume();
+        w.resume_now().await;
         return Err(failed(m));
     }
     let kept = |vertex: &str, port: &str| {
@@ -216,7 +216,7 @@ async fn freeze_worker(w: &WorkerControl, marks: &Marks, cut: u64) -> Result<Byt
         Ok(blob) => Ok(blob),
         Err(m) => {
             release(marks);
-            w.resume();
+            w.resume_now().await;
             Err(failed(m))
         }
     }

@@ -149,7 +149,16 @@ impl Control {
         }
     }
 
-    /// Lets the paused part go on, and the node's feeds with it.
+    /// Lets the paused part go on, and the node's feeds with it, before anything asked of
+    /// the worker later (the next checkpoint's pause).
+    pub(crate) async fn resume_now(&self) {
+        for f in &self.feeds {
+            let _ = f.send(FeedCmd::Thaw).await;
+        }
+        let _ = self.tx.send(ToWorker::Resume).await;
+    }
+
+    /// As [`Control::resume_now`], from code that cannot wait (a move given up).
     pub(crate) fn resume(&self) {
         let (feeds, tx) = (self.feeds.clone(), self.tx.clone());
         tokio::spawn(async move {
