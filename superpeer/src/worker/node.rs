@@ -159,14 +159,9 @@ impl Control {
     }
 
     /// As [`Control::resume_now`], from code that cannot wait (a move given up).
-    pub(crate) fn resume(&self) {
-        let (feeds, tx) = (self.feeds.clone(), self.tx.clone());
-        tokio::spawn(async move {
-            for f in &feeds {
-                let _ = f.send(FeedCmd::Thaw).await;
-            }
-            let _ = tx.send(ToWorker::Resume).await;
-        });
+    pub(crate) fn resume(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move { this.resume_now().await });
     }
 }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use mvm_component::runtime::checkpoint::{PartControl, PartImage, Paused};
@@ -38,7 +39,7 @@ where
     let (out, writer) = writer(output);
     let job = read_job(&mut input);
     // Once the part has ended, the node closing the pipe is no news.
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended = Arc::new(AtomicBool::new(false));
     let end = match job {
         Ok(job) => {
             let (tx, rx) = mpsc::channel(64);
@@ -52,7 +53,7 @@ where
                             }
                         }
                         Err(e) => {
-                            if watch && !over.load(std::sync::atomic::Ordering::SeqCst) {
+                            if watch && !over.load(Ordering::SeqCst) {
                                 tracing::warn!(error = %e, "the worker's node is gone");
                                 std::process::exit(ORPHANED);
                             }
@@ -71,7 +72,7 @@ where
         }
         Err(e) => setup(format!("the worker's job: {e}")),
     };
-    ended.store(true, std::sync::atomic::Ordering::SeqCst);
+    ended.store(true, Ordering::SeqCst);
     let sent = out.blocking_send(FromWorker::End(end)).is_ok();
     drop(out);
     match writer.join() {
@@ -239,21 +240,28 @@ async fn run_part(
         let link = part(link);
         drains.spawn(async move {
             let send = async |items: Vec<Bytes>| to.send(FromWorker::Items { link, items }).await;
+            // `items` topped up, up to a frame's worth, with what the output holds now.
+            let top_up = |mut items: Vec<Bytes>| {
+                while items.len() < BATCH {
+                    match o.receiver.try_recv() {
+                        Ok(i) => items.push(i),
+                        Err(_) => break,
+                    }
+                }
+                items
+            };
             loop {
                 let first = tokio::select! {
                     biased;
                     Some(ack) = asked.recv() => {
-                        let mut items = Vec::new();
-                        while let Ok(i) = o.receiver.try_recv() {
-                            items.push(i);
-                            if items.len() == BATCH
-                                && send(std::mem::take(&mut items)).await.is_err()
-                            {
+                        loop {
+                            let items = top_up(Vec::new());
+                            if items.is_empty() {
+                                break;
+                            }
+                            if send(items).await.is_err() {
                                 return;
                             }
-                        }
-                        if !items.is_empty() && send(items).await.is_err() {
-                            return;
                         }
                         let _ = ack.send(());
                         continue;
@@ -263,14 +271,7 @@ async fn run_part(
                         Err(_) => break,
                     },
                 };
-                let mut items = vec![first];
-                while items.len() < BATCH {
-                    match o.receiver.try_recv() {
-                        Ok(i) => items.push(i),
-                        Err(_) => break,
-                    }
-                }
-                if send(items).await.is_err() {
+                if send(top_up(vec![first])).await.is_err() {
                     return;
                 }
             }
@@ -413,21 +414,22 @@ async fn image(
         i.send(Cmd::Freeze(tx)).await;
         held.push(rx.await.unwrap_or_default());
     }
-    let mut image = paused.image();
-    let entries = |items: Vec<Bytes>| items.into_iter().map(|b| Entry::new(b, 0));
-    for (name, items) in names.iter().zip(held) {
-        if !items.is_empty() && !image.append(name, entries(items)) {
-            return Err(format!("the part has no queue {name}"));
-        }
-    }
+    // Each input's entries after its queue's: what it held, then what the node kept.
+    let mut after: Vec<Vec<Entry<Bytes>>> = held
+        .into_iter()
+        .map(|items| items.into_iter().map(|b| Entry::new(b, 0)).collect())
+        .collect();
     for (link, items) in extra {
-        let Some(name) = names.get(link as usize) else {
+        let Some(entries) = after.get_mut(link as usize) else {
             return Err(format!(
                 "the node named remote input {link}, which the part has not"
             ));
         };
-        let items = items.into_iter().map(|(b, p)| Entry::new(b, p));
-        if !image.append(name, items) {
+        entries.extend(items.into_iter().map(|(b, p)| Entry::new(b, p)));
+    }
+    let mut image = paused.image();
+    for (name, entries) in names.iter().zip(after) {
+        if !entries.is_empty() && !image.append(name, entries) {
             return Err(format!("the part has no queue {name}"));
         }
     }
