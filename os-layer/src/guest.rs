@@ -42,7 +42,7 @@ fn raw() -> String {
 }
 
 impl Nic {
-    /// Checks the bridge's name and the MAC address.
+    /// Checks the bridge's name, the MAC address and the script's name.
     ///
     /// # Errors
     /// What is wrong, in words.
@@ -69,6 +69,14 @@ impl Nic {
                 return Err(format!("'{mac}' is not a MAC address"));
             }
         }
+        if let Some(script) = &self.script
+            && !(plain(script)
+                && script
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c)))
+        {
+            return Err(format!("'{script}' is not a hotplug script's name or path"));
+        }
         Ok(())
     }
 }
@@ -82,6 +90,10 @@ pub struct Nic {
     /// Its MAC address (`xx:xx:xx:xx:xx:xx`); Xen picks one when absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The hotplug script that puts its backend on the bridge (a name in `/etc/xen/scripts`,
+    /// or a path); xl's default (`vif-bridge`) when absent.
+    #[serde(default)]
+    pub script: Option<String>,
 }
 
 /// Everything needed to create a guest's domain.
@@ -286,9 +298,15 @@ impl GuestSpec {
             let nics: Vec<String> = self
                 .nics
                 .iter()
-                .map(|n| match &n.mac {
-                    Some(mac) => quote(&format!("bridge={},mac={mac}", n.bridge)),
-                    None => quote(&format!("bridge={}", n.bridge)),
+                .map(|n| {
+                    let mut v = format!("bridge={}", n.bridge);
+                    if let Some(mac) = &n.mac {
+                        let _ = write!(v, ",mac={mac}");
+                    }
+                    if let Some(script) = &n.script {
+                        let _ = write!(v, ",script={script}");
+                    }
+                    quote(&v)
                 })
                 .collect();
             let _ = writeln!(s, "vif = [ {} ]", nics.join(", "));
@@ -358,6 +376,7 @@ mod tests {
         g.nics = vec![Nic {
             bridge: "xenbr0".into(),
             mac: Some("00:16:3e:00:00:01".into()),
+            script: Some("mvm-vif".into()),
         }];
         g.weight = Some(512);
         g.cap = Some(50);
@@ -373,7 +392,7 @@ mod tests {
             "{cfg}"
         );
         assert!(
-            cfg.contains(r#"vif = [ "bridge=xenbr0,mac=00:16:3e:00:00:01" ]"#),
+            cfg.contains(r#"vif = [ "bridge=xenbr0,mac=00:16:3e:00:00:01,script=mvm-vif" ]"#),
             "{cfg}"
         );
         assert!(cfg.contains("cpu_weight = 512\ncap = 50\n"), "{cfg}");
@@ -435,6 +454,7 @@ mod tests {
                     nics: vec![Nic {
                         bridge: "br0".into(),
                         mac: Some("zz".into()),
+                        script: None,
                     }],
                     ..pv()
                 },

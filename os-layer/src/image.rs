@@ -114,6 +114,10 @@ pub struct Metadata {
     pub cmdline: Option<String>,
     /// The drivers that can run it, e.g. `["xen", "host"]`.
     pub drivers: Vec<String>,
+    /// Its guest boots an MVM agent (`mvm agent`) that runs the parts of the jobs placed in
+    /// it (Xen): the node gives the guest an interface on its guest network.
+    #[serde(default)]
+    pub agent: bool,
     /// How the bytes are stored: `raw`, `qcow2`, or `raw+zstd` (decompressed at deploy).
     pub format: String,
 }
@@ -128,6 +132,7 @@ impl Metadata {
             kernel: None,
             ramdisk: None,
             cmdline: None,
+            agent: false,
             drivers: drivers.iter().map(|d| (*d).to_owned()).collect(),
             format: format.into(),
         }

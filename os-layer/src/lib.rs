@@ -3,6 +3,7 @@
 //! - [`driver`]: the guest lifecycle every driver offers; [`xen`] runs it through the real `xl`
 //!   toolstack, [`host`] on this host's control groups (the embedded default).
 //! - [`guest`]: a guest domain as a typed spec, checked, and its xl.cfg.
+//! - [`guestnet`]: the bridge a node's Xen guests reach it on, and their addresses.
 //! - [`image`]: the repository of execution-environment images with stable ids, verified by
 //!   digest (OpenCCS).
 //! - [`storage`]: a guest's disk, swap and boot files made from an image, and removed whole.
@@ -17,6 +18,7 @@
 pub mod bench;
 pub mod driver;
 pub mod guest;
+pub mod guestnet;
 pub mod host;
 pub mod image;
 pub mod liveness;

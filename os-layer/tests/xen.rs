@@ -116,6 +116,7 @@ impl Suite {
             kernel: None,
             ramdisk: None,
             cmdline: None,
+            agent: false,
             drivers: vec!["xen".into()],
             format: format.into(),
         };

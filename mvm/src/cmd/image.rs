@@ -55,6 +55,10 @@ enum Which {
         /// The kernel command line it needs.
         #[arg(long)]
         cmdline: Option<String>,
+        /// Its guest boots an MVM agent (`mvm agent`) that runs the job parts placed in it
+        /// (Xen); the node gives the guest an interface on its guest network.
+        #[arg(long)]
+        agent: bool,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -118,6 +122,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             kernel,
             ramdisk,
             cmdline,
+            agent,
             out,
         } => {
             let (n, v) = name
@@ -139,6 +144,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 kernel: canon(kernel)?,
                 ramdisk: canon(ramdisk)?,
                 cmdline,
+                agent,
                 drivers,
                 format,
             };
