@@ -93,6 +93,9 @@ enum Command {
     /// job on stdin, its end on stdout); not for people.
     #[command(hide = true)]
     Worker,
+    /// The MVM agent of a guest that is a domain of its own (Xen), started by its image's
+    /// init: runs the parts its node sends in workers inside the guest.
+    Agent(cmd::daemon::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,7 +119,11 @@ fn main() -> ExitCode {
         .init();
     if !matches!(
         cli.command,
-        Command::Lab(_) | Command::Node(_) | Command::Superpeer(_) | Command::Worker
+        Command::Lab(_)
+            | Command::Node(_)
+            | Command::Superpeer(_)
+            | Command::Worker
+            | Command::Agent(_)
     ) {
         // A command whose output is piped into one that stops reading (`mvm status -o json |
         // head`) ends quietly, as Unix tools do, instead of panicking on the closed pipe. Not
@@ -146,6 +153,7 @@ fn main() -> ExitCode {
         Command::Topology(args) => cmd::topology::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Worker => cmd::daemon::worker(),
+        Command::Agent(args) => cmd::daemon::agent(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,9 +6,11 @@
 //! instantiated; the guest is released (kept, saved, or torn down) when the job's part ends,
 //! however it ends. A job that names no image, or the image `host`, runs on the host as it is.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use mvm_os::guestnet::{GuestNet, NetError};
 use mvm_os::host::HostDriver;
 use mvm_os::image::{ImageError, ImageId, Repository};
 use mvm_os::liveness::{Died, Monitor};
@@ -20,6 +22,7 @@ use mvm_os::{Driver, DriverError};
 
 use crate::proto::{EnvSpec, JobId};
 use crate::worker::WorkerCommand;
+use crate::worker::agent::{AGENT_PORT, AgentAddr};
 
 /// Why a node's OS layer cannot be opened, or a job's environment acquired.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,15 @@ pub enum EnvError {
     /// Every guest kept for this environment serves another job.
     #[error("every guest slot of this environment is in use")]
     InUse,
+    /// The guest network cannot give a guest with an agent its interface.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// An image whose guest runs an agent, on a node without a guest network.
+    #[error("image {0} boots an MVM agent, and this node has no guest network for it (Xen)")]
+    NoNet(String),
+    /// A guest's key cannot be made.
+    #[error("a key for guest {0}: {1}")]
+    Key(String, std::io::Error),
 }
 
 /// Which guest driver a node uses.
@@ -69,6 +81,12 @@ pub struct OsConfig {
     pub worker: Option<WorkerCommand>,
     /// Guests kept warm, per template (`mvm node --pool FILE`).
     pub pools: Vec<Pool>,
+    /// The network of the guests whose image runs an MVM agent (Xen): a bridge, and the
+    /// node's address on it with the prefix length (`10.213.0.1/24`).
+    pub guest_net: Option<(String, String)>,
+    /// The node's name: its guests' names are made from it too, so that nodes sharing a host
+    /// (a dom0, a control-group hierarchy) never name two guests alike.
+    pub node: String,
 }
 
 /// The node's environments, built from an [`OsConfig`].
@@ -82,6 +100,12 @@ pub(crate) struct NodeOs {
     deaths: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Died>>>,
     /// Guests made ahead of the jobs that name their template.
     warm: Arc<Warm>,
+    /// The network of the guests with agents, and whether its bridge is set up.
+    net: Option<(GuestNet, parking_lot::Mutex<bool>)>,
+    /// The agent of each guest made with one, by guest name.
+    agents: parking_lot::Mutex<HashMap<String, AgentAddr>>,
+    /// The node's name (see [`OsConfig::node`]).
+    node: String,
 }
 
 /// A node's warm guests: per template, guests made and left idle until a job that names the
@@ -125,6 +149,12 @@ impl NodeOs {
             DriverKind::Host { cgroup } => Arc::new(HostDriver::new(cgroup)),
             DriverKind::Xen => Arc::new(XenDriver::new(XenConfig::new(c.dir.join("xen")))?),
         };
+        let net = match (&c.driver, &c.guest_net) {
+            (DriverKind::Xen, Some((bridge, cidr))) => {
+                Some((GuestNet::new(bridge, cidr)?, parking_lot::Mutex::new(false)))
+            }
+            _ => None,
+        };
         let repo = Repository::open(c.dir.join("images"))?;
         let storage = Storage::new(c.dir.join("guests"))?;
         let prov = Arc::new(Provisioner::new(driver, repo.clone(), storage));
@@ -151,7 +181,53 @@ impl NodeOs {
                 pools: parking_lot::Mutex::new(pools),
                 wake: tokio::sync::Notify::new(),
             }),
+            net,
+            agents: parking_lot::Mutex::new(HashMap::new()),
+            node: c.node.clone(),
         })
+    }
+
+    /// `req` for a guest whose image runs an MVM agent: an interface on the guest network, and
+    /// the guest's address and key on its kernel command line (after the image's own); the
+    /// agent is recorded by the guest's name. Other requests are returned as they are. A guest
+    /// asked for again (kept between jobs) keeps its address and key.
+    fn with_agent(&self, mut req: GuestRequest) -> Result<GuestRequest, EnvError> {
+        let image = self.repo.get(&req.storage.image)?;
+        if !image.metadata.agent {
+            return Ok(req);
+        }
+        let Some((net, ready)) = &self.net else {
+            return Err(EnvError::NoNet(req.storage.image.to_string()));
+        };
+        {
+            let mut ready = ready.lock();
+            if !*ready {
+                net.ensure()?;
+                *ready = true;
+            }
+        }
+        let driver = self.envs.driver();
+        let addr = net.assign(&req.name, |g| driver.inspect(g).is_ok())?;
+        let mut agents = self.agents.lock();
+        let key = match agents.get(&req.name) {
+            Some(a) if a.addr.ip() == addr => a.key.clone(),
+            _ => crate::worker::agent::new_key().map_err(|e| EnvError::Key(req.name.clone(), e))?,
+        };
+        let base = req.cmdline.clone().or(image.metadata.cmdline.clone());
+        let words = format!("{} mvm.key={key}", net.boot_args(addr));
+        req.cmdline = Some(match base {
+            Some(b) if !b.trim().is_empty() => format!("{} {words}", b.trim()),
+            _ => words,
+        });
+        req.nics.push(net.nic(addr));
+        agents.insert(
+            req.name.clone(),
+            AgentAddr {
+                addr: std::net::SocketAddr::from((addr, AGENT_PORT)),
+                key,
+            },
+        );
+        Ok(req)
     }
 
     /// The warm guests free now: template shape key → how many.
@@ -193,9 +269,12 @@ impl NodeOs {
                 });
                 while p.free.len() + make.iter().filter(|(j, ..)| *j == i).count() < p.want as usize
                 {
-                    let name = format!("mvm-w{}-{}", p.key, p.made);
+                    let name = format!("mvm-w{}-{}{}", p.key, short(&self.node), p.made);
                     p.made += 1;
-                    match self.request(&name, &p.template.shape) {
+                    match self
+                        .request(&name, &p.template.shape)
+                        .and_then(|r| self.with_agent(r))
+                    {
                         Ok(req) => {
                             p.failing = None;
                             make.push((i, name, req));
@@ -334,6 +413,7 @@ impl NodeOs {
         {
             let got = self
                 .request(&name, &shape)
+                .and_then(|r| self.with_agent(r))
                 .and_then(|r| self.envs.acquire(&r, mode).map_err(EnvError::from));
             match got {
                 Ok(lease) => warm = Some(lease),
@@ -348,20 +428,26 @@ impl NodeOs {
             (Some(lease), _) => lease,
             // One guest per job.
             (None, VmMode::StopStart) => {
-                let req = self.request(&format!("mvm-{}", short(job.as_str())), &shape)?;
-                self.envs.acquire(&req, mode)?
+                let req = self.request(
+                    &format!("mvm-{}", short(&format!("{}/{job}", self.node))),
+                    &shape,
+                )?;
+                self.envs.acquire(&self.with_agent(req)?, mode)?
             }
             // Guests kept between jobs are named after what they are, so the next job with the
             // same needs finds them; a second job at once takes the next slot.
             (None, VmMode::Persistent | VmMode::SaveRestore) => {
                 let probe = self.request("mvm-probe", &shape)?;
-                let kept = short(&format!("{}-{key}-{mode:?}", probe.storage.image.digest));
+                let kept = short(&format!(
+                    "{}/{}-{key}-{mode:?}",
+                    self.node, probe.storage.image.digest
+                ));
                 let mut got = Err(EnvError::InUse);
                 for slot in 0..16 {
-                    let req = GuestRequest {
+                    let req = self.with_agent(GuestRequest {
                         name: format!("mvm-{kept}-{slot}"),
                         ..probe.clone()
-                    };
+                    })?;
                     match self.envs.acquire(&req, mode) {
                         Err(ProvisionError::Driver(DriverError::Exists(_))) => {}
                         other => {
@@ -376,6 +462,7 @@ impl NodeOs {
         tracing::info!(%job, guest = %lease.name, fresh = lease.fresh, from_pool, ?mode, "environment ready");
         self.monitor.watch(&lease.name);
         Ok(EnvLease {
+            agent: self.agents.lock().get(&lease.name).cloned(),
             envs: self.envs.clone(),
             monitor: self.monitor.clone(),
             warm: from_pool.then(|| (self.warm.clone(), key)),
@@ -432,6 +519,8 @@ pub(crate) struct EnvLease {
     /// The pool the guest came from, and its template's key, when it was a warm guest.
     warm: Option<(Arc<Warm>, String)>,
     lease: Option<Lease>,
+    /// The guest's agent, when its image runs one.
+    agent: Option<AgentAddr>,
 }
 
 impl EnvLease {
@@ -445,6 +534,11 @@ impl EnvLease {
                 .map(|l| l.name.clone())
                 .unwrap_or_default(),
         }
+    }
+
+    /// The guest's agent, when its image runs one (a part then runs in a worker it starts).
+    pub(crate) fn agent(&self) -> Option<&AgentAddr> {
+        self.agent.as_ref()
     }
 
     /// Where a process joins the guest, when the guest is a group of this host's processes
@@ -475,15 +569,25 @@ impl GuestRef {
     }
 
     /// Who it is now: its name, the hypervisor's id for it, its driver, and the worker that
-    /// ran a part in it (`worker`).
-    pub(crate) fn identity(&self, worker: Option<u32>) -> crate::proto::GuestIdentity {
+    /// ran a part in it (`worker`: its process id and its kernel's boot id).
+    pub(crate) fn identity(
+        &self,
+        worker: Option<(u32, Option<String>)>,
+    ) -> crate::proto::GuestIdentity {
         let driver = self.envs.driver();
+        let (worker, boot_id) = worker.map_or((None, None), |(p, b)| (Some(p), b));
         crate::proto::GuestIdentity {
             name: self.name.clone(),
             id: driver.inspect(&self.name).ok().and_then(|g| g.id),
             driver: driver.kind().to_owned(),
             worker,
+            boot_id,
         }
+    }
+
+    /// Its state now, if the driver knows it.
+    pub(crate) fn state(&self) -> Option<mvm_os::State> {
+        self.envs.driver().inspect(&self.name).ok().map(|g| g.state)
     }
 
     /// Its count of processes killed for its memory limit, where the driver tells.

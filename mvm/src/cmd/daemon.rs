@@ -78,6 +78,16 @@ pub(crate) struct Common {
     /// made, and the broker sends such jobs to nodes that have one first. Needs `--os-dir`.
     #[arg(long, value_name = "FILE", requires = "os_dir")]
     pool: Option<PathBuf>,
+    /// With the Xen driver: the node's address and prefix length on the bridge of its guests
+    /// whose image runs an MVM agent (`mvm image import --agent`). The node makes the bridge
+    /// when it needs it, gives each such guest an address on it (on the guest's kernel command
+    /// line) and an interface through the `mvm-vif` hotplug script (`scripts/xen/vif` in
+    /// `/etc/xen/scripts`), and runs the job's parts in workers its agent starts.
+    #[arg(long, default_value = "10.213.0.1/24", value_name = "ADDR/LEN")]
+    guest_net: String,
+    /// The bridge of `--guest-net`.
+    #[arg(long, default_value = "mvmbr0", value_name = "NAME")]
+    guest_bridge: String,
     /// Carry remote channels over direct links when the other node does too: plain TCP that
     /// the vertices read and write themselves (lowest latency), agreed over libp2p with a
     /// one-time token. Not encrypted: for trusted networks. Without it, over libp2p streams.
@@ -235,17 +245,12 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         )));
     }
     // A part in a guest of the host driver runs in a worker: this program, `mvm worker`.
-    let worker = std::env::current_exe()
-        .map(|program| mvm_superpeer::worker::WorkerCommand {
-            program,
-            args: vec!["worker".into()],
-        })
-        .map_err(|e| {
-            Failure::failed(anyhow::anyhow!("cannot find this program for workers: {e}"))
-        })?;
+    let worker = worker_command()?;
     config.os = c.os_dir.map(|dir| mvm_superpeer::environment::OsConfig {
         pools,
         worker: Some(worker),
+        guest_net: Some((c.guest_bridge, c.guest_net)),
+        node: creds.principal.name.clone(),
         driver: match c.driver {
             DriverArg::Host => mvm_superpeer::environment::DriverKind::Host { cgroup: c.cgroup },
             DriverArg::Xen => mvm_superpeer::environment::DriverKind::Xen,
@@ -287,6 +292,81 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         daemon.run(shutdown_signal()).await;
         Ok(())
     })
+}
+
+/// How this program starts a worker: itself, `mvm worker`.
+fn worker_command() -> Result<mvm_superpeer::worker::WorkerCommand, Failure> {
+    std::env::current_exe()
+        .map(|program| mvm_superpeer::worker::WorkerCommand {
+            program,
+            args: vec!["worker".into()],
+        })
+        .map_err(|e| Failure::failed(anyhow::anyhow!("cannot find this program for workers: {e}")))
+}
+
+/// Arguments of `mvm agent`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AgentArgs {
+    /// Where to listen; default: the address the kernel command line gives (`mvm.ip=ADDR/LEN`),
+    /// port 7047.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// A file holding the guest's key; default: the kernel command line's `mvm.key=KEY`.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
+/// `mvm agent`: the MVM agent of a guest that is a domain of its own, started by its image's
+/// init; starts a worker for each part its node sends (see `mvm_superpeer::worker::agent`).
+pub(crate) fn agent(args: AgentArgs) -> Result<(), Failure> {
+    use mvm_superpeer::worker::agent::{AGENT_PORT, serve_agent};
+
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let word = |name: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_owned)
+    };
+    let listen = match args.listen {
+        Some(a) => a,
+        None => {
+            let ip = word("mvm.ip=").ok_or_else(|| {
+                Failure::input(anyhow::anyhow!(
+                    "no --listen, and the kernel command line has no mvm.ip=ADDR/LEN"
+                ))
+            })?;
+            let addr = ip.split('/').next().unwrap_or_default();
+            let addr: std::net::IpAddr = addr.parse().map_err(|_| {
+                Failure::input(anyhow::anyhow!(
+                    "the kernel command line's mvm.ip={ip}: not an address"
+                ))
+            })?;
+            std::net::SocketAddr::new(addr, AGENT_PORT)
+        }
+    };
+    let key = match &args.key_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| Failure::input(anyhow::anyhow!("{}: {e}", f.display())))?
+            .trim()
+            .to_owned(),
+        None => word("mvm.key=").ok_or_else(|| {
+            Failure::input(anyhow::anyhow!(
+                "no --key-file, and the kernel command line has no mvm.key=KEY"
+            ))
+        })?,
+    };
+    if key.len() < 16 {
+        return Err(Failure::input(anyhow::anyhow!(
+            "the guest's key is {} characters: at least 16",
+            key.len()
+        )));
+    }
+    let worker = worker_command()?;
+    let listener = std::net::TcpListener::bind(listen)
+        .map_err(|e| Failure::failed(anyhow::anyhow!("cannot listen on {listen}: {e}")))?;
+    serve_agent(listener, &key, &worker)
+        .map_err(|e| Failure::failed(anyhow::anyhow!("the agent on {listen}: {e}")))
 }
 
 /// `mvm worker`: runs one part of a job for the node that started this process, inside the

@@ -1,6 +1,7 @@
 //! The `mvm` crate's integration tests, in one binary: the workspace layering, the CLI, `mvm run` on
 //! the examples, and labs of daemon processes on loopback.
 
+mod agent;
 mod cli;
 mod environment;
 mod groups;

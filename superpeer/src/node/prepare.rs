@@ -16,7 +16,20 @@ use super::parts::{Body, Control, InGuest, InputKey, Marks, Ready};
 use crate::environment::EnvLease;
 use crate::proto::ErrorKind;
 use crate::proto::{Failure, FailureKind, Hash, NodeRequest, PartSpec, Request, Response};
-use crate::worker::{Started, WorkerJob};
+use crate::worker::agent::AgentAddr;
+use crate::worker::{Started, WorkerCommand, WorkerJob};
+
+/// How long a guest just made has for its agent to answer (its boot): under the test suite's
+/// emulated Xen a boot takes seconds; within the broker's wait for a prepare.
+const AGENT_BOOT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// How a part's worker is started.
+enum Launch<'a> {
+    /// As a child of the node, joining these control groups.
+    Child(&'a WorkerCommand, Vec<std::path::PathBuf>),
+    /// By the guest's agent.
+    Agent(AgentAddr),
+}
 
 impl Node {
     /// Prepares a part: parses its topology, checks it against the node's policy, fetches and
@@ -291,11 +304,18 @@ impl Node {
         env: Option<&EnvLease>,
         modules: &HashMap<String, mvm_component::runtime::Module>,
     ) -> Result<Option<(InGuest, Vec<RemoteInput>)>, Failure> {
-        let (Some(env), Some(command)) = (env, self.os.as_ref().and_then(|o| o.worker())) else {
+        let Some(env) = env else {
             return Ok(None);
         };
-        let Some(join) = env.join_files() else {
-            return Ok(None);
+        // Where the worker starts: through the guest's agent (a domain of its own), or as a
+        // child of the node in the guest's control groups (the host driver).
+        let how = match (env.agent(), self.os.as_ref().and_then(|o| o.worker())) {
+            (Some(agent), _) => Launch::Agent(agent.clone()),
+            (None, Some(command)) => match env.join_files() {
+                Some(join) => Launch::Child(command, join),
+                None => return Ok(None),
+            },
+            (None, None) => return Ok(None),
         };
         let restore = match &spec.restore {
             Some(hash) => Some(self.fetch_checkpoint(from, spec, hash).await?),
@@ -328,17 +348,31 @@ impl Node {
             max_memory_bytes,
             restore,
         };
-        let (started, (inputs, outputs)) =
-            Started::start(command, &job, env.guest(), &join, &self.queues)
-                .await
-                .map_err(|f| {
-                    let kind = match f.kind {
-                        ErrorKind::Refused => FailureKind::Refused,
-                        ErrorKind::Setup => FailureKind::Input,
-                        _ => FailureKind::Failed,
-                    };
-                    Failure::new(kind, f.cause)
-                })?;
+        let started = match how {
+            Launch::Child(command, join) => {
+                Started::start(command, &job, env.guest(), &join, &self.queues).await
+            }
+            Launch::Agent(agent) => {
+                // A guest just made is booting: its agent answers once it is up.
+                crate::worker::agent::ready(&agent, AGENT_BOOT)
+                    .await
+                    .map_err(|e| {
+                        Failure::new(
+                            FailureKind::Failed,
+                            format!("guest {}: {e}", env.guest().name()),
+                        )
+                    })?;
+                Started::start_in_agent(&agent, &job, env.guest(), &self.queues).await
+            }
+        };
+        let (started, (inputs, outputs)) = started.map_err(|f| {
+            let kind = match f.kind {
+                ErrorKind::Refused => FailureKind::Refused,
+                ErrorKind::Setup => FailureKind::Input,
+                _ => FailureKind::Failed,
+            };
+            Failure::new(kind, f.cause)
+        })?;
         let w = InGuest {
             started,
             remote_outputs: outputs,

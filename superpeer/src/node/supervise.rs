@@ -147,8 +147,8 @@ struct Ran {
     vertices: Vec<(String, Bytes, VertexCounts)>,
     /// What entered each queue, as a worker counted it (none: the node's own queues).
     queues: Option<Vec<QueueCount>>,
-    /// The worker's process id, when it ran in one.
-    worker: Option<u32>,
+    /// The worker's process id and its kernel's boot id, when it ran in one.
+    worker: Option<(u32, Option<String>)>,
 }
 
 impl Ran {
@@ -172,7 +172,7 @@ impl Ran {
                 .map(|v| (v.vertex, v.stdout, v.counts))
                 .collect(),
             queues: Some(r.queues),
-            worker: Some(r.pid),
+            worker: Some((r.pid, r.boot_id)),
         }
     }
 }

@@ -322,6 +322,9 @@ pub struct GuestIdentity {
     pub driver: String,
     /// The process id of the part's worker, when it ran in one.
     pub worker: Option<u32>,
+    /// The boot id of the kernel that worker ran under: a Xen guest's own, not its node's.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 /// What one edge of a job's topology carried, as its sending vertex counted it: the items its

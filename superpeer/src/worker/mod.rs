@@ -40,6 +40,7 @@
 //!
 //! A part restored from a checkpoint gets the blob with its job ([`WorkerJob::restore`]).
 
+pub mod agent;
 mod node;
 mod part;
 
@@ -200,6 +201,10 @@ pub struct WorkerReport {
     pub queues: Vec<QueueCount>,
     /// The worker's process id.
     pub pid: u32,
+    /// The boot id of the kernel the worker ran under (`/proc/sys/kernel/random/boot_id`): a
+    /// guest that is a domain of its own has its own.
+    #[serde(default)]
+    pub boot_id: Option<String>,
 }
 
 /// One vertex: its output and what it moved.

@@ -9,10 +9,11 @@ use std::process::Stdio;
 use bytes::Bytes;
 use mvm_component::runtime::{RemoteInput, RemoteOutput};
 use mvm_queue::queue::{Config as QueueConfig, Queue, Receiver, Sender};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
+use super::agent::AgentAddr;
 use super::{
     BATCH, Carries, FromWorker, MAX_END, MAX_JOB, ToWorker, WINDOW, WorkerCommand, WorkerEnd,
     WorkerJob, WorkerReport, batch, frame, parse, too_long,
@@ -31,11 +32,24 @@ use tokio::sync::{Semaphore, oneshot};
 /// Messages waiting for the writer to the worker at most.
 const QUEUED: usize = 1024;
 
+/// The node's end of the exchange with a worker: the worker's stdin and stdout, or a
+/// connection to it through its guest's agent.
+type ToIt = Box<dyn AsyncWrite + Send + Unpin>;
+type FromIt = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+
+/// Where a worker runs.
+enum Proc {
+    /// A child of the node, in its guest's control groups.
+    Child(Child),
+    /// Started in its guest (a domain of its own) by the guest's agent at this address.
+    Agent(std::net::SocketAddr),
+}
+
 /// A worker started and its part prepared, waiting for the part's start.
 pub(crate) struct Started {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    proc: Proc,
+    stdin: ToIt,
+    stdout: FromIt,
     pid: u32,
     guest: GuestRef,
     oom_before: Option<u64>,
@@ -210,11 +224,6 @@ impl Started {
         queues: &Controller,
     ) -> Result<(Started, Links), VertexFailure> {
         let name = guest.name().to_owned();
-        let setup = |cause: String| VertexFailure {
-            vertex: String::new(),
-            cause,
-            kind: ErrorKind::Setup,
-        };
         let mut cmd = tokio::process::Command::new(&command.program);
         cmd.args(&command.args)
             .stdin(Stdio::piped())
@@ -223,7 +232,6 @@ impl Started {
             .kill_on_drop(true);
         mvm_os::host::join_on_exec(cmd.as_std_mut(), join)
             .map_err(|e| setup(format!("cannot place a worker in guest {name}: {e}")))?;
-        let body = frame(job, MAX_JOB).map_err(|e| setup(e.to_string()))?;
         let oom_before = guest.oom_kills();
         let mut child = cmd.spawn().map_err(|e| {
             setup(format!(
@@ -232,10 +240,60 @@ impl Started {
             ))
         })?;
         let pid = child.id().unwrap_or(0);
-        let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(setup("a worker without pipes".into()));
         };
-        let mut stdout = BufReader::new(stdout);
+        let ends = (
+            Box::new(stdin) as ToIt,
+            BufReader::new(Box::new(stdout) as Box<dyn AsyncRead + Send + Unpin>),
+        );
+        Self::begin(
+            Proc::Child(child),
+            ends,
+            pid,
+            oom_before,
+            job,
+            guest,
+            queues,
+        )
+        .await
+    }
+
+    /// Has the agent of `guest` (a domain of its own), at `agent`, start a worker, hands it
+    /// `job`, and waits for its part to be prepared, as [`Started::start`].
+    pub(crate) async fn start_in_agent(
+        agent: &AgentAddr,
+        job: &WorkerJob,
+        guest: GuestRef,
+        queues: &Controller,
+    ) -> Result<(Started, Links), VertexFailure> {
+        let (conn, pid) = super::agent::hello(agent, true).await.map_err(|e| {
+            setup(format!(
+                "cannot start a worker through the agent of guest {} at {}: {e}",
+                guest.name(),
+                agent.addr
+            ))
+        })?;
+        let (r, w) = conn.into_split();
+        let ends = (
+            Box::new(w) as ToIt,
+            BufReader::new(Box::new(r) as Box<dyn AsyncRead + Send + Unpin>),
+        );
+        let proc = Proc::Agent(agent.addr);
+        Self::begin(proc, ends, pid.unwrap_or(0), None, job, guest, queues).await
+    }
+
+    /// Hands `job` to the worker just started, and waits for its part's links.
+    async fn begin(
+        mut proc: Proc,
+        (mut stdin, mut stdout): (ToIt, FromIt),
+        pid: u32,
+        oom_before: Option<u64>,
+        job: &WorkerJob,
+        guest: GuestRef,
+        queues: &Controller,
+    ) -> Result<(Started, Links), VertexFailure> {
+        let body = frame(job, MAX_JOB).map_err(|e| setup(e.to_string()))?;
         let sent = async {
             stdin.write_all(&body).await?;
             stdin.flush().await
@@ -245,11 +303,7 @@ impl Started {
             Ok(FromWorker::Links { inputs, outputs }) => (inputs, outputs),
             Ok(FromWorker::End(WorkerEnd::Failed(f))) => return Err(f),
             Ok(other) => return Err(setup(format!("a worker began with {other:?}"))),
-            Err(e) => {
-                let status = child.wait().await;
-                let oom = matches!((oom_before, guest.oom_kills()), (Some(a), Some(b)) if b > a);
-                return Err(died(pid, &name, status, oom, &e));
-            }
+            Err(e) => return Err(proc.died(pid, &guest, oom_before, &e).await),
         };
         // Links name other parts of the job, never this one.
         let parts = job.placement.iter().max().map_or(0, |&m| m + 1);
@@ -306,7 +360,7 @@ impl Started {
             answers: Mutex::new(Answers::default()),
         });
         let started = Started {
-            child,
+            proc,
             stdin,
             stdout,
             pid,
@@ -329,7 +383,7 @@ impl Started {
     /// failed.
     pub(crate) async fn run(self) -> Result<WorkerReport, VertexFailure> {
         let Started {
-            mut child,
+            mut proc,
             mut stdin,
             mut stdout,
             pid,
@@ -403,13 +457,74 @@ impl Started {
         };
         feeds.abort_all();
         drop(stdin);
-        let status = child.wait().await;
         match end {
-            Ok(WorkerEnd::Done(report)) => Ok(report),
-            Ok(WorkerEnd::Failed(f)) => Err(f),
-            Err(e) => {
+            Ok(end) => {
+                if let Proc::Child(child) = &mut proc {
+                    let _ = child.wait().await;
+                }
+                match end {
+                    WorkerEnd::Done(report) => Ok(report),
+                    WorkerEnd::Failed(f) => Err(f),
+                }
+            }
+            Err(e) => Err(proc.died(pid, &guest, oom_before, &e).await),
+        }
+    }
+}
+
+fn setup(cause: String) -> VertexFailure {
+    VertexFailure {
+        vertex: String::new(),
+        cause,
+        kind: ErrorKind::Setup,
+    }
+}
+
+impl Proc {
+    /// The failure of a worker whose exchange broke off (`read`) before its end: how its
+    /// process ended, or, through an agent, whether its guest is still there.
+    async fn died(
+        &mut self,
+        pid: u32,
+        guest: &GuestRef,
+        oom_before: Option<u64>,
+        read: &io::Error,
+    ) -> VertexFailure {
+        match self {
+            Proc::Child(child) => {
+                let status = child.wait().await;
                 let oom = matches!((oom_before, guest.oom_kills()), (Some(a), Some(b)) if b > a);
-                Err(died(pid, guest.name(), status, oom, &e))
+                died(pid, guest.name(), status, oom, read)
+            }
+            Proc::Agent(addr) => {
+                let g = guest.clone();
+                let state = tokio::task::spawn_blocking(move || g.state())
+                    .await
+                    .ok()
+                    .flatten();
+                match state {
+                    Some(s) if s.is_alive() || s == mvm_os::State::Paused => VertexFailure {
+                        vertex: String::new(),
+                        cause: format!(
+                            "the part's worker (pid {pid}) in guest {}, through its agent at {addr}, broke off without its report ({read})",
+                            guest.name()
+                        ),
+                        kind: ErrorKind::Other,
+                    },
+                    // The guest went: as the liveness monitor says it.
+                    gone => VertexFailure {
+                        vertex: String::new(),
+                        cause: format!(
+                            "its guest {} died behind the node's back: {}",
+                            guest.name(),
+                            gone.map_or_else(
+                                || "it vanished".to_owned(),
+                                |s| format!("it was {s:?}")
+                            )
+                        ),
+                        kind: ErrorKind::Lost,
+                    },
+                }
             }
         }
     }

@@ -309,6 +309,9 @@ async fn run_part(
             })
             .collect(),
         pid: std::process::id(),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned()),
     })
 }
 
