@@ -5,6 +5,7 @@ mod chaos;
 mod checkpoint;
 mod labjob;
 mod mpi;
+mod pn;
 mod recovery;
 mod scale;
 mod shares;
@@ -117,11 +118,27 @@ enum Which {
         out: OutputArg,
     },
     /// Inside a Xen dom0: a guest's create-to-running time through MVM's Xen driver beside plain
-    /// `xl create` of the same xl.cfg (scripts/xen-suite runs it under QEMU).
+    /// `xl create` of the same xl.cfg (`--kernel`); or, through a lab's broker and its Xen
+    /// nodes, GridWay's throughput P(n) = n / T(n) of short jobs on the host and in guests of an
+    /// image in each VM mode, with the fitted asymptotic rate and half-performance length
+    /// (`--throughput IMAGE`). scripts/xen-suite runs both under QEMU.
     Xen {
         /// The guest kernel (PV).
-        #[arg(long)]
-        kernel: std::path::PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "throughput",
+            conflicts_with = "throughput"
+        )]
+        kernel: Option<std::path::PathBuf>,
+        /// Measure P(n) with guests of this image (`name:version`, offered by the lab's Xen
+        /// nodes), through the broker.
+        #[arg(long, value_name = "IMAGE")]
+        throughput: Option<String>,
+        /// Jobs per mode for `--throughput`.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        jobs: u32,
+        #[command(flatten)]
+        broker: crate::cmd::job::BrokerArg,
         /// The guest's ramdisk.
         #[arg(long)]
         ramdisk: Option<std::path::PathBuf>,
@@ -440,12 +457,20 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         }
         Which::Xen {
             kernel,
+            throughput,
+            jobs,
+            broker,
             ramdisk,
             memory_mib,
             runs,
             state_dir,
             out,
         } => {
+            let Some(kernel) = kernel else {
+                let image = throughput.unwrap_or_default();
+                let t = pn::run(&broker, &image, memory_mib, jobs, &state_dir.join("pn"))?;
+                return print(&t, out.output, pn::text);
+            };
             for f in std::iter::once(&kernel).chain(ramdisk.as_ref()) {
                 if !f.is_file() {
                     return Err(Failure::input(anyhow::anyhow!(
