@@ -69,6 +69,8 @@ pub struct DaemonConfig {
     /// agreed over libp2p with a one-time token; see [`crate::links`]) when the other node
     /// does too; otherwise over libp2p streams (encrypted). For trusted networks.
     pub direct_links: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`; see [`crate::metrics`]).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -92,6 +94,7 @@ impl Default for DaemonConfig {
             state_dir: None,
             replicas: Vec::new(),
             direct_links: false,
+            metrics: None,
         }
     }
 }
@@ -136,6 +139,14 @@ pub enum DaemonError {
     /// The job log cannot be opened or started.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The metrics listener cannot be bound.
+    #[error("cannot serve metrics on {addr}: {error}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The direct-link listener cannot be bound.
     #[error("cannot listen for direct links on {ip}: {error}")]
     Links {
@@ -154,6 +165,8 @@ pub struct Daemon {
     peers: Vec<String>,
     /// The job log's directory when none was given (removed with the daemon).
     _scratch: Option<tempfile::TempDir>,
+    /// The metrics listener, when it serves metrics.
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -299,6 +312,14 @@ impl Daemon {
             links,
             superpeer,
         ));
+        let metrics = match config.metrics {
+            Some(addr) => Some(
+                crate::metrics::bind(addr)
+                    .await
+                    .map_err(|error| DaemonError::Metrics { addr, error })?,
+            ),
+            None => None,
+        };
         let router = Arc::new(Router { site, node, broker });
         let local: Arc<dyn Local> = router.clone();
         router.site.route_to(Arc::downgrade(&local));
@@ -307,7 +328,13 @@ impl Daemon {
             inbound,
             peers: config.peers,
             _scratch: scratch,
+            metrics,
         })
+    }
+
+    /// Where it serves metrics, when it does.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The daemon's peer id.
@@ -345,6 +372,13 @@ impl Daemon {
         }
         if let Some(b) = &router.broker {
             background.spawn(b.clone().run(std::mem::take(&mut self.peers)));
+        }
+        if let Some(listener) = self.metrics.take() {
+            let registry = crate::metrics::registry(crate::metrics::Sources {
+                node: node.clone(),
+                broker: router.broker.clone(),
+            });
+            background.spawn(crate::metrics::serve(listener, Arc::new(registry)));
         }
         let follower = node.clone();
         background.spawn(crate::policy::sync(site.clone(), move || {

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod environment;
 pub mod joblog;
 mod links;
+mod metrics;
 pub mod modules;
 pub mod net;
 mod node;

@@ -57,6 +57,11 @@ pub(crate) struct Common {
     /// Where compiled modules are cached (default: ~/.cache/mvm/modules).
     #[arg(long, env = "MVM_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`, plain HTTP: for a trusted
+    /// monitoring network): a super-peer's jobs by state and leadership, a node's queues of
+    /// running jobs and warm guests.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Another group's super-peer, `/…/p2p/PEER` (repeatable): as super-peer, exchange group
     /// summaries with it and forward it jobs this group cannot place.
     #[arg(long = "peer", value_name = "MULTIADDR")]
@@ -267,6 +272,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
     config.cache_dir = c.cache_dir.or_else(crate::cmd::run::default_cache_dir);
     config.module_dir = Some(dir.join("modules"));
     config.state_dir = Some(dir.clone());
+    config.metrics = c.metrics;
     config.net = NetConfig {
         listen,
         ..NetConfig::default()
@@ -286,6 +292,9 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
             .collect();
         let addrs = addrs.join("\n");
         println!("{addrs}");
+        if let Some(m) = daemon.metrics_addr() {
+            tracing::info!("metrics on http://{m}/metrics");
+        }
         if let Some(f) = &c.addr_file {
             write_atomic(f, &format!("{addrs}\n"))?;
         }

@@ -127,6 +127,9 @@ pub(crate) struct LabInfo {
     /// the leader changed).
     #[serde(default)]
     pub(crate) members: Vec<String>,
+    /// Where each daemon serves its Prometheus metrics, by name (`http://…/metrics`).
+    #[serde(default)]
+    pub(crate) metrics: std::collections::BTreeMap<String, String>,
 }
 
 /// The default lab directory.
@@ -311,6 +314,13 @@ impl Lab {
         let quic = net.transport == Transport::Quic;
         let mut replicas = Vec::new();
         let mut daemons = Vec::new();
+        // Every daemon serves its metrics on a port of its own.
+        let mut metrics = std::collections::BTreeMap::new();
+        let mut metrics_at = |name: &str| -> Result<String, Failure> {
+            let at = format!("127.0.0.1:{}", free_port(false)?);
+            metrics.insert(name.to_owned(), format!("http://{at}/metrics"));
+            Ok(at)
+        };
         for i in 0..superpeers {
             let name = superpeer_name(i);
             let creds = Credentials::load(&dir.join(&name), &[])
@@ -326,7 +336,16 @@ impl Lab {
         }
         for (name, listen, _) in &replicas {
             let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));
-            let mut args = vec!["superpeer", "--name", name, "--listen", listen];
+            let at = metrics_at(name)?;
+            let mut args = vec![
+                "superpeer",
+                "--name",
+                name,
+                "--listen",
+                listen,
+                "--metrics",
+                at.as_str(),
+            ];
             if net.transport == Transport::Both {
                 args.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
             }
@@ -363,7 +382,8 @@ impl Lab {
         for i in 0..nodes {
             let name = format!("node{i}");
             let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));
-            let mut args = vec!["node", "--name", name.as_str()];
+            let at = metrics_at(&name)?;
+            let mut args = vec!["node", "--name", name.as_str(), "--metrics", at.as_str()];
             for a in &sp_addrs {
                 args.extend(["--bootstrap", a.as_str()]);
             }
@@ -431,6 +451,7 @@ impl Lab {
             superpeers: sp_addrs,
             daemons,
             members,
+            metrics,
         };
         let text = serde_json::to_string_pretty(&info).map_err(Failure::failed)?;
         crate::cmd::daemon::write_atomic(&dir.join("lab.json"), &text)?;
@@ -714,7 +735,8 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
             } else {
                 "node"
             };
-            serde_json::json!({"name": name, "peer": peer, "pid": pid, "role": role})
+            let metrics = info.metrics.get(name).cloned();
+            serde_json::json!({"name": name, "peer": peer, "pid": pid, "role": role, "metrics": metrics})
         })
         .collect();
     let mut v = serde_json::to_value(&g).map_err(Failure::failed)?;

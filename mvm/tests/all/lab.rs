@@ -913,3 +913,106 @@ fn one_part_jobs_end_the_same_within_the_nodes_hold_and_after_it() {
         "{v}"
     );
 }
+
+/// `GET path` from `url`'s host (`http://ADDR/…`): the status line and the body.
+fn http_get(url: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|u| u.split('/').next())
+        .expect("an http URL");
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    c.read_to_string(&mut text).expect("response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The value of the first sample of `metric` whose line contains every one of `having`.
+fn sample(text: &str, metric: &str, having: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .find(|l| having.iter().all(|h| l.contains(h)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_labs_daemons_serve_prometheus_metrics_of_jobs_and_of_running_queues() {
+    let lab = Lab::up(2);
+    let st = json(&lab.mvm(&["lab", "status", "-o", "json"]));
+    let daemons = st["daemons"].as_array().expect("daemons");
+    let url = |role: &str| -> Vec<String> {
+        daemons
+            .iter()
+            .filter(|d| d["role"] == role)
+            .map(|d| d["metrics"].as_str().expect("a metrics address").to_owned())
+            .collect()
+    };
+    let (leader, replicas, nodes) = (url("leader"), url("replica"), url("node"));
+    assert_eq!(
+        (leader.len(), replicas.len(), nodes.len()),
+        (1, 2, 2),
+        "{st}"
+    );
+
+    // A running pipeline's queues on its nodes, counting on between scrapes.
+    let p = lab.pipeline("metered", 50_000_000, 2, "");
+    let v = json(&lab.mvm(&["submit", p.to_str().expect("utf-8"), "-o", "json"]));
+    let job = v["job"].as_str().expect("id").to_owned();
+    wait_state(&lab, &job, |s| s == "running", Duration::from_secs(60));
+    let label = format!("job=\"{job}");
+    let items = |url: &str| {
+        let (status, text) = http_get(url, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        text.lines()
+            .filter(|l| l.starts_with("mvm_queue_items_in") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first: f64 = loop {
+        let n: f64 = nodes.iter().map(|u| items(u)).sum();
+        if n > 0.0 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "no queue of {job} counted items");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let later: f64 = nodes.iter().map(|u| items(u)).sum();
+    assert!(
+        later > first,
+        "items in {job}'s queues: {first}, then {later}"
+    );
+    let (_, text) = http_get(&nodes[0], "/metrics");
+    assert!(
+        text.contains("# TYPE mvm_queue_depth gauge") && text.ends_with("# EOF\n"),
+        "{text}"
+    );
+    let out = lab.mvm(&["cancel", &job]);
+    assert!(out.status.success(), "{out:?}");
+
+    // The leader counts the job by state; only the leader leads.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = http_get(&leader[0], "/metrics");
+        if sample(&text, "mvm_jobs", &["state=\"cancelled\""]) == Some(1.0) {
+            assert_eq!(sample(&text, "mvm_log_leader", &[]), Some(1.0), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader's jobs: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for r in &replicas {
+        let (_, text) = http_get(r, "/metrics");
+        assert_eq!(sample(&text, "mvm_log_leader", &[]), Some(0.0), "{text}");
+    }
+    // Only /metrics is served.
+    let (status, _) = http_get(&nodes[0], "/other");
+    assert!(status.contains("404"), "{status}");
+}
