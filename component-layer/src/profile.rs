@@ -114,7 +114,13 @@ pub struct LimitSpec {
     pub cpu: Option<String>,
     /// Wall time per vertex.
     pub wall: Option<String>,
+    /// Log lines kept per vertex (stdout, stderr, `mvm.log`; the newest), e.g. `"256KiB"`:
+    /// what `mvm logs` shows of a job. At most [`MAX_LOG_BYTES`].
+    pub logs: Option<String>,
 }
+
+/// The most bytes of log lines a job may keep per vertex.
+pub const MAX_LOG_BYTES: u64 = 16 << 20;
 
 /// What a node must offer (GridWay-style requirements and rank; read by the broker).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +316,12 @@ impl Profile {
             l.wall =
                 Some(parse_duration(w).ok_or_else(|| bad("wall", "a duration (e.g. \"60s\")", w))?);
         }
+        if let Some(k) = &self.limits.logs {
+            let bytes = parse_size(k)
+                .filter(|b| *b <= MAX_LOG_BYTES)
+                .ok_or_else(|| bad("logs", "a size of at most 16MiB (e.g. \"256KiB\")", k))?;
+            l.log_bytes = usize::try_from(bytes).map_err(|_| bad("logs", "a smaller size", k))?;
+        }
         Ok(l)
     }
 
@@ -350,6 +362,33 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_bound_is_read_and_a_bad_one_names_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "name = \"x\"\ntopology = \"t.dot\"\n[components]\n[limits]\n";
+        let p = write(dir.path(), "a.toml", &format!("{base}logs = \"256KiB\"\n"));
+        let (prof, src) = Profile::load(&p).expect("valid");
+        assert_eq!(
+            prof.limits("a.toml", &src).expect("valid").log_bytes,
+            256 << 10
+        );
+        let p = write(dir.path(), "d.toml", base);
+        let (prof, src) = Profile::load(&p).expect("valid");
+        let l = prof.limits("d.toml", &src).expect("valid");
+        assert_eq!(l.log_bytes, crate::runtime::logs::DEFAULT_BOUND);
+        for bad in ["\"1GiB\"", "\"lots\""] {
+            let p = write(
+                dir.path(),
+                "b.toml",
+                &format!("{base}wall = \"1s\"\nlogs = {bad}\n"),
+            );
+            let (prof, src) = Profile::load(&p).expect("parses");
+            let e = prof.limits("b.toml", &src).expect_err(bad);
+            assert_eq!((e.file.as_str(), e.line), ("b.toml", 6), "{e}");
+            assert!(e.message.contains("limits.logs"), "{e}");
+        }
+    }
 
     #[test]
     fn checkpoints_are_read_and_checked() {

@@ -66,6 +66,9 @@ enum Command {
     Status(cmd::job::StatusArgs),
     /// Cancel a job.
     Cancel(cmd::job::CancelArgs),
+    /// What a job's vertices wrote (stdout, stderr, `mvm.log`), kept also when it failed;
+    /// `--follow` prints lines as they are written.
+    Logs(cmd::logs::LogsArgs),
     /// Take a checkpoint of a running job now (its profile must ask for checkpoints).
     Checkpoint(cmd::job::CancelArgs),
     /// Move a part of a running job to another node while it runs (live migration; its
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),
         Command::Cancel(args) => cmd::job::cancel(args),
+        Command::Logs(args) => cmd::logs::logs(args),
         Command::Checkpoint(args) => cmd::job::checkpoint(args),
         Command::Migrate(args) => cmd::job::migrate(args),
         Command::Hold(args) => cmd::job::hold(args, true),

@@ -89,6 +89,7 @@ fn jobs<'a>(
             memory_bytes: 4 << 20,
             cpu: None,
             wall: Some(Duration::from_secs(600)),
+            ..Limits::default()
         },
         owner: None,
     };

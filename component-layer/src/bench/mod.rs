@@ -70,6 +70,7 @@ async fn run_job(
             memory_bytes: 2 << 20,
             cpu: None,
             wall: Some(Duration::from_secs(300)),
+            ..Limits::default()
         },
         owner: None,
     };

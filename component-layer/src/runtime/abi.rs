@@ -16,7 +16,8 @@
 //!
 //! Items arrive in the base format of the channel's codec: transforms such as `zstd` are
 //! applied and removed by the node. WASI preview 1 gives stdout, stderr, args, environment and
-//! clocks.
+//! clocks. stdout, stderr and `mvm.log` messages go line by line into the part's log book
+//! ([`super::logs`]); stdout is the vertex's result too.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 use super::checkpoint;
 use super::checkpoint::image::{Count, VertexCounts};
+use super::logs::LogStream;
 
 /// An input port: the queue it receives from, its codec, and an item kept back for a larger
 /// buffer.
@@ -76,6 +78,8 @@ pub(crate) struct VertexIo {
     pub(crate) pause: Option<Arc<super::checkpoint::pause::PauseCtl>>,
     /// The length of the job's prefix (`JOB/`) in its queues' names.
     pub(crate) prefix: usize,
+    /// Its place in its part's log book.
+    pub(crate) log: Option<super::logs::VertexLog>,
 }
 
 impl VertexIo {
@@ -561,13 +565,24 @@ pub(crate) fn add_to_linker(
     pausable: bool,
 ) -> wasmtime::Result<()> {
     wasmtime_wasi::p1::add_to_linker_async(linker, |s: &mut VertexState| {
-        let (stdout, vertex) = (&s.stdout, &s.io.vertex);
+        let (stdout, io) = (&s.stdout, &s.io);
         s.wasi.get_or_insert_with(|| {
-            wasmtime_wasi::WasiCtxBuilder::new()
-                .stdout(stdout.clone())
-                .inherit_stderr()
-                .args(&[vertex.as_str()])
-                .build_p1()
+            let mut b = wasmtime_wasi::WasiCtxBuilder::new();
+            match &io.log {
+                Some(log) => {
+                    let tee = |pipe, stream| super::logs::Tee {
+                        pipe,
+                        log: log.clone(),
+                        stream,
+                    };
+                    b.stdout(tee(Some(stdout.clone()), LogStream::Stdout))
+                        .stderr(tee(None, LogStream::Stderr));
+                }
+                None => {
+                    b.stdout(stdout.clone()).inherit_stderr();
+                }
+            }
+            b.args(&[io.vertex.as_str()]).build_p1()
         })
     })?;
     if pausable {
@@ -634,12 +649,23 @@ pub(crate) fn add_to_linker(
         |mut caller: Caller<'_, VertexState>, level: i32, p: i32, l: i32| -> wasmtime::Result<()> {
             let msg = read(&mut caller, p, l, "mvm.log")?;
             let msg = String::from_utf8_lossy(&msg);
-            let vertex = caller.data().io.vertex.clone();
+            let io = caller.data().io.clone();
+            let vertex = &io.vertex;
+            let name = match level {
+                0 => "error",
+                1 => "warn",
+                2 => "info",
+                _ => "debug",
+            };
             match level {
                 0 => tracing::error!(%vertex, "{msg}"),
                 1 => tracing::warn!(%vertex, "{msg}"),
                 2 => tracing::info!(%vertex, "{msg}"),
                 _ => tracing::debug!(%vertex, "{msg}"),
+            }
+            if let Some(log) = &io.log {
+                log.book
+                    .line(log.slot, LogStream::Log, format!("{name}: {msg}"));
             }
             Ok(())
         },

@@ -11,6 +11,7 @@ pub mod abi;
 pub mod cache;
 pub mod checkpoint;
 mod dedicated;
+pub mod logs;
 mod ticker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -83,6 +84,8 @@ pub struct Limits {
     pub cpu: Option<Duration>,
     /// Wall time per vertex.
     pub wall: Option<Duration>,
+    /// Bytes of log lines kept per vertex until they are shipped ([`logs::LogBook`]).
+    pub log_bytes: usize,
 }
 
 impl Default for Limits {
@@ -91,6 +94,7 @@ impl Default for Limits {
             memory_bytes: 16 << 20,
             cpu: None,
             wall: None,
+            log_bytes: logs::DEFAULT_BOUND,
         }
     }
 }
@@ -412,7 +416,7 @@ impl Runtime {
         policy: &dyn PolicyHook,
     ) -> Result<JobReport, JobError> {
         let here = vec![0; job.topology.vertices.len()];
-        let prepared = self.prepare(job, queues, policy, &here, 0)?;
+        let prepared = self.prepare_echo(job, queues, policy, &here, 0, true)?;
         let result = prepared.run().await;
         let stats = queues.destroy_job(&job.id);
         result.map(|report| JobReport {
@@ -439,6 +443,19 @@ impl Runtime {
         policy: &dyn PolicyHook,
         placement: &[usize],
         here: usize,
+    ) -> Result<Prepared, JobError> {
+        self.prepare_echo(job, queues, policy, placement, here, false)
+    }
+
+    /// As [`Runtime::prepare`]; with `echo`, the vertices' stderr goes to this process's too.
+    fn prepare_echo(
+        &self,
+        job: &JobSpec<'_>,
+        queues: &Controller,
+        policy: &dyn PolicyHook,
+        placement: &[usize],
+        here: usize,
+        echo: bool,
     ) -> Result<Prepared, JobError> {
         let t = job.topology;
         if placement.len() != t.vertices.len() {
@@ -502,6 +519,20 @@ impl Runtime {
                         l.io.pause = Some(c.ctl.clone());
                     }
                 }
+                let book = logs::LogBook::new(
+                    vertices
+                        .iter()
+                        .map(|l| t.vertices[l.v].name.clone())
+                        .collect(),
+                    job.limits.log_bytes,
+                    echo,
+                );
+                for (slot, l) in vertices.iter_mut().enumerate() {
+                    l.io.log = Some(logs::VertexLog {
+                        book: book.clone(),
+                        slot,
+                    });
+                }
                 Ok(Prepared {
                     inner: self.inner.clone(),
                     names: t.vertices.iter().map(|v| v.name.clone()).collect(),
@@ -511,6 +542,7 @@ impl Runtime {
                     remote_inputs,
                     remote_outputs,
                     control,
+                    logs: book,
                 })
             }
             Err(e) => {
@@ -571,6 +603,8 @@ pub struct Prepared {
     pub remote_outputs: Vec<RemoteOutput>,
     /// It has links with other parts, and they are not known to be direct.
     stream_links: bool,
+    /// What its vertices write, line by line.
+    logs: Arc<logs::LogBook>,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -587,6 +621,12 @@ impl Prepared {
     /// The local vertices, in topology order.
     pub fn vertices(&self) -> impl Iterator<Item = &str> {
         self.vertices.iter().map(|l| self.names[l.v].as_str())
+    }
+
+    /// What its vertices write while they run (stdout, stderr, `mvm.log`), line by line: take
+    /// the lines from it as they come; the unfinished last ones are ended when the part ends.
+    pub fn logs(&self) -> Arc<logs::LogBook> {
+        self.logs.clone()
     }
 
     /// What pauses this part and reads its state, when every module of it was made
@@ -654,6 +694,8 @@ impl Prepared {
             };
             l.from = Some(vi.clone());
         }
+        // Its vertices' lines before were numbered where it ran then.
+        self.logs.start_epoch(logs::now_ms());
         for (q, qi) in queues {
             q.requeue(
                 qi.items
@@ -691,6 +733,14 @@ impl Prepared {
     /// # Errors
     /// The first vertex that failed; the other local vertices are cancelled.
     pub async fn run(self) -> Result<JobReport, JobError> {
+        let logs = self.logs.clone();
+        let r = self.run_vertices().await;
+        logs.finish();
+        r
+    }
+
+    /// As [`Prepared::run`], before the vertices' unfinished lines are ended.
+    async fn run_vertices(self) -> Result<JobReport, JobError> {
         let start = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         let mut tasks = HashMap::new();
@@ -978,6 +1028,7 @@ fn wire(
                 inputs: abi::Ports(inputs),
                 outputs: abi::Ports(outputs),
                 pause: None,
+                log: None,
                 prefix: job.id.len() + 1,
             },
         ));

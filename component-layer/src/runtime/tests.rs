@@ -83,6 +83,7 @@ pub(crate) fn spec_of<'a>(
             memory_bytes: 1 << 20,
             cpu: None,
             wall: Some(Duration::from_secs(60)),
+            ..Limits::default()
         },
         owner: None,
     }
@@ -173,6 +174,7 @@ fn limits() -> Limits {
         memory_bytes: 1 << 20,
         cpu: None,
         wall: Some(Duration::from_secs(20)),
+        ..Limits::default()
     }
 }
 

@@ -10,6 +10,7 @@ pub(crate) mod env;
 pub(crate) mod image;
 pub(crate) mod job;
 pub(crate) mod lab;
+pub(crate) mod logs;
 pub(crate) mod policy;
 pub(crate) mod run;
 pub(crate) mod topology;

@@ -20,12 +20,12 @@ fn mvm(dir: &Path, args: &[&str]) -> Output {
 }
 
 /// A lab in a temporary directory, brought down on drop.
-struct Lab {
-    dir: tempfile::TempDir,
+pub(crate) struct Lab {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Lab {
-    fn up(nodes: u32) -> Lab {
+    pub(crate) fn up(nodes: u32) -> Lab {
         let dir = tempfile::tempdir().expect("tempdir");
         let v = json(&mvm(
             dir.path(),
@@ -35,7 +35,7 @@ impl Lab {
         Lab { dir }
     }
 
-    fn mvm(&self, args: &[&str]) -> Output {
+    pub(crate) fn mvm(&self, args: &[&str]) -> Output {
         mvm(self.dir.path(), args)
     }
 
@@ -59,7 +59,7 @@ impl Lab {
     }
 
     /// Writes a profile into the lab's directory, with paths made absolute.
-    fn profile(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn profile(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         let text = text.replace("ROOT", &root().display().to_string());
         std::fs::write(&p, text).expect("write profile");
@@ -80,12 +80,12 @@ fn alive(pid: u32) -> bool {
             .unwrap_or(false)
 }
 
-fn status(lab: &Lab, job: &str) -> serde_json::Value {
+pub(crate) fn status(lab: &Lab, job: &str) -> serde_json::Value {
     let v = json(&lab.mvm(&["status", job, "-o", "json"]));
     v.as_array().expect("list")[0].clone()
 }
 
-fn wait_state(
+pub(crate) fn wait_state(
     lab: &Lab,
     job: &str,
     pred: impl Fn(&str) -> bool,

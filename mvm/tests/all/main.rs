@@ -7,6 +7,7 @@ mod environment;
 mod groups;
 mod lab;
 mod layering;
+mod logs;
 mod netns;
 mod policy;
 mod run;

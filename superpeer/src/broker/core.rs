@@ -85,6 +85,14 @@ pub(super) enum Input {
         peer: PeerId,
         report: Box<PartReport>,
     },
+    /// A node ships lines its part of run `attempt` of `job` wrote.
+    Logs {
+        reply: Reply,
+        peer: PeerId,
+        job: JobId,
+        attempt: u32,
+        lines: Vec<crate::proto::LogLine>,
+    },
     /// Someone asks what the group looks like.
     Group { reply: Reply },
     /// Another group's summary, heard from its super-peer (already checked).
@@ -369,6 +377,13 @@ impl Core {
                 peer,
                 report,
             } => self.report(&mut out, peer, *report, reply),
+            Input::Logs {
+                reply,
+                peer,
+                job,
+                attempt,
+                lines,
+            } => self.logs(&mut out, peer, job, attempt, lines, reply),
             Input::Group { reply } => {
                 let g = self.group(now);
                 out.push(Effect::Reply(reply, Response::Group(g)));

@@ -311,6 +311,7 @@ async fn a_report_that_comes_before_its_jobs_entry_waits_for_it() {
             received: Vec::new(),
             wall_ms: 1,
         }),
+        logs: Vec::new(),
     };
     let waiting = b.on(Input::Report {
         reply,

@@ -218,6 +218,7 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
             job: id.clone(),
             attempt: 0,
             outcome: Ok(PartResult::default()),
+            logs: Vec::new(),
         }),
     });
     assert!(early.is_empty(), "it waits for the move");

@@ -85,6 +85,7 @@ async fn a_run_given_up_goes_on_from_the_newest_checkpoint_whose_blobs_are_here_
                 cause: format!("a channel from {lost} broke"),
                 kind: ErrorKind::Lost,
             }),
+            logs: Vec::new(),
         }),
     });
     let told = sends(b.settle(effects).await);

@@ -397,7 +397,7 @@ impl Core {
         reply: Reply,
     ) {
         // A report from either end of a part that moves waits for the move's end.
-        let Some((r, reply)) = self.report_moving(peer, r, reply) else {
+        let Some((mut r, reply)) = self.report_moving(peer, r, reply) else {
             return;
         };
         if let Some(d) = self.drives.get_mut(&r.job)
@@ -406,6 +406,9 @@ impl Core {
             d.early.push((peer, r, reply));
             return;
         }
+        // What its vertices wrote last is kept whatever the report leads to.
+        let lines = std::mem::take(&mut r.logs);
+        self.report_logs(out, &r.job, r.attempt, lines);
         let known = self.log.read(|s| match s.job(&r.job) {
             None => Err(Failure::new(
                 FailureKind::NotFound,

@@ -44,6 +44,7 @@ mod drain;
 mod drive;
 mod forward;
 mod group;
+mod logs;
 mod members;
 mod migrate;
 mod place;
@@ -305,6 +306,12 @@ impl Broker {
                 }
             }
             ClientRequest::PolicyReload => crate::policy::reload(&self.site, who),
+            ClientRequest::Logs {
+                job,
+                after,
+                since_ms,
+                vertex,
+            } => self.read_logs(who, &job, &after, since_ms, vertex.as_deref()),
         }
     }
 
@@ -364,6 +371,20 @@ impl Broker {
                     reply,
                     peer,
                     report,
+                })
+                .await
+            }
+            NodeRequest::Logs {
+                job,
+                attempt,
+                lines,
+            } => {
+                self.ask(|reply| Input::Logs {
+                    reply,
+                    peer,
+                    job,
+                    attempt,
+                    lines,
                 })
                 .await
             }

@@ -181,6 +181,8 @@ impl Core {
             checkpoint: s.checkpoint,
             checkpoints: Vec::new(),
             moves: Vec::new(),
+            log_bytes: s.limits.log_bytes.unwrap_or(0),
+            logs: Vec::new(),
         };
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,

@@ -7,7 +7,8 @@ use libp2p::{Multiaddr, PeerId};
 use crate::net::{Net, NetConfig, split_peer};
 use crate::pki::Credentials;
 use crate::proto::{
-    ClientRequest, Failure, FailureKind, GroupInfo, Hash, JobId, JobStatus, Request, Response,
+    ClientRequest, Failure, FailureKind, GroupInfo, Hash, JobId, JobLogs, JobStatus, LogCursor,
+    Request, Response,
 };
 
 mod profile;
@@ -217,6 +218,32 @@ impl Client {
             .await?
         {
             Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The lines of `job`'s logs after `after` (each run's and vertex's last line the caller
+    /// has), written since `since_ms`, of `vertex` or of every vertex.
+    ///
+    /// # Errors
+    /// No such job, the policy's refusal, or the broker unreachable.
+    pub async fn logs(
+        &self,
+        job: &JobId,
+        after: Vec<LogCursor>,
+        since_ms: Option<u64>,
+        vertex: Option<String>,
+    ) -> Result<JobLogs, Failure> {
+        match self
+            .call(ClientRequest::Logs {
+                job: job.clone(),
+                after,
+                since_ms,
+                vertex,
+            })
+            .await?
+        {
+            Response::Logs(l) => Ok(*l),
             other => Err(unexpected(&other)),
         }
     }

@@ -109,6 +109,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 memory_bytes: Some(limits.memory_bytes as u64),
                 cpu_ms: limits.cpu.map(ms),
                 wall_ms: limits.wall.map(ms),
+                log_bytes: Some(limits.log_bytes as u64),
             },
             requirements: Requirements {
                 image: r.image.clone(),

@@ -5,6 +5,8 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
 use super::state::{Ended, JobRecord, PartRecord};
+use mvm_component::runtime::logs::LogLine;
+
 use crate::proto::{CheckpointInfo, EdgeTraffic, JobId, JobState, MoveInfo, PortTraffic, Traffic};
 
 /// A change to the control state: one entry of the job log.
@@ -108,6 +110,17 @@ pub enum Command {
         /// Held or released.
         held: bool,
     },
+    /// Lines a part's vertices wrote (stdout, stderr, `mvm.log`), kept with the job up to its
+    /// bound per vertex, the newest. Taken also after the job ended (a part stopped because
+    /// another failed ships what it still held); does not change the job's version.
+    Logs {
+        /// The job.
+        job: JobId,
+        /// The run the part belongs to.
+        attempt: u32,
+        /// The lines, each vertex's in order.
+        lines: Vec<LogLine>,
+    },
     /// Commands proposed at once, applied in order as one entry (each as it would be alone).
     Batch(Vec<Command>),
 }
@@ -124,6 +137,7 @@ impl Command {
             | Command::Checkpoint { job, .. }
             | Command::Move { job, .. }
             | Command::End { job, .. }
+            | Command::Logs { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
             Command::Drain { .. } => Vec::new(),

@@ -1,8 +1,11 @@
 //! What the job log records of each job: its record, its parts, how it ended, and what it
 //! holds.
 
+use std::collections::VecDeque;
+
 use libp2p::PeerId;
 use mvm_component::policy::Principal;
+use mvm_component::runtime::logs::{DEFAULT_BOUND, LogLine};
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{
@@ -143,6 +146,69 @@ pub struct JobRecord {
     /// The index of the log entry that last changed it (set by [`ControlState::apply`]).
     #[serde(default)]
     pub version: u64,
+    /// Bytes of log lines kept per vertex and run (0: the runtime's default).
+    #[serde(default)]
+    pub log_bytes: u64,
+    /// The lines its vertices wrote, per run and vertex: the newest, up to `log_bytes` each.
+    #[serde(default)]
+    pub logs: Vec<VertexLogs>,
+}
+
+/// The lines one vertex wrote in one run of its job, as the job log keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VertexLogs {
+    /// The run.
+    pub attempt: u32,
+    /// The vertex.
+    pub vertex: String,
+    /// Its lines, by number (the oldest dropped past the bound).
+    pub lines: VecDeque<LogLine>,
+    /// What they weigh ([`LogLine::weight`]).
+    pub bytes: u64,
+}
+
+impl JobRecord {
+    /// Keeps `lines` of run `attempt`: each in its vertex's place by number (a line already
+    /// kept is not kept twice), then the oldest of each vertex dropped past the bound.
+    pub(super) fn keep_logs(&mut self, attempt: u32, lines: Vec<LogLine>) {
+        let bound = if self.log_bytes == 0 {
+            DEFAULT_BOUND as u64
+        } else {
+            self.log_bytes
+        };
+        for line in lines {
+            let at = match self
+                .logs
+                .iter()
+                .position(|v| v.attempt == attempt && v.vertex == line.vertex)
+            {
+                Some(i) => i,
+                None => {
+                    self.logs.push(VertexLogs {
+                        attempt,
+                        vertex: line.vertex.clone(),
+                        ..VertexLogs::default()
+                    });
+                    self.logs.len() - 1
+                }
+            };
+            let v = &mut self.logs[at];
+            // Lines come in order; a late one (an earlier shipment recorded after) is put in
+            // its place.
+            let place = v.lines.partition_point(|l| l.seq < line.seq);
+            if v.lines.get(place).is_some_and(|l| l.seq == line.seq) {
+                continue;
+            }
+            v.bytes += line.weight() as u64;
+            v.lines.insert(place, line);
+            while v.bytes > bound {
+                match v.lines.pop_front() {
+                    Some(old) => v.bytes -= old.weight() as u64,
+                    None => break,
+                }
+            }
+        }
+    }
 }
 
 impl JobRecord {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::proto::{JobId, JobState, MoveInfo, Restart};
 
 pub use super::command::{Applied, Command, CommandError};
-pub use super::record::{Ended, JobRecord, PartRecord, Resources, now_ms};
+pub use super::record::{Ended, JobRecord, PartRecord, Resources, VertexLogs, now_ms};
 
 /// How many ended jobs the log remembers; the oldest are forgotten first.
 pub const KEEP_ENDED: usize = 10_000;
@@ -108,7 +108,11 @@ impl ControlState {
             }
             c => c,
         };
-        let job = command.jobs().first().map(|j| (*j).clone());
+        // Lines of its logs are no change of the job's (waiters are not woken for them).
+        let job = match &command {
+            Command::Logs { .. } => None,
+            c => c.jobs().first().map(|j| (*j).clone()),
+        };
         match self.try_apply(command) {
             Ok(()) => {
                 if let Some(j) = job.and_then(|id| self.jobs.get_mut(&id)) {
@@ -262,6 +266,25 @@ impl ControlState {
                 Ok(())
             }
             Command::End { job, state, ended } => self.end(&job, state, ended),
+            Command::Logs {
+                job,
+                attempt,
+                lines,
+            } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return Err(CommandError::NoJob(job));
+                };
+                if attempt > j.attempt {
+                    let current = j.attempt;
+                    return Err(CommandError::OtherRun {
+                        job,
+                        attempt,
+                        current,
+                    });
+                }
+                j.keep_logs(attempt, lines);
+                Ok(())
+            }
             Command::Batch(_) => Err(CommandError::NestedBatch),
             Command::Move { job, part, info } => self.moved(job, part, info),
             Command::Drain { node, drained } => {
@@ -459,4 +482,4 @@ impl ControlState {
 
 #[cfg(test)]
 #[path = "state_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -19,7 +19,7 @@ pub(super) fn submission() -> Box<Submission> {
     })
 }
 
-pub(super) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
+pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> JobRecord {
     let pending = parts.is_empty();
     JobRecord {
         id: id.into(),
@@ -53,6 +53,8 @@ pub(super) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         checkpoints: Vec::new(),
         moves: Vec::new(),
         version: 0,
+        log_bytes: 0,
+        logs: Vec::new(),
     }
 }
 
@@ -478,6 +480,68 @@ fn a_refusal_keeps_its_data_through_the_log_encoding() {
         unreachable!("a refusal")
     };
     assert_eq!(why.to_string(), "job j-1-2 is already not held");
+}
+
+#[test]
+fn a_jobs_log_lines_are_kept_in_order_once_each_within_its_bound_also_after_its_end() {
+    use mvm_component::runtime::logs::{LogLine, LogStream};
+    let n = PeerId::random();
+    let mut s = ControlState::default();
+    let j = JobRecord {
+        state: JobState::Running,
+        // A bound of two lines of 66 bytes (34 + 32 each): a third does not fit.
+        log_bytes: 140,
+        ..job("a-1-0", 0, 0, vec![part(n, 2)])
+    };
+    assert_eq!(s.apply(1, Command::Submit(Box::new(j))), Applied::Done);
+    let line = |vertex: &str, seq: u64| LogLine {
+        vertex: vertex.into(),
+        seq,
+        at_ms: 10 + seq,
+        stream: LogStream::Stderr,
+        text: format!("{vertex} line {seq:027}"),
+    };
+    let logs = |attempt, lines| Command::Logs {
+        job: "a-1-0".into(),
+        attempt,
+        lines,
+    };
+    assert_eq!(
+        s.apply(2, logs(0, vec![line("p", 0), line("q", 0)])),
+        Applied::Done
+    );
+    // Logs do not wake those who wait for the job to change.
+    assert_eq!(s.job(&"a-1-0".into()).expect("job").version, 1);
+    // A late shipment, a repeated one, and the newest beyond the bound.
+    assert_eq!(
+        s.apply(3, logs(0, vec![line("p", 2), line("p", 0)])),
+        Applied::Done
+    );
+    assert_eq!(s.apply(4, logs(0, vec![line("p", 1)])), Applied::Done);
+    let kept = |s: &ControlState, v: &str| -> Vec<u64> {
+        let j = s.job(&"a-1-0".into()).expect("job");
+        let vl = j.logs.iter().find(|l| l.vertex == v).expect("vertex");
+        vl.lines.iter().map(|l| l.seq).collect()
+    };
+    assert_eq!(
+        kept(&s, "p"),
+        vec![1, 2],
+        "in order, once each, the newest two"
+    );
+    assert_eq!(kept(&s, "q"), vec![0]);
+    // A run not begun yet is refused; after the job's end, lines are still taken.
+    assert!(matches!(
+        s.apply(5, logs(1, vec![line("p", 3)])),
+        Applied::Refused(CommandError::OtherRun { .. })
+    ));
+    let end = Command::End {
+        job: "a-1-0".into(),
+        state: JobState::Failed,
+        ended: Ended::failed(crate::proto::ErrorKind::Trap, "trap".into()),
+    };
+    assert_eq!(s.apply(6, end), Applied::Done);
+    assert_eq!(s.apply(7, logs(0, vec![line("q", 1)])), Applied::Done);
+    assert_eq!(kept(&s, "q"), vec![0, 1]);
 }
 
 #[path = "state_tests_runs.rs"]

@@ -152,6 +152,8 @@ fn submit(name: &str) -> Command {
         checkpoint: None,
         checkpoints: Vec::new(),
         moves: Vec::new(),
+        log_bytes: 0,
+        logs: Vec::new(),
     }))
 }
 

@@ -46,6 +46,7 @@ impl Parts {
                 cause: format!("its guest {guest} died behind the node's back: {why}"),
                 kind: ErrorKind::Lost,
             }),
+            logs: Vec::new(),
         };
         self.ended(out, report);
     }

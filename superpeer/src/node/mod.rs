@@ -27,6 +27,7 @@ use crate::site::Site;
 mod checkpoint;
 mod follow;
 mod guests;
+mod logs;
 mod moves;
 mod part;
 mod parts;
@@ -142,6 +143,8 @@ pub(crate) struct Node {
     superpeer: RwLock<Option<(PeerId, Vec<Multiaddr>)>>,
     /// The group's members as last heard from the super-peer.
     members: Mutex<Vec<Member>>,
+    /// The logs of the parts running here.
+    logs: logs::Shelf,
 }
 
 /// How a node is set up.
@@ -182,6 +185,7 @@ impl Node {
             links,
             superpeer: RwLock::new(superpeer),
             members: Mutex::new(Vec::new()),
+            logs: logs::Shelf::default(),
         }
     }
 

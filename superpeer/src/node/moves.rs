@@ -200,6 +200,7 @@ impl Parts {
                 cause: cause.clone(),
                 kind: ErrorKind::Lost,
             }),
+            logs: Vec::new(),
         };
         self.stop(out, job, attempt, &cause);
         out.push(Effect::Report {

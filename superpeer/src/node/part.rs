@@ -39,6 +39,16 @@ pub(super) enum Body {
     Worker(Box<InGuest>),
 }
 
+impl Body {
+    /// What the part's vertices write, line by line.
+    pub(super) fn logs(&self) -> Arc<mvm_component::runtime::logs::LogBook> {
+        match self {
+            Body::Here(p) => p.logs(),
+            Body::Worker(w) => w.started.logs(),
+        }
+    }
+}
+
 /// A part prepared in a worker inside its guest.
 pub(super) struct InGuest {
     /// The worker, waiting for the part's start.

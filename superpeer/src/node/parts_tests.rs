@@ -199,6 +199,7 @@ fn report(job: &str, ok: bool) -> PartReport {
                 kind: mvm_component::runtime::ErrorKind::Trap,
             })
         },
+        logs: Vec::new(),
     }
 }
 

@@ -28,8 +28,18 @@ impl Node {
             return;
         };
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
+        let mut ship = tokio::time::interval(super::logs::SHIP);
+        ship.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let input = tokio::select! {
+                _ = ship.tick() => {
+                    let node = self.clone();
+                    tasks.spawn(async move {
+                        node.ship_logs().await;
+                        None
+                    });
+                    continue;
+                }
                 msg = inputs.recv() => match msg {
                     Some(Msg::Input(input)) => input,
                     Some(Msg::Attach(job, key, task)) => Input::Attach {
@@ -99,13 +109,22 @@ impl Node {
                 job,
                 attempt,
                 reason,
-                tasks,
+                tasks: of_part,
             } => {
-                for t in tasks {
+                for t in of_part {
                     t.abort();
                 }
                 let left = self.queues.destroy_job(&super::space(&job, attempt));
                 tracing::debug!(%job, attempt, %reason, queues = left.len(), "part removed");
+                // What a part stopped before its report still held.
+                let lines = self.logs.last(&job, attempt);
+                if !lines.is_empty() {
+                    let node = self.clone();
+                    tasks.spawn(async move {
+                        node.ship(job, attempt, lines).await;
+                        None
+                    });
+                }
             }
             Effect::Abort(tasks) => {
                 for t in tasks {
@@ -236,16 +255,19 @@ impl Node {
             guest,
             ..
         } = launch;
+        self.logs.put(job.clone(), attempt, prepared.logs());
         let supervisor = tasks.spawn(async move {
             let space = super::space(&job, attempt);
             let outcome = node
                 .supervise(&space, prepared, links_rx, &expected, guest)
                 .await;
+            let logs = node.logs.last(&job, attempt);
             Some(Input::Ended {
                 report: PartReport {
                     job,
                     attempt,
                     outcome,
+                    logs,
                 },
             })
         });

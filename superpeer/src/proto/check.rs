@@ -117,6 +117,25 @@ pub(super) fn check_len(field: &'static str, count: usize) -> Result<(), CheckEr
     Ok(())
 }
 
+/// The longest line of a log accepted: [`MAX_LINE`](mvm_component::runtime::logs::MAX_LINE)
+/// bytes, each of which may have become a 3-byte replacement character.
+const MAX_LOG_LINE: usize = 3 * mvm_component::runtime::logs::MAX_LINE;
+
+/// Checks lines of a job's logs: a bounded list, each of a vertex, of a bounded length.
+pub(super) fn check_lines(lines: &[super::LogLine]) -> Result<(), CheckError> {
+    check_len("log lines", lines.len())?;
+    for l in lines {
+        check_name("a log line's vertex", &l.vertex)?;
+        if l.text.len() > MAX_LOG_LINE {
+            return Err(CheckError::TooMany {
+                field: "bytes in a log line",
+                count: l.text.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn check_params(p: &BTreeMap<String, String>) -> Result<(), CheckError> {
     check_len("parameters", p.len())?;
     p.keys().try_for_each(|k| check_name("a parameter name", k))
@@ -231,6 +250,16 @@ impl ClientRequest {
                 check_name("the node to move to", to)
             }
             ClientRequest::Drain { node, .. } => check_name("the node", node),
+            ClientRequest::Logs { after, vertex, .. } => {
+                check_len("log cursors", after.len())?;
+                for c in after {
+                    check_name("a log cursor's vertex", &c.vertex)?;
+                }
+                match vertex {
+                    Some(v) => check_name("the vertex", v),
+                    None => Ok(()),
+                }
+            }
             ClientRequest::Status { .. }
             | ClientRequest::Wait { .. }
             | ClientRequest::Checkpoint { .. }
@@ -260,6 +289,7 @@ impl NodeRequest {
             }
             NodeRequest::Fetch { .. } | NodeRequest::FetchCheckpoint { .. } => Ok(()),
             NodeRequest::Report(r) => r.validate(),
+            NodeRequest::Logs { lines, .. } => check_lines(lines),
         }
     }
 }
@@ -315,6 +345,12 @@ impl Response {
             Response::Finished(r) => r.validate(),
             Response::Status(v) => check_len("jobs", v.len()),
             Response::Moved(v) => check_len("moves", v.len()),
+            Response::Logs(l) => {
+                check_len("log lines", l.lines.len())?;
+                l.lines
+                    .iter()
+                    .try_for_each(|j| check_lines(std::slice::from_ref(&j.line)))
+            }
             Response::Registered { members, .. } => check_len("members", members.len()),
             Response::Heartbeat { members, stop, .. } => {
                 check_len("members", members.len())?;

@@ -109,6 +109,9 @@ pub struct LimitSpec {
     pub cpu_ms: Option<u64>,
     /// Wall time per vertex, milliseconds.
     pub wall_ms: Option<u64>,
+    /// Bytes of log lines kept per vertex (`None`: the runtime's default).
+    #[serde(default)]
+    pub log_bytes: Option<u64>,
 }
 
 impl LimitSpec {
@@ -126,6 +129,12 @@ impl LimitSpec {
         }
         l.cpu = self.cpu_ms.map(std::time::Duration::from_millis);
         l.wall = self.wall_ms.map(std::time::Duration::from_millis);
+        if let Some(b) = self.log_bytes {
+            if b > mvm_component::profile::MAX_LOG_BYTES {
+                return Err(LimitError::LogsOver(b));
+            }
+            l.log_bytes = usize::try_from(b).map_err(|_| LimitError::LogsOver(b))?;
+        }
         Ok(l)
     }
 }
@@ -142,6 +151,9 @@ pub enum LimitError {
     /// A memory limit this machine cannot address.
     #[error("a memory limit of {0} bytes is too large for this machine")]
     MemoryOver(u64),
+    /// A bound of log lines over [`mvm_component::profile::MAX_LOG_BYTES`].
+    #[error("a log bound of {0} bytes per vertex is over 16MiB")]
+    LogsOver(u64),
 }
 
 /// What a job needs from a node, and how to rank the nodes that have it (GridWay).
@@ -269,6 +281,9 @@ pub struct PartReport {
     pub attempt: u32,
     /// Success (vertex outputs and traffic) or the first failure.
     pub outcome: Result<PartResult, VertexFailure>,
+    /// The lines its vertices wrote that were not shipped before (also when it failed).
+    #[serde(default)]
+    pub logs: Vec<super::LogLine>,
 }
 
 impl PartReport {
@@ -277,6 +292,7 @@ impl PartReport {
     /// # Errors
     /// The first bad field.
     pub fn validate(&self) -> Result<(), CheckError> {
+        super::check::check_lines(&self.logs)?;
         if let Ok(res) = &self.outcome {
             check_len("outputs", res.outputs.len())?;
             check_len("traffic entries", res.traffic.len())?;
@@ -533,4 +549,35 @@ pub struct PartStatus {
     /// The guest it ran in (known once it has ended well), when its job named an image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestIdentity>,
+}
+
+/// Where an asker of a job's logs is in one run's vertex: the number of the last line it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCursor {
+    /// The run.
+    pub attempt: u32,
+    /// The vertex.
+    pub vertex: String,
+    /// The last line's number ([`super::LogLine::seq`]).
+    pub seq: u64,
+}
+
+/// One line of a job's logs, with its run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLogLine {
+    /// The run of the job it was written in (0: the first).
+    pub attempt: u32,
+    /// The line.
+    pub line: super::LogLine,
+}
+
+/// An answer to [`super::ClientRequest::Logs`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLogs {
+    /// The lines, by run, then by time (each vertex's in order).
+    pub lines: Vec<JobLogLine>,
+    /// The job's state when they were read.
+    pub state: JobState,
+    /// More lines are there than one answer carries: ask again after these.
+    pub more: bool,
 }

@@ -22,6 +22,7 @@ use bytes::Bytes;
 use libp2p::StreamProtocol;
 use mvm_component::policy::Bundle;
 pub use mvm_component::runtime::ErrorKind;
+pub use mvm_component::runtime::logs::{LogLine, LogStream};
 use serde::{Deserialize, Serialize};
 
 mod check;
@@ -141,6 +142,20 @@ pub enum ClientRequest {
     },
     /// An administrator → the super-peer holding the policies: read them again now.
     PolicyReload,
+    /// The lines a job's vertices wrote, after those the asker has ([`Response::Logs`]).
+    Logs {
+        /// The job id.
+        job: JobId,
+        /// The last line the asker has of each run and vertex (it gets only later ones).
+        #[serde(default)]
+        after: Vec<LogCursor>,
+        /// Only lines written at or after this time, milliseconds since the Unix epoch.
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// Only this vertex's lines.
+        #[serde(default)]
+        vertex: Option<String>,
+    },
 }
 
 /// What a node tells or asks its group's broker.
@@ -162,6 +177,16 @@ pub enum NodeRequest {
     FetchCheckpoint {
         /// Its content hash.
         hash: Hash,
+    },
+    /// Lines its part's vertices wrote since its last such request (while the part runs, and
+    /// what a stopped part still held); the part's last lines travel in its report.
+    Logs {
+        /// The job id.
+        job: JobId,
+        /// The run the part belongs to.
+        attempt: u32,
+        /// The lines, each vertex's in order.
+        lines: Vec<LogLine>,
     },
 }
 
@@ -373,6 +398,8 @@ pub enum Response {
     Finished(Box<PartReport>),
     /// The answer to a [`PeerRequest::Raft`]: openraft's result, CBOR-encoded.
     Raft(Bytes),
+    /// Lines of a job's logs.
+    Logs(Box<JobLogs>),
     /// The policies in force at a super-peer.
     Policy {
         /// Its version there.

@@ -16,7 +16,9 @@
 //! 4. both ways, while they run: the items of the links ([`ToWorker::Item`],
 //!    [`FromWorker::Item`]) and their ends. The node carries them over its own channels to
 //!    the other parts (libp2p streams or direct links): the worker needs no network;
-//! 5. worker → node: [`FromWorker::End`], the vertices' outputs and counts and the queues'
+//! 5. worker → node: [`FromWorker::Logs`], what the vertices wrote, line by line, while they
+//!    run and once more at their end;
+//! 6. worker → node: [`FromWorker::End`], the vertices' outputs and counts and the queues'
 //!    traffic, or the first failure.
 //!
 //! A worker that ends without its end failed; the node says how (its exit status or signal,
@@ -179,9 +181,15 @@ pub enum FromWorker {
     Paused(Result<u64, String>),
     /// The paused part's checkpoint blob, or why it could not be taken.
     Imaged(Result<Bytes, String>),
+    /// Lines the vertices wrote since the last such message (every [`LOG_SHIP`] while they
+    /// run, and the last ones before [`FromWorker::End`]).
+    Logs(Vec<mvm_component::runtime::logs::LogLine>),
     /// The part ended.
     End(WorkerEnd),
 }
+
+/// How often a worker gives its node the lines its vertices wrote.
+pub(crate) const LOG_SHIP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How a worker's part ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]

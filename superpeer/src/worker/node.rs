@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use bytes::Bytes;
+use mvm_component::runtime::logs::{DEFAULT_BOUND, LogBook};
 use mvm_component::runtime::{RemoteInput, RemoteOutput};
 use mvm_queue::queue::{Config as QueueConfig, Queue, Receiver, Sender};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -61,6 +62,8 @@ pub(crate) struct Started {
     /// The messages to the worker.
     rx: mpsc::Receiver<ToWorker>,
     control: Arc<Control>,
+    /// What the worker's vertices wrote, as the worker gives it.
+    logs: Arc<LogBook>,
 }
 
 /// What a feed of a remote input is told during a checkpoint.
@@ -359,6 +362,9 @@ impl Started {
             outboxes,
             answers: Mutex::new(Answers::default()),
         });
+        let bound = job.limits.log_bytes.map_or(DEFAULT_BOUND, |b| {
+            usize::try_from(b).unwrap_or(DEFAULT_BOUND)
+        });
         let started = Started {
             proc,
             stdin,
@@ -370,6 +376,7 @@ impl Started {
             outputs: carries,
             rx,
             control,
+            logs: LogBook::new(Vec::new(), bound, false),
         };
         Ok((started, (ins, outs)))
     }
@@ -377,6 +384,11 @@ impl Started {
     /// The node's hand on the part for its checkpoints.
     pub(crate) fn control(&self) -> Arc<Control> {
         self.control.clone()
+    }
+
+    /// What the part's vertices write, as the worker gives it.
+    pub(crate) fn logs(&self) -> Arc<LogBook> {
+        self.logs.clone()
     }
 
     /// Starts the part and carries its links' items until it ends: its report, or why it
@@ -393,6 +405,7 @@ impl Started {
             outputs,
             mut rx,
             control,
+            logs,
         } = self;
         let tx = control.tx.clone();
         let _ = tx.send(ToWorker::Start).await;
@@ -446,6 +459,7 @@ impl Started {
                             let _ = a.send(r);
                         }
                     }
+                    FromWorker::Logs(lines) => logs.extend(lines),
                     FromWorker::Links { .. } => {}
                     FromWorker::End(end) => return Ok::<_, io::Error>(end),
                 }

@@ -279,7 +279,31 @@ async fn run_part(
         });
     }
     let feed = tokio::spawn(feed(from, to.clone(), control, ins, names, flushes));
+    // What the vertices write goes to the node as it comes, and the rest once they end.
+    let book = prepared.logs();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let ship = {
+        let (book, to) = (book.clone(), to.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(super::LOG_SHIP) => {}
+                    _ = &mut stopped => return,
+                }
+                let lines = book.take();
+                if !lines.is_empty() && to.send(FromWorker::Logs(lines)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let result = prepared.run().await;
+    drop(stop);
+    let _ = ship.await;
+    let lines = book.take();
+    if !lines.is_empty() {
+        let _ = to.send(FromWorker::Logs(lines)).await;
+    }
     while drains.join_next().await.is_some() {}
     feed.abort();
     let prefix = format!("{}/", job.space);

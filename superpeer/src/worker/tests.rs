@@ -289,3 +289,66 @@ fn items_cross_the_pipe_in_frames_of_their_own_and_a_broken_one_is_refused() {
     let mut small = Vec::new();
     assert!(put(&mut small, &FromWorker::Items { link: 0, items }, 1000).is_err());
 }
+
+/// Writes a line on stderr and logs a warning, then traps.
+const COMPLAIN: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "mvm" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "about to fail\n")
+  (data (i32.const 96) "trap ahead")
+  (func (export "_start")
+    (i32.store (i32.const 16) (i32.const 64))
+    (i32.store (i32.const 20) (i32.const 14))
+    (drop (call $write (i32.const 2) (i32.const 16) (i32.const 1) (i32.const 32)))
+    (call $log (i32.const 1) (i32.const 96) (i32.const 10))
+    unreachable))"#;
+
+#[test]
+fn a_worker_gives_its_node_what_its_vertices_wrote_before_its_end_also_when_one_fails() {
+    let j = job(&[("say", COMPLAIN), ("print", PRINT)], "x");
+    let msgs = serve_all(job_frames(&j).expect("frames"));
+    let lines: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            FromWorker::Logs(l) => Some(l.clone()),
+            _ => None,
+        })
+        .flatten()
+        .map(|l| (l.vertex, l.seq, l.stream, l.text))
+        .collect();
+    use mvm_component::runtime::logs::LogStream;
+    assert_eq!(
+        lines,
+        vec![
+            (
+                "s".to_owned(),
+                0,
+                LogStream::Stderr,
+                "about to fail".to_owned()
+            ),
+            (
+                "s".to_owned(),
+                1,
+                LogStream::Log,
+                "warn: trap ahead".to_owned()
+            ),
+        ]
+    );
+    assert!(
+        matches!(msgs.last(), Some(FromWorker::End(WorkerEnd::Failed(f))) if f.vertex == "s"),
+        "{msgs:?}"
+    );
+    // A part whose vertices wrote nothing sends no lines.
+    let j = job(&[("say", SAY), ("print", PRINT)], "quiet");
+    let msgs = serve_all(job_frames(&j).expect("frames"));
+    let logs: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            FromWorker::Logs(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(logs.len(), 1, "only p's output: {msgs:?}");
+    assert_eq!(logs[0][0].text, "quiet");
+}
