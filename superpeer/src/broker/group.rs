@@ -194,6 +194,12 @@ impl Core {
                         running: n.info.load.vertices,
                         slots: n.info.slots,
                         warm: n.info.load.warm.clone(),
+                        cpus: n.info.cpus,
+                        memory_bytes: n.info.memory_bytes,
+                        free_memory_bytes: n.info.load.free_memory_bytes,
+                        load: n.info.load.load,
+                        queues: n.info.load.queues.clone(),
+                        traffic: n.info.load.traffic.clone(),
                     })
                     .collect()
             })

@@ -10,7 +10,8 @@ use libp2p::{Multiaddr, PeerId};
 
 use super::Node;
 use crate::proto::{
-    FailureKind, GroupInfo, JobId, Member, NodeInfo, NodeLoad, NodeRequest, Request, Response,
+    FailureKind, GroupInfo, JobId, JobTraffic, MAX_QUEUE_SAMPLES, Member, NodeInfo, NodeLoad,
+    NodeRequest, QueueSample, Request, Response,
 };
 
 /// What came of a request to the super-peer.
@@ -203,12 +204,55 @@ impl Node {
         }
     }
 
+    /// Its deepest queues of running jobs now, and what each job's queues have carried (a
+    /// run's namespace, `JOB~N`, counted as its job).
+    fn queue_samples(&self) -> (Vec<QueueSample>, Vec<JobTraffic>) {
+        let stats = self.queues.list(None);
+        let split = |name: &str| -> (String, String) {
+            let (space, queue) = name.split_once('/').unwrap_or(("", name));
+            let job = space.split_once('~').map_or(space, |(j, _)| j);
+            (job.to_owned(), queue.to_owned())
+        };
+        let mut traffic: Vec<JobTraffic> = Vec::new();
+        for s in &stats {
+            let (job, _) = split(&s.name);
+            match traffic.iter_mut().find(|t| t.job == job) {
+                Some(t) => {
+                    t.items += s.items_out;
+                    t.bytes += s.bytes_out;
+                }
+                None => traffic.push(JobTraffic {
+                    job,
+                    items: s.items_out,
+                    bytes: s.bytes_out,
+                }),
+            }
+        }
+        let mut deepest: Vec<&mvm_queue::queue::Stats> = stats.iter().collect();
+        deepest.sort_by(|a, b| b.depth.cmp(&a.depth).then_with(|| a.name.cmp(&b.name)));
+        let queues = deepest
+            .into_iter()
+            .take(MAX_QUEUE_SAMPLES)
+            .map(|s| {
+                let (job, queue) = split(&s.name);
+                QueueSample {
+                    job,
+                    queue,
+                    depth: s.depth,
+                    depth_bytes: s.depth_bytes,
+                }
+            })
+            .collect();
+        (queues, traffic)
+    }
+
     /// This node's properties now.
     fn load(&self) -> NodeLoad {
         use mvm_os::probe::{FreeMemory, Load, Probe};
         let interval = self.site.heartbeat;
         let free = FreeMemory { interval }.sample().unwrap_or(0.0);
         let load = Load { interval }.sample().unwrap_or(0.0);
+        let (queues, traffic) = self.queue_samples();
         NodeLoad {
             free_memory_bytes: free as u64,
             load,
@@ -216,6 +260,8 @@ impl Node {
             images: self.images(),
             jobs: self.job_ids(),
             warm: self.os.as_ref().map(|os| os.warm()).unwrap_or_default(),
+            queues,
+            traffic,
         }
     }
 

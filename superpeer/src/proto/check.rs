@@ -147,6 +147,24 @@ pub(super) fn check_components(c: &BTreeMap<String, Hash>) -> Result<(), CheckEr
         .try_for_each(|name| check_name("a component name", name))
 }
 
+/// Checks a node's queue samples and job traffic: short lists of names.
+fn check_samples(l: &super::NodeLoad) -> Result<(), CheckError> {
+    if l.queues.len() > super::MAX_QUEUE_SAMPLES {
+        return Err(CheckError::TooMany {
+            field: "queue samples",
+            count: l.queues.len(),
+        });
+    }
+    check_len("job traffic", l.traffic.len())?;
+    for q in &l.queues {
+        check_name("a queue sample's job", &q.job)?;
+        check_name("a queue sample's queue", &q.queue)?;
+    }
+    l.traffic
+        .iter()
+        .try_for_each(|t| check_name("a job's traffic's job", &t.job))
+}
+
 /// Checks a node's warm guests: a bounded map of names.
 fn check_warm(warm: &BTreeMap<String, u32>) -> Result<(), CheckError> {
     check_len("warm templates", warm.len())?;
@@ -280,11 +298,13 @@ impl NodeRequest {
                 check_len("addresses", n.addrs.len())?;
                 check_len("images", n.images.len())?;
                 check_warm(&n.load.warm)?;
+                check_samples(&n.load)?;
                 check_name("the architecture", &n.arch)
             }
             NodeRequest::Heartbeat(l) => {
                 check_len("images", l.images.len())?;
                 check_warm(&l.warm)?;
+                check_samples(l)?;
                 check_len("jobs", l.jobs.len())
             }
             NodeRequest::Fetch { .. } | NodeRequest::FetchCheckpoint { .. } => Ok(()),

@@ -51,6 +51,39 @@ pub struct NodeLoad {
     /// Its warm guests free now: template shape key → how many.
     #[serde(default)]
     pub warm: std::collections::BTreeMap<String, u32>,
+    /// Its deepest queues of running jobs now (at most [`MAX_QUEUE_SAMPLES`]).
+    #[serde(default)]
+    pub queues: Vec<QueueSample>,
+    /// What each running job's queues here have carried so far.
+    #[serde(default)]
+    pub traffic: Vec<JobTraffic>,
+}
+
+/// The most queues a heartbeat lists.
+pub const MAX_QUEUE_SAMPLES: usize = 8;
+
+/// A queue of a running job on a node, as its heartbeat gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSample {
+    /// The job.
+    pub job: String,
+    /// The queue (`vertex:port`, or `vertex:port>out` for a link's outbox).
+    pub queue: String,
+    /// Items held now.
+    pub depth: u64,
+    /// Bytes held now.
+    pub depth_bytes: u64,
+}
+
+/// What one running job's queues on a node have carried so far (counters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTraffic {
+    /// The job.
+    pub job: String,
+    /// Items taken out of its queues.
+    pub items: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// A member of a group, as the super-peer lists them.
@@ -136,6 +169,24 @@ pub struct NodeView {
     /// Its warm guests free at its last heartbeat: template shape key → how many.
     #[serde(default)]
     pub warm: std::collections::BTreeMap<String, u32>,
+    /// Its CPUs.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Its memory, bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Its free memory at its last heartbeat, bytes.
+    #[serde(default)]
+    pub free_memory_bytes: u64,
+    /// Its 1-minute load average at its last heartbeat.
+    #[serde(default)]
+    pub load: f64,
+    /// Its deepest queues at its last heartbeat.
+    #[serde(default)]
+    pub queues: Vec<QueueSample>,
+    /// What its running jobs' queues had carried at its last heartbeat.
+    #[serde(default)]
+    pub traffic: Vec<JobTraffic>,
 }
 
 #[cfg(test)]
