@@ -66,6 +66,9 @@ enum Command {
     Status(cmd::job::StatusArgs),
     /// Cancel a job.
     Cancel(cmd::job::CancelArgs),
+    /// A live terminal view of the group: its nodes, its jobs and their items per second, and
+    /// the deepest queues (`q` quits).
+    Top(cmd::top::TopArgs),
     /// What a job's vertices wrote (stdout, stderr, `mvm.log`), kept also when it failed;
     /// `--follow` prints lines as they are written.
     Logs(cmd::logs::LogsArgs),
@@ -149,6 +152,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cmd::job::status(args),
         Command::Cancel(args) => cmd::job::cancel(args),
         Command::Logs(args) => cmd::logs::logs(args),
+        Command::Top(args) => cmd::top::top(args),
         Command::Checkpoint(args) => cmd::job::checkpoint(args),
         Command::Migrate(args) => cmd::job::migrate(args),
         Command::Hold(args) => cmd::job::hold(args, true),

@@ -13,6 +13,7 @@ pub(crate) mod lab;
 pub(crate) mod logs;
 pub(crate) mod policy;
 pub(crate) mod run;
+pub(crate) mod top;
 pub(crate) mod topology;
 
 /// Prints a report as JSON or as text.

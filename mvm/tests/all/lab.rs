@@ -41,7 +41,7 @@ impl Lab {
 
     /// The C pipeline of 4 vertices over `count` items on `nodes` nodes, as profile
     /// `NAME.toml` with `extra` at its end.
-    fn pipeline(&self, name: &str, count: u64, nodes: u32, extra: &str) -> PathBuf {
+    pub(crate) fn pipeline(&self, name: &str, count: u64, nodes: u32, extra: &str) -> PathBuf {
         self.profile(
             &format!("{name}.toml"),
             &format!(

@@ -11,3 +11,4 @@ mod logs;
 mod netns;
 mod policy;
 mod run;
+mod top;
