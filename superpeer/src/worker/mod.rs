@@ -377,15 +377,17 @@ pub fn job_frames(job: &WorkerJob) -> io::Result<Vec<u8>> {
     Ok(f)
 }
 
-/// Reads a worker's end frame from `output` (its stdout).
+/// Reads a worker's end frame from `output` (its stdout), past its links and the lines its
+/// vertices wrote.
 ///
 /// # Errors
-/// I/O (the worker ended without its frame), or a frame that is not an end.
+/// I/O (the worker ended without its frame), or a frame that a part without links does not
+/// send.
 pub fn read_end(output: &mut impl Read) -> io::Result<WorkerEnd> {
     loop {
         match read_frame(output, MAX_END)? {
             FromWorker::End(end) => return Ok(end),
-            FromWorker::Links { .. } => {}
+            FromWorker::Links { .. } | FromWorker::Logs(_) => {}
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
