@@ -135,8 +135,17 @@ fn a_host_guest_is_a_control_group_with_limits_pause_and_teardown() {
     assert_eq!(d.inspect("g1").unwrap().state, State::Running);
 
     d.pause("g1").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(d.inspect("g1").unwrap().state, State::Paused);
+    // Freezing is asynchronous (cgroup v1's freezer says FREEZING until every task is frozen;
+    // a loaded machine takes a while).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.inspect("g1").unwrap().state != State::Paused {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never froze"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
     let a = size(&out);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(size(&out), a, "a paused guest's process does not run");
