@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use crate::driver::{Driver, DriverError, GuestInfo, Sched, State};
 use crate::guest::GuestSpec;
 
+/// How long a pause of a v1 freezer group is tried again while it reads FREEZING.
+const FREEZE_WAIT: Duration = Duration::from_secs(2);
+
 /// Which cgroup interface the driver uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cgroups {
@@ -229,7 +232,19 @@ impl HostDriver {
                 freezer: Some(f), ..
             } => {
                 let state = if frozen { "FROZEN" } else { "THAWED" };
-                write(&f.join(name).join("freezer.state"), state)?;
+                let file = f.join(name).join("freezer.state");
+                write(&file, state)?;
+                // A v1 freezer that could not freeze every task at once (one forking, or in
+                // the middle of a system call) stays FREEZING and tries again only when
+                // FROZEN is written again: write it until it holds, for a while.
+                let deadline = Instant::now() + FREEZE_WAIT;
+                while frozen && read(&file).is_ok_and(|s| s == "FREEZING") {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    write(&file, state)?;
+                }
             }
             Cgroups::V1 { freezer: None, .. } | Cgroups::None => {
                 return Err(DriverError::Unsupported {
