@@ -125,7 +125,8 @@ impl std::fmt::Debug for LogBook {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Now, in milliseconds since the Unix epoch (the time lines are stamped with).
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

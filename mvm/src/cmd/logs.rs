@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mvm_component::runtime::logs::epoch;
+use mvm_component::runtime::logs::{epoch, now_ms};
 use mvm_superpeer::proto::{JobId, JobLogLine, LogCursor};
 
 use super::job::{BrokerArg, connect, runtime, wire};
@@ -51,10 +51,7 @@ fn since_ms(since: Option<&str>) -> Result<Option<u64>, Failure> {
         code: USAGE,
         error: anyhow::anyhow!("--since must be a duration (e.g. \"30s\", \"5m\"), not '{s}'"),
     })?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    Ok(Some(now.saturating_sub(
+    Ok(Some(now_ms().saturating_sub(
         u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
     )))
 }
@@ -134,7 +131,7 @@ impl Printer {
 }
 
 /// A time as RFC 3339 in UTC, to the millisecond.
-fn rfc3339(ms: u64) -> String {
+pub(super) fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil from days (Howard Hinnant's algorithm).

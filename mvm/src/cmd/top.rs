@@ -44,13 +44,10 @@ struct View {
     at: String,
 }
 
-/// The time of day now, UTC.
+/// The time of day now, UTC (`HH:MM:SS UTC`).
 fn time_of_day() -> String {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        % 86_400;
-    format!("{:02}:{:02}:{:02} UTC", s / 3600, s % 3600 / 60, s % 60)
+    let t = super::logs::rfc3339(mvm_component::runtime::logs::now_ms());
+    format!("{} UTC", t.get(11..19).unwrap_or_default())
 }
 
 impl View {
@@ -64,23 +61,21 @@ impl View {
         }
         let mut rates = HashMap::new();
         for (job, items) in totals {
-            let rate = match self.rates.get(job) {
-                Some(&(before, at, _)) if items == before => {
-                    // No heartbeat since: keep the rate until one says otherwise.
-                    rates.insert(job.to_owned(), (before, at, self.rates[job].2));
-                    continue;
-                }
+            let sample = match self.rates.get(job) {
+                // No heartbeat since: the sample and its rate stay until one says otherwise.
+                Some(&kept) if items == kept.0 => kept,
                 Some(&(before, at, _)) if items > before => {
                     let dt = now.duration_since(at).as_secs_f64();
-                    if dt > 0.0 {
+                    let rate = if dt > 0.0 {
                         (items - before) as f64 / dt
                     } else {
                         0.0
-                    }
+                    };
+                    (items, now, rate)
                 }
-                _ => 0.0,
+                _ => (items, now, 0.0),
             };
-            rates.insert(job.to_owned(), (items, now, rate));
+            rates.insert(job.to_owned(), sample);
         }
         self.rates = rates;
         self.group = Some(group);
