@@ -119,6 +119,64 @@ pub struct Job {
     pub user_vertices: i64,
 }
 
+/// A group's latest monitoring results, as Polar class `Metrics`: what a domain's
+/// `scheduling(metrics, POLICY)` rules decide from (the MVM paper's scheduling policy
+/// adjusted from each monitoring result).
+///
+/// `mean`, `sum`, `min` and `max` are dictionaries from a probe's name to that aggregate over
+/// the live nodes that publish it (a probe with one value per job, such as `backlog`, counts
+/// as the sum of its values on a node): `m.mean.load < 0.2`, `m.sum.queue_depth > 1000`. A
+/// probe no node publishes is not in them, and a rule that reads it does not hold.
+#[derive(Debug, Clone, Default, PartialEq, PolarClass)]
+pub struct Metrics {
+    /// The group's name.
+    #[polar(attribute)]
+    pub group: String,
+    /// Its domain.
+    #[polar(attribute)]
+    pub domain: String,
+    /// The scheduling policy in force (`rank` when no rule has chosen one), so that a rule can
+    /// keep it while a value moves a little (hysteresis).
+    #[polar(attribute)]
+    pub scheduling: String,
+    /// Live nodes.
+    #[polar(attribute)]
+    pub nodes: i64,
+    /// Vertex slots of the live nodes.
+    #[polar(attribute)]
+    pub slots: i64,
+    /// Of those, the slots no job holds.
+    #[polar(attribute)]
+    pub free_slots: i64,
+    /// Jobs running (or being prepared).
+    #[polar(attribute)]
+    pub running_jobs: i64,
+    /// Jobs waiting in the group's queue.
+    #[polar(attribute)]
+    pub pending_jobs: i64,
+    /// The vertices of the waiting jobs.
+    #[polar(attribute)]
+    pub pending_vertices: i64,
+    /// The mean 1-minute load average of the live nodes (from their heartbeats).
+    #[polar(attribute)]
+    pub mean_load: f64,
+    /// The highest.
+    #[polar(attribute)]
+    pub max_load: f64,
+    /// Each published probe's mean over the nodes that publish it.
+    #[polar(attribute)]
+    pub mean: std::collections::BTreeMap<String, f64>,
+    /// Its sum.
+    #[polar(attribute)]
+    pub sum: std::collections::BTreeMap<String, f64>,
+    /// Its smallest value.
+    #[polar(attribute)]
+    pub min: std::collections::BTreeMap<String, f64>,
+    /// Its largest value.
+    #[polar(attribute)]
+    pub max: std::collections::BTreeMap<String, f64>,
+}
+
 /// Registers every class with `oso`.
 pub(crate) fn register(oso: &mut oso::Oso) -> Result<(), String> {
     for class in [
@@ -128,6 +186,7 @@ pub(crate) fn register(oso: &mut oso::Oso) -> Result<(), String> {
         Group::get_polar_class(),
         Image::get_polar_class(),
         Job::get_polar_class(),
+        Metrics::get_polar_class(),
     ] {
         oso.register_class(class).map_err(|e| e.to_string())?;
     }

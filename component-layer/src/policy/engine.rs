@@ -170,6 +170,31 @@ impl Kb {
         }
         Ok(out)
     }
+
+    /// Every `(name, milliseconds)` pair for which `probe(args…, name, ms)` holds, in the
+    /// order the rules give them.
+    fn probe_pairs(&self, args: impl oso::ToPolarList) -> Result<Vec<(String, u64)>, String> {
+        let query = self
+            .oso
+            .query_rule("probe", args)
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for r in query {
+            let r = match r {
+                Ok(r) => r,
+                Err(e) if e.to_string().contains("undefined rule") => return Ok(Vec::new()),
+                Err(e) => return Err(e.to_string()),
+            };
+            let name: String = r.get_typed("name").map_err(|e| format!("probe: {e}"))?;
+            let ms: i64 = r
+                .get_typed("ms")
+                .map_err(|e| format!("probe {name}: {e}"))?;
+            let ms = u64::try_from(ms)
+                .map_err(|_| format!("probe {name}: {ms} is not a number of milliseconds"))?;
+            out.push((name, ms));
+        }
+        Ok(out)
+    }
 }
 
 impl OsoEngine {
@@ -261,6 +286,10 @@ fn var() -> PolarValue {
     PolarValue::Variable("x".into())
 }
 
+fn named(name: &str) -> PolarValue {
+    PolarValue::Variable(name.into())
+}
+
 fn settings(kb: &Kb) -> Result<NodeSettings, String> {
     let set = |rule: &str| -> Result<Option<BTreeSet<String>>, String> {
         let v: Vec<String> = kb.values(rule, (var(),))?;
@@ -298,6 +327,52 @@ impl Engine for OsoEngine {
             default_ms: ms("checkpoint_interval")?.into_iter().min(),
             min_interval_ms: ms("min_checkpoint_interval")?.into_iter().max(),
         })
+    }
+
+    fn probes(&self, node: &Node) -> Result<BTreeMap<String, u64>, String> {
+        let mut plan = BTreeMap::new();
+        // The shortest interval of the pairs `pairs` gives for each name.
+        let shortest = |pairs: Vec<(String, u64)>| {
+            let mut m: BTreeMap<String, u64> = BTreeMap::new();
+            for (name, ms) in pairs {
+                let e = m.entry(name).or_insert(ms);
+                *e = (*e).min(ms);
+            }
+            m
+        };
+        if let Some(kb) = &self.node {
+            let pairs = kb
+                .probe_pairs((named("name"), named("ms")))
+                .map_err(|e| format!("node.polar: {e}"))?;
+            plan = shortest(pairs);
+        }
+        if let Some(kb) = self.domains.get(&node.domain) {
+            let pairs = kb
+                .probe_pairs((node.clone().to_polar(), named("name"), named("ms")))
+                .map_err(|e| format!("domain {}: {e}", node.domain))?;
+            plan.extend(shortest(pairs));
+        }
+        plan.retain(|_, ms| *ms > 0);
+        Ok(plan)
+    }
+
+    fn scheduling(&self, metrics: &super::Metrics) -> Result<Option<String>, String> {
+        let Some(kb) = self.domains.get(&metrics.domain) else {
+            return Ok(None);
+        };
+        let mut query = kb
+            .oso
+            .query_rule("scheduling", (metrics.clone().to_polar(), var()))
+            .map_err(|e| e.to_string())?;
+        match query.next() {
+            None => Ok(None),
+            Some(Ok(r)) => r
+                .get_typed::<String>("x")
+                .map(Some)
+                .map_err(|e| format!("scheduling: {e}")),
+            Some(Err(e)) if e.to_string().contains("undefined rule") => Ok(None),
+            Some(Err(e)) => Err(e.to_string()),
+        }
     }
 
     fn decide(&self, q: &Question) -> Decision {

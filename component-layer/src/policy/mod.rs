@@ -9,6 +9,11 @@
 //! - `node.polar`: node-level defaults: who a node runs jobs for (`allow(actor, "run", node)`),
 //!   and its settings (`queue_kind(K)`, `codec(C)`, `max_queues(N)`).
 //!
+//! The monitoring policy is written in the same files: `probe(NAME, MS)` in `node.polar` (the
+//! probes every node runs, and how often) and `probe(node, NAME, MS)` in a domain's (its
+//! nodes' own, overriding; `0` turns one off); `scheduling(metrics, POLICY)` in a domain's
+//! chooses how its groups place jobs from their latest [`Metrics`].
+//!
 //! Deny is the default at every level. A question goes through the [`Engine`] trait; the
 //! [`Cached`] engine remembers each answer for the life of one loaded policy version, since
 //! oso takes tens of microseconds per question.
@@ -21,7 +26,7 @@ mod engine;
 mod tests;
 
 pub use bundle::{Bundle, BundleError, Location, MAX_FILE, MAX_FILES, name_ok};
-pub use classes::{Domain, Group, Image, Job, Node, User};
+pub use classes::{Domain, Group, Image, Job, Metrics, Node, User};
 pub use engine::{NodeSettings, OsoEngine};
 
 use std::collections::HashMap;
@@ -180,6 +185,25 @@ pub trait Engine: Send + Sync {
         let _ = (actor, domain);
         Ok(CheckpointRules::default())
     }
+    /// The probes `node` runs and their intervals in milliseconds: `probe(NAME, MS)` of
+    /// `node.polar`, overridden name by name by `probe(node, NAME, MS)` of the node's domain
+    /// (the shortest interval where several hold; `0` turns a probe off).
+    ///
+    /// # Errors
+    /// A rule that cannot be evaluated, or an interval that is no number of milliseconds.
+    fn probes(&self, node: &Node) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        let _ = node;
+        Ok(std::collections::BTreeMap::new())
+    }
+    /// The scheduling policy the domain of `metrics` chooses for its group now: the first
+    /// answer of `scheduling(metrics, POLICY)` (rules are tried in file order), or none.
+    ///
+    /// # Errors
+    /// A rule that cannot be evaluated, or an answer that is not a string.
+    fn scheduling(&self, metrics: &Metrics) -> Result<Option<String>, String> {
+        let _ = metrics;
+        Ok(None)
+    }
 }
 
 /// What a domain's policy says of checkpoints for an actor's jobs, as the MVM paper's
@@ -257,6 +281,14 @@ impl<E: Engine> Engine for Cached<E> {
 
     fn version(&self) -> u64 {
         self.inner.version()
+    }
+
+    fn probes(&self, node: &Node) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        self.inner.probes(node)
+    }
+
+    fn scheduling(&self, metrics: &Metrics) -> Result<Option<String>, String> {
+        self.inner.scheduling(metrics)
     }
 
     fn checkpoint_rules(&self, actor: &Principal, domain: &str) -> Result<CheckpointRules, String> {

@@ -364,3 +364,120 @@ fn a_domain_s_checkpoint_rules_give_the_shortest_default_and_the_longest_bound()
         .expect_err("a negative interval");
     assert!(e.contains("-5"), "{e}");
 }
+
+fn bundle_of(files: &[(&str, &str)]) -> Bundle {
+    Bundle {
+        files: files
+            .iter()
+            .map(|(p, t)| ((*p).to_owned(), (*t).to_owned()))
+            .collect(),
+    }
+}
+
+#[test]
+fn a_node_runs_the_probes_of_node_polar_as_its_domain_overrides_them() {
+    let engine = OsoEngine::load(
+        &bundle_of(&[
+            (
+                "node.polar",
+                "probe(\"load\", 2000);\nprobe(\"free_memory\", 5000);\nprobe(\"free_disk\", 60000);\n",
+            ),
+            (
+                "physics/monitoring.polar",
+                "probe(_node: Node, \"load\", 500);\n\
+                 probe(node: Node, \"queue_depth\", 1000) if node.group = \"g1\";\n\
+                 probe(node: Node, \"queue_depth\", 800) if node.group = \"g1\" and node.name = \"n1\";\n\
+                 probe(_node: Node, \"free_disk\", 0);\n",
+            ),
+        ]),
+        1,
+    )
+    .expect("loads");
+    let node = |name: &str, domain: &str, group: &str| Node {
+        name: name.into(),
+        domain: domain.into(),
+        roles: Vec::new(),
+        group: group.into(),
+    };
+    let plan = |n: &Node| -> Vec<(String, u64)> {
+        engine
+            .probes(n)
+            .expect("evaluated")
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    let s = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+        v.iter().map(|(n, ms)| ((*n).to_owned(), *ms)).collect()
+    };
+    // Physics: its own interval for load, queue depth in group g1 (the shortest that holds
+    // for n1), and free disk turned off.
+    assert_eq!(
+        plan(&node("n1", "physics", "g1")),
+        s(&[("free_memory", 5000), ("load", 500), ("queue_depth", 800)])
+    );
+    assert_eq!(
+        plan(&node("n2", "physics", "g2")),
+        s(&[("free_memory", 5000), ("load", 500)])
+    );
+    // A domain without monitoring rules: the node defaults.
+    assert_eq!(
+        plan(&node("n3", "biology", "g1")),
+        s(&[("free_disk", 60000), ("free_memory", 5000), ("load", 2000)])
+    );
+    // No rules at all: no probes.
+    let none =
+        OsoEngine::load(&bundle_of(&[("node.polar", "max_queues(4);\n")]), 1).expect("loads");
+    assert!(
+        none.probes(&node("n1", "physics", "g1"))
+            .expect("evaluated")
+            .is_empty()
+    );
+    // An interval that is no number of milliseconds is an error that names the probe.
+    let bad =
+        OsoEngine::load(&bundle_of(&[("node.polar", "probe(\"load\", -5);\n")]), 1).expect("loads");
+    let e = bad
+        .probes(&node("n1", "physics", "g1"))
+        .expect_err("negative interval");
+    assert!(e.contains("node.polar") && e.contains("load"), "{e}");
+}
+
+#[test]
+fn a_domain_chooses_its_scheduling_policy_from_its_group_s_metrics() {
+    let engine = Cached::new(
+        OsoEngine::load(
+            &bundle_of(&[(
+                "physics/scheduling.polar",
+                "# Pack while the group is idle, with some hysteresis; spread otherwise.\n\
+                 scheduling(m: Metrics, \"pack\") if m.mean_load < 0.2;\n\
+                 scheduling(m: Metrics, \"pack\") if m.scheduling = \"pack\" and m.mean_load < 0.3;\n\
+                 scheduling(m: Metrics, \"least-loaded\") if m.max.queue_depth > 1000;\n\
+                 scheduling(_m: Metrics, \"spread\");\n",
+            )]),
+            1,
+        )
+        .expect("loads"),
+        16,
+    );
+    let mut m = Metrics {
+        group: "g1".into(),
+        domain: "physics".into(),
+        scheduling: "rank".into(),
+        nodes: 2,
+        mean_load: 0.1,
+        ..Metrics::default()
+    };
+    let choose = |m: &Metrics| engine.scheduling(m).expect("evaluated");
+    assert_eq!(choose(&m).as_deref(), Some("pack"));
+    m.mean_load = 0.25;
+    assert_eq!(choose(&m).as_deref(), Some("spread"));
+    m.scheduling = "pack".into();
+    assert_eq!(choose(&m).as_deref(), Some("pack"), "hysteresis");
+    m.mean_load = 0.5;
+    assert_eq!(choose(&m).as_deref(), Some("spread"));
+    // A probe's aggregate: absent (no node publishes it) the rule does not hold.
+    m.max.insert("queue_depth".into(), 5000.0);
+    assert_eq!(choose(&m).as_deref(), Some("least-loaded"));
+    // Another domain's policy says nothing: no choice.
+    m.domain = "biology".into();
+    assert_eq!(choose(&m), None);
+}
