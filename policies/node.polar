@@ -20,3 +20,12 @@ codec("zstd+json");
 codec("zstd+cbor");
 codec("zstd+postcard");
 max_queues(256);
+
+# The monitoring policy's defaults: the probes every node runs and reports to its super-peer
+# with its heartbeats, and how often (milliseconds). A domain's own `probe(node, NAME, MS)`
+# rules override them (0 turns one off).
+probe("load", 2000);
+probe("free_memory", 5000);
+probe("vertices", 1000);
+probe("queue_depth", 1000);
+probe("backlog", 2000);

@@ -305,6 +305,13 @@ impl Daemon {
                 eligible: config.broker,
                 images: config.images.clone(),
                 bootstrap,
+                disk: config
+                    .os
+                    .as_ref()
+                    .map(|o| o.dir.clone())
+                    .or_else(|| config.state_dir.clone())
+                    .or_else(|| config.cache_dir.clone())
+                    .unwrap_or_else(|| "/".into()),
             },
             runtime,
             queues,
@@ -369,6 +376,7 @@ impl Daemon {
         }
         if node.runs_vertices() {
             background.spawn(node.clone().follow());
+            background.spawn(node.clone().monitor());
         }
         if let Some(b) = &router.broker {
             background.spawn(b.clone().run(std::mem::take(&mut self.peers)));

@@ -230,6 +230,15 @@ impl NodeOs {
         Ok(req)
     }
 
+    /// How many guests are alive on the driver (running, blocked or paused).
+    ///
+    /// # Errors
+    /// The driver cannot list its guests.
+    pub(crate) fn guests_alive(&self) -> Result<usize, String> {
+        let guests = self.envs.driver().list().map_err(|e| e.to_string())?;
+        Ok(guests.iter().filter(|g| !g.state.is_dead()).count())
+    }
+
     /// The warm guests free now: template shape key → how many.
     pub(crate) fn warm(&self) -> std::collections::BTreeMap<String, u32> {
         self.warm

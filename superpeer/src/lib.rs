@@ -25,6 +25,9 @@ mod metrics;
 pub mod modules;
 pub mod net;
 mod node;
+/// The probes a node has, by name, with what each measures (what a monitoring policy's
+/// `probe` rules may name).
+pub use node::monitor::PROBES;
 pub mod pki;
 pub mod policy;
 pub mod proto;

@@ -90,6 +90,38 @@ impl Collector for Sources {
                     .into_iter()
                     .map(|(state, n)| (vec![("state", state)], ConstGauge::new(n))),
             )?;
+            if let Some(m) = b.monitoring() {
+                family(
+                    &mut encoder,
+                    "mvm_probe",
+                    "The latest sample of each node's probes, as its monitoring policy runs them",
+                    m.probes.iter().flat_map(|(node, samples)| {
+                        samples.iter().map(move |s| {
+                            let mut labels: Labels =
+                                vec![("node", node.clone()), ("probe", s.probe.clone())];
+                            if let Some(j) = &s.job {
+                                labels.push(("job", j.clone()));
+                            }
+                            (labels, ConstGauge::new(s.value))
+                        })
+                    }),
+                )?;
+                family(
+                    &mut encoder,
+                    "mvm_scheduling_policy",
+                    "The group's scheduling policy in force (1), as its domain's rules chose it",
+                    [(
+                        vec![("policy", m.scheduling.policy.clone())],
+                        ConstGauge::new(1i64),
+                    )],
+                )?;
+                family(
+                    &mut encoder,
+                    "mvm_scheduling_switches",
+                    "How many times the scheduling rules have switched the group's policy",
+                    [(Vec::new(), ConstCounter::new(m.switches))],
+                )?;
+            }
             let leader = i64::from(b.log.is_leader());
             family(
                 &mut encoder,

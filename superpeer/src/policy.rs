@@ -102,7 +102,13 @@ pub fn default_bundle(domain: &str) -> Bundle {
     b.files.insert(
         "node.polar".into(),
         "# The embedded default: a node runs jobs for its own domain.\n\
-         allow(actor, \"run\", node: Node) if actor.domain = node.domain;\n"
+         allow(actor, \"run\", node: Node) if actor.domain = node.domain;\n\
+         # Its monitoring: what it publishes to its super-peer, and how often (ms).\n\
+         probe(\"load\", 2000);\n\
+         probe(\"free_memory\", 2000);\n\
+         probe(\"vertices\", 1000);\n\
+         probe(\"queue_depth\", 1000);\n\
+         probe(\"backlog\", 1000);\n"
             .into(),
     );
     b

@@ -71,6 +71,122 @@ pub fn filter(nodes: &[Candidate], req: &Requirements) -> (Vec<usize>, Vec<Strin
     (ok, why)
 }
 
+/// How a group chooses among the nodes that meet a job's requirements: its domain's
+/// scheduling policy (named by the policy's `scheduling(metrics, POLICY)` rules, and switched
+/// by them as the group's metrics change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    /// The job's own rank (its profile's `rank`, or the default: free slots, then free
+    /// memory) orders the nodes; the job spreads over as many as it may use.
+    #[default]
+    Rank,
+    /// The nodes with the most free slots first, as many as the job may use: vertices spread
+    /// evenly, nodes fill alike.
+    Spread,
+    /// The fewest nodes that hold the job, the fullest that fit first: busy nodes fill up,
+    /// and whole nodes stay free for large jobs (or to be let go).
+    Pack,
+    /// The nodes with the lowest load first (from their heartbeats), as many as the job may
+    /// use.
+    LeastLoaded,
+}
+
+/// The names of the scheduling policies.
+pub const POLICIES: &str = "rank, spread, pack, least-loaded";
+
+impl Policy {
+    /// Its name in policies.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Rank => "rank",
+            Policy::Spread => "spread",
+            Policy::Pack => "pack",
+            Policy::LeastLoaded => "least-loaded",
+        }
+    }
+
+    /// The order to offer `ok` (indices into `all`) to [`place`] in, and how many of them
+    /// the job's `vertices` may be spread over (at most `max_nodes`). Ties keep `rank`'s
+    /// order.
+    pub fn arrange(
+        self,
+        rank: &Rank,
+        all: &[Candidate],
+        ok: Vec<usize>,
+        vertices: usize,
+        max_nodes: usize,
+    ) -> (Vec<usize>, usize) {
+        let mut order = rank.order(all, ok);
+        match self {
+            Policy::Rank => {}
+            Policy::Spread => {
+                order.sort_by_key(|&i| std::cmp::Reverse(all[i].free_slots));
+            }
+            Policy::LeastLoaded => {
+                order.sort_by(|&a, &b| all[a].load.total_cmp(&all[b].load));
+            }
+            Policy::Pack => {
+                // Greedy: while no single node holds what is left, the roomiest takes what
+                // it can (the fewest nodes); then the node with the least room that holds
+                // the rest (best fit).
+                let mut left = vertices;
+                let mut rest = order.clone();
+                let mut chosen = Vec::new();
+                while left > 0 && !rest.is_empty() && chosen.len() < max_nodes {
+                    let fits = rest
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, i)| all[**i].free_slots as usize >= left)
+                        .min_by_key(|(_, i)| all[**i].free_slots);
+                    let at = match fits {
+                        Some((at, _)) => at,
+                        None => rest
+                            .iter()
+                            .enumerate()
+                            .max_by_key(|(_, i)| all[**i].free_slots)
+                            .map_or(0, |(at, _)| at),
+                    };
+                    let i = rest.remove(at);
+                    left = left.saturating_sub(all[i].free_slots as usize);
+                    chosen.push(i);
+                }
+                if left > 0 {
+                    // Does not fit: as the others, so that `place` says why.
+                    return (order, max_nodes);
+                }
+                let used = chosen.len();
+                chosen.extend(rest);
+                return (chosen, used.max(1));
+            }
+        }
+        (order, max_nodes)
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Policy, String> {
+        Ok(match s {
+            "rank" => Policy::Rank,
+            "spread" => Policy::Spread,
+            "pack" => Policy::Pack,
+            "least-loaded" => Policy::LeastLoaded,
+            other => {
+                return Err(format!(
+                    "no scheduling policy named '{other}' (known: {POLICIES})"
+                ));
+            }
+        })
+    }
+}
+
 /// Why a rank expression does not parse, or a job cannot be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {

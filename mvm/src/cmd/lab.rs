@@ -768,6 +768,9 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
                 if n.lost { "  LOST" } else { "" }
             ));
         }
+        if let Some(sc) = &g.scheduling {
+            s.push_str(&format!("  scheduling: {} ({})\n", sc.policy, sc.by));
+        }
         for o in &g.groups {
             s.push_str(&format!(
                 "  group {} (domain {}): {} nodes, {} free slots, super-peer {}\n",

@@ -74,6 +74,64 @@ struct CheckOut {
     queue_kinds: Option<Vec<String>>,
     codecs: Option<Vec<String>>,
     max_queues: Option<u64>,
+    /// The probes a node runs and their intervals in milliseconds: `node` for the defaults,
+    /// and each domain's plan for its nodes (rules that name a node's name or group aside).
+    probes: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+}
+
+/// The monitoring plans of `engine`, each probe name checked against the probes a node has.
+fn monitoring(
+    engine: &OsoEngine,
+    bundle: &Bundle,
+) -> anyhow::Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>> {
+    let mut out = std::collections::BTreeMap::new();
+    let known: Vec<&str> = mvm_superpeer::PROBES.iter().map(|p| p.0).collect();
+    for domain in std::iter::once(String::new()).chain(bundle.domains()) {
+        let node = pol::Node {
+            name: String::new(),
+            domain: domain.clone(),
+            roles: Vec::new(),
+            group: String::new(),
+        };
+        let place = if domain.is_empty() {
+            "node.polar".to_owned()
+        } else {
+            format!("{domain}/*.polar")
+        };
+        let plan = engine
+            .probes(&node)
+            .map_err(|e| anyhow::anyhow!("{place}: the monitoring policy: {e}"))?;
+        if let Some(bad) = plan.keys().find(|p| !known.contains(&p.as_str())) {
+            anyhow::bail!(
+                "{place}: probe '{bad}' is not a probe a node has (known: {})",
+                known.join(", ")
+            );
+        }
+        if !domain.is_empty() {
+            // The rules with no group metrics yet, as a new group asks them first.
+            let m = pol::Metrics {
+                domain: domain.clone(),
+                scheduling: "rank".into(),
+                ..pol::Metrics::default()
+            };
+            if let Some(p) = engine
+                .scheduling(&m)
+                .map_err(|e| anyhow::anyhow!("{place}: the scheduling rules: {e}"))?
+            {
+                p.parse::<mvm_superpeer::schedule::Policy>()
+                    .map_err(|e| anyhow::anyhow!("{place}: the scheduling rules: {e}"))?;
+            }
+        }
+        out.insert(
+            if domain.is_empty() {
+                "node".into()
+            } else {
+                domain
+            },
+            plan,
+        );
+    }
+    Ok(out)
 }
 
 #[derive(Serialize)]
@@ -130,6 +188,9 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let bundle = Bundle::read_dir(&dir).map_err(|e| input(e.in_dir(&dir)))?;
             let e = OsoEngine::load(&bundle, 1).map_err(|e| input(e.in_dir(&dir)))?;
             let s = e.node_settings();
+            // Its messages start with the file they are of, in `dir`.
+            let probes =
+                monitoring(&e, &bundle).map_err(|e| input(format!("{}/{e}", dir.display())))?;
             let report = CheckOut {
                 dir: dir.display().to_string(),
                 files: bundle.files.keys().cloned().collect(),
@@ -138,6 +199,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 queue_kinds: s.queue_kinds.as_ref().map(|k| k.iter().cloned().collect()),
                 codecs: s.codecs.as_ref().map(|k| k.iter().cloned().collect()),
                 max_queues: s.max_queues,
+                probes,
             };
             crate::cmd::print(&report, out.output, |r| {
                 format!(

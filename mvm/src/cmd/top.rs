@@ -336,6 +336,7 @@ mod tests {
                 items,
                 bytes: items * 8,
             }],
+            probes: Vec::new(),
         }
     }
 
@@ -347,6 +348,7 @@ mod tests {
             is_broker: true,
             nodes,
             groups: Vec::new(),
+            scheduling: None,
         }
     }
 

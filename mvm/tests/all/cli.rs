@@ -311,6 +311,40 @@ fn ca_and_policy_commands_issue_check_query_and_refuse_overwrites() {
         serde_json::json!(["biology", "physics"]),
         "{v}"
     );
+    // The monitoring plans: node.polar's defaults, and physics' own over them.
+    assert_eq!(v["probes"]["node"]["load"], 2000, "{v}");
+    assert_eq!(v["probes"]["biology"], v["probes"]["node"], "{v}");
+    assert_eq!(v["probes"]["physics"]["load"], 1000, "{v}");
+    assert_eq!(v["probes"]["physics"]["free_disk"], 10000, "{v}");
+    // A probe no node has, or a scheduling policy that does not exist: refused, naming the
+    // file.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (file, text, says) in [
+        (
+            "node.polar",
+            "probe(\"temperature\", 1000);\n",
+            "probe 'temperature'",
+        ),
+        (
+            "physics/s.polar",
+            "scheduling(_m: Metrics, \"fastest\");\n",
+            "no scheduling policy named 'fastest'",
+        ),
+    ] {
+        let root = dir.path().join(file.replace('/', "_"));
+        let path = root.join(file);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(&path, text).expect("write");
+        let out = mvm(&["policy", "check", root.to_str().expect("utf-8")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let at = if file == "node.polar" {
+            "node.polar"
+        } else {
+            "physics/*.polar"
+        };
+        assert!(err.contains(says) && err.contains(at), "{err}");
+    }
     let v: serde_json::Value = serde_json::from_slice(
         &mvm(&[
             "bench",

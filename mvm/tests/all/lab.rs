@@ -1001,8 +1001,25 @@ fn the_labs_daemons_serve_prometheus_metrics_of_jobs_and_of_running_queues() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, text) = http_get(&leader[0], "/metrics");
-        if sample(&text, "mvm_jobs", &["state=\"cancelled\""]) == Some(1.0) {
+        // The nodes' probes as the embedded monitoring policy runs them (from its first
+        // heartbeats after a node has its policies).
+        let probes = ["load", "free_memory", "vertices", "queue_depth"]
+            .iter()
+            .all(|probe| {
+                let p = format!("probe=\"{probe}\"");
+                ["node0", "node1"].iter().all(|n| {
+                    let node = format!("node=\"{n}\"");
+                    sample(&text, "mvm_probe", &[&node, &p]).is_some()
+                })
+            });
+        if sample(&text, "mvm_jobs", &["state=\"cancelled\""]) == Some(1.0) && probes {
             assert_eq!(sample(&text, "mvm_log_leader", &[]), Some(1.0), "{text}");
+            // The scheduling policy in force: the default, as no rule chooses one.
+            assert_eq!(
+                sample(&text, "mvm_scheduling_policy", &["policy=\"rank\""]),
+                Some(1.0),
+                "{text}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the leader's jobs: {text}");

@@ -296,6 +296,8 @@ pub(super) struct Core {
     pub(super) cut_floor: HashMap<JobId, u64>,
     /// The drain under way.
     pub(super) drain: Option<super::drain::DrainOp>,
+    /// The scheduling policy in force.
+    pub(super) steering: super::monitor::Steering,
 }
 
 impl Core {
@@ -329,6 +331,7 @@ impl Core {
             moves: HashMap::new(),
             cut_floor: HashMap::new(),
             drain: None,
+            steering: super::monitor::Steering::default(),
         }
     }
 

@@ -64,7 +64,7 @@ impl Replicas {
 impl Core {
     /// Vertex slots free on `node` now: its slots less what the log and placements under way
     /// hold there.
-    fn free_slots(&self, peer: &PeerId, slots: u32) -> u32 {
+    pub(super) fn free_slots(&self, peer: &PeerId, slots: u32) -> u32 {
         let logged = self.log.read(|s| s.reserved(peer));
         slots
             .saturating_sub(logged)
@@ -200,6 +200,7 @@ impl Core {
                         load: n.info.load.load,
                         queues: n.info.load.queues.clone(),
                         traffic: n.info.load.traffic.clone(),
+                        probes: n.probes.samples(),
                     })
                     .collect()
             })
@@ -208,6 +209,7 @@ impl Core {
         GroupInfo {
             nodes: views,
             groups: self.members.groups(now, &self.site.net.peer()),
+            scheduling: Some(self.steering.view()),
             ..super::leader_view(&self.site, &self.log, &self.view.replicas)
         }
     }

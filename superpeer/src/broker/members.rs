@@ -37,6 +37,8 @@ pub(super) struct NodeEntry {
     pub(super) lost: bool,
     /// Running jobs placed here that the node did not list at its heartbeats, and since when.
     missing: HashMap<JobId, Instant>,
+    /// The latest sample of each of its probes.
+    pub(super) probes: super::monitor::Probes,
 }
 
 /// What happens to the membership.
@@ -128,7 +130,9 @@ impl Members {
         }
     }
 
-    fn register(&mut self, now: Instant, peer: PeerId, info: NodeInfo) {
+    fn register(&mut self, now: Instant, peer: PeerId, mut info: NodeInfo) {
+        let mut probes = super::monitor::Probes::default();
+        probes.put(now, std::mem::take(&mut info.load.probes));
         let addrs = info.addrs.clone();
         self.expected.remove(&peer);
         let member = Member {
@@ -143,6 +147,7 @@ impl Members {
             last_seen: now,
             lost: false,
             missing: HashMap::new(),
+            probes,
         };
         self.nodes.insert(peer, entry);
     }
@@ -165,6 +170,8 @@ impl Members {
         if !load.images.is_empty() {
             n.info.images.clone_from(&load.images);
         }
+        let mut load = load;
+        n.probes.put(now, std::mem::take(&mut load.probes));
         n.info.load = load;
         Vec::new()
     }
@@ -173,6 +180,7 @@ impl Members {
         let lost_after = self.lost_after;
         let mut out = Vec::new();
         for (peer, n) in self.nodes.iter_mut().filter(|(_, n)| !n.lost) {
+            n.probes.expire(now, lost_after);
             if now.saturating_duration_since(n.last_seen) > lost_after {
                 n.lost = true;
                 n.missing.clear();

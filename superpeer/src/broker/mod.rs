@@ -47,6 +47,7 @@ mod group;
 mod logs;
 mod members;
 mod migrate;
+mod monitor;
 mod place;
 mod plan;
 mod recover;
@@ -62,6 +63,8 @@ mod tests;
 mod tests_checkpoint;
 #[cfg(test)]
 mod tests_faults;
+#[cfg(test)]
+mod tests_monitor;
 #[cfg(test)]
 mod tests_policy;
 #[cfg(test)]
@@ -108,6 +111,16 @@ pub(super) struct View {
     waiting: Mutex<HashMap<JobId, String>>,
     /// The replicas, leader first.
     replicas: group::Replicas,
+    /// The monitoring results and the scheduling policy, as of the last tick.
+    monitor: Mutex<Option<monitor::Published>>,
+}
+
+impl Broker {
+    /// The monitoring results and the scheduling policy as of the loop's last tick (none
+    /// before its first, or on a replica that does not lead).
+    pub(crate) fn monitoring(&self) -> Option<monitor::Published> {
+        self.view.monitor.lock().clone()
+    }
 }
 
 pub(super) fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
@@ -136,6 +149,7 @@ fn leader_view(site: &Site, log: &JobLog, replicas: &group::Replicas) -> GroupIn
         is_broker: leader == Some(me),
         nodes: Vec::new(),
         groups: Vec::new(),
+        scheduling: None,
     }
 }
 

@@ -204,14 +204,19 @@ impl Core {
             cands,
             ok,
         } = self.candidates(job, s)?;
-        let mut order = c.rank.order(&cands, ok);
+        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
+        // The group's scheduling policy orders the nodes (the job's rank among equals), and
+        // may bound how many it uses (pack).
+        let (mut order, max) =
+            self.steering
+                .policy
+                .arrange(&c.rank, &cands, ok, c.graph.vertices, max);
         // A job that names a guest template goes first to the nodes that keep a guest of it
-        // warm (in rank order among them): its part starts without making one.
+        // warm (in policy order among them): its part starts without making one.
         if let Some(t) = &s.requirements.template {
             let key = t.shape.key();
             order.sort_by_key(|&i| self.members.warm(&live[i], &key) == 0);
         }
-        let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
         // `place` fills the first `max` nodes of the order it is given. When the best ranked
         // of them have too little room and others have more, the roomiest go first (in rank
         // order among equals), so that a job that fits is not kept waiting behind rank.

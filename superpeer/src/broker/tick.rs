@@ -16,6 +16,8 @@ impl Core {
     pub(super) fn tick(&mut self, out: &mut Vec<Effect>, now: Instant) {
         self.found(out, now);
         if !self.leading {
+            // Only the leader's monitoring is current.
+            *self.view.monitor.lock() = None;
             return;
         }
         for effect in self.members.on(now, members::Input::Tick) {
@@ -35,6 +37,7 @@ impl Core {
                 members::Effect::Unknown(_) => {}
             }
         }
+        self.steer();
         let pending: std::collections::HashSet<JobId> = self
             .log
             .read(|s| s.pending().map(|j| j.id.clone()).collect());

@@ -78,6 +78,16 @@ impl ControlState {
             .filter(|j| !j.held)
     }
 
+    /// How many jobs wait to be placed (held ones too).
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// How many jobs remembered have not ended (waiting, being prepared or running).
+    pub fn not_ended(&self) -> usize {
+        self.jobs.len().saturating_sub(self.ended.len())
+    }
+
     /// What `owner`'s jobs that have not ended hold.
     pub fn held(&self, owner: &Principal) -> Resources {
         self.held

@@ -201,6 +201,7 @@ impl Node {
             is_broker: false,
             nodes: Vec::new(),
             groups: Vec::new(),
+            scheduling: None,
         }
     }
 
@@ -262,6 +263,7 @@ impl Node {
             warm: self.os.as_ref().map(|os| os.warm()).unwrap_or_default(),
             queues,
             traffic,
+            probes: self.probes.take(),
         }
     }
 

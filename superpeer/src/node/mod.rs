@@ -28,6 +28,7 @@ mod checkpoint;
 mod follow;
 mod guests;
 mod logs;
+pub(crate) mod monitor;
 mod moves;
 mod part;
 mod parts;
@@ -145,6 +146,8 @@ pub(crate) struct Node {
     members: Mutex<Vec<Member>>,
     /// The logs of the parts running here.
     logs: logs::Shelf,
+    /// Its probes' samples not yet sent to the super-peer.
+    probes: monitor::Fresh,
 }
 
 /// How a node is set up.
@@ -158,6 +161,8 @@ pub(crate) struct NodeConfig {
     pub(crate) images: Vec<String>,
     /// Super-peers to register with, and their addresses.
     pub(crate) bootstrap: Vec<(PeerId, Multiaddr)>,
+    /// The directory whose file system the `free_disk` probe measures.
+    pub(crate) disk: std::path::PathBuf,
 }
 
 impl Node {
@@ -186,6 +191,7 @@ impl Node {
             superpeer: RwLock::new(superpeer),
             members: Mutex::new(Vec::new()),
             logs: logs::Shelf::default(),
+            probes: monitor::Fresh::default(),
         }
     }
 

@@ -156,6 +156,18 @@ fn check_samples(l: &super::NodeLoad) -> Result<(), CheckError> {
         });
     }
     check_len("job traffic", l.traffic.len())?;
+    if l.probes.len() > super::MAX_PROBE_SAMPLES {
+        return Err(CheckError::TooMany {
+            field: "probe samples",
+            count: l.probes.len(),
+        });
+    }
+    for p in &l.probes {
+        check_name("a probe sample's probe", &p.probe)?;
+        if let Some(j) = &p.job {
+            check_name("a probe sample's job", j)?;
+        }
+    }
     for q in &l.queues {
         check_name("a queue sample's job", &q.job)?;
         check_name("a queue sample's queue", &q.queue)?;

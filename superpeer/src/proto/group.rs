@@ -57,10 +57,34 @@ pub struct NodeLoad {
     /// What each running job's queues here have carried so far.
     #[serde(default)]
     pub traffic: Vec<JobTraffic>,
+    /// The samples its probes took since its last heartbeat (at most [`MAX_PROBE_SAMPLES`]),
+    /// as its monitoring policy runs them.
+    #[serde(default)]
+    pub probes: Vec<ProbeSample>,
 }
 
 /// The most queues a heartbeat lists.
 pub const MAX_QUEUE_SAMPLES: usize = 8;
+
+/// The most probe samples a heartbeat carries.
+pub const MAX_PROBE_SAMPLES: usize = 64;
+
+/// One sample of a node's probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeSample {
+    /// The probe, e.g. `free_memory`.
+    pub probe: String,
+    /// The job it is of, for a probe with a value per job (e.g. `backlog`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The value.
+    pub value: f64,
+    /// When it was taken (milliseconds since the Unix epoch, the node's clock).
+    pub at_ms: u64,
+    /// The probe's interval under the node's monitoring policy, in milliseconds (a sample
+    /// older than a few of them is stale).
+    pub interval_ms: u64,
+}
 
 /// A queue of a running job on a node, as its heartbeat gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +137,9 @@ pub struct GroupInfo {
     /// Other groups, from their super-peers' summaries.
     #[serde(default)]
     pub groups: Vec<GroupSummary>,
+    /// The scheduling policy in force (a super-peer's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingView>,
 }
 
 /// What a super-peer tells the others about its group (gossiped every few heartbeats).
@@ -187,6 +214,24 @@ pub struct NodeView {
     /// What its running jobs' queues had carried at its last heartbeat.
     #[serde(default)]
     pub traffic: Vec<JobTraffic>,
+    /// The latest sample of each probe it publishes (and of each job's, for a probe with a
+    /// value per job).
+    #[serde(default)]
+    pub probes: Vec<ProbeSample>,
+}
+
+/// The scheduling policy a group places jobs by, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulingView {
+    /// The policy: `rank`, `spread`, `pack` or `least-loaded`.
+    pub policy: String,
+    /// Since when (milliseconds since the Unix epoch).
+    pub since_ms: u64,
+    /// What chose it: the domain's `scheduling` rule, or the default when none holds.
+    pub by: String,
+    /// The group's metrics it was last chosen from, as the rules see them (`mean_load`,
+    /// `pending_vertices`, `mean.free_disk`, `max.queue_depth`, …).
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 #[cfg(test)]

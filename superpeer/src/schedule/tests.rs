@@ -235,3 +235,76 @@ fn a_two_vertex_cycle_over_two_nodes_keeps_one_vertex_on_each() {
     let p = place(&g, &[100, 100], usize::MAX).expect("placed");
     assert_ne!(p[0], p[1], "{p:?}");
 }
+
+#[test]
+fn each_scheduling_policy_orders_the_nodes_and_bounds_how_many_a_job_uses() {
+    // a: 8 free of 8, idle; b: 3 free of 8, loaded; c: 5 free of 8, half loaded.
+    let mut all = vec![node("a", 8), node("b", 8), node("c", 8)];
+    all[1].free_slots = 3;
+    all[1].load = 2.0;
+    all[2].free_slots = 5;
+    all[2].load = 0.5;
+    all[0].load = 0.1;
+    let rank = Rank::parse("-cpus").expect("parses"); // all equal: keeps the given order
+    let arrange = |p: Policy, vertices: usize, max: usize| {
+        let (order, k) = p.arrange(&rank, &all, vec![0, 1, 2], vertices, max);
+        let names: Vec<&str> = order.iter().map(|&i| all[i].name.as_str()).collect();
+        (names, k)
+    };
+    assert_eq!(
+        arrange(Policy::Rank, 2, usize::MAX),
+        (vec!["a", "b", "c"], usize::MAX)
+    );
+    assert_eq!(
+        arrange(Policy::Spread, 2, usize::MAX),
+        (vec!["a", "c", "b"], usize::MAX)
+    );
+    assert_eq!(arrange(Policy::LeastLoaded, 2, 2), (vec!["a", "c", "b"], 2));
+    // Pack: the fullest node that holds the job, alone.
+    assert_eq!(
+        arrange(Policy::Pack, 2, usize::MAX),
+        (vec!["b", "a", "c"], 1)
+    );
+    assert_eq!(
+        arrange(Policy::Pack, 4, usize::MAX),
+        (vec!["c", "a", "b"], 1)
+    );
+    // Too big for one node: the roomiest takes what it can, the best fit the rest.
+    assert_eq!(
+        arrange(Policy::Pack, 11, usize::MAX),
+        (vec!["a", "b", "c"], 2)
+    );
+    // Too big for the nodes it may use: left to `place` to refuse, as under the others.
+    let (_, k) = arrange(Policy::Pack, 11, 1);
+    assert_eq!(k, 1);
+    // And through `place`: two vertices joined by a channel go to one node under pack,
+    // to two under spread.
+    let g = Graph {
+        vertices: 2,
+        edges: vec![(0, 1, 1)],
+    };
+    let nodes_used = |p: Policy| {
+        let (order, k) = p.arrange(&rank, &all, vec![0, 1, 2], 2, usize::MAX);
+        let caps: Vec<u32> = order.iter().map(|&i| all[i].free_slots).collect();
+        let mut used = place(&g, &caps, k).expect("fits");
+        used.sort_unstable();
+        used.dedup();
+        used.into_iter()
+            .map(|r| all[order[r]].name.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(nodes_used(Policy::Pack), ["b"]);
+    assert_eq!(nodes_used(Policy::Spread), ["a", "c"]);
+    assert_eq!(nodes_used(Policy::LeastLoaded), ["a", "c"]);
+    // Names round-trip; an unknown one says which there are.
+    for p in [
+        Policy::Rank,
+        Policy::Spread,
+        Policy::Pack,
+        Policy::LeastLoaded,
+    ] {
+        assert_eq!(p.name().parse::<Policy>(), Ok(p));
+    }
+    let e = "fastest".parse::<Policy>().expect_err("unknown");
+    assert!(e.contains("fastest") && e.contains(POLICIES), "{e}");
+}
