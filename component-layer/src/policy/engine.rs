@@ -151,49 +151,49 @@ impl Kb {
         }
     }
 
+    /// What `each` makes of every result of `rule(args…)`, in the order the rules give them.
+    fn results<T>(
+        &self,
+        rule: &str,
+        args: impl oso::ToPolarList,
+        mut each: impl FnMut(oso::ResultSet) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        let query = self.oso.query_rule(rule, args).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for r in query {
+            match r {
+                Ok(r) => out.push(each(r)?),
+                // A policy that states no such rule states no such value.
+                Err(e) if e.to_string().contains("undefined rule") => return Ok(Vec::new()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(out)
+    }
+
     /// Every value of the variable `x` in `args` for which `rule(args…)` holds.
     fn values<T: oso::FromPolar>(
         &self,
         rule: &str,
         args: impl oso::ToPolarList,
     ) -> Result<Vec<T>, String> {
-        let query = self.oso.query_rule(rule, args).map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for r in query {
-            let r = match r {
-                Ok(r) => r,
-                // A policy that states no such rule states no such value.
-                Err(e) if e.to_string().contains("undefined rule") => return Ok(Vec::new()),
-                Err(e) => return Err(e.to_string()),
-            };
-            out.push(r.get_typed::<T>("x").map_err(|e| format!("{rule}: {e}"))?);
-        }
-        Ok(out)
+        self.results(rule, args, |r| {
+            r.get_typed::<T>("x").map_err(|e| format!("{rule}: {e}"))
+        })
     }
 
     /// Every `(name, milliseconds)` pair for which `probe(args…, name, ms)` holds, in the
     /// order the rules give them.
     fn probe_pairs(&self, args: impl oso::ToPolarList) -> Result<Vec<(String, u64)>, String> {
-        let query = self
-            .oso
-            .query_rule("probe", args)
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for r in query {
-            let r = match r {
-                Ok(r) => r,
-                Err(e) if e.to_string().contains("undefined rule") => return Ok(Vec::new()),
-                Err(e) => return Err(e.to_string()),
-            };
+        self.results("probe", args, |r| {
             let name: String = r.get_typed("name").map_err(|e| format!("probe: {e}"))?;
             let ms: i64 = r
                 .get_typed("ms")
                 .map_err(|e| format!("probe {name}: {e}"))?;
             let ms = u64::try_from(ms)
                 .map_err(|_| format!("probe {name}: {ms} is not a number of milliseconds"))?;
-            out.push((name, ms));
-        }
-        Ok(out)
+            Ok((name, ms))
+        })
     }
 }
 
