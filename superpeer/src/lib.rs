@@ -34,4 +34,5 @@ pub mod proto;
 mod rpc;
 pub mod schedule;
 mod site;
+pub mod trigger;
 pub mod worker;
