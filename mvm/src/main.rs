@@ -93,6 +93,8 @@ enum Command {
     Ca(cmd::ca::Args),
     /// Policies: check a directory, ask it a question, reload a super-peer's.
     Policy(cmd::policy::Args),
+    /// Trigger files (`mvm superpeer --triggers DIR`): check them.
+    Trigger(cmd::trigger::Args),
     /// Measure MVM against its references (crossbeam, raw TCP, MPICH) in the same run.
     Bench(cmd::bench::Args),
     /// Run one part of a job inside its guest, for the node that started this process (its
@@ -145,6 +147,7 @@ fn main() -> ExitCode {
         Command::Node(args) => cmd::daemon::node(args),
         Command::Image(args) => cmd::image::run(args),
         Command::Env(args) => cmd::env::run(args),
+        Command::Trigger(args) => cmd::trigger::run(args),
         Command::Ca(args) => cmd::ca::run(args),
         Command::Policy(args) => cmd::policy::run(args),
         Command::Superpeer(args) => cmd::daemon::superpeer(args),

@@ -71,6 +71,13 @@ pub struct DaemonConfig {
     pub direct_links: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`; see [`crate::metrics`]).
     pub metrics: Option<std::net::SocketAddr>,
+    /// A super-peer's triggers ([`crate::trigger`]), asked while it leads.
+    pub triggers: Vec<crate::trigger::Trigger>,
+    /// The domain's CA, for a super-peer whose triggers make guests: it issues the identities
+    /// of the nodes in them.
+    pub issuer: Option<Arc<crate::pki::Ca>>,
+    /// The node whose guest this node runs in (set by that node when a trigger made it).
+    pub guest_of: Option<PeerId>,
 }
 
 impl Default for DaemonConfig {
@@ -95,6 +102,9 @@ impl Default for DaemonConfig {
             replicas: Vec::new(),
             direct_links: false,
             metrics: None,
+            triggers: Vec::new(),
+            issuer: None,
+            guest_of: None,
         }
     }
 }
@@ -277,6 +287,10 @@ impl Daemon {
                 log,
                 [modules, blobs],
                 founders,
+                crate::broker::triggers::Triggering::new(
+                    config.triggers.clone(),
+                    config.issuer.clone(),
+                ),
             )))
         } else {
             None
@@ -312,6 +326,7 @@ impl Daemon {
                     .or_else(|| config.state_dir.clone())
                     .or_else(|| config.cache_dir.clone())
                     .unwrap_or_else(|| "/".into()),
+                guest_of: config.guest_of,
             },
             runtime,
             queues,
@@ -414,6 +429,7 @@ impl Daemon {
         handlers.abort_all();
         background.abort_all();
         node.terminate_all();
+        node.shrink_all().await;
         if let Some(b) = &router.broker {
             b.log.shutdown().await;
         }

@@ -121,6 +121,10 @@ pub(crate) struct NodeArgs {
     /// How many vertices it runs at once.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     slots: u32,
+    /// The node whose guest this node runs in (given by that node when a trigger made the
+    /// guest; the broker asks it to tear the guest down).
+    #[arg(long, value_name = "PEER", hide = true)]
+    guest_of: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -147,6 +151,16 @@ pub(crate) struct SuperpeerArgs {
     /// a group of one super-peer.
     #[arg(long = "replica", value_name = "MULTIADDR")]
     replicas: Vec<String>,
+    /// A directory of trigger files (`*.toml`; check them with `mvm trigger check`): each a
+    /// condition over the group's metrics, held for a while, and an action — make guests that
+    /// run nodes of the group, tear idle ones down, drain or undrain a node, or run a command
+    /// here — asked at every heartbeat while this super-peer leads.
+    #[arg(long, value_name = "DIR")]
+    triggers: Option<PathBuf>,
+    /// The domain's CA directory (`mvm ca init`), for triggers that make guests: this
+    /// super-peer issues the certificates of the nodes in them.
+    #[arg(long, value_name = "DIR")]
+    issuer: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -450,10 +464,17 @@ pub(crate) fn node(args: NodeArgs) -> Result<(), Failure> {
         Some(NodeAction::Undrain(a)) => return crate::cmd::job::drain(a, false),
         None => {}
     }
+    let guest_of = match &args.guest_of {
+        Some(p) => Some(p.parse::<libp2p::PeerId>().map_err(|e| {
+            Failure::input(anyhow::anyhow!("--guest-of '{p}': not a peer id: {e}"))
+        })?),
+        None => None,
+    };
     let config = DaemonConfig {
         broker: false,
         bootstrap: args.bootstrap,
         slots: args.slots,
+        guest_of,
         ..DaemonConfig::default()
     };
     serve(args.common, config, host_name())
@@ -464,10 +485,23 @@ pub(crate) fn superpeer(args: SuperpeerArgs) -> Result<(), Failure> {
         mvm_superpeer::net::split_peer(r)
             .map_err(|e| Failure::input(anyhow::anyhow!("--replica: {e}")))?;
     }
+    let triggers = match &args.triggers {
+        Some(d) => mvm_superpeer::trigger::load_dir(d).map_err(Failure::input)?,
+        None => Vec::new(),
+    };
+    let issuer = match &args.issuer {
+        Some(d) => Some(std::sync::Arc::new(
+            mvm_superpeer::pki::Ca::load(d)
+                .map_err(|e| Failure::input(anyhow::anyhow!("--issuer {}: {e}", d.display())))?,
+        )),
+        None => None,
+    };
     let config = DaemonConfig {
         broker: true,
         slots: args.slots,
         replicas: args.replicas,
+        triggers,
+        issuer,
         ..DaemonConfig::default()
     };
     serve(args.common, config, "superpeer".into())

@@ -15,6 +15,7 @@ pub(crate) mod policy;
 pub(crate) mod run;
 pub(crate) mod top;
 pub(crate) mod topology;
+pub(crate) mod trigger;
 
 /// Prints a report as JSON or as text.
 pub(crate) fn print<T: serde::Serialize>(

@@ -247,6 +247,7 @@ fn topology_render_draws_svg_with_ports() {
 }
 
 const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+const TRIGGERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../triggers");
 
 #[test]
 fn ca_and_policy_commands_issue_check_query_and_refuse_overwrites() {
@@ -310,6 +311,35 @@ fn ca_and_policy_commands_issue_check_query_and_refuse_overwrites() {
         v["domains"],
         serde_json::json!(["biology", "physics"]),
         "{v}"
+    );
+    // The shipped trigger files check; a bad one names its file and line.
+    let t: serde_json::Value =
+        serde_json::from_slice(&mvm(&["trigger", "check", TRIGGERS, "-o", "json"]).stdout)
+            .expect("json");
+    let names: Vec<&str> = t
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|t| t["ok"] == true)
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["grow", "notify", "shrink"], "{t}");
+    let bad = tempfile::tempdir().expect("tempdir");
+    let f = bad.path().join("hot.toml");
+    std::fs::write(
+        &f,
+        "# hot\nwhen = \"max_load > 4\"\nfor = \"a while\"\naction = { drain = \"n1\" }\n",
+    )
+    .expect("write");
+    let out = mvm(&["trigger", "check", f.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:3: for: 'a while' is not a duration",
+            f.display()
+        )),
+        "{err}"
     );
     // The monitoring plans: node.polar's defaults, and physics' own over them.
     assert_eq!(v["probes"]["node"]["load"], 2000, "{v}");

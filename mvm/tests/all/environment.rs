@@ -657,21 +657,8 @@ fn a_node_keeps_guests_of_a_template_warm_and_jobs_that_name_it_go_there_and_tak
     let os2 = d.join("n2os");
     import(&g, &os2, "env:1", &disk);
     let sp = g.daemon("sp", &["superpeer"]);
-    let (os_arg, os2_arg) = (os.display().to_string(), os2.display().to_string());
-    g.daemon(
-        "n1",
-        &[
-            "node",
-            "--bootstrap",
-            &sp,
-            "--os-dir",
-            &os_arg,
-            "--cgroup",
-            &group,
-            "--slots",
-            "4096",
-        ],
-    );
+    let os2_arg = os2.display().to_string();
+    os_node(&mut g, "n1", &sp, &os, &group, 4096);
     g.daemon(
         "n2",
         &[
@@ -941,4 +928,155 @@ fn a_ring_in_workers_checkpointed_migrated_and_killed_ends_as_an_undisturbed_run
     assert_eq!(quiet["state"], "done", "{quiet}");
     assert_eq!(end["outputs"], quiet["outputs"]);
     crate::run::same_traffic(&end, &quiet);
+}
+
+/// Starts node `name` of super-peer `sp` with its OS layer in `os`, guests under `group`,
+/// and `slots` slots.
+fn os_node(g: &mut Groups, name: &str, sp: &str, os: &Path, group: &str, slots: u32) {
+    let os_arg = os.display().to_string();
+    let slots = slots.to_string();
+    g.daemon(
+        name,
+        &[
+            "node",
+            "--bootstrap",
+            sp,
+            "--os-dir",
+            &os_arg,
+            "--cgroup",
+            group,
+            "--slots",
+            &slots,
+        ],
+    );
+}
+
+/// A ring of 8 token-passing vertices that runs until cancelled.
+fn endless_ring(dir: &Path, name: &str) -> String {
+    file(
+        dir,
+        &format!("{name}.toml"),
+        &format!(
+            "name = \"{name}\"\ntopology = \"{0}/topologies/ring-8.dot\"\n[components]\n\
+             token = \"{0}/jobs/wat/token.wat\"\n[parameters]\nhops = 2000000000\n\
+             [limits]\nwall = \"300s\"\n",
+            root().display()
+        ),
+    )
+}
+
+/// The group's nodes by name, as its super-peer sees them.
+fn node_names(g: &Groups) -> Vec<String> {
+    let v = json(&g.run(&["lab", "status", "-o", "json"]));
+    let mut names: Vec<String> = v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["lost"] == false)
+        .filter_map(|n| n["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn triggers_grow_the_group_with_guests_running_nodes_under_a_backlog_and_shrink_it_when_idle() {
+    let group = format!("mvm-trigtest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let mut g = Groups::new();
+    let d = g.dir.path().to_owned();
+    let os = d.join("n1os");
+    let disk = d.join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    import(&g, &os, "env:1", &disk);
+    // Grow by one guest of 8 slots while vertices wait; tear an idle guest down when nothing
+    // waits.
+    file(&d, "base.toml", "image = \"env:1\"\nmemory = \"512MiB\"\n");
+    let triggers = d.join("triggers");
+    std::fs::create_dir_all(&triggers).expect("mkdir");
+    file(
+        &triggers,
+        "grow.toml",
+        "when = \"pending_vertices > 0\"\nfor = \"500ms\"\ncooldown = \"30s\"\n[action]\n\
+         create-guests = { template = \"../base.toml\", count = 1, slots = 8 }\n",
+    );
+    file(
+        &triggers,
+        "shrink.toml",
+        "when = \"idle_guests > 0 and pending_vertices = 0\"\nfor = \"1s\"\ncooldown = \"5s\"\n\
+         [action]\ndestroy-idle-guests = { count = 1 }\n",
+    );
+    let checked = json(&g.run(&[
+        "trigger",
+        "check",
+        triggers.to_str().expect("utf-8"),
+        "-o",
+        "json",
+    ]));
+    assert_eq!(checked[0]["name"], "grow", "{checked}");
+    assert_eq!(checked[1]["ok"], true, "{checked}");
+    let t = triggers.to_str().expect("utf-8").to_owned();
+    let ca = d.join("ca").to_str().expect("utf-8").to_owned();
+    let sp = g.daemon("sp", &["superpeer", "--triggers", &t, "--issuer", &ca]);
+    os_node(&mut g, "n1", &sp, &os, &group, 8);
+    write_lab(&d, &sp);
+    wait_for(Duration::from_secs(20), || {
+        (node_names(&g) == ["n1"]).then_some(())
+    });
+
+    // A ring fills n1; a second waits, and the grow trigger makes a guest whose node takes it.
+    let submit = |name: &str| {
+        let v = json(&g.run(&["submit", &endless_ring(&d, name), "-o", "json"]));
+        v["job"].as_str().expect("a job id").to_owned()
+    };
+    let status = |job: &str| json(&g.run(&["status", job, "-o", "json"]))[0].clone();
+    let first = submit("first");
+    wait_for(Duration::from_secs(30), || {
+        (status(&first)["state"] == "running").then_some(())
+    });
+    let second = submit("second");
+    let v = wait_for(Duration::from_secs(60), || {
+        let v = status(&second);
+        (v["state"] == "running").then_some(v)
+    });
+    let parts: Vec<&str> = v["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(parts.len(), 1, "{v}");
+    let guest = parts[0].to_owned();
+    assert!(
+        guest.starts_with("n1-g"),
+        "placed on the new guest's node: {v}"
+    );
+    assert_eq!(node_names(&g), ["n1".to_owned(), guest.clone()]);
+    // The guest is a control group of n1's driver, and its node runs inside it.
+    let guests_now = cgroups(&group);
+    assert_eq!(guests_now.len(), 1, "{guests_now:?}");
+    let procs = guest_procs(&group, &guests_now[0]);
+    assert!(
+        procs.iter().any(|(_, pids)| pids.iter().any(|&p| {
+            parent_and_args(p).is_some_and(|(_, args)| args.iter().any(|a| a == &guest))
+        })),
+        "the guest's node process is in {procs:?}"
+    );
+
+    // Nothing waits and the guest is idle: the shrink trigger tears it down.
+    for job in [&second, &first] {
+        assert!(g.run(&["cancel", job]).status.success());
+    }
+    wait_for(Duration::from_secs(60), || {
+        (node_names(&g) == ["n1"] && cgroups(&group).is_empty()).then_some(())
+    });
+    let v = json(&g.run(&["lab", "status", "-o", "json"]));
+    assert!(
+        v["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .all(|n| n["name"] != guest.as_str()),
+        "the guest's node is forgotten, not lost: {v}"
+    );
 }

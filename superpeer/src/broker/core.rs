@@ -144,6 +144,12 @@ pub(super) enum Effect {
         put: Vec<bytes::Bytes>,
         forget: Vec<crate::proto::Hash>,
     },
+    /// Run a trigger's command on this host, with the group's metrics in its environment.
+    Exec {
+        trigger: String,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    },
 }
 
 /// What an answer or an outcome is for.
@@ -217,6 +223,10 @@ pub(super) enum Then {
     },
     /// A part's end, or a hold, was recorded: answer.
     Answer { reply: Reply },
+    /// A node answered the making of a guest (a trigger's).
+    Grown { guest: String },
+    /// A node answered the teardown of guest `name`, whose node is `guest`.
+    Shrunk { guest: PeerId, name: String },
     /// Nothing follows (terminations, summaries).
     Nothing,
 }
@@ -298,6 +308,8 @@ pub(super) struct Core {
     pub(super) drain: Option<super::drain::DrainOp>,
     /// The scheduling policy in force.
     pub(super) steering: super::monitor::Steering,
+    /// The triggers and what their actions need.
+    pub(super) triggering: super::triggers::Triggering,
 }
 
 impl Core {
@@ -332,6 +344,7 @@ impl Core {
             cut_floor: HashMap::new(),
             drain: None,
             steering: super::monitor::Steering::default(),
+            triggering: super::triggers::Triggering::default(),
         }
     }
 
@@ -458,6 +471,8 @@ impl Core {
             | Then::Started { .. }
             | Then::CutTaken { .. }
             | Then::MoveStep { .. }
+            | Then::Grown { .. }
+            | Then::Shrunk { .. }
             | Then::Nothing => {}
         }
     }
@@ -493,6 +508,8 @@ impl Core {
                     );
                 }
             }
+            Then::Grown { guest } => self.grown(&guest, &answer),
+            Then::Shrunk { guest, name } => self.shrunk(guest, &name, &answer),
             Then::Nothing => {
                 if let Err(f) = answer {
                     tracing::debug!(%peer, error = %f.message, "terminate not delivered");

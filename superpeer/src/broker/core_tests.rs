@@ -130,6 +130,7 @@ impl Bench {
             slots,
             eligible: false,
             load: NodeLoad::default(),
+            guest_of: None,
         };
         let (reply, mut rx) = oneshot::channel();
         let effects = self.on(Input::Register {

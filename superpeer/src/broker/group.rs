@@ -121,7 +121,13 @@ impl Core {
         }
         tracing::info!(%peer, name = %info.name, "node registered");
         self.view.names.lock().insert(peer, info.name.clone());
-        self.members.on(now, Input::Register { peer, info });
+        self.members.on(
+            now,
+            Input::Register {
+                peer,
+                info: Box::new(info),
+            },
+        );
         Response::Registered {
             heartbeat_ms: u64::try_from(self.site.heartbeat.as_millis()).unwrap_or(1000),
             members: self.replicas(),

@@ -45,7 +45,7 @@ pub(super) struct NodeEntry {
 #[derive(Debug)]
 pub(super) enum Input {
     /// A node has registered (its certificate already checked against its name and domain).
-    Register { peer: PeerId, info: NodeInfo },
+    Register { peer: PeerId, info: Box<NodeInfo> },
     /// A node's heartbeat, with the running jobs the log places on it that it did not list
     /// (leaving out jobs still being prepared).
     Heartbeat {
@@ -106,7 +106,7 @@ impl Members {
     pub(super) fn on(&mut self, now: Instant, input: Input) -> Vec<Effect> {
         match input {
             Input::Register { peer, info } => {
-                self.register(now, peer, info);
+                self.register(now, peer, *info);
                 Vec::new()
             }
             Input::Heartbeat {
@@ -221,6 +221,12 @@ impl Members {
     /// The nodes not lost.
     pub(super) fn live(&self) -> impl Iterator<Item = (&PeerId, &NodeEntry)> {
         self.nodes.iter().filter(|(_, n)| !n.lost)
+    }
+
+    /// Forgets a node (a guest torn down on purpose: not lost).
+    pub(super) fn forget(&mut self, peer: &PeerId) {
+        self.nodes.remove(peer);
+        self.expected.remove(peer);
     }
 
     /// Every registered node, lost or not.

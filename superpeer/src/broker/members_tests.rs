@@ -22,6 +22,7 @@ fn info(name: &str) -> NodeInfo {
         slots: 4,
         eligible: false,
         load: NodeLoad::default(),
+        guest_of: None,
     }
 }
 
@@ -49,14 +50,14 @@ fn a_node_heard_within_lost_after_stays_and_a_silent_one_is_lost_once() {
         t0,
         Input::Register {
             peer: a,
-            info: info("a"),
+            info: Box::new(info("a")),
         },
     );
     m.on(
         t0,
         Input::Register {
             peer: b,
-            info: info("b"),
+            info: Box::new(info("b")),
         },
     );
     assert_eq!(m.live().count(), 2);
@@ -79,7 +80,7 @@ fn a_node_heard_within_lost_after_stays_and_a_silent_one_is_lost_once() {
         late,
         Input::Register {
             peer: b,
-            info: info("b"),
+            info: Box::new(info("b")),
         },
     );
     assert!(m.on(late, beat(b, &[])).is_empty());
@@ -104,7 +105,7 @@ fn after_a_takeover_a_node_holding_parts_has_the_grace_to_register() {
         t0,
         Input::Register {
             peer: known,
-            info: info("k"),
+            info: Box::new(info("k")),
         },
     );
     m.on(
@@ -121,7 +122,7 @@ fn after_a_takeover_a_node_holding_parts_has_the_grace_to_register() {
         mid,
         Input::Register {
             peer: slow,
-            info: info("s"),
+            info: Box::new(info("s")),
         },
     );
     let end = t0 + LOST * TAKEOVER_GRACE + Duration::from_millis(1);
@@ -139,7 +140,7 @@ fn a_part_unlisted_for_lost_after_has_vanished_and_one_listed_again_has_not() {
         t0,
         Input::Register {
             peer: n,
-            info: info("n"),
+            info: Box::new(info("n")),
         },
     );
     m.on(t0, beat(n, &["j1-1-1", "j2-1-1"]));

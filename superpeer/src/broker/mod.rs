@@ -54,6 +54,7 @@ mod recover;
 mod run;
 mod status;
 mod tick;
+pub(crate) mod triggers;
 
 #[cfg(test)]
 mod harness;
@@ -162,10 +163,11 @@ impl Broker {
         log: JobLog,
         stores: [ModuleStore; 2],
         founders: Option<Vec<Replica>>,
+        triggering: triggers::Triggering,
     ) -> Broker {
         let view = Arc::new(View::default());
         let [modules, blobs] = stores.map(Arc::new);
-        let core = Core::new(
+        let mut core = Core::new(
             site.clone(),
             log.clone(),
             [modules.clone(), blobs.clone()],
@@ -173,6 +175,7 @@ impl Broker {
             view.clone(),
             founders,
         );
+        core.triggering = triggering;
         let (inputs, rx) = mpsc::channel(INPUTS);
         Broker {
             site,
@@ -364,7 +367,7 @@ impl Broker {
                     reply,
                     peer,
                     who,
-                    info,
+                    info: *info,
                 })
                 .await
             }

@@ -110,7 +110,7 @@ pub(crate) struct Published {
 }
 
 /// `m` flattened for people: `nodes`, `mean_load`, `mean.free_disk`, ….
-fn flat(m: &Metrics) -> BTreeMap<String, f64> {
+pub(super) fn flat(m: &Metrics) -> BTreeMap<String, f64> {
     let mut out: BTreeMap<String, f64> = [
         ("nodes", m.nodes as f64),
         ("slots", m.slots as f64),
@@ -187,7 +187,7 @@ impl Core {
     /// Asks the domain's `scheduling` rules which policy the group places by now, from its
     /// metrics, and switches to it. A rule that cannot be evaluated, or names no policy, keeps
     /// the one in force (and is logged once).
-    pub(super) fn steer(&mut self) {
+    pub(super) fn steer(&mut self) -> Metrics {
         let m = self.metrics();
         let engine = self.site.policies.current().engine.clone();
         let chosen = engine.scheduling(&m).and_then(|name| match name {
@@ -214,7 +214,7 @@ impl Core {
                     tracing::error!(error = %e, "the scheduling rules cannot be evaluated; keeping {}", self.steering.policy);
                     self.steering.failing = Some(e);
                 }
-                return;
+                return m;
             }
         };
         let s = &mut self.steering;
@@ -236,6 +236,7 @@ impl Core {
                 .collect(),
         };
         *self.view.monitor.lock() = Some(published);
+        m
     }
 }
 

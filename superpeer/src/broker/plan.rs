@@ -270,8 +270,9 @@ impl Core {
             .live()
             .filter(|(_, e)| since.is_none_or(|t| e.last_seen > t))
             .collect();
-        // Drained nodes take nothing more.
+        // Drained nodes take nothing more, nor guests being torn down.
         self.log.read(|st| live.retain(|(p, _)| !st.is_drained(p)));
+        live.retain(|(p, _)| !self.triggering.retiring.contains(*p));
         live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
         if live.is_empty() {
             let group = self.site.group.clone();

@@ -125,6 +125,12 @@ impl Broker {
                     None
                 });
             }
+            Effect::Exec { trigger, argv, env } => {
+                tasks.spawn(async move {
+                    run_command(&trigger, &argv, env).await;
+                    None
+                });
+            }
             Effect::Blobs { put, forget } => {
                 let me = self.site.net.peer();
                 for r in self.log.replicas() {
@@ -207,6 +213,53 @@ impl Broker {
                 tracing::debug!(source = ?msg.source, "ignoring a bad group summary");
                 None
             }
+        }
+    }
+}
+
+/// How long a trigger's command may run before it is killed.
+const COMMAND_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs a trigger's command (`argv`) with `env` added to its environment, and logs how it
+/// ended (with the end of what it wrote to stderr); one that runs over [`COMMAND_LIMIT`] is
+/// killed.
+async fn run_command(trigger: &str, argv: &[String], env: Vec<(String, String)>) {
+    let Some((program, args)) = argv.split_first() else {
+        return;
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%trigger, %program, error = %e, "the trigger's command does not start");
+            return;
+        }
+    };
+    match tokio::time::timeout(COMMAND_LIMIT, child.wait_with_output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            tracing::info!(%trigger, %program, "the trigger's command ran");
+        }
+        Ok(Ok(out)) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String = err
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            tracing::warn!(%trigger, %program, status = %out.status, stderr = %tail.trim(), "the trigger's command failed");
+        }
+        Ok(Err(e)) => tracing::warn!(%trigger, %program, error = %e, "the trigger's command"),
+        Err(_) => {
+            tracing::warn!(%trigger, %program, "the trigger's command ran over {COMMAND_LIMIT:?} and was killed")
         }
     }
 }

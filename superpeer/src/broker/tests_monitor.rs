@@ -104,3 +104,46 @@ async fn a_monitoring_rule_switches_the_scheduling_policy_and_the_next_job_goes_
         c.cancel(job).await.expect("cancel");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_run_a_command_with_the_metrics_and_drain_a_node_once_their_condition_holds() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let file = out.path().join("fired");
+    let notify = format!(
+        "when = \"nodes >= 2 and sum.vertices = 0\"\ncooldown = \"1h\"\n\
+         action = {{ command = [\"sh\", \"-c\", \"echo $MVM_TRIGGER $MVM_NODES $MVM_SUM_VERTICES >> {}\"] }}\n",
+        file.display()
+    );
+    // n1 is drained once it runs a vertex: held for a little while.
+    let drain = "when = \"node_vertices{node=\\\"n1\\\"} > 0\"\nfor = \"300ms\"\n\
+                 action = { drain = \"n1\" }\n";
+    let lab: Lab = Setup::new(1, &[4, 16])
+        .triggers(&[("notify.toml", notify.as_str()), ("drain-n1.toml", drain)])
+        .start()
+        .await;
+    let c = lab.client().await;
+    // The command ran once (its cool-down is an hour), with the metrics in its environment.
+    let lines = super::harness::eventually("the command's line", async || {
+        let text = std::fs::read_to_string(&file).ok()?;
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("still there"),
+        lines,
+        "once"
+    );
+    assert_eq!(lines.trim(), "notify 2 0");
+    // A ring of 8 on one node can only go to n1; then n1 still has the most free slots (8
+    // against 4), so a one-vertex job would go there — until the trigger drains n1.
+    let a = running(&c, Some(1)).await;
+    assert_eq!(a.parts[0].name, "n1", "{a:?}");
+    super::harness::eventually("a job placed on n0 once n1 is drained", async || {
+        let b = c.submit(&super::harness::sleeping("after", 0)).await.ok()?;
+        let s = super::harness::until(&c, &b.job, crate::proto::JobState::is_final).await;
+        (s.parts.iter().all(|p| p.name == "n0")).then_some(())
+    })
+    .await;
+    c.cancel(&a.job).await.expect("cancel");
+}

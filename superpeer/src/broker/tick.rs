@@ -37,7 +37,8 @@ impl Core {
                 members::Effect::Unknown(_) => {}
             }
         }
-        self.steer();
+        let metrics = self.steer();
+        self.fire_triggers(out, &metrics);
         let pending: std::collections::HashSet<JobId> = self
             .log
             .read(|s| s.pending().map(|j| j.id.clone()).collect());

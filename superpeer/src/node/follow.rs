@@ -292,6 +292,7 @@ impl Node {
             slots: self.config.slots,
             eligible: self.config.eligible,
             load,
+            guest_of: self.config.guest_of,
         }
     }
 
@@ -318,7 +319,7 @@ impl Node {
                         register,
                     } => {
                         let request = if register {
-                            Request::Node(NodeRequest::Register(self.info()))
+                            Request::Node(NodeRequest::Register(Box::new(self.info())))
                         } else {
                             Request::Node(NodeRequest::Heartbeat(self.load()))
                         };

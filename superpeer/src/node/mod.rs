@@ -26,6 +26,7 @@ use crate::site::Site;
 
 mod checkpoint;
 mod follow;
+mod grow;
 mod guests;
 mod logs;
 pub(crate) mod monitor;
@@ -148,6 +149,8 @@ pub(crate) struct Node {
     logs: logs::Shelf,
     /// Its probes' samples not yet sent to the super-peer.
     probes: monitor::Fresh,
+    /// The guests made here for triggers, each running a node of the group.
+    grown: grow::GrownGuests,
 }
 
 /// How a node is set up.
@@ -163,6 +166,8 @@ pub(crate) struct NodeConfig {
     pub(crate) bootstrap: Vec<(PeerId, Multiaddr)>,
     /// The directory whose file system the `free_disk` probe measures.
     pub(crate) disk: std::path::PathBuf,
+    /// The node whose guest this node runs in, when a trigger made it.
+    pub(crate) guest_of: Option<PeerId>,
 }
 
 impl Node {
@@ -192,6 +197,7 @@ impl Node {
             members: Mutex::new(Vec::new()),
             logs: logs::Shelf::default(),
             probes: monitor::Fresh::default(),
+            grown: grow::GrownGuests::default(),
         }
     }
 
@@ -284,6 +290,8 @@ impl Node {
                 })
                 .await
             }
+            BrokerRequest::Grow(spec) => self.grow(*spec).await,
+            BrokerRequest::Shrink { name } => self.shrink(&name).await,
             BrokerRequest::Terminate {
                 job,
                 attempt,

@@ -337,6 +337,14 @@ impl BrokerRequest {
                 _ => Ok(()),
             },
             BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
+            BrokerRequest::Shrink { name } => check_name("the guest", name),
+            BrokerRequest::Grow(g) => {
+                check_name("the guest", &g.name)?;
+                check_template(Some(&g.template))?;
+                check_len("bootstrap addresses", g.bootstrap.len())?;
+                check_cert(g.cert.as_bytes())?;
+                check_cert(g.ca.as_bytes())
+            }
             BrokerRequest::Prepare(p) => {
                 check_principal(&p.owner)?;
                 check_name("the topology file name", &p.topology_file)?;
@@ -510,7 +518,7 @@ mod tests {
 
     #[test]
     fn a_check_error_names_the_field_and_the_value() {
-        let e = NodeRequest::Register(crate::proto::NodeInfo {
+        let e = NodeRequest::Register(Box::new(crate::proto::NodeInfo {
             name: "n1".into(),
             group: "g\n".into(),
             domain: "lab".into(),
@@ -522,7 +530,8 @@ mod tests {
             slots: 1,
             eligible: false,
             load: crate::proto::NodeLoad::default(),
-        })
+            guest_of: None,
+        }))
         .validate()
         .expect_err("a control character");
         assert_eq!(e, CheckError::Name { field: "the group" });

@@ -30,6 +30,10 @@ pub struct NodeInfo {
     pub eligible: bool,
     /// Its current load.
     pub load: NodeLoad,
+    /// The node whose guest it runs in, when a trigger made that guest (the node to ask to
+    /// tear it down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_of: Option<PeerId>,
 }
 
 /// A node's changing properties.

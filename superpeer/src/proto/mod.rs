@@ -163,7 +163,7 @@ pub enum ClientRequest {
 #[serde(rename_all = "kebab-case")]
 pub enum NodeRequest {
     /// Join the group.
-    Register(NodeInfo),
+    Register(Box<NodeInfo>),
     /// Still alive, with its current load.
     Heartbeat(NodeLoad),
     /// The bytes of a module.
@@ -245,6 +245,44 @@ pub enum BrokerRequest {
         /// Why, for the node's log.
         reason: String,
     },
+    /// Make a guest of a template and run a node of the group in it (a trigger's
+    /// `create-guests`), with the identity the super-peer issued for it.
+    Grow(Box<GrowSpec>),
+    /// Stop the node of a guest made by [`BrokerRequest::Grow`] and tear the guest down.
+    Shrink {
+        /// The guest (its node's name).
+        name: String,
+    },
+}
+
+/// A guest to make and the node to run in it ([`BrokerRequest::Grow`]).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct GrowSpec {
+    /// The guest's name, and its node's.
+    pub name: String,
+    /// The guest template.
+    pub template: TemplateSpec,
+    /// The node's vertex slots.
+    pub slots: u32,
+    /// The node's libp2p key (protobuf encoding), which its certificate certifies.
+    pub key: Bytes,
+    /// Its certificate (PEM), issued by the domain's CA.
+    pub cert: String,
+    /// The domain's CA certificate (PEM).
+    pub ca: String,
+    /// The group's super-peers to register with (`/…/p2p/PEER`).
+    pub bootstrap: Vec<String>,
+}
+
+impl std::fmt::Debug for GrowSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrowSpec")
+            .field("name", &self.name)
+            .field("template", &self.template.name)
+            .field("slots", &self.slots)
+            .field("bootstrap", &self.bootstrap)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A node's step in moving a part of a running job to another node: the part that moves is

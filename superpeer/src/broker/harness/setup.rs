@@ -24,6 +24,8 @@ pub(crate) struct Setup {
     slots: Vec<u32>,
     /// Super-peers configured but not started.
     absent: Vec<usize>,
+    /// The super-peers' triggers.
+    triggers: Vec<crate::trigger::Trigger>,
 }
 
 impl Setup {
@@ -72,6 +74,7 @@ impl Setup {
             sps,
             slots: slots.to_vec(),
             absent: Vec::new(),
+            triggers: Vec::new(),
         }
     }
 
@@ -95,6 +98,14 @@ impl Setup {
     pub(crate) fn policies(mut self, files: &[(&str, &str)]) -> Setup {
         let dir = write_policies(self.dir.path(), "policies", files);
         self.policies = Some(dir);
+        self
+    }
+
+    /// Triggers for the super-peers (files written into the lab's directory, as
+    /// `NAME.toml` and their text).
+    pub(crate) fn triggers(mut self, files: &[(&str, &str)]) -> Setup {
+        let dir = write_policies(self.dir.path(), "triggers", files);
+        self.triggers = crate::trigger::load_dir(&dir).expect("the triggers load");
         self
     }
 
@@ -160,6 +171,7 @@ impl Setup {
                     .cloned()
                     .collect(),
                 peers: self.peers.clone(),
+                triggers: self.triggers.clone(),
                 ..DaemonConfig::default()
             });
             config.net.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
