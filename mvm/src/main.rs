@@ -72,6 +72,9 @@ enum Command {
     /// What a job's vertices wrote (stdout, stderr, `mvm.log`), kept also when it failed;
     /// `--follow` prints lines as they are written.
     Logs(cmd::logs::LogsArgs),
+    /// A link to the super-peer's live web view (`mvm superpeer --http`), logging this user
+    /// in: the group's nodes, the jobs this user may read, a running job's topology drawn.
+    Web(cmd::job::WebArgs),
     /// Take a checkpoint of a running job now (its profile must ask for checkpoints).
     Checkpoint(cmd::job::CancelArgs),
     /// Move a part of a running job to another node while it runs (live migration; its
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
         Command::Node(args) => cmd::daemon::node(args),
         Command::Image(args) => cmd::image::run(args),
         Command::Env(args) => cmd::env::run(args),
+        Command::Web(args) => cmd::job::web(args),
         Command::Trigger(args) => cmd::trigger::run(args),
         Command::Ca(args) => cmd::ca::run(args),
         Command::Policy(args) => cmd::policy::run(args),

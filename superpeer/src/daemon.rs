@@ -71,6 +71,8 @@ pub struct DaemonConfig {
     pub direct_links: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`; see [`crate::metrics`]).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where a super-peer serves its live web view (see `mvm web`).
+    pub http: Option<std::net::SocketAddr>,
     /// A super-peer's triggers ([`crate::trigger`]), asked while it leads.
     pub triggers: Vec<crate::trigger::Trigger>,
     /// The domain's CA, for a super-peer whose triggers make guests: it issues the identities
@@ -102,6 +104,7 @@ impl Default for DaemonConfig {
             replicas: Vec::new(),
             direct_links: false,
             metrics: None,
+            http: None,
             triggers: Vec::new(),
             issuer: None,
             guest_of: None,
@@ -157,6 +160,17 @@ pub enum DaemonError {
         /// Why.
         error: std::io::Error,
     },
+    /// The web view's listener cannot be bound.
+    #[error("cannot serve the web view on {addr}: {error}")]
+    Http {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// Only a super-peer serves a web view.
+    #[error("only a super-peer serves a web view (--http)")]
+    HttpOnSuperpeers,
     /// The direct-link listener cannot be bound.
     #[error("cannot listen for direct links on {ip}: {error}")]
     Links {
@@ -177,6 +191,8 @@ pub struct Daemon {
     _scratch: Option<tempfile::TempDir>,
     /// The metrics listener, when it serves metrics.
     metrics: Option<tokio::net::TcpListener>,
+    /// The web view's listener, when it serves one.
+    http: Option<tokio::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -342,6 +358,15 @@ impl Daemon {
             ),
             None => None,
         };
+        let http = match config.http {
+            Some(_) if broker.is_none() => return Err(DaemonError::HttpOnSuperpeers),
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| DaemonError::Http { addr, error })?,
+            ),
+            None => None,
+        };
         let router = Arc::new(Router { site, node, broker });
         let local: Arc<dyn Local> = router.clone();
         router.site.route_to(Arc::downgrade(&local));
@@ -351,7 +376,13 @@ impl Daemon {
             peers: config.peers,
             _scratch: scratch,
             metrics,
+            http,
         })
+    }
+
+    /// Where it serves its web view, when it does.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Where it serves metrics, when it does.
@@ -395,6 +426,9 @@ impl Daemon {
         }
         if let Some(b) = &router.broker {
             background.spawn(b.clone().run(std::mem::take(&mut self.peers)));
+        }
+        if let (Some(listener), Some(b)) = (self.http.take(), &router.broker) {
+            background.spawn(crate::broker::web::serve(listener, b.clone()));
         }
         if let Some(listener) = self.metrics.take() {
             let registry = crate::metrics::registry(crate::metrics::Sources {

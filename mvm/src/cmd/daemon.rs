@@ -161,6 +161,11 @@ pub(crate) struct SuperpeerArgs {
     /// super-peer issues the certificates of the nodes in them.
     #[arg(long, value_name = "DIR")]
     issuer: Option<PathBuf>,
+    /// Serve a live web view on this address (plain HTTP; read-only): the group's nodes, the
+    /// jobs, a running job's topology, updated by server-sent events. Users log in with the
+    /// link `mvm web` gives them, and see what `mvm status` shows them.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http: Option<std::net::SocketAddr>,
     #[command(flatten)]
     common: Common,
 }
@@ -308,6 +313,9 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         println!("{addrs}");
         if let Some(m) = daemon.metrics_addr() {
             tracing::info!("metrics on http://{m}/metrics");
+        }
+        if let Some(h) = daemon.http_addr() {
+            tracing::info!("web view on http://{h}/ (log in with `mvm web`)");
         }
         if let Some(f) = &c.addr_file {
             write_atomic(f, &format!("{addrs}\n"))?;
@@ -502,6 +510,7 @@ pub(crate) fn superpeer(args: SuperpeerArgs) -> Result<(), Failure> {
         replicas: args.replicas,
         triggers,
         issuer,
+        http: args.http,
         ..DaemonConfig::default()
     };
     serve(args.common, config, "superpeer".into())

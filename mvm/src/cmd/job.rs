@@ -646,3 +646,25 @@ pub(crate) fn cancel(args: CancelArgs) -> Result<(), Failure> {
         )
     })
 }
+
+/// Arguments of `mvm web`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct WebArgs {
+    #[command(flatten)]
+    broker: BrokerArg,
+    #[command(flatten)]
+    out: OutputArg,
+}
+
+/// `mvm web`: a link that logs this user into the super-peer's live web view.
+pub(crate) fn web(args: WebArgs) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        let client = connect(&args.broker).await?;
+        let (url, expires_ms) = client.web_login().await.map_err(wire)?;
+        crate::cmd::print(
+            &serde_json::json!({ "url": url, "expires_ms": expires_ms }),
+            args.out.output,
+            |_| url.clone(),
+        )
+    })
+}

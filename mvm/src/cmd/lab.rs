@@ -130,6 +130,9 @@ pub(crate) struct LabInfo {
     /// Where each daemon serves its Prometheus metrics, by name (`http://…/metrics`).
     #[serde(default)]
     pub(crate) metrics: std::collections::BTreeMap<String, String>,
+    /// Where each super-peer serves its web view, by name (`http://…`).
+    #[serde(default)]
+    pub(crate) http: std::collections::BTreeMap<String, String>,
 }
 
 /// The default lab directory.
@@ -334,9 +337,13 @@ impl Lab {
             replicas.push((name.clone(), listen.clone(), creds.peer()));
             daemons.push((name, creds.peer().to_string()));
         }
+        let mut http = std::collections::BTreeMap::new();
         for (name, listen, _) in &replicas {
             let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));
             let at = metrics_at(name)?;
+            // Every super-peer serves the web view (the one that leads shows the group).
+            let web = format!("127.0.0.1:{}", free_port(false)?);
+            http.insert(name.clone(), format!("http://{web}"));
             let mut args = vec![
                 "superpeer",
                 "--name",
@@ -345,6 +352,8 @@ impl Lab {
                 listen,
                 "--metrics",
                 at.as_str(),
+                "--http",
+                web.as_str(),
             ];
             if net.transport == Transport::Both {
                 args.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
@@ -452,6 +461,7 @@ impl Lab {
             daemons,
             members,
             metrics,
+            http,
         };
         let text = serde_json::to_string_pretty(&info).map_err(Failure::failed)?;
         crate::cmd::daemon::write_atomic(&dir.join("lab.json"), &text)?;
@@ -736,10 +746,16 @@ fn status(a: StatusArgs) -> Result<(), Failure> {
                 "node"
             };
             let metrics = info.metrics.get(name).cloned();
-            serde_json::json!({"name": name, "peer": peer, "pid": pid, "role": role, "metrics": metrics})
+            let http = info.http.get(name).cloned();
+            serde_json::json!({"name": name, "peer": peer, "pid": pid, "role": role, "metrics": metrics, "http": http})
         })
         .collect();
     let mut v = serde_json::to_value(&g).map_err(Failure::failed)?;
+    // The web view of the super-peer that leads.
+    v["http"] = daemons
+        .iter()
+        .find(|d| d["role"] == "leader")
+        .map_or(serde_json::Value::Null, |d| d["http"].clone());
     v["daemons"] = serde_json::Value::Array(daemons);
     crate::cmd::print(&v, a.out.output, |_| {
         let mut s = format!(

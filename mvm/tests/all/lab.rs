@@ -922,7 +922,11 @@ fn http_get(url: &str, path: &str) -> (String, String) {
         .and_then(|u| u.split('/').next())
         .expect("an http URL");
     let mut c = std::net::TcpStream::connect(addr).expect("connect");
-    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut text = String::new();
     c.read_to_string(&mut text).expect("response");
     let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
@@ -954,6 +958,18 @@ fn the_labs_daemons_serve_prometheus_metrics_of_jobs_and_of_running_queues() {
             .collect()
     };
     let (leader, replicas, nodes) = (url("leader"), url("replica"), url("node"));
+    // The leader's web view, at `http`; without a session it answers nothing.
+    let web = st["http"]
+        .as_str()
+        .expect("the leader's web view")
+        .to_owned();
+    let leader_daemon = daemons
+        .iter()
+        .find(|d| d["role"] == "leader")
+        .expect("a leader");
+    assert_eq!(leader_daemon["http"], web.as_str(), "{st}");
+    let (status, _) = http_get(&web, "/api/view");
+    assert!(status.contains("401"), "{status}");
     assert_eq!(
         (leader.len(), replicas.len(), nodes.len()),
         (1, 2, 2),

@@ -12,3 +12,4 @@ mod netns;
 mod policy;
 mod run;
 mod top;
+mod web;

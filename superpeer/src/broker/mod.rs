@@ -55,6 +55,7 @@ mod run;
 mod status;
 mod tick;
 pub(crate) mod triggers;
+pub(crate) mod web;
 
 #[cfg(test)]
 mod harness;
@@ -101,6 +102,8 @@ pub(crate) struct Broker {
     inputs: mpsc::Sender<Input>,
     /// The machine and the loop's end of `inputs`, until the loop takes them.
     parked: Mutex<Option<(Core, mpsc::Receiver<Input>)>>,
+    /// The sessions of its web view.
+    pub(crate) web: web::Sessions,
 }
 
 /// What the broker's loop publishes for the readers on requests' tasks.
@@ -186,6 +189,7 @@ impl Broker {
             view,
             inputs,
             parked: Mutex::new(Some((core, rx))),
+            web: web::Sessions::default(),
         }
     }
 
@@ -225,6 +229,7 @@ impl Broker {
             return self.not_leader();
         }
         match request {
+            ClientRequest::WebLogin => self.web.login(who),
             ClientRequest::Missing { hashes } => Response::Missing {
                 hashes: hashes
                     .iter()

@@ -183,6 +183,22 @@ impl Core {
             moves: Vec::new(),
             log_bytes: s.limits.log_bytes.unwrap_or(0),
             logs: Vec::new(),
+            channels: c
+                .topology
+                .channels
+                .iter()
+                .map(|ch| {
+                    let v = |e: &mvm_component::topology::End| {
+                        let name = c
+                            .topology
+                            .vertices
+                            .get(e.vertex)
+                            .map_or("?", |x| x.name.as_str());
+                        format!("{name}:{}", e.port)
+                    };
+                    (v(&ch.from), v(&ch.to))
+                })
+                .collect(),
         };
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,

@@ -66,6 +66,7 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         restarts: j.restarts.clone(),
         checkpoints: j.checkpoints.clone(),
         moves: j.moves.clone(),
+        channels: j.channels.clone(),
     }
 }
 

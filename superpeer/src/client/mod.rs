@@ -222,6 +222,18 @@ impl Client {
         }
     }
 
+    /// A link that logs this client's principal into the super-peer's web view, and when
+    /// the session it opens ends (milliseconds since the Unix epoch).
+    ///
+    /// # Errors
+    /// The super-peer serves no web view, or cannot be reached.
+    pub async fn web_login(&self) -> Result<(String, u64), Failure> {
+        match self.call(ClientRequest::WebLogin).await? {
+            Response::WebLogin { url, expires_ms } => Ok((url, expires_ms)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// The lines of `job`'s logs after `after` (each run's and vertex's last line the caller
     /// has), written since `since_ms`, of `vertex` or of every vertex.
     ///

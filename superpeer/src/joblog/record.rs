@@ -152,6 +152,9 @@ pub struct JobRecord {
     /// The lines its vertices wrote, per run and vertex: the newest, up to `log_bytes` each.
     #[serde(default)]
     pub logs: Vec<VertexLogs>,
+    /// Its topology's channels, `(from vertex:port, to vertex:port)` (for views that draw it).
+    #[serde(default)]
+    pub channels: Vec<(String, String)>,
 }
 
 /// The lines one vertex wrote in one run of its job, as the job log keeps them.

@@ -55,6 +55,7 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         version: 0,
         log_bytes: 0,
         logs: Vec::new(),
+        channels: Vec::new(),
     }
 }
 

@@ -154,6 +154,7 @@ fn submit(name: &str) -> Command {
         moves: Vec::new(),
         log_bytes: 0,
         logs: Vec::new(),
+        channels: Vec::new(),
     }))
 }
 

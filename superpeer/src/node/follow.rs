@@ -247,6 +247,25 @@ impl Node {
         (queues, traffic)
     }
 
+    /// The queues of `job`'s part here now (every run of it), for the web view.
+    pub(crate) fn queues_of(&self, job: &JobId) -> Vec<crate::proto::QueueStat> {
+        let id = job.as_str();
+        self.queues
+            .list(None)
+            .into_iter()
+            .filter_map(|s| {
+                let (space, queue) = s.name.split_once('/')?;
+                let of = space.split_once('~').map_or(space, |(j, _)| j);
+                (of == id).then(|| crate::proto::QueueStat {
+                    queue: queue.to_owned(),
+                    depth: s.depth,
+                    items_in: s.items_in,
+                    bytes_in: s.bytes_in,
+                })
+            })
+            .collect()
+    }
+
     /// This node's properties now.
     fn load(&self) -> NodeLoad {
         use mvm_os::probe::{FreeMemory, Load, Probe};

@@ -292,6 +292,7 @@ impl Node {
             }
             BrokerRequest::Grow(spec) => self.grow(*spec).await,
             BrokerRequest::Shrink { name } => self.shrink(&name).await,
+            BrokerRequest::Queues { job } => Response::Queues(self.queues_of(&job)),
             BrokerRequest::Terminate {
                 job,
                 attempt,

@@ -295,7 +295,8 @@ impl ClientRequest {
             | ClientRequest::Checkpoint { .. }
             | ClientRequest::Cancel { .. }
             | ClientRequest::Hold { .. }
-            | ClientRequest::PolicyReload => Ok(()),
+            | ClientRequest::PolicyReload
+            | ClientRequest::WebLogin => Ok(()),
         }
     }
 }
@@ -338,6 +339,7 @@ impl BrokerRequest {
             },
             BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
             BrokerRequest::Shrink { name } => check_name("the guest", name),
+            BrokerRequest::Queues { .. } => Ok(()),
             BrokerRequest::Grow(g) => {
                 check_name("the guest", &g.name)?;
                 check_template(Some(&g.template))?;
@@ -385,6 +387,8 @@ impl Response {
             Response::Finished(r) => r.validate(),
             Response::Status(v) => check_len("jobs", v.len()),
             Response::Moved(v) => check_len("moves", v.len()),
+            Response::Queues(v) => check_len("queues", v.len()),
+            Response::WebLogin { url, .. } => check_len("bytes of a link", url.len()),
             Response::Logs(l) => {
                 check_len("log lines", l.lines.len())?;
                 l.lines

@@ -484,6 +484,9 @@ pub struct JobStatus {
     /// The parts moved to other nodes while they ran, oldest first.
     #[serde(default)]
     pub moves: Vec<MoveInfo>,
+    /// Its topology's channels, `(from vertex:port, to vertex:port)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<(String, String)>,
 }
 
 /// A part of a running job moved to another node (live migration): its vertices paused at a

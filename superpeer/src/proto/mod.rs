@@ -79,6 +79,9 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ClientRequest {
+    /// A link to this super-peer's web view (`--http`) that logs the asker in as who its
+    /// certificate says it is.
+    WebLogin,
     /// Which of these module hashes the broker lacks.
     Missing {
         /// Content hashes.
@@ -253,6 +256,25 @@ pub enum BrokerRequest {
         /// The guest (its node's name).
         name: String,
     },
+    /// The queues of the part of `job` held here now, for the web view
+    /// ([`Response::Queues`]).
+    Queues {
+        /// The job.
+        job: JobId,
+    },
+}
+
+/// A queue of a running job's part on a node, as [`BrokerRequest::Queues`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStat {
+    /// The queue: `vertex:port`, or `vertex:port>out` for a link's outbox.
+    pub queue: String,
+    /// Items held now.
+    pub depth: u64,
+    /// Items sent into it so far.
+    pub items_in: u64,
+    /// Bytes sent into it so far.
+    pub bytes_in: u64,
 }
 
 /// A guest to make and the node to run in it ([`BrokerRequest::Grow`]).
@@ -438,6 +460,15 @@ pub enum Response {
     Raft(Bytes),
     /// Lines of a job's logs.
     Logs(Box<JobLogs>),
+    /// A link that logs into a super-peer's web view ([`ClientRequest::WebLogin`]).
+    WebLogin {
+        /// The link, with a one-time login token.
+        url: String,
+        /// When the session it opens ends (milliseconds since the Unix epoch).
+        expires_ms: u64,
+    },
+    /// The queues of a job's part on a node now ([`BrokerRequest::Queues`]).
+    Queues(Vec<QueueStat>),
     /// The policies in force at a super-peer.
     Policy {
         /// Its version there.
