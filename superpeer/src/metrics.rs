@@ -122,6 +122,7 @@ impl Collector for Sources {
                     [(Vec::new(), ConstCounter::new(m.switches))],
                 )?;
             }
+            self.broker_figures(&mut encoder, b)?;
             let leader = i64::from(b.log.is_leader());
             family(
                 &mut encoder,
@@ -202,6 +203,145 @@ impl Collector for Sources {
                 os.warm()
                     .into_iter()
                     .map(|(key, n)| (vec![("template", key)], ConstGauge::new(i64::from(n)))),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Sources {
+    /// A super-peer's counts of its own: how long jobs took to start, placements by
+    /// scheduling policy, checkpoints and moves, items and bytes per edge kind (from the job
+    /// log), and its policy engine's answers.
+    fn broker_figures(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+        b: &Broker,
+    ) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = b.figures();
+        family(
+            encoder,
+            "mvm_job_start_seconds",
+            "Seconds from a job's submission until it ran (every part started), as placed by this super-peer",
+            [(Vec::new(), f.start.clone())],
+        )?;
+        let placements: Vec<(Labels, ConstCounter)> = f
+            .placements
+            .lock()
+            .iter()
+            .map(|(p, n)| (vec![("policy", (*p).to_owned())], ConstCounter::new(*n)))
+            .collect();
+        family(
+            encoder,
+            "mvm_placements",
+            "Jobs placed, by the scheduling policy in force",
+            placements,
+        )?;
+        family(
+            encoder,
+            "mvm_checkpoints",
+            "Checkpoints of running jobs recorded",
+            [(Vec::new(), ConstCounter::new(f.checkpoints.load(Relaxed)))],
+        )?;
+        family(
+            encoder,
+            "mvm_checkpoint_bytes",
+            "Bytes of the checkpoints recorded",
+            [(
+                Vec::new(),
+                ConstCounter::new(f.checkpoint_bytes.load(Relaxed)),
+            )],
+        )?;
+        family(
+            encoder,
+            "mvm_moves",
+            "Parts of running jobs moved to another node (migrations, drains)",
+            [(Vec::new(), ConstCounter::new(f.moves.load(Relaxed)))],
+        )?;
+        // Items and bytes by edge kind, over the jobs the log remembers (counted as their
+        // parts report them).
+        let by_kind = b.log.read(|s| {
+            let mut m: BTreeMap<(String, String, &'static str), (u64, u64)> = BTreeMap::new();
+            for j in s.jobs() {
+                for t in &j.traffic {
+                    let link = match (t.remote, t.direct) {
+                        (false, _) => "local",
+                        (true, false) => "stream",
+                        (true, true) => "direct",
+                    };
+                    let e = m
+                        .entry((t.kind.clone(), t.codec.clone(), link))
+                        .or_default();
+                    e.0 += t.items;
+                    e.1 += t.bytes;
+                }
+            }
+            m
+        });
+        let labels = |(kind, codec, link): &(String, String, &'static str)| -> Labels {
+            vec![
+                ("kind", kind.clone()),
+                ("codec", codec.clone()),
+                ("link", (*link).to_owned()),
+            ]
+        };
+        family(
+            encoder,
+            "mvm_edge_items",
+            "Items carried by the channels of the jobs in the log, by queue kind, codec and link (local, stream, direct)",
+            by_kind
+                .iter()
+                .map(|(k, (items, _))| (labels(k), ConstCounter::new(*items))),
+        )?;
+        family(
+            encoder,
+            "mvm_edge_bytes",
+            "Bytes carried by those channels, encoded",
+            by_kind
+                .iter()
+                .map(|(k, (_, bytes))| (labels(k), ConstCounter::new(*bytes))),
+        )?;
+        let policies = b.policies();
+        family(
+            encoder,
+            "mvm_policy_version",
+            "The version of the policies in force",
+            [(
+                Vec::new(),
+                ConstGauge::new(i64::try_from(policies.version).unwrap_or(i64::MAX)),
+            )],
+        )?;
+        if let Some(s) = policies.engine.stats() {
+            family(
+                encoder,
+                "mvm_policy_decisions",
+                "Policy questions answered since the version in force was loaded, by answer",
+                [
+                    (
+                        vec![("answer", "allow".to_owned())],
+                        ConstCounter::new(s.allowed),
+                    ),
+                    (
+                        vec![("answer", "deny".to_owned())],
+                        ConstCounter::new(s.denied),
+                    ),
+                ],
+            )?;
+            family(
+                encoder,
+                "mvm_policy_cache",
+                "Policy answers taken from the cache (hit) or asked of oso (miss)",
+                [
+                    (
+                        vec![("result", "hit".to_owned())],
+                        ConstCounter::new(s.cache_hits),
+                    ),
+                    (
+                        vec![("result", "miss".to_owned())],
+                        ConstCounter::new(s.cache_misses),
+                    ),
+                ],
             )?;
         }
         Ok(())

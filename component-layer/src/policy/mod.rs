@@ -204,6 +204,23 @@ pub trait Engine: Send + Sync {
         let _ = metrics;
         Ok(None)
     }
+    /// How many questions it has answered, and how (none, unless it counts them).
+    fn stats(&self) -> Option<EngineStats> {
+        None
+    }
+}
+
+/// How many questions an engine has answered since it was loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Questions allowed.
+    pub allowed: u64,
+    /// Questions denied.
+    pub denied: u64,
+    /// Answers taken from the cache.
+    pub cache_hits: u64,
+    /// Answers the cache did not have (asked of oso).
+    pub cache_misses: u64,
 }
 
 /// What a domain's policy says of checkpoints for an actor's jobs, as the MVM paper's
@@ -223,6 +240,8 @@ pub struct CheckpointRules {
 /// policy, and a new policy version is a new engine, so an entry is never stale.
 pub struct Cached<E> {
     inner: E,
+    /// Questions allowed, denied, answered from the cache, and asked of the inner engine.
+    counts: [std::sync::atomic::AtomicU64; 4],
     answers: RwLock<HashMap<Question, Decision>>,
     /// The checkpoint rules of each actor and domain, as for answers (a broker asks for them
     /// at every submission: two oso queries, about 56 µs, where the rest of its decision
@@ -245,6 +264,7 @@ impl<E: Engine> Cached<E> {
     pub fn new(inner: E, capacity: usize) -> Self {
         Cached {
             inner,
+            counts: Default::default(),
             answers: RwLock::new(HashMap::new()),
             rules: RwLock::new(HashMap::new()),
             capacity: capacity.max(1),
@@ -259,10 +279,20 @@ impl<E: Engine> Cached<E> {
 
 impl<E: Engine> Engine for Cached<E> {
     fn decide(&self, q: &Question) -> Decision {
-        if let Some(d) = self.answers.read().get(q) {
-            return d.clone();
+        use std::sync::atomic::Ordering::Relaxed;
+        let cached = self.answers.read().get(q).cloned();
+        let answer = |d: &Decision| {
+            let i = if d.allowed() { 0 } else { 1 };
+            self.counts[i].fetch_add(1, Relaxed);
+        };
+        if let Some(d) = cached {
+            self.counts[2].fetch_add(1, Relaxed);
+            answer(&d);
+            return d;
         }
+        self.counts[3].fetch_add(1, Relaxed);
         let d = self.inner.decide(q);
+        answer(&d);
         let mut answers = self.answers.write();
         if answers.len() >= self.capacity {
             answers.clear();
@@ -285,6 +315,17 @@ impl<E: Engine> Engine for Cached<E> {
 
     fn probes(&self, node: &Node) -> Result<std::collections::BTreeMap<String, u64>, String> {
         self.inner.probes(node)
+    }
+
+    fn stats(&self) -> Option<EngineStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let [a, d, h, m] = &self.counts;
+        Some(EngineStats {
+            allowed: a.load(Relaxed),
+            denied: d.load(Relaxed),
+            cache_hits: h.load(Relaxed),
+            cache_misses: m.load(Relaxed),
+        })
     }
 
     fn scheduling(&self, metrics: &Metrics) -> Result<Option<String>, String> {

@@ -266,6 +266,17 @@ fn the_digest_changes_with_any_byte_and_the_cache_answers_like_the_engine() {
             assert_eq!(d.allowed(), vcpus * 2 <= 16, "round {round}, {vcpus}");
         }
     }
+    // It counted every answer: 8 of 10 allowed each round, each from the cache or not.
+    let s = engine.stats().expect("a cached engine counts");
+    assert_eq!((s.allowed, s.denied), (24, 6), "{s:?}");
+    assert_eq!(s.cache_hits + s.cache_misses, 30, "{s:?}");
+    assert!(s.cache_misses >= 10, "{s:?}");
+    // The same question again is a hit.
+    let before = engine.stats().expect("counts");
+    ask(&engine, &alice, "submit", job(&alice, "physics", 2, 1));
+    ask(&engine, &alice, "submit", job(&alice, "physics", 2, 1));
+    let after = engine.stats().expect("counts");
+    assert!(after.cache_hits > before.cache_hits, "{before:?} {after:?}");
 }
 
 #[test]

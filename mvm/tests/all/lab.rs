@@ -1045,6 +1045,44 @@ fn the_labs_daemons_serve_prometheus_metrics_of_jobs_and_of_running_queues() {
         let (_, text) = http_get(r, "/metrics");
         assert_eq!(sample(&text, "mvm_log_leader", &[]), Some(0.0), "{text}");
     }
+    // A job that ends: its start is timed, its placement counted under the policy in force,
+    // its edges' items counted by kind; the policy engine counts its answers.
+    let p = lab.pipeline("short", 1000, 2, "");
+    let out = lab.mvm(&["submit", "--wait", p.to_str().expect("utf-8"), "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let (_, text) = http_get(&leader[0], "/metrics");
+    assert!(
+        sample(&text, "mvm_job_start_seconds_count", &[]) >= Some(2.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "mvm_placements_total", &["policy=\"rank\""]) >= Some(2.0),
+        "{text}"
+    );
+    let items: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("mvm_edge_items_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        items >= 3000.0,
+        "a pipeline of 4 vertices carries 1000 items on 3 edges: {text}"
+    );
+    assert!(
+        sample(&text, "mvm_policy_decisions_total", &["answer=\"allow\""]) > Some(0.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "mvm_policy_cache_total", &["result=\"miss\""]) > Some(0.0),
+        "{text}"
+    );
+    for name in [
+        "mvm_checkpoints_total",
+        "mvm_moves_total",
+        "mvm_policy_version",
+    ] {
+        assert!(sample(&text, name, &[]).is_some(), "{name}: {text}");
+    }
     // Only /metrics is served.
     let (status, _) = http_get(&nodes[0], "/other");
     assert!(status.contains("404"), "{status}");

@@ -283,7 +283,17 @@ impl Core {
         outcome: Result<Applied, LogError>,
     ) {
         let r = match first(outcome) {
-            Ok(()) => Response::Ok,
+            Ok(()) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let bytes = self.log.read(|s| {
+                    s.job(job)
+                        .and_then(|j| j.checkpoints.last())
+                        .map_or(0, crate::proto::CheckpointInfo::bytes)
+                });
+                self.view.figures.checkpoints.fetch_add(1, Relaxed);
+                self.view.figures.checkpoint_bytes.fetch_add(bytes, Relaxed);
+                Response::Ok
+            }
             Err(f) => Response::Error(f),
         };
         self.drop_blobs(out, job, before);

@@ -93,7 +93,10 @@ impl Core {
         let recorded = first(outcome);
         let drive = self.drives.remove(job);
         let r = match recorded {
-            Ok(()) => self.submitted(job),
+            Ok(()) => {
+                self.observe_start(job);
+                self.submitted(job)
+            }
             Err(f) => {
                 if running {
                     self.terminate(out, job, "not recorded", vec![peer]);
@@ -263,6 +266,7 @@ impl Core {
         let Some(attempt) = running else {
             return;
         };
+        self.observe_start(job);
         if peers.len() == 1 {
             return;
         }
@@ -279,6 +283,14 @@ impl Core {
                     attempt,
                 },
             });
+        }
+    }
+
+    /// Counts the time from `job`'s submission until now, when it has started.
+    fn observe_start(&self, job: &JobId) {
+        if let Some(at) = self.log.read(|s| s.job(job).map(|j| j.submitted_ms)) {
+            let secs = super::now_ms().saturating_sub(at) as f64 / 1000.0;
+            self.view.figures.start.observe(secs);
         }
     }
 

@@ -117,6 +117,49 @@ pub(super) struct View {
     replicas: group::Replicas,
     /// The monitoring results and the scheduling policy, as of the last tick.
     monitor: Mutex<Option<monitor::Published>>,
+    /// What the broker counts for its metrics.
+    pub(crate) figures: Figures,
+}
+
+/// What a broker counts for its metrics (since it started).
+pub(crate) struct Figures {
+    /// Seconds from a job's submission until it ran (every part started, or a one-part job
+    /// prepared).
+    pub(crate) start: prometheus_client::metrics::histogram::Histogram,
+    /// Placements, by the scheduling policy that made them.
+    pub(crate) placements: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Checkpoints recorded, and their bytes.
+    pub(crate) checkpoints: std::sync::atomic::AtomicU64,
+    pub(crate) checkpoint_bytes: std::sync::atomic::AtomicU64,
+    /// Parts moved (migrations and drains).
+    pub(crate) moves: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Figures {
+    fn default() -> Self {
+        Figures {
+            // 1 ms to about 65 s.
+            start: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+            ),
+            placements: Mutex::new(std::collections::BTreeMap::new()),
+            checkpoints: std::sync::atomic::AtomicU64::new(0),
+            checkpoint_bytes: std::sync::atomic::AtomicU64::new(0),
+            moves: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Broker {
+    /// What it counts for its metrics.
+    pub(crate) fn figures(&self) -> &Figures {
+        &self.view.figures
+    }
+
+    /// The policies in force here.
+    pub(crate) fn policies(&self) -> Arc<crate::policy::Loaded> {
+        self.site.policies.current()
+    }
 }
 
 impl Broker {

@@ -245,6 +245,13 @@ impl Core {
             .collect();
         let plan = Plan { peers, placement };
         self.hold(job, &plan);
+        *self
+            .view
+            .figures
+            .placements
+            .lock()
+            .entry(self.steering.policy.name())
+            .or_default() += 1;
         Ok(plan)
     }
 

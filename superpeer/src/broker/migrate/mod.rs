@@ -354,6 +354,10 @@ impl Core {
                 let info = info.ok_or_else(|| "the move is not in the log".to_owned());
                 if let Ok(i) = &info {
                     tracing::info!(%job, to = %m.to, downtime_ms = i.downtime_ms, "part moved");
+                    self.view
+                        .figures
+                        .moves
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 info
             }
