@@ -153,8 +153,20 @@ pub fn load(path: &Path) -> Result<Trigger, TriggerError> {
         )
     })?;
     let at = |s: std::ops::Range<usize>| line_of(&src, s.start);
-    let when = Condition::parse(f.when.get_ref())
-        .map_err(|m| err(at(f.when.span()), format!("when: {m}")))?;
+    // `when = "COND for 10s"` says the same as `when = "COND"` with `for = "10s"`.
+    let (cond, inline) = match f.when.get_ref().rsplit_once(" for ") {
+        Some((c, d)) if mvm_component::profile::parse_duration(d).is_some() => {
+            (c.to_owned(), mvm_component::profile::parse_duration(d))
+        }
+        _ => (f.when.get_ref().clone(), None),
+    };
+    if inline.is_some() && f.hold.is_some() {
+        return Err(err(
+            at(f.when.span()),
+            "when: says `for` and the file has `for = …` too; keep one".into(),
+        ));
+    }
+    let when = Condition::parse(&cond).map_err(|m| err(at(f.when.span()), format!("when: {m}")))?;
     let duration = |d: &Option<Spanned<String>>, key: &str, default: Duration| match d {
         None => Ok(default),
         Some(s) => mvm_component::profile::parse_duration(s.get_ref()).ok_or_else(|| {
@@ -167,7 +179,10 @@ pub fn load(path: &Path) -> Result<Trigger, TriggerError> {
             )
         }),
     };
-    let hold = duration(&f.hold, "for", Duration::ZERO)?;
+    let hold = match inline {
+        Some(d) => d,
+        None => duration(&f.hold, "for", Duration::ZERO)?,
+    };
     let cooldown = duration(&f.cooldown, "cooldown", DEFAULT_COOLDOWN)?;
     let line = at(f.action.span());
     let count_ok = |count: u32| {
@@ -640,7 +655,7 @@ mod tests {
         assert_eq!((*count, *slots), (2, 4));
         write(
             "notify.toml",
-            "when = \"idle_guests > 2\"\naction = { command = [\"/bin/true\", \"x\"] }\n",
+            "when = \"idle_guests > 2 for 1m\"\naction = { command = [\"/bin/true\", \"x\"] }\n",
         );
         let all = load_dir(&d.join("triggers")).expect("loads");
         assert_eq!(
@@ -648,6 +663,11 @@ mod tests {
             ["grow", "notify"]
         );
         assert_eq!(all[1].cooldown, DEFAULT_COOLDOWN);
+        assert_eq!(
+            all[1].hold,
+            Duration::from_secs(60),
+            "`for` in the condition"
+        );
         for (text, line, says) in [
             (
                 "when = \"nodes > 1\"\n\nfor = \"soon\"\naction = { drain = \"n1\" }\n",
@@ -658,6 +678,11 @@ mod tests {
                 "when = \"nodes > \"\naction = { drain = \"n1\" }\n",
                 1,
                 "when: column 9: expected a number",
+            ),
+            (
+                "when = \"nodes > 1 for 2s\"\nfor = \"3s\"\naction = { drain = \"n1\" }\n",
+                1,
+                "keep one",
             ),
             (
                 "when = \"nodes > 1\"\naction = { explode = 1 }\n",
