@@ -128,8 +128,9 @@ impl Core {
         }
     }
 
-    /// Makes `count` guests of `template`, each on the live node (not itself a guest) that
-    /// offers the template's image and has the most free memory, round the nodes.
+    /// Makes `count` guests of `template`, each on the live node (not itself a guest, not
+    /// drained) that offers the template's image and has room for the guest's memory, the one
+    /// with the most free memory first, round the nodes.
     fn create_guests(
         &mut self,
         out: &mut Vec<Effect>,
@@ -144,10 +145,11 @@ impl Core {
         };
         let image = template.shape.image.as_str();
         let prefix = format!("{image}@");
+        let memory = u64::from(template.shape.memory_mib.max(16)) << 20;
         let mut hosts: Vec<(PeerId, String, u64, Vec<libp2p::Multiaddr>)> = self
             .members
             .live()
-            .filter(|(_, n)| n.info.guest_of.is_none())
+            .filter(|(_, n)| n.info.guest_of.is_none() && n.info.load.free_memory_bytes >= memory)
             .filter(|(_, n)| {
                 n.info
                     .images
@@ -166,7 +168,7 @@ impl Core {
         self.log.read(|s| hosts.retain(|h| !s.is_drained(&h.0)));
         hosts.sort_by(|a, b| b.2.cmp(&a.2).then(a.1.cmp(&b.1)));
         if hosts.is_empty() {
-            tracing::warn!(trigger = %t.name, image, "no node offers the guest template's image; nothing made");
+            tracing::warn!(trigger = %t.name, image, memory_mib = memory >> 20, "no node offers the guest template's image with that much memory free; nothing made");
             return;
         }
         let bootstrap: Vec<String> = self
