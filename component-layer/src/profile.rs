@@ -221,8 +221,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
-/// The line of byte `offset` in `src`.
-fn line_of(src: &str, offset: usize) -> usize {
+/// The line (1-based) of byte `offset` in `src`, for errors of files read with spans.
+pub fn line_of(src: &str, offset: usize) -> usize {
     1 + src.as_bytes()[..offset.min(src.len())]
         .iter()
         .filter(|&&b| b == b'\n')

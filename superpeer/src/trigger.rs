@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use toml::Spanned;
 
+use mvm_component::profile::line_of;
+
 use crate::proto::TemplateSpec;
 
 /// A trigger file that does not load: the file, the line, and what is wrong there.
@@ -123,14 +125,6 @@ fn one() -> u32 {
 
 fn eight() -> u32 {
     8
-}
-
-/// The line of byte `offset` in `src`.
-fn line_of(src: &str, offset: usize) -> usize {
-    1 + src.as_bytes()[..offset.min(src.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
 }
 
 /// Reads one trigger file.

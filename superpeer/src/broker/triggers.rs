@@ -237,15 +237,11 @@ impl Core {
             .collect();
         idle.sort();
         for (name, peer, host) in idle.into_iter().take(count as usize) {
-            let Some(addrs) = self
-                .members
-                .all()
-                .find(|(p, _)| **p == host)
-                .map(|(_, n)| n.addrs.clone())
-            else {
+            let addrs = self.members.member(&host).addrs;
+            if addrs.is_empty() {
                 tracing::warn!(guest = %name, %host, "the node that made the guest is not registered; cannot tear it down");
                 continue;
-            };
+            }
             tracing::info!(guest = %name, "tearing down an idle guest");
             self.triggering.retiring.insert(peer);
             out.push(Effect::Send {

@@ -210,8 +210,7 @@ impl Node {
     fn queue_samples(&self) -> (Vec<QueueSample>, Vec<JobTraffic>) {
         let stats = self.queues.list(None);
         let split = |name: &str| -> (String, String) {
-            let (space, queue) = name.split_once('/').unwrap_or(("", name));
-            let job = space.split_once('~').map_or(space, |(j, _)| j);
+            let (job, queue) = super::job_queue(name).unwrap_or(("", name));
             (job.to_owned(), queue.to_owned())
         };
         let mut traffic: Vec<JobTraffic> = Vec::new();
@@ -254,8 +253,7 @@ impl Node {
             .list(None)
             .into_iter()
             .filter_map(|s| {
-                let (space, queue) = s.name.split_once('/')?;
-                let of = space.split_once('~').map_or(space, |(j, _)| j);
+                let (of, queue) = super::job_queue(&s.name)?;
                 (of == id).then(|| crate::proto::QueueStat {
                     queue: queue.to_owned(),
                     depth: s.depth,

@@ -110,8 +110,6 @@ impl Node {
         program: &std::path::Path,
         join: &[std::path::PathBuf],
     ) -> std::io::Result<(tokio::process::Child, tempfile::TempDir)> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let dir = tempfile::Builder::new()
             .prefix(&format!("mvm-{}-", spec.name))
             .tempdir()?;
@@ -120,12 +118,8 @@ impl Node {
             ("cert.pem", spec.cert.as_bytes(), 0o644),
             ("ca.pem", spec.ca.as_bytes(), 0o644),
         ] {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(mode)
-                .open(dir.path().join(file))?
-                .write_all(bytes)?;
+            crate::pki::write_new(&dir.path().join(file), bytes, mode)
+                .map_err(std::io::Error::other)?;
         }
         // The guest shares this host's network: it listens where this node does.
         let ip = self

@@ -356,6 +356,13 @@ impl Node {
     }
 }
 
+/// The job and the queue of a queue named `SPACE/QUEUE` (a run's namespace, `JOB~N`, counted as
+/// its job; see [`space`]), if it is a job's.
+pub(crate) fn job_queue(name: &str) -> Option<(&str, &str)> {
+    let (space, queue) = name.split_once('/')?;
+    Some((space.split_once('~').map_or(space, |(j, _)| j), queue))
+}
+
 /// The queue namespace of run `attempt` of `job` on this node: the job id for its first run,
 /// `JOB~N` for run N, so that a run's queues never meet another's.
 pub(crate) fn space(job: &JobId, attempt: u32) -> String {

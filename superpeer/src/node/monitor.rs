@@ -209,9 +209,8 @@ impl Node {
                     per_job.insert(j.to_string(), 0);
                 }
                 for s in queues() {
-                    let space = s.name.split_once('/').map_or("", |(sp, _)| sp);
-                    let job = space.split_once('~').map_or(space, |(j, _)| j);
-                    if let Some(n) = per_job.get_mut(job) {
+                    if let Some(n) = super::job_queue(&s.name).and_then(|(j, _)| per_job.get_mut(j))
+                    {
                         *n += s.depth;
                     }
                 }

@@ -134,7 +134,7 @@ fn check_name(field: &'static str, value: &str) -> Result<(), PkiError> {
 }
 
 /// Writes a new file with `mode`; refuses to replace one.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
+pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
