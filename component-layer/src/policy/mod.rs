@@ -236,12 +236,56 @@ pub struct CheckpointRules {
     pub min_interval_ms: Option<u64>,
 }
 
+/// How many slots [`Tally`] spreads its counts over.
+const SHARDS: usize = 16;
+
+/// Answers counted by kind (from the cache or not, allowed or not: one count per answer),
+/// spread over cache lines by thread: threads answering at once would otherwise contend for
+/// one line, which costs more than a cached answer's lookup.
+struct Tally(Box<[crossbeam_utils::CachePadded<[std::sync::atomic::AtomicU64; 4]>; SHARDS]>);
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally(Box::new(std::array::from_fn(|_| {
+            crossbeam_utils::CachePadded::new(Default::default())
+        })))
+    }
+}
+
+impl Tally {
+    /// Counts an answer: from the cache (`hit`) or not, `allowed` or not.
+    fn add(&self, hit: bool, allowed: bool) {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local!(static SLOT: usize = NEXT.fetch_add(1, Relaxed) % SHARDS);
+        let slot = SLOT.with(|s| *s);
+        self.0[slot][usize::from(!hit) * 2 + usize::from(!allowed)].fetch_add(1, Relaxed);
+    }
+
+    /// The counts over every slot.
+    fn stats(&self) -> EngineStats {
+        let mut n = [0u64; 4];
+        for shard in self.0.iter() {
+            for (i, c) in shard.iter().enumerate() {
+                n[i] += c.load(std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        // [hit allowed, hit denied, miss allowed, miss denied]
+        EngineStats {
+            allowed: n[0] + n[2],
+            denied: n[1] + n[3],
+            cache_hits: n[0] + n[1],
+            cache_misses: n[2] + n[3],
+        }
+    }
+}
+
 /// An engine that remembers its answers. Answers depend only on the question and the loaded
 /// policy, and a new policy version is a new engine, so an entry is never stale.
 pub struct Cached<E> {
     inner: E,
-    /// Questions allowed, denied, answered from the cache, and asked of the inner engine.
-    counts: [std::sync::atomic::AtomicU64; 4],
+    /// Its answers, counted.
+    tally: Tally,
     answers: RwLock<HashMap<Question, Decision>>,
     /// The checkpoint rules of each actor and domain, as for answers (a broker asks for them
     /// at every submission: two oso queries, about 56 µs, where the rest of its decision
@@ -264,7 +308,7 @@ impl<E: Engine> Cached<E> {
     pub fn new(inner: E, capacity: usize) -> Self {
         Cached {
             inner,
-            counts: Default::default(),
+            tally: Tally::default(),
             answers: RwLock::new(HashMap::new()),
             rules: RwLock::new(HashMap::new()),
             capacity: capacity.max(1),
@@ -279,20 +323,12 @@ impl<E: Engine> Cached<E> {
 
 impl<E: Engine> Engine for Cached<E> {
     fn decide(&self, q: &Question) -> Decision {
-        use std::sync::atomic::Ordering::Relaxed;
-        let cached = self.answers.read().get(q).cloned();
-        let answer = |d: &Decision| {
-            let i = if d.allowed() { 0 } else { 1 };
-            self.counts[i].fetch_add(1, Relaxed);
-        };
-        if let Some(d) = cached {
-            self.counts[2].fetch_add(1, Relaxed);
-            answer(&d);
-            return d;
+        if let Some(d) = self.answers.read().get(q) {
+            self.tally.add(true, d.allowed());
+            return d.clone();
         }
-        self.counts[3].fetch_add(1, Relaxed);
         let d = self.inner.decide(q);
-        answer(&d);
+        self.tally.add(false, d.allowed());
         let mut answers = self.answers.write();
         if answers.len() >= self.capacity {
             answers.clear();
@@ -318,14 +354,7 @@ impl<E: Engine> Engine for Cached<E> {
     }
 
     fn stats(&self) -> Option<EngineStats> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let [a, d, h, m] = &self.counts;
-        Some(EngineStats {
-            allowed: a.load(Relaxed),
-            denied: d.load(Relaxed),
-            cache_hits: h.load(Relaxed),
-            cache_misses: m.load(Relaxed),
-        })
+        Some(self.tally.stats())
     }
 
     fn scheduling(&self, metrics: &Metrics) -> Result<Option<String>, String> {
