@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::{Backoff, CachePadded};
+use parking_lot::Mutex;
 
 pub use config::{
     Config, ConfigError, DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CODEC, Kind, Overflow,
@@ -242,6 +243,10 @@ struct Shared<T> {
     outlet: OnceLock<Arc<dyn Pump>>,
     /// Brings items in when consumers find the queue empty (a direct link into it).
     inlet: OnceLock<Arc<dyn Pump>>,
+    /// Further inlets (direct links from other nodes into the same port): looked at only once
+    /// `many` is set, so that a queue of one inlet pays one relaxed load for them.
+    more_inlets: Mutex<Vec<Arc<dyn Pump>>>,
+    many: AtomicBool,
 }
 
 /// Moves items between a queue and a link on the threads that use the queue (see
@@ -309,6 +314,8 @@ impl<T: Item> Queue<T> {
             lifecycle: Signal::default(),
             outlet: OnceLock::new(),
             inlet: OnceLock::new(),
+            more_inlets: Mutex::new(Vec::new()),
+            many: AtomicBool::new(false),
         };
         Ok(Queue {
             shared: Arc::new(shared),
@@ -416,10 +423,13 @@ impl<T: Item> Queue<T> {
         self.shared.outlet.set(pump).is_ok()
     }
 
-    /// Attaches a pump that brings items in when consumers find the queue empty (one per
-    /// queue; `false` if there is one).
-    pub fn set_inlet(&self, pump: Arc<dyn Pump>) -> bool {
-        self.shared.inlet.set(pump).is_ok()
+    /// Attaches a pump that brings items in when consumers find the queue empty: a direct
+    /// link into it (a queue fed from several nodes has one each; every one is pumped).
+    pub fn add_inlet(&self, pump: Arc<dyn Pump>) {
+        if let Err(pump) = self.shared.inlet.set(pump) {
+            self.shared.more_inlets.lock().push(pump);
+            self.shared.many.store(true, Ordering::Release);
+        }
     }
 
     /// Releases `n` leases taken with [`Receiver::try_recv_leased`] (their items were delivered,
@@ -461,6 +471,9 @@ impl<T: Item> Shared<T> {
     fn consumer_waits(&self) {
         if let Some(p) = self.inlet.get() {
             p.waiting();
+            if self.many.load(Ordering::Acquire) {
+                self.more_inlets.lock().iter().for_each(|p| p.waiting());
+            }
         }
     }
 
@@ -478,6 +491,9 @@ impl<T: Item> Shared<T> {
         match self.inlet.get() {
             Some(p) => {
                 p.pump();
+                if self.many.load(Ordering::Acquire) {
+                    self.more_inlets.lock().iter().for_each(|p| p.pump());
+                }
                 true
             }
             None => false,

@@ -668,8 +668,7 @@ impl Ends for OutCore {
 /// Frames whose item is larger than `max_item` are a protocol error.
 ///
 /// # Errors
-/// The socket cannot be made non-blocking, the queue has an inlet already, or the helper
-/// thread cannot start.
+/// The socket cannot be made non-blocking, or the helper thread cannot start.
 pub fn inlet(
     tx: Sender<Bytes>,
     sock: TcpStream,
@@ -711,12 +710,7 @@ pub fn inlet_with(
         control: drain.0.clone(),
     });
     attach(&core, &drain.0)?;
-    if !queue.set_inlet(Arc::new(InHook(Arc::downgrade(&core)))) {
-        return Err(io::Error::other(format!(
-            "queue '{}' has an inlet already",
-            queue.name()
-        )));
-    }
+    queue.add_inlet(Arc::new(InHook(Arc::downgrade(&core))));
     // A consumer may have started waiting before the link existed.
     core.end.helper.ask();
     start(core, "mvm-link-in", InCore::run)

@@ -243,3 +243,50 @@ fn a_reader_that_goes_away_fails_the_idle_writer() {
     let e = tx.send(item(2, 8)).expect_err("nobody takes it");
     assert_eq!(e.failure, mvm_queue::queue::SendFailure::NoReceivers);
 }
+
+#[test]
+fn links_from_several_nodes_feed_one_queue_and_it_ends_after_the_last() {
+    // Three senders (three nodes' outboxes) into one inbox, each over a link of its own.
+    let inbox = queue("in", 4);
+    let mut links = Vec::new();
+    let mut dones = Vec::new();
+    let mut producers = Vec::new();
+    let n = 500u32;
+    for s in 0..3u32 {
+        let (a, b) = tcp_pair();
+        let outbox = queue(&format!("out{s}"), 8);
+        let (od, out_done) = done();
+        let (id, in_done) = done();
+        links.push(direct::outlet(outbox.receiver(), a, od).expect("outlet"));
+        links.push(direct::inlet(inbox.sender(), b, 1 << 20, id).expect("a further inlet"));
+        dones.push((out_done, in_done));
+        let tx = outbox.sender();
+        producers.push(std::thread::spawn(move || {
+            for i in 0..n {
+                tx.send(item(s * n + i, 16)).expect("the link takes it");
+            }
+        }));
+    }
+    let rx = inbox.receiver();
+    let mut seen = vec![0u32; 3];
+    loop {
+        match rx.recv_deadline(Instant::now() + Duration::from_secs(20)) {
+            Ok(e) => {
+                let k = u32::from_le_bytes(e.item[..4].try_into().expect("4"));
+                let (s, i) = ((k / n) as usize, k % n);
+                assert_eq!(i, seen[s], "each sender's items in order");
+                seen[s] += 1;
+            }
+            Err(e) if e.failure == RecvFailure::Closed => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(seen, [n, n, n], "every item of every sender, then the end");
+    for p in producers {
+        p.join().expect("producer");
+    }
+    for (o, i) in &dones {
+        assert_eq!(wait(o).expect("outlet").items, u64::from(n));
+        assert_eq!(wait(i).expect("inlet").items, u64::from(n));
+    }
+}
