@@ -2,6 +2,8 @@
 //!
 //! - [`topology`]: DOT graph files read, checked (every problem with its line) and generated.
 //! - [`bench`]: ping-pong, ring and instantiation benchmarks of jobs on one node.
+//! - [`files`]: a job's input and output files, laid out in and taken from each vertex's
+//!   sandbox directory.
 //! - [`policy`]: role-based policies in Polar (inter-domain, domain, node level), decided by
 //!   oso behind a caching engine.
 //! - [`profile`]: job profiles (TOML), checked with file and line.
@@ -10,6 +12,7 @@
 //!   use the host ABI of [`runtime::abi`].
 
 pub mod bench;
+pub mod files;
 pub mod policy;
 pub mod profile;
 pub mod runtime;

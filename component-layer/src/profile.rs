@@ -25,6 +25,11 @@
 //! [checkpoint]                 # save the running job every interval (none unless asked)
 //! interval = "5s"
 //! keep = 2                     # stored checkpoints kept (the newest)
+//!
+//! [files]                      # laid out in every vertex's sandbox, and taken back
+//! inputs = ["data/", "table.csv", { path = "big.bin", hash = "…" }]
+//! outputs = ["out/*.txt"]      # globs inside the sandbox, taken when the job ends
+//! max_output = "64MiB"         # per vertex
 //! ```
 
 use std::collections::BTreeMap;
@@ -74,6 +79,57 @@ pub struct Profile {
     /// its start (default [`DEFAULT_RETRIES`]).
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Input files laid out in every vertex's sandbox, and output files taken back from it.
+    #[serde(default)]
+    pub files: Option<FilesSpec>,
+}
+
+/// A job's files as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSpec {
+    /// Files or directories (relative to the profile, and at the same paths in the sandbox),
+    /// or files the lab already holds, by content hash.
+    #[serde(default)]
+    pub inputs: Vec<InputSpec>,
+    /// Globs of the files a vertex writes in its sandbox that are taken back.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// The most bytes of output files kept per vertex (default 64MiB).
+    pub max_output: Option<String>,
+    /// The most bytes of input files (default 1GiB).
+    pub max_input: Option<String>,
+}
+
+/// One input as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InputSpec {
+    /// A file or directory, relative to the profile.
+    Path(String),
+    /// A file the lab already holds: its path in the sandbox and its content hash (hex).
+    Held {
+        /// Its path in the sandbox.
+        path: String,
+        /// Its SHA-256, hex.
+        hash: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+}
+
+/// A job's files, checked: the inputs still to be read (paths as written), the output
+/// patterns, and the bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Files {
+    /// The inputs.
+    pub inputs: Vec<InputSpec>,
+    /// The output patterns.
+    pub outputs: Vec<String>,
+    /// The most bytes of output files per vertex.
+    pub max_output: u64,
+    /// The most bytes of input files.
+    pub max_input: u64,
 }
 
 /// Runs from the start after a lost node, unless a profile says otherwise.
@@ -359,9 +415,138 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// The files asked for, checked (`None`: none asked for): every path is one inside a
+    /// sandbox ([`crate::files::check_path`]), every output pattern a glob, the bounds sizes.
+    ///
+    /// # Errors
+    /// The first bad entry, with its line in `src`.
+    pub fn files(&self, file: &str, src: &str) -> Result<Option<Files>, ProfileError> {
+        let Some(f) = &self.files else {
+            return Ok(None);
+        };
+        let bad = |key: &str, message: String| ProfileError {
+            file: file.to_owned(),
+            line: line_of_key(src, key),
+            message,
+        };
+        if f.inputs.len() > crate::files::MAX_FILES {
+            return Err(bad(
+                "inputs",
+                format!(
+                    "files.inputs names {} entries (at most {})",
+                    f.inputs.len(),
+                    crate::files::MAX_FILES
+                ),
+            ));
+        }
+        for i in &f.inputs {
+            let (path, hash) = match i {
+                InputSpec::Path(p) => (p, None),
+                InputSpec::Held { path, hash, .. } => (path, Some(hash)),
+            };
+            crate::files::check_path(path)
+                .map_err(|e| bad("inputs", format!("files.inputs: {e}")))?;
+            if let Some(h) = hash
+                && (h.len() != 64
+                    || !h
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+            {
+                return Err(bad(
+                    "inputs",
+                    format!(
+                        "files.inputs: the hash of '{path}' must be 64 lowercase hex digits (SHA-256), not '{h}'"
+                    ),
+                ));
+            }
+        }
+        crate::files::Patterns::new(&f.outputs)
+            .map_err(|e| bad("outputs", format!("files.outputs: {e}")))?;
+        let size = |key: &str, v: &Option<String>, default: u64, max: u64| match v {
+            None => Ok(default),
+            Some(s) => parse_size(s).filter(|b| *b <= max).ok_or_else(|| {
+                bad(
+                    key,
+                    format!(
+                        "files.{key} must be a size of at most {}GiB (e.g. \"64MiB\"), not '{s}'",
+                        max >> 30
+                    ),
+                )
+            }),
+        };
+        Ok(Some(Files {
+            inputs: f.inputs.clone(),
+            outputs: f.outputs.clone(),
+            max_output: size(
+                "max_output",
+                &f.max_output,
+                crate::files::DEFAULT_OUTPUT_BYTES,
+                crate::files::MAX_OUTPUT_BYTES,
+            )?,
+            max_input: size(
+                "max_input",
+                &f.max_input,
+                crate::files::DEFAULT_INPUT_BYTES,
+                crate::files::MAX_INPUT_BYTES,
+            )?,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_read_and_bad_paths_name_their_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "name = \"x\"\ntopology = \"t.dot\"\n[components]\n[files]\n";
+        let h = "ab".repeat(32);
+        let p = write(
+            dir.path(),
+            "a.toml",
+            &format!(
+                "{base}inputs = [\"data/\", {{ path = \"big.bin\", hash = \"{h}\", size = 3 }}]\noutputs = [\"out/*.txt\"]\nmax_output = \"1MiB\"\n"
+            ),
+        );
+        let (prof, src) = Profile::load(&p).expect("valid");
+        let f = prof.files("a.toml", &src).expect("valid").expect("some");
+        assert_eq!(f.max_output, 1 << 20);
+        assert_eq!(f.max_input, crate::files::DEFAULT_INPUT_BYTES);
+        assert_eq!(
+            f.inputs,
+            [
+                InputSpec::Path("data/".into()),
+                InputSpec::Held {
+                    path: "big.bin".into(),
+                    hash: h.clone(),
+                    size: 3
+                }
+            ]
+        );
+        for (body, line, says) in [
+            ("inputs = [\"../etc\"]\n", 5, "climbs"),
+            ("inputs = [\"/etc/passwd\"]\n", 5, "absolute"),
+            ("outputs = [\"out/[z-a]\"]\n", 5, "files.outputs"),
+            (
+                "outputs = []\nmax_output = \"9GiB\"\n",
+                6,
+                "files.max_output",
+            ),
+            (
+                "inputs = [{ path = \"x\", hash = \"12\", size = 1 }]\n",
+                5,
+                "64 lowercase hex",
+            ),
+        ] {
+            let p = write(dir.path(), "b.toml", &format!("{base}{body}"));
+            let (prof, src) = Profile::load(&p).expect("parses");
+            let e = prof.files("b.toml", &src).expect_err(body);
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn the_log_bound_is_read_and_a_bad_one_names_its_line() {

@@ -66,6 +66,9 @@ enum Command {
     Status(cmd::job::StatusArgs),
     /// Cancel a job.
     Cancel(cmd::job::CancelArgs),
+    /// Bring back the output files of an ended job (its profile's `[files] outputs`), also of
+    /// one that failed, each at DIR/VERTEX/PATH.
+    Fetch(cmd::files::FetchArgs),
     /// A live terminal view of the group: its nodes, its jobs and their items per second, and
     /// the deepest queues (`q` quits).
     Top(cmd::top::TopArgs),
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
         Command::Superpeer(args) => cmd::daemon::superpeer(args),
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),
+        Command::Fetch(args) => cmd::files::fetch(args),
         Command::Cancel(args) => cmd::job::cancel(args),
         Command::Logs(args) => cmd::logs::logs(args),
         Command::Top(args) => cmd::top::top(args),

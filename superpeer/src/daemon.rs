@@ -146,8 +146,8 @@ pub enum DaemonError {
     /// The network cannot be started.
     #[error(transparent)]
     Net(#[from] StartError),
-    /// No directory can be made for the job log.
-    #[error("a directory for the job log: {0}")]
+    /// No directory can be made for the job log or jobs' files.
+    #[error("a directory for the job log or jobs' files: {0}")]
     Scratch(std::io::Error),
     /// The job log cannot be opened or started.
     #[error(transparent)]
@@ -260,17 +260,16 @@ impl Daemon {
             config.lost_after,
         ));
         let codecs = Arc::new(Registry::new());
-        let mut scratch = None;
+        // Without a state directory, what the daemon keeps goes with it.
+        let (base, scratch) = match &config.state_dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::tempdir().map_err(DaemonError::Scratch)?;
+                (t.path().to_owned(), Some(t))
+            }
+        };
         let broker = if config.broker {
-            let dir = match &config.state_dir {
-                Some(d) => d.join("joblog"),
-                None => {
-                    let t = tempfile::tempdir().map_err(DaemonError::Scratch)?;
-                    let d = t.path().to_owned();
-                    scratch = Some(t);
-                    d
-                }
-            };
+            let dir = base.join("joblog");
             let log = JobLog::open(&dir, net.clone(), &LogConfig::default()).await?;
             let mut replicas = vec![Replica::new(net.peer(), net.addrs())];
             for r in &config.replicas {
@@ -297,11 +296,14 @@ impl Daemon {
                     .as_ref()
                     .map(|d| d.with_file_name("checkpoints")),
             );
+            let files =
+                crate::files::FileStore::open(&base.join("files")).map_err(DaemonError::Scratch)?;
             Some(Arc::new(Broker::new(
                 site.clone(),
                 codecs.clone(),
                 log,
                 [modules, blobs],
+                Arc::new(files),
                 founders,
                 crate::broker::triggers::Triggering::new(
                     config.triggers.clone(),
@@ -312,6 +314,15 @@ impl Daemon {
             None
         };
         let queues = Controller::new(QueueLimits::default(), codecs);
+        // A node's input files, kept for its next jobs; sandboxes a crash left go.
+        let files = if config.slots > 0 {
+            let _ = std::fs::remove_dir_all(base.join("sandboxes"));
+            let store = crate::files::FileStore::open(&base.join("node-files"))
+                .map_err(DaemonError::Scratch)?;
+            Some(Arc::new(store))
+        } else {
+            None
+        };
         let links = if config.direct_links && config.slots > 0 {
             let ip = crate::links::listen_ip(&config.net.listen);
             Some(
@@ -343,6 +354,8 @@ impl Daemon {
                     .or_else(|| config.cache_dir.clone())
                     .unwrap_or_else(|| "/".into()),
                 guest_of: config.guest_of,
+                files,
+                sandboxes: base.join("sandboxes"),
             },
             runtime,
             queues,

@@ -19,6 +19,7 @@ mod broker;
 pub mod client;
 pub mod daemon;
 pub mod environment;
+pub mod files;
 pub mod joblog;
 mod links;
 mod metrics;

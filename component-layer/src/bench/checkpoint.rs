@@ -92,6 +92,7 @@ fn jobs<'a>(
             ..Limits::default()
         },
         owner: None,
+        sandboxes: Default::default(),
     };
     Ok((spec(plain), spec(pausable)))
 }

@@ -73,6 +73,7 @@ async fn run_job(
             ..Limits::default()
         },
         owner: None,
+        sandboxes: Default::default(),
     };
     let q = Controller::new(QueueLimits::default(), Arc::new(Registry::new()));
     rt.run(&spec, &q, &AllowAll).await.map_err(err)

@@ -80,6 +80,8 @@ pub(crate) struct VertexIo {
     pub(crate) prefix: usize,
     /// Its place in its part's log book.
     pub(crate) log: Option<super::logs::VertexLog>,
+    /// Its sandbox directory, preopened as `.` (none: it reaches no files).
+    pub(crate) sandbox: Option<std::path::PathBuf>,
 }
 
 impl VertexIo {
@@ -581,6 +583,12 @@ pub(crate) fn add_to_linker(
                 None => {
                     b.stdout(stdout.clone()).inherit_stderr();
                 }
+            }
+            if let Some(dir) = &io.sandbox
+                && let Err(e) = b.preopened_dir(dir, ".", wasmtime_wasi::FsPerms::ReadWrite)
+            {
+                // Its files are then unreachable, which the vertex sees as a failed open.
+                tracing::warn!(vertex = %io.vertex, dir = %dir.display(), error = %e, "cannot open the sandbox");
             }
             b.args(&[io.vertex.as_str()]).build_p1()
         })

@@ -143,6 +143,9 @@ pub struct JobSpec<'a> {
     pub limits: Limits,
     /// Who submitted it, as its certificate says (none: a job run locally).
     pub owner: Option<crate::policy::Principal>,
+    /// Each vertex's sandbox directory (see [`crate::files`]), preopened as its WASI `.`: the
+    /// only files it can reach. A vertex without one reaches no files.
+    pub sandboxes: BTreeMap<String, std::path::PathBuf>,
 }
 
 /// What one vertex did.
@@ -209,6 +212,9 @@ pub enum ErrorKind {
     Setup,
     /// A node that held a part of it stopped answering, or a channel between two nodes broke.
     Lost,
+    /// Its output files could not all be taken back: over their bound, unreadable, or not
+    /// delivered.
+    Files,
     /// Anything else: a broken remote channel, a failed task.
     Other,
 }
@@ -224,6 +230,7 @@ impl std::fmt::Display for ErrorKind {
             ErrorKind::Refused => f.write_str("refused"),
             ErrorKind::Setup => f.write_str("setup"),
             ErrorKind::Lost => f.write_str("lost"),
+            ErrorKind::Files => f.write_str("files"),
             ErrorKind::Other => f.write_str("other"),
         }
     }
@@ -1030,6 +1037,7 @@ fn wire(
                 pause: None,
                 log: None,
                 prefix: job.id.len() + 1,
+                sandbox: job.sandboxes.get(&vertex.name).cloned(),
             },
         ));
     }

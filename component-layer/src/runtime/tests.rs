@@ -86,6 +86,7 @@ pub(crate) fn spec_of<'a>(
             ..Limits::default()
         },
         owner: None,
+        sandboxes: Default::default(),
     }
 }
 
@@ -556,4 +557,73 @@ async fn a_vertex_waits_for_a_pool_slot_that_another_job_frees() {
     let b = b.expect("the second waits for the first's slots, then runs");
     assert_eq!(a.queues.iter().map(|s| s.items_in).sum::<u64>(), 20000);
     assert_eq!(b.queues.iter().map(|s| s.items_in).sum::<u64>(), 100);
+}
+
+/// Reads `in.txt` from its sandbox and writes it to `copy.txt` there; exits 7 if `../secret`
+/// opens (outside the sandbox), 8 if `in.txt` does not.
+const COPY: &str = r#"(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "in.txt")
+  (data (i32.const 16) "copy.txt")
+  (data (i32.const 32) "../secret")
+  (func $open_at (param $path i32) (param $len i32) (param $oflags i32) (result i32)
+    (call $open (i32.const 3) (i32.const 0) (local.get $path) (local.get $len)
+      (local.get $oflags) (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0)
+      (i32.const 100)))
+  (func (export "_start") (local $fd i32) (local $n i32)
+    (if (i32.eqz (call $open_at (i32.const 32) (i32.const 9) (i32.const 0)))
+      (then (call $exit (i32.const 7))))
+    (if (call $open_at (i32.const 0) (i32.const 6) (i32.const 0))
+      (then (call $exit (i32.const 8))))
+    (local.set $fd (i32.load (i32.const 100)))
+    (i32.store (i32.const 108) (i32.const 1024))
+    (i32.store (i32.const 112) (i32.const 4096))
+    (if (call $read (local.get $fd) (i32.const 108) (i32.const 1) (i32.const 104))
+      (then (call $exit (i32.const 9))))
+    (local.set $n (i32.load (i32.const 104)))
+    (drop (call $close (local.get $fd)))
+    ;; O_CREAT | O_TRUNC
+    (if (call $open_at (i32.const 16) (i32.const 8) (i32.const 9))
+      (then (call $exit (i32.const 10))))
+    (local.set $fd (i32.load (i32.const 100)))
+    (i32.store (i32.const 112) (local.get $n))
+    (if (call $write (local.get $fd) (i32.const 108) (i32.const 1) (i32.const 104))
+      (then (call $exit (i32.const 11))))
+    (drop (call $close (local.get $fd)))))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_vertex_reaches_its_own_sandbox_and_nothing_else() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("secret"), b"not yours").expect("write");
+    for (v, text) in [("a", "alpha"), ("b", "beta")] {
+        std::fs::create_dir(dir.path().join(v)).expect("mkdir");
+        std::fs::write(dir.path().join(v).join("in.txt"), text).expect("write");
+    }
+    let t = topology("digraph { a [component=copy]; b [component=copy] }");
+    let q = controller();
+    let mut s = spec(&rt, &t, &[("copy", COPY)], &[]);
+    s.sandboxes = ["a", "b"]
+        .iter()
+        .map(|v| ((*v).to_owned(), dir.path().join(v)))
+        .collect();
+    rt.run(&s, &q, &AllowAll).await.expect("runs");
+    for (v, text) in [("a", "alpha"), ("b", "beta")] {
+        let copy = std::fs::read_to_string(dir.path().join(v).join("copy.txt")).expect("copied");
+        assert_eq!(copy, text, "vertex {v} read its own input");
+    }
+    // Without a sandbox a vertex reaches no file at all.
+    s.sandboxes.remove("b");
+    let e = rt.run(&s, &q, &AllowAll).await.expect_err("b has no files");
+    assert_eq!(
+        (e.vertex.as_str(), e.kind),
+        ("b", ErrorKind::Exit(8)),
+        "{e}"
+    );
 }

@@ -68,6 +68,10 @@ pub(crate) struct SubmitArgs {
     /// Wait for the end, showing progress, and print the results.
     #[arg(long)]
     wait: bool,
+    /// With --wait: bring the job's output files back into DIR (at DIR/VERTEX/PATH), also
+    /// when it failed.
+    #[arg(long, value_name = "DIR", requires = "wait")]
+    output_dir: Option<PathBuf>,
     #[command(flatten)]
     broker: BrokerArg,
     #[command(flatten)]
@@ -176,6 +180,9 @@ pub(crate) struct StatusOut {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     received: Vec<mvm_superpeer::proto::PortTraffic>,
     pub(crate) outputs: Vec<(String, String)>,
+    /// The output files its vertices left (`mvm fetch` brings them back).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    files: Vec<mvm_superpeer::proto::OutputFile>,
 }
 
 /// Sorts vertex names with their numbers in numeric order (`sink2` before `sink10`).
@@ -215,6 +222,7 @@ impl From<&JobStatus> for StatusOut {
             edges: s.edges.clone(),
             received: s.received.clone(),
             outputs,
+            files: s.files.clone(),
         }
     }
 }
@@ -455,6 +463,12 @@ pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
             return crate::cmd::print(&StatusOut::from(&s), args.out.output, |o| o.job.to_string());
         }
         let s = wait(&client, s, args.out.output == Output::Text).await?;
+        if let Some(dir) = &args.output_dir {
+            let fetched = crate::cmd::files::fetch_into(&client, &s, dir).await?;
+            if args.out.output == Output::Text {
+                eprintln!("{} output files in {}", fetched.len(), dir.display());
+            }
+        }
         match args.out.output {
             Output::Json => {
                 crate::cmd::print(&StatusOut::from(&s), Output::Json, |_| String::new())?

@@ -7,6 +7,7 @@ pub(crate) mod bench;
 pub(crate) mod ca;
 pub(crate) mod daemon;
 pub(crate) mod env;
+pub(crate) mod files;
 pub(crate) mod image;
 pub(crate) mod job;
 pub(crate) mod lab;

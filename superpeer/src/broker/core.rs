@@ -93,6 +93,13 @@ pub(super) enum Input {
         attempt: u32,
         lines: Vec<crate::proto::LogLine>,
     },
+    /// A node's output files of run `attempt` of `job` (held here already): recorded.
+    Outputs {
+        reply: Reply,
+        job: JobId,
+        attempt: u32,
+        files: Vec<crate::proto::OutputFile>,
+    },
     /// Someone asks what the group looks like.
     Group { reply: Reply },
     /// Another group's summary, heard from its super-peer (already checked).
@@ -400,6 +407,19 @@ impl Core {
                 attempt,
                 lines,
             } => self.logs(&mut out, peer, job, attempt, lines, reply),
+            Input::Outputs {
+                reply,
+                job,
+                attempt,
+                files,
+            } => out.push(Effect::Record {
+                command: Command::Files {
+                    job,
+                    attempt,
+                    files,
+                },
+                then: Then::Answer { reply },
+            }),
             Input::Group { reply } => {
                 let g = self.group(now);
                 out.push(Effect::Reply(reply, Response::Group(g)));

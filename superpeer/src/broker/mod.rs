@@ -42,6 +42,7 @@ mod core;
 mod cut;
 mod drain;
 mod drive;
+mod files;
 mod forward;
 mod group;
 mod logs;
@@ -65,6 +66,8 @@ mod tests;
 mod tests_checkpoint;
 #[cfg(test)]
 mod tests_faults;
+#[cfg(test)]
+mod tests_files;
 #[cfg(test)]
 mod tests_monitor;
 #[cfg(test)]
@@ -96,6 +99,8 @@ pub(crate) struct Broker {
     pub(crate) modules: Arc<ModuleStore>,
     /// The blobs of the checkpoints kept.
     blobs: Arc<ModuleStore>,
+    /// Jobs' input and output files.
+    pub(crate) files: Arc<crate::files::FileStore>,
     /// What the loop publishes for readers.
     view: Arc<View>,
     /// To the loop.
@@ -208,6 +213,7 @@ impl Broker {
         codecs: Arc<Registry>,
         log: JobLog,
         stores: [ModuleStore; 2],
+        files: Arc<crate::files::FileStore>,
         founders: Option<Vec<Replica>>,
         triggering: triggers::Triggering,
     ) -> Broker {
@@ -229,6 +235,7 @@ impl Broker {
             log,
             modules,
             blobs,
+            files,
             view,
             inputs,
             parked: Mutex::new(Some((core, rx))),
@@ -288,6 +295,20 @@ impl Broker {
                     Ok(c) => c,
                     Err(f) => return Response::Error(f),
                 };
+                let inputs = s.files.iter().flat_map(|f| &f.inputs);
+                if let Some(i) = inputs
+                    .into_iter()
+                    .find(|i| self.files.size(&i.hash) != Some(i.size))
+                {
+                    return fail(
+                        FailureKind::Input,
+                        format!(
+                            "input file '{}' ({}) is not held by the super-peer: send it first \
+                             (mvm submit does)",
+                            i.path, i.hash
+                        ),
+                    );
+                }
                 let wait = s.wait;
                 let who = who.clone();
                 let r = self
@@ -439,6 +460,11 @@ impl Broker {
                 })
                 .await
             }
+            NodeRequest::Outputs {
+                job,
+                attempt,
+                files,
+            } => self.outputs(peer, job, attempt, files).await,
             NodeRequest::Logs {
                 job,
                 attempt,

@@ -183,6 +183,9 @@ impl Core {
             moves: Vec::new(),
             log_bytes: s.limits.log_bytes.unwrap_or(0),
             logs: Vec::new(),
+            files: s.files.clone(),
+            written: Vec::new(),
+            written_attempt: 0,
             channels: c
                 .topology
                 .channels
@@ -242,10 +245,12 @@ impl Core {
         self.drives.insert(id.clone(), Drive::recording(0));
         if let [(peer, _)] = &specs[..]
             && record.image == "host"
+            && record.files.is_none()
         {
             // One part on the host: recorded once its node has answered (see
             // `Core::alone_prepared`). A part that needs a guest is recorded first: its
-            // prepare may take a guest's boot, and the job is seen `preparing` meanwhile.
+            // prepare may take a guest's boot, and the job is seen `preparing` meanwhile; so
+            // is a job with files, whose outputs are recorded with it before its report.
             let peer = *peer;
             let Some((_, spec)) = specs.pop() else {
                 return;

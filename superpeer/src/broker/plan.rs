@@ -185,6 +185,7 @@ impl Core {
                     checkpoint: s.checkpoint.is_some(),
                     restore: None,
                     streams: false,
+                    files: s.files.clone(),
                 };
                 (*p, spec)
             })

@@ -14,6 +14,9 @@ use super::core::{Core, Effect, Input};
 use crate::net::{GROUPS_TOPIC, Gossip};
 use crate::proto::{GroupSummary, Request};
 
+/// Every how many ticks the files no job refers to are looked for.
+const FILES_EVERY: u64 = 120;
+
 impl Broker {
     /// Runs the broker until the task is aborted: ticks every heartbeat; every second one, the
     /// leader publishes its group's summary and dials `peers` (other groups' super-peers,
@@ -38,6 +41,14 @@ impl Broker {
         let mut tick = tokio::time::interval(self.site.heartbeat);
         let mut round = 0u64;
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
+        // Jobs' files, put and got on streams of their own (ended with the loop).
+        let access =
+            super::files::FileAccess::new(self.site.clone(), self.log.clone(), self.files.clone());
+        let (net, store) = (self.site.net.clone(), self.files.clone());
+        tasks.spawn(async move {
+            crate::files::serve(net, store, Arc::new(access)).await;
+            None
+        });
         loop {
             let input = tokio::select! {
                 Some(input) = inputs.recv() => input,
@@ -49,6 +60,16 @@ impl Broker {
                     round += 1;
                     if round.is_multiple_of(2) && self.log.is_leader() {
                         self.publish(&mut tasks, &core, &peers);
+                    }
+                    if round.is_multiple_of(FILES_EVERY) {
+                        let (log, store) = (self.log.clone(), self.files.clone());
+                        tasks.spawn(async move {
+                            let _ = tokio::task::spawn_blocking(move || {
+                                Broker::collect_files(&log, &store);
+                            })
+                            .await;
+                            None
+                        });
                     }
                     Input::Tick
                 }

@@ -67,6 +67,7 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         checkpoints: j.checkpoints.clone(),
         moves: j.moves.clone(),
         channels: j.channels.clone(),
+        files: j.written.clone(),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::proto::{
 
 mod profile;
 
-pub use profile::{Prepared, read_profile};
+pub use profile::{LocalFiles, Prepared, read_profile};
 
 /// A failure of the client's input (a profile, an address).
 fn input(m: impl Into<String>) -> Failure {
@@ -155,6 +155,19 @@ impl Client {
                 other => return Err(unexpected(&other)),
             }
         };
+        // Input files go first, each on a stream of its own (the broker says which it holds).
+        let unsent: Vec<_> = {
+            let known = self.known.lock();
+            job.inputs
+                .iter()
+                .filter(|(h, _)| !known.contains(*h))
+                .map(|(h, (p, n))| (*h, p.clone(), *n))
+                .collect()
+        };
+        for (hash, path, size) in unsent {
+            crate::files::put(&self.net, self.broker, &self.addrs, &path, hash, size).await?;
+            self.known.lock().insert(hash);
+        }
         let mut s = job.submission.clone();
         s.wait = wait;
         s.modules = missing
@@ -220,6 +233,45 @@ impl Client {
             Response::Ok => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Writes the output files of `job` (as its status lists them) under `dir`, each at
+    /// `dir/VERTEX/PATH`, checked against its hash; a file already there with the same bytes
+    /// is not fetched again. The paths written, in order.
+    ///
+    /// # Errors
+    /// The policy's refusal, a file the super-peer no longer holds, a broken transfer, or a
+    /// file that cannot be written.
+    pub async fn fetch_outputs(
+        &self,
+        job: &JobStatus,
+        dir: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>, Failure> {
+        let mut written = Vec::with_capacity(job.files.len());
+        for f in &job.files {
+            mvm_component::files::check_path(&f.path)
+                .map_err(|e| Failure::new(FailureKind::Failed, format!("output {e}")))?;
+            let vertex = mvm_component::files::vertex_dir(&f.vertex);
+            let to = dir.join(vertex).join(&f.path);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    Failure::new(FailureKind::Failed, format!("{}: {e}", parent.display()))
+                })?;
+            }
+            let same = crate::files::hash_file(&to).is_ok_and(|(h, _)| h == f.hash);
+            if !same {
+                crate::files::get(&self.net, self.broker, &self.addrs, &job.job, f.hash, &to)
+                    .await
+                    .map_err(|e| {
+                        Failure::new(
+                            e.kind,
+                            format!("{} of vertex '{}': {}", f.path, f.vertex, e.message),
+                        )
+                    })?;
+            }
+            written.push(to);
+        }
+        Ok(written)
     }
 
     /// A link that logs this client's principal into the super-peer's web view, and when

@@ -1,7 +1,7 @@
 //! Job profiles read from disk, with their topology and modules, ready to send.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,16 +9,122 @@ use mvm_component::profile::{Profile, parse_size};
 
 use super::input;
 use crate::proto::{
-    CheckpointPolicy, Failure, Hash, LimitSpec, Requirements, Submission, TemplateSpec, VmMode,
+    CheckpointPolicy, Failure, FileSpec, Hash, InputFile, LimitSpec, Requirements, Submission,
+    TemplateSpec, VmMode,
 };
 
-/// A job profile read from disk, ready to send: the submission and its modules' bytes.
+/// A job profile read from disk, ready to send: the submission, its modules' bytes, and
+/// where its input files are.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     /// The submission (without module bytes).
     pub submission: Submission,
     /// Hash → bytes of every module.
     pub modules: BTreeMap<Hash, Bytes>,
+    /// Hash → where each input file read from disk is (sent before the submission).
+    pub inputs: LocalFiles,
+}
+
+/// Input files by hash: where each is on disk, and its size.
+pub type LocalFiles = BTreeMap<Hash, (PathBuf, u64)>;
+
+/// The input files of a profile's `[files]`, read: each file (directories walked, symbolic
+/// links refused) hashed, at its path in the sandbox; and where each is on disk.
+fn read_files(
+    path: &Path,
+    file: &str,
+    src: &str,
+    profile: &Profile,
+) -> Result<(Option<FileSpec>, LocalFiles), Failure> {
+    use mvm_component::files::{MAX_FILES, check_path};
+    use mvm_component::profile::InputSpec;
+    let Some(f) = profile.files(file, src).map_err(|e| input(e.to_string()))? else {
+        return Ok((None, BTreeMap::new()));
+    };
+    let bad = |m: String| input(format!("{file}: files.inputs: {m}"));
+    let mut inputs = Vec::new();
+    let mut local = BTreeMap::new();
+    let mut add = |inputs: &mut Vec<InputFile>, at: String, on_disk: &Path| {
+        check_path(&at).map_err(|e| bad(e.to_string()))?;
+        let (hash, size) = crate::files::hash_file(on_disk)
+            .map_err(|e| bad(format!("{}: {e}", on_disk.display())))?;
+        local.insert(hash, (on_disk.to_owned(), size));
+        inputs.push(InputFile {
+            path: at,
+            hash,
+            size,
+        });
+        Ok::<_, Failure>(())
+    };
+    for entry in &f.inputs {
+        match entry {
+            InputSpec::Held {
+                path: at,
+                hash,
+                size,
+            } => inputs.push(InputFile {
+                path: at.clone(),
+                hash: hash.parse().map_err(|e| bad(format!("'{at}': {e}")))?,
+                size: *size,
+            }),
+            InputSpec::Path(p) => {
+                let name = p.trim_end_matches('/');
+                let on_disk = Profile::resolve(path, Path::new(name));
+                let meta = std::fs::symlink_metadata(&on_disk)
+                    .map_err(|e| bad(format!("'{p}' ({}): {e}", on_disk.display())))?;
+                if meta.is_file() {
+                    add(&mut inputs, name.to_owned(), &on_disk)?;
+                } else if meta.is_dir() {
+                    let walk = walkdir::WalkDir::new(&on_disk)
+                        .follow_links(false)
+                        .sort_by_file_name()
+                        .min_depth(1);
+                    for e in walk {
+                        let e = e.map_err(|e| bad(format!("'{p}': {e}")))?;
+                        let kind = e.file_type();
+                        if kind.is_dir() {
+                            continue;
+                        }
+                        let rel = e.path().strip_prefix(&on_disk).ok().and_then(Path::to_str);
+                        let Some(rel) = rel.filter(|_| kind.is_file()) else {
+                            return Err(bad(format!(
+                                "{}: only plain files are sent (not symbolic links, devices, \
+                                 or names that are not UTF-8)",
+                                e.path().display()
+                            )));
+                        };
+                        add(&mut inputs, format!("{name}/{rel}"), e.path())?;
+                    }
+                } else {
+                    return Err(bad(format!(
+                        "'{p}' ({}) is not a plain file or directory (symbolic links are not \
+                         followed)",
+                        on_disk.display()
+                    )));
+                }
+            }
+        }
+        if inputs.len() > MAX_FILES {
+            return Err(bad(format!("more than {MAX_FILES} files")));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = inputs.iter().find(|i| !seen.insert(i.path.as_str())) {
+        return Err(bad(format!("'{}' is named twice", twice.path)));
+    }
+    let spec = FileSpec {
+        inputs,
+        outputs: f.outputs,
+        output_bytes: f.max_output,
+    };
+    if spec.input_bytes() > f.max_input {
+        return Err(bad(format!(
+            "{} bytes, over files.max_input ({} bytes)",
+            spec.input_bytes(),
+            f.max_input
+        )));
+    }
+    Ok((Some(spec), local))
 }
 
 /// Reads a profile, its topology and its modules; errors name the file (and line).
@@ -93,6 +199,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
     if let Some(rank) = &r.rank {
         crate::schedule::Rank::parse(rank).map_err(|e| input(format!("{file}: {e}")))?;
     }
+    let (files, inputs) = read_files(path, &file, &src, &profile)?;
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Ok(Prepared {
         submission: Submission {
@@ -136,8 +243,10 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 .retries
                 .unwrap_or(mvm_component::profile::DEFAULT_RETRIES),
             checkpoint,
+            files,
         },
         modules,
+        inputs,
     })
 }
 

@@ -121,6 +121,17 @@ pub enum Command {
         /// The lines, each vertex's in order.
         lines: Vec<LogLine>,
     },
+    /// Output files a part's vertices left (their bytes held by the leader), kept with the job:
+    /// those of a later run replace those of an earlier one. Taken also after the job ended (a
+    /// failed job keeps what it wrote); does not change the job's version.
+    Files {
+        /// The job.
+        job: JobId,
+        /// The run the part belongs to.
+        attempt: u32,
+        /// The files.
+        files: Vec<crate::proto::OutputFile>,
+    },
     /// Commands proposed at once, applied in order as one entry (each as it would be alone).
     Batch(Vec<Command>),
 }
@@ -138,6 +149,7 @@ impl Command {
             | Command::Move { job, .. }
             | Command::End { job, .. }
             | Command::Logs { job, .. }
+            | Command::Files { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
             Command::Drain { .. } => Vec::new(),

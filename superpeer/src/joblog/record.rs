@@ -155,6 +155,15 @@ pub struct JobRecord {
     /// Its topology's channels, `(from vertex:port, to vertex:port)` (for views that draw it).
     #[serde(default)]
     pub channels: Vec<(String, String)>,
+    /// Its files: inputs by hash, output patterns (kept after the submission goes).
+    #[serde(default)]
+    pub files: Option<crate::proto::FileSpec>,
+    /// The output files its parts left, of run [`JobRecord::written_attempt`].
+    #[serde(default)]
+    pub written: Vec<crate::proto::OutputFile>,
+    /// The run whose parts left [`JobRecord::written`].
+    #[serde(default)]
+    pub written_attempt: u32,
 }
 
 /// The lines one vertex wrote in one run of its job, as the job log keeps them.

@@ -120,7 +120,7 @@ impl ControlState {
         };
         // Lines of its logs are no change of the job's (waiters are not woken for them).
         let job = match &command {
-            Command::Logs { .. } => None,
+            Command::Logs { .. } | Command::Files { .. } => None,
             c => c.jobs().first().map(|j| (*j).clone()),
         };
         match self.try_apply(command) {
@@ -293,6 +293,34 @@ impl ControlState {
                     });
                 }
                 j.keep_logs(attempt, lines);
+                Ok(())
+            }
+            Command::Files {
+                job,
+                attempt,
+                files,
+            } => {
+                let Some(j) = self.jobs.get_mut(&job) else {
+                    return Err(CommandError::NoJob(job));
+                };
+                if attempt > j.attempt || attempt < j.written_attempt {
+                    let current = j.attempt;
+                    return Err(CommandError::OtherRun {
+                        job,
+                        attempt,
+                        current,
+                    });
+                }
+                if attempt > j.written_attempt {
+                    j.written.clear();
+                    j.written_attempt = attempt;
+                }
+                for f in files {
+                    j.written
+                        .retain(|w| (&w.vertex, &w.path) != (&f.vertex, &f.path));
+                    j.written.push(f);
+                }
+                j.written.sort();
                 Ok(())
             }
             Command::Batch(_) => Err(CommandError::NestedBatch),

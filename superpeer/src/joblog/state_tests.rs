@@ -56,6 +56,9 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         log_bytes: 0,
         logs: Vec::new(),
         channels: Vec::new(),
+        files: None,
+        written: Vec::new(),
+        written_attempt: 0,
     }
 }
 

@@ -154,6 +154,9 @@ fn submit(name: &str) -> Command {
         moves: Vec::new(),
         log_bytes: 0,
         logs: Vec::new(),
+        files: None,
+        written: Vec::new(),
+        written_attempt: 0,
         channels: Vec::new(),
     }))
 }

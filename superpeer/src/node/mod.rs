@@ -168,6 +168,10 @@ pub(crate) struct NodeConfig {
     pub(crate) disk: std::path::PathBuf,
     /// The node whose guest this node runs in, when a trigger made it.
     pub(crate) guest_of: Option<PeerId>,
+    /// Jobs' input files fetched here, by hash (none on a daemon that runs no vertices).
+    pub(crate) files: Option<Arc<crate::files::FileStore>>,
+    /// Where parts' sandboxes go (a directory per part, one per vertex in it).
+    pub(crate) sandboxes: std::path::PathBuf,
 }
 
 impl Node {

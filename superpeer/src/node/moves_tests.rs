@@ -51,6 +51,7 @@ impl Bench {
                     (key("b", other), Drain::new()),
                 ],
             }),
+            sandbox: None,
         })
     }
 }

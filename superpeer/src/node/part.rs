@@ -71,6 +71,8 @@ pub(super) struct Ready {
     pub(super) env: Option<EnvLease>,
     /// What checkpoints it, when its job asked for checkpoints.
     pub(super) marks: Option<Marks>,
+    /// Its vertices' sandboxes, when its job has files.
+    pub(super) sandbox: Option<Arc<crate::files::Sandbox>>,
 }
 
 /// What pauses and images a part: in the node's process, or through its worker.
@@ -137,6 +139,13 @@ pub(super) struct Launch {
     pub(super) expected: Arc<AtomicUsize>,
     /// The guest it runs in, if any.
     pub(super) guest: Option<crate::environment::GuestRef>,
+    /// Its vertices' sandboxes, when its job has files: its outputs are taken from them when
+    /// it ends.
+    pub(super) sandbox: Option<Arc<crate::files::Sandbox>>,
+    /// Its job's files.
+    pub(super) files: Option<crate::proto::FileSpec>,
+    /// The broker that placed it.
+    pub(super) broker: PeerId,
 }
 
 /// What happens to the node's parts.
@@ -379,6 +388,10 @@ pub(super) struct Part {
     pub(super) tasks: Vec<AbortHandle>,
     /// Its guest, released when the part goes.
     pub(super) _env: Option<EnvLease>,
+    /// Its vertices' sandboxes, removed when the part goes (and its epilog has ended).
+    pub(super) _sandbox: Option<Arc<crate::files::Sandbox>>,
+    /// Its job's files.
+    pub(super) files: Option<crate::proto::FileSpec>,
     /// What checkpoints it, when its job asked for checkpoints.
     pub(super) marks: Option<Marks>,
     /// The tasks of its remote links, by end: outputs, and inputs.

@@ -88,6 +88,8 @@ impl Parts {
                         },
                         tasks: Vec::new(),
                         _env: None,
+                        _sandbox: None,
+                        files: spec.files.clone(),
                         marks: None,
                         outlets: HashMap::new(),
                         inlets: HashMap::new(),
@@ -318,6 +320,7 @@ impl Parts {
             vertices,
             env,
             marks,
+            sandbox,
         } = *ready;
         // Room for the links moves add.
         let (links, links_rx) = mpsc::channel(2 * expected_links + 16);
@@ -326,6 +329,7 @@ impl Parts {
         part.vertices = vertices;
         let guest = env.as_ref().map(crate::environment::EnvLease::guest);
         part._env = env;
+        part._sandbox = sandbox.clone();
         let holds = marks
             .as_ref()
             .map(|m| m.holds.iter().map(|(_, h)| h.clone()));
@@ -341,6 +345,9 @@ impl Parts {
             holds,
             expected: part.expected.clone(),
             guest,
+            sandbox,
+            files: part.files.clone(),
+            broker: part.broker,
         });
         let Stage::Preparing { reply, start } =
             std::mem::replace(&mut part.stage, Stage::Prepared(launch))

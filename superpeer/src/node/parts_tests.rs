@@ -60,6 +60,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
         checkpoint: false,
         restore: None,
         streams: false,
+        files: None,
     })
 }
 
@@ -79,6 +80,7 @@ impl Bench {
             vertices: 1,
             env: None,
             marks: None,
+            sandbox: None,
         })
     }
 
@@ -112,6 +114,7 @@ impl Bench {
             params: BTreeMap::new(),
             limits: Limits::default(),
             owner: None,
+            sandboxes: Default::default(),
         };
         self.runtime
             .prepare(&spec, &self.queues, &AllowAll, &[0], 0)

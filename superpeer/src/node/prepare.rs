@@ -81,6 +81,7 @@ impl Node {
             params: BTreeMap::new(),
             limits,
             owner: Some(spec.owner.clone()),
+            sandboxes: Default::default(),
         };
         if let Err(r) = hook.check(&probe, &here_vertices) {
             let at = if r.vertex.is_empty() {
@@ -203,7 +204,49 @@ impl Node {
                 }
             }
         };
-        if let Some((w, remote_inputs)) = self.in_guest(from, spec, env.as_ref(), &modules).await? {
+        // The prolog: the job's input files fetched (what the node lacks) and laid out in a
+        // sandbox per local vertex.
+        let sandbox = match &spec.files {
+            None => None,
+            Some(files) => {
+                let Some(store) = &self.config.files else {
+                    return Err(Failure::new(
+                        FailureKind::Unavailable,
+                        "this daemon runs no vertices",
+                    ));
+                };
+                let vertices: Vec<String> = here_vertices
+                    .iter()
+                    .map(|&v| topology.vertices[v].name.clone())
+                    .collect();
+                let root = self
+                    .config
+                    .sandboxes
+                    .join(super::space(&spec.job, spec.attempt).replace('/', "_"));
+                let staged = crate::files::stage_in(
+                    &self.site.net,
+                    from,
+                    store,
+                    root,
+                    &spec.job,
+                    &vertices,
+                    files,
+                )
+                .await
+                .map_err(|f| {
+                    Failure::new(f.kind, format!("node {}: {}", self.site.name, f.message))
+                })?;
+                Some(Arc::new(staged))
+            }
+        };
+        let sandboxes = sandbox
+            .as_ref()
+            .map(|s| s.vertices.clone())
+            .unwrap_or_default();
+        if let Some((w, remote_inputs)) = self
+            .in_guest(from, spec, env.as_ref(), &modules, &sandboxes)
+            .await?
+        {
             let vertices = spec.placement.iter().filter(|&&p| p == spec.here).count();
             let outputs = w.remote_outputs.len();
             let inputs = by_key(remote_inputs, &parts);
@@ -220,6 +263,7 @@ impl Node {
                 vertices: u32::try_from(vertices).unwrap_or(u32::MAX),
                 env,
                 marks,
+                sandbox,
             }));
         }
         let job = JobSpec {
@@ -229,6 +273,7 @@ impl Node {
             params: spec.parameters.clone(),
             limits,
             owner: Some(spec.owner.clone()),
+            sandboxes,
         };
         let placement: Vec<usize> = spec.placement.iter().map(|&p| p as usize).collect();
         let here = spec.here as usize;
@@ -290,6 +335,7 @@ impl Node {
             vertices,
             env,
             marks,
+            sandbox,
         }))
     }
 
@@ -303,6 +349,7 @@ impl Node {
         spec: &PartSpec,
         env: Option<&EnvLease>,
         modules: &HashMap<String, mvm_component::runtime::Module>,
+        sandboxes: &BTreeMap<String, std::path::PathBuf>,
     ) -> Result<Option<(InGuest, Vec<RemoteInput>)>, Failure> {
         let Some(env) = env else {
             return Ok(None);
@@ -317,6 +364,16 @@ impl Node {
             },
             (None, None) => return Ok(None),
         };
+        if matches!(how, Launch::Agent(_)) && !sandboxes.is_empty() {
+            return Err(Failure::new(
+                FailureKind::Refused,
+                format!(
+                    "node {}: a job's files are not yet laid out inside a Xen guest's own file \
+                     system",
+                    self.site.name
+                ),
+            ));
+        }
         let restore = match &spec.restore {
             Some(hash) => Some(self.fetch_checkpoint(from, spec, hash).await?),
             None => None,
@@ -347,6 +404,7 @@ impl Node {
             owner: spec.owner.clone(),
             max_memory_bytes,
             restore,
+            sandboxes: sandboxes.clone(),
         };
         let started = match how {
             Launch::Child(command, join) => {

@@ -253,14 +253,28 @@ impl Node {
             links_rx,
             expected,
             guest,
+            sandbox,
+            files,
+            broker,
             ..
         } = launch;
         self.logs.put(job.clone(), attempt, prepared.logs());
         let supervisor = tasks.spawn(async move {
             let space = super::space(&job, attempt);
-            let outcome = node
+            let mut outcome = node
                 .supervise(&space, prepared, links_rx, &expected, guest)
                 .await;
+            // The epilog, also for a part that failed: what its vertices wrote is kept.
+            if let (Some(sandbox), Some(files)) = (sandbox, &files)
+                && let Some(problem) = node.epilog(&job, attempt, broker, &sandbox, files).await
+                && outcome.is_ok()
+            {
+                outcome = Err(crate::proto::VertexFailure {
+                    vertex: String::new(),
+                    cause: problem,
+                    kind: crate::proto::ErrorKind::Files,
+                });
+            }
             let logs = node.logs.last(&job, attempt);
             Some(Input::Ended {
                 report: PartReport {
@@ -434,6 +448,42 @@ impl Node {
     /// Sends a part's report to the group's broker: the super-peer this node follows now, which is
     /// `placed_by` unless the group's leader has changed. A report not taken (the super-peer is
     /// lost, or no longer leads) is sent again to whichever this node follows next, for a while.
+    /// The epilog of a part of run `attempt` of `job`: the output files its vertices left,
+    /// sent to the group's leader and recorded with the job. What went wrong, if anything.
+    async fn epilog(
+        self: &Arc<Self>,
+        job: &JobId,
+        attempt: u32,
+        placed_by: PeerId,
+        sandbox: &crate::files::Sandbox,
+        files: &crate::proto::FileSpec,
+    ) -> Option<String> {
+        let store = self.config.files.as_ref()?;
+        let to = self
+            .superpeer
+            .read()
+            .as_ref()
+            .map_or(placed_by, |(p, _)| *p);
+        let (outputs, mut problem) =
+            crate::files::take_outputs(&self.site.net, to, store, sandbox, files).await;
+        if !outputs.is_empty() {
+            let count = outputs.len();
+            let request = Request::Node(NodeRequest::Outputs {
+                job: job.clone(),
+                attempt,
+                files: outputs,
+            });
+            match self.site.call(to, &[], request).await {
+                Ok(_) => tracing::debug!(%job, attempt, count, "output files recorded"),
+                Err(f) => {
+                    let why = format!("output files not recorded: {}", f.message);
+                    problem = Some(problem.map_or(why.clone(), |p| format!("{p}; {why}")));
+                }
+            }
+        }
+        problem
+    }
+
     async fn report_to_leader(self: &Arc<Self>, placed_by: PeerId, report: PartReport) {
         let job = report.job.clone();
         let request = Request::Node(NodeRequest::Report(Box::new(report)));

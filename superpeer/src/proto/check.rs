@@ -78,6 +78,55 @@ pub enum CheckError {
     /// A policy bundle whose files do not fit the layout.
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// A job's files that break a rule: a path outside the sandbox, a bad pattern, a bound.
+    #[error("files: {0}")]
+    Files(String),
+}
+
+/// Checks a job's files: paths inside the sandbox, each input once, bounded counts and bytes,
+/// patterns that compile.
+pub(super) fn check_files(f: &super::FileSpec) -> Result<(), CheckError> {
+    use mvm_component::files::{MAX_FILES, MAX_INPUT_BYTES, MAX_OUTPUT_BYTES, check_path};
+    if f.inputs.len() > MAX_FILES {
+        return Err(CheckError::TooMany {
+            field: "input files",
+            count: f.inputs.len(),
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for i in &f.inputs {
+        check_path(&i.path).map_err(|e| CheckError::Files(e.to_string()))?;
+        if i.path.ends_with('/') || !seen.insert(i.path.as_str()) {
+            return Err(CheckError::Files(format!(
+                "input '{}' is a directory or named twice",
+                i.path
+            )));
+        }
+    }
+    if f.input_bytes() > MAX_INPUT_BYTES {
+        return Err(CheckError::Files(format!(
+            "{} bytes of input files (at most {MAX_INPUT_BYTES})",
+            f.input_bytes()
+        )));
+    }
+    if f.output_bytes > MAX_OUTPUT_BYTES {
+        return Err(CheckError::Files(format!(
+            "an output bound of {} bytes per vertex (at most {MAX_OUTPUT_BYTES})",
+            f.output_bytes
+        )));
+    }
+    mvm_component::files::Patterns::new(&f.outputs).map_err(CheckError::Files)?;
+    Ok(())
+}
+
+/// Checks output files as a node reports them.
+fn check_outputs(files: &[super::OutputFile]) -> Result<(), CheckError> {
+    check_len("output files", files.len())?;
+    for f in files {
+        check_name("an output file's vertex", &f.vertex)?;
+        mvm_component::files::check_path(&f.path).map_err(|e| CheckError::Files(e.to_string()))?;
+    }
+    Ok(())
 }
 
 pub(super) fn check_principal(p: &Principal) -> Result<(), CheckError> {
@@ -266,6 +315,9 @@ impl ClientRequest {
                     });
                 }
                 check_params(&s.parameters)?;
+                if let Some(f) = &s.files {
+                    check_files(f)?;
+                }
                 check_template(s.requirements.template.as_ref())
             }
             ClientRequest::Migrate {
@@ -323,6 +375,7 @@ impl NodeRequest {
             NodeRequest::Fetch { .. } | NodeRequest::FetchCheckpoint { .. } => Ok(()),
             NodeRequest::Report(r) => r.validate(),
             NodeRequest::Logs { lines, .. } => check_lines(lines),
+            NodeRequest::Outputs { files, .. } => check_outputs(files),
         }
     }
 }
@@ -369,6 +422,9 @@ impl BrokerRequest {
                 if let Some(e) = &p.environment {
                     check_len("image id bytes", e.image.len())?;
                     check_template(e.template.as_ref())?;
+                }
+                if let Some(f) = &p.files {
+                    check_files(f)?;
                 }
                 Ok(())
             }
@@ -495,6 +551,7 @@ mod tests {
             checkpoint: false,
             restore: None,
             streams: false,
+            files: None,
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()

@@ -23,6 +23,42 @@ pub struct ImageHeader {
     pub refused: bool,
 }
 
+/// The first frame of a file transfer ([`super::FILES_PROTOCOL`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileRequest {
+    /// Take a file: `size` bytes follow once the receiver answers [`FileAnswer::Send`].
+    Put {
+        /// Its content hash.
+        hash: super::Hash,
+        /// Its size.
+        size: u64,
+    },
+    /// Send a file of job `job` (an input or output of it).
+    Get {
+        /// The job it belongs to.
+        job: super::JobId,
+        /// Its content hash.
+        hash: super::Hash,
+    },
+}
+
+/// The receiver's answers on a file transfer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileAnswer {
+    /// To a `Put`: already held, send nothing.
+    Have,
+    /// To a `Put`: send the bytes.
+    Send,
+    /// After a `Put`'s bytes: they matched the hash and are kept.
+    Stored,
+    /// To a `Get`: this many bytes follow.
+    Size(u64),
+    /// Refused, or failed.
+    Error(super::Failure),
+}
+
 /// The largest control frame by default (a submission carries its modules).
 pub const MAX_FRAME: usize = 64 << 20;
 

@@ -58,6 +58,56 @@ pub struct Submission {
     /// Checkpoints of the running job, when the profile asks for them.
     #[serde(default)]
     pub checkpoint: Option<CheckpointPolicy>,
+    /// Input files laid out in every vertex's sandbox (uploaded before the submission, by
+    /// content hash) and output files taken back.
+    #[serde(default)]
+    pub files: Option<FileSpec>,
+}
+
+/// A job's files (GridWay's prolog and epilog): what is laid out in every vertex's sandbox
+/// before it runs, and which of the files it leaves there are taken back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    /// Input files, by their path in the sandbox.
+    pub inputs: Vec<InputFile>,
+    /// Globs of output files in the sandbox ([`mvm_component::files::Patterns`]).
+    pub outputs: Vec<String>,
+    /// The most bytes of output files kept per vertex.
+    pub output_bytes: u64,
+}
+
+impl FileSpec {
+    /// The bytes of every input.
+    pub fn input_bytes(&self) -> u64 {
+        self.inputs
+            .iter()
+            .map(|i| i.size)
+            .fold(0, u64::saturating_add)
+    }
+}
+
+/// An input file: its path in the sandbox, content hash and size.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct InputFile {
+    /// Its path in every vertex's sandbox.
+    pub path: String,
+    /// Its content hash.
+    pub hash: Hash,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// An output file a vertex left in its sandbox, taken back when its part ended.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// The vertex.
+    pub vertex: String,
+    /// Its path in the vertex's sandbox.
+    pub path: String,
+    /// Its content hash.
+    pub hash: Hash,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// How often a running job is checkpointed, and how many checkpoints are kept.
@@ -269,6 +319,10 @@ pub struct PartSpec {
     /// `Prepared::direct_remote_links` in the component layer).
     #[serde(default)]
     pub streams: bool,
+    /// The job's files: inputs the node fetches (by hash, from the broker) and lays out in
+    /// each vertex's sandbox, outputs it takes back when the part ends.
+    #[serde(default)]
+    pub files: Option<FileSpec>,
 }
 
 /// How a part of a job ended.
@@ -487,6 +541,10 @@ pub struct JobStatus {
     /// Its topology's channels, `(from vertex:port, to vertex:port)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub channels: Vec<(String, String)>,
+    /// The output files its vertices left, from the last run whose parts reported them (also
+    /// when it failed); their bytes are held by the broker (`mvm fetch`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<OutputFile>,
 }
 
 /// A part of a running job moved to another node (live migration): its vertices paused at a

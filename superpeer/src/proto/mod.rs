@@ -54,6 +54,10 @@ pub const QUEUE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/queue/2");
 /// Image transfers between nodes: a request frame, a header frame, then the image's bytes.
 pub const IMAGE_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/image/1");
 
+/// A job's files, to and from a super-peer: a [`FileRequest`], [`FileAnswer`]s, and the
+/// file's bytes streamed (never inside a control frame).
+pub const FILES_PROTOCOL: StreamProtocol = StreamProtocol::new("/mvm/files/1");
+
 /// A request on the control protocol, by who sends it to whom: each role handles its own
 /// kind, and no message reaches a role that does not serve it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +184,16 @@ pub enum NodeRequest {
     FetchCheckpoint {
         /// Its content hash.
         hash: Hash,
+    },
+    /// The output files its part's vertices left (their bytes sent before, on
+    /// [`FILES_PROTOCOL`]); answered once they are recorded with the job.
+    Outputs {
+        /// The job id.
+        job: JobId,
+        /// The run the part belongs to.
+        attempt: u32,
+        /// The files.
+        files: Vec<OutputFile>,
     },
     /// Lines its part's vertices wrote since its last such request (while the part runs, and
     /// what a stopped part still held); the part's last lines travel in its report.

@@ -107,6 +107,10 @@ pub struct WorkerJob {
     /// The checkpoint blob the part starts from (checked against its hash by the node).
     #[serde(default)]
     pub restore: Option<Bytes>,
+    /// Each local vertex's sandbox directory, laid out by the node (the worker shares its
+    /// file system).
+    #[serde(default)]
+    pub sandboxes: BTreeMap<String, PathBuf>,
 }
 
 /// What the node tells a worker after its job.

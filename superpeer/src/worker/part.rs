@@ -172,6 +172,7 @@ async fn run_part(
         params: job.parameters.clone(),
         limits,
         owner: Some(job.owner.clone()),
+        sandboxes: job.sandboxes.clone(),
     };
     let queues = Controller::new(QueueLimits::default(), codecs.clone());
     let placement: Vec<usize> = job.placement.iter().map(|&p| p as usize).collect();

@@ -67,6 +67,7 @@ fn job(modules: &[(&str, &str)], msg: &str) -> WorkerJob {
         },
         max_memory_bytes: node.max_memory_bytes() as u64,
         restore: None,
+        sandboxes: Default::default(),
     }
 }
 

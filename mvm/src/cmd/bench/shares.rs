@@ -161,6 +161,7 @@ pub(crate) fn run(weights: &[u32], secs: f64) -> Result<SharesReport, Failure> {
             },
             max_memory_bytes: rt.max_memory_bytes() as u64,
             restore: None,
+            sandboxes: Default::default(),
         })
         .map_err(|e| failed("job", e))
     };

@@ -25,6 +25,7 @@ pub(crate) fn ring(name: &str, hops: u64, nodes: Option<u32>, priority: i32) -> 
             ..Submission::default()
         },
         modules: BTreeMap::from([(hash, token)]),
+        inputs: BTreeMap::new(),
     }
 }
 
@@ -97,6 +98,7 @@ pub(crate) fn one_of(name: &str, module: Bytes) -> Prepared {
             ..Submission::default()
         },
         modules: BTreeMap::from([(hash, module)]),
+        inputs: BTreeMap::new(),
     }
 }
 
@@ -152,5 +154,6 @@ pub(crate) fn pipeline(name: &str, count: u64, nodes: Option<u32>) -> Prepared {
             .into_iter()
             .map(|(_, m)| (Hash::of(&m), m))
             .collect(),
+        inputs: BTreeMap::new(),
     }
 }

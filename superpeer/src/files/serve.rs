@@ -1,0 +1,190 @@
+//! A super-peer's side of file transfers: files put by submitters (inputs), by nodes (outputs)
+//! and by the leader (to the other replicas), and files got by nodes (inputs) and owners
+//! (outputs), each as its [`Access`] allows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::PeerId;
+use mvm_component::policy::Principal;
+
+use super::store::{CHUNK, FileStore, ReceiveError};
+use crate::net::Net;
+use crate::proto::{
+    FILES_PROTOCOL, Failure, FailureKind, FileAnswer, FileRequest, Hash, JobId, MAX_HEADER,
+    read_frame, write_frame,
+};
+
+/// Transfers served at once; a stream beyond them is refused as busy.
+const MAX_TRANSFERS: usize = 64;
+
+/// How long an opener has to send its request.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+
+/// The slowest a transfer may go (bytes a second) before it is cut, after a grace period.
+const MIN_RATE: u64 = 1 << 20;
+
+/// Who may put and get which files.
+pub(crate) trait Access: Send + Sync + 'static {
+    /// Whether `who` (at `peer`) may put a file of `size` bytes.
+    fn may_put(&self, peer: PeerId, who: &Principal, size: u64) -> Result<(), Failure>;
+    /// Whether `who` (at `peer`) may get file `hash` of job `job`.
+    fn may_get(
+        &self,
+        peer: PeerId,
+        who: &Principal,
+        job: &JobId,
+        hash: &Hash,
+    ) -> Result<(), Failure>;
+    /// File `hash` of `size` bytes was put by `peer` and kept.
+    fn stored(&self, peer: PeerId, hash: Hash, size: u64);
+}
+
+/// Serves file transfers on `net` from and into `store` until the network stops.
+pub(crate) async fn serve(net: Net, store: Arc<FileStore>, access: Arc<dyn Access>) {
+    let mut incoming = match net.accept(FILES_PROTOCOL) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "file transfers are not accepted");
+            return;
+        }
+    };
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => {
+                let Some((peer, who, mut stream)) = next else { break };
+                if running.len() >= MAX_TRANSFERS {
+                    tracing::warn!(%peer, "too many file transfers at once; one refused");
+                    running.spawn(async move {
+                        let busy = FileAnswer::Error(Failure::new(
+                            FailureKind::Unavailable,
+                            "the super-peer is busy with other transfers: try again",
+                        ));
+                        let _ = tokio::time::timeout(
+                            REQUEST_WAIT,
+                            write_frame(&mut stream, &busy, MAX_HEADER),
+                        )
+                        .await;
+                    });
+                    continue;
+                }
+                let (store, access) = (store.clone(), access.clone());
+                running.spawn(async move {
+                    if let Err(e) = transfer(peer, &who, &mut stream, &store, &*access).await {
+                        tracing::warn!(%peer, error = %e, "file transfer");
+                        let _ = write_frame(&mut stream, &FileAnswer::Error(e), MAX_HEADER).await;
+                    }
+                });
+            }
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+}
+
+/// How long a transfer of `size` bytes may take.
+fn allowed(size: u64) -> Duration {
+    Duration::from_secs(30 + size / MIN_RATE)
+}
+
+async fn transfer(
+    peer: PeerId,
+    who: &Principal,
+    stream: &mut libp2p::Stream,
+    store: &FileStore,
+    access: &dyn Access,
+) -> Result<(), Failure> {
+    let broke = |e: std::io::Error| Failure::new(FailureKind::Unavailable, e.to_string());
+    let req = match tokio::time::timeout(REQUEST_WAIT, read_frame(stream, MAX_HEADER)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            return Err(Failure::new(
+                FailureKind::Input,
+                format!("a bad file request: {e}"),
+            ));
+        }
+        Err(_) => return Err(Failure::new(FailureKind::Input, "no file request in time")),
+    };
+    match req {
+        FileRequest::Put { hash, size } => {
+            access.may_put(peer, who, size)?;
+            if store.size(&hash) == Some(size) {
+                write_frame(stream, &FileAnswer::Have, MAX_HEADER)
+                    .await
+                    .map_err(broke)?;
+                return Ok(());
+            }
+            write_frame(stream, &FileAnswer::Send, MAX_HEADER)
+                .await
+                .map_err(broke)?;
+            let mut body = stream.take(size);
+            let took = tokio::time::timeout(allowed(size), store.receive(&mut body, hash, size));
+            match took.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let kind = match e {
+                        ReceiveError::Mismatch { .. } => FailureKind::Input,
+                        ReceiveError::Broke { .. } => FailureKind::Unavailable,
+                        ReceiveError::Write { .. } => FailureKind::Failed,
+                    };
+                    return Err(Failure::new(kind, format!("file {hash}: {e}")));
+                }
+                Err(_) => {
+                    return Err(Failure::new(
+                        FailureKind::Unavailable,
+                        format!("file {hash}: slower than {} KiB/s; cut", MIN_RATE >> 10),
+                    ));
+                }
+            }
+            access.stored(peer, hash, size);
+            let stream = body.into_inner();
+            write_frame(stream, &FileAnswer::Stored, MAX_HEADER)
+                .await
+                .map_err(broke)?;
+            let _ = stream.close().await;
+            tracing::debug!(%peer, %hash, size, "file taken");
+            Ok(())
+        }
+        FileRequest::Get { job, hash } => {
+            access.may_get(peer, who, &job, &hash)?;
+            let path = store.path(&hash);
+            let Ok(mut file) = tokio::fs::File::open(&path).await else {
+                return Err(Failure::new(
+                    FailureKind::NotFound,
+                    format!("file {hash} of job {job} is not held here"),
+                ));
+            };
+            let size = file.metadata().await.map_err(broke)?.len();
+            write_frame(stream, &FileAnswer::Size(size), MAX_HEADER)
+                .await
+                .map_err(broke)?;
+            let sent = tokio::time::timeout(allowed(size), async {
+                let mut buf = vec![0u8; CHUNK];
+                let mut left = size;
+                while left > 0 {
+                    let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+                    let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf[..want]).await?;
+                    if n == 0 {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                    }
+                    stream.write_all(&buf[..n]).await?;
+                    left -= n as u64;
+                }
+                stream.close().await
+            });
+            match sent.await {
+                Ok(Ok(())) => Ok(()),
+                // The stream is broken: nothing more can be said on it.
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, %hash, error = %e, "sending a file");
+                    Ok(())
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, %hash, "sending a file: too slow; cut");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
