@@ -11,10 +11,11 @@ use crate::site::Site;
 
 /// Offers a job this group cannot place to the super-peers of the groups in `to` (see
 /// `Core::forward_to`), in order, until one takes it; as that one's owner of record, with the
-/// modules it lacks, one hop further.
+/// modules it lacks and its input files (from `files`), one hop further.
 pub(super) async fn forward(
     site: &Site,
     modules: &ModuleStore,
+    files: &crate::files::FileStore,
     mut s: Submission,
     owner: Principal,
     to: Vec<GroupSummary>,
@@ -41,6 +42,20 @@ pub(super) async fn forward(
             tried.push(format!("group {} did not answer", g.group));
             continue;
         };
+        let inputs = s.files.iter().flat_map(|f| &f.inputs);
+        let mut sent = Ok(());
+        for i in inputs {
+            let path = files.path(&i.hash);
+            if let Err(f) = crate::files::put(&site.net, peer, &addrs, &path, i.hash, i.size).await
+            {
+                sent = Err(format!("input file '{}': {}", i.path, f.message));
+                break;
+            }
+        }
+        if let Err(e) = sent {
+            tried.push(format!("group {}: {e}", g.group));
+            continue;
+        }
         s.modules = missing.iter().filter_map(|h| modules.get(h)).collect();
         s.hops = s.hops.saturating_add(1);
         s.on_behalf = Some(owner.clone());

@@ -130,9 +130,18 @@ impl Broker {
                 why,
             } => {
                 let (site, modules) = (self.site.clone(), self.modules.clone());
+                let files = self.files.clone();
                 tasks.spawn(async move {
-                    let r = super::forward::forward(&site, &modules, *submission, owner, to, &why)
-                        .await;
+                    let r = super::forward::forward(
+                        &site,
+                        &modules,
+                        &files,
+                        *submission,
+                        owner,
+                        to,
+                        &why,
+                    )
+                    .await;
                     let _ = reply.send(r);
                     None
                 });
