@@ -101,7 +101,7 @@ pub(super) async fn run_one(
     Ok((s, t.elapsed()))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
@@ -138,7 +138,7 @@ async fn pingpong(client: &Client, pp8: &Prepared, pp1m: &Prepared) -> Result<(f
 }
 
 /// Raw TCP ping-pong on loopback: (one-way 8 B latency in µs, 1 MiB MB/s).
-fn raw_tcp() -> Result<(f64, f64), Failure> {
+pub(super) fn raw_tcp() -> Result<(f64, f64), Failure> {
     let io = |e: std::io::Error| Failure::failed(anyhow::anyhow!("raw TCP: {e}"));
     let l = TcpListener::bind("127.0.0.1:0").map_err(io)?;
     let addr = l.local_addr().map_err(io)?;

@@ -9,6 +9,7 @@ mod pn;
 mod recovery;
 mod scale;
 mod shares;
+mod staging;
 
 use clap::Subcommand;
 use mvm_component::bench as jobs;
@@ -81,6 +82,24 @@ enum Which {
         /// The libp2p transport between the daemons.
         #[arg(long, value_enum, default_value_t = crate::cmd::lab::Transport::Tcp)]
         transport: crate::cmd::lab::Transport,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// A job's input files from the submitter to its vertex's sandbox on a local lab (sent to
+    /// the leading super-peer, fetched by the node, laid out), beside raw TCP on loopback.
+    Staging {
+        /// MiB of input files per run.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
+        mib: u32,
+        /// Input files per run.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        files: u32,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        runs: u32,
+        /// Super-peers (the leader passes every file on to the others).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=7))]
+        superpeers: u32,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -429,6 +448,16 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let clients = usize::try_from(clients).unwrap_or(64);
             let report = broker::run(superpeers, secs, clients, transport)?;
             print(&report, out.output, broker::text)
+        }
+        Which::Staging {
+            mib,
+            files,
+            runs,
+            superpeers,
+            out,
+        } => {
+            let report = staging::run(mib, files, runs, superpeers)?;
+            print(&report, out.output, staging::text)
         }
         Which::Scale {
             nodes,
