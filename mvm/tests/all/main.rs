@@ -4,6 +4,7 @@
 mod agent;
 mod cli;
 mod environment;
+mod files;
 mod groups;
 mod lab;
 mod layering;
