@@ -82,6 +82,47 @@ pub struct Profile {
     /// Input files laid out in every vertex's sandbox, and output files taken back from it.
     #[serde(default)]
     pub files: Option<FilesSpec>,
+    /// A parameter sweep: for each parameter named, a list of values or a range; one job per
+    /// point of their product (an array of jobs).
+    #[serde(default)]
+    pub sweep: BTreeMap<String, SweepSpec>,
+    /// Jobs (or arrays) this one waits for: it runs once they have all ended, however.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Jobs (or arrays) this one waits for: it runs once they have all ended well, and is
+    /// cancelled when one of them does not.
+    #[serde(default)]
+    pub after_ok: Vec<String>,
+}
+
+/// The values of one swept parameter as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SweepSpec {
+    /// The values.
+    Values(Vec<toml::Value>),
+    /// `from` to `to` (included) by `step` (1 when not given).
+    Range {
+        /// The first value.
+        from: toml::Value,
+        /// The last value (included when a step lands on it).
+        to: toml::Value,
+        /// The step (positive).
+        #[serde(default)]
+        step: Option<toml::Value>,
+    },
+}
+
+/// The most points a sweep may have as written (a domain's policy bounds arrays further).
+pub const MAX_SWEEP_POINTS: u64 = 1_000_000;
+
+/// A parameter value as jobs read it (lists comma-separated).
+fn value_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Array(a) => a.iter().map(value_text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
 }
 
 /// A job's files as written.
@@ -331,17 +372,111 @@ impl Profile {
 
     /// The parameters as the strings jobs read (lists are comma-separated).
     pub fn parameter_strings(&self) -> BTreeMap<String, String> {
-        fn text(v: &toml::Value) -> String {
-            match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
-                other => other.to_string(),
-            }
-        }
         self.parameters
             .iter()
-            .map(|(k, v)| (k.clone(), text(v)))
+            .map(|(k, v)| (k.clone(), value_text(v)))
             .collect()
+    }
+
+    /// The sweep, checked: each swept parameter with its values as jobs read them, in name
+    /// order (empty: no sweep). The number of points is the product of their counts.
+    ///
+    /// # Errors
+    /// An empty list, a range that is not of numbers or whose step is not positive, or more
+    /// than [`MAX_SWEEP_POINTS`] points; with the line of `[sweep]` in `src`.
+    pub fn sweep(&self, file: &str, src: &str) -> Result<Vec<(String, Vec<String>)>, ProfileError> {
+        let line = src
+            .lines()
+            .position(|l| l.trim() == "[sweep]")
+            .map_or(1, |i| i + 1);
+        let bad = |message: String| ProfileError {
+            file: file.to_owned(),
+            line,
+            message,
+        };
+        let mut axes = Vec::new();
+        let mut points: u64 = 1;
+        for (name, spec) in &self.sweep {
+            let values: Vec<String> = match spec {
+                SweepSpec::Values(v) => v.iter().map(value_text).collect(),
+                SweepSpec::Range { from, to, step } => {
+                    range(from, to, step.as_ref()).map_err(|m| bad(format!("sweep.{name}: {m}")))?
+                }
+            };
+            if values.is_empty() {
+                return Err(bad(format!("sweep.{name} has no values")));
+            }
+            points = points.saturating_mul(values.len() as u64);
+            if points > MAX_SWEEP_POINTS {
+                return Err(bad(format!(
+                    "the sweep has more than {MAX_SWEEP_POINTS} points"
+                )));
+            }
+            axes.push((name.clone(), values));
+        }
+        Ok(axes)
+    }
+}
+
+/// The values of a range, as jobs read them: integers when `from`, `to` and `step` all are.
+fn range(
+    from: &toml::Value,
+    to: &toml::Value,
+    step: Option<&toml::Value>,
+) -> Result<Vec<String>, String> {
+    let one = toml::Value::Integer(1);
+    let step = step.unwrap_or(&one);
+    if let (Some(a), Some(b), Some(s)) = (from.as_integer(), to.as_integer(), step.as_integer()) {
+        if s <= 0 {
+            return Err(format!("the step must be positive, not {s}"));
+        }
+        let count = b
+            .checked_sub(a)
+            .map_or(0, |d| if d < 0 { 0 } else { d / s + 1 });
+        if count as u64 > MAX_SWEEP_POINTS {
+            return Err(format!("more than {MAX_SWEEP_POINTS} values"));
+        }
+        return Ok((0..count).map(|i| (a + i * s).to_string()).collect());
+    }
+    let num = |v: &toml::Value| {
+        v.as_float()
+            .or_else(|| v.as_integer().map(|i| i as f64))
+            .filter(|f| f.is_finite())
+    };
+    let (Some(a), Some(b), Some(s)) = (num(from), num(to), num(step)) else {
+        return Err("from, to and step must be numbers".to_owned());
+    };
+    if s <= 0.0 {
+        return Err(format!("the step must be positive, not {s}"));
+    }
+    let count = ((b - a) / s + 1e-9).floor() + 1.0;
+    if count > MAX_SWEEP_POINTS as f64 {
+        return Err(format!("more than {MAX_SWEEP_POINTS} values"));
+    }
+    let count = if count < 1.0 { 0 } else { count as u64 };
+    Ok((0..count)
+        .map(|i| format!("{}", a + i as f64 * s))
+        .collect())
+}
+
+impl Profile {
+    /// Expands a checked sweep into its points: each a parameter map to lay over the job's
+    /// own, the last parameter varying fastest.
+    pub fn points(axes: &[(String, Vec<String>)]) -> Vec<BTreeMap<String, String>> {
+        let mut points = vec![BTreeMap::new()];
+        for (name, values) in axes {
+            points = points
+                .into_iter()
+                .flat_map(|p| {
+                    values.iter().map(move |v| {
+                        let mut q = p.clone();
+                        q.insert(name.clone(), v.clone());
+                        q
+                    })
+                })
+                .collect();
+        }
+        points
     }
 
     /// The limits, checked.
@@ -497,6 +632,69 @@ impl Profile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweeps_expand_to_their_product_and_bad_ones_name_their_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "name = \"x\"\ntopology = \"t.dot\"\n[components]\n[sweep]\n";
+        let p = write(
+            dir.path(),
+            "a.toml",
+            &format!(
+                "{base}n = {{ from = 1, to = 7, step = 3 }}\nmode = [\"a\", \"b\"]\nx = {{ from = 0.5, to = 1.0, step = 0.25 }}\n"
+            ),
+        );
+        let (prof, src) = Profile::load(&p).expect("valid");
+        let axes = prof.sweep("a.toml", &src).expect("valid");
+        assert_eq!(
+            axes,
+            [
+                ("mode".to_owned(), vec!["a".to_owned(), "b".to_owned()]),
+                (
+                    "n".to_owned(),
+                    vec!["1".to_owned(), "4".to_owned(), "7".to_owned()]
+                ),
+                (
+                    "x".to_owned(),
+                    vec!["0.5".to_owned(), "0.75".to_owned(), "1".to_owned()]
+                ),
+            ]
+        );
+        let points = Profile::points(&axes);
+        assert_eq!(points.len(), 18);
+        assert_eq!(
+            (
+                points[0]["mode"].as_str(),
+                points[0]["n"].as_str(),
+                points[0]["x"].as_str()
+            ),
+            ("a", "1", "0.5")
+        );
+        assert_eq!(points[1]["x"], "0.75", "the last parameter varies fastest");
+        assert_eq!(points[17]["mode"], "b");
+        let p = write(
+            dir.path(),
+            "none.toml",
+            "name = \"x\"\ntopology = \"t.dot\"\n[components]\n",
+        );
+        let (prof, src) = Profile::load(&p).expect("valid");
+        assert!(prof.sweep("none.toml", &src).expect("valid").is_empty());
+        for (body, says) in [
+            ("n = []\n", "no values"),
+            ("n = { from = 1, to = 5, step = 0 }\n", "positive"),
+            ("n = { from = \"a\", to = 5 }\n", "numbers"),
+            (
+                "a = { from = 1, to = 1000 }\nb = { from = 1, to = 1001 }\n",
+                "more than 1000000 points",
+            ),
+        ] {
+            let p = write(dir.path(), "b.toml", &format!("{base}{body}"));
+            let (prof, src) = Profile::load(&p).expect("parses");
+            let e = prof.sweep("b.toml", &src).expect_err(body);
+            assert_eq!(e.line, 4, "{e}");
+            assert!(e.message.contains(says), "{body}: {e}");
+        }
+    }
 
     #[test]
     fn files_are_read_and_bad_paths_name_their_line() {

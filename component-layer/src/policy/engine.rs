@@ -304,13 +304,9 @@ fn settings(kb: &Kb) -> Result<NodeSettings, String> {
 }
 
 impl Engine for OsoEngine {
-    fn checkpoint_rules(
-        &self,
-        actor: &Principal,
-        domain: &str,
-    ) -> Result<super::CheckpointRules, String> {
+    fn job_rules(&self, actor: &Principal, domain: &str) -> Result<super::JobRules, String> {
         let Some(kb) = self.domains.get(domain) else {
-            return Ok(super::CheckpointRules::default());
+            return Ok(super::JobRules::default());
         };
         let ms = |rule: &str| -> Result<Vec<u64>, String> {
             let v: Vec<i64> = kb.values(rule, (actor_value(actor), var()))?;
@@ -323,9 +319,13 @@ impl Engine for OsoEngine {
                 })
                 .collect()
         };
-        Ok(super::CheckpointRules {
+        Ok(super::JobRules {
             default_ms: ms("checkpoint_interval")?.into_iter().min(),
             min_interval_ms: ms("min_checkpoint_interval")?.into_iter().max(),
+            max_array: {
+                let v: Vec<i64> = kb.values("max_array", (actor_value(actor), var()))?;
+                v.into_iter().min().map(|n| u64::try_from(n).unwrap_or(0))
+            },
         })
     }
 

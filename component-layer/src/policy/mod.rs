@@ -181,9 +181,9 @@ pub trait Engine: Send + Sync {
     ///
     /// # Errors
     /// A rule that cannot be evaluated.
-    fn checkpoint_rules(&self, actor: &Principal, domain: &str) -> Result<CheckpointRules, String> {
+    fn job_rules(&self, actor: &Principal, domain: &str) -> Result<JobRules, String> {
         let _ = (actor, domain);
-        Ok(CheckpointRules::default())
+        Ok(JobRules::default())
     }
     /// The probes `node` runs and their intervals in milliseconds: `probe(NAME, MS)` of
     /// `node.polar`, overridden name by name by `probe(node, NAME, MS)` of the node's domain
@@ -223,17 +223,20 @@ pub struct EngineStats {
     pub cache_misses: u64,
 }
 
-/// What a domain's policy says of checkpoints for an actor's jobs, as the MVM paper's
-/// checkpoint policy does: how often a job that asks for none is checkpointed, and how often
-/// one may ask to be.
+/// What a domain's policy says of an actor's jobs beyond yes or no: of checkpoints, as the MVM
+/// paper's checkpoint policy does (how often a job that asks for none is checkpointed, and how
+/// often one may ask to be), and how large an array of jobs may be.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CheckpointRules {
+pub struct JobRules {
     /// The interval of a job whose profile asks for no checkpoints, in milliseconds
     /// (`checkpoint_interval(actor, MS)`; the smallest that holds).
     pub default_ms: Option<u64>,
     /// The shortest interval a job may ask for, in milliseconds
     /// (`min_checkpoint_interval(actor, MS)`; the largest that holds).
     pub min_interval_ms: Option<u64>,
+    /// The most jobs one array (a profile's `[sweep]`) may have (`max_array(actor, N)`; the
+    /// smallest that holds).
+    pub max_array: Option<u64>,
 }
 
 /// How many slots [`Tally`] spreads its counts over.
@@ -290,7 +293,7 @@ pub struct Cached<E> {
     /// The checkpoint rules of each actor and domain, as for answers (a broker asks for them
     /// at every submission: two oso queries, about 56 µs, where the rest of its decision
     /// comes from the cache).
-    rules: RwLock<HashMap<(Principal, String), CheckpointRules>>,
+    rules: RwLock<HashMap<(Principal, String), JobRules>>,
     capacity: usize,
 }
 
@@ -361,13 +364,13 @@ impl<E: Engine> Engine for Cached<E> {
         self.inner.scheduling(metrics)
     }
 
-    fn checkpoint_rules(&self, actor: &Principal, domain: &str) -> Result<CheckpointRules, String> {
+    fn job_rules(&self, actor: &Principal, domain: &str) -> Result<JobRules, String> {
         let key = (actor.clone(), domain.to_owned());
         if let Some(r) = self.rules.read().get(&key) {
             return Ok(*r);
         }
         // A rule that cannot be evaluated is asked again next time, as its error says.
-        let r = self.inner.checkpoint_rules(actor, domain)?;
+        let r = self.inner.job_rules(actor, domain)?;
         let mut rules = self.rules.write();
         if rules.len() >= self.capacity {
             rules.clear();

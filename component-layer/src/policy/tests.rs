@@ -307,13 +307,15 @@ fn settings_and_limits_a_policy_does_not_state_do_not_restrict() {
 }
 
 #[test]
-fn a_domain_s_checkpoint_rules_give_the_shortest_default_and_the_longest_bound() {
+fn a_domain_s_job_rules_give_the_shortest_default_and_the_longest_bound() {
     let files = [(
         "physics/checkpoints.polar",
         "checkpoint_interval(user: User, 60000) if \"researcher\" in user.roles;\n\
          checkpoint_interval(_user: User, 300000);\n\
          min_checkpoint_interval(_user: User, 1000);\n\
-         min_checkpoint_interval(user: User, 5000) if \"student\" in user.roles;\n",
+         min_checkpoint_interval(user: User, 5000) if \"student\" in user.roles;\n\
+         max_array(_user: User, 1000);\n\
+         max_array(user: User, 10) if \"student\" in user.roles;\n",
     )];
     let bundle = Bundle {
         files: files
@@ -328,35 +330,31 @@ fn a_domain_s_checkpoint_rules_give_the_shortest_default_and_the_longest_bound()
         domain: "physics".into(),
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
     };
-    let rules = |roles: &[&str], domain: &str| {
-        engine
-            .checkpoint_rules(&who(roles), domain)
-            .expect("evaluated")
-    };
+    let rules =
+        |roles: &[&str], domain: &str| engine.job_rules(&who(roles), domain).expect("evaluated");
     assert_eq!(
         rules(&["researcher"], "physics"),
-        CheckpointRules {
+        JobRules {
             default_ms: Some(60_000),
             min_interval_ms: Some(1000),
+            max_array: Some(1000),
         }
     );
     assert_eq!(
         rules(&["student"], "physics"),
-        CheckpointRules {
+        JobRules {
             default_ms: Some(300_000),
             min_interval_ms: Some(5000),
+            max_array: Some(10),
         }
     );
     // A domain whose policy says nothing of checkpoints.
-    assert_eq!(
-        rules(&["researcher"], "biology"),
-        CheckpointRules::default()
-    );
+    assert_eq!(rules(&["researcher"], "biology"), JobRules::default());
     // The cache remembers them per actor and domain, and gives the same answers.
     let cached = Cached::new(OsoEngine::load(&bundle, 1).expect("loads"), 8);
     for _ in 0..2 {
         for (roles, domain) in [(["researcher"], "physics"), (["student"], "physics")] {
-            let got = cached.checkpoint_rules(&who(&roles), domain);
+            let got = cached.job_rules(&who(&roles), domain);
             assert_eq!(got, Ok(rules(&roles, domain)), "{roles:?}");
         }
     }
@@ -371,7 +369,7 @@ fn a_domain_s_checkpoint_rules_give_the_shortest_default_and_the_longest_bound()
     };
     let engine = OsoEngine::load(&bad, 1).expect("loads");
     let e = engine
-        .checkpoint_rules(&who(&[]), "physics")
+        .job_rules(&who(&[]), "physics")
         .expect_err("a negative interval");
     assert!(e.contains("-5"), "{e}");
 }

@@ -68,10 +68,17 @@ pub(crate) struct SubmitArgs {
     /// Wait for the end, showing progress, and print the results.
     #[arg(long)]
     wait: bool,
-    /// With --wait: bring the job's output files back into DIR (at DIR/VERTEX/PATH), also
-    /// when it failed.
+    /// With --wait: bring the job's output files back into DIR (at DIR/VERTEX/PATH; an
+    /// array's at DIR/JOB/VERTEX/PATH), also when it failed.
     #[arg(long, value_name = "DIR", requires = "wait")]
     output_dir: Option<PathBuf>,
+    /// Run once this job (or array) has ended, however (added to the profile's `after`).
+    #[arg(long, value_name = "JOB")]
+    after: Vec<JobId>,
+    /// Run once this job (or every job of this array) has ended well; cancelled if one does
+    /// not (added to the profile's `after_ok`).
+    #[arg(long, value_name = "JOB")]
+    after_ok: Vec<JobId>,
     #[command(flatten)]
     broker: BrokerArg,
     #[command(flatten)]
@@ -180,6 +187,12 @@ pub(crate) struct StatusOut {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     received: Vec<mvm_superpeer::proto::PortTraffic>,
     pub(crate) outputs: Vec<(String, String)>,
+    /// The array it belongs to, and its index there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    array: Option<(JobId, u32)>,
+    /// The jobs it runs after.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    after: Vec<JobId>,
     /// The output files its vertices left (`mvm fetch` brings them back).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     files: Vec<mvm_superpeer::proto::OutputFile>,
@@ -222,12 +235,23 @@ impl From<&JobStatus> for StatusOut {
             edges: s.edges.clone(),
             received: s.received.clone(),
             outputs,
+            array: s.array.clone(),
+            after: s.after.clone(),
             files: s.files.clone(),
         }
     }
 }
 
-/// One line per job.
+/// How many of `jobs` are in each state: `12 jobs: 10 done, 2 running`.
+pub(crate) fn tally(jobs: &[JobStatus]) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for j in jobs {
+        *counts.entry(state_name(j.state)).or_insert(0u32) += 1;
+    }
+    let each: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    format!("{} jobs: {}", jobs.len(), each.join(", "))
+}
+
 /// A job state as users write it (`pending`, `running`, …).
 fn state_name(s: JobState) -> String {
     format!("{s:?}").to_lowercase()
@@ -446,7 +470,20 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 pub(crate) fn submit(args: SubmitArgs) -> Result<(), Failure> {
-    let job = read_profile(&args.profile).map_err(wire)?;
+    let mut job = read_profile(&args.profile).map_err(wire)?;
+    job.submission.after.extend(args.after.iter().cloned());
+    job.submission
+        .after_ok
+        .extend(args.after_ok.iter().cloned());
+    if !job.submission.sweep.is_empty() {
+        return crate::cmd::array::submit(
+            &job,
+            &args.broker,
+            args.wait,
+            args.output_dir.as_deref(),
+            args.out.output,
+        );
+    }
     runtime()?.block_on(async {
         let client = connect(&args.broker).await?;
         // Without a progress line to draw, the broker may answer at the job's end.
@@ -498,8 +535,20 @@ pub(crate) fn status(args: StatusArgs) -> Result<(), Failure> {
                     .is_none_or(|o| s.owner == *o || s.owner.split('@').next() == Some(o.as_str()))
         });
         let out: Vec<StatusOut> = list.iter().map(StatusOut::from).collect();
+        // An array asked for: a line that sums it up, then its jobs.
+        let head = args
+            .job
+            .as_ref()
+            .filter(|id| {
+                !list.is_empty()
+                    && list
+                        .iter()
+                        .all(|s| s.array.as_ref().is_some_and(|(a, _)| a == *id))
+            })
+            .map(|id| format!("array {id}: {}\n", tally(&list)));
         crate::cmd::print(&out, args.out.output, |_| {
-            list.iter().map(line).collect::<Vec<_>>().join("\n")
+            let lines = list.iter().map(line).collect::<Vec<_>>().join("\n");
+            format!("{}{lines}", head.clone().unwrap_or_default())
         })
     })
 }

@@ -125,5 +125,8 @@ fn word_count_files_cross_three_nodes_and_a_failed_job_keeps_its_outputs() {
             assert!(left.is_empty(), "{}: {left:?}", sandboxes.display());
         }
     }
-    assert!(looked >= 3, "every node's sandboxes were looked at ({looked})");
+    assert!(
+        looked >= 3,
+        "every node's sandboxes were looked at ({looked})"
+    );
 }

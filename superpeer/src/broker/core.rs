@@ -173,6 +173,12 @@ pub(super) enum Then {
         peer: PeerId,
         running: bool,
     },
+    /// An array's jobs were recorded (waiting).
+    ArrayRecorded {
+        reply: Reply,
+        array: JobId,
+        ids: Vec<JobId>,
+    },
     /// A job that waits for room was recorded.
     PendingRecorded {
         reply: Reply,
@@ -368,6 +374,14 @@ impl Core {
                 who,
                 submission,
                 checked,
+            } if !submission.sweep.is_empty() => {
+                self.submit_array(&mut out, reply, &who, *submission, &checked);
+            }
+            Input::Submit {
+                reply,
+                who,
+                submission,
+                checked,
             } => self.submit(&mut out, reply, &who, *submission, *checked),
             Input::Cancel { reply, job } => self.cancel(&mut out, reply, &job),
             Input::Checkpoint { reply, job } => self.start_cut(&mut out, &job, Some(reply)),
@@ -459,6 +473,9 @@ impl Core {
                 out.push(Effect::Reply(reply, r));
             }
             Then::Placed { reply, job, specs } => self.placed(out, reply, &job, specs, outcome),
+            Then::ArrayRecorded { reply, array, ids } => {
+                self.array_recorded(out, reply, &array, &ids, outcome);
+            }
             Then::StartRecorded { job, peers } => self.start_recorded(out, &job, peers),
             Then::Requeued {
                 job,

@@ -38,6 +38,7 @@ use crate::site::Site;
 use mvm_queue::codec::Registry;
 
 mod admit;
+mod array;
 mod core;
 mod cut;
 mod drain;
@@ -62,6 +63,8 @@ pub(crate) mod web;
 mod harness;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_array;
 #[cfg(test)]
 mod tests_checkpoint;
 #[cfg(test)]
@@ -295,6 +298,9 @@ impl Broker {
                     Ok(c) => c,
                     Err(f) => return Response::Error(f),
                 };
+                if let Err(f) = self.log.read(|st| array::check_dependencies(st, &s)) {
+                    return Response::Error(f);
+                }
                 let inputs = s.files.iter().flat_map(|f| &f.inputs);
                 if let Some(i) = inputs
                     .into_iter()
@@ -336,6 +342,27 @@ impl Broker {
                 self.wait(&job, after, until_end, SUBMIT_HOLD).await
             }
             ClientRequest::Cancel { job } => {
+                // An array: each of its jobs not ended, as the policy lets the asker.
+                if let Some(jobs) = self.log.read(|s| {
+                    s.array(&job).map(|a| {
+                        a.jobs
+                            .iter()
+                            .filter(|j| s.job(j).is_some_and(|r| !r.state.is_final()))
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                }) {
+                    for job in jobs {
+                        let r = match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
+                            None => self.ask(|reply| Input::Cancel { reply, job }).await,
+                            Some(r) => r,
+                        };
+                        if matches!(&r, Response::Error(f) if f.kind == FailureKind::Refused) {
+                            return r;
+                        }
+                    }
+                    return Response::Ok;
+                }
                 match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
                     None => self.ask(|reply| Input::Cancel { reply, job }).await,
                     Some(r) => r,

@@ -111,6 +111,66 @@ pub(super) fn check(
     }
 }
 
+/// The record of job `id` of `owner`, admitted with `resources`: preparing, nothing placed yet.
+pub(super) fn new_record(
+    id: &JobId,
+    owner: &Principal,
+    resources: crate::joblog::state::Resources,
+    s: &Submission,
+    c: &Checked,
+) -> JobRecord {
+    let r = &s.requirements;
+    JobRecord {
+        id: id.clone(),
+        name: s.name.clone(),
+        owner: owner.clone(),
+        resources,
+        image: r.image.clone().unwrap_or_else(|| "host".into()),
+        priority: s.priority,
+        submitted_ms: now_ms(),
+        state: JobState::Preparing,
+        held: false,
+        parts: Vec::new(),
+        outputs: Vec::new(),
+        traffic: Vec::new(),
+        edges: Vec::new(),
+        received: Vec::new(),
+        ended: None,
+        submission: None,
+        version: 0,
+        retries: s.retries,
+        attempt: 0,
+        restarts: Vec::new(),
+        checkpoint: s.checkpoint,
+        checkpoints: Vec::new(),
+        moves: Vec::new(),
+        log_bytes: s.limits.log_bytes.unwrap_or(0),
+        logs: Vec::new(),
+        files: s.files.clone(),
+        written: Vec::new(),
+        written_attempt: 0,
+        array: None,
+        after: s.after.clone(),
+        after_ok: s.after_ok.clone(),
+        channels: c
+            .topology
+            .channels
+            .iter()
+            .map(|ch| {
+                let v = |e: &mvm_component::topology::End| {
+                    let name = c
+                        .topology
+                        .vertices
+                        .get(e.vertex)
+                        .map_or("?", |x| x.name.as_str());
+                    format!("{name}:{}", e.port)
+                };
+                (v(&ch.from), v(&ch.to))
+            })
+            .collect(),
+    }
+}
+
 impl Core {
     /// Admits and places a checked job here: it runs now, or, when it fits this group but not
     /// now, waits in the log's queue; a job this group cannot take goes to another group (if
@@ -156,68 +216,30 @@ impl Core {
             out.push(Effect::Reply(reply, refused(error)));
             return;
         }
-        let r = &s.requirements;
-        let mut record = JobRecord {
-            id: id.clone(),
-            name: s.name.clone(),
-            owner: owner.clone(),
-            resources,
-            image: r.image.clone().unwrap_or_else(|| "host".into()),
-            priority: s.priority,
-            submitted_ms: now_ms(),
-            state: JobState::Preparing,
-            held: false,
-            parts: Vec::new(),
-            outputs: Vec::new(),
-            traffic: Vec::new(),
-            edges: Vec::new(),
-            received: Vec::new(),
-            ended: None,
-            submission: None,
-            version: 0,
-            retries: s.retries,
-            attempt: 0,
-            restarts: Vec::new(),
-            checkpoint: s.checkpoint,
-            checkpoints: Vec::new(),
-            moves: Vec::new(),
-            log_bytes: s.limits.log_bytes.unwrap_or(0),
-            logs: Vec::new(),
-            files: s.files.clone(),
-            written: Vec::new(),
-            written_attempt: 0,
-            channels: c
-                .topology
-                .channels
-                .iter()
-                .map(|ch| {
-                    let v = |e: &mvm_component::topology::End| {
-                        let name = c
-                            .topology
-                            .vertices
-                            .get(e.vertex)
-                            .map_or("?", |x| x.name.as_str());
-                        format!("{name}:{}", e.port)
-                    };
-                    (v(&ch.from), v(&ch.to))
-                })
-                .collect(),
-        };
+        let mut record = new_record(&id, &owner, resources, &s, &c);
+        // A job that waits for others waits in the queue, whatever room there is now.
+        match self
+            .log
+            .read(|st| super::array::dependencies(st, &s.after, &s.after_ok))
+        {
+            super::array::Deps::Ready => {}
+            super::array::Deps::Broken(why) => {
+                self.ledger.release(&id);
+                let f = Failure::new(FailureKind::Input, format!("job {}: {why}", s.name));
+                out.push(Effect::Reply(reply, Response::Error(f)));
+                return;
+            }
+            super::array::Deps::Wait(why) if self.fits_when_free(&s, &c) => {
+                let why = super::plan::PlaceError::Waits(why);
+                return self.record_pending(out, reply, record, s, why);
+            }
+            super::array::Deps::Wait(_) => {}
+        }
         let plan = match self.plan(&id, &s, &c) {
             Ok(p) => p,
+            // Admitted, but not now: it waits, and holds what it asks for meanwhile.
             Err(why) if self.fits_when_free(&s, &c) => {
-                // Admitted, but not now: it waits, and holds what it asks for meanwhile.
-                record.state = JobState::Pending;
-                record.submission = Some(self.with_modules(s));
-                out.push(Effect::Record {
-                    command: Command::Submit(Box::new(record)),
-                    then: Then::PendingRecorded {
-                        reply,
-                        job: id,
-                        why,
-                    },
-                });
-                return;
+                return self.record_pending(out, reply, record, s, why);
             }
             Err(why) => {
                 self.ledger.release(&id);
@@ -280,10 +302,14 @@ impl Core {
     /// for checkpoints more often than the policy lets it is refused; one that asks for none
     /// is given the policy's default interval when its modules can be paused (otherwise it
     /// runs without, as it asked).
-    fn checkpoint_policy(&self, owner: &Principal, s: &mut Submission) -> Result<(), AdmitError> {
+    pub(super) fn checkpoint_policy(
+        &self,
+        owner: &Principal,
+        s: &mut Submission,
+    ) -> Result<(), AdmitError> {
         let engine = self.site.policies.current().engine.clone();
         let rules = engine
-            .checkpoint_rules(owner, &self.site.domain)
+            .job_rules(owner, &self.site.domain)
             .map_err(|e| AdmitError::Policy(format!("checkpoint rules: {e}")))?;
         let min = rules.min_interval_ms.unwrap_or(0);
         match &mut s.checkpoint {
@@ -311,6 +337,25 @@ impl Core {
                 Ok(())
             }
         }
+    }
+
+    /// Records an admitted job as waiting in the queue (with its submission), answering
+    /// `reply` once it is recorded.
+    fn record_pending(
+        &self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
+        mut record: JobRecord,
+        s: Submission,
+        why: super::plan::PlaceError,
+    ) {
+        record.state = JobState::Pending;
+        record.submission = Some(self.with_modules(s));
+        let job = record.id.clone();
+        out.push(Effect::Record {
+            command: Command::Submit(Box::new(record)),
+            then: Then::PendingRecorded { reply, job, why },
+        });
     }
 
     /// `s` with its modules, as the job log keeps a submission (while its job waits, or may run
@@ -356,11 +401,37 @@ impl Core {
             u32,
             Option<CheckpointInfo>,
         );
+        // Jobs that wait for others are passed over (at most so many looked at each time).
+        let mut blocked: Vec<(JobId, super::array::Deps)> = Vec::new();
         let waiting: Vec<Waiting> = self.log.read(|st| {
             st.pending()
                 .filter(|j| !self.drives.contains_key(&j.id))
+                .filter(|j| {
+                    if j.after.is_empty() && j.after_ok.is_empty() {
+                        return true;
+                    }
+                    match super::array::dependencies(st, &j.after, &j.after_ok) {
+                        super::array::Deps::Ready => true,
+                        deps => {
+                            if blocked.len() < 4096 {
+                                blocked.push((j.id.clone(), deps));
+                            }
+                            false
+                        }
+                    }
+                })
                 .filter_map(|j| {
-                    let s = j.submission.clone()?;
+                    let mut s = j.submission.clone()?;
+                    // An array's jobs are kept without their modules: the array has them.
+                    if s.modules.is_empty()
+                        && let Some((array, _)) = &j.array
+                        && s.components.values().any(|h| !self.modules.has(h))
+                    {
+                        s.modules = st
+                            .array(array)
+                            .map(|a| a.modules.clone())
+                            .unwrap_or_default();
+                    }
                     let from = j
                         .checkpoints
                         .iter()
@@ -371,6 +442,23 @@ impl Core {
                 .take(256)
                 .collect()
         });
+        for (id, deps) in blocked {
+            match deps {
+                super::array::Deps::Wait(why) => {
+                    self.view.waiting.lock().insert(id, why);
+                }
+                super::array::Deps::Broken(why) => {
+                    tracing::info!(job = %id, %why, "job cancelled: a dependency did not end well");
+                    let ended = Ended {
+                        at_ms: now_ms(),
+                        error: Some(format!("cancelled: {why}")),
+                        kind: None,
+                    };
+                    self.end(out, &id, JobState::Cancelled, ended);
+                }
+                super::array::Deps::Ready => {}
+            }
+        }
         for (id, owner, s, attempt, from) in waiting {
             if s.components.values().any(|h| !self.modules.has(h)) {
                 for b in &s.modules {

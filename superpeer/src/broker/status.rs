@@ -68,6 +68,8 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         moves: j.moves.clone(),
         channels: j.channels.clone(),
         files: j.written.clone(),
+        array: j.array.clone(),
+        after: j.after.iter().chain(&j.after_ok).cloned().collect(),
     }
 }
 
@@ -96,6 +98,17 @@ impl Core {
 impl Broker {
     /// The status of `job`, or of every job `who` may read.
     pub(super) fn status(&self, who: &Principal, job: Option<&JobId>) -> Response {
+        // An array: its jobs that the asker may read, by index.
+        if let Some(id) = job
+            && let Some(jobs) = self.log.read(|s| s.array(id).map(|a| a.jobs.clone()))
+        {
+            let list = jobs
+                .iter()
+                .filter(|j| admit::refusal(&self.site, &self.log, who, "read-results", j).is_none())
+                .filter_map(|j| self.view.status(&self.log, j))
+                .collect();
+            return Response::Status(list);
+        }
         if let Some(id) = job
             && let Some(r) = admit::refusal(&self.site, &self.log, who, "read-results", id)
         {

@@ -200,6 +200,21 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
         crate::schedule::Rank::parse(rank).map_err(|e| input(format!("{file}: {e}")))?;
     }
     let (files, inputs) = read_files(path, &file, &src, &profile)?;
+    let sweep = profile
+        .sweep(&file, &src)
+        .map_err(|e| input(e.to_string()))?;
+    let ids = |key: &str, v: &[String]| {
+        v.iter()
+            .map(|s| {
+                s.parse::<crate::proto::JobId>()
+                    .map_err(|e| input(format!("{file}: {key}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (after, after_ok) = (
+        ids("after", &profile.after)?,
+        ids("after_ok", &profile.after_ok)?,
+    );
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Ok(Prepared {
         submission: Submission {
@@ -244,6 +259,9 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 .unwrap_or(mvm_component::profile::DEFAULT_RETRIES),
             checkpoint,
             files,
+            sweep,
+            after,
+            after_ok,
         },
         modules,
         inputs,

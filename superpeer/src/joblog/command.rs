@@ -15,6 +15,13 @@ pub enum Command {
     /// A job passed admission: it waits (`Pending`, no parts) or is placed (`Preparing`, or
     /// `Running` when its one part started as it was prepared).
     Submit(Box<JobRecord>),
+    /// An array of jobs passed admission: its jobs wait (`Pending`), all or none recorded.
+    Array {
+        /// The array.
+        array: Box<super::state::ArrayRecord>,
+        /// Its jobs.
+        jobs: Vec<JobRecord>,
+    },
     /// A pending job is placed.
     Place {
         /// The job.
@@ -141,6 +148,7 @@ impl Command {
     pub fn jobs(&self) -> Vec<&JobId> {
         match self {
             Command::Submit(j) => vec![&j.id],
+            Command::Array { jobs, .. } => jobs.iter().map(|j| &j.id).collect(),
             Command::Place { job, .. }
             | Command::Start { job, .. }
             | Command::PartDone { job, .. }

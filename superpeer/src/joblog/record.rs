@@ -164,6 +164,31 @@ pub struct JobRecord {
     /// The run whose parts left [`JobRecord::written`].
     #[serde(default)]
     pub written_attempt: u32,
+    /// The array it belongs to, and its index there.
+    #[serde(default)]
+    pub array: Option<(JobId, u32)>,
+    /// Jobs or arrays it waits for to end.
+    #[serde(default)]
+    pub after: Vec<JobId>,
+    /// Jobs or arrays it waits for to end well (it is cancelled when one does not).
+    #[serde(default)]
+    pub after_ok: Vec<JobId>,
+}
+
+/// An array of jobs (a profile's `[sweep]`): one submission, one job per point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArrayRecord {
+    /// Its id (its jobs' ids are their own).
+    pub id: JobId,
+    /// The profile's name.
+    pub name: String,
+    /// Who owns it.
+    pub owner: Principal,
+    /// Its jobs, by index.
+    pub jobs: Vec<JobId>,
+    /// The modules of its jobs, kept once for all of them while some have not ended (its
+    /// jobs' submissions are kept without them).
+    pub modules: Vec<bytes::Bytes>,
 }
 
 /// The lines one vertex wrote in one run of its job, as the job log keeps them.

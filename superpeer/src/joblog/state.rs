@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::proto::{JobId, JobState, MoveInfo, Restart};
 
 pub use super::command::{Applied, Command, CommandError};
-pub use super::record::{Ended, JobRecord, PartRecord, Resources, VertexLogs, now_ms};
+pub use super::record::{ArrayRecord, Ended, JobRecord, PartRecord, Resources, VertexLogs, now_ms};
 
 /// How many ended jobs the log remembers; the oldest are forgotten first.
 pub const KEEP_ENDED: usize = 10_000;
@@ -42,6 +42,9 @@ pub struct ControlState {
     /// Drained nodes: nothing more is placed on them.
     #[serde(default)]
     drained: BTreeSet<PeerId>,
+    /// Arrays of jobs, while one of their jobs is remembered.
+    #[serde(default)]
+    arrays: BTreeMap<JobId, ArrayRecord>,
 }
 
 /// The key of an owner in [`ControlState`]'s tallies.
@@ -148,6 +151,7 @@ impl ControlState {
     fn try_apply(&mut self, command: Command) -> Result<(), CommandError> {
         match command {
             Command::Submit(job) => self.submit(*job),
+            Command::Array { array, jobs } => self.submit_array(*array, jobs),
             Command::Place {
                 job,
                 parts,
@@ -348,8 +352,40 @@ impl ControlState {
         }
     }
 
+    /// Records an array and its jobs (all pending), or nothing when one of them cannot be.
+    fn submit_array(
+        &mut self,
+        array: ArrayRecord,
+        jobs: Vec<JobRecord>,
+    ) -> Result<(), CommandError> {
+        if self.arrays.contains_key(&array.id) || self.jobs.contains_key(&array.id) {
+            return Err(CommandError::Exists(array.id));
+        }
+        for j in &jobs {
+            if self.jobs.contains_key(&j.id) {
+                return Err(CommandError::Exists(j.id.clone()));
+            }
+            if j.state != JobState::Pending || j.submission.is_none() || !j.parts.is_empty() {
+                return Err(CommandError::Submitted {
+                    job: j.id.clone(),
+                    state: j.state,
+                });
+            }
+        }
+        for j in jobs {
+            self.submit(j)?;
+        }
+        self.arrays.insert(array.id.clone(), array);
+        Ok(())
+    }
+
+    /// The array `id`, if remembered.
+    pub fn array(&self, id: &JobId) -> Option<&ArrayRecord> {
+        self.arrays.get(id)
+    }
+
     fn submit(&mut self, job: JobRecord) -> Result<(), CommandError> {
-        if self.jobs.contains_key(&job.id) {
+        if self.jobs.contains_key(&job.id) || self.arrays.contains_key(&job.id) {
             return Err(CommandError::Exists(job.id));
         }
         match job.state {
@@ -455,9 +491,26 @@ impl ControlState {
             }
         }
         self.ended.push_back(id.clone());
+        // An array whose jobs have all ended needs its modules no more.
+        if let Some((array, _)) = self.jobs.get(id).and_then(|j| j.array.clone())
+            && let Some(a) = self.arrays.get(&array)
+            && a.jobs
+                .iter()
+                .all(|j| self.jobs.get(j).is_none_or(|r| r.state.is_final()))
+            && let Some(a) = self.arrays.get_mut(&array)
+        {
+            a.modules.clear();
+        }
         while self.ended.len() > KEEP_ENDED {
-            if let Some(old) = self.ended.pop_front() {
-                self.jobs.remove(&old);
+            if let Some(old) = self.ended.pop_front()
+                && let Some(gone) = self.jobs.remove(&old)
+                && let Some((array, _)) = gone.array
+                && self
+                    .arrays
+                    .get(&array)
+                    .is_some_and(|a| a.jobs.iter().all(|j| !self.jobs.contains_key(j)))
+            {
+                self.arrays.remove(&array);
             }
         }
         Ok(())

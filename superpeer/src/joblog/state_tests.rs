@@ -59,6 +59,9 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         files: None,
         written: Vec::new(),
         written_attempt: 0,
+        array: None,
+        after: Vec::new(),
+        after_ok: Vec::new(),
     }
 }
 

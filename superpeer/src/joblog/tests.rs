@@ -157,6 +157,9 @@ fn submit(name: &str) -> Command {
         files: None,
         written: Vec::new(),
         written_attempt: 0,
+        array: None,
+        after: Vec::new(),
+        after_ok: Vec::new(),
         channels: Vec::new(),
     }))
 }

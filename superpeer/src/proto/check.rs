@@ -318,6 +318,18 @@ impl ClientRequest {
                 if let Some(f) = &s.files {
                     check_files(f)?;
                 }
+                check_len("swept parameters", s.sweep.len())?;
+                for (name, values) in &s.sweep {
+                    check_name("a swept parameter", name)?;
+                    check_len("values of a swept parameter", values.len())?;
+                }
+                if s.points() > mvm_component::profile::MAX_SWEEP_POINTS {
+                    return Err(CheckError::TooMany {
+                        field: "points of a sweep",
+                        count: usize::try_from(s.points()).unwrap_or(usize::MAX),
+                    });
+                }
+                check_len("dependencies", s.after.len() + s.after_ok.len())?;
                 check_template(s.requirements.template.as_ref())
             }
             ClientRequest::Migrate {

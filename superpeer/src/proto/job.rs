@@ -62,6 +62,25 @@ pub struct Submission {
     /// content hash) and output files taken back.
     #[serde(default)]
     pub files: Option<FileSpec>,
+    /// A parameter sweep: each swept parameter with its values; the job is then an array of
+    /// one job per point of their product, each with those parameters laid over its own.
+    #[serde(default)]
+    pub sweep: Vec<(String, Vec<String>)>,
+    /// Jobs (or arrays) of this group the job waits for: it is placed once they have ended.
+    #[serde(default)]
+    pub after: Vec<JobId>,
+    /// Jobs (or arrays) it waits for to end well: it is cancelled when one does not.
+    #[serde(default)]
+    pub after_ok: Vec<JobId>,
+}
+
+impl Submission {
+    /// How many jobs it makes: the points of its sweep, or one.
+    pub fn points(&self) -> u64 {
+        self.sweep
+            .iter()
+            .fold(1u64, |n, (_, v)| n.saturating_mul(v.len() as u64))
+    }
 }
 
 /// A job's files (GridWay's prolog and epilog): what is laid out in every vertex's sandbox
@@ -545,6 +564,12 @@ pub struct JobStatus {
     /// when it failed); their bytes are held by the broker (`mvm fetch`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<OutputFile>,
+    /// The array it belongs to, and its index there (a profile's `[sweep]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub array: Option<(JobId, u32)>,
+    /// What it waits for: the jobs it runs after (`after`, then `after_ok`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
 }
 
 /// A part of a running job moved to another node (live migration): its vertices paused at a
