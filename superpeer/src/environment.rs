@@ -92,7 +92,7 @@ pub struct OsConfig {
 /// The node's environments, built from an [`OsConfig`].
 pub(crate) struct NodeOs {
     envs: Arc<Environments>,
-    repo: Repository,
+    pub(crate) repo: Repository,
     worker: Option<WorkerCommand>,
     /// Watches every guest a job holds (SmartDomains' liveness monitor).
     monitor: Arc<Monitor>,

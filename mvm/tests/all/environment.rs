@@ -1080,3 +1080,55 @@ fn triggers_grow_the_group_with_guests_running_nodes_under_a_backlog_and_shrink_
         "the guest's node is forgotten, not lost: {v}"
     );
 }
+
+#[test]
+fn a_node_placed_for_an_image_it_lacks_fetches_it_first_from_a_node_that_serves_it() {
+    build_jobs();
+    let group = format!("mvm-envfetch-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let mut g = Groups::new();
+    let os1 = g.dir.path().join("n1os");
+    let (sp, id) = with_image_node(&mut g, &os1, &group);
+    // n2 keeps a repository without the image, and ranks first (more slots).
+    let os2 = g.dir.path().join("n2os");
+    std::fs::create_dir_all(&os2).expect("mkdir");
+    let os2_arg = os2.to_str().expect("utf-8").to_owned();
+    g.daemon(
+        "n2",
+        &[
+            "node",
+            "--bootstrap",
+            &sp,
+            "--os-dir",
+            &os2_arg,
+            "--cgroup",
+            &group,
+            "--slots",
+            "2048",
+        ],
+    );
+    write_lab(g.dir.path(), &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 2).then_some(())
+    });
+    let p = profile(
+        g.dir.path(),
+        "fetched",
+        "image = \"env:1\"\nrank = \"slots\"\nnodes = 1",
+    );
+    let v = json(&g.run(&["submit", "--wait", &p, "-o", "json"]));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(
+        v["parts"][0]["name"], "n2",
+        "placed on the node that lacked it: {v}"
+    );
+    // n2's repository holds it now, by the same id (its bytes hashed to it).
+    let out = g.run(&["image", "list", "--os-dir", &os2_arg, "-o", "json"]);
+    let list = json(&out);
+    assert!(
+        list.as_array()
+            .is_some_and(|a| a.iter().any(|i| i["id"].as_str() == Some(id.as_str()))),
+        "{list}"
+    );
+}

@@ -131,6 +131,7 @@ impl Bench {
             eligible: false,
             load: NodeLoad::default(),
             guest_of: None,
+            fetches_images: false,
         };
         let (reply, mut rx) = oneshot::channel();
         let effects = self.on(Input::Register {

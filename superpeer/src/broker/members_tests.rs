@@ -23,6 +23,7 @@ fn info(name: &str) -> NodeInfo {
         eligible: false,
         load: NodeLoad::default(),
         guest_of: None,
+        fetches_images: false,
     }
 }
 

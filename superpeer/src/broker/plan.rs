@@ -102,9 +102,53 @@ impl Plan {
     }
 }
 
+/// A node's images as placement sees them: its own, and `image` too when it fetches the
+/// images it lacks and another node `offered` it.
+fn images_of(info: &crate::proto::NodeInfo, image: Option<&str>, offered: bool) -> Vec<String> {
+    let mut v = info.images.clone();
+    if let Some(i) = image
+        && offered
+        && info.fetches_images
+        && !v.iter().any(|x| x == i)
+    {
+        v.push(i.to_owned());
+    }
+    v
+}
+
 impl Core {
+    /// The image `image` (`name:version`, or a full id) as the live nodes that offer it know
+    /// it: its full id (`name:version@sha256:HEX`) and the nodes; none when no node offers it
+    /// by a full id.
+    pub(super) fn image_sources(&self, image: &str) -> Option<(String, Vec<PeerId>)> {
+        if image == "host" {
+            return None;
+        }
+        let prefix = format!("{image}@sha256:");
+        let mut full: Option<String> = None;
+        let mut peers = Vec::new();
+        for (p, e) in self.members.live() {
+            let id = e
+                .info
+                .images
+                .iter()
+                .find(|i| *i == image && i.contains("@sha256:") || i.starts_with(&prefix));
+            match (id, &full) {
+                (Some(id), None) => {
+                    full = Some(id.clone());
+                    peers.push(*p);
+                }
+                (Some(id), Some(f)) if id == f => peers.push(*p),
+                _ => {}
+            }
+        }
+        full.map(|f| (f, peers))
+    }
+
     /// Whether the job would fit this group's registered nodes were they all free.
     pub(super) fn fits_when_free(&self, s: &Submission, c: &Checked) -> bool {
+        let image = s.requirements.image.as_deref();
+        let offered = image.is_some_and(|i| self.image_sources(i).is_some());
         let cands: Vec<Candidate> = self
             .members
             .live()
@@ -115,7 +159,7 @@ impl Core {
                 free_memory_bytes: e.info.memory_bytes,
                 load: 0.0,
                 arch: e.info.arch.clone(),
-                images: e.info.images.clone(),
+                images: images_of(&e.info, image, offered),
                 slots: e.info.slots,
                 free_slots: e.info.slots,
             })
@@ -157,6 +201,17 @@ impl Core {
                 template: r.template.clone(),
             });
         let policy_digest = self.site.policies.current().digest;
+        // The image by its full id, and the nodes that serve it, for a node that lacks it.
+        let sources = r.image.as_deref().and_then(|i| self.image_sources(i));
+        let environment = environment.map(|mut e| {
+            if let Some((full, _)) = &sources {
+                e.image.clone_from(full);
+            }
+            e
+        });
+        let image_from: Vec<Member> = sources
+            .map(|(_, peers)| peers.iter().map(|p| self.members.member(p)).collect())
+            .unwrap_or_default();
         plan.peers
             .iter()
             .enumerate()
@@ -189,6 +244,7 @@ impl Core {
                     restore: None,
                     streams: false,
                     files: s.files.clone(),
+                    image_from: image_from.clone(),
                 };
                 (*p, spec)
             })
@@ -292,6 +348,8 @@ impl Core {
                 None => PlaceError::NoNodes { group },
             });
         }
+        let image = s.requirements.image.as_deref();
+        let offered = image.is_some_and(|i| self.image_sources(i).is_some());
         let cands: Vec<Candidate> = live
             .iter()
             .map(|(p, e)| {
@@ -304,7 +362,7 @@ impl Core {
                     free_memory_bytes: e.info.load.free_memory_bytes,
                     load: e.info.load.load,
                     arch: e.info.arch.clone(),
-                    images: e.info.images.clone(),
+                    images: images_of(&e.info, image, offered),
                     slots: e.info.slots,
                     free_slots: e.info.slots.saturating_sub(logged).saturating_sub(held),
                 }

@@ -468,13 +468,27 @@ pub async fn fetch_image(
     id: &mvm_os::image::ImageId,
     repo: &mvm_os::image::Repository,
 ) -> Result<mvm_os::image::Image, Failure> {
+    let (peer, a) = split_peer(addr)?;
+    let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
+    fetch_image_from(&net, peer, &[a], id, repo).await
+}
+
+/// Fetches image `id` from `peer` (at `addrs`) over `net` into `repo`, as [`fetch_image`].
+///
+/// # Errors
+/// As [`fetch_image`].
+pub(crate) async fn fetch_image_from(
+    net: &Net,
+    peer: PeerId,
+    addrs: &[Multiaddr],
+    id: &mvm_os::image::ImageId,
+    repo: &mvm_os::image::Repository,
+) -> Result<mvm_os::image::Image, Failure> {
     use futures::AsyncReadExt;
     use std::io::Seek;
 
-    let (peer, a) = split_peer(addr)?;
-    let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
     // The node drops streams from peers whose certificate has not passed.
-    net.authenticate(peer, &[a])
+    net.authenticate(peer, addrs)
         .await
         .map_err(|e| Failure::new(FailureKind::Refused, e.to_string()))?;
     let unavailable = |m: String| Failure::new(FailureKind::Unavailable, m);

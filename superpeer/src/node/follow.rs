@@ -310,6 +310,7 @@ impl Node {
             eligible: self.config.eligible,
             load,
             guest_of: self.config.guest_of,
+            fetches_images: self.os.is_some(),
         }
     }
 

@@ -61,6 +61,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
         restore: None,
         streams: false,
         files: None,
+        image_from: Vec::new(),
     })
 }
 

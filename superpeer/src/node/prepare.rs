@@ -186,6 +186,7 @@ impl Node {
                 ));
             }
             (Some(e), Some(os)) => {
+                self.pre_wrapper(os, &e.image, &spec.image_from).await?;
                 let (os, e, job) = (os.clone(), e.clone(), spec.job.clone());
                 match tokio::task::spawn_blocking(move || os.acquire(&job, &e)).await {
                     Ok(Ok(lease)) => Some(lease),
@@ -436,6 +437,43 @@ impl Node {
             remote_outputs: outputs,
         };
         Ok(Some((w, inputs)))
+    }
+
+    /// GridWay's pre-wrapper: the image `image` (a full id), when this node's repository lacks
+    /// it, fetched from one of `from` (the nodes that serve it), in order, and kept only if
+    /// its bytes hash to the id.
+    async fn pre_wrapper(
+        &self,
+        os: &Arc<crate::environment::NodeOs>,
+        image: &str,
+        from: &[crate::proto::Member],
+    ) -> Result<(), Failure> {
+        let Ok(id) = image.parse::<mvm_os::image::ImageId>() else {
+            return Ok(()); // not a full id: resolved in the repository, or refused there
+        };
+        if from.is_empty() || os.repo.get(&id).is_ok() {
+            return Ok(());
+        }
+        let mut last = String::from("no node serves it");
+        for m in from.iter().filter(|m| m.peer != self.site.peer()) {
+            let started = std::time::Instant::now();
+            let repo = &os.repo;
+            match crate::client::fetch_image_from(&self.site.net, m.peer, &m.addrs, &id, repo).await
+            {
+                Ok(i) => {
+                    tracing::info!(image = %id, from = %m.peer, bytes = i.size, ms = started.elapsed().as_millis() as u64, "image fetched before the job");
+                    return Ok(());
+                }
+                Err(f) => last = format!("{}: {}", m.peer, f.message),
+            }
+        }
+        Err(Failure::new(
+            FailureKind::Failed,
+            format!(
+                "node {}: image {id} is not here and could not be fetched: {last}",
+                self.site.name
+            ),
+        ))
     }
 
     /// The checkpoint blob `hash`, fetched from the broker `from`, checked against its hash.

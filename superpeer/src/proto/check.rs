@@ -564,6 +564,7 @@ mod tests {
             restore: None,
             streams: false,
             files: None,
+            image_from: Vec::new(),
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()
@@ -604,6 +605,7 @@ mod tests {
             eligible: false,
             load: crate::proto::NodeLoad::default(),
             guest_of: None,
+            fetches_images: false,
         }))
         .validate()
         .expect_err("a control character");

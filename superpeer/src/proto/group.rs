@@ -34,6 +34,10 @@ pub struct NodeInfo {
     /// tear it down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_of: Option<PeerId>,
+    /// Whether it keeps an image repository and fetches an image it lacks, before a job that
+    /// needs it, from a node that serves it (GridWay's pre-wrapper).
+    #[serde(default)]
+    pub fetches_images: bool,
 }
 
 /// A node's changing properties.

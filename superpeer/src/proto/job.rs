@@ -342,6 +342,10 @@ pub struct PartSpec {
     /// each vertex's sandbox, outputs it takes back when the part ends.
     #[serde(default)]
     pub files: Option<FileSpec>,
+    /// Nodes that serve the environment's image: a node that lacks it fetches it from one of
+    /// them first (checked against the image id's digest).
+    #[serde(default)]
+    pub image_from: Vec<Member>,
 }
 
 /// How a part of a job ended.
