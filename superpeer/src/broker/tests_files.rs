@@ -289,3 +289,76 @@ async fn a_forwarded_job_takes_its_input_files_to_the_group_that_runs_it() {
         "80\n"
     );
 }
+
+/// Writes `note.txt` in its sandbox, sleeps `SLEEP` ms, then exits with status `EXIT`.
+fn scribe(sleep_ms: u64, exit: u32) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "note.txt")
+  (data (i32.const 16) "written\n")
+  (func (export "_start")
+    (drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 9)
+      (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 100)))
+    (i32.store (i32.const 108) (i32.const 16))
+    (i32.store (i32.const 112) (i32.const 8))
+    (drop (call $write (i32.load (i32.const 100)) (i32.const 108) (i32.const 1) (i32.const 104)))
+    (drop (call $close (i32.load (i32.const 100))))
+    (i32.store (i32.const 144) (i32.const 1))
+    (i64.store (i32.const 152) (i64.const {ns}))
+    (drop (call $poll (i32.const 128) (i32.const 256) (i32.const 1) (i32.const 512)))
+    (call $exit (i32.const {exit}))))"#,
+        ns = sleep_ms * 1_000_000
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_stopped_because_another_failed_keeps_what_it_wrote() {
+    use bytes::Bytes;
+    use std::collections::BTreeMap;
+    let lab = Lab::start(1, &[1, 1]).await;
+    let c = lab.client().await;
+    let keep = Bytes::from(scribe(60_000, 0));
+    let fail = Bytes::from(scribe(300, 3));
+    let (hk, hf) = (crate::proto::Hash::of(&keep), crate::proto::Hash::of(&fail));
+    let job = Prepared {
+        submission: crate::proto::Submission {
+            name: "scribes".into(),
+            topology_file: "two.dot".into(),
+            topology: "digraph two { a [component=\"keep\"]; b [component=\"fail\"]; }\n".into(),
+            components: BTreeMap::from([("keep".to_owned(), hk), ("fail".to_owned(), hf)]),
+            limits: crate::proto::LimitSpec {
+                wall_ms: Some(120_000),
+                ..Default::default()
+            },
+            files: Some(crate::proto::FileSpec {
+                inputs: Vec::new(),
+                outputs: vec!["*.txt".into()],
+                output_bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+        modules: BTreeMap::from([(hk, keep), (hf, fail)]),
+        inputs: BTreeMap::new(),
+    };
+    let s = finished(&c, &job).await;
+    assert_eq!(s.state, JobState::Failed, "{s:?}");
+    assert_eq!(s.parts.len(), 2, "a part on each node: {s:?}");
+    // The stopped part's files come once its node has taken them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let all = loop {
+        let now = c.status(Some(&s.job)).await.expect("status").remove(0);
+        if names(&now).len() == 2 {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "{now:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(names(&all), ["a/note.txt", "b/note.txt"]);
+}

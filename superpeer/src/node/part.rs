@@ -330,6 +330,15 @@ pub(super) enum Effect {
     },
     /// Stop tasks of a part that is gone.
     Abort(Vec<AbortHandle>),
+    /// Take the output files of a part that was stopped (another part failed, or the job was
+    /// cancelled) from its sandbox, and record them with its job, as a part that ends does.
+    Epilog {
+        job: JobId,
+        attempt: u32,
+        broker: PeerId,
+        sandbox: Arc<crate::files::Sandbox>,
+        files: crate::proto::FileSpec,
+    },
     /// Take a checkpoint of a running part at cut `cut` and answer with its blob; its sending
     /// ends stay held until `release` fires (or [`super::checkpoint::RELEASE_WAIT`] passes).
     Checkpoint {

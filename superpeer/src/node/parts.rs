@@ -242,6 +242,7 @@ impl Parts {
     /// Removes the part of `job` (of run `attempt`): an answer still owed to its prepare gets
     /// the reason, and its tasks and queues go.
     pub(super) fn stop(&mut self, out: &mut Vec<Effect>, job: &JobId, attempt: u32, reason: &str) {
+        let mut epilog = None;
         let tasks = match self.remove(job) {
             Some(Part {
                 stage:
@@ -256,7 +257,21 @@ impl Parts {
                 out.push(Effect::Reply(reply, fail(FailureKind::Failed, why)));
                 tasks
             }
-            Some(p) => p.tasks,
+            Some(p) => {
+                // A running part stopped: what its vertices wrote is kept, as for one that ends.
+                if matches!(p.stage, Stage::Running { .. })
+                    && let (Some(sandbox), Some(files)) = (p._sandbox, p.files)
+                {
+                    epilog = Some(Effect::Epilog {
+                        job: job.to_owned(),
+                        attempt: p.attempt,
+                        broker: p.broker,
+                        sandbox,
+                        files,
+                    });
+                }
+                p.tasks
+            }
             None => Vec::new(),
         };
         out.push(Effect::Stop {
@@ -265,6 +280,7 @@ impl Parts {
             reason: reason.to_owned(),
             tasks,
         });
+        out.extend(epilog);
     }
 
     /// A part's preparation ended: it waits for its start, or starts now holding the answer

@@ -170,6 +170,7 @@ fn kinds(out: &[Effect]) -> Vec<&'static str> {
             Effect::Hold { .. } => "hold",
             Effect::Stop { .. } => "stop",
             Effect::Abort(_) => "abort",
+            Effect::Epilog { .. } => "epilog",
             Effect::Report { .. } => "report",
             Effect::Checkpoint { .. } => "checkpoint",
             Effect::Leave { .. } => "leave",

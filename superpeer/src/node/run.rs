@@ -131,6 +131,23 @@ impl Node {
                     t.abort();
                 }
             }
+            Effect::Epilog {
+                job,
+                attempt,
+                broker,
+                sandbox,
+                files,
+            } => {
+                let node = self.clone();
+                tasks.spawn(async move {
+                    if let Some(problem) =
+                        node.epilog(&job, attempt, broker, &sandbox, &files).await
+                    {
+                        tracing::warn!(%job, attempt, %problem, "the output files of a stopped part");
+                    }
+                    None
+                });
+            }
             Effect::Checkpoint {
                 marks,
                 cut,
