@@ -78,6 +78,12 @@ impl Ended {
     }
 }
 
+/// Whether a count is zero (a field left out of a record when it is).
+#[allow(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -156,22 +162,22 @@ pub struct JobRecord {
     #[serde(default)]
     pub channels: Vec<(String, String)>,
     /// Its files: inputs by hash, output patterns (kept after the submission goes).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<crate::proto::FileSpec>,
     /// The output files its parts left, of run [`JobRecord::written_attempt`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub written: Vec<crate::proto::OutputFile>,
     /// The run whose parts left [`JobRecord::written`].
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub written_attempt: u32,
     /// The array it belongs to, and its index there.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<(JobId, u32)>,
     /// Jobs or arrays it waits for to end.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<JobId>,
     /// Jobs or arrays it waits for to end well (it is cancelled when one does not).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_ok: Vec<JobId>,
 }
 

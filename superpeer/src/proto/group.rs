@@ -36,7 +36,7 @@ pub struct NodeInfo {
     pub guest_of: Option<PeerId>,
     /// Whether it keeps an image repository and fetches an image it lacks, before a job that
     /// needs it, from a node that serves it (GridWay's pre-wrapper).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fetches_images: bool,
 }
 

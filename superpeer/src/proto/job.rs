@@ -60,17 +60,17 @@ pub struct Submission {
     pub checkpoint: Option<CheckpointPolicy>,
     /// Input files laid out in every vertex's sandbox (uploaded before the submission, by
     /// content hash) and output files taken back.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FileSpec>,
     /// A parameter sweep: each swept parameter with its values; the job is then an array of
     /// one job per point of their product, each with those parameters laid over its own.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sweep: Vec<(String, Vec<String>)>,
     /// Jobs (or arrays) of this group the job waits for: it is placed once they have ended.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<JobId>,
     /// Jobs (or arrays) it waits for to end well: it is cancelled when one does not.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_ok: Vec<JobId>,
 }
 
@@ -340,11 +340,11 @@ pub struct PartSpec {
     pub streams: bool,
     /// The job's files: inputs the node fetches (by hash, from the broker) and lays out in
     /// each vertex's sandbox, outputs it takes back when the part ends.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<FileSpec>,
     /// Nodes that serve the environment's image: a node that lacks it fetches it from one of
     /// them first (checked against the image id's digest).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_from: Vec<Member>,
 }
 
