@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::{Backoff, CachePadded};
-use parking_lot::Mutex;
 
 pub use config::{
     Config, ConfigError, DEFAULT_CAPACITY, DEFAULT_CAPACITY_BYTES, DEFAULT_CODEC, Kind, Overflow,
@@ -243,10 +242,6 @@ struct Shared<T> {
     outlet: OnceLock<Arc<dyn Pump>>,
     /// Brings items in when consumers find the queue empty (a direct link into it).
     inlet: OnceLock<Arc<dyn Pump>>,
-    /// Further inlets (direct links from other nodes into the same port): looked at only once
-    /// `many` is set, so that a queue of one inlet pays one relaxed load for them.
-    more_inlets: Mutex<Vec<Arc<dyn Pump>>>,
-    many: AtomicBool,
 }
 
 /// Moves items between a queue and a link on the threads that use the queue (see
@@ -258,6 +253,12 @@ pub trait Pump: Send + Sync {
     /// A user of the queue is about to wait (a consumer for an item, a producer for room): keep
     /// moving items in the background meanwhile.
     fn waiting(&self);
+    /// Takes `other`, a further pump of the same kind for the same queue (an inlet from another
+    /// node), to drive with itself; `false` if it cannot.
+    fn join(&self, other: Arc<dyn Pump>) -> bool {
+        let _ = other;
+        false
+    }
 }
 
 /// A handle to a queue. Cloning it gives another handle to the same queue.
@@ -314,8 +315,6 @@ impl<T: Item> Queue<T> {
             lifecycle: Signal::default(),
             outlet: OnceLock::new(),
             inlet: OnceLock::new(),
-            more_inlets: Mutex::new(Vec::new()),
-            many: AtomicBool::new(false),
         };
         Ok(Queue {
             shared: Arc::new(shared),
@@ -424,11 +423,16 @@ impl<T: Item> Queue<T> {
     }
 
     /// Attaches a pump that brings items in when consumers find the queue empty: a direct
-    /// link into it (a queue fed from several nodes has one each; every one is pumped).
-    pub fn add_inlet(&self, pump: Arc<dyn Pump>) {
-        if let Err(pump) = self.shared.inlet.set(pump) {
-            self.shared.more_inlets.lock().push(pump);
-            self.shared.many.store(true, Ordering::Release);
+    /// link into it. A queue fed from several nodes has one from each: the first drives the
+    /// others ([`Pump::join`]); `false` if it cannot.
+    pub fn add_inlet(&self, pump: Arc<dyn Pump>) -> bool {
+        match self.shared.inlet.set(pump) {
+            Ok(()) => true,
+            Err(pump) => self
+                .shared
+                .inlet
+                .get()
+                .is_some_and(|first| first.join(pump)),
         }
     }
 
@@ -471,9 +475,6 @@ impl<T: Item> Shared<T> {
     fn consumer_waits(&self) {
         if let Some(p) = self.inlet.get() {
             p.waiting();
-            if self.many.load(Ordering::Acquire) {
-                self.more_inlets.lock().iter().for_each(|p| p.waiting());
-            }
         }
     }
 
@@ -491,9 +492,6 @@ impl<T: Item> Shared<T> {
         match self.inlet.get() {
             Some(p) => {
                 p.pump();
-                if self.many.load(Ordering::Acquire) {
-                    self.more_inlets.lock().iter().for_each(|p| p.pump());
-                }
                 true
             }
             None => false,

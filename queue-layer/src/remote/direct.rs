@@ -32,7 +32,7 @@ use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -668,7 +668,8 @@ impl Ends for OutCore {
 /// Frames whose item is larger than `max_item` are a protocol error.
 ///
 /// # Errors
-/// The socket cannot be made non-blocking, or the helper thread cannot start.
+/// The socket cannot be made non-blocking, the queue has an inlet of another kind, or the
+/// helper thread cannot start.
 pub fn inlet(
     tx: Sender<Bytes>,
     sock: TcpStream,
@@ -710,7 +711,16 @@ pub fn inlet_with(
         control: drain.0.clone(),
     });
     attach(&core, &drain.0)?;
-    queue.add_inlet(Arc::new(InHook(Arc::downgrade(&core))));
+    let hook = InHook {
+        core: Arc::downgrade(&core),
+        more: OnceLock::new(),
+    };
+    if !queue.add_inlet(Arc::new(hook)) {
+        return Err(io::Error::other(format!(
+            "queue '{}' has an inlet of another kind",
+            queue.name()
+        )));
+    }
     // A consumer may have started waiting before the link existed.
     core.end.helper.ask();
     start(core, "mvm-link-in", InCore::run)
@@ -735,12 +745,17 @@ struct InState {
     on_done: Option<OnDone>,
 }
 
-/// The queue's hook: weak, as [`OutHook`].
-struct InHook(Weak<InCore>);
+/// The queue's hook: weak, as [`OutHook`]. The first link into a queue also drives the links
+/// from other nodes into it (`more`, set when the second comes): a queue of one link pays one
+/// load for them.
+struct InHook {
+    core: Weak<InCore>,
+    more: OnceLock<Mutex<Vec<Arc<dyn Pump>>>>,
+}
 
-impl Pump for InHook {
-    fn pump(&self) {
-        if let Some(core) = self.0.upgrade()
+impl InHook {
+    fn pump_one(&self) {
+        if let Some(core) = self.core.upgrade()
             && !core.end.finished()
             && let Some(mut st) = core.state.try_lock()
         {
@@ -748,12 +763,36 @@ impl Pump for InHook {
         }
     }
 
-    fn waiting(&self) {
-        if let Some(core) = self.0.upgrade()
+    fn waiting_one(&self) {
+        if let Some(core) = self.core.upgrade()
             && !core.end.finished()
         {
             core.end.helper.ask();
         }
+    }
+}
+
+impl Pump for InHook {
+    fn pump(&self) {
+        self.pump_one();
+        if let Some(more) = self.more.get() {
+            more.lock().iter().for_each(|p| p.pump());
+        }
+    }
+
+    fn waiting(&self) {
+        self.waiting_one();
+        if let Some(more) = self.more.get() {
+            more.lock().iter().for_each(|p| p.waiting());
+        }
+    }
+
+    fn join(&self, other: Arc<dyn Pump>) -> bool {
+        self.more
+            .get_or_init(|| Mutex::new(Vec::new()))
+            .lock()
+            .push(other);
+        true
     }
 }
 

@@ -218,10 +218,14 @@ impl Core {
         }
         let mut record = new_record(&id, &owner, resources, &s, &c);
         // A job that waits for others waits in the queue, whatever room there is now.
-        match self
-            .log
-            .read(|st| super::array::dependencies(st, &s.after, &s.after_ok))
-        {
+        let deps = if s.after.is_empty() && s.after_ok.is_empty() {
+            super::array::Deps::Ready
+        } else {
+            let (after, ok) = (&s.after, &s.after_ok);
+            self.log
+                .read(|st| super::array::dependencies(st, after, ok))
+        };
+        match deps {
             super::array::Deps::Ready => {}
             super::array::Deps::Broken(why) => {
                 self.ledger.release(&id);
