@@ -164,9 +164,29 @@ impl Client {
                 .map(|(h, (p, n))| (*h, p.clone(), *n))
                 .collect()
         };
-        for (hash, path, size) in unsent {
-            crate::files::put(&self.net, self.broker, &self.addrs, &path, hash, size).await?;
-            self.known.lock().insert(hash);
+        // A few at once: one stream's flow-control window leaves the link idle between its
+        // round trips.
+        let mut sending = tokio::task::JoinSet::new();
+        let mut unsent = unsent.into_iter();
+        loop {
+            while sending.len() < crate::files::AT_ONCE
+                && let Some((hash, path, size)) = unsent.next()
+            {
+                let (net, broker, addrs) = (self.net.clone(), self.broker, self.addrs.clone());
+                sending.spawn(async move {
+                    crate::files::put(&net, broker, &addrs, &path, hash, size)
+                        .await
+                        .map(|_| hash)
+                });
+            }
+            match sending.join_next().await {
+                None => break,
+                Some(Ok(Ok(hash))) => {
+                    self.known.lock().insert(hash);
+                }
+                Some(Ok(Err(f))) => return Err(f),
+                Some(Err(e)) => return Err(Failure::new(FailureKind::Failed, e.to_string())),
+            }
         }
         let mut s = job.submission.clone();
         s.wait = wait;

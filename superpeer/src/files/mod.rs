@@ -31,6 +31,9 @@ use crate::proto::{
     read_frame, write_frame,
 };
 
+/// Files sent or fetched at once (each on a stream of its own).
+pub const AT_ONCE: usize = 4;
+
 /// How long a peer has to answer a transfer's request or confirm its bytes.
 const ANSWER_WAIT: Duration = Duration::from_secs(30);
 

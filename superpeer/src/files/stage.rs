@@ -12,9 +12,6 @@ use super::FileStore;
 use crate::net::Net;
 use crate::proto::{Failure, FailureKind, FileSpec, JobId, OutputFile};
 
-/// Inputs fetched at once.
-const FETCHES: usize = 4;
-
 /// A part's sandboxes: a directory per local vertex under one root, removed (with whatever the
 /// vertices left) when the last holder lets go.
 #[derive(Debug)]
@@ -94,7 +91,7 @@ pub(crate) async fn stage_in(
     let mut fetches = tokio::task::JoinSet::new();
     let mut lacking = lacking.into_iter();
     loop {
-        while fetches.len() < FETCHES
+        while fetches.len() < super::AT_ONCE
             && let Some((hash, path)) = lacking.next()
         {
             let (net, store, job) = (net.clone(), store.clone(), job.clone());
