@@ -68,7 +68,7 @@ fn word_count_files_cross_three_nodes_and_a_failed_job_keeps_its_outputs() {
     }
     let failing = lab.profile(
         "failing.toml",
-        "name = \"failing\"\ntopology = \"ROOT/topologies/wordcount-3.dot\"\n[components]\nmap = \"ROOT/jobs/build/wordcount_map.wasm\"\nsum = \"ROOT/jobs/build/wordcount_sum.wasm\"\n[parameters]\nfail = 1\n[files]\ninputs = [\"input/\"]\noutputs = [\"out/\"]\n",
+        "name = \"failing\"\ntopology = \"ROOT/examples/wordcount/wordcount-3.dot\"\n[components]\nmap = \"ROOT/jobs/build/wordcount_map.wasm\"\nsum = \"ROOT/jobs/build/wordcount_sum.wasm\"\n[parameters]\nfail = 1\n[files]\ninputs = [\"input/\"]\noutputs = [\"out/\"]\n",
     );
     let out = lab.mvm(&[
         "submit",
@@ -104,7 +104,7 @@ fn word_count_files_cross_three_nodes_and_a_failed_job_keeps_its_outputs() {
     // Inputs outside the profile's tree: refused before anything is sent, naming the file.
     let bad = lab.profile(
         "bad.toml",
-        "name = \"bad\"\ntopology = \"ROOT/topologies/wordcount-3.dot\"\n[components]\nmap = \"ROOT/jobs/build/wordcount_map.wasm\"\nsum = \"ROOT/jobs/build/wordcount_sum.wasm\"\n[files]\ninputs = [\"../secrets/\"]\n",
+        "name = \"bad\"\ntopology = \"ROOT/examples/wordcount/wordcount-3.dot\"\n[components]\nmap = \"ROOT/jobs/build/wordcount_map.wasm\"\nsum = \"ROOT/jobs/build/wordcount_sum.wasm\"\n[files]\ninputs = [\"../secrets/\"]\n",
     );
     let out = lab.mvm(&["submit", bad.to_str().expect("utf-8")]);
     let err = String::from_utf8_lossy(&out.stderr);
