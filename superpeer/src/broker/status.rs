@@ -98,45 +98,40 @@ impl Core {
 impl Broker {
     /// The status of `job`, or of every job `who` may read.
     pub(super) fn status(&self, who: &Principal, job: Option<&JobId>) -> Response {
-        // An array: its jobs that the asker may read, by index.
-        if let Some(id) = job
-            && let Some(jobs) = self.log.read(|s| s.array(id).map(|a| a.jobs.clone()))
-        {
-            let list = jobs
-                .iter()
-                .filter(|j| admit::refusal(&self.site, &self.log, who, "read-results", j).is_none())
-                .filter_map(|j| self.view.status(&self.log, j))
-                .collect();
-            return Response::Status(list);
-        }
-        if let Some(id) = job
+        let array = job.is_some_and(|id| self.log.read(|s| s.array(id).is_some()));
+        if let Some(id) = job.filter(|_| !array)
             && let Some(r) = admit::refusal(&self.site, &self.log, who, "read-results", id)
         {
             return r;
         }
         let engine = self.site.policies.current().engine.clone();
         let domain = &self.site.domain;
-        let names = self.view.names.lock();
-        let list: Vec<JobStatus> = self.log.read(|s| match job {
-            Some(id) => s
-                .job(id)
-                .map(|j| status_of(j, &names, &self.view.waiting.lock()))
-                .into_iter()
-                .collect(),
-            // Every job the asker may read, by id.
-            None => s
-                .jobs()
-                .filter(|j| {
-                    engine
-                        .decide(&Question {
-                            actor: who.clone(),
-                            action: "read-results".into(),
-                            resource: Resource::Job(admit::facts_of(domain, j)),
-                        })
-                        .allowed()
+        let may_read = |j: &JobRecord| {
+            engine
+                .decide(&Question {
+                    actor: who.clone(),
+                    action: "read-results".into(),
+                    resource: Resource::Job(admit::facts_of(domain, j)),
                 })
-                .map(|j| status_of(j, &names, &self.view.waiting.lock()))
-                .collect(),
+                .allowed()
+        };
+        let names = self.view.names.lock();
+        let list: Vec<JobStatus> = self.log.read(|s| {
+            let waiting = self.view.waiting.lock();
+            let status = |j: &JobRecord| status_of(j, &names, &waiting);
+            match job {
+                // An array: its jobs the asker may read, by index.
+                Some(id) if array => s
+                    .array(id)
+                    .into_iter()
+                    .flat_map(|a| a.jobs.iter().filter_map(|j| s.job(j)))
+                    .filter(|j| may_read(j))
+                    .map(status)
+                    .collect(),
+                Some(id) => s.job(id).map(status).into_iter().collect(),
+                // Every job the asker may read, by id.
+                None => s.jobs().filter(|j| may_read(j)).map(status).collect(),
+            }
         });
         Response::Status(list)
     }

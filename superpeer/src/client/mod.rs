@@ -166,28 +166,16 @@ impl Client {
         };
         // A few at once: one stream's flow-control window leaves the link idle between its
         // round trips.
-        let mut sending = tokio::task::JoinSet::new();
-        let mut unsent = unsent.into_iter();
-        loop {
-            while sending.len() < crate::files::AT_ONCE
-                && let Some((hash, path, size)) = unsent.next()
-            {
-                let (net, broker, addrs) = (self.net.clone(), self.broker, self.addrs.clone());
-                sending.spawn(async move {
-                    crate::files::put(&net, broker, &addrs, &path, hash, size)
-                        .await
-                        .map(|_| hash)
-                });
+        let sent = crate::files::at_once(unsent, |(hash, path, size)| {
+            let (net, broker, addrs) = (self.net.clone(), self.broker, self.addrs.clone());
+            async move {
+                crate::files::put(&net, broker, &addrs, &path, hash, size)
+                    .await
+                    .map(|_| hash)
             }
-            match sending.join_next().await {
-                None => break,
-                Some(Ok(Ok(hash))) => {
-                    self.known.lock().insert(hash);
-                }
-                Some(Ok(Err(f))) => return Err(f),
-                Some(Err(e)) => return Err(Failure::new(FailureKind::Failed, e.to_string())),
-            }
-        }
+        })
+        .await?;
+        self.known.lock().extend(sent);
         let mut s = job.submission.clone();
         s.wait = wait;
         s.modules = missing

@@ -34,6 +34,37 @@ use crate::proto::{
 /// Files sent or fetched at once (each on a stream of its own).
 pub const AT_ONCE: usize = 4;
 
+/// Runs `transfer` on each of `items`, at most [`AT_ONCE`] at a time, and stops at the first
+/// failure (the others are dropped); what each gave, in the order they ended.
+///
+/// # Errors
+/// The first transfer's failure, or a transfer task that panicked.
+pub(crate) async fn at_once<T, R, Fut>(
+    items: impl IntoIterator<Item = T>,
+    transfer: impl Fn(T) -> Fut,
+) -> Result<Vec<R>, Failure>
+where
+    R: Send + 'static,
+    Fut: Future<Output = Result<R, Failure>> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    let mut items = items.into_iter();
+    let mut done = Vec::new();
+    loop {
+        while running.len() < AT_ONCE
+            && let Some(item) = items.next()
+        {
+            running.spawn(transfer(item));
+        }
+        match running.join_next().await {
+            None => return Ok(done),
+            Some(Ok(Ok(r))) => done.push(r),
+            Some(Ok(Err(f))) => return Err(f),
+            Some(Err(e)) => return Err(Failure::new(FailureKind::Failed, e.to_string())),
+        }
+    }
+}
+
 /// How long a peer has to answer a transfer's request or confirm its bytes.
 const ANSWER_WAIT: Duration = Duration::from_secs(30);
 

@@ -87,29 +87,15 @@ pub(crate) async fn stage_in(
         .filter(|i| store.size(&i.hash) != Some(i.size))
         .map(|i| (i.hash, i.path.clone()))
         .collect();
-    // At most `FETCHES` at once; the rest are stopped at the first failure.
-    let mut fetches = tokio::task::JoinSet::new();
-    let mut lacking = lacking.into_iter();
-    loop {
-        while fetches.len() < super::AT_ONCE
-            && let Some((hash, path)) = lacking.next()
-        {
-            let (net, store, job) = (net.clone(), store.clone(), job.clone());
-            fetches.spawn(async move {
-                super::get(&net, from, &[], &job, hash, &store.path(&hash))
-                    .await
-                    .map_err(|f| {
-                        Failure::new(f.kind, format!("input file '{path}': {}", f.message))
-                    })
-            });
+    super::at_once(lacking, |(hash, path)| {
+        let (net, store, job) = (net.clone(), store.clone(), job.clone());
+        async move {
+            super::get(&net, from, &[], &job, hash, &store.path(&hash))
+                .await
+                .map_err(|f| Failure::new(f.kind, format!("input file '{path}': {}", f.message)))
         }
-        match fetches.join_next().await {
-            None => break,
-            Some(Ok(Ok(_))) => {}
-            Some(Ok(Err(f))) => return Err(f),
-            Some(Err(e)) => return Err(Failure::new(FailureKind::Failed, e.to_string())),
-        }
-    }
+    })
+    .await?;
     let inputs: Vec<(String, PathBuf)> = spec
         .inputs
         .iter()
