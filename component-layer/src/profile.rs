@@ -5,6 +5,7 @@
 //! name = "fft8"
 //! topology = "../topologies/fft8-butterfly.dot"   # paths are relative to this file
 //! retries = 2                  # runs again (from its newest checkpoint) when a node is lost
+//! estimate = "2m"              # its run time at most: what `mvm offer` plans by
 //!
 //! [components]
 //! source = "../jobs/build/fft_source.wasm"
@@ -93,6 +94,10 @@ pub struct Profile {
     /// cancelled when one of them does not.
     #[serde(default)]
     pub after_ok: Vec<String>,
+    /// How long the job runs (e.g. `"2m"`): what an offer (`mvm offer`) plans by, and what
+    /// lets the job run in a gap before a reservation.
+    #[serde(default)]
+    pub estimate: Option<String>,
 }
 
 /// The values of one swept parameter as written.
@@ -550,7 +555,30 @@ impl Profile {
     }
 }
 
+/// The longest run time a profile may give as its estimate.
+pub const MAX_ESTIMATE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl Profile {
+    /// The run time the profile estimates (`None`: it gives none).
+    ///
+    /// # Errors
+    /// An estimate that is not a duration of at least 1ms and at most a year, with its line.
+    pub fn estimate(&self, file: &str, src: &str) -> Result<Option<Duration>, ProfileError> {
+        let Some(e) = &self.estimate else {
+            return Ok(None);
+        };
+        parse_duration(e)
+            .filter(|d| *d >= Duration::from_millis(1) && *d <= MAX_ESTIMATE)
+            .map(Some)
+            .ok_or_else(|| ProfileError {
+                file: file.to_owned(),
+                line: line_of_key(src, "estimate"),
+                message: format!(
+                    "estimate must be a duration from 1ms to a year (e.g. \"2m\"), not '{e}'"
+                ),
+            })
+    }
+
     /// The files asked for, checked (`None`: none asked for): every path is one inside a
     /// sandbox ([`crate::files::check_path`]), every output pattern a glob, the bounds sizes.
     ///

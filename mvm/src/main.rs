@@ -66,6 +66,14 @@ enum Command {
     Status(cmd::job::StatusArgs),
     /// Cancel a job.
     Cancel(cmd::job::CancelArgs),
+    /// Ask for offers to run a job by a promised finish (`--deadline`): the super-peer plans
+    /// it in time (from its profile's `estimate`) and holds each offer a minute.
+    Offer(cmd::agree::OfferArgs),
+    /// Accept an offer: the agreement reserves its nodes from its start, and its job runs then.
+    Accept(cmd::agree::AcceptArgs),
+    /// Offers and agreements, and their states (offered, accepted, running, met, violated,
+    /// expired, cancelled).
+    Agreements(cmd::agree::AgreementsArgs),
     /// Bring back the output files of an ended job (its profile's `[files] outputs`), also of
     /// one that failed, each at DIR/VERTEX/PATH.
     Fetch(cmd::files::FetchArgs),
@@ -161,6 +169,9 @@ fn main() -> ExitCode {
         Command::Submit(args) => cmd::job::submit(args),
         Command::Status(args) => cmd::job::status(args),
         Command::Fetch(args) => cmd::files::fetch(args),
+        Command::Offer(args) => cmd::agree::offer(args),
+        Command::Accept(args) => cmd::agree::accept(args),
+        Command::Agreements(args) => cmd::agree::agreements(args),
         Command::Cancel(args) => cmd::job::cancel(args),
         Command::Logs(args) => cmd::logs::logs(args),
         Command::Top(args) => cmd::top::top(args),

@@ -3,6 +3,7 @@
 use crate::Output;
 use crate::exit::Failure;
 
+pub(crate) mod agree;
 pub(crate) mod array;
 pub(crate) mod bench;
 pub(crate) mod ca;

@@ -381,7 +381,7 @@ fn done_in_its_second_run(lab: &Lab, job: &str) -> serde_json::Value {
 
 /// Kills (`SIGKILL`) the node of the first part of job `s`, by the lab's account of its
 /// daemons; its name.
-fn kill_a_node_of(lab: &Lab, s: &serde_json::Value) -> String {
+pub(crate) fn kill_a_node_of(lab: &Lab, s: &serde_json::Value) -> String {
     let victim = s["parts"][0]["name"]
         .as_str()
         .expect("a part's node")

@@ -2,6 +2,7 @@
 //! the examples, and labs of daemon processes on loopback.
 
 mod agent;
+mod agreement;
 mod array;
 mod cli;
 mod environment;

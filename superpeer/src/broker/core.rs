@@ -43,6 +43,20 @@ pub(super) enum Input {
         submission: Box<Submission>,
         checked: Box<Checked>,
     },
+    /// A request for an offer from `who`, already checked.
+    Offer {
+        reply: Reply,
+        who: Principal,
+        submission: Box<Submission>,
+        checked: Box<Checked>,
+        ask: super::agree::Ask,
+    },
+    /// `who` accepts an offer.
+    Accept {
+        reply: Reply,
+        who: Principal,
+        offer: JobId,
+    },
     /// A client cancels a job (the policy has let it).
     Cancel { reply: Reply, job: JobId },
     /// A client asks for a checkpoint of a running job now (the policy has let it).
@@ -234,6 +248,8 @@ pub(super) enum Then {
         state: JobState,
         reply: Option<Reply>,
     },
+    /// An offer, or its acceptance, was recorded: answer with it.
+    AgreementRecorded { reply: Reply, id: JobId },
     /// A part's end, or a hold, was recorded: answer.
     Answer { reply: Reply },
     /// A node answered the making of a guest (a trigger's).
@@ -383,6 +399,14 @@ impl Core {
                 submission,
                 checked,
             } => self.submit(&mut out, reply, &who, *submission, *checked),
+            Input::Offer {
+                reply,
+                who,
+                submission,
+                checked,
+                ask,
+            } => self.offer(&mut out, reply, &who, *submission, *checked, ask),
+            Input::Accept { reply, who, offer } => self.accept(&mut out, reply, &who, offer),
             Input::Cancel { reply, job } => self.cancel(&mut out, reply, &job),
             Input::Checkpoint { reply, job } => self.start_cut(&mut out, &job, Some(reply)),
             Input::Migrate {
@@ -495,6 +519,9 @@ impl Core {
                 if let Some(reply) = reply {
                     out.push(Effect::Reply(reply, Response::Ok));
                 }
+            }
+            Then::AgreementRecorded { reply, id } => {
+                self.agreement_recorded(out, reply, &id, outcome);
             }
             Then::Answer { reply } => {
                 let r = match first(outcome) {

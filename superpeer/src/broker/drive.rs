@@ -30,6 +30,7 @@ impl Core {
         let id = record.id.clone();
         // A part prepared alone has started; one refused never ran.
         record.state = JobState::Running;
+        record.started_ms = Some(super::now_ms());
         let (end, running) = match answer {
             Ok(Response::Finished(report)) => (
                 Some(part_end(|| self.members.label(&peer), peer, *report)),

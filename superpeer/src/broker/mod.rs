@@ -38,6 +38,7 @@ use crate::site::Site;
 use mvm_queue::codec::Registry;
 
 mod admit;
+mod agree;
 mod array;
 mod core;
 mod cut;
@@ -63,6 +64,8 @@ pub(crate) mod web;
 mod harness;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_agree;
 #[cfg(test)]
 mod tests_array;
 #[cfg(test)]
@@ -275,6 +278,22 @@ impl Broker {
         )
     }
 
+    /// The refusal of a submission naming an input file this super-peer does not hold.
+    fn inputs_missing(&self, s: &crate::proto::Submission) -> Option<Response> {
+        let inputs = s.files.iter().flat_map(|f| &f.inputs);
+        let i = inputs
+            .into_iter()
+            .find(|i| self.files.size(&i.hash) != Some(i.size))?;
+        Some(fail(
+            FailureKind::Input,
+            format!(
+                "input file '{}' ({}) is not held by the super-peer: send it first (mvm submit \
+                 does)",
+                i.path, i.hash
+            ),
+        ))
+    }
+
     /// Answers a client (a user, or a super-peer forwarding a job). Only the leader answers,
     /// except for which modules it lacks (any replica that has them can serve them).
     pub(crate) async fn client(&self, who: &Principal, request: ClientRequest) -> Response {
@@ -302,19 +321,8 @@ impl Broker {
                 if waits && let Err(f) = self.log.read(|st| array::check_dependencies(st, &s)) {
                     return Response::Error(f);
                 }
-                let inputs = s.files.iter().flat_map(|f| &f.inputs);
-                if let Some(i) = inputs
-                    .into_iter()
-                    .find(|i| self.files.size(&i.hash) != Some(i.size))
-                {
-                    return fail(
-                        FailureKind::Input,
-                        format!(
-                            "input file '{}' ({}) is not held by the super-peer: send it first \
-                             (mvm submit does)",
-                            i.path, i.hash
-                        ),
-                    );
+                if let Some(r) = self.inputs_missing(&s) {
+                    return r;
                 }
                 let wait = s.wait;
                 let who = who.clone();
@@ -331,6 +339,43 @@ impl Broker {
                     r => r,
                 }
             }
+            ClientRequest::Offer {
+                mut submission,
+                deadline_ms,
+                start_after_ms,
+                valid_ms,
+            } => {
+                for b in std::mem::take(&mut submission.modules) {
+                    self.modules.put(b);
+                }
+                let checked = match place::check(&self.modules, &self.codecs, &submission) {
+                    Ok(c) => c,
+                    Err(f) => return Response::Error(f),
+                };
+                if let Some(r) = self.inputs_missing(&submission) {
+                    return r;
+                }
+                let who = who.clone();
+                self.ask(|reply| Input::Offer {
+                    reply,
+                    who,
+                    submission,
+                    checked: Box::new(checked),
+                    ask: agree::Ask {
+                        deadline_ms,
+                        start_after_ms,
+                        valid_ms: valid_ms
+                            .unwrap_or(crate::proto::OFFER_TTL_MS)
+                            .min(crate::proto::MAX_OFFER_TTL_MS),
+                    },
+                })
+                .await
+            }
+            ClientRequest::Accept { offer } => {
+                let who = who.clone();
+                self.ask(|reply| Input::Accept { reply, who, offer }).await
+            }
+            ClientRequest::Agreements { all } => self.agreements(who, all),
             ClientRequest::Status { job } => self.status(who, job.as_ref()),
             ClientRequest::Wait {
                 job,

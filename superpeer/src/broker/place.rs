@@ -152,6 +152,9 @@ pub(super) fn new_record(
         array: None,
         after: s.after.clone(),
         after_ok: s.after_ok.clone(),
+        estimate_ms: s.estimate_ms,
+        started_ms: None,
+        agreement: false,
         channels: c
             .topology
             .channels
@@ -190,22 +193,10 @@ impl Core {
                 error,
             }))
         };
-        let owner = match owner_of(who, &s) {
-            Ok(o) => o,
-            Err(error) => {
-                out.push(Effect::Reply(reply, refused(error)));
-                return;
-            }
-        };
-        // Unique across leaders: at most one leads in a term.
-        let id = JobId::new(&s.name, self.log.term(), self.seq);
-        self.seq += 1;
-        // The policy enforcement point: nothing is held or woken for a denied job.
         let n = c.topology.vertices.len();
-        let resources = match self.authorize(&id, &owner, &s, n) {
-            Ok(r) => r,
+        let (id, owner, resources) = match self.admit(who, &s, n) {
+            Ok(a) => a,
             Err(error) => {
-                tracing::info!(job = %s.name, owner = %owner, %error, "job refused by policy");
                 out.push(Effect::Reply(reply, refused(error)));
                 return;
             }
@@ -302,6 +293,28 @@ impl Core {
         });
     }
 
+    /// Admits job `s` of `vertices` sent by `who`: its owner, a new id, and what the policy
+    /// lets it hold (held in the ledger under that id until it is recorded).
+    pub(super) fn admit(
+        &mut self,
+        who: &Principal,
+        s: &Submission,
+        vertices: usize,
+    ) -> Result<(JobId, Principal, crate::joblog::state::Resources), AdmitError> {
+        let owner = owner_of(who, s)?;
+        // Unique across leaders: at most one leads in a term.
+        let id = JobId::new(&s.name, self.log.term(), self.seq);
+        self.seq += 1;
+        // The policy enforcement point: nothing is held or woken for a denied job.
+        match self.authorize(&id, &owner, s, vertices) {
+            Ok(r) => Ok((id, owner, r)),
+            Err(error) => {
+                tracing::info!(job = %s.name, owner = %owner, %error, "job refused by policy");
+                Err(error)
+            }
+        }
+    }
+
     /// Applies the domain policy's checkpoint rules to `s`, a job of `owner`: a job that asks
     /// for checkpoints more often than the policy lets it is refused; one that asks for none
     /// is given the policy's default interval when its modules can be paused (otherwise it
@@ -364,7 +377,7 @@ impl Core {
 
     /// `s` with its modules, as the job log keeps a submission (while its job waits, or may run
     /// again), so that whichever replica leads when it is placed has them.
-    fn with_modules(&self, mut s: Submission) -> Box<Submission> {
+    pub(super) fn with_modules(&self, mut s: Submission) -> Box<Submission> {
         s.modules = s
             .components
             .values()
@@ -407,9 +420,22 @@ impl Core {
         );
         // Jobs that wait for others are passed over (at most so many looked at each time).
         let mut blocked: Vec<(JobId, super::array::Deps)> = Vec::new();
+        let now = now_ms();
         let waiting: Vec<Waiting> = self.log.read(|st| {
             st.pending()
                 .filter(|j| !self.drives.contains_key(&j.id))
+                .filter(|j| {
+                    // A job under an agreement waits for its start.
+                    let before = j
+                        .agreement
+                        .then(|| Core::before_agreement(st, &j.id, now))
+                        .flatten();
+                    if let Some(why) = before {
+                        self.view.waiting.lock().insert(j.id.clone(), why);
+                        return false;
+                    }
+                    true
+                })
                 .filter(|j| {
                     if j.after.is_empty() && j.after_ok.is_empty() {
                         return true;

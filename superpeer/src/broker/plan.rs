@@ -104,7 +104,11 @@ impl Plan {
 
 /// A node's images as placement sees them: its own, and `image` too when it fetches the
 /// images it lacks and another node `offered` it.
-fn images_of(info: &crate::proto::NodeInfo, image: Option<&str>, offered: bool) -> Vec<String> {
+pub(super) fn images_of(
+    info: &crate::proto::NodeInfo,
+    image: Option<&str>,
+    offered: bool,
+) -> Vec<String> {
     let mut v = info.images.clone();
     if let Some(i) = image
         && offered
@@ -259,18 +263,40 @@ impl Core {
         s: &Submission,
         c: &Checked,
     ) -> Result<Plan, PlaceError> {
+        let cs = self.candidates(job, s)?;
+        let plan = self.choose(&cs, s, c)?;
+        self.hold(job, &plan);
+        *self
+            .view
+            .figures
+            .placements
+            .lock()
+            .entry(self.steering.policy.name())
+            .or_default() += 1;
+        Ok(plan)
+    }
+
+    /// Chooses among `cs` the nodes of a job, by their free slots there: the group's
+    /// scheduling policy, the job's rank, then the graph's partition.
+    pub(super) fn choose(
+        &self,
+        cs: &Candidates,
+        s: &Submission,
+        c: &Checked,
+    ) -> Result<Plan, PlaceError> {
         let Candidates {
             peers: live,
             cands,
             ok,
-        } = self.candidates(job, s)?;
+        } = cs;
+        let (cands, ok) = (cands.as_slice(), ok.clone());
         let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
         // The group's scheduling policy orders the nodes (the job's rank among equals), and
         // may bound how many it uses (pack).
         let (mut order, max) =
             self.steering
                 .policy
-                .arrange(&c.rank, &cands, ok, c.graph.vertices, max);
+                .arrange(&c.rank, cands, ok, c.graph.vertices, max);
         // A job that names a guest template goes first to the nodes that keep a guest of it
         // warm (in policy order among them): its part starts without making one.
         if let Some(t) = &s.requirements.template {
@@ -303,16 +329,7 @@ impl Core {
             .iter()
             .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
             .collect();
-        let plan = Plan { peers, placement };
-        self.hold(job, &plan);
-        *self
-            .view
-            .figures
-            .placements
-            .lock()
-            .entry(self.steering.policy.name())
-            .or_default() += 1;
-        Ok(plan)
+        Ok(Plan { peers, placement })
     }
 
     /// Holds the slots of `plan` for `job` in the ledger.
@@ -350,11 +367,22 @@ impl Core {
         }
         let image = s.requirements.image.as_deref();
         let offered = image.is_some_and(|i| self.image_sources(i).is_some());
+        // Slots agreements hold while the job would run are not its (it runs before them, in
+        // a gap, only when its estimate says it ends in time: backfilling).
+        let now = super::now_ms();
+        let until = s.estimate_ms.map_or(u64::MAX, |e| now.saturating_add(e));
+        let holds = self.log.read(|st| super::agree::holds(st, now));
         let cands: Vec<Candidate> = live
             .iter()
             .map(|(p, e)| {
                 let logged = self.log.read(|st| st.reserved(p));
-                let held = self.ledger.slots(p);
+                let held = self.ledger.slots(p).saturating_add(super::agree::held_in(
+                    &holds,
+                    p,
+                    now,
+                    until,
+                    Some(job),
+                ));
                 Candidate {
                     name: e.info.name.clone(),
                     cpus: e.info.cpus,

@@ -46,6 +46,7 @@ impl Core {
             .waiting
             .lock()
             .retain(|id, _| pending.contains(id));
+        self.keep_agreements(out);
         self.place_pending(out);
         self.cuts_due(out);
     }

@@ -7,11 +7,22 @@ use libp2p::{Multiaddr, PeerId};
 use crate::net::{Net, NetConfig, split_peer};
 use crate::pki::Credentials;
 use crate::proto::{
-    ClientRequest, Failure, FailureKind, GroupInfo, Hash, JobId, JobLogs, JobStatus, LogCursor,
-    Request, Response,
+    AgreementInfo, ClientRequest, Failure, FailureKind, GroupInfo, Hash, JobId, JobLogs, JobStatus,
+    LogCursor, Request, Response, Submission,
 };
 
 mod profile;
+
+/// What an offer must meet ([`Client::offer`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OfferAsk {
+    /// The job must be finished by then, milliseconds since the Unix epoch.
+    pub deadline_ms: Option<u64>,
+    /// It must not start before then.
+    pub start_after_ms: Option<u64>,
+    /// How long the offer is held, milliseconds (the broker's default: a minute).
+    pub valid_ms: Option<u64>,
+}
 
 pub use profile::{LocalFiles, Prepared, read_profile};
 
@@ -139,6 +150,72 @@ impl Client {
     }
 
     async fn send(&self, job: &Prepared, wait: bool) -> Result<JobStatus, Failure> {
+        let mut s = self.upload(job).await?;
+        s.wait = wait;
+        match self.call(ClientRequest::Submit(Box::new(s))).await? {
+            Response::Submitted(st) => {
+                self.known.lock().extend(job.modules.keys().cloned());
+                Ok(*st)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks for offers to run a job, as `ask` bounds them: its modules and input files are
+    /// sent first, as for a submission. Nothing runs until one is accepted.
+    ///
+    /// # Errors
+    /// The broker's refusal (no plan meets the deadline, no estimate, the policy), or a
+    /// failure to reach it.
+    pub async fn offer(
+        &self,
+        job: &Prepared,
+        ask: OfferAsk,
+    ) -> Result<Vec<AgreementInfo>, Failure> {
+        let s = self.upload(job).await?;
+        let r = ClientRequest::Offer {
+            submission: Box::new(s),
+            deadline_ms: ask.deadline_ms,
+            start_after_ms: ask.start_after_ms,
+            valid_ms: ask.valid_ms,
+        };
+        match self.call(r).await? {
+            Response::Agreements(v) => {
+                self.known.lock().extend(job.modules.keys().cloned());
+                Ok(v)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Accepts an offer: the agreement it becomes.
+    ///
+    /// # Errors
+    /// No such offer, one accepted already or lapsed, or the broker cannot be reached.
+    pub async fn accept(&self, offer: &JobId) -> Result<AgreementInfo, Failure> {
+        let r = ClientRequest::Accept {
+            offer: offer.clone(),
+        };
+        match self.call(r).await? {
+            Response::Agreements(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The asker's offers and agreements, or (`all`, for an administrator) every one.
+    ///
+    /// # Errors
+    /// The policy's refusal, or the broker cannot be reached.
+    pub async fn agreements(&self, all: bool) -> Result<Vec<AgreementInfo>, Failure> {
+        match self.call(ClientRequest::Agreements { all }).await? {
+            Response::Agreements(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends what the broker lacks of `job` (its input files on streams of their own, its
+    /// modules with the submission): the submission to send.
+    async fn upload(&self, job: &Prepared) -> Result<Submission, Failure> {
         let hashes: Vec<Hash> = {
             let known = self.known.lock();
             job.modules
@@ -177,18 +254,11 @@ impl Client {
         .await?;
         self.known.lock().extend(sent);
         let mut s = job.submission.clone();
-        s.wait = wait;
         s.modules = missing
             .iter()
             .filter_map(|h| job.modules.get(h).cloned())
             .collect();
-        match self.call(ClientRequest::Submit(Box::new(s))).await? {
-            Response::Submitted(st) => {
-                self.known.lock().extend(job.modules.keys().cloned());
-                Ok(*st)
-            }
-            other => Err(unexpected(&other)),
-        }
+        Ok(s)
     }
 
     /// The status of one job, or of all.

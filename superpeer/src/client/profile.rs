@@ -216,6 +216,10 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
         ids("after_ok", &profile.after_ok)?,
     );
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let estimate_ms = profile
+        .estimate(&file, &src)
+        .map_err(|e| input(e.to_string()))?
+        .map(ms);
     Ok(Prepared {
         submission: Submission {
             name: profile.name.clone(),
@@ -262,6 +266,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             sweep,
             after,
             after_ok,
+            estimate_ms,
         },
         modules,
         inputs,

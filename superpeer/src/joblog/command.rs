@@ -139,6 +139,29 @@ pub enum Command {
         /// The files.
         files: Vec<crate::proto::OutputFile>,
     },
+    /// An offer was made: its slots are held for it until it is accepted or lapses.
+    Offer(Box<super::state::AgreementRecord>),
+    /// An offer is accepted, at `at_ms` (not after it lapses): it becomes an agreement, and
+    /// its job (pending, with its submission) waits for its start.
+    Accept {
+        /// The offer.
+        offer: JobId,
+        /// When (the leader's clock).
+        at_ms: u64,
+        /// Its job.
+        job: Box<JobRecord>,
+    },
+    /// An offer lapsed (`Expired`), or an agreement could not be kept (`Violated`).
+    EndAgreement {
+        /// The offer or agreement.
+        agreement: JobId,
+        /// `Expired` (an offer) or `Violated` (an agreement).
+        state: crate::proto::AgreementState,
+        /// When (the leader's clock).
+        at_ms: u64,
+        /// Why.
+        why: String,
+    },
     /// Commands proposed at once, applied in order as one entry (each as it would be alone).
     Batch(Vec<Command>),
 }
@@ -147,7 +170,7 @@ impl Command {
     /// The jobs it is about.
     pub fn jobs(&self) -> Vec<&JobId> {
         match self {
-            Command::Submit(j) => vec![&j.id],
+            Command::Submit(j) | Command::Accept { job: j, .. } => vec![&j.id],
             Command::Array { jobs, .. } => jobs.iter().map(|j| &j.id).collect(),
             Command::Place { job, .. }
             | Command::Start { job, .. }
@@ -160,7 +183,7 @@ impl Command {
             | Command::Files { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
-            Command::Drain { .. } => Vec::new(),
+            Command::Drain { .. } | Command::Offer(_) | Command::EndAgreement { .. } => Vec::new(),
         }
     }
 }
@@ -203,6 +226,15 @@ pub enum CommandError {
         job: JobId,
         /// The state it came in.
         state: JobState,
+    },
+    /// An offer or agreement that does not fit the command: none such, already accepted,
+    /// lapsed, or ended.
+    #[error("offer {id}: {why}")]
+    Agreement {
+        /// The offer or agreement.
+        id: JobId,
+        /// Why not.
+        why: String,
     },
     /// A placement of a job that is not pending.
     #[error("job {0} is not pending")]

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use crate::net::Net;
 use crate::proto::{Failure, FailureKind, JobId, RaftRpc, Response};
 
+mod agreements;
 mod command;
 mod machine;
 mod network;

@@ -182,6 +182,86 @@ pub struct JobRecord {
     /// Jobs or arrays it waits for to end well (it is cancelled when one does not).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_ok: Vec<JobId>,
+    /// How long it runs, milliseconds, as its profile or its agreement estimates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_ms: Option<u64>,
+    /// When its current run started, milliseconds since the Unix epoch (the leader's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// Whether it runs under an agreement (the agreement of the same id).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agreement: bool,
+}
+
+/// An offer to run a job by a promised finish, and the agreement it becomes once accepted
+/// (OpenCCS's SLA): what it reserves, where, when, and how it went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgreementRecord {
+    /// Its id: the id its job gets.
+    pub id: JobId,
+    /// The profile's name.
+    pub name: String,
+    /// Who it was offered to.
+    pub owner: Principal,
+    /// The execution environment: the image's full id, or `host`.
+    pub image: String,
+    /// What the job asks for (vCPUs and memory per guest, vertices).
+    pub resources: Resources,
+    /// The vertex slots reserved on each node.
+    pub slots: Vec<(PeerId, u32)>,
+    /// The earliest start, milliseconds since the Unix epoch.
+    pub start_ms: u64,
+    /// The promised finish.
+    pub finish_ms: u64,
+    /// The run time planned for, milliseconds.
+    pub estimate_ms: u64,
+    /// Where the estimate came from (`profile`, `history`).
+    pub estimate_from: String,
+    /// The deadline asked for.
+    pub deadline_ms: Option<u64>,
+    /// When it was offered.
+    pub offered_ms: u64,
+    /// When the offer lapses unless accepted.
+    pub expires_ms: u64,
+    /// Where it is.
+    pub state: crate::proto::AgreementState,
+    /// Why it was violated, expired or cancelled.
+    pub reason: Option<String>,
+    /// When it was accepted.
+    pub accepted_ms: Option<u64>,
+    /// When it reached a final state.
+    pub ended_ms: Option<u64>,
+    /// The job (with its modules), kept until the offer is accepted or lapses.
+    pub submission: Option<Box<Submission>>,
+}
+
+impl AgreementRecord {
+    /// Whether its slots are held from other jobs now: offered, or agreed and its job not
+    /// placed (`job_pending`: its job waits in the queue).
+    pub fn holds(&self, job_pending: bool) -> bool {
+        use crate::proto::AgreementState as S;
+        match self.state {
+            S::Offered => true,
+            S::Accepted | S::Running => job_pending,
+            _ => false,
+        }
+    }
+
+    /// Ends it in `state` at `at_ms` for `why`, unless it has ended.
+    pub(super) fn end(
+        &mut self,
+        state: crate::proto::AgreementState,
+        at_ms: u64,
+        why: Option<String>,
+    ) {
+        if self.state.is_final() {
+            return;
+        }
+        self.state = state;
+        self.ended_ms = Some(at_ms);
+        self.reason = why;
+        self.submission = None;
+    }
 }
 
 /// An array of jobs (a profile's `[sweep]`): one submission, one job per point.

@@ -14,8 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::{JobId, JobState, MoveInfo, Restart};
 
+pub use super::agreements::KEEP_AGREEMENTS;
 pub use super::command::{Applied, Command, CommandError};
-pub use super::record::{ArrayRecord, Ended, JobRecord, PartRecord, Resources, VertexLogs, now_ms};
+pub use super::record::{
+    AgreementRecord, ArrayRecord, Ended, JobRecord, PartRecord, Resources, VertexLogs, now_ms,
+};
 
 /// How many ended jobs the log remembers; the oldest are forgotten first.
 pub const KEEP_ENDED: usize = 10_000;
@@ -27,7 +30,7 @@ pub const MAX_MOVES: usize = 100;
 /// pending queue and the history of ended jobs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ControlState {
-    jobs: BTreeMap<JobId, JobRecord>,
+    pub(super) jobs: BTreeMap<JobId, JobRecord>,
     /// Pending jobs in placement order: higher priority first, then earlier submission.
     pending: BTreeSet<(std::cmp::Reverse<i32>, u64, JobId)>,
     /// What each owner's jobs that have not ended hold, by `name@domain`.
@@ -45,6 +48,15 @@ pub struct ControlState {
     /// Arrays of jobs, while one of their jobs is remembered.
     #[serde(default)]
     arrays: BTreeMap<JobId, ArrayRecord>,
+    /// Offers and agreements, by id (the id their job gets).
+    #[serde(default)]
+    pub(super) agreements: BTreeMap<JobId, AgreementRecord>,
+    /// Ended offers and agreements, oldest first.
+    #[serde(default)]
+    pub(super) agreements_ended: VecDeque<JobId>,
+    /// Offers and agreements not ended.
+    #[serde(default)]
+    pub(super) agreements_open: BTreeSet<JobId>,
 }
 
 /// The key of an owner in [`ControlState`]'s tallies.
@@ -151,6 +163,14 @@ impl ControlState {
     fn try_apply(&mut self, command: Command) -> Result<(), CommandError> {
         match command {
             Command::Submit(job) => self.submit(*job),
+            Command::Offer(a) => self.offer(*a),
+            Command::Accept { offer, at_ms, job } => self.accept(offer, at_ms, *job),
+            Command::EndAgreement {
+                agreement,
+                state,
+                at_ms,
+                why,
+            } => self.end_agreement(agreement, state, at_ms, why),
             Command::Array { array, jobs } => self.submit_array(*array, jobs),
             Command::Place {
                 job,
@@ -187,11 +207,15 @@ impl ControlState {
                     return Err(CommandError::NotPreparing(job));
                 }
                 j.state = JobState::Running;
+                j.started_ms = Some(at_ms);
                 if let Some(r) = j.restarts.last_mut()
                     && r.attempt == j.attempt
                     && r.running_ms.is_none()
                 {
                     r.running_ms = Some(at_ms);
+                }
+                if j.agreement {
+                    self.agreement_started(&job);
                 }
                 Ok(())
             }
@@ -384,7 +408,7 @@ impl ControlState {
         self.arrays.get(id)
     }
 
-    fn submit(&mut self, job: JobRecord) -> Result<(), CommandError> {
+    pub(super) fn submit(&mut self, job: JobRecord) -> Result<(), CommandError> {
         if self.jobs.contains_key(&job.id) || self.arrays.contains_key(&job.id) {
             return Err(CommandError::Exists(job.id));
         }
@@ -457,8 +481,18 @@ impl ControlState {
             running_ms: None,
         });
         let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
+        let agreed = j.agreement;
         self.reserve(&job, &slots, false);
         self.pending.insert(key);
+        if agreed {
+            let why = self
+                .jobs
+                .get(&job)
+                .and_then(|j| j.restarts.last())
+                .map(|r| r.why.clone())
+                .unwrap_or_default();
+            self.agreement_requeued(&job, at_ms, &why);
+        }
         Ok(())
     }
 
@@ -472,7 +506,17 @@ impl ControlState {
         let j = self.live(id)?;
         let was = j.state;
         j.state = state;
-        j.ended = Some(ended);
+        if j.agreement {
+            let error = ended.error.clone();
+            let at_ms = ended.at_ms;
+            j.ended = Some(ended);
+            self.agreement_job_ended(id, state, at_ms, error.as_deref());
+        } else {
+            j.ended = Some(ended);
+        }
+        let Some(j) = self.jobs.get_mut(id) else {
+            return Err(CommandError::NoJob(id.clone()));
+        };
         j.submission = None;
         if state != JobState::Done {
             j.outputs.clear();
@@ -574,3 +618,7 @@ impl ControlState {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 pub(crate) mod tests;
+
+#[cfg(test)]
+#[path = "agreements_tests.rs"]
+mod agreements_tests;

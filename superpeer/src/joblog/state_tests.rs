@@ -62,6 +62,9 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         array: None,
         after: Vec::new(),
         after_ok: Vec::new(),
+        estimate_ms: None,
+        started_ms: None,
+        agreement: false,
     }
 }
 

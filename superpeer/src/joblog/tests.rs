@@ -160,6 +160,9 @@ fn submit(name: &str) -> Command {
         array: None,
         after: Vec::new(),
         after_ok: Vec::new(),
+        estimate_ms: None,
+        started_ms: None,
+        agreement: false,
         channels: Vec::new(),
     }))
 }

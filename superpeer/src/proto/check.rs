@@ -292,7 +292,7 @@ impl ClientRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
             ClientRequest::Missing { hashes } => check_len("hashes", hashes.len()),
-            ClientRequest::Submit(s) => {
+            ClientRequest::Submit(s) | ClientRequest::Offer { submission: s, .. } => {
                 check_name("the job name", &s.name)?;
                 if let Some(p) = &s.on_behalf {
                     check_principal(p)?;
@@ -359,6 +359,8 @@ impl ClientRequest {
             | ClientRequest::Checkpoint { .. }
             | ClientRequest::Cancel { .. }
             | ClientRequest::Hold { .. }
+            | ClientRequest::Accept { .. }
+            | ClientRequest::Agreements { .. }
             | ClientRequest::PolicyReload
             | ClientRequest::WebLogin => Ok(()),
         }
@@ -454,6 +456,13 @@ impl Response {
             Response::Missing { hashes } => check_len("hashes", hashes.len()),
             Response::Finished(r) => r.validate(),
             Response::Status(v) => check_len("jobs", v.len()),
+            Response::Agreements(v) => {
+                check_len("agreements", v.len())?;
+                for a in v {
+                    check_len("nodes of an agreement", a.nodes.len())?;
+                }
+                Ok(())
+            }
             Response::Moved(v) => check_len("moves", v.len()),
             Response::Queues(v) => check_len("queues", v.len()),
             Response::WebLogin { url, .. } => check_len("bytes of a link", url.len()),

@@ -72,6 +72,10 @@ pub struct Submission {
     /// Jobs (or arrays) it waits for to end well: it is cancelled when one does not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after_ok: Vec<JobId>,
+    /// How long the job runs, milliseconds (the profile's `estimate`): what an offer plans
+    /// by, and what lets a waiting job run before a reservation (backfilling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_ms: Option<u64>,
 }
 
 impl Submission {

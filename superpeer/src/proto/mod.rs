@@ -25,6 +25,7 @@ pub use mvm_component::runtime::ErrorKind;
 pub use mvm_component::runtime::logs::{LogLine, LogStream};
 use serde::{Deserialize, Serialize};
 
+mod agreement;
 mod check;
 mod failure;
 mod frame;
@@ -32,6 +33,7 @@ mod group;
 mod id;
 mod job;
 
+pub use agreement::*;
 pub use check::CheckError;
 pub use failure::{Failure, FailureKind};
 pub use frame::*;
@@ -162,6 +164,33 @@ pub enum ClientRequest {
         /// Only this vertex's lines.
         #[serde(default)]
         vertex: Option<String>,
+    },
+    /// Plan a job and offer to run it by a promised finish ([`Response::Agreements`], the
+    /// offers): nothing runs until one is accepted.
+    Offer {
+        /// The job.
+        submission: Box<Submission>,
+        /// It must be finished by then, milliseconds since the Unix epoch.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+        /// It must not start before then, milliseconds since the Unix epoch.
+        #[serde(default)]
+        start_after_ms: Option<u64>,
+        /// How long the offer is held, milliseconds (default [`OFFER_TTL_MS`], at most
+        /// [`MAX_OFFER_TTL_MS`]).
+        #[serde(default)]
+        valid_ms: Option<u64>,
+    },
+    /// Accept an offer: it becomes an agreement, and its job waits for its start.
+    Accept {
+        /// The offer's id.
+        offer: JobId,
+    },
+    /// The asker's offers and agreements (all the policy lets it read when `all`).
+    Agreements {
+        /// Also those of others, and those that ended.
+        #[serde(default)]
+        all: bool,
     },
 }
 
@@ -483,6 +512,8 @@ pub enum Response {
     },
     /// The queues of a job's part on a node now ([`BrokerRequest::Queues`]).
     Queues(Vec<QueueStat>),
+    /// Offers or agreements.
+    Agreements(Vec<AgreementInfo>),
     /// The policies in force at a super-peer.
     Policy {
         /// Its version there.

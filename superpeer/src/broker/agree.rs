@@ -1,0 +1,592 @@
+//! Offers and agreements (OpenCCS's service level agreements, `004_*` sections 2 and 3.1).
+//!
+//! The broker plans in time: an offer is the earliest window, at or after the asker's
+//! earliest start, in which the group's nodes have room for the whole job for its estimated
+//! run time. What runs now holds its slots until its own estimate says it ends (for ever when
+//! it gives none); what other offers and agreements hold is held in their windows. The offer's
+//! slots are held for it until it is accepted or lapses; an agreement's from its start until
+//! its job is placed. A job that waits in the queue takes held slots only when its estimate
+//! ends it before the window that holds them begins (backfilling, in
+//! [`Core::candidates`](super::core::Core)).
+//!
+//! The job log keeps each offer and agreement ([`Command::Offer`], [`Command::Accept`],
+//! [`Command::EndAgreement`]); an agreement follows its job there (running, met, violated at
+//! once when a run is given up with no checkpoint to go on from).
+
+use libp2p::PeerId;
+use mvm_component::policy::Principal;
+
+use super::admit::Refusal;
+use super::core::{Core, Effect, Reply, Then};
+use super::place::{Checked, check, new_record};
+use super::plan::{Candidates, PlaceError, images_of};
+use super::{Broker, View, fail, now_ms};
+use crate::joblog::Command;
+use crate::joblog::state::{AgreementRecord, ControlState};
+use crate::proto::{
+    AgreementInfo, AgreementState, Failure, FailureKind, JobId, JobState, Response, Submission,
+};
+use crate::schedule::{self, Candidate};
+
+/// The earlier runs of a profile an estimate is drawn from, the newest.
+const HISTORY_RUNS: usize = 10;
+
+/// The most start times an offer tries.
+const MAX_STARTS: usize = 256;
+
+/// How late after its start an agreement's job may start: a tenth of its run time, from 2 s
+/// to a minute (placing and preparing a job takes a while).
+fn start_grace(estimate_ms: u64) -> u64 {
+    (estimate_ms / 10).clamp(2_000, 60_000)
+}
+
+/// Slots an offer or agreement holds on a node in a window.
+pub(super) struct Held {
+    id: JobId,
+    node: PeerId,
+    slots: u32,
+    start: u64,
+    finish: u64,
+}
+
+/// What the offers and agreements of `st` hold at `now` (offers past their expiry hold
+/// nothing, whether or not their lapse is recorded yet).
+pub(super) fn holds(st: &ControlState, now: u64) -> Vec<Held> {
+    st.holding()
+        .filter(|a| a.state != AgreementState::Offered || a.expires_ms >= now)
+        .flat_map(|a| {
+            a.slots.iter().map(|(node, slots)| Held {
+                id: a.id.clone(),
+                node: *node,
+                slots: *slots,
+                start: a.start_ms,
+                finish: a.finish_ms,
+            })
+        })
+        .collect()
+}
+
+/// The slots held on `node` by windows that meet `[from, to)`, but those of `except`.
+pub(super) fn held_in(
+    holds: &[Held],
+    node: &PeerId,
+    from: u64,
+    to: u64,
+    except: Option<&JobId>,
+) -> u32 {
+    holds
+        .iter()
+        .filter(|h| h.node == *node && h.start < to && h.finish > from)
+        .filter(|h| except != Some(&h.id))
+        .fold(0u32, |n, h| n.saturating_add(h.slots))
+}
+
+/// The run time of the profile `name` of `owner` as its earlier runs here give it: the
+/// longest of the newest [`HISTORY_RUNS`] that ended well, with a quarter more and a second.
+fn history(st: &ControlState, owner: &Principal, name: &str) -> Option<u64> {
+    let mut runs: Vec<(u64, u64)> = st
+        .jobs()
+        .filter(|j| j.name == name && j.owner == *owner && j.state == JobState::Done)
+        .filter_map(|j| {
+            let end = j.ended.as_ref()?.at_ms;
+            Some((end, end.saturating_sub(j.started_ms?)))
+        })
+        .collect();
+    runs.sort_unstable();
+    let longest = runs.iter().rev().take(HISTORY_RUNS).map(|r| r.1).max()?;
+    Some(longest.saturating_add(longest / 4).saturating_add(1000))
+}
+
+/// A request for an offer.
+pub(super) struct Ask {
+    /// It must be finished by then.
+    pub(super) deadline_ms: Option<u64>,
+    /// It must not start before then.
+    pub(super) start_after_ms: Option<u64>,
+    /// How long the offer is held.
+    pub(super) valid_ms: u64,
+}
+
+/// The offer or agreement `a` as clients see it, with its nodes by name.
+pub(super) fn info_of(
+    a: &AgreementRecord,
+    group: &str,
+    domain: &str,
+    name: impl Fn(&PeerId) -> String,
+) -> AgreementInfo {
+    AgreementInfo {
+        id: a.id.clone(),
+        name: a.name.clone(),
+        owner: format!("{}@{}", a.owner.name, a.owner.domain),
+        group: group.to_owned(),
+        domain: domain.to_owned(),
+        image: a.image.clone(),
+        vcpus: u32::try_from(a.resources.vcpus).unwrap_or(0),
+        memory_mib: u64::try_from(a.resources.memory_mib).unwrap_or(0),
+        vertices: u32::try_from(a.resources.vertices).unwrap_or(0),
+        nodes: a.slots.iter().map(|(p, n)| (name(p), *n)).collect(),
+        start_ms: a.start_ms,
+        finish_ms: a.finish_ms,
+        estimate_ms: a.estimate_ms,
+        estimate_from: a.estimate_from.clone(),
+        deadline_ms: a.deadline_ms,
+        price: None,
+        expires_ms: a.expires_ms,
+        state: a.state,
+        reason: a.reason.clone(),
+        accepted_ms: a.accepted_ms,
+        ended_ms: a.ended_ms,
+    }
+}
+
+impl View {
+    /// Offer or agreement `id` in `st` as clients see it.
+    fn agreement(
+        &self,
+        st: &ControlState,
+        id: &JobId,
+        group: &str,
+        domain: &str,
+    ) -> Option<AgreementInfo> {
+        let names = self.names.lock();
+        st.agreement(id).map(|a| {
+            info_of(a, group, domain, |p| {
+                names.get(p).cloned().unwrap_or_else(|| p.to_string())
+            })
+        })
+    }
+}
+
+impl Core {
+    /// The answer once offer or agreement `id` is recorded.
+    pub(super) fn agreement_recorded(
+        &self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
+        id: &JobId,
+        outcome: Result<crate::joblog::Applied, crate::joblog::LogError>,
+    ) {
+        let r = match super::core::first(outcome) {
+            Ok(()) => {
+                let (group, domain) = (&self.site.group, &self.site.domain);
+                match self
+                    .log
+                    .read(|st| self.view.agreement(st, id, group, domain))
+                {
+                    Some(a) => Response::Agreements(vec![a]),
+                    None => fail(
+                        FailureKind::Failed,
+                        format!("offer {id} left the log at once"),
+                    ),
+                }
+            }
+            Err(f) => Response::Error(f),
+        };
+        out.push(Effect::Reply(reply, r));
+    }
+
+    /// Plans job `s` of `who` in time and offers it: the earliest window at or after the
+    /// asked start in which it fits for its estimated run time, held for the asker until the
+    /// offer lapses. No window that ends by the deadline: refused, with the earliest finish.
+    pub(super) fn offer(
+        &mut self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
+        who: &Principal,
+        mut s: Submission,
+        c: Checked,
+        ask: Ask,
+    ) {
+        let refuse = |out: &mut Vec<Effect>, reply: Reply, f: Failure| {
+            out.push(Effect::Reply(reply, Response::Error(f)));
+        };
+        let input = |why: String| Failure::new(FailureKind::Input, why);
+        if !s.sweep.is_empty() {
+            let why = format!(
+                "job {}: an array (a [sweep]) is not offered: offer one point, or submit it",
+                s.name
+            );
+            return refuse(out, reply, input(why));
+        }
+        if !s.after.is_empty() || !s.after_ok.is_empty() {
+            let why = format!(
+                "job {}: a job that waits for others (after, after_ok) is not offered",
+                s.name
+            );
+            return refuse(out, reply, input(why));
+        }
+        // The policy's word now; the job holds its share once the offer is accepted.
+        let (id, owner, resources) = match self.admit(who, &s, c.topology.vertices.len()) {
+            Ok(a) => a,
+            Err(error) => {
+                let name = s.name.clone();
+                return refuse(out, reply, Failure::from(Refusal { job: name, error }));
+            }
+        };
+        self.ledger.release(&id);
+        if let Err(error) = self.checkpoint_policy(&owner, &mut s) {
+            let name = s.name.clone();
+            return refuse(out, reply, Failure::from(Refusal { job: name, error }));
+        }
+        let (estimate_ms, from) = match s.estimate_ms {
+            Some(e) => (e, "profile"),
+            None => match self.log.read(|st| history(st, &owner, &s.name)) {
+                Some(e) => (e, "history"),
+                None => {
+                    let why = format!(
+                        "job {}: no estimate of its run time: give one in its profile \
+                         (estimate = \"2m\"), or run it here once",
+                        s.name
+                    );
+                    return refuse(out, reply, input(why));
+                }
+            },
+        };
+        s.estimate_ms = Some(estimate_ms);
+        // The execution environment by its full id, which the agreement keeps whatever node
+        // runs it (a restart, a migration).
+        let image = match s.requirements.image.as_deref() {
+            None | Some("host") => "host".to_owned(),
+            Some(i) => {
+                let full = self
+                    .image_sources(i)
+                    .map_or_else(|| i.to_owned(), |(f, _)| f);
+                s.requirements.image = Some(full.clone());
+                full
+            }
+        };
+        let now = now_ms();
+        let earliest = ask.start_after_ms.unwrap_or(now).max(now);
+        let (start, slots) = match self.plan_in_time(&s, &c, earliest, estimate_ms) {
+            Ok(p) => p,
+            Err(why) => return refuse(out, reply, Failure::from(why)),
+        };
+        let finish = start.saturating_add(estimate_ms);
+        if let Some(d) = ask.deadline_ms.filter(|d| finish > *d) {
+            let why = format!(
+                "job {}: no plan of group {} finishes it by its deadline ({} ms from now): the \
+                 earliest finish is {} ms from now ({} ms run time, from its {from})",
+                s.name,
+                self.site.group,
+                d.saturating_sub(now),
+                finish.saturating_sub(now),
+                estimate_ms
+            );
+            return refuse(out, reply, Failure::new(FailureKind::Unavailable, why));
+        }
+        let s = self.with_modules(s);
+        let record = AgreementRecord {
+            id: id.clone(),
+            name: s.name.clone(),
+            owner,
+            image,
+            resources,
+            slots,
+            start_ms: start,
+            finish_ms: finish,
+            estimate_ms,
+            estimate_from: from.to_owned(),
+            deadline_ms: ask.deadline_ms,
+            offered_ms: now,
+            expires_ms: now.saturating_add(ask.valid_ms),
+            state: AgreementState::Offered,
+            reason: None,
+            accepted_ms: None,
+            ended_ms: None,
+            submission: Some(s),
+        };
+        tracing::info!(offer = %id, start, finish, "job offered");
+        out.push(Effect::Record {
+            command: Command::Offer(Box::new(record)),
+            then: Then::AgreementRecorded { reply, id },
+        });
+    }
+
+    /// The earliest start at or after `earliest` at which the job fits this group's nodes for
+    /// `estimate` ms, and the slots it takes on each.
+    fn plan_in_time(
+        &self,
+        s: &Submission,
+        c: &Checked,
+        earliest: u64,
+        estimate: u64,
+    ) -> Result<(u64, Vec<(PeerId, u32)>), PlaceError> {
+        let group = || self.site.group.clone();
+        let now = now_ms();
+        let mut live: Vec<(&PeerId, &super::members::NodeEntry)> = self.members.live().collect();
+        self.log.read(|st| live.retain(|(p, _)| !st.is_drained(p)));
+        live.retain(|(p, _)| !self.triggering.retiring.contains(*p));
+        live.sort_by(|a, b| a.1.info.name.cmp(&b.1.info.name).then(a.0.cmp(b.0)));
+        if live.is_empty() {
+            return Err(PlaceError::NoNodes { group: group() });
+        }
+        // What runs on each node now, and until when (for ever: it gives no estimate, or has
+        // run past it).
+        let busy: Vec<Vec<(u64, u32)>> = self.log.read(|st| {
+            live.iter()
+                .map(|(p, _)| {
+                    let mut v: Vec<(u64, u32)> = st
+                        .placed_on(p)
+                        .map(|j| {
+                            let n = j
+                                .parts
+                                .iter()
+                                .filter(|x| x.node == **p)
+                                .map(|x| u32::try_from(x.vertices.len()).unwrap_or(u32::MAX))
+                                .sum::<u32>();
+                            let until = match (j.started_ms, j.estimate_ms) {
+                                (Some(s), Some(e)) if s.saturating_add(e) >= now => {
+                                    s.saturating_add(e)
+                                }
+                                (None, Some(e)) => now.saturating_add(e),
+                                _ => u64::MAX,
+                            };
+                            (until, n)
+                        })
+                        .collect();
+                    v.push((u64::MAX, self.ledger.slots(p)));
+                    v
+                })
+                .collect()
+        });
+        let holds = self.log.read(|st| holds(st, now));
+        let mut starts: Vec<u64> = std::iter::once(earliest)
+            .chain(busy.iter().flatten().map(|b| b.0))
+            .chain(holds.iter().map(|h| h.finish))
+            .filter(|t| *t >= earliest && *t != u64::MAX)
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        starts.truncate(MAX_STARTS);
+        let image = s.requirements.image.as_deref();
+        let offered = image.is_some_and(|i| self.image_sources(i).is_some());
+        let mut last = PlaceError::NoNodes { group: group() };
+        for t in starts {
+            let until = t.saturating_add(estimate);
+            let cands: Vec<Candidate> = live
+                .iter()
+                .zip(&busy)
+                .map(|((p, e), b)| {
+                    let taken = b
+                        .iter()
+                        .filter(|x| x.0 > t)
+                        .fold(0u32, |n, x| n.saturating_add(x.1))
+                        .saturating_add(held_in(&holds, p, t, until, None));
+                    Candidate {
+                        name: e.info.name.clone(),
+                        cpus: e.info.cpus,
+                        memory_bytes: e.info.memory_bytes,
+                        // Later, what runs now has ended.
+                        free_memory_bytes: if t <= now {
+                            e.info.load.free_memory_bytes
+                        } else {
+                            e.info.memory_bytes
+                        },
+                        load: e.info.load.load,
+                        arch: e.info.arch.clone(),
+                        images: images_of(&e.info, image, offered),
+                        slots: e.info.slots,
+                        free_slots: e.info.slots.saturating_sub(taken),
+                    }
+                })
+                .collect();
+            let (ok, why) = schedule::filter(&cands, &s.requirements);
+            if ok.is_empty() {
+                last = PlaceError::NoneMeets {
+                    group: group(),
+                    why,
+                };
+                continue;
+            }
+            let cs = Candidates {
+                peers: live.iter().map(|(p, _)| **p).collect(),
+                cands,
+                ok,
+            };
+            match self.choose(&cs, s, c) {
+                Ok(plan) => {
+                    let slots = plan
+                        .peers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            let n = plan.placement.iter().filter(|x| **x as usize == i).count();
+                            (*p, u32::try_from(n).unwrap_or(u32::MAX))
+                        })
+                        .collect();
+                    return Ok((t, slots));
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Accepts offer `id` for `who` (its owner, or an administrator of the domain): it
+    /// becomes an agreement, and its job waits in the queue for its start.
+    pub(super) fn accept(
+        &mut self,
+        out: &mut Vec<Effect>,
+        reply: Reply,
+        who: &Principal,
+        id: JobId,
+    ) {
+        let refuse = |out: &mut Vec<Effect>, reply: Reply, kind, why: String| {
+            out.push(Effect::Reply(
+                reply,
+                Response::Error(Failure::new(kind, why)),
+            ));
+        };
+        let Some(a) = self.log.read(|st| st.agreement(&id).cloned()) else {
+            return refuse(out, reply, FailureKind::NotFound, format!("no offer {id}"));
+        };
+        let owns = a.owner.name == who.name && a.owner.domain == who.domain;
+        if !owns && crate::policy::admin_refusal(&self.site, who, "accept").is_some() {
+            let why = format!("offer {id} was made to {}, not to {who}", a.owner);
+            return refuse(out, reply, FailureKind::Refused, why);
+        }
+        let now = now_ms();
+        match a.state {
+            AgreementState::Offered if now <= a.expires_ms => {}
+            AgreementState::Offered | AgreementState::Expired => {
+                let why = format!(
+                    "offer {id} lapsed {} ms ago: ask for another (mvm offer)",
+                    now.saturating_sub(a.expires_ms)
+                );
+                return refuse(out, reply, FailureKind::Input, why);
+            }
+            s => {
+                let why = format!(
+                    "offer {id} was accepted already: the agreement is {}",
+                    s.name()
+                );
+                return refuse(out, reply, FailureKind::Input, why);
+            }
+        }
+        let Some(s) = a.submission.clone() else {
+            let why = format!("offer {id} has lost its job");
+            return refuse(out, reply, FailureKind::Failed, why);
+        };
+        for b in &s.modules {
+            self.modules.put(b.clone());
+        }
+        let c = match check(&self.modules, &self.codecs, &s) {
+            Ok(c) => c,
+            Err(f) => return out.push(Effect::Reply(reply, Response::Error(f))),
+        };
+        let mut job = new_record(&id, &a.owner, a.resources, &s, &c);
+        job.state = JobState::Pending;
+        job.estimate_ms = Some(a.estimate_ms);
+        job.agreement = true;
+        job.submission = Some(s);
+        tracing::info!(agreement = %id, "offer accepted");
+        out.push(Effect::Record {
+            command: Command::Accept {
+                offer: id.clone(),
+                at_ms: now,
+                job: Box::new(job),
+            },
+            then: Then::AgreementRecorded { reply, id },
+        });
+    }
+
+    /// Records the offers that lapsed and the agreements that can no longer be kept: not
+    /// ended by their promised finish, or not started in time to end by it.
+    pub(super) fn keep_agreements(&mut self, out: &mut Vec<Effect>) {
+        let now = now_ms();
+        let ends: Vec<Command> = self.log.read(|st| {
+            st.open_agreements()
+                .filter_map(|a| {
+                    let job = st.job(&a.id);
+                    let end = |state, why: String| Command::EndAgreement {
+                        agreement: a.id.clone(),
+                        state,
+                        at_ms: now,
+                        why,
+                    };
+                    match a.state {
+                        AgreementState::Offered if now > a.expires_ms => Some(end(
+                            AgreementState::Expired,
+                            "not accepted before the offer lapsed".into(),
+                        )),
+                        AgreementState::Accepted | AgreementState::Running if now > a.finish_ms => {
+                            Some(end(
+                                AgreementState::Violated,
+                                "the job had not ended by the promised finish".into(),
+                            ))
+                        }
+                        AgreementState::Accepted
+                            if job.is_some_and(|j| j.state == JobState::Pending)
+                                && !self.drives.contains_key(&a.id)
+                                && now > a.start_ms.saturating_add(start_grace(a.estimate_ms)) =>
+                        {
+                            let waits = self
+                                .view
+                                .waiting
+                                .lock()
+                                .get(&a.id)
+                                .cloned()
+                                .unwrap_or_else(|| "it was not placed".into());
+                            Some(end(
+                                AgreementState::Violated,
+                                format!(
+                                    "the job could not start within {} ms of its start: {waits}",
+                                    start_grace(a.estimate_ms)
+                                ),
+                            ))
+                        }
+                        _ => None,
+                    }
+                })
+                .collect()
+        });
+        if ends.is_empty() {
+            return;
+        }
+        for c in &ends {
+            if let Command::EndAgreement {
+                agreement,
+                state,
+                why,
+                ..
+            } = c
+            {
+                tracing::warn!(%agreement, state = state.name(), %why, "agreement ended");
+            }
+        }
+        out.push(Effect::Record {
+            command: Command::Batch(ends),
+            then: Then::Nothing,
+        });
+    }
+
+    /// Whether pending job `id` runs under an agreement whose start has not come: then it
+    /// waits, and why.
+    pub(super) fn before_agreement(st: &ControlState, id: &JobId, now: u64) -> Option<String> {
+        st.agreement(id)
+            .filter(|a| a.start_ms > now)
+            .map(|a| format!("its agreement starts in {} ms", a.start_ms - now))
+    }
+}
+
+impl Broker {
+    /// The offers and agreements of `who`, or (`all`, for an administrator) every one.
+    pub(super) fn agreements(&self, who: &Principal, all: bool) -> Response {
+        if all && let Some(r) = crate::policy::admin_refusal(&self.site, who, "agreements --all") {
+            return r;
+        }
+        let (group, domain) = (&self.site.group, &self.site.domain);
+        let names = self.view.names.lock();
+        let list = self.log.read(|st| {
+            st.agreements()
+                .filter(|a| all || (a.owner.name == who.name && a.owner.domain == who.domain))
+                .map(|a| {
+                    info_of(a, group, domain, |p| {
+                        names.get(p).cloned().unwrap_or_else(|| p.to_string())
+                    })
+                })
+                .collect()
+        });
+        Response::Agreements(list)
+    }
+}
