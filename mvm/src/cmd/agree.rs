@@ -198,6 +198,8 @@ pub(crate) fn accept(args: AcceptArgs) -> Result<(), Failure> {
     runtime()?.block_on(async {
         let client = connect(&args.broker).await?;
         let mut a = client.accept(&args.offer).await.map_err(wire)?;
+        // An offer of another group is followed at its super-peer.
+        let client = client.at(&a.broker_addrs).map_err(wire)?;
         if args.wait {
             while !a.state.is_final() {
                 let _ = client.wait(&a.id, 0, true).await;

@@ -10,7 +10,7 @@ use mvm_component::policy::{self as pol, Principal, PrincipalKind, Question, Res
 use super::core::Core;
 use crate::joblog::JobLog;
 use crate::joblog::state::Resources;
-use crate::proto::{GroupSummary, JobId, Response, Submission};
+use crate::proto::{Failure, FailureKind, GroupSummary, JobId, Response, Submission};
 use crate::site::Site;
 
 /// What placements under way hold before the log has their jobs: per job, its owner's
@@ -303,6 +303,24 @@ pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, 
                 caller: Box::new(caller.clone()),
             }),
         },
+    }
+}
+
+/// Whether `caller` may act for `user`: a super-peer of `user`'s own domain (which
+/// authenticated the user) passing on a request of theirs.
+///
+/// # Errors
+/// `caller` is not a super-peer, or not of `user`'s domain.
+pub(super) fn speaks_for(caller: &Principal, user: &Principal) -> Result<(), Failure> {
+    let superpeer =
+        caller.kind == PrincipalKind::Node && caller.roles.iter().any(|r| r == "superpeer");
+    if superpeer && caller.domain == user.domain {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            FailureKind::Refused,
+            format!("{caller} may not act for {user}: only a super-peer of {user}'s domain may"),
+        ))
     }
 }
 

@@ -98,6 +98,7 @@ fn history(st: &ControlState, owner: &Principal, name: &str) -> Option<u64> {
 }
 
 /// A request for an offer.
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Ask {
     /// It must be finished by then.
     pub(super) deadline_ms: Option<u64>,
@@ -136,6 +137,7 @@ pub(super) fn info_of(
         reason: a.reason.clone(),
         accepted_ms: a.accepted_ms,
         ended_ms: a.ended_ms,
+        broker_addrs: Vec::new(),
     }
 }
 
@@ -257,23 +259,46 @@ impl Core {
         };
         let now = now_ms();
         let earliest = ask.start_after_ms.unwrap_or(now).max(now);
-        let (start, slots) = match self.plan_in_time(&s, &c, earliest, estimate_ms) {
+        let planned = match self.plan_in_time(&s, &c, earliest, estimate_ms) {
+            Ok((start, _)) if ask.deadline_ms.is_some_and(|d| start + estimate_ms > d) => {
+                Err(PlaceError::NoOffer(format!(
+                    "job {}: no plan of group {} finishes it by its deadline ({} ms from now): \
+                     the earliest finish is {} ms from now ({} ms run time, from its {from})",
+                    s.name,
+                    self.site.group,
+                    ask.deadline_ms.unwrap_or(0).saturating_sub(now),
+                    (start + estimate_ms).saturating_sub(now),
+                    estimate_ms
+                )))
+            }
+            p => p,
+        };
+        let (start, slots) = match planned {
             Ok(p) => p,
-            Err(why) => return refuse(out, reply, Failure::from(why)),
+            // Another group may offer what this one cannot (once: a forwarded ask goes no
+            // further).
+            Err(why) => {
+                let to = if s.hops == 0 {
+                    self.forward_to(&s, &owner, c.topology.vertices.len())
+                } else {
+                    Vec::new()
+                };
+                if to.is_empty() {
+                    let f = Failure::new(FailureKind::Unavailable, why.to_string());
+                    return refuse(out, reply, f);
+                }
+                out.push(Effect::Forward {
+                    reply,
+                    submission: Box::new(s),
+                    owner,
+                    to,
+                    why,
+                    offer: Some(ask),
+                });
+                return;
+            }
         };
         let finish = start.saturating_add(estimate_ms);
-        if let Some(d) = ask.deadline_ms.filter(|d| finish > *d) {
-            let why = format!(
-                "job {}: no plan of group {} finishes it by its deadline ({} ms from now): the \
-                 earliest finish is {} ms from now ({} ms run time, from its {from})",
-                s.name,
-                self.site.group,
-                d.saturating_sub(now),
-                finish.saturating_sub(now),
-                estimate_ms
-            );
-            return refuse(out, reply, Failure::new(FailureKind::Unavailable, why));
-        }
         let s = self.with_modules(s);
         let record = AgreementRecord {
             id: id.clone(),
@@ -422,8 +447,8 @@ impl Core {
         Err(last)
     }
 
-    /// Accepts offer `id` for `who` (its owner, or an administrator of the domain): it
-    /// becomes an agreement, and its job waits in the queue for its start.
+    /// Accepts offer `id` for `who`, whom it was made to: it becomes an agreement, and its job
+    /// waits in the queue for its start.
     pub(super) fn accept(
         &mut self,
         out: &mut Vec<Effect>,
@@ -440,9 +465,12 @@ impl Core {
         let Some(a) = self.log.read(|st| st.agreement(&id).cloned()) else {
             return refuse(out, reply, FailureKind::NotFound, format!("no offer {id}"));
         };
-        let owns = a.owner.name == who.name && a.owner.domain == who.domain;
-        if !owns && crate::policy::admin_refusal(&self.site, who, "accept").is_some() {
-            let why = format!("offer {id} was made to {}, not to {who}", a.owner);
+        // Only its asker commits to an offer (not even an administrator for them).
+        if a.owner.name != who.name || a.owner.domain != who.domain {
+            let why = format!(
+                "offer {id} was made to {}@{}, not to {}@{}",
+                a.owner.name, a.owner.domain, who.name, who.domain
+            );
             return refuse(out, reply, FailureKind::Refused, why);
         }
         let now = now_ms();
@@ -588,5 +616,52 @@ impl Broker {
                 .collect()
         });
         Response::Agreements(list)
+    }
+}
+
+/// The most offers of other groups a super-peer remembers for its users.
+const MAX_PASSED_ON: usize = 4096;
+
+impl Broker {
+    /// Remembers the offers of other groups in `offers` (passed on to a user of this group),
+    /// so that the user may accept them here.
+    pub(super) fn passed_on(&self, offers: &[AgreementInfo]) {
+        let mut remote = self.remote_offers.lock();
+        let now = now_ms();
+        remote.retain(|_, (_, expires)| *expires >= now);
+        for a in offers.iter().filter(|a| !a.broker_addrs.is_empty()) {
+            if remote.len() < MAX_PASSED_ON {
+                remote.insert(a.id.clone(), (a.broker_addrs.clone(), a.expires_ms));
+            }
+        }
+    }
+
+    /// Accepts for `who` an offer of another group that this super-peer passed on, at that
+    /// group's super-peer; none when it passed on no such offer.
+    pub(super) async fn accept_remote(&self, who: &Principal, offer: &JobId) -> Option<Response> {
+        if self.log.read(|st| st.agreement(offer).is_some()) {
+            return None;
+        }
+        let (addrs, _) = self.remote_offers.lock().get(offer).cloned()?;
+        let (peer, _) = addrs.iter().find_map(crate::net::split_addr)?;
+        let bare: Vec<libp2p::Multiaddr> = addrs
+            .iter()
+            .filter_map(|a| crate::net::split_addr(a).map(|(_, a)| a))
+            .collect();
+        let request = crate::proto::ClientRequest::Accept {
+            offer: offer.clone(),
+            on_behalf: Some(who.clone()),
+        };
+        let r = match self.site.net.call(peer, &bare, request.into()).await {
+            Ok(Response::Agreements(mut v)) => {
+                for a in &mut v {
+                    a.broker_addrs.clone_from(&addrs);
+                }
+                Response::Agreements(v)
+            }
+            Ok(other) => other,
+            Err(f) => Response::Error(f),
+        };
+        Some(r)
     }
 }

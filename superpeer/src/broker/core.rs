@@ -156,6 +156,8 @@ pub(super) enum Effect {
         owner: Principal,
         to: Vec<GroupSummary>,
         why: PlaceError,
+        /// Ask for offers (`mvm offer`) rather than submit.
+        offer: Option<super::agree::Ask>,
     },
     /// Start the job log with these replicas (none has started it in time).
     Found(Vec<Replica>),

@@ -10,8 +10,13 @@ use crate::proto::{ClientRequest, FailureKind, GroupSummary, Hash, Request, Resp
 use crate::site::Site;
 
 /// Offers a job this group cannot place to the super-peers of the groups in `to` (see
-/// `Core::forward_to`), in order, until one takes it; as that one's owner of record, with the
-/// modules it lacks and its input files (from `files`), one hop further.
+/// `Core::forward_to`), in order, until one takes it — or, with `offer`, until one offers to
+/// run it as asked; as that one's owner of record, with the modules it lacks and its input
+/// files (from `files`), one hop further.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "what is forwarded, where, why, and whether as an offer"
+)]
 pub(super) async fn forward(
     site: &Site,
     modules: &ModuleStore,
@@ -20,6 +25,7 @@ pub(super) async fn forward(
     owner: Principal,
     to: Vec<GroupSummary>,
     why: &PlaceError,
+    offer: Option<super::agree::Ask>,
 ) -> Response {
     let mut tried = Vec::new();
     for g in to {
@@ -60,16 +66,26 @@ pub(super) async fn forward(
         s.hops = s.hops.saturating_add(1);
         s.on_behalf = Some(owner.clone());
         s.wait = false;
-        match site
-            .net
-            .call(
-                peer,
-                &addrs,
-                Request::Client(ClientRequest::Submit(Box::new(s.clone()))),
-            )
-            .await
-        {
-            Ok(Response::Submitted(mut st)) => {
+        let request = match &offer {
+            None => ClientRequest::Submit(Box::new(s.clone())),
+            Some(ask) => ClientRequest::Offer {
+                submission: Box::new(s.clone()),
+                deadline_ms: ask.deadline_ms,
+                start_after_ms: ask.start_after_ms,
+                valid_ms: Some(ask.valid_ms),
+            },
+        };
+        match site.net.call(peer, &addrs, Request::Client(request)).await {
+            Ok(Response::Agreements(mut v)) if offer.is_some() && !v.is_empty() => {
+                tracing::info!(group = %g.group, offers = v.len(), "offers from another group");
+                for a in &mut v {
+                    if a.broker_addrs.is_empty() {
+                        a.broker_addrs.clone_from(&g.addrs);
+                    }
+                }
+                return Response::Agreements(v);
+            }
+            Ok(Response::Submitted(mut st)) if offer.is_none() => {
                 tracing::info!(job = %st.job, group = %g.group, "job forwarded");
                 if st.broker_addrs.is_empty() {
                     st.broker_addrs = g.addrs.clone();

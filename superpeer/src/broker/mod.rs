@@ -115,6 +115,9 @@ pub(crate) struct Broker {
     parked: Mutex<Option<(Core, mpsc::Receiver<Input>)>>,
     /// The sessions of its web view.
     pub(crate) web: web::Sessions,
+    /// Offers of other groups passed on to this group's users, while they may be accepted:
+    /// the super-peer that made each, and when it lapses.
+    remote_offers: Mutex<HashMap<JobId, (Vec<libp2p::Multiaddr>, u64)>>,
 }
 
 /// What the broker's loop publishes for the readers on requests' tasks.
@@ -246,6 +249,7 @@ impl Broker {
             inputs,
             parked: Mutex::new(Some((core, rx))),
             web: web::Sessions::default(),
+            remote_offers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -356,24 +360,43 @@ impl Broker {
                     return r;
                 }
                 let who = who.clone();
-                self.ask(|reply| Input::Offer {
-                    reply,
-                    who,
-                    submission,
-                    checked: Box::new(checked),
-                    ask: agree::Ask {
-                        deadline_ms,
-                        start_after_ms,
-                        valid_ms: valid_ms
-                            .unwrap_or(crate::proto::OFFER_TTL_MS)
-                            .min(crate::proto::MAX_OFFER_TTL_MS),
+                let r = self
+                    .ask(|reply| Input::Offer {
+                        reply,
+                        who,
+                        submission,
+                        checked: Box::new(checked),
+                        ask: agree::Ask {
+                            deadline_ms,
+                            start_after_ms,
+                            valid_ms: valid_ms
+                                .unwrap_or(crate::proto::OFFER_TTL_MS)
+                                .min(crate::proto::MAX_OFFER_TTL_MS),
+                        },
+                    })
+                    .await;
+                if let Response::Agreements(v) = &r {
+                    self.passed_on(v);
+                }
+                r
+            }
+            ClientRequest::Accept { offer, on_behalf } => {
+                let acting = match on_behalf {
+                    None => who.clone(),
+                    Some(p) => match admit::speaks_for(who, &p) {
+                        Ok(()) => p,
+                        Err(e) => return Response::Error(e),
                     },
+                };
+                if let Some(r) = self.accept_remote(&acting, &offer).await {
+                    return r;
+                }
+                self.ask(|reply| Input::Accept {
+                    reply,
+                    who: acting,
+                    offer,
                 })
                 .await
-            }
-            ClientRequest::Accept { offer } => {
-                let who = who.clone();
-                self.ask(|reply| Input::Accept { reply, who, offer }).await
             }
             ClientRequest::Agreements { all } => self.agreements(who, all),
             ClientRequest::Status { job } => self.status(who, job.as_ref()),

@@ -249,6 +249,7 @@ impl Core {
                     owner,
                     to,
                     why,
+                    offer: None,
                 });
                 return;
             }
@@ -389,7 +390,12 @@ impl Core {
     /// The other groups that could take a job this group cannot: the same domain, or a domain
     /// the inter-domain policy lets its owner use; with room and the image and architecture it
     /// asks for; the one with the most free slots first.
-    fn forward_to(&self, s: &Submission, owner: &Principal, vertices: usize) -> Vec<GroupSummary> {
+    pub(super) fn forward_to(
+        &self,
+        s: &Submission,
+        owner: &Principal,
+        vertices: usize,
+    ) -> Vec<GroupSummary> {
         let r = &s.requirements;
         let mut fits: Vec<GroupSummary> = self
             .members

@@ -46,6 +46,9 @@ pub(crate) enum PlaceError {
     /// The job waits for other jobs to end (`after`, `after_ok`).
     #[error("{0}")]
     Waits(String),
+    /// No offer meets what was asked (a deadline), and why.
+    #[error("{0}")]
+    NoOffer(String),
     /// A run from a checkpoint needs a node of its own with room for each of its parts.
     #[error(
         "group {group}: the checkpoint's {parts} parts each need a node with room, and {fit} fit"

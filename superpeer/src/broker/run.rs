@@ -128,6 +128,7 @@ impl Broker {
                 owner,
                 to,
                 why,
+                offer,
             } => {
                 let (site, modules) = (self.site.clone(), self.modules.clone());
                 let files = self.files.clone();
@@ -140,6 +141,7 @@ impl Broker {
                         owner,
                         to,
                         &why,
+                        offer,
                     )
                     .await;
                     let _ = reply.send(r);

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::harness::{Lab, ring, sleeping, until};
+use super::harness::{Lab, Setup, group_until, ring, sleeping, until};
 use super::now_ms;
 use crate::client::{Client, OfferAsk, Prepared};
 use crate::proto::{AgreementInfo, AgreementState, FailureKind, JobId, JobState};
@@ -233,4 +233,61 @@ async fn an_agreement_whose_node_is_lost_without_a_checkpoint_is_violated_at_onc
     let st = until(&c, &o.id, |s| s == JobState::Running).await;
     assert_eq!(st.attempt, 1, "{st:?}");
     c.cancel(&o.id).await.expect("cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_without_room_passes_on_another_group_s_offer_which_is_accepted_through_it() {
+    let mut small = Setup::new(1, &[4]).group("small");
+    let mut big = Setup::beside(&small, "big", 1, &[16]);
+    Setup::link(&mut small, &mut big);
+    let (small, big) = (small.start().await, big.start().await);
+    let c = small.client().await;
+    group_until(&c, "the big group's summary", |g| {
+        g.groups
+            .iter()
+            .any(|s| s.group == "big" && s.free_slots >= 8)
+    })
+    .await;
+    // Eight vertices: the small group's nodes could never hold them.
+    let o = offer(
+        &c,
+        &estimated(ring("far", 300, None, 0), 30_000),
+        OfferAsk::default(),
+    )
+    .await;
+    assert_eq!(
+        (o.group.as_str(), o.owner.as_str()),
+        ("big", "alice@default"),
+        "{o:?}"
+    );
+    assert!(
+        !o.broker_addrs.is_empty(),
+        "names the group's super-peer: {o:?}"
+    );
+    // Accepted through the small group's super-peer, recorded by the big group's.
+    let a = c.accept(&o.id).await.expect("accept");
+    assert_eq!(a.state, AgreementState::Accepted, "{a:?}");
+    let there = c.at(&a.broker_addrs).expect("at");
+    let end = until(&there, &o.id, JobState::is_final).await;
+    assert_eq!(end.state, JobState::Done, "{end:?}");
+    let a = agreement_until(&there, &o.id, |a| a.state.is_final()).await;
+    assert_eq!(a.state, AgreementState::Met, "{a:?}");
+    assert!(
+        c.agreements(false).await.expect("list").is_empty(),
+        "none here"
+    );
+    let b = big.client().await.agreements(false).await.expect("list");
+    assert_eq!(b.len(), 1, "{b:?}");
+    // Another user may not accept an offer made to alice.
+    let o = offer(
+        &c,
+        &estimated(ring("far", 300, None, 0), 30_000),
+        OfferAsk::default(),
+    )
+    .await;
+    let bob = small
+        .client_as(&small.user_as("bob", &["researcher"]))
+        .await;
+    let e = bob.accept(&o.id).await.expect_err("not his");
+    assert!(e.message.contains("not to bob@default"), "{e:?}");
 }

@@ -108,11 +108,20 @@ impl Client {
     /// # Errors
     /// The status names a super-peer address that cannot be used.
     pub fn follow(&self, job: &JobStatus) -> Result<Client, Failure> {
-        let Some(addr) = preferred(&job.broker_addrs) else {
+        self.at(&job.broker_addrs)
+    }
+
+    /// A client of the super-peer at `addrs` (one of another group that made an offer, or
+    /// holds a job), sharing this client's network; this one when `addrs` is empty.
+    ///
+    /// # Errors
+    /// An address that names no peer.
+    pub fn at(&self, addrs: &[Multiaddr]) -> Result<Client, Failure> {
+        let Some(addr) = preferred(addrs) else {
             return Ok(self.clone());
         };
         let (broker, a) = crate::net::split_addr(addr)
-            .ok_or_else(|| input(format!("the job's super-peer address {addr} names no peer")))?;
+            .ok_or_else(|| input(format!("the super-peer address {addr} names no peer")))?;
         Ok(Client {
             net: self.net.clone(),
             broker,
@@ -195,6 +204,7 @@ impl Client {
     pub async fn accept(&self, offer: &JobId) -> Result<AgreementInfo, Failure> {
         let r = ClientRequest::Accept {
             offer: offer.clone(),
+            on_behalf: None,
         };
         match self.call(r).await? {
             Response::Agreements(mut v) if v.len() == 1 => Ok(v.remove(0)),

@@ -99,6 +99,10 @@ pub struct AgreementInfo {
     /// When its state last changed to a final one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_ms: Option<u64>,
+    /// The addresses of the super-peer that made it, when it is another group's than the
+    /// asker's: follow it there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broker_addrs: Vec<libp2p::Multiaddr>,
 }
 
 /// How long an offer is held for its asker by default, milliseconds.

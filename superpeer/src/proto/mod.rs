@@ -185,6 +185,9 @@ pub enum ClientRequest {
     Accept {
         /// The offer's id.
         offer: JobId,
+        /// The user a super-peer accepts for (an offer of another group it passed on).
+        #[serde(default)]
+        on_behalf: Option<mvm_component::policy::Principal>,
     },
     /// The asker's offers and agreements (all the policy lets it read when `all`).
     Agreements {
