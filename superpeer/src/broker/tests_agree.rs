@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::harness::{Lab, Setup, group_until, ring, sleeping, until};
+use super::harness::{Lab, ring, sleeping, small_and_big, until};
 use super::now_ms;
 use crate::client::{Client, OfferAsk, Prepared};
 use crate::proto::{AgreementInfo, AgreementState, FailureKind, JobId, JobState};
@@ -237,17 +237,7 @@ async fn an_agreement_whose_node_is_lost_without_a_checkpoint_is_violated_at_onc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_without_room_passes_on_another_group_s_offer_which_is_accepted_through_it() {
-    let mut small = Setup::new(1, &[4]).group("small");
-    let mut big = Setup::beside(&small, "big", 1, &[16]);
-    Setup::link(&mut small, &mut big);
-    let (small, big) = (small.start().await, big.start().await);
-    let c = small.client().await;
-    group_until(&c, "the big group's summary", |g| {
-        g.groups
-            .iter()
-            .any(|s| s.group == "big" && s.free_slots >= 8)
-    })
-    .await;
+    let (small, big, c) = small_and_big(4, 16, 8).await;
     // Eight vertices: the small group's nodes could never hold them.
     let o = offer(
         &c,

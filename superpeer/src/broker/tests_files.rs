@@ -262,18 +262,7 @@ fn inputs_that_leave_the_profile_s_tree_or_are_links_are_refused_naming_the_file
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_job_takes_its_input_files_to_the_group_that_runs_it() {
-    use super::harness::{Setup, group_until};
-    let mut small = Setup::new(1, &[2]).group("small");
-    let mut big = Setup::beside(&small, "big", 1, &[8]);
-    Setup::link(&mut small, &mut big);
-    let (small, _big) = (small.start().await, big.start().await);
-    let c = small.client().await;
-    group_until(&c, "the big group's summary", |g| {
-        g.groups
-            .iter()
-            .any(|s| s.group == "big" && s.free_slots >= 4)
-    })
-    .await;
+    let (_small, _big, c) = super::harness::small_and_big(2, 8, 4).await;
     let s = c.submit(&wordcount()).await.expect("forwarded");
     assert!(!s.broker_addrs.is_empty(), "held by the big group: {s:?}");
     let there = c.follow(&s).expect("follow");

@@ -166,17 +166,7 @@ async fn each_node_applies_its_own_policy_to_the_part_it_is_given() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_its_group_could_never_hold_is_forwarded_to_a_group_of_the_domain_that_can() {
-    let mut small = Setup::new(1, &[4]).group("small");
-    let mut big = Setup::beside(&small, "big", 1, &[16]);
-    Setup::link(&mut small, &mut big);
-    let (small, big) = (small.start().await, big.start().await);
-    let c = small.client().await;
-    group_until(&c, "the big group's summary", |g| {
-        g.groups
-            .iter()
-            .any(|s| s.group == "big" && s.free_slots >= 8)
-    })
-    .await;
+    let (_small, big, c) = super::harness::small_and_big(4, 16, 8).await;
     let s = c
         .submit(&ring("far", 300, None, 0))
         .await

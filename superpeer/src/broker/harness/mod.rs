@@ -366,3 +366,21 @@ pub(crate) async fn group_until(
 ) -> GroupInfo {
     eventually(what, async || c.group().await.ok().filter(|g| pred(g))).await
 }
+
+/// Two groups of one super-peer each that know each other, `small` (one node of `small`
+/// slots) and `big` (one of `big` slots), started; and a client of the small one's, once it
+/// has heard that the big one has `need` free slots.
+pub(crate) async fn small_and_big(small: u32, big: u32, need: u32) -> (Lab, Lab, Client) {
+    let mut s = Setup::new(1, &[small]).group("small");
+    let mut b = Setup::beside(&s, "big", 1, &[big]);
+    Setup::link(&mut s, &mut b);
+    let (s, b) = (s.start().await, b.start().await);
+    let c = s.client().await;
+    group_until(&c, "the big group's summary", |g| {
+        g.groups
+            .iter()
+            .any(|x| x.group == "big" && x.free_slots >= need)
+    })
+    .await;
+    (s, b, c)
+}
