@@ -74,6 +74,9 @@ enum Command {
     /// Offers and agreements, and their states (offered, accepted, running, met, violated,
     /// expired, cancelled).
     Agreements(cmd::agree::AgreementsArgs),
+    /// The bank of the domain's market: `balance`, `history`, `mint` (administrators),
+    /// `transfer`; credits to six decimals, kept in the group's replicated job log.
+    Bank(cmd::bank::Args),
     /// Bring back the output files of an ended job (its profile's `[files] outputs`), also of
     /// one that failed, each at DIR/VERTEX/PATH.
     Fetch(cmd::files::FetchArgs),
@@ -170,6 +173,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cmd::job::status(args),
         Command::Fetch(args) => cmd::files::fetch(args),
         Command::Offer(args) => cmd::agree::offer(args),
+        Command::Bank(args) => cmd::bank::run(args),
         Command::Accept(args) => cmd::agree::accept(args),
         Command::Agreements(args) => cmd::agree::agreements(args),
         Command::Cancel(args) => cmd::job::cancel(args),

@@ -5,6 +5,7 @@ use crate::exit::Failure;
 
 pub(crate) mod agree;
 pub(crate) mod array;
+pub(crate) mod bank;
 pub(crate) mod bench;
 pub(crate) mod ca;
 pub(crate) mod daemon;

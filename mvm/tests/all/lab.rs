@@ -740,9 +740,45 @@ fn no_process_mentions(needle: &str) -> bool {
     true
 }
 
+/// The user's own bank account and its balance.
+fn own_account(lab: &Lab) -> (String, serde_json::Value) {
+    let v = json(&lab.mvm(&["bank", "balance", "-o", "json"]));
+    let a = &v["accounts"][0];
+    (a[0].as_str().expect("account").to_owned(), a[1].clone())
+}
+
 #[test]
 fn a_killed_leading_super_peer_is_replaced_and_a_running_job_completes_with_the_history_kept() {
     let lab = Lab::up(3);
+    // Credits from before: minted, and some moved to another account.
+    let (me, _) = own_account(&lab);
+    let bob = format!("bob@{}", me.rsplit('@').next().expect("domain"));
+    let mint = [
+        "bank",
+        "mint",
+        me.as_str(),
+        "100",
+        "--request-id",
+        "m1",
+        "-o",
+        "json",
+    ];
+    json(&lab.mvm(&mint));
+    let give = [
+        "bank",
+        "transfer",
+        bob.as_str(),
+        "30.5",
+        "--request-id",
+        "t1",
+        "-o",
+        "json",
+    ];
+    let t = json(&lab.mvm(&give));
+    let seq = t["transactions"][0]["seq"].clone();
+    let over = lab.mvm(&["bank", "transfer", &bob, "70"]);
+    assert_eq!(over.status.code(), Some(2), "more than the 69.5 left");
+    assert!(String::from_utf8_lossy(&over.stderr).contains("less than"));
     // A job from before, in the job log.
     let before = json(&lab.mvm(&["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
     assert_eq!(before["state"], "done", "{before}");
@@ -828,6 +864,20 @@ fn a_killed_leading_super_peer_is_replaced_and_a_running_job_completes_with_the_
     // And new jobs run.
     let v = json(&lab.mvm(&["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
     assert_eq!(v["state"], "done", "{v}");
+    // The bank kept every credit, and the same transfer again is not applied twice.
+    let again = json(&lab.mvm(&give));
+    assert_eq!(again["transactions"][0]["seq"], seq, "{again}");
+    json(&lab.mvm(&mint));
+    let (_, left) = own_account(&lab);
+    assert_eq!(left, 69_500_000, "micro-credits");
+    let all = json(&lab.mvm(&["bank", "balance", "--all", "-o", "json"]));
+    let total: u64 = all["accounts"]
+        .as_array()
+        .expect("accounts")
+        .iter()
+        .map(|a| a[1].as_u64().expect("balance"))
+        .sum();
+    assert_eq!(total, 100_000_000, "credits only moved: {all}");
 }
 
 #[test]

@@ -51,6 +51,11 @@ pub(super) enum Input {
         checked: Box<Checked>,
         ask: super::agree::Ask,
     },
+    /// A mint or transfer of the bank (the policy has let it).
+    Bank {
+        reply: Reply,
+        command: crate::joblog::bank::BankCommand,
+    },
     /// `who` accepts an offer.
     Accept {
         reply: Reply,
@@ -250,6 +255,12 @@ pub(super) enum Then {
         state: JobState,
         reply: Option<Reply>,
     },
+    /// A mint or transfer was recorded (or refused): answer with its transaction.
+    Banked {
+        reply: Reply,
+        by: String,
+        request: String,
+    },
     /// An offer, or its acceptance, was recorded: answer with it.
     AgreementRecorded { reply: Reply, id: JobId },
     /// A part's end, or a hold, was recorded: answer.
@@ -409,6 +420,7 @@ impl Core {
                 ask,
             } => self.offer(&mut out, reply, &who, *submission, *checked, ask),
             Input::Accept { reply, who, offer } => self.accept(&mut out, reply, &who, offer),
+            Input::Bank { reply, command } => self.bank(&mut out, reply, command),
             Input::Cancel { reply, job } => self.cancel(&mut out, reply, &job),
             Input::Checkpoint { reply, job } => self.start_cut(&mut out, &job, Some(reply)),
             Input::Migrate {
@@ -521,6 +533,9 @@ impl Core {
                 if let Some(reply) = reply {
                     out.push(Effect::Reply(reply, Response::Ok));
                 }
+            }
+            Then::Banked { reply, by, request } => {
+                self.banked(out, reply, &by, &request, outcome);
             }
             Then::AgreementRecorded { reply, id } => {
                 self.agreement_recorded(out, reply, &id, outcome);

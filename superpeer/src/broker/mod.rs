@@ -40,6 +40,7 @@ use mvm_queue::codec::Registry;
 mod admit;
 mod agree;
 mod array;
+mod bank;
 mod core;
 mod cut;
 mod drain;
@@ -68,6 +69,8 @@ mod tests;
 mod tests_agree;
 #[cfg(test)]
 mod tests_array;
+#[cfg(test)]
+mod tests_bank;
 #[cfg(test)]
 mod tests_checkpoint;
 #[cfg(test)]
@@ -399,6 +402,7 @@ impl Broker {
                 .await
             }
             ClientRequest::Agreements { all } => self.agreements(who, all),
+            ClientRequest::Bank(r) => self.bank(who, r).await,
             ClientRequest::Status { job } => self.status(who, job.as_ref()),
             ClientRequest::Wait {
                 job,

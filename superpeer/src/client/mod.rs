@@ -7,8 +7,8 @@ use libp2p::{Multiaddr, PeerId};
 use crate::net::{Net, NetConfig, split_peer};
 use crate::pki::Credentials;
 use crate::proto::{
-    AgreementInfo, ClientRequest, Failure, FailureKind, GroupInfo, Hash, JobId, JobLogs, JobStatus,
-    LogCursor, Request, Response, Submission,
+    AgreementInfo, BankAnswer, BankRequest, ClientRequest, Failure, FailureKind, GroupInfo, Hash,
+    JobId, JobLogs, JobStatus, LogCursor, Request, Response, Submission,
 };
 
 mod profile;
@@ -208,6 +208,19 @@ impl Client {
         };
         match self.call(r).await? {
             Response::Agreements(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks the bank: a balance, a history, a mint or a transfer (a mint or transfer sent
+    /// again with the same request id is applied once, and answered with that transaction).
+    ///
+    /// # Errors
+    /// The bank's refusal (too little credit, another's account, not an administrator), or
+    /// the broker cannot be reached.
+    pub async fn bank(&self, r: BankRequest) -> Result<BankAnswer, Failure> {
+        match self.call(ClientRequest::Bank(r)).await? {
+            Response::Bank(a) => Ok(a),
             other => Err(unexpected(&other)),
         }
     }

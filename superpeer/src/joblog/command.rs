@@ -162,6 +162,8 @@ pub enum Command {
         /// Why.
         why: String,
     },
+    /// A mint or transfer of the bank.
+    Bank(super::bank::BankCommand),
     /// Commands proposed at once, applied in order as one entry (each as it would be alone).
     Batch(Vec<Command>),
 }
@@ -183,7 +185,10 @@ impl Command {
             | Command::Files { job, .. }
             | Command::Hold { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
-            Command::Drain { .. } | Command::Offer(_) | Command::EndAgreement { .. } => Vec::new(),
+            Command::Drain { .. }
+            | Command::Offer(_)
+            | Command::EndAgreement { .. }
+            | Command::Bank(_) => Vec::new(),
         }
     }
 }
@@ -236,6 +241,9 @@ pub enum CommandError {
         /// Why not.
         why: String,
     },
+    /// The bank refuses a mint or transfer.
+    #[error("{0}")]
+    Bank(#[from] super::bank::BankError),
     /// A placement of a job that is not pending.
     #[error("job {0} is not pending")]
     NotPending(JobId),

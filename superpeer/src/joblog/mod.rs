@@ -37,6 +37,7 @@ use crate::net::Net;
 use crate::proto::{Failure, FailureKind, JobId, RaftRpc, Response};
 
 mod agreements;
+pub mod bank;
 mod command;
 mod machine;
 mod network;

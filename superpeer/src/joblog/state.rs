@@ -57,6 +57,9 @@ pub struct ControlState {
     /// Offers and agreements not ended.
     #[serde(default)]
     pub(super) agreements_open: BTreeSet<JobId>,
+    /// The bank of the domain's market.
+    #[serde(default)]
+    bank: super::bank::Bank,
 }
 
 /// The key of an owner in [`ControlState`]'s tallies.
@@ -65,6 +68,11 @@ fn owner_key(p: &Principal) -> String {
 }
 
 impl ControlState {
+    /// The bank.
+    pub fn bank(&self) -> &super::bank::Bank {
+        &self.bank
+    }
+
     /// Whether `node` is drained.
     pub fn is_drained(&self, node: &PeerId) -> bool {
         self.drained.contains(node)
@@ -164,6 +172,7 @@ impl ControlState {
         match command {
             Command::Submit(job) => self.submit(*job),
             Command::Offer(a) => self.offer(*a),
+            Command::Bank(c) => self.bank.apply(c).map_err(CommandError::Bank),
             Command::Accept { offer, at_ms, job } => self.accept(offer, at_ms, *job),
             Command::EndAgreement {
                 agreement,

@@ -360,6 +360,7 @@ impl ClientRequest {
             | ClientRequest::Cancel { .. }
             | ClientRequest::Hold { .. }
             | ClientRequest::Accept { .. }
+            | ClientRequest::Bank(_)
             | ClientRequest::Agreements { .. }
             | ClientRequest::PolicyReload
             | ClientRequest::WebLogin => Ok(()),
@@ -456,6 +457,10 @@ impl Response {
             Response::Missing { hashes } => check_len("hashes", hashes.len()),
             Response::Finished(r) => r.validate(),
             Response::Status(v) => check_len("jobs", v.len()),
+            Response::Bank(b) => {
+                check_len("accounts", b.accounts.len())?;
+                check_len("transactions", b.transactions.len())
+            }
             Response::Agreements(v) => {
                 check_len("agreements", v.len())?;
                 for a in v {

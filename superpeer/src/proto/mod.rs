@@ -26,6 +26,7 @@ pub use mvm_component::runtime::logs::{LogLine, LogStream};
 use serde::{Deserialize, Serialize};
 
 mod agreement;
+mod bank;
 mod check;
 mod failure;
 mod frame;
@@ -34,6 +35,7 @@ mod id;
 mod job;
 
 pub use agreement::*;
+pub use bank::*;
 pub use check::CheckError;
 pub use failure::{Failure, FailureKind};
 pub use frame::*;
@@ -189,6 +191,8 @@ pub enum ClientRequest {
         #[serde(default)]
         on_behalf: Option<mvm_component::policy::Principal>,
     },
+    /// The bank of the domain's market: balances, history, mints, transfers.
+    Bank(BankRequest),
     /// The asker's offers and agreements (all the policy lets it read when `all`).
     Agreements {
         /// Also those of others, and those that ended.
@@ -517,6 +521,8 @@ pub enum Response {
     Queues(Vec<QueueStat>),
     /// Offers or agreements.
     Agreements(Vec<AgreementInfo>),
+    /// The bank's answer.
+    Bank(BankAnswer),
     /// The policies in force at a super-peer.
     Policy {
         /// Its version there.
