@@ -38,6 +38,9 @@ pub enum Cgroups {
         freezer: Option<PathBuf>,
         /// `cpuset` (vCPUs).
         cpuset: Option<PathBuf>,
+        /// `cpuacct` when it is a hierarchy of its own (CPU time used); none when it is
+        /// mounted with `cpu` (then read there).
+        cpuacct: Option<PathBuf>,
     },
     /// No writable cgroups: guests are the host itself.
     None,
@@ -161,10 +164,12 @@ impl HostDriver {
                 memory,
                 freezer,
                 cpuset,
+                cpuacct,
             } => std::iter::once(cpu)
                 .chain(memory)
                 .chain(freezer)
                 .chain(cpuset)
+                .chain(cpuacct)
                 .map(|p| p.join(name))
                 .collect(),
             Cgroups::None => Vec::new(),
@@ -479,12 +484,18 @@ impl HostDriver {
                         .and_then(|v| v.parse::<f64>().ok())
                 })
                 .map_or(0.0, |us| us / 1e6),
-            Cgroups::V1 { cpu, .. } => {
-                // cpuacct may be co-mounted with cpu; read it when it is.
-                read(&cpu.join(name).join("cpuacct.usage"))
-                    .ok()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .map_or(0.0, |ns| ns / 1e9)
+            Cgroups::V1 { cpu, cpuacct, .. } => {
+                // cpuacct is mounted with cpu, or is a hierarchy of its own.
+                read(
+                    &cpuacct
+                        .as_ref()
+                        .unwrap_or(cpu)
+                        .join(name)
+                        .join("cpuacct.usage"),
+                )
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .map_or(0.0, |ns| ns / 1e9)
             }
             Cgroups::None => 0.0,
         }
@@ -533,11 +544,17 @@ fn detect(base: &Path, group: &str) -> Cgroups {
                 _ => false,
             }
         });
+        let cpuacct = if cpu.join("cpuacct.usage").exists() {
+            None
+        } else {
+            v1("cpuacct")
+        };
         return Cgroups::V1 {
             cpu,
             memory: v1("memory"),
             freezer: v1("freezer"),
             cpuset,
+            cpuacct,
         };
     }
     Cgroups::None

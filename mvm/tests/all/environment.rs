@@ -322,7 +322,7 @@ fn one_vertex(dir: &Path, name: &str, wat: &str, extra: &str) -> String {
 
 /// The processes in guest `guest` of parent group `group`, in every hierarchy it has.
 fn guest_procs(group: &str, guest: &str) -> Vec<(PathBuf, Vec<u32>)> {
-    ["cpu", "memory", "cpuset", "freezer", ""]
+    ["cpu", "cpuacct", "memory", "cpuset", "freezer", ""]
         .iter()
         .map(|c| Path::new("/sys/fs/cgroup").join(c).join(group).join(guest))
         .filter(|d| d.join("cgroup.procs").is_file())

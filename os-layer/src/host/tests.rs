@@ -279,6 +279,24 @@ fn a_process_started_into_a_guest_is_in_it_from_its_first_instruction_and_its_me
 }
 
 #[test]
+fn a_guest_counts_the_cpu_time_its_processes_use() {
+    let f = Fixture::new("t");
+    let d = &f.driver;
+    d.create(&spec("g4")).unwrap();
+    assert_eq!(d.inspect("g4").unwrap().cpu_seconds, 0.0);
+    let files = d.join_files("g4").unwrap().expect("joined by processes");
+    // Spins for about 0.3 s of CPU time, then ends.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("end=$(($(date +%s%N) + 300000000)); while [ $(date +%s%N) -lt $end ]; do :; done");
+    join_on_exec(&mut cmd, &files).unwrap();
+    assert!(cmd.status().unwrap().success());
+    let used = d.inspect("g4").unwrap().cpu_seconds;
+    assert!((0.1..5.0).contains(&used), "{used} s counted");
+    d.destroy("g4").unwrap();
+}
+
+#[test]
 fn without_cgroups_guests_are_the_host_itself() {
     let d = HostDriver::with(Cgroups::None);
     let mut s = spec("h");

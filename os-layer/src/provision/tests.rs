@@ -22,7 +22,7 @@ impl Drop for Lab {
         for g in self.host.list().unwrap_or_default() {
             let _ = self.host.destroy(&g.name);
         }
-        for c in ["cpu", "memory", "freezer", "cpuset", ""] {
+        for c in ["cpu", "cpuacct", "memory", "freezer", "cpuset", ""] {
             let _ = fs::remove_dir(format!("/sys/fs/cgroup/{c}/{}", self.group));
         }
     }

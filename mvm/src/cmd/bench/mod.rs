@@ -130,6 +130,14 @@ enum Which {
         /// The guests' weights, e.g. `1,3`.
         #[arg(long, value_delimiter = ',', default_value = "1,3", value_parser = clap::value_parser!(u32).range(1..=255))]
         weights: Vec<u32>,
+        /// Bid rates instead (credits per CPU-second, e.g. `1,2,5`): the market's auctioneer
+        /// sets the weights, and charges each guest for the CPU time it used.
+        #[arg(long, value_delimiter = ',', conflicts_with = "weights")]
+        bids: Option<Vec<String>>,
+        /// After the first window, change one bid: `INDEX=RATE` (e.g. `2=1`), and measure how
+        /// soon the shares follow.
+        #[arg(long, requires = "bids", value_name = "INDEX=RATE")]
+        rebid: Option<String>,
         /// Seconds measured.
         #[arg(long, default_value_t = 4.0)]
         secs: f64,
@@ -475,13 +483,55 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let report = scale::run(nodes, superpeers, secs, clients)?;
             print(&report, out.output, scale::text)
         }
-        Which::Shares { weights, secs, out } => {
-            if !(secs > 0.0 && secs <= 600.0) || weights.len() < 2 {
+        Which::Shares {
+            weights,
+            bids,
+            rebid,
+            secs,
+            out,
+        } => {
+            let credits = |s: &str| {
+                mvm_superpeer::proto::parse_credits(s)
+                    .map_err(|e| Failure::input(anyhow::anyhow!("bench shares: {e}")))
+            };
+            let setting = match bids {
+                None => shares::Setting::Weights(weights),
+                Some(b) => {
+                    let rates = b
+                        .iter()
+                        .map(|s| credits(s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let rebid = match rebid.as_deref() {
+                        None => None,
+                        Some(r) => {
+                            let bad = || {
+                                Failure::input(anyhow::anyhow!(
+                                    "bench shares: --rebid must be INDEX=RATE with an index of \
+                                     --bids, not '{r}'"
+                                ))
+                            };
+                            let (i, rate) = r.split_once('=').ok_or_else(bad)?;
+                            let i: usize = i.parse().map_err(|_| bad())?;
+                            if i >= rates.len() {
+                                return Err(bad());
+                            }
+                            Some((i, credits(rate)?))
+                        }
+                    };
+                    shares::Setting::Bids(rates, rebid)
+                }
+            };
+            let n = match &setting {
+                shares::Setting::Weights(w) => w.len(),
+                shares::Setting::Bids(b, _) => b.len(),
+            };
+            if !(secs > 0.0 && secs <= 600.0) || n < 2 {
                 return Err(Failure::input(anyhow::anyhow!(
-                    "bench shares: --secs must be in (0, 600] and --weights name at least 2"
+                    "bench shares: --secs must be in (0, 600] and --weights or --bids name at \
+                     least 2"
                 )));
             }
-            let report = shares::run(&weights, secs)?;
+            let report = shares::run(&setting, secs)?;
             print(&report, out.output, shares::text)
         }
         Which::Xen {

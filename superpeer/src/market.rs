@@ -1,0 +1,181 @@
+//! Tycoon's auctioneer (`000_*` section 3): each host's CPU is shared among the parts bidding
+//! for it, a part's share being its bid rate over the sum of the rates on the host, set
+//! through the guests' scheduler weights and charged for the CPU time it used.
+//!
+//! Pure: the node feeds it bids and each guest's CPU seconds, and applies the weights it gives
+//! through the OS layer; charges go to the bank.
+
+use std::collections::BTreeMap;
+
+/// The Xen-style weight (256 is the default) the highest bid on a host gets; the others get
+/// theirs in proportion, at least 1. Chosen so that cgroup v2's `cpu.weight` (at most 10,000,
+/// Xen weight × 100 / 256) keeps the proportion: 25,600 → 10,000.
+pub const TOP_WEIGHT: u32 = 25_600;
+
+/// The highest bid rate taken, micro-credits per CPU-second (a million credits a second).
+pub const MAX_RATE: u64 = 1_000_000 * crate::proto::MICRO;
+
+/// A part's bid for the host's CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bid {
+    /// The account that pays.
+    pub payer: String,
+    /// Micro-credits per CPU-second used.
+    pub rate: u64,
+}
+
+/// Why a bid is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BidError {
+    /// Zero, or over [`MAX_RATE`].
+    #[error(
+        "a bid rate is from 1 micro-credit to 10^6 credits a CPU-second, not {0} micro-credits"
+    )]
+    Rate(u64),
+}
+
+/// What a part owes for CPU time it used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    /// The part (as the node names it).
+    pub part: String,
+    /// The account that pays.
+    pub payer: String,
+    /// CPU seconds used since the last charge.
+    pub cpu_secs: f64,
+    /// What they cost at the bid rate, micro-credits (rounded down; the rest is carried).
+    pub micro: u64,
+}
+
+/// A host's auctioneer: the bids of the parts it runs, and what each has been charged for.
+#[derive(Debug, Default)]
+pub struct Auctioneer {
+    bids: BTreeMap<String, Bid>,
+    /// Per part: the CPU seconds charged for so far, and the fraction of a micro-credit owed
+    /// but not charged yet.
+    metered: BTreeMap<String, (f64, f64)>,
+}
+
+impl Auctioneer {
+    /// Part `part` bids (a new bid, or a change of its rate).
+    ///
+    /// # Errors
+    /// A rate of zero or over [`MAX_RATE`].
+    pub fn bid(&mut self, part: &str, bid: Bid) -> Result<(), BidError> {
+        if bid.rate == 0 || bid.rate > MAX_RATE {
+            return Err(BidError::Rate(bid.rate));
+        }
+        self.bids.insert(part.to_owned(), bid);
+        Ok(())
+    }
+
+    /// Part `part` has ended: its bid goes (what it used since its last charge is not
+    /// charged: meter it first).
+    pub fn end(&mut self, part: &str) {
+        self.bids.remove(part);
+        self.metered.remove(part);
+    }
+
+    /// The host's price: the sum of the bid rates on it, micro-credits per CPU-second.
+    pub fn price(&self) -> u64 {
+        self.bids
+            .values()
+            .map(|b| b.rate)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Each part's share of the CPU: its rate over the sum of the rates.
+    pub fn shares(&self) -> Vec<(String, f64)> {
+        let sum = self.price() as f64;
+        self.bids
+            .iter()
+            .map(|(p, b)| (p.clone(), b.rate as f64 / sum))
+            .collect()
+    }
+
+    /// Each part's scheduler weight (Xen-style), in proportion to its rate: the highest bid
+    /// gets [`TOP_WEIGHT`], every other at least 1.
+    pub fn weights(&self) -> Vec<(String, u32)> {
+        let top = self.bids.values().map(|b| b.rate).max().unwrap_or(1) as f64;
+        self.bids
+            .iter()
+            .map(|(p, b)| {
+                let w = (b.rate as f64 / top * f64::from(TOP_WEIGHT)).round();
+                (p.clone(), (w as u32).clamp(1, TOP_WEIGHT))
+            })
+            .collect()
+    }
+
+    /// Part `part`'s guest has used `cpu_secs` CPU seconds in all: what the time since its
+    /// last charge costs at its rate (none when it has no bid, or used nothing). Work-
+    /// conserving: a part pays only for CPU time it used, however idle the host.
+    pub fn meter(&mut self, part: &str, cpu_secs: f64) -> Option<Charge> {
+        let bid = self.bids.get(part)?;
+        let (charged, carry) = self.metered.entry(part.to_owned()).or_insert((0.0, 0.0));
+        let used = cpu_secs - *charged;
+        if !used.is_finite() || used <= 0.0 {
+            return None;
+        }
+        let owed = used * bid.rate as f64 + *carry;
+        let micro = owed.floor();
+        *charged = cpu_secs;
+        *carry = owed - micro;
+        Some(Charge {
+            part: part.to_owned(),
+            payer: bid.payer.clone(),
+            cpu_secs: used,
+            micro: micro as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bid(payer: &str, credits: u64) -> Bid {
+        Bid {
+            payer: payer.into(),
+            rate: credits * crate::proto::MICRO,
+        }
+    }
+
+    #[test]
+    fn shares_and_weights_follow_the_bids() {
+        let mut a = Auctioneer::default();
+        a.bid("a", bid("user:a@d", 1)).expect("bid");
+        a.bid("b", bid("user:b@d", 2)).expect("bid");
+        a.bid("c", bid("user:c@d", 5)).expect("bid");
+        let shares: Vec<f64> = a.shares().into_iter().map(|s| s.1).collect();
+        assert_eq!(shares, vec![0.125, 0.25, 0.625]);
+        let weights: Vec<u32> = a.weights().into_iter().map(|w| w.1).collect();
+        assert_eq!(weights, vec![5120, 10240, 25600]);
+        assert_eq!(a.price(), 8 * crate::proto::MICRO);
+        // A change of bid changes every share; an end removes the part.
+        a.bid("c", bid("user:c@d", 1)).expect("rebid");
+        assert_eq!(a.shares()[1].1, 0.5);
+        a.end("b");
+        assert_eq!(a.weights(), vec![("a".into(), 25600), ("c".into(), 25600)]);
+        assert!(a.bid("d", bid("user:d@d", 0)).is_err());
+    }
+
+    #[test]
+    fn parts_pay_their_rate_for_the_cpu_time_they_used_and_no_more() {
+        let mut a = Auctioneer::default();
+        a.bid(
+            "a",
+            Bid {
+                payer: "user:a@d".into(),
+                rate: 3,
+            },
+        )
+        .expect("bid");
+        // 0.5 s at 3 micro-credits a second: 1.5, charged 1 and 0.5 carried.
+        let c = a.meter("a", 0.5).expect("charge");
+        assert_eq!((c.micro, c.payer.as_str()), (1, "user:a@d"));
+        assert!(a.meter("a", 0.5).is_none(), "nothing used since");
+        let c = a.meter("a", 1.0).expect("charge");
+        assert_eq!(c.micro, 2, "1.5 + the 0.5 carried");
+        assert!(a.meter("unknown", 1.0).is_none());
+    }
+}
