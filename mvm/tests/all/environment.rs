@@ -157,6 +157,18 @@ fn a_job_naming_an_image_runs_in_a_guest_its_node_makes_keeps_or_removes_by_vm_m
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(guests(&os), kept, "the same guest served the second job");
 
+    // An offer names the image by its full id, and its agreement runs the job in it.
+    let o = profile(g.dir.path(), "offered", "image = \"env:1\"");
+    let text = std::fs::read_to_string(&o).expect("profile");
+    std::fs::write(&o, format!("estimate = \"1m\"\n{text}")).expect("profile");
+    let offers = json(&g.run(&["offer", &o, "--deadline", "5m", "-o", "json"]));
+    assert_eq!(offers[0]["image"], id.as_str(), "{offers}");
+    let offer = offers[0]["id"].as_str().expect("id").to_owned();
+    let a = json(&g.run(&["accept", "--wait", &offer, "-o", "json"]));
+    assert_eq!(a["state"], "met", "{a}");
+    let v = json(&g.run(&["status", &offer, "-o", "json"]));
+    assert_eq!(v[0]["parts"][0]["name"], "n1", "{v}");
+
     // Stop/start, by full id: a fresh guest for the job, gone when it ends.
     let s = profile(g.dir.path(), "fresh", &format!("image = \"{id}\""));
     let v = json(&g.run(&["submit", "--wait", &s, "-o", "json"]));
