@@ -344,6 +344,9 @@ impl ClientRequest {
                 check_name("the node to move to", to)
             }
             ClientRequest::Drain { node, .. } => check_name("the node", node),
+            ClientRequest::Accept {
+                on_behalf: Some(p), ..
+            } => check_principal(p),
             ClientRequest::Logs { after, vertex, .. } => {
                 check_len("log cursors", after.len())?;
                 for c in after {
@@ -359,7 +362,9 @@ impl ClientRequest {
             | ClientRequest::Checkpoint { .. }
             | ClientRequest::Cancel { .. }
             | ClientRequest::Hold { .. }
-            | ClientRequest::Accept { .. }
+            | ClientRequest::Accept {
+                on_behalf: None, ..
+            }
             | ClientRequest::Bank(_)
             | ClientRequest::Agreements { .. }
             | ClientRequest::PolicyReload
