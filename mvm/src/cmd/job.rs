@@ -196,6 +196,9 @@ pub(crate) struct StatusOut {
     /// The output files its vertices left (`mvm fetch` brings them back).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     files: Vec<mvm_superpeer::proto::OutputFile>,
+    /// The agreement it runs under: its state, and why it was broken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agreement: Option<(mvm_superpeer::proto::AgreementState, Option<String>)>,
 }
 
 /// Sorts vertex names with their numbers in numeric order (`sink2` before `sink10`).
@@ -238,6 +241,7 @@ impl From<&JobStatus> for StatusOut {
             array: s.array.clone(),
             after: s.after.clone(),
             files: s.files.clone(),
+            agreement: s.agreement.clone(),
         }
     }
 }
@@ -275,6 +279,12 @@ fn line(s: &JobStatus) -> String {
     }
     if let Some(e) = s.error.as_ref().or(s.waiting.as_ref()) {
         l.push_str(&format!("  {e}"));
+    }
+    if let Some((a, why)) = &s.agreement {
+        l.push_str(&format!("  agreement {}", a.name()));
+        if let Some(w) = why {
+            l.push_str(&format!(" ({w})"));
+        }
     }
     let r = restarts(s);
     if !r.is_empty() {

@@ -106,5 +106,9 @@ wall = "300s"
             .any(|l| l.starts_with(&id) && l.contains("violated")),
         "{text}"
     );
+    // The job's own status says so too.
+    let text = lab.mvm(&["status", &id]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("agreement violated (node"), "{text}");
     let _ = lab.mvm(&["cancel", &id]);
 }

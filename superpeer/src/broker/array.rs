@@ -155,6 +155,7 @@ pub(crate) fn array_status(st: &ControlState, id: &JobId) -> Option<JobStatus> {
         files: Vec::new(),
         array: None,
         after: Vec::new(),
+        agreement: None,
     })
 }
 

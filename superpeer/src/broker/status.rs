@@ -8,11 +8,16 @@ use mvm_component::policy::{Principal, Question, Resource};
 use super::core::Core;
 use super::{Broker, View, admit, fail, members, now_ms};
 use crate::joblog::JobLog;
-use crate::joblog::state::JobRecord;
+use crate::joblog::state::{ControlState, JobRecord};
 use crate::proto::{FailureKind, JobId, JobState, JobStatus, PartStatus, Response, SUBMIT_HOLD};
 
 /// A job's status as clients see it, with the nodes' `names` and why pending jobs wait.
-fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, String>) -> JobStatus {
+fn status_of(
+    st: &ControlState,
+    j: &JobRecord,
+    names: &members::Names,
+    waiting: &HashMap<JobId, String>,
+) -> JobStatus {
     let count = |v: &Vec<String>| u32::try_from(v.len()).unwrap_or(u32::MAX);
     let vertices = if j.parts.is_empty() {
         u32::try_from(j.resources.vertices).unwrap_or(0)
@@ -70,6 +75,11 @@ fn status_of(j: &JobRecord, names: &members::Names, waiting: &HashMap<JobId, Str
         files: j.written.clone(),
         array: j.array.clone(),
         after: j.after.iter().chain(&j.after_ok).cloned().collect(),
+        agreement: j
+            .agreement
+            .then(|| st.agreement(&j.id))
+            .flatten()
+            .map(|a| (a.state, a.reason.clone())),
     }
 }
 
@@ -80,7 +90,7 @@ impl View {
         let names = self.names.lock();
         log.read(|st| {
             st.job(id)
-                .map(|j| status_of(j, &names, &self.waiting.lock()))
+                .map(|j| status_of(st, j, &names, &self.waiting.lock()))
         })
     }
 }
@@ -118,7 +128,7 @@ impl Broker {
         let names = self.view.names.lock();
         let list: Vec<JobStatus> = self.log.read(|s| {
             let waiting = self.view.waiting.lock();
-            let status = |j: &JobRecord| status_of(j, &names, &waiting);
+            let status = |j: &JobRecord| status_of(s, j, &names, &waiting);
             match job {
                 // An array: its jobs the asker may read, by index.
                 Some(id) if array => s

@@ -76,6 +76,7 @@ async fn an_offer_accepted_runs_its_job_from_its_start_and_is_met() {
     assert_eq!(st.state, JobState::Pending, "{st:?}");
     let end = until(&c, &o.id, JobState::is_final).await;
     assert_eq!(end.state, JobState::Done, "{end:?}");
+    assert_eq!(end.agreement, Some((AgreementState::Met, None)), "{end:?}");
     let a = agreement_until(&c, &o.id, |a| a.state.is_final()).await;
     assert_eq!(a.state, AgreementState::Met, "{a:?}");
     assert!(

@@ -578,6 +578,9 @@ pub struct JobStatus {
     /// What it waits for: the jobs it runs after (`after`, then `after_ok`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<JobId>,
+    /// The agreement it runs under (`mvm accept`): its state, and why it was broken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<(super::AgreementState, Option<String>)>,
 }
 
 /// A part of a running job moved to another node (live migration): its vertices paused at a
