@@ -725,6 +725,24 @@ mod tests {
     }
 
     #[test]
+    fn an_estimate_is_a_duration_and_a_bad_one_names_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |e: &str| {
+            let body =
+                format!("name = \"x\"\ntopology = \"t.dot\"\nestimate = \"{e}\"\n[components]\n");
+            let p = write(dir.path(), "e.toml", &body);
+            let (prof, src) = Profile::load(&p).expect("parses");
+            prof.estimate("e.toml", &src)
+        };
+        assert_eq!(at("2m").expect("valid"), Some(Duration::from_secs(120)));
+        for bad in ["soon", "0s", "-1m", "400d", "9999h"] {
+            let e = at(bad).expect_err(bad);
+            assert_eq!((e.file.as_str(), e.line), ("e.toml", 3), "{e}");
+            assert!(e.message.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
     fn files_are_read_and_bad_paths_name_their_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = "name = \"x\"\ntopology = \"t.dot\"\n[components]\n[files]\n";
