@@ -248,6 +248,10 @@ pub struct Requirements {
     pub cpu_weight: Option<u32>,
     /// The CPU cap of the job's guests, in percent of one CPU (none: uncapped).
     pub cpu_cap: Option<u32>,
+    /// A bid for the CPU of the nodes the job's guests run on (Tycoon's market): credits per
+    /// CPU-second used (e.g. `"2.5"`). A guest's share of a busy CPU is its bid over the sum
+    /// of the bids of the guests there; sets the weight instead of `cpu_weight`.
+    pub bid: Option<String>,
     /// A guest template file (`environments/NAME.toml`, relative to the profile) that gives
     /// the image, vCPUs, memory, CPU weight and cap, and the guest's disk, swap and network:
     /// those fields are then not written here.

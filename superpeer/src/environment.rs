@@ -51,6 +51,9 @@ pub enum EnvError {
     /// An image whose guest runs an agent, on a node without a guest network.
     #[error("image {0} boots an MVM agent, and this node has no guest network for it (Xen)")]
     NoNet(String),
+    /// A job's bid for the node's CPU is refused.
+    #[error("guest {0}: a bid: {1}")]
+    Bid(String, String),
     /// A guest's key cannot be made.
     #[error("a key for guest {0}: {1}")]
     Key(String, std::io::Error),
@@ -106,6 +109,46 @@ pub(crate) struct NodeOs {
     agents: parking_lot::Mutex<HashMap<String, AgentAddr>>,
     /// The node's name (see [`OsConfig::node`]).
     node: String,
+    /// The node's auctioneer: the guests' bids for its CPU.
+    market: Arc<Market>,
+}
+
+/// A node's auctioneer (Tycoon) and the guests whose weights it sets: every bid made, changed
+/// or ended sets every bidding guest's weight to its rate's proportion.
+pub(crate) struct Market {
+    auction: parking_lot::Mutex<crate::market::Auctioneer>,
+    envs: Arc<Environments>,
+}
+
+impl Market {
+    /// Sets each bidding guest's weight as the bids ask (keeping its cap).
+    fn reweigh(&self, auction: &crate::market::Auctioneer) {
+        let driver = self.envs.driver();
+        for (name, weight) in auction.weights() {
+            let cap = driver.sched(&name).map_or(0, |s| s.cap);
+            if let Err(e) = driver.set_sched(&name, mvm_os::driver::Sched { weight, cap }) {
+                tracing::warn!(guest = %name, "setting a guest's weight from the bids: {e}");
+            }
+        }
+    }
+
+    /// Guest `guest` bids `rate` (micro-credits per CPU-second), paid by `payer`.
+    fn bid(&self, guest: &str, payer: String, rate: u64) -> Result<(), EnvError> {
+        let mut a = self.auction.lock();
+        a.bid(guest, crate::market::Bid { payer, rate })
+            .map_err(|e| EnvError::Bid(guest.to_owned(), e.to_string()))?;
+        self.reweigh(&a);
+        Ok(())
+    }
+
+    /// Guest `guest`'s bid ends (its job let it go).
+    fn end(&self, guest: &str) {
+        let mut a = self.auction.lock();
+        if a.bids(guest) {
+            a.end(guest);
+            self.reweigh(&a);
+        }
+    }
 }
 
 /// A node's warm guests: per template, guests made and left idle until a job that names the
@@ -171,8 +214,13 @@ impl NodeOs {
                 failing: None,
             })
             .collect();
+        let envs = Arc::new(Environments::new(prov, c.dir.join("checkpoints")));
         Ok(NodeOs {
-            envs: Arc::new(Environments::new(prov, c.dir.join("checkpoints"))),
+            market: Arc::new(Market {
+                auction: parking_lot::Mutex::new(crate::market::Auctioneer::default()),
+                envs: envs.clone(),
+            }),
+            envs,
             repo,
             worker: c.worker.clone(),
             monitor: Arc::new(monitor),
@@ -476,7 +524,23 @@ impl NodeOs {
             monitor: self.monitor.clone(),
             warm: from_pool.then(|| (self.warm.clone(), key)),
             lease: Some(lease),
+            market: None,
         })
+    }
+
+    /// The job holding `lease` bids `rate` (micro-credits per CPU-second, paid by `payer`)
+    /// for this node's CPU: every bidding guest's weight is set anew, and again when the lease
+    /// goes. Blocks: call from `spawn_blocking`.
+    pub(crate) fn bid(
+        &self,
+        lease: &mut EnvLease,
+        payer: String,
+        rate: u64,
+    ) -> Result<(), EnvError> {
+        let name = lease.guest().name;
+        self.market.bid(&name, payer, rate)?;
+        lease.market = Some(self.market.clone());
+        Ok(())
     }
 
     /// Tears down every guest held (the node is shutting down).
@@ -530,6 +594,8 @@ pub(crate) struct EnvLease {
     lease: Option<Lease>,
     /// The guest's agent, when its image runs one.
     agent: Option<AgentAddr>,
+    /// The node's auctioneer, when the job bids for the guest's CPU.
+    market: Option<Arc<Market>>,
 }
 
 impl EnvLease {
@@ -610,6 +676,9 @@ impl Drop for EnvLease {
         let Some(lease) = self.lease.take() else {
             return;
         };
+        if let Some(m) = self.market.take() {
+            m.end(&lease.name);
+        }
         // Its end (kept, saved or torn down) is not a death.
         self.monitor.unwatch(&lease.name);
         let envs = self.envs.clone();

@@ -76,6 +76,11 @@ impl Auctioneer {
         self.metered.remove(part);
     }
 
+    /// Whether part `part` bids.
+    pub fn bids(&self, part: &str) -> bool {
+        self.bids.contains_key(part)
+    }
+
     /// The host's price: the sum of the bid rates on it, micro-credits per CPU-second.
     pub fn price(&self) -> u64 {
         self.bids

@@ -942,6 +942,100 @@ fn a_ring_in_workers_checkpointed_migrated_and_killed_ends_as_an_undisturbed_run
     crate::run::same_traffic(&end, &quiet);
 }
 
+/// The CPU weight of each guest under `group` (cgroup v1 `cpu.shares` or v2 `cpu.weight`),
+/// sorted.
+fn guest_weights(group: &str) -> Vec<u64> {
+    let (dir, file) = if Path::new("/sys/fs/cgroup/cpu").join(group).is_dir() {
+        (Path::new("/sys/fs/cgroup/cpu").join(group), "cpu.shares")
+    } else {
+        (Path::new("/sys/fs/cgroup").join(group), "cpu.weight")
+    };
+    let mut v: Vec<u64> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| std::fs::read_to_string(e.path().join(file)).ok())
+        .filter_map(|w| w.trim().parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn jobs_that_bid_for_a_node_s_cpu_get_guest_weights_in_proportion_to_their_bids() {
+    let group = format!("mvm-bidtest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let mut g = Groups::new();
+    let os = g.dir.path().join("n1os");
+    let (sp, _) = with_image_node(&mut g, &os, &group);
+    write_lab(g.dir.path(), &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 1).then_some(())
+    });
+    let sleep = include_str!("../../../jobs/wat/sleep.wat");
+    // A bid needs a guest, and is a number of credits: refused, naming the file.
+    for (name, req, says) in [
+        ("nog", "[requirements]\nbid = \"1\"\n", "requirements.bid"),
+        (
+            "nan",
+            "[requirements]\nimage = \"env:1\"\nbid = \"NaN\"\n",
+            "not an amount",
+        ),
+    ] {
+        let bad = one_vertex(g.dir.path(), name, sleep, req);
+        let out = g.run(&["submit", &bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            err.contains(&format!("{name}.toml")) && err.contains(says),
+            "{err}"
+        );
+    }
+    let job = |name: &str, bid: &str| {
+        let p = one_vertex(
+            g.dir.path(),
+            name,
+            sleep,
+            &format!(
+                "[parameters]\nms = 60000\n[requirements]\nimage = \"env:1\"\nbid = \"{bid}\"\n"
+            ),
+        );
+        let v = json(&g.run(&["submit", &p, "-o", "json"]));
+        v["job"].as_str().expect("job").to_owned()
+    };
+    let state = |id: &str| {
+        let v = json(&g.run(&["status", id, "-o", "json"]));
+        v[0]["state"].as_str().unwrap_or_default().to_owned()
+    };
+    let low = job("low", "1");
+    wait_for(Duration::from_secs(20), || {
+        (state(&low) == "running").then_some(())
+    });
+    // Alone, its bid is the top one.
+    let (top_v1, top_v2) = (102_400, 10_000);
+    let w = guest_weights(&group);
+    assert!(w == vec![top_v1] || w == vec![top_v2], "{w:?}");
+    // A bid three times as high: the first guest's weight falls to a third of the top.
+    let high = job("high", "3");
+    wait_for(Duration::from_secs(20), || {
+        (state(&high) == "running").then_some(())
+    });
+    let w = guest_weights(&group);
+    assert!(
+        w == vec![34_132, top_v1] || w == vec![3_333, top_v2],
+        "weights 8533 and 25600, as v1 shares or v2 weights: {w:?}"
+    );
+    // The high bidder goes: the low one's weight is the top again.
+    assert!(g.run(&["cancel", &high]).status.success());
+    wait_for(Duration::from_secs(20), || {
+        let w = guest_weights(&group);
+        (w == vec![top_v1] || w == vec![top_v2]).then_some(())
+    });
+    assert!(g.run(&["cancel", &low]).status.success());
+}
+
 /// Starts node `name` of super-peer `sp` with its OS layer in `os`, guests under `group`,
 /// and `slots` slots.
 fn os_node(g: &mut Groups, name: &str, sp: &str, os: &Path, group: &str, slots: u32) {

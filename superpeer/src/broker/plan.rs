@@ -206,6 +206,7 @@ impl Core {
                 weight: r.cpu_weight,
                 cap: r.cpu_cap,
                 template: r.template.clone(),
+                bid: r.bid,
             });
         let policy_digest = self.site.policies.current().digest;
         // The image by its full id, and the nodes that serve it, for a node that lacks it.

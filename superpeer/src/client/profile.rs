@@ -182,6 +182,21 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
              requirements.image"
         )));
     }
+    let bid = match &r.bid {
+        None => None,
+        Some(b) => {
+            if r.image.as_deref().is_none_or(|i| i == "host") || r.cpu_weight.is_some() {
+                return Err(input(format!(
+                    "{file}: requirements.bid sets a guest's share by the market: it needs \
+                     requirements.image, and no cpu_weight"
+                )));
+            }
+            Some(
+                crate::proto::parse_credits(b)
+                    .map_err(|e| input(format!("{file}: requirements.bid: {e}")))?,
+            )
+        }
+    };
     if let Some(w) = r.cpu_weight
         && !(1..=65535).contains(&w)
     {
@@ -250,6 +265,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                     mvm_component::profile::VmMode::StopStart => VmMode::StopStart,
                 }),
                 cpu_weight: r.cpu_weight,
+                bid,
                 cpu_cap: r.cpu_cap,
                 template: None,
             }

@@ -67,6 +67,7 @@ impl Node {
             weight: shape.weight,
             cap: shape.cap,
             template: Some(spec.template.clone()),
+            bid: None,
         };
         let job = JobId::new(&spec.name, 0, 0);
         let o = os.clone();

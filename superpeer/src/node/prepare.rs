@@ -188,7 +188,15 @@ impl Node {
             (Some(e), Some(os)) => {
                 self.pre_wrapper(os, &e.image, &spec.image_from).await?;
                 let (os, e, job) = (os.clone(), e.clone(), spec.job.clone());
-                match tokio::task::spawn_blocking(move || os.acquire(&job, &e)).await {
+                let payer = crate::proto::account_of(&spec.owner);
+                let acquired = move || {
+                    let mut lease = os.acquire(&job, &e)?;
+                    if let Some(rate) = e.bid {
+                        os.bid(&mut lease, payer, rate)?;
+                    }
+                    Ok::<_, crate::environment::EnvError>(lease)
+                };
+                match tokio::task::spawn_blocking(acquired).await {
                     Ok(Ok(lease)) => Some(lease),
                     Ok(Err(m)) => {
                         return Err(Failure::new(

@@ -253,6 +253,9 @@ pub struct Requirements {
     /// The CPU cap of the job's guests, percent of one CPU (none: uncapped).
     #[serde(default)]
     pub cpu_cap: Option<u32>,
+    /// The job's bid for its nodes' CPU, micro-credits per CPU-second its guests use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid: Option<u64>,
     /// The guest template the job names (its image, vCPUs, memory, weight and cap are the
     /// fields above as well).
     #[serde(default)]
@@ -290,6 +293,10 @@ pub struct EnvSpec {
     /// as well).
     #[serde(default)]
     pub template: Option<TemplateSpec>,
+    /// The job's bid for the node's CPU, micro-credits per CPU-second: the node's auctioneer
+    /// sets the guest's weight from it and the other bids there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid: Option<u64>,
 }
 
 /// A node's part of a job.
