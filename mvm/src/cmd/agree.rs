@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mvm_component::runtime::logs::now_ms;
 use mvm_superpeer::client::{OfferAsk, read_profile};
 use mvm_superpeer::proto::{AgreementInfo, AgreementState, JobId};
 
@@ -71,12 +72,6 @@ fn from_now(flag: &str, v: Option<&str>) -> Result<Option<u64>, Failure> {
     })?;
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Ok(Some(now_ms().saturating_add(ms)))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `ms` as people read a duration: `850ms`, `12.5s`, `3m 20s`, `2h 5m`.

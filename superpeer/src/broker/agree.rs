@@ -203,6 +203,8 @@ impl Core {
             out.push(Effect::Reply(reply, Response::Error(f)));
         };
         let input = |why: String| Failure::new(FailureKind::Input, why);
+        let name = s.name.clone();
+        let refused = |error| Failure::from(Refusal { job: name, error });
         if !s.sweep.is_empty() {
             let why = format!(
                 "job {}: an array (a [sweep]) is not offered: offer one point, or submit it",
@@ -220,15 +222,11 @@ impl Core {
         // The policy's word now; the job holds its share once the offer is accepted.
         let (id, owner, resources) = match self.admit(who, &s, c.topology.vertices.len()) {
             Ok(a) => a,
-            Err(error) => {
-                let name = s.name.clone();
-                return refuse(out, reply, Failure::from(Refusal { job: name, error }));
-            }
+            Err(error) => return refuse(out, reply, refused(error)),
         };
         self.ledger.release(&id);
         if let Err(error) = self.checkpoint_policy(&owner, &mut s) {
-            let name = s.name.clone();
-            return refuse(out, reply, Failure::from(Refusal { job: name, error }));
+            return refuse(out, reply, refused(error));
         }
         let (estimate_ms, from) = match s.estimate_ms {
             Some(e) => (e, "profile"),
@@ -643,11 +641,10 @@ impl Broker {
             return None;
         }
         let (addrs, _) = self.remote_offers.lock().get(offer).cloned()?;
-        let (peer, _) = addrs.iter().find_map(crate::net::split_addr)?;
-        let bare: Vec<libp2p::Multiaddr> = addrs
-            .iter()
-            .filter_map(|a| crate::net::split_addr(a).map(|(_, a)| a))
-            .collect();
+        let split: Vec<(PeerId, libp2p::Multiaddr)> =
+            addrs.iter().filter_map(crate::net::split_addr).collect();
+        let peer = split.first()?.0;
+        let bare: Vec<libp2p::Multiaddr> = split.into_iter().map(|(_, a)| a).collect();
         let request = crate::proto::ClientRequest::Accept {
             offer: offer.clone(),
             on_behalf: Some(who.clone()),

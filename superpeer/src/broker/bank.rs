@@ -156,11 +156,8 @@ impl Core {
     /// Proposes a mint or transfer; the asker is answered with the transaction once it is
     /// applied (or with the earlier one its request id gave).
     pub(super) fn bank(&mut self, out: &mut Vec<Effect>, reply: Reply, command: BankCommand) {
-        let (by, request) = match &command {
-            BankCommand::Mint { by, request, .. } | BankCommand::Transfer { by, request, .. } => {
-                (by.clone(), request.clone())
-            }
-        };
+        let (by, request) = command.request();
+        let (by, request) = (by.to_owned(), request.to_owned());
         out.push(Effect::Record {
             command: Command::Bank(command),
             then: Then::Banked { reply, by, request },

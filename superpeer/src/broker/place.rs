@@ -432,11 +432,9 @@ impl Core {
                 .filter(|j| !self.drives.contains_key(&j.id))
                 .filter(|j| {
                     // A job under an agreement waits for its start.
-                    let before = j
-                        .agreement
-                        .then(|| Core::before_agreement(st, &j.id, now))
-                        .flatten();
-                    if let Some(why) = before {
+                    if j.agreement
+                        && let Some(why) = Core::before_agreement(st, &j.id, now)
+                    {
                         self.view.waiting.lock().insert(j.id.clone(), why);
                         return false;
                     }

@@ -375,11 +375,15 @@ impl Core {
         // a gap, only when its estimate says it ends in time: backfilling).
         let now = super::now_ms();
         let until = s.estimate_ms.map_or(u64::MAX, |e| now.saturating_add(e));
-        let holds = self.log.read(|st| super::agree::holds(st, now));
+        // What the log holds on each node, and the agreements' windows, in one read.
+        let (holds, logged): (Vec<super::agree::Held>, Vec<u32>) = self.log.read(|st| {
+            let logged = live.iter().map(|(p, _)| st.reserved(p)).collect();
+            (super::agree::holds(st, now), logged)
+        });
         let cands: Vec<Candidate> = live
             .iter()
-            .map(|(p, e)| {
-                let logged = self.log.read(|st| st.reserved(p));
+            .zip(logged)
+            .map(|((p, e), logged)| {
                 let held = self.ledger.slots(p).saturating_add(super::agree::held_in(
                     &holds,
                     p,

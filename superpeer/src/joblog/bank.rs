@@ -47,6 +47,17 @@ pub enum BankCommand {
     },
 }
 
+impl BankCommand {
+    /// Who asked, and their request id.
+    pub fn request(&self) -> (&str, &str) {
+        match self {
+            BankCommand::Mint { by, request, .. } | BankCommand::Transfer { by, request, .. } => {
+                (by, request)
+            }
+        }
+    }
+}
+
 /// Why the bank refuses a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum BankError {
@@ -117,12 +128,8 @@ impl Bank {
 
     /// Applies `c`: a request id applied before changes nothing (and is not an error).
     pub(super) fn apply(&mut self, c: BankCommand) -> Result<(), BankError> {
-        let (by, request) = match &c {
-            BankCommand::Mint { by, request, .. } | BankCommand::Transfer { by, request, .. } => {
-                (by.clone(), request.clone())
-            }
-        };
-        if self.seen.contains_key(&(by.clone(), request.clone())) {
+        let (by, request) = c.request();
+        if self.seen.contains_key(&(by.to_owned(), request.to_owned())) {
             return Ok(());
         }
         let t = match c {

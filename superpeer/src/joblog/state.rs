@@ -482,6 +482,7 @@ impl ControlState {
         j.traffic.clear();
         j.edges.clear();
         j.received.clear();
+        let agreed = j.agreement.then(|| why.clone());
         j.restarts.push(Restart {
             attempt,
             at_ms,
@@ -490,16 +491,9 @@ impl ControlState {
             running_ms: None,
         });
         let key = (std::cmp::Reverse(j.priority), j.submitted_ms, job.clone());
-        let agreed = j.agreement;
         self.reserve(&job, &slots, false);
         self.pending.insert(key);
-        if agreed {
-            let why = self
-                .jobs
-                .get(&job)
-                .and_then(|j| j.restarts.last())
-                .map(|r| r.why.clone())
-                .unwrap_or_default();
+        if let Some(why) = agreed {
             self.agreement_requeued(&job, at_ms, &why);
         }
         Ok(())
@@ -515,17 +509,8 @@ impl ControlState {
         let j = self.live(id)?;
         let was = j.state;
         j.state = state;
-        if j.agreement {
-            let error = ended.error.clone();
-            let at_ms = ended.at_ms;
-            j.ended = Some(ended);
-            self.agreement_job_ended(id, state, at_ms, error.as_deref());
-        } else {
-            j.ended = Some(ended);
-        }
-        let Some(j) = self.jobs.get_mut(id) else {
-            return Err(CommandError::NoJob(id.clone()));
-        };
+        let agreed = j.agreement.then(|| (ended.at_ms, ended.error.clone()));
+        j.ended = Some(ended);
         j.submission = None;
         if state != JobState::Done {
             j.outputs.clear();
@@ -544,6 +529,9 @@ impl ControlState {
             }
         }
         self.ended.push_back(id.clone());
+        if let Some((at_ms, error)) = agreed {
+            self.agreement_job_ended(id, state, at_ms, error.as_deref());
+        }
         // An array whose jobs have all ended needs its modules no more.
         if let Some((array, _)) = self.jobs.get(id).and_then(|j| j.array.clone())
             && let Some(a) = self.arrays.get(&array)
