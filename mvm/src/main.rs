@@ -94,6 +94,12 @@ enum Command {
     /// Move a part of a running job to another node while it runs (live migration; its
     /// profile must ask for checkpoints).
     Migrate(cmd::job::MigrateArgs),
+    /// Change a running job's bid for its nodes' CPU (credits per CPU-second): its guests'
+    /// shares follow at once.
+    Bid(cmd::market::BidArgs),
+    /// The CPU market: `hosts`, ranked by price (the top one gives the most CPU for the least
+    /// bid).
+    Market(cmd::market::MarketArgs),
     /// Hold a pending job back from placement.
     Hold(cmd::job::CancelArgs),
     /// Release a held job: it is placed when there is room.
@@ -181,6 +187,8 @@ fn main() -> ExitCode {
         Command::Top(args) => cmd::top::top(args),
         Command::Checkpoint(args) => cmd::job::checkpoint(args),
         Command::Migrate(args) => cmd::job::migrate(args),
+        Command::Bid(args) => cmd::market::bid(args),
+        Command::Market(args) => cmd::market::market(args),
         Command::Hold(args) => cmd::job::hold(args, true),
         Command::Release(args) => cmd::job::hold(args, false),
         Command::Run(args) => cmd::run::run(args),

@@ -5,6 +5,8 @@ permission("researcher", "read-results");
 permission("researcher", "submit");
 permission("researcher", "use-image");
 permission("researcher", "cancel");
+permission("researcher", "bid");
+permission("researcher", "spend");
 
 allow(user: User, action: String, resource) if
     user.domain = "biology" and resource.domain = "biology" and

@@ -6,6 +6,8 @@ permission("researcher", "read-results");
 permission("researcher", "submit");
 permission("researcher", "use-image");
 permission("researcher", "cancel");
+permission("researcher", "bid");
+permission("researcher", "spend");
 
 # Members of physics act on physics resources by their roles' permissions.
 allow(user: User, action: String, resource) if

@@ -114,10 +114,33 @@ pub(crate) struct NodeOs {
 }
 
 /// A node's auctioneer (Tycoon) and the guests whose weights it sets: every bid made, changed
-/// or ended sets every bidding guest's weight to its rate's proportion.
+/// or ended sets every bidding guest's weight to its rate's proportion. It meters each bidding
+/// guest's CPU time for the bank (each heartbeat, and at a bid's change or end), and holds the
+/// guests of a payer the bank says has no credit left at [`FLOOR_RATE`] until it has some.
 pub(crate) struct Market {
-    auction: parking_lot::Mutex<crate::market::Auctioneer>,
+    state: parking_lot::Mutex<MarketState>,
     envs: Arc<Environments>,
+}
+
+/// The rate a guest whose payer has no credit left bids, micro-credits per CPU-second: the
+/// least share, and nothing charged while the payer holds nothing.
+pub const FLOOR_RATE: u64 = 1;
+
+#[derive(Default)]
+struct MarketState {
+    auction: crate::market::Auctioneer,
+    /// Per bidding guest: its job, its payer and the rate it asked for.
+    asked: HashMap<String, Asked>,
+    /// The payers the bank last said have no credit.
+    broke: std::collections::HashSet<String>,
+    /// Charges metered at a bid's change or end, not yet taken by a heartbeat.
+    owed: Vec<crate::proto::ChargeLine>,
+}
+
+struct Asked {
+    job: crate::proto::JobId,
+    payer: String,
+    rate: u64,
 }
 
 impl Market {
@@ -132,23 +155,184 @@ impl Market {
         }
     }
 
-    /// Guest `guest` bids `rate` (micro-credits per CPU-second), paid by `payer`.
-    fn bid(&self, guest: &str, payer: String, rate: u64) -> Result<(), EnvError> {
-        let mut a = self.auction.lock();
-        a.bid(guest, crate::market::Bid { payer, rate })
+    /// The CPU seconds guest `guest` has used (0 when the driver cannot tell).
+    fn cpu(&self, guest: &str) -> f64 {
+        self.envs
+            .driver()
+            .inspect(guest)
+            .map_or(0.0, |g| g.cpu_seconds)
+    }
+
+    /// Meters guest `guest` (at its rate until now) into `st.owed`.
+    fn meter_into(&self, st: &mut MarketState, guest: &str) {
+        let cpu = self.cpu(guest);
+        if let Some(line) = charge_line(st, guest, cpu) {
+            st.owed.push(line);
+        }
+    }
+
+    /// Guest `guest` of `job` bids `rate` (micro-credits per CPU-second), paid by `payer`; a
+    /// change of rate charges the time before it at the old one.
+    fn bid(
+        &self,
+        guest: &str,
+        job: &crate::proto::JobId,
+        payer: String,
+        rate: u64,
+    ) -> Result<(), EnvError> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let fresh = !st.auction.bids(guest);
+        if !fresh {
+            self.meter_into(st, guest);
+        }
+        let effective = if st.broke.contains(&payer) {
+            FLOOR_RATE
+        } else {
+            rate
+        };
+        st.auction
+            .bid(
+                guest,
+                crate::market::Bid {
+                    payer: payer.clone(),
+                    rate: effective,
+                },
+            )
             .map_err(|e| EnvError::Bid(guest.to_owned(), e.to_string()))?;
-        self.reweigh(&a);
+        if fresh {
+            let cpu = self.cpu(guest);
+            st.auction.metered_from(guest, cpu);
+        }
+        st.asked.insert(
+            guest.to_owned(),
+            Asked {
+                job: job.clone(),
+                payer,
+                rate,
+            },
+        );
+        self.reweigh(&st.auction);
         Ok(())
     }
 
-    /// Guest `guest`'s bid ends (its job let it go).
+    /// Guest `guest`'s bid ends (its job let it go): what it used since its last charge is
+    /// owed.
     fn end(&self, guest: &str) {
-        let mut a = self.auction.lock();
-        if a.bids(guest) {
-            a.end(guest);
-            self.reweigh(&a);
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if st.auction.bids(guest) {
+            self.meter_into(st, guest);
+            st.auction.end(guest);
+            st.asked.remove(guest);
+            self.reweigh(&st.auction);
         }
     }
+
+    /// What every bidding guest used since its last charge, with what was owed at bids'
+    /// changes and ends since the last call; the host's price (the sum of the bid rates);
+    /// and the payers bidding. Blocks (asks the driver).
+    pub(crate) fn meter(&self) -> (Vec<crate::proto::ChargeLine>, u64, Vec<String>) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        let guests: Vec<String> = st.asked.keys().cloned().collect();
+        for g in &guests {
+            self.meter_into(st, g);
+        }
+        let mut payers: Vec<String> = st.asked.values().map(|a| a.payer.clone()).collect();
+        payers.sort_unstable();
+        payers.dedup();
+        (std::mem::take(&mut st.owed), st.auction.price(), payers)
+    }
+
+    /// Job `job`'s guests here bid `rate` from now on (a change of bid by hand or by its
+    /// agent): the time before is charged at the rate before. How many guests it changed.
+    ///
+    /// # Errors
+    /// A rate the auctioneer refuses (nothing changed).
+    pub(crate) fn rebid(&self, job: &crate::proto::JobId, rate: u64) -> Result<usize, EnvError> {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        if rate == 0 || rate > crate::market::MAX_RATE {
+            return Err(EnvError::Bid(
+                job.to_string(),
+                crate::market::BidError::Rate(rate).to_string(),
+            ));
+        }
+        let guests: Vec<(String, String)> = st
+            .asked
+            .iter()
+            .filter(|(_, a)| &a.job == job)
+            .map(|(g, a)| (g.clone(), a.payer.clone()))
+            .collect();
+        for (guest, payer) in &guests {
+            self.meter_into(st, guest);
+            let effective = if st.broke.contains(payer) {
+                FLOOR_RATE
+            } else {
+                rate
+            };
+            let bid = crate::market::Bid {
+                payer: payer.clone(),
+                rate: effective,
+            };
+            st.auction
+                .bid(guest, bid)
+                .map_err(|e| EnvError::Bid(guest.clone(), e.to_string()))?;
+            if let Some(a) = st.asked.get_mut(guest) {
+                a.rate = rate;
+            }
+        }
+        if !guests.is_empty() {
+            self.reweigh(&st.auction);
+        }
+        Ok(guests.len())
+    }
+
+    /// The bank says `broke` (of this node's payers) have no credit left: their guests bid
+    /// [`FLOOR_RATE`], the others what they asked (time before a change is charged at the
+    /// rate before it).
+    pub(crate) fn set_broke(&self, broke: Vec<String>) {
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
+        st.broke = broke.into_iter().collect();
+        let changes: Vec<(String, String, u64)> = st
+            .asked
+            .iter()
+            .filter_map(|(g, a)| {
+                let want = if st.broke.contains(&a.payer) {
+                    FLOOR_RATE
+                } else {
+                    a.rate
+                };
+                (st.auction.rate(g) != Some(want)).then(|| (g.clone(), a.payer.clone(), want))
+            })
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        for (guest, payer, rate) in changes {
+            self.meter_into(st, &guest);
+            if let Err(e) = st.auction.bid(&guest, crate::market::Bid { payer, rate }) {
+                tracing::warn!(%guest, "changing a bid for the payer's credit: {e}");
+            }
+        }
+        self.reweigh(&st.auction);
+    }
+}
+
+/// What guest `guest` (having used `cpu` CPU seconds in all) owes since its last charge, as a
+/// line of a charge batch.
+fn charge_line(st: &mut MarketState, guest: &str, cpu: f64) -> Option<crate::proto::ChargeLine> {
+    let c = st.auction.meter(guest, cpu)?;
+    let job = st.asked.get(guest)?.job.clone();
+    Some(crate::proto::ChargeLine {
+        job,
+        payer: c.payer,
+        rate: c.rate,
+        cpu_us: (c.cpu_secs * 1e6).round() as u64,
+        micro: c.micro,
+    })
 }
 
 /// A node's warm guests: per template, guests made and left idle until a job that names the
@@ -217,7 +401,7 @@ impl NodeOs {
         let envs = Arc::new(Environments::new(prov, c.dir.join("checkpoints")));
         Ok(NodeOs {
             market: Arc::new(Market {
-                auction: parking_lot::Mutex::new(crate::market::Auctioneer::default()),
+                state: parking_lot::Mutex::new(MarketState::default()),
                 envs: envs.clone(),
             }),
             envs,
@@ -534,13 +718,19 @@ impl NodeOs {
     pub(crate) fn bid(
         &self,
         lease: &mut EnvLease,
+        job: &crate::proto::JobId,
         payer: String,
         rate: u64,
     ) -> Result<(), EnvError> {
         let name = lease.guest().name;
-        self.market.bid(&name, payer, rate)?;
+        self.market.bid(&name, job, payer, rate)?;
         lease.market = Some(self.market.clone());
         Ok(())
+    }
+
+    /// The node's auctioneer.
+    pub(crate) fn market(&self) -> &Market {
+        &self.market
     }
 
     /// Tears down every guest held (the node is shutting down).

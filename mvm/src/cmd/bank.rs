@@ -102,11 +102,22 @@ fn tx_line(t: &Transaction) -> String {
             t.from.as_deref().unwrap_or("?"),
             t.to
         ),
+        TxKind::Charge => format!(
+            "charge    {:>16} {} -> {}",
+            format_credits(t.amount),
+            t.from.as_deref().unwrap_or("?"),
+            t.to
+        ),
     };
-    let memo = if t.memo.is_empty() {
-        String::new()
-    } else {
-        format!("  ({})", t.memo)
+    let memo = match &t.usage {
+        Some(u) => format!(
+            "  (job {}: {:.3} CPU-s at {}/CPU-s)",
+            u.job,
+            u.cpu_us as f64 / 1e6,
+            format_credits(u.rate)
+        ),
+        None if t.memo.is_empty() => String::new(),
+        None => format!("  ({})", t.memo),
     };
     format!(
         "#{:<6} {}  {what}  by {}{memo}",

@@ -15,6 +15,7 @@ pub(crate) mod image;
 pub(crate) mod job;
 pub(crate) mod lab;
 pub(crate) mod logs;
+pub(crate) mod market;
 pub(crate) mod policy;
 pub(crate) mod run;
 pub(crate) mod top;

@@ -337,6 +337,8 @@ mod tests {
                 bytes: items * 8,
             }],
             probes: Vec::new(),
+            price: 0,
+            bidders: 0,
         }
     }
 

@@ -9,6 +9,9 @@ use crate::groups::Groups;
 use crate::netns::{wait_for, write_lab};
 use crate::run::{build_jobs, json, root};
 
+/// Micro-credits to a credit.
+const MICRO: u64 = 1_000_000;
+
 /// The guests (storage directories) node `os` holds now.
 fn guests(os: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(os.join("guests"))
@@ -962,19 +965,202 @@ fn guest_weights(group: &str) -> Vec<u64> {
     v
 }
 
-#[test]
-fn jobs_that_bid_for_a_node_s_cpu_get_guest_weights_in_proportion_to_their_bids() {
-    let group = format!("mvm-bidtest-{}", std::process::id());
-    let _parent = ParentGroup(group.clone());
+/// A super-peer and node n1 with image `env:1`, guests under control group `group`, n1
+/// registered.
+fn one_market_node(group: &str) -> Groups {
     let mut g = Groups::new();
     let os = g.dir.path().join("n1os");
-    let (sp, _) = with_image_node(&mut g, &os, &group);
+    let (sp, _) = with_image_node(&mut g, &os, group);
     write_lab(g.dir.path(), &sp);
     wait_for(Duration::from_secs(20), || {
         let v = json(&g.run(&["lab", "status", "-o", "json"]));
         (v["nodes"].as_array()?.len() == 1).then_some(())
     });
+    g
+}
+
+/// The caller's own bank account, with `credits` minted into it (the embedded default policy
+/// lets every member of the domain administer it).
+fn funded(g: &Groups, credits: &str) -> String {
+    let v = json(&g.run(&["bank", "balance", "-o", "json"]));
+    let me = v["accounts"][0][0].as_str().expect("account").to_owned();
+    let out = g.run(&["bank", "mint", &me, credits]);
+    assert!(out.status.success(), "{out:?}");
+    me
+}
+
+/// Every account's balance, micro-credits.
+fn balances(g: &Groups) -> Vec<(String, u64)> {
+    let v = json(&g.run(&["bank", "balance", "--all", "-o", "json"]));
+    v["accounts"]
+        .as_array()
+        .expect("accounts")
+        .iter()
+        .map(|a| {
+            (
+                a[0].as_str().expect("account").to_owned(),
+                a[1].as_u64().expect("balance"),
+            )
+        })
+        .collect()
+}
+
+/// The caller's charges, newest first, once no new one has come for two heartbeats.
+fn settled_charges(g: &Groups) -> Vec<serde_json::Value> {
+    let read = || {
+        let v = json(&g.run(&["bank", "history", "--limit", "10000", "-o", "json"]));
+        v["transactions"]
+            .as_array()
+            .expect("transactions")
+            .iter()
+            .filter(|t| t["kind"] == "charge")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let mut last = read();
+    wait_for(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(2500));
+        let now = read();
+        let same = now.len() == last.len();
+        last = now;
+        same.then_some(())
+    });
+    last
+}
+
+/// The price `mvm market hosts` gives node n1, credits per CPU-second.
+fn n1_price(g: &Groups) -> Option<String> {
+    let v = json(&g.run(&["market", "hosts", "-o", "json"]));
+    v.as_array()?
+        .iter()
+        .find(|h| h["name"] == "n1")
+        .and_then(|h| h["price"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn bidding_jobs_pay_the_node_s_provider_for_the_cpu_they_use_and_never_more_than_they_hold() {
+    let group = format!("mvm-chargetest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let g = one_market_node(&group);
+    let me = funded(&g, "100");
+    let minted = 100 * MICRO;
+    let spin = r#"(module (func (export "_start") (loop $l (br $l))))"#;
+    let dir = g.dir.path().to_owned();
+    let spinner = |name: &str, bid: &str| {
+        one_vertex(
+            &dir,
+            name,
+            spin,
+            &format!("[requirements]\nimage = \"env:1\"\nbid = \"{bid}\"\n"),
+        )
+    };
+    // A bid above what its owner holds is refused at submission.
+    let out = g.run(&["submit", &spinner("rich", "150")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("above"), "{err}");
+    let state = |id: &str| {
+        let v = json(&g.run(&["status", id, "-o", "json"]));
+        v[0]["state"].as_str().unwrap_or_default().to_owned()
+    };
+    let submit = |p: &str| {
+        let v = json(&g.run(&["submit", p, "-o", "json"]));
+        let id = v["job"].as_str().expect("job").to_owned();
+        wait_for(Duration::from_secs(20), || {
+            (state(&id) == "running").then_some(())
+        });
+        id
+    };
+    let job = submit(&spinner("spin", "1"));
+    wait_for(Duration::from_secs(10), || {
+        (n1_price(&g)? == "1").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // By hand: a bid above the balance is refused; one within it binds on the node at once.
+    let out = g.run(&["bid", &job, "--rate", "500"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("balance"),
+        "{out:?}"
+    );
+    assert!(g.run(&["bid", &job, "--rate", "2"]).status.success());
+    wait_for(Duration::from_secs(10), || {
+        (n1_price(&g)? == "2").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(g.run(&["cancel", &job]).status.success());
+    let charges = settled_charges(&g);
+    let micro = |t: &serde_json::Value, k: &str| t["usage"][k].as_u64().expect("usage");
+    let charged: u64 = charges
+        .iter()
+        .map(|t| t["amount"].as_u64().expect("amount"))
+        .sum();
+    let metered: f64 = charges
+        .iter()
+        .map(|t| micro(t, "cpu_us") as f64 * micro(t, "rate") as f64 / 1e6)
+        .sum();
+    let cpu: f64 = charges
+        .iter()
+        .map(|t| micro(t, "cpu_us") as f64 / 1e6)
+        .sum();
+    assert!(cpu > 2.0, "the spinning guest used {cpu} CPU-s over ~5 s");
+    assert!(
+        (charged as f64 - metered).abs() <= 0.01 * metered,
+        "charged {charged} for {metered} metered"
+    );
+    let rates: std::collections::BTreeSet<u64> = charges.iter().map(|t| micro(t, "rate")).collect();
+    assert_eq!(
+        rates,
+        [MICRO, 2 * MICRO].into_iter().collect(),
+        "charged at the first bid, then at the new one"
+    );
+    assert!(charges.iter().all(|t| t["from"] == me.as_str()));
+    let provider = charges[0]["to"].as_str().expect("to").to_owned();
+    assert!(provider.starts_with("node:n1@"), "{provider}");
+    let b = balances(&g);
+    let of = |a: &str| b.iter().find(|x| x.0 == a).map_or(0, |x| x.1);
+    assert_eq!(of(&provider), charged, "the provider got what was charged");
+    assert_eq!(
+        b.iter().map(|x| x.1).sum::<u64>(),
+        minted,
+        "credits only moved"
+    );
+    // A payer with little left: charged all it holds, then its guest bids the floor.
+    let domain = me.rsplit('@').next().expect("domain");
+    let keep = 300_000; // 0.3 credits
+    let give = format_micro(of(&me) - keep);
+    let out = g.run(&["bank", "transfer", &format!("bob@{domain}"), &give]);
+    assert!(out.status.success(), "{out:?}");
+    let poor = submit(&spinner("poor", "0.2"));
+    wait_for(Duration::from_secs(30), || {
+        (n1_price(&g)? == "0.000001").then_some(())
+    });
+    let b = balances(&g);
+    assert!(
+        !b.iter().any(|x| x.0 == me),
+        "{me} is emptied, and no further: {b:?}"
+    );
+    assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), minted);
+    assert_eq!(
+        state(&poor),
+        "running",
+        "a payer without credit still runs, at the floor"
+    );
+    assert!(g.run(&["cancel", &poor]).status.success());
+}
+
+/// Micro-credits as a decimal number of credits.
+fn format_micro(m: u64) -> String {
+    format!("{}.{:06}", m / MICRO, m % MICRO)
+}
+
+#[test]
+fn jobs_that_bid_for_a_node_s_cpu_get_guest_weights_in_proportion_to_their_bids() {
+    let group = format!("mvm-bidtest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let g = one_market_node(&group);
     let sleep = include_str!("../../../jobs/wat/sleep.wat");
+    // Bids are paid from the owner's credits.
+    funded(&g, "100");
     // A bid needs a guest, and is a number of credits: refused, naming the file.
     for (name, req, says) in [
         ("nog", "[requirements]\nbid = \"1\"\n", "requirements.bid"),

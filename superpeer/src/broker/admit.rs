@@ -140,6 +140,19 @@ pub(crate) enum AdmitError {
     /// The policy refuses it.
     #[error("refused by policy: {0}")]
     Policy(String),
+    /// Its bid is above what its owner holds.
+    #[error(
+        "a bid of {bid} credits a CPU-second is above {payer}'s balance of {held} (see `mvm bank \
+         balance`)"
+    )]
+    Bid {
+        /// The bid, in credits.
+        bid: String,
+        /// The paying account.
+        payer: String,
+        /// What it holds, in credits.
+        held: String,
+    },
 }
 
 /// A job not admitted, by name.
@@ -198,10 +211,29 @@ impl Core {
             .decide(&Question {
                 actor: owner.clone(),
                 action: "submit".into(),
-                resource: Resource::Job(facts),
+                resource: Resource::Job(facts.clone()),
             })
             .into_result()
             .map_err(AdmitError::Policy)?;
+        if let Some(rate) = r.bid {
+            engine
+                .decide(&Question {
+                    actor: owner.clone(),
+                    action: "bid".into(),
+                    resource: Resource::Job(facts),
+                })
+                .into_result()
+                .map_err(AdmitError::Policy)?;
+            let payer = crate::proto::account_of(owner);
+            let held = self.log.read(|st| st.bank().balance(&payer));
+            if held < rate {
+                return Err(AdmitError::Bid {
+                    bid: crate::proto::format_credits(rate),
+                    payer,
+                    held: crate::proto::format_credits(held),
+                });
+            }
+        }
         if image != "host" {
             engine
                 .decide(&Question {

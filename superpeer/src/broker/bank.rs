@@ -8,9 +8,10 @@ use super::{Broker, fail, now_ms};
 use crate::joblog::Command;
 use crate::joblog::bank::BankCommand;
 use crate::proto::{
-    BankAnswer, BankRequest, Failure, FailureKind, MAX_AMOUNT, MAX_REQUEST_ID, Response,
-    account_of, parse_account,
+    BankAnswer, BankRequest, ChargeBatch, Failure, FailureKind, MAX_AMOUNT, MAX_REQUEST_ID,
+    Response, account_of, parse_account,
 };
+use libp2p::PeerId;
 
 /// The longest memo kept with a transfer.
 const MAX_MEMO: usize = 256;
@@ -105,6 +106,9 @@ impl Broker {
                 memo,
             } => {
                 let from = account(from.as_ref())?;
+                if let Some(r) = spend_refusal(&self.site, who) {
+                    return Ok(r);
+                }
                 if from != own {
                     return Err(Failure::new(
                         FailureKind::Refused,
@@ -126,6 +130,23 @@ impl Broker {
                     .await
             }
         })
+    }
+}
+
+/// The policy's refusal of `who` spending credits (`spend` on the domain), if it refuses.
+fn spend_refusal(site: &crate::site::Site, who: &Principal) -> Option<Response> {
+    use mvm_component::policy::{Decision, Domain, Question, Resource};
+    let q = Question {
+        actor: who.clone(),
+        action: "spend".into(),
+        resource: Resource::Domain(Domain::named(&site.domain)),
+    };
+    match site.policies.current().engine.decide(&q) {
+        Decision::Deny(why) => Some(fail(
+            FailureKind::Refused,
+            format!("transfer: refused by policy: {why}"),
+        )),
+        _ => None,
     }
 }
 
@@ -153,10 +174,84 @@ fn check(amount: u64, request: &str, memo: &str) -> Result<(), Failure> {
 }
 
 impl Core {
+    /// The charges a node's heartbeat carries, from `provider`'s node `peer`: the batches
+    /// after the last the bank took (and after any on their way to it) are proposed, each line
+    /// kept only if its job is placed on the node, is its payer's, and bids at least its rate
+    /// (a node meters its guests' use: the rest is checked here). The answer: the last batch
+    /// taken, and which of the node's `bidders` hold no credit.
+    pub(super) fn charge(
+        &mut self,
+        out: &mut Vec<Effect>,
+        peer: PeerId,
+        provider: &str,
+        batches: Vec<ChargeBatch>,
+        bidders: &[String],
+    ) -> (Option<(u64, u64)>, Vec<String>) {
+        let on_way = self.charging.get(provider).copied();
+        let (taken, broke, fresh) = self.log.read(|s| {
+            let bank = s.bank();
+            let taken = bank.charged(provider);
+            let broke: Vec<String> = bidders
+                .iter()
+                .filter(|p| bank.balance(p) == 0)
+                .cloned()
+                .collect();
+            let after = |k: (u64, u64)| taken.is_none_or(|t| k > t) && on_way.is_none_or(|t| k > t);
+            let fresh: Vec<ChargeBatch> = batches
+                .into_iter()
+                .filter(|b| after((b.boot, b.seq)))
+                .map(|mut b| {
+                    b.lines.retain(|l| {
+                        let ok = s.job(&l.job).is_some_and(|r| {
+                            let bid = r
+                                .submission
+                                .as_ref()
+                                .and_then(|sub| sub.requirements.bid)
+                                .unwrap_or(0);
+                            account_of(&r.owner) == l.payer
+                                && r.parts.iter().any(|p| p.node == peer)
+                                && l.rate <= bid
+                                && u128::from(l.micro)
+                                    <= u128::from(l.cpu_us) * u128::from(l.rate) / 1_000_000 + 1
+                        });
+                        if !ok {
+                            tracing::warn!(%peer, job = %l.job, payer = %l.payer, "a charge for a job the node does not run for its payer at that rate is refused");
+                        }
+                        ok
+                    });
+                    b
+                })
+                .collect();
+            (taken, broke, fresh)
+        });
+        if let Some(last) = fresh.last() {
+            let upto = (last.boot, last.seq);
+            self.charging.insert(provider.to_owned(), upto);
+            out.push(Effect::Record {
+                command: Command::Bank(BankCommand::Charge {
+                    provider: provider.to_owned(),
+                    batches: fresh,
+                    at_ms: now_ms(),
+                }),
+                then: Then::Charged {
+                    provider: provider.to_owned(),
+                    upto,
+                },
+            });
+        }
+        (taken, broke)
+    }
+
     /// Proposes a mint or transfer; the asker is answered with the transaction once it is
     /// applied (or with the earlier one its request id gave).
     pub(super) fn bank(&mut self, out: &mut Vec<Effect>, reply: Reply, command: BankCommand) {
-        let (by, request) = command.request();
+        let Some((by, request)) = command.request() else {
+            out.push(Effect::Reply(
+                reply,
+                fail(FailureKind::Input, "charges come with a node's heartbeats"),
+            ));
+            return;
+        };
         let (by, request) = (by.to_owned(), request.to_owned());
         out.push(Effect::Record {
             command: Command::Bank(command),

@@ -92,10 +92,13 @@ pub(super) enum Input {
         who: Principal,
         info: NodeInfo,
     },
-    /// A node's heartbeat.
+    /// A change of a bidding job's bid (checked).
+    Bid { reply: Reply, job: JobId, rate: u64 },
+    /// A node's heartbeat; `account` is its provider's bank account.
     Heartbeat {
         reply: Reply,
         peer: PeerId,
+        account: String,
         load: NodeLoad,
     },
     /// A node's report of its part.
@@ -255,6 +258,10 @@ pub(super) enum Then {
         state: JobState,
         reply: Option<Reply>,
     },
+    /// A job's change of bid was recorded: tell its nodes, and answer.
+    Rebid { reply: Reply, job: JobId, rate: u64 },
+    /// A node's charges were recorded (or not): the next heartbeat may send them again.
+    Charged { provider: String, upto: (u64, u64) },
     /// A mint or transfer was recorded (or refused): answer with its transaction.
     Banked {
         reply: Reply,
@@ -352,6 +359,8 @@ pub(super) struct Core {
     pub(super) steering: super::monitor::Steering,
     /// The triggers and what their actions need.
     pub(super) triggering: super::triggers::Triggering,
+    /// Per provider: the last charge batch proposed to the bank and not yet applied.
+    pub(super) charging: HashMap<String, (u64, u64)>,
 }
 
 impl Core {
@@ -387,6 +396,7 @@ impl Core {
             drain: None,
             steering: super::monitor::Steering::default(),
             triggering: super::triggers::Triggering::default(),
+            charging: HashMap::new(),
         }
     }
 
@@ -430,6 +440,13 @@ impl Core {
                 to,
             } => self.start_move(&mut out, &job, &which, &to, Some(reply)),
             Input::Drain { reply, node, drain } => self.drain(&mut out, &node, drain, reply),
+            Input::Bid { reply, job, rate } => out.push(Effect::Record {
+                command: Command::Bid {
+                    job: job.clone(),
+                    rate,
+                },
+                then: Then::Rebid { reply, job, rate },
+            }),
             Input::Hold { reply, job, held } => out.push(Effect::Record {
                 command: Command::Hold { job, held },
                 then: Then::Answer { reply },
@@ -443,8 +460,13 @@ impl Core {
                 let r = self.register(now, peer, &who, info);
                 out.push(Effect::Reply(reply, r));
             }
-            Input::Heartbeat { reply, peer, load } => {
-                let r = self.heartbeat(now, peer, load);
+            Input::Heartbeat {
+                reply,
+                peer,
+                account,
+                load,
+            } => {
+                let r = self.heartbeat(&mut out, now, peer, &account, load);
                 out.push(Effect::Reply(reply, r));
             }
             Input::Report {
@@ -539,6 +561,15 @@ impl Core {
             }
             Then::AgreementRecorded { reply, id } => {
                 self.agreement_recorded(out, reply, &id, outcome);
+            }
+            Then::Rebid { reply, job, rate } => self.rebid(out, reply, &job, rate, outcome),
+            Then::Charged { provider, upto } => {
+                if let Err(e) = first(outcome) {
+                    tracing::warn!(%provider, error = %e.message, "a node's charges were not recorded");
+                }
+                if self.charging.get(&provider) == Some(&upto) {
+                    self.charging.remove(&provider);
+                }
             }
             Then::Answer { reply } => {
                 let r = match first(outcome) {

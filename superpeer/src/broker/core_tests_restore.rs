@@ -19,6 +19,7 @@ fn beat(b: &mut Bench, peers: &[PeerId]) {
         reply_now(b.on(Input::Heartbeat {
             reply,
             peer,
+            account: "node:n@d".into(),
             load: NodeLoad::default(),
         }));
     }

@@ -13,8 +13,8 @@ use super::fail;
 use super::members::{Effect, Input};
 use crate::joblog::JobLog;
 use crate::proto::{
-    FailureKind, GroupInfo, GroupSummary, JobId, JobState, Member, NodeInfo, NodeLoad, NodeView,
-    Response,
+    FailureKind, GroupInfo, GroupSummary, HostPrice, JobId, JobState, Member, NodeInfo, NodeLoad,
+    NodeView, Response,
 };
 
 /// The replicas as members, leader first, kept while the leader and the membership stay the
@@ -78,6 +78,17 @@ impl Core {
             .live()
             .map(|(p, n)| (*p, n.info.slots, n.info.images.clone(), n.info.arch.clone()))
             .collect();
+        let hosts = self
+            .members
+            .live()
+            .map(|(p, n)| HostPrice {
+                name: n.info.name.clone(),
+                cpus: n.info.cpus,
+                price: n.info.load.price,
+                bidders: u32::try_from(n.info.load.bidders.len()).unwrap_or(u32::MAX),
+                free_slots: self.free_slots(p, n.info.slots),
+            })
+            .collect();
         let mut images: Vec<String> = live.iter().flat_map(|n| n.2.clone()).collect();
         images.sort();
         images.dedup();
@@ -93,6 +104,7 @@ impl Core {
             free_slots: live.iter().map(|n| self.free_slots(&n.0, n.1)).sum(),
             images,
             archs,
+            hosts,
         }
     }
 
@@ -137,7 +149,16 @@ impl Core {
     /// A node's heartbeat: its load, and the jobs it runs parts of. The answer names those of
     /// them that the log has ended or never recorded, for the node to stop, and those whose
     /// run now has no part on the node (it holds a run given up), for it to stop that run.
-    pub(super) fn heartbeat(&mut self, now: Instant, peer: PeerId, load: NodeLoad) -> Response {
+    pub(super) fn heartbeat(
+        &mut self,
+        out: &mut Vec<super::core::Effect>,
+        now: Instant,
+        peer: PeerId,
+        account: &str,
+        mut load: NodeLoad,
+    ) -> Response {
+        let batches = std::mem::take(&mut load.charges);
+        let (charged, broke) = self.charge(out, peer, account, batches, &load.bidders);
         // A job being driven is not yet (or only just) in the log: none is taken for unknown on
         // its way in.
         let stop: Vec<(JobId, u32)> = self.log.read(|s| {
@@ -167,6 +188,8 @@ impl Core {
             known: !effects.contains(&Effect::Unknown(peer)),
             members: self.replicas(),
             stop,
+            charged,
+            broke,
         }
     }
 
@@ -207,6 +230,8 @@ impl Core {
                         queues: n.info.load.queues.clone(),
                         traffic: n.info.load.traffic.clone(),
                         probes: n.probes.samples(),
+                        price: n.info.load.price,
+                        bidders: u32::try_from(n.info.load.bidders.len()).unwrap_or(u32::MAX),
                     })
                     .collect()
             })

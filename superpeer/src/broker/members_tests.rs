@@ -173,6 +173,7 @@ fn group_summaries_expire_and_this_groups_own_is_left_out() {
         free_slots: 1,
         images: Vec::new(),
         archs: Vec::new(),
+        hosts: Vec::new(),
     };
     let mut m = Members::new(LOST);
     let (sp_a, sp_b, me) = (PeerId::random(), PeerId::random(), PeerId::random());

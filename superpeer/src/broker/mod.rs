@@ -49,6 +49,7 @@ mod files;
 mod forward;
 mod group;
 mod logs;
+mod market;
 mod members;
 mod migrate;
 mod monitor;
@@ -484,6 +485,7 @@ impl Broker {
                     Some(r) => r,
                 }
             }
+            ClientRequest::Bid { job, rate } => self.rebid(who, job, rate).await,
             // Who may cancel a job may hold it back.
             ClientRequest::Hold { job, held } => {
                 match admit::refusal(&self.site, &self.log, who, "cancel", &job) {
@@ -525,6 +527,8 @@ impl Broker {
                     known: false,
                     members: self.view.replicas.get(&self.log),
                     stop: Vec::new(),
+                    charged: None,
+                    broke: Vec::new(),
                 },
                 _ => self.not_leader(),
             };
@@ -541,8 +545,14 @@ impl Broker {
                 .await
             }
             NodeRequest::Heartbeat(load) => {
-                self.ask(|reply| Input::Heartbeat { reply, peer, load })
-                    .await
+                let account = crate::proto::account_of(who);
+                self.ask(|reply| Input::Heartbeat {
+                    reply,
+                    peer,
+                    account,
+                    load,
+                })
+                .await
             }
             NodeRequest::Fetch { hash } => match self.modules.get(&hash) {
                 Some(b) => Response::Module(b),

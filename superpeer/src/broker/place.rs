@@ -12,7 +12,7 @@ use super::admit::{AdmitError, Refusal, inter_domain_allows, owner_of};
 use super::core::{Core, Drive, Effect, Reply, Then};
 use super::now_ms;
 use crate::joblog::Command;
-use crate::joblog::state::{Ended, JobRecord};
+use crate::joblog::state::{Ended, JobBid, JobRecord};
 use crate::modules::ModuleStore;
 use crate::proto::ErrorKind;
 use crate::proto::{
@@ -155,6 +155,7 @@ pub(super) fn new_record(
         estimate_ms: s.estimate_ms,
         started_ms: None,
         agreement: false,
+        bid: s.requirements.bid.map(|rate| JobBid { rate, top: rate }),
         channels: c
             .topology
             .channels

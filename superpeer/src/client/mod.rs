@@ -481,6 +481,24 @@ impl Client {
         }
     }
 
+    /// Changes a bidding job's bid to `rate` micro-credits per CPU-second.
+    ///
+    /// # Errors
+    /// No such job, it does not bid or has ended, the rate is out of range or above its
+    /// owner's balance, the policy refuses `bid`, or the broker cannot be reached.
+    pub async fn bid(&self, job: &JobId, rate: u64) -> Result<(), Failure> {
+        match self
+            .call(ClientRequest::Bid {
+                job: job.clone(),
+                rate,
+            })
+            .await?
+        {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Holds a pending job back from placement (`held`), or releases it.
     ///
     /// # Errors

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{Transaction, TxKind};
+use crate::proto::{ChargeBatch, Transaction, TxKind, Usage};
 
 /// How many transactions the bank keeps (and remembers the request ids of), the newest.
 pub const KEEP_TRANSACTIONS: usize = 100_000;
@@ -45,15 +45,27 @@ pub enum BankCommand {
         /// When (the leader's clock).
         at_ms: u64,
     },
+    /// A node's charges for the CPU time bidding jobs used on it (already checked against
+    /// the jobs it runs): each line moves what it owes, or all the payer holds if less, from
+    /// the payer to the node's provider. Batches the bank has taken are skipped.
+    Charge {
+        /// The provider's account (the node's).
+        provider: String,
+        /// The node's batches, in order.
+        batches: Vec<ChargeBatch>,
+        /// When (the leader's clock).
+        at_ms: u64,
+    },
 }
 
 impl BankCommand {
-    /// Who asked, and their request id.
-    pub fn request(&self) -> (&str, &str) {
+    /// Who asked, and their request id (none for a node's charges, which go by batch).
+    pub fn request(&self) -> Option<(&str, &str)> {
         match self {
             BankCommand::Mint { by, request, .. } | BankCommand::Transfer { by, request, .. } => {
-                (by, request)
+                Some((by, request))
             }
+            BankCommand::Charge { .. } => None,
         }
     }
 }
@@ -89,6 +101,9 @@ pub struct Bank {
     seen: BTreeMap<(String, String), u64>,
     /// The last transaction's number.
     last: u64,
+    /// Per provider: the last charge batch taken, `(boot, seq)`.
+    #[serde(default)]
+    charged: BTreeMap<String, (u64, u64)>,
 }
 
 impl Bank {
@@ -126,13 +141,27 @@ impl Bank {
             .get(usize::try_from(seq.checked_sub(first)?).ok()?)
     }
 
+    /// The last charge batch of `provider` taken, `(boot, seq)`.
+    pub fn charged(&self, provider: &str) -> Option<(u64, u64)> {
+        self.charged.get(provider).copied()
+    }
+
     /// Applies `c`: a request id applied before changes nothing (and is not an error).
     pub(super) fn apply(&mut self, c: BankCommand) -> Result<(), BankError> {
-        let (by, request) = c.request();
-        if self.seen.contains_key(&(by.to_owned(), request.to_owned())) {
+        if let Some((by, request)) = c.request()
+            && self.seen.contains_key(&(by.to_owned(), request.to_owned()))
+        {
             return Ok(());
         }
         let t = match c {
+            BankCommand::Charge {
+                provider,
+                batches,
+                at_ms,
+            } => {
+                self.charge(&provider, batches, at_ms);
+                return Ok(());
+            }
             BankCommand::Mint {
                 to,
                 amount,
@@ -158,6 +187,7 @@ impl Bank {
                     by,
                     request,
                     memo: String::new(),
+                    usage: None,
                 }
             }
             BankCommand::Transfer {
@@ -205,18 +235,76 @@ impl Bank {
                     by,
                     request,
                     memo,
+                    usage: None,
                 }
             }
         };
-        self.last = t.seq;
         self.seen.insert((t.by.clone(), t.request.clone()), t.seq);
+        self.keep(t);
+        Ok(())
+    }
+
+    /// Takes the batches of `provider` after the last one taken: each line moves what it owes
+    /// (all the payer holds, if less) from its payer to the provider.
+    fn charge(&mut self, provider: &str, batches: Vec<ChargeBatch>, at_ms: u64) {
+        for b in batches {
+            if self
+                .charged
+                .get(provider)
+                .is_some_and(|&last| (b.boot, b.seq) <= last)
+            {
+                continue;
+            }
+            self.charged.insert(provider.to_owned(), (b.boot, b.seq));
+            for (i, l) in b.lines.into_iter().enumerate() {
+                let held = self.balance(&l.payer);
+                let amount = l.micro.min(held);
+                if amount == 0 || l.payer == provider {
+                    continue;
+                }
+                let Some(credited) = self.balance(provider).checked_add(amount) else {
+                    continue;
+                };
+                if held == amount {
+                    self.balances.remove(&l.payer);
+                } else {
+                    self.balances.insert(l.payer.clone(), held - amount);
+                }
+                self.balances.insert(provider.to_owned(), credited);
+                let t = Transaction {
+                    seq: self.last + 1,
+                    at_ms,
+                    kind: TxKind::Charge,
+                    from: Some(l.payer),
+                    to: provider.to_owned(),
+                    amount,
+                    by: provider.to_owned(),
+                    request: format!("charge-{}-{}-{i}", b.boot, b.seq),
+                    memo: String::new(),
+                    usage: Some(Usage {
+                        job: l.job,
+                        cpu_us: l.cpu_us,
+                        rate: l.rate,
+                        owed: l.micro,
+                    }),
+                };
+                self.keep(t);
+            }
+        }
+    }
+
+    /// Keeps transaction `t` as the newest (the oldest beyond [`KEEP_TRANSACTIONS`] go, with
+    /// the request ids they answered).
+    fn keep(&mut self, t: Transaction) {
+        self.last = t.seq;
         self.history.push_back(t);
         while self.history.len() > KEEP_TRANSACTIONS {
-            if let Some(old) = self.history.pop_front() {
+            if let Some(old) = self.history.pop_front()
+                && old.kind != TxKind::Charge
+            {
                 self.seen.remove(&(old.by, old.request));
             }
         }
-        Ok(())
     }
 }
 
@@ -266,6 +354,67 @@ mod tests {
             .expect("all of it");
         assert_eq!(b.balances().count(), 1, "an emptied account holds nothing");
         assert_eq!(b.history(Some("user:a@d")).count(), 3);
+    }
+
+    fn charges(provider: &str, boot: u64, seq: u64, owed: &[(&str, u64)]) -> BankCommand {
+        BankCommand::Charge {
+            provider: provider.into(),
+            batches: vec![ChargeBatch {
+                boot,
+                seq,
+                lines: owed
+                    .iter()
+                    .map(|(payer, micro)| crate::proto::ChargeLine {
+                        job: "j-1-1".parse().expect("a job id"),
+                        payer: (*payer).into(),
+                        rate: 2,
+                        cpu_us: micro * 500_000,
+                        micro: *micro,
+                    })
+                    .collect(),
+            }],
+            at_ms: 5,
+        }
+    }
+
+    #[test]
+    fn a_node_s_charges_move_credits_once_and_never_more_than_the_payer_holds() {
+        let mut b = Bank::default();
+        b.apply(mint("user:a@d", 10, "m1")).expect("mint");
+        b.apply(mint("user:b@d", 10, "m2")).expect("mint");
+        let n = "node:n1@d";
+        b.apply(charges(n, 1, 1, &[("user:a@d", 3), ("user:b@d", 4)]))
+            .expect("charge");
+        assert_eq!((b.balance("user:a@d"), b.balance("user:b@d")), (7, 6));
+        assert_eq!(b.balance(n), 7);
+        // The same batch again (a heartbeat resent before its answer): taken once.
+        b.apply(charges(n, 1, 1, &[("user:a@d", 3)]))
+            .expect("again");
+        assert_eq!(b.balance("user:a@d"), 7);
+        // More than the payer holds: all it holds, the use and what it owed kept.
+        b.apply(charges(n, 1, 2, &[("user:a@d", 9)]))
+            .expect("short");
+        assert_eq!((b.balance("user:a@d"), b.balance(n)), (0, 14));
+        let t = b.history(Some("user:a@d")).next().expect("the charge");
+        assert_eq!(t.kind, TxKind::Charge);
+        assert_eq!(t.amount, 7);
+        assert_eq!(
+            t.usage.as_ref().map(|u| (u.owed, u.cpu_us)),
+            Some((9, 4_500_000))
+        );
+        // Nothing left: nothing moves, no transaction.
+        let before = b.history(None).count();
+        b.apply(charges(n, 1, 3, &[("user:a@d", 5)]))
+            .expect("broke");
+        assert_eq!(b.history(None).count(), before);
+        // An older boot's batch after a newer one is not taken.
+        b.apply(charges(n, 2, 1, &[("user:b@d", 1)]))
+            .expect("new boot");
+        b.apply(charges(n, 1, 9, &[("user:b@d", 1)]))
+            .expect("old boot");
+        assert_eq!(b.balance("user:b@d"), 5);
+        assert_eq!(b.charged(n), Some((2, 1)));
+        assert_eq!(b.total(), 20, "charges only move credits");
     }
 
     #[test]

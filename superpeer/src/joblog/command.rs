@@ -110,6 +110,13 @@ pub enum Command {
         /// Drained or not.
         drained: bool,
     },
+    /// A bidding job's bid changes (by hand, or by its agent).
+    Bid {
+        /// The job.
+        job: JobId,
+        /// Its new rate, micro-credits per CPU-second.
+        rate: u64,
+    },
     /// A pending job is held back from placement (`true`) or released (`false`).
     Hold {
         /// The job.
@@ -183,7 +190,8 @@ impl Command {
             | Command::End { job, .. }
             | Command::Logs { job, .. }
             | Command::Files { job, .. }
-            | Command::Hold { job, .. } => vec![job],
+            | Command::Hold { job, .. }
+            | Command::Bid { job, .. } => vec![job],
             Command::Batch(v) => v.iter().flat_map(Command::jobs).collect(),
             Command::Drain { .. }
             | Command::Offer(_)
@@ -272,6 +280,9 @@ pub enum CommandError {
         /// The node.
         node: PeerId,
     },
+    /// A change of bid of a job that does not bid.
+    #[error("job {0} does not bid for its nodes' CPU (its profile has no requirements.bid)")]
+    NotBidding(JobId),
     /// A hold or release of a job that is not pending.
     #[error("job {job} is {state:?}: only a pending job can be held or released")]
     HoldNotPending {

@@ -191,6 +191,18 @@ pub struct JobRecord {
     /// Whether it runs under an agreement (the agreement of the same id).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub agreement: bool,
+    /// Its bid for its nodes' CPU, when it bids (the market's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid: Option<JobBid>,
+}
+
+/// A job's bid for its nodes' CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobBid {
+    /// Its rate now, micro-credits per CPU-second.
+    pub rate: u64,
+    /// The highest it has bid (a node may still charge at it for time before a change).
+    pub top: u64,
 }
 
 /// An offer to run a job by a promised finish, and the agreement it becomes once accepted

@@ -17,7 +17,8 @@ use crate::proto::{JobId, JobState, MoveInfo, Restart};
 pub use super::agreements::KEEP_AGREEMENTS;
 pub use super::command::{Applied, Command, CommandError};
 pub use super::record::{
-    AgreementRecord, ArrayRecord, Ended, JobRecord, PartRecord, Resources, VertexLogs, now_ms,
+    AgreementRecord, ArrayRecord, Ended, JobBid, JobRecord, PartRecord, Resources, VertexLogs,
+    now_ms,
 };
 
 /// How many ended jobs the log remembers; the oldest are forgotten first.
@@ -380,6 +381,18 @@ impl ControlState {
                     return Err(CommandError::AlreadyHeld { job, held });
                 }
                 j.held = held;
+                Ok(())
+            }
+            Command::Bid { job, rate } => {
+                let j = self.live(&job)?;
+                let Some(bid) = &mut j.bid else {
+                    return Err(CommandError::NotBidding(job));
+                };
+                bid.rate = rate;
+                bid.top = bid.top.max(rate);
+                if let Some(s) = &mut j.submission {
+                    s.requirements.bid = Some(rate);
+                }
                 Ok(())
             }
         }

@@ -65,6 +65,7 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         estimate_ms: None,
         started_ms: None,
         agreement: false,
+        bid: None,
     }
 }
 

@@ -163,6 +163,7 @@ fn submit(name: &str) -> Command {
         estimate_ms: None,
         started_ms: None,
         agreement: false,
+        bid: None,
         channels: Vec::new(),
     }))
 }

@@ -43,6 +43,8 @@ pub struct Charge {
     pub payer: String,
     /// CPU seconds used since the last charge.
     pub cpu_secs: f64,
+    /// The bid rate charged, micro-credits per CPU-second.
+    pub rate: u64,
     /// What they cost at the bid rate, micro-credits (rounded down; the rest is carried).
     pub micro: u64,
 }
@@ -69,11 +71,24 @@ impl Auctioneer {
         Ok(())
     }
 
+    /// Part `part`'s guest had used `cpu_secs` CPU seconds when its bid was made: it is
+    /// charged only for what it uses from then on (a guest may have run before, e.g. a warm
+    /// or persistent one).
+    pub fn metered_from(&mut self, part: &str, cpu_secs: f64) {
+        let from = if cpu_secs.is_finite() { cpu_secs } else { 0.0 };
+        self.metered.insert(part.to_owned(), (from, 0.0));
+    }
+
     /// Part `part` has ended: its bid goes (what it used since its last charge is not
     /// charged: meter it first).
     pub fn end(&mut self, part: &str) {
         self.bids.remove(part);
         self.metered.remove(part);
+    }
+
+    /// Part `part`'s bid rate, if it bids.
+    pub fn rate(&self, part: &str) -> Option<u64> {
+        self.bids.get(part).map(|b| b.rate)
     }
 
     /// Whether part `part` bids.
@@ -129,6 +144,7 @@ impl Auctioneer {
             part: part.to_owned(),
             payer: bid.payer.clone(),
             cpu_secs: used,
+            rate: bid.rate,
             micro: micro as u64,
         })
     }

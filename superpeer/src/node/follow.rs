@@ -146,6 +146,7 @@ impl Follow {
                 known,
                 members,
                 stop,
+                ..
             }) => {
                 self.registered = known;
                 out.extend(stop.into_iter().map(|(job, upto)| Effect::Stop {
@@ -281,6 +282,43 @@ impl Node {
             queues,
             traffic,
             probes: self.probes.take(),
+            charges: Vec::new(),
+            price: 0,
+            bidders: Vec::new(),
+        }
+    }
+
+    /// A heartbeat's load: [`Node::load`] with what the node's auctioneer metered (a new
+    /// batch of charges, kept with those the bank has not taken), its price and its bidders.
+    async fn beat(&self) -> NodeLoad {
+        let mut load = self.load();
+        let Some(os) = self.os.clone() else {
+            return load;
+        };
+        match tokio::task::spawn_blocking(move || os.market().meter()).await {
+            Ok((lines, price, bidders)) => {
+                let mut c = self.charges.lock();
+                c.push(lines);
+                load.charges = c.unsent();
+                load.price = price;
+                load.bidders = bidders;
+            }
+            Err(e) => tracing::warn!("metering the bidding guests: {e}"),
+        }
+        load
+    }
+
+    /// The leader's answer to a heartbeat: the charges the bank took go, and the payers with
+    /// no credit left bid the floor rate.
+    async fn beat_answered(&self, charged: Option<(u64, u64)>, broke: Vec<String>) {
+        if let Some(upto) = charged {
+            self.charges.lock().taken(upto);
+        }
+        let Some(os) = self.os.clone() else {
+            return;
+        };
+        if let Err(e) = tokio::task::spawn_blocking(move || os.market().set_broke(broke)).await {
+            tracing::warn!("setting the bids of payers without credit: {e}");
         }
     }
 
@@ -339,7 +377,7 @@ impl Node {
                         let request = if register {
                             Request::Node(NodeRequest::Register(Box::new(self.info())))
                         } else {
-                            Request::Node(NodeRequest::Heartbeat(self.load()))
+                            Request::Node(NodeRequest::Heartbeat(self.beat().await))
                         };
                         let heard = match tokio::time::timeout(
                             self.site.lost_after,
@@ -347,7 +385,12 @@ impl Node {
                         )
                         .await
                         {
-                            Ok(Ok(r)) => Heard::Answer(Box::new(r)),
+                            Ok(Ok(r)) => {
+                                if let Response::Heartbeat { charged, broke, .. } = &r {
+                                    self.beat_answered(*charged, broke.clone()).await;
+                                }
+                                Heard::Answer(Box::new(r))
+                            }
                             // It fails at once: the connection is refused or closed.
                             Ok(Err(_)) => Heard::Refused,
                             Err(_) => Heard::Silent,

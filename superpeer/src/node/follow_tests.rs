@@ -30,6 +30,8 @@ fn beat(known: bool, members: Vec<Member>, stop: &[&str]) -> Heard {
         known,
         members,
         stop: stop.iter().map(|s| ((*s).into(), u32::MAX)).collect(),
+        charged: None,
+        broke: Vec::new(),
     }))
 }
 

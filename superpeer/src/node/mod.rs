@@ -24,6 +24,7 @@ use crate::environment::NodeOs;
 use crate::proto::{BrokerRequest, Failure, FailureKind, Hash, JobId, Member, Response};
 use crate::site::Site;
 
+mod charges;
 mod checkpoint;
 mod follow;
 mod grow;
@@ -151,6 +152,8 @@ pub(crate) struct Node {
     probes: monitor::Fresh,
     /// The guests made here for triggers, each running a node of the group.
     grown: grow::GrownGuests,
+    /// Charges for bidding guests' CPU time the bank has not taken yet.
+    charges: Mutex<charges::Charges>,
 }
 
 /// How a node is set up.
@@ -202,6 +205,7 @@ impl Node {
             logs: logs::Shelf::default(),
             probes: monitor::Fresh::default(),
             grown: grow::GrownGuests::default(),
+            charges: Mutex::new(charges::Charges::new(crate::joblog::state::now_ms())),
         }
     }
 
@@ -297,6 +301,17 @@ impl Node {
             BrokerRequest::Grow(spec) => self.grow(*spec).await,
             BrokerRequest::Shrink { name } => self.shrink(&name).await,
             BrokerRequest::Queues { job } => Response::Queues(self.queues_of(&job)),
+            BrokerRequest::Bid { job, rate } => {
+                let Some(os) = self.os.clone() else {
+                    return Response::Ok;
+                };
+                let changed = tokio::task::spawn_blocking(move || os.market().rebid(&job, rate));
+                match changed.await {
+                    Ok(Ok(_)) => Response::Ok,
+                    Ok(Err(e)) => fail(FailureKind::Input, e.to_string()),
+                    Err(e) => fail(FailureKind::Failed, format!("changing a bid: {e}")),
+                }
+            }
             BrokerRequest::Terminate {
                 job,
                 attempt,

@@ -192,7 +192,7 @@ impl Node {
                 let acquired = move || {
                     let mut lease = os.acquire(&job, &e)?;
                     if let Some(rate) = e.bid {
-                        os.bid(&mut lease, payer, rate)?;
+                        os.bid(&mut lease, &job, payer, rate)?;
                     }
                     Ok::<_, crate::environment::EnvError>(lease)
                 };

@@ -70,6 +70,9 @@ pub enum TxKind {
     Mint,
     /// Credits moved.
     Transfer,
+    /// A node's charge for CPU time a bidding job used there (from the job's owner to the
+    /// node's provider).
+    Charge,
 }
 
 /// One applied transaction.
@@ -93,7 +96,59 @@ pub struct Transaction {
     pub request: String,
     /// The note given with it.
     pub memo: String,
+    /// For a charge: the use it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
+
+/// The CPU time a charge is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// The job.
+    pub job: super::JobId,
+    /// CPU microseconds its guest used on the node.
+    pub cpu_us: u64,
+    /// Its bid rate then, micro-credits per CPU-second.
+    pub rate: u64,
+    /// What that use cost at that rate, micro-credits: the amount moved, unless the payer
+    /// held less (then all it held).
+    pub owed: u64,
+}
+
+/// What the bidding guests of a node used over one heartbeat (or several, merged while the
+/// leader had not yet taken them): sent with every heartbeat until the leader says it is in
+/// the bank. `(boot, seq)` orders a node's batches; the bank takes each once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeBatch {
+    /// When the node's process started (milliseconds since the Unix epoch): a restarted
+    /// node's batches come after its earlier ones.
+    pub boot: u64,
+    /// The batch's number since then.
+    pub seq: u64,
+    /// What each job's guests used.
+    pub lines: Vec<ChargeLine>,
+}
+
+/// What one job's guest used on a node, and what that costs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeLine {
+    /// The job.
+    pub job: super::JobId,
+    /// The account that pays (the job's owner's).
+    pub payer: String,
+    /// The bid rate charged, micro-credits per CPU-second.
+    pub rate: u64,
+    /// CPU microseconds used.
+    pub cpu_us: u64,
+    /// Micro-credits owed (the fraction of a micro-credit is carried to the next).
+    pub micro: u64,
+}
+
+/// The most charge batches a heartbeat carries (older ones are merged).
+pub const MAX_CHARGE_BATCHES: usize = 16;
+
+/// The most lines a charge batch has.
+pub const MAX_CHARGE_LINES: usize = 4096;
 
 /// The bank's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -221,6 +221,27 @@ fn check_samples(l: &super::NodeLoad) -> Result<(), CheckError> {
         check_name("a queue sample's job", &q.job)?;
         check_name("a queue sample's queue", &q.queue)?;
     }
+    if l.charges.len() > super::MAX_CHARGE_BATCHES {
+        return Err(CheckError::TooMany {
+            field: "charge batches",
+            count: l.charges.len(),
+        });
+    }
+    for b in &l.charges {
+        if b.lines.len() > super::MAX_CHARGE_LINES {
+            return Err(CheckError::TooMany {
+                field: "charge lines",
+                count: b.lines.len(),
+            });
+        }
+        for c in &b.lines {
+            check_name("a charge's payer", &c.payer)?;
+        }
+    }
+    check_len("bidders", l.bidders.len())?;
+    l.bidders
+        .iter()
+        .try_for_each(|b| check_name("a bidder", b))?;
     l.traffic
         .iter()
         .try_for_each(|t| check_name("a job's traffic's job", &t.job))
@@ -362,6 +383,7 @@ impl ClientRequest {
             | ClientRequest::Checkpoint { .. }
             | ClientRequest::Cancel { .. }
             | ClientRequest::Hold { .. }
+            | ClientRequest::Bid { .. }
             | ClientRequest::Accept {
                 on_behalf: None, ..
             }
@@ -412,7 +434,7 @@ impl BrokerRequest {
             },
             BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),
             BrokerRequest::Shrink { name } => check_name("the guest", name),
-            BrokerRequest::Queues { .. } => Ok(()),
+            BrokerRequest::Queues { .. } | BrokerRequest::Bid { .. } => Ok(()),
             BrokerRequest::Grow(g) => {
                 check_name("the guest", &g.name)?;
                 check_template(Some(&g.template))?;

@@ -69,6 +69,15 @@ pub struct NodeLoad {
     /// as its monitoring policy runs them.
     #[serde(default)]
     pub probes: Vec<ProbeSample>,
+    /// Its charges for bidding jobs' CPU time the bank has not yet taken.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub charges: Vec<super::ChargeBatch>,
+    /// Its price: the sum of the bid rates on it, micro-credits per CPU-second.
+    #[serde(default)]
+    pub price: u64,
+    /// The accounts whose jobs bid on it now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bidders: Vec<String>,
 }
 
 /// The most queues a heartbeat lists.
@@ -169,6 +178,24 @@ pub struct GroupSummary {
     pub images: Vec<String>,
     /// Architectures of the nodes.
     pub archs: Vec<String>,
+    /// Its live nodes' prices (Tycoon's service location service).
+    #[serde(default)]
+    pub hosts: Vec<HostPrice>,
+}
+
+/// A node's price for its CPU, as the market lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPrice {
+    /// The node.
+    pub name: String,
+    /// Its CPUs.
+    pub cpus: u32,
+    /// The sum of the bid rates on it, micro-credits per CPU-second.
+    pub price: u64,
+    /// How many accounts bid on it.
+    pub bidders: u32,
+    /// Its free vertex slots.
+    pub free_slots: u32,
 }
 
 impl GroupSummary {
@@ -181,6 +208,10 @@ impl GroupSummary {
         check_name("the domain", &self.domain)?;
         check_len("addresses", self.addrs.len())?;
         check_len("images", self.images.len())?;
+        check_len("hosts", self.hosts.len())?;
+        self.hosts
+            .iter()
+            .try_for_each(|h| check_name("a host's name", &h.name))?;
         check_len("architectures", self.archs.len())
     }
 }
@@ -226,6 +257,13 @@ pub struct NodeView {
     /// value per job).
     #[serde(default)]
     pub probes: Vec<ProbeSample>,
+    /// Its price at its last heartbeat: the sum of the bid rates on it, micro-credits per
+    /// CPU-second.
+    #[serde(default)]
+    pub price: u64,
+    /// How many accounts bid on it.
+    #[serde(default)]
+    pub bidders: u32,
 }
 
 /// The scheduling policy a group places jobs by, and why.

@@ -119,6 +119,13 @@ pub enum ClientRequest {
         /// Hold or release.
         held: bool,
     },
+    /// Change a bidding job's bid for its nodes' CPU (`mvm bid`).
+    Bid {
+        /// The job id.
+        job: JobId,
+        /// The new rate, micro-credits per CPU-second.
+        rate: u64,
+    },
     /// Cancel a job.
     Cancel {
         /// The job id.
@@ -312,6 +319,13 @@ pub enum BrokerRequest {
         /// The job.
         job: JobId,
     },
+    /// The guests of `job`'s part here bid `rate` (micro-credits per CPU-second) from now on.
+    Bid {
+        /// The job.
+        job: JobId,
+        /// The new rate.
+        rate: u64,
+    },
 }
 
 /// A queue of a running job's part on a node, as [`BrokerRequest::Queues`] gives it.
@@ -491,6 +505,13 @@ pub enum Response {
         /// recorded them).
         #[serde(default)]
         stop: Vec<(JobId, u32)>,
+        /// The node's last charge batch the bank has taken, `(boot, seq)`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        charged: Option<(u64, u64)>,
+        /// Of the accounts bidding on the node, those with no credit left (their guests bid
+        /// the floor rate until they have some).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        broke: Vec<String>,
     },
     /// A module's bytes.
     Module(Bytes),
