@@ -7,6 +7,9 @@
 
 use std::collections::BTreeMap;
 
+pub mod agent;
+pub mod sim;
+
 /// The Xen-style weight (256 is the default) the highest bid on a host gets; the others get
 /// theirs in proportion, at least 1. Chosen so that cgroup v2's `cpu.weight` (at most 10,000,
 /// Xen weight × 100 / 256) keeps the proportion: 25,600 → 10,000.

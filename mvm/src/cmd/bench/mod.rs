@@ -4,6 +4,7 @@ mod broker;
 mod chaos;
 mod checkpoint;
 mod labjob;
+mod market;
 mod mpi;
 mod pn;
 mod recovery;
@@ -141,6 +142,22 @@ enum Which {
         /// Seconds measured.
         #[arg(long, default_value_t = 4.0)]
         secs: f64,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// The market's bidding agents (Feldman, Lai and Zhang's best response) on the real
+    /// auctioneers, one per host: efficiency and envy at their equilibrium and with uniform
+    /// bids, beside Zhang's bounds (ICALP 2005), also with one host and with two users.
+    Market {
+        /// Hosts, each with its auctioneer.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        hosts: u32,
+        /// Users, each with a budget of 1 credit per second.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        users: u32,
+        /// The seed of the users' valuations.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -533,6 +550,15 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
             let report = shares::run(&setting, secs)?;
             print(&report, out.output, shares::text)
+        }
+        Which::Market {
+            hosts,
+            users,
+            seed,
+            out,
+        } => {
+            let report = market::run(hosts, users, seed)?;
+            print(&report, out.output, market::text)
         }
         Which::Xen {
             kernel,
