@@ -98,6 +98,21 @@ pub struct Profile {
     /// lets the job run in a gap before a reservation.
     #[serde(default)]
     pub estimate: Option<String>,
+    /// A budget for the CPU market instead of a fixed `requirements.bid`: the broker's agent
+    /// chooses the nodes and bids for the job.
+    #[serde(default)]
+    pub market: Option<MarketBudget>,
+}
+
+/// A job's budget for the CPU market as written: `budget` credits (e.g. `500`, or `"12.5"`)
+/// spent over `deadline` (e.g. `"10m"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketBudget {
+    /// Credits.
+    pub budget: toml::Value,
+    /// Over how long.
+    pub deadline: String,
 }
 
 /// The values of one swept parameter as written.

@@ -1424,3 +1424,59 @@ fn a_node_placed_for_an_image_it_lacks_fetches_it_first_from_a_node_that_serves_
         "{list}"
     );
 }
+
+#[test]
+fn a_market_job_s_agent_bids_for_it_and_spends_its_budget_by_its_deadline_and_no_more() {
+    let group = format!("mvm-agenttest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let g = one_market_node(&group);
+    let me = funded(&g, "10");
+    let spin = r#"(module (func (export "_start") (loop $l (br $l))))"#;
+    let dir = g.dir.path().to_owned();
+    let market = |name: &str, budget: &str| {
+        one_vertex(
+            &dir,
+            name,
+            spin,
+            &format!(
+                "[requirements]\nimage = \"env:1\"\n[market]\nbudget = {budget}\ndeadline = \"4s\"\n"
+            ),
+        )
+    };
+    // A budget above the balance, or a bad one, is refused.
+    for (name, budget, says) in [
+        ("big", "11", "above"),
+        ("neg", "-1", "market.budget"),
+        ("nan", "\"NaN\"", "market.budget"),
+    ] {
+        let out = g.run(&["submit", &market(name, budget)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{name}: {err}");
+    }
+    // 2 credits over 4 s: alone on n1, the agent bids it all there, 0.5 credits a CPU-second.
+    let v = json(&g.run(&["submit", &market("agent", "2"), "-o", "json"]));
+    let job = v["job"].as_str().expect("job").to_owned();
+    wait_for(Duration::from_secs(20), || {
+        (n1_price(&g)? == "0.5").then_some(())
+    });
+    // It spends the budget (its guest spins), then bids the floor; never more than the budget.
+    wait_for(Duration::from_secs(30), || {
+        (n1_price(&g)? == "0.000001").then_some(())
+    });
+    let out = g.run(&["bid", &job, "--rate", "1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("past what is left of its budget"),
+        "{out:?}"
+    );
+    assert!(g.run(&["cancel", &job]).status.success());
+    let charges = settled_charges(&g);
+    let spent: u64 = charges
+        .iter()
+        .filter(|t| t["usage"]["job"] == job.as_str())
+        .map(|t| t["amount"].as_u64().expect("amount"))
+        .sum();
+    assert_eq!(spent, 2 * MICRO, "the budget, to the micro-credit");
+    let b = balances(&g);
+    assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), 10 * MICRO);
+    assert_eq!(b.iter().find(|x| x.0 == me).map(|x| x.1), Some(8 * MICRO));
+}

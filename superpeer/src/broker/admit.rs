@@ -140,13 +140,10 @@ pub(crate) enum AdmitError {
     /// The policy refuses it.
     #[error("refused by policy: {0}")]
     Policy(String),
-    /// Its bid is above what its owner holds.
-    #[error(
-        "a bid of {bid} credits a CPU-second is above {payer}'s balance of {held} (see `mvm bank \
-         balance`)"
-    )]
+    /// Its bid or budget is above what its owner holds.
+    #[error("{bid} is above {payer}'s balance of {held} (see `mvm bank balance`)")]
     Bid {
-        /// The bid, in credits.
+        /// The bid or budget, in words.
         bid: String,
         /// The paying account.
         payer: String,
@@ -215,7 +212,24 @@ impl Core {
             })
             .into_result()
             .map_err(AdmitError::Policy)?;
-        if let Some(rate) = r.bid {
+        let asks = match (r.bid, r.market) {
+            (Some(rate), _) => Some((
+                rate,
+                format!(
+                    "a bid of {} credits a CPU-second",
+                    crate::proto::format_credits(rate)
+                ),
+            )),
+            (None, Some(m)) => Some((
+                m.budget,
+                format!(
+                    "a budget of {} credits",
+                    crate::proto::format_credits(m.budget)
+                ),
+            )),
+            (None, None) => None,
+        };
+        if let Some((rate, what)) = asks {
             engine
                 .decide(&Question {
                     actor: owner.clone(),
@@ -228,7 +242,7 @@ impl Core {
             let held = self.log.read(|st| st.bank().balance(&payer));
             if held < rate {
                 return Err(AdmitError::Bid {
-                    bid: crate::proto::format_credits(rate),
+                    bid: what,
                     payer,
                     held: crate::proto::format_credits(held),
                 });

@@ -203,11 +203,7 @@ impl Core {
                 .map(|mut b| {
                     b.lines.retain(|l| {
                         let ok = s.job(&l.job).is_some_and(|r| {
-                            let bid = r
-                                .submission
-                                .as_ref()
-                                .and_then(|sub| sub.requirements.bid)
-                                .unwrap_or(0);
+                            let bid = r.bid.map_or(0, |b| b.top);
                             account_of(&r.owner) == l.payer
                                 && r.parts.iter().any(|p| p.node == peer)
                                 && l.rate <= bid

@@ -258,8 +258,14 @@ pub(super) enum Then {
         state: JobState,
         reply: Option<Reply>,
     },
-    /// A job's change of bid was recorded: tell its nodes, and answer.
-    Rebid { reply: Reply, job: JobId, rate: u64 },
+    /// A job's change of bid (on every node, or on `node`) was recorded: tell its nodes,
+    /// and answer.
+    Rebid {
+        reply: Option<Reply>,
+        job: JobId,
+        rate: u64,
+        node: Option<PeerId>,
+    },
     /// A node's charges were recorded (or not): the next heartbeat may send them again.
     Charged { provider: String, upto: (u64, u64) },
     /// A mint or transfer was recorded (or refused): answer with its transaction.
@@ -361,6 +367,8 @@ pub(super) struct Core {
     pub(super) triggering: super::triggers::Triggering,
     /// Per provider: the last charge batch proposed to the bank and not yet applied.
     pub(super) charging: HashMap<String, (u64, u64)>,
+    /// When the market jobs' agents last bid.
+    pub(super) last_agents: Option<Instant>,
 }
 
 impl Core {
@@ -397,6 +405,7 @@ impl Core {
             steering: super::monitor::Steering::default(),
             triggering: super::triggers::Triggering::default(),
             charging: HashMap::new(),
+            last_agents: None,
         }
     }
 
@@ -444,8 +453,14 @@ impl Core {
                 command: Command::Bid {
                     job: job.clone(),
                     rate,
+                    node: None,
                 },
-                then: Then::Rebid { reply, job, rate },
+                then: Then::Rebid {
+                    reply: Some(reply),
+                    job,
+                    rate,
+                    node: None,
+                },
             }),
             Input::Hold { reply, job, held } => out.push(Effect::Record {
                 command: Command::Hold { job, held },
@@ -562,7 +577,12 @@ impl Core {
             Then::AgreementRecorded { reply, id } => {
                 self.agreement_recorded(out, reply, &id, outcome);
             }
-            Then::Rebid { reply, job, rate } => self.rebid(out, reply, &job, rate, outcome),
+            Then::Rebid {
+                reply,
+                job,
+                rate,
+                node,
+            } => self.rebid(out, reply, &job, rate, node, outcome),
             Then::Charged { provider, upto } => {
                 if let Err(e) = first(outcome) {
                     tracing::warn!(%provider, error = %e.message, "a node's charges were not recorded");

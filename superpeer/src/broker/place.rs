@@ -155,7 +155,7 @@ pub(super) fn new_record(
         estimate_ms: s.estimate_ms,
         started_ms: None,
         agreement: false,
-        bid: s.requirements.bid.map(|rate| JobBid { rate, top: rate }),
+        bid: JobBid::of(&s.requirements),
         channels: c
             .topology
             .channels

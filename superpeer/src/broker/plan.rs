@@ -78,6 +78,8 @@ pub(super) struct Plan {
     pub(super) peers: Vec<PeerId>,
     /// Vertex → part index.
     pub(super) placement: Vec<u32>,
+    /// Each part's bid for its node's CPU, when the job bids ([`Core::bid_plan`]).
+    pub(super) bids: Vec<u64>,
 }
 
 impl Plan {
@@ -96,6 +98,7 @@ impl Plan {
             .iter()
             .enumerate()
             .map(|(i, p)| PartRecord {
+                bid: self.bids.get(i).copied(),
                 guest: None,
                 node: *p,
                 vertices: self.vertices(t, i).map(|v| v.name.clone()).collect(),
@@ -206,7 +209,7 @@ impl Core {
                 weight: r.cpu_weight,
                 cap: r.cpu_cap,
                 template: r.template.clone(),
-                bid: r.bid,
+                bid: None,
             });
         let policy_digest = self.site.policies.current().digest;
         // The image by its full id, and the nodes that serve it, for a node that lacks it.
@@ -232,6 +235,10 @@ impl Core {
                             .map(|h| (v.component.clone(), *h))
                     })
                     .collect();
+                let mut environment = environment.clone();
+                if let Some(e) = &mut environment {
+                    e.bid = plan.bids.get(i).copied();
+                }
                 let spec = PartSpec {
                     job: id.to_owned(),
                     topology_file: s.topology_file.clone(),
@@ -244,7 +251,7 @@ impl Core {
                     parts: members.clone(),
                     here: u32::try_from(i).unwrap_or(0),
                     start: plan.peers.len() == 1,
-                    environment: environment.clone(),
+                    environment,
                     owner: owner.clone(),
                     policy_digest,
                     attempt,
@@ -268,7 +275,8 @@ impl Core {
         c: &Checked,
     ) -> Result<Plan, PlaceError> {
         let cs = self.candidates(job, s)?;
-        let plan = self.choose(&cs, s, c)?;
+        let mut plan = self.choose(&cs, s, c)?;
+        self.bid_plan(job, s, &mut plan, false);
         self.hold(job, &plan);
         *self
             .view
@@ -297,10 +305,23 @@ impl Core {
         let max = s.requirements.nodes.map_or(usize::MAX, |m| m as usize);
         // The group's scheduling policy orders the nodes (the job's rank among equals), and
         // may bound how many it uses (pack).
-        let (mut order, max) =
-            self.steering
+        // A market job goes to the nodes its agent would bid on, the highest bid first.
+        let with_room: Vec<usize> = ok
+            .iter()
+            .copied()
+            .filter(|&i| cands[i].free_slots > 0)
+            .collect();
+        let market = self.market_order(s, live, &with_room, max.min(c.graph.vertices));
+        let (mut order, max) = match market {
+            Some(o) => {
+                let n = o.len();
+                (o, n)
+            }
+            None => self
+                .steering
                 .policy
-                .arrange(&c.rank, cands, ok, c.graph.vertices, max);
+                .arrange(&c.rank, cands, ok, c.graph.vertices, max),
+        };
         // A job that names a guest template goes first to the nodes that keep a guest of it
         // warm (in policy order among them): its part starts without making one.
         if let Some(t) = &s.requirements.template {
@@ -333,7 +354,11 @@ impl Core {
             .iter()
             .map(|r| u32::try_from(used.binary_search(r).unwrap_or(0)).unwrap_or(0))
             .collect();
-        Ok(Plan { peers, placement })
+        Ok(Plan {
+            peers,
+            placement,
+            bids: Vec::new(),
+        })
     }
 
     /// Holds the slots of `plan` for `job` in the ledger.

@@ -146,10 +146,12 @@ impl Core {
                 u32::try_from(part.unwrap_or(0)).unwrap_or(0)
             })
             .collect();
-        let plan = Plan {
+        let mut plan = Plan {
             peers: node_of.iter().map(|&c| live[c]).collect(),
             placement,
+            bids: Vec::new(),
         };
+        self.bid_plan(job, s, &mut plan, false);
         self.hold(job, &plan);
         Ok((plan, from.parts.iter().map(|p| p.blob).collect()))
     }

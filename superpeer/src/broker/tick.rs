@@ -49,6 +49,13 @@ impl Core {
         self.keep_agreements(out);
         self.place_pending(out);
         self.cuts_due(out);
+        if self
+            .last_agents
+            .is_none_or(|t| now.duration_since(t) >= super::market::AGENT_EVERY)
+        {
+            self.last_agents = Some(now);
+            self.agents(out);
+        }
     }
 
     /// Notices whether this replica leads the log now; one that has just come to lead takes

@@ -197,6 +197,10 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             )
         }
     };
+    let market = match &profile.market {
+        None => None,
+        Some(m) => Some(market(&file, r, m)?),
+    };
     if let Some(w) = r.cpu_weight
         && !(1..=65535).contains(&w)
     {
@@ -266,6 +270,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
                 }),
                 cpu_weight: r.cpu_weight,
                 bid,
+                market,
                 cpu_cap: r.cpu_cap,
                 template: None,
             }
@@ -286,6 +291,42 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
         },
         modules,
         inputs,
+    })
+}
+
+/// A profile's `[market]`: a budget in credits (a number, or a string of one) over a
+/// deadline, for a job in guests that does not set its own bid or weight.
+fn market(
+    file: &str,
+    r: &mvm_component::profile::Requirements,
+    m: &mvm_component::profile::MarketBudget,
+) -> Result<crate::proto::MarketSpec, Failure> {
+    if r.image.as_deref().is_none_or(|i| i == "host") || r.bid.is_some() || r.cpu_weight.is_some() {
+        return Err(input(format!(
+            "{file}: market lets the broker's agent bid for the job's guests: it needs \
+             requirements.image, and no requirements.bid or cpu_weight"
+        )));
+    }
+    let budget = match &m.budget {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        other => other.to_string(),
+    };
+    let budget = crate::proto::parse_credits(&budget)
+        .map_err(|e| input(format!("{file}: market.budget: {e}")))?;
+    let deadline = mvm_component::profile::parse_duration(&m.deadline)
+        .filter(|d| *d >= Duration::from_secs(1) && *d <= Duration::from_secs(366 * 24 * 3600))
+        .ok_or_else(|| {
+            input(format!(
+                "{file}: market.deadline must be a duration from 1s to a year (e.g. \"10m\"), \
+                 not '{}'",
+                m.deadline
+            ))
+        })?;
+    Ok(crate::proto::MarketSpec {
+        budget,
+        deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
     })
 }
 

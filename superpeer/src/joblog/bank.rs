@@ -159,7 +159,7 @@ impl Bank {
                 batches,
                 at_ms,
             } => {
-                self.charge(&provider, batches, at_ms);
+                self.charge(&provider, batches, at_ms, &mut BTreeMap::new());
                 return Ok(());
             }
             BankCommand::Mint {
@@ -245,8 +245,17 @@ impl Bank {
     }
 
     /// Takes the batches of `provider` after the last one taken: each line moves what it owes
-    /// (all the payer holds, if less) from its payer to the provider.
-    fn charge(&mut self, provider: &str, batches: Vec<ChargeBatch>, at_ms: u64) {
+    /// from its payer to the provider, but never more than the payer holds, nor, for a job in
+    /// `caps`, more than is left there (what is moved is taken off). What each job was
+    /// charged.
+    pub(super) fn charge(
+        &mut self,
+        provider: &str,
+        batches: Vec<ChargeBatch>,
+        at_ms: u64,
+        caps: &mut BTreeMap<crate::proto::JobId, u64>,
+    ) -> Vec<(crate::proto::JobId, u64)> {
+        let mut charged = Vec::new();
         for b in batches {
             if self
                 .charged
@@ -258,10 +267,15 @@ impl Bank {
             self.charged.insert(provider.to_owned(), (b.boot, b.seq));
             for (i, l) in b.lines.into_iter().enumerate() {
                 let held = self.balance(&l.payer);
-                let amount = l.micro.min(held);
+                let cap = caps.get(&l.job).copied().unwrap_or(u64::MAX);
+                let amount = l.micro.min(held).min(cap);
                 if amount == 0 || l.payer == provider {
                     continue;
                 }
+                if let Some(c) = caps.get_mut(&l.job) {
+                    *c -= amount;
+                }
+                charged.push((l.job.clone(), amount));
                 let Some(credited) = self.balance(provider).checked_add(amount) else {
                     continue;
                 };
@@ -291,6 +305,7 @@ impl Bank {
                 self.keep(t);
             }
         }
+        charged
     }
 
     /// Keeps transaction `t` as the newest (the oldest beyond [`KEEP_TRANSACTIONS`] go, with

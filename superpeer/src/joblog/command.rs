@@ -110,12 +110,16 @@ pub enum Command {
         /// Drained or not.
         drained: bool,
     },
-    /// A bidding job's bid changes (by hand, or by its agent).
+    /// A bidding job's bid changes: by hand on every part (`node` none: its agent stops),
+    /// or by its agent on its part on `node`.
     Bid {
         /// The job.
         job: JobId,
         /// Its new rate, micro-credits per CPU-second.
         rate: u64,
+        /// The node of the part whose bid changes (none: every part's).
+        #[serde(default)]
+        node: Option<PeerId>,
     },
     /// A pending job is held back from placement (`true`) or released (`false`).
     Hold {

@@ -44,6 +44,9 @@ pub struct PartRecord {
     /// The guest it ran in, as its report said.
     #[serde(default)]
     pub guest: Option<crate::proto::GuestIdentity>,
+    /// Its bid for its node's CPU, micro-credits per CPU-second, when the job bids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid: Option<u64>,
 }
 
 /// Why a job ended other than well.
@@ -199,10 +202,49 @@ pub struct JobRecord {
 /// A job's bid for its nodes' CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobBid {
-    /// Its rate now, micro-credits per CPU-second.
+    /// Its rate now, micro-credits per CPU-second (a market job's: the highest of its
+    /// parts'; each part's is in its [`PartRecord::bid`]).
     pub rate: u64,
-    /// The highest it has bid (a node may still charge at it for time before a change).
+    /// The highest rate a node may charge it at (for time before a change of bid, too): the
+    /// highest it has bid, or a market job's budget.
     pub top: u64,
+    /// What its nodes have charged for it so far, micro-credits.
+    #[serde(default)]
+    pub spent: u64,
+    /// Its budget, when the broker's agent bids for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub market: Option<crate::proto::MarketSpec>,
+    /// Whether the agent bids for it now (a bid by hand stops it).
+    #[serde(default)]
+    pub agent: bool,
+}
+
+impl JobBid {
+    /// A job's bid as its submission asks: a fixed rate, or a budget for the agent.
+    pub fn of(r: &crate::proto::Requirements) -> Option<JobBid> {
+        match (r.bid, r.market) {
+            (Some(rate), _) => Some(JobBid {
+                rate,
+                top: rate,
+                spent: 0,
+                market: None,
+                agent: false,
+            }),
+            (None, Some(m)) => Some(JobBid {
+                rate: 0,
+                top: m.budget,
+                spent: 0,
+                market: Some(m),
+                agent: true,
+            }),
+            (None, None) => None,
+        }
+    }
+
+    /// What is left of a market job's budget (none for a fixed bid).
+    pub fn left(&self) -> Option<u64> {
+        self.market.map(|m| m.budget.saturating_sub(self.spent))
+    }
 }
 
 /// An offer to run a job by a promised finish, and the agreement it becomes once accepted

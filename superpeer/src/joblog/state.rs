@@ -173,6 +173,27 @@ impl ControlState {
         match command {
             Command::Submit(job) => self.submit(*job),
             Command::Offer(a) => self.offer(*a),
+            Command::Bank(super::bank::BankCommand::Charge {
+                provider,
+                batches,
+                at_ms,
+            }) => {
+                // A market job is charged no more than is left of its budget.
+                let mut caps: std::collections::BTreeMap<JobId, u64> = batches
+                    .iter()
+                    .flat_map(|b| &b.lines)
+                    .filter_map(|l| {
+                        let left = self.jobs.get(&l.job)?.bid?.left()?;
+                        Some((l.job.clone(), left))
+                    })
+                    .collect();
+                for (job, amount) in self.bank.charge(&provider, batches, at_ms, &mut caps) {
+                    if let Some(b) = self.jobs.get_mut(&job).and_then(|j| j.bid.as_mut()) {
+                        b.spent = b.spent.saturating_add(amount);
+                    }
+                }
+                Ok(())
+            }
             Command::Bank(c) => self.bank.apply(c).map_err(CommandError::Bank),
             Command::Accept { offer, at_ms, job } => self.accept(offer, at_ms, *job),
             Command::EndAgreement {
@@ -383,15 +404,28 @@ impl ControlState {
                 j.held = held;
                 Ok(())
             }
-            Command::Bid { job, rate } => {
+            Command::Bid { job, rate, node } => {
                 let j = self.live(&job)?;
                 let Some(bid) = &mut j.bid else {
                     return Err(CommandError::NotBidding(job));
                 };
-                bid.rate = rate;
                 bid.top = bid.top.max(rate);
-                if let Some(s) = &mut j.submission {
-                    s.requirements.bid = Some(rate);
+                for p in j
+                    .parts
+                    .iter_mut()
+                    .filter(|p| node.is_none_or(|n| n == p.node))
+                {
+                    p.bid = Some(rate);
+                }
+                match node {
+                    // By hand: every part, and the agent stops (a run again bids so too).
+                    None => {
+                        bid.rate = rate;
+                        bid.agent = false;
+                    }
+                    Some(_) => {
+                        bid.rate = j.parts.iter().filter_map(|p| p.bid).max().unwrap_or(rate);
+                    }
                 }
                 Ok(())
             }

@@ -71,6 +71,7 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
 
 pub(super) fn part(node: PeerId, n: usize) -> PartRecord {
     PartRecord {
+        bid: None,
         guest: None,
         node,
         vertices: (0..n).map(|i| format!("v{i}")).collect(),

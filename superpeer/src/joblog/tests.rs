@@ -134,6 +134,7 @@ fn submit(name: &str) -> Command {
         state: JobState::Preparing,
         held: false,
         parts: vec![PartRecord {
+            bid: None,
             guest: None,
             node: PeerId::random(),
             vertices: vec!["v".into()],

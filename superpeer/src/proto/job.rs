@@ -229,6 +229,17 @@ pub enum LimitError {
     LogsOver(u64),
 }
 
+/// A job's budget for its nodes' CPU, spent by the broker's bidding agent (Tycoon's
+/// best-response agent): the nodes and each one's bid are its best response to their prices,
+/// spending the budget evenly until the deadline; it bids again as prices change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketSpec {
+    /// Micro-credits.
+    pub budget: u64,
+    /// Over how long, milliseconds from its submission.
+    pub deadline_ms: u64,
+}
+
 /// What a job needs from a node, and how to rank the nodes that have it (GridWay).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requirements {
@@ -256,6 +267,9 @@ pub struct Requirements {
     /// The job's bid for its nodes' CPU, micro-credits per CPU-second its guests use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bid: Option<u64>,
+    /// A budget its broker's agent spends on its nodes' CPU instead of a fixed bid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub market: Option<MarketSpec>,
     /// The guest template the job names (its image, vCPUs, memory, weight and cap are the
     /// fields above as well).
     #[serde(default)]

@@ -146,7 +146,12 @@ impl Core {
             .collect();
         let mut peers: Vec<PeerId> = parts.iter().map(|p| p.node).collect();
         peers[part] = to_peer;
-        let plan = Plan { peers, placement };
+        let mut plan = Plan {
+            peers,
+            placement,
+            bids: Vec::new(),
+        };
+        self.bid_plan(job, &s, &mut plan, true);
         let mut specs = self.specs(job, &owner, &s, &c, &plan, attempt);
         if part >= specs.len() {
             return Err(input(format!("job {job}: no such part")));
