@@ -966,8 +966,8 @@ fn guest_weights(group: &str) -> Vec<u64> {
 }
 
 /// A super-peer and node n1 with image `env:1`, guests under control group `group`, n1
-/// registered.
-fn one_market_node(group: &str) -> Groups {
+/// registered; and the super-peer's address.
+fn one_market_node(group: &str) -> (Groups, String) {
     let mut g = Groups::new();
     let os = g.dir.path().join("n1os");
     let (sp, _) = with_image_node(&mut g, &os, group);
@@ -976,7 +976,7 @@ fn one_market_node(group: &str) -> Groups {
         let v = json(&g.run(&["lab", "status", "-o", "json"]));
         (v["nodes"].as_array()?.len() == 1).then_some(())
     });
-    g
+    (g, sp)
 }
 
 /// The caller's own bank account, with `credits` minted into it (the embedded default policy
@@ -1041,7 +1041,9 @@ fn n1_price(g: &Groups) -> Option<String> {
 fn bidding_jobs_pay_the_node_s_provider_for_the_cpu_they_use_and_never_more_than_they_hold() {
     let group = format!("mvm-chargetest-{}", std::process::id());
     let _parent = ParentGroup(group.clone());
-    let g = one_market_node(&group);
+    let (mut g, sp) = one_market_node(&group);
+    // A node without guests: nothing bids there.
+    g.daemon("n2", &["node", "--bootstrap", &sp]);
     let me = funded(&g, "100");
     let minted = 100 * MICRO;
     let spin = r#"(module (func (export "_start") (loop $l (br $l))))"#;
@@ -1074,6 +1076,20 @@ fn bidding_jobs_pay_the_node_s_provider_for_the_cpu_they_use_and_never_more_than
     wait_for(Duration::from_secs(10), || {
         (n1_price(&g)? == "1").then_some(())
     });
+    // Hosts by price: the free one first (both have the machine's CPUs).
+    let hosts = json(&g.run(&["market", "hosts", "-o", "json"]));
+    let ranked: Vec<(&str, &str)> = hosts
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap_or(""),
+                h["price"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(ranked, vec![("n2", "0"), ("n1", "1")], "{hosts}");
     std::thread::sleep(Duration::from_secs(2));
     // By hand: a bid above the balance is refused; one within it binds on the node at once.
     let out = g.run(&["bid", &job, "--rate", "500"]);
@@ -1157,7 +1173,7 @@ fn format_micro(m: u64) -> String {
 fn jobs_that_bid_for_a_node_s_cpu_get_guest_weights_in_proportion_to_their_bids() {
     let group = format!("mvm-bidtest-{}", std::process::id());
     let _parent = ParentGroup(group.clone());
-    let g = one_market_node(&group);
+    let (g, _) = one_market_node(&group);
     let sleep = include_str!("../../../jobs/wat/sleep.wat");
     // Bids are paid from the owner's credits.
     funded(&g, "100");
@@ -1429,7 +1445,7 @@ fn a_node_placed_for_an_image_it_lacks_fetches_it_first_from_a_node_that_serves_
 fn a_market_job_s_agent_bids_for_it_and_spends_its_budget_by_its_deadline_and_no_more() {
     let group = format!("mvm-agenttest-{}", std::process::id());
     let _parent = ParentGroup(group.clone());
-    let g = one_market_node(&group);
+    let (g, _) = one_market_node(&group);
     let me = funded(&g, "10");
     let spin = r#"(module (func (export "_start") (loop $l (br $l))))"#;
     let dir = g.dir.path().to_owned();
