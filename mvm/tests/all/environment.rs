@@ -1044,6 +1044,10 @@ fn bidding_jobs_pay_the_node_s_provider_for_the_cpu_they_use_and_never_more_than
     let (mut g, sp) = one_market_node(&group);
     // A node without guests: nothing bids there.
     g.daemon("n2", &["node", "--bootstrap", &sp]);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["lab", "status", "-o", "json"]));
+        (v["nodes"].as_array()?.len() == 2).then_some(())
+    });
     let me = funded(&g, "100");
     let minted = 100 * MICRO;
     let spin = r#"(module (func (export "_start") (loop $l (br $l))))"#;
