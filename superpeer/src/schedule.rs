@@ -35,6 +35,9 @@ pub struct Candidate {
     pub slots: u32,
     /// Vertex slots not taken by running jobs.
     pub free_slots: u32,
+    /// The least bid its market takes, micro-credits per CPU-second (its domain's
+    /// `floor_price`; 0: none).
+    pub floor: u64,
 }
 
 /// The nodes (indices into `nodes`) that meet `req`, and a reason for each that does not.
@@ -61,7 +64,13 @@ pub fn filter(nodes: &[Candidate], req: &Requirements) -> (Vec<usize>, Vec<Strin
         } else if n.free_slots == 0 {
             Some("has no free vertex slot".to_owned())
         } else {
-            None
+            req.bid.filter(|&b| b < n.floor).map(|b| {
+                format!(
+                    "takes bids of at least {} credits a CPU-second, the job bids {}",
+                    crate::proto::format_credits(n.floor),
+                    crate::proto::format_credits(b)
+                )
+            })
         };
         match reason {
             None => ok.push(i),

@@ -356,6 +356,14 @@ impl Engine for OsoEngine {
         Ok(plan)
     }
 
+    fn floor_prices(&self, node: &Node) -> Result<Vec<String>, String> {
+        let Some(kb) = self.domains.get(&node.domain) else {
+            return Ok(Vec::new());
+        };
+        kb.values::<String>("floor_price", (node.clone().to_polar(), var()))
+            .map_err(|e| format!("domain {}: floor_price: {e}", node.domain))
+    }
+
     fn scheduling(&self, metrics: &super::Metrics) -> Result<Option<String>, String> {
         let Some(kb) = self.domains.get(&metrics.domain) else {
             return Ok(None);

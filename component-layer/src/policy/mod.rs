@@ -195,6 +195,15 @@ pub trait Engine: Send + Sync {
         let _ = node;
         Ok(std::collections::BTreeMap::new())
     }
+    /// The floor prices `floor_price(node, PRICE)` of `node`'s domain gives it (credits per
+    /// CPU-second, as strings; the caller takes the highest): the least bid its market takes.
+    ///
+    /// # Errors
+    /// A rule that cannot be evaluated, or a price that is not a string.
+    fn floor_prices(&self, node: &Node) -> Result<Vec<String>, String> {
+        let _ = node;
+        Ok(Vec::new())
+    }
     /// The scheduling policy the domain of `metrics` chooses for its group now: the first
     /// answer of `scheduling(metrics, POLICY)` (rules are tried in file order), or none.
     ///
@@ -362,6 +371,10 @@ impl<E: Engine> Engine for Cached<E> {
 
     fn scheduling(&self, metrics: &Metrics) -> Result<Option<String>, String> {
         self.inner.scheduling(metrics)
+    }
+
+    fn floor_prices(&self, node: &Node) -> Result<Vec<String>, String> {
+        self.inner.floor_prices(node)
     }
 
     fn job_rules(&self, actor: &Principal, domain: &str) -> Result<JobRules, String> {

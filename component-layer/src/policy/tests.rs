@@ -402,12 +402,6 @@ fn a_node_runs_the_probes_of_node_polar_as_its_domain_overrides_them() {
         1,
     )
     .expect("loads");
-    let node = |name: &str, domain: &str, group: &str| Node {
-        name: name.into(),
-        domain: domain.into(),
-        roles: Vec::new(),
-        group: group.into(),
-    };
     let plan = |n: &Node| -> Vec<(String, u64)> {
         engine
             .probes(n)
@@ -421,23 +415,23 @@ fn a_node_runs_the_probes_of_node_polar_as_its_domain_overrides_them() {
     // Physics: its own interval for load, queue depth in group g1 (the shortest that holds
     // for n1), and free disk turned off.
     assert_eq!(
-        plan(&node("n1", "physics", "g1")),
+        plan(&node_in("n1", "physics", "g1")),
         s(&[("free_memory", 5000), ("load", 500), ("queue_depth", 800)])
     );
     assert_eq!(
-        plan(&node("n2", "physics", "g2")),
+        plan(&node_in("n2", "physics", "g2")),
         s(&[("free_memory", 5000), ("load", 500)])
     );
     // A domain without monitoring rules: the node defaults.
     assert_eq!(
-        plan(&node("n3", "biology", "g1")),
+        plan(&node_in("n3", "biology", "g1")),
         s(&[("free_disk", 60000), ("free_memory", 5000), ("load", 2000)])
     );
     // No rules at all: no probes.
     let none =
         OsoEngine::load(&bundle_of(&[("node.polar", "max_queues(4);\n")]), 1).expect("loads");
     assert!(
-        none.probes(&node("n1", "physics", "g1"))
+        none.probes(&node_in("n1", "physics", "g1"))
             .expect("evaluated")
             .is_empty()
     );
@@ -445,7 +439,7 @@ fn a_node_runs_the_probes_of_node_polar_as_its_domain_overrides_them() {
     let bad =
         OsoEngine::load(&bundle_of(&[("node.polar", "probe(\"load\", -5);\n")]), 1).expect("loads");
     let e = bad
-        .probes(&node("n1", "physics", "g1"))
+        .probes(&node_in("n1", "physics", "g1"))
         .expect_err("negative interval");
     assert!(e.contains("node.polar") && e.contains("load"), "{e}");
 }
@@ -489,4 +483,38 @@ fn a_domain_chooses_its_scheduling_policy_from_its_group_s_metrics() {
     // Another domain's policy says nothing: no choice.
     m.domain = "biology".into();
     assert_eq!(choose(&m), None);
+}
+
+/// Node `name` of `domain`, in `group`, without roles, as a resource.
+fn node_in(name: &str, domain: &str, group: &str) -> Node {
+    Node {
+        name: name.into(),
+        domain: domain.into(),
+        roles: Vec::new(),
+        group: group.into(),
+    }
+}
+
+#[test]
+fn a_domain_s_floor_prices_are_given_to_its_nodes() {
+    let engine = OsoEngine::load(
+        &bundle_of(&[
+            ("node.polar", "max_queues(4);\n"),
+            (
+                "physics/market.polar",
+                "floor_price(node: Node, \"0.5\") if node.group = \"fast\";\n\
+                 floor_price(node: Node, \"2\") if node.name = \"n9\";\n",
+            ),
+        ]),
+        1,
+    )
+    .expect("loads");
+    let floors = |n: &Node| engine.floor_prices(n).expect("evaluated");
+    assert_eq!(floors(&node_in("n1", "physics", "fast")), vec!["0.5"]);
+    assert_eq!(floors(&node_in("n9", "physics", "fast")), vec!["0.5", "2"]);
+    assert!(floors(&node_in("n1", "physics", "slow")).is_empty());
+    assert!(
+        floors(&node_in("n1", "biology", "fast")).is_empty(),
+        "another domain's"
+    );
 }

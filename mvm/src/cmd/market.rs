@@ -72,6 +72,8 @@ struct Host {
     price: String,
     bidders: u32,
     free_slots: u32,
+    /// The least bid it takes, credits per CPU-second.
+    floor: String,
     /// The CPUs a bid of one credit a CPU-second would get there now: `cpus × 1 / (1 +
     /// price)`.
     cpus_per_credit: f64,
@@ -96,6 +98,7 @@ pub(crate) fn market(args: MarketArgs) -> Result<(), Failure> {
                         price: n.price,
                         bidders: n.bidders,
                         free_slots: n.slots.saturating_sub(n.vertices),
+                        floor: n.floor,
                     },
                 )
             })
@@ -110,17 +113,18 @@ pub(crate) fn market(args: MarketArgs) -> Result<(), Failure> {
         });
         crate::cmd::print(&hosts, out.output, |hs: &Vec<Host>| {
             let mut s = format!(
-                "{:<4} {:<16} {:<16} {:>5} {:>14} {:>8} {:>6} {:>10}",
-                "RANK", "GROUP", "HOST", "CPUS", "PRICE", "BIDDERS", "FREE", "CPU/CREDIT"
+                "{:<4} {:<16} {:<16} {:>5} {:>14} {:>14} {:>8} {:>6} {:>10}",
+                "RANK", "GROUP", "HOST", "CPUS", "PRICE", "FLOOR", "BIDDERS", "FREE", "CPU/CREDIT"
             );
             for (i, h) in hs.iter().enumerate() {
                 s.push_str(&format!(
-                    "\n{:<4} {:<16} {:<16} {:>5} {:>14} {:>8} {:>6} {:>10.3}",
+                    "\n{:<4} {:<16} {:<16} {:>5} {:>14} {:>14} {:>8} {:>6} {:>10.3}",
                     i + 1,
                     h.group,
                     h.name,
                     h.cpus,
                     h.price,
+                    h.floor,
                     h.bidders,
                     h.free_slots,
                     h.cpus_per_credit
@@ -144,6 +148,11 @@ fn host(group: &str, h: &HostPrice) -> Host {
         },
         bidders: h.bidders,
         free_slots: h.free_slots,
+        floor: if h.floor == 0 {
+            "0".into()
+        } else {
+            format_credits(h.floor)
+        },
         cpus_per_credit: f64::from(h.cpus) / (1.0 + price),
     }
 }

@@ -339,6 +339,7 @@ mod tests {
             probes: Vec::new(),
             price: 0,
             bidders: 0,
+            floor: 0,
         }
     }
 

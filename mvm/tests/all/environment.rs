@@ -1500,3 +1500,69 @@ fn a_market_job_s_agent_bids_for_it_and_spends_its_budget_by_its_deadline_and_no
     assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), 10 * MICRO);
     assert_eq!(b.iter().find(|x| x.0 == me).map(|x| x.1), Some(8 * MICRO));
 }
+
+#[test]
+fn a_node_s_floor_price_from_its_domain_s_policy_keeps_lower_bids_off_it() {
+    let group = format!("mvm-floortest-{}", std::process::id());
+    let _parent = ParentGroup(group.clone());
+    let mut g = Groups::new();
+    // The embedded default's rules, and a floor price for n1.
+    let policies = g.dir.path().join("policies");
+    std::fs::create_dir_all(policies.join("lab")).expect("policy dir");
+    std::fs::write(
+        policies.join("lab/default.polar"),
+        "allow(actor, _action: String, resource) if actor.domain = \"lab\" and \
+         resource.domain = \"lab\";\nfloor_price(node: Node, \"0.5\") if node.name = \"n1\";\n",
+    )
+    .expect("domain policy");
+    std::fs::write(
+        policies.join("node.polar"),
+        "allow(actor, \"run\", node: Node) if actor.domain = node.domain;\n",
+    )
+    .expect("node policy");
+    let disk = g.dir.path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let os = g.dir.path().join("n1os");
+    import(&g, &os, "env:1", &disk);
+    let sp = g.daemon(
+        "sp",
+        &["superpeer", "--policies", policies.to_str().expect("utf-8")],
+    );
+    os_node(&mut g, "n1", &sp, &os, &group, 4);
+    write_lab(g.dir.path(), &sp);
+    wait_for(Duration::from_secs(20), || {
+        let v = json(&g.run(&["market", "hosts", "-o", "json"]));
+        (v[0]["floor"] == "0.5").then_some(())
+    });
+    funded(&g, "100");
+    let spin = r#"(module (func (export "_start") (loop $l (br $l))))"#;
+    let profile = |name: &str, rate: &str| {
+        one_vertex(
+            g.dir.path(),
+            name,
+            spin,
+            &format!("[requirements]\nimage = \"env:1\"\nbid = \"{rate}\"\n"),
+        )
+    };
+    let status = |id: &str| json(&g.run(&["status", id, "-o", "json"]))[0].clone();
+    // Under every node's floor: refused, saying why.
+    let out = g.run(&["submit", &profile("low", "0.1")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("n1: takes bids of at least 0.5"),
+        "{err}"
+    );
+    // At the floor or above: it runs; by hand, a bid under the floor is refused.
+    let v = json(&g.run(&["submit", &profile("high", "0.5"), "-o", "json"]));
+    let high = v["job"].as_str().expect("job").to_owned();
+    wait_for(Duration::from_secs(20), || {
+        (status(&high)["state"] == "running").then_some(())
+    });
+    let out = g.run(&["bid", &high, "--rate", "0.2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("at least 0.5"),
+        "{err}"
+    );
+    assert!(g.run(&["cancel", &high]).status.success());
+}

@@ -410,6 +410,7 @@ impl Core {
                         images: images_of(&e.info, image, offered),
                         slots: e.info.slots,
                         free_slots: e.info.slots.saturating_sub(taken),
+                        floor: e.info.load.floor,
                     }
                 })
                 .collect();

@@ -449,19 +449,7 @@ impl Core {
                 to,
             } => self.start_move(&mut out, &job, &which, &to, Some(reply)),
             Input::Drain { reply, node, drain } => self.drain(&mut out, &node, drain, reply),
-            Input::Bid { reply, job, rate } => out.push(Effect::Record {
-                command: Command::Bid {
-                    job: job.clone(),
-                    rate,
-                    node: None,
-                },
-                then: Then::Rebid {
-                    reply: Some(reply),
-                    job,
-                    rate,
-                    node: None,
-                },
-            }),
+            Input::Bid { reply, job, rate } => self.bid_by_hand(&mut out, reply, job, rate),
             Input::Hold { reply, job, held } => out.push(Effect::Record {
                 command: Command::Hold { job, held },
                 then: Then::Answer { reply },

@@ -87,6 +87,7 @@ impl Core {
                 price: n.info.load.price,
                 bidders: u32::try_from(n.info.load.bidders.len()).unwrap_or(u32::MAX),
                 free_slots: self.free_slots(p, n.info.slots),
+                floor: n.info.load.floor,
             })
             .collect();
         let mut images: Vec<String> = live.iter().flat_map(|n| n.2.clone()).collect();
@@ -232,6 +233,7 @@ impl Core {
                         probes: n.probes.samples(),
                         price: n.info.load.price,
                         bidders: u32::try_from(n.info.load.bidders.len()).unwrap_or(u32::MAX),
+                        floor: n.info.load.floor,
                     })
                     .collect()
             })

@@ -66,6 +66,43 @@ impl Broker {
 }
 
 impl Core {
+    /// A bid by hand on every part of `job`: recorded, unless a node the job runs on takes no
+    /// bid so low (its floor price).
+    pub(super) fn bid_by_hand(&self, out: &mut Vec<Effect>, reply: Reply, job: JobId, rate: u64) {
+        let nodes: Vec<PeerId> = self.log.read(|s| {
+            s.job(&job)
+                .map(|j| j.parts.iter().filter(|p| !p.done).map(|p| p.node).collect())
+                .unwrap_or_default()
+        });
+        if let Some((peer, floor)) = nodes
+            .iter()
+            .map(|p| (p, self.host(p, 0).1))
+            .find(|(_, floor)| *floor > rate)
+        {
+            let why = format!(
+                "job {job}: node {} takes bids of at least {} credits a CPU-second, not {}",
+                self.members.label(peer),
+                format_credits(floor),
+                format_credits(rate)
+            );
+            out.push(Effect::Reply(reply, fail(FailureKind::Refused, why)));
+            return;
+        }
+        out.push(Effect::Record {
+            command: Command::Bid {
+                job: job.clone(),
+                rate,
+                node: None,
+            },
+            then: Then::Rebid {
+                reply: Some(reply),
+                job,
+                rate,
+                node: None,
+            },
+        });
+    }
+
     /// A change of bid was recorded (or refused): the nodes of the job's running parts (or
     /// node `node` only) are told, and the asker, if any, answered.
     pub(super) fn rebid(
@@ -147,17 +184,34 @@ fn rate_of(x: f64) -> u64 {
 
 impl Core {
     /// A node as the agent sees it: its CPUs (what the whole node is worth) and its price
-    /// (the sum of the bids there, from its last heartbeat) less `own`, the job's bid there.
-    fn host(&self, peer: &PeerId, own: u64) -> Host {
-        let (cpus, price) = self
+    /// (the sum of the bids there, from its last heartbeat) less `own`, the job's bid there;
+    /// and its floor price (the least bid it takes).
+    fn host(&self, peer: &PeerId, own: u64) -> (Host, u64) {
+        let (cpus, price, floor) = self
             .members
             .all()
             .find(|(p, _)| *p == peer)
-            .map_or((0, 0), |(_, e)| (e.info.cpus, e.info.load.price));
-        Host {
+            .map_or((0, 0, 0), |(_, e)| {
+                (e.info.cpus, e.info.load.price, e.info.load.floor)
+            });
+        let host = Host {
             weight: f64::from(cpus.max(1)),
             price: price.saturating_sub(own) as f64,
-        }
+        };
+        (host, floor)
+    }
+
+    /// The best response `x` per second over the nodes `peers` (with the job's own bids
+    /// `own` there), each raised to its node's floor price.
+    fn respond(&self, x: f64, peers: &[(PeerId, u64)]) -> Result<Vec<u64>, agent::ResponseError> {
+        let (hosts, floors): (Vec<Host>, Vec<u64>) =
+            peers.iter().map(|(p, own)| self.host(p, *own)).unzip();
+        let best = agent::best_response(x, &hosts, FLOOR_RATE as f64)?;
+        Ok(best
+            .into_iter()
+            .zip(floors)
+            .map(|(b, floor)| rate_of(b).max(floor))
+            .collect())
     }
 
     /// For a market job: the nodes among `ok` its agent would bid on, best first, as the best
@@ -172,7 +226,13 @@ impl Core {
         let bid = JobBid::of(&s.requirements)?;
         bid.market?;
         let x = budget_rate(&bid, now_ms(), now_ms());
-        let hosts: Vec<Host> = ok.iter().map(|&i| self.host(&peers[i], 0)).collect();
+        // A node whose floor price is above the whole budget's rate is no choice.
+        let ok: Vec<usize> = ok
+            .iter()
+            .copied()
+            .filter(|&i| (self.host(&peers[i], 0).1 as f64) <= x)
+            .collect();
+        let hosts: Vec<Host> = ok.iter().map(|&i| self.host(&peers[i], 0).0).collect();
         let bids = agent::best_response_limited(x, &hosts, FLOOR_RATE as f64, limit).ok()?;
         let mut order: Vec<(usize, f64)> = ok
             .iter()
@@ -214,12 +274,12 @@ impl Core {
             return;
         }
         let x = budget_rate(&bid, submitted, now);
-        let hosts: Vec<Host> = plan.peers.iter().map(|p| self.host(p, 0)).collect();
-        let best = agent::best_response(x, &hosts, FLOOR_RATE as f64).unwrap_or_default();
+        let peers: Vec<(PeerId, u64)> = plan.peers.iter().map(|p| (*p, 0)).collect();
+        let best = self.respond(x, &peers).unwrap_or_default();
         plan.bids = (0..plan.peers.len())
             .map(|i| match recorded.get(i).copied().flatten() {
                 Some(b) if keep => b,
-                _ => rate_of(best.get(i).copied().unwrap_or(0.0)),
+                _ => best.get(i).copied().unwrap_or(FLOOR_RATE),
             })
             .collect();
     }
@@ -252,9 +312,8 @@ impl Core {
                 vec![FLOOR_RATE; parts.len()]
             } else {
                 let x = budget_rate(&bid, submitted, now);
-                let hosts: Vec<Host> = parts.iter().map(|(p, own)| self.host(p, *own)).collect();
-                match agent::best_response(x, &hosts, FLOOR_RATE as f64) {
-                    Ok(b) => b.into_iter().map(rate_of).collect(),
+                match self.respond(x, &parts) {
+                    Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(%job, "the market agent: {e}");
                         continue;

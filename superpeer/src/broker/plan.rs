@@ -172,6 +172,7 @@ impl Core {
                 images: images_of(&e.info, image, offered),
                 slots: e.info.slots,
                 free_slots: e.info.slots,
+                floor: e.info.load.floor,
             })
             .collect();
         let (ok, _) = schedule::filter(&cands, &s.requirements);
@@ -426,6 +427,7 @@ impl Core {
                     images: images_of(&e.info, image, offered),
                     slots: e.info.slots,
                     free_slots: e.info.slots.saturating_sub(logged).saturating_sub(held),
+                    floor: e.info.load.floor,
                 }
             })
             .collect();

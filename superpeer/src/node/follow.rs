@@ -285,6 +285,7 @@ impl Node {
             charges: Vec::new(),
             price: 0,
             bidders: Vec::new(),
+            floor: 0,
         }
     }
 
@@ -292,6 +293,7 @@ impl Node {
     /// batch of charges, kept with those the bank has not taken), its price and its bidders.
     async fn beat(&self) -> NodeLoad {
         let mut load = self.load();
+        load.floor = self.floor();
         let Some(os) = self.os.clone() else {
             return load;
         };

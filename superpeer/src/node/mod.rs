@@ -305,6 +305,9 @@ impl Node {
                 let Some(os) = self.os.clone() else {
                     return Response::Ok;
                 };
+                if let Some(f) = self.under_floor(rate) {
+                    return Response::Error(f);
+                }
                 let changed = tokio::task::spawn_blocking(move || os.market().rebid(&job, rate));
                 match changed.await {
                     Ok(Ok(_)) => Response::Ok,
@@ -362,16 +365,64 @@ impl Node {
         {
             tracing::warn!(error = %e, "policies not refreshed; deciding with the ones held");
         }
+        NodePolicy::new(self.site.policies.current().engine.clone(), self.facts())
+    }
+
+    /// This node as its policies see it.
+    fn facts(&self) -> mvm_component::policy::Node {
         let c = &self.site;
-        NodePolicy::new(
-            self.site.policies.current().engine.clone(),
-            mvm_component::policy::Node {
-                name: c.name.clone(),
-                domain: c.domain.clone(),
-                roles: self.site.net.principal().roles.clone(),
-                group: c.group.clone(),
-            },
-        )
+        mvm_component::policy::Node {
+            name: c.name.clone(),
+            domain: c.domain.clone(),
+            roles: self.site.net.principal().roles.clone(),
+            group: c.group.clone(),
+        }
+    }
+
+    /// The refusal of a bid of `rate` under this node's floor price, if it is.
+    pub(crate) fn under_floor(&self, rate: u64) -> Option<Failure> {
+        let floor = self.floor();
+        (rate < floor).then(|| {
+            Failure::new(
+                FailureKind::Refused,
+                format!(
+                    "node {}: a bid of {} is under its floor price of {} credits a CPU-second",
+                    self.site.name,
+                    crate::proto::format_credits(rate),
+                    crate::proto::format_credits(floor)
+                ),
+            )
+        })
+    }
+
+    /// The least bid this node's market takes now, micro-credits per CPU-second: the highest
+    /// `floor_price` its domain's policy gives it (0: none; a price that is no amount of
+    /// credits is left out, and said).
+    pub(crate) fn floor(&self) -> u64 {
+        let prices = match self
+            .site
+            .policies
+            .current()
+            .engine
+            .floor_prices(&self.facts())
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("the floor price: {e}");
+                return 0;
+            }
+        };
+        prices
+            .iter()
+            .filter_map(|p| match crate::proto::parse_credits(p) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!("the floor price: {e}");
+                    None
+                }
+            })
+            .max()
+            .unwrap_or(0)
     }
 }
 

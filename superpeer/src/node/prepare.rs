@@ -189,6 +189,9 @@ impl Node {
                 self.pre_wrapper(os, &e.image, &spec.image_from).await?;
                 let (os, e, job) = (os.clone(), e.clone(), spec.job.clone());
                 let payer = crate::proto::account_of(&spec.owner);
+                if let Some(f) = e.bid.and_then(|b| self.under_floor(b)) {
+                    return Err(f);
+                }
                 let acquired = move || {
                     let mut lease = os.acquire(&job, &e)?;
                     if let Some(rate) = e.bid {

@@ -78,6 +78,9 @@ pub struct NodeLoad {
     /// The accounts whose jobs bid on it now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bidders: Vec<String>,
+    /// The least bid it takes, micro-credits per CPU-second (its domain's `floor_price`).
+    #[serde(default)]
+    pub floor: u64,
 }
 
 /// The most queues a heartbeat lists.
@@ -196,6 +199,9 @@ pub struct HostPrice {
     pub bidders: u32,
     /// Its free vertex slots.
     pub free_slots: u32,
+    /// The least bid it takes, micro-credits per CPU-second.
+    #[serde(default)]
+    pub floor: u64,
 }
 
 impl GroupSummary {
@@ -264,6 +270,9 @@ pub struct NodeView {
     /// How many accounts bid on it.
     #[serde(default)]
     pub bidders: u32,
+    /// The least bid it takes, micro-credits per CPU-second.
+    #[serde(default)]
+    pub floor: u64,
 }
 
 /// The scheduling policy a group places jobs by, and why.

@@ -11,6 +11,7 @@ fn node(name: &str, slots: u32) -> Candidate {
         images: vec!["debian:12@sha256:00".into()],
         slots,
         free_slots: slots,
+        floor: 0,
     }
 }
 
@@ -307,4 +308,24 @@ fn each_scheduling_policy_orders_the_nodes_and_bounds_how_many_a_job_uses() {
     }
     let e = "fastest".parse::<Policy>().expect_err("unknown");
     assert!(e.contains("fastest") && e.contains(POLICIES), "{e}");
+}
+
+#[test]
+fn a_node_takes_no_bid_under_its_floor_price() {
+    let mut n = node("n1", 4);
+    n.floor = 500_000;
+    let req = |bid: u64| Requirements {
+        bid: Some(bid),
+        ..Requirements::default()
+    };
+    let (ok, why) = filter(std::slice::from_ref(&n), &req(100_000));
+    assert!(ok.is_empty());
+    assert!(
+        why[0].contains("at least 0.5") && why[0].contains("bids 0.1"),
+        "{why:?}"
+    );
+    let (ok, _) = filter(std::slice::from_ref(&n), &req(500_000));
+    assert_eq!(ok, vec![0]);
+    let (ok, _) = filter(&[n], &Requirements::default());
+    assert_eq!(ok, vec![0], "a job that does not bid is not kept off");
 }
