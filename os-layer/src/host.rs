@@ -123,7 +123,7 @@ fn host_cpus() -> u32 {
 
 /// Xen weight (default 256) to cgroup v2 `cpu.weight` (default 100, 1–10000).
 fn v2_weight(w: u32) -> u64 {
-    (u64::from(w) * 100 / 256).clamp(1, 10000)
+    ((u64::from(w) * 100 + 128) / 256).clamp(1, 10000)
 }
 
 /// Xen weight to cgroup v1 `cpu.shares` (default 1024, at least 2).

@@ -1220,7 +1220,7 @@ fn jobs_that_bid_for_a_node_s_cpu_get_guest_weights_in_proportion_to_their_bids(
         (state(&low) == "running").then_some(())
     });
     // Alone, its bid is the top one.
-    let (top_v1, top_v2) = (102_400, 10_000);
+    let (top_v1, top_v2) = (1024, 100);
     let w = guest_weights(&group);
     assert!(w == vec![top_v1] || w == vec![top_v2], "{w:?}");
     // A bid three times as high: the first guest's weight falls to a third of the top.
@@ -1230,8 +1230,8 @@ fn jobs_that_bid_for_a_node_s_cpu_get_guest_weights_in_proportion_to_their_bids(
     });
     let w = guest_weights(&group);
     assert!(
-        w == vec![34_132, top_v1] || w == vec![3_333, top_v2],
-        "weights 8533 and 25600, as v1 shares or v2 weights: {w:?}"
+        w == vec![340, top_v1] || w == vec![33, top_v2],
+        "weights 85 and 256, as v1 shares or v2 weights: {w:?}"
     );
     // The high bidder goes: the low one's weight is the top again.
     assert!(g.run(&["cancel", &high]).status.success());

@@ -10,10 +10,11 @@ use std::collections::BTreeMap;
 pub mod agent;
 pub mod sim;
 
-/// The Xen-style weight (256 is the default) the highest bid on a host gets; the others get
-/// theirs in proportion, at least 1. Chosen so that cgroup v2's `cpu.weight` (at most 10,000,
-/// Xen weight × 100 / 256) keeps the proportion: 25,600 → 10,000.
-pub const TOP_WEIGHT: u32 = 25_600;
+/// The Xen-style weight the highest bid on a host gets: the default, 256; the others get
+/// theirs in proportion, at least 1. So a host's bidding guests together never outweigh its
+/// dom0, its daemon or its other guests more than guests of the default weight do (a top
+/// weight 100 times the default starved a Xen dom0 under two spinning guests).
+pub const TOP_WEIGHT: u32 = 256;
 
 /// The highest bid rate taken, micro-credits per CPU-second (a million credits a second).
 pub const MAX_RATE: u64 = 1_000_000 * crate::proto::MICRO;
@@ -173,13 +174,13 @@ mod tests {
         let shares: Vec<f64> = a.shares().into_iter().map(|s| s.1).collect();
         assert_eq!(shares, vec![0.125, 0.25, 0.625]);
         let weights: Vec<u32> = a.weights().into_iter().map(|w| w.1).collect();
-        assert_eq!(weights, vec![5120, 10240, 25600]);
+        assert_eq!(weights, vec![51, 102, 256]);
         assert_eq!(a.price(), 8 * crate::proto::MICRO);
         // A change of bid changes every share; an end removes the part.
         a.bid("c", bid("user:c@d", 1)).expect("rebid");
         assert_eq!(a.shares()[1].1, 0.5);
         a.end("b");
-        assert_eq!(a.weights(), vec![("a".into(), 25600), ("c".into(), 25600)]);
+        assert_eq!(a.weights(), vec![("a".into(), 256), ("c".into(), 256)]);
         assert!(a.bid("d", bid("user:d@d", 0)).is_err());
     }
 
