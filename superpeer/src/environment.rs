@@ -148,6 +148,7 @@ impl Market {
     fn reweigh(&self, auction: &crate::market::Auctioneer) {
         let driver = self.envs.driver();
         for (name, weight) in auction.weights() {
+            tracing::debug!(guest = %name, weight, "a bidding guest's weight");
             let cap = driver.sched(&name).map_or(0, |s| s.cap);
             if let Err(e) = driver.set_sched(&name, mvm_os::driver::Sched { weight, cap }) {
                 tracing::warn!(guest = %name, "setting a guest's weight from the bids: {e}");
@@ -204,6 +205,7 @@ impl Market {
             let cpu = self.cpu(guest);
             st.auction.metered_from(guest, cpu);
         }
+        tracing::debug!(%guest, %job, %payer, rate, effective, "a guest bids for the node's CPU");
         st.asked.insert(
             guest.to_owned(),
             Asked {
