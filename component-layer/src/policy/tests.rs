@@ -518,3 +518,19 @@ fn a_domain_s_floor_prices_are_given_to_its_nodes() {
         "another domain's"
     );
 }
+
+#[test]
+fn a_domain_without_floor_prices_gives_none() {
+    let engine = OsoEngine::load(
+        &bundle_of(&[
+            ("node.polar", "max_queues(4);\n"),
+            ("physics/rbac.polar", "allow(_actor, \"submit\", _job: Job);\n"),
+        ]),
+        1,
+    )
+    .expect("loads");
+    assert_eq!(
+        engine.floor_prices(&node_in("n1", "physics", "g")),
+        Ok(Vec::new())
+    );
+}
