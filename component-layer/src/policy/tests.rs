@@ -524,7 +524,10 @@ fn a_domain_without_floor_prices_gives_none() {
     let engine = OsoEngine::load(
         &bundle_of(&[
             ("node.polar", "max_queues(4);\n"),
-            ("physics/rbac.polar", "allow(_actor, \"submit\", _job: Job);\n"),
+            (
+                "physics/rbac.polar",
+                "allow(_actor, \"submit\", _job: Job);\n",
+            ),
         ]),
         1,
     )
