@@ -137,6 +137,17 @@ struct MarketState {
     owed: Vec<crate::proto::ChargeLine>,
 }
 
+impl MarketState {
+    /// The rate `payer`'s guest bids for an asked `rate`: the floor while it has no credit.
+    fn rate_for(&self, payer: &str, rate: u64) -> u64 {
+        if self.broke.contains(payer) {
+            FLOOR_RATE
+        } else {
+            rate
+        }
+    }
+}
+
 struct Asked {
     job: crate::proto::JobId,
     payer: String,
@@ -187,11 +198,7 @@ impl Market {
         if !fresh {
             self.meter_into(st, guest);
         }
-        let effective = if st.broke.contains(&payer) {
-            FLOOR_RATE
-        } else {
-            rate
-        };
+        let effective = st.rate_for(&payer, rate);
         st.auction
             .bid(
                 guest,
@@ -269,11 +276,7 @@ impl Market {
             .collect();
         for (guest, payer) in &guests {
             self.meter_into(st, guest);
-            let effective = if st.broke.contains(payer) {
-                FLOOR_RATE
-            } else {
-                rate
-            };
+            let effective = st.rate_for(payer, rate);
             let bid = crate::market::Bid {
                 payer: payer.clone(),
                 rate: effective,
@@ -302,11 +305,7 @@ impl Market {
             .asked
             .iter()
             .filter_map(|(g, a)| {
-                let want = if st.broke.contains(&a.payer) {
-                    FLOOR_RATE
-                } else {
-                    a.rate
-                };
+                let want = st.rate_for(&a.payer, a.rate);
                 (st.auction.rate(g) != Some(want)).then(|| (g.clone(), a.payer.clone(), want))
             })
             .collect();

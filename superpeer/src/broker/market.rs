@@ -187,13 +187,9 @@ impl Core {
     /// (the sum of the bids there, from its last heartbeat) less `own`, the job's bid there;
     /// and its floor price (the least bid it takes).
     fn host(&self, peer: &PeerId, own: u64) -> (Host, u64) {
-        let (cpus, price, floor) = self
-            .members
-            .all()
-            .find(|(p, _)| *p == peer)
-            .map_or((0, 0, 0), |(_, e)| {
-                (e.info.cpus, e.info.load.price, e.info.load.floor)
-            });
+        let (cpus, price, floor) = self.members.get(peer).map_or((0, 0, 0), |e| {
+            (e.info.cpus, e.info.load.price, e.info.load.floor)
+        });
         let host = Host {
             weight: f64::from(cpus.max(1)),
             price: price.saturating_sub(own) as f64,

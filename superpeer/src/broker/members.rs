@@ -229,6 +229,11 @@ impl Members {
         self.expected.remove(peer);
     }
 
+    /// Registered node `peer`, lost or not.
+    pub(super) fn get(&self, peer: &PeerId) -> Option<&NodeEntry> {
+        self.nodes.get(peer)
+    }
+
     /// Every registered node, lost or not.
     pub(super) fn all(&self) -> impl Iterator<Item = (&PeerId, &NodeEntry)> {
         self.nodes.iter()
