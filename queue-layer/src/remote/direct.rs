@@ -19,7 +19,9 @@
 //!
 //! The frames are the stream protocol's DATA, END and MARK ([`super`]); the link has no
 //! handshake of its own: whoever connects the socket has agreed on the link over another
-//! channel.
+//! channel. On a [`Wire::Sealed`] link the frames travel in authenticated, encrypted records
+//! ([`super::seal`]): the producer or helper that writes seals what it writes, and the
+//! consumer or helper that reads opens whole records before it decodes frames from them.
 //!
 //! Checkpoints ([`super::mark`]): [`outlet_with`] and [`inlet_with`] take a [`Hold`] and a
 //! [`Drain`]. A held outlet writes nothing but its MARK (its helper writes it when the socket
@@ -39,11 +41,21 @@ use parking_lot::Mutex;
 
 use super::frame::{DATA, END, ITEM_OVERHEAD, MARK, MARK_LEN};
 use super::mark::{Control, Phase};
+use super::seal::{Opener, SealKey, Sealer};
 use super::{Drain, Hold, RemoteError, Report};
 use crate::queue::{Entry, Pump, Queue, Receiver, RecvFailure, SendFailure, Sender};
 
 /// Called once, from whichever thread ends the link, with how it ended.
 pub type OnDone = Box<dyn FnOnce(Result<Report, RemoteError>) + Send>;
+
+/// How a link's bytes travel on its connection.
+#[derive(Debug, Clone)]
+pub enum Wire {
+    /// As they are: for networks trusted not to read or change them, as MPI's.
+    Plain,
+    /// In records sealed with this key (AES-256-GCM, [`super::seal`]).
+    Sealed(SealKey),
+}
 
 /// The longest a helper waits on the socket before it looks at its flags again, in
 /// milliseconds (asking or stopping it wakes it at once).
@@ -57,6 +69,8 @@ const MAX_SEGS: usize = 64;
 const READ_MIN: usize = 64 << 10;
 /// Below this much room, an inlet makes more before it reads.
 const READ_LOW: usize = 4 << 10;
+/// The most bytes a sealed outlet seals before it writes them.
+const SEAL_BATCH: usize = 4 * super::seal::RECORD;
 
 /// A running link. Dropping it stops the link (if it has not ended, it ends with an error and
 /// the connection is shut down); keep it until the link has reported.
@@ -344,7 +358,7 @@ enum Step {
 /// The socket cannot be made non-blocking, the queue has an outlet already, or the helper
 /// thread cannot start.
 pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Result<Link> {
-    outlet_with(rx, sock, &Hold::new(), on_done)
+    outlet_with(rx, sock, Wire::Plain, &Hold::new(), on_done)
 }
 
 /// [`outlet`], held at marks for checkpoints with `hold`. Held, it takes nothing from the
@@ -355,6 +369,7 @@ pub fn outlet(rx: Receiver<Bytes>, sock: TcpStream, on_done: OnDone) -> io::Resu
 pub fn outlet_with(
     rx: Receiver<Bytes>,
     sock: TcpStream,
+    wire: Wire,
     hold: &Hold,
     on_done: OnDone,
 ) -> io::Result<Link> {
@@ -363,6 +378,11 @@ pub fn outlet_with(
         end: End::new(sock, queue.clone())?,
         state: Mutex::new(OutState {
             rx: Some(rx),
+            seal: match &wire {
+                Wire::Plain => None,
+                Wire::Sealed(key) => Some(Sealer::new(key)),
+            },
+            sealed: VecDeque::new(),
             segs: VecDeque::new(),
             scratch: BytesMut::new(),
             mark: None,
@@ -397,7 +417,11 @@ struct OutCore {
 
 struct OutState {
     rx: Option<Receiver<Bytes>>,
-    /// Encoded frames not yet written, oldest first.
+    /// A sealed link's sealer.
+    seal: Option<Sealer>,
+    /// A sealed link's records not yet written, oldest first.
+    sealed: VecDeque<Bytes>,
+    /// Encoded frames not yet written (a sealed link: not yet sealed), oldest first.
     segs: VecDeque<Bytes>,
     /// Where small frames are encoded.
     scratch: BytesMut,
@@ -405,6 +429,57 @@ struct OutState {
     mark: Option<u64>,
     report: Report,
     on_done: Option<OnDone>,
+}
+
+impl OutState {
+    /// What is to be written next: the sealed records of a sealed link, else the frames.
+    fn out(&mut self) -> &mut VecDeque<Bytes> {
+        if self.seal.is_some() {
+            &mut self.sealed
+        } else {
+            &mut self.segs
+        }
+    }
+
+    /// A sealed link: seals up to [`SEAL_BATCH`] bytes of the frames taken so far into
+    /// records, after those not yet written (a batch at a time, so that a large item's first
+    /// records are on their way while the rest is sealed).
+    fn seal_segs(&mut self) -> Result<(), RemoteError> {
+        let Some(sealer) = self.seal.as_mut() else {
+            return Ok(());
+        };
+        if self.segs.is_empty() {
+            return Ok(());
+        }
+        // The first `whole` segments, and `part` bytes of the next.
+        let (mut total, mut whole, mut part) = (0usize, 0usize, 0usize);
+        for s in &self.segs {
+            let room = SEAL_BATCH - total;
+            if s.len() > room {
+                part = room;
+                total += room;
+                break;
+            }
+            total += s.len();
+            whole += 1;
+            if total == SEAL_BATCH {
+                break;
+            }
+        }
+        let head = self
+            .segs
+            .get(whole)
+            .filter(|_| part > 0)
+            .map(|b| &b[..part]);
+        let plain = self.segs.iter().take(whole).map(|b| &b[..]).chain(head);
+        let records = sealer.seal(plain, total)?;
+        self.segs.drain(..whole);
+        if let Some(front) = self.segs.front_mut().filter(|_| part > 0) {
+            front.advance(part);
+        }
+        self.sealed.push_back(records);
+        Ok(())
+    }
 }
 
 /// The queue's hook: weak, so a queue kept alive by its link's helper does not keep the link.
@@ -480,19 +555,20 @@ impl OutCore {
             } else {
                 self.take(st)
             };
-            if let Err(e) = taken {
+            if let Err(e) = taken.and_then(|()| st.seal_segs()) {
                 self.finish(st, Err(e));
                 return Flow::Done;
             }
-            if st.segs.is_empty() {
+            if st.out().is_empty() {
                 if let Some(n) = st.mark.take() {
                     self.control.wrote_mark(n);
                 }
                 return Flow::Idle;
             }
             let mut slices = [IoSlice::new(&[]); MAX_SEGS];
-            let n = st.segs.len().min(MAX_SEGS);
-            for (slot, seg) in slices.iter_mut().zip(st.segs.iter()) {
+            let out = st.out();
+            let n = out.len().min(MAX_SEGS);
+            for (slot, seg) in slices.iter_mut().zip(out.iter()) {
                 *slot = IoSlice::new(seg);
             }
             match (&self.end.sock).write_vectored(&slices[..n]) {
@@ -508,19 +584,20 @@ impl OutCore {
                     return Flow::Done;
                 }
                 Ok(mut written) => {
+                    let out = st.out();
                     while written > 0 {
-                        let Some(front) = st.segs.front_mut() else {
+                        let Some(front) = out.front_mut() else {
                             break;
                         };
                         if front.len() <= written {
                             written -= front.len();
-                            st.segs.pop_front();
+                            out.pop_front();
                         } else {
                             front.advance(written);
                             written = 0;
                         }
                     }
-                    if st.segs.is_empty() && self.ended.load(Ordering::Acquire) {
+                    if out.is_empty() && st.segs.is_empty() && self.ended.load(Ordering::Acquire) {
                         let _ = self.end.sock.shutdown(Shutdown::Write);
                         let report = st.report;
                         self.finish(st, Ok(report));
@@ -617,6 +694,7 @@ impl OutCore {
         // Producers of a queue nobody else takes from now see their sends fail.
         st.rx = None;
         st.segs.clear();
+        st.sealed.clear();
         if let Some(done) = st.on_done.take() {
             done(result);
         }
@@ -676,7 +754,7 @@ pub fn inlet(
     max_item: u64,
     on_done: OnDone,
 ) -> io::Result<Link> {
-    inlet_with(tx, sock, max_item, &Drain::new(), on_done)
+    inlet_with(tx, sock, max_item, Wire::Plain, &Drain::new(), on_done)
 }
 
 /// [`inlet`], drained to marks for checkpoints with `drain`. Drained, its helper reads the
@@ -691,6 +769,7 @@ pub fn inlet_with(
     tx: Sender<Bytes>,
     sock: TcpStream,
     max_item: u64,
+    wire: Wire,
     drain: &Drain,
     on_done: OnDone,
 ) -> io::Result<Link> {
@@ -699,6 +778,11 @@ pub fn inlet_with(
         end: End::new(sock, queue.clone())?,
         state: Mutex::new(InState {
             tx: Some(tx),
+            open: match &wire {
+                Wire::Plain => None,
+                Wire::Sealed(key) => Some(Opener::new(key)),
+            },
+            raw: BytesMut::new(),
             buf: BytesMut::new(),
             pending: None,
             end_read: false,
@@ -735,7 +819,11 @@ struct InCore {
 
 struct InState {
     tx: Option<Sender<Bytes>>,
-    /// Bytes read and not yet decoded.
+    /// A sealed link's opener.
+    open: Option<Opener>,
+    /// A sealed link's bytes read and not yet opened.
+    raw: BytesMut,
+    /// Bytes read (a sealed link: opened) and not yet decoded.
     buf: BytesMut,
     /// A decoded item the queue had no room for.
     pending: Option<Entry<Bytes>>,
@@ -793,6 +881,25 @@ impl Pump for InHook {
             .lock()
             .push(other);
         true
+    }
+}
+
+impl InState {
+    /// A sealed link: opens the next record if it has all been read, and puts its plaintext
+    /// after what is left to decode; whether it did.
+    fn unseal(&mut self) -> Result<bool, RemoteError> {
+        let Some(opener) = self.open.as_mut() else {
+            return Ok(false);
+        };
+        let Some(plain) = opener.open(&mut self.raw)? else {
+            return Ok(false);
+        };
+        if self.buf.is_empty() {
+            self.buf = plain;
+        } else {
+            self.buf.extend_from_slice(&plain);
+        }
+        Ok(true)
     }
 }
 
@@ -887,16 +994,30 @@ impl InCore {
                     self.finish(st, Ok(report));
                     return Flow::Done;
                 }
-                Ok(None) if drained => return Flow::Idle,
-                Ok(None) => {}
+                Ok(None) => match st.unseal() {
+                    Ok(true) => continue,
+                    Ok(false) if drained => return Flow::Idle,
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.finish(st, Err(e));
+                        return Flow::Done;
+                    }
+                },
                 Err(e) => {
                     self.finish(st, Err(e));
                     return Flow::Done;
                 }
             }
-            match self.read(&mut st.buf, &mut drained) {
+            let into = if st.open.is_some() {
+                &mut st.raw
+            } else {
+                &mut st.buf
+            };
+            match self.read(into, &mut drained) {
                 Ok(0) => {
-                    let cause = if st.buf.is_empty() {
+                    let cause = if !st.raw.is_empty() {
+                        RemoteError::Sealed("the connection ended in the middle of a record".into())
+                    } else if st.buf.is_empty() {
                         RemoteError::Broken { requeued: 0 }
                     } else {
                         RemoteError::Protocol("stream ended in the middle of a frame".into())

@@ -24,6 +24,7 @@
 pub mod direct;
 mod frame;
 pub mod mark;
+pub mod seal;
 
 use std::collections::VecDeque;
 use std::io;
@@ -130,6 +131,9 @@ pub enum RemoteError {
     /// The peer broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A sealed link's record failed to open, or cannot be sealed ([`seal`]).
+    #[error("sealed link: {0}")]
+    Sealed(String),
     /// The peer speaks another protocol version.
     #[error("peer speaks queue protocol version {theirs}, this node speaks {ours}")]
     Version {

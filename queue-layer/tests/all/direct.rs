@@ -14,16 +14,19 @@ fn queue(name: &str, cap: usize) -> Queue<Bytes> {
     Queue::new(name, Config::fifo(cap)).expect("valid config")
 }
 
-fn tcp_pair() -> (TcpStream, TcpStream) {
+/// Two ends of a loopback TCP connection.
+pub(crate) fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
     let (b, _) = l.accept().expect("accept");
     (a, b)
 }
 
-type Done = mpsc::Receiver<Result<Report, RemoteError>>;
+/// Where a link end reports how it ended.
+pub(crate) type Done = mpsc::Receiver<Result<Report, RemoteError>>;
 
-fn done() -> (direct::OnDone, Done) {
+/// A link end's report callback, and where it arrives.
+pub(crate) fn done() -> (direct::OnDone, Done) {
     let (tx, rx) = mpsc::channel();
     (
         Box::new(move |r| {
@@ -59,13 +62,15 @@ fn pair(out_cap: usize, in_cap: usize) -> Pair {
     }
 }
 
-fn item(n: u32, len: usize) -> Bytes {
+/// Item `n` of `len` bytes (at least 4): its number, then filler.
+pub(crate) fn item(n: u32, len: usize) -> Bytes {
     let mut v = vec![(n % 251) as u8; len.max(4)];
     v[..4].copy_from_slice(&n.to_le_bytes());
     Bytes::from(v)
 }
 
-fn wait(d: &Done) -> Result<Report, RemoteError> {
+/// How the link end reported (within 20 s).
+pub(crate) fn wait(d: &Done) -> Result<Report, RemoteError> {
     d.recv_timeout(Duration::from_secs(20))
         .expect("the link reports within 20 s")
 }

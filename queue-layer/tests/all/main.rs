@@ -3,3 +3,4 @@
 mod direct;
 mod marks;
 mod remote;
+mod sealed;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mvm_queue::queue::{Config, Entry, Queue, Receiver, RecvFailure, SendFailure, Sender};
 use mvm_queue::remote::direct::{self, Link};
+use mvm_queue::remote::seal::LinkSecret;
 use mvm_queue::remote::{self, Drain, Hold, MarkError, Marked, Options, RemoteError, Report};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
@@ -21,11 +22,13 @@ const LIMIT: Duration = Duration::from_secs(30);
 enum Transport {
     Stream,
     Direct,
+    /// A direct link in sealed records.
+    Sealed,
 }
 
 /// A test of a scenario over each transport.
-macro_rules! on_both {
-    ($scenario:ident: $stream:ident, $direct:ident) => {
+macro_rules! on_all {
+    ($scenario:ident: $stream:ident, $direct:ident, $sealed:ident) => {
         #[test]
         fn $stream() {
             $scenario(Transport::Stream);
@@ -34,6 +37,11 @@ macro_rules! on_both {
         #[test]
         fn $direct() {
             $scenario(Transport::Direct);
+        }
+
+        #[test]
+        fn $sealed() {
+            $scenario(Transport::Sealed);
         }
     };
 }
@@ -139,11 +147,19 @@ impl Lab {
                     rt.spawn(async move { remote::import_stream_with(tx, b, &options, &d).await });
                 Ends::Stream { export, import }
             }
-            Transport::Direct => {
+            Transport::Direct | Transport::Sealed => {
+                let wire = match t {
+                    Transport::Sealed => {
+                        direct::Wire::Sealed(LinkSecret::random().expect("random").key())
+                    }
+                    _ => direct::Wire::Plain,
+                };
                 let (od, out) = on_done();
                 let (id, inn) = on_done();
-                let o = direct::outlet_with(outbox.receiver(), a, &hold, od).expect("outlet");
-                let i = direct::inlet_with(inbox.sender(), b, 1 << 20, &drain, id).expect("inlet");
+                let o = direct::outlet_with(outbox.receiver(), a, wire.clone(), &hold, od)
+                    .expect("outlet");
+                let i = direct::inlet_with(inbox.sender(), b, 1 << 20, wire.clone(), &drain, id)
+                    .expect("inlet");
                 Ends::Direct {
                     _links: (o, i),
                     out,
@@ -411,7 +427,7 @@ fn cut_at_a_random_moment(t: Transport) {
     ends_cleanly(lab, &rx, n);
 }
 
-on_both!(cut_at_a_random_moment: stream_cut_at_a_random_moment, direct_cut_at_a_random_moment);
+on_all!(cut_at_a_random_moment: stream_cut_at_a_random_moment, direct_cut_at_a_random_moment, sealed_cut_at_a_random_moment);
 
 /// With nothing consumed, a direct link has more in flight than the inbox holds: the drain
 /// must read past the full inbox (in the socket buffers), and keep it.
@@ -498,7 +514,7 @@ fn many_checkpoints(t: Transport) {
     assert_eq!(inn.expect("receiving end ends cleanly").items, u64::from(n));
 }
 
-on_both!(many_checkpoints: stream_many_checkpoints, direct_many_checkpoints);
+on_all!(many_checkpoints: stream_many_checkpoints, direct_many_checkpoints, sealed_many_checkpoints);
 
 /// A MARK the receiving end was not asked for is recorded and ignored; one with a later number
 /// than the drain's fails the drain, and after release the link goes on.
@@ -560,7 +576,7 @@ fn unasked_and_wrong_marks(t: Transport) {
     ends_cleanly(lab, &rx, 41);
 }
 
-on_both!(unasked_and_wrong_marks: stream_unasked_and_wrong_marks, direct_unasked_and_wrong_marks);
+on_all!(unasked_and_wrong_marks: stream_unasked_and_wrong_marks, direct_unasked_and_wrong_marks, sealed_unasked_and_wrong_marks);
 
 /// The producers end (the outbox closes) while the link is held: nothing happens until
 /// release, then the link ends cleanly after every item.
@@ -580,7 +596,7 @@ fn end_while_held(t: Transport) {
     ends_cleanly(lab, &rx, 50);
 }
 
-on_both!(end_while_held: stream_end_while_held, direct_end_while_held);
+on_all!(end_while_held: stream_end_while_held, direct_end_while_held, sealed_end_while_held);
 
 /// The link's END comes before the MARK while the inbox is full: both ends complete with
 /// `Ended`, the receiving end keeps what did not fit and closes the inbox only after
@@ -626,7 +642,7 @@ fn end_before_the_mark(t: Transport) {
     ends_cleanly(lab, &rx, n);
 }
 
-on_both!(end_before_the_mark: stream_end_before_the_mark, direct_end_before_the_mark);
+on_all!(end_before_the_mark: stream_end_before_the_mark, direct_end_before_the_mark, sealed_end_before_the_mark);
 
 /// Items a drained importer keeps are credited as processed: released, the exporter has its
 /// whole window again although the consumer has taken nothing.

@@ -27,6 +27,8 @@ enum Transport {
     Stream,
     /// A direct link driven by the vertices themselves.
     Direct,
+    /// The same, in sealed records.
+    Sealed,
 }
 
 /// The link between the parts: its two controls, its two ends (tasks, or direct links that
@@ -54,7 +56,7 @@ async fn connect(from: &mut Prepared, to: &mut Prepared, how: Transport) -> Link
     let out = from.remote_outputs.pop().expect("part 0 sends to part 1");
     let input = to.remote_inputs.pop().expect("part 1 hears from part 0");
     assert_eq!((out.vertex.as_str(), out.port.as_str()), ("p2", "in"));
-    if let Transport::Direct = how {
+    if let Transport::Direct | Transport::Sealed = how {
         // A receive that finds its queue empty reads the direct link itself.
         to.direct_remote_links();
     }
@@ -65,16 +67,26 @@ async fn connect(from: &mut Prepared, to: &mut Prepared, how: Transport) -> Link
 async fn link(outbox: Receiver<Bytes>, inbox: Sender<Bytes>, how: Transport) -> Link {
     match how {
         Transport::Stream => stream_link(outbox, inbox).await,
-        Transport::Direct => {
+        Transport::Direct | Transport::Sealed => {
+            let wire = match how {
+                Transport::Sealed => direct::Wire::Sealed(
+                    mvm_queue::remote::seal::LinkSecret::random()
+                        .expect("random")
+                        .key(),
+                ),
+                _ => direct::Wire::Plain,
+            };
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
             let a = std::net::TcpStream::connect(listener.local_addr().expect("address"))
                 .expect("connect");
             let b = listener.accept().expect("accept").0;
             let (hold, drain) = (Hold::new(), Drain::new());
             let outlet =
-                direct::outlet_with(outbox.clone(), a, &hold, Box::new(|_| {})).expect("outlet");
+                direct::outlet_with(outbox.clone(), a, wire.clone(), &hold, Box::new(|_| {}))
+                    .expect("outlet");
             let inlet =
-                direct::inlet_with(inbox, b, 64 << 20, &drain, Box::new(|_| {})).expect("inlet");
+                direct::inlet_with(inbox, b, 64 << 20, wire.clone(), &drain, Box::new(|_| {}))
+                    .expect("inlet");
             Link {
                 hold,
                 drain,
@@ -153,6 +165,11 @@ async fn a_job_over_two_parts_and_a_stream_link_restored_from_a_cut_gives_the_un
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_over_two_parts_and_a_direct_link_restored_from_a_cut_gives_the_undisturbed_output() {
     cut_and_restore(Transport::Direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_two_parts_and_a_sealed_link_restored_from_a_cut_gives_the_undisturbed_output() {
+    cut_and_restore(Transport::Sealed).await;
 }
 
 /// Cuts the job after 2, 10 and 40 ms, loses it, and restores it from the cut.
