@@ -65,10 +65,10 @@ pub struct DaemonConfig {
     /// The group's other super-peer candidates (`/…/p2p/PEER`): with this one, the replicas of
     /// the group's job log, one of which leads it and is the broker. None: a group of one.
     pub replicas: Vec<String>,
-    /// Carry remote channels over direct links (plain TCP read and written by the vertices,
-    /// agreed over libp2p with a one-time token; see [`crate::links`]) when the other node
-    /// does too; otherwise over libp2p streams (encrypted). For trusted networks.
-    pub direct_links: bool,
+    /// How remote channels to other nodes travel ([`crate::links`]): over direct links that
+    /// the vertices read and write themselves, sealed (the default) or plain, agreed over
+    /// libp2p with a one-time secret, when the other node takes them; or over libp2p streams.
+    pub links: crate::Links,
     /// Where to serve Prometheus metrics (`GET /metrics`; see [`crate::metrics`]).
     pub metrics: Option<std::net::SocketAddr>,
     /// Where a super-peer serves its live web view (see `mvm web`).
@@ -102,7 +102,7 @@ impl Default for DaemonConfig {
             os: None,
             state_dir: None,
             replicas: Vec::new(),
-            direct_links: false,
+            links: crate::links::Links::default(),
             metrics: None,
             http: None,
             triggers: Vec::new(),
@@ -323,10 +323,11 @@ impl Daemon {
         } else {
             None
         };
-        let links = if config.direct_links && config.slots > 0 {
+        let links = if config.links != crate::links::Links::Streams && config.slots > 0 {
             let ip = crate::links::listen_ip(&config.net.listen);
+            let plain = config.links == crate::links::Links::Plain;
             Some(
-                crate::links::Listener::start(ip)
+                crate::links::Listener::start(ip, plain)
                     .await
                     .map_err(|error| DaemonError::Links { ip, error })?,
             )

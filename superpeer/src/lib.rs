@@ -22,6 +22,7 @@ pub mod environment;
 pub mod files;
 pub mod joblog;
 mod links;
+pub use links::Links;
 pub mod market;
 mod metrics;
 pub mod modules;

@@ -1,30 +1,46 @@
-//! Direct links between nodes: a remote channel's items over a plain TCP connection that the
-//! vertices read and write themselves ([`mvm_queue::remote::direct`]), for latency close to
+//! Direct links between nodes: a remote channel's items over a TCP connection of its own that
+//! the vertices read and write themselves ([`mvm_queue::remote::direct`]), for latency close to
 //! MPI over TCP.
 //!
-//! The link is agreed on the channel's libp2p stream, which is authenticated and encrypted:
-//! the accepting node answers with the port of its link listener and a fresh 256-bit token;
-//! the opening node connects and presents the token, which is good for that one channel, once,
-//! for [`TOKEN_LIFETIME`]. The connection itself is neither encrypted nor integrity-protected:
-//! nodes use direct links only when configured to ([`crate::DaemonConfig::direct_links`]), for
-//! networks they trust, like MPI's. Without them, items go over the libp2p stream.
+//! The link is agreed on the channel's libp2p stream, which is authenticated (the domains'
+//! certificates) and encrypted: the accepting node answers with the port of its link listener
+//! and a fresh 256-bit secret ([`LinkSecret`]); the opening node connects and presents the
+//! secret's id, which is good for that one channel, once, for [`TOKEN_LIFETIME`]. Both derive
+//! the link's key from the secret: a sealed link ([`Links::Sealed`], the default) carries its
+//! frames in AES-256-GCM records numbered on the link, so that what is read, forged, replayed,
+//! reordered or cut on the way is refused ([`mvm_queue::remote::seal`]). A plain link
+//! ([`Links::Plain`], when both nodes are configured so) is neither encrypted nor
+//! integrity-protected, for networks the nodes trust, like MPI's.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
+pub(crate) use mvm_queue::remote::seal::LinkSecret;
+use mvm_queue::remote::seal::SECRET_LEN;
 use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
-/// A token's length in bytes.
-pub(crate) const TOKEN_LEN: usize = 32;
-/// How long a token waits for its connection.
+/// How long a link's secret waits for its connection.
 pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+
+/// How a node's remote channels to other nodes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Links {
+    /// On libp2p streams (noise, yamux), beside the control traffic.
+    Streams,
+    /// On direct links in sealed records (authenticated and encrypted); on a stream to a node
+    /// that takes none.
+    #[default]
+    Sealed,
+    /// On plain direct links to nodes that take plain ones too (sealed to the others): for
+    /// networks trusted not to read or change the items.
+    Plain,
+}
 
 /// Why a direct link cannot be opened.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +54,7 @@ pub(crate) enum LinkError {
         /// The listener's address.
         to: SocketAddr,
     },
-    /// Connecting, or presenting the token, failed.
+    /// Connecting, or presenting the link's id, failed.
     #[error("link to {to}: {error}")]
     Io {
         /// The listener's address.
@@ -48,22 +64,24 @@ pub(crate) enum LinkError {
     },
 }
 
-/// A one-time secret that names a pending link.
-pub(crate) type Token = [u8; TOKEN_LEN];
+/// What names a pending link on the wire: its secret's id.
+type LinkId = [u8; SECRET_LEN];
 
 /// The link listener of a node and the links it waits for.
 pub(crate) struct Listener {
     port: u16,
-    pending: Mutex<HashMap<Token, (Instant, oneshot::Sender<std::net::TcpStream>)>>,
+    plain: bool,
+    pending: Mutex<HashMap<LinkId, (Instant, oneshot::Sender<std::net::TcpStream>)>>,
 }
 
 impl Listener {
     /// Listens on `ip` (the node's network address, or any) at a free port, and accepts in the
-    /// background until the runtime ends.
-    pub(crate) async fn start(ip: IpAddr) -> std::io::Result<Arc<Listener>> {
+    /// background until the runtime ends; `plain`: this node takes plain links.
+    pub(crate) async fn start(ip: IpAddr, plain: bool) -> std::io::Result<Arc<Listener>> {
         let l = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
         let me = Arc::new(Listener {
             port: l.local_addr()?.port(),
+            plain,
             pending: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&me);
@@ -90,34 +108,38 @@ impl Listener {
         self.port
     }
 
-    /// A new token, and where its connection will come.
+    /// Whether this node takes plain links (from nodes that ask for one).
+    pub(crate) fn plain(&self) -> bool {
+        self.plain
+    }
+
+    /// A new link's secret, and where its connection will come.
     pub(crate) fn expect(
         &self,
-    ) -> std::io::Result<(Token, oneshot::Receiver<std::net::TcpStream>)> {
-        let mut token = [0u8; TOKEN_LEN];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut token)?;
+    ) -> std::io::Result<(LinkSecret, oneshot::Receiver<std::net::TcpStream>)> {
+        let secret = LinkSecret::random()?;
         let (tx, rx) = oneshot::channel();
         let mut pending = self.pending.lock();
         pending.retain(|_, (t, _)| t.elapsed() < TOKEN_LIFETIME);
-        pending.insert(token, (Instant::now(), tx));
-        Ok((token, rx))
+        pending.insert(secret.id(), (Instant::now(), tx));
+        Ok((secret, rx))
     }
 
-    /// Reads a connection's token and hands the connection to whoever expects it; anything
-    /// else is closed.
+    /// Reads the id a connection presents and hands the connection to whoever expects it;
+    /// anything else is closed.
     async fn admit(&self, mut sock: tokio::net::TcpStream, from: SocketAddr) {
-        let mut token = [0u8; TOKEN_LEN];
-        let read = tokio::time::timeout(TOKEN_LIFETIME, sock.read_exact(&mut token)).await;
+        let mut id = [0u8; SECRET_LEN];
+        let read = tokio::time::timeout(TOKEN_LIFETIME, sock.read_exact(&mut id)).await;
         if !matches!(read, Ok(Ok(_))) {
-            tracing::debug!(%from, "a link connection without a token; closed");
+            tracing::debug!(%from, "a link connection without an id; closed");
             return;
         }
-        let Some((since, tx)) = self.pending.lock().remove(&token) else {
-            tracing::warn!(%from, "a link connection with an unknown token; closed");
+        let Some((since, tx)) = self.pending.lock().remove(&id) else {
+            tracing::warn!(%from, "a link connection with an unknown id; closed");
             return;
         };
         if since.elapsed() >= TOKEN_LIFETIME {
-            tracing::warn!(%from, "a link connection with an expired token; closed");
+            tracing::warn!(%from, "a link connection with an expired id; closed");
             return;
         }
         match sock.into_std() {
@@ -146,11 +168,11 @@ fn ip_of(a: &Multiaddr) -> Option<IpAddr> {
 }
 
 /// Connects to a peer's link listener at `port`, on the first IP address among `addrs` (those
-/// the peer is reached at), and presents `token`.
+/// the peer is reached at), and presents the id of the link's `secret`.
 pub(crate) async fn connect(
     addrs: &[Multiaddr],
     port: u16,
-    token: &Token,
+    secret: &LinkSecret,
 ) -> Result<std::net::TcpStream, LinkError> {
     use tokio::io::AsyncWriteExt;
     let ip = addrs
@@ -164,7 +186,7 @@ pub(crate) async fn connect(
         .await
         .map_err(|_| LinkError::Timeout { to })?
         .map_err(io)?;
-    s.write_all(token).await.map_err(io)?;
+    s.write_all(&secret.id()).await.map_err(io)?;
     s.into_std().map_err(io)
 }
 
@@ -173,18 +195,24 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_token_admits_one_connection_and_others_are_refused() {
-        let l = Listener::start(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    async fn a_secret_s_id_admits_one_connection_and_others_are_refused() {
+        let l = Listener::start(IpAddr::V4(Ipv4Addr::LOCALHOST), false)
             .await
             .expect("listens");
-        let (token, rx) = l.expect().expect("token");
+        let (secret, rx) = l.expect().expect("secret");
         let addr: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("addr");
-        // A wrong token is refused: nothing arrives for the right one.
-        let wrong = [0u8; TOKEN_LEN];
+        // Another secret's id is refused, and so is the secret itself presented as an id.
+        let wrong = LinkSecret::from_bytes([0u8; SECRET_LEN]);
         let _bad = connect(std::slice::from_ref(&addr), l.port(), &wrong)
             .await
             .expect("connects");
-        let s = connect(std::slice::from_ref(&addr), l.port(), &token)
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", l.port()))
+            .await
+            .expect("connects");
+        tokio::io::AsyncWriteExt::write_all(&mut raw, secret.as_bytes())
+            .await
+            .expect("writes");
+        let s = connect(std::slice::from_ref(&addr), l.port(), &secret)
             .await
             .expect("connects");
         let got = tokio::time::timeout(Duration::from_secs(5), rx)
@@ -194,25 +222,25 @@ mod tests {
         assert_eq!(
             got.peer_addr().expect("peer").port(),
             s.local_addr().expect("local").port(),
-            "the connection that presented the token"
+            "the connection that presented the id"
         );
-        // The token was used up.
-        let (_, rx2) = l.expect().expect("token");
-        let _again = connect(std::slice::from_ref(&addr), l.port(), &token)
+        // The id was used up.
+        let (_, rx2) = l.expect().expect("secret");
+        let _again = connect(std::slice::from_ref(&addr), l.port(), &secret)
             .await
             .expect("connects");
         assert!(
             tokio::time::timeout(Duration::from_millis(300), rx2)
                 .await
                 .is_err(),
-            "a used token admits nothing"
+            "a used id admits nothing"
         );
     }
 
     #[tokio::test]
     async fn a_link_error_names_the_address() {
         let dns: Multiaddr = "/dns4/example.org/tcp/1".parse().expect("addr");
-        let e = connect(&[dns], 1, &[0; TOKEN_LEN])
+        let e = connect(&[dns], 1, &LinkSecret::from_bytes([0; SECRET_LEN]))
             .await
             .expect_err("no IP");
         assert!(matches!(e, LinkError::NoIp), "{e:?}");
@@ -221,7 +249,7 @@ mod tests {
         let port = closed.local_addr().expect("addr").port();
         drop(closed);
         let ip: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("addr");
-        let e = connect(&[ip], port, &[0; TOKEN_LEN])
+        let e = connect(&[ip], port, &LinkSecret::from_bytes([0; SECRET_LEN]))
             .await
             .expect_err("refused");
         assert!(

@@ -265,10 +265,11 @@ impl Sources {
             let mut m: BTreeMap<(String, String, &'static str), (u64, u64)> = BTreeMap::new();
             for j in s.jobs() {
                 for t in &j.traffic {
-                    let link = match (t.remote, t.direct) {
-                        (false, _) => "local",
-                        (true, false) => "stream",
-                        (true, true) => "direct",
+                    let link = match (t.remote, t.direct, t.sealed) {
+                        (false, _, _) => "local",
+                        (true, false, _) => "stream",
+                        (true, true, false) => "direct",
+                        (true, true, true) => "sealed",
                     };
                     let e = m
                         .entry((t.kind.clone(), t.codec.clone(), link))

@@ -93,11 +93,44 @@ pub(crate) struct Common {
     /// The bridge of `--guest-net`.
     #[arg(long, default_value = "mvmbr0", value_name = "NAME")]
     guest_bridge: String,
-    /// Carry remote channels over direct links when the other node does too: plain TCP that
-    /// the vertices read and write themselves (lowest latency), agreed over libp2p with a
-    /// one-time token. Not encrypted: for trusted networks. Without it, over libp2p streams.
-    #[arg(long)]
-    direct_links: bool,
+    /// How remote channels to other nodes travel: over direct links (a TCP connection of
+    /// each channel's own that the vertices read and write themselves, agreed over libp2p
+    /// with a one-time secret) or over libp2p streams.
+    #[arg(long, value_enum, default_value_t = LinksArg::Sealed)]
+    links: LinksArg,
+}
+
+/// How a node's remote channels travel (`--links`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LinksArg {
+    /// Direct links in authenticated, encrypted records (AES-256-GCM, a key per link): what
+    /// is forged, replayed, reordered or cut on the way fails the link.
+    Sealed,
+    /// Direct links as plain TCP with nodes that take plain ones too (sealed with the others):
+    /// the lowest latency, for networks trusted not to read or change the items.
+    Plain,
+    /// libp2p streams (noise, yamux) beside the control traffic.
+    Streams,
+}
+
+impl LinksArg {
+    /// The daemon's setting.
+    pub(crate) fn links(self) -> mvm_superpeer::Links {
+        match self {
+            LinksArg::Sealed => mvm_superpeer::Links::Sealed,
+            LinksArg::Plain => mvm_superpeer::Links::Plain,
+            LinksArg::Streams => mvm_superpeer::Links::Streams,
+        }
+    }
+
+    /// The value of `--links` that says it.
+    pub(crate) fn arg(self) -> &'static str {
+        match self {
+            LinksArg::Sealed => "sealed",
+            LinksArg::Plain => "plain",
+            LinksArg::Streams => "streams",
+        }
+    }
 }
 
 /// The guest drivers a node can use.
@@ -282,7 +315,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         dir,
     });
     config.peers = c.peers;
-    config.direct_links = c.direct_links;
+    config.links = c.links.links();
     config.name = creds.principal.name.clone();
     config.group = c.group;
     config.domain = creds.principal.domain.clone();

@@ -385,10 +385,11 @@ pub(crate) fn summary(s: &JobStatus) -> String {
     for t in &s.traffic {
         out.push_str(&format!(
             "  {} {}/{}: {} items, {} bytes\n",
-            match (t.remote, t.direct) {
-                (true, true) => "remote (direct link)",
-                (true, false) => "remote",
-                (false, _) => "local ",
+            match (t.remote, t.direct, t.sealed) {
+                (true, true, true) => "remote (sealed direct link)",
+                (true, true, false) => "remote (plain direct link)",
+                (true, false, _) => "remote",
+                (false, _, _) => "local ",
             },
             t.kind,
             t.codec,

@@ -10,6 +10,7 @@ use mvm_superpeer::client::{Client, read_profile};
 use mvm_superpeer::pki::Credentials;
 use serde::{Deserialize, Serialize};
 
+use crate::cmd::daemon::LinksArg;
 use crate::cmd::job::{self, wire};
 use crate::exit::Failure;
 use crate::{Output, OutputArg};
@@ -64,11 +65,9 @@ pub(crate) struct NetArgs {
     /// The transports the daemons listen on.
     #[arg(long, value_enum, default_value_t = Transport::Both)]
     pub(crate) transport: Transport,
-    /// Carry remote channels over libp2p streams only (encrypted), not over direct links
-    /// (plain TCP on loopback, read and written by the vertices themselves; the default in a
-    /// lab, whose processes all run on this machine).
-    #[arg(long)]
-    pub(crate) secure_links: bool,
+    /// How the nodes' remote channels travel (as `mvm node --links`).
+    #[arg(long, value_enum, default_value_t = LinksArg::Sealed)]
+    pub(crate) links: LinksArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -385,9 +384,7 @@ impl Lab {
                     .to_owned(),
             );
         }
-        if !net.secure_links {
-            timing.push("--direct-links");
-        }
+        timing.extend(["--links", net.links.arg()]);
         for i in 0..nodes {
             let name = format!("node{i}");
             let _ = std::fs::remove_file(dir.join(format!("{name}.addr")));

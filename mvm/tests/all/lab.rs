@@ -138,12 +138,13 @@ fn an_fft_butterfly_runs_across_three_node_processes_and_matches_a_direct_dft() 
     // 8 sources + 3 stages of 4 butterflies sending 2 items each: 32 items in all.
     assert_eq!(all, 32, "{traffic:?}");
     assert!(remote > 0, "some channels cross nodes: {traffic:?}");
-    // A lab's nodes link directly: every remote item went over a direct link.
+    // A lab's nodes link directly, in sealed records (the default): every remote item went
+    // over a sealed direct link.
     assert!(
         traffic
             .iter()
             .filter(|t| t["remote"] == true)
-            .all(|t| t["direct"] == true),
+            .all(|t| t["direct"] == true && t["sealed"] == true),
         "{traffic:?}"
     );
     let re = [1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 2.5, 1.0];
@@ -881,7 +882,7 @@ fn a_killed_leading_super_peer_is_replaced_and_a_running_job_completes_with_the_
 }
 
 #[test]
-fn the_demo_runs_over_quic_and_secure_links_too() {
+fn the_demo_runs_over_quic_and_libp2p_streams_too() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let v = json(&mvm(
         tmp.path(),
@@ -890,7 +891,8 @@ fn the_demo_runs_over_quic_and_secure_links_too() {
             "demo",
             "--transport",
             "quic",
-            "--secure-links",
+            "--links",
+            "streams",
             "-o",
             "json",
         ],

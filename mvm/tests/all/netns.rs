@@ -233,12 +233,15 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
     let mut h = Hosts::new(4);
     let broker = h.daemon(0, &["superpeer"]);
     assert!(broker.contains(&h.addr(0)), "{broker}");
-    // Hosts 1 and 2 link directly (plain TCP across the veths, agreed over libp2p); host 3
-    // does not, so its channels with them fall back to libp2p streams.
+    // Hosts 1 and 2 link directly across the veths (agreed over libp2p): sealed, since host 2
+    // takes only sealed links (the default) though host 1 would take plain ones; host 3 takes
+    // none, so its channels with them fall back to libp2p streams.
     for i in 1..4 {
         let mut args = vec!["node", "--bootstrap", &broker];
-        if i < 3 {
-            args.push("--direct-links");
+        match i {
+            1 => args.extend(["--links", "plain"]),
+            3 => args.extend(["--links", "streams"]),
+            _ => {}
         }
         h.daemon(i, &args);
     }
@@ -268,6 +271,16 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
     };
     assert!(remote(true) > 0, "hosts 1 and 2 linked directly: {v}");
     assert!(remote(false) > 0, "host 3 used libp2p streams: {v}");
+    let direct: Vec<&serde_json::Value> = v["traffic"]
+        .as_array()
+        .expect("traffic")
+        .iter()
+        .filter(|t| t["direct"] == true)
+        .collect();
+    assert!(
+        direct.iter().all(|t| t["sealed"] == true),
+        "a plain link only when both ends take one: {v}"
+    );
     // A long job with checkpoints, then the link of a host it runs on is cut for 10 s once one
     // is stored: within the heartbeat bound, the job's run is given up and it runs again on
     // the two other hosts from its checkpoint (its profile's default retries), and ends with

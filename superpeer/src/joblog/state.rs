@@ -309,8 +309,8 @@ impl ControlState {
                 j.outputs.extend(outputs);
                 for t in traffic {
                     match j.traffic.iter_mut().find(|x| {
-                        (&x.kind, &x.codec, x.remote, x.direct)
-                            == (&t.kind, &t.codec, t.remote, t.direct)
+                        (&x.kind, &x.codec, x.remote, x.direct, x.sealed)
+                            == (&t.kind, &t.codec, t.remote, t.direct, t.sealed)
                     }) {
                         Some(x) => {
                             x.items += t.items;

@@ -121,6 +121,7 @@ fn a_placed_job_reserves_slots_and_holds_resources_until_it_ends() {
             codec: "raw".into(),
             remote: true,
             direct: false,
+            sealed: false,
             items: 5,
             bytes: 40,
         }],

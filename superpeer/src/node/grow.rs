@@ -160,9 +160,13 @@ impl Node {
             .args(["--guest-of", &self.site.peer().to_string()])
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        if self.links.is_some() {
-            cmd.arg("--direct-links");
-        }
+        // The node in the guest carries its channels as this one does.
+        let links = match &self.links {
+            None => "streams",
+            Some(l) if l.plain() => "plain",
+            Some(_) => "sealed",
+        };
+        cmd.args(["--links", links]);
         mvm_os::host::join_on_exec(cmd.as_std_mut(), join)?;
         let child = cmd.spawn()?;
         Ok((child, dir))

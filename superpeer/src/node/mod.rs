@@ -111,6 +111,8 @@ struct LinkDone {
     out: bool,
     /// Whether it went over a direct link rather than a libp2p stream.
     direct: bool,
+    /// Whether that direct link was sealed.
+    sealed: bool,
     items: u64,
     bytes: u64,
 }

@@ -331,17 +331,21 @@ impl Node {
             vertex: vertex.clone(),
             port: port.clone(),
             direct,
+            plain: direct && self.links.as_ref().is_some_and(|l| l.plain()),
             attempt,
         };
         tasks.spawn(async move {
-            let r: Result<(bool, remote::Report), LinkProblem> = async {
+            let r: Result<(bool, bool, remote::Report), LinkProblem> = async {
                 // Streams from a peer whose certificate has not passed are dropped: exchange
                 // certificates first (this also makes the addresses known to the swarm).
                 net.authenticate(peer, &addrs)
                     .await
                     .map_err(LinkProblem::Authenticate)?;
                 let channel = open_channel(&mut control, peer, &header).await?;
-                let direct = matches!(channel, Channel::Direct { .. });
+                let (direct, sealed) = match &channel {
+                    Channel::Direct { plain, .. } => (true, !plain),
+                    Channel::Stream(_) => (false, false),
+                };
                 let rep = match channel {
                     Channel::Stream(s) => remote::export_stream_with(
                         &receiver,
@@ -351,22 +355,29 @@ impl Node {
                     )
                     .await
                     .map_err(|e| LinkProblem::Transfer(e.to_string()))?,
-                    Channel::Direct { port, token } => {
-                        let sock = crate::links::connect(&addrs, port, &token)
+                    Channel::Direct {
+                        port,
+                        secret,
+                        plain,
+                    } => {
+                        let sock = crate::links::connect(&addrs, port, &secret)
                             .await
                             .map_err(|e| LinkProblem::Transfer(e.to_string()))?;
-                        run_link(|done| direct::outlet_with(receiver, sock, &hold, done)).await?
+                        let wire = super::streams::wire(&secret, plain);
+                        run_link(|done| direct::outlet_with(receiver, sock, wire, &hold, done))
+                            .await?
                     }
                 };
-                Ok((direct, rep))
+                Ok((direct, sealed, rep))
             }
             .await;
             let r: LinkResult = match r {
-                Ok((direct, rep)) => Ok(LinkDone {
+                Ok((direct, sealed, rep)) => Ok(LinkDone {
                     vertex,
                     port,
                     out: true,
                     direct,
+                    sealed,
                     items: rep.items,
                     bytes: rep.bytes,
                 }),

@@ -13,16 +13,19 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::parts::Input;
 use super::{ChannelError, LinkDone, LinkProblem, Msg, Node};
-use crate::proto::{ACK_DIRECT, ACK_OK, ACK_UNKNOWN, StreamHeader};
+use crate::links::LinkSecret;
+use crate::proto::{ACK_DIRECT, ACK_OK, ACK_PLAIN, ACK_UNKNOWN, StreamHeader};
+use mvm_queue::remote::seal::SECRET_LEN;
 
 /// How a remote channel's items go, as its acceptor answered.
 pub(super) enum Channel {
     /// On this libp2p stream.
     Stream(libp2p::Stream),
-    /// Over a direct link to this port, presenting this token.
+    /// Over a direct link to this port, keyed from this secret (plain or sealed).
     Direct {
         port: u16,
-        token: crate::links::Token,
+        secret: LinkSecret,
+        plain: bool,
     },
 }
 
@@ -62,15 +65,22 @@ pub(super) async fn open_channel(
         .await;
         match read {
             Ok(Ok(())) if ack[0] == ACK_OK => return Ok(Channel::Stream(s)),
-            Ok(Ok(())) if ack[0] == ACK_DIRECT && header.direct => {
-                let mut rest = [0u8; 2 + crate::links::TOKEN_LEN];
+            Ok(Ok(()))
+                if header.direct
+                    && (ack[0] == ACK_DIRECT || header.plain && ack[0] == ACK_PLAIN) =>
+            {
+                let mut rest = [0u8; 2 + SECRET_LEN];
                 match futures::AsyncReadExt::read_exact(&mut s, &mut rest).await {
                     Ok(()) => {
                         let port = u16::from_le_bytes([rest[0], rest[1]]);
-                        let mut token = [0u8; crate::links::TOKEN_LEN];
-                        token.copy_from_slice(&rest[2..]);
+                        let mut secret = [0u8; SECRET_LEN];
+                        secret.copy_from_slice(&rest[2..]);
                         let _ = s.close().await;
-                        return Ok(Channel::Direct { port, token });
+                        return Ok(Channel::Direct {
+                            port,
+                            secret: LinkSecret::from_bytes(secret),
+                            plain: ack[0] == ACK_PLAIN,
+                        });
                     }
                     Err(e) => last = LinkProblem::Handshake(e),
                 }
@@ -150,13 +160,14 @@ impl Node {
                     let _ = stream.close().await;
                     return;
                 };
-                // A direct link when both sides want one: the answer carries where and how to
-                // connect, and the items go there.
+                // A direct link when both sides want one: the answer carries where to connect
+                // and the link's secret, and the items go there; plain only when both sides
+                // take plain links, else sealed.
                 // An input linked again by a move takes a stream: its queue may have had a
                 // direct link, and takes one for its life.
                 let direct = match &node.links {
                     Some(l) if header.direct && first.is_none() => match l.expect() {
-                        Ok((token, conn)) => Some((l.port(), token, conn)),
+                        Ok((secret, conn)) => Some((l.port(), secret, l.plain() && header.plain, conn)),
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot make a link token; using the stream");
                             None
@@ -164,10 +175,14 @@ impl Node {
                     },
                     _ => None,
                 };
-                let mut answer = vec![if direct.is_some() { ACK_DIRECT } else { ACK_OK }];
-                if let Some((port, token, _)) = &direct {
+                let mut answer = vec![match &direct {
+                    None => ACK_OK,
+                    Some((_, _, true, _)) => ACK_PLAIN,
+                    Some(_) => ACK_DIRECT,
+                }];
+                if let Some((port, secret, _, _)) = &direct {
                     answer.extend_from_slice(&port.to_le_bytes());
-                    answer.extend_from_slice(token);
+                    answer.extend_from_slice(secret.as_bytes());
                 }
                 if let Err(e) = async {
                     stream.write_all(&answer).await?;
@@ -198,6 +213,7 @@ impl Node {
                         }
                     }
                     let is_direct = direct.is_some();
+                    let is_sealed = matches!(direct, Some((_, _, false, _)));
                     let r = match direct {
                         None => remote::import_stream_with(
                             tx,
@@ -207,9 +223,9 @@ impl Node {
                         )
                         .await
                         .map_err(|e| LinkProblem::Transfer(e.to_string())),
-                        Some((_, _, conn)) => {
+                        Some((_, secret, plain, conn)) => {
                             let _ = stream.close().await;
-                            accept_link(tx, conn, &drain).await
+                            accept_link(tx, conn, wire(&secret, plain), &drain).await
                         }
                     };
                     let r = r
@@ -218,6 +234,7 @@ impl Node {
                             port: header.port.clone(),
                             out: false,
                             direct: is_direct,
+                            sealed: is_sealed,
                             items: rep.items,
                             bytes: rep.bytes,
                         })
@@ -250,14 +267,24 @@ const MAX_OPENING: usize = 1024;
 async fn accept_link(
     tx: Sender<Bytes>,
     conn: oneshot::Receiver<std::net::TcpStream>,
+    wire: direct::Wire,
     drain: &mvm_queue::remote::Drain,
 ) -> Result<remote::Report, LinkProblem> {
     let sock = tokio::time::timeout(crate::links::TOKEN_LIFETIME, conn)
         .await
         .map_err(|_| LinkProblem::NotConnected(crate::links::TOKEN_LIFETIME))?
         .map_err(|_| LinkProblem::ListenerGone)?;
-    run_link(|done| direct::inlet_with(tx, sock, RemoteOptions::default().max_item, drain, done))
-        .await
+    let max = RemoteOptions::default().max_item;
+    run_link(|done| direct::inlet_with(tx, sock, max, wire, drain, done)).await
+}
+
+/// How a direct link keyed from `secret` carries its bytes.
+pub(super) fn wire(secret: &LinkSecret, plain: bool) -> direct::Wire {
+    if plain {
+        direct::Wire::Plain
+    } else {
+        direct::Wire::Sealed(secret.key())
+    }
 }
 
 /// Starts one side of a direct link and waits for its report. The link is held meanwhile, so

@@ -85,17 +85,26 @@ impl Node {
             Some(q) => q,
             None => self.queue_counts(job),
         };
-        let mut traffic: BTreeMap<(String, String, bool, bool), (u64, u64)> = BTreeMap::new();
+        // (kind, codec, remote, direct, sealed) → (items, bytes).
+        type Key = (String, String, bool, bool, bool);
+        let mut traffic: BTreeMap<Key, (u64, u64)> = BTreeMap::new();
         for s in queues {
             let name = s.name.as_str();
             if let Some(into) = name.strip_suffix(">out") {
-                let direct = remote.iter().any(|l| l.out && l.direct && l.feeds(into));
-                let e = traffic.entry((s.kind, s.codec, true, direct)).or_default();
+                let (direct, sealed) = remote
+                    .iter()
+                    .find(|l| l.out && l.direct && l.feeds(into))
+                    .map_or((false, false), |l| (true, l.sealed));
+                let e = traffic
+                    .entry((s.kind, s.codec, true, direct, sealed))
+                    .or_default();
                 e.0 += s.items_in;
                 e.1 += s.bytes_in;
             } else {
                 let (ri, rb) = remote_into(&remote, name);
-                let e = traffic.entry((s.kind, s.codec, false, false)).or_default();
+                let e = traffic
+                    .entry((s.kind, s.codec, false, false, false))
+                    .or_default();
                 e.0 += s.items_in.saturating_sub(ri);
                 e.1 += s.bytes_in.saturating_sub(rb);
             }
@@ -127,14 +136,17 @@ impl Node {
                 .collect(),
             traffic: traffic
                 .into_iter()
-                .map(|((kind, codec, remote, direct), (items, bytes))| Traffic {
-                    kind,
-                    codec,
-                    remote,
-                    direct,
-                    items,
-                    bytes,
-                })
+                .map(
+                    |((kind, codec, remote, direct, sealed), (items, bytes))| Traffic {
+                        kind,
+                        codec,
+                        remote,
+                        direct,
+                        sealed,
+                        items,
+                        bytes,
+                    },
+                )
                 .collect(),
             wall_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
         })

@@ -101,6 +101,9 @@ pub struct StreamHeader {
     /// The opener asks for a direct link ([`ACK_DIRECT`]) instead of data on this stream.
     #[serde(default)]
     pub direct: bool,
+    /// The opener takes a plain direct link ([`ACK_PLAIN`]), if the acceptor does too.
+    #[serde(default)]
+    pub plain: bool,
     /// The run of the job the opener's part belongs to: a stream from another run is refused.
     #[serde(default)]
     pub attempt: u32,
@@ -112,9 +115,12 @@ pub const ACK_OK: u8 = 0;
 /// The acceptor's answer to a stream header: no such channel here.
 pub const ACK_UNKNOWN: u8 = 1;
 /// The acceptor's answer to a stream header that asked for a direct link: the channel is
-/// expected, on a direct link. Followed by the link listener's port (`u16le`) and a one-time
-/// 32-byte token to present there; the stream then ends.
+/// expected, on a sealed direct link. Followed by the link listener's port (`u16le`) and the
+/// link's 32-byte secret (whose id the opener presents there, and from which both derive the
+/// key); the stream then ends.
 pub const ACK_DIRECT: u8 = 2;
+/// As [`ACK_DIRECT`], for a plain direct link (both nodes take them).
+pub const ACK_PLAIN: u8 = 3;
 
 /// The largest stream header.
 pub const MAX_HEADER: usize = 4 << 10;

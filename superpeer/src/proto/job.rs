@@ -484,6 +484,9 @@ pub struct Traffic {
     /// Whether those remote items went over direct links (not libp2p streams).
     #[serde(default)]
     pub direct: bool,
+    /// Whether those direct links were sealed (authenticated and encrypted), not plain.
+    #[serde(default)]
+    pub sealed: bool,
     /// Items.
     pub items: u64,
     /// Bytes (encoded).

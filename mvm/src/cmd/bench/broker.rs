@@ -14,6 +14,7 @@ use mvm_superpeer::proto::JobState;
 use serde::Serialize;
 
 use crate::cmd::bench::mpi;
+use crate::cmd::daemon::LinksArg;
 use crate::cmd::job::wire;
 use crate::cmd::lab::{Lab, NetArgs, Transport};
 use crate::exit::Failure;
@@ -40,21 +41,30 @@ pub(crate) struct BrokerReport {
     pub(crate) mpiexec16_ms: Option<f64>,
     /// ring16 / mpiexec (goal: at most 0.1).
     pub(crate) ring_ratio: Option<f64>,
-    /// One-way 8 B latency between vertices on two nodes over direct links (the lab's
-    /// default), microseconds.
+    /// One-way 8 B latency between vertices on two nodes over plain direct links (this lab's,
+    /// `--links plain`), microseconds.
     pub(crate) cross_node_8b_us: f64,
-    /// 1 MiB messages between vertices on two nodes over direct links, MB/s.
+    /// 1 MiB messages between vertices on two nodes over plain direct links, MB/s.
     pub(crate) cross_node_1mib_mb_per_sec: f64,
-    /// The same 8 B latency over libp2p streams (noise, yamux; a lab with `--secure-links`).
-    pub(crate) cross_node_secure_8b_us: f64,
+    /// The same 8 B latency over sealed direct links (authenticated and encrypted; the
+    /// default, `--links sealed`), in a lab of two nodes.
+    pub(crate) cross_node_sealed_8b_us: f64,
+    /// The same 1 MiB throughput over sealed direct links, MB/s.
+    pub(crate) cross_node_sealed_1mib_mb_per_sec: f64,
+    /// The same 8 B latency over libp2p streams (noise, yamux; `--links streams`).
+    pub(crate) cross_node_streams_8b_us: f64,
     /// The same 1 MiB throughput over libp2p streams, MB/s.
-    pub(crate) cross_node_secure_1mib_mb_per_sec: f64,
+    pub(crate) cross_node_streams_1mib_mb_per_sec: f64,
     /// MPICH over TCP: one-way 8 B latency, microseconds.
     pub(crate) mpich_tcp_8b_us: Option<f64>,
     /// MPICH over TCP: 1 MiB messages, MB/s.
     pub(crate) mpich_tcp_1mib_mb_per_sec: Option<f64>,
-    /// cross-node / MPICH-TCP latency (goal: at most 1.5).
+    /// cross-node (plain) / MPICH-TCP latency (goal: at most 1.5).
     pub(crate) latency_ratio: Option<f64>,
+    /// Sealed cross-node / MPICH-TCP latency (goal: at most 1.5).
+    pub(crate) sealed_latency_ratio: Option<f64>,
+    /// Sealed cross-node / MPICH-TCP 1 MiB throughput (goal: at least 0.7).
+    pub(crate) sealed_bandwidth_ratio: Option<f64>,
     /// Raw TCP on loopback: one-way 8 B latency, microseconds.
     pub(crate) raw_tcp_8b_us: f64,
     /// Raw TCP on loopback: 1 MiB messages, MB/s.
@@ -232,7 +242,7 @@ pub(crate) fn run(
     let nodes = 4;
     let net = NetArgs {
         transport,
-        secure_links: false,
+        links: LinksArg::Plain,
     };
     // With three super-peers, every job's transitions are replicated to a majority of them.
     let mut lab = Lab::start(&d.join("lab"), nodes, superpeers, false, net)?;
@@ -283,25 +293,20 @@ pub(crate) fn run(
         None
     };
     drop(lab);
-    // The same ping-pong over libp2p streams, in a lab of two nodes without direct links.
-    let secure = Lab::start(
-        &d.join("lab-secure"),
-        2,
-        1,
-        false,
-        NetArgs {
-            transport,
-            secure_links: true,
-        },
-    )?;
-    let broker = secure.broker.clone();
-    let (secure_lat, secure_tput) = rt.block_on(async {
-        let client = Client::find(&secure.user()?, std::slice::from_ref(&broker))
-            .await
-            .map_err(wire)?;
-        pingpong(&client, &pp8, &pp1m).await
-    })?;
-    drop(secure);
+    // The same ping-pong over sealed direct links and over libp2p streams, each in a lab of
+    // two nodes.
+    let two_nodes = |name: &str, links: LinksArg| -> Result<(f64, f64), Failure> {
+        let lab = Lab::start(&d.join(name), 2, 1, false, NetArgs { transport, links })?;
+        let broker = lab.broker.clone();
+        rt.block_on(async {
+            let client = Client::find(&lab.user()?, std::slice::from_ref(&broker))
+                .await
+                .map_err(wire)?;
+            pingpong(&client, &pp8, &pp1m).await
+        })
+    };
+    let (sealed_lat, sealed_tput) = two_nodes("lab-sealed", LinksArg::Sealed)?;
+    let (streams_lat, streams_tput) = two_nodes("lab-streams", LinksArg::Streams)?;
     let (raw_lat, raw_tput) = raw_tcp()?;
     let (mpich_tcp, mut status) = match mpi::pingpong_tcp() {
         Ok(v) => (
@@ -332,11 +337,15 @@ pub(crate) fn run(
         ring_ratio: mpiexec.map(|m| ring_ms / m),
         cross_node_8b_us: lat_us,
         cross_node_1mib_mb_per_sec: mbps,
-        cross_node_secure_8b_us: secure_lat,
-        cross_node_secure_1mib_mb_per_sec: secure_tput,
+        cross_node_sealed_8b_us: sealed_lat,
+        cross_node_sealed_1mib_mb_per_sec: sealed_tput,
+        cross_node_streams_8b_us: streams_lat,
+        cross_node_streams_1mib_mb_per_sec: streams_tput,
         mpich_tcp_8b_us: m8,
         mpich_tcp_1mib_mb_per_sec: m1m,
         latency_ratio: m8.map(|m| lat_us / m),
+        sealed_latency_ratio: m8.map(|m| sealed_lat / m),
+        sealed_bandwidth_ratio: m1m.map(|m| sealed_tput / m),
         raw_tcp_8b_us: raw_lat,
         raw_tcp_1mib_mb_per_sec: raw_tput,
         mpich: status,
@@ -397,7 +406,7 @@ fn failover(
 pub(crate) fn text(r: &BrokerReport) -> String {
     let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
     format!(
-        "broker with {} nodes and {} super-peers on loopback ({})\n  trivial jobs/s ({} clients): {:.0} (goal >= 10000)\n  16-vertex ring, submit to done: {:.2} ms; mpiexec -n 16: {} ms; ratio {} (goal <= 0.1)\n  cross-node one-way 8 B: {:.2} us (direct links); MPICH TCP {} us; ratio {} (goal <= 1.5); raw TCP {:.2} us; libp2p streams {:.2} us\n  cross-node 1 MiB: {:.0} MB/s (direct links); MPICH TCP {} MB/s; raw TCP {:.0} MB/s; libp2p streams {:.0} MB/s\n  leader killed to the next job accepted: {} ms (goal <= 2000)\n  MPICH: {}",
+        "broker with {} nodes and {} super-peers on loopback ({})\n  trivial jobs/s ({} clients): {:.0} (goal >= 10000)\n  16-vertex ring, submit to done: {:.2} ms; mpiexec -n 16: {} ms; ratio {} (goal <= 0.1)\n  cross-node one-way 8 B: {:.2} us (plain direct links); MPICH TCP {} us; ratio {} (goal <= 1.5); raw TCP {:.2} us; libp2p streams {:.2} us\n  sealed direct links: 8 B {:.2} us, ratio {} (goal <= 1.5); 1 MiB {:.0} MB/s, ratio {} (goal >= 0.7)\n  cross-node 1 MiB: {:.0} MB/s (plain direct links); MPICH TCP {} MB/s; raw TCP {:.0} MB/s; libp2p streams {:.0} MB/s\n  leader killed to the next job accepted: {} ms (goal <= 2000)\n  MPICH: {}",
         r.nodes,
         r.superpeers,
         r.transport,
@@ -410,11 +419,15 @@ pub(crate) fn text(r: &BrokerReport) -> String {
         opt(r.mpich_tcp_8b_us),
         opt(r.latency_ratio),
         r.raw_tcp_8b_us,
-        r.cross_node_secure_8b_us,
+        r.cross_node_streams_8b_us,
+        r.cross_node_sealed_8b_us,
+        opt(r.sealed_latency_ratio),
+        r.cross_node_sealed_1mib_mb_per_sec,
+        opt(r.sealed_bandwidth_ratio),
         r.cross_node_1mib_mb_per_sec,
         opt(r.mpich_tcp_1mib_mb_per_sec),
         r.raw_tcp_1mib_mb_per_sec,
-        r.cross_node_secure_1mib_mb_per_sec,
+        r.cross_node_streams_1mib_mb_per_sec,
         opt(r.failover_ms),
         r.mpich
     )

@@ -8,6 +8,7 @@ use mvm_superpeer::client::{Client, Prepared};
 use mvm_superpeer::proto::{JobState, JobStatus};
 
 use super::broker::{job, write};
+use crate::cmd::daemon::LinksArg;
 use crate::cmd::job::wire;
 use crate::cmd::lab::{Lab, NetArgs, Transport};
 use crate::exit::Failure;
@@ -17,7 +18,7 @@ use crate::exit::Failure;
 pub(super) fn start(dir: &Path) -> Result<(Lab, tokio::runtime::Runtime, Client), Failure> {
     let net = NetArgs {
         transport: Transport::Tcp,
-        secure_links: false,
+        links: LinksArg::Sealed,
     };
     let lab = Lab::start(&dir.join("lab"), 3, 1, false, net)?;
     let rt = super::tokio()?;

@@ -8,6 +8,7 @@ use mvm_superpeer::client::Client;
 use serde::Serialize;
 
 use super::broker::{NOOP_WAT, job, median, raw_tcp, run_one, write};
+use crate::cmd::daemon::LinksArg;
 use crate::cmd::job::wire;
 use crate::cmd::lab::{Lab, NetArgs, Transport};
 use crate::exit::Failure;
@@ -78,7 +79,7 @@ pub(crate) fn run(
     let per_file = usize::try_from(bytes / u64::from(files.max(1))).map_err(Failure::failed)?;
     let net = NetArgs {
         transport: Transport::Tcp,
-        secure_links: false,
+        links: LinksArg::Sealed,
     };
     let lab = Lab::start(&d.join("lab"), 1, superpeers, false, net)?;
     let rt = super::tokio()?;

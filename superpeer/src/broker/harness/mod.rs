@@ -123,7 +123,7 @@ fn fast(config: DaemonConfig) -> DaemonConfig {
             ..NetConfig::default()
         },
         // Remote channels on libp2p streams only, so that a partition cuts every data path.
-        direct_links: false,
+        links: crate::links::Links::Streams,
         ..config
     }
 }
