@@ -3,6 +3,7 @@
 mod broker;
 mod chaos;
 mod checkpoint;
+mod compare;
 mod labjob;
 mod market;
 mod mpi;
@@ -17,13 +18,16 @@ use mvm_component::bench as jobs;
 use mvm_component::runtime::{Runtime, RuntimeConfig};
 use serde::Serialize;
 
-use super::print;
 use crate::OutputArg;
 use crate::exit::Failure;
 
 /// Arguments of `mvm bench`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
+    /// An earlier run's JSON (`-o json`, or `scripts/bench-all`'s document): each figure is
+    /// printed beside it, with a mark where it got worse by more than 10 %.
+    #[arg(long, global = true, value_name = "FILE")]
+    compare: Option<std::path::PathBuf>,
     #[command(subcommand)]
     which: Which,
 }
@@ -317,6 +321,24 @@ fn wasm_runtime() -> Result<Runtime, Failure> {
 }
 
 pub(crate) fn run(args: Args) -> Result<(), Failure> {
+    let bench = match &args.which {
+        Which::Policy { .. } => "policy",
+        Which::Pingpong { .. } => "pingpong",
+        Which::Ring { .. } => "ring",
+        Which::Broker { .. } => "broker",
+        Which::Staging { .. } => "staging",
+        Which::Scale { .. } => "scale",
+        Which::Shares { .. } => "shares",
+        Which::Market { .. } => "market",
+        Which::Xen { .. } => "xen",
+        Which::Checkpoint { .. } => "checkpoint",
+        Which::Chaos { .. } => "chaos",
+        Which::Queue { .. } => "queue",
+    };
+    let cmp = compare::Compare {
+        bench,
+        file: args.compare,
+    };
     match args.which {
         Which::Pingpong { scale, out } => {
             if !(scale > 0.0 && scale <= 100.0) {
@@ -354,7 +376,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 sizes,
                 mpich: status,
             };
-            print(&report, out.output, |r| {
+            cmp.print(&report, out.output, |r| {
                 let mut s = String::from(
                     "one-way latency between two WebAssembly vertices (us)\n  size       mvm      mpich   mvm/mpich\n",
                 );
@@ -407,7 +429,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 mpich: status,
                 instantiation: inst,
             };
-            print(&report, out.output, |r| {
+            cmp.print(&report, out.output, |r| {
                 format!(
                     "{}-vertex token ring: mvm {:.3} us per hop, MPICH {} (goal: mvm < 5 us)\n\
                      instantiation from cache, {} vertices: mvm {:.1} us per vertex, bare wasmtime {:.1} us (ratio {:.2}, goal <= 2)",
@@ -432,7 +454,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         } => {
             let runs = usize::try_from(runs).unwrap_or(3);
             let report = checkpoint::run(hops, items, interval, runs, &jobs)?;
-            print(&report, out.output, checkpoint::text)
+            cmp.print(&report, out.output, checkpoint::text)
         }
         Which::Chaos {
             trials,
@@ -448,7 +470,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 .map_err(Failure::failed)?;
             let trials = usize::try_from(trials).unwrap_or(20);
             let report = chaos::run(tmp.path(), &jobs, items, interval, trials, seed)?;
-            print(&report, out.output, chaos::text)?;
+            cmp.print(&report, out.output, chaos::text)?;
             if report.identical < report.trials || report.items_lost + report.items_twice > 0 {
                 return Err(Failure::failed(anyhow::anyhow!(
                     "bench chaos: {} of {} trials ended identical",
@@ -472,7 +494,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
             let clients = usize::try_from(clients).unwrap_or(64);
             let report = broker::run(superpeers, secs, clients, transport)?;
-            print(&report, out.output, broker::text)
+            cmp.print(&report, out.output, broker::text)
         }
         Which::Staging {
             mib,
@@ -482,7 +504,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             out,
         } => {
             let report = staging::run(mib, files, runs, superpeers)?;
-            print(&report, out.output, staging::text)
+            cmp.print(&report, out.output, staging::text)
         }
         Which::Scale {
             nodes,
@@ -498,7 +520,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
             let clients = usize::try_from(clients).unwrap_or(64);
             let report = scale::run(nodes, superpeers, secs, clients)?;
-            print(&report, out.output, scale::text)
+            cmp.print(&report, out.output, scale::text)
         }
         Which::Shares {
             weights,
@@ -549,7 +571,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 )));
             }
             let report = shares::run(&setting, secs)?;
-            print(&report, out.output, shares::text)
+            cmp.print(&report, out.output, shares::text)
         }
         Which::Market {
             hosts,
@@ -558,7 +580,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             out,
         } => {
             let report = market::run(hosts, users, seed)?;
-            print(&report, out.output, market::text)
+            cmp.print(&report, out.output, market::text)
         }
         Which::Xen {
             kernel,
@@ -574,7 +596,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             let Some(kernel) = kernel else {
                 let image = throughput.unwrap_or_default();
                 let t = pn::run(&broker, &image, memory_mib, jobs, &state_dir.join("pn"))?;
-                return print(&t, out.output, pn::text);
+                return cmp.print(&t, out.output, pn::text);
             };
             for f in std::iter::once(&kernel).chain(ramdisk.as_ref()) {
                 if !f.is_file() {
@@ -593,7 +615,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             };
             let report = mvm_os::bench::xen(&params)
                 .map_err(|e| Failure::failed(anyhow::anyhow!("bench xen: {e}")))?;
-            print(&report, out.output, |r| {
+            cmp.print(&report, out.output, |r| {
                 format!(
                     "guest create-to-running, {} runs each\n  mvm  median {:.2} s  {:?}\n  \
                      xl   median {:.2} s  {:?}\n  mvm/xl = {:.3} (goal <= 1.05)",
@@ -613,7 +635,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
                 usize::try_from(rounds).unwrap_or(usize::MAX),
             )
             .map_err(|e| Failure::input(anyhow::anyhow!("{}/{e}", policies.display())))?;
-            print(&r, out.output, |r| {
+            cmp.print(&r, out.output, |r| {
                 format!(
                     "policy decisions, {} questions ({} allowed)\n  \
                      oso     p50 {:>9.2} us  p99 {:>9.2} us  {:>12.0} /s\n  \
@@ -653,7 +675,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             };
             let report = mvm_queue::bench::run(params)
                 .map_err(|e| Failure::failed(anyhow::anyhow!("bench queue: {e}")))?;
-            print(&report, out.output, |r| {
+            cmp.print(&report, out.output, |r| {
                 format!(
                     "queue throughput, 1 producer 1 consumer, {} B items, capacity {}\n  \
                      fifo       {:>14.0} items/s\n  priority   {:>14.0} items/s\n  \
