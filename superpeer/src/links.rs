@@ -5,7 +5,7 @@
 //! The link is agreed on the channel's libp2p stream, which is authenticated (the domains'
 //! certificates) and encrypted: the accepting node answers with the port of its link listener
 //! and a fresh 256-bit secret ([`LinkSecret`]); the opening node connects and presents the
-//! secret's id, which is good for that one channel, once, for [`TOKEN_LIFETIME`]. Both derive
+//! secret's id, which is good for that one channel, once, for [`SECRET_LIFETIME`]. Both derive
 //! the link's key from the secret: a sealed link ([`Links::Sealed`], the default) carries its
 //! frames in AES-256-GCM records numbered on the link, so that what is read, forged, replayed,
 //! reordered or cut on the way is refused ([`mvm_queue::remote::seal`]). A plain link
@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
 /// How long a link's secret waits for its connection.
-pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(10);
+pub(crate) const SECRET_LIFETIME: Duration = Duration::from_secs(10);
 
 /// How a node's remote channels to other nodes travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,7 +49,7 @@ pub(crate) enum LinkError {
     #[error("the peer has no IP address to link to")]
     NoIp,
     /// The peer's listener did not accept in time.
-    #[error("link to {to}: no connection within {TOKEN_LIFETIME:?}")]
+    #[error("link to {to}: no connection within {SECRET_LIFETIME:?}")]
     Timeout {
         /// The listener's address.
         to: SocketAddr,
@@ -120,7 +120,7 @@ impl Listener {
         let secret = LinkSecret::random()?;
         let (tx, rx) = oneshot::channel();
         let mut pending = self.pending.lock();
-        pending.retain(|_, (t, _)| t.elapsed() < TOKEN_LIFETIME);
+        pending.retain(|_, (t, _)| t.elapsed() < SECRET_LIFETIME);
         pending.insert(secret.id(), (Instant::now(), tx));
         Ok((secret, rx))
     }
@@ -129,7 +129,7 @@ impl Listener {
     /// anything else is closed.
     async fn admit(&self, mut sock: tokio::net::TcpStream, from: SocketAddr) {
         let mut id = [0u8; SECRET_LEN];
-        let read = tokio::time::timeout(TOKEN_LIFETIME, sock.read_exact(&mut id)).await;
+        let read = tokio::time::timeout(SECRET_LIFETIME, sock.read_exact(&mut id)).await;
         if !matches!(read, Ok(Ok(_))) {
             tracing::debug!(%from, "a link connection without an id; closed");
             return;
@@ -138,7 +138,7 @@ impl Listener {
             tracing::warn!(%from, "a link connection with an unknown id; closed");
             return;
         };
-        if since.elapsed() >= TOKEN_LIFETIME {
+        if since.elapsed() >= SECRET_LIFETIME {
             tracing::warn!(%from, "a link connection with an expired id; closed");
             return;
         }
@@ -182,7 +182,7 @@ pub(crate) async fn connect(
         .ok_or(LinkError::NoIp)?;
     let to = SocketAddr::new(ip, port);
     let io = |error| LinkError::Io { to, error };
-    let mut s = tokio::time::timeout(TOKEN_LIFETIME, tokio::net::TcpStream::connect(to))
+    let mut s = tokio::time::timeout(SECRET_LIFETIME, tokio::net::TcpStream::connect(to))
         .await
         .map_err(|_| LinkError::Timeout { to })?
         .map_err(io)?;

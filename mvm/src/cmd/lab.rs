@@ -611,10 +611,28 @@ impl Lab {
         true
     }
 
+    /// Stops the lab's daemons: SIGTERM, and SIGKILL for those still running after 5 s. By
+    /// their `Child` handles, not their names (`stop_pids`): a pid is ours until it is waited
+    /// for, whatever the binary is called.
     pub(crate) fn stop(&mut self) {
-        let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
-        stop_pids(&pids);
         for c in &mut self.children {
+            if matches!(c.try_wait(), Ok(None)) {
+                signal(c.id(), libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && self
+                .children
+                .iter_mut()
+                .any(|c| matches!(c.try_wait(), Ok(None)))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for c in &mut self.children {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
             let _ = c.wait();
         }
         self.children.clear();

@@ -169,7 +169,7 @@ impl Node {
                     Some(l) if header.direct && first.is_none() => match l.expect() {
                         Ok((secret, conn)) => Some((l.port(), secret, l.plain() && header.plain, conn)),
                         Err(e) => {
-                            tracing::warn!(error = %e, "cannot make a link token; using the stream");
+                            tracing::warn!(error = %e, "cannot make a link secret; using the stream");
                             None
                         }
                     },
@@ -270,9 +270,9 @@ async fn accept_link(
     wire: direct::Wire,
     drain: &mvm_queue::remote::Drain,
 ) -> Result<remote::Report, LinkProblem> {
-    let sock = tokio::time::timeout(crate::links::TOKEN_LIFETIME, conn)
+    let sock = tokio::time::timeout(crate::links::SECRET_LIFETIME, conn)
         .await
-        .map_err(|_| LinkProblem::NotConnected(crate::links::TOKEN_LIFETIME))?
+        .map_err(|_| LinkProblem::NotConnected(crate::links::SECRET_LIFETIME))?
         .map_err(|_| LinkProblem::ListenerGone)?;
     let max = RemoteOptions::default().max_item;
     run_link(|done| direct::inlet_with(tx, sock, max, wire, drain, done)).await
