@@ -249,14 +249,39 @@ fn superpeer_name(i: u32) -> String {
     }
 }
 
-/// A free port on loopback for `transport` (TCP, or UDP for QUIC), as the kernel gives one now.
+/// A free port on loopback for `transport` (TCP, or UDP for QUIC), for a daemon to bind in a
+/// moment. Taken at random below the kernel's ephemeral range (`ip_local_port_range`), and
+/// tried by binding it: a port the kernel picks for port 0 comes from that range, which every
+/// outgoing connection on the machine draws from too, so one could take it before the daemon
+/// binds it (CI saw a lab's web view fail so, with address in use). Falls back to the kernel's
+/// pick if nothing below the range is free.
 fn free_port(quic: bool) -> Result<u16, Failure> {
-    let port = if quic {
-        std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr())
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|s| s.local_addr())
+    use std::hash::{BuildHasher, Hasher};
+    let bind = |port: u16| {
+        if quic {
+            std::net::UdpSocket::bind(("127.0.0.1", port)).and_then(|s| s.local_addr())
+        } else {
+            std::net::TcpListener::bind(("127.0.0.1", port)).and_then(|s| s.local_addr())
+        }
     };
-    port.map(|a| a.port()).map_err(Failure::failed)
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const FROM: u16 = 10_000;
+    if let Some(span) = low.checked_sub(FROM).filter(|s| *s >= 1000) {
+        for _ in 0..200 {
+            // A fresh random key per call (std's RandomState).
+            let r = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            let port = FROM + u16::try_from(r % u64::from(span)).unwrap_or(0);
+            if let Ok(a) = bind(port) {
+                return Ok(a.port());
+            }
+        }
+    }
+    bind(0).map(|a| a.port()).map_err(Failure::failed)
 }
 
 /// The lab user's credentials.
