@@ -164,6 +164,11 @@ fn is_mvm(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `pid` runs (a zombie, exited but not yet waited for, has an empty command line).
+fn running(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
 fn signal(pid: u32, sig: i32) {
     if let Ok(p) = i32::try_from(pid) {
         // SAFETY: kill has no memory-safety preconditions; a stale pid at worst gets ESRCH.
@@ -173,17 +178,18 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// Stops processes: SIGTERM, up to 5 s to exit, then SIGKILL.
-fn stop_pids(pids: &[u32]) {
-    let live: Vec<u32> = pids.iter().copied().filter(|&p| is_mvm(p)).collect();
-    for &p in &live {
+/// Stops the processes of `pids` that `live` says are (still) the ones meant: SIGTERM, up to
+/// 5 s to exit, then SIGKILL.
+fn stop_pids(pids: &[u32], live: impl Fn(u32) -> bool) {
+    let alive: Vec<u32> = pids.iter().copied().filter(|&p| live(p)).collect();
+    for &p in &alive {
         signal(p, libc::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && live.iter().any(|&p| is_mvm(p)) {
+    while Instant::now() < deadline && alive.iter().any(|&p| live(p)) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for &p in live.iter().filter(|&&p| is_mvm(p)) {
+    for &p in alive.iter().filter(|&&p| live(p)) {
         signal(p, libc::SIGKILL);
     }
 }
@@ -636,28 +642,13 @@ impl Lab {
         true
     }
 
-    /// Stops the lab's daemons: SIGTERM, and SIGKILL for those still running after 5 s. By
-    /// their `Child` handles, not their names (`stop_pids`): a pid is ours until it is waited
-    /// for, whatever the binary is called.
+    /// Stops the lab's daemons: SIGTERM, and SIGKILL for those still running after 5 s. Our
+    /// own children are known by pid whatever the binary is called (a pid is ours until it is
+    /// waited for), so only whether each still runs is asked, not its name.
     pub(crate) fn stop(&mut self) {
+        let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
+        stop_pids(&pids, running);
         for c in &mut self.children {
-            if matches!(c.try_wait(), Ok(None)) {
-                signal(c.id(), libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline
-            && self
-                .children
-                .iter_mut()
-                .any(|c| matches!(c.try_wait(), Ok(None)))
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for c in &mut self.children {
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
             let _ = c.wait();
         }
         self.children.clear();
@@ -741,7 +732,7 @@ fn down(a: &DirArg) -> Result<(), Failure> {
             dir.display()
         )));
     }
-    stop_pids(&pids);
+    stop_pids(&pids, is_mvm);
     std::fs::remove_dir_all(&dir)
         .or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

@@ -457,7 +457,6 @@ impl OutState {
             let room = SEAL_BATCH - total;
             if s.len() > room {
                 part = room;
-                total += room;
                 break;
             }
             total += s.len();
@@ -472,7 +471,7 @@ impl OutState {
             .filter(|_| part > 0)
             .map(|b| &b[..part]);
         let plain = self.segs.iter().take(whole).map(|b| &b[..]).chain(head);
-        let records = sealer.seal(plain, total)?;
+        let records = sealer.seal(plain)?;
         self.segs.drain(..whole);
         if let Some(front) = self.segs.front_mut().filter(|_| part > 0) {
             front.advance(part);

@@ -141,11 +141,13 @@ impl Sealer {
     ///
     /// # Errors
     /// The link has sealed 2⁶⁴ records (its nonces are used up).
-    pub fn seal<'a>(
-        &mut self,
-        plain: impl IntoIterator<Item = &'a [u8]>,
-        total: usize,
-    ) -> Result<Bytes, RemoteError> {
+    pub fn seal<'a, I>(&mut self, plain: I) -> Result<Bytes, RemoteError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: Clone,
+    {
+        let plain = plain.into_iter();
+        let total: usize = plain.clone().map(<[u8]>::len).sum();
         let records = total.div_ceil(RECORD).max(1);
         self.buf.reserve(total + records * RECORD_OVERHEAD);
         let mut open: Option<usize> = None;
@@ -287,8 +289,8 @@ mod tests {
     fn records_round_trip_across_record_bounds_and_calls() {
         let (mut s, mut o) = pair();
         let big: Vec<u8> = (0..(RECORD * 2 + 77)).map(|i| (i % 251) as u8).collect();
-        let a = s.seal([&b"hello"[..], &big[..10]], 15).expect("seal");
-        let b = s.seal([&big[10..]], big.len() - 10).expect("seal");
+        let a = s.seal([&b"hello"[..], &big[..10]]).expect("seal");
+        let b = s.seal([&big[10..]]).expect("seal");
         // One record for the first call; three for the second (its 2 x RECORD + 67 bytes).
         assert_eq!(a.len(), 15 + RECORD_OVERHEAD);
         assert_eq!(b.len(), big.len() - 10 + 3 * RECORD_OVERHEAD);
@@ -320,9 +322,9 @@ mod tests {
     fn forged_replayed_reordered_dropped_and_foreign_records_fail() {
         let key = LinkSecret::random().expect("random").key();
         let mut s = Sealer::new(&key);
-        let r0 = s.seal([&b"zero"[..]], 4).expect("seal");
-        let r1 = s.seal([&b"one"[..]], 3).expect("seal");
-        let r2 = s.seal([&b"two"[..]], 3).expect("seal");
+        let r0 = s.seal([&b"zero"[..]]).expect("seal");
+        let r1 = s.seal([&b"one"[..]]).expect("seal");
+        let r2 = s.seal([&b"two"[..]]).expect("seal");
         let fails = |o: &mut Opener, bytes: &[u8]| {
             let mut raw = BytesMut::from(bytes);
             let e = open_all(o, &mut raw).expect_err("refused");
