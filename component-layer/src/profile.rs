@@ -37,6 +37,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mvm_queue::codec::Registry;
 use mvm_queue::queue::Config;
 use serde::{Deserialize, Serialize};
 
@@ -351,6 +352,26 @@ pub fn line_of(src: &str, offset: usize) -> usize {
 }
 
 /// Finds the line where `key = ` is written, for errors found after parsing.
+/// The line of `key = ` inside the table `[table]` of `src` (the table's own line when `key`
+/// is empty or not found there; 1 when the table is not found either).
+fn line_in_table(src: &str, table: &str, key: &str) -> usize {
+    let header = format!("[{table}]");
+    let Some(start) = src.lines().position(|l| l.trim() == header) else {
+        return 1;
+    };
+    src.lines()
+        .enumerate()
+        .skip(start + 1)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| {
+            !key.is_empty()
+                && l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map_or(start + 1, |(i, _)| i + 1)
+}
+
 fn line_of_key(src: &str, key: &str) -> usize {
     src.lines()
         .position(|l| {
@@ -578,6 +599,31 @@ impl Profile {
 pub const MAX_ESTIMATE: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Profile {
+    /// The queue defaults (`[queue]`), checked: a working configuration whose codec `codecs`
+    /// resolves. An unknown queue kind or overflow policy is already an error of
+    /// [`Profile::load`].
+    ///
+    /// # Errors
+    /// An unknown codec or inconsistent settings, with the line in `src`.
+    pub fn queue_defaults(
+        &self,
+        file: &str,
+        src: &str,
+        codecs: &Registry,
+    ) -> Result<Config, ProfileError> {
+        let q = &self.queue;
+        let bad = |key: &str, message: String| ProfileError {
+            file: file.to_owned(),
+            line: line_in_table(src, "queue", key),
+            message,
+        };
+        codecs
+            .resolve(&q.codec)
+            .map_err(|e| bad("codec", format!("queue.codec: {e}")))?;
+        q.validate().map_err(|e| bad("", format!("[queue]: {e}")))?;
+        Ok(q.clone())
+    }
+
     /// The run time the profile estimates (`None`: it gives none).
     ///
     /// # Errors
@@ -836,6 +882,56 @@ mod tests {
             assert_eq!((e.file.as_str(), e.line), ("b.toml", 6), "{e}");
             assert!(e.message.contains("limits.logs"), "{e}");
         }
+    }
+
+    #[test]
+    fn queue_defaults_are_checked_whole_with_their_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "name = \"x\"\ntopology = \"t.dot\"\n";
+        let reg = Registry::new();
+        let p = write(
+            dir.path(),
+            "ok.toml",
+            &format!("{base}[components]\n[queue]\ncapacity = 4\ncodec = \"zstd+cbor\"\n"),
+        );
+        let (prof, src) = Profile::load(&p).expect("valid");
+        let q = prof.queue_defaults("ok.toml", &src, &reg).expect("valid");
+        assert_eq!((q.capacity, q.codec.as_str()), (4, "zstd+cbor"));
+        // An unknown codec: named, with the line of `codec` inside [queue] (not the `codec`
+        // of another table before it).
+        let p = write(
+            dir.path(),
+            "codec.toml",
+            &format!(
+                "{base}[parameters]\ncodec = \"x\"\n[queue]\ncapacity = 4\ncodec = \"snappy+cbor\"\n[components]\n"
+            ),
+        );
+        let (prof, src) = Profile::load(&p).expect("parses");
+        let e = prof
+            .queue_defaults("codec.toml", &src, &reg)
+            .expect_err("unknown codec");
+        assert_eq!((e.file.as_str(), e.line), ("codec.toml", 7), "{e}");
+        assert!(e.message.contains("snappy"), "{e}");
+        // Inconsistent settings: the line of [queue].
+        let p = write(
+            dir.path(),
+            "aging.toml",
+            &format!("{base}[components]\n[queue]\naging = 3\n"),
+        );
+        let (prof, src) = Profile::load(&p).expect("parses");
+        let e = prof
+            .queue_defaults("aging.toml", &src, &reg)
+            .expect_err("aging on a FIFO");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("aging"), "{e}");
+        // An unknown kind is refused by load, with its line.
+        let p = write(
+            dir.path(),
+            "kind.toml",
+            &format!("{base}[components]\n[queue]\nkind = \"lifo\"\n"),
+        );
+        let e = Profile::load(&p).expect_err("unknown kind");
+        assert_eq!(e.line, 5, "{e}");
     }
 
     #[test]

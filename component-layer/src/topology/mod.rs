@@ -302,8 +302,13 @@ fn last<'a>(attrs: &'a [Attr], key: &str) -> Option<&'a Attr> {
 }
 
 /// The queue configuration of an edge, or what is wrong with it.
-fn queue_config(attrs: &[Attr], options: &Options<'_>) -> Result<Config, Diagnostic> {
+fn queue_config(
+    attrs: &[Attr],
+    edge_line: u32,
+    options: &Options<'_>,
+) -> Result<Config, Diagnostic> {
     let mut c = options.queue_defaults.clone();
+    let mut codec_set = false;
     let err = |a: &Attr, message: String| Diagnostic { line: a.2, message };
     for a in attrs {
         let (k, v) = (a.0.as_str(), a.1.as_str());
@@ -322,6 +327,7 @@ fn queue_config(attrs: &[Attr], options: &Options<'_>) -> Result<Config, Diagnos
                     .resolve(v)
                     .map_err(|e| err(a, e.to_string()))?;
                 c.codec = v.to_owned();
+                codec_set = true;
             }
             "capacity" => {
                 c.capacity = v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
@@ -363,7 +369,15 @@ fn queue_config(attrs: &[Attr], options: &Options<'_>) -> Result<Config, Diagnos
             _ => {}
         }
     }
-    let line = attrs.last().map_or(0, |a| a.2);
+    // A codec from the defaults (a profile's [queue]) is checked here too, so that no
+    // channel is wired with a codec the node cannot resolve.
+    if !codec_set {
+        options.codecs.resolve(&c.codec).map_err(|e| Diagnostic {
+            line: edge_line,
+            message: format!("the default queue settings: {e}"),
+        })?;
+    }
+    let line = attrs.last().map_or(edge_line, |a| a.2);
     c.validate().map_err(|e| Diagnostic {
         line,
         message: format!("queue settings: {e}"),
@@ -408,7 +422,7 @@ fn build(raw: RawGraph, options: &Options<'_>) -> Result<Topology, Vec<Diagnosti
     // Port roles: (vertex, port) -> (is input, line of first use, queue of an input port).
     let mut roles: HashMap<(usize, String), (bool, u32, Option<Config>)> = HashMap::new();
     for e in &raw.edges {
-        let queue = match queue_config(&e.attrs, options) {
+        let queue = match queue_config(&e.attrs, e.line, options) {
             Ok(q) => q,
             Err(d) => {
                 errors.push(d);

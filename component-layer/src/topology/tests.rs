@@ -316,3 +316,23 @@ fn render_dot_shows_ports_and_reparses_as_dot() {
     // It is DOT our own lexer and parser accept (without components it is not a topology).
     assert!(super::parse::RawGraph::from_src(&r).is_ok());
 }
+
+#[test]
+fn a_default_codec_nobody_knows_is_refused_on_every_channel_that_takes_it() {
+    let reg = Registry::new();
+    let options = Options {
+        codecs: &reg,
+        queue_defaults: Config {
+            codec: "snappy".into(),
+            ..Config::default()
+        },
+    };
+    let src = "digraph {\n node [component=x];\n a -> b\n b -> c [codec=cbor]\n c -> a\n}\n";
+    let e = Topology::parse(src, &options).expect_err("unknown default codec");
+    let lines: Vec<u32> = e.iter().map(|d| d.line).collect();
+    assert_eq!(lines, [3, 5], "{e:?}");
+    assert!(
+        e[0].message.contains("default queue settings") && e[0].message.contains("snappy"),
+        "{e:?}"
+    );
+}

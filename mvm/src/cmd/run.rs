@@ -122,10 +122,13 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
     let (profile, src) = Profile::load(&args.profile).map_err(Failure::input)?;
     let limits = profile.limits(&file, &src).map_err(Failure::input)?;
     let codecs = Registry::new();
+    let queue_defaults = profile
+        .queue_defaults(&file, &src, &codecs)
+        .map_err(Failure::input)?;
     let topo_path = Profile::resolve(&args.profile, &profile.topology);
     let options = Options {
         codecs: &codecs,
-        queue_defaults: profile.queue.clone(),
+        queue_defaults,
     };
     let topology = Topology::load(&topo_path, &options).map_err(Failure::input)?;
     for v in &topology.vertices {

@@ -179,7 +179,32 @@ fn bad_profiles_exit_2_naming_file_and_line_and_failed_jobs_exit_1() {
     );
     let out = run(&["run", &p]);
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let trapped = String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // An unknown codec in the queue defaults is refused when the profile is checked, by
+    // `run` and by `submit` (before any broker is asked), with the profile's line.
+    let p = write(
+        dir.path(),
+        "codec.toml",
+        &format!(
+            "name = \"t\"\ntopology = \"{topo}\"\n[queue]\ncapacity = 8\ncodec = \"snappy+cbor\"\n[components]\n{comps}"
+        ),
+    );
+    for args in [
+        &["run", &p][..],
+        &["submit", "--broker", "/ip4/127.0.0.1/udp/9/quic-v1", &p][..],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "mvm: {p}:5: queue.codec: unknown codec 'snappy+cbor'"
+            )),
+            "{args:?}: {err}"
+        );
+    }
+    let err = trapped;
     // Both stages run the trapping module; whichever traps first is named.
     assert!(
         (err.contains("vertex 'p1'") || err.contains("vertex 'p2'")) && err.contains("unreachable"),

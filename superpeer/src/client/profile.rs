@@ -144,9 +144,24 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             interval_ms: u64::try_from(c.interval.as_millis()).unwrap_or(u64::MAX),
             keep: c.keep.min(100),
         });
+    // Checked whole here, before anything is sent: the queue defaults, and the topology with
+    // them (every channel's codec and settings, each error with its file and line).
+    let codecs = mvm_queue::codec::Registry::new();
+    let queue_defaults = profile
+        .queue_defaults(&file, &src, &codecs)
+        .map_err(|e| input(e.to_string()))?;
     let topo_path = Profile::resolve(path, &profile.topology);
     let topology = std::fs::read_to_string(&topo_path)
         .map_err(|e| input(format!("{}: {e}", topo_path.display())))?;
+    mvm_component::topology::Topology::parse_named(
+        &topo_path.display().to_string(),
+        &topology,
+        &mvm_component::topology::Options {
+            codecs: &codecs,
+            queue_defaults,
+        },
+    )
+    .map_err(|e| input(e.to_string()))?;
     let mut components = BTreeMap::new();
     let mut modules = BTreeMap::new();
     for (component, p) in &profile.components {
