@@ -13,6 +13,8 @@
 
 pub mod bench;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod policy;
 pub mod profile;
 pub mod runtime;

@@ -17,6 +17,8 @@
 
 pub mod bench;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod guest;
 pub mod guestnet;
 pub mod host;

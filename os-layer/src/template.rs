@@ -165,6 +165,31 @@ const MAX_DEPTH: usize = 16;
 /// The largest size a template may give, MiB (4 TiB).
 const MAX_MIB: u64 = 4 << 20;
 
+/// The largest template or pool file read (a template is a few lines).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a template or pool file: a plain file of at most [`MAX_FILE_BYTES`] of UTF-8 (not a
+/// device or a pipe that an `extends` could name, which would never end).
+fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a plain file",
+        ));
+    }
+    let mut src = String::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_string(&mut src)?;
+    if src.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than {} KiB", MAX_FILE_BYTES >> 10),
+        ));
+    }
+    Ok(src)
+}
+
 /// Reads the template at `path` and the ones it extends, and checks the result.
 ///
 /// # Errors
@@ -175,7 +200,7 @@ pub fn load(path: &Path) -> Result<Template, TemplateError> {
     let mut next = Some((path.to_owned(), None::<(String, usize)>));
     while let Some((p, from)) = next.take() {
         let file = p.display().to_string();
-        let src = std::fs::read_to_string(&p).map_err(|e| match &from {
+        let src = read_text(&p).map_err(|e| match &from {
             // A parent that cannot be read is the child's `extends` line's error.
             Some((child, line)) => TemplateError {
                 file: child.clone(),
@@ -411,7 +436,7 @@ pub struct Pool {
 /// is named twice; the error names the file and line.
 pub fn load_pool(path: &Path) -> Result<Vec<Pool>, TemplateError> {
     let file = path.display().to_string();
-    let src = std::fs::read_to_string(path).map_err(|e| TemplateError {
+    let src = read_text(path).map_err(|e| TemplateError {
         file: file.clone(),
         line: 1,
         message: format!("cannot read: {e}"),

@@ -26,6 +26,8 @@
 pub mod bench;
 pub mod codec;
 pub mod controller;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod queue;
 pub mod remote;
 

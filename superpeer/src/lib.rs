@@ -20,6 +20,8 @@ pub mod client;
 pub mod daemon;
 pub mod environment;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod joblog;
 mod links;
 pub use links::Links;

@@ -1,7 +1,7 @@
 //! The layering rule, read from `cargo metadata`: a lower layer never depends on an upper one.
 //!
 //! mvm-queue and mvm-os name no other layer; mvm-component names only mvm-queue; mvm-superpeer
-//! sits above the three; the mvm binary on top. Dev-dependencies (tests) are exempt.
+//! sits above the three; the mvm binary and the fuzz targets (mvm-fuzz) on top. Dev-dependencies (tests) are exempt.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -11,7 +11,7 @@ fn rank(name: &str) -> Option<u8> {
         "mvm-queue" | "mvm-os" => Some(0),
         "mvm-component" => Some(1),
         "mvm-superpeer" => Some(2),
-        "mvm" => Some(3),
+        "mvm" | "mvm-fuzz" => Some(3),
         _ => None,
     }
 }

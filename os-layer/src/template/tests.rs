@@ -180,3 +180,22 @@ fn a_pool_file_names_templates_and_counts() {
     .expect_err("missing");
     assert!(e.file.ends_with("none.toml"), "{e}");
 }
+
+#[test]
+fn a_parent_that_is_no_plain_file_or_too_large_is_refused_on_the_extends_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A device that never ends: refused, not read forever.
+    let p = write(
+        dir.path(),
+        "dev.toml",
+        "vcpus = 1\nextends = \"/dev/zero\"\n",
+    );
+    let e = load(&p).expect_err("a device");
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("not a plain file"), "{e}");
+    let big = format!("vcpus = 1\n#{}\n", "x".repeat(1 << 20));
+    write(dir.path(), "big.toml", &big);
+    let p = write(dir.path(), "child.toml", "extends = \"big\"\n");
+    let e = load(&p).expect_err("too large");
+    assert!(e.message.contains("larger than 1024 KiB"), "{e}");
+}

@@ -902,6 +902,58 @@ impl InState {
     }
 }
 
+/// A frame of a direct link.
+#[derive(Debug)]
+pub(crate) enum Frame {
+    /// DATA: an item.
+    Data(Entry<Bytes>),
+    /// END: the producers have ended.
+    End,
+    /// MARK: a checkpoint's cut.
+    Mark(u64),
+}
+
+/// Takes one whole frame off the front of `buf` (`None`: not a whole frame yet; room is made
+/// for the rest of it).
+///
+/// # Errors
+/// A frame longer than `max_frame` or of zero length, or one that is not DATA, END or MARK of
+/// the right length.
+#[inline]
+pub(crate) fn next_frame(
+    buf: &mut BytesMut,
+    max_frame: usize,
+) -> Result<Option<Frame>, RemoteError> {
+    let Some(head) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let mut len = [0u8; 4];
+    len.copy_from_slice(head);
+    let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+    if len == 0 || len > max_frame {
+        return Err(RemoteError::Protocol(format!(
+            "frame of {len} bytes (largest allowed {max_frame})"
+        )));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut body = buf.split_to(len).freeze();
+    match body.get_u8() {
+        DATA if body.len() >= 8 => {
+            let priority = body.get_i64_le();
+            Ok(Some(Frame::Data(Entry::new(body, priority))))
+        }
+        END if body.is_empty() => Ok(Some(Frame::End)),
+        MARK if body.len() == 8 => Ok(Some(Frame::Mark(body.get_u64_le()))),
+        kind => Err(RemoteError::Protocol(format!(
+            "unexpected frame (kind {kind}, {len} bytes) on a direct link"
+        ))),
+    }
+}
+
 /// What [`InCore::decode`] found.
 enum Decoded {
     /// An item, now pending.
@@ -1076,39 +1128,19 @@ impl InCore {
     }
 
     /// Decodes one whole frame if there is one (`None`: not a whole frame yet).
+    #[inline]
     fn decode(&self, st: &mut InState) -> Result<Option<Decoded>, RemoteError> {
-        let Some(head) = st.buf.get(..4) else {
-            return Ok(None);
-        };
-        let mut len = [0u8; 4];
-        len.copy_from_slice(head);
-        let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
-        if len == 0 || len > self.max_frame {
-            return Err(RemoteError::Protocol(format!(
-                "frame of {len} bytes (largest allowed {})",
-                self.max_frame
-            )));
-        }
-        if st.buf.len() < 4 + len {
-            st.buf.reserve(4 + len - st.buf.len());
-            return Ok(None);
-        }
-        st.buf.advance(4);
-        let mut body = st.buf.split_to(len).freeze();
-        match body.get_u8() {
-            DATA if body.len() >= 8 => {
-                let priority = body.get_i64_le();
+        Ok(match next_frame(&mut st.buf, self.max_frame)? {
+            None => None,
+            Some(Frame::Data(entry)) => {
                 st.report.items += 1;
-                st.report.bytes += body.len() as u64;
-                st.pending = Some(Entry::new(body, priority));
-                Ok(Some(Decoded::Item))
+                st.report.bytes += entry.item.len() as u64;
+                st.pending = Some(entry);
+                Some(Decoded::Item)
             }
-            END if body.is_empty() => Ok(Some(Decoded::End)),
-            MARK if body.len() == 8 => Ok(Some(Decoded::Mark(body.get_u64_le()))),
-            kind => Err(RemoteError::Protocol(format!(
-                "unexpected frame (kind {kind}, {len} bytes) on a direct link"
-            ))),
-        }
+            Some(Frame::End) => Some(Decoded::End),
+            Some(Frame::Mark(n)) => Some(Decoded::Mark(n)),
+        })
     }
 
     /// One non-blocking read into the spare room of `buf`; `drained` says whether it left

@@ -22,7 +22,7 @@
 //! a checkpoint stops the link at a MARK frame so that nothing is in flight ([`mark`]).
 
 pub mod direct;
-mod frame;
+pub(crate) mod frame;
 pub mod mark;
 pub mod seal;
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The first bytes of an encoded part image.
-const MAGIC: &[u8; 8] = b"MVMCKPT2";
+pub(crate) const MAGIC: &[u8; 8] = b"MVMCKPT2";
 
 /// Memory is saved in blocks of this size; blocks of zeros are left out.
 pub(crate) const BLOCK: usize = 4096;
