@@ -80,6 +80,10 @@ pub struct DaemonConfig {
     pub issuer: Option<Arc<crate::pki::Ca>>,
     /// The node whose guest this node runs in (set by that node when a trigger made it).
     pub guest_of: Option<PeerId>,
+    /// A revocation list's file to hold (the domain's CA directory's `ca.crl`, which
+    /// `mvm ca revoke` writes; it need not exist yet): re-read, and handed to the daemons that
+    /// ask ([`crate::revocation`]). None: the lists are fetched from the super-peer.
+    pub crl: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -108,6 +112,7 @@ impl Default for DaemonConfig {
             triggers: Vec::new(),
             issuer: None,
             guest_of: None,
+            crl: None,
         }
     }
 }
@@ -187,6 +192,8 @@ pub struct Daemon {
     inbound: mpsc::Receiver<Inbound>,
     /// Other groups' super-peers to exchange summaries with.
     peers: Vec<String>,
+    /// The revocation list's file it holds, if any.
+    crl: Option<PathBuf>,
     /// The job log's directory when none was given (removed with the daemon).
     _scratch: Option<tempfile::TempDir>,
     /// The metrics listener, when it serves metrics.
@@ -388,6 +395,7 @@ impl Daemon {
             router,
             inbound,
             peers: config.peers,
+            crl: config.crl,
             _scratch: scratch,
             metrics,
             http,
@@ -455,6 +463,12 @@ impl Daemon {
         background.spawn(crate::policy::sync(site.clone(), move || {
             follower.superpeer()
         }));
+        let follower = node.clone();
+        background.spawn(crate::revocation::sync(
+            site.clone(),
+            self.crl.clone(),
+            move || follower.superpeer(),
+        ));
         let mut handlers = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -518,6 +532,9 @@ impl Router {
             Request::Broker(r) => self.node.handle(peer, r).await,
             Request::Peer(PeerRequest::Policy { have }) => {
                 crate::policy::serve(site, who, have.as_ref())
+            }
+            Request::Peer(PeerRequest::Revocations { held }) => {
+                crate::revocation::serve(site, &held)
             }
             Request::Client(ClientRequest::PolicyReload) => crate::policy::reload(site, who),
             Request::Peer(PeerRequest::Blobs { put, forget }) => match &self.broker {

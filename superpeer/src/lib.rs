@@ -36,6 +36,7 @@ pub use node::monitor::PROBES;
 pub mod pki;
 pub mod policy;
 pub mod proto;
+mod revocation;
 mod rpc;
 pub mod schedule;
 mod site;

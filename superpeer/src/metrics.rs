@@ -7,7 +7,9 @@
 //! - a node: each queue of its running jobs — depth, items and bytes in and out, items
 //!   dropped or refused (`mvm_queue_*`, labelled by job, queue and kind: FIFO or priority; a
 //!   node's end of a remote link is a queue too) — and its free warm guests per template
-//!   (`mvm_guests_warm`).
+//!   (`mvm_guests_warm`);
+//! - every daemon: the number of the revocation list it holds of each domain
+//!   (`mvm_revocation_list`).
 //!
 //! Served over plain HTTP (`GET /metrics`, OpenMetrics text) on the address given: a scrape
 //! endpoint for a trusted monitoring network, as Prometheus exporters are.
@@ -194,6 +196,23 @@ impl Collector for Sources {
             "mvm_queue_rejected",
             "Sends a full queue of a running job refused",
             counter(|s| s.rejected),
+        )?;
+        family(
+            &mut encoder,
+            "mvm_revocation_list",
+            "The number of the revocation list held, by the domain of the CA that signed it",
+            self.node
+                .site()
+                .net
+                .trust()
+                .crl_numbers()
+                .into_iter()
+                .map(|(domain, n)| {
+                    (
+                        vec![("domain", domain)],
+                        ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)),
+                    )
+                }),
         )?;
         if let Some(os) = self.node.os() {
             family(

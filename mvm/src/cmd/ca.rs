@@ -53,6 +53,21 @@ enum Which {
         /// The node's or user's name in the domain.
         name: String,
     },
+    /// Revoke a certificate: writes the CA's revocation list (DIR/ca.crl) again with its serial
+    /// added, numbered one higher and signed. The daemons that hold the list (`--crl`) read it
+    /// within two heartbeats and hand it on; each then refuses the certificate and closes the
+    /// connections of the peer that holds it.
+    Revoke {
+        /// The CA directory (from `mvm ca init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The certificate (PEM), e.g. an identity's `cert.pem`.
+        #[arg(required_unless_present = "serial", conflicts_with = "serial")]
+        cert: Option<PathBuf>,
+        /// Its serial number instead (hex, as `mvm ca show` prints it).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+    },
     /// Check a certificate against CA certificates and print who it names.
     Show {
         /// The certificate (PEM).
@@ -124,13 +139,60 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             println!("{p} in {}", out.display());
             Ok(())
         }
+        Which::Revoke { ca, cert, serial } => {
+            let authority = Ca::load(&ca).map_err(input)?;
+            let serial = match (cert, serial) {
+                (Some(c), _) => {
+                    let text = std::fs::read_to_string(&c)
+                        .map_err(|e| input(anyhow::anyhow!("{}: {e}", c.display())))?;
+                    mvm_superpeer::pki::serial_of(&text)
+                        .map_err(|e| input(anyhow::anyhow!("{}: {e}", c.display())))?
+                }
+                (None, Some(s)) => hex::decode(s.trim_start_matches("0x"))
+                    .ok()
+                    .filter(|b| !b.is_empty() && b.len() <= 20)
+                    .ok_or_else(|| {
+                        input(anyhow::anyhow!(
+                            "--serial '{s}': a serial number is 1 to 20 bytes of hex"
+                        ))
+                    })?,
+                (None, None) => {
+                    return Err(input(anyhow::anyhow!("give a certificate or --serial")));
+                }
+            };
+            let r = authority.revoke(&ca, &serial).map_err(input)?;
+            let file = ca.join(mvm_superpeer::pki::CRL_FILE);
+            if r.already {
+                println!(
+                    "serial {} was already revoked; {} written again as list {} ({} revoked)",
+                    hex::encode(&serial),
+                    file.display(),
+                    r.number,
+                    r.count
+                );
+            } else {
+                println!(
+                    "serial {} revoked: {} is list {} ({} revoked)",
+                    hex::encode(&serial),
+                    file.display(),
+                    r.number,
+                    r.count
+                );
+            }
+            Ok(())
+        }
         Which::Show { cert, trust } => {
             let t = trust_for(&cert, &trust)?;
             let p = mvm_superpeer::pki::read_principal(&cert, &t).map_err(|e| Failure {
                 code: crate::exit::REFUSED,
                 error: anyhow::anyhow!(e),
             })?;
-            println!("{p}");
+            let serial = std::fs::read_to_string(&cert)
+                .ok()
+                .and_then(|t| mvm_superpeer::pki::serial_of(&t).ok())
+                .map(hex::encode)
+                .unwrap_or_default();
+            println!("{p} (serial {serial})");
             Ok(())
         }
     }

@@ -38,6 +38,12 @@ pub(crate) struct Common {
     /// embedded default, where the domain's members may do anything in it).
     #[arg(long, value_name = "MULTIADDR")]
     policy_from: Option<String>,
+    /// The domain's revocation list to hold and hand on (its CA directory's `ca.crl`, which
+    /// `mvm ca revoke` writes; it need not exist yet), re-read every two heartbeats. Without
+    /// it the daemon fetches the lists from its policy source or super-peer. Either way a
+    /// peer whose certificate a list revokes is refused, and its connections closed.
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
     /// A multiaddress to listen on (repeatable; default: TCP and QUIC on 127.0.0.1, any port).
     #[arg(long = "listen", value_name = "MULTIADDR")]
     listen: Vec<String>,
@@ -315,6 +321,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
         dir,
     });
     config.peers = c.peers;
+    config.crl = c.crl;
     config.links = c.links.links();
     config.name = creds.principal.name.clone();
     config.group = c.group;

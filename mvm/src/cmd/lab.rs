@@ -374,8 +374,16 @@ impl Lab {
             // Every super-peer serves the web view (the one that leads shows the group).
             let web = format!("127.0.0.1:{}", free_port(false)?);
             http.insert(name.clone(), format!("http://{web}"));
+            // The super-peers hold the lab CA's revocation list (`mvm ca revoke --ca DIR/ca`).
+            let crl = dir
+                .join("ca")
+                .join(mvm_superpeer::pki::CRL_FILE)
+                .display()
+                .to_string();
             let mut args = vec![
                 "superpeer",
+                "--crl",
+                crl.as_str(),
                 "--name",
                 name,
                 "--listen",

@@ -967,7 +967,7 @@ fn one_part_jobs_end_the_same_within_the_nodes_hold_and_after_it() {
 }
 
 /// `GET path` from `url`'s host (`http://ADDR/…`): the status line and the body.
-fn http_get(url: &str, path: &str) -> (String, String) {
+pub(crate) fn http_get(url: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let addr = url
         .strip_prefix("http://")
@@ -989,7 +989,7 @@ fn http_get(url: &str, path: &str) -> (String, String) {
 }
 
 /// The value of the first sample of `metric` whose line contains every one of `having`.
-fn sample(text: &str, metric: &str, having: &[&str]) -> Option<f64> {
+pub(crate) fn sample(text: &str, metric: &str, having: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
         .find(|l| having.iter().all(|h| l.contains(h)))

@@ -13,6 +13,7 @@ mod layering;
 mod logs;
 mod netns;
 mod policy;
+mod revoke;
 mod run;
 mod top;
 mod web;

@@ -138,6 +138,8 @@ pub struct Net {
     gossip: Arc<Mutex<Option<mpsc::Receiver<Gossip>>>>,
     known: Known,
     principal: Principal,
+    /// The CAs trusted and their revocation lists (shared with the certificate exchange).
+    trust: crate::pki::Trust,
     /// Control streams to peers, for every request.
     links: Arc<Links>,
     /// Connections lost before passing (and made again) since the start.
@@ -419,6 +421,30 @@ impl Net {
     /// Connects to `peer` if not connected, and keeps it as a direct gossip peer.
     pub async fn dial(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let _ = self.commands.send(Command::Dial { peer, addrs }).await;
+    }
+
+    /// The CAs this daemon trusts, and the revocation lists it holds (shared with the
+    /// certificate exchange: a list taken here refuses the certificates it revokes at once).
+    pub fn trust(&self) -> &crate::pki::Trust {
+        &self.trust
+    }
+
+    /// Checks the certificate of every peer connected again (after a revocation list was
+    /// taken) and closes the connections of those that no longer pass; returns them, and why.
+    pub async fn recheck(&self) -> Vec<(PeerId, Principal, crate::pki::AuthError)> {
+        let failed: Vec<_> = self
+            .known
+            .read()
+            .iter()
+            .filter_map(|(peer, p)| {
+                let e = self.trust.verify(&p.cert, peer).err()?;
+                Some((*peer, p.principal.clone(), e))
+            })
+            .collect();
+        for (peer, ..) in &failed {
+            self.disconnect(*peer).await;
+        }
+        failed
     }
 
     /// Closes every connection to `peer` (used when a peer is declared lost).

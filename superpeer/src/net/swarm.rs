@@ -186,6 +186,7 @@ impl Net {
             gossip: Arc::new(Mutex::new(Some(gossip_rx))),
             known,
             principal: creds.principal.clone(),
+            trust: creds.trust.clone(),
             links: Links::new(max_frame, timeout),
             hellos_lost,
             timeout,

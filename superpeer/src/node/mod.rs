@@ -354,6 +354,11 @@ impl Node {
         self.config.slots > 0
     }
 
+    /// What this node's daemon's roles share.
+    pub(crate) fn site(&self) -> &Arc<Site> {
+        &self.site
+    }
+
     /// The OS layer, when configured.
     pub(crate) fn os(&self) -> Option<&Arc<NodeOs>> {
         self.os.as_ref()

@@ -55,7 +55,7 @@ impl PublicKeyData for Ed25519Public {
 pub struct Ca {
     domain: String,
     cert_pem: String,
-    issuer: Issuer<'static, KeyPair>,
+    pub(super) issuer: Issuer<'static, KeyPair>,
 }
 
 impl std::fmt::Debug for Ca {

@@ -21,9 +21,11 @@ use mvm_component::policy::{Principal, PrincipalKind};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 mod ca;
+mod revoke;
 mod trust;
 
 pub use ca::{Ca, ca_files};
+pub use revoke::{CRL_FILE, Crl, CrlError, MAX_CRL, Revoked, crl_der, serial_of};
 pub use trust::{AuthError, Trust, TrustError};
 use trust::{key_peer, parse_pem};
 
@@ -101,6 +103,9 @@ pub enum FileError {
     /// A CA's file that cannot be used to sign.
     #[error(transparent)]
     Ca(#[from] rcgen::Error),
+    /// A revocation list that cannot be read.
+    #[error(transparent)]
+    Crl(#[from] CrlError),
     /// A CA's key file that does not hold the key of its certificate.
     #[error("not the key of ca.crt")]
     KeyMismatch,

@@ -303,3 +303,102 @@ fn a_bad_file_is_named_with_what_is_wrong_with_it() {
     let e = Credentials::load(&dir.path().join("nobody"), &[]).expect_err("none");
     assert!(matches!(e, PkiError::NoCertificate { .. }), "{e:?}");
 }
+
+#[test]
+fn a_revoked_certificate_is_refused_once_its_list_is_taken_and_lists_cannot_be_forged_or_rolled_back()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_dir = dir.path().join("ca");
+    let ca = Ca::init(&ca_dir, "physics", 30).expect("init");
+    let issue = |name: &str| {
+        let out = dir.path().join(name);
+        ca.issue(&subject(PrincipalKind::User, name, &[]), &out, None, 10)
+            .expect("issue");
+        let c = Credentials::load(&out, &[]).expect("loads");
+        let pem = std::fs::read_to_string(out.join("cert.pem")).expect("cert");
+        (c, pem)
+    };
+    let (alice, alice_pem) = issue("alice");
+    let (bob, _) = issue("bob");
+    // The daemon's trust, and a clone of it (as the certificate exchange holds one).
+    let trust = alice.trust.clone();
+    let exchange = trust.clone();
+    assert!(exchange.verify(&alice.cert, &alice.peer()).is_ok());
+
+    let serial = serial_of(&alice_pem).expect("serial");
+    let r = ca.revoke(&ca_dir, &serial).expect("revoke");
+    assert_eq!((r.number, r.count, r.already), (1, 1, false));
+    let crl_path = ca_dir.join(CRL_FILE);
+    assert_eq!(mode(&crl_path), 0o644);
+    let first = crl_der(&std::fs::read_to_string(&crl_path).expect("crl")).expect("PEM");
+    let taken = trust.adopt_crl(&first).expect("valid").expect("newer");
+    assert_eq!((taken.domain.as_str(), taken.number), ("physics", 1));
+    // Every clone refuses alice now, and still takes bob.
+    let e = exchange
+        .verify(&alice.cert, &alice.peer())
+        .expect_err("revoked");
+    assert!(
+        matches!(&e, AuthError::Revoked { domain, serial: s } if domain == "physics" && *s == hex::encode(&serial)),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("revoked by the CA of domain physics"),
+        "{e}"
+    );
+    assert!(exchange.verify(&bob.cert, &bob.peer()).is_ok());
+    assert_eq!(trust.crl_numbers().get("physics"), Some(&1));
+
+    // A second revocation: list 2 holds both; revoking again writes list 3, still both.
+    let bob_serial =
+        serial_of(&std::fs::read_to_string(dir.path().join("bob/cert.pem")).expect("cert"))
+            .expect("serial");
+    assert_eq!(ca.revoke(&ca_dir, &bob_serial).expect("revoke").count, 2);
+    let again = ca.revoke(&ca_dir, &serial).expect("revoke again");
+    assert_eq!((again.number, again.count, again.already), (3, 2, true));
+    let third = crl_der(&std::fs::read_to_string(&crl_path).expect("crl")).expect("PEM");
+    assert!(trust.adopt_crl(&third).expect("valid").is_some());
+    assert!(exchange.verify(&bob.cert, &bob.peer()).is_err());
+    // An older list is not taken back (no rollback), nor the same one twice.
+    assert_eq!(trust.adopt_crl(&first).expect("valid"), None);
+    assert_eq!(trust.adopt_crl(&third).expect("valid"), None);
+    assert!(exchange.verify(&bob.cert, &bob.peer()).is_err());
+
+    // A list with a flipped byte, one of another CA of the same domain, and garbage: refused.
+    let mut forged = third.clone();
+    let at = forged.len() - 10;
+    forged[at] ^= 1;
+    let fresh = Trust::default();
+    let mut fresh = fresh;
+    fresh.add_pem(ca.cert_pem()).expect("trust");
+    assert!(matches!(
+        fresh.adopt_crl(&forged),
+        Err(CrlError::Signature(_) | CrlError::Der(_))
+    ));
+    let other_dir = dir.path().join("other");
+    let other = Ca::init(&other_dir, "physics", 30).expect("init");
+    other.revoke(&other_dir, &serial).expect("revoke");
+    let other_crl =
+        crl_der(&std::fs::read_to_string(other_dir.join(CRL_FILE)).expect("crl")).expect("PEM");
+    assert!(matches!(
+        fresh.adopt_crl(&other_crl),
+        Err(CrlError::Signature(_))
+    ));
+    assert!(fresh.verify(&alice.cert, &alice.peer()).is_ok());
+    assert!(matches!(fresh.adopt_crl(b"junk"), Err(CrlError::Der(_))));
+    assert!(matches!(crl_der("junk"), Err(CrlError::Pem(_))));
+    assert!(matches!(
+        crl_der(ca.cert_pem()),
+        Err(CrlError::Label(l)) if l == "CERTIFICATE"
+    ));
+    // Another domain's CA, not trusted here: unknown.
+    let bio_dir = dir.path().join("bio");
+    let bio = Ca::init(&bio_dir, "biology", 30).expect("init");
+    bio.revoke(&bio_dir, &serial).expect("revoke");
+    let bio_crl =
+        crl_der(&std::fs::read_to_string(bio_dir.join(CRL_FILE)).expect("crl")).expect("PEM");
+    assert!(matches!(
+        fresh.adopt_crl(&bio_crl),
+        Err(CrlError::UnknownCa(_))
+    ));
+}

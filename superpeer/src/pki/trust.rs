@@ -1,12 +1,18 @@
 //! The check every peer's certificate goes through: issued by a trusted domain CA, for the
 //! key the peer holds, with well-formed names.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
 
 use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{CertificateRevocationList, FromDer, GeneralName, X509Certificate};
 
+use super::revoke::{self, Crl, CrlError, MAX_CRL};
 use super::{PkiError, name_ok};
 
 /// A trusted domain CA.
@@ -94,10 +100,12 @@ impl Anchor {
     }
 }
 
-/// The domain CAs a daemon trusts.
+/// The domain CAs a daemon trusts, and the newest revocation list of each that it holds.
+/// Clones share the lists: one taken is seen by every clone at once.
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
     anchors: Vec<Anchor>,
+    revoked: Arc<RwLock<BTreeMap<String, Crl>>>,
 }
 
 /// Why a peer's certificate is refused.
@@ -151,6 +159,14 @@ pub enum AuthError {
     /// It names no user or node.
     #[error("certificate refused: it names no MVM user or node")]
     NoName,
+    /// Its CA has revoked it.
+    #[error("certificate refused: revoked by the CA of domain {domain} (serial {serial})")]
+    Revoked {
+        /// The CA's domain.
+        domain: String,
+        /// The certificate's serial, hex.
+        serial: String,
+    },
     /// It certifies a key that is not ed25519.
     #[error("certificate refused: it does not certify an ed25519 key")]
     Key,
@@ -242,6 +258,18 @@ impl Trust {
         if !ca.validity().is_valid() {
             return Err(AuthError::CaExpired(anchor.domain.clone()));
         }
+        let serial = revoke::normal(cert.raw_serial());
+        if self
+            .revoked
+            .read()
+            .get(&anchor.domain)
+            .is_some_and(|crl| crl.serials.contains(&serial))
+        {
+            return Err(AuthError::Revoked {
+                domain: anchor.domain.clone(),
+                serial: hex::encode(&serial),
+            });
+        }
         if cert
             .basic_constraints()
             .ok()
@@ -300,6 +328,67 @@ impl Trust {
             domain: anchor.domain.clone(),
             roles,
         })
+    }
+}
+
+impl Trust {
+    /// Takes the revocation list `der` if a trusted CA signed it and it is newer than the one
+    /// held for that CA's domain: returns the list taken (`None`: the one held is as new).
+    ///
+    /// # Errors
+    /// Not a revocation list of a trusted CA, or too large.
+    pub fn adopt_crl(&self, der: &[u8]) -> Result<Option<Crl>, CrlError> {
+        if der.len() > MAX_CRL {
+            return Err(CrlError::Size(der.len()));
+        }
+        let (_, crl) =
+            CertificateRevocationList::from_der(der).map_err(|e| CrlError::Der(e.to_string()))?;
+        let issuer_raw = crl.issuer().as_raw();
+        let anchor = self
+            .anchors
+            .iter()
+            .filter(|a| a.subject_raw == issuer_raw)
+            .find(|a| {
+                X509Certificate::from_der(&a.der)
+                    .is_ok_and(|(_, ca)| crl.verify_signature(ca.public_key()).is_ok())
+            })
+            .ok_or_else(|| {
+                if self.anchors.iter().any(|a| a.subject_raw == issuer_raw) {
+                    CrlError::Signature(crl.issuer().to_string())
+                } else {
+                    CrlError::UnknownCa(crl.issuer().to_string())
+                }
+            })?;
+        let number = revoke::number(&crl)?;
+        let taken = Crl {
+            domain: anchor.domain.clone(),
+            number,
+            serials: crl
+                .iter_revoked_certificates()
+                .map(|r| revoke::normal(r.raw_serial()))
+                .collect(),
+            der: Bytes::copy_from_slice(der),
+        };
+        let mut held = self.revoked.write();
+        if held.get(&anchor.domain).is_some_and(|h| h.number >= number) {
+            return Ok(None);
+        }
+        held.insert(anchor.domain.clone(), taken.clone());
+        Ok(Some(taken))
+    }
+
+    /// The revocation lists held, by domain.
+    pub fn crls(&self) -> Vec<Crl> {
+        self.revoked.read().values().cloned().collect()
+    }
+
+    /// The number of the list held for each domain that has one.
+    pub fn crl_numbers(&self) -> BTreeMap<String, u64> {
+        self.revoked
+            .read()
+            .iter()
+            .map(|(d, c)| (d.clone(), c.number))
+            .collect()
     }
 }
 

@@ -301,6 +301,10 @@ impl Request {
             Request::Node(r) => r.validate(),
             Request::Broker(r) => r.validate(),
             Request::Peer(PeerRequest::Policy { .. } | PeerRequest::Raft(_)) => Ok(()),
+            Request::Peer(PeerRequest::Revocations { held }) => {
+                check_len("revocation lists", held.len())?;
+                held.keys().try_for_each(|d| check_name("a domain", d))
+            }
             Request::Peer(PeerRequest::Blobs { put, forget }) => {
                 check_len("blobs", put.len())?;
                 check_len("hashes", forget.len())
@@ -518,6 +522,16 @@ impl Response {
             | Response::Raft(_) => Ok(()),
             Response::Policy { bundle, .. } => {
                 bundle.as_ref().map_or(Ok(()), |b| Ok(b.check_layout()?))
+            }
+            Response::Revocations { crls } => {
+                check_len("revocation lists", crls.len())?;
+                match crls.iter().find(|c| c.len() > crate::pki::MAX_CRL) {
+                    Some(c) => Err(CheckError::TooMany {
+                        field: "bytes in a revocation list",
+                        count: c.len(),
+                    }),
+                    None => Ok(()),
+                }
             }
         }
     }

@@ -417,6 +417,12 @@ pub enum PeerRequest {
         /// The digest of the policies the asker holds, if any.
         have: Option<Hash>,
     },
+    /// The revocation lists the asked holds that are newer than the asker's (`held`: the
+    /// number of the list it holds, by domain).
+    Revocations {
+        /// The asker's lists' numbers, by domain.
+        held: std::collections::BTreeMap<String, u64>,
+    },
     /// A message of the group's replicated job log (super-peer ↔ super-peer).
     Raft(RaftRpc),
     /// The leading super-peer → the other replicas of its job log: checkpoint blobs to keep
@@ -552,6 +558,11 @@ pub enum Response {
         digest: Hash,
         /// The files, unless the asker holds them already.
         bundle: Option<Bundle>,
+    },
+    /// To `Revocations`: the newer lists (DER, as their CAs signed them).
+    Revocations {
+        /// The lists.
+        crls: Vec<Bytes>,
     },
 }
 

@@ -43,6 +43,8 @@ pub(crate) struct Peer {
     /// Whether it has taken this daemon's certificate too, on such a connection: streams are
     /// opened only to a peer that has (it serves them only then).
     pub(crate) mutual: bool,
+    /// The certificate that passed (DER): checked again when a revocation list is taken.
+    pub(crate) cert: Bytes,
 }
 
 /// The peers whose certificates have passed, shared with the [`Net`](super::Net) handles: the
@@ -85,8 +87,8 @@ pub(crate) enum Event {
 /// One connection's standing in the exchange.
 #[derive(Debug, Default)]
 struct Conn {
-    /// Who the peer is, once its certificate has passed.
-    theirs: Option<Principal>,
+    /// Who the peer is, once its certificate has passed, and that certificate.
+    theirs: Option<(Principal, Bytes)>,
     /// Whether the peer took this daemon's certificate.
     taken: bool,
 }
@@ -144,14 +146,15 @@ impl Behaviour {
     fn refresh(&self, peer: PeerId) {
         let conns = self.conns.get(&peer);
         let passed = conns.into_iter().flatten().filter_map(|(_, c)| {
-            let p = c.theirs.as_ref()?;
-            Some((p, c.taken))
+            let (p, cert) = c.theirs.as_ref()?;
+            Some((p, cert, c.taken))
         });
         let mut entry: Option<Peer> = None;
-        for (principal, taken) in passed {
+        for (principal, cert, taken) in passed {
             let e = entry.get_or_insert_with(|| Peer {
                 principal: principal.clone(),
                 mutual: false,
+                cert: cert.clone(),
             });
             e.mutual |= taken;
         }
@@ -168,7 +171,7 @@ impl Behaviour {
             Ok(principal) => {
                 tracing::debug!(%peer, %principal, "a peer's certificate passed");
                 if let Some(c) = self.conn(peer, connection) {
-                    c.theirs = Some(principal);
+                    c.theirs = Some((principal, Bytes::copy_from_slice(cert)));
                 }
                 // Known before it hears so: its next stream is served.
                 self.refresh(peer);
@@ -201,7 +204,7 @@ impl Behaviour {
     /// Reports the connection as passed once both certificates have.
     fn check_passed(&mut self, peer: PeerId, connection: ConnectionId) {
         let Some(Conn {
-            theirs: Some(principal),
+            theirs: Some((principal, _)),
             taken: true,
         }) = self.conn(peer, connection)
         else {
