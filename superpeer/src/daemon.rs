@@ -464,10 +464,16 @@ impl Daemon {
             follower.superpeer()
         }));
         let follower = node.clone();
+        let broker = router.broker.clone();
         background.spawn(crate::revocation::sync(
             site.clone(),
             self.crl.clone(),
             move || follower.superpeer(),
+            move |crls| {
+                if let Some(b) = broker.clone() {
+                    tokio::spawn(async move { b.revoked(&crls).await });
+                }
+            },
         ));
         let mut handlers = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
@@ -553,8 +559,18 @@ impl Router {
                 Some(b) => Response::Group(b.leader_view()),
                 None => Response::Group(self.node.view()),
             },
-            Request::Client(r) => match &self.broker {
-                Some(b) => b.client(who, r).await,
+            Request::Client(mut r) => match &self.broker {
+                Some(b) => {
+                    // A user's job is known by the certificate it came with (a revocation
+                    // finds it so); a forwarding super-peer's says its owner's.
+                    if let ClientRequest::Submit(s) | ClientRequest::Offer { submission: s, .. } =
+                        &mut r
+                        && who.kind == mvm_component::policy::PrincipalKind::User
+                    {
+                        s.owner_cert = site.net.cert_serial(&peer);
+                    }
+                    b.client(who, r).await
+                }
                 None => self.not_a_broker(),
             },
             Request::Node(r) => match &self.broker {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 
+use crate::pki::Crl;
 use crate::policy::PolicySource;
 use crate::proto::{Hash, PeerRequest, Request, Response};
 use crate::site::Site;
@@ -43,13 +44,12 @@ pub(crate) fn serve(site: &Site, held: &BTreeMap<String, u64>) -> Response {
 }
 
 /// Takes the lists in `ders`, logging each taken and what it refused, then closes the
-/// connections of the peers they revoke; returns how many were taken.
-async fn take(site: &Site, ders: &[bytes::Bytes], from: &str) -> usize {
-    let mut taken = 0;
+/// connections of the peers they revoke; returns the lists taken.
+async fn take(site: &Site, ders: &[bytes::Bytes], from: &str) -> Vec<Crl> {
+    let mut taken = Vec::new();
     for der in ders {
         match site.net.trust().adopt_crl(der) {
             Ok(Some(crl)) => {
-                taken += 1;
                 tracing::info!(
                     domain = %crl.domain,
                     number = crl.number,
@@ -57,12 +57,13 @@ async fn take(site: &Site, ders: &[bytes::Bytes], from: &str) -> usize {
                     from,
                     "a revocation list taken"
                 );
+                taken.push(crl);
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(from, error = %e, "a revocation list refused"),
         }
     }
-    if taken > 0 {
+    if !taken.is_empty() {
         for (peer, who, why) in site.net.recheck().await {
             tracing::warn!(%peer, %who, "connections closed: {why}");
         }
@@ -98,11 +99,13 @@ fn read(file: &std::path::Path, last_bad: &mut Option<Hash>) -> Option<bytes::By
 }
 
 /// Keeps the revocation lists current: re-reads `file` when given one, else asks the policy
-/// source or the super-peer `superpeer` gives. Runs until the task is aborted.
+/// source or the super-peer `superpeer` gives; gives the lists taken to `taken` (a super-peer's
+/// broker, for its owners' jobs). Runs until the task is aborted.
 pub(crate) async fn sync(
     site: Arc<Site>,
     file: Option<PathBuf>,
     superpeer: impl Fn() -> Option<(PeerId, Vec<Multiaddr>)>,
+    taken: impl Fn(Vec<Crl>),
 ) {
     let mut tick = tokio::time::interval(interval(site.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,7 +114,10 @@ pub(crate) async fn sync(
         tick.tick().await;
         if let Some(f) = &file {
             if let Some(der) = read(f, &mut last_bad) {
-                take(&site, &[der], &f.display().to_string()).await;
+                let t = take(&site, &[der], &f.display().to_string()).await;
+                if !t.is_empty() {
+                    taken(t);
+                }
             }
             continue;
         }
@@ -131,7 +137,10 @@ pub(crate) async fn sync(
         let ask = Request::Peer(PeerRequest::Revocations { held });
         match site.net.call(peer, &addrs, ask).await {
             Ok(Response::Revocations { crls }) => {
-                take(&site, &crls, &peer.to_string()).await;
+                let t = take(&site, &crls, &peer.to_string()).await;
+                if !t.is_empty() {
+                    taken(t);
+                }
             }
             Ok(_) => tracing::debug!(%peer, "an answer that is no revocation list"),
             Err(e) => tracing::debug!(%peer, error = %e, "revocation lists not fetched"),

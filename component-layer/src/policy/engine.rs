@@ -326,6 +326,19 @@ impl Engine for OsoEngine {
                 let v: Vec<i64> = kb.values("max_array", (actor_value(actor), var()))?;
                 v.into_iter().min().map(|n| u64::try_from(n).unwrap_or(0))
             },
+            on_revoked: {
+                let v: Vec<String> = kb.values("revoked_jobs", (actor_value(actor), var()))?;
+                if let Some(bad) = v.iter().find(|a| *a != "cancel" && *a != "finish") {
+                    return Err(format!(
+                        "revoked_jobs: '{bad}' is neither \"cancel\" nor \"finish\""
+                    ));
+                }
+                if v.iter().any(|a| a == "cancel") {
+                    Some(super::RevokedJobs::Cancel)
+                } else {
+                    v.first().map(|_| super::RevokedJobs::Finish)
+                }
+            },
         })
     }
 

@@ -246,6 +246,19 @@ pub struct JobRules {
     /// The most jobs one array (a profile's `[sweep]`) may have (`max_array(actor, N)`; the
     /// smallest that holds).
     pub max_array: Option<u64>,
+    /// What becomes of the actor's running jobs when the certificate they were submitted with
+    /// is revoked (`revoked_jobs(actor, "cancel")` or `"finish"`; cancel where both hold;
+    /// none: they finish).
+    pub on_revoked: Option<RevokedJobs>,
+}
+
+/// What becomes of a job whose owner's certificate is revoked (a domain's `revoked_jobs` rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevokedJobs {
+    /// It runs to its end.
+    Finish,
+    /// It is cancelled.
+    Cancel,
 }
 
 /// How many slots [`Tally`] spreads its counts over.

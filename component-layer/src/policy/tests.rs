@@ -315,7 +315,9 @@ fn a_domain_s_job_rules_give_the_shortest_default_and_the_longest_bound() {
          min_checkpoint_interval(_user: User, 1000);\n\
          min_checkpoint_interval(user: User, 5000) if \"student\" in user.roles;\n\
          max_array(_user: User, 1000);\n\
-         max_array(user: User, 10) if \"student\" in user.roles;\n",
+         max_array(user: User, 10) if \"student\" in user.roles;\n\
+         revoked_jobs(_user: User, \"finish\");\n\
+         revoked_jobs(user: User, \"cancel\") if \"student\" in user.roles;\n",
     )];
     let bundle = Bundle {
         files: files
@@ -338,6 +340,7 @@ fn a_domain_s_job_rules_give_the_shortest_default_and_the_longest_bound() {
             default_ms: Some(60_000),
             min_interval_ms: Some(1000),
             max_array: Some(1000),
+            on_revoked: Some(RevokedJobs::Finish),
         }
     );
     assert_eq!(
@@ -346,6 +349,7 @@ fn a_domain_s_job_rules_give_the_shortest_default_and_the_longest_bound() {
             default_ms: Some(300_000),
             min_interval_ms: Some(5000),
             max_array: Some(10),
+            on_revoked: Some(RevokedJobs::Cancel),
         }
     );
     // A domain whose policy says nothing of checkpoints.
@@ -536,4 +540,24 @@ fn a_domain_without_floor_prices_gives_none() {
         engine.floor_prices(&node_in("n1", "physics", "g")),
         Ok(Vec::new())
     );
+}
+
+#[test]
+fn a_revoked_jobs_rule_that_is_neither_cancel_nor_finish_is_an_error_naming_it() {
+    let bundle = Bundle {
+        files: [(
+            "physics/revoked.polar".to_owned(),
+            "revoked_jobs(_user: User, \"maybe\");\n".to_owned(),
+        )]
+        .into(),
+    };
+    let engine = OsoEngine::load(&bundle, 1).expect("loads");
+    let ann = Principal {
+        kind: PrincipalKind::User,
+        name: "ann".into(),
+        domain: "physics".into(),
+        roles: Vec::new(),
+    };
+    let e = engine.job_rules(&ann, "physics").expect_err("a bad action");
+    assert!(e.contains("revoked_jobs") && e.contains("maybe"), "{e}");
 }

@@ -302,6 +302,52 @@ impl Broker {
         ))
     }
 
+    /// Revocation lists newly taken: the jobs not ended whose owners submitted them with a
+    /// certificate a list revokes are cancelled where the owner's domain's policy says so
+    /// (`revoked_jobs(user, "cancel")`), and otherwise run on; either is logged. Only the
+    /// leader acts (a replica that comes to lead later leaves such jobs as they are).
+    pub(crate) async fn revoked(&self, crls: &[crate::pki::Crl]) {
+        if !self.log.is_leader() {
+            return;
+        }
+        let hit: Vec<(JobId, Principal, String)> = self.log.read(|st| {
+            st.jobs()
+                .filter(|j| !j.state.is_final())
+                .filter_map(|j| {
+                    let serial = j.owner_cert.as_ref()?;
+                    let crl = crls.iter().find(|c| c.domain == j.owner.domain)?;
+                    let raw = hex::decode(serial).ok()?;
+                    crl.serials
+                        .contains(&raw)
+                        .then(|| (j.id.clone(), j.owner.clone(), serial.clone()))
+                })
+                .collect()
+        });
+        for (job, owner, serial) in hit {
+            let engine = self.policies().engine.clone();
+            match engine
+                .job_rules(&owner, &owner.domain)
+                .map(|r| r.on_revoked)
+            {
+                Ok(Some(mvm_component::policy::RevokedJobs::Cancel)) => {
+                    let r = self
+                        .ask(|reply| Input::Cancel {
+                            reply,
+                            job: job.clone(),
+                        })
+                        .await;
+                    tracing::warn!(%job, %owner, serial, answer = ?r, "a job cancelled: its owner's certificate is revoked");
+                }
+                Ok(_) => {
+                    tracing::warn!(%job, %owner, serial, "its owner's certificate is revoked; the job runs on, as the policy says")
+                }
+                Err(e) => {
+                    tracing::warn!(%job, %owner, serial, error = %e, "its owner's certificate is revoked; the job runs on (the policy cannot say)")
+                }
+            }
+        }
+    }
+
     /// Answers a client (a user, or a super-peer forwarding a job). Only the leader answers,
     /// except for which modules it lacks (any replica that has them can serve them).
     pub(crate) async fn client(&self, who: &Principal, request: ClientRequest) -> Response {

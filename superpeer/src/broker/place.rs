@@ -124,6 +124,7 @@ pub(super) fn new_record(
         id: id.clone(),
         name: s.name.clone(),
         owner: owner.clone(),
+        owner_cert: s.owner_cert.clone(),
         resources,
         image: r.image.clone().unwrap_or_else(|| "host".into()),
         priority: s.priority,

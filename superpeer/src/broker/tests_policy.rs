@@ -327,3 +327,56 @@ async fn the_domain_policy_checkpoints_jobs_that_ask_for_none_and_bounds_how_oft
     let s = finished(&c, &often).await;
     assert_eq!(s.state, JobState::Done, "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_users_jobs_are_cancelled_or_run_on_as_the_domain_policy_says_and_the_user_is_cut_off()
+ {
+    let rules = format!(
+        "{RBAC}\nrevoked_jobs(_user: User, \"finish\");\n\
+         revoked_jobs(user: User, \"cancel\") if \"student\" in user.roles;\n"
+    );
+    let files = [
+        ("default/rbac.polar", rules.as_str()),
+        ("node.polar", NODES),
+    ];
+    let lab = Setup::new(1, &[8]).policies(&files).start().await;
+    let admin = lab.client_as(&lab.user_as("root", &["admin"])).await;
+    let eve = lab.user_as("eve", &["researcher", "student"]);
+    let bob = lab.user_as("bob", &["researcher"]);
+    let (ce, cb) = (lab.client_as(&eve).await, lab.client_as(&bob).await);
+    let mut jobs = Vec::new();
+    for c in [&ce, &cb] {
+        let s = c.submit(&sleeping("nap", 60_000)).await.expect("submit");
+        jobs.push(
+            until(&admin, &s.job, |st| st == JobState::Running)
+                .await
+                .job,
+        );
+    }
+    // Carol is not revoked: her job is not touched.
+    let carol = lab.user_as("carol", &["researcher", "student"]);
+    let cc = lab.client_as(&carol).await;
+    let s = cc.submit(&sleeping("nap", 60_000)).await.expect("submit");
+    let carols = until(&admin, &s.job, |st| st == JobState::Running)
+        .await
+        .job;
+
+    lab.revoke(&eve);
+    lab.revoke(&bob);
+    // Eve's job is cancelled, as the policy says of students; Bob's runs on.
+    let ended = until(&admin, &jobs[0], JobState::is_final).await;
+    assert_eq!(ended.state, JobState::Cancelled, "{ended:?}");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for j in [&jobs[1], &carols] {
+        let s = admin.status(Some(j)).await.expect("status");
+        assert_eq!(s[0].state, JobState::Running, "{s:?}");
+    }
+    // Eve and Bob are cut off; Carol is not.
+    for c in [&ce, &cb] {
+        assert!(c.status(None).await.is_err(), "a revoked user still served");
+    }
+    assert!(cc.status(None).await.is_ok());
+    for j in [&jobs[1], &carols] {
+        admin.cancel(j).await.expect("cancel");
+    }
+}

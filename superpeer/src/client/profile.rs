@@ -291,6 +291,7 @@ pub fn read_profile(path: &Path) -> Result<Prepared, Failure> {
             }
             .with_template(template),
             on_behalf: None,
+            owner_cert: None,
             hops: 0,
             wait: false,
             priority: profile.priority,

@@ -106,6 +106,9 @@ pub struct JobRecord {
     pub name: String,
     /// Who owns it.
     pub owner: Principal,
+    /// The serial (hex) of the certificate its owner submitted it with, when known.
+    #[serde(default)]
+    pub owner_cert: Option<String>,
     /// What it holds while it has not ended.
     pub resources: Resources,
     /// The image its guests are made from (`host`: none).

@@ -25,6 +25,7 @@ pub(crate) fn job(id: &str, priority: i32, at: u64, parts: Vec<PartRecord>) -> J
         id: id.into(),
         name: "j".into(),
         owner: alice(),
+        owner_cert: None,
         resources: Resources {
             vcpus: 1,
             memory_mib: 64,

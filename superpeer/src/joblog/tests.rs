@@ -117,6 +117,7 @@ fn submit(name: &str) -> Command {
     Command::Submit(Box::new(JobRecord {
         id: JobId::new(name, 1, 0),
         name: "j".into(),
+        owner_cert: None,
         owner: Principal {
             kind: PrincipalKind::User,
             name: "alice".into(),

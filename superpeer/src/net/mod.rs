@@ -429,6 +429,12 @@ impl Net {
         &self.trust
     }
 
+    /// The serial (hex) of the certificate `peer` passed with, while it is connected.
+    pub fn cert_serial(&self, peer: &PeerId) -> Option<String> {
+        let known = self.known.read();
+        crate::pki::serial_of_der(&known.get(peer)?.cert).map(hex::encode)
+    }
+
     /// Checks the certificate of every peer connected again (after a revocation list was
     /// taken) and closes the connections of those that no longer pass; returns them, and why.
     pub async fn recheck(&self) -> Vec<(PeerId, Principal, crate::pki::AuthError)> {

@@ -108,6 +108,13 @@ pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, super::TrustError> {
     Ok(normal(cert.raw_serial()))
 }
 
+/// The serial number of a certificate (DER), as a revocation names it (`None`: not a
+/// certificate).
+pub fn serial_of_der(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(der).ok()?;
+    Some(normal(cert.raw_serial()))
+}
+
 /// A list's number and entries (serial, when revoked).
 type Entries = (u64, Vec<(Vec<u8>, time::OffsetDateTime)>);
 

@@ -42,6 +42,11 @@ pub struct Submission {
     /// Set by a super-peer that forwards the job: the owner it authenticated.
     #[serde(default)]
     pub on_behalf: Option<Principal>,
+    /// The serial (hex) of the certificate its owner sent it with: set by the super-peer the
+    /// owner sent it to, whatever the sender wrote, and carried on when it is forwarded; what a
+    /// revocation of that certificate finds the job by.
+    #[serde(default)]
+    pub owner_cert: Option<String>,
     /// Answer when the job has ended (or after at most [`SUBMIT_HOLD`](super::SUBMIT_HOLD)) instead of at once, so
     /// a short job takes one exchange instead of a submit and a wait.
     #[serde(default)]

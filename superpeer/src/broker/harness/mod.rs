@@ -204,6 +204,24 @@ impl Lab {
 
     /// Writes policy `files` into a directory of the lab named `name` (for a daemon of its
     /// own policies), and gives that directory.
+    /// The revocation list the lab's super-peers hold ([`Lab::revoke`] writes it).
+    pub(crate) fn crl_file(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("revocations")
+            .join(crate::pki::CRL_FILE)
+    }
+
+    /// Revokes `who`'s certificate at the lab's CA: its super-peers take the list within two
+    /// heartbeats, and the other daemons fetch it from them.
+    pub(crate) fn revoke(&self, who: &Credentials) {
+        let file = self.crl_file();
+        let dir = file.parent().expect("a directory");
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let serial = crate::pki::serial_of_der(&who.cert).expect("a certificate");
+        self.ca.revoke(dir, &serial).expect("revoked");
+    }
+
     pub(crate) fn policy_dir(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
         write_policies(self.dir.path(), name, files)
     }

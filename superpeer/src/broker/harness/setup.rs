@@ -172,6 +172,7 @@ impl Setup {
                     .collect(),
                 peers: self.peers.clone(),
                 triggers: self.triggers.clone(),
+                crl: Some(lab.crl_file()),
                 ..DaemonConfig::default()
             });
             config.net.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
