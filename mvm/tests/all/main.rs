@@ -5,6 +5,7 @@ mod agent;
 mod agreement;
 mod array;
 mod cli;
+mod domains;
 mod environment;
 mod files;
 mod groups;

@@ -8,7 +8,7 @@ use crate::groups::Groups;
 use crate::netns::wait_for;
 use crate::run::{build_jobs, json, root};
 
-fn ok(out: &std::process::Output) -> String {
+pub(crate) fn ok(out: &std::process::Output) -> String {
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -51,17 +51,24 @@ fn runs_to_done(g: &Groups, who: &str, profile: &Path) {
     assert_eq!(v["state"], "done", "{v}");
 }
 
-#[test]
-fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
+/// A test directory with the shipped policies (DIR/policies), the physics CA (DIR/ca: the
+/// daemons' identities are issued from it unless issued before) and biology's (DIR/bca).
+pub(crate) fn two_domains() -> (Groups, std::path::PathBuf) {
     build_jobs();
-    let mut g = Groups::new();
+    let g = Groups::new();
     let d = g.dir.path().to_owned();
     let p = |x: &str| d.join(x).to_str().expect("utf-8").to_owned();
-    let policies = d.join("policies");
-    copy_policies(&policies);
-    // The physics CA (the daemons' identities are issued from DIR/ca) and biology's.
+    copy_policies(&d.join("policies"));
     ok(&g.run(&["ca", "init", "--domain", "physics", "--dir", &p("ca")]));
     ok(&g.run(&["ca", "init", "--domain", "biology", "--dir", &p("bca")]));
+    (g, d)
+}
+
+#[test]
+fn the_two_domain_lab_is_enforced_at_the_broker_and_on_the_nodes() {
+    let (mut g, d) = two_domains();
+    let p = |x: &str| d.join(x).to_str().expect("utf-8").to_owned();
+    let policies = d.join("policies");
     for (ca, who, roles) in [
         ("ca", "alice", "researcher"),
         ("ca", "bob", "member"),
