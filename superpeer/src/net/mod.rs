@@ -179,6 +179,9 @@ pub(crate) struct Reply {
     pub(crate) frames: mpsc::Sender<Vec<u8>>,
     /// The largest frame.
     pub(crate) max_frame: usize,
+    /// One of the stream's requests in flight, given back with the answer: a peer with
+    /// [`rpc::IN_FLIGHT`] requests unanswered on a stream is read no more until one is.
+    pub(crate) _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -208,6 +211,7 @@ impl Inbound {
             id,
             frames,
             max_frame,
+            _slot,
         }) = self.reply.take()
         {
             let _ = frames
@@ -225,6 +229,7 @@ impl Drop for Inbound {
             id,
             frames,
             max_frame,
+            _slot,
         }) = self.reply.take()
         {
             let f = Failure::new(FailureKind::Failed, "the request was dropped unanswered");

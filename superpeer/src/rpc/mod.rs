@@ -41,6 +41,21 @@ const BATCH: usize = 256 << 10;
 /// Frames waiting for a stream's writer at most; more wait to be queued.
 const QUEUED: usize = 1024;
 
+/// Requests of one inbound control stream in flight at most: its peer's next request is read
+/// once one of them is answered (the peer is slowed down, not the daemon's other peers).
+pub(crate) const IN_FLIGHT: usize = 64;
+
+/// Inbound control streams one peer may hold open at once (it needs one); more are closed as
+/// they open.
+pub(crate) const STREAMS_PER_PEER: usize = 4;
+
+/// The least rate at which a frame, once begun, must arrive: a peer that starts a frame and
+/// then trickles it (or stops) loses the stream, as a slow loris would.
+const MIN_RATE: usize = 64 << 10;
+
+/// How long a frame, once begun, may take at the least.
+const FRAME_GRACE: Duration = Duration::from_secs(10);
+
 /// Encodes one frame.
 pub(crate) fn encode<T: Serialize>(id: u64, msg: &T, max: usize) -> io::Result<Vec<u8>> {
     let mut buf = proto::encode_after(12, msg, max)?;
@@ -68,8 +83,31 @@ async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
             format!("a frame of {len} bytes (the limit is {} plus 8)", max),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
+    // Memory grows with what arrives, not with what the length claims, and what arrives must
+    // keep coming: a peer cannot hold megabytes of this daemon's memory with a few bytes sent.
+    let deadline = FRAME_GRACE + Duration::from_secs((len / MIN_RATE) as u64);
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    let mut limited = (&mut *r).take(len as u64);
+    let body = limited.read_to_end(&mut buf);
+    match tokio::time::timeout(deadline, body).await {
+        Ok(Ok(n)) if n == len => {}
+        Ok(Ok(n)) => {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the stream ended {n} bytes into a frame of {len}"),
+            ));
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "a frame of {len} bytes not whole after {} s",
+                    deadline.as_secs()
+                ),
+            ));
+        }
+    }
     let (id, body) = buf.split_at(8);
     let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
     Ok(Some((id, proto::decode(body)?)))
@@ -434,9 +472,29 @@ pub(crate) async fn accept(
     inbound: mpsc::Sender<Inbound>,
     max_frame: usize,
 ) {
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
     while let Some((peer, principal, stream)) = futures::StreamExt::next(&mut incoming).await {
+        {
+            let mut o = open.lock();
+            let n = o.entry(peer).or_default();
+            if *n >= STREAMS_PER_PEER {
+                tracing::warn!(%peer, %principal, "a control stream over the {STREAMS_PER_PEER} a peer may hold open: closed");
+                continue;
+            }
+            *n += 1;
+        }
         let inbound = inbound.clone();
-        tokio::spawn(serve(peer, principal, stream, inbound, max_frame));
+        let open = open.clone();
+        tokio::spawn(async move {
+            serve(peer, principal, stream, inbound, max_frame).await;
+            let mut o = open.lock();
+            if let Some(n) = o.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    o.remove(&peer);
+                }
+            }
+        });
     }
 }
 
@@ -457,7 +515,13 @@ async fn serve(
     // Taken: the opener may send requests now.
     answer(0, Response::Ok).await;
     let mut r = BufReader::new(r);
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     loop {
+        // A peer with as many requests in flight as it may have is not read until one is
+        // answered: it waits, the others do not.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let (id, request) = match read::<Request, _>(&mut r, max_frame).await {
             Ok(Some(m)) => m,
             Ok(None) => break,
@@ -478,6 +542,7 @@ async fn serve(
                 id,
                 frames: frames.clone(),
                 max_frame,
+                _slot: Some(slot),
             },
         );
         if let Err(e) = inbound.try_send(i) {

@@ -34,9 +34,70 @@ mod frames {
         assert_eq!(Failure::from(e).kind, FailureKind::Unavailable);
     }
 
+    /// A peer that starts a frame of `len` bytes, sends `sent` of them, and then nothing.
+    struct Trickle {
+        head: Vec<u8>,
+        at: usize,
+    }
+
+    impl futures::io::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let rest = &self.head[self.at..];
+            if rest.is_empty() {
+                return std::task::Poll::Pending;
+            }
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_frame_begun_and_not_finished_in_time_is_an_error_and_an_idle_stream_is_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            // 64 MiB claimed, 100 bytes sent: the read gives up after the grace and the
+            // claimed size at the least rate (10 s + 1024 s), having held what arrived.
+            let mut head = (64u32 << 20).to_be_bytes().to_vec();
+            head.extend_from_slice(&[0; 100]);
+            let mut r = Trickle { head, at: 0 };
+            let started = tokio::time::Instant::now();
+            let e = read::<Request, _>(&mut r, 64 << 20)
+                .await
+                .expect_err("a trickled frame");
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_secs(1034) && waited < Duration::from_secs(1040),
+                "{waited:?}"
+            );
+            // An idle stream between frames is no error: it waits.
+            let mut idle = Trickle {
+                head: Vec::new(),
+                at: 0,
+            };
+            let waited = tokio::time::timeout(
+                Duration::from_secs(3600),
+                read::<Request, _>(&mut idle, 1024),
+            )
+            .await;
+            assert!(waited.is_err(), "an idle stream ended");
+        });
+    }
+
     #[test]
     fn frames_round_trip_and_bad_frames_are_errors() {
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("runtime");
         rt.block_on(async {
@@ -101,6 +162,75 @@ mod network {
             name: name.into(),
             roles: vec!["researcher".into()],
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_gets_a_few_control_streams_and_a_bounded_number_of_requests_in_flight() {
+        use crate::rpc::{IN_FLIGHT, STREAMS_PER_PEER};
+        use futures::io::AsyncReadExt;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Ca::init(&dir.path().join("ca"), "physics", 30).expect("init");
+        let (server, mut inbound) = testing::daemon(&ca, "n", NetConfig::default()).await;
+        let creds =
+            Credentials::ephemeral(&ca, &subject(PrincipalKind::User, "mallory")).expect("creds");
+        let (client, _) = Net::start(&creds, &NetConfig::default())
+            .await
+            .expect("client");
+        let peer = server.peer();
+        let addrs = server.addrs().to_vec();
+        // Authenticated (and holding one control stream) by a first request.
+        let first = tokio::spawn({
+            let client = client.clone();
+            async move { client.request(peer, &addrs, Request::Group).await }
+        });
+        let held = inbound.recv().await.expect("the first request");
+        held.reply(Response::Ok).await;
+        first.await.expect("joined").expect("answered");
+        // More streams: the ones up to the limit are served (the acceptor's Ok comes first),
+        // the others closed unread.
+        let mut control = client.streams();
+        let mut served = Vec::new();
+        let mut closed = 0;
+        for _ in 0..STREAMS_PER_PEER + 2 {
+            let mut s = control
+                .open_stream(peer, proto::RPC_PROTOCOL)
+                .await
+                .expect("opened");
+            if testing::dropped(&mut s).await {
+                closed += 1;
+            } else {
+                served.push(s);
+            }
+        }
+        assert_eq!(
+            (served.len(), closed),
+            (STREAMS_PER_PEER - 1, 3),
+            "streams served and closed"
+        );
+        // A flood on one stream: IN_FLIGHT requests reach the daemon, then no more until one
+        // is answered.
+        let s = &mut served[0];
+        let mut flood = Vec::new();
+        for id in 0..(IN_FLIGHT as u64 + 20) {
+            flood.extend(crate::rpc::encode(id + 1, &Request::Group, 1024).expect("encodes"));
+        }
+        s.write_all(&flood).await.expect("written");
+        s.flush().await.expect("flushed");
+        let mut got = Vec::new();
+        while let Ok(Some(i)) = tokio::time::timeout(Duration::from_secs(2), inbound.recv()).await {
+            got.push(i);
+        }
+        assert_eq!(got.len(), IN_FLIGHT, "requests in flight from one stream");
+        got.pop().expect("one").reply(Response::Ok).await;
+        let next = tokio::time::timeout(Duration::from_secs(5), inbound.recv()).await;
+        assert!(
+            matches!(next, Ok(Some(_))),
+            "the next request after an answer"
+        );
+        // The stream is still readable by its peer: answers come back on it.
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.expect("an answer");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
