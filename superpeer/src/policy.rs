@@ -297,6 +297,26 @@ pub(crate) fn reload(site: &crate::site::Site, asker: &Principal) -> Response {
     }
 }
 
+/// The super-peer a daemon takes what its domain hands down from (policies, revocation
+/// lists): the one its policies are fetched from (`--policy-from`), or else `superpeer`, the
+/// one it follows; none when that is the daemon itself.
+///
+/// # Errors
+/// A `--policy-from` address that names no peer.
+pub(crate) fn upstream(
+    site: &crate::site::Site,
+    superpeer: Option<(libp2p::PeerId, Vec<libp2p::Multiaddr>)>,
+) -> Result<Option<(libp2p::PeerId, Vec<libp2p::Multiaddr>)>, crate::net::AddrError> {
+    let source = match site.policies.source() {
+        PolicySource::Fetch(Some(addr)) => {
+            let (p, a) = crate::net::split_peer(addr)?;
+            Some((p, vec![a]))
+        }
+        _ => superpeer,
+    };
+    Ok(source.filter(|(p, _)| *p != site.peer()))
+}
+
 /// Fetches the policies from the source super-peer now (the one configured, or else
 /// `superpeer`, the one this node follows), if they differ from the ones held. Returns whether
 /// a new version was taken.
@@ -307,20 +327,12 @@ pub(crate) async fn fetch_now(
     site: &crate::site::Site,
     superpeer: Option<(libp2p::PeerId, Vec<libp2p::Multiaddr>)>,
 ) -> Result<bool, PolicyError> {
-    let (peer, addrs) = match site.policies.source() {
-        PolicySource::Fetch(Some(addr)) => {
-            let (p, a) = crate::net::split_peer(addr).map_err(PolicyError::Source)?;
-            (p, vec![a])
-        }
-        PolicySource::Fetch(None) => match superpeer {
-            Some((p, a)) => (p, a),
-            None => return Ok(false),
-        },
-        _ => return Ok(false),
-    };
-    if peer == site.peer() {
+    if !matches!(site.policies.source(), PolicySource::Fetch(_)) {
         return Ok(false);
     }
+    let Some((peer, addrs)) = upstream(site, superpeer).map_err(PolicyError::Source)? else {
+        return Ok(false);
+    };
     let have = Some(site.policies.current().digest);
     match site
         .net

@@ -19,7 +19,6 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId};
 
 use crate::pki::Crl;
-use crate::policy::PolicySource;
 use crate::proto::{Hash, PeerRequest, Request, Response};
 use crate::site::Site;
 
@@ -71,9 +70,9 @@ async fn take(site: &Site, ders: &[bytes::Bytes], from: &str) -> Vec<Crl> {
     taken
 }
 
-/// Reads the list in `file` (none there yet: nothing revoked); `last_bad` is the digest of
-/// the last contents that failed, so that a bad file is logged once.
-fn read(file: &std::path::Path, last_bad: &mut Option<Hash>) -> Option<bytes::Bytes> {
+/// Reads the list in `file` if its contents changed since `last` (their digest), which it
+/// updates: none there yet is nothing revoked, and a bad file is logged once.
+fn read(file: &std::path::Path, last: &mut Option<Hash>) -> Option<bytes::Bytes> {
     let text = match std::fs::read(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -83,16 +82,17 @@ fn read(file: &std::path::Path, last_bad: &mut Option<Hash>) -> Option<bytes::By
         }
     };
     let digest = Hash::of(&text);
+    if *last == Some(digest) {
+        return None;
+    }
+    *last = Some(digest);
     let der = std::str::from_utf8(&text)
         .map_err(|e| e.to_string())
         .and_then(|t| crate::pki::crl_der(t).map_err(|e| e.to_string()));
     match der {
         Ok(d) => Some(d.into()),
         Err(e) => {
-            if *last_bad != Some(digest) {
-                tracing::warn!(file = %file.display(), error = %e, "a bad revocation list file");
-                *last_bad = Some(digest);
-            }
+            tracing::warn!(file = %file.display(), error = %e, "a bad revocation list file");
             None
         }
     }
@@ -109,41 +109,35 @@ pub(crate) async fn sync(
 ) {
     let mut tick = tokio::time::interval(interval(site.heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_bad = None;
+    let mut last = None;
     loop {
         tick.tick().await;
-        if let Some(f) = &file {
-            if let Some(der) = read(f, &mut last_bad) {
-                let t = take(&site, &[der], &f.display().to_string()).await;
-                if !t.is_empty() {
-                    taken(t);
+        let (ders, from) = if let Some(f) = &file {
+            match read(f, &mut last) {
+                Some(der) => (vec![der], f.display().to_string()),
+                None => continue,
+            }
+        } else {
+            let Ok(Some((peer, addrs))) = crate::policy::upstream(&site, superpeer()) else {
+                continue;
+            };
+            let held = site.net.trust().crl_numbers();
+            let ask = Request::Peer(PeerRequest::Revocations { held });
+            match site.net.call(peer, &addrs, ask).await {
+                Ok(Response::Revocations { crls }) => (crls, peer.to_string()),
+                Ok(_) => {
+                    tracing::debug!(%peer, "an answer that is no revocation list");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "revocation lists not fetched");
+                    continue;
                 }
             }
-            continue;
-        }
-        let source = match site.policies.source() {
-            PolicySource::Fetch(Some(addr)) => {
-                crate::net::split_peer(addr).ok().map(|(p, a)| (p, vec![a]))
-            }
-            _ => superpeer(),
         };
-        let Some((peer, addrs)) = source else {
-            continue;
-        };
-        if peer == site.peer() {
-            continue;
-        }
-        let held = site.net.trust().crl_numbers();
-        let ask = Request::Peer(PeerRequest::Revocations { held });
-        match site.net.call(peer, &addrs, ask).await {
-            Ok(Response::Revocations { crls }) => {
-                let t = take(&site, &crls, &peer.to_string()).await;
-                if !t.is_empty() {
-                    taken(t);
-                }
-            }
-            Ok(_) => tracing::debug!(%peer, "an answer that is no revocation list"),
-            Err(e) => tracing::debug!(%peer, error = %e, "revocation lists not fetched"),
+        let t = take(&site, &ders, &from).await;
+        if !t.is_empty() {
+            taken(t);
         }
     }
 }

@@ -162,23 +162,18 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             };
             let r = authority.revoke(&ca, &serial).map_err(input)?;
             let file = ca.join(mvm_superpeer::pki::CRL_FILE);
-            if r.already {
-                println!(
-                    "serial {} was already revoked; {} written again as list {} ({} revoked)",
-                    hex::encode(&serial),
-                    file.display(),
-                    r.number,
-                    r.count
-                );
+            let what = if r.already {
+                "was already revoked; written again"
             } else {
-                println!(
-                    "serial {} revoked: {} is list {} ({} revoked)",
-                    hex::encode(&serial),
-                    file.display(),
-                    r.number,
-                    r.count
-                );
-            }
+                "revoked"
+            };
+            println!(
+                "serial {} {what}: {} is list {} ({} revoked)",
+                hex::encode(&serial),
+                file.display(),
+                r.number,
+                r.count
+            );
             Ok(())
         }
         Which::Show { cert, trust } => {

@@ -436,8 +436,7 @@ impl Net {
 
     /// The serial (hex) of the certificate `peer` passed with, while it is connected.
     pub fn cert_serial(&self, peer: &PeerId) -> Option<String> {
-        let known = self.known.read();
-        crate::pki::serial_of_der(&known.get(peer)?.cert).map(hex::encode)
+        Some(self.known.read().get(peer)?.cert.serial.clone())
     }
 
     /// Checks the certificate of every peer connected again (after a revocation list was
@@ -448,7 +447,7 @@ impl Net {
             .read()
             .iter()
             .filter_map(|(peer, p)| {
-                let e = self.trust.verify(&p.cert, peer).err()?;
+                let e = self.trust.verify(&p.cert.der, peer).err()?;
                 Some((*peer, p.principal.clone(), e))
             })
             .collect();

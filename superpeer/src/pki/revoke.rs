@@ -103,9 +103,7 @@ pub fn crl_der(text: &str) -> Result<Vec<u8>, CrlError> {
 /// Not a certificate.
 pub fn serial_of(cert_pem: &str) -> Result<Vec<u8>, super::TrustError> {
     let der = super::parse_pem(cert_pem)?;
-    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(&der)
-        .map_err(|e| super::TrustError::Der(e.to_string()))?;
-    Ok(normal(cert.raw_serial()))
+    serial_of_der(&der).ok_or_else(|| super::TrustError::Der("no X.509 certificate".into()))
 }
 
 /// The serial number of a certificate (DER), as a revocation names it (`None`: not a

@@ -368,8 +368,7 @@ fn a_revoked_certificate_is_refused_once_its_list_is_taken_and_lists_cannot_be_f
     let mut forged = third.clone();
     let at = forged.len() - 10;
     forged[at] ^= 1;
-    let fresh = Trust::default();
-    let mut fresh = fresh;
+    let mut fresh = Trust::default();
     fresh.add_pem(ca.cert_pem()).expect("trust");
     assert!(matches!(
         fresh.adopt_crl(&forged),

@@ -43,8 +43,17 @@ pub(crate) struct Peer {
     /// Whether it has taken this daemon's certificate too, on such a connection: streams are
     /// opened only to a peer that has (it serves them only then).
     pub(crate) mutual: bool,
-    /// The certificate that passed (DER): checked again when a revocation list is taken.
-    pub(crate) cert: Bytes,
+    /// The certificate that passed: checked again when a revocation list is taken.
+    pub(crate) cert: Passed,
+}
+
+/// A certificate that passed: as the peer sent it (DER), and its serial (hex), read once.
+#[derive(Debug, Clone)]
+pub(crate) struct Passed {
+    /// The certificate.
+    pub(crate) der: Bytes,
+    /// Its serial number, hex (what a revocation names; the jobs a user submits record it).
+    pub(crate) serial: String,
 }
 
 /// The peers whose certificates have passed, shared with the [`Net`](super::Net) handles: the
@@ -88,7 +97,7 @@ pub(crate) enum Event {
 #[derive(Debug, Default)]
 struct Conn {
     /// Who the peer is, once its certificate has passed, and that certificate.
-    theirs: Option<(Principal, Bytes)>,
+    theirs: Option<(Principal, Passed)>,
     /// Whether the peer took this daemon's certificate.
     taken: bool,
 }
@@ -171,7 +180,13 @@ impl Behaviour {
             Ok(principal) => {
                 tracing::debug!(%peer, %principal, "a peer's certificate passed");
                 if let Some(c) = self.conn(peer, connection) {
-                    c.theirs = Some((principal, Bytes::copy_from_slice(cert)));
+                    let passed = Passed {
+                        der: Bytes::copy_from_slice(cert),
+                        serial: crate::pki::serial_of_der(cert)
+                            .map(hex::encode)
+                            .unwrap_or_default(),
+                    };
+                    c.theirs = Some((principal, passed));
                 }
                 // Known before it hears so: its next stream is served.
                 self.refresh(peer);
