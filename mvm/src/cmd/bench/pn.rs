@@ -7,11 +7,14 @@
 //! per second) and `n½` the jobs it takes to reach half of it.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::cmd::job::{BrokerArg, connect};
+use mvm_superpeer::client::{Client, Prepared};
+use mvm_superpeer::proto::JobState;
+
+use crate::cmd::job::{BrokerArg, connect, wire};
 use crate::exit::Failure;
 
 /// One mode's run.
@@ -41,6 +44,11 @@ pub(crate) struct Throughput {
 }
 
 const QUICK: &str = "(module (func (export \"_start\")))\n";
+
+/// How long one job may take, from its submission to its end, before the run is given up: a
+/// guest's boot under emulation takes tens of seconds, a job that waits for room that never
+/// comes would take for ever.
+const JOB_DEADLINE: Duration = Duration::from_secs(180);
 
 /// Runs `jobs` short jobs in each mode through the broker of `broker`.
 pub(crate) fn run(
@@ -84,7 +92,7 @@ pub(crate) fn run(
             let start = Instant::now();
             let mut done = Vec::with_capacity(jobs as usize);
             for _ in 0..jobs {
-                super::broker::run_one(&client, &job).await?;
+                one(&client, &job).await?;
                 done.push(start.elapsed().as_secs_f64());
             }
             Ok::<_, Failure>(done)
@@ -107,6 +115,37 @@ pub(crate) fn run(
         jobs,
         modes,
     })
+}
+
+/// Runs one job to its end, or cancels it after [`JOB_DEADLINE`] with an error that says where
+/// it stood (its state, and why it waited if it did).
+async fn one(client: &Client, job: &Prepared) -> Result<(), Failure> {
+    let deadline = tokio::time::Instant::now() + JOB_DEADLINE;
+    let mut s = client.submit_and_wait(job).await.map_err(wire)?;
+    while !s.state.is_final() {
+        match tokio::time::timeout_at(deadline, client.wait(&s.job, s.version, true)).await {
+            Ok(next) => s = next.map_err(wire)?,
+            Err(_) => {
+                let _ = client.cancel(&s.job).await;
+                return Err(Failure::failed(anyhow::anyhow!(
+                    "bench job {} not ended after {} s ({:?}{}); cancelled",
+                    s.job,
+                    JOB_DEADLINE.as_secs(),
+                    s.state,
+                    s.waiting.map(|w| format!(": {w}")).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    if s.state != JobState::Done {
+        return Err(Failure::failed(anyhow::anyhow!(
+            "bench job {} ended {:?}: {}",
+            s.job,
+            s.state,
+            s.error.unwrap_or_default()
+        )));
+    }
+    Ok(())
 }
 
 /// The least-squares line `T(n) = a + b n` through `done` (T(1), T(2), …) as `(r∞, n½) = (1/b,
