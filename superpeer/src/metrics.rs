@@ -9,7 +9,8 @@
 //!   node's end of a remote link is a queue too) — and its free warm guests per template
 //!   (`mvm_guests_warm`);
 //! - every daemon: the number of the revocation list it holds of each domain
-//!   (`mvm_revocation_list`).
+//!   (`mvm_revocation_list`); authenticated peers' offences (`mvm_peer_offences`) and those
+//!   cut off for them (`mvm_peers_cut_off`), by offence.
 //!
 //! Served over plain HTTP (`GET /metrics`, OpenMetrics text) on the address given: a scrape
 //! endpoint for a trusted monitoring network, as Prometheus exporters are.
@@ -213,6 +214,29 @@ impl Collector for Sources {
                         ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)),
                     )
                 }),
+        )?;
+        let offences = self.node.site().net.offences();
+        family(
+            &mut encoder,
+            "mvm_peer_offences",
+            "Offences of authenticated peers (bad frames, floods), by offence",
+            offences.iter().map(|(o, counted, _)| {
+                (
+                    vec![("offence", o.name().to_owned())],
+                    ConstCounter::new(*counted),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "mvm_peers_cut_off",
+            "Peers cut off and blocked for their offences, by the offence that did it",
+            offences.iter().map(|(o, _, cut)| {
+                (
+                    vec![("offence", o.name().to_owned())],
+                    ConstCounter::new(*cut),
+                )
+            }),
         )?;
         if let Some(os) = self.node.os() {
             family(

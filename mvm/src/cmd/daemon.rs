@@ -60,6 +60,14 @@ pub(crate) struct Common {
     /// Silence, in milliseconds, after which a node is lost.
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
     lost_after_ms: u64,
+    /// Control requests a peer may make per second (with two seconds' worth at once); more are
+    /// answered busy, and a peer over it for 3 seconds within a minute is cut off, as one that
+    /// sends bad or endless frames is. 0: no quota.
+    #[arg(long, default_value_t = mvm_superpeer::net::REQUEST_RATE)]
+    request_rate: u32,
+    /// How long a peer cut off for its offences stays blocked, in seconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400 * 30))]
+    block_secs: u64,
     /// Where compiled modules are cached (default: ~/.cache/mvm/modules).
     #[arg(long, env = "MVM_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -334,8 +342,15 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
     config.metrics = c.metrics;
     config.net = NetConfig {
         listen,
+        request_rate: c.request_rate,
+        block_for: Duration::from_secs(c.block_secs),
         ..NetConfig::default()
     };
+    // Every connection is a descriptor: as many as this process may have, not the soft
+    // default (often 1,024, which a few hundred strangers' connections would use up).
+    if let Err(e) = raise_fd_limit() {
+        tracing::warn!(error = %e.error, "cannot raise the limit of open files");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -554,4 +569,24 @@ pub(crate) fn superpeer(args: SuperpeerArgs) -> Result<(), Failure> {
         ..DaemonConfig::default()
     };
     serve(args.common, config, "superpeer".into())
+}
+
+/// Raises the soft limit of open files to the hard one; gives the limit now.
+pub(crate) fn raise_fd_limit() -> Result<u64, Failure> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(Failure::failed(std::io::Error::last_os_error()));
+    }
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(Failure::failed(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(r.rlim_cur)
 }

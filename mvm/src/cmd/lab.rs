@@ -68,6 +68,10 @@ pub(crate) struct NetArgs {
     /// How the nodes' remote channels travel (as `mvm node --links`).
     #[arg(long, value_enum, default_value_t = LinksArg::Sealed)]
     pub(crate) links: LinksArg,
+    /// Control requests a user may make of a super-peer per second (as `mvm superpeer
+    /// --request-rate`; 0: no quota).
+    #[arg(long, default_value_t = mvm_superpeer::net::REQUEST_RATE)]
+    pub(crate) request_rate: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -396,6 +400,8 @@ impl Lab {
             if net.transport == Transport::Both {
                 args.extend(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
             }
+            let rate = net.request_rate.to_string();
+            args.extend(["--request-rate", rate.as_str()]);
             let others: Vec<String> = replicas
                 .iter()
                 .filter(|(n, _, _)| n != name)
@@ -636,6 +642,18 @@ impl Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The pid and log file of the daemon named `name`, if there is one.
+    pub(crate) fn daemon(&self, name: &str) -> Option<(u32, PathBuf)> {
+        let i = self.names.iter().position(|n| n == name)?;
+        let pid = self.children.get(i)?.id();
+        Some((pid, self.dir.join(format!("{name}.log"))))
+    }
+
+    /// The lab's directory (its CA is `ca/`).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Kills (SIGKILL) the daemon named `name`; whether there is one.

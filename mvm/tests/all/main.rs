@@ -9,6 +9,7 @@ mod domains;
 mod environment;
 mod files;
 mod groups;
+mod hostile;
 mod lab;
 mod layering;
 mod logs;

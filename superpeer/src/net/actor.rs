@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{PeerId, Swarm, allow_block_list, gossipsub, identify, ping};
+use libp2p::{PeerId, Swarm, allow_block_list, connection_limits, gossipsub, identify, ping};
 use mvm_component::policy::Principal;
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,6 +23,8 @@ use super::{Command, Gossip, NetError, NetProblem};
 pub(super) struct Behaviour {
     /// First, so that a blocked peer is refused before any other behaviour sees it.
     pub(super) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// Bounds on connections (see [`limits`]), before any handler is made for one.
+    pub(super) limits: connection_limits::Behaviour,
     /// The certificate exchange on every connection.
     pub(super) hello: hello::Behaviour,
     /// Gossip, read only from connections that have passed.
@@ -34,6 +36,19 @@ pub(super) struct Behaviour {
     pub(super) ping: Gated<ping::Behaviour>,
     /// Control, queue-data and image streams.
     pub(super) stream: libp2p_stream::Behaviour,
+}
+
+/// The bounds on connections: what peers that have not passed can hold of this daemon is
+/// bounded by these and by the certificate exchange's own bound (`hello::UNPASSED`) and
+/// deadline, each connection's streams by yamux and the gate (`gate::HELD`).
+pub(super) fn limits() -> connection_limits::ConnectionLimits {
+    connection_limits::ConnectionLimits::default()
+        // Connections in their noise handshake.
+        .with_max_pending_incoming(Some(128))
+        // Two dials crossing give two; a peer on TCP and QUIC, a few more.
+        .with_max_established_per_peer(Some(8))
+        // A large group's nodes and clients, all connected to one super-peer.
+        .with_max_established_incoming(Some(16_384))
 }
 
 /// How many times a connection lost before its certificates were exchanged (dropped while

@@ -27,6 +27,7 @@
 //! - `gate`: holds a connection's gossip, identify and ping streams, unread, until it has
 //!   passed.
 //! - `ports`: choosing listen ports.
+//! - `conduct`: authenticated peers' offences (bad frames, floods), and cutting them off.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,14 +44,18 @@ use hello::Known;
 
 mod actor;
 mod addr;
+pub(crate) mod conduct;
 mod error;
 mod gate;
 mod hello;
+#[doc(hidden)]
+pub mod hostile;
 mod ports;
 mod swarm;
 
 pub use crate::rpc::StreamError;
 pub use addr::{AddrError, split_addr, split_peer, with_peer};
+pub use conduct::{CutOff, FLOOD_EVERY, Offence, STRIKE_WINDOW, STRIKES};
 pub use error::{AlreadyAccepted, NetError, NetProblem};
 pub use swarm::StartError;
 
@@ -67,7 +72,18 @@ pub struct NetConfig {
     pub idle_timeout: Duration,
     /// How long a new connection may take to exchange certificates before it is closed.
     pub hello_timeout: Duration,
+    /// Control requests a user may make per second (a daemon, ten times as many), with two
+    /// seconds' worth at once (`0`: no quota); more wait, and a peer that keeps its quota full
+    /// is cut off (see `conduct`).
+    pub request_rate: u32,
+    /// How long a peer cut off for its offences stays blocked.
+    pub block_for: Duration,
 }
+
+/// The default request quota of a user, per second: a job array of thousands goes through in
+/// seconds (a broker benchmark's client, which submits 7,000 jobs a second from one user, is
+/// given no quota).
+pub const REQUEST_RATE: u32 = 2_000;
 
 impl Default for NetConfig {
     fn default() -> Self {
@@ -77,6 +93,8 @@ impl Default for NetConfig {
             max_frame: proto::MAX_FRAME,
             idle_timeout: Duration::from_secs(120),
             hello_timeout: Duration::from_secs(5),
+            request_rate: REQUEST_RATE,
+            block_for: Duration::from_secs(600),
         }
     }
 }
@@ -146,6 +164,8 @@ pub struct Net {
     hellos_lost: Arc<AtomicU64>,
     /// How long a request may wait for its peer to pass and its control stream to open.
     timeout: Duration,
+    /// Peers' offences, and those cut off.
+    conduct: Arc<conduct::Conduct>,
 }
 
 impl std::fmt::Debug for Net {
@@ -176,11 +196,12 @@ pub(crate) struct Reply {
     /// The request's id on its stream.
     pub(crate) id: u64,
     /// The stream's writer.
-    pub(crate) frames: mpsc::Sender<Vec<u8>>,
+    pub(crate) frames: mpsc::Sender<rpc::Frame>,
     /// The largest frame.
     pub(crate) max_frame: usize,
-    /// One of the stream's requests in flight, given back with the answer: a peer with
-    /// [`rpc::IN_FLIGHT`] requests unanswered on a stream is read no more until one is.
+    /// One of the stream's requests in flight, given back once the answer is written: a
+    /// peer with [`rpc::IN_FLIGHT`] requests unanswered (or answered and not read) on a stream
+    /// is read no more until one is.
     pub(crate) _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -215,7 +236,7 @@ impl Inbound {
         }) = self.reply.take()
         {
             let _ = frames
-                .send(rpc::encode_answer(id, &response, max_frame))
+                .send((rpc::encode_answer(id, &response, max_frame), _slot))
                 .await;
         }
     }
@@ -234,7 +255,8 @@ impl Drop for Inbound {
         {
             let f = Failure::new(FailureKind::Failed, "the request was dropped unanswered");
             // Cannot wait here: if the stream's queue is full, the sender waits out its timeout.
-            let _ = frames.try_send(rpc::encode_answer(id, &Response::Error(f), max_frame));
+            let answer = rpc::encode_answer(id, &Response::Error(f), max_frame);
+            let _ = frames.try_send((answer, _slot));
         }
     }
 }
@@ -268,6 +290,16 @@ impl Net {
     /// up.
     pub fn hellos_lost(&self) -> u64 {
         self.hellos_lost.load(Ordering::Relaxed)
+    }
+
+    /// The peers cut off for their offences whose block has not ended.
+    pub fn cut_off(&self) -> Vec<CutOff> {
+        self.conduct.cut_off()
+    }
+
+    /// Per offence: how many were counted since the start, and how many peers it cut off.
+    pub fn offences(&self) -> Vec<(Offence, u64, u64)> {
+        self.conduct.counts()
     }
 
     /// The addresses it listens on (without `/p2p/`).

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::actor::{Actor, Behaviour};
+use super::conduct::Conduct;
 use super::gate::Gated;
 use super::hello::{self, Known};
 use super::{AlreadyAccepted, GROUPS_TOPIC, Inbound, Net, NetConfig, ports};
@@ -105,6 +106,7 @@ impl Net {
                     .map_err(|e| format!("gossipsub subscription: {e}"))?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                     blocked: allow_block_list::Behaviour::default(),
+                    limits: libp2p::connection_limits::Behaviour::new(super::actor::limits()),
                     hello: hello::Behaviour::new(
                         creds.clone(),
                         config.hello_timeout,
@@ -168,6 +170,7 @@ impl Net {
         let (inbound_tx, inbound) = mpsc::channel(1024);
         let (gossip_tx, gossip_rx) = mpsc::channel(256);
         let hellos_lost = Arc::new(AtomicU64::new(0));
+        let conduct = Conduct::new(config.request_rate, config.block_for, commands.downgrade());
         let actor = Actor {
             known: known.clone(),
             waiting: HashMap::new(),
@@ -190,11 +193,12 @@ impl Net {
             links: Links::new(max_frame, timeout),
             hellos_lost,
             timeout,
+            conduct: conduct.clone(),
         };
         // Control streams come through the one acceptor that checks who opened them.
         let incoming = net.accept(proto::RPC_PROTOCOL)?;
         tokio::spawn(actor.run());
-        tokio::spawn(rpc::accept(incoming, inbound_tx, max_frame));
+        tokio::spawn(rpc::accept(incoming, inbound_tx, max_frame, conduct));
         Ok((net, inbound))
     }
 }

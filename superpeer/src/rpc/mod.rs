@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use mvm_component::policy::Principal;
 
+use crate::net::conduct::{Conduct, Offence};
 use crate::net::{self, Inbound, NetError, NetProblem, Reply};
 use crate::proto::{self, Failure, FailureKind, Request, Response};
 
@@ -65,23 +66,78 @@ pub(crate) fn encode<T: Serialize>(id: u64, msg: &T, max: usize) -> io::Result<V
     Ok(buf)
 }
 
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// Its length is over the limit (or under the id's 8 bytes).
+    #[error("a frame of {len} bytes (the limit is {max} plus 8)")]
+    Oversized {
+        /// The length it claimed.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// It did not arrive at the least rate.
+    #[error("a frame of {len} bytes not whole after {secs} s")]
+    Slow {
+        /// The length it claimed.
+        len: usize,
+        /// How long it was given.
+        secs: u64,
+    },
+    /// It is not a message of the protocol.
+    #[error("{0}")]
+    Malformed(#[source] io::Error),
+    /// The stream failed, or ended inside a frame.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+}
+
+impl ReadError {
+    /// The offence it is, if its peer is the one to blame.
+    fn offence(&self) -> Option<Offence> {
+        match self {
+            ReadError::Oversized { .. } => Some(Offence::Oversized),
+            ReadError::Slow { .. } => Some(Offence::SlowFrame),
+            ReadError::Malformed(_) => Some(Offence::Malformed),
+            ReadError::Io(_) => None,
+        }
+    }
+}
+
+impl From<ReadError> for io::Error {
+    fn from(e: ReadError) -> io::Error {
+        let kind = match &e {
+            ReadError::Oversized { .. } | ReadError::Malformed(_) => io::ErrorKind::InvalidData,
+            ReadError::Slow { .. } => io::ErrorKind::TimedOut,
+            ReadError::Io(e) => return io::Error::new(e.kind(), e.to_string()),
+        };
+        io::Error::new(kind, e.to_string())
+    }
+}
+
 /// Reads one frame; `None` at a clean end between frames.
 async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> io::Result<Option<(u64, T)>> {
+    read_frame(r, max).await.map_err(io::Error::from)
+}
+
+/// As [`read`], saying whose fault an error is.
+async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<(u64, T)>, ReadError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => return Err(ReadError::Io(e)),
     }
     let len = u32::from_be_bytes(len) as usize;
     if !(8..=max.saturating_add(8)).contains(&len) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a frame of {len} bytes (the limit is {} plus 8)", max),
-        ));
+        return Err(ReadError::Oversized { len, max });
     }
     // Memory grows with what arrives, not with what the length claims, and what arrives must
     // keep coming: a peer cannot hold megabytes of this daemon's memory with a few bytes sent.
@@ -92,43 +148,66 @@ async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     match tokio::time::timeout(deadline, body).await {
         Ok(Ok(n)) if n == len => {}
         Ok(Ok(n)) => {
-            return Err(io::Error::new(
+            return Err(ReadError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("the stream ended {n} bytes into a frame of {len}"),
-            ));
+            )));
         }
-        Ok(Err(e)) => return Err(e),
+        Ok(Err(e)) => return Err(ReadError::Io(e)),
         Err(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "a frame of {len} bytes not whole after {} s",
-                    deadline.as_secs()
-                ),
-            ));
+            let secs = deadline.as_secs();
+            return Err(ReadError::Slow { len, secs });
         }
     }
     let (id, body) = buf.split_at(8);
     let id = u64::from_be_bytes(id.try_into().unwrap_or([0; 8]));
-    Ok(Some((id, proto::decode(body)?)))
+    let message = proto::decode(body).map_err(ReadError::Malformed)?;
+    Ok(Some((id, message)))
 }
 
+/// A frame for a stream's writer, with the slot of the request it answers (given back once it
+/// is written: a peer that reads nothing gets nothing more read from it).
+pub(crate) type Frame = (Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>);
+
 /// Writes the frames handed to it, those that are ready together in one write, until every
-/// sender is gone or a write fails.
+/// sender is gone or a write fails. A write must go out at the least rate: a peer that stops
+/// reading (a slow loris) fails its stream with `TimedOut`.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut w: W,
-    mut frames: mpsc::Receiver<Vec<u8>>,
+    mut frames: mpsc::Receiver<Frame>,
 ) -> io::Result<()> {
-    while let Some(first) = frames.recv().await {
+    let mut slots = Vec::new();
+    while let Some((first, slot)) = frames.recv().await {
         let mut buf = first;
+        slots.extend(slot);
         while buf.len() < BATCH {
             match frames.try_recv() {
-                Ok(f) => buf.extend_from_slice(&f),
+                Ok((f, slot)) => {
+                    buf.extend_from_slice(&f);
+                    slots.extend(slot);
+                }
                 Err(_) => break,
             }
         }
-        w.write_all(&buf).await?;
-        w.flush().await?;
+        let deadline = FRAME_GRACE + Duration::from_secs((buf.len() / MIN_RATE) as u64);
+        let write = async {
+            w.write_all(&buf).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(deadline, write).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} bytes not taken by the peer in {} s",
+                        buf.len(),
+                        deadline.as_secs()
+                    ),
+                ));
+            }
+        }
+        slots.clear();
     }
     w.close().await
 }
@@ -167,7 +246,7 @@ type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, Stream
 
 /// One outbound control stream.
 pub(crate) struct Link {
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: mpsc::Sender<Frame>,
     pending: Pending,
 }
 
@@ -305,7 +384,7 @@ impl Links {
             };
             p.insert(id, tx);
         }
-        if link.frames.send(frame).await.is_err() {
+        if link.frames.send((frame, None)).await.is_err() {
             if let Some(p) = link.pending.lock().as_mut() {
                 p.remove(&id);
             }
@@ -471,6 +550,7 @@ pub(crate) async fn accept(
     mut incoming: impl futures::Stream<Item = (PeerId, Principal, Stream)> + Unpin,
     inbound: mpsc::Sender<Inbound>,
     max_frame: usize,
+    conduct: Arc<Conduct>,
 ) {
     let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
     while let Some((peer, principal, stream)) = futures::StreamExt::next(&mut incoming).await {
@@ -478,20 +558,24 @@ pub(crate) async fn accept(
             let mut o = open.lock();
             let n = o.entry(peer).or_default();
             if *n >= STREAMS_PER_PEER {
-                tracing::warn!(%peer, %principal, "a control stream over the {STREAMS_PER_PEER} a peer may hold open: closed");
+                drop(o);
+                tracing::info!(%peer, %principal, "a control stream over the {STREAMS_PER_PEER} a peer may hold open: closed");
+                conduct.offend(&peer, &principal, Offence::TooManyStreams);
                 continue;
             }
             *n += 1;
         }
         let inbound = inbound.clone();
         let open = open.clone();
+        let conduct = conduct.clone();
         tokio::spawn(async move {
-            serve(peer, principal, stream, inbound, max_frame).await;
+            serve(peer, principal, stream, inbound, max_frame, &conduct).await;
             let mut o = open.lock();
             if let Some(n) = o.get_mut(&peer) {
                 *n -= 1;
                 if *n == 0 {
                     o.remove(&peer);
+                    conduct.forget_if_clean(&peer);
                 }
             }
         });
@@ -505,59 +589,87 @@ async fn serve(
     stream: Stream,
     inbound: mpsc::Sender<Inbound>,
     max_frame: usize,
+    conduct: &Conduct,
 ) {
     let (r, w) = stream.split();
-    let (frames, rx) = mpsc::channel(QUEUED);
-    let writer = tokio::spawn(write_frames(w, rx));
-    let answer = async |id: u64, response: Response| {
-        let _ = frames.send(encode_answer(id, &response, max_frame)).await;
+    let (frames, rx) = mpsc::channel(IN_FLIGHT + 1);
+    let mut writer = tokio::spawn(write_frames(w, rx));
+    let answer = async |id: u64, response: Response, slot| {
+        let _ = frames
+            .send((encode_answer(id, &response, max_frame), slot))
+            .await;
     };
     // Taken: the opener may send requests now.
-    answer(0, Response::Ok).await;
+    answer(0, Response::Ok, None).await;
     let mut r = BufReader::new(r);
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    loop {
-        // A peer with as many requests in flight as it may have is not read until one is
-        // answered: it waits, the others do not.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let (id, request) = match read::<Request, _>(&mut r, max_frame).await {
-            Ok(Some(m)) => m,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "inbound control stream failed");
+    // Every frame queued holds a slot: the queue never holds more than IN_FLIGHT frames and an
+    // answer never waits for room in it.
+    let reading = async {
+        loop {
+            // A peer with as many requests in flight as it may have is not read until one is
+            // answered: it waits, the others do not.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
                 break;
-            }
-        };
-        if let Some(f) = net::invalid(&peer, &request) {
-            answer(id, Response::Error(f)).await;
-            continue;
-        }
-        let i = Inbound::new(
-            peer,
-            principal.clone(),
-            request,
-            Reply {
-                id,
-                frames: frames.clone(),
-                max_frame,
-                _slot: Some(slot),
-            },
-        );
-        if let Err(e) = inbound.try_send(i) {
-            let f = match e {
-                mpsc::error::TrySendError::Full(_) => net::busy(),
-                mpsc::error::TrySendError::Closed(_) => {
-                    Failure::new(FailureKind::Unavailable, "this daemon is stopping")
+            };
+            let (id, request) = match read_frame::<Request, _>(&mut r, max_frame).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "inbound control stream failed");
+                    if let Some(offence) = e.offence() {
+                        conduct.offend(&peer, &principal, offence);
+                    }
+                    break;
                 }
             };
-            answer(id, Response::Error(f)).await;
+            // Over its quota: held back, and its stream with it.
+            if let Some(wait) = conduct.request(&peer, &principal) {
+                tokio::time::sleep(wait).await;
+            }
+            if let Some(f) = net::invalid(&peer, &request) {
+                answer(id, Response::Error(f), Some(slot)).await;
+                continue;
+            }
+            let i = Inbound::new(
+                peer,
+                principal.clone(),
+                request,
+                Reply {
+                    id,
+                    frames: frames.clone(),
+                    max_frame,
+                    _slot: Some(slot),
+                },
+            );
+            if let Err(e) = inbound.try_send(i) {
+                let (i, f) = match e {
+                    mpsc::error::TrySendError::Full(i) => (i, net::busy()),
+                    mpsc::error::TrySendError::Closed(i) => (
+                        i,
+                        Failure::new(FailureKind::Unavailable, "this daemon is stopping"),
+                    ),
+                };
+                i.reply(Response::Error(f)).await;
+            }
         }
-    }
+    };
+    let written = tokio::select! {
+        () = reading => None,
+        w = &mut writer => Some(w),
+    };
     // Answers still being made hold frame senders: the writer ends after the last one.
     drop(frames);
-    let _ = writer.await;
+    let written = match written {
+        Some(w) => w,
+        None => writer.await,
+    };
+    if let Ok(Err(e)) = written {
+        tracing::debug!(%peer, error = %e, "inbound control stream failed");
+        if e.kind() == io::ErrorKind::TimedOut {
+            conduct.offend(&peer, &principal, Offence::SlowReader);
+        }
+    }
 }
 
 /// Encodes an answer; one over the size limit becomes an error answer that says so.

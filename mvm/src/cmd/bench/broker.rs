@@ -240,9 +240,12 @@ pub(crate) fn run(
     };
     let (pp8, pp1m) = (pp(8, 5000)?, pp(1 << 20, 100)?);
     let nodes = 4;
+    // One client submits thousands of jobs a second: the broker's capacity is measured, not
+    // a user's quota.
     let net = NetArgs {
         transport,
         links: LinksArg::Plain,
+        request_rate: 0,
     };
     // With three super-peers, every job's transitions are replicated to a majority of them.
     let mut lab = Lab::start(&d.join("lab"), nodes, superpeers, false, net)?;
@@ -296,7 +299,12 @@ pub(crate) fn run(
     // The same ping-pong over sealed direct links and over libp2p streams, each in a lab of
     // two nodes.
     let two_nodes = |name: &str, links: LinksArg| -> Result<(f64, f64), Failure> {
-        let lab = Lab::start(&d.join(name), 2, 1, false, NetArgs { transport, links })?;
+        let net = NetArgs {
+            transport,
+            links,
+            request_rate: 0,
+        };
+        let lab = Lab::start(&d.join(name), 2, 1, false, net)?;
         let broker = lab.broker.clone();
         rt.block_on(async {
             let client = Client::find(&lab.user()?, std::slice::from_ref(&broker))

@@ -19,6 +19,7 @@ pub(super) fn start(dir: &Path) -> Result<(Lab, tokio::runtime::Runtime, Client)
     let net = NetArgs {
         transport: Transport::Tcp,
         links: LinksArg::Sealed,
+        request_rate: mvm_superpeer::net::REQUEST_RATE,
     };
     let lab = Lab::start(&dir.join("lab"), 3, 1, false, net)?;
     let rt = super::tokio()?;

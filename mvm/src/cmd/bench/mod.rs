@@ -4,6 +4,7 @@ mod broker;
 mod chaos;
 mod checkpoint;
 mod compare;
+mod hostile;
 mod labjob;
 mod market;
 mod mpi;
@@ -251,6 +252,33 @@ enum Which {
     },
     /// Queue throughput (FIFO, priority) beside a crossbeam channel, and a remote endpoint over
     /// loopback TCP beside raw TCP.
+    /// What a hostile peer does to a super-peer and to its other users: a user's trivial
+    /// jobs' latency and throughput quiet and under each attack (a flood of requests,
+    /// thousands of streams, oversized frames, endless frames, answers never read, and 1,200
+    /// unauthenticated connections), each from a process at `nice 19`; the super-peer's
+    /// memory, and whether the attacker was cut off and logged.
+    Hostile {
+        /// Seconds the user is measured under each attack (latency, then throughput for half).
+        #[arg(long, default_value_t = 4.0)]
+        secs: f64,
+        /// The attacks, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',', value_parser = parse_attack)]
+        attacks: Vec<mvm_superpeer::net::hostile::Attack>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// The attacker of `mvm bench hostile` (run by it).
+    #[command(hide = true)]
+    HostilePeer {
+        #[arg(long, value_parser = parse_attack)]
+        attack: mvm_superpeer::net::hostile::Attack,
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        identity: std::path::PathBuf,
+        #[arg(long)]
+        secs: f64,
+    },
     Queue {
         /// Items per 1-producer-1-consumer run.
         #[arg(long, default_value_t = 2_000_000)]
@@ -298,6 +326,10 @@ struct RingReport {
 }
 
 /// A checkpoint interval: a duration of at least 100 ms.
+fn parse_attack(s: &str) -> Result<mvm_superpeer::net::hostile::Attack, String> {
+    s.parse()
+}
+
 fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
     mvm_component::profile::parse_duration(s)
         .filter(|d| *d >= mvm_component::profile::MIN_CHECKPOINT_INTERVAL)
@@ -334,6 +366,8 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
         Which::Checkpoint { .. } => "checkpoint",
         Which::Chaos { .. } => "chaos",
         Which::Queue { .. } => "queue",
+        Which::Hostile { .. } => "hostile",
+        Which::HostilePeer { .. } => "hostile-peer",
     };
     let cmp = compare::Compare {
         bench,
@@ -480,6 +514,26 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Which::Hostile { secs, attacks, out } => {
+            if !(secs > 0.0 && secs <= 600.0) {
+                return Err(Failure::input(anyhow::anyhow!(
+                    "bench hostile: --secs must be in (0, 600]"
+                )));
+            }
+            let attacks = if attacks.is_empty() {
+                mvm_superpeer::net::hostile::Attack::ALL.to_vec()
+            } else {
+                attacks
+            };
+            let report = hostile::run(secs, &attacks)?;
+            cmp.print(&report, out.output, hostile::text)
+        }
+        Which::HostilePeer {
+            attack,
+            broker,
+            identity,
+            secs,
+        } => hostile::attacker(&identity, &broker, attack, secs),
         Which::Broker {
             superpeers,
             secs,

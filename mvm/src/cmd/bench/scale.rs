@@ -157,30 +157,13 @@ fn loopback(port: u16) -> Result<NetConfig, Failure> {
     let listen = format!("/ip4/127.0.0.1/tcp/{port}")
         .parse()
         .map_err(Failure::failed)?;
+    // The clients submit as fast as the broker places: its capacity is measured, not a user's
+    // quota.
     Ok(NetConfig {
         listen: vec![listen],
+        request_rate: 0,
         ..NetConfig::default()
     })
-}
-
-/// Raises the soft limit of open files to the hard one; gives the limit now.
-fn raise_fd_limit() -> Result<u64, Failure> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given, which outlives the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return Err(Failure::failed(std::io::Error::last_os_error()));
-    }
-    if r.rlim_cur < r.rlim_max {
-        r.rlim_cur = r.rlim_max;
-        // SAFETY: setrlimit only reads the struct it is given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
-            return Err(Failure::failed(std::io::Error::last_os_error()));
-        }
-    }
-    Ok(r.rlim_cur)
 }
 
 /// The process's CPU time so far (user and system), seconds.
@@ -317,7 +300,7 @@ pub(crate) fn run(
     secs: f64,
     clients: usize,
 ) -> Result<ScaleReport, Failure> {
-    let fd_limit = raise_fd_limit()?;
+    let fd_limit = crate::cmd::daemon::raise_fd_limit()?;
     let tmp = tempfile::Builder::new()
         .prefix("mvm-bench-scale-")
         .tempdir()

@@ -80,6 +80,7 @@ pub(crate) fn run(
     let net = NetArgs {
         transport: Transport::Tcp,
         links: LinksArg::Sealed,
+        request_rate: mvm_superpeer::net::REQUEST_RATE,
     };
     let lab = Lab::start(&d.join("lab"), 1, superpeers, false, net)?;
     let rt = super::tokio()?;

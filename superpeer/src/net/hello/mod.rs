@@ -121,6 +121,15 @@ pub(crate) struct Behaviour {
     addresses: PeerAddresses,
 }
 
+/// Connections whose certificate exchange has not ended that a daemon holds at most: a new
+/// inbound connection over them is refused (each is closed within the exchange's deadline).
+pub(crate) const UNPASSED: usize = 256;
+
+/// Why an inbound connection was refused before its exchange.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} connections have not exchanged certificates yet")]
+struct TooManyUnpassed(usize);
+
 /// How many peers' addresses are kept (the least recently used are forgotten).
 const ADDRESSED_PEERS: NonZeroUsize = match NonZeroUsize::new(4096) {
     Some(n) => n,
@@ -140,6 +149,15 @@ impl Behaviour {
             events: VecDeque::new(),
             addresses: PeerAddresses::new(ADDRESSED_PEERS),
         }
+    }
+
+    /// How many open connections have not passed yet (either way).
+    fn unpassed(&self) -> usize {
+        self.conns
+            .values()
+            .flat_map(HashMap::values)
+            .filter(|c| c.theirs.is_none() || !c.taken)
+            .count()
     }
 
     /// The handler of a new connection, whose standing starts blank.
@@ -244,8 +262,13 @@ impl NetworkBehaviour for Behaviour {
         connection: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
-        _: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        let unpassed = self.unpassed();
+        if unpassed >= UNPASSED {
+            tracing::warn!(%peer, %remote, "a connection refused: {unpassed} others have not exchanged certificates yet");
+            return Err(ConnectionDenied::new(TooManyUnpassed(unpassed)));
+        }
         Ok(self.handler(peer, connection))
     }
 
