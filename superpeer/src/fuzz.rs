@@ -16,6 +16,17 @@ use crate::proto::{
     Request, Response, StreamHeader, Verdict, decode, read_frame,
 };
 
+/// A runtime with a clock, for the readers that give a frame a deadline.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap_or_else(|e| panic!("the fuzz target's runtime: {e}"))
+    })
+}
+
 /// A directory of this process's own for files the targets write.
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -34,7 +45,8 @@ fn msg<T: DeserializeOwned>(body: &[u8]) -> Option<T> {
 /// The control protocol's messages and the other CBOR frames peers send (hello and verdict,
 /// stream, image and file headers, group gossip, job-log RPCs): the first byte picks the
 /// message, the rest is its CBOR; what decodes is checked as a daemon checks it. The last
-/// choice reads the rest as length-prefixed frames.
+/// choice reads the rest as length-prefixed frames: the second byte odd, a control stream's
+/// (requests, or answers with its bit 1 set), even, the other streams'.
 pub fn wire(data: &[u8]) {
     let Some((&first, body)) = data.split_first() else {
         return;
@@ -80,7 +92,14 @@ pub fn wire(data: &[u8]) {
             msg::<crate::worker::agent::AgentReply>(body),
         )),
         _ => {
-            let mut stream = body;
+            let Some((&mode, mut stream)) = body.split_first() else {
+                return;
+            };
+            if mode & 1 == 1 {
+                // A control stream's frames (length, id, CBOR), as a daemon reads a peer's.
+                crate::rpc::fuzz_frames(stream, mode & 2 == 2, runtime());
+                return;
+            }
             for _ in 0..64 {
                 match read_frame::<Request, _>(&mut stream, 1 << 16).now_or_never() {
                     Some(Ok(r)) => {
@@ -197,14 +216,38 @@ pub fn seeds(examples: &std::path::Path) -> Vec<(&'static str, Vec<u8>)> {
     if let Ok(p) = crate::client::read_profile(&examples.join("fft8.toml")) {
         let submit = Request::Client(ClientRequest::Submit(Box::new(p.submission)));
         wire.push(cbor(0, &submit));
-        // The same as a frame on a stream.
+        // The same as a frame on a stream, and on a control stream.
         let body = cbor(0, &submit);
-        let mut framed = vec![15];
+        let mut framed = vec![15, 0];
         let len = u32::try_from(body.len() - 1).unwrap_or(u32::MAX);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&body[1..]);
         wire.push(framed);
+        if let Ok(f) = crate::rpc::encode(7, &submit, crate::proto::MAX_FRAME) {
+            wire.push([&[15, 1][..], &f].concat());
+        }
     }
+    // A control stream's requests, and its answers.
+    let mut requests = vec![15, 1];
+    let mut answers = vec![15, 3];
+    for (id, (q, a)) in [
+        (Request::Group, Response::Ok),
+        (Request::Leader, Response::Error(crate::net::busy())),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = id as u64;
+        if let (Ok(q), Ok(a)) = (
+            crate::rpc::encode(id, &q, 1 << 16),
+            crate::rpc::encode(id, &a, 1 << 16),
+        ) {
+            requests.extend(q);
+            answers.extend(a);
+        }
+    }
+    wire.push(requests);
+    wire.push(answers);
     wire.push(cbor(
         1,
         &Response::Missing {

@@ -169,6 +169,34 @@ async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
 /// is written: a peer that reads nothing gets nothing more read from it).
 pub(crate) type Frame = (Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>);
 
+/// Reads `bytes` as a control stream's frames (answers if `answers`, else requests), checking
+/// what decodes as a daemon does, until the end or an error: the fuzz target's entry.
+pub(crate) fn fuzz_frames(mut bytes: &[u8], answers: bool, rt: &tokio::runtime::Runtime) {
+    rt.block_on(async {
+        for _ in 0..64 {
+            if answers {
+                match read_frame::<Response, _>(&mut bytes, 1 << 16).await {
+                    Ok(Some((_, r))) => drop(std::hint::black_box(r.validate())),
+                    Ok(None) => return,
+                    Err(e) => {
+                        std::hint::black_box(e.offence());
+                        return;
+                    }
+                }
+            } else {
+                match read_frame::<Request, _>(&mut bytes, 1 << 16).await {
+                    Ok(Some((_, r))) => drop(std::hint::black_box(r.validate())),
+                    Ok(None) => return,
+                    Err(e) => {
+                        std::hint::black_box(e.offence());
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Writes the frames handed to it, those that are ready together in one write, until every
 /// sender is gone or a write fails. A write must go out at the least rate: a peer that stops
 /// reading (a slow loris) fails its stream with `TimedOut`.
