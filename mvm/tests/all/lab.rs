@@ -699,9 +699,14 @@ fn the_demo_verifies_its_results_and_leaves_nothing_behind_also_when_interrupted
         .status()
         .expect("kill");
     assert!(s.success());
-    let status = child.wait().expect("wait");
+    let out = child.wait_with_output().expect("wait");
+    let status = out.status;
     // Either interrupted (130) or, on a fast machine, already done (0); never a leftover.
-    assert!(matches!(status.code(), Some(130) | Some(0)), "{status:?}");
+    assert!(
+        matches!(status.code(), Some(130) | Some(0)),
+        "{status:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !no_process_mentions(&dir) {
         assert!(Instant::now() < deadline, "daemons of {dir} left behind");
