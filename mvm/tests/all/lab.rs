@@ -670,7 +670,7 @@ fn the_demo_verifies_its_results_and_leaves_nothing_behind_also_when_interrupted
     assert!(no_process_mentions(&lab_dir), "no daemon of {lab_dir} left");
     // Interrupted with SIGINT once the lab is up: exit 130, nothing left.
     build_jobs();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mvm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_mvm"))
         .args(["lab", "demo", "--profile", "examples/fft16.toml"])
         .env("MVM_CACHE_DIR", tmp.path().join("cache"))
         .current_dir(root())
