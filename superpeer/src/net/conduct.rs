@@ -120,6 +120,18 @@ struct Record {
     held_since: Option<Instant>,
 }
 
+impl Record {
+    /// A blank record with a bucket of `tokens`.
+    fn new(tokens: f64, now: Instant) -> Record {
+        Record {
+            strikes: VecDeque::new(),
+            tokens,
+            refilled: now,
+            held_since: None,
+        }
+    }
+}
+
 /// The conduct of every peer, shared by the control streams' acceptor and the swarm's handles.
 pub(crate) struct Conduct {
     /// Requests a peer may make per second (`0`: no quota).
@@ -176,12 +188,9 @@ impl Conduct {
         let now = Instant::now();
         let (wait, flooded) = {
             let mut peers = self.peers.lock();
-            let r = peers.entry(*peer).or_insert_with(|| Record {
-                strikes: VecDeque::new(),
-                tokens: rate * BURST_SECS,
-                refilled: now,
-                held_since: None,
-            });
+            let r = peers
+                .entry(*peer)
+                .or_insert_with(|| Record::new(rate * BURST_SECS, now));
             let elapsed = now.duration_since(r.refilled).as_secs_f64();
             r.tokens = (r.tokens + elapsed * rate).min(rate * BURST_SECS);
             r.refilled = now;
@@ -212,23 +221,15 @@ impl Conduct {
         (!wait.is_zero()).then_some(wait)
     }
 
-    /// A blank record.
-    fn fresh(&self, now: Instant) -> Record {
-        Record {
-            strikes: VecDeque::new(),
-            tokens: self.rate * BURST_SECS,
-            refilled: now,
-            held_since: None,
-        }
-    }
-
     /// Counts an offence of `peer`; with [`STRIKES`] of them within the window, cuts it off.
     pub(crate) fn offend(&self, peer: &PeerId, principal: &Principal, offence: Offence) {
         let now = Instant::now();
         self.counted[slot(offence)].fetch_add(1, Ordering::Relaxed);
         let strikes = {
             let mut peers = self.peers.lock();
-            let r = peers.entry(*peer).or_insert_with(|| self.fresh(now));
+            let r = peers
+                .entry(*peer)
+                .or_insert_with(|| Record::new(self.rate * BURST_SECS, now));
             while r
                 .strikes
                 .front()

@@ -91,6 +91,20 @@ pub(super) fn job(dir: &Path, name: &str, profile: &str) -> Result<Prepared, Fai
     read_profile(&write(dir, name, profile)?).map_err(wire)
 }
 
+/// A trivial job (one vertex that does nothing) written to `dir` and read as a client would.
+pub(super) fn trivial_job(dir: &Path) -> Result<Prepared, Failure> {
+    let root = dir.display();
+    write(dir, "noop.wat", NOOP_WAT)?;
+    write(dir, "one.dot", "digraph one { v [component=\"noop\"]; }\n")?;
+    job(
+        dir,
+        "one.toml",
+        &format!(
+            "name = \"noop\"\ntopology = \"{root}/one.dot\"\n[components]\nnoop = \"{root}/noop.wat\"\n"
+        ),
+    )
+}
+
 /// Submits and waits (one exchange for a short job); the job's final status and the elapsed
 /// time.
 pub(super) async fn run_one(
@@ -100,6 +114,13 @@ pub(super) async fn run_one(
     let t = Instant::now();
     let s = client.submit_and_wait(job).await.map_err(wire)?;
     let s = crate::cmd::job::wait(client, s, false).await?;
+    Ok((done(s)?, t.elapsed()))
+}
+
+/// A bench job's final status, or an error if it did not end done.
+pub(super) fn done(
+    s: mvm_superpeer::proto::JobStatus,
+) -> Result<mvm_superpeer::proto::JobStatus, Failure> {
     if s.state != JobState::Done {
         return Err(Failure::failed(anyhow::anyhow!(
             "bench job {} ended {:?}: {}",
@@ -108,7 +129,7 @@ pub(super) async fn run_one(
             s.error.unwrap_or_default()
         )));
     }
-    Ok((s, t.elapsed()))
+    Ok(s)
 }
 
 pub(super) fn median(mut v: Vec<f64>) -> f64 {
@@ -202,10 +223,9 @@ pub(crate) fn run(
         .map_err(Failure::failed)?;
     let d = tmp.path();
     let root = d.display().to_string();
-    write(d, "noop.wat", NOOP_WAT)?;
+    let trivial = trivial_job(d)?;
     write(d, "token.wat", mvm_component::bench::TOKEN_WAT)?;
     write(d, "pingpong.wat", mvm_component::bench::PINGPONG_WAT)?;
-    write(d, "one.dot", "digraph one { v [component=\"noop\"]; }\n")?;
     let ring = mvm_component::topology::generate::generate("ring", "16")
         .map_err(|e| Failure::failed(anyhow::anyhow!("{e}")))?;
     write(d, "ring16.dot", &ring)?;
@@ -213,13 +233,6 @@ pub(crate) fn run(
         d,
         "pp.dot",
         "digraph pp { a [component=pp, lead=\"1\"]; b [component=pp]; a:out -> b:in [capacity=4]; b:out -> a:in [capacity=4]; }\n",
-    )?;
-    let trivial = job(
-        d,
-        "one.toml",
-        &format!(
-            "name = \"noop\"\ntopology = \"{root}/one.dot\"\n[components]\nnoop = \"{root}/noop.wat\"\n"
-        ),
     )?;
     let ring16 = job(
         d,

@@ -22,7 +22,7 @@ use mvm_superpeer::net::hostile::{Attack, Tally};
 use mvm_superpeer::pki::{Ca, Credentials, Subject};
 use serde::Serialize;
 
-use super::broker::{NOOP_WAT, job, median, run_one, write};
+use super::broker::{median, run_one, trivial_job};
 use crate::cmd::daemon::LinksArg;
 use crate::cmd::job::wire;
 use crate::cmd::lab::{Lab, NetArgs, Transport};
@@ -141,16 +141,7 @@ pub(crate) fn run(secs: f64, attacks: &[Attack]) -> Result<HostileReport, Failur
         .tempdir()
         .map_err(Failure::failed)?;
     let d = tmp.path();
-    let root = d.display().to_string();
-    write(d, "noop.wat", NOOP_WAT)?;
-    write(d, "one.dot", "digraph one { v [component=\"noop\"]; }\n")?;
-    let trivial = job(
-        d,
-        "one.toml",
-        &format!(
-            "name = \"noop\"\ntopology = \"{root}/one.dot\"\n[components]\nnoop = \"{root}/noop.wat\"\n"
-        ),
-    )?;
+    let trivial = trivial_job(d)?;
     let net = NetArgs {
         transport: Transport::Tcp,
         links: LinksArg::Plain,
@@ -319,14 +310,7 @@ fn attacker_process(
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()
-        .map_err(|e| Failure::failed(anyhow::anyhow!("nice {}: {e}", exe_name())))
-}
-
-/// This program's path, for messages.
-fn exe_name() -> String {
-    std::env::current_exe()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "mvm".into())
+        .map_err(|e| Failure::failed(anyhow::anyhow!("nice: {e}")))
 }
 
 /// The attacker's side (`mvm bench hostile-peer`): runs `attack` on the super-peer at

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use mvm_superpeer::client::{Client, Prepared};
-use mvm_superpeer::proto::JobState;
 
 use crate::cmd::job::{BrokerArg, connect, wire};
 use crate::exit::Failure;
@@ -137,15 +136,7 @@ async fn one(client: &Client, job: &Prepared) -> Result<(), Failure> {
             }
         }
     }
-    if s.state != JobState::Done {
-        return Err(Failure::failed(anyhow::anyhow!(
-            "bench job {} ended {:?}: {}",
-            s.job,
-            s.state,
-            s.error.unwrap_or_default()
-        )));
-    }
-    Ok(())
+    super::broker::done(s).map(drop)
 }
 
 /// The least-squares line `T(n) = a + b n` through `done` (T(1), T(2), …) as `(r∞, n½) = (1/b,
