@@ -10,6 +10,13 @@
 //! revoked at the CA is cut off from a daemon within one interval of [`interval`] after the
 //! list reaches it: one interval for the file's holder to read it, and one more for each
 //! super-peer it passes through on the way.
+//!
+//! Between domains, lists travel with the group summaries super-peers gossip: each says the
+//! number of its own domain's list it holds ([`crate::proto::GroupSummary::crl`]), and a
+//! super-peer that holds an older one of a domain it trusts (or none) asks that super-peer for
+//! it ([`fetch`]), at most once at a time per domain. A list a domain's CA signs so reaches a
+//! trusting domain's super-peer within two of its heartbeats after the signing domain's
+//! super-peer has read it, and that domain's nodes one [`interval`] later.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -68,6 +75,24 @@ async fn take(site: &Site, ders: &[bytes::Bytes], from: &str) -> Vec<Crl> {
         }
     }
     taken
+}
+
+/// Asks the super-peer `peer` for the lists it holds that are newer than this daemon's, and
+/// takes them (as [`sync`] does); returns the lists taken.
+pub(crate) async fn fetch(site: &Site, peer: PeerId, addrs: &[Multiaddr]) -> Vec<Crl> {
+    let held = site.net.trust().crl_numbers();
+    let ask = Request::Peer(PeerRequest::Revocations { held });
+    match site.net.call(peer, addrs, ask).await {
+        Ok(Response::Revocations { crls }) => take(site, &crls, &peer.to_string()).await,
+        Ok(_) => {
+            tracing::debug!(%peer, "an answer that is no revocation list");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "revocation lists not fetched");
+            Vec::new()
+        }
+    }
 }
 
 /// Reads the list in `file` if its contents changed since `last` (their digest), which it

@@ -137,6 +137,15 @@ pub(crate) enum AdmitError {
         /// Who sent it.
         caller: Box<Principal>,
     },
+    /// The certificate its owner sent it with is revoked (a job forwarded by another domain's
+    /// super-peer that had not yet taken the list).
+    #[error("{owner}'s certificate (serial {serial}) is revoked by the CA of domain {}", owner.domain)]
+    Revoked {
+        /// The owner.
+        owner: Box<Principal>,
+        /// The certificate's serial, hex.
+        serial: String,
+    },
     /// The policy refuses it.
     #[error("refused by policy: {0}")]
     Policy(String),
@@ -169,6 +178,21 @@ pub(super) fn owner_key(p: &Principal) -> String {
 }
 
 impl Core {
+    /// The owner of `s`, sent by `who` ([`owner_of`]), unless a revocation list this daemon
+    /// holds revokes the certificate the owner sent it with.
+    pub(super) fn owner(&self, who: &Principal, s: &Submission) -> Result<Principal, AdmitError> {
+        let owner = owner_of(who, s)?;
+        match &s.owner_cert {
+            Some(serial) if self.site.net.trust().is_revoked(&owner.domain, serial) => {
+                Err(AdmitError::Revoked {
+                    owner: Box::new(owner),
+                    serial: serial.clone(),
+                })
+            }
+            _ => Ok(owner),
+        }
+    }
+
     /// Asks the policy whether `owner` may submit `s` (and use its image) here as `job`,
     /// counting what the owner's jobs in the log and placements under way hold; if so, the
     /// job's resources are held in the ledger until it is released.

@@ -13,7 +13,7 @@
 use mvm_component::policy::Principal;
 use mvm_component::profile::Profile;
 
-use super::admit::{Refusal, owner_of};
+use super::admit::Refusal;
 use super::core::{Core, Effect, Reply, Then};
 use super::place::{Checked, new_record};
 use crate::joblog::Command;
@@ -176,7 +176,7 @@ impl Core {
                 error,
             }))
         };
-        let owner = match owner_of(who, &s) {
+        let owner = match self.owner(who, &s) {
             Ok(o) => o,
             Err(error) => return out.push(Effect::Reply(reply, refused(error))),
         };

@@ -30,7 +30,8 @@ use crate::site::Site;
 pub(super) struct Bench {
     core: Core,
     log: JobLog,
-    _dir: tempfile::TempDir,
+    ca: Ca,
+    dir: tempfile::TempDir,
     _inbound: mpsc::Receiver<Inbound>,
 }
 
@@ -82,7 +83,8 @@ async fn bench() -> Bench {
     Bench {
         core,
         log,
-        _dir: dir,
+        ca,
+        dir,
         _inbound: inbound,
     }
 }
@@ -150,17 +152,20 @@ impl Bench {
         &mut self,
         job: &crate::client::Prepared,
     ) -> (Vec<Effect>, oneshot::Receiver<Response>) {
+        self.submit_as(alice(), job)
+    }
+
+    /// Submits `job` as `who`; the effects, and where the answer comes.
+    fn submit_as(
+        &mut self,
+        who: Principal,
+        job: &crate::client::Prepared,
+    ) -> (Vec<Effect>, oneshot::Receiver<Response>) {
         for b in job.modules.values() {
             self.core.modules.put(b.clone());
         }
         let checked =
             check(&self.core.modules, &self.core.codecs, &job.submission).expect("checked");
-        let who = Principal {
-            kind: PrincipalKind::User,
-            name: "alice".into(),
-            domain: "default".into(),
-            roles: Vec::new(),
-        };
         let (reply, rx) = oneshot::channel();
         let effects = self.on(Input::Submit {
             reply,
@@ -176,6 +181,16 @@ impl Bench {
             s.job(job)
                 .map(|j| (j.state, j.ended.as_ref().and_then(|e| e.error.clone())))
         })
+    }
+}
+
+/// The user the bench submits as.
+pub(super) fn alice() -> Principal {
+    Principal {
+        kind: PrincipalKind::User,
+        name: "alice".into(),
+        domain: "default".into(),
+        roles: Vec::new(),
     }
 }
 
@@ -466,3 +481,5 @@ mod restore;
 
 #[path = "core_tests_move.rs"]
 mod moves;
+#[path = "core_tests_revoke.rs"]
+mod revoke;

@@ -106,6 +106,7 @@ impl Core {
             images,
             archs,
             hosts,
+            crl: self.site.net.trust().crl_number(&self.site.domain),
         }
     }
 

@@ -174,6 +174,7 @@ fn group_summaries_expire_and_this_groups_own_is_left_out() {
         images: Vec::new(),
         archs: Vec::new(),
         hosts: Vec::new(),
+        crl: None,
     };
     let mut m = Members::new(LOST);
     let (sp_a, sp_b, me) = (PeerId::random(), PeerId::random(), PeerId::random());

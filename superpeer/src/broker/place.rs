@@ -8,7 +8,7 @@ use mvm_component::policy::Principal;
 use mvm_component::topology::{Options, Topology};
 use mvm_queue::codec::Registry;
 
-use super::admit::{AdmitError, Refusal, inter_domain_allows, owner_of};
+use super::admit::{AdmitError, Refusal, inter_domain_allows};
 use super::core::{Core, Drive, Effect, Reply, Then};
 use super::now_ms;
 use crate::joblog::Command;
@@ -304,7 +304,7 @@ impl Core {
         s: &Submission,
         vertices: usize,
     ) -> Result<(JobId, Principal, crate::joblog::state::Resources), AdmitError> {
-        let owner = owner_of(who, s)?;
+        let owner = self.owner(who, s)?;
         // Unique across leaders: at most one leads in a term.
         let id = JobId::new(&s.name, self.log.term(), self.seq);
         self.seq += 1;

@@ -3,10 +3,12 @@
 //! broker's channel), from the tick, from the gossip of other groups' summaries, and from the
 //! loop's own tasks (nodes' answers, log outcomes). Its tasks end with it.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use libp2p::{Multiaddr, PeerId};
+use parking_lot::Mutex;
 use tokio::task::JoinSet;
 
 use super::Broker;
@@ -38,6 +40,8 @@ impl Broker {
             })
             .collect();
         let mut gossip = self.site.net.take_gossip();
+        // The domains whose revocation lists are being fetched from another group.
+        let fetching = Arc::new(Mutex::new(BTreeSet::new()));
         let mut tick = tokio::time::interval(self.site.heartbeat);
         let mut round = 0u64;
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
@@ -75,7 +79,10 @@ impl Broker {
                 }
                 msg = async { gossip.as_mut()?.recv().await }, if gossip.is_some() => match msg {
                     Some(msg) => match self.heard(&msg) {
-                        Some(s) => Input::Heard(s),
+                        Some(s) => {
+                            self.crl_behind(&mut tasks, &s, &fetching);
+                            Input::Heard(s)
+                        }
                         None => continue,
                     },
                     None => {
@@ -215,6 +222,44 @@ impl Broker {
                 }
             }
             net.publish(GROUPS_TOPIC, data).await;
+            None
+        });
+    }
+
+    /// Fetches the revocation list of a summary's domain from its super-peer when that one
+    /// holds a newer list than this daemon does (none fetched for that domain already), and
+    /// hands what it takes to [`Broker::revoked`].
+    fn crl_behind(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<Option<Input>>,
+        s: &GroupSummary,
+        fetching: &Arc<Mutex<BTreeSet<String>>>,
+    ) {
+        let Some(number) = s.crl else { return };
+        if self
+            .site
+            .net
+            .trust()
+            .crl_number(&s.domain)
+            .is_some_and(|held| held >= number)
+            || !fetching.lock().insert(s.domain.clone())
+        {
+            return;
+        }
+        let (me, fetching, domain) = (self.clone(), fetching.clone(), s.domain.clone());
+        let (peer, addrs): (PeerId, Vec<Multiaddr>) = (
+            s.broker,
+            s.addrs
+                .iter()
+                .filter_map(|a| crate::net::split_addr(a).map(|(_, a)| a))
+                .collect(),
+        );
+        tasks.spawn(async move {
+            let taken = crate::revocation::fetch(&me.site, peer, &addrs).await;
+            fetching.lock().remove(&domain);
+            if !taken.is_empty() {
+                me.revoked(&taken).await;
+            }
             None
         });
     }

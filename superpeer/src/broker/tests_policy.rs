@@ -249,6 +249,79 @@ async fn a_physics_researcher_s_job_is_forwarded_to_biology_and_read_there_by_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn physics_revocations_reach_biology_which_cancels_the_revoked_users_job_there_and_cuts_her_off()
+ {
+    // The shipped policies, and physics' rule for its revoked users' jobs: cancel them.
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let mut owned: Vec<(String, String)> = [
+        "inter-domain.polar",
+        "node.polar",
+        "physics/rbac.polar",
+        "physics/limits.polar",
+        "biology/rbac.polar",
+        "biology/limits.polar",
+    ]
+    .iter()
+    .map(|f| {
+        let text = std::fs::read_to_string(shipped.join(f)).expect("a shipped policy");
+        ((*f).to_owned(), text)
+    })
+    .collect();
+    owned.push((
+        "physics/revoked.polar".into(),
+        "revoked_jobs(_user: User, \"cancel\");\n".into(),
+    ));
+    let files: Vec<(&str, &str)> = owned.iter().map(|(f, t)| (&**f, &**t)).collect();
+    // Physics has no nodes: its researchers' jobs run in biology.
+    let mut phy = Setup::in_domain("physics", 1, &[])
+        .group("phy")
+        .policies(&files);
+    let mut bio = Setup::in_domain("biology", 1, &[4])
+        .group("bio")
+        .policies(&files);
+    Setup::link(&mut phy, &mut bio);
+    let (phy, bio) = (phy.start().await, bio.start().await);
+    let (alice, bob) = (phy.user(), phy.user_as("bob", &["researcher"]));
+    let (ca, cb) = (phy.client_as(&alice).await, phy.client_as(&bob).await);
+    group_until(&ca, "biology's summary", |g| {
+        g.groups
+            .iter()
+            .any(|s| s.domain == "biology" && s.free_slots >= 2)
+    })
+    .await;
+    let mut there = Vec::new();
+    for c in [&ca, &cb] {
+        let s = c.submit(&sleeping("nap", 60_000)).await.expect("forwarded");
+        let follow = c.follow(&s).expect("follow");
+        until(&follow, &s.job, |st| st == JobState::Running).await;
+        there.push((s.job, follow));
+    }
+    let admin = bio.client_as(&bio.user_as("root", &["admin"])).await;
+    assert!(
+        admin.status(None).await.expect("status").len() == 2,
+        "both run in biology"
+    );
+
+    // Physics' CA revokes alice: its super-peer reads the list, and biology's fetches it
+    // (told of it by physics' summaries), cancels her job as physics' policy says, and cuts
+    // her off. Bob's job runs on.
+    phy.revoke(&alice);
+    let ended = until(&admin, &there[0].0, JobState::is_final).await;
+    assert_eq!(ended.state, JobState::Cancelled, "{ended:?}");
+    assert!(
+        there[0].1.status(None).await.is_err(),
+        "biology still serves a user physics revoked"
+    );
+    let s = there[1]
+        .1
+        .status(Some(&there[1].0))
+        .await
+        .expect("bob is served");
+    assert_eq!(s[0].state, JobState::Running, "{s:?}");
+    admin.cancel(&there[1].0).await.expect("cancel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_not_forwarded_to_a_domain_without_an_agreement_that_lets_its_owner() {
     // The agreement lets physics use biology, not the other way round.
     let mut bio = Setup::in_domain("biology", 1, &[4])

@@ -382,6 +382,24 @@ impl Trust {
         self.revoked.read().values().cloned().collect()
     }
 
+    /// The number of the list held for `domain`, if one is.
+    pub fn crl_number(&self, domain: &str) -> Option<u64> {
+        self.revoked.read().get(domain).map(|c| c.number)
+    }
+
+    /// Whether the list held for `domain` revokes the certificate of serial `serial` (hex, as a job's
+    /// `owner_cert` records it); false for a serial that is not hex.
+    pub fn is_revoked(&self, domain: &str, serial: &str) -> bool {
+        let Ok(raw) = hex::decode(serial) else {
+            return false;
+        };
+        let raw = revoke::normal(&raw);
+        self.revoked
+            .read()
+            .get(domain)
+            .is_some_and(|c| c.serials.contains(&raw))
+    }
+
     /// The number of the list held for each domain that has one.
     pub fn crl_numbers(&self) -> BTreeMap<String, u64> {
         self.revoked

@@ -184,6 +184,11 @@ pub struct GroupSummary {
     /// Its live nodes' prices (Tycoon's service location service).
     #[serde(default)]
     pub hosts: Vec<HostPrice>,
+    /// The number of its domain's revocation list it holds: a super-peer holding an older
+    /// one (or none) of a domain it trusts asks this one for it
+    /// ([`crate::revocation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<u64>,
 }
 
 /// A node's price for its CPU, as the market lists it.

@@ -202,8 +202,6 @@ impl Lab {
         self.nodes.push(run(&c, config).await);
     }
 
-    /// Writes policy `files` into a directory of the lab named `name` (for a daemon of its
-    /// own policies), and gives that directory.
     /// The revocation list the lab's super-peers hold ([`Lab::revoke`] writes it).
     pub(crate) fn crl_file(&self) -> PathBuf {
         self.dir
@@ -222,6 +220,8 @@ impl Lab {
         self.ca.revoke(dir, &serial).expect("revoked");
     }
 
+    /// Writes policy `files` into a directory of the lab named `name` (for a daemon of its
+    /// own policies), and gives that directory.
     pub(crate) fn policy_dir(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
         write_policies(self.dir.path(), name, files)
     }
