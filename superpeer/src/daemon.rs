@@ -449,6 +449,19 @@ impl Daemon {
         if let Some(b) = &router.broker {
             background.spawn(b.clone().run(std::mem::take(&mut self.peers)));
         }
+        // The inputs a node holds, to the other nodes of its domain (a super-peer that runs
+        // vertices serves the group's files instead, from its own store).
+        if let (Some(store), None) = (node.files(), &router.broker) {
+            let access = crate::files::NodeFiles {
+                domain: site.domain.clone(),
+                store: store.clone(),
+            };
+            background.spawn(crate::files::serve(
+                site.net.clone(),
+                store.clone(),
+                Arc::new(access),
+            ));
+        }
         if let (Some(listener), Some(b)) = (self.http.take(), &router.broker) {
             background.spawn(crate::broker::web::serve(listener, b.clone()));
         }

@@ -134,6 +134,19 @@ impl Collector for Sources {
                 [(Vec::new(), ConstGauge::new(leader))],
             )?;
         }
+        let served = [
+            ("superpeer", self.broker.as_ref().map(|b| b.files.served())),
+            ("node", self.node.files().map(|s| s.served())),
+        ];
+        family(
+            &mut encoder,
+            "mvm_file_bytes_served",
+            "Bytes of jobs' files sent whole, by the store they came from: a super-peer's (the \
+             group's files) or a node's (inputs it holds, to the other nodes)",
+            served.into_iter().filter_map(|(store, n)| {
+                n.map(|n| (vec![("store", store.to_owned())], ConstCounter::new(n)))
+            }),
+        )?;
         let stats = self.node.queues.list(None);
         let labels = |s: &mvm_queue::queue::Stats| -> Labels {
             let (job, queue) = s.name.split_once('/').unwrap_or(("", s.name.as_str()));

@@ -369,6 +369,8 @@ pub(super) struct Core {
     pub(super) charging: HashMap<String, (u64, u64)>,
     /// When the market jobs' agents last bid.
     pub(super) last_agents: Option<Instant>,
+    /// The nodes that hold each input file (a hint for the nodes placed next).
+    pub(super) holders: super::holders::Holders,
 }
 
 impl Core {
@@ -406,6 +408,7 @@ impl Core {
             triggering: super::triggers::Triggering::default(),
             charging: HashMap::new(),
             last_agents: None,
+            holders: super::holders::Holders::default(),
         }
     }
 

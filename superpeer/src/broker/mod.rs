@@ -48,6 +48,7 @@ mod drive;
 mod files;
 mod forward;
 mod group;
+mod holders;
 mod logs;
 mod market;
 mod members;
@@ -78,6 +79,8 @@ mod tests_checkpoint;
 mod tests_faults;
 #[cfg(test)]
 mod tests_files;
+#[cfg(test)]
+mod tests_files_peers;
 #[cfg(test)]
 mod tests_monitor;
 #[cfg(test)]

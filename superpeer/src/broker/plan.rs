@@ -8,7 +8,7 @@ use mvm_component::topology::{Topology, Vertex};
 use super::core::Core;
 use super::place::Checked;
 use crate::joblog::state::PartRecord;
-use crate::proto::{EnvSpec, JobId, Member, PartSpec, Submission, VmMode};
+use crate::proto::{EnvSpec, Hash, JobId, Member, PartSpec, Submission, VmMode};
 use crate::schedule::{self, Candidate, ScheduleError};
 
 /// Why a job cannot be placed in this group now.
@@ -185,7 +185,7 @@ impl Core {
 
     /// What each node of a placed job is sent to prepare its part of run `attempt`.
     pub(super) fn specs(
-        &self,
+        &mut self,
         id: &JobId,
         owner: &Principal,
         s: &Submission,
@@ -224,6 +224,25 @@ impl Core {
         let image_from: Vec<Member> = sources
             .map(|(_, peers)| peers.iter().map(|p| self.members.member(p)).collect())
             .unwrap_or_default();
+        // The live nodes that were placed for jobs with its inputs before; from now on, these
+        // nodes too.
+        let inputs: Vec<Hash> = s
+            .files
+            .iter()
+            .flat_map(|f| f.inputs.iter().map(|i| i.hash))
+            .collect();
+        let files_from: Vec<Member> = self
+            .holders
+            .of(inputs.iter().copied())
+            .into_iter()
+            .filter(|p| self.members.live().any(|(q, _)| q == p))
+            .map(|p| self.members.member(&p))
+            .collect();
+        for p in &plan.peers {
+            for h in &inputs {
+                self.holders.add(*h, *p);
+            }
+        }
         plan.peers
             .iter()
             .enumerate()
@@ -261,6 +280,11 @@ impl Core {
                     streams: false,
                     files: s.files.clone(),
                     image_from: image_from.clone(),
+                    files_from: files_from
+                        .iter()
+                        .filter(|m| m.peer != *p)
+                        .cloned()
+                        .collect(),
                 };
                 (*p, spec)
             })

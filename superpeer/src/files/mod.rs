@@ -15,7 +15,7 @@ mod serve;
 mod stage;
 mod store;
 
-pub(crate) use serve::{Access, serve};
+pub(crate) use serve::{Access, NodeFiles, serve};
 pub(crate) use stage::{Sandbox, stage_in, take_outputs};
 pub use store::{FileStore, ReceiveError, hash_file, receive};
 

@@ -1,6 +1,7 @@
-//! A super-peer's side of file transfers: files put by submitters (inputs), by nodes (outputs)
-//! and by the leader (to the other replicas), and files got by nodes (inputs) and owners
-//! (outputs), each as its [`Access`] allows.
+//! The serving side of file transfers. A super-peer's: files put by submitters (inputs), by
+//! nodes (outputs) and by the leader (to the other replicas), and files got by nodes (inputs)
+//! and owners (outputs), each as its [`Access`] allows. A node's ([`NodeFiles`]): the inputs
+//! it holds, got by the other nodes of its domain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,7 +175,10 @@ async fn transfer(
                 stream.close().await
             });
             match sent.await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => {
+                    store.count_served(size);
+                    Ok(())
+                }
                 // The stream is broken: nothing more can be said on it.
                 Ok(Err(e)) => {
                     tracing::warn!(%peer, %hash, error = %e, "sending a file");
@@ -187,4 +191,49 @@ async fn transfer(
             }
         }
     }
+}
+
+/// What a node's file store lets others do: the nodes of its domain get the input files it
+/// holds (as they may get them from their super-peer); nothing is put.
+pub(crate) struct NodeFiles {
+    /// The node's domain.
+    pub(crate) domain: String,
+    /// Its store.
+    pub(crate) store: Arc<FileStore>,
+}
+
+impl Access for NodeFiles {
+    fn may_put(&self, _peer: PeerId, who: &Principal, _size: u64) -> Result<(), Failure> {
+        Err(Failure::new(
+            FailureKind::Refused,
+            format!("{who} may not put files at a node (only at a super-peer)"),
+        ))
+    }
+
+    fn may_get(
+        &self,
+        _peer: PeerId,
+        who: &Principal,
+        job: &JobId,
+        hash: &Hash,
+    ) -> Result<(), Failure> {
+        if who.kind != mvm_component::policy::PrincipalKind::Node || who.domain != self.domain {
+            return Err(Failure::new(
+                FailureKind::Refused,
+                format!(
+                    "{who} may not get files from a node of domain {}",
+                    self.domain
+                ),
+            ));
+        }
+        if !self.store.has(hash) {
+            return Err(Failure::new(
+                FailureKind::NotFound,
+                format!("file {hash} of job {job} is not held here"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn stored(&self, _peer: PeerId, _hash: Hash, _size: u64) {}
 }

@@ -10,7 +10,7 @@ use libp2p::PeerId;
 
 use super::FileStore;
 use crate::net::Net;
-use crate::proto::{Failure, FailureKind, FileSpec, JobId, OutputFile};
+use crate::proto::{Failure, FailureKind, FileSpec, JobId, Member, OutputFile};
 
 /// A part's sandboxes: a directory per local vertex under one root, removed (with whatever the
 /// vertices left) when the last holder lets go.
@@ -57,16 +57,22 @@ fn dir_name(index: usize, vertex: &str) -> String {
     format!("{index}-{clean}")
 }
 
-/// The prolog: fetches the inputs of `spec` that `store` lacks from `from` (the group's
-/// leader), then lays them out in a sandbox for each of `vertices` under `root`. Nothing is
+/// The prolog: fetches the inputs of `spec` that `store` lacks, each from the first of
+/// `sources` (other nodes that may hold it) that sends it whole, or else from `from` (the
+/// group's leader), then lays them out in a sandbox for each of `vertices` under `root`. Nothing is
 /// left under `root` when it fails.
 ///
 /// # Errors
 /// An input that cannot be fetched or does not match its hash, or a sandbox that cannot be
 /// written.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "where the files come from, where they go, and for which vertices"
+)]
 pub(crate) async fn stage_in(
     net: &Net,
     from: PeerId,
+    sources: &[Member],
     store: &Arc<FileStore>,
     root: PathBuf,
     job: &JobId,
@@ -89,8 +95,23 @@ pub(crate) async fn stage_in(
         .collect();
     super::at_once(lacking, |(hash, path)| {
         let (net, store, job) = (net.clone(), store.clone(), job.clone());
+        let sources = sources.to_vec();
         async move {
-            super::get(&net, from, &[], &job, hash, &store.path(&hash))
+            let to = store.path(&hash);
+            for m in &sources {
+                // Tried again while the stream breaks at its start (libp2p-stream drops a
+                // burst's inbound streams), not when the node lacks the file.
+                match super::get(&net, m.peer, &m.addrs, &job, hash, &to).await {
+                    Ok(size) => {
+                        tracing::debug!(peer = %m.peer, %hash, size, "an input fetched from another node");
+                        return Ok(size);
+                    }
+                    Err(f) => {
+                        tracing::debug!(peer = %m.peer, %hash, error = %f.message, "an input not fetched from another node");
+                    }
+                }
+            }
+            super::get(&net, from, &[], &job, hash, &to)
                 .await
                 .map_err(|f| Failure::new(f.kind, format!("input file '{path}': {}", f.message)))
         }

@@ -133,6 +133,8 @@ pub fn hash_file(path: &Path) -> io::Result<(Hash, u64)> {
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
+    /// Bytes of files sent whole to those who got them.
+    served: std::sync::atomic::AtomicU64,
 }
 
 impl FileStore {
@@ -150,6 +152,7 @@ impl FileStore {
         }
         Ok(FileStore {
             dir: dir.to_owned(),
+            served: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -200,6 +203,17 @@ impl FileStore {
                 })?;
         }
         Ok((hash, size))
+    }
+
+    /// Bytes of files sent whole from this store since it was opened.
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `bytes` of a file were sent whole.
+    pub(crate) fn count_served(&self, bytes: u64) {
+        self.served
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forgets the file of `hash`.

@@ -354,6 +354,11 @@ impl Node {
         self.config.slots > 0
     }
 
+    /// Its store of jobs' input files, when it runs vertices.
+    pub(crate) fn files(&self) -> Option<&Arc<crate::files::FileStore>> {
+        self.config.files.as_ref()
+    }
+
     /// What this node's daemon's roles share.
     pub(crate) fn site(&self) -> &Arc<Site> {
         &self.site

@@ -62,6 +62,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
         streams: false,
         files: None,
         image_from: Vec::new(),
+        files_from: Vec::new(),
     })
 }
 

@@ -238,6 +238,7 @@ impl Node {
                 let staged = crate::files::stage_in(
                     &self.site.net,
                     from,
+                    &spec.files_from,
                     store,
                     root,
                     &spec.job,

@@ -453,6 +453,8 @@ impl BrokerRequest {
                 check_params(&p.parameters)?;
                 check_len("placement entries", p.placement.len())?;
                 check_len("parts", p.parts.len())?;
+                check_len("nodes serving the image", p.image_from.len())?;
+                check_len("nodes holding the inputs", p.files_from.len())?;
                 if p.here as usize >= p.parts.len() {
                     return Err(CheckError::NoSuchPart {
                         here: p.here,
@@ -620,6 +622,7 @@ mod tests {
             streams: false,
             files: None,
             image_from: Vec::new(),
+            files_from: Vec::new(),
         };
         let e = BrokerRequest::Prepare(Box::new(part.clone()))
             .validate()
