@@ -713,3 +713,5 @@ pub(crate) fn encode_answer(id: u64, response: &Response, max_frame: usize) -> V
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;
