@@ -33,6 +33,7 @@ mod frame;
 mod group;
 mod id;
 mod job;
+mod part;
 
 pub use agreement::*;
 pub use bank::*;
@@ -42,6 +43,7 @@ pub use frame::*;
 pub use group::*;
 pub use id::{Hash, IdError, JobId};
 pub use job::*;
+pub use part::*;
 
 /// The certificate exchange on every new connection: each side opens one stream, sends a
 /// [`Hello`] and reads the other's [`Verdict`] on it (see the `net` module).

@@ -2,6 +2,8 @@
 
 /// Frames and their encoding.
 mod frames {
+    use crate::net::conduct::Offence;
+    use crate::proto::{Failure, FailureKind};
     use crate::rpc::*;
 
     #[test]
