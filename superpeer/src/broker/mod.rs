@@ -52,6 +52,7 @@ mod market;
 mod members;
 mod migrate;
 mod monitor;
+mod offer;
 mod place;
 mod plan;
 mod recover;
