@@ -11,6 +11,8 @@ use crate::proto::{
     JobId, JobLogs, JobStatus, LogCursor, Request, Response, Submission,
 };
 
+mod control;
+mod image;
 mod profile;
 
 /// What an offer must meet ([`Client::offer`]).
@@ -24,6 +26,8 @@ pub struct OfferAsk {
     pub valid_ms: Option<u64>,
 }
 
+pub use image::fetch_image;
+pub(crate) use image::fetch_image_from;
 pub use profile::{LocalFiles, Prepared, read_profile};
 
 /// A failure of the client's input (a profile, an address).
@@ -413,133 +417,6 @@ impl Client {
         }
     }
 
-    /// Takes a checkpoint of a running job now; returns once it is stored and recorded.
-    ///
-    /// # Errors
-    /// No such job, a job that did not ask for checkpoints or is not running, a checkpoint
-    /// given up (a vertex that reached no pause point in time, a node that failed), or the
-    /// broker's refusal.
-    pub async fn checkpoint(&self, job: &JobId) -> Result<(), Failure> {
-        match self
-            .call(ClientRequest::Checkpoint { job: job.clone() })
-            .await?
-        {
-            Response::Ok => Ok(()),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Moves the part of a running job that runs `vertex` (or that runs on node `node`) to
-    /// the node named `to`, while the job runs; the move, once recorded.
-    ///
-    /// # Errors
-    /// No such job, part or node, a job that did not ask for checkpoints or is not running, a
-    /// node without room, a move that failed (the job goes on where it was, or, if the links
-    /// had begun to change, runs again from its newest checkpoint), or the broker's refusal.
-    pub async fn migrate(
-        &self,
-        job: &JobId,
-        vertex: Option<String>,
-        node: Option<String>,
-        to: &str,
-    ) -> Result<Vec<crate::proto::MoveInfo>, Failure> {
-        match self
-            .call(ClientRequest::Migrate {
-                job: job.clone(),
-                vertex,
-                node,
-                to: to.to_owned(),
-            })
-            .await?
-        {
-            Response::Moved(v) => Ok(v),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Drains the node named `node` (`drain`: nothing more is placed on it, and the parts of
-    /// jobs that asked for checkpoints move off it), or makes it placeable again; the parts
-    /// moved.
-    ///
-    /// # Errors
-    /// No such node, parts that could not move, or the policy's refusal (draining is for who
-    /// may `administer` the domain).
-    pub async fn drain(
-        &self,
-        node: &str,
-        drain: bool,
-    ) -> Result<Vec<crate::proto::MoveInfo>, Failure> {
-        match self
-            .call(ClientRequest::Drain {
-                node: node.to_owned(),
-                drain,
-            })
-            .await?
-        {
-            Response::Moved(v) => Ok(v),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Changes a bidding job's bid to `rate` micro-credits per CPU-second.
-    ///
-    /// # Errors
-    /// No such job, it does not bid or has ended, the rate is out of range or above its
-    /// owner's balance, the policy refuses `bid`, or the broker cannot be reached.
-    pub async fn bid(&self, job: &JobId, rate: u64) -> Result<(), Failure> {
-        match self
-            .call(ClientRequest::Bid {
-                job: job.clone(),
-                rate,
-            })
-            .await?
-        {
-            Response::Ok => Ok(()),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Holds a pending job back from placement (`held`), or releases it.
-    ///
-    /// # Errors
-    /// No such job, it is not pending, it is already so, the policy refuses (who may cancel a
-    /// job may hold it), or the broker cannot be reached.
-    pub async fn hold(&self, job: &JobId, held: bool) -> Result<(), Failure> {
-        match self
-            .call(ClientRequest::Hold {
-                job: job.clone(),
-                held,
-            })
-            .await?
-        {
-            Response::Ok => Ok(()),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Asks the super-peer holding the policies to read them again; the version and digest
-    /// in force after.
-    ///
-    /// # Errors
-    /// Refused (the user may not administer the domain), no policy directory there, or the
-    /// changed files do not load (file and line; the old version stays).
-    pub async fn reload_policies(&self) -> Result<(u64, Hash), Failure> {
-        match self
-            .net
-            .call(
-                self.broker,
-                &self.addrs,
-                Request::Client(ClientRequest::PolicyReload),
-            )
-            .await?
-        {
-            Response::Policy {
-                version, digest, ..
-            } => Ok((version, digest)),
-            _ => Err(Failure::new(FailureKind::Failed, "an unexpected answer")),
-        }
-    }
-
     /// The group as the super-peer sees it.
     ///
     /// # Errors
@@ -573,100 +450,4 @@ fn unexpected(r: &Response) -> Failure {
             .take(200)
             .collect::<String>(),
     )
-}
-
-/// Fetches image `id` from the node at `addr` (`/…/p2p/PEER`) into `repo`. The bytes are kept
-/// only if they hash to the id's digest; otherwise nothing is kept and the error says so.
-///
-/// # Errors
-/// A bad address or id, the node does not have the image, the transfer broke, or the bytes do
-/// not match the id.
-pub async fn fetch_image(
-    creds: &Credentials,
-    addr: &str,
-    id: &mvm_os::image::ImageId,
-    repo: &mvm_os::image::Repository,
-) -> Result<mvm_os::image::Image, Failure> {
-    let (peer, a) = split_peer(addr)?;
-    let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
-    fetch_image_from(&net, peer, &[a], id, repo).await
-}
-
-/// Fetches image `id` from `peer` (at `addrs`) over `net` into `repo`, as [`fetch_image`].
-///
-/// # Errors
-/// As [`fetch_image`].
-pub(crate) async fn fetch_image_from(
-    net: &Net,
-    peer: PeerId,
-    addrs: &[Multiaddr],
-    id: &mvm_os::image::ImageId,
-    repo: &mvm_os::image::Repository,
-) -> Result<mvm_os::image::Image, Failure> {
-    use futures::AsyncReadExt;
-    use std::io::Seek;
-
-    // The node drops streams from peers whose certificate has not passed.
-    net.authenticate(peer, addrs)
-        .await
-        .map_err(|e| Failure::new(FailureKind::Refused, e.to_string()))?;
-    let unavailable = |m: String| Failure::new(FailureKind::Unavailable, m);
-    let mut control = net.streams();
-    // The dial runs in the swarm's task: the stream can be opened once it has connected.
-    let mut tries = 0u32;
-    let mut stream = loop {
-        match control
-            .open_stream(peer, crate::proto::IMAGE_PROTOCOL)
-            .await
-        {
-            Ok(s) => break s,
-            Err(e) if tries >= 100 => {
-                return Err(unavailable(format!("cannot reach {peer}: {e}")));
-            }
-            Err(_) => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    };
-    let req = crate::proto::ImageRequest { id: id.clone() };
-    crate::proto::write_frame(&mut stream, &req, crate::proto::MAX_HEADER)
-        .await
-        .map_err(|e| unavailable(format!("{peer}: {e}")))?;
-    let header: crate::proto::ImageHeader =
-        crate::proto::read_frame(&mut stream, crate::proto::MAX_HEADER)
-            .await
-            .map_err(|e| unavailable(format!("{peer}: {e}")))?;
-    let kind = if header.refused {
-        FailureKind::Refused
-    } else {
-        FailureKind::Input
-    };
-    let (metadata, size) = header
-        .image
-        .map_err(|m| Failure::new(kind, format!("{peer}: {m}")))?;
-    // Into a temporary file first; the repository hashes it while taking it in.
-    let mut tmp = tempfile::tempfile().map_err(|e| unavailable(e.to_string()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    let mut body = stream.take(size);
-    while left > 0 {
-        let n = body
-            .read(&mut buf)
-            .await
-            .map_err(|e| unavailable(format!("{peer}: {e}")))?;
-        if n == 0 {
-            return Err(unavailable(format!(
-                "{peer}: the transfer ended {left} bytes short"
-            )));
-        }
-        std::io::Write::write_all(&mut tmp, &buf[..n]).map_err(|e| unavailable(e.to_string()))?;
-        left -= n as u64;
-    }
-    tmp.rewind().map_err(|e| unavailable(e.to_string()))?;
-    let (repo, id) = (repo.clone(), id.clone());
-    tokio::task::spawn_blocking(move || repo.receive(&id, &mut tmp, metadata))
-        .await
-        .map_err(|e| unavailable(e.to_string()))?
-        .map_err(|e| Failure::new(FailureKind::Failed, e.to_string()))
 }
