@@ -4,9 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use libp2p::{Multiaddr, PeerId};
-use mvm_component::policy::Principal;
 use mvm_component::runtime::{Runtime, RuntimeConfig, RuntimeError};
 use mvm_queue::Controller;
 use mvm_queue::codec::Registry;
@@ -21,7 +19,6 @@ use crate::net::{AddrError, Inbound, Net, NetConfig, StartError};
 use crate::node::{Node, NodeConfig};
 use crate::pki::Credentials;
 use crate::policy::{Policies, PolicyError, PolicySource};
-use crate::proto::{ClientRequest, Failure, FailureKind, PeerRequest, Request, Response};
 use crate::site::{Local, Site};
 
 /// How a daemon runs.
@@ -521,88 +518,7 @@ impl Daemon {
     }
 }
 
-/// Where a request to this daemon goes: to its node or its broker, by kind.
-struct Router {
-    site: Arc<Site>,
-    node: Arc<Node>,
-    /// The broker, on a super-peer (it acts while its replica leads the job log).
-    broker: Option<Arc<Broker>>,
-}
+#[path = "daemon_router.rs"]
+mod router;
 
-impl Local for Router {
-    fn handle<'a>(
-        &'a self,
-        from: PeerId,
-        who: &'a Principal,
-        request: Request,
-    ) -> BoxFuture<'a, Response> {
-        Box::pin(self.route(from, who, request))
-    }
-}
-
-fn unavailable(m: impl Into<String>) -> Response {
-    Response::Error(Failure::new(FailureKind::Unavailable, m))
-}
-
-impl Router {
-    async fn route(&self, peer: PeerId, who: &Principal, request: Request) -> Response {
-        let site = &self.site;
-        match request {
-            Request::Broker(r) => self.node.handle(peer, r).await,
-            Request::Peer(PeerRequest::Policy { have }) => {
-                crate::policy::serve(site, who, have.as_ref())
-            }
-            Request::Peer(PeerRequest::Revocations { held }) => {
-                crate::revocation::serve(site, &held)
-            }
-            Request::Client(ClientRequest::PolicyReload) => crate::policy::reload(site, who),
-            Request::Peer(PeerRequest::Blobs { put, forget }) => match &self.broker {
-                Some(b) => b.keep_blobs(peer, put, &forget),
-                None => unavailable(format!("{} keeps no replica of a job log", site.peer())),
-            },
-            Request::Peer(PeerRequest::Raft(rpc)) => match &self.broker {
-                Some(b) => b.log.serve(peer, who, &site.domain, rpc).await,
-                None => unavailable(format!("{} keeps no replica of a job log", site.peer())),
-            },
-            Request::Group => match &self.broker {
-                Some(b) => Response::Group(b.group().await),
-                None => Response::Group(self.node.view()),
-            },
-            Request::Leader => match &self.broker {
-                Some(b) => Response::Group(b.leader_view()),
-                None => Response::Group(self.node.view()),
-            },
-            Request::Client(mut r) => match &self.broker {
-                Some(b) => {
-                    // A user's job is known by the certificate it came with (a revocation
-                    // finds it so); a forwarding super-peer's says its owner's.
-                    if let ClientRequest::Submit(s) | ClientRequest::Offer { submission: s, .. } =
-                        &mut r
-                        && who.kind == mvm_component::policy::PrincipalKind::User
-                    {
-                        s.owner_cert = site.net.cert_serial(&peer);
-                    }
-                    b.client(who, r).await
-                }
-                None => self.not_a_broker(),
-            },
-            Request::Node(r) => match &self.broker {
-                Some(b) => b.node(peer, who, r).await,
-                None => self.not_a_broker(),
-            },
-        }
-    }
-
-    /// The answer to a broker's request on a daemon that is not one: where the broker is.
-    fn not_a_broker(&self) -> Response {
-        let site = &self.site;
-        unavailable(match self.node.superpeer() {
-            Some((p, _)) => format!(
-                "{} is not the super-peer of group {}; {p} is",
-                site.peer(),
-                site.group
-            ),
-            None => format!("{} is not a super-peer", site.peer()),
-        })
-    }
-}
+use router::Router;
