@@ -10,7 +10,9 @@
 //!   (`mvm_guests_warm`);
 //! - every daemon: the number of the revocation list it holds of each domain
 //!   (`mvm_revocation_list`); authenticated peers' offences (`mvm_peer_offences`) and those
-//!   cut off for them (`mvm_peers_cut_off`), by offence.
+//!   cut off for them (`mvm_peers_cut_off`), by offence; bytes of jobs' files its stores sent
+//!   whole (`mvm_file_bytes_served`: a super-peer's, the group's files; a node's, the inputs it
+//!   holds, to other nodes).
 //!
 //! Served over plain HTTP (`GET /metrics`, OpenMetrics text) on the address given: a scrape
 //! endpoint for a trusted monitoring network, as Prometheus exporters are.
