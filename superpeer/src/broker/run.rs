@@ -3,7 +3,7 @@
 //! broker's channel), from the tick, from the gossip of other groups' summaries, and from the
 //! loop's own tasks (nodes' answers, log outcomes). Its tasks end with it.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +15,10 @@ use super::Broker;
 use super::core::{Core, Effect, Input};
 use crate::net::{GROUPS_TOPIC, Gossip};
 use crate::proto::{GroupSummary, Request};
+
+/// How long before a revocation list asked for of another group's super-peer is asked for
+/// again, when it did not come or was refused.
+const CRL_AGAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Every how many ticks the files no job refers to are looked for.
 const FILES_EVERY: u64 = 120;
@@ -40,8 +44,8 @@ impl Broker {
             })
             .collect();
         let mut gossip = self.site.net.take_gossip();
-        // The domains whose revocation lists are being fetched from another group.
-        let fetching = Arc::new(Mutex::new(BTreeSet::new()));
+        // The revocation list last asked for of each domain, and when.
+        let asked = Mutex::new(BTreeMap::new());
         let mut tick = tokio::time::interval(self.site.heartbeat);
         let mut round = 0u64;
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
@@ -80,7 +84,7 @@ impl Broker {
                 msg = async { gossip.as_mut()?.recv().await }, if gossip.is_some() => match msg {
                     Some(msg) => match self.heard(&msg) {
                         Some(s) => {
-                            self.crl_behind(&mut tasks, &s, &fetching);
+                            self.crl_behind(&mut tasks, &s, &asked);
                             Input::Heard(s)
                         }
                         None => continue,
@@ -226,27 +230,39 @@ impl Broker {
         });
     }
 
-    /// Fetches the revocation list of a summary's domain from its super-peer when that one
-    /// holds a newer list than this daemon does (none fetched for that domain already), and
-    /// hands what it takes to [`Broker::revoked`].
+    /// Fetches the revocation list of a summary's domain from its super-peer (a daemon with the
+    /// `superpeer` role) when that one says it holds a newer list than this daemon does, and
+    /// hands what it takes to [`Broker::revoked`]. A list of a number already asked for is
+    /// asked for again only after [`CRL_AGAIN`] (a list that does not come, or is refused, is
+    /// not asked for at every summary).
     fn crl_behind(
         self: &Arc<Self>,
         tasks: &mut JoinSet<Option<Input>>,
         s: &GroupSummary,
-        fetching: &Arc<Mutex<BTreeSet<String>>>,
+        asked: &Mutex<BTreeMap<String, (u64, Instant)>>,
     ) {
         let Some(number) = s.crl else { return };
-        if self
+        let superpeer = self
             .site
             .net
-            .trust()
-            .crl_number(&s.domain)
-            .is_some_and(|held| held >= number)
-            || !fetching.lock().insert(s.domain.clone())
-        {
+            .identity(&s.broker)
+            .is_some_and(|id| id.roles.iter().any(|r| r == "superpeer"));
+        let held = self.site.net.trust().crl_number(&s.domain);
+        if !superpeer || held.is_some_and(|h| h >= number) {
             return;
         }
-        let (me, fetching, domain) = (self.clone(), fetching.clone(), s.domain.clone());
+        {
+            let mut asked = asked.lock();
+            let now = Instant::now();
+            if asked
+                .get(&s.domain)
+                .is_some_and(|(n, at)| *n >= number && now.duration_since(*at) < CRL_AGAIN)
+            {
+                return;
+            }
+            asked.insert(s.domain.clone(), (number, now));
+        }
+        let me = self.clone();
         let (peer, addrs): (PeerId, Vec<Multiaddr>) = (
             s.broker,
             s.addrs
@@ -256,7 +272,6 @@ impl Broker {
         );
         tasks.spawn(async move {
             let taken = crate::revocation::fetch(&me.site, peer, &addrs).await;
-            fetching.lock().remove(&domain);
             if !taken.is_empty() {
                 me.revoked(&taken).await;
             }

@@ -219,9 +219,53 @@ pub async fn get(
     hash: Hash,
     to: &Path,
 ) -> Result<u64, Failure> {
-    retried(|| get_once(net, peer, addrs, job, hash, to)).await
+    retried(|| get_once(net, peer, addrs, job, hash, to, None)).await
 }
 
+/// How long a node waits, for each input, for the other nodes named as holding it before it
+/// asks the leader instead.
+const HINTS_WAIT: Duration = Duration::from_secs(10);
+
+/// Fetches input `hash` of `size` bytes of job `job` into `to` from the first of `holders`
+/// (other nodes that may hold it) that sends it whole: each asked once (again only while its
+/// stream breaks at its start, which libp2p-stream does to a burst of streams), all of them
+/// within [`HINTS_WAIT`] and the time the bytes take at the least rate. Whether one did;
+/// nothing is left at `to` when none did.
+pub(crate) async fn get_from_holders(
+    net: &Net,
+    holders: &[crate::proto::Member],
+    job: &JobId,
+    hash: Hash,
+    size: u64,
+    to: &Path,
+) -> bool {
+    let all = async {
+        for m in holders {
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match get_once(net, m.peer, &m.addrs, job, hash, to, Some(size)).await {
+                    Ok(_) => {
+                        tracing::debug!(peer = %m.peer, %hash, size, "an input fetched from another node");
+                        return true;
+                    }
+                    Err(f) if f.kind == FailureKind::Unavailable && tries < 3 => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(f) => {
+                        tracing::debug!(peer = %m.peer, %hash, error = %f.message, "an input not fetched from another node");
+                        break;
+                    }
+                }
+            }
+        }
+        false
+    };
+    let within = HINTS_WAIT + Duration::from_secs(size / (1 << 20));
+    tokio::time::timeout(within, all).await.unwrap_or(false)
+}
+
+/// One try of [`get`]; with `expect`, a size other than it is refused before anything is read.
 async fn get_once(
     net: &Net,
     peer: PeerId,
@@ -229,6 +273,7 @@ async fn get_once(
     job: &JobId,
     hash: Hash,
     to: &Path,
+    expect: Option<u64>,
 ) -> Result<u64, Failure> {
     let mut stream = open(net, peer, addrs).await?;
     let req = FileRequest::Get {
@@ -239,7 +284,13 @@ async fn get_once(
         .await
         .map_err(|e| Failure::new(FailureKind::Unavailable, format!("{peer}: {e}")))?;
     let size = match answer(&mut stream, peer).await? {
-        FileAnswer::Size(n) => n,
+        FileAnswer::Size(n) if expect.is_none_or(|e| e == n) => n,
+        FileAnswer::Size(n) => {
+            return Err(Failure::new(
+                FailureKind::Failed,
+                format!("{peer} offers file {hash} of {n} bytes; it has {expect:?}"),
+            ));
+        }
         other => return Err(unexpected(peer, &other)),
     };
     let mut body = (&mut stream).take(size);

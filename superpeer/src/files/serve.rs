@@ -61,7 +61,7 @@ pub(crate) async fn serve(net: Net, store: Arc<FileStore>, access: Arc<dyn Acces
                     running.spawn(async move {
                         let busy = FileAnswer::Error(Failure::new(
                             FailureKind::Unavailable,
-                            "the super-peer is busy with other transfers: try again",
+                            "this daemon is busy with other transfers: try again",
                         ));
                         let _ = tokio::time::timeout(
                             REQUEST_WAIT,
@@ -193,8 +193,9 @@ async fn transfer(
     }
 }
 
-/// What a node's file store lets others do: the nodes of its domain get the input files it
-/// holds (as they may get them from their super-peer); nothing is put.
+/// What a node's file store lets others do: the nodes of its domain get the files it laid out
+/// as jobs' inputs since it started (not the outputs it keeps while it uploads them); nothing
+/// is put.
 pub(crate) struct NodeFiles {
     /// The node's domain.
     pub(crate) domain: String,
@@ -226,7 +227,7 @@ impl Access for NodeFiles {
                 ),
             ));
         }
-        if !self.store.has(hash) {
+        if !self.store.is_input(hash) || !self.store.has(hash) {
             return Err(Failure::new(
                 FailureKind::NotFound,
                 format!("file {hash} of job {job} is not held here"),
@@ -236,4 +237,53 @@ impl Access for NodeFiles {
     }
 
     fn stored(&self, _peer: PeerId, _hash: Hash, _size: u64) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mvm_component::policy::PrincipalKind;
+
+    fn who(kind: PrincipalKind, domain: &str) -> Principal {
+        Principal {
+            kind,
+            name: "n1".into(),
+            domain: domain.into(),
+            roles: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_serves_only_the_inputs_it_laid_out_only_to_its_domains_nodes_and_takes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(FileStore::open(dir.path()).expect("store"));
+        let src = dir.path().join("f");
+        std::fs::write(&src, b"an input").expect("write");
+        let (input, _) = store.put_file(&src).expect("kept");
+        std::fs::write(&src, b"an output").expect("write");
+        let (output, _) = store.put_file(&src).expect("kept");
+        store.mark_input(input);
+        let node = NodeFiles {
+            domain: "physics".into(),
+            store: store.clone(),
+        };
+        let (peer, job) = (PeerId::random(), JobId::from("j-1-1"));
+        let ours = who(PrincipalKind::Node, "physics");
+        assert!(node.may_get(peer, &ours, &job, &input).is_ok());
+        // An output it keeps while it uploads it, or a file it does not hold: not found.
+        for h in [output, Hash::of(b"nothing")] {
+            let e = node.may_get(peer, &ours, &job, &h).expect_err("not served");
+            assert_eq!(e.kind, FailureKind::NotFound, "{e:?}");
+        }
+        // Users and other domains' nodes get nothing; no one puts anything.
+        for w in [
+            who(PrincipalKind::User, "physics"),
+            who(PrincipalKind::Node, "biology"),
+        ] {
+            let e = node.may_get(peer, &w, &job, &input).expect_err("refused");
+            assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+        }
+        let e = node.may_put(peer, &ours, 1).expect_err("refused");
+        assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
+    }
 }

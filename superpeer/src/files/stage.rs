@@ -91,25 +91,15 @@ pub(crate) async fn stage_in(
         .inputs
         .iter()
         .filter(|i| store.size(&i.hash) != Some(i.size))
-        .map(|i| (i.hash, i.path.clone()))
+        .map(|i| (i.hash, (i.path.clone(), i.size)))
         .collect();
-    super::at_once(lacking, |(hash, path)| {
+    super::at_once(lacking, |(hash, (path, size))| {
         let (net, store, job) = (net.clone(), store.clone(), job.clone());
         let sources = sources.to_vec();
         async move {
             let to = store.path(&hash);
-            for m in &sources {
-                // Tried again while the stream breaks at its start (libp2p-stream drops a
-                // burst's inbound streams), not when the node lacks the file.
-                match super::get(&net, m.peer, &m.addrs, &job, hash, &to).await {
-                    Ok(size) => {
-                        tracing::debug!(peer = %m.peer, %hash, size, "an input fetched from another node");
-                        return Ok(size);
-                    }
-                    Err(f) => {
-                        tracing::debug!(peer = %m.peer, %hash, error = %f.message, "an input not fetched from another node");
-                    }
-                }
+            if super::get_from_holders(&net, &sources, &job, hash, size, &to).await {
+                return Ok(size);
             }
             super::get(&net, from, &[], &job, hash, &to)
                 .await
@@ -117,6 +107,10 @@ pub(crate) async fn stage_in(
         }
     })
     .await?;
+    // What the node now holds as inputs it may serve to the other nodes of its domain.
+    for i in &spec.inputs {
+        store.mark_input(i.hash);
+    }
     let inputs: Vec<(String, PathBuf)> = spec
         .inputs
         .iter()

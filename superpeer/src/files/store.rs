@@ -135,6 +135,8 @@ pub struct FileStore {
     dir: PathBuf,
     /// Bytes of files sent whole to those who got them.
     served: std::sync::atomic::AtomicU64,
+    /// The files laid out as jobs' inputs since it was opened (a node serves only these).
+    inputs: parking_lot::Mutex<std::collections::HashSet<Hash>>,
 }
 
 impl FileStore {
@@ -153,6 +155,7 @@ impl FileStore {
         Ok(FileStore {
             dir: dir.to_owned(),
             served: std::sync::atomic::AtomicU64::new(0),
+            inputs: parking_lot::Mutex::default(),
         })
     }
 
@@ -203,6 +206,16 @@ impl FileStore {
                 })?;
         }
         Ok((hash, size))
+    }
+
+    /// File `hash` was laid out as a job's input.
+    pub(crate) fn mark_input(&self, hash: Hash) {
+        self.inputs.lock().insert(hash);
+    }
+
+    /// Whether file `hash` was laid out as a job's input since the store was opened.
+    pub(crate) fn is_input(&self, hash: &Hash) -> bool {
+        self.inputs.lock().contains(hash)
     }
 
     /// Bytes of files sent whole from this store since it was opened.
