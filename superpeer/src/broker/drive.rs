@@ -13,6 +13,14 @@ use crate::proto::{
 };
 
 impl Core {
+    /// `peer` prepared a part of a job with `files`: it holds their inputs (a hint for the
+    /// nodes placed next, [`super::holders`]).
+    fn holds_inputs(&mut self, peer: PeerId, files: Option<&crate::proto::FileSpec>) {
+        for i in files.iter().flat_map(|f| &f.inputs) {
+            self.holders.add(i.hash, peer);
+        }
+    }
+
     /// A job of one part on the host, once its node has answered the prepare: one entry holds
     /// the job and, when the part ended within the node's hold (a short job), its end too, so
     /// that a short job costs one replication round instead of two. Until then the job is in
@@ -28,6 +36,9 @@ impl Core {
         answer: Result<Response, Failure>,
     ) {
         let id = record.id.clone();
+        if answer.is_ok() {
+            self.holds_inputs(peer, record.files.as_ref());
+        }
         // A part prepared alone has started; one refused never ran.
         record.state = JobState::Running;
         record.started_ms = Some(super::now_ms());
@@ -186,6 +197,12 @@ impl Core {
         peer: PeerId,
         answer: Result<Response, Failure>,
     ) {
+        // A node that prepared its part holds the job's inputs: it is named to the nodes
+        // placed next for jobs with them.
+        if answer.is_ok() && self.drives.get(job).is_some_and(|d| d.attempt == attempt) {
+            let files = self.log.read(|s| s.job(job).and_then(|j| j.files.clone()));
+            self.holds_inputs(peer, files.as_ref());
+        }
         // An answer of a run given up meanwhile is nobody's.
         let Some(Phase::Preparing {
             awaited,

@@ -1,5 +1,5 @@
-//! Which nodes hold which input files: the nodes a job with an input was placed on keep it in
-//! their file stores for their next jobs, so a node placed later for a job with the same input
+//! Which nodes hold which input files: the nodes that prepared a part of a job with an input
+//! keep it in their file stores for their next jobs, so a node placed later for a job with the same input
 //! (another point of a sweep, a job run again) can fetch it from one of them instead of from
 //! the super-peer ([`crate::proto::PartSpec::files_from`]). A hint, not a record: it is not in
 //! the job log, it forgets the oldest files past a bound, and a node named may have let the
@@ -39,7 +39,7 @@ impl Holders {
         out
     }
 
-    /// `peer` was sent a job with `file`: it will hold it.
+    /// `peer` prepared a part of a job with `file`: it holds it.
     pub(super) fn add(&mut self, file: Hash, peer: PeerId) {
         let known = self.by_file.contains_key(&file);
         let peers = self.by_file.entry(file).or_default();

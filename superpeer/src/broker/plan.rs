@@ -185,7 +185,7 @@ impl Core {
 
     /// What each node of a placed job is sent to prepare its part of run `attempt`.
     pub(super) fn specs(
-        &mut self,
+        &self,
         id: &JobId,
         owner: &Principal,
         s: &Submission,
@@ -224,8 +224,7 @@ impl Core {
         let image_from: Vec<Member> = sources
             .map(|(_, peers)| peers.iter().map(|p| self.members.member(p)).collect())
             .unwrap_or_default();
-        // The live nodes that were placed for jobs with its inputs before; from now on, these
-        // nodes too.
+        // The live nodes that prepared parts of jobs with its inputs before.
         let inputs: Vec<Hash> = s
             .files
             .iter()
@@ -238,11 +237,6 @@ impl Core {
             .filter(|p| self.members.live().any(|(q, _)| q == p))
             .map(|p| self.members.member(&p))
             .collect();
-        for p in &plan.peers {
-            for h in &inputs {
-                self.holders.add(*h, *p);
-            }
-        }
         plan.peers
             .iter()
             .enumerate()

@@ -226,9 +226,14 @@ pub async fn get(
 /// asks the leader instead.
 const HINTS_WAIT: Duration = Duration::from_secs(10);
 
+/// How many times a node named as holding an input is asked while its stream breaks at its
+/// start (a burst of fetches from one node loses some streams so).
+const HOLDER_TRIES: u32 = 10;
+
 /// Fetches input `hash` of `size` bytes of job `job` into `to` from the first of `holders`
-/// (other nodes that may hold it) that sends it whole: each asked once (again only while its
-/// stream breaks at its start, which libp2p-stream does to a burst of streams), all of them
+/// (other nodes that may hold it) that sends it whole: each asked once (again, up to
+/// [`HOLDER_TRIES`] in all, only while its stream breaks at its start, which libp2p-stream
+/// does to a burst of streams), all of them
 /// within [`HINTS_WAIT`] and the time the bytes take at the least rate. Whether one did;
 /// nothing is left at `to` when none did.
 pub(crate) async fn get_from_holders(
@@ -249,8 +254,8 @@ pub(crate) async fn get_from_holders(
                         tracing::debug!(peer = %m.peer, %hash, size, "an input fetched from another node");
                         return true;
                     }
-                    Err(f) if f.kind == FailureKind::Unavailable && tries < 3 => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    Err(f) if f.kind == FailureKind::Unavailable && tries < HOLDER_TRIES => {
+                        tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
                     }
                     Err(f) => {
                         tracing::debug!(peer = %m.peer, %hash, error = %f.message, "an input not fetched from another node");
