@@ -69,7 +69,7 @@ pub struct PartSpec {
     /// them first (checked against the image id's digest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_from: Vec<Member>,
-    /// Nodes that may hold the job's input files (they were placed for a job with them
+    /// Nodes that may hold the job's input files (they prepared a part of a job with them
     /// before): a node that lacks an input asks them for it, in order, and the broker last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files_from: Vec<Member>,
