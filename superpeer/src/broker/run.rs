@@ -279,8 +279,11 @@ impl Broker {
         });
     }
 
-    /// A group summary heard on the gossip topic, if it counts: only from a super-peer whose
-    /// certificate has passed, about its own domain, and not this one's own.
+    /// A group summary heard on the gossip topic, if it counts: only from the daemon it names as
+    /// its super-peer, whose node certificate has passed and is of the summary's domain, and
+    /// not this one's own. (The `superpeer` role is not asked for here: a node elected
+    /// super-peer may lack it. Revocation lists are fetched only from daemons that have it,
+    /// [`Broker::crl_behind`].)
     fn heard(&self, msg: &Gossip) -> Option<GroupSummary> {
         if msg.topic != GROUPS_TOPIC {
             return None;
