@@ -185,8 +185,7 @@ pub struct GroupSummary {
     #[serde(default)]
     pub hosts: Vec<HostPrice>,
     /// The number of its domain's revocation list it holds: a super-peer holding an older
-    /// one (or none) of a domain it trusts asks this one for it
-    /// ([`crate::revocation`]).
+    /// one (or none) of a domain it trusts asks this one for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crl: Option<u64>,
 }
