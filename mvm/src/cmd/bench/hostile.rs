@@ -134,8 +134,9 @@ fn cut_off_lines(log: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Runs the benchmark: each of `attacks` for `secs` seconds of measurement.
-pub(crate) fn run(secs: f64, attacks: &[Attack]) -> Result<HostileReport, Failure> {
+/// Runs the benchmark: each of `attacks` for `secs` seconds of measurement, the attacker at
+/// niceness `nice`.
+pub(crate) fn run(secs: f64, attacks: &[Attack], nice: u8) -> Result<HostileReport, Failure> {
     let tmp = tempfile::Builder::new()
         .prefix("mvm-bench-hostile-")
         .tempdir()
@@ -199,7 +200,7 @@ pub(crate) fn run(secs: f64, attacks: &[Attack]) -> Result<HostileReport, Failur
         // The attack runs a second before the users are measured, and after, until the
         // attacker is cut off (strangers never are) or 90 s have passed.
         let started = Instant::now();
-        let mut child = attacker_process(&identity, &broker, *attack, 600.0, d)?;
+        let mut child = attacker_process(&identity, &broker, *attack, 600.0, d, nice)?;
         let rss_start = rss_mib(sp_pid);
         // Every 100 ms: the super-peer's memory, and whether it has logged the cut yet.
         let sampling = Arc::new(AtomicBool::new(true));
@@ -281,19 +282,20 @@ pub(crate) fn run(secs: f64, attacks: &[Attack]) -> Result<HostileReport, Failur
     })
 }
 
-/// Starts the attacker: this program, at `nice 19`, as `mvm bench hostile-peer`.
+/// Starts the attacker: this program, at niceness `nice`, as `mvm bench hostile-peer`.
 fn attacker_process(
     identity: &Path,
     broker: &str,
     attack: Attack,
     secs: f64,
     dir: &Path,
+    nice: u8,
 ) -> Result<std::process::Child, Failure> {
     let exe = std::env::current_exe().map_err(Failure::failed)?;
     let stderr = std::fs::File::create(dir.join(format!("attacker-{}.log", attack.name())))
         .map_err(Failure::failed)?;
     Command::new("nice")
-        .args(["-n", "19"])
+        .args(["-n", &nice.to_string()])
         .arg(exe)
         .args([
             "bench",

@@ -264,6 +264,11 @@ enum Which {
         /// The attacks, comma-separated (default: all).
         #[arg(long, value_delimiter = ',', value_parser = parse_attack)]
         attacks: Vec<mvm_superpeer::net::hostile::Attack>,
+        /// The attacker's niceness: 19 (the default) keeps it from taking CPU from the users
+        /// measured, as if it ran on another machine; 0 lets it keep its pace on a loaded one
+        /// (when only its cut-off is checked).
+        #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+        attacker_nice: u8,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -514,7 +519,12 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Which::Hostile { secs, attacks, out } => {
+        Which::Hostile {
+            secs,
+            attacks,
+            attacker_nice,
+            out,
+        } => {
             if !(secs > 0.0 && secs <= 600.0) {
                 return Err(Failure::input(anyhow::anyhow!(
                     "bench hostile: --secs must be in (0, 600]"
@@ -525,7 +535,7 @@ pub(crate) fn run(args: Args) -> Result<(), Failure> {
             } else {
                 attacks
             };
-            let report = hostile::run(secs, &attacks)?;
+            let report = hostile::run(secs, &attacks, attacker_nice)?;
             cmp.print(&report, out.output, hostile::text)
         }
         Which::HostilePeer {
