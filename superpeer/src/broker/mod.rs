@@ -319,9 +319,7 @@ impl Broker {
                 .filter_map(|j| {
                     let serial = j.owner_cert.as_ref()?;
                     let crl = crls.iter().find(|c| c.domain == j.owner.domain)?;
-                    let raw = crate::pki::normal_serial(&hex::decode(serial).ok()?);
-                    crl.serials
-                        .contains(&raw)
+                    crl.revokes(serial)
                         .then(|| (j.id.clone(), j.owner.clone(), serial.clone()))
                 })
                 .collect()

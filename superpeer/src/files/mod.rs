@@ -118,14 +118,15 @@ async fn answer(stream: &mut libp2p::Stream, peer: PeerId) -> Result<FileAnswer,
 const TRIES: u32 = 30;
 
 /// Runs `transfer` again, after a short wait growing with each try, while it fails for want
-/// of the peer.
+/// of the peer, `most` times in all.
 async fn retried<T, F: Future<Output = Result<T, Failure>>>(
+    most: u32,
     mut transfer: impl FnMut() -> F,
 ) -> Result<T, Failure> {
     let mut tries = 1;
     loop {
         match transfer().await {
-            Err(f) if f.kind == FailureKind::Unavailable && tries < TRIES => {
+            Err(f) if f.kind == FailureKind::Unavailable && tries < most => {
                 tracing::debug!(error = %f.message, "a file transfer broke; again");
                 tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
                 tries += 1;
@@ -148,7 +149,7 @@ pub async fn put(
     hash: Hash,
     size: u64,
 ) -> Result<bool, Failure> {
-    retried(|| put_once(net, peer, addrs, path, hash, size)).await
+    retried(TRIES, || put_once(net, peer, addrs, path, hash, size)).await
 }
 
 async fn put_once(
@@ -219,7 +220,7 @@ pub async fn get(
     hash: Hash,
     to: &Path,
 ) -> Result<u64, Failure> {
-    retried(|| get_once(net, peer, addrs, job, hash, to, None)).await
+    retried(TRIES, || get_once(net, peer, addrs, job, hash, to, None)).await
 }
 
 /// How long a node waits, for each input, for the other nodes named as holding it before it
@@ -246,21 +247,16 @@ pub(crate) async fn get_from_holders(
 ) -> bool {
     let all = async {
         for m in holders {
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                match get_once(net, m.peer, &m.addrs, job, hash, to, Some(size)).await {
-                    Ok(_) => {
-                        tracing::debug!(peer = %m.peer, %hash, size, "an input fetched from another node");
-                        return true;
-                    }
-                    Err(f) if f.kind == FailureKind::Unavailable && tries < HOLDER_TRIES => {
-                        tokio::time::sleep(Duration::from_millis(5 * u64::from(tries))).await;
-                    }
-                    Err(f) => {
-                        tracing::debug!(peer = %m.peer, %hash, error = %f.message, "an input not fetched from another node");
-                        break;
-                    }
+            let got = retried(HOLDER_TRIES, || {
+                get_once(net, m.peer, &m.addrs, job, hash, to, Some(size))
+            });
+            match got.await {
+                Ok(_) => {
+                    tracing::debug!(peer = %m.peer, %hash, size, "an input fetched from another node");
+                    return true;
+                }
+                Err(f) => {
+                    tracing::debug!(peer = %m.peer, %hash, error = %f.message, "an input not fetched from another node");
                 }
             }
         }

@@ -25,7 +25,6 @@ mod revoke;
 mod trust;
 
 pub use ca::{Ca, ca_files};
-pub(crate) use revoke::normal as normal_serial;
 pub use revoke::{CRL_FILE, Crl, CrlError, MAX_CRL, Revoked, crl_der, serial_of, serial_of_der};
 pub use trust::{AuthError, Trust, TrustError};
 use trust::{key_peer, parse_pem};

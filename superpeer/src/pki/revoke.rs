@@ -38,6 +38,14 @@ pub struct Crl {
     pub der: Bytes,
 }
 
+impl Crl {
+    /// Whether it revokes the certificate of serial `serial` (hex, as a job's `owner_cert`
+    /// records it; leading zero bytes aside); false for a serial that is not hex.
+    pub fn revokes(&self, serial: &str) -> bool {
+        hex::decode(serial).is_ok_and(|raw| self.serials.contains(&normal(&raw)))
+    }
+}
+
 /// A revocation list that cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CrlError {

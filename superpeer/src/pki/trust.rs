@@ -390,14 +390,10 @@ impl Trust {
     /// Whether the list held for `domain` revokes the certificate of serial `serial` (hex, as a job's
     /// `owner_cert` records it); false for a serial that is not hex.
     pub fn is_revoked(&self, domain: &str, serial: &str) -> bool {
-        let Ok(raw) = hex::decode(serial) else {
-            return false;
-        };
-        let raw = revoke::normal(&raw);
         self.revoked
             .read()
             .get(domain)
-            .is_some_and(|c| c.serials.contains(&raw))
+            .is_some_and(|c| c.revokes(serial))
     }
 
     /// The number of the list held for each domain that has one.
