@@ -137,6 +137,17 @@ pub(crate) enum AdmitError {
         /// Who sent it.
         caller: Box<Principal>,
     },
+    /// A forwarded job that does not name the certificate its owner sent it with (without it,
+    /// no revocation list can be checked).
+    #[error(
+        "{caller} forwards {owner}'s job without the serial of the certificate {owner} sent it          with (at most 40 hex digits)"
+    )]
+    NoOwnerCert {
+        /// The forwarding super-peer.
+        caller: Box<Principal>,
+        /// The owner it names.
+        owner: Box<Principal>,
+    },
     /// The certificate its owner sent it with is revoked (a job forwarded by another domain's
     /// super-peer that had not yet taken the list).
     #[error("{owner}'s certificate (serial {serial}) is revoked by the CA of domain {}", owner.domain)]
@@ -179,9 +190,11 @@ pub(super) fn owner_key(p: &Principal) -> String {
 
 impl Core {
     /// The owner of `s`, sent by `who` ([`owner_of`]), unless a revocation list this daemon
-    /// holds revokes the certificate the owner sent it with.
+    /// holds revokes the certificate the owner sent it with. A forwarded job must name that
+    /// certificate's serial.
     pub(super) fn owner(&self, who: &Principal, s: &Submission) -> Result<Principal, AdmitError> {
         let owner = owner_of(who, s)?;
+        let forwarded = who.kind == PrincipalKind::Node;
         match &s.owner_cert {
             Some(serial) if self.site.net.trust().is_revoked(&owner.domain, serial) => {
                 Err(AdmitError::Revoked {
@@ -189,7 +202,12 @@ impl Core {
                     serial: serial.clone(),
                 })
             }
-            _ => Ok(owner),
+            Some(serial) if !forwarded || is_serial(serial) => Ok(owner),
+            None if !forwarded => Ok(owner),
+            _ => Err(AdmitError::NoOwnerCert {
+                caller: Box::new(who.clone()),
+                owner: Box::new(owner),
+            }),
         }
     }
 
@@ -374,6 +392,12 @@ pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, 
             }),
         },
     }
+}
+
+/// Whether `serial` reads as a certificate's serial: 1 to 40 hex digits (X.509 serials are
+/// at most 20 bytes).
+fn is_serial(serial: &str) -> bool {
+    (1..=40).contains(&serial.len()) && serial.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether `caller` may act for `user`: a super-peer of `user`'s own domain (which

@@ -49,6 +49,25 @@ async fn a_forwarded_job_whose_owners_certificate_a_list_held_here_revokes_is_re
     }
     assert_eq!(b.core.ledger.slots(&n0), 0, "nothing held");
     assert_eq!(b.log.read(|s| s.jobs().count()), 0, "nothing recorded");
+    // Forwarded without a serial, or with one that is not hex: refused too (no list could be
+    // checked against it).
+    for bad in [None, Some("not-hex".to_string()), Some("ab".repeat(21))] {
+        job.submission.owner_cert = bad.clone();
+        let (effects, mut rx) = b.submit_as(forwarder.clone(), &job);
+        let rest = reply_now(b.settle(effects).await);
+        assert!(sends(rest).is_empty(), "{bad:?}: nothing is woken");
+        match rx.try_recv() {
+            Ok(Response::Error(f)) => {
+                assert_eq!(f.kind, FailureKind::Refused, "{f:?}");
+                assert!(
+                    f.message.contains("sp9") && f.message.contains("without the serial"),
+                    "{f:?}"
+                );
+            }
+            other => panic!("{bad:?}: not refused: {other:?}"),
+        }
+    }
+    assert_eq!(b.log.read(|s| s.jobs().count()), 0, "nothing recorded");
     // The same job sent with another certificate of hers, not revoked, is taken.
     job.submission.owner_cert = Some("0bee".into());
     let (effects, _rx) = b.submit_as(forwarder, &job);

@@ -308,7 +308,7 @@ impl Broker {
     /// Revocation lists newly taken: the jobs not ended whose owners submitted them with a
     /// certificate a list revokes are cancelled where the owner's domain's policy says so
     /// (`revoked_jobs(user, "cancel")`), and otherwise run on; either is logged. Only the
-    /// leader acts (a replica that comes to lead later leaves such jobs as they are).
+    /// leader acts; a replica that comes to lead calls this with every list it holds.
     pub(crate) async fn revoked(&self, crls: &[crate::pki::Crl]) {
         if !self.log.is_leader() {
             return;

@@ -48,6 +48,9 @@ impl Broker {
         let asked = Mutex::new(BTreeMap::new());
         let mut tick = tokio::time::interval(self.site.heartbeat);
         let mut round = 0u64;
+        // Whether this replica led at the last tick: one that comes to lead looks at the jobs
+        // in the log against the revocation lists it took while it followed.
+        let mut led = false;
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
         // Jobs' files, put and got on streams of their own (ended with the loop).
         let access =
@@ -66,7 +69,16 @@ impl Broker {
                 },
                 _ = tick.tick() => {
                     round += 1;
-                    if round.is_multiple_of(2) && self.log.is_leader() {
+                    let leads = self.log.is_leader();
+                    if leads && !led {
+                        let me = self.clone();
+                        tasks.spawn(async move {
+                            me.revoked(&me.site.net.trust().crls()).await;
+                            None
+                        });
+                    }
+                    led = leads;
+                    if round.is_multiple_of(2) && leads {
                         self.publish(&mut tasks, &core, &peers);
                     }
                     if round.is_multiple_of(FILES_EVERY) {

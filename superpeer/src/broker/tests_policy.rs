@@ -251,26 +251,7 @@ async fn a_physics_researcher_s_job_is_forwarded_to_biology_and_read_there_by_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn physics_revocations_reach_biology_which_cancels_the_revoked_users_job_there_and_cuts_her_off()
  {
-    // The shipped policies, and physics' rule for its revoked users' jobs: cancel them.
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let mut owned: Vec<(String, String)> = [
-        "inter-domain.polar",
-        "node.polar",
-        "physics/rbac.polar",
-        "physics/limits.polar",
-        "biology/rbac.polar",
-        "biology/limits.polar",
-    ]
-    .iter()
-    .map(|f| {
-        let text = std::fs::read_to_string(shipped.join(f)).expect("a shipped policy");
-        ((*f).to_owned(), text)
-    })
-    .collect();
-    owned.push((
-        "physics/revoked.polar".into(),
-        "revoked_jobs(_user: User, \"cancel\");\n".into(),
-    ));
+    let owned = cancelling_revoked();
     let files: Vec<(&str, &str)> = owned.iter().map(|(f, t)| (&**f, &**t)).collect();
     // Physics has no nodes: its researchers' jobs run in biology.
     let mut phy = Setup::in_domain("physics", 1, &[])
@@ -319,6 +300,73 @@ async fn physics_revocations_reach_biology_which_cancels_the_revoked_users_job_t
         .expect("bob is served");
     assert_eq!(s[0].state, JobState::Running, "{s:?}");
     admin.cancel(&there[1].0).await.expect("cancel");
+}
+
+/// The shipped policies, and physics' rule for its revoked users' jobs: cancel them.
+fn cancelling_revoked() -> Vec<(String, String)> {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let mut owned: Vec<(String, String)> = [
+        "inter-domain.polar",
+        "node.polar",
+        "physics/rbac.polar",
+        "physics/limits.polar",
+        "biology/rbac.polar",
+        "biology/limits.polar",
+    ]
+    .iter()
+    .map(|f| {
+        let text = std::fs::read_to_string(shipped.join(f)).expect("a shipped policy");
+        ((*f).to_owned(), text)
+    })
+    .collect();
+    owned.push((
+        "physics/revoked.polar".into(),
+        "revoked_jobs(_user: User, \"cancel\");\n".into(),
+    ));
+    owned
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_comes_to_lead_cancels_the_jobs_of_users_revoked_by_a_list_it_took_as_a_follower()
+ {
+    let owned = cancelling_revoked();
+    let files: Vec<(&str, &str)> = owned.iter().map(|(f, t)| (&**f, &**t)).collect();
+    let mut lab = Setup::in_domain("physics", 3, &[2])
+        .group("phy")
+        .policies(&files)
+        .start()
+        .await;
+    let alice = lab.user();
+    let job = lab
+        .client_as(&alice)
+        .await
+        .submit(&sleeping("nap", 60_000))
+        .await
+        .expect("submitted")
+        .job;
+    let admin = lab.client_as(&lab.user_as("root", &["admin"])).await;
+    until(&admin, &job, |st| st == JobState::Running).await;
+    // The followers take a list revoking alice (as one fetched from another domain's
+    // super-peer), the leader does not: only the leader acts on one, so her job runs on.
+    let leader = lab.leader().await;
+    let der = lab.crl_revoking(&alice);
+    for (i, sp) in lab.superpeers.iter().enumerate() {
+        if i != leader {
+            let trust = sp.net().expect("up").trust();
+            assert!(trust.adopt_crl(&der).expect("signed").is_some(), "taken");
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let s = admin.status(Some(&job)).await.expect("status");
+    assert_eq!(s[0].state, JobState::Running, "{s:?}");
+    // The leader stops; the follower that comes to lead cancels her job.
+    lab.superpeers[leader].stop().await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let admin = lab
+        .client_among(&lab.user_as("root", &["admin"]), &others)
+        .await;
+    let ended = until(&admin, &job, JobState::is_final).await;
+    assert_eq!(ended.state, JobState::Cancelled, "{ended:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,6 +220,17 @@ impl Lab {
         self.ca.revoke(dir, &serial).expect("revoked");
     }
 
+    /// A revocation list of the lab's CA that revokes `who` (DER), kept where none of the
+    /// lab's daemons reads it.
+    pub(crate) fn crl_revoking(&self, who: &Credentials) -> Vec<u8> {
+        let dir = self.dir.path().join("revocations-elsewhere");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let serial = crate::pki::serial_of_der(&who.cert).expect("a certificate");
+        self.ca.revoke(&dir, &serial).expect("revoked");
+        let pem = std::fs::read_to_string(dir.join(crate::pki::CRL_FILE)).expect("the list");
+        crate::pki::crl_der(&pem).expect("PEM")
+    }
+
     /// Writes policy `files` into a directory of the lab named `name` (for a daemon of its
     /// own policies), and gives that directory.
     pub(crate) fn policy_dir(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
