@@ -81,6 +81,10 @@ pub struct DaemonConfig {
     /// `mvm ca revoke` writes; it need not exist yet): re-read, and handed to the daemons that
     /// ask ([`crate::revocation`]). None: the lists are fetched from the super-peer.
     pub crl: Option<PathBuf>,
+    /// A super-peer's bound on the bytes of files each user, or other domain's peer, may hold
+    /// at it that no job names yet (inputs sent before the job that names them). Every put
+    /// must also leave [`crate::files::DISK_RESERVE`] free on the disk.
+    pub files_quota: u64,
 }
 
 impl Default for DaemonConfig {
@@ -110,6 +114,7 @@ impl Default for DaemonConfig {
             issuer: None,
             guest_of: None,
             crl: None,
+            files_quota: crate::files::DEFAULT_QUOTA,
         }
     }
 }
@@ -302,18 +307,21 @@ impl Daemon {
             );
             let files =
                 crate::files::FileStore::open(&base.join("files")).map_err(DaemonError::Scratch)?;
-            Some(Arc::new(Broker::new(
-                site.clone(),
-                codecs.clone(),
-                log,
-                [modules, blobs],
-                Arc::new(files),
-                founders,
-                crate::broker::triggers::Triggering::new(
-                    config.triggers.clone(),
-                    config.issuer.clone(),
-                ),
-            )))
+            Some(Arc::new(
+                Broker::new(
+                    site.clone(),
+                    codecs.clone(),
+                    log,
+                    [modules, blobs],
+                    Arc::new(files),
+                    founders,
+                    crate::broker::triggers::Triggering::new(
+                        config.triggers.clone(),
+                        config.issuer.clone(),
+                    ),
+                )
+                .with_files_quota(config.files_quota),
+            ))
         } else {
             None
         };

@@ -44,6 +44,13 @@ pub(crate) struct Common {
     /// peer whose certificate a list revokes is refused, and its connections closed.
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
+    /// A super-peer's bound, in MiB, on the files each user (or other domain's super-peer) may
+    /// hold at it that no job names yet: inputs sent before the job that names them. More is
+    /// refused until a job names them, or they go an hour after they came. Every put must
+    /// also leave 1 GiB free on the disk.
+    #[arg(long, default_value_t = mvm_superpeer::files::DEFAULT_QUOTA >> 20,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    files_quota_mib: u64,
     /// A multiaddress to listen on (repeatable; default: TCP and QUIC on 127.0.0.1, any port).
     #[arg(long = "listen", value_name = "MULTIADDR")]
     listen: Vec<String>,
@@ -330,6 +337,7 @@ fn serve(c: Common, mut config: DaemonConfig, default_name: String) -> Result<()
     });
     config.peers = c.peers;
     config.crl = c.crl;
+    config.files_quota = c.files_quota_mib << 20;
     config.links = c.links.links();
     config.name = creds.principal.name.clone();
     config.group = c.group;

@@ -10,7 +10,7 @@ use libp2p::PeerId;
 use mvm_component::policy::{Principal, PrincipalKind};
 
 use super::{Broker, fail};
-use crate::files::{Access, FileStore};
+use crate::files::{Access, FileStore, Holding, Unclaimed};
 use crate::joblog::JobLog;
 use crate::proto::{Failure, FailureKind, Hash, JobId, OutputFile, Response};
 use crate::site::Site;
@@ -24,17 +24,66 @@ pub(crate) struct FileAccess {
     site: Arc<Site>,
     log: JobLog,
     store: Arc<FileStore>,
+    unclaimed: Unclaimed,
 }
 
 impl FileAccess {
-    /// The access to `store` of the group whose log is `log`.
-    pub(crate) fn new(site: Arc<Site>, log: JobLog, store: Arc<FileStore>) -> FileAccess {
-        FileAccess { site, log, store }
+    /// The access to `store` of the group whose log is `log`; each principal but the group's
+    /// domain's nodes may hold `quota` bytes of files here that no job names.
+    pub(crate) fn new(
+        site: Arc<Site>,
+        log: JobLog,
+        store: Arc<FileStore>,
+        quota: u64,
+    ) -> FileAccess {
+        FileAccess {
+            site,
+            log,
+            store,
+            unclaimed: Unclaimed::new(quota, crate::files::DISK_RESERVE, UNREFERENCED),
+        }
+    }
+}
+
+impl Holding for FileAccess {
+    fn held(&self, hash: &Hash) -> Option<u64> {
+        self.store.size(hash)
+    }
+
+    fn free(&self) -> Option<u64> {
+        self.store.free_space()
+    }
+
+    /// Which of `hashes` a job in the log names (as an input or an output).
+    fn named(&self, hashes: &[Hash]) -> HashSet<Hash> {
+        self.log.read(|s| {
+            s.jobs()
+                .flat_map(|j| {
+                    let inputs = j.files.iter().flat_map(|f| f.inputs.iter().map(|i| i.hash));
+                    inputs.chain(j.written.iter().map(|w| w.hash))
+                })
+                .filter(|h| hashes.contains(h))
+                .collect()
+        })
+    }
+}
+
+/// Who put a file, as [`Unclaimed`] counts and names them: `alice@physics`, `node n1@physics`.
+fn putter(who: &Principal) -> String {
+    match who.kind {
+        PrincipalKind::User => super::admit::owner_key(who),
+        PrincipalKind::Node => format!("node {}", super::admit::owner_key(who)),
     }
 }
 
 impl Access for FileAccess {
-    fn may_put(&self, _peer: PeerId, who: &Principal, size: u64) -> Result<(), Failure> {
+    fn may_put(
+        &self,
+        _peer: PeerId,
+        who: &Principal,
+        hash: &Hash,
+        size: u64,
+    ) -> Result<(), Failure> {
         if size > mvm_component::files::MAX_INPUT_BYTES {
             return Err(Failure::new(
                 FailureKind::Refused,
@@ -49,14 +98,19 @@ impl Access for FileAccess {
         // inputs).
         let ours = who.kind == PrincipalKind::Node && who.domain == self.site.domain;
         let superpeer = who.roles.iter().any(|r| r == "superpeer");
-        if who.kind == PrincipalKind::User || ours || superpeer {
-            Ok(())
-        } else {
-            Err(Failure::new(
+        if !(who.kind == PrincipalKind::User || ours || superpeer) {
+            return Err(Failure::new(
                 FailureKind::Refused,
                 format!("{who} may not put files at group {}", self.site.group),
-            ))
+            ));
         }
+        // The group's nodes (outputs, the leader's copies) are held to the disk's reserve
+        // only; everyone else also to the quota.
+        self.unclaimed.admit(&putter(who), !ours, *hash, size, self)
+    }
+
+    fn put_ended(&self, who: &Principal, hash: &Hash, stored: bool) {
+        self.unclaimed.ended(&putter(who), hash, stored);
     }
 
     fn may_get(

@@ -114,6 +114,8 @@ pub(crate) struct Broker {
     blobs: Arc<ModuleStore>,
     /// Jobs' input and output files.
     pub(crate) files: Arc<crate::files::FileStore>,
+    /// The bytes of files each principal may hold here that no job names.
+    files_quota: u64,
     /// What the loop publishes for readers.
     view: Arc<View>,
     /// To the loop.
@@ -252,12 +254,20 @@ impl Broker {
             modules,
             blobs,
             files,
+            files_quota: crate::files::DEFAULT_QUOTA,
             view,
             inputs,
             parked: Mutex::new(Some((core, rx))),
             web: web::Sessions::default(),
             remote_offers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The bytes of files each user or other domain's peer may hold here that no job names
+    /// yet (default [`crate::files::DEFAULT_QUOTA`]).
+    pub(crate) fn with_files_quota(mut self, bytes: u64) -> Broker {
+        self.files_quota = bytes;
+        self
     }
 
     /// Gives the loop an input made with the reply channel, and waits for the answer.

@@ -53,8 +53,12 @@ impl Broker {
         let mut led = false;
         let mut tasks: JoinSet<Option<Input>> = JoinSet::new();
         // Jobs' files, put and got on streams of their own (ended with the loop).
-        let access =
-            super::files::FileAccess::new(self.site.clone(), self.log.clone(), self.files.clone());
+        let access = super::files::FileAccess::new(
+            self.site.clone(),
+            self.log.clone(),
+            self.files.clone(),
+            self.files_quota,
+        );
         let (net, store) = (self.site.net.clone(), self.files.clone());
         tasks.spawn(async move {
             crate::files::serve(net, store, Arc::new(access)).await;

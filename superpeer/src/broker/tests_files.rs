@@ -351,3 +351,56 @@ async fn a_part_stopped_because_another_failed_keeps_what_it_wrote() {
     };
     assert_eq!(names(&all), ["a/note.txt", "b/note.txt"]);
 }
+
+/// A one-vertex job that does nothing with the input file `file` (its bytes `seed`, repeated
+/// to `size`), in `dir`.
+fn with_input(dir: &Path, file: &str, seed: u8, size: usize) -> Prepared {
+    std::fs::write(dir.join(file), vec![seed; size]).expect("write");
+    std::fs::write(
+        dir.join("noop.wat"),
+        r#"(module (memory (export "memory") 1) (func (export "_start")))"#,
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("one.dot"),
+        "digraph one { v [component=\"noop\"]; }\n",
+    )
+    .expect("write");
+    let profile = dir.join(format!("{file}.toml"));
+    std::fs::write(
+        &profile,
+        format!(
+            "name = \"in\"\ntopology = \"one.dot\"\n[components]\nnoop = \"noop.wat\"\n\
+             [files]\ninputs = [\"{file}\"]\n"
+        ),
+    )
+    .expect("write");
+    read_profile(&profile).expect("the profile reads")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_the_quota_of_files_no_job_names() {
+    // 1 MiB each: one 700 KiB file no job names fits, two do not.
+    let lab = super::harness::Setup::new(1, &[2])
+        .files_quota(1 << 20)
+        .start()
+        .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [a, b, c] = [1u8, 2, 3].map(|i| with_input(dir.path(), &format!("{i}.bin"), i, 700 << 10));
+    let alice = lab.client().await;
+    alice.upload(&a).await.expect("within the quota");
+    let e = alice.upload(&b).await.expect_err("over the quota");
+    assert_eq!(e.kind, FailureKind::Refused, "{e}");
+    assert!(
+        e.message.contains("alice@default holds 716800 bytes")
+            && e.message.contains("no job names yet"),
+        "{e}"
+    );
+    // Bob's quota is his own.
+    let bob = lab.client_as(&lab.user_as("bob", &["researcher"])).await;
+    bob.upload(&b).await.expect("his own quota");
+    // Once a job names alice's file, it no longer counts.
+    let s = finished(&alice, &a).await;
+    assert_eq!(s.state, JobState::Done, "{s:?}");
+    alice.upload(&c).await.expect("a is named");
+}

@@ -242,7 +242,7 @@ impl Client {
 
     /// Sends what the broker lacks of `job` (its input files on streams of their own, its
     /// modules with the submission): the submission to send.
-    async fn upload(&self, job: &Prepared) -> Result<Submission, Failure> {
+    pub(crate) async fn upload(&self, job: &Prepared) -> Result<Submission, Failure> {
         let hashes: Vec<Hash> = {
             let known = self.known.lock();
             job.modules

@@ -10,14 +10,18 @@
 //! - `store`: the files by hash in a directory.
 //! - `serve`: the super-peer's side.
 //! - `stage`: the node's side (fetching inputs, laying out sandboxes, taking outputs).
+//! - `unclaimed`: what each principal may hold at a super-peer that no job names yet.
 
 mod serve;
 mod stage;
 mod store;
+mod unclaimed;
 
 pub(crate) use serve::{Access, NodeFiles, serve};
 pub(crate) use stage::{Sandbox, stage_in, take_outputs};
 pub use store::{FileStore, ReceiveError, hash_file, receive};
+pub use unclaimed::{DEFAULT_QUOTA, DISK_RESERVE};
+pub(crate) use unclaimed::{Holding, Unclaimed};
 
 use std::path::Path;
 use std::time::Duration;

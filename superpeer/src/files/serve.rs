@@ -28,8 +28,12 @@ const MIN_RATE: u64 = 1 << 20;
 
 /// Who may put and get which files.
 pub(crate) trait Access: Send + Sync + 'static {
-    /// Whether `who` (at `peer`) may put a file of `size` bytes.
-    fn may_put(&self, peer: PeerId, who: &Principal, size: u64) -> Result<(), Failure>;
+    /// Whether `who` (at `peer`) may put file `hash` of `size` bytes; if so, [`Access::put_ended`]
+    /// is called when the transfer ends.
+    fn may_put(&self, peer: PeerId, who: &Principal, hash: &Hash, size: u64)
+    -> Result<(), Failure>;
+    /// A put [`Access::may_put`] let begin has ended: the file `stored`, or not.
+    fn put_ended(&self, who: &Principal, hash: &Hash, stored: bool);
     /// Whether `who` (at `peer`) may get file `hash` of job `job`.
     fn may_get(
         &self,
@@ -109,43 +113,10 @@ async fn transfer(
     };
     match req {
         FileRequest::Put { hash, size } => {
-            access.may_put(peer, who, size)?;
-            if store.size(&hash) == Some(size) {
-                write_frame(stream, &FileAnswer::Have, MAX_HEADER)
-                    .await
-                    .map_err(broke)?;
-                return Ok(());
-            }
-            write_frame(stream, &FileAnswer::Send, MAX_HEADER)
-                .await
-                .map_err(broke)?;
-            let mut body = stream.take(size);
-            let took = tokio::time::timeout(allowed(size), store.receive(&mut body, hash, size));
-            match took.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    let kind = match e {
-                        ReceiveError::Mismatch { .. } => FailureKind::Input,
-                        ReceiveError::Broke { .. } => FailureKind::Unavailable,
-                        ReceiveError::Write { .. } => FailureKind::Failed,
-                    };
-                    return Err(Failure::new(kind, format!("file {hash}: {e}")));
-                }
-                Err(_) => {
-                    return Err(Failure::new(
-                        FailureKind::Unavailable,
-                        format!("file {hash}: slower than {} KiB/s; cut", MIN_RATE >> 10),
-                    ));
-                }
-            }
-            access.stored(peer, hash, size);
-            let stream = body.into_inner();
-            write_frame(stream, &FileAnswer::Stored, MAX_HEADER)
-                .await
-                .map_err(broke)?;
-            let _ = stream.close().await;
-            tracing::debug!(%peer, %hash, size, "file taken");
-            Ok(())
+            access.may_put(peer, who, &hash, size)?;
+            let took = take(peer, stream, store, access, hash, size).await;
+            access.put_ended(who, &hash, took.is_ok());
+            took
         }
         FileRequest::Get { job, hash } => {
             access.may_get(peer, who, &job, &hash)?;
@@ -193,6 +164,55 @@ async fn transfer(
     }
 }
 
+/// Takes the body of a put the access allowed: `Have` if the store holds the file already,
+/// else `Send`, the bytes checked against `hash`, and `Stored`.
+async fn take(
+    peer: PeerId,
+    stream: &mut libp2p::Stream,
+    store: &FileStore,
+    access: &dyn Access,
+    hash: Hash,
+    size: u64,
+) -> Result<(), Failure> {
+    let broke = |e: std::io::Error| Failure::new(FailureKind::Unavailable, e.to_string());
+    if store.size(&hash) == Some(size) {
+        write_frame(stream, &FileAnswer::Have, MAX_HEADER)
+            .await
+            .map_err(broke)?;
+        return Ok(());
+    }
+    write_frame(stream, &FileAnswer::Send, MAX_HEADER)
+        .await
+        .map_err(broke)?;
+    let mut body = stream.take(size);
+    let took = tokio::time::timeout(allowed(size), store.receive(&mut body, hash, size));
+    match took.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let kind = match e {
+                ReceiveError::Mismatch { .. } => FailureKind::Input,
+                ReceiveError::Broke { .. } => FailureKind::Unavailable,
+                ReceiveError::Write { .. } => FailureKind::Failed,
+            };
+            return Err(Failure::new(kind, format!("file {hash}: {e}")));
+        }
+        Err(_) => {
+            return Err(Failure::new(
+                FailureKind::Unavailable,
+                format!("file {hash}: slower than {} KiB/s; cut", MIN_RATE >> 10),
+            ));
+        }
+    }
+    access.stored(peer, hash, size);
+    let stream = body.into_inner();
+    write_frame(stream, &FileAnswer::Stored, MAX_HEADER)
+        .await
+        .map_err(broke)?;
+    let _ = stream.close().await;
+    tracing::debug!(%peer, %hash, size, "file taken");
+    Ok(())
+}
+
 /// What a node's file store lets others do: the nodes of its domain get the files it laid out
 /// as jobs' inputs since it started (not the outputs it keeps while it uploads them); nothing
 /// is put.
@@ -204,12 +224,20 @@ pub(crate) struct NodeFiles {
 }
 
 impl Access for NodeFiles {
-    fn may_put(&self, _peer: PeerId, who: &Principal, _size: u64) -> Result<(), Failure> {
+    fn may_put(
+        &self,
+        _peer: PeerId,
+        who: &Principal,
+        _hash: &Hash,
+        _size: u64,
+    ) -> Result<(), Failure> {
         Err(Failure::new(
             FailureKind::Refused,
             format!("{who} may not put files at a node (only at a super-peer)"),
         ))
     }
+
+    fn put_ended(&self, _who: &Principal, _hash: &Hash, _stored: bool) {}
 
     fn may_get(
         &self,
@@ -283,7 +311,7 @@ mod tests {
             let e = node.may_get(peer, &w, &job, &input).expect_err("refused");
             assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
         }
-        let e = node.may_put(peer, &ours, 1).expect_err("refused");
+        let e = node.may_put(peer, &ours, &input, 1).expect_err("refused");
         assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
     }
 }

@@ -172,6 +172,12 @@ impl FileStore {
             .map(|m| m.len())
     }
 
+    /// Bytes free to unprivileged writers on the store's file system, if it can be asked.
+    pub fn free_space(&self) -> Option<u64> {
+        let s = rustix::fs::statvfs(&self.dir).ok()?;
+        Some(s.f_bavail.saturating_mul(s.f_frsize))
+    }
+
     /// Whether the file of `hash` is held.
     pub fn has(&self, hash: &Hash) -> bool {
         self.size(hash).is_some()

@@ -26,6 +26,8 @@ pub(crate) struct Setup {
     absent: Vec<usize>,
     /// The super-peers' triggers.
     triggers: Vec<crate::trigger::Trigger>,
+    /// The super-peers' quota of files no job names, per principal.
+    files_quota: u64,
 }
 
 impl Setup {
@@ -75,7 +77,14 @@ impl Setup {
             slots: slots.to_vec(),
             absent: Vec::new(),
             triggers: Vec::new(),
+            files_quota: crate::files::DEFAULT_QUOTA,
         }
+    }
+
+    /// The bytes of files each principal may hold at the super-peers that no job names.
+    pub(crate) fn files_quota(mut self, bytes: u64) -> Setup {
+        self.files_quota = bytes;
+        self
     }
 
     /// Leaves out the founding replica (the one of the lowest peer id, which starts a new job
@@ -173,6 +182,7 @@ impl Setup {
                 peers: self.peers.clone(),
                 triggers: self.triggers.clone(),
                 crl: Some(lab.crl_file()),
+                files_quota: self.files_quota,
                 ..DaemonConfig::default()
             });
             config.net.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr")];
