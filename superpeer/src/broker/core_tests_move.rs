@@ -158,7 +158,11 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
     assert!(cut2 > cut, "cut {cut2} after {cut}");
     let blob = Bytes::from_static(b"the part's image");
     let hash = Hash::of(&blob);
-    let image = Ok(Response::Checkpoint { hash, blob });
+    let image = Ok(Response::Checkpoint {
+        hash,
+        blob,
+        files: None,
+    });
     assert!(
         answer(&mut b, from, leave.2, image).is_empty(),
         "the hold is awaited"

@@ -63,6 +63,7 @@ async fn a_run_given_up_goes_on_from_the_newest_checkpoint_whose_blobs_are_here_
                     vertices: v.clone(),
                     blob,
                     bytes: 5,
+                    files: None,
                 })
                 .collect(),
         };

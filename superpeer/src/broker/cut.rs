@@ -22,8 +22,12 @@ use crate::joblog::state::JobRecord;
 use crate::joblog::{Applied, Command, LogError};
 use crate::proto::{
     BrokerRequest, CheckpointInfo, CutPart, EdgeTraffic, Failure, FailureKind, Hash, JobId,
-    JobState, PortTraffic, Response,
+    JobState, OutputFile, PortTraffic, Response,
 };
+
+/// A part's image as its node answered: the blob's hash, the blob, and the files of its
+/// sandboxes (none: its job has no files).
+type Saved = (Hash, Bytes, Option<Vec<OutputFile>>);
 
 /// A cut under way.
 pub(super) struct Cut {
@@ -34,7 +38,7 @@ pub(super) struct Cut {
     /// Each part's node and vertices, in the job's order of parts.
     parts: Vec<(PeerId, Vec<String>)>,
     /// Each part's blob, once its node has answered.
-    blobs: Vec<Option<(Hash, Bytes)>>,
+    blobs: Vec<Option<Saved>>,
     /// Clients waiting for it.
     replies: Vec<Reply>,
     /// When it was asked for.
@@ -104,7 +108,7 @@ impl Core {
         let mut blobs = Vec::with_capacity(parts.len());
         for (i, (peer, _, ended)) in parts.iter().enumerate() {
             if let Some(blob) = ended {
-                blobs.push(Some((Hash::of(blob), blob.clone())));
+                blobs.push(Some((Hash::of(blob), blob.clone(), None)));
                 continue;
             }
 
@@ -182,9 +186,9 @@ impl Core {
         let late = self.now.saturating_duration_since(c.started) > CUT_LIMIT;
         let why = match answer {
             _ if late => Some(format!("not every part answered within {CUT_LIMIT:?}")),
-            Ok(Response::Checkpoint { hash, blob }) if Hash::of(&blob) == hash => {
+            Ok(Response::Checkpoint { hash, blob, files }) if Hash::of(&blob) == hash => {
                 if let Some(slot) = c.blobs.get_mut(part) {
-                    *slot = Some((hash, blob));
+                    *slot = Some((hash, blob, files));
                 }
                 None
             }
@@ -218,7 +222,9 @@ impl Core {
         let mut parts = Vec::with_capacity(c.parts.len());
         let mut put = Vec::with_capacity(c.parts.len());
         for ((_, vertices), blob) in c.parts.into_iter().zip(c.blobs) {
-            let Some((hash, blob)) = blob else { return };
+            let Some((hash, blob, files)) = blob else {
+                return;
+            };
             let bytes = blob.len() as u64;
             self.blobs.put(blob.clone());
             put.push(blob);
@@ -226,6 +232,7 @@ impl Core {
                 vertices,
                 blob: hash,
                 bytes,
+                files,
             });
         }
         // The other replicas keep them too, so that whichever leads next can restore the job.

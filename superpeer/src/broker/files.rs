@@ -25,6 +25,7 @@ pub(crate) struct FileAccess {
     log: JobLog,
     store: Arc<FileStore>,
     unclaimed: Unclaimed,
+    view: Arc<super::View>,
 }
 
 impl FileAccess {
@@ -35,11 +36,13 @@ impl FileAccess {
         log: JobLog,
         store: Arc<FileStore>,
         quota: u64,
+        view: Arc<super::View>,
     ) -> FileAccess {
         FileAccess {
             site,
             log,
             store,
+            view,
             unclaimed: Unclaimed::new(quota, crate::files::DISK_RESERVE, UNREFERENCED),
         }
     }
@@ -58,10 +61,7 @@ impl Holding for FileAccess {
     fn named(&self, hashes: &[Hash]) -> HashSet<Hash> {
         self.log.read(|s| {
             s.jobs()
-                .flat_map(|j| {
-                    let inputs = j.files.iter().flat_map(|f| f.inputs.iter().map(|i| i.hash));
-                    inputs.chain(j.written.iter().map(|w| w.hash))
-                })
+                .flat_map(|j| j.file_hashes())
                 .filter(|h| hashes.contains(h))
                 .collect()
         })
@@ -122,10 +122,13 @@ impl Access for FileAccess {
     ) -> Result<(), Failure> {
         let held = self.log.read(|s| {
             s.job(job).map(|j| {
-                j.written.iter().any(|f| f.hash == *hash)
-                    || j.files
-                        .as_ref()
-                        .is_some_and(|f| f.inputs.iter().any(|i| i.hash == *hash))
+                j.file_hashes().any(|h| h == *hash)
+                    || self
+                        .view
+                        .moving
+                        .lock()
+                        .get(job)
+                        .is_some_and(|m| m.contains(hash))
             })
         });
         match held {
@@ -224,14 +227,7 @@ impl Broker {
     /// Lets go of the files no job in the log refers to, once they are older than
     /// [`UNREFERENCED`]. Blocking (reads the store's directory).
     pub(super) fn collect_files(log: &JobLog, store: &FileStore) {
-        let kept: HashSet<Hash> = log.read(|s| {
-            s.jobs()
-                .flat_map(|j| {
-                    let inputs = j.files.iter().flat_map(|f| f.inputs.iter().map(|i| i.hash));
-                    inputs.chain(j.written.iter().map(|f| f.hash))
-                })
-                .collect()
-        });
+        let kept: HashSet<Hash> = log.read(|s| s.jobs().flat_map(|j| j.file_hashes()).collect());
         let now = SystemTime::now();
         for (hash, _) in store.list() {
             if kept.contains(&hash) {

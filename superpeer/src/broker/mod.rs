@@ -142,6 +142,9 @@ pub(super) struct View {
     monitor: Mutex<Option<monitor::Published>>,
     /// What the broker counts for its metrics.
     pub(crate) figures: Figures,
+    /// The files a part that moves left in its sandboxes, by job, while the move is under
+    /// way: the new node may fetch them.
+    pub(super) moving: Mutex<HashMap<JobId, Vec<crate::proto::Hash>>>,
 }
 
 /// What a broker counts for its metrics (since it started).

@@ -532,6 +532,10 @@ impl Core {
             for ((_, spec), blob) in specs.iter_mut().zip(blobs.into_iter().flatten()) {
                 spec.restore = Some(blob);
             }
+            // What the parts' sandboxes held at the checkpoint, in place of the inputs.
+            for ((_, spec), part) in specs.iter_mut().zip(from.iter().flat_map(|f| &f.parts)) {
+                spec.restore_files.clone_from(&part.files);
+            }
             self.drives.insert(id.clone(), Drive::recording(attempt));
             out.push(Effect::Record {
                 command: Command::Place {

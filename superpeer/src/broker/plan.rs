@@ -271,6 +271,7 @@ impl Core {
                     attempt,
                     checkpoint: s.checkpoint.is_some(),
                     restore: None,
+                    restore_files: None,
                     streams: false,
                     files: s.files.clone(),
                     image_from: image_from.clone(),

@@ -266,7 +266,11 @@ impl Broker {
                 None => fail(FailureKind::NotFound, format!("no module {hash}")),
             },
             NodeRequest::FetchCheckpoint { hash } => match self.blobs.get(&hash) {
-                Some(blob) => Response::Checkpoint { hash, blob },
+                Some(blob) => Response::Checkpoint {
+                    hash,
+                    blob,
+                    files: None,
+                },
                 None => fail(FailureKind::NotFound, format!("no checkpoint blob {hash}")),
             },
             NodeRequest::Report(report) => {

@@ -58,6 +58,7 @@ impl Broker {
             self.log.clone(),
             self.files.clone(),
             self.files_quota,
+            self.view.clone(),
         );
         let (net, store) = (self.site.net.clone(), self.files.clone());
         tasks.spawn(async move {

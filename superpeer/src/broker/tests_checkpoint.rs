@@ -152,3 +152,104 @@ async fn a_vertex_that_never_pauses_gives_its_checkpoint_up_and_its_job_complete
         vec![("v".into(), bytes::Bytes::from("spun\n"))]
     );
 }
+
+/// A vertex that writes `state.txt` ("saved") in its sandbox, yields (a pause point) for
+/// `secs` seconds, then prints what `state.txt` holds.
+fn keeper(secs: u64) -> crate::client::Prepared {
+    let wat = format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "mvm" "yield" (func $yield))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "state.txt")
+  (data (i32.const 16) "saved\n")
+  (func $now (result i64)
+    (drop (call $clock (i32.const 1) (i64.const 1) (i32.const 32))) (i64.load (i32.const 32)))
+  (func (export "_start") (local $end i64)
+    (drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 9) (i32.const 9)
+      (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 100)))
+    (i32.store (i32.const 108) (i32.const 16))
+    (i32.store (i32.const 112) (i32.const 6))
+    (drop (call $write (i32.load (i32.const 100)) (i32.const 108) (i32.const 1) (i32.const 104)))
+    (drop (call $close (i32.load (i32.const 100))))
+    (local.set $end (i64.add (call $now) (i64.const {ns})))
+    (loop $wait (call $yield) (br_if $wait (i64.lt_u (call $now) (local.get $end))))
+    (i32.store (i32.const 100) (i32.const -1))
+    (i32.store (i32.const 104) (i32.const 0))
+    (drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 9) (i32.const 0)
+      (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 100)))
+    (i32.store (i32.const 108) (i32.const 300))
+    (i32.store (i32.const 112) (i32.const 64))
+    (drop (call $read (i32.load (i32.const 100)) (i32.const 108) (i32.const 1) (i32.const 104)))
+    (i32.store (i32.const 112) (i32.load (i32.const 104)))
+    (drop (call $write (i32.const 1) (i32.const 108) (i32.const 1) (i32.const 120)))))"#,
+        ns = secs * 1_000_000_000
+    );
+    let mut job = one_of("keeper", bytes::Bytes::from(wat));
+    job.submission.retries = 1;
+    job.submission.checkpoint = Some(crate::proto::CheckpointPolicy {
+        interval_ms: 60_000,
+        keep: 1,
+    });
+    job.submission.files = Some(crate::proto::FileSpec {
+        inputs: Vec::new(),
+        outputs: vec!["*.txt".into()],
+        output_bytes: 1 << 20,
+    });
+    job
+}
+
+/// A checkpoint keeps what the vertices' sandboxes hold: a job restored from one on another
+/// node finds there the files its vertex wrote before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_restored_from_a_checkpoint_finds_the_files_its_vertex_wrote_before_it() {
+    let mut lab = Lab::start(1, &[1, 1]).await;
+    let c = lab.client().await;
+    let s = c.submit(&keeper(4)).await.expect("submit");
+    let s = until(&c, &s.job, |st| st == JobState::Running).await;
+    c.checkpoint(&s.job).await.expect("a checkpoint now");
+    let s = until(&c, &s.job, |_| true).await;
+    let cut = s.checkpoints.last().expect("the checkpoint is listed");
+    assert_eq!(cut.parts.len(), 1, "{cut:?}");
+    let saved = cut.parts[0].files.as_deref().expect("its sandbox is saved");
+    assert_eq!(
+        saved.iter().map(|f| (&*f.path, f.size)).collect::<Vec<_>>(),
+        [("state.txt", 6)],
+        "{saved:?}"
+    );
+    let (end, _) = lose_a_node(&mut lab, &c, &s).await;
+    assert!(end.restarts[0].from_cut.is_some(), "{end:?}");
+    assert_eq!(
+        outputs(&end),
+        [("v".to_owned(), bytes::Bytes::from_static(b"saved\n"))]
+    );
+    // And it is taken back as an output, from the node it ended on.
+    assert!(end.files.iter().any(|f| f.path == "state.txt"), "{end:?}");
+}
+
+/// A part moved to another node takes its sandboxes' files along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_moved_to_another_node_finds_there_the_files_its_vertex_wrote() {
+    let lab = Lab::start(1, &[1, 1]).await;
+    let c = lab.client().await;
+    let s = c.submit(&keeper(4)).await.expect("submit");
+    let s = until(&c, &s.job, |st| st == JobState::Running).await;
+    let to = if s.parts[0].name == "n0" { "n1" } else { "n0" };
+    let moved = c
+        .migrate(&s.job, Some("v".into()), None, to)
+        .await
+        .expect("moved");
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    let end = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!(end.state, JobState::Done, "{end:?}");
+    assert_eq!(end.parts[0].name, to, "{end:?}");
+    assert_eq!(
+        outputs(&end),
+        [("v".to_owned(), bytes::Bytes::from_static(b"saved\n"))]
+    );
+}

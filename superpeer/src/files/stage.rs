@@ -2,15 +2,16 @@
 //! lacks, and laid out in a sandbox per vertex) and the epilog (outputs found by pattern in
 //! each sandbox, kept, and uploaded to the leader).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use libp2p::PeerId;
 
 use super::FileStore;
 use crate::net::Net;
-use crate::proto::{Failure, FailureKind, FileSpec, JobId, Member, OutputFile};
+use crate::proto::{Failure, FailureKind, FileSpec, Hash, JobId, Member, OutputFile};
 
 /// A part's sandboxes: a directory per local vertex under one root, removed (with whatever the
 /// vertices left) when the last holder lets go.
@@ -19,6 +20,85 @@ pub(crate) struct Sandbox {
     root: PathBuf,
     /// Each local vertex's directory.
     pub(crate) vertices: BTreeMap<String, PathBuf>,
+    /// The hash of each file laid out or saved, with its size and time of change then: a
+    /// checkpoint hashes again only the files that changed since.
+    known: parking_lot::Mutex<HashMap<PathBuf, (u64, SystemTime, Hash)>>,
+}
+
+/// The size and time of last change of the file at `path`.
+fn stamp(path: &std::path::Path) -> std::io::Result<(u64, SystemTime)> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.len(), m.modified()?))
+}
+
+impl Sandbox {
+    /// Every regular file in the vertices' sandboxes now (symbolic links are left out), kept
+    /// in `store`: what a checkpoint restores. At most `bound` bytes per vertex. Blocking;
+    /// the part is paused meanwhile.
+    ///
+    /// # Errors
+    /// A sandbox over the bound, or a file that cannot be read or kept.
+    pub(crate) fn save(&self, store: &FileStore, bound: u64) -> Result<Vec<OutputFile>, String> {
+        let all = mvm_component::files::Patterns::new(&["**"])?;
+        let mut known = self.known.lock();
+        let mut files = Vec::new();
+        for (vertex, dir) in &self.vertices {
+            let found = mvm_component::files::find_outputs(dir, &all, bound)
+                .map_err(|e| format!("vertex '{vertex}': reading its sandbox: {e}"))?;
+            if !found.left_out.is_empty() {
+                return Err(format!(
+                    "vertex '{vertex}': {} bytes in its sandbox, over the {bound} a \
+                     checkpoint keeps (its inputs' bytes and its output bound)",
+                    found.bytes
+                ));
+            }
+            for f in found.files {
+                let now =
+                    stamp(&f.abs).map_err(|e| format!("vertex '{vertex}': {}: {e}", f.path))?;
+                let hash = match known.get(&f.abs) {
+                    Some((size, at, hash)) if (*size, *at) == now && store.has(hash) => *hash,
+                    _ => {
+                        let (hash, _) = store
+                            .put_file(&f.abs)
+                            .map_err(|e| format!("vertex '{vertex}': {}: {e}", f.path))?;
+                        known.insert(f.abs.clone(), (now.0, now.1, hash));
+                        hash
+                    }
+                };
+                files.push(OutputFile {
+                    vertex: vertex.clone(),
+                    path: f.path,
+                    hash,
+                    size: now.0,
+                });
+            }
+        }
+        Ok(files)
+    }
+}
+
+/// Sends `files` (each once) from `store` to `to` (the group's leader).
+///
+/// # Errors
+/// The first that cannot be sent.
+pub(crate) async fn send_all(
+    net: &Net,
+    to: PeerId,
+    store: &FileStore,
+    files: &[OutputFile],
+) -> Result<(), Failure> {
+    let mut sent = BTreeSet::new();
+    for f in files {
+        if sent.insert(f.hash) {
+            super::put(net, to, &[], &store.path(&f.hash), f.hash, f.size)
+                .await
+                .map_err(|e| {
+                    let m = format!("vertex '{}': {}: {}", f.vertex, f.path, e.message);
+                    Failure::new(e.kind, m)
+                })?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Sandbox {
@@ -59,8 +139,10 @@ fn dir_name(index: usize, vertex: &str) -> String {
 
 /// The prolog: fetches the inputs of `spec` that `store` lacks, each from the first of
 /// `sources` (other nodes that may hold it) that sends it whole, or else from `from` (the
-/// group's leader), then lays them out in a sandbox for each of `vertices` under `root`. Nothing is
-/// left under `root` when it fails.
+/// group's leader), then lays them out in a sandbox for each of `vertices` under `root`. A
+/// part restored from a checkpoint gets instead the files its sandboxes held then
+/// (`restored`), from the leader unless they are inputs. Nothing is left under `root` when it
+/// fails.
 ///
 /// # Errors
 /// An input that cannot be fetched or does not match its hash, or a sandbox that cannot be
@@ -78,6 +160,7 @@ pub(crate) async fn stage_in(
     job: &JobId,
     vertices: &[String],
     spec: &FileSpec,
+    restored: Option<&[OutputFile]>,
 ) -> Result<Sandbox, Failure> {
     let sandbox = Sandbox {
         vertices: vertices
@@ -86,19 +169,36 @@ pub(crate) async fn stage_in(
             .map(|(i, v)| (v.clone(), root.join(dir_name(i, v))))
             .collect(),
         root,
+        known: parking_lot::Mutex::default(),
     };
-    let lacking: BTreeMap<_, _> = spec
-        .inputs
+    // What each vertex's sandbox gets: the inputs, or what it held at the checkpoint.
+    let layout: Vec<(String, String, Hash, u64)> = match restored {
+        None => vertices
+            .iter()
+            .flat_map(|v| {
+                let inputs = spec.inputs.iter();
+                inputs.map(|i| (v.clone(), i.path.clone(), i.hash, i.size))
+            })
+            .collect(),
+        Some(files) => files
+            .iter()
+            .filter(|f| sandbox.vertices.contains_key(&f.vertex))
+            .map(|f| (f.vertex.clone(), f.path.clone(), f.hash, f.size))
+            .collect(),
+    };
+    let lacking: BTreeMap<_, _> = layout
         .iter()
-        .filter(|i| store.size(&i.hash) != Some(i.size))
-        .map(|i| (i.hash, (i.path.clone(), i.size)))
+        .filter(|(_, _, hash, size)| store.size(hash) != Some(*size))
+        .map(|(_, path, hash, size)| (*hash, (path.clone(), *size)))
         .collect();
     super::at_once(lacking, |(hash, (path, size))| {
         let (net, store, job) = (net.clone(), store.clone(), job.clone());
-        let sources = sources.to_vec();
+        // Only inputs are held by other nodes.
+        let input = spec.inputs.iter().any(|i| i.hash == hash);
+        let sources = if input { sources.to_vec() } else { Vec::new() };
         async move {
             let to = store.path(&hash);
-            if super::get_from_holders(&net, &sources, &job, hash, size, &to).await {
+            if input && super::get_from_holders(&net, &sources, &job, hash, size, &to).await {
                 return Ok(size);
             }
             super::get(&net, from, &[], &job, hash, &to)
@@ -108,26 +208,47 @@ pub(crate) async fn stage_in(
     })
     .await?;
     // What the node now holds as inputs it may serve to the other nodes of its domain.
-    for i in &spec.inputs {
+    for i in spec.inputs.iter().filter(|i| store.has(&i.hash)) {
         store.mark_input(i.hash);
     }
-    let inputs: Vec<(String, PathBuf)> = spec
-        .inputs
-        .iter()
-        .map(|i| (i.path.clone(), store.path(&i.hash)))
+    let mut by_vertex: BTreeMap<PathBuf, Vec<(String, PathBuf, Hash)>> = sandbox
+        .vertices
+        .values()
+        .map(|d| (d.clone(), Vec::new()))
         .collect();
-    let dirs: Vec<PathBuf> = sandbox.vertices.values().cloned().collect();
+    for (vertex, path, hash, _) in layout {
+        if let Some(list) = sandbox
+            .vertices
+            .get(&vertex)
+            .and_then(|d| by_vertex.get_mut(d))
+        {
+            list.push((path, store.path(&hash), hash));
+        }
+    }
     let root = sandbox.root.clone();
     let laid = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&root)?;
-        for d in &dirs {
-            mvm_component::files::lay_out(d, &inputs)?;
+        let mut known = HashMap::new();
+        for (dir, files) in by_vertex {
+            let inputs: Vec<(String, PathBuf)> = files
+                .iter()
+                .map(|(p, from, _)| (p.clone(), from.clone()))
+                .collect();
+            mvm_component::files::lay_out(&dir, &inputs)?;
+            for (path, _, hash) in files {
+                let at = dir.join(&path);
+                let (size, changed) = stamp(&at)?;
+                known.insert(at, (size, changed, hash));
+            }
         }
-        Ok::<_, std::io::Error>(())
+        Ok::<_, std::io::Error>(known)
     })
     .await;
     match laid {
-        Ok(Ok(())) => Ok(sandbox),
+        Ok(Ok(known)) => {
+            *sandbox.known.lock() = known;
+            Ok(sandbox)
+        }
         Ok(Err(e)) => Err(Failure::new(
             FailureKind::Failed,
             format!("laying out the input files: {e}"),

@@ -395,6 +395,23 @@ impl JobRecord {
 }
 
 impl JobRecord {
+    /// The files the job refers to, by hash: its inputs, the outputs it wrote, and what its
+    /// vertices' sandboxes held at the checkpoints it keeps.
+    pub fn file_hashes(&self) -> impl Iterator<Item = crate::proto::Hash> + '_ {
+        let inputs = self
+            .files
+            .iter()
+            .flat_map(|f| f.inputs.iter().map(|i| i.hash));
+        let kept = self
+            .checkpoints
+            .iter()
+            .flat_map(|c| &c.parts)
+            .flat_map(|p| p.files.iter().flatten().map(|f| f.hash));
+        inputs
+            .chain(self.written.iter().map(|f| f.hash))
+            .chain(kept)
+    }
+
     /// How many vertices each node holds for this job.
     pub(super) fn slots(&self) -> impl Iterator<Item = (PeerId, u32)> + '_ {
         self.parts

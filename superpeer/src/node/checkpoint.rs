@@ -9,14 +9,17 @@
 //! reads to the mark and no further. The images of every part then form a consistent cut
 //! whatever order the nodes pause in ([`mvm_queue::remote::mark`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use mvm_component::runtime::checkpoint::{PartControl, PartImage, Paused};
 use mvm_queue::remote::{Drain, Hold};
 
+use super::part::Save;
 use super::parts::{Control, Marks};
-use crate::proto::{Failure, FailureKind, Hash};
+use crate::files::FileStore;
+use crate::proto::{Failure, FailureKind, Hash, OutputFile};
 use crate::worker::Control as WorkerControl;
 
 /// How long a part's vertices have to reach a pause point.
@@ -32,7 +35,31 @@ const MARK_WAIT: Duration = Duration::from_secs(10);
 /// never has a part that let its links go early.
 pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
-/// Takes the checkpoint `cut` of a running part: the blob's hash and the blob. The part goes
+/// A checkpoint's blob, its hash, and the files of the part's sandboxes (none: its job has no
+/// files).
+pub(super) type Taken = (Hash, Bytes, Option<Vec<OutputFile>>);
+
+/// Keeps in `store` every file of the sandboxes `save` names, while the part is paused.
+async fn save_files(
+    save: Option<&Save>,
+    store: Option<&Arc<FileStore>>,
+    cut: u64,
+) -> Result<Option<Vec<OutputFile>>, Failure> {
+    let Some(save) = save else { return Ok(None) };
+    let failed = |m: String| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {m}"));
+    let Some(store) = store.cloned() else {
+        return Err(failed("this node keeps no files".into()));
+    };
+    let (sandbox, bound) = (save.sandbox.clone(), save.bound);
+    match tokio::task::spawn_blocking(move || sandbox.save(&store, bound)).await {
+        Ok(Ok(files)) => Ok(Some(files)),
+        Ok(Err(m)) => Err(failed(m)),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+/// Takes the checkpoint `cut` of a running part: the blob's hash and the blob, and what its
+/// sandboxes hold (`save`, kept in `store`). The part goes
 /// on whatever happens, and its receiving ends too; its sending ends stay held until
 /// [`let_go`], so that no item after the cut's mark reaches a part of the job whose image is
 /// not taken yet (its node may be asked later than this one, and would read on past a mark it
@@ -42,28 +69,41 @@ pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// A vertex that reaches no pause point in time (a loop that calls no import), a link that
 /// does not reach the mark in time or fails, or an image that cannot be encoded; every end is
 /// let go then.
-pub(super) async fn take(marks: &Marks, cut: u64) -> Result<(Hash, Bytes), Failure> {
+pub(super) async fn take(
+    marks: &Marks,
+    cut: u64,
+    save: Option<&Save>,
+    store: Option<&Arc<FileStore>>,
+) -> Result<Taken, Failure> {
     let control = match &marks.control {
         Control::Here(c) => c,
         Control::Worker(w) => {
             let blob = freeze_worker(w, marks, cut).await?;
+            let files = save_files(save, store, cut).await;
             for (_, d) in &marks.drains {
                 d.release();
             }
             w.resume_now().await;
-            return Ok((Hash::of(&blob), blob));
+            if files.is_err() {
+                let_go(marks);
+            }
+            return Ok((Hash::of(&blob), blob, files?));
         }
     };
     let (paused, image) = freeze(control, marks, cut).await?;
+    let files = save_files(save, store, cut).await;
     for (_, d) in &marks.drains {
         d.release();
     }
     paused.resume();
-    let blob = encode(&image, cut);
-    if blob.is_err() {
+    let taken = files.and_then(|files| {
+        let (hash, blob) = encode(&image, cut)?;
+        Ok((hash, blob, files))
+    });
+    if taken.is_err() {
         let_go(marks);
     }
-    blob
+    taken
 }
 
 /// Lets the sending ends of a part held since its checkpoint go on.
@@ -81,18 +121,34 @@ pub(super) fn let_go(marks: &Marks) {
 /// As [`take`]; the part then goes on.
 ///
 /// [`PartControl::resume_kept`]: mvm_component::runtime::checkpoint::PartControl::resume_kept
-pub(super) async fn leave(marks: &Marks, cut: u64) -> Result<(Hash, Bytes, u64), Failure> {
+pub(super) async fn leave(
+    marks: &Marks,
+    cut: u64,
+    save: Option<&Save>,
+    store: Option<&Arc<FileStore>>,
+) -> Result<(Taken, u64), Failure> {
     let control = match &marks.control {
         Control::Here(c) => c,
         // The worker stays paused, its feeds stopped, until it is stopped or resumed.
         Control::Worker(w) => {
             let blob = freeze_worker(w, marks, cut).await?;
-            return Ok((Hash::of(&blob), blob, 0));
+            return match save_files(save, store, cut).await {
+                Ok(files) => Ok(((Hash::of(&blob), blob, files), 0)),
+                Err(f) => {
+                    release(marks);
+                    w.resume_now().await;
+                    Err(f)
+                }
+            };
         }
     };
     let (paused, image) = freeze(control, marks, cut).await?;
-    match encode(&image, cut) {
-        Ok((hash, blob)) => Ok((hash, blob, paused.keep())),
+    let taken = match save_files(save, store, cut).await {
+        Ok(files) => encode(&image, cut).map(|(hash, blob)| (hash, blob, files)),
+        Err(f) => Err(f),
+    };
+    match taken {
+        Ok(t) => Ok((t, paused.keep())),
         Err(f) => {
             release(marks);
             paused.resume();

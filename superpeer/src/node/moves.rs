@@ -75,6 +75,7 @@ impl Parts {
                     job,
                     attempt,
                     marks: Box::new(marks),
+                    save: part.save(),
                     cut,
                     reply,
                 });

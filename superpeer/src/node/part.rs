@@ -343,6 +343,7 @@ pub(super) enum Effect {
     /// ends stay held until `release` fires (or [`super::checkpoint::RELEASE_WAIT`] passes).
     Checkpoint {
         marks: Box<Marks>,
+        save: Option<Save>,
         cut: u64,
         reply: Reply,
         release: oneshot::Receiver<()>,
@@ -353,6 +354,7 @@ pub(super) enum Effect {
         job: JobId,
         attempt: u32,
         marks: Box<Marks>,
+        save: Option<Save>,
         cut: u64,
         reply: Reply,
     },
@@ -419,6 +421,26 @@ pub(super) struct Part {
     /// A cut asked of the part before its `Start` came: the broker sends `Start` before it
     /// cuts a running job, but the two requests may cross on the way. Taken when it starts.
     pub(super) early_cut: Option<(u64, Reply)>,
+}
+
+impl Part {
+    /// What a checkpoint of the part saves of its sandboxes, when its job has files.
+    pub(super) fn save(&self) -> Option<Save> {
+        let (sandbox, files) = (self._sandbox.clone()?, self.files.as_ref()?);
+        Some(Save {
+            sandbox,
+            bound: files.input_bytes().saturating_add(files.output_bytes),
+            to: self.broker,
+        })
+    }
+}
+
+/// What a checkpoint saves of a part's sandboxes: every file in them (at most `bound` bytes a
+/// vertex), sent to `to`, the broker that placed it.
+pub(super) struct Save {
+    pub(super) sandbox: Arc<crate::files::Sandbox>,
+    pub(super) bound: u64,
+    pub(super) to: PeerId,
 }
 
 pub(super) enum Stage {

@@ -416,18 +416,16 @@ impl Parts {
                 FailureKind::Input,
                 format!("job {job}'s part was not prepared for checkpoints"),
             )),
-            Some(Part {
-                stage: Stage::Running { .. },
-                marks: Some(m),
-                ..
-            }) => Ok(Box::new(m.clone())),
-            Some(_) => Err(fail(
-                FailureKind::Unavailable,
-                format!("job {job}'s part is not running yet"),
-            )),
+            Some(p) => match (&p.stage, &p.marks) {
+                (Stage::Running { .. }, Some(m)) => Ok((Box::new(m.clone()), p.save())),
+                _ => Err(fail(
+                    FailureKind::Unavailable,
+                    format!("job {job}'s part is not running yet"),
+                )),
+            },
         };
         match r {
-            Ok(marks) => {
+            Ok((marks, save)) => {
                 let (tx, release) = oneshot::channel();
                 if let Some(p) = self.run_mut(&job, attempt) {
                     // A cut before this one not let go yet: it goes now.
@@ -435,6 +433,7 @@ impl Parts {
                 }
                 out.push(Effect::Checkpoint {
                     marks,
+                    save,
                     cut,
                     reply,
                     release,

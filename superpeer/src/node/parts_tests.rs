@@ -59,6 +59,7 @@ fn spec(job: &str, start: bool) -> Box<PartSpec> {
         attempt: 0,
         checkpoint: false,
         restore: None,
+        restore_files: None,
         streams: false,
         files: None,
         image_from: Vec::new(),

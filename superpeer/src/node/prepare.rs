@@ -244,6 +244,7 @@ impl Node {
                     &spec.job,
                     &vertices,
                     files,
+                    spec.restore.and(spec.restore_files.as_deref()),
                 )
                 .await
                 .map_err(|f| {

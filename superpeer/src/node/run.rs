@@ -150,14 +150,22 @@ impl Node {
             }
             Effect::Checkpoint {
                 marks,
+                save,
                 cut,
                 reply,
                 release,
             } => {
+                let node = self.clone();
                 tasks.spawn(async move {
-                    match super::checkpoint::take(&marks, cut).await {
-                        Ok((hash, blob)) => {
-                            let _ = reply.send(Response::Checkpoint { hash, blob });
+                    let store = node.config.files.as_ref();
+                    let taken =
+                        match super::checkpoint::take(&marks, cut, save.as_ref(), store).await {
+                            Ok(t) => node.send_saved(t, save.as_ref(), cut).await,
+                            Err(f) => Err(f),
+                        };
+                    match taken {
+                        Ok(answer) => {
+                            let _ = reply.send(answer);
                             // The sending ends go on once every part of the cut is saved (or
                             // after a while); not if the part went, or a move let them go.
                             let wait = super::checkpoint::RELEASE_WAIT;
@@ -166,6 +174,7 @@ impl Node {
                             }
                         }
                         Err(f) => {
+                            super::checkpoint::let_go(&marks);
                             let _ = reply.send(Response::Error(f));
                         }
                     }
@@ -176,14 +185,20 @@ impl Node {
                 job,
                 attempt,
                 marks,
+                save,
                 cut,
                 reply,
             } => {
+                let node = self.clone();
                 tasks.spawn(async move {
-                    let (r, pause) = match super::checkpoint::leave(&marks, cut).await {
-                        Ok((hash, blob, pause)) => {
-                            (Response::Checkpoint { hash, blob }, Some(pause))
-                        }
+                    let store = node.config.files.as_ref();
+                    let left = super::checkpoint::leave(&marks, cut, save.as_ref(), store).await;
+                    let (r, pause) = match left {
+                        Ok((t, pause)) => match node.send_saved(t, save.as_ref(), cut).await {
+                            Ok(answer) => (answer, Some(pause)),
+                            // Given up: the broker resumes the part where it is.
+                            Err(f) => (Response::Error(f), Some(pause)),
+                        },
                         Err(f) => (Response::Error(f), None),
                     };
                     let _ = reply.send(r);
@@ -233,6 +248,28 @@ impl Node {
             }
         }
         None
+    }
+
+    /// Sends the files a checkpoint `cut` saved to the broker (`save`), then gives the answer
+    /// that names them.
+    async fn send_saved(
+        &self,
+        taken: super::checkpoint::Taken,
+        save: Option<&super::part::Save>,
+        cut: u64,
+    ) -> Result<Response, crate::proto::Failure> {
+        let (hash, blob, files) = taken;
+        if let (Some(files), Some(save), Some(store)) = (&files, save, &self.config.files) {
+            let sent = crate::files::send_all(&self.site.net, save.to, store, files).await;
+            // The broker keeps them now: this node keeps only its inputs.
+            for f in files.iter().filter(|f| !store.is_input(&f.hash)) {
+                store.remove(&f.hash);
+            }
+            sent.map_err(|f| {
+                crate::proto::Failure::new(f.kind, format!("checkpoint {cut}: {}", f.message))
+            })?;
+        }
+        Ok(Response::Checkpoint { hash, blob, files })
     }
 
     /// Starts a part: its outgoing channels, and its vertices under a supervisor whose end is

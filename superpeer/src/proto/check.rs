@@ -455,6 +455,9 @@ impl BrokerRequest {
                 check_len("parts", p.parts.len())?;
                 check_len("nodes serving the image", p.image_from.len())?;
                 check_len("nodes holding the inputs", p.files_from.len())?;
+                if let Some(files) = &p.restore_files {
+                    check_outputs(files)?;
+                }
                 if p.here as usize >= p.parts.len() {
                     return Err(CheckError::NoSuchPart {
                         here: p.here,
@@ -520,8 +523,8 @@ impl Response {
             | Response::Error(_)
             | Response::Group(_)
             | Response::Module(_)
-            | Response::Checkpoint { .. }
             | Response::Raft(_) => Ok(()),
+            Response::Checkpoint { files, .. } => files.as_deref().map_or(Ok(()), check_outputs),
             Response::Policy { bundle, .. } => {
                 bundle.as_ref().map_or(Ok(()), |b| Ok(b.check_layout()?))
             }

@@ -76,6 +76,7 @@ fn validation_refuses_parts_that_do_not_exist() {
         attempt: 0,
         checkpoint: false,
         restore: None,
+        restore_files: None,
         streams: false,
         files: None,
         image_from: Vec::new(),

@@ -175,6 +175,11 @@ pub struct CutPart {
     pub blob: Hash,
     /// Its blob's size in bytes.
     pub bytes: u64,
+    /// The files its vertices' sandboxes held (kept by the group's super-peers), laid out
+    /// again in place of the inputs when a run is restored from it (none: its job has no
+    /// files, or the checkpoint was taken before checkpoints kept them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<OutputFile>>,
 }
 
 /// Per-vertex limits, as in the profile.

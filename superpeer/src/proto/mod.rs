@@ -523,12 +523,16 @@ pub enum Response {
     },
     /// A module's bytes.
     Module(Bytes),
-    /// A part's checkpoint: its blob and the blob's content hash.
+    /// A part's checkpoint: its blob and the blob's content hash, and the files its vertices'
+    /// sandboxes held (sent to the broker first).
     Checkpoint {
         /// `Hash::of(blob)`.
         hash: Hash,
         /// The encoded part image.
         blob: Bytes,
+        /// Every file in its vertices' sandboxes when it paused (none: its job has no files).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        files: Option<Vec<OutputFile>>,
     },
     /// The parts moved by a migration or a drain.
     Moved(Vec<MoveInfo>),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use mvm_queue::queue::Config as QueueConfig;
 
 use super::check::{CheckError, check_len};
-use super::{EnvSpec, ErrorKind, FileSpec, Hash, JobId, LimitSpec, Member};
+use super::{EnvSpec, ErrorKind, FileSpec, Hash, JobId, LimitSpec, Member, OutputFile};
 
 /// A node's part of a job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +56,10 @@ pub struct PartSpec {
     /// beginning.
     #[serde(default)]
     pub restore: Option<Hash>,
+    /// With `restore`, for a job with files: what its vertices' sandboxes held at the
+    /// checkpoint, laid out in place of the inputs (fetched by hash, from the broker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_files: Option<Vec<OutputFile>>,
     /// The part's links will be libp2p streams even where the node offers direct links (a
     /// part moved in): it runs on the shared pool, never on dedicated threads (see
     /// `Prepared::direct_remote_links` in the component layer).

@@ -31,7 +31,7 @@ use crate::joblog::state::Ended;
 use crate::joblog::{Applied, Command, LogError};
 use crate::proto::{
     BrokerRequest, ErrorKind, Failure, FailureKind, Hash, JobId, JobState, MoveInfo, MoveStep,
-    PartReport, PartSpec, Response,
+    OutputFile, PartReport, PartSpec, Response,
 };
 
 /// A move under way.
@@ -48,8 +48,9 @@ pub(super) struct Move {
     stage: Stage,
     /// Answers still awaited for the stage.
     awaited: usize,
-    /// The part's image, once saved.
+    /// The part's image, once saved, and the files its vertices' sandboxes held.
     blob: Option<(Hash, Bytes)>,
+    files: Option<Vec<OutputFile>>,
     /// The new node's spec, until it is sent.
     spec: Option<Box<PartSpec>>,
     /// When the part was asked to pause, and when it started on the new node.
@@ -182,10 +183,14 @@ impl Core {
         };
         let label = self.members.label(&peer);
         let why = match (then, answer) {
-            (MoveStepThen::Left, Ok(Response::Checkpoint { hash, blob }))
+            (MoveStepThen::Left, Ok(Response::Checkpoint { hash, blob, files }))
                 if Hash::of(&blob) == hash =>
             {
                 m.blob = Some((hash, blob));
+                // The new node fetches them while the move is under way.
+                let hashes = files.iter().flatten().map(|f| f.hash).collect();
+                self.view.moving.lock().insert(job.to_owned(), hashes);
+                m.files = files;
                 None
             }
             (MoveStepThen::Left, Ok(_)) => Some(format!("node {label} sent no sound image")),
@@ -216,6 +221,7 @@ impl Core {
                 };
                 self.blobs.put(blob);
                 spec.restore = Some(hash);
+                spec.restore_files = m.files.take();
                 // Its links to the parts that stay will be streams.
                 spec.streams = true;
                 m.stage = Stage::Preparing;
@@ -346,6 +352,7 @@ impl Core {
             return;
         };
         self.ledger.release(job);
+        self.view.moving.lock().remove(job);
         let result = match super::core::first(outcome) {
             Ok(()) => {
                 let info = self
@@ -388,6 +395,7 @@ impl Core {
             return;
         };
         self.ledger.release(job);
+        self.view.moving.lock().remove(job);
         tracing::warn!(%job, part = m.part, %why, "move given up");
         let message = format!("the move of job {job}'s part to another node failed: {why}");
         if matches!(m.stage, Stage::Holding | Stage::Preparing) {
@@ -438,6 +446,7 @@ impl Core {
     pub(super) fn forget_move(&mut self, out: &mut Vec<Effect>, job: &JobId, why: &str) {
         if let Some(m) = self.moves.remove(job) {
             self.ledger.release(job);
+            self.view.moving.lock().remove(job);
             if let Some(reply) = m.reply {
                 let f = fail(FailureKind::Failed, format!("the move was given up: {why}"));
                 out.push(Effect::Reply(reply, f));

@@ -177,6 +177,7 @@ impl Core {
             stage: Stage::Holding,
             awaited: 0,
             blob: None,
+            files: None,
             spec: Some(Box::new(spec)),
             began: self.now,
             running: None,
