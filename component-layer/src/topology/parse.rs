@@ -57,7 +57,13 @@ struct Parser<'a> {
     pos: usize,
     g: RawGraph,
     last_line: u32,
+    /// Subgraphs open around the statement being read.
+    depth: usize,
 }
+
+/// How deep subgraphs may nest (each level is read by a recursive call: deeper nesting from a
+/// hostile file would overflow a thread's stack).
+pub(crate) const MAX_DEPTH: usize = 32;
 
 type PResult<T> = Result<T, Diagnostic>;
 
@@ -69,6 +75,7 @@ pub(crate) fn parse(toks: &[(Tok, u32)]) -> PResult<RawGraph> {
         pos: 0,
         g: RawGraph::default(),
         last_line,
+        depth: 0,
     };
     p.graph()?;
     Ok(p.g)
@@ -314,9 +321,15 @@ impl Parser<'_> {
             }
         }
         self.expect(&Tok::LBrace, "'{' to open the subgraph")?;
+        if self.depth >= MAX_DEPTH {
+            return self.error(format!("subgraphs nested more than {MAX_DEPTH} deep"));
+        }
         let mut inner = scope.clone();
         let mut own = Vec::new();
-        self.stmts(&mut inner, &mut own)?;
+        self.depth += 1;
+        let read = self.stmts(&mut inner, &mut own);
+        self.depth -= 1;
+        read?;
         self.expect(&Tok::RBrace, "'}' to close the subgraph")?;
         members.extend_from_slice(&own);
         own.sort_unstable();
@@ -436,5 +449,22 @@ mod tests {
         assert!(RawGraph::from_src("digraph { a } extra").is_err());
         assert!(RawGraph::from_src("digraph { a ").is_err());
         assert!(RawGraph::from_src("").is_err());
+    }
+
+    #[test]
+    fn subgraphs_nest_at_most_max_depth_deep_and_deeper_is_an_error_not_a_crash() {
+        let nested = |n: usize| format!("digraph {{\n{} a {}}}", "{ ".repeat(n), "} ".repeat(n));
+        let g = RawGraph::from_src(&nested(MAX_DEPTH)).expect("as deep as allowed");
+        assert_eq!(g.nodes.len(), 1);
+        // Found by the fuzzer: a few hundred '{' overflowed the stack.
+        for n in [MAX_DEPTH + 1, 100_000] {
+            let e = RawGraph::from_src(&nested(n)).expect_err("too deep");
+            assert_eq!(e.line, 2);
+            assert!(
+                e.message.contains("nested more than 32 deep"),
+                "{}",
+                e.message
+            );
+        }
     }
 }
