@@ -394,10 +394,12 @@ pub(super) fn owner_of(caller: &Principal, s: &Submission) -> Result<Principal, 
     }
 }
 
-/// Whether `serial` reads as a certificate's serial: 1 to 40 hex digits (X.509 serials are
-/// at most 20 bytes).
+/// Whether `serial` reads as a certificate's serial: 1 to 20 bytes in hex (X.509 serials are
+/// at most 20 bytes), as a revocation list can be checked against.
 fn is_serial(serial: &str) -> bool {
-    (1..=40).contains(&serial.len()) && serial.bytes().all(|b| b.is_ascii_hexdigit())
+    (2..=40).contains(&serial.len())
+        && serial.len().is_multiple_of(2)
+        && serial.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Whether `caller` may act for `user`: a super-peer of `user`'s own domain (which

@@ -107,6 +107,8 @@ pub(super) struct Core {
     pub(super) steering: super::monitor::Steering,
     /// The triggers and what their actions need.
     pub(super) triggering: super::triggers::Triggering,
+    /// Jobs' files, to check that the files a checkpoint names are held (none: not checked).
+    pub(super) files: Option<Arc<crate::files::FileStore>>,
     /// Per provider: the last charge batch proposed to the bank and not yet applied.
     pub(super) charging: HashMap<String, (u64, u64)>,
     /// When the market jobs' agents last bid.
@@ -148,6 +150,7 @@ impl Core {
             drain: None,
             steering: super::monitor::Steering::default(),
             triggering: super::triggers::Triggering::default(),
+            files: None,
             charging: HashMap::new(),
             last_agents: None,
             holders: super::holders::Holders::default(),

@@ -51,7 +51,12 @@ async fn a_forwarded_job_whose_owners_certificate_a_list_held_here_revokes_is_re
     assert_eq!(b.log.read(|s| s.jobs().count()), 0, "nothing recorded");
     // Forwarded without a serial, or with one that is not hex: refused too (no list could be
     // checked against it).
-    for bad in [None, Some("not-hex".to_string()), Some("ab".repeat(21))] {
+    for bad in [
+        None,
+        Some("not-hex".to_string()),
+        Some("ab".repeat(21)),
+        Some("abc".to_string()),
+    ] {
         job.submission.owner_cert = bad.clone();
         let (effects, mut rx) = b.submit_as(forwarder.clone(), &job);
         let rest = reply_now(b.settle(effects).await);

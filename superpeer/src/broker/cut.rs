@@ -29,6 +29,19 @@ use crate::proto::{
 /// sandboxes (none: its job has no files).
 type Saved = (Hash, Bytes, Option<Vec<OutputFile>>);
 
+/// Why a part's image cannot be taken if `store` lacks a file of `files` it names.
+pub(super) fn unheld(
+    store: Option<&crate::files::FileStore>,
+    files: Option<&[OutputFile]>,
+) -> Option<String> {
+    let (store, files) = (store?, files?);
+    let f = files.iter().find(|f| store.size(&f.hash) != Some(f.size))?;
+    Some(format!(
+        "file '{}' of vertex '{}' was not sent first",
+        f.path, f.vertex
+    ))
+}
+
 /// A cut under way.
 pub(super) struct Cut {
     /// Its number within the job.
@@ -187,10 +200,15 @@ impl Core {
         let why = match answer {
             _ if late => Some(format!("not every part answered within {CUT_LIMIT:?}")),
             Ok(Response::Checkpoint { hash, blob, files }) if Hash::of(&blob) == hash => {
-                if let Some(slot) = c.blobs.get_mut(part) {
-                    *slot = Some((hash, blob, files));
+                match unheld(self.files.as_deref(), files.as_deref()) {
+                    Some(missing) => Some(missing),
+                    None => {
+                        if let Some(slot) = c.blobs.get_mut(part) {
+                            *slot = Some((hash, blob, files));
+                        }
+                        None
+                    }
                 }
-                None
             }
             Ok(Response::Checkpoint { .. }) => Some("a blob does not match its hash".to_owned()),
             Ok(_) => Some("a node answered with no blob".to_owned()),

@@ -59,6 +59,7 @@ impl Holding for FileAccess {
 
     /// Which of `hashes` a job in the log names (as an input or an output).
     fn named(&self, hashes: &[Hash]) -> HashSet<Hash> {
+        let hashes: HashSet<&Hash> = hashes.iter().collect();
         self.log.read(|s| {
             s.jobs()
                 .flat_map(|j| j.file_hashes())
@@ -109,8 +110,8 @@ impl Access for FileAccess {
         self.unclaimed.admit(&putter(who), !ours, *hash, size, self)
     }
 
-    fn put_ended(&self, who: &Principal, hash: &Hash, stored: bool) {
-        self.unclaimed.ended(&putter(who), hash, stored);
+    fn put_ended(&self, who: &Principal, hash: &Hash) {
+        self.unclaimed.ended(&putter(who), hash, self);
     }
 
     fn may_get(

@@ -249,6 +249,7 @@ impl Broker {
             founders,
         );
         core.triggering = triggering;
+        core.files = Some(files.clone());
         let (inputs, rx) = mpsc::channel(INPUTS);
         Broker {
             site,

@@ -20,6 +20,10 @@ use crate::proto::{GroupSummary, Request};
 /// again, when it did not come or was refused.
 const CRL_AGAIN: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a replica that comes to lead waits for its log to be applied before it looks at
+/// its jobs against the revocation lists it holds.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Every how many ticks the files no job refers to are looked for.
 const FILES_EVERY: u64 = 120;
 
@@ -76,8 +80,15 @@ impl Broker {
                     round += 1;
                     let leads = self.log.is_leader();
                     if leads && !led {
+                        // Once what its log holds is applied (what the last leader committed
+                        // included), or after a while.
                         let me = self.clone();
                         tasks.spawn(async move {
+                            let last = me.log.last_index();
+                            if me.log.applied() < last {
+                                let wait = me.log.changed(last.saturating_sub(1));
+                                let _ = tokio::time::timeout(CATCH_UP, wait).await;
+                            }
                             me.revoked(&me.site.net.trust().crls()).await;
                             None
                         });

@@ -253,3 +253,27 @@ async fn a_part_moved_to_another_node_finds_there_the_files_its_vertex_wrote() {
         [("v".to_owned(), bytes::Bytes::from_static(b"saved\n"))]
     );
 }
+
+/// A checkpoint asked by a new leader (the one that placed the job is gone) sends the
+/// sandboxes' files to it, and a run restored from it finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_new_leader_a_checkpoint_s_files_go_to_it_and_a_restore_finds_them() {
+    let mut lab = Lab::start(3, &[1, 1]).await;
+    let c = lab.client().await;
+    let s = c.submit(&keeper(8)).await.expect("submit");
+    until(&c, &s.job, |st| st == JobState::Running).await;
+    let old = lab.leader().await;
+    lab.superpeers[old].stop().await;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let c = lab.client_among(&lab.user(), &rest).await;
+    c.checkpoint(&s.job)
+        .await
+        .expect("a checkpoint by the new leader");
+    let s = until(&c, &s.job, |_| true).await;
+    let (end, _) = lose_a_node(&mut lab, &c, &s).await;
+    assert!(end.restarts[0].from_cut.is_some(), "{end:?}");
+    assert_eq!(
+        outputs(&end),
+        [("v".to_owned(), bytes::Bytes::from_static(b"saved\n"))]
+    );
+}

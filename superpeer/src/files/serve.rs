@@ -32,8 +32,8 @@ pub(crate) trait Access: Send + Sync + 'static {
     /// is called when the transfer ends.
     fn may_put(&self, peer: PeerId, who: &Principal, hash: &Hash, size: u64)
     -> Result<(), Failure>;
-    /// A put [`Access::may_put`] let begin has ended: the file `stored`, or not.
-    fn put_ended(&self, who: &Principal, hash: &Hash, stored: bool);
+    /// A put [`Access::may_put`] let begin has ended, however it did.
+    fn put_ended(&self, who: &Principal, hash: &Hash);
     /// Whether `who` (at `peer`) may get file `hash` of job `job`.
     fn may_get(
         &self,
@@ -115,7 +115,7 @@ async fn transfer(
         FileRequest::Put { hash, size } => {
             access.may_put(peer, who, &hash, size)?;
             let took = take(peer, stream, store, access, hash, size).await;
-            access.put_ended(who, &hash, took.is_ok());
+            access.put_ended(who, &hash);
             took
         }
         FileRequest::Get { job, hash } => {
@@ -176,6 +176,8 @@ async fn take(
 ) -> Result<(), Failure> {
     let broke = |e: std::io::Error| Failure::new(FailureKind::Unavailable, e.to_string());
     if store.size(&hash) == Some(size) {
+        // Put again (for a job, a checkpoint or a move to name soon): not let go meanwhile.
+        store.touch(&hash);
         write_frame(stream, &FileAnswer::Have, MAX_HEADER)
             .await
             .map_err(broke)?;
@@ -237,7 +239,7 @@ impl Access for NodeFiles {
         ))
     }
 
-    fn put_ended(&self, _who: &Principal, _hash: &Hash, _stored: bool) {}
+    fn put_ended(&self, _who: &Principal, _hash: &Hash) {}
 
     fn may_get(
         &self,

@@ -23,7 +23,15 @@ pub(crate) struct Sandbox {
     /// The hash of each file laid out or saved, with its size and time of change then: a
     /// checkpoint hashes again only the files that changed since.
     known: parking_lot::Mutex<HashMap<PathBuf, (u64, SystemTime, Hash)>>,
+    /// The copies a checkpoint keeps of the files (those of the last checkpoint), under the
+    /// root beside the vertices' directories (none of which sees it): the part's own, gone
+    /// with it.
+    pub(crate) saved: FileStore,
 }
+
+/// The directory of [`Sandbox::saved`] under the root (no vertex directory is named so: those
+/// start with their index).
+const SAVED: &str = ".saved";
 
 /// The size and time of last change of the file at `path`.
 fn stamp(path: &std::path::Path) -> std::io::Result<(u64, SystemTime)> {
@@ -38,7 +46,8 @@ impl Sandbox {
     ///
     /// # Errors
     /// A sandbox over the bound, or a file that cannot be read or kept.
-    pub(crate) fn save(&self, store: &FileStore, bound: u64) -> Result<Vec<OutputFile>, String> {
+    pub(crate) fn save(&self, bound: u64) -> Result<Vec<OutputFile>, String> {
+        let store = &self.saved;
         let all = mvm_component::files::Patterns::new(&["**"])?;
         let mut known = self.known.lock();
         let mut files = Vec::new();
@@ -55,8 +64,9 @@ impl Sandbox {
             for f in found.files {
                 let now =
                     stamp(&f.abs).map_err(|e| format!("vertex '{vertex}': {}: {e}", f.path))?;
+                // Unchanged since it was laid out (an input, in the node's store) or saved.
                 let hash = match known.get(&f.abs) {
-                    Some((size, at, hash)) if (*size, *at) == now && store.has(hash) => *hash,
+                    Some((size, at, hash)) if (*size, *at) == now => *hash,
                     _ => {
                         let (hash, _) = store
                             .put_file(&f.abs)
@@ -73,24 +83,32 @@ impl Sandbox {
                 });
             }
         }
+        // Only the last checkpoint's copies are kept.
+        let kept: std::collections::HashSet<Hash> = files.iter().map(|f| f.hash).collect();
+        for (hash, _) in store.list() {
+            if !kept.contains(&hash) {
+                store.remove(&hash);
+            }
+        }
+        known.retain(|_, (_, _, h)| kept.contains(h));
         Ok(files)
     }
 }
 
-/// Sends `files` (each once) from `store` to `to` (the group's leader).
+/// Sends `files` (each once, from where `path_of` says it is) to `to` (the group's leader).
 ///
 /// # Errors
 /// The first that cannot be sent.
 pub(crate) async fn send_all(
     net: &Net,
     to: PeerId,
-    store: &FileStore,
     files: &[OutputFile],
+    path_of: impl Fn(&Hash) -> PathBuf,
 ) -> Result<(), Failure> {
     let mut sent = BTreeSet::new();
     for f in files {
         if sent.insert(f.hash) {
-            super::put(net, to, &[], &store.path(&f.hash), f.hash, f.size)
+            super::put(net, to, &[], &path_of(&f.hash), f.hash, f.size)
                 .await
                 .map_err(|e| {
                     let m = format!("vertex '{}': {}: {}", f.vertex, f.path, e.message);
@@ -162,6 +180,12 @@ pub(crate) async fn stage_in(
     spec: &FileSpec,
     restored: Option<&[OutputFile]>,
 ) -> Result<Sandbox, Failure> {
+    let saved = FileStore::open(&root.join(SAVED)).map_err(|e| {
+        Failure::new(
+            FailureKind::Failed,
+            format!("making the sandboxes' directory: {e}"),
+        )
+    })?;
     let sandbox = Sandbox {
         vertices: vertices
             .iter()
@@ -170,6 +194,7 @@ pub(crate) async fn stage_in(
             .collect(),
         root,
         known: parking_lot::Mutex::default(),
+        saved,
     };
     // What each vertex's sandbox gets: the inputs, or what it held at the checkpoint.
     let layout: Vec<(String, String, Hash, u64)> = match restored {

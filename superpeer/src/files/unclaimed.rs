@@ -79,13 +79,15 @@ impl Unclaimed {
         }
         let now = Instant::now();
         let mut by = self.by.lock();
-        // What no longer counts goes: files let go, transfers that failed long ago.
+        // What no longer counts goes: everyone's files past their time, and this principal's
+        // files no longer held.
         by.retain(|_, puts| {
-            puts.retain(|h, p| {
-                p.flying > 0 || (now - p.at < self.keep && at.held(h) == Some(p.size))
-            });
+            puts.retain(|_, p| p.flying > 0 || now - p.at < self.keep);
             !puts.is_empty()
         });
+        if let Some(puts) = by.get_mut(who) {
+            puts.retain(|h, p| p.flying > 0 || at.held(h) == Some(p.size));
+        }
         let flying: u64 = by
             .values()
             .flat_map(HashMap::values)
@@ -93,6 +95,17 @@ impl Unclaimed {
             .map(|p| p.size)
             .sum();
         let mine = by.entry(who.to_owned()).or_default();
+        if mine.len() >= mvm_component::files::MAX_FILES && !mine.contains_key(&hash) {
+            return Err(Failure::new(
+                FailureKind::Refused,
+                format!(
+                    "{who} holds {} files here that no job names yet (at most {}): submit the \
+                     jobs that name them first",
+                    mine.len(),
+                    mvm_component::files::MAX_FILES
+                ),
+            ));
+        }
         let sum = |puts: &HashMap<Hash, Put>| -> u64 {
             puts.iter()
                 .filter(|(h, _)| **h != hash)
@@ -143,13 +156,15 @@ impl Unclaimed {
         Ok(())
     }
 
-    /// A transfer [`Unclaimed::admit`] let begin has ended: the file `stored`, or not.
-    pub(crate) fn ended(&self, who: &str, hash: &Hash, stored: bool) {
+    /// A transfer [`Unclaimed::admit`] let begin has ended, however it did: whether the file
+    /// is kept is asked of the store (`at`), not of the transfer (whose last answer may not
+    /// have been read).
+    pub(crate) fn ended(&self, who: &str, hash: &Hash, at: &dyn Holding) {
         let mut by = self.by.lock();
         let Some(puts) = by.get_mut(who) else { return };
         if let Some(p) = puts.get_mut(hash) {
             p.flying = p.flying.saturating_sub(1);
-            if p.flying == 0 && !stored {
+            if p.flying == 0 && at.held(hash) != Some(p.size) {
                 puts.remove(hash);
             }
         }
@@ -202,7 +217,7 @@ mod tests {
         // Alice puts a (6 GiB, stored), then b (4 GiB) fits, c (1 GiB) more does not.
         u.admit("alice", true, a, 6 * GIB, &at).expect("fits");
         at.files.insert(a, 6 * GIB);
-        u.ended("alice", &a, true);
+        u.ended("alice", &a, &at);
         u.admit("alice", true, b, 4 * GIB, &at).expect("fits");
         let e = u.admit("alice", true, c, GIB, &at).expect_err("over");
         assert_eq!(e.kind, FailureKind::Refused, "{e:?}");
@@ -213,10 +228,10 @@ mod tests {
         );
         // Not bounded (the group's own nodes), and bob: not counted with her.
         u.admit("alice", false, c, GIB, &at).expect("unbounded");
-        u.ended("alice", &c, false);
+        u.ended("alice", &c, &at);
         u.admit("bob", true, c, GIB, &at).expect("another's quota");
         // A failed transfer frees its room; a file already held needs none.
-        u.ended("alice", &b, false);
+        u.ended("alice", &b, &at);
         u.admit("alice", true, c, GIB, &at).expect("fits again");
         u.admit("alice", true, a, 6 * GIB, &at)
             .expect("held already");
@@ -246,10 +261,10 @@ mod tests {
         }
         u.admit("bob", true, b, GIB, &at).expect("just fits");
         // a stored (its bytes on the disk now, no longer promised), b failed.
-        u.ended("alice", &a, true);
-        u.ended("bob", &b, false);
-        at.free = Some(2 * GIB);
         at.files.insert(a, 3 * GIB);
+        u.ended("alice", &a, &at);
+        u.ended("bob", &b, &at);
+        at.free = Some(2 * GIB);
         u.admit("bob", true, b, GIB, &at).expect("fits");
     }
 
@@ -260,7 +275,7 @@ mod tests {
         let mut at = At::default();
         u.admit("alice", true, a, 2 * GIB, &at).expect("fits");
         at.files.insert(a, 2 * GIB);
-        u.ended("alice", &a, true);
+        u.ended("alice", &a, &at);
         assert!(u.admit("alice", true, b, 1, &at).is_err());
         std::thread::sleep(Duration::from_millis(80));
         u.admit("alice", true, b, GIB, &at).expect("a is let go");

@@ -302,6 +302,11 @@ impl JobLog {
         *self.changed.borrow()
     }
 
+    /// The index of the last entry in this replica's log (applied or not).
+    pub fn last_index(&self) -> u64 {
+        self.metrics(|m| m.last_log_index.unwrap_or(0))
+    }
+
     /// Waits until an entry after `after` has been applied here.
     pub async fn changed(&self, after: u64) {
         let mut rx = self.changed.clone();

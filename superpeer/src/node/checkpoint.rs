@@ -9,7 +9,6 @@
 //! reads to the mark and no further. The images of every part then form a consistent cut
 //! whatever order the nodes pause in ([`mvm_queue::remote::mark`]).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +17,6 @@ use mvm_queue::remote::{Drain, Hold};
 
 use super::part::Save;
 use super::parts::{Control, Marks};
-use crate::files::FileStore;
 use crate::proto::{Failure, FailureKind, Hash, OutputFile};
 use crate::worker::Control as WorkerControl;
 
@@ -39,19 +37,13 @@ pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
 /// files).
 pub(super) type Taken = (Hash, Bytes, Option<Vec<OutputFile>>);
 
-/// Keeps in `store` every file of the sandboxes `save` names, while the part is paused.
-async fn save_files(
-    save: Option<&Save>,
-    store: Option<&Arc<FileStore>>,
-    cut: u64,
-) -> Result<Option<Vec<OutputFile>>, Failure> {
+/// Keeps every file of the sandboxes `save` names ([`crate::files::Sandbox::save`]), while
+/// the part is paused.
+async fn save_files(save: Option<&Save>, cut: u64) -> Result<Option<Vec<OutputFile>>, Failure> {
     let Some(save) = save else { return Ok(None) };
     let failed = |m: String| Failure::new(FailureKind::Failed, format!("checkpoint {cut}: {m}"));
-    let Some(store) = store.cloned() else {
-        return Err(failed("this node keeps no files".into()));
-    };
     let (sandbox, bound) = (save.sandbox.clone(), save.bound);
-    match tokio::task::spawn_blocking(move || sandbox.save(&store, bound)).await {
+    match tokio::task::spawn_blocking(move || sandbox.save(bound)).await {
         Ok(Ok(files)) => Ok(Some(files)),
         Ok(Err(m)) => Err(failed(m)),
         Err(e) => Err(failed(e.to_string())),
@@ -59,7 +51,7 @@ async fn save_files(
 }
 
 /// Takes the checkpoint `cut` of a running part: the blob's hash and the blob, and what its
-/// sandboxes hold (`save`, kept in `store`). The part goes
+/// sandboxes hold (`save`). The part goes
 /// on whatever happens, and its receiving ends too; its sending ends stay held until
 /// [`let_go`], so that no item after the cut's mark reaches a part of the job whose image is
 /// not taken yet (its node may be asked later than this one, and would read on past a mark it
@@ -69,17 +61,12 @@ async fn save_files(
 /// A vertex that reaches no pause point in time (a loop that calls no import), a link that
 /// does not reach the mark in time or fails, or an image that cannot be encoded; every end is
 /// let go then.
-pub(super) async fn take(
-    marks: &Marks,
-    cut: u64,
-    save: Option<&Save>,
-    store: Option<&Arc<FileStore>>,
-) -> Result<Taken, Failure> {
+pub(super) async fn take(marks: &Marks, cut: u64, save: Option<&Save>) -> Result<Taken, Failure> {
     let control = match &marks.control {
         Control::Here(c) => c,
         Control::Worker(w) => {
             let blob = freeze_worker(w, marks, cut).await?;
-            let files = save_files(save, store, cut).await;
+            let files = save_files(save, cut).await;
             for (_, d) in &marks.drains {
                 d.release();
             }
@@ -91,7 +78,7 @@ pub(super) async fn take(
         }
     };
     let (paused, image) = freeze(control, marks, cut).await?;
-    let files = save_files(save, store, cut).await;
+    let files = save_files(save, cut).await;
     for (_, d) in &marks.drains {
         d.release();
     }
@@ -125,14 +112,13 @@ pub(super) async fn leave(
     marks: &Marks,
     cut: u64,
     save: Option<&Save>,
-    store: Option<&Arc<FileStore>>,
 ) -> Result<(Taken, u64), Failure> {
     let control = match &marks.control {
         Control::Here(c) => c,
         // The worker stays paused, its feeds stopped, until it is stopped or resumed.
         Control::Worker(w) => {
             let blob = freeze_worker(w, marks, cut).await?;
-            return match save_files(save, store, cut).await {
+            return match save_files(save, cut).await {
                 Ok(files) => Ok(((Hash::of(&blob), blob, files), 0)),
                 Err(f) => {
                     release(marks);
@@ -143,7 +129,7 @@ pub(super) async fn leave(
         }
     };
     let (paused, image) = freeze(control, marks, cut).await?;
-    let taken = match save_files(save, store, cut).await {
+    let taken = match save_files(save, cut).await {
         Ok(files) => encode(&image, cut).map(|(hash, blob)| (hash, blob, files)),
         Err(f) => Err(f),
     };

@@ -157,12 +157,10 @@ impl Node {
             } => {
                 let node = self.clone();
                 tasks.spawn(async move {
-                    let store = node.config.files.as_ref();
-                    let taken =
-                        match super::checkpoint::take(&marks, cut, save.as_ref(), store).await {
-                            Ok(t) => node.send_saved(t, save.as_ref(), cut).await,
-                            Err(f) => Err(f),
-                        };
+                    let taken = match super::checkpoint::take(&marks, cut, save.as_ref()).await {
+                        Ok(t) => node.send_saved(t, save.as_ref(), cut).await,
+                        Err(f) => Err(f),
+                    };
                     match taken {
                         Ok(answer) => {
                             let _ = reply.send(answer);
@@ -191,8 +189,7 @@ impl Node {
             } => {
                 let node = self.clone();
                 tasks.spawn(async move {
-                    let store = node.config.files.as_ref();
-                    let left = super::checkpoint::leave(&marks, cut, save.as_ref(), store).await;
+                    let left = super::checkpoint::leave(&marks, cut, save.as_ref()).await;
                     let (r, pause) = match left {
                         Ok((t, pause)) => match node.send_saved(t, save.as_ref(), cut).await {
                             Ok(answer) => (answer, Some(pause)),
@@ -250,8 +247,8 @@ impl Node {
         None
     }
 
-    /// Sends the files a checkpoint `cut` saved to the broker (`save`), then gives the answer
-    /// that names them.
+    /// Sends the files a checkpoint `cut` saved to the super-peer this node follows now (the
+    /// one that placed the part, if it follows none), then gives the answer that names them.
     async fn send_saved(
         &self,
         taken: super::checkpoint::Taken,
@@ -260,14 +257,21 @@ impl Node {
     ) -> Result<Response, crate::proto::Failure> {
         let (hash, blob, files) = taken;
         if let (Some(files), Some(save), Some(store)) = (&files, save, &self.config.files) {
-            let sent = crate::files::send_all(&self.site.net, save.to, store, files).await;
-            // The broker keeps them now: this node keeps only its inputs.
-            for f in files.iter().filter(|f| !store.is_input(&f.hash)) {
-                store.remove(&f.hash);
-            }
-            sent.map_err(|f| {
-                crate::proto::Failure::new(f.kind, format!("checkpoint {cut}: {}", f.message))
-            })?;
+            let to = self.superpeer.read().as_ref().map_or(save.to, |(p, _)| *p);
+            // Inputs unchanged since they were laid out are in the node's store.
+            let saved = &save.sandbox.saved;
+            let path_of = |h: &crate::proto::Hash| {
+                if saved.has(h) {
+                    saved.path(h)
+                } else {
+                    store.path(h)
+                }
+            };
+            crate::files::send_all(&self.site.net, to, files, path_of)
+                .await
+                .map_err(|f| {
+                    crate::proto::Failure::new(f.kind, format!("checkpoint {cut}: {}", f.message))
+                })?;
         }
         Ok(Response::Checkpoint { hash, blob, files })
     }

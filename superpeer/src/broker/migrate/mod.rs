@@ -184,6 +184,14 @@ impl Core {
         let label = self.members.label(&peer);
         let why = match (then, answer) {
             (MoveStepThen::Left, Ok(Response::Checkpoint { hash, blob, files }))
+                if Hash::of(&blob) == hash
+                    && super::cut::unheld(self.files.as_deref(), files.as_deref()).is_some() =>
+            {
+                Some(format!(
+                    "node {label} did not send the files of its sandboxes first"
+                ))
+            }
+            (MoveStepThen::Left, Ok(Response::Checkpoint { hash, blob, files }))
                 if Hash::of(&blob) == hash =>
             {
                 m.blob = Some((hash, blob));
