@@ -65,6 +65,7 @@ fn job() -> WorkerJob {
         max_memory_bytes: node.max_memory_bytes() as u64,
         restore: None,
         sandboxes: Default::default(),
+        guest_files: None,
     }
 }
 

@@ -18,7 +18,7 @@ mod store;
 mod unclaimed;
 
 pub(crate) use serve::{Access, NodeFiles, serve};
-pub(crate) use stage::{Sandbox, send_all, stage_in, take_outputs};
+pub(crate) use stage::{Sandbox, dir_name, send_all, stage_in, take_outputs};
 pub use store::{FileStore, ReceiveError, hash_file, receive};
 pub use unclaimed::{DEFAULT_QUOTA, DISK_RESERVE};
 pub(crate) use unclaimed::{Holding, Unclaimed};

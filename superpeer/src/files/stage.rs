@@ -140,7 +140,7 @@ impl Drop for Sandbox {
 
 /// A directory name for a vertex: its name with anything but letters, digits, `-`, `_` and
 /// `.` replaced, after its index (so that two names never meet).
-fn dir_name(index: usize, vertex: &str) -> String {
+pub(crate) fn dir_name(index: usize, vertex: &str) -> String {
     let clean: String = vertex
         .chars()
         .take(64)

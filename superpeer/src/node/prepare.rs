@@ -23,6 +23,10 @@ use crate::worker::{Started, WorkerCommand, WorkerJob};
 /// emulated Xen a boot takes seconds; within the broker's wait for a prepare.
 const AGENT_BOOT: std::time::Duration = std::time::Duration::from_secs(45);
 
+/// The most bytes of input files sent with a job to a worker in a guest of its own, and of
+/// output files it gives back (every vertex's bound together): each travels in one frame.
+const GUEST_FILES: u64 = 512 << 20;
+
 /// How a part's worker is started.
 enum Launch<'a> {
     /// As a child of the node, joining these control groups.
@@ -353,6 +357,55 @@ impl Node {
         }))
     }
 
+    /// The files of a part for a worker in a guest of its own (a Xen domain, through its
+    /// agent), of `vertices` vertices: the inputs' bytes (from the node's store, where the
+    /// prolog put them), the output patterns and bound.
+    ///
+    /// # Errors
+    /// A job that asks for checkpoints (not yet taken of files in a guest), files over
+    /// [`GUEST_FILES`], or an input that cannot be read.
+    async fn guest_files(
+        &self,
+        spec: &PartSpec,
+        files: &crate::proto::FileSpec,
+        vertices: usize,
+    ) -> Result<crate::worker::GuestFiles, Failure> {
+        let node = &self.site.name;
+        let refused = |m: String| Failure::new(FailureKind::Refused, format!("node {node}: {m}"));
+        if spec.checkpoint || spec.restore.is_some() {
+            return Err(refused(
+                "checkpoints of a job with files are not yet taken inside a Xen guest".into(),
+            ));
+        }
+        let outputs = files.output_bytes.saturating_mul(vertices as u64);
+        if files.input_bytes() > GUEST_FILES || outputs > GUEST_FILES {
+            return Err(refused(format!(
+                "a job with {} bytes of input files and {outputs} of output files (its bound \
+                 for each of {vertices} vertices) in a Xen guest (at most {GUEST_FILES} of \
+                 each)",
+                files.input_bytes()
+            )));
+        }
+        let Some(store) = &self.config.files else {
+            return Err(refused("this daemon runs no vertices".into()));
+        };
+        let mut inputs = Vec::with_capacity(files.inputs.len());
+        for i in &files.inputs {
+            let bytes = tokio::fs::read(store.path(&i.hash)).await.map_err(|e| {
+                Failure::new(
+                    FailureKind::Failed,
+                    format!("node {node}: input file '{}': {e}", i.path),
+                )
+            })?;
+            inputs.push((i.path.clone(), bytes::Bytes::from(bytes)));
+        }
+        Ok(crate::worker::GuestFiles {
+            inputs,
+            outputs: files.outputs.clone(),
+            output_bytes: files.output_bytes,
+        })
+    }
+
     /// The part prepared in a worker inside its guest, when it runs in one: its guest is a
     /// group of this host's processes, and the node starts workers. The worker is started
     /// now, so that its start is part of the preparation; a part run again from a checkpoint
@@ -378,16 +431,13 @@ impl Node {
             },
             (None, None) => return Ok(None),
         };
-        if matches!(how, Launch::Agent(_)) && !sandboxes.is_empty() {
-            return Err(Failure::new(
-                FailureKind::Refused,
-                format!(
-                    "node {}: a job's files are not yet laid out inside a Xen guest's own file \
-                     system",
-                    self.site.name
-                ),
-            ));
-        }
+        // A worker in a guest of its own gets the files with its job (see `guest_files`).
+        let guest_files = match (&how, &spec.files) {
+            (Launch::Agent(_), Some(files)) if !sandboxes.is_empty() => {
+                Some(self.guest_files(spec, files, sandboxes.len()).await?)
+            }
+            _ => None,
+        };
         let restore = match &spec.restore {
             Some(hash) => Some(self.fetch_checkpoint(from, spec, hash).await?),
             None => None,
@@ -418,7 +468,12 @@ impl Node {
             owner: spec.owner.clone(),
             max_memory_bytes,
             restore,
-            sandboxes: sandboxes.clone(),
+            sandboxes: if guest_files.is_some() {
+                BTreeMap::new()
+            } else {
+                sandboxes.clone()
+            },
+            guest_files,
         };
         let started = match how {
             Launch::Child(command, join) => {
@@ -434,7 +489,8 @@ impl Node {
                             format!("guest {}: {e}", env.guest().name()),
                         )
                     })?;
-                Started::start_in_agent(&agent, &job, env.guest(), &self.queues).await
+                Started::start_in_agent(&agent, &job, env.guest(), &self.queues, sandboxes.clone())
+                    .await
             }
         };
         let (started, (inputs, outputs)) = started.map_err(|f| {

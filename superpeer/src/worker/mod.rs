@@ -43,6 +43,7 @@
 //! A part restored from a checkpoint gets the blob with its job ([`WorkerJob::restore`]).
 
 pub mod agent;
+mod guest_files;
 mod node;
 mod part;
 
@@ -111,6 +112,35 @@ pub struct WorkerJob {
     /// file system).
     #[serde(default)]
     pub sandboxes: BTreeMap<String, PathBuf>,
+    /// The job's files for a worker that does not share its node's file system (in a Xen
+    /// guest, through its agent): it lays them out in sandboxes of its own, and gives back
+    /// what its vertices leave there ([`FromWorker::Files`]).
+    #[serde(default)]
+    pub guest_files: Option<GuestFiles>,
+}
+
+/// A job's files carried to a worker in a guest of its own ([`WorkerJob::guest_files`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GuestFiles {
+    /// The inputs, laid out in every local vertex's sandbox: its path there and its bytes.
+    pub inputs: Vec<(String, Bytes)>,
+    /// The output patterns.
+    pub outputs: Vec<String>,
+    /// The bytes of output files given back per vertex at most.
+    pub output_bytes: u64,
+}
+
+/// What a vertex left in its sandbox in a guest ([`FromWorker::Files`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuestOutput {
+    /// The vertex.
+    pub vertex: String,
+    /// The file's path in its sandbox.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Its bytes (none: it is over the vertex's bound, and is named only).
+    pub bytes: Option<Bytes>,
 }
 
 /// What the node tells a worker after its job.
@@ -188,6 +218,10 @@ pub enum FromWorker {
     /// Lines the vertices wrote since the last such message (every [`LOG_SHIP`] while they
     /// run, and the last ones before [`FromWorker::End`]).
     Logs(Vec<mvm_component::runtime::logs::LogLine>),
+    /// The files matching the output patterns that the vertices left in the sandboxes of a
+    /// worker in a guest ([`WorkerJob::guest_files`]), before [`FromWorker::End`], also when
+    /// the part failed.
+    Files(Vec<GuestOutput>),
     /// The part ended.
     End(WorkerEnd),
 }

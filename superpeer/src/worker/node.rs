@@ -2,6 +2,7 @@
 //! links ending in queues of the node (which carry them to the other parts as the node's own
 //! parts' are), and the part run when it starts.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -63,6 +64,9 @@ pub(crate) struct Started {
     control: Arc<Control>,
     /// What the worker's vertices wrote, as the worker gives it.
     logs: Arc<LogBook>,
+    /// The node's sandboxes of the part, by vertex, when the worker has its own (in a guest):
+    /// the files it gives back go there.
+    mirror: BTreeMap<String, PathBuf>,
 }
 
 /// What a feed of a remote input is told during a checkpoint.
@@ -262,12 +266,14 @@ impl Started {
     }
 
     /// Has the agent of `guest` (a domain of its own), at `agent`, start a worker, hands it
-    /// `job`, and waits for its part to be prepared, as [`Started::start`].
+    /// `job`, and waits for its part to be prepared, as [`Started::start`]. The files the
+    /// worker gives back go into `mirror` (the node's sandboxes of the part, by vertex).
     pub(crate) async fn start_in_agent(
         agent: &AgentAddr,
         job: &WorkerJob,
         guest: GuestRef,
         queues: &Controller,
+        mirror: BTreeMap<String, PathBuf>,
     ) -> Result<(Started, Links), VertexFailure> {
         let (conn, pid) = super::agent::hello(agent, true).await.map_err(|e| {
             setup(format!(
@@ -282,7 +288,10 @@ impl Started {
             BufReader::new(Box::new(r) as Box<dyn AsyncRead + Send + Unpin>),
         );
         let proc = Proc::Agent(agent.addr);
-        Self::begin(proc, ends, pid.unwrap_or(0), None, job, guest, queues).await
+        let (mut started, links) =
+            Self::begin(proc, ends, pid.unwrap_or(0), None, job, guest, queues).await?;
+        started.mirror = mirror;
+        Ok((started, links))
     }
 
     /// Hands `job` to the worker just started, and waits for its part's links.
@@ -376,6 +385,7 @@ impl Started {
             rx,
             control,
             logs: LogBook::new(Vec::new(), bound, false),
+            mirror: BTreeMap::new(),
         };
         Ok((started, (ins, outs)))
     }
@@ -405,6 +415,7 @@ impl Started {
             mut rx,
             control,
             logs,
+            mirror,
         } = self;
         let tx = control.tx.clone();
         let _ = tx.send(ToWorker::Start).await;
@@ -459,7 +470,17 @@ impl Started {
                         }
                     }
                     FromWorker::Logs(lines) => logs.extend(lines),
-                    FromWorker::Links { .. } => {}
+                    FromWorker::Files(files) if !mirror.is_empty() => {
+                        let dirs = mirror.clone();
+                        let put = tokio::task::spawn_blocking(move || {
+                            super::guest_files::mirror(&dirs, &files)
+                        })
+                        .await;
+                        if let Ok(Err(e)) | Err(e) = put.map_err(|e| e.to_string()) {
+                            tracing::warn!(error = %e, "the files a guest's worker gave back");
+                        }
+                    }
+                    FromWorker::Files(_) | FromWorker::Links { .. } => {}
                     FromWorker::End(end) => return Ok::<_, io::Error>(end),
                 }
             }

@@ -125,10 +125,12 @@ fn failed(e: mvm_component::runtime::JobError) -> WorkerEnd {
 }
 
 /// Prepares and runs the part in this process: a runtime and queues of its own; `from` are
-/// the node's messages, `to` takes this worker's.
+/// the node's messages, `to` takes this worker's. A job with files of its own
+/// ([`WorkerJob::guest_files`]) gets sandboxes here, and what its vertices leave in them goes
+/// to the node before the part's end.
 async fn run_part(
-    job: WorkerJob,
-    mut from: mpsc::Receiver<ToWorker>,
+    mut job: WorkerJob,
+    from: mpsc::Receiver<ToWorker>,
     to: mpsc::Sender<FromWorker>,
 ) -> WorkerEnd {
     let codecs = Arc::new(Registry::new());
@@ -140,6 +142,46 @@ async fn run_part(
         Ok(t) => t,
         Err(e) => return setup(e.to_string()),
     };
+    let guest = match &job.guest_files {
+        None => None,
+        Some(files) => {
+            let here: Vec<String> = topology
+                .vertices
+                .iter()
+                .zip(&job.placement)
+                .filter(|(_, p)| **p == job.here)
+                .map(|(v, _)| v.name.clone())
+                .collect();
+            match super::guest_files::GuestSandboxes::lay_out(files, &here) {
+                Ok(g) => {
+                    job.sandboxes.clone_from(&g.dirs);
+                    Some(g)
+                }
+                Err(e) => return setup(format!("the job's files: {e}")),
+            }
+        }
+    };
+    let end = run_topology(job, &topology, codecs, from, to.clone()).await;
+    if let Some(g) = guest {
+        let (files, problems) = tokio::task::spawn_blocking(move || g.outputs())
+            .await
+            .unwrap_or_else(|e| (Vec::new(), vec![e.to_string()]));
+        for p in problems {
+            tracing::warn!(problem = %p, "an output file not given back");
+        }
+        let _ = to.send(FromWorker::Files(files)).await;
+    }
+    end
+}
+
+/// [`run_part`] once the topology is read.
+async fn run_topology(
+    job: WorkerJob,
+    topology: &Topology,
+    codecs: Arc<Registry>,
+    mut from: mpsc::Receiver<ToWorker>,
+    to: mpsc::Sender<FromWorker>,
+) -> WorkerEnd {
     let limits = match job.limits.limits() {
         Ok(l) => l,
         Err(e) => return setup(e.to_string()),
@@ -167,7 +209,7 @@ async fn run_part(
     }
     let spec = JobSpec {
         id: job.space.clone(),
-        topology: &topology,
+        topology,
         modules,
         params: job.parameters.clone(),
         limits,

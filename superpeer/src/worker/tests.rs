@@ -68,6 +68,7 @@ fn job(modules: &[(&str, &str)], msg: &str) -> WorkerJob {
         max_memory_bytes: node.max_memory_bytes() as u64,
         restore: None,
         sandboxes: Default::default(),
+        guest_files: None,
     }
 }
 
@@ -352,4 +353,107 @@ fn a_worker_gives_its_node_what_its_vertices_wrote_before_its_end_also_when_one_
         .collect();
     assert_eq!(logs.len(), 1, "only p's output: {msgs:?}");
     assert_eq!(logs[0][0].text, "quiet");
+}
+
+/// Copies `in.txt` of its sandbox to `out.txt`, then traps if `TRAP` says so.
+fn copy(trap: bool) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "in.txt")
+  (data (i32.const 16) "out.txt")
+  (func (export "_start")
+    (drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 0)
+      (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 100)))
+    (i32.store (i32.const 108) (i32.const 300))
+    (i32.store (i32.const 112) (i32.const 64))
+    (drop (call $read (i32.load (i32.const 100)) (i32.const 108) (i32.const 1) (i32.const 104)))
+    (drop (call $close (i32.load (i32.const 100))))
+    (drop (call $open (i32.const 3) (i32.const 0) (i32.const 16) (i32.const 7) (i32.const 9)
+      (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 100)))
+    (i32.store (i32.const 112) (i32.load (i32.const 104)))
+    (drop (call $write (i32.load (i32.const 100)) (i32.const 108) (i32.const 1) (i32.const 120)))
+    (drop (call $close (i32.load (i32.const 100))))
+    {trap}))"#,
+        trap = if trap { "unreachable" } else { "" }
+    )
+}
+
+/// The files a worker gave back, as `VERTEX/PATH` and their bytes (none: named only).
+fn given_back(msgs: &[FromWorker]) -> Vec<(String, u64, Option<Bytes>)> {
+    let files = msgs.iter().find_map(|m| match m {
+        FromWorker::Files(f) => Some(f.clone()),
+        _ => None,
+    });
+    let mut v: Vec<_> = files
+        .expect("the files are given back")
+        .into_iter()
+        .map(|f| (format!("{}/{}", f.vertex, f.path), f.size, f.bytes))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_worker_with_files_of_its_own_lays_the_inputs_out_and_gives_the_outputs_back_also_failing() {
+    let (ok, trap) = (copy(false), copy(true));
+    let mut j = job(&[("copy", &ok), ("trap", &trap)], "");
+    j.topology = "digraph { a [component=copy]; b [component=trap] }".into();
+    j.guest_files = Some(GuestFiles {
+        inputs: vec![("in.txt".into(), Bytes::from_static(b"hello"))],
+        outputs: vec!["*.txt".into()],
+        output_bytes: 7,
+    });
+    let msgs = serve_all(job_frames(&j).expect("frames"));
+    // b trapped, after it wrote: its files come back too. Within each vertex's 7 bytes, in.txt
+    // comes back whole and out.txt by its size only.
+    assert!(
+        matches!(msgs.last(), Some(FromWorker::End(WorkerEnd::Failed(f))) if f.vertex == "b"),
+        "{msgs:?}"
+    );
+    let hello = Some(Bytes::from_static(b"hello"));
+    assert_eq!(
+        given_back(&msgs),
+        [
+            ("a/in.txt".to_owned(), 5, hello.clone()),
+            ("a/out.txt".to_owned(), 5, None),
+            ("b/in.txt".to_owned(), 5, hello),
+            ("b/out.txt".to_owned(), 5, None),
+        ]
+    );
+    // The node mirrors them: a file over the bound holds no bytes (sparse), and a path out
+    // of the sandbox is refused.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dirs = BTreeMap::from([
+        ("a".to_owned(), dir.path().join("a")),
+        ("b".to_owned(), dir.path().join("b")),
+    ]);
+    let files = msgs
+        .iter()
+        .find_map(|m| match m {
+            FromWorker::Files(f) => Some(f.clone()),
+            _ => None,
+        })
+        .expect("files");
+    guest_files::mirror(&dirs, &files).expect("mirrored");
+    assert_eq!(
+        std::fs::read(dir.path().join("a/in.txt")).expect("read"),
+        b"hello"
+    );
+    let out = std::fs::metadata(dir.path().join("b/out.txt")).expect("there");
+    assert_eq!(out.len(), 5);
+    let bad = [GuestOutput {
+        vertex: "a".into(),
+        path: "../escape".into(),
+        size: 1,
+        bytes: Some(Bytes::from_static(b"x")),
+    }];
+    let e = guest_files::mirror(&dirs, &bad).expect_err("refused");
+    assert!(e.contains("climbs out"), "{e}");
+    assert!(!dir.path().join("escape").exists());
 }

@@ -248,6 +248,7 @@ pub(crate) fn run(setting: &Setting, secs: f64) -> Result<SharesReport, Failure>
             max_memory_bytes: rt.max_memory_bytes() as u64,
             restore: None,
             sandboxes: Default::default(),
+            guest_files: None,
         })
         .map_err(|e| failed("job", e))
     };
