@@ -47,7 +47,7 @@ pub(crate) struct Common {
     /// A super-peer's bound, in MiB, on the files each user (or other domain's super-peer) may
     /// hold at it that no job names yet: inputs sent before the job that names them. More is
     /// refused until a job names them, or they go an hour after they came. Every put must
-    /// also leave 1 GiB free on the disk.
+    /// also leave 1 GiB (or a twentieth of the disk, if less) free on the disk.
     #[arg(long, default_value_t = mvm_superpeer::files::DEFAULT_QUOTA >> 20,
           value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     files_quota_mib: u64,

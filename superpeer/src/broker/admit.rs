@@ -140,7 +140,8 @@ pub(crate) enum AdmitError {
     /// A forwarded job that does not name the certificate its owner sent it with (without it,
     /// no revocation list can be checked).
     #[error(
-        "{caller} forwards {owner}'s job without the serial of the certificate {owner} sent it          with (at most 40 hex digits)"
+        "{caller} forwards {owner}'s job without the serial of the certificate {owner} sent it \
+         with (an even number of hex digits, at most 40)"
     )]
     NoOwnerCert {
         /// The forwarding super-peer.

@@ -53,7 +53,7 @@ impl Holding for FileAccess {
         self.store.size(hash)
     }
 
-    fn free(&self) -> Option<u64> {
+    fn free(&self) -> Option<(u64, u64)> {
         self.store.free_space()
     }
 

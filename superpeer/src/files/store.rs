@@ -172,10 +172,14 @@ impl FileStore {
             .map(|m| m.len())
     }
 
-    /// Bytes free to unprivileged writers on the store's file system, if it can be asked.
-    pub fn free_space(&self) -> Option<u64> {
+    /// Bytes free to unprivileged writers on the store's file system, and its size, if it can
+    /// be asked.
+    pub fn free_space(&self) -> Option<(u64, u64)> {
         let s = rustix::fs::statvfs(&self.dir).ok()?;
-        Some(s.f_bavail.saturating_mul(s.f_frsize))
+        Some((
+            s.f_bavail.saturating_mul(s.f_frsize),
+            s.f_blocks.saturating_mul(s.f_frsize),
+        ))
     }
 
     /// Makes the file of `hash` as new as one just put (its time of change now), so that what

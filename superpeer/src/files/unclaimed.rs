@@ -10,7 +10,8 @@ use parking_lot::Mutex;
 
 use crate::proto::{Failure, FailureKind, Hash};
 
-/// The free space a put must leave on the file store's file system.
+/// The free space a put must leave on the file store's file system: this, or a twentieth of
+/// the file system, whichever is less.
 pub const DISK_RESERVE: u64 = 1 << 30;
 
 /// The default of [`Unclaimed`]'s quota: a job's most input bytes, so that any one job's
@@ -23,8 +24,8 @@ pub(crate) trait Holding {
     fn held(&self, hash: &Hash) -> Option<u64>;
     /// Which of `hashes` a job names.
     fn named(&self, hashes: &[Hash]) -> HashSet<Hash>;
-    /// Bytes free on the store's disk, if known.
-    fn free(&self) -> Option<u64>;
+    /// Bytes free on the store's disk, and its size, if known.
+    fn free(&self) -> Option<(u64, u64)>;
 }
 
 /// A file one principal put, or is putting.
@@ -133,15 +134,16 @@ impl Unclaimed {
                 ));
             }
         }
-        if let Some(free) = at.free()
-            && free.saturating_sub(flying) < size.saturating_add(self.reserve)
+        let room = at.free().map(|(free, total)| (free, self.reserve.min(total / 20)));
+        if let Some((free, reserve)) = room
+            && free.saturating_sub(flying) < size.saturating_add(reserve)
         {
             return Err(Failure::new(
                 FailureKind::Unavailable,
                 format!(
                     "no room for a file of {size} bytes: {free} bytes are free on the disk, \
-                     {flying} of them promised to transfers under way, and {} are kept free",
-                    self.reserve
+                     {flying} of them promised to transfers under way, and {reserve} are kept \
+                     free"
                 ),
             ));
         }
@@ -185,7 +187,7 @@ mod tests {
     struct At {
         files: HashMap<Hash, u64>,
         named: HashSet<Hash>,
-        free: Option<u64>,
+        free: Option<(u64, u64)>,
     }
 
     impl Holding for At {
@@ -199,7 +201,7 @@ mod tests {
                 .filter(|h| self.named.contains(h))
                 .collect()
         }
-        fn free(&self) -> Option<u64> {
+        fn free(&self) -> Option<(u64, u64)> {
             self.free
         }
     }
@@ -246,7 +248,7 @@ mod tests {
         let u = Unclaimed::new(100 * GIB, GIB, Duration::from_secs(3600));
         let (a, b) = (Hash::of(b"a"), Hash::of(b"b"));
         let mut at = At {
-            free: Some(5 * GIB),
+            free: Some((5 * GIB, 100 * GIB)),
             ..At::default()
         };
         u.admit("alice", true, a, 3 * GIB, &at).expect("fits");
@@ -264,8 +266,15 @@ mod tests {
         at.files.insert(a, 3 * GIB);
         u.ended("alice", &a, &at);
         u.ended("bob", &b, &at);
-        at.free = Some(2 * GIB);
+        at.free = Some((2 * GIB, 100 * GIB));
         u.admit("bob", true, b, GIB, &at).expect("fits");
+        u.ended("bob", &b, &at);
+        // On a small disk (10 GiB), a twentieth of it is kept free, not 1 GiB: with 2 GiB
+        // free, 1.5 GiB fits and a byte more does not.
+        at.free = Some((2 * GIB, 10 * GIB));
+        u.admit("bob", true, b, 3 * GIB / 2 + 1, &at)
+            .expect_err("into the reserve");
+        u.admit("bob", true, b, 3 * GIB / 2, &at).expect("fits");
     }
 
     #[test]
