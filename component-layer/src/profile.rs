@@ -137,11 +137,19 @@ pub enum SweepSpec {
 /// The most points a sweep may have as written (a domain's policy bounds arrays further).
 pub const MAX_SWEEP_POINTS: u64 = 1_000_000;
 
-/// A parameter value as jobs read it (lists comma-separated).
+/// A parameter value as jobs read it (lists comma-separated, tables as `key=value` items
+/// comma-separated). Strings are never put through the TOML writer: its quoting of one with
+/// hundreds of quotes in a row overflows (found by fuzzing the profile reader).
 fn value_text(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
         toml::Value::Array(a) => a.iter().map(value_text).collect::<Vec<_>>().join(","),
+        toml::Value::Table(t) => t
+            .iter()
+            .map(|(k, v)| format!("{k}={}", value_text(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+        // Numbers, booleans and dates: no quotes to write.
         other => other.to_string(),
     }
 }
@@ -1077,5 +1085,21 @@ rank = "free_memory"
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("-1s"), None);
         assert_eq!(parse_duration("10"), None);
+    }
+
+    #[test]
+    fn parameters_read_as_jobs_read_them_whatever_quotes_a_string_holds() {
+        // Found by fuzzing: a table parameter whose string had hundreds of quotes in a row
+        // overflowed the TOML writer's count of them.
+        let quotes = "'".repeat(300);
+        let src = format!(
+            "name = \"x\"\ntopology = \"t.dot\"\n[components]\n[parameters]\n\
+             a.tx = [\"{quotes}\", \"b\"]\nn = 1.0\nl = [1, \"two\"]\n"
+        );
+        let p: Profile = toml::from_str(&src).expect("a profile");
+        let got = p.parameter_strings();
+        assert_eq!(got["a"], format!("tx={quotes},b"));
+        assert_eq!(got["n"], "1.0");
+        assert_eq!(got["l"], "1,two");
     }
 }
