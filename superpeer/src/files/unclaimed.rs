@@ -134,7 +134,9 @@ impl Unclaimed {
                 ));
             }
         }
-        let room = at.free().map(|(free, total)| (free, self.reserve.min(total / 20)));
+        let room = at
+            .free()
+            .map(|(free, total)| (free, self.reserve.min(total / 20)));
         if let Some((free, reserve)) = room
             && free.saturating_sub(flying) < size.saturating_add(reserve)
         {
