@@ -275,6 +275,7 @@ impl Node {
             }
             BrokerRequest::Checkpoint { job, attempt, cut } => {
                 self.ask(|reply| parts::Input::Checkpoint {
+                    from,
                     job,
                     attempt,
                     cut,
@@ -293,6 +294,7 @@ impl Node {
             }
             BrokerRequest::Move { job, attempt, step } => {
                 self.ask(|reply| parts::Input::Move {
+                    from,
                     job,
                     attempt,
                     step,

@@ -59,6 +59,7 @@ impl Bench {
 fn step(b: &mut Bench, step: MoveStep) -> (Vec<Effect>, oneshot::Receiver<Response>) {
     let (reply, rx) = asked();
     let out = b.parts.on(Input::Move {
+        from: PeerId::random(),
         job: "j-1-1".into(),
         attempt: 0,
         step,
@@ -236,6 +237,7 @@ fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
     let cut = |b: &mut Bench, cut: u64| {
         let (reply, rx) = asked();
         let out = b.parts.on(Input::Checkpoint {
+            from: PeerId::random(),
             job: job.into(),
             attempt: 0,
             cut,

@@ -196,6 +196,8 @@ pub(super) enum Input {
     },
     /// A checkpoint of the running part of run `attempt` of `job`, at cut `cut`.
     Checkpoint {
+        /// The super-peer that asks (the checkpoint's files go to it).
+        from: PeerId,
         job: JobId,
         attempt: u32,
         cut: u64,
@@ -219,6 +221,8 @@ pub(super) enum Input {
     },
     /// A step of a move of the part of run `attempt` of `job` ([`MoveStep`]).
     Move {
+        /// The super-peer that asks (a leaving part's files go to it).
+        from: PeerId,
         job: JobId,
         attempt: u32,
         step: MoveStep,
@@ -421,6 +425,9 @@ pub(super) struct Part {
     /// A cut asked of the part before its `Start` came: the broker sends `Start` before it
     /// cuts a running job, but the two requests may cross on the way. Taken when it starts.
     pub(super) early_cut: Option<(u64, Reply)>,
+    /// The super-peer that last asked for a checkpoint or a move of the part (the leader
+    /// then, which may not be the one that placed it): what a checkpoint saves goes to it.
+    pub(super) saver: Option<PeerId>,
 }
 
 impl Part {
@@ -430,13 +437,13 @@ impl Part {
         Some(Save {
             sandbox,
             bound: files.input_bytes().saturating_add(files.output_bytes),
-            to: self.broker,
+            to: self.saver.unwrap_or(self.broker),
         })
     }
 }
 
 /// What a checkpoint saves of a part's sandboxes: every file in them (at most `bound` bytes a
-/// vertex), sent to `to`, the broker that placed it.
+/// vertex), sent to `to`, the super-peer that asked for it.
 pub(super) struct Save {
     pub(super) sandbox: Arc<crate::files::Sandbox>,
     pub(super) bound: u64,

@@ -98,6 +98,7 @@ impl Parts {
                         moving: None,
                         cut_release: None,
                         early_cut: None,
+                        saver: None,
                     };
                     self.insert(spec.job.clone(), part);
                     out.push(Effect::Prepare { from, spec });
@@ -171,11 +172,17 @@ impl Parts {
                 let _ = reply.send(taken);
             }
             Input::Checkpoint {
+                from,
                 job,
                 attempt,
                 cut,
                 reply,
-            } => self.checkpoint(&mut out, &job, attempt, cut, reply),
+            } => {
+                if let Some(p) = self.run_mut(&job, attempt) {
+                    p.saver = Some(from);
+                }
+                self.checkpoint(&mut out, &job, attempt, cut, reply);
+            }
             Input::ReleaseCut {
                 job,
                 attempt,
@@ -223,11 +230,17 @@ impl Parts {
                 }
             }
             Input::Move {
+                from,
                 job,
                 attempt,
                 step,
                 reply,
-            } => self.step(&mut out, job, attempt, step, reply),
+            } => {
+                if let Some(p) = self.run_mut(&job, attempt) {
+                    p.saver = Some(from);
+                }
+                self.step(&mut out, job, attempt, step, reply);
+            }
             Input::Left {
                 job,
                 attempt,

@@ -247,8 +247,8 @@ impl Node {
         None
     }
 
-    /// Sends the files a checkpoint `cut` saved to the super-peer this node follows now (the
-    /// one that placed the part, if it follows none), then gives the answer that names them.
+    /// Sends the files a checkpoint `cut` saved to the super-peer that asked for it, then
+    /// gives the answer that names them.
     async fn send_saved(
         &self,
         taken: super::checkpoint::Taken,
@@ -257,7 +257,7 @@ impl Node {
     ) -> Result<Response, crate::proto::Failure> {
         let (hash, blob, files) = taken;
         if let (Some(files), Some(save), Some(store)) = (&files, save, &self.config.files) {
-            let to = self.superpeer.read().as_ref().map_or(save.to, |(p, _)| *p);
+            let to = save.to;
             // Inputs unchanged since they were laid out are in the node's store.
             let saved = &save.sandbox.saved;
             let path_of = |h: &crate::proto::Hash| {
