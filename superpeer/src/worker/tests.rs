@@ -384,14 +384,18 @@ fn copy(trap: bool) -> String {
     )
 }
 
-/// The files a worker gave back, as `VERTEX/PATH` and their bytes (none: named only).
-fn given_back(msgs: &[FromWorker]) -> Vec<(String, u64, Option<Bytes>)> {
+/// The files a worker gave back.
+fn files_of(msgs: &[FromWorker]) -> Vec<GuestOutput> {
     let files = msgs.iter().find_map(|m| match m {
         FromWorker::Files(f) => Some(f.clone()),
         _ => None,
     });
-    let mut v: Vec<_> = files
-        .expect("the files are given back")
+    files.expect("the files are given back")
+}
+
+/// The files a worker gave back, as `VERTEX/PATH` and their bytes (none: named only).
+fn given_back(msgs: &[FromWorker]) -> Vec<(String, u64, Option<Bytes>)> {
+    let mut v: Vec<_> = files_of(msgs)
         .into_iter()
         .map(|f| (format!("{}/{}", f.vertex, f.path), f.size, f.bytes))
         .collect();
@@ -433,14 +437,7 @@ fn a_worker_with_files_of_its_own_lays_the_inputs_out_and_gives_the_outputs_back
         ("a".to_owned(), dir.path().join("a")),
         ("b".to_owned(), dir.path().join("b")),
     ]);
-    let files = msgs
-        .iter()
-        .find_map(|m| match m {
-            FromWorker::Files(f) => Some(f.clone()),
-            _ => None,
-        })
-        .expect("files");
-    guest_files::mirror(&dirs, &files).expect("mirrored");
+    guest_files::mirror(&dirs, &files_of(&msgs)).expect("mirrored");
     assert_eq!(
         std::fs::read(dir.path().join("a/in.txt")).expect("read"),
         b"hello"
