@@ -143,11 +143,14 @@ async fn transfer(
                     stream.write_all(&buf[..n]).await?;
                     left -= n as u64;
                 }
-                stream.close().await
+                stream.flush().await
             });
             match sent.await {
                 Ok(Ok(())) => {
+                    // Served once every byte is out: the fetcher reads exactly `size` bytes and
+                    // may drop its end before this close is answered.
                     store.count_served(size);
+                    let _ = tokio::time::timeout(REQUEST_WAIT, stream.close()).await;
                     Ok(())
                 }
                 // The stream is broken: nothing more can be said on it.
