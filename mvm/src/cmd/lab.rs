@@ -263,10 +263,16 @@ fn superpeer_name(i: u32) -> String {
 /// moment. Taken at random below the kernel's ephemeral range (`ip_local_port_range`), and
 /// tried by binding it: a port the kernel picks for port 0 comes from that range, which every
 /// outgoing connection on the machine draws from too, so one could take it before the daemon
-/// binds it (CI saw a lab's web view fail so, with address in use). Falls back to the kernel's
-/// pick if nothing below the range is free.
+/// binds it (CI saw a lab's web view fail so, with address in use). Never a port it gave
+/// before in this process: the daemons of a lab bind theirs only once they run, so a port
+/// given to one and still unbound would pass the test again (a bench saw two daemons get
+/// the same one). Falls back to the kernel's pick if nothing below the range is free.
 fn free_port(quic: bool) -> Result<u16, Failure> {
     use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let bind = |port: u16| {
         if quic {
             std::net::UdpSocket::bind(("127.0.0.1", port)).and_then(|s| s.local_addr())
@@ -286,7 +292,11 @@ fn free_port(quic: bool) -> Result<u16, Failure> {
                 .build_hasher()
                 .finish();
             let port = FROM + u16::try_from(r % u64::from(span)).unwrap_or(0);
+            if given.contains(&port) {
+                continue;
+            }
             if let Ok(a) = bind(port) {
+                given.push(port);
                 return Ok(a.port());
             }
         }
