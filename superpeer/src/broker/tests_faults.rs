@@ -397,3 +397,30 @@ async fn a_job_placed_on_a_node_lost_but_not_yet_noticed_runs_on_another() {
         "{s:?}"
     );
 }
+
+/// A client found through every super-peer follows the group's lead: its super-peer stopped,
+/// the same client reads the job it waits on from the one elected after, and sees it end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_follows_the_lead_to_the_super_peer_elected_after_its_own_stopped() {
+    let mut lab = Lab::start(3, &[2]).await;
+    let addrs: Vec<String> = lab.superpeers.iter().map(|s| s.addr.clone()).collect();
+    let c = crate::client::Client::find(&lab.user(), &addrs)
+        .await
+        .expect("a leader found");
+    let old = lab.superpeer_of(&c);
+    let s = c.submit(&sleeping("nap", 3_000)).await.expect("submit");
+    until(&c, &s.job, |st| st == JobState::Running).await;
+    lab.superpeers[old].stop().await;
+    let end = c
+        .wait(&s.job, 0, true)
+        .await
+        .expect("a wait through the new leader");
+    let end = if end.state.is_final() {
+        end
+    } else {
+        until(&c, &s.job, JobState::is_final).await
+    };
+    assert_eq!(end.state, JobState::Done, "{end:?}");
+    assert_ne!(lab.superpeer_of(&c), old, "still the stopped super-peer");
+    assert_eq!(lab.superpeer_of(&c), one_leader(&lab).await);
+}

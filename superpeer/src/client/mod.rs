@@ -43,6 +43,11 @@ pub struct Client {
     addrs: Vec<Multiaddr>,
     /// Module hashes the broker is known to hold (no need to ask again).
     known: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<Hash>>>,
+    /// The addresses [`Client::find`] found the super-peer through: asked again for the
+    /// group's leader when the super-peer stops answering as one (empty: never).
+    seeds: std::sync::Arc<[String]>,
+    /// The leader found so, which requests go to from then on.
+    moved: std::sync::Arc<parking_lot::Mutex<Option<(PeerId, Multiaddr)>>>,
 }
 
 impl Client {
@@ -53,59 +58,68 @@ impl Client {
     pub async fn new(creds: &Credentials, addr: &str) -> Result<Client, Failure> {
         let (broker, a) = split_peer(addr)?;
         let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
-        Ok(Client {
+        Ok(Client::of(net, broker, a, Vec::new()))
+    }
+
+    fn of(net: Net, broker: PeerId, a: Multiaddr, seeds: Vec<String>) -> Client {
+        Client {
             net,
             broker,
             addrs: vec![a],
             known: Default::default(),
-        })
+            seeds: seeds.into(),
+            moved: Default::default(),
+        }
     }
 
     /// A client of the group's current super-peer, found through any of `addrs` (super-peers
     /// or nodes of the group, tried in order): a node that is not the super-peer names it.
+    /// Should that super-peer stop leading (an election), a request that reads (status,
+    /// waits, logs) asks `addrs` again for the leader, and goes to it.
     ///
     /// # Errors
     /// No address leads to a super-peer.
     pub async fn find(creds: &Credentials, addrs: &[String]) -> Result<Client, Failure> {
         let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
-        let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
-        for text in addrs {
-            let mut next = Some(split_peer(text)?);
-            // At most one redirect: the node's super-peer must answer as one.
-            for _ in 0..2 {
-                let Some((peer, a)) = next.take() else { break };
-                let t = crate::net::with_peer(&a, peer);
-                let probe = net.call(peer, std::slice::from_ref(&a), Request::Leader);
-                match tokio::time::timeout(Duration::from_secs(5), probe).await {
-                    Ok(Ok(Response::Group(g))) if g.is_broker => {
-                        return Ok(Client {
-                            net,
-                            broker: peer,
-                            addrs: vec![a],
-                            known: Default::default(),
-                        });
-                    }
-                    Ok(Ok(Response::Group(g))) => {
-                        last = Failure::new(
-                            FailureKind::Unavailable,
-                            format!("{t} is not a super-peer and knows none that answers"),
-                        );
-                        next = preferred(&g.broker_addrs).and_then(crate::net::split_addr);
-                    }
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => last = e,
-                    Err(_) => {
-                        last = Failure::new(
-                            FailureKind::Unavailable,
-                            format!("{t}: no answer within 5 s"),
-                        );
-                    }
+        let (broker, a) = leader(&net, addrs).await?;
+        Ok(Client::of(net, broker, a, addrs.to_vec()))
+    }
+}
+
+/// The group's leading super-peer, found through any of `addrs` (as [`Client::find`]).
+async fn leader(net: &Net, addrs: &[String]) -> Result<(PeerId, Multiaddr), Failure> {
+    let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
+    for text in addrs {
+        let mut next = Some(split_peer(text)?);
+        // At most one redirect: the node's super-peer must answer as one.
+        for _ in 0..2 {
+            let Some((peer, a)) = next.take() else { break };
+            let t = crate::net::with_peer(&a, peer);
+            let probe = net.call(peer, std::slice::from_ref(&a), Request::Leader);
+            match tokio::time::timeout(Duration::from_secs(5), probe).await {
+                Ok(Ok(Response::Group(g))) if g.is_broker => return Ok((peer, a)),
+                Ok(Ok(Response::Group(g))) => {
+                    last = Failure::new(
+                        FailureKind::Unavailable,
+                        format!("{t} is not a super-peer and knows none that answers"),
+                    );
+                    next = preferred(&g.broker_addrs).and_then(crate::net::split_addr);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    last = Failure::new(
+                        FailureKind::Unavailable,
+                        format!("{t}: no answer within 5 s"),
+                    );
                 }
             }
         }
-        Err(last)
     }
+    Err(last)
+}
 
+impl Client {
     /// A client of the super-peer that holds `job`: this one, or the one of another group the
     /// job was forwarded to (sharing this client's network).
     ///
@@ -126,21 +140,43 @@ impl Client {
         };
         let (broker, a) = crate::net::split_addr(addr)
             .ok_or_else(|| input(format!("the super-peer address {addr} names no peer")))?;
-        Ok(Client {
-            net: self.net.clone(),
-            broker,
-            addrs: vec![a],
-            known: Default::default(),
-        })
+        Ok(Client::of(self.net.clone(), broker, a, Vec::new()))
     }
 
-    /// The super-peer's peer id.
+    /// The super-peer's peer id (the leader it has followed to, if its own stopped leading).
     pub fn broker(&self) -> PeerId {
-        self.broker
+        self.moved.lock().as_ref().map_or(self.broker, |(p, _)| *p)
     }
 
     async fn call(&self, r: ClientRequest) -> Result<Response, Failure> {
-        self.net.call(self.broker, &self.addrs, r.into()).await
+        let moved = self.moved.lock().clone();
+        let (peer, addrs) = match moved {
+            Some((p, a)) => (p, vec![a]),
+            None => (self.broker, self.addrs.clone()),
+        };
+        // Only a request that changes nothing is sent again: one that failed at a super-peer
+        // losing its lead may yet have been taken.
+        let again = reads(&r).then(|| r.clone());
+        match self.net.call(peer, &addrs, r.into()).await {
+            Err(f) if f.kind == FailureKind::Unavailable && !self.seeds.is_empty() => {
+                let Some(r) = again else { return Err(f) };
+                // An election takes a second or two: asked until one leads, a few times.
+                for _ in 0..LEADER_TRIES {
+                    match leader(&self.net, &self.seeds).await {
+                        Ok((p, a)) if p != peer => {
+                            tracing::debug!(from = %peer, to = %p, "the group's leader changed");
+                            *self.moved.lock() = Some((p, a.clone()));
+                            return self.net.call(p, &[a], r.into()).await;
+                        }
+                        // Still the leader: it failed for another reason.
+                        Ok(_) => break,
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+                Err(f)
+            }
+            other => other,
+        }
     }
 
     /// Sends a job: asks which modules the broker lacks (unless it is known to hold them all),
@@ -431,6 +467,21 @@ impl Client {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+/// How many times a client asks for a new leader, a second apart, while none answers as one.
+const LEADER_TRIES: u32 = 5;
+
+/// Whether `r` only reads (so that it may be sent again, to another super-peer).
+fn reads(r: &ClientRequest) -> bool {
+    matches!(
+        r,
+        ClientRequest::Status { .. }
+            | ClientRequest::Wait { .. }
+            | ClientRequest::Logs { .. }
+            | ClientRequest::Agreements { .. }
+            | ClientRequest::Missing { .. }
+    )
 }
 
 /// The address to reach a super-peer at among `addrs`: the first over TCP, or else the first.
