@@ -13,6 +13,7 @@ use crate::proto::{
 
 mod control;
 mod image;
+mod lead;
 mod profile;
 
 /// What an offer must meet ([`Client::offer`]).
@@ -81,42 +82,9 @@ impl Client {
     /// No address leads to a super-peer.
     pub async fn find(creds: &Credentials, addrs: &[String]) -> Result<Client, Failure> {
         let (net, _inbound) = Net::start(creds, &NetConfig::default()).await?;
-        let (broker, a) = leader(&net, addrs).await?;
+        let (broker, a) = lead::leader(&net, addrs).await?;
         Ok(Client::of(net, broker, a, addrs.to_vec()))
     }
-}
-
-/// The group's leading super-peer, found through any of `addrs` (as [`Client::find`]).
-async fn leader(net: &Net, addrs: &[String]) -> Result<(PeerId, Multiaddr), Failure> {
-    let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
-    for text in addrs {
-        let mut next = Some(split_peer(text)?);
-        // At most one redirect: the node's super-peer must answer as one.
-        for _ in 0..2 {
-            let Some((peer, a)) = next.take() else { break };
-            let t = crate::net::with_peer(&a, peer);
-            let probe = net.call(peer, std::slice::from_ref(&a), Request::Leader);
-            match tokio::time::timeout(Duration::from_secs(5), probe).await {
-                Ok(Ok(Response::Group(g))) if g.is_broker => return Ok((peer, a)),
-                Ok(Ok(Response::Group(g))) => {
-                    last = Failure::new(
-                        FailureKind::Unavailable,
-                        format!("{t} is not a super-peer and knows none that answers"),
-                    );
-                    next = preferred(&g.broker_addrs).and_then(crate::net::split_addr);
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => last = e,
-                Err(_) => {
-                    last = Failure::new(
-                        FailureKind::Unavailable,
-                        format!("{t}: no answer within 5 s"),
-                    );
-                }
-            }
-        }
-    }
-    Err(last)
 }
 
 impl Client {
@@ -156,13 +124,13 @@ impl Client {
         };
         // Only a request that changes nothing is sent again: one that failed at a super-peer
         // losing its lead may yet have been taken.
-        let again = reads(&r).then(|| r.clone());
+        let again = lead::reads(&r).then(|| r.clone());
         match self.net.call(peer, &addrs, r.into()).await {
             Err(f) if f.kind == FailureKind::Unavailable && !self.seeds.is_empty() => {
                 let Some(r) = again else { return Err(f) };
                 // An election takes a second or two: asked until one leads, a few times.
-                for _ in 0..LEADER_TRIES {
-                    match leader(&self.net, &self.seeds).await {
+                for _ in 0..lead::LEADER_TRIES {
+                    match lead::leader(&self.net, &self.seeds).await {
                         Ok((p, a)) if p != peer => {
                             tracing::debug!(from = %peer, to = %p, "the group's leader changed");
                             *self.moved.lock() = Some((p, a.clone()));
@@ -467,21 +435,6 @@ impl Client {
             other => Err(unexpected(&other)),
         }
     }
-}
-
-/// How many times a client asks for a new leader, a second apart, while none answers as one.
-const LEADER_TRIES: u32 = 5;
-
-/// Whether `r` only reads (so that it may be sent again, to another super-peer).
-fn reads(r: &ClientRequest) -> bool {
-    matches!(
-        r,
-        ClientRequest::Status { .. }
-            | ClientRequest::Wait { .. }
-            | ClientRequest::Logs { .. }
-            | ClientRequest::Agreements { .. }
-            | ClientRequest::Missing { .. }
-    )
 }
 
 /// The address to reach a super-peer at among `addrs`: the first over TCP, or else the first.
