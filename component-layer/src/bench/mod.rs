@@ -194,7 +194,8 @@ pub struct Instantiation {
     pub vertices: usize,
     /// Through MVM: a job of `vertices` vertices that return at once, run from a task as a
     /// node runs a part (each vertex's task, store, instance, call and report; its queues are
-    /// wired before the clock starts), the module already cached.
+    /// wired before the clock starts), the module already cached. Its vertices run on every
+    /// worker thread, as a node's do; bare wasmtime below runs them one after another.
     pub mvm_us_per_vertex: f64,
     /// Bare wasmtime with the same pooling engine: store, instantiate, call.
     pub bare_us_per_vertex: f64,

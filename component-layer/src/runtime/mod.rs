@@ -241,11 +241,12 @@ impl std::fmt::Display for ErrorKind {
 #[error("cannot set up the WebAssembly runtime: {0}")]
 pub struct RuntimeError(String);
 
-/// Bytes of each pool slot's linear memory and table kept resident when its vertex ends,
-/// zeroed with `memset` rather than given back with `madvise`. A part's vertices end on
-/// several threads at once, and each `madvise` there flushes the other threads' TLBs: with
-/// this, 1,000 one-page vertices took 2.9 us each against 4.0 (bare wasmtime in one thread:
-/// 2.85 against 3.1), at a cost of at most this much resident memory per slot used.
+/// Bytes of each pool slot's linear memory, and of its table, kept resident when its vertex
+/// ends, zeroed with `memset` rather than given back with `madvise` (what lies beyond is
+/// still given back). A part's vertices end on several threads at once, and each `madvise`
+/// there flushes the other threads' TLBs: with this, 1,000 one-page vertices took 2.9 us
+/// each against 4.0 (bare wasmtime in one thread: 2.85 against 3.1). The cost: up to twice
+/// this (memory and table) resident per slot ever used, 8 MiB for 64 slots.
 const KEEP_RESIDENT: usize = 64 << 10;
 
 struct Inner {

@@ -301,7 +301,16 @@ fn free_port(quic: bool) -> Result<u16, Failure> {
             }
         }
     }
-    bind(0).map(|a| a.port()).map_err(Failure::failed)
+    for _ in 0..100 {
+        let port = bind(0).map(|a| a.port()).map_err(Failure::failed)?;
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    Err(Failure::failed(anyhow::anyhow!(
+        "no free loopback port that this lab has not given already"
+    )))
 }
 
 /// The lab user's credentials.

@@ -423,4 +423,11 @@ async fn a_client_follows_the_lead_to_the_super_peer_elected_after_its_own_stopp
     assert_eq!(end.state, JobState::Done, "{end:?}");
     assert_ne!(lab.superpeer_of(&c), old, "still the stopped super-peer");
     assert_eq!(lab.superpeer_of(&c), one_leader(&lab).await);
+    // Later requests, writes too, go to the new leader.
+    let next = c
+        .submit_and_wait(&sleeping("next", 10))
+        .await
+        .expect("a submission to the new leader");
+    let next = until(&c, &next.job, JobState::is_final).await;
+    assert_eq!(next.state, JobState::Done, "{next:?}");
 }

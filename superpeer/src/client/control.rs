@@ -116,15 +116,9 @@ impl Client {
     /// Refused (the user may not administer the domain), no policy directory there, or the
     /// changed files do not load (file and line; the old version stays).
     pub async fn reload_policies(&self) -> Result<(u64, Hash), Failure> {
-        match self
-            .net
-            .call(
-                self.broker,
-                &self.addrs,
-                Request::Client(ClientRequest::PolicyReload),
-            )
-            .await?
-        {
+        let (broker, addrs) = self.target();
+        let reload = Request::Client(ClientRequest::PolicyReload);
+        match self.net.call(broker, &addrs, reload).await? {
             Response::Policy {
                 version, digest, ..
             } => Ok((version, digest)),

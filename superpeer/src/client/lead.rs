@@ -12,7 +12,14 @@ use crate::proto::{ClientRequest, Failure, FailureKind, Request, Response};
 pub(super) async fn leader(net: &Net, addrs: &[String]) -> Result<(PeerId, Multiaddr), Failure> {
     let mut last = Failure::new(FailureKind::Unavailable, "no super-peer address given");
     for text in addrs {
-        let mut next = Some(split_peer(text)?);
+        let first = match split_peer(text) {
+            Ok(p) => p,
+            Err(e) => {
+                last = e.into();
+                continue;
+            }
+        };
+        let mut next = Some(first);
         // At most one redirect: the node's super-peer must answer as one.
         for _ in 0..2 {
             let Some((peer, a)) = next.take() else { break };

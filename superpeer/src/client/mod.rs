@@ -75,8 +75,11 @@ impl Client {
 
     /// A client of the group's current super-peer, found through any of `addrs` (super-peers
     /// or nodes of the group, tried in order): a node that is not the super-peer names it.
-    /// Should that super-peer stop leading (an election), a request that reads (status,
-    /// waits, logs) asks `addrs` again for the leader, and goes to it.
+    /// Should that super-peer fail as unavailable (it stopped, or lost the lead in an
+    /// election), the client asks `addrs` again for the leader (5 rounds a second apart at
+    /// most, each address given 5 s to answer), and sends its later requests there;
+    /// the failed request itself is sent again only if it reads (status, waits, logs), since
+    /// one that changes something may have been taken.
     ///
     /// # Errors
     /// No address leads to a super-peer.
@@ -116,25 +119,33 @@ impl Client {
         self.moved.lock().as_ref().map_or(self.broker, |(p, _)| *p)
     }
 
-    async fn call(&self, r: ClientRequest) -> Result<Response, Failure> {
-        let moved = self.moved.lock().clone();
-        let (peer, addrs) = match moved {
+    /// Where requests go: the leader followed to, or the super-peer this client was made for.
+    fn target(&self) -> (PeerId, Vec<Multiaddr>) {
+        match self.moved.lock().clone() {
             Some((p, a)) => (p, vec![a]),
             None => (self.broker, self.addrs.clone()),
-        };
+        }
+    }
+
+    async fn call(&self, r: ClientRequest) -> Result<Response, Failure> {
+        let (peer, addrs) = self.target();
         // Only a request that changes nothing is sent again: one that failed at a super-peer
-        // losing its lead may yet have been taken.
+        // losing its lead may yet have been taken. The next request goes to the new leader.
         let again = lead::reads(&r).then(|| r.clone());
         match self.net.call(peer, &addrs, r.into()).await {
             Err(f) if f.kind == FailureKind::Unavailable && !self.seeds.is_empty() => {
-                let Some(r) = again else { return Err(f) };
                 // An election takes a second or two: asked until one leads, a few times.
                 for _ in 0..lead::LEADER_TRIES {
                     match lead::leader(&self.net, &self.seeds).await {
                         Ok((p, a)) if p != peer => {
                             tracing::debug!(from = %peer, to = %p, "the group's leader changed");
                             *self.moved.lock() = Some((p, a.clone()));
-                            return self.net.call(p, &[a], r.into()).await;
+                            // What the old leader held may not have reached the new one.
+                            self.known.lock().clear();
+                            return match again {
+                                Some(r) => self.net.call(p, &[a], r.into()).await,
+                                None => Err(f),
+                            };
                         }
                         // Still the leader: it failed for another reason.
                         Ok(_) => break,
@@ -275,7 +286,7 @@ impl Client {
         // A few at once: one stream's flow-control window leaves the link idle between its
         // round trips.
         let sent = crate::files::at_once(unsent, |(hash, path, size)| {
-            let (net, broker, addrs) = (self.net.clone(), self.broker, self.addrs.clone());
+            let ((broker, addrs), net) = (self.target(), self.net.clone());
             async move {
                 crate::files::put(&net, broker, &addrs, &path, hash, size)
                     .await
@@ -369,7 +380,8 @@ impl Client {
             }
             let same = crate::files::hash_file(&to).is_ok_and(|(h, _)| h == f.hash);
             if !same {
-                crate::files::get(&self.net, self.broker, &self.addrs, &job.job, f.hash, &to)
+                let (broker, addrs) = self.target();
+                crate::files::get(&self.net, broker, &addrs, &job.job, f.hash, &to)
                     .await
                     .map_err(|e| {
                         Failure::new(
@@ -426,11 +438,8 @@ impl Client {
     /// # Errors
     /// The broker cannot be reached.
     pub async fn group(&self) -> Result<GroupInfo, Failure> {
-        match self
-            .net
-            .call(self.broker, &self.addrs, Request::Group)
-            .await?
-        {
+        let (broker, addrs) = self.target();
+        match self.net.call(broker, &addrs, Request::Group).await? {
             Response::Group(g) => Ok(g),
             other => Err(unexpected(&other)),
         }
