@@ -43,6 +43,18 @@ async fn one_leader(lab: &Lab) -> usize {
     .await
 }
 
+/// Cuts super-peer `old` off from everyone, and waits until it no longer says it leads; a
+/// client of it.
+async fn cut_off_until_follower(lab: &mut Lab, old: usize) -> crate::client::Client {
+    lab.partition(&[Who::Sp(old)]).await;
+    let alone = lab.client_of(old).await;
+    eventually("the cut-off replica no longer says it leads", async || {
+        alone.group().await.ok().filter(|g| !g.is_broker)
+    })
+    .await;
+    alone
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_the_other_replicas_takes_no_job_and_the_majority_elects_another() {
     let mut lab = Lab::start(3, &[8]).await;
@@ -86,12 +98,7 @@ async fn a_leader_cut_off_from_the_other_replicas_takes_no_job_and_the_majority_
 async fn a_leader_cut_off_from_the_majority_stops_saying_it_leads_and_refuses_jobs_at_once() {
     let mut lab = Lab::start(3, &[8]).await;
     let old = lab.leader().await;
-    lab.partition(&[Who::Sp(old)]).await;
-    let alone = lab.client_of(old).await;
-    eventually("the cut-off replica no longer says it leads", async || {
-        alone.group().await.ok().filter(|g| !g.is_broker)
-    })
-    .await;
+    let alone = cut_off_until_follower(&mut lab, old).await;
     let e = alone
         .submit(&ring("lonely", 50, None, 0))
         .await
@@ -398,16 +405,23 @@ async fn a_job_placed_on_a_node_lost_but_not_yet_noticed_runs_on_another() {
     );
 }
 
-/// A client found through every super-peer follows the group's lead: its super-peer stopped,
-/// the same client reads the job it waits on from the one elected after, and sees it end.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_follows_the_lead_to_the_super_peer_elected_after_its_own_stopped() {
-    let mut lab = Lab::start(3, &[2]).await;
+/// A client made as the CLI makes one, through every super-peer's address; the index of the
+/// super-peer it found leading.
+async fn found(lab: &Lab) -> (crate::client::Client, usize) {
     let addrs: Vec<String> = lab.superpeers.iter().map(|s| s.addr.clone()).collect();
     let c = crate::client::Client::find(&lab.user(), &addrs)
         .await
         .expect("a leader found");
     let old = lab.superpeer_of(&c);
+    (c, old)
+}
+
+/// A client found through every super-peer follows the group's lead: its super-peer stopped,
+/// the same client reads the job it waits on from the one elected after, and sees it end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_follows_the_lead_to_the_super_peer_elected_after_its_own_stopped() {
+    let mut lab = Lab::start(3, &[2]).await;
+    let (c, old) = found(&lab).await;
     let s = c.submit(&sleeping("nap", 3_000)).await.expect("submit");
     until(&c, &s.job, |st| st == JobState::Running).await;
     lab.superpeers[old].stop().await;
@@ -430,4 +444,22 @@ async fn a_client_follows_the_lead_to_the_super_peer_elected_after_its_own_stopp
         .expect("a submission to the new leader");
     let next = until(&c, &next.job, JobState::is_final).await;
     assert_eq!(next.state, JobState::Done, "{next:?}");
+}
+
+/// A submission a former leader refuses (it lost the lead in a partition, and says so) goes
+/// again to the leader the client finds, and runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_refused_by_a_former_leader_goes_to_the_new_one_and_runs_once() {
+    let mut lab = Lab::start(3, &[8]).await;
+    let (c, old) = found(&lab).await;
+    cut_off_until_follower(&mut lab, old).await;
+    let s = c
+        .submit(&ring("moved", 50, None, 0))
+        .await
+        .expect("sent again to the new leader");
+    assert_ne!(lab.superpeer_of(&c), old);
+    let s = until(&c, &s.job, JobState::is_final).await;
+    assert_eq!((s.state, items(&s)), (JobState::Done, 50), "{s:?}");
+    lab.heal().await;
+    assert_eq!(names(&lab).await, ["moved"]);
 }

@@ -78,8 +78,9 @@ impl Client {
     /// Should that super-peer fail as unavailable (it stopped, or lost the lead in an
     /// election), the client asks `addrs` again for the leader (5 rounds a second apart at
     /// most, each address given 5 s to answer), and sends its later requests there;
-    /// the failed request itself is sent again only if it reads (status, waits, logs), since
-    /// one that changes something may have been taken.
+    /// the failed request itself is sent again only if it reads (status, waits, logs) or a
+    /// follower refused it, since one that changes something and failed otherwise may have
+    /// been taken.
     ///
     /// # Errors
     /// No address leads to a super-peer.
@@ -129,11 +130,13 @@ impl Client {
 
     async fn call(&self, r: ClientRequest) -> Result<Response, Failure> {
         let (peer, addrs) = self.target();
-        // Only a request that changes nothing is sent again: one that failed at a super-peer
-        // losing its lead may yet have been taken. The next request goes to the new leader.
-        let again = lead::reads(&r).then(|| r.clone());
+        // Sent again only if it reads, or a follower refused it before proposing anything:
+        // a request that failed otherwise at a super-peer losing its lead may yet have been
+        // taken. Later requests go to the new leader.
+        let again = r.clone();
         match self.net.call(peer, &addrs, r.into()).await {
             Err(f) if f.kind == FailureKind::Unavailable && !self.seeds.is_empty() => {
+                let again = (lead::reads(&again) || lead::refused_as_follower(&f)).then_some(again);
                 // An election takes a second or two: asked until one leads, a few times.
                 for _ in 0..lead::LEADER_TRIES {
                     match lead::leader(&self.net, &self.seeds).await {
