@@ -288,7 +288,8 @@ impl Broker {
         })
     }
 
-    /// The answer of a replica that does not lead.
+    /// The answer of a replica that does not lead, before it did anything with the request
+    /// (so that it ends with [`crate::proto::UNTAKEN`]).
     fn not_leader(&self) -> Response {
         let why = crate::joblog::LogError::NotLeader {
             leader: self.log.leader(),
@@ -296,9 +297,10 @@ impl Broker {
         fail(
             FailureKind::Unavailable,
             format!(
-                "{} of group {}: {why}",
+                "{} of group {}: {why}; {}",
                 self.site.net.peer(),
-                self.site.group
+                self.site.group,
+                crate::proto::UNTAKEN
             ),
         )
     }

@@ -453,6 +453,12 @@ async fn a_submission_refused_by_a_former_leader_goes_to_the_new_one_and_runs_on
     let mut lab = Lab::start(3, &[8]).await;
     let (c, old) = found(&lab).await;
     cut_off_until_follower(&mut lab, old).await;
+    let rest: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let leader = lab.client_among(&lab.user(), &rest).await;
+    group_until(&leader, "the node registered with the new leader", |g| {
+        g.nodes.iter().any(|n| n.name == "n0" && !n.lost)
+    })
+    .await;
     let s = c
         .submit(&ring("moved", 50, None, 0))
         .await

@@ -51,10 +51,11 @@ pub(super) async fn leader(net: &Net, addrs: &[String]) -> Result<(PeerId, Multi
 /// How many times a client asks for a new leader, a second apart, while none answers as one.
 pub(super) const LEADER_TRIES: u32 = 5;
 
-/// Whether `f` says a super-peer that does not lead refused a request before proposing
-/// anything: the request may go again, to the leader.
+/// Whether `f` says a super-peer that does not lead refused a request before it did anything
+/// with it: the request may go again, to the leader. (One refused later, as its proposal
+/// failed, may yet be committed by the next leader.)
 pub(super) fn refused_as_follower(f: &Failure) -> bool {
-    f.kind == FailureKind::Unavailable && f.message.contains(crate::joblog::NOT_LEADER)
+    f.kind == FailureKind::Unavailable && f.message.ends_with(crate::proto::UNTAKEN)
 }
 
 /// Whether `r` only reads (so that it may be sent again, to another super-peer).

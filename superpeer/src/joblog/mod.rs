@@ -129,10 +129,6 @@ impl Default for LogConfig {
     }
 }
 
-/// What a failure says when a replica that does not lead was asked to change the job log
-/// ([`LogError::NotLeader`]): nothing was proposed.
-pub const NOT_LEADER: &str = "does not lead the group's job log";
-
 /// What can go wrong with the job log.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
@@ -144,9 +140,8 @@ pub enum LogError {
         /// Why.
         message: String,
     },
-    /// This replica does not lead: commands go to the leader. Nothing was proposed, so a
-    /// client may send the command again to the leader ([`NOT_LEADER`] says so in a failure).
-    #[error("this super-peer {}{}", NOT_LEADER, match leader {
+    /// This replica does not lead: commands go to the leader.
+    #[error("this super-peer does not lead the group's job log{}", match leader {
         Some(l) => format!("; {l} does"),
         None => "; no replica leads it now (an election is under way, or too few replicas \
                  are reachable)".into(),

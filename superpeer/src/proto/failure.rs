@@ -51,6 +51,10 @@ impl Failure {
     }
 }
 
+/// How the message of a failure ends when its request was refused before anything was done
+/// with it (by a replica that does not lead): a client may send it again, to the leader.
+pub const UNTAKEN: &str = "nothing was taken";
+
 /// `From<E> for Failure` for each error type `E`, with the failure kind it is.
 macro_rules! kinds {
     ($($(#[$doc:meta])* $error:ty => $kind:expr;)*) => {$(

@@ -38,7 +38,7 @@ mod part;
 pub use agreement::*;
 pub use bank::*;
 pub use check::CheckError;
-pub use failure::{Failure, FailureKind};
+pub use failure::{Failure, FailureKind, UNTAKEN};
 pub use frame::*;
 pub use group::*;
 pub use id::{Hash, IdError, JobId};
