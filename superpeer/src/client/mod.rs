@@ -117,7 +117,7 @@ impl Client {
 
     /// The super-peer's peer id (the leader it has followed to, if its own stopped leading).
     pub fn broker(&self) -> PeerId {
-        self.moved.lock().as_ref().map_or(self.broker, |(p, _)| *p)
+        self.target().0
     }
 
     /// Where requests go: the leader followed to, or the super-peer this client was made for.
@@ -133,10 +133,11 @@ impl Client {
         // Sent again only if it reads, or a follower refused it before proposing anything:
         // a request that failed otherwise at a super-peer losing its lead may yet have been
         // taken. Later requests go to the new leader.
-        let again = r.clone();
+        // Kept only by a client that can look for the leader (one made by `find`).
+        let again = (!self.seeds.is_empty()).then(|| r.clone());
         match self.net.call(peer, &addrs, r.into()).await {
-            Err(f) if f.kind == FailureKind::Unavailable && !self.seeds.is_empty() => {
-                let again = (lead::reads(&again) || lead::refused_as_follower(&f)).then_some(again);
+            Err(f) if f.kind == FailureKind::Unavailable && again.is_some() => {
+                let again = again.filter(|r| lead::reads(r) || lead::refused_as_follower(&f));
                 // An election takes a second or two: asked until one leads, a few times.
                 for _ in 0..lead::LEADER_TRIES {
                     match lead::leader(&self.net, &self.seeds).await {
