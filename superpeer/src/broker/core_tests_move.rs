@@ -10,19 +10,28 @@ use super::{Bench, bench, jobs, reply_now, sends, submitted};
 use crate::broker::core::{Effect, Input, Then};
 use crate::broker::migrate::Which;
 use crate::proto::{
-    BrokerRequest, CheckpointPolicy, Failure, FailureKind, Hash, JobId, JobState, MoveStep,
-    PartReport, PartResult, Response,
+    BrokerRequest, CheckpointPolicy, Failure, FailureKind, FileSpec, Hash, JobId, JobState,
+    MoveStep, PartReport, PartResult, Response,
 };
 
 /// A ring of 8 that asks for checkpoints, running as two parts of 4 on two of three nodes of
 /// 4 slots: its id, its parts' nodes, the third node, and a vertex of its second part.
 async fn running(b: &mut Bench) -> (JobId, Vec<PeerId>, PeerId, String) {
+    running_with(b, None).await
+}
+
+/// As [`running`], the job with `files`.
+async fn running_with(
+    b: &mut Bench,
+    files: Option<FileSpec>,
+) -> (JobId, Vec<PeerId>, PeerId, String) {
     let nodes = [b.node("n0", 4), b.node("n1", 4), b.node("n2", 4)];
     let mut job = jobs::ring("moving", 1000, Some(2), 0);
     job.submission.checkpoint = Some(CheckpointPolicy {
         interval_ms: 600_000,
         keep: 2,
     });
+    job.submission.files = files;
     let (effects, mut rx) = b.submit(&job);
     let effects = reply_now(b.settle(effects).await);
     let id = submitted(&mut rx).job;
@@ -106,7 +115,7 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
         asked.iter().map(|a| &a.1).collect::<Vec<_>>()
     );
     let (leave, hold) = (asked.remove(0), asked.remove(0));
-    let MoveStep::Leave { cut } = leave.1 else {
+    let MoveStep::Leave { cut, .. } = leave.1 else {
         panic!("the part's node is asked to leave: {:?}", leave.1)
     };
     assert_eq!(leave.0, from);
@@ -152,7 +161,7 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
     let mut asked = steps(effects);
     asked.sort_by_key(|(p, _, _)| *p != from);
     let (leave, hold) = (asked.remove(0), asked.remove(0));
-    let MoveStep::Leave { cut: cut2 } = leave.1 else {
+    let MoveStep::Leave { cut: cut2, .. } = leave.1 else {
         panic!("leave")
     };
     assert!(cut2 > cut, "cut {cut2} after {cut}");
@@ -262,4 +271,76 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
     );
     // The move's blob is not kept: no checkpoint refers to it.
     assert!(b.core.blobs.get(&hash).is_none());
+}
+
+/// A cut of a job with files is given as long as its parts' sandboxes may take to go up at the
+/// least rate a transfer keeps (after the usual 20 s), and its nodes are told so: parts that
+/// answer 30 s after it was asked are taken, where a job without files gives the same cut up.
+/// A move's leaving part is given as long for its own sandboxes.
+#[tokio::test]
+async fn a_cut_of_a_job_with_files_waits_as_long_as_its_files_may_take_to_go_up() {
+    let files = FileSpec {
+        inputs: Vec::new(),
+        outputs: vec!["out/*".into()],
+        output_bytes: 256 << 20,
+    };
+    for files in [None, Some(files)] {
+        let mut b = bench().await;
+        let (id, on, free, vertex) = running_with(&mut b, files.clone()).await;
+        let (reply, mut ck) = oneshot::channel();
+        let asked: Vec<_> = sends(b.on(Input::Checkpoint {
+            reply,
+            job: id.clone(),
+        }))
+        .into_iter()
+        .filter_map(|(peer, r, then)| match r {
+            BrokerRequest::Checkpoint { within_ms, .. } => Some((peer, within_ms, then)),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(asked.len(), 2, "both parts are asked");
+        // 8 vertices of at most 256 MiB each, at 1 MiB/s: 2,048 s after the first 20 s.
+        let within = files.as_ref().map(|_| (20 + 8 * 256) * 1000);
+        for (_, w, _) in &asked {
+            assert_eq!(*w, within);
+        }
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut effects = Vec::new();
+        for (peer, _, then) in asked {
+            let blob = Bytes::from(format!("the part on {peer}"));
+            let answer = Ok(Response::Checkpoint {
+                hash: Hash::of(&blob),
+                blob,
+                files: files.as_ref().map(|_| Vec::new()),
+            });
+            effects.extend(b.core.on(later, Input::Answered { then, peer, answer }));
+        }
+        reply_now(b.settle(effects).await);
+        let answer = ck.try_recv().expect("the cut is answered");
+        let cuts = b
+            .log
+            .read(|s| s.job(&id).map_or(0, |j| j.checkpoints.len()));
+        if files.is_some() {
+            assert!(matches!(answer, Response::Ok), "{answer:?}");
+            assert_eq!(cuts, 1, "recorded");
+        } else {
+            assert!(
+                matches!(&answer, Response::Error(f) if f.message.contains("within 20s")),
+                "{answer:?}"
+            );
+            assert_eq!(cuts, 0, "given up");
+        }
+        // A move: the leaving part's 4 vertices, 1,024 s after the first 20 s.
+        let to = b.core.members.name(&free).expect("named").to_owned();
+        let (effects, _rx) = migrate(&mut b, &id, &vertex, &to);
+        let leave = steps(effects)
+            .into_iter()
+            .find_map(|(p, s, _)| match s {
+                MoveStep::Leave { within_ms, .. } => Some((p, within_ms)),
+                _ => None,
+            })
+            .expect("a leave step");
+        assert!(on.contains(&leave.0));
+        assert_eq!(leave.1, files.as_ref().map(|_| (20 + 4 * 256) * 1000));
+    }
 }

@@ -21,8 +21,8 @@ use super::{fail, now_ms};
 use crate::joblog::state::JobRecord;
 use crate::joblog::{Applied, Command, LogError};
 use crate::proto::{
-    BrokerRequest, CheckpointInfo, CutPart, EdgeTraffic, Failure, FailureKind, Hash, JobId,
-    JobState, OutputFile, PortTraffic, Response,
+    BrokerRequest, CheckpointInfo, CutPart, EdgeTraffic, Failure, FailureKind, FileSpec, Hash,
+    JobId, JobState, MAX_SAVE_MS, OutputFile, PortTraffic, Response,
 };
 
 /// A part's image as its node answered: the blob's hash, the blob, and the files of its
@@ -56,12 +56,35 @@ pub(super) struct Cut {
     replies: Vec<Reply>,
     /// When it was asked for.
     started: Instant,
+    /// How long it may take ([`save_limit`]).
+    limit: Duration,
 }
 
-/// How long a cut may take, from its request to its last blob; a later one is given up. Less
-/// than a node holds its sending ends for it ([`crate::node`]'s `RELEASE_WAIT`), so that no
-/// part of a cut recorded has let its links go early.
+/// How long a cut may take, from its request to its last blob, when its job has no files (or
+/// few); a later one is given up. Less than a node holds its sending ends for it
+/// ([`crate::node`]'s `RELEASE_WAIT`), so that no part of a cut recorded has let its links go
+/// early.
 const CUT_LIMIT: Duration = Duration::from_secs(20);
+
+/// How long a save of parts with `vertices` vertices in all may take, for a job whose files
+/// are `files` (`None`: it has none, and [`CUT_LIMIT`] holds): [`CUT_LIMIT`], and then as long
+/// as the most their sandboxes may hold (each vertex's inputs and output bound) takes at the
+/// least rate a transfer keeps before it is cut ([`crate::files::MIN_RATE`]). The broker tells
+/// the nodes (`within_ms`), which hold their sending ends longer than that.
+pub(super) fn save_limit(files: Option<&FileSpec>, vertices: usize) -> Option<Duration> {
+    let f = files?;
+    let bytes = f
+        .input_bytes()
+        .saturating_add(f.output_bytes)
+        .saturating_mul(u64::try_from(vertices).unwrap_or(u64::MAX));
+    let limit = CUT_LIMIT + Duration::from_secs(bytes / crate::files::MIN_RATE);
+    Some(limit.min(Duration::from_millis(MAX_SAVE_MS)))
+}
+
+/// `d` in whole milliseconds, as a request carries it.
+pub(super) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 impl Core {
     /// Starts a checkpoint of a running job that asked for them, unless one is under way
@@ -103,9 +126,16 @@ impl Core {
                 .collect();
             let last = j.checkpoints.last().map_or(0, |c| c.cut);
             let moved = j.moves.last().map_or(0, |m| m.cut);
-            Ok((j.attempt, last.max(moved), parts))
+            // The parts asked save their sandboxes' files.
+            let vertices = parts
+                .iter()
+                .filter(|(_, _, ended)| ended.is_none())
+                .map(|(_, v, _)| v.len())
+                .sum();
+            let limit = save_limit(j.files.as_ref(), vertices);
+            Ok((j.attempt, last.max(moved), parts, limit))
         });
-        let (attempt, last, parts) = match found {
+        let (attempt, last, parts, limit) = match found {
             Ok(found) => found,
             Err((kind, why)) => {
                 if let Some(reply) = reply {
@@ -133,6 +163,7 @@ impl Core {
                     job: job.to_owned(),
                     attempt,
                     cut,
+                    within_ms: limit.map(millis),
                 },
                 then: Then::CutTaken {
                     job: job.to_owned(),
@@ -158,6 +189,7 @@ impl Core {
                 blobs,
                 replies: reply.into_iter().collect(),
                 started: self.now,
+                limit: limit.unwrap_or(CUT_LIMIT),
             },
         );
     }
@@ -196,9 +228,9 @@ impl Core {
         let Some(c) = self.cuts.get_mut(job).filter(|c| c.cut == cut) else {
             return;
         };
-        let late = self.now.saturating_duration_since(c.started) > CUT_LIMIT;
+        let late = self.now.saturating_duration_since(c.started) > c.limit;
         let why = match answer {
-            _ if late => Some(format!("not every part answered within {CUT_LIMIT:?}")),
+            _ if late => Some(format!("not every part answered within {:?}", c.limit)),
             Ok(Response::Checkpoint { hash, blob, files }) if Hash::of(&blob) == hash => {
                 match unheld(self.files.as_deref(), files.as_deref()) {
                     Some(missing) => Some(missing),

@@ -38,6 +38,14 @@ use crate::proto::{
 /// Files sent or fetched at once (each on a stream of its own).
 pub const AT_ONCE: usize = 4;
 
+/// The slowest a transfer may go (bytes a second) before it is cut, after a grace period.
+pub(crate) const MIN_RATE: u64 = 1 << 20;
+
+/// How long a transfer of `size` bytes may take: 30 s, then [`MIN_RATE`].
+pub(crate) fn allowed(size: u64) -> Duration {
+    Duration::from_secs(30 + size / MIN_RATE)
+}
+
 /// Runs `transfer` on each of `items`, at most [`AT_ONCE`] at a time, and stops at the first
 /// failure (the others are dropped); what each gave, in the order they ended.
 ///

@@ -11,6 +11,7 @@ use libp2p::PeerId;
 use mvm_component::policy::Principal;
 
 use super::store::{CHUNK, FileStore, ReceiveError};
+use super::{MIN_RATE, allowed};
 use crate::net::Net;
 use crate::proto::{
     FILES_PROTOCOL, Failure, FailureKind, FileAnswer, FileRequest, Hash, JobId, MAX_HEADER,
@@ -22,9 +23,6 @@ const MAX_TRANSFERS: usize = 64;
 
 /// How long an opener has to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
-
-/// The slowest a transfer may go (bytes a second) before it is cut, after a grace period.
-const MIN_RATE: u64 = 1 << 20;
 
 /// Who may put and get which files.
 pub(crate) trait Access: Send + Sync + 'static {
@@ -86,11 +84,6 @@ pub(crate) async fn serve(net: Net, store: Arc<FileStore>, access: Arc<dyn Acces
             Some(_) = running.join_next(), if !running.is_empty() => {}
         }
     }
-}
-
-/// How long a transfer of `size` bytes may take.
-fn allowed(size: u64) -> Duration {
-    Duration::from_secs(30 + size / MIN_RATE)
 }
 
 async fn transfer(

@@ -33,6 +33,16 @@ const MARK_WAIT: Duration = Duration::from_secs(10);
 /// never has a part that let its links go early.
 pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a part's sending ends stay held after its image is taken, when the broker waits
+/// `within` for the cut (a cut whose files may take longer than its usual limit): longer than
+/// that, and never less than [`RELEASE_WAIT`].
+pub(super) fn release_wait(within: Option<Duration>) -> Duration {
+    within.map_or(RELEASE_WAIT, |w| {
+        (w.min(Duration::from_millis(crate::proto::MAX_SAVE_MS)) + crate::proto::SAVE_SLACK)
+            .max(RELEASE_WAIT)
+    })
+}
+
 /// A checkpoint's blob, its hash, and the files of the part's sandboxes (none: its job has no
 /// files).
 pub(super) type Taken = (Hash, Bytes, Option<Vec<OutputFile>>);

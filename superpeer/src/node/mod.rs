@@ -273,12 +273,19 @@ impl Node {
                 })
                 .await
             }
-            BrokerRequest::Checkpoint { job, attempt, cut } => {
+            BrokerRequest::Checkpoint {
+                job,
+                attempt,
+                cut,
+                within_ms,
+            } => {
+                let within = within_ms.map(std::time::Duration::from_millis);
                 self.ask(|reply| parts::Input::Checkpoint {
                     from,
                     job,
                     attempt,
                     cut,
+                    within,
                     reply,
                 })
                 .await

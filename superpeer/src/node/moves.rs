@@ -66,7 +66,7 @@ impl Parts {
             out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));
         };
         match step {
-            MoveStep::Leave { cut } => {
+            MoveStep::Leave { cut, .. } => {
                 if part.moving.is_some() {
                     return busy(reply, out);
                 }

@@ -2,6 +2,8 @@
 //! pausable for real), with link ends to two other nodes, takes each step in its turn, refuses
 //! the others, and hands its links over to the new node.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use mvm_queue::queue::{Config as QueueConfig, Queue};
 use mvm_queue::remote::{Drain, Hold};
@@ -115,7 +117,13 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
     };
     assert_eq!((holds.len(), drains.len(), *cut), (1, 1, 1));
     // One move at a time.
-    let (out, rx) = step(&mut b, MoveStep::Leave { cut: 2 });
+    let (out, rx) = step(
+        &mut b,
+        MoveStep::Leave {
+            cut: 2,
+            within_ms: None,
+        },
+    );
     assert!(matches!(said(out, rx), Response::Error(f) if f.message.contains("under way")));
     let (out, rx) = step(&mut b, relink);
     let [Effect::Relink(r)] = &out[..] else {
@@ -219,7 +227,8 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
 
 /// A cut asked of a part prepared but not started yet (the broker sent its `Start` first, but
 /// the two crossed on the way) waits for the `Start`, and is taken as the part starts; a later
-/// cut overtakes an earlier one that waits.
+/// cut overtakes an earlier one that waits. The part's sending ends are held longer than the
+/// broker says it waits for the cut, and never less than the usual 30 s.
 #[test]
 fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
     let mut b = bench();
@@ -234,20 +243,27 @@ fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
     });
     assert_eq!(kinds(&out), ["reply"]);
     answer(out);
-    let cut = |b: &mut Bench, cut: u64| {
+    let cut = |b: &mut Bench, cut: u64, within: Option<u64>| {
         let (reply, rx) = asked();
         let out = b.parts.on(Input::Checkpoint {
             from: PeerId::random(),
             job: job.into(),
             attempt: 0,
             cut,
+            within: within.map(Duration::from_secs),
             reply,
         });
         (out, rx)
     };
-    let (out, mut first) = cut(&mut b, 1);
+    let held = |out: &[Effect]| {
+        out.iter().find_map(|e| match e {
+            Effect::Checkpoint { cut, hold, .. } => Some((*cut, hold.as_secs())),
+            _ => None,
+        })
+    };
+    let (out, mut first) = cut(&mut b, 1, None);
     assert!(out.is_empty(), "it waits for the start");
-    let (out, _second) = cut(&mut b, 2);
+    let (out, _second) = cut(&mut b, 2, Some(100));
     assert_eq!(kinds(&out), ["reply"]);
     answer(out);
     assert!(
@@ -256,9 +272,9 @@ fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
     );
     let out = b.start(broker, job);
     assert_eq!(kinds(&out), ["run", "checkpoint", "reply"]);
-    assert!(
-        out.iter()
-            .any(|e| matches!(e, Effect::Checkpoint { cut: 2, .. })),
-        "the waiting cut is taken"
-    );
+    assert_eq!(held(&out), Some((2, 110)), "the waiting cut is taken");
+    for (within, hold) in [(None, 30), (Some(5), 30), (Some(3600), 3610)] {
+        let (out, _rx) = cut(&mut b, 3, within);
+        assert_eq!(held(&out), Some((3, hold)), "{within:?}");
+    }
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 use bytes::Bytes;
 use libp2p::{Multiaddr, PeerId};
@@ -201,6 +202,8 @@ pub(super) enum Input {
         job: JobId,
         attempt: u32,
         cut: u64,
+        /// How long the broker waits for the cut, if longer than usual (its `within_ms`).
+        within: Option<Duration>,
         reply: Reply,
     },
     /// Every part of cut `cut` of run `attempt` of `job` has its image: the part's sending
@@ -344,11 +347,13 @@ pub(super) enum Effect {
         files: crate::proto::FileSpec,
     },
     /// Take a checkpoint of a running part at cut `cut` and answer with its blob; its sending
-    /// ends stay held until `release` fires (or [`super::checkpoint::RELEASE_WAIT`] passes).
+    /// ends stay held until `release` fires (or `hold` passes: see
+    /// [`super::checkpoint::release_wait`]).
     Checkpoint {
         marks: Box<Marks>,
         save: Option<Save>,
         cut: u64,
+        hold: Duration,
         reply: Reply,
         release: oneshot::Receiver<()>,
     },
@@ -424,7 +429,7 @@ pub(super) struct Part {
     pub(super) cut_release: Option<(u64, oneshot::Sender<()>)>,
     /// A cut asked of the part before its `Start` came: the broker sends `Start` before it
     /// cuts a running job, but the two requests may cross on the way. Taken when it starts.
-    pub(super) early_cut: Option<(u64, Reply)>,
+    pub(super) early_cut: Option<(u64, Option<Duration>, Reply)>,
     /// The super-peer that last asked for a checkpoint or a move of the part (the leader
     /// then, which may not be the one that placed it): what a checkpoint saves goes to it.
     pub(super) saver: Option<PeerId>,

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
@@ -176,12 +177,13 @@ impl Parts {
                 job,
                 attempt,
                 cut,
+                within,
                 reply,
             } => {
                 if let Some(p) = self.run_mut(&job, attempt) {
                     p.saver = Some(from);
                 }
-                self.checkpoint(&mut out, &job, attempt, cut, reply);
+                self.checkpoint(&mut out, &job, attempt, (cut, within), reply);
             }
             Input::ReleaseCut {
                 job,
@@ -398,21 +400,22 @@ impl Parts {
         }
     }
 
-    /// A cut asked of run `attempt` of `job`'s part: its image is taken (an effect), or, for a
-    /// part prepared but not started yet, the cut waits for its `Start`.
+    /// A cut asked of run `attempt` of `job`'s part (its number, and how long the broker waits
+    /// for it if longer than usual): its image is taken (an effect), or, for a part prepared
+    /// but not started yet, the cut waits for its `Start`.
     fn checkpoint(
         &mut self,
         out: &mut Vec<Effect>,
         job: &JobId,
         attempt: u32,
-        cut: u64,
+        (cut, within): (u64, Option<Duration>),
         reply: Reply,
     ) {
         if let Some(p) = self.run_mut(job, attempt)
             && p.marks.is_some()
             && matches!(p.stage, Stage::Prepared(_))
         {
-            if let Some((older, r)) = p.early_cut.replace((cut, reply)) {
+            if let Some((older, _, r)) = p.early_cut.replace((cut, within, reply)) {
                 let why =
                     format!("checkpoint {older} of job {job} was overtaken by checkpoint {cut}");
                 out.push(Effect::Reply(r, fail(FailureKind::Unavailable, why)));
@@ -448,6 +451,7 @@ impl Parts {
                     marks,
                     save,
                     cut,
+                    hold: super::checkpoint::release_wait(within),
                     reply,
                     release,
                 });
@@ -497,8 +501,8 @@ impl Parts {
             attempt,
             launch,
         });
-        if let Some((cut, reply)) = early {
-            self.checkpoint(out, job, attempt, cut, reply);
+        if let Some((cut, within, reply)) = early {
+            self.checkpoint(out, job, attempt, (cut, within), reply);
         }
         if held {
             out.push(Effect::Hold {

@@ -152,6 +152,7 @@ impl Node {
                 marks,
                 save,
                 cut,
+                hold,
                 reply,
                 release,
             } => {
@@ -166,8 +167,7 @@ impl Node {
                             let _ = reply.send(answer);
                             // The sending ends go on once every part of the cut is saved (or
                             // after a while); not if the part went, or a move let them go.
-                            let wait = super::checkpoint::RELEASE_WAIT;
-                            if !matches!(tokio::time::timeout(wait, release).await, Ok(Err(_))) {
+                            if !matches!(tokio::time::timeout(hold, release).await, Ok(Err(_))) {
                                 super::checkpoint::let_go(&marks);
                             }
                         }

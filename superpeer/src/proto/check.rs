@@ -81,6 +81,17 @@ pub enum CheckError {
     /// A job's files that break a rule: a path outside the sandbox, a bad pattern, a bound.
     #[error("files: {0}")]
     Files(String),
+    /// A checkpoint or move that gives its files longer than [`super::MAX_SAVE_MS`].
+    #[error("{0} ms for a part's saved files (at most {max})", max = super::MAX_SAVE_MS)]
+    SaveWait(u64),
+}
+
+/// Checks how long a broker gives a part's saved files ([`super::MAX_SAVE_MS`] at most).
+fn check_save_ms(within_ms: Option<u64>) -> Result<(), CheckError> {
+    match within_ms {
+        Some(ms) if ms > super::MAX_SAVE_MS => Err(CheckError::SaveWait(ms)),
+        _ => Ok(()),
+    }
 }
 
 /// Checks a job's files: paths inside the sandbox, each input once, bounded counts and bytes,
@@ -429,11 +440,11 @@ impl NodeRequest {
 impl BrokerRequest {
     fn validate(&self) -> Result<(), CheckError> {
         match self {
-            BrokerRequest::Start { .. }
-            | BrokerRequest::Checkpoint { .. }
-            | BrokerRequest::ReleaseCut { .. } => Ok(()),
+            BrokerRequest::Start { .. } | BrokerRequest::ReleaseCut { .. } => Ok(()),
+            BrokerRequest::Checkpoint { within_ms, .. } => check_save_ms(*within_ms),
             BrokerRequest::Move { step, .. } => match step {
                 super::MoveStep::Relink { addrs, .. } => check_len("addresses", addrs.len()),
+                super::MoveStep::Leave { within_ms, .. } => check_save_ms(*within_ms),
                 _ => Ok(()),
             },
             BrokerRequest::Terminate { reason, .. } => check_len("reason bytes", reason.len()),

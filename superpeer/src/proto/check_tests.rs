@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use mvm_queue::queue::Config as QueueConfig;
 
 use super::*;
-use crate::proto::{EnvSpec, LimitSpec, Member, PartSpec};
+use crate::proto::{EnvSpec, JobId, LimitSpec, MAX_SAVE_MS, Member, MoveStep, PartSpec};
 
 /// A request `{role: {kind: {field: value}}}`, as a peer could send it with any text in
 /// the field, decoded.
@@ -153,4 +153,43 @@ fn a_check_error_is_a_failure_of_bad_input() {
         f.message,
         "the job name must be 1 to 256 printable characters"
     );
+}
+
+/// A checkpoint or a move that gives a part's saved files longer than two days is refused; one
+/// that gives nothing goes without the field, and decodes.
+#[test]
+fn a_save_given_more_than_two_days_is_refused_and_one_given_nothing_decodes() {
+    let job: JobId = "j-1-1".parse().expect("a job id");
+    let checkpoint = |within_ms| BrokerRequest::Checkpoint {
+        job: job.clone(),
+        attempt: 0,
+        cut: 1,
+        within_ms,
+    };
+    let leave = |within_ms| BrokerRequest::Move {
+        job: job.clone(),
+        attempt: 0,
+        step: MoveStep::Leave { cut: 1, within_ms },
+    };
+    for r in [
+        checkpoint(Some(MAX_SAVE_MS + 1)),
+        leave(Some(MAX_SAVE_MS + 1)),
+    ] {
+        let e = Request::Broker(r).validate().expect_err("too long");
+        assert_eq!(e, CheckError::SaveWait(MAX_SAVE_MS + 1));
+    }
+    for r in [checkpoint(Some(MAX_SAVE_MS)), leave(None), checkpoint(None)] {
+        Request::Broker(r).validate().expect("within bounds");
+    }
+    // Without the field on the wire (`skip_serializing_if`), it decodes as none.
+    let mut buf = Vec::new();
+    ciborium::into_writer(&Request::Broker(checkpoint(None)), &mut buf).expect("encodes");
+    let back = crate::proto::decode::<Request>(&buf).expect("decodes");
+    assert!(matches!(
+        back,
+        Request::Broker(BrokerRequest::Checkpoint {
+            within_ms: None,
+            ..
+        })
+    ));
 }

@@ -276,6 +276,11 @@ pub enum BrokerRequest {
         attempt: u32,
         /// The cut's number within the job (each larger than the one before).
         cut: u64,
+        /// How long the broker waits for every part of the cut, when its files may take longer
+        /// than its usual limit to go up (at most [`MAX_SAVE_MS`]): the node holds its sending
+        /// ends longer than that, and the answer is awaited that long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        within_ms: Option<u64>,
     },
     /// A step of moving a running part of a job to another node ([`MoveStep`]).
     Move {
@@ -388,6 +393,10 @@ pub enum MoveStep {
     Leave {
         /// The cut's number within the job.
         cut: u64,
+        /// How long the broker waits for the part's blob, when its files may take longer than
+        /// a request's usual timeout to go up (at most [`MAX_SAVE_MS`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        within_ms: Option<u64>,
     },
     /// To the node of another part: hold and drain its links with `peer` (the node of the part
     /// that moves) to cut `cut`. The part runs on.
@@ -579,3 +588,27 @@ pub const SUBMIT_HOLD: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a node holds the answer to a `Prepare` that starts its part at once, for the part's
 /// report to travel in the answer instead of in a request of its own.
 pub const PART_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The longest a broker may give a part's saved files to go up, in a checkpoint or a move
+/// (`within_ms` of [`BrokerRequest::Checkpoint`] and [`MoveStep::Leave`]): two days.
+pub const MAX_SAVE_MS: u64 = 2 * 24 * 3600 * 1000;
+
+/// How much longer than a broker waits for a part's save its request's answer is awaited, and
+/// the part's node holds its sending ends.
+pub const SAVE_SLACK: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Request {
+    /// How long this request's answer may take, when that is longer than a request's usual
+    /// timeout: a checkpoint or a move whose files are given long to go up.
+    pub fn answer_within(&self) -> Option<std::time::Duration> {
+        let ms = match self {
+            Request::Broker(BrokerRequest::Checkpoint { within_ms, .. }) => *within_ms,
+            Request::Broker(BrokerRequest::Move {
+                step: MoveStep::Leave { within_ms, .. },
+                ..
+            }) => *within_ms,
+            _ => None,
+        }?;
+        Some(std::time::Duration::from_millis(ms.min(MAX_SAVE_MS)) + SAVE_SLACK)
+    }
+}

@@ -193,9 +193,13 @@ impl Links {
         }
     }
 
-    /// Sends `request` on `link`, the stream to `peer`, and waits for the answer.
+    /// Sends `request` on `link`, the stream to `peer`, and waits for the answer: for the
+    /// links' timeout, or longer if the request says so ([`Request::answer_within`]).
     pub(crate) async fn send(&self, peer: PeerId, link: &Arc<Link>, request: Request) -> Sent {
         let error = |problem: NetProblem| NetError::new(peer, problem);
+        let timeout = request
+            .answer_within()
+            .map_or(self.timeout, |t| t.max(self.timeout));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let frame = match encode(id, &request, self.max_frame) {
             Ok(f) => f,
@@ -216,7 +220,7 @@ impl Links {
             return Sent::NotSent(request);
         }
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let answer = match tokio::time::timeout(self.timeout, rx).await {
+        let answer = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(r))) => r
                 .validate()
                 .map(|()| r)
@@ -227,7 +231,7 @@ impl Links {
                 if let Some(p) = link.pending.lock().as_mut() {
                     p.remove(&id);
                 }
-                Err(error(NetProblem::NoAnswer(self.timeout)))
+                Err(error(NetProblem::NoAnswer(timeout)))
             }
         };
         Sent::Done(answer)

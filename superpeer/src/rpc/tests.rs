@@ -59,13 +59,18 @@ mod frames {
         }
     }
 
-    #[test]
-    fn a_frame_begun_and_not_finished_in_time_is_an_error_and_an_idle_stream_is_not() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    /// A runtime whose clock moves only when every task waits.
+    fn paused() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
-            .expect("runtime");
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_frame_begun_and_not_finished_in_time_is_an_error_and_an_idle_stream_is_not() {
+        let rt = paused();
         rt.block_on(async {
             // 64 MiB claimed, 100 bytes sent: the read gives up after the grace and the
             // claimed size at the least rate (10 s + 1024 s), having held what arrived.
@@ -94,6 +99,84 @@ mod frames {
             )
             .await;
             assert!(waited.is_err(), "an idle stream ended");
+        });
+    }
+
+    /// A checkpoint (or a move's leaving step) whose files the broker gives long to go up is
+    /// awaited that long and 10 s more; any other request, or one that gives less than the
+    /// usual timeout, for the usual timeout.
+    #[test]
+    fn a_save_given_long_is_awaited_longer_than_the_request_timeout_and_others_are_not() {
+        use crate::proto::{BrokerRequest, MoveStep};
+        let rt = paused();
+        rt.block_on(async {
+            let usual = Duration::from_secs(60);
+            let links = Links::new(1 << 20, usual);
+            let (frames, mut sent) = mpsc::channel(4);
+            let link = Arc::new(Link {
+                frames,
+                pending: Mutex::new(Some(HashMap::new())),
+            });
+            // The peer answers whatever it was asked 5 minutes after it reads a request.
+            let peer = link.clone();
+            tokio::spawn(async move {
+                while sent.recv().await.is_some() {
+                    tokio::time::sleep(Duration::from_secs(300)).await;
+                    let asked: Vec<_> = peer
+                        .pending
+                        .lock()
+                        .as_mut()
+                        .map(|p| p.drain().collect())
+                        .unwrap_or_default();
+                    for (_, tx) in asked {
+                        let _ = tx.send(Ok(Response::Ok));
+                    }
+                }
+            });
+            let checkpoint = |within_ms| {
+                Request::Broker(BrokerRequest::Checkpoint {
+                    job: "j-1-1".parse().expect("a job id"),
+                    attempt: 0,
+                    cut: 1,
+                    within_ms,
+                })
+            };
+            let leave = |within_ms| {
+                Request::Broker(BrokerRequest::Move {
+                    job: "j-1-1".parse().expect("a job id"),
+                    attempt: 0,
+                    step: MoveStep::Leave { cut: 2, within_ms },
+                })
+            };
+            let who = PeerId::random();
+            let timed_out = |s: Sent| match s {
+                Sent::Done(Err(NetError {
+                    problem: NetProblem::NoAnswer(d),
+                    ..
+                })) => Some(d),
+                _ => None,
+            };
+            for r in [Request::Group, checkpoint(None), leave(Some(1_000))] {
+                let t = tokio::time::Instant::now();
+                let s = links.send(who, &link, r).await;
+                assert_eq!(timed_out(s), Some(usual));
+                assert_eq!(t.elapsed(), usual);
+            }
+            // The peer, asleep over requests queued before, answers each of these when it next
+            // wakes: later than the usual timeout, within 10 minutes.
+            for r in [checkpoint(Some(3_600_000)), leave(Some(600_000))] {
+                let t = tokio::time::Instant::now();
+                let s = links.send(who, &link, r).await;
+                assert!(matches!(s, Sent::Done(Ok(Response::Ok))), "answered");
+                let took = t.elapsed();
+                assert!(took > usual && took <= Duration::from_secs(600), "{took:?}");
+            }
+            // Given more than the usual timeout but less than the peer takes: the given time,
+            // and 10 s more.
+            let t = tokio::time::Instant::now();
+            let s = links.send(who, &link, checkpoint(Some(100_000))).await;
+            assert_eq!(timed_out(s), Some(Duration::from_secs(110)));
+            assert_eq!(t.elapsed(), Duration::from_secs(110));
         });
     }
 

@@ -38,6 +38,9 @@ use crate::proto::{
 pub(super) struct Move {
     attempt: u32,
     cut: u64,
+    /// How long the part's save may take, if longer than usual (its job's files:
+    /// [`super::cut::save_limit`]).
+    within_ms: Option<u64>,
     /// The part's index among the job's parts, and its vertices.
     part: usize,
     vertices: Vec<String>,
@@ -127,7 +130,10 @@ impl Core {
             job,
             &m,
             m.from,
-            MoveStep::Leave { cut: m.cut },
+            MoveStep::Leave {
+                cut: m.cut,
+                within_ms: m.within_ms,
+            },
             MoveStepThen::Left,
         );
         for peer in m.others.clone() {

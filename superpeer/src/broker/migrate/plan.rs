@@ -161,9 +161,11 @@ impl Core {
         let cut = last.max(self.cut_floor.get(job).copied().unwrap_or(0)) + 1;
         self.cut_floor.insert(job.to_owned(), cut);
         self.ledger.hold_slots(job, to_peer, need);
+        let within = super::super::cut::save_limit(s.files.as_ref(), parts[part].vertices.len());
         Ok(Move {
             attempt,
             cut,
+            within_ms: within.map(super::super::cut::millis),
             part,
             vertices: parts[part].vertices.clone(),
             from,
