@@ -1,5 +1,6 @@
 //! Daemons on separate hosts: network namespaces joined by veth links to a bridge (root only,
-//! as on the CI machine). A job runs across them; then one node's link is cut mid-job.
+//! as on the CI machine). A job runs across them; then one node's link is cut mid-job. And a
+//! checkpoint's files go up over a link held slow with `tc`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -378,4 +379,138 @@ fn nodes_in_separate_network_namespaces_run_a_job_and_survive_a_cut_link() {
     let v = json(&h.run(0, &["submit", "--wait", "examples/fft8.toml", "-o", "json"]));
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["parts"].as_array().expect("parts").len(), 3, "{v}");
+}
+
+/// Writes `big.bin` (`chunks` × 64 KiB) in its sandbox, then yields (a pause point) for
+/// `secs` seconds.
+fn big_writer(chunks: u32, secs: u64) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_close" (func $close (param i32) (result i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+  (import "mvm" "yield" (func $yield))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "big.bin")
+  (func $now (result i64)
+    (drop (call $clock (i32.const 1) (i64.const 1) (i32.const 32))) (i64.load (i32.const 32)))
+  (func (export "_start") (local $i i32) (local $end i64)
+    (loop $fill
+      (i32.store (i32.add (i32.const 65536) (local.get $i))
+        (i32.mul (local.get $i) (i32.const 0x9e3779b1)))
+      (local.set $i (i32.add (local.get $i) (i32.const 4)))
+      (br_if $fill (i32.lt_u (local.get $i) (i32.const 65536))))
+    (drop (call $open (i32.const 3) (i32.const 0) (i32.const 0) (i32.const 7) (i32.const 9)
+      (i64.const 0x1fffffff) (i64.const 0x1fffffff) (i32.const 0) (i32.const 100)))
+    (i32.store (i32.const 108) (i32.const 65536))
+    (i32.store (i32.const 112) (i32.const 65536))
+    (local.set $i (i32.const 0))
+    (loop $w
+      (drop (call $write (i32.load (i32.const 100)) (i32.const 108) (i32.const 1) (i32.const 104)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $w (i32.lt_u (local.get $i) (i32.const {chunks}))))
+    (drop (call $close (i32.load (i32.const 100))))
+    (local.set $end (i64.add (call $now) (i64.const {ns})))
+    (loop $wait (call $yield) (br_if $wait (i64.lt_u (call $now) (local.get $end))))))"#,
+        ns = secs * 1_000_000_000
+    )
+}
+
+/// A checkpoint whose files take longer than a cut's usual 20 s to go up, over a node's link
+/// held to 1.5 MB/s (`tc`'s token bucket on its veth): 40 MiB its vertex wrote, ~28 s. The
+/// broker gives the cut as long as the job's bound on them takes at 1 MiB/s, and keeps it.
+#[test]
+fn a_checkpoint_whose_files_take_longer_than_a_cut_s_usual_limit_over_a_slow_link_is_kept() {
+    let mut h = Hosts::new(2);
+    let broker = h.daemon(0, &["superpeer"]);
+    h.daemon(1, &["node", "--bootstrap", &broker]);
+    write_lab(h.dir.path(), &broker);
+    wait_for(Duration::from_secs(30), || {
+        let out = h.run(0, &["lab", "status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["nodes"]
+            .as_array()
+            .is_some_and(|n| n.len() == 1)
+            .then_some(())
+    });
+    let d = h.dir.path();
+    std::fs::write(d.join("big.wat"), big_writer(640, 120)).expect("module");
+    std::fs::write(
+        d.join("one.dot"),
+        "digraph one { v [component=\"big\"]; }\n",
+    )
+    .expect("dot");
+    let profile = d.join("big.toml");
+    std::fs::write(
+        &profile,
+        format!(
+            "name = \"big\"\ntopology = \"{0}/one.dot\"\n[components]\nbig = \"{0}/big.wat\"\n\
+             [files]\noutputs = [\"*.bin\"]\nmax_output = \"64MiB\"\n\
+             [checkpoint]\ninterval = \"1h\"\n[limits]\nwall = \"300s\"\n",
+            d.display()
+        ),
+    )
+    .expect("profile");
+    let v = json(&h.run(
+        0,
+        &["submit", profile.to_str().expect("utf-8"), "-o", "json"],
+    ));
+    let job = v["job"].as_str().expect("job").to_owned();
+    let state = |h: &Hosts| json(&h.run(0, &["status", &job, "-o", "json"]))[0].clone();
+    wait_for(Duration::from_secs(30), || {
+        (state(&h)["state"] == "running").then_some(())
+    });
+    // Its 40 MiB are written in well under a second here; then the node's link slows.
+    std::thread::sleep(Duration::from_secs(3));
+    let dev = format!("{}h1", h.tag);
+    let tc = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h.hosts[1],
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &dev,
+        ])
+        .args([
+            "root", "tbf", "rate", "12mbit", "burst", "32kb", "latency", "200ms",
+        ])
+        .output()
+        .expect("tc runs");
+    assert!(
+        tc.status.success(),
+        "tc: {}",
+        String::from_utf8_lossy(&tc.stderr)
+    );
+    let t = Instant::now();
+    let out = h.run(0, &["checkpoint", &job]);
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "the checkpoint after {took:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took > Duration::from_secs(20),
+        "the link was not slow: {took:?}"
+    );
+    let s = state(&h);
+    let cut = &s["checkpoints"][0];
+    let files = cut["parts"][0]["files"].as_array().expect("its files");
+    assert!(
+        files
+            .iter()
+            .any(|f| f["path"] == "big.bin" && f["size"] == 640 * 65536),
+        "{cut}"
+    );
+    let out = h.run(0, &["cancel", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

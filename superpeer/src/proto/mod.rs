@@ -599,9 +599,14 @@ pub const SAVE_SLACK: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Request {
     /// How long this request's answer may take, when that is longer than a request's usual
-    /// timeout: a checkpoint or a move whose files are given long to go up.
+    /// timeout: a checkpoint or a move whose files are given long to go up. A client's
+    /// checkpoint or move is answered once the broker has it or gives it up, which it does
+    /// within the limit it gives the nodes: the client waits as long as that may be.
     pub fn answer_within(&self) -> Option<std::time::Duration> {
         let ms = match self {
+            Request::Client(ClientRequest::Checkpoint { .. } | ClientRequest::Migrate { .. }) => {
+                Some(MAX_SAVE_MS)
+            }
             Request::Broker(BrokerRequest::Checkpoint { within_ms, .. }) => *within_ms,
             Request::Broker(BrokerRequest::Move {
                 step: MoveStep::Leave { within_ms, .. },
