@@ -119,7 +119,7 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
         panic!("the part's node is asked to leave: {:?}", leave.1)
     };
     assert_eq!(leave.0, from);
-    assert!(matches!(hold.1, MoveStep::Hold { cut: c, peer } if c == cut && peer == from));
+    assert!(matches!(hold.1, MoveStep::Hold { cut: c, peer, .. } if c == cut && peer == from));
     assert_eq!(hold.0, stays);
     // A checkpoint waits for the move.
     let (reply, mut ck) = oneshot::channel();
@@ -273,10 +273,11 @@ async fn a_move_given_up_before_the_links_change_changes_nothing_and_one_that_co
     assert!(b.core.blobs.get(&hash).is_none());
 }
 
-/// A cut of a job with files is given as long as its parts' sandboxes may take to go up at the
-/// least rate a transfer keeps (after the usual 20 s), and its nodes are told so: parts that
-/// answer 30 s after it was asked are taken, where a job without files gives the same cut up.
-/// A move's leaving part is given as long for its own sandboxes.
+/// A cut of a job with files is given as long as its parts' sandboxes may take to go up (after
+/// the usual 20 s: 30 s, then the least rate a transfer keeps), and its nodes are told so:
+/// parts that answer 30 s after it was asked are taken, where a job without files gives the
+/// same cut up. A move's leaving part is given as long for its own sandboxes, and the parts
+/// that hold their links with it are told too.
 #[tokio::test]
 async fn a_cut_of_a_job_with_files_waits_as_long_as_its_files_may_take_to_go_up() {
     let files = FileSpec {
@@ -299,8 +300,8 @@ async fn a_cut_of_a_job_with_files_waits_as_long_as_its_files_may_take_to_go_up(
         })
         .collect();
         assert_eq!(asked.len(), 2, "both parts are asked");
-        // 8 vertices of at most 256 MiB each, at 1 MiB/s: 2,048 s after the first 20 s.
-        let within = files.as_ref().map(|_| (20 + 8 * 256) * 1000);
+        // 8 vertices of at most 256 MiB each, at 1 MiB/s: 2,048 s after the first 20 + 30 s.
+        let within = files.as_ref().map(|_| (20 + 30 + 8 * 256) * 1000);
         for (_, w, _) in &asked {
             assert_eq!(*w, within);
         }
@@ -330,17 +331,22 @@ async fn a_cut_of_a_job_with_files_waits_as_long_as_its_files_may_take_to_go_up(
             );
             assert_eq!(cuts, 0, "given up");
         }
-        // A move: the leaving part's 4 vertices, 1,024 s after the first 20 s.
+        // A move: the leaving part's 4 vertices, 1,024 s after the first 20 + 30 s.
         let to = b.core.members.name(&free).expect("named").to_owned();
         let (effects, _rx) = migrate(&mut b, &id, &vertex, &to);
-        let leave = steps(effects)
+        let given: Vec<_> = steps(effects)
             .into_iter()
-            .find_map(|(p, s, _)| match s {
-                MoveStep::Leave { within_ms, .. } => Some((p, within_ms)),
-                _ => None,
+            .map(|(p, s, _)| match s {
+                MoveStep::Leave { within_ms, .. } | MoveStep::Hold { within_ms, .. } => {
+                    (p, within_ms)
+                }
+                other => panic!("{other:?}"),
             })
-            .expect("a leave step");
-        assert!(on.contains(&leave.0));
-        assert_eq!(leave.1, files.as_ref().map(|_| (20 + 4 * 256) * 1000));
+            .collect();
+        assert_eq!(given.len(), 2, "a leave and a hold");
+        for (p, within) in given {
+            assert!(on.contains(&p));
+            assert_eq!(within, files.as_ref().map(|_| (20 + 30 + 4 * 256) * 1000));
+        }
     }
 }

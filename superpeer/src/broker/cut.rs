@@ -67,17 +67,18 @@ pub(super) struct Cut {
 const CUT_LIMIT: Duration = Duration::from_secs(20);
 
 /// How long a save of parts with `vertices` vertices in all may take, for a job whose files
-/// are `files` (`None`: it has none, and [`CUT_LIMIT`] holds): [`CUT_LIMIT`], and then as long
-/// as the most their sandboxes may hold (each vertex's inputs and output bound) takes at the
-/// least rate a transfer keeps before it is cut ([`crate::files::MIN_RATE`]). The broker tells
-/// the nodes (`within_ms`), which hold their sending ends longer than that.
+/// are `files` (`None`: it has none, and [`CUT_LIMIT`] holds): [`CUT_LIMIT`] for pausing and
+/// imaging, and then as long as a transfer of the most their sandboxes may hold (each vertex's
+/// inputs and output bound) may take before it is cut ([`crate::files::allowed`]: 30 s, then
+/// the least rate a transfer keeps). The broker tells the nodes (`within_ms`), which hold
+/// their sending ends longer than that.
 pub(super) fn save_limit(files: Option<&FileSpec>, vertices: usize) -> Option<Duration> {
     let f = files?;
     let bytes = f
         .input_bytes()
         .saturating_add(f.output_bytes)
         .saturating_mul(u64::try_from(vertices).unwrap_or(u64::MAX));
-    let limit = CUT_LIMIT + Duration::from_secs(bytes / crate::files::MIN_RATE);
+    let limit = CUT_LIMIT + crate::files::allowed(bytes);
     Some(limit.min(Duration::from_millis(MAX_SAVE_MS)))
 }
 

@@ -24,8 +24,21 @@ use crate::proto::{
     ErrorKind, Failure, FailureKind, JobId, MoveStep, PartReport, Response, VertexFailure,
 };
 
-/// How long a part stays paused, or holds its links, for a move that does not go on.
+/// How long a part stays paused, or holds its links, for a move that does not go on (when its
+/// job has no files to move: see [`move_wait`]).
 pub(super) const MOVE_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a part stays paused or holds its links for a move whose broker gives the leaving
+/// part's save `within` (its job has files): [`MOVE_WAIT`], and as long again as those files
+/// may take to go up and, for the parts that hold their links while it is saved, as long
+/// again for the new node to fetch them.
+fn move_wait(within: Option<u64>, times: u32) -> Duration {
+    within.map_or(MOVE_WAIT, |ms| {
+        let save =
+            Duration::from_millis(ms.min(crate::proto::MAX_SAVE_MS)) + crate::proto::SAVE_SLACK;
+        MOVE_WAIT + save * times
+    })
+}
 
 fn fail(kind: FailureKind, m: impl Into<String>) -> Response {
     Response::Error(Failure::new(kind, m))
@@ -66,11 +79,13 @@ impl Parts {
             out.push(Effect::Reply(reply, fail(FailureKind::Unavailable, why)));
         };
         match step {
-            MoveStep::Leave { cut, .. } => {
+            MoveStep::Leave { cut, within_ms } => {
                 if part.moving.is_some() {
                     return busy(reply, out);
                 }
                 part.moving = Some(Moving::Leaving(None));
+                // Counted once it is saved: the new node fetches its files meanwhile.
+                part.move_wait = move_wait(within_ms, 1);
                 out.push(Effect::Leave {
                     job,
                     attempt,
@@ -80,11 +95,16 @@ impl Parts {
                     reply,
                 });
             }
-            MoveStep::Hold { cut, peer } => {
+            MoveStep::Hold {
+                cut,
+                peer,
+                within_ms,
+            } => {
                 if part.moving.is_some() {
                     return busy(reply, out);
                 }
                 part.moving = Some(Moving::Holding(peer));
+                part.move_wait = move_wait(within_ms, 2);
                 let (holds, drains) = marks.with(peer);
                 out.push(Effect::HoldLinks {
                     holds,
@@ -92,7 +112,11 @@ impl Parts {
                     cut,
                     reply,
                 });
-                out.push(Effect::MoveWait { job, attempt });
+                out.push(Effect::MoveWait {
+                    job,
+                    attempt,
+                    wait: part.move_wait,
+                });
             }
             MoveStep::Relink { peer, to, addrs } => {
                 if !matches!(part.moving, Some(Moving::Holding(p)) if p == peer) {
@@ -161,6 +185,7 @@ impl Parts {
                 out.push(Effect::MoveWait {
                     job: job.to_owned(),
                     attempt,
+                    wait: part.move_wait,
                 });
             }
             (Some(n), _) => {
@@ -188,7 +213,7 @@ impl Parts {
         };
         let cause = format!(
             "the part was left {what} for {} s: the move did not go on",
-            MOVE_WAIT.as_secs()
+            part.move_wait.as_secs()
         );
         tracing::warn!(%job, attempt, %cause, "move abandoned");
         part.moving = None;

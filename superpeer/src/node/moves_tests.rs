@@ -89,7 +89,13 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
         attempt: 0,
         ready: Ok(ready),
     }));
-    let hold = |peer| MoveStep::Hold { cut: 1, peer };
+    // The leaving part's files are given 100 s to go up: the links are held as long as that,
+    // and as long again for the new node to fetch them, each 10 s more, after the usual 60 s.
+    let hold = |peer| MoveStep::Hold {
+        cut: 1,
+        peer,
+        within_ms: Some(100_000),
+    };
     // Not running yet: no step.
     let (out, rx) = step(&mut b, hold(left));
     assert!(matches!(said(out, rx), Response::Error(f) if f.kind == FailureKind::Unavailable));
@@ -110,12 +116,13 @@ async fn a_part_takes_each_step_of_a_move_in_its_turn_and_hands_its_links_to_the
         Effect::HoldLinks {
             holds, drains, cut, ..
         },
-        Effect::MoveWait { .. },
+        Effect::MoveWait { wait, .. },
     ] = &out[..]
     else {
         panic!("{:?}", kinds(&out))
     };
     assert_eq!((holds.len(), drains.len(), *cut), (1, 1, 1));
+    assert_eq!(*wait, Duration::from_secs(60 + 2 * 110));
     // One move at a time.
     let (out, rx) = step(
         &mut b,

@@ -377,7 +377,11 @@ pub(super) enum Effect {
     },
     /// Wait [`super::moves::MOVE_WAIT`] for the move of run `attempt` of `job` to go on; then
     /// [`Input::MoveOver`].
-    MoveWait { job: JobId, attempt: u32 },
+    MoveWait {
+        job: JobId,
+        attempt: u32,
+        wait: Duration,
+    },
     /// Let these link ends go on.
     Release {
         holds: Vec<Hold>,
@@ -425,6 +429,9 @@ pub(super) struct Part {
     pub(super) expected: Arc<AtomicUsize>,
     /// A move under way.
     pub(super) moving: Option<Moving>,
+    /// How long it stays paused or holds its links for the move under way
+    /// ([`super::moves`]' `move_wait`).
+    pub(super) move_wait: Duration,
     /// The cut whose image is taken and whose sending ends wait to be let go.
     pub(super) cut_release: Option<(u64, oneshot::Sender<()>)>,
     /// A cut asked of the part before its `Start` came: the broker sends `Start` before it

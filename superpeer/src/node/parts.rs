@@ -97,6 +97,7 @@ impl Parts {
                         relinked: HashMap::new(),
                         expected: Arc::default(),
                         moving: None,
+                        move_wait: super::moves::MOVE_WAIT,
                         cut_release: None,
                         early_cut: None,
                         saver: None,

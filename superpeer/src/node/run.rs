@@ -230,9 +230,9 @@ impl Node {
                 }
             }
             Effect::Relink(r) => return Some(self.relink(tasks, *r)),
-            Effect::MoveWait { job, attempt } => {
+            Effect::MoveWait { job, attempt, wait } => {
                 tasks.spawn(async move {
-                    tokio::time::sleep(super::moves::MOVE_WAIT).await;
+                    tokio::time::sleep(wait).await;
                     Some(Input::MoveOver { job, attempt })
                 });
             }

@@ -96,6 +96,42 @@ fn validation_refuses_parts_that_do_not_exist() {
     .expect_err("here out of range");
     assert_eq!(e, CheckError::NoSuchPart { here: 2, parts: 2 });
     assert!(e.to_string().contains("does not exist"), "{e}");
+    // A prepare is awaited as long as fetching its files may take (30 s, then 1 MiB/s): the
+    // inputs, or a restored part's saved files; one without files, the usual timeout.
+    let within =
+        |p: &PartSpec| Request::Broker(BrokerRequest::Prepare(Box::new(p.clone()))).answer_within();
+    assert_eq!(within(&part), None);
+    let input = crate::proto::InputFile {
+        path: "in.bin".into(),
+        hash: Hash::of(b"in"),
+        size: 600 << 20,
+    };
+    let with_inputs = PartSpec {
+        files: Some(crate::proto::FileSpec {
+            inputs: vec![input],
+            ..Default::default()
+        }),
+        ..part.clone()
+    };
+    assert_eq!(
+        within(&with_inputs),
+        Some(std::time::Duration::from_secs(630))
+    );
+    let saved = crate::proto::OutputFile {
+        vertex: "v".into(),
+        path: "out.bin".into(),
+        hash: Hash::of(b"out"),
+        size: 900 << 20,
+    };
+    let restored = PartSpec {
+        restore: Some(Hash::of(b"blob")),
+        restore_files: Some(vec![saved.clone(), saved]),
+        ..with_inputs
+    };
+    assert_eq!(
+        within(&restored),
+        Some(std::time::Duration::from_secs(1830))
+    );
     // A VM mode is one of three, or the message does not parse.
     let env =
         |mode: &str| format!(r#"{{"image":"env:1","vcpus":1,"memory_mib":64,"mode":"{mode}"}}"#);

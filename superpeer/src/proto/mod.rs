@@ -405,6 +405,10 @@ pub enum MoveStep {
         cut: u64,
         /// The node of the part that moves.
         peer: libp2p::PeerId,
+        /// As [`MoveStep::Leave`]'s: the links are held while the leaving part's files go up
+        /// and while the new node fetches them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        within_ms: Option<u64>,
     },
     /// Its links with `peer`, held, now go to `to` at `addrs` (which has prepared the part).
     Relink {
@@ -604,8 +608,22 @@ impl Request {
     /// within the limit it gives the nodes: the client waits as long as that may be.
     pub fn answer_within(&self) -> Option<std::time::Duration> {
         let ms = match self {
-            Request::Client(ClientRequest::Checkpoint { .. } | ClientRequest::Migrate { .. }) => {
-                Some(MAX_SAVE_MS)
+            Request::Client(
+                ClientRequest::Checkpoint { .. }
+                | ClientRequest::Migrate { .. }
+                | ClientRequest::Drain { .. },
+            ) => Some(MAX_SAVE_MS),
+            // A node prepares a part once it holds its files: the inputs, or a restored
+            // part's saved files.
+            Request::Broker(BrokerRequest::Prepare(p)) => {
+                let bytes = match (&p.restore, &p.restore_files, &p.files) {
+                    (Some(_), Some(saved), _) => {
+                        saved.iter().map(|f| f.size).fold(0, u64::saturating_add)
+                    }
+                    (_, _, Some(files)) => files.input_bytes(),
+                    _ => 0,
+                };
+                return (bytes > 0).then(|| crate::files::allowed(bytes).min(max_save()));
             }
             Request::Broker(BrokerRequest::Checkpoint { within_ms, .. }) => *within_ms,
             Request::Broker(BrokerRequest::Move {
@@ -616,4 +634,9 @@ impl Request {
         }?;
         Some(std::time::Duration::from_millis(ms.min(MAX_SAVE_MS)) + SAVE_SLACK)
     }
+}
+
+/// [`MAX_SAVE_MS`] as a duration.
+fn max_save() -> std::time::Duration {
+    std::time::Duration::from_millis(MAX_SAVE_MS)
 }

@@ -140,6 +140,7 @@ impl Core {
             let step = MoveStep::Hold {
                 cut: m.cut,
                 peer: m.from,
+                within_ms: m.within_ms,
             };
             self.send_step(out, job, &m, peer, step, MoveStepThen::Held);
         }
