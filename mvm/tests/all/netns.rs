@@ -32,8 +32,11 @@ impl Hosts {
         // SAFETY: getuid has no preconditions and cannot fail.
         let uid = unsafe { libc::getuid() };
         assert_eq!(uid, 0, "this test needs root (ip netns)");
+        // Tests of one process run at once: each set of hosts has its own names.
+        static SETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = std::process::id() % 10_000;
-        let tag = format!("mvm{id}");
+        let set = SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("mvm{id}s{set}");
         let subnet = format!("10.231.{}", id % 250);
         let mut h = Hosts {
             tag: tag.clone(),
