@@ -250,8 +250,6 @@ enum Which {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Queue throughput (FIFO, priority) beside a crossbeam channel, and a remote endpoint over
-    /// loopback TCP beside raw TCP.
     /// What a hostile peer does to a super-peer and to its other users: a user's trivial
     /// jobs' latency and throughput quiet and under each attack (a flood of requests,
     /// thousands of streams, oversized frames, endless frames, answers never read, and 1,200
@@ -284,6 +282,8 @@ enum Which {
         #[arg(long)]
         secs: f64,
     },
+    /// Queue throughput (FIFO, priority) beside a crossbeam channel, and a remote endpoint over
+    /// loopback TCP beside raw TCP.
     Queue {
         /// Items per 1-producer-1-consumer run.
         #[arg(long, default_value_t = 2_000_000)]
