@@ -467,28 +467,11 @@ fn a_checkpoint_whose_files_take_longer_than_a_cut_s_usual_limit_over_a_slow_lin
     });
     // Its 40 MiB are written in well under a second here; then the node's link slows.
     std::thread::sleep(Duration::from_secs(3));
-    let dev = format!("{}h1", h.tag);
-    let tc = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &h.hosts[1],
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            &dev,
-        ])
-        .args([
-            "root", "tbf", "rate", "12mbit", "burst", "32kb", "latency", "200ms",
-        ])
-        .output()
-        .expect("tc runs");
-    assert!(
-        tc.status.success(),
-        "tc: {}",
-        String::from_utf8_lossy(&tc.stderr)
+    let tbf = format!(
+        "netns exec {} tc qdisc add dev {}h1 root tbf rate 12mbit burst 32kb latency 200ms",
+        h.hosts[1], h.tag
     );
+    ip(&tbf.split(' ').collect::<Vec<_>>());
     let t = Instant::now();
     let out = h.run(0, &["checkpoint", &job]);
     let took = t.elapsed();

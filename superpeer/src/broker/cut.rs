@@ -22,7 +22,7 @@ use crate::joblog::state::JobRecord;
 use crate::joblog::{Applied, Command, LogError};
 use crate::proto::{
     BrokerRequest, CheckpointInfo, CutPart, EdgeTraffic, Failure, FailureKind, FileSpec, Hash,
-    JobId, JobState, MAX_SAVE_MS, OutputFile, PortTraffic, Response,
+    JobId, JobState, MAX_SAVE, OutputFile, PortTraffic, Response,
 };
 
 /// A part's image as its node answered: the blob's hash, the blob, and the files of its
@@ -79,7 +79,7 @@ pub(super) fn save_limit(files: Option<&FileSpec>, vertices: usize) -> Option<Du
         .saturating_add(f.output_bytes)
         .saturating_mul(u64::try_from(vertices).unwrap_or(u64::MAX));
     let limit = CUT_LIMIT + crate::files::allowed(bytes);
-    Some(limit.min(Duration::from_millis(MAX_SAVE_MS)))
+    Some(limit.min(MAX_SAVE))
 }
 
 /// `d` in whole milliseconds, as a request carries it.

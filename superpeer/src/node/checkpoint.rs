@@ -34,12 +34,11 @@ const MARK_WAIT: Duration = Duration::from_secs(10);
 pub(crate) const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a part's sending ends stay held after its image is taken, when the broker waits
-/// `within` for the cut (a cut whose files may take longer than its usual limit): longer than
-/// that, and never less than [`RELEASE_WAIT`].
-pub(super) fn release_wait(within: Option<Duration>) -> Duration {
-    within.map_or(RELEASE_WAIT, |w| {
-        (w.min(Duration::from_millis(crate::proto::MAX_SAVE_MS)) + crate::proto::SAVE_SLACK)
-            .max(RELEASE_WAIT)
+/// `within_ms` for the cut (a cut whose files may take longer than its usual limit): longer
+/// than that ([`crate::proto::save_wait`]), and never less than [`RELEASE_WAIT`].
+pub(super) fn release_wait(within_ms: Option<u64>) -> Duration {
+    within_ms.map_or(RELEASE_WAIT, |ms| {
+        crate::proto::save_wait(ms).max(RELEASE_WAIT)
     })
 }
 

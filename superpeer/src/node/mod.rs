@@ -279,13 +279,12 @@ impl Node {
                 cut,
                 within_ms,
             } => {
-                let within = within_ms.map(std::time::Duration::from_millis);
                 self.ask(|reply| parts::Input::Checkpoint {
                     from,
                     job,
                     attempt,
                     cut,
-                    within,
+                    within_ms,
                     reply,
                 })
                 .await

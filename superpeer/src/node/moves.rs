@@ -32,11 +32,9 @@ pub(super) const MOVE_WAIT: Duration = Duration::from_secs(60);
 /// part's save `within` (its job has files): [`MOVE_WAIT`], and as long again as those files
 /// may take to go up and, for the parts that hold their links while it is saved, as long
 /// again for the new node to fetch them.
-fn move_wait(within: Option<u64>, times: u32) -> Duration {
-    within.map_or(MOVE_WAIT, |ms| {
-        let save =
-            Duration::from_millis(ms.min(crate::proto::MAX_SAVE_MS)) + crate::proto::SAVE_SLACK;
-        MOVE_WAIT + save * times
+fn move_wait(within_ms: Option<u64>, times: u32) -> Duration {
+    within_ms.map_or(MOVE_WAIT, |ms| {
+        MOVE_WAIT + crate::proto::save_wait(ms) * times
     })
 }
 

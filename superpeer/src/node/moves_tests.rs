@@ -257,7 +257,7 @@ fn a_cut_that_comes_before_its_parts_start_waits_for_it() {
             job: job.into(),
             attempt: 0,
             cut,
-            within: within.map(Duration::from_secs),
+            within_ms: within.map(|s| s * 1000),
             reply,
         });
         (out, rx)

@@ -202,8 +202,8 @@ pub(super) enum Input {
         job: JobId,
         attempt: u32,
         cut: u64,
-        /// How long the broker waits for the cut, if longer than usual (its `within_ms`).
-        within: Option<Duration>,
+        /// How long the broker waits for the cut, if longer than usual.
+        within_ms: Option<u64>,
         reply: Reply,
     },
     /// Every part of cut `cut` of run `attempt` of `job` has its image: the part's sending
@@ -375,8 +375,8 @@ pub(super) enum Effect {
         cut: u64,
         reply: Reply,
     },
-    /// Wait [`super::moves::MOVE_WAIT`] for the move of run `attempt` of `job` to go on; then
-    /// [`Input::MoveOver`].
+    /// Wait `wait` (see [`super::moves::MOVE_WAIT`]) for the move of run `attempt` of `job` to
+    /// go on; then [`Input::MoveOver`].
     MoveWait {
         job: JobId,
         attempt: u32,
@@ -436,7 +436,7 @@ pub(super) struct Part {
     pub(super) cut_release: Option<(u64, oneshot::Sender<()>)>,
     /// A cut asked of the part before its `Start` came: the broker sends `Start` before it
     /// cuts a running job, but the two requests may cross on the way. Taken when it starts.
-    pub(super) early_cut: Option<(u64, Option<Duration>, Reply)>,
+    pub(super) early_cut: Option<(u64, Option<u64>, Reply)>,
     /// The super-peer that last asked for a checkpoint or a move of the part (the leader
     /// then, which may not be the one that placed it): what a checkpoint saves goes to it.
     pub(super) saver: Option<PeerId>,

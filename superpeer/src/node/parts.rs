@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
@@ -178,13 +177,13 @@ impl Parts {
                 job,
                 attempt,
                 cut,
-                within,
+                within_ms,
                 reply,
             } => {
                 if let Some(p) = self.run_mut(&job, attempt) {
                     p.saver = Some(from);
                 }
-                self.checkpoint(&mut out, &job, attempt, (cut, within), reply);
+                self.checkpoint(&mut out, &job, attempt, (cut, within_ms), reply);
             }
             Input::ReleaseCut {
                 job,
@@ -409,14 +408,14 @@ impl Parts {
         out: &mut Vec<Effect>,
         job: &JobId,
         attempt: u32,
-        (cut, within): (u64, Option<Duration>),
+        (cut, within_ms): (u64, Option<u64>),
         reply: Reply,
     ) {
         if let Some(p) = self.run_mut(job, attempt)
             && p.marks.is_some()
             && matches!(p.stage, Stage::Prepared(_))
         {
-            if let Some((older, _, r)) = p.early_cut.replace((cut, within, reply)) {
+            if let Some((older, _, r)) = p.early_cut.replace((cut, within_ms, reply)) {
                 let why =
                     format!("checkpoint {older} of job {job} was overtaken by checkpoint {cut}");
                 out.push(Effect::Reply(r, fail(FailureKind::Unavailable, why)));
@@ -452,7 +451,7 @@ impl Parts {
                     marks,
                     save,
                     cut,
-                    hold: super::checkpoint::release_wait(within),
+                    hold: super::checkpoint::release_wait(within_ms),
                     reply,
                     release,
                 });
@@ -502,8 +501,8 @@ impl Parts {
             attempt,
             launch,
         });
-        if let Some((cut, within, reply)) = early {
-            self.checkpoint(out, job, attempt, (cut, within), reply);
+        if let Some((cut, within_ms, reply)) = early {
+            self.checkpoint(out, job, attempt, (cut, within_ms), reply);
         }
         if held {
             out.push(Effect::Hold {

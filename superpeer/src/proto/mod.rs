@@ -597,9 +597,18 @@ pub const PART_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
 /// (`within_ms` of [`BrokerRequest::Checkpoint`] and [`MoveStep::Leave`]): two days.
 pub const MAX_SAVE_MS: u64 = 2 * 24 * 3600 * 1000;
 
+/// [`MAX_SAVE_MS`] as a duration.
+pub const MAX_SAVE: std::time::Duration = std::time::Duration::from_millis(MAX_SAVE_MS);
+
 /// How much longer than a broker waits for a part's save its request's answer is awaited, and
 /// the part's node holds its sending ends.
 pub const SAVE_SLACK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long past the start of a part's save, given `within_ms` by its broker, the part's node
+/// and the broker's request wait: that (at most [`MAX_SAVE_MS`]) and [`SAVE_SLACK`].
+pub fn save_wait(within_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(within_ms.min(MAX_SAVE_MS)) + SAVE_SLACK
+}
 
 impl Request {
     /// How long this request's answer may take, when that is longer than a request's usual
@@ -623,7 +632,7 @@ impl Request {
                     (_, _, Some(files)) => files.input_bytes(),
                     _ => 0,
                 };
-                return (bytes > 0).then(|| crate::files::allowed(bytes).min(max_save()));
+                return (bytes > 0).then(|| crate::files::allowed(bytes).min(MAX_SAVE));
             }
             Request::Broker(BrokerRequest::Checkpoint { within_ms, .. }) => *within_ms,
             Request::Broker(BrokerRequest::Move {
@@ -632,11 +641,6 @@ impl Request {
             }) => *within_ms,
             _ => None,
         }?;
-        Some(std::time::Duration::from_millis(ms.min(MAX_SAVE_MS)) + SAVE_SLACK)
+        Some(save_wait(ms))
     }
-}
-
-/// [`MAX_SAVE_MS`] as a duration.
-fn max_save() -> std::time::Duration {
-    std::time::Duration::from_millis(MAX_SAVE_MS)
 }
